@@ -1,0 +1,735 @@
+//! Configuration: read a directory of multi-document YAML, parse every document into its
+//! spec, compile once into a [`Snapshot`] (policies built, conditions compiled, flows split
+//! into phases, template rules checked). A configuration that fails anywhere is refused
+//! whole, with every error naming file, document and field.
+
+pub mod reload;
+pub mod rules;
+pub mod spec;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::expr::Condition;
+use crate::fault::ErrorFormat;
+use crate::pipeline::{Direction, DirectionPipeline, Policy, Step};
+use crate::policies::{self, BuildContext};
+use crate::telemetry::FlowMetrics;
+use crate::vars::RequestInfo;
+use spec::{Envelope, FlowSpec, MatchSpec, StepSpec, TemplateRuleSpec};
+
+/// One problem in a configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// `file: Kind "name" (document N)`, as precise as known.
+    pub location: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.location, self.message)
+    }
+}
+
+/// Every problem found in a configuration.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl ConfigErrors {
+    fn one(location: impl Into<String>, message: impl Into<String>) -> Self {
+        Self(vec![ConfigError {
+            location: location.into(),
+            message: message.into(),
+        }])
+    }
+}
+
+/// A configuration file's name (for messages) and text.
+#[derive(Debug, Clone)]
+pub struct SourceFile {
+    pub name: String,
+    pub text: String,
+}
+
+/// Reads the configuration files of `dir`: regular files (symlinks followed, as in a
+/// mounted ConfigMap) named `*.yaml`, `*.yml` or `*.json`, not hidden, in name order.
+pub fn read_dir(dir: &Path) -> Result<Vec<SourceFile>, ConfigErrors> {
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| ConfigErrors::one(dir.display().to_string(), format!("cannot read directory: {e}")))?;
+    let mut paths: Vec<PathBuf> = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| ConfigErrors::one(dir.display().to_string(), e.to_string()))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if name.starts_with('.') {
+            continue;
+        }
+        if !(name.ends_with(".yaml") || name.ends_with(".yml") || name.ends_with(".json")) {
+            continue;
+        }
+        // fs::metadata follows symlinks: ConfigMap keys are symlinks into `..data/`.
+        match std::fs::metadata(entry.path()) {
+            Ok(m) if m.is_file() => paths.push(entry.path()),
+            Ok(_) => {}
+            Err(e) => {
+                return Err(ConfigErrors::one(entry.path().display().to_string(), e.to_string()))
+            }
+        }
+    }
+    paths.sort();
+    let mut files = Vec::with_capacity(paths.len());
+    for p in paths {
+        let text = std::fs::read_to_string(&p)
+            .map_err(|e| ConfigErrors::one(p.display().to_string(), format!("cannot read: {e}")))?;
+        files.push(SourceFile {
+            name: p.display().to_string(),
+            text,
+        });
+    }
+    Ok(files)
+}
+
+/// A digest of the files' names and contents: equal digests mean nothing changed.
+pub fn fingerprint(files: &[SourceFile]) -> String {
+    let mut h = Sha256::new();
+    for f in files {
+        h.update(f.name.as_bytes());
+        h.update([0]);
+        h.update(f.text.as_bytes());
+        h.update([0]);
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// How a flow's matching is tested.
+#[derive(Debug, Clone, Default)]
+pub struct FlowMatch {
+    hosts: Vec<String>,
+    path_prefixes: Vec<String>,
+    methods: Vec<String>,
+}
+
+impl FlowMatch {
+    fn from_spec(m: &MatchSpec) -> Self {
+        Self {
+            hosts: m.hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
+            path_prefixes: m.path_prefixes.clone(),
+            methods: m.methods.iter().map(|m| m.to_ascii_uppercase()).collect(),
+        }
+    }
+
+    pub fn matches(&self, req: &RequestInfo) -> bool {
+        if !self.methods.is_empty() && !self.methods.iter().any(|m| *m == req.method) {
+            return false;
+        }
+        if !self.path_prefixes.is_empty() {
+            let path = req.path();
+            if !self.path_prefixes.iter().any(|p| path.starts_with(p.as_str())) {
+                return false;
+            }
+        }
+        if !self.hosts.is_empty() {
+            let host = req.hostname();
+            let ok = self.hosts.iter().any(|h| match h.strip_prefix("*.") {
+                Some(suffix) => {
+                    host.len() > suffix.len() + 1
+                        && host[host.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
+                        && host.as_bytes()[host.len() - suffix.len() - 1] == b'.'
+                }
+                None => host.eq_ignore_ascii_case(h),
+            });
+            if !ok {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Sort key for "more specific first".
+    fn specificity(&self) -> (usize, u8, bool) {
+        let longest = self.path_prefixes.iter().map(String::len).min().unwrap_or(0);
+        let host = if self.hosts.is_empty() {
+            0
+        } else if self.hosts.iter().all(|h| !h.starts_with("*.")) {
+            2
+        } else {
+            1
+        };
+        (longest, host, !self.methods.is_empty())
+    }
+}
+
+/// A compiled flow.
+#[derive(Debug)]
+pub struct Flow {
+    pub name: String,
+    pub matcher: Option<FlowMatch>,
+    pub is_default: bool,
+    pub priority: i32,
+    pub error_format: ErrorFormat,
+    pub max_body_bytes: usize,
+    pub request: DirectionPipeline,
+    pub response: DirectionPipeline,
+    pub metrics: FlowMetrics,
+}
+
+impl Flow {
+    /// Every policy type the flow's steps use.
+    pub fn policy_types(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.request
+            .steps()
+            .chain(self.response.steps())
+            .map(|s| s.policy.type_name())
+    }
+}
+
+/// A whole compiled configuration. Streams hold the snapshot they started with.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// Flows with a `match`, most specific first.
+    pub matching: Vec<Arc<Flow>>,
+    pub by_name: HashMap<String, Arc<Flow>>,
+    pub default_flow: Option<Arc<Flow>>,
+    pub policies: BTreeMap<String, Arc<dyn Policy>>,
+    pub fingerprint: String,
+}
+
+impl Snapshot {
+    /// Chooses the flow: by name from extension metadata, else the first matching flow,
+    /// else the default flow.
+    pub fn select(&self, named: Option<&str>, req: &RequestInfo) -> Option<Arc<Flow>> {
+        if let Some(name) = named {
+            if let Some(f) = self.by_name.get(name) {
+                return Some(f.clone());
+            }
+            tracing::warn!(flow = name, "extension metadata names an unknown flow");
+        }
+        self.matching
+            .iter()
+            .find(|f| f.matcher.as_ref().is_some_and(|m| m.matches(req)))
+            .or(self.default_flow.as_ref())
+            .cloned()
+    }
+}
+
+/// Where a document was written, for messages.
+#[derive(Debug, Clone)]
+struct DocAt {
+    file: String,
+    index: usize,
+}
+
+impl DocAt {
+    fn here(&self) -> String {
+        format!("{} (document {})", self.file, self.index)
+    }
+    fn named(&self, kind: &str, name: &str) -> String {
+        format!("{}: {kind} \"{name}\" (document {})", self.file, self.index)
+    }
+}
+
+struct Parsed {
+    at: DocAt,
+    env: Envelope,
+}
+
+fn valid_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 253
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// Deserializes `value` into `T`, naming the field on error.
+fn typed<T: for<'de> Deserialize<'de>>(value: serde_norway::Value) -> Result<T, String> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        if path == "." {
+            e.into_inner().to_string()
+        } else {
+            format!("field `spec.{path}`: {}", e.into_inner())
+        }
+    })
+}
+
+fn is_openapi_document(v: &serde_norway::Value) -> bool {
+    v.as_mapping().is_some_and(|m| {
+        m.contains_key("openapi") || m.contains_key("swagger")
+    })
+}
+
+/// Parses every document of `files`.
+fn parse_documents(files: &[SourceFile], errors: &mut Vec<ConfigError>) -> Vec<Parsed> {
+    let mut out = Vec::new();
+    for f in files {
+        for (i, doc) in serde_norway::Deserializer::from_str(&f.text).enumerate() {
+            let at = DocAt {
+                file: f.name.clone(),
+                index: i + 1,
+            };
+            let value = match serde_norway::Value::deserialize(doc) {
+                Ok(v) => v,
+                Err(e) => {
+                    errors.push(ConfigError {
+                        location: at.here(),
+                        message: format!("invalid YAML: {e}"),
+                    });
+                    // The rest of the file cannot be trusted after a syntax error.
+                    break;
+                }
+            };
+            if value.is_null() || is_openapi_document(&value) {
+                // Empty documents (`---` at the end) and OpenAPI descriptions kept beside the
+                // configuration for OasValidation are not configuration documents.
+                continue;
+            }
+            match serde_path_to_error::deserialize::<_, Envelope>(value) {
+                Ok(env) => out.push(Parsed { at, env }),
+                Err(e) => {
+                    let path = e.path().to_string();
+                    let message = if path == "." {
+                        e.into_inner().to_string()
+                    } else {
+                        format!("field `{path}`: {}", e.into_inner())
+                    };
+                    errors.push(ConfigError {
+                        location: at.here(),
+                        message,
+                    });
+                }
+            }
+        }
+    }
+    out
+}
+
+const KINDS: &[&str] = &["Flow", "Policy", "TemplateRule"];
+const LATER_KINDS: &[&str] = &["ApiProduct", "App", "KeyValueMap"];
+
+/// Loads and compiles the configuration in `dir`.
+pub fn load_dir(dir: &Path) -> Result<Snapshot, ConfigErrors> {
+    let files = read_dir(dir)?;
+    compile(&files, Some(dir))
+}
+
+/// Compiles configuration files into a snapshot.
+pub fn compile(files: &[SourceFile], config_dir: Option<&Path>) -> Result<Snapshot, ConfigErrors> {
+    let mut errors = Vec::new();
+    let docs = parse_documents(files, &mut errors);
+
+    // Envelope checks and name uniqueness per kind.
+    let mut seen: HashMap<(String, String), DocAt> = HashMap::new();
+    let mut policies_docs = Vec::new();
+    let mut flow_docs = Vec::new();
+    let mut rule_docs = Vec::new();
+    for d in docs {
+        let kind = d.env.kind.as_str();
+        let name = d.env.metadata.name.clone();
+        if d.env.api_version != crate::API_VERSION {
+            errors.push(ConfigError {
+                location: d.at.named(kind, &name),
+                message: format!(
+                    "apiVersion `{}` is not supported; use `{}`",
+                    d.env.api_version,
+                    crate::API_VERSION
+                ),
+            });
+            continue;
+        }
+        if !KINDS.contains(&kind) {
+            let message = if LATER_KINDS.contains(&kind) {
+                format!("kind `{kind}` is not supported by this version of tollgate yet")
+            } else {
+                format!("unknown kind `{kind}`; expected one of {}", KINDS.join(", "))
+            };
+            errors.push(ConfigError {
+                location: d.at.named(kind, &name),
+                message,
+            });
+            continue;
+        }
+        if !valid_name(&name) {
+            errors.push(ConfigError {
+                location: d.at.named(kind, &name),
+                message: "metadata.name must be 1-253 characters of letters, digits, `-`, `_`, `.`".into(),
+            });
+            continue;
+        }
+        if let Some(prev) = seen.insert((kind.to_owned(), name.clone()), d.at.clone()) {
+            errors.push(ConfigError {
+                location: d.at.named(kind, &name),
+                message: format!("duplicate {kind} name; first defined in {}", prev.here()),
+            });
+            continue;
+        }
+        match kind {
+            "Policy" => policies_docs.push(d),
+            "Flow" => flow_docs.push(d),
+            _ => rule_docs.push(d),
+        }
+    }
+
+    let policies = build_policies(policies_docs, config_dir, &mut errors);
+    let flows = build_flows(flow_docs, &policies, &mut errors);
+    let rules = rule_docs
+        .into_iter()
+        .filter_map(|d| {
+            let name = d.env.metadata.name.clone();
+            match typed::<TemplateRuleSpec>(d.env.spec)
+                .and_then(|s| rules::TemplateRule::compile(&name, s))
+            {
+                Ok(r) => Some(r),
+                Err(message) => {
+                    errors.push(ConfigError {
+                        location: d.at.named("TemplateRule", &name),
+                        message,
+                    });
+                    None
+                }
+            }
+        })
+        .collect::<Vec<_>>();
+    for (flow, at) in &flows {
+        for rule in &rules {
+            for message in rule.check(flow) {
+                errors.push(ConfigError {
+                    location: at.named("Flow", &flow.name),
+                    message,
+                });
+            }
+        }
+    }
+
+    let mut defaults = flows.iter().filter(|(f, _)| f.is_default);
+    if let (Some(_), Some((second, at))) = (defaults.next(), defaults.next()) {
+        errors.push(ConfigError {
+            location: at.named("Flow", &second.name),
+            message: "more than one flow has `default: true`".into(),
+        });
+    }
+    if !errors.is_empty() {
+        return Err(ConfigErrors(errors));
+    }
+
+    let mut snap = Snapshot {
+        fingerprint: fingerprint(files),
+        policies,
+        ..Default::default()
+    };
+    for (flow, _) in flows {
+        let flow = Arc::new(flow);
+        if flow.is_default {
+            snap.default_flow = Some(flow.clone());
+        }
+        if flow.matcher.is_some() {
+            snap.matching.push(flow.clone());
+        }
+        snap.by_name.insert(flow.name.clone(), flow);
+    }
+    snap.matching.sort_by(|a, b| {
+        let (sa, sb) = (
+            a.matcher.as_ref().map(FlowMatch::specificity),
+            b.matcher.as_ref().map(FlowMatch::specificity),
+        );
+        b.priority
+            .cmp(&a.priority)
+            .then(sb.cmp(&sa))
+            .then(a.name.cmp(&b.name))
+    });
+    Ok(snap)
+}
+
+fn build_policies(
+    docs: Vec<Parsed>,
+    config_dir: Option<&Path>,
+    errors: &mut Vec<ConfigError>,
+) -> BTreeMap<String, Arc<dyn Policy>> {
+    let mut out = BTreeMap::new();
+    for d in docs {
+        let name = d.env.metadata.name.clone();
+        let loc = d.at.named("Policy", &name);
+        let mut spec = d.env.spec;
+        let type_name = match spec
+            .as_mapping_mut()
+            .and_then(|m| m.remove("type"))
+        {
+            Some(serde_norway::Value::String(t)) => t,
+            _ => {
+                errors.push(ConfigError {
+                    location: loc,
+                    message: "field `spec.type` is required: the policy type, e.g. AssignMessage".into(),
+                });
+                continue;
+            }
+        };
+        let Some(build) = policies::builder(&type_name) else {
+            let message = if policies::ALL_TYPES.contains(&type_name.as_str()) {
+                format!("policy type `{type_name}` is not implemented in this version of tollgate yet")
+            } else {
+                format!(
+                    "unknown policy type `{type_name}`; known types: {}",
+                    policies::ALL_TYPES.join(", ")
+                )
+            };
+            errors.push(ConfigError {
+                location: loc,
+                message,
+            });
+            continue;
+        };
+        let ctx = BuildContext {
+            name: name.clone(),
+            config_dir: config_dir.map(Path::to_path_buf),
+        };
+        match build(&ctx, spec) {
+            Ok(p) => {
+                out.insert(name, p);
+            }
+            Err(e) => errors.push(ConfigError {
+                location: loc,
+                message: if e.field.is_empty() {
+                    e.message
+                } else {
+                    format!("field `spec.{}`: {}", e.field, e.message)
+                },
+            }),
+        }
+    }
+    out
+}
+
+fn build_steps(
+    steps: Vec<StepSpec>,
+    field: &str,
+    policies: &BTreeMap<String, Arc<dyn Policy>>,
+    errors: &mut Vec<String>,
+) -> Vec<Step> {
+    let mut out = Vec::new();
+    for (i, s) in steps.into_iter().enumerate() {
+        let Some(policy) = policies.get(&s.policy) else {
+            errors.push(format!(
+                "field `spec.{field}[{i}].policy`: no Policy named `{}`",
+                s.policy
+            ));
+            continue;
+        };
+        let condition = match s.condition.as_deref().map(Condition::compile) {
+            None => None,
+            Some(Ok(c)) => Some(Arc::new(c)),
+            Some(Err(e)) => {
+                errors.push(format!("field `spec.{field}[{i}].condition`: {e}"));
+                continue;
+            }
+        };
+        out.push(Step {
+            policy_name: s.policy,
+            policy: policy.clone(),
+            condition,
+            continue_on_error: s.continue_on_error,
+        });
+    }
+    out
+}
+
+fn build_flows(
+    docs: Vec<Parsed>,
+    policies: &BTreeMap<String, Arc<dyn Policy>>,
+    errors: &mut Vec<ConfigError>,
+) -> Vec<(Flow, DocAt)> {
+    let mut out = Vec::new();
+    for d in docs {
+        let name = d.env.metadata.name.clone();
+        let loc = d.at.named("Flow", &name);
+        let spec: FlowSpec = match typed(d.env.spec) {
+            Ok(s) => s,
+            Err(message) => {
+                errors.push(ConfigError {
+                    location: loc,
+                    message,
+                });
+                continue;
+            }
+        };
+        let mut msgs = Vec::new();
+        if spec.max_body_bytes == 0 {
+            msgs.push("field `spec.maxBodyBytes`: must be greater than 0".to_owned());
+        }
+        if let Some(m) = &spec.match_ {
+            for (i, p) in m.path_prefixes.iter().enumerate() {
+                if !p.starts_with('/') {
+                    msgs.push(format!("field `spec.match.pathPrefixes[{i}]`: must start with `/`"));
+                }
+            }
+            for (i, h) in m.hosts.iter().enumerate() {
+                if h.is_empty() || h.contains('/') || h[1..].contains('*') {
+                    msgs.push(format!("field `spec.match.hosts[{i}]`: `{h}` is not a host or `*.suffix` wildcard"));
+                }
+            }
+        }
+        let request = build_steps(spec.request, "request", policies, &mut msgs);
+        let response = build_steps(spec.response, "response", policies, &mut msgs);
+        if !msgs.is_empty() {
+            errors.extend(msgs.into_iter().map(|message| ConfigError {
+                location: loc.clone(),
+                message,
+            }));
+            continue;
+        }
+        out.push((
+            Flow {
+                metrics: FlowMetrics::new(&name),
+                matcher: spec.match_.as_ref().map(FlowMatch::from_spec),
+                is_default: spec.default,
+                priority: spec.priority,
+                error_format: spec.error_format,
+                max_body_bytes: spec.max_body_bytes,
+                request: DirectionPipeline::compile(request, Direction::Request),
+                response: DirectionPipeline::compile(response, Direction::Response),
+                name,
+            },
+            d.at,
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn files(text: &str) -> Vec<SourceFile> {
+        vec![SourceFile {
+            name: "test.yaml".into(),
+            text: text.into(),
+        }]
+    }
+
+    const BASE: &str = r#"
+apiVersion: tollgate.dev/v1alpha1
+kind: Policy
+metadata: {name: tag}
+spec:
+  type: AssignMessage
+  set: {headers: {x-flow: "{flow.name}"}}
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: Flow
+metadata: {name: chat}
+spec:
+  match: {pathPrefixes: [/v1/chat], methods: [post]}
+  request: [{policy: tag}]
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: Flow
+metadata: {name: v1}
+spec:
+  match: {pathPrefixes: [/v1]}
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: Flow
+metadata: {name: api-host}
+spec:
+  match: {hosts: ["*.example.com"]}
+  priority: 10
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: Flow
+metadata: {name: fallback}
+spec:
+  default: true
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: Flow
+metadata: {name: by-name-only}
+spec: {}
+"#;
+
+    fn req(method: &str, path: &str, host: &str) -> RequestInfo {
+        RequestInfo {
+            method: method.into(),
+            uri: path.into(),
+            host: host.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn selection_order() {
+        let s = compile(&files(BASE), None).unwrap();
+        let pick = |m, p, h, named: Option<&str>| s.select(named, &req(m, p, h)).map(|f| f.name.clone());
+        assert_eq!(pick("POST", "/v1/chat/completions", "a", None).as_deref(), Some("chat"));
+        assert_eq!(pick("GET", "/v1/chat/completions", "a", None).as_deref(), Some("v1"));
+        assert_eq!(pick("GET", "/v1/chat", "x.example.com:443", None).as_deref(), Some("api-host"));
+        assert_eq!(pick("GET", "/v1/chat", "example.com", None).as_deref(), Some("v1"));
+        assert_eq!(pick("GET", "/other", "a", None).as_deref(), Some("fallback"));
+        assert_eq!(pick("GET", "/other", "a", Some("by-name-only")).as_deref(), Some("by-name-only"));
+        assert_eq!(pick("GET", "/other", "a", Some("missing")).as_deref(), Some("fallback"));
+    }
+
+    fn errs(text: &str) -> String {
+        compile(&files(text), None).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn errors_name_file_document_and_field() {
+        let e = errs("apiVersion: tollgate.dev/v1alpha1\nkind: Flow\nmetadata: {name: f}\nspec: {requets: []}\n");
+        assert!(e.contains("test.yaml: Flow \"f\" (document 1)"), "{e}");
+        assert!(e.contains("unknown field `requets`"), "{e}");
+
+        let e = errs("apiVersion: tollgate.dev/v1alpha1\nkind: Flow\nmetadata: {name: f}\nspec: {request: [{policy: nope}]}\n");
+        assert!(e.contains("spec.request[0].policy") && e.contains("nope"), "{e}");
+
+        let e = errs("a: [\n");
+        assert!(e.contains("invalid YAML"), "{e}");
+
+        let e = errs("apiVersion: v1\nkind: Flow\nmetadata: {name: f}\n");
+        assert!(e.contains("apiVersion"), "{e}");
+
+        let e = errs("apiVersion: tollgate.dev/v1alpha1\nkind: Policy\nmetadata: {name: p}\nspec: {type: Quota}\n");
+        assert!(e.contains("not implemented"), "{e}");
+
+        let e = errs("apiVersion: tollgate.dev/v1alpha1\nkind: Policy\nmetadata: {name: p}\nspec: {type: RaiseFault, status: 'x'}\n");
+        assert!(e.contains("spec.status"), "{e}");
+
+        let e = errs("apiVersion: tollgate.dev/v1alpha1\nkind: Flow\nmetadata: {name: f}\nspec: {request: [{policy: p, condition: 'a ==' }]}\n---\napiVersion: tollgate.dev/v1alpha1\nkind: Policy\nmetadata: {name: p}\nspec: {type: RaiseFault, status: 400}\n");
+        assert!(e.contains("spec.request[0].condition"), "{e}");
+
+        let dup = format!("{BASE}---\napiVersion: tollgate.dev/v1alpha1\nkind: Flow\nmetadata: {{name: chat}}\nspec: {{}}\n");
+        assert!(errs(&dup).contains("duplicate Flow name"));
+
+        let two_defaults = format!("{BASE}---\napiVersion: tollgate.dev/v1alpha1\nkind: Flow\nmetadata: {{name: d2}}\nspec: {{default: true}}\n");
+        assert!(errs(&two_defaults).contains("more than one flow"));
+    }
+
+    #[test]
+    fn openapi_and_empty_documents_are_skipped() {
+        let text = format!("{BASE}---\n---\nopenapi: 3.1.0\ninfo: {{title: x, version: '1'}}\npaths: {{}}\n");
+        assert!(compile(&files(&text), None).is_ok());
+    }
+
+    #[test]
+    fn phases_split() {
+        let s = compile(&files(BASE), None).unwrap();
+        let chat = &s.by_name["chat"];
+        assert_eq!(chat.request.on_headers.len(), 1);
+        assert!(!chat.request.needs_body());
+    }
+}

@@ -1,0 +1,187 @@
+//! The running configuration and its hot reload. Reload is all-or-nothing: the new
+//! snapshot replaces the old one atomically (`ArcSwap`), streams keep the snapshot they
+//! started with, and a configuration that fails to compile leaves the running one in place.
+//!
+//! Changes are noticed by a file-system watch on the directory (which sees a Kubernetes
+//! ConfigMap's `..data` symlink swap, since that happens inside the directory) and by a
+//! periodic content fingerprint, which catches whatever a watch misses; `SIGHUP` forces a
+//! reload.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use notify::Watcher;
+
+use super::{compile, fingerprint, read_dir, ConfigErrors, Snapshot, SourceFile};
+use crate::telemetry::METRICS;
+
+/// Where the configuration comes from.
+#[derive(Debug, Clone)]
+pub enum ConfigSource {
+    Dir(PathBuf),
+    /// Built into the binary: never reloads.
+    Embedded(Vec<SourceFile>),
+}
+
+#[derive(Debug)]
+pub struct ConfigManager {
+    source: ConfigSource,
+    current: ArcSwap<Snapshot>,
+    generation: AtomicU64,
+    /// Fingerprint of the last configuration that failed, so it is reported once.
+    last_failed: Mutex<Option<String>>,
+}
+
+fn now_secs() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// What a reload did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReloadOutcome {
+    Unchanged,
+    Reloaded,
+}
+
+impl ConfigManager {
+    /// Loads the first configuration; it must be valid.
+    pub fn load(source: ConfigSource) -> Result<Arc<Self>, ConfigErrors> {
+        let files = Self::read(&source)?;
+        let dir = match &source {
+            ConfigSource::Dir(d) => Some(d.as_path()),
+            ConfigSource::Embedded(_) => None,
+        };
+        METRICS.config_last_reload_attempt.set(now_secs());
+        let snap = compile(&files, dir)?;
+        METRICS.config_reloads_total.with_label_values(&["success"]).inc();
+        METRICS.config_synchronized.set(1);
+        METRICS.config_last_reload_success.set(now_secs());
+        METRICS.config_generation.set(1);
+        tracing::info!(flows = snap.by_name.len(), policies = snap.policies.len(), "configuration loaded");
+        Ok(Arc::new(Self {
+            source,
+            current: ArcSwap::from_pointee(snap),
+            generation: AtomicU64::new(1),
+            last_failed: Mutex::new(None),
+        }))
+    }
+
+    fn read(source: &ConfigSource) -> Result<Vec<SourceFile>, ConfigErrors> {
+        match source {
+            ConfigSource::Dir(d) => read_dir(d),
+            ConfigSource::Embedded(f) => Ok(f.clone()),
+        }
+    }
+
+    /// The running configuration.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
+    }
+
+    pub fn dir(&self) -> Option<&Path> {
+        match &self.source {
+            ConfigSource::Dir(d) => Some(d),
+            ConfigSource::Embedded(_) => None,
+        }
+    }
+
+    /// Reloads if the files changed (or always, with `force`). On error the running
+    /// configuration stays and the error is returned, logged and counted.
+    pub fn reload(&self, force: bool) -> Result<ReloadOutcome, ConfigErrors> {
+        let ConfigSource::Dir(dir) = &self.source else {
+            return Ok(ReloadOutcome::Unchanged);
+        };
+        let result = read_dir(dir).and_then(|files| {
+            let fp = fingerprint(&files);
+            if !force && fp == self.current.load().fingerprint {
+                return Ok(None);
+            }
+            if !force && self.last_failed.lock().map(|l| l.as_deref() == Some(&fp)).unwrap_or(false) {
+                return Ok(None);
+            }
+            METRICS.config_last_reload_attempt.set(now_secs());
+            compile(&files, Some(dir)).map(Some).map_err(|e| {
+                if let Ok(mut l) = self.last_failed.lock() {
+                    *l = Some(fp);
+                }
+                e
+            })
+        });
+        match result {
+            Ok(None) => {
+                if force {
+                    tracing::info!("configuration unchanged");
+                }
+                Ok(ReloadOutcome::Unchanged)
+            }
+            Ok(Some(snap)) => {
+                let flows = snap.by_name.len();
+                self.current.store(Arc::new(snap));
+                let g = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+                if let Ok(mut l) = self.last_failed.lock() {
+                    *l = None;
+                }
+                METRICS.config_reloads_total.with_label_values(&["success"]).inc();
+                METRICS.config_synchronized.set(1);
+                METRICS.config_last_reload_success.set(now_secs());
+                METRICS.config_generation.set(i64::try_from(g).unwrap_or(i64::MAX));
+                tracing::info!(generation = g, flows, "configuration reloaded");
+                Ok(ReloadOutcome::Reloaded)
+            }
+            Err(e) => {
+                METRICS.config_reloads_total.with_label_values(&["failure"]).inc();
+                METRICS.config_synchronized.set(0);
+                tracing::error!(errors = %e, "configuration refused; the running configuration stays");
+                Err(e)
+            }
+        }
+    }
+
+    /// Watches the directory until `shutdown` fires: file events (debounced) and a poll
+    /// every `interval` both lead to [`ConfigManager::reload`].
+    pub async fn watch(self: Arc<Self>, interval: Duration, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let Some(dir) = self.dir().map(Path::to_path_buf) else {
+            return;
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+            if res.is_ok() {
+                let _ = tx.send(());
+            }
+        })
+        .and_then(|mut w| w.watch(&dir, notify::RecursiveMode::NonRecursive).map(|()| w));
+        let _watcher = match watcher {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(error = %e, dir = %dir.display(), "cannot watch the configuration directory; polling only");
+                None
+            }
+        };
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tick.tick() => {}
+                Some(()) = rx.recv() => {
+                    // Let a burst of events (an editor's save, a symlink swap) settle.
+                    tokio::time::sleep(Duration::from_millis(150)).await;
+                    while rx.try_recv().is_ok() {}
+                }
+            }
+            let me = self.clone();
+            // Reading and compiling touch the disk: keep them off the async workers.
+            let _ = tokio::task::spawn_blocking(move || me.reload(false)).await;
+        }
+    }
+}

@@ -1,0 +1,97 @@
+//! The documents as written: Kubernetes-style envelopes and the specs of the kinds this
+//! module compiles itself (`Flow`, `TemplateRule`). Policy specs belong to their policy
+//! files. Every struct refuses unknown fields.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+use crate::fault::ErrorFormat;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Envelope {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: Metadata,
+    #[serde(default)]
+    pub spec: serde_norway::Value,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metadata {
+    pub name: String,
+    #[serde(default)]
+    pub namespace: Option<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// Default largest body a flow buffers: Envoy's own default buffer limit.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
+
+fn default_max_body() -> usize {
+    DEFAULT_MAX_BODY_BYTES
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FlowSpec {
+    /// Which traffic the flow takes when no extension metadata names a flow. Without it the
+    /// flow is chosen only by name (`tollgate-flow` metadata) or as the default.
+    #[serde(default, rename = "match")]
+    pub match_: Option<MatchSpec>,
+    /// The flow for traffic no other flow matches.
+    #[serde(default)]
+    pub default: bool,
+    /// Higher wins among matching flows; ties go to the more specific match.
+    #[serde(default)]
+    pub priority: i32,
+    #[serde(default)]
+    pub error_format: ErrorFormat,
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
+    #[serde(default)]
+    pub request: Vec<StepSpec>,
+    #[serde(default)]
+    pub response: Vec<StepSpec>,
+}
+
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct MatchSpec {
+    /// Exact host names or `*.suffix` wildcards; the port is ignored.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub path_prefixes: Vec<String>,
+    #[serde(default)]
+    pub methods: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct StepSpec {
+    pub policy: String,
+    #[serde(default)]
+    pub condition: Option<String>,
+    #[serde(default)]
+    pub continue_on_error: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TemplateRuleSpec {
+    /// Flow names the rule applies to; `*` wildcards allowed. Default: every flow.
+    #[serde(default)]
+    pub flows: Option<Vec<String>>,
+    /// Policy types every such flow must contain.
+    #[serde(default)]
+    pub required_policy_types: Vec<String>,
+    /// Policy types no such flow may contain.
+    #[serde(default)]
+    pub denied_policy_types: Vec<String>,
+}

@@ -1,0 +1,16 @@
+//! tollgate: an Envoy External Processing (ext_proc) policy decision point for API and LLM
+//! traffic. See `docs/architecture.md` for how the parts fit.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod config;
+pub mod expr;
+pub mod fault;
+pub mod pipeline;
+pub mod policies;
+pub mod server;
+pub mod telemetry;
+pub mod vars;
+
+/// The `apiVersion` every configuration document carries.
+pub const API_VERSION: &str = "tollgate.dev/v1alpha1";

@@ -1,0 +1,143 @@
+//! The `tollgate` command: `serve` and `validate`.
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use tollgate::config::reload::{ConfigManager, ConfigSource};
+use tollgate::config::{self, SourceFile};
+use tollgate::server::{self, NoMatch, ServeOptions};
+use tollgate::telemetry::{init_logging, LogFormat};
+
+/// Envoy ext_proc policy decision point for API and LLM traffic.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve ext_proc on the gRPC port and health, readiness and metrics on the admin port.
+    Serve(ServeArgs),
+    /// Check a configuration directory: exit 0 when valid, 1 with the errors on stderr.
+    Validate {
+        /// Configuration directory.
+        dir: PathBuf,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct ServeArgs {
+    /// Configuration directory (watched and hot-reloaded). Without it, the built-in
+    /// example configuration is served.
+    #[arg(long, env = "TOLLGATE_CONFIG")]
+    config: Option<PathBuf>,
+    #[arg(long, env = "TOLLGATE_GRPC_ADDR", default_value = "0.0.0.0:9002")]
+    grpc_addr: SocketAddr,
+    #[arg(long, env = "TOLLGATE_ADMIN_ADDR", default_value = "0.0.0.0:9003")]
+    admin_addr: SocketAddr,
+    /// What to do with requests no flow matches.
+    #[arg(long, value_enum, default_value_t = NoMatch::Continue)]
+    on_no_match: NoMatch,
+    /// How often the configuration directory is re-read (in addition to file events).
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    reload_interval: Duration,
+    /// How long open streams may take to finish after SIGTERM.
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    drain_timeout: Duration,
+    /// Largest ext_proc message accepted (a buffered body arrives in one message).
+    #[arg(long, default_value_t = 16 * 1024 * 1024)]
+    max_message_bytes: usize,
+    #[arg(long, value_enum, env = "TOLLGATE_LOG_FORMAT", default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((s, "s"), |i| s.split_at(i));
+    let n: u64 = num.parse().map_err(|_| format!("`{s}` is not a duration like 500ms, 2s, 1m"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("`{s}` is not a duration like 500ms, 2s, 1m")),
+    }
+}
+
+/// The configuration `tollgate serve` runs without `--config`.
+const EMBEDDED: &[(&str, &str)] = &[("embedded:policies/quickstart.yaml", include_str!("../policies/quickstart.yaml"))];
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Validate { dir } => match config::load_dir(&dir) {
+            Ok(s) => {
+                println!(
+                    "{}: valid ({} flows, {} policies)",
+                    dir.display(),
+                    s.by_name.len(),
+                    s.policies.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Serve(args) => {
+            init_logging(args.log_format);
+            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(run(args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let source = match &args.config {
+        Some(dir) => ConfigSource::Dir(dir.clone()),
+        None => {
+            tracing::info!("no --config: serving the built-in example configuration");
+            ConfigSource::Embedded(
+                EMBEDDED
+                    .iter()
+                    .map(|(name, text)| SourceFile {
+                        name: (*name).to_owned(),
+                        text: (*text).to_owned(),
+                    })
+                    .collect(),
+            )
+        }
+    };
+    let config = ConfigManager::load(source).map_err(|e| anyhow::anyhow!("invalid configuration:\n{e}"))?;
+    server::serve(
+        config,
+        ServeOptions {
+            grpc_addr: args.grpc_addr,
+            admin_addr: args.admin_addr,
+            on_no_match: args.on_no_match,
+            reload_interval: args.reload_interval,
+            drain_timeout: args.drain_timeout,
+            max_message_bytes: args.max_message_bytes,
+        },
+    )
+    .await
+}

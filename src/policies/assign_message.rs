@@ -1,0 +1,204 @@
+//! `AssignMessage`: set, add and remove headers of the message its step belongs to (request
+//! steps change the request, response steps the response), and assign flow variables.
+//! Values are templates over flow variables. Order, as in Apigee: remove, add, set, then
+//! variables.
+//!
+//! ```yaml
+//! spec:
+//!   type: AssignMessage
+//!   remove: {headers: [x-debug]}
+//!   add: {headers: {x-trace: "{request.header.x-request-id}"}}
+//!   set: {headers: {x-tollgate-flow: "{flow.name}"}}
+//!   assignVariables: {tier: "{request.header.x-tier}"}
+//! ```
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+use super::{check_header_name, parse_spec, valid_header_value, BuildContext, SpecError};
+use crate::expr::Template;
+use crate::pipeline::{Direction, Outcome, Policy};
+use crate::vars::Exchange;
+
+pub const TYPE: &str = "AssignMessage";
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Spec {
+    #[serde(default)]
+    set: HeaderMap,
+    #[serde(default)]
+    add: HeaderMap,
+    #[serde(default)]
+    remove: RemoveSpec,
+    #[serde(default)]
+    assign_variables: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct HeaderMap {
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RemoveSpec {
+    #[serde(default)]
+    headers: Vec<String>,
+}
+
+#[derive(Debug)]
+struct AssignMessage {
+    remove: Vec<String>,
+    add: Vec<(String, Template)>,
+    set: Vec<(String, Template)>,
+    variables: Vec<(String, Template)>,
+}
+
+fn compile_headers(
+    field: &str,
+    headers: BTreeMap<String, String>,
+) -> Result<Vec<(String, Template)>, SpecError> {
+    headers
+        .into_iter()
+        .map(|(name, value)| {
+            let at = format!("{field}.{name}");
+            let name = check_header_name(&name).map_err(|m| SpecError::new(&at, m))?;
+            let t = Template::compile(&value).map_err(|e| SpecError::new(&at, e.to_string()))?;
+            Ok((name, t))
+        })
+        .collect()
+}
+
+pub fn build(
+    _ctx: &BuildContext,
+    spec: serde_norway::Value,
+) -> Result<Arc<dyn Policy>, SpecError> {
+    let spec: Spec = parse_spec(spec)?;
+    let remove = spec
+        .remove
+        .headers
+        .iter()
+        .enumerate()
+        .map(|(i, n)| check_header_name(n).map_err(|m| SpecError::new(format!("remove.headers[{i}]"), m)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let add = compile_headers("add.headers", spec.add.headers)?;
+    let set = compile_headers("set.headers", spec.set.headers)?;
+    let variables = spec
+        .assign_variables
+        .into_iter()
+        .map(|(name, value)| {
+            let at = format!("assignVariables.{name}");
+            if name.is_empty() || name.starts_with("request.") || name.starts_with("response.") {
+                return Err(SpecError::new(
+                    at,
+                    "variable names must be non-empty and outside request.* / response.*",
+                ));
+            }
+            let t = Template::compile(&value).map_err(|e| SpecError::new(&at, e.to_string()))?;
+            Ok((name, t))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if remove.is_empty() && add.is_empty() && set.is_empty() && variables.is_empty() {
+        return Err(SpecError::new("", "AssignMessage does nothing: give set, add, remove or assignVariables"));
+    }
+    Ok(Arc::new(AssignMessage {
+        remove,
+        add,
+        set,
+        variables,
+    }))
+}
+
+fn rendered(name: &str, t: &Template, ex: &Exchange) -> Option<String> {
+    let v = t.render(ex);
+    if valid_header_value(&v) {
+        Some(v)
+    } else {
+        tracing::warn!(header = name, "template rendered a value with CR, LF or NUL; header not set");
+        None
+    }
+}
+
+impl Policy for AssignMessage {
+    fn type_name(&self) -> &'static str {
+        TYPE
+    }
+
+    fn run<'a>(&'a self, ex: &'a mut Exchange, dir: Direction) -> Outcome<'a> {
+        for name in &self.remove {
+            ex.remove_header(dir, name);
+        }
+        for (name, t) in &self.add {
+            if let Some(v) = rendered(name, t, ex) {
+                ex.add_header(dir, name, v);
+            }
+        }
+        for (name, t) in &self.set {
+            if let Some(v) = rendered(name, t, ex) {
+                ex.set_header(dir, name, v);
+            }
+        }
+        for (name, t) in &self.variables {
+            let v = t.render(ex);
+            ex.set_var(name.clone(), v);
+        }
+        Outcome::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vars::{Headers, RequestInfo};
+
+    fn spec(y: &str) -> serde_norway::Value {
+        serde_norway::from_str(y).unwrap()
+    }
+
+    #[test]
+    fn applies_in_order() {
+        let p = build(
+            &BuildContext::default(),
+            spec(
+                r#"
+remove: {headers: [x-debug]}
+add: {headers: {x-trace: "t-{request.header.x-id}"}}
+set: {headers: {X-Flow: "{flow.name}", x-bad: "{request.header.x-evil}"}}
+assignVariables: {tier: "{request.header.x-flow}"}
+"#,
+            ),
+        )
+        .unwrap();
+        let mut h = Headers::new();
+        h.push("x-id".into(), "7".into());
+        h.push("x-debug".into(), "1".into());
+        h.push("x-evil".into(), "a\nb".into());
+        let mut ex = Exchange {
+            flow: "f1".into(),
+            request: RequestInfo::from_headers(h),
+            ..Default::default()
+        };
+        assert!(matches!(p.run(&mut ex, Direction::Request), Outcome::Ready(Ok(()))));
+        let m = ex.take_mutations(Direction::Request);
+        assert_eq!(m.remove, ["x-debug"]);
+        assert!(m.set.contains(&("x-trace".into(), "t-7".into(), true)));
+        assert!(m.set.contains(&("x-flow".into(), "f1".into(), false)));
+        assert!(!m.set.iter().any(|(n, _, _)| n == "x-bad"));
+        assert_eq!(ex.lookup("tier").as_deref(), Some("f1"));
+    }
+
+    #[test]
+    fn bad_specs_name_the_field() {
+        let e = build(&BuildContext::default(), spec("set: {headers: {host: x}}")).unwrap_err();
+        assert_eq!(e.field, "set.headers.host");
+        let e = build(&BuildContext::default(), spec("sett: {}")).unwrap_err();
+        assert!(e.message.contains("unknown field"), "{e}");
+        let e = build(&BuildContext::default(), spec("{}")).unwrap_err();
+        assert!(e.message.contains("does nothing"));
+    }
+}

@@ -1,0 +1,143 @@
+//! Policy types, one file each. A file defines `pub const TYPE: &str` (the `spec.type`
+//! name) and `pub fn build(ctx: &BuildContext, spec: serde_norway::Value) ->
+//! Result<Arc<dyn Policy>, SpecError>`; `build.rs` registers every file here, so adding a
+//! policy type is adding one file.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+
+use crate::pipeline::Policy;
+
+pub type BuildFn = fn(&BuildContext, serde_norway::Value) -> Result<Arc<dyn Policy>, SpecError>;
+
+include!(concat!(env!("OUT_DIR"), "/policy_registry.rs"));
+
+/// Every policy type of the configuration model, implemented or not yet.
+pub const ALL_TYPES: &[&str] = &[
+    "VerifyApiKey",
+    "VerifyJwt",
+    "SpikeArrest",
+    "Quota",
+    "OasValidation",
+    "ResponseCache",
+    "KeyValueMap",
+    "JavaScript",
+    "ServiceCallout",
+    "AssignMessage",
+    "RaiseFault",
+    "LlmTokenQuota",
+    "PromptTokenLimit",
+    "SanitizePrompt",
+    "SanitizeResponse",
+    "SemanticCache",
+    "ModelRouter",
+];
+
+/// What a builder may need besides its spec.
+#[derive(Debug, Clone, Default)]
+pub struct BuildContext {
+    /// The policy's `metadata.name`.
+    pub name: String,
+    /// The configuration directory, for files a policy refers to.
+    pub config_dir: Option<PathBuf>,
+}
+
+/// A spec that does not build: the field (a path like `set.headers.x-a`) and why.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{}{message}", if field.is_empty() { String::new() } else { format!("field `{field}`: ") })]
+pub struct SpecError {
+    pub field: String,
+    pub message: String,
+}
+
+impl SpecError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+pub fn builder(type_name: &str) -> Option<BuildFn> {
+    REGISTRY
+        .iter()
+        .find(|(t, _)| *t == type_name)
+        .map(|(_, b)| *b)
+}
+
+/// Deserializes a policy's spec (without `type`), naming the offending field on error.
+pub fn parse_spec<T: DeserializeOwned>(spec: serde_norway::Value) -> Result<T, SpecError> {
+    serde_path_to_error::deserialize(spec).map_err(|e| {
+        let field = e.path().to_string();
+        let field = if field == "." { String::new() } else { field };
+        SpecError::new(field, e.into_inner().to_string())
+    })
+}
+
+/// Checks a header name a policy will set or remove. Envoy ignores or rejects changes to
+/// some headers; refusing them at load is clearer than a silent no-op at run time.
+pub fn check_header_name(name: &str) -> Result<String, String> {
+    let lower = name.to_ascii_lowercase();
+    let valid = !lower.is_empty()
+        && lower
+            .bytes()
+            .enumerate()
+            .all(|(i, b)| (i == 0 && b == b':') || b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    if !valid {
+        return Err(format!("`{name}` is not a valid header name"));
+    }
+    if lower.starts_with(':') && lower != ":path" {
+        return Err(format!("`{name}`: only `:path` may be changed among pseudo-headers"));
+    }
+    if lower == "host" || lower.starts_with("x-envoy") {
+        return Err(format!("`{name}`: Envoy ignores changes to this header"));
+    }
+    if matches!(
+        lower.as_str(),
+        "content-length" | "transfer-encoding" | "connection" | "keep-alive" | "upgrade" | "te"
+    ) {
+        return Err(format!("`{name}` is managed by Envoy and cannot be changed by a policy"));
+    }
+    if lower == "x-gateway-destination-endpoint" {
+        return Err(format!(
+            "`{name}` belongs to the Inference Gateway endpoint picker; tollgate never sets it"
+        ));
+    }
+    Ok(lower)
+}
+
+/// A header value is sent only if Envoy would accept it: no CR, LF or NUL.
+pub fn valid_header_value(v: &str) -> bool {
+    !v.bytes().any(|b| matches!(b, b'\r' | b'\n' | 0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registry_has_the_implemented_types() {
+        for (t, _) in REGISTRY {
+            assert!(ALL_TYPES.contains(t), "{t} missing from ALL_TYPES");
+        }
+        assert!(builder("AssignMessage").is_some());
+        assert!(builder("RaiseFault").is_some());
+        assert!(builder("Nope").is_none());
+    }
+
+    #[test]
+    fn header_names() {
+        assert_eq!(check_header_name("X-Foo").unwrap(), "x-foo");
+        assert!(check_header_name(":path").is_ok());
+        assert!(check_header_name(":authority").is_err());
+        assert!(check_header_name("x-envoy-original-path").is_err());
+        assert!(check_header_name("x-gateway-destination-endpoint").is_err());
+        assert!(check_header_name("bad name").is_err());
+        assert!(check_header_name("").is_err());
+        assert!(!valid_header_value("a\r\nb"));
+        assert!(valid_header_value("a b"));
+    }
+}

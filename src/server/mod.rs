@@ -1,0 +1,280 @@
+//! The gRPC side: the ext_proc service, gRPC health, and the process lifecycle (serve,
+//! reload on SIGHUP, graceful shutdown on SIGTERM).
+
+pub mod proto;
+pub mod stream;
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::{
+    ExternalProcessor, ExternalProcessorServer,
+};
+use envoy_types::pb::envoy::service::ext_proc::v3::{ProcessingRequest, ProcessingResponse};
+use futures_util::Stream;
+use tonic::{Code, Request, Response, Status, Streaming};
+
+use crate::config::reload::ConfigManager;
+use crate::telemetry::METRICS;
+use stream::StreamState;
+
+/// What to do with a request no flow matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum NoMatch {
+    /// Let it through untouched.
+    #[default]
+    Continue,
+    /// Answer 404 `tollgate.NoMatchingFlow`.
+    Reject,
+}
+
+/// State shared by every stream.
+#[derive(Debug)]
+pub struct Shared {
+    pub config: Arc<ConfigManager>,
+    pub on_no_match: NoMatch,
+    /// False while starting and once shutdown begins.
+    pub ready: AtomicBool,
+}
+
+impl Shared {
+    pub fn new(config: Arc<ConfigManager>, on_no_match: NoMatch) -> Arc<Self> {
+        Arc::new(Self {
+            config,
+            on_no_match,
+            ready: AtomicBool::new(false),
+        })
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+}
+
+/// The ext_proc service.
+#[derive(Debug, Clone)]
+pub struct Processor {
+    shared: Arc<Shared>,
+}
+
+impl Processor {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+
+    /// The tonic service, accepting messages up to `max_message_bytes` (a buffered body
+    /// arrives in one message).
+    pub fn into_service(self, max_message_bytes: usize) -> ExternalProcessorServer<Self> {
+        ExternalProcessorServer::new(self)
+            .max_decoding_message_size(max_message_bytes)
+            .max_encoding_message_size(max_message_bytes)
+    }
+}
+
+struct Driver {
+    state: StreamState,
+    inbound: Streaming<ProcessingRequest>,
+    queue: VecDeque<ProcessingResponse>,
+    error: Option<Status>,
+    ended: bool,
+}
+
+/// True for what tonic reports when the peer resets the stream (Envoy ends every stream
+/// with RST unless graceful close is on) rather than for a message it could not decode.
+fn is_decode_error(s: &Status) -> bool {
+    s.code() == Code::Internal && s.message().contains("decode")
+}
+
+impl Driver {
+    async fn next(mut self) -> Option<(Result<ProcessingResponse, Status>, Self)> {
+        loop {
+            if let Some(r) = self.queue.pop_front() {
+                return Some((Ok(r), self));
+            }
+            if let Some(e) = self.error.take() {
+                self.ended = true;
+                return Some((Err(e), self));
+            }
+            if self.ended {
+                return None;
+            }
+            match self.inbound.message().await {
+                Ok(Some(msg)) => {
+                    let mut out = Vec::with_capacity(1);
+                    if let Err(e) = self.state.on_message(msg, &mut out).await {
+                        tracing::warn!(error = %e.message(), "ext_proc protocol violation; stream closed");
+                        self.error = Some(e);
+                    }
+                    self.queue.extend(out);
+                }
+                Ok(None) => return None,
+                Err(s) if is_decode_error(&s) => {
+                    METRICS
+                        .protocol_errors_total
+                        .with_label_values(&["malformed_message"])
+                        .inc();
+                    tracing::warn!(error = %s.message(), "malformed ext_proc message; stream closed");
+                    self.error = Some(Status::invalid_argument(format!(
+                        "malformed ext_proc message: {}",
+                        s.message()
+                    )));
+                }
+                Err(s) => {
+                    tracing::trace!(code = ?s.code(), error = %s.message(), "ext_proc stream ended by the peer");
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+pub type ResponseStream = Pin<Box<dyn Stream<Item = Result<ProcessingResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ExternalProcessor for Processor {
+    type ProcessStream = ResponseStream;
+
+    async fn process(
+        &self,
+        request: Request<Streaming<ProcessingRequest>>,
+    ) -> Result<Response<Self::ProcessStream>, Status> {
+        let driver = Driver {
+            state: StreamState::new(self.shared.clone()),
+            inbound: request.into_inner(),
+            queue: VecDeque::new(),
+            error: None,
+            ended: false,
+        };
+        let s = futures_util::stream::unfold(driver, Driver::next);
+        Ok(Response::new(Box::pin(s)))
+    }
+}
+
+/// Everything `serve` needs.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub grpc_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub on_no_match: NoMatch,
+    pub reload_interval: Duration,
+    pub drain_timeout: Duration,
+    pub max_message_bytes: usize,
+}
+
+/// Runs the ext_proc server and the admin server until SIGTERM or Ctrl-C, then drains.
+pub async fn serve(config: Arc<ConfigManager>, opts: ServeOptions) -> anyhow::Result<()> {
+    let shared = Shared::new(config.clone(), opts.on_no_match);
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+
+    let grpc_listener = tokio::net::TcpListener::bind(opts.grpc_addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {} (gRPC): {e}", opts.grpc_addr))?;
+    let admin_listener = tokio::net::TcpListener::bind(opts.admin_addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {} (admin): {e}", opts.admin_addr))?;
+    tracing::info!(grpc = %grpc_listener.local_addr()?, admin = %admin_listener.local_addr()?, "listening");
+
+    let admin = crate::admin::router(shared.clone());
+    let mut admin_shutdown = shutdown_rx.clone();
+    let admin_task = tokio::spawn(async move {
+        let r = axum::serve(admin_listener, admin)
+            .with_graceful_shutdown(async move {
+                let _ = admin_shutdown.wait_for(|v| *v).await;
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "admin server failed");
+        }
+    });
+
+    let watcher = tokio::spawn(config.clone().watch(opts.reload_interval, shutdown_rx.clone()));
+
+    let service = Processor::new(shared.clone()).into_service(opts.max_message_bytes);
+    health_reporter
+        .set_serving::<ExternalProcessorServer<Processor>>()
+        .await;
+    let mut grpc_shutdown = shutdown_rx.clone();
+    let grpc = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .add_service(health_service)
+        .add_service(service)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+            async move {
+                let _ = grpc_shutdown.wait_for(|v| *v).await;
+            },
+        );
+    let mut grpc = tokio::spawn(grpc);
+    shared.ready.store(true, Ordering::Relaxed);
+    tracing::info!("ready");
+
+    let signals = wait_for_shutdown(config.clone());
+    tokio::select! {
+        () = signals => {}
+        r = &mut grpc => {
+            // The server stopped on its own: that is an error.
+            shared.ready.store(false, Ordering::Relaxed);
+            let _ = shutdown_tx.send(true);
+            return match r {
+                Ok(Ok(())) => Err(anyhow::anyhow!("gRPC server stopped unexpectedly")),
+                Ok(Err(e)) => Err(anyhow::anyhow!("gRPC server failed: {e}")),
+                Err(e) => Err(anyhow::anyhow!("gRPC server task failed: {e}")),
+            };
+        }
+    }
+
+    // Shutdown: not ready first (health checks and load balancers move away), then stop
+    // accepting and drain open streams up to the deadline.
+    tracing::info!(drain_timeout = ?opts.drain_timeout, "shutting down: draining streams");
+    shared.ready.store(false, Ordering::Relaxed);
+    health_reporter
+        .set_not_serving::<ExternalProcessorServer<Processor>>()
+        .await;
+    let _ = shutdown_tx.send(true);
+    let drained = tokio::time::timeout(opts.drain_timeout, async {
+        // Envoy keeps its HTTP/2 connection open, so watch the streams rather than the
+        // connections.
+        while METRICS.streams_active.get() > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    match drained {
+        Ok(()) => tracing::info!("all streams finished"),
+        Err(_) => tracing::warn!(open = METRICS.streams_active.get(), "drain deadline reached; closing open streams"),
+    }
+    grpc.abort();
+    let _ = admin_task.await;
+    let _ = watcher.await;
+    Ok(())
+}
+
+/// Waits for SIGTERM or SIGINT; reloads the configuration on every SIGHUP meanwhile.
+async fn wait_for_shutdown(config: Arc<ConfigManager>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stopping on Ctrl-C only");
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => return,
+            _ = int.recv() => return,
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading configuration");
+                let c = config.clone();
+                let _ = tokio::task::spawn_blocking(move || c.reload(true)).await;
+            }
+        }
+    }
+}

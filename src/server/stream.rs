@@ -1,0 +1,562 @@
+//! One ext_proc stream: the state machine that turns Envoy's messages into pipeline phases
+//! and the pipeline's decisions into answers.
+//!
+//! Rules it keeps (Envoy 1.40):
+//! - outside FULL_DUPLEX_STREAMED every message gets exactly one answer of its kind;
+//! - in FULL_DUPLEX_STREAMED body chunks are answered with `StreamedBodyResponse`s, passed
+//!   on as they come unless the flow's body steps need the whole body first;
+//! - a flow that needs a body Envoy is not sending asks for it with `mode_override`;
+//!   a body the flow does not need is answered at once;
+//! - after an immediate response, further messages are ignored (Envoy may have sent them
+//!   before it saw the answer).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::{
+    processing_mode::BodySendMode, ProcessingMode,
+};
+use envoy_types::pb::envoy::service::ext_proc::v3::{
+    body_mutation::Mutation, processing_request::Request, HttpBody, HttpHeaders, HttpTrailers,
+    ProcessingRequest, ProcessingResponse,
+};
+use tonic::Status;
+
+use super::proto;
+use super::{NoMatch, Shared};
+use crate::config::{Flow, Snapshot};
+use crate::fault::{ErrorFormat, Fault};
+use crate::pipeline::{run_steps, Direction};
+use crate::telemetry::{METRICS, PHASES};
+use crate::vars::{Exchange, RequestInfo, ResponseInfo};
+
+const NONE: i32 = BodySendMode::None as i32;
+const STREAMED: i32 = BodySendMode::Streamed as i32;
+const BUFFERED: i32 = BodySendMode::Buffered as i32;
+const BUFFERED_PARTIAL: i32 = BodySendMode::BufferedPartial as i32;
+const FULL_DUPLEX: i32 = BodySendMode::FullDuplexStreamed as i32;
+
+#[derive(Debug, Default)]
+struct Side {
+    headers_seen: bool,
+    headers_eos: bool,
+    body_seen: bool,
+    /// The body (or trailers) ended.
+    body_done: bool,
+    trailers_seen: bool,
+    /// The flow's body steps for this side ran.
+    steps_ran: bool,
+    /// Body collected for the body steps.
+    buf: Vec<u8>,
+    /// Body send mode in force for this side.
+    mode: i32,
+}
+
+/// Per-stream state.
+pub struct StreamState {
+    shared: Arc<Shared>,
+    snap: Arc<Snapshot>,
+    flow: Option<Arc<Flow>>,
+    ex: Exchange,
+    started: bool,
+    modes_known: bool,
+    observability: bool,
+    req: Side,
+    resp: Side,
+    /// An immediate response was sent: the exchange is over for tollgate.
+    answered: bool,
+    /// The response ended: any further message breaks the protocol.
+    complete: bool,
+    rejected: bool,
+}
+
+fn protocol_error(kind: &str) {
+    METRICS.protocol_errors_total.with_label_values(&[kind]).inc();
+}
+
+impl StreamState {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        let snap = shared.config.snapshot();
+        METRICS.streams_total.inc();
+        METRICS.streams_active.inc();
+        Self {
+            shared,
+            snap,
+            flow: None,
+            ex: Exchange::default(),
+            started: false,
+            modes_known: false,
+            observability: false,
+            req: Side::default(),
+            resp: Side::default(),
+            answered: false,
+            complete: false,
+            rejected: false,
+        }
+    }
+
+    fn error_format(&self) -> ErrorFormat {
+        self.flow.as_ref().map(|f| f.error_format).unwrap_or_default()
+    }
+
+    /// Ends the exchange with an immediate response for `fault`.
+    fn reject(&mut self, mut fault: Fault, out: &mut Vec<ProcessingResponse>) {
+        let flow = self.flow.as_ref().map_or("", |f| f.name.as_str());
+        if fault.policy.is_empty() {
+            fault.policy = "tollgate".to_owned();
+        }
+        METRICS
+            .rejections_total
+            .with_label_values(&[flow, &fault.policy, &fault.code])
+            .inc();
+        if let Some(f) = &self.flow {
+            f.metrics.rejected.inc();
+        }
+        tracing::debug!(flow, policy = %fault.policy, code = %fault.code, status = fault.status, "rejected");
+        let rendered = fault.render(self.error_format());
+        out.push(proto::immediate(rendered, &fault.code));
+        self.answered = true;
+        self.rejected = true;
+    }
+
+    /// Handles one message, pushing zero or more answers. An `Err` ends the stream with
+    /// that gRPC status.
+    pub async fn on_message(
+        &mut self,
+        msg: ProcessingRequest,
+        out: &mut Vec<ProcessingResponse>,
+    ) -> Result<(), Status> {
+        if !self.started {
+            self.started = true;
+            self.observability = msg.observability_mode;
+            if let Some(pc) = &msg.protocol_config {
+                self.modes_known = true;
+                self.req.mode = pc.request_body_mode;
+                self.resp.mode = pc.response_body_mode;
+            }
+        }
+        if !msg.attributes.is_empty() {
+            proto::attributes_into(&msg.attributes, &mut self.ex.attributes);
+        }
+        let Some(request) = msg.request else {
+            // Flow-control updates carry no request; anything else empty is a broken client.
+            // Neither expects an answer.
+            if msg.client_window_update.is_none() && msg.flow_control_init.is_none() {
+                protocol_error("empty_message");
+                tracing::debug!("ext_proc message without a request; ignored");
+            }
+            return Ok(());
+        };
+        if self.answered {
+            return Ok(());
+        }
+        if self.complete {
+            protocol_error("message_after_end");
+            return Err(Status::failed_precondition(
+                "ext_proc message received after the exchange ended",
+            ));
+        }
+        let start = Instant::now();
+        let hist = match &request {
+            Request::RequestHeaders(_) => &PHASES.request_headers,
+            Request::RequestBody(_) => &PHASES.request_body,
+            Request::RequestTrailers(_) => &PHASES.request_trailers,
+            Request::ResponseHeaders(_) => &PHASES.response_headers,
+            Request::ResponseBody(_) => &PHASES.response_body,
+            Request::ResponseTrailers(_) => &PHASES.response_trailers,
+        };
+        let result = match request {
+            Request::RequestHeaders(h) => self.on_request_headers(h, msg.metadata_context.as_ref(), out).await,
+            Request::RequestBody(b) => self.on_body(Direction::Request, b, out).await,
+            Request::RequestTrailers(t) => self.on_trailers(Direction::Request, t, out).await,
+            Request::ResponseHeaders(h) => self.on_response_headers(h, out).await,
+            Request::ResponseBody(b) => self.on_body(Direction::Response, b, out).await,
+            Request::ResponseTrailers(t) => self.on_trailers(Direction::Response, t, out).await,
+        };
+        hist.observe(start.elapsed().as_secs_f64());
+        if self.observability {
+            // Envoy does not wait for answers in observability mode and must get none.
+            out.clear();
+        }
+        result
+    }
+
+    fn side(&mut self, dir: Direction) -> &mut Side {
+        match dir {
+            Direction::Request => &mut self.req,
+            Direction::Response => &mut self.resp,
+        }
+    }
+
+    /// A mode override asking for `req`/`resp` body modes, or `None` when Envoy would
+    /// ignore it (FULL_DUPLEX_STREAMED) or the modes are unknown.
+    fn mode_override(&self, req: i32, resp: i32) -> Option<ProcessingMode> {
+        if !self.modes_known || self.req.mode == FULL_DUPLEX || self.resp.mode == FULL_DUPLEX {
+            return None;
+        }
+        Some(ProcessingMode {
+            request_body_mode: req,
+            response_body_mode: resp,
+            ..Default::default()
+        })
+    }
+
+    async fn on_request_headers(
+        &mut self,
+        h: HttpHeaders,
+        metadata: Option<&envoy_types::pb::envoy::config::core::v3::Metadata>,
+        out: &mut Vec<ProcessingResponse>,
+    ) -> Result<(), Status> {
+        if self.req.headers_seen {
+            protocol_error("duplicate_request_headers");
+            return Err(Status::invalid_argument(
+                "request_headers received twice on one stream",
+            ));
+        }
+        if self.resp.headers_seen {
+            protocol_error("request_headers_after_response");
+            return Err(Status::invalid_argument(
+                "request_headers received after response_headers",
+            ));
+        }
+        self.req.headers_seen = true;
+        self.req.headers_eos = h.end_of_stream;
+        if h.end_of_stream {
+            self.req.body_done = true;
+        }
+        self.ex.request = RequestInfo::from_headers(proto::headers_from(h.headers.as_ref()));
+        let named = proto::flow_from_metadata(metadata);
+        let Some(flow) = self.snap.select(named.as_deref(), &self.ex.request) else {
+            METRICS.decisions_total.with_label_values(&["", "no_flow"]).inc();
+            if self.shared.on_no_match == NoMatch::Reject {
+                let fault = Fault::new(
+                    404,
+                    "tollgate.NoMatchingFlow",
+                    format!(
+                        "No flow handles {} {}",
+                        self.ex.request.method,
+                        self.ex.request.path()
+                    ),
+                );
+                self.reject(fault, out);
+            } else {
+                out.push(proto::request_headers(None, false, None));
+            }
+            return Ok(());
+        };
+        flow.metrics.requests.inc();
+        self.ex.flow.clone_from(&flow.name);
+        self.flow = Some(flow.clone());
+
+        if let Err(f) = run_steps(&flow.request.on_headers, &mut self.ex, Direction::Request).await {
+            self.reject(f, out);
+            return Ok(());
+        }
+        let mut mode = None;
+        if flow.request.needs_body() {
+            if h.end_of_stream {
+                // No body will come: the body steps run now, on an empty body.
+                self.req.steps_ran = true;
+                self.ex.request_body = Some(Vec::new());
+                if let Err(f) = run_steps(&flow.request.on_body, &mut self.ex, Direction::Request).await {
+                    self.reject(f, out);
+                    return Ok(());
+                }
+            } else if self.req.mode == NONE {
+                let resp = if flow.response.needs_body() && self.resp.mode == NONE {
+                    STREAMED
+                } else {
+                    self.resp.mode
+                };
+                mode = self.mode_override(BUFFERED, resp);
+                if mode.is_some() {
+                    self.req.mode = BUFFERED;
+                    self.resp.mode = resp;
+                }
+            }
+        }
+        let muts = self.ex.take_mutations(Direction::Request);
+        let clear_route_cache = !muts.is_empty();
+        out.push(proto::request_headers(
+            proto::header_mutation(muts),
+            clear_route_cache,
+            mode,
+        ));
+        Ok(())
+    }
+
+    async fn on_response_headers(
+        &mut self,
+        h: HttpHeaders,
+        out: &mut Vec<ProcessingResponse>,
+    ) -> Result<(), Status> {
+        if self.resp.headers_seen {
+            protocol_error("duplicate_response_headers");
+            return Err(Status::invalid_argument(
+                "response_headers received twice on one stream",
+            ));
+        }
+        self.resp.headers_seen = true;
+        self.resp.headers_eos = h.end_of_stream;
+        let headers = proto::headers_from(h.headers.as_ref());
+        let status = headers
+            .get(":status")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        self.ex.response = Some(ResponseInfo { status, headers });
+        if h.end_of_stream {
+            self.resp.body_done = true;
+            self.complete = true;
+        }
+        let Some(flow) = self.flow.clone() else {
+            out.push(proto::response_headers(None, None));
+            return Ok(());
+        };
+
+        // Request body steps that never ran because Envoy never sent the body: fail
+        // closed, and say how to fix the Envoy configuration.
+        if flow.request.needs_body()
+            && !self.req.steps_ran
+            && !self.req.headers_eos
+            && !self.req.body_seen
+            && !self.req.trailers_seen
+        {
+            protocol_error("request_body_not_sent");
+            let fault = Fault::new(
+                500,
+                "tollgate.RequestBodyNotReceived",
+                format!(
+                    "flow {} needs the request body but Envoy did not send it: set request_body_mode BUFFERED or allow_mode_override on the ext_proc filter",
+                    flow.name
+                ),
+            );
+            self.reject(fault, out);
+            return Ok(());
+        }
+
+        if let Err(f) = run_steps(&flow.response.on_headers, &mut self.ex, Direction::Response).await {
+            self.reject(f, out);
+            return Ok(());
+        }
+        let mut mode = None;
+        if flow.response.needs_body() {
+            if h.end_of_stream {
+                self.resp.steps_ran = true;
+                self.ex.response_body = Some(Vec::new());
+                if let Err(f) = run_steps(&flow.response.on_body, &mut self.ex, Direction::Response).await {
+                    self.reject(f, out);
+                    return Ok(());
+                }
+            } else if self.resp.mode == NONE {
+                mode = self.mode_override(self.req.mode, STREAMED);
+                if mode.is_some() {
+                    self.resp.mode = STREAMED;
+                }
+            }
+        }
+        let muts = self.ex.take_mutations(Direction::Response);
+        out.push(proto::response_headers(proto::header_mutation(muts), mode));
+        Ok(())
+    }
+
+    /// The answer that passes a chunk on untouched.
+    fn pass(dir: Direction, mode: i32, chunk: Vec<u8>, eos: bool) -> ProcessingResponse {
+        let request = dir == Direction::Request;
+        if mode == FULL_DUPLEX {
+            proto::streamed_body(request, chunk, eos)
+        } else {
+            proto::body(request, None)
+        }
+    }
+
+    async fn on_body(
+        &mut self,
+        dir: Direction,
+        b: HttpBody,
+        out: &mut Vec<ProcessingResponse>,
+    ) -> Result<(), Status> {
+        let side = self.side(dir);
+        let mode = side.mode;
+        if !side.headers_seen {
+            // Possible when the header mode is SKIP: nothing to decide on, pass it on.
+            protocol_error("body_before_headers");
+            out.push(Self::pass(dir, mode, b.body, b.end_of_stream));
+            return Ok(());
+        }
+        if side.body_done {
+            protocol_error("body_after_end");
+            return Err(Status::invalid_argument(format!(
+                "{}_body received after the {} body ended",
+                dir.as_str(),
+                dir.as_str()
+            )));
+        }
+        side.body_seen = true;
+        let eos = b.end_of_stream;
+        if eos {
+            side.body_done = true;
+        }
+        let steps_ran = side.steps_ran;
+        let needs = self.flow.as_ref().is_some_and(|f| match dir {
+            Direction::Request => f.request.needs_body(),
+            Direction::Response => f.response.needs_body(),
+        });
+        if dir == Direction::Response && eos {
+            self.complete = true;
+        }
+        if !needs || steps_ran {
+            out.push(Self::pass(dir, mode, b.body, eos));
+            return Ok(());
+        }
+        let Some(flow) = self.flow.clone() else {
+            return Ok(());
+        };
+        let side = self.side(dir);
+        if side.buf.len() + b.body.len() > flow.max_body_bytes {
+            let fault = Fault::new(
+                413,
+                "protocol.http.TooBigBody",
+                format!(
+                    "The {} body is larger than the {} bytes flow {} accepts",
+                    dir.as_str(),
+                    flow.max_body_bytes,
+                    flow.name
+                ),
+            );
+            side.buf = Vec::new();
+            self.reject(fault, out);
+            return Ok(());
+        }
+        match mode {
+            FULL_DUPLEX => {
+                // Hold the chunks until the body is whole, then release it at once.
+                side.buf.extend_from_slice(&b.body);
+                if eos {
+                    if let Some(body) = self.run_body_steps(&flow, dir, true, out).await {
+                        out.push(proto::streamed_body(dir == Direction::Request, body, true));
+                    }
+                }
+            }
+            BUFFERED | BUFFERED_PARTIAL => {
+                // One message holds the body (possibly cut at Envoy's buffer limit in
+                // BUFFERED_PARTIAL, or followed by trailers).
+                side.buf.extend_from_slice(&b.body);
+                if mode == BUFFERED_PARTIAL && !eos {
+                    self.ex.set_var(format!("{}.body.truncated", dir.as_str()), true);
+                }
+                let replaced_before = false;
+                if let Some(body) = self.run_body_steps(&flow, dir, replaced_before, out).await {
+                    let replaced = match dir {
+                        Direction::Request => self.ex.request_body_replaced,
+                        Direction::Response => self.ex.response_body_replaced,
+                    };
+                    let muts = self.ex.take_mutations(dir);
+                    let body_mutation = replaced.then_some(Mutation::Body(body));
+                    out.push(proto::body(
+                        dir == Direction::Request,
+                        proto::common(proto::header_mutation(muts), body_mutation),
+                    ));
+                }
+            }
+            _ => {
+                // STREAMED (or unknown): chunks pass on as they come; the steps inspect a
+                // copy once the body ends. A late rejection still answers the client.
+                side.buf.extend_from_slice(&b.body);
+                if eos {
+                    if self.run_body_steps(&flow, dir, false, out).await.is_none() {
+                        return Ok(());
+                    }
+                    if self.ex.take_mutations(dir) != Default::default() {
+                        tracing::debug!(flow = %flow.name, "header changes from body steps are dropped in STREAMED mode; use BUFFERED");
+                    }
+                }
+                out.push(proto::body(dir == Direction::Request, None));
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the body steps of `dir` on the collected body. Returns the body to forward, or
+    /// `None` after a rejection (already answered).
+    async fn run_body_steps(
+        &mut self,
+        flow: &Flow,
+        dir: Direction,
+        _duplex: bool,
+        out: &mut Vec<ProcessingResponse>,
+    ) -> Option<Vec<u8>> {
+        let body = std::mem::take(&mut self.side(dir).buf);
+        self.side(dir).steps_ran = true;
+        let steps = match dir {
+            Direction::Request => {
+                self.ex.request_body = Some(body);
+                &flow.request.on_body
+            }
+            Direction::Response => {
+                self.ex.response_body = Some(body);
+                &flow.response.on_body
+            }
+        };
+        if let Err(f) = run_steps(steps, &mut self.ex, dir).await {
+            self.reject(f, out);
+            return None;
+        }
+        let body = match dir {
+            Direction::Request => self.ex.request_body.take(),
+            Direction::Response => self.ex.response_body.take(),
+        };
+        Some(body.unwrap_or_default())
+    }
+
+    async fn on_trailers(
+        &mut self,
+        dir: Direction,
+        _t: HttpTrailers,
+        out: &mut Vec<ProcessingResponse>,
+    ) -> Result<(), Status> {
+        let request = dir == Direction::Request;
+        let side = self.side(dir);
+        if side.trailers_seen {
+            protocol_error("duplicate_trailers");
+            return Err(Status::invalid_argument(format!(
+                "{}_trailers received twice",
+                dir.as_str()
+            )));
+        }
+        side.trailers_seen = true;
+        side.body_done = true;
+        let pending = !side.steps_ran && side.headers_seen;
+        let mode = side.mode;
+        if dir == Direction::Response {
+            self.complete = true;
+        }
+        let needs = self.flow.as_ref().is_some_and(|f| match dir {
+            Direction::Request => f.request.needs_body(),
+            Direction::Response => f.response.needs_body(),
+        });
+        if needs && pending {
+            if let Some(flow) = self.flow.clone() {
+                match self.run_body_steps(&flow, dir, mode == FULL_DUPLEX, out).await {
+                    None => return Ok(()),
+                    Some(body) if mode == FULL_DUPLEX => {
+                        // The held body goes on before the trailers; they end the stream.
+                        out.push(proto::streamed_body(request, body, false));
+                    }
+                    Some(_) => {}
+                }
+                let _ = self.ex.take_mutations(dir);
+            }
+        }
+        out.push(proto::trailers(request));
+        Ok(())
+    }
+}
+
+impl Drop for StreamState {
+    fn drop(&mut self) {
+        METRICS.streams_active.dec();
+        if let (Some(f), false) = (&self.flow, self.rejected) {
+            f.metrics.continued.inc();
+        }
+    }
+}

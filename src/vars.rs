@@ -1,0 +1,486 @@
+//! Flow variables: the per-exchange state that conditions, templates and policies read and
+//! write. Names are Apigee-style dotted paths (`request.header.x-api-key`, `client_id`,
+//! `ratelimit.<policy>.remaining`); built-in names are computed from the request and response,
+//! everything else lives in a flat map that policies fill.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::fmt;
+
+use crate::pipeline::Direction;
+
+/// A flow variable's value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    Str(String),
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+}
+
+impl Value {
+    pub fn as_text(&self) -> Cow<'_, str> {
+        match self {
+            Value::Str(s) => Cow::Borrowed(s),
+            Value::Int(i) => Cow::Owned(i.to_string()),
+            Value::Float(f) => Cow::Owned(f.to_string()),
+            Value::Bool(b) => Cow::Borrowed(if *b { "true" } else { "false" }),
+        }
+    }
+}
+
+impl fmt::Display for Value {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.as_text())
+    }
+}
+
+impl From<&str> for Value {
+    fn from(s: &str) -> Self {
+        Value::Str(s.to_owned())
+    }
+}
+impl From<String> for Value {
+    fn from(s: String) -> Self {
+        Value::Str(s)
+    }
+}
+impl From<i64> for Value {
+    fn from(i: i64) -> Self {
+        Value::Int(i)
+    }
+}
+impl From<bool> for Value {
+    fn from(b: bool) -> Self {
+        Value::Bool(b)
+    }
+}
+
+/// HTTP headers as Envoy sent them: lower-case names (HTTP/2 style, pseudo-headers included),
+/// values decoded lossily from `raw_value` for reading. The original bytes are never needed:
+/// tollgate only ever sends mutations, not the full header map.
+#[derive(Debug, Clone, Default)]
+pub struct Headers {
+    entries: Vec<(String, String)>,
+}
+
+impl Headers {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn with_capacity(n: usize) -> Self {
+        Self {
+            entries: Vec::with_capacity(n),
+        }
+    }
+
+    /// Appends a header; `name` must already be lower case.
+    pub fn push(&mut self, name: String, value: String) {
+        self.entries.push((name, value));
+    }
+
+    /// First value of `name` (case-insensitive).
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.entries
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Replaces every value of `name` with one value.
+    pub fn set(&mut self, name: &str, value: String) {
+        self.remove(name);
+        self.entries.push((name.to_ascii_lowercase(), value));
+    }
+
+    pub fn append(&mut self, name: &str, value: String) {
+        self.entries.push((name.to_ascii_lowercase(), value));
+    }
+
+    pub fn remove(&mut self, name: &str) {
+        self.entries.retain(|(n, _)| !n.eq_ignore_ascii_case(name));
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.entries.iter().map(|(n, v)| (n.as_str(), v.as_str()))
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+/// The request as seen on the request-headers message.
+#[derive(Debug, Clone, Default)]
+pub struct RequestInfo {
+    pub method: String,
+    /// `:path` as sent: path plus query string.
+    pub uri: String,
+    pub host: String,
+    pub scheme: String,
+    pub headers: Headers,
+}
+
+impl RequestInfo {
+    pub fn from_headers(headers: Headers) -> Self {
+        let method = headers.get(":method").unwrap_or_default().to_owned();
+        let uri = headers.get(":path").unwrap_or_default().to_owned();
+        let host = headers
+            .get(":authority")
+            .or_else(|| headers.get("host"))
+            .unwrap_or_default()
+            .to_owned();
+        let scheme = headers.get(":scheme").unwrap_or_default().to_owned();
+        Self {
+            method,
+            uri,
+            host,
+            scheme,
+            headers,
+        }
+    }
+
+    /// Path without the query string.
+    pub fn path(&self) -> &str {
+        self.uri.split_once('?').map_or(&self.uri, |(p, _)| p)
+    }
+
+    pub fn query_string(&self) -> &str {
+        self.uri.split_once('?').map_or("", |(_, q)| q)
+    }
+
+    /// First value of query parameter `name`, percent-decoded.
+    pub fn query(&self, name: &str) -> Option<String> {
+        query_pairs(self.query_string())
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v)
+    }
+
+    /// Host without a port.
+    pub fn hostname(&self) -> &str {
+        strip_port(&self.host)
+    }
+}
+
+/// Strips `:port` from a host, leaving IPv6 literals intact.
+pub fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        return host.split_once(']').map_or(host, |(h, _)| &host[..h.len() + 1]);
+    }
+    host.rsplit_once(':')
+        .filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()))
+        .map_or(host, |(h, _)| h)
+}
+
+/// Decoded `key=value` pairs of a query string (`+` is a space, `%XX` decoded lossily).
+pub fn query_pairs(qs: &str) -> impl Iterator<Item = (String, String)> + '_ {
+    qs.split('&').filter(|s| !s.is_empty()).map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (percent_decode(k), percent_decode(v))
+    })
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    if !bytes.iter().any(|b| *b == b'%' || *b == b'+') {
+        return s.to_owned();
+    }
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = bytes.get(i + 1..i + 3).and_then(|h| {
+                    std::str::from_utf8(h)
+                        .ok()
+                        .and_then(|h| u8::from_str_radix(h, 16).ok())
+                });
+                match hex {
+                    Some(b) => {
+                        out.push(b);
+                        i += 2;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The response as seen on the response-headers message.
+#[derive(Debug, Clone, Default)]
+pub struct ResponseInfo {
+    pub status: u16,
+    pub headers: Headers,
+}
+
+/// Per-exchange state: one per ext_proc stream.
+#[derive(Debug, Default)]
+pub struct Exchange {
+    pub flow: String,
+    pub request: RequestInfo,
+    pub response: Option<ResponseInfo>,
+    /// Request body (only when the flow asked for it), possibly truncated.
+    pub request_body: Option<Vec<u8>>,
+    pub response_body: Option<Vec<u8>>,
+    /// Attributes Envoy sent (`source.address`, `response.code`, ...).
+    pub attributes: HashMap<String, String>,
+    /// Variables set by policies.
+    pub vars: HashMap<String, Value>,
+    /// Header changes the policies asked for, per direction, not yet sent to Envoy.
+    pub request_mutations: HeaderMutations,
+    pub response_mutations: HeaderMutations,
+    /// Set by [`Exchange::replace_body`]: the body to forward differs from the one received.
+    pub request_body_replaced: bool,
+    pub response_body_replaced: bool,
+}
+
+/// Header changes to send to Envoy for one direction. Envoy applies removals before
+/// settings; the helpers keep the two lists consistent so the last policy to act wins.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HeaderMutations {
+    /// (name, value, append)
+    pub set: Vec<(String, String, bool)>,
+    pub remove: Vec<String>,
+}
+
+impl HeaderMutations {
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.remove.is_empty()
+    }
+}
+
+impl Exchange {
+    fn parts(&mut self, dir: Direction) -> (Option<&mut Headers>, &mut HeaderMutations) {
+        match dir {
+            Direction::Request => (Some(&mut self.request.headers), &mut self.request_mutations),
+            Direction::Response => (
+                self.response.as_mut().map(|r| &mut r.headers),
+                &mut self.response_mutations,
+            ),
+        }
+    }
+
+    /// Sets `name` (overwriting) for `dir`; later steps see the new value.
+    pub fn set_header(&mut self, dir: Direction, name: &str, value: String) {
+        let name = name.to_ascii_lowercase();
+        let (view, m) = self.parts(dir);
+        if let Some(h) = view {
+            h.set(&name, value.clone());
+        }
+        m.remove.retain(|n| *n != name);
+        m.set.retain(|(n, _, _)| *n != name);
+        m.set.push((name, value, false));
+    }
+
+    /// Adds a value to `name` for `dir`, keeping existing ones.
+    pub fn add_header(&mut self, dir: Direction, name: &str, value: String) {
+        let name = name.to_ascii_lowercase();
+        let (view, m) = self.parts(dir);
+        if let Some(h) = view {
+            h.append(&name, value.clone());
+        }
+        m.set.push((name, value, true));
+    }
+
+    pub fn remove_header(&mut self, dir: Direction, name: &str) {
+        let name = name.to_ascii_lowercase();
+        let (view, m) = self.parts(dir);
+        if let Some(h) = view {
+            h.remove(&name);
+        }
+        m.set.retain(|(n, _, _)| *n != name);
+        if !m.remove.contains(&name) {
+            m.remove.push(name);
+        }
+    }
+
+    /// Replaces the body of `dir` (body-phase steps only).
+    pub fn replace_body(&mut self, dir: Direction, body: Vec<u8>) {
+        match dir {
+            Direction::Request => {
+                self.request_body = Some(body);
+                self.request_body_replaced = true;
+            }
+            Direction::Response => {
+                self.response_body = Some(body);
+                self.response_body_replaced = true;
+            }
+        }
+    }
+
+    /// Takes the pending mutations of `dir`.
+    pub fn take_mutations(&mut self, dir: Direction) -> HeaderMutations {
+        std::mem::take(self.parts(dir).1)
+    }
+}
+
+impl Exchange {
+    pub fn set_var(&mut self, name: impl Into<String>, value: impl Into<Value>) {
+        self.vars.insert(name.into(), value.into());
+    }
+
+    /// Looks a flow variable up by its dotted name, built-ins first.
+    pub fn lookup(&self, name: &str) -> Option<Cow<'_, str>> {
+        if let Some(rest) = name.strip_prefix("request.") {
+            if let Some(v) = self.lookup_request(rest) {
+                return Some(v);
+            }
+        } else if let Some(rest) = name.strip_prefix("response.") {
+            if let Some(v) = self.lookup_response(rest) {
+                return Some(v);
+            }
+        } else {
+            match name {
+                "flow.name" => return Some(Cow::Borrowed(&self.flow)),
+                "client.ip" | "client.address" => {
+                    return self.client_ip().map(Cow::Borrowed);
+                }
+                _ => {}
+            }
+        }
+        if let Some(v) = self.vars.get(name) {
+            return Some(v.as_text());
+        }
+        self.attributes.get(name).map(|v| Cow::Borrowed(v.as_str()))
+    }
+
+    fn lookup_request(&self, rest: &str) -> Option<Cow<'_, str>> {
+        let r = &self.request;
+        let v = match rest {
+            "method" | "verb" => Cow::Borrowed(r.method.as_str()),
+            "path" => Cow::Borrowed(r.path()),
+            "uri" => Cow::Borrowed(r.uri.as_str()),
+            "host" => Cow::Borrowed(r.host.as_str()),
+            "scheme" => Cow::Borrowed(r.scheme.as_str()),
+            "querystring" => Cow::Borrowed(r.query_string()),
+            _ => {
+                if let Some(h) = rest
+                    .strip_prefix("header.")
+                    .or_else(|| rest.strip_prefix("headers."))
+                {
+                    return r.headers.get(h).map(Cow::Borrowed);
+                }
+                if let Some(q) = rest
+                    .strip_prefix("query.")
+                    .or_else(|| rest.strip_prefix("queryparam."))
+                {
+                    return r.query(q).map(Cow::Owned);
+                }
+                return None;
+            }
+        };
+        Some(v)
+    }
+
+    fn lookup_response(&self, rest: &str) -> Option<Cow<'_, str>> {
+        let resp = self.response.as_ref()?;
+        match rest {
+            "status" | "status.code" | "code" => Some(Cow::Owned(resp.status.to_string())),
+            _ => rest
+                .strip_prefix("header.")
+                .or_else(|| rest.strip_prefix("headers."))
+                .and_then(|h| resp.headers.get(h))
+                .map(Cow::Borrowed),
+        }
+    }
+
+    /// The client address: Envoy's `source.address` attribute without the port, else the
+    /// first `x-forwarded-for` entry.
+    pub fn client_ip(&self) -> Option<&str> {
+        if let Some(a) = self.attributes.get("source.address") {
+            return Some(strip_port(a));
+        }
+        self.request
+            .headers
+            .get("x-forwarded-for")
+            .and_then(|v| v.split(',').next())
+            .map(str::trim)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exchange() -> Exchange {
+        let mut h = Headers::new();
+        h.push(":method".into(), "POST".into());
+        h.push(":path".into(), "/v1/chat?model=gpt%204&x=1+2".into());
+        h.push(":authority".into(), "api.example.com:8443".into());
+        h.push("x-api-key".into(), "k1".into());
+        Exchange {
+            flow: "f".into(),
+            request: RequestInfo::from_headers(h),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn builtins_resolve() {
+        let ex = exchange();
+        assert_eq!(ex.lookup("request.method").as_deref(), Some("POST"));
+        assert_eq!(ex.lookup("request.path").as_deref(), Some("/v1/chat"));
+        assert_eq!(ex.lookup("request.query.model").as_deref(), Some("gpt 4"));
+        assert_eq!(ex.lookup("request.query.x").as_deref(), Some("1 2"));
+        assert_eq!(ex.lookup("request.header.X-API-KEY").as_deref(), Some("k1"));
+        assert_eq!(ex.request.hostname(), "api.example.com");
+        assert_eq!(ex.lookup("flow.name").as_deref(), Some("f"));
+        assert_eq!(ex.lookup("request.header.missing"), None);
+        assert_eq!(ex.lookup("nothing"), None);
+    }
+
+    #[test]
+    fn policy_vars_and_attributes() {
+        let mut ex = exchange();
+        ex.set_var("client_id", "abc");
+        ex.set_var("ratelimit.q.remaining", 4);
+        ex.attributes
+            .insert("source.address".into(), "10.1.2.3:5555".into());
+        assert_eq!(ex.lookup("client_id").as_deref(), Some("abc"));
+        assert_eq!(ex.lookup("ratelimit.q.remaining").as_deref(), Some("4"));
+        assert_eq!(ex.lookup("client.ip").as_deref(), Some("10.1.2.3"));
+    }
+
+    #[test]
+    fn mutations_stay_consistent() {
+        let mut ex = exchange();
+        ex.set_header(Direction::Request, "X-A", "1".into());
+        ex.add_header(Direction::Request, "x-b", "2".into());
+        ex.remove_header(Direction::Request, "x-a");
+        ex.set_header(Direction::Request, "x-api-key", "new".into());
+        assert_eq!(ex.lookup("request.header.x-api-key").as_deref(), Some("new"));
+        assert_eq!(ex.lookup("request.header.x-a"), None);
+        let m = ex.take_mutations(Direction::Request);
+        assert_eq!(
+            m.set,
+            vec![
+                ("x-b".to_string(), "2".to_string(), true),
+                ("x-api-key".to_string(), "new".to_string(), false)
+            ]
+        );
+        assert_eq!(m.remove, vec!["x-a".to_string()]);
+        assert!(ex.take_mutations(Direction::Request).is_empty());
+        // No response yet: mutations are still recorded.
+        ex.set_header(Direction::Response, "x-r", "1".into());
+        assert_eq!(ex.take_mutations(Direction::Response).set.len(), 1);
+    }
+
+    #[test]
+    fn percent_decoding_is_lossless_on_garbage() {
+        assert_eq!(percent_decode("%"), "%");
+        assert_eq!(percent_decode("%zz"), "%zz");
+        assert_eq!(percent_decode("a%2Fb"), "a/b");
+        assert_eq!(strip_port("[::1]:80"), "[::1]");
+        assert_eq!(strip_port("host"), "host");
+    }
+}
