@@ -3,7 +3,8 @@
 use std::{env, fs, path::PathBuf};
 
 fn main() {
-    let dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets it")).join("src/policies");
+    let dir =
+        PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets it")).join("src/policies");
     println!("cargo:rerun-if-changed={}", dir.display());
     let mut names: Vec<String> = fs::read_dir(&dir)
         .expect("src/policies exists")
@@ -18,13 +19,17 @@ fn main() {
     let mut out = String::new();
     for n in &names {
         let path = dir.join(format!("{n}.rs"));
-        out.push_str(&format!("#[path = {:?}]\npub mod {n};\n", path.display().to_string()));
+        out.push_str(&format!(
+            "#[path = {:?}]\npub mod {n};\n",
+            path.display().to_string()
+        ));
     }
     out.push_str("/// Every implemented policy type and its builder.\npub static REGISTRY: &[(&str, BuildFn)] = &[\n");
     for n in &names {
         out.push_str(&format!("    ({n}::TYPE, {n}::build),\n"));
     }
     out.push_str("];\n");
-    let dest = PathBuf::from(env::var("OUT_DIR").expect("cargo sets it")).join("policy_registry.rs");
+    let dest =
+        PathBuf::from(env::var("OUT_DIR").expect("cargo sets it")).join("policy_registry.rs");
     fs::write(dest, out).expect("OUT_DIR is writable");
 }

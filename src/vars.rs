@@ -170,7 +170,9 @@ impl RequestInfo {
 /// Strips `:port` from a host, leaving IPv6 literals intact.
 pub fn strip_port(host: &str) -> &str {
     if host.starts_with('[') {
-        return host.split_once(']').map_or(host, |(h, _)| &host[..h.len() + 1]);
+        return host
+            .split_once(']')
+            .map_or(host, |(h, _)| &host[..h.len() + 1]);
     }
     host.rsplit_once(':')
         .filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()))
@@ -363,6 +365,7 @@ impl Exchange {
             "host" => Cow::Borrowed(r.host.as_str()),
             "scheme" => Cow::Borrowed(r.scheme.as_str()),
             "querystring" => Cow::Borrowed(r.query_string()),
+            "content" => return self.request_body.as_deref().map(String::from_utf8_lossy),
             _ => {
                 if let Some(h) = rest
                     .strip_prefix("header.")
@@ -386,6 +389,7 @@ impl Exchange {
         let resp = self.response.as_ref()?;
         match rest {
             "status" | "status.code" | "code" => Some(Cow::Owned(resp.status.to_string())),
+            "content" => self.response_body.as_deref().map(String::from_utf8_lossy),
             _ => rest
                 .strip_prefix("header.")
                 .or_else(|| rest.strip_prefix("headers."))
@@ -458,7 +462,10 @@ mod tests {
         ex.add_header(Direction::Request, "x-b", "2".into());
         ex.remove_header(Direction::Request, "x-a");
         ex.set_header(Direction::Request, "x-api-key", "new".into());
-        assert_eq!(ex.lookup("request.header.x-api-key").as_deref(), Some("new"));
+        assert_eq!(
+            ex.lookup("request.header.x-api-key").as_deref(),
+            Some("new")
+        );
         assert_eq!(ex.lookup("request.header.x-a"), None);
         let m = ex.take_mutations(Direction::Request);
         assert_eq!(

@@ -22,7 +22,13 @@ pub fn router(shared: Arc<Shared>) -> Router {
 
 async fn readyz(State(s): State<Arc<Shared>>) -> impl IntoResponse {
     if s.is_ready() {
-        (StatusCode::OK, format!("ready: configuration generation {}\n", s.config.generation()))
+        (
+            StatusCode::OK,
+            format!(
+                "ready: configuration generation {}\n",
+                s.config.generation()
+            ),
+        )
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".to_owned())
     }
@@ -30,7 +36,10 @@ async fn readyz(State(s): State<Arc<Shared>>) -> impl IntoResponse {
 
 async fn metrics() -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         METRICS.render(),
     )
 }

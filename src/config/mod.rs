@@ -72,11 +72,16 @@ pub struct SourceFile {
 /// Reads the configuration files of `dir`: regular files (symlinks followed, as in a
 /// mounted ConfigMap) named `*.yaml`, `*.yml` or `*.json`, not hidden, in name order.
 pub fn read_dir(dir: &Path) -> Result<Vec<SourceFile>, ConfigErrors> {
-    let entries = std::fs::read_dir(dir)
-        .map_err(|e| ConfigErrors::one(dir.display().to_string(), format!("cannot read directory: {e}")))?;
+    let entries = std::fs::read_dir(dir).map_err(|e| {
+        ConfigErrors::one(
+            dir.display().to_string(),
+            format!("cannot read directory: {e}"),
+        )
+    })?;
     let mut paths: Vec<PathBuf> = Vec::new();
     for entry in entries {
-        let entry = entry.map_err(|e| ConfigErrors::one(dir.display().to_string(), e.to_string()))?;
+        let entry =
+            entry.map_err(|e| ConfigErrors::one(dir.display().to_string(), e.to_string()))?;
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
         if name.starts_with('.') {
@@ -90,7 +95,10 @@ pub fn read_dir(dir: &Path) -> Result<Vec<SourceFile>, ConfigErrors> {
             Ok(m) if m.is_file() => paths.push(entry.path()),
             Ok(_) => {}
             Err(e) => {
-                return Err(ConfigErrors::one(entry.path().display().to_string(), e.to_string()))
+                return Err(ConfigErrors::one(
+                    entry.path().display().to_string(),
+                    e.to_string(),
+                ))
             }
         }
     }
@@ -137,12 +145,16 @@ impl FlowMatch {
     }
 
     pub fn matches(&self, req: &RequestInfo) -> bool {
-        if !self.methods.is_empty() && !self.methods.iter().any(|m| *m == req.method) {
+        if !self.methods.is_empty() && !self.methods.contains(&req.method) {
             return false;
         }
         if !self.path_prefixes.is_empty() {
             let path = req.path();
-            if !self.path_prefixes.iter().any(|p| path.starts_with(p.as_str())) {
+            if !self
+                .path_prefixes
+                .iter()
+                .any(|p| path.starts_with(p.as_str()))
+            {
                 return false;
             }
         }
@@ -165,7 +177,12 @@ impl FlowMatch {
 
     /// Sort key for "more specific first".
     fn specificity(&self) -> (usize, u8, bool) {
-        let longest = self.path_prefixes.iter().map(String::len).min().unwrap_or(0);
+        let longest = self
+            .path_prefixes
+            .iter()
+            .map(String::len)
+            .min()
+            .unwrap_or(0);
         let host = if self.hosts.is_empty() {
             0
         } else if self.hosts.iter().all(|h| !h.starts_with("*.")) {
@@ -271,9 +288,8 @@ fn typed<T: for<'de> Deserialize<'de>>(value: serde_norway::Value) -> Result<T, 
 }
 
 fn is_openapi_document(v: &serde_norway::Value) -> bool {
-    v.as_mapping().is_some_and(|m| {
-        m.contains_key("openapi") || m.contains_key("swagger")
-    })
+    v.as_mapping()
+        .is_some_and(|m| m.contains_key("openapi") || m.contains_key("swagger"))
 }
 
 /// Parses every document of `files`.
@@ -358,7 +374,10 @@ pub fn compile(files: &[SourceFile], config_dir: Option<&Path>) -> Result<Snapsh
             let message = if LATER_KINDS.contains(&kind) {
                 format!("kind `{kind}` is not supported by this version of tollgate yet")
             } else {
-                format!("unknown kind `{kind}`; expected one of {}", KINDS.join(", "))
+                format!(
+                    "unknown kind `{kind}`; expected one of {}",
+                    KINDS.join(", ")
+                )
             };
             errors.push(ConfigError {
                 location: d.at.named(kind, &name),
@@ -369,7 +388,8 @@ pub fn compile(files: &[SourceFile], config_dir: Option<&Path>) -> Result<Snapsh
         if !valid_name(&name) {
             errors.push(ConfigError {
                 location: d.at.named(kind, &name),
-                message: "metadata.name must be 1-253 characters of letters, digits, `-`, `_`, `.`".into(),
+                message: "metadata.name must be 1-253 characters of letters, digits, `-`, `_`, `.`"
+                    .into(),
             });
             continue;
         }
@@ -467,22 +487,22 @@ fn build_policies(
         let name = d.env.metadata.name.clone();
         let loc = d.at.named("Policy", &name);
         let mut spec = d.env.spec;
-        let type_name = match spec
-            .as_mapping_mut()
-            .and_then(|m| m.remove("type"))
-        {
+        let type_name = match spec.as_mapping_mut().and_then(|m| m.remove("type")) {
             Some(serde_norway::Value::String(t)) => t,
             _ => {
                 errors.push(ConfigError {
                     location: loc,
-                    message: "field `spec.type` is required: the policy type, e.g. AssignMessage".into(),
+                    message: "field `spec.type` is required: the policy type, e.g. AssignMessage"
+                        .into(),
                 });
                 continue;
             }
         };
         let Some(build) = policies::builder(&type_name) else {
             let message = if policies::ALL_TYPES.contains(&type_name.as_str()) {
-                format!("policy type `{type_name}` is not implemented in this version of tollgate yet")
+                format!(
+                    "policy type `{type_name}` is not implemented in this version of tollgate yet"
+                )
             } else {
                 format!(
                     "unknown policy type `{type_name}`; known types: {}",
@@ -575,12 +595,16 @@ fn build_flows(
         if let Some(m) = &spec.match_ {
             for (i, p) in m.path_prefixes.iter().enumerate() {
                 if !p.starts_with('/') {
-                    msgs.push(format!("field `spec.match.pathPrefixes[{i}]`: must start with `/`"));
+                    msgs.push(format!(
+                        "field `spec.match.pathPrefixes[{i}]`: must start with `/`"
+                    ));
                 }
             }
             for (i, h) in m.hosts.iter().enumerate() {
                 if h.is_empty() || h.contains('/') || h[1..].contains('*') {
-                    msgs.push(format!("field `spec.match.hosts[{i}]`: `{h}` is not a host or `*.suffix` wildcard"));
+                    msgs.push(format!(
+                        "field `spec.match.hosts[{i}]`: `{h}` is not a host or `*.suffix` wildcard"
+                    ));
                 }
             }
         }
@@ -674,14 +698,36 @@ spec: {}
     #[test]
     fn selection_order() {
         let s = compile(&files(BASE), None).unwrap();
-        let pick = |m, p, h, named: Option<&str>| s.select(named, &req(m, p, h)).map(|f| f.name.clone());
-        assert_eq!(pick("POST", "/v1/chat/completions", "a", None).as_deref(), Some("chat"));
-        assert_eq!(pick("GET", "/v1/chat/completions", "a", None).as_deref(), Some("v1"));
-        assert_eq!(pick("GET", "/v1/chat", "x.example.com:443", None).as_deref(), Some("api-host"));
-        assert_eq!(pick("GET", "/v1/chat", "example.com", None).as_deref(), Some("v1"));
-        assert_eq!(pick("GET", "/other", "a", None).as_deref(), Some("fallback"));
-        assert_eq!(pick("GET", "/other", "a", Some("by-name-only")).as_deref(), Some("by-name-only"));
-        assert_eq!(pick("GET", "/other", "a", Some("missing")).as_deref(), Some("fallback"));
+        let pick =
+            |m, p, h, named: Option<&str>| s.select(named, &req(m, p, h)).map(|f| f.name.clone());
+        assert_eq!(
+            pick("POST", "/v1/chat/completions", "a", None).as_deref(),
+            Some("chat")
+        );
+        assert_eq!(
+            pick("GET", "/v1/chat/completions", "a", None).as_deref(),
+            Some("v1")
+        );
+        assert_eq!(
+            pick("GET", "/v1/chat", "x.example.com:443", None).as_deref(),
+            Some("api-host")
+        );
+        assert_eq!(
+            pick("GET", "/v1/chat", "example.com", None).as_deref(),
+            Some("v1")
+        );
+        assert_eq!(
+            pick("GET", "/other", "a", None).as_deref(),
+            Some("fallback")
+        );
+        assert_eq!(
+            pick("GET", "/other", "a", Some("by-name-only")).as_deref(),
+            Some("by-name-only")
+        );
+        assert_eq!(
+            pick("GET", "/other", "a", Some("missing")).as_deref(),
+            Some("fallback")
+        );
     }
 
     fn errs(text: &str) -> String {
@@ -695,7 +741,10 @@ spec: {}
         assert!(e.contains("unknown field `requets`"), "{e}");
 
         let e = errs("apiVersion: tollgate.dev/v1alpha1\nkind: Flow\nmetadata: {name: f}\nspec: {request: [{policy: nope}]}\n");
-        assert!(e.contains("spec.request[0].policy") && e.contains("nope"), "{e}");
+        assert!(
+            e.contains("spec.request[0].policy") && e.contains("nope"),
+            "{e}"
+        );
 
         let e = errs("a: [\n");
         assert!(e.contains("invalid YAML"), "{e}");
@@ -721,7 +770,9 @@ spec: {}
 
     #[test]
     fn openapi_and_empty_documents_are_skipped() {
-        let text = format!("{BASE}---\n---\nopenapi: 3.1.0\ninfo: {{title: x, version: '1'}}\npaths: {{}}\n");
+        let text = format!(
+            "{BASE}---\n---\nopenapi: 3.1.0\ninfo: {{title: x, version: '1'}}\npaths: {{}}\n"
+        );
         assert!(compile(&files(&text), None).is_ok());
     }
 

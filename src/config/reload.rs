@@ -59,11 +59,18 @@ impl ConfigManager {
         };
         METRICS.config_last_reload_attempt.set(now_secs());
         let snap = compile(&files, dir)?;
-        METRICS.config_reloads_total.with_label_values(&["success"]).inc();
+        METRICS
+            .config_reloads_total
+            .with_label_values(&["success"])
+            .inc();
         METRICS.config_synchronized.set(1);
         METRICS.config_last_reload_success.set(now_secs());
         METRICS.config_generation.set(1);
-        tracing::info!(flows = snap.by_name.len(), policies = snap.policies.len(), "configuration loaded");
+        tracing::info!(
+            flows = snap.by_name.len(),
+            policies = snap.policies.len(),
+            "configuration loaded"
+        );
         Ok(Arc::new(Self {
             source,
             current: ArcSwap::from_pointee(snap),
@@ -106,15 +113,20 @@ impl ConfigManager {
             if !force && fp == self.current.load().fingerprint {
                 return Ok(None);
             }
-            if !force && self.last_failed.lock().map(|l| l.as_deref() == Some(&fp)).unwrap_or(false) {
+            if !force
+                && self
+                    .last_failed
+                    .lock()
+                    .map(|l| l.as_deref() == Some(&fp))
+                    .unwrap_or(false)
+            {
                 return Ok(None);
             }
             METRICS.config_last_reload_attempt.set(now_secs());
-            compile(&files, Some(dir)).map(Some).map_err(|e| {
+            compile(&files, Some(dir)).map(Some).inspect_err(|_| {
                 if let Ok(mut l) = self.last_failed.lock() {
                     *l = Some(fp);
                 }
-                e
             })
         });
         match result {
@@ -131,15 +143,23 @@ impl ConfigManager {
                 if let Ok(mut l) = self.last_failed.lock() {
                     *l = None;
                 }
-                METRICS.config_reloads_total.with_label_values(&["success"]).inc();
+                METRICS
+                    .config_reloads_total
+                    .with_label_values(&["success"])
+                    .inc();
                 METRICS.config_synchronized.set(1);
                 METRICS.config_last_reload_success.set(now_secs());
-                METRICS.config_generation.set(i64::try_from(g).unwrap_or(i64::MAX));
+                METRICS
+                    .config_generation
+                    .set(i64::try_from(g).unwrap_or(i64::MAX));
                 tracing::info!(generation = g, flows, "configuration reloaded");
                 Ok(ReloadOutcome::Reloaded)
             }
             Err(e) => {
-                METRICS.config_reloads_total.with_label_values(&["failure"]).inc();
+                METRICS
+                    .config_reloads_total
+                    .with_label_values(&["failure"])
+                    .inc();
                 METRICS.config_synchronized.set(0);
                 tracing::error!(errors = %e, "configuration refused; the running configuration stays");
                 Err(e)
@@ -149,7 +169,11 @@ impl ConfigManager {
 
     /// Watches the directory until `shutdown` fires: file events (debounced) and a poll
     /// every `interval` both lead to [`ConfigManager::reload`].
-    pub async fn watch(self: Arc<Self>, interval: Duration, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    pub async fn watch(
+        self: Arc<Self>,
+        interval: Duration,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
         let Some(dir) = self.dir().map(Path::to_path_buf) else {
             return;
         };
@@ -159,7 +183,10 @@ impl ConfigManager {
                 let _ = tx.send(());
             }
         })
-        .and_then(|mut w| w.watch(&dir, notify::RecursiveMode::NonRecursive).map(|()| w));
+        .and_then(|mut w| {
+            w.watch(&dir, notify::RecursiveMode::NonRecursive)
+                .map(|()| w)
+        });
         let _watcher = match watcher {
             Ok(w) => Some(w),
             Err(e) => {

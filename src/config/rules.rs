@@ -131,17 +131,29 @@ spec:
 ---
 {extra}"#
         );
-        compile(&[SourceFile { name: "r.yaml".into(), text }], None)
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+        compile(
+            &[SourceFile {
+                name: "r.yaml".into(),
+                text,
+            }],
+            None,
+        )
+        .map(|_| ())
+        .map_err(|e| e.to_string())
     }
 
     #[test]
     fn required_and_denied() {
         let e = load("apiVersion: tollgate.dev/v1alpha1\nkind: TemplateRule\nmetadata: {name: sec}\nspec: {requiredPolicyTypes: [VerifyApiKey]}\n").unwrap_err();
-        assert!(e.contains("flow `llm-chat` breaks TemplateRule `sec`") && e.contains("`VerifyApiKey`"), "{e}");
+        assert!(
+            e.contains("flow `llm-chat` breaks TemplateRule `sec`") && e.contains("`VerifyApiKey`"),
+            "{e}"
+        );
         let e = load("apiVersion: tollgate.dev/v1alpha1\nkind: TemplateRule\nmetadata: {name: no-faults}\nspec: {deniedPolicyTypes: [RaiseFault]}\n").unwrap_err();
-        assert!(e.contains("TemplateRule `no-faults`") && e.contains("`RaiseFault` is not allowed"), "{e}");
+        assert!(
+            e.contains("TemplateRule `no-faults`") && e.contains("`RaiseFault` is not allowed"),
+            "{e}"
+        );
         // Scoped to other flows: fine.
         load("apiVersion: tollgate.dev/v1alpha1\nkind: TemplateRule\nmetadata: {name: s}\nspec: {flows: [api-*], requiredPolicyTypes: [VerifyApiKey]}\n").unwrap();
         load("apiVersion: tollgate.dev/v1alpha1\nkind: TemplateRule\nmetadata: {name: s}\nspec: {requiredPolicyTypes: [AssignMessage]}\n").unwrap();

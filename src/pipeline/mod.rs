@@ -180,7 +180,11 @@ mod tests {
             ],
             Direction::Request,
         );
-        let names: Vec<_> = p.on_headers.iter().map(|s| s.policy_name.as_str()).collect();
+        let names: Vec<_> = p
+            .on_headers
+            .iter()
+            .map(|s| s.policy_name.as_str())
+            .collect();
         assert_eq!(names, ["a"]);
         let names: Vec<_> = p.on_body.iter().map(|s| s.policy_name.as_str()).collect();
         assert_eq!(names, ["b", "c"]);

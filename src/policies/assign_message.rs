@@ -1,7 +1,9 @@
 //! `AssignMessage`: set, add and remove headers of the message its step belongs to (request
 //! steps change the request, response steps the response), and assign flow variables.
 //! Values are templates over flow variables. Order, as in Apigee: remove, add, set, then
-//! variables.
+//! variables. `set.body` replaces the message body (as Apigee's `<Set><Payload>`); it and
+//! any template reading `{request.content}` / `{response.content}` make the step run on
+//! the body phase.
 //!
 //! ```yaml
 //! spec:
@@ -28,7 +30,7 @@ pub const TYPE: &str = "AssignMessage";
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct Spec {
     #[serde(default)]
-    set: HeaderMap,
+    set: SetSpec,
     #[serde(default)]
     add: HeaderMap,
     #[serde(default)]
@@ -45,6 +47,16 @@ struct HeaderMap {
 }
 
 #[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct SetSpec {
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+    /// Replaces the body; a `content-type` goes in `headers`.
+    #[serde(default)]
+    body: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RemoveSpec {
     #[serde(default)]
@@ -57,6 +69,9 @@ struct AssignMessage {
     add: Vec<(String, Template)>,
     set: Vec<(String, Template)>,
     variables: Vec<(String, Template)>,
+    body: Option<Template>,
+    /// Some template reads the message body.
+    reads_body: bool,
 }
 
 fn compile_headers(
@@ -103,14 +118,33 @@ pub fn build(
             Ok((name, t))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    if remove.is_empty() && add.is_empty() && set.is_empty() && variables.is_empty() {
-        return Err(SpecError::new("", "AssignMessage does nothing: give set, add, remove or assignVariables"));
+    let body = spec
+        .set
+        .body
+        .as_deref()
+        .map(|b| Template::compile(b).map_err(|e| SpecError::new("set.body", e.to_string())))
+        .transpose()?;
+    let reads_body = add
+        .iter()
+        .chain(set.iter())
+        .chain(variables.iter())
+        .map(|(_, t)| t)
+        .chain(body.iter())
+        .flat_map(Template::variables)
+        .any(|v| v == "request.content" || v == "response.content");
+    if remove.is_empty() && add.is_empty() && set.is_empty() && variables.is_empty() && body.is_none() {
+        return Err(SpecError::new(
+            "",
+            "AssignMessage does nothing: give set, add, remove or assignVariables",
+        ));
     }
     Ok(Arc::new(AssignMessage {
         remove,
         add,
         set,
         variables,
+        body,
+        reads_body,
     }))
 }
 
@@ -127,6 +161,10 @@ fn rendered(name: &str, t: &Template, ex: &Exchange) -> Option<String> {
 impl Policy for AssignMessage {
     fn type_name(&self) -> &'static str {
         TYPE
+    }
+
+    fn needs_body(&self, _dir: Direction) -> bool {
+        self.body.is_some() || self.reads_body
     }
 
     fn run<'a>(&'a self, ex: &'a mut Exchange, dir: Direction) -> Outcome<'a> {
@@ -146,6 +184,10 @@ impl Policy for AssignMessage {
         for (name, t) in &self.variables {
             let v = t.render(ex);
             ex.set_var(name.clone(), v);
+        }
+        if let Some(t) = &self.body {
+            let b = t.render(ex).into_bytes();
+            ex.replace_body(dir, b);
         }
         Outcome::Ready(Ok(()))
     }
@@ -190,6 +232,33 @@ assignVariables: {tier: "{request.header.x-flow}"}
         assert!(m.set.contains(&("x-flow".into(), "f1".into(), false)));
         assert!(!m.set.iter().any(|(n, _, _)| n == "x-bad"));
         assert_eq!(ex.lookup("tier").as_deref(), Some("f1"));
+    }
+
+    #[test]
+    fn body_steps() {
+        let p = build(
+            &BuildContext::default(),
+            spec(r#"set: {body: '{"wrapped": {request.content}}'}"#),
+        )
+        .unwrap();
+        assert!(p.needs_body(Direction::Request));
+        let mut ex = Exchange {
+            request_body: Some(b"[1]".to_vec()),
+            ..Default::default()
+        };
+        assert!(matches!(p.run(&mut ex, Direction::Request), Outcome::Ready(Ok(()))));
+        assert_eq!(ex.request_body.as_deref(), Some(&br#"{"wrapped": [1]}"#[..]));
+        assert!(ex.request_body_replaced);
+
+        let reads = build(
+            &BuildContext::default(),
+            spec("assignVariables: {prompt: '{request.content}'}"),
+        )
+        .unwrap();
+        assert!(reads.needs_body(Direction::Request));
+        let headers_only =
+            build(&BuildContext::default(), spec("set: {headers: {x-a: b}}")).unwrap();
+        assert!(!headers_only.needs_body(Direction::Request));
     }
 
     #[test]

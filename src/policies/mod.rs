@@ -82,15 +82,16 @@ pub fn parse_spec<T: DeserializeOwned>(spec: serde_norway::Value) -> Result<T, S
 pub fn check_header_name(name: &str) -> Result<String, String> {
     let lower = name.to_ascii_lowercase();
     let valid = !lower.is_empty()
-        && lower
-            .bytes()
-            .enumerate()
-            .all(|(i, b)| (i == 0 && b == b':') || b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+        && lower.bytes().enumerate().all(|(i, b)| {
+            (i == 0 && b == b':') || b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+        });
     if !valid {
         return Err(format!("`{name}` is not a valid header name"));
     }
     if lower.starts_with(':') && lower != ":path" {
-        return Err(format!("`{name}`: only `:path` may be changed among pseudo-headers"));
+        return Err(format!(
+            "`{name}`: only `:path` may be changed among pseudo-headers"
+        ));
     }
     if lower == "host" || lower.starts_with("x-envoy") {
         return Err(format!("`{name}`: Envoy ignores changes to this header"));
@@ -99,7 +100,9 @@ pub fn check_header_name(name: &str) -> Result<String, String> {
         lower.as_str(),
         "content-length" | "transfer-encoding" | "connection" | "keep-alive" | "upgrade" | "te"
     ) {
-        return Err(format!("`{name}` is managed by Envoy and cannot be changed by a policy"));
+        return Err(format!(
+            "`{name}` is managed by Envoy and cannot be changed by a policy"
+        ));
     }
     if lower == "x-gateway-destination-endpoint" {
         return Err(format!(

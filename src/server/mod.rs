@@ -192,7 +192,11 @@ pub async fn serve(config: Arc<ConfigManager>, opts: ServeOptions) -> anyhow::Re
         }
     });
 
-    let watcher = tokio::spawn(config.clone().watch(opts.reload_interval, shutdown_rx.clone()));
+    let watcher = tokio::spawn(
+        config
+            .clone()
+            .watch(opts.reload_interval, shutdown_rx.clone()),
+    );
 
     let service = Processor::new(shared.clone()).into_service(opts.max_message_bytes);
     health_reporter
@@ -246,7 +250,10 @@ pub async fn serve(config: Arc<ConfigManager>, opts: ServeOptions) -> anyhow::Re
     .await;
     match drained {
         Ok(()) => tracing::info!("all streams finished"),
-        Err(_) => tracing::warn!(open = METRICS.streams_active.get(), "drain deadline reached; closing open streams"),
+        Err(_) => tracing::warn!(
+            open = METRICS.streams_active.get(),
+            "drain deadline reached; closing open streams"
+        ),
     }
     grpc.abort();
     let _ = admin_task.await;

@@ -145,7 +145,10 @@ pub fn request_headers(
     r
 }
 
-pub fn response_headers(m: Option<HeaderMutation>, mode: Option<ProcessingMode>) -> ProcessingResponse {
+pub fn response_headers(
+    m: Option<HeaderMutation>,
+    mode: Option<ProcessingMode>,
+) -> ProcessingResponse {
     let mut r = wrap(Response::ResponseHeaders(HeadersResponse {
         response: common(m, None),
     }));
@@ -220,7 +223,6 @@ mod tests {
     use envoy_types::pb::google::protobuf::Value as PbValue;
     use std::collections::HashMap;
 
-
     #[test]
     fn raw_values_and_lossy_utf8() {
         let map = HeaderMap {
@@ -272,10 +274,8 @@ mod tests {
             },
         );
         let mut md = Metadata::default();
-        md.filter_metadata.insert(
-            "com.google.ext_proc.gw.chain.ext".into(),
-            Struct { fields },
-        );
+        md.filter_metadata
+            .insert("com.google.ext_proc.gw.chain.ext".into(), Struct { fields });
         assert_eq!(flow_from_metadata(Some(&md)).as_deref(), Some("chat"));
         assert_eq!(flow_from_metadata(None), None);
     }

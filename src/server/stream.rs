@@ -71,7 +71,10 @@ pub struct StreamState {
 }
 
 fn protocol_error(kind: &str) {
-    METRICS.protocol_errors_total.with_label_values(&[kind]).inc();
+    METRICS
+        .protocol_errors_total
+        .with_label_values(&[kind])
+        .inc();
 }
 
 impl StreamState {
@@ -96,7 +99,10 @@ impl StreamState {
     }
 
     fn error_format(&self) -> ErrorFormat {
-        self.flow.as_ref().map(|f| f.error_format).unwrap_or_default()
+        self.flow
+            .as_ref()
+            .map(|f| f.error_format)
+            .unwrap_or_default()
     }
 
     /// Ends the exchange with an immediate response for `fault`.
@@ -166,7 +172,10 @@ impl StreamState {
             Request::ResponseTrailers(_) => &PHASES.response_trailers,
         };
         let result = match request {
-            Request::RequestHeaders(h) => self.on_request_headers(h, msg.metadata_context.as_ref(), out).await,
+            Request::RequestHeaders(h) => {
+                self.on_request_headers(h, msg.metadata_context.as_ref(), out)
+                    .await
+            }
             Request::RequestBody(b) => self.on_body(Direction::Request, b, out).await,
             Request::RequestTrailers(t) => self.on_trailers(Direction::Request, t, out).await,
             Request::ResponseHeaders(h) => self.on_response_headers(h, out).await,
@@ -227,7 +236,10 @@ impl StreamState {
         self.ex.request = RequestInfo::from_headers(proto::headers_from(h.headers.as_ref()));
         let named = proto::flow_from_metadata(metadata);
         let Some(flow) = self.snap.select(named.as_deref(), &self.ex.request) else {
-            METRICS.decisions_total.with_label_values(&["", "no_flow"]).inc();
+            METRICS
+                .decisions_total
+                .with_label_values(&["", "no_flow"])
+                .inc();
             if self.shared.on_no_match == NoMatch::Reject {
                 let fault = Fault::new(
                     404,
@@ -248,7 +260,8 @@ impl StreamState {
         self.ex.flow.clone_from(&flow.name);
         self.flow = Some(flow.clone());
 
-        if let Err(f) = run_steps(&flow.request.on_headers, &mut self.ex, Direction::Request).await {
+        if let Err(f) = run_steps(&flow.request.on_headers, &mut self.ex, Direction::Request).await
+        {
             self.reject(f, out);
             return Ok(());
         }
@@ -258,7 +271,9 @@ impl StreamState {
                 // No body will come: the body steps run now, on an empty body.
                 self.req.steps_ran = true;
                 self.ex.request_body = Some(Vec::new());
-                if let Err(f) = run_steps(&flow.request.on_body, &mut self.ex, Direction::Request).await {
+                if let Err(f) =
+                    run_steps(&flow.request.on_body, &mut self.ex, Direction::Request).await
+                {
                     self.reject(f, out);
                     return Ok(());
                 }
@@ -334,7 +349,9 @@ impl StreamState {
             return Ok(());
         }
 
-        if let Err(f) = run_steps(&flow.response.on_headers, &mut self.ex, Direction::Response).await {
+        if let Err(f) =
+            run_steps(&flow.response.on_headers, &mut self.ex, Direction::Response).await
+        {
             self.reject(f, out);
             return Ok(());
         }
@@ -343,14 +360,25 @@ impl StreamState {
             if h.end_of_stream {
                 self.resp.steps_ran = true;
                 self.ex.response_body = Some(Vec::new());
-                if let Err(f) = run_steps(&flow.response.on_body, &mut self.ex, Direction::Response).await {
+                if let Err(f) =
+                    run_steps(&flow.response.on_body, &mut self.ex, Direction::Response).await
+                {
                     self.reject(f, out);
                     return Ok(());
                 }
             } else if self.resp.mode == NONE {
-                mode = self.mode_override(self.req.mode, STREAMED);
+                // Server-sent events must keep flowing: inspect them as they pass. Other
+                // bodies are buffered so body steps can also replace them.
+                let sse = self
+                    .ex
+                    .response
+                    .as_ref()
+                    .and_then(|r| r.headers.get("content-type"))
+                    .is_some_and(|ct| ct.starts_with("text/event-stream"));
+                let want = if sse { STREAMED } else { BUFFERED };
+                mode = self.mode_override(self.req.mode, want);
                 if mode.is_some() {
-                    self.resp.mode = STREAMED;
+                    self.resp.mode = want;
                 }
             }
         }
@@ -432,7 +460,7 @@ impl StreamState {
                 // Hold the chunks until the body is whole, then release it at once.
                 side.buf.extend_from_slice(&b.body);
                 if eos {
-                    if let Some(body) = self.run_body_steps(&flow, dir, true, out).await {
+                    if let Some(body) = self.run_body_steps(&flow, dir, out).await {
                         out.push(proto::streamed_body(dir == Direction::Request, body, true));
                     }
                 }
@@ -442,10 +470,10 @@ impl StreamState {
                 // BUFFERED_PARTIAL, or followed by trailers).
                 side.buf.extend_from_slice(&b.body);
                 if mode == BUFFERED_PARTIAL && !eos {
-                    self.ex.set_var(format!("{}.body.truncated", dir.as_str()), true);
+                    self.ex
+                        .set_var(format!("{}.body.truncated", dir.as_str()), true);
                 }
-                let replaced_before = false;
-                if let Some(body) = self.run_body_steps(&flow, dir, replaced_before, out).await {
+                if let Some(body) = self.run_body_steps(&flow, dir, out).await {
                     let replaced = match dir {
                         Direction::Request => self.ex.request_body_replaced,
                         Direction::Response => self.ex.response_body_replaced,
@@ -463,11 +491,16 @@ impl StreamState {
                 // copy once the body ends. A late rejection still answers the client.
                 side.buf.extend_from_slice(&b.body);
                 if eos {
-                    if self.run_body_steps(&flow, dir, false, out).await.is_none() {
+                    if self.run_body_steps(&flow, dir, out).await.is_none() {
                         return Ok(());
                     }
-                    if self.ex.take_mutations(dir) != Default::default() {
-                        tracing::debug!(flow = %flow.name, "header changes from body steps are dropped in STREAMED mode; use BUFFERED");
+                    let replaced = match dir {
+                        Direction::Request => self.ex.request_body_replaced,
+                        Direction::Response => self.ex.response_body_replaced,
+                    };
+                    if !self.ex.take_mutations(dir).is_empty() || replaced {
+                        // The chunks already went on: nothing can change them now.
+                        tracing::debug!(flow = %flow.name, "header and body changes from body steps are dropped in STREAMED mode; use BUFFERED");
                     }
                 }
                 out.push(proto::body(dir == Direction::Request, None));
@@ -482,7 +515,6 @@ impl StreamState {
         &mut self,
         flow: &Flow,
         dir: Direction,
-        _duplex: bool,
         out: &mut Vec<ProcessingResponse>,
     ) -> Option<Vec<u8>> {
         let body = std::mem::take(&mut self.side(dir).buf);
@@ -536,7 +568,7 @@ impl StreamState {
         });
         if needs && pending {
             if let Some(flow) = self.flow.clone() {
-                match self.run_body_steps(&flow, dir, mode == FULL_DUPLEX, out).await {
+                match self.run_body_steps(&flow, dir, out).await {
                     None => return Ok(()),
                     Some(body) if mode == FULL_DUPLEX => {
                         // The held body goes on before the trailers; they end the stream.

@@ -26,7 +26,6 @@ pub struct Metrics {
     pub build_info: prometheus::IntGaugeVec,
 }
 
-
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
     r.register(Box::new(c.clone())).expect("unique metric");
@@ -39,10 +38,12 @@ impl Metrics {
         let r = &registry;
         let streams_total = IntCounter::new("tollgate_streams_total", "ext_proc streams opened")
             .expect("valid metric");
-        r.register(Box::new(streams_total.clone())).expect("unique metric");
+        r.register(Box::new(streams_total.clone()))
+            .expect("unique metric");
         let streams_active = IntGauge::new("tollgate_streams_active", "ext_proc streams open now")
             .expect("valid metric");
-        r.register(Box::new(streams_active.clone())).expect("unique metric");
+        r.register(Box::new(streams_active.clone()))
+            .expect("unique metric");
         let phase_seconds = HistogramVec::new(
             HistogramOpts::new(
                 "tollgate_phase_duration_seconds",
@@ -55,7 +56,8 @@ impl Metrics {
             &["phase"],
         )
         .expect("valid metric");
-        r.register(Box::new(phase_seconds.clone())).expect("unique metric");
+        r.register(Box::new(phase_seconds.clone()))
+            .expect("unique metric");
         let gauge = |name: &str, help: &str| {
             let g = IntGauge::new(name, help).expect("valid metric");
             r.register(Box::new(g.clone())).expect("unique metric");
@@ -71,14 +73,20 @@ impl Metrics {
             &["version"],
         )
         .expect("valid metric");
-        r.register(Box::new(build_info.clone())).expect("unique metric");
+        r.register(Box::new(build_info.clone()))
+            .expect("unique metric");
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
         Self {
             streams_total,
             streams_active,
-            requests_total: counter_vec(r, "tollgate_requests_total", "HTTP exchanges by matched flow", &["flow"]),
+            requests_total: counter_vec(
+                r,
+                "tollgate_requests_total",
+                "HTTP exchanges by matched flow",
+                &["flow"],
+            ),
             decisions_total: counter_vec(
                 r,
                 "tollgate_decisions_total",
