@@ -12,6 +12,10 @@
 #                         body (POST 2 KB JSON to /v1/chat/completions: BUFFERED request body,
 #                         FULL_DUPLEX_STREAMED response body), sse (the same to /sse/..., the
 #                         upstream answers with a 20-event SSE stream)
+#   ROUNDS=1              repeat the whole cycle (targets interleaved) and report medians;
+#                         use 3+ on a busy 2-core machine
+#   HEADERS=$'x-api-key: k1\nx-tenant: t1'   extra request headers, one per line (wrk and curl)
+#   EXPECT_CODE=200       status the check request before each run must get
 #   CONNECTIONS=32 THREADS=2   wrk -c / -t
 #   ENVOY_CONCURRENCY=2   Envoy worker threads
 #   ENVOY=.tools/envoy/envoy   FLOOR_BIN, UPSTREAM_BIN (default: built with cargo as examples)
@@ -22,11 +26,15 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DURATION="${DURATION:-10}"
 WARMUP="${WARMUP:-2}"
 MIX="${MIX:-headers}"
+ROUNDS="${ROUNDS:-1}"
 CONNECTIONS="${CONNECTIONS:-32}"
 THREADS="${THREADS:-2}"
 ENVOY_CONCURRENCY="${ENVOY_CONCURRENCY:-2}"
 ENVOY="${ENVOY:-$ROOT/.tools/envoy/envoy}"
 TARGET_ADDR="${1:-${TOLLGATE_ADDR:-}}"
+EXPECT_CODE="${EXPECT_CODE:-200}"
+HDR_ARGS=()
+while IFS= read -r h; do if [[ -n "$h" ]]; then HDR_ARGS+=(-H "$h"); fi; done <<<"${HEADERS:-}"
 
 die() { echo "envoy-compare: $*" >&2; exit 1; }
 log() { echo "envoy-compare: $*" >&2; }
@@ -228,6 +236,7 @@ to_us() {
 }
 
 RESULTS=()
+for ((round = 1; round <= ROUNDS; round++)); do
 for mix in $MIX; do
   case "$mix" in
     headers) url_path="/"; wrk_script=(); curl_args=() ;;
@@ -246,18 +255,18 @@ for mix in $MIX; do
     wait_for 20 "$envoy_pid" curl -sf "http://127.0.0.1:$ADMIN_PORT/ready" \
       || die "Envoy ($name) not ready: $(tail -20 "$WORK/envoy-$mix-$name.log")"
     # One request through the whole chain must succeed before measuring.
-    code="$(curl -s -o "$WORK/check.out" -w '%{http_code}' --max-time 5 "${curl_args[@]}" "$url" || true)"
-    if [[ "$code" != 200 ]]; then
+    code="$(curl -s -o "$WORK/check.out" -w '%{http_code}' --max-time 5 "${HDR_ARGS[@]}" "${curl_args[@]}" "$url" || true)"
+    if [[ "$code" != "$EXPECT_CODE" ]]; then
       die "$mix/$name: check request got HTTP $code; Envoy log: $(tail -20 "$WORK/envoy-$mix-$name.log")"
     fi
     if [[ "$mix" == sse ]] && ! grep -q 'data: \[DONE\]' "$WORK/check.out"; then
       die "$mix/$name: SSE response incomplete"
     fi
     if ((WARMUP > 0)); then
-      timeout $((WARMUP + 10)) wrk -t"$THREADS" -c"$CONNECTIONS" -d"${WARMUP}s" "${wrk_script[@]}" "$url" >/dev/null
+      timeout $((WARMUP + 10)) wrk -t"$THREADS" -c"$CONNECTIONS" -d"${WARMUP}s" "${HDR_ARGS[@]}" "${wrk_script[@]}" "$url" >/dev/null
     fi
     out="$(timeout $((DURATION + 15)) wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --timeout 5s --latency \
-      "${wrk_script[@]}" "$url")" || die "$mix/$name: wrk failed"
+      "${HDR_ARGS[@]}" "${wrk_script[@]}" "$url")" || die "$mix/$name: wrk failed"
     echo "$out" >"$WORK/wrk-$mix-$name.txt"
     stop_envoy "$envoy_pid"
     rps="$(awk '/^Requests\/sec:/ {print $2}' <<<"$out")"
@@ -266,29 +275,34 @@ for mix in $MIX; do
     non2xx="$(awk '/Non-2xx or 3xx responses:/ {print $NF}' <<<"$out")"
     sockerr="$(awk '/Socket errors:/ {gsub(",", ""); print $4 + $6 + $8 + $10}' <<<"$out")"
     RESULTS+=("$mix $name ${rps:-0} ${p50:-0} ${p99:-0} ${non2xx:-0} ${sockerr:-0}")
-    log "$mix/$name: ${rps:-0} req/s, p99 ${p99:-0} us, non-2xx ${non2xx:-0}, socket errors ${sockerr:-0}"
+    log "round $round $mix/$name: ${rps:-0} req/s, p99 ${p99:-0} us, non-2xx ${non2xx:-0}, socket errors ${sockerr:-0}"
   done
+done
 done
 
 echo
-echo "Envoy $("$ENVOY" --version | grep -o '/1\.[0-9.]*/' | tr -d /), wrk -t$THREADS -c$CONNECTIONS -d${DURATION}s, Envoy --concurrency $ENVOY_CONCURRENCY, $(nproc) cores (all processes share them)"
-printf '%-8s %-11s %12s %9s %9s %8s %8s\n' mix target req/s p50_us p99_us non2xx sockerr
-for r in "${RESULTS[@]}"; do
-  # shellcheck disable=SC2086
-  printf '%-8s %-11s %12s %9s %9s %8s %8s\n' $r
-done
-echo
-for mix in $MIX; do
-  printf '%s\n' "${RESULTS[@]}" | awk -v mix="$mix" '
-    $1 == mix { rps[$2] = $3; p99[$2] = $5 }
-    END {
-      printf "%s:", mix
-      if (("tollgate" in rps) && rps["floor"] > 0)
-        printf "  tollgate/floor req/s %.3f p99 %.2fx;", rps["tollgate"] / rps["floor"], (p99["floor"] > 0 ? p99["tollgate"] / p99["floor"] : 0)
-      if (rps["no-extproc"] > 0)
-        printf "  floor/no-extproc req/s %.3f p99 %.2fx", rps["floor"] / rps["no-extproc"], (p99["no-extproc"] > 0 ? p99["floor"] / p99["no-extproc"] : 0)
-      printf "\n"
-    }'
-done
+echo "Envoy $("$ENVOY" --version | grep -o '/1\.[0-9.]*/' | tr -d /), wrk -t$THREADS -c$CONNECTIONS -d${DURATION}s, Envoy --concurrency $ENVOY_CONCURRENCY, $(nproc) cores shared by all processes, $ROUNDS round(s): medians"
+printf '%s\n' "${RESULTS[@]}" | python3 -c '
+import statistics as st, sys
+rows = {}
+for line in sys.stdin:
+    mix, name, *v = line.split()
+    rows.setdefault((mix, name), []).append([float(x) for x in v])
+med = {}
+print("%-8s %-11s %12s %9s %9s %8s %8s" % ("mix", "target", "req/s", "p50_us", "p99_us", "non2xx", "sockerr"))
+for (mix, name), runs in rows.items():
+    rps, p50, p99 = (st.median(r[i] for r in runs) for i in range(3))
+    med[mix, name] = (rps, p99)
+    print("%-8s %-11s %12.1f %9.0f %9.0f %8d %8d" % (mix, name, rps, p50, p99,
+          sum(r[3] for r in runs), sum(r[4] for r in runs)))
+print()
+def ratio(mix, a, b, i):
+    x, y = med.get((mix, a)), med.get((mix, b))
+    return "%.3f" % (x[i] / y[i]) if x and y and y[i] > 0 else "-"
+for mix in dict.fromkeys(m for m, _ in rows):
+    print("%-8s req/s  tollgate/floor %s  floor/no-extproc %s   p99  tollgate/floor %s  floor/no-extproc %s"
+          % (mix, ratio(mix, "tollgate", "floor", 0), ratio(mix, "floor", "no-extproc", 0),
+             ratio(mix, "tollgate", "floor", 1), ratio(mix, "floor", "no-extproc", 1)))
+'
 bad="$(printf '%s\n' "${RESULTS[@]}" | awk '$6 > 0 || $7 > 0' | wc -l)"
 if ((bad > 0)); then log "some runs had non-2xx responses or socket errors (see the table)"; exit 1; fi

@@ -63,12 +63,13 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         .map_or((s, "s"), |i| s.split_at(i));
     let n: u64 = num
         .parse()
-        .map_err(|_| format!("`{s}` is not a duration like 500ms, 2s, 1m"))?;
+        .map_err(|_| format!("`{s}` is not a duration like 500ms, 2s, 1m, 1h"))?;
     match unit {
         "ms" => Ok(Duration::from_millis(n)),
         "s" => Ok(Duration::from_secs(n)),
         "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(format!("`{s}` is not a duration like 500ms, 2s, 1m")),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!("`{s}` is not a duration like 500ms, 2s, 1m, 1h")),
     }
 }
 

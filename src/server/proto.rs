@@ -77,8 +77,12 @@ pub fn attributes_into(
     }
 }
 
+// Envoy 1.40's ext_proc reads only the deprecated `append` flag (envoyproxy/envoy#36982) and
+// ignores `append_action`; both are set so newer Envoys that read `append_action` agree.
+#[allow(deprecated)]
 fn header_value(name: String, value: String, append: bool) -> HeaderValueOption {
     HeaderValueOption {
+        append: append.then_some(envoy_types::pb::google::protobuf::BoolValue { value: true }),
         header: Some(HeaderValue {
             key: name,
             value: String::new(),

@@ -52,7 +52,10 @@ pub fn envoy_bin() -> PathBuf {
         if p.is_file() {
             return p;
         }
-        panic!("Envoy not found: run scripts/setup.sh (ENVOY_BIN={} does not exist)", p.display());
+        panic!(
+            "Envoy not found: run scripts/setup.sh (ENVOY_BIN={} does not exist)",
+            p.display()
+        );
     }
     let local = repo_root().join(".tools/envoy/envoy");
     if local.is_file() {
@@ -119,22 +122,34 @@ where
     }
 }
 
-/// A minimal HTTP/1.0 GET (no pooling, no hyper): for admin endpoints while waiting for a
-/// process to come up. Returns status and body.
+/// A minimal HTTP/1.1 GET with `Connection: close` (no pooling, no hyper): for admin
+/// endpoints while waiting for a process to come up. Returns status and body (de-chunked).
+/// Envoy answers HTTP/1.0 with 426, hence 1.1.
 pub async fn raw_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     let fut = async {
         let mut s = tokio::net::TcpStream::connect(addr).await?;
-        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
-            .await?;
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
         let mut buf = Vec::new();
         s.read_to_end(&mut buf).await?;
         let text = String::from_utf8_lossy(&buf).into_owned();
+        let bad = || std::io::Error::other(format!("bad HTTP answer: {text:?}"));
         let status = text
             .split_whitespace()
             .nth(1)
             .and_then(|s| s.parse().ok())
-            .ok_or_else(|| std::io::Error::other(format!("bad HTTP answer: {text:?}")))?;
-        let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+            .ok_or_else(bad)?;
+        let (head, body) = text.split_once("\r\n\r\n").ok_or_else(bad)?;
+        let chunked = head
+            .lines()
+            .any(|l| l.to_ascii_lowercase().replace(' ', "") == "transfer-encoding:chunked");
+        let body = if chunked {
+            dechunk(body).ok_or_else(bad)?
+        } else {
+            body.to_owned()
+        };
         Ok((status, body))
     };
     tokio::time::timeout(Duration::from_secs(5), fut)
@@ -142,19 +157,43 @@ pub async fn raw_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, Stri
         .unwrap_or_else(|_| Err(std::io::Error::other("raw_get timed out")))
 }
 
+fn dechunk(mut rest: &str) -> Option<String> {
+    let mut out = String::new();
+    loop {
+        let (size, after) = rest.split_once("\r\n")?;
+        let size = usize::from_str_radix(size.split(';').next()?.trim(), 16).ok()?;
+        if size == 0 {
+            return Some(out);
+        }
+        out.push_str(after.get(..size)?);
+        rest = after.get(size..)?.strip_prefix("\r\n")?;
+    }
+}
+
 /// The value of one sample in Prometheus text: `series` is a metric name, optionally with
 /// its labels exactly as rendered (`name{label="v"}`).
 pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (key, value) = l.rsplit_once(' ')?;
+        (key == series).then(|| value.parse().ok()).flatten()
+    })
+}
+
+/// The sum of every sample of metric `name` (all label sets); 0 when there is none.
+pub fn metric_sum(text: &str, name: &str) -> f64 {
     text.lines()
         .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
+        .filter_map(|l| {
             let (key, value) = l.rsplit_once(' ')?;
-            (key == series).then(|| value.parse().ok()).flatten()
+            let base = key.split_once('{').map_or(key, |(b, _)| b);
+            (base == name).then(|| value.parse::<f64>().ok()).flatten()
         })
+        .fold(0.0, |a, b| a + b)
 }
 
 fn tail(path: &Path, lines: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| format!("<cannot read {}: {e}>", path.display()));
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| format!("<cannot read {}: {e}>", path.display()));
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }
@@ -191,7 +230,11 @@ impl Proc {
             if let Ok(Some(status)) = c.try_wait() {
                 let log = tail(&self.log, 80);
                 self.child = None;
-                panic!("{} exited early ({status}); log {}:\n{log}", self.name, self.log.display());
+                panic!(
+                    "{} exited early ({status}); log {}:\n{log}",
+                    self.name,
+                    self.log.display()
+                );
             }
         }
     }
@@ -289,7 +332,11 @@ async fn upstream_handle(
         uri: uri.clone(),
         headers: headers.clone(),
     });
-    let body = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+    let body = body
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
 
     if path == "/sse" {
         let n = query_param(&query, "n").unwrap_or(3);
@@ -355,10 +402,13 @@ impl Upstream {
         runtime.spawn(async move {
             let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
                 let seen = seen2.clone();
                 tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req| upstream_handle(req, seen.clone()));
+                    let svc =
+                        hyper::service::service_fn(move |req| upstream_handle(req, seen.clone()));
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), svc)
                         .await;
@@ -379,7 +429,10 @@ impl Upstream {
 
     /// Requests received whose path-and-query starts with `prefix`.
     pub fn seen_with_prefix(&self, prefix: &str) -> Vec<SeenRequest> {
-        self.seen().into_iter().filter(|r| r.uri.starts_with(prefix)).collect()
+        self.seen()
+            .into_iter()
+            .filter(|r| r.uri.starts_with(prefix))
+            .collect()
     }
 }
 
@@ -512,8 +565,12 @@ impl Default for EnvoyOptions {
         Self {
             mode: Mode::headers_only(),
             routes: vec![
-                RouteSpec::new("/sse").timeout("0s").mode(Mode::duplex_response()),
-                RouteSpec::new("/v1/chat/completions").timeout("0s").mode(Mode::buffered_request()),
+                RouteSpec::new("/sse")
+                    .timeout("0s")
+                    .mode(Mode::duplex_response()),
+                RouteSpec::new("/v1/chat/completions")
+                    .timeout("0s")
+                    .mode(Mode::buffered_request()),
                 RouteSpec::new("/"),
             ],
             message_timeout: "2s".to_owned(),
@@ -645,12 +702,21 @@ pub struct Envoy {
 impl Envoy {
     /// Writes the bootstrap into `dir`, starts Envoy and waits until its admin `/ready` says
     /// LIVE.
-    pub async fn start(dir: &Path, opts: &EnvoyOptions, grpc: SocketAddr, upstream: SocketAddr) -> Self {
+    pub async fn start(
+        dir: &Path,
+        opts: &EnvoyOptions,
+        grpc: SocketAddr,
+        upstream: SocketAddr,
+    ) -> Self {
         let bin = envoy_bin();
         let (listen, admin) = (free_port(), free_port());
         let boot = opts.bootstrap(listen, admin, grpc.port(), upstream.port());
         let bootstrap = dir.join("envoy.yaml");
-        std::fs::write(&bootstrap, serde_norway::to_string(&boot).expect("bootstrap YAML")).expect("write bootstrap");
+        std::fs::write(
+            &bootstrap,
+            serde_norway::to_string(&boot).expect("bootstrap YAML"),
+        )
+        .expect("write bootstrap");
         // Unique among live Envoys on this machine: this Envoy holds its admin port for
         // its whole life.
         let base_id = u32::from(admin);
@@ -672,7 +738,10 @@ impl Envoy {
                 }
             }
             if Instant::now() > deadline {
-                panic!("Envoy did not become LIVE within 15 s (log: {})", proc.log.display());
+                panic!(
+                    "Envoy did not become LIVE within 15 s (log: {})",
+                    proc.log.display()
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -715,7 +784,11 @@ impl Tollgate {
             .args(["--grpc-addr", &grpc.to_string()])
             .args(["--admin-addr", &admin.to_string()])
             .args(extra)
-            .env("RUST_LOG", std::env::var("E2E_TOLLGATE_LOG").unwrap_or_else(|_| "info".to_owned()))
+            .env(
+                "RUST_LOG",
+                std::env::var("E2E_TOLLGATE_LOG").unwrap_or_else(|_| "info".to_owned()),
+            )
+            .env("NO_COLOR", "1")
             .env_remove("TOLLGATE_CONFIG")
             .env_remove("TOLLGATE_GRPC_ADDR")
             .env_remove("TOLLGATE_ADMIN_ADDR");
@@ -727,7 +800,10 @@ impl Tollgate {
                 break;
             }
             if Instant::now() > deadline {
-                panic!("tollgate was not ready within 15 s (log: {})", proc.log.display());
+                panic!(
+                    "tollgate was not ready within 15 s (log: {})",
+                    proc.log.display()
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -792,7 +868,9 @@ pub struct ConfigMapDir {
 impl ConfigMapDir {
     pub fn create(dir: &Path, version: &str, files: &[(&str, &str)]) -> Self {
         std::fs::create_dir_all(dir).unwrap();
-        let me = Self { dir: dir.to_owned() };
+        let me = Self {
+            dir: dir.to_owned(),
+        };
         me.write_version(version, files);
         std::os::unix::fs::symlink(format!("..{version}"), dir.join("..data")).unwrap();
         for (name, _) in files {
@@ -843,8 +921,18 @@ pub fn validate(dir: &Path) -> (i32, String, String) {
     };
     let mut out = String::new();
     let mut err = String::new();
-    child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
-    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
     (status.code().unwrap_or(-1), out, err)
 }
 
@@ -897,7 +985,10 @@ pub struct Streamed {
 
 impl Streamed {
     pub fn body(&self) -> Vec<u8> {
-        self.chunks.iter().flat_map(|c| c.data.iter().copied()).collect()
+        self.chunks
+            .iter()
+            .flat_map(|c| c.data.iter().copied())
+            .collect()
     }
 
     pub fn header(&self, name: &str) -> Option<&str> {
@@ -930,7 +1021,12 @@ impl HttpClient {
         }
     }
 
-    fn build(method: &str, url: &str, headers: &[(&str, &str)], body: Bytes) -> Request<Full<Bytes>> {
+    fn build(
+        method: &str,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: Bytes,
+    ) -> Request<Full<Bytes>> {
         let mut b = Request::builder()
             .method(Method::from_bytes(method.as_bytes()).expect("method"))
             .uri(url);
@@ -950,7 +1046,13 @@ impl HttpClient {
     }
 
     /// Sends a request and reads the whole answer.
-    pub async fn send(&self, method: &str, url: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Reply {
+    pub async fn send(
+        &self,
+        method: &str,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+    ) -> Reply {
         let req = Self::build(method, url, headers, body.into());
         let what = format!("{method} {url}");
         let fut = async {
@@ -978,7 +1080,13 @@ impl HttpClient {
     }
 
     /// Sends a request and reads the answer chunk by chunk, noting when each arrives.
-    pub async fn stream(&self, method: &str, url: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Streamed {
+    pub async fn stream(
+        &self,
+        method: &str,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+    ) -> Streamed {
         let req = Self::build(method, url, headers, body.into());
         let what = format!("{method} {url}");
         let t0 = Instant::now();
@@ -1057,11 +1165,18 @@ impl TestBed {
     }
 
     pub async fn start_with(opts: BedOptions) -> Self {
-        let tmp = tempfile::Builder::new().prefix("tollgate-e2e-").tempdir().expect("temp dir");
+        let tmp = tempfile::Builder::new()
+            .prefix("tollgate-e2e-")
+            .tempdir()
+            .expect("temp dir");
         let config_dir = tmp.path().join("config");
         let configmap = match &opts.configmap {
             Some(version) => {
-                let files: Vec<(&str, &str)> = opts.files.iter().map(|(n, t)| (n.as_str(), t.as_str())).collect();
+                let files: Vec<(&str, &str)> = opts
+                    .files
+                    .iter()
+                    .map(|(n, t)| (n.as_str(), t.as_str()))
+                    .collect();
                 Some(ConfigMapDir::create(&config_dir, version, &files))
             }
             None => {
@@ -1096,8 +1211,15 @@ impl TestBed {
         self.client.get(&self.url(path), headers).await
     }
 
-    pub async fn post(&self, path: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Reply {
-        self.client.send("POST", &self.url(path), headers, body).await
+    pub async fn post(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+    ) -> Reply {
+        self.client
+            .send("POST", &self.url(path), headers, body)
+            .await
     }
 
     /// Rewrites a config file atomically.
