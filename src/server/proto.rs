@@ -94,7 +94,6 @@ fn header_value(name: String, value: String, append: bool) -> HeaderValueOption 
             HeaderAppendAction::OverwriteIfExistsOrAdd as i32
         },
         keep_empty_value: true,
-        ..Default::default()
     }
 }
 
