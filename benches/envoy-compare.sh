@@ -100,10 +100,17 @@ start() { # start NAME CMD...: run in background, log to $WORK/NAME.log, pid in 
   PIDS+=("$LAST_PID")
 }
 stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
-# Envoy 1.40 sometimes segfaults on SIGTERM while ext_proc gRPC streams are being torn down;
-# /quitquitquit shuts it down cleanly. SIGTERM only if it is still running 10 s later.
+# Envoy 1.40 can segfault when it shuts down while ext_proc gRPC streams are still open (they
+# linger for a few ms after the HTTP requests end). So: wait until the ext_proc cluster has no
+# active request (at most 5 s), then /quitquitquit; SIGTERM only if still running 10 s later.
 stop_envoy() {
-  local pid="$1" i
+  local pid="$1" i active
+  for ((i = 0; i < 100; i++)); do
+    active="$(curl -s --max-time 2 "http://127.0.0.1:$ADMIN_PORT/stats?filter=^cluster\.ext_proc_cluster\.upstream_rq_active\$" \
+      | awk -F': ' '{print $2}')"
+    [[ "${active:-0}" == 0 ]] && break
+    sleep 0.05
+  done
   curl -s -o /dev/null -X POST --max-time 2 "http://127.0.0.1:$ADMIN_PORT/quitquitquit" || true
   for ((i = 0; i < 100; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
   stop "$pid"

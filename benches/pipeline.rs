@@ -137,6 +137,10 @@ fn bench(c: &mut Criterion) {
     )
     .expect("valid");
     c.bench_function("condition/cel_two_clauses", |b| b.iter(|| cond.eval(&ex)));
+    for src in ["1 == 1", "flow.name == 'f'", "request.method == 'POST'"] {
+        let c1 = Condition::compile(src).unwrap();
+        c.bench_function(&format!("condition/{src}"), |b| b.iter(|| c1.eval(&ex)));
+    }
     let t = Template::compile("{flow.name}:{request.path}:{request.header.content-type}")
         .expect("valid");
     c.bench_function("template/three_vars", |b| b.iter(|| t.render(&ex)));

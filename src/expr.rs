@@ -154,70 +154,100 @@ impl Nested {
 }
 
 impl ExchangeResolver<'_> {
+    fn request_map(&self) -> cel::Value {
+        let r = &self.ex.request;
+        let headers = headers_map(&r.headers);
+        map_of(vec![
+            ("method", str_val(&r.method)),
+            ("path", str_val(r.path())),
+            ("uri", str_val(&r.uri)),
+            ("host", str_val(r.hostname())),
+            ("scheme", str_val(&r.scheme)),
+            ("headers", headers.clone()),
+            ("header", headers),
+            ("query", self.query_map()),
+        ])
+    }
+
+    fn query_map(&self) -> cel::Value {
+        let query: HashMap<Key, cel::Value> =
+            crate::vars::query_pairs(self.ex.request.query_string())
+                .map(|(k, v)| (Key::String(Arc::new(k)), cel::Value::String(Arc::new(v))))
+                .collect();
+        cel::Value::Map(Map {
+            map: Arc::new(query),
+        })
+    }
+
+    /// Resolves `name`. CEL asks for the longest dotted name first (`request.method`
+    /// before `request`), so common lookups are answered directly, without building maps.
     fn value_of(&self, name: &str) -> Option<cel::Value> {
         let ex = self.ex;
+        let r = &ex.request;
         match name {
-            "request" => {
-                let r = &ex.request;
-                let query: HashMap<Key, cel::Value> = crate::vars::query_pairs(r.query_string())
-                    .map(|(k, v)| (Key::String(Arc::new(k)), cel::Value::String(Arc::new(v))))
-                    .collect();
-                let headers = headers_map(&r.headers);
-                Some(map_of(vec![
-                    ("method", str_val(&r.method)),
-                    ("path", str_val(r.path())),
-                    ("uri", str_val(&r.uri)),
-                    ("host", str_val(r.hostname())),
-                    ("scheme", str_val(&r.scheme)),
-                    ("headers", headers.clone()),
-                    ("header", headers),
-                    (
-                        "query",
-                        cel::Value::Map(Map {
-                            map: Arc::new(query),
-                        }),
-                    ),
-                ]))
+            "request.method" => return Some(str_val(&r.method)),
+            "request.path" => return Some(str_val(r.path())),
+            "request.uri" => return Some(str_val(&r.uri)),
+            "request.host" => return Some(str_val(r.hostname())),
+            "request.scheme" => return Some(str_val(&r.scheme)),
+            "request.headers" | "request.header" => return Some(headers_map(&r.headers)),
+            "request.query" => return Some(self.query_map()),
+            "request" => return Some(self.request_map()),
+            "response.status" | "response.code" => {
+                return ex.response.as_ref().map(|r| cel::Value::Int(i64::from(r.status)))
+            }
+            "response.headers" | "response.header" => {
+                return ex.response.as_ref().map(|r| headers_map(&r.headers))
             }
             "response" => {
                 let r = ex.response.as_ref()?;
                 let headers = headers_map(&r.headers);
-                Some(map_of(vec![
+                return Some(map_of(vec![
                     ("status", cel::Value::Int(i64::from(r.status))),
                     ("code", cel::Value::Int(i64::from(r.status))),
                     ("headers", headers.clone()),
                     ("header", headers),
-                ]))
+                ]));
             }
-            "flow" => Some(map_of(vec![("name", str_val(&ex.flow))])),
-            "client" => Some(map_of(vec![(
-                "ip",
-                ex.client_ip().map_or(cel::Value::Null, str_val),
-            )])),
-            _ => {
-                if let Some(v) = ex.vars.get(name) {
-                    return Some(to_cel(v));
-                }
-                // A prefix of dotted variables becomes a nested map: `ratelimit.q.used`
-                // is reachable as `ratelimit.q.used` in CEL.
-                let prefix_len = name.len() + 1;
-                let mut root: HashMap<String, Nested> = HashMap::new();
-                let scalar_vars = ex.vars.iter().map(|(k, v)| (k.as_str(), to_cel(v)));
-                let attrs = ex.attributes.iter().map(|(k, v)| (k.as_str(), str_val(v)));
-                for (k, v) in scalar_vars.chain(attrs) {
-                    if k.len() > prefix_len
-                        && k.starts_with(name)
-                        && k.as_bytes()[name.len()] == b'.'
-                    {
-                        insert_nested(&mut root, &k[prefix_len..], v);
-                    }
-                }
-                if root.is_empty() {
-                    return ex.attributes.get(name).map(|v| str_val(v));
-                }
-                Some(Nested::Branch(root).into_value())
+            "flow.name" => return Some(str_val(&ex.flow)),
+            "flow" => return Some(map_of(vec![("name", str_val(&ex.flow))])),
+            "client.ip" => return Some(ex.client_ip().map_or(cel::Value::Null, str_val)),
+            "client" => {
+                return Some(map_of(vec![(
+                    "ip",
+                    ex.client_ip().map_or(cel::Value::Null, str_val),
+                )]))
+            }
+            _ => {}
+        }
+        if let Some(v) = ex.vars.get(name) {
+            return Some(to_cel(v));
+        }
+        if let Some(h) = name
+            .strip_prefix("request.header.")
+            .or_else(|| name.strip_prefix("request.headers."))
+        {
+            return r.headers.get(h).map(str_val);
+        }
+        if name.starts_with("request.") || name.starts_with("response.") {
+            // Let CEL select the field from the parent map (e.g. `request.query.page`).
+            return None;
+        }
+        // A prefix of dotted variables becomes a nested map: `ratelimit.q.used` is
+        // reachable as `ratelimit.q.used` in CEL, and `ratelimit.q` is a map.
+        let prefix_len = name.len() + 1;
+        let mut root: HashMap<String, Nested> = HashMap::new();
+        let scalar_vars = ex.vars.iter().map(|(k, v)| (k.as_str(), to_cel(v)));
+        let attrs = ex.attributes.iter().map(|(k, v)| (k.as_str(), str_val(v)));
+        for (k, v) in scalar_vars.chain(attrs) {
+            if k.len() > prefix_len && k.starts_with(name) && k.as_bytes()[name.len()] == b'.' {
+                insert_nested(&mut root, &k[prefix_len..], v);
             }
         }
+        if root.is_empty() {
+            return ex.attributes.get(name).map(|v| str_val(v));
+        }
+        Some(Nested::Branch(root).into_value())
     }
 }
 
@@ -345,6 +375,11 @@ mod tests {
         assert!(t("client_id == 'c-1'"));
         assert!(t("ratelimit.q1.available > 5"));
         assert!(t("flow.name == 'demo'"));
+        assert!(!t("request.header.x_missing == 'a'"));
+        assert!(t("request.query.page == '2'"));
+        assert!(t("request.uri == '/v1/models?page=2'"));
+        assert!(!t("has(request.headers.host)"));
+        assert!(t("ratelimit.q1 == {'available': 7}"));
         assert!(!t("request.headers['x-missing'] == 'a'"));
         assert!(!t("'x-missing' in request.headers"));
         assert!(!t("unknown_var == 1"));
