@@ -14,7 +14,9 @@ PY="${PYTHON:-python3}"
 mkdir -p "$TOOLS"
 
 envoy_ok() {
-  [[ -x "$ENVOY" ]] && "$ENVOY" --version 2>/dev/null | grep -q "/${ENVOY_SERIES//./\\.}\.[0-9]*/"
+  # Read the whole output first: `grep -q` closing the pipe early would fail the pipeline.
+  local v
+  [[ -x "$ENVOY" ]] && v="$("$ENVOY" --version 2>/dev/null)" && [[ "$v" == *"/${ENVOY_SERIES}."[0-9]* ]]
 }
 
 install_envoy() {
