@@ -53,6 +53,12 @@ struct ServeArgs {
     /// Largest ext_proc message accepted (a buffered body arrives in one message).
     #[arg(long, default_value_t = 16 * 1024 * 1024)]
     max_message_bytes: usize,
+    /// PEM certificate chain for serving gRPC over TLS (with --tls-key).
+    #[arg(long, env = "TOLLGATE_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, env = "TOLLGATE_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     #[arg(long, value_enum, env = "TOLLGATE_LOG_FORMAT", default_value_t = LogFormat::Text)]
     log_format: LogFormat,
 }
@@ -147,6 +153,7 @@ async fn run(args: ServeArgs) -> anyhow::Result<()> {
             reload_interval: args.reload_interval,
             drain_timeout: args.drain_timeout,
             max_message_bytes: args.max_message_bytes,
+            tls: args.tls_cert.zip(args.tls_key),
         },
     )
     .await

@@ -53,7 +53,10 @@ impl Drop for Proc {
 }
 
 fn start(extra: &[&str]) -> Proc {
-    let dir = tempfile::tempdir().unwrap();
+    start_in(tempfile::tempdir().unwrap(), extra)
+}
+
+fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Proc {
     std::fs::write(dir.path().join("c.yaml"), CONFIG).unwrap();
     let (grpc, admin) = (free_port(), free_port());
     let child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
@@ -249,4 +252,51 @@ async fn sigterm_turns_unready_then_drains_open_streams() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test]
+async fn grpc_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    let (cert_s, key_s) = (cert.display().to_string(), key.display().to_string());
+    let p = start_in(dir, &["--tls-cert", &cert_s, "--tls-key", &key_s]);
+
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(ck.cert.pem()))
+        .domain_name("localhost");
+    let ch = tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{}", p.grpc))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = ExternalProcessorClient::new(ch);
+    let (tx, rx) = mpsc::channel(4);
+    let mut answers = client
+        .process(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(headers_msg()).await.unwrap();
+    let r = answers.message().await.unwrap().unwrap();
+    assert!(matches!(r.response, Some(Response::RequestHeaders(_))));
+
+    // Plain text is refused on the TLS port.
+    let plain = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{}", p.grpc))
+        .unwrap()
+        .connect()
+        .await;
+    if let Ok(ch) = plain {
+        let mut health = HealthClient::new(ch);
+        assert!(health
+            .check(HealthCheckRequest {
+                service: String::new()
+            })
+            .await
+            .is_err());
+    }
 }

@@ -163,6 +163,9 @@ pub struct ServeOptions {
     pub reload_interval: Duration,
     pub drain_timeout: Duration,
     pub max_message_bytes: usize,
+    /// PEM certificate chain and key: serve gRPC over TLS (GKE sends HTTP/2 over TLS to
+    /// `appProtocol: HTTP2` backends).
+    pub tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
 /// Runs the ext_proc server and the admin server until SIGTERM or Ctrl-C, then drains.
@@ -203,7 +206,18 @@ pub async fn serve(config: Arc<ConfigManager>, opts: ServeOptions) -> anyhow::Re
         .set_serving::<ExternalProcessorServer<Processor>>()
         .await;
     let mut grpc_shutdown = shutdown_rx.clone();
-    let grpc = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some((cert, key)) = &opts.tls {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()))
+        };
+        let identity = tonic::transport::Identity::from_pem(read(cert)?, read(key)?);
+        builder = builder
+            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+            .map_err(|e| anyhow::anyhow!("invalid TLS certificate or key: {e}"))?;
+        tracing::info!(cert = %cert.display(), "gRPC over TLS");
+    }
+    let grpc = builder
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(health_service)
         .add_service(service)

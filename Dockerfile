@@ -1,0 +1,19 @@
+# Build: docker build -t tollgate .
+# Run:   docker run -p 9002:9002 -p 9003:9003 -v $PWD/policies:/etc/tollgate:ro tollgate
+FROM rust:1-slim-bookworm AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock build.rs ./
+COPY src src
+COPY policies policies
+COPY benches benches
+RUN cargo build --release --locked --bin tollgate
+
+FROM debian:bookworm-slim
+RUN useradd --system --uid 10001 tollgate
+COPY --from=build /src/target/release/tollgate /usr/local/bin/tollgate
+COPY policies /etc/tollgate
+USER 10001
+EXPOSE 9002 9003
+ENV TOLLGATE_LOG_FORMAT=json
+ENTRYPOINT ["/usr/local/bin/tollgate"]
+CMD ["serve", "--config", "/etc/tollgate"]
