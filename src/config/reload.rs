@@ -42,6 +42,18 @@ fn now_secs() -> f64 {
         .unwrap_or(0.0)
 }
 
+fn record_success(generation: u64) {
+    METRICS
+        .config_reloads_total
+        .with_label_values(&["success"])
+        .inc();
+    METRICS.config_synchronized.set(1);
+    METRICS.config_last_reload_success.set(now_secs());
+    METRICS
+        .config_generation
+        .set(i64::try_from(generation).unwrap_or(i64::MAX));
+}
+
 /// What a reload did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReloadOutcome {
@@ -59,13 +71,7 @@ impl ConfigManager {
         };
         METRICS.config_last_reload_attempt.set(now_secs());
         let snap = compile(&files, dir)?;
-        METRICS
-            .config_reloads_total
-            .with_label_values(&["success"])
-            .inc();
-        METRICS.config_synchronized.set(1);
-        METRICS.config_last_reload_success.set(now_secs());
-        METRICS.config_generation.set(1);
+        record_success(1);
         tracing::info!(
             flows = snap.by_name.len(),
             policies = snap.policies.len(),
@@ -143,15 +149,7 @@ impl ConfigManager {
                 if let Ok(mut l) = self.last_failed.lock() {
                     *l = None;
                 }
-                METRICS
-                    .config_reloads_total
-                    .with_label_values(&["success"])
-                    .inc();
-                METRICS.config_synchronized.set(1);
-                METRICS.config_last_reload_success.set(now_secs());
-                METRICS
-                    .config_generation
-                    .set(i64::try_from(g).unwrap_or(i64::MAX));
+                record_success(g);
                 tracing::info!(generation = g, flows, "configuration reloaded");
                 Ok(ReloadOutcome::Reloaded)
             }
