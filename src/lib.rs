@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod consumer;
 pub mod expr;
 pub mod fault;
 pub mod pipeline;

@@ -1,0 +1,392 @@
+//! The in-memory index the data path reads: key hash → app and key, and products with their
+//! operations compiled. Built from file objects and store objects together; replaced
+//! atomically when either changes, so verification never touches disk or network.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use subtle::ConstantTimeEq;
+
+use super::{hash_key, ApiKey, ApiProduct, App, AppStatus, KeyStatus};
+
+/// One segment of a path template: literal text and `{variables}` (each matching a
+/// non-empty run inside one segment), `*` (one whole segment) or `**` (the rest).
+#[derive(Debug, Clone, PartialEq)]
+enum Seg {
+    Pieces(Vec<Piece>),
+    Any,
+    Rest,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Piece {
+    Lit(String),
+    Var,
+}
+
+fn compile_segment(s: &str) -> Result<Seg, String> {
+    match s {
+        "*" => return Ok(Seg::Any),
+        "**" => return Ok(Seg::Rest),
+        _ => {}
+    }
+    let mut pieces = Vec::new();
+    let mut rest = s;
+    while !rest.is_empty() {
+        match rest.find('{') {
+            Some(0) => {
+                let close = rest
+                    .find('}')
+                    .ok_or_else(|| format!("unclosed `{{` in `{s}`"))?;
+                if matches!(pieces.last(), Some(Piece::Var)) {
+                    return Err(format!("two variables in a row in `{s}`"));
+                }
+                pieces.push(Piece::Var);
+                rest = &rest[close + 1..];
+            }
+            Some(i) => {
+                pieces.push(Piece::Lit(rest[..i].to_owned()));
+                rest = &rest[i..];
+            }
+            None => {
+                pieces.push(Piece::Lit(rest.to_owned()));
+                rest = "";
+            }
+        }
+    }
+    Ok(Seg::Pieces(pieces))
+}
+
+fn match_pieces(pieces: &[Piece], s: &str) -> bool {
+    match pieces {
+        [] => s.is_empty(),
+        [Piece::Lit(l), rest @ ..] => s
+            .strip_prefix(l.as_str())
+            .is_some_and(|r| match_pieces(rest, r)),
+        [Piece::Var] => !s.is_empty(),
+        [Piece::Var, rest @ ..] => (1..=s.len())
+            .filter(|i| s.is_char_boundary(*i))
+            .any(|i| match_pieces(rest, &s[i..])),
+    }
+}
+
+/// A compiled path template.
+#[derive(Debug, Clone)]
+pub struct PathTemplate {
+    segs: Vec<Seg>,
+}
+
+impl PathTemplate {
+    pub fn compile(t: &str) -> Result<Self, String> {
+        let body = t
+            .strip_prefix('/')
+            .ok_or_else(|| format!("path template `{t}` must start with `/`"))?;
+        let segs = body
+            .split('/')
+            .map(compile_segment)
+            .collect::<Result<Vec<_>, _>>()?;
+        if segs.iter().rev().skip(1).any(|s| *s == Seg::Rest) {
+            return Err(format!("`**` may only end the path template `{t}`"));
+        }
+        Ok(Self { segs })
+    }
+
+    pub fn matches(&self, path: &str) -> bool {
+        let Some(body) = path.strip_prefix('/') else {
+            return false;
+        };
+        let mut parts = body.split('/');
+        for seg in &self.segs {
+            match seg {
+                Seg::Rest => return true,
+                Seg::Any => {
+                    if parts.next().is_none_or(str::is_empty) {
+                        return false;
+                    }
+                }
+                Seg::Pieces(p) => match parts.next() {
+                    Some(s) if match_pieces(p, s) => {}
+                    _ => return false,
+                },
+            }
+        }
+        parts.next().is_none()
+    }
+}
+
+#[derive(Debug)]
+pub struct CompiledOperation {
+    path: PathTemplate,
+    methods: Vec<String>,
+    models: Vec<String>,
+}
+
+/// A product with its operations compiled.
+#[derive(Debug)]
+pub struct Product {
+    pub spec: ApiProduct,
+    ops: Vec<CompiledOperation>,
+}
+
+impl Product {
+    pub fn compile(spec: ApiProduct) -> Result<Self, String> {
+        let ops = spec
+            .operations
+            .iter()
+            .enumerate()
+            .map(|(i, o)| {
+                Ok(CompiledOperation {
+                    path: PathTemplate::compile(&o.path)
+                        .map_err(|e| format!("operations[{i}].path: {e}"))?,
+                    methods: o.methods.iter().map(|m| m.to_ascii_uppercase()).collect(),
+                    models: o.models.clone(),
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        Ok(Self { spec, ops })
+    }
+
+    /// True when an operation allows `method path` (and `model`, when the operation lists
+    /// models). A product without operations allows nothing.
+    pub fn allows(&self, method: &str, path: &str, model: Option<&str>) -> bool {
+        self.ops.iter().any(|o| {
+            (o.methods.is_empty() || o.methods.iter().any(|m| m == method))
+                && o.path.matches(path)
+                && (o.models.is_empty() || model.is_some_and(|m| o.models.iter().any(|x| x == m)))
+        })
+    }
+}
+
+/// Why a key was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    UnknownKey,
+    KeyRevoked,
+    KeyPending,
+    KeyExpired,
+    AppRevoked,
+    NoProductForOperation,
+}
+
+/// A verified key: its app, the key record, and the product that allows the operation.
+#[derive(Debug, Clone)]
+pub struct Verified {
+    pub app: Arc<App>,
+    pub key: ApiKey,
+    pub product: Arc<Product>,
+}
+
+#[derive(Debug, Default)]
+pub struct ConsumerIndex {
+    by_hash: HashMap<String, (Arc<App>, usize)>,
+    products: HashMap<String, Arc<Product>>,
+}
+
+impl ConsumerIndex {
+    /// Builds the index. Later apps win over earlier ones with the same key hash (callers
+    /// pass file objects first, so the API cannot shadow a file key silently: the store
+    /// refuses names taken by files).
+    pub fn build(products: Vec<Arc<Product>>, apps: Vec<Arc<App>>) -> Self {
+        let mut by_hash = HashMap::with_capacity(apps.len());
+        for app in apps {
+            for (i, k) in app.keys.iter().enumerate() {
+                by_hash.insert(k.hash.clone(), (app.clone(), i));
+            }
+        }
+        let products = products
+            .into_iter()
+            .map(|p| (p.spec.name.clone(), p))
+            .collect();
+        Self { by_hash, products }
+    }
+
+    pub fn product(&self, name: &str) -> Option<&Arc<Product>> {
+        self.products.get(name)
+    }
+
+    pub fn app_count(&self) -> usize {
+        self.by_hash.len()
+    }
+
+    /// The chain key → app → products → operation, at time `now_ms`.
+    pub fn verify(
+        &self,
+        key: &str,
+        method: &str,
+        path: &str,
+        model: Option<&str>,
+        now_ms: i64,
+    ) -> Result<Verified, Refusal> {
+        let hash = hash_key(key);
+        let (app, i) = self.by_hash.get(&hash).ok_or(Refusal::UnknownKey)?;
+        let k = &app.keys[*i];
+        // The map lookup already matched; compare again in constant time so no timing
+        // difference depends on how much of a hash matched.
+        if !bool::from(k.hash.as_bytes().ct_eq(hash.as_bytes())) {
+            return Err(Refusal::UnknownKey);
+        }
+        match k.status {
+            KeyStatus::Approved => {}
+            KeyStatus::Revoked => return Err(Refusal::KeyRevoked),
+            KeyStatus::Pending => return Err(Refusal::KeyPending),
+        }
+        if k.expires_at.is_some_and(|e| e <= now_ms) {
+            return Err(Refusal::KeyExpired);
+        }
+        if app.status == AppStatus::Revoked {
+            return Err(Refusal::AppRevoked);
+        }
+        let product = app
+            .products
+            .iter()
+            .filter_map(|p| self.products.get(p))
+            .find(|p| p.allows(method, path, model))
+            .ok_or(Refusal::NoProductForOperation)?;
+        Ok(Verified {
+            app: app.clone(),
+            key: k.clone(),
+            product: product.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::consumer::{Operation, Origin};
+
+    #[test]
+    fn templates() {
+        let t = |p: &str, path: &str| PathTemplate::compile(p).unwrap().matches(path);
+        assert!(t("/v1/models/{model}:predict", "/v1/models/gemini:predict"));
+        assert!(!t("/v1/models/{model}:predict", "/v1/models/:predict"));
+        assert!(!t("/v1/models/{model}:predict", "/v1/models/a/b:predict"));
+        assert!(t("/v1/chat/completions", "/v1/chat/completions"));
+        assert!(!t("/v1/chat/completions", "/v1/chat/completions/x"));
+        assert!(t("/v1/*/items", "/v1/x/items"));
+        assert!(!t("/v1/*/items", "/v1//items"));
+        assert!(t("/v1/**", "/v1/a/b/c"));
+        assert!(t("/v1/{a}-{b}", "/v1/x-y"));
+        assert!(PathTemplate::compile("v1").is_err());
+        assert!(PathTemplate::compile("/a/**/b").is_err());
+        assert!(PathTemplate::compile("/{a").is_err());
+        assert!(PathTemplate::compile("/{a}{b}").is_err());
+    }
+
+    fn product(name: &str, path: &str, methods: &[&str], models: &[&str]) -> Arc<Product> {
+        Arc::new(
+            Product::compile(ApiProduct {
+                name: name.into(),
+                description: String::new(),
+                operations: vec![Operation {
+                    path: path.into(),
+                    methods: methods.iter().map(|s| s.to_string()).collect(),
+                    models: models.iter().map(|s| s.to_string()).collect(),
+                }],
+                quota: None,
+                llm_token_quota: None,
+                approval_type: Default::default(),
+                attributes: Default::default(),
+                origin: Origin::File,
+            })
+            .unwrap(),
+        )
+    }
+
+    fn app(name: &str, status: AppStatus, products: &[&str], keys: Vec<ApiKey>) -> Arc<App> {
+        Arc::new(App {
+            name: name.into(),
+            developer_email: format!("{name}@example.com"),
+            status,
+            products: products.iter().map(|s| s.to_string()).collect(),
+            keys,
+            attributes: Default::default(),
+            origin: Origin::File,
+        })
+    }
+
+    fn key(id: &str, secret: &str, status: KeyStatus, expires_at: Option<i64>) -> ApiKey {
+        ApiKey {
+            id: id.into(),
+            hash: hash_key(secret),
+            status,
+            expires_at,
+            created_at: 0,
+        }
+    }
+
+    #[test]
+    fn the_chain_and_every_refusal() {
+        let idx = ConsumerIndex::build(
+            vec![
+                product("chat", "/v1/chat/completions", &["POST"], &["gpt-4o"]),
+                product("models", "/v1/models/**", &["GET"], &[]),
+            ],
+            vec![
+                app(
+                    "a1",
+                    AppStatus::Approved,
+                    &["chat", "models"],
+                    vec![
+                        key("k1", "good", KeyStatus::Approved, None),
+                        key("k2", "revoked", KeyStatus::Revoked, None),
+                        key("k3", "pending", KeyStatus::Pending, None),
+                        key("k4", "old", KeyStatus::Approved, Some(1_000)),
+                    ],
+                ),
+                app(
+                    "a2",
+                    AppStatus::Revoked,
+                    &["chat"],
+                    vec![key("k5", "gone", KeyStatus::Approved, None)],
+                ),
+            ],
+        );
+        let v = |k: &str, m: &str, p: &str, model: Option<&str>| idx.verify(k, m, p, model, 2_000);
+        let ok = v("good", "POST", "/v1/chat/completions", Some("gpt-4o")).unwrap();
+        assert_eq!(
+            (
+                ok.app.name.as_str(),
+                ok.product.spec.name.as_str(),
+                ok.key.id.as_str()
+            ),
+            ("a1", "chat", "k1")
+        );
+        assert_eq!(
+            v("good", "GET", "/v1/models/x", None)
+                .unwrap()
+                .product
+                .spec
+                .name,
+            "models"
+        );
+        assert_eq!(
+            v("nope", "GET", "/v1/models/x", None).unwrap_err(),
+            Refusal::UnknownKey
+        );
+        assert_eq!(
+            v("revoked", "GET", "/v1/models/x", None).unwrap_err(),
+            Refusal::KeyRevoked
+        );
+        assert_eq!(
+            v("pending", "GET", "/v1/models/x", None).unwrap_err(),
+            Refusal::KeyPending
+        );
+        assert_eq!(
+            v("old", "GET", "/v1/models/x", None).unwrap_err(),
+            Refusal::KeyExpired
+        );
+        assert_eq!(
+            v("gone", "POST", "/v1/chat/completions", Some("gpt-4o")).unwrap_err(),
+            Refusal::AppRevoked
+        );
+        assert_eq!(
+            v("good", "POST", "/v1/chat/completions", Some("other-model")).unwrap_err(),
+            Refusal::NoProductForOperation
+        );
+        assert_eq!(
+            v("good", "DELETE", "/v1/models/x", None).unwrap_err(),
+            Refusal::NoProductForOperation
+        );
+    }
+}
