@@ -10,6 +10,7 @@ pub mod fault;
 pub mod pipeline;
 pub mod policies;
 pub mod server;
+pub mod store;
 pub mod telemetry;
 pub mod vars;
 

@@ -1,0 +1,136 @@
+//! An in-memory store: for tests and for `--store memory` (nothing survives a restart).
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+use tokio::sync::broadcast;
+
+use super::{Change, Contents, Store, StoreError, Write};
+use crate::consumer::{ApiProduct, App};
+
+#[derive(Debug)]
+pub struct MemoryStore {
+    inner: Mutex<Inner>,
+    changes: broadcast::Sender<Change>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    products: BTreeMap<String, ApiProduct>,
+    apps: BTreeMap<String, App>,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self {
+            inner: Mutex::default(),
+            changes: broadcast::channel(1024).0,
+        }
+    }
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Inner>, StoreError> {
+        self.inner
+            .lock()
+            .map_err(|_| StoreError::Unavailable("memory store lock poisoned".into()))
+    }
+}
+
+fn put<T: Clone>(
+    map: &mut BTreeMap<String, T>,
+    kind: &'static str,
+    name: &str,
+    value: &T,
+    mode: Write,
+) -> Result<(), StoreError> {
+    match (mode, map.contains_key(name)) {
+        (Write::Create, true) => Err(StoreError::AlreadyExists {
+            kind,
+            name: name.to_owned(),
+        }),
+        (Write::Update, false) => Err(StoreError::NotFound {
+            kind,
+            name: name.to_owned(),
+        }),
+        _ => {
+            map.insert(name.to_owned(), value.clone());
+            Ok(())
+        }
+    }
+}
+
+fn delete<T>(
+    map: &mut BTreeMap<String, T>,
+    kind: &'static str,
+    name: &str,
+) -> Result<(), StoreError> {
+    map.remove(name)
+        .map(|_| ())
+        .ok_or_else(|| StoreError::NotFound {
+            kind,
+            name: name.to_owned(),
+        })
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+
+    async fn snapshot(&self) -> Result<Contents, StoreError> {
+        let g = self.lock()?;
+        Ok(Contents {
+            products: g.products.values().cloned().collect(),
+            apps: g.apps.values().cloned().collect(),
+        })
+    }
+
+    async fn get_product(&self, name: &str) -> Result<Option<ApiProduct>, StoreError> {
+        Ok(self.lock()?.products.get(name).cloned())
+    }
+
+    async fn put_product(&self, product: &ApiProduct, mode: Write) -> Result<(), StoreError> {
+        put(
+            &mut self.lock()?.products,
+            "product",
+            &product.name,
+            product,
+            mode,
+        )?;
+        let _ = self.changes.send(Change::Product(product.name.clone()));
+        Ok(())
+    }
+
+    async fn delete_product(&self, name: &str) -> Result<(), StoreError> {
+        delete(&mut self.lock()?.products, "product", name)?;
+        let _ = self.changes.send(Change::Product(name.to_owned()));
+        Ok(())
+    }
+
+    async fn get_app(&self, name: &str) -> Result<Option<App>, StoreError> {
+        Ok(self.lock()?.apps.get(name).cloned())
+    }
+
+    async fn put_app(&self, app: &App, mode: Write) -> Result<(), StoreError> {
+        put(&mut self.lock()?.apps, "app", &app.name, app, mode)?;
+        let _ = self.changes.send(Change::App(app.name.clone()));
+        Ok(())
+    }
+
+    async fn delete_app(&self, name: &str) -> Result<(), StoreError> {
+        delete(&mut self.lock()?.apps, "app", name)?;
+        let _ = self.changes.send(Change::App(name.to_owned()));
+        Ok(())
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<Change> {
+        self.changes.subscribe()
+    }
+}

@@ -1,0 +1,77 @@
+//! Durable storage for objects written through the management API: API products and apps
+//! (with their hashed keys). One trait, several backends: `memory` (tests, and `--store
+//! memory`), `embedded` (a transactional on-disk store, the single-replica default) and
+//! `redis` (several replicas). The data path never reads a store: it reads the in-memory
+//! [`crate::consumer::index::ConsumerIndex`], rebuilt from [`Store::snapshot`] and kept fresh
+//! by [`Store::subscribe`].
+
+pub mod memory;
+
+use async_trait::async_trait;
+use tokio::sync::broadcast;
+
+use crate::consumer::{ApiProduct, App};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The backend cannot be reached or failed: the API answers 503.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// A create found the name taken, or an update found it missing / changed: 409 / 404.
+    #[error("{kind} `{name}` already exists")]
+    AlreadyExists { kind: &'static str, name: String },
+    #[error("{kind} `{name}` not found")]
+    NotFound { kind: &'static str, name: String },
+    /// Stored data that does not decode (corruption, a newer format).
+    #[error("stored {kind} `{name}` is unreadable: {message}")]
+    Corrupt {
+        kind: &'static str,
+        name: String,
+        message: String,
+    },
+}
+
+/// How a write treats an existing object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Write {
+    /// Fails with `AlreadyExists` if present.
+    Create,
+    /// Fails with `NotFound` if absent.
+    Update,
+}
+
+/// A change made through any replica. Receivers re-read what changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    Product(String),
+    App(String),
+    /// Changes may have been missed (a reconnect, a lagging receiver): re-read everything.
+    Resync,
+}
+
+/// Everything a store holds, for building the index.
+#[derive(Debug, Clone, Default)]
+pub struct Contents {
+    pub products: Vec<ApiProduct>,
+    pub apps: Vec<App>,
+}
+
+/// A store of products and apps. Writes are durable when they return `Ok`.
+#[async_trait]
+pub trait Store: Send + Sync + std::fmt::Debug + 'static {
+    /// Backend name for logs and metrics (`memory`, `embedded`, `redis`).
+    fn kind(&self) -> &'static str;
+
+    async fn snapshot(&self) -> Result<Contents, StoreError>;
+
+    async fn get_product(&self, name: &str) -> Result<Option<ApiProduct>, StoreError>;
+    async fn put_product(&self, product: &ApiProduct, mode: Write) -> Result<(), StoreError>;
+    async fn delete_product(&self, name: &str) -> Result<(), StoreError>;
+
+    async fn get_app(&self, name: &str) -> Result<Option<App>, StoreError>;
+    async fn put_app(&self, app: &App, mode: Write) -> Result<(), StoreError>;
+    async fn delete_app(&self, name: &str) -> Result<(), StoreError>;
+
+    /// Changes made through this and (for shared backends) every other replica.
+    fn subscribe(&self) -> broadcast::Receiver<Change>;
+}
