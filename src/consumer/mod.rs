@@ -3,6 +3,7 @@
 //! in a [`crate::store::Store`]); both meet in one in-memory index the data path reads.
 
 pub mod index;
+pub mod service;
 
 use std::collections::BTreeMap;
 

@@ -1,0 +1,301 @@
+//! `Consumers`: the live view of products and apps. File objects come from the running
+//! configuration; API objects from the [`Store`]. The data path reads [`Consumers::index`]
+//! (an `ArcSwap`, no locks, no I/O); a background task follows the store's change feed and
+//! rebuilds the index, coalescing bursts of changes.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::sync::broadcast::error::RecvError;
+
+use super::index::{ConsumerIndex, Product};
+use super::{ApiProduct, App};
+use crate::store::{Change, Store, StoreError};
+
+/// How long changes are gathered before one index rebuild.
+const COALESCE: Duration = Duration::from_millis(50);
+
+#[derive(Debug, Default)]
+struct Objects {
+    file_products: Vec<ApiProduct>,
+    file_apps: Vec<App>,
+    store_products: BTreeMap<String, ApiProduct>,
+    store_apps: BTreeMap<String, App>,
+}
+
+#[derive(Debug)]
+pub struct Consumers {
+    store: Arc<dyn Store>,
+    objects: Mutex<Objects>,
+    index: ArcSwap<ConsumerIndex>,
+}
+
+impl Consumers {
+    pub fn new(store: Arc<dyn Store>) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            objects: Mutex::default(),
+            index: ArcSwap::from_pointee(ConsumerIndex::default()),
+        })
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// The index the data path reads.
+    pub fn index(&self) -> Arc<ConsumerIndex> {
+        self.index.load_full()
+    }
+
+    /// True when a configuration file defines this product (the API may not change it).
+    pub fn is_file_product(&self, name: &str) -> bool {
+        self.objects
+            .lock()
+            .map(|o| o.file_products.iter().any(|p| p.name == name))
+            .unwrap_or(false)
+    }
+
+    pub fn is_file_app(&self, name: &str) -> bool {
+        self.objects
+            .lock()
+            .map(|o| o.file_apps.iter().any(|a| a.name == name))
+            .unwrap_or(false)
+    }
+
+    /// File objects, for listing them beside store objects.
+    pub fn file_objects(&self) -> (Vec<ApiProduct>, Vec<App>) {
+        self.objects
+            .lock()
+            .map(|o| (o.file_products.clone(), o.file_apps.clone()))
+            .unwrap_or_default()
+    }
+
+    /// Replaces the file objects (after a configuration load) and rebuilds the index.
+    pub fn set_file_objects(&self, products: Vec<ApiProduct>, apps: Vec<App>) {
+        if let Ok(mut o) = self.objects.lock() {
+            o.file_products = products;
+            o.file_apps = apps;
+        }
+        self.rebuild();
+    }
+
+    /// Reads everything from the store and rebuilds the index.
+    pub async fn resync(&self) -> Result<(), StoreError> {
+        let contents = self.store.snapshot().await?;
+        if let Ok(mut o) = self.objects.lock() {
+            o.store_products = contents
+                .products
+                .into_iter()
+                .map(|p| (p.name.clone(), p))
+                .collect();
+            o.store_apps = contents
+                .apps
+                .into_iter()
+                .map(|a| (a.name.clone(), a))
+                .collect();
+        }
+        self.rebuild();
+        Ok(())
+    }
+
+    async fn apply(&self, change: &Change) -> Result<(), StoreError> {
+        match change {
+            Change::Resync => return self.resync().await,
+            Change::Product(name) => {
+                let p = self.store.get_product(name).await?;
+                if let Ok(mut o) = self.objects.lock() {
+                    match p {
+                        Some(p) => o.store_products.insert(name.clone(), p),
+                        None => o.store_products.remove(name),
+                    };
+                }
+            }
+            Change::App(name) => {
+                let a = self.store.get_app(name).await?;
+                if let Ok(mut o) = self.objects.lock() {
+                    match a {
+                        Some(a) => o.store_apps.insert(name.clone(), a),
+                        None => o.store_apps.remove(name),
+                    };
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn rebuild(&self) {
+        let Ok(o) = self.objects.lock() else { return };
+        let mut products = Vec::new();
+        for p in o.file_products.iter().chain(o.store_products.values()) {
+            match Product::compile(p.clone()) {
+                Ok(p) => products.push(Arc::new(p)),
+                // Store objects are validated when written; a bad one is skipped, not fatal.
+                Err(e) => tracing::warn!(product = %p.name, error = %e, "product skipped"),
+            }
+        }
+        // Store apps first, file apps last: a file key wins if both claim one hash.
+        let apps = o
+            .store_apps
+            .values()
+            .chain(o.file_apps.iter())
+            .cloned()
+            .map(Arc::new)
+            .collect();
+        drop(o);
+        self.index
+            .store(Arc::new(ConsumerIndex::build(products, apps)));
+    }
+
+    /// Starts following the store's change feed (subscribed before this returns, so no
+    /// change made afterwards is missed): each burst of changes is applied, then the index
+    /// is rebuilt once. A store that is down leaves the last index serving; the follower
+    /// retries with back-off.
+    pub fn spawn_follower(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let rx = self.store.subscribe();
+        tokio::spawn(self.clone().follow(rx))
+    }
+
+    async fn follow(self: Arc<Self>, mut rx: tokio::sync::broadcast::Receiver<Change>) {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let first = match rx.recv().await {
+                Ok(c) => c,
+                Err(RecvError::Lagged(_)) => Change::Resync,
+                Err(RecvError::Closed) => return,
+            };
+            let mut batch = vec![first];
+            let deadline = tokio::time::sleep(COALESCE);
+            tokio::pin!(deadline);
+            loop {
+                tokio::select! {
+                    () = &mut deadline => break,
+                    r = rx.recv() => match r {
+                        Ok(c) => batch.push(c),
+                        Err(RecvError::Lagged(_)) => batch.push(Change::Resync),
+                        Err(RecvError::Closed) => break,
+                    }
+                }
+            }
+            let result = if batch.contains(&Change::Resync) {
+                self.resync().await
+            } else {
+                batch.sort_by_key(|c| format!("{c:?}"));
+                batch.dedup();
+                let mut r = Ok(());
+                for c in &batch {
+                    if let Err(e) = self.apply(c).await {
+                        r = Err(e);
+                        break;
+                    }
+                }
+                if r.is_ok() {
+                    self.rebuild();
+                }
+                r
+            };
+            match result {
+                Ok(()) => backoff = Duration::from_millis(200),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot refresh consumers from the store; serving the last known index");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    // Whatever was missed is picked up by a full re-read.
+                    while let Err(e) = self.resync().await {
+                        tracing::debug!(error = %e, "store still unavailable");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::consumer::{hash_key, ApiKey, KeyStatus, Operation, Origin};
+    use crate::store::memory::MemoryStore;
+    use crate::store::Write;
+
+    fn product(name: &str) -> ApiProduct {
+        ApiProduct {
+            name: name.into(),
+            description: String::new(),
+            operations: vec![Operation {
+                path: "/**".into(),
+                methods: vec![],
+                models: vec![],
+            }],
+            quota: None,
+            llm_token_quota: None,
+            approval_type: Default::default(),
+            attributes: Default::default(),
+            origin: Origin::Api,
+        }
+    }
+
+    fn app(name: &str, key: &str, status: KeyStatus) -> App {
+        App {
+            name: name.into(),
+            developer_email: "d@example.com".into(),
+            status: Default::default(),
+            products: vec!["p".into()],
+            keys: vec![ApiKey {
+                id: format!("key_{name}"),
+                hash: hash_key(key),
+                status,
+                expires_at: None,
+                created_at: 0,
+            }],
+            attributes: Default::default(),
+            origin: Origin::Api,
+        }
+    }
+
+    #[tokio::test]
+    async fn store_changes_reach_the_index() {
+        let store = Arc::new(MemoryStore::new());
+        let c = Consumers::new(store.clone());
+        c.resync().await.unwrap();
+        c.spawn_follower();
+        store
+            .put_product(&product("p"), Write::Create)
+            .await
+            .unwrap();
+        store
+            .put_app(&app("a", "secret", KeyStatus::Approved), Write::Create)
+            .await
+            .unwrap();
+        let ok = |c: &Consumers| c.index().verify("secret", "GET", "/x", None, 0).is_ok();
+        for _ in 0..100 {
+            if ok(&c) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(ok(&c));
+        store
+            .put_app(&app("a", "secret", KeyStatus::Revoked), Write::Update)
+            .await
+            .unwrap();
+        for _ in 0..100 {
+            if !ok(&c) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(!ok(&c), "revocation reached the index");
+    }
+
+    #[test]
+    fn file_objects_are_known() {
+        let c = Consumers::new(Arc::new(MemoryStore::new()));
+        c.set_file_objects(vec![product("p")], vec![app("f", "k", KeyStatus::Approved)]);
+        assert!(c.is_file_app("f") && c.is_file_product("p") && !c.is_file_app("x"));
+        assert!(c.index().verify("k", "GET", "/a", None, 0).is_ok());
+    }
+}
