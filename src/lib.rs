@@ -1,6 +1,9 @@
 //! tollgate: an Envoy External Processing (ext_proc) policy decision point for API and LLM
 //! traffic. See `docs/architecture.md` for how the parts fit.
 #![forbid(unsafe_code)]
+// `Fault` (a rejection: status, code, message, headers) is returned once per rejected
+// exchange, on the cold path; boxing it would cost every policy an allocation for nothing.
+#![allow(clippy::result_large_err)]
 
 pub mod admin;
 pub mod config;
@@ -10,6 +13,7 @@ pub mod fault;
 pub mod pipeline;
 pub mod policies;
 pub mod server;
+pub mod services;
 pub mod store;
 pub mod telemetry;
 pub mod vars;

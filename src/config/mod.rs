@@ -15,13 +15,15 @@ use std::sync::Arc;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
+use crate::consumer::{hash_key, valid_hash, ApiKey, ApiProduct, App, Origin};
 use crate::expr::Condition;
 use crate::fault::ErrorFormat;
 use crate::pipeline::{Direction, DirectionPipeline, Policy, Step};
 use crate::policies::{self, BuildContext};
+use crate::services::Services;
 use crate::telemetry::FlowMetrics;
 use crate::vars::RequestInfo;
-use spec::{Envelope, FlowSpec, MatchSpec, StepSpec, TemplateRuleSpec};
+use spec::{ApiProductSpec, AppSpec, Envelope, FlowSpec, MatchSpec, StepSpec, TemplateRuleSpec};
 
 /// One problem in a configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -226,6 +228,9 @@ pub struct Snapshot {
     pub by_name: HashMap<String, Arc<Flow>>,
     pub default_flow: Option<Arc<Flow>>,
     pub policies: BTreeMap<String, Arc<dyn Policy>>,
+    /// API products and apps defined in the files.
+    pub products: Vec<ApiProduct>,
+    pub apps: Vec<App>,
     pub fingerprint: String,
 }
 
@@ -337,8 +342,8 @@ fn parse_documents(files: &[SourceFile], errors: &mut Vec<ConfigError>) -> Vec<P
     out
 }
 
-const KINDS: &[&str] = &["Flow", "Policy", "TemplateRule"];
-const LATER_KINDS: &[&str] = &["ApiProduct", "App", "KeyValueMap"];
+const KINDS: &[&str] = &["Flow", "Policy", "TemplateRule", "ApiProduct", "App"];
+const LATER_KINDS: &[&str] = &["KeyValueMap"];
 
 /// Loads and compiles the configuration in `dir`.
 pub fn load_dir(dir: &Path) -> Result<Snapshot, ConfigErrors> {
@@ -346,8 +351,17 @@ pub fn load_dir(dir: &Path) -> Result<Snapshot, ConfigErrors> {
     compile(&files, Some(dir))
 }
 
-/// Compiles configuration files into a snapshot.
+/// Compiles configuration files into a snapshot, with in-memory services.
 pub fn compile(files: &[SourceFile], config_dir: Option<&Path>) -> Result<Snapshot, ConfigErrors> {
+    compile_with(files, config_dir, &Services::default())
+}
+
+/// Compiles configuration files into a snapshot; policies get `services`.
+pub fn compile_with(
+    files: &[SourceFile],
+    config_dir: Option<&Path>,
+    services: &Services,
+) -> Result<Snapshot, ConfigErrors> {
     let mut errors = Vec::new();
     let docs = parse_documents(files, &mut errors);
 
@@ -356,6 +370,8 @@ pub fn compile(files: &[SourceFile], config_dir: Option<&Path>) -> Result<Snapsh
     let mut policies_docs = Vec::new();
     let mut flow_docs = Vec::new();
     let mut rule_docs = Vec::new();
+    let mut product_docs = Vec::new();
+    let mut app_docs = Vec::new();
     for d in docs {
         let kind = d.env.kind.as_str();
         let name = d.env.metadata.name.clone();
@@ -403,11 +419,15 @@ pub fn compile(files: &[SourceFile], config_dir: Option<&Path>) -> Result<Snapsh
         match kind {
             "Policy" => policies_docs.push(d),
             "Flow" => flow_docs.push(d),
+            "ApiProduct" => product_docs.push(d),
+            "App" => app_docs.push(d),
             _ => rule_docs.push(d),
         }
     }
 
-    let policies = build_policies(policies_docs, config_dir, &mut errors);
+    let products = build_products(product_docs, &mut errors);
+    let apps = build_apps(app_docs, &products, config_dir, &mut errors);
+    let policies = build_policies(policies_docs, config_dir, services, &mut errors);
     let flows = build_flows(flow_docs, &policies, &mut errors);
     let rules = rule_docs
         .into_iter()
@@ -452,6 +472,8 @@ pub fn compile(files: &[SourceFile], config_dir: Option<&Path>) -> Result<Snapsh
     let mut snap = Snapshot {
         fingerprint: fingerprint(files),
         policies,
+        products,
+        apps,
         ..Default::default()
     };
     for (flow, _) in flows {
@@ -477,9 +499,187 @@ pub fn compile(files: &[SourceFile], config_dir: Option<&Path>) -> Result<Snapsh
     Ok(snap)
 }
 
+fn build_products(docs: Vec<Parsed>, errors: &mut Vec<ConfigError>) -> Vec<ApiProduct> {
+    let mut out = Vec::new();
+    for d in docs {
+        let name = d.env.metadata.name.clone();
+        let loc = d.at.named("ApiProduct", &name);
+        let result = typed::<ApiProductSpec>(d.env.spec).and_then(|s| {
+            let p = ApiProduct {
+                name: name.clone(),
+                description: s.description,
+                operations: s.operations,
+                quota: s.quota,
+                llm_token_quota: s.llm_token_quota,
+                approval_type: s.approval_type,
+                attributes: s.attributes,
+                origin: Origin::File,
+            };
+            for (field, q) in [("quota", &p.quota), ("llmTokenQuota", &p.llm_token_quota)] {
+                if q.as_ref().is_some_and(|q| q.limit == 0 || q.interval == 0) {
+                    return Err(format!(
+                        "field `spec.{field}`: limit and interval must be greater than 0"
+                    ));
+                }
+            }
+            crate::consumer::index::Product::compile(p.clone())
+                .map_err(|e| match e.split_once(": ") {
+                    Some((field, m)) => format!("field `spec.{field}`: {m}"),
+                    None => e,
+                })
+                .map(|_| p)
+        });
+        match result {
+            Ok(p) => out.push(p),
+            Err(message) => errors.push(ConfigError {
+                location: loc,
+                message,
+            }),
+        }
+    }
+    out
+}
+
+/// Reads a key given by reference; the value itself is never kept, only its hash.
+fn key_hash(k: &spec::KeySpec, i: usize, config_dir: Option<&Path>) -> Result<String, String> {
+    let at = format!("field `spec.keys[{i}]");
+    match (&k.hash, &k.value_from) {
+        (Some(h), None) => {
+            if valid_hash(h) {
+                Ok(h.clone())
+            } else {
+                Err(format!(
+                    "{at}.hash`: must be `sha256:` and 64 lower-case hex digits"
+                ))
+            }
+        }
+        (None, Some(v)) => {
+            let value = match (&v.env, &v.file) {
+                (Some(var), None) => std::env::var(var).map_err(|_| {
+                    format!("{at}.valueFrom.env`: environment variable `{var}` is not set")
+                })?,
+                (None, Some(file)) => {
+                    let path = match config_dir {
+                        Some(d) if Path::new(file).is_relative() => d.join(file),
+                        _ => PathBuf::from(file),
+                    };
+                    std::fs::read_to_string(&path).map_err(|e| {
+                        format!("{at}.valueFrom.file`: cannot read {}: {e}", path.display())
+                    })?
+                }
+                _ => return Err(format!("{at}.valueFrom`: give exactly one of env, file")),
+            };
+            let value = value.trim();
+            if value.len() < 16 || value.len() > 512 || value.bytes().any(|b| !b.is_ascii_graphic())
+            {
+                return Err(format!(
+                    "{at}.valueFrom`: the key must be 16-512 printable ASCII characters"
+                ));
+            }
+            Ok(hash_key(value))
+        }
+        _ => Err(format!(
+            "{at}`: give exactly one of hash, valueFrom (keys are never written in clear text)"
+        )),
+    }
+}
+
+fn build_apps(
+    docs: Vec<Parsed>,
+    products: &[ApiProduct],
+    config_dir: Option<&Path>,
+    errors: &mut Vec<ConfigError>,
+) -> Vec<App> {
+    let mut out: Vec<App> = Vec::new();
+    let mut hashes: HashMap<String, String> = HashMap::new();
+    for d in docs {
+        let name = d.env.metadata.name.clone();
+        let loc = d.at.named("App", &name);
+        let spec = match typed::<AppSpec>(d.env.spec) {
+            Ok(s) => s,
+            Err(message) => {
+                errors.push(ConfigError {
+                    location: loc,
+                    message,
+                });
+                continue;
+            }
+        };
+        let mut msgs = Vec::new();
+        if !spec.developer_email.contains('@') || spec.developer_email.len() > 254 {
+            msgs.push("field `spec.developerEmail`: not an email address".to_owned());
+        }
+        for (i, p) in spec.products.iter().enumerate() {
+            if !products.iter().any(|x| x.name == *p) {
+                msgs.push(format!(
+                    "field `spec.products[{i}]`: no ApiProduct named `{p}`"
+                ));
+            }
+        }
+        let mut keys = Vec::new();
+        for (i, k) in spec.keys.iter().enumerate() {
+            if !valid_name(&k.id) || keys.iter().any(|x: &ApiKey| x.id == k.id) {
+                msgs.push(format!(
+                    "field `spec.keys[{i}].id`: missing, invalid or duplicate"
+                ));
+                continue;
+            }
+            let expires_at = match k
+                .expires_at
+                .as_deref()
+                .map(chrono::DateTime::parse_from_rfc3339)
+            {
+                None => None,
+                Some(Ok(t)) => Some(t.timestamp_millis()),
+                Some(Err(e)) => {
+                    msgs.push(format!(
+                        "field `spec.keys[{i}].expiresAt`: not an RFC 3339 time: {e}"
+                    ));
+                    continue;
+                }
+            };
+            match key_hash(k, i, config_dir) {
+                Ok(hash) => {
+                    if let Some(other) = hashes.insert(hash.clone(), name.clone()) {
+                        msgs.push(format!(
+                            "field `spec.keys[{i}]`: the same key is already used by app `{other}`"
+                        ));
+                    }
+                    keys.push(ApiKey {
+                        id: k.id.clone(),
+                        hash,
+                        status: k.status,
+                        expires_at,
+                        created_at: 0,
+                    });
+                }
+                Err(m) => msgs.push(m),
+            }
+        }
+        if !msgs.is_empty() {
+            errors.extend(msgs.into_iter().map(|message| ConfigError {
+                location: loc.clone(),
+                message,
+            }));
+            continue;
+        }
+        out.push(App {
+            name,
+            developer_email: spec.developer_email,
+            status: spec.status,
+            products: spec.products,
+            keys,
+            attributes: spec.attributes,
+            origin: Origin::File,
+        });
+    }
+    out
+}
+
 fn build_policies(
     docs: Vec<Parsed>,
     config_dir: Option<&Path>,
+    services: &Services,
     errors: &mut Vec<ConfigError>,
 ) -> BTreeMap<String, Arc<dyn Policy>> {
     let mut out = BTreeMap::new();
@@ -518,6 +718,7 @@ fn build_policies(
         let ctx = BuildContext {
             name: name.clone(),
             config_dir: config_dir.map(Path::to_path_buf),
+            services: services.clone(),
         };
         match build(&ctx, spec) {
             Ok(p) => {
@@ -774,6 +975,50 @@ spec: {}
             "{BASE}---\n---\nopenapi: 3.1.0\ninfo: {{title: x, version: '1'}}\npaths: {{}}\n"
         );
         assert!(compile(&files(&text), None).is_ok());
+    }
+
+    const CONSUMERS: &str = r#"
+apiVersion: tollgate.dev/v1alpha1
+kind: ApiProduct
+metadata: {name: chat}
+spec:
+  operations: [{path: "/v1/chat/completions", methods: [POST]}]
+  quota: {limit: 10, timeUnit: minute}
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: App
+metadata: {name: acme}
+spec:
+  developerEmail: dev@acme.test
+  products: [chat]
+  keys:
+  - {id: k1, hash: "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"}
+  - {id: k2, valueFrom: {env: TOLLGATE_TEST_KEY_K2}, expiresAt: "2030-01-01T00:00:00Z"}
+"#;
+
+    #[test]
+    fn products_and_apps_from_files() {
+        std::env::set_var("TOLLGATE_TEST_KEY_K2", "k2-secret-value-0123456789");
+        let s = compile(&files(CONSUMERS), None).unwrap();
+        assert_eq!(s.products.len(), 1);
+        assert_eq!(
+            s.apps[0].keys[1].hash,
+            hash_key("k2-secret-value-0123456789")
+        );
+        assert_eq!(s.apps[0].keys[1].expires_at, Some(1_893_456_000_000));
+        assert!(s.apps.iter().all(|a| a.origin == Origin::File));
+
+        let bad = |from: &str, to: &str| errs(&CONSUMERS.replace(from, to));
+        assert!(bad("products: [chat]", "products: [gold]").contains("no ApiProduct named `gold`"));
+        assert!(bad("hash: \"sha256:ba", "hash: \"md5:ba").contains("spec.keys[0].hash"));
+        assert!(
+            bad("{id: k1, hash:", "{id: k1, value: clear, hash:").contains("unknown field `value`")
+        );
+        assert!(bad("TOLLGATE_TEST_KEY_K2", "TOLLGATE_TEST_KEY_UNSET").contains("is not set"));
+        assert!(bad("2030-01-01T00:00:00Z", "tomorrow").contains("RFC 3339"));
+        assert!(bad("/v1/chat/completions", "v1").contains("spec.operations[0].path"));
+        assert!(bad("limit: 10", "limit: 0").contains("spec.quota"));
+        assert!(bad("dev@acme.test", "nobody").contains("developerEmail"));
     }
 
     #[test]

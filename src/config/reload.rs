@@ -15,7 +15,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use arc_swap::ArcSwap;
 use notify::Watcher;
 
-use super::{compile, fingerprint, read_dir, ConfigErrors, Snapshot, SourceFile};
+use super::{compile_with, fingerprint, read_dir, ConfigErrors, Snapshot, SourceFile};
+use crate::services::Services;
 use crate::telemetry::METRICS;
 
 /// Where the configuration comes from.
@@ -29,6 +30,7 @@ pub enum ConfigSource {
 #[derive(Debug)]
 pub struct ConfigManager {
     source: ConfigSource,
+    services: Services,
     current: ArcSwap<Snapshot>,
     generation: AtomicU64,
     /// Fingerprint of the last configuration that failed, so it is reported once.
@@ -62,15 +64,24 @@ pub enum ReloadOutcome {
 }
 
 impl ConfigManager {
-    /// Loads the first configuration; it must be valid.
+    /// Loads the first configuration with in-memory services; it must be valid.
     pub fn load(source: ConfigSource) -> Result<Arc<Self>, ConfigErrors> {
+        Self::load_with(source, Services::default())
+    }
+
+    /// Loads the first configuration; it must be valid. Policies get `services`, and the
+    /// file-defined products and apps go to `services.consumers` at every load.
+    pub fn load_with(source: ConfigSource, services: Services) -> Result<Arc<Self>, ConfigErrors> {
         let files = Self::read(&source)?;
         let dir = match &source {
             ConfigSource::Dir(d) => Some(d.as_path()),
             ConfigSource::Embedded(_) => None,
         };
         METRICS.config_last_reload_attempt.set(now_secs());
-        let snap = compile(&files, dir)?;
+        let snap = compile_with(&files, dir, &services)?;
+        services
+            .consumers
+            .set_file_objects(snap.products.clone(), snap.apps.clone());
         record_success(1);
         tracing::info!(
             flows = snap.by_name.len(),
@@ -79,6 +90,7 @@ impl ConfigManager {
         );
         Ok(Arc::new(Self {
             source,
+            services,
             current: ArcSwap::from_pointee(snap),
             generation: AtomicU64::new(1),
             last_failed: Mutex::new(None),
@@ -95,6 +107,10 @@ impl ConfigManager {
     /// The running configuration.
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.current.load_full()
+    }
+
+    pub fn services(&self) -> &Services {
+        &self.services
     }
 
     pub fn generation(&self) -> u64 {
@@ -129,11 +145,13 @@ impl ConfigManager {
                 return Ok(None);
             }
             METRICS.config_last_reload_attempt.set(now_secs());
-            compile(&files, Some(dir)).map(Some).inspect_err(|_| {
-                if let Ok(mut l) = self.last_failed.lock() {
-                    *l = Some(fp);
-                }
-            })
+            compile_with(&files, Some(dir), &self.services)
+                .map(Some)
+                .inspect_err(|_| {
+                    if let Ok(mut l) = self.last_failed.lock() {
+                        *l = Some(fp);
+                    }
+                })
         });
         match result {
             Ok(None) => {
@@ -144,6 +162,9 @@ impl ConfigManager {
             }
             Ok(Some(snap)) => {
                 let flows = snap.by_name.len();
+                self.services
+                    .consumers
+                    .set_file_objects(snap.products.clone(), snap.apps.clone());
                 self.current.store(Arc::new(snap));
                 let g = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
                 if let Ok(mut l) = self.last_failed.lock() {

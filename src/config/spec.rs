@@ -95,3 +95,63 @@ pub struct TemplateRuleSpec {
     #[serde(default)]
     pub denied_policy_types: Vec<String>,
 }
+
+/// An `ApiProduct` document's spec (the name is `metadata.name`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ApiProductSpec {
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub operations: Vec<crate::consumer::Operation>,
+    #[serde(default)]
+    pub quota: Option<crate::consumer::QuotaSettings>,
+    #[serde(default)]
+    pub llm_token_quota: Option<crate::consumer::QuotaSettings>,
+    #[serde(default)]
+    pub approval_type: crate::consumer::ApprovalType,
+    #[serde(default)]
+    pub attributes: BTreeMap<String, String>,
+}
+
+/// An `App` document's spec.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AppSpec {
+    pub developer_email: String,
+    #[serde(default)]
+    pub status: crate::consumer::AppStatus,
+    #[serde(default)]
+    pub products: Vec<String>,
+    #[serde(default)]
+    pub keys: Vec<KeySpec>,
+    #[serde(default)]
+    pub attributes: BTreeMap<String, String>,
+}
+
+/// An API key in a file: never in clear text. Either its hash, or where to read it
+/// (an environment variable, or a file such as a mounted Kubernetes Secret).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct KeySpec {
+    pub id: String,
+    #[serde(default)]
+    pub hash: Option<String>,
+    #[serde(default)]
+    pub value_from: Option<ValueFrom>,
+    #[serde(default)]
+    pub status: crate::consumer::KeyStatus,
+    /// RFC 3339 time, e.g. `2027-01-01T00:00:00Z`.
+    #[serde(default)]
+    pub expires_at: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValueFrom {
+    #[serde(default)]
+    pub env: Option<String>,
+    /// Relative paths are relative to the configuration directory.
+    #[serde(default)]
+    pub file: Option<String>,
+}

@@ -42,6 +42,8 @@ pub struct BuildContext {
     pub name: String,
     /// The configuration directory, for files a policy refers to.
     pub config_dir: Option<PathBuf>,
+    /// Run-time services (consumer index, ...).
+    pub services: crate::services::Services,
 }
 
 /// A spec that does not build: the field (a path like `set.headers.x-a`) and why.

@@ -1,0 +1,528 @@
+//! `VerifyApiKey`: only known consumers get through, each to the operations its products
+//! allow. The chain key → app → products → operation is checked against the in-memory
+//! consumer index (never the store), so revocation applies as soon as the index is rebuilt.
+//!
+//! ```yaml
+//! spec:
+//!   type: VerifyApiKey
+//!   keyFrom: [{header: x-api-key}, {query: apikey}]   # default: header x-api-key
+//!   stripKey: true          # remove the key header before the upstream sees it
+//!   identityHeaders:        # tell the upstream who called
+//!     app: x-tollgate-app
+//!     clientId: x-tollgate-client-id
+//!     product: x-tollgate-product
+//!     developer: x-tollgate-developer
+//!   model: "{llm.model}"    # matched against products' model lists (default)
+//! ```
+//!
+//! On success it sets `client_id`, `app.name`, `developer.email`, `apiproduct.name`,
+//! `apiproduct.quota.{limit,interval,timeunit}`, `apiproduct.llmquota.{...}`,
+//! `app.attributes.<k>`, `apiproduct.attributes.<k>`, and the same under
+//! `verifyapikey.<policy>.` as Apigee does.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Deserialize;
+
+use super::{check_header_name, parse_spec, BuildContext, SpecError};
+use crate::consumer::index::Refusal;
+use crate::consumer::service::Consumers;
+use crate::consumer::QuotaSettings;
+use crate::expr::Template;
+use crate::fault::Fault;
+use crate::pipeline::{Direction, Outcome, Policy};
+use crate::vars::Exchange;
+
+pub const TYPE: &str = "VerifyApiKey";
+
+/// Longest key accepted; anything longer is refused without hashing.
+const MAX_KEY_LEN: usize = 512;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Spec {
+    #[serde(default)]
+    key_from: Vec<KeyFromSpec>,
+    #[serde(default)]
+    strip_key: bool,
+    #[serde(default)]
+    identity_headers: IdentityHeaders,
+    #[serde(default)]
+    model: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyFromSpec {
+    #[serde(default)]
+    header: Option<String>,
+    #[serde(default)]
+    query: Option<String>,
+    #[serde(default)]
+    template: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct IdentityHeaders {
+    app: Option<String>,
+    client_id: Option<String>,
+    product: Option<String>,
+    developer: Option<String>,
+}
+
+#[derive(Debug)]
+enum KeyFrom {
+    Header(String),
+    Query(String),
+    Template(Template),
+}
+
+#[derive(Debug)]
+struct VerifyApiKey {
+    name: String,
+    key_from: Vec<KeyFrom>,
+    strip_key: bool,
+    identity: Vec<(String, Identity)>,
+    model: Template,
+    consumers: Arc<Consumers>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Identity {
+    App,
+    ClientId,
+    Product,
+    Developer,
+}
+
+pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Policy>, SpecError> {
+    let spec: Spec = parse_spec(spec)?;
+    let mut key_from = Vec::new();
+    for (i, k) in spec.key_from.into_iter().enumerate() {
+        let at = format!("keyFrom[{i}]");
+        key_from.push(match (k.header, k.query, k.template) {
+            (Some(h), None, None) => {
+                KeyFrom::Header(check_header_name(&h).map_err(|m| SpecError::new(&at, m))?)
+            }
+            (None, Some(q), None) if !q.is_empty() => KeyFrom::Query(q),
+            (None, None, Some(t)) => KeyFrom::Template(
+                Template::compile(&t).map_err(|e| SpecError::new(&at, e.to_string()))?,
+            ),
+            _ => {
+                return Err(SpecError::new(
+                    at,
+                    "give exactly one of header, query, template",
+                ))
+            }
+        });
+    }
+    if key_from.is_empty() {
+        key_from.push(KeyFrom::Header("x-api-key".into()));
+    }
+    let mut identity = Vec::new();
+    let ih = spec.identity_headers;
+    for (field, v, which) in [
+        ("app", ih.app, Identity::App),
+        ("clientId", ih.client_id, Identity::ClientId),
+        ("product", ih.product, Identity::Product),
+        ("developer", ih.developer, Identity::Developer),
+    ] {
+        if let Some(h) = v {
+            let h = check_header_name(&h)
+                .map_err(|m| SpecError::new(format!("identityHeaders.{field}"), m))?;
+            identity.push((h, which));
+        }
+    }
+    let model = Template::compile(spec.model.as_deref().unwrap_or("{llm.model}"))
+        .map_err(|e| SpecError::new("model", e.to_string()))?;
+    Ok(Arc::new(VerifyApiKey {
+        name: ctx.name.clone(),
+        key_from,
+        strip_key: spec.strip_key,
+        identity,
+        model,
+        consumers: ctx.services.consumers.clone(),
+    }))
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+fn unauthorized(code: &str, message: &str) -> Fault {
+    Fault::new(401, code, message)
+}
+
+/// The key, or the fault for a missing or malformed one.
+enum Found {
+    Key(String),
+    Missing,
+    Twice,
+}
+
+impl VerifyApiKey {
+    fn find_key(&self, ex: &Exchange) -> Found {
+        for source in &self.key_from {
+            match source {
+                KeyFrom::Header(h) => {
+                    let mut values = ex
+                        .request
+                        .headers
+                        .iter()
+                        .filter(|(n, _)| n.eq_ignore_ascii_case(h));
+                    if let Some((_, v)) = values.next() {
+                        if values.next().is_some() {
+                            return Found::Twice;
+                        }
+                        return Found::Key(v.to_owned());
+                    }
+                }
+                KeyFrom::Query(q) => {
+                    let mut values =
+                        crate::vars::query_pairs(ex.request.query_string()).filter(|(k, _)| k == q);
+                    if let Some((_, v)) = values.next() {
+                        if values.next().is_some() {
+                            return Found::Twice;
+                        }
+                        return Found::Key(v);
+                    }
+                }
+                KeyFrom::Template(t) => {
+                    let v = t.render(ex);
+                    if !v.is_empty() {
+                        return Found::Key(v);
+                    }
+                }
+            }
+        }
+        Found::Missing
+    }
+
+    fn set_quota_vars(
+        ex: &mut Exchange,
+        prefixes: &[String],
+        what: &str,
+        q: Option<&QuotaSettings>,
+    ) {
+        let Some(q) = q else { return };
+        for p in prefixes {
+            ex.set_var(
+                format!("{p}apiproduct.{what}.limit"),
+                i64::try_from(q.limit).unwrap_or(i64::MAX),
+            );
+            ex.set_var(
+                format!("{p}apiproduct.{what}.interval"),
+                i64::from(q.interval),
+            );
+            ex.set_var(
+                format!("{p}apiproduct.{what}.timeunit"),
+                q.time_unit.as_str(),
+            );
+        }
+    }
+
+    fn verify(&self, ex: &mut Exchange) -> Result<(), Fault> {
+        let key = match self.find_key(ex) {
+            Found::Key(k) => k,
+            Found::Missing => {
+                return Err(unauthorized(
+                    "oauth.v2.FailedToResolveAPIKey",
+                    "Failed to resolve API Key variable",
+                ))
+            }
+            Found::Twice => {
+                return Err(unauthorized(
+                    "oauth.v2.InvalidApiKey",
+                    "API key sent more than once",
+                ))
+            }
+        };
+        let key = key.trim();
+        if key.is_empty() {
+            return Err(unauthorized(
+                "oauth.v2.FailedToResolveAPIKey",
+                "Failed to resolve API Key variable",
+            ));
+        }
+        if key.len() > MAX_KEY_LEN || key.bytes().any(|b| !b.is_ascii_graphic()) {
+            return Err(unauthorized("oauth.v2.InvalidApiKey", "Invalid ApiKey"));
+        }
+        let model = self.model.render(ex);
+        let model = (!model.is_empty()).then_some(model);
+        let index = self.consumers.index();
+        let verified = index
+            .verify(
+                key,
+                &ex.request.method,
+                ex.request.path(),
+                model.as_deref(),
+                now_ms(),
+            )
+            .map_err(|r| match r {
+                Refusal::UnknownKey => unauthorized("oauth.v2.InvalidApiKey", "Invalid ApiKey"),
+                Refusal::KeyRevoked => {
+                    unauthorized("oauth.v2.ApiKeyNotApproved", "ApiKey has been revoked")
+                }
+                Refusal::KeyPending => {
+                    unauthorized("oauth.v2.ApiKeyNotApproved", "ApiKey is not approved yet")
+                }
+                Refusal::KeyExpired => unauthorized(
+                    "keymanagement.service.consumer_key_expired",
+                    "The consumer key has expired",
+                ),
+                Refusal::AppRevoked => unauthorized(
+                    "keymanagement.service.invalid_client-app_not_approved",
+                    "The developer app is not approved",
+                ),
+                Refusal::NoProductForOperation => unauthorized(
+                    "oauth.v2.InvalidApiKeyForGivenResource",
+                    "Invalid ApiKey for given resource",
+                ),
+            })?;
+        let app = &verified.app;
+        let product = &verified.product.spec;
+        let prefixes = [String::new(), format!("verifyapikey.{}.", self.name)];
+        for p in &prefixes {
+            ex.set_var(format!("{p}client_id"), verified.key.id.clone());
+            ex.set_var(format!("{p}app.name"), app.name.clone());
+            ex.set_var(format!("{p}developer.email"), app.developer_email.clone());
+            ex.set_var(format!("{p}apiproduct.name"), product.name.clone());
+            for (k, v) in &app.attributes {
+                ex.set_var(format!("{p}app.attributes.{k}"), v.clone());
+            }
+            for (k, v) in &product.attributes {
+                ex.set_var(format!("{p}apiproduct.attributes.{k}"), v.clone());
+            }
+        }
+        Self::set_quota_vars(ex, &prefixes, "quota", product.quota.as_ref());
+        Self::set_quota_vars(ex, &prefixes, "llmquota", product.llm_token_quota.as_ref());
+        if self.strip_key {
+            for source in &self.key_from {
+                if let KeyFrom::Header(h) = source {
+                    ex.remove_header(Direction::Request, h);
+                }
+            }
+        }
+        for (h, which) in &self.identity {
+            let v = match which {
+                Identity::App => app.name.clone(),
+                Identity::ClientId => verified.key.id.clone(),
+                Identity::Product => product.name.clone(),
+                Identity::Developer => app.developer_email.clone(),
+            };
+            ex.set_header(Direction::Request, h, v);
+        }
+        Ok(())
+    }
+}
+
+impl Policy for VerifyApiKey {
+    fn type_name(&self) -> &'static str {
+        TYPE
+    }
+
+    fn run<'a>(&'a self, ex: &'a mut Exchange, _dir: Direction) -> Outcome<'a> {
+        Outcome::Ready(self.verify(ex))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::consumer::{
+        hash_key, ApiKey, ApiProduct, App, KeyStatus, Operation, Origin, TimeUnit,
+    };
+    use crate::services::Services;
+    use crate::vars::{Headers, RequestInfo};
+
+    fn services() -> Services {
+        let s = Services::default();
+        let product = ApiProduct {
+            name: "chat".into(),
+            description: String::new(),
+            operations: vec![Operation {
+                path: "/v1/chat/completions".into(),
+                methods: vec!["POST".into()],
+                models: vec![],
+            }],
+            quota: Some(QuotaSettings {
+                limit: 100,
+                interval: 1,
+                time_unit: TimeUnit::Minute,
+            }),
+            llm_token_quota: None,
+            approval_type: Default::default(),
+            attributes: [("tier".to_string(), "gold".to_string())].into(),
+            origin: Origin::File,
+        };
+        let app = App {
+            name: "acme".into(),
+            developer_email: "dev@acme.test".into(),
+            status: Default::default(),
+            products: vec!["chat".into()],
+            keys: vec![
+                ApiKey {
+                    id: "k1".into(),
+                    hash: hash_key("secret-key-0123456789"),
+                    status: KeyStatus::Approved,
+                    expires_at: None,
+                    created_at: 0,
+                },
+                ApiKey {
+                    id: "k2".into(),
+                    hash: hash_key("expired-key-0123456789"),
+                    status: KeyStatus::Approved,
+                    expires_at: Some(1),
+                    created_at: 0,
+                },
+            ],
+            attributes: Default::default(),
+            origin: Origin::File,
+        };
+        s.consumers.set_file_objects(vec![product], vec![app]);
+        s
+    }
+
+    fn policy(yaml: &str) -> Arc<dyn Policy> {
+        let ctx = BuildContext {
+            name: "vk".into(),
+            config_dir: None,
+            services: services(),
+        };
+        build(&ctx, serde_norway::from_str(yaml).unwrap()).unwrap()
+    }
+
+    fn ex(method: &str, path: &str, headers: &[(&str, &str)]) -> Exchange {
+        let mut h = Headers::new();
+        h.push(":method".into(), method.into());
+        h.push(":path".into(), path.into());
+        for (k, v) in headers {
+            h.push((*k).into(), (*v).into());
+        }
+        Exchange {
+            request: RequestInfo::from_headers(h),
+            ..Default::default()
+        }
+    }
+
+    fn run(p: &Arc<dyn Policy>, ex: &mut Exchange) -> Result<(), Fault> {
+        match p.run(ex, Direction::Request) {
+            Outcome::Ready(r) => r,
+            Outcome::Pending(_) => panic!("VerifyApiKey is synchronous"),
+        }
+    }
+
+    #[test]
+    fn success_sets_variables_and_headers() {
+        let p = policy("{stripKey: true, identityHeaders: {app: x-app, clientId: x-client}}");
+        let mut e = ex(
+            "POST",
+            "/v1/chat/completions",
+            &[("x-api-key", "secret-key-0123456789")],
+        );
+        run(&p, &mut e).unwrap();
+        assert_eq!(e.lookup("client_id").as_deref(), Some("k1"));
+        assert_eq!(e.lookup("app.name").as_deref(), Some("acme"));
+        assert_eq!(e.lookup("apiproduct.name").as_deref(), Some("chat"));
+        assert_eq!(e.lookup("apiproduct.quota.limit").as_deref(), Some("100"));
+        assert_eq!(
+            e.lookup("apiproduct.quota.timeunit").as_deref(),
+            Some("minute")
+        );
+        assert_eq!(
+            e.lookup("apiproduct.attributes.tier").as_deref(),
+            Some("gold")
+        );
+        assert_eq!(
+            e.lookup("verifyapikey.vk.developer.email").as_deref(),
+            Some("dev@acme.test")
+        );
+        let m = e.take_mutations(Direction::Request);
+        assert_eq!(m.remove, ["x-api-key"]);
+        assert!(m.set.iter().any(|(n, v, _)| n == "x-app" && v == "acme"));
+        assert!(m.set.iter().any(|(n, v, _)| n == "x-client" && v == "k1"));
+    }
+
+    #[test]
+    fn refusals_have_apigee_codes() {
+        let p = policy("{keyFrom: [{header: x-api-key}, {query: apikey}]}");
+        let code = |method: &str, path: &str, headers: &[(&str, &str)]| {
+            run(&p, &mut ex(method, path, headers)).unwrap_err().code
+        };
+        assert_eq!(
+            code("POST", "/v1/chat/completions", &[]),
+            "oauth.v2.FailedToResolveAPIKey"
+        );
+        assert_eq!(
+            code(
+                "POST",
+                "/v1/chat/completions",
+                &[("x-api-key", "nope-nope-nope")]
+            ),
+            "oauth.v2.InvalidApiKey"
+        );
+        assert_eq!(
+            code(
+                "POST",
+                "/v1/chat/completions",
+                &[("x-api-key", "expired-key-0123456789")]
+            ),
+            "keymanagement.service.consumer_key_expired"
+        );
+        assert_eq!(
+            code(
+                "GET",
+                "/v1/chat/completions",
+                &[("x-api-key", "secret-key-0123456789")]
+            ),
+            "oauth.v2.InvalidApiKeyForGivenResource"
+        );
+        // Twice, huge, control characters.
+        assert_eq!(
+            code(
+                "POST",
+                "/v1/chat/completions",
+                &[("x-api-key", "a"), ("x-api-key", "b")]
+            ),
+            "oauth.v2.InvalidApiKey"
+        );
+        let huge = "k".repeat(10_000);
+        assert_eq!(
+            code("POST", "/v1/chat/completions", &[("x-api-key", &huge)]),
+            "oauth.v2.InvalidApiKey"
+        );
+        assert_eq!(
+            code("POST", "/v1/chat/completions", &[("x-api-key", "a\u{1}b")]),
+            "oauth.v2.InvalidApiKey"
+        );
+        // From the query string.
+        run(
+            &p,
+            &mut ex(
+                "POST",
+                "/v1/chat/completions?apikey=secret-key-0123456789",
+                &[],
+            ),
+        )
+        .unwrap();
+        let f = run(&p, &mut ex("POST", "/v1/chat/completions", &[])).unwrap_err();
+        assert_eq!(f.status, 401);
+    }
+
+    #[test]
+    fn bad_specs() {
+        let ctx = BuildContext::default();
+        let b = |y: &str| build(&ctx, serde_norway::from_str(y).unwrap());
+        assert_eq!(
+            b("{keyFrom: [{header: a, query: b}]}").unwrap_err().field,
+            "keyFrom[0]"
+        );
+        assert!(b("{identityHeaders: {app: host}}").is_err());
+        assert!(b("{keyfrom: []}").is_err());
+    }
+}

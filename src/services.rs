@@ -1,0 +1,22 @@
+//! Shared services policies use at run time (the consumer index today; counters and
+//! key-value maps later). Built once per process and handed to every configuration load,
+//! so they outlive reloads.
+
+use std::sync::Arc;
+
+use crate::consumer::service::Consumers;
+use crate::store::memory::MemoryStore;
+
+#[derive(Debug, Clone)]
+pub struct Services {
+    pub consumers: Arc<Consumers>,
+}
+
+impl Default for Services {
+    /// In-memory services: for `validate`, tests and benchmarks.
+    fn default() -> Self {
+        Self {
+            consumers: Consumers::new(Arc::new(MemoryStore::new())),
+        }
+    }
+}
