@@ -689,3 +689,46 @@ async fn h_validate_and_health() {
     })
     .await;
 }
+
+// ───────────────────────────── i. API keys ─────────────────────────────
+
+/// VerifyApiKey through Envoy: the key header and query parameter are stripped before the
+/// upstream (the query one by rewriting `:path`), identity headers arrive, refusals reach
+/// the client with Apigee codes and the upstream never sees them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn i_verify_api_key_through_envoy() {
+    within(LIMIT, async {
+        let config = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/api-keys.yaml"),
+        )
+        .unwrap();
+        let bed = TestBed::start(&config).await;
+        let key = "tg_demo_key_rotate_me_0001";
+
+        let r = bed.get("/v1/models", &[("x-api-key", key)]).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(
+            r.echoed_header("x-tollgate-app").as_deref(),
+            Some("demo-app")
+        );
+        assert_eq!(
+            r.echoed_header("x-api-key"),
+            None,
+            "the key reached the upstream"
+        );
+
+        let r = bed
+            .get(&format!("/v1/models/m1?x=1&apikey={key}"), &[])
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json()["uri"], "/v1/models/m1?x=1", "{}", r.text());
+
+        let r = bed.get("/v1/models", &[("x-api-key", "wrong-key")]).await;
+        assert_eq!(r.status, 401);
+        assert_eq!(r.json()["error"]["code"], "oauth.v2.InvalidApiKey");
+        let r = bed.get("/v1/models", &[]).await;
+        assert_eq!(r.status, 401);
+        assert_eq!(r.json()["error"]["code"], "oauth.v2.FailedToResolveAPIKey");
+    })
+    .await;
+}

@@ -68,6 +68,51 @@ fn scenarios(file: &str) -> Option<Vec<Scenario>> {
                 },
             },
         ]),
+        "api-keys.yaml" => Some(vec![
+            Scenario {
+                method: "GET",
+                path: "/v1/models",
+                headers: &[],
+                expect: Expect::Immediate {
+                    status: 401,
+                    body_contains: "oauth.v2.FailedToResolveAPIKey",
+                },
+            },
+            Scenario {
+                method: "GET",
+                path: "/v1/models",
+                headers: &[("x-api-key", "wrong")],
+                expect: Expect::Immediate {
+                    status: 401,
+                    body_contains: r#""code":"oauth.v2.InvalidApiKey""#,
+                },
+            },
+            Scenario {
+                method: "GET",
+                path: "/v1/models",
+                headers: &[("x-api-key", "tg_demo_key_rotate_me_0001")],
+                expect: Expect::Upstream(&[
+                    ("x-tollgate-app", "demo-app"),
+                    ("x-tollgate-client-id", "demo"),
+                    ("x-tollgate-tier", "free"),
+                ]),
+            },
+            Scenario {
+                method: "GET",
+                path: "/v1/models/gpt?apikey=tg_demo_key_rotate_me_0001",
+                headers: &[],
+                expect: Expect::Upstream(&[("x-tollgate-app", "demo-app")]),
+            },
+            Scenario {
+                method: "DELETE",
+                path: "/v1/models/m",
+                headers: &[("x-api-key", "tg_demo_key_rotate_me_0001")],
+                expect: Expect::Immediate {
+                    status: 401,
+                    body_contains: "oauth.v2.InvalidApiKeyForGivenResource",
+                },
+            },
+        ]),
         _ => None,
     }
 }

@@ -303,8 +303,15 @@ impl VerifyApiKey {
         Self::set_quota_vars(ex, &prefixes, "llmquota", product.llm_token_quota.as_ref());
         if self.strip_key {
             for source in &self.key_from {
-                if let KeyFrom::Header(h) = source {
-                    ex.remove_header(Direction::Request, h);
+                match source {
+                    KeyFrom::Header(h) => ex.remove_header(Direction::Request, h),
+                    KeyFrom::Query(q) => {
+                        if let Some(uri) = strip_query_param(&ex.request.uri, q) {
+                            ex.set_header(Direction::Request, ":path", uri.clone());
+                            ex.request.uri = uri;
+                        }
+                    }
+                    KeyFrom::Template(_) => {}
                 }
             }
         }
@@ -319,6 +326,32 @@ impl VerifyApiKey {
         }
         Ok(())
     }
+}
+
+/// `uri` without the query parameter `name` (percent-decoded name match), or `None` when
+/// it has none.
+fn strip_query_param(uri: &str, name: &str) -> Option<String> {
+    let (path, qs) = uri.split_once('?')?;
+    let mut removed = false;
+    let kept: Vec<&str> = qs
+        .split('&')
+        .filter(|pair| {
+            let k = pair.split_once('=').map_or(*pair, |(k, _)| k);
+            let hit = crate::vars::query_pairs(k)
+                .next()
+                .is_some_and(|(k, _)| k == name);
+            removed |= hit;
+            !hit
+        })
+        .collect();
+    if !removed {
+        return None;
+    }
+    Some(if kept.is_empty() {
+        path.to_owned()
+    } else {
+        format!("{path}?{}", kept.join("&"))
+    })
 }
 
 impl Policy for VerifyApiKey {
@@ -512,6 +545,32 @@ mod tests {
         .unwrap();
         let f = run(&p, &mut ex("POST", "/v1/chat/completions", &[])).unwrap_err();
         assert_eq!(f.status, 401);
+    }
+
+    #[test]
+    fn strips_the_key_from_the_query() {
+        assert_eq!(
+            strip_query_param("/a?apikey=k&x=1", "apikey").as_deref(),
+            Some("/a?x=1")
+        );
+        assert_eq!(
+            strip_query_param("/a?apikey=k", "apikey").as_deref(),
+            Some("/a")
+        );
+        assert_eq!(strip_query_param("/a?x=1", "apikey"), None);
+        assert_eq!(strip_query_param("/a", "apikey"), None);
+        let p = policy("{keyFrom: [{query: apikey}], stripKey: true}");
+        let mut e = ex(
+            "POST",
+            "/v1/chat/completions?a=1&apikey=secret-key-0123456789",
+            &[],
+        );
+        run(&p, &mut e).unwrap();
+        let m = e.take_mutations(Direction::Request);
+        assert!(m
+            .set
+            .iter()
+            .any(|(n, v, _)| n == ":path" && v == "/v1/chat/completions?a=1"));
     }
 
     #[test]
