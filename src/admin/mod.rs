@@ -1,5 +1,7 @@
-//! The admin HTTP server: liveness, readiness and metrics. (The management API will live
-//! under `/v1/` here too.)
+//! The admin HTTP server: liveness, readiness and metrics, and the management API under
+//! `/v1/` ([`api`]).
+
+pub mod api;
 
 use std::sync::Arc;
 
@@ -9,8 +11,11 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 
+use crate::consumer::service::Consumers;
 use crate::server::Shared;
 use crate::telemetry::METRICS;
+
+pub use api::ApiAuth;
 
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
@@ -18,6 +23,11 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(shared)
+}
+
+/// Adds the management API (`/v1/…`, guarded by `auth`) to an admin router.
+pub fn with_api(router: Router, consumers: Arc<Consumers>, auth: ApiAuth) -> Router {
+    router.merge(api::router(consumers, auth))
 }
 
 async fn readyz(State(s): State<Arc<Shared>>) -> impl IntoResponse {
