@@ -124,7 +124,7 @@ wait_for 10 "$LAST_PID" port_open "$FLOOR_PORT" || die "floor did not start: $(t
 if [[ -z "$TARGET_ADDR" && -n "${TOLLGATE_BIN:-}" ]]; then
   [[ -n "${TOLLGATE_CONFIG:-}" ]] || die "TOLLGATE_BIN needs TOLLGATE_CONFIG"
   start tollgate "$TOLLGATE_BIN" serve --config "$TOLLGATE_CONFIG" \
-    --grpc-addr "127.0.0.1:$TG_PORT" --admin-addr "127.0.0.1:$TG_ADMIN"
+    --grpc-addr "127.0.0.1:$TG_PORT" --admin-addr "127.0.0.1:$TG_ADMIN" --store memory
   wait_for 30 "$LAST_PID" curl -sf "http://127.0.0.1:$TG_ADMIN/readyz" \
     || die "tollgate not ready: $(tail -20 "$WORK/tollgate.log")"
   TARGET_ADDR="127.0.0.1:$TG_PORT"

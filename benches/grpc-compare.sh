@@ -24,7 +24,7 @@ cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap cleanup EXIT
 
 "$BIN/examples/floor" --addr "127.0.0.1:$FLOOR_PORT" >/dev/null 2>&1 & PIDS+=($!)
-RUST_LOG=warn "$BIN/tollgate" serve --config benches/configs --grpc-addr "127.0.0.1:$TG_PORT" \
+RUST_LOG=warn "$BIN/tollgate" serve --config benches/configs --store memory --grpc-addr "127.0.0.1:$TG_PORT" \
   --admin-addr "127.0.0.1:$TG_ADMIN" >/dev/null 2>&1 & TG_PID=$!; PIDS+=($TG_PID)
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$TG_ADMIN/readyz" >/dev/null && break; sleep 0.1; done
 curl -sf "http://127.0.0.1:$TG_ADMIN/readyz" >/dev/null || { echo "tollgate did not start" >&2; exit 1; }

@@ -28,7 +28,10 @@ cleanup() {
 trap cleanup EXIT INT TERM
 
 python3 scripts/demo_upstream.py 8080 >"$LOGS/upstream.log" 2>&1 & PIDS+=($!)
+# The management API is open without a token here because everything listens on 127.0.0.1;
+# in production give --admin-token-file.
 target/release/tollgate serve --config policies --grpc-addr 127.0.0.1:9002 --admin-addr 127.0.0.1:9003 \
+  --data-dir .tools/demo-data --admin-insecure \
   >"$LOGS/tollgate.log" 2>&1 & PIDS+=($!)
 .tools/envoy/envoy -c deploy/envoy/envoy-local.yaml --base-id 7 -l warning >"$LOGS/envoy.log" 2>&1 & PIDS+=($!)
 
@@ -48,6 +51,13 @@ tollgate is running with policies/ behind Envoy on http://localhost:10000 . Try:
                                                       # 403, OpenAI error JSON
   curl -sN localhost:10000/sse                        # server-sent events, streamed through
   curl -s localhost:9003/metrics | grep ^tollgate_    # Prometheus metrics
+
+API keys (policies/api-keys.yaml guards /v1/models):
+  curl -si localhost:10000/v1/models                  # 401 oauth.v2.FailedToResolveAPIKey
+  curl -s -XPOST localhost:9003/v1/apps -H 'content-type: application/json' \
+       -d '{"name":"my-app","developerEmail":"me@example.com","products":["models-read"]}'
+  curl -s -XPOST localhost:9003/v1/apps/my-app/keys   # shows the new key, once
+  curl -s localhost:10000/v1/models -H "x-api-key: <that key>"   # 200
 
 Edit policies/quickstart.yaml and the change applies within a second (a broken edit is
 refused and logged; the running configuration stays). Ctrl-C stops everything.

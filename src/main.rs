@@ -7,9 +7,13 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use tollgate::admin::ApiAuth;
 use tollgate::config::reload::{ConfigManager, ConfigSource};
 use tollgate::config::{self, SourceFile};
+use tollgate::consumer::service::Consumers;
 use tollgate::server::{self, NoMatch, ServeOptions};
+use tollgate::services::Services;
+use tollgate::store::{self, StoreSpec};
 use tollgate::telemetry::{init_logging, LogFormat};
 
 /// Envoy ext_proc policy decision point for API and LLM traffic.
@@ -23,7 +27,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Serve ext_proc on the gRPC port and health, readiness and metrics on the admin port.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Check a configuration directory: exit 0 when valid, 1 with the errors on stderr.
     Validate {
         /// Configuration directory.
@@ -59,8 +63,59 @@ struct ServeArgs {
     /// PEM private key for --tls-cert.
     #[arg(long, env = "TOLLGATE_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Where API-created products, apps and keys live.
+    #[arg(long, value_enum, env = "TOLLGATE_STORE", default_value_t = StoreKind::Embedded)]
+    store: StoreKind,
+    /// Directory of the embedded store.
+    #[arg(long, env = "TOLLGATE_DATA_DIR", default_value = "tollgate-data")]
+    data_dir: PathBuf,
+    /// Redis for `--store redis`: `redis://host:port[/db]` or
+    /// `redis+cluster://host1:port1,host2:port2`.
+    #[arg(long, env = "TOLLGATE_REDIS_URL")]
+    redis_url: Option<String>,
+    /// File holding the management API's bearer token.
+    #[arg(
+        long,
+        env = "TOLLGATE_ADMIN_TOKEN_FILE",
+        conflicts_with = "admin_token_env"
+    )]
+    admin_token_file: Option<PathBuf>,
+    /// Name of an environment variable holding the management API's bearer token.
+    #[arg(long, conflicts_with = "admin_insecure")]
+    admin_token_env: Option<String>,
+    /// Open the management API without authentication (development only).
+    #[arg(long, conflicts_with = "admin_token_file")]
+    admin_insecure: bool,
     #[arg(long, value_enum, env = "TOLLGATE_LOG_FORMAT", default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum StoreKind {
+    /// A transactional file under --data-dir (one replica).
+    Embedded,
+    /// Redis or Redis Cluster (several replicas).
+    Redis,
+    /// In memory: nothing survives a restart.
+    Memory,
+}
+
+fn api_auth(args: &ServeArgs) -> anyhow::Result<Option<ApiAuth>> {
+    let token = if let Some(f) = &args.admin_token_file {
+        std::fs::read_to_string(f)
+            .map_err(|e| anyhow::anyhow!("cannot read --admin-token-file {}: {e}", f.display()))?
+    } else if let Some(var) = &args.admin_token_env {
+        std::env::var(var).map_err(|_| anyhow::anyhow!("--admin-token-env: `{var}` is not set"))?
+    } else if args.admin_insecure {
+        return Ok(Some(ApiAuth::Insecure));
+    } else {
+        return Ok(None);
+    };
+    let token = token.trim().to_owned();
+    if token.len() < 16 {
+        anyhow::bail!("the management API token must be at least 16 characters");
+    }
+    Ok(Some(ApiAuth::Bearer(token)))
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -126,7 +181,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(args: ServeArgs) -> anyhow::Result<()> {
+async fn run(args: Box<ServeArgs>) -> anyhow::Result<()> {
     let source = match &args.config {
         Some(dir) => ConfigSource::Dir(dir.clone()),
         None => {
@@ -142,8 +197,31 @@ async fn run(args: ServeArgs) -> anyhow::Result<()> {
             )
         }
     };
-    let config =
-        ConfigManager::load(source).map_err(|e| anyhow::anyhow!("invalid configuration:\n{e}"))?;
+    let api_auth = api_auth(&args)?;
+    let spec = match args.store {
+        StoreKind::Memory => StoreSpec::Memory,
+        StoreKind::Embedded => StoreSpec::Embedded(args.data_dir.clone()),
+        StoreKind::Redis => StoreSpec::Redis(
+            args.redis_url
+                .clone()
+                .ok_or_else(|| anyhow::anyhow!("--store redis needs --redis-url"))?,
+        ),
+    };
+    let store = store::open(&spec)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot open the {:?} store: {e}", args.store))?;
+    tracing::info!(store = store.kind(), "store open");
+    let consumers = Consumers::new(store);
+    consumers
+        .resync()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot read the store: {e}"))?;
+    let services = Services {
+        consumers: consumers.clone(),
+    };
+    let config = ConfigManager::load_with(source, services)
+        .map_err(|e| anyhow::anyhow!("invalid configuration:\n{e}"))?;
+    consumers.spawn_follower();
     server::serve(
         config,
         ServeOptions {
@@ -154,6 +232,7 @@ async fn run(args: ServeArgs) -> anyhow::Result<()> {
             drain_timeout: args.drain_timeout,
             max_message_bytes: args.max_message_bytes,
             tls: args.tls_cert.zip(args.tls_key),
+            api_auth,
         },
     )
     .await

@@ -65,6 +65,7 @@ fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Proc {
         .arg(dir.path())
         .args(["--grpc-addr", &format!("127.0.0.1:{grpc}")])
         .args(["--admin-addr", &format!("127.0.0.1:{admin}")])
+        .args(["--store", "memory"])
         .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -166,6 +166,8 @@ pub struct ServeOptions {
     /// PEM certificate chain and key: serve gRPC over TLS (GKE sends HTTP/2 over TLS to
     /// `appProtocol: HTTP2` backends).
     pub tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    /// The management API under `/v1/` on the admin port; `None` keeps it closed.
+    pub api_auth: Option<crate::admin::ApiAuth>,
 }
 
 /// Runs the ext_proc server and the admin server until SIGTERM or Ctrl-C, then drains.
@@ -182,7 +184,18 @@ pub async fn serve(config: Arc<ConfigManager>, opts: ServeOptions) -> anyhow::Re
         .map_err(|e| anyhow::anyhow!("cannot listen on {} (admin): {e}", opts.admin_addr))?;
     tracing::info!(grpc = %grpc_listener.local_addr()?, admin = %admin_listener.local_addr()?, "listening");
 
-    let admin = crate::admin::router(shared.clone());
+    let mut admin = crate::admin::router(shared.clone());
+    match &opts.api_auth {
+        Some(auth) => {
+            admin = crate::admin::with_api(admin, config.services().consumers.clone(), auth.clone());
+            if matches!(auth, crate::admin::ApiAuth::Insecure) {
+                tracing::warn!("management API open WITHOUT authentication (--admin-insecure)");
+            }
+        }
+        None => tracing::info!(
+            "management API closed: give --admin-token-file or --admin-token-env (or --admin-insecure) to open it"
+        ),
+    }
     let mut admin_shutdown = shutdown_rx.clone();
     let admin_task = tokio::spawn(async move {
         let r = axum::serve(admin_listener, admin)

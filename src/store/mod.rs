@@ -5,7 +5,13 @@
 //! [`crate::consumer::index::ConsumerIndex`], rebuilt from [`Store::snapshot`] and kept fresh
 //! by [`Store::subscribe`].
 
+mod codec;
+pub mod embedded;
 pub mod memory;
+pub mod redis_store;
+
+use std::path::PathBuf;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use tokio::sync::broadcast;
@@ -74,4 +80,35 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// Changes made through this and (for shared backends) every other replica.
     fn subscribe(&self) -> broadcast::Receiver<Change>;
+}
+
+/// Which store to open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreSpec {
+    /// Nothing survives a restart.
+    Memory,
+    /// A `redb` database file (`tollgate.redb`) in this directory, created if missing.
+    Embedded(PathBuf),
+    /// `redis://host:port[/db]` or `redis+cluster://host1:port1,host2:port2` (see
+    /// [`redis_store`]).
+    Redis(String),
+}
+
+/// Opens the store `spec` names. Fails with `Unavailable` when the embedded file cannot be
+/// opened (another process holds it) or Redis cannot be reached.
+pub async fn open(spec: &StoreSpec) -> Result<Arc<dyn Store>, StoreError> {
+    Ok(match spec {
+        StoreSpec::Memory => Arc::new(memory::MemoryStore::new()),
+        StoreSpec::Embedded(dir) => {
+            let dir = dir.clone();
+            // Opening reads (and after a crash repairs) the file: keep it off the async workers.
+            let store = tokio::task::spawn_blocking(move || embedded::EmbeddedStore::open(&dir))
+                .await
+                .map_err(|e| {
+                    StoreError::Unavailable(format!("opening the embedded store: {e}"))
+                })??;
+            Arc::new(store)
+        }
+        StoreSpec::Redis(url) => Arc::new(redis_store::RedisStore::connect(url).await?),
+    })
 }

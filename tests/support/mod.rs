@@ -783,6 +783,7 @@ impl Tollgate {
             .arg(config_dir)
             .args(["--grpc-addr", &grpc.to_string()])
             .args(["--admin-addr", &admin.to_string()])
+            .args(["--store", "memory"])
             .args(extra)
             .env(
                 "RUST_LOG",

@@ -1,0 +1,288 @@
+//! The embedded store: one `redb` database file under the data directory, for a single
+//! replica (the default).
+//!
+//! Layout: the file `<dir>/tollgate.redb` holds two tables, `products` and `apps`, both keyed
+//! by object name (`&str`) with the object's JSON (`serde_json`) as the value. Every write is
+//! one write transaction, committed with `Durability::Immediate` (an fsync) before the call
+//! returns `Ok`, so an acknowledged write survives `kill -9` and power loss. `Write::Create`
+//! and `Write::Update` are checked inside that same transaction. redb calls block, so they run
+//! on tokio's blocking pool.
+//!
+//! The change feed carries this process's own writes (one replica owns the file: redb locks
+//! it, and a second process opening it gets [`StoreError::Unavailable`]).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use tokio::sync::broadcast;
+
+use super::codec::{self, Stored};
+use super::{Change, Contents, Store, StoreError, Write};
+use crate::consumer::{ApiProduct, App};
+
+/// The database file's name inside the data directory.
+pub const DB_FILE: &str = "tollgate.redb";
+/// Products by name; values are `ApiProduct` JSON.
+pub const PRODUCTS: TableDefinition<'static, &'static str, &'static [u8]> =
+    TableDefinition::new("products");
+/// Apps by name; values are `App` JSON.
+pub const APPS: TableDefinition<'static, &'static str, &'static [u8]> =
+    TableDefinition::new("apps");
+
+/// redb's page cache. The data is small (100k apps are tens of MB of JSON) and the index is
+/// built once from a snapshot, so a modest cache is enough; redb's default is 1 GiB.
+const CACHE_BYTES: usize = 32 * 1024 * 1024;
+
+type Table = TableDefinition<'static, &'static str, &'static [u8]>;
+
+pub struct EmbeddedStore {
+    db: Arc<Database>,
+    path: PathBuf,
+    changes: broadcast::Sender<Change>,
+}
+
+impl std::fmt::Debug for EmbeddedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedStore")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EmbeddedStore {
+    /// Opens (creating when missing) `dir/tollgate.redb`, and creates its tables. This blocks
+    /// on file I/O (and, after a crash, on redb's repair): call it before serving, or on the
+    /// blocking pool as [`super::open`] does.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            StoreError::Unavailable(format!(
+                "cannot create data directory {}: {e}",
+                dir.display()
+            ))
+        })?;
+        let path = dir.join(DB_FILE);
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            // Verify every page's checksum on open (tens of ms for 100k apps): a file damaged
+            // outside redb fails to open with a message instead of panicking later.
+            .set_check_integrity_on_open(true)
+            .create(&path)
+            .map_err(|e| open_error(&path, e))?;
+        let store = Self {
+            db: Arc::new(db),
+            path,
+            changes: broadcast::channel(1024).0,
+        };
+        // Create both tables up front, so readers never meet a missing table.
+        let txn = store.db.begin_write().map_err(|e| store.fail("begin", e))?;
+        txn.open_table(PRODUCTS)
+            .map_err(|e| store.fail("create table products", e))?;
+        txn.open_table(APPS)
+            .map_err(|e| store.fail("create table apps", e))?;
+        txn.commit().map_err(|e| store.fail("commit", e))?;
+        Ok(store)
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn fail(&self, what: &str, e: impl std::fmt::Display) -> StoreError {
+        fail(&self.path, what, e)
+    }
+
+    /// Runs `f` on the blocking pool with the database.
+    async fn blocking<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Database, &Path) -> Result<T, StoreError> + Send + 'static,
+    {
+        let db = self.db.clone();
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || f(&db, &path))
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("embedded store task failed: {e}")))?
+    }
+
+    async fn get<T: Stored>(&self, table: Table, name: &str) -> Result<Option<T>, StoreError> {
+        let name = name.to_owned();
+        self.blocking(move |db, path| {
+            let txn = db.begin_read().map_err(|e| fail(path, "begin read", e))?;
+            let t = txn
+                .open_table(table)
+                .map_err(|e| fail(path, "open table", e))?;
+            let value = t
+                .get(name.as_str())
+                .map_err(|e| fail(path, &format!("read {} `{name}`", T::KIND), e))?;
+            value.map(|v| codec::decode(&name, v.value())).transpose()
+        })
+        .await
+    }
+
+    async fn put<T: Stored>(&self, table: Table, value: &T, mode: Write) -> Result<(), StoreError> {
+        let json = codec::encode(value)?;
+        let owned = value.name().to_owned();
+        let kind = T::KIND;
+        self.blocking(move |db, path| {
+            let name = owned.as_str();
+            let mut txn = db.begin_write().map_err(|e| fail(path, "begin write", e))?;
+            // The default, stated: the commit returns only once the data is on disk.
+            txn.set_durability(Durability::Immediate)
+                .map_err(|e| fail(path, "set durability", e))?;
+            {
+                let mut t = txn
+                    .open_table(table)
+                    .map_err(|e| fail(path, "open table", e))?;
+                let exists = t
+                    .get(name)
+                    .map_err(|e| fail(path, &format!("read {kind} `{name}`"), e))?
+                    .is_some();
+                match (mode, exists) {
+                    // Returning drops, and so aborts, the transaction.
+                    (Write::Create, true) => {
+                        return Err(StoreError::AlreadyExists {
+                            kind,
+                            name: name.to_owned(),
+                        })
+                    }
+                    (Write::Update, false) => {
+                        return Err(StoreError::NotFound {
+                            kind,
+                            name: name.to_owned(),
+                        })
+                    }
+                    _ => {}
+                }
+                t.insert(name, json.as_slice())
+                    .map_err(|e| fail(path, &format!("write {kind} `{name}`"), e))?;
+            }
+            txn.commit()
+                .map_err(|e| fail(path, &format!("commit {kind} `{name}`"), e))
+        })
+        .await
+    }
+
+    async fn delete(&self, table: Table, kind: &'static str, name: &str) -> Result<(), StoreError> {
+        let owned = name.to_owned();
+        self.blocking(move |db, path| {
+            let name = owned.as_str();
+            let mut txn = db.begin_write().map_err(|e| fail(path, "begin write", e))?;
+            txn.set_durability(Durability::Immediate)
+                .map_err(|e| fail(path, "set durability", e))?;
+            {
+                let mut t = txn
+                    .open_table(table)
+                    .map_err(|e| fail(path, "open table", e))?;
+                let removed = t
+                    .remove(name)
+                    .map_err(|e| fail(path, &format!("delete {kind} `{name}`"), e))?
+                    .is_some();
+                if !removed {
+                    return Err(StoreError::NotFound {
+                        kind,
+                        name: name.to_owned(),
+                    });
+                }
+            }
+            txn.commit()
+                .map_err(|e| fail(path, &format!("commit delete of {kind} `{name}`"), e))
+        })
+        .await
+    }
+}
+
+fn fail(path: &Path, what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(format!("embedded store {}: {what}: {e}", path.display()))
+}
+
+fn open_error(path: &Path, e: redb::DatabaseError) -> StoreError {
+    match e {
+        redb::DatabaseError::DatabaseAlreadyOpen | redb::DatabaseError::LockProtocolMismatch => {
+            StoreError::Unavailable(format!(
+                "embedded store {} is already open in another process (is another tollgate \
+                 running with the same data directory?)",
+                path.display()
+            ))
+        }
+        e => StoreError::Unavailable(format!(
+            "cannot open embedded store {}: {e}",
+            path.display()
+        )),
+    }
+}
+
+/// Reads a whole table (undecodable entries are logged and skipped, see [`codec::decode_all`]).
+fn read_all<T: Stored>(
+    txn: &redb::ReadTransaction,
+    path: &Path,
+    table: Table,
+) -> Result<Vec<T>, StoreError> {
+    let t = txn
+        .open_table(table)
+        .map_err(|e| fail(path, "open table", e))?;
+    let mut entries = Vec::new();
+    for entry in t.iter().map_err(|e| fail(path, "scan", e))? {
+        entries.push(entry.map_err(|e| fail(path, "scan", e))?);
+    }
+    Ok(codec::decode_all(
+        entries.iter().map(|(k, v)| (k.value(), v.value())),
+    ))
+}
+
+#[async_trait]
+impl Store for EmbeddedStore {
+    fn kind(&self) -> &'static str {
+        "embedded"
+    }
+
+    async fn snapshot(&self) -> Result<Contents, StoreError> {
+        self.blocking(|db, path| {
+            // One read transaction: products and apps from the same commit.
+            let txn = db.begin_read().map_err(|e| fail(path, "begin read", e))?;
+            Ok(Contents {
+                products: read_all(&txn, path, PRODUCTS)?,
+                apps: read_all(&txn, path, APPS)?,
+            })
+        })
+        .await
+    }
+
+    async fn get_product(&self, name: &str) -> Result<Option<ApiProduct>, StoreError> {
+        self.get(PRODUCTS, name).await
+    }
+
+    async fn put_product(&self, product: &ApiProduct, mode: Write) -> Result<(), StoreError> {
+        self.put(PRODUCTS, product, mode).await?;
+        let _ = self.changes.send(Change::Product(product.name.clone()));
+        Ok(())
+    }
+
+    async fn delete_product(&self, name: &str) -> Result<(), StoreError> {
+        self.delete(PRODUCTS, "product", name).await?;
+        let _ = self.changes.send(Change::Product(name.to_owned()));
+        Ok(())
+    }
+
+    async fn get_app(&self, name: &str) -> Result<Option<App>, StoreError> {
+        self.get(APPS, name).await
+    }
+
+    async fn put_app(&self, app: &App, mode: Write) -> Result<(), StoreError> {
+        self.put(APPS, app, mode).await?;
+        let _ = self.changes.send(Change::App(app.name.clone()));
+        Ok(())
+    }
+
+    async fn delete_app(&self, name: &str) -> Result<(), StoreError> {
+        self.delete(APPS, "app", name).await?;
+        let _ = self.changes.send(Change::App(name.to_owned()));
+        Ok(())
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<Change> {
+        self.changes.subscribe()
+    }
+}

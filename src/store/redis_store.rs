@@ -1,0 +1,601 @@
+//! The Redis store: several replicas share one Redis (or one Redis Cluster).
+//!
+//! # Addressing
+//!
+//! - a single Redis: `redis://[user:password@]host:port[/db]` (also `unix://…`, as the `redis`
+//!   crate reads it);
+//! - Redis Cluster: `redis+cluster://[user:password@]host1:port1,host2:port2,…` — the seed
+//!   nodes, the rest is discovered. A cluster has no databases, so no `/db` path.
+//!
+//! # Layout (Cluster-safe: every command touches one key)
+//!
+//! - `tollgate:{products}`: a hash, field = product name, value = `ApiProduct` JSON;
+//! - `tollgate:{apps}`: a hash, field = app name, value = `App` JSON.
+//!
+//! A snapshot is one `HGETALL` per hash. `Write::Create` is `HSETNX`; `Write::Update` is a
+//! small Lua script (`HEXISTS`, then `HSET`) so the check and the write are atomic; a delete is
+//! `HDEL` (0 removed: not found).
+//!
+//! # Change feed
+//!
+//! After each successful write the writer publishes `product:<name>` or `app:<name>` on the
+//! channel `tollgate:changes`. Every replica (the writer too) holds a dedicated pub/sub
+//! connection in a background task and forwards what it hears to its
+//! [`Store::subscribe`] receivers. That task reconnects by itself with back-off (trying each
+//! seed node in turn for a cluster, where a classic `PUBLISH` reaches every node), and after a
+//! reconnect sends [`Change::Resync`], because messages published meanwhile are lost. Pub/sub
+//! channels are not scoped to a database number: deployments sharing one Redis hear each
+//! other's changes, which only costs a re-read.
+//!
+//! Commands go through a `ConnectionManager` (single) or a `ClusterConnection` (cluster), both
+//! reconnecting by themselves; each command is bounded by [`COMMAND_TIMEOUT`], so a dead Redis
+//! answers [`StoreError::Unavailable`] quickly instead of hanging.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::{Cmd, FromRedisValue, RedisFuture, Value};
+use tokio::sync::broadcast;
+
+use super::codec::{self, Stored};
+use super::{Change, Contents, Store, StoreError, Write};
+use crate::consumer::{ApiProduct, App};
+
+/// The hash holding products.
+pub const PRODUCTS_KEY: &str = "tollgate:{products}";
+/// The hash holding apps.
+pub const APPS_KEY: &str = "tollgate:{apps}";
+/// The pub/sub channel carrying change notices.
+pub const CHANGES_CHANNEL: &str = "tollgate:changes";
+/// The scheme of Redis Cluster URLs.
+pub const CLUSTER_SCHEME: &str = "redis+cluster://";
+
+/// Longest wait for one command (including a reconnect it has to wait for).
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest wait for one connection attempt.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Longest wait for the first connection, retries included.
+const FIRST_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often an idle pub/sub connection is checked with a PING.
+const PING_EVERY: Duration = Duration::from_secs(5);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// `HSET` the field only if it exists: 1 written, 0 absent.
+const UPDATE_SCRIPT: &str = r"
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  return 1
+end
+return 0
+";
+
+/// The command connection: one server or a cluster.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// Aborts the subscriber task when the store goes away.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+pub struct RedisStore {
+    conn: Conn,
+    /// The URL without its password, for messages.
+    target: String,
+    update: redis::Script,
+    changes: broadcast::Sender<Change>,
+    _subscriber: AbortOnDrop,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("target", &self.target)
+            .field(
+                "mode",
+                &match self.conn {
+                    Conn::Single(_) => "single",
+                    Conn::Cluster(_) => "cluster",
+                },
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a URL addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Target {
+    Single(String),
+    /// Seed node URLs (`redis://…` each).
+    Cluster(Vec<String>),
+}
+
+fn parse_target(url: &str) -> Result<Target, String> {
+    let Some(rest) = url.strip_prefix(CLUSTER_SCHEME) else {
+        return Ok(Target::Single(url.to_owned()));
+    };
+    let (userinfo, hosts) = match rest.rsplit_once('@') {
+        Some((u, h)) => (Some(u), h),
+        None => (None, rest),
+    };
+    let hosts = hosts.strip_suffix('/').unwrap_or(hosts);
+    if hosts.contains('/') || hosts.contains('?') {
+        return Err(
+            "a Redis Cluster URL takes no path or query (a cluster has no databases)".into(),
+        );
+    }
+    let nodes: Vec<String> = hosts
+        .split(',')
+        .map(str::trim)
+        .filter(|h| !h.is_empty())
+        .map(|h| match userinfo {
+            Some(u) => format!("redis://{u}@{h}"),
+            None => format!("redis://{h}"),
+        })
+        .collect();
+    if nodes.is_empty() {
+        return Err(format!(
+            "a Redis Cluster URL names at least one node: {CLUSTER_SCHEME}host:port[,host:port…]"
+        ));
+    }
+    Ok(Target::Cluster(nodes))
+}
+
+/// The URL with any password replaced by `***`.
+fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((userinfo, hosts)) = rest.rsplit_once('@') else {
+        return url.to_owned();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{hosts}"),
+        None => format!("{scheme}://***@{hosts}"),
+    }
+}
+
+fn unavailable(target: &str, what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(format!("redis {target}: {what}: {e}"))
+}
+
+/// Bounds a Redis future by `limit`, mapping errors and timeouts to `Unavailable`.
+async fn bounded<T>(
+    target: &str,
+    what: &str,
+    limit: Duration,
+    fut: impl std::future::Future<Output = redis::RedisResult<T>>,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(unavailable(target, what, e)),
+        Err(_) => Err(unavailable(
+            target,
+            what,
+            format!("no answer within {} ms", limit.as_millis()),
+        )),
+    }
+}
+
+/// A subscribed pub/sub connection to one node.
+async fn subscribe(client: &redis::Client) -> redis::RedisResult<redis::aio::PubSub> {
+    let mut pubsub = client.get_async_pubsub().await?;
+    pubsub.subscribe(CHANGES_CHANNEL).await?;
+    Ok(pubsub)
+}
+
+/// Reads a change notice; anything unknown asks for a full re-read.
+fn parse_change(payload: &[u8]) -> Change {
+    let Ok(text) = std::str::from_utf8(payload) else {
+        return Change::Resync;
+    };
+    match text.split_once(':') {
+        Some(("product", name)) => Change::Product(name.to_owned()),
+        Some(("app", name)) => Change::App(name.to_owned()),
+        _ => Change::Resync,
+    }
+}
+
+fn change_message(change: &Change) -> String {
+    match change {
+        Change::Product(name) => format!("product:{name}"),
+        Change::App(name) => format!("app:{name}"),
+        Change::Resync => "resync".to_owned(),
+    }
+}
+
+/// Forwards messages until the connection is lost.
+async fn pump(pubsub: redis::aio::PubSub, tx: &broadcast::Sender<Change>) {
+    let (mut sink, mut stream) = pubsub.split();
+    let mut ping = tokio::time::interval(PING_EVERY);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ping.tick().await;
+    loop {
+        tokio::select! {
+            msg = stream.next() => match msg {
+                Some(msg) => {
+                    let _ = tx.send(parse_change(msg.get_payload_bytes()));
+                }
+                None => return,
+            },
+            _ = ping.tick() => {
+                match tokio::time::timeout(COMMAND_TIMEOUT, sink.ping::<Value>()).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "redis change feed ping failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!("redis change feed ping timed out");
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The subscriber task: forwards notices, reconnects with back-off, and sends `Resync` after
+/// every reconnect.
+async fn follow(
+    nodes: Vec<redis::Client>,
+    target: String,
+    first: redis::aio::PubSub,
+    tx: broadcast::Sender<Change>,
+) {
+    let mut current = Some(first);
+    let mut next = 0usize;
+    loop {
+        if let Some(pubsub) = current.take() {
+            pump(pubsub, &tx).await;
+            tracing::warn!(redis = %target, "redis change feed lost; reconnecting");
+        }
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let Some(client) = nodes.get(next % nodes.len().max(1)) else {
+                return;
+            };
+            next = next.wrapping_add(1);
+            match tokio::time::timeout(CONNECT_TIMEOUT, subscribe(client)).await {
+                Ok(Ok(pubsub)) => {
+                    tracing::info!(redis = %target, "redis change feed reconnected; resyncing");
+                    current = Some(pubsub);
+                    // Whatever was published while disconnected is lost: re-read everything.
+                    let _ = tx.send(Change::Resync);
+                    break;
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(redis = %target, error = %e, "redis change feed reconnect failed")
+                }
+                Err(_) => tracing::debug!(redis = %target, "redis change feed reconnect timed out"),
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+}
+
+impl RedisStore {
+    /// Connects to `url` (see the module documentation for the schemes), subscribes to the
+    /// change channel and starts the subscriber task. Fails with `Unavailable` when Redis cannot
+    /// be reached within a few seconds.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let display = redact(url);
+        let target = parse_target(url).map_err(|e| unavailable(&display, "bad URL", e))?;
+        let (conn, nodes) = match &target {
+            Target::Single(u) => {
+                let client = redis::Client::open(u.as_str())
+                    .map_err(|e| unavailable(&display, "bad URL", e))?;
+                // No retries inside the manager (its first retry waits at least a second):
+                // a command that finds the connection broken fails at once and starts a new
+                // connection attempt, so the manager reconnects on demand and recovers on the
+                // first command after Redis is back.
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(CONNECT_TIMEOUT)
+                    .set_response_timeout(COMMAND_TIMEOUT)
+                    .set_number_of_retries(0);
+                let manager = bounded(
+                    &display,
+                    "connect",
+                    FIRST_CONNECT_TIMEOUT,
+                    ConnectionManager::new_with_config(client.clone(), config),
+                )
+                .await?;
+                (Conn::Single(manager), vec![client])
+            }
+            Target::Cluster(seeds) => {
+                let client = redis::cluster::ClusterClientBuilder::new(seeds.clone())
+                    .connection_timeout(CONNECT_TIMEOUT)
+                    .response_timeout(COMMAND_TIMEOUT)
+                    .retries(2)
+                    .build()
+                    .map_err(|e| unavailable(&display, "bad URL", e))?;
+                let conn = bounded(
+                    &display,
+                    "connect to the cluster",
+                    FIRST_CONNECT_TIMEOUT,
+                    client.get_async_connection(),
+                )
+                .await?;
+                let nodes = seeds
+                    .iter()
+                    .map(|s| redis::Client::open(s.as_str()))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| unavailable(&display, "bad URL", e))?;
+                (Conn::Cluster(conn), nodes)
+            }
+        };
+        let mut store_conn = conn;
+        // Fail now, clearly, rather than on the first request.
+        bounded(
+            &display,
+            "PING",
+            COMMAND_TIMEOUT,
+            redis::cmd("PING").query_async::<Value>(&mut store_conn),
+        )
+        .await?;
+
+        // Subscribe before returning, so no change made afterwards is missed.
+        let mut first = None;
+        let mut last_error = None;
+        for client in &nodes {
+            match tokio::time::timeout(CONNECT_TIMEOUT, subscribe(client)).await {
+                Ok(Ok(p)) => {
+                    first = Some(p);
+                    break;
+                }
+                Ok(Err(e)) => last_error = Some(e.to_string()),
+                Err(_) => last_error = Some("timed out".to_owned()),
+            }
+        }
+        let Some(first) = first else {
+            return Err(unavailable(
+                &display,
+                "subscribe to the change channel",
+                last_error.unwrap_or_else(|| "no node".to_owned()),
+            ));
+        };
+        let changes = broadcast::channel(1024).0;
+        let task = tokio::spawn(follow(nodes, display.clone(), first, changes.clone()));
+        Ok(Self {
+            conn: store_conn,
+            target: display,
+            update: redis::Script::new(UPDATE_SCRIPT),
+            changes,
+            _subscriber: AbortOnDrop(task),
+        })
+    }
+
+    async fn query<T: FromRedisValue>(&self, what: &str, cmd: &Cmd) -> Result<T, StoreError> {
+        let mut conn = self.conn.clone();
+        bounded(
+            &self.target,
+            what,
+            COMMAND_TIMEOUT,
+            cmd.query_async(&mut conn),
+        )
+        .await
+    }
+
+    /// A read: when it finds the connection broken (Redis restarted while this replica was
+    /// idle), it is tried once more on the connection the manager re-establishes, within the
+    /// same time bound. Writes are not retried: one may have been applied before the break.
+    async fn read<T: FromRedisValue>(&self, what: &str, cmd: &Cmd) -> Result<T, StoreError> {
+        let attempts = async {
+            let mut conn = self.conn.clone();
+            match cmd.query_async(&mut conn).await {
+                Err(e) if e.is_io_error() || e.is_unrecoverable_error() => {
+                    tracing::debug!(error = %e, "redis read retried on a new connection");
+                    let mut conn = self.conn.clone();
+                    cmd.query_async(&mut conn).await
+                }
+                r => r,
+            }
+        };
+        bounded(&self.target, what, COMMAND_TIMEOUT, attempts).await
+    }
+
+    /// Announces a change to every replica. The write itself succeeded, so a failure here is
+    /// logged, not returned: replicas whose feed was cut resync when it comes back.
+    async fn publish(&self, change: Change) {
+        let cmd = redis::cmd("PUBLISH")
+            .arg(CHANGES_CHANNEL)
+            .arg(change_message(&change))
+            .clone();
+        if let Err(e) = self.query::<Value>("PUBLISH", &cmd).await {
+            tracing::warn!(error = %e, ?change, "cannot announce a store change");
+        }
+    }
+
+    async fn get<T: Stored>(&self, key: &str, name: &str) -> Result<Option<T>, StoreError> {
+        let cmd = redis::cmd("HGET").arg(key).arg(name).clone();
+        let raw: Option<Vec<u8>> = self.read("HGET", &cmd).await?;
+        raw.map(|bytes| codec::decode(name, &bytes)).transpose()
+    }
+
+    async fn get_all<T: Stored>(&self, key: &str) -> Result<Vec<T>, StoreError> {
+        let cmd = redis::cmd("HGETALL").arg(key).clone();
+        let raw: BTreeMap<String, Vec<u8>> = self.read("HGETALL", &cmd).await?;
+        Ok(codec::decode_all(
+            raw.iter().map(|(k, v)| (k.as_str(), v.as_slice())),
+        ))
+    }
+
+    async fn put<T: Stored>(&self, key: &str, value: &T, mode: Write) -> Result<(), StoreError> {
+        let json = codec::encode(value)?;
+        let name = value.name();
+        let written: i64 = match mode {
+            Write::Create => {
+                let cmd = redis::cmd("HSETNX").arg(key).arg(name).arg(json).clone();
+                self.query("HSETNX", &cmd).await?
+            }
+            Write::Update => {
+                let mut conn = self.conn.clone();
+                let mut invocation = self.update.prepare_invoke();
+                invocation.key(key).arg(name).arg(json);
+                bounded(
+                    &self.target,
+                    "update script",
+                    COMMAND_TIMEOUT,
+                    invocation.invoke_async(&mut conn),
+                )
+                .await?
+            }
+        };
+        if written == 0 {
+            let name = name.to_owned();
+            return Err(match mode {
+                Write::Create => StoreError::AlreadyExists {
+                    kind: T::KIND,
+                    name,
+                },
+                Write::Update => StoreError::NotFound {
+                    kind: T::KIND,
+                    name,
+                },
+            });
+        }
+        Ok(())
+    }
+
+    async fn delete(&self, key: &str, kind: &'static str, name: &str) -> Result<(), StoreError> {
+        let cmd = redis::cmd("HDEL").arg(key).arg(name).clone();
+        let removed: i64 = self.query("HDEL", &cmd).await?;
+        if removed == 0 {
+            return Err(StoreError::NotFound {
+                kind,
+                name: name.to_owned(),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
+    /// Two `HGETALL`s, not one atomic read: a write landing between them is announced on the
+    /// change feed, which re-reads it.
+    async fn snapshot(&self) -> Result<Contents, StoreError> {
+        Ok(Contents {
+            products: self.get_all(PRODUCTS_KEY).await?,
+            apps: self.get_all(APPS_KEY).await?,
+        })
+    }
+
+    async fn get_product(&self, name: &str) -> Result<Option<ApiProduct>, StoreError> {
+        self.get(PRODUCTS_KEY, name).await
+    }
+
+    async fn put_product(&self, product: &ApiProduct, mode: Write) -> Result<(), StoreError> {
+        self.put(PRODUCTS_KEY, product, mode).await?;
+        self.publish(Change::Product(product.name.clone())).await;
+        Ok(())
+    }
+
+    async fn delete_product(&self, name: &str) -> Result<(), StoreError> {
+        self.delete(PRODUCTS_KEY, ApiProduct::KIND, name).await?;
+        self.publish(Change::Product(name.to_owned())).await;
+        Ok(())
+    }
+
+    async fn get_app(&self, name: &str) -> Result<Option<App>, StoreError> {
+        self.get(APPS_KEY, name).await
+    }
+
+    async fn put_app(&self, app: &App, mode: Write) -> Result<(), StoreError> {
+        self.put(APPS_KEY, app, mode).await?;
+        self.publish(Change::App(app.name.clone())).await;
+        Ok(())
+    }
+
+    async fn delete_app(&self, name: &str) -> Result<(), StoreError> {
+        self.delete(APPS_KEY, App::KIND, name).await?;
+        self.publish(Change::App(name.to_owned())).await;
+        Ok(())
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<Change> {
+        self.changes.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        assert_eq!(
+            parse_target("redis://127.0.0.1:6379/2"),
+            Ok(Target::Single("redis://127.0.0.1:6379/2".into()))
+        );
+        assert_eq!(
+            parse_target("redis+cluster://u:p@h1:1,h2:2/"),
+            Ok(Target::Cluster(vec![
+                "redis://u:p@h1:1".into(),
+                "redis://u:p@h2:2".into()
+            ]))
+        );
+        assert!(parse_target("redis+cluster://").is_err());
+        assert!(parse_target("redis+cluster://h1:1/3").is_err());
+        assert_eq!(redact("redis://u:secret@h:1/0"), "redis://u:***@h:1/0");
+        assert_eq!(redact("redis://secret@h:1"), "redis://***@h:1");
+        assert_eq!(redact("redis://h:1"), "redis://h:1");
+    }
+
+    #[test]
+    fn change_messages() {
+        for c in [
+            Change::Product("a:b ü".into()),
+            Change::App("x".into()),
+            Change::Resync,
+        ] {
+            assert_eq!(parse_change(change_message(&c).as_bytes()), c);
+        }
+        assert_eq!(parse_change(b"\xff"), Change::Resync);
+        assert_eq!(parse_change(b"kvm:x"), Change::Resync);
+    }
+}

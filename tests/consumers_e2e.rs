@@ -1,0 +1,310 @@
+//! API keys across process boundaries, with the real binary: a key created through the
+//! management API on the embedded store survives `kill -9` and a restart; with two
+//! replicas on one real `redis-server`, a key created (and then revoked) through one
+//! replica takes effect on the other within 2 s.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
+use envoy_types::pb::envoy::service::ext_proc::v3::{
+    external_processor_client::ExternalProcessorClient, processing_request::Request,
+    processing_response::Response, HttpHeaders, ProcessingRequest,
+};
+
+const CONFIG: &str = r#"
+apiVersion: tollgate.dev/v1alpha1
+kind: ApiProduct
+metadata: {name: chat}
+spec:
+  operations: [{path: /v1/chat/completions, methods: [POST]}]
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: Policy
+metadata: {name: verify}
+spec: {type: VerifyApiKey}
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: Flow
+metadata: {name: chat}
+spec:
+  default: true
+  request: [{policy: verify}]
+"#;
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Proc {
+    child: Child,
+    grpc: u16,
+    admin: u16,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(config_dir: &Path, store_args: &[&str]) -> Proc {
+    let (grpc, admin) = (free_port(), free_port());
+    let child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .arg("serve")
+        .arg("--config")
+        .arg(config_dir)
+        .args(["--grpc-addr", &format!("127.0.0.1:{grpc}")])
+        .args(["--admin-addr", &format!("127.0.0.1:{admin}")])
+        .arg("--admin-insecure")
+        .args(store_args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut p = Proc { child, grpc, admin };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while http(p.admin, "GET", "/readyz", None).0 != 200 {
+        if let Ok(Some(status)) = p.child.try_wait() {
+            panic!("tollgate exited at start: {status}");
+        }
+        assert!(Instant::now() < deadline, "tollgate did not become ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    p
+}
+
+/// A minimal HTTP/1.1 client (Connection: close): (status, body).
+fn http(port: u16, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return (0, String::new());
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let body = body.unwrap_or("");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    if s.write_all(req.as_bytes()).is_err() {
+        return (0, String::new());
+    }
+    let mut buf = String::new();
+    let _ = s.read_to_string(&mut buf);
+    let status = buf
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Creates app `name` for product `chat` and a key; returns (key id, clear key).
+fn create_app_and_key(p: &Proc, name: &str) -> (String, String) {
+    let (code, body) = http(
+        p.admin,
+        "POST",
+        "/v1/apps",
+        Some(&format!(
+            r#"{{"name":"{name}","developerEmail":"dev@example.com","products":["chat"]}}"#
+        )),
+    );
+    assert_eq!(code, 201, "{body}");
+    let (code, body) = http(
+        p.admin,
+        "POST",
+        &format!("/v1/apps/{name}/keys"),
+        Some("{}"),
+    );
+    assert_eq!(code, 201, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    (
+        v["id"].as_str().unwrap().to_owned(),
+        v["key"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// Asks tollgate (over ext_proc) about a request carrying `key`: true when it lets it on.
+async fn admitted(p: &Proc, key: &str) -> bool {
+    let mut client = ExternalProcessorClient::connect(format!("http://127.0.0.1:{}", p.grpc))
+        .await
+        .unwrap();
+    let h = |k: &str, v: &str| HeaderValue {
+        key: k.into(),
+        value: String::new(),
+        raw_value: v.as_bytes().to_vec(),
+    };
+    let msg = ProcessingRequest {
+        request: Some(Request::RequestHeaders(HttpHeaders {
+            headers: Some(HeaderMap {
+                headers: vec![
+                    h(":method", "POST"),
+                    h(":path", "/v1/chat/completions"),
+                    h(":authority", "a"),
+                    h("x-api-key", key),
+                ],
+            }),
+            end_of_stream: true,
+            ..Default::default()
+        })),
+        ..Default::default()
+    };
+    let mut answers = client
+        .process(tokio_stream::iter(vec![msg]))
+        .await
+        .unwrap()
+        .into_inner();
+    match answers.message().await.unwrap().unwrap().response {
+        Some(Response::RequestHeaders(_)) => true,
+        Some(Response::ImmediateResponse(i)) => {
+            assert_eq!(i.status.unwrap().code, 401);
+            false
+        }
+        other => panic!("unexpected answer {other:?}"),
+    }
+}
+
+async fn eventually(what: &str, within: Duration, mut f: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    loop {
+        if f().await {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not happen within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn config_dir() -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join("c.yaml"), CONFIG).unwrap();
+    d
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_key_survives_kill_9_on_the_embedded_store() {
+    let cfg = config_dir();
+    let data = tempfile::tempdir().unwrap();
+    let store_args = [
+        "--store",
+        "embedded",
+        "--data-dir",
+        data.path().to_str().unwrap(),
+    ];
+    let mut p = start(cfg.path(), &store_args);
+    let (id, key) = create_app_and_key(&p, "durable-app");
+    // kill -9 right after the 201: no chance for a clean shutdown.
+    p.child.kill().unwrap();
+    p.child.wait().unwrap();
+    drop(p);
+
+    let p = start(cfg.path(), &store_args);
+    let (code, body) = http(p.admin, "GET", "/v1/apps/durable-app/keys", None);
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains(&id), "{body}");
+    assert!(
+        !body.contains(&key),
+        "the clear key must never be listed: {body}"
+    );
+    assert!(admitted(&p, &key).await);
+    assert!(!admitted(&p, "tg_not_a_real_key_000000000").await);
+}
+
+struct Redis {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn redis_server() -> Redis {
+    let bin = which("redis-server").expect("redis-server not found: run scripts/setup.sh");
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let child = Command::new(bin)
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .current_dir(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "redis-server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Redis {
+        child,
+        port,
+        _dir: dir,
+    }
+}
+
+fn which(bin: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join(bin))
+        .find(|p| p.is_file())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_on_redis_see_each_others_keys_within_two_seconds() {
+    let redis = redis_server();
+    let url = format!("redis://127.0.0.1:{}/0", redis.port);
+    let cfg = config_dir();
+    let a = start(cfg.path(), &["--store", "redis", "--redis-url", &url]);
+    let b = start(cfg.path(), &["--store", "redis", "--redis-url", &url]);
+
+    let (id, key) = create_app_and_key(&a, "shared-app");
+    eventually(
+        "the key reaching replica b",
+        Duration::from_secs(2),
+        async || admitted(&b, &key).await,
+    )
+    .await;
+
+    let (code, body) = http(
+        a.admin,
+        "POST",
+        &format!("/v1/apps/shared-app/keys/{id}/revoke"),
+        Some("{}"),
+    );
+    assert_eq!(code, 200, "{body}");
+    eventually(
+        "the revocation reaching replica b",
+        Duration::from_secs(2),
+        async || !admitted(&b, &key).await,
+    )
+    .await;
+    assert!(!admitted(&a, &key).await);
+}

@@ -1,0 +1,1182 @@
+//! One test suite for every `Store` backend (`store_suite!` expands the same tests for each,
+//! as Kuadrant Limitador does), plus backend-specific tests: the embedded store's durability
+//! and corruption handling, and Redis with several replicas, an outage and a restart.
+//!
+//! The Redis tests start their own `redis-server` (from `scripts/setup.sh`) on a free loopback
+//! port, in a temporary directory, without persistence; it is killed on drop.
+
+use std::any::Any;
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::io::{BufRead, BufReader, Read, Write as _};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::broadcast;
+use tollgate::consumer::{
+    hash_key, ApiKey, ApiProduct, App, AppStatus, KeyStatus, Operation, Origin, QuotaSettings,
+    TimeUnit,
+};
+use tollgate::store::embedded::EmbeddedStore;
+use tollgate::store::memory::MemoryStore;
+use tollgate::store::redis_store::RedisStore;
+use tollgate::store::{self, Change, Store, StoreError, StoreSpec, Write};
+
+/// Every test is bounded by this.
+const TEST_LIMIT: Duration = Duration::from_secs(20);
+/// A change must reach the feed within this.
+const FEED_LIMIT: Duration = Duration::from_secs(2);
+
+// ---------------------------------------------------------------------------------------------
+// Fixtures
+
+/// A store and whatever must live as long as it (a temporary directory, a Redis server).
+struct Fixture {
+    store: Arc<dyn Store>,
+    _keep: Box<dyn Any + Send>,
+}
+
+async fn memory() -> Fixture {
+    Fixture {
+        store: Arc::new(MemoryStore::new()),
+        _keep: Box::new(()),
+    }
+}
+
+async fn embedded() -> Fixture {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = EmbeddedStore::open(dir.path()).expect("open embedded store");
+    Fixture {
+        store: Arc::new(store),
+        _keep: Box::new(dir),
+    }
+}
+
+async fn redis() -> Fixture {
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&server.url())
+        .await
+        .expect("connect to redis");
+    Fixture {
+        store: Arc::new(store),
+        _keep: Box::new(server),
+    }
+}
+
+async fn redis_cluster() -> Fixture {
+    let server = RedisServer::start_cluster();
+    let store = RedisStore::connect(&server.cluster_url())
+        .await
+        .expect("connect to redis cluster");
+    Fixture {
+        store: Arc::new(store),
+        _keep: Box::new(server),
+    }
+}
+
+/// A `redis-server` on a free loopback port, without persistence; killed on drop.
+struct RedisServer {
+    child: Option<Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+    cluster: bool,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+impl RedisServer {
+    fn start() -> Self {
+        Self::start_with(false)
+    }
+
+    /// A one-node Redis Cluster holding every slot.
+    fn start_cluster() -> Self {
+        let server = Self::start_with(true);
+        let client = redis::Client::open(server.url()).expect("client");
+        let mut con = client.get_connection().expect("connect");
+        redis::cmd("CLUSTER")
+            .arg("ADDSLOTSRANGE")
+            .arg(0)
+            .arg(16383)
+            .query::<()>(&mut con)
+            .expect("CLUSTER ADDSLOTSRANGE");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let info: String = redis::cmd("CLUSTER")
+                .arg("INFO")
+                .query(&mut con)
+                .expect("CLUSTER INFO");
+            if info.contains("cluster_state:ok") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "cluster never became ok:\n{info}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        server
+    }
+
+    fn start_with(cluster: bool) -> Self {
+        for _ in 0..5 {
+            let mut server = Self {
+                child: None,
+                port: free_port(),
+                dir: tempfile::tempdir().expect("tempdir"),
+                cluster,
+            };
+            if server.spawn() {
+                return server;
+            }
+        }
+        panic!("redis-server did not start (port races?)");
+    }
+
+    /// Starts the server on `self.port`; false if it exited (the port was taken).
+    fn spawn(&mut self) -> bool {
+        let mut cmd = Command::new("redis-server");
+        cmd.arg("--port")
+            .arg(self.port.to_string())
+            .arg("--bind")
+            .arg("127.0.0.1")
+            .arg("--save")
+            .arg("")
+            .arg("--appendonly")
+            .arg("no")
+            .arg("--dir")
+            .arg(self.dir.path())
+            .arg("--loglevel")
+            .arg("warning");
+        if self.cluster {
+            cmd.arg("--cluster-enabled")
+                .arg("yes")
+                .arg("--cluster-config-file")
+                .arg(self.dir.path().join("nodes.conf"));
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
+        let mut child = match child {
+            Ok(c) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                panic!("redis-server is not installed: run scripts/setup.sh")
+            }
+            Err(e) => panic!("cannot start redis-server: {e}"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return false;
+            }
+            if ping(self.port) {
+                self.child = Some(child);
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        false
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    fn cluster_url(&self) -> String {
+        format!("redis+cluster://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILL, and wait until it is gone.
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port (empty: nothing is persisted).
+    fn restart(&mut self) {
+        self.kill();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !self.spawn() {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not restart on port {}",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// A three-node Redis Cluster (no replicas), slots split evenly.
+struct RedisCluster {
+    nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    fn start() -> Self {
+        let nodes: Vec<RedisServer> = (0..3).map(|_| RedisServer::start_with(true)).collect();
+        let ranges = [(0, 5460), (5461, 10922), (10923, 16383)];
+        let mut cons: Vec<redis::Connection> = nodes
+            .iter()
+            .map(|n| {
+                redis::Client::open(n.url())
+                    .and_then(|c| c.get_connection())
+                    .expect("connect to a cluster node")
+            })
+            .collect();
+        for (con, (from, to)) in cons.iter_mut().zip(ranges) {
+            redis::cmd("CLUSTER")
+                .arg("ADDSLOTSRANGE")
+                .arg(from)
+                .arg(to)
+                .query::<()>(con)
+                .expect("CLUSTER ADDSLOTSRANGE");
+        }
+        for n in &nodes[1..] {
+            redis::cmd("CLUSTER")
+                .arg("MEET")
+                .arg("127.0.0.1")
+                .arg(n.port)
+                .query::<()>(&mut cons[0])
+                .expect("CLUSTER MEET");
+        }
+        let deadline = Instant::now() + Duration::from_secs(15);
+        for con in &mut cons {
+            loop {
+                let info: String = redis::cmd("CLUSTER")
+                    .arg("INFO")
+                    .query(con)
+                    .expect("CLUSTER INFO");
+                if info.contains("cluster_state:ok") && info.contains("cluster_known_nodes:3") {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "cluster never became ok:\n{info}"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Self { nodes }
+    }
+
+    /// A cluster URL naming these nodes as seeds.
+    fn url(&self, nodes: &[usize]) -> String {
+        let hosts: Vec<String> = nodes
+            .iter()
+            .map(|&i| format!("127.0.0.1:{}", self.nodes[i].port))
+            .collect();
+        format!("redis+cluster://{}", hosts.join(","))
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Sends a signal (`STOP`, `CONT`) to a process this test started.
+fn signal(pid: u32, name: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill -{name} {pid}");
+}
+
+/// True when something answers PING with PONG on the port.
+fn ping(port: u16) -> bool {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    if s.write_all(b"PING\r\n").is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 7];
+    s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+}
+
+// ---------------------------------------------------------------------------------------------
+// Objects
+
+fn product(name: &str) -> ApiProduct {
+    ApiProduct {
+        name: name.into(),
+        description: "a product".into(),
+        operations: vec![Operation {
+            path: "/v1/models/{model}:predict".into(),
+            methods: vec!["POST".into()],
+            models: vec![],
+        }],
+        quota: Some(QuotaSettings {
+            limit: 100,
+            interval: 1,
+            time_unit: TimeUnit::Minute,
+        }),
+        llm_token_quota: None,
+        approval_type: Default::default(),
+        attributes: BTreeMap::new(),
+        origin: Origin::Api,
+    }
+}
+
+fn app(name: &str) -> App {
+    App {
+        name: name.into(),
+        developer_email: "dev@example.com".into(),
+        status: AppStatus::Approved,
+        products: vec!["gold".into()],
+        keys: vec![ApiKey {
+            id: format!("key_{}", name.len()),
+            hash: hash_key(&format!("secret-{name}")),
+            status: KeyStatus::Approved,
+            expires_at: Some(1_900_000_000_000),
+            created_at: 1_700_000_000_000,
+        }],
+        attributes: BTreeMap::new(),
+        origin: Origin::Api,
+    }
+}
+
+/// Next change on the feed, within `FEED_LIMIT`.
+async fn next_change(rx: &mut broadcast::Receiver<Change>) -> Change {
+    match tokio::time::timeout(FEED_LIMIT, rx.recv()).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => panic!("change feed failed: {e}"),
+        Err(_) => panic!("no change within {FEED_LIMIT:?}"),
+    }
+}
+
+/// Runs a test body within `TEST_LIMIT`.
+async fn bounded<F: Future<Output = ()>>(body: F) {
+    tokio::time::timeout(TEST_LIMIT, body)
+        .await
+        .expect("test exceeded its time limit");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The shared suite
+
+mod suite {
+    use super::*;
+
+    pub async fn products_crud(s: Arc<dyn Store>) {
+        assert_eq!(s.get_product("gold").await.unwrap(), None);
+        match s.put_product(&product("gold"), Write::Update).await {
+            Err(StoreError::NotFound { kind, name }) => {
+                assert_eq!((kind, name.as_str()), ("product", "gold"))
+            }
+            other => panic!("update of a missing product: {other:?}"),
+        }
+        assert!(matches!(
+            s.delete_product("gold").await,
+            Err(StoreError::NotFound { .. })
+        ));
+
+        let mut p = product("gold");
+        s.put_product(&p, Write::Create).await.unwrap();
+        assert_eq!(s.get_product("gold").await.unwrap(), Some(p.clone()));
+        match s.put_product(&p, Write::Create).await {
+            Err(StoreError::AlreadyExists { kind, name }) => {
+                assert_eq!((kind, name.as_str()), ("product", "gold"))
+            }
+            other => panic!("second create: {other:?}"),
+        }
+
+        p.description = "changed".into();
+        p.quota = None;
+        s.put_product(&p, Write::Update).await.unwrap();
+        assert_eq!(s.get_product("gold").await.unwrap(), Some(p.clone()));
+
+        s.delete_product("gold").await.unwrap();
+        assert_eq!(s.get_product("gold").await.unwrap(), None);
+        assert!(matches!(
+            s.delete_product("gold").await,
+            Err(StoreError::NotFound { .. })
+        ));
+        // Gone means creatable again.
+        s.put_product(&p, Write::Create).await.unwrap();
+    }
+
+    pub async fn apps_crud(s: Arc<dyn Store>) {
+        assert_eq!(s.get_app("a1").await.unwrap(), None);
+        match s.put_app(&app("a1"), Write::Update).await {
+            Err(StoreError::NotFound { kind, name }) => {
+                assert_eq!((kind, name.as_str()), ("app", "a1"))
+            }
+            other => panic!("update of a missing app: {other:?}"),
+        }
+        assert!(matches!(
+            s.delete_app("a1").await,
+            Err(StoreError::NotFound { .. })
+        ));
+
+        let mut a = app("a1");
+        s.put_app(&a, Write::Create).await.unwrap();
+        assert_eq!(s.get_app("a1").await.unwrap(), Some(a.clone()));
+        match s.put_app(&a, Write::Create).await {
+            Err(StoreError::AlreadyExists { kind, name }) => {
+                assert_eq!((kind, name.as_str()), ("app", "a1"))
+            }
+            other => panic!("second create: {other:?}"),
+        }
+
+        a.status = AppStatus::Revoked;
+        a.keys[0].status = KeyStatus::Revoked;
+        s.put_app(&a, Write::Update).await.unwrap();
+        assert_eq!(s.get_app("a1").await.unwrap(), Some(a.clone()));
+
+        // Products and apps are separate namespaces.
+        assert_eq!(s.get_product("a1").await.unwrap(), None);
+
+        s.delete_app("a1").await.unwrap();
+        assert_eq!(s.get_app("a1").await.unwrap(), None);
+        assert!(matches!(
+            s.delete_app("a1").await,
+            Err(StoreError::NotFound { .. })
+        ));
+    }
+
+    pub async fn snapshot_returns_everything(s: Arc<dyn Store>) {
+        let empty = s.snapshot().await.unwrap();
+        assert!(empty.products.is_empty() && empty.apps.is_empty());
+
+        let products: Vec<_> = (0..3).map(|i| product(&format!("p{i}"))).collect();
+        let apps: Vec<_> = (0..5).map(|i| app(&format!("a{i}"))).collect();
+        for p in &products {
+            s.put_product(p, Write::Create).await.unwrap();
+        }
+        for a in &apps {
+            s.put_app(a, Write::Create).await.unwrap();
+        }
+        s.delete_app("a4").await.unwrap();
+
+        let mut snap = s.snapshot().await.unwrap();
+        snap.products.sort_by(|a, b| a.name.cmp(&b.name));
+        snap.apps.sort_by(|a, b| a.name.cmp(&b.name));
+        assert_eq!(snap.products, products);
+        assert_eq!(snap.apps, apps[..4].to_vec());
+    }
+
+    pub async fn change_feed_reports_every_write(s: Arc<dyn Store>) {
+        let mut rx = s.subscribe();
+        let p = product("gold");
+        let a = app("a1");
+        s.put_product(&p, Write::Create).await.unwrap();
+        // A failed write changes nothing and reports nothing.
+        assert!(s.put_product(&p, Write::Create).await.is_err());
+        s.put_product(&p, Write::Update).await.unwrap();
+        s.put_app(&a, Write::Create).await.unwrap();
+        assert!(s.delete_app("missing").await.is_err());
+        s.put_app(&a, Write::Update).await.unwrap();
+        s.delete_app("a1").await.unwrap();
+        s.delete_product("gold").await.unwrap();
+
+        let expected = [
+            Change::Product("gold".into()),
+            Change::Product("gold".into()),
+            Change::App("a1".into()),
+            Change::App("a1".into()),
+            Change::App("a1".into()),
+            Change::Product("gold".into()),
+        ];
+        for want in expected {
+            assert_eq!(next_change(&mut rx).await, want);
+        }
+        // Nothing more.
+        let extra = tokio::time::timeout(Duration::from_millis(300), rx.recv()).await;
+        assert!(extra.is_err(), "unexpected change: {extra:?}");
+    }
+
+    pub async fn unicode_names_and_large_attributes(s: Arc<dyn Store>) {
+        let name = "prodüct 名前 🚀 with:colons/slashes {braces} \"quotes\"";
+        let mut p = product(name);
+        p.description = "ünïcödé ✓".repeat(1000);
+        p.attributes.insert("big".into(), "x".repeat(1 << 20));
+        p.attributes.insert("ключ".into(), "значение 値".into());
+        let mut a = app("app 🚀 ü");
+        a.products = vec![name.into()];
+        a.keys = (0..200)
+            .map(|i| ApiKey {
+                id: format!("key_{i}"),
+                hash: hash_key(&format!("k{i}")),
+                status: KeyStatus::Pending,
+                expires_at: None,
+                created_at: i,
+            })
+            .collect();
+        a.attributes.insert("blob".into(), "ü".repeat(300_000));
+
+        let mut rx = s.subscribe();
+        s.put_product(&p, Write::Create).await.unwrap();
+        s.put_app(&a, Write::Create).await.unwrap();
+        assert_eq!(next_change(&mut rx).await, Change::Product(name.into()));
+        assert_eq!(next_change(&mut rx).await, Change::App(a.name.clone()));
+
+        assert_eq!(s.get_product(name).await.unwrap(), Some(p.clone()));
+        assert_eq!(s.get_app(&a.name).await.unwrap(), Some(a.clone()));
+        let snap = s.snapshot().await.unwrap();
+        assert_eq!(snap.products, vec![p]);
+        assert_eq!(snap.apps, vec![a.clone()]);
+        s.delete_app(&a.name).await.unwrap();
+        assert_eq!(next_change(&mut rx).await, Change::App(a.name.clone()));
+    }
+
+    pub async fn concurrent_creates_have_one_winner(s: Arc<dyn Store>) {
+        let mut tasks = Vec::new();
+        for i in 0..8 {
+            let mut a = app("contested");
+            a.developer_email = format!("dev{i}@example.com");
+            let s = s.clone();
+            tasks.push(tokio::spawn(
+                async move { s.put_app(&a, Write::Create).await },
+            ));
+        }
+        let mut ok = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(()) => ok += 1,
+                Err(StoreError::AlreadyExists { .. }) => {}
+                Err(e) => panic!("unexpected error: {e}"),
+            }
+        }
+        assert_eq!(ok, 1, "exactly one create wins");
+    }
+}
+
+/// Expands the shared suite for one backend: `store_suite!(module, async-fixture-expression)`.
+macro_rules! store_suite {
+    ($module:ident, $fixture:expr) => {
+        mod $module {
+            use super::*;
+
+            async fn run<F, Fut>(test: F)
+            where
+                F: FnOnce(Arc<dyn Store>) -> Fut,
+                Fut: Future<Output = ()>,
+            {
+                bounded(async {
+                    let fixture: Fixture = $fixture.await;
+                    test(fixture.store.clone()).await;
+                    drop(fixture);
+                })
+                .await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn products_crud() {
+                run(suite::products_crud).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn apps_crud() {
+                run(suite::apps_crud).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn snapshot_returns_everything() {
+                run(suite::snapshot_returns_everything).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn change_feed_reports_every_write() {
+                run(suite::change_feed_reports_every_write).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn unicode_names_and_large_attributes() {
+                run(suite::unicode_names_and_large_attributes).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn concurrent_creates_have_one_winner() {
+                run(suite::concurrent_creates_have_one_winner).await
+            }
+        }
+    };
+}
+
+store_suite!(memory_store, memory());
+store_suite!(embedded_store, embedded());
+store_suite!(redis_store, redis());
+store_suite!(redis_cluster_store, redis_cluster());
+
+// ---------------------------------------------------------------------------------------------
+// Opening through `StoreSpec`
+
+#[tokio::test]
+async fn open_by_spec() {
+    bounded(async {
+        let dir = tempfile::tempdir().unwrap();
+        let server = RedisServer::start();
+        for (spec, kind) in [
+            (StoreSpec::Memory, "memory"),
+            (StoreSpec::Embedded(dir.path().join("data")), "embedded"),
+            (StoreSpec::Redis(server.url()), "redis"),
+        ] {
+            let s = store::open(&spec).await.unwrap();
+            assert_eq!(s.kind(), kind);
+            s.put_product(&product("p"), Write::Create).await.unwrap();
+            assert!(s.get_product("p").await.unwrap().is_some());
+        }
+    })
+    .await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Embedded
+
+mod embedded_only {
+    use super::*;
+    use redb::{Database, ReadableDatabase};
+    use tollgate::store::embedded::{APPS, DB_FILE, PRODUCTS};
+
+    #[tokio::test]
+    async fn reopen_keeps_data() {
+        bounded(async {
+            let dir = tempfile::tempdir().unwrap();
+            let data = dir.path().join("nested").join("data");
+            {
+                let s = EmbeddedStore::open(&data).unwrap();
+                s.put_product(&product("gold"), Write::Create)
+                    .await
+                    .unwrap();
+                s.put_app(&app("a1"), Write::Create).await.unwrap();
+                s.put_app(&app("a2"), Write::Create).await.unwrap();
+                s.delete_app("a2").await.unwrap();
+            }
+            let s = EmbeddedStore::open(&data).unwrap();
+            assert_eq!(s.path(), data.join(DB_FILE));
+            assert_eq!(s.get_product("gold").await.unwrap(), Some(product("gold")));
+            assert_eq!(s.get_app("a1").await.unwrap(), Some(app("a1")));
+            assert_eq!(s.get_app("a2").await.unwrap(), None);
+            let snap = s.snapshot().await.unwrap();
+            assert_eq!((snap.products.len(), snap.apps.len()), (1, 1));
+        })
+        .await
+    }
+
+    #[tokio::test]
+    async fn a_second_opener_is_refused_clearly() {
+        bounded(async {
+            let dir = tempfile::tempdir().unwrap();
+            let _first = EmbeddedStore::open(dir.path()).unwrap();
+            match EmbeddedStore::open(dir.path()) {
+                Err(StoreError::Unavailable(m)) => {
+                    assert!(m.contains("already open"), "{m}");
+                    assert!(m.contains(DB_FILE), "{m}");
+                }
+                other => panic!("second open: {other:?}"),
+            }
+        })
+        .await
+    }
+
+    #[tokio::test]
+    async fn an_unusable_directory_is_unavailable() {
+        bounded(async {
+            let dir = tempfile::tempdir().unwrap();
+            let file = dir.path().join("a-file");
+            std::fs::write(&file, b"not a directory").unwrap();
+            assert!(matches!(
+                EmbeddedStore::open(&file),
+                Err(StoreError::Unavailable(_))
+            ));
+            // A file that is not a redb database.
+            let garbage = dir.path().join("garbage");
+            std::fs::create_dir(&garbage).unwrap();
+            std::fs::write(garbage.join(DB_FILE), vec![0x5a; 10_000]).unwrap();
+            assert!(matches!(
+                EmbeddedStore::open(&garbage),
+                Err(StoreError::Unavailable(_))
+            ));
+        })
+        .await
+    }
+
+    #[tokio::test]
+    async fn a_damaged_file_is_refused_not_a_panic() {
+        bounded(async {
+            let dir = tempfile::tempdir().unwrap();
+            {
+                let s = EmbeddedStore::open(dir.path()).unwrap();
+                for i in 0..200 {
+                    s.put_app(&app(&format!("a{i}")), Write::Create)
+                        .await
+                        .unwrap();
+                }
+            }
+            // Scribble over every page but the first (the header).
+            let file = dir.path().join(DB_FILE);
+            let mut bytes = std::fs::read(&file).unwrap();
+            for b in bytes.iter_mut().skip(4096).step_by(7) {
+                *b ^= 0x5a;
+            }
+            std::fs::write(&file, bytes).unwrap();
+            let opened = std::panic::catch_unwind(|| EmbeddedStore::open(dir.path()));
+            match opened {
+                Ok(Err(StoreError::Unavailable(m))) => {
+                    assert!(m.contains(DB_FILE) && m.contains("corrupt"), "{m}")
+                }
+                Ok(Ok(_)) => panic!("a damaged file opened"),
+                Ok(Err(e)) => panic!("unexpected error: {e}"),
+                Err(_) => panic!("opening a damaged file panicked"),
+            }
+        })
+        .await
+    }
+
+    #[tokio::test]
+    async fn corrupt_values_read_as_corrupt() {
+        bounded(async {
+            let dir = tempfile::tempdir().unwrap();
+            {
+                let s = EmbeddedStore::open(dir.path()).unwrap();
+                s.put_product(&product("good"), Write::Create)
+                    .await
+                    .unwrap();
+                s.put_product(&product("bad"), Write::Create).await.unwrap();
+                s.put_app(&app("a1"), Write::Create).await.unwrap();
+            }
+            {
+                // Damage the values behind the store's back.
+                let db = Database::create(dir.path().join(DB_FILE)).unwrap();
+                let txn = db.begin_write().unwrap();
+                {
+                    let mut t = txn.open_table(PRODUCTS).unwrap();
+                    t.insert("bad", b"{\"name\": \"bad\", garbage".as_slice())
+                        .unwrap();
+                    // Valid JSON, stored under another name.
+                    let other = serde_json::to_vec(&product("other")).unwrap();
+                    t.insert("misfiled", other.as_slice()).unwrap();
+                    let mut apps = txn.open_table(APPS).unwrap();
+                    apps.insert("a1", [0xff, 0xfe, 0x00].as_slice()).unwrap();
+                }
+                txn.commit().unwrap();
+                let read = db.begin_read().unwrap();
+                assert!(read.open_table(PRODUCTS).is_ok());
+            }
+            let s = EmbeddedStore::open(dir.path()).unwrap();
+            for name in ["bad", "misfiled"] {
+                match s.get_product(name).await {
+                    Err(e @ StoreError::Corrupt { .. }) => {
+                        let StoreError::Corrupt { kind, name: n, .. } = &e else {
+                            unreachable!()
+                        };
+                        assert_eq!((*kind, n.as_str()), ("product", name));
+                        assert!(e.to_string().contains(name), "{e}");
+                    }
+                    other => panic!("corrupt product {name}: {other:?}"),
+                }
+            }
+            assert!(matches!(
+                s.get_app("a1").await,
+                Err(StoreError::Corrupt { kind: "app", .. })
+            ));
+            // The rest still reads; a snapshot leaves the damaged objects out.
+            assert_eq!(s.get_product("good").await.unwrap(), Some(product("good")));
+            let snap = s.snapshot().await.unwrap();
+            assert_eq!(snap.products, vec![product("good")]);
+            assert!(snap.apps.is_empty());
+            // A damaged object can be replaced or deleted.
+            s.put_product(&product("bad"), Write::Update).await.unwrap();
+            assert_eq!(s.get_product("bad").await.unwrap(), Some(product("bad")));
+            s.delete_app("a1").await.unwrap();
+        })
+        .await
+    }
+
+    const CHILD_DIR_ENV: &str = "TOLLGATE_STORE_KILL_CHILD_DIR";
+
+    /// The child half of `acknowledged_writes_survive_kill_9`: writes products one by one and
+    /// prints `acked <i>` after each `Ok`. Without the environment variable it does nothing.
+    #[test]
+    fn kill9_child_writer() {
+        let Some(dir) = std::env::var_os(CHILD_DIR_ENV) else {
+            return;
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let s = EmbeddedStore::open(Path::new(&dir)).unwrap();
+            for i in 0.. {
+                s.put_product(&product(&format!("p{i}")), Write::Create)
+                    .await
+                    .unwrap();
+                println!("acked {i}");
+            }
+        });
+    }
+
+    #[test]
+    fn acknowledged_writes_survive_kill_9() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "embedded_only::kill9_child_writer",
+                "--exact",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD_DIR_ENV, dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(i) = line.strip_prefix("acked ") {
+                    if let Ok(i) = i.trim().parse::<u64>() {
+                        if tx.send(i).is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let mut last = None;
+        while last.is_none_or(|i| i < 30) {
+            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(i) => last = Some(i),
+                Err(_) => break,
+            }
+        }
+        // SIGKILL in the middle of the write stream.
+        child.kill().unwrap();
+        child.wait().unwrap();
+        while let Ok(i) = rx.try_recv() {
+            last = Some(i);
+        }
+        let last = last.expect("the child acknowledged no write");
+        assert!(
+            last >= 30,
+            "the child acknowledged only {last} writes in 15 s"
+        );
+
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let s = EmbeddedStore::open(dir.path()).unwrap();
+            for i in 0..=last {
+                let name = format!("p{i}");
+                assert_eq!(
+                    s.get_product(&name).await.unwrap(),
+                    Some(product(&name)),
+                    "acknowledged write {i} of {last} lost"
+                );
+            }
+        });
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Redis
+
+mod redis_only {
+    use super::*;
+
+    async fn wait_for(rx: &mut broadcast::Receiver<Change>, want: &Change, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Ok(c)) if &c == want => return,
+                Ok(Ok(_)) | Ok(Err(broadcast::error::RecvError::Lagged(_))) => {}
+                Ok(Err(e)) => panic!("change feed closed: {e}"),
+                Err(_) => panic!("no {want:?} within {limit:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_write_on_one_replica_reaches_the_other() {
+        bounded(async {
+            let server = RedisServer::start();
+            let a = RedisStore::connect(&server.url()).await.unwrap();
+            let b = RedisStore::connect(&server.url()).await.unwrap();
+            let mut b_rx = b.subscribe();
+            let mut a_rx = a.subscribe();
+
+            let started = Instant::now();
+            a.put_product(&product("gold"), Write::Create)
+                .await
+                .unwrap();
+            assert_eq!(next_change(&mut b_rx).await, Change::Product("gold".into()));
+            assert!(started.elapsed() < FEED_LIMIT);
+            assert_eq!(b.get_product("gold").await.unwrap(), Some(product("gold")));
+            // The writer hears its own write too.
+            assert_eq!(next_change(&mut a_rx).await, Change::Product("gold".into()));
+
+            b.put_app(&app("a1"), Write::Create).await.unwrap();
+            assert_eq!(next_change(&mut a_rx).await, Change::App("a1".into()));
+            // Create/update races across replicas resolve in Redis.
+            assert!(matches!(
+                a.put_app(&app("a1"), Write::Create).await,
+                Err(StoreError::AlreadyExists { .. })
+            ));
+            b.delete_app("a1").await.unwrap();
+            assert!(matches!(
+                a.put_app(&app("a1"), Write::Update).await,
+                Err(StoreError::NotFound { .. })
+            ));
+        })
+        .await
+    }
+
+    #[tokio::test]
+    async fn an_outage_is_unavailable_quickly_and_recovers() {
+        bounded(async {
+            let mut server = RedisServer::start();
+            let s = RedisStore::connect(&server.url()).await.unwrap();
+            let mut rx = s.subscribe();
+            s.put_product(&product("gold"), Write::Create)
+                .await
+                .unwrap();
+            assert_eq!(next_change(&mut rx).await, Change::Product("gold".into()));
+
+            server.kill();
+            for round in 0..3 {
+                let started = Instant::now();
+                let r = s.get_product("gold").await;
+                let took = started.elapsed();
+                assert!(
+                    matches!(r, Err(StoreError::Unavailable(_))),
+                    "round {round}: {r:?}"
+                );
+                assert!(took < Duration::from_secs(3), "round {round} took {took:?}");
+                let started = Instant::now();
+                let r = s.put_app(&app("a1"), Write::Create).await;
+                assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
+                assert!(started.elapsed() < Duration::from_secs(3));
+            }
+            let snap = tokio::time::timeout(Duration::from_secs(3), s.snapshot()).await;
+            assert!(matches!(snap, Ok(Err(StoreError::Unavailable(_)))));
+
+            // Back on the same port (empty: the test server persists nothing).
+            server.restart();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                match s.put_product(&product("silver"), Write::Create).await {
+                    Ok(()) => break,
+                    Err(StoreError::Unavailable(m)) => {
+                        assert!(Instant::now() < deadline, "still unavailable: {m}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Err(e) => panic!("after the restart: {e}"),
+                }
+            }
+            assert_eq!(
+                s.get_product("silver").await.unwrap(),
+                Some(product("silver"))
+            );
+            // The subscriber reconnected by itself and asks for a full re-read.
+            wait_for(&mut rx, &Change::Resync, Duration::from_secs(8)).await;
+            // And it forwards changes again.
+            s.delete_product("silver").await.unwrap();
+            wait_for(&mut rx, &Change::Product("silver".into()), FEED_LIMIT).await;
+        })
+        .await
+    }
+
+    /// Redis restarts while a replica is idle: its next read works at once.
+    #[tokio::test]
+    async fn an_idle_replica_reads_right_after_a_restart() {
+        bounded(async {
+            let mut server = RedisServer::start();
+            let s = RedisStore::connect(&server.url()).await.unwrap();
+            s.put_product(&product("gold"), Write::Create)
+                .await
+                .unwrap();
+            server.restart();
+            assert_eq!(s.get_product("gold").await.unwrap(), None);
+            s.put_product(&product("gold"), Write::Create)
+                .await
+                .unwrap();
+            let snap = s.snapshot().await.unwrap();
+            assert_eq!(snap.products, vec![product("gold")]);
+        })
+        .await
+    }
+
+    /// A server that stops answering (SIGSTOP: connections stay open) must not hang callers.
+    #[tokio::test]
+    async fn a_frozen_server_times_out_and_recovers() {
+        bounded(async {
+            let server = RedisServer::start();
+            let s = RedisStore::connect(&server.url()).await.unwrap();
+            s.put_product(&product("gold"), Write::Create)
+                .await
+                .unwrap();
+            let pid = server.pid();
+            signal(pid, "STOP");
+            let started = Instant::now();
+            let r = s.get_product("gold").await;
+            let took = started.elapsed();
+            signal(pid, "CONT");
+            assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
+            assert!(took < Duration::from_secs(3), "took {took:?}");
+            let deadline = Instant::now() + Duration::from_secs(8);
+            loop {
+                match s.get_product("gold").await {
+                    Ok(p) => {
+                        assert_eq!(p, Some(product("gold")));
+                        break;
+                    }
+                    Err(e) => {
+                        assert!(Instant::now() < deadline, "not back: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        })
+        .await
+    }
+
+    #[tokio::test]
+    async fn a_silent_listener_is_unavailable() {
+        bounded(async {
+            // Accepts connections (the kernel does) and never answers.
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let port = listener.local_addr().unwrap().port();
+            for url in [
+                format!("redis://127.0.0.1:{port}/"),
+                format!("redis+cluster://127.0.0.1:{port}"),
+            ] {
+                let started = Instant::now();
+                let r = RedisStore::connect(&url).await;
+                assert!(matches!(r, Err(StoreError::Unavailable(_))), "{url}: {r:?}");
+                assert!(started.elapsed() < Duration::from_secs(7), "{url}");
+            }
+            drop(listener);
+        })
+        .await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn replicas_on_a_three_node_cluster() {
+        bounded(async {
+            let cluster = RedisCluster::start();
+            let a = RedisStore::connect(&cluster.url(&[0, 1, 2])).await.unwrap();
+            // Another replica knows a different seed, so its change feed is on another node.
+            let b = RedisStore::connect(&cluster.url(&[2])).await.unwrap();
+            let mut b_rx = b.subscribe();
+            let mut a_rx = a.subscribe();
+
+            for i in 0..20 {
+                a.put_product(&product(&format!("p{i}")), Write::Create)
+                    .await
+                    .unwrap();
+            }
+            b.put_app(&app("a1"), Write::Create).await.unwrap();
+            for i in 0..20 {
+                assert_eq!(
+                    next_change(&mut b_rx).await,
+                    Change::Product(format!("p{i}"))
+                );
+            }
+            assert_eq!(next_change(&mut b_rx).await, Change::App("a1".into()));
+            wait_for(&mut a_rx, &Change::App("a1".into()), FEED_LIMIT).await;
+
+            b.put_app(&app("a1"), Write::Update).await.unwrap();
+            assert!(matches!(
+                a.put_app(&app("a1"), Write::Create).await,
+                Err(StoreError::AlreadyExists { .. })
+            ));
+            let snap = b.snapshot().await.unwrap();
+            assert_eq!((snap.products.len(), snap.apps.len()), (20, 1));
+            a.delete_product("p3").await.unwrap();
+            assert_eq!(b.get_product("p3").await.unwrap(), None);
+        })
+        .await
+    }
+
+    #[tokio::test]
+    async fn connecting_to_nothing_is_unavailable() {
+        bounded(async {
+            let port = free_port();
+            let started = Instant::now();
+            match RedisStore::connect(&format!("redis://127.0.0.1:{port}/")).await {
+                Err(StoreError::Unavailable(m)) => assert!(m.contains(&port.to_string()), "{m}"),
+                other => panic!("{other:?}"),
+            }
+            assert!(started.elapsed() < Duration::from_secs(3));
+            let started = Instant::now();
+            let cluster = format!("redis+cluster://127.0.0.1:{port}");
+            match RedisStore::connect(&cluster).await {
+                Err(StoreError::Unavailable(m)) => assert!(m.contains(&port.to_string()), "{m}"),
+                other => panic!("{other:?}"),
+            }
+            assert!(started.elapsed() < Duration::from_secs(6));
+            for bad in ["redis+cluster://", "redis+cluster://h:1/2", "nonsense"] {
+                assert!(
+                    matches!(
+                        RedisStore::connect(bad).await,
+                        Err(StoreError::Unavailable(_))
+                    ),
+                    "{bad}"
+                );
+            }
+            // Passwords stay out of messages.
+            match RedisStore::connect(&format!("redis://user:hunter2@127.0.0.1:{port}/")).await {
+                Err(e) => assert!(!e.to_string().contains("hunter2"), "{e}"),
+                Ok(_) => panic!("connected to nothing"),
+            }
+        })
+        .await
+    }
+
+    #[tokio::test]
+    async fn corrupt_values_read_as_corrupt() {
+        bounded(async {
+            let server = RedisServer::start();
+            let s = RedisStore::connect(&server.url()).await.unwrap();
+            s.put_product(&product("good"), Write::Create)
+                .await
+                .unwrap();
+            let client = redis::Client::open(server.url()).unwrap();
+            let mut con = client.get_multiplexed_async_connection().await.unwrap();
+            redis::cmd("HSET")
+                .arg(tollgate::store::redis_store::PRODUCTS_KEY)
+                .arg("bad")
+                .arg("not json")
+                .exec_async(&mut con)
+                .await
+                .unwrap();
+            assert!(matches!(
+                s.get_product("bad").await,
+                Err(StoreError::Corrupt { kind: "product", ref name, .. }) if name == "bad"
+            ));
+            let snap = s.snapshot().await.unwrap();
+            assert_eq!(snap.products, vec![product("good")]);
+        })
+        .await
+    }
+}
