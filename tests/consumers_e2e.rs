@@ -308,3 +308,39 @@ async fn two_replicas_on_redis_see_each_others_keys_within_two_seconds() {
     .await;
     assert!(!admitted(&a, &key).await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_the_api_answers_503_and_the_data_plane_keeps_serving() {
+    let mut redis = redis_server();
+    let url = format!("redis://127.0.0.1:{}/0", redis.port);
+    let cfg = config_dir();
+    let a = start(cfg.path(), &["--store", "redis", "--redis-url", &url]);
+    let (_, key) = create_app_and_key(&a, "resilient-app");
+    eventually(
+        "the key reaching the index",
+        Duration::from_secs(2),
+        async || admitted(&a, &key).await,
+    )
+    .await;
+
+    redis.child.kill().unwrap();
+    redis.child.wait().unwrap();
+    let started = Instant::now();
+    let (code, body) = http(a.admin, "GET", "/v1/apps/resilient-app", None);
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "the API hung on a dead Redis"
+    );
+    let (code, _) = http(
+        a.admin,
+        "POST",
+        "/v1/apps",
+        Some(r#"{"name":"new-app","developerEmail":"dev@example.com","products":["chat"]}"#),
+    );
+    assert_eq!(code, 503);
+    // The data plane answers from its in-memory index.
+    assert!(admitted(&a, &key).await);
+    assert!(!admitted(&a, "tg_unknown_key_0000000000000").await);
+    assert_eq!(http(a.admin, "GET", "/readyz", None).0, 200);
+}
