@@ -9,11 +9,14 @@ COPY benches benches
 RUN cargo build --release --locked --bin tollgate
 
 FROM debian:bookworm-slim
-RUN useradd --system --uid 10001 tollgate
+RUN useradd --system --uid 10001 tollgate \
+ && mkdir -p /var/lib/tollgate && chown 10001 /var/lib/tollgate
 COPY --from=build /src/target/release/tollgate /usr/local/bin/tollgate
 COPY policies /etc/tollgate
 USER 10001
 EXPOSE 9002 9003
-ENV TOLLGATE_LOG_FORMAT=json
+# The embedded store lives here; mount a volume to keep it across container restarts.
+VOLUME /var/lib/tollgate
+ENV TOLLGATE_LOG_FORMAT=json TOLLGATE_DATA_DIR=/var/lib/tollgate
 ENTRYPOINT ["/usr/local/bin/tollgate"]
 CMD ["serve", "--config", "/etc/tollgate"]
