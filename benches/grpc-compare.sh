@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # The gRPC load generator straight at the ext_proc port: the floor (a no-op ext_proc server)
-# against tollgate with an empty flow and with a three-AssignMessage + condition flow, runs
-# interleaved, medians and ratios printed. Also tollgate's idle RSS. Loopback only.
+# against tollgate with an empty flow, a three-AssignMessage + condition flow and a
+# VerifyApiKey flow (a valid key, so every stream must pass: an immediate answer fails the
+# run), runs interleaved, medians and ratios (to the floor; verify also to the empty flow)
+# printed, with the server's CPU time per stream (steadier than the rate on a busy machine).
+# Also tollgate's idle RSS. Loopback only.
 #
 #   benches/grpc-compare.sh
 # Environment: DURATION=5 (seconds per run), ROUNDS=3, MIX="headers body sse",
-#              CONCURRENCY=32, CONNECTIONS=2
+#              CONCURRENCY=32, CONNECTIONS=2, TARGETS="floor empty three verify"
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -14,6 +17,9 @@ ROUNDS="${ROUNDS:-3}"
 MIX="${MIX:-headers body sse}"
 CONCURRENCY="${CONCURRENCY:-32}"
 CONNECTIONS="${CONNECTIONS:-2}"
+TARGETS="${TARGETS:-floor empty three verify}"
+# The key of the app `bench-app` in benches/configs/bench.yaml (stored there as its SHA-256).
+BENCH_KEY=tg_bench_key_0000000000000000
 
 cargo build --release --quiet --bin tollgate --example floor --example loadgen
 BIN=target/release
@@ -23,7 +29,7 @@ PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
 
-"$BIN/examples/floor" --addr "127.0.0.1:$FLOOR_PORT" >/dev/null 2>&1 & PIDS+=($!)
+"$BIN/examples/floor" --addr "127.0.0.1:$FLOOR_PORT" >/dev/null 2>&1 & FLOOR_PID=$!; PIDS+=($FLOOR_PID)
 RUST_LOG=warn "$BIN/tollgate" serve --config benches/configs --store memory --grpc-addr "127.0.0.1:$TG_PORT" \
   --admin-addr "127.0.0.1:$TG_ADMIN" >/dev/null 2>&1 & TG_PID=$!; PIDS+=($TG_PID)
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$TG_ADMIN/readyz" >/dev/null && break; sleep 0.1; done
@@ -31,30 +37,59 @@ curl -sf "http://127.0.0.1:$TG_ADMIN/readyz" >/dev/null || { echo "tollgate did 
 sleep 1
 echo "tollgate idle RSS: $(awk '/VmRSS/ {print $2, $3}' /proc/$TG_PID/status)"
 
-run() { # addr path mix -> "rate p99"
-  "$BIN/examples/loadgen" --addr "http://127.0.0.1:$1" --path "$2" --mix "$3" \
+HZ=$(getconf CLK_TCK)
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; } # utime + stime of a process
+run() { # pid addr path mix [loadgen args...] -> "rate p99 cpu_us_per_stream"; fails on any
+        # error or immediate answer. pid: the server under test, whose CPU time is counted.
+  local pid=$1 addr=$2 path=$3 mix=$4 t0 out; shift 4
+  t0=$(ticks "$pid")
+  out=$("$BIN/examples/loadgen" --addr "http://127.0.0.1:$addr" --path "$path" --mix "$mix" "$@" \
     --duration "$DURATION" --warmup 1 --concurrency "$CONCURRENCY" --connections "$CONNECTIONS" --json |
-    python3 -c 'import json,sys; d=json.loads(sys.stdin.read()); print(d["rate"], d["p99_us"])'
+    python3 -c '
+import json, sys
+d = json.loads(sys.stdin.read())
+if d["immediate"] or d["mismatches"] or d["errors"] or d["timeouts"]:
+    sys.exit(f"unexpected outcomes on {sys.argv[1]}: {d}")
+print(d["rate"], d["p99_us"], d["streams"])' "$path")
+  # Server CPU per stream: CPU time over warmup + measured time, divided by the streams of
+  # that whole time (taken at the measured rate).
+  python3 -c 'import sys; r, p, n, dt, hz, s = sys.argv[1:]; print(r, p, float(dt) / int(hz) * 1e6 / max(float(r) * float(s), 1))' \
+    $out $(( $(ticks "$pid") - t0 )) "$HZ" "$(python3 -c "print($DURATION + 1)")"
 }
 median() { python3 -c 'import statistics,sys; print(statistics.median(float(x) for x in sys.argv[1:]))' "$@"; }
 
 for mix in $MIX; do
-  declare -A R=() P=()
+  declare -A R=() P=() C=()
   for round in $(seq "$ROUNDS"); do
-    for t in floor empty three; do
+    for t in $TARGETS; do
       case $t in
-        floor) out=$(run "$FLOOR_PORT" /v1/chat/completions "$mix") ;;
-        empty) out=$(run "$TG_PORT" /empty/v1/chat/completions "$mix") ;;
-        three) out=$(run "$TG_PORT" /three/v1/chat/completions "$mix") ;;
+        floor) out=$(run "$FLOOR_PID" "$FLOOR_PORT" /v1/chat/completions "$mix") ;;
+        empty) out=$(run "$TG_PID" "$TG_PORT" /empty/v1/chat/completions "$mix") ;;
+        three) out=$(run "$TG_PID" "$TG_PORT" /three/v1/chat/completions "$mix") ;;
+        verify) out=$(run "$TG_PID" "$TG_PORT" /verify/v1/chat/completions "$mix" --header "x-api-key:$BENCH_KEY") ;;
+        *) echo "unknown target $t" >&2; exit 2 ;;
       esac
-      R[$t]+="${out%% *} "; P[$t]+="${out##* } "
+      read -r rate p99 cpu <<<"$out"
+      R[$t]+="$rate "; P[$t]+="$p99 "; C[$t]+="$cpu "
     done
   done
-  fr=$(median ${R[floor]}); fp=$(median ${P[floor]})
-  for t in floor empty three; do
-    r=$(median ${R[$t]}); p=$(median ${P[$t]})
-    python3 -c "print(f'mix=$mix target=$t rate={$r:9.0f}/s p99={$p/1000:7.2f}ms  rate/floor={$r/$fr:5.2f}  p99/floor={$p/$fp:5.2f}')"
+  fr=$(median ${R[floor]:-0}); fp=$(median ${P[floor]:-0})
+  er=$(median ${R[empty]:-0}); ep=$(median ${P[empty]:-0}); ec=$(median ${C[empty]:-0})
+  for t in $TARGETS; do
+    r=$(median ${R[$t]}); p=$(median ${P[$t]}); c=$(median ${C[$t]})
+    python3 - "$mix" "$t" "$r" "$p" "$c" "$fr" "$fp" "$er" "$ep" "$ec" <<'PY'
+import sys
+mix, t = sys.argv[1:3]
+r, p, c, fr, fp, er, ep, ec = map(float, sys.argv[3:])
+ratio = lambda a, b: f"{a / b:5.2f}" if b else "  n/a"
+line = (f"mix={mix} target={t:6} rate={r:9.0f}/s p99={p / 1000:7.2f}ms cpu={c:6.1f}us/stream"
+        f"  rate/floor={ratio(r, fr)}  p99/floor={ratio(p, fp)}")
+if t == "verify":
+    line += f"  rate/empty={ratio(r, er)}  p99/empty={ratio(p, ep)}  cpu/empty={ratio(c, ec)}"
+print(line)
+PY
   done
-  unset R P
+  echo "  [$(awk '{print "load " $1 " " $2 " " $3}' /proc/loadavg) at the end of mix=$mix]"
+  unset R P C
 done
 echo "tollgate RSS after load: $(awk '/VmRSS/ {print $2, $3}' /proc/$TG_PID/status)"

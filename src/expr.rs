@@ -7,15 +7,21 @@
 //! (`client_id`, `ratelimit.quota1.available`). A condition whose evaluation fails (for
 //! example a missing header) is false, as in Apigee.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, OnceLock};
 
-use cel::common::value::CowVal;
+use cel::common::ast::{operators, EntryExpr, Expr, IdedExpr};
+use cel::common::traits::{Container, Indexer, Sizer, Zeroer};
+use cel::common::types::{
+    CelBool, CelDouble, CelInt, CelNull, CelString, CelUInt, Kind, Type, MAP_TYPE,
+};
+use cel::common::value::{CowVal, Val};
 use cel::context::VariableResolver;
 use cel::objects::{Key, Map};
-use cel::{Context, Env, Program};
+use cel::{Context, Env, ExecutionError, Program};
 
-use crate::vars::{Exchange, Headers, Value};
+use crate::vars::{percent_decode, query_pairs_raw, Exchange, Headers, Value};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExprError {
@@ -34,6 +40,9 @@ static ENV: LazyLock<Arc<Env>> = LazyLock::new(|| Arc::new(Env::stdlib()));
 pub struct Condition {
     source: String,
     program: Program,
+    /// The header and query maps are only indexed, tested for keys or sized: they are
+    /// answered by views of the exchange rather than built (see [`maps_only_indexed`]).
+    lazy_maps: bool,
 }
 
 impl std::fmt::Debug for Condition {
@@ -48,9 +57,11 @@ impl Condition {
             source_text: source.to_owned(),
             message: e.to_string().trim().to_owned(),
         })?;
+        let lazy_maps = maps_only_indexed(program.expression(), false);
         Ok(Self {
             source: source.to_owned(),
             program,
+            lazy_maps,
         })
     }
 
@@ -60,7 +71,7 @@ impl Condition {
 
     /// Evaluates to a boolean; an error or a non-boolean result is `false` (logged).
     pub fn eval(&self, ex: &Exchange) -> bool {
-        let resolver = ExchangeResolver { ex };
+        let resolver = ExchangeResolver::new(ex, self.lazy_maps);
         let mut ctx = Context::with_env(ENV.clone());
         ctx.set_variable_resolver(&resolver);
         match self.program.execute(&ctx) {
@@ -77,12 +88,307 @@ impl Condition {
     }
 }
 
+/// A map-valued name a [`MapView`] can stand for: `request.headers` (or `.header`),
+/// `request.query`, `response.headers` (or `.header`).
+fn is_view_name(e: &Expr) -> bool {
+    let Expr::Select(s) = e else {
+        return false;
+    };
+    let Expr::Ident(root) = &s.operand.expr else {
+        return false;
+    };
+    !s.test
+        && matches!(
+            (root.as_str(), s.field.as_str()),
+            ("request", "headers" | "header" | "query") | ("response", "headers" | "header")
+        )
+}
+
+/// True when every map named by [`is_view_name`] in `e` is only indexed (`m[k]`, `m.k`,
+/// `has(m.k)`, `m[?k]`, `m.?k`), tested for a key (`k in m`) or sized (`size(m)`,
+/// `m.size()`): what a [`MapView`] answers exactly as the full map would. Anything else
+/// (a comparison, a comprehension, a function argument, the result) gets the full map.
+/// `allowed` says whether `e` itself stands in such a position.
+fn maps_only_indexed(e: &IdedExpr, allowed: bool) -> bool {
+    if is_view_name(&e.expr) {
+        return allowed;
+    }
+    fn none<'e>(mut es: impl Iterator<Item = &'e IdedExpr>) -> bool {
+        es.all(|e| maps_only_indexed(e, false))
+    }
+    match &e.expr {
+        Expr::Select(s) => maps_only_indexed(&s.operand, true),
+        Expr::Call(c) => {
+            let name = c.func_name.as_str();
+            let arg_allowed = |i: usize| match name {
+                operators::INDEX | operators::OPT_INDEX | operators::OPT_SELECT => i == 0,
+                operators::IN => i == 1,
+                "size" => c.target.is_none() && c.args.len() == 1,
+                _ => false,
+            };
+            c.target
+                .as_deref()
+                .is_none_or(|t| maps_only_indexed(t, name == "size" && c.args.is_empty()))
+                && c.args
+                    .iter()
+                    .enumerate()
+                    .all(|(i, a)| maps_only_indexed(a, arg_allowed(i)))
+        }
+        Expr::Comprehension(c) => none(
+            [
+                &c.iter_range,
+                &c.accu_init,
+                &c.loop_cond,
+                &c.loop_step,
+                &c.result,
+            ]
+            .into_iter(),
+        ),
+        Expr::List(l) => none(l.elements.iter()),
+        Expr::Map(m) => none(m.entries.iter().flat_map(entry_exprs)),
+        Expr::Struct(s) => none(s.entries.iter().flat_map(entry_exprs)),
+        Expr::Ident(_) | Expr::Literal(_) | Expr::Unspecified => true,
+    }
+}
+
+fn entry_exprs(e: &cel::common::ast::IdedEntryExpr) -> Vec<&IdedExpr> {
+    match &e.expr {
+        EntryExpr::MapEntry(m) => vec![&m.key, &m.value],
+        EntryExpr::StructField(f) => vec![&f.value],
+    }
+}
+
+/// A read-only view of the headers or the query parameters of the exchange that behaves
+/// as the CEL map [`headers_map`] / [`ExchangeResolver::query_map`] would build, without
+/// building it: indexing looks the one key up. Keys are compared exactly, as map keys
+/// are; a header's first value wins, a query parameter's last one (as in the map).
+#[derive(Debug, Clone, Copy)]
+enum MapView<'a> {
+    Headers(&'a Headers),
+    /// The raw query string.
+    Query(&'a str),
+}
+
+impl<'a> MapView<'a> {
+    fn get(&self, key: &str) -> Option<Cow<'a, str>> {
+        match *self {
+            MapView::Headers(h) => h
+                .iter()
+                .find(|(n, _)| *n == key)
+                .map(|(_, v)| Cow::Borrowed(v)),
+            MapView::Query(qs) => query_pairs_raw(qs)
+                .filter(|(k, _)| percent_decode(k) == key)
+                .last()
+                .map(|(_, v)| percent_decode(v)),
+        }
+    }
+
+    fn contains(&self, key: &str) -> bool {
+        match *self {
+            MapView::Headers(h) => h.iter().any(|(n, _)| n == key),
+            MapView::Query(qs) => query_pairs_raw(qs).any(|(k, _)| percent_decode(k) == key),
+        }
+    }
+
+    /// The entries of the full map, one per distinct key.
+    fn entries(&self) -> Vec<(Cow<'a, str>, Cow<'a, str>)> {
+        let mut out: Vec<(Cow<'a, str>, Cow<'a, str>)> = Vec::new();
+        match *self {
+            MapView::Headers(h) => {
+                for (n, v) in h.iter() {
+                    if !out.iter().any(|(k, _)| k == n) {
+                        out.push((Cow::Borrowed(n), Cow::Borrowed(v)));
+                    }
+                }
+            }
+            MapView::Query(qs) => {
+                for (k, v) in query_pairs_raw(qs) {
+                    let (k, v) = (percent_decode(k), percent_decode(v));
+                    match out.iter_mut().find(|(ok, _)| *ok == k) {
+                        Some(e) => e.1 = v,
+                        None => out.push((k, v)),
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn is_empty(&self) -> bool {
+        match *self {
+            MapView::Headers(h) => h.is_empty(),
+            MapView::Query(qs) => query_pairs_raw(qs).next().is_none(),
+        }
+    }
+}
+
+fn string_key(key: &dyn Val) -> Option<&str> {
+    key.downcast_ref::<CelString>().map(CelString::inner)
+}
+
+/// A key a map can be looked up with (as `cel`'s own map does): a string, or a number or a
+/// bool, which a map of string keys never has.
+fn is_lookup_key(key: &dyn Val) -> bool {
+    string_key(key).is_some()
+        || key.downcast_ref::<CelInt>().is_some()
+        || key.downcast_ref::<CelUInt>().is_some()
+        || key.downcast_ref::<CelBool>().is_some()
+        || key.downcast_ref::<CelDouble>().is_some()
+}
+
+/// The error for a key the map does not have, worded as `cel`'s own map words it.
+fn no_such_key(key: &dyn Val) -> ExecutionError {
+    let key = if let Some(s) = string_key(key) {
+        s.to_owned()
+    } else if let Some(i) = key.downcast_ref::<CelInt>() {
+        i.inner().to_string()
+    } else if let Some(u) = key.downcast_ref::<CelUInt>() {
+        u.inner().to_string()
+    } else if let Some(d) = key.downcast_ref::<CelDouble>() {
+        d.inner().to_string()
+    } else if let Some(b) = key.downcast_ref::<CelBool>() {
+        b.inner().to_string()
+    } else {
+        String::new()
+    };
+    ExecutionError::NoSuchKey(Arc::new(key))
+}
+
+impl Val for MapView<'_> {
+    fn get_type(&self) -> &Type {
+        <Self as Val>::cel_type()
+    }
+
+    fn cel_type() -> &'static Type {
+        &MAP_TYPE
+    }
+
+    fn as_container(&self) -> Option<&dyn Container> {
+        Some(self)
+    }
+
+    fn as_indexer<'b, 'v>(&'b self) -> Option<&'b (dyn Indexer + 'v)>
+    where
+        Self: 'v,
+    {
+        Some(self)
+    }
+
+    fn as_sizer(&self) -> Option<&dyn Sizer> {
+        Some(self)
+    }
+
+    fn as_zeroer(&self) -> Option<&dyn Zeroer> {
+        Some(self)
+    }
+
+    /// Equal to a map with the same entries, as a built map would be. (Conditions that
+    /// compare these maps get built maps; this is for completeness.)
+    fn equals(&self, other: &dyn Val) -> bool {
+        if other.get_type().kind() != Kind::Map {
+            return false;
+        }
+        let (Some(sizer), Some(indexer)) = (other.as_sizer(), other.as_indexer()) else {
+            return false;
+        };
+        let entries = self.entries();
+        i64::try_from(entries.len()).is_ok_and(|n| *sizer.size().inner() == n)
+            && entries.iter().all(|(k, v)| {
+                indexer
+                    .get(&CelString::from(k.as_ref()))
+                    .is_ok_and(|ov| CelString::from(v.as_ref()).equals(ov.as_ref()))
+            })
+    }
+
+    fn clone_as_boxed<'v>(&self) -> Box<dyn Val + 'v>
+    where
+        Self: 'v,
+    {
+        Box::new(*self)
+    }
+}
+
+impl Indexer for MapView<'_> {
+    fn get<'b, 'v>(&'b self, key: &dyn Val) -> Result<CowVal<'b, 'v>, ExecutionError>
+    where
+        Self: 'v,
+    {
+        match string_key(key).and_then(|k| MapView::get(self, k)) {
+            Some(v) => Ok(CowVal::owned(CelString::from(v))),
+            None if is_lookup_key(key) => Err(no_such_key(key)),
+            None => Err(ExecutionError::UnexpectedType {
+                got: key.get_type().name().to_owned(),
+                want: "map key".to_owned(),
+            }),
+        }
+    }
+
+    fn steal<'v>(self: Box<Self>, key: &dyn Val) -> Result<Box<dyn Val + 'v>, ExecutionError>
+    where
+        Self: 'v,
+    {
+        Indexer::get(self.as_ref(), key).map(CowVal::into_owned)
+    }
+}
+
+impl Container for MapView<'_> {
+    fn contains(&self, key: &dyn Val) -> Result<bool, ExecutionError> {
+        if string_key(key).is_some_and(|k| MapView::contains(self, k)) {
+            Ok(true)
+        } else if is_lookup_key(key) {
+            Ok(false)
+        } else {
+            Err(ExecutionError::UnsupportedKeyType(
+                cel::Value::try_from(key).unwrap_or(cel::Value::Null),
+            ))
+        }
+    }
+}
+
+impl Sizer for MapView<'_> {
+    fn size(&self) -> CelInt {
+        i64::try_from(self.entries().len())
+            .unwrap_or(i64::MAX)
+            .into()
+    }
+}
+
+impl Zeroer for MapView<'_> {
+    fn is_zero_value(&self) -> bool {
+        self.is_empty()
+    }
+}
+
 struct ExchangeResolver<'a> {
     ex: &'a Exchange,
+    /// Answer the header and query maps with views (see [`Condition::lazy_maps`]).
+    lazy_maps: bool,
+    request_headers: MapView<'a>,
+    /// Computed on first use, as are `path` and `host`.
+    query: OnceLock<MapView<'a>>,
+    response_headers: Option<MapView<'a>>,
+    // The common strings, as values lent out without allocating. They borrow the exchange.
+    method: CelString<'a>,
+    path: OnceLock<CelString<'a>>,
+    uri: CelString<'a>,
+    host: OnceLock<CelString<'a>>,
+    scheme: CelString<'a>,
+    flow: CelString<'a>,
 }
 
 fn str_val(s: &str) -> cel::Value {
     cel::Value::String(Arc::new(s.to_owned()))
+}
+
+/// A string value borrowing `s`.
+fn borrowed_str(s: &str) -> CowVal<'_, '_> {
+    CowVal::owned(CelString::from(s))
+}
+
+/// A built value (maps and the like) as a CEL value.
+fn owned_val<'b>(v: cel::Value) -> Option<CowVal<'b, 'b>> {
+    let boxed: Box<dyn Val> = v.try_into().ok()?;
+    Some(CowVal::Owned(boxed))
 }
 
 fn headers_map(h: &Headers) -> cel::Value {
@@ -101,6 +407,16 @@ fn to_cel(v: &Value) -> cel::Value {
         Value::Int(i) => cel::Value::Int(*i),
         Value::Float(f) => cel::Value::Float(*f),
         Value::Bool(b) => cel::Value::Bool(*b),
+    }
+}
+
+/// `v` as a CEL value, strings borrowed.
+fn var_val(v: &Value) -> CowVal<'_, '_> {
+    match v {
+        Value::Str(s) => borrowed_str(s),
+        Value::Int(i) => CowVal::owned(CelInt::from(*i)),
+        Value::Float(f) => CowVal::owned(CelDouble::from(*f)),
+        Value::Bool(b) => CowVal::owned(CelBool::from(*b)),
     }
 }
 
@@ -153,7 +469,24 @@ impl Nested {
     }
 }
 
-impl ExchangeResolver<'_> {
+impl<'a> ExchangeResolver<'a> {
+    fn new(ex: &'a Exchange, lazy_maps: bool) -> Self {
+        let r = &ex.request;
+        Self {
+            ex,
+            lazy_maps,
+            request_headers: MapView::Headers(&r.headers),
+            query: OnceLock::new(),
+            response_headers: ex.response.as_ref().map(|r| MapView::Headers(&r.headers)),
+            method: CelString::from(r.method.as_str()),
+            path: OnceLock::new(),
+            uri: CelString::from(r.uri.as_str()),
+            host: OnceLock::new(),
+            scheme: CelString::from(r.scheme.as_str()),
+            flow: CelString::from(ex.flow.as_str()),
+        }
+    }
+
     fn request_map(&self) -> cel::Value {
         let r = &self.ex.request;
         let headers = headers_map(&r.headers);
@@ -179,41 +512,77 @@ impl ExchangeResolver<'_> {
         })
     }
 
+    /// A header or query map: the view, or the built map when the condition needs one.
+    fn map_val<'b>(
+        &'b self,
+        view: &'b MapView<'a>,
+        build: impl FnOnce() -> cel::Value,
+    ) -> Option<CowVal<'b, 'b>> {
+        if self.lazy_maps {
+            Some(CowVal::Borrowed(view))
+        } else {
+            owned_val(build())
+        }
+    }
+
     /// Resolves `name`. CEL asks for the longest dotted name first (`request.method`
-    /// before `request`), so common lookups are answered directly, without building maps.
-    fn value_of(&self, name: &str) -> Option<cel::Value> {
+    /// before `request`), so common lookups are answered directly, without building maps;
+    /// strings borrow from the exchange.
+    fn value_of<'b>(&'b self, name: &str) -> Option<CowVal<'b, 'b>> {
         let ex = self.ex;
         let r = &ex.request;
         match name {
-            "request.method" => return Some(str_val(&r.method)),
-            "request.path" => return Some(str_val(r.path())),
-            "request.uri" => return Some(str_val(&r.uri)),
-            "request.host" => return Some(str_val(r.hostname())),
-            "request.scheme" => return Some(str_val(&r.scheme)),
-            "request.headers" | "request.header" => return Some(headers_map(&r.headers)),
-            "request.query" => return Some(self.query_map()),
-            "request" => return Some(self.request_map()),
+            "request.method" => return Some(CowVal::Borrowed(&self.method)),
+            "request.path" => {
+                return Some(CowVal::Borrowed(
+                    self.path.get_or_init(|| CelString::from(r.path())),
+                ))
+            }
+            "request.uri" => return Some(CowVal::Borrowed(&self.uri)),
+            "request.host" => {
+                return Some(CowVal::Borrowed(
+                    self.host.get_or_init(|| CelString::from(r.hostname())),
+                ))
+            }
+            "request.scheme" => return Some(CowVal::Borrowed(&self.scheme)),
+            "request.headers" | "request.header" => {
+                return self.map_val(&self.request_headers, || headers_map(&r.headers))
+            }
+            "request.query" => {
+                let view = self.query.get_or_init(|| MapView::Query(r.query_string()));
+                return self.map_val(view, || self.query_map());
+            }
+            "request" => return owned_val(self.request_map()),
             "response.status" | "response.code" => {
-                return ex.response.as_ref().map(|r| cel::Value::Int(i64::from(r.status)))
+                return ex
+                    .response
+                    .as_ref()
+                    .map(|r| CowVal::owned(CelInt::from(i64::from(r.status))))
             }
             "response.headers" | "response.header" => {
-                return ex.response.as_ref().map(|r| headers_map(&r.headers))
+                let (resp, view) = ex.response.as_ref().zip(self.response_headers.as_ref())?;
+                return self.map_val(view, || headers_map(&resp.headers));
             }
             "response" => {
                 let r = ex.response.as_ref()?;
                 let headers = headers_map(&r.headers);
-                return Some(map_of(vec![
+                return owned_val(map_of(vec![
                     ("status", cel::Value::Int(i64::from(r.status))),
                     ("code", cel::Value::Int(i64::from(r.status))),
                     ("headers", headers.clone()),
                     ("header", headers),
                 ]));
             }
-            "flow.name" => return Some(str_val(&ex.flow)),
-            "flow" => return Some(map_of(vec![("name", str_val(&ex.flow))])),
-            "client.ip" => return Some(ex.client_ip().map_or(cel::Value::Null, str_val)),
+            "flow.name" => return Some(CowVal::Borrowed(&self.flow)),
+            "flow" => return owned_val(map_of(vec![("name", str_val(&ex.flow))])),
+            "client.ip" => {
+                return Some(
+                    ex.client_ip()
+                        .map_or_else(|| CowVal::owned(CelNull), borrowed_str),
+                )
+            }
             "client" => {
-                return Some(map_of(vec![(
+                return owned_val(map_of(vec![(
                     "ip",
                     ex.client_ip().map_or(cel::Value::Null, str_val),
                 )]))
@@ -221,13 +590,13 @@ impl ExchangeResolver<'_> {
             _ => {}
         }
         if let Some(v) = ex.vars.get(name) {
-            return Some(to_cel(v));
+            return Some(var_val(v));
         }
         if let Some(h) = name
             .strip_prefix("request.header.")
             .or_else(|| name.strip_prefix("request.headers."))
         {
-            return r.headers.get(h).map(str_val);
+            return r.headers.get(h).map(borrowed_str);
         }
         if name.starts_with("request.") || name.starts_with("response.") {
             // Let CEL select the field from the parent map (e.g. `request.query.page`).
@@ -245,17 +614,15 @@ impl ExchangeResolver<'_> {
             }
         }
         if root.is_empty() {
-            return ex.attributes.get(name).map(|v| str_val(v));
+            return ex.attributes.get(name).map(|v| borrowed_str(v));
         }
-        Some(Nested::Branch(root).into_value())
+        owned_val(Nested::Branch(root).into_value())
     }
 }
 
 impl VariableResolver for ExchangeResolver<'_> {
     fn resolve<'b>(&'b self, variable: &str) -> Option<CowVal<'b, 'b>> {
-        let v = self.value_of(variable)?;
-        let boxed: Box<dyn cel::common::value::Val> = v.try_into().ok()?;
-        Some(CowVal::Owned(boxed))
+        self.value_of(variable)
     }
 }
 
@@ -384,6 +751,165 @@ mod tests {
         assert!(!t("'x-missing' in request.headers"));
         assert!(!t("unknown_var == 1"));
         assert!(!t("1 + 1"));
+    }
+
+    /// Headers with a repeated name, a name not in lower case, and a query string with a
+    /// repeated, an encoded and a valueless parameter.
+    fn tricky() -> Exchange {
+        let mut h = Headers::new();
+        h.push(":method".into(), "POST".into());
+        h.push(":path".into(), "/v1?page=2&page=3&a%20b=c+d&flag&=e".into());
+        h.push(":authority".into(), "api.local".into());
+        h.push("x-tier".into(), "gold".into());
+        h.push("x-tier".into(), "silver".into());
+        h.push("X-Up".into(), "1".into());
+        h.push("content-type".into(), "application/json".into());
+        let mut ex = Exchange {
+            request: RequestInfo::from_headers(h),
+            ..Default::default()
+        };
+        let mut rh = Headers::new();
+        rh.push(":status".into(), "200".into());
+        rh.push("content-type".into(), "text/plain".into());
+        ex.response = Some(crate::vars::ResponseInfo {
+            status: 200,
+            headers: rh,
+        });
+        ex
+    }
+
+    /// Evaluates `src` with the maps as views (`lazy`) or built.
+    fn eval_with(ex: &Exchange, src: &str, lazy: bool) -> Result<cel::Value, ExecutionError> {
+        let program = ENV.compile(src).unwrap();
+        let resolver = ExchangeResolver::new(ex, lazy);
+        let mut ctx = Context::with_env(ENV.clone());
+        ctx.set_variable_resolver(&resolver);
+        program.execute(&ctx)
+    }
+
+    #[test]
+    fn map_views_answer_as_the_built_maps() {
+        let ex = tricky();
+        let empty = Exchange::default();
+        for src in [
+            "request.headers['x-tier']",
+            "request.header['content-type'] == 'application/json'",
+            "request.headers['X-Up']",
+            "request.headers['x-up']",
+            "request.headers['missing']",
+            "request.headers[1]",
+            "request.headers[1.5]",
+            "request.headers[true]",
+            "request.headers[[1]]",
+            "request.headers.x_missing == 'a'",
+            "request.headers['x-missing'] == 'a' || true",
+            "has(request.headers.host)",
+            "has(request.headers.x_tier)",
+            "has(request.query.page)",
+            "has(request.query.flag)",
+            "'x-tier' in request.headers",
+            "'X-TIER' in request.headers",
+            "'missing' in request.headers",
+            "1 in request.headers",
+            "[1] in request.headers",
+            "!('missing' in request.headers)",
+            "size(request.headers)",
+            "request.headers.size()",
+            "size(request.query)",
+            "size(response.headers)",
+            "request.query['page']",
+            "request.query.page",
+            "request.query['a b']",
+            "request.query['a%20b']",
+            "request.query['flag']",
+            "request.query['']",
+            "request.query['nope']",
+            "'flag' in request.query",
+            "request.headers[?'x-tier'].orValue('none')",
+            "request.headers[?'missing'].orValue('none')",
+            "request.headers.?x_missing.orValue('none')",
+            "response.headers['content-type']",
+            "response.header['x-tier']",
+            "request.headers['x-tier'].startsWith('g')",
+            "size(request.headers['x-tier'])",
+        ] {
+            assert!(
+                maps_only_indexed(ENV.compile(src).unwrap().expression(), false),
+                "`{src}` should use views"
+            );
+            for ex in [&ex, &empty] {
+                assert_eq!(eval_with(ex, src, false), eval_with(ex, src, true), "{src}");
+            }
+        }
+    }
+
+    #[test]
+    fn conditions_needing_whole_maps_get_built_maps() {
+        let ex = tricky();
+        let t = |s: &str| Condition::compile(s).unwrap();
+        for (src, expected) in [
+            (
+                "request.query == {'page': '3', 'a b': 'c d', 'flag': '', '': 'e'}",
+                true,
+            ),
+            (
+                "{'page': '3', 'a b': 'c d', 'flag': '', '': 'e'} == request.query",
+                true,
+            ),
+            ("request.headers == {}", false),
+            ("request.headers != {}", true),
+            ("request.headers.exists(k, k == 'x-tier')", true),
+            ("request.headers.all(k, k != 'x-nope')", true),
+            (
+                "request.headers.filter(k, k.startsWith('x-')).size() == 1",
+                true,
+            ),
+            ("[request.headers][0]['x-tier'] == 'gold'", true),
+            ("dyn(request.headers)['x-tier'] == 'gold'", true),
+            ("{'h': request.headers}.h['x-tier'] == 'gold'", true),
+            ("type(request.headers) == map", true),
+            ("request.headers in [request.headers]", true),
+            (
+                "response.headers == {':status': '200', 'content-type': 'text/plain'}",
+                true,
+            ),
+            ("request.headers", false),
+        ] {
+            let c = t(src);
+            assert!(!c.lazy_maps, "`{src}` needs built maps");
+            assert_eq!(c.eval(&ex), expected, "{src}");
+        }
+        assert!(t("request.headers['a'] == 'b' && size(request.query) > 0").lazy_maps);
+        assert!(t("request.method == 'GET'").lazy_maps);
+    }
+
+    /// A view used where only a built map would do fails or compares cleanly: no panic.
+    #[test]
+    fn views_out_of_place_fail_cleanly() {
+        let ex = tricky();
+        let lazy = |src: &str| eval_with(&ex, src, true);
+        assert_eq!(
+            lazy("request.headers == {':method': 'POST', ':path': '/v1?page=2&page=3&a%20b=c+d&flag&=e', ':authority': 'api.local', 'x-tier': 'gold', 'X-Up': '1', 'content-type': 'application/json'}"),
+            Ok(cel::Value::Bool(true))
+        );
+        assert_eq!(lazy("request.headers == {}"), Ok(cel::Value::Bool(false)));
+        assert_eq!(
+            lazy("request.headers == request.header"),
+            Ok(cel::Value::Bool(true))
+        );
+        assert_eq!(lazy("request.headers == 1"), Ok(cel::Value::Bool(false)));
+        assert!(lazy("{} == request.headers").is_ok());
+        assert!(lazy("request.headers").is_err());
+        assert!(lazy("request.headers.exists(k, k == 'x-tier')").is_err());
+        assert_eq!(
+            lazy("type(request.headers) == map"),
+            Ok(cel::Value::Bool(true))
+        );
+        assert_eq!(
+            lazy("[request.headers][0]['x-tier']"),
+            Ok(cel::Value::String(Arc::new("gold".into())))
+        );
+        assert!(lazy("optional.ofNonZeroValue(request.headers).hasValue()").is_ok());
     }
 
     #[test]

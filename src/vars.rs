@@ -90,12 +90,24 @@ impl Headers {
 
     /// Replaces every value of `name` with one value.
     pub fn set(&mut self, name: &str, value: String) {
-        self.remove(name);
-        self.entries.push((name.to_ascii_lowercase(), value));
+        let name = lower_case(name);
+        // Reuse the name of a value being replaced rather than allocate a new one.
+        let mut reused = None;
+        self.entries.retain_mut(|(n, _)| {
+            if !n.eq_ignore_ascii_case(&name) {
+                return true;
+            }
+            if reused.is_none() && *n == *name {
+                reused = Some(std::mem::take(n));
+            }
+            false
+        });
+        let name = reused.unwrap_or_else(|| name.into_owned());
+        self.entries.push((name, value));
     }
 
     pub fn append(&mut self, name: &str, value: String) {
-        self.entries.push((name.to_ascii_lowercase(), value));
+        self.entries.push((lower_case(name).into_owned(), value));
     }
 
     pub fn remove(&mut self, name: &str) {
@@ -112,6 +124,16 @@ impl Headers {
 
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+}
+
+/// `name` in lower case, borrowed when it already is (header names from Envoy and from
+/// policy specs are).
+pub fn lower_case(name: &str) -> Cow<'_, str> {
+    if name.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(name.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(name)
     }
 }
 
@@ -156,9 +178,9 @@ impl RequestInfo {
 
     /// First value of query parameter `name`, percent-decoded.
     pub fn query(&self, name: &str) -> Option<String> {
-        query_pairs(self.query_string())
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v)
+        query_pairs_raw(self.query_string())
+            .find(|(k, _)| percent_decode(k) == name)
+            .map(|(_, v)| percent_decode(v).into_owned())
     }
 
     /// Host without a port.
@@ -181,16 +203,26 @@ pub fn strip_port(host: &str) -> &str {
 
 /// Decoded `key=value` pairs of a query string (`+` is a space, `%XX` decoded lossily).
 pub fn query_pairs(qs: &str) -> impl Iterator<Item = (String, String)> + '_ {
-    qs.split('&').filter(|s| !s.is_empty()).map(|pair| {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (percent_decode(k), percent_decode(v))
+    query_pairs_raw(qs).map(|(k, v)| {
+        (
+            percent_decode(k).into_owned(),
+            percent_decode(v).into_owned(),
+        )
     })
 }
 
-fn percent_decode(s: &str) -> String {
+/// The `key=value` pairs of a query string, not decoded yet.
+pub fn query_pairs_raw(qs: &str) -> impl Iterator<Item = (&str, &str)> + '_ {
+    qs.split('&')
+        .filter(|s| !s.is_empty())
+        .map(|pair| pair.split_once('=').unwrap_or((pair, "")))
+}
+
+/// Decodes one query string component; borrowed when there is nothing to decode.
+pub fn percent_decode(s: &str) -> Cow<'_, str> {
     let bytes = s.as_bytes();
     if !bytes.iter().any(|b| *b == b'%' || *b == b'+') {
-        return s.to_owned();
+        return Cow::Borrowed(s);
     }
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -215,7 +247,7 @@ fn percent_decode(s: &str) -> String {
         }
         i += 1;
     }
-    String::from_utf8_lossy(&out).into_owned()
+    Cow::Owned(String::from_utf8_lossy(&out).into_owned())
 }
 
 /// The response as seen on the response-headers message.
@@ -274,35 +306,35 @@ impl Exchange {
 
     /// Sets `name` (overwriting) for `dir`; later steps see the new value.
     pub fn set_header(&mut self, dir: Direction, name: &str, value: String) {
-        let name = name.to_ascii_lowercase();
+        let name = lower_case(name);
         let (view, m) = self.parts(dir);
         if let Some(h) = view {
             h.set(&name, value.clone());
         }
-        m.remove.retain(|n| *n != name);
-        m.set.retain(|(n, _, _)| *n != name);
-        m.set.push((name, value, false));
+        m.remove.retain(|n| *n != *name);
+        m.set.retain(|(n, _, _)| *n != *name);
+        m.set.push((name.into_owned(), value, false));
     }
 
     /// Adds a value to `name` for `dir`, keeping existing ones.
     pub fn add_header(&mut self, dir: Direction, name: &str, value: String) {
-        let name = name.to_ascii_lowercase();
+        let name = lower_case(name);
         let (view, m) = self.parts(dir);
         if let Some(h) = view {
             h.append(&name, value.clone());
         }
-        m.set.push((name, value, true));
+        m.set.push((name.into_owned(), value, true));
     }
 
     pub fn remove_header(&mut self, dir: Direction, name: &str) {
-        let name = name.to_ascii_lowercase();
+        let name = lower_case(name);
         let (view, m) = self.parts(dir);
         if let Some(h) = view {
             h.remove(&name);
         }
-        m.set.retain(|(n, _, _)| *n != name);
-        if !m.remove.contains(&name) {
-            m.remove.push(name);
+        m.set.retain(|(n, _, _)| *n != *name);
+        if !m.remove.iter().any(|n| *n == *name) {
+            m.remove.push(name.into_owned());
         }
     }
 
@@ -480,6 +512,46 @@ mod tests {
         // No response yet: mutations are still recorded.
         ex.set_header(Direction::Response, "x-r", "1".into());
         assert_eq!(ex.take_mutations(Direction::Response).set.len(), 1);
+    }
+
+    #[test]
+    fn header_view_set_append_remove() {
+        let mut h = Headers::new();
+        h.push("x-a".into(), "1".into());
+        h.push("X-B".into(), "2".into());
+        h.push("x-a".into(), "3".into());
+        h.set("X-A", "4".into());
+        assert_eq!(
+            h.iter().collect::<Vec<_>>(),
+            [("X-B", "2"), ("x-a", "4")],
+            "every value replaced, the one left last"
+        );
+        h.set("x-b", "5".into());
+        h.append("X-C", "6".into());
+        assert_eq!(
+            h.iter().collect::<Vec<_>>(),
+            [("x-a", "4"), ("x-b", "5"), ("x-c", "6")]
+        );
+        h.remove("X-A");
+        assert_eq!(h.get("x-a"), None);
+        assert!(matches!(lower_case("x-a"), Cow::Borrowed("x-a")));
+        assert_eq!(lower_case("X-a"), "x-a");
+    }
+
+    #[test]
+    fn query_parameters() {
+        let mut h = Headers::new();
+        h.push(":path".into(), "/p?a=1&a=2&b%20c=d+e&f&=g".into());
+        let r = RequestInfo::from_headers(h);
+        assert_eq!(r.query("a").as_deref(), Some("1"));
+        assert_eq!(r.query("b c").as_deref(), Some("d e"));
+        assert_eq!(r.query("f").as_deref(), Some(""));
+        assert_eq!(r.query("").as_deref(), Some("g"));
+        assert_eq!(r.query("b%20c"), None);
+        let pairs: Vec<_> = query_pairs(r.query_string()).collect();
+        assert_eq!(pairs.len(), 5);
+        assert_eq!(pairs[2], ("b c".to_string(), "d e".to_string()));
+        assert!(matches!(percent_decode("plain"), Cow::Borrowed("plain")));
     }
 
     #[test]

@@ -89,17 +89,16 @@ fn compile_headers(
         .collect()
 }
 
-pub fn build(
-    _ctx: &BuildContext,
-    spec: serde_norway::Value,
-) -> Result<Arc<dyn Policy>, SpecError> {
+pub fn build(_ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Policy>, SpecError> {
     let spec: Spec = parse_spec(spec)?;
     let remove = spec
         .remove
         .headers
         .iter()
         .enumerate()
-        .map(|(i, n)| check_header_name(n).map_err(|m| SpecError::new(format!("remove.headers[{i}]"), m)))
+        .map(|(i, n)| {
+            check_header_name(n).map_err(|m| SpecError::new(format!("remove.headers[{i}]"), m))
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let add = compile_headers("add.headers", spec.add.headers)?;
     let set = compile_headers("set.headers", spec.set.headers)?;
@@ -132,7 +131,12 @@ pub fn build(
         .chain(body.iter())
         .flat_map(Template::variables)
         .any(|v| v == "request.content" || v == "response.content");
-    if remove.is_empty() && add.is_empty() && set.is_empty() && variables.is_empty() && body.is_none() {
+    if remove.is_empty()
+        && add.is_empty()
+        && set.is_empty()
+        && variables.is_empty()
+        && body.is_none()
+    {
         return Err(SpecError::new(
             "",
             "AssignMessage does nothing: give set, add, remove or assignVariables",
@@ -153,7 +157,10 @@ fn rendered(name: &str, t: &Template, ex: &Exchange) -> Option<String> {
     if valid_header_value(&v) {
         Some(v)
     } else {
-        tracing::warn!(header = name, "template rendered a value with CR, LF or NUL; header not set");
+        tracing::warn!(
+            header = name,
+            "template rendered a value with CR, LF or NUL; header not set"
+        );
         None
     }
 }
@@ -225,7 +232,10 @@ assignVariables: {tier: "{request.header.x-flow}"}
             request: RequestInfo::from_headers(h),
             ..Default::default()
         };
-        assert!(matches!(p.run(&mut ex, Direction::Request), Outcome::Ready(Ok(()))));
+        assert!(matches!(
+            p.run(&mut ex, Direction::Request),
+            Outcome::Ready(Ok(()))
+        ));
         let m = ex.take_mutations(Direction::Request);
         assert_eq!(m.remove, ["x-debug"]);
         assert!(m.set.contains(&("x-trace".into(), "t-7".into(), true)));
@@ -246,8 +256,14 @@ assignVariables: {tier: "{request.header.x-flow}"}
             request_body: Some(b"[1]".to_vec()),
             ..Default::default()
         };
-        assert!(matches!(p.run(&mut ex, Direction::Request), Outcome::Ready(Ok(()))));
-        assert_eq!(ex.request_body.as_deref(), Some(&br#"{"wrapped": [1]}"#[..]));
+        assert!(matches!(
+            p.run(&mut ex, Direction::Request),
+            Outcome::Ready(Ok(()))
+        ));
+        assert_eq!(
+            ex.request_body.as_deref(),
+            Some(&br#"{"wrapped": [1]}"#[..])
+        );
         assert!(ex.request_body_replaced);
 
         let reads = build(

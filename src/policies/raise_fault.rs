@@ -53,7 +53,10 @@ struct RaiseFault {
 pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Policy>, SpecError> {
     let spec: Spec = parse_spec(spec)?;
     if !(200..=599).contains(&spec.status) {
-        return Err(SpecError::new("status", "must be an HTTP status between 200 and 599"));
+        return Err(SpecError::new(
+            "status",
+            "must be an HTTP status between 200 and 599",
+        ));
     }
     let tpl = |field: &str, s: &str| {
         Template::compile(s).map_err(|e| SpecError::new(field, e.to_string()))
@@ -151,7 +154,10 @@ mod tests {
 
     #[test]
     fn defaults_and_body() {
-        let p = build_y("{status: 418, body: '{\"tea\": \"{flow.name}\"}', contentType: application/json}").unwrap();
+        let p = build_y(
+            "{status: 418, body: '{\"tea\": \"{flow.name}\"}', contentType: application/json}",
+        )
+        .unwrap();
         let mut ex = Exchange::default();
         let Outcome::Ready(Err(f)) = p.run(&mut ex, Direction::Response) else {
             panic!("expected a fault");
@@ -166,6 +172,11 @@ mod tests {
         assert!(build_y("{status: 99}").unwrap_err().field == "status");
         assert!(build_y("{}").is_err());
         assert!(build_y("{status: 400, contentType: x}").is_err());
-        assert_eq!(build_y("{status: 400, headers: {content-type: x}}").unwrap_err().field, "headers.content-type");
+        assert_eq!(
+            build_y("{status: 400, headers: {content-type: x}}")
+                .unwrap_err()
+                .field,
+            "headers.content-type"
+        );
     }
 }

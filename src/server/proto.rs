@@ -22,19 +22,26 @@ use crate::vars::{HeaderMutations, Headers};
 pub const FLOW_METADATA_KEY: &str = "tollgate-flow";
 
 /// Reads headers from `raw_value` (Envoy 1.40 leaves `value` empty), falling back to
-/// `value` for other clients. Invalid UTF-8 is replaced, never rejected.
-pub fn headers_from(map: Option<&HeaderMap>) -> Headers {
+/// `value` for other clients. Invalid UTF-8 is replaced, never rejected. The message's strings
+/// are taken over, not copied (Envoy sends lower-case names and, nearly always, UTF-8).
+pub fn headers_from(map: Option<HeaderMap>) -> Headers {
     let Some(map) = map else {
         return Headers::new();
     };
-    let mut h = Headers::with_capacity(map.headers.len());
-    for hv in &map.headers {
+    // Room for a few headers the policies add without growing the list.
+    let mut h = Headers::with_capacity(map.headers.len() + 4);
+    for hv in map.headers {
         let value = if hv.raw_value.is_empty() {
-            hv.value.clone()
+            hv.value
         } else {
-            String::from_utf8_lossy(&hv.raw_value).into_owned()
+            match String::from_utf8(hv.raw_value) {
+                Ok(v) => v,
+                Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+            }
         };
-        h.push(hv.key.to_ascii_lowercase(), value);
+        let mut name = hv.key;
+        name.make_ascii_lowercase();
+        h.push(name, value);
     }
     h
 }
@@ -247,7 +254,7 @@ mod tests {
                 },
             ],
         };
-        let h = headers_from(Some(&map));
+        let h = headers_from(Some(map));
         assert_eq!(h.get(":path"), Some("/a"));
         assert_eq!(h.get("x-bin"), Some("\u{fffd}a"));
         assert_eq!(h.get("x-old"), Some("v"));

@@ -57,7 +57,9 @@ pub struct StreamState {
     shared: Arc<Shared>,
     snap: Arc<Snapshot>,
     flow: Option<Arc<Flow>>,
-    ex: Exchange,
+    /// Boxed: keeps the stream's state, and the futures holding it, small enough for the
+    /// allocator's fast path.
+    ex: Box<Exchange>,
     started: bool,
     modes_known: bool,
     observability: bool,
@@ -86,7 +88,7 @@ impl StreamState {
             shared,
             snap,
             flow: None,
-            ex: Exchange::default(),
+            ex: Box::default(),
             started: false,
             modes_known: false,
             observability: false,
@@ -233,7 +235,7 @@ impl StreamState {
         if h.end_of_stream {
             self.req.body_done = true;
         }
-        self.ex.request = RequestInfo::from_headers(proto::headers_from(h.headers.as_ref()));
+        self.ex.request = RequestInfo::from_headers(proto::headers_from(h.headers));
         let named = proto::flow_from_metadata(metadata);
         let Some(flow) = self.snap.select(named.as_deref(), &self.ex.request) else {
             METRICS
@@ -313,7 +315,7 @@ impl StreamState {
         }
         self.resp.headers_seen = true;
         self.resp.headers_eos = h.end_of_stream;
-        let headers = proto::headers_from(h.headers.as_ref());
+        let headers = proto::headers_from(h.headers);
         let status = headers
             .get(":status")
             .and_then(|s| s.parse().ok())
