@@ -151,11 +151,13 @@ pub struct App {
 
 /// `sha256:<hex>` of a key, as stored.
 pub fn hash_key(key: &str) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let digest = Sha256::digest(key.as_bytes());
     let mut out = String::with_capacity(7 + 64);
     out.push_str("sha256:");
     for b in digest {
-        out.push_str(&format!("{b:02x}"));
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 0xf)]));
     }
     out
 }

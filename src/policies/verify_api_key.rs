@@ -81,12 +81,48 @@ enum KeyFrom {
 
 #[derive(Debug)]
 struct VerifyApiKey {
-    name: String,
     key_from: Vec<KeyFrom>,
     strip_key: bool,
     identity: Vec<(String, Identity)>,
     model: Template,
     consumers: Arc<Consumers>,
+    /// Variable names, built once: plain and `verifyapikey.<policy>.`-prefixed.
+    names: [VarNames; 2],
+}
+
+/// The names of the variables a successful verification sets, under one prefix.
+#[derive(Debug)]
+struct VarNames {
+    client_id: String,
+    app_name: String,
+    developer_email: String,
+    product_name: String,
+    app_attributes: String,
+    product_attributes: String,
+    quota: [String; 3],
+    llm_quota: [String; 3],
+}
+
+impl VarNames {
+    fn new(p: &str) -> Self {
+        let q = |what: &str| {
+            [
+                format!("{p}apiproduct.{what}.limit"),
+                format!("{p}apiproduct.{what}.interval"),
+                format!("{p}apiproduct.{what}.timeunit"),
+            ]
+        };
+        Self {
+            client_id: format!("{p}client_id"),
+            app_name: format!("{p}app.name"),
+            developer_email: format!("{p}developer.email"),
+            product_name: format!("{p}apiproduct.name"),
+            app_attributes: format!("{p}app.attributes."),
+            product_attributes: format!("{p}apiproduct.attributes."),
+            quota: q("quota"),
+            llm_quota: q("llmquota"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -138,12 +174,15 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
     let model = Template::compile(spec.model.as_deref().unwrap_or("{llm.model}"))
         .map_err(|e| SpecError::new("model", e.to_string()))?;
     Ok(Arc::new(VerifyApiKey {
-        name: ctx.name.clone(),
         key_from,
         strip_key: spec.strip_key,
         identity,
         model,
         consumers: ctx.services.consumers.clone(),
+        names: [
+            VarNames::new(""),
+            VarNames::new(&format!("verifyapikey.{}.", ctx.name)),
+        ],
     }))
 }
 
@@ -203,27 +242,11 @@ impl VerifyApiKey {
         Found::Missing
     }
 
-    fn set_quota_vars(
-        ex: &mut Exchange,
-        prefixes: &[String],
-        what: &str,
-        q: Option<&QuotaSettings>,
-    ) {
+    fn set_quota_vars(ex: &mut Exchange, names: &[String; 3], q: Option<&QuotaSettings>) {
         let Some(q) = q else { return };
-        for p in prefixes {
-            ex.set_var(
-                format!("{p}apiproduct.{what}.limit"),
-                i64::try_from(q.limit).unwrap_or(i64::MAX),
-            );
-            ex.set_var(
-                format!("{p}apiproduct.{what}.interval"),
-                i64::from(q.interval),
-            );
-            ex.set_var(
-                format!("{p}apiproduct.{what}.timeunit"),
-                q.time_unit.as_str(),
-            );
-        }
+        ex.set_var(names[0].clone(), i64::try_from(q.limit).unwrap_or(i64::MAX));
+        ex.set_var(names[1].clone(), i64::from(q.interval));
+        ex.set_var(names[2].clone(), q.time_unit.as_str());
     }
 
     fn verify(&self, ex: &mut Exchange) -> Result<(), Fault> {
@@ -286,21 +309,20 @@ impl VerifyApiKey {
             })?;
         let app = &verified.app;
         let product = &verified.product.spec;
-        let prefixes = [String::new(), format!("verifyapikey.{}.", self.name)];
-        for p in &prefixes {
-            ex.set_var(format!("{p}client_id"), verified.key.id.clone());
-            ex.set_var(format!("{p}app.name"), app.name.clone());
-            ex.set_var(format!("{p}developer.email"), app.developer_email.clone());
-            ex.set_var(format!("{p}apiproduct.name"), product.name.clone());
+        for n in &self.names {
+            ex.set_var(n.client_id.clone(), verified.key.id.clone());
+            ex.set_var(n.app_name.clone(), app.name.clone());
+            ex.set_var(n.developer_email.clone(), app.developer_email.clone());
+            ex.set_var(n.product_name.clone(), product.name.clone());
             for (k, v) in &app.attributes {
-                ex.set_var(format!("{p}app.attributes.{k}"), v.clone());
+                ex.set_var(format!("{}{k}", n.app_attributes), v.clone());
             }
             for (k, v) in &product.attributes {
-                ex.set_var(format!("{p}apiproduct.attributes.{k}"), v.clone());
+                ex.set_var(format!("{}{k}", n.product_attributes), v.clone());
             }
+            Self::set_quota_vars(ex, &n.quota, product.quota.as_ref());
+            Self::set_quota_vars(ex, &n.llm_quota, product.llm_token_quota.as_ref());
         }
-        Self::set_quota_vars(ex, &prefixes, "quota", product.quota.as_ref());
-        Self::set_quota_vars(ex, &prefixes, "llmquota", product.llm_token_quota.as_ref());
         if self.strip_key {
             for source in &self.key_from {
                 match source {
