@@ -15,4 +15,9 @@ echo "== tollgate validate policies/ benches/configs/"
 cargo run --quiet --locked -- validate policies
 cargo run --quiet --locked -- validate benches/configs
 echo "== cargo test"
-cargo test --all-targets --locked
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+cargo test --all-targets --locked 2>&1 | tee "$log"
+# One closing line for the whole run (the last target cargo runs has no tests of its own).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }
+     END { printf "%d passed, %d failed\n", p, f }' "$log"
