@@ -198,7 +198,9 @@ impl ConfigManager {
         };
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-            if res.is_ok() {
+            // tollgate's own reads of the files are access events: reacting to them would
+            // re-read the configuration in a loop.
+            if res.is_ok_and(|e| !matches!(e.kind, notify::EventKind::Access(_))) {
                 let _ = tx.send(());
             }
         })
