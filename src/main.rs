@@ -212,16 +212,19 @@ async fn run(args: Box<ServeArgs>) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("cannot open the {:?} store: {e}", args.store))?;
     tracing::info!(store = store.kind(), "store open");
     let consumers = Consumers::new(store);
+    let services = Services {
+        consumers: consumers.clone(),
+    };
+    // Configuration first (its index build sees no store objects yet and is cheap), then
+    // the store: the full index is built once.
+    let config = ConfigManager::load_with(source, services)
+        .map_err(|e| anyhow::anyhow!("invalid configuration:\n{e}"))?;
+    // Follow the change feed before reading, so no write between the two is missed.
+    consumers.spawn_follower();
     consumers
         .resync()
         .await
         .map_err(|e| anyhow::anyhow!("cannot read the store: {e}"))?;
-    let services = Services {
-        consumers: consumers.clone(),
-    };
-    let config = ConfigManager::load_with(source, services)
-        .map_err(|e| anyhow::anyhow!("invalid configuration:\n{e}"))?;
-    consumers.spawn_follower();
     server::serve(
         config,
         ServeOptions {

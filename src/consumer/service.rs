@@ -20,9 +20,10 @@ const COALESCE: Duration = Duration::from_millis(50);
 #[derive(Debug, Default)]
 struct Objects {
     file_products: Vec<ApiProduct>,
-    file_apps: Vec<App>,
+    // Apps are shared with the index (`Arc`), so a rebuild copies pointers, not apps.
+    file_apps: Vec<Arc<App>>,
     store_products: BTreeMap<String, ApiProduct>,
-    store_apps: BTreeMap<String, App>,
+    store_apps: BTreeMap<String, Arc<App>>,
 }
 
 #[derive(Debug)]
@@ -69,7 +70,10 @@ impl Consumers {
     pub fn file_objects(&self) -> (Vec<ApiProduct>, Vec<App>) {
         self.objects
             .lock()
-            .map(|o| (o.file_products.clone(), o.file_apps.clone()))
+            .map(|o| {
+                let apps = o.file_apps.iter().map(|a| App::clone(a)).collect();
+                (o.file_products.clone(), apps)
+            })
             .unwrap_or_default()
     }
 
@@ -77,7 +81,7 @@ impl Consumers {
     pub fn set_file_objects(&self, products: Vec<ApiProduct>, apps: Vec<App>) {
         if let Ok(mut o) = self.objects.lock() {
             o.file_products = products;
-            o.file_apps = apps;
+            o.file_apps = apps.into_iter().map(Arc::new).collect();
         }
         self.rebuild();
     }
@@ -94,7 +98,7 @@ impl Consumers {
             o.store_apps = contents
                 .apps
                 .into_iter()
-                .map(|a| (a.name.clone(), a))
+                .map(|a| (a.name.clone(), Arc::new(a)))
                 .collect();
         }
         self.rebuild();
@@ -117,7 +121,7 @@ impl Consumers {
                 let a = self.store.get_app(name).await?;
                 if let Ok(mut o) = self.objects.lock() {
                     match a {
-                        Some(a) => o.store_apps.insert(name.clone(), a),
+                        Some(a) => o.store_apps.insert(name.clone(), Arc::new(a)),
                         None => o.store_apps.remove(name),
                     };
                 }
@@ -142,7 +146,6 @@ impl Consumers {
             .values()
             .chain(o.file_apps.iter())
             .cloned()
-            .map(Arc::new)
             .collect();
         drop(o);
         self.index

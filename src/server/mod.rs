@@ -145,7 +145,8 @@ impl ExternalProcessor for Processor {
         let driver = Driver {
             state: StreamState::new(self.shared.clone()),
             inbound: request.into_inner(),
-            queue: VecDeque::new(),
+            // Most messages get one answer; a small start avoids regrowing per stream.
+            queue: VecDeque::with_capacity(2),
             error: None,
             ended: false,
         };
