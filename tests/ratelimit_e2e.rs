@@ -95,10 +95,17 @@ impl Redis {
 
     fn spawn(port: u16, dir: &Path) -> Proc {
         let mut cmd = Command::new("redis-server");
-        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
-            .args(["--appendonly", "yes", "--appendfsync", "always"])
-            .arg("--dir")
-            .arg(dir);
+        cmd.args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+        ])
+        .args(["--appendonly", "yes", "--appendfsync", "always"])
+        .arg("--dir")
+        .arg(dir);
         let mut p = Proc::spawn("redis-server", cmd, dir.join("redis.log"));
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -258,7 +265,12 @@ spec:
 
 /// `clients` tasks, each sending `per_client` requests alternately to the replicas; returns
 /// (admitted, refused with 429). Any other answer fails the test.
-async fn hammer(replicas: &[&Tollgate], clients: usize, per_client: usize, user: &str) -> (usize, usize) {
+async fn hammer(
+    replicas: &[&Tollgate],
+    clients: usize,
+    per_client: usize,
+    user: &str,
+) -> (usize, usize) {
     let mut tasks = Vec::new();
     for c in 0..clients {
         let targets: Vec<ExternalProcessorClient<Channel>> =
@@ -328,7 +340,14 @@ async fn synchronous_redis_two_replicas_admit_exactly_the_limit() {
     let cfg = config(&quota_config(150));
     let logs = tempfile::tempdir().unwrap();
     let url = redis.url();
-    let args = ["--store", "memory", "--counters", "redis", "--redis-url", &url];
+    let args = [
+        "--store",
+        "memory",
+        "--counters",
+        "redis",
+        "--redis-url",
+        &url,
+    ];
     let a = Tollgate::start(cfg.path(), logs.path(), "a", &args).await;
     let b = Tollgate::start(cfg.path(), logs.path(), "b", &args).await;
     // 32 concurrent clients, 500 requests for a limit of 150.
@@ -337,8 +356,11 @@ async fn synchronous_redis_two_replicas_admit_exactly_the_limit() {
     assert_eq!(refused, 32 * 16 - 150);
     // Another identifier has its own count.
     assert_eq!(a.status("/q", &[("x-user", "bob")]).await, 200);
-    let allowed = a.metric("tollgate_ratelimit_decisions_total{policy=\"shared-quota\",result=\"allowed\"}")
-        + b.metric("tollgate_ratelimit_decisions_total{policy=\"shared-quota\",result=\"allowed\"}");
+    let allowed = a
+        .metric("tollgate_ratelimit_decisions_total{policy=\"shared-quota\",result=\"allowed\"}")
+        + b.metric(
+            "tollgate_ratelimit_decisions_total{policy=\"shared-quota\",result=\"allowed\"}",
+        );
     assert_eq!(allowed, 151.0);
 }
 
@@ -394,7 +416,10 @@ async fn asynchronous_redis_overshoot_stays_within_its_bound_and_converges() {
         .query_async(&mut con)
         .await
         .unwrap();
-    assert!(n >= 100 && n <= admitted as u64 + 2, "redis count {n}, admitted {admitted}");
+    assert!(
+        n >= 100 && n <= admitted as u64 + 2,
+        "redis count {n}, admitted {admitted}"
+    );
 }
 
 const FAIL_MODES: &str = r#"
@@ -433,7 +458,14 @@ async fn redis_killed_and_restarted_follows_the_fail_mode_and_counting_resumes()
         cfg.path(),
         logs.path(),
         "t",
-        &["--store", "memory", "--counters", "redis", "--redis-url", &url],
+        &[
+            "--store",
+            "memory",
+            "--counters",
+            "redis",
+            "--redis-url",
+            &url,
+        ],
     )
     .await;
     for _ in 0..3 {
@@ -461,7 +493,11 @@ async fn redis_killed_and_restarted_follows_the_fail_mode_and_counting_resumes()
     // Counting resumes where Redis stood (3 before the outage; local counts are not
     // merged): 5 more of 8, then 429.
     for i in 0..5 {
-        assert_eq!(t.status("/open", &[]).await, 200, "request {i} after restart");
+        assert_eq!(
+            t.status("/open", &[]).await,
+            200,
+            "request {i} after restart"
+        );
     }
     assert_eq!(t.status("/open", &[]).await, 429);
 }
@@ -515,5 +551,9 @@ spec:
         eprintln!("the UTC day turned during the test: the new day has a new count");
         return;
     }
-    assert_eq!(results, [200, 200, 429], "3 of 5 were used before the restart");
+    assert_eq!(
+        results,
+        [200, 200, 429],
+        "3 of 5 were used before the restart"
+    );
 }

@@ -114,7 +114,8 @@ impl SpikeArrest {
             .as_ref()
             .map(|t| t.render(ex))
             .unwrap_or_default();
-        let now = self.counters.now();
+        let now_us = self.counters.now_us();
+        let now = now_us.div_euclid(1000);
         let rate = self.rate;
         let result = if self.effective {
             let key = Key::new(&[
@@ -149,7 +150,7 @@ impl SpikeArrest {
             let emission_us = rate.per_ms.saturating_mul(1000) / i64::try_from(rate.n).unwrap_or(1);
             self.counters
                 .local
-                .gcra(key, emission_us.max(1), weight, now)
+                .gcra(key, emission_us.max(1), weight, now_us)
         };
         match result {
             Ok(()) => {
@@ -250,6 +251,17 @@ mod tests {
         }
         assert_eq!(admitted, 1);
         clock.advance(2000);
+        run(&p, &mut ex).unwrap();
+    }
+
+    #[test]
+    fn rates_above_a_thousand_per_second_smooth_in_microseconds() {
+        let (p, clock) = policy("{rate: 10000ps}");
+        let mut ex = Exchange::default();
+        run(&p, &mut ex).unwrap();
+        clock.advance_us(99);
+        assert!(run(&p, &mut ex).is_err());
+        clock.advance_us(1);
         run(&p, &mut ex).unwrap();
     }
 

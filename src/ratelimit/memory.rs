@@ -251,9 +251,8 @@ impl MemoryCounters {
     /// Spike arrest without bursts (GCRA with no tolerance): admits when the theoretical
     /// arrival time has come, then moves it `weight × emission` on. `Err` carries the ms to
     /// wait. A weight larger than one is admitted whole and delays the next request more.
-    pub fn gcra(&self, key: Key, emission_us: i64, weight: u64, now_ms: i64) -> Result<(), i64> {
-        let now_us = now_ms.saturating_mul(1000);
-        let key = self.admit_key(key, now_ms);
+    pub fn gcra(&self, key: Key, emission_us: i64, weight: u64, now_us: i64) -> Result<(), i64> {
+        let key = self.admit_key(key, now_us.div_euclid(1000));
         let mut entry = self.map.entry(key).or_insert(Slot::Gcra { tat_us: 0 });
         let slot = entry.value_mut();
         let tat = match slot {
@@ -528,14 +527,19 @@ mod tests {
     fn gcra_smooths_without_burst() {
         let c = MemoryCounters::new(100);
         // 10 per second: one per 100 ms.
-        assert!(c.gcra(Key(6), 100_000, 1, 0).is_ok());
-        assert_eq!(c.gcra(Key(6), 100_000, 1, 1), Err(99));
-        assert_eq!(c.gcra(Key(6), 100_000, 1, 99), Err(1));
-        assert!(c.gcra(Key(6), 100_000, 1, 100).is_ok());
+        let ms = |m: i64| m * 1000;
+        assert!(c.gcra(Key(6), 100_000, 1, ms(0)).is_ok());
+        assert_eq!(c.gcra(Key(6), 100_000, 1, ms(1)), Err(99));
+        assert_eq!(c.gcra(Key(6), 100_000, 1, ms(99)), Err(1));
+        assert!(c.gcra(Key(6), 100_000, 1, ms(100)).is_ok());
         // A weight of 3 is admitted and holds the next one back 300 ms.
-        assert!(c.gcra(Key(6), 100_000, 3, 200).is_ok());
-        assert!(c.gcra(Key(6), 100_000, 1, 499).is_err());
-        assert!(c.gcra(Key(6), 100_000, 1, 500).is_ok());
+        assert!(c.gcra(Key(6), 100_000, 3, ms(200)).is_ok());
+        assert!(c.gcra(Key(6), 100_000, 1, ms(499)).is_err());
+        assert!(c.gcra(Key(6), 100_000, 1, ms(500)).is_ok());
+        // 10 000 per second: one every 100 µs, within one millisecond.
+        assert!(c.gcra(Key(7), 100, 1, 1_000_000).is_ok());
+        assert!(c.gcra(Key(7), 100, 1, 1_000_099).is_err());
+        assert!(c.gcra(Key(7), 100, 1, 1_000_100).is_ok());
     }
 
     #[test]

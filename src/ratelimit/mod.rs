@@ -31,41 +31,49 @@ use sha2::{Digest, Sha256};
 
 use crate::telemetry::METRICS;
 
-/// Milliseconds since the Unix epoch.
+/// Wall time since the Unix epoch: microseconds (spike arrest smooths rates above 1000/s)
+/// and milliseconds (quota windows).
 pub trait Clock: Send + Sync + fmt::Debug {
-    fn now_ms(&self) -> i64;
+    fn now_us(&self) -> i64;
+
+    fn now_ms(&self) -> i64 {
+        self.now_us().div_euclid(1000)
+    }
 }
 
 #[derive(Debug, Default)]
 pub struct SystemClock;
 
 impl Clock for SystemClock {
-    fn now_ms(&self) -> i64 {
+    fn now_us(&self) -> i64 {
         SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+            .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
             .unwrap_or(0)
     }
 }
 
-/// A clock tests move by hand.
+/// A clock tests move by hand (set in milliseconds, kept in microseconds).
 #[derive(Debug, Default)]
 pub struct FakeClock(AtomicI64);
 
 impl FakeClock {
     pub fn new(ms: i64) -> Arc<Self> {
-        Arc::new(Self(AtomicI64::new(ms)))
+        Arc::new(Self(AtomicI64::new(ms * 1000)))
     }
     pub fn set(&self, ms: i64) {
-        self.0.store(ms, Ordering::SeqCst);
+        self.0.store(ms * 1000, Ordering::SeqCst);
     }
     pub fn advance(&self, ms: i64) {
-        self.0.fetch_add(ms, Ordering::SeqCst);
+        self.0.fetch_add(ms * 1000, Ordering::SeqCst);
+    }
+    pub fn advance_us(&self, us: i64) {
+        self.0.fetch_add(us, Ordering::SeqCst);
     }
 }
 
 impl Clock for FakeClock {
-    fn now_ms(&self) -> i64 {
+    fn now_us(&self) -> i64 {
         self.0.load(Ordering::SeqCst)
     }
 }
@@ -230,8 +238,14 @@ impl Counters {
         }
     }
 
+    /// Now, in milliseconds.
     pub fn now(&self) -> i64 {
         self.clock.now_ms()
+    }
+
+    /// Now, in microseconds.
+    pub fn now_us(&self) -> i64 {
+        self.clock.now_us()
     }
 
     /// `memory`, `redis-sync` or `redis-async`.
