@@ -120,6 +120,51 @@ impl Redis {
         format!("redis://127.0.0.1:{}/0", self.port)
     }
 
+    /// A one-node Redis Cluster holding every slot (keys in different slots still may not
+    /// share a pipeline or a script call, as on a real cluster).
+    fn start_cluster() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let mut cmd = Command::new("redis-server");
+        cmd.args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+        ])
+        .args(["--appendonly", "no", "--cluster-enabled", "yes"])
+        .arg("--cluster-config-file")
+        .arg(dir.path().join("nodes.conf"))
+        .arg("--dir")
+        .arg(dir.path());
+        let mut proc = Proc::spawn("redis-server", cmd, dir.path().join("redis.log"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(!proc.exited(), "redis-server exited at start");
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+        let mut con = client.get_connection().unwrap();
+        redis::cmd("CLUSTER")
+            .arg("ADDSLOTSRANGE")
+            .arg(0)
+            .arg(16383)
+            .query::<()>(&mut con)
+            .unwrap();
+        loop {
+            let info: String = redis::cmd("CLUSTER").arg("INFO").query(&mut con).unwrap();
+            if info.contains("cluster_state:ok") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "cluster never became ok");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self { proc, port, dir }
+    }
+
     fn kill(&mut self) {
         self.proc.kill();
     }
@@ -555,5 +600,78 @@ spec:
         results,
         [200, 200, 429],
         "3 of 5 were used before the restart"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_counts_in_both_modes() {
+    let cluster = Redis::start_cluster();
+    let url = format!("redis+cluster://127.0.0.1:{}", cluster.port);
+    let cfg = config(&quota_config(20));
+    let logs = tempfile::tempdir().unwrap();
+    let sync = Tollgate::start(
+        cfg.path(),
+        logs.path(),
+        "sync",
+        &[
+            "--store",
+            "memory",
+            "--counters",
+            "redis",
+            "--redis-url",
+            &url,
+        ],
+    )
+    .await;
+    let (admitted, _) = hammer(&[&sync], 8, 10, "erin").await;
+    assert_eq!(admitted, 20);
+    // Asynchronous mode syncs many counters (several slots) at once.
+    let asynchronous = Tollgate::start(
+        cfg.path(),
+        logs.path(),
+        "async",
+        &[
+            "--store",
+            "memory",
+            "--counters",
+            "redis",
+            "--redis-url",
+            &url,
+            "--counter-sync",
+            "async",
+            "--counter-sync-interval",
+            "50ms",
+        ],
+    )
+    .await;
+    for user in ["u1", "u2", "u3", "u4"] {
+        assert_eq!(asynchronous.status("/q", &[("x-user", user)]).await, 200);
+    }
+    // erin's window is spent in Redis: once synced, the async replica refuses too.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while asynchronous.status("/q", &[("x-user", "erin")]).await != 429 {
+        assert!(
+            Instant::now() < deadline,
+            "the async replica never saw the count"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        asynchronous.metric("tollgate_ratelimit_redis_errors_total{op=\"sync\"}"),
+        0.0,
+        "syncing across cluster slots failed"
+    );
+    // The sync replica sees the async replica's counts: u1 has 1 of 20 used.
+    let client = redis::Client::open(format!("redis://127.0.0.1:{}", cluster.port)).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("tollgate:rl:*")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(keys.len(), 5, "{keys:?}");
+    assert!(
+        keys.iter().all(|k| k.contains(":{") && k.ends_with('}')),
+        "{keys:?}"
     );
 }

@@ -36,6 +36,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dashmap::DashMap;
+use futures_util::StreamExt;
 use redis::Value;
 
 use super::memory::MemoryCounters;
@@ -104,6 +105,9 @@ if allowed == 1 and mode ~= 'e' and w > 0 then
 end
 return {allowed, used, expiry}
 ";
+
+type ValueFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = redis::RedisResult<Value>> + Send>>;
 
 /// Synchronous or asynchronous counting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -359,6 +363,68 @@ impl RedisCounters {
         }
     }
 
+    /// Sends one batch of count-only calls: one pipeline on a single server; on a cluster,
+    /// where a pipeline must stay in one slot, concurrent calls.
+    async fn send_batch(
+        &self,
+        chunk: &[((u128, i64), Ask, u64)],
+        now: i64,
+    ) -> redis::RedisResult<Vec<Value>> {
+        let calls = chunk.iter().map(|(_, ask, w)| {
+            let mut a = ask.clone();
+            a.now = now;
+            let (t, mode, w, arg) = script_args(&a, *w, Mode::CountOnly);
+            (redis_key(&a), t, mode, w, a.allow, arg)
+        });
+        match &self.conn {
+            Conn::Single(_) => {
+                let mut pipe = redis::pipe();
+                for (key, t, mode, w, allow, arg) in calls {
+                    pipe.cmd("EVAL")
+                        .arg(SCRIPT)
+                        .arg(1)
+                        .arg(key)
+                        .arg(t)
+                        .arg(mode)
+                        .arg(w)
+                        .arg(allow)
+                        .arg(now)
+                        .arg(arg);
+                }
+                let mut conn = self.conn.clone();
+                pipe.query_async::<Vec<Value>>(&mut conn).await
+            }
+            Conn::Cluster(_) => {
+                let futures: Vec<ValueFuture> = calls
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .map(|(key, t, mode, w, allow, arg)| {
+                        let mut conn = self.conn.clone();
+                        let script = self.script.clone();
+                        Box::pin(async move {
+                            script
+                                .key(key)
+                                .arg(t)
+                                .arg(mode)
+                                .arg(w)
+                                .arg(allow)
+                                .arg(now)
+                                .arg(arg)
+                                .invoke_async::<Value>(&mut conn)
+                                .await
+                        }) as ValueFuture
+                    })
+                    .collect();
+                futures_util::stream::iter(futures)
+                    .buffered(64)
+                    .collect::<Vec<_>>()
+                    .await
+                    .into_iter()
+                    .collect()
+            }
+        }
+    }
+
     /// Asynchronous mode: sends pending counts, refreshes recently used mirrors, drops idle
     /// ones.
     pub async fn sync(&self, now: i64, interval: Duration) {
@@ -385,25 +451,7 @@ impl RedisCounters {
             return;
         }
         for chunk in batch.chunks(BATCH) {
-            let mut pipe = redis::pipe();
-            for (_, ask, w) in chunk {
-                let mut a = ask.clone();
-                a.now = now;
-                let (t, mode, w, arg) = script_args(&a, *w, Mode::CountOnly);
-                pipe.cmd("EVAL")
-                    .arg(SCRIPT)
-                    .arg(1)
-                    .arg(redis_key(&a))
-                    .arg(t)
-                    .arg(mode)
-                    .arg(w)
-                    .arg(a.allow)
-                    .arg(now)
-                    .arg(arg);
-            }
-            let mut conn = self.conn.clone();
-            let res =
-                tokio::time::timeout(SYNC_TIMEOUT, pipe.query_async::<Vec<Value>>(&mut conn)).await;
+            let res = tokio::time::timeout(SYNC_TIMEOUT, self.send_batch(chunk, now)).await;
             let replies = match res {
                 Ok(Ok(v)) if v.len() == chunk.len() => v,
                 other => {
