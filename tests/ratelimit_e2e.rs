@@ -601,6 +601,48 @@ spec:
         [200, 200, 429],
         "3 of 5 were used before the restart"
     );
+    drop(t);
+
+    // SIGTERM: the checkpoint after the drain saves counts the periodic one (hourly here)
+    // has not written yet.
+    let args = [
+        "--store",
+        "embedded",
+        "--data-dir",
+        dir,
+        "--counter-checkpoint-interval",
+        "1h",
+        "--drain-timeout",
+        "2s",
+    ];
+    let mut t = Tollgate::start(cfg.path(), logs.path(), "third", &args).await;
+    for _ in 0..4 {
+        assert_eq!(t.status("/q", &[("x-user", "eve")]).await, 200);
+    }
+    let pid = t.proc.child.as_ref().map(Child::id).unwrap();
+    let status = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !t.proc.exited() {
+        assert!(
+            Instant::now() < deadline,
+            "tollgate did not exit on SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(t);
+    let t = Tollgate::start(cfg.path(), logs.path(), "fourth", &args).await;
+    let results = [
+        t.status("/q", &[("x-user", "eve")]).await,
+        t.status("/q", &[("x-user", "eve")]).await,
+    ];
+    if day() != started {
+        return;
+    }
+    assert_eq!(results, [200, 429], "4 of 5 were used before SIGTERM");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
