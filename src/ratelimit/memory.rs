@@ -11,9 +11,11 @@
 //! the `counters` table of the embedded store's file and read back at start, so a restart
 //! keeps a day's or a month's count (losing at most one checkpoint interval of counting).
 
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use dashmap::mapref::entry::Entry;
+use dashmap::mapref::one::RefMut;
 use dashmap::DashMap;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
@@ -119,6 +121,8 @@ fn judge(used: u64, ask: &Ask) -> (bool, u64) {
 
 pub struct MemoryCounters {
     map: DashMap<Key, Slot>,
+    /// Entries in `map`, kept here: `DashMap::len` locks every shard.
+    live: AtomicUsize,
     max_keys: usize,
     last_sweep: AtomicI64,
 }
@@ -136,13 +140,14 @@ impl MemoryCounters {
     pub fn new(max_keys: usize) -> Self {
         Self {
             map: DashMap::new(),
+            live: AtomicUsize::new(0),
             max_keys: max_keys.max(1),
             last_sweep: AtomicI64::new(i64::MIN),
         }
     }
 
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.live.load(Ordering::Relaxed)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -151,7 +156,7 @@ impl MemoryCounters {
 
     /// `key`, or the overflow counter when the table is full of live counters.
     fn admit_key(&self, key: Key, now: i64) -> Key {
-        if self.map.len() < self.max_keys || self.map.contains_key(&key) {
+        if self.live.load(Ordering::Relaxed) < self.max_keys || self.map.contains_key(&key) {
             return key;
         }
         // Full: drop expired counters (at most once per 100 ms; a sweep walks the table).
@@ -164,29 +169,37 @@ impl MemoryCounters {
         {
             self.sweep(now);
         }
-        if self.map.len() < self.max_keys {
+        if self.live.load(Ordering::Relaxed) < self.max_keys {
             return key;
         }
         RL_METRICS.overflow.inc();
         OVERFLOW
     }
 
+    /// The slot of `key`, created (as `fresh`) when missing.
+    fn slot(&self, key: Key, fresh: Slot) -> RefMut<'_, Key, Slot> {
+        match self.map.entry(key) {
+            Entry::Occupied(o) => o.into_ref(),
+            Entry::Vacant(v) => {
+                self.live.fetch_add(1, Ordering::Relaxed);
+                v.insert(fresh)
+            }
+        }
+    }
+
     /// Drops every counter whose window has passed.
     pub fn sweep(&self, now: i64) {
         self.map.retain(|_, s| s.expires() > now);
-        RL_METRICS
-            .keys
-            .set(i64::try_from(self.map.len()).unwrap_or(i64::MAX));
+        let n = self.map.len();
+        self.live.store(n, Ordering::Relaxed);
+        RL_METRICS.keys.set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// Decides a quota ask on the local counter.
     pub fn apply(&self, ask: &Ask) -> Decision {
         let now = ask.now;
         let key = self.admit_key(ask.key, now);
-        let mut entry = self
-            .map
-            .entry(key)
-            .or_insert_with(|| Slot::Gcra { tat_us: 0 });
+        let mut entry = self.slot(key, Slot::Gcra { tat_us: 0 });
         let slot = entry.value_mut();
         match ask.window {
             Window::Fixed { start, end } => {
@@ -253,7 +266,7 @@ impl MemoryCounters {
     /// wait. A weight larger than one is admitted whole and delays the next request more.
     pub fn gcra(&self, key: Key, emission_us: i64, weight: u64, now_us: i64) -> Result<(), i64> {
         let key = self.admit_key(key, now_us.div_euclid(1000));
-        let mut entry = self.map.entry(key).or_insert(Slot::Gcra { tat_us: 0 });
+        let mut entry = self.slot(key, Slot::Gcra { tat_us: 0 });
         let slot = entry.value_mut();
         let tat = match slot {
             Slot::Gcra { tat_us } => *tat_us,
@@ -286,15 +299,15 @@ impl MemoryCounters {
             if end <= now {
                 continue;
             }
-            self.map.insert(
-                Key(k.value()),
-                Slot::Window {
-                    start,
-                    end,
-                    count,
-                    dirty: false,
-                },
-            );
+            let slot = Slot::Window {
+                start,
+                end,
+                count,
+                dirty: false,
+            };
+            if self.map.insert(Key(k.value()), slot).is_none() {
+                self.live.fetch_add(1, Ordering::Relaxed);
+            }
             n += 1;
         }
         Ok(n)
