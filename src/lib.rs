@@ -12,6 +12,7 @@ pub mod expr;
 pub mod fault;
 pub mod pipeline;
 pub mod policies;
+pub mod ratelimit;
 pub mod server;
 pub mod services;
 pub mod store;

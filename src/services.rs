@@ -1,15 +1,18 @@
-//! Shared services policies use at run time (the consumer index today; counters and
+//! Shared services policies use at run time (the consumer index, rate-limit counters;
 //! key-value maps later). Built once per process and handed to every configuration load,
 //! so they outlive reloads.
 
 use std::sync::Arc;
 
 use crate::consumer::service::Consumers;
+use crate::ratelimit::Counters;
 use crate::store::memory::MemoryStore;
 
 #[derive(Debug, Clone)]
 pub struct Services {
     pub consumers: Arc<Consumers>,
+    /// Quota and spike arrest counters (memory or Redis).
+    pub counters: Counters,
 }
 
 impl Default for Services {
@@ -17,6 +20,7 @@ impl Default for Services {
     fn default() -> Self {
         Self {
             consumers: Consumers::new(Arc::new(MemoryStore::new())),
+            counters: Counters::default(),
         }
     }
 }

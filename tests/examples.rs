@@ -113,6 +113,75 @@ fn scenarios(file: &str) -> Option<Vec<Scenario>> {
                 },
             },
         ]),
+        // Scenarios run in order on one process: the counters carry over.
+        "rate-limits.yaml" => {
+            const KEY: &[(&str, &str)] = &[("x-api-key", "tg_limits_demo_key_0001")];
+            Some(vec![
+                Scenario {
+                    method: "GET",
+                    path: "/limited/a",
+                    headers: KEY,
+                    expect: Expect::Upstream(&[
+                        ("x-tollgate-app", "limits-demo-app"),
+                        ("x-quota-remaining", "1"),
+                    ]),
+                },
+                Scenario {
+                    method: "GET",
+                    path: "/limited/a",
+                    headers: KEY,
+                    expect: Expect::Upstream(&[("x-quota-remaining", "0")]),
+                },
+                Scenario {
+                    method: "GET",
+                    path: "/limited/a",
+                    headers: KEY,
+                    expect: Expect::Immediate {
+                        status: 429,
+                        body_contains: "policies.ratelimit.QuotaViolation",
+                    },
+                },
+                Scenario {
+                    method: "GET",
+                    path: "/limited/a",
+                    headers: &[],
+                    expect: Expect::Immediate {
+                        status: 401,
+                        body_contains: "oauth.v2.FailedToResolveAPIKey",
+                    },
+                },
+                Scenario {
+                    method: "GET",
+                    path: "/weighted",
+                    headers: &[("x-user", "u1"), ("x-weight", "4")],
+                    expect: Expect::Upstream(&[("x-quota-remaining", "1")]),
+                },
+                Scenario {
+                    method: "GET",
+                    path: "/weighted",
+                    headers: &[("x-user", "u1"), ("x-weight", "2")],
+                    expect: Expect::Immediate {
+                        status: 429,
+                        body_contains: "Identifier : u1",
+                    },
+                },
+                Scenario {
+                    method: "GET",
+                    path: "/weighted",
+                    headers: &[("x-user", "u2"), ("x-weight", "2")],
+                    expect: Expect::Upstream(&[("x-quota-remaining", "3")]),
+                },
+                Scenario {
+                    method: "GET",
+                    path: "/weighted",
+                    headers: &[("x-user", "u1"), ("x-weight", "abc")],
+                    expect: Expect::Immediate {
+                        status: 500,
+                        body_contains: "policies.ratelimit.InvalidMessageWeight",
+                    },
+                },
+            ])
+        }
         _ => None,
     }
 }

@@ -87,6 +87,12 @@ impl EmbeddedStore {
         Ok(store)
     }
 
+    /// The database, shared with the counter checkpoints (`crate::ratelimit`), which keep
+    /// their own table in the same file (redb allows one opener per file).
+    pub fn database(&self) -> Arc<Database> {
+        self.db.clone()
+    }
+
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path

@@ -75,7 +75,7 @@ return 0
 
 /// The command connection: one server or a cluster.
 #[derive(Clone)]
-enum Conn {
+pub(crate) enum Conn {
     Single(ConnectionManager),
     Cluster(redis::cluster_async::ClusterConnection),
 }
@@ -314,56 +314,66 @@ async fn follow(
     }
 }
 
+/// A command connection to `url` (see the module documentation for the schemes), the
+/// clients of its nodes (for pub/sub) and the URL without its password. Commands reconnect
+/// by themselves. Counters (`crate::ratelimit`) share this with the store.
+pub(crate) async fn command_connection(
+    url: &str,
+) -> Result<(Conn, Vec<redis::Client>, String), StoreError> {
+    let display = redact(url);
+    let target = parse_target(url).map_err(|e| unavailable(&display, "bad URL", e))?;
+    let (conn, nodes) = match &target {
+        Target::Single(u) => {
+            let client =
+                redis::Client::open(u.as_str()).map_err(|e| unavailable(&display, "bad URL", e))?;
+            // No retries inside the manager (its first retry waits at least a second):
+            // a command that finds the connection broken fails at once and starts a new
+            // connection attempt, so the manager reconnects on demand and recovers on the
+            // first command after Redis is back.
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(CONNECT_TIMEOUT)
+                .set_response_timeout(COMMAND_TIMEOUT)
+                .set_number_of_retries(0);
+            let manager = bounded(
+                &display,
+                "connect",
+                FIRST_CONNECT_TIMEOUT,
+                ConnectionManager::new_with_config(client.clone(), config),
+            )
+            .await?;
+            (Conn::Single(manager), vec![client])
+        }
+        Target::Cluster(seeds) => {
+            let client = redis::cluster::ClusterClientBuilder::new(seeds.clone())
+                .connection_timeout(CONNECT_TIMEOUT)
+                .response_timeout(COMMAND_TIMEOUT)
+                .retries(2)
+                .build()
+                .map_err(|e| unavailable(&display, "bad URL", e))?;
+            let conn = bounded(
+                &display,
+                "connect to the cluster",
+                FIRST_CONNECT_TIMEOUT,
+                client.get_async_connection(),
+            )
+            .await?;
+            let nodes = seeds
+                .iter()
+                .map(|s| redis::Client::open(s.as_str()))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| unavailable(&display, "bad URL", e))?;
+            (Conn::Cluster(conn), nodes)
+        }
+    };
+    Ok((conn, nodes, display))
+}
+
 impl RedisStore {
     /// Connects to `url` (see the module documentation for the schemes), subscribes to the
     /// change channel and starts the subscriber task. Fails with `Unavailable` when Redis cannot
     /// be reached within a few seconds.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        let display = redact(url);
-        let target = parse_target(url).map_err(|e| unavailable(&display, "bad URL", e))?;
-        let (conn, nodes) = match &target {
-            Target::Single(u) => {
-                let client = redis::Client::open(u.as_str())
-                    .map_err(|e| unavailable(&display, "bad URL", e))?;
-                // No retries inside the manager (its first retry waits at least a second):
-                // a command that finds the connection broken fails at once and starts a new
-                // connection attempt, so the manager reconnects on demand and recovers on the
-                // first command after Redis is back.
-                let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(CONNECT_TIMEOUT)
-                    .set_response_timeout(COMMAND_TIMEOUT)
-                    .set_number_of_retries(0);
-                let manager = bounded(
-                    &display,
-                    "connect",
-                    FIRST_CONNECT_TIMEOUT,
-                    ConnectionManager::new_with_config(client.clone(), config),
-                )
-                .await?;
-                (Conn::Single(manager), vec![client])
-            }
-            Target::Cluster(seeds) => {
-                let client = redis::cluster::ClusterClientBuilder::new(seeds.clone())
-                    .connection_timeout(CONNECT_TIMEOUT)
-                    .response_timeout(COMMAND_TIMEOUT)
-                    .retries(2)
-                    .build()
-                    .map_err(|e| unavailable(&display, "bad URL", e))?;
-                let conn = bounded(
-                    &display,
-                    "connect to the cluster",
-                    FIRST_CONNECT_TIMEOUT,
-                    client.get_async_connection(),
-                )
-                .await?;
-                let nodes = seeds
-                    .iter()
-                    .map(|s| redis::Client::open(s.as_str()))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| unavailable(&display, "bad URL", e))?;
-                (Conn::Cluster(conn), nodes)
-            }
-        };
+        let (conn, nodes, display) = command_connection(url).await?;
         let mut store_conn = conn;
         // Fail now, clearly, rather than on the first request.
         bounded(
