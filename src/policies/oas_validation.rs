@@ -183,47 +183,82 @@ fn fragment(ptr: &str) -> String {
     s
 }
 
-fn yaml_to_json(v: serde_norway::Value, depth: usize) -> Result<Value, String> {
-    use serde_norway::Value as Y;
-    if depth > 256 {
-        return Err("nested deeper than 256 levels".into());
+/// A JSON value read from YAML leniently: integers beyond 64 bits (OpenAI's spec has
+/// `minimum: -9223372036854776000`) become floats, and `200:` keys become strings.
+struct Lenient(Value);
+
+impl<'de> Deserialize<'de> for Lenient {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(LenientVisitor).map(Lenient)
     }
-    Ok(match v {
-        Y::Null => Value::Null,
-        Y::Bool(b) => Value::Bool(b),
-        Y::Number(n) => {
-            if let Some(i) = n.as_i64() {
-                json!(i)
-            } else if let Some(u) = n.as_u64() {
-                json!(u)
-            } else {
-                n.as_f64()
-                    .and_then(serde_json::Number::from_f64)
-                    .map_or(Value::Null, Value::Number)
-            }
+}
+
+struct LenientVisitor;
+
+fn float(v: f64) -> Value {
+    serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number)
+}
+
+impl<'de> serde::de::Visitor<'de> for LenientVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any YAML value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(json!(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(json!(v))
+    }
+    fn visit_i128<E>(self, v: i128) -> Result<Value, E> {
+        Ok(float(v as f64))
+    }
+    fn visit_u128<E>(self, v: u128) -> Result<Value, E> {
+        Ok(float(v as f64))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(float(v))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_none<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(Lenient(v)) = seq.next_element()? {
+            out.push(v);
         }
-        Y::String(s) => Value::String(s),
-        Y::Sequence(seq) => Value::Array(
-            seq.into_iter()
-                .map(|x| yaml_to_json(x, depth + 1))
-                .collect::<Result<_, _>>()?,
-        ),
-        Y::Mapping(m) => {
-            let mut out = Map::with_capacity(m.len());
-            for (k, v) in m {
-                // YAML allows `200:` as a key; JSON (and OpenAPI) means the string.
-                let key = match k {
-                    Y::String(s) => s,
-                    Y::Number(n) => n.to_string(),
-                    Y::Bool(b) => b.to_string(),
-                    _ => return Err("a mapping key is not a string".into()),
-                };
-                out.insert(key, yaml_to_json(v, depth + 1)?);
-            }
-            Value::Object(out)
+        Ok(Value::Array(out))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut out = Map::new();
+        while let Some((Lenient(k), Lenient(v))) = map.next_entry()? {
+            let key = match k {
+                Value::String(s) => s,
+                Value::Number(n) => n.to_string(),
+                Value::Bool(b) => b.to_string(),
+                Value::Null => "null".to_owned(),
+                _ => return Err(serde::de::Error::custom("a mapping key is not a scalar")),
+            };
+            out.insert(key, v);
         }
-        Y::Tagged(t) => yaml_to_json(t.value, depth + 1)?,
-    })
+        Ok(Value::Object(out))
+    }
 }
 
 fn read_doc(path: &Path) -> Result<Value, OasError> {
@@ -239,9 +274,9 @@ fn read_doc(path: &Path) -> Result<Value, OasError> {
     if path.extension().is_some_and(|e| e == "json") {
         serde_json::from_str(&text).map_err(|e| parse(e.to_string()))
     } else {
-        let y: serde_norway::Value =
-            serde_norway::from_str(&text).map_err(|e| parse(e.to_string()))?;
-        yaml_to_json(y, 0).map_err(parse)
+        serde_norway::from_str::<Lenient>(&text)
+            .map(|l| l.0)
+            .map_err(|e| parse(e.to_string()))
     }
 }
 
@@ -484,21 +519,21 @@ fn rewrite(v: &mut Value, v30: bool, view: View) {
             for x in m.values_mut() {
                 rewrite(x, v30, view);
             }
+            fix_exclusive(m);
             if v30 {
                 rewrite_30(v);
             }
             if let Value::Object(m) = v {
                 hide_required(m, view);
-                discriminate(m);
             }
         }
         _ => {}
     }
 }
 
-/// 3.0 keywords JSON Schema draft 7 reads differently.
-fn rewrite_30(v: &mut Value) {
-    let Value::Object(m) = v else { return };
+/// Draft 4 style boolean `exclusiveMinimum`/`exclusiveMaximum` (OpenAPI 3.0, and found in
+/// real 3.1 documents too) as the numeric bounds later drafts expect.
+fn fix_exclusive(m: &mut Map<String, Value>) {
     for (flag, bound) in [
         ("exclusiveMaximum", "maximum"),
         ("exclusiveMinimum", "minimum"),
@@ -513,6 +548,11 @@ fn rewrite_30(v: &mut Value) {
             }
         }
     }
+}
+
+/// 3.0 `nullable`, which JSON Schema does not know.
+fn rewrite_30(v: &mut Value) {
+    let Value::Object(m) = v else { return };
     match m.get("nullable") {
         Some(Value::Bool(true)) => {}
         Some(Value::Bool(false)) => {
@@ -559,34 +599,66 @@ fn hide_required(m: &mut Map<String, Value>, view: View) {
     }
 }
 
-/// A `discriminator` over `oneOf`/`anyOf` of `$ref`s becomes: the property is required and
-/// one of the known values, and the value selects the one schema the instance must match.
-/// (Plain `oneOf` would also report every other branch's failures.)
-fn discriminate(m: &mut Map<String, Value>) {
-    let Some(prop) = m
-        .get("discriminator")
-        .and_then(|d| d.get("propertyName"))
-        .and_then(Value::as_str)
-        .map(str::to_owned)
-    else {
-        return;
-    };
-    let key = if m.get("oneOf").is_some_and(Value::is_array) {
-        "oneOf"
-    } else if m.get("anyOf").is_some_and(Value::is_array) {
-        "anyOf"
-    } else {
-        return;
-    };
-    let Some(Value::Array(branches)) = m.get(key) else {
-        return;
-    };
-    let refs: Option<Vec<String>> = branches
+/// A `discriminator` over `oneOf`/`anyOf` of `$ref`s, planned with the documents at hand:
+/// the property is required and one of the known values, and the value selects the one
+/// schema the instance must match (plain `oneOf` would also report every other branch's
+/// failures). Values come from the explicit `mapping`, else from the branch's own
+/// `enum`/`const` for the property (OpenAI's spec relies on that), else the schema name.
+struct Dispatch {
+    doc: usize,
+    ptr: String,
+    key: &'static str,
+    prop: String,
+    cases: Vec<(Value, String)>,
+}
+
+fn plan_discriminators(ds: &DocSet) -> Vec<Dispatch> {
+    let mut out = Vec::new();
+    for (doc, d) in ds.docs.iter().enumerate() {
+        let mut stack: Vec<(String, &Value)> = vec![(String::new(), &d.value)];
+        while let Some((ptr, v)) = stack.pop() {
+            match v {
+                Value::Object(m) => {
+                    if let Some(p) = plan_one(ds, doc, &ptr, m) {
+                        out.push(p);
+                    }
+                    for (k, x) in m {
+                        if x.is_object() || x.is_array() {
+                            let esc = k.replace('~', "~0").replace('/', "~1");
+                            stack.push((format!("{ptr}/{esc}"), x));
+                        }
+                    }
+                }
+                Value::Array(a) => {
+                    for (i, x) in a.iter().enumerate() {
+                        if x.is_object() || x.is_array() {
+                            stack.push((format!("{ptr}/{i}"), x));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
+fn plan_one(ds: &DocSet, doc: usize, ptr: &str, m: &Map<String, Value>) -> Option<Dispatch> {
+    let prop = m
+        .get("discriminator")?
+        .get("propertyName")?
+        .as_str()?
+        .to_owned();
+    let key = ["oneOf", "anyOf"]
+        .into_iter()
+        .find(|k| m.get(*k).is_some_and(Value::is_array))?;
+    let refs: Vec<String> = m
+        .get(key)?
+        .as_array()?
         .iter()
         .map(|b| b.get("$ref").and_then(Value::as_str).map(str::to_owned))
-        .collect();
-    let Some(refs) = refs else { return };
-    let mut cases: Vec<(String, String)> = Vec::new();
+        .collect::<Option<_>>()?;
+    let mut cases: Vec<(Value, String)> = Vec::new();
     if let Some(Value::Object(mapping)) = m.get("discriminator").and_then(|d| d.get("mapping")) {
         for (value, target) in mapping {
             let Some(t) = target.as_str() else { continue };
@@ -595,24 +667,54 @@ fn discriminate(m: &mut Map<String, Value>) {
             } else {
                 format!("#/components/schemas/{t}")
             };
-            cases.push((value.clone(), t));
+            cases.push((json!(value), t));
         }
     }
     for r in &refs {
-        if !cases.iter().any(|(_, t)| t == r) {
+        if cases.iter().any(|(_, t)| t == r) {
+            continue;
+        }
+        let own: Vec<Value> = ds
+            .resolve(doc, r)
+            .and_then(|l| ds.deref(l))
+            .ok()
+            .and_then(|(l, _)| ds.deref(l.child("properties").child(&prop)).ok())
+            .map(|(_, p)| match (p.get("const"), p.get("enum")) {
+                (Some(c), _) => vec![c.clone()],
+                (None, Some(Value::Array(e))) => e.clone(),
+                _ => Vec::new(),
+            })
+            .unwrap_or_default();
+        if own.is_empty() {
             let name = r.rsplit('/').next().unwrap_or(r).to_owned();
-            cases.push((name, r.clone()));
+            cases.push((json!(name), r.clone()));
+        } else {
+            cases.extend(own.into_iter().map(|v| (v, r.clone())));
         }
     }
-    let values: Vec<Value> = cases.iter().map(|(v, _)| json!(v)).collect();
+    Some(Dispatch {
+        doc,
+        ptr: ptr.to_owned(),
+        key,
+        prop,
+        cases,
+    })
+}
+
+fn apply_dispatch(root: &mut Value, d: &Dispatch) {
+    let Some(Value::Object(m)) = root.pointer_mut(&d.ptr) else {
+        return;
+    };
+    let values: Vec<Value> = d.cases.iter().map(|(v, _)| v.clone()).collect();
+    let prop = d.prop.clone();
     let mut all = vec![json!({"required": [prop], "properties": {prop.clone(): {"enum": values}}})];
-    for (value, target) in cases {
+    for (value, target) in &d.cases {
         all.push(json!({
             "if": {"properties": {prop.clone(): {"const": value}}, "required": [prop]},
             "then": {"$ref": target}
         }));
     }
-    m.remove(key);
+    m.remove(d.key);
     match m.get_mut("allOf") {
         Some(Value::Array(a)) => a.extend(all),
         _ => {
@@ -1149,6 +1251,7 @@ fn compile(path: &Path, spec: &Spec) -> Result<OasValidation, OasError> {
     });
 
     // One registry per view, each holding every document rewritten for that view.
+    let dispatches = plan_discriminators(&ds);
     let draft = if v30 { Draft::Draft7 } else { Draft::Draft202012 };
     let mut validators = Vec::with_capacity(pending.schemas.len());
     let mut registries: Vec<(View, Registry<'static>)> = Vec::new();
@@ -1156,8 +1259,11 @@ fn compile(path: &Path, spec: &Spec) -> Result<OasValidation, OasError> {
         if !pending.schemas.iter().any(|(_, v)| *v == view) {
             continue;
         }
-        let resources = ds.docs.iter().map(|d| {
+        let resources = ds.docs.iter().enumerate().map(|(i, d)| {
             let mut v = d.value.clone();
+            for p in dispatches.iter().filter(|p| p.doc == i) {
+                apply_dispatch(&mut v, p);
+            }
             rewrite(&mut v, v30, view);
             (d.uri.clone(), draft.create_resource(v))
         });
