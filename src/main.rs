@@ -214,6 +214,7 @@ async fn run(args: Box<ServeArgs>) -> anyhow::Result<()> {
     let consumers = Consumers::new(store);
     let services = Services {
         consumers: consumers.clone(),
+        ..Services::default()
     };
     // Configuration first (its index build sees no store objects yet and is cheap), then
     // the store: the full index is built once.

@@ -10,6 +10,8 @@ use crate::store::memory::MemoryStore;
 #[derive(Debug, Clone)]
 pub struct Services {
     pub consumers: Arc<Consumers>,
+    /// Response caches by policy, kept across reloads.
+    pub caches: Arc<crate::policies::response_cache::Caches>,
 }
 
 impl Default for Services {
@@ -17,6 +19,7 @@ impl Default for Services {
     fn default() -> Self {
         Self {
             consumers: Consumers::new(Arc::new(MemoryStore::new())),
+            caches: Arc::default(),
         }
     }
 }
