@@ -12,6 +12,9 @@ pub struct Services {
     pub consumers: Arc<Consumers>,
     /// Response caches by policy, kept across reloads.
     pub caches: Arc<crate::policies::response_cache::Caches>,
+    /// File-defined key-value maps of the running configuration (entries written through
+    /// the API live in the consumers' store).
+    pub kvms: Arc<crate::kvm::Kvms>,
 }
 
 impl Default for Services {
@@ -20,6 +23,7 @@ impl Default for Services {
         Self {
             consumers: Consumers::new(Arc::new(MemoryStore::new())),
             caches: Arc::default(),
+            kvms: Arc::default(),
         }
     }
 }
