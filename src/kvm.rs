@@ -73,6 +73,19 @@ pub fn check_value(value: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A key as one URL path segment (everything but unreserved characters percent-encoded).
+pub fn encode_path_segment(key: &str) -> String {
+    let mut s = String::with_capacity(key.len());
+    for b in key.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            s.push(b as char);
+        } else {
+            s.push_str(&format!("%{b:02X}"));
+        }
+    }
+    s
+}
+
 /// Maps defined in configuration files: map → key → entry.
 pub type FileMaps = BTreeMap<String, BTreeMap<String, KvmEntry>>;
 

@@ -565,6 +565,73 @@ mod suite {
     }
 }
 
+mod kvm_suite {
+    use super::*;
+    use tollgate::kvm::KvmEntry;
+
+    fn entry(v: &str, secret: bool) -> KvmEntry {
+        KvmEntry {
+            value: v.into(),
+            secret,
+        }
+    }
+
+    pub async fn kvm_entries_crud(s: Arc<dyn Store>) {
+        assert_eq!(s.get_kvm_entry("creds", "k").await.unwrap(), None);
+        match s
+            .put_kvm_entry("creds", "k", &entry("v", false), Some(Write::Update))
+            .await
+        {
+            Err(StoreError::NotFound { name, .. }) => assert_eq!(name, "creds/k"),
+            other => panic!("update of a missing entry: {other:?}"),
+        }
+        s.put_kvm_entry("creds", "k", &entry("v", false), Some(Write::Create))
+            .await
+            .unwrap();
+        assert!(matches!(
+            s.put_kvm_entry("creds", "k", &entry("w", false), Some(Write::Create))
+                .await,
+            Err(StoreError::AlreadyExists { .. })
+        ));
+        s.put_kvm_entry("creds", "k", &entry("w", true), Some(Write::Update))
+            .await
+            .unwrap();
+        assert_eq!(
+            s.get_kvm_entry("creds", "k").await.unwrap(),
+            Some(entry("w", true))
+        );
+        // Upsert, odd keys, and maps whose names share a prefix stay apart.
+        let odd = "tenant 1__tök/en?#%&=ünï";
+        s.put_kvm_entry("creds", odd, &entry("x", false), None)
+            .await
+            .unwrap();
+        s.put_kvm_entry("creds", odd, &entry("y", false), None)
+            .await
+            .unwrap();
+        s.put_kvm_entry("creds.other", "k", &entry("z", false), None)
+            .await
+            .unwrap();
+        s.put_kvm_entry("cred", "k", &entry("q", false), None)
+            .await
+            .unwrap();
+        let all = s.list_kvm_entries("creds").await.unwrap();
+        assert_eq!(all.len(), 2, "{all:?}");
+        assert_eq!(all[odd], entry("y", false));
+        assert_eq!(s.list_kvm_entries("nothing").await.unwrap().len(), 0);
+
+        s.delete_kvm_entry("creds", odd).await.unwrap();
+        assert!(matches!(
+            s.delete_kvm_entry("creds", odd).await,
+            Err(StoreError::NotFound { .. })
+        ));
+        assert_eq!(s.list_kvm_entries("creds").await.unwrap().len(), 1);
+        assert_eq!(
+            s.get_kvm_entry("creds.other", "k").await.unwrap(),
+            Some(entry("z", false))
+        );
+    }
+}
+
 /// Expands the shared suite for one backend: `store_suite!(module, async-fixture-expression)`.
 macro_rules! store_suite {
     ($module:ident, $fixture:expr) => {
@@ -612,6 +679,11 @@ macro_rules! store_suite {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn concurrent_creates_have_one_winner() {
                 run(suite::concurrent_creates_have_one_winner).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn kvm_entries_crud() {
+                run(kvm_suite::kvm_entries_crud).await
             }
         }
     };
