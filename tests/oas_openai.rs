@@ -122,3 +122,20 @@ fn openai_31_chat_completions() {
 fn openai_30_chat_completions() {
     chat_bodies("openai-openapi-3.0.yaml");
 }
+
+/// tollgate's own management API description loads too, and describes the KVM routes.
+#[test]
+fn management_api_description_loads_and_covers_kvms() {
+    let spec = format!(
+        "spec: {}\n",
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("docs/management-api.yaml")
+            .display()
+    );
+    let build = builder("OasValidation").expect("registered");
+    let p = build(&BuildContext::default(), serde_norway::from_str(&spec).unwrap())
+        .unwrap_or_else(|e| panic!("docs/management-api.yaml does not load: {e}"));
+    check(&p, post("/v1/kvms/creds/entries", r#"{"key": "k", "value": "v"}"#)).unwrap();
+    let f = check(&p, post("/v1/kvms/creds/entries", r#"{"key": "k"}"#)).unwrap_err();
+    assert!(f.message.contains("value"), "{}", f.message);
+}
