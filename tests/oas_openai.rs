@@ -133,9 +133,16 @@ fn management_api_description_loads_and_covers_kvms() {
             .display()
     );
     let build = builder("OasValidation").expect("registered");
-    let p = build(&BuildContext::default(), serde_norway::from_str(&spec).unwrap())
-        .unwrap_or_else(|e| panic!("docs/management-api.yaml does not load: {e}"));
-    check(&p, post("/v1/kvms/creds/entries", r#"{"key": "k", "value": "v"}"#)).unwrap();
+    let p = build(
+        &BuildContext::default(),
+        serde_norway::from_str(&spec).unwrap(),
+    )
+    .unwrap_or_else(|e| panic!("docs/management-api.yaml does not load: {e}"));
+    check(
+        &p,
+        post("/v1/kvms/creds/entries", r#"{"key": "k", "value": "v"}"#),
+    )
+    .unwrap();
     let f = check(&p, post("/v1/kvms/creds/entries", r#"{"key": "k"}"#)).unwrap_err();
     assert!(f.message.contains("value"), "{}", f.message);
 }
