@@ -1076,6 +1076,43 @@ spec: {}
         assert!(compile(&files(&text), None).is_ok());
     }
 
+    #[test]
+    fn key_value_maps_from_files() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("token.txt"), "from-file\n").unwrap();
+        let kvm = "apiVersion: tollgate.dev/v1alpha1\nkind: KeyValueMap\nmetadata: {name: creds}\nspec:\n  entries:\n    plain: v\n    tok: {valueFrom: {file: token.txt}, secret: true}\n    lit: {value: x, secret: true}\n";
+        let snap = compile(&files(&format!("{BASE}---\n{kvm}")), Some(dir.path())).unwrap();
+        let m = &snap.kvms["creds"];
+        assert_eq!(m["plain"].value, "v");
+        assert_eq!(
+            (m["tok"].value.as_str(), m["tok"].secret),
+            ("from-file", true)
+        );
+        assert!(m["lit"].secret);
+
+        for (entries, want) in [
+            ("{\"a\\nb\": v}", "control characters"),
+            (
+                "{a: {value: x, valueFrom: {env: X}}}",
+                "exactly one of value, valueFrom",
+            ),
+            (
+                "{a: {valueFrom: {env: TOLLGATE_SURELY_UNSET_VAR}}}",
+                "is not set",
+            ),
+            ("{a: {secret: true}}", "exactly one of value, valueFrom"),
+        ] {
+            let text = format!("{BASE}---\napiVersion: tollgate.dev/v1alpha1\nkind: KeyValueMap\nmetadata: {{name: m}}\nspec: {{entries: {entries}}}\n");
+            let e = errs(&text);
+            assert!(
+                e.contains("KeyValueMap \"m\"") && e.contains(want),
+                "{entries}: {e}"
+            );
+        }
+        let big = format!("{BASE}---\napiVersion: tollgate.dev/v1alpha1\nkind: KeyValueMap\nmetadata: {{name: m}}\nspec: {{entries: {{a: {}}}}}\n", "v".repeat(70_000));
+        assert!(errs(&big).contains("at most"));
+    }
+
     const CONSUMERS: &str = r#"
 apiVersion: tollgate.dev/v1alpha1
 kind: ApiProduct
