@@ -2,6 +2,8 @@
 //! forms (read from `../shared/data/`, never copied into the repository): real
 //! chat-completion bodies pass, broken ones fail with pointers.
 
+#![allow(clippy::result_large_err)] // Fault is the policies' own error type, as in the library.
+
 use std::path::PathBuf;
 use std::sync::Arc;
 
