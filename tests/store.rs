@@ -1252,3 +1252,77 @@ mod redis_only {
         .await
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// ResponseCache's shared Redis tier: two replicas (separate local caches) on one Redis.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn response_cache_shared_tier_serves_other_replicas() {
+    use tollgate::pipeline::{Direction, Outcome, Policy};
+    use tollgate::policies::{builder, BuildContext};
+    use tollgate::vars::{Exchange, Headers, RequestInfo, ResponseInfo};
+
+    bounded(async {
+        let server = RedisServer::start();
+        let spec = format!(
+            "ttlSeconds: 60\nshared: {{redis: '{}', timeoutMs: 500}}\n",
+            server.url()
+        );
+        let replica = || {
+            let ctx = BuildContext {
+                name: "shared-cache".into(),
+                ..Default::default()
+            };
+            builder("ResponseCache").unwrap()(&ctx, serde_norway::from_str(&spec).unwrap()).unwrap()
+        };
+        let (a, b): (Arc<dyn Policy>, Arc<dyn Policy>) = (replica(), replica());
+        let request = || {
+            let mut h = Headers::new();
+            h.push(":method".into(), "GET".into());
+            h.push(":path".into(), "/shared?x=1".into());
+            Exchange {
+                request: RequestInfo::from_headers(h),
+                ..Default::default()
+            }
+        };
+        async fn run(p: &Arc<dyn Policy>, ex: &mut Exchange, dir: Direction) -> bool {
+            let r = match p.run(ex, dir) {
+                Outcome::Ready(r) => r,
+                Outcome::Pending(f) => f.await,
+            };
+            r.is_err()
+        }
+        // Replica a: miss, then the response is stored (locally and in Redis).
+        let mut ex = request();
+        assert!(!run(&a, &mut ex, Direction::Request).await);
+        let mut h = Headers::new();
+        h.push("content-type".into(), "text/plain".into());
+        ex.response = Some(ResponseInfo {
+            status: 200,
+            headers: h,
+        });
+        assert!(!run(&a, &mut ex, Direction::Response).await);
+        a.observe(&mut ex, Direction::Response, b"from replica a");
+        // Replica b never saw it: its hit comes from Redis (written in the background).
+        let mut found = None;
+        for _ in 0..50 {
+            let mut ex = request();
+            if let Outcome::Pending(f) = b.run(&mut ex, Direction::Request) {
+                if let Err(fault) = f.await {
+                    found = Some(fault);
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let hit = found.expect("replica b answers from the shared tier");
+        assert_eq!(hit.status, 200);
+        assert_eq!(
+            hit.body.unwrap(),
+            ("text/plain".to_owned(), b"from replica a".to_vec())
+        );
+        assert!(hit.headers.iter().any(|(n, _)| n == "age"));
+        drop(server);
+    })
+    .await;
+}

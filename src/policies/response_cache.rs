@@ -17,6 +17,7 @@
 //!   maxCacheBytes: 67108864            # the whole cache, by stored bytes
 //!   statusHeader: cache-status         # RFC 9211 style: `tollgate; hit` / `tollgate; fwd=miss`
 //!   coalesceWaitMs: 0                  # > 0: concurrent misses on a key wait for the first
+//!   shared: {redis: "redis://127.0.0.1:6379/0", timeoutMs: 50}   # optional second tier
 //! ```
 //!
 //! The key is a SHA-256 over the prefix, scope, fragments (length-prefixed), method and, for
@@ -25,7 +26,10 @@
 //! status, headers and body, plus `age` and the status header. The response side never
 //! holds the body: it asks the stream for a copy as the body passes (server-sent events keep
 //! streaming) and stores it when the body ends; a hit replays the stored events at once.
-//! Entries live in a byte-bounded `moka` cache kept across configuration reloads.
+//! Entries live in a byte-bounded `moka` cache kept across configuration reloads. With
+//! `shared`, a local miss also asks Redis (bounded by `timeoutMs`; an unreachable Redis is
+//! a miss, never an error) and every stored entry is also written there (in the background,
+//! with the same TTL), so replicas share what any of them fetched.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -91,6 +95,139 @@ struct Spec {
     status_header: String,
     #[serde(default)]
     coalesce_wait_ms: u64,
+    #[serde(default)]
+    shared: Option<SharedSpec>,
+}
+
+fn default_shared_timeout() -> u64 {
+    50
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct SharedSpec {
+    /// `redis://host:port[/db]`.
+    redis: String,
+    #[serde(default = "default_shared_timeout")]
+    timeout_ms: u64,
+}
+
+/// The Redis tier: connected on first use (a lookup or store never waits longer than
+/// `timeout` for it), keys `tollgate:cache:<policy>:<hex key>`.
+struct SharedCache {
+    client: redis::Client,
+    conn: tokio::sync::OnceCell<redis::aio::ConnectionManager>,
+    prefix: String,
+    timeout: Duration,
+    ttl: Duration,
+}
+
+impl std::fmt::Debug for SharedCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedCache").field("prefix", &self.prefix).finish_non_exhaustive()
+    }
+}
+
+/// An entry as stored in Redis.
+#[derive(serde::Serialize, Deserialize)]
+struct Wire {
+    status: u16,
+    headers: Vec<(String, String)>,
+    content_type: String,
+    /// Base64 (standard) of the body.
+    body: String,
+    /// When it was stored, Unix ms (for `age`).
+    stored_ms: u64,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+impl SharedCache {
+    async fn conn(&self) -> Option<redis::aio::ConnectionManager> {
+        let connect = self.conn.get_or_try_init(|| async {
+            let config = redis::aio::ConnectionManagerConfig::new()
+                .set_connection_timeout(self.timeout)
+                .set_response_timeout(self.timeout)
+                .set_number_of_retries(0);
+            redis::aio::ConnectionManager::new_with_config(self.client.clone(), config).await
+        });
+        match tokio::time::timeout(self.timeout, connect).await {
+            Ok(Ok(c)) => Some(c.clone()),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "shared response cache unreachable");
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
+    fn key(&self, key: &Key) -> String {
+        format!("{}{}", self.prefix, hex(key))
+    }
+
+    async fn get(&self, key: &Key) -> Option<Entry> {
+        use base64::Engine as _;
+        let mut conn = self.conn().await?;
+        let cmd = redis::cmd("GET").arg(self.key(key)).clone();
+        let raw: Option<Vec<u8>> =
+            match tokio::time::timeout(self.timeout, cmd.query_async(&mut conn)).await {
+                Ok(Ok(v)) => v,
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "shared response cache read failed");
+                    None
+                }
+                Err(_) => None,
+            };
+        let w: Wire = serde_json::from_slice(&raw?).ok()?;
+        let body = base64::engine::general_purpose::STANDARD.decode(w.body).ok()?;
+        let age = Duration::from_millis(now_ms().saturating_sub(w.stored_ms));
+        Some(Entry {
+            status: w.status,
+            headers: w.headers,
+            content_type: w.content_type,
+            body,
+            stored: Instant::now().checked_sub(age).unwrap_or_else(Instant::now),
+        })
+    }
+
+    fn put(self: &Arc<Self>, key: Key, e: &Entry) {
+        use base64::Engine as _;
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let w = Wire {
+            status: e.status,
+            headers: e.headers.clone(),
+            content_type: e.content_type.clone(),
+            body: base64::engine::general_purpose::STANDARD.encode(&e.body),
+            stored_ms: now_ms(),
+        };
+        let Ok(bytes) = serde_json::to_vec(&w) else {
+            return;
+        };
+        let this = self.clone();
+        handle.spawn(async move {
+            let Some(mut conn) = this.conn().await else {
+                return;
+            };
+            let ttl_ms = u64::try_from(this.ttl.as_millis()).unwrap_or(u64::MAX);
+            let cmd = redis::cmd("SET")
+                .arg(this.key(&key))
+                .arg(bytes)
+                .arg("PX")
+                .arg(ttl_ms)
+                .clone();
+            let r: Result<Result<(), _>, _> =
+                tokio::time::timeout(this.timeout * 4, cmd.query_async(&mut conn)).await;
+            if !matches!(r, Ok(Ok(()))) {
+                tracing::debug!("shared response cache write failed or timed out");
+            }
+        });
+    }
 }
 
 #[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
@@ -165,6 +302,7 @@ struct ResponseCache {
     /// Keys with a request upstream, for coalescing concurrent misses.
     inflight: Option<moka::sync::Cache<Key, Arc<tokio::sync::Notify>>>,
     coalesce_wait: Duration,
+    shared: Option<Arc<SharedCache>>,
     key_var: String,
     populate_var: String,
 }
@@ -215,7 +353,26 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
             .time_to_live(coalesce_wait)
             .build()
     });
+    let shared = spec
+        .shared
+        .as_ref()
+        .map(|sh| {
+            let client = redis::Client::open(sh.redis.as_str())
+                .map_err(|e| SpecError::new("shared.redis", e.to_string()))?;
+            if sh.timeout_ms == 0 {
+                return Err(SpecError::new("shared.timeoutMs", "must be greater than 0"));
+            }
+            Ok(Arc::new(SharedCache {
+                client,
+                conn: tokio::sync::OnceCell::new(),
+                prefix: format!("tollgate:cache:{}:", ctx.name),
+                timeout: Duration::from_millis(sh.timeout_ms),
+                ttl,
+            }))
+        })
+        .transpose()?;
     Ok(Arc::new(ResponseCache {
+        shared,
         name: ctx.name.clone(),
         prefix: spec.key_prefix,
         fragments,
@@ -345,19 +502,29 @@ impl ResponseCache {
         if let Some(e) = self.store.get(&key) {
             return Outcome::Ready(Err(self.hit(&e)));
         }
-        let Some(inflight) = &self.inflight else {
-            return Outcome::Ready(Ok(()));
-        };
-        let mut leader = false;
-        let notify = inflight.get_with(key, || {
-            leader = true;
-            Arc::new(tokio::sync::Notify::new())
-        });
-        if leader {
+        if self.shared.is_none() && self.inflight.is_none() {
             return Outcome::Ready(Ok(()));
         }
-        // Another request for this key is upstream: wait (bounded) for it to populate.
         Outcome::Pending(Box::pin(async move {
+            if let Some(sh) = &self.shared {
+                if let Some(e) = sh.get(&key).await {
+                    let e = Arc::new(e);
+                    self.store.insert(key, e.clone());
+                    return Err(self.hit(&e));
+                }
+            }
+            let Some(inflight) = &self.inflight else {
+                return Ok(());
+            };
+            let mut leader = false;
+            let notify = inflight.get_with(key, || {
+                leader = true;
+                Arc::new(tokio::sync::Notify::new())
+            });
+            if leader {
+                return Ok(());
+            }
+            // Another request for this key is upstream: wait (bounded) for it to populate.
             let _ = tokio::time::timeout(self.coalesce_wait, notify.notified()).await;
             match self.store.get(&key) {
                 Some(e) => Err(self.hit(&e)),
@@ -434,6 +601,9 @@ impl ResponseCache {
             body: body.to_vec(),
             stored: Instant::now(),
         };
+        if let Some(sh) = &self.shared {
+            sh.put(key, &entry);
+        }
         self.store.insert(key, Arc::new(entry));
         self.release(&key);
     }
@@ -633,6 +803,19 @@ mod tests {
         assert_eq!(f.body.unwrap().1, b"shared");
     }
 
+    #[tokio::test]
+    async fn unreachable_shared_tier_is_a_miss() {
+        // Nothing listens on port 1: lookups and stores degrade to the local cache.
+        let p = policy("shared: {redis: 'redis://127.0.0.1:1', timeoutMs: 20}");
+        let mut ex = request("GET", "/u", None);
+        miss(&p, &mut ex, 200, &[], "local").await;
+        let mut ex = request("GET", "/u", None);
+        let f = run(&p, &mut ex, Direction::Request).await.unwrap_err();
+        assert_eq!(f.body.unwrap().1, b"local");
+        let mut ex = request("GET", "/other", None);
+        assert!(run(&p, &mut ex, Direction::Request).await.is_ok());
+    }
+
     #[test]
     fn bad_specs() {
         let ctx = BuildContext::default();
@@ -642,6 +825,8 @@ mod tests {
             ("statusHeader: 'bad header'", "statusHeader"),
             ("skipLookup: 'a =='", "skipLookup"),
             ("methods: []", "methods"),
+            ("shared: {redis: 'nope://x'}", "shared.redis"),
+            ("shared: {redis: 'redis://127.0.0.1:1', timeoutMs: 0}", "shared.timeoutMs"),
         ] {
             let e = build(&ctx, serde_norway::from_str(y).unwrap()).unwrap_err();
             assert_eq!(e.field, field, "{y}");
