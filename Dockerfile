@@ -2,6 +2,8 @@
 # Run:   docker run -p 9002:9002 -p 9003:9003 -v $PWD/policies:/etc/tollgate:ro tollgate
 FROM rust:1-slim-bookworm AS build
 WORKDIR /src
+# jemalloc (the global allocator) is built from C with make.
+RUN apt-get update && apt-get install -y --no-install-recommends make && rm -rf /var/lib/apt/lists/*
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY src src
 COPY policies policies

@@ -1,55 +1,31 @@
 //! Criterion micro-benchmarks of tollgate's own work per exchange, without gRPC: one
 //! headers-only exchange (request headers + response headers) through the stream state
-//! machine, for an empty flow and for a flow with three AssignMessage steps and a condition.
+//! machine, on the flows of `benches/configs/bench.yaml` that `benches/grpc-compare.sh`
+//! drives (empty, three AssignMessage steps with a condition, VerifyApiKey).
 //!
 //! `cargo bench --bench pipeline`
+//!
+//! With `--exchanges N PATH` it instead runs N exchanges on PATH and exits, for
+//! instruction counts: `valgrind --tool=callgrind target/release/deps/pipeline-* --exchanges
+//! 20000 /verify/x`.
 
 use std::sync::Arc;
 
-use criterion::{criterion_group, criterion_main, Criterion};
+use criterion::{criterion_group, Criterion};
 use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
 use envoy_types::pb::envoy::service::ext_proc::v3::{
     processing_request::Request, HttpHeaders, ProcessingRequest,
 };
 use tollgate::config::reload::{ConfigManager, ConfigSource};
-use tollgate::config::SourceFile;
 use tollgate::expr::{Condition, Template};
 use tollgate::server::stream::StreamState;
 use tollgate::server::{NoMatch, Shared};
 use tollgate::vars::{Exchange, Headers, RequestInfo};
 
-const CONFIG: &str = r#"
-apiVersion: tollgate.dev/v1alpha1
-kind: Policy
-metadata: {name: a1}
-spec: {type: AssignMessage, set: {headers: {x-flow: "{flow.name}"}}}
----
-apiVersion: tollgate.dev/v1alpha1
-kind: Policy
-metadata: {name: a2}
-spec: {type: AssignMessage, set: {headers: {x-path: "{request.path}", x-client: "{client.ip}"}}}
----
-apiVersion: tollgate.dev/v1alpha1
-kind: Policy
-metadata: {name: a3}
-spec: {type: AssignMessage, remove: {headers: [x-debug]}, add: {headers: {x-req: "{request.header.x-request-id}"}}}
----
-apiVersion: tollgate.dev/v1alpha1
-kind: Flow
-metadata: {name: three}
-spec:
-  match: {pathPrefixes: [/three]}
-  request:
-  - {policy: a1}
-  - {policy: a2, condition: "request.method == 'POST' && request.headers['content-type'] == 'application/json'"}
-  - {policy: a3}
----
-apiVersion: tollgate.dev/v1alpha1
-kind: Flow
-metadata: {name: empty}
-spec:
-  match: {pathPrefixes: [/empty]}
-"#;
+// As in the `tollgate` binary.
+#[cfg(all(unix, not(target_env = "musl")))]
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn headers(path: &str) -> ProcessingRequest {
     let h = |k: &str, v: &str| HeaderValue {
@@ -65,6 +41,7 @@ fn headers(path: &str) -> ProcessingRequest {
                     h(":path", path),
                     h(":authority", "api.example.com"),
                     h(":scheme", "https"),
+                    h("x-api-key", "tg_bench_key_0000000000000000"),
                     h("content-type", "application/json"),
                     h("user-agent", "bench/1.0"),
                     h("x-request-id", "3f2c1b9e-1111-2222-3333-444455556666"),
@@ -95,32 +72,37 @@ fn response() -> ProcessingRequest {
     }
 }
 
+fn shared() -> Arc<Shared> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/configs");
+    let cm = ConfigManager::load(ConfigSource::Dir(dir)).expect("valid bench config");
+    Shared::new(cm, NoMatch::Continue)
+}
+
+/// One headers-only exchange; panics if the flow answered the client itself.
+async fn exchange(shared: &Arc<Shared>, path: &str) -> usize {
+    let mut st = StreamState::new(shared.clone());
+    let mut out = Vec::with_capacity(2);
+    st.on_message(headers(path), &mut out).await.expect("ok");
+    st.on_message(response(), &mut out).await.expect("ok");
+    assert_eq!(
+        out.len(),
+        2,
+        "an exchange on {path} was answered immediately"
+    );
+    out.len()
+}
+
 fn bench(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .expect("runtime");
-    let cm = ConfigManager::load(ConfigSource::Embedded(vec![SourceFile {
-        name: "bench.yaml".into(),
-        text: CONFIG.into(),
-    }]))
-    .expect("valid bench config");
-    let shared = Shared::new(cm, NoMatch::Continue);
+    let shared = shared();
     for (name, path) in [
         ("exchange/empty_flow", "/empty/x"),
         ("exchange/three_assign_and_condition", "/three/x"),
+        ("exchange/verify_api_key", "/verify/v1/chat/completions"),
     ] {
-        let shared = Arc::clone(&shared);
-        c.bench_function(name, |b| {
-            b.iter(|| {
-                rt.block_on(async {
-                    let mut st = StreamState::new(shared.clone());
-                    let mut out = Vec::with_capacity(2);
-                    st.on_message(headers(path), &mut out).await.expect("ok");
-                    st.on_message(response(), &mut out).await.expect("ok");
-                    out
-                })
-            })
-        });
+        c.bench_function(name, |b| b.iter(|| rt.block_on(exchange(&shared, path))));
     }
 
     let mut h = Headers::new();
@@ -147,4 +129,24 @@ fn bench(c: &mut Criterion) {
 }
 
 criterion_group!(benches, bench);
-criterion_main!(benches);
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--exchanges") {
+        let n: usize = args
+            .get(i + 1)
+            .and_then(|n| n.parse().ok())
+            .expect("--exchanges N PATH");
+        let path = args.get(i + 2).expect("--exchanges N PATH");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let shared = shared();
+        for _ in 0..n {
+            rt.block_on(exchange(&shared, path));
+        }
+        return;
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

@@ -21,7 +21,7 @@ use cel::context::VariableResolver;
 use cel::objects::{Key, Map};
 use cel::{Context, Env, ExecutionError, Program};
 
-use crate::vars::{percent_decode, query_pairs_raw, Exchange, Headers, Value};
+use crate::vars::{percent_decode, query_pairs_raw, Exchange, Headers, ValueRef};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExprError {
@@ -401,22 +401,22 @@ fn headers_map(h: &Headers) -> cel::Value {
     cel::Value::Map(Map { map: Arc::new(m) })
 }
 
-fn to_cel(v: &Value) -> cel::Value {
+fn to_cel(v: ValueRef<'_>) -> cel::Value {
     match v {
-        Value::Str(s) => str_val(s),
-        Value::Int(i) => cel::Value::Int(*i),
-        Value::Float(f) => cel::Value::Float(*f),
-        Value::Bool(b) => cel::Value::Bool(*b),
+        ValueRef::Str(s) => str_val(s),
+        ValueRef::Int(i) => cel::Value::Int(i),
+        ValueRef::Float(f) => cel::Value::Float(f),
+        ValueRef::Bool(b) => cel::Value::Bool(b),
     }
 }
 
 /// `v` as a CEL value, strings borrowed.
-fn var_val(v: &Value) -> CowVal<'_, '_> {
+fn var_val(v: ValueRef<'_>) -> CowVal<'_, '_> {
     match v {
-        Value::Str(s) => borrowed_str(s),
-        Value::Int(i) => CowVal::owned(CelInt::from(*i)),
-        Value::Float(f) => CowVal::owned(CelDouble::from(*f)),
-        Value::Bool(b) => CowVal::owned(CelBool::from(*b)),
+        ValueRef::Str(s) => borrowed_str(s),
+        ValueRef::Int(i) => CowVal::owned(CelInt::from(i)),
+        ValueRef::Float(f) => CowVal::owned(CelDouble::from(f)),
+        ValueRef::Bool(b) => CowVal::owned(CelBool::from(b)),
     }
 }
 
@@ -589,7 +589,7 @@ impl<'a> ExchangeResolver<'a> {
             }
             _ => {}
         }
-        if let Some(v) = ex.vars.get(name) {
+        if let Some(v) = ex.var(name) {
             return Some(var_val(v));
         }
         if let Some(h) = name
@@ -606,11 +606,17 @@ impl<'a> ExchangeResolver<'a> {
         // reachable as `ratelimit.q.used` in CEL, and `ratelimit.q` is a map.
         let prefix_len = name.len() + 1;
         let mut root: HashMap<String, Nested> = HashMap::new();
-        let scalar_vars = ex.vars.iter().map(|(k, v)| (k.as_str(), to_cel(v)));
-        let attrs = ex.attributes.iter().map(|(k, v)| (k.as_str(), str_val(v)));
-        for (k, v) in scalar_vars.chain(attrs) {
-            if k.len() > prefix_len && k.starts_with(name) && k.as_bytes()[name.len()] == b'.' {
-                insert_nested(&mut root, &k[prefix_len..], v);
+        let under = |k: &str| {
+            k.len() > prefix_len && k.starts_with(name) && k.as_bytes()[name.len()] == b'.'
+        };
+        ex.for_each_var(&mut |k, v| {
+            if under(k) {
+                insert_nested(&mut root, &k[prefix_len..], to_cel(v));
+            }
+        });
+        for (k, v) in &ex.attributes {
+            if under(k) {
+                insert_nested(&mut root, &k[prefix_len..], str_val(v));
             }
         }
         if root.is_empty() {

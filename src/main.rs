@@ -16,6 +16,10 @@ use tollgate::services::Services;
 use tollgate::store::{self, StoreSpec};
 use tollgate::telemetry::{init_logging, LogFormat};
 
+#[cfg(all(unix, not(target_env = "musl")))]
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Envoy ext_proc policy decision point for API and LLM traffic.
 #[derive(Parser, Debug)]
 #[command(version, about)]

@@ -29,6 +29,57 @@ impl Value {
     }
 }
 
+impl Value {
+    pub fn as_ref(&self) -> ValueRef<'_> {
+        match self {
+            Value::Str(s) => ValueRef::Str(s),
+            Value::Int(i) => ValueRef::Int(*i),
+            Value::Float(f) => ValueRef::Float(*f),
+            Value::Bool(b) => ValueRef::Bool(*b),
+        }
+    }
+}
+
+/// A borrowed flow variable value: what [`Exchange::var`] returns, so reading a variable
+/// a policy published lazily (see [`VarSource`]) copies nothing.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ValueRef<'a> {
+    Str(&'a str),
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+}
+
+impl<'a> ValueRef<'a> {
+    pub fn as_text(self) -> Cow<'a, str> {
+        match self {
+            ValueRef::Str(s) => Cow::Borrowed(s),
+            ValueRef::Int(i) => Cow::Owned(i.to_string()),
+            ValueRef::Float(f) => Cow::Owned(f.to_string()),
+            ValueRef::Bool(b) => Cow::Borrowed(if b { "true" } else { "false" }),
+        }
+    }
+
+    pub fn to_value(self) -> Value {
+        match self {
+            ValueRef::Str(s) => Value::Str(s.to_owned()),
+            ValueRef::Int(i) => Value::Int(i),
+            ValueRef::Float(f) => Value::Float(f),
+            ValueRef::Bool(b) => Value::Bool(b),
+        }
+    }
+}
+
+/// A set of flow variables a policy publishes without copying them into the variable map:
+/// VerifyApiKey's `client_id`, `app.*`, `apiproduct.*` are read from the verified app and
+/// product only when a condition, template or later policy asks for them.
+pub trait VarSource: Send + Sync + fmt::Debug {
+    /// The value of the full dotted `name`, when this source defines it.
+    fn get(&self, name: &str) -> Option<ValueRef<'_>>;
+    /// Calls `f` for every variable this source defines (for listings and CEL maps).
+    fn for_each(&self, f: &mut dyn FnMut(&str, ValueRef<'_>));
+}
+
 impl fmt::Display for Value {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.as_text())
@@ -270,6 +321,8 @@ pub struct Exchange {
     pub attributes: HashMap<String, String>,
     /// Variables set by policies.
     pub vars: HashMap<String, Value>,
+    /// Variables published lazily by policies; later sources win, `vars` wins over all.
+    pub sources: Vec<Box<dyn VarSource>>,
     /// Header changes the policies asked for, per direction, not yet sent to Envoy.
     pub request_mutations: HeaderMutations,
     pub response_mutations: HeaderMutations,
@@ -367,6 +420,38 @@ impl Exchange {
         self.vars.insert(name.into(), value.into());
     }
 
+    /// Publishes the variables of `source` (see [`VarSource`]).
+    pub fn add_source(&mut self, source: Box<dyn VarSource>) {
+        self.sources.push(source);
+    }
+
+    /// A variable set by a policy (not a built-in), by its full name.
+    pub fn var(&self, name: &str) -> Option<ValueRef<'_>> {
+        if let Some(v) = self.vars.get(name) {
+            return Some(v.as_ref());
+        }
+        self.sources.iter().rev().find_map(|s| s.get(name))
+    }
+
+    /// Every variable set by policies, each name once, with the value [`Exchange::var`]
+    /// would return.
+    pub fn for_each_var(&self, f: &mut dyn FnMut(&str, ValueRef<'_>)) {
+        for (k, v) in &self.vars {
+            f(k, v.as_ref());
+        }
+        for (i, s) in self.sources.iter().enumerate() {
+            s.for_each(&mut |k, v| {
+                let shadowed = self.vars.contains_key(k)
+                    || self.sources[i + 1..]
+                        .iter()
+                        .any(|later| later.get(k).is_some());
+                if !shadowed {
+                    f(k, v);
+                }
+            });
+        }
+    }
+
     /// Looks a flow variable up by its dotted name, built-ins first.
     pub fn lookup(&self, name: &str) -> Option<Cow<'_, str>> {
         if let Some(rest) = name.strip_prefix("request.") {
@@ -386,7 +471,7 @@ impl Exchange {
                 _ => {}
             }
         }
-        if let Some(v) = self.vars.get(name) {
+        if let Some(v) = self.var(name) {
             return Some(v.as_text());
         }
         self.attributes.get(name).map(|v| Cow::Borrowed(v.as_str()))

@@ -3,11 +3,33 @@
 //! atomically when either changes, so verification never touches disk or network.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
 use subtle::ConstantTimeEq;
 
-use super::{hash_key, ApiKey, ApiProduct, App, AppStatus, KeyStatus};
+use super::{digest_of_hash, key_digest, ApiKey, ApiProduct, App, AppStatus, KeyDigest, KeyStatus};
+
+/// Hashes a SHA-256 digest by its first eight bytes: the digest is already uniform, so
+/// SipHash over it again would only cost time on every request.
+#[derive(Default)]
+struct DigestHasher(u64);
+
+impl Hasher for DigestHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // `[u8; 32]` hashes as its length then its bytes; keep the first 8 digest bytes.
+        if bytes.len() >= 8 {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&bytes[..8]);
+            self.0 = u64::from_le_bytes(b);
+        }
+    }
+}
+
+type DigestMap<V> = HashMap<KeyDigest, V, BuildHasherDefault<DigestHasher>>;
 
 /// One segment of a path template: literal text and `{variables}` (each matching a
 /// non-empty run inside one segment), `*` (one whole segment) or `**` (the rest).
@@ -172,13 +194,19 @@ pub enum Refusal {
 #[derive(Debug, Clone)]
 pub struct Verified {
     pub app: Arc<App>,
-    pub key: ApiKey,
+    key_index: usize,
     pub product: Arc<Product>,
+}
+
+impl Verified {
+    pub fn key(&self) -> &ApiKey {
+        &self.app.keys[self.key_index]
+    }
 }
 
 #[derive(Debug, Default)]
 pub struct ConsumerIndex {
-    by_hash: HashMap<String, (Arc<App>, usize)>,
+    by_hash: DigestMap<(Arc<App>, usize)>,
     products: HashMap<String, Arc<Product>>,
 }
 
@@ -187,10 +215,13 @@ impl ConsumerIndex {
     /// pass file objects first, so the API cannot shadow a file key silently: the store
     /// refuses names taken by files).
     pub fn build(products: Vec<Arc<Product>>, apps: Vec<Arc<App>>) -> Self {
-        let mut by_hash = HashMap::with_capacity(apps.len());
+        let mut by_hash = DigestMap::with_capacity_and_hasher(apps.len(), Default::default());
         for app in apps {
             for (i, k) in app.keys.iter().enumerate() {
-                by_hash.insert(k.hash.clone(), (app.clone(), i));
+                // Stored hashes are checked on write; a malformed one can never match.
+                if let Some(d) = digest_of_hash(&k.hash) {
+                    by_hash.insert(d, (app.clone(), i));
+                }
             }
         }
         let products = products
@@ -217,14 +248,17 @@ impl ConsumerIndex {
         model: Option<&str>,
         now_ms: i64,
     ) -> Result<Verified, Refusal> {
-        let hash = hash_key(key);
-        let (app, i) = self.by_hash.get(&hash).ok_or(Refusal::UnknownKey)?;
-        let k = &app.keys[*i];
+        let digest = key_digest(key);
+        let (stored, (app, i)) = self
+            .by_hash
+            .get_key_value(&digest)
+            .ok_or(Refusal::UnknownKey)?;
         // The map lookup already matched; compare again in constant time so no timing
-        // difference depends on how much of a hash matched.
-        if !bool::from(k.hash.as_bytes().ct_eq(hash.as_bytes())) {
+        // difference depends on how much of a digest matched.
+        if !bool::from(stored.ct_eq(&digest)) {
             return Err(Refusal::UnknownKey);
         }
+        let k = &app.keys[*i];
         match k.status {
             KeyStatus::Approved => {}
             KeyStatus::Revoked => return Err(Refusal::KeyRevoked),
@@ -244,7 +278,7 @@ impl ConsumerIndex {
             .ok_or(Refusal::NoProductForOperation)?;
         Ok(Verified {
             app: app.clone(),
-            key: k.clone(),
+            key_index: *i,
             product: product.clone(),
         })
     }
@@ -253,7 +287,7 @@ impl ConsumerIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::consumer::{Operation, Origin};
+    use crate::consumer::{hash_key, Operation, Origin};
 
     #[test]
     fn templates() {
@@ -348,7 +382,7 @@ mod tests {
             (
                 ok.app.name.as_str(),
                 ok.product.spec.name.as_str(),
-                ok.key.id.as_str()
+                ok.key().id.as_str()
             ),
             ("a1", "chat", "k1")
         );

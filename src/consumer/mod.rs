@@ -149,10 +149,35 @@ pub struct App {
     pub origin: Origin,
 }
 
+/// A key's SHA-256 digest: what the in-memory index is keyed by.
+pub type KeyDigest = [u8; 32];
+
+pub fn key_digest(key: &str) -> KeyDigest {
+    Sha256::digest(key.as_bytes()).into()
+}
+
+/// The digest a stored `sha256:<hex>` hash stands for; `None` when malformed.
+pub fn digest_of_hash(h: &str) -> Option<KeyDigest> {
+    let hex = h.strip_prefix("sha256:")?.as_bytes();
+    if hex.len() != 64 {
+        return None;
+    }
+    let nibble = |b: u8| match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        _ => None,
+    };
+    let mut out = [0u8; 32];
+    for (i, pair) in hex.chunks_exact(2).enumerate() {
+        out[i] = (nibble(pair[0])? << 4) | nibble(pair[1])?;
+    }
+    Some(out)
+}
+
 /// `sha256:<hex>` of a key, as stored.
 pub fn hash_key(key: &str) -> String {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let digest = Sha256::digest(key.as_bytes());
+    let digest = key_digest(key);
     let mut out = String::with_capacity(7 + 64);
     out.push_str("sha256:");
     for b in digest {
@@ -181,6 +206,9 @@ mod tests {
             h,
             "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
+        assert_eq!(digest_of_hash(&h), Some(key_digest("abc")));
+        assert_eq!(digest_of_hash("sha256:xyz"), None);
+        assert_eq!(digest_of_hash(&h.to_uppercase()), None);
         assert!(!valid_hash("sha256:xyz"));
         assert!(!valid_hash("md5:00"));
     }

@@ -26,13 +26,15 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::Deserialize;
 
 use super::{check_header_name, parse_spec, BuildContext, SpecError};
-use crate::consumer::index::Refusal;
+use std::borrow::Cow;
+
+use crate::consumer::index::{Refusal, Verified};
 use crate::consumer::service::Consumers;
 use crate::consumer::QuotaSettings;
 use crate::expr::Template;
 use crate::fault::Fault;
 use crate::pipeline::{Direction, Outcome, Policy};
-use crate::vars::Exchange;
+use crate::vars::{Exchange, ValueRef, VarSource};
 
 pub const TYPE: &str = "VerifyApiKey";
 
@@ -87,41 +89,100 @@ struct VerifyApiKey {
     model: Template,
     consumers: Arc<Consumers>,
     /// Variable names, built once: plain and `verifyapikey.<policy>.`-prefixed.
-    names: [VarNames; 2],
+    /// `verifyapikey.<policy>.`
+    prefix: Arc<str>,
 }
 
-/// The names of the variables a successful verification sets, under one prefix.
+/// The variables of one successful verification, read from the verified app and product
+/// when asked for (nothing is copied per request). Names are defined bare and under
+/// `verifyapikey.<policy>.`.
 #[derive(Debug)]
-struct VarNames {
-    client_id: String,
-    app_name: String,
-    developer_email: String,
-    product_name: String,
-    app_attributes: String,
-    product_attributes: String,
-    quota: [String; 3],
-    llm_quota: [String; 3],
+struct VerifiedVars {
+    prefix: Arc<str>,
+    v: Verified,
 }
 
-impl VarNames {
-    fn new(p: &str) -> Self {
-        let q = |what: &str| {
-            [
-                format!("{p}apiproduct.{what}.limit"),
-                format!("{p}apiproduct.{what}.interval"),
-                format!("{p}apiproduct.{what}.timeunit"),
-            ]
-        };
-        Self {
-            client_id: format!("{p}client_id"),
-            app_name: format!("{p}app.name"),
-            developer_email: format!("{p}developer.email"),
-            product_name: format!("{p}apiproduct.name"),
-            app_attributes: format!("{p}app.attributes."),
-            product_attributes: format!("{p}apiproduct.attributes."),
-            quota: q("quota"),
-            llm_quota: q("llmquota"),
+/// Quota setting names, bare and with Apigee's `developer.` segment.
+const QUOTA_FIELDS: [(&str, &str); 2] = [("quota", "developer.quota"), ("llmquota", "developer.llmquota")];
+
+impl VerifiedVars {
+    fn quota(&self, which: &str) -> Option<&QuotaSettings> {
+        let p = &self.v.product.spec;
+        match which {
+            "quota" | "developer.quota" => p.quota.as_ref(),
+            _ => p.llm_token_quota.as_ref(),
         }
+    }
+
+    /// `name` without the policy prefix.
+    fn field(&self, name: &str) -> Option<ValueRef<'_>> {
+        let app = &self.v.app;
+        let product = &self.v.product.spec;
+        Some(match name {
+            "client_id" => ValueRef::Str(&self.v.key().id),
+            "app.name" => ValueRef::Str(&app.name),
+            "developer.email" => ValueRef::Str(&app.developer_email),
+            "apiproduct.name" => ValueRef::Str(&product.name),
+            _ => {
+                if let Some(k) = name.strip_prefix("app.attributes.") {
+                    return app.attributes.get(k).map(|v| ValueRef::Str(v));
+                }
+                let rest = name.strip_prefix("apiproduct.")?;
+                if let Some(k) = rest.strip_prefix("attributes.") {
+                    return product.attributes.get(k).map(|v| ValueRef::Str(v));
+                }
+                let (which, setting) = rest.rsplit_once('.')?;
+                if !QUOTA_FIELDS.iter().any(|(a, b)| which == *a || which == *b) {
+                    return None;
+                }
+                let q = self.quota(which)?;
+                match setting {
+                    "limit" => ValueRef::Int(i64::try_from(q.limit).unwrap_or(i64::MAX)),
+                    "interval" => ValueRef::Int(i64::from(q.interval)),
+                    "timeunit" => ValueRef::Str(q.time_unit.as_str()),
+                    _ => return None,
+                }
+            }
+        })
+    }
+
+    fn each_field(&self, f: &mut dyn FnMut(&str, ValueRef<'_>)) {
+        let app = &self.v.app;
+        let product = &self.v.product.spec;
+        for name in ["client_id", "app.name", "developer.email", "apiproduct.name"] {
+            if let Some(v) = self.field(name) {
+                f(name, v);
+            }
+        }
+        for (k, v) in &app.attributes {
+            f(&format!("app.attributes.{k}"), ValueRef::Str(v));
+        }
+        for (k, v) in &product.attributes {
+            f(&format!("apiproduct.attributes.{k}"), ValueRef::Str(v));
+        }
+        for (a, b) in QUOTA_FIELDS {
+            for which in [a, b] {
+                for setting in ["limit", "interval", "timeunit"] {
+                    let name = format!("apiproduct.{which}.{setting}");
+                    if let Some(v) = self.field(&name) {
+                        f(&name, v);
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl VarSource for VerifiedVars {
+    fn get(&self, name: &str) -> Option<ValueRef<'_>> {
+        self.field(name.strip_prefix(&*self.prefix).unwrap_or(name))
+    }
+
+    fn for_each(&self, f: &mut dyn FnMut(&str, ValueRef<'_>)) {
+        self.each_field(&mut |name, v| {
+            f(name, v);
+            f(&format!("{}{name}", self.prefix), v);
+        });
     }
 }
 
@@ -179,10 +240,7 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
         identity,
         model,
         consumers: ctx.services.consumers.clone(),
-        names: [
-            VarNames::new(""),
-            VarNames::new(&format!("verifyapikey.{}.", ctx.name)),
-        ],
+        prefix: format!("verifyapikey.{}.", ctx.name).into(),
     }))
 }
 
@@ -198,14 +256,14 @@ fn unauthorized(code: &str, message: &str) -> Fault {
 }
 
 /// The key, or the fault for a missing or malformed one.
-enum Found {
-    Key(String),
+enum Found<'a> {
+    Key(Cow<'a, str>),
     Missing,
     Twice,
 }
 
 impl VerifyApiKey {
-    fn find_key(&self, ex: &Exchange) -> Found {
+    fn find_key<'a>(&self, ex: &'a Exchange) -> Found<'a> {
         for source in &self.key_from {
             match source {
                 KeyFrom::Header(h) => {
@@ -218,7 +276,7 @@ impl VerifyApiKey {
                         if values.next().is_some() {
                             return Found::Twice;
                         }
-                        return Found::Key(v.to_owned());
+                        return Found::Key(Cow::Borrowed(v));
                     }
                 }
                 KeyFrom::Query(q) => {
@@ -228,25 +286,18 @@ impl VerifyApiKey {
                         if values.next().is_some() {
                             return Found::Twice;
                         }
-                        return Found::Key(v);
+                        return Found::Key(Cow::Owned(v));
                     }
                 }
                 KeyFrom::Template(t) => {
                     let v = t.render(ex);
                     if !v.is_empty() {
-                        return Found::Key(v);
+                        return Found::Key(Cow::Owned(v));
                     }
                 }
             }
         }
         Found::Missing
-    }
-
-    fn set_quota_vars(ex: &mut Exchange, names: &[String; 3], q: Option<&QuotaSettings>) {
-        let Some(q) = q else { return };
-        ex.set_var(names[0].clone(), i64::try_from(q.limit).unwrap_or(i64::MAX));
-        ex.set_var(names[1].clone(), i64::from(q.interval));
-        ex.set_var(names[2].clone(), q.time_unit.as_str());
     }
 
     fn verify(&self, ex: &mut Exchange) -> Result<(), Fault> {
@@ -307,22 +358,6 @@ impl VerifyApiKey {
                     "Invalid ApiKey for given resource",
                 ),
             })?;
-        let app = &verified.app;
-        let product = &verified.product.spec;
-        for n in &self.names {
-            ex.set_var(n.client_id.clone(), verified.key.id.clone());
-            ex.set_var(n.app_name.clone(), app.name.clone());
-            ex.set_var(n.developer_email.clone(), app.developer_email.clone());
-            ex.set_var(n.product_name.clone(), product.name.clone());
-            for (k, v) in &app.attributes {
-                ex.set_var(format!("{}{k}", n.app_attributes), v.clone());
-            }
-            for (k, v) in &product.attributes {
-                ex.set_var(format!("{}{k}", n.product_attributes), v.clone());
-            }
-            Self::set_quota_vars(ex, &n.quota, product.quota.as_ref());
-            Self::set_quota_vars(ex, &n.llm_quota, product.llm_token_quota.as_ref());
-        }
         if self.strip_key {
             for source in &self.key_from {
                 match source {
@@ -339,13 +374,17 @@ impl VerifyApiKey {
         }
         for (h, which) in &self.identity {
             let v = match which {
-                Identity::App => app.name.clone(),
-                Identity::ClientId => verified.key.id.clone(),
-                Identity::Product => product.name.clone(),
-                Identity::Developer => app.developer_email.clone(),
+                Identity::App => &verified.app.name,
+                Identity::ClientId => &verified.key().id,
+                Identity::Product => &verified.product.spec.name,
+                Identity::Developer => &verified.app.developer_email,
             };
-            ex.set_header(Direction::Request, h, v);
+            ex.set_header(Direction::Request, h, v.clone());
         }
+        ex.add_source(Box::new(VerifiedVars {
+            prefix: Arc::clone(&self.prefix),
+            v: verified,
+        }));
         Ok(())
     }
 }
@@ -497,6 +536,28 @@ mod tests {
             e.lookup("verifyapikey.vk.developer.email").as_deref(),
             Some("dev@acme.test")
         );
+        // Apigee's names for the product's quota settings, typed for conditions.
+        assert_eq!(
+            e.var("verifyapikey.vk.apiproduct.developer.quota.limit"),
+            Some(ValueRef::Int(100))
+        );
+        assert_eq!(e.lookup("apiproduct.developer.quota.interval").as_deref(), Some("1"));
+        assert_eq!(e.lookup("apiproduct.nope.limit"), None);
+        assert_eq!(e.lookup("verifyapikey.vk.app.attributes.missing"), None);
+        let cond = |src: &str| crate::expr::Condition::compile(src).unwrap().eval(&e);
+        assert!(cond("verifyapikey.vk.apiproduct.quota.limit == 100"));
+        assert!(cond("apiproduct.attributes.tier == 'gold'"));
+        assert!(cond("verifyapikey.vk.apiproduct.name == 'chat'"));
+        // Every name the source lists resolves to the value it lists.
+        let mut listed = Vec::new();
+        e.for_each_var(&mut |k, v| listed.push((k.to_owned(), v.to_value())));
+        assert!(listed.len() >= 20, "{listed:?}");
+        for (k, v) in &listed {
+            assert_eq!(e.var(k).map(ValueRef::to_value).as_ref(), Some(v), "{k}");
+        }
+        // A variable a later step sets wins over the published one.
+        e.set_var("client_id", "override");
+        assert_eq!(e.lookup("client_id").as_deref(), Some("override"));
         let m = e.take_mutations(Direction::Request);
         assert_eq!(m.remove, ["x-api-key"]);
         assert!(m.set.iter().any(|(n, v, _)| n == "x-app" && v == "acme"));
