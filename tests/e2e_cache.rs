@@ -101,11 +101,6 @@ async fn response_cache_hits_replays_sse_and_keys_post_bodies() {
         assert_eq!(hit.header("content-type"), Some("text/event-stream"));
         assert_eq!(hit.header("cache-status"), Some("tollgate; hit"));
         assert_eq!(String::from_utf8(hit.body()).unwrap(), streamed);
-        assert!(
-            hit.total < Duration::from_millis(400),
-            "replayed at once: {:?}",
-            hit.total
-        );
         assert_eq!(bed.upstream.seen_with_prefix("/sse").len(), 1);
 
         // POST: keyed on a digest of the body (BUFFERED request route).
