@@ -4,7 +4,9 @@
 # VerifyApiKey flow (a valid key, so every stream must pass: an immediate answer fails the
 # run), runs interleaved, medians and ratios (to the floor; verify also to the empty flow)
 # printed, with the server's CPU time per stream (steadier than the rate on a busy machine).
-# Also tollgate's idle RSS. Loopback only.
+# Target `cache`: a ResponseCache flow whose entry the first stream stores; every later
+# stream is a hit answered at request headers (there an immediate answer is required, and
+# its ratios to the empty flow are printed). Also tollgate's idle RSS. Loopback only.
 #
 # Traffic limits (issue 4): `limits` is VerifyApiKey + SpikeArrest + Quota on the main
 # tollgate (in-memory counters); `limits-sync` and `limits-async` are the same flow on two
@@ -16,7 +18,7 @@
 #   MIX=headers TARGETS="empty limits limits-sync limits-async" benches/grpc-compare.sh
 # Environment: DURATION=5 (seconds per run), ROUNDS=3, MIX="headers body sse",
 #              CONCURRENCY=32, CONNECTIONS=2,
-#              TARGETS="floor empty three verify limits limits-sync limits-async"
+#              TARGETS="floor empty three verify cache limits limits-sync limits-async"
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -25,7 +27,7 @@ ROUNDS="${ROUNDS:-3}"
 MIX="${MIX:-headers body sse}"
 CONCURRENCY="${CONCURRENCY:-32}"
 CONNECTIONS="${CONNECTIONS:-2}"
-TARGETS="${TARGETS:-floor empty three verify limits limits-sync limits-async}"
+TARGETS="${TARGETS:-floor empty three verify cache limits limits-sync limits-async}"
 # The key of the app `bench-app` in benches/configs/bench.yaml (stored there as its SHA-256).
 BENCH_KEY=tg_bench_key_0000000000000000
 
@@ -65,15 +67,17 @@ echo "tollgate idle RSS: $(awk '/VmRSS/ {print $2, $3}' /proc/$TG_PID/status)"
 HZ=$(getconf CLK_TCK)
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; } # utime + stime of a process
 run() { # pid addr path mix [loadgen args...] -> "rate p99 cpu_us_per_stream"; fails on any
-        # error or immediate answer. pid: the server under test, whose CPU time is counted.
+        # error or immediate answer (ALLOW_IMMEDIATE=1: fails unless answers are immediate).
+        # pid: the server under test, whose CPU time is counted.
   local pid=$1 addr=$2 path=$3 mix=$4 t0 out; shift 4
   t0=$(ticks "$pid")
   out=$("$BIN/examples/loadgen" --addr "http://127.0.0.1:$addr" --path "$path" --mix "$mix" "$@" \
     --duration "$DURATION" --warmup 1 --concurrency "$CONCURRENCY" --connections "$CONNECTIONS" --json |
     python3 -c '
-import json, sys
+import json, os, sys
 d = json.loads(sys.stdin.read())
-if d["immediate"] or d["mismatches"] or d["errors"] or d["timeouts"]:
+hits = os.environ.get("ALLOW_IMMEDIATE") == "1"
+if (d["immediate"] > 0) != hits or d["mismatches"] or d["errors"] or d["timeouts"]:
     sys.exit(f"unexpected outcomes on {sys.argv[1]}: {d}")
 print(d["rate"], d["p99_us"], d["streams"])' "$path")
   # Server CPU per stream: CPU time over warmup + measured time, divided by the streams of
@@ -95,6 +99,7 @@ for mix in $MIX; do
         limits) out=$(run "$TG_PID" "$TG_PORT" /limits/v1/chat/completions "$mix" --header "x-api-key:$BENCH_KEY") ;;
         limits-sync) out=$(run "$SYNC_PID" "$SYNC_PORT" /limits/v1/chat/completions "$mix" --header "x-api-key:$BENCH_KEY") ;;
         limits-async) out=$(run "$ASYNC_PID" "$ASYNC_PORT" /limits/v1/chat/completions "$mix" --header "x-api-key:$BENCH_KEY") ;;
+        cache) out=$(ALLOW_IMMEDIATE=1 run "$TG_PID" "$TG_PORT" /cache/v1/chat/completions "$mix") ;;
         *) echo "unknown target $t" >&2; exit 2 ;;
       esac
       read -r rate p99 cpu <<<"$out"
@@ -112,7 +117,7 @@ r, p, c, fr, fp, er, ep, ec = map(float, sys.argv[3:])
 ratio = lambda a, b: f"{a / b:5.2f}" if b else "  n/a"
 line = (f"mix={mix} target={t:12} rate={r:9.0f}/s p99={p / 1000:7.2f}ms cpu={c:6.1f}us/stream"
         f"  rate/floor={ratio(r, fr)}  p99/floor={ratio(p, fp)}")
-if t == "verify" or t.startswith("limits"):
+if t in ("verify", "cache") or t.startswith("limits"):
     line += f"  rate/empty={ratio(r, er)}  p99/empty={ratio(p, ep)}  cpu/empty={ratio(c, ec)}"
 print(line)
 PY

@@ -10,6 +10,7 @@ pub mod config;
 pub mod consumer;
 pub mod expr;
 pub mod fault;
+pub mod kvm;
 pub mod pipeline;
 pub mod policies;
 pub mod ratelimit;

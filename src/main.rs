@@ -277,6 +277,7 @@ async fn run(args: Box<ServeArgs>) -> anyhow::Result<()> {
     let services = Services {
         consumers: consumers.clone(),
         counters: counters.clone(),
+        ..Services::default()
     };
     // Configuration first (its index build sees no store objects yet and is cheap), then
     // the store: the full index is built once.

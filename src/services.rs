@@ -13,6 +13,11 @@ pub struct Services {
     pub consumers: Arc<Consumers>,
     /// Quota and spike arrest counters (memory or Redis).
     pub counters: Counters,
+    /// Response caches by policy, kept across reloads.
+    pub caches: Arc<crate::policies::response_cache::Caches>,
+    /// File-defined key-value maps of the running configuration (entries written through
+    /// the API live in the consumers' store).
+    pub kvms: Arc<crate::kvm::Kvms>,
 }
 
 impl Default for Services {
@@ -21,6 +26,8 @@ impl Default for Services {
         Self {
             consumers: Consumers::new(Arc::new(MemoryStore::new())),
             counters: Counters::default(),
+            caches: Arc::default(),
+            kvms: Arc::default(),
         }
     }
 }
