@@ -216,9 +216,7 @@ async fn run(args: Box<ServeArgs>) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("cannot open the {:?} store: {e}", args.store))?;
     tracing::info!(store = store.kind(), "store open");
     let consumers = Consumers::new(store);
-    let services = Services {
-        consumers: consumers.clone(),
-    };
+    let services = Services::with_consumers(consumers.clone());
     // Configuration first (its index build sees no store objects yet and is cheap), then
     // the store: the full index is built once.
     let config = ConfigManager::load_with(source, services)

@@ -1,22 +1,45 @@
-//! Shared services policies use at run time (the consumer index today; counters and
-//! key-value maps later). Built once per process and handed to every configuration load,
-//! so they outlive reloads.
+//! Shared services policies use at run time: the consumer index, the outgoing HTTP client,
+//! the JWKS cache and the Google token cache. Built once per process and handed to every
+//! configuration load, so they outlive reloads (pooled connections, fetched keys and
+//! minted tokens survive a configuration change).
 
 use std::sync::Arc;
 
 use crate::consumer::service::Consumers;
+use crate::google::GoogleTokens;
+use crate::http_client::HttpClient;
+use crate::jwks::Jwks;
 use crate::store::memory::MemoryStore;
 
 #[derive(Debug, Clone)]
 pub struct Services {
     pub consumers: Arc<Consumers>,
+    /// Pooled HTTP/1.1 + HTTP/2 client for callouts, JWKS and token endpoints.
+    pub http: HttpClient,
+    /// Remote key sets by URL (`VerifyJwt`).
+    pub jwks: Arc<Jwks>,
+    /// Google access and ID tokens by source and scope/audience (`AssignMessage`).
+    pub google: Arc<GoogleTokens>,
+    /// Where `ServiceCallout` may call (`--callout-allow`); empty allows everything.
+    pub egress: Arc<crate::policies::service_callout::Egress>,
+}
+
+impl Services {
+    /// Services around `consumers`, the rest fresh.
+    pub fn with_consumers(consumers: Arc<Consumers>) -> Self {
+        Self {
+            consumers,
+            http: HttpClient::new(),
+            jwks: Arc::default(),
+            google: Arc::default(),
+            egress: Arc::default(),
+        }
+    }
 }
 
 impl Default for Services {
     /// In-memory services: for `validate`, tests and benchmarks.
     fn default() -> Self {
-        Self {
-            consumers: Consumers::new(Arc::new(MemoryStore::new())),
-        }
+        Self::with_consumers(Consumers::new(Arc::new(MemoryStore::new())))
     }
 }
