@@ -275,9 +275,8 @@ async fn run(args: Box<ServeArgs>) -> anyhow::Result<()> {
     let (counters, checkpoint_db) = counters(&args, database).await?;
     tracing::info!(counters = counters.kind(), "counters ready");
     let services = Services {
-        consumers: consumers.clone(),
         counters: counters.clone(),
-        ..Services::default()
+        ..Services::with_consumers(consumers.clone())
     };
     // Configuration first (its index build sees no store objects yet and is cheap), then
     // the store: the full index is built once.

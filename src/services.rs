@@ -1,11 +1,16 @@
-//! Shared services policies use at run time (the consumer index, rate-limit counters;
-//! key-value maps later). Built once per process and handed to every configuration load,
-//! so they outlive reloads.
+//! Shared services policies use at run time: the consumer index, rate-limit counters,
+//! response caches, key-value maps, the outgoing HTTP client, the JWKS cache and the Google
+//! token cache. Built once per process and handed to every configuration load, so they
+//! outlive reloads (counts, cached entries, pooled connections, fetched keys and minted
+//! tokens survive a configuration change).
 
 use std::sync::Arc;
 
 use crate::consumer::service::Consumers;
 use crate::ratelimit::Counters;
+use crate::google::GoogleTokens;
+use crate::http_client::HttpClient;
+use crate::jwks::Jwks;
 use crate::store::memory::MemoryStore;
 
 #[derive(Debug, Clone)]
@@ -18,16 +23,35 @@ pub struct Services {
     /// File-defined key-value maps of the running configuration (entries written through
     /// the API live in the consumers' store).
     pub kvms: Arc<crate::kvm::Kvms>,
+    /// Pooled HTTP/1.1 + HTTP/2 client for callouts, JWKS and token endpoints.
+    pub http: HttpClient,
+    /// Remote key sets by URL (`VerifyJwt`).
+    pub jwks: Arc<Jwks>,
+    /// Google access and ID tokens by source and scope/audience (`AssignMessage`).
+    pub google: Arc<GoogleTokens>,
+    /// Where `ServiceCallout` may call (`--callout-allow`); empty allows everything.
+    pub egress: Arc<crate::policies::service_callout::Egress>,
+}
+
+impl Services {
+    /// Services around `consumers`, the rest fresh.
+    pub fn with_consumers(consumers: Arc<Consumers>) -> Self {
+        Self {
+            consumers,
+            counters: Counters::default(),
+            caches: Arc::default(),
+            kvms: Arc::default(),
+            http: HttpClient::new(),
+            jwks: Arc::default(),
+            google: Arc::default(),
+            egress: Arc::default(),
+        }
+    }
 }
 
 impl Default for Services {
     /// In-memory services: for `validate`, tests and benchmarks.
     fn default() -> Self {
-        Self {
-            consumers: Consumers::new(Arc::new(MemoryStore::new())),
-            counters: Counters::default(),
-            caches: Arc::default(),
-            kvms: Arc::default(),
-        }
+        Self::with_consumers(Consumers::new(Arc::new(MemoryStore::new())))
     }
 }

@@ -13,14 +13,33 @@
 //!   set: {headers: {x-tollgate-flow: "{flow.name}"}}
 //!   assignVariables: {tier: "{request.header.x-tier}"}
 //! ```
+//!
+//! `googleToken` sets a header (default `Authorization: Bearer <token>`) to a Google token
+//! for the gateway's own identity (see `crate::google`), after the other operations:
+//!
+//! ```yaml
+//!   googleToken:
+//!     accessToken: {scopes: [https://www.googleapis.com/auth/cloud-platform]}
+//!     # or idToken: {audience: https://my-service-abc.a.run.app}
+//!     header: x-serverless-authorization     # default authorization
+//!     serviceAccountKeyFile: keys/sa.key     # default: the metadata server
+//!     metadataHost: 169.254.169.254          # default: $GCE_METADATA_HOST, metadata.google.internal
+//! ```
+//!
+//! A token that cannot be obtained fails the step with 503
+//! `steps.googletoken.TokenUnavailable`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use serde::Deserialize;
 
-use super::{check_header_name, parse_spec, valid_header_value, BuildContext, SpecError};
+use super::{
+    check_header_name, parse_spec, read_config_file, valid_header_value, BuildContext, SpecError,
+};
 use crate::expr::Template;
+use crate::fault::Fault;
+use crate::google::{Cached, Kind, ServiceAccountKey, Source, TokenSlot};
 use crate::pipeline::{Direction, Outcome, Policy};
 use crate::vars::Exchange;
 
@@ -37,6 +56,100 @@ struct Spec {
     remove: RemoveSpec,
     #[serde(default)]
     assign_variables: BTreeMap<String, String>,
+    #[serde(default)]
+    google_token: Option<GoogleTokenSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct GoogleTokenSpec {
+    #[serde(default)]
+    access_token: Option<AccessTokenSpec>,
+    #[serde(default)]
+    id_token: Option<IdTokenSpec>,
+    #[serde(default)]
+    header: Option<String>,
+    #[serde(default)]
+    service_account_key_file: Option<String>,
+    #[serde(default)]
+    metadata_host: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AccessTokenSpec {
+    scopes: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IdTokenSpec {
+    audience: String,
+}
+
+#[derive(Debug)]
+struct GoogleToken {
+    header: String,
+    slot: Arc<TokenSlot>,
+}
+
+fn google_token(ctx: &BuildContext, g: GoogleTokenSpec) -> Result<GoogleToken, SpecError> {
+    let at = "googleToken";
+    let kind = match (g.access_token, g.id_token) {
+        (Some(a), None) => {
+            if a.scopes.is_empty() || a.scopes.iter().any(|s| s.is_empty() || s.contains(' ')) {
+                return Err(SpecError::new(
+                    "googleToken.accessToken.scopes",
+                    "give one or more scopes (URLs, no spaces)",
+                ));
+            }
+            Kind::Access { scopes: a.scopes }
+        }
+        (None, Some(i)) if !i.audience.is_empty() => Kind::Id {
+            audience: i.audience,
+        },
+        _ => {
+            return Err(SpecError::new(
+                at,
+                "give accessToken {scopes} or idToken {audience}",
+            ))
+        }
+    };
+    let header = check_header_name(g.header.as_deref().unwrap_or("authorization"))
+        .map_err(|m| SpecError::new("googleToken.header", m))?;
+    let source = match (g.service_account_key_file, g.metadata_host) {
+        (Some(_), Some(_)) => {
+            return Err(SpecError::new(
+                at,
+                "give serviceAccountKeyFile or metadataHost, not both",
+            ))
+        }
+        (Some(f), None) => {
+            let field = "googleToken.serviceAccountKeyFile";
+            let text = read_config_file(ctx, field, &f)?;
+            let key = ServiceAccountKey::parse(&text).map_err(|e| SpecError::new(field, e.to_string()))?;
+            Source::ServiceAccount(Arc::new(key))
+        }
+        (None, Some(h)) if !h.is_empty() && !h.contains('/') => Source::Metadata(h),
+        (None, Some(_)) => {
+            return Err(SpecError::new(
+                "googleToken.metadataHost",
+                "a host or host:port",
+            ))
+        }
+        (None, None) => Source::metadata_default(),
+    };
+    let slot = ctx.services.google.slot(source, kind, &ctx.services.http);
+    Ok(GoogleToken { header, slot })
+}
+
+fn token_unavailable(e: &crate::google::TokenError) -> Fault {
+    tracing::warn!(error = %e, "google token unavailable");
+    Fault::new(
+        503,
+        "steps.googletoken.TokenUnavailable",
+        "Could not obtain a Google token for the upstream",
+    )
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -72,6 +185,7 @@ struct AssignMessage {
     body: Option<Template>,
     /// Some template reads the message body.
     reads_body: bool,
+    google: Option<GoogleToken>,
 }
 
 fn compile_headers(
@@ -89,7 +203,7 @@ fn compile_headers(
         .collect()
 }
 
-pub fn build(_ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Policy>, SpecError> {
+pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Policy>, SpecError> {
     let spec: Spec = parse_spec(spec)?;
     let remove = spec
         .remove
@@ -131,15 +245,20 @@ pub fn build(_ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn P
         .chain(body.iter())
         .flat_map(Template::variables)
         .any(|v| v == "request.content" || v == "response.content");
+    let google = spec
+        .google_token
+        .map(|g| google_token(ctx, g))
+        .transpose()?;
     if remove.is_empty()
         && add.is_empty()
         && set.is_empty()
         && variables.is_empty()
         && body.is_none()
+        && google.is_none()
     {
         return Err(SpecError::new(
             "",
-            "AssignMessage does nothing: give set, add, remove or assignVariables",
+            "AssignMessage does nothing: give set, add, remove, assignVariables or googleToken",
         ));
     }
     Ok(Arc::new(AssignMessage {
@@ -149,6 +268,7 @@ pub fn build(_ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn P
         variables,
         body,
         reads_body,
+        google,
     }))
 }
 
@@ -196,7 +316,21 @@ impl Policy for AssignMessage {
             let b = t.render(ex).into_bytes();
             ex.replace_body(dir, b);
         }
-        Outcome::Ready(Ok(()))
+        let Some(g) = &self.google else {
+            return Outcome::Ready(Ok(()));
+        };
+        match g.slot.get() {
+            Cached::Ready(t) => {
+                ex.set_header(dir, &g.header, format!("Bearer {}", t.value));
+                Outcome::Ready(Ok(()))
+            }
+            Cached::Failed(e) => Outcome::Ready(Err(token_unavailable(&e))),
+            Cached::Missing => Outcome::Pending(Box::pin(async move {
+                let t = g.slot.fetch().await.map_err(|e| token_unavailable(&e))?;
+                ex.set_header(dir, &g.header, format!("Bearer {}", t.value));
+                Ok(())
+            })),
+        }
     }
 }
 

@@ -114,6 +114,27 @@ pub fn check_header_name(name: &str) -> Result<String, String> {
     Ok(lower)
 }
 
+/// Reads a file a policy refers to: relative paths are beside the configuration (files
+/// not named `*.yaml`/`*.yml`/`*.json`, or in a subdirectory, so the loader does not take
+/// them for configuration).
+pub fn read_config_file(ctx: &BuildContext, field: &str, file: &str) -> Result<Vec<u8>, SpecError> {
+    let path = std::path::Path::new(file);
+    let path = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        ctx.config_dir
+            .as_deref()
+            .ok_or_else(|| {
+                SpecError::new(
+                    field,
+                    "a relative path needs a configuration directory (this configuration is not from one)",
+                )
+            })?
+            .join(path)
+    };
+    std::fs::read(&path).map_err(|e| SpecError::new(field, format!("{}: {e}", path.display())))
+}
+
 /// A header value is sent only if Envoy would accept it: no CR, LF or NUL.
 pub fn valid_header_value(v: &str) -> bool {
     !v.bytes().any(|b| matches!(b, b'\r' | b'\n' | 0))

@@ -1,0 +1,498 @@
+//! Google OAuth access tokens and OIDC ID tokens for the gateway's own identity, minted
+//! for `AssignMessage`'s `googleToken` to send upstream (Vertex AI, Cloud Run, ...).
+//!
+//! Two sources, speaking Google's real protocols:
+//! - the GKE/GCE metadata server (workload identity): `GET
+//!   /computeMetadata/v1/instance/service-accounts/default/token?scopes=…` (JSON
+//!   `access_token`, `expires_in`) and `…/identity?audience=…&format=full` (a JWT), with
+//!   `Metadata-Flavor: Google`. Host from `metadataHost`, else `GCE_METADATA_HOST`, else
+//!   `metadata.google.internal`.
+//! - a service-account key file: an RS256 JWT-bearer assertion signed with the key,
+//!   posted to the file's `token_uri` (`grant_type=urn:ietf:params:oauth:grant-type:jwt-bearer`),
+//!   answered with `access_token` (scopes) or `id_token` (`target_audience`).
+//!
+//! Tokens are cached per (source, kind, scopes/audience) for the process, used without
+//! waiting while fresh, refreshed by one background fetch once past half their life (or
+//! within 5 minutes of expiry), and fetched by one caller for all waiting ones when
+//! missing or expired. A source that is down fails fast: after a failed fetch, callers
+//! needing a token get the error for `RETRY_AFTER_FAILURE` without a new attempt.
+
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwapOption;
+use base64::Engine as _;
+use bytes::Bytes;
+use http_body_util::Full;
+use prometheus::IntCounterVec;
+use serde::Deserialize;
+
+use crate::http_client::HttpClient;
+
+const DEFAULT_METADATA_HOST: &str = "metadata.google.internal";
+const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+const MAX_TOKEN_RESPONSE: usize = 64 * 1024;
+/// After a failed fetch, fail at once for this long instead of piling up new attempts.
+const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(2);
+/// Do not use a token this close to its expiry.
+const EXPIRY_MARGIN: Duration = Duration::from_secs(30);
+
+static FETCHES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    let c = IntCounterVec::new(
+        prometheus::Opts::new(
+            "tollgate_google_token_fetches_total",
+            "Google token fetches by source (metadata, key_file), kind (access, id) and result",
+        ),
+        &["source", "kind", "result"],
+    )
+    .expect("valid metric");
+    if let Err(e) = crate::telemetry::METRICS
+        .registry
+        .register(Box::new(c.clone()))
+    {
+        tracing::warn!(error = %e, "google token metric not registered");
+    }
+    c
+});
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum TokenError {
+    #[error("service account key file: {0}")]
+    KeyFile(String),
+    #[error("token request to {url} failed: {message}")]
+    Fetch { url: String, message: String },
+    #[error("token endpoint answer unusable: {0}")]
+    Answer(String),
+}
+
+/// A service-account key file (the JSON Google issues), reduced to what signing needs.
+#[derive(Clone, Deserialize)]
+pub struct ServiceAccountKey {
+    client_email: String,
+    private_key: String,
+    #[serde(default)]
+    private_key_id: Option<String>,
+    #[serde(default = "default_token_uri")]
+    token_uri: String,
+}
+
+fn default_token_uri() -> String {
+    "https://oauth2.googleapis.com/token".into()
+}
+
+impl std::fmt::Debug for ServiceAccountKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceAccountKey")
+            .field("client_email", &self.client_email)
+            .field("token_uri", &self.token_uri)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServiceAccountKey {
+    /// Parses a key file and checks the key can sign.
+    pub fn parse(text: &[u8]) -> Result<Self, TokenError> {
+        let k: Self =
+            serde_json::from_slice(text).map_err(|e| TokenError::KeyFile(e.to_string()))?;
+        jsonwebtoken::EncodingKey::from_rsa_pem(k.private_key.as_bytes())
+            .map_err(|e| TokenError::KeyFile(format!("private_key: {e}")))?;
+        let uri: hyper::Uri = k
+            .token_uri
+            .parse()
+            .map_err(|e| TokenError::KeyFile(format!("token_uri: {e}")))?;
+        if !matches!(uri.scheme_str(), Some("http" | "https")) {
+            return Err(TokenError::KeyFile("token_uri must be http(s)".into()));
+        }
+        Ok(k)
+    }
+}
+
+/// Where tokens come from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// Metadata server at this host (`host[:port]`).
+    Metadata(String),
+    ServiceAccount(Arc<ServiceAccountKey>),
+}
+
+impl Source {
+    /// The metadata server from `GCE_METADATA_HOST`, as Google's client libraries do.
+    pub fn metadata_default() -> Self {
+        let host = std::env::var("GCE_METADATA_HOST")
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| DEFAULT_METADATA_HOST.into());
+        Source::Metadata(host)
+    }
+
+    fn id(&self) -> String {
+        match self {
+            Source::Metadata(h) => format!("metadata:{h}"),
+            Source::ServiceAccount(k) => format!("sa:{}:{}", k.client_email, k.token_uri),
+        }
+    }
+
+    fn label(&self) -> &'static str {
+        match self {
+            Source::Metadata(_) => "metadata",
+            Source::ServiceAccount(_) => "key_file",
+        }
+    }
+}
+
+/// What kind of token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kind {
+    Access { scopes: Vec<String> },
+    Id { audience: String },
+}
+
+impl Kind {
+    fn label(&self) -> &'static str {
+        match self {
+            Kind::Access { .. } => "access",
+            Kind::Id { .. } => "id",
+        }
+    }
+}
+
+/// A minted token.
+#[derive(Debug)]
+pub struct Token {
+    pub value: String,
+    expires: Instant,
+    refresh_at: Instant,
+}
+
+#[derive(Debug, Default)]
+struct SlotState {
+    background: bool,
+    last_failure: Option<(Instant, TokenError)>,
+}
+
+/// One cached token and its refresh machinery.
+#[derive(Debug)]
+pub struct TokenSlot {
+    source: Source,
+    kind: Kind,
+    http: HttpClient,
+    current: ArcSwapOption<Token>,
+    state: Mutex<SlotState>,
+    fetching: tokio::sync::Mutex<()>,
+}
+
+/// What [`TokenSlot::get`] can answer without waiting.
+pub enum Cached {
+    Ready(Arc<Token>),
+    /// No usable token: call [`TokenSlot::fetch`].
+    Missing,
+    /// The last fetch failed a moment ago: fail without a new attempt.
+    Failed(TokenError),
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn urlencode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The `exp` of a JWT, read without verifying it (we asked for it; we only need its life).
+fn jwt_exp(token: &str) -> Option<u64> {
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    v.get("exp")?.as_u64()
+}
+
+impl TokenSlot {
+    /// The cached token when usable; starts a background refresh when it is getting old.
+    pub fn get(self: &Arc<Self>) -> Cached {
+        let now = Instant::now();
+        if let Some(t) = self.current.load_full() {
+            if now + EXPIRY_MARGIN < t.expires {
+                if now >= t.refresh_at {
+                    self.refresh_in_background();
+                }
+                return Cached::Ready(t);
+            }
+        }
+        if let Ok(st) = self.state.lock() {
+            if let Some((at, e)) = &st.last_failure {
+                if at.elapsed() < RETRY_AFTER_FAILURE {
+                    return Cached::Failed(e.clone());
+                }
+            }
+        }
+        Cached::Missing
+    }
+
+    fn refresh_in_background(self: &Arc<Self>) {
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        match self.state.lock() {
+            Ok(mut st) if !st.background => st.background = true,
+            _ => return,
+        }
+        let this = Arc::clone(self);
+        handle.spawn(async move {
+            if let Err(e) = this.fetch().await {
+                tracing::warn!(error = %e, "google token background refresh failed");
+            }
+            if let Ok(mut st) = this.state.lock() {
+                st.background = false;
+            }
+        });
+    }
+
+    /// Fetches a token, unless another caller fetched one while this one waited.
+    pub async fn fetch(&self) -> Result<Arc<Token>, TokenError> {
+        let before = self.current.load_full();
+        let _guard = self.fetching.lock().await;
+        if let Some(cur) = self.current.load_full() {
+            let replaced = before.as_ref().is_none_or(|b| !Arc::ptr_eq(b, &cur));
+            if replaced && Instant::now() + EXPIRY_MARGIN < cur.expires {
+                return Ok(cur);
+            }
+        }
+        if let Ok(st) = self.state.lock() {
+            if let Some((at, e)) = &st.last_failure {
+                if at.elapsed() < RETRY_AFTER_FAILURE {
+                    return Err(e.clone());
+                }
+            }
+        }
+        let result = self.mint().await;
+        FETCHES
+            .with_label_values(&[
+                self.source.label(),
+                self.kind.label(),
+                if result.is_ok() { "ok" } else { "error" },
+            ])
+            .inc();
+        match result {
+            Ok((value, lifetime)) => {
+                let now = Instant::now();
+                let refresh_in =
+                    (lifetime / 2).max(lifetime.saturating_sub(Duration::from_secs(300)));
+                let token = Arc::new(Token {
+                    value,
+                    expires: now + lifetime,
+                    refresh_at: now + refresh_in,
+                });
+                self.current.store(Some(Arc::clone(&token)));
+                if let Ok(mut st) = self.state.lock() {
+                    st.last_failure = None;
+                }
+                tracing::debug!(
+                    source = self.source.label(),
+                    kind = self.kind.label(),
+                    lifetime_s = lifetime.as_secs(),
+                    "google token minted"
+                );
+                Ok(token)
+            }
+            Err(e) => {
+                if let Ok(mut st) = self.state.lock() {
+                    st.last_failure = Some((Instant::now(), e.clone()));
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// One request to the source: (token, lifetime).
+    async fn mint(&self) -> Result<(String, Duration), TokenError> {
+        let (url, req) = match &self.source {
+            Source::Metadata(host) => {
+                let base =
+                    format!("http://{host}/computeMetadata/v1/instance/service-accounts/default");
+                let url = match &self.kind {
+                    Kind::Access { scopes } => {
+                        format!("{base}/token?scopes={}", urlencode(&scopes.join(",")))
+                    }
+                    Kind::Id { audience } => {
+                        format!(
+                            "{base}/identity?audience={}&format=full",
+                            urlencode(audience)
+                        )
+                    }
+                };
+                let req = hyper::Request::get(&url)
+                    .header("metadata-flavor", "Google")
+                    .body(Full::new(Bytes::new()));
+                (url, req)
+            }
+            Source::ServiceAccount(key) => {
+                let assertion = self.assertion(key)?;
+                let form = format!(
+                    "grant_type={}&assertion={}",
+                    urlencode("urn:ietf:params:oauth:grant-type:jwt-bearer"),
+                    urlencode(&assertion)
+                );
+                let req = hyper::Request::post(&key.token_uri)
+                    .header("content-type", "application/x-www-form-urlencoded")
+                    .body(Full::new(Bytes::from(form)));
+                (key.token_uri.clone(), req)
+            }
+        };
+        let fetch_err = |message: String| TokenError::Fetch {
+            url: url.clone(),
+            message,
+        };
+        let req = req.map_err(|e| fetch_err(e.to_string()))?;
+        let resp = self
+            .http
+            .send(req, false, FETCH_TIMEOUT, MAX_TOKEN_RESPONSE)
+            .await
+            .map_err(|e| fetch_err(e.to_string()))?;
+        if resp.status != 200 {
+            let detail =
+                String::from_utf8_lossy(&resp.body[..resp.body.len().min(200)]).into_owned();
+            return Err(fetch_err(format!("status {}: {detail}", resp.status)));
+        }
+        #[derive(Deserialize)]
+        struct Answer {
+            access_token: Option<String>,
+            id_token: Option<String>,
+            expires_in: Option<u64>,
+        }
+        let id_from_jwt = |jwt: String| -> Result<(String, Duration), TokenError> {
+            let exp =
+                jwt_exp(&jwt).ok_or_else(|| TokenError::Answer("ID token has no exp".into()))?;
+            let life = exp.saturating_sub(now_unix());
+            if life == 0 {
+                return Err(TokenError::Answer("ID token already expired".into()));
+            }
+            Ok((jwt, Duration::from_secs(life)))
+        };
+        match (&self.source, &self.kind) {
+            // The metadata server answers an ID token as the bare JWT.
+            (Source::Metadata(_), Kind::Id { .. }) => {
+                let jwt = String::from_utf8(resp.body.to_vec())
+                    .map_err(|_| TokenError::Answer("ID token is not text".into()))?;
+                id_from_jwt(jwt.trim().to_owned())
+            }
+            (_, kind) => {
+                let a: Answer = serde_json::from_slice(&resp.body)
+                    .map_err(|e| TokenError::Answer(format!("not JSON: {e}")))?;
+                match kind {
+                    Kind::Access { .. } => {
+                        let t = a
+                            .access_token
+                            .filter(|t| !t.is_empty())
+                            .ok_or_else(|| TokenError::Answer("no access_token".into()))?;
+                        let life = a
+                            .expires_in
+                            .filter(|e| *e > 0)
+                            .ok_or_else(|| TokenError::Answer("no expires_in".into()))?;
+                        Ok((t, Duration::from_secs(life)))
+                    }
+                    Kind::Id { .. } => {
+                        let t = a
+                            .id_token
+                            .filter(|t| !t.is_empty())
+                            .ok_or_else(|| TokenError::Answer("no id_token".into()))?;
+                        id_from_jwt(t)
+                    }
+                }
+            }
+        }
+    }
+
+    /// The signed JWT-bearer assertion (RFC 7523) for a service-account key.
+    fn assertion(&self, key: &ServiceAccountKey) -> Result<String, TokenError> {
+        let now = now_unix();
+        let mut claims = serde_json::json!({
+            "iss": key.client_email,
+            "aud": key.token_uri,
+            "iat": now,
+            "exp": now + 3600,
+        });
+        match &self.kind {
+            Kind::Access { scopes } => claims["scope"] = scopes.join(" ").into(),
+            Kind::Id { audience } => {
+                claims["target_audience"] = audience.clone().into();
+                claims["sub"] = key.client_email.clone().into();
+            }
+        }
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+        header.kid.clone_from(&key.private_key_id);
+        let enc = jsonwebtoken::EncodingKey::from_rsa_pem(key.private_key.as_bytes())
+            .map_err(|e| TokenError::KeyFile(e.to_string()))?;
+        jsonwebtoken::encode(&header, &claims, &enc).map_err(|e| TokenError::KeyFile(e.to_string()))
+    }
+}
+
+/// Every token slot of the process.
+#[derive(Debug, Default)]
+pub struct GoogleTokens {
+    slots: Mutex<HashMap<String, Arc<TokenSlot>>>,
+}
+
+impl GoogleTokens {
+    /// The shared slot for `source` and `kind`.
+    pub fn slot(&self, source: Source, kind: Kind, http: &HttpClient) -> Arc<TokenSlot> {
+        let key = format!("{}|{kind:?}", source.id());
+        let mut slots = match self.slots.lock() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        };
+        Arc::clone(slots.entry(key).or_insert_with(|| {
+            Arc::new(TokenSlot {
+                source,
+                kind,
+                http: http.clone(),
+                current: ArcSwapOption::empty(),
+                state: Mutex::new(SlotState::default()),
+                fetching: tokio::sync::Mutex::new(()),
+            })
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn form_encoding_and_exp() {
+        assert_eq!(
+            urlencode("urn:ietf:params:oauth:grant-type:jwt-bearer"),
+            "urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Ajwt-bearer"
+        );
+        assert_eq!(urlencode("a b/c"), "a%20b%2Fc");
+        let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        assert_eq!(jwt_exp(&format!("x.{}.y", b64(r#"{"exp":42}"#))), Some(42));
+        assert_eq!(jwt_exp("garbage"), None);
+    }
+
+    #[test]
+    fn key_file_errors() {
+        assert!(matches!(
+            ServiceAccountKey::parse(b"{}"),
+            Err(TokenError::KeyFile(_))
+        ));
+        let bad = br#"{"client_email":"a@b","private_key":"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"}"#;
+        assert!(matches!(
+            ServiceAccountKey::parse(bad),
+            Err(TokenError::KeyFile(_))
+        ));
+    }
+}

@@ -1,0 +1,760 @@
+//! `JavaScript`: a script (QuickJS through `rquickjs`) run as a step, with Apigee's API.
+//!
+//! ```yaml
+//! spec:
+//!   type: JavaScript
+//!   source: |                       # or `file: scripts/tag.js` (beside the configuration)
+//!     var tier = context.getVariable('jwt.auth.claim.tier') || 'free';
+//!     request.setHeader('x-tier', tier);
+//!     if (tier === 'banned') throw {status: 403, code: 'custom.Banned', message: 'no'};
+//!   timeLimitMs: 50                 # per run (interrupt); default 50, at most 1000
+//!   memoryLimitBytes: 8388608       # heap a run may add; default 8 MiB
+//!   needsBody: false                # default: detected from the source
+//! ```
+//!
+//! In the script (strict mode): `context.getVariable(name)` / `setVariable(name, value)` /
+//! `removeVariable(name)` (`request.header.<n>` and `response.header.<n>` set headers),
+//! `request` and `response` with `method`, `url`, `path`, `status`, `headers`,
+//! `queryParams`, `content` (text), `json()`, `getHeader`, `setHeader`, `removeHeader`,
+//! `setContent`, `setJson`; `print(...)` logs. Throwing fails the step with 500
+//! `steps.javascript.ScriptExecutionFailed`; throwing `{status, code, message}` fails it
+//! with that fault. The limit that stopped a script (time, memory, stack) is named in the
+//! fault.
+//!
+//! Isolation: each worker thread has one runtime and context, made once; the standard
+//! objects are deep-frozen and `eval` / `Function` constructors are disabled before any
+//! script runs, and scripts are functions whose state is local to one run, so nothing a
+//! run does is visible to another request. There is no file, network or timer API.
+//! A script is checked at load (syntax, and that its text is exactly one function body)
+//! and compiled once per worker thread on first use.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Weak};
+use std::time::{Duration, Instant};
+
+use prometheus::IntCounterVec;
+use rquickjs::function::Rest;
+use rquickjs::{Context, Ctx, Function, Object, Persistent, Runtime, Value as JsValue};
+use serde::Deserialize;
+
+use super::{check_header_name, parse_spec, read_config_file, valid_header_value, BuildContext, SpecError};
+use crate::fault::Fault;
+use crate::pipeline::{Direction, Outcome, Policy};
+use crate::vars::{Exchange, Value, ValueRef};
+
+pub const TYPE: &str = "JavaScript";
+
+const DEFAULT_TIME_LIMIT: Duration = Duration::from_millis(50);
+const MAX_TIME_LIMIT: Duration = Duration::from_millis(1000);
+const DEFAULT_MEMORY_LIMIT: usize = 8 * 1024 * 1024;
+const MAX_STACK: usize = 256 * 1024;
+/// Longest script accepted.
+const MAX_SOURCE: usize = 256 * 1024;
+
+static RUNS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    let c = IntCounterVec::new(
+        prometheus::Opts::new(
+            "tollgate_javascript_runs_total",
+            "JavaScript runs by policy and result (ok, error, fault, time_limit, memory_limit)",
+        ),
+        &["policy", "result"],
+    )
+    .expect("valid metric");
+    if let Err(e) = crate::telemetry::METRICS.registry.register(Box::new(c.clone())) {
+        tracing::warn!(error = %e, "javascript metric not registered");
+    }
+    c
+});
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Spec {
+    #[serde(default)]
+    source: Option<String>,
+    #[serde(default)]
+    file: Option<String>,
+    #[serde(default)]
+    time_limit_ms: Option<u64>,
+    #[serde(default)]
+    memory_limit_bytes: Option<usize>,
+    #[serde(default)]
+    needs_body: Option<bool>,
+}
+
+/// A script ready to run: its wrapped text and limits. Workers compile it on first use.
+#[derive(Debug)]
+struct Script {
+    id: u64,
+    /// `function(context,request,response,print){…}`
+    wrapped: String,
+}
+
+#[derive(Debug)]
+struct JavaScript {
+    name: String,
+    script: Arc<Script>,
+    time_limit: Duration,
+    memory_limit: usize,
+    needs_body: bool,
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+const PARAMS: &str = "context,request,response,print";
+
+fn wrap(source: &str) -> String {
+    format!("function({PARAMS}){{\"use strict\";{source}\n}}")
+}
+
+pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Policy>, SpecError> {
+    let spec: Spec = parse_spec(spec)?;
+    let source = match (spec.source, spec.file) {
+        (Some(s), None) => s,
+        (None, Some(f)) => {
+            let bytes = read_config_file(ctx, "file", &f)?;
+            String::from_utf8(bytes).map_err(|_| SpecError::new("file", "not UTF-8 text"))?
+        }
+        _ => return Err(SpecError::new("", "give source or file")),
+    };
+    if source.len() > MAX_SOURCE {
+        return Err(SpecError::new("source", format!("longer than {MAX_SOURCE} bytes")));
+    }
+    let time_limit = spec.time_limit_ms.map_or(DEFAULT_TIME_LIMIT, Duration::from_millis);
+    if time_limit.is_zero() || time_limit > MAX_TIME_LIMIT {
+        return Err(SpecError::new("timeLimitMs", "between 1 and 1000"));
+    }
+    let memory_limit = spec.memory_limit_bytes.unwrap_or(DEFAULT_MEMORY_LIMIT);
+    if !(64 * 1024..=256 * 1024 * 1024).contains(&memory_limit) {
+        return Err(SpecError::new("memoryLimitBytes", "between 65536 and 268435456"));
+    }
+    let wrapped = wrap(&source);
+    check_compiles(&wrapped).map_err(|m| SpecError::new("source", m))?;
+    let needs_body = spec.needs_body.unwrap_or_else(|| {
+        ["content", "json(", "setJson"].iter().any(|w| source.contains(w))
+    });
+    Ok(Arc::new(JavaScript {
+        name: ctx.name.clone(),
+        script: Arc::new(Script {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            wrapped,
+        }),
+        time_limit,
+        memory_limit,
+        needs_body,
+    }))
+}
+
+/// Compiles the script in a throwaway worker: a syntax error, or text that is not exactly
+/// one function body (a `})(); … (function(){` escape), is refused here, at load.
+fn check_compiles(wrapped: &str) -> Result<(), String> {
+    let w = Worker::new().map_err(|e| format!("JavaScript engine: {e}"))?;
+    w.deadline(Duration::from_millis(200));
+    let r = w.ctx.with(|ctx| compile(&ctx, &w.api, wrapped).map(|_| ()));
+    w.clear_deadline();
+    r
+}
+
+/// Compiles `wrapped` with the prelude's private compiler. A source that closes the
+/// function early yields a different function (or none): its text would not match.
+fn compile<'js>(ctx: &Ctx<'js>, api: &Persistent<Object<'static>>, wrapped: &str) -> Result<Function<'js>, String> {
+    let api = api.clone().restore(ctx).map_err(|e| e.to_string())?;
+    let compiler: Function = api.get("compile").map_err(|e| e.to_string())?;
+    let r: rquickjs::Result<Function> = compiler.call((wrapped,));
+    let f = r.map_err(|e| describe(ctx, e).1)?;
+    let text: String = f
+        .get::<_, Function>("toString")
+        .and_then(|ts| ts.call((rquickjs::function::This(f.clone()),)))
+        .map_err(|e| e.to_string())?;
+    if text != wrapped {
+        return Err("the source must be one function body (it closes the function early)".into());
+    }
+    Ok(f)
+}
+
+/// (is a JS exception, text) for an error.
+fn describe(ctx: &Ctx<'_>, e: rquickjs::Error) -> (bool, String) {
+    match e {
+        rquickjs::Error::Exception => {
+            let v = ctx.catch();
+            (true, js_error_text(&v))
+        }
+        other => (false, other.to_string()),
+    }
+}
+
+fn js_error_text(v: &JsValue<'_>) -> String {
+    if let Some(ex) = v.as_exception() {
+        let name: String = ex.get("name").unwrap_or_else(|_| "Error".into());
+        return format!("{name}: {}", ex.message().unwrap_or_default());
+    }
+    if let Some(s) = v.as_string() {
+        return s.to_string().unwrap_or_default();
+    }
+    if let Some(o) = v.as_object() {
+        if let Ok(m) = o.get::<_, String>("message") {
+            return m;
+        }
+    }
+    format!("{:?}", v.type_of())
+}
+
+// ───────────────────────────── per-thread engine ─────────────────────────────
+
+/// What a run's host functions act on: the exchange, moved in for the run.
+struct Current {
+    ex: Exchange,
+    dir: Direction,
+    policy: String,
+}
+
+thread_local! {
+    static CURRENT: RefCell<Option<Current>> = const { RefCell::new(None) };
+    static WORKER: RefCell<Option<Worker>> = const { RefCell::new(None) };
+}
+
+fn with_current<R>(ctx: &Ctx<'_>, f: impl FnOnce(&mut Current) -> rquickjs::Result<R>) -> rquickjs::Result<R> {
+    CURRENT.with(|c| match c.borrow_mut().as_mut() {
+        Some(cur) => f(cur),
+        None => Err(rquickjs::Exception::throw_internal(ctx, "no request in progress")),
+    })
+}
+
+fn dir_of(ctx: &Ctx<'_>, cur: &Current, d: &str) -> rquickjs::Result<Direction> {
+    match d {
+        "request" => Ok(Direction::Request),
+        "response" if cur.ex.response.is_some() || cur.dir == Direction::Response => {
+            Ok(Direction::Response)
+        }
+        "response" => Err(rquickjs::Exception::throw_type(ctx, "there is no response yet")),
+        _ => Err(rquickjs::Exception::throw_type(ctx, "bad message")),
+    }
+}
+
+fn to_js<'js>(ctx: &Ctx<'js>, v: ValueRef<'_>) -> rquickjs::Result<JsValue<'js>> {
+    Ok(match v {
+        ValueRef::Str(s) => rquickjs::String::from_str(ctx.clone(), s)?.into_value(),
+        ValueRef::Int(i) => JsValue::new_number(ctx.clone(), i as f64),
+        ValueRef::Float(f) => JsValue::new_number(ctx.clone(), f),
+        ValueRef::Bool(b) => JsValue::new_bool(ctx.clone(), b),
+    })
+}
+
+fn from_js(v: &JsValue<'_>) -> Option<Value> {
+    if let Some(b) = v.as_bool() {
+        return Some(Value::Bool(b));
+    }
+    if let Some(i) = v.as_int() {
+        return Some(Value::Int(i64::from(i)));
+    }
+    if let Some(f) = v.as_float() {
+        if f.fract() == 0.0 && f.abs() < 9.0e15 {
+            return Some(Value::Int(f as i64));
+        }
+        return Some(Value::Float(f));
+    }
+    if let Some(s) = v.as_string() {
+        return s.to_string().ok().map(Value::Str);
+    }
+    None
+}
+
+/// Host functions, made once per worker; they act on [`CURRENT`].
+fn host<'js>(ctx: &Ctx<'js>) -> rquickjs::Result<Object<'js>> {
+    let h = Object::new(ctx.clone())?;
+    h.set(
+        "get",
+        Function::new(ctx.clone(), |ctx: Ctx<'js>, name: String| -> rquickjs::Result<JsValue<'js>> {
+            with_current(&ctx, |cur| {
+                if let Some(v) = cur.ex.var(&name) {
+                    return to_js(&ctx, v);
+                }
+                match cur.ex.lookup(&name) {
+                    Some(s) => to_js(&ctx, ValueRef::Str(&s)),
+                    None => Ok(JsValue::new_null(ctx.clone())),
+                }
+            })
+        })?,
+    )?;
+    h.set(
+        "set",
+        Function::new(ctx.clone(), |ctx: Ctx<'js>, name: String, v: JsValue<'js>| {
+            with_current(&ctx, |cur| {
+                for (prefix, d) in [("request.header.", Direction::Request), ("response.header.", Direction::Response)] {
+                    if let Some(h) = name.strip_prefix(prefix) {
+                        let val = from_js(&v).map(|v| v.to_string()).unwrap_or_default();
+                        return set_header(&ctx, cur, d, h, &val);
+                    }
+                }
+                if name.is_empty() || name.starts_with("request.") || name.starts_with("response.") {
+                    return Err(rquickjs::Exception::throw_type(&ctx, &format!("`{name}` is read-only")));
+                }
+                match from_js(&v) {
+                    Some(val) => cur.ex.set_var(name, val),
+                    None if v.is_null() || v.is_undefined() => {
+                        cur.ex.vars.remove(&name);
+                    }
+                    None => {
+                        return Err(rquickjs::Exception::throw_type(
+                            &ctx,
+                            "variables hold strings, numbers and booleans (use JSON.stringify)",
+                        ))
+                    }
+                }
+                Ok(())
+            })
+        })?,
+    )?;
+    h.set(
+        "remove",
+        Function::new(ctx.clone(), |ctx: Ctx<'js>, name: String| {
+            with_current(&ctx, |cur| {
+                cur.ex.vars.remove(&name);
+                Ok(())
+            })
+        })?,
+    )?;
+    h.set(
+        "info",
+        Function::new(ctx.clone(), |ctx: Ctx<'js>, what: String| -> rquickjs::Result<JsValue<'js>> {
+            with_current(&ctx, |cur| {
+                let r = &cur.ex.request;
+                let s: Option<String> = match what.as_str() {
+                    "method" => Some(r.method.clone()),
+                    "url" => Some(r.uri.clone()),
+                    "path" => Some(r.path().to_owned()),
+                    "host" => Some(r.host.clone()),
+                    "flow" => Some(cur.ex.flow.clone()),
+                    "status" => {
+                        return Ok(match &cur.ex.response {
+                            Some(resp) => JsValue::new_int(ctx.clone(), i32::from(resp.status)),
+                            None => JsValue::new_undefined(ctx.clone()),
+                        })
+                    }
+                    _ => None,
+                };
+                match s {
+                    Some(s) => to_js(&ctx, ValueRef::Str(&s)),
+                    None => Ok(JsValue::new_undefined(ctx.clone())),
+                }
+            })
+        })?,
+    )?;
+    h.set(
+        "headers",
+        Function::new(ctx.clone(), |ctx: Ctx<'js>, d: String| -> rquickjs::Result<Object<'js>> {
+            with_current(&ctx, |cur| {
+                let o = Object::new(ctx.clone())?;
+                let headers = match dir_of(&ctx, cur, &d)? {
+                    Direction::Request => Some(&cur.ex.request.headers),
+                    Direction::Response => cur.ex.response.as_ref().map(|r| &r.headers),
+                };
+                for (n, v) in headers.into_iter().flat_map(|h| h.iter()) {
+                    if n.starts_with(':') {
+                        continue;
+                    }
+                    let joined = match o.get::<_, Option<String>>(n)? {
+                        Some(prev) => format!("{prev}, {v}"),
+                        None => v.to_owned(),
+                    };
+                    o.set(n, joined)?;
+                }
+                Ok(o)
+            })
+        })?,
+    )?;
+    h.set(
+        "query",
+        Function::new(ctx.clone(), |ctx: Ctx<'js>| -> rquickjs::Result<Object<'js>> {
+            with_current(&ctx, |cur| {
+                let o = Object::new(ctx.clone())?;
+                for (k, v) in crate::vars::query_pairs(cur.ex.request.query_string()) {
+                    if !o.contains_key(k.as_str())? {
+                        o.set(k, v)?;
+                    }
+                }
+                Ok(o)
+            })
+        })?,
+    )?;
+    h.set(
+        "setHeader",
+        Function::new(ctx.clone(), |ctx: Ctx<'js>, d: String, name: String, value: String| {
+            with_current(&ctx, |cur| {
+                let d = dir_of(&ctx, cur, &d)?;
+                set_header(&ctx, cur, d, &name, &value)
+            })
+        })?,
+    )?;
+    h.set(
+        "removeHeader",
+        Function::new(ctx.clone(), |ctx: Ctx<'js>, d: String, name: String| {
+            with_current(&ctx, |cur| {
+                let d = dir_of(&ctx, cur, &d)?;
+                let name = check_header_name(&name).map_err(|m| rquickjs::Exception::throw_type(&ctx, &m))?;
+                cur.ex.remove_header(d, &name);
+                Ok(())
+            })
+        })?,
+    )?;
+    h.set(
+        "body",
+        Function::new(ctx.clone(), |ctx: Ctx<'js>, d: String| -> rquickjs::Result<JsValue<'js>> {
+            with_current(&ctx, |cur| {
+                let body = match dir_of(&ctx, cur, &d)? {
+                    Direction::Request => cur.ex.request_body.as_deref(),
+                    Direction::Response => cur.ex.response_body.as_deref(),
+                };
+                match body {
+                    Some(b) => to_js(&ctx, ValueRef::Str(&String::from_utf8_lossy(b))),
+                    None => Ok(JsValue::new_undefined(ctx.clone())),
+                }
+            })
+        })?,
+    )?;
+    h.set(
+        "setBody",
+        Function::new(ctx.clone(), |ctx: Ctx<'js>, d: String, text: String| {
+            with_current(&ctx, |cur| {
+                let d = dir_of(&ctx, cur, &d)?;
+                let has = match d {
+                    Direction::Request => cur.ex.request_body.is_some(),
+                    Direction::Response => cur.ex.response_body.is_some(),
+                };
+                if !has {
+                    return Err(rquickjs::Exception::throw_type(
+                        &ctx,
+                        "the body is not available in this phase (set needsBody: true)",
+                    ));
+                }
+                cur.ex.replace_body(d, text.into_bytes());
+                Ok(())
+            })
+        })?,
+    )?;
+    h.set(
+        "print",
+        Function::new(ctx.clone(), |ctx: Ctx<'js>, parts: Rest<String>| {
+            with_current(&ctx, |cur| {
+                let msg = parts.0.join(" ");
+                tracing::info!(policy = %cur.policy, flow = %cur.ex.flow, "{}", &msg[..msg.len().min(4096)]);
+                Ok(())
+            })
+        })?,
+    )?;
+    Ok(h)
+}
+
+fn set_header(ctx: &Ctx<'_>, cur: &mut Current, d: Direction, name: &str, value: &str) -> rquickjs::Result<()> {
+    let name = check_header_name(name).map_err(|m| rquickjs::Exception::throw_type(ctx, &m))?;
+    if !valid_header_value(value) {
+        return Err(rquickjs::Exception::throw_type(ctx, "header values may not contain CR, LF or NUL"));
+    }
+    cur.ex.set_header(d, &name, value.to_owned());
+    Ok(())
+}
+
+/// Builds the script API around the host functions, keeps a private compiler, disables
+/// string compilation and deep-freezes everything reachable from the global object.
+const PRELUDE: &str = r#"(function (h) {
+"use strict";
+const compileFn = Function;
+const str = (x) => (typeof x === 'string' ? x : JSON.stringify(x));
+function message(d) {
+  return {
+    get headers() { return h.headers(d); },
+    getHeader(n) { const v = h.headers(d)[String(n).toLowerCase()]; return v === undefined ? null : v; },
+    setHeader(n, v) { h.setHeader(d, String(n), String(v)); },
+    removeHeader(n) { h.removeHeader(d, String(n)); },
+    get content() { return h.body(d); },
+    get body() { return h.body(d); },
+    json() { const c = h.body(d); return c === undefined ? undefined : JSON.parse(c); },
+    setContent(s) { h.setBody(d, String(s)); },
+    setJson(o) { h.setBody(d, JSON.stringify(o)); },
+  };
+}
+const request = message('request');
+Object.defineProperties(request, {
+  method: { get() { return h.info('method'); } },
+  url: { get() { return h.info('url'); } },
+  path: { get() { return h.info('path'); } },
+  host: { get() { return h.info('host'); } },
+  queryParams: { get() { return h.query(); } },
+});
+const response = message('response');
+Object.defineProperty(response, 'status', { get() { return h.info('status'); } });
+const context = {
+  getVariable(n) { return h.get(String(n)); },
+  setVariable(n, v) { h.set(String(n), v); },
+  removeVariable(n) { h.remove(String(n)); },
+  get flow() { return h.info('flow'); },
+  proxyRequest: request, proxyResponse: response,
+  targetRequest: request, targetResponse: response,
+};
+const print = (...a) => h.print(...a.map(str));
+const compile = (text) => compileFn('return (' + text + ')')();
+const blocked = function () { throw new EvalError('code generation from strings is disabled'); };
+for (const f of [function () {}, async function () {}, function* () {}, async function* () {}]) {
+  Object.defineProperty(Object.getPrototypeOf(f), 'constructor', { value: blocked });
+}
+blocked.prototype = Function.prototype;
+globalThis.Function = blocked;
+delete globalThis.eval;
+const seen = new Set();
+const harden = (o) => {
+  if (o === null || (typeof o !== 'object' && typeof o !== 'function') || seen.has(o)) return;
+  seen.add(o);
+  Object.freeze(o);
+  for (const k of Reflect.ownKeys(o)) {
+    const d = Object.getOwnPropertyDescriptor(o, k);
+    if (!d) continue;
+    if ('value' in d) harden(d.value); else { harden(d.get); harden(d.set); }
+  }
+  harden(Object.getPrototypeOf(o));
+};
+for (const o of [globalThis, context, request, response, print, blocked]) harden(o);
+return { context, request, response, print, compile };
+})"#;
+
+struct Worker {
+    // Field order is drop order: JS values before their context and runtime.
+    scripts: HashMap<u64, (Weak<Script>, Persistent<Function<'static>>)>,
+    api: Persistent<Object<'static>>,
+    ctx: Context,
+    rt: Runtime,
+    epoch: Instant,
+    /// Nanoseconds since `epoch` after which the run is interrupted; 0: no run.
+    deadline: Arc<AtomicU64>,
+    interrupted: Arc<AtomicBool>,
+    /// Heap in use with every compiled script loaded, the base of each run's limit.
+    baseline: usize,
+}
+
+impl Worker {
+    fn new() -> rquickjs::Result<Self> {
+        let rt = Runtime::new()?;
+        rt.set_max_stack_size(MAX_STACK);
+        let epoch = Instant::now();
+        let deadline = Arc::new(AtomicU64::new(0));
+        let interrupted = Arc::new(AtomicBool::new(false));
+        {
+            let deadline = Arc::clone(&deadline);
+            let interrupted = Arc::clone(&interrupted);
+            rt.set_interrupt_handler(Some(Box::new(move || {
+                let d = deadline.load(Ordering::Relaxed);
+                let now = u64::try_from(epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                if d != 0 && now > d {
+                    interrupted.store(true, Ordering::Relaxed);
+                    return true;
+                }
+                false
+            })));
+        }
+        let ctx = Context::full(&rt)?;
+        let api = ctx.with(|ctx| -> rquickjs::Result<Persistent<Object<'static>>> {
+            let prelude: Function = ctx.eval(PRELUDE)?;
+            let api: Object = prelude.call((host(&ctx)?,))?;
+            Ok(Persistent::save(&ctx, api))
+        })?;
+        let baseline = usize::try_from(rt.memory_usage().malloc_size).unwrap_or(0);
+        Ok(Self {
+            scripts: HashMap::new(),
+            api,
+            ctx,
+            rt,
+            epoch,
+            deadline,
+            interrupted,
+            baseline,
+        })
+    }
+
+    fn deadline(&self, limit: Duration) {
+        let d = self.epoch.elapsed() + limit;
+        self.interrupted.store(false, Ordering::Relaxed);
+        self.deadline
+            .store(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX).max(1), Ordering::Relaxed);
+    }
+
+    fn clear_deadline(&self) {
+        self.deadline.store(0, Ordering::Relaxed);
+    }
+
+    /// The script's function in this worker, compiled on first use.
+    fn function(&mut self, script: &Arc<Script>) -> Result<Persistent<Function<'static>>, String> {
+        if let Some((_, f)) = self.scripts.get(&script.id) {
+            return Ok(f.clone());
+        }
+        // Scripts of replaced configurations go when a new one arrives.
+        self.scripts.retain(|_, (w, _)| w.strong_count() > 0);
+        self.rt.set_memory_limit(0);
+        self.deadline(Duration::from_millis(500));
+        let api = &self.api;
+        let f = self.ctx.with(|ctx| compile(&ctx, api, &script.wrapped).map(|f| Persistent::save(&ctx, f)));
+        self.clear_deadline();
+        let f = f?;
+        self.scripts
+            .insert(script.id, (Arc::downgrade(script), f.clone()));
+        self.rt.run_gc();
+        self.baseline = usize::try_from(self.rt.memory_usage().malloc_size).unwrap_or(0);
+        Ok(f)
+    }
+}
+
+/// How a run ended, when not well.
+enum RunError {
+    TimeLimit,
+    MemoryLimit,
+    StackLimit,
+    /// The script threw `{status, code, message}`.
+    Fault(Fault),
+    Failed(String),
+}
+
+impl JavaScript {
+    fn execute(&self, worker: &mut Worker, ex: &mut Exchange, dir: Direction) -> Result<(), RunError> {
+        // Compiled before the exchange is handed over: nothing runs with it but the script.
+        let f = self.function_in(worker)?;
+        let cur = Current {
+            ex: std::mem::take(ex),
+            dir,
+            policy: self.name.clone(),
+        };
+        CURRENT.with(|c| *c.borrow_mut() = Some(cur));
+        let result = self.call(worker, f);
+        if let Some(cur) = CURRENT.with(|c| c.borrow_mut().take()) {
+            *ex = cur.ex;
+        }
+        result
+    }
+
+    fn call(&self, worker: &mut Worker, f: Persistent<Function<'static>>) -> Result<(), RunError> {
+        worker
+            .rt
+            .set_memory_limit(worker.baseline.saturating_add(self.memory_limit));
+        worker.deadline(self.time_limit);
+        let api = &worker.api;
+        let rt = &worker.rt;
+        let result = worker.ctx.with(|ctx| -> Result<(), RunError> {
+            let run = || -> rquickjs::Result<()> {
+                let api = api.clone().restore(&ctx)?;
+                let f = f.restore(&ctx)?;
+                let args: (JsValue, JsValue, JsValue, JsValue) = (
+                    api.get("context")?,
+                    api.get("request")?,
+                    api.get("response")?,
+                    api.get("print")?,
+                );
+                let _ignored: JsValue = f.call(args)?;
+                Ok(())
+            };
+            run().map_err(|e| self.classify(&ctx, e, worker.interrupted.load(Ordering::Relaxed)))
+        });
+        // Promise jobs the run queued run now, inside its limits, never in a later run.
+        // (Outside `with`: job execution takes the runtime lock itself.)
+        let result = result.and_then(|()| {
+            while rt.is_job_pending() {
+                if rt.execute_pending_job().is_err() {
+                    return Err(if worker.interrupted.load(Ordering::Relaxed) {
+                        RunError::TimeLimit
+                    } else {
+                        RunError::Failed("a promise job failed".into())
+                    });
+                }
+            }
+            Ok(())
+        });
+        worker.clear_deadline();
+        worker.rt.set_memory_limit(0);
+        if matches!(result, Err(RunError::TimeLimit | RunError::MemoryLimit)) {
+            worker.rt.run_gc();
+        }
+        result
+    }
+
+    fn function_in(&self, worker: &mut Worker) -> Result<Persistent<Function<'static>>, RunError> {
+        worker.function(&self.script).map_err(RunError::Failed)
+    }
+
+    fn classify(&self, ctx: &Ctx<'_>, e: rquickjs::Error, interrupted: bool) -> RunError {
+        if interrupted {
+            let _ = ctx.catch();
+            return RunError::TimeLimit;
+        }
+        let rquickjs::Error::Exception = e else {
+            return RunError::Failed(e.to_string());
+        };
+        let v = ctx.catch();
+        // A fault the script built: {status, code, message}.
+        if let Some(o) = v.as_object().filter(|_| v.as_exception().is_none()) {
+            if let Ok(status) = o.get::<_, f64>("status") {
+                if (400.0..=599.0).contains(&status) {
+                    let code: String = o
+                        .get::<_, Option<String>>("code")
+                        .ok()
+                        .flatten()
+                        .unwrap_or_else(|| "steps.javascript.ScriptExecutionFailed".into());
+                    let message: String = o
+                        .get::<_, Option<String>>("message")
+                        .ok()
+                        .flatten()
+                        .unwrap_or_default();
+                    return RunError::Fault(Fault::new(status as u16, code, message));
+                }
+            }
+        }
+        let text = js_error_text(&v);
+        if text.contains("out of memory") || text.contains("string too long") || text.contains("invalid array length") {
+            return RunError::MemoryLimit;
+        }
+        if text.contains("stack") && text.starts_with("RangeError") || text.contains("stack overflow") {
+            return RunError::StackLimit;
+        }
+        RunError::Failed(text)
+    }
+}
+
+impl Policy for JavaScript {
+    fn type_name(&self) -> &'static str {
+        TYPE
+    }
+
+    fn needs_body(&self, _dir: Direction) -> bool {
+        self.needs_body
+    }
+
+    fn run<'a>(&'a self, ex: &'a mut Exchange, dir: Direction) -> Outcome<'a> {
+        let result = WORKER.with(|w| {
+            let mut w = w.borrow_mut();
+            if w.is_none() {
+                match Worker::new() {
+                    Ok(new) => *w = Some(new),
+                    Err(e) => return Err(RunError::Failed(format!("JavaScript engine: {e}"))),
+                }
+            }
+            match w.as_mut() {
+                Some(worker) => self.execute(worker, ex, dir),
+                None => Err(RunError::Failed("JavaScript engine unavailable".into())),
+            }
+        });
+        let (metric, fault) = match result {
+            Ok(()) => ("ok", None),
+            Err(RunError::Fault(f)) => ("fault", Some(f)),
+            Err(e) => {
+                let (metric, msg) = match e {
+                    RunError::TimeLimit => ("time_limit", format!("exceeded its time limit of {} ms", self.time_limit.as_millis())),
+                    RunError::MemoryLimit => ("memory_limit", format!("exceeded its memory limit of {} bytes", self.memory_limit)),
+                    RunError::StackLimit => ("error", "exceeded the stack limit (too deep recursion)".to_owned()),
+                    RunError::Failed(m) => ("error", format!("failed: {m}")),
+                    RunError::Fault(_) => ("fault", String::new()),
+                };
+                let message = format!("JavaScript {} {msg}", self.name);
+                tracing::debug!(policy = %self.name, %message, "script failed");
+                (metric, Some(Fault::new(500, "steps.javascript.ScriptExecutionFailed", message)))
+            }
+        };
+        RUNS.with_label_values(&[self.name.as_str(), metric]).inc();
+        Outcome::Ready(fault.map_or(Ok(()), Err))
+    }
+}
