@@ -145,6 +145,8 @@ fn scenarios(file: &str) -> Option<Vec<Scenario>> {
                     method: "GET",
                     path: "/limited/a",
                     headers: KEY,
+                    body: None,
+                    reply: None,
                     expect: Expect::Upstream(&[
                         ("x-tollgate-app", "limits-demo-app"),
                         ("x-quota-remaining", "1"),
@@ -154,12 +156,16 @@ fn scenarios(file: &str) -> Option<Vec<Scenario>> {
                     method: "GET",
                     path: "/limited/a",
                     headers: KEY,
+                    body: None,
+                    reply: None,
                     expect: Expect::Upstream(&[("x-quota-remaining", "0")]),
                 },
                 Scenario {
                     method: "GET",
                     path: "/limited/a",
                     headers: KEY,
+                    body: None,
+                    reply: None,
                     expect: Expect::Immediate {
                         status: 429,
                         body_contains: "policies.ratelimit.QuotaViolation",
@@ -169,6 +175,8 @@ fn scenarios(file: &str) -> Option<Vec<Scenario>> {
                     method: "GET",
                     path: "/limited/a",
                     headers: &[],
+                    body: None,
+                    reply: None,
                     expect: Expect::Immediate {
                         status: 401,
                         body_contains: "oauth.v2.FailedToResolveAPIKey",
@@ -178,12 +186,16 @@ fn scenarios(file: &str) -> Option<Vec<Scenario>> {
                     method: "GET",
                     path: "/weighted",
                     headers: &[("x-user", "u1"), ("x-weight", "4")],
+                    body: None,
+                    reply: None,
                     expect: Expect::Upstream(&[("x-quota-remaining", "1")]),
                 },
                 Scenario {
                     method: "GET",
                     path: "/weighted",
                     headers: &[("x-user", "u1"), ("x-weight", "2")],
+                    body: None,
+                    reply: None,
                     expect: Expect::Immediate {
                         status: 429,
                         body_contains: "Identifier : u1",
@@ -193,12 +205,16 @@ fn scenarios(file: &str) -> Option<Vec<Scenario>> {
                     method: "GET",
                     path: "/weighted",
                     headers: &[("x-user", "u2"), ("x-weight", "2")],
+                    body: None,
+                    reply: None,
                     expect: Expect::Upstream(&[("x-quota-remaining", "3")]),
                 },
                 Scenario {
                     method: "GET",
                     path: "/weighted",
                     headers: &[("x-user", "u1"), ("x-weight", "abc")],
+                    body: None,
+                    reply: None,
                     expect: Expect::Immediate {
                         status: 500,
                         body_contains: "policies.ratelimit.InvalidMessageWeight",
