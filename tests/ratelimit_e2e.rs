@@ -548,6 +548,65 @@ async fn redis_killed_and_restarted_follows_the_fail_mode_and_counting_resumes()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asynchronous_redis_down_keeps_failing_closed_until_it_is_back() {
+    let mut redis = Redis::start();
+    let cfg = config(FAIL_MODES);
+    let logs = tempfile::tempdir().unwrap();
+    let url = redis.url();
+    let t = Tollgate::start(
+        cfg.path(),
+        logs.path(),
+        "t",
+        &[
+            "--store",
+            "memory",
+            "--counters",
+            "redis",
+            "--redis-url",
+            &url,
+            "--counter-sync",
+            "async",
+            "--counter-sync-interval",
+            "50ms",
+        ],
+    )
+    .await;
+    assert_eq!(t.status("/closed", &[]).await, 200);
+    redis.kill();
+    // The first failed sync marks Redis down; from then on, and for longer than the
+    // one-second back-off, fail-closed answers 503 and fail-open still admits.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while t.status("/closed", &[]).await != 503 {
+        assert!(
+            Instant::now() < deadline,
+            "fail-closed never noticed Redis down"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut open_admitted = 0;
+    for _ in 0..15 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(t.status("/closed", &[]).await, 503);
+        match t.status("/open", &[]).await {
+            200 => open_admitted += 1,
+            429 => {}
+            other => panic!("fail-open answered {other}"),
+        }
+    }
+    // Fail open counts on the local counter: its limit (8) still holds.
+    assert_eq!(open_admitted, 8);
+    redis.restart();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while t.status("/closed", &[]).await != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "never recovered after the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_store_restart_keeps_a_day_quota() {
     let cfg = config(
         r#"

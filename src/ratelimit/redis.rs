@@ -28,8 +28,9 @@
 //! `tollgate_ratelimit_fail_open_total`); one that fails closed gets
 //! [`CounterError::Unavailable`] (503). After the second the next decision tries Redis again
 //! (the connection reconnects by itself); counting resumes in Redis where it stood (local
-//! counts made meanwhile are not merged back). In asynchronous mode pending counts are kept
-//! and sent once Redis answers again.
+//! counts made meanwhile are not merged back). In asynchronous mode the sync task probes a
+//! down Redis every interval (so it stays marked down, and fail-closed policies keep
+//! answering 503, until it answers), and pending counts are kept and sent once it does.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
@@ -155,6 +156,8 @@ struct Mirror {
     remote: u64,
     /// Counted here and not sent yet.
     pending: u64,
+    /// Sent in the batch now in flight (still counted here until Redis answers).
+    inflight: u64,
     expiry: i64,
     touched: i64,
 }
@@ -334,16 +337,24 @@ impl RedisCounters {
                 ask: ask.clone(),
                 remote: 0,
                 pending: 0,
+                inflight: 0,
                 touched: now,
             });
-        if matches!(ask.window, Window::Flexi { .. }) && now >= m.expiry && m.pending == 0 {
+        if matches!(ask.window, Window::Flexi { .. })
+            && now >= m.expiry
+            && m.pending == 0
+            && m.inflight == 0
+        {
             // The flexi window passed; the next sync reads the new one.
             m.remote = 0;
             if let Window::Flexi { len } = ask.window {
                 m.expiry = now.saturating_add(len);
             }
         }
-        let used = m.remote.saturating_add(m.pending);
+        let used = m
+            .remote
+            .saturating_add(m.inflight)
+            .saturating_add(m.pending);
         let (allowed, add) = match ask.mode {
             Mode::EnforceAndCount => {
                 let ok = used.saturating_add(ask.weight) <= ask.allow;
@@ -428,6 +439,21 @@ impl RedisCounters {
     /// Asynchronous mode: sends pending counts, refreshes recently used mirrors, drops idle
     /// ones.
     pub async fn sync(&self, now: i64, interval: Duration) {
+        // While Redis is down, probe it every tick: a failed probe keeps it marked down (so
+        // fail-closed policies keep answering 503), a good one lets the batch below go.
+        if self.down.load(Ordering::Relaxed) {
+            let mut conn = self.conn.clone();
+            let ping = tokio::time::timeout(
+                DECIDE_TIMEOUT,
+                redis::cmd("PING").query_async::<Value>(&mut conn),
+            )
+            .await;
+            match ping {
+                Ok(Ok(_)) => self.mark_up(),
+                Ok(Err(e)) => return self.mark_down("sync", &e.to_string()),
+                Err(_) => return self.mark_down("sync", "PING timed out"),
+            }
+        }
         let idle_after = i64::try_from(interval.as_millis())
             .unwrap_or(1000)
             .saturating_mul(20)
@@ -435,11 +461,12 @@ impl RedisCounters {
         let mut batch = Vec::new();
         self.mirrors.retain(|k, m| {
             let idle = now.saturating_sub(m.touched) > idle_after;
-            if m.pending == 0 && idle && now > m.expiry {
+            if m.pending == 0 && m.inflight == 0 && idle && now > m.expiry {
                 return false;
             }
             if m.pending > 0 || !idle {
                 batch.push((*k, m.ask.clone(), m.pending));
+                m.inflight = m.pending;
                 m.pending = 0;
             }
             true
@@ -447,7 +474,7 @@ impl RedisCounters {
         RL_METRICS
             .keys
             .set(i64::try_from(self.mirrors.len()).unwrap_or(i64::MAX));
-        if batch.is_empty() || self.is_down() && !batch.iter().any(|b| b.2 > 0) {
+        if batch.is_empty() {
             return;
         }
         for chunk in batch.chunks(BATCH) {
@@ -462,9 +489,10 @@ impl RedisCounters {
                     };
                     self.mark_down("sync", &e);
                     // Keep the counts for the next attempt.
-                    for (k, _, w) in chunk {
+                    for (k, _, _) in chunk {
                         if let Some(mut m) = self.mirrors.get_mut(k) {
-                            m.pending = m.pending.saturating_add(*w);
+                            m.pending = m.pending.saturating_add(m.inflight);
+                            m.inflight = 0;
                         }
                     }
                     continue;
@@ -472,9 +500,16 @@ impl RedisCounters {
             };
             self.mark_up();
             for ((k, _, _), v) in chunk.iter().zip(replies) {
-                if let (Some(d), Some(mut m)) = (parse_reply(&v), self.mirrors.get_mut(k)) {
-                    m.remote = d.used;
-                    m.expiry = d.expiry;
+                if let Some(mut m) = self.mirrors.get_mut(k) {
+                    match parse_reply(&v) {
+                        // The total includes what was in flight.
+                        Some(d) => {
+                            m.remote = d.used;
+                            m.expiry = d.expiry;
+                        }
+                        None => m.pending = m.pending.saturating_add(m.inflight),
+                    }
+                    m.inflight = 0;
                 }
             }
         }
