@@ -92,6 +92,10 @@ struct ServeArgs {
     admin_insecure: bool,
     #[arg(long, value_enum, env = "TOLLGATE_LOG_FORMAT", default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Destinations ServiceCallout may call: `host`, `host:port`, `*.domain[:port]`,
+    /// comma-separated. Default: anywhere.
+    #[arg(long, env = "TOLLGATE_CALLOUT_ALLOW", value_delimiter = ',')]
+    callout_allow: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -216,7 +220,11 @@ async fn run(args: Box<ServeArgs>) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("cannot open the {:?} store: {e}", args.store))?;
     tracing::info!(store = store.kind(), "store open");
     let consumers = Consumers::new(store);
-    let services = Services::with_consumers(consumers.clone());
+    let mut services = Services::with_consumers(consumers.clone());
+    services.egress = std::sync::Arc::new(
+        tollgate::policies::service_callout::Egress::new(&args.callout_allow)
+            .map_err(|e| anyhow::anyhow!("--callout-allow: {e}"))?,
+    );
     // Configuration first (its index build sees no store objects yet and is cheap), then
     // the store: the full index is built once.
     let config = ConfigManager::load_with(source, services)

@@ -1,5 +1,7 @@
 //! `JavaScript` policies through the public builder: the Apigee API, faults, limits
 //! (time, memory, stack), escapes via `eval`/`Function`, and isolation between requests.
+// Faults are returned by value, as the library does (see its lib.rs).
+#![allow(clippy::result_large_err)]
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
