@@ -276,8 +276,9 @@ fn specs_are_checked() {
         .unwrap_err()
         .message
         .contains("configuration directory"));
-    let headers_only = script("request.setHeader('x-a', 'b');");
+    let headers_only = script("request.setHeader('x-a', request.getHeader('content-type'));");
     assert!(!headers_only.needs_body(Direction::Request));
+    assert!(script("var c = request.content;").needs_body(Direction::Request));
 }
 
 #[test]

@@ -9,7 +9,8 @@
 //!     if (tier === 'banned') throw {status: 403, code: 'custom.Banned', message: 'no'};
 //!   timeLimitMs: 50                 # per run (interrupt); default 50, at most 1000
 //!   memoryLimitBytes: 8388608       # heap a run may add; default 8 MiB
-//!   needsBody: false                # default: detected from the source
+//!   needsBody: false                # default: true when the source uses .content, .body,
+//!                                   # .json(, setContent or setJson
 //! ```
 //!
 //! In the script (strict mode): `context.getVariable(name)` / `setVariable(name, value)` /
@@ -143,7 +144,10 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
     let wrapped = wrap(&source);
     check_compiles(&wrapped).map_err(|m| SpecError::new("source", m))?;
     let needs_body = spec.needs_body.unwrap_or_else(|| {
-        ["content", "json(", "setJson"].iter().any(|w| source.contains(w))
+        // `.content`, not `content`: reading `content-type` needs no body.
+        [".content", ".body", ".json(", "setContent", "setJson"]
+            .iter()
+            .any(|w| source.contains(w))
     });
     let counter = |r: &str| RUNS.with_label_values(&[ctx.name.as_str(), r]);
     Ok(Arc::new(JavaScript {
