@@ -6,11 +6,21 @@
 # benches/jwks_fixture.rs and cached), runs interleaved, medians and ratios (to the floor;
 # verify, js and jwt also to the empty flow)
 # printed, with the server's CPU time per stream (steadier than the rate on a busy machine).
-# Also tollgate's idle RSS. Loopback only.
+# Target `cache`: a ResponseCache flow whose entry the first stream stores; every later
+# stream is a hit answered at request headers (there an immediate answer is required, and
+# its ratios to the empty flow are printed). Also tollgate's idle RSS. Loopback only.
+#
+# Traffic limits (issue 4): `limits` is VerifyApiKey + SpikeArrest + Quota on the main
+# tollgate (in-memory counters); `limits-sync` and `limits-async` are the same flow on two
+# more tollgate processes counting quotas in a local redis-server (--counters redis,
+# --counter-sync sync|async). Each is also printed as a ratio to the empty flow; targets:
+# memory >= 0.90, Redis sync >= 0.50, Redis async >= 0.85 (headers mix).
 #
 #   benches/grpc-compare.sh
+#   MIX=headers TARGETS="empty limits limits-sync limits-async" benches/grpc-compare.sh
 # Environment: DURATION=5 (seconds per run), ROUNDS=3, MIX="headers body sse",
-#              CONCURRENCY=32, CONNECTIONS=2, TARGETS="floor empty three verify js jwt"
+#              CONCURRENCY=32, CONNECTIONS=2,
+#              TARGETS="floor empty three verify cache limits limits-sync limits-async js jwt"
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -19,7 +29,7 @@ ROUNDS="${ROUNDS:-3}"
 MIX="${MIX:-headers body sse}"
 CONCURRENCY="${CONCURRENCY:-32}"
 CONNECTIONS="${CONNECTIONS:-2}"
-TARGETS="${TARGETS:-floor empty three verify js jwt}"
+TARGETS="${TARGETS:-floor empty three verify cache limits limits-sync limits-async js jwt}"
 # The key of the app `bench-app` in benches/configs/bench.yaml (stored there as its SHA-256).
 BENCH_KEY=tg_bench_key_0000000000000000
 
@@ -42,21 +52,40 @@ RUST_LOG=warn "$BIN/tollgate" serve --config benches/configs --store memory --gr
   --admin-addr "127.0.0.1:$TG_ADMIN" >/dev/null 2>&1 & TG_PID=$!; PIDS+=($TG_PID)
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$TG_ADMIN/readyz" >/dev/null && break; sleep 0.1; done
 curl -sf "http://127.0.0.1:$TG_ADMIN/readyz" >/dev/null || { echo "tollgate did not start" >&2; exit 1; }
+# Redis-counting replicas, only when asked for.
+if [[ " $TARGETS " == *" limits-sync "* || " $TARGETS " == *" limits-async "* ]]; then
+  command -v redis-server >/dev/null || { echo "redis-server not found: run scripts/setup.sh" >&2; exit 1; }
+  REDIS_PORT=$(free_port); REDIS_DIR=$(mktemp -d)
+  redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no --dir "$REDIS_DIR" \
+    >/dev/null 2>&1 & PIDS+=($!)
+  for _ in $(seq 50); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
+  for sync in sync async; do
+    port=$(free_port); admin=$(free_port)
+    RUST_LOG=warn "$BIN/tollgate" serve --config benches/configs --store memory --counters redis \
+      --redis-url "redis://127.0.0.1:$REDIS_PORT/0" --counter-sync "$sync" \
+      --grpc-addr "127.0.0.1:$port" --admin-addr "127.0.0.1:$admin" >/dev/null 2>&1 & pid=$!; PIDS+=($pid)
+    for _ in $(seq 100); do curl -sf "http://127.0.0.1:$admin/readyz" >/dev/null && break; sleep 0.1; done
+    curl -sf "http://127.0.0.1:$admin/readyz" >/dev/null || { echo "tollgate ($sync counters) did not start" >&2; exit 1; }
+    if [ "$sync" = sync ]; then SYNC_PORT=$port; SYNC_PID=$pid; else ASYNC_PORT=$port; ASYNC_PID=$pid; fi
+  done
+fi
 sleep 1
 echo "tollgate idle RSS: $(awk '/VmRSS/ {print $2, $3}' /proc/$TG_PID/status)"
 
 HZ=$(getconf CLK_TCK)
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; } # utime + stime of a process
 run() { # pid addr path mix [loadgen args...] -> "rate p99 cpu_us_per_stream"; fails on any
-        # error or immediate answer. pid: the server under test, whose CPU time is counted.
+        # error or immediate answer (ALLOW_IMMEDIATE=1: fails unless answers are immediate).
+        # pid: the server under test, whose CPU time is counted.
   local pid=$1 addr=$2 path=$3 mix=$4 t0 out; shift 4
   t0=$(ticks "$pid")
   out=$("$BIN/examples/loadgen" --addr "http://127.0.0.1:$addr" --path "$path" --mix "$mix" "$@" \
     --duration "$DURATION" --warmup 1 --concurrency "$CONCURRENCY" --connections "$CONNECTIONS" --json |
     python3 -c '
-import json, sys
+import json, os, sys
 d = json.loads(sys.stdin.read())
-if d["immediate"] or d["mismatches"] or d["errors"] or d["timeouts"]:
+hits = os.environ.get("ALLOW_IMMEDIATE") == "1"
+if (d["immediate"] > 0) != hits or d["mismatches"] or d["errors"] or d["timeouts"]:
     sys.exit(f"unexpected outcomes on {sys.argv[1]}: {d}")
 print(d["rate"], d["p99_us"], d["streams"])' "$path")
   # Server CPU per stream: CPU time over warmup + measured time, divided by the streams of
@@ -75,6 +104,10 @@ for mix in $MIX; do
         empty) out=$(run "$TG_PID" "$TG_PORT" /empty/v1/chat/completions "$mix") ;;
         three) out=$(run "$TG_PID" "$TG_PORT" /three/v1/chat/completions "$mix") ;;
         verify) out=$(run "$TG_PID" "$TG_PORT" /verify/v1/chat/completions "$mix" --header "x-api-key:$BENCH_KEY") ;;
+        limits) out=$(run "$TG_PID" "$TG_PORT" /limits/v1/chat/completions "$mix" --header "x-api-key:$BENCH_KEY") ;;
+        limits-sync) out=$(run "$SYNC_PID" "$SYNC_PORT" /limits/v1/chat/completions "$mix" --header "x-api-key:$BENCH_KEY") ;;
+        limits-async) out=$(run "$ASYNC_PID" "$ASYNC_PORT" /limits/v1/chat/completions "$mix" --header "x-api-key:$BENCH_KEY") ;;
+        cache) out=$(ALLOW_IMMEDIATE=1 run "$TG_PID" "$TG_PORT" /cache/v1/chat/completions "$mix") ;;
         js) out=$(run "$TG_PID" "$TG_PORT" /js/v1/chat/completions "$mix") ;;
         jwt) out=$(run "$TG_PID" "$TG_PORT" /jwt/v1/chat/completions "$mix" --header "authorization:Bearer $BENCH_JWT") ;;
         *) echo "unknown target $t" >&2; exit 2 ;;
@@ -92,9 +125,9 @@ import sys
 mix, t = sys.argv[1:3]
 r, p, c, fr, fp, er, ep, ec = map(float, sys.argv[3:])
 ratio = lambda a, b: f"{a / b:5.2f}" if b else "  n/a"
-line = (f"mix={mix} target={t:6} rate={r:9.0f}/s p99={p / 1000:7.2f}ms cpu={c:6.1f}us/stream"
+line = (f"mix={mix} target={t:12} rate={r:9.0f}/s p99={p / 1000:7.2f}ms cpu={c:6.1f}us/stream"
         f"  rate/floor={ratio(r, fr)}  p99/floor={ratio(p, fp)}")
-if t in ("verify", "js", "jwt"):
+if t in ("verify", "cache", "js", "jwt") or t.startswith("limits"):
     line += f"  rate/empty={ratio(r, er)}  p99/empty={ratio(p, ep)}  cpu/empty={ratio(c, ec)}"
 print(line)
 PY

@@ -28,6 +28,9 @@ pub struct Fault {
     pub body: Option<(String, Vec<u8>)>,
     /// The policy that raised it, for metrics and logs.
     pub policy: String,
+    /// Itemized problems (e.g. OpenAPI violations with JSON pointers), rendered beside the
+    /// message in every format: `fault.detail.violations`, `error.violations`, `violations`.
+    pub violations: Option<serde_json::Value>,
 }
 
 impl Fault {
@@ -39,7 +42,29 @@ impl Fault {
             headers: Vec::new(),
             body: None,
             policy: String::new(),
+            violations: None,
         }
+    }
+
+    /// A successful answer given in place of the upstream (a cache hit): status, headers and
+    /// body as stored. The stream sends it as an immediate response, not counted as a
+    /// rejection.
+    pub fn answer(
+        status: u16,
+        code: impl Into<String>,
+        headers: Vec<(String, String)>,
+        content_type: String,
+        body: Vec<u8>,
+    ) -> Self {
+        let mut f = Self::new(status, code, "");
+        f.headers = headers;
+        f.body = Some((content_type, body));
+        f
+    }
+
+    /// True for an answer that is not an error (see [`Fault::answer`]).
+    pub fn is_answer(&self) -> bool {
+        (200..400).contains(&self.status)
     }
 
     pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
@@ -108,7 +133,7 @@ impl Fault {
         let (content_type, body) = match &self.body {
             Some((ct, b)) => (ct.clone(), b.clone()),
             None => {
-                let (ct, v) = match format {
+                let (ct, mut v) = match format {
                     ErrorFormat::Apigee => (
                         "application/json",
                         serde_json::json!({"fault": {
@@ -136,6 +161,16 @@ impl Fault {
                         }),
                     ),
                 };
+                if let Some(list) = &self.violations {
+                    let slot = match format {
+                        ErrorFormat::Apigee => v.pointer_mut("/fault/detail"),
+                        ErrorFormat::Openai => v.pointer_mut("/error"),
+                        ErrorFormat::Problem => Some(&mut v),
+                    };
+                    if let Some(serde_json::Value::Object(m)) = slot {
+                        m.insert("violations".to_owned(), list.clone());
+                    }
+                }
                 (ct.to_owned(), serde_json::to_vec(&v).unwrap_or_default())
             }
         };
@@ -193,6 +228,40 @@ mod tests {
         assert_eq!(ct(&p), "application/problem+json");
         assert_eq!(body(&p)["status"], 429);
         assert_eq!(body(&p)["title"], "Too Many Requests");
+    }
+
+    #[test]
+    fn violations_in_every_format() {
+        let mut f = Fault::new(400, "policies.oasvalidation.Failed", "bad");
+        f.violations = Some(serde_json::json!([{"pointer": "/body/a", "message": "m"}]));
+        let a = body(&f.render(ErrorFormat::Apigee));
+        assert_eq!(a["fault"]["detail"]["violations"][0]["pointer"], "/body/a");
+        assert_eq!(
+            a["fault"]["detail"]["errorcode"],
+            "policies.oasvalidation.Failed"
+        );
+        let o = body(&f.render(ErrorFormat::Openai));
+        assert_eq!(o["error"]["violations"][0]["message"], "m");
+        let p = body(&f.render(ErrorFormat::Problem));
+        assert_eq!(p["violations"][0]["pointer"], "/body/a");
+    }
+
+    #[test]
+    fn answers_are_not_errors() {
+        let a = Fault::answer(
+            200,
+            "hit",
+            vec![("age".into(), "3".into())],
+            "text/plain".into(),
+            b"x".to_vec(),
+        );
+        assert!(a.is_answer());
+        let r = a.render(ErrorFormat::Apigee);
+        assert_eq!(
+            (r.status, r.body.as_slice(), ct(&r)),
+            (200, &b"x"[..], "text/plain")
+        );
+        assert!(!Fault::new(400, "x", "y").is_answer());
     }
 
     #[test]

@@ -11,6 +11,9 @@ use tollgate::admin::ApiAuth;
 use tollgate::config::reload::{ConfigManager, ConfigSource};
 use tollgate::config::{self, SourceFile};
 use tollgate::consumer::service::Consumers;
+use tollgate::ratelimit::memory::{spawn_maintenance, MemoryCounters};
+use tollgate::ratelimit::redis::{RedisCounters, SyncMode};
+use tollgate::ratelimit::{Clock, Counters, SystemClock};
 use tollgate::server::{self, NoMatch, ServeOptions};
 use tollgate::services::Services;
 use tollgate::store::{self, StoreSpec};
@@ -96,6 +99,40 @@ struct ServeArgs {
     /// comma-separated. Default: anywhere.
     #[arg(long, env = "TOLLGATE_CALLOUT_ALLOW", value_delimiter = ',')]
     callout_allow: Vec<String>,
+    /// Where Quota counters live: `auto` is Redis with `--store redis`, memory otherwise
+    /// (checkpointed to the embedded store with `--store embedded`). SpikeArrest always
+    /// counts per replica, in memory.
+    #[arg(long, value_enum, env = "TOLLGATE_COUNTERS", default_value_t = CounterKind::Auto)]
+    counters: CounterKind,
+    /// Redis counters: `sync` (one atomic round trip per decision, exact across replicas) or
+    /// `async` (local counting, synced every --counter-sync-interval; bounded overshoot).
+    #[arg(long, value_enum, env = "TOLLGATE_COUNTER_SYNC", default_value_t = CounterSync::Sync)]
+    counter_sync: CounterSync,
+    /// How often asynchronous Redis counters are synced.
+    #[arg(long, env = "TOLLGATE_COUNTER_SYNC_INTERVAL", default_value = "100ms", value_parser = parse_duration)]
+    counter_sync_interval: Duration,
+    /// How often in-memory quota counters are checkpointed to the embedded store.
+    #[arg(long, env = "TOLLGATE_COUNTER_CHECKPOINT_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    counter_checkpoint_interval: Duration,
+    /// Live in-memory counters kept before new identifiers share one overflow counter.
+    #[arg(long, env = "TOLLGATE_COUNTER_MAX_KEYS", default_value_t = tollgate::ratelimit::memory::DEFAULT_MAX_KEYS)]
+    counter_max_keys: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum CounterKind {
+    /// Redis with --store redis, memory otherwise.
+    Auto,
+    /// In memory (per replica).
+    Memory,
+    /// Redis at --redis-url (shared by replicas).
+    Redis,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum CounterSync {
+    Sync,
+    Async,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -215,16 +252,40 @@ async fn run(args: Box<ServeArgs>) -> anyhow::Result<()> {
                 .ok_or_else(|| anyhow::anyhow!("--store redis needs --redis-url"))?,
         ),
     };
-    let store = store::open(&spec)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot open the {:?} store: {e}", args.store))?;
+    let (store, database) = match &spec {
+        // The embedded file also keeps counter checkpoints: keep a handle to it.
+        StoreSpec::Embedded(dir) => {
+            let dir = dir.clone();
+            let embedded =
+                tokio::task::spawn_blocking(move || store::embedded::EmbeddedStore::open(&dir))
+                    .await
+                    .map_err(|e| anyhow::anyhow!("cannot open the embedded store: {e}"))?
+                    .map_err(|e| anyhow::anyhow!("cannot open the embedded store: {e}"))?;
+            let db = embedded.database();
+            (
+                std::sync::Arc::new(embedded) as std::sync::Arc<dyn store::Store>,
+                Some(db),
+            )
+        }
+        _ => (
+            store::open(&spec)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot open the {:?} store: {e}", args.store))?,
+            None,
+        ),
+    };
     tracing::info!(store = store.kind(), "store open");
     let consumers = Consumers::new(store);
-    let mut services = Services::with_consumers(consumers.clone());
-    services.egress = std::sync::Arc::new(
-        tollgate::policies::service_callout::Egress::new(&args.callout_allow)
-            .map_err(|e| anyhow::anyhow!("--callout-allow: {e}"))?,
-    );
+    let (counters, checkpoint_db) = counters(&args, database).await?;
+    tracing::info!(counters = counters.kind(), "counters ready");
+    let services = Services {
+        counters: counters.clone(),
+        egress: std::sync::Arc::new(
+            tollgate::policies::service_callout::Egress::new(&args.callout_allow)
+                .map_err(|e| anyhow::anyhow!("--callout-allow: {e}"))?,
+        ),
+        ..Services::with_consumers(consumers.clone())
+    };
     // Configuration first (its index build sees no store objects yet and is cheap), then
     // the store: the full index is built once.
     let config = ConfigManager::load_with(source, services)
@@ -248,5 +309,69 @@ async fn run(args: Box<ServeArgs>) -> anyhow::Result<()> {
             api_auth,
         },
     )
-    .await
+    .await?;
+    // A last checkpoint after the drain, so a clean restart loses no count.
+    if let Some(db) = checkpoint_db {
+        let local = counters.local.clone();
+        let now = counters.now();
+        match tokio::task::spawn_blocking(move || local.checkpoint(&db, now)).await {
+            Ok(Ok(n)) => tracing::info!(rows = n, "counters checkpointed at shutdown"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "final counter checkpoint failed"),
+            Err(e) => tracing::warn!(error = %e, "final counter checkpoint failed"),
+        }
+    }
+    Ok(())
+}
+
+/// Builds the counter service the flags ask for, restores checkpointed counters, and starts
+/// the sweeper (and checkpoints). Returns the database checkpoints go to, if any.
+async fn counters(
+    args: &ServeArgs,
+    database: Option<std::sync::Arc<redb::Database>>,
+) -> anyhow::Result<(Counters, Option<std::sync::Arc<redb::Database>>)> {
+    let clock: std::sync::Arc<dyn Clock> = std::sync::Arc::new(SystemClock);
+    let local = std::sync::Arc::new(MemoryCounters::new(args.counter_max_keys));
+    let use_redis = match args.counters {
+        CounterKind::Auto => args.store == StoreKind::Redis,
+        CounterKind::Memory => false,
+        CounterKind::Redis => true,
+    };
+    if use_redis {
+        let url = args
+            .redis_url
+            .as_deref()
+            .ok_or_else(|| anyhow::anyhow!("--counters redis needs --redis-url"))?;
+        let mode = match args.counter_sync {
+            CounterSync::Sync => SyncMode::Sync,
+            CounterSync::Async => SyncMode::Async {
+                interval: args.counter_sync_interval.max(Duration::from_millis(1)),
+            },
+        };
+        let redis = RedisCounters::connect(url, mode)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot reach Redis for counters: {e}"))?;
+        spawn_maintenance(local.clone(), clock.clone(), None);
+        return Ok((Counters::redis(clock, local, redis), None));
+    }
+    let checkpoint = database;
+    if let Some(db) = &checkpoint {
+        let (db, l, now) = (db.clone(), local.clone(), clock.now_ms());
+        let n = tokio::task::spawn_blocking(move || l.restore(&db, now))
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot read counter checkpoints: {e}"))?
+            .map_err(|e| anyhow::anyhow!("cannot read counter checkpoints: {e}"))?;
+        tracing::info!(counters = n, "counters restored from the embedded store");
+    }
+    spawn_maintenance(
+        local.clone(),
+        clock.clone(),
+        checkpoint.clone().map(|db| {
+            (
+                db,
+                args.counter_checkpoint_interval
+                    .max(Duration::from_millis(100)),
+            )
+        }),
+    );
+    Ok((Counters::with_local(clock, local), checkpoint))
 }

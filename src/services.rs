@@ -1,11 +1,13 @@
-//! Shared services policies use at run time: the consumer index, the outgoing HTTP client,
-//! the JWKS cache and the Google token cache. Built once per process and handed to every
-//! configuration load, so they outlive reloads (pooled connections, fetched keys and
-//! minted tokens survive a configuration change).
+//! Shared services policies use at run time: the consumer index, rate-limit counters,
+//! response caches, key-value maps, the outgoing HTTP client, the JWKS cache and the Google
+//! token cache. Built once per process and handed to every configuration load, so they
+//! outlive reloads (counts, cached entries, pooled connections, fetched keys and minted
+//! tokens survive a configuration change).
 
 use std::sync::Arc;
 
 use crate::consumer::service::Consumers;
+use crate::ratelimit::Counters;
 use crate::google::GoogleTokens;
 use crate::http_client::HttpClient;
 use crate::jwks::Jwks;
@@ -14,6 +16,13 @@ use crate::store::memory::MemoryStore;
 #[derive(Debug, Clone)]
 pub struct Services {
     pub consumers: Arc<Consumers>,
+    /// Quota and spike arrest counters (memory or Redis).
+    pub counters: Counters,
+    /// Response caches by policy, kept across reloads.
+    pub caches: Arc<crate::policies::response_cache::Caches>,
+    /// File-defined key-value maps of the running configuration (entries written through
+    /// the API live in the consumers' store).
+    pub kvms: Arc<crate::kvm::Kvms>,
     /// Pooled HTTP/1.1 + HTTP/2 client for callouts, JWKS and token endpoints.
     pub http: HttpClient,
     /// Remote key sets by URL (`VerifyJwt`).
@@ -29,6 +38,9 @@ impl Services {
     pub fn with_consumers(consumers: Arc<Consumers>) -> Self {
         Self {
             consumers,
+            counters: Counters::default(),
+            caches: Arc::default(),
+            kvms: Arc::default(),
             http: HttpClient::new(),
             jwks: Arc::default(),
             google: Arc::default(),

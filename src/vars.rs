@@ -329,6 +329,10 @@ pub struct Exchange {
     /// Set by [`Exchange::replace_body`]: the body to forward differs from the one received.
     pub request_body_replaced: bool,
     pub response_body_replaced: bool,
+    /// Set by a response step that wants a copy of the response body as it passes (a
+    /// cache populating itself): the most bytes to keep; 0 keeps nothing. The body is not
+    /// held back; [`crate::pipeline::Policy::observe`] gets the copy at its end.
+    pub response_capture: usize,
 }
 
 /// Header changes to send to Envoy for one direction. Envoy applies removals before

@@ -4,9 +4,10 @@
 use std::path::{Path, PathBuf};
 
 use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
+use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
 use envoy_types::pb::envoy::service::ext_proc::v3::{
-    processing_request::Request, processing_response::Response, HttpHeaders, ProcessingRequest,
-    ProcessingResponse,
+    processing_request::Request, processing_response::Response, BodyResponse, HeadersResponse,
+    HttpBody, HttpHeaders, ProcessingRequest, ProcessingResponse, ProtocolConfiguration,
 };
 use tollgate::config::read_dir;
 use tollgate::config::reload::{ConfigManager, ConfigSource};
@@ -30,6 +31,11 @@ struct Scenario {
     method: &'static str,
     path: &'static str,
     headers: &'static [(&'static str, &'static str)],
+    /// A request body (sent as one message after the headers).
+    body: Option<&'static str>,
+    /// The upstream's answer when the request goes through: status, content type, body
+    /// (sent as response headers and one body message, e.g. to populate a cache).
+    reply: Option<(u16, &'static str, &'static str)>,
     expect: Expect,
 }
 
@@ -41,12 +47,16 @@ fn scenarios(file: &str) -> Option<Vec<Scenario>> {
                 method: "GET",
                 path: "/anything",
                 headers: &[("x-internal-debug", "1")],
+                body: None,
+                reply: None,
                 expect: Expect::Upstream(&[("x-tollgate-flow", "api")]),
             },
             Scenario {
                 method: "GET",
                 path: "/admin/users",
                 headers: &[],
+                body: None,
+                reply: None,
                 expect: Expect::Immediate {
                     status: 403,
                     body_contains: r#""errorcode":"access.Forbidden""#,
@@ -56,12 +66,16 @@ fn scenarios(file: &str) -> Option<Vec<Scenario>> {
                 method: "POST",
                 path: "/v1/chat/completions",
                 headers: &[],
+                body: None,
+                reply: None,
                 expect: Expect::Upstream(&[("x-tollgate-flow", "chat")]),
             },
             Scenario {
                 method: "POST",
                 path: "/v1/chat/completions",
                 headers: &[("x-block", "yes")],
+                body: None,
+                reply: None,
                 expect: Expect::Immediate {
                     status: 403,
                     body_contains: r#""type":"permission_error""#,
@@ -73,6 +87,8 @@ fn scenarios(file: &str) -> Option<Vec<Scenario>> {
                 method: "GET",
                 path: "/v1/models",
                 headers: &[],
+                body: None,
+                reply: None,
                 expect: Expect::Immediate {
                     status: 401,
                     body_contains: "oauth.v2.FailedToResolveAPIKey",
@@ -82,6 +98,8 @@ fn scenarios(file: &str) -> Option<Vec<Scenario>> {
                 method: "GET",
                 path: "/v1/models",
                 headers: &[("x-api-key", "wrong")],
+                body: None,
+                reply: None,
                 expect: Expect::Immediate {
                     status: 401,
                     body_contains: r#""code":"oauth.v2.InvalidApiKey""#,
@@ -91,6 +109,8 @@ fn scenarios(file: &str) -> Option<Vec<Scenario>> {
                 method: "GET",
                 path: "/v1/models",
                 headers: &[("x-api-key", "tg_demo_key_rotate_me_0001")],
+                body: None,
+                reply: None,
                 expect: Expect::Upstream(&[
                     ("x-tollgate-app", "demo-app"),
                     ("x-tollgate-client-id", "demo"),
@@ -101,16 +121,283 @@ fn scenarios(file: &str) -> Option<Vec<Scenario>> {
                 method: "GET",
                 path: "/v1/models/gpt?apikey=tg_demo_key_rotate_me_0001",
                 headers: &[],
+                body: None,
+                reply: None,
                 expect: Expect::Upstream(&[("x-tollgate-app", "demo-app")]),
             },
             Scenario {
                 method: "DELETE",
                 path: "/v1/models/m",
                 headers: &[("x-api-key", "tg_demo_key_rotate_me_0001")],
+                body: None,
+                reply: None,
                 expect: Expect::Immediate {
                     status: 401,
                     body_contains: "oauth.v2.InvalidApiKeyForGivenResource",
                 },
+            },
+        ]),
+        // Scenarios run in order on one process: the counters carry over.
+        "rate-limits.yaml" => {
+            const KEY: &[(&str, &str)] = &[("x-api-key", "tg_limits_demo_key_0001")];
+            Some(vec![
+                Scenario {
+                    method: "GET",
+                    path: "/limited/a",
+                    headers: KEY,
+                    body: None,
+                    reply: None,
+                    expect: Expect::Upstream(&[
+                        ("x-tollgate-app", "limits-demo-app"),
+                        ("x-quota-remaining", "1"),
+                    ]),
+                },
+                Scenario {
+                    method: "GET",
+                    path: "/limited/a",
+                    headers: KEY,
+                    body: None,
+                    reply: None,
+                    expect: Expect::Upstream(&[("x-quota-remaining", "0")]),
+                },
+                Scenario {
+                    method: "GET",
+                    path: "/limited/a",
+                    headers: KEY,
+                    body: None,
+                    reply: None,
+                    expect: Expect::Immediate {
+                        status: 429,
+                        body_contains: "policies.ratelimit.QuotaViolation",
+                    },
+                },
+                Scenario {
+                    method: "GET",
+                    path: "/limited/a",
+                    headers: &[],
+                    body: None,
+                    reply: None,
+                    expect: Expect::Immediate {
+                        status: 401,
+                        body_contains: "oauth.v2.FailedToResolveAPIKey",
+                    },
+                },
+                Scenario {
+                    method: "GET",
+                    path: "/weighted",
+                    headers: &[("x-user", "u1"), ("x-weight", "4")],
+                    body: None,
+                    reply: None,
+                    expect: Expect::Upstream(&[("x-quota-remaining", "1")]),
+                },
+                Scenario {
+                    method: "GET",
+                    path: "/weighted",
+                    headers: &[("x-user", "u1"), ("x-weight", "2")],
+                    body: None,
+                    reply: None,
+                    expect: Expect::Immediate {
+                        status: 429,
+                        body_contains: "Identifier : u1",
+                    },
+                },
+                Scenario {
+                    method: "GET",
+                    path: "/weighted",
+                    headers: &[("x-user", "u2"), ("x-weight", "2")],
+                    body: None,
+                    reply: None,
+                    expect: Expect::Upstream(&[("x-quota-remaining", "3")]),
+                },
+                Scenario {
+                    method: "GET",
+                    path: "/weighted",
+                    headers: &[("x-user", "u1"), ("x-weight", "abc")],
+                    body: None,
+                    reply: None,
+                    expect: Expect::Immediate {
+                        status: 500,
+                        body_contains: "policies.ratelimit.InvalidMessageWeight",
+                    },
+                },
+            ])
+        }
+        "openapi-validation.yaml" => Some(vec![
+            Scenario {
+                method: "GET",
+                path: "/v1/pets?limit=10&tags=a,b",
+                headers: &[],
+                body: None,
+                reply: None,
+                expect: Expect::Upstream(&[("x-tollgate-flow", "pets")]),
+            },
+            Scenario {
+                method: "GET",
+                path: "/v1/pets/42",
+                headers: &[],
+                body: None,
+                reply: None,
+                expect: Expect::Upstream(&[("x-tollgate-flow", "pets")]),
+            },
+            Scenario {
+                method: "GET",
+                path: "/v1/pets?limit=ten",
+                headers: &[],
+                body: None,
+                reply: None,
+                expect: Expect::Immediate {
+                    status: 400,
+                    body_contains: r#""pointer":"/query/limit""#,
+                },
+            },
+            Scenario {
+                method: "GET",
+                path: "/v1/pets?debug=1",
+                headers: &[],
+                body: None,
+                reply: None,
+                expect: Expect::Immediate {
+                    status: 400,
+                    body_contains: "policies.oasvalidation.Failed",
+                },
+            },
+            Scenario {
+                method: "DELETE",
+                path: "/v1/pets",
+                headers: &[],
+                body: None,
+                reply: None,
+                expect: Expect::Immediate {
+                    status: 400,
+                    body_contains: r#""pointer":"/method""#,
+                },
+            },
+            Scenario {
+                method: "POST",
+                path: "/v1/pets",
+                headers: &[("content-type", "application/json")],
+                body: Some(r#"{"name": "Rex", "kind": "dog", "goodBoy": true, "tag": null}"#),
+                reply: None,
+                expect: Expect::Upstream(&[]),
+            },
+            Scenario {
+                method: "POST",
+                path: "/v1/pets",
+                headers: &[("content-type", "application/json")],
+                body: Some(r#"{"name": "Rex", "kind": "dog"}"#),
+                reply: None,
+                expect: Expect::Immediate {
+                    status: 400,
+                    body_contains: "goodBoy",
+                },
+            },
+            Scenario {
+                method: "POST",
+                path: "/v1/pets",
+                headers: &[("content-type", "application/json")],
+                body: Some(r#"{"name": "Rex", "kind": "dog", "goodBoy": tru"#),
+                reply: None,
+                expect: Expect::Immediate {
+                    status: 400,
+                    body_contains: "not valid JSON",
+                },
+            },
+        ]),
+        "response-cache.yaml" => Some(vec![
+            Scenario {
+                method: "GET",
+                path: "/catalog/items",
+                headers: &[],
+                body: None,
+                reply: Some((200, "application/json", r#"{"items":[1,2]}"#)),
+                expect: Expect::Upstream(&[("x-tollgate-flow", "catalog")]),
+            },
+            Scenario {
+                method: "GET",
+                path: "/catalog/items",
+                headers: &[],
+                body: None,
+                reply: None,
+                expect: Expect::Immediate {
+                    status: 200,
+                    body_contains: r#"{"items":[1,2]}"#,
+                },
+            },
+            Scenario {
+                method: "GET",
+                path: "/catalog/items",
+                headers: &[("accept-language", "fr")],
+                body: None,
+                reply: None,
+                expect: Expect::Upstream(&[("x-tollgate-flow", "catalog")]),
+            },
+            Scenario {
+                method: "POST",
+                path: "/v1/completions",
+                headers: &[("content-type", "application/json")],
+                body: Some(r#"{"prompt":"hi","temperature":0,"stream":true}"#),
+                reply: Some((
+                    200,
+                    "text/event-stream",
+                    "data: {\"text\":\"hello\"}\n\ndata: [DONE]\n\n",
+                )),
+                expect: Expect::Upstream(&[("x-tollgate-flow", "completions")]),
+            },
+            Scenario {
+                method: "POST",
+                path: "/v1/completions",
+                headers: &[("content-type", "application/json")],
+                body: Some(r#"{"prompt":"hi","temperature":0,"stream":true}"#),
+                reply: None,
+                expect: Expect::Immediate {
+                    status: 200,
+                    body_contains: "data: [DONE]",
+                },
+            },
+            Scenario {
+                method: "POST",
+                path: "/v1/completions",
+                headers: &[("content-type", "application/json")],
+                body: Some(r#"{"prompt":"bye","temperature":0,"stream":true}"#),
+                reply: None,
+                expect: Expect::Upstream(&[("x-tollgate-flow", "completions")]),
+            },
+        ]),
+        "kvm.yaml" => Some(vec![
+            Scenario {
+                method: "GET",
+                path: "/partner/x",
+                headers: &[],
+                body: None,
+                reply: None,
+                expect: Expect::Upstream(&[
+                    ("authorization", "Bearer example-partner-token"),
+                    ("x-region", "eu-west1"),
+                ]),
+            },
+            Scenario {
+                method: "GET",
+                path: "/prefs",
+                headers: &[("x-tenant", "acme"), ("x-model", "gpt-4o")],
+                body: None,
+                reply: None,
+                expect: Expect::Upstream(&[("x-tenant-model", "gpt-4o")]),
+            },
+            Scenario {
+                method: "GET",
+                path: "/prefs",
+                headers: &[("x-tenant", "acme")],
+                body: None,
+                reply: None,
+                expect: Expect::Upstream(&[("x-tenant-model", "gpt-4o")]),
+            },
+            Scenario {
+                method: "GET",
+                path: "/prefs",
+                headers: &[("x-tenant", "globex")],
+                body: None,
+                reply: None,
+                expect: Expect::Upstream(&[("x-tenant-model", "")]),
             },
         ]),
         "jwt.yaml" => Some(vec![
@@ -118,6 +405,8 @@ fn scenarios(file: &str) -> Option<Vec<Scenario>> {
                 method: "GET",
                 path: "/jwt/hello",
                 headers: &[],
+                body: None,
+                reply: None,
                 expect: Expect::Immediate {
                     status: 401,
                     body_contains: "steps.jwt.FailedToResolveVariable",
@@ -127,6 +416,8 @@ fn scenarios(file: &str) -> Option<Vec<Scenario>> {
                 method: "GET",
                 path: "/jwt/hello",
                 headers: &[("authorization", "Bearer @jwt-valid")],
+                body: None,
+                reply: None,
                 expect: Expect::Upstream(&[
                     ("x-tollgate-subject", "user-1"),
                     ("x-tollgate-tier", "gold"),
@@ -136,6 +427,8 @@ fn scenarios(file: &str) -> Option<Vec<Scenario>> {
                 method: "GET",
                 path: "/jwt/hello",
                 headers: &[("authorization", "Bearer @jwt-expired")],
+                body: None,
+                reply: None,
                 expect: Expect::Immediate {
                     status: 401,
                     body_contains: "steps.jwt.TokenExpired",
@@ -145,6 +438,8 @@ fn scenarios(file: &str) -> Option<Vec<Scenario>> {
                 method: "GET",
                 path: "/jwt/hello",
                 headers: &[("authorization", "Bearer @jwt-other-audience")],
+                body: None,
+                reply: None,
                 expect: Expect::Immediate {
                     status: 401,
                     body_contains: "steps.jwt.JwtAudienceMismatch",
@@ -156,6 +451,8 @@ fn scenarios(file: &str) -> Option<Vec<Scenario>> {
                 method: "GET",
                 path: "/js/x",
                 headers: &[("x-tier", "pro")],
+                body: None,
+                reply: None,
                 expect: Expect::Upstream(&[
                     ("x-tollgate-model", "large"),
                     ("x-tollgate-stamp", "GET /js/x -> large"),
@@ -165,12 +462,16 @@ fn scenarios(file: &str) -> Option<Vec<Scenario>> {
                 method: "GET",
                 path: "/js/x",
                 headers: &[],
+                body: None,
+                reply: None,
                 expect: Expect::Upstream(&[("x-tollgate-model", "small")]),
             },
             Scenario {
                 method: "GET",
                 path: "/js/x",
                 headers: &[("x-tier", "gold")],
+                body: None,
+                reply: None,
                 expect: Expect::Immediate {
                     status: 400,
                     body_contains: "custom.UnknownTier",
@@ -182,12 +483,16 @@ fn scenarios(file: &str) -> Option<Vec<Scenario>> {
                 method: "GET",
                 path: "/callout/a",
                 headers: &[("x-user", "alice")],
+                body: None,
+                reply: None,
                 expect: Expect::Upstream(&[("x-tollgate-tier", "gold")]),
             },
             Scenario {
                 method: "GET",
                 path: "/callout/a",
                 headers: &[("x-user", "mallory")],
+                body: None,
+                reply: None,
                 expect: Expect::Immediate {
                     status: 403,
                     body_contains: "authz.Denied",
@@ -197,6 +502,8 @@ fn scenarios(file: &str) -> Option<Vec<Scenario>> {
                 method: "GET",
                 path: "/callout/a",
                 headers: &[("x-user", "slowpoke")],
+                body: None,
+                reply: None,
                 expect: Expect::Immediate {
                     status: 504,
                     body_contains: "steps.servicecallout.ExecutionFailed",
@@ -272,6 +579,43 @@ fn prepare(name: &str, text: &str, authz: std::net::SocketAddr) -> String {
     text.to_owned()
 }
 
+fn body_msg(response: bool, body: &str) -> ProcessingRequest {
+    let b = HttpBody {
+        body: body.as_bytes().to_vec(),
+        end_of_stream: true,
+        ..Default::default()
+    };
+    ProcessingRequest {
+        request: Some(if response {
+            Request::ResponseBody(b)
+        } else {
+            Request::RequestBody(b)
+        }),
+        ..Default::default()
+    }
+}
+
+fn response_headers_msg(status: u16, content_type: &str) -> ProcessingRequest {
+    let hv = |k: &str, v: &str| HeaderValue {
+        key: k.into(),
+        value: String::new(),
+        raw_value: v.as_bytes().to_vec(),
+    };
+    ProcessingRequest {
+        request: Some(Request::ResponseHeaders(HttpHeaders {
+            headers: Some(HeaderMap {
+                headers: vec![
+                    hv(":status", &status.to_string()),
+                    hv("content-type", content_type),
+                ],
+            }),
+            end_of_stream: false,
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
+
 fn headers_msg(method: &str, path: &str, extra: &[(&str, &str)]) -> ProcessingRequest {
     let hv = |k: &str, v: &str| HeaderValue {
         key: k.into(),
@@ -295,14 +639,47 @@ fn headers_msg(method: &str, path: &str, extra: &[(&str, &str)]) -> ProcessingRe
     }
 }
 
+fn is_immediate(r: &ProcessingResponse) -> bool {
+    matches!(r.response, Some(Response::ImmediateResponse(_)))
+}
+
+/// Plays a scenario on one stream; returns the immediate answer if there was one, else the
+/// answer to the request headers.
 async fn run(shared: &std::sync::Arc<Shared>, s: &Scenario) -> ProcessingResponse {
     let mut st = StreamState::new(shared.clone());
     let mut out = Vec::new();
-    st.on_message(headers_msg(s.method, s.path, s.headers), &mut out)
+    let mut msg = headers_msg(s.method, s.path, s.headers);
+    if let (Some(Request::RequestHeaders(h)), Some(_)) = (msg.request.as_mut(), s.body) {
+        // A body route as in deploy/envoy: the request BUFFERED, so header changes made
+        // on the body go in the body's answer.
+        h.end_of_stream = false;
+        msg.protocol_config = Some(ProtocolConfiguration {
+            request_body_mode: BodySendMode::Buffered as i32,
+            ..Default::default()
+        });
+    }
+    st.on_message(msg, &mut out)
         .await
         .expect("no protocol error");
-    assert_eq!(out.len(), 1);
-    out.remove(0)
+    if let (Some(body), false) = (s.body, out.iter().any(is_immediate)) {
+        st.on_message(body_msg(false, body), &mut out)
+            .await
+            .expect("no protocol error");
+    }
+    if let (Some((status, ct, body)), false) = (s.reply, out.iter().any(is_immediate)) {
+        st.on_message(response_headers_msg(status, ct), &mut out)
+            .await
+            .expect("no protocol error");
+        st.on_message(body_msg(true, body), &mut out)
+            .await
+            .expect("no protocol error");
+    }
+    match out.iter().position(is_immediate) {
+        Some(i) => out.remove(i),
+        // With a body, the body's answer carries the request changes.
+        None if s.body.is_some() => out.remove(1),
+        None => out.remove(0),
+    }
 }
 
 #[tokio::test]
@@ -322,7 +699,7 @@ async fn every_example_has_scenarios() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test]
 async fn examples_load_and_behave() {
     let files = read_dir(&policies_dir()).expect("policies/ readable");
     // The whole directory compiles together, as `tollgate serve --config policies` does.
@@ -334,27 +711,30 @@ async fn examples_load_and_behave() {
             .unwrap()
             .to_string_lossy()
             .into_owned();
-        // Each file on its own, in a directory of its own that also holds the files
-        // examples refer to (subdirectories of policies/, e.g. scripts/).
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join(&name), prepare(&name, &f.text, authz)).unwrap();
+        // Alone in a directory, with the subdirectories of policies/ (specs/, scripts/)
+        // beside it, for files the policies refer to.
+        let alone = tempfile::tempdir().unwrap();
+        std::fs::write(alone.path().join(&name), prepare(&name, &f.text, authz)).unwrap();
         for entry in std::fs::read_dir(policies_dir()).unwrap() {
             let entry = entry.unwrap();
             if entry.file_type().unwrap().is_dir() {
-                std::os::unix::fs::symlink(entry.path(), dir.path().join(entry.file_name()))
+                std::os::unix::fs::symlink(entry.path(), alone.path().join(entry.file_name()))
                     .unwrap();
             }
         }
-        let cm = ConfigManager::load(ConfigSource::Dir(dir.path().to_path_buf()))
+        let cm = ConfigManager::load(ConfigSource::Dir(alone.path().to_path_buf()))
             .unwrap_or_else(|e| panic!("policies/{name} does not load on its own:\n{e}"));
         let shared = Shared::new(cm, NoMatch::Continue);
         for s in scenarios(&name).unwrap_or_default() {
             let r = run(&shared, &s).await;
             let what = format!("policies/{name}: {} {}", s.method, s.path);
             match (&s.expect, r.response.as_ref()) {
-                (Expect::Upstream(want), Some(Response::RequestHeaders(h))) => {
-                    let set: Vec<(String, String)> = h
-                        .response
+                (
+                    Expect::Upstream(want),
+                    Some(Response::RequestHeaders(HeadersResponse { response, .. }))
+                    | Some(Response::RequestBody(BodyResponse { response, .. })),
+                ) => {
+                    let set: Vec<(String, String)> = response
                         .as_ref()
                         .and_then(|c| c.header_mutation.as_ref())
                         .map(|m| {

@@ -21,6 +21,7 @@ use tollgate::consumer::service::Consumers;
 use tollgate::consumer::{
     hash_key, ApiKey, ApiProduct, App, AppStatus, KeyStatus, Operation, Origin,
 };
+use tollgate::kvm::{KvmEntry, Kvms};
 use tollgate::store::memory::MemoryStore;
 use tollgate::store::{Change, Contents, Store, StoreError, Write};
 
@@ -74,7 +75,27 @@ async fn env_with(store: Arc<dyn Store>, auth: ApiAuth) -> Env {
     consumers.spawn_follower();
     // Merged beside an unauthenticated route, as the admin router's /healthz.
     let base = Router::new().route("/healthz", get(|| async { "ok\n" }));
-    let router = admin::with_api(base, consumers.clone(), auth);
+    let router = admin::with_api(base, consumers.clone(), auth.clone());
+    let kvms = Arc::new(Kvms::default());
+    let mut files = std::collections::BTreeMap::new();
+    let mut creds = std::collections::BTreeMap::new();
+    creds.insert(
+        "file-key".to_owned(),
+        KvmEntry {
+            value: "fv".into(),
+            secret: false,
+        },
+    );
+    creds.insert(
+        "file-secret".to_owned(),
+        KvmEntry {
+            value: "file-hunter2".into(),
+            secret: true,
+        },
+    );
+    files.insert("creds".to_owned(), creds);
+    kvms.set_files(Arc::new(files));
+    let router = admin::with_kvm_api(router, consumers.clone(), kvms, auth);
     Env { router, consumers }
 }
 
@@ -1124,6 +1145,27 @@ impl Store for BrokenStore {
     fn subscribe(&self) -> broadcast::Receiver<Change> {
         self.changes.subscribe()
     }
+    async fn get_kvm_entry(&self, _: &str, _: &str) -> Result<Option<KvmEntry>, StoreError> {
+        Err(self.fail())
+    }
+    async fn put_kvm_entry(
+        &self,
+        _: &str,
+        _: &str,
+        _: &KvmEntry,
+        _: Option<Write>,
+    ) -> Result<(), StoreError> {
+        Err(self.fail())
+    }
+    async fn delete_kvm_entry(&self, _: &str, _: &str) -> Result<(), StoreError> {
+        Err(self.fail())
+    }
+    async fn list_kvm_entries(
+        &self,
+        _: &str,
+    ) -> Result<std::collections::BTreeMap<String, KvmEntry>, StoreError> {
+        Err(self.fail())
+    }
 }
 
 #[tokio::test]
@@ -1175,4 +1217,161 @@ async fn a_failing_store_is_503_and_corrupt_data_500() {
     let r = call(&env, Method::GET, "/v1/apps/shop", None).await;
     assert_error(&r, StatusCode::INTERNAL_SERVER_ERROR, "Internal");
     assert!(r.message().contains("unreadable"), "{r:?}");
+}
+
+#[tokio::test]
+async fn kvm_entries_crud_secrets_file_entries_and_odd_keys() {
+    let env = env().await;
+    let base = "/v1/kvms/creds/entries";
+    let r = call(
+        &env,
+        Method::POST,
+        base,
+        Some(json!({"key": "api key/ü", "value": "v1"})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+    assert_eq!(
+        r.headers.get(header::LOCATION).unwrap(),
+        "/v1/kvms/creds/entries/api%20key%2F%C3%BC"
+    );
+    assert_eq!(r.body["origin"], "api");
+    let r = call(
+        &env,
+        Method::POST,
+        base,
+        Some(json!({"key": "api key/ü", "value": "v2"})),
+    )
+    .await;
+    assert_error(&r, StatusCode::CONFLICT, "AlreadyExists");
+    let r = call(
+        &env,
+        Method::POST,
+        base,
+        Some(json!({"key": "file-key", "value": "x"})),
+    )
+    .await;
+    assert_error(&r, StatusCode::CONFLICT, "FileDefined");
+    let r = call(
+        &env,
+        Method::POST,
+        base,
+        Some(json!({"key": "token", "value": "hunter2", "secret": true})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    assert_eq!(r.body["value"], Value::Null, "secrets are never returned");
+    assert_eq!(r.body["secret"], true);
+
+    let r = call(&env, Method::GET, base, None).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let keys: Vec<&str> = r.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(keys, ["api key/ü", "file-key", "file-secret", "token"]);
+    assert!(!r.text.contains("hunter2"), "{}", r.text);
+    let r = call(&env, Method::GET, &format!("{base}?pageSize=3"), None).await;
+    let token = r.body["nextPageToken"].as_str().unwrap().to_owned();
+    let r = call(
+        &env,
+        Method::GET,
+        &format!("{base}?pageSize=3&pageToken={token}"),
+        None,
+    )
+    .await;
+    assert_eq!(r.body["items"][0]["key"], "token");
+    assert!(r.body.get("nextPageToken").is_none());
+
+    let r = call(
+        &env,
+        Method::GET,
+        &format!("{base}/api%20key%2F%C3%BC"),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.body["value"].as_str()),
+        (StatusCode::OK, Some("v1"))
+    );
+    let r = call(&env, Method::GET, &format!("{base}/file-secret"), None).await;
+    assert_eq!(r.body["value"], Value::Null);
+    assert_eq!(r.body["origin"], "file");
+    let r = call(
+        &env,
+        Method::PUT,
+        &format!("{base}/new"),
+        Some(json!({"value": "n"})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let r = call(
+        &env,
+        Method::PUT,
+        &format!("{base}/new"),
+        Some(json!({"value": "n2"})),
+    )
+    .await;
+    assert_eq!(r.body["value"], "n2");
+    let r = call(
+        &env,
+        Method::PUT,
+        &format!("{base}/file-key"),
+        Some(json!({"value": "x"})),
+    )
+    .await;
+    assert_error(&r, StatusCode::CONFLICT, "FileDefined");
+    let r = call(&env, Method::DELETE, &format!("{base}/file-key"), None).await;
+    assert_error(&r, StatusCode::CONFLICT, "FileDefined");
+    let r = call(&env, Method::DELETE, &format!("{base}/new"), None).await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    let r = call(&env, Method::DELETE, &format!("{base}/new"), None).await;
+    assert_error(&r, StatusCode::NOT_FOUND, "NotFound");
+
+    // Bad names, keys and bodies.
+    let r = call(&env, Method::GET, "/v1/kvms/bad%2Fname/entries", None).await;
+    assert_error(&r, StatusCode::BAD_REQUEST, "InvalidArgument");
+    assert_eq!(r.field(), "map");
+    let r = call(
+        &env,
+        Method::POST,
+        base,
+        Some(json!({"key": "a\nb", "value": "x"})),
+    )
+    .await;
+    assert_error(&r, StatusCode::BAD_REQUEST, "InvalidArgument");
+    assert_eq!(r.field(), "key");
+    let r = call(
+        &env,
+        Method::GET,
+        &format!("{base}/{}", "k".repeat(600)),
+        None,
+    )
+    .await;
+    assert_eq!(r.field(), "key");
+    let r = call(
+        &env,
+        Method::POST,
+        base,
+        Some(json!({"key": "k", "value": "x", "extra": 1})),
+    )
+    .await;
+    assert_error(&r, StatusCode::BAD_REQUEST, "InvalidArgument");
+    let r = call(&env, Method::PATCH, base, None).await;
+    assert_error(&r, StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed");
+    let r = send(&env.router, Method::GET, base, None, None, Vec::new()).await;
+    assert_error(&r, StatusCode::UNAUTHORIZED, "Unauthenticated");
+
+    // A failing store is 503; file entries stay readable.
+    let env = env_with(
+        Arc::new(BrokenStore::new(false)),
+        ApiAuth::Bearer(TOKEN.into()),
+    )
+    .await;
+    let r = call(&env, Method::GET, base, None).await;
+    assert_error(&r, StatusCode::SERVICE_UNAVAILABLE, "Unavailable");
+    let r = call(&env, Method::GET, &format!("{base}/file-key"), None).await;
+    assert_eq!(r.body["value"], "fv");
 }

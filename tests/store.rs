@@ -565,6 +565,73 @@ mod suite {
     }
 }
 
+mod kvm_suite {
+    use super::*;
+    use tollgate::kvm::KvmEntry;
+
+    fn entry(v: &str, secret: bool) -> KvmEntry {
+        KvmEntry {
+            value: v.into(),
+            secret,
+        }
+    }
+
+    pub async fn kvm_entries_crud(s: Arc<dyn Store>) {
+        assert_eq!(s.get_kvm_entry("creds", "k").await.unwrap(), None);
+        match s
+            .put_kvm_entry("creds", "k", &entry("v", false), Some(Write::Update))
+            .await
+        {
+            Err(StoreError::NotFound { name, .. }) => assert_eq!(name, "creds/k"),
+            other => panic!("update of a missing entry: {other:?}"),
+        }
+        s.put_kvm_entry("creds", "k", &entry("v", false), Some(Write::Create))
+            .await
+            .unwrap();
+        assert!(matches!(
+            s.put_kvm_entry("creds", "k", &entry("w", false), Some(Write::Create))
+                .await,
+            Err(StoreError::AlreadyExists { .. })
+        ));
+        s.put_kvm_entry("creds", "k", &entry("w", true), Some(Write::Update))
+            .await
+            .unwrap();
+        assert_eq!(
+            s.get_kvm_entry("creds", "k").await.unwrap(),
+            Some(entry("w", true))
+        );
+        // Upsert, odd keys, and maps whose names share a prefix stay apart.
+        let odd = "tenant 1__tök/en?#%&=ünï";
+        s.put_kvm_entry("creds", odd, &entry("x", false), None)
+            .await
+            .unwrap();
+        s.put_kvm_entry("creds", odd, &entry("y", false), None)
+            .await
+            .unwrap();
+        s.put_kvm_entry("creds.other", "k", &entry("z", false), None)
+            .await
+            .unwrap();
+        s.put_kvm_entry("cred", "k", &entry("q", false), None)
+            .await
+            .unwrap();
+        let all = s.list_kvm_entries("creds").await.unwrap();
+        assert_eq!(all.len(), 2, "{all:?}");
+        assert_eq!(all[odd], entry("y", false));
+        assert_eq!(s.list_kvm_entries("nothing").await.unwrap().len(), 0);
+
+        s.delete_kvm_entry("creds", odd).await.unwrap();
+        assert!(matches!(
+            s.delete_kvm_entry("creds", odd).await,
+            Err(StoreError::NotFound { .. })
+        ));
+        assert_eq!(s.list_kvm_entries("creds").await.unwrap().len(), 1);
+        assert_eq!(
+            s.get_kvm_entry("creds.other", "k").await.unwrap(),
+            Some(entry("z", false))
+        );
+    }
+}
+
 /// Expands the shared suite for one backend: `store_suite!(module, async-fixture-expression)`.
 macro_rules! store_suite {
     ($module:ident, $fixture:expr) => {
@@ -612,6 +679,11 @@ macro_rules! store_suite {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn concurrent_creates_have_one_winner() {
                 run(suite::concurrent_creates_have_one_winner).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn kvm_entries_crud() {
+                run(kvm_suite::kvm_entries_crud).await
             }
         }
     };
@@ -1179,4 +1251,78 @@ mod redis_only {
         })
         .await
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// ResponseCache's shared Redis tier: two replicas (separate local caches) on one Redis.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn response_cache_shared_tier_serves_other_replicas() {
+    use tollgate::pipeline::{Direction, Outcome, Policy};
+    use tollgate::policies::{builder, BuildContext};
+    use tollgate::vars::{Exchange, Headers, RequestInfo, ResponseInfo};
+
+    bounded(async {
+        let server = RedisServer::start();
+        let spec = format!(
+            "ttlSeconds: 60\nshared: {{redis: '{}', timeoutMs: 500}}\n",
+            server.url()
+        );
+        let replica = || {
+            let ctx = BuildContext {
+                name: "shared-cache".into(),
+                ..Default::default()
+            };
+            builder("ResponseCache").unwrap()(&ctx, serde_norway::from_str(&spec).unwrap()).unwrap()
+        };
+        let (a, b): (Arc<dyn Policy>, Arc<dyn Policy>) = (replica(), replica());
+        let request = || {
+            let mut h = Headers::new();
+            h.push(":method".into(), "GET".into());
+            h.push(":path".into(), "/shared?x=1".into());
+            Exchange {
+                request: RequestInfo::from_headers(h),
+                ..Default::default()
+            }
+        };
+        async fn run(p: &Arc<dyn Policy>, ex: &mut Exchange, dir: Direction) -> bool {
+            let r = match p.run(ex, dir) {
+                Outcome::Ready(r) => r,
+                Outcome::Pending(f) => f.await,
+            };
+            r.is_err()
+        }
+        // Replica a: miss, then the response is stored (locally and in Redis).
+        let mut ex = request();
+        assert!(!run(&a, &mut ex, Direction::Request).await);
+        let mut h = Headers::new();
+        h.push("content-type".into(), "text/plain".into());
+        ex.response = Some(ResponseInfo {
+            status: 200,
+            headers: h,
+        });
+        assert!(!run(&a, &mut ex, Direction::Response).await);
+        a.observe(&mut ex, Direction::Response, b"from replica a");
+        // Replica b never saw it: its hit comes from Redis (written in the background).
+        let mut found = None;
+        for _ in 0..50 {
+            let mut ex = request();
+            if let Outcome::Pending(f) = b.run(&mut ex, Direction::Request) {
+                if let Err(fault) = f.await {
+                    found = Some(fault);
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let hit = found.expect("replica b answers from the shared tier");
+        assert_eq!(hit.status, 200);
+        assert_eq!(
+            hit.body.unwrap(),
+            ("text/plain".to_owned(), b"from replica a".to_vec())
+        );
+        assert!(hit.headers.iter().any(|(n, _)| n == "age"));
+        drop(server);
+    })
+    .await;
 }

@@ -190,6 +190,9 @@ impl IntoResponse for ApiError {
 
 type ApiResult = Result<Response, ApiError>;
 
+#[path = "kvm_api.rs"]
+pub mod kvm;
+
 // ---------------------------------------------------------------------------------------
 // Router and authentication
 

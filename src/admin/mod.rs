@@ -30,6 +30,16 @@ pub fn with_api(router: Router, consumers: Arc<Consumers>, auth: ApiAuth) -> Rou
     router.merge(api::router(consumers, auth))
 }
 
+/// Adds the key-value map routes of the management API (`/v1/kvms/…`, guarded by `auth`).
+pub fn with_kvm_api(
+    router: Router,
+    consumers: Arc<Consumers>,
+    kvms: Arc<crate::kvm::Kvms>,
+    auth: ApiAuth,
+) -> Router {
+    router.merge(api::kvm::router(consumers, kvms, auth))
+}
+
 async fn readyz(State(s): State<Arc<Shared>>) -> impl IntoResponse {
     if s.is_ready() {
         (

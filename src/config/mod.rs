@@ -18,6 +18,7 @@ use sha2::{Digest, Sha256};
 use crate::consumer::{hash_key, valid_hash, ApiKey, ApiProduct, App, Origin};
 use crate::expr::Condition;
 use crate::fault::ErrorFormat;
+use crate::kvm::{FileMaps, KvmEntry};
 use crate::pipeline::{Direction, DirectionPipeline, Policy, Step};
 use crate::policies::{self, BuildContext};
 use crate::services::Services;
@@ -231,6 +232,8 @@ pub struct Snapshot {
     /// API products and apps defined in the files.
     pub products: Vec<ApiProduct>,
     pub apps: Vec<App>,
+    /// Key-value maps defined in the files.
+    pub kvms: Arc<FileMaps>,
     pub fingerprint: String,
 }
 
@@ -342,8 +345,15 @@ fn parse_documents(files: &[SourceFile], errors: &mut Vec<ConfigError>) -> Vec<P
     out
 }
 
-const KINDS: &[&str] = &["Flow", "Policy", "TemplateRule", "ApiProduct", "App"];
-const LATER_KINDS: &[&str] = &["KeyValueMap"];
+const KINDS: &[&str] = &[
+    "Flow",
+    "Policy",
+    "TemplateRule",
+    "ApiProduct",
+    "App",
+    "KeyValueMap",
+];
+const LATER_KINDS: &[&str] = &[];
 
 /// Loads and compiles the configuration in `dir`.
 pub fn load_dir(dir: &Path) -> Result<Snapshot, ConfigErrors> {
@@ -372,6 +382,7 @@ pub fn compile_with(
     let mut rule_docs = Vec::new();
     let mut product_docs = Vec::new();
     let mut app_docs = Vec::new();
+    let mut kvm_docs = Vec::new();
     for d in docs {
         let kind = d.env.kind.as_str();
         let name = d.env.metadata.name.clone();
@@ -421,12 +432,14 @@ pub fn compile_with(
             "Flow" => flow_docs.push(d),
             "ApiProduct" => product_docs.push(d),
             "App" => app_docs.push(d),
+            "KeyValueMap" => kvm_docs.push(d),
             _ => rule_docs.push(d),
         }
     }
 
     let products = build_products(product_docs, &mut errors);
     let apps = build_apps(app_docs, &products, config_dir, &mut errors);
+    let kvms = Arc::new(build_kvms(kvm_docs, config_dir, &mut errors));
     let policies = build_policies(policies_docs, config_dir, services, &mut errors);
     let flows = build_flows(flow_docs, &policies, &mut errors);
     let rules = rule_docs
@@ -474,6 +487,7 @@ pub fn compile_with(
         policies,
         products,
         apps,
+        kvms,
         ..Default::default()
     };
     for (flow, _) in flows {
@@ -672,6 +686,91 @@ fn build_apps(
             attributes: spec.attributes,
             origin: Origin::File,
         });
+    }
+    out
+}
+
+/// Reads a `valueFrom` (an environment variable, or a file relative to the configuration).
+fn read_value_from(
+    v: &spec::ValueFrom,
+    at: &str,
+    config_dir: Option<&Path>,
+) -> Result<String, String> {
+    match (&v.env, &v.file) {
+        (Some(var), None) => std::env::var(var)
+            .map_err(|_| format!("{at}.valueFrom.env`: environment variable `{var}` is not set")),
+        (None, Some(file)) => {
+            let path = match config_dir {
+                Some(d) if Path::new(file).is_relative() => d.join(file),
+                _ => PathBuf::from(file),
+            };
+            std::fs::read_to_string(&path)
+                .map(|s| s.trim_end_matches(['\r', '\n']).to_owned())
+                .map_err(|e| format!("{at}.valueFrom.file`: cannot read {}: {e}", path.display()))
+        }
+        _ => Err(format!("{at}.valueFrom`: give exactly one of env, file")),
+    }
+}
+
+fn build_kvms(
+    docs: Vec<Parsed>,
+    config_dir: Option<&Path>,
+    errors: &mut Vec<ConfigError>,
+) -> FileMaps {
+    let mut out = FileMaps::new();
+    for d in docs {
+        let name = d.env.metadata.name.clone();
+        let loc = d.at.named("KeyValueMap", &name);
+        let spec: spec::KeyValueMapSpec = match typed(d.env.spec) {
+            Ok(s) => s,
+            Err(message) => {
+                errors.push(ConfigError {
+                    location: loc,
+                    message,
+                });
+                continue;
+            }
+        };
+        let mut entries = std::collections::BTreeMap::new();
+        for (key, e) in spec.entries {
+            let at = format!("field `spec.entries.{key}");
+            let entry = crate::kvm::check_key(&key)
+                .map_err(|m| format!("{at}`: {m}"))
+                .and_then(|()| match e {
+                    spec::KvmEntrySpec::Plain(value) => Ok(KvmEntry {
+                        value,
+                        secret: false,
+                    }),
+                    spec::KvmEntrySpec::Full(f) => {
+                        let value = match (f.value, &f.value_from) {
+                            (Some(v), None) => v,
+                            (None, Some(from)) => read_value_from(from, &at, config_dir)?,
+                            _ => {
+                                return Err(format!("{at}`: give exactly one of value, valueFrom"))
+                            }
+                        };
+                        Ok(KvmEntry {
+                            value,
+                            secret: f.secret,
+                        })
+                    }
+                })
+                .and_then(|e| {
+                    crate::kvm::check_value(&e.value)
+                        .map(|()| e)
+                        .map_err(|m| format!("{at}`: {m}"))
+                });
+            match entry {
+                Ok(e) => {
+                    entries.insert(key, e);
+                }
+                Err(message) => errors.push(ConfigError {
+                    location: loc.clone(),
+                    message,
+                }),
+            }
+        }
+        out.insert(name, entries);
     }
     out
 }
@@ -953,7 +1052,7 @@ spec: {}
         let e = errs("apiVersion: v1\nkind: Flow\nmetadata: {name: f}\n");
         assert!(e.contains("apiVersion"), "{e}");
 
-        let e = errs("apiVersion: tollgate.dev/v1alpha1\nkind: Policy\nmetadata: {name: p}\nspec: {type: Quota}\n");
+        let e = errs("apiVersion: tollgate.dev/v1alpha1\nkind: Policy\nmetadata: {name: p}\nspec: {type: VerifyJwt}\n");
         assert!(e.contains("not implemented"), "{e}");
 
         let e = errs("apiVersion: tollgate.dev/v1alpha1\nkind: Policy\nmetadata: {name: p}\nspec: {type: RaiseFault, status: 'x'}\n");
@@ -975,6 +1074,43 @@ spec: {}
             "{BASE}---\n---\nopenapi: 3.1.0\ninfo: {{title: x, version: '1'}}\npaths: {{}}\n"
         );
         assert!(compile(&files(&text), None).is_ok());
+    }
+
+    #[test]
+    fn key_value_maps_from_files() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("token.txt"), "from-file\n").unwrap();
+        let kvm = "apiVersion: tollgate.dev/v1alpha1\nkind: KeyValueMap\nmetadata: {name: creds}\nspec:\n  entries:\n    plain: v\n    tok: {valueFrom: {file: token.txt}, secret: true}\n    lit: {value: x, secret: true}\n";
+        let snap = compile(&files(&format!("{BASE}---\n{kvm}")), Some(dir.path())).unwrap();
+        let m = &snap.kvms["creds"];
+        assert_eq!(m["plain"].value, "v");
+        assert_eq!(
+            (m["tok"].value.as_str(), m["tok"].secret),
+            ("from-file", true)
+        );
+        assert!(m["lit"].secret);
+
+        for (entries, want) in [
+            ("{\"a\\nb\": v}", "control characters"),
+            (
+                "{a: {value: x, valueFrom: {env: X}}}",
+                "exactly one of value, valueFrom",
+            ),
+            (
+                "{a: {valueFrom: {env: TOLLGATE_SURELY_UNSET_VAR}}}",
+                "is not set",
+            ),
+            ("{a: {secret: true}}", "exactly one of value, valueFrom"),
+        ] {
+            let text = format!("{BASE}---\napiVersion: tollgate.dev/v1alpha1\nkind: KeyValueMap\nmetadata: {{name: m}}\nspec: {{entries: {entries}}}\n");
+            let e = errs(&text);
+            assert!(
+                e.contains("KeyValueMap \"m\"") && e.contains(want),
+                "{entries}: {e}"
+            );
+        }
+        let big = format!("{BASE}---\napiVersion: tollgate.dev/v1alpha1\nkind: KeyValueMap\nmetadata: {{name: m}}\nspec: {{entries: {{a: {}}}}}\n", "v".repeat(70_000));
+        assert!(errs(&big).contains("at most"));
     }
 
     const CONSUMERS: &str = r#"

@@ -82,6 +82,7 @@ impl ConfigManager {
         services
             .consumers
             .set_file_objects(snap.products.clone(), snap.apps.clone());
+        services.kvms.set_files(snap.kvms.clone());
         record_success(1);
         tracing::info!(
             flows = snap.by_name.len(),
@@ -165,6 +166,7 @@ impl ConfigManager {
                 self.services
                     .consumers
                     .set_file_objects(snap.products.clone(), snap.apps.clone());
+                self.services.kvms.set_files(snap.kvms.clone());
                 self.current.store(Arc::new(snap));
                 let g = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
                 if let Ok(mut l) = self.last_failed.lock() {

@@ -155,3 +155,30 @@ pub struct ValueFrom {
     #[serde(default)]
     pub file: Option<String>,
 }
+
+/// A `KeyValueMap` document's spec: the map's initial entries.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct KeyValueMapSpec {
+    #[serde(default)]
+    pub entries: BTreeMap<String, KvmEntrySpec>,
+}
+
+/// `key: value`, or `key: {value | valueFrom, secret}`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum KvmEntrySpec {
+    Plain(String),
+    Full(KvmEntryFull),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct KvmEntryFull {
+    #[serde(default)]
+    pub value: Option<String>,
+    #[serde(default)]
+    pub value_from: Option<ValueFrom>,
+    #[serde(default)]
+    pub secret: bool,
+}

@@ -59,6 +59,11 @@ pub trait Policy: Send + Sync + fmt::Debug {
 
     /// Runs the step for `dir`, on headers or (when [`Policy::needs_body`]) on the body.
     fn run<'a>(&'a self, ex: &'a mut Exchange, dir: Direction) -> Outcome<'a>;
+
+    /// Gets the whole `dir` body after it passed, when a step asked for a copy through
+    /// [`Exchange::response_capture`]. Called on every response step; it can no longer
+    /// change or reject the message.
+    fn observe(&self, _ex: &mut Exchange, _dir: Direction, _body: &[u8]) {}
 }
 
 /// A step of a flow: a policy plus when to run it.

@@ -189,6 +189,8 @@ pub async fn serve(config: Arc<ConfigManager>, opts: ServeOptions) -> anyhow::Re
     match &opts.api_auth {
         Some(auth) => {
             admin = crate::admin::with_api(admin, config.services().consumers.clone(), auth.clone());
+            let s = config.services();
+            admin = crate::admin::with_kvm_api(admin, s.consumers.clone(), s.kvms.clone(), auth.clone());
             if matches!(auth, crate::admin::ApiAuth::Insecure) {
                 tracing::warn!("management API open WITHOUT authentication (--admin-insecure)");
             }

@@ -50,6 +50,8 @@ struct Side {
     buf: Vec<u8>,
     /// Body send mode in force for this side.
     mode: i32,
+    /// Copy of the response body as it passes (see `Exchange::response_capture`).
+    capture: Vec<u8>,
 }
 
 /// Per-stream state.
@@ -112,6 +114,14 @@ impl StreamState {
         let flow = self.flow.as_ref().map_or("", |f| f.name.as_str());
         if fault.policy.is_empty() {
             fault.policy = "tollgate".to_owned();
+        }
+        if fault.is_answer() {
+            // A step answered in place of the upstream (a cache hit): not a rejection.
+            tracing::debug!(policy = %fault.policy, status = fault.status, "answered");
+            let rendered = fault.render(self.error_format());
+            out.push(proto::immediate(rendered, &fault.code));
+            self.answered = true;
+            return;
         }
         METRICS
             .rejections_total
@@ -384,9 +394,52 @@ impl StreamState {
                 }
             }
         }
+        if self.ex.response_capture > 0 && !flow.response.needs_body() {
+            if h.end_of_stream {
+                self.observe_response(&flow);
+            } else if self.resp.mode == NONE {
+                // A step wants a copy of the body: ask for it streamed, so it is not held.
+                mode = self.mode_override(self.req.mode, STREAMED);
+                if mode.is_some() {
+                    self.resp.mode = STREAMED;
+                }
+            }
+        }
         let muts = self.ex.take_mutations(Direction::Response);
         out.push(proto::response_headers(proto::header_mutation(muts), mode));
         Ok(())
+    }
+
+    /// Keeps a copy of a passing response chunk for the steps that asked for one; past
+    /// the limit the copy is dropped (the body still passes).
+    fn capture(&mut self, chunk: &[u8]) {
+        let limit = self.ex.response_capture;
+        if limit == 0 {
+            return;
+        }
+        if self.resp.capture.len() + chunk.len() > limit {
+            tracing::debug!(
+                limit,
+                "response body larger than the capture limit; not kept"
+            );
+            self.ex.response_capture = 0;
+            self.resp.capture = Vec::new();
+            return;
+        }
+        self.resp.capture.extend_from_slice(chunk);
+    }
+
+    /// Hands the captured response body to the response steps.
+    fn observe_response(&mut self, flow: &Flow) {
+        if self.ex.response_capture == 0 {
+            return;
+        }
+        self.ex.response_capture = 0;
+        let body = std::mem::take(&mut self.resp.capture);
+        for step in flow.response.steps() {
+            step.policy
+                .observe(&mut self.ex, Direction::Response, &body);
+        }
     }
 
     /// The answer that passes a chunk on untouched.
@@ -435,6 +488,14 @@ impl StreamState {
             self.complete = true;
         }
         if !needs || steps_ran {
+            if dir == Direction::Response && self.ex.response_capture > 0 {
+                self.capture(&b.body);
+                if eos {
+                    if let Some(flow) = self.flow.clone() {
+                        self.observe_response(&flow);
+                    }
+                }
+            }
             out.push(Self::pass(dir, mode, b.body, eos));
             return Ok(());
         }
@@ -568,6 +629,11 @@ impl StreamState {
             Direction::Request => f.request.needs_body(),
             Direction::Response => f.response.needs_body(),
         });
+        if dir == Direction::Response && !needs && self.ex.response_capture > 0 {
+            if let Some(flow) = self.flow.clone() {
+                self.observe_response(&flow);
+            }
+        }
         if needs && pending {
             if let Some(flow) = self.flow.clone() {
                 match self.run_body_steps(&flow, dir, out).await {

@@ -6,8 +6,9 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 use tokio::sync::broadcast;
 
-use super::{Change, Contents, Store, StoreError, Write};
+use super::{kvm_name, Change, Contents, Store, StoreError, Write, KVM_KIND};
 use crate::consumer::{ApiProduct, App};
+use crate::kvm::KvmEntry;
 
 #[derive(Debug)]
 pub struct MemoryStore {
@@ -19,6 +20,7 @@ pub struct MemoryStore {
 struct Inner {
     products: BTreeMap<String, ApiProduct>,
     apps: BTreeMap<String, App>,
+    kvms: BTreeMap<String, BTreeMap<String, KvmEntry>>,
 }
 
 impl Default for MemoryStore {
@@ -132,5 +134,53 @@ impl Store for MemoryStore {
 
     fn subscribe(&self) -> broadcast::Receiver<Change> {
         self.changes.subscribe()
+    }
+
+    async fn get_kvm_entry(&self, map: &str, key: &str) -> Result<Option<KvmEntry>, StoreError> {
+        Ok(self.lock()?.kvms.get(map).and_then(|m| m.get(key)).cloned())
+    }
+
+    async fn put_kvm_entry(
+        &self,
+        map: &str,
+        key: &str,
+        entry: &KvmEntry,
+        mode: Option<Write>,
+    ) -> Result<(), StoreError> {
+        let mut g = self.lock()?;
+        let m = g.kvms.entry(map.to_owned()).or_default();
+        match mode {
+            Some(mode) => put(m, KVM_KIND, key, entry, mode).map_err(|e| match e {
+                StoreError::AlreadyExists { kind, .. } => StoreError::AlreadyExists {
+                    kind,
+                    name: kvm_name(map, key),
+                },
+                StoreError::NotFound { kind, .. } => StoreError::NotFound {
+                    kind,
+                    name: kvm_name(map, key),
+                },
+                e => e,
+            }),
+            None => {
+                m.insert(key.to_owned(), entry.clone());
+                Ok(())
+            }
+        }
+    }
+
+    async fn delete_kvm_entry(&self, map: &str, key: &str) -> Result<(), StoreError> {
+        let mut g = self.lock()?;
+        g.kvms
+            .get_mut(map)
+            .and_then(|m| m.remove(key))
+            .map(|_| ())
+            .ok_or_else(|| StoreError::NotFound {
+                kind: KVM_KIND,
+                name: kvm_name(map, key),
+            })
+    }
+
+    async fn list_kvm_entries(&self, map: &str) -> Result<BTreeMap<String, KvmEntry>, StoreError> {
+        Ok(self.lock()?.kvms.get(map).cloned().unwrap_or_default())
     }
 }

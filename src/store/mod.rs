@@ -10,6 +10,7 @@ pub mod embedded;
 pub mod memory;
 pub mod redis_store;
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -17,6 +18,7 @@ use async_trait::async_trait;
 use tokio::sync::broadcast;
 
 use crate::consumer::{ApiProduct, App};
+use crate::kvm::KvmEntry;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -80,7 +82,28 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// Changes made through this and (for shared backends) every other replica.
     fn subscribe(&self) -> broadcast::Receiver<Change>;
+
+    /// One key-value map entry.
+    async fn get_kvm_entry(&self, map: &str, key: &str) -> Result<Option<KvmEntry>, StoreError>;
+    /// Writes an entry; `mode` `None` writes whether or not it exists.
+    async fn put_kvm_entry(
+        &self,
+        map: &str,
+        key: &str,
+        entry: &KvmEntry,
+        mode: Option<Write>,
+    ) -> Result<(), StoreError>;
+    async fn delete_kvm_entry(&self, map: &str, key: &str) -> Result<(), StoreError>;
+    /// Every entry of a map, by key.
+    async fn list_kvm_entries(&self, map: &str) -> Result<BTreeMap<String, KvmEntry>, StoreError>;
 }
+
+/// What a key-value entry is called in messages: `map/key`.
+pub(crate) fn kvm_name(map: &str, key: &str) -> String {
+    format!("{map}/{key}")
+}
+
+pub(crate) const KVM_KIND: &str = "kvm entry";
 
 /// Which store to open.
 #[derive(Debug, Clone, PartialEq, Eq)]

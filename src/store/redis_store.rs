@@ -41,14 +41,22 @@ use redis::{Cmd, FromRedisValue, RedisFuture, Value};
 use tokio::sync::broadcast;
 
 use super::codec::{self, Stored};
-use super::{Change, Contents, Store, StoreError, Write};
+use super::embedded::{decode_entry, encode_entry};
+use super::{kvm_name, Change, Contents, Store, StoreError, Write, KVM_KIND};
 use crate::consumer::{ApiProduct, App};
+use crate::kvm::KvmEntry;
 
 /// The hash holding products.
 pub const PRODUCTS_KEY: &str = "tollgate:{products}";
 /// The hash holding apps.
 pub const APPS_KEY: &str = "tollgate:{apps}";
 /// The pub/sub channel carrying change notices.
+/// A key-value map's hash: field = entry key, value = `KvmEntry` JSON. The `{kvm}` hash tag
+/// keeps every map on one Cluster slot, beside nothing else.
+pub fn kvm_key(map: &str) -> String {
+    format!("tollgate:{{kvm}}:{map}")
+}
+
 pub const CHANGES_CHANNEL: &str = "tollgate:changes";
 /// The scheme of Redis Cluster URLs.
 pub const CLUSTER_SCHEME: &str = "redis+cluster://";
@@ -75,7 +83,7 @@ return 0
 
 /// The command connection: one server or a cluster.
 #[derive(Clone)]
-enum Conn {
+pub(crate) enum Conn {
     Single(ConnectionManager),
     Cluster(redis::cluster_async::ClusterConnection),
 }
@@ -314,56 +322,66 @@ async fn follow(
     }
 }
 
+/// A command connection to `url` (see the module documentation for the schemes), the
+/// clients of its nodes (for pub/sub) and the URL without its password. Commands reconnect
+/// by themselves. Counters (`crate::ratelimit`) share this with the store.
+pub(crate) async fn command_connection(
+    url: &str,
+) -> Result<(Conn, Vec<redis::Client>, String), StoreError> {
+    let display = redact(url);
+    let target = parse_target(url).map_err(|e| unavailable(&display, "bad URL", e))?;
+    let (conn, nodes) = match &target {
+        Target::Single(u) => {
+            let client =
+                redis::Client::open(u.as_str()).map_err(|e| unavailable(&display, "bad URL", e))?;
+            // No retries inside the manager (its first retry waits at least a second):
+            // a command that finds the connection broken fails at once and starts a new
+            // connection attempt, so the manager reconnects on demand and recovers on the
+            // first command after Redis is back.
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(CONNECT_TIMEOUT)
+                .set_response_timeout(COMMAND_TIMEOUT)
+                .set_number_of_retries(0);
+            let manager = bounded(
+                &display,
+                "connect",
+                FIRST_CONNECT_TIMEOUT,
+                ConnectionManager::new_with_config(client.clone(), config),
+            )
+            .await?;
+            (Conn::Single(manager), vec![client])
+        }
+        Target::Cluster(seeds) => {
+            let client = redis::cluster::ClusterClientBuilder::new(seeds.clone())
+                .connection_timeout(CONNECT_TIMEOUT)
+                .response_timeout(COMMAND_TIMEOUT)
+                .retries(2)
+                .build()
+                .map_err(|e| unavailable(&display, "bad URL", e))?;
+            let conn = bounded(
+                &display,
+                "connect to the cluster",
+                FIRST_CONNECT_TIMEOUT,
+                client.get_async_connection(),
+            )
+            .await?;
+            let nodes = seeds
+                .iter()
+                .map(|s| redis::Client::open(s.as_str()))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| unavailable(&display, "bad URL", e))?;
+            (Conn::Cluster(conn), nodes)
+        }
+    };
+    Ok((conn, nodes, display))
+}
+
 impl RedisStore {
     /// Connects to `url` (see the module documentation for the schemes), subscribes to the
     /// change channel and starts the subscriber task. Fails with `Unavailable` when Redis cannot
     /// be reached within a few seconds.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        let display = redact(url);
-        let target = parse_target(url).map_err(|e| unavailable(&display, "bad URL", e))?;
-        let (conn, nodes) = match &target {
-            Target::Single(u) => {
-                let client = redis::Client::open(u.as_str())
-                    .map_err(|e| unavailable(&display, "bad URL", e))?;
-                // No retries inside the manager (its first retry waits at least a second):
-                // a command that finds the connection broken fails at once and starts a new
-                // connection attempt, so the manager reconnects on demand and recovers on the
-                // first command after Redis is back.
-                let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(CONNECT_TIMEOUT)
-                    .set_response_timeout(COMMAND_TIMEOUT)
-                    .set_number_of_retries(0);
-                let manager = bounded(
-                    &display,
-                    "connect",
-                    FIRST_CONNECT_TIMEOUT,
-                    ConnectionManager::new_with_config(client.clone(), config),
-                )
-                .await?;
-                (Conn::Single(manager), vec![client])
-            }
-            Target::Cluster(seeds) => {
-                let client = redis::cluster::ClusterClientBuilder::new(seeds.clone())
-                    .connection_timeout(CONNECT_TIMEOUT)
-                    .response_timeout(COMMAND_TIMEOUT)
-                    .retries(2)
-                    .build()
-                    .map_err(|e| unavailable(&display, "bad URL", e))?;
-                let conn = bounded(
-                    &display,
-                    "connect to the cluster",
-                    FIRST_CONNECT_TIMEOUT,
-                    client.get_async_connection(),
-                )
-                .await?;
-                let nodes = seeds
-                    .iter()
-                    .map(|s| redis::Client::open(s.as_str()))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| unavailable(&display, "bad URL", e))?;
-                (Conn::Cluster(conn), nodes)
-            }
-        };
+        let (conn, nodes, display) = command_connection(url).await?;
         let mut store_conn = conn;
         // Fail now, clearly, rather than on the first request.
         bounded(
@@ -555,6 +573,87 @@ impl Store for RedisStore {
         self.delete(APPS_KEY, App::KIND, name).await?;
         self.publish(Change::App(name.to_owned())).await;
         Ok(())
+    }
+
+    async fn get_kvm_entry(&self, map: &str, key: &str) -> Result<Option<KvmEntry>, StoreError> {
+        let cmd = redis::cmd("HGET").arg(kvm_key(map)).arg(key).clone();
+        let raw: Option<Vec<u8>> = self.read("HGET", &cmd).await?;
+        raw.map(|b| decode_entry(map, key, &b)).transpose()
+    }
+
+    async fn put_kvm_entry(
+        &self,
+        map: &str,
+        key: &str,
+        entry: &KvmEntry,
+        mode: Option<Write>,
+    ) -> Result<(), StoreError> {
+        let json = encode_entry(map, key, entry)?;
+        let hash = kvm_key(map);
+        let written: i64 = match mode {
+            None => {
+                let cmd = redis::cmd("HSET").arg(&hash).arg(key).arg(json).clone();
+                let _: i64 = self.query("HSET", &cmd).await?;
+                1
+            }
+            Some(Write::Create) => {
+                let cmd = redis::cmd("HSETNX").arg(&hash).arg(key).arg(json).clone();
+                self.query("HSETNX", &cmd).await?
+            }
+            Some(Write::Update) => {
+                let mut conn = self.conn.clone();
+                let mut invocation = self.update.prepare_invoke();
+                invocation.key(&hash).arg(key).arg(json);
+                bounded(
+                    &self.target,
+                    "update script",
+                    COMMAND_TIMEOUT,
+                    invocation.invoke_async(&mut conn),
+                )
+                .await?
+            }
+        };
+        if written == 0 {
+            let name = kvm_name(map, key);
+            return Err(match mode {
+                Some(Write::Create) => StoreError::AlreadyExists {
+                    kind: KVM_KIND,
+                    name,
+                },
+                _ => StoreError::NotFound {
+                    kind: KVM_KIND,
+                    name,
+                },
+            });
+        }
+        Ok(())
+    }
+
+    async fn delete_kvm_entry(&self, map: &str, key: &str) -> Result<(), StoreError> {
+        let cmd = redis::cmd("HDEL").arg(kvm_key(map)).arg(key).clone();
+        let removed: i64 = self.query("HDEL", &cmd).await?;
+        if removed == 0 {
+            return Err(StoreError::NotFound {
+                kind: KVM_KIND,
+                name: kvm_name(map, key),
+            });
+        }
+        Ok(())
+    }
+
+    async fn list_kvm_entries(&self, map: &str) -> Result<BTreeMap<String, KvmEntry>, StoreError> {
+        let cmd = redis::cmd("HGETALL").arg(kvm_key(map)).clone();
+        let raw: BTreeMap<String, Vec<u8>> = self.read("HGETALL", &cmd).await?;
+        let mut out = BTreeMap::new();
+        for (k, v) in raw {
+            match decode_entry(map, &k, &v) {
+                Ok(e) => {
+                    out.insert(k, e);
+                }
+                Err(e) => tracing::warn!(error = %e, "skipping an unreadable kvm entry"),
+            }
+        }
+        Ok(out)
     }
 
     fn subscribe(&self) -> broadcast::Receiver<Change> {

@@ -1,0 +1,854 @@
+//! `Quota`: at most `allow` requests (or weight) per `interval` `timeUnit` per identifier,
+//! counted in memory or in Redis (see `crate::ratelimit`).
+//!
+//! ```yaml
+//! spec:
+//!   type: Quota
+//!   allow: 100                  # or a template: "{apiproduct.attributes.daily-limit}"
+//!   interval: 1                 # or a template
+//!   timeUnit: day               # second, minute, hour, day, week, month, or a template
+//!   quotaType: default          # default | calendar | flexi | rollingwindow
+//!   # startTime: "2026-01-01T00:00:00Z"   # calendar only
+//!   identifier: "{client_id}"   # default: one counter for the policy
+//!   messageWeight: 1            # or a template
+//!   useProduct: false           # take allow/interval/timeUnit from the verified API product
+//!   # verifyApiKey: verify-key  # whose variables useProduct reads (default: the last one)
+//!   # sharedName: tokens        # a counter shared by an enforceOnly and a countOnly half
+//!   # enforceOnly: true         # check on the request, count nothing
+//!   # countOnly: true           # count on the response, never refuse
+//!   failOpen: true              # Redis down: count locally (true) or answer 503 (false)
+//!   rateLimitHeaders: none      # none | ietf | x-ratelimit | both
+//! ```
+//!
+//! Sets `ratelimit.<policy>.{allowed,used,available,expiry}` and Apigee's
+//! `ratelimit.<policy>.{allowed.count,used.count,available.count,exceed.count,expiry.time,identifier}`.
+//! A refusal is 429 `policies.ratelimit.QuotaViolation` with `Retry-After`.
+
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+use super::{parse_spec, BuildContext, SpecError};
+use crate::expr::Template;
+use crate::fault::Fault;
+use crate::pipeline::{Direction, Outcome, Policy};
+use crate::ratelimit::policy::{self as rl, NumberSpec, Setting};
+use crate::ratelimit::window::{self, Unit};
+use crate::ratelimit::{
+    Ask, CounterError, Counters, Decision, Key, Mode, Pending, PolicyMetrics, Window,
+};
+use crate::vars::Exchange;
+
+pub const TYPE: &str = "Quota";
+
+const MAX_ALLOW: u64 = i64::MAX as u64;
+const MAX_INTERVAL: u64 = 100_000;
+const UNITS: &str = "second, minute, hour, day, week, month";
+
+#[derive(Debug, Deserialize, Clone, Copy, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum QuotaType {
+    #[default]
+    Default,
+    Calendar,
+    Flexi,
+    Rollingwindow,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, Default, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+enum HeaderStyle {
+    #[default]
+    None,
+    Ietf,
+    XRatelimit,
+    Both,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Spec {
+    #[serde(default)]
+    allow: Option<NumberSpec>,
+    #[serde(default)]
+    interval: Option<NumberSpec>,
+    #[serde(default)]
+    time_unit: Option<String>,
+    #[serde(default)]
+    quota_type: QuotaType,
+    #[serde(default)]
+    start_time: Option<String>,
+    #[serde(default)]
+    identifier: Option<String>,
+    #[serde(default)]
+    message_weight: Option<NumberSpec>,
+    #[serde(default)]
+    use_product: bool,
+    #[serde(default)]
+    verify_api_key: Option<String>,
+    #[serde(default)]
+    shared_name: Option<String>,
+    #[serde(default)]
+    enforce_only: bool,
+    #[serde(default)]
+    count_only: bool,
+    #[serde(default = "yes")]
+    fail_open: bool,
+    #[serde(default)]
+    rate_limit_headers: HeaderStyle,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug)]
+enum UnitSetting {
+    Fixed(Unit),
+    Template(Template),
+}
+
+/// The product's quota variables, most specific first.
+#[derive(Debug)]
+struct ProductVars {
+    limit: Vec<String>,
+    interval: Vec<String>,
+    unit: Vec<String>,
+    name: Vec<String>,
+}
+
+impl ProductVars {
+    fn new(vk: Option<&str>) -> Self {
+        let p = vk.map(|v| format!("verifyapikey.{v}.")).unwrap_or_default();
+        let names = |what: &str| {
+            vec![
+                format!("{p}apiproduct.developer.quota.{what}"),
+                format!("{p}apiproduct.quota.{what}"),
+            ]
+        };
+        Self {
+            limit: names("limit"),
+            interval: names("interval"),
+            unit: names("timeunit"),
+            name: vec![format!("{p}apiproduct.name")],
+        }
+    }
+}
+
+fn first<'e>(ex: &'e Exchange, names: &[String]) -> Option<std::borrow::Cow<'e, str>> {
+    names.iter().find_map(|n| ex.lookup(n).filter(|v| !v.is_empty()))
+}
+
+/// Variable names, built once.
+#[derive(Debug)]
+struct VarNames {
+    names: [String; 11],
+}
+
+impl VarNames {
+    fn new(policy: &str) -> Self {
+        let n = |s: &str| format!("ratelimit.{policy}.{s}");
+        Self {
+            names: [
+                n("allowed.count"),
+                n("used.count"),
+                n("available.count"),
+                n("exceed.count"),
+                n("expiry.time"),
+                n("identifier"),
+                n("allowed"),
+                n("used"),
+                n("available"),
+                n("expiry"),
+                n("failed.store"),
+            ],
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Quota {
+    name: String,
+    namespace: String,
+    allow: Option<Setting>,
+    interval: Setting,
+    unit: Option<UnitSetting>,
+    quota_type: QuotaType,
+    start_time: i64,
+    identifier: Option<Template>,
+    weight: Option<Setting>,
+    product: Option<ProductVars>,
+    mode: Mode,
+    fail_open: bool,
+    headers: HeaderStyle,
+    counters: Counters,
+    metrics: PolicyMetrics,
+    vars: VarNames,
+}
+
+pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Policy>, SpecError> {
+    let spec: Spec = parse_spec(spec)?;
+    if spec.enforce_only && spec.count_only {
+        return Err(SpecError::new(
+            "countOnly",
+            "a Quota is enforceOnly or countOnly, not both",
+        ));
+    }
+    if (spec.enforce_only || spec.count_only) && spec.shared_name.is_none() {
+        return Err(SpecError::new(
+            "sharedName",
+            "enforceOnly and countOnly halves share a counter: give both the same sharedName",
+        ));
+    }
+    let allow = spec
+        .allow
+        .as_ref()
+        .map(|a| Setting::compile("allow", a, 0, MAX_ALLOW))
+        .transpose()?;
+    if allow.is_none() && !spec.use_product {
+        return Err(SpecError::new(
+            "allow",
+            "required (or set useProduct: true to take it from the API product)",
+        ));
+    }
+    let interval = match &spec.interval {
+        Some(i) => Setting::compile("interval", i, 1, MAX_INTERVAL)?,
+        None => Setting::Fixed(1),
+    };
+    let unit = match spec.time_unit.as_deref() {
+        None if spec.use_product => None,
+        None => {
+            return Err(SpecError::new(
+                "timeUnit",
+                format!("required: one of {UNITS}"),
+            ))
+        }
+        Some(u) => {
+            let tpl = Template::compile(u).map_err(|e| SpecError::new("timeUnit", e.to_string()))?;
+            if tpl.is_static() {
+                Some(UnitSetting::Fixed(Unit::parse(u).ok_or_else(|| {
+                    SpecError::new(
+                        "timeUnit",
+                        format!("`{u}` is not a time unit: one of {UNITS}"),
+                    )
+                })?))
+            } else {
+                Some(UnitSetting::Template(tpl))
+            }
+        }
+    };
+    let start_time = match (spec.quota_type, spec.start_time.as_deref()) {
+        (QuotaType::Calendar, Some(s)) => window::parse_start(s).ok_or_else(|| {
+            SpecError::new(
+                "startTime",
+                format!("`{s}` is not a time like 2026-01-01T00:00:00Z or 2026-01-01 00:00:00"),
+            )
+        })?,
+        (QuotaType::Calendar, None) => {
+            return Err(SpecError::new(
+                "startTime",
+                "required with quotaType: calendar",
+            ))
+        }
+        (_, Some(_)) => {
+            return Err(SpecError::new(
+                "startTime",
+                "only meaningful with quotaType: calendar",
+            ))
+        }
+        (_, None) => 0,
+    };
+    let weight = spec
+        .message_weight
+        .as_ref()
+        .map(|w| Setting::compile("messageWeight", w, 1, rl::MAX_WEIGHT))
+        .transpose()?;
+    let identifier = match (spec.identifier.as_deref(), spec.use_product) {
+        (None, true) => rl::identifier("identifier", Some("{client_id}"))?,
+        (id, _) => rl::identifier("identifier", id)?,
+    };
+    let mode = if spec.enforce_only {
+        Mode::EnforceOnly
+    } else if spec.count_only {
+        Mode::CountOnly
+    } else {
+        Mode::EnforceAndCount
+    };
+    Ok(Arc::new(Quota {
+        name: ctx.name.clone(),
+        namespace: spec.shared_name.unwrap_or_else(|| ctx.name.clone()),
+        allow,
+        interval,
+        unit,
+        quota_type: spec.quota_type,
+        start_time,
+        identifier,
+        weight,
+        product: spec
+            .use_product
+            .then(|| ProductVars::new(spec.verify_api_key.as_deref())),
+        mode,
+        fail_open: spec.fail_open,
+        headers: spec.rate_limit_headers,
+        counters: ctx.services.counters.clone(),
+        metrics: PolicyMetrics::new(&ctx.name),
+        vars: VarNames::new(&ctx.name),
+    }))
+}
+
+/// A decision about to be made.
+struct Prepared {
+    ask: Ask,
+    identifier: String,
+    /// Window length in ms, for the `RateLimit-Policy` header.
+    window_ms: i64,
+}
+
+fn config_fault(code: &str, message: String) -> Fault {
+    Fault::new(500, code, message)
+}
+
+impl Quota {
+    /// allow, interval, unit for this exchange: the product's when asked and present,
+    /// otherwise the spec's (literal or template).
+    fn settings(&self, ex: &Exchange) -> Result<(u64, u32, Unit), Fault> {
+        if let Some(p) = &self.product {
+            let limit = first(ex, &p.limit).and_then(|v| v.trim().parse::<u64>().ok());
+            let unit = first(ex, &p.unit).and_then(|v| Unit::parse(&v));
+            let interval = first(ex, &p.interval)
+                .and_then(|v| v.trim().parse::<u32>().ok())
+                .filter(|i| *i >= 1);
+            if let (Some(l), Some(u)) = (limit, unit) {
+                return Ok((l, interval.unwrap_or(1), u));
+            }
+        }
+        let Some(allow) = &self.allow else {
+            return Err(config_fault(
+                "policies.ratelimit.FailedToResolveQuotaIntervalReference",
+                "the API product sets no quota and the policy no allow count".into(),
+            ));
+        };
+        let allow = allow.resolve(ex, 0, MAX_ALLOW).map_err(|t| {
+            config_fault(
+                "policies.ratelimit.InvalidAllowCount",
+                format!("allow count `{}` is not a non-negative integer", rl::shown(&t)),
+            )
+        })?;
+        let interval = self
+            .interval
+            .resolve(ex, 1, MAX_INTERVAL)
+            .map_err(|t| {
+                config_fault(
+                    "policies.ratelimit.InvalidQuotaInterval",
+                    format!("interval `{}` is not an integer ≥ 1", rl::shown(&t)),
+                )
+            })?;
+        let unit = match &self.unit {
+            Some(UnitSetting::Fixed(u)) => *u,
+            Some(UnitSetting::Template(t)) => {
+                let text = t.render(ex);
+                Unit::parse(&text).ok_or_else(|| {
+                    config_fault(
+                        "policies.ratelimit.InvalidQuotaTimeUnit",
+                        format!("`{}` is not a time unit: one of {UNITS}", rl::shown(&text)),
+                    )
+                })?
+            }
+            None => {
+                return Err(config_fault(
+                    "policies.ratelimit.InvalidQuotaTimeUnit",
+                    "the API product sets no quota and the policy no timeUnit".into(),
+                ))
+            }
+        };
+        Ok((allow, u32::try_from(interval).unwrap_or(1), unit))
+    }
+
+    fn prepare(&self, ex: &Exchange) -> Result<Prepared, Fault> {
+        let weight = rl::weight(self.weight.as_ref(), ex)?;
+        let (allow, interval, unit) = self.settings(ex)?;
+        let identifier = self
+            .identifier
+            .as_ref()
+            .map(|t| t.render(ex))
+            .unwrap_or_default();
+        let product = self
+            .product
+            .as_ref()
+            .and_then(|p| first(ex, &p.name))
+            .unwrap_or_default();
+        let now = self.counters.now();
+        let (window, window_ms) = match self.quota_type {
+            QuotaType::Default => {
+                let (start, end) = window::aligned(now, interval, unit);
+                (Window::Fixed { start, end }, end - start)
+            }
+            QuotaType::Calendar => {
+                let (start, end) = window::calendar(now, self.start_time, interval, unit);
+                (Window::Fixed { start, end }, end - start)
+            }
+            QuotaType::Flexi => {
+                let len = window::span_from(now, interval, unit);
+                (Window::Flexi { len }, len)
+            }
+            QuotaType::Rollingwindow => {
+                let len = window::span_from(now, interval, unit);
+                (Window::Rolling { len }, len)
+            }
+        };
+        let key = Key::new(&[
+            b"quota",
+            self.namespace.as_bytes(),
+            product.as_bytes(),
+            identifier.as_bytes(),
+            &interval.to_le_bytes(),
+            unit.as_str().as_bytes(),
+            match self.quota_type {
+                QuotaType::Default => b"d",
+                QuotaType::Calendar => b"c",
+                QuotaType::Flexi => b"f",
+                QuotaType::Rollingwindow => b"r",
+            },
+        ]);
+        Ok(Prepared {
+            ask: Ask {
+                key,
+                window,
+                allow,
+                weight,
+                mode: self.mode,
+                now,
+                fail_open: self.fail_open,
+            },
+            identifier,
+            window_ms,
+        })
+    }
+
+    fn finish(
+        &self,
+        ex: &mut Exchange,
+        p: Prepared,
+        result: Result<Decision, CounterError>,
+    ) -> Result<(), Fault> {
+        let d = match result {
+            Ok(d) => d,
+            Err(e) => {
+                self.metrics.fail_closed.inc();
+                self.metrics.error.inc();
+                ex.set_var(self.vars.names[10].clone(), true);
+                return Err(Fault::new(
+                    503,
+                    "policies.ratelimit.StoreUnavailable",
+                    format!("Quota counters are unavailable: {e}"),
+                )
+                .with_header("retry-after", "1"));
+            }
+        };
+        if d.degraded {
+            self.metrics.fail_open.inc();
+            ex.set_var(self.vars.names[10].clone(), true);
+        }
+        let ask = &p.ask;
+        let now = ask.now;
+        let available = ask.allow.saturating_sub(d.used);
+        let exceed = if d.allowed {
+            0
+        } else {
+            d.used.saturating_add(ask.weight).saturating_sub(ask.allow)
+        };
+        let n = &self.vars.names;
+        let int = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        ex.set_var(n[0].clone(), int(ask.allow));
+        ex.set_var(n[1].clone(), int(d.used));
+        ex.set_var(n[2].clone(), int(available));
+        ex.set_var(n[3].clone(), int(exceed));
+        ex.set_var(n[4].clone(), d.expiry);
+        ex.set_var(n[5].clone(), rl::shown(&p.identifier));
+        ex.set_var(n[6].clone(), int(ask.allow));
+        ex.set_var(n[7].clone(), int(d.used));
+        ex.set_var(n[8].clone(), int(available));
+        ex.set_var(n[9].clone(), d.expiry);
+        let reset = rl::seconds_until(d.expiry, now);
+        let headers = self.limit_headers(ask.allow, available, reset, p.window_ms);
+        if d.allowed {
+            self.metrics.allowed.inc();
+            if self.mode != Mode::CountOnly {
+                for (h, v) in headers {
+                    ex.set_header(Direction::Response, h, v);
+                }
+            }
+            return Ok(());
+        }
+        self.metrics.rejected.inc();
+        let mut fault = Fault::new(
+            429,
+            "policies.ratelimit.QuotaViolation",
+            format!(
+                "Rate limit quota violation. Quota limit  exceeded. Identifier : {}",
+                rl::shown(&p.identifier)
+            ),
+        )
+        .with_header("retry-after", reset.to_string());
+        for (h, v) in headers {
+            fault = fault.with_header(h, v);
+        }
+        Err(fault)
+    }
+
+    fn limit_headers(
+        &self,
+        allow: u64,
+        available: u64,
+        reset: i64,
+        window_ms: i64,
+    ) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        if matches!(self.headers, HeaderStyle::Ietf | HeaderStyle::Both) {
+            // draft-ietf-httpapi-ratelimit-headers: structured-field lists keyed by policy.
+            let w = (window_ms / 1000).max(1);
+            out.push((
+                "ratelimit-policy",
+                format!("\"{}\";q={allow};w={w}", self.name),
+            ));
+            out.push((
+                "ratelimit",
+                format!("\"{}\";r={available};t={reset}", self.name),
+            ));
+        }
+        if matches!(self.headers, HeaderStyle::XRatelimit | HeaderStyle::Both) {
+            out.push(("x-ratelimit-limit", allow.to_string()));
+            out.push(("x-ratelimit-remaining", available.to_string()));
+            out.push(("x-ratelimit-reset", reset.to_string()));
+        }
+        out
+    }
+}
+
+impl Policy for Quota {
+    fn type_name(&self) -> &'static str {
+        TYPE
+    }
+
+    fn run<'a>(&'a self, ex: &'a mut Exchange, _dir: Direction) -> Outcome<'a> {
+        let p = match self.prepare(ex) {
+            Ok(p) => p,
+            Err(f) => {
+                self.metrics.error.inc();
+                return Outcome::Ready(Err(f));
+            }
+        };
+        match self.counters.decide(p.ask.clone()) {
+            Pending::Ready(r) => Outcome::Ready(self.finish(ex, p, r)),
+            Pending::Wait(fut) => Outcome::Pending(Box::pin(async move {
+                let r = fut.await;
+                self.finish(ex, p, r)
+            })),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ratelimit::FakeClock;
+    use crate::services::Services;
+
+    fn ms(s: &str) -> i64 {
+        window::parse_start(s).unwrap()
+    }
+
+    struct Bed {
+        services: Services,
+        clock: Arc<FakeClock>,
+    }
+
+    impl Bed {
+        fn new(at: &str) -> Self {
+            let clock = FakeClock::new(ms(at));
+            Self {
+                services: Services {
+                    counters: Counters::memory(clock.clone(), 10_000),
+                    ..Default::default()
+                },
+                clock,
+            }
+        }
+
+        fn policy(&self, name: &str, yaml: &str) -> Arc<dyn Policy> {
+            let ctx = BuildContext {
+                name: name.into(),
+                config_dir: None,
+                services: self.services.clone(),
+            };
+            build(&ctx, serde_norway::from_str(yaml).unwrap()).unwrap()
+        }
+    }
+
+    fn run(p: &Arc<dyn Policy>, ex: &mut Exchange) -> Result<(), Fault> {
+        match p.run(ex, Direction::Request) {
+            Outcome::Ready(r) => r,
+            Outcome::Pending(_) => panic!("memory counters decide at once"),
+        }
+    }
+
+    fn admitted(p: &Arc<dyn Policy>, n: usize) -> usize {
+        (0..n)
+            .filter(|_| run(p, &mut Exchange::default()).is_ok())
+            .count()
+    }
+
+    #[test]
+    fn default_type_resets_at_the_top_of_each_unit() {
+        for (unit, last_ms, next) in [
+            ("second", "2024-02-29T23:59:59.999Z", "2024-03-01T00:00:00Z"),
+            ("minute", "2024-02-29T23:59:59.999Z", "2024-03-01T00:00:00Z"),
+            ("hour", "2024-02-29T23:59:59.999Z", "2024-03-01T00:00:00Z"),
+            ("day", "2024-02-29T23:59:59.999Z", "2024-03-01T00:00:00Z"),
+            // 2024-03-09 is a Saturday: weeks turn on Sunday 00:00 UTC.
+            ("week", "2024-03-09T23:59:59.999Z", "2024-03-10T00:00:00Z"),
+            // Leap February ends on the 29th; 2023's on the 28th.
+            ("month", "2024-02-29T23:59:59.999Z", "2024-03-01T00:00:00Z"),
+            ("month", "2023-02-28T23:59:59.999Z", "2023-03-01T00:00:00Z"),
+        ] {
+            let bed = Bed::new(last_ms);
+            let p = bed.policy("q", &format!("{{allow: 2, timeUnit: {unit}}}"));
+            assert_eq!(admitted(&p, 3), 2, "{unit} at {last_ms}");
+            bed.clock.set(ms(next));
+            assert_eq!(admitted(&p, 3), 2, "{unit} at {next}");
+        }
+    }
+
+    #[test]
+    fn week_window_does_not_turn_on_monday() {
+        let bed = Bed::new("2024-03-10T00:00:00Z"); // Sunday
+        let p = bed.policy("q", "{allow: 1, timeUnit: week}");
+        assert_eq!(admitted(&p, 2), 1);
+        bed.clock.set(ms("2024-03-11T00:00:00Z")); // Monday: same week
+        assert_eq!(admitted(&p, 1), 0);
+        bed.clock.set(ms("2024-03-16T23:59:59.999Z"));
+        assert_eq!(admitted(&p, 1), 0);
+        bed.clock.set(ms("2024-03-17T00:00:00Z"));
+        assert_eq!(admitted(&p, 1), 1);
+    }
+
+    #[test]
+    fn calendar_type_from_its_start_time() {
+        let bed = Bed::new("2024-01-31T10:00:00Z");
+        let p = bed.policy(
+            "q",
+            "{allow: 1, timeUnit: month, quotaType: calendar, startTime: '2024-01-31T08:30:00Z'}",
+        );
+        assert_eq!(admitted(&p, 2), 1);
+        // Next window: Feb 29 08:30 (clamped; leap year).
+        bed.clock.set(ms("2024-02-29T08:29:59.999Z"));
+        assert_eq!(admitted(&p, 1), 0);
+        bed.clock.set(ms("2024-02-29T08:30:00Z"));
+        assert_eq!(admitted(&p, 2), 1);
+        bed.clock.set(ms("2024-03-31T08:30:00Z"));
+        assert_eq!(admitted(&p, 1), 1);
+    }
+
+    #[test]
+    fn flexi_type_starts_at_each_identifiers_first_request() {
+        let bed = Bed::new("2024-01-01T00:00:30Z");
+        let p = bed.policy(
+            "q",
+            "{allow: 1, timeUnit: minute, quotaType: flexi, identifier: '{request.header.x-id}'}",
+        );
+        let mut a = Exchange::default();
+        a.request.headers.push("x-id".into(), "a".into());
+        let mut b = Exchange::default();
+        b.request.headers.push("x-id".into(), "b".into());
+        run(&p, &mut a).unwrap();
+        assert_eq!(
+            a.lookup("ratelimit.q.expiry.time").as_deref(),
+            Some(ms("2024-01-01T00:01:30Z").to_string().as_str())
+        );
+        bed.clock.set(ms("2024-01-01T00:01:00Z"));
+        run(&p, &mut b).unwrap();
+        assert!(run(&p, &mut a).is_err(), "a's minute runs to 00:01:30");
+        bed.clock.set(ms("2024-01-01T00:01:30Z"));
+        run(&p, &mut a).unwrap();
+        assert!(run(&p, &mut b).is_err(), "b's minute runs to 00:02:00");
+        bed.clock.set(ms("2024-01-01T00:02:00Z"));
+        run(&p, &mut b).unwrap();
+    }
+
+    #[test]
+    fn rolling_window_looks_back() {
+        let bed = Bed::new("2024-01-01T00:00:00Z");
+        let p = bed.policy("q", "{allow: 2, timeUnit: hour, quotaType: rollingwindow}");
+        assert_eq!(admitted(&p, 1), 1);
+        bed.clock.advance(30 * 60_000);
+        assert_eq!(admitted(&p, 2), 1);
+        // At the top of the hour the first request has not left yet (no fixed reset).
+        bed.clock.set(ms("2024-01-01T00:59:59Z"));
+        assert_eq!(admitted(&p, 1), 0);
+        bed.clock.set(ms("2024-01-01T01:00:00Z"));
+        assert_eq!(admitted(&p, 2), 1);
+    }
+
+    #[test]
+    fn variables_headers_and_the_violation() {
+        let bed = Bed::new("2024-01-01T00:00:10Z");
+        let p = bed.policy(
+            "q",
+            "{allow: 2, timeUnit: minute, identifier: '{request.header.x-id}', rateLimitHeaders: both}",
+        );
+        let mut ex = Exchange::default();
+        ex.request.headers.push("x-id".into(), "alice".into());
+        run(&p, &mut ex).unwrap();
+        let v = |ex: &Exchange, n: &str| ex.lookup(n).map(|c| c.into_owned());
+        assert_eq!(v(&ex, "ratelimit.q.allowed.count").as_deref(), Some("2"));
+        assert_eq!(v(&ex, "ratelimit.q.used.count").as_deref(), Some("1"));
+        assert_eq!(v(&ex, "ratelimit.q.available").as_deref(), Some("1"));
+        assert_eq!(v(&ex, "ratelimit.q.identifier").as_deref(), Some("alice"));
+        assert_eq!(v(&ex, "ratelimit.q.exceed.count").as_deref(), Some("0"));
+        let m = ex.take_mutations(Direction::Response);
+        let h = |n: &str| {
+            m.set
+                .iter()
+                .find(|(k, _, _)| k == n)
+                .map(|(_, v, _)| v.clone())
+        };
+        assert_eq!(h("x-ratelimit-limit").as_deref(), Some("2"));
+        assert_eq!(h("x-ratelimit-remaining").as_deref(), Some("1"));
+        assert_eq!(h("x-ratelimit-reset").as_deref(), Some("50"));
+        assert_eq!(h("ratelimit-policy").as_deref(), Some("\"q\";q=2;w=60"));
+        assert_eq!(h("ratelimit").as_deref(), Some("\"q\";r=1;t=50"));
+        run(&p, &mut ex).unwrap();
+        let f = run(&p, &mut ex).unwrap_err();
+        assert_eq!(f.status, 429);
+        assert_eq!(f.code, "policies.ratelimit.QuotaViolation");
+        assert!(f.message.ends_with("Identifier : alice"), "{}", f.message);
+        assert!(f.headers.contains(&("retry-after".into(), "50".into())));
+        assert_eq!(v(&ex, "ratelimit.q.exceed.count").as_deref(), Some("1"));
+    }
+
+    #[test]
+    fn enforce_only_and_count_only_share_one_counter() {
+        let bed = Bed::new("2024-01-01T00:00:00Z");
+        let enforce = bed.policy(
+            "enforce",
+            "{allow: 100, timeUnit: hour, sharedName: tokens, enforceOnly: true}",
+        );
+        let count = bed.policy(
+            "count",
+            "{allow: 100, timeUnit: hour, sharedName: tokens, countOnly: true, messageWeight: '{tokens}'}",
+        );
+        let mut ex = Exchange::default();
+        run(&enforce, &mut ex).unwrap();
+        ex.set_var("tokens", "60");
+        run(&count, &mut ex).unwrap();
+        run(&enforce, &mut ex).unwrap();
+        run(&count, &mut ex).unwrap(); // 120: counted although over the limit
+        let f = run(&enforce, &mut ex).unwrap_err();
+        assert_eq!(f.code, "policies.ratelimit.QuotaViolation");
+        assert_eq!(ex.lookup("ratelimit.enforce.used").as_deref(), Some("120"));
+    }
+
+    #[test]
+    fn product_quota_and_templates() {
+        let bed = Bed::new("2024-01-01T00:00:00Z");
+        let p = bed.policy("q", "{useProduct: true, verifyApiKey: vk}");
+        let mut ex = Exchange::default();
+        ex.set_var("client_id", "k1");
+        // The product's settings, under either name.
+        ex.set_var("verifyapikey.vk.apiproduct.quota.limit", 2i64);
+        ex.set_var("verifyapikey.vk.apiproduct.quota.interval", 1i64);
+        ex.set_var("verifyapikey.vk.apiproduct.quota.timeunit", "minute");
+        ex.set_var("verifyapikey.vk.apiproduct.name", "chat");
+        run(&p, &mut ex).unwrap();
+        run(&p, &mut ex).unwrap();
+        assert!(run(&p, &mut ex).is_err());
+        // Another app (client_id) has its own count.
+        ex.set_var("client_id", "k2");
+        run(&p, &mut ex).unwrap();
+        // Apigee's developer.quota names win.
+        ex.set_var("verifyapikey.vk.apiproduct.developer.quota.limit", 5i64);
+        ex.set_var("verifyapikey.vk.apiproduct.developer.quota.timeunit", "hour");
+        run(&p, &mut ex).unwrap();
+        assert_eq!(ex.lookup("ratelimit.q.allowed").as_deref(), Some("5"));
+        // No product quota and no fallback: a clear fault.
+        let mut bare = Exchange::default();
+        let f = run(&p, &mut bare).unwrap_err();
+        assert_eq!(f.status, 500);
+
+        let t = bed.policy(
+            "t",
+            "{allow: '{request.header.x-limit}', interval: '{request.header.x-iv}', timeUnit: '{request.header.x-unit}'}",
+        );
+        let mut ex = Exchange::default();
+        ex.request.headers.push("x-limit".into(), "1".into());
+        ex.request.headers.push("x-iv".into(), "2".into());
+        ex.request.headers.push("x-unit".into(), "hour".into());
+        run(&t, &mut ex).unwrap();
+        assert!(run(&t, &mut ex).is_err());
+        for (h, bad, code) in [
+            ("x-limit", "lots", "policies.ratelimit.InvalidAllowCount"),
+            ("x-iv", "0", "policies.ratelimit.InvalidQuotaInterval"),
+            ("x-unit", "fortnight", "policies.ratelimit.InvalidQuotaTimeUnit"),
+        ] {
+            let mut e = Exchange::default();
+            for (k, v) in [("x-limit", "1"), ("x-iv", "1"), ("x-unit", "day")] {
+                e.request
+                    .headers
+                    .push(k.into(), if k == h { bad } else { v }.into());
+            }
+            assert_eq!(run(&t, &mut e).unwrap_err().code, code, "{h}={bad}");
+        }
+    }
+
+    #[test]
+    fn bad_weights_and_identifiers() {
+        let bed = Bed::new("2024-01-01T00:00:00Z");
+        let p = bed.policy(
+            "q",
+            "{allow: 10, timeUnit: minute, messageWeight: '{request.header.x-w}', identifier: '{request.header.x-id}'}",
+        );
+        for bad in ["0", "-2", "ten", "1e3"] {
+            let mut e = Exchange::default();
+            e.request.headers.push("x-w".into(), bad.into());
+            assert_eq!(
+                run(&p, &mut e).unwrap_err().code,
+                "policies.ratelimit.InvalidMessageWeight"
+            );
+        }
+        let mut e = Exchange::default();
+        e.request.headers.push("x-w".into(), "3".into());
+        e.request.headers.push("x-id".into(), "x".repeat(100_000));
+        run(&p, &mut e).unwrap();
+        assert_eq!(e.lookup("ratelimit.q.used").as_deref(), Some("3"));
+        assert!(e.lookup("ratelimit.q.identifier").unwrap().len() < 300);
+    }
+
+    #[test]
+    fn bad_specs_name_the_field() {
+        let bed = Bed::new("2024-01-01T00:00:00Z");
+        let ctx = BuildContext {
+            name: "q".into(),
+            config_dir: None,
+            services: bed.services.clone(),
+        };
+        let field = |y: &str| build(&ctx, serde_norway::from_str(y).unwrap()).unwrap_err().field;
+        assert_eq!(field("{allow: 1, timeUnit: fortnight}"), "timeUnit");
+        assert_eq!(field("{allow: 1}"), "timeUnit");
+        assert_eq!(field("{timeUnit: day}"), "allow");
+        assert_eq!(field("{allow: -1, timeUnit: day}"), "allow");
+        assert_eq!(field("{allow: 1, interval: 0, timeUnit: day}"), "interval");
+        assert_eq!(field("{allow: 1, timeUnit: day, quotaType: weekly}"), "quotaType");
+        assert_eq!(field("{allow: 1, timeUnit: day, quotaType: calendar}"), "startTime");
+        assert_eq!(
+            field("{allow: 1, timeUnit: day, quotaType: calendar, startTime: soon}"),
+            "startTime"
+        );
+        assert_eq!(field("{allow: 1, timeUnit: day, countOnly: true}"), "sharedName");
+        assert_eq!(
+            field("{allow: 1, timeUnit: day, sharedName: s, countOnly: true, enforceOnly: true}"),
+            "countOnly"
+        );
+        assert_eq!(field("{allow: 1, timeUnit: day, messageWeight: 0}"), "messageWeight");
+        assert_eq!(field("{allow: 1, timeUnit: day, rateLimitHeaders: all}"), "rateLimitHeaders");
+    }
+}

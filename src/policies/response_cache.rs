@@ -1,0 +1,835 @@
+//! `ResponseCache`: answers repeated requests from memory. Put the same policy in a flow's
+//! request steps (lookup) and response steps (populate), as in Apigee.
+//!
+//! ```yaml
+//! spec:
+//!   type: ResponseCache
+//!   keyPrefix: chat
+//!   keyFragments: ["{request.uri}", "{request.header.x-tenant}"]   # templates
+//!   scope: global              # global | app (client_id) | flow
+//!   ttlSeconds: 300
+//!   methods: [GET, HEAD]       # add POST to cache on a digest of the body (deterministic LLM calls)
+//!   skipLookup: "request.headers['cache-control'] == 'no-cache'"   # CEL; entry refreshed
+//!   skipPopulate: "response.headers['x-partial'] == 'yes'"
+//!   excludeErrorResponses: true        # only 2xx are stored
+//!   respectCacheControl: true          # upstream no-store / private are not stored
+//!   maxEntryBytes: 1048576             # larger responses pass on, not stored
+//!   maxCacheBytes: 67108864            # the whole cache, by stored bytes
+//!   statusHeader: cache-status         # RFC 9211 style: `tollgate; hit` / `tollgate; fwd=miss`
+//!   coalesceWaitMs: 0                  # > 0: concurrent misses on a key wait for the first
+//!   shared: {redis: "redis://127.0.0.1:6379/0", timeoutMs: 50}   # optional second tier
+//! ```
+//!
+//! The key is a SHA-256 over the prefix, scope, fragments (length-prefixed), method and, for
+//! methods with a body, a digest of the body: hostile input never reaches the cache's key
+//! space as is. A hit ends the exchange at once with an `ImmediateResponse`: the stored
+//! status, headers and body, plus `age` and the status header. The response side never
+//! holds the body: it asks the stream for a copy as the body passes (server-sent events keep
+//! streaming) and stores it when the body ends; a hit replays the stored events at once.
+//! Entries live in a byte-bounded `moka` cache kept across configuration reloads. With
+//! `shared`, a local miss also asks Redis (bounded by `timeoutMs`; an unreachable Redis is
+//! a miss, never an error) and every stored entry is also written there (in the background,
+//! with the same TTL), so replicas share what any of them fetched.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use super::{parse_spec, BuildContext, SpecError};
+use crate::expr::{Condition, Template};
+use crate::fault::Fault;
+use crate::pipeline::{Direction, Outcome, Policy};
+use crate::vars::Exchange;
+
+pub const TYPE: &str = "ResponseCache";
+pub const HIT: &str = "responsecache.Hit";
+
+fn default_ttl() -> u64 {
+    300
+}
+fn default_methods() -> Vec<String> {
+    vec!["GET".into(), "HEAD".into()]
+}
+fn yes() -> bool {
+    true
+}
+fn default_entry() -> usize {
+    1024 * 1024
+}
+fn default_total() -> u64 {
+    64 * 1024 * 1024
+}
+fn default_status_header() -> String {
+    "cache-status".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Spec {
+    #[serde(default)]
+    key_prefix: String,
+    #[serde(default)]
+    key_fragments: Vec<String>,
+    #[serde(default)]
+    scope: Scope,
+    #[serde(default = "default_ttl")]
+    ttl_seconds: u64,
+    #[serde(default = "default_methods")]
+    methods: Vec<String>,
+    #[serde(default)]
+    skip_lookup: Option<String>,
+    #[serde(default)]
+    skip_populate: Option<String>,
+    #[serde(default = "yes")]
+    exclude_error_responses: bool,
+    #[serde(default = "yes")]
+    respect_cache_control: bool,
+    #[serde(default = "default_entry")]
+    max_entry_bytes: usize,
+    #[serde(default = "default_total")]
+    max_cache_bytes: u64,
+    #[serde(default = "default_status_header")]
+    status_header: String,
+    #[serde(default)]
+    coalesce_wait_ms: u64,
+    #[serde(default)]
+    shared: Option<SharedSpec>,
+}
+
+fn default_shared_timeout() -> u64 {
+    50
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct SharedSpec {
+    /// `redis://host:port[/db]`.
+    redis: String,
+    #[serde(default = "default_shared_timeout")]
+    timeout_ms: u64,
+}
+
+/// The Redis tier: connected on first use (a lookup or store never waits longer than
+/// `timeout` for it), keys `tollgate:cache:<policy>:<hex key>`.
+struct SharedCache {
+    client: redis::Client,
+    conn: tokio::sync::OnceCell<redis::aio::ConnectionManager>,
+    prefix: String,
+    timeout: Duration,
+    ttl: Duration,
+}
+
+impl std::fmt::Debug for SharedCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedCache").field("prefix", &self.prefix).finish_non_exhaustive()
+    }
+}
+
+/// An entry as stored in Redis.
+#[derive(serde::Serialize, Deserialize)]
+struct Wire {
+    status: u16,
+    headers: Vec<(String, String)>,
+    content_type: String,
+    /// Base64 (standard) of the body.
+    body: String,
+    /// When it was stored, Unix ms (for `age`).
+    stored_ms: u64,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+impl SharedCache {
+    async fn conn(&self) -> Option<redis::aio::ConnectionManager> {
+        let connect = self.conn.get_or_try_init(|| async {
+            let config = redis::aio::ConnectionManagerConfig::new()
+                .set_connection_timeout(self.timeout)
+                .set_response_timeout(self.timeout)
+                .set_number_of_retries(0);
+            redis::aio::ConnectionManager::new_with_config(self.client.clone(), config).await
+        });
+        match tokio::time::timeout(self.timeout, connect).await {
+            Ok(Ok(c)) => Some(c.clone()),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "shared response cache unreachable");
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
+    fn key(&self, key: &Key) -> String {
+        format!("{}{}", self.prefix, hex(key))
+    }
+
+    async fn get(&self, key: &Key) -> Option<Entry> {
+        use base64::Engine as _;
+        let mut conn = self.conn().await?;
+        let cmd = redis::cmd("GET").arg(self.key(key)).clone();
+        let raw: Option<Vec<u8>> =
+            match tokio::time::timeout(self.timeout, cmd.query_async(&mut conn)).await {
+                Ok(Ok(v)) => v,
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "shared response cache read failed");
+                    None
+                }
+                Err(_) => None,
+            };
+        let w: Wire = serde_json::from_slice(&raw?).ok()?;
+        let body = base64::engine::general_purpose::STANDARD.decode(w.body).ok()?;
+        let age = Duration::from_millis(now_ms().saturating_sub(w.stored_ms));
+        Some(Entry {
+            status: w.status,
+            headers: w.headers,
+            content_type: w.content_type,
+            body,
+            stored: Instant::now().checked_sub(age).unwrap_or_else(Instant::now),
+        })
+    }
+
+    fn put(self: &Arc<Self>, key: Key, e: &Entry) {
+        use base64::Engine as _;
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let w = Wire {
+            status: e.status,
+            headers: e.headers.clone(),
+            content_type: e.content_type.clone(),
+            body: base64::engine::general_purpose::STANDARD.encode(&e.body),
+            stored_ms: now_ms(),
+        };
+        let Ok(bytes) = serde_json::to_vec(&w) else {
+            return;
+        };
+        let this = self.clone();
+        handle.spawn(async move {
+            let Some(mut conn) = this.conn().await else {
+                return;
+            };
+            let ttl_ms = u64::try_from(this.ttl.as_millis()).unwrap_or(u64::MAX);
+            let cmd = redis::cmd("SET")
+                .arg(this.key(&key))
+                .arg(bytes)
+                .arg("PX")
+                .arg(ttl_ms)
+                .clone();
+            let r: Result<Result<(), _>, _> =
+                tokio::time::timeout(this.timeout * 4, cmd.query_async(&mut conn)).await;
+            if !matches!(r, Ok(Ok(()))) {
+                tracing::debug!("shared response cache write failed or timed out");
+            }
+        });
+    }
+}
+
+#[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+enum Scope {
+    #[default]
+    Global,
+    /// Per calling app (`client_id`, set by VerifyApiKey); no app, no caching.
+    App,
+    Flow,
+}
+
+/// A stored response.
+#[derive(Debug)]
+pub struct Entry {
+    status: u16,
+    headers: Vec<(String, String)>,
+    content_type: String,
+    body: Vec<u8>,
+    stored: Instant,
+}
+
+type Key = [u8; 32];
+type Store = moka::sync::Cache<Key, Arc<Entry>>;
+
+/// Every policy's cache, by policy name and settings, shared across reloads so a reload
+/// does not empty them.
+#[derive(Debug, Default)]
+pub struct Caches {
+    by_policy: Mutex<HashMap<String, Store>>,
+}
+
+impl Caches {
+    fn get(&self, id: String, ttl: Duration, max_bytes: u64) -> Store {
+        let mut map = match self.by_policy.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        map.entry(id)
+            .or_insert_with(|| {
+                moka::sync::Cache::builder()
+                    .max_capacity(max_bytes)
+                    .weigher(|k: &Key, e: &Arc<Entry>| {
+                        let bytes = k.len()
+                            + e.body.len()
+                            + e.content_type.len()
+                            + e.headers.iter().map(|(n, v)| n.len() + v.len()).sum::<usize>();
+                        u32::try_from(bytes).unwrap_or(u32::MAX)
+                    })
+                    .time_to_live(ttl)
+                    .build()
+            })
+            .clone()
+    }
+}
+
+#[derive(Debug)]
+struct ResponseCache {
+    name: String,
+    prefix: String,
+    fragments: Vec<Template>,
+    scope: Scope,
+    methods: Vec<String>,
+    body_methods: bool,
+    skip_lookup: Option<Condition>,
+    skip_populate: Option<Condition>,
+    exclude_errors: bool,
+    respect_cache_control: bool,
+    max_entry: usize,
+    status_header: String,
+    store: Store,
+    /// Keys with a request upstream, for coalescing concurrent misses.
+    inflight: Option<moka::sync::Cache<Key, Arc<tokio::sync::Notify>>>,
+    coalesce_wait: Duration,
+    shared: Option<Arc<SharedCache>>,
+    key_var: String,
+    populate_var: String,
+}
+
+pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Policy>, SpecError> {
+    let spec: Spec = parse_spec(spec)?;
+    if spec.ttl_seconds == 0 {
+        return Err(SpecError::new("ttlSeconds", "must be greater than 0"));
+    }
+    if spec.max_entry_bytes == 0 || spec.max_entry_bytes as u64 > spec.max_cache_bytes {
+        return Err(SpecError::new(
+            "maxEntryBytes",
+            "must be greater than 0 and at most maxCacheBytes",
+        ));
+    }
+    let status_header = super::check_header_name(&spec.status_header)
+        .map_err(|m| SpecError::new("statusHeader", m))?;
+    let fragments = spec
+        .key_fragments
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            Template::compile(f).map_err(|e| SpecError::new(format!("keyFragments[{i}]"), e.to_string()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let cond = |field: &str, c: &Option<String>| {
+        c.as_deref()
+            .map(|c| Condition::compile(c).map_err(|e| SpecError::new(field, e.to_string())))
+            .transpose()
+    };
+    let methods: Vec<String> = spec.methods.iter().map(|m| m.to_ascii_uppercase()).collect();
+    if methods.is_empty() {
+        return Err(SpecError::new("methods", "give at least one method"));
+    }
+    let body_methods = methods
+        .iter()
+        .any(|m| matches!(m.as_str(), "POST" | "PUT" | "PATCH" | "QUERY"));
+    let ttl = Duration::from_secs(spec.ttl_seconds);
+    let id = format!(
+        "{}|{}|{}",
+        ctx.name, spec.ttl_seconds, spec.max_cache_bytes
+    );
+    let store = ctx.services.caches.get(id, ttl, spec.max_cache_bytes);
+    let coalesce_wait = Duration::from_millis(spec.coalesce_wait_ms);
+    let inflight = (spec.coalesce_wait_ms > 0).then(|| {
+        moka::sync::Cache::builder()
+            .max_capacity(100_000)
+            .time_to_live(coalesce_wait)
+            .build()
+    });
+    let shared = spec
+        .shared
+        .as_ref()
+        .map(|sh| {
+            let client = redis::Client::open(sh.redis.as_str())
+                .map_err(|e| SpecError::new("shared.redis", e.to_string()))?;
+            if sh.timeout_ms == 0 {
+                return Err(SpecError::new("shared.timeoutMs", "must be greater than 0"));
+            }
+            Ok(Arc::new(SharedCache {
+                client,
+                conn: tokio::sync::OnceCell::new(),
+                prefix: format!("tollgate:cache:{}:", ctx.name),
+                timeout: Duration::from_millis(sh.timeout_ms),
+                ttl,
+            }))
+        })
+        .transpose()?;
+    Ok(Arc::new(ResponseCache {
+        shared,
+        name: ctx.name.clone(),
+        prefix: spec.key_prefix,
+        fragments,
+        scope: spec.scope,
+        methods,
+        body_methods,
+        skip_lookup: cond("skipLookup", &spec.skip_lookup)?,
+        skip_populate: cond("skipPopulate", &spec.skip_populate)?,
+        exclude_errors: spec.exclude_error_responses,
+        respect_cache_control: spec.respect_cache_control,
+        max_entry: spec.max_entry_bytes,
+        status_header,
+        store,
+        inflight,
+        coalesce_wait,
+        key_var: format!("responsecache.{}.key", ctx.name),
+        populate_var: format!("responsecache.{}.populate", ctx.name),
+    }))
+}
+
+fn hex(b: &[u8]) -> String {
+    const H: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(b.len() * 2);
+    for x in b {
+        s.push(H[(x >> 4) as usize] as char);
+        s.push(H[(x & 15) as usize] as char);
+    }
+    s
+}
+
+fn unhex(s: &str) -> Option<Key> {
+    let mut k = [0u8; 32];
+    if s.len() != 64 {
+        return None;
+    }
+    for (i, out) in k.iter_mut().enumerate() {
+        *out = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(k)
+}
+
+/// Headers never stored or replayed: per connection, per message, or per user.
+fn stored_header(name: &str) -> bool {
+    !(name.starts_with(':')
+        || name.starts_with("x-envoy-")
+        || matches!(
+            name,
+            "content-length"
+                | "transfer-encoding"
+                | "connection"
+                | "keep-alive"
+                | "set-cookie"
+                | "age"
+                | "content-type"
+        ))
+}
+
+fn cache_control_forbids(v: &str) -> bool {
+    v.split(',').any(|d| {
+        let d = d.trim().to_ascii_lowercase();
+        d == "no-store" || d == "private" || d.starts_with("private=")
+    })
+}
+
+impl ResponseCache {
+    /// The key for this exchange, or `None` when it must not be cached (no app in app
+    /// scope, a method not cached).
+    fn key(&self, ex: &Exchange) -> Option<Key> {
+        let method = ex.request.method.as_str();
+        if !self.methods.iter().any(|m| m == method) {
+            return None;
+        }
+        let mut h = Sha256::new();
+        let mut part = |b: &[u8]| {
+            h.update((b.len() as u64).to_be_bytes());
+            h.update(b);
+        };
+        part(self.prefix.as_bytes());
+        match self.scope {
+            Scope::Global => part(b"global"),
+            Scope::Flow => part(ex.flow.as_bytes()),
+            Scope::App => {
+                let app = ex.lookup("client_id")?;
+                if app.is_empty() {
+                    return None;
+                }
+                part(app.as_bytes());
+            }
+        }
+        part(method.as_bytes());
+        if self.fragments.is_empty() {
+            part(ex.request.uri.as_bytes());
+        }
+        for f in &self.fragments {
+            part(f.render(ex).as_bytes());
+        }
+        if self.body_methods && matches!(method, "POST" | "PUT" | "PATCH" | "QUERY") {
+            let digest = Sha256::digest(ex.request_body.as_deref().unwrap_or_default());
+            part(&digest);
+        }
+        Some(h.finalize().into())
+    }
+
+    fn hit(&self, e: &Entry) -> Fault {
+        let mut headers = e.headers.clone();
+        headers.push(("age".into(), e.stored.elapsed().as_secs().to_string()));
+        headers.push((self.status_header.clone(), "tollgate; hit".into()));
+        Fault::answer(e.status, HIT, headers, e.content_type.clone(), e.body.clone())
+    }
+
+    fn release(&self, key: &Key) {
+        if let Some(inflight) = &self.inflight {
+            if let Some(n) = inflight.remove(key) {
+                n.notify_waiters();
+            }
+        }
+    }
+
+    fn lookup<'a>(&'a self, ex: &'a mut Exchange) -> Outcome<'a> {
+        let Some(key) = self.key(ex) else {
+            return Outcome::Ready(Ok(()));
+        };
+        ex.set_var(self.key_var.clone(), hex(&key));
+        if self.skip_lookup.as_ref().is_some_and(|c| c.eval(ex)) {
+            return Outcome::Ready(Ok(()));
+        }
+        if let Some(e) = self.store.get(&key) {
+            return Outcome::Ready(Err(self.hit(&e)));
+        }
+        if self.shared.is_none() && self.inflight.is_none() {
+            return Outcome::Ready(Ok(()));
+        }
+        Outcome::Pending(Box::pin(async move {
+            if let Some(sh) = &self.shared {
+                if let Some(e) = sh.get(&key).await {
+                    let e = Arc::new(e);
+                    self.store.insert(key, e.clone());
+                    return Err(self.hit(&e));
+                }
+            }
+            let Some(inflight) = &self.inflight else {
+                return Ok(());
+            };
+            let mut leader = false;
+            let notify = inflight.get_with(key, || {
+                leader = true;
+                Arc::new(tokio::sync::Notify::new())
+            });
+            if leader {
+                return Ok(());
+            }
+            // Another request for this key is upstream: wait (bounded) for it to populate.
+            let _ = tokio::time::timeout(self.coalesce_wait, notify.notified()).await;
+            match self.store.get(&key) {
+                Some(e) => Err(self.hit(&e)),
+                None => Ok(()),
+            }
+        }))
+    }
+
+    /// Decides on response headers whether this response may be stored.
+    fn on_response(&self, ex: &mut Exchange) {
+        let Some(key) = ex.lookup(&self.key_var).and_then(|k| unhex(&k)) else {
+            return;
+        };
+        let Some(resp) = &ex.response else { return };
+        let status = resp.status;
+        let cacheable_status = if self.exclude_errors {
+            (200..300).contains(&status)
+        } else {
+            (200..500).contains(&status)
+        };
+        let forbidden = self.respect_cache_control
+            && resp
+                .headers
+                .get("cache-control")
+                .is_some_and(cache_control_forbids);
+        let too_big = resp
+            .headers
+            .get("content-length")
+            .and_then(|l| l.parse::<usize>().ok())
+            .is_some_and(|l| l > self.max_entry);
+        let skip = self.skip_populate.as_ref().is_some_and(|c| c.eval(ex));
+        if !cacheable_status || forbidden || too_big || skip {
+            self.release(&key);
+            return;
+        }
+        ex.set_header(
+            Direction::Response,
+            &self.status_header,
+            "tollgate; fwd=miss; stored".into(),
+        );
+        ex.set_var(self.populate_var.clone(), true);
+        match ex.response_body.take() {
+            // An earlier response step held the whole body: store it now.
+            Some(body) => {
+                self.store_entry(ex, key, &body);
+                ex.response_body = Some(body);
+            }
+            None => ex.response_capture = ex.response_capture.max(self.max_entry),
+        }
+    }
+
+    fn store_entry(&self, ex: &mut Exchange, key: Key, body: &[u8]) {
+        ex.vars.remove(&self.populate_var);
+        let Some(resp) = &ex.response else { return };
+        if body.len() > self.max_entry {
+            tracing::debug!(policy = %self.name, bytes = body.len(), "response larger than maxEntryBytes; not cached");
+            self.release(&key);
+            return;
+        }
+        let headers = resp
+            .headers
+            .iter()
+            .filter(|(n, _)| stored_header(n) && *n != self.status_header)
+            .map(|(n, v)| (n.to_owned(), v.to_owned()))
+            .collect();
+        let entry = Entry {
+            status: resp.status,
+            headers,
+            content_type: resp
+                .headers
+                .get("content-type")
+                .unwrap_or("application/octet-stream")
+                .to_owned(),
+            body: body.to_vec(),
+            stored: Instant::now(),
+        };
+        if let Some(sh) = &self.shared {
+            sh.put(key, &entry);
+        }
+        self.store.insert(key, Arc::new(entry));
+        self.release(&key);
+    }
+}
+
+impl Policy for ResponseCache {
+    fn type_name(&self) -> &'static str {
+        TYPE
+    }
+
+    fn needs_body(&self, dir: Direction) -> bool {
+        dir == Direction::Request && self.body_methods
+    }
+
+    fn run<'a>(&'a self, ex: &'a mut Exchange, dir: Direction) -> Outcome<'a> {
+        match dir {
+            Direction::Request => self.lookup(ex),
+            Direction::Response => {
+                self.on_response(ex);
+                Outcome::Ready(Ok(()))
+            }
+        }
+    }
+
+    fn observe(&self, ex: &mut Exchange, dir: Direction, body: &[u8]) {
+        if dir != Direction::Response || !ex.vars.contains_key(&self.populate_var) {
+            return;
+        }
+        if let Some(key) = ex.lookup(&self.key_var).and_then(|k| unhex(&k)) {
+            self.store_entry(ex, key, body);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vars::{Headers, RequestInfo, ResponseInfo};
+
+    fn policy(y: &str) -> Arc<dyn Policy> {
+        let ctx = BuildContext {
+            name: "rc".into(),
+            ..Default::default()
+        };
+        build(&ctx, serde_norway::from_str(y).unwrap()).unwrap()
+    }
+
+    fn request(method: &str, uri: &str, body: Option<&str>) -> Exchange {
+        let mut h = Headers::new();
+        h.push(":method".into(), method.into());
+        h.push(":path".into(), uri.into());
+        Exchange {
+            request: RequestInfo::from_headers(h),
+            request_body: body.map(|b| b.as_bytes().to_vec()),
+            ..Default::default()
+        }
+    }
+
+    async fn run(p: &Arc<dyn Policy>, ex: &mut Exchange, dir: Direction) -> Result<(), Fault> {
+        match p.run(ex, dir) {
+            Outcome::Ready(r) => r,
+            Outcome::Pending(f) => f.await,
+        }
+    }
+
+    /// Runs a miss through: request, response headers, captured body.
+    async fn miss(p: &Arc<dyn Policy>, ex: &mut Exchange, status: u16, headers: &[(&str, &str)], body: &str) {
+        run(p, ex, Direction::Request).await.unwrap();
+        let mut h = Headers::new();
+        h.push(":status".into(), status.to_string());
+        for (k, v) in headers {
+            h.push((*k).into(), (*v).into());
+        }
+        ex.response = Some(ResponseInfo { status, headers: h });
+        run(p, ex, Direction::Response).await.unwrap();
+        if ex.response_capture > 0 {
+            let limit = ex.response_capture;
+            ex.response_capture = 0;
+            if body.len() <= limit {
+                p.observe(ex, Direction::Response, body.as_bytes());
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn miss_then_hit_with_age_and_status() {
+        let p = policy("keyFragments: ['{request.uri}']");
+        let mut ex = request("GET", "/a?x=1", None);
+        miss(&p, &mut ex, 200, &[("content-type", "application/json"), ("set-cookie", "s=1"), ("x-up", "1")], "{\"v\":1}").await;
+        let m = ex.take_mutations(Direction::Response);
+        assert!(m.set.iter().any(|(n, v, _)| n == "cache-status" && v.contains("miss")));
+
+        let mut ex = request("GET", "/a?x=1", None);
+        let f = run(&p, &mut ex, Direction::Request).await.unwrap_err();
+        assert!(f.is_answer());
+        assert_eq!(f.status, 200);
+        assert_eq!(f.body.as_ref().unwrap().1, b"{\"v\":1}");
+        assert_eq!(f.body.as_ref().unwrap().0, "application/json");
+        assert!(f.headers.contains(&("x-up".into(), "1".into())));
+        assert!(f.headers.iter().any(|(n, _)| n == "age"));
+        assert!(f.headers.contains(&("cache-status".into(), "tollgate; hit".into())));
+        assert!(!f.headers.iter().any(|(n, _)| n == "set-cookie"), "cookies are never replayed");
+        // Another URI misses; another method is not cached at all.
+        let mut ex = request("GET", "/a?x=2", None);
+        run(&p, &mut ex, Direction::Request).await.unwrap();
+        let mut ex = request("DELETE", "/a?x=1", None);
+        run(&p, &mut ex, Direction::Request).await.unwrap();
+        assert!(ex.lookup("responsecache.rc.key").is_none());
+    }
+
+    #[tokio::test]
+    async fn what_is_not_stored() {
+        let p = policy("maxEntryBytes: 10");
+        for (status, headers, body) in [
+            (500, vec![], "x"),
+            (200, vec![("cache-control", "no-store")], "x"),
+            (200, vec![("cache-control", "max-age=5, private")], "x"),
+            (200, vec![], "far more than ten bytes"),
+            (200, vec![("content-length", "99")], "x"),
+        ] {
+            let mut ex = request("GET", "/n", None);
+            miss(&p, &mut ex, status, &headers, body).await;
+            let mut ex = request("GET", "/n", None);
+            assert!(run(&p, &mut ex, Direction::Request).await.is_ok(), "{status} {headers:?} stored");
+        }
+        // Overridden: errors and private responses may be stored when asked for.
+        let p = policy("excludeErrorResponses: false\nrespectCacheControl: false");
+        let mut ex = request("GET", "/n", None);
+        miss(&p, &mut ex, 404, &[("cache-control", "private")], "gone").await;
+        let mut ex = request("GET", "/n", None);
+        assert_eq!(run(&p, &mut ex, Direction::Request).await.unwrap_err().status, 404);
+    }
+
+    #[tokio::test]
+    async fn post_keyed_on_body_and_skip_conditions() {
+        let p = policy("methods: [POST]\nskipLookup: \"request.headers['cache-control'] == 'no-cache'\"\nskipPopulate: \"response.headers['x-partial'] == 'yes'\"");
+        assert!(p.needs_body(Direction::Request));
+        let mut ex = request("POST", "/v1/chat", Some("{\"temperature\":0}"));
+        miss(&p, &mut ex, 200, &[("content-type", "text/event-stream")], "data: a\n\ndata: [DONE]\n\n").await;
+        let mut ex = request("POST", "/v1/chat", Some("{\"temperature\":0}"));
+        let f = run(&p, &mut ex, Direction::Request).await.unwrap_err();
+        assert_eq!(f.body.as_ref().unwrap().0, "text/event-stream");
+        let mut ex = request("POST", "/v1/chat", Some("{\"temperature\":1}"));
+        assert!(run(&p, &mut ex, Direction::Request).await.is_ok());
+        // skipLookup: goes upstream and refreshes the entry.
+        let mut ex = request("POST", "/v1/chat", Some("{\"temperature\":0}"));
+        ex.request.headers.push("cache-control".into(), "no-cache".into());
+        miss(&p, &mut ex, 200, &[("content-type", "text/event-stream")], "data: b\n\n").await;
+        let mut ex = request("POST", "/v1/chat", Some("{\"temperature\":0}"));
+        let f = run(&p, &mut ex, Direction::Request).await.unwrap_err();
+        assert_eq!(f.body.as_ref().unwrap().1, b"data: b\n\n");
+        // skipPopulate keeps the old entry.
+        let mut ex = request("POST", "/v1/chat", Some("{\"temperature\":0}"));
+        ex.request.headers.push("cache-control".into(), "no-cache".into());
+        miss(&p, &mut ex, 200, &[("x-partial", "yes")], "partial").await;
+        let mut ex = request("POST", "/v1/chat", Some("{\"temperature\":0}"));
+        let f = run(&p, &mut ex, Direction::Request).await.unwrap_err();
+        assert_eq!(f.body.as_ref().unwrap().1, b"data: b\n\n");
+    }
+
+    #[tokio::test]
+    async fn scopes_and_hostile_keys() {
+        let p = policy("scope: app\nkeyFragments: ['{request.header.x-k}']");
+        let mut ex = request("GET", "/s", None);
+        run(&p, &mut ex, Direction::Request).await.unwrap();
+        assert!(ex.lookup("responsecache.rc.key").is_none(), "no app, no caching");
+        let hostile = "\u{0}\r\n".repeat(10_000);
+        let mut ex = request("GET", "/s", None);
+        ex.request.headers.push("x-k".into(), hostile);
+        ex.set_var("client_id", "app1");
+        miss(&p, &mut ex, 200, &[], "one").await;
+        assert_eq!(ex.lookup("responsecache.rc.key").unwrap().len(), 64, "a digest, whatever the input");
+        let mut ex = request("GET", "/s", None);
+        ex.set_var("client_id", "app2");
+        assert!(run(&p, &mut ex, Direction::Request).await.is_ok(), "another app's entry");
+    }
+
+    #[tokio::test]
+    async fn concurrent_misses_wait_for_the_first() {
+        let p = policy("coalesceWaitMs: 5000");
+        let mut first = request("GET", "/c", None);
+        run(&p, &mut first, Direction::Request).await.unwrap();
+        let p2 = p.clone();
+        let follower = tokio::spawn(async move {
+            let mut ex = request("GET", "/c", None);
+            run(&p2, &mut ex, Direction::Request).await
+        });
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!follower.is_finished(), "the second miss waits");
+        let mut h = Headers::new();
+        h.push(":status".into(), "200".into());
+        first.response = Some(ResponseInfo { status: 200, headers: h });
+        run(&p, &mut first, Direction::Response).await.unwrap();
+        p.observe(&mut first, Direction::Response, b"shared");
+        let f = follower.await.unwrap().unwrap_err();
+        assert_eq!(f.body.unwrap().1, b"shared");
+    }
+
+    #[tokio::test]
+    async fn unreachable_shared_tier_is_a_miss() {
+        // Nothing listens on port 1: lookups and stores degrade to the local cache.
+        let p = policy("shared: {redis: 'redis://127.0.0.1:1', timeoutMs: 20}");
+        let mut ex = request("GET", "/u", None);
+        miss(&p, &mut ex, 200, &[], "local").await;
+        let mut ex = request("GET", "/u", None);
+        let f = run(&p, &mut ex, Direction::Request).await.unwrap_err();
+        assert_eq!(f.body.unwrap().1, b"local");
+        let mut ex = request("GET", "/other", None);
+        assert!(run(&p, &mut ex, Direction::Request).await.is_ok());
+    }
+
+    #[test]
+    fn bad_specs() {
+        let ctx = BuildContext::default();
+        for (y, field) in [
+            ("ttlSeconds: 0", "ttlSeconds"),
+            ("maxEntryBytes: 100\nmaxCacheBytes: 10", "maxEntryBytes"),
+            ("statusHeader: 'bad header'", "statusHeader"),
+            ("skipLookup: 'a =='", "skipLookup"),
+            ("methods: []", "methods"),
+            ("shared: {redis: 'nope://x'}", "shared.redis"),
+            ("shared: {redis: 'redis://127.0.0.1:1', timeoutMs: 0}", "shared.timeoutMs"),
+        ] {
+            let e = build(&ctx, serde_norway::from_str(y).unwrap()).unwrap_err();
+            assert_eq!(e.field, field, "{y}");
+        }
+    }
+}

@@ -1,0 +1,619 @@
+//! In-memory counters: a sharded `DashMap` from [`Key`] (16 bytes, hashed identifiers) to a
+//! small slot. A decision locks one shard for a few instructions; there is no global lock.
+//!
+//! Bounded: a slot is dropped once its window has passed (a sweep every second, and at once
+//! when the table is full). When the table still holds `max_keys` live counters, new
+//! identifiers share one overflow counter (`tollgate_ratelimit_overflow_total` counts
+//! those decisions) rather than grow memory: a flood of distinct identifiers costs at most
+//! `max_keys` slots (about 100 bytes each).
+//!
+//! Checkpoints: fixed and flexi windows of a minute or longer are written (when changed) to
+//! the `counters` table of the embedded store's file and read back at start, so a restart
+//! keeps a day's or a month's count (losing at most one checkpoint interval of counting).
+
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use dashmap::mapref::entry::Entry;
+use dashmap::mapref::one::RefMut;
+use dashmap::DashMap;
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+
+use super::{Ask, Decision, Key, Mode, Window, RL_METRICS, ROLLING_SLOTS};
+
+/// Live counters kept before new identifiers share the overflow counter.
+pub const DEFAULT_MAX_KEYS: usize = 2_000_000;
+/// The counter new identifiers share when the table is full.
+const OVERFLOW: Key = Key(0);
+/// Windows shorter than this are not checkpointed: they are over before a restart matters.
+const CHECKPOINT_MIN_WINDOW: i64 = 60_000;
+/// Counter checkpoints: key → start, end, count (little-endian i64, i64, u64).
+const COUNTERS: TableDefinition<'static, u128, &'static [u8]> = TableDefinition::new("counters");
+
+#[derive(Debug, Clone)]
+enum Slot {
+    /// Fixed and flexi windows.
+    Window {
+        start: i64,
+        end: i64,
+        count: u64,
+        /// Changed since the last checkpoint.
+        dirty: bool,
+    },
+    Rolling(Box<Rolling>),
+    /// Spike arrest's theoretical arrival time, in microseconds.
+    Gcra {
+        tat_us: i64,
+    },
+}
+
+#[derive(Debug, Clone)]
+struct Rolling {
+    slot_len: i64,
+    /// Index (time / slot_len) of the newest slot.
+    head: i64,
+    counts: [u64; ROLLING_SLOTS as usize],
+}
+
+impl Rolling {
+    fn new(len: i64, now: i64) -> Self {
+        let slot_len = Window::slot_len(len);
+        Self {
+            slot_len,
+            head: now.div_euclid(slot_len),
+            counts: [0; ROLLING_SLOTS as usize],
+        }
+    }
+
+    /// Moves the head to `now`, clearing the slots that left the window.
+    fn advance(&mut self, now: i64) {
+        let cur = now.div_euclid(self.slot_len);
+        if cur <= self.head {
+            return;
+        }
+        if cur - self.head >= ROLLING_SLOTS {
+            self.counts = [0; ROLLING_SLOTS as usize];
+        } else {
+            for i in self.head + 1..=cur {
+                self.counts[i.rem_euclid(ROLLING_SLOTS) as usize] = 0;
+            }
+        }
+        self.head = cur;
+    }
+
+    fn sum(&self) -> u64 {
+        self.counts.iter().fold(0u64, |a, c| a.saturating_add(*c))
+    }
+
+    fn add(&mut self, w: u64) {
+        let i = self.head.rem_euclid(ROLLING_SLOTS) as usize;
+        self.counts[i] = self.counts[i].saturating_add(w);
+    }
+
+    /// When the oldest slot leaves the window.
+    fn next_drop(&self) -> i64 {
+        (self.head + 1).saturating_mul(self.slot_len)
+    }
+}
+
+impl Slot {
+    /// After this time the slot is indistinguishable from a fresh one.
+    fn expires(&self) -> i64 {
+        match self {
+            Slot::Window { end, .. } => *end,
+            Slot::Rolling(r) => (r.head + 1 + ROLLING_SLOTS).saturating_mul(r.slot_len),
+            Slot::Gcra { tat_us } => tat_us / 1000 + 1,
+        }
+    }
+}
+
+/// `used + weight <= allow` for enforcing modes; what to add if admitted.
+fn judge(used: u64, ask: &Ask) -> (bool, u64) {
+    match ask.mode {
+        Mode::EnforceAndCount => {
+            let ok = used.saturating_add(ask.weight) <= ask.allow;
+            (ok, if ok { ask.weight } else { 0 })
+        }
+        Mode::EnforceOnly => (used.saturating_add(ask.weight) <= ask.allow, 0),
+        Mode::CountOnly => (true, ask.weight),
+    }
+}
+
+pub struct MemoryCounters {
+    map: DashMap<Key, Slot>,
+    /// Entries in `map`, kept here: `DashMap::len` locks every shard.
+    live: AtomicUsize,
+    max_keys: usize,
+    last_sweep: AtomicI64,
+}
+
+impl std::fmt::Debug for MemoryCounters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryCounters")
+            .field("len", &self.map.len())
+            .field("max_keys", &self.max_keys)
+            .finish()
+    }
+}
+
+impl MemoryCounters {
+    pub fn new(max_keys: usize) -> Self {
+        Self {
+            map: DashMap::new(),
+            live: AtomicUsize::new(0),
+            max_keys: max_keys.max(1),
+            last_sweep: AtomicI64::new(i64::MIN),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.live.load(Ordering::Relaxed)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// `key`, or the overflow counter when the table is full of live counters.
+    fn admit_key(&self, key: Key, now: i64) -> Key {
+        if self.live.load(Ordering::Relaxed) < self.max_keys || self.map.contains_key(&key) {
+            return key;
+        }
+        // Full: drop expired counters (at most once per 100 ms; a sweep walks the table).
+        let last = self.last_sweep.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= 100
+            && self
+                .last_sweep
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.sweep(now);
+        }
+        if self.live.load(Ordering::Relaxed) < self.max_keys {
+            return key;
+        }
+        RL_METRICS.overflow.inc();
+        OVERFLOW
+    }
+
+    /// The slot of `key`, created (as `fresh`) when missing.
+    fn slot(&self, key: Key, fresh: Slot) -> RefMut<'_, Key, Slot> {
+        match self.map.entry(key) {
+            Entry::Occupied(o) => o.into_ref(),
+            Entry::Vacant(v) => {
+                self.live.fetch_add(1, Ordering::Relaxed);
+                v.insert(fresh)
+            }
+        }
+    }
+
+    /// Drops every counter whose window has passed.
+    pub fn sweep(&self, now: i64) {
+        self.map.retain(|_, s| s.expires() > now);
+        let n = self.map.len();
+        self.live.store(n, Ordering::Relaxed);
+        RL_METRICS.keys.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// Decides a quota ask on the local counter.
+    pub fn apply(&self, ask: &Ask) -> Decision {
+        let now = ask.now;
+        let key = self.admit_key(ask.key, now);
+        let mut entry = self.slot(key, Slot::Gcra { tat_us: 0 });
+        let slot = entry.value_mut();
+        match ask.window {
+            Window::Fixed { start, end } => {
+                if !matches!(slot, Slot::Window { start: s, .. } if *s == start) {
+                    *slot = Slot::Window {
+                        start,
+                        end,
+                        count: 0,
+                        dirty: false,
+                    };
+                }
+            }
+            Window::Flexi { len } => {
+                if !matches!(slot, Slot::Window { end, .. } if now < *end) {
+                    *slot = Slot::Window {
+                        start: now,
+                        end: now.saturating_add(len),
+                        count: 0,
+                        dirty: false,
+                    };
+                }
+            }
+            Window::Rolling { len } => {
+                let fresh =
+                    !matches!(slot, Slot::Rolling(r) if r.slot_len == Window::slot_len(len));
+                if fresh {
+                    *slot = Slot::Rolling(Box::new(Rolling::new(len, now)));
+                }
+            }
+        }
+        match slot {
+            Slot::Window {
+                end, count, dirty, ..
+            } => {
+                let (allowed, add) = judge(*count, ask);
+                if add > 0 {
+                    *count = count.saturating_add(add);
+                    *dirty = true;
+                }
+                Decision {
+                    allowed,
+                    used: *count,
+                    expiry: *end,
+                    degraded: false,
+                }
+            }
+            Slot::Rolling(r) => {
+                r.advance(now);
+                let (allowed, add) = judge(r.sum(), ask);
+                r.add(add);
+                Decision {
+                    allowed,
+                    used: r.sum(),
+                    expiry: r.next_drop(),
+                    degraded: false,
+                }
+            }
+            Slot::Gcra { .. } => unreachable_window(ask),
+        }
+    }
+
+    /// Spike arrest without bursts (GCRA with no tolerance): admits when the theoretical
+    /// arrival time has come, then moves it `weight × emission` on. `Err` carries the ms to
+    /// wait. A weight larger than one is admitted whole and delays the next request more.
+    pub fn gcra(&self, key: Key, emission_us: i64, weight: u64, now_us: i64) -> Result<(), i64> {
+        let key = self.admit_key(key, now_us.div_euclid(1000));
+        let mut entry = self.slot(key, Slot::Gcra { tat_us: 0 });
+        let slot = entry.value_mut();
+        let tat = match slot {
+            Slot::Gcra { tat_us } => *tat_us,
+            _ => 0,
+        };
+        if tat > now_us {
+            return Err((tat - now_us + 999) / 1000);
+        }
+        let step = emission_us.saturating_mul(i64::try_from(weight).unwrap_or(i64::MAX));
+        *slot = Slot::Gcra {
+            tat_us: now_us.saturating_add(step),
+        };
+        Ok(())
+    }
+
+    /// Reads counters checkpointed earlier; returns how many are still live.
+    pub fn restore(&self, db: &Database, now: i64) -> Result<usize, String> {
+        let txn = db.begin_read().map_err(|e| e.to_string())?;
+        let table = match txn.open_table(COUNTERS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(0),
+            Err(e) => return Err(e.to_string()),
+        };
+        let mut n = 0;
+        for row in table.iter().map_err(|e| e.to_string())? {
+            let (k, v) = row.map_err(|e| e.to_string())?;
+            let Some((start, end, count)) = decode(v.value()) else {
+                continue;
+            };
+            if end <= now {
+                continue;
+            }
+            let slot = Slot::Window {
+                start,
+                end,
+                count,
+                dirty: false,
+            };
+            if self.map.insert(Key(k.value()), slot).is_none() {
+                self.live.fetch_add(1, Ordering::Relaxed);
+            }
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Writes the windows changed since the last checkpoint and drops expired rows, in one
+    /// durable transaction. Returns the rows written.
+    pub fn checkpoint(&self, db: &Database, now: i64) -> Result<usize, String> {
+        let mut changed = Vec::new();
+        for mut e in self.map.iter_mut() {
+            let key = e.key().0;
+            if let Slot::Window {
+                start,
+                end,
+                count,
+                dirty,
+            } = e.value_mut()
+            {
+                if *dirty && *end > now && *end - *start >= CHECKPOINT_MIN_WINDOW {
+                    *dirty = false;
+                    changed.push((key, encode(*start, *end, *count)));
+                }
+            }
+        }
+        let mut txn = db.begin_write().map_err(|e| e.to_string())?;
+        txn.set_durability(Durability::Immediate)
+            .map_err(|e| e.to_string())?;
+        {
+            let mut t = txn.open_table(COUNTERS).map_err(|e| e.to_string())?;
+            for (k, v) in &changed {
+                t.insert(*k, v.as_slice()).map_err(|e| e.to_string())?;
+            }
+            t.retain(|_, v| decode(v).is_some_and(|(_, end, _)| end > now))
+                .map_err(|e| e.to_string())?;
+        }
+        txn.commit().map_err(|e| e.to_string())?;
+        Ok(changed.len())
+    }
+}
+
+/// A slot was just made to fit the window; this cannot happen.
+fn unreachable_window(ask: &Ask) -> Decision {
+    tracing::error!(?ask, "counter slot does not match its window");
+    Decision {
+        allowed: true,
+        used: 0,
+        expiry: ask.now,
+        degraded: false,
+    }
+}
+
+fn encode(start: i64, end: i64, count: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(24);
+    v.extend_from_slice(&start.to_le_bytes());
+    v.extend_from_slice(&end.to_le_bytes());
+    v.extend_from_slice(&count.to_le_bytes());
+    v
+}
+
+fn decode(v: &[u8]) -> Option<(i64, i64, u64)> {
+    let n = |i: usize| -> Option<[u8; 8]> { v.get(i..i + 8)?.try_into().ok() };
+    Some((
+        i64::from_le_bytes(n(0)?),
+        i64::from_le_bytes(n(8)?),
+        u64::from_le_bytes(n(16)?),
+    ))
+}
+
+/// Runs the sweep every second and, with a database, the checkpoint every `every`, until
+/// the process ends.
+pub fn spawn_maintenance(
+    counters: Arc<MemoryCounters>,
+    clock: Arc<dyn super::Clock>,
+    checkpoint: Option<(Arc<Database>, std::time::Duration)>,
+) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_checkpoint = tokio::time::Instant::now();
+        loop {
+            tick.tick().await;
+            let c = counters.clone();
+            let now = clock.now_ms();
+            let due = checkpoint
+                .as_ref()
+                .filter(|(_, every)| last_checkpoint.elapsed() >= *every)
+                .map(|(db, _)| db.clone());
+            if due.is_some() {
+                last_checkpoint = tokio::time::Instant::now();
+            }
+            // The sweep walks the table and the checkpoint writes a file: off the workers.
+            let res = tokio::task::spawn_blocking(move || {
+                c.sweep(now);
+                due.map(|db| c.checkpoint(&db, now))
+            })
+            .await;
+            match res {
+                Ok(Some(Err(e))) => tracing::warn!(error = %e, "counter checkpoint failed"),
+                Ok(Some(Ok(n))) if n > 0 => tracing::debug!(rows = n, "counters checkpointed"),
+                Err(e) => tracing::warn!(error = %e, "counter maintenance task failed"),
+                _ => {}
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ask(key: u128, window: Window, allow: u64, weight: u64, mode: Mode, now: i64) -> Ask {
+        Ask {
+            key: Key(key),
+            window,
+            allow,
+            weight,
+            mode,
+            now,
+            fail_open: true,
+        }
+    }
+
+    #[test]
+    fn fixed_window_counts_to_the_limit_and_resets_on_the_next_window() {
+        let c = MemoryCounters::new(100);
+        let w = Window::Fixed {
+            start: 0,
+            end: 60_000,
+        };
+        for i in 1..=3 {
+            let d = c.apply(&ask(1, w, 3, 1, Mode::EnforceAndCount, 59_999));
+            assert!(d.allowed);
+            assert_eq!(d.used, i);
+            assert_eq!(d.expiry, 60_000);
+        }
+        let d = c.apply(&ask(1, w, 3, 1, Mode::EnforceAndCount, 59_999));
+        assert!(!d.allowed);
+        assert_eq!(d.used, 3, "a refused request is not counted");
+        let next = Window::Fixed {
+            start: 60_000,
+            end: 120_000,
+        };
+        let d = c.apply(&ask(1, next, 3, 1, Mode::EnforceAndCount, 60_000));
+        assert!(d.allowed);
+        assert_eq!(d.used, 1);
+    }
+
+    #[test]
+    fn weights_and_shared_halves() {
+        let c = MemoryCounters::new(100);
+        let w = Window::Fixed {
+            start: 0,
+            end: 1000,
+        };
+        // Enforce only: admits while under the limit, counts nothing.
+        assert!(c.apply(&ask(2, w, 10, 1, Mode::EnforceOnly, 0)).allowed);
+        assert_eq!(c.apply(&ask(2, w, 10, 1, Mode::EnforceOnly, 0)).used, 0);
+        // Count only: always admits, counts even past the limit.
+        let d = c.apply(&ask(2, w, 10, 12, Mode::CountOnly, 1));
+        assert!(d.allowed);
+        assert_eq!(d.used, 12);
+        assert!(!c.apply(&ask(2, w, 10, 1, Mode::EnforceOnly, 2)).allowed);
+        // A weight that does not fit is refused whole.
+        let w2 = Window::Fixed {
+            start: 0,
+            end: 1000,
+        };
+        assert!(
+            c.apply(&ask(3, w2, 10, 7, Mode::EnforceAndCount, 0))
+                .allowed
+        );
+        assert!(
+            !c.apply(&ask(3, w2, 10, 4, Mode::EnforceAndCount, 0))
+                .allowed
+        );
+        assert!(
+            c.apply(&ask(3, w2, 10, 3, Mode::EnforceAndCount, 0))
+                .allowed
+        );
+    }
+
+    #[test]
+    fn flexi_window_starts_at_the_first_request() {
+        let c = MemoryCounters::new(100);
+        let w = Window::Flexi { len: 1000 };
+        let d = c.apply(&ask(4, w, 1, 1, Mode::EnforceAndCount, 5_250));
+        assert!(d.allowed);
+        assert_eq!(d.expiry, 6_250);
+        assert!(
+            !c.apply(&ask(4, w, 1, 1, Mode::EnforceAndCount, 6_249))
+                .allowed
+        );
+        let d = c.apply(&ask(4, w, 1, 1, Mode::EnforceAndCount, 6_250));
+        assert!(d.allowed);
+        assert_eq!(d.expiry, 7_250);
+    }
+
+    #[test]
+    fn rolling_window_never_admits_more_than_the_limit_in_any_span() {
+        let c = MemoryCounters::new(100);
+        let w = Window::Rolling { len: 1000 };
+        // 5 allowed per second; slots of 100 ms.
+        for t in [0, 100, 200, 300, 400] {
+            assert!(c.apply(&ask(5, w, 5, 1, Mode::EnforceAndCount, t)).allowed);
+        }
+        assert!(
+            !c.apply(&ask(5, w, 5, 1, Mode::EnforceAndCount, 999))
+                .allowed
+        );
+        // The request at 0 stops counting when its slot leaves: at 1000.
+        let d = c.apply(&ask(5, w, 5, 1, Mode::EnforceAndCount, 1000));
+        assert!(d.allowed, "{d:?}");
+        assert!(
+            !c.apply(&ask(5, w, 5, 1, Mode::EnforceAndCount, 1099))
+                .allowed
+        );
+        assert!(
+            c.apply(&ask(5, w, 5, 1, Mode::EnforceAndCount, 1100))
+                .allowed
+        );
+        // Long idle: everything has left.
+        assert_eq!(
+            c.apply(&ask(5, w, 5, 1, Mode::EnforceAndCount, 10_000))
+                .used,
+            1
+        );
+    }
+
+    #[test]
+    fn gcra_smooths_without_burst() {
+        let c = MemoryCounters::new(100);
+        // 10 per second: one per 100 ms.
+        let ms = |m: i64| m * 1000;
+        assert!(c.gcra(Key(6), 100_000, 1, ms(0)).is_ok());
+        assert_eq!(c.gcra(Key(6), 100_000, 1, ms(1)), Err(99));
+        assert_eq!(c.gcra(Key(6), 100_000, 1, ms(99)), Err(1));
+        assert!(c.gcra(Key(6), 100_000, 1, ms(100)).is_ok());
+        // A weight of 3 is admitted and holds the next one back 300 ms.
+        assert!(c.gcra(Key(6), 100_000, 3, ms(200)).is_ok());
+        assert!(c.gcra(Key(6), 100_000, 1, ms(499)).is_err());
+        assert!(c.gcra(Key(6), 100_000, 1, ms(500)).is_ok());
+        // 10 000 per second: one every 100 µs, within one millisecond.
+        assert!(c.gcra(Key(7), 100, 1, 1_000_000).is_ok());
+        assert!(c.gcra(Key(7), 100, 1, 1_000_099).is_err());
+        assert!(c.gcra(Key(7), 100, 1, 1_000_100).is_ok());
+    }
+
+    #[test]
+    fn bounded_table_sweeps_then_overflows() {
+        let c = MemoryCounters::new(10);
+        let w = Window::Fixed {
+            start: 0,
+            end: 1000,
+        };
+        for k in 1..=10 {
+            c.apply(&ask(100 + k, w, 5, 1, Mode::EnforceAndCount, 0));
+        }
+        assert_eq!(c.len(), 10);
+        // Full of live counters: a new identifier shares the overflow counter.
+        c.apply(&ask(500, w, 5, 1, Mode::EnforceAndCount, 10));
+        assert!(c.len() <= 11);
+        assert!(c.map.contains_key(&OVERFLOW));
+        // Once those windows pass, the sweep makes room.
+        let w2 = Window::Fixed {
+            start: 1000,
+            end: 2000,
+        };
+        c.apply(&ask(600, w2, 5, 1, Mode::EnforceAndCount, 1500));
+        assert!(c.map.contains_key(&Key(600)));
+        assert!(c.len() <= 2);
+    }
+
+    #[test]
+    fn checkpoint_and_restore() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::create(dir.path().join("c.redb")).unwrap();
+        let c = MemoryCounters::new(100);
+        let day = Window::Fixed {
+            start: 0,
+            end: 86_400_000,
+        };
+        let sec = Window::Fixed {
+            start: 0,
+            end: 1000,
+        };
+        for _ in 0..7 {
+            c.apply(&ask(7, day, 100, 1, Mode::EnforceAndCount, 10));
+        }
+        c.apply(&ask(8, sec, 100, 1, Mode::EnforceAndCount, 10));
+        assert_eq!(c.checkpoint(&db, 20).unwrap(), 1, "only the day window");
+        assert_eq!(c.checkpoint(&db, 30).unwrap(), 0, "nothing changed since");
+        let fresh = MemoryCounters::new(100);
+        assert_eq!(fresh.restore(&db, 40).unwrap(), 1);
+        assert_eq!(
+            fresh
+                .apply(&ask(7, day, 100, 1, Mode::EnforceAndCount, 50))
+                .used,
+            8
+        );
+        // Expired rows are neither restored nor kept.
+        assert_eq!(MemoryCounters::new(10).restore(&db, 86_400_000).unwrap(), 0);
+        c.checkpoint(&db, 86_400_000).unwrap();
+        let txn = db.begin_read().unwrap();
+        assert_eq!(
+            redb::ReadableTableMetadata::len(&txn.open_table(COUNTERS).unwrap()).unwrap(),
+            0
+        );
+    }
+}

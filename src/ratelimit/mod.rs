@@ -1,0 +1,359 @@
+//! Counters for `Quota` and `SpikeArrest`: one service per process, handed to every
+//! configuration load through [`crate::services::Services`], so counts survive reloads.
+//!
+//! - [`memory::MemoryCounters`]: in-memory counters (a sharded `DashMap` of small slots),
+//!   bounded in size, optionally checkpointed to the embedded store so a restart keeps a
+//!   day's or a month's count. Spike arrest always counts here (per replica, as in Apigee).
+//! - [`redis::RedisCounters`]: quotas shared by replicas through Redis, either synchronous
+//!   (one atomic Lua call per decision: replicas together never exceed the limit) or
+//!   asynchronous (local counting, batched sync; bounded overshoot).
+//!
+//! Every time comes from a [`Clock`] in milliseconds since the Unix epoch (UTC), so tests
+//! drive window edges with a [`FakeClock`]. `governor` is not used: quota windows need wall
+//! time (top of the hour, midnight UTC, calendar months) where governor's clocks are
+//! relative, its keyed store has no size bound, and its GCRA refuses a message weight larger
+//! than the burst where Apigee counts it.
+
+pub mod memory;
+pub mod policy;
+pub mod redis;
+pub mod window;
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, LazyLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts};
+use sha2::{Digest, Sha256};
+
+use crate::telemetry::METRICS;
+
+/// Wall time since the Unix epoch: microseconds (spike arrest smooths rates above 1000/s)
+/// and milliseconds (quota windows).
+pub trait Clock: Send + Sync + fmt::Debug {
+    fn now_us(&self) -> i64;
+
+    fn now_ms(&self) -> i64 {
+        self.now_us().div_euclid(1000)
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_us(&self) -> i64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+            .unwrap_or(0)
+    }
+}
+
+/// A clock tests move by hand (set in milliseconds, kept in microseconds).
+#[derive(Debug, Default)]
+pub struct FakeClock(AtomicI64);
+
+impl FakeClock {
+    pub fn new(ms: i64) -> Arc<Self> {
+        Arc::new(Self(AtomicI64::new(ms * 1000)))
+    }
+    pub fn set(&self, ms: i64) {
+        self.0.store(ms * 1000, Ordering::SeqCst);
+    }
+    pub fn advance(&self, ms: i64) {
+        self.0.fetch_add(ms * 1000, Ordering::SeqCst);
+    }
+    pub fn advance_us(&self, us: i64) {
+        self.0.fetch_add(us, Ordering::SeqCst);
+    }
+}
+
+impl Clock for FakeClock {
+    fn now_us(&self) -> i64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// A counter's identity: 128 bits of SHA-256 over its parts, so an identifier of any size
+/// costs 16 bytes and cannot be chosen to collide with another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Key(pub u128);
+
+impl Key {
+    pub fn new(parts: &[&[u8]]) -> Self {
+        let mut h = Sha256::new();
+        for p in parts {
+            h.update((p.len() as u64).to_le_bytes());
+            h.update(p);
+        }
+        let d = h.finalize();
+        let mut b = [0u8; 16];
+        b.copy_from_slice(&d[..16]);
+        Key(u128::from_le_bytes(b))
+    }
+
+    pub fn hex(self) -> String {
+        format!("{:032x}", self.0)
+    }
+}
+
+/// Which requests count together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Window {
+    /// `[start, end)`, known from the clock (default and calendar quota types).
+    Fixed { start: i64, end: i64 },
+    /// `len` ms from the identifier's first request (flexi).
+    Flexi { len: i64 },
+    /// The last `len` ms, counted in [`ROLLING_SLOTS`] slots (rolling window, effective count).
+    Rolling { len: i64 },
+}
+
+/// Slots of a rolling window: a request stops counting between `len` and `len + len/10`
+/// after it was made, never earlier, so no `len`-long span ever admits more than the limit.
+pub const ROLLING_SLOTS: i64 = 10;
+
+impl Window {
+    /// Slot length of a rolling window (at least 1 ms).
+    pub fn slot_len(len: i64) -> i64 {
+        (len + ROLLING_SLOTS - 1).div_euclid(ROLLING_SLOTS).max(1)
+    }
+}
+
+/// What a decision does with the counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Admit if `used + weight <= allow`, and count it then.
+    EnforceAndCount,
+    /// Admit if `used + weight <= allow`; count nothing (the request half of a shared quota).
+    EnforceOnly,
+    /// Always admit; count `weight` (the response half).
+    CountOnly,
+}
+
+impl Mode {
+    fn code(self) -> &'static str {
+        match self {
+            Mode::EnforceAndCount => "ec",
+            Mode::EnforceOnly => "e",
+            Mode::CountOnly => "c",
+        }
+    }
+}
+
+/// One decision to make.
+#[derive(Debug, Clone)]
+pub struct Ask {
+    pub key: Key,
+    pub window: Window,
+    pub allow: u64,
+    pub weight: u64,
+    pub mode: Mode,
+    pub now: i64,
+    /// When the shared store is down: count locally (true) or fail with `Unavailable`.
+    pub fail_open: bool,
+}
+
+/// What the counter says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision {
+    pub allowed: bool,
+    /// Count in the window after this decision.
+    pub used: u64,
+    /// When the count next drops (window end; for a rolling window the next slot's end).
+    pub expiry: i64,
+    /// Counted locally because the shared store was down (fail open).
+    pub degraded: bool,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CounterError {
+    /// The shared counter store cannot be reached and the policy fails closed.
+    #[error("counter store unavailable: {0}")]
+    Unavailable(String),
+}
+
+pub type DecisionFuture = Pin<Box<dyn Future<Output = Result<Decision, CounterError>> + Send>>;
+
+/// A decision now, or one that waits on Redis.
+pub enum Pending {
+    Ready(Result<Decision, CounterError>),
+    Wait(DecisionFuture),
+}
+
+/// Which backend quotas count in.
+#[derive(Debug, Clone)]
+enum Backend {
+    Memory,
+    Redis(Arc<redis::RedisCounters>),
+}
+
+/// The process's counter service.
+#[derive(Debug, Clone)]
+pub struct Counters {
+    pub clock: Arc<dyn Clock>,
+    /// Local counters: spike arrest, in-memory quotas, and the fail-open fallback.
+    pub local: Arc<memory::MemoryCounters>,
+    backend: Backend,
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Self::memory(Arc::new(SystemClock), memory::DEFAULT_MAX_KEYS)
+    }
+}
+
+impl Counters {
+    /// Counters in memory only.
+    pub fn memory(clock: Arc<dyn Clock>, max_keys: usize) -> Self {
+        Self {
+            local: Arc::new(memory::MemoryCounters::new(max_keys)),
+            clock,
+            backend: Backend::Memory,
+        }
+    }
+
+    /// Counters in memory only, on a table made elsewhere (restored from a checkpoint).
+    pub fn with_local(clock: Arc<dyn Clock>, local: Arc<memory::MemoryCounters>) -> Self {
+        Self {
+            clock,
+            local,
+            backend: Backend::Memory,
+        }
+    }
+
+    /// Quotas in Redis, the rest in `local`.
+    pub fn redis(
+        clock: Arc<dyn Clock>,
+        local: Arc<memory::MemoryCounters>,
+        redis: Arc<redis::RedisCounters>,
+    ) -> Self {
+        Self {
+            clock,
+            local,
+            backend: Backend::Redis(redis),
+        }
+    }
+
+    /// Now, in milliseconds.
+    pub fn now(&self) -> i64 {
+        self.clock.now_ms()
+    }
+
+    /// Now, in microseconds.
+    pub fn now_us(&self) -> i64 {
+        self.clock.now_us()
+    }
+
+    /// `memory`, `redis-sync` or `redis-async`.
+    pub fn kind(&self) -> &'static str {
+        match &self.backend {
+            Backend::Memory => "memory",
+            Backend::Redis(r) => r.kind(),
+        }
+    }
+
+    /// Decides a quota ask in the configured backend.
+    pub fn decide(&self, ask: Ask) -> Pending {
+        match &self.backend {
+            Backend::Memory => Pending::Ready(Ok(self.local.apply(&ask))),
+            Backend::Redis(r) => r.decide(ask, &self.local),
+        }
+    }
+}
+
+/// Rate-limit metrics, registered in the process registry on first use.
+pub struct RateLimitMetrics {
+    pub decisions: IntCounterVec,
+    pub redis_errors: IntCounterVec,
+    pub fail_open: IntCounterVec,
+    pub fail_closed: IntCounterVec,
+    pub keys: IntGauge,
+    pub overflow: IntCounter,
+}
+
+pub static RL_METRICS: LazyLock<RateLimitMetrics> = LazyLock::new(|| {
+    let r = &METRICS.registry;
+    let vec = |name: &str, help: &str, labels: &[&str]| {
+        let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+        r.register(Box::new(c.clone())).expect("unique metric");
+        c
+    };
+    let keys = IntGauge::new(
+        "tollgate_ratelimit_counters",
+        "Counters held in memory (spike arrest, local quotas, async Redis mirrors)",
+    )
+    .expect("valid metric");
+    r.register(Box::new(keys.clone())).expect("unique metric");
+    let overflow = IntCounter::new(
+        "tollgate_ratelimit_overflow_total",
+        "Decisions made on the shared overflow counter because the counter table was full",
+    )
+    .expect("valid metric");
+    r.register(Box::new(overflow.clone()))
+        .expect("unique metric");
+    RateLimitMetrics {
+        decisions: vec(
+            "tollgate_ratelimit_decisions_total",
+            "Quota and spike arrest decisions by policy and result (allowed, rejected, error)",
+            &["policy", "result"],
+        ),
+        redis_errors: vec(
+            "tollgate_ratelimit_redis_errors_total",
+            "Failed Redis counter operations by operation (decide, sync)",
+            &["op"],
+        ),
+        fail_open: vec(
+            "tollgate_ratelimit_fail_open_total",
+            "Decisions counted locally because the counter store was down, by policy",
+            &["policy"],
+        ),
+        fail_closed: vec(
+            "tollgate_ratelimit_fail_closed_total",
+            "Requests refused with 503 because the counter store was down, by policy",
+            &["policy"],
+        ),
+        keys,
+        overflow,
+    }
+});
+
+/// A policy's metric handles, resolved once at load.
+#[derive(Debug, Clone)]
+pub struct PolicyMetrics {
+    pub allowed: IntCounter,
+    pub rejected: IntCounter,
+    pub error: IntCounter,
+    pub fail_open: IntCounter,
+    pub fail_closed: IntCounter,
+}
+
+impl PolicyMetrics {
+    pub fn new(policy: &str) -> Self {
+        let m = &*RL_METRICS;
+        Self {
+            allowed: m.decisions.with_label_values(&[policy, "allowed"]),
+            rejected: m.decisions.with_label_values(&[policy, "rejected"]),
+            error: m.decisions.with_label_values(&[policy, "error"]),
+            fail_open: m.fail_open.with_label_values(&[policy]),
+            fail_closed: m.fail_closed.with_label_values(&[policy]),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_separate_parts() {
+        assert_ne!(Key::new(&[b"ab", b"c"]), Key::new(&[b"a", b"bc"]));
+        assert_eq!(Key::new(&[b"x"]), Key::new(&[b"x"]));
+        assert_eq!(Key::new(&[b"x"]).hex().len(), 32);
+        assert_eq!(Window::slot_len(1000), 100);
+        assert_eq!(Window::slot_len(5), 1);
+    }
+}

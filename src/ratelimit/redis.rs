@@ -1,0 +1,527 @@
+//! Quota counters in Redis (or Redis Cluster), shared by every replica.
+//!
+//! # Keys
+//!
+//! `tollgate:rl:{<key hex>}` (flexi: a hash `e` end, `n` count; rolling: a hash slot index →
+//! count) and `tollgate:rl:{<key hex>}:<window start>` (fixed windows: a plain counter). The
+//! hash tag is the counter's own 128-bit key, so counters spread over a cluster's slots and
+//! every key one decision touches lives in one slot. Keys expire a minute after their window.
+//!
+//! # Synchronous mode
+//!
+//! One Lua call ([`SCRIPT`]) per decision reads, judges and counts atomically: replicas
+//! together never admit more than the limit.
+//!
+//! # Asynchronous mode
+//!
+//! Decisions are made on a local mirror (`remote` count last read from Redis + `pending`
+//! local count); every `interval` a task sends the pending counts in one pipeline (the same
+//! script, count-only) and reads the totals back. Each replica can admit up to the limit
+//! minus the last total it read, so the overshoot is at most what the *other* replicas admit
+//! in one interval: ≤ (replicas − 1) × (admission rate per replica) × interval, and never
+//! more than (replicas − 1) × limit per window.
+//!
+//! # Redis down
+//!
+//! An error or timeout (250 ms) marks Redis down for one second: decisions then skip Redis.
+//! A policy that fails open counts on the replica's local counters (logged, metric
+//! `tollgate_ratelimit_fail_open_total`); one that fails closed gets
+//! [`CounterError::Unavailable`] (503). After the second the next decision tries Redis again
+//! (the connection reconnects by itself); counting resumes in Redis where it stood (local
+//! counts made meanwhile are not merged back). In asynchronous mode pending counts are kept
+//! and sent once Redis answers again.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use futures_util::StreamExt;
+use redis::Value;
+
+use super::memory::MemoryCounters;
+use super::{Ask, Clock, CounterError, Decision, Mode, Pending, SystemClock, Window, RL_METRICS};
+use crate::store::redis_store::{command_connection, Conn};
+use crate::store::StoreError;
+
+/// Longest wait for one decision's round trip.
+const DECIDE_TIMEOUT: Duration = Duration::from_millis(250);
+/// Longest wait for one asynchronous sync batch.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long Redis is left alone after an error.
+const DOWN_FOR_MS: i64 = 1000;
+/// Counters sent per pipeline in asynchronous mode.
+const BATCH: usize = 1000;
+
+/// Reads, judges and counts one decision atomically. KEYS[1]: the counter. ARGV: type
+/// (`f` fixed, `x` flexi, `r` rolling), mode (`ec`, `e`, `c`), weight, allow, now (ms),
+/// and the window's end (fixed) or length (flexi, rolling). Returns {allowed, used, expiry}.
+/// A weight of 0 only reads.
+pub const SCRIPT: &str = r"
+local t, mode = ARGV[1], ARGV[2]
+local w, allow, now, a = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local used, expiry, cur, slot = 0, 0, 0, 1
+if t == 'f' then
+  used = tonumber(redis.call('GET', KEYS[1]) or '0')
+  expiry = a
+elseif t == 'x' then
+  local v = redis.call('HMGET', KEYS[1], 'e', 'n')
+  local e = tonumber(v[1])
+  if e and e > now then
+    used = tonumber(v[2]) or 0
+    expiry = e
+  else
+    expiry = now + a
+  end
+else
+  slot = math.max(1, math.ceil(a / 10))
+  cur = math.floor(now / slot)
+  local all = redis.call('HGETALL', KEYS[1])
+  for i = 1, #all, 2 do
+    if tonumber(all[i]) > cur - 10 then
+      used = used + tonumber(all[i + 1])
+    else
+      redis.call('HDEL', KEYS[1], all[i])
+    end
+  end
+  expiry = (cur + 1) * slot
+end
+local allowed = 1
+if mode ~= 'c' and used + w > allow then
+  allowed = 0
+end
+if allowed == 1 and mode ~= 'e' and w > 0 then
+  used = used + w
+  if t == 'f' then
+    redis.call('INCRBY', KEYS[1], w)
+    redis.call('PEXPIREAT', KEYS[1], expiry + 60000)
+  elseif t == 'x' then
+    redis.call('HSET', KEYS[1], 'e', expiry, 'n', used)
+    redis.call('PEXPIREAT', KEYS[1], expiry + 60000)
+  else
+    redis.call('HINCRBY', KEYS[1], cur, w)
+    redis.call('PEXPIRE', KEYS[1], a + slot + 60000)
+  end
+end
+return {allowed, used, expiry}
+";
+
+type ValueFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = redis::RedisResult<Value>> + Send>>;
+
+/// Synchronous or asynchronous counting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncMode {
+    Sync,
+    Async { interval: Duration },
+}
+
+/// The Redis key of an ask's counter.
+pub fn redis_key(ask: &Ask) -> String {
+    match ask.window {
+        Window::Fixed { start, .. } => format!("tollgate:rl:{{{}}}:{start}", ask.key.hex()),
+        _ => format!("tollgate:rl:{{{}}}", ask.key.hex()),
+    }
+}
+
+fn script_args(ask: &Ask, weight: u64, mode: Mode) -> (&'static str, &'static str, u64, i64) {
+    let (t, a) = match ask.window {
+        Window::Fixed { end, .. } => ("f", end),
+        Window::Flexi { len } => ("x", len),
+        Window::Rolling { len } => ("r", len),
+    };
+    (t, mode.code(), weight, a)
+}
+
+fn parse_reply(v: &Value) -> Option<Decision> {
+    let Value::Array(items) = v else { return None };
+    let n = |i: usize| match items.get(i)? {
+        Value::Int(n) => Some(*n),
+        _ => None,
+    };
+    Some(Decision {
+        allowed: n(0)? == 1,
+        used: u64::try_from(n(1)?).unwrap_or(0),
+        expiry: n(2)?,
+        degraded: false,
+    })
+}
+
+/// A quota counter mirrored locally in asynchronous mode.
+#[derive(Debug, Clone)]
+struct Mirror {
+    ask: Ask,
+    /// The total Redis returned at the last sync.
+    remote: u64,
+    /// Counted here and not sent yet.
+    pending: u64,
+    expiry: i64,
+    touched: i64,
+}
+
+pub struct RedisCounters {
+    conn: Conn,
+    target: String,
+    script: redis::Script,
+    mode: SyncMode,
+    /// Wall time (ms) until which Redis is considered down.
+    down_until: AtomicI64,
+    down: AtomicBool,
+    /// Asynchronous mode: mirrors by (key, window start).
+    mirrors: DashMap<(u128, i64), Mirror>,
+}
+
+impl std::fmt::Debug for RedisCounters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisCounters")
+            .field("target", &self.target)
+            .field("mode", &self.mode)
+            .finish_non_exhaustive()
+    }
+}
+
+fn wall_ms() -> i64 {
+    SystemClock.now_ms()
+}
+
+impl RedisCounters {
+    /// Connects (the first connection must succeed) and, in asynchronous mode, starts the
+    /// sync task.
+    pub async fn connect(url: &str, mode: SyncMode) -> Result<Arc<Self>, StoreError> {
+        let (mut conn, _, target) = command_connection(url).await?;
+        match tokio::time::timeout(
+            Duration::from_secs(2),
+            redis::cmd("PING").query_async::<Value>(&mut conn),
+        )
+        .await
+        {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                return Err(StoreError::Unavailable(format!(
+                    "redis {target}: PING: {e}"
+                )))
+            }
+            Err(_) => {
+                return Err(StoreError::Unavailable(format!(
+                    "redis {target}: PING: no answer"
+                )))
+            }
+        }
+        let this = Arc::new(Self {
+            conn,
+            target,
+            script: redis::Script::new(SCRIPT),
+            mode,
+            down_until: AtomicI64::new(0),
+            down: AtomicBool::new(false),
+            mirrors: DashMap::new(),
+        });
+        if let SyncMode::Async { interval } = mode {
+            let weak = Arc::downgrade(&this);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(interval);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    let Some(this) = weak.upgrade() else { return };
+                    this.sync(wall_ms(), interval).await;
+                }
+            });
+        }
+        Ok(this)
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self.mode {
+            SyncMode::Sync => "redis-sync",
+            SyncMode::Async { .. } => "redis-async",
+        }
+    }
+
+    fn is_down(&self) -> bool {
+        wall_ms() < self.down_until.load(Ordering::Relaxed)
+    }
+
+    fn mark_down(&self, op: &str, error: &str) {
+        RL_METRICS.redis_errors.with_label_values(&[op]).inc();
+        self.down_until
+            .store(wall_ms() + DOWN_FOR_MS, Ordering::Relaxed);
+        if !self.down.swap(true, Ordering::Relaxed) {
+            tracing::warn!(redis = %self.target, %error, "redis counters unavailable; applying each policy's fail mode");
+        }
+    }
+
+    fn mark_up(&self) {
+        if self.down.swap(false, Ordering::Relaxed) {
+            tracing::info!(redis = %self.target, "redis counters available again");
+        }
+    }
+
+    /// Counts locally (fail open) or refuses (fail closed).
+    fn fallback(ask: &Ask, local: &MemoryCounters) -> Result<Decision, CounterError> {
+        if ask.fail_open {
+            let mut d = local.apply(ask);
+            d.degraded = true;
+            Ok(d)
+        } else {
+            Err(CounterError::Unavailable(
+                "the quota counter store (Redis) is unavailable".into(),
+            ))
+        }
+    }
+
+    pub fn decide(self: &Arc<Self>, ask: Ask, local: &Arc<MemoryCounters>) -> Pending {
+        if self.is_down() {
+            return Pending::Ready(Self::fallback(&ask, local));
+        }
+        match self.mode {
+            SyncMode::Sync => {
+                let this = self.clone();
+                let local = local.clone();
+                Pending::Wait(Box::pin(async move {
+                    match this.eval(&ask).await {
+                        Ok(d) => {
+                            this.mark_up();
+                            Ok(d)
+                        }
+                        Err(e) => {
+                            this.mark_down("decide", &e);
+                            Self::fallback(&ask, &local)
+                        }
+                    }
+                }))
+            }
+            SyncMode::Async { .. } => Pending::Ready(Ok(self.decide_mirror(ask))),
+        }
+    }
+
+    async fn eval(&self, ask: &Ask) -> Result<Decision, String> {
+        let (t, mode, w, a) = script_args(ask, ask.weight, ask.mode);
+        let mut inv = self.script.prepare_invoke();
+        inv.key(redis_key(ask))
+            .arg(t)
+            .arg(mode)
+            .arg(w)
+            .arg(ask.allow)
+            .arg(ask.now)
+            .arg(a);
+        let mut conn = self.conn.clone();
+        match tokio::time::timeout(DECIDE_TIMEOUT, inv.invoke_async::<Value>(&mut conn)).await {
+            Ok(Ok(v)) => parse_reply(&v).ok_or_else(|| format!("unexpected reply {v:?}")),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!(
+                "no answer within {} ms",
+                DECIDE_TIMEOUT.as_millis()
+            )),
+        }
+    }
+
+    fn decide_mirror(&self, ask: Ask) -> Decision {
+        let start = match ask.window {
+            Window::Fixed { start, .. } => start,
+            _ => 0,
+        };
+        let now = ask.now;
+        let mut m = self
+            .mirrors
+            .entry((ask.key.0, start))
+            .or_insert_with(|| Mirror {
+                expiry: match ask.window {
+                    Window::Fixed { end, .. } => end,
+                    Window::Flexi { len } => now.saturating_add(len),
+                    Window::Rolling { len } => now.saturating_add(Window::slot_len(len)),
+                },
+                ask: ask.clone(),
+                remote: 0,
+                pending: 0,
+                touched: now,
+            });
+        if matches!(ask.window, Window::Flexi { .. }) && now >= m.expiry && m.pending == 0 {
+            // The flexi window passed; the next sync reads the new one.
+            m.remote = 0;
+            if let Window::Flexi { len } = ask.window {
+                m.expiry = now.saturating_add(len);
+            }
+        }
+        let used = m.remote.saturating_add(m.pending);
+        let (allowed, add) = match ask.mode {
+            Mode::EnforceAndCount => {
+                let ok = used.saturating_add(ask.weight) <= ask.allow;
+                (ok, if ok { ask.weight } else { 0 })
+            }
+            Mode::EnforceOnly => (used.saturating_add(ask.weight) <= ask.allow, 0),
+            Mode::CountOnly => (true, ask.weight),
+        };
+        m.pending = m.pending.saturating_add(add);
+        m.touched = now;
+        m.ask.allow = ask.allow;
+        Decision {
+            allowed,
+            used: used.saturating_add(add),
+            expiry: m.expiry,
+            degraded: false,
+        }
+    }
+
+    /// Sends one batch of count-only calls: one pipeline on a single server; on a cluster,
+    /// where a pipeline must stay in one slot, concurrent calls.
+    async fn send_batch(
+        &self,
+        chunk: &[((u128, i64), Ask, u64)],
+        now: i64,
+    ) -> redis::RedisResult<Vec<Value>> {
+        let calls = chunk.iter().map(|(_, ask, w)| {
+            let mut a = ask.clone();
+            a.now = now;
+            let (t, mode, w, arg) = script_args(&a, *w, Mode::CountOnly);
+            (redis_key(&a), t, mode, w, a.allow, arg)
+        });
+        match &self.conn {
+            Conn::Single(_) => {
+                let mut pipe = redis::pipe();
+                for (key, t, mode, w, allow, arg) in calls {
+                    pipe.cmd("EVAL")
+                        .arg(SCRIPT)
+                        .arg(1)
+                        .arg(key)
+                        .arg(t)
+                        .arg(mode)
+                        .arg(w)
+                        .arg(allow)
+                        .arg(now)
+                        .arg(arg);
+                }
+                let mut conn = self.conn.clone();
+                pipe.query_async::<Vec<Value>>(&mut conn).await
+            }
+            Conn::Cluster(_) => {
+                let futures: Vec<ValueFuture> = calls
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .map(|(key, t, mode, w, allow, arg)| {
+                        let mut conn = self.conn.clone();
+                        let script = self.script.clone();
+                        Box::pin(async move {
+                            script
+                                .key(key)
+                                .arg(t)
+                                .arg(mode)
+                                .arg(w)
+                                .arg(allow)
+                                .arg(now)
+                                .arg(arg)
+                                .invoke_async::<Value>(&mut conn)
+                                .await
+                        }) as ValueFuture
+                    })
+                    .collect();
+                futures_util::stream::iter(futures)
+                    .buffered(64)
+                    .collect::<Vec<_>>()
+                    .await
+                    .into_iter()
+                    .collect()
+            }
+        }
+    }
+
+    /// Asynchronous mode: sends pending counts, refreshes recently used mirrors, drops idle
+    /// ones.
+    pub async fn sync(&self, now: i64, interval: Duration) {
+        let idle_after = i64::try_from(interval.as_millis())
+            .unwrap_or(1000)
+            .saturating_mul(20)
+            .max(2000);
+        let mut batch = Vec::new();
+        self.mirrors.retain(|k, m| {
+            let idle = now.saturating_sub(m.touched) > idle_after;
+            if m.pending == 0 && idle && now > m.expiry {
+                return false;
+            }
+            if m.pending > 0 || !idle {
+                batch.push((*k, m.ask.clone(), m.pending));
+                m.pending = 0;
+            }
+            true
+        });
+        RL_METRICS
+            .keys
+            .set(i64::try_from(self.mirrors.len()).unwrap_or(i64::MAX));
+        if batch.is_empty() || self.is_down() && !batch.iter().any(|b| b.2 > 0) {
+            return;
+        }
+        for chunk in batch.chunks(BATCH) {
+            let res = tokio::time::timeout(SYNC_TIMEOUT, self.send_batch(chunk, now)).await;
+            let replies = match res {
+                Ok(Ok(v)) if v.len() == chunk.len() => v,
+                other => {
+                    let e = match other {
+                        Ok(Err(e)) => e.to_string(),
+                        Ok(Ok(v)) => format!("{} replies for {} commands", v.len(), chunk.len()),
+                        Err(_) => "timed out".to_owned(),
+                    };
+                    self.mark_down("sync", &e);
+                    // Keep the counts for the next attempt.
+                    for (k, _, w) in chunk {
+                        if let Some(mut m) = self.mirrors.get_mut(k) {
+                            m.pending = m.pending.saturating_add(*w);
+                        }
+                    }
+                    continue;
+                }
+            };
+            self.mark_up();
+            for ((k, _, _), v) in chunk.iter().zip(replies) {
+                if let (Some(d), Some(mut m)) = (parse_reply(&v), self.mirrors.get_mut(k)) {
+                    m.remote = d.used;
+                    m.expiry = d.expiry;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ratelimit::Key;
+
+    #[test]
+    fn keys_hash_tag_the_counter() {
+        let mut ask = Ask {
+            key: Key(0xab),
+            window: Window::Fixed {
+                start: 60_000,
+                end: 120_000,
+            },
+            allow: 1,
+            weight: 1,
+            mode: Mode::EnforceAndCount,
+            now: 0,
+            fail_open: true,
+        };
+        assert_eq!(
+            redis_key(&ask),
+            "tollgate:rl:{000000000000000000000000000000ab}:60000"
+        );
+        ask.window = Window::Flexi { len: 1 };
+        assert_eq!(
+            redis_key(&ask),
+            "tollgate:rl:{000000000000000000000000000000ab}"
+        );
+        assert_eq!(
+            parse_reply(&Value::Array(vec![
+                Value::Int(1),
+                Value::Int(5),
+                Value::Int(9)
+            ])),
+            Some(Decision {
+                allowed: true,
+                used: 5,
+                expiry: 9,
+                degraded: false
+            })
+        );
+        assert_eq!(parse_reply(&Value::Nil), None);
+    }
+}

@@ -1,0 +1,136 @@
+//! ResponseCache end to end: a real Envoy 1.40 in front of the `tollgate` binary. A miss
+//! goes upstream and is stored as it passes; a hit is answered by tollgate at once (the
+//! upstream never sees it); server-sent events stream through on the miss and are replayed
+//! on the hit; POST bodies are part of the key; oversize responses pass on uncached.
+
+mod support;
+
+use std::time::Duration;
+
+use support::{within, TestBed};
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+const CACHE: &str = r#"
+apiVersion: tollgate.dev/v1alpha1
+kind: Policy
+metadata: {name: cache}
+spec:
+  type: ResponseCache
+  methods: [GET, POST]
+  ttlSeconds: 60
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: Policy
+metadata: {name: small-cache}
+spec:
+  type: ResponseCache
+  maxEntryBytes: 64
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: Flow
+metadata: {name: big}
+spec:
+  match: {pathPrefixes: [/big]}
+  request: [{policy: small-cache}]
+  response: [{policy: small-cache}]
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: Flow
+metadata: {name: cached}
+spec:
+  default: true
+  request: [{policy: cache}]
+  response: [{policy: cache}]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn response_cache_hits_replays_sse_and_keys_post_bodies() {
+    within(LIMIT, async {
+        let bed = TestBed::start(CACHE).await;
+
+        // Plain GET (headers-only route: tollgate asks Envoy for the response body).
+        let first = bed.get("/echo?x=1", &[]).await;
+        assert_eq!(first.status, 200);
+        assert_eq!(
+            first.header("cache-status"),
+            Some("tollgate; fwd=miss; stored")
+        );
+        let second = bed.get("/echo?x=1", &[]).await;
+        assert_eq!(second.status, 200);
+        assert_eq!(second.header("cache-status"), Some("tollgate; hit"));
+        assert!(second.header("age").is_some());
+        assert_eq!(second.header("content-type"), Some("application/json"));
+        assert_eq!(
+            second.header("x-upstream"),
+            Some("e2e"),
+            "stored headers replayed"
+        );
+        assert_eq!(second.body, first.body, "stored body replayed");
+        assert_eq!(
+            bed.upstream.seen_with_prefix("/echo").len(),
+            1,
+            "the hit never went upstream"
+        );
+        bed.get("/echo?x=2", &[]).await;
+        assert_eq!(
+            bed.upstream.seen_with_prefix("/echo").len(),
+            2,
+            "another query is another key"
+        );
+
+        // Server-sent events: streamed through on the miss, replayed on the hit.
+        let s = bed
+            .client
+            .stream("GET", &bed.url("/sse?n=3&delay_ms=200"), &[], "")
+            .await;
+        assert_eq!(s.status, 200);
+        let streamed = String::from_utf8(s.body()).unwrap();
+        assert!(streamed.ends_with("data: [DONE]\n\n"), "{streamed:?}");
+        assert!(
+            s.chunks[0].at + Duration::from_millis(300) < s.total,
+            "events were not held back on the miss: first {:?}, end {:?}",
+            s.chunks[0].at,
+            s.total
+        );
+        let hit = bed
+            .client
+            .stream("GET", &bed.url("/sse?n=3&delay_ms=200"), &[], "")
+            .await;
+        assert_eq!(hit.status, 200);
+        assert_eq!(hit.header("content-type"), Some("text/event-stream"));
+        assert_eq!(hit.header("cache-status"), Some("tollgate; hit"));
+        assert_eq!(String::from_utf8(hit.body()).unwrap(), streamed);
+        assert_eq!(bed.upstream.seen_with_prefix("/sse").len(), 1);
+
+        // POST: keyed on a digest of the body (BUFFERED request route).
+        let ct = [("content-type", "application/json")];
+        let a = bed
+            .post("/v1/chat/completions", &ct, r#"{"temperature":0,"n":1}"#)
+            .await;
+        let b = bed
+            .post("/v1/chat/completions", &ct, r#"{"temperature":0,"n":1}"#)
+            .await;
+        let c = bed
+            .post("/v1/chat/completions", &ct, r#"{"temperature":0,"n":2}"#)
+            .await;
+        assert_eq!(a.header("cache-status"), Some("tollgate; fwd=miss; stored"));
+        assert_eq!(b.header("cache-status"), Some("tollgate; hit"));
+        assert_eq!(b.body, a.body);
+        assert_ne!(c.body, a.body);
+        assert_eq!(
+            bed.upstream.seen_with_prefix("/v1/chat/completions").len(),
+            2
+        );
+
+        // Larger than maxEntryBytes: passed on whole, every time, never stored.
+        for _ in 0..2 {
+            let r = bed.get("/big", &[]).await;
+            assert_eq!(r.status, 200);
+            assert!(r.body.len() > 64);
+            assert!(r.json()["path"] == "/big");
+        }
+        assert_eq!(bed.upstream.seen_with_prefix("/big").len(), 2);
+    })
+    .await;
+}

@@ -1,0 +1,719 @@
+//! Quotas across process boundaries, with the real binary and a real `redis-server`:
+//! two replicas in synchronous mode admit exactly the limit together; in asynchronous mode
+//! the overshoot stays within its documented bound; Redis killed and restarted mid-run
+//! follows each policy's fail mode and counting resumes where it stood; an embedded-store
+//! replica keeps a day quota's count across `kill -9`.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
+use envoy_types::pb::envoy::service::ext_proc::v3::{
+    external_processor_client::ExternalProcessorClient, processing_request::Request,
+    processing_response::Response, HttpHeaders, ProcessingRequest,
+};
+use tonic::transport::Channel;
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(60)..].join("\n")
+}
+
+/// A child process killed on drop; its log is printed when the test fails.
+struct Proc {
+    name: &'static str,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(name: &'static str, mut cmd: Command, log: PathBuf) -> Self {
+        let out = std::fs::File::create(&log).unwrap();
+        let err = out.try_clone().unwrap();
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Self {
+            name,
+            child: Some(child),
+            log,
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn exited(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_none_or(|c| matches!(c.try_wait(), Ok(Some(_))))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("──── {} log ────\n{}", self.name, tail(&self.log));
+        }
+    }
+}
+
+/// A `redis-server` with an append-only file fsynced on every write, so a `kill -9` and
+/// restart on the same port keeps the counts.
+struct Redis {
+    proc: Proc,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Redis {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let proc = Self::spawn(port, dir.path());
+        Self { proc, port, dir }
+    }
+
+    fn spawn(port: u16, dir: &Path) -> Proc {
+        let mut cmd = Command::new("redis-server");
+        cmd.args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+        ])
+        .args(["--appendonly", "yes", "--appendfsync", "always"])
+        .arg("--dir")
+        .arg(dir);
+        let mut p = Proc::spawn("redis-server", cmd, dir.join("redis.log"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(!p.exited(), "redis-server exited at start");
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        p
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// A one-node Redis Cluster holding every slot (keys in different slots still may not
+    /// share a pipeline or a script call, as on a real cluster).
+    fn start_cluster() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let mut cmd = Command::new("redis-server");
+        cmd.args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+        ])
+        .args(["--appendonly", "no", "--cluster-enabled", "yes"])
+        .arg("--cluster-config-file")
+        .arg(dir.path().join("nodes.conf"))
+        .arg("--dir")
+        .arg(dir.path());
+        let mut proc = Proc::spawn("redis-server", cmd, dir.path().join("redis.log"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(!proc.exited(), "redis-server exited at start");
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+        let mut con = client.get_connection().unwrap();
+        redis::cmd("CLUSTER")
+            .arg("ADDSLOTSRANGE")
+            .arg(0)
+            .arg(16383)
+            .query::<()>(&mut con)
+            .unwrap();
+        loop {
+            let info: String = redis::cmd("CLUSTER").arg("INFO").query(&mut con).unwrap();
+            if info.contains("cluster_state:ok") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "cluster never became ok");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self { proc, port, dir }
+    }
+
+    fn kill(&mut self) {
+        self.proc.kill();
+    }
+
+    fn restart(&mut self) {
+        self.proc = Self::spawn(self.port, self.dir.path());
+    }
+}
+
+struct Tollgate {
+    proc: Proc,
+    admin: u16,
+    client: ExternalProcessorClient<Channel>,
+}
+
+impl Tollgate {
+    async fn start(config: &Path, logs: &Path, name: &str, args: &[&str]) -> Self {
+        let (grpc, admin) = (free_port(), free_port());
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tollgate"));
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(config)
+            .args(["--grpc-addr", &format!("127.0.0.1:{grpc}")])
+            .args(["--admin-addr", &format!("127.0.0.1:{admin}")])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1");
+        let mut proc = Proc::spawn("tollgate", cmd, logs.join(format!("{name}.log")));
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while http_get(admin, "/readyz").0 != 200 {
+            assert!(!proc.exited(), "tollgate exited at start");
+            assert!(Instant::now() < deadline, "tollgate was not ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let client = ExternalProcessorClient::connect(format!("http://127.0.0.1:{grpc}"))
+            .await
+            .unwrap();
+        Self {
+            proc,
+            admin,
+            client,
+        }
+    }
+
+    /// Sends request headers for `path`: 200 when tollgate lets the request on, otherwise
+    /// the status of its immediate answer.
+    async fn status(&self, path: &str, headers: &[(&str, &str)]) -> u32 {
+        let h = |k: &str, v: &str| HeaderValue {
+            key: k.into(),
+            value: String::new(),
+            raw_value: v.as_bytes().to_vec(),
+        };
+        let mut all = vec![h(":method", "GET"), h(":path", path), h(":authority", "a")];
+        all.extend(headers.iter().map(|(k, v)| h(k, v)));
+        let msg = ProcessingRequest {
+            request: Some(Request::RequestHeaders(HttpHeaders {
+                headers: Some(HeaderMap { headers: all }),
+                end_of_stream: true,
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        let mut answers = self
+            .client
+            .clone()
+            .process(tokio_stream::iter(vec![msg]))
+            .await
+            .unwrap()
+            .into_inner();
+        match answers.message().await.unwrap().unwrap().response {
+            Some(Response::RequestHeaders(_)) => 200,
+            Some(Response::ImmediateResponse(i)) => i.status.map_or(0, |s| s.code as u32),
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+
+    fn metric(&self, series: &str) -> f64 {
+        http_get(self.admin, "/metrics")
+            .1
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+}
+
+/// A minimal HTTP/1.1 GET: (status, body).
+fn http_get(port: u16, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return (0, String::new());
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    if s.write_all(req.as_bytes()).is_err() {
+        return (0, String::new());
+    }
+    let mut buf = String::new();
+    let _ = s.read_to_string(&mut buf);
+    let status = buf
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (
+        status,
+        buf.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default(),
+    )
+}
+
+fn config(text: &str) -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join("limits.yaml"), text).unwrap();
+    d
+}
+
+/// A flexi hour quota (its window starts at the first request, so no clock edge falls
+/// inside a test) of `allow` per `x-user`, failing closed, on `/q`.
+fn quota_config(allow: u32) -> String {
+    format!(
+        r#"
+apiVersion: tollgate.dev/v1alpha1
+kind: Policy
+metadata: {{name: shared-quota}}
+spec:
+  type: Quota
+  allow: {allow}
+  timeUnit: hour
+  quotaType: flexi
+  identifier: "{{request.header.x-user}}"
+  failOpen: false
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: Flow
+metadata: {{name: q}}
+spec:
+  match: {{pathPrefixes: [/q]}}
+  request: [{{policy: shared-quota}}]
+"#
+    )
+}
+
+/// `clients` tasks, each sending `per_client` requests alternately to the replicas; returns
+/// (admitted, refused with 429). Any other answer fails the test.
+async fn hammer(
+    replicas: &[&Tollgate],
+    clients: usize,
+    per_client: usize,
+    user: &str,
+) -> (usize, usize) {
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let targets: Vec<ExternalProcessorClient<Channel>> =
+            replicas.iter().map(|t| t.client.clone()).collect();
+        let user = user.to_owned();
+        tasks.push(tokio::spawn(async move {
+            let (mut ok, mut refused) = (0, 0);
+            for i in 0..per_client {
+                let t = Tollgate::status_on(&targets[(c + i) % targets.len()], "/q", &user).await;
+                match t {
+                    200 => ok += 1,
+                    429 => refused += 1,
+                    other => panic!("unexpected status {other}"),
+                }
+            }
+            (ok, refused)
+        }));
+    }
+    let mut total = (0, 0);
+    for t in tasks {
+        let (a, r) = t.await.unwrap();
+        total.0 += a;
+        total.1 += r;
+    }
+    total
+}
+
+impl Tollgate {
+    async fn status_on(client: &ExternalProcessorClient<Channel>, path: &str, user: &str) -> u32 {
+        let h = |k: &str, v: &str| HeaderValue {
+            key: k.into(),
+            value: String::new(),
+            raw_value: v.as_bytes().to_vec(),
+        };
+        let msg = ProcessingRequest {
+            request: Some(Request::RequestHeaders(HttpHeaders {
+                headers: Some(HeaderMap {
+                    headers: vec![
+                        h(":method", "GET"),
+                        h(":path", path),
+                        h(":authority", "a"),
+                        h("x-user", user),
+                    ],
+                }),
+                end_of_stream: true,
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        let mut answers = client
+            .clone()
+            .process(tokio_stream::iter(vec![msg]))
+            .await
+            .unwrap()
+            .into_inner();
+        match answers.message().await.unwrap().unwrap().response {
+            Some(Response::RequestHeaders(_)) => 200,
+            Some(Response::ImmediateResponse(i)) => i.status.map_or(0, |s| s.code as u32),
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn synchronous_redis_two_replicas_admit_exactly_the_limit() {
+    let redis = Redis::start();
+    let cfg = config(&quota_config(150));
+    let logs = tempfile::tempdir().unwrap();
+    let url = redis.url();
+    let args = [
+        "--store",
+        "memory",
+        "--counters",
+        "redis",
+        "--redis-url",
+        &url,
+    ];
+    let a = Tollgate::start(cfg.path(), logs.path(), "a", &args).await;
+    let b = Tollgate::start(cfg.path(), logs.path(), "b", &args).await;
+    // 32 concurrent clients, 500 requests for a limit of 150.
+    let (admitted, refused) = hammer(&[&a, &b], 32, 16, "alice").await;
+    assert_eq!(admitted, 150, "admitted together (refused {refused})");
+    assert_eq!(refused, 32 * 16 - 150);
+    // Another identifier has its own count.
+    assert_eq!(a.status("/q", &[("x-user", "bob")]).await, 200);
+    let allowed = a
+        .metric("tollgate_ratelimit_decisions_total{policy=\"shared-quota\",result=\"allowed\"}")
+        + b.metric(
+            "tollgate_ratelimit_decisions_total{policy=\"shared-quota\",result=\"allowed\"}",
+        );
+    assert_eq!(allowed, 151.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn asynchronous_redis_overshoot_stays_within_its_bound_and_converges() {
+    let redis = Redis::start();
+    let cfg = config(&quota_config(100));
+    let logs = tempfile::tempdir().unwrap();
+    let url = redis.url();
+    let args = [
+        "--store",
+        "memory",
+        "--counters",
+        "redis",
+        "--redis-url",
+        &url,
+        "--counter-sync",
+        "async",
+        "--counter-sync-interval",
+        "50ms",
+    ];
+    let a = Tollgate::start(cfg.path(), logs.path(), "a", &args).await;
+    let b = Tollgate::start(cfg.path(), logs.path(), "b", &args).await;
+    let (admitted, _) = hammer(&[&a, &b], 16, 25, "carol").await;
+    // Each replica admits at most the limit on its own; together at most (replicas) × limit.
+    assert!(
+        (100..=200).contains(&admitted),
+        "admitted {admitted} for a limit of 100 on two replicas"
+    );
+    // Once synced, both replicas know the window is spent.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let ra = a.status("/q", &[("x-user", "carol")]).await;
+        let rb = b.status("/q", &[("x-user", "carol")]).await;
+        if ra == 429 && rb == 429 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "replicas never converged");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Redis holds the true total (what both replicas counted, over-admissions included).
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("tollgate:rl:*")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let n: u64 = redis::cmd("HGET")
+        .arg(&keys[0])
+        .arg("n")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert!(
+        n >= 100 && n <= admitted as u64 + 2,
+        "redis count {n}, admitted {admitted}"
+    );
+}
+
+const FAIL_MODES: &str = r#"
+apiVersion: tollgate.dev/v1alpha1
+kind: Policy
+metadata: {name: open-quota}
+spec: {type: Quota, allow: 8, timeUnit: hour, quotaType: flexi, failOpen: true}
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: Policy
+metadata: {name: closed-quota}
+spec: {type: Quota, allow: 1000, timeUnit: hour, quotaType: flexi, failOpen: false}
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: Flow
+metadata: {name: open}
+spec:
+  match: {pathPrefixes: [/open]}
+  request: [{policy: open-quota}]
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: Flow
+metadata: {name: closed}
+spec:
+  match: {pathPrefixes: [/closed]}
+  request: [{policy: closed-quota}]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_and_restarted_follows_the_fail_mode_and_counting_resumes() {
+    let mut redis = Redis::start();
+    let cfg = config(FAIL_MODES);
+    let logs = tempfile::tempdir().unwrap();
+    let url = redis.url();
+    let t = Tollgate::start(
+        cfg.path(),
+        logs.path(),
+        "t",
+        &[
+            "--store",
+            "memory",
+            "--counters",
+            "redis",
+            "--redis-url",
+            &url,
+        ],
+    )
+    .await;
+    for _ in 0..3 {
+        assert_eq!(t.status("/open", &[]).await, 200);
+    }
+    assert_eq!(t.status("/closed", &[]).await, 200);
+
+    redis.kill();
+    // Fail closed: 503. Fail open: admitted, counted locally, and said so in the metrics.
+    assert_eq!(t.status("/closed", &[]).await, 503);
+    for _ in 0..2 {
+        assert_eq!(t.status("/open", &[]).await, 200);
+    }
+    assert!(t.metric("tollgate_ratelimit_fail_open_total{policy=\"open-quota\"}") >= 2.0);
+    assert!(t.metric("tollgate_ratelimit_fail_closed_total{policy=\"closed-quota\"}") >= 1.0);
+    assert!(t.metric("tollgate_ratelimit_redis_errors_total{op=\"decide\"}") >= 1.0);
+
+    redis.restart();
+    // Reconnects by itself (within the one-second back-off, plus a reconnect).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while t.status("/closed", &[]).await != 200 {
+        assert!(Instant::now() < deadline, "counting never resumed on Redis");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Counting resumes where Redis stood (3 before the outage; local counts are not
+    // merged): 5 more of 8, then 429.
+    for i in 0..5 {
+        assert_eq!(
+            t.status("/open", &[]).await,
+            200,
+            "request {i} after restart"
+        );
+    }
+    assert_eq!(t.status("/open", &[]).await, 429);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_store_restart_keeps_a_day_quota() {
+    let cfg = config(
+        r#"
+apiVersion: tollgate.dev/v1alpha1
+kind: Policy
+metadata: {name: daily}
+spec: {type: Quota, allow: 5, timeUnit: day, identifier: "{request.header.x-user}"}
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: Flow
+metadata: {name: q}
+spec:
+  match: {pathPrefixes: [/q]}
+  request: [{policy: daily}]
+"#,
+    );
+    let logs = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path().to_str().unwrap();
+    let args = [
+        "--store",
+        "embedded",
+        "--data-dir",
+        dir,
+        "--counter-checkpoint-interval",
+        "100ms",
+    ];
+    let day = || chrono::Utc::now().date_naive();
+    let started = day();
+    let mut t = Tollgate::start(cfg.path(), logs.path(), "first", &args).await;
+    for _ in 0..3 {
+        assert_eq!(t.status("/q", &[("x-user", "dora")]).await, 200);
+    }
+    // The checkpoint runs on the next maintenance tick (every second); then kill -9.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    t.proc.kill();
+    drop(t);
+
+    let t = Tollgate::start(cfg.path(), logs.path(), "second", &args).await;
+    let results = [
+        t.status("/q", &[("x-user", "dora")]).await,
+        t.status("/q", &[("x-user", "dora")]).await,
+        t.status("/q", &[("x-user", "dora")]).await,
+    ];
+    if day() != started {
+        eprintln!("the UTC day turned during the test: the new day has a new count");
+        return;
+    }
+    assert_eq!(
+        results,
+        [200, 200, 429],
+        "3 of 5 were used before the restart"
+    );
+    drop(t);
+
+    // SIGTERM: the checkpoint after the drain saves counts the periodic one (hourly here)
+    // has not written yet.
+    let args = [
+        "--store",
+        "embedded",
+        "--data-dir",
+        dir,
+        "--counter-checkpoint-interval",
+        "1h",
+        "--drain-timeout",
+        "2s",
+    ];
+    let mut t = Tollgate::start(cfg.path(), logs.path(), "third", &args).await;
+    for _ in 0..4 {
+        assert_eq!(t.status("/q", &[("x-user", "eve")]).await, 200);
+    }
+    let pid = t.proc.child.as_ref().map(Child::id).unwrap();
+    let status = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !t.proc.exited() {
+        assert!(
+            Instant::now() < deadline,
+            "tollgate did not exit on SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(t);
+    let t = Tollgate::start(cfg.path(), logs.path(), "fourth", &args).await;
+    let results = [
+        t.status("/q", &[("x-user", "eve")]).await,
+        t.status("/q", &[("x-user", "eve")]).await,
+    ];
+    if day() != started {
+        return;
+    }
+    assert_eq!(results, [200, 429], "4 of 5 were used before SIGTERM");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_counts_in_both_modes() {
+    let cluster = Redis::start_cluster();
+    let url = format!("redis+cluster://127.0.0.1:{}", cluster.port);
+    let cfg = config(&quota_config(20));
+    let logs = tempfile::tempdir().unwrap();
+    let sync = Tollgate::start(
+        cfg.path(),
+        logs.path(),
+        "sync",
+        &[
+            "--store",
+            "memory",
+            "--counters",
+            "redis",
+            "--redis-url",
+            &url,
+        ],
+    )
+    .await;
+    let (admitted, _) = hammer(&[&sync], 8, 10, "erin").await;
+    assert_eq!(admitted, 20);
+    // Asynchronous mode syncs many counters (several slots) at once.
+    let asynchronous = Tollgate::start(
+        cfg.path(),
+        logs.path(),
+        "async",
+        &[
+            "--store",
+            "memory",
+            "--counters",
+            "redis",
+            "--redis-url",
+            &url,
+            "--counter-sync",
+            "async",
+            "--counter-sync-interval",
+            "50ms",
+        ],
+    )
+    .await;
+    for user in ["u1", "u2", "u3", "u4"] {
+        assert_eq!(asynchronous.status("/q", &[("x-user", user)]).await, 200);
+    }
+    // erin's window is spent in Redis: once synced, the async replica refuses too.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while asynchronous.status("/q", &[("x-user", "erin")]).await != 429 {
+        assert!(
+            Instant::now() < deadline,
+            "the async replica never saw the count"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        asynchronous.metric("tollgate_ratelimit_redis_errors_total{op=\"sync\"}"),
+        0.0,
+        "syncing across cluster slots failed"
+    );
+    // The sync replica sees the async replica's counts: u1 has 1 of 20 used.
+    let client = redis::Client::open(format!("redis://127.0.0.1:{}", cluster.port)).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("tollgate:rl:*")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(keys.len(), 5, "{keys:?}");
+    assert!(
+        keys.iter().all(|k| k.contains(":{") && k.ends_with('}')),
+        "{keys:?}"
+    );
+}
