@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The gRPC load generator straight at the ext_proc port: the floor (a no-op ext_proc server)
-# against tollgate with an empty flow, a three-AssignMessage + condition flow and a
+# against tollgate with an empty flow, a three-AssignMessage + condition flow, a
 # VerifyApiKey flow (a valid key, so every stream must pass: an immediate answer fails the
-# run), runs interleaved, medians and ratios (to the floor; verify also to the empty flow)
+# run), a one-step JavaScript flow and a VerifyJwt flow (RS256, JWKS served by
+# benches/jwks_fixture.rs and cached), runs interleaved, medians and ratios (to the floor;
+# verify, js and jwt also to the empty flow)
 # printed, with the server's CPU time per stream (steadier than the rate on a busy machine).
 # Target `cache`: a ResponseCache flow whose entry the first stream stores; every later
 # stream is a hit answered at request headers (there an immediate answer is required, and
@@ -18,7 +20,7 @@
 #   MIX=headers TARGETS="empty limits limits-sync limits-async" benches/grpc-compare.sh
 # Environment: DURATION=5 (seconds per run), ROUNDS=3, MIX="headers body sse",
 #              CONCURRENCY=32, CONNECTIONS=2,
-#              TARGETS="floor empty three verify cache limits limits-sync limits-async"
+#              TARGETS="floor empty three verify cache limits limits-sync limits-async js jwt"
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -27,11 +29,11 @@ ROUNDS="${ROUNDS:-3}"
 MIX="${MIX:-headers body sse}"
 CONCURRENCY="${CONCURRENCY:-32}"
 CONNECTIONS="${CONNECTIONS:-2}"
-TARGETS="${TARGETS:-floor empty three verify cache limits limits-sync limits-async}"
+TARGETS="${TARGETS:-floor empty three verify cache limits limits-sync limits-async js jwt}"
 # The key of the app `bench-app` in benches/configs/bench.yaml (stored there as its SHA-256).
 BENCH_KEY=tg_bench_key_0000000000000000
 
-cargo build --release --quiet --bin tollgate --example floor --example loadgen
+cargo build --release --quiet --bin tollgate --example floor --example loadgen --example jwks_fixture
 BIN=target/release
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 FLOOR_PORT=$(free_port); TG_PORT=$(free_port); TG_ADMIN=$(free_port)
@@ -40,6 +42,12 @@ cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap cleanup EXIT
 
 "$BIN/examples/floor" --addr "127.0.0.1:$FLOOR_PORT" >/dev/null 2>&1 & FLOOR_PID=$!; PIDS+=($FLOOR_PID)
+# The JWKS for the /jwt flow (fixed address, as in benches/configs/bench.yaml) and its token.
+JWT_OUT=$(mktemp)
+"$BIN/examples/jwks_fixture" --addr 127.0.0.1:19876 >"$JWT_OUT" 2>/dev/null & PIDS+=($!)
+for _ in $(seq 100); do [ -s "$JWT_OUT" ] && break; sleep 0.1; done
+BENCH_JWT=$(head -1 "$JWT_OUT"); rm -f "$JWT_OUT"
+[ -n "$BENCH_JWT" ] || { echo "jwks_fixture did not start" >&2; exit 1; }
 RUST_LOG=warn "$BIN/tollgate" serve --config benches/configs --store memory --grpc-addr "127.0.0.1:$TG_PORT" \
   --admin-addr "127.0.0.1:$TG_ADMIN" >/dev/null 2>&1 & TG_PID=$!; PIDS+=($TG_PID)
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$TG_ADMIN/readyz" >/dev/null && break; sleep 0.1; done
@@ -100,6 +108,8 @@ for mix in $MIX; do
         limits-sync) out=$(run "$SYNC_PID" "$SYNC_PORT" /limits/v1/chat/completions "$mix" --header "x-api-key:$BENCH_KEY") ;;
         limits-async) out=$(run "$ASYNC_PID" "$ASYNC_PORT" /limits/v1/chat/completions "$mix" --header "x-api-key:$BENCH_KEY") ;;
         cache) out=$(ALLOW_IMMEDIATE=1 run "$TG_PID" "$TG_PORT" /cache/v1/chat/completions "$mix") ;;
+        js) out=$(run "$TG_PID" "$TG_PORT" /js/v1/chat/completions "$mix") ;;
+        jwt) out=$(run "$TG_PID" "$TG_PORT" /jwt/v1/chat/completions "$mix" --header "authorization:Bearer $BENCH_JWT") ;;
         *) echo "unknown target $t" >&2; exit 2 ;;
       esac
       read -r rate p99 cpu <<<"$out"
@@ -117,7 +127,7 @@ r, p, c, fr, fp, er, ep, ec = map(float, sys.argv[3:])
 ratio = lambda a, b: f"{a / b:5.2f}" if b else "  n/a"
 line = (f"mix={mix} target={t:12} rate={r:9.0f}/s p99={p / 1000:7.2f}ms cpu={c:6.1f}us/stream"
         f"  rate/floor={ratio(r, fr)}  p99/floor={ratio(p, fp)}")
-if t in ("verify", "cache") or t.startswith("limits"):
+if t in ("verify", "cache", "js", "jwt") or t.startswith("limits"):
     line += f"  rate/empty={ratio(r, er)}  p99/empty={ratio(p, ep)}  cpu/empty={ratio(c, ec)}"
 print(line)
 PY

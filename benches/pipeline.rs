@@ -1,7 +1,9 @@
 //! Criterion micro-benchmarks of tollgate's own work per exchange, without gRPC: one
 //! headers-only exchange (request headers + response headers) through the stream state
 //! machine, on the flows of `benches/configs/bench.yaml` that `benches/grpc-compare.sh`
-//! drives (empty, three AssignMessage steps with a condition, VerifyApiKey).
+//! drives (empty, three AssignMessage steps with a condition, VerifyApiKey, one JavaScript
+//! step); and single policy runs: one JavaScript step, one VerifyJwt (RS256) of a token it
+//! has verified before (the verified-token cache hit, the common case).
 //!
 //! `cargo bench --bench pipeline`
 //!
@@ -101,9 +103,11 @@ fn bench(c: &mut Criterion) {
         ("exchange/empty_flow", "/empty/x"),
         ("exchange/three_assign_and_condition", "/three/x"),
         ("exchange/verify_api_key", "/verify/v1/chat/completions"),
+        ("exchange/javascript_set_header", "/js/x"),
     ] {
         c.bench_function(name, |b| b.iter(|| rt.block_on(exchange(&shared, path))));
     }
+    policy_runs(c);
 
     let mut h = Headers::new();
     h.push(":method".into(), "POST".into());
@@ -126,6 +130,90 @@ fn bench(c: &mut Criterion) {
     let t = Template::compile("{flow.name}:{request.path}:{request.header.content-type}")
         .expect("valid");
     c.bench_function("template/three_vars", |b| b.iter(|| t.render(&ex)));
+}
+
+/// One step of a policy on a ready exchange, without the stream machinery.
+fn policy_runs(c: &mut Criterion) {
+    use tollgate::pipeline::{Direction, Outcome, Policy};
+    use tollgate::policies::{builder, BuildContext};
+    let build = |ty: &str, yaml: &str| -> Arc<dyn Policy> {
+        builder(ty).expect("policy type")(
+            &BuildContext {
+                name: "p".into(),
+                ..Default::default()
+            },
+            serde_norway::from_str(yaml).expect("yaml"),
+        )
+        .expect("valid policy")
+    };
+    let run = |p: &Arc<dyn Policy>, ex: &mut Exchange| match p.run(ex, Direction::Request) {
+        Outcome::Ready(r) => r.expect("step passes"),
+        Outcome::Pending(_) => panic!("a benchmarked step must answer at once"),
+    };
+    let fresh = |auth: &str| {
+        let mut h = Headers::new();
+        h.push(":method".into(), "POST".into());
+        h.push(":path".into(), "/v1/chat".into());
+        h.push("authorization".into(), auth.to_owned());
+        Exchange {
+            request: RequestInfo::from_headers(h),
+            ..Default::default()
+        }
+    };
+
+    let js = build(
+        "JavaScript",
+        r#"{source: "request.setHeader('x-js', 'yes');"}"#,
+    );
+    c.bench_function("policy/javascript_set_header", |b| {
+        b.iter(|| {
+            let mut ex = fresh("");
+            run(&js, &mut ex);
+            ex
+        })
+    });
+    let js_vars = build(
+        "JavaScript",
+        r#"{source: "var t = context.getVariable('request.header.authorization'); context.setVariable('seen', t); request.setHeader('x-t', String(t.length));"}"#,
+    );
+    c.bench_function("policy/javascript_get_set_variable_and_header", |b| {
+        b.iter(|| {
+            let mut ex = fresh("Bearer x");
+            run(&js_vars, &mut ex);
+            ex
+        })
+    });
+
+    use base64::Engine as _;
+    use rsa::pkcs8::EncodePrivateKey;
+    use rsa::traits::PublicKeyParts;
+    let key = rsa::RsaPrivateKey::new(&mut rand::thread_rng(), 2048).expect("rsa key");
+    let b64 = |b: Vec<u8>| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let jwk = serde_json::json!({"kty": "RSA", "kid": "k", "n": b64(key.n().to_bytes_be()), "e": b64(key.e().to_bytes_be())});
+    let jwt = build(
+        "VerifyJwt",
+        &format!("{{algorithms: [RS256], keys: {{jwks: {{keys: [{jwk}]}}}}, issuer: iss, audience: aud}}"),
+    );
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+    header.kid = Some("k".into());
+    let now = jsonwebtoken::get_current_timestamp();
+    let token = jsonwebtoken::encode(
+        &header,
+        &serde_json::json!({"iss": "iss", "aud": "aud", "sub": "s", "iat": now, "exp": now + 86_400}),
+        &jsonwebtoken::EncodingKey::from_rsa_pem(
+            key.to_pkcs8_pem(rsa::pkcs8::LineEnding::LF).expect("pem").as_bytes(),
+        )
+        .expect("key"),
+    )
+    .expect("token");
+    let auth = format!("Bearer {token}");
+    c.bench_function("policy/verify_jwt_rs256_cached_token", |b| {
+        b.iter(|| {
+            let mut ex = fresh(&auth);
+            run(&jwt, &mut ex);
+            ex
+        })
+    });
 }
 
 criterion_group!(benches, bench);

@@ -694,6 +694,23 @@ impl Template {
         self.parts.iter().all(|p| matches!(p, Part::Lit(_)))
     }
 
+    /// Renders with every variable's value passed through `escape` (literal text is kept):
+    /// for values placed into URLs, where a raw `&` or `/` would change the request.
+    pub fn render_escaped(&self, ex: &Exchange, escape: impl Fn(&str) -> String) -> String {
+        let mut out = String::new();
+        for p in &self.parts {
+            match p {
+                Part::Lit(s) => out.push_str(s),
+                Part::Var(name) => {
+                    if let Some(v) = ex.lookup(name) {
+                        out.push_str(&escape(&v));
+                    }
+                }
+            }
+        }
+        out
+    }
+
     pub fn render(&self, ex: &Exchange) -> String {
         match self.parts.as_slice() {
             [] => String::new(),

@@ -3,7 +3,7 @@
 //! the system roots. Service callouts, JWKS fetches and Google token requests share it, so
 //! connections are reused across policies and configuration reloads.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -62,35 +62,41 @@ impl Default for HttpClient {
     }
 }
 
+/// The TLS settings, built once per process: reading the system roots is slow, and every
+/// `Services` (tests and `validate` make many) builds a client.
+static TLS: LazyLock<rustls::ClientConfig> = LazyLock::new(|| {
+    let mut roots = rustls::RootCertStore::empty();
+    let found = rustls_native_certs::load_native_certs();
+    for e in &found.errors {
+        tracing::warn!(error = %e, "reading system CA certificates");
+    }
+    let (added, _ignored) = roots.add_parsable_certificates(found.certs);
+    if added == 0 {
+        // No CA bundle in the image: plain HTTP still works, HTTPS calls fail clearly.
+        tracing::warn!("no system CA certificates; HTTPS calls will fail");
+    }
+    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .expect("ring supports rustls' default protocol versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth()
+});
+
 fn connector() -> HttpsConnector<HttpConnector> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = hyper_rustls::HttpsConnectorBuilder::new();
-    let builder = match builder.with_provider_and_native_roots(provider.clone()) {
-        Ok(b) => b,
-        Err(e) => {
-            // No CA bundle in the image: plain HTTP still works, HTTPS calls fail clearly.
-            tracing::warn!(error = %e, "no system CA certificates; HTTPS callouts will fail");
-            let config = rustls::ClientConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()
-                .expect("ring supports rustls' default protocol versions")
-                .with_root_certificates(rustls::RootCertStore::empty())
-                .with_no_client_auth();
-            hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(config)
-        }
-    };
-    builder
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(Duration::from_secs(5)));
+    hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(TLS.clone())
         .https_or_http()
         .enable_http1()
         .enable_http2()
-        .build()
+        .wrap_connector(http)
 }
 
 impl HttpClient {
     pub fn new() -> Self {
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(Duration::from_secs(5)));
         let conn = connector();
         let auto = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))

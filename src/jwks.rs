@@ -240,7 +240,11 @@ impl Default for RemoteOptions {
 pub struct Fetched {
     pub set: KeySet,
     pub expires: Instant,
+    /// Unique per fetch (never 0): results verified with one set are not reused with the next.
+    pub generation: u64,
 }
+
+static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 #[derive(Debug, Default)]
 struct FetchState {
@@ -302,7 +306,11 @@ impl RemoteKeySet {
             let Ok(mut st) = self.state.lock() else {
                 return;
             };
-            if st.background {
+            // One at a time, and none while backing off after a failure.
+            let backing_off = st
+                .last_failure
+                .is_some_and(|t| t.elapsed() < self.opts.min_refresh);
+            if st.background || backing_off {
                 return;
             }
             st.background = true;
@@ -405,6 +413,7 @@ impl RemoteKeySet {
         Ok(Fetched {
             set,
             expires: Instant::now() + ttl,
+            generation: GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         })
     }
 }

@@ -95,6 +95,10 @@ struct ServeArgs {
     admin_insecure: bool,
     #[arg(long, value_enum, env = "TOLLGATE_LOG_FORMAT", default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Destinations ServiceCallout may call: `host`, `host:port`, `*.domain[:port]`,
+    /// comma-separated. Default: anywhere.
+    #[arg(long, env = "TOLLGATE_CALLOUT_ALLOW", value_delimiter = ',')]
+    callout_allow: Vec<String>,
     /// Where Quota counters live: `auto` is Redis with `--store redis`, memory otherwise
     /// (checkpointed to the embedded store with `--store embedded`). SpikeArrest always
     /// counts per replica, in memory.
@@ -276,6 +280,10 @@ async fn run(args: Box<ServeArgs>) -> anyhow::Result<()> {
     tracing::info!(counters = counters.kind(), "counters ready");
     let services = Services {
         counters: counters.clone(),
+        egress: std::sync::Arc::new(
+            tollgate::policies::service_callout::Egress::new(&args.callout_allow)
+                .map_err(|e| anyhow::anyhow!("--callout-allow: {e}"))?,
+        ),
         ..Services::with_consumers(consumers.clone())
     };
     // Configuration first (its index build sees no store objects yet and is cheap), then

@@ -7,10 +7,10 @@
 use std::sync::Arc;
 
 use crate::consumer::service::Consumers;
-use crate::ratelimit::Counters;
 use crate::google::GoogleTokens;
 use crate::http_client::HttpClient;
 use crate::jwks::Jwks;
+use crate::ratelimit::Counters;
 use crate::store::memory::MemoryStore;
 
 #[derive(Debug, Clone)]

@@ -400,8 +400,183 @@ fn scenarios(file: &str) -> Option<Vec<Scenario>> {
                 expect: Expect::Upstream(&[("x-tenant-model", "")]),
             },
         ]),
+        "jwt.yaml" => Some(vec![
+            Scenario {
+                method: "GET",
+                path: "/jwt/hello",
+                headers: &[],
+                body: None,
+                reply: None,
+                expect: Expect::Immediate {
+                    status: 401,
+                    body_contains: "steps.jwt.FailedToResolveVariable",
+                },
+            },
+            Scenario {
+                method: "GET",
+                path: "/jwt/hello",
+                headers: &[("authorization", "Bearer @jwt-valid")],
+                body: None,
+                reply: None,
+                expect: Expect::Upstream(&[
+                    ("x-tollgate-subject", "user-1"),
+                    ("x-tollgate-tier", "gold"),
+                ]),
+            },
+            Scenario {
+                method: "GET",
+                path: "/jwt/hello",
+                headers: &[("authorization", "Bearer @jwt-expired")],
+                body: None,
+                reply: None,
+                expect: Expect::Immediate {
+                    status: 401,
+                    body_contains: "steps.jwt.TokenExpired",
+                },
+            },
+            Scenario {
+                method: "GET",
+                path: "/jwt/hello",
+                headers: &[("authorization", "Bearer @jwt-other-audience")],
+                body: None,
+                reply: None,
+                expect: Expect::Immediate {
+                    status: 401,
+                    body_contains: "steps.jwt.JwtAudienceMismatch",
+                },
+            },
+        ]),
+        "javascript.yaml" => Some(vec![
+            Scenario {
+                method: "GET",
+                path: "/js/x",
+                headers: &[("x-tier", "pro")],
+                body: None,
+                reply: None,
+                expect: Expect::Upstream(&[
+                    ("x-tollgate-model", "large"),
+                    ("x-tollgate-stamp", "GET /js/x -> large"),
+                ]),
+            },
+            Scenario {
+                method: "GET",
+                path: "/js/x",
+                headers: &[],
+                body: None,
+                reply: None,
+                expect: Expect::Upstream(&[("x-tollgate-model", "small")]),
+            },
+            Scenario {
+                method: "GET",
+                path: "/js/x",
+                headers: &[("x-tier", "gold")],
+                body: None,
+                reply: None,
+                expect: Expect::Immediate {
+                    status: 400,
+                    body_contains: "custom.UnknownTier",
+                },
+            },
+        ]),
+        "service-callout.yaml" => Some(vec![
+            Scenario {
+                method: "GET",
+                path: "/callout/a",
+                headers: &[("x-user", "alice")],
+                body: None,
+                reply: None,
+                expect: Expect::Upstream(&[("x-tollgate-tier", "gold")]),
+            },
+            Scenario {
+                method: "GET",
+                path: "/callout/a",
+                headers: &[("x-user", "mallory")],
+                body: None,
+                reply: None,
+                expect: Expect::Immediate {
+                    status: 403,
+                    body_contains: "authz.Denied",
+                },
+            },
+            Scenario {
+                method: "GET",
+                path: "/callout/a",
+                headers: &[("x-user", "slowpoke")],
+                body: None,
+                reply: None,
+                expect: Expect::Immediate {
+                    status: 504,
+                    body_contains: "steps.servicecallout.ExecutionFailed",
+                },
+            },
+        ]),
         _ => None,
     }
+}
+
+/// The demo secret of `policies/jwt.yaml`; tokens are minted here, at test time.
+const JWT_DEMO_SECRET: &str = "tollgate-demo-secret-rotate-me-0123456789";
+
+/// Replaces `@jwt-*` placeholders in a header value with a freshly minted token.
+fn expand(value: &str) -> String {
+    let now = jsonwebtoken::get_current_timestamp();
+    let mut claims = serde_json::json!({"iss": "https://issuer.example.com", "aud": "tollgate-demo",
+        "sub": "user-1", "tier": "gold", "iat": now, "exp": now + 300});
+    let token = |c: &serde_json::Value| {
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            c,
+            &jsonwebtoken::EncodingKey::from_secret(JWT_DEMO_SECRET.as_bytes()),
+        )
+        .unwrap()
+    };
+    if value.contains("@jwt-valid") {
+        return value.replace("@jwt-valid", &token(&claims));
+    }
+    if value.contains("@jwt-expired") {
+        claims["exp"] = (now - 3600).into();
+        return value.replace("@jwt-expired", &token(&claims));
+    }
+    if value.contains("@jwt-other-audience") {
+        claims["aud"] = "someone-else".into();
+        return value.replace("@jwt-other-audience", &token(&claims));
+    }
+    value.to_owned()
+}
+
+/// The authorization service `policies/service-callout.yaml` calls, on a local port:
+/// alice is allowed (tier gold), mallory refused, slowpoke never answered in time.
+async fn start_authz() -> std::net::SocketAddr {
+    use axum::extract::RawQuery;
+    async fn check(RawQuery(q): RawQuery) -> axum::response::Response {
+        use axum::response::IntoResponse;
+        let q = q.unwrap_or_default();
+        if q.contains("user=slowpoke") {
+            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+        }
+        let allowed = q.contains("user=alice");
+        (
+            [("content-type", "application/json")],
+            serde_json::json!({"allowed": allowed, "tier": if allowed { "gold" } else { "none" }})
+                .to_string(),
+        )
+            .into_response()
+    }
+    let app = axum::Router::new().route("/check", axum::routing::get(check));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    addr
+}
+
+/// An example file as the test loads it: the callout example calls the local service.
+fn prepare(name: &str, text: &str, authz: std::net::SocketAddr) -> String {
+    if name == "service-callout.yaml" {
+        return text.replace("authz.example.internal:8080", &authz.to_string());
+    }
+    text.to_owned()
 }
 
 fn body_msg(response: bool, body: &str) -> ProcessingRequest {
@@ -453,7 +628,7 @@ fn headers_msg(method: &str, path: &str, extra: &[(&str, &str)]) -> ProcessingRe
         hv(":authority", "localhost:10000"),
         hv(":scheme", "http"),
     ];
-    headers.extend(extra.iter().map(|(k, v)| hv(k, v)));
+    headers.extend(extra.iter().map(|(k, v)| hv(k, &expand(v))));
     ProcessingRequest {
         request: Some(Request::RequestHeaders(HttpHeaders {
             headers: Some(HeaderMap { headers }),
@@ -529,17 +704,24 @@ async fn examples_load_and_behave() {
     let files = read_dir(&policies_dir()).expect("policies/ readable");
     // The whole directory compiles together, as `tollgate serve --config policies` does.
     tollgate::config::load_dir(&policies_dir()).expect("policies/ is a valid configuration");
+    let authz = start_authz().await;
     for f in files {
         let name = Path::new(&f.name)
             .file_name()
             .unwrap()
             .to_string_lossy()
             .into_owned();
-        // Alone in a directory (with specs/ beside it, for files the policies refer to).
+        // Alone in a directory, with the subdirectories of policies/ (specs/, scripts/)
+        // beside it, for files the policies refer to.
         let alone = tempfile::tempdir().unwrap();
-        std::fs::write(alone.path().join(&name), &f.text).unwrap();
-        std::os::unix::fs::symlink(policies_dir().join("specs"), alone.path().join("specs"))
-            .unwrap();
+        std::fs::write(alone.path().join(&name), prepare(&name, &f.text, authz)).unwrap();
+        for entry in std::fs::read_dir(policies_dir()).unwrap() {
+            let entry = entry.unwrap();
+            if entry.file_type().unwrap().is_dir() {
+                std::os::unix::fs::symlink(entry.path(), alone.path().join(entry.file_name()))
+                    .unwrap();
+            }
+        }
         let cm = ConfigManager::load(ConfigSource::Dir(alone.path().to_path_buf()))
             .unwrap_or_else(|e| panic!("policies/{name} does not load on its own:\n{e}"));
         let shared = Shared::new(cm, NoMatch::Continue);

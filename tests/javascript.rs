@@ -1,5 +1,7 @@
 //! `JavaScript` policies through the public builder: the Apigee API, faults, limits
 //! (time, memory, stack), escapes via `eval`/`Function`, and isolation between requests.
+// Faults are returned by value, as the library does (see its lib.rs).
+#![allow(clippy::result_large_err)]
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -274,8 +276,9 @@ fn specs_are_checked() {
         .unwrap_err()
         .message
         .contains("configuration directory"));
-    let headers_only = script("request.setHeader('x-a', 'b');");
+    let headers_only = script("request.setHeader('x-a', request.getHeader('content-type'));");
     assert!(!headers_only.needs_body(Direction::Request));
+    assert!(script("var c = request.content;").needs_body(Direction::Request));
 }
 
 #[test]

@@ -1,6 +1,8 @@
 //! `VerifyJwt` against a real local JWKS server (axum over TCP): every algorithm family
 //! with keys generated here, caching by `Cache-Control`, key rotation, refetch storms,
 //! a JWKS endpoint that is down or hangs, algorithm confusion, and the Google preset.
+// Faults are returned by value, as the library does (see its lib.rs).
+#![allow(clippy::result_large_err)]
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -9,7 +9,8 @@
 //!     if (tier === 'banned') throw {status: 403, code: 'custom.Banned', message: 'no'};
 //!   timeLimitMs: 50                 # per run (interrupt); default 50, at most 1000
 //!   memoryLimitBytes: 8388608       # heap a run may add; default 8 MiB
-//!   needsBody: false                # default: detected from the source
+//!   needsBody: false                # default: true when the source uses .content, .body,
+//!                                   # .json(, setContent or setJson
 //! ```
 //!
 //! In the script (strict mode): `context.getVariable(name)` / `setVariable(name, value)` /
@@ -91,9 +92,20 @@ struct Script {
     wrapped: String,
 }
 
+/// The policy's run counters, resolved once (no label hashing per run).
+#[derive(Debug)]
+struct Counters {
+    ok: prometheus::IntCounter,
+    fault: prometheus::IntCounter,
+    error: prometheus::IntCounter,
+    time_limit: prometheus::IntCounter,
+    memory_limit: prometheus::IntCounter,
+}
+
 #[derive(Debug)]
 struct JavaScript {
-    name: String,
+    name: Arc<str>,
+    counters: Counters,
     script: Arc<Script>,
     time_limit: Duration,
     memory_limit: usize,
@@ -132,10 +144,21 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
     let wrapped = wrap(&source);
     check_compiles(&wrapped).map_err(|m| SpecError::new("source", m))?;
     let needs_body = spec.needs_body.unwrap_or_else(|| {
-        ["content", "json(", "setJson"].iter().any(|w| source.contains(w))
+        // `.content`, not `content`: reading `content-type` needs no body.
+        [".content", ".body", ".json(", "setContent", "setJson"]
+            .iter()
+            .any(|w| source.contains(w))
     });
+    let counter = |r: &str| RUNS.with_label_values(&[ctx.name.as_str(), r]);
     Ok(Arc::new(JavaScript {
-        name: ctx.name.clone(),
+        name: ctx.name.as_str().into(),
+        counters: Counters {
+            ok: counter("ok"),
+            fault: counter("fault"),
+            error: counter("error"),
+            time_limit: counter("time_limit"),
+            memory_limit: counter("memory_limit"),
+        },
         script: Arc::new(Script {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             wrapped,
@@ -206,7 +229,7 @@ fn js_error_text(v: &JsValue<'_>) -> String {
 struct Current {
     ex: Exchange,
     dir: Direction,
-    policy: String,
+    policy: Arc<str>,
 }
 
 thread_local! {
@@ -619,7 +642,7 @@ impl JavaScript {
         let cur = Current {
             ex: std::mem::take(ex),
             dir,
-            policy: self.name.clone(),
+            policy: Arc::clone(&self.name),
         };
         CURRENT.with(|c| *c.borrow_mut() = Some(cur));
         let result = self.call(worker, f);
@@ -738,23 +761,33 @@ impl Policy for JavaScript {
                 None => Err(RunError::Failed("JavaScript engine unavailable".into())),
             }
         });
+        let c = &self.counters;
         let (metric, fault) = match result {
-            Ok(()) => ("ok", None),
-            Err(RunError::Fault(f)) => ("fault", Some(f)),
+            Ok(()) => (&c.ok, None),
+            Err(RunError::Fault(f)) => (&c.fault, Some(f)),
             Err(e) => {
                 let (metric, msg) = match e {
-                    RunError::TimeLimit => ("time_limit", format!("exceeded its time limit of {} ms", self.time_limit.as_millis())),
-                    RunError::MemoryLimit => ("memory_limit", format!("exceeded its memory limit of {} bytes", self.memory_limit)),
-                    RunError::StackLimit => ("error", "exceeded the stack limit (too deep recursion)".to_owned()),
-                    RunError::Failed(m) => ("error", format!("failed: {m}")),
-                    RunError::Fault(_) => ("fault", String::new()),
+                    RunError::TimeLimit => (
+                        &c.time_limit,
+                        format!("exceeded its time limit of {} ms", self.time_limit.as_millis()),
+                    ),
+                    RunError::MemoryLimit => (
+                        &c.memory_limit,
+                        format!("exceeded its memory limit of {} bytes", self.memory_limit),
+                    ),
+                    RunError::StackLimit => (
+                        &c.error,
+                        "exceeded the stack limit (too deep recursion)".to_owned(),
+                    ),
+                    RunError::Failed(m) => (&c.error, format!("failed: {m}")),
+                    RunError::Fault(_) => (&c.fault, String::new()),
                 };
                 let message = format!("JavaScript {} {msg}", self.name);
                 tracing::debug!(policy = %self.name, %message, "script failed");
                 (metric, Some(Fault::new(500, "steps.javascript.ScriptExecutionFailed", message)))
             }
         };
-        RUNS.with_label_values(&[self.name.as_str(), metric]).inc();
+        metric.inc();
         Outcome::Ready(fault.map_or(Ok(()), Err))
     }
 }

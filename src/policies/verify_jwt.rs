@@ -167,6 +167,7 @@ struct VerifyJwt {
     prefix: Arc<str>,
     /// `Bearer realm="..."`
     challenge: String,
+    cache: VerifiedCache,
 }
 
 fn parse_alg(s: &str) -> Result<Algorithm, String> {
@@ -314,6 +315,7 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
         max_token_bytes: spec.max_token_bytes.unwrap_or(DEFAULT_MAX_TOKEN_BYTES),
         prefix: format!("jwt.{}.", ctx.name).into(),
         challenge: format!("Bearer realm=\"{realm}\""),
+        cache: VerifiedCache::new(),
     }))
 }
 
@@ -384,8 +386,77 @@ struct Parsed {
 #[derive(Debug)]
 struct ClaimVars {
     prefix: Arc<str>,
-    /// (name after the prefix, value)
-    vars: Vec<(String, Value)>,
+    /// (name after the prefix, value); shared with the verified-token cache.
+    vars: Arc<Vec<(String, Value)>>,
+}
+
+/// Tokens that verified, so a client sending the same token again (the usual case: one
+/// token for many requests) costs a hash and a lookup, not a signature check. An entry is
+/// used only with the key set it was verified with and while its `exp` (plus leeway) holds;
+/// everything else about a token is fixed by its bytes, compared in full.
+#[derive(Debug)]
+struct VerifiedCache {
+    hasher: std::hash::RandomState,
+    shards: Vec<std::sync::Mutex<std::collections::HashMap<u64, Arc<VerifiedToken>>>>,
+}
+
+#[derive(Debug)]
+struct VerifiedToken {
+    token: Box<str>,
+    exp: Option<u64>,
+    generation: u64,
+    vars: Arc<Vec<(String, Value)>>,
+}
+
+const CACHE_SHARDS: usize = 16;
+const CACHE_PER_SHARD: usize = 256;
+
+impl VerifiedCache {
+    fn new() -> Self {
+        Self {
+            hasher: std::hash::RandomState::new(),
+            shards: (0..CACHE_SHARDS).map(|_| Default::default()).collect(),
+        }
+    }
+
+    fn shard(&self, h: u64) -> &std::sync::Mutex<std::collections::HashMap<u64, Arc<VerifiedToken>>> {
+        &self.shards[(h as usize) % CACHE_SHARDS]
+    }
+
+    fn get(&self, token: &str, generation: u64, now: u64, leeway: u64) -> Option<Arc<Vec<(String, Value)>>> {
+        use std::hash::BuildHasher;
+        let h = self.hasher.hash_one(token);
+        let shard = self.shard(h).lock().ok()?;
+        let e = shard.get(&h)?;
+        (e.generation == generation
+            && *e.token == *token
+            && e.exp.is_none_or(|exp| exp.saturating_add(leeway) >= now))
+        .then(|| Arc::clone(&e.vars))
+    }
+
+    fn put(&self, token: &str, exp: Option<u64>, generation: u64, vars: Arc<Vec<(String, Value)>>) {
+        use std::hash::BuildHasher;
+        let h = self.hasher.hash_one(token);
+        let Ok(mut shard) = self.shard(h).lock() else {
+            return;
+        };
+        if shard.len() >= CACHE_PER_SHARD {
+            let now = now_secs();
+            shard.retain(|_, e| e.exp.is_none_or(|exp| exp >= now));
+            if shard.len() >= CACHE_PER_SHARD {
+                shard.clear();
+            }
+        }
+        shard.insert(
+            h,
+            Arc::new(VerifiedToken {
+                token: token.into(),
+                exp,
+                generation,
+                vars,
+            }),
+        );
+    }
 }
 
 impl VarSource for ClaimVars {
@@ -398,7 +469,7 @@ impl VarSource for ClaimVars {
     }
 
     fn for_each(&self, f: &mut dyn FnMut(&str, ValueRef<'_>)) {
-        for (n, v) in &self.vars {
+        for (n, v) in self.vars.iter() {
             f(&format!("{}{n}", self.prefix), v.as_ref());
         }
     }
@@ -509,7 +580,14 @@ impl VerifyJwt {
     }
 
     /// Verifies signature and claims with `key`, then publishes the claims.
-    fn finish(&self, token: &str, p: &Parsed, key: &Key, ex: &mut Exchange) -> Result<(), Fault> {
+    fn finish(
+        &self,
+        token: &str,
+        p: &Parsed,
+        key: &Key,
+        generation: u64,
+        ex: &mut Exchange,
+    ) -> Result<(), Fault> {
         use jsonwebtoken::errors::ErrorKind as K;
         let c = &self.challenge;
         let mut validation = self.validation.clone();
@@ -573,6 +651,9 @@ impl VerifyJwt {
         for (k, v) in &claims {
             vars.push((format!("claim.{k}"), claim_value(v)));
         }
+        let vars = Arc::new(vars);
+        let exp = claims.get("exp").and_then(|e| e.as_f64()).map(|e| e as u64);
+        self.cache.put(token, exp, generation, Arc::clone(&vars));
         ex.add_source(Box::new(ClaimVars {
             prefix: Arc::clone(&self.prefix),
             vars,
@@ -587,9 +668,16 @@ impl VerifyJwt {
         }
     }
 
-    fn verify_with(&self, token: &str, p: &Parsed, set: &KeySet, ex: &mut Exchange) -> Result<(), Fault> {
+    fn verify_with(
+        &self,
+        token: &str,
+        p: &Parsed,
+        set: &KeySet,
+        generation: u64,
+        ex: &mut Exchange,
+    ) -> Result<(), Fault> {
         match set.find(p.kid.as_deref(), p.alg) {
-            Lookup::Found(k) => self.finish(token, p, k, ex),
+            Lookup::Found(k) => self.finish(token, p, k, generation, ex),
             other => Err(self.no_key(&other)),
         }
     }
@@ -615,6 +703,18 @@ impl Policy for VerifyJwt {
             )
             .with_header("www-authenticate", self.challenge.clone())));
         };
+        let cached = match &self.keys {
+            Keys::Static(_) => None,
+            Keys::Remote(r) => r.cached(),
+        };
+        let generation = cached.as_ref().map_or(0, |f| f.generation);
+        if let Some(vars) = self.cache.get(&token, generation, now_secs(), self.leeway) {
+            ex.add_source(Box::new(ClaimVars {
+                prefix: Arc::clone(&self.prefix),
+                vars,
+            }));
+            return Outcome::Ready(Ok(()));
+        }
         let parsed = match self.parse(&token) {
             Ok(p) => p,
             Err(f) => return Outcome::Ready(Err(f)),
@@ -622,17 +722,16 @@ impl Policy for VerifyJwt {
         let remote = match &self.keys {
             Keys::Static(set) => {
                 let token = token.into_owned();
-                return Outcome::Ready(self.verify_with(&token, &parsed, set, ex));
+                return Outcome::Ready(self.verify_with(&token, &parsed, set, 0, ex));
             }
             Keys::Remote(r) => r,
         };
         // Fast path: a cached set (fresh, or stale while it is being refetched) has the key.
-        let cached = remote.cached();
         let reason = match &cached {
             Some(f) => match f.set.find(parsed.kid.as_deref(), parsed.alg) {
                 Lookup::Found(k) => {
                     let token = token.into_owned();
-                    return Outcome::Ready(self.finish(&token, &parsed, k, ex));
+                    return Outcome::Ready(self.finish(&token, &parsed, k, f.generation, ex));
                 }
                 Lookup::Ambiguous => return Outcome::Ready(Err(self.no_key(&Lookup::Ambiguous))),
                 Lookup::UnknownKid => Reason::UnknownKid,
@@ -650,7 +749,7 @@ impl Policy for VerifyJwt {
                     None => return Err(keys_unavailable(&e)),
                 },
             };
-            self.verify_with(&token, &parsed, &set.set, ex)
+            self.verify_with(&token, &parsed, &set.set, set.generation, ex)
         }))
     }
 }
@@ -829,6 +928,33 @@ tokenFrom: [{header: x-jwt}, {query: access_token}]
         let mut ex = exchange(&format!("Bearer {}", hs(good())));
         let p2 = policy("{algorithms: [HS256], keys: {secret: 0123456789abcdef0123456789abcdef-test}}");
         assert_eq!(run(&p2, &mut ex).unwrap_err().code, "steps.jwt.JwtAudienceMismatch");
+    }
+
+    #[test]
+    fn verified_cache_honours_exp_generation_and_bytes() {
+        let c = VerifiedCache::new();
+        let vars = Arc::new(vec![("valid".to_owned(), Value::Bool(true))]);
+        let now = now_secs();
+        c.put("tok-a", Some(now + 10), 7, Arc::clone(&vars));
+        assert!(c.get("tok-a", 7, now, 0).is_some());
+        assert!(c.get("tok-a", 8, now, 0).is_none(), "another key set");
+        assert!(c.get("tok-b", 7, now, 0).is_none());
+        assert!(c.get("tok-a", 7, now + 11, 0).is_none(), "expired");
+        assert!(c.get("tok-a", 7, now + 11, 5).is_some(), "within the leeway");
+        for i in 0..(CACHE_SHARDS * CACHE_PER_SHARD * 2) {
+            c.put(&format!("t{i}"), Some(now + 10), 7, Arc::clone(&vars));
+        }
+        let total: usize = c.shards.iter().map(|s| s.lock().unwrap().len()).sum();
+        assert!(total <= CACHE_SHARDS * CACHE_PER_SHARD, "bounded: {total}");
+        // A cached token is answered without parsing or checking a signature again, but
+        // only while it is still valid: an expired one falls through to full checks.
+        let p = policy(HS_SPEC);
+        let t = format!("Bearer {}", hs(good()));
+        let mut ex = exchange(&t);
+        run(&p, &mut ex).unwrap();
+        let mut ex = exchange(&t);
+        run(&p, &mut ex).unwrap();
+        assert_eq!(ex.lookup("jwt.jwt1.claim.sub").as_deref(), Some("u1"));
     }
 
     #[test]
