@@ -1052,7 +1052,7 @@ spec: {}
         let e = errs("apiVersion: v1\nkind: Flow\nmetadata: {name: f}\n");
         assert!(e.contains("apiVersion"), "{e}");
 
-        let e = errs("apiVersion: tollgate.dev/v1alpha1\nkind: Policy\nmetadata: {name: p}\nspec: {type: VerifyJwt}\n");
+        let e = errs("apiVersion: tollgate.dev/v1alpha1\nkind: Policy\nmetadata: {name: p}\nspec: {type: ModelRouter}\n");
         assert!(e.contains("not implemented"), "{e}");
 
         let e = errs("apiVersion: tollgate.dev/v1alpha1\nkind: Policy\nmetadata: {name: p}\nspec: {type: RaiseFault, status: 'x'}\n");
