@@ -5,6 +5,7 @@ WORKDIR /src
 # jemalloc (the global allocator) is built from C with make.
 RUN apt-get update && apt-get install -y --no-install-recommends make && rm -rf /var/lib/apt/lists/*
 COPY Cargo.toml Cargo.lock build.rs ./
+COPY .cargo .cargo
 COPY src src
 COPY policies policies
 COPY benches benches
