@@ -198,18 +198,6 @@ fn now_unix() -> u64 {
         .unwrap_or(0)
 }
 
-fn urlencode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 /// The `exp` of a JWT, read without verifying it (we asked for it; we only need its life).
 fn jwt_exp(token: &str) -> Option<u64> {
     let payload = token.split('.').nth(1)?;
@@ -325,12 +313,15 @@ impl TokenSlot {
                     format!("http://{host}/computeMetadata/v1/instance/service-accounts/default");
                 let url = match &self.kind {
                     Kind::Access { scopes } => {
-                        format!("{base}/token?scopes={}", urlencode(&scopes.join(",")))
+                        format!(
+                            "{base}/token?scopes={}",
+                            crate::vars::percent_encode(&scopes.join(","))
+                        )
                     }
                     Kind::Id { audience } => {
                         format!(
                             "{base}/identity?audience={}&format=full",
-                            urlencode(audience)
+                            crate::vars::percent_encode(audience)
                         )
                     }
                 };
@@ -343,8 +334,8 @@ impl TokenSlot {
                 let assertion = self.assertion(key)?;
                 let form = format!(
                     "grant_type={}&assertion={}",
-                    urlencode("urn:ietf:params:oauth:grant-type:jwt-bearer"),
-                    urlencode(&assertion)
+                    crate::vars::percent_encode("urn:ietf:params:oauth:grant-type:jwt-bearer"),
+                    crate::vars::percent_encode(&assertion)
                 );
                 let req = hyper::Request::post(&key.token_uri)
                     .header("content-type", "application/x-www-form-urlencoded")
@@ -474,10 +465,10 @@ mod tests {
     #[test]
     fn form_encoding_and_exp() {
         assert_eq!(
-            urlencode("urn:ietf:params:oauth:grant-type:jwt-bearer"),
+            crate::vars::percent_encode("urn:ietf:params:oauth:grant-type:jwt-bearer"),
             "urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Ajwt-bearer"
         );
-        assert_eq!(urlencode("a b/c"), "a%20b%2Fc");
+        assert_eq!(crate::vars::percent_encode("a b/c"), "a%20b%2Fc");
         let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
         assert_eq!(jwt_exp(&format!("x.{}.y", b64(r#"{"exp":42}"#))), Some(42));
         assert_eq!(jwt_exp("garbage"), None);

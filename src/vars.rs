@@ -301,6 +301,21 @@ pub fn percent_decode(s: &str) -> Cow<'_, str> {
     Cow::Owned(String::from_utf8_lossy(&out).into_owned())
 }
 
+/// Percent-encodes everything but RFC 3986 unreserved characters (query values, form
+/// fields, URL parts built from variables).
+pub fn percent_encode(s: &str) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
+}
+
 /// The response as seen on the response-headers message.
 #[derive(Debug, Clone, Default)]
 pub struct ResponseInfo {

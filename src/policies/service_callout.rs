@@ -457,18 +457,6 @@ fn json_value(v: &serde_json::Value) -> Value {
     }
 }
 
-/// Percent-encodes everything but RFC 3986 unreserved characters.
-fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
 
 fn is_idempotent(m: &Method) -> bool {
     matches!(
@@ -601,7 +589,7 @@ impl Policy for ServiceCallout {
         };
         // Variables are percent-encoded: a header value cannot add query parameters or
         // path segments of its own.
-        let url = self.url.render_escaped(ex, percent_encode);
+        let url = self.url.render_escaped(ex, crate::vars::percent_encode);
         if !self.url.is_static() {
             if let Err(m) = check_url(&url, &self.egress) {
                 return fail(ex, 500, "DestinationNotAllowed", "denied", m);
