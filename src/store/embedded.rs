@@ -45,6 +45,15 @@ const CACHE_BYTES: usize = 8 * 1024 * 1024;
 
 type Table = TableDefinition<'static, &'static str, &'static [u8]>;
 
+/// A write transaction whose commit returns only once the data is on disk (redb's
+/// default, stated: an acknowledged API write must survive `kill -9`).
+fn durable_write(db: &Database, path: &Path) -> Result<redb::WriteTransaction, StoreError> {
+    let mut txn = db.begin_write().map_err(|e| fail(path, "begin write", e))?;
+    txn.set_durability(Durability::Immediate)
+        .map_err(|e| fail(path, "set durability", e))?;
+    Ok(txn)
+}
+
 pub struct EmbeddedStore {
     db: Arc<Database>,
     path: PathBuf,
@@ -144,10 +153,7 @@ impl EmbeddedStore {
         let kind = T::KIND;
         self.blocking(move |db, path| {
             let name = owned.as_str();
-            let mut txn = db.begin_write().map_err(|e| fail(path, "begin write", e))?;
-            // The default, stated: the commit returns only once the data is on disk.
-            txn.set_durability(Durability::Immediate)
-                .map_err(|e| fail(path, "set durability", e))?;
+            let txn = durable_write(db, path)?;
             {
                 let mut t = txn
                     .open_table(table)
@@ -185,9 +191,7 @@ impl EmbeddedStore {
         let owned = name.to_owned();
         self.blocking(move |db, path| {
             let name = owned.as_str();
-            let mut txn = db.begin_write().map_err(|e| fail(path, "begin write", e))?;
-            txn.set_durability(Durability::Immediate)
-                .map_err(|e| fail(path, "set durability", e))?;
+            let txn = durable_write(db, path)?;
             {
                 let mut t = txn
                     .open_table(table)
@@ -329,9 +333,7 @@ impl Store for EmbeddedStore {
         let (map, key) = (map.to_owned(), key.to_owned());
         self.blocking(move |db, path| {
             let id = format!("{map}\0{key}");
-            let mut txn = db.begin_write().map_err(|e| fail(path, "begin write", e))?;
-            txn.set_durability(Durability::Immediate)
-                .map_err(|e| fail(path, "set durability", e))?;
+            let txn = durable_write(db, path)?;
             {
                 let mut t = txn
                     .open_table(KVMS)
@@ -367,9 +369,7 @@ impl Store for EmbeddedStore {
         let (map, key) = (map.to_owned(), key.to_owned());
         self.blocking(move |db, path| {
             let id = format!("{map}\0{key}");
-            let mut txn = db.begin_write().map_err(|e| fail(path, "begin write", e))?;
-            txn.set_durability(Durability::Immediate)
-                .map_err(|e| fail(path, "set durability", e))?;
+            let txn = durable_write(db, path)?;
             {
                 let mut t = txn
                     .open_table(KVMS)
