@@ -10,6 +10,14 @@
 # stream is a hit answered at request headers (there an immediate answer is required, and
 # its ratios to the empty flow are printed). Also tollgate's idle RSS. Loopback only.
 #
+# Target `jwt-fresh`: the /jwt flow, but every stream brings a token the verifier has not seen
+# (jwks_fixture signs 20000 distinct tokens, more than VerifyJwt's verified-token cache
+# holds, cycled by the load generator): a full RS256 signature check per stream.
+# Target `oas` (body mix only): OasValidation of the load generator's 2 KB chat-completion
+# body against the public OpenAI description (OAS_SPEC, default
+# ../shared/data/openai-openapi-3.1.yaml, read in place, never copied into the repository),
+# compared with the empty flow, which is sent the same buffered body.
+#
 # Traffic limits (issue 4): `limits` is VerifyApiKey + SpikeArrest + Quota on the main
 # tollgate (in-memory counters); `limits-sync` and `limits-async` are the same flow on two
 # more tollgate processes counting quotas in a local redis-server (--counters redis,
@@ -18,9 +26,11 @@
 #
 #   benches/grpc-compare.sh
 #   MIX=headers TARGETS="empty limits limits-sync limits-async" benches/grpc-compare.sh
+#   MIX=body TARGETS="empty oas" benches/grpc-compare.sh
 # Environment: DURATION=5 (seconds per run), ROUNDS=3, MIX="headers body sse",
 #              CONCURRENCY=32, CONNECTIONS=2,
-#              TARGETS="floor empty three verify cache limits limits-sync limits-async js jwt"
+#              TARGETS="floor empty three verify cache limits limits-sync limits-async js jwt
+#                       jwt-fresh oas"
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -29,7 +39,7 @@ ROUNDS="${ROUNDS:-3}"
 MIX="${MIX:-headers body sse}"
 CONCURRENCY="${CONCURRENCY:-32}"
 CONNECTIONS="${CONNECTIONS:-2}"
-TARGETS="${TARGETS:-floor empty three verify cache limits limits-sync limits-async js jwt}"
+TARGETS="${TARGETS:-floor empty three verify cache limits limits-sync limits-async js jwt jwt-fresh oas}"
 # The key of the app `bench-app` in benches/configs/bench.yaml (stored there as its SHA-256).
 BENCH_KEY=tg_bench_key_0000000000000000
 
@@ -37,18 +47,43 @@ cargo build --release --quiet --bin tollgate --example floor --example loadgen -
 BIN=target/release
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 FLOOR_PORT=$(free_port); TG_PORT=$(free_port); TG_ADMIN=$(free_port)
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+PIDS=(); TMPS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true
+  rm -rf "${TMPS[@]}"
+}
 trap cleanup EXIT
 
 "$BIN/examples/floor" --addr "127.0.0.1:$FLOOR_PORT" >/dev/null 2>&1 & FLOOR_PID=$!; PIDS+=($FLOOR_PID)
 # The JWKS for the /jwt flow (fixed address, as in benches/configs/bench.yaml) and its token.
-JWT_OUT=$(mktemp)
-"$BIN/examples/jwks_fixture" --addr 127.0.0.1:19876 >"$JWT_OUT" 2>/dev/null & PIDS+=($!)
-for _ in $(seq 100); do [ -s "$JWT_OUT" ] && break; sleep 0.1; done
+JWT_OUT=$(mktemp); JWT_TOKENS=$(mktemp); TMPS+=("$JWT_OUT" "$JWT_TOKENS"); NTOKENS=0
+[[ " $TARGETS " == *" jwt-fresh "* ]] && NTOKENS=20000
+"$BIN/examples/jwks_fixture" --addr 127.0.0.1:19876 --tokens "$NTOKENS" --tokens-file "$JWT_TOKENS" \
+  >"$JWT_OUT" 2>/dev/null & PIDS+=($!)
+for _ in $(seq 1200); do [ -s "$JWT_OUT" ] && break; sleep 0.1; done
 BENCH_JWT=$(head -1 "$JWT_OUT"); rm -f "$JWT_OUT"
 [ -n "$BENCH_JWT" ] || { echo "jwks_fixture did not start" >&2; exit 1; }
-RUST_LOG=warn "$BIN/tollgate" serve --config benches/configs --store memory --grpc-addr "127.0.0.1:$TG_PORT" \
+# The benchmark configuration, plus the OpenAI-description flow when asked for.
+CONF=$(mktemp -d); TMPS+=("$CONF")
+cp benches/configs/*.yaml "$CONF/"
+if [[ " $TARGETS " == *" oas "* ]]; then
+  OAS_SPEC="${OAS_SPEC:-$ROOT/../shared/data/openai-openapi-3.1.yaml}"
+  [ -f "$OAS_SPEC" ] || { echo "OAS_SPEC=$OAS_SPEC not found" >&2; exit 1; }
+  cat >"$CONF/oas.yaml" <<EOF
+apiVersion: tollgate.dev/v1alpha1
+kind: Policy
+metadata: {name: oas-openai}
+spec: {type: OasValidation, spec: "$OAS_SPEC", basePath: /oas/v1}
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: Flow
+metadata: {name: oas}
+spec:
+  match: {pathPrefixes: [/oas]}
+  request: [{policy: oas-openai}]
+EOF
+fi
+RUST_LOG=warn "$BIN/tollgate" serve --config "$CONF" --store memory --grpc-addr "127.0.0.1:$TG_PORT" \
   --admin-addr "127.0.0.1:$TG_ADMIN" >/dev/null 2>&1 & TG_PID=$!; PIDS+=($TG_PID)
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$TG_ADMIN/readyz" >/dev/null && break; sleep 0.1; done
 curl -sf "http://127.0.0.1:$TG_ADMIN/readyz" >/dev/null || { echo "tollgate did not start" >&2; exit 1; }
@@ -61,7 +96,7 @@ if [[ " $TARGETS " == *" limits-sync "* || " $TARGETS " == *" limits-async "* ]]
   for _ in $(seq 50); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
   for sync in sync async; do
     port=$(free_port); admin=$(free_port)
-    RUST_LOG=warn "$BIN/tollgate" serve --config benches/configs --store memory --counters redis \
+    RUST_LOG=warn "$BIN/tollgate" serve --config "$CONF" --store memory --counters redis \
       --redis-url "redis://127.0.0.1:$REDIS_PORT/0" --counter-sync "$sync" \
       --grpc-addr "127.0.0.1:$port" --admin-addr "127.0.0.1:$admin" >/dev/null 2>&1 & pid=$!; PIDS+=($pid)
     for _ in $(seq 100); do curl -sf "http://127.0.0.1:$admin/readyz" >/dev/null && break; sleep 0.1; done
@@ -99,6 +134,7 @@ for mix in $MIX; do
   declare -A R=() P=() C=()
   for round in $(seq "$ROUNDS"); do
     for t in $TARGETS; do
+      [ "$t" = oas ] && [ "$mix" != body ] && continue # the OpenAI operation requires its body
       case $t in
         floor) out=$(run "$FLOOR_PID" "$FLOOR_PORT" /v1/chat/completions "$mix") ;;
         empty) out=$(run "$TG_PID" "$TG_PORT" /empty/v1/chat/completions "$mix") ;;
@@ -110,6 +146,8 @@ for mix in $MIX; do
         cache) out=$(ALLOW_IMMEDIATE=1 run "$TG_PID" "$TG_PORT" /cache/v1/chat/completions "$mix") ;;
         js) out=$(run "$TG_PID" "$TG_PORT" /js/v1/chat/completions "$mix") ;;
         jwt) out=$(run "$TG_PID" "$TG_PORT" /jwt/v1/chat/completions "$mix" --header "authorization:Bearer $BENCH_JWT") ;;
+        jwt-fresh) out=$(run "$TG_PID" "$TG_PORT" /jwt/v1/chat/completions "$mix" --header-values "authorization:$JWT_TOKENS") ;;
+        oas) out=$(run "$TG_PID" "$TG_PORT" /oas/v1/chat/completions "$mix") ;;
         *) echo "unknown target $t" >&2; exit 2 ;;
       esac
       read -r rate p99 cpu <<<"$out"
@@ -119,6 +157,7 @@ for mix in $MIX; do
   fr=$(median ${R[floor]:-0}); fp=$(median ${P[floor]:-0})
   er=$(median ${R[empty]:-0}); ep=$(median ${P[empty]:-0}); ec=$(median ${C[empty]:-0})
   for t in $TARGETS; do
+    [ -n "${R[$t]:-}" ] || continue
     r=$(median ${R[$t]}); p=$(median ${P[$t]}); c=$(median ${C[$t]})
     python3 - "$mix" "$t" "$r" "$p" "$c" "$fr" "$fp" "$er" "$ep" "$ec" <<'PY'
 import sys
@@ -127,7 +166,7 @@ r, p, c, fr, fp, er, ep, ec = map(float, sys.argv[3:])
 ratio = lambda a, b: f"{a / b:5.2f}" if b else "  n/a"
 line = (f"mix={mix} target={t:12} rate={r:9.0f}/s p99={p / 1000:7.2f}ms cpu={c:6.1f}us/stream"
         f"  rate/floor={ratio(r, fr)}  p99/floor={ratio(p, fp)}")
-if t in ("verify", "cache", "js", "jwt") or t.startswith("limits"):
+if t in ("verify", "cache", "js", "jwt", "jwt-fresh", "oas") or t.startswith("limits"):
     line += f"  rate/empty={ratio(r, er)}  p99/empty={ratio(p, ep)}  cpu/empty={ratio(c, ec)}"
 print(line)
 PY

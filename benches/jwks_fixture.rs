@@ -1,7 +1,9 @@
 //! A JWKS endpoint for the VerifyJwt benchmark flow (`/jwt/...` in
 //! `benches/configs/bench.yaml`): generates an RSA key at start (no key is committed),
 //! serves its public half at `http://<addr>/jwks` (`Cache-Control: max-age=3600`), and prints
-//! one RS256 token for that flow (valid for a day) on the first line of stdout.
+//! one RS256 token for that flow (valid for a day) on the first line of stdout. With
+//! `--tokens N --tokens-file F` it first writes N distinct tokens to F (see grpc-compare.sh's
+//! `jwt-fresh` target).
 //!
 //!     cargo build --release --example jwks_fixture
 //!     target/release/examples/jwks_fixture --addr 127.0.0.1:19876
@@ -16,6 +18,12 @@ use rsa::traits::PublicKeyParts;
 struct Args {
     #[arg(long, default_value = "127.0.0.1:19876")]
     addr: String,
+    /// Also write this many distinct tokens (`Bearer <jwt>`, one per line) to --tokens-file,
+    /// for a run in which every stream brings a token the verifier has not seen.
+    #[arg(long, default_value_t = 0)]
+    tokens: usize,
+    #[arg(long, default_value = "jwt-tokens.txt")]
+    tokens_file: std::path::PathBuf,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -31,12 +39,25 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let now = jsonwebtoken::get_current_timestamp();
     let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
     header.kid = Some("bench".into());
-    let token = jsonwebtoken::encode(
-        &header,
-        &serde_json::json!({"iss": "https://bench.tollgate", "aud": "bench", "sub": "bench-user",
-            "iat": now, "exp": now + 86_400}),
-        &jsonwebtoken::EncodingKey::from_rsa_pem(pem.as_bytes())?,
-    )?;
+    let signer = jsonwebtoken::EncodingKey::from_rsa_pem(pem.as_bytes())?;
+    let sign = |sub: &str| {
+        jsonwebtoken::encode(
+            &header,
+            &serde_json::json!({"iss": "https://bench.tollgate", "aud": "bench", "sub": sub,
+                "iat": now, "exp": now + 86_400}),
+            &signer,
+        )
+    };
+    let token = sign("bench-user")?;
+    if args.tokens > 0 {
+        let mut out = String::with_capacity(args.tokens * 400);
+        for i in 0..args.tokens {
+            out.push_str("Bearer ");
+            out.push_str(&sign(&format!("bench-user-{i}"))?);
+            out.push('\n');
+        }
+        std::fs::write(&args.tokens_file, out)?;
+    }
     let listener = tokio::net::TcpListener::bind(&args.addr).await?;
     println!("{token}");
     let app = axum::Router::new().route(

@@ -72,6 +72,10 @@ struct Args {
     /// Extra request header `name:value` (repeatable).
     #[arg(long = "header", value_name = "K:V")]
     headers: Vec<String>,
+    /// `name:FILE`: header `name` takes, per stream, the next line of FILE (cycling), e.g.
+    /// distinct bearer tokens so a verifier's cache cannot answer.
+    #[arg(long = "header-values", value_name = "K:FILE")]
+    header_values: Option<String>,
     /// Give up on a stream after this many milliseconds (counted as a timeout).
     #[arg(long, default_value_t = 5000)]
     timeout_ms: u64,
@@ -287,6 +291,7 @@ async fn one_stream(
     channel: Channel,
     script: &[ProcessingRequest],
     request_id: String,
+    extra: Option<(&str, &[u8])>,
     duplex: bool,
 ) -> Outcome {
     let (tx, rx) = mpsc::channel::<ProcessingRequest>(2);
@@ -299,6 +304,13 @@ async fn one_stream(
             .find(|v| v.key == "x-request-id")
         {
             v.raw_value = request_id.into_bytes();
+        }
+        if let (Some((name, value)), Some(map)) = (extra, h.headers.as_mut()) {
+            map.headers.push(HeaderValue {
+                key: name.to_string(),
+                raw_value: value.to_vec(),
+                ..Default::default()
+            });
         }
     }
     // Queue the first message before opening the stream: Envoy sends it with the stream.
@@ -393,6 +405,24 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     }
     let script = Arc::new(script(&args)?);
     let duplex = args.mix == Mix::Sse;
+    let values: Arc<(String, Vec<Vec<u8>>)> = Arc::new(match &args.header_values {
+        None => (String::new(), Vec::new()),
+        Some(spec) => {
+            let (name, file) = spec
+                .split_once(':')
+                .ok_or_else(|| format!("--header-values {spec:?}: expected name:FILE"))?;
+            let lines: Vec<Vec<u8>> = std::fs::read_to_string(file)
+                .map_err(|e| format!("--header-values {file}: {e}"))?
+                .lines()
+                .filter(|l| !l.is_empty())
+                .map(|l| l.as_bytes().to_vec())
+                .collect();
+            if lines.is_empty() {
+                return Err(format!("--header-values {file}: no lines").into());
+            }
+            (name.trim().to_ascii_lowercase(), lines)
+        }
+    });
 
     let mut channels = Vec::with_capacity(args.connections);
     for _ in 0..args.connections {
@@ -422,8 +452,9 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let mut tasks = Vec::with_capacity(args.concurrency);
     for w in 0..args.concurrency {
         let channel = channels[w % channels.len()].clone();
-        let (script, started, ids, last_end) = (
+        let (script, values, started, ids, last_end) = (
             script.clone(),
+            values.clone(),
             started.clone(),
             ids.clone(),
             last_end.clone(),
@@ -445,9 +476,13 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 }
                 let id = ids.fetch_add(1, Ordering::Relaxed);
                 let rid = format!("6b1f0c2e-0000-4000-8000-{id:012x}");
+                let extra = (!values.1.is_empty()).then(|| {
+                    let v = &values.1[(id % values.1.len() as u64) as usize];
+                    (values.0.as_str(), v.as_slice())
+                });
                 let res = tokio::time::timeout(
                     timeout,
-                    one_stream(channel.clone(), &script, rid, duplex),
+                    one_stream(channel.clone(), &script, rid, extra, duplex),
                 )
                 .await;
                 let t1 = Instant::now();

@@ -1,7 +1,10 @@
 //! Criterion benchmarks of the issue-5 policies:
 //! - OasValidation of a typical chat-completion POST (path match, parameters, JSON parse and
 //!   schema validation of the body) against the public OpenAI description, OpenAPI 3.1 and
-//!   3.0 forms, read from `../shared/data/` (never copied into the repository);
+//!   3.0 forms, read from `../shared/data/` (never copied into the repository): a short
+//!   (~600 B) and a 4 KB body (tools, tool calls, content parts);
+//! - `jsonschema` alone on the 4 KB body against `CreateChatCompletionRequest`: one validator
+//!   built once and reused (what OasValidation does) against one built per request;
 //! - a ResponseCache hit through the stream state machine (request headers answered from
 //!   the cache) beside the empty flow's exchange (request + response headers).
 //!
@@ -15,6 +18,8 @@ use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
 use envoy_types::pb::envoy::service::ext_proc::v3::{
     processing_request::Request, HttpHeaders, ProcessingRequest,
 };
+use jsonschema::{Draft, Registry};
+use serde_json::json;
 use tollgate::config::reload::{ConfigManager, ConfigSource};
 use tollgate::config::SourceFile;
 use tollgate::pipeline::{Direction, Outcome, Policy};
@@ -22,6 +27,11 @@ use tollgate::policies::{builder, BuildContext};
 use tollgate::server::stream::StreamState;
 use tollgate::server::{NoMatch, Shared};
 use tollgate::vars::{Exchange, Headers, RequestInfo};
+
+// As in the `tollgate` binary.
+#[cfg(all(unix, not(target_env = "musl")))]
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 const CHAT: &str = r#"{
   "model": "gpt-4o-mini",
@@ -40,11 +50,57 @@ const CHAT: &str = r#"{
   "user": "bench-user-42"
 }"#;
 
-fn oas(file: &str) -> Arc<dyn Policy> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+/// A 4 KB chat completion: a conversation with a tool call and its result, two tools with
+/// JSON-schema parameters, JSON output, streaming with usage.
+fn chat_4k() -> String {
+    let filler = "The quarterly revenue grew in every region except the north-east, where a \
+                  supplier delay pushed two large orders into the next quarter. ";
+    let body = json!({
+        "model": "gpt-4o-mini",
+        "messages": [
+            {"role": "system", "content": "You are a careful financial analyst. Answer with short, sourced bullet points and call tools when figures are needed."},
+            {"role": "user", "content": [{"type": "text", "text": format!("Here is the summary of the report: {}", filler.repeat(9))}]},
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+                "function": {"name": "get_revenue", "arguments": "{\"region\":\"north-east\",\"quarter\":\"2026-Q3\"}"}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "{\"region\":\"north-east\",\"quarter\":\"2026-Q3\",\"revenue\":1234567.89,\"currency\":\"EUR\"}"},
+            {"role": "assistant", "content": format!("North-east revenue for 2026-Q3 was EUR 1.23 M. {}", filler.repeat(3))},
+            {"role": "user", "content": "List the three main risks and suggest next steps for each, in JSON."}
+        ],
+        "tools": [
+            {"type": "function", "function": {"name": "get_revenue", "description": "Revenue of one region in one quarter.",
+                "parameters": {"type": "object", "properties": {
+                    "region": {"type": "string", "enum": ["north-east", "north-west", "south"]},
+                    "quarter": {"type": "string", "pattern": "^[0-9]{4}-Q[1-4]$"}},
+                    "required": ["region", "quarter"], "additionalProperties": false}, "strict": true}},
+            {"type": "function", "function": {"name": "get_orders", "description": "Open orders of one customer.",
+                "parameters": {"type": "object", "properties": {"customer": {"type": "string"},
+                    "limit": {"type": "integer", "minimum": 1, "maximum": 100}}, "required": ["customer"]}}}
+        ],
+        "tool_choice": "auto",
+        "response_format": {"type": "json_object"},
+        "temperature": 0.2, "top_p": 1, "max_completion_tokens": 800, "n": 1,
+        "presence_penalty": 0, "frequency_penalty": 0.1, "seed": 42,
+        "stream": true, "stream_options": {"include_usage": true},
+        "metadata": {"team": "finance", "ticket": "FIN-1234"},
+        "user": "bench-user-42"
+    });
+    let text = serde_json::to_string_pretty(&body).expect("serialises");
+    assert!(
+        (3900..4400).contains(&text.len()),
+        "about 4 KB: {}",
+        text.len()
+    );
+    text
+}
+
+fn spec_path(file: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../shared/data")
-        .join(file);
-    let spec = format!("spec: {}\n", path.display());
+        .join(file)
+}
+
+fn oas(file: &str) -> Arc<dyn Policy> {
+    let spec = format!("spec: {}\n", spec_path(file).display());
     let build = builder("OasValidation").expect("registered");
     build(
         &BuildContext::default(),
@@ -53,7 +109,7 @@ fn oas(file: &str) -> Arc<dyn Policy> {
     .expect("the OpenAI description loads")
 }
 
-fn chat_exchange() -> Exchange {
+fn chat_exchange(body: &str) -> Exchange {
     let mut h = Headers::new();
     for (k, v) in [
         (":method", "POST"),
@@ -67,7 +123,7 @@ fn chat_exchange() -> Exchange {
     }
     Exchange {
         request: RequestInfo::from_headers(h),
-        request_body: Some(CHAT.as_bytes().to_vec()),
+        request_body: Some(body.as_bytes().to_vec()),
         ..Default::default()
     }
 }
@@ -134,13 +190,68 @@ fn response() -> ProcessingRequest {
     }))
 }
 
+/// `jsonschema` alone: the 3.1 description as one resource, a validator for the chat request
+/// schema built once and reused, against one built for every body (the registry, which
+/// indexes the whole description, is prepared once in both).
+fn bench_validator_reuse(c: &mut Criterion, body: &str) {
+    let doc =
+        tollgate::policies::oas_validation::read_document(&spec_path("openai-openapi-3.1.yaml"))
+            .expect("the OpenAI description reads");
+    let uri = "urn:openai-spec";
+    let registry = Registry::new()
+        .draft(Draft::Draft202012)
+        .extend([(uri, Draft::Draft202012.create_resource(doc))])
+        .and_then(|b| b.prepare())
+        .expect("registry");
+    let target = json!({"$ref": format!("{uri}#/components/schemas/CreateChatCompletionRequest")});
+    let build = || {
+        jsonschema::options()
+            .with_draft(Draft::Draft202012)
+            .with_registry(&registry)
+            .should_validate_formats(true)
+            .build(&target)
+            .expect("compiles")
+    };
+    let instance: serde_json::Value = serde_json::from_str(body).expect("json");
+    let reused = build();
+    assert!(
+        reused.is_valid(&instance),
+        "the 4 KB body is a valid chat request"
+    );
+    c.bench_function("jsonschema/chat_4k/validator_reused", |b| {
+        b.iter(|| assert!(reused.is_valid(&instance)))
+    });
+    c.bench_function("jsonschema/chat_4k/validator_rebuilt", |b| {
+        b.iter(|| assert!(build().is_valid(&instance)))
+    });
+}
+
 fn bench(c: &mut Criterion) {
-    for (name, file) in [
-        ("oas/openai_3.1/chat_completion", "openai-openapi-3.1.yaml"),
-        ("oas/openai_3.0/chat_completion", "openai-openapi-3.0.yaml"),
+    let big = chat_4k();
+    for (name, file, body) in [
+        (
+            "oas/openai_3.1/chat_completion",
+            "openai-openapi-3.1.yaml",
+            CHAT,
+        ),
+        (
+            "oas/openai_3.0/chat_completion",
+            "openai-openapi-3.0.yaml",
+            CHAT,
+        ),
+        (
+            "oas/openai_3.1/chat_completion_4k",
+            "openai-openapi-3.1.yaml",
+            big.as_str(),
+        ),
+        (
+            "oas/openai_3.0/chat_completion_4k",
+            "openai-openapi-3.0.yaml",
+            big.as_str(),
+        ),
     ] {
         let p = oas(file);
-        let template = chat_exchange();
+        let template = chat_exchange(body);
         c.bench_function(name, |b| {
             b.iter_batched(
                 || Exchange {
@@ -156,6 +267,8 @@ fn bench(c: &mut Criterion) {
             )
         });
     }
+
+    bench_validator_reuse(c, &big);
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_time()
