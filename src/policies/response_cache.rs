@@ -12,10 +12,10 @@
 //!   skipLookup: "request.headers['cache-control'] == 'no-cache'"   # CEL; entry refreshed
 //!   skipPopulate: "response.headers['x-partial'] == 'yes'"
 //!   excludeErrorResponses: true        # only 2xx are stored
-//!   respectCacheControl: true          # upstream no-store / private are not stored
+//!   respectCacheControl: true          # upstream no-store/private/no-cache not stored, max-age caps the TTL
 //!   maxEntryBytes: 1048576             # larger responses pass on, not stored
 //!   maxCacheBytes: 67108864            # the whole cache, by stored bytes
-//!   statusHeader: cache-status         # RFC 9211 style: `tollgate; hit` / `tollgate; fwd=miss`
+//!   statusHeader: cache-status         # RFC 9211: `tollgate; hit` / `tollgate; fwd=miss[; stored]`
 //!   coalesceWaitMs: 0                  # > 0: concurrent misses on a key wait for the first
 //!   shared: {redis: "redis://127.0.0.1:6379/0", timeoutMs: 50}   # optional second tier
 //! ```
@@ -23,7 +23,9 @@
 //! The key is a SHA-256 over the prefix, scope, fragments (length-prefixed), method and, for
 //! methods with a body, a digest of the body: hostile input never reaches the cache's key
 //! space as is. A hit ends the exchange at once with an `ImmediateResponse`: the stored
-//! status, headers and body, plus `age` and the status header. The response side never
+//! status, headers and body, plus `age` and the status header; it needs the request
+//! headers the response named in `Vary` to match and its content coding to be accepted
+//! (`Vary: *` is never stored). The response side never
 //! holds the body: it asks the stream for a copy as the body passes (server-sent events keep
 //! streaming) and stores it when the body ends; a hit replays the stored events at once.
 //! Entries live in a byte-bounded `moka` cache kept across configuration reloads. With
