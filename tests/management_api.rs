@@ -1351,6 +1351,29 @@ async fn kvm_entries_crud_secrets_file_entries_and_odd_keys() {
     )
     .await;
     assert_eq!(r.field(), "key");
+    // Values over 64 KiB: 400 naming the field and the limit, on create and on put.
+    let big = "v".repeat(tollgate::kvm::MAX_VALUE_BYTES + 1);
+    let r = call(
+        &env,
+        Method::POST,
+        base,
+        Some(json!({"key": "big", "value": big})),
+    )
+    .await;
+    assert_error(&r, StatusCode::BAD_REQUEST, "InvalidArgument");
+    assert_eq!(r.field(), "value");
+    assert!(r.text.contains("at most 65536 bytes"), "{}", r.text);
+    let r = call(
+        &env,
+        Method::PUT,
+        &format!("{base}/big"),
+        Some(json!({"value": big})),
+    )
+    .await;
+    assert_error(&r, StatusCode::BAD_REQUEST, "InvalidArgument");
+    assert_eq!(r.field(), "value");
+    let r = call(&env, Method::GET, &format!("{base}/big"), None).await;
+    assert_error(&r, StatusCode::NOT_FOUND, "NotFound");
     let r = call(
         &env,
         Method::POST,

@@ -19,8 +19,10 @@
 //!
 //! Entries come from `KeyValueMap` documents (read from memory) and from the management API
 //! (read from the store, then cached). A file entry wins over a store entry of the same key
-//! and cannot be overwritten by a put. A key that renders empty, too long or with control
-//! characters is refused (get: the variable stays unset; put and delete: a 400 fault).
+//! and can be neither overwritten by a put nor removed by a delete (409 `FileDefined`). A
+//! value over 64 KiB is refused with 400 `InvalidValue`. A key that renders empty, too long
+//! or with control characters is refused (get: the variable stays unset; put and delete: a
+//! 400 `InvalidKey` fault).
 //! Secret entries become variables like any other (templates need them) and are never logged.
 
 use std::sync::Arc;
@@ -117,6 +119,8 @@ struct KeyValueMap {
 }
 
 const INVALID_KEY: &str = "steps.keyvaluemapoperations.InvalidKey";
+/// A rendered value over [`crate::kvm::MAX_VALUE_BYTES`] (Apigee's name for a bad value).
+const INVALID_VALUE: &str = "steps.keyvaluemapoperations.InvalidValue";
 const UNAVAILABLE: &str = "steps.keyvaluemapoperations.StoreUnavailable";
 const FILE_DEFINED: &str = "steps.keyvaluemapoperations.FileDefined";
 
@@ -257,7 +261,8 @@ impl KeyValueMap {
                 ));
             }
             let value = p.value.render(ex);
-            check_value(&value).map_err(|m| Fault::new(400, INVALID_KEY, m))?;
+            check_value(&value)
+                .map_err(|m| Fault::new(400, INVALID_VALUE, format!("put `{key}`: {m}")))?;
             let entry = KvmEntry {
                 value,
                 secret: p.secret,
@@ -274,6 +279,14 @@ impl KeyValueMap {
             let key = self
                 .key(d, ex)
                 .map_err(|m| Fault::new(400, INVALID_KEY, format!("delete: {m}")))?;
+            // As for put: a configuration entry is changed in its file, not by a flow.
+            if self.file_entry(&key).is_some() {
+                return Err(Fault::new(
+                    409,
+                    FILE_DEFINED,
+                    format!("`{key}` is defined in the configuration of map {}", self.map),
+                ));
+            }
             match store.delete_kvm_entry(&self.map, &key).await {
                 Ok(()) | Err(StoreError::NotFound { .. }) => {}
                 Err(e) => return Err(store_fault(e)),
@@ -409,6 +422,80 @@ mod tests {
         run(&del, &mut ex("ünï code/?")).await.unwrap();
         assert!(store.get_kvm_entry("creds", "f__ünï code/?").await.unwrap().is_none());
         run(&del, &mut ex("never-there")).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn too_large_values_and_file_entries_are_refused() {
+        let mut files = FileMaps::new();
+        files.entry("creds".into()).or_default().insert(
+            "fixed".into(),
+            KvmEntry {
+                value: "f".into(),
+                secret: false,
+            },
+        );
+        let c = ctx(files);
+        let store = c.services.consumers.store().clone();
+        let put = build(&c, serde_norway::from_str("map: creds\nput: [{key: [big], value: '{request.header.x-tenant}'}]").unwrap()).unwrap();
+        let f = run(&put, &mut ex(&"v".repeat(crate::kvm::MAX_VALUE_BYTES + 1))).await.unwrap_err();
+        assert_eq!((f.status, f.code.as_str()), (400, INVALID_VALUE));
+        assert!(f.message.contains("at most 65536 bytes"), "{}", f.message);
+        assert!(store.get_kvm_entry("creds", "big").await.unwrap().is_none());
+        run(&put, &mut ex(&"v".repeat(crate::kvm::MAX_VALUE_BYTES))).await.unwrap();
+
+        // Delete answers like put: the file entry stays and the flow learns why.
+        let del = build(&c, serde_norway::from_str("map: creds\ndelete: [{key: [fixed]}]").unwrap()).unwrap();
+        let f = run(&del, &mut ex("a")).await.unwrap_err();
+        assert_eq!((f.status, f.code.as_str()), (409, FILE_DEFINED));
+        assert!(c.services.kvms.file_entry("creds", "fixed").is_some());
+    }
+
+    #[tokio::test]
+    async fn cached_reads_expire() {
+        let c = ctx(FileMaps::new());
+        let store = c.services.consumers.store().clone();
+        let entry = KvmEntry {
+            value: "one".into(),
+            secret: false,
+        };
+        store.put_kvm_entry("m", "k", &entry, None).await.unwrap();
+        let get = build(&c, serde_norway::from_str("map: m\nexpirySeconds: 1\nget: [{key: [k]}]").unwrap()).unwrap();
+        let mut e = ex("a");
+        run(&get, &mut e).await.unwrap();
+        assert_eq!(e.lookup("kvm.m.k").as_deref(), Some("one"));
+        store.delete_kvm_entry("m", "k").await.unwrap();
+        let mut e = ex("a");
+        run(&get, &mut e).await.unwrap();
+        assert_eq!(e.lookup("kvm.m.k").as_deref(), Some("one"), "served from the read cache");
+        // Past the expiry the store is asked again and the entry is gone.
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        let mut e = ex("a");
+        run(&get, &mut e).await.unwrap();
+        assert_eq!(e.lookup("kvm.m.k"), None);
+    }
+
+    #[tokio::test]
+    async fn entries_survive_an_embedded_store_reopen() {
+        use crate::consumer::service::Consumers;
+        use crate::store::embedded::EmbeddedStore;
+        let dir = tempfile::tempdir().unwrap();
+        let ctx_on = |store: EmbeddedStore| BuildContext {
+            name: "kvm".into(),
+            services: crate::services::Services::with_consumers(Consumers::new(Arc::new(store))),
+            ..Default::default()
+        };
+        {
+            let c = ctx_on(EmbeddedStore::open(dir.path()).unwrap());
+            let put = build(&c, serde_norway::from_str("map: m\nput: [{key: [k], value: '{request.header.x-tenant}', secret: true}]").unwrap()).unwrap();
+            run(&put, &mut ex("kept")).await.unwrap();
+        }
+        let c = ctx_on(EmbeddedStore::open(dir.path()).unwrap());
+        let get = build(&c, serde_norway::from_str("map: m\nget: [{key: [k]}]").unwrap()).unwrap();
+        let mut e = ex("a");
+        run(&get, &mut e).await.unwrap();
+        assert_eq!(e.lookup("kvm.m.k").as_deref(), Some("kept"));
+        let stored = c.services.consumers.store().get_kvm_entry("m", "k").await.unwrap().unwrap();
+        assert!(stored.secret);
     }
 
     #[test]

@@ -775,6 +775,9 @@ struct Param {
     /// `content: {application/json: ...}` instead of `schema`: the value is JSON text.
     json: bool,
     deep_object: bool,
+    /// An object in `form` style, exploded: each property is its own query (or cookie)
+    /// name (`?color=red&size=2` for `{color, size}`).
+    form_object: bool,
     validator: Option<usize>,
 }
 
@@ -844,7 +847,7 @@ fn parse_template(t: &str) -> Result<Vec<Vec<Part>>, String> {
                 rest = &rest[open + close + 1..];
             }
             if !rest.is_empty() {
-                parts.push(Part::Lit(percent_decode(rest).into_owned()));
+                parts.push(Part::Lit(percent_decode_path(rest).into_owned()));
             }
             Ok(parts)
         })
@@ -990,6 +993,21 @@ fn compile_param(
         In::Query | In::Cookie => "form",
         In::Path | In::Header => "simple",
     });
+    // Refused rather than read as another style: `label` (`/.a.b`) and `matrix` (`/;x=a`)
+    // path values would otherwise be checked as `simple` text and pass or fail by accident.
+    let supported = match at {
+        In::Path | In::Header => style == "simple",
+        In::Query => matches!(style, "form" | "spaceDelimited" | "pipeDelimited" | "deepObject"),
+        In::Cookie => style == "form",
+    };
+    if !supported {
+        return Err(OasError::Unsupported(format!(
+            "{at_text}: parameter `{name}` in {}: style `{style}` (tollgate reads simple path and \
+             header parameters, form/spaceDelimited/pipeDelimited/deepObject query parameters, \
+             form cookies)",
+            at.as_str()
+        )));
+    }
     let explode = m
         .get("explode")
         .and_then(Value::as_bool)
@@ -1039,6 +1057,10 @@ fn compile_param(
         }
         _ => Shape::Scalar(types),
     };
+    let form_object = matches!(shape, Shape::Object(_))
+        && matches!(at, In::Query | In::Cookie)
+        && style == "form"
+        && explode;
     let validator = schema_loc.map(|l| pending.add(l, View::Request));
     Ok(Some(Param {
         name,
@@ -1047,6 +1069,7 @@ fn compile_param(
         shape,
         json,
         deep_object: style == "deepObject",
+        form_object,
         validator,
     }))
 }
@@ -1556,8 +1579,12 @@ impl OasValidation {
                     .collect()
             })
             .unwrap_or_default();
+        let is_prop = |p: &Param, k: &str| match &p.shape {
+            Shape::Object(props) => p.form_object && props.contains_key(k),
+            _ => false,
+        };
         for p in &op.params {
-            let prefix = format!("/{}/{}", p.at.as_str(), p.name);
+            let prefix = format!("/{}/{}", p.at.as_str(), pointer_token(&p.name));
             let values: Vec<&str> = match p.at {
                 In::Path => path_params
                     .iter()
@@ -1569,6 +1596,14 @@ impl OasValidation {
                     .filter(|(k, _)| k.starts_with(&format!("{}[", p.name)))
                     .map(|(_, v)| v.as_str())
                     .collect(),
+                In::Query | In::Cookie if p.form_object => {
+                    let pairs = if p.at == In::Query { &query } else { &cookies };
+                    pairs
+                        .iter()
+                        .filter(|(k, _)| is_prop(p, k))
+                        .map(|(_, v)| v.as_str())
+                        .collect()
+                }
                 In::Query => query
                     .iter()
                     .filter(|(k, _)| *k == p.name)
@@ -1612,7 +1647,14 @@ impl OasValidation {
                     }
                     Shape::Object(props) => {
                         let mut m = Map::new();
-                        if p.deep_object {
+                        if p.form_object {
+                            let pairs = if p.at == In::Query { &query } else { &cookies };
+                            for (k, val) in pairs {
+                                if let Some(t) = props.get(k) {
+                                    m.insert(k.clone(), coerce(val, *t));
+                                }
+                            }
+                        } else if p.deep_object {
                             for (k, val) in &query {
                                 let Some(key) = k
                                     .strip_prefix(&format!("{}[", p.name))
@@ -1642,28 +1684,29 @@ impl OasValidation {
         let declared = |at: In, name: &str| {
             op.params.iter().any(|p| {
                 p.at == at
-                    && (p.name == name
+                    && ((p.name == name && !p.form_object)
+                        || is_prop(p, name)
                         || (p.deep_object && name.starts_with(&format!("{}[", p.name))))
             })
         };
         if !self.allow.query {
             for (k, _) in &query {
                 if !declared(In::Query, k) {
-                    v.push(format!("/query/{k}"), "parameter is not declared");
+                    v.push(format!("/query/{}", pointer_token(k)), "parameter is not declared");
                 }
             }
         }
         if !self.allow.cookie {
             for (k, _) in &cookies {
                 if !declared(In::Cookie, k) {
-                    v.push(format!("/cookie/{k}"), "cookie is not declared");
+                    v.push(format!("/cookie/{}", pointer_token(k)), "cookie is not declared");
                 }
             }
         }
         if !self.allow.header {
             for (k, _) in ex.request.headers.iter() {
                 if !ambient_header(k) && !declared(In::Header, k) {
-                    v.push(format!("/header/{k}"), "header is not declared");
+                    v.push(format!("/header/{}", pointer_token(k)), "header is not declared");
                 }
             }
         }
@@ -1790,6 +1833,15 @@ impl OasValidation {
                 Ok(())
             }
         }
+    }
+}
+
+/// A name as one JSON-pointer reference token (RFC 6901: `~` is `~0`, `/` is `~1`).
+fn pointer_token(name: &str) -> std::borrow::Cow<'_, str> {
+    if name.contains(['~', '/']) {
+        std::borrow::Cow::Owned(name.replace('~', "~0").replace('/', "~1"))
+    } else {
+        std::borrow::Cow::Borrowed(name)
     }
 }
 
@@ -2064,6 +2116,168 @@ components:
         let (r, failed) = resp(&log, 500, "{}");
         assert!(r.is_ok());
         assert_eq!(failed.as_deref(), Some("true"));
+    }
+
+    const STYLES_31: &str = r##"
+openapi: 3.1.0
+info: {title: styles, version: "1"}
+paths:
+  /items:
+    get:
+      parameters:
+        - {name: t, in: query, schema: {type: array, items: {type: string, enum: [a, b]}}}
+        - {name: s, in: query, style: spaceDelimited, explode: false, schema: {type: array, items: {type: integer}}}
+        - {name: p, in: query, style: pipeDelimited, explode: false, schema: {type: array, items: {type: integer}}}
+        - name: d
+          in: query
+          style: deepObject
+          schema: {type: object, properties: {min: {type: integer}, max: {type: integer, maximum: 10}}}
+        - name: f
+          in: query
+          schema:
+            type: object
+            required: [color]
+            properties: {color: {type: string, enum: [red, blue]}, size: {type: integer}}
+        - {name: since, in: query, schema: {type: string, format: date-time}}
+        - {name: x-id, in: header, schema: {type: string, format: uuid}}
+        - {name: "a/b~c", in: query, schema: {type: integer}}
+      responses: {"200": {description: ok}}
+    post:
+      requestBody:
+        content:
+          application/json:
+            schema:
+              type: object
+              properties: {when: {type: string, format: date-time}, id: {type: string, format: uuid}}
+      responses: {"201": {description: made}}
+  /a+b/{n}:
+    get: {responses: {"200": {description: ok}}}
+"##;
+
+    fn styles() -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        write(d.path(), "spec.yaml", STYLES_31);
+        d
+    }
+
+    fn request_pointers(p: &Arc<dyn Policy>, uri: &str, headers: &[(&str, &str)], body: Option<&str>) -> Vec<String> {
+        let method = if body.is_some() { "POST" } else { "GET" };
+        let mut ex = exchange(method, uri, headers, body);
+        match run(p, &mut ex, Direction::Request) {
+            Ok(()) => Vec::new(),
+            Err(f) => pointers(&f),
+        }
+    }
+
+    #[test]
+    fn styles_and_explode() {
+        let d = styles();
+        let p = policy(d.path(), "allowUnspecifiedParameters: {query: false}").unwrap();
+        let ok = |uri: &str| assert_eq!(request_pointers(&p, uri, &[], None), Vec::<String>::new(), "{uri}");
+        // form + explode (the default): one name, repeated.
+        ok("/items?t=a&t=b");
+        assert_eq!(request_pointers(&p, "/items?t=a&t=c", &[], None), ["/query/t/1"]);
+        // spaceDelimited (encoded as %20 or +) and pipeDelimited.
+        ok("/items?s=1%202+3&p=4|5");
+        assert_eq!(request_pointers(&p, "/items?s=1%20x", &[], None), ["/query/s/1"]);
+        assert_eq!(request_pointers(&p, "/items?p=4|y|6", &[], None), ["/query/p/1"]);
+        // deepObject.
+        ok("/items?d[min]=1&d[max]=9");
+        assert_eq!(request_pointers(&p, "/items?d[min]=1&d[max]=11", &[], None), ["/query/d/max"]);
+        // form + explode object: each property is its own query name, and a declared one.
+        ok("/items?color=red&size=2");
+        assert_eq!(request_pointers(&p, "/items?color=green", &[], None), ["/query/f/color"]);
+        assert_eq!(request_pointers(&p, "/items?color=red&size=big", &[], None), ["/query/f/size"]);
+        assert_eq!(request_pointers(&p, "/items?size=2", &[], None), ["/query/f"], "color is required");
+        assert_eq!(request_pointers(&p, "/items?colour=red", &[], None), ["/query/colour"]);
+    }
+
+    #[test]
+    fn formats_are_validated() {
+        let d = styles();
+        let p = policy(d.path(), "").unwrap();
+        let uuid = [("x-id", "0b4a4e1e-5f9e-4c5b-9d7a-3f7f0c6f1a2b")];
+        assert!(request_pointers(&p, "/items?since=2024-05-01T10:00:00Z", &uuid, None).is_empty());
+        assert_eq!(
+            request_pointers(&p, "/items?since=yesterday", &[("x-id", "not-a-uuid")], None),
+            ["/query/since", "/header/x-id"]
+        );
+        let json = [("content-type", "application/json")];
+        let good = r#"{"when": "2024-05-01T10:00:00+02:00", "id": "0b4a4e1e-5f9e-4c5b-9d7a-3f7f0c6f1a2b"}"#;
+        assert!(request_pointers(&p, "/items", &json, Some(good)).is_empty());
+        let bad = r#"{"when": "2024-13-45", "id": "1234"}"#;
+        let mut ps = request_pointers(&p, "/items", &json, Some(bad));
+        ps.sort();
+        assert_eq!(ps, ["/body/id", "/body/when"]);
+    }
+
+    #[test]
+    fn pointers_escape_names_and_plus_in_paths_is_literal() {
+        let d = styles();
+        let p = policy(d.path(), "allowUnspecifiedParameters: {query: false, header: false}").unwrap();
+        // RFC 6901: `~` is `~0`, `/` is `~1`, in declared and undeclared names alike.
+        assert_eq!(request_pointers(&p, "/items?a%2Fb~c=x", &[], None), ["/query/a~1b~0c"]);
+        assert_eq!(
+            request_pointers(&p, "/items?x%2Fy~=1", &[("x-a~b", "1")], None),
+            ["/query/x~1y~0", "/header/x-a~0b"]
+        );
+        // `+` in a template literal is a plus (as in the request path), not a space.
+        assert!(request_pointers(&p, "/a+b/1", &[], None).is_empty());
+        assert!(request_pointers(&p, "/a%2Bb/1", &[], None).is_empty());
+        assert_eq!(request_pointers(&p, "/a%20b/1", &[], None), ["/path"]);
+    }
+
+    #[test]
+    fn json_specs_load() {
+        let d = tempfile::tempdir().unwrap();
+        let spec = json!({
+            "openapi": "3.0.3",
+            "info": {"title": "json", "version": "1"},
+            "paths": {"/n/{id}": {"put": {
+                "parameters": [{"name": "id", "in": "path", "required": true, "schema": {"type": "integer"}}],
+                "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "parts.json#/Thing"}}}},
+                "responses": {"204": {"description": "done"}}
+            }}}
+        });
+        write(d.path(), "spec.json", &spec.to_string());
+        write(d.path(), "parts.json", r#"{"Thing": {"type": "object", "required": ["v"], "properties": {"v": {"type": "string", "nullable": true}}}}"#);
+        let ctx = BuildContext {
+            name: "oas".into(),
+            config_dir: Some(d.path().to_path_buf()),
+            ..Default::default()
+        };
+        let p = build(&ctx, serde_norway::from_str("spec: spec.json").unwrap()).unwrap();
+        let json = [("content-type", "application/json")];
+        let mut ex = exchange("PUT", "/n/7", &json, Some(r#"{"v": null}"#));
+        run(&p, &mut ex, Direction::Request).unwrap();
+        let mut ex = exchange("PUT", "/n/x", &json, Some(r#"{"v": 1}"#));
+        let f = run(&p, &mut ex, Direction::Request).unwrap_err();
+        assert_eq!(pointers(&f), ["/path/id", "/body/v"]);
+        // A JSON spec is parsed as JSON: YAML syntax in it is a parse error naming the file.
+        write(d.path(), "spec.json", "openapi: 3.0.3\n");
+        let e = build(&ctx, serde_norway::from_str("spec: spec.json").unwrap()).unwrap_err();
+        assert!(e.message.contains("spec.json") && e.message.contains("not valid YAML or JSON"), "{e}");
+    }
+
+    #[test]
+    fn unsupported_styles_are_refused_at_load() {
+        let d = tempfile::tempdir().unwrap();
+        for (param, style) in [
+            ("{name: id, in: path, required: true, style: label, schema: {type: string}}", "label"),
+            ("{name: id, in: path, required: true, style: matrix, schema: {type: array, items: {type: string}}}", "matrix"),
+            ("{name: q, in: query, style: simple, schema: {type: string}}", "simple"),
+            ("{name: h, in: header, style: form, schema: {type: string}}", "form"),
+            ("{name: c, in: cookie, style: deepObject, schema: {type: object}}", "deepObject"),
+        ] {
+            write(
+                d.path(),
+                "spec.yaml",
+                &format!("openapi: 3.1.0\ninfo: {{title: t, version: '1'}}\npaths:\n  /x/{{id}}:\n    get:\n      parameters: [{param}]\n      responses: {{'200': {{description: ok}}}}\n"),
+            );
+            let e = policy(d.path(), "").unwrap_err();
+            assert_eq!(e.field, "spec");
+            assert!(e.message.contains("unsupported") && e.message.contains(&format!("style `{style}`")), "{style}: {}", e.message);
+        }
     }
 
     #[test]

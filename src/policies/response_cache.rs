@@ -12,10 +12,10 @@
 //!   skipLookup: "request.headers['cache-control'] == 'no-cache'"   # CEL; entry refreshed
 //!   skipPopulate: "response.headers['x-partial'] == 'yes'"
 //!   excludeErrorResponses: true        # only 2xx are stored
-//!   respectCacheControl: true          # upstream no-store / private are not stored
+//!   respectCacheControl: true          # upstream no-store/private/no-cache not stored, max-age caps the TTL
 //!   maxEntryBytes: 1048576             # larger responses pass on, not stored
 //!   maxCacheBytes: 67108864            # the whole cache, by stored bytes
-//!   statusHeader: cache-status         # RFC 9211 style: `tollgate; hit` / `tollgate; fwd=miss`
+//!   statusHeader: cache-status         # RFC 9211: `tollgate; hit` / `tollgate; fwd=miss[; stored]`
 //!   coalesceWaitMs: 0                  # > 0: concurrent misses on a key wait for the first
 //!   shared: {redis: "redis://127.0.0.1:6379/0", timeoutMs: 50}   # optional second tier
 //! ```
@@ -23,7 +23,9 @@
 //! The key is a SHA-256 over the prefix, scope, fragments (length-prefixed), method and, for
 //! methods with a body, a digest of the body: hostile input never reaches the cache's key
 //! space as is. A hit ends the exchange at once with an `ImmediateResponse`: the stored
-//! status, headers and body, plus `age` and the status header. The response side never
+//! status, headers and body, plus `age` and the status header; it needs the request
+//! headers the response named in `Vary` to match and its content coding to be accepted
+//! (`Vary: *` is never stored). The response side never
 //! holds the body: it asks the stream for a copy as the body passes (server-sent events keep
 //! streaming) and stores it when the body ends; a hit replays the stored events at once.
 //! Entries live in a byte-bounded `moka` cache kept across configuration reloads. With
@@ -32,7 +34,7 @@
 //! with the same TTL), so replicas share what any of them fetched.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
@@ -42,7 +44,7 @@ use super::{parse_spec, BuildContext, SpecError};
 use crate::expr::{Condition, Template};
 use crate::fault::Fault;
 use crate::pipeline::{Direction, Outcome, Policy};
-use crate::vars::Exchange;
+use crate::vars::{Exchange, Headers};
 
 pub const TYPE: &str = "ResponseCache";
 pub const HIT: &str = "responsecache.Hit";
@@ -138,6 +140,12 @@ struct Wire {
     body: String,
     /// When it was stored, Unix ms (for `age`).
     stored_ms: u64,
+    /// When it stops being served, Unix ms (0 in entries written before this field:
+    /// `stored_ms` + the TTL).
+    #[serde(default)]
+    expires_ms: u64,
+    #[serde(default)]
+    vary: Vec<(String, Option<String>)>,
 }
 
 fn now_ms() -> u64 {
@@ -184,13 +192,26 @@ impl SharedCache {
             };
         let w: Wire = serde_json::from_slice(&raw?).ok()?;
         let body = base64::engine::general_purpose::STANDARD.decode(w.body).ok()?;
-        let age = Duration::from_millis(now_ms().saturating_sub(w.stored_ms));
+        let now = now_ms();
+        let age = Duration::from_millis(now.saturating_sub(w.stored_ms));
+        // The entry keeps the expiry it was stored with: a replica reading it late must not
+        // serve it for a fresh TTL of its own.
+        let left = match w.expires_ms {
+            0 => self.ttl.saturating_sub(age),
+            at => Duration::from_millis(at.saturating_sub(now)),
+        };
+        if left.is_zero() {
+            return None;
+        }
+        let now = Instant::now();
         Some(Entry {
             status: w.status,
             headers: w.headers,
             content_type: w.content_type,
             body,
-            stored: Instant::now().checked_sub(age).unwrap_or_else(Instant::now),
+            stored: now.checked_sub(age).unwrap_or(now),
+            expires: now + left,
+            vary: w.vary,
         })
     }
 
@@ -199,12 +220,20 @@ impl SharedCache {
         let Ok(handle) = tokio::runtime::Handle::try_current() else {
             return;
         };
+        let left = e.expires.saturating_duration_since(Instant::now());
+        let left_ms = u64::try_from(left.as_millis()).unwrap_or(u64::MAX);
+        if left_ms == 0 {
+            return;
+        }
+        let now = now_ms();
         let w = Wire {
             status: e.status,
             headers: e.headers.clone(),
             content_type: e.content_type.clone(),
             body: base64::engine::general_purpose::STANDARD.encode(&e.body),
-            stored_ms: now_ms(),
+            stored_ms: now,
+            expires_ms: now.saturating_add(left_ms),
+            vary: e.vary.clone(),
         };
         let Ok(bytes) = serde_json::to_vec(&w) else {
             return;
@@ -214,12 +243,11 @@ impl SharedCache {
             let Some(mut conn) = this.conn().await else {
                 return;
             };
-            let ttl_ms = u64::try_from(this.ttl.as_millis()).unwrap_or(u64::MAX);
             let cmd = redis::cmd("SET")
                 .arg(this.key(&key))
                 .arg(bytes)
                 .arg("PX")
-                .arg(ttl_ms)
+                .arg(left_ms)
                 .clone();
             let r: Result<Result<(), _>, _> =
                 tokio::time::timeout(this.timeout * 4, cmd.query_async(&mut conn)).await;
@@ -248,39 +276,80 @@ pub struct Entry {
     content_type: String,
     body: Vec<u8>,
     stored: Instant,
+    /// When it stops being served: the TTL, capped by the upstream's `s-maxage`/`max-age`,
+    /// and kept when the entry travels through the shared tier.
+    expires: Instant,
+    /// Request headers the response varies on (`Vary`, but `accept-encoding`) with the
+    /// values it was stored for: only a request with the same values is served it.
+    vary: Vec<(String, Option<String>)>,
 }
 
 type Key = [u8; 32];
 type Store = moka::sync::Cache<Key, Arc<Entry>>;
 
+/// moka's per-entry expiry: each entry lives until its own `expires`.
+struct UntilExpires;
+
+impl moka::Expiry<Key, Arc<Entry>> for UntilExpires {
+    fn expire_after_create(&self, _: &Key, e: &Arc<Entry>, now: Instant) -> Option<Duration> {
+        Some(e.expires.saturating_duration_since(now))
+    }
+
+    fn expire_after_update(
+        &self,
+        _: &Key,
+        e: &Arc<Entry>,
+        now: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(e.expires.saturating_duration_since(now))
+    }
+}
+
 /// Every policy's cache, by policy name and settings, shared across reloads so a reload
-/// does not empty them.
+/// does not empty them. The map holds weak references: a configuration that no longer uses
+/// a cache (a policy renamed, removed or resized) drops it with its last policy, and its
+/// slot is pruned on the next build.
 #[derive(Debug, Default)]
 pub struct Caches {
-    by_policy: Mutex<HashMap<String, Store>>,
+    by_policy: Mutex<HashMap<String, Weak<Store>>>,
 }
 
 impl Caches {
-    fn get(&self, id: String, ttl: Duration, max_bytes: u64) -> Store {
+    fn get(&self, id: String, max_bytes: u64) -> Arc<Store> {
         let mut map = match self.by_policy.lock() {
             Ok(m) => m,
             Err(p) => p.into_inner(),
         };
-        map.entry(id)
-            .or_insert_with(|| {
-                moka::sync::Cache::builder()
-                    .max_capacity(max_bytes)
-                    .weigher(|k: &Key, e: &Arc<Entry>| {
-                        let bytes = k.len()
-                            + e.body.len()
-                            + e.content_type.len()
-                            + e.headers.iter().map(|(n, v)| n.len() + v.len()).sum::<usize>();
-                        u32::try_from(bytes).unwrap_or(u32::MAX)
-                    })
-                    .time_to_live(ttl)
-                    .build()
-            })
-            .clone()
+        map.retain(|_, w| w.strong_count() > 0);
+        if let Some(store) = map.get(&id).and_then(Weak::upgrade) {
+            return store;
+        }
+        let store = Arc::new(
+            moka::sync::Cache::builder()
+                .max_capacity(max_bytes)
+                .weigher(|k: &Key, e: &Arc<Entry>| {
+                    let bytes = k.len()
+                        + e.body.len()
+                        + e.content_type.len()
+                        + e.headers.iter().map(|(n, v)| n.len() + v.len()).sum::<usize>();
+                    u32::try_from(bytes).unwrap_or(u32::MAX)
+                })
+                .expire_after(UntilExpires)
+                .build(),
+        );
+        map.insert(id, Arc::downgrade(&store));
+        store
+    }
+
+    /// Caches some policy still uses (the rest are pruned first).
+    pub fn live(&self) -> usize {
+        let mut map = match self.by_policy.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        map.retain(|_, w| w.strong_count() > 0);
+        map.len()
     }
 }
 
@@ -297,17 +366,24 @@ struct ResponseCache {
     exclude_errors: bool,
     respect_cache_control: bool,
     max_entry: usize,
+    ttl: Duration,
     status_header: String,
-    store: Store,
+    store: Arc<Store>,
     /// Keys with a request upstream, for coalescing concurrent misses.
     inflight: Option<moka::sync::Cache<Key, Arc<tokio::sync::Notify>>>,
     coalesce_wait: Duration,
     shared: Option<Arc<SharedCache>>,
     key_var: String,
     populate_var: String,
+    /// Set when `skipLookup` sent the request upstream (`fwd=request`, not `fwd=miss`).
+    bypass_var: String,
 }
 
 pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Policy>, SpecError> {
+    Ok(Arc::new(build_cache(ctx, spec)?))
+}
+
+fn build_cache(ctx: &BuildContext, spec: serde_norway::Value) -> Result<ResponseCache, SpecError> {
     let spec: Spec = parse_spec(spec)?;
     if spec.ttl_seconds == 0 {
         return Err(SpecError::new("ttlSeconds", "must be greater than 0"));
@@ -345,7 +421,7 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
         "{}|{}|{}",
         ctx.name, spec.ttl_seconds, spec.max_cache_bytes
     );
-    let store = ctx.services.caches.get(id, ttl, spec.max_cache_bytes);
+    let store = ctx.services.caches.get(id, spec.max_cache_bytes);
     let coalesce_wait = Duration::from_millis(spec.coalesce_wait_ms);
     let inflight = (spec.coalesce_wait_ms > 0).then(|| {
         moka::sync::Cache::builder()
@@ -371,7 +447,7 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
             }))
         })
         .transpose()?;
-    Ok(Arc::new(ResponseCache {
+    Ok(ResponseCache {
         shared,
         name: ctx.name.clone(),
         prefix: spec.key_prefix,
@@ -384,13 +460,15 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
         exclude_errors: spec.exclude_error_responses,
         respect_cache_control: spec.respect_cache_control,
         max_entry: spec.max_entry_bytes,
+        ttl,
         status_header,
         store,
         inflight,
         coalesce_wait,
         key_var: format!("responsecache.{}.key", ctx.name),
         populate_var: format!("responsecache.{}.populate", ctx.name),
-    }))
+        bypass_var: format!("responsecache.{}.bypass", ctx.name),
+    })
 }
 
 fn hex(b: &[u8]) -> String {
@@ -414,27 +492,98 @@ fn unhex(s: &str) -> Option<Key> {
     Some(k)
 }
 
-/// Headers never stored or replayed: per connection, per message, or per user.
+/// Headers never stored or replayed: per connection (hop-by-hop), per message, or per user.
 fn stored_header(name: &str) -> bool {
     !(name.starts_with(':')
         || name.starts_with("x-envoy-")
+        || name.starts_with("proxy-")
         || matches!(
             name,
             "content-length"
                 | "transfer-encoding"
                 | "connection"
                 | "keep-alive"
+                | "te"
+                | "trailer"
+                | "upgrade"
                 | "set-cookie"
                 | "age"
                 | "content-type"
         ))
 }
 
-fn cache_control_forbids(v: &str) -> bool {
-    v.split(',').any(|d| {
+/// Every value of `name`, as one comma-separated list.
+fn all_values(h: &Headers, name: &str) -> String {
+    let mut out = String::new();
+    for (_, v) in h.iter().filter(|(n, _)| n.eq_ignore_ascii_case(name)) {
+        if !out.is_empty() {
+            out.push(',');
+        }
+        out.push_str(v);
+    }
+    out
+}
+
+/// What an upstream's `Cache-Control` allows a shared cache.
+#[derive(Debug, PartialEq, Eq)]
+enum Freshness {
+    /// `no-store`, `private`, `no-cache` (stored responses would need revalidation, which
+    /// this cache does not do), or a lifetime of 0.
+    DoNotStore,
+    /// `s-maxage` (preferred: this is a shared cache) or `max-age`: the TTL's upper bound.
+    AtMost(Duration),
+    Unbounded,
+}
+
+fn freshness(cache_control: &str) -> Freshness {
+    let (mut max_age, mut s_maxage) = (None, None);
+    for d in cache_control.split(',') {
         let d = d.trim().to_ascii_lowercase();
-        d == "no-store" || d == "private" || d.starts_with("private=")
-    })
+        let (name, arg) = match d.split_once('=') {
+            Some((n, a)) => (n.trim(), Some(a.trim().trim_matches('"'))),
+            None => (d.as_str(), None),
+        };
+        match name {
+            "no-store" | "private" | "no-cache" => return Freshness::DoNotStore,
+            // An unparsable lifetime is stale (RFC 9111 §4.2.1).
+            "max-age" => max_age = Some(arg.and_then(|a| a.parse::<u64>().ok()).unwrap_or(0)),
+            "s-maxage" => s_maxage = Some(arg.and_then(|a| a.parse::<u64>().ok()).unwrap_or(0)),
+            _ => {}
+        }
+    }
+    match s_maxage.or(max_age) {
+        Some(0) => Freshness::DoNotStore,
+        Some(n) => Freshness::AtMost(Duration::from_secs(n)),
+        None => Freshness::Unbounded,
+    }
+}
+
+/// Whether `accept-encoding` allows every coding of `content-encoding` (RFC 9110 §12.5.3;
+/// a request without `accept-encoding` is only served identity, to be safe).
+fn accepts_encoding(accept: Option<&str>, content_encoding: &str) -> bool {
+    content_encoding
+        .split(',')
+        .map(|c| c.trim().to_ascii_lowercase())
+        .filter(|c| !c.is_empty() && c != "identity")
+        .all(|coding| {
+            let Some(accept) = accept else { return false };
+            let mut star = None;
+            for item in accept.split(',') {
+                let mut parts = item.split(';');
+                let name = parts.next().unwrap_or_default().trim().to_ascii_lowercase();
+                let q = parts
+                    .filter_map(|p| p.trim().strip_prefix("q=").or_else(|| p.trim().strip_prefix("Q=")))
+                    .find_map(|q| q.trim().parse::<f32>().ok())
+                    .unwrap_or(1.0);
+                if name == coding {
+                    return q > 0.0;
+                }
+                if name == "*" {
+                    star = Some(q > 0.0);
+                }
+            }
+            star.unwrap_or(false)
+        })
 }
 
 impl ResponseCache {
@@ -476,6 +625,17 @@ impl ResponseCache {
         Some(h.finalize().into())
     }
 
+    /// Whether `e` may answer this request: the headers it varies on match, and the
+    /// request accepts its content coding.
+    fn usable(e: &Entry, ex: &Exchange) -> bool {
+        let h = &ex.request.headers;
+        e.vary.iter().all(|(n, v)| h.get(n) == v.as_deref())
+            && e.headers
+                .iter()
+                .filter(|(n, _)| n == "content-encoding")
+                .all(|(_, coding)| accepts_encoding(h.get("accept-encoding"), coding))
+    }
+
     fn hit(&self, e: &Entry) -> Fault {
         let mut headers = e.headers.clone();
         headers.push(("age".into(), e.stored.elapsed().as_secs().to_string()));
@@ -497,10 +657,15 @@ impl ResponseCache {
         };
         ex.set_var(self.key_var.clone(), hex(&key));
         if self.skip_lookup.as_ref().is_some_and(|c| c.eval(ex)) {
+            ex.set_var(self.bypass_var.clone(), true);
             return Outcome::Ready(Ok(()));
         }
         if let Some(e) = self.store.get(&key) {
-            return Outcome::Ready(Err(self.hit(&e)));
+            if Self::usable(&e, ex) {
+                return Outcome::Ready(Err(self.hit(&e)));
+            }
+            // Another variant (or coding) is stored: go upstream; the answer replaces it.
+            return Outcome::Ready(Ok(()));
         }
         if self.shared.is_none() && self.inflight.is_none() {
             return Outcome::Ready(Ok(()));
@@ -510,7 +675,10 @@ impl ResponseCache {
                 if let Some(e) = sh.get(&key).await {
                     let e = Arc::new(e);
                     self.store.insert(key, e.clone());
-                    return Err(self.hit(&e));
+                    if Self::usable(&e, ex) {
+                        return Err(self.hit(&e));
+                    }
+                    return Ok(());
                 }
             }
             let Some(inflight) = &self.inflight else {
@@ -527,8 +695,8 @@ impl ResponseCache {
             // Another request for this key is upstream: wait (bounded) for it to populate.
             let _ = tokio::time::timeout(self.coalesce_wait, notify.notified()).await;
             match self.store.get(&key) {
-                Some(e) => Err(self.hit(&e)),
-                None => Ok(()),
+                Some(e) if Self::usable(&e, ex) => Err(self.hit(&e)),
+                _ => Ok(()),
             }
         }))
     }
@@ -546,25 +714,37 @@ impl ResponseCache {
             (200..500).contains(&status)
         };
         let forbidden = self.respect_cache_control
-            && resp
-                .headers
-                .get("cache-control")
-                .is_some_and(cache_control_forbids);
-        let too_big = resp
+            && freshness(&all_values(&resp.headers, "cache-control")) == Freshness::DoNotStore;
+        // `Vary: *`: no later request can be known to match.
+        let vary_any = all_values(&resp.headers, "vary")
+            .split(',')
+            .any(|v| v.trim() == "*");
+        let length = resp
             .headers
             .get("content-length")
-            .and_then(|l| l.parse::<usize>().ok())
-            .is_some_and(|l| l > self.max_entry);
+            .and_then(|l| l.trim().parse::<usize>().ok());
+        let too_big = length.is_some_and(|l| l > self.max_entry);
         let skip = self.skip_populate.as_ref().is_some_and(|c| c.eval(ex));
-        if !cacheable_status || forbidden || too_big || skip {
+        let fwd = if ex.vars.contains_key(&self.bypass_var) {
+            "tollgate; fwd=request"
+        } else {
+            "tollgate; fwd=miss"
+        };
+        if !cacheable_status || forbidden || vary_any || too_big || skip {
+            ex.set_header(Direction::Response, &self.status_header, fwd.into());
             self.release(&key);
             return;
         }
-        ex.set_header(
-            Direction::Response,
-            &self.status_header,
-            "tollgate; fwd=miss; stored".into(),
-        );
+        // `stored` only when the size is known now to fit; a body of unknown length
+        // (streamed, chunked) may still turn out too large.
+        let held = ex.response_body.as_ref().map(Vec::len);
+        let certain = held.or(length).is_some_and(|l| l <= self.max_entry);
+        let status = if certain {
+            format!("{fwd}; stored")
+        } else {
+            fwd.to_owned()
+        };
+        ex.set_header(Direction::Response, &self.status_header, status);
         ex.set_var(self.populate_var.clone(), true);
         match ex.response_body.take() {
             // An earlier response step held the whole body: store it now.
@@ -588,8 +768,27 @@ impl ResponseCache {
             .headers
             .iter()
             .filter(|(n, _)| stored_header(n) && *n != self.status_header)
-            .map(|(n, v)| (n.to_owned(), v.to_owned()))
+            .map(|(n, v)| (n.to_ascii_lowercase(), v.to_owned()))
             .collect();
+        let ttl = match self.respect_cache_control {
+            true => match freshness(&all_values(&resp.headers, "cache-control")) {
+                Freshness::AtMost(d) => d.min(self.ttl),
+                _ => self.ttl,
+            },
+            false => self.ttl,
+        };
+        // The coding is checked against `accept-encoding` on every hit, so that header is
+        // not pinned to one value here.
+        let mut vary: Vec<(String, Option<String>)> = Vec::new();
+        for name in all_values(&resp.headers, "vary").split(',') {
+            let name = name.trim().to_ascii_lowercase();
+            if name.is_empty() || name == "accept-encoding" || vary.iter().any(|(n, _)| *n == name) {
+                continue;
+            }
+            let value = ex.request.headers.get(&name).map(str::to_owned);
+            vary.push((name, value));
+        }
+        let now = Instant::now();
         let entry = Entry {
             status: resp.status,
             headers,
@@ -599,7 +798,9 @@ impl ResponseCache {
                 .unwrap_or("application/octet-stream")
                 .to_owned(),
             body: body.to_vec(),
-            stored: Instant::now(),
+            stored: now,
+            expires: now + ttl,
+            vary,
         };
         if let Some(sh) = &self.shared {
             sh.put(key, &entry);
@@ -814,6 +1015,208 @@ mod tests {
         assert_eq!(f.body.unwrap().1, b"local");
         let mut ex = request("GET", "/other", None);
         assert!(run(&p, &mut ex, Direction::Request).await.is_ok());
+    }
+
+    fn status_header(ex: &mut Exchange) -> Option<String> {
+        let m = ex.take_mutations(Direction::Response);
+        m.set
+            .iter()
+            .find(|(n, _, _)| n == "cache-status")
+            .map(|(_, v, _)| v.clone())
+    }
+
+    /// A lookup's outcome: the hit's body, or `None` for a miss.
+    async fn lookup(p: &Arc<dyn Policy>, ex: &mut Exchange) -> Option<Vec<u8>> {
+        match run(p, ex, Direction::Request).await {
+            Ok(()) => None,
+            Err(f) => {
+                assert!(f.is_answer(), "{f:?}");
+                f.body.map(|b| b.1)
+            }
+        }
+    }
+
+    fn as_app(mut ex: Exchange, app: &str) -> Exchange {
+        ex.set_var("client_id", app.to_owned());
+        ex
+    }
+
+    #[tokio::test]
+    async fn scope_keeps_apps_and_flows_apart() {
+        // Per app: the same fragments under two apps are two keys.
+        let p = policy("scope: app\nkeyFragments: ['{request.uri}']");
+        miss(&p, &mut as_app(request("GET", "/s", None), "app1"), 200, &[], "one").await;
+        assert_eq!(lookup(&p, &mut as_app(request("GET", "/s", None), "app2")).await, None);
+        assert_eq!(lookup(&p, &mut as_app(request("GET", "/s", None), "app1")).await.unwrap(), b"one");
+        // Global: the same fragments are one key whoever asks.
+        let p = policy("scope: global\nkeyFragments: ['{request.uri}']");
+        miss(&p, &mut as_app(request("GET", "/s", None), "app1"), 200, &[], "one").await;
+        assert_eq!(lookup(&p, &mut as_app(request("GET", "/s", None), "app2")).await.unwrap(), b"one");
+        // Per flow.
+        let p = policy("scope: flow");
+        let in_flow = |flow: &str| {
+            let mut ex = request("GET", "/f", None);
+            ex.flow = flow.into();
+            ex
+        };
+        miss(&p, &mut in_flow("f1"), 200, &[], "f1").await;
+        assert_eq!(lookup(&p, &mut in_flow("f2")).await, None);
+        assert_eq!(lookup(&p, &mut in_flow("f1")).await.unwrap(), b"f1");
+    }
+
+    #[tokio::test]
+    async fn entries_expire_with_the_ttl_or_the_upstream_max_age() {
+        let short = policy("ttlSeconds: 1");
+        miss(&short, &mut request("GET", "/t", None), 200, &[], "t").await;
+        let long = policy("ttlSeconds: 300");
+        miss(&long, &mut request("GET", "/m", None), 200, &[("cache-control", "public, max-age=1")], "m").await;
+        miss(&long, &mut request("GET", "/s", None), 200, &[("cache-control", "max-age=300, s-maxage=1")], "s").await;
+        miss(&long, &mut request("GET", "/l", None), 200, &[("cache-control", "max-age=300")], "l").await;
+        for (p, uri) in [(&short, "/t"), (&long, "/m"), (&long, "/s"), (&long, "/l")] {
+            assert!(lookup(p, &mut request("GET", uri, None)).await.is_some(), "{uri} fresh");
+        }
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        for (p, uri) in [(&short, "/t"), (&long, "/m"), (&long, "/s")] {
+            assert_eq!(lookup(p, &mut request("GET", uri, None)).await, None, "{uri} expired");
+        }
+        assert!(lookup(&long, &mut request("GET", "/l", None)).await.is_some(), "max-age above the TTL changes nothing");
+    }
+
+    #[tokio::test]
+    async fn no_cache_and_zero_lifetimes_are_not_stored_unless_overridden() {
+        let p = policy("ttlSeconds: 60");
+        for cc in ["no-cache", "no-cache=\"set-cookie\"", "max-age=0", "s-maxage=0, max-age=60", "max-age=soon"] {
+            let uri = format!("/n?{}", cc.len());
+            miss(&p, &mut request("GET", &uri, None), 200, &[("cache-control", cc)], "x").await;
+            assert_eq!(lookup(&p, &mut request("GET", &uri, None)).await, None, "{cc} stored");
+        }
+        let p = policy("respectCacheControl: false");
+        miss(&p, &mut request("GET", "/n", None), 200, &[("cache-control", "no-cache, max-age=0")], "x").await;
+        assert!(lookup(&p, &mut request("GET", "/n", None)).await.is_some());
+    }
+
+    #[tokio::test]
+    async fn evicted_by_max_cache_bytes() {
+        let c = Arc::new(build_cache(&BuildContext::default(), serde_norway::from_str("maxCacheBytes: 4000\nmaxEntryBytes: 1000").unwrap()).unwrap());
+        let p: Arc<dyn Policy> = c.clone();
+        let body = "b".repeat(900);
+        for i in 0..20 {
+            miss(&p, &mut request("GET", &format!("/e{i}"), None), 200, &[], &body).await;
+        }
+        c.store.run_pending_tasks();
+        assert!(c.store.weighted_size() <= 4000, "{}", c.store.weighted_size());
+        let mut hits = 0;
+        for i in 0..20 {
+            if lookup(&p, &mut request("GET", &format!("/e{i}"), None)).await.is_some() {
+                hits += 1;
+            }
+        }
+        assert!((1..=4).contains(&hits), "{hits} entries of 900 bytes in 4000");
+    }
+
+    #[tokio::test]
+    async fn caches_a_reload_no_longer_uses_are_dropped() {
+        let ctx = BuildContext {
+            name: "rc".into(),
+            ..Default::default()
+        };
+        let caches = ctx.services.caches.clone();
+        let make = |y: &str| build(&ctx, serde_norway::from_str(y).unwrap()).unwrap();
+        let old = make("ttlSeconds: 60");
+        miss(&old, &mut request("GET", "/r", None), 200, &[], "kept").await;
+        // A reload builds the new configuration while the old one still runs: an unchanged
+        // policy finds its cache and entries.
+        let same = make("ttlSeconds: 60");
+        drop(old);
+        assert_eq!(lookup(&same, &mut request("GET", "/r", None)).await.unwrap(), b"kept");
+        assert_eq!(caches.live(), 1);
+        // The next reload resizes it: the old cache goes with the last policy using it.
+        let resized = make("ttlSeconds: 60\nmaxCacheBytes: 10000000");
+        assert_eq!(caches.live(), 2);
+        drop(same);
+        assert_eq!(caches.live(), 1);
+        assert_eq!(caches.by_policy.lock().unwrap().len(), 1, "the dead slot is pruned");
+        assert_eq!(lookup(&resized, &mut request("GET", "/r", None)).await, None);
+        drop(resized);
+        assert_eq!(caches.live(), 0);
+        let again = make("ttlSeconds: 60");
+        assert_eq!(lookup(&again, &mut request("GET", "/r", None)).await, None, "its entries were freed");
+    }
+
+    #[tokio::test]
+    async fn cache_status_claims_stored_only_when_certain() {
+        let p = policy("maxEntryBytes: 10\nskipLookup: \"request.headers['cache-control'] == 'no-cache'\"");
+        for (uri, status, headers, want) in [
+            ("/a", 200, vec![("content-length", "3")], "tollgate; fwd=miss; stored"),
+            ("/b", 200, vec![], "tollgate; fwd=miss"),
+            ("/c", 200, vec![("content-length", "99")], "tollgate; fwd=miss"),
+            ("/d", 500, vec![("content-length", "3")], "tollgate; fwd=miss"),
+            ("/e", 200, vec![("content-length", "3"), ("cache-control", "no-store")], "tollgate; fwd=miss"),
+        ] {
+            let mut ex = request("GET", uri, None);
+            miss(&p, &mut ex, status, &headers, "abc").await;
+            assert_eq!(status_header(&mut ex).as_deref(), Some(want), "{uri}");
+        }
+        // Unknown length: not claimed, but stored when the body turns out to fit.
+        assert_eq!(lookup(&p, &mut request("GET", "/b", None)).await.unwrap(), b"abc");
+        let mut ex = request("GET", "/a", None);
+        ex.request.headers.push("cache-control".into(), "no-cache".into());
+        miss(&p, &mut ex, 200, &[("content-length", "3")], "abc").await;
+        assert_eq!(status_header(&mut ex).as_deref(), Some("tollgate; fwd=request; stored"));
+    }
+
+    #[tokio::test]
+    async fn vary_and_content_encoding() {
+        let p = policy("ttlSeconds: 60");
+        miss(&p, &mut request("GET", "/star", None), 200, &[("vary", "*")], "x").await;
+        assert_eq!(lookup(&p, &mut request("GET", "/star", None)).await, None, "Vary: * is never stored");
+
+        let with = |uri: &str, headers: &[(&str, &str)]| {
+            let mut ex = request("GET", uri, None);
+            for (n, v) in headers {
+                ex.request.headers.push((*n).into(), (*v).into());
+            }
+            ex
+        };
+        miss(&p, &mut with("/lang", &[("accept-language", "en")]), 200, &[("vary", "Accept-Language, accept-encoding")], "en").await;
+        assert_eq!(lookup(&p, &mut with("/lang", &[("accept-language", "fr")])).await, None);
+        assert_eq!(lookup(&p, &mut with("/lang", &[])).await, None);
+        assert_eq!(lookup(&p, &mut with("/lang", &[("accept-language", "en")])).await.unwrap(), b"en");
+
+        miss(&p, &mut with("/gz", &[("accept-encoding", "gzip, br")]), 200, &[("content-encoding", "gzip")], "zz").await;
+        for (ae, served) in [
+            (Some("gzip, br"), true),
+            (Some("br;q=1.0, GZIP;q=0.5"), true),
+            (Some("*"), true),
+            (Some("br, *;q=0"), false),
+            (Some("gzip;q=0, *"), false),
+            (Some("identity"), false),
+            (None, false),
+        ] {
+            let mut ex = with("/gz", &ae.map(|a| vec![("accept-encoding", a)]).unwrap_or_default());
+            assert_eq!(lookup(&p, &mut ex).await.is_some(), served, "{ae:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn hop_by_hop_headers_are_not_stored() {
+        let p = policy("ttlSeconds: 60");
+        let hop = [
+            ("te", "trailers"),
+            ("trailer", "x-sum"),
+            ("upgrade", "h2c"),
+            ("proxy-authenticate", "Basic"),
+            ("proxy-connection", "keep-alive"),
+            ("keep-alive", "timeout=5"),
+            ("x-kept", "1"),
+        ];
+        miss(&p, &mut request("GET", "/h", None), 200, &hop, "h").await;
+        let f = run(&p, &mut request("GET", "/h", None), Direction::Request).await.unwrap_err();
+        let names: Vec<&str> = f.headers.iter().map(|(n, _)| n.as_str()).collect();
+        assert!(names.contains(&"x-kept"), "{names:?}");
+        for (n, _) in &hop[..6] {
+            assert!(!names.contains(n), "{n} replayed: {names:?}");
+        }
     }
 
     #[test]

@@ -1,0 +1,191 @@
+//! ResponseCache's shared tier against a real `redis-server`: two replicas (two policy
+//! instances with their own local caches and services) share what either stored, and an
+//! entry read from Redis keeps the expiry it was stored with.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tollgate::fault::Fault;
+use tollgate::pipeline::{Direction, Outcome, Policy};
+use tollgate::policies::{response_cache, BuildContext};
+use tollgate::services::Services;
+use tollgate::vars::{Exchange, Headers, RequestInfo, ResponseInfo};
+
+/// A `redis-server` on a free loopback port, without persistence; killed on drop.
+struct RedisServer {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+fn ping(port: u16) -> bool {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    if s.write_all(b"PING\r\n").is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 7];
+    s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+}
+
+impl RedisServer {
+    fn start() -> Self {
+        for _ in 0..5 {
+            let port = TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("free port")
+                .port();
+            let dir = tempfile::tempdir().expect("tempdir");
+            let mut child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no", "--loglevel", "warning"])
+                .arg("--dir")
+                .arg(dir.path())
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server is not installed: run scripts/setup.sh");
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                if ping(port) {
+                    return Self {
+                        child,
+                        port,
+                        _dir: dir,
+                    };
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("redis-server did not start");
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One replica's policy: fresh services (so its own local cache), the shared Redis tier.
+fn replica(redis: &str, ttl: u64) -> Arc<dyn Policy> {
+    let ctx = BuildContext {
+        name: "shared".into(),
+        services: Services::default(),
+        ..Default::default()
+    };
+    let spec = format!("ttlSeconds: {ttl}\nshared: {{redis: '{redis}', timeoutMs: 1000}}");
+    response_cache::build(&ctx, serde_norway::from_str(&spec).unwrap()).unwrap()
+}
+
+fn request(uri: &str) -> Exchange {
+    let mut h = Headers::new();
+    h.push(":method".into(), "GET".into());
+    h.push(":path".into(), uri.into());
+    Exchange {
+        request: RequestInfo::from_headers(h),
+        ..Default::default()
+    }
+}
+
+async fn run(p: &Arc<dyn Policy>, ex: &mut Exchange, dir: Direction) -> Result<(), Fault> {
+    match p.run(ex, dir) {
+        Outcome::Ready(r) => r,
+        Outcome::Pending(f) => f.await,
+    }
+}
+
+/// A lookup: the hit's body and `age`, or `None` for a miss.
+async fn lookup(p: &Arc<dyn Policy>, uri: &str) -> Option<(Vec<u8>, u64)> {
+    let mut ex = request(uri);
+    let f = run(p, &mut ex, Direction::Request).await.err()?;
+    assert!(f.is_answer(), "{f:?}");
+    let age = f
+        .headers
+        .iter()
+        .find(|(n, _)| n == "age")
+        .and_then(|(_, v)| v.parse().ok())
+        .expect("age");
+    Some((f.body.expect("body").1, age))
+}
+
+/// A miss that goes upstream and stores `body`.
+async fn store(p: &Arc<dyn Policy>, uri: &str, body: &str) {
+    let mut ex = request(uri);
+    run(p, &mut ex, Direction::Request).await.unwrap();
+    let mut h = Headers::new();
+    h.push(":status".into(), "200".into());
+    h.push("content-type".into(), "text/plain".into());
+    ex.response = Some(ResponseInfo {
+        status: 200,
+        headers: h,
+    });
+    run(p, &mut ex, Direction::Response).await.unwrap();
+    assert!(ex.response_capture > 0, "the body is asked for");
+    p.observe(&mut ex, Direction::Response, body.as_bytes());
+}
+
+/// Waits (bounded) until the background write reached Redis.
+async fn written(redis: &RedisServer, n: usize) {
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("tollgate:cache:shared:*")
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        if keys.len() >= n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the entry never reached Redis");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_in_one_replica_is_a_hit_in_the_other() {
+    let redis = RedisServer::start();
+    let a = replica(&redis.url(), 60);
+    let b = replica(&redis.url(), 60);
+    assert_eq!(lookup(&b, "/shared").await, None);
+    store(&a, "/shared", "from a").await;
+    written(&redis, 1).await;
+    let (body, _) = lookup(&b, "/shared").await.expect("b hits a's entry");
+    assert_eq!(body, b"from a");
+    assert_eq!(lookup(&b, "/other").await, None, "another key is a miss");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_from_redis_keeps_its_expiry() {
+    let redis = RedisServer::start();
+    let a = replica(&redis.url(), 2);
+    let b = replica(&redis.url(), 2);
+    store(&a, "/ttl", "x").await;
+    written(&redis, 1).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // B reads it from Redis about 1.2 s into its 2 s life (and keeps it locally)...
+    let (_, age) = lookup(&b, "/ttl").await.expect("fresh in Redis");
+    assert!(age >= 1, "age {age}");
+    // ...and stops serving it when it expires, not a full TTL after B fetched it.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(lookup(&b, "/ttl").await, None);
+    assert_eq!(lookup(&a, "/ttl").await, None);
+}
