@@ -214,6 +214,33 @@ fn policy_runs(c: &mut Criterion) {
             ex
         })
     });
+    // Twice as many distinct tokens as the verified-token cache holds, cycled: every run
+    // parses the token and checks its RS256 signature.
+    let signer = jsonwebtoken::EncodingKey::from_rsa_pem(
+        key.to_pkcs8_pem(rsa::pkcs8::LineEnding::LF)
+            .expect("pem")
+            .as_bytes(),
+    )
+    .expect("key");
+    let fresh_auths: Vec<String> = (0..8192)
+        .map(|i| {
+            let claims = serde_json::json!({"iss": "iss", "aud": "aud", "sub": format!("s{i}"),
+                "iat": now, "exp": now + 86_400});
+            format!(
+                "Bearer {}",
+                jsonwebtoken::encode(&header, &claims, &signer).expect("token")
+            )
+        })
+        .collect();
+    let mut next = 0usize;
+    c.bench_function("policy/verify_jwt_rs256_fresh_token", |b| {
+        b.iter(|| {
+            next = (next + 1) % fresh_auths.len();
+            let mut ex = fresh(&fresh_auths[next]);
+            run(&jwt, &mut ex);
+            ex
+        })
+    });
 }
 
 criterion_group!(benches, bench);

@@ -19,8 +19,6 @@ spec:
   type: ResponseCache
   methods: [GET, POST]
   ttlSeconds: 60
-  # The SSE upstream sends `cache-control: no-cache`, as LLM APIs do; caching it is a choice.
-  respectCacheControl: false
 ---
 apiVersion: tollgate.dev/v1alpha1
 kind: Policy

@@ -12,7 +12,7 @@
 //!   skipLookup: "request.headers['cache-control'] == 'no-cache'"   # CEL; entry refreshed
 //!   skipPopulate: "response.headers['x-partial'] == 'yes'"
 //!   excludeErrorResponses: true        # only 2xx are stored
-//!   respectCacheControl: true          # upstream no-store/private/no-cache not stored, max-age caps the TTL
+//!   respectCacheControl: true          # upstream no-store/private (no-cache but on SSE) not stored, max-age caps the TTL
 //!   maxEntryBytes: 1048576             # larger responses pass on, not stored
 //!   maxCacheBytes: 67108864            # the whole cache, by stored bytes
 //!   statusHeader: cache-status         # RFC 9211: `tollgate; hit` / `tollgate; fwd=miss[; stored]`
@@ -44,7 +44,7 @@ use super::{parse_spec, BuildContext, SpecError};
 use crate::expr::{Condition, Template};
 use crate::fault::Fault;
 use crate::pipeline::{Direction, Outcome, Policy};
-use crate::vars::{Exchange, Headers};
+use crate::vars::{Exchange, Headers, ResponseInfo};
 
 pub const TYPE: &str = "ResponseCache";
 pub const HIT: &str = "responsecache.Hit";
@@ -528,14 +528,24 @@ fn all_values(h: &Headers, name: &str) -> String {
 #[derive(Debug, PartialEq, Eq)]
 enum Freshness {
     /// `no-store`, `private`, `no-cache` (stored responses would need revalidation, which
-    /// this cache does not do), or a lifetime of 0.
+    /// this cache does not do; not on event streams, see `freshness`), or a lifetime of 0.
     DoNotStore,
     /// `s-maxage` (preferred: this is a shared cache) or `max-age`: the TTL's upper bound.
     AtMost(Duration),
     Unbounded,
 }
 
-fn freshness(cache_control: &str) -> Freshness {
+fn is_event_stream(resp: &ResponseInfo) -> bool {
+    resp.headers
+        .get("content-type")
+        .is_some_and(|c| c.trim_start().to_ascii_lowercase().starts_with("text/event-stream"))
+}
+
+/// `event_stream`: the response is `text/event-stream`, whose `no-cache` is the customary
+/// "do not buffer or replay this live stream" of SSE servers (LLM APIs send it on every
+/// streamed answer), not a statement about the answer's content; caching a deterministic
+/// completion is the policy's decision, so there `no-cache` does not forbid storing.
+fn freshness(cache_control: &str, event_stream: bool) -> Freshness {
     let (mut max_age, mut s_maxage) = (None, None);
     for d in cache_control.split(',') {
         let d = d.trim().to_ascii_lowercase();
@@ -544,7 +554,8 @@ fn freshness(cache_control: &str) -> Freshness {
             None => (d.as_str(), None),
         };
         match name {
-            "no-store" | "private" | "no-cache" => return Freshness::DoNotStore,
+            "no-store" | "private" => return Freshness::DoNotStore,
+            "no-cache" if !event_stream => return Freshness::DoNotStore,
             // An unparsable lifetime is stale (RFC 9111 §4.2.1).
             "max-age" => max_age = Some(arg.and_then(|a| a.parse::<u64>().ok()).unwrap_or(0)),
             "s-maxage" => s_maxage = Some(arg.and_then(|a| a.parse::<u64>().ok()).unwrap_or(0)),
@@ -713,8 +724,10 @@ impl ResponseCache {
         } else {
             (200..500).contains(&status)
         };
+        let event_stream = is_event_stream(resp);
         let forbidden = self.respect_cache_control
-            && freshness(&all_values(&resp.headers, "cache-control")) == Freshness::DoNotStore;
+            && freshness(&all_values(&resp.headers, "cache-control"), event_stream)
+                == Freshness::DoNotStore;
         // `Vary: *`: no later request can be known to match.
         let vary_any = all_values(&resp.headers, "vary")
             .split(',')
@@ -771,7 +784,7 @@ impl ResponseCache {
             .map(|(n, v)| (n.to_ascii_lowercase(), v.to_owned()))
             .collect();
         let ttl = match self.respect_cache_control {
-            true => match freshness(&all_values(&resp.headers, "cache-control")) {
+            true => match freshness(&all_values(&resp.headers, "cache-control"), is_event_stream(resp)) {
                 Freshness::AtMost(d) => d.min(self.ttl),
                 _ => self.ttl,
             },
@@ -1093,6 +1106,15 @@ mod tests {
         let p = policy("respectCacheControl: false");
         miss(&p, &mut request("GET", "/n", None), 200, &[("cache-control", "no-cache, max-age=0")], "x").await;
         assert!(lookup(&p, &mut request("GET", "/n", None)).await.is_some());
+        // An event stream's `no-cache` (sent by SSE servers on every stream) does not forbid
+        // storing; its `no-store` does.
+        let p = policy("ttlSeconds: 60");
+        let sse = [("content-type", "text/event-stream"), ("cache-control", "no-cache")];
+        miss(&p, &mut request("GET", "/sse", None), 200, &sse, "data: x\n\n").await;
+        assert!(lookup(&p, &mut request("GET", "/sse", None)).await.is_some(), "SSE no-cache stored");
+        let sse = [("content-type", "text/event-stream"), ("cache-control", "no-store")];
+        miss(&p, &mut request("GET", "/sse2", None), 200, &sse, "data: x\n\n").await;
+        assert_eq!(lookup(&p, &mut request("GET", "/sse2", None)).await, None, "SSE no-store not stored");
     }
 
     #[tokio::test]
