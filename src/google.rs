@@ -19,7 +19,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwapOption;
 use base64::Engine as _;
@@ -27,6 +27,8 @@ use bytes::Bytes;
 use http_body_util::Full;
 use prometheus::IntCounterVec;
 use serde::Deserialize;
+// tokio's clock: the real one in the server, and one tests can advance (refresh timing).
+use tokio::time::Instant;
 
 use crate::http_client::HttpClient;
 
@@ -129,7 +131,14 @@ impl Source {
     fn id(&self) -> String {
         match self {
             Source::Metadata(h) => format!("metadata:{h}"),
-            Source::ServiceAccount(k) => format!("sa:{}:{}", k.client_email, k.token_uri),
+            // The key itself is part of the id: a rotated key file (same email) gets a new
+            // slot, so its tokens are signed with the new key, not the one loaded first.
+            Source::ServiceAccount(k) => {
+                use sha2::Digest;
+                let digest = sha2::Sha256::digest(k.private_key.as_bytes());
+                let fp: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+                format!("sa:{}:{}:{fp}", k.client_email, k.token_uri)
+            }
         }
     }
 

@@ -1,6 +1,6 @@
 //! The process-wide outgoing HTTP client: pooled connections (hyper-util), HTTP/1.1 and
 //! HTTP/2 (ALPN over TLS, or prior knowledge for `http2: true` on plain HTTP), rustls with
-//! the system roots. Service callouts, JWKS fetches and Google token requests share it, so
+//! the system roots (plus, for a callout's `caFile`, extra CAs). Service callouts, JWKS fetches and Google token requests share it, so
 //! connections are reused across policies and configuration reloads.
 
 use std::sync::{Arc, LazyLock};
@@ -23,14 +23,20 @@ pub enum HttpError {
     Timeout(Duration),
     #[error("response body larger than {0} bytes")]
     TooLarge(usize),
+    /// No connection was made (refused, DNS, TLS handshake): the request never left.
+    #[error("connect failed: {0}")]
+    Connect(String),
+    /// The request may have reached the server (e.g. the connection closed before the
+    /// answer).
     #[error("request failed: {0}")]
     Failed(String),
 }
 
 impl HttpError {
-    /// A connection that never carried the request: safe to retry any method.
+    /// A connection that never carried the request: safe to retry any method. Set from
+    /// hyper-util's own flag, not from the message ("connection reset" is not one).
     pub fn is_connect(&self) -> bool {
-        matches!(self, HttpError::Failed(m) if m.contains("connect"))
+        matches!(self, HttpError::Connect(_))
     }
 }
 
@@ -62,9 +68,9 @@ impl Default for HttpClient {
     }
 }
 
-/// The TLS settings, built once per process: reading the system roots is slow, and every
-/// `Services` (tests and `validate` make many) builds a client.
-static TLS: LazyLock<rustls::ClientConfig> = LazyLock::new(|| {
+/// The system roots, read once per process: reading them is slow, and every `Services`
+/// (tests and `validate` make many) builds a client.
+static ROOTS: LazyLock<rustls::RootCertStore> = LazyLock::new(|| {
     let mut roots = rustls::RootCertStore::empty();
     let found = rustls_native_certs::load_native_certs();
     for e in &found.errors {
@@ -75,20 +81,32 @@ static TLS: LazyLock<rustls::ClientConfig> = LazyLock::new(|| {
         // No CA bundle in the image: plain HTTP still works, HTTPS calls fail clearly.
         tracing::warn!("no system CA certificates; HTTPS calls will fail");
     }
+    roots
+});
+
+static TLS: LazyLock<rustls::ClientConfig> = LazyLock::new(|| tls_config(ROOTS.clone()));
+
+fn tls_config(roots: rustls::RootCertStore) -> rustls::ClientConfig {
     rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()
         .expect("ring supports rustls' default protocol versions")
         .with_root_certificates(roots)
         .with_no_client_auth()
-});
+}
 
-fn connector() -> HttpsConnector<HttpConnector> {
+/// Clients that also trust extra CAs, by SHA-256 of the PEM: policies naming the same CA
+/// file share one pool, across reloads too.
+static WITH_EXTRA_ROOTS: LazyLock<
+    std::sync::Mutex<std::collections::HashMap<[u8; 32], HttpClient>>,
+> = LazyLock::new(Default::default);
+
+fn connector_with(tls: rustls::ClientConfig) -> HttpsConnector<HttpConnector> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(Duration::from_secs(5)));
     hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(TLS.clone())
+        .with_tls_config(tls)
         .https_or_http()
         .enable_http1()
         .enable_http2()
@@ -97,7 +115,40 @@ fn connector() -> HttpsConnector<HttpConnector> {
 
 impl HttpClient {
     pub fn new() -> Self {
-        let conn = connector();
+        Self::with_connector(connector_with(TLS.clone()))
+    }
+
+    /// A client that trusts the system roots and the CA certificates in `pem` (an internal
+    /// CA, for a `caFile`). Fails when `pem` holds no usable certificate.
+    pub fn with_extra_roots(pem: &[u8]) -> Result<Self, String> {
+        use rustls::pki_types::pem::PemObject;
+        use sha2::Digest;
+        let digest: [u8; 32] = sha2::Sha256::digest(pem).into();
+        let mut cache = match WITH_EXTRA_ROOTS.lock() {
+            Ok(c) => c,
+            Err(p) => p.into_inner(),
+        };
+        if let Some(c) = cache.get(&digest) {
+            return Ok(c.clone());
+        }
+        let mut roots = ROOTS.clone();
+        let mut added = 0;
+        for cert in rustls::pki_types::CertificateDer::pem_slice_iter(pem) {
+            let cert = cert.map_err(|e| format!("not a PEM certificate file: {e}"))?;
+            roots
+                .add(cert)
+                .map_err(|e| format!("unusable CA certificate: {e}"))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err("no PEM certificate in the file".into());
+        }
+        let client = Self::with_connector(connector_with(tls_config(roots)));
+        cache.insert(digest, client.clone());
+        Ok(client)
+    }
+
+    fn with_connector(conn: HttpsConnector<HttpConnector>) -> Self {
         let auto = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(64)
@@ -126,16 +177,17 @@ impl HttpClient {
         let call = async {
             let resp = client.request(req).await.map_err(|e| {
                 let mut msg = e.to_string();
-                if e.is_connect() {
-                    msg = format!("connect: {msg}");
-                }
                 let mut src = std::error::Error::source(&e);
                 while let Some(s) = src {
                     msg.push_str(": ");
                     msg.push_str(&s.to_string());
                     src = s.source();
                 }
-                HttpError::Failed(msg)
+                if e.is_connect() {
+                    HttpError::Connect(msg)
+                } else {
+                    HttpError::Failed(msg)
+                }
             })?;
             let (parts, body) = resp.into_parts();
             if let Some(len) = parts

@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::{Arc, LazyLock, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
@@ -20,6 +20,8 @@ use http_body_util::Full;
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey};
 use prometheus::IntCounterVec;
+// tokio's clock: the real one in the server, and one tests can advance (expiry, refresh).
+use tokio::time::Instant;
 
 use crate::http_client::{cache_max_age, HttpClient};
 
@@ -216,7 +218,7 @@ impl KeySet {
 }
 
 /// Settings of one remote key set.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct RemoteOptions {
     /// Lifetime when the server sends no `max-age`.
     pub default_ttl: Duration,
@@ -418,20 +420,27 @@ impl RemoteKeySet {
     }
 }
 
-/// Every remote key set of the process, by URL.
+/// Every remote key set of the process, by URL and options.
 #[derive(Debug, Default)]
 pub struct Jwks {
-    sets: Mutex<HashMap<String, Arc<RemoteKeySet>>>,
+    sets: Mutex<HashMap<(String, RemoteOptions), Arc<RemoteKeySet>>>,
 }
 
 impl Jwks {
-    /// The shared set for `url`; the first policy to name a URL sets its options.
+    /// The shared set for `url` with `opts`. Policies that agree on both share one set
+    /// (one cache, one fetch); an edited `cacheSeconds`, `minRefreshSeconds` or `timeoutMs`
+    /// gets a set of its own at the next reload instead of the first policy's settings.
     pub fn remote(&self, url: &str, opts: RemoteOptions, http: &HttpClient) -> Arc<RemoteKeySet> {
         let mut sets = match self.sets.lock() {
             Ok(s) => s,
             Err(poisoned) => poisoned.into_inner(),
         };
-        Arc::clone(sets.entry(url.to_owned()).or_insert_with(|| {
+        let key = (url.to_owned(), opts);
+        if !sets.contains_key(&key) {
+            // Sets no configuration uses any more (options edited away) go now.
+            sets.retain(|_, s| Arc::strong_count(s) > 1);
+        }
+        Arc::clone(sets.entry(key).or_insert_with(|| {
             Arc::new(RemoteKeySet {
                 url: url.to_owned(),
                 opts,

@@ -278,7 +278,7 @@ async fn failures_are_clear_and_bounded() {
     .unwrap();
     let f = run(&dead, &mut exchange()).await.unwrap_err();
     assert_eq!(f.status, 502);
-    assert!(f.message.contains("connect"), "{}", f.message);
+    assert!(f.message.contains("connect failed"), "{}", f.message);
 }
 
 #[tokio::test]
@@ -308,6 +308,152 @@ async fn retries_for_idempotent_calls_only() {
         1,
         "a POST that reached the server is not retried"
     );
+}
+
+/// A server that reads each request's head, then closes the connection without answering:
+/// the request reached it. Returns its address and the number of requests it read.
+async fn serve_hang_up() -> (SocketAddr, Arc<AtomicUsize>) {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let count = Arc::new(AtomicUsize::new(0));
+    let c = count.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let c = c.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 1024];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                c.fetch_add(1, Ordering::SeqCst);
+                // Dropped: closed before any answer.
+            });
+        }
+    });
+    (addr, count)
+}
+
+#[tokio::test]
+async fn a_connection_closed_after_the_request_is_retried_only_when_idempotent() {
+    let (addr, count) = serve_hang_up().await;
+    let services = Services::default();
+    let post = build(
+        &services,
+        &format!("request: {{method: POST, url: 'http://{addr}/x', body: 'charge'}}\nretries: 2"),
+    )
+    .unwrap();
+    let f = run(&post, &mut exchange()).await.unwrap_err();
+    assert_eq!(f.status, 502, "{}", f.message);
+    assert!(!f.message.contains("connect failed"), "{}", f.message);
+    assert_eq!(
+        count.load(Ordering::SeqCst),
+        1,
+        "a POST the callee may have acted on is sent once"
+    );
+
+    count.store(0, Ordering::SeqCst);
+    let get = build(
+        &services,
+        &format!("request: {{url: 'http://{addr}/x'}}\nretries: 2"),
+    )
+    .unwrap();
+    assert_eq!(run(&get, &mut exchange()).await.unwrap_err().status, 502);
+    assert_eq!(count.load(Ordering::SeqCst), 3, "a GET is retried");
+}
+
+/// An HTTPS server with a certificate for `localhost` issued by a CA made here, offering
+/// `alpn` protocols. Returns its address and the CA certificate (PEM).
+async fn serve_tls(alpn: &[&[u8]]) -> (SocketAddr, String) {
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap())
+        .unwrap();
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .signed_by(&leaf_key, &ca)
+        .unwrap();
+    let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![leaf.der().clone()],
+        rustls::pki_types::PrivateKeyDer::try_from(leaf_key.serialize_der()).unwrap(),
+    )
+    .unwrap();
+    tls.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Seen::default());
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (acceptor, s) = (acceptor.clone(), seen.clone());
+            tokio::spawn(async move {
+                let Ok(stream) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let svc = hyper::service::service_fn(move |req| handle(s.clone(), req));
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, ca.pem())
+}
+
+#[tokio::test]
+async fn https_with_an_internal_ca_over_http1_and_http2() {
+    let dir = tempfile::tempdir().unwrap();
+    let services = Services::default();
+    let with_dir = |yaml: &str| {
+        builder("ServiceCallout").unwrap()(
+            &BuildContext {
+                name: "authz".into(),
+                config_dir: Some(dir.path().to_path_buf()),
+                services: services.clone(),
+            },
+            serde_norway::from_str(yaml).unwrap(),
+        )
+    };
+    for (alpn, version) in [
+        (&[b"http/1.1".as_slice()][..], "HTTP/1.1"),
+        (&[b"h2".as_slice(), b"http/1.1".as_slice()][..], "HTTP/2.0"),
+    ] {
+        let (addr, ca) = serve_tls(alpn).await;
+        std::fs::write(dir.path().join("ca.pem"), &ca).unwrap();
+        let url = format!("https://localhost:{}/check", addr.port());
+        // Not signed by a system root: refused.
+        let untrusted = with_dir(&format!("request: {{url: '{url}'}}")).unwrap();
+        let f = run(&untrusted, &mut exchange()).await.unwrap_err();
+        assert_eq!(f.status, 502);
+        assert!(f.message.contains("certificate"), "{}", f.message);
+        // Trusting the internal CA: the call goes through, in the protocol ALPN chose.
+        let p = with_dir(&format!(
+            "request: {{url: '{url}'}}\ncaFile: ca.pem\nresponse: {{json: {{version: $.version}}}}"
+        ))
+        .unwrap();
+        let mut ex = exchange();
+        run(&p, &mut ex).await.unwrap();
+        assert_eq!(
+            ex.lookup("servicecallout.authz.json.version").as_deref(),
+            Some(version)
+        );
+    }
+    std::fs::write(dir.path().join("junk.pem"), "not a certificate").unwrap();
+    let e = with_dir("request: {url: 'https://localhost/x'}\ncaFile: junk.pem")
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("caFile"), "{e}");
 }
 
 #[tokio::test]
@@ -359,4 +505,25 @@ async fn egress_rules_restrict_destinations() {
     )
     .unwrap();
     run(&p, &mut exchange()).await.unwrap();
+
+    // With no --callout-allow, everything but link-local: the metadata server (which hands
+    // out the gateway's own credentials) is refused at load, by address or by name.
+    let open = Services::default();
+    for url in [
+        "http://169.254.169.254/computeMetadata/v1/instance/service-accounts/default/token",
+        "http://metadata.google.internal/computeMetadata/v1/",
+        "http://[fe80::1]:8080/x",
+        "http://169.254.169.254/u/{client_id}",
+    ] {
+        let e = build(&open, &format!("request: {{url: '{url}'}}"))
+            .err()
+            .unwrap();
+        assert!(e.message.contains("link-local"), "{url}: {e}");
+    }
+    // The operator can allow it explicitly.
+    let allowed = Services {
+        egress: Arc::new(Egress::new(&["169.254.169.254"]).unwrap()),
+        ..Default::default()
+    };
+    assert!(build(&allowed, "request: {url: 'http://169.254.169.254/x'}").is_ok());
 }

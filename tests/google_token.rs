@@ -282,6 +282,65 @@ async fn tokens_are_refreshed_before_expiry() {
     assert_eq!(g.token_calls.load(Ordering::SeqCst), 2);
 }
 
+/// Past half its life (here: its last 5 minutes) a token is still used, and one background
+/// fetch replaces it: no request waits for the refresh. The clock is tokio's, advanced by
+/// the test rather than waited for.
+#[tokio::test]
+async fn tokens_are_refreshed_in_the_background_past_half_their_life() {
+    let (addr, g) = serve().await;
+    *g.life.lock().unwrap() = 3600;
+    let services = Services::default();
+    let p = assign(
+        &services,
+        None,
+        &format!("googleToken: {{accessToken: {{scopes: [s1]}}, metadataHost: '{addr}'}}"),
+    );
+    let mut ex = run(&p).await.unwrap();
+    assert_eq!(
+        header(&mut ex, "authorization").as_deref(),
+        Some("Bearer ya29.md-0")
+    );
+    // Before the refresh point: cached, no fetch.
+    tokio::time::pause();
+    tokio::time::advance(Duration::from_secs(3000)).await;
+    tokio::time::resume();
+    for _ in 0..5 {
+        let mut ex = Exchange::default();
+        assert!(matches!(
+            p.run(&mut ex, Direction::Request),
+            Outcome::Ready(Ok(()))
+        ));
+    }
+    assert_eq!(g.token_calls.load(Ordering::SeqCst), 1);
+    // Past it (3300 s of 3600): requests are answered at once with the old token while
+    // one background fetch runs.
+    tokio::time::pause();
+    tokio::time::advance(Duration::from_secs(400)).await;
+    tokio::time::resume();
+    for _ in 0..20 {
+        let mut ex = Exchange::default();
+        assert!(
+            matches!(p.run(&mut ex, Direction::Request), Outcome::Ready(Ok(()))),
+            "no request waits for the refresh"
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while g.token_calls.load(Ordering::SeqCst) < 2 {
+        assert!(Instant::now() < deadline, "no background refresh");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut ex = run(&p).await.unwrap();
+    assert_eq!(
+        header(&mut ex, "authorization").as_deref(),
+        Some("Bearer ya29.md-1")
+    );
+    assert_eq!(
+        g.token_calls.load(Ordering::SeqCst),
+        2,
+        "one refresh for all"
+    );
+}
+
 #[tokio::test]
 async fn metadata_id_token_for_an_audience() {
     let (addr, g) = serve().await;
@@ -379,6 +438,43 @@ async fn service_account_key_file_signs_a_jwt_bearer_assertion() {
         (f.status, f.code.as_str()),
         (503, "steps.googletoken.TokenUnavailable")
     );
+
+    // The key file is rotated in place: same email, new key (the endpoint now knows only
+    // the new public half). The rebuilt policy signs with the new key at once, rather
+    // than serving the old key's cached token until a restart.
+    let rotated = rsa::RsaPrivateKey::new(&mut rand::thread_rng(), 2048).unwrap();
+    *g.sa_public.lock().unwrap() = Some(
+        rotated
+            .to_public_key()
+            .to_public_key_pem(rsa::pkcs8::LineEnding::LF)
+            .unwrap(),
+    );
+    std::fs::write(
+        dir.path().join("keys/sa.key"),
+        json!({"type": "service_account", "client_email": "gw@proj.iam.gserviceaccount.com",
+               "private_key_id": "kid-2",
+               "private_key": rotated.to_pkcs8_pem(rsa::pkcs8::LineEnding::LF).unwrap().to_string(),
+               "token_uri": token_uri})
+        .to_string(),
+    )
+    .unwrap();
+    let calls = g.token_calls.load(Ordering::SeqCst);
+    let access = assign(
+        &services,
+        Some(dir.path()),
+        "googleToken: {accessToken: {scopes: [https://www.googleapis.com/auth/cloud-platform]}, serviceAccountKeyFile: keys/sa.key}",
+    );
+    let mut ex = run(&access).await.unwrap();
+    assert_eq!(
+        header(&mut ex, "authorization").as_deref(),
+        Some("Bearer ya29.sa-token")
+    );
+    assert_eq!(
+        g.token_calls.load(Ordering::SeqCst),
+        calls + 1,
+        "a new token, minted with the rotated key"
+    );
+    assert_eq!(g.assertions.lock().unwrap().len(), 3);
 }
 
 #[tokio::test]

@@ -388,6 +388,113 @@ async fn jwks_down_or_hanging_gives_503_without_stalling() {
     );
 }
 
+/// Moves tokio's clock (the one the key-set cache reads) forward without waiting.
+async fn skip(secs: u64) {
+    tokio::time::pause();
+    tokio::time::advance(Duration::from_secs(secs)).await;
+    tokio::time::resume();
+}
+
+/// Verifies `token` `n` times, each answered at once (no request waits for a fetch).
+fn verify_at_once(p: &Arc<dyn Policy>, token: &str, n: usize) {
+    for _ in 0..n {
+        let mut ex = exchange(token);
+        assert!(
+            matches!(p.run(&mut ex, Direction::Request), Outcome::Ready(Ok(()))),
+            "answered from the cached set"
+        );
+    }
+}
+
+/// Waits (bounded) until the JWKS server has been asked `n` times.
+async fn wait_hits(server: &Jwks, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server.hits.load(Ordering::SeqCst) < n {
+        assert!(Instant::now() < deadline, "JWKS fetch {n} did not happen");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn cached_sets_expire_with_max_age_and_refresh_in_the_background() {
+    let rs = rsa_signer("k1", Algorithm::RS256);
+    let (addr, server) = serve_jwks(vec![rs.jwk.clone()]).await;
+    *server.cache_control.lock().unwrap() = Some("max-age=120".into());
+    let services = Services::default();
+    let p = policy(&services, &spec(addr, "RS256", ""));
+    let token = rs.token(&claims());
+    verify(&p, &token).await.unwrap();
+    assert_eq!(server.hits.load(Ordering::SeqCst), 1);
+    // Fresh for max-age: no fetch.
+    skip(110).await;
+    verify_at_once(&p, &token, 5);
+    tokio::task::yield_now().await;
+    assert_eq!(server.hits.load(Ordering::SeqCst), 1);
+    // Stale: still used at once, while exactly one background fetch replaces it.
+    skip(20).await;
+    verify_at_once(&p, &token, 20);
+    wait_hits(&server, 2).await;
+    verify_at_once(&p, &token, 20);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(server.hits.load(Ordering::SeqCst), 2, "one refetch for all");
+
+    // max-age under a minute counts as a minute (a JWKS server cannot cause a fetch per
+    // request); over a day as a day. (A new timeoutMs: a set of its own, fetched anew.)
+    let (addr, server) = serve_jwks(vec![rs.jwk.clone()]).await;
+    *server.cache_control.lock().unwrap() = Some("max-age=5".into());
+    let p = policy(&services, &spec(addr, "RS256", ""));
+    verify(&p, &token).await.unwrap();
+    skip(30).await;
+    verify_at_once(&p, &token, 5);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(server.hits.load(Ordering::SeqCst), 1, "5 s counts as 60 s");
+    skip(31).await;
+    verify_at_once(&p, &token, 5);
+    wait_hits(&server, 2).await;
+
+    *server.cache_control.lock().unwrap() = Some("max-age=172800".into());
+    let p = policy(&services, &spec(addr, "RS256", "").replace("500}", "501}"));
+    verify(&p, &token).await.unwrap();
+    assert_eq!(server.hits.load(Ordering::SeqCst), 3);
+    skip(24 * 3600 + 10).await;
+    verify_at_once(&p, &token, 5);
+    wait_hits(&server, 4).await;
+}
+
+/// Options are per policy: a reload that edits `cacheSeconds` (or the timeout, or the
+/// refresh interval) for a URL takes effect, instead of the first policy's options
+/// staying for the life of the process.
+#[tokio::test]
+async fn edited_jwks_options_take_effect() {
+    let rs = rsa_signer("k1", Algorithm::RS256);
+    let (addr, server) = serve_jwks(vec![rs.jwk.clone()]).await;
+    // No max-age: the policy's cacheSeconds decides.
+    *server.cache_control.lock().unwrap() = None;
+    let services = Services::default();
+    let with = |cache: u64| {
+        format!(
+            "algorithms: [RS256]\njwks: {{url: 'http://{addr}/jwks', cacheSeconds: {cache}}}\nissuer: https://issuer.test\naudience: api\n"
+        )
+    };
+    let token = rs.token(&claims());
+    let first = policy(&services, &with(3600));
+    verify(&first, &token).await.unwrap();
+    assert_eq!(server.hits.load(Ordering::SeqCst), 1);
+    drop(first);
+    // The edited configuration: 120 s.
+    let edited = policy(&services, &with(120));
+    verify(&edited, &token).await.unwrap();
+    assert_eq!(server.hits.load(Ordering::SeqCst), 2);
+    skip(130).await;
+    verify_at_once(&edited, &token, 5);
+    wait_hits(&server, 3).await;
+    // The same options again share the set: no fetch.
+    let again = policy(&services, &with(120));
+    verify_at_once(&again, &token, 1);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(server.hits.load(Ordering::SeqCst), 3);
+}
+
 #[tokio::test]
 async fn inline_keys_and_google_preset() {
     let rs = rsa_signer("g1", Algorithm::RS256);

@@ -120,11 +120,26 @@ pub fn read_dir(dir: &Path) -> Result<Vec<SourceFile>, ConfigErrors> {
 
 /// A digest of the files' names and contents: equal digests mean nothing changed.
 pub fn fingerprint(files: &[SourceFile]) -> String {
+    fingerprint_with(files, &[])
+}
+
+/// [`fingerprint`], also covering the files the configuration refers to (scripts, OpenAPI
+/// documents, key files): names and contents, or that one cannot be read.
+pub fn fingerprint_with(files: &[SourceFile], referenced: &[PathBuf]) -> String {
     let mut h = Sha256::new();
     for f in files {
         h.update(f.name.as_bytes());
         h.update([0]);
         h.update(f.text.as_bytes());
+        h.update([0]);
+    }
+    for p in referenced {
+        h.update(p.as_os_str().as_encoded_bytes());
+        h.update([1]);
+        match std::fs::read(p) {
+            Ok(bytes) => h.update(&bytes),
+            Err(e) => h.update(format!("unreadable: {:?}", e.kind()).as_bytes()),
+        }
         h.update([0]);
     }
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
@@ -234,7 +249,10 @@ pub struct Snapshot {
     pub apps: Vec<App>,
     /// Key-value maps defined in the files.
     pub kvms: Arc<FileMaps>,
+    /// Covers the configuration files and `referenced` (see [`fingerprint_with`]).
     pub fingerprint: String,
+    /// Files outside the configuration files that compiling it read.
+    pub referenced: Vec<PathBuf>,
 }
 
 impl Snapshot {
@@ -372,6 +390,19 @@ pub fn compile_with(
     config_dir: Option<&Path>,
     services: &Services,
 ) -> Result<Snapshot, ConfigErrors> {
+    let (snap, referenced) =
+        crate::policies::recording_reads(|| compile_files(files, config_dir, services));
+    let mut snap = snap?;
+    snap.fingerprint = fingerprint_with(files, &referenced);
+    snap.referenced = referenced;
+    Ok(snap)
+}
+
+fn compile_files(
+    files: &[SourceFile],
+    config_dir: Option<&Path>,
+    services: &Services,
+) -> Result<Snapshot, ConfigErrors> {
     let mut errors = Vec::new();
     let docs = parse_documents(files, &mut errors);
 
@@ -483,7 +514,6 @@ pub fn compile_with(
     }
 
     let mut snap = Snapshot {
-        fingerprint: fingerprint(files),
         policies,
         products,
         apps,
@@ -577,6 +607,7 @@ fn key_hash(k: &spec::KeySpec, i: usize, config_dir: Option<&Path>) -> Result<St
                         Some(d) if Path::new(file).is_relative() => d.join(file),
                         _ => PathBuf::from(file),
                     };
+                    crate::policies::record_read(&path);
                     std::fs::read_to_string(&path).map_err(|e| {
                         format!("{at}.valueFrom.file`: cannot read {}: {e}", path.display())
                     })?
@@ -704,6 +735,7 @@ fn read_value_from(
                 Some(d) if Path::new(file).is_relative() => d.join(file),
                 _ => PathBuf::from(file),
             };
+            crate::policies::record_read(&path);
             std::fs::read_to_string(&path)
                 .map(|s| s.trim_end_matches(['\r', '\n']).to_owned())
                 .map_err(|e| format!("{at}.valueFrom.file`: cannot read {}: {e}", path.display()))

@@ -5,7 +5,8 @@
 //! Changes are noticed by a file-system watch on the directory (which sees a Kubernetes
 //! ConfigMap's `..data` symlink swap, since that happens inside the directory) and by a
 //! periodic content fingerprint, which catches whatever a watch misses; `SIGHUP` forces a
-//! reload.
+//! reload. The fingerprint covers the files policies refer to (scripts, OpenAPI documents,
+//! key files, wherever they are), so editing one reloads at the next periodic check.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,7 +16,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use arc_swap::ArcSwap;
 use notify::Watcher;
 
-use super::{compile_with, fingerprint, read_dir, ConfigErrors, Snapshot, SourceFile};
+use super::{compile_with, fingerprint_with, read_dir, ConfigErrors, Snapshot, SourceFile};
+use crate::policies::recording_reads;
 use crate::services::Services;
 use crate::telemetry::METRICS;
 
@@ -34,7 +36,8 @@ pub struct ConfigManager {
     current: ArcSwap<Snapshot>,
     generation: AtomicU64,
     /// Fingerprint of the last configuration that failed, so it is reported once.
-    last_failed: Mutex<Option<String>>,
+    /// Fingerprint of the last configuration that failed, with the files it referred to.
+    last_failed: Mutex<Option<(String, Vec<PathBuf>)>>,
 }
 
 fn now_secs() -> f64 {
@@ -132,27 +135,31 @@ impl ConfigManager {
             return Ok(ReloadOutcome::Unchanged);
         };
         let result = read_dir(dir).and_then(|files| {
-            let fp = fingerprint(&files);
-            if !force && fp == self.current.load().fingerprint {
+            // Files a policy refers to (scripts, specs, keys) count as much as the YAML.
+            let current = self.current.load();
+            if !force && fingerprint_with(&files, &current.referenced) == current.fingerprint {
                 return Ok(None);
             }
             if !force
                 && self
                     .last_failed
                     .lock()
-                    .map(|l| l.as_deref() == Some(&fp))
+                    .map(|l| {
+                        l.as_ref()
+                            .is_some_and(|(fp, refs)| fingerprint_with(&files, refs) == *fp)
+                    })
                     .unwrap_or(false)
             {
                 return Ok(None);
             }
             METRICS.config_last_reload_attempt.set(now_secs());
-            compile_with(&files, Some(dir), &self.services)
-                .map(Some)
-                .inspect_err(|_| {
-                    if let Ok(mut l) = self.last_failed.lock() {
-                        *l = Some(fp);
-                    }
-                })
+            let (result, refs) =
+                recording_reads(|| compile_with(&files, Some(dir), &self.services));
+            result.map(Some).inspect_err(|_| {
+                if let Ok(mut l) = self.last_failed.lock() {
+                    *l = Some((fingerprint_with(&files, &refs), refs));
+                }
+            })
         });
         match result {
             Ok(None) => {
@@ -233,5 +240,56 @@ impl ConfigManager {
             // Reading and compiling touch the disk: keep them off the async workers.
             let _ = tokio::task::spawn_blocking(move || me.reload(false)).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::{Direction, Outcome};
+    use crate::vars::Exchange;
+
+    const CONFIG: &str = "apiVersion: tollgate.dev/v1alpha1\nkind: Policy\nmetadata: {name: tag}\nspec: {type: JavaScript, file: scripts/tag.js}\n";
+
+    fn tag(m: &ConfigManager) -> Option<String> {
+        let snap = m.snapshot();
+        let mut ex = Exchange::default();
+        let Outcome::Ready(r) = snap.policies["tag"].run(&mut ex, Direction::Request) else {
+            panic!("scripts answer at once");
+        };
+        r.unwrap();
+        let set = ex.take_mutations(Direction::Request).set;
+        set.into_iter()
+            .find(|(n, _, _)| n == "x-tag")
+            .map(|(_, v, _)| v)
+    }
+
+    /// Editing a file a policy refers to (here a script in a subdirectory, which the
+    /// directory watch does not see) reloads, through the periodic fingerprint check.
+    #[test]
+    fn edits_to_referenced_files_reload() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        std::fs::create_dir(dir.join("scripts")).unwrap();
+        std::fs::write(dir.join("config.yaml"), CONFIG).unwrap();
+        let script = dir.join("scripts/tag.js");
+        std::fs::write(&script, "request.setHeader('x-tag', 'one');").unwrap();
+        let m = ConfigManager::load(ConfigSource::Dir(dir.to_path_buf())).unwrap();
+        assert_eq!(tag(&m).as_deref(), Some("one"));
+        assert!(matches!(m.reload(false), Ok(ReloadOutcome::Unchanged)));
+
+        std::fs::write(&script, "request.setHeader('x-tag', 'two');").unwrap();
+        assert!(matches!(m.reload(false), Ok(ReloadOutcome::Reloaded)));
+        assert_eq!(tag(&m).as_deref(), Some("two"));
+        assert!(matches!(m.reload(false), Ok(ReloadOutcome::Unchanged)));
+
+        // A broken edit is refused once, not recompiled at every check; fixing it reloads.
+        std::fs::write(&script, "request.setHeader('x-tag', ").unwrap();
+        assert!(m.reload(false).is_err());
+        assert!(matches!(m.reload(false), Ok(ReloadOutcome::Unchanged)));
+        assert_eq!(tag(&m).as_deref(), Some("two"));
+        std::fs::write(&script, "request.setHeader('x-tag', 'three');").unwrap();
+        assert!(matches!(m.reload(false), Ok(ReloadOutcome::Reloaded)));
+        assert_eq!(tag(&m).as_deref(), Some("three"));
     }
 }

@@ -28,6 +28,11 @@
 //! run does is visible to another request. There is no file, network or timer API.
 //! A script is checked at load (syntax, and that its text is exactly one function body)
 //! and compiled once per worker thread on first use.
+//!
+//! Runs are synchronous, on the tokio worker that polls the stream. A run that lasts more
+//! than a millisecond hands the worker's other tasks to another thread (`block_in_place`,
+//! see [`hand_off_worker`]), so a script looping to its time limit delays only its own
+//! request, never other streams or the health checks.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -51,6 +56,10 @@ const DEFAULT_TIME_LIMIT: Duration = Duration::from_millis(50);
 const MAX_TIME_LIMIT: Duration = Duration::from_millis(1000);
 const DEFAULT_MEMORY_LIMIT: usize = 8 * 1024 * 1024;
 const MAX_STACK: usize = 256 * 1024;
+/// How long a run may hold a tokio worker thread before the worker's other tasks are handed
+/// to another thread (see [`hand_off_worker`]), and how often that is retried.
+const HAND_OFF_AFTER: Duration = Duration::from_millis(1);
+const HAND_OFF_RETRY: Duration = Duration::from_millis(2);
 /// Longest script accepted.
 const MAX_SOURCE: usize = 256 * 1024;
 
@@ -549,6 +558,9 @@ struct Worker {
     epoch: Instant,
     /// Nanoseconds since `epoch` after which the run is interrupted; 0: no run.
     deadline: Arc<AtomicU64>,
+    /// Nanoseconds since `epoch` after which the run hands its worker's other tasks to
+    /// another thread; 0: not (again) during this run.
+    hand_off_at: Arc<AtomicU64>,
     interrupted: Arc<AtomicBool>,
     /// Heap in use with every compiled script loaded, the base of each run's limit.
     baseline: usize,
@@ -561,15 +573,23 @@ impl Worker {
         let epoch = Instant::now();
         let deadline = Arc::new(AtomicU64::new(0));
         let interrupted = Arc::new(AtomicBool::new(false));
+        let hand_off_at = Arc::new(AtomicU64::new(0));
         {
             let deadline = Arc::clone(&deadline);
             let interrupted = Arc::clone(&interrupted);
+            let hand_off_at = Arc::clone(&hand_off_at);
             rt.set_interrupt_handler(Some(Box::new(move || {
                 let d = deadline.load(Ordering::Relaxed);
                 let now = u64::try_from(epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
                 if d != 0 && now > d {
                     interrupted.store(true, Ordering::Relaxed);
                     return true;
+                }
+                let h = hand_off_at.load(Ordering::Relaxed);
+                if d != 0 && h != 0 && now > h {
+                    hand_off_worker();
+                    let retry = u64::try_from(HAND_OFF_RETRY.as_nanos()).unwrap_or(u64::MAX);
+                    hand_off_at.store(now.saturating_add(retry), Ordering::Relaxed);
                 }
                 false
             })));
@@ -588,20 +608,26 @@ impl Worker {
             rt,
             epoch,
             deadline,
+            hand_off_at,
             interrupted,
             baseline,
         })
     }
 
     fn deadline(&self, limit: Duration) {
-        let d = self.epoch.elapsed() + limit;
+        let now = self.epoch.elapsed();
+        let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX).max(1);
         self.interrupted.store(false, Ordering::Relaxed);
-        self.deadline
-            .store(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX).max(1), Ordering::Relaxed);
+        self.hand_off_at.store(
+            if limit > HAND_OFF_AFTER { ns(now + HAND_OFF_AFTER) } else { 0 },
+            Ordering::Relaxed,
+        );
+        self.deadline.store(ns(now + limit), Ordering::Relaxed);
     }
 
     fn clear_deadline(&self) {
         self.deadline.store(0, Ordering::Relaxed);
+        self.hand_off_at.store(0, Ordering::Relaxed);
     }
 
     /// The script's function in this worker, compiled on first use.
@@ -622,6 +648,30 @@ impl Worker {
         self.rt.run_gc();
         self.baseline = usize::try_from(self.rt.memory_usage().malloc_size).unwrap_or(0);
         Ok(f)
+    }
+}
+
+/// Called from the interrupt handler of a run that has held its thread for
+/// [`HAND_OFF_AFTER`]: on a tokio multi-thread worker, `block_in_place` gives the worker's
+/// scheduler (its queue of other streams, health checks, timers) to a fresh thread, while
+/// this thread finishes the script and the current task's poll, then leaves the worker
+/// pool. Runs stay inline (a trivial script costs a few µs, less than any thread hand-off),
+/// and only a long run pays for the hand-off, once. The closure waits briefly so the new
+/// thread can take the scheduler (if it has not, `block_in_place` takes it back on return,
+/// and the next interrupt tries again). Outside a multi-thread runtime (tests, `validate`)
+/// there is no worker to free.
+fn hand_off_worker() {
+    let multi = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    if !multi {
+        return;
+    }
+    // A panic must not unwind into QuickJS (it would abort the process).
+    let r = std::panic::catch_unwind(|| {
+        tokio::task::block_in_place(|| std::thread::sleep(Duration::from_micros(200)));
+    });
+    if r.is_err() {
+        tracing::warn!("JavaScript: could not hand the worker's tasks to another thread");
     }
 }
 

@@ -114,6 +114,40 @@ pub fn check_header_name(name: &str) -> Result<String, String> {
     Ok(lower)
 }
 
+thread_local! {
+    /// Files read while a configuration compiles on this thread (see [`record_read`]).
+    static READ_FILES: std::cell::RefCell<Option<Vec<PathBuf>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Notes that compiling the configuration reads `path` (a script, an OpenAPI document, a
+/// key file): the reloader fingerprints it with the configuration files, so editing it
+/// reloads like editing the YAML.
+pub fn record_read(path: &std::path::Path) {
+    READ_FILES.with(|r| {
+        if let Some(v) = r.borrow_mut().as_mut() {
+            v.push(path.to_path_buf());
+        }
+    });
+}
+
+/// Runs `f` and returns, sorted and without duplicates, the files it read (through
+/// [`record_read`]); an enclosing recording sees them too.
+pub fn recording_reads<R>(f: impl FnOnce() -> R) -> (R, Vec<PathBuf>) {
+    let outer = READ_FILES.with(|r| r.borrow_mut().replace(Vec::new()));
+    let out = f();
+    let mut read = READ_FILES
+        .with(|r| std::mem::replace(&mut *r.borrow_mut(), outer))
+        .unwrap_or_default();
+    read.sort();
+    read.dedup();
+    READ_FILES.with(|r| {
+        if let Some(v) = r.borrow_mut().as_mut() {
+            v.extend(read.iter().cloned());
+        }
+    });
+    (out, read)
+}
+
 /// Reads a file a policy refers to: relative paths are beside the configuration (files
 /// not named `*.yaml`/`*.yml`/`*.json`, or in a subdirectory, so the loader does not take
 /// them for configuration).
@@ -132,6 +166,7 @@ pub fn read_config_file(ctx: &BuildContext, field: &str, file: &str) -> Result<V
             })?
             .join(path)
     };
+    record_read(&path);
     std::fs::read(&path).map_err(|e| SpecError::new(field, format!("{}: {e}", path.display())))
 }
 

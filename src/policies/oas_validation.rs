@@ -263,6 +263,7 @@ impl<'de> serde::de::Visitor<'de> for LenientVisitor {
 
 fn read_doc(path: &Path) -> Result<Value, OasError> {
     let shown = path.display().to_string();
+    super::record_read(path);
     let text = std::fs::read_to_string(path).map_err(|e| OasError::Read {
         path: shown.clone(),
         message: e.to_string(),

@@ -9,7 +9,10 @@
 //!     url: "http://authz.internal:8080/check?user={jwt.auth.claim.sub}"
 //!     headers: {content-type: application/json}
 //!     body: '{"path": "{request.path}"}'
-//!   http2: false          # true: HTTP/2 with prior knowledge on http:// (h2c)
+//!   http2: false          # true: HTTP/2 with prior knowledge on http:// (h2c); on
+//!                         # https:// HTTP/2 or HTTP/1.1 is chosen by ALPN
+//!   caFile: certs/internal-ca.pem  # extra CA certificates (PEM) trusted for https://,
+//!                         # besides the system roots (beside the configuration)
 //!   timeoutMs: 1000       # per attempt, connect to last body byte
 //!   retries: 1            # idempotent methods only (and connect failures for any method)
 //!   maxResponseBytes: 1048576
@@ -38,7 +41,7 @@ use prometheus::IntCounterVec;
 use serde::Deserialize;
 use serde_json_path::JsonPath;
 
-use super::{check_header_name, parse_spec, valid_header_value, BuildContext, SpecError};
+use super::{check_header_name, parse_spec, read_config_file, valid_header_value, BuildContext, SpecError};
 use crate::expr::Template;
 use crate::fault::Fault;
 use crate::http_client::{HttpClient, HttpError, HttpResponse};
@@ -66,10 +69,61 @@ static CALLOUTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
 
 /// Where callouts may go, set by the operator (`tollgate serve --callout-allow`), not by
 /// the configuration authors. Patterns: `host`, `host:port`, `*.example.com` (any
-/// subdomain), optionally with `:port`. Empty allows everything.
+/// subdomain), optionally with `:port`. Empty allows everything except link-local
+/// addresses (169.254.0.0/16, fe80::/10) and the metadata server's names: the cloud
+/// metadata server hands out the gateway's own credentials. A pattern that names such a
+/// destination allows it.
 #[derive(Debug, Default, Clone)]
 pub struct Egress {
     patterns: Vec<(String, Option<u16>)>,
+}
+
+/// Names of the GCE/GKE metadata server (169.254.169.254).
+const METADATA_NAMES: [&str; 2] = ["metadata.google.internal", "metadata"];
+
+/// An IPv4 address in any form the system resolver accepts as numeric (`inet_aton`:
+/// `169.254.169.254`, `2852039166`, `0xa9.0xfe.0xa9.0xfe`, `169.254.43518`).
+fn numeric_ipv4(host: &str) -> Option<std::net::Ipv4Addr> {
+    let parts: Vec<&str> = host.split('.').collect();
+    if parts.is_empty() || parts.len() > 4 {
+        return None;
+    }
+    let mut nums = Vec::with_capacity(parts.len());
+    for p in &parts {
+        let n = if let Some(hex) = p.strip_prefix("0x").or_else(|| p.strip_prefix("0X")) {
+            u32::from_str_radix(hex, 16).ok()?
+        } else if p.len() > 1 && p.starts_with('0') {
+            u32::from_str_radix(&p[1..], 8).ok()?
+        } else {
+            p.parse::<u32>().ok()?
+        };
+        nums.push(n);
+    }
+    let (last, head) = nums.split_last()?;
+    let mut v: u32 = 0;
+    for (i, n) in head.iter().enumerate() {
+        if *n > 255 {
+            return None;
+        }
+        v |= n << (24 - 8 * i);
+    }
+    let room = 32 - 8 * head.len() as u32;
+    if room < 32 && (*last >> room) != 0 {
+        return None;
+    }
+    Some(std::net::Ipv4Addr::from(v | last))
+}
+
+/// A link-local destination (or the metadata server by name).
+fn is_link_local(host: &str) -> bool {
+    if METADATA_NAMES.contains(&host.trim_end_matches('.')) {
+        return true;
+    }
+    let v4 = |a: std::net::Ipv4Addr| a.is_link_local();
+    match host.parse::<std::net::Ipv6Addr>() {
+        Ok(a) => (a.segments()[0] & 0xffc0) == 0xfe80 || a.to_ipv4_mapped().is_some_and(v4),
+        Err(_) => numeric_ipv4(host).is_some_and(v4),
+    }
 }
 
 impl Egress {
@@ -102,11 +156,22 @@ impl Egress {
     }
 
     pub fn allows(&self, host: &str, port: u16) -> bool {
-        if self.patterns.is_empty() {
-            return true;
-        }
+        self.check(host, port).is_ok()
+    }
+
+    /// Ok, or why `host:port` is refused.
+    pub fn check(&self, host: &str, port: u16) -> Result<(), String> {
         let host = host.to_ascii_lowercase();
-        self.patterns.iter().any(|(h, p)| {
+        if self.patterns.is_empty() {
+            if is_link_local(&host) {
+                return Err(format!(
+                    "destination {host}:{port} is link-local (the cloud metadata server); \
+                     only --callout-allow can allow it"
+                ));
+            }
+            return Ok(());
+        }
+        let listed = self.patterns.iter().any(|(h, p)| {
             let host_ok = match h.strip_prefix("*.") {
                 Some(suffix) => host
                     .strip_suffix(suffix)
@@ -114,7 +179,12 @@ impl Egress {
                 None => *h == host,
             };
             host_ok && p.is_none_or(|p| p == port)
-        })
+        });
+        if listed {
+            Ok(())
+        } else {
+            Err(format!("destination {host}:{port} is not allowed (--callout-allow)"))
+        }
     }
 }
 
@@ -124,6 +194,8 @@ struct Spec {
     request: RequestSpec,
     #[serde(default)]
     http2: bool,
+    #[serde(default)]
+    ca_file: Option<String>,
     #[serde(default)]
     timeout_ms: Option<u64>,
     #[serde(default)]
@@ -273,10 +345,7 @@ fn check_url(url: &str, egress: &Egress) -> Result<(), String> {
     let port = uri
         .port_u16()
         .unwrap_or(if scheme == "https" { 443 } else { 80 });
-    if !egress.allows(host.trim_start_matches('[').trim_end_matches(']'), port) {
-        return Err(format!("destination {host}:{port} is not allowed (--callout-allow)"));
-    }
-    Ok(())
+    egress.check(host.trim_start_matches('[').trim_end_matches(']'), port)
 }
 
 pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Policy>, SpecError> {
@@ -363,6 +432,14 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
     if timeout.is_zero() || timeout > Duration::from_secs(60) {
         return Err(SpecError::new("timeoutMs", "between 1 and 60000"));
     }
+    // An internal CA: trusted by this callout, in addition to the system roots.
+    let http = match &spec.ca_file {
+        Some(f) => {
+            let pem = read_config_file(ctx, "caFile", f)?;
+            HttpClient::with_extra_roots(&pem).map_err(|m| SpecError::new("caFile", m))?
+        }
+        None => ctx.services.http.clone(),
+    };
     let retries = spec.retries.unwrap_or(0);
     if retries > 5 {
         return Err(SpecError::new("retries", "at most 5"));
@@ -388,7 +465,7 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
         breaker,
         json,
         reads_body,
-        http: ctx.services.http.clone(),
+        http,
         egress: Arc::clone(&ctx.services.egress),
         prefix: format!("servicecallout.{}.", ctx.name).into(),
     }))
@@ -503,7 +580,7 @@ impl ServiceCallout {
                 Ok(resp) => Ok(resp),
                 Err(HttpError::Timeout(d)) => Err(Failure(504, "ExecutionFailed", "timeout", format!("callout timed out after {} ms", d.as_millis()))),
                 Err(HttpError::TooLarge(n)) => Err(Failure(502, "ResponseTooLarge", "error", format!("callout response larger than {n} bytes"))),
-                Err(HttpError::Failed(m)) => Err(Failure(502, "ExecutionFailed", "error", format!("callout failed: {m}"))),
+                Err(e @ (HttpError::Connect(_) | HttpError::Failed(_))) => Err(Failure(502, "ExecutionFailed", "error", format!("callout {e}"))),
             };
         }
     }
@@ -633,6 +710,36 @@ mod tests {
         assert!(!e.allows("10.0.0.1", 80));
         assert!(Egress::default().allows("anything", 1));
         assert!(Egress::new(&["x:notaport"]).is_err());
+    }
+
+    #[test]
+    fn link_local_is_denied_unless_listed() {
+        let open = Egress::default();
+        for host in [
+            "169.254.169.254",
+            "169.254.1.1",
+            "2852039166",
+            "0xa9.0xfe.0xa9.0xfe",
+            "0251.0376.0251.0376",
+            "169.254.43518",
+            "fe80::1",
+            "febf::1",
+            "::ffff:169.254.169.254",
+            "metadata.google.internal",
+            "METADATA.google.internal.",
+            "metadata",
+        ] {
+            let e = open.check(host, 80).unwrap_err();
+            assert!(e.contains("link-local"), "{host}: {e}");
+        }
+        for host in ["169.255.0.1", "10.0.0.1", "127.0.0.1", "fec0::1", "::1", "metadata.example.com", "1.2.3"] {
+            assert!(open.allows(host, 80), "{host}");
+        }
+        // Listed explicitly: allowed.
+        let listed = Egress::new(&["169.254.169.254", "metadata.google.internal:80"]).unwrap();
+        assert!(listed.allows("169.254.169.254", 80));
+        assert!(listed.allows("metadata.google.internal", 80));
+        assert!(!listed.allows("169.254.1.1", 80));
     }
 
     fn build_with(y: &str, egress: Egress) -> Result<Arc<dyn Policy>, SpecError> {
