@@ -47,6 +47,10 @@ pub const DEFAULT_PAGE_SIZE: usize = 100;
 /// Largest list page; larger `pageSize` values are lowered to it.
 pub const MAX_PAGE_SIZE: usize = 1000;
 
+/// Read-modify-write rounds of one API write before it answers 409: each round that loses
+/// to a concurrent write (through another replica) reads the object again.
+const WRITE_ATTEMPTS: usize = 5;
+
 const MAX_NAME_LEN: usize = 253;
 const MAX_TEXT_LEN: usize = 4096;
 const MAX_PATH_LEN: usize = 2048;
@@ -138,6 +142,10 @@ impl From<StoreError> for ApiError {
             e @ StoreError::AlreadyExists { .. } => ApiError::AlreadyExists(e.to_string()),
             e @ StoreError::NotFound { .. } => ApiError::NotFound(e.to_string()),
             e @ StoreError::Corrupt { .. } => ApiError::Internal(e.to_string()),
+            // Only after WRITE_ATTEMPTS read-modify-write rounds lost to other writers.
+            e @ StoreError::Conflict { .. } => ApiError::FailedPrecondition(format!(
+                "{e} on every one of {WRITE_ATTEMPTS} attempts; retry later"
+            )),
         }
     }
 }
@@ -1003,6 +1011,36 @@ impl Api {
             .ok_or_else(|| app_not_found(name))
     }
 
+    /// Read-modify-write of store app `name`: `change` gets the app as stored and returns
+    /// it changed; the update carries the revision it was read at, so a write made
+    /// meanwhile (by another replica: the local `write` lock orders this process's own) is
+    /// never overwritten: the round starts again from a fresh read, up to [`WRITE_ATTEMPTS`]
+    /// times. Returns the app as written and what `change` returned.
+    async fn update_store_app<R, F, Fut>(
+        &self,
+        name: &str,
+        mut change: F,
+    ) -> Result<(App, R), ApiError>
+    where
+        F: FnMut(App) -> Fut,
+        Fut: std::future::Future<Output = Result<(App, R), ApiError>>,
+    {
+        let mut attempt = 1;
+        loop {
+            let app = self.store_app_for_write(name).await?;
+            let (app, r) = change(app).await?;
+            match self.consumers.store().put_app(&app, Write::Update).await {
+                Ok(()) => return Ok((app, r)),
+                Err(StoreError::NotFound { .. }) => return Err(app_not_found(name)),
+                Err(StoreError::Conflict { .. }) if attempt < WRITE_ATTEMPTS => {
+                    tracing::debug!(app = %name, attempt, "app changed concurrently; reading it again");
+                    attempt += 1;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
     async fn check_products_exist(&self, products: &[String]) -> Result<(), ApiError> {
         for (i, p) in products.iter().enumerate() {
             if self.product(p).await?.is_none() {
@@ -1056,6 +1094,7 @@ async fn create_product(
 ) -> ApiResult {
     let mut p = product_body(required_object(&headers, body)?, None)?;
     p.origin = Origin::Api;
+    p.revision = 0;
     let _w = api.write.lock().await;
     if api.consumers.is_file_product(&p.name) {
         return Err(file_defined("product", &p.name));
@@ -1080,14 +1119,25 @@ async fn put_product(
     if api.consumers.is_file_product(&name) {
         return Err(file_defined("product", &name));
     }
-    api.consumers
-        .store()
-        .put_product(&p, Write::Update)
-        .await
-        .map_err(|e| match e {
-            StoreError::NotFound { .. } => product_not_found(&name),
-            e => e.into(),
-        })?;
+    // A PUT replaces the product whatever it was, but the store only takes updates at the
+    // revision they read: read it, and again when another replica wrote meanwhile.
+    let mut attempt = 1;
+    loop {
+        let current = api
+            .consumers
+            .store()
+            .get_product(&name)
+            .await?
+            .ok_or_else(|| product_not_found(&name))?;
+        p.revision = current.revision;
+        match api.consumers.store().put_product(&p, Write::Update).await {
+            Ok(()) => break,
+            Err(StoreError::NotFound { .. }) => return Err(product_not_found(&name)),
+            Err(StoreError::Conflict { .. }) if attempt < WRITE_ATTEMPTS => attempt += 1,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    p.revision += 1;
     tracing::info!(product = %name, "product updated through the management API");
     Ok(Json(p).into_response())
 }
@@ -1181,6 +1231,7 @@ async fn create_app(
         keys: Vec::new(),
         attributes: body.attributes,
         origin: Origin::Api,
+        revision: 0,
     };
     api.consumers.store().put_app(&app, Write::Create).await?;
     tracing::info!(app = %app.name, "app created through the management API");
@@ -1201,25 +1252,23 @@ async fn put_app(
     let body = app_body(required_object(&headers, body)?, Some(&name))?;
     check_path_name(&body.name, &name)?;
     let _w = api.write.lock().await;
-    let existing = api.store_app_for_write(&name).await?;
     api.check_products_exist(&body.products).await?;
-    let app = App {
-        name: body.name,
-        developer_email: body.developer_email,
-        status: body.status,
-        products: body.products,
-        keys: existing.keys,
-        attributes: body.attributes,
-        origin: Origin::Api,
-    };
-    api.consumers
-        .store()
-        .put_app(&app, Write::Update)
-        .await
-        .map_err(|e| match e {
-            StoreError::NotFound { .. } => app_not_found(&name),
-            e => e.into(),
-        })?;
+    // The body replaces everything but the keys, which are kept as stored.
+    let (app, ()) = api
+        .update_store_app(&name, |existing| {
+            let app = App {
+                name: body.name.clone(),
+                developer_email: body.developer_email.clone(),
+                status: body.status,
+                products: body.products.clone(),
+                keys: existing.keys,
+                attributes: body.attributes.clone(),
+                origin: Origin::Api,
+                revision: existing.revision,
+            };
+            async move { Ok((app, ())) }
+        })
+        .await?;
     tracing::info!(app = %name, "app updated through the management API");
     Ok(Json(AppView::from(&app)).into_response())
 }
@@ -1302,40 +1351,37 @@ async fn create_key(
     let expires_at = request.expiry(now)?;
 
     let _w = api.write.lock().await;
-    let mut app = api.store_app_for_write(&name).await?;
-    let mut manual = false;
-    for p in &app.products {
-        if let Some(p) = api.product(p).await? {
-            manual |= p.approval_type == ApprovalType::Manual;
-        }
-    }
-    let status = if manual {
-        KeyStatus::Pending
-    } else {
-        KeyStatus::Approved
-    };
-    let id = loop {
-        let id = format!("key_{}", hex(&random::<8>()?));
-        if !app.keys.iter().any(|k| k.id == id) {
-            break id;
-        }
-    };
-    let key = format!("tg_{}", URL_SAFE_NO_PAD.encode(random::<32>()?));
-    app.keys.push(ApiKey {
-        id: id.clone(),
-        hash: hash_key(&key),
-        status,
-        expires_at,
-        created_at: now,
-    });
-    api.consumers
-        .store()
-        .put_app(&app, Write::Update)
-        .await
-        .map_err(|e| match e {
-            StoreError::NotFound { .. } => app_not_found(&name),
-            e => e.into(),
-        })?;
+    let api_ref = &api;
+    let (_, (id, key, status)) = api
+        .update_store_app(&name, |mut app| async move {
+            let mut manual = false;
+            for p in &app.products {
+                if let Some(p) = api_ref.product(p).await? {
+                    manual |= p.approval_type == ApprovalType::Manual;
+                }
+            }
+            let status = if manual {
+                KeyStatus::Pending
+            } else {
+                KeyStatus::Approved
+            };
+            let id = loop {
+                let id = format!("key_{}", hex(&random::<8>()?));
+                if !app.keys.iter().any(|k| k.id == id) {
+                    break id;
+                }
+            };
+            let key = format!("tg_{}", URL_SAFE_NO_PAD.encode(random::<32>()?));
+            app.keys.push(ApiKey {
+                id: id.clone(),
+                hash: hash_key(&key),
+                status,
+                expires_at,
+                created_at: now,
+            });
+            Ok((app, (id, key, status)))
+        })
+        .await?;
     tracing::info!(app = %name, key_id = %id, ?status, "key created through the management API");
     let mut resp = created(
         format!("/v1/apps/{name}/keys/{id}"),
@@ -1360,20 +1406,16 @@ async fn delete_key(
     check_name(&name, "name")?;
     check_name(&id, "id")?;
     let _w = api.write.lock().await;
-    let mut app = api.store_app_for_write(&name).await?;
-    let before = app.keys.len();
-    app.keys.retain(|k| k.id != id);
-    if app.keys.len() == before {
-        return Err(key_not_found(&name, &id));
-    }
-    api.consumers
-        .store()
-        .put_app(&app, Write::Update)
-        .await
-        .map_err(|e| match e {
-            StoreError::NotFound { .. } => app_not_found(&name),
-            e => e.into(),
-        })?;
+    let (name_ref, id_ref) = (&name, &id);
+    api.update_store_app(&name, |mut app| async move {
+        let before = app.keys.len();
+        app.keys.retain(|k| k.id != *id_ref);
+        if app.keys.len() == before {
+            return Err(key_not_found(name_ref, id_ref));
+        }
+        Ok((app, ()))
+    })
+    .await?;
     tracing::info!(app = %name, key_id = %id, "key deleted through the management API");
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -1394,26 +1436,23 @@ async fn change_key(
     check_name(&name, "name")?;
     check_name(&id, "id")?;
     let _w = api.write.lock().await;
-    let mut app = api.store_app_for_write(&name).await?;
-    let key = app
-        .keys
-        .iter_mut()
-        .find(|k| k.id == id)
-        .ok_or_else(|| key_not_found(&name, &id))?;
-    match action {
-        KeyAction::Revoke => key.status = KeyStatus::Revoked,
-        KeyAction::Approve => key.status = KeyStatus::Approved,
-        KeyAction::Expire => key.expires_at = Some(now_ms()),
-    }
-    let view = KeyView::from(&*key);
-    api.consumers
-        .store()
-        .put_app(&app, Write::Update)
-        .await
-        .map_err(|e| match e {
-            StoreError::NotFound { .. } => app_not_found(&name),
-            e => e.into(),
-        })?;
+    let (name_ref, id_ref) = (&name, &id);
+    let (_, view) = api
+        .update_store_app(&name, |mut app| async move {
+            let key = app
+                .keys
+                .iter_mut()
+                .find(|k| k.id == *id_ref)
+                .ok_or_else(|| key_not_found(name_ref, id_ref))?;
+            match action {
+                KeyAction::Revoke => key.status = KeyStatus::Revoked,
+                KeyAction::Approve => key.status = KeyStatus::Approved,
+                KeyAction::Expire => key.expires_at = Some(now_ms()),
+            }
+            let view = KeyView::from(&*key);
+            Ok((app, view))
+        })
+        .await?;
     tracing::info!(app = %name, key_id = %id, ?action, "key changed through the management API");
     Ok(Json(view).into_response())
 }

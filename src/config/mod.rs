@@ -528,6 +528,7 @@ fn build_products(docs: Vec<Parsed>, errors: &mut Vec<ConfigError>) -> Vec<ApiPr
                 approval_type: s.approval_type,
                 attributes: s.attributes,
                 origin: Origin::File,
+                revision: 0,
             };
             for (field, q) in [("quota", &p.quota), ("llmTokenQuota", &p.llm_token_quota)] {
                 if q.as_ref().is_some_and(|q| q.limit == 0 || q.interval == 0) {
@@ -685,6 +686,7 @@ fn build_apps(
             keys,
             attributes: spec.attributes,
             origin: Origin::File,
+            revision: 0,
         });
     }
     out
