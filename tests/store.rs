@@ -499,7 +499,10 @@ mod suite {
         s.put_product(&p, Write::Update).await.unwrap();
         assert!(matches!(
             s.put_product(&p, Write::Update).await,
-            Err(StoreError::Conflict { kind: "product", .. })
+            Err(StoreError::Conflict {
+                kind: "product",
+                ..
+            })
         ));
         assert_eq!(s.get_product("gold").await.unwrap().unwrap().revision, 1);
     }

@@ -298,6 +298,21 @@ async fn wrong_method() -> ApiError {
     ApiError::MethodNotAllowed
 }
 
+/// The `/v1/` routes when no token was given: every call is refused with a 404 that says
+/// how to open the API, so a script against a closed API fails clearly, not with an empty
+/// 404 that looks like a wrong URL.
+pub fn closed_router() -> Router {
+    async fn closed() -> ApiError {
+        ApiError::NotFound(
+            "the management API is closed: start tollgate with --admin-token-file or --admin-token-env (or --admin-insecure)".into(),
+        )
+    }
+    Router::new()
+        .route("/v1", any(closed))
+        .route("/v1/", any(closed))
+        .route("/v1/{*rest}", any(closed))
+}
+
 async fn unknown_route() -> ApiError {
     ApiError::NotFound("no such management API route".into())
 }
@@ -1578,5 +1593,159 @@ mod tests {
             format!("{:?}", ApiAuth::Bearer("s3cret".into())),
             "Bearer(<redacted>)"
         );
+    }
+
+    /// A memory store where another replica updates the app (revoking its first key) right
+    /// before each of this replica's next `interfere` app updates lands.
+    #[derive(Debug)]
+    struct Interfering {
+        inner: crate::store::memory::MemoryStore,
+        interfere: std::sync::atomic::AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl crate::store::Store for Interfering {
+        fn kind(&self) -> &'static str {
+            "memory"
+        }
+        async fn snapshot(&self) -> Result<crate::store::Contents, StoreError> {
+            self.inner.snapshot().await
+        }
+        async fn get_product(&self, name: &str) -> Result<Option<ApiProduct>, StoreError> {
+            self.inner.get_product(name).await
+        }
+        async fn put_product(&self, p: &ApiProduct, mode: Write) -> Result<(), StoreError> {
+            self.inner.put_product(p, mode).await
+        }
+        async fn delete_product(&self, name: &str) -> Result<(), StoreError> {
+            self.inner.delete_product(name).await
+        }
+        async fn get_app(&self, name: &str) -> Result<Option<App>, StoreError> {
+            self.inner.get_app(name).await
+        }
+        async fn put_app(&self, app: &App, mode: Write) -> Result<(), StoreError> {
+            use std::sync::atomic::Ordering;
+            if mode == Write::Update
+                && self
+                    .interfere
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok()
+            {
+                let mut other = self.inner.get_app(&app.name).await?.expect("app");
+                other.keys[0].status = KeyStatus::Revoked;
+                other
+                    .attributes
+                    .insert("other-writes".into(), format!("{}", other.revision + 1));
+                self.inner.put_app(&other, Write::Update).await?;
+            }
+            self.inner.put_app(app, mode).await
+        }
+        async fn delete_app(&self, name: &str) -> Result<(), StoreError> {
+            self.inner.delete_app(name).await
+        }
+        fn subscribe(&self) -> tokio::sync::broadcast::Receiver<crate::store::Change> {
+            self.inner.subscribe()
+        }
+        async fn get_kvm_entry(
+            &self,
+            map: &str,
+            key: &str,
+        ) -> Result<Option<crate::kvm::KvmEntry>, StoreError> {
+            self.inner.get_kvm_entry(map, key).await
+        }
+        async fn put_kvm_entry(
+            &self,
+            map: &str,
+            key: &str,
+            entry: &crate::kvm::KvmEntry,
+            mode: Option<Write>,
+        ) -> Result<(), StoreError> {
+            self.inner.put_kvm_entry(map, key, entry, mode).await
+        }
+        async fn delete_kvm_entry(&self, map: &str, key: &str) -> Result<(), StoreError> {
+            self.inner.delete_kvm_entry(map, key).await
+        }
+        async fn list_kvm_entries(
+            &self,
+            map: &str,
+        ) -> Result<BTreeMap<String, crate::kvm::KvmEntry>, StoreError> {
+            self.inner.list_kvm_entries(map).await
+        }
+    }
+
+    async fn interfered(times: usize) -> (Arc<Interfering>, Router) {
+        use crate::store::Store as _;
+        let store = Arc::new(Interfering {
+            inner: Default::default(),
+            interfere: Default::default(),
+        });
+        let app = App {
+            name: "a".into(),
+            developer_email: "dev@example.com".into(),
+            status: AppStatus::Approved,
+            products: vec![],
+            keys: vec![ApiKey {
+                id: "key_first".into(),
+                hash: hash_key("first-key-0123456789"),
+                status: KeyStatus::Approved,
+                expires_at: None,
+                created_at: 0,
+            }],
+            attributes: Default::default(),
+            origin: Origin::Api,
+            revision: 0,
+        };
+        store.put_app(&app, Write::Create).await.unwrap();
+        store
+            .interfere
+            .store(times, std::sync::atomic::Ordering::SeqCst);
+        let consumers = Consumers::new(store.clone());
+        (store, router(consumers, ApiAuth::Insecure))
+    }
+
+    async fn create_key_on(router: Router) -> (StatusCode, Value) {
+        use tower::ServiceExt;
+        let resp = router
+            .oneshot(
+                axum::http::Request::post("/v1/apps/a/keys")
+                    .body(axum::body::Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let status = resp.status();
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        (status, serde_json::from_slice(&body).unwrap())
+    }
+
+    /// Another replica revokes a key while this one adds a key: the add is redone on the
+    /// fresh app, so the revocation stays (it used to be overwritten by the stale copy).
+    #[tokio::test]
+    async fn a_concurrent_write_is_kept_not_overwritten() {
+        use crate::store::Store as _;
+        let (store, router) = interfered(2).await;
+        let (status, body) = create_key_on(router).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        let app = store.get_app("a").await.unwrap().unwrap();
+        assert_eq!(app.keys.len(), 2);
+        assert_eq!(app.keys[0].status, KeyStatus::Revoked);
+        assert_eq!(app.keys[1].id, body["id"].as_str().unwrap());
+        assert_eq!(app.attributes["other-writes"], "2");
+        assert_eq!(app.revision, 3);
+    }
+
+    /// A write that loses every round answers 409 and changes nothing of its own.
+    #[tokio::test]
+    async fn a_write_that_keeps_losing_is_a_409() {
+        use crate::store::Store as _;
+        let (store, router) = interfered(usize::MAX).await;
+        let (status, body) = create_key_on(router).await;
+        assert_eq!(status, StatusCode::CONFLICT, "{body}");
+        assert_eq!(body["error"]["code"], "FailedPrecondition");
+        let app = store.get_app("a").await.unwrap().unwrap();
+        assert_eq!(app.keys.len(), 1);
+        assert_eq!(app.revision, WRITE_ATTEMPTS as u64);
     }
 }
