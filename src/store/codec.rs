@@ -54,20 +54,16 @@ pub(super) fn encode_update<T: Stored>(value: &T) -> Result<Vec<u8>, StoreError>
     encode(&value.with_revision(value.revision().saturating_add(1)))
 }
 
-/// The revision of a stored object, read without decoding the rest (0 when absent).
-pub(super) fn stored_revision<T: Stored>(name: &str, bytes: &[u8]) -> Result<u64, StoreError> {
+/// The revision of a stored object, read without decoding the rest: 0 when absent, and
+/// also when the stored value does not decode, so a damaged object can be replaced by an
+/// update (as the Redis script does).
+pub(super) fn stored_revision(bytes: &[u8]) -> u64 {
     #[derive(serde::Deserialize)]
     struct Rev {
         #[serde(default)]
         revision: u64,
     }
-    serde_json::from_slice::<Rev>(bytes)
-        .map(|r| r.revision)
-        .map_err(|e| StoreError::Corrupt {
-            kind: T::KIND,
-            name: name.to_owned(),
-            message: e.to_string(),
-        })
+    serde_json::from_slice::<Rev>(bytes).map_or(0, |r| r.revision)
 }
 
 /// The error for an update whose revision is no longer the stored one.

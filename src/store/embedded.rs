@@ -169,10 +169,9 @@ impl EmbeddedStore {
                     .get(name)
                     .map_err(|e| fail(path, &format!("read {kind} `{name}`"), e))?
                 {
-                    Some(v) if mode == Write::Update => (
-                        true,
-                        codec::stored_revision::<T>(name, v.value())? != expected,
-                    ),
+                    Some(v) if mode == Write::Update => {
+                        (true, codec::stored_revision(v.value()) != expected)
+                    }
                     found => (found.is_some(), false),
                 };
                 if stale {
