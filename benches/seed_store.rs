@@ -85,6 +85,7 @@ fn app_of(i: usize, product: &str, now: i64) -> App {
         }],
         attributes: Default::default(),
         origin: Origin::Api,
+        revision: 0,
     }
 }
 
@@ -102,6 +103,7 @@ fn product_of(name: &str, operation: &str) -> ApiProduct {
         approval_type: Default::default(),
         attributes: Default::default(),
         origin: Origin::Api,
+        revision: 0,
     }
 }
 

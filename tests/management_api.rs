@@ -42,6 +42,7 @@ fn file_product() -> ApiProduct {
         approval_type: Default::default(),
         attributes: Default::default(),
         origin: Origin::File,
+        revision: 0,
     }
 }
 
@@ -60,6 +61,7 @@ fn file_app() -> App {
         }],
         attributes: Default::default(),
         origin: Origin::File,
+        revision: 0,
     }
 }
 

@@ -338,6 +338,7 @@ fn product(name: &str) -> ApiProduct {
         approval_type: Default::default(),
         attributes: BTreeMap::new(),
         origin: Origin::Api,
+        revision: 0,
     }
 }
 
@@ -356,6 +357,7 @@ fn app(name: &str) -> App {
         }],
         attributes: BTreeMap::new(),
         origin: Origin::Api,
+        revision: 0,
     }
 }
 
@@ -407,6 +409,8 @@ mod suite {
         p.description = "changed".into();
         p.quota = None;
         s.put_product(&p, Write::Update).await.unwrap();
+        // The stored copy is one revision on.
+        p.revision = 1;
         assert_eq!(s.get_product("gold").await.unwrap(), Some(p.clone()));
 
         s.delete_product("gold").await.unwrap();
@@ -445,6 +449,7 @@ mod suite {
         a.status = AppStatus::Revoked;
         a.keys[0].status = KeyStatus::Revoked;
         s.put_app(&a, Write::Update).await.unwrap();
+        a.revision = 1;
         assert_eq!(s.get_app("a1").await.unwrap(), Some(a.clone()));
 
         // Products and apps are separate namespaces.
@@ -456,6 +461,50 @@ mod suite {
             s.delete_app("a1").await,
             Err(StoreError::NotFound { .. })
         ));
+    }
+
+    /// Two replicas read an app at one revision; the first update wins, the second is
+    /// refused instead of silently restoring what the first changed (a revoked key).
+    pub async fn stale_updates_are_refused(s: Arc<dyn Store>) {
+        let mut a = app("a1");
+        s.put_app(&a, Write::Create).await.unwrap();
+        let read_by_b = s.get_app("a1").await.unwrap().unwrap();
+        a.keys[0].status = KeyStatus::Revoked;
+        s.put_app(&a, Write::Update).await.unwrap();
+
+        let mut b = read_by_b.clone();
+        b.attributes.insert("added".into(), "by b".into());
+        match s.put_app(&b, Write::Update).await {
+            Err(StoreError::Conflict { kind, name }) => {
+                assert_eq!((kind, name.as_str()), ("app", "a1"))
+            }
+            other => panic!("stale app update: {other:?}"),
+        }
+        let stored = s.get_app("a1").await.unwrap().unwrap();
+        assert_eq!(stored.keys[0].status, KeyStatus::Revoked);
+        assert_eq!(stored.revision, 1);
+        assert!(!stored.attributes.contains_key("added"));
+        // Read again, changed again: accepted, and the revocation stays.
+        let mut b = stored;
+        b.attributes.insert("added".into(), "by b".into());
+        s.put_app(&b, Write::Update).await.unwrap();
+        let stored = s.get_app("a1").await.unwrap().unwrap();
+        assert_eq!(
+            (stored.revision, stored.keys[0].status),
+            (2, KeyStatus::Revoked)
+        );
+
+        let p = product("gold");
+        s.put_product(&p, Write::Create).await.unwrap();
+        s.put_product(&p, Write::Update).await.unwrap();
+        assert!(matches!(
+            s.put_product(&p, Write::Update).await,
+            Err(StoreError::Conflict {
+                kind: "product",
+                ..
+            })
+        ));
+        assert_eq!(s.get_product("gold").await.unwrap().unwrap().revision, 1);
     }
 
     pub async fn snapshot_returns_everything(s: Arc<dyn Store>) {
@@ -659,6 +708,11 @@ macro_rules! store_suite {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn apps_crud() {
                 run(suite::apps_crud).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn stale_updates_are_refused() {
+                run(suite::stale_updates_are_refused).await
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -873,7 +927,9 @@ mod embedded_only {
             assert!(snap.apps.is_empty());
             // A damaged object can be replaced or deleted.
             s.put_product(&product("bad"), Write::Update).await.unwrap();
-            assert_eq!(s.get_product("bad").await.unwrap(), Some(product("bad")));
+            let mut replaced = product("bad");
+            replaced.revision = 1;
+            assert_eq!(s.get_product("bad").await.unwrap(), Some(replaced));
             s.delete_app("a1").await.unwrap();
         })
         .await

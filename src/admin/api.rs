@@ -47,6 +47,10 @@ pub const DEFAULT_PAGE_SIZE: usize = 100;
 /// Largest list page; larger `pageSize` values are lowered to it.
 pub const MAX_PAGE_SIZE: usize = 1000;
 
+/// Read-modify-write rounds of one API write before it answers 409: each round that loses
+/// to a concurrent write (through another replica) reads the object again.
+const WRITE_ATTEMPTS: usize = 5;
+
 const MAX_NAME_LEN: usize = 253;
 const MAX_TEXT_LEN: usize = 4096;
 const MAX_PATH_LEN: usize = 2048;
@@ -138,6 +142,10 @@ impl From<StoreError> for ApiError {
             e @ StoreError::AlreadyExists { .. } => ApiError::AlreadyExists(e.to_string()),
             e @ StoreError::NotFound { .. } => ApiError::NotFound(e.to_string()),
             e @ StoreError::Corrupt { .. } => ApiError::Internal(e.to_string()),
+            // Only after WRITE_ATTEMPTS read-modify-write rounds lost to other writers.
+            e @ StoreError::Conflict { .. } => ApiError::FailedPrecondition(format!(
+                "{e} on every one of {WRITE_ATTEMPTS} attempts; retry later"
+            )),
         }
     }
 }
@@ -288,6 +296,21 @@ pub fn router(consumers: Arc<Consumers>, auth: ApiAuth) -> Router {
 
 async fn wrong_method() -> ApiError {
     ApiError::MethodNotAllowed
+}
+
+/// The `/v1/` routes when no token was given: every call is refused with a 404 that says
+/// how to open the API, so a script against a closed API fails clearly, not with an empty
+/// 404 that looks like a wrong URL.
+pub fn closed_router() -> Router {
+    async fn closed() -> ApiError {
+        ApiError::NotFound(
+            "the management API is closed: start tollgate with --admin-token-file or --admin-token-env (or --admin-insecure)".into(),
+        )
+    }
+    Router::new()
+        .route("/v1", any(closed))
+        .route("/v1/", any(closed))
+        .route("/v1/{*rest}", any(closed))
 }
 
 async fn unknown_route() -> ApiError {
@@ -1003,6 +1026,36 @@ impl Api {
             .ok_or_else(|| app_not_found(name))
     }
 
+    /// Read-modify-write of store app `name`: `change` gets the app as stored and returns
+    /// it changed; the update carries the revision it was read at, so a write made
+    /// meanwhile (by another replica: the local `write` lock orders this process's own) is
+    /// never overwritten: the round starts again from a fresh read, up to [`WRITE_ATTEMPTS`]
+    /// times. Returns the app as written and what `change` returned.
+    async fn update_store_app<R, F, Fut>(
+        &self,
+        name: &str,
+        mut change: F,
+    ) -> Result<(App, R), ApiError>
+    where
+        F: FnMut(App) -> Fut,
+        Fut: std::future::Future<Output = Result<(App, R), ApiError>>,
+    {
+        let mut attempt = 1;
+        loop {
+            let app = self.store_app_for_write(name).await?;
+            let (app, r) = change(app).await?;
+            match self.consumers.store().put_app(&app, Write::Update).await {
+                Ok(()) => return Ok((app, r)),
+                Err(StoreError::NotFound { .. }) => return Err(app_not_found(name)),
+                Err(StoreError::Conflict { .. }) if attempt < WRITE_ATTEMPTS => {
+                    tracing::debug!(app = %name, attempt, "app changed concurrently; reading it again");
+                    attempt += 1;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
     async fn check_products_exist(&self, products: &[String]) -> Result<(), ApiError> {
         for (i, p) in products.iter().enumerate() {
             if self.product(p).await?.is_none() {
@@ -1056,6 +1109,7 @@ async fn create_product(
 ) -> ApiResult {
     let mut p = product_body(required_object(&headers, body)?, None)?;
     p.origin = Origin::Api;
+    p.revision = 0;
     let _w = api.write.lock().await;
     if api.consumers.is_file_product(&p.name) {
         return Err(file_defined("product", &p.name));
@@ -1080,14 +1134,25 @@ async fn put_product(
     if api.consumers.is_file_product(&name) {
         return Err(file_defined("product", &name));
     }
-    api.consumers
-        .store()
-        .put_product(&p, Write::Update)
-        .await
-        .map_err(|e| match e {
-            StoreError::NotFound { .. } => product_not_found(&name),
-            e => e.into(),
-        })?;
+    // A PUT replaces the product whatever it was, but the store only takes updates at the
+    // revision they read: read it, and again when another replica wrote meanwhile.
+    let mut attempt = 1;
+    loop {
+        let current = api
+            .consumers
+            .store()
+            .get_product(&name)
+            .await?
+            .ok_or_else(|| product_not_found(&name))?;
+        p.revision = current.revision;
+        match api.consumers.store().put_product(&p, Write::Update).await {
+            Ok(()) => break,
+            Err(StoreError::NotFound { .. }) => return Err(product_not_found(&name)),
+            Err(StoreError::Conflict { .. }) if attempt < WRITE_ATTEMPTS => attempt += 1,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    p.revision += 1;
     tracing::info!(product = %name, "product updated through the management API");
     Ok(Json(p).into_response())
 }
@@ -1181,6 +1246,7 @@ async fn create_app(
         keys: Vec::new(),
         attributes: body.attributes,
         origin: Origin::Api,
+        revision: 0,
     };
     api.consumers.store().put_app(&app, Write::Create).await?;
     tracing::info!(app = %app.name, "app created through the management API");
@@ -1201,25 +1267,23 @@ async fn put_app(
     let body = app_body(required_object(&headers, body)?, Some(&name))?;
     check_path_name(&body.name, &name)?;
     let _w = api.write.lock().await;
-    let existing = api.store_app_for_write(&name).await?;
     api.check_products_exist(&body.products).await?;
-    let app = App {
-        name: body.name,
-        developer_email: body.developer_email,
-        status: body.status,
-        products: body.products,
-        keys: existing.keys,
-        attributes: body.attributes,
-        origin: Origin::Api,
-    };
-    api.consumers
-        .store()
-        .put_app(&app, Write::Update)
-        .await
-        .map_err(|e| match e {
-            StoreError::NotFound { .. } => app_not_found(&name),
-            e => e.into(),
-        })?;
+    // The body replaces everything but the keys, which are kept as stored.
+    let (app, ()) = api
+        .update_store_app(&name, |existing| {
+            let app = App {
+                name: body.name.clone(),
+                developer_email: body.developer_email.clone(),
+                status: body.status,
+                products: body.products.clone(),
+                keys: existing.keys,
+                attributes: body.attributes.clone(),
+                origin: Origin::Api,
+                revision: existing.revision,
+            };
+            async move { Ok((app, ())) }
+        })
+        .await?;
     tracing::info!(app = %name, "app updated through the management API");
     Ok(Json(AppView::from(&app)).into_response())
 }
@@ -1302,40 +1366,37 @@ async fn create_key(
     let expires_at = request.expiry(now)?;
 
     let _w = api.write.lock().await;
-    let mut app = api.store_app_for_write(&name).await?;
-    let mut manual = false;
-    for p in &app.products {
-        if let Some(p) = api.product(p).await? {
-            manual |= p.approval_type == ApprovalType::Manual;
-        }
-    }
-    let status = if manual {
-        KeyStatus::Pending
-    } else {
-        KeyStatus::Approved
-    };
-    let id = loop {
-        let id = format!("key_{}", hex(&random::<8>()?));
-        if !app.keys.iter().any(|k| k.id == id) {
-            break id;
-        }
-    };
-    let key = format!("tg_{}", URL_SAFE_NO_PAD.encode(random::<32>()?));
-    app.keys.push(ApiKey {
-        id: id.clone(),
-        hash: hash_key(&key),
-        status,
-        expires_at,
-        created_at: now,
-    });
-    api.consumers
-        .store()
-        .put_app(&app, Write::Update)
-        .await
-        .map_err(|e| match e {
-            StoreError::NotFound { .. } => app_not_found(&name),
-            e => e.into(),
-        })?;
+    let api_ref = &api;
+    let (_, (id, key, status)) = api
+        .update_store_app(&name, |mut app| async move {
+            let mut manual = false;
+            for p in &app.products {
+                if let Some(p) = api_ref.product(p).await? {
+                    manual |= p.approval_type == ApprovalType::Manual;
+                }
+            }
+            let status = if manual {
+                KeyStatus::Pending
+            } else {
+                KeyStatus::Approved
+            };
+            let id = loop {
+                let id = format!("key_{}", hex(&random::<8>()?));
+                if !app.keys.iter().any(|k| k.id == id) {
+                    break id;
+                }
+            };
+            let key = format!("tg_{}", URL_SAFE_NO_PAD.encode(random::<32>()?));
+            app.keys.push(ApiKey {
+                id: id.clone(),
+                hash: hash_key(&key),
+                status,
+                expires_at,
+                created_at: now,
+            });
+            Ok((app, (id, key, status)))
+        })
+        .await?;
     tracing::info!(app = %name, key_id = %id, ?status, "key created through the management API");
     let mut resp = created(
         format!("/v1/apps/{name}/keys/{id}"),
@@ -1360,20 +1421,16 @@ async fn delete_key(
     check_name(&name, "name")?;
     check_name(&id, "id")?;
     let _w = api.write.lock().await;
-    let mut app = api.store_app_for_write(&name).await?;
-    let before = app.keys.len();
-    app.keys.retain(|k| k.id != id);
-    if app.keys.len() == before {
-        return Err(key_not_found(&name, &id));
-    }
-    api.consumers
-        .store()
-        .put_app(&app, Write::Update)
-        .await
-        .map_err(|e| match e {
-            StoreError::NotFound { .. } => app_not_found(&name),
-            e => e.into(),
-        })?;
+    let (name_ref, id_ref) = (&name, &id);
+    api.update_store_app(&name, |mut app| async move {
+        let before = app.keys.len();
+        app.keys.retain(|k| k.id != *id_ref);
+        if app.keys.len() == before {
+            return Err(key_not_found(name_ref, id_ref));
+        }
+        Ok((app, ()))
+    })
+    .await?;
     tracing::info!(app = %name, key_id = %id, "key deleted through the management API");
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -1394,26 +1451,23 @@ async fn change_key(
     check_name(&name, "name")?;
     check_name(&id, "id")?;
     let _w = api.write.lock().await;
-    let mut app = api.store_app_for_write(&name).await?;
-    let key = app
-        .keys
-        .iter_mut()
-        .find(|k| k.id == id)
-        .ok_or_else(|| key_not_found(&name, &id))?;
-    match action {
-        KeyAction::Revoke => key.status = KeyStatus::Revoked,
-        KeyAction::Approve => key.status = KeyStatus::Approved,
-        KeyAction::Expire => key.expires_at = Some(now_ms()),
-    }
-    let view = KeyView::from(&*key);
-    api.consumers
-        .store()
-        .put_app(&app, Write::Update)
-        .await
-        .map_err(|e| match e {
-            StoreError::NotFound { .. } => app_not_found(&name),
-            e => e.into(),
-        })?;
+    let (name_ref, id_ref) = (&name, &id);
+    let (_, view) = api
+        .update_store_app(&name, |mut app| async move {
+            let key = app
+                .keys
+                .iter_mut()
+                .find(|k| k.id == *id_ref)
+                .ok_or_else(|| key_not_found(name_ref, id_ref))?;
+            match action {
+                KeyAction::Revoke => key.status = KeyStatus::Revoked,
+                KeyAction::Approve => key.status = KeyStatus::Approved,
+                KeyAction::Expire => key.expires_at = Some(now_ms()),
+            }
+            let view = KeyView::from(&*key);
+            Ok((app, view))
+        })
+        .await?;
     tracing::info!(app = %name, key_id = %id, ?action, "key changed through the management API");
     Ok(Json(view).into_response())
 }
@@ -1539,5 +1593,159 @@ mod tests {
             format!("{:?}", ApiAuth::Bearer("s3cret".into())),
             "Bearer(<redacted>)"
         );
+    }
+
+    /// A memory store where another replica updates the app (revoking its first key) right
+    /// before each of this replica's next `interfere` app updates lands.
+    #[derive(Debug)]
+    struct Interfering {
+        inner: crate::store::memory::MemoryStore,
+        interfere: std::sync::atomic::AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl crate::store::Store for Interfering {
+        fn kind(&self) -> &'static str {
+            "memory"
+        }
+        async fn snapshot(&self) -> Result<crate::store::Contents, StoreError> {
+            self.inner.snapshot().await
+        }
+        async fn get_product(&self, name: &str) -> Result<Option<ApiProduct>, StoreError> {
+            self.inner.get_product(name).await
+        }
+        async fn put_product(&self, p: &ApiProduct, mode: Write) -> Result<(), StoreError> {
+            self.inner.put_product(p, mode).await
+        }
+        async fn delete_product(&self, name: &str) -> Result<(), StoreError> {
+            self.inner.delete_product(name).await
+        }
+        async fn get_app(&self, name: &str) -> Result<Option<App>, StoreError> {
+            self.inner.get_app(name).await
+        }
+        async fn put_app(&self, app: &App, mode: Write) -> Result<(), StoreError> {
+            use std::sync::atomic::Ordering;
+            if mode == Write::Update
+                && self
+                    .interfere
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok()
+            {
+                let mut other = self.inner.get_app(&app.name).await?.expect("app");
+                other.keys[0].status = KeyStatus::Revoked;
+                other
+                    .attributes
+                    .insert("other-writes".into(), format!("{}", other.revision + 1));
+                self.inner.put_app(&other, Write::Update).await?;
+            }
+            self.inner.put_app(app, mode).await
+        }
+        async fn delete_app(&self, name: &str) -> Result<(), StoreError> {
+            self.inner.delete_app(name).await
+        }
+        fn subscribe(&self) -> tokio::sync::broadcast::Receiver<crate::store::Change> {
+            self.inner.subscribe()
+        }
+        async fn get_kvm_entry(
+            &self,
+            map: &str,
+            key: &str,
+        ) -> Result<Option<crate::kvm::KvmEntry>, StoreError> {
+            self.inner.get_kvm_entry(map, key).await
+        }
+        async fn put_kvm_entry(
+            &self,
+            map: &str,
+            key: &str,
+            entry: &crate::kvm::KvmEntry,
+            mode: Option<Write>,
+        ) -> Result<(), StoreError> {
+            self.inner.put_kvm_entry(map, key, entry, mode).await
+        }
+        async fn delete_kvm_entry(&self, map: &str, key: &str) -> Result<(), StoreError> {
+            self.inner.delete_kvm_entry(map, key).await
+        }
+        async fn list_kvm_entries(
+            &self,
+            map: &str,
+        ) -> Result<BTreeMap<String, crate::kvm::KvmEntry>, StoreError> {
+            self.inner.list_kvm_entries(map).await
+        }
+    }
+
+    async fn interfered(times: usize) -> (Arc<Interfering>, Router) {
+        use crate::store::Store as _;
+        let store = Arc::new(Interfering {
+            inner: Default::default(),
+            interfere: Default::default(),
+        });
+        let app = App {
+            name: "a".into(),
+            developer_email: "dev@example.com".into(),
+            status: AppStatus::Approved,
+            products: vec![],
+            keys: vec![ApiKey {
+                id: "key_first".into(),
+                hash: hash_key("first-key-0123456789"),
+                status: KeyStatus::Approved,
+                expires_at: None,
+                created_at: 0,
+            }],
+            attributes: Default::default(),
+            origin: Origin::Api,
+            revision: 0,
+        };
+        store.put_app(&app, Write::Create).await.unwrap();
+        store
+            .interfere
+            .store(times, std::sync::atomic::Ordering::SeqCst);
+        let consumers = Consumers::new(store.clone());
+        (store, router(consumers, ApiAuth::Insecure))
+    }
+
+    async fn create_key_on(router: Router) -> (StatusCode, Value) {
+        use tower::ServiceExt;
+        let resp = router
+            .oneshot(
+                axum::http::Request::post("/v1/apps/a/keys")
+                    .body(axum::body::Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let status = resp.status();
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        (status, serde_json::from_slice(&body).unwrap())
+    }
+
+    /// Another replica revokes a key while this one adds a key: the add is redone on the
+    /// fresh app, so the revocation stays (it used to be overwritten by the stale copy).
+    #[tokio::test]
+    async fn a_concurrent_write_is_kept_not_overwritten() {
+        use crate::store::Store as _;
+        let (store, router) = interfered(2).await;
+        let (status, body) = create_key_on(router).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        let app = store.get_app("a").await.unwrap().unwrap();
+        assert_eq!(app.keys.len(), 2);
+        assert_eq!(app.keys[0].status, KeyStatus::Revoked);
+        assert_eq!(app.keys[1].id, body["id"].as_str().unwrap());
+        assert_eq!(app.attributes["other-writes"], "2");
+        assert_eq!(app.revision, 3);
+    }
+
+    /// A write that loses every round answers 409 and changes nothing of its own.
+    #[tokio::test]
+    async fn a_write_that_keeps_losing_is_a_409() {
+        use crate::store::Store as _;
+        let (store, router) = interfered(usize::MAX).await;
+        let (status, body) = create_key_on(router).await;
+        assert_eq!(status, StatusCode::CONFLICT, "{body}");
+        assert_eq!(body["error"]["code"], "FailedPrecondition");
+        let app = store.get_app("a").await.unwrap().unwrap();
+        assert_eq!(app.keys.len(), 1);
+        assert_eq!(app.revision, WRITE_ATTEMPTS as u64);
     }
 }

@@ -30,6 +30,11 @@ pub fn with_api(router: Router, consumers: Arc<Consumers>, auth: ApiAuth) -> Rou
     router.merge(api::router(consumers, auth))
 }
 
+/// Adds the refusal of a closed management API (no token given) to an admin router.
+pub fn with_closed_api(router: Router) -> Router {
+    router.merge(api::closed_router())
+}
+
 /// Adds the key-value map routes of the management API (`/v1/kvms/…`, guarded by `auth`).
 pub fn with_kvm_api(
     router: Router,

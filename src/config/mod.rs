@@ -558,6 +558,7 @@ fn build_products(docs: Vec<Parsed>, errors: &mut Vec<ConfigError>) -> Vec<ApiPr
                 approval_type: s.approval_type,
                 attributes: s.attributes,
                 origin: Origin::File,
+                revision: 0,
             };
             for (field, q) in [("quota", &p.quota), ("llmTokenQuota", &p.llm_token_quota)] {
                 if q.as_ref().is_some_and(|q| q.limit == 0 || q.interval == 0) {
@@ -716,6 +717,7 @@ fn build_apps(
             keys,
             attributes: spec.attributes,
             origin: Origin::File,
+            revision: 0,
         });
     }
     out
@@ -1187,6 +1189,44 @@ spec:
         assert!(bad("/v1/chat/completions", "v1").contains("spec.operations[0].path"));
         assert!(bad("limit: 10", "limit: 0").contains("spec.quota"));
         assert!(bad("dev@acme.test", "nobody").contains("developerEmail"));
+    }
+
+    /// A key from a mounted Secret file (relative to the configuration directory), its
+    /// trailing newline not part of the key; unreadable and too-short files are refused.
+    #[test]
+    fn app_keys_from_files() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("k2.key"), "k2-from-a-secret-file-0123\n").unwrap();
+        std::fs::write(dir.path().join("short.key"), "too-short\n").unwrap();
+        let text = CONSUMERS.replace("{env: TOLLGATE_TEST_KEY_K2}", "{file: k2.key}");
+        let s = compile(&files(&text), Some(dir.path())).unwrap();
+        assert_eq!(
+            s.apps[0].keys[1].hash,
+            hash_key("k2-from-a-secret-file-0123")
+        );
+        let absolute = dir.path().join("k2.key");
+        let text = CONSUMERS.replace(
+            "{env: TOLLGATE_TEST_KEY_K2}",
+            &format!("{{file: \"{}\"}}", absolute.display()),
+        );
+        let s = compile(&files(&text), None).unwrap();
+        assert_eq!(
+            s.apps[0].keys[1].hash,
+            hash_key("k2-from-a-secret-file-0123")
+        );
+        let fails = |from: &str| {
+            let text = CONSUMERS.replace("{env: TOLLGATE_TEST_KEY_K2}", from);
+            compile(&files(&text), Some(dir.path()))
+                .unwrap_err()
+                .to_string()
+        };
+        let e = fails("{file: absent.key}");
+        assert!(
+            e.contains("spec.keys[1].valueFrom.file") && e.contains("cannot read"),
+            "{e}"
+        );
+        assert!(fails("{file: short.key}").contains("16-512 printable"));
+        assert!(fails("{file: k2.key, env: X}").contains("exactly one of env, file"));
     }
 
     #[test]

@@ -92,6 +92,32 @@ fn match_pieces(pieces: &[Piece], s: &str) -> bool {
     }
 }
 
+/// True when `path` could mean another path to the upstream than the one matched here: a
+/// `.` or `..` segment (also percent-encoded, or followed by `;params` as Tomcat reads
+/// `..;`), an encoded slash (`%2F`) or any backslash (raw or `%5C`, a separator to some
+/// servers).
+///
+/// Such paths are refused rather than normalised: normalising here would authorise the
+/// normalised path while the upstream receives (and may interpret differently) the raw one,
+/// and any disagreement between the two readings is exactly the hole. Envoy's
+/// `normalize_path` and `path_with_escaped_slashes_action` make these paths never arrive.
+/// Empty segments (`//`) are let through: no literal, `*` or `{var}` matches an empty
+/// segment, so one can only fall under a trailing `**`, which allows whatever follows anyway.
+pub fn ambiguous_path(path: &str) -> bool {
+    if path.contains('\\') {
+        return true;
+    }
+    let lower = path.to_ascii_lowercase();
+    if lower.contains("%2f") || lower.contains("%5c") {
+        return true;
+    }
+    lower.split('/').any(|seg| {
+        let seg = seg.split(';').next().unwrap_or(seg);
+        let seg = seg.replace("%2e", ".");
+        seg == "." || seg == ".."
+    })
+}
+
 /// A compiled path template.
 #[derive(Debug, Clone)]
 pub struct PathTemplate {
@@ -177,6 +203,16 @@ impl Product {
                 && (o.models.is_empty() || model.is_some_and(|m| o.models.iter().any(|x| x == m)))
         })
     }
+
+    /// True when an operation would allow `method path` if only the request named one of
+    /// its models.
+    fn wants_model(&self, method: &str, path: &str) -> bool {
+        self.ops.iter().any(|o| {
+            !o.models.is_empty()
+                && (o.methods.is_empty() || o.methods.iter().any(|m| m == method))
+                && o.path.matches(path)
+        })
+    }
 }
 
 /// Why a key was refused.
@@ -188,6 +224,9 @@ pub enum Refusal {
     KeyExpired,
     AppRevoked,
     NoProductForOperation,
+    /// No product allows the operation without a model, one would with a listed model, and
+    /// the request's model is unknown (not read from the body, no `model` template value).
+    ModelUnknown,
 }
 
 /// A verified key: its app, the key record, and the product that allows the operation.
@@ -270,12 +309,19 @@ impl ConsumerIndex {
         if app.status == AppStatus::Revoked {
             return Err(Refusal::AppRevoked);
         }
-        let product = app
-            .products
-            .iter()
-            .filter_map(|p| self.products.get(p))
-            .find(|p| p.allows(method, path, model))
-            .ok_or(Refusal::NoProductForOperation)?;
+        if ambiguous_path(path) {
+            return Err(Refusal::NoProductForOperation);
+        }
+        let mut products = app.products.iter().filter_map(|p| self.products.get(p));
+        let Some(product) = products.clone().find(|p| p.allows(method, path, model)) else {
+            return Err(
+                if model.is_none() && products.any(|p| p.wants_model(method, path)) {
+                    Refusal::ModelUnknown
+                } else {
+                    Refusal::NoProductForOperation
+                },
+            );
+        };
         Ok(Verified {
             app: app.clone(),
             key_index: *i,
@@ -322,6 +368,7 @@ mod tests {
                 approval_type: Default::default(),
                 attributes: Default::default(),
                 origin: Origin::File,
+                revision: 0,
             })
             .unwrap(),
         )
@@ -336,6 +383,7 @@ mod tests {
             keys,
             attributes: Default::default(),
             origin: Origin::File,
+            revision: 0,
         })
     }
 
@@ -422,5 +470,45 @@ mod tests {
             v("good", "DELETE", "/v1/models/x", None).unwrap_err(),
             Refusal::NoProductForOperation
         );
+        // A model-restricted operation with no model known: its own refusal, so the policy
+        // can say why instead of looking like a wrong key.
+        assert_eq!(
+            v("good", "POST", "/v1/chat/completions", None).unwrap_err(),
+            Refusal::ModelUnknown
+        );
+        // Paths the upstream may read as another path never match, whatever the product.
+        for path in [
+            "/v1/models/../admin/x",
+            "/v1/models/./x",
+            "/v1/models/%2e%2E/admin",
+            "/v1/models/x/..",
+            "/v1/models/..;/admin",
+            "/v1/models/a%2Fb",
+            "/v1/models/a%2fb",
+            "/v1/models/a\\..\\b",
+            "/v1/models/a%5cb",
+        ] {
+            assert_eq!(
+                v("good", "GET", path, None).unwrap_err(),
+                Refusal::NoProductForOperation,
+                "{path}"
+            );
+        }
+        // Dots inside a segment and empty segments under `**` are fine.
+        assert!(v("good", "GET", "/v1/models/gemini-1.5..pro", None).is_ok());
+        assert!(v("good", "GET", "/v1/models/.well", None).is_ok());
+        assert!(v("good", "GET", "/v1/models//x", None).is_ok());
+    }
+
+    #[test]
+    fn ambiguous_paths() {
+        assert!(ambiguous_path("/a/../b"));
+        assert!(ambiguous_path("/.."));
+        assert!(ambiguous_path("/a/%2E/b"));
+        assert!(ambiguous_path("/a%2F..%2Fb"));
+        assert!(ambiguous_path("/a\\b"));
+        assert!(!ambiguous_path("/a/b.c/..d/e.."));
+        assert!(!ambiguous_path("/a//b"));
+        assert!(!ambiguous_path("/v1/models/{model}:predict"));
     }
 }

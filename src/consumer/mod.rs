@@ -61,6 +61,10 @@ pub struct QuotaSettings {
     pub time_unit: TimeUnit,
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 fn one() -> u32 {
     1
 }
@@ -95,6 +99,11 @@ pub struct ApiProduct {
     pub attributes: BTreeMap<String, String>,
     #[serde(default)]
     pub origin: Origin,
+    /// Store revision, raised by one on every update: an update carries the revision it
+    /// read and the store refuses it when another write came in between (optimistic
+    /// concurrency across replicas). 0 for file objects and new ones.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub revision: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -147,6 +156,11 @@ pub struct App {
     pub attributes: BTreeMap<String, String>,
     #[serde(default)]
     pub origin: Origin,
+    /// Store revision, raised by one on every update: an update carries the revision it
+    /// read and the store refuses it when another write came in between (optimistic
+    /// concurrency across replicas). 0 for file objects and new ones.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub revision: u64,
 }
 
 /// A key's SHA-256 digest: what the in-memory index is keyed by.

@@ -24,6 +24,9 @@ struct Objects {
     file_apps: Vec<Arc<App>>,
     store_products: BTreeMap<String, ApiProduct>,
     store_apps: BTreeMap<String, Arc<App>>,
+    /// Store objects hidden by a file object of the same name (`product:<name>`,
+    /// `app:<name>`), remembered so each is warned about once, not on every rebuild.
+    shadowed: std::collections::BTreeSet<String>,
 }
 
 #[derive(Debug)]
@@ -130,10 +133,44 @@ impl Consumers {
         Ok(())
     }
 
+    /// Rebuilds the index. A file object wins over a store object of the same name (one made
+    /// through the API before the file defined it): the API shows and protects the file
+    /// version, so the data path must enforce that one too. The store object is left out
+    /// of the index, with a warning, until the file drops it or the store object is deleted.
     fn rebuild(&self) {
-        let Ok(o) = self.objects.lock() else { return };
+        let Ok(mut o) = self.objects.lock() else {
+            return;
+        };
+        let file_products: std::collections::BTreeSet<&str> =
+            o.file_products.iter().map(|p| p.name.as_str()).collect();
+        let file_apps: std::collections::BTreeSet<&str> =
+            o.file_apps.iter().map(|a| a.name.as_str()).collect();
+        let shadowed: std::collections::BTreeSet<String> = o
+            .store_products
+            .keys()
+            .filter(|n| file_products.contains(n.as_str()))
+            .map(|n| format!("product:{n}"))
+            .chain(
+                o.store_apps
+                    .keys()
+                    .filter(|n| file_apps.contains(n.as_str()))
+                    .map(|n| format!("app:{n}")),
+            )
+            .collect();
+        for s in shadowed.difference(&o.shadowed) {
+            let (kind, name) = s.split_once(':').unwrap_or(("object", s));
+            tracing::warn!(
+                kind,
+                name,
+                "a configuration file defines this {kind}, and the store holds an older one of the same name made through the API: the file's wins; delete the store object or rename one"
+            );
+        }
         let mut products = Vec::new();
-        for p in o.file_products.iter().chain(o.store_products.values()) {
+        let store_products = o
+            .store_products
+            .values()
+            .filter(|p| !file_products.contains(p.name.as_str()));
+        for p in o.file_products.iter().chain(store_products) {
             match Product::compile(p.clone()) {
                 Ok(p) => products.push(Arc::new(p)),
                 // Store objects are validated when written; a bad one is skipped, not fatal.
@@ -144,9 +181,11 @@ impl Consumers {
         let apps = o
             .store_apps
             .values()
+            .filter(|a| !file_apps.contains(a.name.as_str()))
             .chain(o.file_apps.iter())
             .cloned()
             .collect();
+        o.shadowed = shadowed;
         drop(o);
         self.index
             .store(Arc::new(ConsumerIndex::build(products, apps)));
@@ -238,6 +277,7 @@ mod tests {
             approval_type: Default::default(),
             attributes: Default::default(),
             origin: Origin::Api,
+            revision: 0,
         }
     }
 
@@ -256,6 +296,7 @@ mod tests {
             }],
             attributes: Default::default(),
             origin: Origin::Api,
+            revision: 0,
         }
     }
 
@@ -292,6 +333,54 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert!(!ok(&c), "revocation reached the index");
+    }
+
+    /// A store object made through the API before a file defined the same name: the API
+    /// shows and protects the file version, so the data path enforces that one too.
+    #[tokio::test]
+    async fn file_objects_shadow_store_objects_of_the_same_name() {
+        let store = Arc::new(MemoryStore::new());
+        let mut store_product = product("p");
+        store_product.operations[0].path = "/store-only".into();
+        store
+            .put_product(&store_product, Write::Create)
+            .await
+            .unwrap();
+        store
+            .put_app(&app("a", "store-key", KeyStatus::Approved), Write::Create)
+            .await
+            .unwrap();
+        let c = Consumers::new(store.clone());
+        c.resync().await.unwrap();
+        let verify = |key: &str, path: &str| c.index().verify(key, "GET", path, None, 0);
+        assert!(verify("store-key", "/store-only").is_ok());
+
+        let mut file_product = product("p");
+        file_product.operations[0].path = "/file-only".into();
+        file_product.origin = Origin::File;
+        let mut file_app = app("a", "file-key", KeyStatus::Approved);
+        file_app.origin = Origin::File;
+        c.set_file_objects(vec![file_product], vec![file_app]);
+        let idx = c.index();
+        assert!(idx.verify("file-key", "GET", "/file-only", None, 0).is_ok());
+        assert_eq!(
+            idx.verify("file-key", "GET", "/store-only", None, 0)
+                .unwrap_err(),
+            crate::consumer::index::Refusal::NoProductForOperation
+        );
+        assert_eq!(
+            idx.verify("store-key", "GET", "/file-only", None, 0)
+                .unwrap_err(),
+            crate::consumer::index::Refusal::UnknownKey
+        );
+        assert_eq!(idx.product("p").unwrap().spec.origin, Origin::File);
+        // Rebuilding again (a store change) keeps the file version.
+        c.resync().await.unwrap();
+        assert!(verify("store-key", "/file-only").is_err());
+        assert!(verify("file-key", "/file-only").is_ok());
+        // Once the file drops them, the store objects serve again.
+        c.set_file_objects(vec![], vec![]);
+        assert!(verify("store-key", "/store-only").is_ok());
     }
 
     #[test]

@@ -13,7 +13,16 @@
 //!     product: x-tollgate-product
 //!     developer: x-tollgate-developer
 //!   model: "{llm.model}"    # matched against products' model lists (default)
+//!   modelFromBody: true     # run on the request body, read its top-level JSON `model`
 //! ```
+//!
+//! Products whose operations list `models` need the request's model. It is the `model`
+//! template's value; when that is empty and the step runs with the request body (it comes
+//! after a step that needs the body, or `modelFromBody: true` asks for it), the body's
+//! top-level JSON `model` string. Envoy sends the request body only after the headers, and
+//! only when asked, so on the headers alone no model is known: such a request is refused
+//! with `oauth.v2.InvalidApiKeyForGivenResource` and a message saying the model is unknown,
+//! and a warning names the fix.
 //!
 //! On success it sets `client_id`, `app.name`, `developer.email`, `apiproduct.name`,
 //! `apiproduct.quota.{limit,interval,timeunit}`, `apiproduct.llmquota.{...}`,
@@ -52,6 +61,8 @@ struct Spec {
     identity_headers: IdentityHeaders,
     #[serde(default)]
     model: Option<String>,
+    #[serde(default)]
+    model_from_body: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -87,6 +98,9 @@ struct VerifyApiKey {
     strip_key: bool,
     identity: Vec<(String, Identity)>,
     model: Template,
+    model_from_body: bool,
+    /// Set once the "model unknown" warning was logged (one line per policy, not per request).
+    warned_model: std::sync::atomic::AtomicBool,
     consumers: Arc<Consumers>,
     /// Variable names, built once: plain and `verifyapikey.<policy>.`-prefixed.
     /// `verifyapikey.<policy>.`
@@ -239,6 +253,8 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
         strip_key: spec.strip_key,
         identity,
         model,
+        model_from_body: spec.model_from_body,
+        warned_model: Default::default(),
         consumers: ctx.services.consumers.clone(),
         prefix: format!("verifyapikey.{}.", ctx.name).into(),
     }))
@@ -327,7 +343,11 @@ impl VerifyApiKey {
             return Err(unauthorized("oauth.v2.InvalidApiKey", "Invalid ApiKey"));
         }
         let model = self.model.render(ex);
-        let model = (!model.is_empty()).then_some(model);
+        let model = if model.is_empty() {
+            ex.request_body.as_deref().and_then(body_model)
+        } else {
+            Some(model)
+        };
         let index = self.consumers.index();
         let verified = index
             .verify(
@@ -357,6 +377,24 @@ impl VerifyApiKey {
                     "oauth.v2.InvalidApiKeyForGivenResource",
                     "Invalid ApiKey for given resource",
                 ),
+                Refusal::ModelUnknown => {
+                    if !self
+                        .warned_model
+                        .swap(true, std::sync::atomic::Ordering::Relaxed)
+                    {
+                        tracing::warn!(
+                            policy = %self.prefix.trim_end_matches('.'),
+                            body_seen = ex.request_body.is_some(),
+                            "a product allows this operation only for listed models, but the request's model is unknown: \
+                             set `modelFromBody: true` on VerifyApiKey (the request body is then buffered), \
+                             or a `model:` template, or send a JSON body with a top-level `model`"
+                        );
+                    }
+                    unauthorized(
+                        "oauth.v2.InvalidApiKeyForGivenResource",
+                        "Invalid ApiKey for given resource: the request's model is unknown",
+                    )
+                }
             })?;
         if self.strip_key {
             for source in &self.key_from {
@@ -387,6 +425,21 @@ impl VerifyApiKey {
         }));
         Ok(())
     }
+}
+
+/// The top-level `model` string of a JSON request body (the OpenAI, Anthropic and
+/// Vertex-style chat bodies all carry it there).
+fn body_model(body: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Body<'a> {
+        #[serde(borrow, default)]
+        model: Option<Cow<'a, str>>,
+    }
+    serde_json::from_slice::<Body<'_>>(body)
+        .ok()?
+        .model
+        .filter(|m| !m.is_empty())
+        .map(Cow::into_owned)
 }
 
 /// `uri` without the query parameter `name` (percent-decoded name match), or `None` when
@@ -420,6 +473,10 @@ impl Policy for VerifyApiKey {
         TYPE
     }
 
+    fn needs_body(&self, dir: Direction) -> bool {
+        self.model_from_body && dir == Direction::Request
+    }
+
     fn run<'a>(&'a self, ex: &'a mut Exchange, _dir: Direction) -> Outcome<'a> {
         Outcome::Ready(self.verify(ex))
     }
@@ -429,7 +486,7 @@ impl Policy for VerifyApiKey {
 mod tests {
     use super::*;
     use crate::consumer::{
-        hash_key, ApiKey, ApiProduct, App, KeyStatus, Operation, Origin, TimeUnit,
+        hash_key, ApiKey, ApiProduct, App, AppStatus, KeyStatus, Operation, Origin, TimeUnit,
     };
     use crate::services::Services;
     use crate::vars::{Headers, RequestInfo};
@@ -449,17 +506,56 @@ mod tests {
                 interval: 1,
                 time_unit: TimeUnit::Minute,
             }),
-            llm_token_quota: None,
+            llm_token_quota: Some(QuotaSettings {
+                limit: 50_000,
+                interval: 2,
+                time_unit: TimeUnit::Hour,
+            }),
             approval_type: Default::default(),
             attributes: [("tier".to_string(), "gold".to_string())].into(),
             origin: Origin::File,
+            revision: 0,
+        };
+        let gated = ApiProduct {
+            name: "gated".into(),
+            description: String::new(),
+            operations: vec![Operation {
+                path: "/v1/responses".into(),
+                methods: vec!["POST".into()],
+                models: vec!["gpt-4o".into()],
+            }],
+            quota: None,
+            llm_token_quota: None,
+            approval_type: Default::default(),
+            attributes: Default::default(),
+            origin: Origin::File,
+            revision: 0,
+        };
+        let key = |id: &str, secret: &str, status: KeyStatus| ApiKey {
+            id: id.into(),
+            hash: hash_key(secret),
+            status,
+            expires_at: None,
+            created_at: 0,
+        };
+        let revoked_app = App {
+            name: "gone".into(),
+            developer_email: "dev@gone.test".into(),
+            status: AppStatus::Revoked,
+            products: vec!["chat".into()],
+            keys: vec![key("k9", "gone-app-key-0123456789", KeyStatus::Approved)],
+            attributes: Default::default(),
+            origin: Origin::File,
+            revision: 0,
         };
         let app = App {
             name: "acme".into(),
             developer_email: "dev@acme.test".into(),
             status: Default::default(),
-            products: vec!["chat".into()],
+            products: vec!["chat".into(), "gated".into()],
             keys: vec![
+                key("k3", "revoked-key-0123456789", KeyStatus::Revoked),
+                key("k4", "pending-key-0123456789", KeyStatus::Pending),
                 ApiKey {
                     id: "k1".into(),
                     hash: hash_key("secret-key-0123456789"),
@@ -477,8 +573,10 @@ mod tests {
             ],
             attributes: Default::default(),
             origin: Origin::File,
+            revision: 0,
         };
-        s.consumers.set_file_objects(vec![product], vec![app]);
+        s.consumers
+            .set_file_objects(vec![product, gated], vec![app, revoked_app]);
         s
     }
 
@@ -513,7 +611,9 @@ mod tests {
 
     #[test]
     fn success_sets_variables_and_headers() {
-        let p = policy("{stripKey: true, identityHeaders: {app: x-app, clientId: x-client}}");
+        let p = policy(
+            "{stripKey: true, identityHeaders: {app: x-app, clientId: x-client, product: x-product, developer: x-developer}}",
+        );
         let mut e = ex(
             "POST",
             "/v1/chat/completions",
@@ -542,6 +642,19 @@ mod tests {
             Some(ValueRef::Int(100))
         );
         assert_eq!(e.lookup("apiproduct.developer.quota.interval").as_deref(), Some("1"));
+        // The product's LLM token quota, under both names.
+        assert_eq!(
+            e.var("apiproduct.llmquota.limit"),
+            Some(ValueRef::Int(50_000))
+        );
+        assert_eq!(
+            e.lookup("verifyapikey.vk.apiproduct.llmquota.interval").as_deref(),
+            Some("2")
+        );
+        assert_eq!(
+            e.lookup("apiproduct.developer.llmquota.timeunit").as_deref(),
+            Some("hour")
+        );
         assert_eq!(e.lookup("apiproduct.nope.limit"), None);
         assert_eq!(e.lookup("verifyapikey.vk.app.attributes.missing"), None);
         let cond = |src: &str| crate::expr::Condition::compile(src).unwrap().eval(&e);
@@ -562,6 +675,102 @@ mod tests {
         assert_eq!(m.remove, ["x-api-key"]);
         assert!(m.set.iter().any(|(n, v, _)| n == "x-app" && v == "acme"));
         assert!(m.set.iter().any(|(n, v, _)| n == "x-client" && v == "k1"));
+        assert!(m.set.iter().any(|(n, v, _)| n == "x-product" && v == "chat"));
+        assert!(m
+            .set
+            .iter()
+            .any(|(n, v, _)| n == "x-developer" && v == "dev@acme.test"));
+    }
+
+    #[test]
+    fn key_from_a_template() {
+        let p = policy("{keyFrom: [{template: '{request.header.authorization}'}]}");
+        let mut e = ex(
+            "POST",
+            "/v1/chat/completions",
+            &[("authorization", "secret-key-0123456789")],
+        );
+        run(&p, &mut e).unwrap();
+        assert_eq!(e.lookup("client_id").as_deref(), Some("k1"));
+        // An empty rendering is a missing key.
+        let f = run(&p, &mut ex("POST", "/v1/chat/completions", &[])).unwrap_err();
+        assert_eq!(f.code, "oauth.v2.FailedToResolveAPIKey");
+    }
+
+    /// The first configured source that has a key decides (as Apigee reads its `APIKey ref`);
+    /// two values of one source are ambiguous and refused.
+    #[test]
+    fn a_key_sent_twice() {
+        let p = policy("{keyFrom: [{header: x-api-key}, {query: apikey}]}");
+        // Header first: a wrong query key does not matter, a wrong header key does.
+        run(
+            &p,
+            &mut ex(
+                "POST",
+                "/v1/chat/completions?apikey=wrong-wrong-wrong",
+                &[("x-api-key", "secret-key-0123456789")],
+            ),
+        )
+        .unwrap();
+        let f = run(
+            &p,
+            &mut ex(
+                "POST",
+                "/v1/chat/completions?apikey=secret-key-0123456789",
+                &[("x-api-key", "wrong-wrong-wrong")],
+            ),
+        )
+        .unwrap_err();
+        assert_eq!((f.status, f.code.as_str()), (401, "oauth.v2.InvalidApiKey"));
+        // Two query values, even equal ones.
+        for q in [
+            "apikey=secret-key-0123456789&apikey=other",
+            "apikey=secret-key-0123456789&apikey=secret-key-0123456789",
+        ] {
+            let f = run(&p, &mut ex("POST", &format!("/v1/chat/completions?{q}"), &[]))
+                .unwrap_err();
+            assert_eq!((f.status, f.code.as_str()), (401, "oauth.v2.InvalidApiKey"));
+            assert_eq!(f.message, "API key sent more than once");
+        }
+    }
+
+    #[test]
+    fn model_restricted_products() {
+        let key = [("x-api-key", "secret-key-0123456789")];
+        let body = |p: &Arc<dyn Policy>, body: Option<&str>| {
+            let mut e = ex("POST", "/v1/responses", &key);
+            e.request_body = body.map(|b| b.as_bytes().to_vec());
+            run(p, &mut e)
+        };
+        // Default: headers only, so no model is known; the refusal says so.
+        let p = policy("{}");
+        assert!(!p.needs_body(Direction::Request));
+        let f = body(&p, None).unwrap_err();
+        assert_eq!(f.code, "oauth.v2.InvalidApiKeyForGivenResource");
+        assert!(f.message.contains("model is unknown"), "{}", f.message);
+        // Run with the body (after a body step, or `modelFromBody`): its `model` decides.
+        body(&p, Some(r#"{"messages":[],"model":"gpt-4o"}"#)).unwrap();
+        let f = body(&p, Some(r#"{"model":"gpt-3"}"#)).unwrap_err();
+        assert_eq!(
+            (f.code.as_str(), f.message.as_str()),
+            (
+                "oauth.v2.InvalidApiKeyForGivenResource",
+                "Invalid ApiKey for given resource"
+            )
+        );
+        for unusable in [r#"{"model":5}"#, "not json", r#"{"model":""}"#, r#"{"model":"gpt-4o","model":"x"}"#] {
+            let f = body(&p, Some(unusable)).unwrap_err();
+            assert!(f.message.contains("model is unknown"), "{unusable}");
+        }
+        let p = policy("{modelFromBody: true}");
+        assert!(p.needs_body(Direction::Request));
+        assert!(!p.needs_body(Direction::Response));
+        body(&p, Some(r#"{"model":"gpt-4o"}"#)).unwrap();
+        // A `model` template wins over the body.
+        let p = policy("{model: '{request.header.x-model}'}");
+        let mut e = ex("POST", "/v1/responses", &[key[0], ("x-model", "gpt-4o")]);
+        e.request_body = Some(br#"{"model":"gpt-3"}"#.to_vec());
+        run(&p, &mut e).unwrap();
     }
 
     #[test]
@@ -598,6 +807,19 @@ mod tests {
             ),
             "oauth.v2.InvalidApiKeyForGivenResource"
         );
+        let with_key = |k: &str| code("POST", "/v1/chat/completions", &[("x-api-key", k)]);
+        assert_eq!(with_key("revoked-key-0123456789"), "oauth.v2.ApiKeyNotApproved");
+        assert_eq!(with_key("pending-key-0123456789"), "oauth.v2.ApiKeyNotApproved");
+        assert_eq!(
+            with_key("gone-app-key-0123456789"),
+            "keymanagement.service.invalid_client-app_not_approved"
+        );
+        // Every refusal is a 401.
+        for k in ["revoked-key-0123456789", "gone-app-key-0123456789", "expired-key-0123456789"] {
+            let f = run(&p, &mut ex("POST", "/v1/chat/completions", &[("x-api-key", k)]))
+                .unwrap_err();
+            assert_eq!(f.status, 401, "{k}");
+        }
         // Twice, huge, control characters.
         assert_eq!(
             code(

@@ -188,16 +188,25 @@ pub async fn serve(config: Arc<ConfigManager>, opts: ServeOptions) -> anyhow::Re
     let mut admin = crate::admin::router(shared.clone());
     match &opts.api_auth {
         Some(auth) => {
-            admin = crate::admin::with_api(admin, config.services().consumers.clone(), auth.clone());
+            admin =
+                crate::admin::with_api(admin, config.services().consumers.clone(), auth.clone());
             let s = config.services();
-            admin = crate::admin::with_kvm_api(admin, s.consumers.clone(), s.kvms.clone(), auth.clone());
+            admin = crate::admin::with_kvm_api(
+                admin,
+                s.consumers.clone(),
+                s.kvms.clone(),
+                auth.clone(),
+            );
             if matches!(auth, crate::admin::ApiAuth::Insecure) {
                 tracing::warn!("management API open WITHOUT authentication (--admin-insecure)");
             }
         }
-        None => tracing::info!(
-            "management API closed: give --admin-token-file or --admin-token-env (or --admin-insecure) to open it"
-        ),
+        None => {
+            admin = crate::admin::with_closed_api(admin);
+            tracing::info!(
+                "management API closed: give --admin-token-file or --admin-token-env (or --admin-insecure) to open it"
+            )
+        }
     }
     let mut admin_shutdown = shutdown_rx.clone();
     let admin_task = tokio::spawn(async move {

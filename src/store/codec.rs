@@ -11,6 +11,9 @@ pub(super) trait Stored: Serialize + DeserializeOwned + Send + 'static {
     /// For messages (`product`, `app`), as in [`StoreError`].
     const KIND: &'static str;
     fn name(&self) -> &str;
+    /// The revision (see [`crate::consumer::App::revision`]).
+    fn revision(&self) -> u64;
+    fn with_revision(&self, revision: u64) -> Self;
 }
 
 impl Stored for ApiProduct {
@@ -18,12 +21,56 @@ impl Stored for ApiProduct {
     fn name(&self) -> &str {
         &self.name
     }
+    fn revision(&self) -> u64 {
+        self.revision
+    }
+    fn with_revision(&self, revision: u64) -> Self {
+        Self {
+            revision,
+            ..self.clone()
+        }
+    }
 }
 
 impl Stored for App {
     const KIND: &'static str = "app";
     fn name(&self) -> &str {
         &self.name
+    }
+    fn revision(&self) -> u64 {
+        self.revision
+    }
+    fn with_revision(&self, revision: u64) -> Self {
+        Self {
+            revision,
+            ..self.clone()
+        }
+    }
+}
+
+/// What an update writes: `value` one revision past the one it was read at (the store
+/// checks that the stored revision still is `value.revision()`).
+pub(super) fn encode_update<T: Stored>(value: &T) -> Result<Vec<u8>, StoreError> {
+    encode(&value.with_revision(value.revision().saturating_add(1)))
+}
+
+/// The revision of a stored object, read without decoding the rest: 0 when absent, and
+/// also when the stored value does not decode, so a damaged object can be replaced by an
+/// update (as the Redis script does).
+pub(super) fn stored_revision(bytes: &[u8]) -> u64 {
+    #[derive(serde::Deserialize)]
+    struct Rev {
+        #[serde(default)]
+        revision: u64,
+    }
+    serde_json::from_slice::<Rev>(bytes).map_or(0, |r| r.revision)
+}
+
+/// The error for an update whose revision is no longer the stored one.
+pub(super) fn conflict<T: Stored>(value: &T) -> StoreError {
+    StoreError::Conflict {
+        kind: T::KIND,
+        name: value.name().to_owned(),
     }
 }
 

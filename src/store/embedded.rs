@@ -148,7 +148,12 @@ impl EmbeddedStore {
     }
 
     async fn put<T: Stored>(&self, table: Table, value: &T, mode: Write) -> Result<(), StoreError> {
-        let json = codec::encode(value)?;
+        let json = match mode {
+            Write::Create => codec::encode(value)?,
+            Write::Update => codec::encode_update(value)?,
+        };
+        let expected = value.revision();
+        let conflict = codec::conflict(value);
         let owned = value.name().to_owned();
         let kind = T::KIND;
         self.blocking(move |db, path| {
@@ -158,10 +163,20 @@ impl EmbeddedStore {
                 let mut t = txn
                     .open_table(table)
                     .map_err(|e| fail(path, "open table", e))?;
-                let exists = t
+                // The revision is checked inside the write transaction, which redb
+                // serializes with every other writer.
+                let (exists, stale) = match t
                     .get(name)
                     .map_err(|e| fail(path, &format!("read {kind} `{name}`"), e))?
-                    .is_some();
+                {
+                    Some(v) if mode == Write::Update => {
+                        (true, codec::stored_revision(v.value()) != expected)
+                    }
+                    found => (found.is_some(), false),
+                };
+                if stale {
+                    return Err(conflict);
+                }
                 match (mode, exists) {
                     // Returning drops, and so aborts, the transaction.
                     (Write::Create, true) => {

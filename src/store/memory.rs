@@ -6,6 +6,7 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 use tokio::sync::broadcast;
 
+use super::codec::{self, Stored};
 use super::{kvm_name, Change, Contents, Store, StoreError, Write, KVM_KIND};
 use crate::consumer::{ApiProduct, App};
 use crate::kvm::KvmEntry;
@@ -67,6 +68,31 @@ fn put<T: Clone>(
     }
 }
 
+/// A product or app write: as [`put`], and an update must carry the stored revision (the
+/// lock makes the check and the write one step).
+fn put_object<T: Stored + Clone>(
+    map: &mut BTreeMap<String, T>,
+    value: &T,
+    mode: Write,
+) -> Result<(), StoreError> {
+    if mode == Write::Update {
+        match map.get(value.name()) {
+            Some(stored) if stored.revision() != value.revision() => {
+                return Err(codec::conflict(value))
+            }
+            Some(_) => {
+                map.insert(
+                    value.name().to_owned(),
+                    value.with_revision(value.revision().saturating_add(1)),
+                );
+                return Ok(());
+            }
+            None => {}
+        }
+    }
+    put(map, T::KIND, value.name(), value, mode)
+}
+
 fn delete<T>(
     map: &mut BTreeMap<String, T>,
     kind: &'static str,
@@ -99,13 +125,7 @@ impl Store for MemoryStore {
     }
 
     async fn put_product(&self, product: &ApiProduct, mode: Write) -> Result<(), StoreError> {
-        put(
-            &mut self.lock()?.products,
-            "product",
-            &product.name,
-            product,
-            mode,
-        )?;
+        put_object(&mut self.lock()?.products, product, mode)?;
         let _ = self.changes.send(Change::Product(product.name.clone()));
         Ok(())
     }
@@ -121,7 +141,7 @@ impl Store for MemoryStore {
     }
 
     async fn put_app(&self, app: &App, mode: Write) -> Result<(), StoreError> {
-        put(&mut self.lock()?.apps, "app", &app.name, app, mode)?;
+        put_object(&mut self.lock()?.apps, app, mode)?;
         let _ = self.changes.send(Change::App(app.name.clone()));
         Ok(())
     }

@@ -30,6 +30,10 @@ pub enum StoreError {
     AlreadyExists { kind: &'static str, name: String },
     #[error("{kind} `{name}` not found")]
     NotFound { kind: &'static str, name: String },
+    /// An update's revision is not the stored one: another write (maybe through another
+    /// replica) came in between. Read again and retry.
+    #[error("{kind} `{name}` was changed by another write meanwhile")]
+    Conflict { kind: &'static str, name: String },
     /// Stored data that does not decode (corruption, a newer format).
     #[error("stored {kind} `{name}` is unreadable: {message}")]
     Corrupt {
@@ -44,7 +48,9 @@ pub enum StoreError {
 pub enum Write {
     /// Fails with `AlreadyExists` if present.
     Create,
-    /// Fails with `NotFound` if absent.
+    /// Fails with `NotFound` if absent. For products and apps, also fails with `Conflict`
+    /// unless the stored revision is the written object's `revision` (the one it was read
+    /// at); the stored copy then gets `revision + 1`. Key-value entries carry no revision.
     Update,
 }
 

@@ -13,8 +13,8 @@
 //! - `tollgate:{apps}`: a hash, field = app name, value = `App` JSON.
 //!
 //! A snapshot is one `HGETALL` per hash. `Write::Create` is `HSETNX`; `Write::Update` is a
-//! small Lua script (`HEXISTS`, then `HSET`) so the check and the write are atomic; a delete is
-//! `HDEL` (0 removed: not found).
+//! small Lua script (`HGET`, compare the stored `revision`, then `HSET`) so the check and the
+//! write are atomic across replicas; a delete is `HDEL` (0 removed: not found).
 //!
 //! # Change feed
 //!
@@ -71,6 +71,26 @@ const FIRST_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const PING_EVERY: Duration = Duration::from_secs(5);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// `HSET` a product or app only if it exists at the expected revision (`ARGV[3]`): 1
+/// written, 0 absent, -1 another revision stored (a concurrent update won). The revision is
+/// read from the stored JSON with Redis's bundled `cjson`; an object without one is at 0.
+const UPDATE_OBJECT_SCRIPT: &str = r"
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if not cur then
+  return 0
+end
+local ok, doc = pcall(cjson.decode, cur)
+local rev = 0
+if ok and type(doc) == 'table' and type(doc['revision']) == 'number' then
+  rev = doc['revision']
+end
+if rev ~= tonumber(ARGV[3]) then
+  return -1
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return 1
+";
 
 /// `HSET` the field only if it exists: 1 written, 0 absent.
 const UPDATE_SCRIPT: &str = r"
@@ -130,6 +150,7 @@ pub struct RedisStore {
     /// The URL without its password, for messages.
     target: String,
     update: redis::Script,
+    update_object: redis::Script,
     changes: broadcast::Sender<Change>,
     _subscriber: AbortOnDrop,
 }
@@ -418,6 +439,7 @@ impl RedisStore {
             conn: store_conn,
             target: display,
             update: redis::Script::new(UPDATE_SCRIPT),
+            update_object: redis::Script::new(UPDATE_OBJECT_SCRIPT),
             changes,
             _subscriber: AbortOnDrop(task),
         })
@@ -479,17 +501,22 @@ impl RedisStore {
     }
 
     async fn put<T: Stored>(&self, key: &str, value: &T, mode: Write) -> Result<(), StoreError> {
-        let json = codec::encode(value)?;
         let name = value.name();
         let written: i64 = match mode {
             Write::Create => {
+                let json = codec::encode(value)?;
                 let cmd = redis::cmd("HSETNX").arg(key).arg(name).arg(json).clone();
                 self.query("HSETNX", &cmd).await?
             }
             Write::Update => {
+                let json = codec::encode_update(value)?;
                 let mut conn = self.conn.clone();
-                let mut invocation = self.update.prepare_invoke();
-                invocation.key(key).arg(name).arg(json);
+                let mut invocation = self.update_object.prepare_invoke();
+                invocation
+                    .key(key)
+                    .arg(name)
+                    .arg(json)
+                    .arg(value.revision());
                 bounded(
                     &self.target,
                     "update script",
@@ -499,6 +526,9 @@ impl RedisStore {
                 .await?
             }
         };
+        if written < 0 {
+            return Err(codec::conflict(value));
+        }
         if written == 0 {
             let name = name.to_owned();
             return Err(match mode {

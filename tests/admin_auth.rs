@@ -1,0 +1,205 @@
+//! How the real `tollgate serve` opens its management API: closed (a clear 404) without a
+//! token flag, guarded by the token of `--admin-token-file` or `--admin-token-env`, and
+//! refusing to start with a token shorter than 16 characters.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const CONFIG: &str = r#"
+apiVersion: tollgate.dev/v1alpha1
+kind: Policy
+metadata: {name: tag}
+spec: {type: AssignMessage, set: {headers: {x-flow: "{flow.name}"}}}
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: Flow
+metadata: {name: all}
+spec:
+  default: true
+  request: [{policy: tag}]
+"#;
+
+const TOKEN: &str = "a-token-of-24-characters";
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Proc {
+    child: Child,
+    admin: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn command(dir: &tempfile::TempDir, admin: u16, extra: &[&str]) -> Command {
+    std::fs::write(dir.path().join("c.yaml"), CONFIG).unwrap();
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tollgate"));
+    c.arg("serve")
+        .arg("--config")
+        .arg(dir.path())
+        .args(["--grpc-addr", &format!("127.0.0.1:{}", free_port())])
+        .args(["--admin-addr", &format!("127.0.0.1:{admin}")])
+        .args(["--store", "memory"])
+        .args(extra)
+        .env_remove("TOLLGATE_ADMIN_TOKEN_FILE")
+        .stdout(Stdio::null());
+    c
+}
+
+fn start(extra: &[&str], env: &[(&str, &str)]) -> Proc {
+    let dir = tempfile::tempdir().unwrap();
+    let admin = free_port();
+    let child = command(&dir, admin, extra)
+        .envs(env.iter().copied())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let p = Proc {
+        child,
+        admin,
+        _dir: dir,
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while get(p.admin, "/readyz", None).0 != 200 {
+        assert!(Instant::now() < deadline, "tollgate did not become ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    p
+}
+
+/// A plain HTTP/1.0 GET with an optional bearer token: (status, body).
+fn get(port: u16, path: &str, bearer: Option<&str>) -> (u16, String) {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return (0, String::new());
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let auth = bearer
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    if s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n{auth}\r\n").as_bytes())
+        .is_err()
+    {
+        return (0, String::new());
+    }
+    let mut buf = String::new();
+    let _ = s.read_to_string(&mut buf);
+    let status = buf
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[test]
+fn without_a_token_flag_the_api_is_closed_and_says_so() {
+    let p = start(&[], &[]);
+    for path in ["/v1/products", "/v1/apps/x/keys", "/v1/kvms"] {
+        let (status, body) = get(p.admin, path, Some(TOKEN));
+        assert_eq!(status, 404, "{path}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["error"]["code"], "NotFound");
+        let message = v["error"]["message"].as_str().unwrap();
+        assert!(message.contains("--admin-token-file"), "{message}");
+    }
+    // The rest of the admin port serves as usual.
+    assert_eq!(get(p.admin, "/healthz", None).0, 200);
+}
+
+#[test]
+fn a_token_file_guards_the_api() {
+    let secrets = tempfile::tempdir().unwrap();
+    let file = secrets.path().join("token");
+    // A Kubernetes Secret file often ends with a newline: it is not part of the token.
+    std::fs::write(&file, format!("{TOKEN}\n")).unwrap();
+    let p = start(&["--admin-token-file", file.to_str().unwrap()], &[]);
+    let (status, body) = get(p.admin, "/v1/products", None);
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("Unauthenticated"), "{body}");
+    assert_eq!(
+        get(p.admin, "/v1/products", Some("wrong-token-wrong-token")).0,
+        401
+    );
+    let (status, body) = get(p.admin, "/v1/products", Some(TOKEN));
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(v.is_object(), "{body}");
+}
+
+#[test]
+fn a_token_env_guards_the_api() {
+    let p = start(
+        &["--admin-token-env", "MY_ADMIN_TOKEN"],
+        &[("MY_ADMIN_TOKEN", TOKEN)],
+    );
+    assert_eq!(get(p.admin, "/v1/apps", None).0, 401);
+    assert_eq!(get(p.admin, "/v1/apps", Some(TOKEN)).0, 200);
+}
+
+/// Exits with an error, and its stderr, when tollgate refuses to start.
+fn refused(extra: &[&str], env: &[(&str, &str)]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = command(&dir, free_port(), extra)
+        .envs(env.iter().copied())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("tollgate started with {extra:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!status.success());
+    let mut err = String::new();
+    use std::io::Read;
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    err
+}
+
+#[test]
+fn short_or_missing_tokens_refuse_to_start() {
+    let secrets = tempfile::tempdir().unwrap();
+    let file = secrets.path().join("token");
+    std::fs::write(&file, "fifteen-chars!!\n").unwrap();
+    let err = refused(&["--admin-token-file", file.to_str().unwrap()], &[]);
+    assert!(err.contains("at least 16 characters"), "{err}");
+    let err = refused(
+        &["--admin-token-env", "MY_ADMIN_TOKEN"],
+        &[("MY_ADMIN_TOKEN", "short")],
+    );
+    assert!(err.contains("at least 16 characters"), "{err}");
+    let err = refused(&["--admin-token-env", "UNSET_ADMIN_TOKEN_VAR"], &[]);
+    assert!(err.contains("UNSET_ADMIN_TOKEN_VAR"), "{err}");
+    let missing = secrets.path().join("absent");
+    let err = refused(&["--admin-token-file", missing.to_str().unwrap()], &[]);
+    assert!(err.contains("--admin-token-file"), "{err}");
+}
