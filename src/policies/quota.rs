@@ -467,7 +467,7 @@ impl Quota {
                 (Window::Flexi { len }, len)
             }
             QuotaType::Rollingwindow => {
-                let len = window::span_from(now, interval, unit);
+                let len = window::rolling_len(interval, unit);
                 (Window::Rolling { len }, len)
             }
         };
@@ -697,6 +697,151 @@ mod tests {
             bed.clock.set(ms(next));
             assert_eq!(admitted(&p, 3), 2, "{unit} at {next}");
         }
+    }
+
+    /// Window edges for every quota type × time unit, months of every length (leap and
+    /// common February, 30 and 31 days), in UTC: the last instant of a window still counts
+    /// in it (a spent identifier is refused, a fresh one admitted), the first instant of the
+    /// next counts afresh; a rolling window drops each count exactly one length after it.
+    #[test]
+    fn window_edges_for_every_type_and_unit() {
+        // unit, default window, calendar (start time, a later window), flexi (first
+        // request, end of its window).
+        type Case = (&'static str, [&'static str; 2], [&'static str; 3], [&'static str; 2]);
+        let cases: [Case; 9] = [
+            (
+                "second",
+                ["2024-02-29T23:59:59Z", "2024-03-01T00:00:00Z"],
+                ["2024-03-10T10:00:00.250Z", "2024-03-10T10:00:05.250Z", "2024-03-10T10:00:06.250Z"],
+                ["2024-03-10T10:00:00.700Z", "2024-03-10T10:00:01.700Z"],
+            ),
+            (
+                "minute",
+                ["2024-12-31T23:59:00Z", "2025-01-01T00:00:00Z"],
+                ["2024-03-10T10:00:30Z", "2024-03-10T10:05:30Z", "2024-03-10T10:06:30Z"],
+                ["2024-03-10T10:00:42Z", "2024-03-10T10:01:42Z"],
+            ),
+            (
+                "hour",
+                ["2024-03-10T23:00:00Z", "2024-03-11T00:00:00Z"],
+                ["2024-03-10T10:30:00Z", "2024-03-11T01:30:00Z", "2024-03-11T02:30:00Z"],
+                ["2024-03-10T10:17:00Z", "2024-03-10T11:17:00Z"],
+            ),
+            (
+                "day",
+                ["2024-02-29T00:00:00Z", "2024-03-01T00:00:00Z"],
+                ["2024-02-28T12:00:00Z", "2024-02-29T12:00:00Z", "2024-03-01T12:00:00Z"],
+                ["2023-02-28T06:00:00Z", "2023-03-01T06:00:00Z"],
+            ),
+            (
+                // Weeks turn on Sunday 00:00 UTC; calendar weeks from a Wednesday noon.
+                "week",
+                ["2024-03-10T00:00:00Z", "2024-03-17T00:00:00Z"],
+                ["2024-03-13T12:00:00Z", "2024-03-20T12:00:00Z", "2024-03-27T12:00:00Z"],
+                ["2024-02-26T09:00:00Z", "2024-03-04T09:00:00Z"],
+            ),
+            (
+                // February in a leap year; a calendar month from the 31st is clamped.
+                "month",
+                ["2024-02-01T00:00:00Z", "2024-03-01T00:00:00Z"],
+                ["2024-01-31T08:30:00Z", "2024-02-29T08:30:00Z", "2024-03-31T08:30:00Z"],
+                ["2024-02-10T00:00:00Z", "2024-03-10T00:00:00Z"],
+            ),
+            (
+                // February in a common year.
+                "month",
+                ["2023-02-01T00:00:00Z", "2023-03-01T00:00:00Z"],
+                ["2023-01-31T08:30:00Z", "2023-02-28T08:30:00Z", "2023-03-31T08:30:00Z"],
+                ["2023-01-31T00:00:00Z", "2023-02-28T00:00:00Z"],
+            ),
+            (
+                // 30 days.
+                "month",
+                ["2024-04-01T00:00:00Z", "2024-05-01T00:00:00Z"],
+                ["2024-03-15T00:00:00Z", "2024-04-15T00:00:00Z", "2024-05-15T00:00:00Z"],
+                ["2024-04-10T00:00:00Z", "2024-05-10T00:00:00Z"],
+            ),
+            (
+                // 31 days, across the year end.
+                "month",
+                ["2024-12-01T00:00:00Z", "2025-01-01T00:00:00Z"],
+                ["2024-11-15T00:00:00Z", "2024-12-15T00:00:00Z", "2025-01-15T00:00:00Z"],
+                ["2024-12-20T00:00:00Z", "2025-01-20T00:00:00Z"],
+            ),
+        ];
+        let id = |n: u32| {
+            let mut ex = Exchange::default();
+            ex.request.headers.push("x-id".into(), format!("id{n}"));
+            ex
+        };
+        // Two of three admitted for a spent-free identifier; then the edge checks.
+        let edges = |what: &str, yaml: String, start: i64, end: i64| {
+            let bed = Bed::new("2000-01-01T00:00:00Z");
+            let p = bed.policy("q", &yaml);
+            bed.clock.set(start);
+            let n = (0..3).filter(|_| run(&p, &mut id(1)).is_ok()).count();
+            assert_eq!(n, 2, "{what}: first instant");
+            bed.clock.set(end - 1);
+            let mut spent = id(1);
+            assert!(run(&p, &mut spent).is_err(), "{what}: last instant, still spent");
+            assert_eq!(
+                spent.lookup("ratelimit.q.expiry").as_deref(),
+                Some(end.to_string().as_str()),
+                "{what}: window end"
+            );
+            run(&p, &mut id(2)).unwrap();
+            bed.clock.set(end);
+            let n = (0..3).filter(|_| run(&p, &mut id(1)).is_ok()).count();
+            assert_eq!(n, 2, "{what}: next window counts afresh");
+        };
+        let base = "allow: 2, identifier: '{request.header.x-id}'";
+        for (unit, [ds, de], [cal, cs, ce], [fs, fe]) in cases {
+            edges(
+                &format!("default {unit} {ds}"),
+                format!("{{{base}, timeUnit: {unit}}}"),
+                ms(ds),
+                ms(de),
+            );
+            edges(
+                &format!("calendar {unit} from {cal}"),
+                format!("{{{base}, timeUnit: {unit}, quotaType: calendar, startTime: '{cal}'}}"),
+                ms(cs),
+                ms(ce),
+            );
+            edges(
+                &format!("flexi {unit} from {fs}"),
+                format!("{{{base}, timeUnit: {unit}, quotaType: flexi}}"),
+                ms(fs),
+                ms(fe),
+            );
+            // Rolling: one count at a slot boundary, one half a window later; the first
+            // leaves exactly one length after it was made, the second stays.
+            let len = window::rolling_len(1, Unit::parse(unit).unwrap());
+            let slot = Window::slot_len(len);
+            let t = ms(ds) - ms(ds).rem_euclid(slot);
+            let what = format!("rollingwindow {unit} at {ds}");
+            let bed = Bed::new("2000-01-01T00:00:00Z");
+            let p = bed.policy("q", &format!("{{{base}, timeUnit: {unit}, quotaType: rollingwindow}}"));
+            bed.clock.set(t);
+            run(&p, &mut id(1)).unwrap();
+            bed.clock.set(t + len / 2);
+            run(&p, &mut id(1)).unwrap();
+            assert!(run(&p, &mut id(1)).is_err(), "{what}: spent");
+            bed.clock.set(t + len - 1);
+            assert!(run(&p, &mut id(1)).is_err(), "{what}: the first count is still in");
+            run(&p, &mut id(2)).unwrap();
+            bed.clock.set(t + len);
+            run(&p, &mut id(1)).unwrap();
+            assert!(run(&p, &mut id(1)).is_err(), "{what}: the second count is still in");
+        }
+        // A rolling month is 30 days whatever the month, so its count is never reset by
+        // the calendar (a length measured from now would change on the 1st of March).
+        let bed = Bed::new("2024-02-20T00:00:00Z");
+        let p = bed.policy("q", &format!("{{{base}, timeUnit: month, quotaType: rollingwindow}}"));
+        run(&p, &mut id(1)).unwrap();
+        run(&p, &mut id(1)).unwrap();
+        bed.clock.set(ms("2024-03-01T00:00:00Z"));
+        assert!(run(&p, &mut id(1)).is_err());
     }
 
     #[test]

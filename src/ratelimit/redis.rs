@@ -17,9 +17,10 @@
 //! Decisions are made on a local mirror (`remote` count last read from Redis + `pending`
 //! local count); every `interval` a task sends the pending counts in one pipeline (the same
 //! script, count-only) and reads the totals back. Each replica can admit up to the limit
-//! minus the last total it read, so the overshoot is at most what the *other* replicas admit
-//! in one interval: ≤ (replicas − 1) × (admission rate per replica) × interval, and never
-//! more than (replicas − 1) × limit per window.
+//! minus the last total it read, which lacks what the others admitted since their last sync
+//! before it (syncs are not aligned, so up to two intervals of the others' admissions): the
+//! overshoot is ≤ replicas × (admission rate per replica) × interval, and never more than
+//! (replicas − 1) × limit per window.
 //!
 //! Mirrors are bounded by `--counter-max-keys`: a new identifier finding the table full
 //! first evicts mirrors with nothing to send that were not used for an interval (at most
