@@ -711,6 +711,16 @@ impl Template {
         out
     }
 
+    /// Like [`Template::render`], borrowing when the template is one variable or one
+    /// literal (an identifier such as `{client_id}` costs no copy).
+    pub fn render_cow<'e>(&'e self, ex: &'e Exchange) -> std::borrow::Cow<'e, str> {
+        match self.parts.as_slice() {
+            [Part::Var(name)] => ex.lookup(name).unwrap_or_default(),
+            [Part::Lit(s)] => std::borrow::Cow::Borrowed(s),
+            _ => std::borrow::Cow::Owned(self.render(ex)),
+        }
+    }
+
     pub fn render(&self, ex: &Exchange) -> String {
         match self.parts.as_slice() {
             [] => String::new(),

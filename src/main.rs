@@ -347,7 +347,7 @@ async fn counters(
                 interval: args.counter_sync_interval.max(Duration::from_millis(1)),
             },
         };
-        let redis = RedisCounters::connect(url, mode)
+        let redis = RedisCounters::connect(url, mode, args.counter_max_keys)
             .await
             .map_err(|e| anyhow::anyhow!("cannot reach Redis for counters: {e}"))?;
         spawn_maintenance(local.clone(), clock.clone(), None);

@@ -343,6 +343,43 @@ async fn hammer(
     total
 }
 
+/// One task per replica sending `per_replica` requests one at a time, no two starting less
+/// than `period` apart (a late tick delays the next rather than bursting), so each replica's
+/// rate is at most 1/`period`; returns (admitted, refused with 429).
+async fn paced(
+    replicas: &[&Tollgate],
+    period: Duration,
+    per_replica: usize,
+    user: &str,
+) -> (usize, usize) {
+    let mut tasks = Vec::new();
+    for t in replicas {
+        let client = t.client.clone();
+        let user = user.to_owned();
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let (mut ok, mut refused) = (0, 0);
+            for _ in 0..per_replica {
+                tick.tick().await;
+                match Tollgate::status_on(&client, "/q", &user).await {
+                    200 => ok += 1,
+                    429 => refused += 1,
+                    other => panic!("unexpected status {other}"),
+                }
+            }
+            (ok, refused)
+        }));
+    }
+    let mut total = (0, 0);
+    for t in tasks {
+        let (a, r) = t.await.unwrap();
+        total.0 += a;
+        total.1 += r;
+    }
+    total
+}
+
 impl Tollgate {
     async fn status_on(client: &ExternalProcessorClient<Channel>, path: &str, user: &str) -> u32 {
         let h = |k: &str, v: &str| HeaderValue {
@@ -429,11 +466,15 @@ async fn asynchronous_redis_overshoot_stays_within_its_bound_and_converges() {
     ];
     let a = Tollgate::start(cfg.path(), logs.path(), "a", &args).await;
     let b = Tollgate::start(cfg.path(), logs.path(), "b", &args).await;
-    let (admitted, _) = hammer(&[&a, &b], 16, 25, "carol").await;
-    // Each replica admits at most the limit on its own; together at most (replicas) × limit.
+    // Each replica driven at no more than 200 requests/s (one every 5 ms, one at a time),
+    // 100 requests each: twice the limit is offered, so the window is spent mid-run.
+    let period = Duration::from_millis(5);
+    let (admitted, _) = paced(&[&a, &b], period, 100, "carol").await;
+    // The documented bound: replicas × rate × interval = 2 × 200/s × 50 ms = 20.
+    let bound = 2 * 200 * 50 / 1000;
     assert!(
-        (100..=200).contains(&admitted),
-        "admitted {admitted} for a limit of 100 on two replicas"
+        (100..=100 + bound).contains(&admitted),
+        "admitted {admitted} for a limit of 100 on two replicas (bound +{bound})"
     );
     // Once synced, both replicas know the window is spent.
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -774,5 +815,101 @@ async fn redis_cluster_counts_in_both_modes() {
     assert!(
         keys.iter().all(|k| k.contains(":{") && k.ends_with('}')),
         "{keys:?}"
+    );
+}
+
+/// Asynchronous mirrors are bounded by `--counter-max-keys`: past the cap new identifiers
+/// count on their policy's overflow counter (in Redis, and it still limits); once mirrors
+/// are idle with nothing to send they are evicted to make room; the counter gauge includes
+/// them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asynchronous_mirrors_are_capped_and_overflow_still_limits() {
+    use tollgate::ratelimit::memory::MemoryCounters;
+    use tollgate::ratelimit::redis::{RedisCounters, SyncMode};
+    use tollgate::ratelimit::{Ask, Key, Mode, Pending, Window, RL_METRICS};
+
+    let redis = Redis::start();
+    let url = redis.url();
+    // The interval is long, so only the explicit syncs below run (after the first tick).
+    let interval = Duration::from_secs(60);
+    let counters = RedisCounters::connect(&url, SyncMode::Async { interval }, 4)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let local = std::sync::Arc::new(MemoryCounters::new(100));
+    let t0: i64 = 1_800_000_000_000;
+    let hour = Window::Fixed {
+        start: t0 - t0 % 3_600_000,
+        end: t0 - t0 % 3_600_000 + 3_600_000,
+    };
+    let decide = |id: u128, now: i64| {
+        let ask = Ask {
+            key: Key(id),
+            overflow: Key(77),
+            window: hour,
+            allow: 3,
+            weight: 1,
+            mode: Mode::EnforceAndCount,
+            now,
+            fail_open: false,
+        };
+        match counters.decide(ask, &local) {
+            Pending::Ready(r) => r.unwrap(),
+            Pending::Wait(_) => panic!("asynchronous mode decides at once"),
+        }
+    };
+    for id in 1..=4 {
+        assert!(decide(id, t0).allowed);
+    }
+    assert_eq!(counters.mirrors(), 4);
+    // A flood of new identifiers while the mirrors are in use: one overflow mirror, which
+    // admits the limit (3) and refuses the rest.
+    let admitted = (100..140).filter(|id| decide(*id, t0 + 10).allowed).count();
+    assert_eq!(admitted, 3);
+    assert_eq!(
+        counters.mirrors(),
+        5,
+        "four identifiers and one overflow counter"
+    );
+    assert_eq!(
+        RL_METRICS.keys(),
+        5,
+        "the counter gauge includes the mirrors"
+    );
+    // Existing identifiers keep their own mirror.
+    assert_eq!(decide(1, t0 + 20).used, 2);
+    counters.sync(t0 + 30, interval).await;
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("tollgate:rl:*")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(keys.len(), 5, "{keys:?}");
+    let overflow_key = format!(
+        "tollgate:rl:{{{}}}:{}",
+        hour.overflow_key(Key(77)).hex(),
+        t0 - t0 % 3_600_000
+    );
+    let n: u64 = redis::cmd("GET")
+        .arg(&overflow_key)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(n, 3, "the overflow count reached Redis");
+    // Two minutes later everything is idle and sent: a new identifier evicts them and gets
+    // a mirror of its own.
+    let later = t0 + 120_000;
+    let d = decide(500, later);
+    assert!(d.allowed);
+    assert_eq!(d.used, 1);
+    assert_eq!(counters.mirrors(), 1);
+    // An evicted identifier is read back from Redis at the next sync.
+    decide(1, later);
+    counters.sync(later + 10, interval).await;
+    assert!(
+        !decide(1, later + 20).allowed,
+        "identifier 1 has used its 3"
     );
 }

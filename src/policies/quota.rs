@@ -20,9 +20,15 @@
 //!   rateLimitHeaders: none      # none | ietf | x-ratelimit | both
 //! ```
 //!
-//! Sets `ratelimit.<policy>.{allowed,used,available,expiry}` and Apigee's
-//! `ratelimit.<policy>.{allowed.count,used.count,available.count,exceed.count,expiry.time,identifier}`.
+//! Sets `ratelimit.<policy>.{allowed,used,available,remaining,expiry}` (`remaining` is
+//! `available` by the name the design uses) and Apigee's
+//! `ratelimit.<policy>.{allowed.count,used.count,available.count,exceed.count,expiry.time,identifier}`,
+//! published as one [`VarSource`] (nothing is copied unless read).
 //! A refusal is 429 `policies.ratelimit.QuotaViolation` with `Retry-After`.
+//!
+//! A `messageWeight` of 0 is a valid no-op count in a `countOnly` half (a response that
+//! used no tokens); enforcing quotas keep Apigee's rule that a weight is at least 1
+//! (`InvalidMessageWeight`), since "check without counting" is what `enforceOnly` is for.
 
 use std::sync::Arc;
 
@@ -35,9 +41,9 @@ use crate::pipeline::{Direction, Outcome, Policy};
 use crate::ratelimit::policy::{self as rl, NumberSpec, Setting};
 use crate::ratelimit::window::{self, Unit};
 use crate::ratelimit::{
-    Ask, CounterError, Counters, Decision, Key, Mode, Pending, PolicyMetrics, Window,
+    Ask, CounterError, Counters, Decision, Key, KeyPrefix, Mode, Pending, PolicyMetrics, Window,
 };
-use crate::vars::Exchange;
+use crate::vars::{Exchange, ValueRef, VarSource};
 
 pub const TYPE: &str = "Quota";
 
@@ -139,29 +145,79 @@ fn first<'e>(ex: &'e Exchange, names: &[String]) -> Option<std::borrow::Cow<'e, 
     names.iter().find_map(|n| ex.lookup(n).filter(|v| !v.is_empty()))
 }
 
+/// The variables a decision publishes, by suffix after `ratelimit.<policy>.`.
+const VAR_SUFFIXES: [&str; 11] = [
+    "allowed.count",
+    "used.count",
+    "available.count",
+    "exceed.count",
+    "expiry.time",
+    "identifier",
+    "allowed",
+    "used",
+    "available",
+    "remaining",
+    "expiry",
+];
+
 /// Variable names, built once.
 #[derive(Debug)]
 struct VarNames {
+    /// `ratelimit.<policy>.`
+    prefix: String,
+    /// The full names of [`VAR_SUFFIXES`].
     names: [String; 11],
+    failed_store: String,
 }
 
 impl VarNames {
     fn new(policy: &str) -> Self {
-        let n = |s: &str| format!("ratelimit.{policy}.{s}");
+        let prefix = format!("ratelimit.{policy}.");
         Self {
-            names: [
-                n("allowed.count"),
-                n("used.count"),
-                n("available.count"),
-                n("exceed.count"),
-                n("expiry.time"),
-                n("identifier"),
-                n("allowed"),
-                n("used"),
-                n("available"),
-                n("expiry"),
-                n("failed.store"),
-            ],
+            names: VAR_SUFFIXES.map(|s| format!("{prefix}{s}")),
+            failed_store: format!("{prefix}failed.store"),
+            prefix,
+        }
+    }
+}
+
+/// One decision's variables, published without copying a name or a value into the map.
+#[derive(Debug)]
+struct QuotaVars {
+    names: Arc<VarNames>,
+    allowed: i64,
+    used: i64,
+    available: i64,
+    exceed: i64,
+    expiry: i64,
+    /// As shown (bounded).
+    identifier: String,
+}
+
+impl QuotaVars {
+    fn value(&self, suffix: &str) -> Option<ValueRef<'_>> {
+        Some(match suffix {
+            "allowed.count" | "allowed" => ValueRef::Int(self.allowed),
+            "used.count" | "used" => ValueRef::Int(self.used),
+            "available.count" | "available" | "remaining" => ValueRef::Int(self.available),
+            "exceed.count" => ValueRef::Int(self.exceed),
+            "expiry.time" | "expiry" => ValueRef::Int(self.expiry),
+            "identifier" => ValueRef::Str(&self.identifier),
+            _ => return None,
+        })
+    }
+}
+
+impl VarSource for QuotaVars {
+    fn get(&self, name: &str) -> Option<ValueRef<'_>> {
+        self.value(name.strip_prefix(self.names.prefix.as_str())?)
+    }
+
+    fn for_each(&self, f: &mut dyn FnMut(&str, ValueRef<'_>)) {
+        for (name, suffix) in self.names.names.iter().zip(VAR_SUFFIXES) {
+            if let Some(v) = self.value(suffix) {
+                f(name, v);
+            }
         }
     }
 }
@@ -169,7 +225,10 @@ impl VarNames {
 #[derive(Debug)]
 struct Quota {
     name: String,
-    namespace: String,
+    /// The counter key's constant parts (`quota`, the policy or `sharedName`), hashed once.
+    key_prefix: KeyPrefix,
+    /// Overflow namespace of this quota's counters (shared by `sharedName` halves).
+    overflow: Key,
     allow: Option<Setting>,
     interval: Setting,
     unit: Option<UnitSetting>,
@@ -183,7 +242,7 @@ struct Quota {
     headers: HeaderStyle,
     counters: Counters,
     metrics: PolicyMetrics,
-    vars: VarNames,
+    vars: Arc<VarNames>,
 }
 
 pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Policy>, SpecError> {
@@ -261,7 +320,7 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
     let weight = spec
         .message_weight
         .as_ref()
-        .map(|w| Setting::compile("messageWeight", w, 1, rl::MAX_WEIGHT))
+        .map(|w| Setting::compile("messageWeight", w, min_weight(spec.count_only), rl::MAX_WEIGHT))
         .transpose()?;
     let identifier = match (spec.identifier.as_deref(), spec.use_product) {
         (None, true) => rl::identifier("identifier", Some("{client_id}"))?,
@@ -274,9 +333,11 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
     } else {
         Mode::EnforceAndCount
     };
+    let namespace = spec.shared_name.unwrap_or_else(|| ctx.name.clone());
     Ok(Arc::new(Quota {
         name: ctx.name.clone(),
-        namespace: spec.shared_name.unwrap_or_else(|| ctx.name.clone()),
+        key_prefix: KeyPrefix::new(&[b"quota", namespace.as_bytes()]),
+        overflow: Key::new(&[b"quota", namespace.as_bytes()]),
         allow,
         interval,
         unit,
@@ -292,13 +353,23 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
         headers: spec.rate_limit_headers,
         counters: ctx.services.counters.clone(),
         metrics: PolicyMetrics::new(&ctx.name),
-        vars: VarNames::new(&ctx.name),
+        vars: Arc::new(VarNames::new(&ctx.name)),
     }))
+}
+
+/// A count-only half may count 0 (nothing used); an enforcing quota needs at least 1.
+fn min_weight(count_only: bool) -> u64 {
+    if count_only {
+        0
+    } else {
+        1
+    }
 }
 
 /// A decision about to be made.
 struct Prepared {
     ask: Ask,
+    /// As shown (bounded).
     identifier: String,
     /// Window length in ms, for the `RateLimit-Policy` header.
     window_ms: i64,
@@ -365,12 +436,16 @@ impl Quota {
     }
 
     fn prepare(&self, ex: &Exchange) -> Result<Prepared, Fault> {
-        let weight = rl::weight(self.weight.as_ref(), ex)?;
+        let weight = rl::weight(
+            self.weight.as_ref(),
+            ex,
+            min_weight(self.mode == Mode::CountOnly),
+        )?;
         let (allow, interval, unit) = self.settings(ex)?;
         let identifier = self
             .identifier
             .as_ref()
-            .map(|t| t.render(ex))
+            .map(|t| t.render_cow(ex))
             .unwrap_or_default();
         let product = self
             .product
@@ -392,13 +467,11 @@ impl Quota {
                 (Window::Flexi { len }, len)
             }
             QuotaType::Rollingwindow => {
-                let len = window::span_from(now, interval, unit);
+                let len = window::rolling_len(interval, unit);
                 (Window::Rolling { len }, len)
             }
         };
-        let key = Key::new(&[
-            b"quota",
-            self.namespace.as_bytes(),
+        let key = self.key_prefix.finish(&[
             product.as_bytes(),
             identifier.as_bytes(),
             &interval.to_le_bytes(),
@@ -410,9 +483,11 @@ impl Quota {
                 QuotaType::Rollingwindow => b"r",
             },
         ]);
+        let identifier = rl::shown(&identifier).into_owned();
         Ok(Prepared {
             ask: Ask {
                 key,
+                overflow: self.overflow,
                 window,
                 allow,
                 weight,
@@ -436,7 +511,7 @@ impl Quota {
             Err(e) => {
                 self.metrics.fail_closed.inc();
                 self.metrics.error.inc();
-                ex.set_var(self.vars.names[10].clone(), true);
+                ex.set_var(self.vars.failed_store.clone(), true);
                 return Err(Fault::new(
                     503,
                     "policies.ratelimit.StoreUnavailable",
@@ -447,7 +522,7 @@ impl Quota {
         };
         if d.degraded {
             self.metrics.fail_open.inc();
-            ex.set_var(self.vars.names[10].clone(), true);
+            ex.set_var(self.vars.failed_store.clone(), true);
         }
         let ask = &p.ask;
         let now = ask.now;
@@ -457,71 +532,76 @@ impl Quota {
         } else {
             d.used.saturating_add(ask.weight).saturating_sub(ask.allow)
         };
-        let n = &self.vars.names;
         let int = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
-        ex.set_var(n[0].clone(), int(ask.allow));
-        ex.set_var(n[1].clone(), int(d.used));
-        ex.set_var(n[2].clone(), int(available));
-        ex.set_var(n[3].clone(), int(exceed));
-        ex.set_var(n[4].clone(), d.expiry);
-        ex.set_var(n[5].clone(), rl::shown(&p.identifier));
-        ex.set_var(n[6].clone(), int(ask.allow));
-        ex.set_var(n[7].clone(), int(d.used));
-        ex.set_var(n[8].clone(), int(available));
-        ex.set_var(n[9].clone(), d.expiry);
         let reset = rl::seconds_until(d.expiry, now);
-        let headers = self.limit_headers(ask.allow, available, reset, p.window_ms);
-        if d.allowed {
-            self.metrics.allowed.inc();
-            if self.mode != Mode::CountOnly {
-                for (h, v) in headers {
-                    ex.set_header(Direction::Response, h, v);
-                }
-            }
-            return Ok(());
-        }
-        self.metrics.rejected.inc();
-        let mut fault = Fault::new(
-            429,
-            "policies.ratelimit.QuotaViolation",
+        let allow = ask.allow;
+        let window_ms = p.window_ms;
+        let refusal = (!d.allowed).then(|| {
             format!(
                 "Rate limit quota violation. Quota limit  exceeded. Identifier : {}",
-                rl::shown(&p.identifier)
-            ),
-        )
-        .with_header("retry-after", reset.to_string());
-        for (h, v) in headers {
-            fault = fault.with_header(h, v);
+                p.identifier
+            )
+        });
+        // A variable of the same name set earlier would shadow the source: drop it, as
+        // setting each variable did.
+        if !ex.vars.is_empty() {
+            for n in &self.vars.names {
+                ex.vars.remove(n);
+            }
         }
+        ex.add_source(Box::new(QuotaVars {
+            names: self.vars.clone(),
+            allowed: int(allow),
+            used: int(d.used),
+            available: int(available),
+            exceed: int(exceed),
+            expiry: d.expiry,
+            identifier: p.identifier,
+        }));
+        let Some(message) = refusal else {
+            self.metrics.allowed.inc();
+            if self.mode != Mode::CountOnly {
+                self.limit_headers(allow, available, reset, window_ms, |h, v| {
+                    ex.set_header(Direction::Response, h, v);
+                });
+            }
+            return Ok(());
+        };
+        self.metrics.rejected.inc();
+        let mut fault = Fault::new(429, "policies.ratelimit.QuotaViolation", message)
+        .with_header("retry-after", reset.to_string());
+        self.limit_headers(allow, available, reset, window_ms, |h, v| {
+            fault.headers.push((h.to_owned(), v));
+        });
         Err(fault)
     }
 
+    /// Emits the configured rate-limit headers through `out` (no list is built).
     fn limit_headers(
         &self,
         allow: u64,
         available: u64,
         reset: i64,
         window_ms: i64,
-    ) -> Vec<(&'static str, String)> {
-        let mut out = Vec::new();
+        mut out: impl FnMut(&'static str, String),
+    ) {
         if matches!(self.headers, HeaderStyle::Ietf | HeaderStyle::Both) {
             // draft-ietf-httpapi-ratelimit-headers: structured-field lists keyed by policy.
             let w = (window_ms / 1000).max(1);
-            out.push((
+            out(
                 "ratelimit-policy",
                 format!("\"{}\";q={allow};w={w}", self.name),
-            ));
-            out.push((
+            );
+            out(
                 "ratelimit",
                 format!("\"{}\";r={available};t={reset}", self.name),
-            ));
+            );
         }
         if matches!(self.headers, HeaderStyle::XRatelimit | HeaderStyle::Both) {
-            out.push(("x-ratelimit-limit", allow.to_string()));
-            out.push(("x-ratelimit-remaining", available.to_string()));
-            out.push(("x-ratelimit-reset", reset.to_string()));
+            out("x-ratelimit-limit", allow.to_string());
+            out("x-ratelimit-remaining", available.to_string());
+            out("x-ratelimit-reset", reset.to_string());
         }
-        out
     }
 }
 
@@ -619,6 +699,151 @@ mod tests {
         }
     }
 
+    /// Window edges for every quota type × time unit, months of every length (leap and
+    /// common February, 30 and 31 days), in UTC: the last instant of a window still counts
+    /// in it (a spent identifier is refused, a fresh one admitted), the first instant of the
+    /// next counts afresh; a rolling window drops each count exactly one length after it.
+    #[test]
+    fn window_edges_for_every_type_and_unit() {
+        // unit, default window, calendar (start time, a later window), flexi (first
+        // request, end of its window).
+        type Case = (&'static str, [&'static str; 2], [&'static str; 3], [&'static str; 2]);
+        let cases: [Case; 9] = [
+            (
+                "second",
+                ["2024-02-29T23:59:59Z", "2024-03-01T00:00:00Z"],
+                ["2024-03-10T10:00:00.250Z", "2024-03-10T10:00:05.250Z", "2024-03-10T10:00:06.250Z"],
+                ["2024-03-10T10:00:00.700Z", "2024-03-10T10:00:01.700Z"],
+            ),
+            (
+                "minute",
+                ["2024-12-31T23:59:00Z", "2025-01-01T00:00:00Z"],
+                ["2024-03-10T10:00:30Z", "2024-03-10T10:05:30Z", "2024-03-10T10:06:30Z"],
+                ["2024-03-10T10:00:42Z", "2024-03-10T10:01:42Z"],
+            ),
+            (
+                "hour",
+                ["2024-03-10T23:00:00Z", "2024-03-11T00:00:00Z"],
+                ["2024-03-10T10:30:00Z", "2024-03-11T01:30:00Z", "2024-03-11T02:30:00Z"],
+                ["2024-03-10T10:17:00Z", "2024-03-10T11:17:00Z"],
+            ),
+            (
+                "day",
+                ["2024-02-29T00:00:00Z", "2024-03-01T00:00:00Z"],
+                ["2024-02-28T12:00:00Z", "2024-02-29T12:00:00Z", "2024-03-01T12:00:00Z"],
+                ["2023-02-28T06:00:00Z", "2023-03-01T06:00:00Z"],
+            ),
+            (
+                // Weeks turn on Sunday 00:00 UTC; calendar weeks from a Wednesday noon.
+                "week",
+                ["2024-03-10T00:00:00Z", "2024-03-17T00:00:00Z"],
+                ["2024-03-13T12:00:00Z", "2024-03-20T12:00:00Z", "2024-03-27T12:00:00Z"],
+                ["2024-02-26T09:00:00Z", "2024-03-04T09:00:00Z"],
+            ),
+            (
+                // February in a leap year; a calendar month from the 31st is clamped.
+                "month",
+                ["2024-02-01T00:00:00Z", "2024-03-01T00:00:00Z"],
+                ["2024-01-31T08:30:00Z", "2024-02-29T08:30:00Z", "2024-03-31T08:30:00Z"],
+                ["2024-02-10T00:00:00Z", "2024-03-10T00:00:00Z"],
+            ),
+            (
+                // February in a common year.
+                "month",
+                ["2023-02-01T00:00:00Z", "2023-03-01T00:00:00Z"],
+                ["2023-01-31T08:30:00Z", "2023-02-28T08:30:00Z", "2023-03-31T08:30:00Z"],
+                ["2023-01-31T00:00:00Z", "2023-02-28T00:00:00Z"],
+            ),
+            (
+                // 30 days.
+                "month",
+                ["2024-04-01T00:00:00Z", "2024-05-01T00:00:00Z"],
+                ["2024-03-15T00:00:00Z", "2024-04-15T00:00:00Z", "2024-05-15T00:00:00Z"],
+                ["2024-04-10T00:00:00Z", "2024-05-10T00:00:00Z"],
+            ),
+            (
+                // 31 days, across the year end.
+                "month",
+                ["2024-12-01T00:00:00Z", "2025-01-01T00:00:00Z"],
+                ["2024-11-15T00:00:00Z", "2024-12-15T00:00:00Z", "2025-01-15T00:00:00Z"],
+                ["2024-12-20T00:00:00Z", "2025-01-20T00:00:00Z"],
+            ),
+        ];
+        let id = |n: u32| {
+            let mut ex = Exchange::default();
+            ex.request.headers.push("x-id".into(), format!("id{n}"));
+            ex
+        };
+        // Two of three admitted for a spent-free identifier; then the edge checks.
+        let edges = |what: &str, yaml: String, start: i64, end: i64| {
+            let bed = Bed::new("2000-01-01T00:00:00Z");
+            let p = bed.policy("q", &yaml);
+            bed.clock.set(start);
+            let n = (0..3).filter(|_| run(&p, &mut id(1)).is_ok()).count();
+            assert_eq!(n, 2, "{what}: first instant");
+            bed.clock.set(end - 1);
+            let mut spent = id(1);
+            assert!(run(&p, &mut spent).is_err(), "{what}: last instant, still spent");
+            assert_eq!(
+                spent.lookup("ratelimit.q.expiry").as_deref(),
+                Some(end.to_string().as_str()),
+                "{what}: window end"
+            );
+            run(&p, &mut id(2)).unwrap();
+            bed.clock.set(end);
+            let n = (0..3).filter(|_| run(&p, &mut id(1)).is_ok()).count();
+            assert_eq!(n, 2, "{what}: next window counts afresh");
+        };
+        let base = "allow: 2, identifier: '{request.header.x-id}'";
+        for (unit, [ds, de], [cal, cs, ce], [fs, fe]) in cases {
+            edges(
+                &format!("default {unit} {ds}"),
+                format!("{{{base}, timeUnit: {unit}}}"),
+                ms(ds),
+                ms(de),
+            );
+            edges(
+                &format!("calendar {unit} from {cal}"),
+                format!("{{{base}, timeUnit: {unit}, quotaType: calendar, startTime: '{cal}'}}"),
+                ms(cs),
+                ms(ce),
+            );
+            edges(
+                &format!("flexi {unit} from {fs}"),
+                format!("{{{base}, timeUnit: {unit}, quotaType: flexi}}"),
+                ms(fs),
+                ms(fe),
+            );
+            // Rolling: one count at a slot boundary, one half a window later; the first
+            // leaves exactly one length after it was made, the second stays.
+            let len = window::rolling_len(1, Unit::parse(unit).unwrap());
+            let slot = Window::slot_len(len);
+            let t = ms(ds) - ms(ds).rem_euclid(slot);
+            let what = format!("rollingwindow {unit} at {ds}");
+            let bed = Bed::new("2000-01-01T00:00:00Z");
+            let p = bed.policy("q", &format!("{{{base}, timeUnit: {unit}, quotaType: rollingwindow}}"));
+            bed.clock.set(t);
+            run(&p, &mut id(1)).unwrap();
+            bed.clock.set(t + len / 2);
+            run(&p, &mut id(1)).unwrap();
+            assert!(run(&p, &mut id(1)).is_err(), "{what}: spent");
+            bed.clock.set(t + len - 1);
+            assert!(run(&p, &mut id(1)).is_err(), "{what}: the first count is still in");
+            run(&p, &mut id(2)).unwrap();
+            bed.clock.set(t + len);
+            run(&p, &mut id(1)).unwrap();
+            assert!(run(&p, &mut id(1)).is_err(), "{what}: the second count is still in");
+        }
+        // A rolling month is 30 days whatever the month, so its count is never reset by
+        // the calendar (a length measured from now would change on the 1st of March).
+        let bed = Bed::new("2024-02-20T00:00:00Z");
+        let p = bed.policy("q", &format!("{{{base}, timeUnit: month, quotaType: rollingwindow}}"));
+        run(&p, &mut id(1)).unwrap();
+        run(&p, &mut id(1)).unwrap();
+        bed.clock.set(ms("2024-03-01T00:00:00Z"));
+        assert!(run(&p, &mut id(1)).is_err());
+    }
+
     #[test]
     fn week_window_does_not_turn_on_monday() {
         let bed = Bed::new("2024-03-10T00:00:00Z"); // Sunday
@@ -703,6 +928,9 @@ mod tests {
         assert_eq!(v(&ex, "ratelimit.q.allowed.count").as_deref(), Some("2"));
         assert_eq!(v(&ex, "ratelimit.q.used.count").as_deref(), Some("1"));
         assert_eq!(v(&ex, "ratelimit.q.available").as_deref(), Some("1"));
+        assert_eq!(v(&ex, "ratelimit.q.remaining").as_deref(), Some("1"));
+        assert_eq!(v(&ex, "ratelimit.q.available.count").as_deref(), Some("1"));
+        assert_eq!(v(&ex, "ratelimit.q.expiry").as_deref(), Some(ms("2024-01-01T00:01:00Z").to_string().as_str()));
         assert_eq!(v(&ex, "ratelimit.q.identifier").as_deref(), Some("alice"));
         assert_eq!(v(&ex, "ratelimit.q.exceed.count").as_deref(), Some("0"));
         let m = ex.take_mutations(Direction::Response);
@@ -724,6 +952,68 @@ mod tests {
         assert!(f.message.ends_with("Identifier : alice"), "{}", f.message);
         assert!(f.headers.contains(&("retry-after".into(), "50".into())));
         assert_eq!(v(&ex, "ratelimit.q.exceed.count").as_deref(), Some("1"));
+        assert_eq!(v(&ex, "ratelimit.q.remaining").as_deref(), Some("0"));
+        // Listed (CEL maps, debugging) under every name, `remaining` included.
+        let mut listed = Vec::new();
+        ex.for_each_var(&mut |k, v| listed.push((k.to_owned(), v.as_text().into_owned())));
+        assert!(listed.contains(&("ratelimit.q.remaining".into(), "0".into())), "{listed:?}");
+        assert!(listed.contains(&("ratelimit.q.used.count".into(), "2".into())));
+        // A variable set earlier under the same name does not hide the decision's.
+        let mut ex = Exchange::default();
+        ex.set_var("ratelimit.q.used", "stale");
+        ex.request.headers.push("x-id".into(), "bob".into());
+        run(&p, &mut ex).unwrap();
+        assert_eq!(v(&ex, "ratelimit.q.used").as_deref(), Some("1"));
+    }
+
+    #[test]
+    fn remaining_is_usable_in_conditions() {
+        let bed = Bed::new("2024-01-01T00:00:00Z");
+        let p = bed.policy("q", "{allow: 3, timeUnit: minute}");
+        let mut ex = Exchange::default();
+        run(&p, &mut ex).unwrap();
+        let low = crate::expr::Condition::compile("ratelimit.q.remaining < 3").unwrap();
+        assert!(low.eval(&ex));
+        let none = crate::expr::Condition::compile("ratelimit.q.remaining == 0").unwrap();
+        assert!(!none.eval(&ex));
+    }
+
+    #[test]
+    fn count_only_accepts_a_zero_weight_as_a_no_op() {
+        let bed = Bed::new("2024-01-01T00:00:00Z");
+        let enforce = bed.policy(
+            "enforce",
+            "{allow: 10, timeUnit: hour, sharedName: tokens, enforceOnly: true, messageWeight: '{w}'}",
+        );
+        let count = bed.policy(
+            "count",
+            "{allow: 10, timeUnit: hour, sharedName: tokens, countOnly: true, messageWeight: '{tokens}'}",
+        );
+        let mut ex = Exchange::default();
+        ex.set_var("tokens", "0");
+        run(&count, &mut ex).unwrap();
+        assert_eq!(ex.lookup("ratelimit.count.used").as_deref(), Some("0"));
+        ex.set_var("tokens", "4");
+        run(&count, &mut ex).unwrap();
+        ex.set_var("tokens", "0");
+        run(&count, &mut ex).unwrap();
+        assert_eq!(ex.lookup("ratelimit.count.used").as_deref(), Some("4"));
+        // A literal 0 is accepted for a count-only half too.
+        bed.policy(
+            "zero",
+            "{allow: 10, timeUnit: hour, sharedName: tokens, countOnly: true, messageWeight: 0}",
+        );
+        // Enforcing halves still require a weight of at least 1.
+        ex.set_var("w", "0");
+        assert_eq!(
+            run(&enforce, &mut ex).unwrap_err().code,
+            "policies.ratelimit.InvalidMessageWeight"
+        );
+        ex.set_var("tokens", "-1");
+        assert_eq!(
+            run(&count, &mut ex).unwrap_err().code,
+            "policies.ratelimit.InvalidMessageWeight"
+        );
     }
 
     #[test]

@@ -24,7 +24,7 @@ use crate::expr::Template;
 use crate::fault::Fault;
 use crate::pipeline::{Direction, Outcome, Policy};
 use crate::ratelimit::policy::{self as rl, NumberSpec, Setting};
-use crate::ratelimit::{Ask, Counters, Key, Mode, PolicyMetrics, Window};
+use crate::ratelimit::{Ask, Counters, Key, KeyPrefix, Mode, PolicyMetrics, Window};
 use crate::vars::Exchange;
 
 pub const TYPE: &str = "SpikeArrest";
@@ -66,12 +66,17 @@ fn parse_rate(s: &str) -> Option<Rate> {
 
 #[derive(Debug)]
 struct SpikeArrest {
-    name: String,
     rate: Rate,
     rate_text: String,
     identifier: Option<Template>,
     weight: Option<Setting>,
     effective: bool,
+    /// The counter key's constant parts (kind, policy, rate), hashed once.
+    key_prefix: KeyPrefix,
+    /// Overflow namespace of this policy's counters.
+    overflow: Key,
+    /// GCRA emission interval (µs per unit of weight).
+    emission_us: i64,
     counters: Counters,
     metrics: PolicyMetrics,
 }
@@ -92,8 +97,23 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
         .as_ref()
         .map(|w| Setting::compile("messageWeight", w, 1, rl::MAX_WEIGHT))
         .transpose()?;
+    let kind: &[u8] = if spec.use_effective_count {
+        b"spike-window"
+    } else {
+        b"spike-smooth"
+    };
+    let key_prefix = KeyPrefix::new(&[
+        kind,
+        ctx.name.as_bytes(),
+        &rate.n.to_le_bytes(),
+        &rate.per_ms.to_le_bytes(),
+    ]);
+    let emission_us =
+        (rate.per_ms.saturating_mul(1000) / i64::try_from(rate.n).unwrap_or(1)).max(1);
     Ok(Arc::new(SpikeArrest {
-        name: ctx.name.clone(),
+        key_prefix,
+        overflow: Key::new(&[b"spike", ctx.name.as_bytes()]),
+        emission_us,
         rate,
         rate_text: spec.rate.trim().to_owned(),
         identifier: rl::identifier("identifier", spec.identifier.as_deref())?,
@@ -106,27 +126,24 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
 
 impl SpikeArrest {
     fn check(&self, ex: &mut Exchange) -> Result<(), Fault> {
-        let weight = rl::weight(self.weight.as_ref(), ex).inspect_err(|_| {
+        let weight = rl::weight(self.weight.as_ref(), ex, 1).inspect_err(|_| {
             self.metrics.error.inc();
         })?;
-        let id = self
-            .identifier
-            .as_ref()
-            .map(|t| t.render(ex))
-            .unwrap_or_default();
+        let key = {
+            let id = self
+                .identifier
+                .as_ref()
+                .map(|t| t.render_cow(ex))
+                .unwrap_or_default();
+            self.key_prefix.finish(&[id.as_bytes()])
+        };
         let now_us = self.counters.now_us();
         let now = now_us.div_euclid(1000);
         let rate = self.rate;
         let result = if self.effective {
-            let key = Key::new(&[
-                b"spike-window",
-                self.name.as_bytes(),
-                &rate.n.to_le_bytes(),
-                &rate.per_ms.to_le_bytes(),
-                id.as_bytes(),
-            ]);
             let d = self.counters.local.apply(&Ask {
                 key,
+                overflow: self.overflow,
                 window: Window::Rolling { len: rate.per_ms },
                 allow: rate.n,
                 weight,
@@ -140,17 +157,9 @@ impl SpikeArrest {
                 Err(d.expiry - now)
             }
         } else {
-            let key = Key::new(&[
-                b"spike-smooth",
-                self.name.as_bytes(),
-                &rate.n.to_le_bytes(),
-                &rate.per_ms.to_le_bytes(),
-                id.as_bytes(),
-            ]);
-            let emission_us = rate.per_ms.saturating_mul(1000) / i64::try_from(rate.n).unwrap_or(1);
             self.counters
                 .local
-                .gcra(key, emission_us.max(1), weight, now_us)
+                .gcra(key, self.overflow, self.emission_us, weight, now_us)
         };
         match result {
             Ok(()) => {

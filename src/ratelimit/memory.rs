@@ -3,13 +3,16 @@
 //!
 //! Bounded: a slot is dropped once its window has passed (a sweep every second, and at once
 //! when the table is full). When the table still holds `max_keys` live counters, new
-//! identifiers share one overflow counter (`tollgate_ratelimit_overflow_total` counts
-//! those decisions) rather than grow memory: a flood of distinct identifiers costs at most
-//! `max_keys` slots (about 100 bytes each).
+//! identifiers share an overflow counter (`tollgate_ratelimit_overflow_total` counts those
+//! decisions) rather than grow memory: a flood of distinct identifiers costs at most
+//! `max_keys` slots (about 100 bytes each). There is one overflow counter per policy (or
+//! `sharedName`) and window ([`super::Window::overflow_key`]), so a SpikeArrest and a Quota
+//! in one flow never reset each other's and the overflow still limits.
 //!
-//! Checkpoints: fixed and flexi windows of a minute or longer are written (when changed) to
-//! the `counters` table of the embedded store's file and read back at start, so a restart
-//! keeps a day's or a month's count (losing at most one checkpoint interval of counting).
+//! Checkpoints: fixed, flexi and rolling windows of a minute or longer are written (when
+//! changed) to the `counters` table of the embedded store's file and read back at start, so
+//! a restart keeps a day's or a month's count (losing at most one checkpoint interval of
+//! counting). A failed checkpoint marks its rows changed again, so the next one retries.
 
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -19,15 +22,14 @@ use dashmap::mapref::one::RefMut;
 use dashmap::DashMap;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
-use super::{Ask, Decision, Key, Mode, Window, RL_METRICS, ROLLING_SLOTS};
+use super::{gcra_overflow_key, Ask, Decision, Key, Mode, Window, RL_METRICS, ROLLING_SLOTS};
 
-/// Live counters kept before new identifiers share the overflow counter.
+/// Live counters kept before new identifiers share an overflow counter.
 pub const DEFAULT_MAX_KEYS: usize = 2_000_000;
-/// The counter new identifiers share when the table is full.
-const OVERFLOW: Key = Key(0);
 /// Windows shorter than this are not checkpointed: they are over before a restart matters.
 const CHECKPOINT_MIN_WINDOW: i64 = 60_000;
-/// Counter checkpoints: key → start, end, count (little-endian i64, i64, u64).
+/// Counter checkpoints: key → start, end, count (little-endian i64, i64, u64: a fixed or
+/// flexi window), or `r`, slot length, head, ten slot counts (a rolling window).
 const COUNTERS: TableDefinition<'static, u128, &'static [u8]> = TableDefinition::new("counters");
 
 #[derive(Debug, Clone)]
@@ -53,6 +55,8 @@ struct Rolling {
     /// Index (time / slot_len) of the newest slot.
     head: i64,
     counts: [u64; ROLLING_SLOTS as usize],
+    /// Changed since the last checkpoint.
+    dirty: bool,
 }
 
 impl Rolling {
@@ -62,7 +66,18 @@ impl Rolling {
             slot_len,
             head: now.div_euclid(slot_len),
             counts: [0; ROLLING_SLOTS as usize],
+            dirty: false,
         }
+    }
+
+    /// When the newest count leaves the window: after that the slot is as good as fresh.
+    fn expires(&self) -> i64 {
+        (self.head + 1 + ROLLING_SLOTS).saturating_mul(self.slot_len)
+    }
+
+    /// The window length this slot was made for, as checkpoints compare it.
+    fn len(&self) -> i64 {
+        self.slot_len.saturating_mul(ROLLING_SLOTS)
     }
 
     /// Moves the head to `now`, clearing the slots that left the window.
@@ -86,8 +101,12 @@ impl Rolling {
     }
 
     fn add(&mut self, w: u64) {
+        if w == 0 {
+            return;
+        }
         let i = self.head.rem_euclid(ROLLING_SLOTS) as usize;
         self.counts[i] = self.counts[i].saturating_add(w);
+        self.dirty = true;
     }
 
     /// When the oldest slot leaves the window.
@@ -101,7 +120,7 @@ impl Slot {
     fn expires(&self) -> i64 {
         match self {
             Slot::Window { end, .. } => *end,
-            Slot::Rolling(r) => (r.head + 1 + ROLLING_SLOTS).saturating_mul(r.slot_len),
+            Slot::Rolling(r) => r.expires(),
             Slot::Gcra { tat_us } => tat_us / 1000 + 1,
         }
     }
@@ -154,8 +173,8 @@ impl MemoryCounters {
         self.map.is_empty()
     }
 
-    /// `key`, or the overflow counter when the table is full of live counters.
-    fn admit_key(&self, key: Key, now: i64) -> Key {
+    /// `key`, or the policy's overflow counter when the table is full of live counters.
+    fn admit_key(&self, key: Key, now: i64, overflow: impl FnOnce() -> Key) -> Key {
         if self.live.load(Ordering::Relaxed) < self.max_keys || self.map.contains_key(&key) {
             return key;
         }
@@ -173,7 +192,7 @@ impl MemoryCounters {
             return key;
         }
         RL_METRICS.overflow.inc();
-        OVERFLOW
+        overflow()
     }
 
     /// The slot of `key`, created (as `fresh`) when missing.
@@ -192,13 +211,13 @@ impl MemoryCounters {
         self.map.retain(|_, s| s.expires() > now);
         let n = self.map.len();
         self.live.store(n, Ordering::Relaxed);
-        RL_METRICS.keys.set(i64::try_from(n).unwrap_or(i64::MAX));
+        RL_METRICS.set_memory_keys(n);
     }
 
     /// Decides a quota ask on the local counter.
     pub fn apply(&self, ask: &Ask) -> Decision {
         let now = ask.now;
-        let key = self.admit_key(ask.key, now);
+        let key = self.admit_key(ask.key, now, || ask.window.overflow_key(ask.overflow));
         let mut entry = self.slot(key, Slot::Gcra { tat_us: 0 });
         let slot = entry.value_mut();
         match ask.window {
@@ -264,8 +283,18 @@ impl MemoryCounters {
     /// Spike arrest without bursts (GCRA with no tolerance): admits when the theoretical
     /// arrival time has come, then moves it `weight × emission` on. `Err` carries the ms to
     /// wait. A weight larger than one is admitted whole and delays the next request more.
-    pub fn gcra(&self, key: Key, emission_us: i64, weight: u64, now_us: i64) -> Result<(), i64> {
-        let key = self.admit_key(key, now_us.div_euclid(1000));
+    /// `overflow` is the policy's overflow namespace (see [`Ask::overflow`]).
+    pub fn gcra(
+        &self,
+        key: Key,
+        overflow: Key,
+        emission_us: i64,
+        weight: u64,
+        now_us: i64,
+    ) -> Result<(), i64> {
+        let key = self.admit_key(key, now_us.div_euclid(1000), || {
+            gcra_overflow_key(overflow, emission_us)
+        });
         let mut entry = self.slot(key, Slot::Gcra { tat_us: 0 });
         let slot = entry.value_mut();
         let tat = match slot {
@@ -293,18 +322,12 @@ impl MemoryCounters {
         let mut n = 0;
         for row in table.iter().map_err(|e| e.to_string())? {
             let (k, v) = row.map_err(|e| e.to_string())?;
-            let Some((start, end, count)) = decode(v.value()) else {
+            let Some(slot) = decode(v.value()) else {
                 continue;
             };
-            if end <= now {
+            if slot.expires() <= now {
                 continue;
             }
-            let slot = Slot::Window {
-                start,
-                end,
-                count,
-                dirty: false,
-            };
             if self.map.insert(Key(k.value()), slot).is_none() {
                 self.live.fetch_add(1, Ordering::Relaxed);
             }
@@ -316,34 +339,66 @@ impl MemoryCounters {
     /// Writes the windows changed since the last checkpoint and drops expired rows, in one
     /// durable transaction. Returns the rows written.
     pub fn checkpoint(&self, db: &Database, now: i64) -> Result<usize, String> {
+        self.checkpoint_with(now, |changed| {
+            let mut txn = db.begin_write().map_err(|e| e.to_string())?;
+            txn.set_durability(Durability::Immediate)
+                .map_err(|e| e.to_string())?;
+            {
+                let mut t = txn.open_table(COUNTERS).map_err(|e| e.to_string())?;
+                for (k, v) in changed {
+                    t.insert(*k, v.as_slice()).map_err(|e| e.to_string())?;
+                }
+                t.retain(|_, v| decode(v).is_some_and(|s| s.expires() > now))
+                    .map_err(|e| e.to_string())?;
+            }
+            txn.commit().map_err(|e| e.to_string())
+        })
+    }
+
+    /// Collects the changed windows of a minute or longer, clearing their flag, and hands
+    /// them to `write`; if it fails they are marked changed again (a count that moved
+    /// meanwhile was marked by its decision anyway), so the next checkpoint writes them.
+    fn checkpoint_with(
+        &self,
+        now: i64,
+        write: impl FnOnce(&[(u128, Vec<u8>)]) -> Result<(), String>,
+    ) -> Result<usize, String> {
         let mut changed = Vec::new();
         for mut e in self.map.iter_mut() {
             let key = e.key().0;
-            if let Slot::Window {
-                start,
-                end,
-                count,
-                dirty,
-            } = e.value_mut()
-            {
-                if *dirty && *end > now && *end - *start >= CHECKPOINT_MIN_WINDOW {
-                    *dirty = false;
-                    changed.push((key, encode(*start, *end, *count)));
+            match e.value_mut() {
+                Slot::Window {
+                    start,
+                    end,
+                    count,
+                    dirty,
+                } => {
+                    if *dirty && *end > now && *end - *start >= CHECKPOINT_MIN_WINDOW {
+                        *dirty = false;
+                        changed.push((key, encode_window(*start, *end, *count)));
+                    }
+                }
+                Slot::Rolling(r) => {
+                    if r.dirty && r.expires() > now && r.len() >= CHECKPOINT_MIN_WINDOW {
+                        r.dirty = false;
+                        changed.push((key, encode_rolling(r)));
+                    }
+                }
+                Slot::Gcra { .. } => {}
+            }
+        }
+        if let Err(e) = write(&changed) {
+            for (k, _) in &changed {
+                if let Some(mut s) = self.map.get_mut(&Key(*k)) {
+                    match s.value_mut() {
+                        Slot::Window { dirty, .. } => *dirty = true,
+                        Slot::Rolling(r) => r.dirty = true,
+                        Slot::Gcra { .. } => {}
+                    }
                 }
             }
+            return Err(e);
         }
-        let mut txn = db.begin_write().map_err(|e| e.to_string())?;
-        txn.set_durability(Durability::Immediate)
-            .map_err(|e| e.to_string())?;
-        {
-            let mut t = txn.open_table(COUNTERS).map_err(|e| e.to_string())?;
-            for (k, v) in &changed {
-                t.insert(*k, v.as_slice()).map_err(|e| e.to_string())?;
-            }
-            t.retain(|_, v| decode(v).is_some_and(|(_, end, _)| end > now))
-                .map_err(|e| e.to_string())?;
-        }
-        txn.commit().map_err(|e| e.to_string())?;
         Ok(changed.len())
     }
 }
@@ -359,7 +414,7 @@ fn unreachable_window(ask: &Ask) -> Decision {
     }
 }
 
-fn encode(start: i64, end: i64, count: u64) -> Vec<u8> {
+fn encode_window(start: i64, end: i64, count: u64) -> Vec<u8> {
     let mut v = Vec::with_capacity(24);
     v.extend_from_slice(&start.to_le_bytes());
     v.extend_from_slice(&end.to_le_bytes());
@@ -367,13 +422,46 @@ fn encode(start: i64, end: i64, count: u64) -> Vec<u8> {
     v
 }
 
-fn decode(v: &[u8]) -> Option<(i64, i64, u64)> {
+/// Rolling rows start with `r` and are longer than window rows (24 bytes), which older
+/// builds wrote without a tag.
+fn encode_rolling(r: &Rolling) -> Vec<u8> {
+    let mut v = Vec::with_capacity(17 + 8 * r.counts.len());
+    v.push(b'r');
+    v.extend_from_slice(&r.slot_len.to_le_bytes());
+    v.extend_from_slice(&r.head.to_le_bytes());
+    for c in r.counts {
+        v.extend_from_slice(&c.to_le_bytes());
+    }
+    v
+}
+
+fn decode(v: &[u8]) -> Option<Slot> {
     let n = |i: usize| -> Option<[u8; 8]> { v.get(i..i + 8)?.try_into().ok() };
-    Some((
-        i64::from_le_bytes(n(0)?),
-        i64::from_le_bytes(n(8)?),
-        u64::from_le_bytes(n(16)?),
-    ))
+    if v.len() == 24 {
+        return Some(Slot::Window {
+            start: i64::from_le_bytes(n(0)?),
+            end: i64::from_le_bytes(n(8)?),
+            count: u64::from_le_bytes(n(16)?),
+            dirty: false,
+        });
+    }
+    if v.len() != 17 + 8 * ROLLING_SLOTS as usize || v.first() != Some(&b'r') {
+        return None;
+    }
+    let mut counts = [0u64; ROLLING_SLOTS as usize];
+    for (i, c) in counts.iter_mut().enumerate() {
+        *c = u64::from_le_bytes(n(17 + 8 * i)?);
+    }
+    let slot_len = i64::from_le_bytes(n(1)?);
+    if slot_len < 1 {
+        return None;
+    }
+    Some(Slot::Rolling(Box::new(Rolling {
+        slot_len,
+        head: i64::from_le_bytes(n(9)?),
+        counts,
+        dirty: false,
+    })))
 }
 
 /// Runs the sweep every second and, with a database, the checkpoint every `every`, until
@@ -421,6 +509,7 @@ mod tests {
     fn ask(key: u128, window: Window, allow: u64, weight: u64, mode: Mode, now: i64) -> Ask {
         Ask {
             key: Key(key),
+            overflow: Key(9_999),
             window,
             allow,
             weight,
@@ -541,18 +630,18 @@ mod tests {
         let c = MemoryCounters::new(100);
         // 10 per second: one per 100 ms.
         let ms = |m: i64| m * 1000;
-        assert!(c.gcra(Key(6), 100_000, 1, ms(0)).is_ok());
-        assert_eq!(c.gcra(Key(6), 100_000, 1, ms(1)), Err(99));
-        assert_eq!(c.gcra(Key(6), 100_000, 1, ms(99)), Err(1));
-        assert!(c.gcra(Key(6), 100_000, 1, ms(100)).is_ok());
+        assert!(c.gcra(Key(6), Key(9_999), 100_000, 1, ms(0)).is_ok());
+        assert_eq!(c.gcra(Key(6), Key(9_999), 100_000, 1, ms(1)), Err(99));
+        assert_eq!(c.gcra(Key(6), Key(9_999), 100_000, 1, ms(99)), Err(1));
+        assert!(c.gcra(Key(6), Key(9_999), 100_000, 1, ms(100)).is_ok());
         // A weight of 3 is admitted and holds the next one back 300 ms.
-        assert!(c.gcra(Key(6), 100_000, 3, ms(200)).is_ok());
-        assert!(c.gcra(Key(6), 100_000, 1, ms(499)).is_err());
-        assert!(c.gcra(Key(6), 100_000, 1, ms(500)).is_ok());
+        assert!(c.gcra(Key(6), Key(9_999), 100_000, 3, ms(200)).is_ok());
+        assert!(c.gcra(Key(6), Key(9_999), 100_000, 1, ms(499)).is_err());
+        assert!(c.gcra(Key(6), Key(9_999), 100_000, 1, ms(500)).is_ok());
         // 10 000 per second: one every 100 µs, within one millisecond.
-        assert!(c.gcra(Key(7), 100, 1, 1_000_000).is_ok());
-        assert!(c.gcra(Key(7), 100, 1, 1_000_099).is_err());
-        assert!(c.gcra(Key(7), 100, 1, 1_000_100).is_ok());
+        assert!(c.gcra(Key(7), Key(9_999), 100, 1, 1_000_000).is_ok());
+        assert!(c.gcra(Key(7), Key(9_999), 100, 1, 1_000_099).is_err());
+        assert!(c.gcra(Key(7), Key(9_999), 100, 1, 1_000_100).is_ok());
     }
 
     #[test]
@@ -569,7 +658,7 @@ mod tests {
         // Full of live counters: a new identifier shares the overflow counter.
         c.apply(&ask(500, w, 5, 1, Mode::EnforceAndCount, 10));
         assert!(c.len() <= 11);
-        assert!(c.map.contains_key(&OVERFLOW));
+        assert!(c.map.contains_key(&w.overflow_key(Key(9_999))));
         // Once those windows pass, the sweep makes room.
         let w2 = Window::Fixed {
             start: 1000,
@@ -610,6 +699,136 @@ mod tests {
         // Expired rows are neither restored nor kept.
         assert_eq!(MemoryCounters::new(10).restore(&db, 86_400_000).unwrap(), 0);
         c.checkpoint(&db, 86_400_000).unwrap();
+        let txn = db.begin_read().unwrap();
+        assert_eq!(
+            redb::ReadableTableMetadata::len(&txn.open_table(COUNTERS).unwrap()).unwrap(),
+            0
+        );
+    }
+
+    /// A full table: a spike arrest (rolling and GCRA) and two quotas (fixed and flexi) send
+    /// new identifiers to overflow counters that keep limiting, without resetting each other.
+    #[test]
+    fn overflow_counters_are_per_policy_and_window_and_still_limit() {
+        let c = MemoryCounters::new(4);
+        let hour = Window::Fixed {
+            start: 0,
+            end: 3_600_000,
+        };
+        let flexi = Window::Flexi { len: 60_000 };
+        let spike = Window::Rolling { len: 1000 };
+        for k in 1..=4 {
+            c.apply(&ask(k, hour, 1_000, 1, Mode::EnforceAndCount, 0));
+        }
+        let (quota_a, quota_b, spike_ns) = (Key(71), Key(72), Key(73));
+        let mut admitted = [0; 4];
+        for i in 0..40u128 {
+            // Interleaved, each from a new identifier: all overflow.
+            let mut q = ask(1_000 + i, hour, 5, 1, Mode::EnforceAndCount, 10);
+            q.overflow = quota_a;
+            admitted[0] += usize::from(c.apply(&q).allowed);
+            let mut s = ask(2_000 + i, spike, 3, 1, Mode::EnforceAndCount, 10);
+            s.overflow = spike_ns;
+            admitted[1] += usize::from(c.apply(&s).allowed);
+            let mut f = ask(3_000 + i, flexi, 7, 1, Mode::EnforceAndCount, 10);
+            f.overflow = quota_b;
+            admitted[2] += usize::from(c.apply(&f).allowed);
+            admitted[3] +=
+                usize::from(c.gcra(Key(4_000 + i), spike_ns, 100_000, 1, 10_000).is_ok());
+        }
+        assert_eq!(
+            admitted,
+            [5, 3, 7, 1],
+            "each overflow counter enforces its own limit"
+        );
+        // The same policy with another window length has its own overflow counter too.
+        let mut q = ask(
+            5_000,
+            Window::Fixed {
+                start: 0,
+                end: 60_000,
+            },
+            2,
+            1,
+            Mode::EnforceAndCount,
+            10,
+        );
+        q.overflow = quota_a;
+        assert!(c.apply(&q).allowed);
+        assert!(c.apply(&q).allowed);
+        assert!(!c.apply(&q).allowed);
+        let mut q = ask(5_001, hour, 5, 1, Mode::EnforceAndCount, 20);
+        q.overflow = quota_a;
+        assert_eq!(
+            c.apply(&q).used,
+            5,
+            "the hour's overflow count was not reset"
+        );
+    }
+
+    #[test]
+    fn a_failed_checkpoint_is_retried_by_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::create(dir.path().join("c.redb")).unwrap();
+        let c = MemoryCounters::new(100);
+        let day = Window::Fixed {
+            start: 0,
+            end: 86_400_000,
+        };
+        for _ in 0..3 {
+            c.apply(&ask(7, day, 100, 1, Mode::EnforceAndCount, 10));
+        }
+        let failed = c.checkpoint_with(20, |rows| {
+            assert_eq!(rows.len(), 1);
+            Err("disk full".into())
+        });
+        assert_eq!(failed, Err("disk full".into()));
+        // Nothing changed since, yet the row is written now.
+        assert_eq!(c.checkpoint(&db, 30).unwrap(), 1);
+        let fresh = MemoryCounters::new(100);
+        assert_eq!(fresh.restore(&db, 40).unwrap(), 1);
+        assert_eq!(
+            fresh
+                .apply(&ask(7, day, 100, 1, Mode::EnforceAndCount, 50))
+                .used,
+            4
+        );
+    }
+
+    #[test]
+    fn rolling_windows_are_checkpointed_and_keep_expiring_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::create(dir.path().join("c.redb")).unwrap();
+        let c = MemoryCounters::new(100);
+        let hour = 3_600_000;
+        let w = Window::Rolling { len: hour };
+        // 3 at 0:00, 2 at 0:30 (slots of 6 minutes).
+        for _ in 0..3 {
+            c.apply(&ask(9, w, 10, 1, Mode::EnforceAndCount, 0));
+        }
+        for _ in 0..2 {
+            c.apply(&ask(9, w, 10, 1, Mode::EnforceAndCount, hour / 2));
+        }
+        // A rolling second (spike arrest) is too short to keep.
+        c.apply(&ask(
+            10,
+            Window::Rolling { len: 1000 },
+            10,
+            1,
+            Mode::EnforceAndCount,
+            0,
+        ));
+        assert_eq!(c.checkpoint(&db, hour / 2).unwrap(), 1);
+        let fresh = MemoryCounters::new(100);
+        assert_eq!(fresh.restore(&db, hour / 2 + 1).unwrap(), 1);
+        let d = fresh.apply(&ask(9, w, 10, 1, Mode::EnforceAndCount, hour / 2 + 1));
+        assert_eq!(d.used, 6, "the restart kept the rolling count");
+        // The 0:00 requests leave an hour later; the later ones stay.
+        let d = fresh.apply(&ask(9, w, 10, 0, Mode::EnforceOnly, hour));
+        assert_eq!(d.used, 3);
+        // A rolling row whose counts have all left is neither restored nor kept.
+        assert_eq!(MemoryCounters::new(10).restore(&db, 3 * hour).unwrap(), 0);
+        c.checkpoint(&db, 3 * hour).unwrap();
         let txn = db.begin_read().unwrap();
         assert_eq!(
             redb::ReadableTableMetadata::len(&txn.open_table(COUNTERS).unwrap()).unwrap(),

@@ -101,6 +101,35 @@ impl Key {
     }
 }
 
+/// SHA-256 state after a key's constant leading parts (built once per policy), so a
+/// decision hashes only its own parts. `finish` gives the same key as [`Key::new`] over
+/// all the parts.
+#[derive(Debug, Clone)]
+pub struct KeyPrefix(Sha256);
+
+impl KeyPrefix {
+    pub fn new(parts: &[&[u8]]) -> Self {
+        let mut h = Sha256::new();
+        for p in parts {
+            h.update((p.len() as u64).to_le_bytes());
+            h.update(p);
+        }
+        Self(h)
+    }
+
+    pub fn finish(&self, parts: &[&[u8]]) -> Key {
+        let mut h = self.0.clone();
+        for p in parts {
+            h.update((p.len() as u64).to_le_bytes());
+            h.update(p);
+        }
+        let d = h.finalize();
+        let mut b = [0u8; 16];
+        b.copy_from_slice(&d[..16]);
+        Key(u128::from_le_bytes(b))
+    }
+}
+
 /// Which requests count together.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Window {
@@ -121,6 +150,34 @@ impl Window {
     pub fn slot_len(len: i64) -> i64 {
         (len + ROLLING_SLOTS - 1).div_euclid(ROLLING_SLOTS).max(1)
     }
+
+    /// The counter asks of one policy (`base`, see [`Ask::overflow`]) share when the table
+    /// is full: one per window kind and window (fixed: its start and end; flexi and rolling:
+    /// its length), so no policy or window resets another's overflow count.
+    pub fn overflow_key(self, base: Key) -> Key {
+        let (kind, a, b): (&[u8], i64, i64) = match self {
+            Window::Fixed { start, end } => (b"f", start, end),
+            Window::Flexi { len } => (b"x", len, 0),
+            Window::Rolling { len } => (b"r", len, 0),
+        };
+        Key::new(&[
+            b"overflow",
+            &base.0.to_le_bytes(),
+            kind,
+            &a.to_le_bytes(),
+            &b.to_le_bytes(),
+        ])
+    }
+}
+
+/// The spike-arrest (GCRA) counter a policy's new identifiers share when the table is full.
+pub fn gcra_overflow_key(base: Key, emission_us: i64) -> Key {
+    Key::new(&[
+        b"overflow",
+        &base.0.to_le_bytes(),
+        b"g",
+        &emission_us.to_le_bytes(),
+    ])
 }
 
 /// What a decision does with the counter.
@@ -148,6 +205,9 @@ impl Mode {
 #[derive(Debug, Clone)]
 pub struct Ask {
     pub key: Key,
+    /// The policy's overflow namespace (a hash of its name or `sharedName`): when the
+    /// counter table is full, new identifiers count on [`Window::overflow_key`] of it.
+    pub overflow: Key,
     pub window: Window,
     pub allow: u64,
     pub weight: u64,
@@ -271,8 +331,40 @@ pub struct RateLimitMetrics {
     pub redis_errors: IntCounterVec,
     pub fail_open: IntCounterVec,
     pub fail_closed: IntCounterVec,
-    pub keys: IntGauge,
+    keys: IntGauge,
     pub overflow: IntCounter,
+    /// The two parts of `keys`: local counters and async Redis mirrors.
+    memory_keys: AtomicI64,
+    mirror_keys: AtomicI64,
+}
+
+impl RateLimitMetrics {
+    /// Publishes the local table's size (the gauge counts it plus the Redis mirrors).
+    pub fn set_memory_keys(&self, n: usize) {
+        let n = i64::try_from(n).unwrap_or(i64::MAX);
+        self.memory_keys.store(n, Ordering::Relaxed);
+        self.publish_keys();
+    }
+
+    /// Publishes how many asynchronous Redis mirrors are held.
+    pub fn set_mirror_keys(&self, n: usize) {
+        let n = i64::try_from(n).unwrap_or(i64::MAX);
+        self.mirror_keys.store(n, Ordering::Relaxed);
+        self.publish_keys();
+    }
+
+    fn publish_keys(&self) {
+        self.keys.set(
+            self.memory_keys
+                .load(Ordering::Relaxed)
+                .saturating_add(self.mirror_keys.load(Ordering::Relaxed)),
+        );
+    }
+
+    /// The `tollgate_ratelimit_counters` gauge.
+    pub fn keys(&self) -> i64 {
+        self.keys.get()
+    }
 }
 
 pub static RL_METRICS: LazyLock<RateLimitMetrics> = LazyLock::new(|| {
@@ -290,7 +382,7 @@ pub static RL_METRICS: LazyLock<RateLimitMetrics> = LazyLock::new(|| {
     r.register(Box::new(keys.clone())).expect("unique metric");
     let overflow = IntCounter::new(
         "tollgate_ratelimit_overflow_total",
-        "Decisions made on the shared overflow counter because the counter table was full",
+        "Decisions made on an overflow counter (one per policy and window) because the counter table was full",
     )
     .expect("valid metric");
     r.register(Box::new(overflow.clone()))
@@ -318,6 +410,8 @@ pub static RL_METRICS: LazyLock<RateLimitMetrics> = LazyLock::new(|| {
         ),
         keys,
         overflow,
+        memory_keys: AtomicI64::new(0),
+        mirror_keys: AtomicI64::new(0),
     }
 });
 

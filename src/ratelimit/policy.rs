@@ -72,12 +72,14 @@ impl Setting {
     }
 }
 
-/// The message weight of this exchange, or the Apigee fault for a zero, negative or
-/// non-numeric one. Without a setting, or when its template renders empty (the variable is
-/// not set), the weight is 1: as in Apigee, a reference that does not resolve falls back.
-pub fn weight(setting: Option<&Setting>, ex: &Exchange) -> Result<u64, Fault> {
+/// The message weight of this exchange, or the Apigee fault for a negative, non-numeric or
+/// too small one. `min` is 1, except for a count-only quota, where 0 is a valid no-op count
+/// (a response that used no tokens). Without a setting, or when its template renders empty
+/// (the variable is not set), the weight is 1: as in Apigee, a reference that does not
+/// resolve falls back.
+pub fn weight(setting: Option<&Setting>, ex: &Exchange, min: u64) -> Result<u64, Fault> {
     let Some(s) = setting else { return Ok(1) };
-    s.resolve(ex, 1, MAX_WEIGHT).or_else(|text| {
+    s.resolve(ex, min, MAX_WEIGHT).or_else(|text| {
         if text.trim().is_empty() {
             return Ok(1);
         }
@@ -85,7 +87,7 @@ pub fn weight(setting: Option<&Setting>, ex: &Exchange) -> Result<u64, Fault> {
         Err(Fault::new(
             500,
             "policies.ratelimit.InvalidMessageWeight",
-            format!("Invalid message weight value `{shown}`: expected an integer between 1 and {MAX_WEIGHT}"),
+            format!("Invalid message weight value `{shown}`: expected an integer between {min} and {MAX_WEIGHT}"),
         ))
     })
 }
@@ -97,15 +99,15 @@ pub fn identifier(field: &str, spec: Option<&str>) -> Result<Option<Template>, S
 }
 
 /// The identifier as shown in variables and messages: bounded.
-pub fn shown(identifier: &str) -> String {
+pub fn shown(identifier: &str) -> std::borrow::Cow<'_, str> {
     if identifier.len() <= MAX_IDENTIFIER_VAR {
-        return identifier.to_owned();
+        return std::borrow::Cow::Borrowed(identifier);
     }
     let mut end = MAX_IDENTIFIER_VAR;
     while !identifier.is_char_boundary(end) {
         end -= 1;
     }
-    format!("{}…", &identifier[..end])
+    std::borrow::Cow::Owned(format!("{}…", &identifier[..end]))
 }
 
 /// Whole seconds until `at` (at least 1), for `Retry-After` and reset headers.
@@ -146,15 +148,20 @@ mod tests {
         let s = Setting::compile("w", &NumberSpec::Text("{w}".into()), 1, MAX_WEIGHT).unwrap();
         for bad in ["0", "-3", "x", "1.5", "99999999999999999999"] {
             ex.set_var("w", bad);
-            let f = weight(Some(&s), &ex).unwrap_err();
+            let f = weight(Some(&s), &ex, 1).unwrap_err();
             assert_eq!(f.code, "policies.ratelimit.InvalidMessageWeight", "{bad}");
             assert_eq!(f.status, 500);
         }
         ex.set_var("w", "");
-        assert_eq!(weight(Some(&s), &ex).unwrap(), 1, "unset: the default");
+        assert_eq!(weight(Some(&s), &ex, 1).unwrap(), 1, "unset: the default");
         ex.set_var("w", " 4 ");
-        assert_eq!(weight(Some(&s), &ex).unwrap(), 4);
-        assert_eq!(weight(None, &ex).unwrap(), 1);
+        assert_eq!(weight(Some(&s), &ex, 1).unwrap(), 4);
+        assert_eq!(weight(None, &ex, 1).unwrap(), 1);
+        // Count-only: 0 counts nothing; negative still fails.
+        ex.set_var("w", "0");
+        assert_eq!(weight(Some(&s), &ex, 0).unwrap(), 0);
+        ex.set_var("w", "-1");
+        assert!(weight(Some(&s), &ex, 0).is_err());
     }
 
     #[test]

@@ -17,9 +17,16 @@
 //! Decisions are made on a local mirror (`remote` count last read from Redis + `pending`
 //! local count); every `interval` a task sends the pending counts in one pipeline (the same
 //! script, count-only) and reads the totals back. Each replica can admit up to the limit
-//! minus the last total it read, so the overshoot is at most what the *other* replicas admit
-//! in one interval: ≤ (replicas − 1) × (admission rate per replica) × interval, and never
-//! more than (replicas − 1) × limit per window.
+//! minus the last total it read, which lacks what the others admitted since their last sync
+//! before it (syncs are not aligned, so up to two intervals of the others' admissions): the
+//! overshoot is ≤ replicas × (admission rate per replica) × interval, and never more than
+//! (replicas − 1) × limit per window.
+//!
+//! Mirrors are bounded by `--counter-max-keys`: a new identifier finding the table full
+//! first evicts mirrors with nothing to send that were not used for an interval (at most
+//! every 100 ms; an evicted one is read back from Redis at the next sync after its next
+//! use), and if it is still full counts on its policy's overflow counter
+//! ([`Window::overflow_key`]), in Redis like any other, as the memory table does.
 //!
 //! # Redis down
 //!
@@ -32,7 +39,7 @@
 //! down Redis every interval (so it stays marked down, and fail-closed policies keep
 //! answering 503, until it answers), and pending counts are kept and sent once it does.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -172,6 +179,11 @@ pub struct RedisCounters {
     down: AtomicBool,
     /// Asynchronous mode: mirrors by (key, window start).
     mirrors: DashMap<(u128, i64), Mirror>,
+    /// Entries in `mirrors` (`DashMap::len` locks every shard).
+    mirror_count: AtomicUsize,
+    max_mirrors: usize,
+    /// When idle mirrors were last evicted to make room (ms).
+    last_evict: AtomicI64,
 }
 
 impl std::fmt::Debug for RedisCounters {
@@ -189,8 +201,12 @@ fn wall_ms() -> i64 {
 
 impl RedisCounters {
     /// Connects (the first connection must succeed) and, in asynchronous mode, starts the
-    /// sync task.
-    pub async fn connect(url: &str, mode: SyncMode) -> Result<Arc<Self>, StoreError> {
+    /// sync task. `max_keys` bounds the asynchronous mirrors.
+    pub async fn connect(
+        url: &str,
+        mode: SyncMode,
+        max_keys: usize,
+    ) -> Result<Arc<Self>, StoreError> {
         let (mut conn, _, target) = command_connection(url).await?;
         match tokio::time::timeout(
             Duration::from_secs(2),
@@ -218,6 +234,9 @@ impl RedisCounters {
             down_until: AtomicI64::new(0),
             down: AtomicBool::new(false),
             mirrors: DashMap::new(),
+            mirror_count: AtomicUsize::new(0),
+            max_mirrors: max_keys.max(1),
+            last_evict: AtomicI64::new(i64::MIN),
         });
         if let SyncMode::Async { interval } = mode {
             let weak = Arc::downgrade(&this);
@@ -319,27 +338,84 @@ impl RedisCounters {
         }
     }
 
-    fn decide_mirror(&self, ask: Ask) -> Decision {
+    /// How many mirrors are held (asynchronous mode).
+    pub fn mirrors(&self) -> usize {
+        self.mirror_count.load(Ordering::Relaxed)
+    }
+
+    /// Drops mirrors with nothing pending or in flight that were not used for `idle_ms`.
+    fn evict_idle(&self, now: i64, idle_ms: i64) {
+        self.mirrors.retain(|_, m| {
+            m.pending > 0 || m.inflight > 0 || now.saturating_sub(m.touched) < idle_ms
+        });
+        self.count_mirrors();
+    }
+
+    fn count_mirrors(&self) {
+        let n = self.mirrors.len();
+        self.mirror_count.store(n, Ordering::Relaxed);
+        RL_METRICS.set_mirror_keys(n);
+    }
+
+    /// The mirror key of `ask`, switching `ask` to its overflow counter when the mirror
+    /// table is full.
+    fn mirror_key(&self, ask: &mut Ask) -> (u128, i64) {
         let start = match ask.window {
             Window::Fixed { start, .. } => start,
             _ => 0,
         };
+        let k = (ask.key.0, start);
+        if self.mirror_count.load(Ordering::Relaxed) < self.max_mirrors
+            || self.mirrors.contains_key(&k)
+        {
+            return k;
+        }
         let now = ask.now;
-        let mut m = self
-            .mirrors
-            .entry((ask.key.0, start))
-            .or_insert_with(|| Mirror {
-                expiry: match ask.window {
-                    Window::Fixed { end, .. } => end,
-                    Window::Flexi { len } => now.saturating_add(len),
-                    Window::Rolling { len } => now.saturating_add(Window::slot_len(len)),
-                },
-                ask: ask.clone(),
-                remote: 0,
-                pending: 0,
-                inflight: 0,
-                touched: now,
-            });
+        let last = self.last_evict.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= 100
+            && self
+                .last_evict
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            let idle_ms = match self.mode {
+                SyncMode::Async { interval } => {
+                    i64::try_from(interval.as_millis()).unwrap_or(i64::MAX)
+                }
+                SyncMode::Sync => 0,
+            };
+            self.evict_idle(now, idle_ms);
+        }
+        if self.mirror_count.load(Ordering::Relaxed) < self.max_mirrors {
+            return k;
+        }
+        RL_METRICS.overflow.inc();
+        ask.key = ask.window.overflow_key(ask.overflow);
+        (ask.key.0, start)
+    }
+
+    fn decide_mirror(&self, mut ask: Ask) -> Decision {
+        let key = self.mirror_key(&mut ask);
+        let now = ask.now;
+        let mut m = match self.mirrors.entry(key) {
+            dashmap::Entry::Occupied(o) => o.into_ref(),
+            dashmap::Entry::Vacant(v) => {
+                let n = self.mirror_count.fetch_add(1, Ordering::Relaxed) + 1;
+                RL_METRICS.set_mirror_keys(n);
+                v.insert(Mirror {
+                    expiry: match ask.window {
+                        Window::Fixed { end, .. } => end,
+                        Window::Flexi { len } => now.saturating_add(len),
+                        Window::Rolling { len } => now.saturating_add(Window::slot_len(len)),
+                    },
+                    ask: ask.clone(),
+                    remote: 0,
+                    pending: 0,
+                    inflight: 0,
+                    touched: now,
+                })
+            }
+        };
         if matches!(ask.window, Window::Flexi { .. })
             && now >= m.expiry
             && m.pending == 0
@@ -471,9 +547,7 @@ impl RedisCounters {
             }
             true
         });
-        RL_METRICS
-            .keys
-            .set(i64::try_from(self.mirrors.len()).unwrap_or(i64::MAX));
+        self.count_mirrors();
         if batch.is_empty() {
             return;
         }
@@ -534,6 +608,7 @@ mod tests {
             mode: Mode::EnforceAndCount,
             now: 0,
             fail_open: true,
+            overflow: Key(1),
         };
         assert_eq!(
             redis_key(&ask),

@@ -4,8 +4,10 @@
 //!   from the epoch): seconds, minutes, hours, days at midnight UTC, weeks on Sunday 00:00
 //!   UTC (as Apigee resets them), months on the 1st at 00:00 UTC;
 //! - calendar type: windows `interval` units long starting at `startTime`;
-//! - flexi and rolling types only need a length, measured from now ([`span_from`]), so a
-//!   month is as long as the calendar says from the first request.
+//! - flexi windows only need a length, measured from the first request ([`span_from`]), so a
+//!   month is as long as the calendar says from then;
+//! - rolling windows need a length that does not move with the clock, since their slots
+//!   are sized from it ([`rolling_len`]): a month there is 30 days.
 
 use chrono::{DateTime, Datelike, Months, NaiveDate, TimeZone, Utc};
 
@@ -150,6 +152,13 @@ pub fn span_from(now: i64, interval: u32, unit: Unit) -> i64 {
         Some(len) => len.saturating_mul(interval),
         None => add_months(utc(now), interval).map_or(i64::MAX / 2, |t| t.timestamp_millis() - now),
     }
+}
+
+/// How far a rolling window looks back: fixed units as they are, months as 30 days (a
+/// length measured from now would change with the month and reset the slots sized from it).
+pub fn rolling_len(interval: u32, unit: Unit) -> i64 {
+    let interval = i64::from(interval.max(1));
+    unit.fixed_ms().unwrap_or(30 * DAY).saturating_mul(interval)
 }
 
 /// Parses a calendar start time: RFC 3339 (`2026-01-01T00:00:00Z`) or Apigee's
