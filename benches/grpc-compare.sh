@@ -10,6 +10,8 @@
 # stream is a hit answered at request headers (there an immediate answer is required, and
 # its ratios to the empty flow are printed). Also tollgate's idle RSS. Loopback only.
 #
+# Target `verify-bare`: VerifyApiKey alone, without `verify`'s key stripping and identity
+# headers (so, like the empty flow, its answers carry no header mutation).
 # Target `jwt-fresh`: the /jwt flow, but every stream brings a token the verifier has not seen
 # (jwks_fixture signs 20000 distinct tokens, more than VerifyJwt's verified-token cache
 # holds, cycled by the load generator): a full RS256 signature check per stream.
@@ -140,6 +142,7 @@ for mix in $MIX; do
         empty) out=$(run "$TG_PID" "$TG_PORT" /empty/v1/chat/completions "$mix") ;;
         three) out=$(run "$TG_PID" "$TG_PORT" /three/v1/chat/completions "$mix") ;;
         verify) out=$(run "$TG_PID" "$TG_PORT" /verify/v1/chat/completions "$mix" --header "x-api-key:$BENCH_KEY") ;;
+        verify-bare) out=$(run "$TG_PID" "$TG_PORT" /verify-bare/v1/chat/completions "$mix" --header "x-api-key:$BENCH_KEY") ;;
         limits) out=$(run "$TG_PID" "$TG_PORT" /limits/v1/chat/completions "$mix" --header "x-api-key:$BENCH_KEY") ;;
         limits-sync) out=$(run "$SYNC_PID" "$SYNC_PORT" /limits/v1/chat/completions "$mix" --header "x-api-key:$BENCH_KEY") ;;
         limits-async) out=$(run "$ASYNC_PID" "$ASYNC_PORT" /limits/v1/chat/completions "$mix" --header "x-api-key:$BENCH_KEY") ;;
@@ -166,7 +169,7 @@ r, p, c, fr, fp, er, ep, ec = map(float, sys.argv[3:])
 ratio = lambda a, b: f"{a / b:5.2f}" if b else "  n/a"
 line = (f"mix={mix} target={t:12} rate={r:9.0f}/s p99={p / 1000:7.2f}ms cpu={c:6.1f}us/stream"
         f"  rate/floor={ratio(r, fr)}  p99/floor={ratio(p, fp)}")
-if t in ("verify", "cache", "js", "jwt", "jwt-fresh", "oas") or t.startswith("limits"):
+if t in ("verify", "verify-bare", "cache", "js", "jwt", "jwt-fresh", "oas") or t.startswith("limits"):
     line += f"  rate/empty={ratio(r, er)}  p99/empty={ratio(p, ep)}  cpu/empty={ratio(c, ec)}"
 print(line)
 PY
