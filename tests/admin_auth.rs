@@ -2,9 +2,17 @@
 //! token flag, guarded by the token of `--admin-token-file` or `--admin-token-env`, and
 //! refusing to start with a token shorter than 16 characters.
 
-use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+mod support;
+
+use support::{free_port, http_blocking};
+
+/// (status, body) of a GET with an optional bearer token.
+fn get(port: u16, path: &str, bearer: Option<&str>) -> (u16, String) {
+    http_blocking(port, "GET", path, bearer, None)
+}
 
 const CONFIG: &str = r#"
 apiVersion: tollgate.dev/v1alpha1
@@ -21,14 +29,6 @@ spec:
 "#;
 
 const TOKEN: &str = "a-token-of-24-characters";
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 struct Proc {
     child: Child,
@@ -77,35 +77,6 @@ fn start(extra: &[&str], env: &[(&str, &str)]) -> Proc {
         std::thread::sleep(Duration::from_millis(50));
     }
     p
-}
-
-/// A plain HTTP/1.0 GET with an optional bearer token: (status, body).
-fn get(port: u16, path: &str, bearer: Option<&str>) -> (u16, String) {
-    use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return (0, String::new());
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    let auth = bearer
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    if s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n{auth}\r\n").as_bytes())
-        .is_err()
-    {
-        return (0, String::new());
-    }
-    let mut buf = String::new();
-    let _ = s.read_to_string(&mut buf);
-    let status = buf
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = buf
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
 }
 
 #[test]

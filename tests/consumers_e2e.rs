@@ -3,7 +3,6 @@
 //! replicas on one real `redis-server`, a key created (and then revoked) through one
 //! replica takes effect on the other within 2 s.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -13,6 +12,15 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
     external_processor_client::ExternalProcessorClient, processing_request::Request,
     processing_response::Response, HttpHeaders, ProcessingRequest,
 };
+
+mod support;
+
+use support::free_port;
+
+/// (status, body) of a request to the (insecure) management API.
+fn http(port: u16, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    support::http_blocking(port, method, path, None, body)
+}
 
 const CONFIG: &str = r#"
 apiVersion: tollgate.dev/v1alpha1
@@ -33,14 +41,6 @@ spec:
   default: true
   request: [{policy: verify}]
 "#;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 struct Proc {
     child: Child,
@@ -79,35 +79,6 @@ fn start(config_dir: &Path, store_args: &[&str]) -> Proc {
         std::thread::sleep(Duration::from_millis(50));
     }
     p
-}
-
-/// A minimal HTTP/1.1 client (Connection: close): (status, body).
-fn http(port: u16, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
-    use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return (0, String::new());
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-    let body = body.unwrap_or("");
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    if s.write_all(req.as_bytes()).is_err() {
-        return (0, String::new());
-    }
-    let mut buf = String::new();
-    let _ = s.read_to_string(&mut buf);
-    let status = buf
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = buf
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
 }
 
 /// Creates app `name` for product `chat` and a key; returns (key id, clear key).
