@@ -4,7 +4,6 @@
 //! follows each policy's fail mode and counting resumes where it stood; an embedded-store
 //! replica keeps a day quota's count across `kill -9`.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -16,12 +15,13 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
 };
 use tonic::transport::Channel;
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+mod support;
+
+use support::free_port;
+
+/// (status, body) of a GET.
+fn http_get(port: u16, path: &str) -> (u16, String) {
+    support::http_blocking(port, "GET", path, None, None)
 }
 
 fn tail(path: &Path) -> String {
@@ -248,32 +248,6 @@ impl Tollgate {
             .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
             .unwrap_or(0.0)
     }
-}
-
-/// A minimal HTTP/1.1 GET: (status, body).
-fn http_get(port: u16, path: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return (0, String::new());
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-    if s.write_all(req.as_bytes()).is_err() {
-        return (0, String::new());
-    }
-    let mut buf = String::new();
-    let _ = s.read_to_string(&mut buf);
-    let status = buf
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (
-        status,
-        buf.split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default(),
-    )
 }
 
 fn config(text: &str) -> tempfile::TempDir {
