@@ -104,18 +104,36 @@ fn match_pieces(pieces: &[Piece], s: &str) -> bool {
 /// Empty segments (`//`) are let through: no literal, `*` or `{var}` matches an empty
 /// segment, so one can only fall under a trailing `**`, which allows whatever follows anyway.
 pub fn ambiguous_path(path: &str) -> bool {
-    if path.contains('\\') {
+    // Byte scans, no allocation: this runs on every verified request.
+    let b = path.as_bytes();
+    if b.contains(&b'\\') {
         return true;
     }
-    let lower = path.to_ascii_lowercase();
-    if lower.contains("%2f") || lower.contains("%5c") {
-        return true;
+    let escaped_separator = b
+        .windows(3)
+        .any(|w| w[0] == b'%' && matches!((w[1], w[2] | 0x20), (b'2', b'f') | (b'5', b'c')));
+    escaped_separator
+        || path.split('/').any(|seg| {
+            let seg = seg.split(';').next().unwrap_or(seg);
+            is_dot_segment(seg.as_bytes())
+        })
+}
+
+/// `.` or `..`, each dot raw or as `%2e` / `%2E`.
+fn is_dot_segment(mut seg: &[u8]) -> bool {
+    let mut dots = 0;
+    while !seg.is_empty() {
+        seg = match seg {
+            [b'.', rest @ ..] => rest,
+            [b'%', b'2', e, rest @ ..] if *e | 0x20 == b'e' => rest,
+            _ => return false,
+        };
+        dots += 1;
+        if dots > 2 {
+            return false;
+        }
     }
-    lower.split('/').any(|seg| {
-        let seg = seg.split(';').next().unwrap_or(seg);
-        let seg = seg.replace("%2e", ".");
-        seg == "." || seg == ".."
-    })
+    dots > 0
 }
 
 /// A compiled path template.
@@ -507,6 +525,11 @@ mod tests {
         assert!(ambiguous_path("/a/%2E/b"));
         assert!(ambiguous_path("/a%2F..%2Fb"));
         assert!(ambiguous_path("/a\\b"));
+        assert!(ambiguous_path("/a/.%2e/b"));
+        assert!(ambiguous_path("/a/%2e"));
+        assert!(!ambiguous_path("/a/.../b"));
+        assert!(!ambiguous_path("/a/%2e%2e%2e/b"));
+        assert!(!ambiguous_path("/a/%2/b"));
         assert!(!ambiguous_path("/a/b.c/..d/e.."));
         assert!(!ambiguous_path("/a//b"));
         assert!(!ambiguous_path("/v1/models/{model}:predict"));
