@@ -86,6 +86,23 @@ impl fmt::Display for Value {
     }
 }
 
+/// A JSON value as a flow variable: scalars as themselves (`null` as empty text), arrays
+/// and objects as their JSON text.
+impl From<&serde_json::Value> for Value {
+    fn from(v: &serde_json::Value) -> Self {
+        match v {
+            serde_json::Value::String(s) => Value::Str(s.clone()),
+            serde_json::Value::Bool(b) => Value::Bool(*b),
+            serde_json::Value::Number(n) => match n.as_i64() {
+                Some(i) => Value::Int(i),
+                None => Value::Float(n.as_f64().unwrap_or_default()),
+            },
+            serde_json::Value::Null => Value::Str(String::new()),
+            other => Value::Str(other.to_string()),
+        }
+    }
+}
+
 impl From<&str> for Value {
     fn from(s: &str) -> Self {
         Value::Str(s.to_owned())

@@ -521,18 +521,6 @@ impl VarSource for CalloutVars {
     }
 }
 
-fn json_value(v: &serde_json::Value) -> Value {
-    match v {
-        serde_json::Value::String(s) => Value::Str(s.clone()),
-        serde_json::Value::Bool(b) => Value::Bool(*b),
-        serde_json::Value::Number(n) => match n.as_i64() {
-            Some(i) => Value::Int(i),
-            None => Value::Float(n.as_f64().unwrap_or_default()),
-        },
-        serde_json::Value::Null => Value::Str(String::new()),
-        other => Value::Str(other.to_string()),
-    }
-}
 
 
 fn is_idempotent(m: &Method) -> bool {
@@ -613,7 +601,7 @@ impl ServiceCallout {
                 let doc = parsed.ok_or_else(|| Failure(502, "ResponseNotJson", "error", "callout response is not JSON".into()))?;
                 for (name, path) in &self.json {
                     if let Some(v) = path.query(&doc).first() {
-                        vars.json.push((name.clone(), json_value(v)));
+                        vars.json.push((name.clone(), Value::from(v)));
                     }
                 }
             }

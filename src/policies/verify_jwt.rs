@@ -475,14 +475,10 @@ impl VarSource for ClaimVars {
     }
 }
 
+/// A claim as a flow variable: an array of scalars (`aud`, `scope`-like lists) as its items
+/// joined by commas, anything else as [`Value::from`] makes it.
 fn claim_value(v: &serde_json::Value) -> Value {
     match v {
-        serde_json::Value::String(s) => Value::Str(s.clone()),
-        serde_json::Value::Bool(b) => Value::Bool(*b),
-        serde_json::Value::Number(n) => match n.as_i64() {
-            Some(i) => Value::Int(i),
-            None => Value::Float(n.as_f64().unwrap_or_default()),
-        },
         serde_json::Value::Array(a) if a.iter().all(|x| !x.is_array() && !x.is_object()) => {
             Value::Str(
                 a.iter()
@@ -494,8 +490,7 @@ fn claim_value(v: &serde_json::Value) -> Value {
                     .join(","),
             )
         }
-        serde_json::Value::Null => Value::Str(String::new()),
-        other => Value::Str(other.to_string()),
+        other => Value::from(other),
     }
 }
 

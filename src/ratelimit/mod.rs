@@ -85,15 +85,7 @@ pub struct Key(pub u128);
 
 impl Key {
     pub fn new(parts: &[&[u8]]) -> Self {
-        let mut h = Sha256::new();
-        for p in parts {
-            h.update((p.len() as u64).to_le_bytes());
-            h.update(p);
-        }
-        let d = h.finalize();
-        let mut b = [0u8; 16];
-        b.copy_from_slice(&d[..16]);
-        Key(u128::from_le_bytes(b))
+        KeyPrefix::new(&[]).finish(parts)
     }
 
     pub fn hex(self) -> String {
