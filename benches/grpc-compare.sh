@@ -20,19 +20,26 @@
 # ../shared/data/openai-openapi-3.1.yaml, read in place, never copied into the repository),
 # compared with the empty flow, which is sent the same buffered body.
 #
-# Traffic limits (issue 4): `limits` is VerifyApiKey + SpikeArrest + Quota on the main
-# tollgate (in-memory counters); `limits-sync` and `limits-async` are the same flow on two
-# more tollgate processes counting quotas in a local redis-server (--counters redis,
-# --counter-sync sync|async). Each is also printed as a ratio to the empty flow; targets:
-# memory >= 0.90, Redis sync >= 0.50, Redis async >= 0.85 (headers mix).
+# Traffic limits (issue 4): `limits` is VerifyApiKey + SpikeArrest + Quota, each with its
+# defaults, on the main tollgate (in-memory counters); `limits-sync` and `limits-async` are
+# the same flow on two more tollgate processes counting quotas in a local redis-server
+# (--counters redis, --counter-sync sync|async). Each is also printed as a ratio to the empty
+# flow; targets: memory >= 0.90, Redis sync >= 0.50, Redis async >= 0.85 (headers mix).
+# `limits-full` adds the optional header work: key stripped, two identity headers, and the
+# x-ratelimit-* response headers.
+#
+# Each round runs every target once, starting one target later than the round before.
+# Ratios to the empty flow are printed twice: the ratio of the medians, and the median (with
+# quartiles) of the per-round ratios, which pairs runs made seconds apart and so cancels
+# most of a shared machine's drift.
 #
 #   benches/grpc-compare.sh
 #   MIX=headers TARGETS="empty limits limits-sync limits-async" benches/grpc-compare.sh
 #   MIX=body TARGETS="empty oas" benches/grpc-compare.sh
 # Environment: DURATION=5 (seconds per run), ROUNDS=3, MIX="headers body sse",
 #              CONCURRENCY=32, CONNECTIONS=2,
-#              TARGETS="floor empty three verify cache limits limits-sync limits-async js jwt
-#                       jwt-fresh oas"
+#              TARGETS="floor empty three verify verify-bare cache limits limits-full limits-sync
+#                       limits-async js jwt jwt-fresh oas"
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -41,7 +48,7 @@ ROUNDS="${ROUNDS:-3}"
 MIX="${MIX:-headers body sse}"
 CONCURRENCY="${CONCURRENCY:-32}"
 CONNECTIONS="${CONNECTIONS:-2}"
-TARGETS="${TARGETS:-floor empty three verify cache limits limits-sync limits-async js jwt jwt-fresh oas}"
+TARGETS="${TARGETS:-floor empty three verify verify-bare cache limits limits-full limits-sync limits-async js jwt jwt-fresh oas}"
 # The key of the app `bench-app` in benches/configs/bench.yaml (stored there as its SHA-256).
 BENCH_KEY=tg_bench_key_0000000000000000
 
@@ -134,8 +141,12 @@ median() { python3 -c 'import statistics,sys; print(statistics.median(float(x) f
 
 for mix in $MIX; do
   declare -A R=() P=() C=()
+  read -ra TLIST <<<"$TARGETS"
   for round in $(seq "$ROUNDS"); do
-    for t in $TARGETS; do
+    # Each round starts one target later, so no flow always runs first or right after
+    # another (the machine's state drifts within a round).
+    k=$(( (round - 1) % ${#TLIST[@]} ))
+    for t in "${TLIST[@]:k}" "${TLIST[@]:0:k}"; do
       [ "$t" = oas ] && [ "$mix" != body ] && continue # the OpenAI operation requires its body
       case $t in
         floor) out=$(run "$FLOOR_PID" "$FLOOR_PORT" /v1/chat/completions "$mix") ;;
@@ -144,6 +155,7 @@ for mix in $MIX; do
         verify) out=$(run "$TG_PID" "$TG_PORT" /verify/v1/chat/completions "$mix" --header "x-api-key:$BENCH_KEY") ;;
         verify-bare) out=$(run "$TG_PID" "$TG_PORT" /verify-bare/v1/chat/completions "$mix" --header "x-api-key:$BENCH_KEY") ;;
         limits) out=$(run "$TG_PID" "$TG_PORT" /limits/v1/chat/completions "$mix" --header "x-api-key:$BENCH_KEY") ;;
+        limits-full) out=$(run "$TG_PID" "$TG_PORT" /limits-full/v1/chat/completions "$mix" --header "x-api-key:$BENCH_KEY") ;;
         limits-sync) out=$(run "$SYNC_PID" "$SYNC_PORT" /limits/v1/chat/completions "$mix" --header "x-api-key:$BENCH_KEY") ;;
         limits-async) out=$(run "$ASYNC_PID" "$ASYNC_PORT" /limits/v1/chat/completions "$mix" --header "x-api-key:$BENCH_KEY") ;;
         cache) out=$(ALLOW_IMMEDIATE=1 run "$TG_PID" "$TG_PORT" /cache/v1/chat/completions "$mix") ;;
@@ -162,15 +174,21 @@ for mix in $MIX; do
   for t in $TARGETS; do
     [ -n "${R[$t]:-}" ] || continue
     r=$(median ${R[$t]}); p=$(median ${P[$t]}); c=$(median ${C[$t]})
-    python3 - "$mix" "$t" "$r" "$p" "$c" "$fr" "$fp" "$er" "$ep" "$ec" <<'PY'
-import sys
+    python3 - "$mix" "$t" "$r" "$p" "$c" "$fr" "$fp" "$er" "$ep" "$ec" "${R[$t]}" "${R[empty]:-}" <<'PY'
+import statistics, sys
 mix, t = sys.argv[1:3]
-r, p, c, fr, fp, er, ep, ec = map(float, sys.argv[3:])
+r, p, c, fr, fp, er, ep, ec = map(float, sys.argv[3:11])
+# Paired: each round's rate over the empty flow's rate in the same round (both ran within
+# seconds of each other), then the median and quartiles of those ratios.
+pairs = [a / b for a, b in zip(map(float, sys.argv[11].split()), map(float, sys.argv[12].split())) if b]
 ratio = lambda a, b: f"{a / b:5.2f}" if b else "  n/a"
 line = (f"mix={mix} target={t:12} rate={r:9.0f}/s p99={p / 1000:7.2f}ms cpu={c:6.1f}us/stream"
         f"  rate/floor={ratio(r, fr)}  p99/floor={ratio(p, fp)}")
 if t in ("verify", "verify-bare", "cache", "js", "jwt", "jwt-fresh", "oas") or t.startswith("limits"):
     line += f"  rate/empty={ratio(r, er)}  p99/empty={ratio(p, ep)}  cpu/empty={ratio(c, ec)}"
+    if len(pairs) >= 2:
+        q = statistics.quantiles(pairs, n=4, method="inclusive")
+        line += f"  paired rate/empty={statistics.median(pairs):.2f} [quartiles {q[0]:.2f}-{q[2]:.2f}]"
 print(line)
 PY
   done

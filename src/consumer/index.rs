@@ -104,19 +104,35 @@ fn match_pieces(pieces: &[Piece], s: &str) -> bool {
 /// Empty segments (`//`) are let through: no literal, `*` or `{var}` matches an empty
 /// segment, so one can only fall under a trailing `**`, which allows whatever follows anyway.
 pub fn ambiguous_path(path: &str) -> bool {
-    // Byte scans, no allocation: this runs on every verified request.
+    // One byte scan, no allocation: this runs on every verified request. Most paths have
+    // no dot, `%` or backslash and are done after the first loop.
     let b = path.as_bytes();
-    if b.contains(&b'\\') {
-        return true;
+    if !b.iter().any(|c| matches!(c, b'.' | b'%' | b'\\')) {
+        return false;
     }
-    let escaped_separator = b
-        .windows(3)
-        .any(|w| w[0] == b'%' && matches!((w[1], w[2] | 0x20), (b'2', b'f') | (b'5', b'c')));
-    escaped_separator
-        || path.split('/').any(|seg| {
-            let seg = seg.split(';').next().unwrap_or(seg);
-            is_dot_segment(seg.as_bytes())
-        })
+    let mut seg_start = 0;
+    // Where the segment's `;` parameters begin (`..;x` is still `..`).
+    let mut params: Option<usize> = None;
+    for (i, &c) in b.iter().enumerate() {
+        match c {
+            b'\\' => return true,
+            b'%' if i + 2 < b.len()
+                && matches!((b[i + 1], b[i + 2] | 0x20), (b'2', b'f') | (b'5', b'c')) =>
+            {
+                return true
+            }
+            b'/' => {
+                if is_dot_segment(&b[seg_start..params.unwrap_or(i)]) {
+                    return true;
+                }
+                seg_start = i + 1;
+                params = None;
+            }
+            b';' if params.is_none() => params = Some(i),
+            _ => {}
+        }
+    }
+    is_dot_segment(&b[seg_start..params.unwrap_or(b.len())])
 }
 
 /// `.` or `..`, each dot raw or as `%2e` / `%2E`.
@@ -533,5 +549,37 @@ mod tests {
         assert!(!ambiguous_path("/a/b.c/..d/e.."));
         assert!(!ambiguous_path("/a//b"));
         assert!(!ambiguous_path("/v1/models/{model}:predict"));
+        assert!(ambiguous_path("/a/..;x/b"));
+        assert!(!ambiguous_path("/a/b;../c"));
+        assert!(ambiguous_path("/a/%5Cb"));
+        assert!(!ambiguous_path("/a/b%2"));
+    }
+
+    /// The one-pass scan agrees with the plain reading (split on `/`, drop `;` parameters,
+    /// look for dot segments; any backslash or encoded separator) on every path over an
+    /// alphabet of the bytes that matter, up to six bytes long.
+    #[test]
+    fn ambiguous_path_agrees_with_the_plain_reading() {
+        fn plain(path: &str) -> bool {
+            let lower = path.to_ascii_lowercase();
+            path.contains('\\')
+                || lower.contains("%2f")
+                || lower.contains("%5c")
+                || path
+                    .split('/')
+                    .any(|seg| is_dot_segment(seg.split(';').next().unwrap_or(seg).as_bytes()))
+        }
+        let alphabet = ['/', '.', '%', '2', 'e', 'F', ';', 'a', '\\'];
+        let mut paths = vec![String::new()];
+        for _ in 0..6 {
+            let next: Vec<String> = paths
+                .iter()
+                .flat_map(|p| alphabet.iter().map(move |c| format!("{p}{c}")))
+                .collect();
+            for p in &next {
+                assert_eq!(ambiguous_path(p), plain(p), "{p:?}");
+            }
+            paths = next;
+        }
     }
 }
