@@ -321,6 +321,18 @@ impl ConsumerIndex {
         model: Option<&str>,
         now_ms: i64,
     ) -> Result<Verified, Refusal> {
+        self.verify_at(key, method, path, model, || now_ms)
+    }
+
+    /// [`Self::verify`], reading the clock (`now_ms`) only for a key that expires.
+    pub fn verify_at(
+        &self,
+        key: &str,
+        method: &str,
+        path: &str,
+        model: Option<&str>,
+        now_ms: impl FnOnce() -> i64,
+    ) -> Result<Verified, Refusal> {
         let digest = key_digest(key);
         let (stored, (app, i)) = self
             .by_hash
@@ -337,7 +349,7 @@ impl ConsumerIndex {
             KeyStatus::Revoked => return Err(Refusal::KeyRevoked),
             KeyStatus::Pending => return Err(Refusal::KeyPending),
         }
-        if k.expires_at.is_some_and(|e| e <= now_ms) {
+        if k.expires_at.is_some_and(|e| e <= now_ms()) {
             return Err(Refusal::KeyExpired);
         }
         if app.status == AppStatus::Revoked {

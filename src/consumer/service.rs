@@ -54,6 +54,12 @@ impl Consumers {
         self.index.load_full()
     }
 
+    /// The index for one short read on the data path: no reference count is touched (an
+    /// `Arc` clone per request is an atomic write to one cache line from every core).
+    pub fn index_guard(&self) -> arc_swap::Guard<Arc<ConsumerIndex>> {
+        self.index.load()
+    }
+
     /// True when a configuration file defines this product (the API may not change it).
     pub fn is_file_product(&self, name: &str) -> bool {
         self.objects

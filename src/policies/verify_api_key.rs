@@ -348,14 +348,15 @@ impl VerifyApiKey {
         } else {
             Some(model)
         };
-        let index = self.consumers.index();
-        let verified = index
-            .verify(
+        let verified = self
+            .consumers
+            .index_guard()
+            .verify_at(
                 key,
                 &ex.request.method,
                 ex.request.path(),
                 model.as_deref(),
-                now_ms(),
+                now_ms,
             )
             .map_err(|r| match r {
                 Refusal::UnknownKey => unauthorized("oauth.v2.InvalidApiKey", "Invalid ApiKey"),
