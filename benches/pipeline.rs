@@ -1,9 +1,10 @@
 //! Criterion micro-benchmarks of tollgate's own work per exchange, without gRPC: one
 //! headers-only exchange (request headers + response headers) through the stream state
 //! machine, on the flows of `benches/configs/bench.yaml` that `benches/grpc-compare.sh`
-//! drives (empty, three AssignMessage steps with a condition, VerifyApiKey, one JavaScript
-//! step); and single policy runs: one JavaScript step, one VerifyJwt (RS256) of a token it
-//! has verified before (the verified-token cache hit, the common case).
+//! drives (empty, three AssignMessage steps with a condition, VerifyApiKey with and without
+//! its header work, the limits flows, one JavaScript step); and single policy runs: one
+//! JavaScript step, one VerifyJwt (RS256) of a token it has verified before (the
+//! verified-token cache hit, the common case).
 //!
 //! `cargo bench --bench pipeline`
 //!
@@ -103,6 +104,12 @@ fn bench(c: &mut Criterion) {
         ("exchange/empty_flow", "/empty/x"),
         ("exchange/three_assign_and_condition", "/three/x"),
         ("exchange/verify_api_key", "/verify/v1/chat/completions"),
+        (
+            "exchange/verify_api_key_bare",
+            "/verify-bare/v1/chat/completions",
+        ),
+        ("exchange/limits", "/limits/v1/chat/completions"),
+        ("exchange/limits_full", "/limits-full/v1/chat/completions"),
         ("exchange/javascript_set_header", "/js/x"),
     ] {
         c.bench_function(name, |b| b.iter(|| rt.block_on(exchange(&shared, path))));
