@@ -46,47 +46,16 @@ log "building tollgate and the upstream"
 TOLLGATE_BIN="$ROOT/target/release/tollgate"
 UPSTREAM_BIN="$ROOT/target/release/examples/upstream"
 
-WORK="$(mktemp -d /tmp/limitador-compare.XXXXXX)"
-PIDS=()
-cleanup() {
-  local p
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-  if [[ "${KEEP:-0}" == 1 ]]; then log "work dir kept: $WORK"; else rm -rf "$WORK"; fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+# shellcheck source=benches/lib.sh
+source "$ROOT/benches/lib.sh"
+bench_init limitador-compare
+read -r UP_PORT LISTEN_PORT ADMIN_PORT TG_PORT TG_ADMIN RLS_PORT RLS_HTTP <<<"$(free_ports 7)"
 
-read -r UP_PORT LISTEN_PORT ADMIN_PORT TG_PORT TG_ADMIN RLS_PORT RLS_HTTP <<<"$(python3 - <<'PY'
-import socket
-socks = []
-for _ in range(7):
-    s = socket.socket(); s.bind(("127.0.0.1", 0)); socks.append(s)
-print(" ".join(str(s.getsockname()[1]) for s in socks))
-PY
-)"
-
-wait_for() { # wait_for SECONDS PID CMD...
-  local secs="$1" pid="$2"; shift 2
-  local end=$((SECONDS + secs))
-  until "$@" >/dev/null 2>&1; do
-    kill -0 "$pid" 2>/dev/null || return 1
-    ((SECONDS < end)) || return 1
-    sleep 0.1
-  done
-}
-port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-start() { # start NAME CMD...
-  local name="$1"; shift
-  "$@" >"$WORK/$name.log" 2>&1 &
-  LAST_PID=$!
-  PIDS+=("$LAST_PID")
-}
 stop_envoy() {
   local pid="$1" i
   curl -s -o /dev/null -X POST --max-time 2 "http://127.0.0.1:$ADMIN_PORT/quitquitquit" || true
   for ((i = 0; i < 100; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-  kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true
+  stop "$pid"
 }
 
 # The same limit on both sides: 10^12 per hour per API key.

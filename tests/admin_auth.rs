@@ -2,12 +2,12 @@
 //! token flag, guarded by the token of `--admin-token-file` or `--admin-token-env`, and
 //! refusing to start with a token shorter than 16 characters.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod support;
 
-use support::{free_port, http_blocking};
+use support::{free_port, http_blocking, serve_command, ServeProcess};
 
 /// (status, body) of a GET with an optional bearer token.
 fn get(port: u16, path: &str, bearer: Option<&str>) -> (u16, String) {
@@ -30,53 +30,20 @@ spec:
 
 const TOKEN: &str = "a-token-of-24-characters";
 
-struct Proc {
-    child: Child,
-    admin: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn command(dir: &tempfile::TempDir, admin: u16, extra: &[&str]) -> Command {
-    std::fs::write(dir.path().join("c.yaml"), CONFIG).unwrap();
-    let mut c = Command::new(env!("CARGO_BIN_EXE_tollgate"));
-    c.arg("serve")
-        .arg("--config")
-        .arg(dir.path())
-        .args(["--grpc-addr", &format!("127.0.0.1:{}", free_port())])
-        .args(["--admin-addr", &format!("127.0.0.1:{admin}")])
-        .args(["--store", "memory"])
-        .args(extra)
+fn command(dir: &tempfile::TempDir, grpc: u16, admin: u16, extra: &[&str]) -> Command {
+    let mut c = serve_command(dir.path(), CONFIG, grpc, admin);
+    c.args(extra)
         .env_remove("TOLLGATE_ADMIN_TOKEN_FILE")
         .stdout(Stdio::null());
     c
 }
 
-fn start(extra: &[&str], env: &[(&str, &str)]) -> Proc {
+fn start(extra: &[&str], env: &[(&str, &str)]) -> ServeProcess {
     let dir = tempfile::tempdir().unwrap();
-    let admin = free_port();
-    let child = command(&dir, admin, extra)
-        .envs(env.iter().copied())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let p = Proc {
-        child,
-        admin,
-        _dir: dir,
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while get(p.admin, "/readyz", None).0 != 200 {
-        assert!(Instant::now() < deadline, "tollgate did not become ready");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    p
+    let (grpc, admin) = (free_port(), free_port());
+    let mut c = command(&dir, grpc, admin, extra);
+    c.envs(env.iter().copied()).stderr(Stdio::null());
+    ServeProcess::ready(&mut c, dir, grpc, admin)
 }
 
 #[test]
@@ -127,7 +94,7 @@ fn a_token_env_guards_the_api() {
 /// Exits with an error, and its stderr, when tollgate refuses to start.
 fn refused(extra: &[&str], env: &[(&str, &str)]) -> String {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = command(&dir, free_port(), extra)
+    let mut child = command(&dir, free_port(), free_port(), extra)
         .envs(env.iter().copied())
         .stderr(Stdio::piped())
         .spawn()

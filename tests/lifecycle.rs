@@ -1,8 +1,7 @@
 //! The `tollgate` process: gRPC health, SIGHUP reload, and graceful shutdown on SIGTERM
 //! (not ready first, open streams drain, then exit 0).
 
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
@@ -15,6 +14,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic_health::pb::{
     health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
 };
+
+mod support;
+
+use support::{free_port, http_blocking, serve_command, ServeProcess};
 
 const CONFIG: &str = r#"
 apiVersion: tollgate.dev/v1alpha1
@@ -30,88 +33,23 @@ spec:
   request: [{policy: tag}]
 "#;
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Proc {
-    child: Child,
-    grpc: u16,
-    admin: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(extra: &[&str]) -> Proc {
+fn start(extra: &[&str]) -> ServeProcess {
     start_in(tempfile::tempdir().unwrap(), extra)
 }
 
-fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Proc {
-    std::fs::write(dir.path().join("c.yaml"), CONFIG).unwrap();
+fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> ServeProcess {
     let (grpc, admin) = (free_port(), free_port());
-    let child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .arg("serve")
-        .arg("--config")
-        .arg(dir.path())
-        .args(["--grpc-addr", &format!("127.0.0.1:{grpc}")])
-        .args(["--admin-addr", &format!("127.0.0.1:{admin}")])
-        .args(["--store", "memory"])
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let p = Proc {
-        child,
-        grpc,
-        admin,
-        _dir: dir,
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while get(p.admin, "/readyz").0 != 200 {
-        assert!(Instant::now() < deadline, "tollgate did not become ready");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    p
+    let mut c = serve_command(dir.path(), CONFIG, grpc, admin);
+    c.args(extra).stdout(Stdio::null()).stderr(Stdio::null());
+    ServeProcess::ready(&mut c, dir, grpc, admin)
 }
 
-/// A plain HTTP/1.0 GET, returning (status, body); (0, "") when the port is closed.
+/// (status, body) of a GET; (0, "") when the port is closed.
 fn get(port: u16, path: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return (0, String::new());
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    if s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
-        .is_err()
-    {
-        return (0, String::new());
-    }
-    let mut buf = String::new();
-    let _ = s.read_to_string(&mut buf);
-    let status = buf
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = buf
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
+    http_blocking(port, "GET", path, None, None)
 }
 
-fn signal(p: &Proc, sig: &str) {
+fn signal(p: &ServeProcess, sig: &str) {
     let ok = Command::new("kill")
         .args([sig, &p.child.id().to_string()])
         .status()
@@ -120,7 +58,7 @@ fn signal(p: &Proc, sig: &str) {
     assert!(ok);
 }
 
-fn metric(p: &Proc, name: &str) -> Option<f64> {
+fn metric(p: &ServeProcess, name: &str) -> Option<f64> {
     let (_, body) = get(p.admin, "/metrics");
     body.lines()
         .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))

@@ -77,6 +77,54 @@ pub fn tollgate_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_tollgate"))
 }
 
+/// `tollgate serve` with `config` written to `dir/c.yaml` as its configuration, on loopback
+/// ports `grpc` and `admin`, with the in-memory store; output not redirected.
+pub fn serve_command(dir: &Path, config: &str, grpc: u16, admin: u16) -> Command {
+    std::fs::write(dir.join("c.yaml"), config).expect("write the configuration");
+    let mut c = Command::new(tollgate_bin());
+    c.arg("serve")
+        .arg("--config")
+        .arg(dir)
+        .args(["--grpc-addr", &format!("127.0.0.1:{grpc}")])
+        .args(["--admin-addr", &format!("127.0.0.1:{admin}")])
+        .args(["--store", "memory"]);
+    c
+}
+
+/// A `tollgate serve` child process (from plain threads), killed and reaped on drop.
+pub struct ServeProcess {
+    pub child: Child,
+    pub grpc: u16,
+    pub admin: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl ServeProcess {
+    /// Spawns `cmd` (a [`serve_command`] on `grpc` and `admin` in `dir`) and waits up to
+    /// 10 s for `/readyz` to answer 200.
+    pub fn ready(cmd: &mut Command, dir: tempfile::TempDir, grpc: u16, admin: u16) -> Self {
+        let p = Self {
+            child: cmd.spawn().expect("spawn tollgate"),
+            grpc,
+            admin,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while http_blocking(admin, "GET", "/readyz", None, None).0 != 200 {
+            assert!(Instant::now() < deadline, "tollgate did not become ready");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        p
+    }
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 static HANDED_OUT: LazyLock<Mutex<HashSet<u16>>> = LazyLock::new(|| Mutex::new(HashSet::new()));
 
 /// A free loopback port (bound to 127.0.0.1:0 and released). Never hands the same port out
