@@ -275,7 +275,74 @@ impl RedisCluster {
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
-        Self { nodes }
+        let cluster = Self { nodes };
+        cluster.wait_for_bus(deadline);
+        cluster
+    }
+
+    /// Waits until a `PUBLISH` on any node reaches a subscriber on every node. `cluster_state:ok`
+    /// can come before every cluster-bus link is up, and a message published meanwhile is
+    /// forwarded to no one: the change-feed tests would then see a loss the harness caused.
+    fn wait_for_bus(&self, deadline: Instant) {
+        // Raw RESP over TCP: a subscriber only has to find each round's tokens in what it reads.
+        let mut subscribers: Vec<TcpStream> = self
+            .nodes
+            .iter()
+            .map(|n| {
+                let mut s = TcpStream::connect(("127.0.0.1", n.port)).expect("connect to a node");
+                s.set_read_timeout(Some(Duration::from_millis(50)))
+                    .expect("read timeout");
+                s.write_all(b"SUBSCRIBE harness:probe\r\n")
+                    .expect("SUBSCRIBE");
+                s
+            })
+            .collect();
+        let mut publishers: Vec<redis::Connection> = self
+            .nodes
+            .iter()
+            .map(|n| {
+                redis::Client::open(n.url())
+                    .and_then(|c| c.get_connection())
+                    .expect("connect to a cluster node")
+            })
+            .collect();
+        for round in 0u32.. {
+            let tokens: Vec<String> = (0..publishers.len())
+                .map(|i| format!("probe-{round}-{i}"))
+                .collect();
+            for (con, token) in publishers.iter_mut().zip(&tokens) {
+                redis::cmd("PUBLISH")
+                    .arg("harness:probe")
+                    .arg(token)
+                    .exec(con)
+                    .expect("PUBLISH");
+            }
+            let mut all = true;
+            for s in &mut subscribers {
+                let mut heard = String::new();
+                let until = Instant::now() + Duration::from_millis(300);
+                let mut buf = [0u8; 4096];
+                while !tokens
+                    .iter()
+                    .all(|t| heard.contains(&format!("\r\n{t}\r\n")))
+                    && Instant::now() < until
+                {
+                    if let Ok(n) = s.read(&mut buf) {
+                        heard.push_str(&String::from_utf8_lossy(&buf[..n]));
+                    }
+                }
+                all &= tokens
+                    .iter()
+                    .all(|t| heard.contains(&format!("\r\n{t}\r\n")));
+            }
+            if all {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the cluster bus never carried every message"
+            );
+        }
     }
 
     /// A cluster URL naming these nodes as seeds.
