@@ -1146,6 +1146,85 @@ mod redis_only {
         .await
     }
 
+    /// A write whose notice never went out (the writer's PUBLISH timed out, a cluster-bus link
+    /// was down) is found by the counter check and answered with a full re-read.
+    #[tokio::test]
+    async fn a_lost_notice_is_found_and_resynced() {
+        bounded(async {
+            let server = RedisServer::start();
+            let a = RedisStore::connect(&server.url()).await.unwrap();
+            let b = RedisStore::connect(&server.url()).await.unwrap();
+            let mut b_rx = b.subscribe();
+            a.put_product(&product("gold"), Write::Create)
+                .await
+                .unwrap();
+            assert_eq!(next_change(&mut b_rx).await, Change::Product("gold".into()));
+
+            // What a writer does when its PUBLISH is lost: the write and the increment.
+            let client = redis::Client::open(server.url()).unwrap();
+            let mut con = client.get_multiplexed_async_connection().await.unwrap();
+            let json = serde_json::to_string(&product("silver")).unwrap();
+            redis::pipe()
+                .cmd("HSET")
+                .arg(tollgate::store::redis_store::PRODUCTS_KEY)
+                .arg("silver")
+                .arg(json)
+                .cmd("INCR")
+                .arg(tollgate::store::redis_store::SEQ_KEY)
+                .exec_async(&mut con)
+                .await
+                .unwrap();
+            let started = Instant::now();
+            assert_eq!(next_change(&mut b_rx).await, Change::Resync);
+            // Two checks at most, whatever the phase of the check clock.
+            assert!(
+                started.elapsed() <= tollgate::store::redis_store::GAP_CHECK_EVERY * 3,
+                "{:?}",
+                started.elapsed()
+            );
+            assert!(
+                tollgate::telemetry::METRICS
+                    .render()
+                    .contains("tollgate_store_feed_resyncs_total{reason=\"gap\"}"),
+                "gap resyncs are counted"
+            );
+            // Heard notices after the re-read are in order again: no further resync.
+            a.put_product(&product("bronze"), Write::Create)
+                .await
+                .unwrap();
+            assert_eq!(
+                next_change(&mut b_rx).await,
+                Change::Product("bronze".into())
+            );
+            tokio::time::sleep(tollgate::store::redis_store::GAP_CHECK_EVERY * 3).await;
+            assert!(b_rx.is_empty(), "no spurious resync");
+        })
+        .await
+    }
+
+    /// Stores on two databases of one Redis do not hear each other's notices (pub/sub
+    /// channels span databases, so each database has its own).
+    #[tokio::test]
+    async fn databases_have_their_own_feeds() {
+        bounded(async {
+            let server = RedisServer::start();
+            let db1 = format!("redis://127.0.0.1:{}/1", server.port);
+            let a = RedisStore::connect(&server.url()).await.unwrap();
+            let b = RedisStore::connect(&db1).await.unwrap();
+            let b2 = RedisStore::connect(&db1).await.unwrap();
+            let mut a_rx = a.subscribe();
+            let mut b_rx = b.subscribe();
+            b2.put_app(&app("a1"), Write::Create).await.unwrap();
+            assert_eq!(next_change(&mut b_rx).await, Change::App("a1".into()));
+            a.put_app(&app("a2"), Write::Create).await.unwrap();
+            assert_eq!(next_change(&mut a_rx).await, Change::App("a2".into()));
+            tokio::time::sleep(tollgate::store::redis_store::GAP_CHECK_EVERY * 3).await;
+            assert!(a_rx.is_empty() && b_rx.is_empty(), "nothing crossed over");
+            assert_eq!(a.get_app("a1").await.unwrap(), None);
+        })
+        .await
+    }
+
     #[tokio::test]
     async fn an_outage_is_unavailable_quickly_and_recovers() {
         bounded(async {

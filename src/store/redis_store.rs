@@ -18,24 +18,32 @@
 //!
 //! # Change feed
 //!
-//! After each successful write the writer publishes `product:<name>` or `app:<name>` on the
-//! channel `tollgate:changes`. Every replica (the writer too) holds a dedicated pub/sub
-//! connection in a background task and forwards what it hears to its
-//! [`Store::subscribe`] receivers. That task reconnects by itself with back-off (trying each
-//! seed node in turn for a cluster, where a classic `PUBLISH` reaches every node), and after a
-//! reconnect sends [`Change::Resync`], because messages published meanwhile are lost. Pub/sub
-//! channels are not scoped to a database number: deployments sharing one Redis hear each
-//! other's changes, which only costs a re-read.
+//! After each successful write the writer increments the counter `tollgate:{changes}:seq` and
+//! publishes `<seq> product:<name>` or `<seq> app:<name>` on the channel `tollgate:changes`
+//! (`tollgate:changes:<db>` for a database other than 0: pub/sub channels are not scoped to a
+//! database). Every replica (the writer too) holds a dedicated pub/sub connection in a
+//! background task and forwards what it hears to its [`Store::subscribe`] receivers. That task
+//! reconnects by itself with back-off (trying each seed node in turn for a cluster, where a
+//! classic `PUBLISH` reaches every node), and after a reconnect sends [`Change::Resync`],
+//! because messages published meanwhile are lost.
+//!
+//! Pub/sub delivers at most once, and a notice can also be lost while the connection stays
+//! up: the writer's `PUBLISH` timed out after its write, or a cluster-bus link between two
+//! nodes was down. So the task also reads the counter every [`GAP_CHECK_EVERY`]; when it has
+//! stood above the notices heard for a whole check, a notice is missing and the task sends
+//! `Resync`. A lost change is seen within about two checks instead of never.
 //!
 //! Commands go through a `ConnectionManager` (single) or a `ClusterConnection` (cluster), both
 //! reconnecting by themselves; each command is bounded by [`COMMAND_TIMEOUT`], so a dead Redis
 //! answers [`StoreError::Unavailable`] quickly instead of hanging.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use futures_util::StreamExt;
+use prometheus::IntCounterVec;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::{Cmd, FromRedisValue, RedisFuture, Value};
 use tokio::sync::broadcast;
@@ -58,6 +66,13 @@ pub fn kvm_key(map: &str) -> String {
 }
 
 pub const CHANGES_CHANNEL: &str = "tollgate:changes";
+/// The counter each write increments before announcing itself; notices carry its value, so a
+/// replica can tell that one went missing.
+pub const SEQ_KEY: &str = "tollgate:{changes}:seq";
+/// How often the change feed compares the counter with the notices it heard.
+pub const GAP_CHECK_EVERY: Duration = Duration::from_millis(500);
+/// Notices heard out of order that the gap check keeps; past this it stops waiting and resyncs.
+const MAX_AHEAD: usize = 4096;
 /// The scheme of Redis Cluster URLs.
 pub const CLUSTER_SCHEME: &str = "redis+cluster://";
 
@@ -136,6 +151,27 @@ impl ConnectionLike for Conn {
     }
 }
 
+/// Change-feed re-reads by reason: `reconnect` (the pub/sub connection was re-established),
+/// `gap` (a numbered notice never arrived), `counter_reset` (the counter went back: Redis
+/// lost its data).
+static FEED_RESYNCS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    let c = IntCounterVec::new(
+        prometheus::Opts::new(
+            "tollgate_store_feed_resyncs_total",
+            "Full re-reads of the Redis store requested by the change feed, by reason",
+        ),
+        &["reason"],
+    )
+    .expect("valid metric");
+    if let Err(e) = crate::telemetry::METRICS
+        .registry
+        .register(Box::new(c.clone()))
+    {
+        tracing::warn!(error = %e, "store feed metric not registered");
+    }
+    c
+});
+
 /// Aborts the subscriber task when the store goes away.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
@@ -152,6 +188,8 @@ pub struct RedisStore {
     update: redis::Script,
     update_object: redis::Script,
     changes: broadcast::Sender<Change>,
+    /// The pub/sub channel of this database.
+    channel: String,
     _subscriber: AbortOnDrop,
 }
 
@@ -245,46 +283,210 @@ async fn bounded<T>(
     }
 }
 
+/// The change channel of database `db`.
+fn changes_channel(db: i64) -> String {
+    if db == 0 {
+        CHANGES_CHANNEL.to_owned()
+    } else {
+        format!("{CHANGES_CHANNEL}:{db}")
+    }
+}
+
 /// A subscribed pub/sub connection to one node.
-async fn subscribe(client: &redis::Client) -> redis::RedisResult<redis::aio::PubSub> {
+async fn subscribe(
+    client: &redis::Client,
+    channel: &str,
+) -> redis::RedisResult<redis::aio::PubSub> {
     let mut pubsub = client.get_async_pubsub().await?;
-    pubsub.subscribe(CHANGES_CHANNEL).await?;
+    pubsub.subscribe(channel).await?;
     Ok(pubsub)
 }
 
-/// Reads a change notice; anything unknown asks for a full re-read.
-fn parse_change(payload: &[u8]) -> Change {
-    let Ok(text) = std::str::from_utf8(payload) else {
-        return Change::Resync;
+/// Reads a change notice and its number, if it has one; anything unknown asks for a full
+/// re-read.
+fn parse_notice(payload: &[u8]) -> (Option<u64>, Change) {
+    let Ok(mut text) = std::str::from_utf8(payload) else {
+        return (None, Change::Resync);
     };
-    match text.split_once(':') {
+    let mut seq = None;
+    // Unnumbered notices start with a letter, so a leading number is unambiguous.
+    if let Some((n, rest)) = text.split_once(' ') {
+        if let Ok(n) = n.parse::<u64>() {
+            seq = Some(n);
+            text = rest;
+        }
+    }
+    let change = match text.split_once(':') {
         Some(("product", name)) => Change::Product(name.to_owned()),
         Some(("app", name)) => Change::App(name.to_owned()),
         _ => Change::Resync,
-    }
+    };
+    (seq, change)
 }
 
-fn change_message(change: &Change) -> String {
-    match change {
+fn change_message(seq: Option<u64>, change: &Change) -> String {
+    let text = match change {
         Change::Product(name) => format!("product:{name}"),
         Change::App(name) => format!("app:{name}"),
         Change::Resync => "resync".to_owned(),
+    };
+    match seq {
+        Some(n) => format!("{n} {text}"),
+        None => text,
     }
 }
 
-/// Forwards messages until the connection is lost.
-async fn pump(pubsub: redis::aio::PubSub, tx: &broadcast::Sender<Change>) {
+/// What the change feed has heard of the write counter, to find notices that never came.
+#[derive(Debug, Default)]
+struct Heard {
+    /// Every notice up to this number was heard, or predates the subscription; `None` until
+    /// the counter could be read.
+    through: Option<u64>,
+    /// Numbers heard beyond `through`.
+    ahead: BTreeSet<u64>,
+    /// The counter at the previous check, when it stood above `through`.
+    suspect: Option<u64>,
+}
+
+/// What a counter check found.
+#[derive(Debug, PartialEq, Eq)]
+enum Check {
+    Fine,
+    /// A notice at or below the counter of the previous check has still not come.
+    Gap,
+    /// The counter is below what was heard: Redis lost its data or was flushed.
+    CounterReset,
+}
+
+impl Heard {
+    /// Everything up to `counter` is accounted for (it was read before the consumer's next
+    /// full read).
+    fn start_at(&mut self, counter: u64) {
+        self.through = Some(counter);
+        self.ahead.retain(|&n| n > counter);
+        self.suspect = None;
+        self.advance();
+    }
+
+    fn advance(&mut self) {
+        if let Some(t) = self.through.as_mut() {
+            while self.ahead.remove(&(*t + 1)) {
+                *t += 1;
+            }
+        }
+    }
+
+    fn heard(&mut self, seq: u64) {
+        if self.through.is_some_and(|t| seq <= t) {
+            return;
+        }
+        if self.through.is_none() && self.ahead.len() >= MAX_AHEAD {
+            // Kept only for the first check, which drops what it covers.
+            self.ahead.pop_first();
+        }
+        self.ahead.insert(seq);
+        self.advance();
+    }
+
+    /// Compares the counter read now with what was heard. After `Gap` or `CounterReset` the
+    /// caller sends `Resync` and calls `start_at(counter)`.
+    fn check(&mut self, counter: u64) -> Check {
+        let Some(through) = self.through else {
+            self.start_at(counter);
+            return Check::Fine;
+        };
+        if counter < through || self.ahead.last().is_some_and(|&n| n > counter) {
+            return Check::CounterReset;
+        }
+        // A notice is published right after its increment, so one whole check is plenty of
+        // time for it to arrive.
+        if self.suspect.is_some_and(|s| through < s) || self.ahead.len() > MAX_AHEAD {
+            return Check::Gap;
+        }
+        self.suspect = (counter > through).then_some(counter);
+        Check::Fine
+    }
+}
+
+/// Reads the write counter (0 before the first write).
+async fn read_counter(conn: &Conn) -> redis::RedisResult<u64> {
+    let mut conn = conn.clone();
+    let n: Option<u64> = redis::cmd("GET")
+        .arg(SEQ_KEY)
+        .query_async(&mut conn)
+        .await?;
+    Ok(n.unwrap_or(0))
+}
+
+/// The feed's view of the counter: where to read it, and what was heard.
+struct Sequence {
+    conn: Conn,
+    heard: Heard,
+}
+
+impl Sequence {
+    /// Starts counting from the counter as it is now; on failure the first check will.
+    async fn restart(&mut self) {
+        self.heard = Heard::default();
+        if let Ok(Ok(n)) = tokio::time::timeout(COMMAND_TIMEOUT, read_counter(&self.conn)).await {
+            self.heard.start_at(n);
+        }
+    }
+
+    /// Reads the counter; `Some(reason)` when the consumer must re-read everything.
+    async fn check(&mut self) -> Option<&'static str> {
+        let n = match tokio::time::timeout(COMMAND_TIMEOUT, read_counter(&self.conn)).await {
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "redis change counter unreadable");
+                return None;
+            }
+            Err(_) => {
+                tracing::debug!("redis change counter read timed out");
+                return None;
+            }
+        };
+        let reason = match self.heard.check(n) {
+            Check::Fine => return None,
+            Check::Gap => "gap",
+            Check::CounterReset => "counter_reset",
+        };
+        self.heard.start_at(n);
+        Some(reason)
+    }
+}
+
+fn resync(tx: &broadcast::Sender<Change>, reason: &'static str) {
+    FEED_RESYNCS.with_label_values(&[reason]).inc();
+    let _ = tx.send(Change::Resync);
+}
+
+/// Forwards messages and checks the counter until the connection is lost.
+async fn pump(pubsub: redis::aio::PubSub, tx: &broadcast::Sender<Change>, seq: &mut Sequence) {
     let (mut sink, mut stream) = pubsub.split();
     let mut ping = tokio::time::interval(PING_EVERY);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ping.tick().await;
+    let mut gaps = tokio::time::interval(GAP_CHECK_EVERY);
+    gaps.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    gaps.tick().await;
     loop {
         tokio::select! {
             msg = stream.next() => match msg {
                 Some(msg) => {
-                    let _ = tx.send(parse_change(msg.get_payload_bytes()));
+                    let (n, change) = parse_notice(msg.get_payload_bytes());
+                    if let Some(n) = n {
+                        seq.heard.heard(n);
+                    }
+                    let _ = tx.send(change);
                 }
                 None => return,
+            },
+            _ = gaps.tick() => {
+                if let Some(reason) = seq.check().await {
+                    tracing::warn!(reason, "redis change feed missed a notice; resyncing");
+                    resync(tx, reason);
+                }
             },
             _ = ping.tick() => {
                 match tokio::time::timeout(COMMAND_TIMEOUT, sink.ping::<Value>()).await {
@@ -308,14 +510,16 @@ async fn pump(pubsub: redis::aio::PubSub, tx: &broadcast::Sender<Change>) {
 async fn follow(
     nodes: Vec<redis::Client>,
     target: String,
+    channel: String,
     first: redis::aio::PubSub,
+    mut seq: Sequence,
     tx: broadcast::Sender<Change>,
 ) {
     let mut current = Some(first);
     let mut next = 0usize;
     loop {
         if let Some(pubsub) = current.take() {
-            pump(pubsub, &tx).await;
+            pump(pubsub, &tx, &mut seq).await;
             tracing::warn!(redis = %target, "redis change feed lost; reconnecting");
         }
         let mut backoff = BACKOFF_MIN;
@@ -324,12 +528,14 @@ async fn follow(
                 return;
             };
             next = next.wrapping_add(1);
-            match tokio::time::timeout(CONNECT_TIMEOUT, subscribe(client)).await {
+            match tokio::time::timeout(CONNECT_TIMEOUT, subscribe(client, &channel)).await {
                 Ok(Ok(pubsub)) => {
                     tracing::info!(redis = %target, "redis change feed reconnected; resyncing");
                     current = Some(pubsub);
+                    // Read before the consumer's full re-read, which covers what came before.
+                    seq.restart().await;
                     // Whatever was published while disconnected is lost: re-read everything.
-                    let _ = tx.send(Change::Resync);
+                    resync(&tx, "reconnect");
                     break;
                 }
                 Ok(Err(e)) => {
@@ -414,10 +620,11 @@ impl RedisStore {
         .await?;
 
         // Subscribe before returning, so no change made afterwards is missed.
+        let channel = changes_channel(store_conn.get_db());
         let mut first = None;
         let mut last_error = None;
         for client in &nodes {
-            match tokio::time::timeout(CONNECT_TIMEOUT, subscribe(client)).await {
+            match tokio::time::timeout(CONNECT_TIMEOUT, subscribe(client, &channel)).await {
                 Ok(Ok(p)) => {
                     first = Some(p);
                     break;
@@ -433,14 +640,28 @@ impl RedisStore {
                 last_error.unwrap_or_else(|| "no node".to_owned()),
             ));
         };
+        // Read after subscribing: every later write is then heard or found missing.
+        let mut seq = Sequence {
+            conn: store_conn.clone(),
+            heard: Heard::default(),
+        };
+        seq.restart().await;
         let changes = broadcast::channel(1024).0;
-        let task = tokio::spawn(follow(nodes, display.clone(), first, changes.clone()));
+        let task = tokio::spawn(follow(
+            nodes,
+            display.clone(),
+            channel.clone(),
+            first,
+            seq,
+            changes.clone(),
+        ));
         Ok(Self {
             conn: store_conn,
             target: display,
             update: redis::Script::new(UPDATE_SCRIPT),
             update_object: redis::Script::new(UPDATE_OBJECT_SCRIPT),
             changes,
+            channel,
             _subscriber: AbortOnDrop(task),
         })
     }
@@ -474,12 +695,21 @@ impl RedisStore {
         bounded(&self.target, what, COMMAND_TIMEOUT, attempts).await
     }
 
-    /// Announces a change to every replica. The write itself succeeded, so a failure here is
-    /// logged, not returned: replicas whose feed was cut resync when it comes back.
+    /// Numbers and announces a change to every replica. The write itself succeeded, so a
+    /// failure here is logged, not returned: a notice that is not published leaves the
+    /// counter above what replicas hear, and their gap check re-reads everything.
     async fn publish(&self, change: Change) {
+        let incr = redis::cmd("INCR").arg(SEQ_KEY).clone();
+        let seq = match self.query::<u64>("INCR", &incr).await {
+            Ok(n) => Some(n),
+            Err(e) => {
+                tracing::warn!(error = %e, ?change, "cannot number a store change");
+                None
+            }
+        };
         let cmd = redis::cmd("PUBLISH")
-            .arg(CHANGES_CHANNEL)
-            .arg(change_message(&change))
+            .arg(&self.channel)
+            .arg(change_message(seq, &change))
             .clone();
         if let Err(e) = self.query::<Value>("PUBLISH", &cmd).await {
             tracing::warn!(error = %e, ?change, "cannot announce a store change");
@@ -719,12 +949,101 @@ mod tests {
     fn change_messages() {
         for c in [
             Change::Product("a:b ü".into()),
+            Change::Product("12 b".into()),
             Change::App("x".into()),
             Change::Resync,
         ] {
-            assert_eq!(parse_change(change_message(&c).as_bytes()), c);
+            for seq in [None, Some(0), Some(u64::MAX)] {
+                assert_eq!(
+                    parse_notice(change_message(seq, &c).as_bytes()),
+                    (seq, c.clone())
+                );
+            }
         }
-        assert_eq!(parse_change(b"\xff"), Change::Resync);
-        assert_eq!(parse_change(b"kvm:x"), Change::Resync);
+        assert_eq!(parse_notice(b"\xff"), (None, Change::Resync));
+        assert_eq!(parse_notice(b"kvm:x"), (None, Change::Resync));
+        assert_eq!(parse_notice(b"-1 app:x"), (None, Change::Resync));
+        assert_eq!(changes_channel(0), "tollgate:changes");
+        assert_eq!(changes_channel(3), "tollgate:changes:3");
+    }
+
+    #[test]
+    fn heard_in_order_is_fine() {
+        let mut h = Heard::default();
+        h.start_at(10);
+        assert_eq!(h.check(12), Check::Fine);
+        h.heard(12);
+        h.heard(11);
+        assert_eq!(h.through, Some(12));
+        assert!(h.ahead.is_empty());
+        assert_eq!(h.check(12), Check::Fine);
+        assert_eq!(h.check(12), Check::Fine);
+        // Notices that predate the start are ignored.
+        h.heard(3);
+        assert_eq!(h.through, Some(12));
+    }
+
+    #[test]
+    fn a_notice_in_flight_gets_one_check() {
+        let mut h = Heard::default();
+        h.start_at(0);
+        assert_eq!(h.check(1), Check::Fine);
+        h.heard(1);
+        assert_eq!(h.check(2), Check::Fine);
+        h.heard(2);
+        assert_eq!(h.check(2), Check::Fine);
+    }
+
+    #[test]
+    fn a_lost_notice_is_a_gap_on_the_next_check() {
+        let mut h = Heard::default();
+        h.start_at(5);
+        h.heard(7);
+        assert_eq!(h.check(7), Check::Fine);
+        // 6 never comes; 8 does.
+        h.heard(8);
+        assert_eq!(h.check(8), Check::Gap);
+        h.start_at(8);
+        assert_eq!((h.through, h.ahead.len()), (Some(8), 0));
+        assert_eq!(h.check(8), Check::Fine);
+        assert_eq!(h.check(8), Check::Fine);
+    }
+
+    #[test]
+    fn an_unpublished_change_is_a_gap() {
+        let mut h = Heard::default();
+        h.start_at(0);
+        assert_eq!(h.check(1), Check::Fine);
+        assert_eq!(h.check(1), Check::Gap);
+    }
+
+    #[test]
+    fn a_counter_that_goes_back_is_a_reset() {
+        let mut h = Heard::default();
+        h.start_at(9);
+        assert_eq!(h.check(2), Check::CounterReset);
+        let mut h = Heard::default();
+        h.start_at(0);
+        h.heard(4);
+        assert_eq!(h.check(1), Check::CounterReset);
+    }
+
+    #[test]
+    fn an_unknown_start_is_set_by_the_first_check() {
+        let mut h = Heard::default();
+        h.heard(4);
+        assert_eq!(h.check(4), Check::Fine);
+        assert_eq!(h.through, Some(4));
+        assert_eq!(h.check(4), Check::Fine);
+    }
+
+    #[test]
+    fn too_many_out_of_order_is_a_gap() {
+        let mut h = Heard::default();
+        h.start_at(0);
+        for n in 2..(MAX_AHEAD as u64 + 3) {
+            h.heard(n);
+        }
+        assert_eq!(h.check(MAX_AHEAD as u64 + 2), Check::Gap);
     }
 }
