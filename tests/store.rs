@@ -230,18 +230,23 @@ struct RedisCluster {
     nodes: Vec<RedisServer>,
 }
 
+/// A command connection to each node.
+fn connect_all(nodes: &[RedisServer]) -> Vec<redis::Connection> {
+    nodes
+        .iter()
+        .map(|n| {
+            redis::Client::open(n.url())
+                .and_then(|c| c.get_connection())
+                .expect("connect to a cluster node")
+        })
+        .collect()
+}
+
 impl RedisCluster {
     fn start() -> Self {
         let nodes: Vec<RedisServer> = (0..3).map(|_| RedisServer::start_with(true)).collect();
         let ranges = [(0, 5460), (5461, 10922), (10923, 16383)];
-        let mut cons: Vec<redis::Connection> = nodes
-            .iter()
-            .map(|n| {
-                redis::Client::open(n.url())
-                    .and_then(|c| c.get_connection())
-                    .expect("connect to a cluster node")
-            })
-            .collect();
+        let mut cons = connect_all(&nodes);
         for (con, (from, to)) in cons.iter_mut().zip(ranges) {
             redis::cmd("CLUSTER")
                 .arg("ADDSLOTSRANGE")
@@ -297,15 +302,7 @@ impl RedisCluster {
                 s
             })
             .collect();
-        let mut publishers: Vec<redis::Connection> = self
-            .nodes
-            .iter()
-            .map(|n| {
-                redis::Client::open(n.url())
-                    .and_then(|c| c.get_connection())
-                    .expect("connect to a cluster node")
-            })
-            .collect();
+        let mut publishers = connect_all(&self.nodes);
         for round in 0u32.. {
             let tokens: Vec<String> = (0..publishers.len())
                 .map(|i| format!("probe-{round}-{i}"))
