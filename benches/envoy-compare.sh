@@ -63,22 +63,6 @@ source "$ROOT/benches/lib.sh"
 bench_init envoy-compare
 read -r UP_PORT FLOOR_PORT LISTEN_PORT ADMIN_PORT TG_PORT TG_ADMIN <<<"$(free_ports 6)"
 
-# Envoy 1.40 can segfault when it shuts down while ext_proc gRPC streams are still open (they
-# linger for a few ms after the HTTP requests end). So: wait until the ext_proc cluster has no
-# active request (at most 5 s), then /quitquitquit; SIGTERM only if still running 10 s later.
-stop_envoy() {
-  local pid="$1" i active
-  for ((i = 0; i < 100; i++)); do
-    active="$(curl -s --max-time 2 "http://127.0.0.1:$ADMIN_PORT/stats?filter=^cluster\.ext_proc_cluster\.upstream_rq_active\$" \
-      | awk -F': ' '{print $2}')"
-    [[ "${active:-0}" == 0 ]] && break
-    sleep 0.05
-  done
-  curl -s -o /dev/null -X POST --max-time 2 "http://127.0.0.1:$ADMIN_PORT/quitquitquit" || true
-  for ((i = 0; i < 100; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-  stop "$pid"
-}
-
 start upstream "$UPSTREAM_BIN" --addr "127.0.0.1:$UP_PORT"
 wait_for 10 "$LAST_PID" port_open "$UP_PORT" || die "upstream did not start: $(tail -5 "$WORK/upstream.log")"
 start floor "$FLOOR_BIN" --addr "127.0.0.1:$FLOOR_PORT"
@@ -109,7 +93,7 @@ open(f"{sys.argv[1]}/post.lua", "w").write(
     f'wrk.body = [==[{body}]==]\n')
 PY
 
-# bootstrap FILE EXTPROC_HOST:PORT|"" -- based on /work/shared/reference/envoy-ext-proc.yaml
+# bootstrap FILE EXTPROC_HOST:PORT|""
 bootstrap() {
   local file="$1" ext="$2" per_route="" filter="" cluster=""
   if [[ -n "$ext" ]]; then
@@ -145,57 +129,15 @@ bootstrap() {
               response_attributes: ["response.code"]
               metadata_options:
                 receiving_namespaces: {untyped: ["policy"]}'
-    cluster="
-  - name: ext_proc_cluster
-    type: STATIC
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {http2_protocol_options: {}}
-    load_assignment:
-      cluster_name: ext_proc_cluster
-      endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: ${ext%:*}, port_value: ${ext##*:}}}}}]}]"
+    cluster="$(grpc_cluster ext_proc_cluster "${ext%:*}" "${ext##*:}")"
   fi
-  cat >"$file" <<EOF
-admin: {address: {socket_address: {address: 127.0.0.1, port_value: $ADMIN_PORT}}}
-layered_runtime:
-  layers:
-  - name: static
-    static_layer: {envoy.reloadable_features.ext_proc_graceful_grpc_close: true}
-static_resources:
-  listeners:
-  - name: ingress
-    address: {socket_address: {address: 127.0.0.1, port_value: $LISTEN_PORT}}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: ingress_http
-          route_config:
-            virtual_hosts:
-            - name: llm
-              domains: ["*"]
-              routes:
-              - match: {prefix: "/v1/chat/completions"}
+  envoy_bootstrap "$file" "\
+              - match: {prefix: \"/v1/chat/completions\"}
                 route: {cluster: upstream, timeout: 0s}$per_route
-              - match: {prefix: "/sse"}
+              - match: {prefix: \"/sse\"}
                 route: {cluster: upstream, timeout: 0s}$per_route
-              - match: {prefix: "/"}
-                route: {cluster: upstream}
-          http_filters:$filter
-          - name: envoy.filters.http.router
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-  clusters:$cluster
-  - name: upstream
-    type: STATIC
-    connect_timeout: 1s
-    load_assignment:
-      cluster_name: upstream
-      endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: $UP_PORT}}}}]}]
-EOF
+              - match: {prefix: \"/\"}
+                route: {cluster: upstream}" "$filter" "$cluster"
 }
 
 # to_us VALUE-WITH-UNIT (wrk style: 512.00us, 1.20ms, 2.01s, 1.00m)

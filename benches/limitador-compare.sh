@@ -51,13 +51,6 @@ source "$ROOT/benches/lib.sh"
 bench_init limitador-compare
 read -r UP_PORT LISTEN_PORT ADMIN_PORT TG_PORT TG_ADMIN RLS_PORT RLS_HTTP <<<"$(free_ports 7)"
 
-stop_envoy() {
-  local pid="$1" i
-  curl -s -o /dev/null -X POST --max-time 2 "http://127.0.0.1:$ADMIN_PORT/quitquitquit" || true
-  for ((i = 0; i < 100; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-  stop "$pid"
-}
-
 # The same limit on both sides: 10^12 per hour per API key.
 cat >"$WORK/limits.yaml" <<'EOF'
 - namespace: bench
@@ -93,21 +86,6 @@ RUST_LOG=warn start tollgate "$TOLLGATE_BIN" serve --config "$WORK/tollgate" --s
 TOLLGATE_PID=$LAST_PID
 wait_for 30 "$TOLLGATE_PID" curl -sf "http://127.0.0.1:$TG_ADMIN/readyz" || die "tollgate not ready: $(tail -20 "$WORK/tollgate.log")"
 
-grpc_cluster() { # NAME PORT
-  cat <<EOF
-  - name: $1
-    type: STATIC
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {http2_protocol_options: {}}
-    load_assignment:
-      cluster_name: $1
-      endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: $2}}}}]}]
-EOF
-}
-
 bootstrap() { # FILE none|limitador|tollgate
   local file="$1" kind="$2" filter="" rate_limits="" cluster=""
   case "$kind" in
@@ -126,7 +104,7 @@ bootstrap() { # FILE none|limitador|tollgate
               rate_limit_service:
                 transport_api_version: V3
                 grpc_service: {envoy_grpc: {cluster_name: rls}}'
-      cluster="$(grpc_cluster rls "$RLS_PORT")" ;;
+      cluster="$(grpc_cluster rls 127.0.0.1 "$RLS_PORT")" ;;
     tollgate)
       filter='
           - name: envoy.filters.http.ext_proc
@@ -142,45 +120,12 @@ bootstrap() { # FILE none|limitador|tollgate
                 response_body_mode: NONE
                 request_trailer_mode: SKIP
                 response_trailer_mode: SKIP'
-      cluster="$(grpc_cluster ext_proc_cluster "$TG_PORT")" ;;
+      cluster="$(grpc_cluster ext_proc_cluster 127.0.0.1 "$TG_PORT")" ;;
   esac
-  cat >"$file" <<EOF
-admin: {address: {socket_address: {address: 127.0.0.1, port_value: $ADMIN_PORT}}}
-layered_runtime:
-  layers:
-  - name: static
-    static_layer: {envoy.reloadable_features.ext_proc_graceful_grpc_close: true}
-static_resources:
-  listeners:
-  - name: ingress
-    address: {socket_address: {address: 127.0.0.1, port_value: $LISTEN_PORT}}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: ingress_http
-          route_config:
-            virtual_hosts:
-            - name: api
-              domains: ["*"]
-              routes:
-              - match: {prefix: "/"}
+  envoy_bootstrap "$file" "\
+              - match: {prefix: \"/\"}
                 route:
-                  cluster: upstream$rate_limits
-          http_filters:$filter
-          - name: envoy.filters.http.router
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-  clusters:
-$cluster
-  - name: upstream
-    type: STATIC
-    connect_timeout: 1s
-    load_assignment:
-      cluster_name: upstream
-      endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: $UP_PORT}}}}]}]
-EOF
+                  cluster: upstream$rate_limits" "$filter" "$cluster"
 }
 
 KINDS=(none limitador tollgate)
