@@ -408,41 +408,43 @@ impl Heard {
     }
 }
 
-/// Reads the write counter (0 before the first write).
-async fn read_counter(conn: &Conn) -> redis::RedisResult<u64> {
-    let mut conn = conn.clone();
-    let n: Option<u64> = redis::cmd("GET")
-        .arg(SEQ_KEY)
-        .query_async(&mut conn)
-        .await?;
-    Ok(n.unwrap_or(0))
-}
-
-/// The feed's view of the counter: where to read it, and what was heard.
+/// The feed's view of the write counter: where to read it, and what was heard.
 struct Sequence {
     conn: Conn,
+    /// The URL without its password, for messages.
+    target: String,
     heard: Heard,
 }
 
 impl Sequence {
+    /// Reads the write counter (0 before the first write).
+    async fn read(&self) -> Result<u64, StoreError> {
+        let mut conn = self.conn.clone();
+        let cmd = redis::cmd("GET").arg(SEQ_KEY).clone();
+        let n: Option<u64> = bounded(
+            &self.target,
+            "read the change counter",
+            COMMAND_TIMEOUT,
+            cmd.query_async(&mut conn),
+        )
+        .await?;
+        Ok(n.unwrap_or(0))
+    }
+
     /// Starts counting from the counter as it is now; on failure the first check will.
     async fn restart(&mut self) {
         self.heard = Heard::default();
-        if let Ok(Ok(n)) = tokio::time::timeout(COMMAND_TIMEOUT, read_counter(&self.conn)).await {
+        if let Ok(n) = self.read().await {
             self.heard.start_at(n);
         }
     }
 
     /// Reads the counter; `Some(reason)` when the consumer must re-read everything.
     async fn check(&mut self) -> Option<&'static str> {
-        let n = match tokio::time::timeout(COMMAND_TIMEOUT, read_counter(&self.conn)).await {
-            Ok(Ok(n)) => n,
-            Ok(Err(e)) => {
+        let n = match self.read().await {
+            Ok(n) => n,
+            Err(e) => {
                 tracing::debug!(error = %e, "redis change counter unreadable");
-                return None;
-            }
-            Err(_) => {
-                tracing::debug!("redis change counter read timed out");
                 return None;
             }
         };
@@ -509,7 +511,6 @@ async fn pump(pubsub: redis::aio::PubSub, tx: &broadcast::Sender<Change>, seq: &
 /// every reconnect.
 async fn follow(
     nodes: Vec<redis::Client>,
-    target: String,
     channel: String,
     first: redis::aio::PubSub,
     mut seq: Sequence,
@@ -520,7 +521,7 @@ async fn follow(
     loop {
         if let Some(pubsub) = current.take() {
             pump(pubsub, &tx, &mut seq).await;
-            tracing::warn!(redis = %target, "redis change feed lost; reconnecting");
+            tracing::warn!(redis = %seq.target, "redis change feed lost; reconnecting");
         }
         let mut backoff = BACKOFF_MIN;
         loop {
@@ -530,7 +531,7 @@ async fn follow(
             next = next.wrapping_add(1);
             match tokio::time::timeout(CONNECT_TIMEOUT, subscribe(client, &channel)).await {
                 Ok(Ok(pubsub)) => {
-                    tracing::info!(redis = %target, "redis change feed reconnected; resyncing");
+                    tracing::info!(redis = %seq.target, "redis change feed reconnected; resyncing");
                     current = Some(pubsub);
                     // Read before the consumer's full re-read, which covers what came before.
                     seq.restart().await;
@@ -539,9 +540,11 @@ async fn follow(
                     break;
                 }
                 Ok(Err(e)) => {
-                    tracing::debug!(redis = %target, error = %e, "redis change feed reconnect failed")
+                    tracing::debug!(redis = %seq.target, error = %e, "redis change feed reconnect failed")
                 }
-                Err(_) => tracing::debug!(redis = %target, "redis change feed reconnect timed out"),
+                Err(_) => {
+                    tracing::debug!(redis = %seq.target, "redis change feed reconnect timed out")
+                }
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(BACKOFF_MAX);
@@ -643,18 +646,12 @@ impl RedisStore {
         // Read after subscribing: every later write is then heard or found missing.
         let mut seq = Sequence {
             conn: store_conn.clone(),
+            target: display.clone(),
             heard: Heard::default(),
         };
         seq.restart().await;
         let changes = broadcast::channel(1024).0;
-        let task = tokio::spawn(follow(
-            nodes,
-            display.clone(),
-            channel.clone(),
-            first,
-            seq,
-            changes.clone(),
-        ));
+        let task = tokio::spawn(follow(nodes, channel.clone(), first, seq, changes.clone()));
         Ok(Self {
             conn: store_conn,
             target: display,
