@@ -699,6 +699,39 @@ async fn every_example_has_scenarios() {
     }
 }
 
+/// Files in the subdirectories of `policies/` (scripts, OpenAPI specs) are exercised through
+/// the examples that name them; none may sit there unused.
+#[test]
+fn every_supporting_file_is_used_by_an_example() {
+    let mut texts = Vec::new();
+    let mut supporting = Vec::new();
+    let mut dirs = vec![policies_dir()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+                continue;
+            }
+            texts.push((path.clone(), std::fs::read_to_string(&path).unwrap()));
+            if dir != policies_dir() {
+                supporting.push(path);
+            }
+        }
+    }
+    assert!(!supporting.is_empty());
+    for file in &supporting {
+        let name = file.file_name().unwrap().to_string_lossy();
+        assert!(
+            texts
+                .iter()
+                .any(|(other, text)| other != file && text.contains(name.as_ref())),
+            "{} is named by no example",
+            file.display()
+        );
+    }
+}
+
 #[tokio::test]
 async fn examples_load_and_behave() {
     let files = read_dir(&policies_dir()).expect("policies/ readable");
