@@ -64,6 +64,15 @@ struct ServeArgs {
     /// Largest ext_proc message accepted (a buffered body arrives in one message).
     #[arg(long, default_value_t = 16 * 1024 * 1024)]
     max_message_bytes: usize,
+    /// Whether the gateway honours ext_proc `mode_override` (Envoy's `allow_mode_override`).
+    /// With `denied`, a flow that needs a body the route does not send is refused before the
+    /// request is forwarded.
+    #[arg(long, value_enum, env = "TOLLGATE_MODE_OVERRIDE", default_value_t = tollgate::server::ModeOverride::Allowed)]
+    mode_override: tollgate::server::ModeOverride,
+    /// Body bytes all streams together may hold for body steps; past it new bodies are
+    /// refused with 503 `tollgate.BodyBufferFull`.
+    #[arg(long, env = "TOLLGATE_MAX_BUFFERED_BYTES", default_value_t = tollgate::server::DEFAULT_MAX_BUFFERED_BYTES)]
+    max_buffered_bytes: usize,
     /// PEM certificate chain for serving gRPC over TLS (with --tls-key).
     #[arg(long, env = "TOLLGATE_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -305,6 +314,8 @@ async fn run(args: Box<ServeArgs>) -> anyhow::Result<()> {
             reload_interval: args.reload_interval,
             drain_timeout: args.drain_timeout,
             max_message_bytes: args.max_message_bytes,
+            mode_override: args.mode_override,
+            max_buffered_bytes: args.max_buffered_bytes,
             tls: args.tls_cert.zip(args.tls_key),
             api_auth,
         },

@@ -16,7 +16,7 @@ use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value as PbValue};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tollgate::config::reload::{ConfigManager, ConfigSource};
-use tollgate::server::{NoMatch, Processor, Shared};
+use tollgate::server::{ModeOverride, NoMatch, Processor, Shared, StreamOptions};
 use tonic::{Code, Streaming};
 
 const CONFIG: &str = r#"
@@ -117,11 +117,19 @@ async fn start(config: &str, on_no_match: NoMatch) -> Server {
 }
 
 async fn start_in(dir: tempfile::TempDir, on_no_match: NoMatch) -> Server {
+    let opts = StreamOptions {
+        on_no_match,
+        ..StreamOptions::default()
+    };
+    start_with(dir, opts, 4 * 1024 * 1024).await
+}
+
+async fn start_with(dir: tempfile::TempDir, opts: StreamOptions, max_message: usize) -> Server {
     let cm = ConfigManager::load(ConfigSource::Dir(dir.path().to_path_buf())).unwrap();
-    let shared = Shared::new(cm, on_no_match);
+    let shared = Shared::with_options(cm, opts);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let svc = Processor::new(shared).into_service(4 * 1024 * 1024);
+    let svc = Processor::new(shared).into_service(max_message);
     let task = tokio::spawn(async move {
         tonic::transport::Server::builder()
             .add_service(svc)
@@ -560,26 +568,68 @@ async fn full_duplex_body_ended_by_trailers() {
     assert!(matches!(r.response, Some(Response::RequestTrailers(_))));
 }
 
+fn body_mutation(r: &ProcessingResponse) -> Option<&Mutation> {
+    common(r)
+        .and_then(|c| c.body_mutation.as_ref())
+        .and_then(|m| m.mutation.as_ref())
+}
+
 #[tokio::test]
-async fn streamed_mode_answers_every_chunk() {
+async fn streamed_mode_answers_every_chunk_but_holds_the_bytes() {
     let s = start(CONFIG, NoMatch::Continue).await;
     let mut c = Conv::open(&s).await;
-    c.ask(with_modes(
-        req_headers("POST", "/body", &[], false),
-        BodySendMode::Streamed,
-        BodySendMode::None,
-    ))
-    .await;
-    for (chunk, eos) in [(&b"ab"[..], false), (b"cd", false), (b"", true)] {
-        let r = c.ask(req_body(chunk, eos)).await;
+    let r = c
+        .ask(with_modes(
+            req_headers("POST", "/body", &[("content-length", "4")], false),
+            BodySendMode::Streamed,
+            BodySendMode::None,
+        ))
+        .await;
+    // The headers leave now, before the body is decided: its length cannot stay.
+    let removed = &common(&r)
+        .unwrap()
+        .header_mutation
+        .as_ref()
+        .unwrap()
+        .remove_headers;
+    assert!(removed.iter().any(|h| h == "content-length"), "{r:?}");
+    // Every chunk is answered at once (no message timeout), emptied: nothing passes yet.
+    for chunk in [&b"[1,"[..], b"2"] {
+        let r = c.ask(req_body(chunk, false)).await;
         assert!(matches!(r.response, Some(Response::RequestBody(_))));
+        assert_eq!(body_mutation(&r), Some(&Mutation::ClearBody(true)));
     }
+    // The last chunk carries the whole decided body.
+    let r = c.ask(req_body(b"]", true)).await;
+    assert_eq!(
+        body_mutation(&r),
+        Some(&Mutation::Body(br#"{"wrapped":[1,2]}"#.to_vec()))
+    );
     let r = c.ask(resp_headers("200", &[], true)).await;
     assert!(matches!(r.response, Some(Response::ResponseHeaders(_))));
 }
 
 #[tokio::test]
-async fn buffered_partial_body_is_processed_once() {
+async fn streamed_request_refused_by_a_body_step_released_nothing() {
+    let config = format!(
+        "{CONFIG}---\napiVersion: tollgate.dev/v1alpha1\nkind: Flow\nmetadata: {{name: gate}}\nspec:\n  match: {{pathPrefixes: [/gate]}}\n  request: [{{policy: tag}}, {{policy: wrap-body}}, {{policy: deny}}]\n"
+    );
+    let s = start(&config, NoMatch::Continue).await;
+    let mut c = Conv::open(&s).await;
+    c.ask(with_modes(
+        req_headers("POST", "/gate", &[], false),
+        BodySendMode::Streamed,
+        BodySendMode::None,
+    ))
+    .await;
+    let r = c.ask(req_body(b"secret", false)).await;
+    assert_eq!(body_mutation(&r), Some(&Mutation::ClearBody(true)));
+    let r = c.ask(req_body(b"", true)).await;
+    assert_eq!(immediate(&r).status.as_ref().unwrap().code, 403);
+}
+
+#[tokio::test]
+async fn buffered_partial_cut_body_is_refused_whole_body_processed() {
     let s = start(CONFIG, NoMatch::Continue).await;
     let mut c = Conv::open(&s).await;
     c.ask(with_modes(
@@ -588,8 +638,22 @@ async fn buffered_partial_body_is_processed_once() {
         BodySendMode::None,
     ))
     .await;
-    // Cut at Envoy's buffer limit: end_of_stream false, no more chunks follow.
+    // Cut at Envoy's buffer limit (end_of_stream false): the rest would pass undecided.
     let r = c.ask(req_body(b"1", false)).await;
+    let i = immediate(&r);
+    assert_eq!(i.status.as_ref().unwrap().code, 413);
+    assert!(String::from_utf8_lossy(&i.body).contains("BUFFERED_PARTIAL"));
+
+    // A body that fit whole is processed once, with its new length.
+    let mut c = Conv::open(&s).await;
+    c.ask(with_modes(
+        req_headers("POST", "/body", &[("content-length", "1")], false),
+        BodySendMode::BufferedPartial,
+        BodySendMode::None,
+    ))
+    .await;
+    let r = c.ask(req_body(b"1", true)).await;
+    assert_eq!(header(&r, "content-length").as_deref(), Some("13"));
     match common(&r)
         .unwrap()
         .body_mutation
@@ -657,10 +721,15 @@ async fn response_body_step_gets_the_body_by_override() {
         r.mode_override.unwrap().response_body_mode,
         BodySendMode::Streamed as i32
     );
+    // The step replaces the body: chunks are held (emptied) and the whole new body goes
+    // with the last one.
     let r = c.ask(resp_body(b"data: 1\n\n", false)).await;
-    assert!(common(&r).is_none());
+    assert_eq!(body_mutation(&r), Some(&Mutation::ClearBody(true)));
     let r = c.ask(resp_body(b"", true)).await;
-    assert!(matches!(r.response, Some(Response::ResponseBody(_))));
+    assert_eq!(
+        body_mutation(&r),
+        Some(&Mutation::Body(b"[data: 1\n\n]".to_vec()))
+    );
     c.finish().await;
 }
 
@@ -684,17 +753,187 @@ async fn body_over_the_flow_limit_is_413() {
     );
 }
 
-#[tokio::test]
-async fn request_body_never_sent_fails_closed_with_a_fix() {
-    let s = start(CONFIG, NoMatch::Continue).await;
-    let mut c = Conv::open(&s).await;
-    // No protocol_config: tollgate cannot override, and Envoy never sends the body.
-    let r = c.ask(req_headers("POST", "/body", &[], false)).await;
-    assert!(r.mode_override.is_none());
-    let r = c.ask(resp_headers("200", &[], true)).await;
-    let i = immediate(&r);
+fn assert_body_not_sent(r: &ProcessingResponse) {
+    let i = immediate(r);
     assert_eq!(i.status.as_ref().unwrap().code, 500);
-    assert!(String::from_utf8_lossy(&i.body).contains("request_body_mode BUFFERED"));
+    let body = String::from_utf8_lossy(&i.body);
+    assert!(body.contains("tollgate.RequestBodyNotReceived"), "{body}");
+    assert!(body.contains("request_body_mode BUFFERED"), "{body}");
+}
+
+#[tokio::test]
+async fn a_body_envoy_will_not_send_is_refused_before_forwarding() {
+    let s = start(CONFIG, NoMatch::Continue).await;
+    // No protocol_config: tollgate cannot override, Envoy will not send the body.
+    let mut c = Conv::open(&s).await;
+    assert_body_not_sent(&c.ask(req_headers("POST", "/body", &[], false)).await);
+    // FULL_DUPLEX_STREAMED on a side: Envoy ignores overrides.
+    let mut c = Conv::open(&s).await;
+    let r = c
+        .ask(with_modes(
+            req_headers("POST", "/body", &[], false),
+            BodySendMode::None,
+            BodySendMode::FullDuplexStreamed,
+        ))
+        .await;
+    assert_body_not_sent(&r);
+    // Bodies sent without waiting for the headers answer: overrides ignored too.
+    let mut c = Conv::open(&s).await;
+    let mut m = with_modes(
+        req_headers("POST", "/body", &[], false),
+        BodySendMode::None,
+        BodySendMode::None,
+    );
+    m.protocol_config
+        .as_mut()
+        .unwrap()
+        .send_body_without_waiting_for_header_response = true;
+    assert_body_not_sent(&c.ask(m).await);
+    // A request without a body needs no override.
+    let mut c = Conv::open(&s).await;
+    let r = c
+        .ask(with_modes(
+            req_headers("GET", "/body", &[], true),
+            BodySendMode::None,
+            BodySendMode::None,
+        ))
+        .await;
+    assert!(matches!(r.response, Some(Response::RequestHeaders(_))));
+}
+
+#[tokio::test]
+async fn an_ignored_override_is_learned_and_later_requests_are_refused_at_once() {
+    let s = start(CONFIG, NoMatch::Continue).await;
+    let none = || {
+        with_modes(
+            req_headers("POST", "/body", &[], false),
+            BodySendMode::None,
+            BodySendMode::None,
+        )
+    };
+    // An error Envoy may make itself (413 past its buffer) proves nothing.
+    let mut c = Conv::open(&s).await;
+    assert!(c.ask(none()).await.mode_override.is_some());
+    assert_body_not_sent(&c.ask(resp_headers("413", &[], true)).await);
+    // An upstream answer without the body: the override was ignored.
+    let mut c = Conv::open(&s).await;
+    assert!(c.ask(none()).await.mode_override.is_some());
+    assert_body_not_sent(&c.ask(resp_headers("200", &[], true)).await);
+    // From now on refused before forwarding.
+    let mut c = Conv::open(&s).await;
+    assert_body_not_sent(&c.ask(none()).await);
+}
+
+#[tokio::test]
+async fn mode_override_denied_refuses_at_request_headers() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("config.yaml"), CONFIG).unwrap();
+    let opts = StreamOptions {
+        mode_override: ModeOverride::Denied,
+        ..StreamOptions::default()
+    };
+    let s = start_with(dir, opts, 4 * 1024 * 1024).await;
+    let mut c = Conv::open(&s).await;
+    let r = c
+        .ask(with_modes(
+            req_headers("POST", "/body", &[], false),
+            BodySendMode::None,
+            BodySendMode::None,
+        ))
+        .await;
+    assert_body_not_sent(&r);
+    // A route that sends the body still works.
+    let mut c = Conv::open(&s).await;
+    c.ask(with_modes(
+        req_headers("POST", "/body", &[], false),
+        BodySendMode::Buffered,
+        BodySendMode::None,
+    ))
+    .await;
+    let r = c.ask(req_body(b"1", true)).await;
+    assert!(matches!(body_mutation(&r), Some(Mutation::Body(_))));
+}
+
+#[tokio::test]
+async fn a_message_past_max_message_bytes_ends_the_stream_with_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("config.yaml"), CONFIG).unwrap();
+    let s = start_with(dir, StreamOptions::default(), 4096).await;
+    let before = metric_value("tollgate_protocol_errors_total{kind=\"message_too_large\"}");
+    let mut c = Conv::open(&s).await;
+    c.ask(with_modes(
+        req_headers("POST", "/api/x", &[], false),
+        BodySendMode::Buffered,
+        BodySendMode::None,
+    ))
+    .await;
+    // Not an OK end: Envoy would forward the body with no body step run.
+    c.send(req_body(&[b'x'; 8192], true)).await;
+    let e = c.next().await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(
+        e.message().contains("--max-message-bytes"),
+        "{}",
+        e.message()
+    );
+    let after = metric_value("tollgate_protocol_errors_total{kind=\"message_too_large\"}");
+    assert_eq!(after, before + 1.0);
+}
+
+#[tokio::test]
+async fn bodies_past_the_global_budget_are_shed_with_503() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("config.yaml"), CONFIG).unwrap();
+    let opts = StreamOptions {
+        max_buffered_bytes: 100,
+        ..StreamOptions::default()
+    };
+    let s = start_with(dir, opts, 4 * 1024 * 1024).await;
+    // One stream holds 60 bytes of a body still coming...
+    let mut a = open_duplex_body(&s).await;
+    a.tell(req_body(&[b'1'; 60], false)).await;
+    // ...so another cannot hold 50 more: shed with a defined answer.
+    let shed_before = metric_value("tollgate_body_buffer_shed_total");
+    let mut b = open_duplex_body(&s).await;
+    let r = b.ask(req_body(&[b'2'; 50], false)).await;
+    let i = immediate(&r);
+    assert_eq!(i.status.as_ref().unwrap().code, 503);
+    assert!(String::from_utf8_lossy(&i.body).contains("tollgate.BodyBufferFull"));
+    assert!(metric_value("tollgate_body_buffer_shed_total") >= shed_before + 1.0);
+    // When the first stream ends its bytes come back.
+    drop(a);
+    let mut ok = false;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let mut c = open_duplex_body(&s).await;
+        c.tell(req_body(&[b'3'; 50], false)).await;
+        let r = c.ask(req_body(b"", true)).await;
+        if matches!(r.response, Some(Response::RequestBody(_))) {
+            ok = true;
+            break;
+        }
+    }
+    assert!(ok, "the budget was not given back");
+}
+
+/// A stream for the `/body` flow with a FULL_DUPLEX_STREAMED request body coming.
+async fn open_duplex_body(s: &Server) -> Conv {
+    let mut c = Conv::open(s).await;
+    c.ask(with_modes(
+        req_headers("POST", "/body", &[], false),
+        BodySendMode::FullDuplexStreamed,
+        BodySendMode::None,
+    ))
+    .await;
+    c
+}
+
+/// One sample from this process's metrics (0 when absent).
+fn metric_value(series: &str) -> f64 {
+    let text = tollgate::telemetry::METRICS.render();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
 }
 
 #[tokio::test]
@@ -733,12 +972,18 @@ async fn two_request_header_messages_end_the_stream_with_an_error() {
 }
 
 #[tokio::test]
-async fn empty_message_is_ignored_and_the_stream_goes_on() {
+async fn an_empty_first_message_is_an_error_a_later_one_is_ignored() {
     let s = start(CONFIG, NoMatch::Continue).await;
     let mut c = Conv::open(&s).await;
+    c.send(ProcessingRequest::default()).await;
+    let e = c.next().await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+
+    let mut c = Conv::open(&s).await;
+    c.ask(req_headers("GET", "/api/x", &[], false)).await;
     c.tell(ProcessingRequest::default()).await;
-    let r = c.ask(req_headers("GET", "/api/x", &[], true)).await;
-    assert_eq!(header(&r, "x-flow").as_deref(), Some("api"));
+    let r = c.ask(resp_headers("200", &[], true)).await;
+    assert!(matches!(r.response, Some(Response::ResponseHeaders(_))));
 }
 
 #[tokio::test]
@@ -863,8 +1108,8 @@ async fn streams_keep_their_snapshot_across_a_reload() {
         _task: tokio::spawn(async {}),
     };
     // A stream opened before the reload...
+    // Opening the call runs `process`, which takes the snapshot.
     let mut old = Conv::open(&s).await;
-    old.send(ProcessingRequest::default()).await; // opens the stream server-side
     tokio::time::sleep(Duration::from_millis(100)).await;
 
     let two = CONFIG.replace("x-flow: \"{flow.name}\"", "x-flow: \"two\"");

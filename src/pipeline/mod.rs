@@ -57,6 +57,12 @@ pub trait Policy: Send + Sync + fmt::Debug {
         false
     }
 
+    /// True when the step may replace the body of `dir` (the stream then drops
+    /// `content-length` from headers that leave before the body is decided).
+    fn replaces_body(&self, _dir: Direction) -> bool {
+        false
+    }
+
     /// Runs the step for `dir`, on headers or (when [`Policy::needs_body`]) on the body.
     fn run<'a>(&'a self, ex: &'a mut Exchange, dir: Direction) -> Outcome<'a>;
 
@@ -80,6 +86,8 @@ pub struct Step {
 pub struct DirectionPipeline {
     pub on_headers: Vec<Step>,
     pub on_body: Vec<Step>,
+    /// A body step may replace the body.
+    pub replaces_body: bool,
 }
 
 impl DirectionPipeline {
@@ -91,9 +99,11 @@ impl DirectionPipeline {
             .unwrap_or(steps.len());
         let mut on_headers = steps;
         let on_body = on_headers.split_off(split);
+        let replaces_body = on_body.iter().any(|s| s.policy.replaces_body(dir));
         Self {
             on_headers,
             on_body,
+            replaces_body,
         }
     }
 

@@ -294,6 +294,10 @@ impl Policy for AssignMessage {
         self.body.is_some() || self.reads_body
     }
 
+    fn replaces_body(&self, _dir: Direction) -> bool {
+        self.body.is_some()
+    }
+
     fn run<'a>(&'a self, ex: &'a mut Exchange, dir: Direction) -> Outcome<'a> {
         for name in &self.remove {
             ex.remove_header(dir, name);

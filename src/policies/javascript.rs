@@ -119,6 +119,8 @@ struct JavaScript {
     time_limit: Duration,
     memory_limit: usize,
     needs_body: bool,
+    /// The source calls a body setter.
+    replaces_body: bool,
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -158,6 +160,9 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
             .iter()
             .any(|w| source.contains(w))
     });
+    let replaces_body = ["setContent", "setJson"]
+        .iter()
+        .any(|w| source.contains(w));
     let counter = |r: &str| RUNS.with_label_values(&[ctx.name.as_str(), r]);
     Ok(Arc::new(JavaScript {
         name: ctx.name.as_str().into(),
@@ -175,6 +180,7 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
         time_limit,
         memory_limit,
         needs_body,
+        replaces_body,
     }))
 }
 
@@ -795,6 +801,10 @@ impl Policy for JavaScript {
 
     fn needs_body(&self, _dir: Direction) -> bool {
         self.needs_body
+    }
+
+    fn replaces_body(&self, _dir: Direction) -> bool {
+        self.needs_body && self.replaces_body
     }
 
     fn run<'a>(&'a self, ex: &'a mut Exchange, dir: Direction) -> Outcome<'a> {

@@ -7,8 +7,8 @@ pub mod stream;
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::{
@@ -32,6 +32,128 @@ pub enum NoMatch {
     Reject,
 }
 
+/// Whether the gateway honours `mode_override` (Envoy's `allow_mode_override: true`), which
+/// tollgate cannot see from its side of the stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum ModeOverride {
+    /// Ask for a body Envoy is not sending with `mode_override` (the shipped bootstraps
+    /// allow it). A request whose body then never comes proves the gateway ignores it:
+    /// from then on such requests are refused before they are forwarded.
+    #[default]
+    Allowed,
+    /// Never ask: a flow that needs a body the route does not send is refused at once.
+    Denied,
+}
+
+/// Default `--max-buffered-bytes`: bodies held across all streams.
+pub const DEFAULT_MAX_BUFFERED_BYTES: usize = 512 * 1024 * 1024;
+
+/// How streams behave, beyond the configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamOptions {
+    pub on_no_match: NoMatch,
+    pub mode_override: ModeOverride,
+    /// Body bytes all streams together may hold for body steps.
+    pub max_buffered_bytes: usize,
+}
+
+impl Default for StreamOptions {
+    fn default() -> Self {
+        Self {
+            on_no_match: NoMatch::default(),
+            mode_override: ModeOverride::default(),
+            max_buffered_bytes: DEFAULT_MAX_BUFFERED_BYTES,
+        }
+    }
+}
+
+struct BudgetMetrics {
+    held: prometheus::IntGauge,
+    shed: prometheus::IntCounter,
+}
+
+static BUDGET_METRICS: LazyLock<BudgetMetrics> = LazyLock::new(|| {
+    let held = prometheus::IntGauge::new(
+        "tollgate_body_buffer_bytes",
+        "Body bytes held for body steps across all streams",
+    )
+    .expect("valid metric");
+    let shed = prometheus::IntCounter::new(
+        "tollgate_body_buffer_shed_total",
+        "Bodies refused (503) because --max-buffered-bytes was reached",
+    )
+    .expect("valid metric");
+    for m in [
+        Box::new(held.clone()) as Box<dyn prometheus::core::Collector>,
+        Box::new(shed.clone()),
+    ] {
+        if let Err(e) = METRICS.registry.register(m) {
+            tracing::warn!(error = %e, "body buffer metric not registered");
+        }
+    }
+    BudgetMetrics { held, shed }
+});
+
+/// The process-wide budget for body bytes held by streams (beside each flow's
+/// `maxBodyBytes`): past it new body buffering is refused instead of the process growing
+/// until it is killed.
+#[derive(Debug)]
+pub struct BodyBudget {
+    limit: usize,
+    held: AtomicUsize,
+}
+
+impl BodyBudget {
+    pub fn new(limit: usize) -> Self {
+        LazyLock::force(&BUDGET_METRICS);
+        Self {
+            limit,
+            held: AtomicUsize::new(0),
+        }
+    }
+
+    /// Takes `n` bytes from the budget; false (and nothing taken) when they do not fit.
+    pub fn try_take(&self, n: usize) -> bool {
+        let ok = self
+            .held
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                held.checked_add(n).filter(|&t| t <= self.limit)
+            })
+            .is_ok();
+        if ok {
+            BUDGET_METRICS
+                .held
+                .add(i64::try_from(n).unwrap_or(i64::MAX));
+        } else {
+            BUDGET_METRICS.shed.inc();
+        }
+        ok
+    }
+
+    /// Gives back `n` bytes taken with [`BodyBudget::try_take`].
+    pub fn give_back(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let _ = self
+            .held
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                Some(held.saturating_sub(n))
+            });
+        BUDGET_METRICS
+            .held
+            .sub(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::Acquire)
+    }
+
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+}
+
 /// State shared by every stream.
 #[derive(Debug)]
 pub struct Shared {
@@ -39,19 +161,52 @@ pub struct Shared {
     pub on_no_match: NoMatch,
     /// False while starting and once shutdown begins.
     pub ready: AtomicBool,
+    pub mode_override: ModeOverride,
+    /// Set once a request's body never came after a `mode_override` asked for it: the
+    /// gateway ignores overrides, so asking again would forward requests undecided.
+    override_ignored: AtomicBool,
+    pub body_budget: BodyBudget,
 }
 
 impl Shared {
     pub fn new(config: Arc<ConfigManager>, on_no_match: NoMatch) -> Arc<Self> {
+        Self::with_options(
+            config,
+            StreamOptions {
+                on_no_match,
+                ..StreamOptions::default()
+            },
+        )
+    }
+
+    pub fn with_options(config: Arc<ConfigManager>, opts: StreamOptions) -> Arc<Self> {
         Arc::new(Self {
             config,
-            on_no_match,
+            on_no_match: opts.on_no_match,
             ready: AtomicBool::new(false),
+            mode_override: opts.mode_override,
+            override_ignored: AtomicBool::new(false),
+            body_budget: BodyBudget::new(opts.max_buffered_bytes),
         })
     }
 
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)
+    }
+
+    /// True when asking Envoy for a body with `mode_override` can work.
+    pub fn override_usable(&self) -> bool {
+        self.mode_override == ModeOverride::Allowed
+            && !self.override_ignored.load(Ordering::Relaxed)
+    }
+
+    /// Notes that the gateway ignored a `mode_override` (logged once).
+    pub fn override_was_ignored(&self) {
+        if !self.override_ignored.swap(true, Ordering::Relaxed) {
+            tracing::error!(
+                "Envoy ignored a mode_override (allow_mode_override is off on its ext_proc filter): requests whose flow needs a body the route does not send are refused from now on; set allow_mode_override: true or a body mode on the route, or start with --mode-override denied"
+            );
+        }
     }
 }
 
@@ -83,10 +238,43 @@ struct Driver {
     ended: bool,
 }
 
-/// True for what tonic reports when the peer resets the stream (Envoy ends every stream
-/// with RST unless graceful close is on) rather than for a message it could not decode.
-fn is_decode_error(s: &Status) -> bool {
-    s.code() == Code::Internal && s.message().contains("decode")
+/// True when the inbound error is the peer's HTTP/2 stream or connection going away (Envoy
+/// resets every stream at its end unless graceful close is on, and resets it when its client
+/// leaves): nobody waits for an answer any more. Any other error (a message too large or
+/// malformed) leaves Envoy waiting, and must end the stream with an error status.
+fn peer_gone(s: &Status) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(s);
+    while let Some(e) = cur {
+        if e.is::<hyper::Error>() {
+            return true;
+        }
+        cur = e.source();
+    }
+    s.message().starts_with("h2 protocol error")
+}
+
+/// The `tollgate_protocol_errors_total` kind and the status that ends the stream for an
+/// inbound error that is not the peer going away.
+fn stream_error(s: &Status) -> (&'static str, Status) {
+    match s.code() {
+        // tonic: "decoded message length too large" (past --max-message-bytes), or a
+        // compressed message that grows past it.
+        Code::OutOfRange | Code::ResourceExhausted => (
+            "message_too_large",
+            Status::resource_exhausted(format!(
+                "ext_proc message larger than --max-message-bytes: {}",
+                s.message()
+            )),
+        ),
+        Code::Internal if s.message().contains("decod") => (
+            "malformed_message",
+            Status::invalid_argument(format!("malformed ext_proc message: {}", s.message())),
+        ),
+        _ => (
+            "stream_error",
+            Status::internal(format!("ext_proc stream error: {}", s.message())),
+        ),
+    }
 }
 
 impl Driver {
@@ -111,21 +299,22 @@ impl Driver {
                     }
                     self.queue.extend(out);
                 }
+                // Envoy half-closed: every message so far is answered.
                 Ok(None) => return None,
-                Err(s) if is_decode_error(&s) => {
-                    METRICS
-                        .protocol_errors_total
-                        .with_label_values(&["malformed_message"])
-                        .inc();
-                    tracing::warn!(error = %s.message(), "malformed ext_proc message; stream closed");
-                    self.error = Some(Status::invalid_argument(format!(
-                        "malformed ext_proc message: {}",
-                        s.message()
-                    )));
-                }
-                Err(s) => {
+                Err(s) if peer_gone(&s) => {
                     tracing::trace!(code = ?s.code(), error = %s.message(), "ext_proc stream ended by the peer");
                     return None;
+                }
+                Err(s) => {
+                    // Envoy still waits for an answer: an error status makes it fail closed
+                    // (an OK end would let it forward the message undecided).
+                    let (kind, status) = stream_error(&s);
+                    METRICS
+                        .protocol_errors_total
+                        .with_label_values(&[kind])
+                        .inc();
+                    tracing::warn!(kind, code = ?s.code(), error = %s.message(), "ext_proc stream error; stream closed with an error status");
+                    self.error = Some(status);
                 }
             }
         }
@@ -164,6 +353,10 @@ pub struct ServeOptions {
     pub reload_interval: Duration,
     pub drain_timeout: Duration,
     pub max_message_bytes: usize,
+    /// Whether the gateway honours `mode_override`.
+    pub mode_override: ModeOverride,
+    /// Body bytes all streams together may hold.
+    pub max_buffered_bytes: usize,
     /// PEM certificate chain and key: serve gRPC over TLS (GKE sends HTTP/2 over TLS to
     /// `appProtocol: HTTP2` backends).
     pub tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
@@ -173,7 +366,14 @@ pub struct ServeOptions {
 
 /// Runs the ext_proc server and the admin server until SIGTERM or Ctrl-C, then drains.
 pub async fn serve(config: Arc<ConfigManager>, opts: ServeOptions) -> anyhow::Result<()> {
-    let shared = Shared::new(config.clone(), opts.on_no_match);
+    let shared = Shared::with_options(
+        config.clone(),
+        StreamOptions {
+            on_no_match: opts.on_no_match,
+            mode_override: opts.mode_override,
+            max_buffered_bytes: opts.max_buffered_bytes,
+        },
+    );
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
 

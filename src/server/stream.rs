@@ -28,7 +28,7 @@ use crate::config::{Flow, Snapshot};
 use crate::fault::{ErrorFormat, Fault};
 use crate::pipeline::{run_steps, Direction};
 use crate::telemetry::{METRICS, PHASES};
-use crate::vars::{Exchange, RequestInfo, ResponseInfo};
+use crate::vars::{Exchange, HeaderMutations, RequestInfo, ResponseInfo};
 
 const NONE: i32 = BodySendMode::None as i32;
 const STREAMED: i32 = BodySendMode::Streamed as i32;
@@ -52,6 +52,9 @@ struct Side {
     mode: i32,
     /// Copy of the response body as it passes (see `Exchange::response_capture`).
     capture: Vec<u8>,
+    /// `content-length` was removed on the headers answer (the body may change length
+    /// after the headers left).
+    length_removed: bool,
 }
 
 /// Per-stream state.
@@ -72,6 +75,13 @@ pub struct StreamState {
     /// The response ended: any further message breaks the protocol.
     complete: bool,
     rejected: bool,
+    /// The gateway sends bodies without waiting for the headers answer: it ignores
+    /// `mode_override`.
+    no_override: bool,
+    /// A `mode_override` asked for the request body.
+    request_override_sent: bool,
+    /// Body bytes this stream took from the process-wide budget.
+    budget_taken: usize,
 }
 
 fn protocol_error(kind: &str) {
@@ -99,6 +109,9 @@ impl StreamState {
             answered: false,
             complete: false,
             rejected: false,
+            no_override: false,
+            request_override_sent: false,
+            budget_taken: 0,
         }
     }
 
@@ -151,6 +164,17 @@ impl StreamState {
                 self.modes_known = true;
                 self.req.mode = pc.request_body_mode;
                 self.resp.mode = pc.response_body_mode;
+                self.no_override = pc.send_body_without_waiting_for_header_response;
+            }
+            if msg.request.is_none()
+                && msg.client_window_update.is_none()
+                && msg.flow_control_init.is_none()
+            {
+                // Envoy's first message always carries the request headers.
+                protocol_error("empty_first_message");
+                return Err(Status::invalid_argument(
+                    "first ext_proc message carries no request",
+                ));
             }
         }
         if !msg.attributes.is_empty() {
@@ -210,9 +234,15 @@ impl StreamState {
     }
 
     /// A mode override asking for `req`/`resp` body modes, or `None` when Envoy would
-    /// ignore it (FULL_DUPLEX_STREAMED) or the modes are unknown.
+    /// ignore it (FULL_DUPLEX_STREAMED, bodies sent without waiting, an Envoy that ignored
+    /// one before or is said not to allow them) or the modes are unknown.
     fn mode_override(&self, req: i32, resp: i32) -> Option<ProcessingMode> {
-        if !self.modes_known || self.req.mode == FULL_DUPLEX || self.resp.mode == FULL_DUPLEX {
+        if !self.modes_known
+            || self.no_override
+            || self.req.mode == FULL_DUPLEX
+            || self.resp.mode == FULL_DUPLEX
+            || !self.shared.override_usable()
+        {
             return None;
         }
         Some(ProcessingMode {
@@ -299,11 +329,28 @@ impl StreamState {
                 if mode.is_some() {
                     self.req.mode = BUFFERED;
                     self.resp.mode = resp;
+                    self.request_override_sent = true;
+                } else {
+                    // Envoy will not send the body: refuse now, before the request is
+                    // forwarded, rather than after the upstream answered.
+                    protocol_error("request_body_not_sent");
+                    let fault = Self::body_not_sent(&flow.name);
+                    self.reject(fault, out);
+                    return Ok(());
                 }
             }
         }
-        let muts = self.ex.take_mutations(Direction::Request);
+        let mut muts = self.ex.take_mutations(Direction::Request);
         let clear_route_cache = !muts.is_empty();
+        if !h.end_of_stream
+            && flow.request.replaces_body
+            && matches!(self.req.mode, STREAMED | FULL_DUPLEX)
+        {
+            // These headers leave before the body is decided: a replaced body would not
+            // match the client's length (the upstream gets it chunked instead).
+            Self::drop_length(&mut muts);
+            self.req.length_removed = true;
+        }
         out.push(proto::request_headers(
             proto::header_mutation(muts),
             clear_route_cache,
@@ -349,14 +396,13 @@ impl StreamState {
             && !self.req.trailers_seen
         {
             protocol_error("request_body_not_sent");
-            let fault = Fault::new(
-                500,
-                "tollgate.RequestBodyNotReceived",
-                format!(
-                    "flow {} needs the request body but Envoy did not send it: set request_body_mode BUFFERED or allow_mode_override on the ext_proc filter",
-                    flow.name
-                ),
-            );
+            // An upstream answer (not an error Envoy may have made itself, such as 413 for
+            // a body past its buffer) proves the override was ignored and the request went
+            // on: stop asking, so the next ones are refused before they are forwarded.
+            if self.request_override_sent && (100..400).contains(&status) {
+                self.shared.override_was_ignored();
+            }
+            let fault = Self::body_not_sent(&flow.name);
             self.reject(fault, out);
             return Ok(());
         }
@@ -405,9 +451,79 @@ impl StreamState {
                 }
             }
         }
-        let muts = self.ex.take_mutations(Direction::Response);
+        let mut muts = self.ex.take_mutations(Direction::Response);
+        if !h.end_of_stream
+            && flow.response.replaces_body
+            && matches!(self.resp.mode, STREAMED | FULL_DUPLEX)
+        {
+            Self::drop_length(&mut muts);
+            self.resp.length_removed = true;
+        }
         out.push(proto::response_headers(proto::header_mutation(muts), mode));
         Ok(())
+    }
+
+    fn body_not_sent(flow: &str) -> Fault {
+        Fault::new(
+            500,
+            "tollgate.RequestBodyNotReceived",
+            format!(
+                "flow {flow} needs the request body but Envoy does not send it: set request_body_mode BUFFERED on the route, or allow_mode_override on the ext_proc filter (not with FULL_DUPLEX_STREAMED)"
+            ),
+        )
+    }
+
+    /// Removes `content-length` (and any step's value for it) from a headers answer.
+    fn drop_length(muts: &mut HeaderMutations) {
+        muts.set
+            .retain(|(n, _, _)| !n.eq_ignore_ascii_case("content-length"));
+        muts.remove.push("content-length".to_owned());
+    }
+
+    /// Sets `content-length` to `len` in a body answer whose headers Envoy still holds.
+    fn set_length(muts: &mut HeaderMutations, len: usize) {
+        muts.set
+            .retain(|(n, _, _)| !n.eq_ignore_ascii_case("content-length"));
+        muts.remove
+            .retain(|n| !n.eq_ignore_ascii_case("content-length"));
+        muts.set
+            .push(("content-length".to_owned(), len.to_string(), false));
+    }
+
+    /// Takes `n` bytes from the process-wide body budget for this stream.
+    fn take_budget(&mut self, n: usize) -> bool {
+        if n == 0 {
+            return true;
+        }
+        if self.shared.body_budget.try_take(n) {
+            self.budget_taken += n;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// A body whose new length cannot reach the peer: the headers left with the old
+    /// `content-length` (a step replaced the body though it was not known to).
+    fn length_mismatch(&self, dir: Direction, body: &[u8]) -> bool {
+        let side = match dir {
+            Direction::Request => &self.req,
+            Direction::Response => &self.resp,
+        };
+        if side.length_removed {
+            return false;
+        }
+        let declared = match dir {
+            Direction::Request => self.ex.request.headers.get("content-length"),
+            Direction::Response => self
+                .ex
+                .response
+                .as_ref()
+                .and_then(|r| r.headers.get("content-length")),
+        };
+        declared
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .is_some_and(|n| n != body.len())
     }
 
     /// Keeps a copy of a passing response chunk for the steps that asked for one; past
@@ -417,7 +533,7 @@ impl StreamState {
         if limit == 0 {
             return;
         }
-        if self.resp.capture.len() + chunk.len() > limit {
+        if self.resp.capture.len() + chunk.len() > limit || !self.take_budget(chunk.len()) {
             tracing::debug!(
                 limit,
                 "response body larger than the capture limit; not kept"
@@ -502,6 +618,7 @@ impl StreamState {
         let Some(flow) = self.flow.clone() else {
             return Ok(());
         };
+        let request = dir == Direction::Request;
         let side = self.side(dir);
         if side.buf.len() + b.body.len() > flow.max_body_bytes {
             let fault = Fault::new(
@@ -518,58 +635,120 @@ impl StreamState {
             self.reject(fault, out);
             return Ok(());
         }
+        if mode == BUFFERED_PARTIAL && !eos {
+            // Envoy cut the body at its buffer limit: the rest would follow undecided, and
+            // the steps cannot judge a body they do not see whole.
+            let fault = Fault::new(
+                413,
+                "protocol.http.TooBigBody",
+                format!(
+                    "The {} body is larger than the gateway buffers for inspection (BUFFERED_PARTIAL)",
+                    dir.as_str()
+                ),
+            );
+            self.side(dir).buf = Vec::new();
+            self.reject(fault, out);
+            return Ok(());
+        }
+        if !self.take_budget(b.body.len()) {
+            let fault = Fault::new(
+                503,
+                "tollgate.BodyBufferFull",
+                "The gateway holds too many bodies for inspection right now; retry later",
+            );
+            self.side(dir).buf = Vec::new();
+            tracing::warn!(flow = %flow.name, limit = self.shared.body_budget.limit(), "--max-buffered-bytes reached; body refused");
+            self.reject(fault, out);
+            return Ok(());
+        }
+        self.side(dir).buf.extend_from_slice(&b.body);
         match mode {
             FULL_DUPLEX => {
                 // Hold the chunks until the body is whole, then release it at once.
-                side.buf.extend_from_slice(&b.body);
                 if eos {
-                    if let Some(body) = self.run_body_steps(&flow, dir, out).await {
-                        out.push(proto::streamed_body(dir == Direction::Request, body, true));
+                    if let Some(body) = self.decided_body(&flow, dir, out).await {
+                        out.push(proto::streamed_body(request, body, true));
                     }
                 }
             }
             BUFFERED | BUFFERED_PARTIAL => {
-                // One message holds the body (possibly cut at Envoy's buffer limit in
-                // BUFFERED_PARTIAL, or followed by trailers).
-                side.buf.extend_from_slice(&b.body);
-                if mode == BUFFERED_PARTIAL && !eos {
-                    self.ex
-                        .set_var(format!("{}.body.truncated", dir.as_str()), true);
-                }
+                // One message holds the whole body (possibly followed by trailers); Envoy
+                // still holds the headers, so the answer can fix their length.
                 if let Some(body) = self.run_body_steps(&flow, dir, out).await {
                     let replaced = match dir {
                         Direction::Request => self.ex.request_body_replaced,
                         Direction::Response => self.ex.response_body_replaced,
                     };
-                    let muts = self.ex.take_mutations(dir);
+                    let mut muts = self.ex.take_mutations(dir);
+                    if replaced {
+                        Self::set_length(&mut muts, body.len());
+                    }
                     let body_mutation = replaced.then_some(Mutation::Body(body));
                     out.push(proto::body(
-                        dir == Direction::Request,
+                        request,
                         proto::common(proto::header_mutation(muts), body_mutation),
                     ));
                 }
             }
             _ => {
-                // STREAMED (or unknown): chunks pass on as they come; the steps inspect a
-                // copy once the body ends. A late rejection still answers the client.
-                side.buf.extend_from_slice(&b.body);
-                if eos {
-                    if self.run_body_steps(&flow, dir, out).await.is_none() {
-                        return Ok(());
-                    }
-                    let replaced = match dir {
-                        Direction::Request => self.ex.request_body_replaced,
-                        Direction::Response => self.ex.response_body_replaced,
-                    };
-                    if !self.ex.take_mutations(dir).is_empty() || replaced {
-                        // The chunks already went on: nothing can change them now.
-                        tracing::debug!(flow = %flow.name, "header and body changes from body steps are dropped in STREAMED mode; use BUFFERED");
-                    }
+                // STREAMED (or unknown). Request chunks are answered at once (Envoy's
+                // message timer never runs out on a slow upload) but emptied, so no request
+                // byte passes before the steps decided; the whole body goes on with the last
+                // chunk. Response chunks are held so only when a step may replace the body;
+                // otherwise they flow on (server-sent events) and the steps see a copy.
+                let hold = request || flow.response.replaces_body;
+                if !eos {
+                    let mutation = hold.then_some(Mutation::ClearBody(true));
+                    out.push(proto::body(request, proto::common(None, mutation)));
+                    return Ok(());
                 }
-                out.push(proto::body(dir == Direction::Request, None));
+                let Some(body) = self.decided_body(&flow, dir, out).await else {
+                    return Ok(());
+                };
+                if !self.ex.take_mutations(dir).is_empty() {
+                    // The headers already went on: nothing can change them now.
+                    tracing::debug!(flow = %flow.name, "header changes from body steps are dropped in STREAMED mode; use BUFFERED");
+                }
+                let mutation = if hold {
+                    Some(Mutation::Body(body))
+                } else {
+                    if self.ex.response_body_replaced {
+                        tracing::warn!(flow = %flow.name, "a response step replaced a body that already streamed on; the change is dropped");
+                    }
+                    None
+                };
+                out.push(proto::body(request, proto::common(None, mutation)));
             }
         }
         Ok(())
+    }
+
+    /// Runs the body steps on a body whose headers already left (STREAMED, FULL_DUPLEX):
+    /// the body to release, or `None` after a rejection, including a replaced body whose
+    /// length no longer matches the `content-length` that went ahead.
+    async fn decided_body(
+        &mut self,
+        flow: &Flow,
+        dir: Direction,
+        out: &mut Vec<ProcessingResponse>,
+    ) -> Option<Vec<u8>> {
+        let body = self.run_body_steps(flow, dir, out).await?;
+        if self.length_mismatch(dir, &body) {
+            protocol_error("body_length_mismatch");
+            tracing::error!(flow = %flow.name, direction = dir.as_str(), "a body step replaced the body after its content-length went ahead; refused");
+            let fault = Fault::new(
+                500,
+                "tollgate.BodyLengthMismatch",
+                format!(
+                    "flow {} replaced the {} body after its headers were forwarded with their length; use BUFFERED for this route",
+                    flow.name,
+                    dir.as_str()
+                ),
+            );
+            self.reject(fault, out);
+            return None;
+        }
+        Some(body)
     }
 
     /// Runs the body steps of `dir` on the collected body. Returns the body to forward, or
@@ -636,7 +815,21 @@ impl StreamState {
         }
         if needs && pending {
             if let Some(flow) = self.flow.clone() {
-                match self.run_body_steps(&flow, dir, out).await {
+                if mode == STREAMED && !self.side(dir).buf.is_empty() {
+                    // The chunks were emptied as they passed; a trailers answer cannot
+                    // carry the body, so it cannot be released whole: refuse.
+                    let fault = Fault::new(
+                        500,
+                        "tollgate.BodyEndedByTrailers",
+                        format!(
+                            "the {} body ended with trailers, which STREAMED cannot release after inspection; use BUFFERED or FULL_DUPLEX_STREAMED for this route",
+                            dir.as_str()
+                        ),
+                    );
+                    self.reject(fault, out);
+                    return Ok(());
+                }
+                match self.decided_body(&flow, dir, out).await {
                     None => return Ok(()),
                     Some(body) if mode == FULL_DUPLEX => {
                         // The held body goes on before the trailers; they end the stream.
@@ -655,6 +848,7 @@ impl StreamState {
 impl Drop for StreamState {
     fn drop(&mut self) {
         METRICS.streams_active.dec();
+        self.shared.body_budget.give_back(self.budget_taken);
         if let (Some(f), false) = (&self.flow, self.rejected) {
             f.metrics.continued.inc();
         }

@@ -358,6 +358,15 @@ pub struct SeenRequest {
     pub uri: String,
     /// Lower-case name → value (repeated headers joined with ", ").
     pub headers: BTreeMap<String, String>,
+    /// The body bytes received so far (kept when the request is cut off part way).
+    pub body: Arc<Mutex<Vec<u8>>>,
+}
+
+impl SeenRequest {
+    /// The body bytes the upstream has received for this request.
+    pub fn body_bytes(&self) -> Vec<u8> {
+        self.body.lock().unwrap().clone()
+    }
 }
 
 type Body = BoxBody<Bytes, Infallible>;
@@ -413,16 +422,21 @@ async fn upstream_handle(
         .path_and_query()
         .map_or_else(|| path.clone(), |pq| pq.as_str().to_owned());
     let headers = headers_json(&parts.headers);
+    let received = Arc::new(Mutex::new(Vec::new()));
     seen.lock().unwrap().push(SeenRequest {
         method: parts.method.to_string(),
         uri: uri.clone(),
         headers: headers.clone(),
+        body: received.clone(),
     });
-    let body = body
-        .collect()
-        .await
-        .map(|c| c.to_bytes())
-        .unwrap_or_default();
+    // Frame by frame, so a request cut off part way still shows what reached the upstream.
+    let mut body = body;
+    while let Some(Ok(frame)) = body.frame().await {
+        if let Ok(data) = frame.into_data() {
+            received.lock().unwrap().extend_from_slice(&data);
+        }
+    }
+    let body = Bytes::from(received.lock().unwrap().clone());
 
     if path == "/sse" {
         let n = query_param(&query, "n").unwrap_or(3);
