@@ -85,6 +85,13 @@ fn envoy() -> EnvoyOptions {
             );
         }
     }
+    // A route whose response is FULL_DUPLEX_STREAMED and whose request body is not sent:
+    // Envoy ignores mode overrides there.
+    routes.push(
+        RouteSpec::new("/gate/fdresp")
+            .timeout("0s")
+            .mode(Mode::duplex_response()),
+    );
     routes.push(RouteSpec::new("/"));
     EnvoyOptions {
         mode: Mode {
@@ -255,6 +262,87 @@ async fn a_refused_body_never_reaches_the_upstream_in_any_mode() {
                 "{seg}"
             );
         }
+    })
+    .await;
+}
+
+/// Issue 12 point 1: a buffered body past `--max-message-bytes` fails closed: the client
+/// gets a 5xx and the upstream never sees the request (an OK end let Envoy forward it with
+/// no body step run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_past_max_message_bytes_is_refused_not_forwarded() {
+    within(LIMIT, async {
+        let bed = bed(&["--max-message-bytes", "4096"]).await;
+        let body = "x".repeat(20_000);
+        let r = bed.post("/gate/buffered/big", &[], body).await;
+        assert!(
+            r.status >= 500,
+            "status {} ({} bytes)",
+            r.status,
+            r.body.len()
+        );
+        assert!(
+            bed.upstream
+                .seen_with_prefix("/gate/buffered/big")
+                .is_empty(),
+            "the upstream got the request"
+        );
+        let m = bed
+            .tollgate
+            .metric("tollgate_protocol_errors_total{kind=\"message_too_large\"}")
+            .await;
+        assert_eq!(m, Some(1.0));
+        // A body that fits still goes through.
+        let r = bed.post("/gate/buffered/small", &[], "fine").await;
+        assert_eq!(r.status, 200, "{:?}", r.text());
+    })
+    .await;
+}
+
+/// Issue 12 point 2: where Envoy will not send the body a flow needs, the request is
+/// refused before it is forwarded, not after the upstream answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_envoy_will_not_send_is_refused_before_forwarding() {
+    within(LIMIT, async {
+        // FULL_DUPLEX_STREAMED response: Envoy ignores overrides on this route.
+        let bed = bed(&[]).await;
+        let r = bed.post("/gate/fdresp/x", &[], "fine").await;
+        assert_eq!(r.status, 500, "{:?}", r.text());
+        assert!(
+            r.text().contains("tollgate.RequestBodyNotReceived"),
+            "{}",
+            r.text()
+        );
+        assert!(bed.upstream.seen_with_prefix("/gate/fdresp").is_empty());
+        drop(bed);
+
+        // allow_mode_override off. Told so: refused at once.
+        let mut opts = BedOptions::new(CONFIG);
+        opts.envoy = EnvoyOptions {
+            allow_mode_override: false,
+            ..envoy()
+        };
+        let mut told = opts.clone();
+        told.tollgate_args
+            .extend(["--mode-override".to_owned(), "denied".to_owned()]);
+        let bed = TestBed::start_with(told).await;
+        let r = bed.post("/gate/none/a", &[], "fine").await;
+        assert_eq!(r.status, 500, "{:?}", r.text());
+        assert!(bed.upstream.seen_with_prefix("/gate/none").is_empty());
+        drop(bed);
+
+        // Not told: the first request proves the override is ignored (it reached the
+        // upstream and is answered 500); every later one is refused before forwarding.
+        let bed = TestBed::start_with(opts).await;
+        let r = bed.post("/gate/none/a", &[], "fine").await;
+        assert_eq!(r.status, 500, "{:?}", r.text());
+        assert_eq!(bed.upstream.seen_with_prefix("/gate/none").len(), 1);
+        for _ in 0..3 {
+            let r = bed.post("/gate/none/b", &[], "fine").await;
+            assert_eq!(r.status, 500, "{:?}", r.text());
+        }
+        assert_eq!(bed.upstream.seen_with_prefix("/gate/none").len(), 1);
+        assert!(bed.tollgate.log().contains("Envoy ignored a mode_override"));
     })
     .await;
 }
