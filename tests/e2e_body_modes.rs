@@ -346,3 +346,95 @@ async fn a_body_envoy_will_not_send_is_refused_before_forwarding() {
     })
     .await;
 }
+
+/// Without graceful close Envoy ends every ext_proc stream with an HTTP/2 reset, also while
+/// tollgate still holds a body when the client goes away: that is the peer leaving, a normal
+/// end, never counted as a stream error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_resets_are_normal_ends() {
+    within(LIMIT, async {
+        let mut opts = BedOptions::new(CONFIG);
+        opts.envoy = envoy();
+        opts.envoy.runtime.insert(
+            "envoy.reloadable_features.ext_proc_graceful_grpc_close".to_owned(),
+            serde_json::Value::Bool(false),
+        );
+        let bed = TestBed::start_with(opts).await;
+        for seg in ["buffered", "streamed", "duplex"] {
+            let r = bed.post(&format!("/rewrite/{seg}"), &[], "body").await;
+            assert_eq!(r.status, 200, "{seg}: {:?}", r.text());
+        }
+        // A client that leaves half way through a body tollgate holds.
+        let mut s = tokio::net::TcpStream::connect(bed.envoy.listen)
+            .await
+            .unwrap();
+        s.write_all(b"POST /gate/duplex/x HTTP/1.1\r\nhost: t\r\ncontent-length: 100\r\n\r\nhalf")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        drop(s);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let metrics = bed.tollgate.metrics().await;
+        let errors: Vec<&str> = metrics
+            .lines()
+            .filter(|l| l.starts_with("tollgate_protocol_errors_total"))
+            .collect();
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(
+            bed.tollgate.metric("tollgate_streams_active").await,
+            Some(0.0)
+        );
+        assert_eq!(
+            bed.tollgate.metric("tollgate_body_buffer_bytes").await,
+            Some(0.0)
+        );
+    })
+    .await;
+}
+
+/// Issue 12 point 8: bodies held across all streams are bounded by `--max-buffered-bytes`;
+/// past it a body is refused with 503 `tollgate.BodyBufferFull` (and never forwarded) while
+/// the streams within the budget go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_past_max_buffered_bytes_are_shed_with_503() {
+    within(LIMIT, async {
+        let bed = bed(&["--max-buffered-bytes", "1000"]).await;
+        let listen = bed.envoy.listen;
+        // The first request holds 600 bytes of its 900 while the second arrives.
+        let first = tokio::spawn(async move {
+            let a = vec![b'a'; 600];
+            let b = vec![b'b'; 300];
+            raw_request(
+                listen,
+                "POST /gate/duplex/first HTTP/1.1\r\nhost: t\r\ncontent-length: 900",
+                &[&a, &b],
+                Duration::from_millis(400),
+            )
+            .await
+        });
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let second = vec![b'c'; 600];
+        let (status, body) = raw_request(
+            listen,
+            "POST /gate/duplex/second HTTP/1.1\r\nhost: t\r\ncontent-length: 600",
+            &[&second],
+            Duration::ZERO,
+        )
+        .await;
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("tollgate.BodyBufferFull"), "{body}");
+        assert!(bed
+            .upstream
+            .seen_with_prefix("/gate/duplex/second")
+            .is_empty());
+        let (status, body) = first.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        let seen = bed.upstream.seen_with_prefix("/gate/duplex/first");
+        assert_eq!(seen[0].body_bytes().len(), 900);
+        assert_eq!(
+            bed.tollgate.metric("tollgate_body_buffer_shed_total").await,
+            Some(1.0)
+        );
+    })
+    .await;
+}

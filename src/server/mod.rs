@@ -525,3 +525,49 @@ async fn wait_for_shutdown(config: Arc<ConfigManager>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inbound_errors_that_leave_envoy_waiting_end_with_an_error() {
+        // What tonic reports for a message past --max-message-bytes.
+        let s = Status::out_of_range(
+            "Error, decoded message length too large: found 8197 bytes, the limit is: 4096 bytes",
+        );
+        assert!(!peer_gone(&s));
+        let (kind, status) = stream_error(&s);
+        assert_eq!(kind, "message_too_large");
+        assert_eq!(status.code(), Code::ResourceExhausted);
+
+        let s = Status::internal("failed to decode Protobuf message: buffer underflow");
+        assert!(!peer_gone(&s));
+        assert_eq!(stream_error(&s).0, "malformed_message");
+        assert_eq!(stream_error(&s).1.code(), Code::InvalidArgument);
+
+        let s = Status::unknown("something else");
+        assert!(!peer_gone(&s));
+        assert_eq!(stream_error(&s).0, "stream_error");
+        assert_ne!(stream_error(&s).1.code(), Code::Ok);
+
+        // The peer's reset, as tonic words it: a normal end.
+        let s = Status::internal(
+            "h2 protocol error: stream error received: unexpected internal error encountered",
+        );
+        assert!(peer_gone(&s));
+    }
+
+    #[test]
+    fn body_budget_takes_and_gives_back() {
+        let b = BodyBudget::new(100);
+        assert!(b.try_take(60));
+        assert!(!b.try_take(41));
+        assert!(b.try_take(40));
+        assert_eq!(b.held(), 100);
+        b.give_back(100);
+        assert_eq!(b.held(), 0);
+        assert!(!b.try_take(101));
+        assert!(!b.try_take(usize::MAX));
+    }
+}
