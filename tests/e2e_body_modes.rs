@@ -438,3 +438,48 @@ async fn bodies_past_max_buffered_bytes_are_shed_with_503() {
     })
     .await;
 }
+
+/// Holding a STREAMED request body does not hold Envoy's answers: with the default 200 ms
+/// `message_timeout` and pauses longer than that between pieces, the body still arrives whole
+/// (or is refused whole), in STREAMED and FULL_DUPLEX_STREAMED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_body_outlasts_message_timeout_while_held() {
+    within(LIMIT, async {
+        let mut opts = BedOptions::new(CONFIG);
+        opts.envoy = EnvoyOptions {
+            message_timeout: "0.2s".to_owned(),
+            ..envoy()
+        };
+        let bed = TestBed::start_with(opts).await;
+        for seg in ["streamed", "duplex"] {
+            let pieces: [&[u8]; 3] = [b"one, ", b"two, ", b"fine"];
+            let (status, body) = raw_request(
+                bed.envoy.listen,
+                &format!("POST /gate/{seg}/slow HTTP/1.1\r\nhost: t\r\ncontent-length: 14"),
+                &pieces,
+                Duration::from_millis(300),
+            )
+            .await;
+            assert_eq!(status, 200, "{seg}: {body}");
+            let seen = bed.upstream.seen_with_prefix(&format!("/gate/{seg}/slow"));
+            assert_eq!(seen[0].body_bytes(), b"one, two, fine", "{seg}");
+
+            let pieces: [&[u8]; 3] = [b"one, ", b"two, ", b"deny"];
+            let (status, body) = raw_request(
+                bed.envoy.listen,
+                &format!("POST /gate/{seg}/slowdeny HTTP/1.1\r\nhost: t\r\ncontent-length: 14"),
+                &pieces,
+                Duration::from_millis(300),
+            )
+            .await;
+            assert_eq!(status, 403, "{seg}: {body}");
+            for s in bed
+                .upstream
+                .seen_with_prefix(&format!("/gate/{seg}/slowdeny"))
+            {
+                assert!(s.body_bytes().is_empty(), "{seg}");
+            }
+        }
+    })
+    .await;
+}
