@@ -52,13 +52,30 @@ struct ServeArgs {
     grpc_addr: SocketAddr,
     #[arg(long, env = "TOLLGATE_ADMIN_ADDR", default_value = "0.0.0.0:9003")]
     admin_addr: SocketAddr,
+    /// Also serve `/metrics`, `/healthz` and `/readyz` (not the management API) here, so
+    /// the admin port can be bound to a private address while Prometheus and probes
+    /// scrape this one.
+    #[arg(long, env = "TOLLGATE_METRICS_ADDR")]
+    metrics_addr: Option<SocketAddr>,
+    /// Admin and metrics ports: a connection whose request headers take longer is closed.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    admin_header_read_timeout: Duration,
+    /// Admin and metrics ports: connections served at once (each port); more are
+    /// answered 503 and closed.
+    #[arg(long, default_value_t = 128)]
+    admin_max_connections: usize,
     /// What to do with requests no flow matches.
     #[arg(long, value_enum, default_value_t = NoMatch::Continue)]
     on_no_match: NoMatch,
     /// How often the configuration directory is re-read (in addition to file events).
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     reload_interval: Duration,
-    /// How long open streams may take to finish after SIGTERM.
+    /// After SIGTERM, how long tollgate stays up not ready (`/readyz` 503, gRPC health
+    /// NOT_SERVING) while still serving new streams, so health checks move traffic away
+    /// before the port closes.
+    #[arg(long, env = "TOLLGATE_SHUTDOWN_GRACE", default_value = "5s", value_parser = parse_duration)]
+    shutdown_grace: Duration,
+    /// Then, how long open streams may take to finish (no new connections meanwhile).
     #[arg(long, default_value = "20s", value_parser = parse_duration)]
     drain_timeout: Duration,
     /// Largest ext_proc message accepted (a buffered body arrives in one message).
@@ -70,6 +87,11 @@ struct ServeArgs {
     /// PEM private key for --tls-cert.
     #[arg(long, env = "TOLLGATE_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// PEM CA certificate(s): the gRPC port then requires a client certificate signed by
+    /// one of them (mTLS; only the gateway may call). Certificate, key and CA files are
+    /// re-read every --reload-interval and take effect for new connections.
+    #[arg(long, env = "TOLLGATE_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
     /// Where API-created products, apps and keys live.
     #[arg(long, value_enum, env = "TOLLGATE_STORE", default_value_t = StoreKind::Embedded)]
     store: StoreKind,
@@ -302,11 +324,28 @@ async fn run(args: Box<ServeArgs>) -> anyhow::Result<()> {
             grpc_addr: args.grpc_addr,
             admin_addr: args.admin_addr,
             on_no_match: args.on_no_match,
+            metrics_addr: args.metrics_addr,
             reload_interval: args.reload_interval,
+            shutdown_grace: args.shutdown_grace,
             drain_timeout: args.drain_timeout,
             max_message_bytes: args.max_message_bytes,
-            tls: args.tls_cert.zip(args.tls_key),
+            tls: args
+                .tls_cert
+                .clone()
+                .zip(args.tls_key.clone())
+                .map(|(cert, key)| server::tls::TlsFiles {
+                    cert,
+                    key,
+                    client_ca: args.tls_client_ca.clone(),
+                }),
             api_auth,
+            admin_limits: tollgate::admin::HttpLimits {
+                header_read_timeout: args
+                    .admin_header_read_timeout
+                    .max(Duration::from_millis(100)),
+                max_connections: args.admin_max_connections.max(1),
+                ..Default::default()
+            },
         },
     )
     .await?;
