@@ -1,4 +1,4 @@
-//! The `tollgate` command: `serve` and `validate`.
+//! The `tollgate` command: `serve`, `validate` and `jwt mint`.
 #![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
@@ -40,6 +40,97 @@ enum Command {
         /// Configuration directory.
         dir: PathBuf,
     },
+    /// JSON Web Token tools (for trying VerifyJwt flows).
+    Jwt {
+        #[command(subcommand)]
+        command: JwtCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum JwtCommand {
+    /// Print a signed token: `iat` now and `exp` after --expires-in unless the claims set
+    /// them.
+    Mint(MintArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct MintArgs {
+    /// Signing algorithm: HS256/384/512 (with --secret or --secret-env), RS*/PS*, ES256/384
+    /// or EdDSA (with --key).
+    #[arg(long, default_value = "HS256")]
+    alg: String,
+    /// HMAC secret.
+    #[arg(long, conflicts_with_all = ["secret_env", "key"])]
+    secret: Option<String>,
+    /// Name of an environment variable holding the HMAC secret.
+    #[arg(long, conflicts_with = "key")]
+    secret_env: Option<String>,
+    /// PEM private key file (PKCS#8; PKCS#1 for RSA).
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// Claims, as a JSON object.
+    #[arg(long, default_value = "{}")]
+    claims: String,
+    /// Lifetime of the token (sets `exp` unless the claims have one).
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    expires_in: Duration,
+    /// `kid` header (the key id a JWKS names the key by).
+    #[arg(long)]
+    kid: Option<String>,
+}
+
+/// The token `tollgate jwt mint` prints, or why it cannot.
+fn mint(args: &MintArgs) -> Result<String, String> {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    let alg: Algorithm = args
+        .alg
+        .parse()
+        .map_err(|_| format!("--alg: unknown algorithm `{}`", args.alg))?;
+    let secret = || -> Result<Vec<u8>, String> {
+        match (&args.secret, &args.secret_env) {
+            (Some(s), _) => Ok(s.as_bytes().to_vec()),
+            (None, Some(var)) => std::env::var(var)
+                .map(String::into_bytes)
+                .map_err(|_| format!("--secret-env: `{var}` is not set")),
+            (None, None) => Err(format!("{alg:?} needs --secret or --secret-env")),
+        }
+    };
+    let pem = || -> Result<Vec<u8>, String> {
+        let path = args
+            .key
+            .as_ref()
+            .ok_or_else(|| format!("{alg:?} needs --key (a PEM private key file)"))?;
+        std::fs::read(path).map_err(|e| format!("cannot read --key {}: {e}", path.display()))
+    };
+    let bad_key = |e: jsonwebtoken::errors::Error| format!("--key is not a {alg:?} key: {e}");
+    let key = match alg {
+        Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => {
+            EncodingKey::from_secret(&secret()?)
+        }
+        Algorithm::RS256
+        | Algorithm::RS384
+        | Algorithm::RS512
+        | Algorithm::PS256
+        | Algorithm::PS384
+        | Algorithm::PS512 => EncodingKey::from_rsa_pem(&pem()?).map_err(bad_key)?,
+        Algorithm::ES256 | Algorithm::ES384 => {
+            EncodingKey::from_ec_pem(&pem()?).map_err(bad_key)?
+        }
+        Algorithm::EdDSA => EncodingKey::from_ed_pem(&pem()?).map_err(bad_key)?,
+    };
+    let mut claims: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&args.claims)
+        .map_err(|e| format!("--claims must be a JSON object: {e}"))?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    claims.entry("iat").or_insert(now.into());
+    claims
+        .entry("exp")
+        .or_insert(now.saturating_add(args.expires_in.as_secs()).into());
+    let mut header = Header::new(alg);
+    header.kid.clone_from(&args.kid);
+    jsonwebtoken::encode(&header, &claims, &key).map_err(|e| format!("cannot sign: {e}"))
 }
 
 #[derive(clap::Args, Debug)]
@@ -222,6 +313,18 @@ fn main() -> ExitCode {
             }
             Err(e) => {
                 eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Jwt {
+            command: JwtCommand::Mint(args),
+        } => match mint(&args) {
+            Ok(token) => {
+                println!("{token}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("tollgate jwt mint: {e}");
                 ExitCode::FAILURE
             }
         },
