@@ -24,6 +24,10 @@ use tokio_rustls::server::TlsStream;
 /// How long a client may take to complete the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Handshakes under way at once; a connection past that is closed at once (a flood of
+/// half-open handshakes must not grow without bound).
+const MAX_HANDSHAKES: usize = 256;
+
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("cannot read {path}: {source}")]
@@ -191,6 +195,7 @@ impl ReloadingTls {
         mut stop: tokio::sync::watch::Receiver<bool>,
     ) -> tokio_stream::wrappers::ReceiverStream<io::Result<TlsConn>> {
         let (tx, rx) = mpsc::channel(64);
+        let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
         tokio::spawn(async move {
             loop {
                 let (tcp, peer) = tokio::select! {
@@ -206,12 +211,19 @@ impl ReloadingTls {
                     () = tx.closed() => return,
                     () = async { let _ = stop.wait_for(|v| *v).await; } => return,
                 };
+                let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                    tracing::warn!(%peer, "too many TLS handshakes under way; connection closed");
+                    continue;
+                };
                 // Without TCP_NODELAY small answers wait out Nagle + delayed ACK.
                 let _ = tcp.set_nodelay(true);
                 let acceptor = tokio_rustls::TlsAcceptor::from(self.current.load_full());
                 let tx = tx.clone();
                 tokio::spawn(async move {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    let handshake =
+                        tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+                    drop(permit);
+                    match handshake {
                         Ok(Ok(s)) => {
                             let _ = tx.send(Ok(TlsConn(s))).await;
                         }
