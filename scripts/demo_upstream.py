@@ -1,10 +1,17 @@
 #!/usr/bin/env python3
 """A demo upstream for scripts/demo.sh: echoes what it received as JSON, so you can see the
-headers tollgate added; /sse streams server-sent events one every 300 ms. Loopback only."""
+headers tollgate added; /sse streams server-sent events one every 300 ms. Loopback only.
+
+With `--authz PORT` it also serves, on that port, the authorization service that
+policies/service-callout.yaml calls: GET /check?user=U answers {"allowed": .., "tier": ..}:
+alice is allowed (tier gold), bob too (silver), slowpoke is answered after 2 s (later than
+the callout's timeout), anyone else is refused."""
 import json
 import sys
+import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlparse
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -47,6 +54,32 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
 
+class Authz(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    TIERS = {"alice": "gold", "bob": "silver"}
+
+    def do_GET(self):
+        user = parse_qs(urlparse(self.path).query).get("user", [""])[0]
+        if user == "slowpoke":
+            time.sleep(2)
+        tier = self.TIERS.get(user)
+        out = json.dumps({"allowed": tier is not None, "tier": tier or "none"}).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+
+    def log_message(self, fmt, *args):
+        pass
+
+
 if __name__ == "__main__":
-    port = int(sys.argv[1]) if len(sys.argv) > 1 else 8080
+    args = sys.argv[1:]
+    if "--authz" in args:
+        i = args.index("--authz")
+        authz = ThreadingHTTPServer(("127.0.0.1", int(args[i + 1])), Authz)
+        threading.Thread(target=authz.serve_forever, daemon=True).start()
+        del args[i : i + 2]
+    port = int(args[0]) if args else 8080
     ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()

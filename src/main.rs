@@ -1,4 +1,4 @@
-//! The `tollgate` command: `serve` and `validate`.
+//! The `tollgate` command: `serve`, `validate` and `jwt mint`.
 #![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
@@ -40,6 +40,97 @@ enum Command {
         /// Configuration directory.
         dir: PathBuf,
     },
+    /// JSON Web Token tools (for trying VerifyJwt flows).
+    Jwt {
+        #[command(subcommand)]
+        command: JwtCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum JwtCommand {
+    /// Print a signed token: `iat` now and `exp` after --expires-in unless the claims set
+    /// them.
+    Mint(MintArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct MintArgs {
+    /// Signing algorithm: HS256/384/512 (with --secret or --secret-env), RS*/PS*, ES256/384
+    /// or EdDSA (with --key).
+    #[arg(long, default_value = "HS256")]
+    alg: String,
+    /// HMAC secret.
+    #[arg(long, conflicts_with_all = ["secret_env", "key"])]
+    secret: Option<String>,
+    /// Name of an environment variable holding the HMAC secret.
+    #[arg(long, conflicts_with = "key")]
+    secret_env: Option<String>,
+    /// PEM private key file (PKCS#8; PKCS#1 for RSA).
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// Claims, as a JSON object.
+    #[arg(long, default_value = "{}")]
+    claims: String,
+    /// Lifetime of the token (sets `exp` unless the claims have one).
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    expires_in: Duration,
+    /// `kid` header (the key id a JWKS names the key by).
+    #[arg(long)]
+    kid: Option<String>,
+}
+
+/// The token `tollgate jwt mint` prints, or why it cannot.
+fn mint(args: &MintArgs) -> Result<String, String> {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    let alg: Algorithm = args
+        .alg
+        .parse()
+        .map_err(|_| format!("--alg: unknown algorithm `{}`", args.alg))?;
+    let secret = || -> Result<Vec<u8>, String> {
+        match (&args.secret, &args.secret_env) {
+            (Some(s), _) => Ok(s.as_bytes().to_vec()),
+            (None, Some(var)) => std::env::var(var)
+                .map(String::into_bytes)
+                .map_err(|_| format!("--secret-env: `{var}` is not set")),
+            (None, None) => Err(format!("{alg:?} needs --secret or --secret-env")),
+        }
+    };
+    let pem = || -> Result<Vec<u8>, String> {
+        let path = args
+            .key
+            .as_ref()
+            .ok_or_else(|| format!("{alg:?} needs --key (a PEM private key file)"))?;
+        std::fs::read(path).map_err(|e| format!("cannot read --key {}: {e}", path.display()))
+    };
+    let bad_key = |e: jsonwebtoken::errors::Error| format!("--key is not a {alg:?} key: {e}");
+    let key = match alg {
+        Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => {
+            EncodingKey::from_secret(&secret()?)
+        }
+        Algorithm::RS256
+        | Algorithm::RS384
+        | Algorithm::RS512
+        | Algorithm::PS256
+        | Algorithm::PS384
+        | Algorithm::PS512 => EncodingKey::from_rsa_pem(&pem()?).map_err(bad_key)?,
+        Algorithm::ES256 | Algorithm::ES384 => {
+            EncodingKey::from_ec_pem(&pem()?).map_err(bad_key)?
+        }
+        Algorithm::EdDSA => EncodingKey::from_ed_pem(&pem()?).map_err(bad_key)?,
+    };
+    let mut claims: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&args.claims)
+        .map_err(|e| format!("--claims must be a JSON object: {e}"))?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    claims.entry("iat").or_insert(now.into());
+    claims
+        .entry("exp")
+        .or_insert(now.saturating_add(args.expires_in.as_secs()).into());
+    let mut header = Header::new(alg);
+    header.kid.clone_from(&args.kid);
+    jsonwebtoken::encode(&header, &claims, &key).map_err(|e| format!("cannot sign: {e}"))
 }
 
 #[derive(clap::Args, Debug)]
@@ -52,13 +143,30 @@ struct ServeArgs {
     grpc_addr: SocketAddr,
     #[arg(long, env = "TOLLGATE_ADMIN_ADDR", default_value = "0.0.0.0:9003")]
     admin_addr: SocketAddr,
+    /// Also serve `/metrics`, `/healthz` and `/readyz` (not the management API) here, so
+    /// the admin port can be bound to a private address while Prometheus and probes
+    /// scrape this one.
+    #[arg(long, env = "TOLLGATE_METRICS_ADDR")]
+    metrics_addr: Option<SocketAddr>,
+    /// Admin and metrics ports: a connection whose request headers take longer is closed.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    admin_header_read_timeout: Duration,
+    /// Admin and metrics ports: connections served at once (each port); more are
+    /// answered 503 and closed.
+    #[arg(long, default_value_t = 128)]
+    admin_max_connections: usize,
     /// What to do with requests no flow matches.
     #[arg(long, value_enum, default_value_t = NoMatch::Continue)]
     on_no_match: NoMatch,
     /// How often the configuration directory is re-read (in addition to file events).
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     reload_interval: Duration,
-    /// How long open streams may take to finish after SIGTERM.
+    /// After SIGTERM, how long tollgate stays up not ready (`/readyz` 503, gRPC health
+    /// NOT_SERVING) while still serving new streams, so health checks move traffic away
+    /// before the port closes.
+    #[arg(long, env = "TOLLGATE_SHUTDOWN_GRACE", default_value = "5s", value_parser = parse_duration)]
+    shutdown_grace: Duration,
+    /// Then, how long open streams may take to finish (no new connections meanwhile).
     #[arg(long, default_value = "20s", value_parser = parse_duration)]
     drain_timeout: Duration,
     /// Largest ext_proc message accepted (a buffered body arrives in one message).
@@ -79,6 +187,11 @@ struct ServeArgs {
     /// PEM private key for --tls-cert.
     #[arg(long, env = "TOLLGATE_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// PEM CA certificate(s): the gRPC port then requires a client certificate signed by
+    /// one of them (mTLS; only the gateway may call). Certificate, key and CA files are
+    /// re-read every --reload-interval and take effect for new connections.
+    #[arg(long, env = "TOLLGATE_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
     /// Where API-created products, apps and keys live.
     #[arg(long, value_enum, env = "TOLLGATE_STORE", default_value_t = StoreKind::Embedded)]
     store: StoreKind,
@@ -212,6 +325,18 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Jwt {
+            command: JwtCommand::Mint(args),
+        } => match mint(&args) {
+            Ok(token) => {
+                println!("{token}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("tollgate jwt mint: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Serve(args) => {
             init_logging(args.log_format);
             let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -311,13 +436,30 @@ async fn run(args: Box<ServeArgs>) -> anyhow::Result<()> {
             grpc_addr: args.grpc_addr,
             admin_addr: args.admin_addr,
             on_no_match: args.on_no_match,
+            metrics_addr: args.metrics_addr,
             reload_interval: args.reload_interval,
+            shutdown_grace: args.shutdown_grace,
             drain_timeout: args.drain_timeout,
             max_message_bytes: args.max_message_bytes,
             mode_override: args.mode_override,
             max_buffered_bytes: args.max_buffered_bytes,
-            tls: args.tls_cert.zip(args.tls_key),
+            tls: args
+                .tls_cert
+                .clone()
+                .zip(args.tls_key.clone())
+                .map(|(cert, key)| server::tls::TlsFiles {
+                    cert,
+                    key,
+                    client_ca: args.tls_client_ca.clone(),
+                }),
             api_auth,
+            admin_limits: tollgate::admin::HttpLimits {
+                header_read_timeout: args
+                    .admin_header_read_timeout
+                    .max(Duration::from_millis(100)),
+                max_connections: args.admin_max_connections.max(1),
+                ..Default::default()
+            },
         },
     )
     .await?;

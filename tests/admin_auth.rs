@@ -1,6 +1,7 @@
 //! How the real `tollgate serve` opens its management API: closed (a clear 404) without a
 //! token flag, guarded by the token of `--admin-token-file` or `--admin-token-env`, and
-//! refusing to start with a token shorter than 16 characters.
+//! refusing to start with a token shorter than 16 characters; and how the admin port holds
+//! up under abuse (slow clients cut off, a connection cap) and can be split from `/metrics`.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -140,4 +141,127 @@ fn short_or_missing_tokens_refuse_to_start() {
     let missing = secrets.path().join("absent");
     let err = refused(&["--admin-token-file", missing.to_str().unwrap()], &[]);
     assert!(err.contains("--admin-token-file"), "{err}");
+}
+
+/// Whether the server closed `s` (read returns end of stream or an error other than a
+/// timeout) within `limit`, while the client keeps trickling header bytes.
+fn closed_within(s: &mut std::net::TcpStream, limit: Duration) -> bool {
+    use std::io::{Read, Write};
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let deadline = Instant::now() + limit;
+    let mut buf = [0u8; 256];
+    while Instant::now() < deadline {
+        // A slowloris: one more header byte every 200 ms, never the end of the headers.
+        if s.write_all(b"x").is_err() {
+            return true;
+        }
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => return true,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return true,
+        }
+    }
+    false
+}
+
+#[test]
+fn a_slow_client_is_cut_off_and_connections_past_the_cap_are_refused() {
+    use std::io::{Read, Write};
+    let p = start(
+        &[
+            "--admin-header-read-timeout",
+            "1s",
+            "--admin-max-connections",
+            "4",
+        ],
+        &[],
+    );
+    // Slowloris: headers that never end are cut off after the header-read timeout.
+    let mut slow = std::net::TcpStream::connect(("127.0.0.1", p.admin)).unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        .unwrap();
+    let started = Instant::now();
+    assert!(
+        closed_within(&mut slow, Duration::from_secs(5)),
+        "a client trickling its headers was not cut off"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(800),
+        "cut off too early"
+    );
+    drop(slow);
+    std::thread::sleep(Duration::from_millis(200));
+
+    // The cap: four connections holding the port, the fifth is answered 503 and closed.
+    let held: Vec<_> = (0..4)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", p.admin)).unwrap();
+            s.write_all(b"GET /healthz HTTP/1.1\r\n").unwrap();
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut extra = std::net::TcpStream::connect(("127.0.0.1", p.admin)).unwrap();
+    extra
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut answer = String::new();
+    let _ = extra.read_to_string(&mut answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 503"),
+        "past the cap: {answer:?}"
+    );
+    // The held connections are cut off by the header timeout, and the port serves again.
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while get(p.admin, "/healthz", None).0 != 200 {
+        assert!(Instant::now() < deadline, "the admin port did not recover");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn held_connections_are_released_by_the_header_timeout() {
+    use std::io::Write;
+    let p = start(
+        &[
+            "--admin-header-read-timeout",
+            "1s",
+            "--admin-max-connections",
+            "2",
+        ],
+        &[],
+    );
+    // Two clients that connect and never finish (kept open by the test): after the
+    // header-read timeout their slots are free again.
+    let _held: Vec<_> = (0..2)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", p.admin)).unwrap();
+            s.write_all(b"GET /healthz HTTP/1.1\r\n").unwrap();
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(get(p.admin, "/healthz", None).0, 200);
+}
+
+#[test]
+fn metrics_can_be_served_apart_from_the_admin_port() {
+    let metrics = free_port();
+    let addr = format!("127.0.0.1:{metrics}");
+    let p = start(&["--metrics-addr", &addr, "--admin-insecure"], &[]);
+    let (status, body) = get(metrics, "/metrics", None);
+    assert_eq!(status, 200);
+    assert!(body.contains("tollgate_config_synchronized 1"), "{body}");
+    assert_eq!(get(metrics, "/readyz", None).0, 200);
+    assert_eq!(get(metrics, "/healthz", None).0, 200);
+    // The management API is on the admin port only.
+    assert_eq!(get(metrics, "/v1/products", None).0, 404);
+    assert_eq!(get(p.admin, "/v1/products", None).0, 200);
 }

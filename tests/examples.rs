@@ -574,7 +574,7 @@ async fn start_authz() -> std::net::SocketAddr {
 /// An example file as the test loads it: the callout example calls the local service.
 fn prepare(name: &str, text: &str, authz: std::net::SocketAddr) -> String {
     if name == "service-callout.yaml" {
-        return text.replace("authz.example.internal:8080", &authz.to_string());
+        return text.replace("127.0.0.1:8081", &authz.to_string());
     }
     text.to_owned()
 }

@@ -125,10 +125,14 @@ async fn sighup_forces_a_reload() {
     }
 }
 
-#[tokio::test]
-async fn sigterm_turns_unready_then_drains_open_streams() {
-    let mut p = start(&["--drain-timeout", "10s"]);
-    let mut client = ExternalProcessorClient::connect(format!("http://127.0.0.1:{}", p.grpc))
+/// Opens an ext_proc stream on `port` and has its request headers answered.
+async fn open_exchange(
+    port: u16,
+) -> (
+    mpsc::Sender<ProcessingRequest>,
+    tonic::Streaming<envoy_types::pb::envoy::service::ext_proc::v3::ProcessingResponse>,
+) {
+    let mut client = ExternalProcessorClient::connect(format!("http://127.0.0.1:{port}"))
         .await
         .unwrap();
     let (tx, rx) = mpsc::channel(4);
@@ -137,29 +141,19 @@ async fn sigterm_turns_unready_then_drains_open_streams() {
         .await
         .unwrap()
         .into_inner();
-    // An exchange is under way: its request was answered, its response is still to come.
     tx.send(headers_msg()).await.unwrap();
     let r = answers.message().await.unwrap().unwrap();
     assert!(matches!(r.response, Some(Response::RequestHeaders(_))));
+    (tx, answers)
+}
 
-    signal(&p, "-TERM");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let (code, _) = get(p.admin, "/readyz");
-        if code == 503 || code == 0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "still ready after SIGTERM");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    // The process waits for the open stream...
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(
-        p.child.try_wait().unwrap().is_none(),
-        "exited before the stream finished"
-    );
-
-    // ...which can still be answered and finish.
+/// Ends an exchange opened by [`open_exchange`] with its response headers.
+async fn finish_exchange(
+    tx: mpsc::Sender<ProcessingRequest>,
+    mut answers: tonic::Streaming<
+        envoy_types::pb::envoy::service::ext_proc::v3::ProcessingResponse,
+    >,
+) {
     let h = |k: &str, v: &str| HeaderValue {
         key: k.into(),
         value: String::new(),
@@ -181,6 +175,49 @@ async fn sigterm_turns_unready_then_drains_open_streams() {
     assert!(matches!(r.response, Some(Response::ResponseHeaders(_))));
     drop(tx);
     let _ = answers.message().await;
+}
+
+#[tokio::test]
+async fn sigterm_turns_unready_then_drains_open_streams() {
+    let mut p = start(&["--shutdown-grace", "1s", "--drain-timeout", "10s"]);
+    // An exchange is under way: its request was answered, its response is still to come.
+    let (tx, answers) = open_exchange(p.grpc).await;
+
+    signal(&p, "-TERM");
+    // Not ready at once, and said so by the admin port (which stays up: a closed port
+    // would make health checks fail with errors instead of steering traffic away).
+    let sigterm = Instant::now();
+    loop {
+        let (code, _) = get(p.admin, "/readyz");
+        if code == 503 {
+            break;
+        }
+        assert_eq!(code, 200, "the admin port closed on SIGTERM");
+        assert!(
+            sigterm.elapsed() < Duration::from_secs(1),
+            "still ready after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // During the grace period a stream that arrives (the gateway has not noticed yet) is
+    // still served, on a new connection.
+    let (tx2, answers2) = open_exchange(p.grpc).await;
+    finish_exchange(tx2, answers2).await;
+
+    // After the grace period the process waits for the open stream, `/readyz` still 503.
+    tokio::time::sleep(Duration::from_millis(1300).saturating_sub(sigterm.elapsed())).await;
+    assert!(
+        p.child.try_wait().unwrap().is_none(),
+        "exited before the stream finished"
+    );
+    assert_eq!(
+        get(p.admin, "/readyz").0,
+        503,
+        "admin port gone while draining"
+    );
+
+    // ...which can still be answered and finish.
+    finish_exchange(tx, answers).await;
 
     let deadline = Instant::now() + Duration::from_secs(5);
     let status = loop {
@@ -191,6 +228,11 @@ async fn sigterm_turns_unready_then_drains_open_streams() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert!(status.success(), "{status:?}");
+    assert_eq!(
+        get(p.admin, "/readyz").0,
+        0,
+        "the admin port closes at the end"
+    );
 }
 
 #[tokio::test]
@@ -238,4 +280,180 @@ async fn grpc_over_tls() {
             .await
             .is_err());
     }
+}
+
+// ───────────────────────────── mTLS ─────────────────────────────
+
+type Ca = rcgen::CertifiedIssuer<'static, rcgen::KeyPair>;
+
+fn new_ca(name: &str) -> Ca {
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap()).unwrap()
+}
+
+/// (certificate PEM, key PEM) for `localhost`, issued by `ca`, for a server or a client.
+fn leaf(ca: &Ca, client: bool) -> (String, String) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    params.extended_key_usages = vec![if client {
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth
+    } else {
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth
+    }];
+    let cert = params.signed_by(&key, ca).unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
+/// Whether a gRPC health check over TLS succeeds: the server's certificate is trusted when
+/// issued by `server_ca`, and `identity` is the client certificate presented, if any.
+async fn tls_health(port: u16, server_ca: &Ca, identity: Option<&(String, String)>) -> bool {
+    let mut tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(server_ca.pem()))
+        .domain_name("localhost");
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(tonic::transport::Identity::from_pem(cert, key));
+    }
+    let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
+        .unwrap()
+        .tls_config(tls)
+    else {
+        return false;
+    };
+    let Ok(Ok(ch)) = tokio::time::timeout(
+        Duration::from_secs(5),
+        endpoint.connect_timeout(Duration::from_secs(5)).connect(),
+    )
+    .await
+    else {
+        return false;
+    };
+    let mut health = HealthClient::new(ch);
+    let check = health.check(HealthCheckRequest {
+        service: "envoy.service.ext_proc.v3.ExternalProcessor".into(),
+    });
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), check).await,
+        Ok(Ok(r)) if r.get_ref().status == ServingStatus::Serving as i32
+    )
+}
+
+/// Writes `text` to `path` through a rename, as a Secret update lands.
+fn replace(path: &std::path::Path, text: &str) {
+    let dir = path.parent().unwrap();
+    support::write_atomic(dir, path.file_name().unwrap().to_str().unwrap(), text);
+}
+
+struct MtlsFiles {
+    cert: std::path::PathBuf,
+    key: std::path::PathBuf,
+    ca: std::path::PathBuf,
+}
+
+fn start_mtls(server_ca: &Ca, client_ca: &Ca, extra: &[&str]) -> (ServeProcess, MtlsFiles) {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = dir.path().join("tls");
+    std::fs::create_dir(&tls).unwrap();
+    let files = MtlsFiles {
+        cert: tls.join("tls.crt"),
+        key: tls.join("tls.key"),
+        ca: tls.join("ca.crt"),
+    };
+    let (cert, key) = leaf(server_ca, false);
+    std::fs::write(&files.cert, cert).unwrap();
+    std::fs::write(&files.key, key).unwrap();
+    std::fs::write(&files.ca, client_ca.pem()).unwrap();
+    let s = |p: &std::path::Path| p.display().to_string();
+    let mut args = vec![
+        "--tls-cert".to_owned(),
+        s(&files.cert),
+        "--tls-key".to_owned(),
+        s(&files.key),
+        "--tls-client-ca".to_owned(),
+        s(&files.ca),
+    ];
+    args.extend(extra.iter().map(|a| (*a).to_owned()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    (start_in(dir, &args), files)
+}
+
+#[tokio::test]
+async fn mtls_admits_only_clients_with_a_certificate_from_the_ca() {
+    let (gateway_ca, other_ca) = (new_ca("gateway CA"), new_ca("other CA"));
+    let (p, _files) = start_mtls(&gateway_ca, &gateway_ca, &[]);
+    let gateway = leaf(&gateway_ca, true);
+    let stranger = leaf(&other_ca, true);
+    assert!(
+        tls_health(p.grpc, &gateway_ca, Some(&gateway)).await,
+        "the gateway's certificate is accepted"
+    );
+    assert!(
+        !tls_health(p.grpc, &gateway_ca, None).await,
+        "a client without a certificate is refused"
+    );
+    assert!(
+        !tls_health(p.grpc, &gateway_ca, Some(&stranger)).await,
+        "a certificate from another CA is refused"
+    );
+
+    // An ext_proc exchange works for the gateway.
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(gateway_ca.pem()))
+        .identity(tonic::transport::Identity::from_pem(&gateway.0, &gateway.1))
+        .domain_name("localhost");
+    let ch = tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{}", p.grpc))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::channel(4);
+    let mut answers = ExternalProcessorClient::new(ch)
+        .process(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(headers_msg()).await.unwrap();
+    let r = answers.message().await.unwrap().unwrap();
+    assert!(matches!(r.response, Some(Response::RequestHeaders(_))));
+}
+
+#[tokio::test]
+async fn rotated_certificates_and_client_ca_apply_without_a_restart() {
+    let (old_ca, new_ca_) = (new_ca("old CA"), new_ca("new CA"));
+    let (p, files) = start_mtls(&old_ca, &old_ca, &["--reload-interval", "200ms"]);
+    let (old_client, new_client) = (leaf(&old_ca, true), leaf(&new_ca_, true));
+    assert!(tls_health(p.grpc, &old_ca, Some(&old_client)).await);
+    assert!(!tls_health(p.grpc, &new_ca_, Some(&new_client)).await);
+
+    // Rotate everything to the new CA, file by file, as a Secret update does.
+    let (cert, key) = leaf(&new_ca_, false);
+    replace(&files.key, &key);
+    replace(&files.cert, &cert);
+    replace(&files.ca, &new_ca_.pem());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !tls_health(p.grpc, &new_ca_, Some(&new_client)).await {
+        assert!(
+            Instant::now() < deadline,
+            "the rotated files were not picked up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        !tls_health(p.grpc, &old_ca, Some(&old_client)).await,
+        "the old CA's client is refused after the rotation"
+    );
+    assert!(
+        !tls_health(p.grpc, &new_ca_, Some(&old_client)).await,
+        "a client certificate from the old CA is refused by the new client CA"
+    );
+
+    // A broken file keeps the running certificate.
+    replace(&files.cert, "not a certificate");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(tls_health(p.grpc, &new_ca_, Some(&new_client)).await);
 }

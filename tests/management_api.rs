@@ -1400,3 +1400,105 @@ async fn kvm_entries_crud_secrets_file_entries_and_odd_keys() {
     let r = call(&env, Method::GET, &format!("{base}/file-key"), None).await;
     assert_eq!(r.body["value"], "fv");
 }
+
+#[tokio::test]
+async fn a_store_object_shadowed_by_a_file_can_be_deleted() {
+    let env = env().await;
+    // Made through the API before a configuration file defined the same names.
+    let mut p = file_product();
+    p.description = "older, from the API".into();
+    p.origin = Origin::Api;
+    let mut a = file_app();
+    a.keys.clear();
+    a.origin = Origin::Api;
+    env.consumers
+        .store()
+        .put_product(&p, Write::Create)
+        .await
+        .unwrap();
+    env.consumers
+        .store()
+        .put_app(&a, Write::Create)
+        .await
+        .unwrap();
+    let r = call(&env, Method::GET, "/v1/products/file-gold", None).await;
+    assert_eq!(r.body["origin"], "file", "the file's wins: {r:?}");
+
+    // What the shadowing warning tells the operator to do works: the store's copy goes,
+    // the file's stays and keeps serving.
+    for (uri, kind) in [
+        ("/v1/apps/file-app", "apps"),
+        ("/v1/products/file-gold", "products"),
+    ] {
+        let r = call(&env, Method::DELETE, uri, None).await;
+        assert_eq!(r.status, StatusCode::NO_CONTENT, "{kind}: {r:?}");
+        let r = call(&env, Method::GET, uri, None).await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(r.body["origin"], "file");
+        // Nothing left to delete but the file's: 409 as before.
+        let r = call(&env, Method::DELETE, uri, None).await;
+        assert_error(&r, StatusCode::CONFLICT, "FileDefined");
+    }
+    let snapshot = env.consumers.store().snapshot().await.unwrap();
+    assert!(snapshot.products.is_empty() && snapshot.apps.is_empty());
+    assert!(env
+        .consumers
+        .index()
+        .verify(FILE_KEY, "GET", "/file/x", None, now_ms())
+        .is_ok());
+}
+
+#[tokio::test]
+async fn products_and_apps_show_their_revision() {
+    let env = env().await;
+    let r = call(
+        &env,
+        Method::POST,
+        "/v1/products",
+        Some(product_json("gold", "auto")),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    assert_eq!(r.body["revision"], 0, "{r:?}");
+    let r = call(
+        &env,
+        Method::PUT,
+        "/v1/products/gold",
+        Some(product_json("gold", "auto")),
+    )
+    .await;
+    assert_eq!(r.body["revision"], 1, "{r:?}");
+    assert_eq!(
+        call(&env, Method::GET, "/v1/products/gold", None)
+            .await
+            .body["revision"],
+        1
+    );
+
+    let r = call(
+        &env,
+        Method::POST,
+        "/v1/apps",
+        Some(app_json("shop", &["gold"])),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    assert_eq!(r.body["revision"], 0, "{r:?}");
+    let r = call(
+        &env,
+        Method::PUT,
+        "/v1/apps/shop",
+        Some(app_json("shop", &["gold"])),
+    )
+    .await;
+    assert_eq!(r.body["revision"], 1, "the app as written: {r:?}");
+    let r = call(&env, Method::POST, "/v1/apps/shop/keys", None).await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    let r = call(&env, Method::GET, "/v1/apps/shop", None).await;
+    assert_eq!(r.body["revision"], 2, "{r:?}");
+    let (items, _) = list_all(&env, "/v1/apps", 10).await;
+    let shop = items.iter().find(|a| a["name"] == "shop").unwrap();
+    assert_eq!(shop["revision"], 2);
+    let file = items.iter().find(|a| a["name"] == "file-app").unwrap();
+    assert_eq!(file["revision"], 0);
+}

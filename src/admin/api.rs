@@ -828,6 +828,8 @@ struct AppView {
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     attributes: BTreeMap<String, String>,
     origin: Origin,
+    /// The store revision (0 for file apps and new ones), raised by every update.
+    revision: u64,
 }
 
 impl From<&App> for AppView {
@@ -840,6 +842,7 @@ impl From<&App> for AppView {
             keys: a.keys.iter().map(KeyView::from).collect(),
             attributes: a.attributes.clone(),
             origin: a.origin,
+            revision: a.revision,
         }
     }
 }
@@ -970,6 +973,20 @@ fn file_defined(kind: &str, name: &str) -> ApiError {
     ))
 }
 
+/// The answer to a DELETE of a name a configuration file defines: 204 when the store held
+/// an object of that name (shadowed by the file's, and now removed), 409 `FileDefined`
+/// when there was nothing but the file's to delete.
+fn delete_shadowed(kind: &str, name: &str, deleted: Result<(), StoreError>) -> ApiResult {
+    match deleted {
+        Ok(()) => {
+            tracing::info!(kind, name, "store object shadowed by a configuration file deleted through the management API; the file's stays");
+            Ok(StatusCode::NO_CONTENT.into_response())
+        }
+        Err(StoreError::NotFound { .. }) => Err(file_defined(kind, name)),
+        Err(e) => Err(e.into()),
+    }
+}
+
 impl Api {
     fn file_product(&self, name: &str) -> Option<ApiProduct> {
         let (products, _) = self.consumers.file_objects();
@@ -1045,7 +1062,14 @@ impl Api {
             let app = self.store_app_for_write(name).await?;
             let (app, r) = change(app).await?;
             match self.consumers.store().put_app(&app, Write::Update).await {
-                Ok(()) => return Ok((app, r)),
+                // The store wrote it one revision past the one it was read at.
+                Ok(()) => {
+                    let app = App {
+                        revision: app.revision.saturating_add(1),
+                        ..app
+                    };
+                    return Ok((app, r));
+                }
                 Err(StoreError::NotFound { .. }) => return Err(app_not_found(name)),
                 Err(StoreError::Conflict { .. }) if attempt < WRITE_ATTEMPTS => {
                     tracing::debug!(app = %name, attempt, "app changed concurrently; reading it again");
@@ -1165,7 +1189,13 @@ async fn delete_product(
     check_name(&name, "name")?;
     let _w = api.write.lock().await;
     if api.consumers.is_file_product(&name) {
-        return Err(file_defined("product", &name));
+        // The file's product stays; what can go is a store product it shadows (made
+        // through the API before the file defined it), as the shadowing warning says.
+        return delete_shadowed(
+            "product",
+            &name,
+            api.consumers.store().delete_product(&name).await,
+        );
     }
     if api.consumers.store().get_product(&name).await?.is_none() {
         return Err(product_not_found(&name));
@@ -1296,7 +1326,7 @@ async fn delete_app(
     check_name(&name, "name")?;
     let _w = api.write.lock().await;
     if api.consumers.is_file_app(&name) {
-        return Err(file_defined("app", &name));
+        return delete_shadowed("app", &name, api.consumers.store().delete_app(&name).await);
     }
     api.consumers
         .store()

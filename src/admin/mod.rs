@@ -4,6 +4,7 @@
 pub mod api;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -16,6 +17,82 @@ use crate::server::Shared;
 use crate::telemetry::METRICS;
 
 pub use api::ApiAuth;
+
+/// Bounds of the admin (and metrics) HTTP server, so a slow or greedy client cannot starve
+/// the health checks and the management API.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpLimits {
+    /// A connection whose request headers have not all arrived within this is closed.
+    pub header_read_timeout: Duration,
+    /// Connections served at once; one more is answered 503 and closed at once.
+    pub max_connections: usize,
+    /// A connection open longer is asked to close after its current request, and dropped
+    /// `header_read_timeout` later (bounds slow bodies and idle keep-alive connections).
+    pub max_connection_age: Duration,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(10),
+            max_connections: 128,
+            max_connection_age: Duration::from_secs(60),
+        }
+    }
+}
+
+/// What a connection past the cap gets before it is closed.
+const OVER_CAPACITY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: 38\r\nconnection: close\r\n\r\ntoo many admin connections; try again\n";
+
+/// Serves `router` over HTTP/1.1 on `listener` within `limits` until `stop` turns true.
+pub async fn serve_http(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    limits: HttpLimits,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    loop {
+        let tcp = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    // EMFILE and the like: wait instead of spinning.
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = async { let _ = stop.wait_for(|v| *v).await; } => return,
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            // Refused without waiting on the client: a non-blocking write into an empty
+            // socket buffer, then close.
+            let _ = tcp.try_write(OVER_CAPACITY);
+            tracing::debug!(
+                max = limits.max_connections,
+                "admin connection refused: cap reached"
+            );
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_read_timeout)
+                .serve_connection(TokioIo::new(tcp), service);
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                () = tokio::time::sleep(limits.max_connection_age) => {}
+            }
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(limits.header_read_timeout, conn).await;
+        });
+    }
+}
 
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()

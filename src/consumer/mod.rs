@@ -101,8 +101,9 @@ pub struct ApiProduct {
     pub origin: Origin,
     /// Store revision, raised by one on every update: an update carries the revision it
     /// read and the store refuses it when another write came in between (optimistic
-    /// concurrency across replicas). 0 for file objects and new ones.
-    #[serde(default, skip_serializing_if = "is_zero")]
+    /// concurrency across replicas). 0 for file objects and new ones. Always written, so
+    /// the management API shows it (as the README promises) even at 0.
+    #[serde(default)]
     pub revision: u64,
 }
 

@@ -168,7 +168,7 @@ impl Consumers {
             tracing::warn!(
                 kind,
                 name,
-                "a configuration file defines this {kind}, and the store holds an older one of the same name made through the API: the file's wins; delete the store object or rename one"
+                "a configuration file defines this {kind}, and the store holds an older one of the same name made through the API: the file's wins; delete the store object (DELETE /v1/{kind}s/{name} on the management API removes only the store's) or rename one"
             );
         }
         let mut products = Vec::new();

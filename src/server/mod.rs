@@ -3,6 +3,7 @@
 
 pub mod proto;
 pub mod stream;
+pub mod tls;
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -349,22 +350,42 @@ impl ExternalProcessor for Processor {
 pub struct ServeOptions {
     pub grpc_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// A second listener serving only `/metrics`, `/healthz` and `/readyz`, so the admin
+    /// port (and its management API) can stay private while Prometheus and probes reach
+    /// this one.
+    pub metrics_addr: Option<SocketAddr>,
     pub on_no_match: NoMatch,
     pub reload_interval: Duration,
+    /// After SIGTERM: not ready, but new streams still accepted, for this long (the
+    /// gateway's health checks need time to move traffic away).
+    pub shutdown_grace: Duration,
+    /// Then: no new connections; open streams may finish for this long.
     pub drain_timeout: Duration,
     pub max_message_bytes: usize,
     /// Whether the gateway honours `mode_override`.
     pub mode_override: ModeOverride,
     /// Body bytes all streams together may hold.
     pub max_buffered_bytes: usize,
-    /// PEM certificate chain and key: serve gRPC over TLS (GKE sends HTTP/2 over TLS to
-    /// `appProtocol: HTTP2` backends).
-    pub tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    /// Serve gRPC over TLS (GKE sends HTTP/2 over TLS to `appProtocol: HTTP2` backends),
+    /// with client certificates required when a client CA is given; reloaded on change.
+    pub tls: Option<tls::TlsFiles>,
     /// The management API under `/v1/` on the admin port; `None` keeps it closed.
     pub api_auth: Option<crate::admin::ApiAuth>,
+    /// Bounds of the admin and metrics HTTP servers.
+    pub admin_limits: crate::admin::HttpLimits,
 }
 
-/// Runs the ext_proc server and the admin server until SIGTERM or Ctrl-C, then drains.
+async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr} ({what}): {e}"))
+}
+
+/// Runs the ext_proc server and the admin server until SIGTERM or Ctrl-C, then shuts down
+/// in the order the README promises: not ready at once (`/readyz` 503, gRPC health
+/// NOT_SERVING) while new streams are still served for `shutdown_grace`; then no new
+/// connections and open streams drain up to `drain_timeout`; the admin port answers
+/// throughout and closes last.
 pub async fn serve(config: Arc<ConfigManager>, opts: ServeOptions) -> anyhow::Result<()> {
     let shared = Shared::with_options(
         config.clone(),
@@ -375,15 +396,28 @@ pub async fn serve(config: Arc<ConfigManager>, opts: ServeOptions) -> anyhow::Re
         },
     );
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    // `grpc_stop`: stop accepting gRPC connections; `stop`: everything else, at the end.
+    let (grpc_stop_tx, grpc_stop_rx) = tokio::sync::watch::channel(false);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
 
-    let grpc_listener = tokio::net::TcpListener::bind(opts.grpc_addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {} (gRPC): {e}", opts.grpc_addr))?;
-    let admin_listener = tokio::net::TcpListener::bind(opts.admin_addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {} (admin): {e}", opts.admin_addr))?;
-    tracing::info!(grpc = %grpc_listener.local_addr()?, admin = %admin_listener.local_addr()?, "listening");
+    let tls = match &opts.tls {
+        Some(files) => Some(
+            tls::ReloadingTls::load(files.clone()).map_err(|e| anyhow::anyhow!("gRPC TLS: {e}"))?,
+        ),
+        None => None,
+    };
+    let grpc_listener = bind(opts.grpc_addr, "gRPC").await?;
+    let admin_listener = bind(opts.admin_addr, "admin").await?;
+    let metrics_listener = match opts.metrics_addr {
+        Some(a) => Some(bind(a, "metrics").await?),
+        None => None,
+    };
+    tracing::info!(
+        grpc = %grpc_listener.local_addr()?,
+        admin = %admin_listener.local_addr()?,
+        metrics = ?metrics_listener.as_ref().and_then(|l| l.local_addr().ok()),
+        "listening"
+    );
 
     let mut admin = crate::admin::router(shared.clone());
     match &opts.api_auth {
@@ -408,52 +442,54 @@ pub async fn serve(config: Arc<ConfigManager>, opts: ServeOptions) -> anyhow::Re
             )
         }
     }
-    let mut admin_shutdown = shutdown_rx.clone();
-    let admin_task = tokio::spawn(async move {
-        let r = axum::serve(admin_listener, admin)
-            .with_graceful_shutdown(async move {
-                let _ = admin_shutdown.wait_for(|v| *v).await;
-            })
-            .await;
-        if let Err(e) = r {
-            tracing::error!(error = %e, "admin server failed");
-        }
-    });
+    let mut http_tasks = vec![tokio::spawn(crate::admin::serve_http(
+        admin_listener,
+        admin,
+        opts.admin_limits,
+        stop_rx.clone(),
+    ))];
+    if let Some(l) = metrics_listener {
+        http_tasks.push(tokio::spawn(crate::admin::serve_http(
+            l,
+            crate::admin::router(shared.clone()),
+            opts.admin_limits,
+            stop_rx.clone(),
+        )));
+    }
 
-    let watcher = tokio::spawn(
-        config
-            .clone()
-            .watch(opts.reload_interval, shutdown_rx.clone()),
-    );
+    let watcher = tokio::spawn(config.clone().watch(opts.reload_interval, stop_rx.clone()));
+    if let Some(t) = &tls {
+        tokio::spawn(t.clone().watch(opts.reload_interval, stop_rx.clone()));
+        tracing::info!(
+            cert = %opts.tls.as_ref().map(|f| f.cert.display().to_string()).unwrap_or_default(),
+            client_certificates = opts.tls.as_ref().is_some_and(|f| f.client_ca.is_some()),
+            "gRPC over TLS"
+        );
+    }
 
     let service = Processor::new(shared.clone()).into_service(opts.max_message_bytes);
     health_reporter
         .set_serving::<ExternalProcessorServer<Processor>>()
         .await;
-    let mut grpc_shutdown = shutdown_rx.clone();
-    let mut builder = tonic::transport::Server::builder();
-    if let Some((cert, key)) = &opts.tls {
-        let read = |p: &std::path::Path| {
-            std::fs::read(p).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()))
-        };
-        let identity = tonic::transport::Identity::from_pem(read(cert)?, read(key)?);
-        builder = builder
-            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
-            .map_err(|e| anyhow::anyhow!("invalid TLS certificate or key: {e}"))?;
-        tracing::info!(cert = %cert.display(), "gRPC over TLS");
-    }
-    let grpc = builder
+    let mut grpc_shutdown = grpc_stop_rx.clone();
+    let stopped = async move {
+        let _ = grpc_shutdown.wait_for(|v| *v).await;
+    };
+    let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(health_service)
-        .add_service(service)
-        .serve_with_incoming_shutdown(
+        .add_service(service);
+    let mut grpc: tokio::task::JoinHandle<Result<(), tonic::transport::Error>> = match tls {
+        Some(t) => tokio::spawn(router.serve_with_incoming_shutdown(
+            t.incoming(grpc_listener, grpc_stop_rx.clone()),
+            stopped,
+        )),
+        None => tokio::spawn(router.serve_with_incoming_shutdown(
             // Without TCP_NODELAY small answers wait out Nagle + delayed ACK (~40 ms p99).
             tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
-            async move {
-                let _ = grpc_shutdown.wait_for(|v| *v).await;
-            },
-        );
-    let mut grpc = tokio::spawn(grpc);
+            stopped,
+        )),
+    };
     shared.ready.store(true, Ordering::Relaxed);
     tracing::info!("ready");
 
@@ -463,7 +499,8 @@ pub async fn serve(config: Arc<ConfigManager>, opts: ServeOptions) -> anyhow::Re
         r = &mut grpc => {
             // The server stopped on its own: that is an error.
             shared.ready.store(false, Ordering::Relaxed);
-            let _ = shutdown_tx.send(true);
+            let _ = grpc_stop_tx.send(true);
+            let _ = stop_tx.send(true);
             return match r {
                 Ok(Ok(())) => Err(anyhow::anyhow!("gRPC server stopped unexpectedly")),
                 Ok(Err(e)) => Err(anyhow::anyhow!("gRPC server failed: {e}")),
@@ -472,14 +509,20 @@ pub async fn serve(config: Arc<ConfigManager>, opts: ServeOptions) -> anyhow::Re
         }
     }
 
-    // Shutdown: not ready first (health checks and load balancers move away), then stop
-    // accepting and drain open streams up to the deadline.
-    tracing::info!(drain_timeout = ?opts.drain_timeout, "shutting down: draining streams");
+    // 1. Not ready: health checks and load balancers move away, while streams that still
+    //    arrive meanwhile are served.
+    tracing::info!(grace = ?opts.shutdown_grace, drain_timeout = ?opts.drain_timeout, "shutting down: not ready; still serving during the grace period");
     shared.ready.store(false, Ordering::Relaxed);
     health_reporter
         .set_not_serving::<ExternalProcessorServer<Processor>>()
         .await;
-    let _ = shutdown_tx.send(true);
+    tokio::time::sleep(opts.shutdown_grace).await;
+    // 2. No new connections; open streams finish up to the deadline.
+    tracing::info!(
+        open = METRICS.streams_active.get(),
+        "grace period over: draining open streams"
+    );
+    let _ = grpc_stop_tx.send(true);
     let drained = tokio::time::timeout(opts.drain_timeout, async {
         // Envoy keeps its HTTP/2 connection open, so watch the streams rather than the
         // connections.
@@ -496,7 +539,11 @@ pub async fn serve(config: Arc<ConfigManager>, opts: ServeOptions) -> anyhow::Re
         ),
     }
     grpc.abort();
-    let _ = admin_task.await;
+    // 3. Last, the admin port (it answered `/readyz` 503 until here) and the watchers.
+    let _ = stop_tx.send(true);
+    for t in http_tasks {
+        let _ = t.await;
+    }
     let _ = watcher.await;
     Ok(())
 }
