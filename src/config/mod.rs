@@ -3,6 +3,7 @@
 //! into phases, template rules checked). A configuration that fails anywhere is refused
 //! whole, with every error naming file, document and field.
 
+pub mod matching;
 pub mod reload;
 pub mod rules;
 pub mod spec;
@@ -17,13 +18,14 @@ use sha2::{Digest, Sha256};
 
 use crate::consumer::{hash_key, valid_hash, ApiKey, ApiProduct, App, Origin};
 use crate::expr::Condition;
-use crate::fault::ErrorFormat;
+use crate::fault::{ErrorFormat, Fault};
 use crate::kvm::{FileMaps, KvmEntry};
 use crate::pipeline::{Direction, DirectionPipeline, Policy, Step};
 use crate::policies::{self, BuildContext};
 use crate::services::Services;
 use crate::telemetry::FlowMetrics;
 use crate::vars::RequestInfo;
+use matching::HostPattern;
 use spec::{ApiProductSpec, AppSpec, Envelope, FlowSpec, MatchSpec, StepSpec, TemplateRuleSpec};
 
 /// One problem in a configuration.
@@ -145,21 +147,50 @@ pub fn fingerprint_with(files: &[SourceFile], referenced: &[PathBuf]) -> String 
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// How a flow's matching is tested.
+/// How a flow's matching is tested (see [`matching`] for how hosts and paths compare).
 #[derive(Debug, Clone, Default)]
 pub struct FlowMatch {
-    hosts: Vec<String>,
+    hosts: Vec<HostPattern>,
+    /// Each already normal ([`matching::normalize_path`] leaves it as it is).
     path_prefixes: Vec<String>,
     methods: Vec<String>,
 }
 
 impl FlowMatch {
-    fn from_spec(m: &MatchSpec) -> Self {
-        Self {
-            hosts: m.hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
+    /// Compiles a `match`, or says what is wrong with each entry (as `field ...: message`).
+    fn from_spec(m: &MatchSpec) -> Result<Self, Vec<String>> {
+        let mut errors = Vec::new();
+        let mut hosts = Vec::new();
+        for (i, h) in m.hosts.iter().enumerate() {
+            match HostPattern::parse(h) {
+                Ok(p) => hosts.push(p),
+                Err(e) => errors.push(format!("field `spec.match.hosts[{i}]`: {e}")),
+            }
+        }
+        for (i, p) in m.path_prefixes.iter().enumerate() {
+            if !p.starts_with('/') {
+                errors.push(format!(
+                    "field `spec.match.pathPrefixes[{i}]`: must start with `/`"
+                ));
+                continue;
+            }
+            let normal = matching::normalize_path(p);
+            if normal != p.as_str() {
+                // Requests are compared in normal form: this prefix could never match.
+                errors.push(format!(
+                    "field `spec.match.pathPrefixes[{i}]`: `{p}` is not a normalised path \
+                     (requests are matched on their normalised path); write `{normal}`"
+                ));
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Ok(Self {
+            hosts,
             path_prefixes: m.path_prefixes.clone(),
             methods: m.methods.iter().map(|m| m.to_ascii_uppercase()).collect(),
-        }
+        })
     }
 
     pub fn matches(&self, req: &RequestInfo) -> bool {
@@ -167,7 +198,7 @@ impl FlowMatch {
             return false;
         }
         if !self.path_prefixes.is_empty() {
-            let path = req.path();
+            let path = matching::normalize_path(&req.uri);
             if !self
                 .path_prefixes
                 .iter()
@@ -177,16 +208,8 @@ impl FlowMatch {
             }
         }
         if !self.hosts.is_empty() {
-            let host = req.hostname();
-            let ok = self.hosts.iter().any(|h| match h.strip_prefix("*.") {
-                Some(suffix) => {
-                    host.len() > suffix.len() + 1
-                        && host[host.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
-                        && host.as_bytes()[host.len() - suffix.len() - 1] == b'.'
-                }
-                None => host.eq_ignore_ascii_case(h),
-            });
-            if !ok {
+            let host = matching::normalize_host(&req.host);
+            if !self.hosts.iter().any(|h| h.matches(&host)) {
                 return false;
             }
         }
@@ -203,7 +226,7 @@ impl FlowMatch {
             .unwrap_or(0);
         let host = if self.hosts.is_empty() {
             0
-        } else if self.hosts.iter().all(|h| !h.starts_with("*.")) {
+        } else if self.hosts.iter().all(HostPattern::is_exact) {
             2
         } else {
             1
@@ -255,21 +278,51 @@ pub struct Snapshot {
     pub referenced: Vec<PathBuf>,
 }
 
+/// Extension metadata named a flow the configuration does not define: the gateway and
+/// tollgate disagree, and running some other flow instead could skip the policies meant for
+/// the request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the gateway's extension metadata names flow `{0}`, which the configuration does not define"
+)]
+pub struct UnknownFlow(pub String);
+
+impl UnknownFlow {
+    /// The answer for the client: 500 `tollgate.UnknownFlow` (the name stays in the log).
+    pub fn fault(&self) -> Fault {
+        Fault::new(
+            500,
+            "tollgate.UnknownFlow",
+            "The gateway selected a flow that is not configured",
+        )
+    }
+}
+
 impl Snapshot {
     /// Chooses the flow: by name from extension metadata, else the first matching flow,
-    /// else the default flow.
-    pub fn select(&self, named: Option<&str>, req: &RequestInfo) -> Option<Arc<Flow>> {
+    /// else the default flow; `Ok(None)` when none applies. A name that is not defined is
+    /// an error, never a fall-through to matching.
+    pub fn select(
+        &self,
+        named: Option<&str>,
+        req: &RequestInfo,
+    ) -> Result<Option<Arc<Flow>>, UnknownFlow> {
         if let Some(name) = named {
-            if let Some(f) = self.by_name.get(name) {
-                return Some(f.clone());
-            }
-            tracing::warn!(flow = name, "extension metadata names an unknown flow");
+            return match self.by_name.get(name) {
+                Some(f) => Ok(Some(f.clone())),
+                None => {
+                    let e = UnknownFlow(name.to_owned());
+                    tracing::error!(flow = name, "{e}");
+                    Err(e)
+                }
+            };
         }
-        self.matching
+        Ok(self
+            .matching
             .iter()
             .find(|f| f.matcher.as_ref().is_some_and(|m| m.matches(req)))
             .or(self.default_flow.as_ref())
-            .cloned()
+            .cloned())
     }
 }
 
@@ -926,22 +979,14 @@ fn build_flows(
         if spec.max_body_bytes == 0 {
             msgs.push("field `spec.maxBodyBytes`: must be greater than 0".to_owned());
         }
-        if let Some(m) = &spec.match_ {
-            for (i, p) in m.path_prefixes.iter().enumerate() {
-                if !p.starts_with('/') {
-                    msgs.push(format!(
-                        "field `spec.match.pathPrefixes[{i}]`: must start with `/`"
-                    ));
-                }
+        let matcher = match spec.match_.as_ref().map(FlowMatch::from_spec) {
+            None => None,
+            Some(Ok(m)) => Some(m),
+            Some(Err(e)) => {
+                msgs.extend(e);
+                None
             }
-            for (i, h) in m.hosts.iter().enumerate() {
-                if h.is_empty() || h.contains('/') || h[1..].contains('*') {
-                    msgs.push(format!(
-                        "field `spec.match.hosts[{i}]`: `{h}` is not a host or `*.suffix` wildcard"
-                    ));
-                }
-            }
-        }
+        };
         let request = build_steps(spec.request, "request", policies, &mut msgs);
         let response = build_steps(spec.response, "response", policies, &mut msgs);
         if !msgs.is_empty() {
@@ -954,7 +999,7 @@ fn build_flows(
         out.push((
             Flow {
                 metrics: FlowMetrics::new(&name),
-                matcher: spec.match_.as_ref().map(FlowMatch::from_spec),
+                matcher,
                 is_default: spec.default,
                 priority: spec.priority,
                 error_format: spec.error_format,
@@ -1032,8 +1077,11 @@ spec: {}
     #[test]
     fn selection_order() {
         let s = compile(&files(BASE), None).unwrap();
-        let pick =
-            |m, p, h, named: Option<&str>| s.select(named, &req(m, p, h)).map(|f| f.name.clone());
+        let pick = |m, p, h, named: Option<&str>| {
+            s.select(named, &req(m, p, h))
+                .unwrap()
+                .map(|f| f.name.clone())
+        };
         assert_eq!(
             pick("POST", "/v1/chat/completions", "a", None).as_deref(),
             Some("chat")
@@ -1058,10 +1106,100 @@ spec: {}
             pick("GET", "/other", "a", Some("by-name-only")).as_deref(),
             Some("by-name-only")
         );
+        // A name that is not defined is an error, not a fall-through to matching.
+        let e = s
+            .select(Some("missing"), &req("GET", "/other", "a"))
+            .unwrap_err();
+        assert_eq!(e, UnknownFlow("missing".into()));
         assert_eq!(
-            pick("GET", "/other", "a", Some("missing")).as_deref(),
-            Some("fallback")
+            (e.fault().status, e.fault().code.as_str()),
+            (500, "tollgate.UnknownFlow")
         );
+    }
+
+    /// The same target written differently selects the same flow: host case, port and
+    /// trailing dot, repeated slashes, dot segments, escapes.
+    #[test]
+    fn selection_cannot_be_dodged() {
+        let text = r#"
+apiVersion: tollgate.dev/v1alpha1
+kind: Flow
+metadata: {name: chat}
+spec:
+  match: {hosts: [API.Example.com.], pathPrefixes: [/v1/chat]}
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: Flow
+metadata: {name: wild}
+spec:
+  match: {hosts: ["*.internal"]}
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: Flow
+metadata: {name: open}
+spec: {default: true}
+"#;
+        let s = compile(&files(text), None).unwrap();
+        let pick = |p: &str, h: &str| {
+            s.select(None, &req("POST", p, h))
+                .unwrap()
+                .unwrap()
+                .name
+                .clone()
+        };
+        for host in [
+            "api.example.com",
+            "API.EXAMPLE.COM.:8443",
+            "Api.Example.Com:80",
+            "api.example.com.",
+        ] {
+            for path in [
+                "/v1/chat/completions",
+                "//v1//chat/completions",
+                "/v1/./chat",
+                "/x/../v1/chat",
+                "/v1%2Fchat",
+                "/%761/chat",
+                "/v1\\chat?a=b",
+            ] {
+                assert_eq!(pick(path, host), "chat", "{host} {path}");
+            }
+        }
+        assert_eq!(pick("/v1/chat", "api.example.org"), "open");
+        assert_eq!(pick("/v2/chat", "api.example.com"), "open");
+        assert_eq!(pick("/v1/../v2/chat", "api.example.com"), "open");
+        assert_eq!(pick("/", "A.B.INTERNAL.:1"), "wild");
+        assert_eq!(pick("/", "internal"), "open");
+        assert_eq!(pick("/", "é.internal"), "wild");
+        assert_eq!(pick("/", "é"), "open");
+    }
+
+    #[test]
+    fn match_entries_are_checked() {
+        let flow = |m: &str| {
+            format!("apiVersion: tollgate.dev/v1alpha1\nkind: Flow\nmetadata: {{name: f}}\nspec: {{match: {m}}}\n")
+        };
+        let e = errs(&flow("{pathPrefixes: ['//v1//chat']}"));
+        assert!(
+            e.contains("spec.match.pathPrefixes[0]") && e.contains("write `/v1/chat`"),
+            "{e}"
+        );
+        let e = errs(&flow("{pathPrefixes: [v1]}"));
+        assert!(e.contains("must start with `/`"), "{e}");
+        let e = errs(&flow("{hosts: ['api.example.com:443']}"));
+        assert!(
+            e.contains("spec.match.hosts[0]") && e.contains("without a port"),
+            "{e}"
+        );
+        for bad in ["é", "a*b", "*.*", ""] {
+            let e = errs(&flow(&format!("{{hosts: ['{bad}']}}")));
+            assert!(e.contains("spec.match.hosts[0]"), "{bad}: {e}");
+        }
+        compile(
+            &files(&flow("{hosts: ['*', 'api.*', '*-api.example.com']}")),
+            None,
+        )
+        .unwrap();
     }
 
     fn errs(text: &str) -> String {
