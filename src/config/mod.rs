@@ -8,7 +8,7 @@ pub mod reload;
 pub mod rules;
 pub mod spec;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -64,6 +64,29 @@ impl ConfigErrors {
             location: location.into(),
             message: message.into(),
         }])
+    }
+}
+
+/// Largest ext_proc message `serve` accepts by default (`--max-message-bytes`).
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Room kept in one ext_proc message beside a buffered body: the message's own framing and
+/// whatever metadata Envoy forwards with it.
+pub const MESSAGE_OVERHEAD_BYTES: usize = 64 * 1024;
+
+/// What the serving process accepts besides the files. `serve` and `validate` take the same
+/// options, so both judge a configuration alike.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// `--max-message-bytes`: a flow whose largest body cannot fit in one message is refused.
+    pub max_message_bytes: usize,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+        }
     }
 }
 
@@ -276,6 +299,9 @@ pub struct Snapshot {
     pub fingerprint: String,
     /// Files outside the configuration files that compiling it read.
     pub referenced: Vec<PathBuf>,
+    /// Problems that do not refuse the configuration (logged at every load, printed by
+    /// `validate`).
+    pub warnings: Vec<ConfigError>,
 }
 
 /// Extension metadata named a flow the configuration does not define: the gateway and
@@ -443,21 +469,73 @@ pub fn compile_with(
     config_dir: Option<&Path>,
     services: &Services,
 ) -> Result<Snapshot, ConfigErrors> {
+    compile_with_options(files, config_dir, services, &LoadOptions::default())
+}
+
+/// [`compile_with`], judged against the serving process's `options`.
+pub fn compile_with_options(
+    files: &[SourceFile],
+    config_dir: Option<&Path>,
+    services: &Services,
+    options: &LoadOptions,
+) -> Result<Snapshot, ConfigErrors> {
     let (snap, referenced) =
-        crate::policies::recording_reads(|| compile_files(files, config_dir, services));
+        crate::policies::recording_reads(|| compile_files(files, config_dir, services, options));
     let mut snap = snap?;
     snap.fingerprint = fingerprint_with(files, &referenced);
     snap.referenced = referenced;
     Ok(snap)
 }
 
+/// Names of the documents that were written, whether or not they compiled: a reference to
+/// one that failed is not reported again (its own error is the root cause).
+#[derive(Debug, Default)]
+struct Declared {
+    policies: HashSet<String>,
+    products: HashSet<String>,
+    /// Some document could not be read at all (its kind and name are unknown), so any
+    /// unresolved reference may point into it.
+    incomplete: bool,
+}
+
+impl Declared {
+    fn policy(&self, name: &str) -> bool {
+        self.incomplete || self.policies.contains(name)
+    }
+    fn product(&self, name: &str) -> bool {
+        self.incomplete || self.products.contains(name)
+    }
+}
+
 fn compile_files(
     files: &[SourceFile],
     config_dir: Option<&Path>,
     services: &Services,
+    options: &LoadOptions,
 ) -> Result<Snapshot, ConfigErrors> {
     let mut errors = Vec::new();
+    let mut warnings = Vec::new();
     let docs = parse_documents(files, &mut errors);
+    let mut declared = Declared {
+        incomplete: !errors.is_empty(),
+        ..Default::default()
+    };
+    for d in &docs {
+        match d.env.kind.as_str() {
+            "Policy" => declared.policies.insert(d.env.metadata.name.clone()),
+            "ApiProduct" => declared.products.insert(d.env.metadata.name.clone()),
+            _ => false,
+        };
+    }
+    if docs.is_empty() && errors.is_empty() {
+        warnings.push(ConfigError {
+            location: config_dir
+                .map_or_else(|| "configuration".to_owned(), |d| d.display().to_string()),
+            message: "no configuration documents (*.yaml, *.yml, *.json): no flow runs, \
+                      every request takes --on-no-match"
+                .into(),
+        });
+    }
 
     // Envelope checks and name uniqueness per kind.
     let mut seen: HashMap<(String, String), DocAt> = HashMap::new();
@@ -522,10 +600,20 @@ fn compile_files(
     }
 
     let products = build_products(product_docs, &mut errors);
-    let apps = build_apps(app_docs, &products, config_dir, &mut errors);
+    let apps = build_apps(app_docs, &products, &declared, config_dir, &mut errors);
     let kvms = Arc::new(build_kvms(kvm_docs, config_dir, &mut errors));
-    let policies = build_policies(policies_docs, config_dir, services, &mut errors);
-    let flows = build_flows(flow_docs, &policies, &mut errors);
+    let (policies, cache_scopes) = build_policies(policies_docs, config_dir, services, &mut errors);
+    let flows = build_flows(
+        flow_docs,
+        &policies,
+        &FlowChecks {
+            declared: &declared,
+            cache_scopes: &cache_scopes,
+            options,
+        },
+        &mut errors,
+        &mut warnings,
+    );
     let rules = rule_docs
         .into_iter()
         .filter_map(|d| {
@@ -571,6 +659,7 @@ fn compile_files(
         products,
         apps,
         kvms,
+        warnings,
         ..Default::default()
     };
     for (flow, _) in flows {
@@ -686,6 +775,7 @@ fn key_hash(k: &spec::KeySpec, i: usize, config_dir: Option<&Path>) -> Result<St
 fn build_apps(
     docs: Vec<Parsed>,
     products: &[ApiProduct],
+    declared: &Declared,
     config_dir: Option<&Path>,
     errors: &mut Vec<ConfigError>,
 ) -> Vec<App> {
@@ -709,7 +799,8 @@ fn build_apps(
             msgs.push("field `spec.developerEmail`: not an email address".to_owned());
         }
         for (i, p) in spec.products.iter().enumerate() {
-            if !products.iter().any(|x| x.name == *p) {
+            // A product that failed to compile has its own error already.
+            if !products.iter().any(|x| x.name == *p) && !declared.product(p) {
                 msgs.push(format!(
                     "field `spec.products[{i}]`: no ApiProduct named `{p}`"
                 ));
@@ -862,13 +953,17 @@ fn build_kvms(
     out
 }
 
+/// The compiled policies, and the `scope` of each ResponseCache policy as written.
+type BuiltPolicies = (BTreeMap<String, Arc<dyn Policy>>, HashMap<String, String>);
+
 fn build_policies(
     docs: Vec<Parsed>,
     config_dir: Option<&Path>,
     services: &Services,
     errors: &mut Vec<ConfigError>,
-) -> BTreeMap<String, Arc<dyn Policy>> {
+) -> BuiltPolicies {
     let mut out = BTreeMap::new();
+    let mut cache_scopes = HashMap::new();
     for d in docs {
         let name = d.env.metadata.name.clone();
         let loc = d.at.named("Policy", &name);
@@ -901,6 +996,13 @@ fn build_policies(
             });
             continue;
         };
+        if type_name == "ResponseCache" {
+            let scope = spec
+                .get("scope")
+                .and_then(serde_norway::Value::as_str)
+                .unwrap_or("global");
+            cache_scopes.insert(name.clone(), scope.to_owned());
+        }
         let ctx = BuildContext {
             name: name.clone(),
             config_dir: config_dir.map(Path::to_path_buf),
@@ -920,22 +1022,30 @@ fn build_policies(
             }),
         }
     }
-    out
+    (out, cache_scopes)
 }
 
+/// Builds a direction's steps. `Err` when a step is unusable; a step naming a Policy that
+/// was written but failed to compile gives no message of its own (that Policy's error is
+/// the root cause) yet still fails the flow.
 fn build_steps(
     steps: Vec<StepSpec>,
     field: &str,
     policies: &BTreeMap<String, Arc<dyn Policy>>,
+    declared: &Declared,
     errors: &mut Vec<String>,
-) -> Vec<Step> {
+) -> Result<Vec<Step>, ()> {
     let mut out = Vec::new();
+    let mut failed = false;
     for (i, s) in steps.into_iter().enumerate() {
         let Some(policy) = policies.get(&s.policy) else {
-            errors.push(format!(
-                "field `spec.{field}[{i}].policy`: no Policy named `{}`",
-                s.policy
-            ));
+            if !declared.policy(&s.policy) {
+                errors.push(format!(
+                    "field `spec.{field}[{i}].policy`: no Policy named `{}`",
+                    s.policy
+                ));
+            }
+            failed = true;
             continue;
         };
         let condition = match s.condition.as_deref().map(Condition::compile) {
@@ -943,6 +1053,7 @@ fn build_steps(
             Some(Ok(c)) => Some(Arc::new(c)),
             Some(Err(e)) => {
                 errors.push(format!("field `spec.{field}[{i}].condition`: {e}"));
+                failed = true;
                 continue;
             }
         };
@@ -953,13 +1064,70 @@ fn build_steps(
             continue_on_error: s.continue_on_error,
         });
     }
-    out
+    if failed {
+        Err(())
+    } else {
+        Ok(out)
+    }
+}
+
+/// What flows are checked against besides their own spec.
+struct FlowChecks<'a> {
+    declared: &'a Declared,
+    /// `scope` of each ResponseCache policy.
+    cache_scopes: &'a HashMap<String, String>,
+    options: &'a LoadOptions,
+}
+
+/// Authentication policy types: what sets the caller's identity.
+const AUTH_TYPES: &[&str] = &["VerifyApiKey", "VerifyJwt"];
+
+/// A ResponseCache lookup before the flow's authentication answers hits to callers nobody
+/// checked. Shared scopes (`global`, `flow`) would hand one caller's response to anyone:
+/// refused. A per-app cache there never stores (no `client_id` yet): warned.
+fn check_cache_placement(
+    steps: &[Step],
+    cache_scopes: &HashMap<String, String>,
+    errors: &mut Vec<String>,
+    warnings: &mut Vec<String>,
+) {
+    let Some(auth) = steps
+        .iter()
+        .position(|s| AUTH_TYPES.contains(&s.policy.type_name()))
+    else {
+        return;
+    };
+    for (i, s) in steps[..auth].iter().enumerate() {
+        if s.policy.type_name() != "ResponseCache" {
+            continue;
+        }
+        let auth_name = &steps[auth].policy_name;
+        let scope = cache_scopes
+            .get(&s.policy_name)
+            .map_or("global", String::as_str);
+        match scope {
+            "global" | "flow" => errors.push(format!(
+                "field `spec.request[{i}]`: ResponseCache `{}` (scope {scope}) comes before \
+                 the authentication step `{auth_name}`: its hits would answer callers nobody \
+                 checked; place it after `{auth_name}`",
+                s.policy_name
+            )),
+            _ => warnings.push(format!(
+                "field `spec.request[{i}]`: ResponseCache `{}` (scope {scope}) comes before \
+                 the authentication step `{auth_name}`, which identifies the caller it is \
+                 scoped by: place it after `{auth_name}`",
+                s.policy_name
+            )),
+        }
+    }
 }
 
 fn build_flows(
     docs: Vec<Parsed>,
     policies: &BTreeMap<String, Arc<dyn Policy>>,
+    checks: &FlowChecks<'_>,
     errors: &mut Vec<ConfigError>,
+    warnings: &mut Vec<ConfigError>,
 ) -> Vec<(Flow, DocAt)> {
     let mut out = Vec::new();
     for d in docs {
@@ -987,8 +1155,40 @@ fn build_flows(
                 None
             }
         };
-        let request = build_steps(spec.request, "request", policies, &mut msgs);
-        let response = build_steps(spec.response, "response", policies, &mut msgs);
+        let declared = checks.declared;
+        let request = build_steps(spec.request, "request", policies, declared, &mut msgs);
+        let response = build_steps(spec.response, "response", policies, declared, &mut msgs);
+        let (Ok(request), Ok(response)) = (request, response) else {
+            errors.extend(msgs.into_iter().map(|message| ConfigError {
+                location: loc.clone(),
+                message,
+            }));
+            continue;
+        };
+        let mut warns = Vec::new();
+        check_cache_placement(&request, checks.cache_scopes, &mut msgs, &mut warns);
+        warnings.extend(warns.into_iter().map(|message| ConfigError {
+            location: loc.clone(),
+            message,
+        }));
+        let request = DirectionPipeline::compile(request, Direction::Request);
+        let response = DirectionPipeline::compile(response, Direction::Response);
+        let max_message = checks.options.max_message_bytes;
+        if (request.needs_body() || response.needs_body())
+            && spec.max_body_bytes.saturating_add(MESSAGE_OVERHEAD_BYTES) > max_message
+        {
+            // A buffered body arrives in one message: a larger one ends the stream instead
+            // of reaching the body steps.
+            msgs.push(format!(
+                "field `spec.maxBodyBytes`: {} bytes cannot arrive in one ext_proc message \
+                 of at most {max_message} bytes (--max-message-bytes, keeping \
+                 {MESSAGE_OVERHEAD_BYTES} for framing and metadata); lower maxBodyBytes to \
+                 {} or raise --max-message-bytes to {}",
+                spec.max_body_bytes,
+                max_message.saturating_sub(MESSAGE_OVERHEAD_BYTES),
+                spec.max_body_bytes.saturating_add(MESSAGE_OVERHEAD_BYTES)
+            ));
+        }
         if !msgs.is_empty() {
             errors.extend(msgs.into_iter().map(|message| ConfigError {
                 location: loc.clone(),
@@ -1004,8 +1204,8 @@ fn build_flows(
                 priority: spec.priority,
                 error_format: spec.error_format,
                 max_body_bytes: spec.max_body_bytes,
-                request: DirectionPipeline::compile(request, Direction::Request),
-                response: DirectionPipeline::compile(response, Direction::Response),
+                request,
+                response,
                 name,
             },
             d.at,
@@ -1365,6 +1565,163 @@ spec:
         );
         assert!(fails("{file: short.key}").contains("16-512 printable"));
         assert!(fails("{file: k2.key, env: X}").contains("exactly one of env, file"));
+    }
+
+    /// One root cause, one error: a Policy (or ApiProduct) that fails to compile is not
+    /// reported again as missing by every flow (or app) that refers to it, and a file that
+    /// cannot be read does not make every reference into it an error.
+    #[test]
+    fn one_root_cause_one_error() {
+        let text = r#"
+apiVersion: tollgate.dev/v1alpha1
+kind: Policy
+metadata: {name: broken}
+spec: {type: RaiseFault, status: 'x'}
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: Flow
+metadata: {name: a}
+spec: {request: [{policy: broken}]}
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: Flow
+metadata: {name: b}
+spec: {default: true, request: [{policy: broken}], response: [{policy: broken}]}
+"#;
+        let e = compile(&files(text), None).unwrap_err();
+        assert_eq!(e.0.len(), 1, "{e}");
+        assert!(e.0[0].location.contains("Policy \"broken\""), "{e}");
+        // A name nobody wrote is still an error.
+        let e = errs(&text.replace("response: [{policy: broken}]", "response: [{policy: typo}]"));
+        assert!(
+            e.contains("no Policy named `typo`") && !e.contains("`broken`"),
+            "{e}"
+        );
+
+        let products = CONSUMERS.replace("limit: 10", "limit: 0");
+        let e = compile(&files(&products), None).unwrap_err();
+        assert!(e.to_string().contains("spec.quota"), "{e}");
+        assert!(!e.to_string().contains("no ApiProduct named"), "{e}");
+
+        let two = vec![
+            SourceFile {
+                name: "policies.yaml".into(),
+                text: "apiVersion: tollgate.dev/v1alpha1\nkind: Policy\nmetadata: {name: p}\nspec: {type: RaiseFault, status: 403\n".into(),
+            },
+            SourceFile {
+                name: "flows.yaml".into(),
+                text: "apiVersion: tollgate.dev/v1alpha1\nkind: Flow\nmetadata: {name: f}\nspec: {default: true, request: [{policy: p}]}\n".into(),
+            },
+        ];
+        let e = compile(&two, None).unwrap_err();
+        assert_eq!(e.0.len(), 1, "{e}");
+        assert!(
+            e.0[0].location.starts_with("policies.yaml") && e.0[0].message.contains("invalid YAML"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn empty_configuration_is_a_warning() {
+        let s = compile(&[], None).unwrap();
+        assert_eq!(s.warnings.len(), 1);
+        assert!(s.warnings[0].message.contains("no configuration documents"));
+        let s = compile(&files("---\n"), Some(Path::new("/etc/tollgate"))).unwrap();
+        assert_eq!(s.warnings[0].location, "/etc/tollgate");
+        assert!(compile(&files(BASE), None).unwrap().warnings.is_empty());
+    }
+
+    const CACHE_AUTH: &str = r#"
+apiVersion: tollgate.dev/v1alpha1
+kind: Policy
+metadata: {name: key}
+spec: {type: VerifyApiKey}
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: Policy
+metadata: {name: cache}
+spec: {type: ResponseCache, SCOPE}
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: Flow
+metadata: {name: api}
+spec:
+  default: true
+  request: [STEPS]
+  response: [{policy: cache}]
+"#;
+
+    /// A cache lookup before authentication: refused when shared, warned when per app.
+    #[test]
+    fn cache_before_authentication() {
+        let cfg = |scope: &str, steps: &str| {
+            files(&CACHE_AUTH.replace("SCOPE", scope).replace("STEPS", steps))
+        };
+        for scope in ["ttlSeconds: 60", "scope: global", "scope: flow"] {
+            let e = compile(&cfg(scope, "{policy: cache}, {policy: key}"), None)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("Flow \"api\"")
+                    && e.contains("spec.request[0]")
+                    && e.contains("before the authentication step `key`"),
+                "{scope}: {e}"
+            );
+            // After authentication: fine.
+            let s = compile(&cfg(scope, "{policy: key}, {policy: cache}"), None).unwrap();
+            assert!(s.warnings.is_empty());
+        }
+        let s = compile(&cfg("scope: app", "{policy: cache}, {policy: key}"), None).unwrap();
+        assert_eq!(s.warnings.len(), 1, "{:?}", s.warnings);
+        assert!(
+            s.warnings[0].message.contains("scope app"),
+            "{:?}",
+            s.warnings
+        );
+        // No authentication in the flow: nothing to judge.
+        compile(&cfg("scope: global", "{policy: cache}"), None).unwrap();
+    }
+
+    /// A flow that reads bodies larger than one ext_proc message is refused, against the
+    /// serving process's --max-message-bytes.
+    #[test]
+    fn max_body_must_fit_one_message() {
+        let text = r#"
+apiVersion: tollgate.dev/v1alpha1
+kind: Policy
+metadata: {name: body}
+spec: {type: AssignMessage, set: {body: "{request.content}"}}
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: Flow
+metadata: {name: big}
+spec:
+  default: true
+  maxBodyBytes: 20000000
+  request: [STEPS]
+"#;
+        let with = |steps: &str, max: usize| {
+            compile_with_options(
+                &files(&text.replace("STEPS", steps)),
+                None,
+                &Services::default(),
+                &LoadOptions {
+                    max_message_bytes: max,
+                },
+            )
+        };
+        let e = with("{policy: body}", DEFAULT_MAX_MESSAGE_BYTES)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("spec.maxBodyBytes")
+                && e.contains("--max-message-bytes")
+                && e.contains("20065536"),
+            "{e}"
+        );
+        with("{policy: body}", 20_065_536).unwrap();
+        // A flow that reads no body is not limited by its maxBodyBytes.
+        with("", DEFAULT_MAX_MESSAGE_BYTES).unwrap();
     }
 
     #[test]
