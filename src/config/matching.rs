@@ -115,6 +115,17 @@ fn unreserved(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
 }
 
+/// Bytes Envoy's normalize_path percent-encodes when they appear raw (its copy of
+/// Chromium's path table): controls, space, `"`, `<`, `>`, `^`, `` ` ``, `{`, `|`, `}`, DEL
+/// and every non-ASCII byte.
+fn escaped_by_envoy(b: u8) -> bool {
+    !(0x20..0x7f).contains(&b)
+        || matches!(
+            b,
+            b' ' | b'"' | b'<' | b'>' | b'^' | b'`' | b'{' | b'|' | b'}'
+        )
+}
+
 /// The path of `uri` (query and fragment cut off) as the flow match compares it; see the
 /// module documentation. Already-normal paths are returned as they are, without copying.
 pub fn normalize_path(uri: &str) -> Cow<'_, str> {
@@ -148,7 +159,12 @@ pub fn normalize_path(uri: &str) -> Cow<'_, str> {
                 }
             }
         }
-        decoded.push(if b == b'\\' { b'/' } else { b });
+        if escaped_by_envoy(b) {
+            const HEX: &[u8; 16] = b"0123456789ABCDEF";
+            decoded.extend_from_slice(&[b'%', HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]]);
+        } else {
+            decoded.push(if b == b'\\' { b'/' } else { b });
+        }
         i += 1;
     }
     // 2. Resolve dot segments (empty segments count, as in Envoy's normalize_path, which
@@ -183,24 +199,28 @@ pub fn normalize_path(uri: &str) -> Cow<'_, str> {
     if out.is_empty() {
         out.push(b'/');
     }
+    // Only ASCII remains (every other byte was percent-encoded).
     Cow::Owned(String::from_utf8_lossy(&out).into_owned())
 }
 
-/// True when [`normalize_path`] would not change `path` (query already cut off).
+/// True when [`normalize_path`] would not change `path` (query already cut off). Runs on
+/// every request: no allocation.
 fn is_normal(path: &str) -> bool {
     let b = path.as_bytes();
-    if b.first() != Some(&b'/') {
+    if b.first() != Some(&b'/')
+        || b.iter()
+            .any(|&c| c == b'%' || c == b'\\' || escaped_by_envoy(c))
+    {
         return false;
     }
-    if b.iter().any(|&c| c == b'%' || c == b'\\') {
-        return false;
+    // No empty, `.` or `..` segment, except a final empty one (a trailing slash).
+    let mut segments = b[1..].split(|&c| c == b'/').peekable();
+    while let Some(seg) = segments.next() {
+        if matches!(seg, b"." | b"..") || (seg.is_empty() && segments.peek().is_some()) {
+            return false;
+        }
     }
-    // No empty, `.` or `..` segment except a final empty one (a trailing slash).
-    let segs: Vec<&[u8]> = b[1..].split(|&c| c == b'/').collect();
-    let n = segs.len();
-    segs.iter()
-        .enumerate()
-        .all(|(k, s)| !matches!(*s, b"." | b"..") && (!s.is_empty() || k + 1 == n))
+    true
 }
 
 #[cfg(test)]
@@ -241,6 +261,7 @@ mod tests {
             ("/v1/%63hat", "/v1/chat"),
             ("/v1/%7Euser", "/v1/~user"),
             ("/a%20b", "/a%20b"),
+            ("/%7e%7E", "/~~"),
             ("/a%zz", "/a%zz"),
             ("/a%", "/a%"),
             ("/a%4", "/a%4"),
@@ -249,6 +270,9 @@ mod tests {
             ("/v1%5cchat", "/v1/chat"),
             ("/v1\\chat", "/v1/chat"),
             ("/é/../x", "/x"),
+            // raw bytes Envoy escapes
+            ("/é", "/%C3%A9"),
+            ("/a b|c", "/a%20b%7Cc"),
         ] {
             assert_eq!(normalize_path(raw), want, "{raw:?}");
             // Idempotent: a normal path stays.

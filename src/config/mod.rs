@@ -216,25 +216,21 @@ impl FlowMatch {
         })
     }
 
-    pub fn matches(&self, req: &RequestInfo) -> bool {
-        if !self.methods.is_empty() && !self.methods.contains(&req.method) {
+    /// `target` is the request's normalised path and host, computed once per request.
+    fn matches(&self, method: &str, target: &Target<'_>) -> bool {
+        if !self.methods.is_empty() && !self.methods.iter().any(|m| m == method) {
             return false;
         }
-        if !self.path_prefixes.is_empty() {
-            let path = matching::normalize_path(&req.uri);
-            if !self
+        if !self.path_prefixes.is_empty()
+            && !self
                 .path_prefixes
                 .iter()
-                .any(|p| path.starts_with(p.as_str()))
-            {
-                return false;
-            }
+                .any(|p| target.path.starts_with(p.as_str()))
+        {
+            return false;
         }
-        if !self.hosts.is_empty() {
-            let host = matching::normalize_host(&req.host);
-            if !self.hosts.iter().any(|h| h.matches(&host)) {
-                return false;
-            }
+        if !self.hosts.is_empty() && !self.hosts.iter().any(|h| h.matches(&target.host)) {
+            return false;
         }
         true
     }
@@ -256,6 +252,12 @@ impl FlowMatch {
         };
         (longest, host, !self.methods.is_empty())
     }
+}
+
+/// A request's path and host as flows compare them.
+struct Target<'a> {
+    path: std::borrow::Cow<'a, str>,
+    host: std::borrow::Cow<'a, str>,
 }
 
 /// A compiled flow.
@@ -343,10 +345,18 @@ impl Snapshot {
                 }
             };
         }
+        let target = Target {
+            path: matching::normalize_path(&req.uri),
+            host: matching::normalize_host(&req.host),
+        };
         Ok(self
             .matching
             .iter()
-            .find(|f| f.matcher.as_ref().is_some_and(|m| m.matches(req)))
+            .find(|f| {
+                f.matcher
+                    .as_ref()
+                    .is_some_and(|m| m.matches(&req.method, &target))
+            })
             .or(self.default_flow.as_ref())
             .cloned())
     }
