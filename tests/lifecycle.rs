@@ -406,7 +406,7 @@ async fn validate_and_serve_agree_on_options() {
     ]);
     assert_eq!(code, 1, "{err}");
     assert!(
-        err.contains("Flow \\\"upload\\\"") || err.contains("Flow \"upload\""),
+        err.contains("Flow \"upload\"") && err.contains("--max-message-bytes"),
         "{err}"
     );
     // And accepts what validate accepts.
