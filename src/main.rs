@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 use tollgate::admin::ApiAuth;
 use tollgate::config::reload::{ConfigManager, ConfigSource};
 use tollgate::config::{self, SourceFile};
@@ -35,10 +36,13 @@ struct Cli {
 enum Command {
     /// Serve ext_proc on the gRPC port and health, readiness and metrics on the admin port.
     Serve(Box<ServeArgs>),
-    /// Check a configuration directory: exit 0 when valid, 1 with the errors on stderr.
+    /// Check a configuration directory: exit 0 when valid (warnings on stderr), 1 with the
+    /// errors on stderr. Takes the options of `serve` that change what it accepts.
     Validate {
         /// Configuration directory.
         dir: PathBuf,
+        #[command(flatten)]
+        load: LoadArgs,
     },
     /// JSON Web Token tools (for trying VerifyJwt flows).
     Jwt {
@@ -133,6 +137,33 @@ fn mint(args: &MintArgs) -> Result<String, String> {
     jsonwebtoken::encode(&header, &claims, &key).map_err(|e| format!("cannot sign: {e}"))
 }
 
+/// The options that change which configurations are accepted: `serve` and `validate` both
+/// take them, so both judge a configuration alike.
+#[derive(clap::Args, Debug)]
+struct LoadArgs {
+    /// Largest ext_proc message accepted (a buffered body arrives in one message); a flow
+    /// whose maxBodyBytes cannot fit in one message is refused.
+    #[arg(long, env = "TOLLGATE_MAX_MESSAGE_BYTES", default_value_t = config::DEFAULT_MAX_MESSAGE_BYTES)]
+    max_message_bytes: usize,
+    /// Destinations ServiceCallout may call: `host`, `host:port`, `*.domain[:port]`,
+    /// comma-separated. Default: anywhere.
+    #[arg(long, env = "TOLLGATE_CALLOUT_ALLOW", value_delimiter = ',')]
+    callout_allow: Vec<String>,
+}
+
+impl LoadArgs {
+    fn options(&self) -> config::LoadOptions {
+        config::LoadOptions {
+            max_message_bytes: self.max_message_bytes,
+        }
+    }
+
+    fn egress(&self) -> anyhow::Result<tollgate::policies::service_callout::Egress> {
+        tollgate::policies::service_callout::Egress::new(&self.callout_allow)
+            .map_err(|e| anyhow::anyhow!("--callout-allow: {e}"))
+    }
+}
+
 #[derive(clap::Args, Debug)]
 struct ServeArgs {
     /// Configuration directory (watched and hot-reloaded). Without it, the built-in
@@ -169,9 +200,8 @@ struct ServeArgs {
     /// Then, how long open streams may take to finish (no new connections meanwhile).
     #[arg(long, default_value = "20s", value_parser = parse_duration)]
     drain_timeout: Duration,
-    /// Largest ext_proc message accepted (a buffered body arrives in one message).
-    #[arg(long, default_value_t = 16 * 1024 * 1024)]
-    max_message_bytes: usize,
+    #[command(flatten)]
+    load: LoadArgs,
     /// Whether the gateway honours ext_proc `mode_override` (Envoy's `allow_mode_override`).
     /// With `denied`, a flow that needs a body the route does not send is refused before the
     /// request is forwarded.
@@ -203,24 +233,16 @@ struct ServeArgs {
     #[arg(long, env = "TOLLGATE_REDIS_URL")]
     redis_url: Option<String>,
     /// File holding the management API's bearer token.
-    #[arg(
-        long,
-        env = "TOLLGATE_ADMIN_TOKEN_FILE",
-        conflicts_with = "admin_token_env"
-    )]
+    #[arg(long, env = "TOLLGATE_ADMIN_TOKEN_FILE")]
     admin_token_file: Option<PathBuf>,
     /// Name of an environment variable holding the management API's bearer token.
-    #[arg(long, conflicts_with = "admin_insecure")]
+    #[arg(long)]
     admin_token_env: Option<String>,
     /// Open the management API without authentication (development only).
-    #[arg(long, conflicts_with = "admin_token_file")]
+    #[arg(long)]
     admin_insecure: bool,
     #[arg(long, value_enum, env = "TOLLGATE_LOG_FORMAT", default_value_t = LogFormat::Text)]
     log_format: LogFormat,
-    /// Destinations ServiceCallout may call: `host`, `host:port`, `*.domain[:port]`,
-    /// comma-separated. Default: anywhere.
-    #[arg(long, env = "TOLLGATE_CALLOUT_ALLOW", value_delimiter = ',')]
-    callout_allow: Vec<String>,
     /// Where Quota counters live: `auto` is Redis with `--store redis`, memory otherwise
     /// (checkpointed to the embedded store with `--store embedded`). SpikeArrest always
     /// counts per replica, in memory.
@@ -307,24 +329,101 @@ const EMBEDDED: &[(&str, &str)] = &[(
     include_str!("../policies/quickstart.yaml"),
 )];
 
+/// How an option was given, for messages: `--flag`, or `--flag (from VAR)` when it came
+/// from the environment.
+fn given(m: &ArgMatches, id: &str) -> Option<String> {
+    let flag = format!("--{}", id.replace('_', "-"));
+    match m.value_source(id)? {
+        ValueSource::CommandLine => Some(flag),
+        ValueSource::EnvVariable => {
+            let var = Cli::command()
+                .find_subcommand("serve")
+                .and_then(|c| c.get_arguments().find(|a| a.get_id() == id).cloned())
+                .and_then(|a| a.get_env().map(|e| e.to_string_lossy().into_owned()))
+                .unwrap_or_default();
+            Some(format!("{flag} (from {var})"))
+        }
+        _ => None,
+    }
+}
+
+/// Options of `serve` that contradict each other, each message naming both sides (and the
+/// environment variable an option came from).
+fn conflicts(m: &ArgMatches, args: &ServeArgs) -> Vec<String> {
+    let mut out = Vec::new();
+    let auth: Vec<String> = ["admin_token_file", "admin_token_env", "admin_insecure"]
+        .iter()
+        .filter_map(|id| given(m, id))
+        .collect();
+    if auth.len() > 1 {
+        out.push(format!(
+            "{} conflict: give one way to authenticate the management API",
+            auth.join(" and ")
+        ));
+    }
+    let redis_counters = match args.counters {
+        CounterKind::Auto => args.store == StoreKind::Redis,
+        CounterKind::Memory => false,
+        CounterKind::Redis => true,
+    };
+    // What decided that counters are not in Redis.
+    let value = |v: &dyn std::fmt::Debug| format!("{v:?}").to_lowercase();
+    let counters_why = || {
+        given(m, "counters").map_or_else(
+            || {
+                let store = given(m, "store").unwrap_or_else(|| "--store".to_owned());
+                format!("{store} {} (counters in memory)", value(&args.store))
+            },
+            |flag| format!("{flag} {}", value(&args.counters)),
+        )
+    };
+    if !redis_counters {
+        for id in ["counter_sync", "counter_sync_interval"] {
+            if let Some(flag) = given(m, id) {
+                out.push(format!(
+                    "{flag} conflicts with {}: it applies to Redis counters only",
+                    counters_why()
+                ));
+            }
+        }
+    }
+    let checkpoints = !redis_counters && args.store == StoreKind::Embedded;
+    if !checkpoints {
+        if let Some(flag) = given(m, "counter_checkpoint_interval") {
+            let why = if redis_counters {
+                let flag = given(m, "counters")
+                    .or_else(|| given(m, "store"))
+                    .unwrap_or_else(|| "--counters".to_owned());
+                format!("{flag} redis")
+            } else {
+                counters_why()
+            };
+            out.push(format!(
+                "{flag} conflicts with {why}: counters are checkpointed only in memory with \
+                 --store embedded"
+            ));
+        }
+    }
+    out
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    if let (Command::Serve(args), Some(m)) = (&cli.command, matches.subcommand_matches("serve")) {
+        let found = conflicts(m, args);
+        if !found.is_empty() {
+            for c in found {
+                eprintln!("error: {c}");
+            }
+            return ExitCode::from(2);
+        }
+    }
     match cli.command {
-        Command::Validate { dir } => match config::load_dir(&dir) {
-            Ok(s) => {
-                println!(
-                    "{}: valid ({} flows, {} policies)",
-                    dir.display(),
-                    s.by_name.len(),
-                    s.policies.len()
-                );
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("{e}");
-                ExitCode::FAILURE
-            }
-        },
+        Command::Validate { dir, load } => validate(&dir, &load),
         Command::Jwt {
             command: JwtCommand::Mint(args),
         } => match mint(&args) {
@@ -356,6 +455,47 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+/// `tollgate validate`: compiles `dir` as `serve` would with the same options.
+fn validate(dir: &std::path::Path, load: &LoadArgs) -> ExitCode {
+    let egress = match load.egress() {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let services = Services {
+        egress: std::sync::Arc::new(egress),
+        ..Services::default()
+    };
+    let result = config::read_dir(dir).and_then(|files| {
+        config::compile_with_options(&files, Some(dir), &services, &load.options())
+    });
+    match result {
+        Ok(s) => {
+            for w in &s.warnings {
+                eprintln!("warning: {w}");
+            }
+            println!(
+                "{}: valid ({} flows, {} policies{})",
+                dir.display(),
+                s.by_name.len(),
+                s.policies.len(),
+                match s.warnings.len() {
+                    0 => String::new(),
+                    1 => ", 1 warning".to_owned(),
+                    n => format!(", {n} warnings"),
+                }
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
         }
     }
 }
@@ -414,15 +554,12 @@ async fn run(args: Box<ServeArgs>) -> anyhow::Result<()> {
     tracing::info!(counters = counters.kind(), "counters ready");
     let services = Services {
         counters: counters.clone(),
-        egress: std::sync::Arc::new(
-            tollgate::policies::service_callout::Egress::new(&args.callout_allow)
-                .map_err(|e| anyhow::anyhow!("--callout-allow: {e}"))?,
-        ),
+        egress: std::sync::Arc::new(args.load.egress()?),
         ..Services::with_consumers(consumers.clone())
     };
     // Configuration first (its index build sees no store objects yet and is cheap), then
     // the store: the full index is built once.
-    let config = ConfigManager::load_with(source, services)
+    let config = ConfigManager::load_with_options(source, services, args.load.options())
         .map_err(|e| anyhow::anyhow!("invalid configuration:\n{e}"))?;
     // Follow the change feed before reading, so no write between the two is missed.
     consumers.spawn_follower();
@@ -440,7 +577,7 @@ async fn run(args: Box<ServeArgs>) -> anyhow::Result<()> {
             reload_interval: args.reload_interval,
             shutdown_grace: args.shutdown_grace,
             drain_timeout: args.drain_timeout,
-            max_message_bytes: args.max_message_bytes,
+            max_message_bytes: args.load.max_message_bytes,
             mode_override: args.mode_override,
             max_buffered_bytes: args.max_buffered_bytes,
             tls: args

@@ -448,6 +448,34 @@ async fn gke_extension_metadata_selects_the_flow() {
     assert_eq!(header(&r, "x-flow").as_deref(), Some("by-metadata"));
 }
 
+/// Metadata naming a flow the configuration does not define is a configuration error
+/// answered 500 `tollgate.UnknownFlow`, never a fall-through to path matching (which
+/// would run some other flow's policies, or none).
+#[tokio::test]
+async fn unknown_flow_in_metadata_is_500_not_a_fall_through() {
+    let s = start(CONFIG, NoMatch::Continue).await;
+    let mut c = Conv::open(&s).await;
+    let mut m = req_headers("GET", "/api/would-match-api", &[], true);
+    let mut fields = std::collections::HashMap::new();
+    fields.insert(
+        "tollgate-flow".to_string(),
+        PbValue {
+            kind: Some(Kind::StringValue("no-such-flow".into())),
+        },
+    );
+    let mut md = Metadata::default();
+    md.filter_metadata.insert(
+        "com.google.ext_proc.gateway.chain0.tollgate".into(),
+        Struct { fields },
+    );
+    m.metadata_context = Some(md);
+    let r = c.ask(m).await;
+    let i = immediate(&r);
+    assert_eq!(i.status.as_ref().unwrap().code, 500);
+    let v: serde_json::Value = serde_json::from_slice(&i.body).unwrap();
+    assert_eq!(v["fault"]["detail"]["errorcode"], "tollgate.UnknownFlow");
+}
+
 #[tokio::test]
 async fn body_flow_asks_for_the_body_with_mode_override() {
     let s = start(CONFIG, NoMatch::Continue).await;

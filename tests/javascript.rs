@@ -300,3 +300,38 @@ fn runs_on_many_threads() {
         h.join().unwrap();
     }
 }
+
+/// A syntax error names the script file (relative to the configuration directory) and the
+/// line within the script.
+#[test]
+fn syntax_errors_name_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("scripts")).unwrap();
+    std::fs::write(
+        dir.path().join("scripts/bad.js"),
+        "var a = 1;\nvar b = 2;\nif (a {\n  b = 3;\n}\n",
+    )
+    .unwrap();
+    let ctx = BuildContext {
+        name: "js".into(),
+        config_dir: Some(dir.path().to_path_buf()),
+        ..Default::default()
+    };
+    let spec: serde_norway::Value = serde_norway::from_str("{file: scripts/bad.js}").unwrap();
+    let e = builder("JavaScript").unwrap()(&ctx, spec).unwrap_err();
+    assert_eq!(e.field, "file");
+    let want = format!(
+        "{}: line 3: SyntaxError",
+        dir.path().join("scripts/bad.js").display()
+    );
+    assert!(e.message.starts_with(&want), "{}", e.message);
+
+    // Inline source: the line within `source`.
+    let e = build("{source: \"var a;\\nvar b = ;\\n\"}").unwrap_err();
+    assert_eq!(e.field, "source");
+    assert!(
+        e.message.starts_with("line 2: SyntaxError"),
+        "{}",
+        e.message
+    );
+}

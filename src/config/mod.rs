@@ -3,11 +3,12 @@
 //! into phases, template rules checked). A configuration that fails anywhere is refused
 //! whole, with every error naming file, document and field.
 
+pub mod matching;
 pub mod reload;
 pub mod rules;
 pub mod spec;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -17,13 +18,14 @@ use sha2::{Digest, Sha256};
 
 use crate::consumer::{hash_key, valid_hash, ApiKey, ApiProduct, App, Origin};
 use crate::expr::Condition;
-use crate::fault::ErrorFormat;
+use crate::fault::{ErrorFormat, Fault};
 use crate::kvm::{FileMaps, KvmEntry};
 use crate::pipeline::{Direction, DirectionPipeline, Policy, Step};
 use crate::policies::{self, BuildContext};
 use crate::services::Services;
 use crate::telemetry::FlowMetrics;
 use crate::vars::RequestInfo;
+use matching::HostPattern;
 use spec::{ApiProductSpec, AppSpec, Envelope, FlowSpec, MatchSpec, StepSpec, TemplateRuleSpec};
 
 /// One problem in a configuration.
@@ -62,6 +64,29 @@ impl ConfigErrors {
             location: location.into(),
             message: message.into(),
         }])
+    }
+}
+
+/// Largest ext_proc message `serve` accepts by default (`--max-message-bytes`).
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Room kept in one ext_proc message beside a buffered body: the message's own framing and
+/// whatever metadata Envoy forwards with it.
+pub const MESSAGE_OVERHEAD_BYTES: usize = 64 * 1024;
+
+/// What the serving process accepts besides the files. `serve` and `validate` take the same
+/// options, so both judge a configuration alike.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// `--max-message-bytes`: a flow whose largest body cannot fit in one message is refused.
+    pub max_message_bytes: usize,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+        }
     }
 }
 
@@ -145,50 +170,67 @@ pub fn fingerprint_with(files: &[SourceFile], referenced: &[PathBuf]) -> String 
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// How a flow's matching is tested.
+/// How a flow's matching is tested (see [`matching`] for how hosts and paths compare).
 #[derive(Debug, Clone, Default)]
 pub struct FlowMatch {
-    hosts: Vec<String>,
+    hosts: Vec<HostPattern>,
+    /// Each already normal ([`matching::normalize_path`] leaves it as it is).
     path_prefixes: Vec<String>,
     methods: Vec<String>,
 }
 
 impl FlowMatch {
-    fn from_spec(m: &MatchSpec) -> Self {
-        Self {
-            hosts: m.hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
+    /// Compiles a `match`, or says what is wrong with each entry (as `field ...: message`).
+    fn from_spec(m: &MatchSpec) -> Result<Self, Vec<String>> {
+        let mut errors = Vec::new();
+        let mut hosts = Vec::new();
+        for (i, h) in m.hosts.iter().enumerate() {
+            match HostPattern::parse(h) {
+                Ok(p) => hosts.push(p),
+                Err(e) => errors.push(format!("field `spec.match.hosts[{i}]`: {e}")),
+            }
+        }
+        for (i, p) in m.path_prefixes.iter().enumerate() {
+            if !p.starts_with('/') {
+                errors.push(format!(
+                    "field `spec.match.pathPrefixes[{i}]`: must start with `/`"
+                ));
+                continue;
+            }
+            let normal = matching::normalize_path(p);
+            if normal != p.as_str() {
+                // Requests are compared in normal form: this prefix could never match.
+                errors.push(format!(
+                    "field `spec.match.pathPrefixes[{i}]`: `{p}` is not a normalised path \
+                     (requests are matched on their normalised path); write `{normal}`"
+                ));
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Ok(Self {
+            hosts,
             path_prefixes: m.path_prefixes.clone(),
             methods: m.methods.iter().map(|m| m.to_ascii_uppercase()).collect(),
-        }
+        })
     }
 
-    pub fn matches(&self, req: &RequestInfo) -> bool {
-        if !self.methods.is_empty() && !self.methods.contains(&req.method) {
+    /// `target` is the request's normalised path and host, computed once per request.
+    fn matches(&self, method: &str, target: &Target<'_>) -> bool {
+        if !self.methods.is_empty() && !self.methods.iter().any(|m| m == method) {
             return false;
         }
-        if !self.path_prefixes.is_empty() {
-            let path = req.path();
-            if !self
+        if !self.path_prefixes.is_empty()
+            && !self
                 .path_prefixes
                 .iter()
-                .any(|p| path.starts_with(p.as_str()))
-            {
-                return false;
-            }
+                .any(|p| target.path.starts_with(p.as_str()))
+        {
+            return false;
         }
-        if !self.hosts.is_empty() {
-            let host = req.hostname();
-            let ok = self.hosts.iter().any(|h| match h.strip_prefix("*.") {
-                Some(suffix) => {
-                    host.len() > suffix.len() + 1
-                        && host[host.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
-                        && host.as_bytes()[host.len() - suffix.len() - 1] == b'.'
-                }
-                None => host.eq_ignore_ascii_case(h),
-            });
-            if !ok {
-                return false;
-            }
+        if !self.hosts.is_empty() && !self.hosts.iter().any(|h| h.matches(&target.host)) {
+            return false;
         }
         true
     }
@@ -203,13 +245,19 @@ impl FlowMatch {
             .unwrap_or(0);
         let host = if self.hosts.is_empty() {
             0
-        } else if self.hosts.iter().all(|h| !h.starts_with("*.")) {
+        } else if self.hosts.iter().all(HostPattern::is_exact) {
             2
         } else {
             1
         };
         (longest, host, !self.methods.is_empty())
     }
+}
+
+/// A request's path and host as flows compare them.
+struct Target<'a> {
+    path: std::borrow::Cow<'a, str>,
+    host: std::borrow::Cow<'a, str>,
 }
 
 /// A compiled flow.
@@ -253,23 +301,64 @@ pub struct Snapshot {
     pub fingerprint: String,
     /// Files outside the configuration files that compiling it read.
     pub referenced: Vec<PathBuf>,
+    /// Problems that do not refuse the configuration (logged at every load, printed by
+    /// `validate`).
+    pub warnings: Vec<ConfigError>,
+}
+
+/// Extension metadata named a flow the configuration does not define: the gateway and
+/// tollgate disagree, and running some other flow instead could skip the policies meant for
+/// the request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the gateway's extension metadata names flow `{0}`, which the configuration does not define"
+)]
+pub struct UnknownFlow(pub String);
+
+impl UnknownFlow {
+    /// The answer for the client: 500 `tollgate.UnknownFlow` (the name stays in the log).
+    pub fn fault(&self) -> Fault {
+        Fault::new(
+            500,
+            "tollgate.UnknownFlow",
+            "The gateway selected a flow that is not configured",
+        )
+    }
 }
 
 impl Snapshot {
     /// Chooses the flow: by name from extension metadata, else the first matching flow,
-    /// else the default flow.
-    pub fn select(&self, named: Option<&str>, req: &RequestInfo) -> Option<Arc<Flow>> {
+    /// else the default flow; `Ok(None)` when none applies. A name that is not defined is
+    /// an error, never a fall-through to matching.
+    pub fn select(
+        &self,
+        named: Option<&str>,
+        req: &RequestInfo,
+    ) -> Result<Option<Arc<Flow>>, UnknownFlow> {
         if let Some(name) = named {
-            if let Some(f) = self.by_name.get(name) {
-                return Some(f.clone());
-            }
-            tracing::warn!(flow = name, "extension metadata names an unknown flow");
+            return match self.by_name.get(name) {
+                Some(f) => Ok(Some(f.clone())),
+                None => {
+                    let e = UnknownFlow(name.to_owned());
+                    tracing::error!(flow = name, "{e}");
+                    Err(e)
+                }
+            };
         }
-        self.matching
+        let target = Target {
+            path: matching::normalize_path(&req.uri),
+            host: matching::normalize_host(&req.host),
+        };
+        Ok(self
+            .matching
             .iter()
-            .find(|f| f.matcher.as_ref().is_some_and(|m| m.matches(req)))
+            .find(|f| {
+                f.matcher
+                    .as_ref()
+                    .is_some_and(|m| m.matches(&req.method, &target))
+            })
             .or(self.default_flow.as_ref())
-            .cloned()
+            .cloned())
     }
 }
 
@@ -390,21 +479,73 @@ pub fn compile_with(
     config_dir: Option<&Path>,
     services: &Services,
 ) -> Result<Snapshot, ConfigErrors> {
+    compile_with_options(files, config_dir, services, &LoadOptions::default())
+}
+
+/// [`compile_with`], judged against the serving process's `options`.
+pub fn compile_with_options(
+    files: &[SourceFile],
+    config_dir: Option<&Path>,
+    services: &Services,
+    options: &LoadOptions,
+) -> Result<Snapshot, ConfigErrors> {
     let (snap, referenced) =
-        crate::policies::recording_reads(|| compile_files(files, config_dir, services));
+        crate::policies::recording_reads(|| compile_files(files, config_dir, services, options));
     let mut snap = snap?;
     snap.fingerprint = fingerprint_with(files, &referenced);
     snap.referenced = referenced;
     Ok(snap)
 }
 
+/// Names of the documents that were written, whether or not they compiled: a reference to
+/// one that failed is not reported again (its own error is the root cause).
+#[derive(Debug, Default)]
+struct Declared {
+    policies: HashSet<String>,
+    products: HashSet<String>,
+    /// Some document could not be read at all (its kind and name are unknown), so any
+    /// unresolved reference may point into it.
+    incomplete: bool,
+}
+
+impl Declared {
+    fn policy(&self, name: &str) -> bool {
+        self.incomplete || self.policies.contains(name)
+    }
+    fn product(&self, name: &str) -> bool {
+        self.incomplete || self.products.contains(name)
+    }
+}
+
 fn compile_files(
     files: &[SourceFile],
     config_dir: Option<&Path>,
     services: &Services,
+    options: &LoadOptions,
 ) -> Result<Snapshot, ConfigErrors> {
     let mut errors = Vec::new();
+    let mut warnings = Vec::new();
     let docs = parse_documents(files, &mut errors);
+    let mut declared = Declared {
+        incomplete: !errors.is_empty(),
+        ..Default::default()
+    };
+    for d in &docs {
+        match d.env.kind.as_str() {
+            "Policy" => declared.policies.insert(d.env.metadata.name.clone()),
+            "ApiProduct" => declared.products.insert(d.env.metadata.name.clone()),
+            _ => false,
+        };
+    }
+    if docs.is_empty() && errors.is_empty() {
+        warnings.push(ConfigError {
+            location: config_dir
+                .map_or_else(|| "configuration".to_owned(), |d| d.display().to_string()),
+            message: "no configuration documents (*.yaml, *.yml, *.json): no flow runs, \
+                      every request takes --on-no-match"
+                .into(),
+        });
+    }
 
     // Envelope checks and name uniqueness per kind.
     let mut seen: HashMap<(String, String), DocAt> = HashMap::new();
@@ -469,10 +610,20 @@ fn compile_files(
     }
 
     let products = build_products(product_docs, &mut errors);
-    let apps = build_apps(app_docs, &products, config_dir, &mut errors);
+    let apps = build_apps(app_docs, &products, &declared, config_dir, &mut errors);
     let kvms = Arc::new(build_kvms(kvm_docs, config_dir, &mut errors));
-    let policies = build_policies(policies_docs, config_dir, services, &mut errors);
-    let flows = build_flows(flow_docs, &policies, &mut errors);
+    let (policies, cache_scopes) = build_policies(policies_docs, config_dir, services, &mut errors);
+    let flows = build_flows(
+        flow_docs,
+        &policies,
+        &FlowChecks {
+            declared: &declared,
+            cache_scopes: &cache_scopes,
+            options,
+        },
+        &mut errors,
+        &mut warnings,
+    );
     let rules = rule_docs
         .into_iter()
         .filter_map(|d| {
@@ -518,6 +669,7 @@ fn compile_files(
         products,
         apps,
         kvms,
+        warnings,
         ..Default::default()
     };
     for (flow, _) in flows {
@@ -633,6 +785,7 @@ fn key_hash(k: &spec::KeySpec, i: usize, config_dir: Option<&Path>) -> Result<St
 fn build_apps(
     docs: Vec<Parsed>,
     products: &[ApiProduct],
+    declared: &Declared,
     config_dir: Option<&Path>,
     errors: &mut Vec<ConfigError>,
 ) -> Vec<App> {
@@ -656,7 +809,8 @@ fn build_apps(
             msgs.push("field `spec.developerEmail`: not an email address".to_owned());
         }
         for (i, p) in spec.products.iter().enumerate() {
-            if !products.iter().any(|x| x.name == *p) {
+            // A product that failed to compile has its own error already.
+            if !products.iter().any(|x| x.name == *p) && !declared.product(p) {
                 msgs.push(format!(
                     "field `spec.products[{i}]`: no ApiProduct named `{p}`"
                 ));
@@ -809,13 +963,17 @@ fn build_kvms(
     out
 }
 
+/// The compiled policies, and the `scope` of each ResponseCache policy as written.
+type BuiltPolicies = (BTreeMap<String, Arc<dyn Policy>>, HashMap<String, String>);
+
 fn build_policies(
     docs: Vec<Parsed>,
     config_dir: Option<&Path>,
     services: &Services,
     errors: &mut Vec<ConfigError>,
-) -> BTreeMap<String, Arc<dyn Policy>> {
+) -> BuiltPolicies {
     let mut out = BTreeMap::new();
+    let mut cache_scopes = HashMap::new();
     for d in docs {
         let name = d.env.metadata.name.clone();
         let loc = d.at.named("Policy", &name);
@@ -848,6 +1006,13 @@ fn build_policies(
             });
             continue;
         };
+        if type_name == "ResponseCache" {
+            let scope = spec
+                .get("scope")
+                .and_then(serde_norway::Value::as_str)
+                .unwrap_or("global");
+            cache_scopes.insert(name.clone(), scope.to_owned());
+        }
         let ctx = BuildContext {
             name: name.clone(),
             config_dir: config_dir.map(Path::to_path_buf),
@@ -867,22 +1032,30 @@ fn build_policies(
             }),
         }
     }
-    out
+    (out, cache_scopes)
 }
 
+/// Builds a direction's steps. `Err` when a step is unusable; a step naming a Policy that
+/// was written but failed to compile gives no message of its own (that Policy's error is
+/// the root cause) yet still fails the flow.
 fn build_steps(
     steps: Vec<StepSpec>,
     field: &str,
     policies: &BTreeMap<String, Arc<dyn Policy>>,
+    declared: &Declared,
     errors: &mut Vec<String>,
-) -> Vec<Step> {
+) -> Result<Vec<Step>, ()> {
     let mut out = Vec::new();
+    let mut failed = false;
     for (i, s) in steps.into_iter().enumerate() {
         let Some(policy) = policies.get(&s.policy) else {
-            errors.push(format!(
-                "field `spec.{field}[{i}].policy`: no Policy named `{}`",
-                s.policy
-            ));
+            if !declared.policy(&s.policy) {
+                errors.push(format!(
+                    "field `spec.{field}[{i}].policy`: no Policy named `{}`",
+                    s.policy
+                ));
+            }
+            failed = true;
             continue;
         };
         let condition = match s.condition.as_deref().map(Condition::compile) {
@@ -890,6 +1063,7 @@ fn build_steps(
             Some(Ok(c)) => Some(Arc::new(c)),
             Some(Err(e)) => {
                 errors.push(format!("field `spec.{field}[{i}].condition`: {e}"));
+                failed = true;
                 continue;
             }
         };
@@ -900,13 +1074,70 @@ fn build_steps(
             continue_on_error: s.continue_on_error,
         });
     }
-    out
+    if failed {
+        Err(())
+    } else {
+        Ok(out)
+    }
+}
+
+/// What flows are checked against besides their own spec.
+struct FlowChecks<'a> {
+    declared: &'a Declared,
+    /// `scope` of each ResponseCache policy.
+    cache_scopes: &'a HashMap<String, String>,
+    options: &'a LoadOptions,
+}
+
+/// Authentication policy types: what sets the caller's identity.
+const AUTH_TYPES: &[&str] = &["VerifyApiKey", "VerifyJwt"];
+
+/// A ResponseCache lookup before the flow's authentication answers hits to callers nobody
+/// checked. Shared scopes (`global`, `flow`) would hand one caller's response to anyone:
+/// refused. A per-app cache there never stores (no `client_id` yet): warned.
+fn check_cache_placement(
+    steps: &[Step],
+    cache_scopes: &HashMap<String, String>,
+    errors: &mut Vec<String>,
+    warnings: &mut Vec<String>,
+) {
+    let Some(auth) = steps
+        .iter()
+        .position(|s| AUTH_TYPES.contains(&s.policy.type_name()))
+    else {
+        return;
+    };
+    for (i, s) in steps[..auth].iter().enumerate() {
+        if s.policy.type_name() != "ResponseCache" {
+            continue;
+        }
+        let auth_name = &steps[auth].policy_name;
+        let scope = cache_scopes
+            .get(&s.policy_name)
+            .map_or("global", String::as_str);
+        match scope {
+            "global" | "flow" => errors.push(format!(
+                "field `spec.request[{i}]`: ResponseCache `{}` (scope {scope}) comes before \
+                 the authentication step `{auth_name}`: its hits would answer callers nobody \
+                 checked; place it after `{auth_name}`",
+                s.policy_name
+            )),
+            _ => warnings.push(format!(
+                "field `spec.request[{i}]`: ResponseCache `{}` (scope {scope}) comes before \
+                 the authentication step `{auth_name}`, which identifies the caller it is \
+                 scoped by: place it after `{auth_name}`",
+                s.policy_name
+            )),
+        }
+    }
 }
 
 fn build_flows(
     docs: Vec<Parsed>,
     policies: &BTreeMap<String, Arc<dyn Policy>>,
+    checks: &FlowChecks<'_>,
     errors: &mut Vec<ConfigError>,
+    warnings: &mut Vec<ConfigError>,
 ) -> Vec<(Flow, DocAt)> {
     let mut out = Vec::new();
     for d in docs {
@@ -926,24 +1157,48 @@ fn build_flows(
         if spec.max_body_bytes == 0 {
             msgs.push("field `spec.maxBodyBytes`: must be greater than 0".to_owned());
         }
-        if let Some(m) = &spec.match_ {
-            for (i, p) in m.path_prefixes.iter().enumerate() {
-                if !p.starts_with('/') {
-                    msgs.push(format!(
-                        "field `spec.match.pathPrefixes[{i}]`: must start with `/`"
-                    ));
-                }
+        let matcher = match spec.match_.as_ref().map(FlowMatch::from_spec) {
+            None => None,
+            Some(Ok(m)) => Some(m),
+            Some(Err(e)) => {
+                msgs.extend(e);
+                None
             }
-            for (i, h) in m.hosts.iter().enumerate() {
-                if h.is_empty() || h.contains('/') || h[1..].contains('*') {
-                    msgs.push(format!(
-                        "field `spec.match.hosts[{i}]`: `{h}` is not a host or `*.suffix` wildcard"
-                    ));
-                }
-            }
+        };
+        let declared = checks.declared;
+        let request = build_steps(spec.request, "request", policies, declared, &mut msgs);
+        let response = build_steps(spec.response, "response", policies, declared, &mut msgs);
+        let (Ok(request), Ok(response)) = (request, response) else {
+            errors.extend(msgs.into_iter().map(|message| ConfigError {
+                location: loc.clone(),
+                message,
+            }));
+            continue;
+        };
+        let mut warns = Vec::new();
+        check_cache_placement(&request, checks.cache_scopes, &mut msgs, &mut warns);
+        warnings.extend(warns.into_iter().map(|message| ConfigError {
+            location: loc.clone(),
+            message,
+        }));
+        let request = DirectionPipeline::compile(request, Direction::Request);
+        let response = DirectionPipeline::compile(response, Direction::Response);
+        let max_message = checks.options.max_message_bytes;
+        if (request.needs_body() || response.needs_body())
+            && spec.max_body_bytes.saturating_add(MESSAGE_OVERHEAD_BYTES) > max_message
+        {
+            // A buffered body arrives in one message: a larger one ends the stream instead
+            // of reaching the body steps.
+            msgs.push(format!(
+                "field `spec.maxBodyBytes`: {} bytes cannot arrive in one ext_proc message \
+                 of at most {max_message} bytes (--max-message-bytes, keeping \
+                 {MESSAGE_OVERHEAD_BYTES} for framing and metadata); lower maxBodyBytes to \
+                 {} or raise --max-message-bytes to {}",
+                spec.max_body_bytes,
+                max_message.saturating_sub(MESSAGE_OVERHEAD_BYTES),
+                spec.max_body_bytes.saturating_add(MESSAGE_OVERHEAD_BYTES)
+            ));
         }
-        let request = build_steps(spec.request, "request", policies, &mut msgs);
-        let response = build_steps(spec.response, "response", policies, &mut msgs);
         if !msgs.is_empty() {
             errors.extend(msgs.into_iter().map(|message| ConfigError {
                 location: loc.clone(),
@@ -954,13 +1209,13 @@ fn build_flows(
         out.push((
             Flow {
                 metrics: FlowMetrics::new(&name),
-                matcher: spec.match_.as_ref().map(FlowMatch::from_spec),
+                matcher,
                 is_default: spec.default,
                 priority: spec.priority,
                 error_format: spec.error_format,
                 max_body_bytes: spec.max_body_bytes,
-                request: DirectionPipeline::compile(request, Direction::Request),
-                response: DirectionPipeline::compile(response, Direction::Response),
+                request,
+                response,
                 name,
             },
             d.at,
@@ -1032,8 +1287,11 @@ spec: {}
     #[test]
     fn selection_order() {
         let s = compile(&files(BASE), None).unwrap();
-        let pick =
-            |m, p, h, named: Option<&str>| s.select(named, &req(m, p, h)).map(|f| f.name.clone());
+        let pick = |m, p, h, named: Option<&str>| {
+            s.select(named, &req(m, p, h))
+                .unwrap()
+                .map(|f| f.name.clone())
+        };
         assert_eq!(
             pick("POST", "/v1/chat/completions", "a", None).as_deref(),
             Some("chat")
@@ -1058,10 +1316,100 @@ spec: {}
             pick("GET", "/other", "a", Some("by-name-only")).as_deref(),
             Some("by-name-only")
         );
+        // A name that is not defined is an error, not a fall-through to matching.
+        let e = s
+            .select(Some("missing"), &req("GET", "/other", "a"))
+            .unwrap_err();
+        assert_eq!(e, UnknownFlow("missing".into()));
         assert_eq!(
-            pick("GET", "/other", "a", Some("missing")).as_deref(),
-            Some("fallback")
+            (e.fault().status, e.fault().code.as_str()),
+            (500, "tollgate.UnknownFlow")
         );
+    }
+
+    /// The same target written differently selects the same flow: host case, port and
+    /// trailing dot, repeated slashes, dot segments, escapes.
+    #[test]
+    fn selection_cannot_be_dodged() {
+        let text = r#"
+apiVersion: tollgate.dev/v1alpha1
+kind: Flow
+metadata: {name: chat}
+spec:
+  match: {hosts: [API.Example.com.], pathPrefixes: [/v1/chat]}
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: Flow
+metadata: {name: wild}
+spec:
+  match: {hosts: ["*.internal"]}
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: Flow
+metadata: {name: open}
+spec: {default: true}
+"#;
+        let s = compile(&files(text), None).unwrap();
+        let pick = |p: &str, h: &str| {
+            s.select(None, &req("POST", p, h))
+                .unwrap()
+                .unwrap()
+                .name
+                .clone()
+        };
+        for host in [
+            "api.example.com",
+            "API.EXAMPLE.COM.:8443",
+            "Api.Example.Com:80",
+            "api.example.com.",
+        ] {
+            for path in [
+                "/v1/chat/completions",
+                "//v1//chat/completions",
+                "/v1/./chat",
+                "/x/../v1/chat",
+                "/v1%2Fchat",
+                "/%761/chat",
+                "/v1\\chat?a=b",
+            ] {
+                assert_eq!(pick(path, host), "chat", "{host} {path}");
+            }
+        }
+        assert_eq!(pick("/v1/chat", "api.example.org"), "open");
+        assert_eq!(pick("/v2/chat", "api.example.com"), "open");
+        assert_eq!(pick("/v1/../v2/chat", "api.example.com"), "open");
+        assert_eq!(pick("/", "A.B.INTERNAL.:1"), "wild");
+        assert_eq!(pick("/", "internal"), "open");
+        assert_eq!(pick("/", "é.internal"), "wild");
+        assert_eq!(pick("/", "é"), "open");
+    }
+
+    #[test]
+    fn match_entries_are_checked() {
+        let flow = |m: &str| {
+            format!("apiVersion: tollgate.dev/v1alpha1\nkind: Flow\nmetadata: {{name: f}}\nspec: {{match: {m}}}\n")
+        };
+        let e = errs(&flow("{pathPrefixes: ['//v1//chat']}"));
+        assert!(
+            e.contains("spec.match.pathPrefixes[0]") && e.contains("write `/v1/chat`"),
+            "{e}"
+        );
+        let e = errs(&flow("{pathPrefixes: [v1]}"));
+        assert!(e.contains("must start with `/`"), "{e}");
+        let e = errs(&flow("{hosts: ['api.example.com:443']}"));
+        assert!(
+            e.contains("spec.match.hosts[0]") && e.contains("without a port"),
+            "{e}"
+        );
+        for bad in ["é", "a*b", "*.*", ""] {
+            let e = errs(&flow(&format!("{{hosts: ['{bad}']}}")));
+            assert!(e.contains("spec.match.hosts[0]"), "{bad}: {e}");
+        }
+        compile(
+            &files(&flow("{hosts: ['*', 'api.*', '*-api.example.com']}")),
+            None,
+        )
+        .unwrap();
     }
 
     fn errs(text: &str) -> String {
@@ -1227,6 +1575,163 @@ spec:
         );
         assert!(fails("{file: short.key}").contains("16-512 printable"));
         assert!(fails("{file: k2.key, env: X}").contains("exactly one of env, file"));
+    }
+
+    /// One root cause, one error: a Policy (or ApiProduct) that fails to compile is not
+    /// reported again as missing by every flow (or app) that refers to it, and a file that
+    /// cannot be read does not make every reference into it an error.
+    #[test]
+    fn one_root_cause_one_error() {
+        let text = r#"
+apiVersion: tollgate.dev/v1alpha1
+kind: Policy
+metadata: {name: broken}
+spec: {type: RaiseFault, status: 'x'}
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: Flow
+metadata: {name: a}
+spec: {request: [{policy: broken}]}
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: Flow
+metadata: {name: b}
+spec: {default: true, request: [{policy: broken}], response: [{policy: broken}]}
+"#;
+        let e = compile(&files(text), None).unwrap_err();
+        assert_eq!(e.0.len(), 1, "{e}");
+        assert!(e.0[0].location.contains("Policy \"broken\""), "{e}");
+        // A name nobody wrote is still an error.
+        let e = errs(&text.replace("response: [{policy: broken}]", "response: [{policy: typo}]"));
+        assert!(
+            e.contains("no Policy named `typo`") && !e.contains("`broken`"),
+            "{e}"
+        );
+
+        let products = CONSUMERS.replace("limit: 10", "limit: 0");
+        let e = compile(&files(&products), None).unwrap_err();
+        assert!(e.to_string().contains("spec.quota"), "{e}");
+        assert!(!e.to_string().contains("no ApiProduct named"), "{e}");
+
+        let two = vec![
+            SourceFile {
+                name: "policies.yaml".into(),
+                text: "apiVersion: tollgate.dev/v1alpha1\nkind: Policy\nmetadata: {name: p}\nspec: {type: RaiseFault, status: 403\n".into(),
+            },
+            SourceFile {
+                name: "flows.yaml".into(),
+                text: "apiVersion: tollgate.dev/v1alpha1\nkind: Flow\nmetadata: {name: f}\nspec: {default: true, request: [{policy: p}]}\n".into(),
+            },
+        ];
+        let e = compile(&two, None).unwrap_err();
+        assert_eq!(e.0.len(), 1, "{e}");
+        assert!(
+            e.0[0].location.starts_with("policies.yaml") && e.0[0].message.contains("invalid YAML"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn empty_configuration_is_a_warning() {
+        let s = compile(&[], None).unwrap();
+        assert_eq!(s.warnings.len(), 1);
+        assert!(s.warnings[0].message.contains("no configuration documents"));
+        let s = compile(&files("---\n"), Some(Path::new("/etc/tollgate"))).unwrap();
+        assert_eq!(s.warnings[0].location, "/etc/tollgate");
+        assert!(compile(&files(BASE), None).unwrap().warnings.is_empty());
+    }
+
+    const CACHE_AUTH: &str = r#"
+apiVersion: tollgate.dev/v1alpha1
+kind: Policy
+metadata: {name: key}
+spec: {type: VerifyApiKey}
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: Policy
+metadata: {name: cache}
+spec: {type: ResponseCache, SCOPE}
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: Flow
+metadata: {name: api}
+spec:
+  default: true
+  request: [STEPS]
+  response: [{policy: cache}]
+"#;
+
+    /// A cache lookup before authentication: refused when shared, warned when per app.
+    #[test]
+    fn cache_before_authentication() {
+        let cfg = |scope: &str, steps: &str| {
+            files(&CACHE_AUTH.replace("SCOPE", scope).replace("STEPS", steps))
+        };
+        for scope in ["ttlSeconds: 60", "scope: global", "scope: flow"] {
+            let e = compile(&cfg(scope, "{policy: cache}, {policy: key}"), None)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("Flow \"api\"")
+                    && e.contains("spec.request[0]")
+                    && e.contains("before the authentication step `key`"),
+                "{scope}: {e}"
+            );
+            // After authentication: fine.
+            let s = compile(&cfg(scope, "{policy: key}, {policy: cache}"), None).unwrap();
+            assert!(s.warnings.is_empty());
+        }
+        let s = compile(&cfg("scope: app", "{policy: cache}, {policy: key}"), None).unwrap();
+        assert_eq!(s.warnings.len(), 1, "{:?}", s.warnings);
+        assert!(
+            s.warnings[0].message.contains("scope app"),
+            "{:?}",
+            s.warnings
+        );
+        // No authentication in the flow: nothing to judge.
+        compile(&cfg("scope: global", "{policy: cache}"), None).unwrap();
+    }
+
+    /// A flow that reads bodies larger than one ext_proc message is refused, against the
+    /// serving process's --max-message-bytes.
+    #[test]
+    fn max_body_must_fit_one_message() {
+        let text = r#"
+apiVersion: tollgate.dev/v1alpha1
+kind: Policy
+metadata: {name: body}
+spec: {type: AssignMessage, set: {body: "{request.content}"}}
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: Flow
+metadata: {name: big}
+spec:
+  default: true
+  maxBodyBytes: 20000000
+  request: [STEPS]
+"#;
+        let with = |steps: &str, max: usize| {
+            compile_with_options(
+                &files(&text.replace("STEPS", steps)),
+                None,
+                &Services::default(),
+                &LoadOptions {
+                    max_message_bytes: max,
+                },
+            )
+        };
+        let e = with("{policy: body}", DEFAULT_MAX_MESSAGE_BYTES)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("spec.maxBodyBytes")
+                && e.contains("--max-message-bytes")
+                && e.contains("20065536"),
+            "{e}"
+        );
+        with("{policy: body}", 20_065_536).unwrap();
+        // A flow that reads no body is not limited by its maxBodyBytes.
+        with("", DEFAULT_MAX_MESSAGE_BYTES).unwrap();
     }
 
     #[test]

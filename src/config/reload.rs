@@ -16,7 +16,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use arc_swap::ArcSwap;
 use notify::Watcher;
 
-use super::{compile_with, fingerprint_with, read_dir, ConfigErrors, Snapshot, SourceFile};
+use super::{
+    compile_with_options, fingerprint_with, read_dir, ConfigErrors, LoadOptions, Snapshot,
+    SourceFile,
+};
 use crate::policies::recording_reads;
 use crate::services::Services;
 use crate::telemetry::METRICS;
@@ -33,11 +36,18 @@ pub enum ConfigSource {
 pub struct ConfigManager {
     source: ConfigSource,
     services: Services,
+    options: LoadOptions,
     current: ArcSwap<Snapshot>,
     generation: AtomicU64,
-    /// Fingerprint of the last configuration that failed, so it is reported once.
-    /// Fingerprint of the last configuration that failed, with the files it referred to.
+    /// Fingerprint of the last configuration that failed, with the files it referred to,
+    /// so it is reported once.
     last_failed: Mutex<Option<(String, Vec<PathBuf>)>>,
+}
+
+fn log_warnings(snap: &Snapshot) {
+    for w in &snap.warnings {
+        tracing::warn!(location = %w.location, "configuration: {}", w.message);
+    }
 }
 
 fn now_secs() -> f64 {
@@ -75,13 +85,24 @@ impl ConfigManager {
     /// Loads the first configuration; it must be valid. Policies get `services`, and the
     /// file-defined products and apps go to `services.consumers` at every load.
     pub fn load_with(source: ConfigSource, services: Services) -> Result<Arc<Self>, ConfigErrors> {
+        Self::load_with_options(source, services, LoadOptions::default())
+    }
+
+    /// [`ConfigManager::load_with`], every load judged against `options` (the serving
+    /// process's limits).
+    pub fn load_with_options(
+        source: ConfigSource,
+        services: Services,
+        options: LoadOptions,
+    ) -> Result<Arc<Self>, ConfigErrors> {
         let files = Self::read(&source)?;
         let dir = match &source {
             ConfigSource::Dir(d) => Some(d.as_path()),
             ConfigSource::Embedded(_) => None,
         };
         METRICS.config_last_reload_attempt.set(now_secs());
-        let snap = compile_with(&files, dir, &services)?;
+        let snap = compile_with_options(&files, dir, &services, &options)?;
+        log_warnings(&snap);
         services
             .consumers
             .set_file_objects(snap.products.clone(), snap.apps.clone());
@@ -95,6 +116,7 @@ impl ConfigManager {
         Ok(Arc::new(Self {
             source,
             services,
+            options,
             current: ArcSwap::from_pointee(snap),
             generation: AtomicU64::new(1),
             last_failed: Mutex::new(None),
@@ -138,6 +160,9 @@ impl ConfigManager {
             // Files a policy refers to (scripts, specs, keys) count as much as the YAML.
             let current = self.current.load();
             if !force && fingerprint_with(&files, &current.referenced) == current.fingerprint {
+                // The files are the running configuration again (a broken edit undone):
+                // nothing to load, but the refusal no longer stands.
+                self.back_to_running();
                 return Ok(None);
             }
             if !force
@@ -153,8 +178,9 @@ impl ConfigManager {
                 return Ok(None);
             }
             METRICS.config_last_reload_attempt.set(now_secs());
-            let (result, refs) =
-                recording_reads(|| compile_with(&files, Some(dir), &self.services));
+            let (result, refs) = recording_reads(|| {
+                compile_with_options(&files, Some(dir), &self.services, &self.options)
+            });
             result.map(Some).inspect_err(|_| {
                 if let Ok(mut l) = self.last_failed.lock() {
                     *l = Some((fingerprint_with(&files, &refs), refs));
@@ -169,6 +195,7 @@ impl ConfigManager {
                 Ok(ReloadOutcome::Unchanged)
             }
             Ok(Some(snap)) => {
+                log_warnings(&snap);
                 let flows = snap.by_name.len();
                 self.services
                     .consumers
@@ -192,6 +219,22 @@ impl ConfigManager {
                 tracing::error!(errors = %e, "configuration refused; the running configuration stays");
                 Err(e)
             }
+        }
+    }
+
+    /// Clears a standing refusal once the files match the running configuration again.
+    fn back_to_running(&self) {
+        let was_failed = self
+            .last_failed
+            .lock()
+            .map(|mut l| l.take().is_some())
+            .unwrap_or(false);
+        if was_failed {
+            METRICS.config_synchronized.set(1);
+            tracing::info!(
+                generation = self.generation(),
+                "configuration files are back to the running configuration"
+            );
         }
     }
 

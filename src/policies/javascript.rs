@@ -133,6 +133,10 @@ fn wrap(source: &str) -> String {
 
 pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Policy>, SpecError> {
     let spec: Spec = parse_spec(spec)?;
+    let spec_file = spec.file.as_ref().map(|f| match &ctx.config_dir {
+        Some(d) if std::path::Path::new(f).is_relative() => d.join(f).display().to_string(),
+        _ => f.clone(),
+    });
     let source = match (spec.source, spec.file) {
         (Some(s), None) => s,
         (None, Some(f)) => {
@@ -153,7 +157,11 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
         return Err(SpecError::new("memoryLimitBytes", "between 65536 and 268435456"));
     }
     let wrapped = wrap(&source);
-    check_compiles(&wrapped).map_err(|m| SpecError::new("source", m))?;
+    check_compiles(&wrapped).map_err(|m| match &spec_file {
+        // Name the script file, so `line N` points somewhere an editor can open.
+        Some(path) => SpecError::new("file", format!("{path}: {m}")),
+        None => SpecError::new("source", m),
+    })?;
     let needs_body = spec.needs_body.unwrap_or_else(|| {
         // `.content`, not `content`: reading `content-type` needs no body.
         [".content", ".body", ".json(", "setContent", "setJson"]
@@ -200,7 +208,17 @@ fn compile<'js>(ctx: &Ctx<'js>, api: &Persistent<Object<'static>>, wrapped: &str
     let api = api.clone().restore(ctx).map_err(|e| e.to_string())?;
     let compiler: Function = api.get("compile").map_err(|e| e.to_string())?;
     let r: rquickjs::Result<Function> = compiler.call((wrapped,));
-    let f = r.map_err(|e| describe(ctx, e).1)?;
+    let f = r.map_err(|e| match e {
+        rquickjs::Error::Exception => {
+            let v = ctx.catch();
+            let text = js_error_text(&v);
+            match v.as_exception().and_then(|ex| ex.stack()).and_then(|st| source_line(&st)) {
+                Some(line) => format!("line {line}: {text}"),
+                None => text,
+            }
+        }
+        other => other.to_string(),
+    })?;
     let text: String = f
         .get::<_, Function>("toString")
         .and_then(|ts| ts.call((rquickjs::function::This(f.clone()),)))
@@ -211,15 +229,18 @@ fn compile<'js>(ctx: &Ctx<'js>, api: &Persistent<Object<'static>>, wrapped: &str
     Ok(f)
 }
 
-/// (is a JS exception, text) for an error.
-fn describe(ctx: &Ctx<'_>, e: rquickjs::Error) -> (bool, String) {
-    match e {
-        rquickjs::Error::Exception => {
-            let v = ctx.catch();
-            (true, js_error_text(&v))
-        }
-        other => (false, other.to_string()),
-    }
+/// Lines the compiler puts before the script's first line: `Function` wraps its body in
+/// `(function anonymous(\n) {\n`, and the script's first line shares the line of
+/// `return (function(...){"use strict";`.
+const COMPILE_LINE_OFFSET: usize = 2;
+
+/// The script line a compile error's stack points at (`at <input>:LINE:COL`).
+fn source_line(stack: &str) -> Option<usize> {
+    let at = stack.lines().find_map(|l| l.trim().strip_prefix("at "))?;
+    let mut parts = at.rsplitn(3, ':');
+    let (_col, line) = (parts.next()?, parts.next()?);
+    let line: usize = line.trim().parse().ok()?;
+    line.checked_sub(COMPILE_LINE_OFFSET).filter(|&l| l > 0)
 }
 
 fn js_error_text(v: &JsValue<'_>) -> String {

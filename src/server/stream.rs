@@ -277,7 +277,14 @@ impl StreamState {
         }
         self.ex.request = RequestInfo::from_headers(proto::headers_from(h.headers));
         let named = proto::flow_from_metadata(metadata);
-        let Some(flow) = self.snap.select(named.as_deref(), &self.ex.request) else {
+        let selected = match self.snap.select(named.as_deref(), &self.ex.request) {
+            Ok(selected) => selected,
+            Err(unknown) => {
+                self.reject(unknown.fault(), out);
+                return Ok(());
+            }
+        };
+        let Some(flow) = selected else {
             METRICS
                 .decisions_total
                 .with_label_values(&["", "no_flow"])
