@@ -283,12 +283,8 @@ impl VerifyApiKey {
         for source in &self.key_from {
             match source {
                 KeyFrom::Header(h) => {
-                    let mut values = ex
-                        .request
-                        .headers
-                        .iter()
-                        .filter(|(n, _)| n.eq_ignore_ascii_case(h));
-                    if let Some((_, v)) = values.next() {
+                    let mut values = ex.client_header_values(h);
+                    if let Some(v) = values.next() {
                         if values.next().is_some() {
                             return Found::Twice;
                         }
@@ -418,7 +414,11 @@ impl VerifyApiKey {
                 Identity::Product => &verified.product.spec.name,
                 Identity::Developer => &verified.app.developer_email,
             };
-            ex.set_header(Direction::Request, h, v.clone());
+            if crate::policies::valid_header_value(v) {
+                ex.set_header(Direction::Request, h, v.clone());
+            } else {
+                ex.remove_header(Direction::Request, h);
+            }
         }
         ex.add_source(Box::new(VerifiedVars {
             prefix: Arc::clone(&self.prefix),
@@ -476,6 +476,11 @@ impl Policy for VerifyApiKey {
 
     fn needs_body(&self, dir: Direction) -> bool {
         self.model_from_body && dir == Direction::Request
+    }
+
+    /// The identity headers: only a verified key may name the caller to the upstream.
+    fn owned_request_headers(&self) -> Vec<String> {
+        self.identity.iter().map(|(h, _)| h.clone()).collect()
     }
 
     fn run<'a>(&'a self, ex: &'a mut Exchange, _dir: Direction) -> Outcome<'a> {

@@ -271,6 +271,7 @@ impl StreamState {
         flow.metrics.requests.inc();
         self.ex.flow.clone_from(&flow.name);
         self.flow = Some(flow.clone());
+        crate::pipeline::claim_owned_headers(&flow.request, &mut self.ex);
 
         if let Err(f) = run_steps(&flow.request.on_headers, &mut self.ex, Direction::Request).await
         {
