@@ -370,6 +370,9 @@ pub struct Exchange {
     /// taken out of `request.headers` before the first step (see
     /// [`crate::pipeline::claim_owned_headers`]).
     pub client_owned: Headers,
+    /// The request headers ended the request: no body follows (set by the stream; false,
+    /// "a body may follow", until it knows).
+    pub request_without_body: bool,
 }
 
 /// Header changes to send to Envoy for one direction. Envoy applies removals before

@@ -246,6 +246,7 @@ impl StreamState {
             self.req.body_done = true;
         }
         self.ex.request = RequestInfo::from_headers(proto::headers_from(h.headers));
+        self.ex.request_without_body = h.end_of_stream;
         let named = proto::flow_from_metadata(metadata);
         let Some(flow) = self.snap.select(named.as_deref(), &self.ex.request) else {
             METRICS

@@ -1,8 +1,8 @@
-//! Headers tollgate owns are its own (issue 12 point 4), through a real Envoy: a header a
-//! step sets for the upstream never carries the client's value, whether the step runs,
-//! fails, is skipped or cannot render a value; and the client address quotas and
-//! conditions use cannot be changed with `X-Forwarded-For`. Run with
-//! `cargo test --test e2e_owned`.
+//! What a client cannot forge, through a real Envoy: a header a step sets for the upstream
+//! never carries the client's value, whether the step runs, fails, is skipped or cannot
+//! render a value; the client address quotas and conditions use cannot be changed with
+//! `X-Forwarded-For`; a product's model list is checked against the model the request
+//! carries, not a header. Run with `cargo test --test e2e_trust`.
 
 mod support;
 
@@ -296,6 +296,116 @@ async fn x_forwarded_for_counts_only_with_trusted_hops() {
             .get("/echo", &[("x-forwarded-for", "6.6.6.6, 203.0.113.2")])
             .await;
         assert_eq!(r.status, 200, "{}", r.text());
+    })
+    .await;
+}
+
+const MODELS: &str = r#"
+apiVersion: tollgate.dev/v1alpha1
+kind: ApiProduct
+metadata: {name: gated}
+spec:
+  operations:
+  - {path: /v1/chat/completions, models: [gpt-4o]}
+  - {path: /v1/responses, models: [gpt-4o]}
+  - {path: "/v1beta/models/{model}:generateContent", models: [gemini-2.0-flash]}
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: App
+metadata: {name: demo-app}
+spec:
+  developerEmail: demo@example.com
+  products: [gated]
+  keys:
+  - id: demo
+    hash: "sha256:ab5e9264f492ebbe5db57367b2f55fb10b0eb516f4b939831d03a79aee7d679b"
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: Policy
+metadata: {name: verify-key}
+spec:
+  type: VerifyApiKey
+  model: "{request.header.x-model}"
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: Policy
+metadata: {name: verify-key-body}
+spec:
+  type: VerifyApiKey
+  model: "{request.header.x-model}"
+  modelFromBody: true
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: Flow
+metadata: {name: body}
+spec:
+  match: {pathPrefixes: [/v1/chat/completions]}
+  request:
+  - policy: verify-key-body
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: Flow
+metadata: {name: api}
+spec:
+  default: true
+  request:
+  - policy: verify-key
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_cannot_stand_in_for_the_model_the_request_carries() {
+    within(LIMIT, async {
+        let bed = TestBed::start(MODELS).await;
+        let json = [("x-api-key", KEY), ("content-type", "application/json")];
+        let with_header = |m: &'static str| {
+            let mut h = json.to_vec();
+            h.push(("x-model", m));
+            h
+        };
+        // OpenAI-style: the body decides, the header is checked too.
+        let chat = "/v1/chat/completions";
+        let r = bed
+            .post(chat, &with_header("gpt-4o"), r#"{"model":"gpt-4o"}"#)
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let r = bed
+            .post(chat, &with_header("gpt-4o"), r#"{"model":"o3-pro"}"#)
+            .await;
+        assert_eq!(
+            r.status,
+            401,
+            "the header stood in for the body: {}",
+            r.text()
+        );
+        let r = bed.post(chat, &json, r#"{"model":"o3-pro"}"#).await;
+        assert_eq!(r.status, 401, "{}", r.text());
+        // A step on the headers, with a body still to come: the header decides nothing.
+        let r = bed
+            .post(
+                "/v1/responses",
+                &with_header("gpt-4o"),
+                r#"{"model":"o3-pro"}"#,
+            )
+            .await;
+        assert_eq!(r.status, 401, "{}", r.text());
+        assert!(r.text().contains("model is unknown"), "{}", r.text());
+        // Without a body, the header is all the request names.
+        let r = bed.get("/v1/responses", &with_header("gpt-4o")).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let r = bed.get("/v1/responses", &with_header("o3-pro")).await;
+        assert_eq!(r.status, 401, "{}", r.text());
+        // Gemini-style: the path names the model.
+        let gemini = |m: &str| format!("/v1beta/models/{m}:generateContent");
+        let r = bed.post(&gemini("gemini-2.0-flash"), &json, "{}").await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let r = bed
+            .post(
+                &gemini("gemini-2.5-pro"),
+                &with_header("gemini-2.0-flash"),
+                "{}",
+            )
+            .await;
+        assert_eq!(r.status, 401, "{}", r.text());
     })
     .await;
 }
