@@ -20,9 +20,12 @@
 //!   shared: {redis: "redis://127.0.0.1:6379/0", timeoutMs: 50}   # optional second tier
 //! ```
 //!
-//! The key is a SHA-256 over the prefix, scope, fragments (length-prefixed), method and, for
-//! methods with a body, a digest of the body: hostile input never reaches the cache's key
-//! space as is. A hit ends the exchange at once with an `ImmediateResponse`: the stored
+//! The key is a SHA-256 over the prefix, scope, host, fragments (length-prefixed), method
+//! and, for methods with a body, a digest of the body: hostile input never reaches the
+//! cache's key space as is. A response to a request with credentials (`Authorization`, a
+//! cookie, an API key, a verified `client_id`) is stored outside `scope: app` only when its
+//! `Cache-Control` allows a shared cache to (RFC 9111 §3.5: `public`, `s-maxage`,
+//! `must-revalidate`). A hit ends the exchange at once with an `ImmediateResponse`: the stored
 //! status, headers and body, plus `age` and the status header; it needs the request
 //! headers the response named in `Vary` to match and its content coding to be accepted
 //! (`Vary: *` is never stored). The response side never

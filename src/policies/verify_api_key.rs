@@ -523,7 +523,11 @@ impl Policy for VerifyApiKey {
 
     /// The identity headers: only a verified key may name the caller to the upstream.
     fn owned_request_headers(&self) -> Vec<String> {
-        self.identity.iter().map(|(h, _)| h.clone()).collect()
+        self.identity
+            .iter()
+            .map(|(h, _)| h.clone())
+            .filter(|h| !h.starts_with(':'))
+            .collect()
     }
 
     fn run<'a>(&'a self, ex: &'a mut Exchange, _dir: Direction) -> Outcome<'a> {
