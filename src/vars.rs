@@ -611,7 +611,14 @@ impl Exchange {
                 }
             }
         }
-        self.attributes.get("source.address").map(|a| strip_port(a))
+        // Without the port, and an IPv6 address without its brackets, as X-Forwarded-For
+        // writes it: one client has one address whichever way it is learned.
+        self.attributes.get("source.address").map(|a| {
+            let host = strip_port(a);
+            host.strip_prefix('[')
+                .and_then(|h| h.strip_suffix(']'))
+                .unwrap_or(host)
+        })
     }
 }
 
@@ -695,6 +702,9 @@ mod tests {
             .headers
             .set("x-forwarded-for", "evil, 2001:db8::1".into());
         assert_eq!(ex.client_address(1), Some("2001:db8::1"));
+        ex.attributes
+            .insert("source.address".into(), "[2001:db8::7]:4242".into());
+        assert_eq!(ex.client_address(0), Some("2001:db8::7"));
     }
 
     #[test]
