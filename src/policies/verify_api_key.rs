@@ -413,8 +413,9 @@ impl VerifyApiKey {
                             policy = %self.prefix.trim_end_matches('.'),
                             body_seen = ex.request_body.is_some(),
                             "a product allows this operation only for listed models, but the request's model is unknown: \
-                             set `modelFromBody: true` on VerifyApiKey (the request body is then buffered), \
-                             or a `model:` template, or send a JSON body with a top-level `model`"
+                             set `modelFromBody: true` on VerifyApiKey (the request body is then buffered) \
+                             and send a JSON body with a top-level `model` (a `model:` template decides only \
+                             for requests without a body)"
                         );
                     }
                     unauthorized(
