@@ -261,6 +261,13 @@ struct ServeArgs {
     /// Live in-memory counters kept before new identifiers share one overflow counter.
     #[arg(long, env = "TOLLGATE_COUNTER_MAX_KEYS", default_value_t = tollgate::ratelimit::memory::DEFAULT_MAX_KEYS)]
     counter_max_keys: usize,
+    /// Proxies in front of Envoy that append the address they saw to X-Forwarded-For and
+    /// are trusted, Envoy itself included when it appends (`use_remote_address: true`):
+    /// the client address is the Nth entry from the right. 0 (default) never reads
+    /// X-Forwarded-For and uses Envoy's `source.address` attribute only (prefer that, with
+    /// Envoy's own `xff_num_trusted_hops`).
+    #[arg(long, env = "TOLLGATE_XFF_TRUSTED_HOPS", default_value_t = 0)]
+    xff_trusted_hops: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -438,6 +445,7 @@ fn main() -> ExitCode {
         },
         Command::Serve(args) => {
             init_logging(args.log_format);
+            tollgate::vars::set_xff_trusted_hops(args.xff_trusted_hops);
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()

@@ -6,6 +6,7 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::pipeline::Direction;
 
@@ -365,6 +366,13 @@ pub struct Exchange {
     /// cache populating itself): the most bytes to keep; 0 keeps nothing. The body is not
     /// held back; [`crate::pipeline::Policy::observe`] gets the copy at its end.
     pub response_capture: usize,
+    /// The client's values of the request headers the flow's steps set for the upstream,
+    /// taken out of `request.headers` before the first step (see
+    /// [`crate::pipeline::claim_owned_headers`]).
+    pub client_owned: Headers,
+    /// The request headers ended the request: no body follows (set by the stream; false,
+    /// "a body may follow", until it knows).
+    pub request_without_body: bool,
 }
 
 /// Header changes to send to Envoy for one direction. Envoy applies removals before
@@ -425,6 +433,27 @@ impl Exchange {
         if !m.remove.iter().any(|n| *n == *name) {
             m.remove.push(name.into_owned());
         }
+    }
+
+    /// The values of request header `name` as the client sent them, for policies reading a
+    /// credential: the client's values when the flow owns the header (they were taken out
+    /// of the request before the first step), else the request's current values.
+    pub fn client_header_values<'s: 'n, 'n>(
+        &'s self,
+        name: &'n str,
+    ) -> impl Iterator<Item = &'s str> + 'n {
+        let owned = self
+            .client_owned
+            .iter()
+            .any(|(n, _)| n.eq_ignore_ascii_case(name));
+        let from = if owned {
+            &self.client_owned
+        } else {
+            &self.request.headers
+        };
+        from.iter()
+            .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)
     }
 
     /// Replaces the body of `dir` (body-phase steps only).
@@ -551,18 +580,55 @@ impl Exchange {
         }
     }
 
-    /// The client address: Envoy's `source.address` attribute without the port, else the
-    /// first `x-forwarded-for` entry.
+    /// The client address (see [`Exchange::client_address`]), with the process's trusted hops.
     pub fn client_ip(&self) -> Option<&str> {
-        if let Some(a) = self.attributes.get("source.address") {
-            return Some(strip_port(a));
-        }
-        self.request
-            .headers
-            .get("x-forwarded-for")
-            .and_then(|v| v.split(',').next())
-            .map(str::trim)
+        self.client_address(XFF_TRUSTED_HOPS.load(Ordering::Relaxed))
     }
+
+    /// The client address: with `trusted_hops` 0 only Envoy's `source.address` attribute
+    /// (without the port), which a client cannot forge. With N > 0 (N proxies the operator
+    /// trusts each appended the address they saw to `X-Forwarded-For`, Envoy's
+    /// `xff_num_trusted_hops` convention), the Nth address from the right end of
+    /// `X-Forwarded-For`; the entries left of it are the client's to write and never used.
+    /// When there are fewer entries, or that one is not an IP address, `source.address`.
+    pub fn client_address(&self, trusted_hops: usize) -> Option<&str> {
+        if trusted_hops > 0 {
+            let entries: Vec<&str> = self
+                .request
+                .headers
+                .iter()
+                .filter(|(n, _)| n.eq_ignore_ascii_case("x-forwarded-for"))
+                .flat_map(|(_, v)| v.split(','))
+                .map(str::trim)
+                .collect();
+            if let Some(e) = entries
+                .len()
+                .checked_sub(trusted_hops)
+                .and_then(|i| entries.get(i))
+            {
+                if e.parse::<std::net::IpAddr>().is_ok() {
+                    return Some(e);
+                }
+            }
+        }
+        // Without the port, and an IPv6 address without its brackets, as X-Forwarded-For
+        // writes it: one client has one address whichever way it is learned.
+        self.attributes.get("source.address").map(|a| {
+            let host = strip_port(a);
+            host.strip_prefix('[')
+                .and_then(|h| h.strip_suffix(']'))
+                .unwrap_or(host)
+        })
+    }
+}
+
+/// How many proxies in front of Envoy append to `X-Forwarded-For` and are trusted
+/// (`tollgate serve --xff-trusted-hops`); 0 never reads the header.
+static XFF_TRUSTED_HOPS: AtomicUsize = AtomicUsize::new(0);
+
+/// Sets the trusted `X-Forwarded-For` hops for the process (once, at start).
+pub fn set_xff_trusted_hops(n: usize) {
+    XFF_TRUSTED_HOPS.store(n, Ordering::Relaxed);
 }
 
 #[cfg(test)]
@@ -606,6 +672,63 @@ mod tests {
         assert_eq!(ex.lookup("client_id").as_deref(), Some("abc"));
         assert_eq!(ex.lookup("ratelimit.q.remaining").as_deref(), Some("4"));
         assert_eq!(ex.lookup("client.ip").as_deref(), Some("10.1.2.3"));
+    }
+
+    #[test]
+    fn client_address_trusts_only_configured_hops() {
+        let mut ex = exchange();
+        ex.request
+            .headers
+            .push("x-forwarded-for".into(), "6.6.6.6, 1.1.1.1".into());
+        ex.request
+            .headers
+            .push("x-forwarded-for".into(), "2.2.2.2".into());
+        // No attribute and no trusted hop: unknown, never the client's header.
+        assert_eq!(ex.client_address(0), None);
+        ex.attributes
+            .insert("source.address".into(), "10.0.0.9:4242".into());
+        assert_eq!(ex.client_address(0), Some("10.0.0.9"));
+        // One trusted hop appended the last entry; two, the one before.
+        assert_eq!(ex.client_address(1), Some("2.2.2.2"));
+        assert_eq!(ex.client_address(2), Some("1.1.1.1"));
+        assert_eq!(ex.client_address(3), Some("6.6.6.6"));
+        // Fewer entries than trusted hops: the peer Envoy saw.
+        assert_eq!(ex.client_address(4), Some("10.0.0.9"));
+        ex.request
+            .headers
+            .set("x-forwarded-for", "not-an-ip".into());
+        assert_eq!(ex.client_address(1), Some("10.0.0.9"));
+        ex.request
+            .headers
+            .set("x-forwarded-for", "evil, 2001:db8::1".into());
+        assert_eq!(ex.client_address(1), Some("2001:db8::1"));
+        ex.attributes
+            .insert("source.address".into(), "[2001:db8::7]:4242".into());
+        assert_eq!(ex.client_address(0), Some("2001:db8::7"));
+    }
+
+    #[test]
+    fn client_header_values_prefer_the_claimed_ones() {
+        let mut ex = exchange();
+        ex.request
+            .headers
+            .push("authorization".into(), "Bearer client".into());
+        ex.client_owned
+            .push("authorization".into(), "Bearer client".into());
+        ex.request.headers.remove("authorization");
+        ex.set_header(Direction::Request, "authorization", "Bearer google".into());
+        assert_eq!(
+            ex.client_header_values("Authorization").collect::<Vec<_>>(),
+            ["Bearer client"]
+        );
+        assert_eq!(
+            ex.lookup("request.header.authorization").as_deref(),
+            Some("Bearer google")
+        );
+        assert_eq!(
+            ex.client_header_values("x-api-key").collect::<Vec<_>>(),
+            ["k1"]
+        );
     }
 
     #[test]

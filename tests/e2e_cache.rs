@@ -134,3 +134,81 @@ async fn response_cache_hits_replays_sse_and_keys_post_bodies() {
     })
     .await;
 }
+
+const SHARED_SAFELY: &str = r#"
+apiVersion: tollgate.dev/v1alpha1
+kind: Policy
+metadata: {name: cache}
+spec:
+  type: ResponseCache
+  ttlSeconds: 60
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: Policy
+metadata: {name: mark-public}
+spec:
+  type: AssignMessage
+  set: {headers: {cache-control: "public, max-age=60"}}
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: Flow
+metadata: {name: cached}
+spec:
+  default: true
+  request: [{policy: cache}]
+  response:
+  - policy: mark-public
+    condition: "request.headers['x-public'] == 'yes'"
+  - policy: cache
+"#;
+
+/// Issue 12 point 6: one site's entry never answers another host, and a response to a
+/// request with credentials is stored in a shared (global) cache only when the response
+/// says anyone may have it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_cache_keys_by_host_and_keeps_personal_answers() {
+    within(LIMIT, async {
+        let bed = TestBed::start(SHARED_SAFELY).await;
+        let seen = |p: &str| bed.upstream.seen_with_prefix(p).len();
+
+        let a = bed.get("/echo?h=1", &[("host", "a.example")]).await;
+        assert_eq!(a.header("cache-status"), Some("tollgate; fwd=miss; stored"));
+        let b = bed.get("/echo?h=1", &[("host", "b.example")]).await;
+        assert_eq!(
+            b.header("cache-status"),
+            Some("tollgate; fwd=miss; stored"),
+            "another host is another key"
+        );
+        let a2 = bed.get("/echo?h=1", &[("host", "A.EXAMPLE")]).await;
+        assert_eq!(a2.header("cache-status"), Some("tollgate; hit"));
+        assert_eq!(a2.body, a.body);
+        assert_eq!(seen("/echo?h=1"), 2);
+
+        // Alice's answer is not stored, so nobody else is served it.
+        let alice = bed
+            .get("/echo?c=1", &[("authorization", "Bearer alice")])
+            .await;
+        assert_eq!(alice.status, 200);
+        assert_eq!(alice.header("cache-status"), Some("tollgate; fwd=miss"));
+        let anon = bed.get("/echo?c=1", &[]).await;
+        assert_ne!(anon.header("cache-status"), Some("tollgate; hit"));
+        assert!(!anon.text().contains("Bearer alice"), "{}", anon.text());
+        let key = bed.get("/echo?c=2", &[("x-api-key", "k")]).await;
+        assert_eq!(key.header("cache-status"), Some("tollgate; fwd=miss"));
+
+        // Unless the response is public.
+        let public = bed
+            .get(
+                "/echo?c=3",
+                &[("authorization", "Bearer alice"), ("x-public", "yes")],
+            )
+            .await;
+        assert_eq!(
+            public.header("cache-status"),
+            Some("tollgate; fwd=miss; stored")
+        );
+        let again = bed.get("/echo?c=3", &[]).await;
+        assert_eq!(again.header("cache-status"), Some("tollgate; hit"));
+    })
+    .await;
+}

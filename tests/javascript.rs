@@ -183,6 +183,24 @@ fn limits_stop_runaway_scripts_and_name_the_limit() {
         "{}",
         f.message
     );
+    // Growing one array (its storage reallocated until the limit) names the limit too,
+    // not "failed: Null" (the engine could not allocate the error it meant to throw).
+    for source in [
+        "var a = []; for (;;) a.push(1);",
+        "var a = []; for (var i = 0; ; i++) a[i] = {i: i};",
+        "var a = [1]; for (;;) a = a.concat(a);",
+        "try { var a = []; for (;;) a.push(1); } catch (e) { throw e; }",
+    ] {
+        // A generous time limit: growing to the memory limit must be what stops it.
+        let yaml = serde_json::json!({"source": source, "timeLimitMs": 1000, "memoryLimitBytes": 4_194_304});
+        let p = build(&yaml.to_string()).unwrap_or_else(|e| panic!("{e}"));
+        let f = run(&p, &mut exchange()).unwrap_err();
+        assert!(
+            f.message.contains("memory limit of 4194304 bytes"),
+            "{source}: {}",
+            f.message
+        );
+    }
     let f = run(
         &script("var s = 'x'; while (true) s = s + s;"),
         &mut exchange(),

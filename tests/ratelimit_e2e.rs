@@ -887,3 +887,37 @@ async fn asynchronous_mirrors_are_capped_and_overflow_still_limits() {
         "identifier 1 has used its 3"
     );
 }
+
+/// The Redis script tells a refused rolling-window request when capacity returns (the
+/// end of the first slot whose leaving makes room), not the next slot's end; times are
+/// passed in, so the clock is the test's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_rolling_window_refusal_names_when_capacity_returns() {
+    let redis = Redis::start();
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    // Rolling window of 1000 ms (slots of 100 ms), 5 allowed.
+    async fn call(conn: &mut redis::aio::MultiplexedConnection, weight: u64, now: i64) -> Vec<i64> {
+        redis::Script::new(tollgate::ratelimit::redis::SCRIPT)
+            .key("tollgate:rl:{test}")
+            .arg("r")
+            .arg("ec")
+            .arg(weight)
+            .arg(5)
+            .arg(now)
+            .arg(1000)
+            .invoke_async(conn)
+            .await
+            .unwrap()
+    }
+    let c = &mut conn;
+    assert_eq!(call(c, 1, 0).await[0], 1);
+    for _ in 0..4 {
+        assert_eq!(call(c, 1, 450).await[0], 1);
+    }
+    assert_eq!(call(c, 1, 500).await, vec![0, 5, 1000]);
+    assert_eq!(call(c, 2, 500).await, vec![0, 5, 1400]);
+    assert_eq!(call(c, 2, 1399).await[0], 0);
+    assert_eq!(call(c, 2, 1400).await[0], 1);
+    assert_eq!(call(c, 9, 1400).await, vec![0, 2, 2400]);
+}

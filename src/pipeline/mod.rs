@@ -70,6 +70,14 @@ pub trait Policy: Send + Sync + fmt::Debug {
     /// [`Exchange::response_capture`]. Called on every response step; it can no longer
     /// change or reject the message.
     fn observe(&self, _ex: &mut Exchange, _dir: Direction, _body: &[u8]) {}
+
+    /// The request headers this step sets for the upstream when it runs on the request
+    /// (lower case). The flow removes the client's values of every one of them before any
+    /// step runs (see [`claim_owned_headers`]), so a client cannot supply one of them in
+    /// the step's place when the step is skipped, fails or cannot render a value.
+    fn owned_request_headers(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// A step of a flow: a policy plus when to run it.
@@ -88,6 +96,9 @@ pub struct DirectionPipeline {
     pub on_body: Vec<Step>,
     /// A body step may replace the body.
     pub replaces_body: bool,
+    /// Request headers some step of this pipeline sets for the upstream (sorted, each
+    /// once); empty for the response.
+    pub owned: Vec<String>,
 }
 
 impl DirectionPipeline {
@@ -97,6 +108,15 @@ impl DirectionPipeline {
             .iter()
             .position(|s| s.policy.needs_body(dir))
             .unwrap_or(steps.len());
+        let mut owned: Vec<String> = match dir {
+            Direction::Request => steps
+                .iter()
+                .flat_map(|s| s.policy.owned_request_headers())
+                .collect(),
+            Direction::Response => Vec::new(),
+        };
+        owned.sort();
+        owned.dedup();
         let mut on_headers = steps;
         let on_body = on_headers.split_off(split);
         let replaces_body = on_body.iter().any(|s| s.policy.replaces_body(dir));
@@ -104,6 +124,7 @@ impl DirectionPipeline {
             on_headers,
             on_body,
             replaces_body,
+            owned,
         }
     }
 
@@ -117,6 +138,32 @@ impl DirectionPipeline {
 
     pub fn steps(&self) -> impl Iterator<Item = &Step> {
         self.on_headers.iter().chain(self.on_body.iter())
+    }
+}
+
+/// Takes the client's values of the request headers the flow's steps set for the upstream
+/// (`request.owned`) out of the request, before any step runs: Envoy is told to remove
+/// them, and the exchange's view no longer shows them, so conditions, templates and the
+/// upstream only ever see the value a step set. The client's values are kept in
+/// [`Exchange::client_owned`] for the policies that read a credential the client sent
+/// (VerifyJwt's `Authorization` when a later step sets a Google token there, VerifyApiKey's
+/// key header): they read it through [`Exchange::client_header_values`].
+pub fn claim_owned_headers(request: &DirectionPipeline, ex: &mut Exchange) {
+    for name in &request.owned {
+        let sent: Vec<String> = ex
+            .request
+            .headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.to_owned())
+            .collect();
+        if sent.is_empty() {
+            continue;
+        }
+        for v in sent {
+            ex.client_owned.push(name.clone(), v);
+        }
+        ex.remove_header(Direction::Request, name);
     }
 }
 

@@ -298,6 +298,17 @@ impl Policy for AssignMessage {
         self.body.is_some()
     }
 
+    /// `set.headers` and the Google token's header. `add.headers` adds to what the
+    /// client sent, by definition, so it owns nothing.
+    fn owned_request_headers(&self) -> Vec<String> {
+        self.set
+            .iter()
+            .map(|(n, _)| n.clone())
+            .chain(self.google.iter().map(|g| g.header.clone()))
+            .filter(|n| !n.starts_with(':'))
+            .collect()
+    }
+
     fn run<'a>(&'a self, ex: &'a mut Exchange, dir: Direction) -> Outcome<'a> {
         for name in &self.remove {
             ex.remove_header(dir, name);
@@ -308,8 +319,10 @@ impl Policy for AssignMessage {
             }
         }
         for (name, t) in &self.set {
-            if let Some(v) = rendered(name, t, ex) {
-                ex.set_header(dir, name, v);
+            match rendered(name, t, ex) {
+                Some(v) => ex.set_header(dir, name, v),
+                // The header is this step's to set: no value from before it survives.
+                None => ex.remove_header(dir, name),
             }
         }
         for (name, t) in &self.variables {
@@ -375,10 +388,13 @@ assignVariables: {tier: "{request.header.x-flow}"}
             Outcome::Ready(Ok(()))
         ));
         let m = ex.take_mutations(Direction::Request);
-        assert_eq!(m.remove, ["x-debug"]);
+        assert_eq!(m.remove, ["x-debug", "x-bad"]);
         assert!(m.set.contains(&("x-trace".into(), "t-7".into(), true)));
         assert!(m.set.contains(&("x-flow".into(), "f1".into(), false)));
         assert!(!m.set.iter().any(|(n, _, _)| n == "x-bad"));
+        // A value that cannot be a header removes the header (it is the step's to set).
+        assert!(m.remove.contains(&"x-bad".to_string()), "{m:?}");
+        assert_eq!(p.owned_request_headers(), ["x-flow", "x-bad"]);
         assert_eq!(ex.lookup("tier").as_deref(), Some("f1"));
     }
 

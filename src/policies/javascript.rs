@@ -786,6 +786,13 @@ impl JavaScript {
             return RunError::Failed(e.to_string());
         };
         let v = ctx.catch();
+        // When the engine cannot even allocate its "out of memory" error (an array whose
+        // next growth does not fit) it throws null instead (QuickJS's JS_ThrowError2): a
+        // null exception is the memory limit. (A script throwing null itself is reported
+        // the same way; nothing tells the two apart.)
+        if v.is_null() {
+            return RunError::MemoryLimit;
+        }
         // A fault the script built: {status, code, message}.
         if let Some(o) = v.as_object().filter(|_| v.as_exception().is_none()) {
             if let Ok(status) = o.get::<_, f64>("status") {

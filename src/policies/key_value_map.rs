@@ -20,9 +20,11 @@
 //! Entries come from `KeyValueMap` documents (read from memory) and from the management API
 //! (read from the store, then cached). A file entry wins over a store entry of the same key
 //! and can be neither overwritten by a put nor removed by a delete (409 `FileDefined`). A
-//! value over 64 KiB is refused with 400 `InvalidValue`. A key that renders empty, too long
-//! or with control characters is refused (get: the variable stays unset; put and delete: a
-//! 400 `InvalidKey` fault).
+//! value over `maxValueBytes` (at most 64 KiB) is refused with 400 `InvalidValue`, a new
+//! key in a map holding `maxEntries` with 507 `MapFull`, and a store call slower than
+//! `storeTimeoutMs` fails with 503. A key with a part that renders empty, too long or with
+//! control characters is refused (get: the variable stays unset; put and delete: a 400
+//! `InvalidKey` fault). A template reading `{request.content}` runs the step on the body.
 //! Secret entries become variables like any other (templates need them) and are never logged.
 
 use std::sync::Arc;
@@ -58,7 +60,29 @@ struct Spec {
     put: Vec<PutSpec>,
     #[serde(default)]
     delete: Vec<KeySpec>,
+    /// Most entries a put may grow the map to.
+    #[serde(default = "default_max_entries")]
+    max_entries: usize,
+    /// Largest value a put may write (at most [`crate::kvm::MAX_VALUE_BYTES`]).
+    #[serde(default = "default_max_value")]
+    max_value_bytes: usize,
+    /// Longest wait for one store call.
+    #[serde(default = "default_store_timeout")]
+    store_timeout_ms: u64,
 }
+
+fn default_max_entries() -> usize {
+    10_000
+}
+fn default_max_value() -> usize {
+    crate::kvm::MAX_VALUE_BYTES
+}
+fn default_store_timeout() -> u64 {
+    500
+}
+
+/// How long a counted map size is trusted before the store is asked again.
+const COUNT_TTL: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
@@ -116,6 +140,13 @@ struct KeyValueMap {
     get: Vec<Get>,
     put: Vec<Put>,
     delete: Vec<Vec<Template>>,
+    max_entries: usize,
+    max_value: usize,
+    store_timeout: Duration,
+    /// Some template reads the message body (`{request.content}`, `{response.content}`).
+    reads_body: bool,
+    /// The map's entry count as last listed, and when (puts count up from it).
+    count: std::sync::Mutex<Option<(std::time::Instant, usize)>>,
 }
 
 const INVALID_KEY: &str = "steps.keyvaluemapoperations.InvalidKey";
@@ -123,6 +154,8 @@ const INVALID_KEY: &str = "steps.keyvaluemapoperations.InvalidKey";
 const INVALID_VALUE: &str = "steps.keyvaluemapoperations.InvalidValue";
 const UNAVAILABLE: &str = "steps.keyvaluemapoperations.StoreUnavailable";
 const FILE_DEFINED: &str = "steps.keyvaluemapoperations.FileDefined";
+/// A put of a new key into a map holding `maxEntries` entries.
+const MAP_FULL: &str = "steps.keyvaluemapoperations.MapFull";
 
 fn compile_key(field: &str, parts: &[String]) -> Result<Vec<Template>, SpecError> {
     if parts.is_empty() {
@@ -181,6 +214,25 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
         .enumerate()
         .map(|(i, d)| compile_key(&format!("delete[{i}].key"), &d.key))
         .collect::<Result<Vec<_>, _>>()?;
+    if spec.max_entries == 0 {
+        return Err(SpecError::new("maxEntries", "must be greater than 0"));
+    }
+    if spec.max_value_bytes == 0 || spec.max_value_bytes > crate::kvm::MAX_VALUE_BYTES {
+        return Err(SpecError::new(
+            "maxValueBytes",
+            format!("between 1 and {}", crate::kvm::MAX_VALUE_BYTES),
+        ));
+    }
+    if !(1..=60_000).contains(&spec.store_timeout_ms) {
+        return Err(SpecError::new("storeTimeoutMs", "between 1 and 60000"));
+    }
+    let reads_body = get
+        .iter()
+        .flat_map(|g| g.key.iter())
+        .chain(put.iter().flat_map(|p| p.key.iter().chain(std::iter::once(&p.value))))
+        .chain(delete.iter().flatten())
+        .flat_map(Template::variables)
+        .any(|v| v == "request.content" || v == "response.content");
     let cache = (spec.expiry_seconds > 0).then(|| {
         moka::sync::Cache::builder()
             .max_capacity(10_000)
@@ -195,12 +247,32 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
         get,
         put,
         delete,
+        max_entries: spec.max_entries,
+        max_value: spec.max_value_bytes,
+        store_timeout: Duration::from_millis(spec.store_timeout_ms),
+        reads_body,
+        count: std::sync::Mutex::new(None),
     }))
 }
 
 fn store_fault(e: StoreError) -> Fault {
     tracing::warn!(error = %e, "key-value map store error");
     Fault::new(503, UNAVAILABLE, "The key-value map store is unavailable")
+}
+
+/// A store call bounded by the policy's `storeTimeoutMs`: a slow store fails the step
+/// (503) instead of holding the request.
+async fn bounded<T>(
+    limit: Duration,
+    call: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, Fault> {
+    match tokio::time::timeout(limit, call).await {
+        Ok(r) => r.map_err(store_fault),
+        Err(_) => {
+            tracing::warn!(timeout_ms = limit.as_millis(), "key-value map store call timed out");
+            Err(Fault::new(503, UNAVAILABLE, "The key-value map store is unavailable"))
+        }
+    }
 }
 
 impl KeyValueMap {
@@ -214,7 +286,13 @@ impl KeyValueMap {
             if i > 0 {
                 key.push_str("__");
             }
-            key.push_str(&p.render(ex));
+            let part = p.render(ex);
+            // `[{tenant}, token]` without a tenant would be `__token`, one entry every
+            // tenant-less request shares: a missing part is no key.
+            if part.is_empty() {
+                return Err(format!("key part {} is empty", i + 1));
+            }
+            key.push_str(&part);
         }
         check_key(&key).map(|()| key)
     }
@@ -222,6 +300,49 @@ impl KeyValueMap {
     /// The running configuration's entry (file maps change with reloads, as data).
     fn file_entry(&self, key: &str) -> Option<KvmEntry> {
         self.services.kvms.file_entry(&self.map, key)
+    }
+
+    /// Refuses a put that would grow the map past `maxEntries`. The count is listed from
+    /// the store at most every [`COUNT_TTL`] and counted up by this policy's puts in
+    /// between (an overwrite counts too, until the next listing corrects it); only at the
+    /// limit is the key itself looked up, since overwriting an entry is always allowed.
+    async fn make_room(&self, store: &Arc<dyn crate::store::Store>, key: &str) -> Result<(), Fault> {
+        let cached = self
+            .count
+            .lock()
+            .ok()
+            .and_then(|c| *c)
+            .filter(|(at, _)| at.elapsed() < COUNT_TTL)
+            .map(|(_, n)| n);
+        let n = match cached {
+            Some(n) => n,
+            None => {
+                let n = bounded(self.store_timeout, store.list_kvm_entries(&self.map))
+                    .await?
+                    .len();
+                if let Ok(mut c) = self.count.lock() {
+                    *c = Some((std::time::Instant::now(), n));
+                }
+                n
+            }
+        };
+        if n >= self.max_entries
+            && bounded(self.store_timeout, store.get_kvm_entry(&self.map, key))
+                .await?
+                .is_none()
+        {
+            return Err(Fault::new(
+                507,
+                MAP_FULL,
+                format!("map {} holds its {} entries: no new key can be put", self.map, self.max_entries),
+            ));
+        }
+        if let Ok(mut c) = self.count.lock() {
+            if let Some((_, n)) = c.as_mut() {
+                *n = n.saturating_add(1);
+            }
+        }
+        Ok(())
     }
 
     fn cache_key(&self, key: &str) -> String {
@@ -237,10 +358,8 @@ impl KeyValueMap {
     async fn run_async(&self, ex: &mut Exchange, pending: Vec<(usize, String)>) -> Result<(), Fault> {
         let store = self.services.consumers.store().clone();
         for (i, key) in pending {
-            let entry = store
-                .get_kvm_entry(&self.map, &key)
-                .await
-                .map_err(store_fault)?
+            let entry = bounded(self.store_timeout, store.get_kvm_entry(&self.map, &key))
+                .await?
                 .map(Arc::new);
             if let Some(c) = &self.cache {
                 c.insert(self.cache_key(&key), entry.clone());
@@ -263,14 +382,19 @@ impl KeyValueMap {
             let value = p.value.render(ex);
             check_value(&value)
                 .map_err(|m| Fault::new(400, INVALID_VALUE, format!("put `{key}`: {m}")))?;
+            if value.len() > self.max_value {
+                return Err(Fault::new(
+                    400,
+                    INVALID_VALUE,
+                    format!("put `{key}`: a value must be at most {} bytes", self.max_value),
+                ));
+            }
+            self.make_room(&store, &key).await?;
             let entry = KvmEntry {
                 value,
                 secret: p.secret,
             };
-            store
-                .put_kvm_entry(&self.map, &key, &entry, None)
-                .await
-                .map_err(store_fault)?;
+            bounded(self.store_timeout, store.put_kvm_entry(&self.map, &key, &entry, None)).await?;
             if let Some(c) = &self.cache {
                 c.insert(self.cache_key(&key), Some(Arc::new(entry)));
             }
@@ -287,9 +411,18 @@ impl KeyValueMap {
                     format!("`{key}` is defined in the configuration of map {}", self.map),
                 ));
             }
-            match store.delete_kvm_entry(&self.map, &key).await {
-                Ok(()) | Err(StoreError::NotFound { .. }) => {}
-                Err(e) => return Err(store_fault(e)),
+            match tokio::time::timeout(self.store_timeout, store.delete_kvm_entry(&self.map, &key)).await {
+                Ok(Ok(()) | Err(StoreError::NotFound { .. })) => {}
+                Ok(Err(e)) => return Err(store_fault(e)),
+                Err(_) => {
+                    tracing::warn!("key-value map store call timed out");
+                    return Err(Fault::new(503, UNAVAILABLE, "The key-value map store is unavailable"));
+                }
+            }
+            if let Ok(mut c) = self.count.lock() {
+                if let Some((_, n)) = c.as_mut() {
+                    *n = n.saturating_sub(1);
+                }
             }
             if let Some(c) = &self.cache {
                 c.invalidate(&self.cache_key(&key));
@@ -302,6 +435,12 @@ impl KeyValueMap {
 impl Policy for KeyValueMap {
     fn type_name(&self) -> &'static str {
         TYPE
+    }
+
+    /// A key or value reading `{request.content}` runs the step on the body, so it works
+    /// without an earlier step asking for the body.
+    fn needs_body(&self, _dir: Direction) -> bool {
+        self.reads_body
     }
 
     fn run<'a>(&'a self, ex: &'a mut Exchange, _dir: Direction) -> Outcome<'a> {
@@ -410,9 +549,7 @@ mod tests {
             store.get_kvm_entry("creds", "f__ünï code/?").await.unwrap().unwrap().value,
             "v-ünï code/?"
         );
-        let mut e = ex("");
         let mut long = ex(&"x".repeat(600));
-        assert!(run(&put, &mut e).await.is_ok(), "flow prefix keeps it non-empty");
         assert_eq!(run(&put, &mut long).await.unwrap_err().code, INVALID_KEY);
 
         let overwrite_file = build(&c, serde_norway::from_str("map: creds\nput: [{key: [acme, token], value: x}]").unwrap()).unwrap();
@@ -498,6 +635,155 @@ mod tests {
         assert!(stored.secret);
     }
 
+    /// `[{tenant}, token]` without a tenant is no key: a put or delete is refused, a get
+    /// leaves its variable unset, and nothing lands on a shared `__token` (nor `f__`).
+    #[tokio::test]
+    async fn a_composite_key_with_a_missing_part_is_refused() {
+        let mut files = FileMaps::new();
+        files
+            .entry("creds".into())
+            .or_default()
+            .insert("__token".into(), KvmEntry { value: "shared".into(), secret: true });
+        let c = ctx(files);
+        let store = c.services.consumers.store().clone();
+        let spec = "map: creds\nput: [{key: ['{request.header.x-tenant}', token], value: v}]";
+        let put = build(&c, serde_norway::from_str(spec).unwrap()).unwrap();
+        let f = run(&put, &mut ex("")).await.unwrap_err();
+        assert_eq!((f.status, f.code.as_str()), (400, INVALID_KEY));
+        assert!(f.message.contains("key part 1 is empty"), "{}", f.message);
+        let flow = build(&c, serde_norway::from_str("map: creds\nscope: flow\nput: [{key: ['{request.header.x-tenant}'], value: v}]").unwrap()).unwrap();
+        assert_eq!(run(&flow, &mut ex("")).await.unwrap_err().code, INVALID_KEY);
+        assert!(store.list_kvm_entries("creds").await.unwrap().is_empty());
+        let del = build(&c, serde_norway::from_str("map: creds\ndelete: [{key: ['{request.header.x-tenant}', token]}]").unwrap()).unwrap();
+        assert_eq!(run(&del, &mut ex("")).await.unwrap_err().code, INVALID_KEY);
+        let get = build(&c, serde_norway::from_str("map: creds\nget: [{key: ['{request.header.x-tenant}', token], variable: t}]").unwrap()).unwrap();
+        let mut e = ex("");
+        run(&get, &mut e).await.unwrap();
+        assert_eq!(e.lookup("t"), None, "the shared entry is not read");
+    }
+
+    #[tokio::test]
+    async fn a_value_reading_the_body_runs_on_the_body() {
+        let c = ctx(FileMaps::new());
+        let put = build(&c, serde_norway::from_str("map: m\nput: [{key: [last], value: '{request.content}'}]").unwrap()).unwrap();
+        assert!(put.needs_body(Direction::Request));
+        let mut e = ex("a");
+        e.request_body = Some(b"prompt".to_vec());
+        run(&put, &mut e).await.unwrap();
+        let store = c.services.consumers.store().clone();
+        assert_eq!(store.get_kvm_entry("m", "last").await.unwrap().unwrap().value, "prompt");
+        let headers = build(&c, serde_norway::from_str("map: m\nput: [{key: [k], value: '{request.header.x-tenant}'}]").unwrap()).unwrap();
+        assert!(!headers.needs_body(Direction::Request));
+    }
+
+    #[tokio::test]
+    async fn puts_are_bounded_per_map() {
+        let c = ctx(FileMaps::new());
+        let store = c.services.consumers.store().clone();
+        let put = build(
+            &c,
+            serde_norway::from_str("map: m\nmaxEntries: 3\nmaxValueBytes: 8\nput: [{key: ['{request.header.x-tenant}'], value: v}]").unwrap(),
+        )
+        .unwrap();
+        for t in ["a", "b", "c"] {
+            run(&put, &mut ex(t)).await.unwrap();
+        }
+        let f = run(&put, &mut ex("d")).await.unwrap_err();
+        assert_eq!((f.status, f.code.as_str()), (507, MAP_FULL));
+        assert_eq!(store.list_kvm_entries("m").await.unwrap().len(), 3);
+        // Overwriting an entry of a full map is fine.
+        run(&put, &mut ex("b")).await.unwrap();
+        // Entries written elsewhere (another replica, the API) count once listed.
+        let other = build(&c, serde_norway::from_str("map: m\nmaxEntries: 3\nput: [{key: [e], value: v}]").unwrap()).unwrap();
+        store.delete_kvm_entry("m", "a").await.unwrap();
+        run(&other, &mut ex("x")).await.unwrap();
+        assert_eq!(run(&other, &mut ex("x")).await.map_err(|f| f.code), Ok(()), "an overwrite");
+        let big = build(&c, serde_norway::from_str("map: m\nmaxValueBytes: 8\nput: [{key: [k], value: '{request.header.x-tenant}'}]").unwrap()).unwrap();
+        let f = run(&big, &mut ex("123456789")).await.unwrap_err();
+        assert_eq!((f.status, f.code.as_str()), (400, INVALID_VALUE));
+        assert!(f.message.contains("at most 8 bytes"), "{}", f.message);
+        run(&big, &mut ex("12345678")).await.unwrap();
+    }
+
+    /// A store that answers key-value calls after `delay`.
+    #[derive(Debug)]
+    struct Slow {
+        inner: Arc<dyn crate::store::Store>,
+        delay: Duration,
+    }
+
+    #[async_trait::async_trait]
+    impl crate::store::Store for Slow {
+        fn kind(&self) -> &'static str {
+            "slow"
+        }
+        async fn snapshot(&self) -> Result<crate::store::Contents, StoreError> {
+            self.inner.snapshot().await
+        }
+        async fn get_product(&self, n: &str) -> Result<Option<crate::consumer::ApiProduct>, StoreError> {
+            self.inner.get_product(n).await
+        }
+        async fn put_product(&self, p: &crate::consumer::ApiProduct, m: Write) -> Result<(), StoreError> {
+            self.inner.put_product(p, m).await
+        }
+        async fn delete_product(&self, n: &str) -> Result<(), StoreError> {
+            self.inner.delete_product(n).await
+        }
+        async fn get_app(&self, n: &str) -> Result<Option<crate::consumer::App>, StoreError> {
+            self.inner.get_app(n).await
+        }
+        async fn put_app(&self, a: &crate::consumer::App, m: Write) -> Result<(), StoreError> {
+            self.inner.put_app(a, m).await
+        }
+        async fn delete_app(&self, n: &str) -> Result<(), StoreError> {
+            self.inner.delete_app(n).await
+        }
+        fn subscribe(&self) -> tokio::sync::broadcast::Receiver<crate::store::Change> {
+            self.inner.subscribe()
+        }
+        async fn get_kvm_entry(&self, map: &str, key: &str) -> Result<Option<KvmEntry>, StoreError> {
+            tokio::time::sleep(self.delay).await;
+            self.inner.get_kvm_entry(map, key).await
+        }
+        async fn put_kvm_entry(&self, map: &str, key: &str, e: &KvmEntry, m: Option<Write>) -> Result<(), StoreError> {
+            tokio::time::sleep(self.delay).await;
+            self.inner.put_kvm_entry(map, key, e, m).await
+        }
+        async fn delete_kvm_entry(&self, map: &str, key: &str) -> Result<(), StoreError> {
+            tokio::time::sleep(self.delay).await;
+            self.inner.delete_kvm_entry(map, key).await
+        }
+        async fn list_kvm_entries(&self, map: &str) -> Result<std::collections::BTreeMap<String, KvmEntry>, StoreError> {
+            tokio::time::sleep(self.delay).await;
+            self.inner.list_kvm_entries(map).await
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_store_times_out() {
+        use crate::consumer::service::Consumers;
+        let slow = Slow {
+            inner: Arc::new(crate::store::memory::MemoryStore::new()),
+            delay: Duration::from_secs(30),
+        };
+        let c = BuildContext {
+            name: "kvm".into(),
+            services: crate::services::Services::with_consumers(Consumers::new(Arc::new(slow))),
+            ..Default::default()
+        };
+        for spec in [
+            "map: m\nstoreTimeoutMs: 200\nput: [{key: [k], value: v}]",
+            "map: m\nstoreTimeoutMs: 200\nget: [{key: [k]}]",
+            "map: m\nstoreTimeoutMs: 200\ndelete: [{key: [k]}]",
+        ] {
+            let p = build(&c, serde_norway::from_str(spec).unwrap()).unwrap();
+            let start = tokio::time::Instant::now();
+            let f = run(&p, &mut ex("a")).await.unwrap_err();
+            assert_eq!((f.status, f.code.as_str()), (503, UNAVAILABLE), "{spec}");
+            assert!(start.elapsed() < Duration::from_secs(1), "{spec}: {:?}", start.elapsed());
+        }
+    }
+
     #[test]
     fn bad_specs() {
         let c = ctx(FileMaps::new());
@@ -506,6 +792,9 @@ mod tests {
             ("map: m", ""),
             ("map: m\nget: [{key: []}]", "get[0].key"),
             ("map: m\nget: [{key: [a], variable: request.x}]", "get[0].variable"),
+            ("map: m\nmaxEntries: 0\nget: [{key: [a]}]", "maxEntries"),
+            ("map: m\nmaxValueBytes: 70000\nget: [{key: [a]}]", "maxValueBytes"),
+            ("map: m\nstoreTimeoutMs: 0\nget: [{key: [a]}]", "storeTimeoutMs"),
         ] {
             let e = build(&c, serde_norway::from_str(y).unwrap()).unwrap_err();
             assert_eq!(e.field, field, "{y}: {e}");

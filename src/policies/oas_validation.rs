@@ -1610,7 +1610,9 @@ impl OasValidation {
                     .filter(|(k, _)| *k == p.name)
                     .map(|(_, v)| v.as_str())
                     .collect(),
-                In::Header => ex.request.headers.get(&p.name).into_iter().collect(),
+                // What the client sent, also for a header the flow owns (taken out of the
+                // request before the first step, see `pipeline::claim_owned_headers`).
+                In::Header => ex.client_header_values(&p.name).take(1).collect(),
                 In::Cookie => cookies
                     .iter()
                     .filter(|(k, _)| *k == p.name)

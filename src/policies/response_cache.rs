@@ -20,9 +20,12 @@
 //!   shared: {redis: "redis://127.0.0.1:6379/0", timeoutMs: 50}   # optional second tier
 //! ```
 //!
-//! The key is a SHA-256 over the prefix, scope, fragments (length-prefixed), method and, for
-//! methods with a body, a digest of the body: hostile input never reaches the cache's key
-//! space as is. A hit ends the exchange at once with an `ImmediateResponse`: the stored
+//! The key is a SHA-256 over the prefix, scope, host, fragments (length-prefixed), method
+//! and, for methods with a body, a digest of the body: hostile input never reaches the
+//! cache's key space as is. A response to a request with credentials (`Authorization`, a
+//! cookie, an API key, a verified `client_id`) is stored outside `scope: app` only when its
+//! `Cache-Control` allows a shared cache to (RFC 9111 §3.5: `public`, `s-maxage`,
+//! `must-revalidate`). A hit ends the exchange at once with an `ImmediateResponse`: the stored
 //! status, headers and body, plus `age` and the status header; it needs the request
 //! headers the response named in `Vary` to match and its content coding to be accepted
 //! (`Vary: *` is never stored). The response side never
@@ -377,6 +380,8 @@ struct ResponseCache {
     populate_var: String,
     /// Set when `skipLookup` sent the request upstream (`fwd=request`, not `fwd=miss`).
     bypass_var: String,
+    /// Set when the request carried credentials and the key is not per app.
+    credentialed_var: String,
 }
 
 pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Policy>, SpecError> {
@@ -468,6 +473,7 @@ fn build_cache(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Response
         key_var: format!("responsecache.{}.key", ctx.name),
         populate_var: format!("responsecache.{}.populate", ctx.name),
         bypass_var: format!("responsecache.{}.bypass", ctx.name),
+        credentialed_var: format!("responsecache.{}.credentialed", ctx.name),
     })
 }
 
@@ -569,6 +575,17 @@ fn freshness(cache_control: &str, event_stream: bool) -> Freshness {
     }
 }
 
+/// RFC 9111 §3.5: a shared cache may store a response to a request with `Authorization`
+/// only when its `Cache-Control` has `public`, `s-maxage` or `must-revalidate`.
+fn shareable_with_credentials(cache_control: &str) -> bool {
+    cache_control.split(',').any(|d| {
+        let name = d.split('=').next().unwrap_or_default().trim();
+        ["public", "s-maxage", "must-revalidate"]
+            .iter()
+            .any(|n| name.eq_ignore_ascii_case(n))
+    })
+}
+
 /// Whether `accept-encoding` allows every coding of `content-encoding` (RFC 9110 §12.5.3;
 /// a request without `accept-encoding` is only served identity, to be safe).
 fn accepts_encoding(accept: Option<&str>, content_encoding: &str) -> bool {
@@ -622,6 +639,10 @@ impl ResponseCache {
                 part(app.as_bytes());
             }
         }
+        // The host, as Envoy's virtual hosts compare it: one entry never answers another
+        // site behind the same gateway.
+        let host = ex.request.host.trim_end_matches('.').to_ascii_lowercase();
+        part(host.as_bytes());
         part(method.as_bytes());
         if self.fragments.is_empty() {
             part(ex.request.uri.as_bytes());
@@ -634,6 +655,30 @@ impl ResponseCache {
             part(&digest);
         }
         Some(h.finalize().into())
+    }
+
+    /// Whether the client sent credentials (RFC 9111 §3.5's `Authorization`, or an API key,
+    /// or a cookie) or a step verified who it is (`client_id`): its response may be for that
+    /// caller only.
+    fn credentialed(ex: &Exchange) -> bool {
+        const HEADERS: [&str; 6] = [
+            "authorization",
+            "proxy-authorization",
+            "cookie",
+            "x-api-key",
+            "api-key",
+            "x-goog-api-key",
+        ];
+        HEADERS
+            .iter()
+            .any(|h| ex.client_header_values(h).any(|v| !v.is_empty()))
+            || crate::vars::query_pairs_raw(ex.request.query_string()).any(|(k, _)| {
+                matches!(
+                    crate::vars::percent_decode(k).to_ascii_lowercase().as_str(),
+                    "key" | "apikey" | "api_key" | "api-key" | "access_token"
+                )
+            })
+            || ex.lookup("client_id").is_some_and(|c| !c.is_empty())
     }
 
     /// Whether `e` may answer this request: the headers it varies on match, and the
@@ -667,6 +712,9 @@ impl ResponseCache {
             return Outcome::Ready(Ok(()));
         };
         ex.set_var(self.key_var.clone(), hex(&key));
+        if self.scope != Scope::App && Self::credentialed(ex) {
+            ex.set_var(self.credentialed_var.clone(), true);
+        }
         if self.skip_lookup.as_ref().is_some_and(|c| c.eval(ex)) {
             ex.set_var(self.bypass_var.clone(), true);
             return Outcome::Ready(Ok(()));
@@ -725,9 +773,14 @@ impl ResponseCache {
             (200..500).contains(&status)
         };
         let event_stream = is_event_stream(resp);
+        let cache_control = all_values(&resp.headers, "cache-control");
         let forbidden = self.respect_cache_control
-            && freshness(&all_values(&resp.headers, "cache-control"), event_stream)
-                == Freshness::DoNotStore;
+            && freshness(&cache_control, event_stream) == Freshness::DoNotStore;
+        // A response to a request with credentials, in a cache not keyed by the caller, is
+        // stored only when the upstream says any caller may have it (RFC 9111 §3.5) — even
+        // with `respectCacheControl: false`.
+        let personal =
+            ex.vars.contains_key(&self.credentialed_var) && !shareable_with_credentials(&cache_control);
         // `Vary: *`: no later request can be known to match.
         let vary_any = all_values(&resp.headers, "vary")
             .split(',')
@@ -743,7 +796,10 @@ impl ResponseCache {
         } else {
             "tollgate; fwd=miss"
         };
-        if !cacheable_status || forbidden || vary_any || too_big || skip {
+        if personal {
+            tracing::debug!(policy = %self.name, "response to a request with credentials not stored: no public, s-maxage or must-revalidate, and scope is not app");
+        }
+        if !cacheable_status || forbidden || personal || vary_any || too_big || skip {
             ex.set_header(Direction::Response, &self.status_header, fwd.into());
             self.release(&key);
             return;
@@ -1061,9 +1117,12 @@ mod tests {
         miss(&p, &mut as_app(request("GET", "/s", None), "app1"), 200, &[], "one").await;
         assert_eq!(lookup(&p, &mut as_app(request("GET", "/s", None), "app2")).await, None);
         assert_eq!(lookup(&p, &mut as_app(request("GET", "/s", None), "app1")).await.unwrap(), b"one");
-        // Global: the same fragments are one key whoever asks.
+        // Global: the same fragments are one key whoever asks, so a response to a verified
+        // app is stored only when the upstream says anyone may have it (RFC 9111 §3.5).
         let p = policy("scope: global\nkeyFragments: ['{request.uri}']");
         miss(&p, &mut as_app(request("GET", "/s", None), "app1"), 200, &[], "one").await;
+        assert_eq!(lookup(&p, &mut as_app(request("GET", "/s", None), "app2")).await, None);
+        miss(&p, &mut as_app(request("GET", "/s", None), "app1"), 200, &[("cache-control", "public")], "one").await;
         assert_eq!(lookup(&p, &mut as_app(request("GET", "/s", None), "app2")).await.unwrap(), b"one");
         // Per flow.
         let p = policy("scope: flow");
@@ -1075,6 +1134,63 @@ mod tests {
         miss(&p, &mut in_flow("f1"), 200, &[], "f1").await;
         assert_eq!(lookup(&p, &mut in_flow("f2")).await, None);
         assert_eq!(lookup(&p, &mut in_flow("f1")).await.unwrap(), b"f1");
+    }
+
+    #[tokio::test]
+    async fn responses_to_credentialed_requests_are_stored_only_when_allowed() {
+        let p = policy("{}");
+        let with = |h: &str, v: &str, uri: &str| {
+            let mut ex = request("GET", uri, None);
+            ex.request.headers.push(h.into(), v.into());
+            ex
+        };
+        // Authorization, an API key header or query parameter, a cookie: not stored...
+        for (i, (h, v, q)) in [
+            ("authorization", "Bearer alice", ""),
+            ("x-api-key", "k", ""),
+            ("cookie", "s=1", ""),
+            ("x-other", "1", "?api_key=k"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let uri = format!("/p{i}{q}");
+            miss(&p, &mut with(h, v, &uri), 200, &[("cache-control", "max-age=60")], "alice").await;
+            assert_eq!(lookup(&p, &mut request("GET", &uri, None)).await, None, "{h}");
+        }
+        // ...unless the response allows it: public, s-maxage, must-revalidate.
+        for (i, cc) in ["public, max-age=60", "s-maxage=60", "must-revalidate"].into_iter().enumerate() {
+            let uri = format!("/ok{i}");
+            miss(&p, &mut with("authorization", "Bearer alice", &uri), 200, &[("cache-control", cc)], "shared").await;
+            assert_eq!(lookup(&p, &mut request("GET", &uri, None)).await.unwrap(), b"shared", "{cc}");
+        }
+        // Even with respectCacheControl off.
+        let lax = policy("respectCacheControl: false");
+        miss(&lax, &mut with("authorization", "Bearer alice", "/lax"), 200, &[], "alice").await;
+        assert_eq!(lookup(&lax, &mut request("GET", "/lax", None)).await, None);
+        // The client's Authorization counts when the flow took it out of the view.
+        let mut ex = request("GET", "/owned", None);
+        ex.client_owned.push("authorization".into(), "Bearer alice".into());
+        miss(&p, &mut ex, 200, &[], "alice").await;
+        assert_eq!(lookup(&p, &mut request("GET", "/owned", None)).await, None);
+        // Per-app scope keys by the caller: stored.
+        let per_app = policy("scope: app");
+        let mut ex = as_app(with("authorization", "Bearer alice", "/app"), "app1");
+        miss(&per_app, &mut ex, 200, &[], "app1's").await;
+        assert_eq!(lookup(&per_app, &mut as_app(request("GET", "/app", None), "app1")).await.unwrap(), b"app1's");
+    }
+
+    #[tokio::test]
+    async fn the_key_includes_the_host() {
+        let p = policy("keyFragments: ['{request.path}']");
+        let at = |host: &str| {
+            let mut ex = request("GET", "/h", None);
+            ex.request.host = host.into();
+            ex
+        };
+        miss(&p, &mut at("a.example"), 200, &[], "site a").await;
+        assert_eq!(lookup(&p, &mut at("b.example")).await, None);
+        assert_eq!(lookup(&p, &mut at("A.Example.")).await.unwrap(), b"site a");
     }
 
     #[tokio::test]

@@ -568,7 +568,16 @@ impl ServiceCallout {
                 Ok(resp) => Ok(resp),
                 Err(HttpError::Timeout(d)) => Err(Failure(504, "ExecutionFailed", "timeout", format!("callout timed out after {} ms", d.as_millis()))),
                 Err(HttpError::TooLarge(n)) => Err(Failure(502, "ResponseTooLarge", "error", format!("callout response larger than {n} bytes"))),
-                Err(e @ (HttpError::Connect(_) | HttpError::Failed(_))) => Err(Failure(502, "ExecutionFailed", "error", format!("callout {e}"))),
+                // The cause (a DNS name that does not resolve, a refused address, a TLS
+                // error) is for the operator's log: the client learns only that the call failed.
+                Err(e @ HttpError::Connect(_)) => {
+                    tracing::warn!(policy = %self.name, error = %e, attempts = attempt + 1, "service callout could not connect");
+                    Err(Failure(502, "ExecutionFailed", "error", "callout connect failed".into()))
+                }
+                Err(e @ HttpError::Failed(_)) => {
+                    tracing::warn!(policy = %self.name, error = %e, attempts = attempt + 1, "service callout request failed");
+                    Err(Failure(502, "ExecutionFailed", "error", "callout request failed".into()))
+                }
             };
         }
     }

@@ -16,13 +16,14 @@
 //!   modelFromBody: true     # run on the request body, read its top-level JSON `model`
 //! ```
 //!
-//! Products whose operations list `models` need the request's model. It is the `model`
-//! template's value; when that is empty and the step runs with the request body (it comes
-//! after a step that needs the body, or `modelFromBody: true` asks for it), the body's
-//! top-level JSON `model` string. Envoy sends the request body only after the headers, and
-//! only when asked, so on the headers alone no model is known: such a request is refused
-//! with `oauth.v2.InvalidApiKeyForGivenResource` and a message saying the model is unknown,
-//! and a warning names the fix.
+//! Products whose operations list `models` are checked against every model the request
+//! names ([`VerifyApiKey::request_models`]): the body's top-level JSON `model` (when the step
+//! runs with the body: it comes after a step that needs the body, or `modelFromBody: true`
+//! asks for it), a Gemini/Vertex path's `models/{model}:method`, and the `model` template's
+//! value in addition. A body that may follow unread leaves the template alone deciding nothing, so
+//! a header cannot stand in for a body naming another model. With no model known such a
+//! request is refused with `oauth.v2.InvalidApiKeyForGivenResource` and a message saying
+//! the model is unknown, and a warning names the fix.
 //!
 //! On success it sets `client_id`, `app.name`, `developer.email`, `apiproduct.name`,
 //! `apiproduct.quota.{limit,interval,timeunit}`, `apiproduct.llmquota.{...}`,
@@ -279,16 +280,43 @@ enum Found<'a> {
 }
 
 impl VerifyApiKey {
+    /// The models the request names, as the upstream reads them: the `model` template's
+    /// value, the model in a Gemini/Vertex path (`.../models/{model}:generateContent`) and
+    /// the top-level JSON `model` of the body, each once, in that order. When a body may
+    /// follow that this step has not read (it runs on the headers, or the body was cut at
+    /// Envoy's buffer limit) and the path names no model, the template cannot stand in for
+    /// the body: no model is known, and a product that lists models refuses.
+    fn request_models(&self, ex: &Exchange) -> Vec<String> {
+        let mut models: Vec<String> = Vec::new();
+        let mut push = |m: String| {
+            if !m.is_empty() && !models.contains(&m) {
+                models.push(m);
+            }
+        };
+        let path = path_model(ex.request.path());
+        let truncated = ex
+            .lookup("request.body.truncated")
+            .is_some_and(|v| v == "true");
+        let body_unread = (ex.request_body.is_none() && !ex.request_without_body) || truncated;
+        if body_unread && path.is_none() {
+            return models;
+        }
+        push(self.model.render(ex));
+        if let Some(m) = path {
+            push(m);
+        }
+        if let Some(m) = ex.request_body.as_deref().and_then(body_model) {
+            push(m);
+        }
+        models
+    }
+
     fn find_key<'a>(&self, ex: &'a Exchange) -> Found<'a> {
         for source in &self.key_from {
             match source {
                 KeyFrom::Header(h) => {
-                    let mut values = ex
-                        .request
-                        .headers
-                        .iter()
-                        .filter(|(n, _)| n.eq_ignore_ascii_case(h));
-                    if let Some((_, v)) = values.next() {
+                    let mut values = ex.client_header_values(h);
+                    if let Some(v) = values.next() {
                         if values.next().is_some() {
                             return Found::Twice;
                         }
@@ -342,22 +370,20 @@ impl VerifyApiKey {
         if key.len() > MAX_KEY_LEN || key.bytes().any(|b| !b.is_ascii_graphic()) {
             return Err(unauthorized("oauth.v2.InvalidApiKey", "Invalid ApiKey"));
         }
-        let model = self.model.render(ex);
-        let model = if model.is_empty() {
-            ex.request_body.as_deref().and_then(body_model)
-        } else {
-            Some(model)
-        };
-        let verified = self
-            .consumers
-            .index_guard()
-            .verify_at(
-                key,
-                &ex.request.method,
-                ex.request.path(),
-                model.as_deref(),
-                now_ms,
-            )
+        let models = self.request_models(ex);
+        let guard = self.consumers.index_guard();
+        let (method, path) = (ex.request.method.as_str(), ex.request.path());
+        // Every model the request names must be allowed; the last checked (the body's, else
+        // the path's) decides the product.
+        let mut verified = guard.verify_at(key, method, path, models.first().map(String::as_str), now_ms);
+        for m in models.iter().skip(1) {
+            if verified.is_err() {
+                break;
+            }
+            verified = guard.verify_at(key, method, path, Some(m), now_ms);
+        }
+        drop(guard);
+        let verified = verified
             .map_err(|r| match r {
                 Refusal::UnknownKey => unauthorized("oauth.v2.InvalidApiKey", "Invalid ApiKey"),
                 Refusal::KeyRevoked => {
@@ -387,8 +413,9 @@ impl VerifyApiKey {
                             policy = %self.prefix.trim_end_matches('.'),
                             body_seen = ex.request_body.is_some(),
                             "a product allows this operation only for listed models, but the request's model is unknown: \
-                             set `modelFromBody: true` on VerifyApiKey (the request body is then buffered), \
-                             or a `model:` template, or send a JSON body with a top-level `model`"
+                             set `modelFromBody: true` on VerifyApiKey (the request body is then buffered) \
+                             and send a JSON body with a top-level `model` (a `model:` template decides only \
+                             for requests without a body)"
                         );
                     }
                     unauthorized(
@@ -418,7 +445,11 @@ impl VerifyApiKey {
                 Identity::Product => &verified.product.spec.name,
                 Identity::Developer => &verified.app.developer_email,
             };
-            ex.set_header(Direction::Request, h, v.clone());
+            if crate::policies::valid_header_value(v) {
+                ex.set_header(Direction::Request, h, v.clone());
+            } else {
+                ex.remove_header(Direction::Request, h);
+            }
         }
         ex.add_source(Box::new(VerifiedVars {
             prefix: Arc::clone(&self.prefix),
@@ -441,6 +472,19 @@ fn body_model(body: &[u8]) -> Option<String> {
         .model
         .filter(|m| !m.is_empty())
         .map(Cow::into_owned)
+}
+
+/// The model of a Gemini or Vertex AI path: the last segment is `{model}:{method}` and the
+/// one before it `models` (`/v1beta/models/gemini-2.0-flash:generateContent`,
+/// `.../publishers/google/models/gemini-1.5-pro:streamGenerateContent`), percent-decoded.
+fn path_model(path: &str) -> Option<String> {
+    let mut segments = path.rsplit('/');
+    let last = crate::vars::percent_decode(segments.next()?);
+    if segments.next()? != "models" {
+        return None;
+    }
+    let (model, _method) = last.split_once(':')?;
+    (!model.is_empty()).then(|| model.to_owned())
 }
 
 /// `uri` without the query parameter `name` (percent-decoded name match), or `None` when
@@ -476,6 +520,15 @@ impl Policy for VerifyApiKey {
 
     fn needs_body(&self, dir: Direction) -> bool {
         self.model_from_body && dir == Direction::Request
+    }
+
+    /// The identity headers: only a verified key may name the caller to the upstream.
+    fn owned_request_headers(&self) -> Vec<String> {
+        self.identity
+            .iter()
+            .map(|(h, _)| h.clone())
+            .filter(|h| !h.starts_with(':'))
+            .collect()
     }
 
     fn run<'a>(&'a self, ex: &'a mut Exchange, _dir: Direction) -> Outcome<'a> {
@@ -520,11 +573,18 @@ mod tests {
         let gated = ApiProduct {
             name: "gated".into(),
             description: String::new(),
-            operations: vec![Operation {
-                path: "/v1/responses".into(),
-                methods: vec!["POST".into()],
-                models: vec!["gpt-4o".into()],
-            }],
+            operations: vec![
+                Operation {
+                    path: "/v1/responses".into(),
+                    methods: vec!["POST".into()],
+                    models: vec!["gpt-4o".into()],
+                },
+                Operation {
+                    path: "/v1beta/models/{model}:generateContent".into(),
+                    methods: vec!["POST".into()],
+                    models: vec!["gemini-2.0-flash".into()],
+                },
+            ],
             quota: None,
             llm_token_quota: None,
             approval_type: Default::default(),
@@ -767,11 +827,67 @@ mod tests {
         assert!(p.needs_body(Direction::Request));
         assert!(!p.needs_body(Direction::Response));
         body(&p, Some(r#"{"model":"gpt-4o"}"#)).unwrap();
-        // A `model` template wins over the body.
+        // A `model` template cannot stand in for a body naming another model: every model
+        // the request names must be allowed.
         let p = policy("{model: '{request.header.x-model}'}");
         let mut e = ex("POST", "/v1/responses", &[key[0], ("x-model", "gpt-4o")]);
         e.request_body = Some(br#"{"model":"gpt-3"}"#.to_vec());
+        let f = run(&p, &mut e).unwrap_err();
+        assert_eq!(f.code, "oauth.v2.InvalidApiKeyForGivenResource");
+        let mut e = ex("POST", "/v1/responses", &[key[0], ("x-model", "gpt-3")]);
+        e.request_body = Some(br#"{"model":"gpt-4o"}"#.to_vec());
+        assert!(run(&p, &mut e).is_err(), "the template's model is checked too");
+        let mut e = ex("POST", "/v1/responses", &[key[0], ("x-model", "gpt-4o")]);
+        e.request_body = Some(br#"{"model":"gpt-4o"}"#.to_vec());
         run(&p, &mut e).unwrap();
+        // On the headers, with a body still to come, the header decides nothing.
+        let mut e = ex("POST", "/v1/responses", &[key[0], ("x-model", "gpt-4o")]);
+        let f = run(&p, &mut e).unwrap_err();
+        assert!(f.message.contains("model is unknown"), "{}", f.message);
+        // A body cut at Envoy's buffer limit is a body not read.
+        let mut e = ex("POST", "/v1/responses", &[key[0], ("x-model", "gpt-4o")]);
+        e.request_body = Some(br#"{"messages": ["#.to_vec());
+        e.set_var("request.body.truncated", true);
+        assert!(run(&p, &mut e).is_err());
+        // A request without a body: the template is all there is.
+        let mut e = ex("POST", "/v1/responses", &[key[0], ("x-model", "gpt-4o")]);
+        e.request_without_body = true;
+        run(&p, &mut e).unwrap();
+    }
+
+    #[test]
+    fn gemini_models_are_read_from_the_path() {
+        assert_eq!(
+            path_model("/v1beta/models/gemini-2.0-flash:generateContent").as_deref(),
+            Some("gemini-2.0-flash")
+        );
+        assert_eq!(
+            path_model("/v1/projects/p/locations/l/publishers/google/models/gemini-1.5-pro%3AstreamGenerateContent")
+                .as_deref(),
+            Some("gemini-1.5-pro")
+        );
+        assert_eq!(path_model("/v1/models/gpt-4o"), None);
+        assert_eq!(path_model("/v1/chat/completions"), None);
+        assert_eq!(path_model("/models/:x"), None);
+        assert_eq!(path_model(""), None);
+        let key = [("x-api-key", "secret-key-0123456789")];
+        let p = policy("{model: '{request.header.x-model}'}");
+        let path = |m: &str| format!("/v1beta/models/{m}:generateContent");
+        // On the headers alone (the body names no model for Gemini).
+        run(&p, &mut ex("POST", &path("gemini-2.0-flash"), &key)).unwrap();
+        let f = run(&p, &mut ex("POST", &path("gemini-2.5-pro"), &key)).unwrap_err();
+        assert_eq!(f.code, "oauth.v2.InvalidApiKeyForGivenResource");
+        // A header naming an allowed model does not make another path model allowed.
+        let f = run(
+            &p,
+            &mut ex("POST", &path("gemini-2.5-pro"), &[key[0], ("x-model", "gemini-2.0-flash")]),
+        )
+        .unwrap_err();
+        assert_eq!(f.code, "oauth.v2.InvalidApiKeyForGivenResource");
+        // Nor does a body naming one.
+        let mut e = ex("POST", &path("gemini-2.5-pro"), &key);
+        e.request_body = Some(br#"{"model":"gemini-2.0-flash"}"#.to_vec());
+        assert!(run(&p, &mut e).is_err());
     }
 
     #[test]

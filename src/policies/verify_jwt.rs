@@ -503,7 +503,7 @@ impl VerifyJwt {
         for source in &self.token_from {
             match source {
                 TokenFrom::Header { name, scheme } => {
-                    let Some(v) = ex.request.headers.get(name) else {
+                    let Some(v) = ex.client_header_values(name).next() else {
                         continue;
                     };
                     let v = v.trim();

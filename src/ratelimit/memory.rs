@@ -113,6 +113,22 @@ impl Rolling {
     fn next_drop(&self) -> i64 {
         (self.head + 1).saturating_mul(self.slot_len)
     }
+
+    /// When `weight` more fits under `allow` again: the end of the first slot, oldest
+    /// first, whose counts leaving bring the sum low enough. The next slot's end is only
+    /// right when the oldest slot alone frees enough; telling a refused client that makes
+    /// it retry into refusals. A weight larger than `allow` never fits: when everything
+    /// counted now has left.
+    fn fits_again(&self, weight: u64, allow: u64) -> i64 {
+        let mut left = self.sum();
+        for i in self.head - ROLLING_SLOTS + 1..=self.head {
+            left = left.saturating_sub(self.counts[i.rem_euclid(ROLLING_SLOTS) as usize]);
+            if left.saturating_add(weight) <= allow {
+                return (i + ROLLING_SLOTS).saturating_mul(self.slot_len);
+            }
+        }
+        (self.head + ROLLING_SLOTS).saturating_mul(self.slot_len)
+    }
 }
 
 impl Slot {
@@ -272,7 +288,11 @@ impl MemoryCounters {
                 Decision {
                     allowed,
                     used: r.sum(),
-                    expiry: r.next_drop(),
+                    expiry: if allowed {
+                        r.next_drop()
+                    } else {
+                        r.fits_again(ask.weight, ask.allow)
+                    },
                     degraded: false,
                 }
             }
@@ -623,6 +643,42 @@ mod tests {
                 .used,
             1
         );
+    }
+
+    #[test]
+    fn a_refused_rolling_request_is_told_when_capacity_returns() {
+        let c = MemoryCounters::new(100);
+        let w = Window::Rolling { len: 1000 };
+        // Slots of 100 ms: one request at 0, four at 450.
+        assert!(c.apply(&ask(7, w, 5, 1, Mode::EnforceAndCount, 0)).allowed);
+        for _ in 0..4 {
+            assert!(
+                c.apply(&ask(7, w, 5, 1, Mode::EnforceAndCount, 450))
+                    .allowed
+            );
+        }
+        // At 500 the window is full. One more fits once the request at 0 has left (1000);
+        // two more only once the four at 450 (slot 400..500) have left (1400), not at the
+        // next slot's end (600).
+        let d = c.apply(&ask(7, w, 5, 1, Mode::EnforceAndCount, 500));
+        assert!(!d.allowed);
+        assert_eq!(d.expiry, 1000);
+        let d = c.apply(&ask(7, w, 5, 2, Mode::EnforceAndCount, 500));
+        assert!(!d.allowed);
+        assert_eq!(d.expiry, 1400, "{d:?}");
+        // Retrying at the time announced is admitted; a moment before is not.
+        assert!(
+            !c.apply(&ask(7, w, 5, 2, Mode::EnforceAndCount, 1399))
+                .allowed
+        );
+        assert!(
+            c.apply(&ask(7, w, 5, 2, Mode::EnforceAndCount, 1400))
+                .allowed
+        );
+        // A weight above the limit never fits: the answer is when everything has left.
+        let d = c.apply(&ask(7, w, 5, 9, Mode::EnforceAndCount, 1400));
+        assert!(!d.allowed);
+        assert_eq!(d.expiry, 2400);
     }
 
     #[test]

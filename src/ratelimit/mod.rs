@@ -215,7 +215,9 @@ pub struct Decision {
     pub allowed: bool,
     /// Count in the window after this decision.
     pub used: u64,
-    /// When the count next drops (window end; for a rolling window the next slot's end).
+    /// When the count next drops (window end; for a rolling window the next slot's end, or,
+    /// for a refusal, the end of the first slot whose leaving makes room for the weight:
+    /// when a retry is admitted).
     pub expiry: i64,
     /// Counted locally because the shared store was down (fail open).
     pub degraded: bool,

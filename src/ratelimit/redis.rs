@@ -68,7 +68,7 @@ const BATCH: usize = 1000;
 pub const SCRIPT: &str = r"
 local t, mode = ARGV[1], ARGV[2]
 local w, allow, now, a = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local used, expiry, cur, slot = 0, 0, 0, 1
+local used, expiry, cur, slot, counts = 0, 0, 0, 1, {}
 if t == 'f' then
   used = tonumber(redis.call('GET', KEYS[1]) or '0')
   expiry = a
@@ -86,8 +86,10 @@ else
   cur = math.floor(now / slot)
   local all = redis.call('HGETALL', KEYS[1])
   for i = 1, #all, 2 do
-    if tonumber(all[i]) > cur - 10 then
-      used = used + tonumber(all[i + 1])
+    local k = tonumber(all[i])
+    if k > cur - 10 then
+      counts[k] = tonumber(all[i + 1])
+      used = used + counts[k]
     else
       redis.call('HDEL', KEYS[1], all[i])
     end
@@ -97,6 +99,18 @@ end
 local allowed = 1
 if mode ~= 'c' and used + w > allow then
   allowed = 0
+  if t == 'r' then
+    -- Refused: when enough of the oldest slots have left for this weight to fit.
+    expiry = (cur + 10) * slot
+    local left = used
+    for k = cur - 9, cur do
+      left = left - (counts[k] or 0)
+      if left + w <= allow then
+        expiry = (k + 10) * slot
+        break
+      end
+    end
+  end
 end
 if allowed == 1 and mode ~= 'e' and w > 0 then
   used = used + w

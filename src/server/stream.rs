@@ -276,6 +276,7 @@ impl StreamState {
             self.req.body_done = true;
         }
         self.ex.request = RequestInfo::from_headers(proto::headers_from(h.headers));
+        self.ex.request_without_body = h.end_of_stream;
         let named = proto::flow_from_metadata(metadata);
         let selected = match self.snap.select(named.as_deref(), &self.ex.request) {
             Ok(selected) => selected,
@@ -308,6 +309,7 @@ impl StreamState {
         flow.metrics.requests.inc();
         self.ex.flow.clone_from(&flow.name);
         self.flow = Some(flow.clone());
+        crate::pipeline::claim_owned_headers(&flow.request, &mut self.ex);
 
         if let Err(f) = run_steps(&flow.request.on_headers, &mut self.ex, Direction::Request).await
         {

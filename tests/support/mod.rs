@@ -752,6 +752,8 @@ impl EnvoyOptions {
                         "typed_config": {
                             "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
                             "stat_prefix": "ingress_http",
+                            // `source.address` is the peer, not X-Forwarded-For's last entry.
+                            "use_remote_address": true,
                             "route_config": {"virtual_hosts": [{
                                 "name": "e2e",
                                 "domains": ["*"],
