@@ -36,6 +36,11 @@
 #   benches/grpc-compare.sh
 #   MIX=headers TARGETS="empty limits limits-sync limits-async" benches/grpc-compare.sh
 #   MIX=body TARGETS="empty oas" benches/grpc-compare.sh
+#   BASE_BIN=/path/to/older/tollgate TARGETS="empty empty-base verify-bare verify-bare-base" \
+#     benches/grpc-compare.sh
+# BASE_BIN: a second tollgate binary (an older build) served the same configuration; each
+# target named `<target>-base` runs `<target>` against it, and `<target>` is also printed as
+# a ratio to `<target>-base`, so a change is measured before/after in one run.
 # Environment: DURATION=5 (seconds per run), ROUNDS=3, MIX="headers body sse",
 #              CONCURRENCY=32, CONNECTIONS=2,
 #              TARGETS="floor empty three verify verify-bare cache limits limits-full limits-sync
@@ -113,6 +118,14 @@ if [[ " $TARGETS " == *" limits-sync "* || " $TARGETS " == *" limits-async "* ]]
     if [ "$sync" = sync ]; then SYNC_PORT=$port; SYNC_PID=$pid; else ASYNC_PORT=$port; ASYNC_PID=$pid; fi
   done
 fi
+if [[ " $TARGETS " == *"-base "* ]]; then
+  [ -x "${BASE_BIN:-}" ] || { echo "targets *-base need BASE_BIN (an older tollgate binary)" >&2; exit 1; }
+  BASE_PORT=$(free_port); BASE_ADMIN=$(free_port)
+  RUST_LOG=warn "$BASE_BIN" serve --config "$CONF" --store memory --grpc-addr "127.0.0.1:$BASE_PORT" \
+    --admin-addr "127.0.0.1:$BASE_ADMIN" >/dev/null 2>&1 & BASE_PID=$!; PIDS+=($BASE_PID)
+  for _ in $(seq 100); do curl -sf "http://127.0.0.1:$BASE_ADMIN/readyz" >/dev/null && break; sleep 0.1; done
+  curl -sf "http://127.0.0.1:$BASE_ADMIN/readyz" >/dev/null || { echo "BASE_BIN tollgate did not start" >&2; exit 1; }
+fi
 sleep 1
 echo "tollgate idle RSS: $(awk '/VmRSS/ {print $2, $3}' /proc/$TG_PID/status)"
 
@@ -148,21 +161,24 @@ for mix in $MIX; do
     k=$(( (round - 1) % ${#TLIST[@]} ))
     for t in "${TLIST[@]:k}" "${TLIST[@]:0:k}"; do
       [ "$t" = oas ] && [ "$mix" != body ] && continue # the OpenAI operation requires its body
-      case $t in
+      # `<target>-base`: the same request against BASE_BIN's process.
+      pid=$TG_PID port=$TG_PORT
+      if [[ "$t" == *-base ]]; then pid=$BASE_PID port=$BASE_PORT; fi
+      case ${t%-base} in
         floor) out=$(run "$FLOOR_PID" "$FLOOR_PORT" /v1/chat/completions "$mix") ;;
-        empty) out=$(run "$TG_PID" "$TG_PORT" /empty/v1/chat/completions "$mix") ;;
-        three) out=$(run "$TG_PID" "$TG_PORT" /three/v1/chat/completions "$mix") ;;
-        verify) out=$(run "$TG_PID" "$TG_PORT" /verify/v1/chat/completions "$mix" --header "x-api-key:$BENCH_KEY") ;;
-        verify-bare) out=$(run "$TG_PID" "$TG_PORT" /verify-bare/v1/chat/completions "$mix" --header "x-api-key:$BENCH_KEY") ;;
-        limits) out=$(run "$TG_PID" "$TG_PORT" /limits/v1/chat/completions "$mix" --header "x-api-key:$BENCH_KEY") ;;
-        limits-full) out=$(run "$TG_PID" "$TG_PORT" /limits-full/v1/chat/completions "$mix" --header "x-api-key:$BENCH_KEY") ;;
+        empty) out=$(run "$pid" "$port" /empty/v1/chat/completions "$mix") ;;
+        three) out=$(run "$pid" "$port" /three/v1/chat/completions "$mix") ;;
+        verify) out=$(run "$pid" "$port" /verify/v1/chat/completions "$mix" --header "x-api-key:$BENCH_KEY") ;;
+        verify-bare) out=$(run "$pid" "$port" /verify-bare/v1/chat/completions "$mix" --header "x-api-key:$BENCH_KEY") ;;
+        limits) out=$(run "$pid" "$port" /limits/v1/chat/completions "$mix" --header "x-api-key:$BENCH_KEY") ;;
+        limits-full) out=$(run "$pid" "$port" /limits-full/v1/chat/completions "$mix" --header "x-api-key:$BENCH_KEY") ;;
         limits-sync) out=$(run "$SYNC_PID" "$SYNC_PORT" /limits/v1/chat/completions "$mix" --header "x-api-key:$BENCH_KEY") ;;
         limits-async) out=$(run "$ASYNC_PID" "$ASYNC_PORT" /limits/v1/chat/completions "$mix" --header "x-api-key:$BENCH_KEY") ;;
-        cache) out=$(ALLOW_IMMEDIATE=1 run "$TG_PID" "$TG_PORT" /cache/v1/chat/completions "$mix") ;;
-        js) out=$(run "$TG_PID" "$TG_PORT" /js/v1/chat/completions "$mix") ;;
-        jwt) out=$(run "$TG_PID" "$TG_PORT" /jwt/v1/chat/completions "$mix" --header "authorization:Bearer $BENCH_JWT") ;;
-        jwt-fresh) out=$(run "$TG_PID" "$TG_PORT" /jwt/v1/chat/completions "$mix" --header-values "authorization:$JWT_TOKENS") ;;
-        oas) out=$(run "$TG_PID" "$TG_PORT" /oas/v1/chat/completions "$mix") ;;
+        cache) out=$(ALLOW_IMMEDIATE=1 run "$pid" "$port" /cache/v1/chat/completions "$mix") ;;
+        js) out=$(run "$pid" "$port" /js/v1/chat/completions "$mix") ;;
+        jwt) out=$(run "$pid" "$port" /jwt/v1/chat/completions "$mix" --header "authorization:Bearer $BENCH_JWT") ;;
+        jwt-fresh) out=$(run "$pid" "$port" /jwt/v1/chat/completions "$mix" --header-values "authorization:$JWT_TOKENS") ;;
+        oas) out=$(run "$pid" "$port" /oas/v1/chat/completions "$mix") ;;
         *) echo "unknown target $t" >&2; exit 2 ;;
       esac
       read -r rate p99 cpu <<<"$out"
@@ -174,7 +190,7 @@ for mix in $MIX; do
   for t in $TARGETS; do
     [ -n "${R[$t]:-}" ] || continue
     r=$(median ${R[$t]}); p=$(median ${P[$t]}); c=$(median ${C[$t]})
-    python3 - "$mix" "$t" "$r" "$p" "$c" "$fr" "$fp" "$er" "$ep" "$ec" "${R[$t]}" "${R[empty]:-}" <<'PY'
+    python3 - "$mix" "$t" "$r" "$p" "$c" "$fr" "$fp" "$er" "$ep" "$ec" "${R[$t]}" "${R[empty]:-}" "${R[$t-base]:-}" <<'PY'
 import statistics, sys
 mix, t = sys.argv[1:3]
 r, p, c, fr, fp, er, ep, ec = map(float, sys.argv[3:11])
@@ -189,6 +205,12 @@ if t in ("verify", "verify-bare", "cache", "js", "jwt", "jwt-fresh", "oas") or t
     if len(pairs) >= 2:
         q = statistics.quantiles(pairs, n=4, method="inclusive")
         line += f"  paired rate/empty={statistics.median(pairs):.2f} [quartiles {q[0]:.2f}-{q[2]:.2f}]"
+if sys.argv[13]:
+    # Before/after: this build's rate over BASE_BIN's for the same target, paired per round.
+    base = [float(x) for x in sys.argv[13].split()]
+    br = statistics.median(base)
+    after = [a / b for a, b in zip(map(float, sys.argv[11].split()), base) if b]
+    line += f"  rate/base={ratio(r, br)}  paired rate/base={statistics.median(after):.2f}"
 print(line)
 PY
   done

@@ -105,7 +105,11 @@ fn envoy() -> EnvoyOptions {
 }
 
 async fn bed(extra: &[&str]) -> TestBed {
-    let mut opts = BedOptions::new(CONFIG);
+    bed_with(CONFIG, extra).await
+}
+
+async fn bed_with(config: &str, extra: &[&str]) -> TestBed {
+    let mut opts = BedOptions::new(config);
     opts.envoy = envoy();
     opts.tollgate_args
         .extend(extra.iter().map(|s| (*s).to_owned()));
@@ -272,8 +276,17 @@ async fn a_refused_body_never_reaches_the_upstream_in_any_mode() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_past_max_message_bytes_is_refused_not_forwarded() {
     within(LIMIT, async {
-        let bed = bed(&["--max-message-bytes", "4096"]).await;
-        let body = "x".repeat(20_000);
+        // Flows whose maxBodyBytes fit one message (the load-time check refuses others), so
+        // the message limit itself is what the over-large body meets: Envoy's BUFFERED
+        // route sends the whole body in one message, whatever the flow's limit.
+        let config = CONFIG
+            .replace("maxBodyBytes: 1048576", "maxBodyBytes: 4000")
+            .replace(
+                "match: {pathPrefixes: [/rewrite]}",
+                "match: {pathPrefixes: [/rewrite]}\n  maxBodyBytes: 4000",
+            );
+        let bed = bed_with(&config, &["--max-message-bytes", "70000"]).await;
+        let body = "x".repeat(100_000);
         let r = bed.post("/gate/buffered/big", &[], body).await;
         assert!(
             r.status >= 500,

@@ -1189,13 +1189,19 @@ fn build_flows(
         {
             // A buffered body arrives in one message: a larger one ends the stream instead
             // of reaching the body steps.
+            let room = max_message.saturating_sub(MESSAGE_OVERHEAD_BYTES);
+            let fix = if room == 0 {
+                // No body fits at all: lowering maxBodyBytes is no way out.
+                String::new()
+            } else {
+                format!("lower maxBodyBytes to {room} or ")
+            };
             msgs.push(format!(
                 "field `spec.maxBodyBytes`: {} bytes cannot arrive in one ext_proc message \
                  of at most {max_message} bytes (--max-message-bytes, keeping \
-                 {MESSAGE_OVERHEAD_BYTES} for framing and metadata); lower maxBodyBytes to \
-                 {} or raise --max-message-bytes to {}",
+                 {MESSAGE_OVERHEAD_BYTES} for framing and metadata); {fix}raise \
+                 --max-message-bytes to {}",
                 spec.max_body_bytes,
-                max_message.saturating_sub(MESSAGE_OVERHEAD_BYTES),
                 spec.max_body_bytes.saturating_add(MESSAGE_OVERHEAD_BYTES)
             ));
         }
