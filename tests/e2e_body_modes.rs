@@ -444,7 +444,10 @@ async fn bodies_past_max_buffered_bytes_are_shed_with_503() {
             .iter()
             .map(|r| r.body_bytes().len())
             .sum();
-        assert_eq!(sent, 0, "body bytes of the shed request reached the upstream");
+        assert_eq!(
+            sent, 0,
+            "body bytes of the shed request reached the upstream"
+        );
         let (status, body) = first.await.unwrap();
         assert_eq!(status, 200, "{body}");
         let seen = bed.upstream.seen_with_prefix("/gate/duplex/first");

@@ -458,7 +458,6 @@ async fn rotated_certificates_and_client_ca_apply_without_a_restart() {
     assert!(tls_health(p.grpc, &new_ca_, Some(&new_client)).await);
 }
 
-
 /// Runs `tollgate ARGS` with extra environment variables to its end (at most 10 s):
 /// (exit code, stdout, stderr).
 fn run_cli(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
