@@ -22,6 +22,9 @@ pub mod sse;
 pub mod tokens;
 pub mod usage;
 
+#[cfg(test)]
+mod tests;
+
 pub use detect::{detect, Api, Endpoint, StreamShape};
 pub use request::{parse_request, LlmRequest};
 pub use response::{ResponseAccumulator, ResponseFormat, ResponseSummary};

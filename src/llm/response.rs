@@ -365,6 +365,9 @@ impl State {
                 .saturating_add(s[cut..].chars().count() as u64);
             &s[..cut]
         };
+        if keep.is_empty() {
+            return;
+        }
         self.kept_text_bytes += keep.len();
         match choice {
             Some(i) => {
