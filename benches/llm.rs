@@ -21,10 +21,40 @@ static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// About 8 KB of varied English-like prose with numbers, punctuation and some JSON.
 fn prompt_8k() -> String {
     let words = [
-        "the", "toll", "gateway", "counts", "tokens", "before", "each", "call,", "and",
-        "reconciles", "them", "with", "usage", "when", "stream", "ends;", "quotas", "never",
-        "overshoot", "(even", "under", "load)", "for", "tenant", "42", "in", "region",
-        "europe-west4.", "Prices:", "$0.15/M", "input,", "\"cached\"", "{\"lane\":", "7}",
+        "the",
+        "toll",
+        "gateway",
+        "counts",
+        "tokens",
+        "before",
+        "each",
+        "call,",
+        "and",
+        "reconciles",
+        "them",
+        "with",
+        "usage",
+        "when",
+        "stream",
+        "ends;",
+        "quotas",
+        "never",
+        "overshoot",
+        "(even",
+        "under",
+        "load)",
+        "for",
+        "tenant",
+        "42",
+        "in",
+        "region",
+        "europe-west4.",
+        "Prices:",
+        "$0.15/M",
+        "input,",
+        "\"cached\"",
+        "{\"lane\":",
+        "7}",
     ];
     let mut s = String::with_capacity(8300);
     let mut i = 0usize;
@@ -39,10 +69,14 @@ fn prompt_8k() -> String {
 fn chat_body_4k() -> Vec<u8> {
     let turn = "Explain how the toll gateway reserves tokens for a streaming request and what \
                 happens when the client disconnects half way through the answer. ";
-    let mut messages = vec![serde_json::json!({"role": "system", "content": "You are a concise assistant for a toll road operator."})];
+    let mut messages = vec![
+        serde_json::json!({"role": "system", "content": "You are a concise assistant for a toll road operator."}),
+    ];
     while serde_json::to_vec(&messages).map_or(0, |v| v.len()) < 4000 {
         messages.push(serde_json::json!({"role": "user", "content": turn}));
-        messages.push(serde_json::json!({"role": "assistant", "content": [{"type": "text", "text": turn}]}));
+        messages.push(
+            serde_json::json!({"role": "assistant", "content": [{"type": "text", "text": turn}]}),
+        );
     }
     serde_json::to_vec(&serde_json::json!({
         "model": "gpt-4o-mini", "stream": true, "stream_options": {"include_usage": true},
@@ -62,7 +96,9 @@ fn counting(c: &mut Criterion) {
         ("cl100k_gpt-4", Api::OpenAiChat, "gpt-4"),
         ("approx_claude", Api::AnthropicMessages, "claude-sonnet-4-5"),
     ] {
-        g.bench_function(name, |b| b.iter(|| counter.count(api, model, black_box(&text))));
+        g.bench_function(name, |b| {
+            b.iter(|| counter.count(api, model, black_box(&text)))
+        });
     }
     g.finish();
 

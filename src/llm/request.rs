@@ -539,7 +539,7 @@ fn tools_text(obj: &Map<String, Value>, keys: &[&str]) -> String {
                 if !out.is_empty() {
                     out.push('\n');
                 }
-                out.push_str(&Value::Array(t.clone()).to_string());
+                out.push_str(&serde_json::to_string(t).unwrap_or_default());
             }
         }
     }

@@ -48,8 +48,9 @@ pub enum ResponseFormat {
 impl ResponseFormat {
     /// From the response's `content-type` and what the request path said about streaming.
     pub fn detect(path_stream: Option<StreamShape>, content_type: Option<&str>) -> Self {
-        let ct = content_type.unwrap_or("").trim_start();
-        if ct.len() >= 17 && ct[..17].eq_ignore_ascii_case("text/event-stream") {
+        // Bytes, not `str` slicing: a header value may hold multi-byte characters.
+        let ct = content_type.unwrap_or("").trim_start().as_bytes();
+        if ct.len() >= 17 && ct[..17].eq_ignore_ascii_case(b"text/event-stream") {
             ResponseFormat::Sse
         } else if path_stream == Some(StreamShape::JsonArray) {
             // Also reads a lone `{"error": ...}` object.

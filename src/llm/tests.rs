@@ -549,6 +549,11 @@ fn response_format_from_content_type_and_path() {
         ResponseFormat::Json
     );
     assert_eq!(ResponseFormat::detect(None, None), ResponseFormat::Json);
+    // A multi-byte character across byte 17 must not panic.
+    assert_eq!(
+        ResponseFormat::detect(None, Some("text/event-strea\u{e9}m")),
+        ResponseFormat::Json
+    );
 }
 
 // ---------------------------------------------------------------- requests
