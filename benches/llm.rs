@@ -135,8 +135,17 @@ fn per_event_chunks(body: &[u8], sep: &[u8]) -> Vec<Vec<u8>> {
     out
 }
 
+/// Name, API, framing, fixture, separator between its events.
+type Case = (
+    &'static str,
+    Api,
+    ResponseFormat,
+    &'static [u8],
+    &'static [u8],
+);
+
 fn extraction(c: &mut Criterion) {
-    let cases: [(&str, Api, ResponseFormat, &[u8], &[u8]); 5] = [
+    let cases: [Case; 5] = [
         (
             "openai_chat_sse",
             Api::OpenAiChat,

@@ -124,17 +124,9 @@ fn check_ratio(r: f64) -> Result<f64, CountingConfigError> {
 }
 
 /// Counts tokens; cheap to clone and share.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct TokenCounter {
     config: CountingConfig,
-}
-
-impl Default for TokenCounter {
-    fn default() -> Self {
-        TokenCounter {
-            config: CountingConfig::default(),
-        }
-    }
 }
 
 impl TokenCounter {
