@@ -14,6 +14,7 @@ pub mod google;
 pub mod http_client;
 pub mod jwks;
 pub mod kvm;
+pub mod llm;
 pub mod pipeline;
 pub mod policies;
 pub mod ratelimit;

@@ -1,0 +1,419 @@
+//! Token counting.
+//!
+//! OpenAI models are counted exactly with the encodings `tiktoken-rs` bundles in the binary
+//! (`include_str!`, nothing is fetched at build or run time): `o200k_base` for gpt-4o,
+//! gpt-4.1, gpt-4.5, gpt-5, the o-series and gpt-oss; `cl100k_base` for gpt-4, gpt-3.5 and
+//! the OpenAI embeddings; the older `p50k`/`r50k` for legacy models. Each encoder is built
+//! once per process, on first use (or by [`TokenCounter::warm_up`]), and shared.
+//!
+//! No other family's tokenizer ships offline, so Claude, Gemini, Llama, Mistral... are
+//! approximated: `ceil(chars / chars_per_token)` over Latin-script characters, plus one token
+//! per CJK ideograph, kana or hangul syllable (those run close to one token each, where
+//! chars/4 would undercount four-fold). `chars_per_token` is 4.0 by default and configurable,
+//! globally and per model-name prefix. Estimates are reconciled with the upstream's usage
+//! when it reports one.
+//!
+//! Text is cut into segments before encoding, at spaces between two non-space characters
+//! (where no tiktoken piece can span, so the count is unchanged), and, where no such space
+//! exists for [`HARD_SEGMENT_BYTES`], at a character boundary (at most about one token extra
+//! per cut). This bounds the work on pathological input: tiktoken's regex and BPE are
+//! superlinear in the length of one piece, and its regex engine panics on very long runs of a
+//! single character.
+
+use std::sync::OnceLock;
+
+use tiktoken_rs::tokenizer::{get_tokenizer, Tokenizer};
+use tiktoken_rs::CoreBPE;
+
+use super::{Api, LlmRequest};
+
+/// A run without a safe cut point longer than this is cut anyway.
+pub const HARD_SEGMENT_BYTES: usize = 256;
+/// Segments are cut at the first safe point after this many bytes.
+const SOFT_SEGMENT_BYTES: usize = 2048;
+
+/// Per-message framing OpenAI adds in chat formats (role and separators), and the tokens
+/// priming the reply: the estimate adds them as the cookbook does.
+const TOKENS_PER_MESSAGE: u64 = 3;
+const TOKENS_REPLY_PRIMING: u64 = 3;
+
+/// An exact encoding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Encoding {
+    O200kBase,
+    Cl100kBase,
+    P50kBase,
+    R50kBase,
+}
+
+impl Encoding {
+    pub fn name(self) -> &'static str {
+        match self {
+            Encoding::O200kBase => "o200k_base",
+            Encoding::Cl100kBase => "cl100k_base",
+            Encoding::P50kBase => "p50k_base",
+            Encoding::R50kBase => "r50k_base",
+        }
+    }
+
+    /// The shared encoder, built on first use. `None` only if the bundled file failed to
+    /// load, which a test rules out; callers then approximate.
+    fn encoder(self) -> Option<&'static CoreBPE> {
+        static O200K: OnceLock<Option<CoreBPE>> = OnceLock::new();
+        static CL100K: OnceLock<Option<CoreBPE>> = OnceLock::new();
+        static P50K: OnceLock<Option<CoreBPE>> = OnceLock::new();
+        static R50K: OnceLock<Option<CoreBPE>> = OnceLock::new();
+        let (cell, build): (_, fn() -> anyhow::Result<CoreBPE>) = match self {
+            Encoding::O200kBase => (&O200K, tiktoken_rs::o200k_base),
+            Encoding::Cl100kBase => (&CL100K, tiktoken_rs::cl100k_base),
+            Encoding::P50kBase => (&P50K, tiktoken_rs::p50k_base),
+            Encoding::R50kBase => (&R50K, tiktoken_rs::r50k_base),
+        };
+        cell.get_or_init(|| match build() {
+            Ok(bpe) => Some(bpe),
+            Err(e) => {
+                tracing::error!(encoding = self.name(), error = %e, "tokenizer failed to load; approximating");
+                None
+            }
+        })
+        .as_ref()
+    }
+}
+
+/// How a model's text is counted.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum CountMethod {
+    Exact(Encoding),
+    /// Characters per token for Latin-script text (see the module documentation).
+    Approx {
+        chars_per_token: f64,
+    },
+}
+
+/// Counting settings (from configuration).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CountingConfig {
+    /// Characters per token for models without an exact tokenizer. Default 4.0.
+    pub chars_per_token: f64,
+    /// Per model-name prefix overrides of `chars_per_token` (first match wins), e.g.
+    /// `("claude", 3.5)`.
+    pub prefix_ratios: Vec<(String, f64)>,
+}
+
+impl Default for CountingConfig {
+    fn default() -> Self {
+        CountingConfig {
+            chars_per_token: 4.0,
+            prefix_ratios: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CountingConfigError {
+    #[error("chars per token must be a number between 0.5 and 20 (got {0})")]
+    Ratio(f64),
+}
+
+fn check_ratio(r: f64) -> Result<f64, CountingConfigError> {
+    if r.is_finite() && (0.5..=20.0).contains(&r) {
+        Ok(r)
+    } else {
+        Err(CountingConfigError::Ratio(r))
+    }
+}
+
+/// Counts tokens; cheap to clone and share.
+#[derive(Debug, Clone, Default)]
+pub struct TokenCounter {
+    config: CountingConfig,
+}
+
+impl TokenCounter {
+    pub fn new(config: CountingConfig) -> Result<Self, CountingConfigError> {
+        check_ratio(config.chars_per_token)?;
+        for (_, r) in &config.prefix_ratios {
+            check_ratio(*r)?;
+        }
+        Ok(TokenCounter { config })
+    }
+
+    /// Build the exact encoders now (at startup), not on the first request that needs them.
+    pub fn warm_up() {
+        for e in [Encoding::O200kBase, Encoding::Cl100kBase] {
+            let _ = e.encoder();
+        }
+    }
+
+    /// How `model` (as the request or path names it) is counted for `api`.
+    pub fn method_for(&self, api: Api, model: &str) -> CountMethod {
+        // `openai/gpt-4o` (routers' provider prefixes) and `ft:gpt-4o:org::id`.
+        let bare = model.rsplit_once('/').map_or(model, |(_, m)| m);
+        let bare = bare.trim();
+        if let Some(t) = get_tokenizer(bare) {
+            return CountMethod::Exact(match t {
+                Tokenizer::O200kBase | Tokenizer::O200kHarmony => Encoding::O200kBase,
+                Tokenizer::Cl100kBase => Encoding::Cl100kBase,
+                Tokenizer::P50kBase | Tokenizer::P50kEdit => Encoding::P50kBase,
+                Tokenizer::R50kBase | Tokenizer::Gpt2 => Encoding::R50kBase,
+            });
+        }
+        // Newer OpenAI names than the table knows (gpt-6, o5...) use the newest encoding.
+        if api.is_openai() && is_openai_like(bare) {
+            return CountMethod::Exact(Encoding::O200kBase);
+        }
+        let lower = bare.to_ascii_lowercase();
+        let chars_per_token = self
+            .config
+            .prefix_ratios
+            .iter()
+            .find(|(p, _)| lower.starts_with(&p.to_ascii_lowercase()))
+            .map_or(self.config.chars_per_token, |(_, r)| *r);
+        CountMethod::Approx { chars_per_token }
+    }
+
+    /// Tokens in `text` for `model`.
+    pub fn count(&self, api: Api, model: &str, text: &str) -> u64 {
+        self.count_with(self.method_for(api, model), text)
+    }
+
+    /// Tokens in `text` counted with `method`.
+    pub fn count_with(&self, method: CountMethod, text: &str) -> u64 {
+        match method {
+            CountMethod::Exact(e) => match e.encoder() {
+                Some(bpe) => count_exact(bpe, text),
+                None => approximate(text, self.config.chars_per_token),
+            },
+            CountMethod::Approx { chars_per_token } => approximate(text, chars_per_token),
+        }
+    }
+
+    /// The prompt tokens a request will be billed, estimated before the call: its prompt
+    /// text, tool definitions, pre-tokenized input, and (chat formats) per-message framing.
+    /// Images and other media are not estimated (`media_parts` says how many there were).
+    pub fn count_request(&self, req: &LlmRequest, model: Option<&str>) -> u64 {
+        let model = model.or(req.model.as_deref()).unwrap_or("");
+        let method = self.method_for(req.api, model);
+        let mut n = self
+            .count_with(method, &req.prompt)
+            .saturating_add(self.count_with(method, &req.tools))
+            .saturating_add(req.prompt_token_ids);
+        if req.messages > 0 {
+            n = n
+                .saturating_add(TOKENS_PER_MESSAGE.saturating_mul(req.messages))
+                .saturating_add(TOKENS_REPLY_PRIMING);
+        }
+        n
+    }
+}
+
+fn is_openai_like(m: &str) -> bool {
+    let b = m.as_bytes();
+    m.starts_with("gpt-")
+        || m.starts_with("chatgpt-")
+        || (b.len() >= 2 && b[0] == b'o' && b[1].is_ascii_digit())
+}
+
+fn count_exact(bpe: &CoreBPE, text: &str) -> u64 {
+    let mut n: u64 = 0;
+    for seg in segments(text) {
+        n = n.saturating_add(bpe.encode_ordinary(seg).len() as u64);
+    }
+    n
+}
+
+/// Cuts `text` into segments that tiktoken encodes to the same tokens as the whole (see the
+/// module documentation).
+fn segments(text: &str) -> impl Iterator<Item = &str> {
+    let mut rest = text;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let b = rest.as_bytes();
+        let mut last_safe = 0;
+        let mut i = 1;
+        let cut = loop {
+            if i >= b.len() {
+                break b.len();
+            }
+            // A space with non-space on both sides starts a piece, whatever precedes it.
+            if b[i] == b' ' && i + 1 < b.len() && !is_space(b[i - 1]) && !is_space(b[i + 1]) {
+                if i >= SOFT_SEGMENT_BYTES {
+                    break i;
+                }
+                last_safe = i;
+            }
+            if i - last_safe >= HARD_SEGMENT_BYTES && rest.is_char_boundary(i) {
+                break i;
+            }
+            i += 1;
+        };
+        let (seg, tail) = rest.split_at(cut);
+        rest = tail;
+        Some(seg)
+    })
+}
+
+fn is_space(b: u8) -> bool {
+    // Bytes of multi-byte characters (>= 0x80) are never ASCII spaces; Unicode spaces there
+    // only make the cut rule more conservative, never wrong, as cuts need ASCII ' '.
+    b.is_ascii_whitespace() || b == 0x0b
+}
+
+/// `ceil(latin chars / ratio) + CJK chars`.
+fn approximate(text: &str, chars_per_token: f64) -> u64 {
+    let mut latin: u64 = 0;
+    let mut wide: u64 = 0;
+    for c in text.chars() {
+        if is_wide(c) {
+            wide += 1;
+        } else {
+            latin += 1;
+        }
+    }
+    let ratio = if chars_per_token.is_finite() && chars_per_token > 0.0 {
+        chars_per_token
+    } else {
+        4.0
+    };
+    ((latin as f64 / ratio).ceil() as u64).saturating_add(wide)
+}
+
+fn is_wide(c: char) -> bool {
+    matches!(c as u32,
+        0x2E80..=0x9FFF      // CJK radicals, kana, CJK unified ideographs
+        | 0xAC00..=0xD7AF    // hangul syllables
+        | 0xF900..=0xFAFF    // CJK compatibility ideographs
+        | 0x20000..=0x3FFFF) // CJK extensions
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exact(model: &str) -> Option<Encoding> {
+        match TokenCounter::default().method_for(Api::OpenAiChat, model) {
+            CountMethod::Exact(e) => Some(e),
+            CountMethod::Approx { .. } => None,
+        }
+    }
+
+    #[test]
+    fn encoding_matches_the_model_family() {
+        assert_eq!(exact("gpt-4o"), Some(Encoding::O200kBase));
+        assert_eq!(exact("gpt-4o-mini-2024-07-18"), Some(Encoding::O200kBase));
+        assert_eq!(exact("gpt-4.1-nano"), Some(Encoding::O200kBase));
+        assert_eq!(exact("gpt-5-mini"), Some(Encoding::O200kBase));
+        assert_eq!(exact("o3-mini"), Some(Encoding::O200kBase));
+        assert_eq!(exact("o1"), Some(Encoding::O200kBase));
+        assert_eq!(exact("gpt-oss-20b"), Some(Encoding::O200kBase));
+        assert_eq!(exact("openai/gpt-4o"), Some(Encoding::O200kBase));
+        assert_eq!(exact("ft:gpt-4o-mini:acme::abc"), Some(Encoding::O200kBase));
+        assert_eq!(exact("gpt-4"), Some(Encoding::Cl100kBase));
+        assert_eq!(exact("gpt-4-turbo"), Some(Encoding::Cl100kBase));
+        assert_eq!(exact("gpt-3.5-turbo"), Some(Encoding::Cl100kBase));
+        assert_eq!(exact("text-embedding-3-small"), Some(Encoding::Cl100kBase));
+        assert_eq!(exact("gpt-7-preview"), Some(Encoding::O200kBase));
+        assert_eq!(exact("meta-llama/Llama-3.1-8B-Instruct"), None);
+        let c = TokenCounter::default();
+        assert!(matches!(
+            c.method_for(Api::AnthropicMessages, "claude-sonnet-4-5"),
+            CountMethod::Approx { .. }
+        ));
+        assert!(matches!(
+            c.method_for(Api::Gemini, "gemini-2.5-flash"),
+            CountMethod::Approx { .. }
+        ));
+        // A non-OpenAI API naming an unknown `o…` model is not forced onto o200k.
+        assert!(matches!(
+            c.method_for(Api::AnthropicMessages, "o9-thing"),
+            CountMethod::Approx { .. }
+        ));
+    }
+
+    #[test]
+    fn exact_counts_known_strings() {
+        let c = TokenCounter::default();
+        // "hello world" is two tokens in both encodings; the empty string none.
+        assert_eq!(c.count(Api::OpenAiChat, "gpt-4o", "hello world"), 2);
+        assert_eq!(c.count(Api::OpenAiChat, "gpt-4", "hello world"), 2);
+        assert_eq!(c.count(Api::OpenAiChat, "gpt-4o", ""), 0);
+    }
+
+    #[test]
+    fn segmenting_does_not_change_normal_counts() {
+        let bpe = Encoding::O200kBase
+            .encoder()
+            .expect("bundled encoder loads");
+        let cl = Encoding::Cl100kBase
+            .encoder()
+            .expect("bundled encoder loads");
+        let mut text = String::new();
+        for i in 0..400 {
+            text.push_str(&format!(
+                "Sentence {i}: the quick brown fox (\"jumps\") over 1234567 lazy dogs' tails;  \n\t"
+            ));
+            if i % 7 == 0 {
+                text.push_str("{\"json\":[1,2,3],\"k\":\"v\"} x == y && z != w ");
+            }
+        }
+        assert!(segments(&text).count() > 10);
+        assert_eq!(segments(&text).collect::<String>(), text);
+        assert_eq!(
+            count_exact(bpe, &text),
+            bpe.encode_ordinary(&text).len() as u64
+        );
+        assert_eq!(
+            count_exact(cl, &text),
+            cl.encode_ordinary(&text).len() as u64
+        );
+    }
+
+    #[test]
+    fn pathological_input_is_bounded_and_does_not_panic() {
+        let c = TokenCounter::default();
+        for unit in ["a", "^", " ", "\n", "é", "字", "0"] {
+            let text = unit.repeat(300_000);
+            let start = std::time::Instant::now();
+            let n = c.count(Api::OpenAiChat, "gpt-4o", &text);
+            assert!(n > 0, "{unit:?}");
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(20),
+                "{unit:?} took {:?}",
+                start.elapsed()
+            );
+            // Every segment respects the hard bound (plus one character).
+            assert!(segments(&text).all(|s| s.len() <= HARD_SEGMENT_BYTES + 4));
+        }
+    }
+
+    #[test]
+    fn approximation_is_documented_and_configurable() {
+        let c = TokenCounter::default();
+        assert_eq!(c.count(Api::AnthropicMessages, "claude-x", "abcdefgh"), 2);
+        assert_eq!(c.count(Api::AnthropicMessages, "claude-x", "abcdefghi"), 3);
+        assert_eq!(c.count(Api::Gemini, "gemini-2.5-pro", "日本語です"), 5);
+        assert_eq!(c.count(Api::Gemini, "gemini-2.5-pro", ""), 0);
+        let c = TokenCounter::new(CountingConfig {
+            chars_per_token: 2.0,
+            prefix_ratios: vec![("Claude".into(), 3.0)],
+        })
+        .unwrap();
+        assert_eq!(c.count(Api::Gemini, "gemini", "abcdefgh"), 4);
+        assert_eq!(
+            c.count(Api::AnthropicMessages, "claude-opus-4", "abcdefghi"),
+            3
+        );
+        assert!(TokenCounter::new(CountingConfig {
+            chars_per_token: 0.0,
+            prefix_ratios: vec![],
+        })
+        .is_err());
+        assert!(TokenCounter::new(CountingConfig {
+            chars_per_token: 4.0,
+            prefix_ratios: vec![("x".into(), f64::NAN)],
+        })
+        .is_err());
+    }
+}
