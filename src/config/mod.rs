@@ -179,11 +179,17 @@ impl FlowMatch {
         if !self.hosts.is_empty() {
             let host = req.hostname();
             let ok = self.hosts.iter().any(|h| match h.strip_prefix("*.") {
-                Some(suffix) => {
-                    host.len() > suffix.len() + 1
-                        && host[host.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
-                        && host.as_bytes()[host.len() - suffix.len() - 1] == b'.'
-                }
+                // Bytes, not `str` slices: a client's host may put a multi-byte character
+                // across the cut.
+                Some(suffix) => host
+                    .as_bytes()
+                    .len()
+                    .checked_sub(suffix.len() + 1)
+                    .filter(|&dot| dot > 0)
+                    .is_some_and(|dot| {
+                        let h = host.as_bytes();
+                        h[dot] == b'.' && h[dot + 1..].eq_ignore_ascii_case(suffix.as_bytes())
+                    }),
                 None => host.eq_ignore_ascii_case(h),
             });
             if !ok {
