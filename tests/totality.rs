@@ -123,3 +123,35 @@ fn deeply_nested_conditions_are_refused_not_a_stack_overflow() {
     assert_eq!(results.0, vec![true; 5], "deep conditions refused");
     assert_eq!(results.1, vec![true; 2], "ordinary conditions compile");
 }
+
+fn policy_config(spec: &str) -> Result<(), String> {
+    let files = [SourceFile {
+        name: "p.yaml".into(),
+        text: format!("apiVersion: tollgate.dev/v1alpha1\nkind: Policy\nmetadata: {{name: p}}\nspec:\n{spec}\n"),
+    }];
+    compile(&files, None).map(|_| ()).map_err(|e| e.to_string())
+}
+
+/// Durations from the configuration that overflowed later: a KeyValueMap `expirySeconds`
+/// past 1000 years panicked in the cache builder at load; a ResponseCache `ttlSeconds`
+/// near `u64::MAX` panicked in `Instant + ttl` when the first response was stored.
+#[test]
+fn huge_configured_durations_are_refused_at_load() {
+    let kvm = policy_config(
+        "  type: KeyValueMap\n  map: m\n  expirySeconds: 18446744073709551615\n  get: [{key: [a]}]",
+    );
+    assert!(
+        kvm.as_ref().is_err_and(|e| e.contains("expirySeconds")),
+        "{kvm:?}"
+    );
+    assert!(policy_config(
+        "  type: KeyValueMap\n  map: m\n  expirySeconds: 30\n  get: [{key: [a]}]"
+    )
+    .is_ok());
+    let cache = policy_config("  type: ResponseCache\n  ttlSeconds: 18446744073709551615");
+    assert!(
+        cache.as_ref().is_err_and(|e| e.contains("ttlSeconds")),
+        "{cache:?}"
+    );
+    assert!(policy_config("  type: ResponseCache\n  ttlSeconds: 60").is_ok());
+}

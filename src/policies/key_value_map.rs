@@ -181,6 +181,13 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
         .enumerate()
         .map(|(i, d)| compile_key(&format!("delete[{i}].key"), &d.key))
         .collect::<Result<Vec<_>, _>>()?;
+    // moka panics on a time-to-live over 1000 years: bound it at load (one year).
+    if spec.expiry_seconds > 365 * 24 * 3600 {
+        return Err(SpecError::new(
+            "expirySeconds",
+            "must be at most 31536000 (one year)",
+        ));
+    }
     let cache = (spec.expiry_seconds > 0).then(|| {
         moka::sync::Cache::builder()
             .max_capacity(10_000)
