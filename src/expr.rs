@@ -765,22 +765,25 @@ impl Template {
         let mut parts = Vec::new();
         let mut lit = String::new();
         let mut rest = source;
+        // One pass: each `}` is looked at once, with the last `{` before it (only that one
+        // can open a name, which holds no `{`); re-scanning from every `{` was quadratic.
         while let Some(open) = rest.find('{') {
             let after = &rest[open + 1..];
-            match after.find('}') {
-                Some(close) if is_var_name(&after[..close]) => {
-                    lit.push_str(&rest[..open]);
-                    if !lit.is_empty() {
-                        parts.push(Part::Lit(std::mem::take(&mut lit)));
-                    }
-                    parts.push(Part::Var(after[..close].to_owned()));
-                    rest = &after[close + 1..];
+            let Some(close) = after.find('}') else {
+                break;
+            };
+            let start = after[..close].rfind('{').map_or(0, |j| j + 1);
+            let name = &after[start..close];
+            if is_var_name(name) {
+                lit.push_str(&rest[..open + start]);
+                if !lit.is_empty() {
+                    parts.push(Part::Lit(std::mem::take(&mut lit)));
                 }
-                _ => {
-                    lit.push_str(&rest[..=open]);
-                    rest = after;
-                }
+                parts.push(Part::Var(name.to_owned()));
+            } else {
+                lit.push_str(&rest[..open + 1 + close + 1]);
             }
+            rest = &after[close + 1..];
         }
         lit.push_str(rest);
         if !lit.is_empty() {

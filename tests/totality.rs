@@ -155,3 +155,27 @@ fn huge_configured_durations_are_refused_at_load() {
     );
     assert!(policy_config("  type: ResponseCache\n  ttlSeconds: 60").is_ok());
 }
+
+/// Template compilation re-scanned the rest of the text from every `{` for a `}`:
+/// quadratic in a configured string full of braces.
+#[test]
+fn template_compiles_in_linear_time() {
+    use tollgate::expr::Template;
+    use tollgate::vars::Exchange;
+    let big = format!("{}{}", "{".repeat(1_000_000), "}x".repeat(1_000_000));
+    let (n, open_only) = within(Duration::from_secs(5), move || {
+        let t = Template::compile(&big).expect("compiles");
+        let open = Template::compile(&"{a".repeat(1_000_000)).expect("compiles");
+        let ex = Exchange::default();
+        (t.render(&ex).len(), open.render(&ex).len())
+    });
+    assert_eq!(n, 3_000_000);
+    assert_eq!(open_only, 2_000_000);
+    let mut ex = Exchange::default();
+    ex.set_var("a", "A");
+    let render = |s: &str| Template::compile(s).expect("compiles").render(&ex);
+    assert_eq!(render("{{a}}"), "{A}");
+    assert_eq!(render("x{ {a} {b c}{a}y}"), "x{ A {b c}Ay}");
+    assert_eq!(render("{\"k\": {a}}"), "{\"k\": A}");
+    assert_eq!(render("}{a{a}"), "}{aA");
+}
