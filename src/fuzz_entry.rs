@@ -27,8 +27,11 @@ use crate::policies::BuildContext;
 use crate::server::{NoMatch, Shared};
 use crate::vars::{Exchange, Headers, RequestInfo, ResponseInfo};
 
+/// A fuzz target's body.
+pub type Target = fn(&[u8]);
+
 /// The fuzz targets, by name (also the corpus and regression directory names).
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("stream", stream),
     ("config", config),
     ("template", template),

@@ -194,27 +194,6 @@ fn parse_period(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Flags took `n * 3600` unchecked (an overflow) and a zero reload interval panicked in
-    /// the timer; both are refused with a message now.
-    #[test]
-    fn zero_and_huge_flag_durations_are_refused() {
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
-        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
-        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
-        assert!(parse_duration("18446744073709551615h").is_err());
-        assert!(parse_duration("99999999999999s").is_err());
-        assert!(parse_duration("1x").is_err());
-        assert!(parse_duration("").is_err());
-        assert!(parse_period("0s").is_err());
-        assert_eq!(parse_period("2s"), Ok(Duration::from_secs(2)));
-    }
-}
-
 /// The configuration `tollgate serve` runs without `--config`.
 const EMBEDDED: &[(&str, &str)] = &[(
     "embedded:policies/quickstart.yaml",
@@ -410,4 +389,25 @@ async fn counters(
         }),
     );
     Ok((Counters::with_local(clock, local), checkpoint))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Flags took `n * 3600` unchecked (an overflow) and a zero reload interval panicked in
+    /// the timer; both are refused with a message now.
+    #[test]
+    fn zero_and_huge_flag_durations_are_refused() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
+        assert!(parse_duration("18446744073709551615h").is_err());
+        assert!(parse_duration("99999999999999s").is_err());
+        assert!(parse_duration("1x").is_err());
+        assert!(parse_duration("").is_err());
+        assert!(parse_period("0s").is_err());
+        assert_eq!(parse_period("2s"), Ok(Duration::from_secs(2)));
+    }
 }

@@ -182,7 +182,6 @@ impl FlowMatch {
                 // Bytes, not `str` slices: a client's host may put a multi-byte character
                 // across the cut.
                 Some(suffix) => host
-                    .as_bytes()
                     .len()
                     .checked_sub(suffix.len() + 1)
                     .filter(|&dot| dot > 0)
