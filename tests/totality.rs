@@ -179,3 +179,13 @@ fn template_compiles_in_linear_time() {
     assert_eq!(render("{\"k\": {a}}"), "{\"k\": A}");
     assert_eq!(render("}{a{a}"), "}{aA");
 }
+
+/// `%+1` decoded as the byte 0x01 (`from_str_radix` takes a sign): a query name or value
+/// read differently from what the upstream reads.
+#[test]
+fn percent_decoding_takes_two_hex_digits_only() {
+    use tollgate::vars::percent_decode;
+    assert_eq!(percent_decode("a%+1b"), "a% 1b");
+    assert_eq!(percent_decode("%41%4a%+f%"), "AJ% f%");
+    assert_eq!(percent_decode("%c3%a9%e"), "é%e");
+}
