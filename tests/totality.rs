@@ -189,3 +189,20 @@ fn percent_decoding_takes_two_hex_digits_only() {
     assert_eq!(percent_decode("%41%4a%+f%"), "AJ% f%");
     assert_eq!(percent_decode("%c3%a9%e"), "é%e");
 }
+
+/// A configured host whose first character is multi-byte was sliced at byte 1 (`h[1..]`)
+/// while checking for a misplaced `*`: loading the configuration panicked.
+#[test]
+fn configured_host_with_multibyte_first_character_is_checked_not_a_panic() {
+    let flow = |host: &str| {
+        let files = [SourceFile {
+            name: "f.yaml".into(),
+            text: format!("apiVersion: tollgate.dev/v1alpha1\nkind: Flow\nmetadata: {{name: f}}\nspec:\n  match: {{hosts: [\"{host}\"]}}\n  request: []\n"),
+        }];
+        compile(&files, None).map(|_| ()).map_err(|e| e.to_string())
+    };
+    assert!(flow("ébc.example.org").is_ok());
+    assert!(flow("*.exämple.org").is_ok());
+    assert!(flow("é*.example.org").is_err_and(|e| e.contains("hosts[0]")));
+    assert!(flow("a.*.org").is_err());
+}

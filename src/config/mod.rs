@@ -940,7 +940,7 @@ fn build_flows(
                 }
             }
             for (i, h) in m.hosts.iter().enumerate() {
-                if h.is_empty() || h.contains('/') || h[1..].contains('*') {
+                if h.is_empty() || h.contains('/') || h.rfind('*').is_some_and(|i| i > 0) {
                     msgs.push(format!(
                         "field `spec.match.hosts[{i}]`: `{h}` is not a host or `*.suffix` wildcard"
                     ));
