@@ -14,6 +14,8 @@ cargo clippy --all-targets --locked -- -D warnings
 echo "== tollgate validate policies/ benches/configs/"
 cargo run --quiet --locked -- validate policies
 cargo run --quiet --locked -- validate benches/configs
+echo "== fuzz smoke (every cargo fuzz target over its corpus, regressions and seeded mutations; bounded)"
+cargo test --locked --test fuzz_smoke
 echo "== cargo test"
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT

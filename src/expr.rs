@@ -52,12 +52,44 @@ impl std::fmt::Debug for Condition {
 }
 
 impl Condition {
+    /// Compiles `source`. The CEL parser recurses deeply for every bracket (about 170 KiB
+    /// of stack a level unoptimised) and evaluation once per level of the expression, on
+    /// the stream's worker thread: so the source is bounded in length and nesting, the
+    /// parse runs on a thread of its own with a large stack, and a deeper expression is
+    /// refused instead of overflowing a stack later.
     pub fn compile(source: &str) -> Result<Self, ExprError> {
-        let program = ENV.compile(source).map_err(|e| ExprError::Parse {
+        let refuse = |message: String| ExprError::Parse {
             source_text: source.to_owned(),
-            message: e.to_string().trim().to_owned(),
-        })?;
-        let lazy_maps = maps_only_indexed(program.expression(), false);
+            message,
+        };
+        if source.len() > MAX_CONDITION_BYTES {
+            return Err(refuse(format!("longer than {MAX_CONDITION_BYTES} bytes")));
+        }
+        if bracket_depth(source) > MAX_BRACKET_DEPTH {
+            return Err(refuse(format!(
+                "brackets nested deeper than {MAX_BRACKET_DEPTH}"
+            )));
+        }
+        let parse = || -> Result<(Program, bool), String> {
+            let program = ENV
+                .compile(source)
+                .map_err(|e| e.to_string().trim().to_owned())?;
+            if !depth_within(program.expression(), MAX_EXPR_DEPTH) {
+                return Err(format!("nested deeper than {MAX_EXPR_DEPTH} levels"));
+            }
+            let lazy_maps = maps_only_indexed(program.expression(), false);
+            Ok((program, lazy_maps))
+        };
+        let parsed = std::thread::scope(|s| {
+            std::thread::Builder::new()
+                .name("cel-parse".to_owned())
+                .stack_size(PARSER_STACK)
+                .spawn_scoped(s, parse)
+                .map_err(|e| format!("cannot start the parser thread: {e}"))?
+                .join()
+                .map_err(|_| "the CEL parser failed".to_owned())?
+        });
+        let (program, lazy_maps) = parsed.map_err(refuse)?;
         Ok(Self {
             source: source.to_owned(),
             program,
@@ -86,6 +118,82 @@ impl Condition {
             }
         }
     }
+}
+
+/// Longest condition source accepted.
+const MAX_CONDITION_BYTES: usize = 4096;
+/// Deepest nesting of `(`, `[` and `{` accepted (outside string literals).
+const MAX_BRACKET_DEPTH: usize = 24;
+/// Deepest compiled expression accepted (a select chain, an operator chain, a macro).
+const MAX_EXPR_DEPTH: usize = 64;
+/// Stack of the parser's thread: reserved, and touched only as deep as a parse goes.
+const PARSER_STACK: usize = 64 << 20;
+
+/// How deep `(`, `[` and `{` nest in `src`, skipping quoted strings.
+fn bracket_depth(src: &str) -> usize {
+    let (mut depth, mut max) = (0usize, 0usize);
+    let mut quote: Option<u8> = None;
+    let mut escaped = false;
+    for &b in src.as_bytes() {
+        match quote {
+            Some(q) => {
+                if escaped {
+                    escaped = false;
+                } else if b == b'\\' {
+                    escaped = true;
+                } else if b == q {
+                    quote = None;
+                }
+            }
+            None => match b {
+                b'\'' | b'"' => quote = Some(b),
+                b'(' | b'[' | b'{' => {
+                    depth += 1;
+                    max = max.max(depth);
+                }
+                b')' | b']' | b'}' => depth = depth.saturating_sub(1),
+                _ => {}
+            },
+        }
+    }
+    max
+}
+
+/// True when no path from `e` down its tree is longer than `max` (walked without
+/// recursion: the tree has not been checked yet).
+fn depth_within<'a>(e: &'a IdedExpr, max: usize) -> bool {
+    let mut stack = vec![(e, 1usize)];
+    while let Some((e, d)) = stack.pop() {
+        if d > max {
+            return false;
+        }
+        let mut push = |c: &'a IdedExpr| stack.push((c, d + 1));
+        match &e.expr {
+            Expr::Call(c) => {
+                if let Some(t) = c.target.as_deref() {
+                    push(t);
+                }
+                c.args.iter().for_each(&mut push);
+            }
+            Expr::Comprehension(c) => {
+                [
+                    &c.iter_range,
+                    &c.accu_init,
+                    &c.loop_cond,
+                    &c.loop_step,
+                    &c.result,
+                ]
+                .into_iter()
+                .for_each(&mut push);
+            }
+            Expr::List(l) => l.elements.iter().for_each(&mut push),
+            Expr::Map(m) => m.entries.iter().flat_map(entry_exprs).for_each(&mut push),
+            Expr::Struct(s) => s.entries.iter().flat_map(entry_exprs).for_each(&mut push),
+            Expr::Select(s) => push(&s.operand),
+            Expr::Ident(_) | Expr::Literal(_) | Expr::Unspecified => {}
+        }
+    }
+    true
 }
 
 /// A map-valued name a [`MapView`] can stand for: `request.headers` (or `.header`),
@@ -657,22 +765,25 @@ impl Template {
         let mut parts = Vec::new();
         let mut lit = String::new();
         let mut rest = source;
+        // One pass: each `}` is looked at once, with the last `{` before it (only that one
+        // can open a name, which holds no `{`); re-scanning from every `{` was quadratic.
         while let Some(open) = rest.find('{') {
             let after = &rest[open + 1..];
-            match after.find('}') {
-                Some(close) if is_var_name(&after[..close]) => {
-                    lit.push_str(&rest[..open]);
-                    if !lit.is_empty() {
-                        parts.push(Part::Lit(std::mem::take(&mut lit)));
-                    }
-                    parts.push(Part::Var(after[..close].to_owned()));
-                    rest = &after[close + 1..];
+            let Some(close) = after.find('}') else {
+                break;
+            };
+            let start = after[..close].rfind('{').map_or(0, |j| j + 1);
+            let name = &after[start..close];
+            if is_var_name(name) {
+                lit.push_str(&rest[..open + start]);
+                if !lit.is_empty() {
+                    parts.push(Part::Lit(std::mem::take(&mut lit)));
                 }
-                _ => {
-                    lit.push_str(&rest[..=open]);
-                    rest = after;
-                }
+                parts.push(Part::Var(name.to_owned()));
+            } else {
+                lit.push_str(&rest[..open + 1 + close + 1]);
             }
+            rest = &after[close + 1..];
         }
         lit.push_str(rest);
         if !lit.is_empty() {

@@ -40,6 +40,18 @@ const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(2);
 /// Do not use a token this close to its expiry.
 const EXPIRY_MARGIN: Duration = Duration::from_secs(30);
 
+/// Longest lifetime believed from a token endpoint: `expires_in` and an ID token's `exp`
+/// come from outside, and `Instant + Duration` panics past the clock's range.
+const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
+/// When a token fetched at `now` with `lifetime` expires, and when to refresh it (halfway,
+/// or five minutes before expiry if later).
+fn token_times(now: Instant, lifetime: Duration) -> (Instant, Instant) {
+    let lifetime = lifetime.min(MAX_LIFETIME);
+    let refresh_in = (lifetime / 2).max(lifetime.saturating_sub(Duration::from_secs(300)));
+    (now + lifetime, now + refresh_in)
+}
+
 static FETCHES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     let c = IntCounterVec::new(
         prometheus::Opts::new(
@@ -285,13 +297,11 @@ impl TokenSlot {
             .inc();
         match result {
             Ok((value, lifetime)) => {
-                let now = Instant::now();
-                let refresh_in =
-                    (lifetime / 2).max(lifetime.saturating_sub(Duration::from_secs(300)));
+                let (expires, refresh_at) = token_times(Instant::now(), lifetime);
                 let token = Arc::new(Token {
                     value,
-                    expires: now + lifetime,
-                    refresh_at: now + refresh_in,
+                    expires,
+                    refresh_at,
                 });
                 self.current.store(Some(Arc::clone(&token)));
                 if let Ok(mut st) = self.state.lock() {
@@ -469,6 +479,17 @@ impl GoogleTokens {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn huge_token_lifetimes_are_capped_not_an_overflow() {
+        let now = super::Instant::now();
+        let (expires, refresh) = super::token_times(now, super::Duration::from_secs(u64::MAX));
+        assert_eq!(expires - now, super::MAX_LIFETIME);
+        assert!(refresh > now && refresh < expires);
+        let (expires, refresh) = super::token_times(now, super::Duration::from_secs(3600));
+        assert_eq!(expires - now, super::Duration::from_secs(3600));
+        assert_eq!(refresh - now, super::Duration::from_secs(3300));
+    }
+
     use super::*;
 
     #[test]

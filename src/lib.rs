@@ -10,6 +10,8 @@ pub mod config;
 pub mod consumer;
 pub mod expr;
 pub mod fault;
+#[doc(hidden)]
+pub mod fuzz_entry;
 pub mod google;
 pub mod http_client;
 pub mod jwks;

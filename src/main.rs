@@ -190,7 +190,7 @@ struct ServeArgs {
     #[arg(long, value_enum, default_value_t = NoMatch::Continue)]
     on_no_match: NoMatch,
     /// How often the configuration directory is re-read (in addition to file events).
-    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    #[arg(long, default_value = "2s", value_parser = parse_period)]
     reload_interval: Duration,
     /// After SIGTERM, how long tollgate stays up not ready (`/readyz` 503, gRPC health
     /// NOT_SERVING) while still serving new streams, so health checks move traffic away
@@ -314,20 +314,35 @@ fn api_auth(args: &ServeArgs) -> anyhow::Result<Option<ApiAuth>> {
     Ok(Some(ApiAuth::Bearer(token)))
 }
 
+/// Longest duration a flag accepts: far beyond any sensible value, and far enough from
+/// the clock's range that adding it to now cannot overflow.
+const MAX_FLAG_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("`{s}` is not a duration like 500ms, 2s, 1m, 1h");
     let (num, unit) = s
         .find(|c: char| !c.is_ascii_digit())
         .map_or((s, "s"), |i| s.split_at(i));
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration like 500ms, 2s, 1m, 1h"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        "h" => Ok(Duration::from_secs(n * 3600)),
-        _ => Err(format!("`{s}` is not a duration like 500ms, 2s, 1m, 1h")),
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let secs = |mult: u64| n.checked_mul(mult).map(Duration::from_secs);
+    let d = match unit {
+        "ms" => Some(Duration::from_millis(n)),
+        "s" => secs(1),
+        "m" => secs(60),
+        "h" => secs(3600),
+        _ => return Err(bad()),
+    };
+    d.filter(|d| *d <= MAX_FLAG_DURATION)
+        .ok_or_else(|| format!("`{s}` is longer than a year"))
+}
+
+/// A period something repeats at: a duration that is not zero (a timer cannot tick at 0).
+fn parse_period(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d.is_zero() {
+        return Err(format!("`{s}`: the period must not be zero"));
     }
+    Ok(d)
 }
 
 /// The configuration `tollgate serve` runs without `--config`.
@@ -672,4 +687,25 @@ async fn counters(
         }),
     );
     Ok((Counters::with_local(clock, local), checkpoint))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Flags took `n * 3600` unchecked (an overflow) and a zero reload interval panicked in
+    /// the timer; both are refused with a message now.
+    #[test]
+    fn zero_and_huge_flag_durations_are_refused() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
+        assert!(parse_duration("18446744073709551615h").is_err());
+        assert!(parse_duration("99999999999999s").is_err());
+        assert!(parse_duration("1x").is_err());
+        assert!(parse_duration("").is_err());
+        assert!(parse_period("0s").is_err());
+        assert_eq!(parse_period("2s"), Ok(Duration::from_secs(2)));
+    }
 }

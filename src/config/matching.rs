@@ -47,8 +47,12 @@ impl HostPattern {
         let bad =
             || format!("`{written}` is not a host name or a wildcard (`*`, `*.suffix`, `prefix*`)");
         let h = written.strip_suffix('.').unwrap_or(written);
+        if !h.is_ascii() {
+            return Err(format!(
+                "`{written}` is not ASCII: write an internationalised name in its punycode form (xn--…), as clients send it"
+            ));
+        }
         if h.is_empty()
-            || !h.is_ascii()
             || h.bytes().any(|b| {
                 b.is_ascii_whitespace() || b.is_ascii_control() || matches!(b, b'/' | b'?' | b'#')
             })

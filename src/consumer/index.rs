@@ -79,17 +79,42 @@ fn compile_segment(s: &str) -> Result<Seg, String> {
     Ok(Seg::Pieces(pieces))
 }
 
-fn match_pieces(pieces: &[Piece], s: &str) -> bool {
-    match pieces {
-        [] => s.is_empty(),
-        [Piece::Lit(l), rest @ ..] => s
-            .strip_prefix(l.as_str())
-            .is_some_and(|r| match_pieces(rest, r)),
-        [Piece::Var] => !s.is_empty(),
-        [Piece::Var, rest @ ..] => (1..=s.len())
-            .filter(|i| s.is_char_boundary(*i))
-            .any(|i| match_pieces(rest, &s[i..])),
+/// Matches one path segment in linear time: variables never follow each other, so a
+/// literal after a variable is taken at its leftmost occurrence past the variable's first
+/// character (leaving the most room for the rest), and a literal ending the segment must
+/// be its suffix. No backtracking, whatever the template.
+fn match_pieces(pieces: &[Piece], mut s: &str) -> bool {
+    let mut i = 0;
+    while let Some(piece) = pieces.get(i) {
+        match (piece, pieces.get(i + 1)) {
+            (Piece::Lit(l), _) => match s.strip_prefix(l.as_str()) {
+                Some(r) => s = r,
+                None => return false,
+            },
+            (Piece::Var, None) => return !s.is_empty(),
+            (Piece::Var, Some(Piece::Lit(l))) => {
+                let at = if i + 2 == pieces.len() {
+                    if s.len() <= l.len() || !s.ends_with(l.as_str()) {
+                        return false;
+                    }
+                    s.len() - l.len()
+                } else {
+                    let Some(first) = s.chars().next().map(char::len_utf8) else {
+                        return false;
+                    };
+                    match s[first..].find(l.as_str()) {
+                        Some(j) => first + j,
+                        None => return false,
+                    }
+                };
+                s = &s[at + l.len()..];
+                i += 1;
+            }
+            (Piece::Var, Some(Piece::Var)) => return false,
+        }
+        i += 1;
     }
+    s.is_empty()
 }
 
 /// True when `path` could mean another path to the upstream than the one matched here: a

@@ -233,6 +233,13 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
         .chain(delete.iter().flatten())
         .flat_map(Template::variables)
         .any(|v| v == "request.content" || v == "response.content");
+    // moka panics on a time-to-live over 1000 years: bound it at load (one year).
+    if spec.expiry_seconds > 365 * 24 * 3600 {
+        return Err(SpecError::new(
+            "expirySeconds",
+            "must be at most 31536000 (one year)",
+        ));
+    }
     let cache = (spec.expiry_seconds > 0).then(|| {
         moka::sync::Cache::builder()
             .max_capacity(10_000)

@@ -390,8 +390,12 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
 
 fn build_cache(ctx: &BuildContext, spec: serde_norway::Value) -> Result<ResponseCache, SpecError> {
     let spec: Spec = parse_spec(spec)?;
-    if spec.ttl_seconds == 0 {
-        return Err(SpecError::new("ttlSeconds", "must be greater than 0"));
+    // `Instant + ttl` panics past the clock's range: bound it at load (one year).
+    if spec.ttl_seconds == 0 || spec.ttl_seconds > 365 * 24 * 3600 {
+        return Err(SpecError::new(
+            "ttlSeconds",
+            "must be between 1 and 31536000 (one year)",
+        ));
     }
     if spec.max_entry_bytes == 0 || spec.max_entry_bytes as u64 > spec.max_cache_bytes {
         return Err(SpecError::new(

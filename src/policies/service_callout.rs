@@ -268,7 +268,7 @@ impl Breaker {
             return false;
         }
         // Half-open: one trial; everyone else waits for its result for another period.
-        let next = now + u64::try_from(self.open.as_nanos()).unwrap_or(u64::MAX);
+        let next = now.saturating_add(u64::try_from(self.open.as_nanos()).unwrap_or(u64::MAX));
         self.open_until
             .compare_exchange(until, next, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
@@ -286,7 +286,7 @@ impl Breaker {
         }
         let n = self.consecutive.fetch_add(1, Ordering::AcqRel) + 1;
         if n >= self.failures {
-            let until = now + u64::try_from(self.open.as_nanos()).unwrap_or(u64::MAX);
+            let until = now.saturating_add(u64::try_from(self.open.as_nanos()).unwrap_or(u64::MAX));
             self.open_until.store(until.max(1), Ordering::Release);
         }
     }
@@ -789,5 +789,20 @@ mod tests {
         assert!(b.admit_at(71));
         b.record_at(true, 72);
         assert!(b.admit_at(73) && b.admit_at(74), "closed again");
+    }
+
+    /// `openSeconds` comes from the configuration: a huge one overflowed the deadline sum.
+    #[test]
+    fn breaker_with_huge_open_period_does_not_overflow() {
+        let b = Breaker {
+            failures: 1,
+            open: Duration::from_secs(u64::MAX),
+            consecutive: AtomicU32::new(0),
+            open_until: AtomicU64::new(0),
+            epoch: Instant::now(),
+        };
+        b.record_at(false, 5);
+        assert!(!b.admit_at(6), "open");
+        assert!(!b.admit_at(u64::MAX - 1), "open until the end of time");
     }
 }

@@ -1,0 +1,3 @@
+#![no_main]
+//! See `tollgate::fuzz_entry::oas`.
+libfuzzer_sys::fuzz_target!(|data: &[u8]| tollgate::fuzz_entry::oas(data));
