@@ -294,10 +294,13 @@ impl VerifyApiKey {
             }
         };
         let path = path_model(ex.request.path());
-        let truncated = ex
-            .lookup("request.body.truncated")
-            .is_some_and(|v| v == "true");
-        let body_unread = (ex.request_body.is_none() && !ex.request_without_body) || truncated;
+        // The variable lookup only for a body that was read (it is set only then).
+        let body_unread = match ex.request_body {
+            None => !ex.request_without_body,
+            Some(_) => ex
+                .lookup("request.body.truncated")
+                .is_some_and(|v| v == "true"),
+        };
         if body_unread && path.is_none() {
             return models;
         }
@@ -479,10 +482,12 @@ fn body_model(body: &[u8]) -> Option<String> {
 /// `.../publishers/google/models/gemini-1.5-pro:streamGenerateContent`), percent-decoded.
 fn path_model(path: &str) -> Option<String> {
     let mut segments = path.rsplit('/');
-    let last = crate::vars::percent_decode(segments.next()?);
+    let last = segments.next()?;
     if segments.next()? != "models" {
+        // Most paths: no decoding (an allocation on every verified request).
         return None;
     }
+    let last = crate::vars::percent_decode(last);
     let (model, _method) = last.split_once(':')?;
     (!model.is_empty()).then(|| model.to_owned())
 }
