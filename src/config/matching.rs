@@ -133,11 +133,11 @@ fn escaped_by_envoy(b: u8) -> bool {
 /// The path of `uri` (query and fragment cut off) as the flow match compares it; see the
 /// module documentation. Already-normal paths are returned as they are, without copying.
 pub fn normalize_path(uri: &str) -> Cow<'_, str> {
+    if let Some(end) = normal_path_len(uri) {
+        return Cow::Borrowed(&uri[..end]);
+    }
     let end = uri.find(['?', '#']).unwrap_or(uri.len());
     let path = &uri[..end];
-    if is_normal(path) {
-        return Cow::Borrowed(path);
-    }
     // 1. Decode: escaped slashes and backslashes are separators, unreserved escapes their
     //    character; other escapes stay as written.
     let bytes = path.as_bytes();
@@ -209,27 +209,62 @@ pub fn normalize_path(uri: &str) -> Cow<'_, str> {
 
 /// True when [`normalize_path`] would not change `path` (query already cut off). Runs on
 /// every request: no allocation.
-fn is_normal(path: &str) -> bool {
-    let b = path.as_bytes();
-    if b.first() != Some(&b'/')
-        || b.iter()
-            .any(|&c| c == b'%' || c == b'\\' || escaped_by_envoy(c))
-    {
-        return false;
+/// The length of `uri`'s path (up to `?` or `#`) when that path is already normal: it
+/// starts with `/`, has no escape, backslash or byte Envoy would escape, and no empty, `.`
+/// or `..` segment except a final empty one (a trailing slash). One pass over the bytes, as
+/// it runs for every request.
+fn normal_path_len(uri: &str) -> Option<usize> {
+    let b = uri.as_bytes();
+    if b.first() != Some(&b'/') {
+        return None;
     }
-    // No empty, `.` or `..` segment, except a final empty one (a trailing slash).
-    let mut segments = b[1..].split(|&c| c == b'/').peekable();
-    while let Some(seg) = segments.next() {
-        if matches!(seg, b"." | b"..") || (seg.is_empty() && segments.peek().is_some()) {
-            return false;
+    let dot_or_empty = |seg: &[u8]| matches!(seg, b"" | b"." | b"..");
+    let mut seg_start = 1;
+    let mut i = 1;
+    while let Some(&c) = b.get(i) {
+        match c {
+            b'?' | b'#' => break,
+            b'/' => {
+                if dot_or_empty(&b[seg_start..i]) {
+                    return None;
+                }
+                seg_start = i + 1;
+            }
+            b'%' | b'\\' => return None,
+            c if escaped_by_envoy(c) => return None,
+            _ => {}
         }
+        i += 1;
     }
-    true
+    // The last segment may be empty (a trailing slash), not a dot segment.
+    (!matches!(&b[seg_start..i], b"." | b"..")).then_some(i)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The one-pass check for already-normal paths agrees with the full normalisation:
+    /// what it lets through unchanged is a fixed point, and what it refuses is changed.
+    #[test]
+    fn fast_path_agrees_with_normalisation() {
+        let parts = [
+            "", "/", "//", "a", ".", "..", "%2F", "%41", "\\", "?q", "#f", "é", " ", "v1",
+        ];
+        for a in parts {
+            for b in parts {
+                for c in parts {
+                    let uri = format!("/{a}{b}/{c}");
+                    let n = normalize_path(&uri);
+                    assert_eq!(normalize_path(&n), n, "{uri}");
+                    if let Some(end) = normal_path_len(&uri) {
+                        assert!(matches!(n, Cow::Borrowed(_)), "{uri}");
+                        assert_eq!(&uri[..end], n, "{uri}");
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn paths_normalise_as_envoy_does() {
