@@ -130,36 +130,25 @@ pub fn parse_request(endpoint: &Endpoint, body: &[u8]) -> Result<LlmRequest, Llm
         Api::AnthropicMessages => {
             r.stream = opt_bool(obj, "stream")?.unwrap_or(false);
             r.max_output_tokens = opt_u64(obj, "max_tokens")?;
-            match obj.get("system") {
-                None | Some(Value::Null) => {}
-                Some(Value::String(s)) => p.push(s),
-                Some(Value::Array(blocks)) => {
-                    for b in blocks {
-                        anthropic_block(b, &mut p)?;
-                    }
-                }
-                Some(_) => return Err(LlmError::field("system", "a string or an array")),
-            }
+            text_or_parts(
+                obj.get("system"),
+                &mut p,
+                "system",
+                "a string or an array",
+                anthropic_block,
+            )?;
             for m in opt_array(obj, "messages")?.into_iter().flatten() {
                 r.messages += 1;
                 let m = m
                     .as_object()
                     .ok_or(LlmError::field("messages", "an array of objects"))?;
-                match m.get("content") {
-                    None | Some(Value::Null) => {}
-                    Some(Value::String(s)) => p.push(s),
-                    Some(Value::Array(blocks)) => {
-                        for b in blocks {
-                            anthropic_block(b, &mut p)?;
-                        }
-                    }
-                    Some(_) => {
-                        return Err(LlmError::field(
-                            "messages[].content",
-                            "a string or an array",
-                        ))
-                    }
-                }
+                text_or_parts(
+                    m.get("content"),
+                    &mut p,
+                    "messages[].content",
+                    "a string or an array",
+                    anthropic_block,
+                )?;
             }
             r.tools = tools_text(obj, &["tools"]);
         }
@@ -260,25 +249,37 @@ fn openai_common(obj: &Map<String, Value>, r: &mut LlmRequest) -> Result<(), Llm
     Ok(())
 }
 
+/// Content that is text or an array of parts, each read by `part`; absent or null adds
+/// nothing, anything else is `field` not being `expected`.
+fn text_or_parts(
+    v: Option<&Value>,
+    p: &mut Prompt,
+    field: &'static str,
+    expected: &'static str,
+    part: fn(&Value, &mut Prompt) -> Result<(), LlmError>,
+) -> Result<(), LlmError> {
+    match v {
+        None | Some(Value::Null) => Ok(()),
+        Some(Value::String(s)) => {
+            p.push(s);
+            Ok(())
+        }
+        Some(Value::Array(parts)) => parts.iter().try_for_each(|x| part(x, p)),
+        Some(_) => Err(LlmError::field(field, expected)),
+    }
+}
+
 fn openai_message(m: &Value, p: &mut Prompt) -> Result<(), LlmError> {
     let m = m
         .as_object()
         .ok_or(LlmError::field("messages", "an array of objects"))?;
-    match m.get("content") {
-        None | Some(Value::Null) => {}
-        Some(Value::String(s)) => p.push(s),
-        Some(Value::Array(parts)) => {
-            for part in parts {
-                content_part(part, p)?;
-            }
-        }
-        Some(_) => {
-            return Err(LlmError::field(
-                "messages[].content",
-                "a string, an array or null",
-            ))
-        }
-    }
+    text_or_parts(
+        m.get("content"),
+        p,
+        "messages[].content",
+        "a string, an array or null",
+        content_part,
+    )?;
     if let Some(Value::String(s)) = m.get("refusal") {
         p.push(s);
     }
@@ -348,16 +349,13 @@ fn responses_item(item: &Value, p: &mut Prompt) -> Result<(), LlmError> {
         Value::Object(o) => o,
         _ => return Err(LlmError::field("input[]", "an object")),
     };
-    match o.get("content") {
-        None | Some(Value::Null) => {}
-        Some(Value::String(s)) => p.push(s),
-        Some(Value::Array(parts)) => {
-            for part in parts {
-                content_part(part, p)?;
-            }
-        }
-        Some(_) => return Err(LlmError::field("input[].content", "a string or an array")),
-    }
+    text_or_parts(
+        o.get("content"),
+        p,
+        "input[].content",
+        "a string or an array",
+        content_part,
+    )?;
     let kind = o.get("type").and_then(Value::as_str).unwrap_or("message");
     match kind {
         "function_call" | "custom_tool_call" => {
@@ -417,21 +415,13 @@ fn anthropic_block(b: &Value, p: &mut Prompt) -> Result<(), LlmError> {
                 p.push_json(i);
             }
         }
-        "tool_result" => match b.get("content") {
-            None | Some(Value::Null) => {}
-            Some(Value::String(s)) => p.push(s),
-            Some(Value::Array(blocks)) => {
-                for inner in blocks {
-                    anthropic_block(inner, p)?;
-                }
-            }
-            Some(_) => {
-                return Err(LlmError::field(
-                    "tool_result.content",
-                    "a string or an array",
-                ))
-            }
-        },
+        "tool_result" => text_or_parts(
+            b.get("content"),
+            p,
+            "tool_result.content",
+            "a string or an array",
+            anthropic_block,
+        )?,
         // A plain-text document is text the model reads.
         "document" => match b.get("source") {
             Some(s) if s.get("type").and_then(Value::as_str) == Some("text") => {
