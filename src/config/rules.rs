@@ -230,6 +230,11 @@ spec:
 ---
 {extra}"#
         );
+        compile_text(text)
+    }
+
+    /// Compiles one file's text: `Ok` or every error, as text.
+    fn compile_text(text: String) -> Result<(), String> {
         compile(
             &[SourceFile {
                 name: "r.yaml".into(),
@@ -292,15 +297,7 @@ metadata: {{name: sec}}
 spec: {{requiredPolicyTypes: [{required}]}}
 "#
         );
-        compile(
-            &[SourceFile {
-                name: "r.yaml".into(),
-                text,
-            }],
-            None,
-        )
-        .map(|_| ())
-        .map_err(|e| e.to_string())
+        compile_text(text)
     }
 
     /// A required type is met only by a step that runs on every request in the direction
