@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod config;
 pub mod consumer;
+pub mod direction;
 pub mod expr;
 pub mod fault;
 #[doc(hidden)]

@@ -21,7 +21,7 @@ use jsonwebtoken::{decode, Algorithm, DecodingKey, EncodingKey, Header, Validati
 use rsa::pkcs8::{EncodePrivateKey, EncodePublicKey};
 use serde_json::{json, Value};
 use tollgate::fault::Fault;
-use tollgate::pipeline::{Direction, Outcome, Policy};
+use tollgate::pipeline::{Direction, Hook, Outcome, Policy};
 use tollgate::policies::{builder, BuildContext};
 use tollgate::services::Services;
 use tollgate::vars::Exchange;
@@ -202,8 +202,8 @@ fn assign(services: &Services, dir: Option<&std::path::Path>, yaml: &str) -> Arc
 async fn run(p: &Arc<dyn Policy>) -> Result<Exchange, Fault> {
     let mut ex = Exchange::default();
     let r = match p.run(&mut ex, Direction::Request) {
-        Outcome::Ready(r) => r,
-        Outcome::Pending(f) => f.await,
+        Hook::Ready(o) => o.into_result().map(|a| assert!(a.is_none(), "unexpected answer")),
+        Hook::Pending(f) => f.await.into_result().map(|a| assert!(a.is_none(), "unexpected answer")),
     };
     r.map(|()| ex)
 }
@@ -248,7 +248,7 @@ async fn metadata_access_token_is_minted_once_for_concurrent_requests() {
     let mut ex = Exchange::default();
     assert!(matches!(
         p.run(&mut ex, Direction::Request),
-        Outcome::Ready(Ok(()))
+        Hook::Ready(Outcome::Continue)
     ));
 }
 
@@ -308,7 +308,7 @@ async fn tokens_are_refreshed_in_the_background_past_half_their_life() {
         let mut ex = Exchange::default();
         assert!(matches!(
             p.run(&mut ex, Direction::Request),
-            Outcome::Ready(Ok(()))
+            Hook::Ready(Outcome::Continue)
         ));
     }
     assert_eq!(g.token_calls.load(Ordering::SeqCst), 1);
@@ -320,7 +320,7 @@ async fn tokens_are_refreshed_in_the_background_past_half_their_life() {
     for _ in 0..20 {
         let mut ex = Exchange::default();
         assert!(
-            matches!(p.run(&mut ex, Direction::Request), Outcome::Ready(Ok(()))),
+            matches!(p.run(&mut ex, Direction::Request), Hook::Ready(Outcome::Continue)),
             "no request waits for the refresh"
         );
     }
@@ -499,9 +499,9 @@ async fn metadata_server_down_fails_fast() {
     for _ in 0..100 {
         let mut ex = Exchange::default();
         match p.run(&mut ex, Direction::Request) {
-            Outcome::Ready(Err(f)) => assert_eq!(f.status, 503),
-            Outcome::Ready(Ok(())) => panic!("no token can exist"),
-            Outcome::Pending(fut) => assert_eq!(fut.await.unwrap_err().status, 503),
+            Hook::Ready(Outcome::Reject(f)) => assert_eq!(f.status, 503),
+            Hook::Ready(Outcome::Continue) => panic!("no token can exist"),
+            Hook::Pending(fut) => assert_eq!(fut.await.unwrap_err().status, 503),
         };
     }
     assert!(

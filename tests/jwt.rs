@@ -21,7 +21,7 @@ use rsa::pkcs8::EncodePrivateKey;
 use rsa::traits::PublicKeyParts;
 use serde_json::{json, Value};
 use tollgate::fault::Fault;
-use tollgate::pipeline::{Direction, Outcome, Policy};
+use tollgate::pipeline::{Direction, Hook, Outcome, Policy};
 use tollgate::policies::{builder, BuildContext};
 use tollgate::services::Services;
 use tollgate::vars::{Exchange, Headers, RequestInfo};
@@ -178,8 +178,8 @@ fn exchange(token: &str) -> Exchange {
 
 async fn run(p: &Arc<dyn Policy>, ex: &mut Exchange) -> Result<(), Fault> {
     match p.run(ex, Direction::Request) {
-        Outcome::Ready(r) => r,
-        Outcome::Pending(f) => f.await,
+        Hook::Ready(o) => o.into_result().map(|a| assert!(a.is_none(), "unexpected answer")),
+        Hook::Pending(f) => f.await.into_result().map(|a| assert!(a.is_none(), "unexpected answer")),
     }
 }
 
@@ -400,7 +400,7 @@ fn verify_at_once(p: &Arc<dyn Policy>, token: &str, n: usize) {
     for _ in 0..n {
         let mut ex = exchange(token);
         assert!(
-            matches!(p.run(&mut ex, Direction::Request), Outcome::Ready(Ok(()))),
+            matches!(p.run(&mut ex, Direction::Request), Hook::Ready(Outcome::Continue)),
             "answered from the cached set"
         );
     }
@@ -533,6 +533,6 @@ async fn inline_keys_and_google_preset() {
     let mut ex = exchange(&rs.token(&claims()));
     assert!(matches!(
         inline.run(&mut ex, Direction::Request),
-        Outcome::Ready(Ok(()))
+        Hook::Ready(Outcome::Continue)
     ));
 }

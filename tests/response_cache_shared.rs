@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tollgate::fault::Fault;
-use tollgate::pipeline::{Direction, Outcome, Policy};
+use tollgate::pipeline::{Direction, Hook, Outcome, Policy};
 use tollgate::policies::{response_cache, BuildContext};
 use tollgate::services::Services;
 use tollgate::vars::{Exchange, Headers, RequestInfo, ResponseInfo};
@@ -106,8 +106,8 @@ fn request(uri: &str) -> Exchange {
 
 async fn run(p: &Arc<dyn Policy>, ex: &mut Exchange, dir: Direction) -> Result<(), Fault> {
     match p.run(ex, dir) {
-        Outcome::Ready(r) => r,
-        Outcome::Pending(f) => f.await,
+        Hook::Ready(o) => o.into_result().map(|a| assert!(a.is_none(), "unexpected answer")),
+        Hook::Pending(f) => f.await.into_result().map(|a| assert!(a.is_none(), "unexpected answer")),
     }
 }
 

@@ -1451,7 +1451,7 @@ mod redis_only {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn response_cache_shared_tier_serves_other_replicas() {
-    use tollgate::pipeline::{Direction, Outcome, Policy};
+    use tollgate::pipeline::{Direction, Hook, Outcome, Policy};
     use tollgate::policies::{builder, BuildContext};
     use tollgate::vars::{Exchange, Headers, RequestInfo, ResponseInfo};
 
@@ -1480,8 +1480,8 @@ async fn response_cache_shared_tier_serves_other_replicas() {
         };
         async fn run(p: &Arc<dyn Policy>, ex: &mut Exchange, dir: Direction) -> bool {
             let r = match p.run(ex, dir) {
-                Outcome::Ready(r) => r,
-                Outcome::Pending(f) => f.await,
+                Hook::Ready(o) => o.into_result().map(|a| assert!(a.is_none(), "unexpected answer")),
+                Hook::Pending(f) => f.await.into_result().map(|a| assert!(a.is_none(), "unexpected answer")),
             };
             r.is_err()
         }
@@ -1500,7 +1500,7 @@ async fn response_cache_shared_tier_serves_other_replicas() {
         let mut found = None;
         for _ in 0..50 {
             let mut ex = request();
-            if let Outcome::Pending(f) = b.run(&mut ex, Direction::Request) {
+            if let Hook::Pending(f) = b.run(&mut ex, Direction::Request) {
                 if let Err(fault) = f.await {
                     found = Some(fault);
                     break;

@@ -289,7 +289,7 @@ impl ConfigManager {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pipeline::{Direction, Outcome};
+    use crate::pipeline::{Direction, Hook, Outcome};
     use crate::vars::Exchange;
 
     const CONFIG: &str = "apiVersion: tollgate.dev/v1alpha1\nkind: Policy\nmetadata: {name: tag}\nspec: {type: JavaScript, file: scripts/tag.js}\n";
@@ -297,7 +297,7 @@ mod tests {
     fn tag(m: &ConfigManager) -> Option<String> {
         let snap = m.snapshot();
         let mut ex = Exchange::default();
-        let Outcome::Ready(r) = snap.policies["tag"].run(&mut ex, Direction::Request) else {
+        let Hook::from(r) = snap.policies["tag"].run(&mut ex, Direction::Request) else {
             panic!("scripts answer at once");
         };
         r.unwrap();

@@ -47,7 +47,7 @@ use serde::Deserialize;
 
 use super::{check_header_name, parse_spec, read_config_file, valid_header_value, BuildContext, SpecError};
 use crate::fault::Fault;
-use crate::pipeline::{Direction, Outcome, Policy};
+use crate::pipeline::{Direction, Hook, Policy};
 use crate::vars::{Exchange, Value, ValueRef};
 
 pub const TYPE: &str = "JavaScript";
@@ -835,7 +835,7 @@ impl Policy for JavaScript {
         self.needs_body && self.replaces_body
     }
 
-    fn run<'a>(&'a self, ex: &'a mut Exchange, dir: Direction) -> Outcome<'a> {
+    fn run<'a>(&'a self, ex: &'a mut Exchange, dir: Direction) -> Hook<'a> {
         let result = WORKER.with(|w| {
             let mut w = w.borrow_mut();
             if w.is_none() {
@@ -876,6 +876,6 @@ impl Policy for JavaScript {
             }
         };
         metric.inc();
-        Outcome::Ready(fault.map_or(Ok(()), Err))
+        Hook::from(fault.map_or(Ok(()), Err))
     }
 }

@@ -36,7 +36,7 @@ use super::{parse_spec, BuildContext, SpecError};
 use crate::expr::Template;
 use crate::fault::Fault;
 use crate::kvm::{check_key, check_value, KvmEntry};
-use crate::pipeline::{Direction, Outcome, Policy};
+use crate::pipeline::{Direction, Hook, Outcome, Policy};
 use crate::store::StoreError;
 use crate::vars::Exchange;
 
@@ -450,7 +450,7 @@ impl Policy for KeyValueMap {
         self.reads_body
     }
 
-    fn run<'a>(&'a self, ex: &'a mut Exchange, _dir: Direction) -> Outcome<'a> {
+    fn run<'a>(&'a self, ex: &'a mut Exchange, _dir: Direction) -> Hook<'a> {
         // Gets answered from the files or the read cache need no store round trip.
         let mut pending = Vec::new();
         for (i, g) in self.get.iter().enumerate() {
@@ -472,9 +472,9 @@ impl Policy for KeyValueMap {
             }
         }
         if pending.is_empty() && self.put.is_empty() && self.delete.is_empty() {
-            return Outcome::Ready(Ok(()));
+            return Hook::Ready(Outcome::Continue);
         }
-        Outcome::Pending(Box::pin(self.run_async(ex, pending)))
+        Hook::wait(self.run_async(ex, pending))
     }
 }
 
@@ -496,8 +496,8 @@ mod tests {
 
     async fn run(p: &Arc<dyn Policy>, ex: &mut Exchange) -> Result<(), Fault> {
         match p.run(ex, Direction::Request) {
-            Outcome::Ready(r) => r,
-            Outcome::Pending(f) => f.await,
+            Hook::Ready(o) => o.into_result().map(|a| assert!(a.is_none(), "unexpected answer")),
+            Hook::Pending(f) => f.await.into_result().map(|a| assert!(a.is_none(), "unexpected answer")),
         }
     }
 

@@ -34,7 +34,7 @@ use serde_json::{json, Map, Value};
 
 use super::{parse_spec, BuildContext, SpecError};
 use crate::fault::Fault;
-use crate::pipeline::{Direction, Outcome, Policy};
+use crate::pipeline::{Direction, Hook, Policy};
 use crate::vars::{percent_decode, query_pairs, Exchange};
 
 pub const TYPE: &str = "OasValidation";
@@ -1913,8 +1913,8 @@ impl Policy for OasValidation {
         }
     }
 
-    fn run<'a>(&'a self, ex: &'a mut Exchange, dir: Direction) -> Outcome<'a> {
-        Outcome::Ready(match dir {
+    fn run<'a>(&'a self, ex: &'a mut Exchange, dir: Direction) -> Hook<'a> {
+        Hook::from(match dir {
             Direction::Request => self.check_request(ex),
             Direction::Response => {
                 if self.response == ResponseMode::Off {
@@ -1961,8 +1961,8 @@ mod tests {
 
     fn run(p: &Arc<dyn Policy>, ex: &mut Exchange, dir: Direction) -> Result<(), Fault> {
         match p.run(ex, dir) {
-            Outcome::Ready(r) => r,
-            Outcome::Pending(_) => panic!("OasValidation never waits"),
+            Hook::Ready(o) => o.into_result().map(|a| assert!(a.is_none(), "unexpected answer")),
+            Hook::Pending(_) => panic!("OasValidation never waits"),
         }
     }
 

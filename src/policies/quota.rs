@@ -37,7 +37,7 @@ use serde::Deserialize;
 use super::{parse_spec, BuildContext, SpecError};
 use crate::expr::Template;
 use crate::fault::Fault;
-use crate::pipeline::{Direction, Outcome, Policy};
+use crate::pipeline::{Direction, Hook, Outcome, Policy};
 use crate::ratelimit::policy::{self as rl, NumberSpec, Setting};
 use crate::ratelimit::window::{self, Unit};
 use crate::ratelimit::{
@@ -610,20 +610,20 @@ impl Policy for Quota {
         TYPE
     }
 
-    fn run<'a>(&'a self, ex: &'a mut Exchange, _dir: Direction) -> Outcome<'a> {
+    fn run<'a>(&'a self, ex: &'a mut Exchange, _dir: Direction) -> Hook<'a> {
         let p = match self.prepare(ex) {
             Ok(p) => p,
             Err(f) => {
                 self.metrics.error.inc();
-                return Outcome::Ready(Err(f));
+                return Hook::Ready(Outcome::Reject(f));
             }
         };
         match self.counters.decide(p.ask.clone()) {
-            Pending::Ready(r) => Outcome::Ready(self.finish(ex, p, r)),
-            Pending::Wait(fut) => Outcome::Pending(Box::pin(async move {
+            Pending::Ready(r) => Hook::from(self.finish(ex, p, r)),
+            Pending::Wait(fut) => Hook::wait(async move {
                 let r = fut.await;
                 self.finish(ex, p, r)
-            })),
+            }),
         }
     }
 }
@@ -667,8 +667,8 @@ mod tests {
 
     fn run(p: &Arc<dyn Policy>, ex: &mut Exchange) -> Result<(), Fault> {
         match p.run(ex, Direction::Request) {
-            Outcome::Ready(r) => r,
-            Outcome::Pending(_) => panic!("memory counters decide at once"),
+            Hook::Ready(o) => o.into_result().map(|a| assert!(a.is_none(), "unexpected answer")),
+            Hook::Pending(_) => panic!("memory counters decide at once"),
         }
     }
 

@@ -45,8 +45,7 @@ use sha2::{Digest, Sha256};
 
 use super::{parse_spec, BuildContext, SpecError};
 use crate::expr::{Condition, Template};
-use crate::fault::Fault;
-use crate::pipeline::{Direction, Outcome, Policy};
+use crate::pipeline::{Answer, Direction, Hook, Hooks, Outcome, Policy};
 use crate::vars::{Exchange, Headers, ResponseInfo};
 
 pub const TYPE: &str = "ResponseCache";
@@ -696,11 +695,17 @@ impl ResponseCache {
                 .all(|(_, coding)| accepts_encoding(h.get("accept-encoding"), coding))
     }
 
-    fn hit(&self, e: &Entry) -> Fault {
+    fn hit(&self, e: &Entry) -> Outcome {
         let mut headers = e.headers.clone();
         headers.push(("age".into(), e.stored.elapsed().as_secs().to_string()));
         headers.push((self.status_header.clone(), "tollgate; hit".into()));
-        Fault::answer(e.status, HIT, headers, e.content_type.clone(), e.body.clone())
+        Outcome::Respond(Box::new(Answer::new(
+            e.status,
+            HIT,
+            headers,
+            e.content_type.clone(),
+            e.body.clone(),
+        )))
     }
 
     fn release(&self, key: &Key) {
@@ -711,9 +716,9 @@ impl ResponseCache {
         }
     }
 
-    fn lookup<'a>(&'a self, ex: &'a mut Exchange) -> Outcome<'a> {
+    fn lookup<'a>(&'a self, ex: &'a mut Exchange) -> Hook<'a> {
         let Some(key) = self.key(ex) else {
-            return Outcome::Ready(Ok(()));
+            return Hook::CONTINUE;
         };
         ex.set_var(self.key_var.clone(), hex(&key));
         if self.scope != Scope::App && Self::credentialed(ex) {
@@ -721,31 +726,31 @@ impl ResponseCache {
         }
         if self.skip_lookup.as_ref().is_some_and(|c| c.eval(ex)) {
             ex.set_var(self.bypass_var.clone(), true);
-            return Outcome::Ready(Ok(()));
+            return Hook::CONTINUE;
         }
         if let Some(e) = self.store.get(&key) {
             if Self::usable(&e, ex) {
-                return Outcome::Ready(Err(self.hit(&e)));
+                return Hook::Ready(self.hit(&e));
             }
             // Another variant (or coding) is stored: go upstream; the answer replaces it.
-            return Outcome::Ready(Ok(()));
+            return Hook::CONTINUE;
         }
         if self.shared.is_none() && self.inflight.is_none() {
-            return Outcome::Ready(Ok(()));
+            return Hook::CONTINUE;
         }
-        Outcome::Pending(Box::pin(async move {
+        Hook::Pending(Box::pin(async move {
             if let Some(sh) = &self.shared {
                 if let Some(e) = sh.get(&key).await {
                     let e = Arc::new(e);
                     self.store.insert(key, e.clone());
                     if Self::usable(&e, ex) {
-                        return Err(self.hit(&e));
+                        return self.hit(&e);
                     }
-                    return Ok(());
+                    return Outcome::Continue;
                 }
             }
             let Some(inflight) = &self.inflight else {
-                return Ok(());
+                return Outcome::Continue;
             };
             let mut leader = false;
             let notify = inflight.get_with(key, || {
@@ -753,13 +758,13 @@ impl ResponseCache {
                 Arc::new(tokio::sync::Notify::new())
             });
             if leader {
-                return Ok(());
+                return Outcome::Continue;
             }
             // Another request for this key is upstream: wait (bounded) for it to populate.
             let _ = tokio::time::timeout(self.coalesce_wait, notify.notified()).await;
             match self.store.get(&key) {
-                Some(e) if Self::usable(&e, ex) => Err(self.hit(&e)),
-                _ => Ok(()),
+                Some(e) if Self::usable(&e, ex) => self.hit(&e),
+                _ => Outcome::Continue,
             }
         }))
     }
@@ -892,23 +897,37 @@ impl Policy for ResponseCache {
         dir == Direction::Request && self.body_methods
     }
 
-    fn run<'a>(&'a self, ex: &'a mut Exchange, dir: Direction) -> Outcome<'a> {
-        match dir {
-            Direction::Request => self.lookup(ex),
-            Direction::Response => {
-                self.on_response(ex);
-                Outcome::Ready(Ok(()))
-            }
+    fn hooks(&self) -> Hooks {
+        Hooks {
+            response_copy: true,
+            ..Hooks::default()
         }
     }
 
-    fn observe(&self, ex: &mut Exchange, dir: Direction, body: &[u8]) {
-        if dir != Direction::Response || !ex.vars.contains_key(&self.populate_var) {
-            return;
+    fn request_headers<'a>(&'a self, ex: &'a mut Exchange) -> Hook<'a> {
+        self.lookup(ex)
+    }
+
+    fn request_body<'a>(&'a self, ex: &'a mut Exchange) -> Hook<'a> {
+        self.lookup(ex)
+    }
+
+    fn response_headers<'a>(&'a self, ex: &'a mut Exchange) -> Hook<'a> {
+        self.on_response(ex);
+        Hook::CONTINUE
+    }
+
+    /// The copy of a response that streamed past: stored when the headers said it may be.
+    fn response_end<'a>(&'a self, ex: &'a mut Exchange) -> Hook<'a> {
+        if !ex.vars.contains_key(&self.populate_var) {
+            return Hook::CONTINUE;
         }
         if let Some(key) = ex.lookup(&self.key_var).and_then(|k| unhex(&k)) {
-            self.store_entry(ex, key, body);
+            let body = ex.response_body.take().unwrap_or_default();
+            self.store_entry(ex, key, &body);
+            ex.response_body = Some(body);
         }
+        Hook::CONTINUE
     }
 }
 
@@ -936,11 +955,49 @@ mod tests {
         }
     }
 
-    async fn run(p: &Arc<dyn Policy>, ex: &mut Exchange, dir: Direction) -> Result<(), Fault> {
-        match p.run(ex, dir) {
-            Outcome::Ready(r) => r,
-            Outcome::Pending(f) => f.await,
+    /// Where a step stopped the exchange: a served answer (a hit) or a fault.
+    #[derive(Debug)]
+    struct Stop {
+        answer: bool,
+        status: u16,
+        headers: Vec<(String, String)>,
+        /// (content type, bytes)
+        body: Option<(String, Vec<u8>)>,
+    }
+
+    impl Stop {
+        fn is_answer(&self) -> bool {
+            self.answer
         }
+    }
+
+    async fn run(p: &Arc<dyn Policy>, ex: &mut Exchange, dir: Direction) -> Result<(), Stop> {
+        match p.run(ex, dir).outcome().await {
+            Outcome::Continue => Ok(()),
+            Outcome::Respond(a) => {
+                let ct = a.headers.iter().find(|(n, _)| n == "content-type").map(|(_, v)| v.clone());
+                Err(Stop {
+                    answer: true,
+                    status: a.status,
+                    headers: a.headers.clone(),
+                    body: ct.map(|ct| (ct, a.body)),
+                })
+            }
+            Outcome::Reject(f) => Err(Stop {
+                answer: false,
+                status: f.status,
+                headers: f.headers,
+                body: f.body,
+            }),
+        }
+    }
+
+    /// What the stream does at the end of a response that streamed past with a copy.
+    fn observe(p: &Arc<dyn Policy>, ex: &mut Exchange, body: &[u8]) {
+        assert!(p.hooks().response_copy);
+        ex.response_body = Some(body.to_vec());
+        assert!(matches!(p.response_end(ex), Hook::Ready(Outcome::Continue)));
+        ex.response_body = None;
     }
 
     /// Runs a miss through: request, response headers, captured body.
@@ -957,7 +1014,7 @@ mod tests {
             let limit = ex.response_capture;
             ex.response_capture = 0;
             if body.len() <= limit {
-                p.observe(ex, Direction::Response, body.as_bytes());
+                observe(p, ex, body.as_bytes());
             }
         }
     }
@@ -1072,7 +1129,7 @@ mod tests {
         h.push(":status".into(), "200".into());
         first.response = Some(ResponseInfo { status: 200, headers: h });
         run(&p, &mut first, Direction::Response).await.unwrap();
-        p.observe(&mut first, Direction::Response, b"shared");
+        observe(&p, &mut first, b"shared");
         let f = follower.await.unwrap().unwrap_err();
         assert_eq!(f.body.unwrap().1, b"shared");
     }

@@ -45,7 +45,7 @@ use super::{check_header_name, parse_spec, read_config_file, valid_header_value,
 use crate::expr::Template;
 use crate::fault::Fault;
 use crate::http_client::{HttpClient, HttpError, HttpResponse};
-use crate::pipeline::{Direction, Outcome, Policy};
+use crate::pipeline::{Direction, Hook, Outcome, Policy};
 use crate::vars::{Exchange, Value, ValueRef, VarSource};
 
 pub const TYPE: &str = "ServiceCallout";
@@ -648,7 +648,7 @@ impl Policy for ServiceCallout {
         self.reads_body
     }
 
-    fn run<'a>(&'a self, ex: &'a mut Exchange, _dir: Direction) -> Outcome<'a> {
+    fn run<'a>(&'a self, ex: &'a mut Exchange, _dir: Direction) -> Hook<'a> {
         let fail = |ex: &mut Exchange, status: u16, code: &str, result: &str, message: String| {
             CALLOUTS.with_label_values(&[self.name.as_str(), result]).inc();
             ex.add_source(Box::new(CalloutVars {
@@ -659,7 +659,7 @@ impl Policy for ServiceCallout {
                 json: Vec::new(),
                 error: Some(message.clone()),
             }));
-            Outcome::Ready(Err(Fault::new(status, format!("steps.servicecallout.{code}"), message)))
+            Hook::Ready(Outcome::Reject(Fault::new(status, format!("steps.servicecallout.{code}"), message)))
         };
         // Variables are percent-encoded: a header value cannot add query parameters or
         // path segments of its own.
@@ -686,7 +686,7 @@ impl Policy for ServiceCallout {
             .as_ref()
             .map(|t| Bytes::from(t.render(ex)))
             .unwrap_or_default();
-        Outcome::Pending(Box::pin(self.execute(ex, url, headers, body)))
+        Hook::wait(self.execute(ex, url, headers, body))
     }
 }
 

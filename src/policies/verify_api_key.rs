@@ -43,7 +43,7 @@ use crate::consumer::service::Consumers;
 use crate::consumer::QuotaSettings;
 use crate::expr::Template;
 use crate::fault::Fault;
-use crate::pipeline::{Direction, Outcome, Policy};
+use crate::pipeline::{Direction, Hook, Policy};
 use crate::vars::{Exchange, ValueRef, VarSource};
 
 pub const TYPE: &str = "VerifyApiKey";
@@ -536,8 +536,8 @@ impl Policy for VerifyApiKey {
             .collect()
     }
 
-    fn run<'a>(&'a self, ex: &'a mut Exchange, _dir: Direction) -> Outcome<'a> {
-        Outcome::Ready(self.verify(ex))
+    fn run<'a>(&'a self, ex: &'a mut Exchange, _dir: Direction) -> Hook<'a> {
+        Hook::from(self.verify(ex))
     }
 }
 
@@ -670,8 +670,8 @@ mod tests {
 
     fn run(p: &Arc<dyn Policy>, ex: &mut Exchange) -> Result<(), Fault> {
         match p.run(ex, Direction::Request) {
-            Outcome::Ready(r) => r,
-            Outcome::Pending(_) => panic!("VerifyApiKey is synchronous"),
+            Hook::Ready(o) => o.into_result().map(|a| assert!(a.is_none(), "unexpected answer")),
+            Hook::Pending(_) => panic!("VerifyApiKey is synchronous"),
         }
     }
 

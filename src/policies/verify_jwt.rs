@@ -34,7 +34,7 @@ use serde::Deserialize;
 use super::{check_header_name, parse_spec, read_config_file, BuildContext, SpecError};
 use crate::fault::Fault;
 use crate::jwks::{Fetched, Key, KeySet, Lookup, Reason, RemoteKeySet, RemoteOptions};
-use crate::pipeline::{Direction, Outcome, Policy};
+use crate::pipeline::{Direction, Hook, Outcome, Policy};
 use crate::vars::{Exchange, Value, ValueRef, VarSource};
 
 pub const TYPE: &str = "VerifyJwt";
@@ -689,9 +689,9 @@ impl Policy for VerifyJwt {
         TYPE
     }
 
-    fn run<'a>(&'a self, ex: &'a mut Exchange, _dir: Direction) -> Outcome<'a> {
+    fn run<'a>(&'a self, ex: &'a mut Exchange, _dir: Direction) -> Hook<'a> {
         let Some(token) = self.find_token(ex) else {
-            return Outcome::Ready(Err(Fault::new(
+            return Hook::Ready(Outcome::Reject(Fault::new(
                 401,
                 "steps.jwt.FailedToResolveVariable",
                 "No token in the request",
@@ -708,16 +708,16 @@ impl Policy for VerifyJwt {
                 prefix: Arc::clone(&self.prefix),
                 vars,
             }));
-            return Outcome::Ready(Ok(()));
+            return Hook::Ready(Outcome::Continue);
         }
         let parsed = match self.parse(&token) {
             Ok(p) => p,
-            Err(f) => return Outcome::Ready(Err(f)),
+            Err(f) => return Hook::Ready(Outcome::Reject(f)),
         };
         let remote = match &self.keys {
             Keys::Static(set) => {
                 let token = token.into_owned();
-                return Outcome::Ready(self.verify_with(&token, &parsed, set, 0, ex));
+                return Hook::from(self.verify_with(&token, &parsed, set, 0, ex));
             }
             Keys::Remote(r) => r,
         };
@@ -726,16 +726,16 @@ impl Policy for VerifyJwt {
             Some(f) => match f.set.find(parsed.kid.as_deref(), parsed.alg) {
                 Lookup::Found(k) => {
                     let token = token.into_owned();
-                    return Outcome::Ready(self.finish(&token, &parsed, k, f.generation, ex));
+                    return Hook::from(self.finish(&token, &parsed, k, f.generation, ex));
                 }
-                Lookup::Ambiguous => return Outcome::Ready(Err(self.no_key(&Lookup::Ambiguous))),
+                Lookup::Ambiguous => return Hook::Ready(Outcome::Reject(self.no_key(&Lookup::Ambiguous))),
                 Lookup::UnknownKid => Reason::UnknownKid,
             },
             None => Reason::Initial,
         };
         let token = token.into_owned();
         let remote = Arc::clone(remote);
-        Outcome::Pending(Box::pin(async move {
+        Hook::wait(async move {
             let set: Arc<Fetched> = match remote.refresh(reason).await {
                 Ok(s) => s,
                 // Rate limited or failed: answer from what is cached, if anything.
@@ -745,7 +745,7 @@ impl Policy for VerifyJwt {
                 },
             };
             self.verify_with(&token, &parsed, &set.set, set.generation, ex)
-        }))
+        })
     }
 }
 
@@ -793,8 +793,8 @@ mod tests {
 
     fn run(p: &Arc<dyn Policy>, ex: &mut Exchange) -> Result<(), Fault> {
         match p.run(ex, Direction::Request) {
-            Outcome::Ready(r) => r,
-            Outcome::Pending(_) => panic!("static keys answer at once"),
+            Hook::Ready(o) => o.into_result().map(|a| assert!(a.is_none(), "unexpected answer")),
+            Hook::Pending(_) => panic!("static keys answer at once"),
         }
     }
 
