@@ -61,7 +61,7 @@ fn main() {
         for p in [&spike, &quota] {
             match p.run(&mut ex, Direction::Request) {
                 Hook::Ready(Outcome::Continue) => {}
-                Hook::Ready(Outcome::Reject(f)) => panic!("refused: {f:?}"),
+                Hook::Ready(o) => panic!("refused: {o:?}"),
                 Hook::Pending(_) => panic!("memory counters decide at once"),
             }
         }

@@ -16,7 +16,7 @@ use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::json;
 use tollgate::fault::Fault;
-use tollgate::pipeline::{Direction, Hook, Outcome, Policy};
+use tollgate::pipeline::{Direction, Hook, Policy};
 use tollgate::policies::service_callout::Egress;
 use tollgate::policies::{builder, BuildContext, SpecError};
 use tollgate::services::Services;
@@ -143,8 +143,13 @@ fn exchange() -> Exchange {
 
 async fn run(p: &Arc<dyn Policy>, ex: &mut Exchange) -> Result<(), Fault> {
     match p.run(ex, Direction::Request) {
-        Hook::Ready(o) => o.into_result().map(|a| assert!(a.is_none(), "unexpected answer")),
-        Hook::Pending(f) => f.await.into_result().map(|a| assert!(a.is_none(), "unexpected answer")),
+        Hook::Ready(o) => o
+            .into_result()
+            .map(|a| assert!(a.is_none(), "unexpected answer")),
+        Hook::Pending(f) => f
+            .await
+            .into_result()
+            .map(|a| assert!(a.is_none(), "unexpected answer")),
     }
 }
 

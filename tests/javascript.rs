@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tollgate::fault::Fault;
-use tollgate::pipeline::{Direction, Hook, Outcome, Policy};
+use tollgate::pipeline::{Direction, Hook, Policy};
 use tollgate::policies::{builder, BuildContext, SpecError};
 use tollgate::vars::{Exchange, Headers, RequestInfo, ResponseInfo};
 
@@ -46,7 +46,9 @@ fn exchange() -> Exchange {
 
 fn run(p: &Arc<dyn Policy>, ex: &mut Exchange) -> Result<(), Fault> {
     match p.run(ex, Direction::Request) {
-        Hook::Ready(o) => o.into_result().map(|a| assert!(a.is_none(), "unexpected answer")),
+        Hook::Ready(o) => o
+            .into_result()
+            .map(|a| assert!(a.is_none(), "unexpected answer")),
         Hook::Pending(_) => panic!("scripts answer at once"),
     }
 }
@@ -110,7 +112,10 @@ fn response_phase_sees_status_and_headers() {
         headers: h,
     });
     match p.run(&mut ex, Direction::Response) {
-        Hook::Ready(o) => o.into_result().map(|a| assert!(a.is_none(), "unexpected answer")).unwrap(),
+        Hook::Ready(o) => o
+            .into_result()
+            .map(|a| assert!(a.is_none(), "unexpected answer"))
+            .unwrap(),
         Hook::Pending(_) => panic!(),
     }
     let set = ex.take_mutations(Direction::Response).set;

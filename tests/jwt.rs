@@ -178,8 +178,13 @@ fn exchange(token: &str) -> Exchange {
 
 async fn run(p: &Arc<dyn Policy>, ex: &mut Exchange) -> Result<(), Fault> {
     match p.run(ex, Direction::Request) {
-        Hook::Ready(o) => o.into_result().map(|a| assert!(a.is_none(), "unexpected answer")),
-        Hook::Pending(f) => f.await.into_result().map(|a| assert!(a.is_none(), "unexpected answer")),
+        Hook::Ready(o) => o
+            .into_result()
+            .map(|a| assert!(a.is_none(), "unexpected answer")),
+        Hook::Pending(f) => f
+            .await
+            .into_result()
+            .map(|a| assert!(a.is_none(), "unexpected answer")),
     }
 }
 
@@ -400,7 +405,10 @@ fn verify_at_once(p: &Arc<dyn Policy>, token: &str, n: usize) {
     for _ in 0..n {
         let mut ex = exchange(token);
         assert!(
-            matches!(p.run(&mut ex, Direction::Request), Hook::Ready(Outcome::Continue)),
+            matches!(
+                p.run(&mut ex, Direction::Request),
+                Hook::Ready(Outcome::Continue)
+            ),
             "answered from the cached set"
         );
     }

@@ -292,7 +292,9 @@ mod tests {
         fn response_chunk(&self, _ex: &mut Exchange, chunk: &mut Chunk) -> ChunkAction {
             self.seen.call(!self.events || chunk.whole_events);
             if chunk.whole_events && !chunk.end_of_stream {
-                assert!(chunk.events().all(|e| e.ends_with(b"\n") || e.ends_with(b"\r")));
+                assert!(chunk
+                    .events()
+                    .all(|e| e.ends_with(b"\n") || e.ends_with(b"\r")));
             }
             let text = String::from_utf8_lossy(&chunk.data).replace("secret", "*****");
             if let Some(at) = text.find("stop") {
@@ -340,11 +342,7 @@ mod tests {
         }
     }
 
-    fn run(
-        steps: &[(Step, ChunkSpec)],
-        ex: &mut Exchange,
-        chunks: &[&str],
-    ) -> (Vec<String>, bool) {
+    fn run(steps: &[(Step, ChunkSpec)], ex: &mut Exchange, chunks: &[&str]) -> (Vec<String>, bool) {
         let mut r = ChunkRunner::start(steps, ex);
         let mut out = Vec::new();
         let mut ended = false;
@@ -379,11 +377,19 @@ mod tests {
         let (steps, _) = steps(false);
         let mut ex = exchange("text/plain");
         let mut r = ChunkRunner::start(&steps, &ex);
-        let (a, end) = r.push(&steps, &mut ex, b"data: 1\n\ndata: stop\n\ndata: 3\n\n".to_vec(), false);
+        let (a, end) = r.push(
+            &steps,
+            &mut ex,
+            b"data: 1\n\ndata: stop\n\ndata: 3\n\n".to_vec(),
+            false,
+        );
         assert!(end && r.ended());
         assert_eq!(a, b"data: 1\n\ndata: stop\n\ndata: [ended]\n\n");
         // Whatever the upstream still sends goes nowhere.
-        assert_eq!(r.push(&steps, &mut ex, b"more".to_vec(), true), (Vec::new(), true));
+        assert_eq!(
+            r.push(&steps, &mut ex, b"more".to_vec(), true),
+            (Vec::new(), true)
+        );
     }
 
     #[test]
@@ -393,13 +399,22 @@ mod tests {
         let (out, ended) = run(
             &steps,
             &mut ex,
-            &["data: {\"a\":", "1}\n", "\ndata: x\r\n\r", "\ndata: y\r\rdata: tail", ""],
+            &[
+                "data: {\"a\":",
+                "1}\n",
+                "\ndata: x\r\n\r",
+                "\ndata: y\r\rdata: tail",
+                "",
+            ],
         );
         assert!(!ended);
         assert_eq!(out[0], "", "half an event waits");
         assert_eq!(out[1], "", "still no blank line");
         assert_eq!(out[2], "data: {\"a\":1}\n\ndata: x\r\n\r");
-        assert_eq!(out.concat(), "data: {\"a\":1}\n\ndata: x\r\n\r\ndata: y\r\rdata: tail");
+        assert_eq!(
+            out.concat(),
+            "data: {\"a\":1}\n\ndata: x\r\n\r\ndata: y\r\rdata: tail"
+        );
         assert_eq!(p.seen.partial.load(std::sync::atomic::Ordering::Relaxed), 0);
     }
 

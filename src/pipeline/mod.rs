@@ -485,9 +485,7 @@ pub fn spawn_after_exchange<'p>(
     ex: &Exchange,
     end: ExchangeEnd,
 ) {
-    let futures: Vec<AfterFuture> = policies
-        .filter_map(|p| p.after_exchange(ex, end))
-        .collect();
+    let futures: Vec<AfterFuture> = policies.filter_map(|p| p.after_exchange(ex, end)).collect();
     if futures.is_empty() {
         return;
     }
@@ -637,8 +635,13 @@ mod tests {
         let Outcome::Respond(a) = run_steps(&steps, &mut ex, Direction::Request).await else {
             panic!("answered")
         };
-        assert_eq!((a.status, a.code.as_str(), a.body.as_slice()), (200, "hit", &b"hi"[..]));
-        assert!(a.headers.contains(&("content-type".into(), "text/plain".into())));
+        assert_eq!(
+            (a.status, a.code.as_str(), a.body.as_slice()),
+            (200, "hit", &b"hi"[..])
+        );
+        assert!(a
+            .headers
+            .contains(&("content-type".into(), "text/plain".into())));
         assert!(ex.lookup("hit.failed").is_none());
         assert_eq!(ex.vars.len(), 1, "the later step did not run");
     }
@@ -654,13 +657,22 @@ mod tests {
         );
         assert_eq!(resp.answer_steps.len(), 1);
         let mut ex = Exchange::default();
-        let answer = Box::new(Answer::new(200, "hit", vec![], "text/plain".into(), b"hi".to_vec()));
-        let Outcome::Respond(a) = run_answer_steps(&resp.answer_steps, &mut ex, answer).await else {
+        let answer = Box::new(Answer::new(
+            200,
+            "hit",
+            vec![],
+            "text/plain".into(),
+            b"hi".to_vec(),
+        ));
+        let Outcome::Respond(a) = run_answer_steps(&resp.answer_steps, &mut ex, answer).await
+        else {
             panic!("still an answer")
         };
         assert_eq!(a.body, b"hi!");
         assert!(a.headers.contains(&("x-seen".into(), "yes".into())));
-        assert!(a.headers.contains(&("content-type".into(), "text/plain".into())));
+        assert!(a
+            .headers
+            .contains(&("content-type".into(), "text/plain".into())));
         assert_eq!(a.code, "hit");
     }
 

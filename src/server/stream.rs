@@ -627,7 +627,8 @@ impl StreamState {
         self.ex.response_capture = 0;
         let body = std::mem::take(&mut self.resp.capture);
         if !flow.response.copy_steps.is_empty() {
-            let run = crate::pipeline::run_copy_steps(&flow.response.copy_steps, &mut self.ex, body);
+            let run =
+                crate::pipeline::run_copy_steps(&flow.response.copy_steps, &mut self.ex, body);
             Box::pin(run).await;
         }
     }
@@ -661,7 +662,10 @@ impl StreamState {
         if self.chunks.as_ref().is_some_and(|r| r.ended()) {
             // A step ended the stream: the rest of the upstream's body goes nowhere.
             if mode != FULL_DUPLEX {
-                out.push(proto::body(false, proto::common(None, Some(Mutation::ClearBody(true)))));
+                out.push(proto::body(
+                    false,
+                    proto::common(None, Some(Mutation::ClearBody(true))),
+                ));
             }
             return;
         }
@@ -671,6 +675,11 @@ impl StreamState {
             if end {
                 self.observe_response(flow).await;
             }
+        }
+        if self.chunks.is_none() {
+            // Only a copy was taken: the chunk passes untouched.
+            out.push(Self::pass(Direction::Response, mode, data, end));
+            return;
         }
         out.push(match mode {
             FULL_DUPLEX => proto::streamed_body(false, data, end),
@@ -736,9 +745,11 @@ impl StreamState {
             self.complete = true;
         }
         if !needs || steps_ran {
-            if dir == Direction::Response && (self.ex.response_capture > 0 || self.chunks.is_some()) {
+            if dir == Direction::Response && (self.ex.response_capture > 0 || self.chunks.is_some())
+            {
                 if let Some(flow) = self.flow.clone() {
-                    self.pass_response_chunk(&flow, mode, b.body, eos, out).await;
+                    self.pass_response_chunk(&flow, mode, b.body, eos, out)
+                        .await;
                     return Ok(());
                 }
             }
@@ -861,7 +872,10 @@ impl StreamState {
                     if !self.ex.take_mutations(dir).is_empty() {
                         tracing::debug!(flow = %flow.name, "header changes from body steps are dropped in STREAMED mode; use BUFFERED");
                     }
-                    out.push(proto::body(false, proto::common(None, Some(Mutation::Body(data)))));
+                    out.push(proto::body(
+                        false,
+                        proto::common(None, Some(Mutation::Body(data))),
+                    ));
                     return Ok(());
                 }
                 if !self.ex.take_mutations(dir).is_empty() {
