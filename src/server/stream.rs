@@ -808,7 +808,11 @@ impl StreamState {
                 // Hold the chunks until the body is whole, then release it at once.
                 if eos {
                     if let Some(body) = self.decided_body(&flow, dir, out).await {
-                        let (body, _) = self.through_chunks(&flow, body, true);
+                        let (body, _) = if request {
+                            (body, true)
+                        } else {
+                            self.through_chunks(&flow, body, true)
+                        };
                         out.push(proto::streamed_body(request, body, true));
                     }
                 }
