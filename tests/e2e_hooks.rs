@@ -149,6 +149,44 @@ async fn abort_mid_stream(envoy: std::net::SocketAddr, path: &str, id: &str) {
     drop(s);
 }
 
+/// An ext_proc stream that breaks the protocol (request headers twice), straight to the
+/// server: it ends with an error status.
+async fn protocol_violation(grpc: std::net::SocketAddr, id: &str) {
+    use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
+    use envoy_types::pb::envoy::service::ext_proc::v3::{
+        external_processor_client::ExternalProcessorClient, processing_request::Request,
+        HttpHeaders, ProcessingRequest,
+    };
+    let h = |k: &str, v: &str| HeaderValue {
+        key: k.into(),
+        raw_value: v.as_bytes().to_vec(),
+        ..Default::default()
+    };
+    let headers = ProcessingRequest {
+        request: Some(Request::RequestHeaders(HttpHeaders {
+            headers: Some(HeaderMap {
+                headers: vec![h(":method", "GET"), h(":path", "/x"), h("x-test-id", id)],
+            }),
+            end_of_stream: true,
+            ..Default::default()
+        })),
+        ..Default::default()
+    };
+    let mut client = ExternalProcessorClient::connect(format!("http://{grpc}"))
+        .await
+        .unwrap();
+    let sent = futures_util::stream::iter(vec![headers.clone(), headers]);
+    let mut rx = client.process(sent).await.unwrap().into_inner();
+    assert!(
+        rx.message().await.unwrap().is_some(),
+        "the first is answered"
+    );
+    assert!(
+        rx.message().await.is_err(),
+        "the second ends the stream with an error"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chunk_and_after_exchange_hooks_through_envoy() {
     within(LIMIT, async {
@@ -213,11 +251,14 @@ async fn chunk_and_after_exchange_hooks_through_envoy() {
         // The client goes away mid-stream.
         abort_mid_stream(envoy.listen, "/sse?n=100&delay_ms=100", "aborted").await;
 
+        // A stream that ends with an error.
+        protocol_violation(grpc, "failed").await;
+
         // One report per exchange; a last exchange proves no late duplicate is pending
         // behind the others.
         let mut seen: BTreeMap<String, Vec<ExchangeEnd>> = BTreeMap::new();
         // (Exchanges without an id are the other test's, run in parallel.)
-        while seen.len() < 4 {
+        while seen.len() < 5 {
             let (id, end) = rx.recv().await.unwrap();
             if !id.is_empty() {
                 seen.entry(id).or_default().push(end);
@@ -241,6 +282,7 @@ async fn chunk_and_after_exchange_hooks_through_envoy() {
             ("ended", Completed),
             ("answered", Answered),
             ("aborted", Aborted),
+            ("failed", Failed),
             ("last", Completed),
         ]
         .into_iter()
