@@ -6,6 +6,12 @@
 //! `response.status`, `response.headers[...]`; policy variables by their dotted names
 //! (`client_id`, `ratelimit.quota1.available`). A condition whose evaluation fails (for
 //! example a missing header) is false, as in Apigee.
+//!
+//! Conditions and templates resolve names through one lookup ([`Exchange::resolve`] and
+//! its table of built-in names, [`Builtin`]): a name means the same in both (`request.host`
+//! with its port, a repeated query parameter's first value, Apigee's synonyms such as
+//! `request.verb`). CEL adds only what a template cannot render: the header and query maps,
+//! and a dotted prefix of variables as a nested map (`ratelimit.q`).
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -21,7 +27,7 @@ use cel::context::VariableResolver;
 use cel::objects::{Key, Map};
 use cel::{Context, Env, ExecutionError, Program};
 
-use crate::vars::{percent_decode, query_pairs_raw, Exchange, Headers, ValueRef};
+use crate::vars::{percent_decode, query_pairs_raw, Builtin, Exchange, Headers, Resolved, ValueRef};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExprError {
@@ -269,7 +275,8 @@ fn entry_exprs(e: &cel::common::ast::IdedEntryExpr) -> Vec<&IdedExpr> {
 /// A read-only view of the headers or the query parameters of the exchange that behaves
 /// as the CEL map [`headers_map`] / [`ExchangeResolver::query_map`] would build, without
 /// building it: indexing looks the one key up. Keys are compared exactly, as map keys
-/// are; a header's first value wins, a query parameter's last one (as in the map).
+/// are; a repeated header's or query parameter's first value wins (as in the map, and as
+/// `request.header.x` / `request.query.x` resolve).
 #[derive(Debug, Clone, Copy)]
 enum MapView<'a> {
     Headers(&'a Headers),
@@ -285,8 +292,7 @@ impl<'a> MapView<'a> {
                 .find(|(n, _)| *n == key)
                 .map(|(_, v)| Cow::Borrowed(v)),
             MapView::Query(qs) => query_pairs_raw(qs)
-                .filter(|(k, _)| percent_decode(k) == key)
-                .last()
+                .find(|(k, _)| percent_decode(k) == key)
                 .map(|(_, v)| percent_decode(v)),
         }
     }
@@ -311,10 +317,9 @@ impl<'a> MapView<'a> {
             }
             MapView::Query(qs) => {
                 for (k, v) in query_pairs_raw(qs) {
-                    let (k, v) = (percent_decode(k), percent_decode(v));
-                    match out.iter_mut().find(|(ok, _)| *ok == k) {
-                        Some(e) => e.1 = v,
-                        None => out.push((k, v)),
+                    let k = percent_decode(k);
+                    if !out.iter().any(|(ok, _)| *ok == k) {
+                        out.push((k, percent_decode(v)));
                     }
                 }
             }
@@ -488,11 +493,6 @@ fn str_val(s: &str) -> cel::Value {
     cel::Value::String(Arc::new(s.to_owned()))
 }
 
-/// A string value borrowing `s`.
-fn borrowed_str(s: &str) -> CowVal<'_, '_> {
-    CowVal::owned(CelString::from(s))
-}
-
 /// A built value (maps and the like) as a CEL value.
 fn owned_val<'b>(v: cel::Value) -> Option<CowVal<'b, 'b>> {
     let boxed: Box<dyn Val> = v.try_into().ok()?;
@@ -518,13 +518,13 @@ fn to_cel(v: ValueRef<'_>) -> cel::Value {
     }
 }
 
-/// `v` as a CEL value, strings borrowed.
-fn var_val(v: ValueRef<'_>) -> CowVal<'_, '_> {
+/// `v` as a CEL value, strings borrowed where the exchange holds them.
+fn resolved_val(v: Resolved<'_>) -> CowVal<'_, '_> {
     match v {
-        ValueRef::Str(s) => borrowed_str(s),
-        ValueRef::Int(i) => CowVal::owned(CelInt::from(i)),
-        ValueRef::Float(f) => CowVal::owned(CelDouble::from(f)),
-        ValueRef::Bool(b) => CowVal::owned(CelBool::from(b)),
+        Resolved::Text(s) => CowVal::owned(CelString::from(s)),
+        Resolved::Int(i) => CowVal::owned(CelInt::from(i)),
+        Resolved::Float(f) => CowVal::owned(CelDouble::from(f)),
+        Resolved::Bool(b) => CowVal::owned(CelBool::from(b)),
     }
 }
 
@@ -602,7 +602,7 @@ impl<'a> ExchangeResolver<'a> {
             ("method", str_val(&r.method)),
             ("path", str_val(r.path())),
             ("uri", str_val(&r.uri)),
-            ("host", str_val(r.hostname())),
+            ("host", str_val(&r.host)),
             ("scheme", str_val(&r.scheme)),
             ("headers", headers.clone()),
             ("header", headers),
@@ -611,10 +611,13 @@ impl<'a> ExchangeResolver<'a> {
     }
 
     fn query_map(&self) -> cel::Value {
-        let query: HashMap<Key, cel::Value> =
-            crate::vars::query_pairs(self.ex.request.query_string())
-                .map(|(k, v)| (Key::String(Arc::new(k)), cel::Value::String(Arc::new(v))))
-                .collect();
+        let mut query: HashMap<Key, cel::Value> = HashMap::new();
+        for (k, v) in crate::vars::query_pairs(self.ex.request.query_string()) {
+            // First value wins, as in `request.query.x`.
+            query
+                .entry(Key::String(Arc::new(k)))
+                .or_insert_with(|| cel::Value::String(Arc::new(v)));
+        }
         cel::Value::Map(Map {
             map: Arc::new(query),
         })
@@ -635,24 +638,12 @@ impl<'a> ExchangeResolver<'a> {
 
     /// Resolves `name`. CEL asks for the longest dotted name first (`request.method`
     /// before `request`), so common lookups are answered directly, without building maps;
-    /// strings borrow from the exchange.
+    /// strings borrow from the exchange. Every name a template can use resolves through
+    /// [`Exchange::resolve`]; only the map-valued names are CEL's own.
     fn value_of<'b>(&'b self, name: &str) -> Option<CowVal<'b, 'b>> {
         let ex = self.ex;
         let r = &ex.request;
         match name {
-            "request.method" => return Some(CowVal::Borrowed(&self.method)),
-            "request.path" => {
-                return Some(CowVal::Borrowed(
-                    self.path.get_or_init(|| CelString::from(r.path())),
-                ))
-            }
-            "request.uri" => return Some(CowVal::Borrowed(&self.uri)),
-            "request.host" => {
-                return Some(CowVal::Borrowed(
-                    self.host.get_or_init(|| CelString::from(r.hostname())),
-                ))
-            }
-            "request.scheme" => return Some(CowVal::Borrowed(&self.scheme)),
             "request.headers" | "request.header" => {
                 return self.map_val(&self.request_headers, || headers_map(&r.headers))
             }
@@ -661,12 +652,6 @@ impl<'a> ExchangeResolver<'a> {
                 return self.map_val(view, || self.query_map());
             }
             "request" => return owned_val(self.request_map()),
-            "response.status" | "response.code" => {
-                return ex
-                    .response
-                    .as_ref()
-                    .map(|r| CowVal::owned(CelInt::from(i64::from(r.status))))
-            }
             "response.headers" | "response.header" => {
                 let (resp, view) = ex.response.as_ref().zip(self.response_headers.as_ref())?;
                 return self.map_val(view, || headers_map(&resp.headers));
@@ -681,14 +666,7 @@ impl<'a> ExchangeResolver<'a> {
                     ("header", headers),
                 ]));
             }
-            "flow.name" => return Some(CowVal::Borrowed(&self.flow)),
             "flow" => return owned_val(map_of(vec![("name", str_val(&ex.flow))])),
-            "client.ip" => {
-                return Some(
-                    ex.client_ip()
-                        .map_or_else(|| CowVal::owned(CelNull), borrowed_str),
-                )
-            }
             "client" => {
                 return owned_val(map_of(vec![(
                     "ip",
@@ -697,17 +675,34 @@ impl<'a> ExchangeResolver<'a> {
             }
             _ => {}
         }
-        if let Some(v) = ex.var(name) {
-            return Some(var_val(v));
+        let builtin = Builtin::parse(name);
+        // The common strings, lent without allocating: the values `resolve` gives.
+        match builtin {
+            Some(Builtin::Method) => return Some(CowVal::Borrowed(&self.method)),
+            Some(Builtin::Path) => {
+                return Some(CowVal::Borrowed(
+                    self.path.get_or_init(|| CelString::from(r.path())),
+                ))
+            }
+            Some(Builtin::Uri) => return Some(CowVal::Borrowed(&self.uri)),
+            Some(Builtin::Host) => {
+                return Some(CowVal::Borrowed(
+                    self.host.get_or_init(|| CelString::from(r.host.as_str())),
+                ))
+            }
+            Some(Builtin::Scheme) => return Some(CowVal::Borrowed(&self.scheme)),
+            Some(Builtin::FlowName) => return Some(CowVal::Borrowed(&self.flow)),
+            _ => {}
         }
-        if let Some(h) = name
-            .strip_prefix("request.header.")
-            .or_else(|| name.strip_prefix("request.headers."))
-        {
-            return r.headers.get(h).map(borrowed_str);
+        if let Some(v) = ex.resolve_with(name, builtin) {
+            return Some(resolved_val(v));
+        }
+        if builtin == Some(Builtin::ClientIp) {
+            // An unknown client is null (`client.ip == null`), not an error.
+            return Some(CowVal::owned(CelNull));
         }
         if name.starts_with("request.") || name.starts_with("response.") {
-            // Let CEL select the field from the parent map (e.g. `request.query.page`).
+            // Let CEL select the field from the parent map (e.g. `request.query['page']`).
             return None;
         }
         // A prefix of dotted variables becomes a nested map: `ratelimit.q.used` is
@@ -728,7 +723,7 @@ impl<'a> ExchangeResolver<'a> {
             }
         }
         if root.is_empty() {
-            return ex.attributes.get(name).map(|v| borrowed_str(v));
+            return None;
         }
         owned_val(Nested::Branch(root).into_value())
     }

@@ -38,13 +38,13 @@ use serde::Deserialize;
 use super::{check_header_name, parse_spec, BuildContext, SpecError};
 use std::borrow::Cow;
 
-use crate::consumer::index::{Refusal, Verified};
+use crate::consumer::index::Refusal;
 use crate::consumer::service::Consumers;
-use crate::consumer::QuotaSettings;
 use crate::expr::Template;
 use crate::fault::Fault;
 use crate::pipeline::{Direction, Outcome, Policy};
-use crate::vars::{Exchange, ValueRef, VarSource};
+use crate::vars::state::JsonBody;
+use crate::vars::Exchange;
 
 pub const TYPE: &str = "VerifyApiKey";
 
@@ -106,99 +106,6 @@ struct VerifyApiKey {
     /// Variable names, built once: plain and `verifyapikey.<policy>.`-prefixed.
     /// `verifyapikey.<policy>.`
     prefix: Arc<str>,
-}
-
-/// The variables of one successful verification, read from the verified app and product
-/// when asked for (nothing is copied per request). Names are defined bare and under
-/// `verifyapikey.<policy>.`.
-#[derive(Debug)]
-struct VerifiedVars {
-    prefix: Arc<str>,
-    v: Verified,
-}
-
-/// Quota setting names, bare and with Apigee's `developer.` segment.
-const QUOTA_FIELDS: [(&str, &str); 2] = [("quota", "developer.quota"), ("llmquota", "developer.llmquota")];
-
-impl VerifiedVars {
-    fn quota(&self, which: &str) -> Option<&QuotaSettings> {
-        let p = &self.v.product.spec;
-        match which {
-            "quota" | "developer.quota" => p.quota.as_ref(),
-            _ => p.llm_token_quota.as_ref(),
-        }
-    }
-
-    /// `name` without the policy prefix.
-    fn field(&self, name: &str) -> Option<ValueRef<'_>> {
-        let app = &self.v.app;
-        let product = &self.v.product.spec;
-        Some(match name {
-            "client_id" => ValueRef::Str(&self.v.key().id),
-            "app.name" => ValueRef::Str(&app.name),
-            "developer.email" => ValueRef::Str(&app.developer_email),
-            "apiproduct.name" => ValueRef::Str(&product.name),
-            _ => {
-                if let Some(k) = name.strip_prefix("app.attributes.") {
-                    return app.attributes.get(k).map(|v| ValueRef::Str(v));
-                }
-                let rest = name.strip_prefix("apiproduct.")?;
-                if let Some(k) = rest.strip_prefix("attributes.") {
-                    return product.attributes.get(k).map(|v| ValueRef::Str(v));
-                }
-                let (which, setting) = rest.rsplit_once('.')?;
-                if !QUOTA_FIELDS.iter().any(|(a, b)| which == *a || which == *b) {
-                    return None;
-                }
-                let q = self.quota(which)?;
-                match setting {
-                    "limit" => ValueRef::Int(i64::try_from(q.limit).unwrap_or(i64::MAX)),
-                    "interval" => ValueRef::Int(i64::from(q.interval)),
-                    "timeunit" => ValueRef::Str(q.time_unit.as_str()),
-                    _ => return None,
-                }
-            }
-        })
-    }
-
-    fn each_field(&self, f: &mut dyn FnMut(&str, ValueRef<'_>)) {
-        let app = &self.v.app;
-        let product = &self.v.product.spec;
-        for name in ["client_id", "app.name", "developer.email", "apiproduct.name"] {
-            if let Some(v) = self.field(name) {
-                f(name, v);
-            }
-        }
-        for (k, v) in &app.attributes {
-            f(&format!("app.attributes.{k}"), ValueRef::Str(v));
-        }
-        for (k, v) in &product.attributes {
-            f(&format!("apiproduct.attributes.{k}"), ValueRef::Str(v));
-        }
-        for (a, b) in QUOTA_FIELDS {
-            for which in [a, b] {
-                for setting in ["limit", "interval", "timeunit"] {
-                    let name = format!("apiproduct.{which}.{setting}");
-                    if let Some(v) = self.field(&name) {
-                        f(&name, v);
-                    }
-                }
-            }
-        }
-    }
-}
-
-impl VarSource for VerifiedVars {
-    fn get(&self, name: &str) -> Option<ValueRef<'_>> {
-        self.field(name.strip_prefix(&*self.prefix).unwrap_or(name))
-    }
-
-    fn for_each(&self, f: &mut dyn FnMut(&str, ValueRef<'_>)) {
-        self.each_field(&mut |name, v| {
-            f(name, v);
-            f(&format!("{}{name}", self.prefix), v);
-        });
-    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -308,7 +215,7 @@ impl VerifyApiKey {
         if let Some(m) = path {
             push(m);
         }
-        if let Some(m) = ex.request_body.as_deref().and_then(body_model) {
+        if let Some(m) = ex.body_json(Direction::Request).as_deref().and_then(body_model) {
             push(m);
         }
         models
@@ -454,27 +361,16 @@ impl VerifyApiKey {
                 ex.remove_header(Direction::Request, h);
             }
         }
-        ex.add_source(Box::new(VerifiedVars {
-            prefix: Arc::clone(&self.prefix),
-            v: verified,
-        }));
+        ex.state.add_app(Arc::clone(&self.prefix), verified);
         Ok(())
     }
 }
 
 /// The top-level `model` string of a JSON request body (the OpenAI, Anthropic and
-/// Vertex-style chat bodies all carry it there).
-fn body_model(body: &[u8]) -> Option<String> {
-    #[derive(Deserialize)]
-    struct Body<'a> {
-        #[serde(borrow, default)]
-        model: Option<Cow<'a, str>>,
-    }
-    serde_json::from_slice::<Body<'_>>(body)
-        .ok()?
-        .model
-        .filter(|m| !m.is_empty())
-        .map(Cow::into_owned)
+/// Vertex-style chat bodies all carry it there), from the exchange's shared parse. A body
+/// naming `model` twice names none: the upstream's choice cannot be known.
+fn body_model(body: &JsonBody) -> Option<String> {
+    body.top_level_str("model").map(str::to_owned)
 }
 
 /// The model of a Gemini or Vertex AI path: the last segment is `{model}:{method}` and the
@@ -545,9 +441,10 @@ impl Policy for VerifyApiKey {
 mod tests {
     use super::*;
     use crate::consumer::{
-        hash_key, ApiKey, ApiProduct, App, AppStatus, KeyStatus, Operation, Origin, TimeUnit,
+        hash_key, ApiKey, ApiProduct, App, AppStatus, KeyStatus, Operation, Origin, QuotaSettings, TimeUnit,
     };
     use crate::services::Services;
+    use crate::vars::ValueRef;
     use crate::vars::{Headers, RequestInfo};
 
     fn services() -> Services {
