@@ -987,12 +987,14 @@ mod tests {
         let ex = tricky();
         let t = |s: &str| Condition::compile(s).unwrap();
         for (src, expected) in [
+            // `page=2&page=3`: the first value, as `request.query.page` and Apigee's
+            // `request.queryparam.page` give it (the map used to keep the last, `3`).
             (
-                "request.query == {'page': '3', 'a b': 'c d', 'flag': '', '': 'e'}",
+                "request.query == {'page': '2', 'a b': 'c d', 'flag': '', '': 'e'}",
                 true,
             ),
             (
-                "{'page': '3', 'a b': 'c d', 'flag': '', '': 'e'} == request.query",
+                "{'page': '2', 'a b': 'c d', 'flag': '', '': 'e'} == request.query",
                 true,
             ),
             ("request.headers == {}", false),
@@ -1049,6 +1051,111 @@ mod tests {
             Ok(cel::Value::String(Arc::new("gold".into())))
         );
         assert!(lazy("optional.ofNonZeroValue(request.headers).hasValue()").is_ok());
+    }
+
+    /// Every name a template can use means the same in a condition: both go through
+    /// `Exchange::resolve`. Where they disagreed before this test was written (templates
+    /// through `Exchange::lookup`, CEL through its own table):
+    ///
+    /// | name | template | CEL |
+    /// |---|---|---|
+    /// | `request.host` | `api.example.com:8443` | `api.example.com` (port stripped) |
+    /// | `request.query.page` / `request.query['page']` (sent twice) | first, `2` | last, `3` |
+    /// | `request.query` as a whole map | - | last value per key |
+    /// | `request.verb`, `request.queryparam.x`, `request.querystring` | yes | unknown |
+    /// | `request.content`, `response.content`, `response.status.code` | yes | unknown |
+    /// | `client.address` | yes | unknown |
+    /// | Envoy attributes under `request.`/`response.` (`request.id`) | yes | unknown |
+    /// | `request.header.x` when a variable of that name was also set | the header | the variable |
+    ///
+    /// Now: Apigee's first query value (`request.queryparam.x`), the host as sent with its
+    /// port (Envoy's `request.host`, Apigee's `request.header.host`), every name in both.
+    #[test]
+    fn templates_and_conditions_agree_on_every_name() {
+        let mut h = Headers::new();
+        h.push(":method".into(), "POST".into());
+        h.push(":path".into(), "/v1/chat?page=2&page=3&a%20b=c+d".into());
+        h.push(":authority".into(), "api.example.com:8443".into());
+        h.push(":scheme".into(), "https".into());
+        h.push("accept".into(), "text/plain".into());
+        h.push("accept".into(), "application/json".into());
+        let mut ex = Exchange {
+            flow: "chat".into(),
+            request: RequestInfo::from_headers(h),
+            request_body: Some(b"{\"model\":\"m\"}".to_vec()),
+            response_body: Some(b"done".to_vec()),
+            ..Default::default()
+        };
+        let mut rh = Headers::new();
+        rh.push("content-type".into(), "text/plain".into());
+        ex.response = Some(crate::vars::ResponseInfo {
+            status: 201,
+            headers: rh,
+        });
+        ex.attributes
+            .insert("source.address".into(), "10.0.0.9:4242".into());
+        ex.attributes.insert("request.id".into(), "r-1".into());
+        ex.set_var("request.header.accept", "shadowed");
+        ex.set_var("tier", "gold");
+        ex.state.add_quota(crate::vars::state::QuotaResult {
+            prefix: "ratelimit.q.".into(),
+            allowed: 10,
+            used: 3,
+            available: 7,
+            exceed: 0,
+            expiry: 60_000,
+            identifier: "app-1".into(),
+        });
+        let cel_text = |src: &str, lazy: bool| match eval_with(&ex, src, lazy) {
+            Ok(cel::Value::String(s)) => Some(s.to_string()),
+            Ok(cel::Value::Int(i)) => Some(i.to_string()),
+            Ok(other) => panic!("{src}: {other:?}"),
+            Err(_) => None,
+        };
+        for (name, cel_src, expected) in [
+            ("request.method", "request.method", "POST"),
+            ("request.verb", "request.verb", "POST"),
+            ("request.path", "request.path", "/v1/chat"),
+            ("request.uri", "request.uri", "/v1/chat?page=2&page=3&a%20b=c+d"),
+            ("request.host", "request.host", "api.example.com:8443"),
+            ("request.host", "request['host']", "api.example.com:8443"),
+            ("request.scheme", "request.scheme", "https"),
+            ("request.querystring", "request.querystring", "page=2&page=3&a%20b=c+d"),
+            ("request.query.page", "request.query.page", "2"),
+            ("request.query.page", "request.query['page']", "2"),
+            ("request.queryparam.page", "request.queryparam.page", "2"),
+            ("request.query.page", "request['query']['page']", "2"),
+            ("request.content", "request.content", "{\"model\":\"m\"}"),
+            ("request.header.accept", "request.header.accept", "text/plain"),
+            ("request.headers.accept", "request.headers['accept']", "text/plain"),
+            ("response.status", "response.status", "201"),
+            ("response.status.code", "response.status.code", "201"),
+            ("response.code", "response.code", "201"),
+            ("response.content", "response.content", "done"),
+            ("response.header.content-type", "response.headers['content-type']", "text/plain"),
+            ("flow.name", "flow.name", "chat"),
+            ("client.ip", "client.ip", "10.0.0.9"),
+            ("client.address", "client.address", "10.0.0.9"),
+            ("request.id", "request.id", "r-1"),
+            ("tier", "tier", "gold"),
+            ("ratelimit.q.used.count", "ratelimit.q.used.count", "3"),
+            ("ratelimit.q.remaining", "ratelimit.q['remaining']", "7"),
+        ] {
+            let rendered = Template::compile(&format!("{{{name}}}")).unwrap().render(&ex);
+            assert_eq!(rendered, expected, "template {{{name}}}");
+            for lazy in [true, false] {
+                assert_eq!(cel_text(cel_src, lazy).as_deref(), Some(expected), "CEL {cel_src}");
+            }
+        }
+        // The whole query map holds first values too.
+        assert!(Condition::compile("request.query == {'page': '2', 'a b': 'c d'}")
+            .unwrap()
+            .eval(&ex));
+        // Names neither knows are missing in both.
+        for name in ["request.header.missing", "response.header.missing", "nothing"] {
+            assert_eq!(Template::compile(&format!("{{{name}}}")).unwrap().render(&ex), "");
+            assert_eq!(ex.resolve(name), None, "{name}");
+        }
     }
 
     #[test]
