@@ -933,6 +933,118 @@ mod tests {
         assert!(matches!(percent_decode("plain"), Cow::Borrowed("plain")));
     }
 
+    fn quota(prefix: &str, used: i64) -> state::QuotaResult {
+        state::QuotaResult {
+            prefix: prefix.into(),
+            allowed: 10,
+            used,
+            available: 10 - used,
+            exceed: 0,
+            expiry: 1_000,
+            identifier: "id".into(),
+        }
+    }
+
+    /// Names are generated from the typed slots on lookup: nothing is in the variable map,
+    /// a later decision of the same policy wins, explicit variables win over all, and a
+    /// listing names each once with the value a lookup gives.
+    #[test]
+    fn typed_state_generates_the_variables() {
+        let mut ex = exchange();
+        ex.state.add_quota(quota("ratelimit.q.", 1));
+        ex.state.add_quota(quota("ratelimit.other.", 5));
+        ex.state.add_quota(quota("ratelimit.q.", 2));
+        ex.state.add_token(
+            "jwt.auth.".into(),
+            std::sync::Arc::new(vec![("claim.sub".into(), Value::from("u1"))]),
+        );
+        ex.state.add_callout(state::CalloutResult {
+            prefix: "servicecallout.c.".into(),
+            status: Some(200),
+            headers: Default::default(),
+            body: Some("{}".into()),
+            json: vec![("ok".into(), Value::Bool(true))],
+            error: None,
+        });
+        assert!(ex.vars.is_empty());
+        assert_eq!(ex.var("ratelimit.q.used.count"), Some(ValueRef::Int(2)));
+        assert_eq!(ex.var("ratelimit.q.remaining"), Some(ValueRef::Int(8)));
+        assert_eq!(ex.var("ratelimit.other.used"), Some(ValueRef::Int(5)));
+        assert_eq!(ex.state.quota("ratelimit.q.").map(|q| q.used), Some(2));
+        assert_eq!(ex.lookup("jwt.auth.claim.sub").as_deref(), Some("u1"));
+        assert_eq!(ex.lookup("servicecallout.c.status").as_deref(), Some("200"));
+        assert_eq!(ex.var("servicecallout.c.json.ok"), Some(ValueRef::Bool(true)));
+        assert_eq!(ex.var("ratelimit.q.nope"), None);
+        assert_eq!(ex.var("ratelimit.q"), None);
+        assert_eq!(ex.var("client_id"), None, "no app verified");
+        ex.set_var("ratelimit.q.used", "explicit");
+        assert_eq!(ex.lookup("ratelimit.q.used").as_deref(), Some("explicit"));
+        let mut listed: Vec<(String, Value)> = Vec::new();
+        ex.for_each_var(&mut |k, v| listed.push((k.to_owned(), v.to_value())));
+        let mut names: Vec<&str> = listed.iter().map(|(k, _)| k.as_str()).collect();
+        names.sort_unstable();
+        let n = names.len();
+        names.dedup();
+        assert_eq!(names.len(), n, "each name once: {names:?}");
+        for (k, v) in &listed {
+            assert_eq!(ex.var(k).map(ValueRef::to_value).as_ref(), Some(v), "{k}");
+        }
+        assert!(listed.contains(&("ratelimit.q.used.count".into(), Value::Int(2))));
+        assert!(listed.contains(&("ratelimit.q.used".into(), Value::from("explicit"))));
+    }
+
+    /// One parse per body, shared until the body changes; errors read as serde_json's.
+    #[test]
+    fn bodies_are_parsed_once_and_reparsed_after_a_change() {
+        let mut ex = exchange();
+        assert!(ex.body_json(Direction::Request).is_none(), "no body, nothing cached");
+        ex.set_body(Direction::Request, Some(br#"{"a":1,"a":2,"b":[true]}"#.to_vec()));
+        let first = ex.body_json(Direction::Request).unwrap();
+        assert!(matches!(first, Cow::Borrowed(_)));
+        assert_eq!(first.value.as_ref().unwrap()["a"], 2, "the last duplicate, as serde_json");
+        assert_eq!(first.duplicate_keys, ["a"]);
+        let again = ex.body_json(Direction::Request).unwrap();
+        assert!(std::ptr::eq(&*first, &*again), "the same parse");
+        ex.replace_body(Direction::Request, br#"{"c":3}"#.to_vec());
+        let j = ex.body_json(Direction::Request).unwrap();
+        assert_eq!(j.value.as_ref().unwrap()["c"], 3);
+        assert!(j.duplicate_keys.is_empty());
+        // A body written around set_body is noticed and parsed afresh.
+        ex.request_body = Some(br#"{"d":4}"#.to_vec());
+        assert_eq!(ex.body_json(Direction::Request).unwrap().value.as_ref().unwrap()["d"], 4);
+        assert_eq!(ex.take_body(Direction::Request).as_deref(), Some(&br#"{"d":4}"#[..]));
+        assert!(ex.body_json(Direction::Request).is_none());
+        // Each direction has its own.
+        ex.set_body(Direction::Response, Some(b"[1, 2".to_vec()));
+        let bad = ex.body_json(Direction::Response).unwrap();
+        let want = serde_json::from_slice::<serde_json::Value>(b"[1, 2").unwrap_err();
+        assert_eq!(bad.value.as_ref().unwrap_err(), &want.to_string());
+        for text in ["{} x", "\"s\"", "1e400", "-0", "null", "[{\"a\":{\"a\":1,\"a\":2}}]"] {
+            let ours = state::JsonBody::parse(text.as_bytes());
+            let theirs = serde_json::from_slice::<serde_json::Value>(text.as_bytes());
+            assert_eq!(ours.value, theirs.map_err(|e| e.to_string()), "{text}");
+            assert!(ours.duplicate_keys.is_empty(), "only top-level keys are noted: {text}");
+        }
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        assert!(state::JsonBody::parse(deep.as_bytes()).value.is_err(), "serde_json's depth limit");
+    }
+
+    /// The LLM slot can be filled from the shared parse with the same result as parsing
+    /// the bytes.
+    #[test]
+    fn llm_request_from_the_shared_parse() {
+        let mut ex = exchange();
+        let body = br#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#;
+        ex.set_body(Direction::Request, Some(body.to_vec()));
+        let endpoint = crate::llm::detect("POST", "/v1/chat/completions", |_| None).unwrap();
+        let parsed = ex.body_json(Direction::Request).unwrap();
+        let from_shared =
+            crate::llm::request::parse_request_json(&endpoint, parsed.value.as_ref().unwrap()).unwrap();
+        assert_eq!(from_shared, crate::llm::parse_request(&endpoint, body).unwrap());
+        ex.state.llm = Some(std::sync::Arc::new(from_shared));
+        assert_eq!(ex.state.llm.as_ref().and_then(|r| r.model.as_deref()), Some("gpt-4o"));
+    }
+
     #[test]
     fn percent_decoding_is_lossless_on_garbage() {
         assert_eq!(percent_decode("%"), "%");

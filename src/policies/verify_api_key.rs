@@ -572,6 +572,76 @@ mod tests {
         }
     }
 
+    /// A Quota with `useProduct` reads the verified product's quota from the typed state
+    /// (numbers, not the variables' text); an explicit variable still wins, as variables do.
+    #[test]
+    fn quota_reads_the_verified_product_from_the_typed_state() {
+        let services = Services {
+            counters: crate::ratelimit::Counters::memory(
+                crate::ratelimit::FakeClock::new(1_700_000_000_000),
+                1000,
+            ),
+            ..services()
+        };
+        let ctx = |name: &str| BuildContext {
+            name: name.into(),
+            config_dir: None,
+            services: services.clone(),
+        };
+        let vk = build(&ctx("vk"), serde_norway::from_str("{}").unwrap()).unwrap();
+        let other = build(&ctx("other"), serde_norway::from_str("{}").unwrap()).unwrap();
+        let named = crate::policies::quota::build(
+            &ctx("q"),
+            serde_norway::from_str("{useProduct: true, verifyApiKey: vk}").unwrap(),
+        )
+        .unwrap();
+        let latest = crate::policies::quota::build(
+            &ctx("l"),
+            serde_norway::from_str("{useProduct: true}").unwrap(),
+        )
+        .unwrap();
+        let quota = |q: &Arc<dyn Policy>, e: &mut Exchange| match q.run(e, Direction::Request) {
+            Outcome::Ready(r) => r,
+            Outcome::Pending(_) => panic!("memory counters decide at once"),
+        };
+        let mut e = ex("POST", "/v1/chat/completions", &[("x-api-key", "secret-key-0123456789")]);
+        run(&vk, &mut e).unwrap();
+        assert!(e.vars.is_empty(), "nothing copied into the variable map");
+        assert_eq!(e.state.app(Some("verifyapikey.vk.")).map(|v| v.app.name.as_str()), Some("acme"));
+        quota(&named, &mut e).unwrap();
+        assert_eq!(e.var("ratelimit.q.allowed"), Some(ValueRef::Int(100)));
+        assert_eq!(e.lookup("ratelimit.q.identifier").as_deref(), Some("k1"));
+        quota(&latest, &mut e).unwrap();
+        assert_eq!(e.var("ratelimit.l.allowed"), Some(ValueRef::Int(100)));
+        // A quota naming a VerifyApiKey step that did not run falls back to nothing.
+        let mut e2 = ex("POST", "/v1/chat/completions", &[("x-api-key", "secret-key-0123456789")]);
+        run(&other, &mut e2).unwrap();
+        assert_eq!(quota(&named, &mut e2).unwrap_err().status, 500);
+        quota(&latest, &mut e2).unwrap();
+        // An explicit variable overrides the product's setting.
+        e.set_var("verifyapikey.vk.apiproduct.developer.quota.limit", 7i64);
+        quota(&named, &mut e).unwrap();
+        assert_eq!(e.var("ratelimit.q.allowed"), Some(ValueRef::Int(7)));
+    }
+
+    /// The body's `model` comes from the exchange's shared parse; a body naming it twice,
+    /// or an array, names no model.
+    #[test]
+    fn body_model_reads_the_shared_parse() {
+        let parsed = |b: &str| crate::vars::state::JsonBody::parse(b.as_bytes());
+        assert_eq!(body_model(&parsed(r#"{"model":"gpt-4o","messages":[]}"#)).as_deref(), Some("gpt-4o"));
+        assert_eq!(body_model(&parsed(r#"{"model":"a","x":{"model":"b"},"model":"c"}"#)), None);
+        assert_eq!(body_model(&parsed(r#"{"x":{"model":"b","model":"c"}}"#)), None);
+        assert_eq!(body_model(&parsed(r#"{"model":""}"#)), None);
+        assert_eq!(body_model(&parsed(r#"{"model":3}"#)), None);
+        assert_eq!(body_model(&parsed(r#"["gpt-4o"]"#)), None);
+        assert_eq!(body_model(&parsed(r#"{"model":"gpt-4o""#)), None);
+        let mut e = ex("POST", "/v1/responses", &[]);
+        e.set_body(Direction::Request, Some(br#"{"model":"gpt-4o"}"#.to_vec()));
+        let first = e.body_json(Direction::Request).unwrap();
+        assert!(matches!(first, std::borrow::Cow::Borrowed(_)), "cached on the exchange");
+    }
+
     #[test]
     fn success_sets_variables_and_headers() {
         let p = policy(
