@@ -27,7 +27,9 @@ use cel::context::VariableResolver;
 use cel::objects::{Key, Map};
 use cel::{Context, Env, ExecutionError, Program};
 
-use crate::vars::{percent_decode, query_pairs_raw, Builtin, Exchange, Headers, Resolved, ValueRef};
+use crate::vars::{
+    percent_decode, query_pairs_raw, Builtin, Exchange, Headers, Resolved, ValueRef,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExprError {
@@ -1116,23 +1118,43 @@ mod tests {
             ("request.method", "request.method", "POST"),
             ("request.verb", "request.verb", "POST"),
             ("request.path", "request.path", "/v1/chat"),
-            ("request.uri", "request.uri", "/v1/chat?page=2&page=3&a%20b=c+d"),
+            (
+                "request.uri",
+                "request.uri",
+                "/v1/chat?page=2&page=3&a%20b=c+d",
+            ),
             ("request.host", "request.host", "api.example.com:8443"),
             ("request.host", "request['host']", "api.example.com:8443"),
             ("request.scheme", "request.scheme", "https"),
-            ("request.querystring", "request.querystring", "page=2&page=3&a%20b=c+d"),
+            (
+                "request.querystring",
+                "request.querystring",
+                "page=2&page=3&a%20b=c+d",
+            ),
             ("request.query.page", "request.query.page", "2"),
             ("request.query.page", "request.query['page']", "2"),
             ("request.queryparam.page", "request.queryparam.page", "2"),
             ("request.query.page", "request['query']['page']", "2"),
             ("request.content", "request.content", "{\"model\":\"m\"}"),
-            ("request.header.accept", "request.header.accept", "text/plain"),
-            ("request.headers.accept", "request.headers['accept']", "text/plain"),
+            (
+                "request.header.accept",
+                "request.header.accept",
+                "text/plain",
+            ),
+            (
+                "request.headers.accept",
+                "request.headers['accept']",
+                "text/plain",
+            ),
             ("response.status", "response.status", "201"),
             ("response.status.code", "response.status.code", "201"),
             ("response.code", "response.code", "201"),
             ("response.content", "response.content", "done"),
-            ("response.header.content-type", "response.headers['content-type']", "text/plain"),
+            (
+                "response.header.content-type",
+                "response.headers['content-type']",
+                "text/plain",
+            ),
             ("flow.name", "flow.name", "chat"),
             ("client.ip", "client.ip", "10.0.0.9"),
             ("client.address", "client.address", "10.0.0.9"),
@@ -1141,19 +1163,36 @@ mod tests {
             ("ratelimit.q.used.count", "ratelimit.q.used.count", "3"),
             ("ratelimit.q.remaining", "ratelimit.q['remaining']", "7"),
         ] {
-            let rendered = Template::compile(&format!("{{{name}}}")).unwrap().render(&ex);
+            let rendered = Template::compile(&format!("{{{name}}}"))
+                .unwrap()
+                .render(&ex);
             assert_eq!(rendered, expected, "template {{{name}}}");
             for lazy in [true, false] {
-                assert_eq!(cel_text(cel_src, lazy).as_deref(), Some(expected), "CEL {cel_src}");
+                assert_eq!(
+                    cel_text(cel_src, lazy).as_deref(),
+                    Some(expected),
+                    "CEL {cel_src}"
+                );
             }
         }
         // The whole query map holds first values too.
-        assert!(Condition::compile("request.query == {'page': '2', 'a b': 'c d'}")
-            .unwrap()
-            .eval(&ex));
+        assert!(
+            Condition::compile("request.query == {'page': '2', 'a b': 'c d'}")
+                .unwrap()
+                .eval(&ex)
+        );
         // Names neither knows are missing in both.
-        for name in ["request.header.missing", "response.header.missing", "nothing"] {
-            assert_eq!(Template::compile(&format!("{{{name}}}")).unwrap().render(&ex), "");
+        for name in [
+            "request.header.missing",
+            "response.header.missing",
+            "nothing",
+        ] {
+            assert_eq!(
+                Template::compile(&format!("{{{name}}}"))
+                    .unwrap()
+                    .render(&ex),
+                ""
+            );
             assert_eq!(ex.resolve(name), None, "{name}");
         }
     }

@@ -973,7 +973,10 @@ mod tests {
         assert_eq!(ex.state.quota("ratelimit.q.").map(|q| q.used), Some(2));
         assert_eq!(ex.lookup("jwt.auth.claim.sub").as_deref(), Some("u1"));
         assert_eq!(ex.lookup("servicecallout.c.status").as_deref(), Some("200"));
-        assert_eq!(ex.var("servicecallout.c.json.ok"), Some(ValueRef::Bool(true)));
+        assert_eq!(
+            ex.var("servicecallout.c.json.ok"),
+            Some(ValueRef::Bool(true))
+        );
         assert_eq!(ex.var("ratelimit.q.nope"), None);
         assert_eq!(ex.var("ratelimit.q"), None);
         assert_eq!(ex.var("client_id"), None, "no app verified");
@@ -997,11 +1000,21 @@ mod tests {
     #[test]
     fn bodies_are_parsed_once_and_reparsed_after_a_change() {
         let mut ex = exchange();
-        assert!(ex.body_json(Direction::Request).is_none(), "no body, nothing cached");
-        ex.set_body(Direction::Request, Some(br#"{"a":1,"a":2,"b":[true]}"#.to_vec()));
+        assert!(
+            ex.body_json(Direction::Request).is_none(),
+            "no body, nothing cached"
+        );
+        ex.set_body(
+            Direction::Request,
+            Some(br#"{"a":1,"a":2,"b":[true]}"#.to_vec()),
+        );
         let first = ex.body_json(Direction::Request).unwrap();
         assert!(matches!(first, Cow::Borrowed(_)));
-        assert_eq!(first.value.as_ref().unwrap()["a"], 2, "the last duplicate, as serde_json");
+        assert_eq!(
+            first.value.as_ref().unwrap()["a"],
+            2,
+            "the last duplicate, as serde_json"
+        );
         assert_eq!(first.duplicate_keys, ["a"]);
         let again = ex.body_json(Direction::Request).unwrap();
         assert!(std::ptr::eq(&*first, &*again), "the same parse");
@@ -1011,22 +1024,45 @@ mod tests {
         assert!(j.duplicate_keys.is_empty());
         // A body written around set_body is noticed and parsed afresh.
         ex.request_body = Some(br#"{"d":4}"#.to_vec());
-        assert_eq!(ex.body_json(Direction::Request).unwrap().value.as_ref().unwrap()["d"], 4);
-        assert_eq!(ex.take_body(Direction::Request).as_deref(), Some(&br#"{"d":4}"#[..]));
+        assert_eq!(
+            ex.body_json(Direction::Request)
+                .unwrap()
+                .value
+                .as_ref()
+                .unwrap()["d"],
+            4
+        );
+        assert_eq!(
+            ex.take_body(Direction::Request).as_deref(),
+            Some(&br#"{"d":4}"#[..])
+        );
         assert!(ex.body_json(Direction::Request).is_none());
         // Each direction has its own.
         ex.set_body(Direction::Response, Some(b"[1, 2".to_vec()));
         let bad = ex.body_json(Direction::Response).unwrap();
         let want = serde_json::from_slice::<serde_json::Value>(b"[1, 2").unwrap_err();
         assert_eq!(bad.value.as_ref().unwrap_err(), &want.to_string());
-        for text in ["{} x", "\"s\"", "1e400", "-0", "null", "[{\"a\":{\"a\":1,\"a\":2}}]"] {
+        for text in [
+            "{} x",
+            "\"s\"",
+            "1e400",
+            "-0",
+            "null",
+            "[{\"a\":{\"a\":1,\"a\":2}}]",
+        ] {
             let ours = state::JsonBody::parse(text.as_bytes());
             let theirs = serde_json::from_slice::<serde_json::Value>(text.as_bytes());
             assert_eq!(ours.value, theirs.map_err(|e| e.to_string()), "{text}");
-            assert!(ours.duplicate_keys.is_empty(), "only top-level keys are noted: {text}");
+            assert!(
+                ours.duplicate_keys.is_empty(),
+                "only top-level keys are noted: {text}"
+            );
         }
         let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
-        assert!(state::JsonBody::parse(deep.as_bytes()).value.is_err(), "serde_json's depth limit");
+        assert!(
+            state::JsonBody::parse(deep.as_bytes()).value.is_err(),
+            "serde_json's depth limit"
+        );
     }
 
     /// The LLM slot can be filled from the shared parse with the same result as parsing
@@ -1039,10 +1075,17 @@ mod tests {
         let endpoint = crate::llm::detect("POST", "/v1/chat/completions", |_| None).unwrap();
         let parsed = ex.body_json(Direction::Request).unwrap();
         let from_shared =
-            crate::llm::request::parse_request_json(&endpoint, parsed.value.as_ref().unwrap()).unwrap();
-        assert_eq!(from_shared, crate::llm::parse_request(&endpoint, body).unwrap());
+            crate::llm::request::parse_request_json(&endpoint, parsed.value.as_ref().unwrap())
+                .unwrap();
+        assert_eq!(
+            from_shared,
+            crate::llm::parse_request(&endpoint, body).unwrap()
+        );
         ex.state.llm = Some(std::sync::Arc::new(from_shared));
-        assert_eq!(ex.state.llm.as_ref().and_then(|r| r.model.as_deref()), Some("gpt-4o"));
+        assert_eq!(
+            ex.state.llm.as_ref().and_then(|r| r.model.as_deref()),
+            Some("gpt-4o")
+        );
     }
 
     #[test]

@@ -188,7 +188,8 @@ impl<'de> serde::de::Visitor<'de> for Top<'_> {
         Ok(serde_json::Value::from(u))
     }
     fn visit_f64<E>(self, f: f64) -> Result<Self::Value, E> {
-        Ok(serde_json::Number::from_f64(f).map_or(serde_json::Value::Null, serde_json::Value::Number))
+        Ok(serde_json::Number::from_f64(f)
+            .map_or(serde_json::Value::Null, serde_json::Value::Number))
     }
     fn visit_str<E>(self, s: &str) -> Result<Self::Value, E> {
         Ok(serde_json::Value::String(s.to_owned()))
@@ -205,7 +206,10 @@ impl<'de> serde::de::Visitor<'de> for Top<'_> {
 }
 
 /// Quota setting names after `apiproduct.`, bare and with Apigee's `developer.` segment.
-const QUOTA_FIELDS: [(&str, &str); 2] = [("quota", "developer.quota"), ("llmquota", "developer.llmquota")];
+const QUOTA_FIELDS: [(&str, &str); 2] = [
+    ("quota", "developer.quota"),
+    ("llmquota", "developer.llmquota"),
+];
 
 /// The variables a quota decision defines, by suffix after `ratelimit.<policy>.`
 /// (`remaining` is `available` by the name the design uses).
@@ -264,7 +268,12 @@ fn app_field<'v>(v: &'v Verified, name: &str) -> Option<ValueRef<'v>> {
 }
 
 fn each_app_field(v: &Verified, f: &mut dyn FnMut(&str, ValueRef<'_>)) {
-    for name in ["client_id", "app.name", "developer.email", "apiproduct.name"] {
+    for name in [
+        "client_id",
+        "app.name",
+        "developer.email",
+        "apiproduct.name",
+    ] {
         if let Some(x) = app_field(v, name) {
             f(name, x);
         }
@@ -303,7 +312,10 @@ impl AppSlot {
 impl TokenSlot {
     fn get(&self, name: &str) -> Option<ValueRef<'_>> {
         let rest = name.strip_prefix(&*self.prefix)?;
-        self.vars.iter().find(|(n, _)| n == rest).map(|(_, v)| v.as_ref())
+        self.vars
+            .iter()
+            .find(|(n, _)| n == rest)
+            .map(|(_, v)| v.as_ref())
     }
 
     fn for_each(&self, f: &mut dyn FnMut(&str, ValueRef<'_>)) {
@@ -352,10 +364,17 @@ impl CalloutResult {
             "error" => self.error.as_deref().map(ValueRef::Str),
             _ => {
                 if let Some(h) = rest.strip_prefix("header.") {
-                    return self.headers.get(h).and_then(|v| v.to_str().ok()).map(ValueRef::Str);
+                    return self
+                        .headers
+                        .get(h)
+                        .and_then(|v| v.to_str().ok())
+                        .map(ValueRef::Str);
                 }
                 let j = rest.strip_prefix("json.")?;
-                self.json.iter().find(|(n, _)| n == j).map(|(_, v)| v.as_ref())
+                self.json
+                    .iter()
+                    .find(|(n, _)| n == j)
+                    .map(|(_, v)| v.as_ref())
             }
         }
     }
@@ -451,9 +470,24 @@ impl State {
     /// prefix, script listings, debugging).
     pub fn for_each(&self, f: &mut dyn FnMut(&str, ValueRef<'_>)) {
         list(&self.apps, |s, k| s.get(k).is_some(), AppSlot::for_each, f);
-        list(&self.tokens, |s, k| s.get(k).is_some(), TokenSlot::for_each, f);
-        list(&self.quotas, |s, k| s.get(k).is_some(), QuotaResult::for_each, f);
-        list(&self.callouts, |s, k| s.get(k).is_some(), CalloutResult::for_each, f);
+        list(
+            &self.tokens,
+            |s, k| s.get(k).is_some(),
+            TokenSlot::for_each,
+            f,
+        );
+        list(
+            &self.quotas,
+            |s, k| s.get(k).is_some(),
+            QuotaResult::for_each,
+            f,
+        );
+        list(
+            &self.callouts,
+            |s, k| s.get(k).is_some(),
+            CalloutResult::for_each,
+            f,
+        );
     }
 
     /// The cached parse of body `i` (0 request, 1 response) when it was made from `body`.
