@@ -422,7 +422,7 @@ pub async fn run_steps(steps: &[Step], ex: &mut Exchange, dir: Direction) -> Out
 /// Runs the response-end hook of the steps that see a copy of the response after it passed
 /// (`body` is the copy). Their outcome can no longer change the response.
 pub async fn run_copy_steps(steps: &[Step], ex: &mut Exchange, body: Vec<u8>) {
-    ex.response_body = Some(body);
+    ex.set_body(Direction::Response, Some(body));
     for step in steps {
         if !step.applies(ex) {
             continue;
@@ -432,7 +432,7 @@ pub async fn run_copy_steps(steps: &[Step], ex: &mut Exchange, body: Vec<u8>) {
             tracing::debug!(policy = %step.policy_name, ?outcome, "a response-end step decided after the response passed; dropped");
         }
     }
-    ex.response_body = None;
+    ex.set_body(Direction::Response, None);
 }
 
 /// Runs the response steps that apply to a served answer on it: `ex.response` and
@@ -452,7 +452,7 @@ pub async fn run_answer_steps(steps: &[Step], ex: &mut Exchange, answer: Box<Ans
         h.push(n, v);
     }
     ex.response = Some(crate::vars::ResponseInfo { status, headers: h });
-    ex.response_body = Some(body);
+    ex.set_body(Direction::Response, Some(body));
     let outcome = run_steps(steps, ex, Direction::Response).await;
     if !outcome.is_continue() {
         return outcome;
@@ -474,7 +474,7 @@ pub async fn run_answer_steps(steps: &[Step], ex: &mut Exchange, answer: Box<Ans
         status,
         code,
         headers,
-        body: ex.response_body.take().unwrap_or_default(),
+        body: ex.take_body(Direction::Response).unwrap_or_default(),
     }))
 }
 

@@ -923,9 +923,11 @@ impl Policy for ResponseCache {
             return Hook::CONTINUE;
         }
         if let Some(key) = ex.lookup(&self.key_var).and_then(|k| unhex(&k)) {
-            let body = ex.response_body.take().unwrap_or_default();
-            self.store_entry(ex, key, &body);
-            ex.response_body = Some(body);
+            // Taken and put back unchanged, as `on_response` does: no copy.
+            if let Some(body) = ex.response_body.take() {
+                self.store_entry(ex, key, &body);
+                ex.response_body = Some(body);
+            }
         }
         Hook::CONTINUE
     }

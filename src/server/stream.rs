@@ -381,7 +381,7 @@ impl StreamState {
             if h.end_of_stream {
                 // No body will come: the body steps run now, on an empty body.
                 self.req.steps_ran = true;
-                self.ex.request_body = Some(Vec::new());
+                self.ex.set_body(Direction::Request, Some(Vec::new()));
                 let o = run_steps(&flow.request.on_body, &mut self.ex, Direction::Request).await;
                 if !o.is_continue() {
                     self.stop(o, Direction::Request, out).await;
@@ -484,7 +484,7 @@ impl StreamState {
         if flow.response.needs_body() {
             if h.end_of_stream {
                 self.resp.steps_ran = true;
-                self.ex.response_body = Some(Vec::new());
+                self.ex.set_body(Direction::Response, Some(Vec::new()));
                 let o = run_steps(&flow.response.on_body, &mut self.ex, Direction::Response).await;
                 if !o.is_continue() {
                     self.stop(o, Direction::Response, out).await;
@@ -939,25 +939,16 @@ impl StreamState {
         let body = std::mem::take(&mut self.side(dir).buf);
         self.side(dir).steps_ran = true;
         let steps = match dir {
-            Direction::Request => {
-                self.ex.request_body = Some(body);
-                &flow.request.on_body
-            }
-            Direction::Response => {
-                self.ex.response_body = Some(body);
-                &flow.response.on_body
-            }
+            Direction::Request => &flow.request.on_body,
+            Direction::Response => &flow.response.on_body,
         };
+        self.ex.set_body(dir, Some(body));
         let o = run_steps(steps, &mut self.ex, dir).await;
         if !o.is_continue() {
             self.stop(o, dir, out).await;
             return None;
         }
-        let body = match dir {
-            Direction::Request => self.ex.request_body.take(),
-            Direction::Response => self.ex.response_body.take(),
-        };
-        Some(body.unwrap_or_default())
+        Some(self.ex.take_body(dir).unwrap_or_default())
     }
 
     async fn on_trailers(
