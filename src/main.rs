@@ -155,6 +155,7 @@ impl LoadArgs {
     fn options(&self) -> config::LoadOptions {
         config::LoadOptions {
             max_message_bytes: self.max_message_bytes,
+            ..Default::default()
         }
     }
 

@@ -80,12 +80,48 @@ pub const MESSAGE_OVERHEAD_BYTES: usize = 64 * 1024;
 pub struct LoadOptions {
     /// `--max-message-bytes`: a flow whose largest body cannot fit in one message is refused.
     pub max_message_bytes: usize,
+    /// Where `valueFrom: {env: …}` reads variables: the process environment.
+    pub env: EnvLookup,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
         Self {
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            env: EnvLookup::default(),
+        }
+    }
+}
+
+/// Reads environment variables for `valueFrom: {env: …}`: the process environment, or a
+/// fixed set (tests, which must not mutate the process environment other threads read).
+#[derive(Clone, Default)]
+pub struct EnvLookup(Option<Arc<HashMap<String, String>>>);
+
+impl EnvLookup {
+    /// Only these variables, whatever the process environment holds.
+    pub fn fixed<K: Into<String>, V: Into<String>>(vars: impl IntoIterator<Item = (K, V)>) -> Self {
+        Self(Some(Arc::new(
+            vars.into_iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
+        )))
+    }
+
+    pub fn var(&self, name: &str) -> Option<String> {
+        match &self.0 {
+            None => std::env::var(name).ok(),
+            Some(vars) => vars.get(name).cloned(),
+        }
+    }
+}
+
+impl std::fmt::Debug for EnvLookup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Names only: the values may be secrets.
+        match &self.0 {
+            None => f.write_str("EnvLookup(process)"),
+            Some(vars) => f.debug_set().entries(vars.keys()).finish(),
         }
     }
 }
@@ -610,8 +646,15 @@ fn compile_files(
     }
 
     let products = build_products(product_docs, &mut errors);
-    let apps = build_apps(app_docs, &products, &declared, config_dir, &mut errors);
-    let kvms = Arc::new(build_kvms(kvm_docs, config_dir, &mut errors));
+    let apps = build_apps(
+        app_docs,
+        &products,
+        &declared,
+        config_dir,
+        &options.env,
+        &mut errors,
+    );
+    let kvms = Arc::new(build_kvms(kvm_docs, config_dir, &options.env, &mut errors));
     let (policies, cache_scopes) = build_policies(policies_docs, config_dir, services, &mut errors);
     let flows = build_flows(
         flow_docs,
@@ -738,7 +781,12 @@ fn build_products(docs: Vec<Parsed>, errors: &mut Vec<ConfigError>) -> Vec<ApiPr
 }
 
 /// Reads a key given by reference; the value itself is never kept, only its hash.
-fn key_hash(k: &spec::KeySpec, i: usize, config_dir: Option<&Path>) -> Result<String, String> {
+fn key_hash(
+    k: &spec::KeySpec,
+    i: usize,
+    config_dir: Option<&Path>,
+    env: &EnvLookup,
+) -> Result<String, String> {
     let at = format!("field `spec.keys[{i}]");
     match (&k.hash, &k.value_from) {
         (Some(h), None) => {
@@ -752,7 +800,7 @@ fn key_hash(k: &spec::KeySpec, i: usize, config_dir: Option<&Path>) -> Result<St
         }
         (None, Some(v)) => {
             let value = match (&v.env, &v.file) {
-                (Some(var), None) => std::env::var(var).map_err(|_| {
+                (Some(var), None) => env.var(var).ok_or_else(|| {
                     format!("{at}.valueFrom.env`: environment variable `{var}` is not set")
                 })?,
                 (None, Some(file)) => {
@@ -787,6 +835,7 @@ fn build_apps(
     products: &[ApiProduct],
     declared: &Declared,
     config_dir: Option<&Path>,
+    env: &EnvLookup,
     errors: &mut Vec<ConfigError>,
 ) -> Vec<App> {
     let mut out: Vec<App> = Vec::new();
@@ -838,7 +887,7 @@ fn build_apps(
                     continue;
                 }
             };
-            match key_hash(k, i, config_dir) {
+            match key_hash(k, i, config_dir, env) {
                 Ok(hash) => {
                     if let Some(other) = hashes.insert(hash.clone(), name.clone()) {
                         msgs.push(format!(
@@ -882,10 +931,12 @@ fn read_value_from(
     v: &spec::ValueFrom,
     at: &str,
     config_dir: Option<&Path>,
+    env: &EnvLookup,
 ) -> Result<String, String> {
     match (&v.env, &v.file) {
-        (Some(var), None) => std::env::var(var)
-            .map_err(|_| format!("{at}.valueFrom.env`: environment variable `{var}` is not set")),
+        (Some(var), None) => env
+            .var(var)
+            .ok_or_else(|| format!("{at}.valueFrom.env`: environment variable `{var}` is not set")),
         (None, Some(file)) => {
             let path = match config_dir {
                 Some(d) if Path::new(file).is_relative() => d.join(file),
@@ -903,6 +954,7 @@ fn read_value_from(
 fn build_kvms(
     docs: Vec<Parsed>,
     config_dir: Option<&Path>,
+    env: &EnvLookup,
     errors: &mut Vec<ConfigError>,
 ) -> FileMaps {
     let mut out = FileMaps::new();
@@ -932,7 +984,7 @@ fn build_kvms(
                     spec::KvmEntrySpec::Full(f) => {
                         let value = match (f.value, &f.value_from) {
                             (Some(v), None) => v,
-                            (None, Some(from)) => read_value_from(from, &at, config_dir)?,
+                            (None, Some(from)) => read_value_from(from, &at, config_dir, env)?,
                             _ => {
                                 return Err(format!("{at}`: give exactly one of value, valueFrom"))
                             }
@@ -1522,8 +1574,14 @@ spec:
 
     #[test]
     fn products_and_apps_from_files() {
-        std::env::set_var("TOLLGATE_TEST_KEY_K2", "k2-secret-value-0123456789");
-        let s = compile(&files(CONSUMERS), None).unwrap();
+        // The variable comes from an injected environment, not the process's.
+        let options = LoadOptions {
+            env: EnvLookup::fixed([("TOLLGATE_TEST_KEY_K2", "k2-secret-value-0123456789")]),
+            ..Default::default()
+        };
+        let compile =
+            |text: &str| compile_with_options(&files(text), None, &Services::default(), &options);
+        let s = compile(CONSUMERS).unwrap();
         assert_eq!(s.products.len(), 1);
         assert_eq!(
             s.apps[0].keys[1].hash,
@@ -1532,7 +1590,11 @@ spec:
         assert_eq!(s.apps[0].keys[1].expires_at, Some(1_893_456_000_000));
         assert!(s.apps.iter().all(|a| a.origin == Origin::File));
 
-        let bad = |from: &str, to: &str| errs(&CONSUMERS.replace(from, to));
+        let bad = |from: &str, to: &str| {
+            compile(&CONSUMERS.replace(from, to))
+                .unwrap_err()
+                .to_string()
+        };
         assert!(bad("products: [chat]", "products: [gold]").contains("no ApiProduct named `gold`"));
         assert!(bad("hash: \"sha256:ba", "hash: \"md5:ba").contains("spec.keys[0].hash"));
         assert!(
@@ -1723,6 +1785,7 @@ spec:
                 &Services::default(),
                 &LoadOptions {
                     max_message_bytes: max,
+                    ..Default::default()
                 },
             )
         };
