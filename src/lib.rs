@@ -20,6 +20,7 @@ pub mod llm;
 pub mod pipeline;
 pub mod policies;
 pub mod ratelimit;
+pub mod refresh;
 pub mod server;
 pub mod services;
 pub mod store;
