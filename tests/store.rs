@@ -11,7 +11,7 @@ use std::future::Future;
 use std::io::{BufRead, BufReader, Read, Write as _};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,6 +24,11 @@ use tollgate::store::embedded::EmbeddedStore;
 use tollgate::store::memory::MemoryStore;
 use tollgate::store::redis_store::RedisStore;
 use tollgate::store::{self, Change, Store, StoreError, StoreSpec, Write};
+
+mod support;
+
+use support::free_port;
+use support::redis::RedisServer;
 
 /// Every test is bounded by this.
 const TEST_LIMIT: Duration = Duration::from_secs(20);
@@ -77,154 +82,6 @@ async fn redis_cluster() -> Fixture {
     }
 }
 
-/// A `redis-server` on a free loopback port, without persistence; killed on drop.
-struct RedisServer {
-    child: Option<Child>,
-    port: u16,
-    dir: tempfile::TempDir,
-    cluster: bool,
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
-
-impl RedisServer {
-    fn start() -> Self {
-        Self::start_with(false)
-    }
-
-    /// A one-node Redis Cluster holding every slot.
-    fn start_cluster() -> Self {
-        let server = Self::start_with(true);
-        let client = redis::Client::open(server.url()).expect("client");
-        let mut con = client.get_connection().expect("connect");
-        redis::cmd("CLUSTER")
-            .arg("ADDSLOTSRANGE")
-            .arg(0)
-            .arg(16383)
-            .query::<()>(&mut con)
-            .expect("CLUSTER ADDSLOTSRANGE");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let info: String = redis::cmd("CLUSTER")
-                .arg("INFO")
-                .query(&mut con)
-                .expect("CLUSTER INFO");
-            if info.contains("cluster_state:ok") {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "cluster never became ok:\n{info}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        server
-    }
-
-    fn start_with(cluster: bool) -> Self {
-        for _ in 0..5 {
-            let mut server = Self {
-                child: None,
-                port: free_port(),
-                dir: tempfile::tempdir().expect("tempdir"),
-                cluster,
-            };
-            if server.spawn() {
-                return server;
-            }
-        }
-        panic!("redis-server did not start (port races?)");
-    }
-
-    /// Starts the server on `self.port`; false if it exited (the port was taken).
-    fn spawn(&mut self) -> bool {
-        let mut cmd = Command::new("redis-server");
-        cmd.arg("--port")
-            .arg(self.port.to_string())
-            .arg("--bind")
-            .arg("127.0.0.1")
-            .arg("--save")
-            .arg("")
-            .arg("--appendonly")
-            .arg("no")
-            .arg("--dir")
-            .arg(self.dir.path())
-            .arg("--loglevel")
-            .arg("warning");
-        if self.cluster {
-            cmd.arg("--cluster-enabled")
-                .arg("yes")
-                .arg("--cluster-config-file")
-                .arg(self.dir.path().join("nodes.conf"));
-        }
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn();
-        let mut child = match child {
-            Ok(c) => c,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                panic!("redis-server is not installed: run scripts/setup.sh")
-            }
-            Err(e) => panic!("cannot start redis-server: {e}"),
-        };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return false;
-            }
-            if ping(self.port) {
-                self.child = Some(child);
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        false
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.as_ref().expect("running").id()
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-
-    fn cluster_url(&self) -> String {
-        format!("redis+cluster://127.0.0.1:{}", self.port)
-    }
-
-    /// SIGKILL, and wait until it is gone.
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// Starts it again on the same port (empty: nothing is persisted).
-    fn restart(&mut self) {
-        self.kill();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !self.spawn() {
-            assert!(
-                Instant::now() < deadline,
-                "redis-server did not restart on port {}",
-                self.port
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
 /// A three-node Redis Cluster (no replicas), slots split evenly.
 struct RedisCluster {
     nodes: Vec<RedisServer>,
@@ -244,7 +101,9 @@ fn connect_all(nodes: &[RedisServer]) -> Vec<redis::Connection> {
 
 impl RedisCluster {
     fn start() -> Self {
-        let nodes: Vec<RedisServer> = (0..3).map(|_| RedisServer::start_with(true)).collect();
+        let nodes: Vec<RedisServer> = (0..3)
+            .map(|_| RedisServer::start_with(true, false))
+            .collect();
         let ranges = [(0, 5460), (5461, 10922), (10923, 16383)];
         let mut cons = connect_all(&nodes);
         for (con, (from, to)) in cons.iter_mut().zip(ranges) {
@@ -352,12 +211,6 @@ impl RedisCluster {
     }
 }
 
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 /// Sends a signal (`STOP`, `CONT`) to a process this test started.
 fn signal(pid: u32, name: &str) {
     let status = Command::new("kill")
@@ -366,19 +219,6 @@ fn signal(pid: u32, name: &str) {
         .status()
         .expect("kill");
     assert!(status.success(), "kill -{name} {pid}");
-}
-
-/// True when something answers PING with PONG on the port.
-fn ping(port: u16) -> bool {
-    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
-    if s.write_all(b"PING\r\n").is_err() {
-        return false;
-    }
-    let mut buf = [0u8; 7];
-    s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -17,6 +17,10 @@
 //! (print the logs even when the test passes).
 #![allow(dead_code)]
 
+pub mod ext_proc;
+pub mod redis;
+
+use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashSet};
 use std::convert::Infallible;
 use std::future::Future;
@@ -24,7 +28,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener as StdTcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -134,7 +138,7 @@ pub fn free_port() -> u16 {
         let l = StdTcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
         let port = l.local_addr().expect("local addr").port();
         drop(l);
-        if HANDED_OUT.lock().unwrap().insert(port) {
+        if HANDED_OUT.lock().insert(port) {
             return port;
         }
     }
@@ -365,7 +369,7 @@ pub struct SeenRequest {
 impl SeenRequest {
     /// The body bytes the upstream has received for this request.
     pub fn body_bytes(&self) -> Vec<u8> {
-        self.body.lock().unwrap().clone()
+        self.body.lock().clone()
     }
 }
 
@@ -423,7 +427,7 @@ async fn upstream_handle(
         .map_or_else(|| path.clone(), |pq| pq.as_str().to_owned());
     let headers = headers_json(&parts.headers);
     let received = Arc::new(Mutex::new(Vec::new()));
-    seen.lock().unwrap().push(SeenRequest {
+    seen.lock().push(SeenRequest {
         method: parts.method.to_string(),
         uri: uri.clone(),
         headers: headers.clone(),
@@ -433,10 +437,10 @@ async fn upstream_handle(
     let mut body = body;
     while let Some(Ok(frame)) = body.frame().await {
         if let Ok(data) = frame.into_data() {
-            received.lock().unwrap().extend_from_slice(&data);
+            received.lock().extend_from_slice(&data);
         }
     }
-    let body = Bytes::from(received.lock().unwrap().clone());
+    let body = Bytes::from(received.lock().clone());
 
     if path == "/sse" {
         let n = query_param(&query, "n").unwrap_or(3);
@@ -490,7 +494,7 @@ impl Upstream {
         let listener = StdTcpListener::bind("127.0.0.1:0").expect("bind upstream");
         listener.set_nonblocking(true).expect("nonblocking");
         let addr = listener.local_addr().unwrap();
-        HANDED_OUT.lock().unwrap().insert(addr.port());
+        HANDED_OUT.lock().insert(addr.port());
         let seen = Arc::new(Mutex::new(Vec::new()));
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -524,7 +528,7 @@ impl Upstream {
 
     /// Every request received so far.
     pub fn seen(&self) -> Vec<SeenRequest> {
-        self.seen.lock().unwrap().clone()
+        self.seen.lock().clone()
     }
 
     /// Requests received whose path-and-query starts with `prefix`.
