@@ -93,9 +93,12 @@ fn chat_4k() -> String {
     text
 }
 
+/// `$TOLLGATE_SHARED_DATA/<file>`, else `../shared/data/<file>` beside the checkout.
 fn spec_path(file: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/data")
+    std::env::var_os("TOLLGATE_SHARED_DATA")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data"))
         .join(file)
 }
 
@@ -252,7 +255,8 @@ fn bench(c: &mut Criterion) {
     ] {
         if !spec_path(file).is_file() {
             eprintln!(
-                "skipping {name}: {} is missing (the public OpenAI description, read from ../shared/data/)",
+                "skipping {name}: {} is missing (the public OpenAI description, read from \
+                 ../shared/data/ or $TOLLGATE_SHARED_DATA)",
                 spec_path(file).display()
             );
             continue;

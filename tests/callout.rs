@@ -16,12 +16,15 @@ use http_body_util::{BodyExt, Full};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::json;
-use tollgate::fault::Fault;
-use tollgate::pipeline::{Direction, Outcome, Policy};
+use tollgate::pipeline::Policy;
 use tollgate::policies::service_callout::Egress;
 use tollgate::policies::{builder, BuildContext, SpecError};
 use tollgate::services::Services;
 use tollgate::vars::{Exchange, Headers, RequestInfo};
+
+mod support;
+
+use support::policy::{self, run};
 
 /// (method, path, query, headers, body) of a request.
 type Request1 = (String, String, String, Vec<(String, String)>, String);
@@ -118,14 +121,12 @@ async fn serve() -> (SocketAddr, Arc<Seen>) {
 }
 
 fn build(services: &Services, yaml: &str) -> Result<Arc<dyn Policy>, SpecError> {
-    builder("ServiceCallout").unwrap()(
-        &BuildContext {
-            name: "authz".into(),
-            config_dir: None,
-            services: services.clone(),
-        },
-        serde_norway::from_str(yaml).unwrap(),
-    )
+    let ctx = BuildContext {
+        name: "authz".into(),
+        config_dir: None,
+        services: services.clone(),
+    };
+    policy::build("ServiceCallout", &ctx, yaml)
 }
 
 fn exchange() -> Exchange {
@@ -140,13 +141,6 @@ fn exchange() -> Exchange {
     };
     ex.set_var("client_id", "app-1");
     ex
-}
-
-async fn run(p: &Arc<dyn Policy>, ex: &mut Exchange) -> Result<(), Fault> {
-    match p.run(ex, Direction::Request) {
-        Outcome::Ready(r) => r,
-        Outcome::Pending(f) => f.await,
-    }
 }
 
 #[tokio::test]

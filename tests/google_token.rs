@@ -23,9 +23,11 @@ use rsa::pkcs8::{EncodePrivateKey, EncodePublicKey};
 use serde_json::{json, Value};
 use tollgate::fault::Fault;
 use tollgate::pipeline::{Direction, Outcome, Policy};
-use tollgate::policies::{builder, BuildContext};
+use tollgate::policies::BuildContext;
 use tollgate::services::Services;
 use tollgate::vars::Exchange;
+
+mod support;
 
 fn now() -> u64 {
     jsonwebtoken::get_current_timestamp()
@@ -189,24 +191,17 @@ async fn serve() -> (SocketAddr, Arc<Google>) {
 }
 
 fn assign(services: &Services, dir: Option<&std::path::Path>, yaml: &str) -> Arc<dyn Policy> {
-    builder("AssignMessage").unwrap()(
-        &BuildContext {
-            name: "google".into(),
-            config_dir: dir.map(|d| d.to_path_buf()),
-            services: services.clone(),
-        },
-        serde_norway::from_str(yaml).unwrap(),
-    )
-    .unwrap_or_else(|e| panic!("{e}"))
+    let ctx = BuildContext {
+        name: "google".into(),
+        config_dir: dir.map(|d| d.to_path_buf()),
+        services: services.clone(),
+    };
+    support::policy::build("AssignMessage", &ctx, yaml).unwrap_or_else(|e| panic!("{e}"))
 }
 
 async fn run(p: &Arc<dyn Policy>) -> Result<Exchange, Fault> {
     let mut ex = Exchange::default();
-    let r = match p.run(&mut ex, Direction::Request) {
-        Outcome::Ready(r) => r,
-        Outcome::Pending(f) => f.await,
-    };
-    r.map(|()| ex)
+    support::policy::run(p, &mut ex).await.map(|()| ex)
 }
 
 fn header(ex: &mut Exchange, name: &str) -> Option<String> {

@@ -23,9 +23,13 @@ use rsa::traits::PublicKeyParts;
 use serde_json::{json, Value};
 use tollgate::fault::Fault;
 use tollgate::pipeline::{Direction, Outcome, Policy};
-use tollgate::policies::{builder, BuildContext};
+use tollgate::policies::BuildContext;
 use tollgate::services::Services;
 use tollgate::vars::{Exchange, Headers, RequestInfo};
+
+mod support;
+
+use support::policy::run;
 
 // ───────────────────────────── keys ─────────────────────────────
 
@@ -154,16 +158,12 @@ async fn serve_jwks(keys: Vec<Value>) -> (SocketAddr, Arc<Jwks>) {
 // ───────────────────────────── helpers ─────────────────────────────
 
 fn policy(services: &Services, yaml: &str) -> Arc<dyn Policy> {
-    let build = builder("VerifyJwt").unwrap();
-    build(
-        &BuildContext {
-            name: "auth".into(),
-            config_dir: None,
-            services: services.clone(),
-        },
-        serde_norway::from_str(yaml).unwrap(),
-    )
-    .unwrap_or_else(|e| panic!("spec: {e}"))
+    let ctx = BuildContext {
+        name: "auth".into(),
+        config_dir: None,
+        services: services.clone(),
+    };
+    support::policy::build("VerifyJwt", &ctx, yaml).unwrap_or_else(|e| panic!("spec: {e}"))
 }
 
 fn exchange(token: &str) -> Exchange {
@@ -174,13 +174,6 @@ fn exchange(token: &str) -> Exchange {
     Exchange {
         request: RequestInfo::from_headers(h),
         ..Default::default()
-    }
-}
-
-async fn run(p: &Arc<dyn Policy>, ex: &mut Exchange) -> Result<(), Fault> {
-    match p.run(ex, Direction::Request) {
-        Outcome::Ready(r) => r,
-        Outcome::Pending(f) => f.await,
     }
 }
 

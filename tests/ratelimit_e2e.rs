@@ -4,8 +4,8 @@
 //! follows each policy's fail mode and counting resumes where it stood; an embedded-store
 //! replica keeps a day quota's count across `kill -9`.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
@@ -14,64 +14,11 @@ use tonic::transport::Channel;
 mod support;
 
 use support::redis::RedisServer;
-use support::{ext_proc, free_port};
+use support::{ext_proc, free_port, Proc};
 
 /// (status, body) of a GET.
 fn http_get(port: u16, path: &str) -> (u16, String) {
     support::http_blocking(port, "GET", path, None, None)
-}
-
-fn tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(60)..].join("\n")
-}
-
-/// A child process killed on drop; its log is printed when the test fails.
-struct Proc {
-    name: &'static str,
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn spawn(name: &'static str, mut cmd: Command, log: PathBuf) -> Self {
-        let out = std::fs::File::create(&log).unwrap();
-        let err = out.try_clone().unwrap();
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        Self {
-            name,
-            child: Some(child),
-            log,
-        }
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn exited(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_none_or(|c| matches!(c.try_wait(), Ok(Some(_))))
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-        if std::thread::panicking() {
-            eprintln!("──── {} log ────\n{}", self.name, tail(&self.log));
-        }
-    }
 }
 
 struct Tollgate {

@@ -5,14 +5,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tollgate::fault::Fault;
-use tollgate::pipeline::{Direction, Outcome, Policy};
+use tollgate::pipeline::{Direction, Policy};
 use tollgate::policies::{response_cache, BuildContext};
 use tollgate::services::Services;
 use tollgate::vars::{Exchange, Headers, RequestInfo, ResponseInfo};
 
 mod support;
 
+use support::policy::run_in as run;
 use support::redis::RedisServer;
 
 /// One replica's policy: fresh services (so its own local cache), the shared Redis tier.
@@ -33,13 +33,6 @@ fn request(uri: &str) -> Exchange {
     Exchange {
         request: RequestInfo::from_headers(h),
         ..Default::default()
-    }
-}
-
-async fn run(p: &Arc<dyn Policy>, ex: &mut Exchange, dir: Direction) -> Result<(), Fault> {
-    match p.run(ex, dir) {
-        Outcome::Ready(r) => r,
-        Outcome::Pending(f) => f.await,
     }
 }
 

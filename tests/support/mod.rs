@@ -18,6 +18,7 @@
 #![allow(dead_code)]
 
 pub mod ext_proc;
+pub mod policy;
 pub mod redis;
 
 use parking_lot::Mutex;
@@ -293,14 +294,15 @@ fn keep_logs() -> bool {
 }
 
 /// A child process that is killed and reaped on drop; its log is printed if the test fails.
-struct Proc {
+pub struct Proc {
     name: &'static str,
-    child: Option<Child>,
+    pub child: Option<Child>,
     log: PathBuf,
 }
 
 impl Proc {
-    fn spawn(name: &'static str, mut cmd: Command, log: PathBuf) -> Self {
+    /// Spawns `cmd` with stdin closed and stdout and stderr going to `log`.
+    pub fn spawn(name: &'static str, mut cmd: Command, log: PathBuf) -> Self {
         let out = std::fs::File::create(&log).expect("create log file");
         let err = out.try_clone().expect("clone log file");
         cmd.stdin(Stdio::null()).stdout(out).stderr(err);
@@ -315,7 +317,7 @@ impl Proc {
     }
 
     /// Panics with the log if the process already exited.
-    fn check_alive(&mut self) {
+    pub fn check_alive(&mut self) {
         if let Some(c) = self.child.as_mut() {
             if let Ok(Some(status)) = c.try_wait() {
                 let log = tail(&self.log, 80);
@@ -329,8 +331,23 @@ impl Proc {
         }
     }
 
-    fn pid(&self) -> Option<u32> {
+    pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILL, and wait until it is gone.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// True once the process has exited (or was killed).
+    pub fn exited(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_none_or(|c| matches!(c.try_wait(), Ok(Some(_))))
     }
 }
 
