@@ -457,18 +457,9 @@ fn run_cli(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
         cmd.env(k, v);
     }
     let mut child = cmd.spawn().expect("run tollgate");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("tollgate {args:?} did not finish within 10 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = support::exit_within(&mut child, Duration::from_secs(10), || {
+        format!("tollgate {args:?} did not finish within 10 s")
+    });
     let out = child.wait_with_output().expect("output");
     (
         status.code().unwrap_or(-1),

@@ -1022,6 +1022,27 @@ impl ConfigMapDir {
 }
 
 /// Runs `tollgate validate DIR`: (exit code, stdout, stderr).
+/// Waits for `child` to exit; past `limit`, kills it and panics with `what()`. (Output
+/// meant for a pipe must fit in it: it is read after the exit.)
+pub fn exit_within(
+    child: &mut Child,
+    limit: Duration,
+    what: impl FnOnce() -> String,
+) -> std::process::ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            return s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{}", what());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 pub fn validate(dir: &Path) -> (i32, String, String) {
     let mut child = Command::new(tollgate_bin())
         .arg("validate")
@@ -1031,18 +1052,9 @@ pub fn validate(dir: &Path) -> (i32, String, String) {
         .stderr(Stdio::piped())
         .spawn()
         .expect("run tollgate validate");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("tollgate validate did not finish within 10 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = exit_within(&mut child, Duration::from_secs(10), || {
+        "tollgate validate did not finish within 10 s".into()
+    });
     let mut out = String::new();
     let mut err = String::new();
     child
