@@ -20,12 +20,12 @@ echo "== cargo deny check licenses bans sources"
 cargo deny --locked check licenses bans sources
 
 DB_DIR="${CARGO_HOME:-$HOME/.cargo}/advisory-dbs"
-if timeout 60 cargo deny --locked fetch db >/dev/null 2>&1; then
+if timeout 120 cargo deny --locked fetch db >/dev/null 2>&1; then
   echo "== cargo deny check advisories"
-  cargo deny --locked check --disable-fetch advisories
-elif compgen -G "$DB_DIR/*" >/dev/null; then
+  cargo deny --locked --offline check advisories
+elif find "$DB_DIR" -mindepth 2 -maxdepth 2 -name crates -type d 2>/dev/null | grep -q .; then
   echo "== cargo deny check advisories (the RustSec database could not be fetched: using the copy in $DB_DIR, possibly stale)"
-  cargo deny --locked check --disable-fetch advisories
+  cargo deny --locked --offline check advisories
 else
   echo "== cargo deny check advisories: SKIPPED: the RustSec advisory database (https://github.com/rustsec/advisory-db) cannot be fetched from this machine and no earlier copy is in $DB_DIR; licenses, bans and sources were checked"
 fi
