@@ -17,32 +17,30 @@ pub fn hv(k: &str, v: impl AsRef<[u8]>) -> HeaderValue {
     }
 }
 
-fn header_map(headers: &[(&str, &str)]) -> Option<HeaderMap> {
-    Some(HeaderMap {
-        headers: headers.iter().map(|(k, v)| hv(k, v)).collect(),
-    })
-}
-
 /// Request headers, in the order given (pseudo-headers included).
 pub fn request_headers(headers: &[(&str, &str)], end_of_stream: bool) -> ProcessingRequest {
-    ProcessingRequest {
-        request: Some(Request::RequestHeaders(HttpHeaders {
-            headers: header_map(headers),
-            end_of_stream,
-            ..Default::default()
-        })),
-        ..Default::default()
-    }
+    headers_msg(false, headers, end_of_stream)
 }
 
 /// Response headers, in the order given (`:status` included).
 pub fn response_headers(headers: &[(&str, &str)], end_of_stream: bool) -> ProcessingRequest {
+    headers_msg(true, headers, end_of_stream)
+}
+
+fn headers_msg(response: bool, headers: &[(&str, &str)], end_of_stream: bool) -> ProcessingRequest {
+    let h = HttpHeaders {
+        headers: Some(HeaderMap {
+            headers: headers.iter().map(|(k, v)| hv(k, v)).collect(),
+        }),
+        end_of_stream,
+        ..Default::default()
+    };
     ProcessingRequest {
-        request: Some(Request::ResponseHeaders(HttpHeaders {
-            headers: header_map(headers),
-            end_of_stream,
-            ..Default::default()
-        })),
+        request: Some(if response {
+            Request::ResponseHeaders(h)
+        } else {
+            Request::RequestHeaders(h)
+        }),
         ..Default::default()
     }
 }
