@@ -5,6 +5,7 @@ use serde_json::{json, Map, Value};
 use super::compile::{is_json, Api, In, Media, Operation, Param, PathItem, Shape, Types};
 use super::paths::{match_parts, percent_decode_path};
 use crate::fault::Fault;
+use crate::pipeline::Direction;
 use crate::vars::{query_pairs, Exchange};
 
 /// Longest a violation message gets: messages quote the offending value.
@@ -400,13 +401,15 @@ impl Api {
         }
     }
 
-    /// Checks a body against the declared media types; `prefix` is `/body`.
-    fn check_body(
+    /// Checks a body against the declared media types; `prefix` is `/body`. A JSON body is
+    /// read from the exchange's shared parse (`json`), not parsed here again.
+    fn check_body<'e>(
         &self,
         media: &[Media],
         required: bool,
         content_type: Option<&str>,
         body: &[u8],
+        json: impl FnOnce() -> Option<crate::vars::state::JsonRef<'e>>,
         v: &mut Violations,
     ) {
         if body.is_empty() {
@@ -443,18 +446,20 @@ impl Api {
         if m.validator.is_none() || !is_json(&mime) {
             return;
         }
-        let value: Value = match serde_json::from_slice(body) {
+        let parsed = json()
+            .unwrap_or_else(|| std::borrow::Cow::Owned(crate::vars::state::JsonBody::parse(body)));
+        let value = match &parsed.value {
             Ok(x) => x,
             Err(e) => {
                 v.push("/body", format!("not valid JSON: {e}"));
                 return;
             }
         };
-        if let Err(e) = check_shape(&value, self.max_depth, self.max_items) {
+        if let Err(e) = check_shape(value, self.max_depth, self.max_items) {
             v.push("/body", e);
             return;
         }
-        self.validate(m.validator, &value, "/body", v);
+        self.validate(m.validator, value, "/body", v);
     }
 
     /// Checks a request (its path, method, parameters and, with `with_body`, its body).
@@ -468,6 +473,7 @@ impl Api {
                     body.required,
                     ex.request.headers.get("content-type"),
                     data,
+                    || ex.body_json(Direction::Request),
                     v,
                 );
             }
@@ -496,7 +502,14 @@ impl Api {
             None => v.push("/status", format!("status {code} is not declared")),
             Some(r) => {
                 let body = ex.response_body.as_deref().unwrap_or_default();
-                self.check_body(&r.media, false, resp.headers.get("content-type"), body, v);
+                self.check_body(
+                    &r.media,
+                    false,
+                    resp.headers.get("content-type"),
+                    body,
+                    || ex.body_json(Direction::Response),
+                    v,
+                );
             }
         }
     }
