@@ -6,7 +6,7 @@ WORKDIR /src
 RUN apt-get update && apt-get install -y --no-install-recommends make && rm -rf /var/lib/apt/lists/*
 # The pinned toolchain (rustup in the image installs it).
 COPY rust-toolchain.toml ./
-COPY Cargo.toml Cargo.lock build.rs ./
+COPY Cargo.toml Cargo.lock ./
 COPY .cargo .cargo
 COPY src src
 COPY policies policies

@@ -197,9 +197,8 @@ fn response() -> ProcessingRequest {
 /// schema built once and reused, against one built for every body (the registry, which
 /// indexes the whole description, is prepared once in both).
 fn bench_validator_reuse(c: &mut Criterion, body: &str) {
-    let doc =
-        tollgate::policies::oas_validation::read_document(&spec_path("openai-openapi-3.1.yaml"))
-            .expect("the OpenAI description reads");
+    let doc = tollgate::openapi::read_document(&spec_path("openai-openapi-3.1.yaml"))
+        .expect("the OpenAI description reads");
     let uri = "urn:openai-spec";
     let registry = Registry::new()
         .draft(Draft::Draft202012)

@@ -17,6 +17,7 @@ pub mod http_client;
 pub mod jwks;
 pub mod kvm;
 pub mod llm;
+pub mod openapi;
 pub mod pipeline;
 pub mod policies;
 pub mod ratelimit;
