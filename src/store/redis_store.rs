@@ -1,4 +1,4 @@
-//! The Redis store: several replicas share one Redis (or one Redis Cluster).
+//! The Redis backend: several replicas share one Redis (or one Redis Cluster).
 //!
 //! # Addressing
 //!
@@ -10,11 +10,15 @@
 //! # Layout (Cluster-safe: every command touches one key)
 //!
 //! - `tollgate:{products}`: a hash, field = product name, value = `ApiProduct` JSON;
-//! - `tollgate:{apps}`: a hash, field = app name, value = `App` JSON.
+//! - `tollgate:{apps}`: a hash, field = app name, value = `App` JSON;
+//! - `tollgate:{kvm}:<map>`: a hash per key-value map, field = entry key, value = JSON;
+//! - `tollgate:rl:{<key hex>}[:<window start>]`: quota counters (see [`COUNTER_SCRIPT`]);
+//! - `tollgate:{counters}`: counter checkpoints, field = key hex (unused unless asked for);
+//! - `tollgate:cache:<policy>:<key hex>`: ResponseCache entries, expiring with their TTL.
 //!
-//! A snapshot is one `HGETALL` per hash. `Write::Create` is `HSETNX`; `Write::Update` is a
-//! small Lua script (`HGET`, compare the stored `revision`, then `HSET`) so the check and the
-//! write are atomic across replicas; a delete is `HDEL` (0 removed: not found).
+//! A scan is one `HGETALL` per hash. [`Cond::Absent`] is `HSETNX`; [`Cond::Present`] and
+//! [`Cond::Revision`] are small Lua scripts (`HGET`, compare, then `HSET`) so the check and
+//! the write are atomic across replicas; a delete is `HDEL` (0 removed: not found).
 //!
 //! # Change feed
 //!
@@ -22,7 +26,7 @@
 //! publishes `<seq> product:<name>` or `<seq> app:<name>` on the channel `tollgate:changes`
 //! (`tollgate:changes:<db>` for a database other than 0: pub/sub channels are not scoped to a
 //! database). Every replica (the writer too) holds a dedicated pub/sub connection in a
-//! background task and forwards what it hears to its [`Store::subscribe`] receivers. That task
+//! background task and forwards what it hears to its [`Backend::subscribe`] receivers. That task
 //! reconnects by itself with back-off (trying each seed node in turn for a cluster, where a
 //! classic `PUBLISH` reaches every node), and after a reconnect sends [`Change::Resync`],
 //! because messages published meanwhile are lost.
@@ -48,23 +52,25 @@ use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::{Cmd, FromRedisValue, RedisFuture, Value};
 use tokio::sync::broadcast;
 
-use super::codec::{self, Stored};
-use super::embedded::{decode_entry, encode_entry};
-use super::{kvm_name, Change, Contents, Store, StoreError, Write, KVM_KIND};
-use crate::consumer::{ApiProduct, App};
-use crate::kvm::KvmEntry;
+use super::backend::{Backend, Cond, Keep, Put, Table};
+use super::{Change, OpenOptions, StoreError};
+use crate::ratelimit::{Ask, Decision, Window};
 
 /// The hash holding products.
 pub const PRODUCTS_KEY: &str = "tollgate:{products}";
 /// The hash holding apps.
 pub const APPS_KEY: &str = "tollgate:{apps}";
-/// The pub/sub channel carrying change notices.
 /// A key-value map's hash: field = entry key, value = `KvmEntry` JSON. The `{kvm}` hash tag
 /// keeps every map on one Cluster slot, beside nothing else.
 pub fn kvm_key(map: &str) -> String {
     format!("tollgate:{{kvm}}:{map}")
 }
 
+/// The hash holding counter checkpoints.
+pub const CHECKPOINTS_KEY: &str = "tollgate:{counters}";
+/// The prefix of cache entries.
+pub const CACHE_PREFIX: &str = "tollgate:cache:";
+/// The pub/sub channel carrying change notices.
 pub const CHANGES_CHANNEL: &str = "tollgate:changes";
 /// The counter each write increments before announcing itself; notices carry its value, so a
 /// replica can tell that one went missing.
@@ -86,6 +92,79 @@ const FIRST_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const PING_EVERY: Duration = Duration::from_secs(5);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// Quota counters. Keys: `tollgate:rl:{<key hex>}` (flexi: a hash `e` end, `n` count;
+/// rolling: a hash slot index → count) and `tollgate:rl:{<key hex>}:<window start>` (fixed
+/// windows: a plain counter). The hash tag is the counter's own 128-bit key, so counters
+/// spread over a cluster's slots and every key one decision touches lives in one slot. Keys
+/// expire a minute after their window.
+///
+/// Reads, judges and counts one decision atomically. KEYS[1]: the counter. ARGV: type
+/// (`f` fixed, `x` flexi, `r` rolling), mode (`ec`, `e`, `c`), weight, allow, now (ms),
+/// and the window's end (fixed) or length (flexi, rolling). Returns {allowed, used, expiry}.
+/// A weight of 0 only reads.
+pub const COUNTER_SCRIPT: &str = r"
+local t, mode = ARGV[1], ARGV[2]
+local w, allow, now, a = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local used, expiry, cur, slot, counts = 0, 0, 0, 1, {}
+if t == 'f' then
+  used = tonumber(redis.call('GET', KEYS[1]) or '0')
+  expiry = a
+elseif t == 'x' then
+  local v = redis.call('HMGET', KEYS[1], 'e', 'n')
+  local e = tonumber(v[1])
+  if e and e > now then
+    used = tonumber(v[2]) or 0
+    expiry = e
+  else
+    expiry = now + a
+  end
+else
+  slot = math.max(1, math.ceil(a / 10))
+  cur = math.floor(now / slot)
+  local all = redis.call('HGETALL', KEYS[1])
+  for i = 1, #all, 2 do
+    local k = tonumber(all[i])
+    if k > cur - 10 then
+      counts[k] = tonumber(all[i + 1])
+      used = used + counts[k]
+    else
+      redis.call('HDEL', KEYS[1], all[i])
+    end
+  end
+  expiry = (cur + 1) * slot
+end
+local allowed = 1
+if mode ~= 'c' and used + w > allow then
+  allowed = 0
+  if t == 'r' then
+    -- Refused: when enough of the oldest slots have left for this weight to fit.
+    expiry = (cur + 10) * slot
+    local left = used
+    for k = cur - 9, cur do
+      left = left - (counts[k] or 0)
+      if left + w <= allow then
+        expiry = (k + 10) * slot
+        break
+      end
+    end
+  end
+end
+if allowed == 1 and mode ~= 'e' and w > 0 then
+  used = used + w
+  if t == 'f' then
+    redis.call('INCRBY', KEYS[1], w)
+    redis.call('PEXPIREAT', KEYS[1], expiry + 60000)
+  elseif t == 'x' then
+    redis.call('HSET', KEYS[1], 'e', expiry, 'n', used)
+    redis.call('PEXPIREAT', KEYS[1], expiry + 60000)
+  else
+    redis.call('HINCRBY', KEYS[1], cur, w)
+    redis.call('PEXPIRE', KEYS[1], a + slot + 60000)
+  end
+end
+return {allowed, used, expiry}
+";
 
 /// `HSET` a product or app only if it exists at the expected revision (`ARGV[3]`): 1
 /// written, 0 absent, -1 another revision stored (a concurrent update won). The revision is
@@ -181,21 +260,25 @@ impl Drop for AbortOnDrop {
     }
 }
 
-pub struct RedisStore {
+pub struct RedisBackend {
     conn: Conn,
     /// The URL without its password, for messages.
     target: String,
     update: redis::Script,
     update_object: redis::Script,
+    counter: redis::Script,
+    /// Longest wait for one command.
+    timeout: Duration,
     changes: broadcast::Sender<Change>,
     /// The pub/sub channel of this database.
     channel: String,
-    _subscriber: AbortOnDrop,
+    /// The change feed's subscriber task, when following it.
+    _subscriber: Option<AbortOnDrop>,
 }
 
-impl std::fmt::Debug for RedisStore {
+impl std::fmt::Debug for RedisBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisStore")
+        f.debug_struct("RedisBackend")
             .field("target", &self.target)
             .field(
                 "mode",
@@ -552,11 +635,51 @@ async fn follow(
     }
 }
 
+/// How long [`command_connection`] waits.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    connect: Duration,
+    command: Duration,
+    first_connect: Duration,
+}
+
+impl Limits {
+    fn new(timeout: Option<Duration>) -> Self {
+        match timeout {
+            None => Self {
+                connect: CONNECT_TIMEOUT,
+                command: COMMAND_TIMEOUT,
+                first_connect: FIRST_CONNECT_TIMEOUT,
+            },
+            Some(t) => Self {
+                connect: t,
+                command: t,
+                first_connect: t,
+            },
+        }
+    }
+}
+
+/// Checks a Redis URL without connecting (for configuration errors at load).
+pub fn check_url(url: &str) -> Result<(), String> {
+    match parse_target(url)? {
+        Target::Single(u) => redis::Client::open(u.as_str())
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+        Target::Cluster(seeds) => seeds.iter().try_for_each(|s| {
+            redis::Client::open(s.as_str())
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }),
+    }
+}
+
 /// A command connection to `url` (see the module documentation for the schemes), the
 /// clients of its nodes (for pub/sub) and the URL without its password. Commands reconnect
-/// by themselves. Counters (`crate::ratelimit`) share this with the store.
-pub(crate) async fn command_connection(
+/// by themselves.
+async fn command_connection(
     url: &str,
+    limits: Limits,
 ) -> Result<(Conn, Vec<redis::Client>, String), StoreError> {
     let display = redact(url);
     let target = parse_target(url).map_err(|e| unavailable(&display, "bad URL", e))?;
@@ -569,13 +692,13 @@ pub(crate) async fn command_connection(
             // connection attempt, so the manager reconnects on demand and recovers on the
             // first command after Redis is back.
             let config = ConnectionManagerConfig::new()
-                .set_connection_timeout(CONNECT_TIMEOUT)
-                .set_response_timeout(COMMAND_TIMEOUT)
+                .set_connection_timeout(limits.connect)
+                .set_response_timeout(limits.command)
                 .set_number_of_retries(0);
             let manager = bounded(
                 &display,
                 "connect",
-                FIRST_CONNECT_TIMEOUT,
+                limits.first_connect,
                 ConnectionManager::new_with_config(client.clone(), config),
             )
             .await?;
@@ -583,15 +706,15 @@ pub(crate) async fn command_connection(
         }
         Target::Cluster(seeds) => {
             let client = redis::cluster::ClusterClientBuilder::new(seeds.clone())
-                .connection_timeout(CONNECT_TIMEOUT)
-                .response_timeout(COMMAND_TIMEOUT)
+                .connection_timeout(limits.connect)
+                .response_timeout(limits.command)
                 .retries(2)
                 .build()
                 .map_err(|e| unavailable(&display, "bad URL", e))?;
             let conn = bounded(
                 &display,
                 "connect to the cluster",
-                FIRST_CONNECT_TIMEOUT,
+                limits.first_connect,
                 client.get_async_connection(),
             )
             .await?;
@@ -606,72 +729,129 @@ pub(crate) async fn command_connection(
     Ok((conn, nodes, display))
 }
 
-impl RedisStore {
+/// The Redis key of an ask's counter.
+pub fn counter_key(ask: &Ask) -> String {
+    match ask.window {
+        Window::Fixed { start, .. } => format!("tollgate:rl:{{{}}}:{start}", ask.key.hex()),
+        _ => format!("tollgate:rl:{{{}}}", ask.key.hex()),
+    }
+}
+
+/// The counter script's arguments after the key: type, mode, weight, allow, now, and the
+/// window's end (fixed) or length.
+fn counter_args(ask: &Ask) -> (&'static str, &'static str, u64, u64, i64, i64) {
+    let (t, a) = match ask.window {
+        Window::Fixed { end, .. } => ("f", end),
+        Window::Flexi { len } => ("x", len),
+        Window::Rolling { len } => ("r", len),
+    };
+    (t, ask.mode.code(), ask.weight, ask.allow, ask.now, a)
+}
+
+fn parse_counter_reply(v: &Value) -> Option<Decision> {
+    let Value::Array(items) = v else { return None };
+    let n = |i: usize| match items.get(i)? {
+        Value::Int(n) => Some(*n),
+        _ => None,
+    };
+    Some(Decision {
+        allowed: n(0)? == 1,
+        used: u64::try_from(n(1)?).unwrap_or(0),
+        expiry: n(2)?,
+        degraded: false,
+    })
+}
+
+type ValueFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = redis::RedisResult<Value>> + Send>>;
+
+/// The key of a cache entry.
+fn cache_key(key: &str) -> String {
+    format!("{CACHE_PREFIX}{key}")
+}
+
+/// The table's hash.
+fn hash_of(table: Table<'_>) -> String {
+    match table {
+        Table::Products => PRODUCTS_KEY.to_owned(),
+        Table::Apps => APPS_KEY.to_owned(),
+        Table::Kvm(map) => kvm_key(map),
+    }
+}
+
+impl RedisBackend {
     /// Connects to `url` (see the module documentation for the schemes), subscribes to the
-    /// change channel and starts the subscriber task. Fails with `Unavailable` when Redis cannot
-    /// be reached within a few seconds.
+    /// change channel and starts the subscriber task. Fails with `Unavailable` when Redis
+    /// cannot be reached within a few seconds.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        let (conn, nodes, display) = command_connection(url).await?;
+        Self::connect_with(url, OpenOptions::default()).await
+    }
+
+    /// [`RedisBackend::connect`], following the change feed only when `opts` asks, within
+    /// `opts.timeout` when given.
+    pub async fn connect_with(url: &str, opts: OpenOptions) -> Result<Self, StoreError> {
+        let limits = Limits::new(opts.timeout);
+        let (conn, nodes, display) = command_connection(url, limits).await?;
         let mut store_conn = conn;
         // Fail now, clearly, rather than on the first request.
         bounded(
             &display,
             "PING",
-            COMMAND_TIMEOUT,
+            limits.command,
             redis::cmd("PING").query_async::<Value>(&mut store_conn),
         )
         .await?;
-
-        // Subscribe before returning, so no change made afterwards is missed.
         let channel = changes_channel(store_conn.get_db());
-        let mut first = None;
-        let mut last_error = None;
-        for client in &nodes {
-            match tokio::time::timeout(CONNECT_TIMEOUT, subscribe(client, &channel)).await {
-                Ok(Ok(p)) => {
-                    first = Some(p);
-                    break;
-                }
-                Ok(Err(e)) => last_error = Some(e.to_string()),
-                Err(_) => last_error = Some("timed out".to_owned()),
-            }
-        }
-        let Some(first) = first else {
-            return Err(unavailable(
-                &display,
-                "subscribe to the change channel",
-                last_error.unwrap_or_else(|| "no node".to_owned()),
-            ));
-        };
-        // Read after subscribing: every later write is then heard or found missing.
-        let mut seq = Sequence {
-            conn: store_conn.clone(),
-            target: display.clone(),
-            heard: Heard::default(),
-        };
-        seq.restart().await;
         let changes = broadcast::channel(1024).0;
-        let task = tokio::spawn(follow(nodes, channel.clone(), first, seq, changes.clone()));
+        let subscriber = if opts.change_feed {
+            // Subscribe before returning, so no change made afterwards is missed.
+            let mut first = None;
+            let mut last_error = None;
+            for client in &nodes {
+                match tokio::time::timeout(limits.connect, subscribe(client, &channel)).await {
+                    Ok(Ok(p)) => {
+                        first = Some(p);
+                        break;
+                    }
+                    Ok(Err(e)) => last_error = Some(e.to_string()),
+                    Err(_) => last_error = Some("timed out".to_owned()),
+                }
+            }
+            let Some(first) = first else {
+                return Err(unavailable(
+                    &display,
+                    "subscribe to the change channel",
+                    last_error.unwrap_or_else(|| "no node".to_owned()),
+                ));
+            };
+            // Read after subscribing: every later write is then heard or found missing.
+            let mut seq = Sequence {
+                conn: store_conn.clone(),
+                target: display.clone(),
+                heard: Heard::default(),
+            };
+            seq.restart().await;
+            let task = tokio::spawn(follow(nodes, channel.clone(), first, seq, changes.clone()));
+            Some(AbortOnDrop(task))
+        } else {
+            None
+        };
         Ok(Self {
             conn: store_conn,
             target: display,
             update: redis::Script::new(UPDATE_SCRIPT),
             update_object: redis::Script::new(UPDATE_OBJECT_SCRIPT),
+            counter: redis::Script::new(COUNTER_SCRIPT),
+            timeout: limits.command,
             changes,
             channel,
-            _subscriber: AbortOnDrop(task),
+            _subscriber: subscriber,
         })
     }
 
     async fn query<T: FromRedisValue>(&self, what: &str, cmd: &Cmd) -> Result<T, StoreError> {
         let mut conn = self.conn.clone();
-        bounded(
-            &self.target,
-            what,
-            COMMAND_TIMEOUT,
-            cmd.query_async(&mut conn),
-        )
-        .await
+        bounded(&self.target, what, self.timeout, cmd.query_async(&mut conn)).await
     }
 
     /// A read: when it finds the connection broken (Redis restarted while this replica was
@@ -689,13 +869,158 @@ impl RedisStore {
                 r => r,
             }
         };
-        bounded(&self.target, what, COMMAND_TIMEOUT, attempts).await
+        bounded(&self.target, what, self.timeout, attempts).await
     }
 
-    /// Numbers and announces a change to every replica. The write itself succeeded, so a
-    /// failure here is logged, not returned: a notice that is not published leaves the
-    /// counter above what replicas hear, and their gap check re-reads everything.
-    async fn publish(&self, change: Change) {
+    async fn script<T: FromRedisValue>(
+        &self,
+        what: &str,
+        invocation: redis::ScriptInvocation<'_>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.conn.clone();
+        bounded(
+            &self.target,
+            what,
+            self.timeout,
+            invocation.invoke_async(&mut conn),
+        )
+        .await
+    }
+
+    /// Several counter calls: one pipeline on a single server; on a cluster, where a
+    /// pipeline must stay in one slot, concurrent calls.
+    async fn count_many(&self, asks: &[Ask]) -> redis::RedisResult<Vec<Value>> {
+        match &self.conn {
+            Conn::Single(_) => {
+                let mut pipe = redis::pipe();
+                for ask in asks {
+                    let (t, mode, w, allow, now, arg) = counter_args(ask);
+                    pipe.cmd("EVAL")
+                        .arg(COUNTER_SCRIPT)
+                        .arg(1)
+                        .arg(counter_key(ask))
+                        .arg(t)
+                        .arg(mode)
+                        .arg(w)
+                        .arg(allow)
+                        .arg(now)
+                        .arg(arg);
+                }
+                let mut conn = self.conn.clone();
+                pipe.query_async::<Vec<Value>>(&mut conn).await
+            }
+            Conn::Cluster(_) => {
+                let futures: Vec<ValueFuture> = asks
+                    .iter()
+                    .map(|ask| {
+                        let mut conn = self.conn.clone();
+                        let script = self.counter.clone();
+                        let key = counter_key(ask);
+                        let (t, mode, w, allow, now, arg) = counter_args(ask);
+                        Box::pin(async move {
+                            script
+                                .key(key)
+                                .arg(t)
+                                .arg(mode)
+                                .arg(w)
+                                .arg(allow)
+                                .arg(now)
+                                .arg(arg)
+                                .invoke_async::<Value>(&mut conn)
+                                .await
+                        }) as ValueFuture
+                    })
+                    .collect();
+                futures_util::stream::iter(futures)
+                    .buffered(64)
+                    .collect::<Vec<_>>()
+                    .await
+                    .into_iter()
+                    .collect()
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Backend for RedisBackend {
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.query::<Value>("PING", &redis::cmd("PING"))
+            .await
+            .map(|_| ())
+    }
+
+    async fn get(&self, table: Table<'_>, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let cmd = redis::cmd("HGET").arg(hash_of(table)).arg(key).clone();
+        self.read("HGET", &cmd).await
+    }
+
+    /// One `HGETALL` per table, not one atomic read: a write landing between them is
+    /// announced on the change feed, which re-reads it.
+    async fn scan(&self, tables: &[Table<'_>]) -> Result<Vec<Vec<(String, Vec<u8>)>>, StoreError> {
+        let mut out = Vec::with_capacity(tables.len());
+        for t in tables {
+            let cmd = redis::cmd("HGETALL").arg(hash_of(*t)).clone();
+            let raw: BTreeMap<String, Vec<u8>> = self.read("HGETALL", &cmd).await?;
+            out.push(raw.into_iter().collect());
+        }
+        Ok(out)
+    }
+
+    async fn put(
+        &self,
+        table: Table<'_>,
+        key: &str,
+        value: Vec<u8>,
+        cond: Cond,
+    ) -> Result<Put, StoreError> {
+        let hash = hash_of(table);
+        let written: i64 = match cond {
+            Cond::Any => {
+                let cmd = redis::cmd("HSET").arg(&hash).arg(key).arg(value).clone();
+                let _: i64 = self.query("HSET", &cmd).await?;
+                1
+            }
+            Cond::Absent => {
+                let cmd = redis::cmd("HSETNX").arg(&hash).arg(key).arg(value).clone();
+                self.query("HSETNX", &cmd).await?
+            }
+            Cond::Present => {
+                let mut invocation = self.update.prepare_invoke();
+                invocation.key(&hash).arg(key).arg(value);
+                self.script("update script", invocation).await?
+            }
+            Cond::Revision(r) => {
+                let mut invocation = self.update_object.prepare_invoke();
+                invocation.key(&hash).arg(key).arg(value).arg(r);
+                self.script("update script", invocation).await?
+            }
+        };
+        Ok(match (written, cond) {
+            (1.., _) => Put::Written,
+            (0, Cond::Absent) => Put::Exists,
+            (0, _) => Put::Missing,
+            _ => Put::Stale,
+        })
+    }
+
+    async fn delete(&self, table: Table<'_>, key: &str) -> Result<bool, StoreError> {
+        let cmd = redis::cmd("HDEL").arg(hash_of(table)).arg(key).clone();
+        let removed: i64 = self.query("HDEL", &cmd).await?;
+        Ok(removed > 0)
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<Change> {
+        self.changes.subscribe()
+    }
+
+    /// Numbers and announces a change to every replica. A notice that is not published
+    /// leaves the counter above what replicas hear, and their gap check re-reads everything.
+    async fn announce(&self, change: Change) {
         let incr = redis::cmd("INCR").arg(SEQ_KEY).clone();
         let seq = match self.query::<u64>("INCR", &incr).await {
             Ok(n) => Some(n),
@@ -713,208 +1038,93 @@ impl RedisStore {
         }
     }
 
-    async fn get<T: Stored>(&self, key: &str, name: &str) -> Result<Option<T>, StoreError> {
-        let cmd = redis::cmd("HGET").arg(key).arg(name).clone();
-        let raw: Option<Vec<u8>> = self.read("HGET", &cmd).await?;
-        raw.map(|bytes| codec::decode(name, &bytes)).transpose()
-    }
-
-    async fn get_all<T: Stored>(&self, key: &str) -> Result<Vec<T>, StoreError> {
-        let cmd = redis::cmd("HGETALL").arg(key).clone();
-        let raw: BTreeMap<String, Vec<u8>> = self.read("HGETALL", &cmd).await?;
-        Ok(codec::decode_all(
-            raw.iter().map(|(k, v)| (k.as_str(), v.as_slice())),
-        ))
-    }
-
-    async fn put<T: Stored>(&self, key: &str, value: &T, mode: Write) -> Result<(), StoreError> {
-        let name = value.name();
-        let written: i64 = match mode {
-            Write::Create => {
-                let json = codec::encode(value)?;
-                let cmd = redis::cmd("HSETNX").arg(key).arg(name).arg(json).clone();
-                self.query("HSETNX", &cmd).await?
-            }
-            Write::Update => {
-                let json = codec::encode_update(value)?;
+    /// One call of [`COUNTER_SCRIPT`] per ask: a single one by `EVALSHA`, several in one
+    /// pipeline (or concurrently on a cluster). The caller bounds the wait.
+    async fn count(&self, asks: &[Ask]) -> Result<Vec<Option<Decision>>, StoreError> {
+        let fail = |e: &dyn std::fmt::Display| unavailable(&self.target, "counters", e);
+        let replies = match asks {
+            [] => return Ok(Vec::new()),
+            [ask] => {
+                let (t, mode, w, allow, now, arg) = counter_args(ask);
+                let mut inv = self.counter.prepare_invoke();
+                inv.key(counter_key(ask))
+                    .arg(t)
+                    .arg(mode)
+                    .arg(w)
+                    .arg(allow)
+                    .arg(now)
+                    .arg(arg);
                 let mut conn = self.conn.clone();
-                let mut invocation = self.update_object.prepare_invoke();
-                invocation
-                    .key(key)
-                    .arg(name)
-                    .arg(json)
-                    .arg(value.revision());
-                bounded(
-                    &self.target,
-                    "update script",
-                    COMMAND_TIMEOUT,
-                    invocation.invoke_async(&mut conn),
-                )
-                .await?
+                vec![inv
+                    .invoke_async::<Value>(&mut conn)
+                    .await
+                    .map_err(|e| fail(&e))?]
             }
+            _ => self.count_many(asks).await.map_err(|e| fail(&e))?,
         };
-        if written < 0 {
-            return Err(codec::conflict(value));
+        if replies.len() != asks.len() {
+            return Err(fail(&format!(
+                "{} replies for {} commands",
+                replies.len(),
+                asks.len()
+            )));
         }
-        if written == 0 {
-            let name = name.to_owned();
-            return Err(match mode {
-                Write::Create => StoreError::AlreadyExists {
-                    kind: T::KIND,
-                    name,
-                },
-                Write::Update => StoreError::NotFound {
-                    kind: T::KIND,
-                    name,
-                },
-            });
-        }
-        Ok(())
+        Ok(replies.iter().map(parse_counter_reply).collect())
     }
 
-    async fn delete(&self, key: &str, kind: &'static str, name: &str) -> Result<(), StoreError> {
-        let cmd = redis::cmd("HDEL").arg(key).arg(name).clone();
-        let removed: i64 = self.query("HDEL", &cmd).await?;
-        if removed == 0 {
-            return Err(StoreError::NotFound {
-                kind,
-                name: name.to_owned(),
-            });
-        }
-        Ok(())
-    }
-}
-
-#[async_trait]
-impl Store for RedisStore {
-    fn kind(&self) -> &'static str {
-        "redis"
+    async fn load_counters(&self) -> Result<Vec<(u128, Vec<u8>)>, StoreError> {
+        let cmd = redis::cmd("HGETALL").arg(CHECKPOINTS_KEY).clone();
+        let raw: BTreeMap<String, Vec<u8>> = self.read("HGETALL", &cmd).await?;
+        Ok(raw
+            .into_iter()
+            .filter_map(|(k, v)| Some((u128::from_str_radix(&k, 16).ok()?, v)))
+            .collect())
     }
 
-    /// Two `HGETALL`s, not one atomic read: a write landing between them is announced on the
-    /// change feed, which re-reads it.
-    async fn snapshot(&self) -> Result<Contents, StoreError> {
-        Ok(Contents {
-            products: self.get_all(PRODUCTS_KEY).await?,
-            apps: self.get_all(APPS_KEY).await?,
-        })
-    }
-
-    async fn get_product(&self, name: &str) -> Result<Option<ApiProduct>, StoreError> {
-        self.get(PRODUCTS_KEY, name).await
-    }
-
-    async fn put_product(&self, product: &ApiProduct, mode: Write) -> Result<(), StoreError> {
-        self.put(PRODUCTS_KEY, product, mode).await?;
-        self.publish(Change::Product(product.name.clone())).await;
-        Ok(())
-    }
-
-    async fn delete_product(&self, name: &str) -> Result<(), StoreError> {
-        self.delete(PRODUCTS_KEY, ApiProduct::KIND, name).await?;
-        self.publish(Change::Product(name.to_owned())).await;
-        Ok(())
-    }
-
-    async fn get_app(&self, name: &str) -> Result<Option<App>, StoreError> {
-        self.get(APPS_KEY, name).await
-    }
-
-    async fn put_app(&self, app: &App, mode: Write) -> Result<(), StoreError> {
-        self.put(APPS_KEY, app, mode).await?;
-        self.publish(Change::App(app.name.clone())).await;
-        Ok(())
-    }
-
-    async fn delete_app(&self, name: &str) -> Result<(), StoreError> {
-        self.delete(APPS_KEY, App::KIND, name).await?;
-        self.publish(Change::App(name.to_owned())).await;
-        Ok(())
-    }
-
-    async fn get_kvm_entry(&self, map: &str, key: &str) -> Result<Option<KvmEntry>, StoreError> {
-        let cmd = redis::cmd("HGET").arg(kvm_key(map)).arg(key).clone();
-        let raw: Option<Vec<u8>> = self.read("HGET", &cmd).await?;
-        raw.map(|b| decode_entry(map, key, &b)).transpose()
-    }
-
-    async fn put_kvm_entry(
+    async fn save_counters(
         &self,
-        map: &str,
-        key: &str,
-        entry: &KvmEntry,
-        mode: Option<Write>,
+        rows: Vec<(u128, Vec<u8>)>,
+        keep: Keep,
     ) -> Result<(), StoreError> {
-        let json = encode_entry(map, key, entry)?;
-        let hash = kvm_key(map);
-        let written: i64 = match mode {
-            None => {
-                let cmd = redis::cmd("HSET").arg(&hash).arg(key).arg(json).clone();
-                let _: i64 = self.query("HSET", &cmd).await?;
-                1
+        if !rows.is_empty() {
+            let mut cmd = redis::cmd("HSET");
+            cmd.arg(CHECKPOINTS_KEY);
+            for (k, v) in &rows {
+                cmd.arg(format!("{k:032x}")).arg(v.as_slice());
             }
-            Some(Write::Create) => {
-                let cmd = redis::cmd("HSETNX").arg(&hash).arg(key).arg(json).clone();
-                self.query("HSETNX", &cmd).await?
-            }
-            Some(Write::Update) => {
-                let mut conn = self.conn.clone();
-                let mut invocation = self.update.prepare_invoke();
-                invocation.key(&hash).arg(key).arg(json);
-                bounded(
-                    &self.target,
-                    "update script",
-                    COMMAND_TIMEOUT,
-                    invocation.invoke_async(&mut conn),
-                )
-                .await?
-            }
-        };
-        if written == 0 {
-            let name = kvm_name(map, key);
-            return Err(match mode {
-                Some(Write::Create) => StoreError::AlreadyExists {
-                    kind: KVM_KIND,
-                    name,
-                },
-                _ => StoreError::NotFound {
-                    kind: KVM_KIND,
-                    name,
-                },
-            });
+            let _: i64 = self.query("HSET", &cmd).await?;
         }
-        Ok(())
-    }
-
-    async fn delete_kvm_entry(&self, map: &str, key: &str) -> Result<(), StoreError> {
-        let cmd = redis::cmd("HDEL").arg(kvm_key(map)).arg(key).clone();
-        let removed: i64 = self.query("HDEL", &cmd).await?;
-        if removed == 0 {
-            return Err(StoreError::NotFound {
-                kind: KVM_KIND,
-                name: kvm_name(map, key),
-            });
-        }
-        Ok(())
-    }
-
-    async fn list_kvm_entries(&self, map: &str) -> Result<BTreeMap<String, KvmEntry>, StoreError> {
-        let cmd = redis::cmd("HGETALL").arg(kvm_key(map)).clone();
+        let cmd = redis::cmd("HGETALL").arg(CHECKPOINTS_KEY).clone();
         let raw: BTreeMap<String, Vec<u8>> = self.read("HGETALL", &cmd).await?;
-        let mut out = BTreeMap::new();
-        for (k, v) in raw {
-            match decode_entry(map, &k, &v) {
-                Ok(e) => {
-                    out.insert(k, e);
-                }
-                Err(e) => tracing::warn!(error = %e, "skipping an unreadable kvm entry"),
-            }
+        let gone: Vec<&String> = raw
+            .iter()
+            .filter(|(_, v)| !keep(v))
+            .map(|(k, _)| k)
+            .collect();
+        if !gone.is_empty() {
+            let cmd = redis::cmd("HDEL").arg(CHECKPOINTS_KEY).arg(gone).clone();
+            let _: i64 = self.query("HDEL", &cmd).await?;
         }
-        Ok(out)
+        Ok(())
     }
 
-    fn subscribe(&self) -> broadcast::Receiver<Change> {
-        self.changes.subscribe()
+    async fn cache_get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let cmd = redis::cmd("GET").arg(cache_key(key)).clone();
+        self.query("GET", &cmd).await
+    }
+
+    async fn cache_put(&self, key: &str, value: Vec<u8>, ttl: Duration) -> Result<(), StoreError> {
+        let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+        if ms == 0 {
+            return Ok(());
+        }
+        let cmd = redis::cmd("SET")
+            .arg(cache_key(key))
+            .arg(value)
+            .arg("PX")
+            .arg(ms)
+            .clone();
+        self.query::<()>("SET", &cmd).await
     }
 }
 
@@ -1042,5 +1252,45 @@ mod tests {
             h.heard(n);
         }
         assert_eq!(h.check(MAX_AHEAD as u64 + 2), Check::Gap);
+    }
+
+    #[test]
+    fn keys_hash_tag_the_counter() {
+        let mut ask = Ask {
+            key: crate::ratelimit::Key(0xab),
+            window: Window::Fixed {
+                start: 60_000,
+                end: 120_000,
+            },
+            allow: 1,
+            weight: 1,
+            mode: crate::ratelimit::Mode::EnforceAndCount,
+            now: 0,
+            fail_open: true,
+            overflow: crate::ratelimit::Key(1),
+        };
+        assert_eq!(
+            counter_key(&ask),
+            "tollgate:rl:{000000000000000000000000000000ab}:60000"
+        );
+        ask.window = Window::Flexi { len: 1 };
+        assert_eq!(
+            counter_key(&ask),
+            "tollgate:rl:{000000000000000000000000000000ab}"
+        );
+        assert_eq!(
+            parse_counter_reply(&Value::Array(vec![
+                Value::Int(1),
+                Value::Int(5),
+                Value::Int(9)
+            ])),
+            Some(Decision {
+                allowed: true,
+                used: 5,
+                expiry: 9,
+                degraded: false
+            })
+        );
+        assert_eq!(parse_counter_reply(&Value::Nil), None);
     }
 }
