@@ -24,7 +24,7 @@ use tollgate::consumer::{
 use tollgate::kvm::{KvmEntry, Kvms};
 use tollgate::ratelimit::{Ask, Decision};
 use tollgate::store::backend::Keep;
-use tollgate::store::{Backend, Change, Cond, Put, Store, StoreError, Table};
+use tollgate::store::{Backend, Change, Cond, Put, Store, StoreError, Table, Write};
 
 const TOKEN: &str = "mgmt-token-for-tests";
 const FILE_KEY: &str = "file-app-secret-key";
