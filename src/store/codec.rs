@@ -104,15 +104,14 @@ pub(super) fn decode<T: Stored>(name: &str, bytes: &[u8]) -> Result<T, StoreErro
     Ok(value)
 }
 
-/// Decodes every entry of a collection for a snapshot. An entry that does not decode is logged
-/// and left out: one damaged object must not keep every other one from loading (the data path
-/// fails closed for the missing object; reading it by name reports `Corrupt`).
-pub(super) fn decode_all<'a, T: Stored>(
-    entries: impl IntoIterator<Item = (&'a str, &'a [u8])>,
-) -> Vec<T> {
+/// Decodes every entry of a collection for a snapshot, freeing each stored row as it goes.
+/// An entry that does not decode is logged and left out: one damaged object must not keep
+/// every other one from loading (the data path fails closed for the missing object; reading
+/// it by name reports `Corrupt`).
+pub(super) fn decode_all<T: Stored>(entries: Vec<(String, Vec<u8>)>) -> Vec<T> {
     entries
         .into_iter()
-        .filter_map(|(name, bytes)| match decode(name, bytes) {
+        .filter_map(|(name, bytes)| match decode(&name, &bytes) {
             Ok(v) => Some(v),
             Err(e) => {
                 tracing::error!(error = %e, "skipping an unreadable stored object");

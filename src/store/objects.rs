@@ -47,15 +47,9 @@ impl Store {
             .scan(&[Table::Products, Table::Apps])
             .await?
             .into_iter();
-        let mut next = || tables.next().unwrap_or_default();
-        let (products, apps) = (next(), next());
-        fn rows(t: &[(String, Vec<u8>)]) -> impl Iterator<Item = (&str, &[u8])> {
-            t.iter().map(|(k, v)| (k.as_str(), v.as_slice()))
-        }
-        Ok(Contents {
-            products: codec::decode_all(rows(&products)),
-            apps: codec::decode_all(rows(&apps)),
-        })
+        let products = codec::decode_all(tables.next().unwrap_or_default());
+        let apps = codec::decode_all(tables.next().unwrap_or_default());
+        Ok(Contents { products, apps })
     }
 
     pub async fn get_product(&self, name: &str) -> Result<Option<ApiProduct>, StoreError> {
