@@ -26,12 +26,39 @@ pub enum Table<'a> {
 }
 
 impl Table<'_> {
+    /// The same table, owning its map name (to move onto another thread).
+    pub fn to_owned_table(&self) -> OwnedTable {
+        match self {
+            Table::Products => OwnedTable::Products,
+            Table::Apps => OwnedTable::Apps,
+            Table::Kvm(map) => OwnedTable::Kvm((*map).to_owned()),
+        }
+    }
+
     /// The table's name in messages and in the memory backend.
     pub fn id(&self) -> String {
         match self {
             Table::Products => "products".into(),
             Table::Apps => "apps".into(),
             Table::Kvm(map) => format!("kvm:{map}"),
+        }
+    }
+}
+
+/// A [`Table`] that owns its map name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OwnedTable {
+    Products,
+    Apps,
+    Kvm(String),
+}
+
+impl OwnedTable {
+    pub fn as_table(&self) -> Table<'_> {
+        match self {
+            OwnedTable::Products => Table::Products,
+            OwnedTable::Apps => Table::Apps,
+            OwnedTable::Kvm(map) => Table::Kvm(map),
         }
     }
 }

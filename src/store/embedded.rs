@@ -21,7 +21,7 @@ use async_trait::async_trait;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::broadcast;
 
-use super::backend::{Backend, Cond, InProcess, Keep, Put, Table};
+use super::backend::{Backend, Cond, InProcess, Keep, OwnedTable, Put, Table};
 use super::memory::judge;
 use super::{Change, StoreError};
 use crate::ratelimit::{Ask, Decision};
@@ -221,28 +221,13 @@ impl Backend for EmbeddedBackend {
     }
 
     async fn scan(&self, tables: &[Table<'_>]) -> Result<Vec<Vec<(String, Vec<u8>)>>, StoreError> {
-        // Owned copies of the tables, to move onto the blocking pool.
-        let owned: Vec<(u8, String)> = tables
-            .iter()
-            .map(|t| match t {
-                Table::Products => (0, String::new()),
-                Table::Apps => (1, String::new()),
-                Table::Kvm(m) => (2, (*m).to_owned()),
-            })
-            .collect();
+        let owned: Vec<OwnedTable> = tables.iter().map(Table::to_owned_table).collect();
         self.blocking(move |db, path| {
             // One read transaction: every table from the same commit.
             let txn = db.begin_read().map_err(|e| fail(path, "begin read", e))?;
             owned
                 .iter()
-                .map(|(kind, map)| {
-                    let table = match kind {
-                        0 => Table::Products,
-                        1 => Table::Apps,
-                        _ => Table::Kvm(map),
-                    };
-                    read_all(&txn, path, table)
-                })
+                .map(|t| read_all(&txn, path, t.as_table()))
                 .collect()
         })
         .await
