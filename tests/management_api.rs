@@ -23,7 +23,7 @@ use tollgate::consumer::{
 };
 use tollgate::kvm::{KvmEntry, Kvms};
 use tollgate::ratelimit::{Ask, Decision};
-use tollgate::store::backend::Keep;
+use tollgate::store::backend::{Keep, Visit};
 use tollgate::store::{Backend, Change, Cond, Put, Store, StoreError, Table, Write};
 
 const TOKEN: &str = "mgmt-token-for-tests";
@@ -1127,7 +1127,7 @@ impl Backend for BrokenStore {
     async fn get(&self, _: Table<'_>, _: &str) -> Result<Option<Vec<u8>>, StoreError> {
         Err(self.fail())
     }
-    async fn scan(&self, _: &[Table<'_>]) -> Result<Vec<Vec<(String, Vec<u8>)>>, StoreError> {
+    async fn scan(&self, _: &[Table<'_>], _: Visit) -> Result<(), StoreError> {
         Err(self.fail())
     }
     async fn put(&self, _: Table<'_>, _: &str, _: Vec<u8>, _: Cond) -> Result<Put, StoreError> {

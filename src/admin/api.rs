@@ -1642,8 +1642,12 @@ mod tests {
         async fn get(&self, t: Table<'_>, k: &str) -> Result<Option<Vec<u8>>, StoreError> {
             self.inner.backend().get(t, k).await
         }
-        async fn scan(&self, ts: &[Table<'_>]) -> Result<Vec<Vec<(String, Vec<u8>)>>, StoreError> {
-            self.inner.backend().scan(ts).await
+        async fn scan(
+            &self,
+            ts: &[Table<'_>],
+            v: crate::store::backend::Visit,
+        ) -> Result<(), StoreError> {
+            self.inner.backend().scan(ts, v).await
         }
         async fn put(
             &self,

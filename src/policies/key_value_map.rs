@@ -728,11 +728,11 @@ mod tests {
             self.wait(t).await;
             self.inner.get(t, k).await
         }
-        async fn scan(&self, ts: &[crate::store::Table<'_>]) -> Result<Vec<Vec<(String, Vec<u8>)>>, StoreError> {
+        async fn scan(&self, ts: &[crate::store::Table<'_>], v: crate::store::backend::Visit) -> Result<(), StoreError> {
             for t in ts {
                 self.wait(*t).await;
             }
-            self.inner.scan(ts).await
+            self.inner.scan(ts, v).await
         }
         async fn put(&self, t: crate::store::Table<'_>, k: &str, v: Vec<u8>, c: crate::store::Cond) -> Result<crate::store::Put, StoreError> {
             self.wait(t).await;

@@ -89,6 +89,9 @@ pub enum Put {
     Stale,
 }
 
+/// Receives scanned records: the table's index, the key, the stored bytes.
+pub type Visit = Box<dyn FnMut(usize, &str, &[u8]) + Send>;
+
 /// Keeps checkpoint rows for which this returns true (the others have expired).
 pub type Keep = Arc<dyn Fn(&[u8]) -> bool + Send + Sync>;
 
@@ -106,9 +109,11 @@ pub trait Backend: Send + Sync + std::fmt::Debug + 'static {
     // --- records -------------------------------------------------------------------------
 
     async fn get(&self, table: Table<'_>, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
-    /// Every record of each table, by key, in one read where the backend can (so products
-    /// and apps come from the same commit).
-    async fn scan(&self, tables: &[Table<'_>]) -> Result<Vec<Vec<(String, Vec<u8>)>>, StoreError>;
+    /// Hands every record of each table to `visit` (with the table's index in `tables`),
+    /// in one read where the backend can (so products and apps come from the same commit).
+    /// Records are visited as they are read, not gathered first: a large store is decoded
+    /// without holding all of its bytes at once.
+    async fn scan(&self, tables: &[Table<'_>], visit: Visit) -> Result<(), StoreError>;
     async fn put(
         &self,
         table: Table<'_>,

@@ -104,21 +104,17 @@ pub(super) fn decode<T: Stored>(name: &str, bytes: &[u8]) -> Result<T, StoreErro
     Ok(value)
 }
 
-/// Decodes every entry of a collection for a snapshot, freeing each stored row as it goes.
-/// An entry that does not decode is logged and left out: one damaged object must not keep
-/// every other one from loading (the data path fails closed for the missing object; reading
-/// it by name reports `Corrupt`).
-pub(super) fn decode_all<T: Stored>(entries: Vec<(String, Vec<u8>)>) -> Vec<T> {
-    entries
-        .into_iter()
-        .filter_map(|(name, bytes)| match decode(&name, &bytes) {
-            Ok(v) => Some(v),
-            Err(e) => {
-                tracing::error!(error = %e, "skipping an unreadable stored object");
-                None
-            }
-        })
-        .collect()
+/// Decodes one entry of a collection for a snapshot. An entry that does not decode is
+/// logged and left out: one damaged object must not keep every other one from loading (the
+/// data path fails closed for the missing object; reading it by name reports `Corrupt`).
+pub(super) fn decode_or_skip<T: Stored>(name: &str, bytes: &[u8]) -> Option<T> {
+    match decode(name, bytes) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            tracing::error!(error = %e, "skipping an unreadable stored object");
+            None
+        }
+    }
 }
 
 pub(super) fn encode_entry(map: &str, key: &str, e: &KvmEntry) -> Result<Vec<u8>, StoreError> {

@@ -21,7 +21,7 @@ use async_trait::async_trait;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::broadcast;
 
-use super::backend::{Backend, Cond, InProcess, Keep, OwnedTable, Put, Table};
+use super::backend::{Backend, Cond, InProcess, Keep, OwnedTable, Put, Table, Visit};
 use super::memory::judge;
 use super::{Change, StoreError};
 use crate::ratelimit::{Ask, Decision};
@@ -162,28 +162,27 @@ fn open_error(path: &Path, e: redb::DatabaseError) -> StoreError {
     }
 }
 
-/// Reads a whole table (or a map's range of it).
+/// Hands a whole table (or a map's range of it) to `visit`.
 fn read_all(
     txn: &redb::ReadTransaction,
     path: &Path,
     table: Table<'_>,
-) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+    mut visit: impl FnMut(&str, &[u8]),
+) -> Result<(), StoreError> {
     let (def, prefix) = place(table);
     let t = txn
         .open_table(def)
         .map_err(|e| fail(path, "open table", e))?;
-    // Copied entry by entry: holding every entry's guard until the end would pin every
+    // Visited entry by entry: holding every entry's guard until the end would pin every
     // page of the table in memory at once (100k apps: ~70 MB more at startup's peak).
-    let mut out = Vec::new();
-    let mut push = |row: Result<(redb::AccessGuard<&str>, redb::AccessGuard<&[u8]>), _>| {
+    let mut each = |row: Result<(redb::AccessGuard<&str>, redb::AccessGuard<&[u8]>), _>| {
         let (k, v) = row.map_err(|e| fail(path, "scan", e))?;
-        let key = k.value().get(prefix.len()..).unwrap_or_default().to_owned();
-        out.push((key, v.value().to_vec()));
+        visit(k.value().get(prefix.len()..).unwrap_or_default(), v.value());
         Ok::<_, StoreError>(())
     };
     if prefix.is_empty() {
         for row in t.iter().map_err(|e| fail(path, "scan", e))? {
-            push(row)?;
+            each(row)?;
         }
     } else {
         // `<map>\0` .. `<map>\x01`: exactly the map's keys.
@@ -192,10 +191,10 @@ fn read_all(
             .range(prefix.as_str()..hi.as_str())
             .map_err(|e| fail(path, "scan", e))?
         {
-            push(row)?;
+            each(row)?;
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 #[async_trait]
@@ -220,15 +219,15 @@ impl Backend for EmbeddedBackend {
         .await
     }
 
-    async fn scan(&self, tables: &[Table<'_>]) -> Result<Vec<Vec<(String, Vec<u8>)>>, StoreError> {
+    async fn scan(&self, tables: &[Table<'_>], mut visit: Visit) -> Result<(), StoreError> {
         let owned: Vec<OwnedTable> = tables.iter().map(Table::to_owned_table).collect();
         self.blocking(move |db, path| {
             // One read transaction: every table from the same commit.
             let txn = db.begin_read().map_err(|e| fail(path, "begin read", e))?;
-            owned
-                .iter()
-                .map(|t| read_all(&txn, path, t.as_table()))
-                .collect()
+            for (i, t) in owned.iter().enumerate() {
+                read_all(&txn, path, t.as_table(), |k, v| visit(i, k, v))?;
+            }
+            Ok(())
         })
         .await
     }

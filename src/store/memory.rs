@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use parking_lot::Mutex;
 use tokio::sync::broadcast;
 
-use super::backend::{Backend, Cond, InProcess, Keep, Put, Table};
+use super::backend::{Backend, Cond, InProcess, Keep, Put, Table, Visit};
 use super::codec;
 use super::{Change, StoreError};
 use crate::ratelimit::{Ask, Decision};
@@ -64,16 +64,14 @@ impl Backend for MemoryBackend {
             .cloned())
     }
 
-    async fn scan(&self, tables: &[Table<'_>]) -> Result<Vec<Vec<(String, Vec<u8>)>>, StoreError> {
+    async fn scan(&self, tables: &[Table<'_>], mut visit: Visit) -> Result<(), StoreError> {
         let g = self.tables.lock();
-        Ok(tables
-            .iter()
-            .map(|t| {
-                g.get(&t.id())
-                    .map(|t| t.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
-                    .unwrap_or_default()
-            })
-            .collect())
+        for (i, t) in tables.iter().enumerate() {
+            for (k, v) in g.get(&t.id()).into_iter().flatten() {
+                visit(i, k, v);
+            }
+        }
+        Ok(())
     }
 
     async fn put(

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use parking_lot::Mutex;
 use tokio::sync::broadcast;
 
 use super::backend::{Backend, Cond, Put, Table};
@@ -42,14 +43,21 @@ impl Store {
     /// Everything the store holds, for building the index. An object that does not decode
     /// is logged and left out (see `codec::decode_all`).
     pub async fn snapshot(&self) -> Result<Contents, StoreError> {
-        let mut tables = self
-            .backend
-            .scan(&[Table::Products, Table::Apps])
-            .await?
-            .into_iter();
-        let products = codec::decode_all(tables.next().unwrap_or_default());
-        let apps = codec::decode_all(tables.next().unwrap_or_default());
-        Ok(Contents { products, apps })
+        let found = Arc::new(Mutex::new(Contents::default()));
+        let into = found.clone();
+        let visit = Box::new(move |table: usize, name: &str, bytes: &[u8]| {
+            let mut c = into.lock();
+            if table == 0 {
+                c.products.extend(codec::decode_or_skip(name, bytes));
+            } else {
+                c.apps.extend(codec::decode_or_skip(name, bytes));
+            }
+        });
+        self.backend
+            .scan(&[Table::Products, Table::Apps], visit)
+            .await?;
+        let contents = std::mem::take(&mut *found.lock());
+        Ok(contents)
     }
 
     pub async fn get_product(&self, name: &str) -> Result<Option<ApiProduct>, StoreError> {
@@ -151,23 +159,20 @@ impl Store {
         &self,
         map: &str,
     ) -> Result<BTreeMap<String, KvmEntry>, StoreError> {
-        let rows = self
-            .backend
-            .scan(&[Table::Kvm(map)])
-            .await?
-            .into_iter()
-            .next()
-            .unwrap_or_default();
-        let mut out = BTreeMap::new();
-        for (k, v) in rows {
-            match codec::decode_entry(map, &k, &v) {
+        let found = Arc::new(Mutex::new(BTreeMap::new()));
+        let into = found.clone();
+        let owned_map = map.to_owned();
+        let visit = Box::new(move |_: usize, key: &str, bytes: &[u8]| {
+            match codec::decode_entry(&owned_map, key, bytes) {
                 Ok(e) => {
-                    out.insert(k, e);
+                    into.lock().insert(key.to_owned(), e);
                 }
                 Err(e) => tracing::warn!(error = %e, "skipping an unreadable kvm entry"),
             }
-        }
-        Ok(out)
+        });
+        self.backend.scan(&[Table::Kvm(map)], visit).await?;
+        let entries = std::mem::take(&mut *found.lock());
+        Ok(entries)
     }
 
     async fn get<T: Stored>(&self, name: &str) -> Result<Option<T>, StoreError> {

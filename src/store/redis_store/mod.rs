@@ -55,7 +55,7 @@ use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::{Cmd, FromRedisValue, RedisFuture, Value};
 use tokio::sync::broadcast;
 
-use super::backend::{Backend, Cond, Keep, Put, Table};
+use super::backend::{Backend, Cond, Keep, Put, Table, Visit};
 use super::{Change, OpenOptions, StoreError};
 use crate::ratelimit::{Ask, Decision, Window};
 
@@ -638,14 +638,15 @@ impl Backend for RedisBackend {
 
     /// One `HGETALL` per table, not one atomic read: a write landing between them is
     /// announced on the change feed, which re-reads it.
-    async fn scan(&self, tables: &[Table<'_>]) -> Result<Vec<Vec<(String, Vec<u8>)>>, StoreError> {
-        let mut out = Vec::with_capacity(tables.len());
-        for t in tables {
+    async fn scan(&self, tables: &[Table<'_>], mut visit: Visit) -> Result<(), StoreError> {
+        for (i, t) in tables.iter().enumerate() {
             let cmd = redis::cmd("HGETALL").arg(hash_of(*t)).clone();
             let raw: BTreeMap<String, Vec<u8>> = self.read("HGETALL", &cmd).await?;
-            out.push(raw.into_iter().collect());
+            for (k, v) in &raw {
+                visit(i, k, v);
+            }
         }
-        Ok(out)
+        Ok(())
     }
 
     async fn put(
