@@ -6,6 +6,8 @@
 #![allow(clippy::result_large_err)]
 
 pub mod admin;
+pub mod app;
+pub mod cache;
 pub mod config;
 pub mod consumer;
 pub mod expr;

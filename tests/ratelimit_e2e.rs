@@ -600,16 +600,22 @@ async fn redis_cluster_counts_in_both_modes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn asynchronous_mirrors_are_capped_and_overflow_still_limits() {
     use tollgate::ratelimit::memory::MemoryCounters;
-    use tollgate::ratelimit::redis::{RedisCounters, SyncMode};
+    use tollgate::ratelimit::shared::{SharedCounters, SyncMode};
     use tollgate::ratelimit::{Ask, Key, Mode, Pending, Window, RL_METRICS};
+    use tollgate::store::{OpenOptions, StoreSpec};
 
     let redis = RedisServer::start_persistent();
     let url = redis.url();
     // The interval is long, so only the explicit syncs below run (after the first tick).
     let interval = Duration::from_secs(60);
-    let counters = RedisCounters::connect(&url, SyncMode::Async { interval }, 4)
+    let no_feed = OpenOptions {
+        change_feed: false,
+        ..Default::default()
+    };
+    let backend = tollgate::store::open_with(&StoreSpec::Redis(url.clone()), no_feed)
         .await
         .unwrap();
+    let counters = SharedCounters::new(backend, SyncMode::Async { interval }, 4);
     tokio::time::sleep(Duration::from_millis(50)).await;
     let local = std::sync::Arc::new(MemoryCounters::new(100));
     let t0: i64 = 1_800_000_000_000;
@@ -699,7 +705,7 @@ async fn redis_rolling_window_refusal_names_when_capacity_returns() {
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     // Rolling window of 1000 ms (slots of 100 ms), 5 allowed.
     async fn call(conn: &mut redis::aio::MultiplexedConnection, weight: u64, now: i64) -> Vec<i64> {
-        redis::Script::new(tollgate::ratelimit::redis::SCRIPT)
+        redis::Script::new(tollgate::store::redis_store::COUNTER_SCRIPT)
             .key("tollgate:rl:{test}")
             .arg("r")
             .arg("ec")

@@ -100,100 +100,107 @@ async fn unknown_route() -> ApiError {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
 
     use axum::http::StatusCode;
     use serde_json::Value;
 
     use super::errors::WRITE_ATTEMPTS;
     use super::*;
-    use crate::consumer::{hash_key, ApiKey, ApiProduct, App, AppStatus, KeyStatus, Origin};
+    use crate::consumer::{hash_key, ApiKey, App, AppStatus, KeyStatus, Origin};
     use crate::store::{StoreError, Write};
+    use crate::store::Table;
 
-    /// A memory store where another replica updates the app (revoking its first key) right
-    /// before each of this replica's next `interfere` app updates lands.
+    /// A memory backend where another replica updates the app (revoking its first key)
+    /// right before each of this replica's next `interfere` app updates lands.
     #[derive(Debug)]
     struct Interfering {
-        inner: crate::store::memory::MemoryStore,
+        inner: crate::store::Store,
         interfere: std::sync::atomic::AtomicUsize,
     }
 
     #[async_trait::async_trait]
-    impl crate::store::Store for Interfering {
+    impl crate::store::Backend for Interfering {
         fn kind(&self) -> &'static str {
             "memory"
         }
-        async fn snapshot(&self) -> Result<crate::store::Contents, StoreError> {
-            self.inner.snapshot().await
+        async fn get(&self, t: Table<'_>, k: &str) -> Result<Option<Vec<u8>>, StoreError> {
+            self.inner.backend().get(t, k).await
         }
-        async fn get_product(&self, name: &str) -> Result<Option<ApiProduct>, StoreError> {
-            self.inner.get_product(name).await
+        async fn scan(
+            &self,
+            ts: &[Table<'_>],
+            v: crate::store::backend::Visit,
+        ) -> Result<(), StoreError> {
+            self.inner.backend().scan(ts, v).await
         }
-        async fn put_product(&self, p: &ApiProduct, mode: Write) -> Result<(), StoreError> {
-            self.inner.put_product(p, mode).await
-        }
-        async fn delete_product(&self, name: &str) -> Result<(), StoreError> {
-            self.inner.delete_product(name).await
-        }
-        async fn get_app(&self, name: &str) -> Result<Option<App>, StoreError> {
-            self.inner.get_app(name).await
-        }
-        async fn put_app(&self, app: &App, mode: Write) -> Result<(), StoreError> {
+        async fn put(
+            &self,
+            t: Table<'_>,
+            k: &str,
+            v: Vec<u8>,
+            c: crate::store::Cond,
+        ) -> Result<crate::store::Put, StoreError> {
             use std::sync::atomic::Ordering;
-            if mode == Write::Update
+            if t == Table::Apps
+                && matches!(c, crate::store::Cond::Revision(_))
                 && self
                     .interfere
                     .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
                     .is_ok()
             {
-                let mut other = self.inner.get_app(&app.name).await?.expect("app");
+                let mut other = self.inner.get_app(k).await?.expect("app");
                 other.keys[0].status = KeyStatus::Revoked;
                 other
                     .attributes
                     .insert("other-writes".into(), format!("{}", other.revision + 1));
                 self.inner.put_app(&other, Write::Update).await?;
             }
-            self.inner.put_app(app, mode).await
+            self.inner.backend().put(t, k, v, c).await
         }
-        async fn delete_app(&self, name: &str) -> Result<(), StoreError> {
-            self.inner.delete_app(name).await
+        async fn delete(&self, t: Table<'_>, k: &str) -> Result<bool, StoreError> {
+            self.inner.backend().delete(t, k).await
         }
         fn subscribe(&self) -> tokio::sync::broadcast::Receiver<crate::store::Change> {
             self.inner.subscribe()
         }
-        async fn get_kvm_entry(
-            &self,
-            map: &str,
-            key: &str,
-        ) -> Result<Option<crate::kvm::KvmEntry>, StoreError> {
-            self.inner.get_kvm_entry(map, key).await
+        async fn announce(&self, c: crate::store::Change) {
+            self.inner.backend().announce(c).await
         }
-        async fn put_kvm_entry(
+        async fn count(
             &self,
-            map: &str,
-            key: &str,
-            entry: &crate::kvm::KvmEntry,
-            mode: Option<Write>,
+            a: &[crate::ratelimit::Ask],
+        ) -> Result<Vec<Option<crate::ratelimit::Decision>>, StoreError> {
+            self.inner.backend().count(a).await
+        }
+        async fn load_counters(&self) -> Result<Vec<(u128, Vec<u8>)>, StoreError> {
+            self.inner.backend().load_counters().await
+        }
+        async fn save_counters(
+            &self,
+            r: Vec<(u128, Vec<u8>)>,
+            k: crate::store::backend::Keep,
         ) -> Result<(), StoreError> {
-            self.inner.put_kvm_entry(map, key, entry, mode).await
+            self.inner.backend().save_counters(r, k).await
         }
-        async fn delete_kvm_entry(&self, map: &str, key: &str) -> Result<(), StoreError> {
-            self.inner.delete_kvm_entry(map, key).await
+        async fn cache_get(&self, k: &str) -> Result<Option<Vec<u8>>, StoreError> {
+            self.inner.backend().cache_get(k).await
         }
-        async fn list_kvm_entries(
+        async fn cache_put(
             &self,
-            map: &str,
-        ) -> Result<BTreeMap<String, crate::kvm::KvmEntry>, StoreError> {
-            self.inner.list_kvm_entries(map).await
+            k: &str,
+            v: Vec<u8>,
+            ttl: std::time::Duration,
+        ) -> Result<(), StoreError> {
+            self.inner.backend().cache_put(k, v, ttl).await
         }
     }
 
-    async fn interfered(times: usize) -> (Arc<Interfering>, Router) {
-        use crate::store::Store as _;
-        let store = Arc::new(Interfering {
-            inner: Default::default(),
+    async fn interfered(times: usize) -> (crate::store::Store, Router) {
+        let backend = Arc::new(Interfering {
+            inner: crate::store::Store::memory(),
             interfere: Default::default(),
         });
+        let store = crate::store::Store::new(backend.clone());
         let app = App {
             name: "a".into(),
             developer_email: "dev@example.com".into(),
@@ -211,7 +218,7 @@ mod tests {
             revision: 0,
         };
         store.put_app(&app, Write::Create).await.unwrap();
-        store
+        backend
             .interfere
             .store(times, std::sync::atomic::Ordering::SeqCst);
         let consumers = Consumers::new(store.clone());
@@ -239,7 +246,6 @@ mod tests {
     /// fresh app, so the revocation stays (it used to be overwritten by the stale copy).
     #[tokio::test]
     async fn a_concurrent_write_is_kept_not_overwritten() {
-        use crate::store::Store as _;
         let (store, router) = interfered(2).await;
         let (status, body) = create_key_on(router).await;
         assert_eq!(status, StatusCode::CREATED, "{body}");
@@ -254,7 +260,6 @@ mod tests {
     /// A write that loses every round answers 409 and changes nothing of its own.
     #[tokio::test]
     async fn a_write_that_keeps_losing_is_a_409() {
-        use crate::store::Store as _;
         let (store, router) = interfered(usize::MAX).await;
         let (status, body) = create_key_on(router).await;
         assert_eq!(status, StatusCode::CONFLICT, "{body}");
