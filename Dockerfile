@@ -4,7 +4,9 @@ FROM rust:1-slim-bookworm AS build
 WORKDIR /src
 # jemalloc (the global allocator) is built from C with make.
 RUN apt-get update && apt-get install -y --no-install-recommends make && rm -rf /var/lib/apt/lists/*
-COPY Cargo.toml Cargo.lock build.rs ./
+# The pinned toolchain (rustup in the image installs it).
+COPY rust-toolchain.toml ./
+COPY Cargo.toml Cargo.lock ./
 COPY .cargo .cargo
 COPY src src
 COPY policies policies

@@ -127,7 +127,8 @@ fn google_token(ctx: &BuildContext, g: GoogleTokenSpec) -> Result<GoogleToken, S
         (Some(f), None) => {
             let field = "googleToken.serviceAccountKeyFile";
             let text = read_config_file(ctx, field, &f)?;
-            let key = ServiceAccountKey::parse(&text).map_err(|e| SpecError::new(field, e.to_string()))?;
+            let key = ServiceAccountKey::parse(&text)
+                .map_err(|e| SpecError::new(field, e.to_string()))?;
             Source::ServiceAccount(Arc::new(key))
         }
         (None, Some(h)) if !h.is_empty() && !h.contains('/') => Source::Metadata(h),

@@ -36,17 +36,20 @@
 //! a miss, never an error) and every stored entry is also written there (in the background,
 //! with the same TTL), so replicas share what any of them fetched.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use super::{parse_spec, BuildContext, SpecError};
+use crate::cache::{
+    accepts_encoding, all_values, freshness, hex, is_event_stream, shareable_with_credentials,
+    stored_header, unhex, Entry, Freshness, Key, KeyHasher, LocalCache, SharedTier,
+};
 use crate::expr::{Condition, Template};
 use crate::pipeline::{Answer, Direction, Hook, Hooks, Outcome, Policy};
-use crate::vars::{Exchange, Headers, ResponseInfo};
+use crate::vars::Exchange;
 
 pub const TYPE: &str = "ResponseCache";
 pub const HIT: &str = "responsecache.Hit";
@@ -116,150 +119,6 @@ struct SharedSpec {
     timeout_ms: u64,
 }
 
-/// The Redis tier: connected on first use (a lookup or store never waits longer than
-/// `timeout` for it), keys `tollgate:cache:<policy>:<hex key>`.
-struct SharedCache {
-    client: redis::Client,
-    conn: tokio::sync::OnceCell<redis::aio::ConnectionManager>,
-    prefix: String,
-    timeout: Duration,
-    ttl: Duration,
-}
-
-impl std::fmt::Debug for SharedCache {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SharedCache").field("prefix", &self.prefix).finish_non_exhaustive()
-    }
-}
-
-/// An entry as stored in Redis.
-#[derive(serde::Serialize, Deserialize)]
-struct Wire {
-    status: u16,
-    headers: Vec<(String, String)>,
-    content_type: String,
-    /// Base64 (standard) of the body.
-    body: String,
-    /// When it was stored, Unix ms (for `age`).
-    stored_ms: u64,
-    /// When it stops being served, Unix ms (0 in entries written before this field:
-    /// `stored_ms` + the TTL).
-    #[serde(default)]
-    expires_ms: u64,
-    #[serde(default)]
-    vary: Vec<(String, Option<String>)>,
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
-impl SharedCache {
-    async fn conn(&self) -> Option<redis::aio::ConnectionManager> {
-        let connect = self.conn.get_or_try_init(|| async {
-            let config = redis::aio::ConnectionManagerConfig::new()
-                .set_connection_timeout(self.timeout)
-                .set_response_timeout(self.timeout)
-                .set_number_of_retries(0);
-            redis::aio::ConnectionManager::new_with_config(self.client.clone(), config).await
-        });
-        match tokio::time::timeout(self.timeout, connect).await {
-            Ok(Ok(c)) => Some(c.clone()),
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "shared response cache unreachable");
-                None
-            }
-            Err(_) => None,
-        }
-    }
-
-    fn key(&self, key: &Key) -> String {
-        format!("{}{}", self.prefix, hex(key))
-    }
-
-    async fn get(&self, key: &Key) -> Option<Entry> {
-        use base64::Engine as _;
-        let mut conn = self.conn().await?;
-        let cmd = redis::cmd("GET").arg(self.key(key)).clone();
-        let raw: Option<Vec<u8>> =
-            match tokio::time::timeout(self.timeout, cmd.query_async(&mut conn)).await {
-                Ok(Ok(v)) => v,
-                Ok(Err(e)) => {
-                    tracing::debug!(error = %e, "shared response cache read failed");
-                    None
-                }
-                Err(_) => None,
-            };
-        let w: Wire = serde_json::from_slice(&raw?).ok()?;
-        let body = base64::engine::general_purpose::STANDARD.decode(w.body).ok()?;
-        let now = now_ms();
-        let age = Duration::from_millis(now.saturating_sub(w.stored_ms));
-        // The entry keeps the expiry it was stored with: a replica reading it late must not
-        // serve it for a fresh TTL of its own.
-        let left = match w.expires_ms {
-            0 => self.ttl.saturating_sub(age),
-            at => Duration::from_millis(at.saturating_sub(now)),
-        };
-        if left.is_zero() {
-            return None;
-        }
-        let now = Instant::now();
-        Some(Entry {
-            status: w.status,
-            headers: w.headers,
-            content_type: w.content_type,
-            body,
-            stored: now.checked_sub(age).unwrap_or(now),
-            expires: now + left,
-            vary: w.vary,
-        })
-    }
-
-    fn put(self: &Arc<Self>, key: Key, e: &Entry) {
-        use base64::Engine as _;
-        let Ok(handle) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let left = e.expires.saturating_duration_since(Instant::now());
-        let left_ms = u64::try_from(left.as_millis()).unwrap_or(u64::MAX);
-        if left_ms == 0 {
-            return;
-        }
-        let now = now_ms();
-        let w = Wire {
-            status: e.status,
-            headers: e.headers.clone(),
-            content_type: e.content_type.clone(),
-            body: base64::engine::general_purpose::STANDARD.encode(&e.body),
-            stored_ms: now,
-            expires_ms: now.saturating_add(left_ms),
-            vary: e.vary.clone(),
-        };
-        let Ok(bytes) = serde_json::to_vec(&w) else {
-            return;
-        };
-        let this = self.clone();
-        handle.spawn(async move {
-            let Some(mut conn) = this.conn().await else {
-                return;
-            };
-            let cmd = redis::cmd("SET")
-                .arg(this.key(&key))
-                .arg(bytes)
-                .arg("PX")
-                .arg(left_ms)
-                .clone();
-            let r: Result<Result<(), _>, _> =
-                tokio::time::timeout(this.timeout * 4, cmd.query_async(&mut conn)).await;
-            if !matches!(r, Ok(Ok(()))) {
-                tracing::debug!("shared response cache write failed or timed out");
-            }
-        });
-    }
-}
-
 #[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 enum Scope {
@@ -268,91 +127,6 @@ enum Scope {
     /// Per calling app (`client_id`, set by VerifyApiKey); no app, no caching.
     App,
     Flow,
-}
-
-/// A stored response.
-#[derive(Debug)]
-pub struct Entry {
-    status: u16,
-    headers: Vec<(String, String)>,
-    content_type: String,
-    body: Vec<u8>,
-    stored: Instant,
-    /// When it stops being served: the TTL, capped by the upstream's `s-maxage`/`max-age`,
-    /// and kept when the entry travels through the shared tier.
-    expires: Instant,
-    /// Request headers the response varies on (`Vary`, but `accept-encoding`) with the
-    /// values it was stored for: only a request with the same values is served it.
-    vary: Vec<(String, Option<String>)>,
-}
-
-type Key = [u8; 32];
-type Store = moka::sync::Cache<Key, Arc<Entry>>;
-
-/// moka's per-entry expiry: each entry lives until its own `expires`.
-struct UntilExpires;
-
-impl moka::Expiry<Key, Arc<Entry>> for UntilExpires {
-    fn expire_after_create(&self, _: &Key, e: &Arc<Entry>, now: Instant) -> Option<Duration> {
-        Some(e.expires.saturating_duration_since(now))
-    }
-
-    fn expire_after_update(
-        &self,
-        _: &Key,
-        e: &Arc<Entry>,
-        now: Instant,
-        _: Option<Duration>,
-    ) -> Option<Duration> {
-        Some(e.expires.saturating_duration_since(now))
-    }
-}
-
-/// Every policy's cache, by policy name and settings, shared across reloads so a reload
-/// does not empty them. The map holds weak references: a configuration that no longer uses
-/// a cache (a policy renamed, removed or resized) drops it with its last policy, and its
-/// slot is pruned on the next build.
-#[derive(Debug, Default)]
-pub struct Caches {
-    by_policy: Mutex<HashMap<String, Weak<Store>>>,
-}
-
-impl Caches {
-    fn get(&self, id: String, max_bytes: u64) -> Arc<Store> {
-        let mut map = match self.by_policy.lock() {
-            Ok(m) => m,
-            Err(p) => p.into_inner(),
-        };
-        map.retain(|_, w| w.strong_count() > 0);
-        if let Some(store) = map.get(&id).and_then(Weak::upgrade) {
-            return store;
-        }
-        let store = Arc::new(
-            moka::sync::Cache::builder()
-                .max_capacity(max_bytes)
-                .weigher(|k: &Key, e: &Arc<Entry>| {
-                    let bytes = k.len()
-                        + e.body.len()
-                        + e.content_type.len()
-                        + e.headers.iter().map(|(n, v)| n.len() + v.len()).sum::<usize>();
-                    u32::try_from(bytes).unwrap_or(u32::MAX)
-                })
-                .expire_after(UntilExpires)
-                .build(),
-        );
-        map.insert(id, Arc::downgrade(&store));
-        store
-    }
-
-    /// Caches some policy still uses (the rest are pruned first).
-    pub fn live(&self) -> usize {
-        let mut map = match self.by_policy.lock() {
-            Ok(m) => m,
-            Err(p) => p.into_inner(),
-        };
-        map.retain(|_, w| w.strong_count() > 0);
-        map.len()
-    }
 }
 
 #[derive(Debug)]
@@ -370,11 +144,11 @@ struct ResponseCache {
     max_entry: usize,
     ttl: Duration,
     status_header: String,
-    store: Arc<Store>,
+    store: Arc<LocalCache>,
     /// Keys with a request upstream, for coalescing concurrent misses.
     inflight: Option<moka::sync::Cache<Key, Arc<tokio::sync::Notify>>>,
     coalesce_wait: Duration,
-    shared: Option<Arc<SharedCache>>,
+    shared: Option<Arc<SharedTier>>,
     key_var: String,
     populate_var: String,
     /// Set when `skipLookup` sent the request upstream (`fwd=request`, not `fwd=miss`).
@@ -409,7 +183,8 @@ fn build_cache(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Response
         .iter()
         .enumerate()
         .map(|(i, f)| {
-            Template::compile(f).map_err(|e| SpecError::new(format!("keyFragments[{i}]"), e.to_string()))
+            Template::compile(f)
+                .map_err(|e| SpecError::new(format!("keyFragments[{i}]"), e.to_string()))
         })
         .collect::<Result<Vec<_>, _>>()?;
     let cond = |field: &str, c: &Option<String>| {
@@ -417,7 +192,11 @@ fn build_cache(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Response
             .map(|c| Condition::compile(c).map_err(|e| SpecError::new(field, e.to_string())))
             .transpose()
     };
-    let methods: Vec<String> = spec.methods.iter().map(|m| m.to_ascii_uppercase()).collect();
+    let methods: Vec<String> = spec
+        .methods
+        .iter()
+        .map(|m| m.to_ascii_uppercase())
+        .collect();
     if methods.is_empty() {
         return Err(SpecError::new("methods", "give at least one method"));
     }
@@ -425,10 +204,7 @@ fn build_cache(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Response
         .iter()
         .any(|m| matches!(m.as_str(), "POST" | "PUT" | "PATCH" | "QUERY"));
     let ttl = Duration::from_secs(spec.ttl_seconds);
-    let id = format!(
-        "{}|{}|{}",
-        ctx.name, spec.ttl_seconds, spec.max_cache_bytes
-    );
+    let id = format!("{}|{}|{}", ctx.name, spec.ttl_seconds, spec.max_cache_bytes);
     let store = ctx.services.caches.get(id, spec.max_cache_bytes);
     let coalesce_wait = Duration::from_millis(spec.coalesce_wait_ms);
     let inflight = (spec.coalesce_wait_ms > 0).then(|| {
@@ -441,18 +217,13 @@ fn build_cache(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Response
         .shared
         .as_ref()
         .map(|sh| {
-            let client = redis::Client::open(sh.redis.as_str())
-                .map_err(|e| SpecError::new("shared.redis", e.to_string()))?;
+            let timeout = Duration::from_millis(sh.timeout_ms);
+            let tier = SharedTier::redis(&sh.redis, &ctx.name, timeout, ttl)
+                .map_err(|e| SpecError::new("shared.redis", e))?;
             if sh.timeout_ms == 0 {
                 return Err(SpecError::new("shared.timeoutMs", "must be greater than 0"));
             }
-            Ok(Arc::new(SharedCache {
-                client,
-                conn: tokio::sync::OnceCell::new(),
-                prefix: format!("tollgate:cache:{}:", ctx.name),
-                timeout: Duration::from_millis(sh.timeout_ms),
-                ttl,
-            }))
+            Ok(Arc::new(tier))
         })
         .transpose()?;
     Ok(ResponseCache {
@@ -480,143 +251,6 @@ fn build_cache(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Response
     })
 }
 
-fn hex(b: &[u8]) -> String {
-    const H: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(b.len() * 2);
-    for x in b {
-        s.push(H[(x >> 4) as usize] as char);
-        s.push(H[(x & 15) as usize] as char);
-    }
-    s
-}
-
-fn unhex(s: &str) -> Option<Key> {
-    let mut k = [0u8; 32];
-    if s.len() != 64 {
-        return None;
-    }
-    for (i, out) in k.iter_mut().enumerate() {
-        *out = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(k)
-}
-
-/// Headers never stored or replayed: per connection (hop-by-hop), per message, or per user.
-fn stored_header(name: &str) -> bool {
-    !(name.starts_with(':')
-        || name.starts_with("x-envoy-")
-        || name.starts_with("proxy-")
-        || matches!(
-            name,
-            "content-length"
-                | "transfer-encoding"
-                | "connection"
-                | "keep-alive"
-                | "te"
-                | "trailer"
-                | "upgrade"
-                | "set-cookie"
-                | "age"
-                | "content-type"
-        ))
-}
-
-/// Every value of `name`, as one comma-separated list.
-fn all_values(h: &Headers, name: &str) -> String {
-    let mut out = String::new();
-    for (_, v) in h.iter().filter(|(n, _)| n.eq_ignore_ascii_case(name)) {
-        if !out.is_empty() {
-            out.push(',');
-        }
-        out.push_str(v);
-    }
-    out
-}
-
-/// What an upstream's `Cache-Control` allows a shared cache.
-#[derive(Debug, PartialEq, Eq)]
-enum Freshness {
-    /// `no-store`, `private`, `no-cache` (stored responses would need revalidation, which
-    /// this cache does not do; not on event streams, see `freshness`), or a lifetime of 0.
-    DoNotStore,
-    /// `s-maxage` (preferred: this is a shared cache) or `max-age`: the TTL's upper bound.
-    AtMost(Duration),
-    Unbounded,
-}
-
-fn is_event_stream(resp: &ResponseInfo) -> bool {
-    resp.headers
-        .get("content-type")
-        .is_some_and(|c| c.trim_start().to_ascii_lowercase().starts_with("text/event-stream"))
-}
-
-/// `event_stream`: the response is `text/event-stream`, whose `no-cache` is the customary
-/// "do not buffer or replay this live stream" of SSE servers (LLM APIs send it on every
-/// streamed answer), not a statement about the answer's content; caching a deterministic
-/// completion is the policy's decision, so there `no-cache` does not forbid storing.
-fn freshness(cache_control: &str, event_stream: bool) -> Freshness {
-    let (mut max_age, mut s_maxage) = (None, None);
-    for d in cache_control.split(',') {
-        let d = d.trim().to_ascii_lowercase();
-        let (name, arg) = match d.split_once('=') {
-            Some((n, a)) => (n.trim(), Some(a.trim().trim_matches('"'))),
-            None => (d.as_str(), None),
-        };
-        match name {
-            "no-store" | "private" => return Freshness::DoNotStore,
-            "no-cache" if !event_stream => return Freshness::DoNotStore,
-            // An unparsable lifetime is stale (RFC 9111 §4.2.1).
-            "max-age" => max_age = Some(arg.and_then(|a| a.parse::<u64>().ok()).unwrap_or(0)),
-            "s-maxage" => s_maxage = Some(arg.and_then(|a| a.parse::<u64>().ok()).unwrap_or(0)),
-            _ => {}
-        }
-    }
-    match s_maxage.or(max_age) {
-        Some(0) => Freshness::DoNotStore,
-        Some(n) => Freshness::AtMost(Duration::from_secs(n)),
-        None => Freshness::Unbounded,
-    }
-}
-
-/// RFC 9111 §3.5: a shared cache may store a response to a request with `Authorization`
-/// only when its `Cache-Control` has `public`, `s-maxage` or `must-revalidate`.
-fn shareable_with_credentials(cache_control: &str) -> bool {
-    cache_control.split(',').any(|d| {
-        let name = d.split('=').next().unwrap_or_default().trim();
-        ["public", "s-maxage", "must-revalidate"]
-            .iter()
-            .any(|n| name.eq_ignore_ascii_case(n))
-    })
-}
-
-/// Whether `accept-encoding` allows every coding of `content-encoding` (RFC 9110 §12.5.3;
-/// a request without `accept-encoding` is only served identity, to be safe).
-fn accepts_encoding(accept: Option<&str>, content_encoding: &str) -> bool {
-    content_encoding
-        .split(',')
-        .map(|c| c.trim().to_ascii_lowercase())
-        .filter(|c| !c.is_empty() && c != "identity")
-        .all(|coding| {
-            let Some(accept) = accept else { return false };
-            let mut star = None;
-            for item in accept.split(',') {
-                let mut parts = item.split(';');
-                let name = parts.next().unwrap_or_default().trim().to_ascii_lowercase();
-                let q = parts
-                    .filter_map(|p| p.trim().strip_prefix("q=").or_else(|| p.trim().strip_prefix("Q=")))
-                    .find_map(|q| q.trim().parse::<f32>().ok())
-                    .unwrap_or(1.0);
-                if name == coding {
-                    return q > 0.0;
-                }
-                if name == "*" {
-                    star = Some(q > 0.0);
-                }
-            }
-            star.unwrap_or(false)
-        })
-}
-
 impl ResponseCache {
     /// The key for this exchange, or `None` when it must not be cached (no app in app
     /// scope, a method not cached).
@@ -625,11 +259,8 @@ impl ResponseCache {
         if !self.methods.iter().any(|m| m == method) {
             return None;
         }
-        let mut h = Sha256::new();
-        let mut part = |b: &[u8]| {
-            h.update((b.len() as u64).to_be_bytes());
-            h.update(b);
-        };
+        let mut h = KeyHasher::new();
+        let mut part = |b: &[u8]| h.part(b);
         part(self.prefix.as_bytes());
         match self.scope {
             Scope::Global => part(b"global"),
@@ -657,7 +288,7 @@ impl ResponseCache {
             let digest = Sha256::digest(ex.request_body.as_deref().unwrap_or_default());
             part(&digest);
         }
-        Some(h.finalize().into())
+        Some(h.finish())
     }
 
     /// Whether the client sent credentials (RFC 9111 §3.5's `Authorization`, or an API key,
@@ -788,8 +419,8 @@ impl ResponseCache {
         // A response to a request with credentials, in a cache not keyed by the caller, is
         // stored only when the upstream says any caller may have it (RFC 9111 §3.5) — even
         // with `respectCacheControl: false`.
-        let personal =
-            ex.vars.contains_key(&self.credentialed_var) && !shareable_with_credentials(&cache_control);
+        let personal = ex.vars.contains_key(&self.credentialed_var)
+            && !shareable_with_credentials(&cache_control);
         // `Vary: *`: no later request can be known to match.
         let vary_any = all_values(&resp.headers, "vary")
             .split(',')
@@ -849,7 +480,10 @@ impl ResponseCache {
             .map(|(n, v)| (n.to_ascii_lowercase(), v.to_owned()))
             .collect();
         let ttl = match self.respect_cache_control {
-            true => match freshness(&all_values(&resp.headers, "cache-control"), is_event_stream(resp)) {
+            true => match freshness(
+                &all_values(&resp.headers, "cache-control"),
+                is_event_stream(resp),
+            ) {
                 Freshness::AtMost(d) => d.min(self.ttl),
                 _ => self.ttl,
             },
@@ -860,7 +494,8 @@ impl ResponseCache {
         let mut vary: Vec<(String, Option<String>)> = Vec::new();
         for name in all_values(&resp.headers, "vary").split(',') {
             let name = name.trim().to_ascii_lowercase();
-            if name.is_empty() || name == "accept-encoding" || vary.iter().any(|(n, _)| *n == name) {
+            if name.is_empty() || name == "accept-encoding" || vary.iter().any(|(n, _)| *n == name)
+            {
                 continue;
             }
             let value = ex.request.headers.get(&name).map(str::to_owned);
@@ -977,7 +612,11 @@ mod tests {
         match p.run(ex, dir).outcome().await {
             Outcome::Continue => Ok(()),
             Outcome::Respond(a) => {
-                let ct = a.headers.iter().find(|(n, _)| n == "content-type").map(|(_, v)| v.clone());
+                let ct = a
+                    .headers
+                    .iter()
+                    .find(|(n, _)| n == "content-type")
+                    .map(|(_, v)| v.clone());
                 Err(Stop {
                     answer: true,
                     status: a.status,
@@ -1003,7 +642,13 @@ mod tests {
     }
 
     /// Runs a miss through: request, response headers, captured body.
-    async fn miss(p: &Arc<dyn Policy>, ex: &mut Exchange, status: u16, headers: &[(&str, &str)], body: &str) {
+    async fn miss(
+        p: &Arc<dyn Policy>,
+        ex: &mut Exchange,
+        status: u16,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) {
         run(p, ex, Direction::Request).await.unwrap();
         let mut h = Headers::new();
         h.push(":status".into(), status.to_string());
@@ -1025,9 +670,23 @@ mod tests {
     async fn miss_then_hit_with_age_and_status() {
         let p = policy("keyFragments: ['{request.uri}']");
         let mut ex = request("GET", "/a?x=1", None);
-        miss(&p, &mut ex, 200, &[("content-type", "application/json"), ("set-cookie", "s=1"), ("x-up", "1")], "{\"v\":1}").await;
+        miss(
+            &p,
+            &mut ex,
+            200,
+            &[
+                ("content-type", "application/json"),
+                ("set-cookie", "s=1"),
+                ("x-up", "1"),
+            ],
+            "{\"v\":1}",
+        )
+        .await;
         let m = ex.take_mutations(Direction::Response);
-        assert!(m.set.iter().any(|(n, v, _)| n == "cache-status" && v.contains("miss")));
+        assert!(m
+            .set
+            .iter()
+            .any(|(n, v, _)| n == "cache-status" && v.contains("miss")));
 
         let mut ex = request("GET", "/a?x=1", None);
         let f = run(&p, &mut ex, Direction::Request).await.unwrap_err();
@@ -1037,8 +696,13 @@ mod tests {
         assert_eq!(f.body.as_ref().unwrap().0, "application/json");
         assert!(f.headers.contains(&("x-up".into(), "1".into())));
         assert!(f.headers.iter().any(|(n, _)| n == "age"));
-        assert!(f.headers.contains(&("cache-status".into(), "tollgate; hit".into())));
-        assert!(!f.headers.iter().any(|(n, _)| n == "set-cookie"), "cookies are never replayed");
+        assert!(f
+            .headers
+            .contains(&("cache-status".into(), "tollgate; hit".into())));
+        assert!(
+            !f.headers.iter().any(|(n, _)| n == "set-cookie"),
+            "cookies are never replayed"
+        );
         // Another URI misses; another method is not cached at all.
         let mut ex = request("GET", "/a?x=2", None);
         run(&p, &mut ex, Direction::Request).await.unwrap();
@@ -1060,14 +724,23 @@ mod tests {
             let mut ex = request("GET", "/n", None);
             miss(&p, &mut ex, status, &headers, body).await;
             let mut ex = request("GET", "/n", None);
-            assert!(run(&p, &mut ex, Direction::Request).await.is_ok(), "{status} {headers:?} stored");
+            assert!(
+                run(&p, &mut ex, Direction::Request).await.is_ok(),
+                "{status} {headers:?} stored"
+            );
         }
         // Overridden: errors and private responses may be stored when asked for.
         let p = policy("excludeErrorResponses: false\nrespectCacheControl: false");
         let mut ex = request("GET", "/n", None);
         miss(&p, &mut ex, 404, &[("cache-control", "private")], "gone").await;
         let mut ex = request("GET", "/n", None);
-        assert_eq!(run(&p, &mut ex, Direction::Request).await.unwrap_err().status, 404);
+        assert_eq!(
+            run(&p, &mut ex, Direction::Request)
+                .await
+                .unwrap_err()
+                .status,
+            404
+        );
     }
 
     #[tokio::test]
@@ -1075,7 +748,14 @@ mod tests {
         let p = policy("methods: [POST]\nskipLookup: \"request.headers['cache-control'] == 'no-cache'\"\nskipPopulate: \"response.headers['x-partial'] == 'yes'\"");
         assert!(p.needs_body(Direction::Request));
         let mut ex = request("POST", "/v1/chat", Some("{\"temperature\":0}"));
-        miss(&p, &mut ex, 200, &[("content-type", "text/event-stream")], "data: a\n\ndata: [DONE]\n\n").await;
+        miss(
+            &p,
+            &mut ex,
+            200,
+            &[("content-type", "text/event-stream")],
+            "data: a\n\ndata: [DONE]\n\n",
+        )
+        .await;
         let mut ex = request("POST", "/v1/chat", Some("{\"temperature\":0}"));
         let f = run(&p, &mut ex, Direction::Request).await.unwrap_err();
         assert_eq!(f.body.as_ref().unwrap().0, "text/event-stream");
@@ -1083,14 +763,25 @@ mod tests {
         assert!(run(&p, &mut ex, Direction::Request).await.is_ok());
         // skipLookup: goes upstream and refreshes the entry.
         let mut ex = request("POST", "/v1/chat", Some("{\"temperature\":0}"));
-        ex.request.headers.push("cache-control".into(), "no-cache".into());
-        miss(&p, &mut ex, 200, &[("content-type", "text/event-stream")], "data: b\n\n").await;
+        ex.request
+            .headers
+            .push("cache-control".into(), "no-cache".into());
+        miss(
+            &p,
+            &mut ex,
+            200,
+            &[("content-type", "text/event-stream")],
+            "data: b\n\n",
+        )
+        .await;
         let mut ex = request("POST", "/v1/chat", Some("{\"temperature\":0}"));
         let f = run(&p, &mut ex, Direction::Request).await.unwrap_err();
         assert_eq!(f.body.as_ref().unwrap().1, b"data: b\n\n");
         // skipPopulate keeps the old entry.
         let mut ex = request("POST", "/v1/chat", Some("{\"temperature\":0}"));
-        ex.request.headers.push("cache-control".into(), "no-cache".into());
+        ex.request
+            .headers
+            .push("cache-control".into(), "no-cache".into());
         miss(&p, &mut ex, 200, &[("x-partial", "yes")], "partial").await;
         let mut ex = request("POST", "/v1/chat", Some("{\"temperature\":0}"));
         let f = run(&p, &mut ex, Direction::Request).await.unwrap_err();
@@ -1102,16 +793,26 @@ mod tests {
         let p = policy("scope: app\nkeyFragments: ['{request.header.x-k}']");
         let mut ex = request("GET", "/s", None);
         run(&p, &mut ex, Direction::Request).await.unwrap();
-        assert!(ex.lookup("responsecache.rc.key").is_none(), "no app, no caching");
+        assert!(
+            ex.lookup("responsecache.rc.key").is_none(),
+            "no app, no caching"
+        );
         let hostile = "\u{0}\r\n".repeat(10_000);
         let mut ex = request("GET", "/s", None);
         ex.request.headers.push("x-k".into(), hostile);
         ex.set_var("client_id", "app1");
         miss(&p, &mut ex, 200, &[], "one").await;
-        assert_eq!(ex.lookup("responsecache.rc.key").unwrap().len(), 64, "a digest, whatever the input");
+        assert_eq!(
+            ex.lookup("responsecache.rc.key").unwrap().len(),
+            64,
+            "a digest, whatever the input"
+        );
         let mut ex = request("GET", "/s", None);
         ex.set_var("client_id", "app2");
-        assert!(run(&p, &mut ex, Direction::Request).await.is_ok(), "another app's entry");
+        assert!(
+            run(&p, &mut ex, Direction::Request).await.is_ok(),
+            "another app's entry"
+        );
     }
 
     #[tokio::test]
@@ -1129,7 +830,10 @@ mod tests {
         assert!(!follower.is_finished(), "the second miss waits");
         let mut h = Headers::new();
         h.push(":status".into(), "200".into());
-        first.response = Some(ResponseInfo { status: 200, headers: h });
+        first.response = Some(ResponseInfo {
+            status: 200,
+            headers: h,
+        });
         run(&p, &mut first, Direction::Response).await.unwrap();
         observe(&p, &mut first, b"shared");
         let f = follower.await.unwrap().unwrap_err();
@@ -1177,16 +881,53 @@ mod tests {
     async fn scope_keeps_apps_and_flows_apart() {
         // Per app: the same fragments under two apps are two keys.
         let p = policy("scope: app\nkeyFragments: ['{request.uri}']");
-        miss(&p, &mut as_app(request("GET", "/s", None), "app1"), 200, &[], "one").await;
-        assert_eq!(lookup(&p, &mut as_app(request("GET", "/s", None), "app2")).await, None);
-        assert_eq!(lookup(&p, &mut as_app(request("GET", "/s", None), "app1")).await.unwrap(), b"one");
+        miss(
+            &p,
+            &mut as_app(request("GET", "/s", None), "app1"),
+            200,
+            &[],
+            "one",
+        )
+        .await;
+        assert_eq!(
+            lookup(&p, &mut as_app(request("GET", "/s", None), "app2")).await,
+            None
+        );
+        assert_eq!(
+            lookup(&p, &mut as_app(request("GET", "/s", None), "app1"))
+                .await
+                .unwrap(),
+            b"one"
+        );
         // Global: the same fragments are one key whoever asks, so a response to a verified
         // app is stored only when the upstream says anyone may have it (RFC 9111 §3.5).
         let p = policy("scope: global\nkeyFragments: ['{request.uri}']");
-        miss(&p, &mut as_app(request("GET", "/s", None), "app1"), 200, &[], "one").await;
-        assert_eq!(lookup(&p, &mut as_app(request("GET", "/s", None), "app2")).await, None);
-        miss(&p, &mut as_app(request("GET", "/s", None), "app1"), 200, &[("cache-control", "public")], "one").await;
-        assert_eq!(lookup(&p, &mut as_app(request("GET", "/s", None), "app2")).await.unwrap(), b"one");
+        miss(
+            &p,
+            &mut as_app(request("GET", "/s", None), "app1"),
+            200,
+            &[],
+            "one",
+        )
+        .await;
+        assert_eq!(
+            lookup(&p, &mut as_app(request("GET", "/s", None), "app2")).await,
+            None
+        );
+        miss(
+            &p,
+            &mut as_app(request("GET", "/s", None), "app1"),
+            200,
+            &[("cache-control", "public")],
+            "one",
+        )
+        .await;
+        assert_eq!(
+            lookup(&p, &mut as_app(request("GET", "/s", None), "app2"))
+                .await
+                .unwrap(),
+            b"one"
+        );
         // Per flow.
         let p = policy("scope: flow");
         let in_flow = |flow: &str| {
@@ -1218,29 +959,67 @@ mod tests {
         .enumerate()
         {
             let uri = format!("/p{i}{q}");
-            miss(&p, &mut with(h, v, &uri), 200, &[("cache-control", "max-age=60")], "alice").await;
-            assert_eq!(lookup(&p, &mut request("GET", &uri, None)).await, None, "{h}");
+            miss(
+                &p,
+                &mut with(h, v, &uri),
+                200,
+                &[("cache-control", "max-age=60")],
+                "alice",
+            )
+            .await;
+            assert_eq!(
+                lookup(&p, &mut request("GET", &uri, None)).await,
+                None,
+                "{h}"
+            );
         }
         // ...unless the response allows it: public, s-maxage, must-revalidate.
-        for (i, cc) in ["public, max-age=60", "s-maxage=60", "must-revalidate"].into_iter().enumerate() {
+        for (i, cc) in ["public, max-age=60", "s-maxage=60", "must-revalidate"]
+            .into_iter()
+            .enumerate()
+        {
             let uri = format!("/ok{i}");
-            miss(&p, &mut with("authorization", "Bearer alice", &uri), 200, &[("cache-control", cc)], "shared").await;
-            assert_eq!(lookup(&p, &mut request("GET", &uri, None)).await.unwrap(), b"shared", "{cc}");
+            miss(
+                &p,
+                &mut with("authorization", "Bearer alice", &uri),
+                200,
+                &[("cache-control", cc)],
+                "shared",
+            )
+            .await;
+            assert_eq!(
+                lookup(&p, &mut request("GET", &uri, None)).await.unwrap(),
+                b"shared",
+                "{cc}"
+            );
         }
         // Even with respectCacheControl off.
         let lax = policy("respectCacheControl: false");
-        miss(&lax, &mut with("authorization", "Bearer alice", "/lax"), 200, &[], "alice").await;
+        miss(
+            &lax,
+            &mut with("authorization", "Bearer alice", "/lax"),
+            200,
+            &[],
+            "alice",
+        )
+        .await;
         assert_eq!(lookup(&lax, &mut request("GET", "/lax", None)).await, None);
         // The client's Authorization counts when the flow took it out of the view.
         let mut ex = request("GET", "/owned", None);
-        ex.client_owned.push("authorization".into(), "Bearer alice".into());
+        ex.client_owned
+            .push("authorization".into(), "Bearer alice".into());
         miss(&p, &mut ex, 200, &[], "alice").await;
         assert_eq!(lookup(&p, &mut request("GET", "/owned", None)).await, None);
         // Per-app scope keys by the caller: stored.
         let per_app = policy("scope: app");
         let mut ex = as_app(with("authorization", "Bearer alice", "/app"), "app1");
         miss(&per_app, &mut ex, 200, &[], "app1's").await;
-        assert_eq!(lookup(&per_app, &mut as_app(request("GET", "/app", None), "app1")).await.unwrap(), b"app1's");
+        assert_eq!(
+            lookup(&per_app, &mut as_app(request("GET", "/app", None), "app1"))
+                .await
+                .unwrap(),
+            b"app1's"
+        );
     }
 
     #[tokio::test]
@@ -1261,58 +1040,167 @@ mod tests {
         let short = policy("ttlSeconds: 1");
         miss(&short, &mut request("GET", "/t", None), 200, &[], "t").await;
         let long = policy("ttlSeconds: 300");
-        miss(&long, &mut request("GET", "/m", None), 200, &[("cache-control", "public, max-age=1")], "m").await;
-        miss(&long, &mut request("GET", "/s", None), 200, &[("cache-control", "max-age=300, s-maxage=1")], "s").await;
-        miss(&long, &mut request("GET", "/l", None), 200, &[("cache-control", "max-age=300")], "l").await;
+        miss(
+            &long,
+            &mut request("GET", "/m", None),
+            200,
+            &[("cache-control", "public, max-age=1")],
+            "m",
+        )
+        .await;
+        miss(
+            &long,
+            &mut request("GET", "/s", None),
+            200,
+            &[("cache-control", "max-age=300, s-maxage=1")],
+            "s",
+        )
+        .await;
+        miss(
+            &long,
+            &mut request("GET", "/l", None),
+            200,
+            &[("cache-control", "max-age=300")],
+            "l",
+        )
+        .await;
         for (p, uri) in [(&short, "/t"), (&long, "/m"), (&long, "/s"), (&long, "/l")] {
-            assert!(lookup(p, &mut request("GET", uri, None)).await.is_some(), "{uri} fresh");
+            assert!(
+                lookup(p, &mut request("GET", uri, None)).await.is_some(),
+                "{uri} fresh"
+            );
         }
         tokio::time::sleep(Duration::from_millis(1200)).await;
         for (p, uri) in [(&short, "/t"), (&long, "/m"), (&long, "/s")] {
-            assert_eq!(lookup(p, &mut request("GET", uri, None)).await, None, "{uri} expired");
+            assert_eq!(
+                lookup(p, &mut request("GET", uri, None)).await,
+                None,
+                "{uri} expired"
+            );
         }
-        assert!(lookup(&long, &mut request("GET", "/l", None)).await.is_some(), "max-age above the TTL changes nothing");
+        assert!(
+            lookup(&long, &mut request("GET", "/l", None))
+                .await
+                .is_some(),
+            "max-age above the TTL changes nothing"
+        );
     }
 
     #[tokio::test]
     async fn no_cache_and_zero_lifetimes_are_not_stored_unless_overridden() {
         let p = policy("ttlSeconds: 60");
-        for cc in ["no-cache", "no-cache=\"set-cookie\"", "max-age=0", "s-maxage=0, max-age=60", "max-age=soon"] {
+        for cc in [
+            "no-cache",
+            "no-cache=\"set-cookie\"",
+            "max-age=0",
+            "s-maxage=0, max-age=60",
+            "max-age=soon",
+        ] {
             let uri = format!("/n?{}", cc.len());
-            miss(&p, &mut request("GET", &uri, None), 200, &[("cache-control", cc)], "x").await;
-            assert_eq!(lookup(&p, &mut request("GET", &uri, None)).await, None, "{cc} stored");
+            miss(
+                &p,
+                &mut request("GET", &uri, None),
+                200,
+                &[("cache-control", cc)],
+                "x",
+            )
+            .await;
+            assert_eq!(
+                lookup(&p, &mut request("GET", &uri, None)).await,
+                None,
+                "{cc} stored"
+            );
         }
         let p = policy("respectCacheControl: false");
-        miss(&p, &mut request("GET", "/n", None), 200, &[("cache-control", "no-cache, max-age=0")], "x").await;
+        miss(
+            &p,
+            &mut request("GET", "/n", None),
+            200,
+            &[("cache-control", "no-cache, max-age=0")],
+            "x",
+        )
+        .await;
         assert!(lookup(&p, &mut request("GET", "/n", None)).await.is_some());
         // An event stream's `no-cache` (sent by SSE servers on every stream) does not forbid
         // storing; its `no-store` does.
         let p = policy("ttlSeconds: 60");
-        let sse = [("content-type", "text/event-stream"), ("cache-control", "no-cache")];
-        miss(&p, &mut request("GET", "/sse", None), 200, &sse, "data: x\n\n").await;
-        assert!(lookup(&p, &mut request("GET", "/sse", None)).await.is_some(), "SSE no-cache stored");
-        let sse = [("content-type", "text/event-stream"), ("cache-control", "no-store")];
-        miss(&p, &mut request("GET", "/sse2", None), 200, &sse, "data: x\n\n").await;
-        assert_eq!(lookup(&p, &mut request("GET", "/sse2", None)).await, None, "SSE no-store not stored");
+        let sse = [
+            ("content-type", "text/event-stream"),
+            ("cache-control", "no-cache"),
+        ];
+        miss(
+            &p,
+            &mut request("GET", "/sse", None),
+            200,
+            &sse,
+            "data: x\n\n",
+        )
+        .await;
+        assert!(
+            lookup(&p, &mut request("GET", "/sse", None))
+                .await
+                .is_some(),
+            "SSE no-cache stored"
+        );
+        let sse = [
+            ("content-type", "text/event-stream"),
+            ("cache-control", "no-store"),
+        ];
+        miss(
+            &p,
+            &mut request("GET", "/sse2", None),
+            200,
+            &sse,
+            "data: x\n\n",
+        )
+        .await;
+        assert_eq!(
+            lookup(&p, &mut request("GET", "/sse2", None)).await,
+            None,
+            "SSE no-store not stored"
+        );
     }
 
     #[tokio::test]
     async fn evicted_by_max_cache_bytes() {
-        let c = Arc::new(build_cache(&BuildContext::default(), serde_norway::from_str("maxCacheBytes: 4000\nmaxEntryBytes: 1000").unwrap()).unwrap());
+        let c = Arc::new(
+            build_cache(
+                &BuildContext::default(),
+                serde_norway::from_str("maxCacheBytes: 4000\nmaxEntryBytes: 1000").unwrap(),
+            )
+            .unwrap(),
+        );
         let p: Arc<dyn Policy> = c.clone();
         let body = "b".repeat(900);
         for i in 0..20 {
-            miss(&p, &mut request("GET", &format!("/e{i}"), None), 200, &[], &body).await;
+            miss(
+                &p,
+                &mut request("GET", &format!("/e{i}"), None),
+                200,
+                &[],
+                &body,
+            )
+            .await;
         }
         c.store.run_pending_tasks();
-        assert!(c.store.weighted_size() <= 4000, "{}", c.store.weighted_size());
+        assert!(
+            c.store.weighted_size() <= 4000,
+            "{}",
+            c.store.weighted_size()
+        );
         let mut hits = 0;
         for i in 0..20 {
-            if lookup(&p, &mut request("GET", &format!("/e{i}"), None)).await.is_some() {
+            if lookup(&p, &mut request("GET", &format!("/e{i}"), None))
+                .await
+                .is_some()
+            {
                 hits += 1;
             }
         }
-        assert!((1..=4).contains(&hits), "{hits} entries of 900 bytes in 4000");
+        assert!(
+            (1..=4).contains(&hits),
+            "{hits} entries of 900 bytes in 4000"
+        );
     }
 
     #[tokio::test]
@@ -1329,48 +1217,101 @@ mod tests {
         // policy finds its cache and entries.
         let same = make("ttlSeconds: 60");
         drop(old);
-        assert_eq!(lookup(&same, &mut request("GET", "/r", None)).await.unwrap(), b"kept");
+        assert_eq!(
+            lookup(&same, &mut request("GET", "/r", None))
+                .await
+                .unwrap(),
+            b"kept"
+        );
         assert_eq!(caches.live(), 1);
         // The next reload resizes it: the old cache goes with the last policy using it.
         let resized = make("ttlSeconds: 60\nmaxCacheBytes: 10000000");
         assert_eq!(caches.live(), 2);
         drop(same);
         assert_eq!(caches.live(), 1);
-        assert_eq!(caches.by_policy.lock().unwrap().len(), 1, "the dead slot is pruned");
-        assert_eq!(lookup(&resized, &mut request("GET", "/r", None)).await, None);
+        assert_eq!(caches.slots(), 1, "the dead slot is pruned");
+        assert_eq!(
+            lookup(&resized, &mut request("GET", "/r", None)).await,
+            None
+        );
         drop(resized);
         assert_eq!(caches.live(), 0);
         let again = make("ttlSeconds: 60");
-        assert_eq!(lookup(&again, &mut request("GET", "/r", None)).await, None, "its entries were freed");
+        assert_eq!(
+            lookup(&again, &mut request("GET", "/r", None)).await,
+            None,
+            "its entries were freed"
+        );
     }
 
     #[tokio::test]
     async fn cache_status_claims_stored_only_when_certain() {
-        let p = policy("maxEntryBytes: 10\nskipLookup: \"request.headers['cache-control'] == 'no-cache'\"");
+        let p = policy(
+            "maxEntryBytes: 10\nskipLookup: \"request.headers['cache-control'] == 'no-cache'\"",
+        );
         for (uri, status, headers, want) in [
-            ("/a", 200, vec![("content-length", "3")], "tollgate; fwd=miss; stored"),
+            (
+                "/a",
+                200,
+                vec![("content-length", "3")],
+                "tollgate; fwd=miss; stored",
+            ),
             ("/b", 200, vec![], "tollgate; fwd=miss"),
-            ("/c", 200, vec![("content-length", "99")], "tollgate; fwd=miss"),
-            ("/d", 500, vec![("content-length", "3")], "tollgate; fwd=miss"),
-            ("/e", 200, vec![("content-length", "3"), ("cache-control", "no-store")], "tollgate; fwd=miss"),
+            (
+                "/c",
+                200,
+                vec![("content-length", "99")],
+                "tollgate; fwd=miss",
+            ),
+            (
+                "/d",
+                500,
+                vec![("content-length", "3")],
+                "tollgate; fwd=miss",
+            ),
+            (
+                "/e",
+                200,
+                vec![("content-length", "3"), ("cache-control", "no-store")],
+                "tollgate; fwd=miss",
+            ),
         ] {
             let mut ex = request("GET", uri, None);
             miss(&p, &mut ex, status, &headers, "abc").await;
             assert_eq!(status_header(&mut ex).as_deref(), Some(want), "{uri}");
         }
         // Unknown length: not claimed, but stored when the body turns out to fit.
-        assert_eq!(lookup(&p, &mut request("GET", "/b", None)).await.unwrap(), b"abc");
+        assert_eq!(
+            lookup(&p, &mut request("GET", "/b", None)).await.unwrap(),
+            b"abc"
+        );
         let mut ex = request("GET", "/a", None);
-        ex.request.headers.push("cache-control".into(), "no-cache".into());
+        ex.request
+            .headers
+            .push("cache-control".into(), "no-cache".into());
         miss(&p, &mut ex, 200, &[("content-length", "3")], "abc").await;
-        assert_eq!(status_header(&mut ex).as_deref(), Some("tollgate; fwd=request; stored"));
+        assert_eq!(
+            status_header(&mut ex).as_deref(),
+            Some("tollgate; fwd=request; stored")
+        );
     }
 
     #[tokio::test]
     async fn vary_and_content_encoding() {
         let p = policy("ttlSeconds: 60");
-        miss(&p, &mut request("GET", "/star", None), 200, &[("vary", "*")], "x").await;
-        assert_eq!(lookup(&p, &mut request("GET", "/star", None)).await, None, "Vary: * is never stored");
+        miss(
+            &p,
+            &mut request("GET", "/star", None),
+            200,
+            &[("vary", "*")],
+            "x",
+        )
+        .await;
+        assert_eq!(
+            lookup(&p, &mut request("GET", "/star", None)).await,
+            None,
+            "Vary: * is never stored"
+        );
 
         let with = |uri: &str, headers: &[(&str, &str)]| {
             let mut ex = request("GET", uri, None);
@@ -1379,12 +1320,34 @@ mod tests {
             }
             ex
         };
-        miss(&p, &mut with("/lang", &[("accept-language", "en")]), 200, &[("vary", "Accept-Language, accept-encoding")], "en").await;
-        assert_eq!(lookup(&p, &mut with("/lang", &[("accept-language", "fr")])).await, None);
+        miss(
+            &p,
+            &mut with("/lang", &[("accept-language", "en")]),
+            200,
+            &[("vary", "Accept-Language, accept-encoding")],
+            "en",
+        )
+        .await;
+        assert_eq!(
+            lookup(&p, &mut with("/lang", &[("accept-language", "fr")])).await,
+            None
+        );
         assert_eq!(lookup(&p, &mut with("/lang", &[])).await, None);
-        assert_eq!(lookup(&p, &mut with("/lang", &[("accept-language", "en")])).await.unwrap(), b"en");
+        assert_eq!(
+            lookup(&p, &mut with("/lang", &[("accept-language", "en")]))
+                .await
+                .unwrap(),
+            b"en"
+        );
 
-        miss(&p, &mut with("/gz", &[("accept-encoding", "gzip, br")]), 200, &[("content-encoding", "gzip")], "zz").await;
+        miss(
+            &p,
+            &mut with("/gz", &[("accept-encoding", "gzip, br")]),
+            200,
+            &[("content-encoding", "gzip")],
+            "zz",
+        )
+        .await;
         for (ae, served) in [
             (Some("gzip, br"), true),
             (Some("br;q=1.0, GZIP;q=0.5"), true),
@@ -1394,7 +1357,10 @@ mod tests {
             (Some("identity"), false),
             (None, false),
         ] {
-            let mut ex = with("/gz", &ae.map(|a| vec![("accept-encoding", a)]).unwrap_or_default());
+            let mut ex = with(
+                "/gz",
+                &ae.map(|a| vec![("accept-encoding", a)]).unwrap_or_default(),
+            );
             assert_eq!(lookup(&p, &mut ex).await.is_some(), served, "{ae:?}");
         }
     }
@@ -1412,7 +1378,9 @@ mod tests {
             ("x-kept", "1"),
         ];
         miss(&p, &mut request("GET", "/h", None), 200, &hop, "h").await;
-        let f = run(&p, &mut request("GET", "/h", None), Direction::Request).await.unwrap_err();
+        let f = run(&p, &mut request("GET", "/h", None), Direction::Request)
+            .await
+            .unwrap_err();
         let names: Vec<&str> = f.headers.iter().map(|(n, _)| n.as_str()).collect();
         assert!(names.contains(&"x-kept"), "{names:?}");
         for (n, _) in &hop[..6] {
@@ -1430,7 +1398,10 @@ mod tests {
             ("skipLookup: 'a =='", "skipLookup"),
             ("methods: []", "methods"),
             ("shared: {redis: 'nope://x'}", "shared.redis"),
-            ("shared: {redis: 'redis://127.0.0.1:1', timeoutMs: 0}", "shared.timeoutMs"),
+            (
+                "shared: {redis: 'redis://127.0.0.1:1', timeoutMs: 0}",
+                "shared.timeoutMs",
+            ),
         ] {
             let e = build(&ctx, serde_norway::from_str(y).unwrap()).unwrap_err();
             assert_eq!(e.field, field, "{y}");

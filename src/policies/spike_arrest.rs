@@ -222,7 +222,9 @@ mod tests {
 
     fn run(p: &Arc<dyn Policy>, ex: &mut Exchange) -> Result<(), Fault> {
         match p.run(ex, Direction::Request) {
-            Hook::Ready(o) => o.into_result().map(|a| assert!(a.is_none(), "unexpected answer")),
+            Hook::Ready(o) => o
+                .into_result()
+                .map(|a| assert!(a.is_none(), "unexpected answer")),
             Hook::Pending(_) => panic!("spike arrest decides at once"),
         }
     }
@@ -327,6 +329,12 @@ mod tests {
         assert_eq!(b("{rate: 1ps, messageWeight: 0}").field, "messageWeight");
         assert_eq!(b("{rate: 1ps, messageWeight: nope}").field, "messageWeight");
         assert!(b("{rate: 1ps, burst: 3}").message.contains("burst"));
-        assert_eq!(parse_rate("600pm"), Some(Rate { n: 600, per_ms: 60_000 }));
+        assert_eq!(
+            parse_rate("600pm"),
+            Some(Rate {
+                n: 600,
+                per_ms: 60_000
+            })
+        );
     }
 }
