@@ -8,6 +8,8 @@ use std::sync::Arc;
 
 use subtle::ConstantTimeEq;
 
+use crate::openapi::variable_end;
+
 use super::{digest_of_hash, key_digest, ApiKey, ApiProduct, App, AppStatus, KeyDigest, KeyStatus};
 
 /// Hashes a SHA-256 digest by its first eight bytes: the digest is already uniform, so
@@ -93,19 +95,8 @@ fn match_pieces(pieces: &[Piece], mut s: &str) -> bool {
             },
             (Piece::Var, None) => return !s.is_empty(),
             (Piece::Var, Some(Piece::Lit(l))) => {
-                let at = if i + 2 == pieces.len() {
-                    if s.len() <= l.len() || !s.ends_with(l.as_str()) {
-                        return false;
-                    }
-                    s.len() - l.len()
-                } else {
-                    let Some(first) = s.chars().next().map(char::len_utf8) else {
-                        return false;
-                    };
-                    match s[first..].find(l.as_str()) {
-                        Some(j) => first + j,
-                        None => return false,
-                    }
+                let Some(at) = variable_end(s, l, i + 2 == pieces.len()) else {
+                    return false;
                 };
                 s = &s[at + l.len()..];
                 i += 1;

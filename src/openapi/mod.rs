@@ -32,4 +32,4 @@ pub use check::Violations;
 pub use compile::{AllowSpec, Api, Options};
 pub use document::read_document;
 pub use error::OasError;
-pub use paths::match_path_template;
+pub use paths::{match_path_template, variable_end};

@@ -54,6 +54,20 @@ pub(super) fn match_parts(parts: &[Part], s: &str, out: &mut Vec<(String, String
     ok
 }
 
+/// Where a template variable ends in `s` when the literal `lit` follows it: the one rule
+/// both OpenAPI path templates and API-product operation paths use. The literal is taken at
+/// its leftmost occurrence past the variable's first character (leaving the most room for
+/// the rest), or, when it ends the segment (`last`), must be the segment's suffix. `None`
+/// when it does not match (a variable never matches an empty string).
+pub fn variable_end(s: &str, lit: &str, last: bool) -> Option<usize> {
+    if last {
+        (s.len() > lit.len() && s.ends_with(lit)).then(|| s.len() - lit.len())
+    } else {
+        let first = s.chars().next()?.len_utf8();
+        s[first..].find(lit).map(|j| first + j)
+    }
+}
+
 fn match_parts_greedy(parts: &[Part], mut s: &str, out: &mut Vec<(String, String)>) -> bool {
     let mut i = 0;
     while let Some(part) = parts.get(i) {
@@ -70,19 +84,8 @@ fn match_parts_greedy(parts: &[Part], mut s: &str, out: &mut Vec<(String, String
                 return true;
             }
             (Part::Param(n), Some(Part::Lit(l))) => {
-                let at = if i + 2 == parts.len() {
-                    if s.len() <= l.len() || !s.ends_with(l.as_str()) {
-                        return false;
-                    }
-                    s.len() - l.len()
-                } else {
-                    let Some(first) = s.chars().next().map(char::len_utf8) else {
-                        return false;
-                    };
-                    match s[first..].find(l.as_str()) {
-                        Some(j) => first + j,
-                        None => return false,
-                    }
+                let Some(at) = variable_end(s, l, i + 2 == parts.len()) else {
+                    return false;
                 };
                 out.push((n.clone(), s[..at].to_owned()));
                 s = &s[at + l.len()..];
