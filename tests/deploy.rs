@@ -1483,6 +1483,16 @@ fn custom_resources_use_only_published_fields() {
                         .is_some_and(|a| a.ends_with(&format!(":{port}"))),
                     "deploy/{o}: /readyz is not on port {port}"
                 );
+                let np = find(docs, "NetworkPolicy", "tollgate").unwrap();
+                assert!(
+                    seq(&np["spec"]["ingress"])
+                        .iter()
+                        .any(|r| ports(r).contains(&port)
+                            && GOOGLE_LB_RANGES.iter().all(|g| seq(&r["from"])
+                                .iter()
+                                .any(|p| p["ipBlock"]["cidr"] == *g))),
+                    "deploy/{o}: the NetworkPolicy keeps the health checkers from port {port}"
+                );
             }
             for (r, rns) in refs {
                 let svc = docs
