@@ -6,6 +6,12 @@
 //! `response.status`, `response.headers[...]`; policy variables by their dotted names
 //! (`client_id`, `ratelimit.quota1.available`). A condition whose evaluation fails (for
 //! example a missing header) is false, as in Apigee.
+//!
+//! Conditions and templates resolve names through one lookup ([`Exchange::resolve`] and
+//! its table of built-in names, [`Builtin`]): a name means the same in both (`request.host`
+//! with its port, a repeated query parameter's first value, Apigee's synonyms such as
+//! `request.verb`). CEL adds only what a template cannot render: the header and query maps,
+//! and a dotted prefix of variables as a nested map (`ratelimit.q`).
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -21,7 +27,9 @@ use cel::context::VariableResolver;
 use cel::objects::{Key, Map};
 use cel::{Context, Env, ExecutionError, Program};
 
-use crate::vars::{percent_decode, query_pairs_raw, Exchange, Headers, ValueRef};
+use crate::vars::{
+    percent_decode, query_pairs_raw, Builtin, Exchange, Headers, Resolved, ValueRef,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExprError {
@@ -269,7 +277,8 @@ fn entry_exprs(e: &cel::common::ast::IdedEntryExpr) -> Vec<&IdedExpr> {
 /// A read-only view of the headers or the query parameters of the exchange that behaves
 /// as the CEL map [`headers_map`] / [`ExchangeResolver::query_map`] would build, without
 /// building it: indexing looks the one key up. Keys are compared exactly, as map keys
-/// are; a header's first value wins, a query parameter's last one (as in the map).
+/// are; a repeated header's or query parameter's first value wins (as in the map, and as
+/// `request.header.x` / `request.query.x` resolve).
 #[derive(Debug, Clone, Copy)]
 enum MapView<'a> {
     Headers(&'a Headers),
@@ -285,8 +294,7 @@ impl<'a> MapView<'a> {
                 .find(|(n, _)| *n == key)
                 .map(|(_, v)| Cow::Borrowed(v)),
             MapView::Query(qs) => query_pairs_raw(qs)
-                .filter(|(k, _)| percent_decode(k) == key)
-                .last()
+                .find(|(k, _)| percent_decode(k) == key)
                 .map(|(_, v)| percent_decode(v)),
         }
     }
@@ -311,10 +319,9 @@ impl<'a> MapView<'a> {
             }
             MapView::Query(qs) => {
                 for (k, v) in query_pairs_raw(qs) {
-                    let (k, v) = (percent_decode(k), percent_decode(v));
-                    match out.iter_mut().find(|(ok, _)| *ok == k) {
-                        Some(e) => e.1 = v,
-                        None => out.push((k, v)),
+                    let k = percent_decode(k);
+                    if !out.iter().any(|(ok, _)| *ok == k) {
+                        out.push((k, percent_decode(v)));
                     }
                 }
             }
@@ -488,11 +495,6 @@ fn str_val(s: &str) -> cel::Value {
     cel::Value::String(Arc::new(s.to_owned()))
 }
 
-/// A string value borrowing `s`.
-fn borrowed_str(s: &str) -> CowVal<'_, '_> {
-    CowVal::owned(CelString::from(s))
-}
-
 /// A built value (maps and the like) as a CEL value.
 fn owned_val<'b>(v: cel::Value) -> Option<CowVal<'b, 'b>> {
     let boxed: Box<dyn Val> = v.try_into().ok()?;
@@ -518,13 +520,13 @@ fn to_cel(v: ValueRef<'_>) -> cel::Value {
     }
 }
 
-/// `v` as a CEL value, strings borrowed.
-fn var_val(v: ValueRef<'_>) -> CowVal<'_, '_> {
+/// `v` as a CEL value, strings borrowed where the exchange holds them.
+fn resolved_val(v: Resolved<'_>) -> CowVal<'_, '_> {
     match v {
-        ValueRef::Str(s) => borrowed_str(s),
-        ValueRef::Int(i) => CowVal::owned(CelInt::from(i)),
-        ValueRef::Float(f) => CowVal::owned(CelDouble::from(f)),
-        ValueRef::Bool(b) => CowVal::owned(CelBool::from(b)),
+        Resolved::Text(s) => CowVal::owned(CelString::from(s)),
+        Resolved::Int(i) => CowVal::owned(CelInt::from(i)),
+        Resolved::Float(f) => CowVal::owned(CelDouble::from(f)),
+        Resolved::Bool(b) => CowVal::owned(CelBool::from(b)),
     }
 }
 
@@ -602,7 +604,7 @@ impl<'a> ExchangeResolver<'a> {
             ("method", str_val(&r.method)),
             ("path", str_val(r.path())),
             ("uri", str_val(&r.uri)),
-            ("host", str_val(r.hostname())),
+            ("host", str_val(&r.host)),
             ("scheme", str_val(&r.scheme)),
             ("headers", headers.clone()),
             ("header", headers),
@@ -611,10 +613,13 @@ impl<'a> ExchangeResolver<'a> {
     }
 
     fn query_map(&self) -> cel::Value {
-        let query: HashMap<Key, cel::Value> =
-            crate::vars::query_pairs(self.ex.request.query_string())
-                .map(|(k, v)| (Key::String(Arc::new(k)), cel::Value::String(Arc::new(v))))
-                .collect();
+        let mut query: HashMap<Key, cel::Value> = HashMap::new();
+        for (k, v) in crate::vars::query_pairs(self.ex.request.query_string()) {
+            // First value wins, as in `request.query.x`.
+            query
+                .entry(Key::String(Arc::new(k)))
+                .or_insert_with(|| cel::Value::String(Arc::new(v)));
+        }
         cel::Value::Map(Map {
             map: Arc::new(query),
         })
@@ -635,24 +640,12 @@ impl<'a> ExchangeResolver<'a> {
 
     /// Resolves `name`. CEL asks for the longest dotted name first (`request.method`
     /// before `request`), so common lookups are answered directly, without building maps;
-    /// strings borrow from the exchange.
+    /// strings borrow from the exchange. Every name a template can use resolves through
+    /// [`Exchange::resolve`]; only the map-valued names are CEL's own.
     fn value_of<'b>(&'b self, name: &str) -> Option<CowVal<'b, 'b>> {
         let ex = self.ex;
         let r = &ex.request;
         match name {
-            "request.method" => return Some(CowVal::Borrowed(&self.method)),
-            "request.path" => {
-                return Some(CowVal::Borrowed(
-                    self.path.get_or_init(|| CelString::from(r.path())),
-                ))
-            }
-            "request.uri" => return Some(CowVal::Borrowed(&self.uri)),
-            "request.host" => {
-                return Some(CowVal::Borrowed(
-                    self.host.get_or_init(|| CelString::from(r.hostname())),
-                ))
-            }
-            "request.scheme" => return Some(CowVal::Borrowed(&self.scheme)),
             "request.headers" | "request.header" => {
                 return self.map_val(&self.request_headers, || headers_map(&r.headers))
             }
@@ -661,12 +654,6 @@ impl<'a> ExchangeResolver<'a> {
                 return self.map_val(view, || self.query_map());
             }
             "request" => return owned_val(self.request_map()),
-            "response.status" | "response.code" => {
-                return ex
-                    .response
-                    .as_ref()
-                    .map(|r| CowVal::owned(CelInt::from(i64::from(r.status))))
-            }
             "response.headers" | "response.header" => {
                 let (resp, view) = ex.response.as_ref().zip(self.response_headers.as_ref())?;
                 return self.map_val(view, || headers_map(&resp.headers));
@@ -681,14 +668,7 @@ impl<'a> ExchangeResolver<'a> {
                     ("header", headers),
                 ]));
             }
-            "flow.name" => return Some(CowVal::Borrowed(&self.flow)),
             "flow" => return owned_val(map_of(vec![("name", str_val(&ex.flow))])),
-            "client.ip" => {
-                return Some(
-                    ex.client_ip()
-                        .map_or_else(|| CowVal::owned(CelNull), borrowed_str),
-                )
-            }
             "client" => {
                 return owned_val(map_of(vec![(
                     "ip",
@@ -697,17 +677,34 @@ impl<'a> ExchangeResolver<'a> {
             }
             _ => {}
         }
-        if let Some(v) = ex.var(name) {
-            return Some(var_val(v));
+        let builtin = Builtin::parse(name);
+        // The common strings, lent without allocating: the values `resolve` gives.
+        match builtin {
+            Some(Builtin::Method) => return Some(CowVal::Borrowed(&self.method)),
+            Some(Builtin::Path) => {
+                return Some(CowVal::Borrowed(
+                    self.path.get_or_init(|| CelString::from(r.path())),
+                ))
+            }
+            Some(Builtin::Uri) => return Some(CowVal::Borrowed(&self.uri)),
+            Some(Builtin::Host) => {
+                return Some(CowVal::Borrowed(
+                    self.host.get_or_init(|| CelString::from(r.host.as_str())),
+                ))
+            }
+            Some(Builtin::Scheme) => return Some(CowVal::Borrowed(&self.scheme)),
+            Some(Builtin::FlowName) => return Some(CowVal::Borrowed(&self.flow)),
+            _ => {}
         }
-        if let Some(h) = name
-            .strip_prefix("request.header.")
-            .or_else(|| name.strip_prefix("request.headers."))
-        {
-            return r.headers.get(h).map(borrowed_str);
+        if let Some(v) = ex.resolve_with(name, builtin) {
+            return Some(resolved_val(v));
+        }
+        if builtin == Some(Builtin::ClientIp) {
+            // An unknown client is null (`client.ip == null`), not an error.
+            return Some(CowVal::owned(CelNull));
         }
         if name.starts_with("request.") || name.starts_with("response.") {
-            // Let CEL select the field from the parent map (e.g. `request.query.page`).
+            // Let CEL select the field from the parent map (e.g. `request.query['page']`).
             return None;
         }
         // A prefix of dotted variables becomes a nested map: `ratelimit.q.used` is
@@ -728,7 +725,7 @@ impl<'a> ExchangeResolver<'a> {
             }
         }
         if root.is_empty() {
-            return ex.attributes.get(name).map(|v| borrowed_str(v));
+            return None;
         }
         owned_val(Nested::Branch(root).into_value())
     }
@@ -992,12 +989,14 @@ mod tests {
         let ex = tricky();
         let t = |s: &str| Condition::compile(s).unwrap();
         for (src, expected) in [
+            // `page=2&page=3`: the first value, as `request.query.page` and Apigee's
+            // `request.queryparam.page` give it (the map used to keep the last, `3`).
             (
-                "request.query == {'page': '3', 'a b': 'c d', 'flag': '', '': 'e'}",
+                "request.query == {'page': '2', 'a b': 'c d', 'flag': '', '': 'e'}",
                 true,
             ),
             (
-                "{'page': '3', 'a b': 'c d', 'flag': '', '': 'e'} == request.query",
+                "{'page': '2', 'a b': 'c d', 'flag': '', '': 'e'} == request.query",
                 true,
             ),
             ("request.headers == {}", false),
@@ -1054,6 +1053,148 @@ mod tests {
             Ok(cel::Value::String(Arc::new("gold".into())))
         );
         assert!(lazy("optional.ofNonZeroValue(request.headers).hasValue()").is_ok());
+    }
+
+    /// Every name a template can use means the same in a condition: both go through
+    /// `Exchange::resolve`. Where they disagreed before this test was written (templates
+    /// through `Exchange::lookup`, CEL through its own table):
+    ///
+    /// | name | template | CEL |
+    /// |---|---|---|
+    /// | `request.host` | `api.example.com:8443` | `api.example.com` (port stripped) |
+    /// | `request.query.page` / `request.query['page']` (sent twice) | first, `2` | last, `3` |
+    /// | `request.query` as a whole map | - | last value per key |
+    /// | `request.verb`, `request.queryparam.x`, `request.querystring` | yes | unknown |
+    /// | `request.content`, `response.content`, `response.status.code` | yes | unknown |
+    /// | `client.address` | yes | unknown |
+    /// | Envoy attributes under `request.`/`response.` (`request.id`) | yes | unknown |
+    /// | `request.header.x` when a variable of that name was also set | the header | the variable |
+    ///
+    /// Now: Apigee's first query value (`request.queryparam.x`), the host as sent with its
+    /// port (Envoy's `request.host`, Apigee's `request.header.host`), every name in both.
+    #[test]
+    fn templates_and_conditions_agree_on_every_name() {
+        let mut h = Headers::new();
+        h.push(":method".into(), "POST".into());
+        h.push(":path".into(), "/v1/chat?page=2&page=3&a%20b=c+d".into());
+        h.push(":authority".into(), "api.example.com:8443".into());
+        h.push(":scheme".into(), "https".into());
+        h.push("accept".into(), "text/plain".into());
+        h.push("accept".into(), "application/json".into());
+        let mut ex = Exchange {
+            flow: "chat".into(),
+            request: RequestInfo::from_headers(h),
+            request_body: Some(b"{\"model\":\"m\"}".to_vec()),
+            response_body: Some(b"done".to_vec()),
+            ..Default::default()
+        };
+        let mut rh = Headers::new();
+        rh.push("content-type".into(), "text/plain".into());
+        ex.response = Some(crate::vars::ResponseInfo {
+            status: 201,
+            headers: rh,
+        });
+        ex.attributes
+            .insert("source.address".into(), "10.0.0.9:4242".into());
+        ex.attributes.insert("request.id".into(), "r-1".into());
+        ex.set_var("request.header.accept", "shadowed");
+        ex.set_var("tier", "gold");
+        ex.state.add_quota(crate::vars::state::QuotaResult {
+            prefix: "ratelimit.q.".into(),
+            allowed: 10,
+            used: 3,
+            available: 7,
+            exceed: 0,
+            expiry: 60_000,
+            identifier: "app-1".into(),
+        });
+        let cel_text = |src: &str, lazy: bool| match eval_with(&ex, src, lazy) {
+            Ok(cel::Value::String(s)) => Some(s.to_string()),
+            Ok(cel::Value::Int(i)) => Some(i.to_string()),
+            Ok(other) => panic!("{src}: {other:?}"),
+            Err(_) => None,
+        };
+        for (name, cel_src, expected) in [
+            ("request.method", "request.method", "POST"),
+            ("request.verb", "request.verb", "POST"),
+            ("request.path", "request.path", "/v1/chat"),
+            (
+                "request.uri",
+                "request.uri",
+                "/v1/chat?page=2&page=3&a%20b=c+d",
+            ),
+            ("request.host", "request.host", "api.example.com:8443"),
+            ("request.host", "request['host']", "api.example.com:8443"),
+            ("request.scheme", "request.scheme", "https"),
+            (
+                "request.querystring",
+                "request.querystring",
+                "page=2&page=3&a%20b=c+d",
+            ),
+            ("request.query.page", "request.query.page", "2"),
+            ("request.query.page", "request.query['page']", "2"),
+            ("request.queryparam.page", "request.queryparam.page", "2"),
+            ("request.query.page", "request['query']['page']", "2"),
+            ("request.content", "request.content", "{\"model\":\"m\"}"),
+            (
+                "request.header.accept",
+                "request.header.accept",
+                "text/plain",
+            ),
+            (
+                "request.headers.accept",
+                "request.headers['accept']",
+                "text/plain",
+            ),
+            ("response.status", "response.status", "201"),
+            ("response.status.code", "response.status.code", "201"),
+            ("response.code", "response.code", "201"),
+            ("response.content", "response.content", "done"),
+            (
+                "response.header.content-type",
+                "response.headers['content-type']",
+                "text/plain",
+            ),
+            ("flow.name", "flow.name", "chat"),
+            ("client.ip", "client.ip", "10.0.0.9"),
+            ("client.address", "client.address", "10.0.0.9"),
+            ("request.id", "request.id", "r-1"),
+            ("tier", "tier", "gold"),
+            ("ratelimit.q.used.count", "ratelimit.q.used.count", "3"),
+            ("ratelimit.q.remaining", "ratelimit.q['remaining']", "7"),
+        ] {
+            let rendered = Template::compile(&format!("{{{name}}}"))
+                .unwrap()
+                .render(&ex);
+            assert_eq!(rendered, expected, "template {{{name}}}");
+            for lazy in [true, false] {
+                assert_eq!(
+                    cel_text(cel_src, lazy).as_deref(),
+                    Some(expected),
+                    "CEL {cel_src}"
+                );
+            }
+        }
+        // The whole query map holds first values too.
+        assert!(
+            Condition::compile("request.query == {'page': '2', 'a b': 'c d'}")
+                .unwrap()
+                .eval(&ex)
+        );
+        // Names neither knows are missing in both.
+        for name in [
+            "request.header.missing",
+            "response.header.missing",
+            "nothing",
+        ] {
+            assert_eq!(
+                Template::compile(&format!("{{{name}}}"))
+                    .unwrap()
+                    .render(&ex),
+                ""
+            );
+            assert_eq!(ex.resolve(name), None, "{name}");
+        }
     }
 
     #[test]

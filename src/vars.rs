@@ -1,7 +1,12 @@
 //! Flow variables: the per-exchange state that conditions, templates and policies read and
 //! write. Names are Apigee-style dotted paths (`request.header.x-api-key`, `client_id`,
-//! `ratelimit.<policy>.remaining`); built-in names are computed from the request and response,
-//! everything else lives in a flat map that policies fill.
+//! `ratelimit.<policy>.remaining`). One resolver answers every name, for templates, CEL
+//! conditions and scripts alike ([`Exchange::resolve`]): built-in names ([`Builtin`]) are
+//! computed from the request and response, the names policies publish are generated from the
+//! typed per-exchange state ([`state::State`]) when asked for, and explicit variables
+//! (AssignMessage `assignVariables`, scripts) live in a flat map.
+
+pub mod state;
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -42,7 +47,7 @@ impl Value {
 }
 
 /// A borrowed flow variable value: what [`Exchange::var`] returns, so reading a variable
-/// a policy published lazily (see [`VarSource`]) copies nothing.
+/// generated from the typed state copies nothing.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum ValueRef<'a> {
     Str(&'a str),
@@ -71,14 +76,117 @@ impl<'a> ValueRef<'a> {
     }
 }
 
-/// A set of flow variables a policy publishes without copying them into the variable map:
-/// VerifyApiKey's `client_id`, `app.*`, `apiproduct.*` are read from the verified app and
-/// product only when a condition, template or later policy asks for them.
-pub trait VarSource: Send + Sync + fmt::Debug {
-    /// The value of the full dotted `name`, when this source defines it.
-    fn get(&self, name: &str) -> Option<ValueRef<'_>>;
-    /// Calls `f` for every variable this source defines (for listings and CEL maps).
-    fn for_each(&self, f: &mut dyn FnMut(&str, ValueRef<'_>));
+/// A resolved flow variable: text borrowed from the exchange where it holds it, numbers and
+/// booleans as themselves (`response.status` is a number in CEL, `200` in a template).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Resolved<'a> {
+    Text(Cow<'a, str>),
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+}
+
+impl<'a> Resolved<'a> {
+    pub fn into_text(self) -> Cow<'a, str> {
+        match self {
+            Resolved::Text(s) => s,
+            Resolved::Int(i) => Cow::Owned(i.to_string()),
+            Resolved::Float(f) => Cow::Owned(f.to_string()),
+            Resolved::Bool(b) => Cow::Borrowed(if b { "true" } else { "false" }),
+        }
+    }
+}
+
+impl<'a> From<ValueRef<'a>> for Resolved<'a> {
+    fn from(v: ValueRef<'a>) -> Self {
+        match v {
+            ValueRef::Str(s) => Resolved::Text(Cow::Borrowed(s)),
+            ValueRef::Int(i) => Resolved::Int(i),
+            ValueRef::Float(f) => Resolved::Float(f),
+            ValueRef::Bool(b) => Resolved::Bool(b),
+        }
+    }
+}
+
+/// The built-in names, computed from the request and response: one table for templates,
+/// conditions and scripts. Apigee's names and the short ones are synonyms
+/// (`request.verb`/`request.method`, `request.queryparam.x`/`request.query.x`,
+/// `response.status.code`/`response.status`/`response.code`, `request.headers.x`/
+/// `request.header.x`, `client.address`/`client.ip`).
+///
+/// - `request.host` is the `:authority` (or `Host`) as the client sent it, port included:
+///   Envoy's `request.host` attribute, and what Apigee gives as `request.header.host`.
+/// - A query parameter sent more than once is its first value, as Apigee's
+///   `request.queryparam.x`; a header, its first value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Builtin<'n> {
+    Method,
+    Path,
+    Uri,
+    Host,
+    Scheme,
+    QueryString,
+    RequestContent,
+    /// Case-insensitive name.
+    RequestHeader(&'n str),
+    /// Percent-decoded name.
+    QueryParam(&'n str),
+    Status,
+    ResponseContent,
+    ResponseHeader(&'n str),
+    FlowName,
+    ClientIp,
+}
+
+impl<'n> Builtin<'n> {
+    pub fn parse(name: &'n str) -> Option<Self> {
+        if let Some(rest) = name.strip_prefix("request.") {
+            return Some(match rest {
+                "method" | "verb" => Builtin::Method,
+                "path" => Builtin::Path,
+                "uri" => Builtin::Uri,
+                "host" => Builtin::Host,
+                "scheme" => Builtin::Scheme,
+                "querystring" => Builtin::QueryString,
+                "content" => Builtin::RequestContent,
+                _ => {
+                    if let Some(h) = rest
+                        .strip_prefix("header.")
+                        .or_else(|| rest.strip_prefix("headers."))
+                    {
+                        return Some(Builtin::RequestHeader(h));
+                    }
+                    let q = rest
+                        .strip_prefix("query.")
+                        .or_else(|| rest.strip_prefix("queryparam."))?;
+                    Builtin::QueryParam(q)
+                }
+            });
+        }
+        if let Some(rest) = name.strip_prefix("response.") {
+            return Some(match rest {
+                "status" | "status.code" | "code" => Builtin::Status,
+                "content" => Builtin::ResponseContent,
+                _ => Builtin::ResponseHeader(
+                    rest.strip_prefix("header.")
+                        .or_else(|| rest.strip_prefix("headers."))?,
+                ),
+            });
+        }
+        match name {
+            "flow.name" => Some(Builtin::FlowName),
+            "client.ip" | "client.address" => Some(Builtin::ClientIp),
+            _ => None,
+        }
+    }
+}
+
+/// Index of `dir`'s body in per-direction arrays.
+fn body_index(dir: Direction) -> usize {
+    match dir {
+        Direction::Request => 0,
+        Direction::Response => 1,
+    }
 }
 
 impl fmt::Display for Value {
@@ -348,15 +456,19 @@ pub struct Exchange {
     pub flow: String,
     pub request: RequestInfo,
     pub response: Option<ResponseInfo>,
-    /// Request body (only when the flow asked for it), possibly truncated.
+    /// Request body (only when the flow asked for it), possibly truncated. Write it only
+    /// through [`Exchange::set_body`], [`Exchange::replace_body`] or [`Exchange::take_body`]:
+    /// they drop the cached JSON parse ([`Exchange::body_json`]).
     pub request_body: Option<Vec<u8>>,
     pub response_body: Option<Vec<u8>>,
     /// Attributes Envoy sent (`source.address`, `response.code`, ...).
     pub attributes: HashMap<String, String>,
-    /// Variables set by policies.
+    /// Variables set explicitly (AssignMessage `assignVariables`, scripts, `<step>.failed`);
+    /// they win over the names generated from `state`.
     pub vars: HashMap<String, Value>,
-    /// Variables published lazily by policies; later sources win, `vars` wins over all.
-    pub sources: Vec<Box<dyn VarSource>>,
+    /// What policies established, typed (the verified app, quota decisions, parsed bodies,
+    /// ...): the source of the variables they publish.
+    pub state: state::State,
     /// Header changes the policies asked for, per direction, not yet sent to Envoy.
     pub request_mutations: HeaderMutations,
     pub response_mutations: HeaderMutations,
@@ -459,16 +571,50 @@ impl Exchange {
 
     /// Replaces the body of `dir` (body-phase steps only).
     pub fn replace_body(&mut self, dir: Direction, body: Vec<u8>) {
+        self.set_body(dir, Some(body));
         match dir {
-            Direction::Request => {
-                self.request_body = Some(body);
-                self.request_body_replaced = true;
-            }
-            Direction::Response => {
-                self.response_body = Some(body);
-                self.response_body_replaced = true;
+            Direction::Request => self.request_body_replaced = true,
+            Direction::Response => self.response_body_replaced = true,
+        }
+    }
+
+    /// Sets the body of `dir` as received (or none), dropping the cached parse.
+    pub fn set_body(&mut self, dir: Direction, body: Option<Vec<u8>>) {
+        self.state.json[body_index(dir)] = std::sync::OnceLock::new();
+        match dir {
+            Direction::Request => self.request_body = body,
+            Direction::Response => self.response_body = body,
+        }
+    }
+
+    /// Takes the body of `dir` out (to forward it), dropping the cached parse.
+    pub fn take_body(&mut self, dir: Direction) -> Option<Vec<u8>> {
+        self.state.json[body_index(dir)] = std::sync::OnceLock::new();
+        match dir {
+            Direction::Request => self.request_body.take(),
+            Direction::Response => self.response_body.take(),
+        }
+    }
+
+    /// The body of `dir` parsed as JSON, parsed on first use and shared by every later
+    /// reader until the body is replaced; `None` without a body. A body written around
+    /// [`Exchange::set_body`] (the parse no longer matches its bytes) is parsed afresh.
+    pub fn body_json(&self, dir: Direction) -> Option<state::JsonRef<'_>> {
+        let body = match dir {
+            Direction::Request => self.request_body.as_deref()?,
+            Direction::Response => self.response_body.as_deref()?,
+        };
+        let i = body_index(dir);
+        if let Some(j) = self.state.cached_json(i, body) {
+            return Some(Cow::Borrowed(j));
+        }
+        if self.state.json[i].get().is_none() {
+            let _ = self.state.json[i].set(state::JsonBody::parse(body));
+            if let Some(j) = self.state.cached_json(i, body) {
+                return Some(Cow::Borrowed(j));
             }
         }
+        Some(Cow::Owned(state::JsonBody::parse(body)))
     }
 
     /// Takes the pending mutations of `dir`.
@@ -482,17 +628,13 @@ impl Exchange {
         self.vars.insert(name.into(), value.into());
     }
 
-    /// Publishes the variables of `source` (see [`VarSource`]).
-    pub fn add_source(&mut self, source: Box<dyn VarSource>) {
-        self.sources.push(source);
-    }
-
-    /// A variable set by a policy (not a built-in), by its full name.
+    /// A variable set by a policy (not a built-in), by its full name: an explicit one, else
+    /// one generated from the typed state.
     pub fn var(&self, name: &str) -> Option<ValueRef<'_>> {
         if let Some(v) = self.vars.get(name) {
             return Some(v.as_ref());
         }
-        self.sources.iter().rev().find_map(|s| s.get(name))
+        self.state.get(name)
     }
 
     /// Every variable set by policies, each name once, with the value [`Exchange::var`]
@@ -501,83 +643,75 @@ impl Exchange {
         for (k, v) in &self.vars {
             f(k, v.as_ref());
         }
-        for (i, s) in self.sources.iter().enumerate() {
-            s.for_each(&mut |k, v| {
-                let shadowed = self.vars.contains_key(k)
-                    || self.sources[i + 1..]
-                        .iter()
-                        .any(|later| later.get(k).is_some());
-                if !shadowed {
-                    f(k, v);
-                }
-            });
-        }
+        self.state.for_each(&mut |k, v| {
+            if !self.vars.contains_key(k) {
+                f(k, v);
+            }
+        });
     }
 
-    /// Looks a flow variable up by its dotted name, built-ins first.
-    pub fn lookup(&self, name: &str) -> Option<Cow<'_, str>> {
-        if let Some(rest) = name.strip_prefix("request.") {
-            if let Some(v) = self.lookup_request(rest) {
-                return Some(v);
-            }
-        } else if let Some(rest) = name.strip_prefix("response.") {
-            if let Some(v) = self.lookup_response(rest) {
-                return Some(v);
-            }
-        } else {
-            match name {
-                "flow.name" => return Some(Cow::Borrowed(&self.flow)),
-                "client.ip" | "client.address" => {
-                    return self.client_ip().map(Cow::Borrowed);
-                }
-                _ => {}
-            }
+    /// The one lookup of a flow variable by its dotted name, for templates, conditions and
+    /// scripts: a built-in ([`Builtin`]) first, then a variable set by a policy
+    /// ([`Exchange::var`]), then an attribute Envoy sent.
+    pub fn resolve(&self, name: &str) -> Option<Resolved<'_>> {
+        self.resolve_with(name, Builtin::parse(name))
+    }
+
+    /// [`Exchange::resolve`] with `name` already classified.
+    pub fn resolve_with(&self, name: &str, builtin: Option<Builtin<'_>>) -> Option<Resolved<'_>> {
+        if let Some(v) = builtin.and_then(|b| self.builtin(b)) {
+            return Some(v);
         }
         if let Some(v) = self.var(name) {
-            return Some(v.as_text());
+            return Some(v.into());
         }
-        self.attributes.get(name).map(|v| Cow::Borrowed(v.as_str()))
+        self.attributes
+            .get(name)
+            .map(|v| Resolved::Text(Cow::Borrowed(v.as_str())))
     }
 
-    fn lookup_request(&self, rest: &str) -> Option<Cow<'_, str>> {
+    /// Looks a flow variable up by its dotted name, as text (see [`Exchange::resolve`]).
+    pub fn lookup(&self, name: &str) -> Option<Cow<'_, str>> {
+        self.resolve(name).map(Resolved::into_text)
+    }
+
+    /// The value of a built-in name; `None` when the exchange has none (a header not sent,
+    /// no response yet), and the lookup goes on to variables and attributes.
+    pub fn builtin(&self, b: Builtin<'_>) -> Option<Resolved<'_>> {
         let r = &self.request;
-        let v = match rest {
-            "method" | "verb" => Cow::Borrowed(r.method.as_str()),
-            "path" => Cow::Borrowed(r.path()),
-            "uri" => Cow::Borrowed(r.uri.as_str()),
-            "host" => Cow::Borrowed(r.host.as_str()),
-            "scheme" => Cow::Borrowed(r.scheme.as_str()),
-            "querystring" => Cow::Borrowed(r.query_string()),
-            "content" => return self.request_body.as_deref().map(String::from_utf8_lossy),
-            _ => {
-                if let Some(h) = rest
-                    .strip_prefix("header.")
-                    .or_else(|| rest.strip_prefix("headers."))
-                {
-                    return r.headers.get(h).map(Cow::Borrowed);
-                }
-                if let Some(q) = rest
-                    .strip_prefix("query.")
-                    .or_else(|| rest.strip_prefix("queryparam."))
-                {
-                    return r.query(q).map(Cow::Owned);
-                }
-                return None;
-            }
-        };
-        Some(v)
-    }
-
-    fn lookup_response(&self, rest: &str) -> Option<Cow<'_, str>> {
-        let resp = self.response.as_ref()?;
-        match rest {
-            "status" | "status.code" | "code" => Some(Cow::Owned(resp.status.to_string())),
-            "content" => self.response_body.as_deref().map(String::from_utf8_lossy),
-            _ => rest
-                .strip_prefix("header.")
-                .or_else(|| rest.strip_prefix("headers."))
-                .and_then(|h| resp.headers.get(h))
-                .map(Cow::Borrowed),
+        fn text(s: &str) -> Option<Resolved<'_>> {
+            Some(Resolved::Text(Cow::Borrowed(s)))
+        }
+        match b {
+            Builtin::Method => text(&r.method),
+            Builtin::Path => text(r.path()),
+            Builtin::Uri => text(&r.uri),
+            Builtin::Host => text(&r.host),
+            Builtin::Scheme => text(&r.scheme),
+            Builtin::QueryString => text(r.query_string()),
+            Builtin::RequestContent => self
+                .request_body
+                .as_deref()
+                .map(|b| Resolved::Text(String::from_utf8_lossy(b))),
+            Builtin::RequestHeader(h) => r.headers.get(h).map(|v| Resolved::Text(Cow::Borrowed(v))),
+            Builtin::QueryParam(q) => r.query(q).map(|v| Resolved::Text(Cow::Owned(v))),
+            Builtin::Status => self
+                .response
+                .as_ref()
+                .map(|resp| Resolved::Int(i64::from(resp.status))),
+            Builtin::ResponseContent => self
+                .response
+                .as_ref()
+                .and(self.response_body.as_deref())
+                .map(|b| Resolved::Text(String::from_utf8_lossy(b))),
+            Builtin::ResponseHeader(h) => self
+                .response
+                .as_ref()?
+                .headers
+                .get(h)
+                .map(|v| Resolved::Text(Cow::Borrowed(v))),
+            Builtin::FlowName => text(&self.flow),
+            Builtin::ClientIp => self.client_ip().map(|v| Resolved::Text(Cow::Borrowed(v))),
         }
     }
 
@@ -797,6 +931,161 @@ mod tests {
         assert_eq!(pairs.len(), 5);
         assert_eq!(pairs[2], ("b c".to_string(), "d e".to_string()));
         assert!(matches!(percent_decode("plain"), Cow::Borrowed("plain")));
+    }
+
+    fn quota(prefix: &str, used: i64) -> state::QuotaResult {
+        state::QuotaResult {
+            prefix: prefix.into(),
+            allowed: 10,
+            used,
+            available: 10 - used,
+            exceed: 0,
+            expiry: 1_000,
+            identifier: "id".into(),
+        }
+    }
+
+    /// Names are generated from the typed slots on lookup: nothing is in the variable map,
+    /// a later decision of the same policy wins, explicit variables win over all, and a
+    /// listing names each once with the value a lookup gives.
+    #[test]
+    fn typed_state_generates_the_variables() {
+        let mut ex = exchange();
+        ex.state.add_quota(quota("ratelimit.q.", 1));
+        ex.state.add_quota(quota("ratelimit.other.", 5));
+        ex.state.add_quota(quota("ratelimit.q.", 2));
+        ex.state.add_token(
+            "jwt.auth.".into(),
+            std::sync::Arc::new(vec![("claim.sub".into(), Value::from("u1"))]),
+        );
+        ex.state.add_callout(state::CalloutResult {
+            prefix: "servicecallout.c.".into(),
+            status: Some(200),
+            headers: Default::default(),
+            body: Some("{}".into()),
+            json: vec![("ok".into(), Value::Bool(true))],
+            error: None,
+        });
+        assert!(ex.vars.is_empty());
+        assert_eq!(ex.var("ratelimit.q.used.count"), Some(ValueRef::Int(2)));
+        assert_eq!(ex.var("ratelimit.q.remaining"), Some(ValueRef::Int(8)));
+        assert_eq!(ex.var("ratelimit.other.used"), Some(ValueRef::Int(5)));
+        assert_eq!(ex.state.quota("ratelimit.q.").map(|q| q.used), Some(2));
+        assert_eq!(ex.lookup("jwt.auth.claim.sub").as_deref(), Some("u1"));
+        assert_eq!(ex.lookup("servicecallout.c.status").as_deref(), Some("200"));
+        assert_eq!(
+            ex.var("servicecallout.c.json.ok"),
+            Some(ValueRef::Bool(true))
+        );
+        assert_eq!(ex.var("ratelimit.q.nope"), None);
+        assert_eq!(ex.var("ratelimit.q"), None);
+        assert_eq!(ex.var("client_id"), None, "no app verified");
+        ex.set_var("ratelimit.q.used", "explicit");
+        assert_eq!(ex.lookup("ratelimit.q.used").as_deref(), Some("explicit"));
+        let mut listed: Vec<(String, Value)> = Vec::new();
+        ex.for_each_var(&mut |k, v| listed.push((k.to_owned(), v.to_value())));
+        let mut names: Vec<&str> = listed.iter().map(|(k, _)| k.as_str()).collect();
+        names.sort_unstable();
+        let n = names.len();
+        names.dedup();
+        assert_eq!(names.len(), n, "each name once: {names:?}");
+        for (k, v) in &listed {
+            assert_eq!(ex.var(k).map(ValueRef::to_value).as_ref(), Some(v), "{k}");
+        }
+        assert!(listed.contains(&("ratelimit.q.used.count".into(), Value::Int(2))));
+        assert!(listed.contains(&("ratelimit.q.used".into(), Value::from("explicit"))));
+    }
+
+    /// One parse per body, shared until the body changes; errors read as serde_json's.
+    #[test]
+    fn bodies_are_parsed_once_and_reparsed_after_a_change() {
+        let mut ex = exchange();
+        assert!(
+            ex.body_json(Direction::Request).is_none(),
+            "no body, nothing cached"
+        );
+        ex.set_body(
+            Direction::Request,
+            Some(br#"{"a":1,"a":2,"b":[true]}"#.to_vec()),
+        );
+        let first = ex.body_json(Direction::Request).unwrap();
+        assert!(matches!(first, Cow::Borrowed(_)));
+        assert_eq!(
+            first.value.as_ref().unwrap()["a"],
+            2,
+            "the last duplicate, as serde_json"
+        );
+        assert_eq!(first.duplicate_keys, ["a"]);
+        let again = ex.body_json(Direction::Request).unwrap();
+        assert!(std::ptr::eq(&*first, &*again), "the same parse");
+        ex.replace_body(Direction::Request, br#"{"c":3}"#.to_vec());
+        let j = ex.body_json(Direction::Request).unwrap();
+        assert_eq!(j.value.as_ref().unwrap()["c"], 3);
+        assert!(j.duplicate_keys.is_empty());
+        // A body written around set_body is noticed and parsed afresh.
+        ex.request_body = Some(br#"{"d":4}"#.to_vec());
+        assert_eq!(
+            ex.body_json(Direction::Request)
+                .unwrap()
+                .value
+                .as_ref()
+                .unwrap()["d"],
+            4
+        );
+        assert_eq!(
+            ex.take_body(Direction::Request).as_deref(),
+            Some(&br#"{"d":4}"#[..])
+        );
+        assert!(ex.body_json(Direction::Request).is_none());
+        // Each direction has its own.
+        ex.set_body(Direction::Response, Some(b"[1, 2".to_vec()));
+        let bad = ex.body_json(Direction::Response).unwrap();
+        let want = serde_json::from_slice::<serde_json::Value>(b"[1, 2").unwrap_err();
+        assert_eq!(bad.value.as_ref().unwrap_err(), &want.to_string());
+        for text in [
+            "{} x",
+            "\"s\"",
+            "1e400",
+            "-0",
+            "null",
+            "[{\"a\":{\"a\":1,\"a\":2}}]",
+        ] {
+            let ours = state::JsonBody::parse(text.as_bytes());
+            let theirs = serde_json::from_slice::<serde_json::Value>(text.as_bytes());
+            assert_eq!(ours.value, theirs.map_err(|e| e.to_string()), "{text}");
+            assert!(
+                ours.duplicate_keys.is_empty(),
+                "only top-level keys are noted: {text}"
+            );
+        }
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        assert!(
+            state::JsonBody::parse(deep.as_bytes()).value.is_err(),
+            "serde_json's depth limit"
+        );
+    }
+
+    /// The LLM slot can be filled from the shared parse with the same result as parsing
+    /// the bytes.
+    #[test]
+    fn llm_request_from_the_shared_parse() {
+        let mut ex = exchange();
+        let body = br#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#;
+        ex.set_body(Direction::Request, Some(body.to_vec()));
+        let endpoint = crate::llm::detect("POST", "/v1/chat/completions", |_| None).unwrap();
+        let parsed = ex.body_json(Direction::Request).unwrap();
+        let from_shared =
+            crate::llm::request::parse_request_json(&endpoint, parsed.value.as_ref().unwrap())
+                .unwrap();
+        assert_eq!(
+            from_shared,
+            crate::llm::parse_request(&endpoint, body).unwrap()
+        );
+        ex.state.llm = Some(std::sync::Arc::new(from_shared));
+        assert_eq!(
+            ex.state.llm.as_ref().and_then(|r| r.model.as_deref()),
+            Some("gpt-4o")
+        );
     }
 
     #[test]

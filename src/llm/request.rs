@@ -62,6 +62,12 @@ impl LlmRequest {
 /// Parse `body` as a request to `endpoint`.
 pub fn parse_request(endpoint: &Endpoint, body: &[u8]) -> Result<LlmRequest, LlmError> {
     let v: Value = serde_json::from_slice(body)?;
+    parse_request_json(endpoint, &v)
+}
+
+/// Reads an already parsed body (the exchange's shared parse,
+/// `crate::vars::Exchange::body_json`) as a request to `endpoint`.
+pub fn parse_request_json(endpoint: &Endpoint, v: &Value) -> Result<LlmRequest, LlmError> {
     let obj = v.as_object().ok_or(LlmError::NotObject)?;
     let mut r = LlmRequest {
         api: endpoint.api,

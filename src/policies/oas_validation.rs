@@ -1759,13 +1759,15 @@ impl OasValidation {
         }
     }
 
-    /// Checks a body against the declared media types; `prefix` is `/body`.
-    fn check_body(
+    /// Checks a body against the declared media types; `prefix` is `/body`. A JSON body is
+    /// read from the exchange's shared parse (`json`), not parsed here again.
+    fn check_body<'e>(
         &self,
         media: &[Media],
         required: bool,
         content_type: Option<&str>,
         body: &[u8],
+        json: impl FnOnce() -> Option<crate::vars::state::JsonRef<'e>>,
         v: &mut Violations,
     ) {
         if body.is_empty() {
@@ -1798,18 +1800,20 @@ impl OasValidation {
         if m.validator.is_none() || !is_json(&mime) {
             return;
         }
-        let value: Value = match serde_json::from_slice(body) {
+        let parsed =
+            json().unwrap_or_else(|| std::borrow::Cow::Owned(crate::vars::state::JsonBody::parse(body)));
+        let value = match &parsed.value {
             Ok(x) => x,
             Err(e) => {
                 v.push("/body", format!("not valid JSON: {e}"));
                 return;
             }
         };
-        if let Err(e) = check_shape(&value, self.max_depth, self.max_items) {
+        if let Err(e) = check_shape(value, self.max_depth, self.max_items) {
             v.push("/body", e);
             return;
         }
-        self.validate(m.validator, &value, "/body", v);
+        self.validate(m.validator, value, "/body", v);
     }
 
     fn check_request(&self, ex: &Exchange) -> Result<(), Fault> {
@@ -1827,6 +1831,7 @@ impl OasValidation {
                     body.required,
                     ex.request.headers.get("content-type"),
                     data,
+                    || ex.body_json(Direction::Request),
                     &mut v,
                 );
             }
@@ -1864,7 +1869,14 @@ impl OasValidation {
             None => v.push("/status", format!("status {code} is not declared")),
             Some(r) => {
                 let body = ex.response_body.as_deref().unwrap_or_default();
-                self.check_body(&r.media, false, resp.headers.get("content-type"), body, &mut v);
+                self.check_body(
+                    &r.media,
+                    false,
+                    resp.headers.get("content-type"),
+                    body,
+                    || ex.body_json(Direction::Response),
+                    &mut v,
+                );
             }
         }
         let failed = !v.list.is_empty();

@@ -23,7 +23,8 @@
 //! Sets `ratelimit.<policy>.{allowed,used,available,remaining,expiry}` (`remaining` is
 //! `available` by the name the design uses) and Apigee's
 //! `ratelimit.<policy>.{allowed.count,used.count,available.count,exceed.count,expiry.time,identifier}`,
-//! published as one [`VarSource`] (nothing is copied unless read).
+//! generated from the decision kept in the exchange's typed state (nothing is copied unless
+//! read). `useProduct` reads the verified product's quota settings from that state too.
 //! A refusal is 429 `policies.ratelimit.QuotaViolation` with `Retry-After`.
 //!
 //! A `messageWeight` of 0 is a valid no-op count in a `countOnly` half (a response that
@@ -43,7 +44,9 @@ use crate::ratelimit::window::{self, Unit};
 use crate::ratelimit::{
     Ask, CounterError, Counters, Decision, Key, KeyPrefix, Mode, Pending, PolicyMetrics, Window,
 };
-use crate::vars::{Exchange, ValueRef, VarSource};
+use crate::consumer::index::Verified;
+use crate::vars::state::QuotaResult;
+use crate::vars::Exchange;
 
 pub const TYPE: &str = "Quota";
 
@@ -114,9 +117,12 @@ enum UnitSetting {
     Template(Template),
 }
 
-/// The product's quota variables, most specific first.
+/// The product's quota variables, most specific first, and the VerifyApiKey step whose
+/// verified app they describe.
 #[derive(Debug)]
 struct ProductVars {
+    /// `verifyapikey.<p>.` of the `verifyApiKey` step named; `None`: the latest.
+    app: Option<String>,
     limit: Vec<String>,
     interval: Vec<String>,
     unit: Vec<String>,
@@ -126,6 +132,7 @@ struct ProductVars {
 impl ProductVars {
     fn new(vk: Option<&str>) -> Self {
         let p = vk.map(|v| format!("verifyapikey.{v}.")).unwrap_or_default();
+        let app = vk.map(|_| p.clone());
         let names = |what: &str| {
             vec![
                 format!("{p}apiproduct.developer.quota.{what}"),
@@ -133,6 +140,7 @@ impl ProductVars {
             ]
         };
         Self {
+            app,
             limit: names("limit"),
             interval: names("interval"),
             unit: names("timeunit"),
@@ -145,28 +153,52 @@ fn first<'e>(ex: &'e Exchange, names: &[String]) -> Option<std::borrow::Cow<'e, 
     names.iter().find_map(|n| ex.lookup(n).filter(|v| !v.is_empty()))
 }
 
-/// The variables a decision publishes, by suffix after `ratelimit.<policy>.`.
-const VAR_SUFFIXES: [&str; 11] = [
-    "allowed.count",
-    "used.count",
-    "available.count",
-    "exceed.count",
-    "expiry.time",
-    "identifier",
-    "allowed",
-    "used",
-    "available",
-    "remaining",
-    "expiry",
-];
+impl ProductVars {
+    /// The verified app to read, unless a variable of one of `names` was set explicitly (by
+    /// a script or AssignMessage): that wins, as explicit variables always do, and is read
+    /// as text.
+    fn typed_app<'e>(&self, ex: &'e Exchange, names: &[&[String]]) -> Option<&'e Verified> {
+        let overridden =
+            !ex.vars.is_empty() && names.iter().flat_map(|n| n.iter()).any(|n| ex.vars.contains_key(n));
+        if overridden {
+            return None;
+        }
+        ex.state.app(self.app.as_deref())
+    }
+
+    /// allow, interval, unit from the product's quota, when it sets one.
+    fn quota(&self, ex: &Exchange) -> Option<(u64, u32, Unit)> {
+        if let Some(v) = self.typed_app(ex, &[&self.limit, &self.interval, &self.unit]) {
+            let q = v.product.spec.quota.as_ref()?;
+            let limit = q.limit.min(MAX_ALLOW);
+            let unit = Unit::parse(q.time_unit.as_str())?;
+            return Some((limit, q.interval.max(1), unit));
+        }
+        let limit = first(ex, &self.limit).and_then(|v| v.trim().parse::<u64>().ok());
+        let unit = first(ex, &self.unit).and_then(|v| Unit::parse(&v));
+        let interval = first(ex, &self.interval)
+            .and_then(|v| v.trim().parse::<u32>().ok())
+            .filter(|i| *i >= 1);
+        Some((limit?, interval.unwrap_or(1), unit?))
+    }
+
+    /// The product's name (part of the counter key).
+    fn product_name<'e>(&self, ex: &'e Exchange) -> Option<std::borrow::Cow<'e, str>> {
+        if let Some(v) = self.typed_app(ex, &[&self.name]) {
+            let n = v.product.spec.name.as_str();
+            return (!n.is_empty()).then_some(std::borrow::Cow::Borrowed(n));
+        }
+        first(ex, &self.name)
+    }
+}
 
 /// Variable names, built once.
 #[derive(Debug)]
 struct VarNames {
     /// `ratelimit.<policy>.`
-    prefix: String,
-    /// The full names of [`VAR_SUFFIXES`].
-    names: [String; 11],
+    prefix: Arc<str>,
+    /// The full names a decision defines.
+    names: Vec<String>,
     failed_store: String,
 }
 
@@ -174,50 +206,9 @@ impl VarNames {
     fn new(policy: &str) -> Self {
         let prefix = format!("ratelimit.{policy}.");
         Self {
-            names: VAR_SUFFIXES.map(|s| format!("{prefix}{s}")),
+            names: QuotaResult::names(&prefix).collect(),
             failed_store: format!("{prefix}failed.store"),
-            prefix,
-        }
-    }
-}
-
-/// One decision's variables, published without copying a name or a value into the map.
-#[derive(Debug)]
-struct QuotaVars {
-    names: Arc<VarNames>,
-    allowed: i64,
-    used: i64,
-    available: i64,
-    exceed: i64,
-    expiry: i64,
-    /// As shown (bounded).
-    identifier: String,
-}
-
-impl QuotaVars {
-    fn value(&self, suffix: &str) -> Option<ValueRef<'_>> {
-        Some(match suffix {
-            "allowed.count" | "allowed" => ValueRef::Int(self.allowed),
-            "used.count" | "used" => ValueRef::Int(self.used),
-            "available.count" | "available" | "remaining" => ValueRef::Int(self.available),
-            "exceed.count" => ValueRef::Int(self.exceed),
-            "expiry.time" | "expiry" => ValueRef::Int(self.expiry),
-            "identifier" => ValueRef::Str(&self.identifier),
-            _ => return None,
-        })
-    }
-}
-
-impl VarSource for QuotaVars {
-    fn get(&self, name: &str) -> Option<ValueRef<'_>> {
-        self.value(name.strip_prefix(self.names.prefix.as_str())?)
-    }
-
-    fn for_each(&self, f: &mut dyn FnMut(&str, ValueRef<'_>)) {
-        for (name, suffix) in self.names.names.iter().zip(VAR_SUFFIXES) {
-            if let Some(v) = self.value(suffix) {
-                f(name, v);
-            }
+            prefix: prefix.into(),
         }
     }
 }
@@ -242,7 +233,7 @@ struct Quota {
     headers: HeaderStyle,
     counters: Counters,
     metrics: PolicyMetrics,
-    vars: Arc<VarNames>,
+    vars: VarNames,
 }
 
 pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Policy>, SpecError> {
@@ -353,7 +344,7 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
         headers: spec.rate_limit_headers,
         counters: ctx.services.counters.clone(),
         metrics: PolicyMetrics::new(&ctx.name),
-        vars: Arc::new(VarNames::new(&ctx.name)),
+        vars: VarNames::new(&ctx.name),
     }))
 }
 
@@ -383,15 +374,8 @@ impl Quota {
     /// allow, interval, unit for this exchange: the product's when asked and present,
     /// otherwise the spec's (literal or template).
     fn settings(&self, ex: &Exchange) -> Result<(u64, u32, Unit), Fault> {
-        if let Some(p) = &self.product {
-            let limit = first(ex, &p.limit).and_then(|v| v.trim().parse::<u64>().ok());
-            let unit = first(ex, &p.unit).and_then(|v| Unit::parse(&v));
-            let interval = first(ex, &p.interval)
-                .and_then(|v| v.trim().parse::<u32>().ok())
-                .filter(|i| *i >= 1);
-            if let (Some(l), Some(u)) = (limit, unit) {
-                return Ok((l, interval.unwrap_or(1), u));
-            }
+        if let Some(q) = self.product.as_ref().and_then(|p| p.quota(ex)) {
+            return Ok(q);
         }
         let Some(allow) = &self.allow else {
             return Err(config_fault(
@@ -450,7 +434,7 @@ impl Quota {
         let product = self
             .product
             .as_ref()
-            .and_then(|p| first(ex, &p.name))
+            .and_then(|p| p.product_name(ex))
             .unwrap_or_default();
         let now = self.counters.now();
         let (window, window_ms) = match self.quota_type {
@@ -549,15 +533,15 @@ impl Quota {
                 ex.vars.remove(n);
             }
         }
-        ex.add_source(Box::new(QuotaVars {
-            names: self.vars.clone(),
+        ex.state.add_quota(QuotaResult {
+            prefix: Arc::clone(&self.vars.prefix),
             allowed: int(allow),
             used: int(d.used),
             available: int(available),
             exceed: int(exceed),
             expiry: d.expiry,
             identifier: p.identifier,
-        }));
+        });
         let Some(message) = refusal else {
             self.metrics.allowed.inc();
             if self.mode != Mode::CountOnly {

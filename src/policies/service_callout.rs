@@ -46,7 +46,8 @@ use crate::expr::Template;
 use crate::fault::Fault;
 use crate::http_client::{HttpClient, HttpError, HttpResponse};
 use crate::pipeline::{Direction, Outcome, Policy};
-use crate::vars::{Exchange, Value, ValueRef, VarSource};
+use crate::vars::state::CalloutResult;
+use crate::vars::{Exchange, Value};
 
 pub const TYPE: &str = "ServiceCallout";
 
@@ -471,58 +472,6 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
     }))
 }
 
-/// The answer of one callout, read lazily by later steps.
-#[derive(Debug)]
-struct CalloutVars {
-    prefix: Arc<str>,
-    status: Option<u16>,
-    headers: HeaderMap,
-    body: Option<String>,
-    json: Vec<(String, Value)>,
-    error: Option<String>,
-}
-
-impl CalloutVars {
-    fn field(&self, rest: &str) -> Option<ValueRef<'_>> {
-        match rest {
-            "status" => self.status.map(|s| ValueRef::Int(i64::from(s))),
-            "body" => self.body.as_deref().map(ValueRef::Str),
-            "error" => self.error.as_deref().map(ValueRef::Str),
-            _ => {
-                if let Some(h) = rest.strip_prefix("header.") {
-                    return self.headers.get(h).and_then(|v| v.to_str().ok()).map(ValueRef::Str);
-                }
-                let j = rest.strip_prefix("json.")?;
-                self.json.iter().find(|(n, _)| n == j).map(|(_, v)| v.as_ref())
-            }
-        }
-    }
-}
-
-impl VarSource for CalloutVars {
-    fn get(&self, name: &str) -> Option<ValueRef<'_>> {
-        self.field(name.strip_prefix(&*self.prefix)?)
-    }
-
-    fn for_each(&self, f: &mut dyn FnMut(&str, ValueRef<'_>)) {
-        for k in ["status", "body", "error"] {
-            if let Some(v) = self.field(k) {
-                f(&format!("{}{k}", self.prefix), v);
-            }
-        }
-        for (k, v) in &self.headers {
-            if let Ok(v) = v.to_str() {
-                f(&format!("{}header.{k}", self.prefix), ValueRef::Str(v));
-            }
-        }
-        for (k, v) in &self.json {
-            f(&format!("{}json.{k}", self.prefix), v.as_ref());
-        }
-    }
-}
-
-
-
 fn is_idempotent(m: &Method) -> bool {
     matches!(
         *m,
@@ -584,7 +533,7 @@ impl ServiceCallout {
 
     async fn execute(&self, ex: &mut Exchange, url: String, headers: Vec<(String, String)>, body: Bytes) -> Result<(), Fault> {
         let counter = |result: &str| CALLOUTS.with_label_values(&[self.name.as_str(), result]).inc();
-        let mut vars = CalloutVars {
+        let mut vars = CalloutResult {
             prefix: Arc::clone(&self.prefix),
             status: None,
             headers: HeaderMap::new(),
@@ -634,7 +583,7 @@ impl ServiceCallout {
             let down = matches!(&result, Err(f) if f.status == 504 || vars.status.is_none_or(|s| s >= 500));
             b.record(!down);
         }
-        ex.add_source(Box::new(vars));
+        ex.state.add_callout(vars);
         result
     }
 }
@@ -651,14 +600,14 @@ impl Policy for ServiceCallout {
     fn run<'a>(&'a self, ex: &'a mut Exchange, _dir: Direction) -> Outcome<'a> {
         let fail = |ex: &mut Exchange, status: u16, code: &str, result: &str, message: String| {
             CALLOUTS.with_label_values(&[self.name.as_str(), result]).inc();
-            ex.add_source(Box::new(CalloutVars {
+            ex.state.add_callout(CalloutResult {
                 prefix: Arc::clone(&self.prefix),
                 status: None,
                 headers: HeaderMap::new(),
                 body: None,
                 json: Vec::new(),
                 error: Some(message.clone()),
-            }));
+            });
             Outcome::Ready(Err(Fault::new(status, format!("steps.servicecallout.{code}"), message)))
         };
         // Variables are percent-encoded: a header value cannot add query parameters or

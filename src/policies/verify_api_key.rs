@@ -38,13 +38,13 @@ use serde::Deserialize;
 use super::{check_header_name, parse_spec, BuildContext, SpecError};
 use std::borrow::Cow;
 
-use crate::consumer::index::{Refusal, Verified};
+use crate::consumer::index::Refusal;
 use crate::consumer::service::Consumers;
-use crate::consumer::QuotaSettings;
 use crate::expr::Template;
 use crate::fault::Fault;
 use crate::pipeline::{Direction, Outcome, Policy};
-use crate::vars::{Exchange, ValueRef, VarSource};
+use crate::vars::state::JsonBody;
+use crate::vars::Exchange;
 
 pub const TYPE: &str = "VerifyApiKey";
 
@@ -106,99 +106,6 @@ struct VerifyApiKey {
     /// Variable names, built once: plain and `verifyapikey.<policy>.`-prefixed.
     /// `verifyapikey.<policy>.`
     prefix: Arc<str>,
-}
-
-/// The variables of one successful verification, read from the verified app and product
-/// when asked for (nothing is copied per request). Names are defined bare and under
-/// `verifyapikey.<policy>.`.
-#[derive(Debug)]
-struct VerifiedVars {
-    prefix: Arc<str>,
-    v: Verified,
-}
-
-/// Quota setting names, bare and with Apigee's `developer.` segment.
-const QUOTA_FIELDS: [(&str, &str); 2] = [("quota", "developer.quota"), ("llmquota", "developer.llmquota")];
-
-impl VerifiedVars {
-    fn quota(&self, which: &str) -> Option<&QuotaSettings> {
-        let p = &self.v.product.spec;
-        match which {
-            "quota" | "developer.quota" => p.quota.as_ref(),
-            _ => p.llm_token_quota.as_ref(),
-        }
-    }
-
-    /// `name` without the policy prefix.
-    fn field(&self, name: &str) -> Option<ValueRef<'_>> {
-        let app = &self.v.app;
-        let product = &self.v.product.spec;
-        Some(match name {
-            "client_id" => ValueRef::Str(&self.v.key().id),
-            "app.name" => ValueRef::Str(&app.name),
-            "developer.email" => ValueRef::Str(&app.developer_email),
-            "apiproduct.name" => ValueRef::Str(&product.name),
-            _ => {
-                if let Some(k) = name.strip_prefix("app.attributes.") {
-                    return app.attributes.get(k).map(|v| ValueRef::Str(v));
-                }
-                let rest = name.strip_prefix("apiproduct.")?;
-                if let Some(k) = rest.strip_prefix("attributes.") {
-                    return product.attributes.get(k).map(|v| ValueRef::Str(v));
-                }
-                let (which, setting) = rest.rsplit_once('.')?;
-                if !QUOTA_FIELDS.iter().any(|(a, b)| which == *a || which == *b) {
-                    return None;
-                }
-                let q = self.quota(which)?;
-                match setting {
-                    "limit" => ValueRef::Int(i64::try_from(q.limit).unwrap_or(i64::MAX)),
-                    "interval" => ValueRef::Int(i64::from(q.interval)),
-                    "timeunit" => ValueRef::Str(q.time_unit.as_str()),
-                    _ => return None,
-                }
-            }
-        })
-    }
-
-    fn each_field(&self, f: &mut dyn FnMut(&str, ValueRef<'_>)) {
-        let app = &self.v.app;
-        let product = &self.v.product.spec;
-        for name in ["client_id", "app.name", "developer.email", "apiproduct.name"] {
-            if let Some(v) = self.field(name) {
-                f(name, v);
-            }
-        }
-        for (k, v) in &app.attributes {
-            f(&format!("app.attributes.{k}"), ValueRef::Str(v));
-        }
-        for (k, v) in &product.attributes {
-            f(&format!("apiproduct.attributes.{k}"), ValueRef::Str(v));
-        }
-        for (a, b) in QUOTA_FIELDS {
-            for which in [a, b] {
-                for setting in ["limit", "interval", "timeunit"] {
-                    let name = format!("apiproduct.{which}.{setting}");
-                    if let Some(v) = self.field(&name) {
-                        f(&name, v);
-                    }
-                }
-            }
-        }
-    }
-}
-
-impl VarSource for VerifiedVars {
-    fn get(&self, name: &str) -> Option<ValueRef<'_>> {
-        self.field(name.strip_prefix(&*self.prefix).unwrap_or(name))
-    }
-
-    fn for_each(&self, f: &mut dyn FnMut(&str, ValueRef<'_>)) {
-        self.each_field(&mut |name, v| {
-            f(name, v);
-            f(&format!("{}{name}", self.prefix), v);
-        });
-    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -308,7 +215,7 @@ impl VerifyApiKey {
         if let Some(m) = path {
             push(m);
         }
-        if let Some(m) = ex.request_body.as_deref().and_then(body_model) {
+        if let Some(m) = ex.body_json(Direction::Request).as_deref().and_then(body_model) {
             push(m);
         }
         models
@@ -454,27 +361,16 @@ impl VerifyApiKey {
                 ex.remove_header(Direction::Request, h);
             }
         }
-        ex.add_source(Box::new(VerifiedVars {
-            prefix: Arc::clone(&self.prefix),
-            v: verified,
-        }));
+        ex.state.add_app(Arc::clone(&self.prefix), verified);
         Ok(())
     }
 }
 
 /// The top-level `model` string of a JSON request body (the OpenAI, Anthropic and
-/// Vertex-style chat bodies all carry it there).
-fn body_model(body: &[u8]) -> Option<String> {
-    #[derive(Deserialize)]
-    struct Body<'a> {
-        #[serde(borrow, default)]
-        model: Option<Cow<'a, str>>,
-    }
-    serde_json::from_slice::<Body<'_>>(body)
-        .ok()?
-        .model
-        .filter(|m| !m.is_empty())
-        .map(Cow::into_owned)
+/// Vertex-style chat bodies all carry it there), from the exchange's shared parse. A body
+/// naming `model` twice names none: the upstream's choice cannot be known.
+fn body_model(body: &JsonBody) -> Option<String> {
+    body.top_level_str("model").map(str::to_owned)
 }
 
 /// The model of a Gemini or Vertex AI path: the last segment is `{model}:{method}` and the
@@ -545,9 +441,10 @@ impl Policy for VerifyApiKey {
 mod tests {
     use super::*;
     use crate::consumer::{
-        hash_key, ApiKey, ApiProduct, App, AppStatus, KeyStatus, Operation, Origin, TimeUnit,
+        hash_key, ApiKey, ApiProduct, App, AppStatus, KeyStatus, Operation, Origin, QuotaSettings, TimeUnit,
     };
     use crate::services::Services;
+    use crate::vars::ValueRef;
     use crate::vars::{Headers, RequestInfo};
 
     fn services() -> Services {
@@ -673,6 +570,76 @@ mod tests {
             Outcome::Ready(r) => r,
             Outcome::Pending(_) => panic!("VerifyApiKey is synchronous"),
         }
+    }
+
+    /// A Quota with `useProduct` reads the verified product's quota from the typed state
+    /// (numbers, not the variables' text); an explicit variable still wins, as variables do.
+    #[test]
+    fn quota_reads_the_verified_product_from_the_typed_state() {
+        let services = Services {
+            counters: crate::ratelimit::Counters::memory(
+                crate::ratelimit::FakeClock::new(1_700_000_000_000),
+                1000,
+            ),
+            ..services()
+        };
+        let ctx = |name: &str| BuildContext {
+            name: name.into(),
+            config_dir: None,
+            services: services.clone(),
+        };
+        let vk = build(&ctx("vk"), serde_norway::from_str("{}").unwrap()).unwrap();
+        let other = build(&ctx("other"), serde_norway::from_str("{}").unwrap()).unwrap();
+        let named = crate::policies::quota::build(
+            &ctx("q"),
+            serde_norway::from_str("{useProduct: true, verifyApiKey: vk}").unwrap(),
+        )
+        .unwrap();
+        let latest = crate::policies::quota::build(
+            &ctx("l"),
+            serde_norway::from_str("{useProduct: true}").unwrap(),
+        )
+        .unwrap();
+        let quota = |q: &Arc<dyn Policy>, e: &mut Exchange| match q.run(e, Direction::Request) {
+            Outcome::Ready(r) => r,
+            Outcome::Pending(_) => panic!("memory counters decide at once"),
+        };
+        let mut e = ex("POST", "/v1/chat/completions", &[("x-api-key", "secret-key-0123456789")]);
+        run(&vk, &mut e).unwrap();
+        assert!(e.vars.is_empty(), "nothing copied into the variable map");
+        assert_eq!(e.state.app(Some("verifyapikey.vk.")).map(|v| v.app.name.as_str()), Some("acme"));
+        quota(&named, &mut e).unwrap();
+        assert_eq!(e.var("ratelimit.q.allowed"), Some(ValueRef::Int(100)));
+        assert_eq!(e.lookup("ratelimit.q.identifier").as_deref(), Some("k1"));
+        quota(&latest, &mut e).unwrap();
+        assert_eq!(e.var("ratelimit.l.allowed"), Some(ValueRef::Int(100)));
+        // A quota naming a VerifyApiKey step that did not run falls back to nothing.
+        let mut e2 = ex("POST", "/v1/chat/completions", &[("x-api-key", "secret-key-0123456789")]);
+        run(&other, &mut e2).unwrap();
+        assert_eq!(quota(&named, &mut e2).unwrap_err().status, 500);
+        quota(&latest, &mut e2).unwrap();
+        // An explicit variable overrides the product's setting.
+        e.set_var("verifyapikey.vk.apiproduct.developer.quota.limit", 7i64);
+        quota(&named, &mut e).unwrap();
+        assert_eq!(e.var("ratelimit.q.allowed"), Some(ValueRef::Int(7)));
+    }
+
+    /// The body's `model` comes from the exchange's shared parse; a body naming it twice,
+    /// or an array, names no model.
+    #[test]
+    fn body_model_reads_the_shared_parse() {
+        let parsed = |b: &str| crate::vars::state::JsonBody::parse(b.as_bytes());
+        assert_eq!(body_model(&parsed(r#"{"model":"gpt-4o","messages":[]}"#)).as_deref(), Some("gpt-4o"));
+        assert_eq!(body_model(&parsed(r#"{"model":"a","x":{"model":"b"},"model":"c"}"#)), None);
+        assert_eq!(body_model(&parsed(r#"{"x":{"model":"b","model":"c"}}"#)), None);
+        assert_eq!(body_model(&parsed(r#"{"model":""}"#)), None);
+        assert_eq!(body_model(&parsed(r#"{"model":3}"#)), None);
+        assert_eq!(body_model(&parsed(r#"["gpt-4o"]"#)), None);
+        assert_eq!(body_model(&parsed(r#"{"model":"gpt-4o""#)), None);
+        let mut e = ex("POST", "/v1/responses", &[]);
+        e.set_body(Direction::Request, Some(br#"{"model":"gpt-4o"}"#.to_vec()));
+        let first = e.body_json(Direction::Request).unwrap();
+        assert!(matches!(first, std::borrow::Cow::Borrowed(_)), "cached on the exchange");
     }
 
     #[test]

@@ -35,7 +35,7 @@ use super::{check_header_name, parse_spec, read_config_file, BuildContext, SpecE
 use crate::fault::Fault;
 use crate::jwks::{Fetched, Key, KeySet, Lookup, Reason, RemoteKeySet, RemoteOptions};
 use crate::pipeline::{Direction, Outcome, Policy};
-use crate::vars::{Exchange, Value, ValueRef, VarSource};
+use crate::vars::{Exchange, Value};
 
 pub const TYPE: &str = "VerifyJwt";
 
@@ -382,14 +382,6 @@ struct Parsed {
     typ: Option<String>,
 }
 
-/// The variables of one verified token.
-#[derive(Debug)]
-struct ClaimVars {
-    prefix: Arc<str>,
-    /// (name after the prefix, value); shared with the verified-token cache.
-    vars: Arc<Vec<(String, Value)>>,
-}
-
 /// Tokens that verified, so a client sending the same token again (the usual case: one
 /// token for many requests) costs a hash and a lookup, not a signature check. An entry is
 /// used only with the key set it was verified with and while its `exp` (plus leeway) holds;
@@ -456,22 +448,6 @@ impl VerifiedCache {
                 vars,
             }),
         );
-    }
-}
-
-impl VarSource for ClaimVars {
-    fn get(&self, name: &str) -> Option<ValueRef<'_>> {
-        let rest = name.strip_prefix(&*self.prefix)?;
-        self.vars
-            .iter()
-            .find(|(n, _)| n == rest)
-            .map(|(_, v)| v.as_ref())
-    }
-
-    fn for_each(&self, f: &mut dyn FnMut(&str, ValueRef<'_>)) {
-        for (n, v) in self.vars.iter() {
-            f(&format!("{}{n}", self.prefix), v.as_ref());
-        }
     }
 }
 
@@ -649,10 +625,7 @@ impl VerifyJwt {
         let vars = Arc::new(vars);
         let exp = claims.get("exp").and_then(|e| e.as_f64()).map(|e| e as u64);
         self.cache.put(token, exp, generation, Arc::clone(&vars));
-        ex.add_source(Box::new(ClaimVars {
-            prefix: Arc::clone(&self.prefix),
-            vars,
-        }));
+        ex.state.add_token(Arc::clone(&self.prefix), vars);
         Ok(())
     }
 
@@ -704,10 +677,7 @@ impl Policy for VerifyJwt {
         };
         let generation = cached.as_ref().map_or(0, |f| f.generation);
         if let Some(vars) = self.cache.get(&token, generation, now_secs(), self.leeway) {
-            ex.add_source(Box::new(ClaimVars {
-                prefix: Arc::clone(&self.prefix),
-                vars,
-            }));
+            ex.state.add_token(Arc::clone(&self.prefix), vars);
             return Outcome::Ready(Ok(()));
         }
         let parsed = match self.parse(&token) {

@@ -321,7 +321,7 @@ impl StreamState {
             if h.end_of_stream {
                 // No body will come: the body steps run now, on an empty body.
                 self.req.steps_ran = true;
-                self.ex.request_body = Some(Vec::new());
+                self.ex.set_body(Direction::Request, Some(Vec::new()));
                 if let Err(f) =
                     run_steps(&flow.request.on_body, &mut self.ex, Direction::Request).await
                 {
@@ -426,7 +426,7 @@ impl StreamState {
         if flow.response.needs_body() {
             if h.end_of_stream {
                 self.resp.steps_ran = true;
-                self.ex.response_body = Some(Vec::new());
+                self.ex.set_body(Direction::Response, Some(Vec::new()));
                 if let Err(f) =
                     run_steps(&flow.response.on_body, &mut self.ex, Direction::Response).await
                 {
@@ -771,24 +771,15 @@ impl StreamState {
         let body = std::mem::take(&mut self.side(dir).buf);
         self.side(dir).steps_ran = true;
         let steps = match dir {
-            Direction::Request => {
-                self.ex.request_body = Some(body);
-                &flow.request.on_body
-            }
-            Direction::Response => {
-                self.ex.response_body = Some(body);
-                &flow.response.on_body
-            }
+            Direction::Request => &flow.request.on_body,
+            Direction::Response => &flow.response.on_body,
         };
+        self.ex.set_body(dir, Some(body));
         if let Err(f) = run_steps(steps, &mut self.ex, dir).await {
             self.reject(f, out);
             return None;
         }
-        let body = match dir {
-            Direction::Request => self.ex.request_body.take(),
-            Direction::Response => self.ex.response_body.take(),
-        };
-        Some(body.unwrap_or_default())
+        Some(self.ex.take_body(dir).unwrap_or_default())
     }
 
     async fn on_trailers(
