@@ -3,7 +3,9 @@
 # the binary links, plus CA certificates for rediss:// and callouts; no shell, no package
 # manager), running as the image's non-root user.
 #   docker build -t tollgate .
-#   docker run --read-only -p 9002:9002 -p 9003:9003 tollgate serve --config /etc/tollgate --admin-insecure
+#   docker run --read-only -p 9002:9002 -p 9003:9003 tollgate
+# serves the example configuration of policies/ (the management API stays off without
+# --admin-token-file or --admin-token-env).
 # The root file system can be read-only: tollgate writes only the embedded store, under
 # /var/lib/tollgate (a volume; Kubernetes mounts an emptyDir or nothing with --store redis).
 # No HEALTHCHECK: Kubernetes probes /healthz and /readyz (deploy/base/deployment.yaml).

@@ -11,8 +11,9 @@
 //! The image: the Dockerfile passes hadolint and the rules below (distroless `cc` runtime
 //! whose libraries cover what the binary links, non-root user, a data volume owned by it,
 //! no HEALTHCHECK), and the build stage's own cargo command, read from the Dockerfile, builds
-//! tollgate from a context holding only what `.dockerignore` admits (in the dev profile:
-//! see `the_image_build_command_builds_from_the_docker_context`).
+//! tollgate from a context holding only what `.dockerignore` admits, unoptimised (see
+//! `the_image_build_command_builds_from_the_docker_context`); that binary serves the image's
+//! command with the image's environment.
 //!
 //! Tools come from scripts/setup.sh: `.tools/venv` (kubernetes-validate, hadolint, and
 //! kubectl when the machine has none with kustomize v5).
@@ -20,7 +21,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{LazyLock, RwLock};
+use std::sync::LazyLock;
 
 use serde::Deserialize;
 use serde_norway::Value;
@@ -29,18 +30,11 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// Held (shared) while a test starts the tollgate binary, and exclusively while
-/// `the_image_build_command_builds_from_the_docker_context` builds: cargo then replaces
-/// `target/debug/tollgate` (with a binary of the same sources).
-static BINARY: RwLock<()> = RwLock::new(());
-
 fn tollgate() -> Command {
     Command::new(env!("CARGO_BIN_EXE_tollgate"))
 }
 
-/// Runs `cmd` to completion while no build replaces the binary it may start.
 fn output(cmd: &mut Command) -> std::process::Output {
-    let _shared = BINARY.read().unwrap_or_else(|e| e.into_inner());
     cmd.output()
         .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
 }
@@ -1768,11 +1762,12 @@ fn copy_tree(from: &Path, to: &Path) {
 
 /// The build stage's `cargo build` runs here on a context holding only what
 /// `.dockerignore` admits, so a file the build needs but the context lacks (or a command
-/// that no longer works) fails here rather than in someone's `docker build`. It runs in
-/// the dev profile, sharing the dependencies `cargo test` built: the Dockerfile's
-/// `--release` is dropped because an optimised build of every dependency would add many
-/// minutes to CI. The release profile's own settings (LTO, codegen units) are therefore
-/// built by `docker build` only.
+/// that no longer works) fails here rather than in someone's `docker build`. The command
+/// runs as written, but with the release profile's optimisation turned off through
+/// CARGO_PROFILE_RELEASE_*: an optimised, LTO build of every dependency would add many
+/// minutes to CI. Its dependencies build once per target directory (a few minutes in CI);
+/// the release profile's own settings are built by `docker build` only. The binary then
+/// serves the image's command and environment until ready.
 #[test]
 fn the_image_build_command_builds_from_the_docker_context() {
     let stages = dockerfile();
@@ -1837,26 +1832,48 @@ fn the_image_build_command_builds_from_the_docker_context() {
         }
     }
 
-    let target = Path::new(env!("CARGO_BIN_EXE_tollgate"))
-        .parent()
-        .and_then(Path::parent)
-        .unwrap()
-        .to_owned();
-    let args: Vec<&String> = command[1..].iter().filter(|a| *a != "--release").collect();
-    let out = {
-        let _exclusive = BINARY.write().unwrap_or_else(|e| e.into_inner());
-        Command::new(std::env::var_os("CARGO").unwrap_or("cargo".into()))
-            .args(args)
-            .current_dir(ctx.path())
-            .env("CARGO_TARGET_DIR", &target)
-            .output()
-            .unwrap()
-    };
+    // The command as written, in a target directory of its own (kept across runs, so only
+    // the first run builds the dependencies), with the release profile's optimisation
+    // (opt-level 3, thin LTO, debug line tables) turned off through cargo's environment.
+    let target = root().join("target/docker-build");
+    let mut cargo = Command::new(std::env::var_os("CARGO").unwrap_or("cargo".into()));
+    // Not the variables cargo set for this test: build scripts that watch them (ring
+    // watches CARGO_MANIFEST_DIR) would rebuild on every change of caller.
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy();
+        if k.starts_with("CARGO_PKG_")
+            || k.starts_with("CARGO_BIN_EXE_")
+            || [
+                "CARGO_MANIFEST_DIR",
+                "CARGO_MANIFEST_PATH",
+                "CARGO_CRATE_NAME",
+                "CARGO_PRIMARY_PACKAGE",
+                "CARGO_TARGET_TMPDIR",
+                "CARGO_RUSTC_CURRENT_DIR",
+            ]
+            .contains(&k.as_ref())
+        {
+            cargo.env_remove(k.as_ref());
+        }
+    }
+    let out = cargo
+        .args(&command[1..])
+        .current_dir(ctx.path())
+        .env("CARGO_TARGET_DIR", &target)
+        .env("CARGO_PROFILE_RELEASE_OPT_LEVEL", "0")
+        .env("CARGO_PROFILE_RELEASE_LTO", "false")
+        .env("CARGO_PROFILE_RELEASE_CODEGEN_UNITS", "256")
+        .env("CARGO_PROFILE_RELEASE_DEBUG", "false")
+        .output()
+        .unwrap();
     assert!(
         out.status.success(),
         "{command:?} fails in the Docker context ({entries:?}):\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // The binary the image copies, where the RUN line takes it from.
+    let built = target.join("release/tollgate");
+    assert!(built.is_file(), "{} was not built", built.display());
 
     // The image's default command serves the configuration it copies: it is valid.
     let runtime = stages.last().unwrap();
@@ -1867,12 +1884,89 @@ fn the_image_build_command_builds_from_the_docker_context() {
         .filter(|i| i.cmd == "COPY" && !i.args.starts_with("--from"))
         .find_map(|i| i.args.strip_suffix(&format!(" {config}")))
         .unwrap_or_else(|| panic!("nothing copied to {config}"));
-    let out = output(tollgate().arg("validate").arg(ctx.path().join(src)));
+    let out = output(
+        Command::new(&built)
+            .arg("validate")
+            .arg(ctx.path().join(src)),
+    );
     assert!(
         out.status.success(),
         "the image's configuration ({src}) does not validate:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+
+    // And the image's command, with the image's environment, gets ready, writing its store
+    // where the volume is (here a temporary directory in its place).
+    let data = tempfile::tempdir().unwrap();
+    let env: Vec<(String, String)> = runtime
+        .iter()
+        .filter(|i| i.cmd == "ENV")
+        .flat_map(|i| {
+            i.args
+                .split_whitespace()
+                .map(|kv| kv.split_once('=').expect("ENV k=v"))
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let (grpc, admin) = (free_port(), free_port());
+    let args: Vec<PathBuf> = cmd
+        .iter()
+        .map(|a| {
+            if *a == config {
+                ctx.path().join(src)
+            } else {
+                PathBuf::from(a)
+            }
+        })
+        .collect();
+    let mut serve = Command::new(&built);
+    serve
+        .args(&args)
+        .envs(env.iter().map(|(k, v)| {
+            let v = if k == "TOLLGATE_DATA_DIR" {
+                data.path().to_string_lossy().into_owned()
+            } else {
+                v.clone()
+            };
+            (k.clone(), v)
+        }))
+        .env("TOLLGATE_GRPC_ADDR", format!("127.0.0.1:{grpc}"))
+        .env("TOLLGATE_ADMIN_ADDR", format!("127.0.0.1:{admin}"))
+        .current_dir(data.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut child = Killed(serve.spawn().unwrap());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while !get(admin, "/readyz").is_some_and(|r| r.starts_with("HTTP/1.1 200")) {
+        assert!(
+            child.0.try_wait().unwrap().is_none(),
+            "the image's command ({cmd:?}) stopped"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the image's command never got ready"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(
+        std::fs::read_dir(data.path()).unwrap().next().is_some(),
+        "the embedded store is not in TOLLGATE_DATA_DIR"
+    );
+}
+
+/// An HTTP/1.1 GET on a loopback port: the whole answer, or None when nothing listens.
+fn get(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut r = String::new();
+    s.read_to_string(&mut r).ok()?;
+    Some(r)
 }
 
 // ───────── the Redis URL forms the manifests rely on, against a real Redis ─────────
@@ -1955,7 +2049,6 @@ fn serve_with_redis(dir: &Path, url: &str, ca_file: &Path) -> Result<(Killed, u1
     )
     .unwrap();
     let admin = free_port();
-    let shared = BINARY.read().unwrap_or_else(|e| e.into_inner());
     let mut child = Killed(
         tollgate()
             .args(["serve", "--config"])
@@ -1970,7 +2063,6 @@ fn serve_with_redis(dir: &Path, url: &str, ca_file: &Path) -> Result<(Killed, u1
             .spawn()
             .unwrap(),
     );
-    drop(shared);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
     loop {
         if let Some(status) = child.0.try_wait().unwrap() {
