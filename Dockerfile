@@ -15,7 +15,8 @@
 # Debian 12, as the runtime image below: the binary's glibc symbols are there.
 FROM rust:1-slim-bookworm AS build
 WORKDIR /src
-# jemalloc (the global allocator) is built from C with make.
+# jemalloc (the global allocator) is built from C with make. The context's rust-toolchain.toml
+# pins the toolchain: rustup in this image installs it.
 # hadolint ignore=DL3008
 RUN apt-get update && apt-get install -y --no-install-recommends make && rm -rf /var/lib/apt/lists/*
 COPY . .

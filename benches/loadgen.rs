@@ -16,8 +16,9 @@
 //! Exit status: 0 when at least one stream completed and there were no mismatches, errors or
 //! timeouts; 1 otherwise (the report is printed either way).
 
+use parking_lot::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
@@ -514,7 +515,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                     }
                 }
             }
-            let mut le = last_end.lock().unwrap();
+            let mut le = last_end.lock();
             *le = (*le).max(my_end);
             st
         }));
@@ -523,11 +524,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     for t in tasks {
         total.merge(t.await?);
     }
-    let elapsed = last_end
-        .lock()
-        .unwrap()
-        .duration_since(measure_from)
-        .as_secs_f64();
+    let elapsed = last_end.lock().duration_since(measure_from).as_secs_f64();
     let lat = &mut total.lat_us;
     lat.sort_unstable();
     let completed = total.ok + total.immediate;

@@ -93,9 +93,12 @@ fn chat_4k() -> String {
     text
 }
 
+/// `$TOLLGATE_SHARED_DATA/<file>`, else `../shared/data/<file>` beside the checkout.
 fn spec_path(file: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/data")
+    std::env::var_os("TOLLGATE_SHARED_DATA")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data"))
         .join(file)
 }
 
@@ -194,9 +197,8 @@ fn response() -> ProcessingRequest {
 /// schema built once and reused, against one built for every body (the registry, which
 /// indexes the whole description, is prepared once in both).
 fn bench_validator_reuse(c: &mut Criterion, body: &str) {
-    let doc =
-        tollgate::policies::oas_validation::read_document(&spec_path("openai-openapi-3.1.yaml"))
-            .expect("the OpenAI description reads");
+    let doc = tollgate::openapi::read_document(&spec_path("openai-openapi-3.1.yaml"))
+        .expect("the OpenAI description reads");
     let uri = "urn:openai-spec";
     let registry = Registry::new()
         .draft(Draft::Draft202012)
@@ -252,7 +254,8 @@ fn bench(c: &mut Criterion) {
     ] {
         if !spec_path(file).is_file() {
             eprintln!(
-                "skipping {name}: {} is missing (the public OpenAI description, read from ../shared/data/)",
+                "skipping {name}: {} is missing (the public OpenAI description, read from \
+                 ../shared/data/ or $TOLLGATE_SHARED_DATA)",
                 spec_path(file).display()
             );
             continue;

@@ -12,10 +12,10 @@
 //! when missing: store apps may only name products that exist.
 //!
 //! `--mode bulk` (default) writes `--batch` apps per redb write transaction straight into the
-//! tables `EmbeddedStore` reads (same file, same tables, same JSON encoding); `--mode store`
-//! goes through `EmbeddedStore::put_app(Write::Create)`, one durable transaction (fsync) per
+//! tables `EmbeddedBackend` reads (same file, same tables, same JSON encoding); `--mode store`
+//! goes through `EmbeddedBackend::put_app(Write::Create)`, one durable transaction (fsync) per
 //! app, as the management API does — much slower, and a measure of durable writes per second.
-//! Either way the directory is then opened with `EmbeddedStore::open` and its snapshot counted,
+//! Either way the directory is then opened with `EmbeddedBackend::open` and its snapshot counted,
 //! so a seeded directory is known to load.
 //!
 //! Prints one sample key and one JSON line of figures (`--json`) or a short report.
@@ -26,14 +26,14 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use clap::{Parser, ValueEnum};
 use redb::{Database, Durability, ReadableTable};
 use tollgate::consumer::{hash_key, ApiKey, ApiProduct, App, KeyStatus, Operation, Origin};
-use tollgate::store::embedded::{EmbeddedStore, APPS, DB_FILE, PRODUCTS};
+use tollgate::store::embedded::{EmbeddedBackend, APPS, DB_FILE, PRODUCTS};
 use tollgate::store::{Store, Write};
 
 #[derive(Clone, Copy, Debug, PartialEq, ValueEnum)]
 enum Mode {
     /// Batched redb transactions straight into the store's tables.
     Bulk,
-    /// One `EmbeddedStore::put_app` (a durable transaction) per app.
+    /// One `EmbeddedBackend::put_app` (a durable transaction) per app.
     Store,
 }
 
@@ -147,7 +147,9 @@ fn seed_bulk(args: &Args, now: i64) -> Result<(), Error> {
 
 async fn seed_store(args: &Args, now: i64) -> Result<(), Error> {
     let dir = args.data_dir.clone();
-    let store = tokio::task::spawn_blocking(move || EmbeddedStore::open(&dir)).await??;
+    let store = Store::new(std::sync::Arc::new(
+        tokio::task::spawn_blocking(move || EmbeddedBackend::open(&dir)).await??,
+    ));
     if store.get_product(&args.product).await?.is_none() {
         store
             .put_product(&product_of(&args.product, &args.operation), Write::Create)
@@ -173,7 +175,7 @@ async fn main() {
 async fn run(args: &Args) -> Result<(), Error> {
     let now = i64::try_from(SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis())?;
     // Creates the directory, the file and both tables exactly as tollgate does.
-    drop(EmbeddedStore::open(&args.data_dir)?);
+    drop(EmbeddedBackend::open(&args.data_dir)?);
 
     let t0 = Instant::now();
     match args.mode {
@@ -185,7 +187,9 @@ async fn run(args: &Args) -> Result<(), Error> {
     // Read it back the way `tollgate serve` does at startup.
     let t1 = Instant::now();
     let dir = args.data_dir.clone();
-    let store = tokio::task::spawn_blocking(move || EmbeddedStore::open(&dir)).await??;
+    let store = Store::new(std::sync::Arc::new(
+        tokio::task::spawn_blocking(move || EmbeddedBackend::open(&dir)).await??,
+    ));
     let contents = store.snapshot().await?;
     let check_s = t1.elapsed().as_secs_f64();
     drop(store);

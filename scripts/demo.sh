@@ -31,7 +31,7 @@ fi
 # A binary is current when no source it is built from (the built-in configuration
 # included) is newer than it.
 current() {
-  [[ -x "$1" ]] && [[ -z "$(find src build.rs Cargo.toml Cargo.lock policies/quickstart.yaml \
+  [[ -x "$1" ]] && [[ -z "$(find src Cargo.toml Cargo.lock policies/quickstart.yaml \
     -newer "$1" -print -quit 2>/dev/null)" ]]
 }
 BIN="${TOLLGATE_BIN:-}"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything CI checks: installs what the tests need when missing (Envoy 1.40, wrk, h2load,
-# redis-server), then format, lints, and every test (unit, gRPC stream, lifecycle, and the
-# end-to-end tests through a real Envoy).
+# redis-server, cargo-deny), then format, lints, the dependency policy (deny.toml) and every
+# test (unit, gRPC stream, lifecycle, and the end-to-end tests through a real Envoy).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -11,6 +11,7 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --all-targets --locked -- -D warnings
+bash scripts/deny.sh
 echo "== tollgate validate policies/ benches/configs/"
 cargo run --quiet --locked -- validate policies
 cargo run --quiet --locked -- validate benches/configs

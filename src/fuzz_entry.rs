@@ -556,7 +556,7 @@ pub fn path_template(data: &[u8]) {
     if let Ok(c) = crate::consumer::index::PathTemplate::compile(&t) {
         let _ = c.matches(&p);
     }
-    let _ = crate::policies::oas_validation::match_path_template(&t, &p);
+    let _ = crate::openapi::match_path_template(&t, &p);
 }
 
 fn oas_policies() -> &'static [Arc<dyn Policy>] {

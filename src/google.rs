@@ -18,19 +18,20 @@
 //! needing a token get the error for `RETRY_AFTER_FAILURE` without a new attempt.
 
 use std::collections::HashMap;
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use arc_swap::ArcSwapOption;
 use base64::Engine as _;
 use bytes::Bytes;
 use http_body_util::Full;
+use parking_lot::Mutex;
 use prometheus::IntCounterVec;
 use serde::Deserialize;
 // tokio's clock: the real one in the server, and one tests can advance (refresh timing).
 use tokio::time::Instant;
 
 use crate::http_client::HttpClient;
+use crate::refresh::{Entry, Intervals, Refused, Slot, Why};
 
 const DEFAULT_METADATA_HOST: &str = "metadata.google.internal";
 const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
@@ -178,38 +179,38 @@ impl Kind {
     }
 }
 
-/// A minted token.
-#[derive(Debug)]
-pub struct Token {
-    pub value: String,
-    expires: Instant,
-    refresh_at: Instant,
-}
+/// A minted token (its value is `.value`).
+pub type Token = Entry<String>;
 
-#[derive(Debug, Default)]
-struct SlotState {
-    background: bool,
-    last_failure: Option<(Instant, TokenError)>,
-}
+/// What [`TokenSlot::get`] can answer without waiting: `Ready`, `Missing` (call
+/// [`TokenSlot::fetch`]) or `Failed` (the last fetch failed a moment ago: fail without a new
+/// attempt).
+pub type Cached = crate::refresh::Cached<String, TokenError>;
 
-/// One cached token and its refresh machinery.
+/// One cached token and its refresh machinery: a refresh slot ([`crate::refresh`]) over a
+/// token source.
 #[derive(Debug)]
 pub struct TokenSlot {
+    slot: Arc<Slot<TokenSource>>,
+}
+
+/// The minting half of a [`TokenSlot`].
+#[derive(Debug)]
+struct TokenSource {
     source: Source,
     kind: Kind,
     http: HttpClient,
-    current: ArcSwapOption<Token>,
-    state: Mutex<SlotState>,
-    fetching: tokio::sync::Mutex<()>,
 }
 
-/// What [`TokenSlot::get`] can answer without waiting.
-pub enum Cached {
-    Ready(Arc<Token>),
-    /// No usable token: call [`TokenSlot::fetch`].
-    Missing,
-    /// The last fetch failed a moment ago: fail without a new attempt.
-    Failed(TokenError),
+impl std::fmt::Display for TokenSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "google {} token from {}",
+            self.kind.label(),
+            self.source.label()
+        )
+    }
 }
 
 fn now_unix() -> u64 {
@@ -231,62 +232,25 @@ fn jwt_exp(token: &str) -> Option<u64> {
 
 impl TokenSlot {
     /// The cached token when usable; starts a background refresh when it is getting old.
-    pub fn get(self: &Arc<Self>) -> Cached {
-        let now = Instant::now();
-        if let Some(t) = self.current.load_full() {
-            if now + EXPIRY_MARGIN < t.expires {
-                if now >= t.refresh_at {
-                    self.refresh_in_background();
-                }
-                return Cached::Ready(t);
-            }
-        }
-        if let Ok(st) = self.state.lock() {
-            if let Some((at, e)) = &st.last_failure {
-                if at.elapsed() < RETRY_AFTER_FAILURE {
-                    return Cached::Failed(e.clone());
-                }
-            }
-        }
-        Cached::Missing
-    }
-
-    fn refresh_in_background(self: &Arc<Self>) {
-        let Ok(handle) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        match self.state.lock() {
-            Ok(mut st) if !st.background => st.background = true,
-            _ => return,
-        }
-        let this = Arc::clone(self);
-        handle.spawn(async move {
-            if let Err(e) = this.fetch().await {
-                tracing::warn!(error = %e, "google token background refresh failed");
-            }
-            if let Ok(mut st) = this.state.lock() {
-                st.background = false;
-            }
-        });
+    pub fn get(&self) -> Cached {
+        self.slot.get()
     }
 
     /// Fetches a token, unless another caller fetched one while this one waited.
     pub async fn fetch(&self) -> Result<Arc<Token>, TokenError> {
-        let before = self.current.load_full();
-        let _guard = self.fetching.lock().await;
-        if let Some(cur) = self.current.load_full() {
-            let replaced = before.as_ref().is_none_or(|b| !Arc::ptr_eq(b, &cur));
-            if replaced && Instant::now() + EXPIRY_MARGIN < cur.expires {
-                return Ok(cur);
-            }
-        }
-        if let Ok(st) = self.state.lock() {
-            if let Some((at, e)) = &st.last_failure {
-                if at.elapsed() < RETRY_AFTER_FAILURE {
-                    return Err(e.clone());
-                }
-            }
-        }
+        self.slot.refresh(false).await.map_err(|r| match r {
+            Refused::Failed(e) | Refused::BackingOff(e) => e,
+            // Token slots never force a fetch.
+            Refused::TooSoon => TokenError::Answer("token refresh refused as too soon".into()),
+        })
+    }
+}
+
+impl crate::refresh::Source for TokenSource {
+    type Value = String;
+    type Error = TokenError;
+
+    async fn fetch(&self, _why: Why) -> Result<Token, TokenError> {
         let result = self.mint().await;
         FETCHES
             .with_label_values(&[
@@ -295,35 +259,22 @@ impl TokenSlot {
                 if result.is_ok() { "ok" } else { "error" },
             ])
             .inc();
-        match result {
-            Ok((value, lifetime)) => {
-                let (expires, refresh_at) = token_times(Instant::now(), lifetime);
-                let token = Arc::new(Token {
-                    value,
-                    expires,
-                    refresh_at,
-                });
-                self.current.store(Some(Arc::clone(&token)));
-                if let Ok(mut st) = self.state.lock() {
-                    st.last_failure = None;
-                }
-                tracing::debug!(
-                    source = self.source.label(),
-                    kind = self.kind.label(),
-                    lifetime_s = lifetime.as_secs(),
-                    "google token minted"
-                );
-                Ok(token)
-            }
-            Err(e) => {
-                if let Ok(mut st) = self.state.lock() {
-                    st.last_failure = Some((Instant::now(), e.clone()));
-                }
-                Err(e)
-            }
-        }
+        let (value, lifetime) = result?;
+        let now = Instant::now();
+        let (expires, refresh_at) = token_times(now, lifetime);
+        tracing::debug!(
+            source = self.source.label(),
+            kind = self.kind.label(),
+            lifetime_s = lifetime.as_secs(),
+            "google token minted"
+        );
+        // Not used within EXPIRY_MARGIN of its expiry.
+        let usable_until = expires.checked_sub(EXPIRY_MARGIN).unwrap_or(now);
+        Ok(Entry::new(value, refresh_at, Some(usable_until)))
     }
+}
 
+impl TokenSource {
     /// One request to the source: (token, lifetime).
     async fn mint(&self) -> Result<(String, Duration), TokenError> {
         let (url, req) = match &self.source {
@@ -460,18 +411,19 @@ impl GoogleTokens {
     /// The shared slot for `source` and `kind`.
     pub fn slot(&self, source: Source, kind: Kind, http: &HttpClient) -> Arc<TokenSlot> {
         let key = format!("{}|{kind:?}", source.id());
-        let mut slots = match self.slots.lock() {
-            Ok(s) => s,
-            Err(p) => p.into_inner(),
-        };
+        let mut slots = self.slots.lock();
         Arc::clone(slots.entry(key).or_insert_with(|| {
-            Arc::new(TokenSlot {
+            let source = TokenSource {
                 source,
                 kind,
                 http: http.clone(),
-                current: ArcSwapOption::empty(),
-                state: Mutex::new(SlotState::default()),
-                fetching: tokio::sync::Mutex::new(()),
+            };
+            let intervals = Intervals {
+                backoff: RETRY_AFTER_FAILURE,
+                forced: RETRY_AFTER_FAILURE,
+            };
+            Arc::new(TokenSlot {
+                slot: Arc::new(Slot::new(source, intervals)),
             })
         }))
     }

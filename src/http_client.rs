@@ -97,7 +97,7 @@ fn tls_config(roots: rustls::RootCertStore) -> rustls::ClientConfig {
 /// Clients that also trust extra CAs, by SHA-256 of the PEM: policies naming the same CA
 /// file share one pool, across reloads too.
 static WITH_EXTRA_ROOTS: LazyLock<
-    std::sync::Mutex<std::collections::HashMap<[u8; 32], HttpClient>>,
+    parking_lot::Mutex<std::collections::HashMap<[u8; 32], HttpClient>>,
 > = LazyLock::new(Default::default);
 
 fn connector_with(tls: rustls::ClientConfig) -> HttpsConnector<HttpConnector> {
@@ -124,10 +124,7 @@ impl HttpClient {
         use rustls::pki_types::pem::PemObject;
         use sha2::Digest;
         let digest: [u8; 32] = sha2::Sha256::digest(pem).into();
-        let mut cache = match WITH_EXTRA_ROOTS.lock() {
-            Ok(c) => c,
-            Err(p) => p.into_inner(),
-        };
+        let mut cache = WITH_EXTRA_ROOTS.lock();
         if let Some(c) = cache.get(&digest) {
             return Ok(c.clone());
         }

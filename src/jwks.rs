@@ -11,19 +11,20 @@
 
 use std::collections::HashMap;
 use std::str::FromStr;
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
-use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use http_body_util::Full;
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey};
+use parking_lot::Mutex;
 use prometheus::IntCounterVec;
 // tokio's clock: the real one in the server, and one tests can advance (expiry, refresh).
 use tokio::time::Instant;
 
 use crate::http_client::{cache_max_age, HttpClient};
+use crate::refresh::{Cached, Entry, Intervals, Refused, Slot, Source, Why};
 
 /// Largest JWKS document accepted.
 pub const MAX_JWKS_BYTES: usize = 512 * 1024;
@@ -237,36 +238,39 @@ impl Default for RemoteOptions {
     }
 }
 
-/// A fetched set and when it goes stale.
+/// A fetched set.
 #[derive(Debug)]
 pub struct Fetched {
     pub set: KeySet,
-    pub expires: Instant,
     /// Unique per fetch (never 0): results verified with one set are not reused with the next.
     pub generation: u64,
 }
 
+/// The set as the cache holds it (with its refresh time; deref to [`Fetched`]).
+pub type Current = Arc<Entry<Fetched>>;
+
 static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
-#[derive(Debug, Default)]
-struct FetchState {
-    /// Last fetch caused by an unknown `kid`.
-    last_unknown_kid: Option<Instant>,
-    /// Last failed fetch: no new attempt for `min_refresh` after it.
-    last_failure: Option<Instant>,
-    background: bool,
-}
-
-/// A key set served at a URL, shared by every policy that names the URL.
+/// A key set served at a URL, shared by every policy that names the URL: a refresh slot
+/// ([`crate::refresh`]) over the URL. Sets are never dropped for age (no `usable_until`):
+/// a stale set keeps verifying while its refresh fails.
 #[derive(Debug)]
 pub struct RemoteKeySet {
+    slot: Arc<Slot<KeySource>>,
+}
+
+/// The fetching half of a [`RemoteKeySet`].
+#[derive(Debug)]
+struct KeySource {
     url: String,
     opts: RemoteOptions,
     http: HttpClient,
-    current: ArcSwapOption<Fetched>,
-    state: Mutex<FetchState>,
-    /// Held while fetching: concurrent refreshes wait for the one in flight.
-    fetching: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Display for KeySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "JWKS {}", self.url)
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -288,110 +292,59 @@ impl Reason {
 
 impl RemoteKeySet {
     pub fn url(&self) -> &str {
-        &self.url
+        &self.slot.source().url
     }
 
     /// The cached set, fresh or stale. When stale, starts one background refresh.
-    pub fn cached(self: &Arc<Self>) -> Option<Arc<Fetched>> {
-        let cur = self.current.load_full()?;
-        if cur.expires <= Instant::now() {
-            self.refresh_in_background();
+    pub fn cached(&self) -> Option<Current> {
+        match self.slot.get() {
+            Cached::Ready(cur) => Some(cur),
+            Cached::Missing | Cached::Failed(_) => None,
         }
-        Some(cur)
-    }
-
-    fn refresh_in_background(self: &Arc<Self>) {
-        let Ok(handle) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        {
-            let Ok(mut st) = self.state.lock() else {
-                return;
-            };
-            // One at a time, and none while backing off after a failure.
-            let backing_off = st
-                .last_failure
-                .is_some_and(|t| t.elapsed() < self.opts.min_refresh);
-            if st.background || backing_off {
-                return;
-            }
-            st.background = true;
-        }
-        let this = Arc::clone(self);
-        handle.spawn(async move {
-            let reason = if this.current.load().is_some() {
-                Reason::Expired
-            } else {
-                Reason::Initial
-            };
-            if let Err(e) = this.refresh(reason).await {
-                tracing::warn!(url = %this.url, error = %e, "JWKS background refresh failed");
-            }
-            if let Ok(mut st) = this.state.lock() {
-                st.background = false;
-            }
-        });
     }
 
     /// Starts fetching the set if nothing is cached yet (at configuration load).
-    pub fn prefetch(self: &Arc<Self>) {
-        if self.current.load().is_none() {
-            self.refresh_in_background();
-        }
+    pub fn prefetch(&self) {
+        self.slot.prefetch();
     }
 
     /// Fetches the set again, unless another caller did while this one waited, or the
-    /// last attempt was under `min_refresh` ago. Returns the set to use.
-    pub async fn refresh(&self, reason: Reason) -> Result<Arc<Fetched>, JwksError> {
-        let before = self.current.load_full();
-        let _guard = self.fetching.lock().await;
-        let now_cur = self.current.load_full();
-        let replaced = match (&before, &now_cur) {
-            (Some(a), Some(b)) => !Arc::ptr_eq(a, b),
-            (None, Some(_)) => true,
-            _ => false,
+    /// last attempt was under `min_refresh` ago. After a failure, back off whatever the
+    /// reason; unknown `kid`s may force a fetch at most once per interval (the initial and
+    /// expiry fetches do not count). Returns the set to use.
+    pub async fn refresh(&self, reason: Reason) -> Result<Current, JwksError> {
+        let forced = matches!(reason, Reason::UnknownKid);
+        self.slot.refresh(forced).await.map_err(|r| match r {
+            Refused::Failed(e) => e,
+            Refused::BackingOff(_) | Refused::TooSoon => {
+                JwksError::RateLimited(self.slot.source().opts.min_refresh)
+            }
+        })
+    }
+}
+
+impl Source for KeySource {
+    type Value = Fetched;
+    type Error = JwksError;
+
+    async fn fetch(&self, why: Why) -> Result<Entry<Fetched>, JwksError> {
+        let reason = match why {
+            Why::Initial => Reason::Initial,
+            Why::Due => Reason::Expired,
+            Why::Forced => Reason::UnknownKid,
         };
-        if replaced {
-            if let Some(cur) = now_cur {
-                return Ok(cur);
-            }
-        }
-        {
-            let mut st = self
-                .state
-                .lock()
-                .map_err(|_| JwksError::RateLimited(self.opts.min_refresh))?;
-            let recent =
-                |t: Option<Instant>| t.is_some_and(|t| t.elapsed() < self.opts.min_refresh);
-            // After a failure, back off whatever the reason; unknown `kid`s may force a
-            // fetch at most once per interval (the initial and expiry fetches do not count).
-            if recent(st.last_failure)
-                || (matches!(reason, Reason::UnknownKid) && recent(st.last_unknown_kid))
-            {
-                return Err(JwksError::RateLimited(self.opts.min_refresh));
-            }
-            if matches!(reason, Reason::UnknownKid) {
-                st.last_unknown_kid = Some(Instant::now());
-            }
-        }
-        let result = self.fetch().await;
+        let result = self.fetch_once().await;
         FETCHES
             .with_label_values(&[reason.as_str(), if result.is_ok() { "ok" } else { "error" }])
             .inc();
-        if let Ok(mut st) = self.state.lock() {
-            st.last_failure = if result.is_err() {
-                Some(Instant::now())
-            } else {
-                None
-            };
-        }
-        let fetched = Arc::new(result?);
-        tracing::info!(url = %self.url, keys = fetched.set.keys.len(), reason = reason.as_str(), "JWKS fetched");
-        self.current.store(Some(Arc::clone(&fetched)));
-        Ok(fetched)
+        let entry = result?;
+        tracing::info!(url = %self.url, keys = entry.set.keys.len(), reason = reason.as_str(), "JWKS fetched");
+        Ok(entry)
     }
+}
 
-    async fn fetch(&self) -> Result<Fetched, JwksError> {
+impl KeySource {
+    async fn fetch_once(&self) -> Result<Entry<Fetched>, JwksError> {
         let err = |message: String| JwksError::Fetch {
             url: self.url.clone(),
             message,
@@ -412,11 +365,12 @@ impl RemoteKeySet {
         let ttl = cache_max_age(&resp.headers)
             .unwrap_or(self.opts.default_ttl)
             .clamp(MIN_TTL, MAX_TTL);
-        Ok(Fetched {
+        let fetched = Fetched {
             set,
-            expires: Instant::now() + ttl,
             generation: GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-        })
+        };
+        // Refreshed once expired; used, stale, until a refresh succeeds.
+        Ok(Entry::new(fetched, Instant::now() + ttl, None))
     }
 }
 
@@ -431,23 +385,24 @@ impl Jwks {
     /// (one cache, one fetch); an edited `cacheSeconds`, `minRefreshSeconds` or `timeoutMs`
     /// gets a set of its own at the next reload instead of the first policy's settings.
     pub fn remote(&self, url: &str, opts: RemoteOptions, http: &HttpClient) -> Arc<RemoteKeySet> {
-        let mut sets = match self.sets.lock() {
-            Ok(s) => s,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut sets = self.sets.lock();
         let key = (url.to_owned(), opts);
         if !sets.contains_key(&key) {
             // Sets no configuration uses any more (options edited away) go now.
             sets.retain(|_, s| Arc::strong_count(s) > 1);
         }
         Arc::clone(sets.entry(key).or_insert_with(|| {
-            Arc::new(RemoteKeySet {
+            let source = KeySource {
                 url: url.to_owned(),
                 opts,
                 http: http.clone(),
-                current: ArcSwapOption::empty(),
-                state: Mutex::new(FetchState::default()),
-                fetching: tokio::sync::Mutex::new(()),
+            };
+            let intervals = Intervals {
+                backoff: opts.min_refresh,
+                forced: opts.min_refresh,
+            };
+            Arc::new(RemoteKeySet {
+                slot: Arc::new(Slot::new(source, intervals)),
             })
         }))
     }

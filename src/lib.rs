@@ -6,6 +6,8 @@
 #![allow(clippy::result_large_err)]
 
 pub mod admin;
+pub mod app;
+pub mod cache;
 pub mod config;
 pub mod consumer;
 pub mod expr;
@@ -17,9 +19,11 @@ pub mod http_client;
 pub mod jwks;
 pub mod kvm;
 pub mod llm;
+pub mod openapi;
 pub mod pipeline;
 pub mod policies;
 pub mod ratelimit;
+pub mod refresh;
 pub mod server;
 pub mod services;
 pub mod store;

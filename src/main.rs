@@ -9,15 +9,14 @@ use std::time::Duration;
 use clap::parser::ValueSource;
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 use tollgate::admin::ApiAuth;
-use tollgate::config::reload::{ConfigManager, ConfigSource};
+use tollgate::app;
+use tollgate::config::reload::ConfigSource;
 use tollgate::config::{self, SourceFile};
-use tollgate::consumer::service::Consumers;
-use tollgate::ratelimit::memory::{spawn_maintenance, MemoryCounters};
-use tollgate::ratelimit::redis::{RedisCounters, SyncMode};
-use tollgate::ratelimit::{Clock, Counters, SystemClock};
-use tollgate::server::{self, NoMatch, ServeOptions};
+use tollgate::ratelimit::shared::SyncMode;
+use tollgate::server::tls::TlsFiles;
+use tollgate::server::NoMatch;
 use tollgate::services::Services;
-use tollgate::store::{self, StoreSpec};
+use tollgate::store::StoreSpec;
 use tollgate::telemetry::{init_logging, LogFormat};
 
 #[cfg(all(unix, not(target_env = "musl")))]
@@ -155,6 +154,7 @@ impl LoadArgs {
     fn options(&self) -> config::LoadOptions {
         config::LoadOptions {
             max_message_bytes: self.max_message_bytes,
+            ..Default::default()
         }
     }
 
@@ -523,6 +523,7 @@ fn validate(dir: &std::path::Path, load: &LoadArgs) -> ExitCode {
     }
 }
 
+/// `tollgate serve`: the flags as [`app::Options`], then [`app::run`].
 async fn run(args: Box<ServeArgs>) -> anyhow::Result<()> {
     let source = match &args.config {
         Some(dir) => ConfigSource::Dir(dir.clone()),
@@ -540,59 +541,12 @@ async fn run(args: Box<ServeArgs>) -> anyhow::Result<()> {
         }
     };
     let api_auth = api_auth(&args)?;
-    let spec = match args.store {
-        StoreKind::Memory => StoreSpec::Memory,
-        StoreKind::Embedded => StoreSpec::Embedded(args.data_dir.clone()),
-        StoreKind::Redis => StoreSpec::Redis(
-            args.redis_url
-                .clone()
-                .ok_or_else(|| anyhow::anyhow!("--store redis needs --redis-url"))?,
-        ),
-    };
-    let (store, database) = match &spec {
-        // The embedded file also keeps counter checkpoints: keep a handle to it.
-        StoreSpec::Embedded(dir) => {
-            let dir = dir.clone();
-            let embedded =
-                tokio::task::spawn_blocking(move || store::embedded::EmbeddedStore::open(&dir))
-                    .await
-                    .map_err(|e| anyhow::anyhow!("cannot open the embedded store: {e}"))?
-                    .map_err(|e| anyhow::anyhow!("cannot open the embedded store: {e}"))?;
-            let db = embedded.database();
-            (
-                std::sync::Arc::new(embedded) as std::sync::Arc<dyn store::Store>,
-                Some(db),
-            )
-        }
-        _ => (
-            store::open(&spec)
-                .await
-                .map_err(|e| anyhow::anyhow!("cannot open the {:?} store: {e}", args.store))?,
-            None,
-        ),
-    };
-    tracing::info!(store = store.kind(), "store open");
-    let consumers = Consumers::new(store);
-    let (counters, checkpoint_db) = counters(&args, database).await?;
-    tracing::info!(counters = counters.kind(), "counters ready");
-    let services = Services {
-        counters: counters.clone(),
-        egress: std::sync::Arc::new(args.load.egress()?),
-        ..Services::with_consumers(consumers.clone())
-    };
-    // Configuration first (its index build sees no store objects yet and is cheap), then
-    // the store: the full index is built once.
-    let config = ConfigManager::load_with_options(source, services, args.load.options())
-        .map_err(|e| anyhow::anyhow!("invalid configuration:\n{e}"))?;
-    // Follow the change feed before reading, so no write between the two is missed.
-    consumers.spawn_follower();
-    consumers
-        .resync()
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot read the store: {e}"))?;
-    server::serve(
-        config,
-        ServeOptions {
+    let options = app::Options {
+        source,
+        load: args.load.options(),
+        egress: args.load.egress()?,
+        storage: storage_options(&args)?,
+        serve: app::ServeOptions {
             grpc_addr: args.grpc_addr,
             admin_addr: args.admin_addr,
             on_no_match: args.on_no_match,
@@ -607,7 +561,7 @@ async fn run(args: Box<ServeArgs>) -> anyhow::Result<()> {
                 .tls_cert
                 .clone()
                 .zip(args.tls_key.clone())
-                .map(|(cert, key)| server::tls::TlsFiles {
+                .map(|(cert, key)| TlsFiles {
                     cert,
                     key,
                     client_ca: args.tls_client_ca.clone(),
@@ -621,72 +575,47 @@ async fn run(args: Box<ServeArgs>) -> anyhow::Result<()> {
                 ..Default::default()
             },
         },
-    )
-    .await?;
-    // A last checkpoint after the drain, so a clean restart loses no count.
-    if let Some(db) = checkpoint_db {
-        let local = counters.local.clone();
-        let now = counters.now();
-        match tokio::task::spawn_blocking(move || local.checkpoint(&db, now)).await {
-            Ok(Ok(n)) => tracing::info!(rows = n, "counters checkpointed at shutdown"),
-            Ok(Err(e)) => tracing::warn!(error = %e, "final counter checkpoint failed"),
-            Err(e) => tracing::warn!(error = %e, "final counter checkpoint failed"),
-        }
-    }
-    Ok(())
+    };
+    app::run(options).await
 }
 
-/// Builds the counter service the flags ask for, restores checkpointed counters, and starts
-/// the sweeper (and checkpoints). Returns the database checkpoints go to, if any.
-async fn counters(
-    args: &ServeArgs,
-    database: Option<std::sync::Arc<redb::Database>>,
-) -> anyhow::Result<(Counters, Option<std::sync::Arc<redb::Database>>)> {
-    let clock: std::sync::Arc<dyn Clock> = std::sync::Arc::new(SystemClock);
-    let local = std::sync::Arc::new(MemoryCounters::new(args.counter_max_keys));
+/// Which backends `--store`, `--counters` and `--counter-sync` name.
+fn storage_options(args: &ServeArgs) -> anyhow::Result<app::StorageOptions> {
+    let redis = |flag: &str| {
+        args.redis_url
+            .clone()
+            .map(StoreSpec::Redis)
+            .ok_or_else(|| anyhow::anyhow!("{flag} redis needs --redis-url"))
+    };
+    let store = match args.store {
+        StoreKind::Memory => StoreSpec::Memory,
+        StoreKind::Embedded => StoreSpec::Embedded(args.data_dir.clone()),
+        StoreKind::Redis => redis("--store")?,
+    };
     let use_redis = match args.counters {
         CounterKind::Auto => args.store == StoreKind::Redis,
         CounterKind::Memory => false,
         CounterKind::Redis => true,
     };
-    if use_redis {
-        let url = args
-            .redis_url
-            .as_deref()
-            .ok_or_else(|| anyhow::anyhow!("--counters redis needs --redis-url"))?;
-        let mode = match args.counter_sync {
-            CounterSync::Sync => SyncMode::Sync,
-            CounterSync::Async => SyncMode::Async {
-                interval: args.counter_sync_interval.max(Duration::from_millis(1)),
+    let counters = if use_redis {
+        app::CounterPlacement::Shared {
+            spec: redis("--counters")?,
+            mode: match args.counter_sync {
+                CounterSync::Sync => SyncMode::Sync,
+                CounterSync::Async => SyncMode::Async {
+                    interval: args.counter_sync_interval.max(Duration::from_millis(1)),
+                },
             },
-        };
-        let redis = RedisCounters::connect(url, mode, args.counter_max_keys)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot reach Redis for counters: {e}"))?;
-        spawn_maintenance(local.clone(), clock.clone(), None);
-        return Ok((Counters::redis(clock, local, redis), None));
-    }
-    let checkpoint = database;
-    if let Some(db) = &checkpoint {
-        let (db, l, now) = (db.clone(), local.clone(), clock.now_ms());
-        let n = tokio::task::spawn_blocking(move || l.restore(&db, now))
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot read counter checkpoints: {e}"))?
-            .map_err(|e| anyhow::anyhow!("cannot read counter checkpoints: {e}"))?;
-        tracing::info!(counters = n, "counters restored from the embedded store");
-    }
-    spawn_maintenance(
-        local.clone(),
-        clock.clone(),
-        checkpoint.clone().map(|db| {
-            (
-                db,
-                args.counter_checkpoint_interval
-                    .max(Duration::from_millis(100)),
-            )
-        }),
-    );
-    Ok((Counters::with_local(clock, local), checkpoint))
+        }
+    } else {
+        app::CounterPlacement::Memory
+    };
+    Ok(app::StorageOptions {
+        store,
+        counters,
+        checkpoint_interval: args.counter_checkpoint_interval,
+        counter_max_keys: args.counter_max_keys,
+    })
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use crate::google::GoogleTokens;
 use crate::http_client::HttpClient;
 use crate::jwks::Jwks;
 use crate::ratelimit::Counters;
-use crate::store::memory::MemoryStore;
+use crate::store::Store;
 
 #[derive(Debug, Clone)]
 pub struct Services {
@@ -19,7 +19,7 @@ pub struct Services {
     /// Quota and spike arrest counters (memory or Redis).
     pub counters: Counters,
     /// Response caches by policy, kept across reloads.
-    pub caches: Arc<crate::policies::response_cache::Caches>,
+    pub caches: Arc<crate::cache::Caches>,
     /// File-defined key-value maps of the running configuration (entries written through
     /// the API live in the consumers' store).
     pub kvms: Arc<crate::kvm::Kvms>,
@@ -52,6 +52,6 @@ impl Services {
 impl Default for Services {
     /// In-memory services: for `validate`, tests and benchmarks.
     fn default() -> Self {
-        Self::with_consumers(Consumers::new(Arc::new(MemoryStore::new())))
+        Self::with_consumers(Consumers::new(Store::memory()))
     }
 }

@@ -100,18 +100,9 @@ fn refused(extra: &[&str], env: &[(&str, &str)]) -> String {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("tollgate started with {extra:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = support::exit_within(&mut child, Duration::from_secs(10), || {
+        format!("tollgate started with {extra:?}")
+    });
     assert!(!status.success());
     let mut err = String::new();
     use std::io::Read;

@@ -4,10 +4,11 @@
 // Faults are returned by value, as the library does (see its lib.rs).
 #![allow(clippy::result_large_err)]
 
+use parking_lot::Mutex;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -15,12 +16,15 @@ use http_body_util::{BodyExt, Full};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::json;
-use tollgate::fault::Fault;
-use tollgate::pipeline::{Direction, Outcome, Policy};
+use tollgate::pipeline::Policy;
 use tollgate::policies::service_callout::Egress;
 use tollgate::policies::{builder, BuildContext, SpecError};
 use tollgate::services::Services;
 use tollgate::vars::{Exchange, Headers, RequestInfo};
+
+mod support;
+
+use support::policy::{self, run};
 
 /// (method, path, query, headers, body) of a request.
 type Request1 = (String, String, String, Vec<(String, String)>, String);
@@ -52,7 +56,7 @@ async fn handle(
         .await
         .map(|b| b.to_bytes())
         .unwrap_or_default();
-    *seen.last.lock().unwrap() = Some((
+    *seen.last.lock() = Some((
         method,
         path.clone(),
         query.clone(),
@@ -117,14 +121,12 @@ async fn serve() -> (SocketAddr, Arc<Seen>) {
 }
 
 fn build(services: &Services, yaml: &str) -> Result<Arc<dyn Policy>, SpecError> {
-    builder("ServiceCallout").unwrap()(
-        &BuildContext {
-            name: "authz".into(),
-            config_dir: None,
-            services: services.clone(),
-        },
-        serde_norway::from_str(yaml).unwrap(),
-    )
+    let ctx = BuildContext {
+        name: "authz".into(),
+        config_dir: None,
+        services: services.clone(),
+    };
+    policy::build("ServiceCallout", &ctx, yaml)
 }
 
 fn exchange() -> Exchange {
@@ -139,13 +141,6 @@ fn exchange() -> Exchange {
     };
     ex.set_var("client_id", "app-1");
     ex
-}
-
-async fn run(p: &Arc<dyn Policy>, ex: &mut Exchange) -> Result<(), Fault> {
-    match p.run(ex, Direction::Request) {
-        Outcome::Ready(r) => r,
-        Outcome::Pending(f) => f.await,
-    }
 }
 
 #[tokio::test]
@@ -187,7 +182,7 @@ response:
         assert_eq!(v("json.missing"), None);
         assert_eq!(v("header.x-upstream").as_deref(), Some("callee"));
         assert!(v("body").unwrap().contains("gold"));
-        let (method, path, query, headers, body) = seen.last.lock().unwrap().clone().unwrap();
+        let (method, path, query, headers, body) = seen.last.lock().clone().unwrap();
         assert_eq!(
             (method.as_str(), path.as_str(), query.as_str()),
             ("POST", "/check", "client=app-1&who=a%26admin%3D1%2F..")

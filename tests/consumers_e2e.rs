@@ -3,19 +3,16 @@
 //! replicas on one real `redis-server`, a key created (and then revoked) through one
 //! replica takes effect on the other within 2 s.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
-use envoy_types::pb::envoy::service::ext_proc::v3::{
-    external_processor_client::ExternalProcessorClient, processing_request::Request,
-    processing_response::Response, HttpHeaders, ProcessingRequest,
-};
+use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response;
 
 mod support;
 
-use support::free_port;
+use support::redis::RedisServer;
+use support::{ext_proc, free_port};
 
 /// (status, body) of a request to the (insecure) management API.
 fn http(port: u16, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
@@ -108,35 +105,17 @@ fn create_app_and_key(p: &Proc, name: &str) -> (String, String) {
 
 /// Asks tollgate (over ext_proc) about a request carrying `key`: true when it lets it on.
 async fn admitted(p: &Proc, key: &str) -> bool {
-    let mut client = ExternalProcessorClient::connect(format!("http://127.0.0.1:{}", p.grpc))
-        .await
-        .unwrap();
-    let h = |k: &str, v: &str| HeaderValue {
-        key: k.into(),
-        value: String::new(),
-        raw_value: v.as_bytes().to_vec(),
-    };
-    let msg = ProcessingRequest {
-        request: Some(Request::RequestHeaders(HttpHeaders {
-            headers: Some(HeaderMap {
-                headers: vec![
-                    h(":method", "POST"),
-                    h(":path", "/v1/chat/completions"),
-                    h(":authority", "a"),
-                    h("x-api-key", key),
-                ],
-            }),
-            end_of_stream: true,
-            ..Default::default()
-        })),
-        ..Default::default()
-    };
-    let mut answers = client
-        .process(tokio_stream::iter(vec![msg]))
-        .await
-        .unwrap()
-        .into_inner();
-    match answers.message().await.unwrap().unwrap().response {
+    let client = ext_proc::connect(format!("127.0.0.1:{}", p.grpc)).await;
+    let msg = ext_proc::request_headers(
+        &[
+            (":method", "POST"),
+            (":path", "/v1/chat/completions"),
+            (":authority", "a"),
+            ("x-api-key", key),
+        ],
+        true,
+    );
+    match ext_proc::ask_once(&client, msg).await.response {
         Some(Response::RequestHeaders(_)) => true,
         Some(Response::ImmediateResponse(i)) => {
             assert_eq!(i.status.unwrap().code, 401);
@@ -195,62 +174,9 @@ async fn acknowledged_key_survives_kill_9_on_the_embedded_store() {
     assert!(!admitted(&p, "tg_not_a_real_key_000000000").await);
 }
 
-struct Redis {
-    child: Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn redis_server() -> Redis {
-    let bin = which("redis-server").expect("redis-server not found: run scripts/setup.sh");
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let child = Command::new(bin)
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .current_dir(dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "redis-server did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Redis {
-        child,
-        port,
-        _dir: dir,
-    }
-}
-
-fn which(bin: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|d| Path::new(d).join(bin))
-        .find(|p| p.is_file())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_on_redis_see_each_others_keys_within_two_seconds() {
-    let redis = redis_server();
+    let redis = RedisServer::start();
     let url = format!("redis://127.0.0.1:{}/0", redis.port);
     let cfg = config_dir();
     let a = start(cfg.path(), &["--store", "redis", "--redis-url", &url]);
@@ -282,7 +208,7 @@ async fn two_replicas_on_redis_see_each_others_keys_within_two_seconds() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_the_api_answers_503_and_the_data_plane_keeps_serving() {
-    let mut redis = redis_server();
+    let mut redis = RedisServer::start();
     let url = format!("redis://127.0.0.1:{}/0", redis.port);
     let cfg = config_dir();
     let a = start(cfg.path(), &["--store", "redis", "--redis-url", &url]);
@@ -294,8 +220,7 @@ async fn redis_down_the_api_answers_503_and_the_data_plane_keeps_serving() {
     )
     .await;
 
-    redis.child.kill().unwrap();
-    redis.child.wait().unwrap();
+    redis.kill();
     let started = Instant::now();
     let (code, body) = http(a.admin, "GET", "/v1/apps/resilient-app", None);
     assert_eq!(code, 503, "{body}");

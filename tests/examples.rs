@@ -3,16 +3,19 @@
 
 use std::path::{Path, PathBuf};
 
-use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
 use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
 use envoy_types::pb::envoy::service::ext_proc::v3::{
     processing_request::Request, processing_response::Response, BodyResponse, HeadersResponse,
-    HttpBody, HttpHeaders, ProcessingRequest, ProcessingResponse, ProtocolConfiguration,
+    ProcessingRequest, ProcessingResponse, ProtocolConfiguration,
 };
 use tollgate::config::read_dir;
 use tollgate::config::reload::{ConfigManager, ConfigSource};
 use tollgate::server::stream::StreamState;
 use tollgate::server::{NoMatch, Shared};
+
+mod support;
+
+use support::ext_proc;
 
 fn policies_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("policies")
@@ -580,63 +583,27 @@ fn prepare(name: &str, text: &str, authz: std::net::SocketAddr) -> String {
 }
 
 fn body_msg(response: bool, body: &str) -> ProcessingRequest {
-    let b = HttpBody {
-        body: body.as_bytes().to_vec(),
-        end_of_stream: true,
-        ..Default::default()
-    };
-    ProcessingRequest {
-        request: Some(if response {
-            Request::ResponseBody(b)
-        } else {
-            Request::RequestBody(b)
-        }),
-        ..Default::default()
-    }
+    ext_proc::body(response, body.as_bytes(), true)
 }
 
 fn response_headers_msg(status: u16, content_type: &str) -> ProcessingRequest {
-    let hv = |k: &str, v: &str| HeaderValue {
-        key: k.into(),
-        value: String::new(),
-        raw_value: v.as_bytes().to_vec(),
-    };
-    ProcessingRequest {
-        request: Some(Request::ResponseHeaders(HttpHeaders {
-            headers: Some(HeaderMap {
-                headers: vec![
-                    hv(":status", &status.to_string()),
-                    hv("content-type", content_type),
-                ],
-            }),
-            end_of_stream: false,
-            ..Default::default()
-        })),
-        ..Default::default()
-    }
+    let status = status.to_string();
+    ext_proc::response_headers(
+        &[(":status", &status), ("content-type", content_type)],
+        false,
+    )
 }
 
 fn headers_msg(method: &str, path: &str, extra: &[(&str, &str)]) -> ProcessingRequest {
-    let hv = |k: &str, v: &str| HeaderValue {
-        key: k.into(),
-        value: String::new(),
-        raw_value: v.as_bytes().to_vec(),
-    };
+    let extra: Vec<(&str, String)> = extra.iter().map(|(k, v)| (*k, expand(v))).collect();
     let mut headers = vec![
-        hv(":method", method),
-        hv(":path", path),
-        hv(":authority", "localhost:10000"),
-        hv(":scheme", "http"),
+        (":method", method),
+        (":path", path),
+        (":authority", "localhost:10000"),
+        (":scheme", "http"),
     ];
-    headers.extend(extra.iter().map(|(k, v)| hv(k, &expand(v))));
-    ProcessingRequest {
-        request: Some(Request::RequestHeaders(HttpHeaders {
-            headers: Some(HeaderMap { headers }),
-            end_of_stream: true,
-            ..Default::default()
-        })),
-        ..Default::default()
-    }
+    headers.extend(extra.iter().map(|(k, v)| (*k, v.as_str())));
+    ext_proc::request_headers(&headers, true)
 }
 
 fn is_immediate(r: &ProcessingResponse) -> bool {

@@ -5,10 +5,11 @@
 // Faults are returned by value, as the library does (see its lib.rs).
 #![allow(clippy::result_large_err)]
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::State;
@@ -22,9 +23,11 @@ use rsa::pkcs8::{EncodePrivateKey, EncodePublicKey};
 use serde_json::{json, Value};
 use tollgate::fault::Fault;
 use tollgate::pipeline::{Direction, Outcome, Policy};
-use tollgate::policies::{builder, BuildContext};
+use tollgate::policies::BuildContext;
 use tollgate::services::Services;
 use tollgate::vars::Exchange;
+
+mod support;
 
 fn now() -> u64 {
     jsonwebtoken::get_current_timestamp()
@@ -65,10 +68,10 @@ async fn md_token(State(g): State<Arc<Google>>, h: HeaderMap, uri: Uri) -> Respo
             .into_response();
     }
     let n = g.token_calls.fetch_add(1, Ordering::SeqCst);
-    let delay = *g.delay_ms.lock().unwrap();
+    let delay = *g.delay_ms.lock();
     tokio::time::sleep(Duration::from_millis(delay)).await;
-    *g.last_scopes.lock().unwrap() = q.get("scopes").cloned().unwrap_or_default();
-    let life = *g.life.lock().unwrap();
+    *g.last_scopes.lock() = q.get("scopes").cloned().unwrap_or_default();
+    let life = *g.life.lock();
     (
         [
             ("metadata-flavor", "Google"),
@@ -122,9 +125,9 @@ async fn oauth_token(State(g): State<Arc<Google>>, body: String) -> Response {
         )
             .into_response();
     };
-    let pem = g.sa_public.lock().unwrap().clone().unwrap();
+    let pem = g.sa_public.lock().clone().unwrap();
     let mut v = Validation::new(Algorithm::RS256);
-    v.set_audience(&[TOKEN_AUD.lock().unwrap().clone()]);
+    v.set_audience(&[TOKEN_AUD.lock().clone()]);
     v.set_required_spec_claims(&["exp", "iss", "aud"]);
     let claims = match decode::<Value>(
         assertion,
@@ -140,7 +143,7 @@ async fn oauth_token(State(g): State<Arc<Google>>, body: String) -> Response {
                 .into_response()
         }
     };
-    g.assertions.lock().unwrap().push(claims.clone());
+    g.assertions.lock().push(claims.clone());
     let answer = if let Some(aud) = claims.get("target_audience").and_then(Value::as_str) {
         json!({"id_token": id_token(aud, 3600)})
     } else {
@@ -188,24 +191,17 @@ async fn serve() -> (SocketAddr, Arc<Google>) {
 }
 
 fn assign(services: &Services, dir: Option<&std::path::Path>, yaml: &str) -> Arc<dyn Policy> {
-    builder("AssignMessage").unwrap()(
-        &BuildContext {
-            name: "google".into(),
-            config_dir: dir.map(|d| d.to_path_buf()),
-            services: services.clone(),
-        },
-        serde_norway::from_str(yaml).unwrap(),
-    )
-    .unwrap_or_else(|e| panic!("{e}"))
+    let ctx = BuildContext {
+        name: "google".into(),
+        config_dir: dir.map(|d| d.to_path_buf()),
+        services: services.clone(),
+    };
+    support::policy::build("AssignMessage", &ctx, yaml).unwrap_or_else(|e| panic!("{e}"))
 }
 
 async fn run(p: &Arc<dyn Policy>) -> Result<Exchange, Fault> {
     let mut ex = Exchange::default();
-    let r = match p.run(&mut ex, Direction::Request) {
-        Outcome::Ready(r) => r,
-        Outcome::Pending(f) => f.await,
-    };
-    r.map(|()| ex)
+    support::policy::run(p, &mut ex).await.map(|()| ex)
 }
 
 fn header(ex: &mut Exchange, name: &str) -> Option<String> {
@@ -219,7 +215,7 @@ fn header(ex: &mut Exchange, name: &str) -> Option<String> {
 #[tokio::test]
 async fn metadata_access_token_is_minted_once_for_concurrent_requests() {
     let (addr, g) = serve().await;
-    *g.delay_ms.lock().unwrap() = 200;
+    *g.delay_ms.lock() = 200;
     let services = Services::default();
     let p = assign(
         &services,
@@ -241,7 +237,7 @@ async fn metadata_access_token_is_minted_once_for_concurrent_requests() {
     assert_eq!(g.token_calls.load(Ordering::SeqCst), 1, "one fetch for all");
     assert_eq!(g.refused.load(Ordering::SeqCst), 0);
     assert_eq!(
-        *g.last_scopes.lock().unwrap(),
+        *g.last_scopes.lock(),
         "https://www.googleapis.com/auth/cloud-platform,email"
     );
     // Cached: answered without waiting.
@@ -257,7 +253,7 @@ async fn tokens_are_refreshed_before_expiry() {
     let (addr, g) = serve().await;
     // A token living 20 s is inside the 30 s safety margin at once: the next request does
     // not use it but fetches a new one.
-    *g.life.lock().unwrap() = 20;
+    *g.life.lock() = 20;
     let services = Services::default();
     let p = assign(
         &services,
@@ -269,7 +265,7 @@ async fn tokens_are_refreshed_before_expiry() {
         header(&mut ex, "x-goog-token").as_deref(),
         Some("Bearer ya29.md-0")
     );
-    *g.life.lock().unwrap() = 3600;
+    *g.life.lock() = 3600;
     let mut ex = run(&p).await.unwrap();
     assert_eq!(
         header(&mut ex, "x-goog-token").as_deref(),
@@ -288,7 +284,7 @@ async fn tokens_are_refreshed_before_expiry() {
 #[tokio::test]
 async fn tokens_are_refreshed_in_the_background_past_half_their_life() {
     let (addr, g) = serve().await;
-    *g.life.lock().unwrap() = 3600;
+    *g.life.lock() = 3600;
     let services = Services::default();
     let p = assign(
         &services,
@@ -377,9 +373,9 @@ async fn service_account_key_file_signs_a_jwt_bearer_assertion() {
         .to_public_key()
         .to_public_key_pem(rsa::pkcs8::LineEnding::LF)
         .unwrap();
-    *g.sa_public.lock().unwrap() = Some(public);
+    *g.sa_public.lock() = Some(public);
     let token_uri = format!("http://{addr}/token");
-    *TOKEN_AUD.lock().unwrap() = token_uri.clone();
+    *TOKEN_AUD.lock() = token_uri.clone();
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("keys")).unwrap();
     std::fs::write(
@@ -409,7 +405,7 @@ async fn service_account_key_file_signs_a_jwt_bearer_assertion() {
     assert!(header(&mut ex, "authorization")
         .unwrap()
         .starts_with("Bearer ey"));
-    let a = g.assertions.lock().unwrap().clone();
+    let a = g.assertions.lock().clone();
     assert_eq!(a.len(), 2, "both assertions verified with the public key");
     assert_eq!(a[0]["iss"], "gw@proj.iam.gserviceaccount.com");
     assert_eq!(
@@ -443,7 +439,7 @@ async fn service_account_key_file_signs_a_jwt_bearer_assertion() {
     // the new public half). The rebuilt policy signs with the new key at once, rather
     // than serving the old key's cached token until a restart.
     let rotated = rsa::RsaPrivateKey::new(&mut rand::thread_rng(), 2048).unwrap();
-    *g.sa_public.lock().unwrap() = Some(
+    *g.sa_public.lock() = Some(
         rotated
             .to_public_key()
             .to_public_key_pem(rsa::pkcs8::LineEnding::LF)
@@ -474,7 +470,7 @@ async fn service_account_key_file_signs_a_jwt_bearer_assertion() {
         calls + 1,
         "a new token, minted with the rotated key"
     );
-    assert_eq!(g.assertions.lock().unwrap().len(), 3);
+    assert_eq!(g.assertions.lock().len(), 3);
 }
 
 #[tokio::test]

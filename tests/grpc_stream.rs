@@ -4,13 +4,12 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue, Metadata};
+use envoy_types::pb::envoy::config::core::v3::Metadata;
 use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
 use envoy_types::pb::envoy::service::ext_proc::v3::{
     body_mutation::Mutation, external_processor_client::ExternalProcessorClient,
-    processing_request::Request, processing_response::Response, CommonResponse, HttpBody,
-    HttpHeaders, HttpTrailers, ImmediateResponse, ProcessingRequest, ProcessingResponse,
-    ProtocolConfiguration,
+    processing_request::Request, processing_response::Response, CommonResponse, HttpTrailers,
+    ImmediateResponse, ProcessingRequest, ProcessingResponse, ProtocolConfiguration,
 };
 use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value as PbValue};
 use tokio::sync::mpsc;
@@ -18,6 +17,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tollgate::config::reload::{ConfigManager, ConfigSource};
 use tollgate::server::{ModeOverride, NoMatch, Processor, Shared, StreamOptions};
 use tonic::{Code, Streaming};
+
+mod support;
+
+use support::ext_proc::{self, hv};
 
 const CONFIG: &str = r#"
 apiVersion: tollgate.dev/v1alpha1
@@ -195,30 +198,15 @@ impl Conv {
     }
 }
 
-fn hv(k: &str, v: &[u8]) -> HeaderValue {
-    HeaderValue {
-        key: k.into(),
-        value: String::new(),
-        raw_value: v.to_vec(),
-    }
-}
-
 fn req_headers(method: &str, path: &str, extra: &[(&str, &str)], eos: bool) -> ProcessingRequest {
     let mut headers = vec![
-        hv(":method", method.as_bytes()),
-        hv(":path", path.as_bytes()),
-        hv(":authority", b"api.test"),
-        hv(":scheme", b"http"),
+        (":method", method),
+        (":path", path),
+        (":authority", "api.test"),
+        (":scheme", "http"),
     ];
-    headers.extend(extra.iter().map(|(k, v)| hv(k, v.as_bytes())));
-    ProcessingRequest {
-        request: Some(Request::RequestHeaders(HttpHeaders {
-            headers: Some(HeaderMap { headers }),
-            end_of_stream: eos,
-            ..Default::default()
-        })),
-        ..Default::default()
-    }
+    headers.extend_from_slice(extra);
+    ext_proc::request_headers(&headers, eos)
 }
 
 fn with_modes(
@@ -235,38 +223,17 @@ fn with_modes(
 }
 
 fn resp_headers(status: &str, extra: &[(&str, &str)], eos: bool) -> ProcessingRequest {
-    let mut headers = vec![hv(":status", status.as_bytes())];
-    headers.extend(extra.iter().map(|(k, v)| hv(k, v.as_bytes())));
-    ProcessingRequest {
-        request: Some(Request::ResponseHeaders(HttpHeaders {
-            headers: Some(HeaderMap { headers }),
-            end_of_stream: eos,
-            ..Default::default()
-        })),
-        ..Default::default()
-    }
+    let mut headers = vec![(":status", status)];
+    headers.extend_from_slice(extra);
+    ext_proc::response_headers(&headers, eos)
 }
 
 fn req_body(b: &[u8], eos: bool) -> ProcessingRequest {
-    ProcessingRequest {
-        request: Some(Request::RequestBody(HttpBody {
-            body: b.to_vec(),
-            end_of_stream: eos,
-            ..Default::default()
-        })),
-        ..Default::default()
-    }
+    ext_proc::body(false, b, eos)
 }
 
 fn resp_body(b: &[u8], eos: bool) -> ProcessingRequest {
-    ProcessingRequest {
-        request: Some(Request::ResponseBody(HttpBody {
-            body: b.to_vec(),
-            end_of_stream: eos,
-            ..Default::default()
-        })),
-        ..Default::default()
-    }
+    ext_proc::body(true, b, eos)
 }
 
 fn common(r: &ProcessingResponse) -> Option<&CommonResponse> {
@@ -1035,7 +1002,7 @@ async fn non_utf8_header_bytes_are_tolerated() {
             .as_mut()
             .unwrap()
             .headers
-            .push(hv("x-deny", &[0xff, 0xfe, b'y']));
+            .push(hv("x-deny", [0xff, 0xfe, b'y']));
     }
     let r = c.ask(m).await;
     // Not "yes", so not denied; the flow ran normally.

@@ -6,12 +6,8 @@ mod support;
 
 use std::time::Duration;
 
-use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
-use envoy_types::pb::envoy::service::ext_proc::v3::{
-    external_processor_client::ExternalProcessorClient, processing_request::Request,
-    processing_response::Response, HttpHeaders, ProcessingRequest,
-};
-use support::{eventually, raw_get, within, Tollgate};
+use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response;
+use support::{eventually, ext_proc, raw_get, within, Tollgate};
 use tokio::sync::mpsc;
 
 const CONFIG: &str = r#"
@@ -40,30 +36,12 @@ spec:
 
 /// One ext_proc exchange (request headers only); the kind of answer it got.
 async fn ask(grpc: std::net::SocketAddr, path: &str) -> &'static str {
-    let mut client = ExternalProcessorClient::connect(format!("http://{grpc}"))
-        .await
-        .unwrap();
-    let h = |k: &str, v: &str| HeaderValue {
-        key: k.into(),
-        value: String::new(),
-        raw_value: v.as_bytes().to_vec(),
-    };
-    let msg = ProcessingRequest {
-        request: Some(Request::RequestHeaders(HttpHeaders {
-            headers: Some(HeaderMap {
-                headers: vec![h(":method", "GET"), h(":path", path), h(":authority", "a")],
-            }),
-            end_of_stream: true,
-            ..Default::default()
-        })),
-        ..Default::default()
-    };
-    let mut answers = client
-        .process(tokio_stream::iter(vec![msg]))
-        .await
-        .unwrap()
-        .into_inner();
-    match answers.message().await.unwrap().unwrap().response {
+    let client = ext_proc::connect(grpc).await;
+    let msg = ext_proc::request_headers(
+        &[(":method", "GET"), (":path", path), (":authority", "a")],
+        true,
+    );
+    match ext_proc::ask_once(&client, msg).await.response {
         Some(Response::RequestHeaders(_)) => "continue",
         Some(Response::ImmediateResponse(i)) => {
             assert_eq!(i.status.unwrap().code, 500, "{:?}", i.body);

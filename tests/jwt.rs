@@ -4,9 +4,10 @@
 // Faults are returned by value, as the library does (see its lib.rs).
 #![allow(clippy::result_large_err)]
 
+use parking_lot::Mutex;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::State;
@@ -22,9 +23,13 @@ use rsa::traits::PublicKeyParts;
 use serde_json::{json, Value};
 use tollgate::fault::Fault;
 use tollgate::pipeline::{Direction, Outcome, Policy};
-use tollgate::policies::{builder, BuildContext};
+use tollgate::policies::BuildContext;
 use tollgate::services::Services;
 use tollgate::vars::{Exchange, Headers, RequestInfo};
+
+mod support;
+
+use support::policy::run;
 
 // ───────────────────────────── keys ─────────────────────────────
 
@@ -111,7 +116,7 @@ struct Jwks {
 
 async fn jwks(State(s): State<Arc<Jwks>>) -> impl IntoResponse {
     s.hits.fetch_add(1, Ordering::SeqCst);
-    let mode = *s.mode.lock().unwrap();
+    let mode = *s.mode.lock();
     match mode {
         Mode::Fail => {
             return (
@@ -125,10 +130,10 @@ async fn jwks(State(s): State<Arc<Jwks>>) -> impl IntoResponse {
     }
     let mut h = HeaderMap::new();
     h.insert("content-type", HeaderValue::from_static("application/json"));
-    if let Some(cc) = s.cache_control.lock().unwrap().clone() {
+    if let Some(cc) = s.cache_control.lock().clone() {
         h.insert("cache-control", HeaderValue::from_str(&cc).unwrap());
     }
-    let body = json!({"keys": *s.keys.lock().unwrap()}).to_string();
+    let body = json!({"keys": *s.keys.lock()}).to_string();
     (StatusCode::OK, h, body)
 }
 
@@ -153,16 +158,12 @@ async fn serve_jwks(keys: Vec<Value>) -> (SocketAddr, Arc<Jwks>) {
 // ───────────────────────────── helpers ─────────────────────────────
 
 fn policy(services: &Services, yaml: &str) -> Arc<dyn Policy> {
-    let build = builder("VerifyJwt").unwrap();
-    build(
-        &BuildContext {
-            name: "auth".into(),
-            config_dir: None,
-            services: services.clone(),
-        },
-        serde_norway::from_str(yaml).unwrap(),
-    )
-    .unwrap_or_else(|e| panic!("spec: {e}"))
+    let ctx = BuildContext {
+        name: "auth".into(),
+        config_dir: None,
+        services: services.clone(),
+    };
+    support::policy::build("VerifyJwt", &ctx, yaml).unwrap_or_else(|e| panic!("spec: {e}"))
 }
 
 fn exchange(token: &str) -> Exchange {
@@ -173,13 +174,6 @@ fn exchange(token: &str) -> Exchange {
     Exchange {
         request: RequestInfo::from_headers(h),
         ..Default::default()
-    }
-}
-
-async fn run(p: &Arc<dyn Policy>, ex: &mut Exchange) -> Result<(), Fault> {
-    match p.run(ex, Direction::Request) {
-        Outcome::Ready(r) => r,
-        Outcome::Pending(f) => f.await,
     }
 }
 
@@ -311,7 +305,7 @@ async fn rotation_refetches_once_and_unknown_kid_storms_do_not() {
 
     // The issuer rotates in a new key: the first token with the new kid refetches.
     let new = rsa_signer("k2", Algorithm::RS256);
-    server.keys.lock().unwrap().push(new.jwk.clone());
+    server.keys.lock().push(new.jwk.clone());
     // Many concurrent requests with the new kid share one fetch.
     let mut tasks = Vec::new();
     for _ in 0..20 {
@@ -349,7 +343,7 @@ async fn rotation_refetches_once_and_unknown_kid_storms_do_not() {
 async fn jwks_down_or_hanging_gives_503_without_stalling() {
     let rs = rsa_signer("k1", Algorithm::RS256);
     let (addr, server) = serve_jwks(vec![rs.jwk.clone()]).await;
-    *server.mode.lock().unwrap() = Mode::Fail;
+    *server.mode.lock() = Mode::Fail;
     let services = Services::default();
     let p = policy(&services, &spec(addr, "RS256", ""));
     let f = verify(&p, &rs.token(&claims())).await.unwrap_err();
@@ -361,7 +355,7 @@ async fn jwks_down_or_hanging_gives_503_without_stalling() {
     // A hanging endpoint: the fetch gives up at the policy's timeout (500 ms); concurrent
     // requests wait for that one fetch, not one each.
     let (addr2, hanging) = serve_jwks(vec![rs.jwk.clone()]).await;
-    *hanging.mode.lock().unwrap() = Mode::Hang;
+    *hanging.mode.lock() = Mode::Hang;
     let p2 = policy(&services, &spec(addr2, "RS256", ""));
     let start = Instant::now();
     let mut tasks = Vec::new();
@@ -419,7 +413,7 @@ async fn wait_hits(server: &Jwks, n: usize) {
 async fn cached_sets_expire_with_max_age_and_refresh_in_the_background() {
     let rs = rsa_signer("k1", Algorithm::RS256);
     let (addr, server) = serve_jwks(vec![rs.jwk.clone()]).await;
-    *server.cache_control.lock().unwrap() = Some("max-age=120".into());
+    *server.cache_control.lock() = Some("max-age=120".into());
     let services = Services::default();
     let p = policy(&services, &spec(addr, "RS256", ""));
     let token = rs.token(&claims());
@@ -441,7 +435,7 @@ async fn cached_sets_expire_with_max_age_and_refresh_in_the_background() {
     // max-age under a minute counts as a minute (a JWKS server cannot cause a fetch per
     // request); over a day as a day. (A new timeoutMs: a set of its own, fetched anew.)
     let (addr, server) = serve_jwks(vec![rs.jwk.clone()]).await;
-    *server.cache_control.lock().unwrap() = Some("max-age=5".into());
+    *server.cache_control.lock() = Some("max-age=5".into());
     let p = policy(&services, &spec(addr, "RS256", ""));
     verify(&p, &token).await.unwrap();
     skip(30).await;
@@ -452,7 +446,7 @@ async fn cached_sets_expire_with_max_age_and_refresh_in_the_background() {
     verify_at_once(&p, &token, 5);
     wait_hits(&server, 2).await;
 
-    *server.cache_control.lock().unwrap() = Some("max-age=172800".into());
+    *server.cache_control.lock() = Some("max-age=172800".into());
     let p = policy(&services, &spec(addr, "RS256", "").replace("500}", "501}"));
     verify(&p, &token).await.unwrap();
     assert_eq!(server.hits.load(Ordering::SeqCst), 3);
@@ -469,7 +463,7 @@ async fn edited_jwks_options_take_effect() {
     let rs = rsa_signer("k1", Algorithm::RS256);
     let (addr, server) = serve_jwks(vec![rs.jwk.clone()]).await;
     // No max-age: the policy's cacheSeconds decides.
-    *server.cache_control.lock().unwrap() = None;
+    *server.cache_control.lock() = None;
     let services = Services::default();
     let with = |cache: u64| {
         format!(

@@ -4,10 +4,9 @@
 
 use std::process::{Command, Stdio};
 
-use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
 use envoy_types::pb::envoy::service::ext_proc::v3::{
-    external_processor_client::ExternalProcessorClient, processing_request::Request,
-    processing_response::Response, HttpHeaders, ProcessingRequest,
+    external_processor_client::ExternalProcessorClient, processing_response::Response,
+    ProcessingRequest,
 };
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::Value;
@@ -15,7 +14,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 mod support;
 
-use support::{free_port, repo_root, tollgate_bin, ServeProcess};
+use support::{ext_proc, free_port, repo_root, tollgate_bin, ServeProcess};
 
 /// (exit success, stdout, stderr) of `tollgate jwt mint ARGS`.
 fn mint(args: &[&str]) -> (bool, String, String) {
@@ -153,27 +152,16 @@ fn comment_command(text: &str) -> String {
 }
 
 fn request(token: Option<&str>) -> ProcessingRequest {
-    let h = |k: &str, v: &str| HeaderValue {
-        key: k.into(),
-        value: String::new(),
-        raw_value: v.as_bytes().to_vec(),
-    };
+    let bearer = token.map(|t| format!("Bearer {t}"));
     let mut headers = vec![
-        h(":method", "GET"),
-        h(":path", "/jwt/hello"),
-        h(":authority", "localhost"),
+        (":method", "GET"),
+        (":path", "/jwt/hello"),
+        (":authority", "localhost"),
     ];
-    if let Some(t) = token {
-        headers.push(h("authorization", &format!("Bearer {t}")));
+    if let Some(b) = &bearer {
+        headers.push(("authorization", b));
     }
-    ProcessingRequest {
-        request: Some(Request::RequestHeaders(HttpHeaders {
-            headers: Some(HeaderMap { headers }),
-            end_of_stream: true,
-            ..Default::default()
-        })),
-        ..Default::default()
-    }
+    ext_proc::request_headers(&headers, true)
 }
 
 #[tokio::test]

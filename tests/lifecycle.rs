@@ -4,10 +4,9 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
 use envoy_types::pb::envoy::service::ext_proc::v3::{
-    external_processor_client::ExternalProcessorClient, processing_request::Request,
-    processing_response::Response, HttpHeaders, ProcessingRequest,
+    external_processor_client::ExternalProcessorClient, processing_response::Response,
+    ProcessingRequest,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -17,7 +16,7 @@ use tonic_health::pb::{
 
 mod support;
 
-use support::{free_port, http_blocking, serve_command, ServeProcess};
+use support::{ext_proc, free_port, http_blocking, serve_command, ServeProcess};
 
 const CONFIG: &str = r#"
 apiVersion: tollgate.dev/v1alpha1
@@ -67,21 +66,10 @@ fn metric(p: &ServeProcess, name: &str) -> Option<f64> {
 }
 
 fn headers_msg() -> ProcessingRequest {
-    let h = |k: &str, v: &str| HeaderValue {
-        key: k.into(),
-        value: String::new(),
-        raw_value: v.as_bytes().to_vec(),
-    };
-    ProcessingRequest {
-        request: Some(Request::RequestHeaders(HttpHeaders {
-            headers: Some(HeaderMap {
-                headers: vec![h(":method", "GET"), h(":path", "/x"), h(":authority", "a")],
-            }),
-            end_of_stream: true,
-            ..Default::default()
-        })),
-        ..Default::default()
-    }
+    ext_proc::request_headers(
+        &[(":method", "GET"), (":path", "/x"), (":authority", "a")],
+        true,
+    )
 }
 
 #[tokio::test]
@@ -154,23 +142,9 @@ async fn finish_exchange(
         envoy_types::pb::envoy::service::ext_proc::v3::ProcessingResponse,
     >,
 ) {
-    let h = |k: &str, v: &str| HeaderValue {
-        key: k.into(),
-        value: String::new(),
-        raw_value: v.as_bytes().to_vec(),
-    };
-    tx.send(ProcessingRequest {
-        request: Some(Request::ResponseHeaders(HttpHeaders {
-            headers: Some(HeaderMap {
-                headers: vec![h(":status", "200")],
-            }),
-            end_of_stream: true,
-            ..Default::default()
-        })),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    tx.send(ext_proc::response_headers(&[(":status", "200")], true))
+        .await
+        .unwrap();
     let r = answers.message().await.unwrap().unwrap();
     assert!(matches!(r.response, Some(Response::ResponseHeaders(_))));
     drop(tx);
@@ -483,18 +457,9 @@ fn run_cli(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
         cmd.env(k, v);
     }
     let mut child = cmd.spawn().expect("run tollgate");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("tollgate {args:?} did not finish within 10 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = support::exit_within(&mut child, Duration::from_secs(10), || {
+        format!("tollgate {args:?} did not finish within 10 s")
+    });
     let out = child.wait_with_output().expect("output");
     (
         status.code().unwrap_or(-1),

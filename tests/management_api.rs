@@ -22,8 +22,9 @@ use tollgate::consumer::{
     hash_key, ApiKey, ApiProduct, App, AppStatus, KeyStatus, Operation, Origin,
 };
 use tollgate::kvm::{KvmEntry, Kvms};
-use tollgate::store::memory::MemoryStore;
-use tollgate::store::{Change, Contents, Store, StoreError, Write};
+use tollgate::ratelimit::{Ask, Decision};
+use tollgate::store::backend::{Keep, Visit};
+use tollgate::store::{Backend, Change, Cond, Put, Store, StoreError, Table, Write};
 
 const TOKEN: &str = "mgmt-token-for-tests";
 const FILE_KEY: &str = "file-app-secret-key";
@@ -70,7 +71,7 @@ struct Env {
     consumers: Arc<Consumers>,
 }
 
-async fn env_with(store: Arc<dyn Store>, auth: ApiAuth) -> Env {
+async fn env_with(store: Store, auth: ApiAuth) -> Env {
     let consumers = Consumers::new(store);
     consumers.set_file_objects(vec![file_product()], vec![file_app()]);
     let _ = consumers.resync().await;
@@ -102,7 +103,7 @@ async fn env_with(store: Arc<dyn Store>, auth: ApiAuth) -> Env {
 }
 
 async fn env() -> Env {
-    env_with(Arc::new(MemoryStore::new()), ApiAuth::Bearer(TOKEN.into())).await
+    env_with(Store::memory(), ApiAuth::Bearer(TOKEN.into())).await
 }
 
 #[derive(Debug)]
@@ -754,7 +755,7 @@ async fn authentication() {
     assert_error(&r, StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed");
     assert_eq!(r.headers.get(header::ALLOW).unwrap(), "GET,HEAD,PUT,DELETE");
 
-    let open = env_with(Arc::new(MemoryStore::new()), ApiAuth::Insecure).await;
+    let open = env_with(Store::memory(), ApiAuth::Insecure).await;
     let r = send(
         &open.router,
         Method::GET,
@@ -1119,53 +1120,39 @@ impl BrokenStore {
 }
 
 #[async_trait]
-impl Store for BrokenStore {
+impl Backend for BrokenStore {
     fn kind(&self) -> &'static str {
         "broken"
     }
-    async fn snapshot(&self) -> Result<Contents, StoreError> {
+    async fn get(&self, _: Table<'_>, _: &str) -> Result<Option<Vec<u8>>, StoreError> {
         Err(self.fail())
     }
-    async fn get_product(&self, _: &str) -> Result<Option<ApiProduct>, StoreError> {
+    async fn scan(&self, _: &[Table<'_>], _: Visit) -> Result<(), StoreError> {
         Err(self.fail())
     }
-    async fn put_product(&self, _: &ApiProduct, _: Write) -> Result<(), StoreError> {
+    async fn put(&self, _: Table<'_>, _: &str, _: Vec<u8>, _: Cond) -> Result<Put, StoreError> {
         Err(self.fail())
     }
-    async fn delete_product(&self, _: &str) -> Result<(), StoreError> {
-        Err(self.fail())
-    }
-    async fn get_app(&self, _: &str) -> Result<Option<App>, StoreError> {
-        Err(self.fail())
-    }
-    async fn put_app(&self, _: &App, _: Write) -> Result<(), StoreError> {
-        Err(self.fail())
-    }
-    async fn delete_app(&self, _: &str) -> Result<(), StoreError> {
+    async fn delete(&self, _: Table<'_>, _: &str) -> Result<bool, StoreError> {
         Err(self.fail())
     }
     fn subscribe(&self) -> broadcast::Receiver<Change> {
         self.changes.subscribe()
     }
-    async fn get_kvm_entry(&self, _: &str, _: &str) -> Result<Option<KvmEntry>, StoreError> {
+    async fn announce(&self, _: Change) {}
+    async fn count(&self, _: &[Ask]) -> Result<Vec<Option<Decision>>, StoreError> {
         Err(self.fail())
     }
-    async fn put_kvm_entry(
-        &self,
-        _: &str,
-        _: &str,
-        _: &KvmEntry,
-        _: Option<Write>,
-    ) -> Result<(), StoreError> {
+    async fn load_counters(&self) -> Result<Vec<(u128, Vec<u8>)>, StoreError> {
         Err(self.fail())
     }
-    async fn delete_kvm_entry(&self, _: &str, _: &str) -> Result<(), StoreError> {
+    async fn save_counters(&self, _: Vec<(u128, Vec<u8>)>, _: Keep) -> Result<(), StoreError> {
         Err(self.fail())
     }
-    async fn list_kvm_entries(
-        &self,
-        _: &str,
-    ) -> Result<std::collections::BTreeMap<String, KvmEntry>, StoreError> {
+    async fn cache_get(&self, _: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Err(self.fail())
+    }
+    async fn cache_put(&self, _: &str, _: Vec<u8>, _: Duration) -> Result<(), StoreError> {
         Err(self.fail())
     }
 }
@@ -1173,7 +1160,7 @@ impl Store for BrokenStore {
 #[tokio::test]
 async fn a_failing_store_is_503_and_corrupt_data_500() {
     let env = env_with(
-        Arc::new(BrokenStore::new(false)),
+        Store::new(Arc::new(BrokenStore::new(false))),
         ApiAuth::Bearer(TOKEN.into()),
     )
     .await;
@@ -1212,7 +1199,7 @@ async fn a_failing_store_is_503_and_corrupt_data_500() {
     assert_eq!(r.status, StatusCode::OK);
 
     let env = env_with(
-        Arc::new(BrokenStore::new(true)),
+        Store::new(Arc::new(BrokenStore::new(true))),
         ApiAuth::Bearer(TOKEN.into()),
     )
     .await;
@@ -1391,7 +1378,7 @@ async fn kvm_entries_crud_secrets_file_entries_and_odd_keys() {
 
     // A failing store is 503; file entries stay readable.
     let env = env_with(
-        Arc::new(BrokenStore::new(false)),
+        Store::new(Arc::new(BrokenStore::new(false))),
         ApiAuth::Bearer(TOKEN.into()),
     )
     .await;

@@ -12,9 +12,13 @@ use tollgate::pipeline::{Direction, Outcome, Policy};
 use tollgate::policies::{builder, BuildContext};
 use tollgate::vars::{Exchange, Headers, RequestInfo};
 
+/// `$TOLLGATE_SHARED_DATA/<name>`, else `../shared/data/<name>` beside the checkout (a git
+/// worktree elsewhere points the variable at it).
 fn spec_path(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/data")
+    std::env::var_os("TOLLGATE_SHARED_DATA")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data"))
         .join(name)
 }
 
@@ -90,7 +94,8 @@ fn chat_bodies(file: &str) {
     let path = spec_path(file);
     if !path.is_file() {
         eprintln!(
-            "SKIPPED: {} is missing (the public OpenAI description; see ../shared/data/README.md)",
+            "SKIPPED: {} is missing (the public OpenAI description; see ../shared/data/README.md, \
+             or set TOLLGATE_SHARED_DATA to the directory holding it)",
             path.display()
         );
         return;

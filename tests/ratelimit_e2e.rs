@@ -4,174 +4,21 @@
 //! follows each policy's fail mode and counting resumes where it stood; an embedded-store
 //! replica keeps a day quota's count across `kill -9`.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
-use envoy_types::pb::envoy::service::ext_proc::v3::{
-    external_processor_client::ExternalProcessorClient, processing_request::Request,
-    processing_response::Response, HttpHeaders, ProcessingRequest,
-};
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
 use tonic::transport::Channel;
 
 mod support;
 
-use support::free_port;
+use support::redis::RedisServer;
+use support::{ext_proc, free_port, Proc};
 
 /// (status, body) of a GET.
 fn http_get(port: u16, path: &str) -> (u16, String) {
     support::http_blocking(port, "GET", path, None, None)
-}
-
-fn tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(60)..].join("\n")
-}
-
-/// A child process killed on drop; its log is printed when the test fails.
-struct Proc {
-    name: &'static str,
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn spawn(name: &'static str, mut cmd: Command, log: PathBuf) -> Self {
-        let out = std::fs::File::create(&log).unwrap();
-        let err = out.try_clone().unwrap();
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        Self {
-            name,
-            child: Some(child),
-            log,
-        }
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn exited(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_none_or(|c| matches!(c.try_wait(), Ok(Some(_))))
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-        if std::thread::panicking() {
-            eprintln!("──── {} log ────\n{}", self.name, tail(&self.log));
-        }
-    }
-}
-
-/// A `redis-server` with an append-only file fsynced on every write, so a `kill -9` and
-/// restart on the same port keeps the counts.
-struct Redis {
-    proc: Proc,
-    port: u16,
-    dir: tempfile::TempDir,
-}
-
-impl Redis {
-    fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let proc = Self::spawn(port, dir.path());
-        Self { proc, port, dir }
-    }
-
-    fn spawn(port: u16, dir: &Path) -> Proc {
-        let mut cmd = Command::new("redis-server");
-        cmd.args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-        ])
-        .args(["--appendonly", "yes", "--appendfsync", "always"])
-        .arg("--dir")
-        .arg(dir);
-        let mut p = Proc::spawn("redis-server", cmd, dir.join("redis.log"));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(!p.exited(), "redis-server exited at start");
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        p
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
-    }
-
-    /// A one-node Redis Cluster holding every slot (keys in different slots still may not
-    /// share a pipeline or a script call, as on a real cluster).
-    fn start_cluster() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let mut cmd = Command::new("redis-server");
-        cmd.args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-        ])
-        .args(["--appendonly", "no", "--cluster-enabled", "yes"])
-        .arg("--cluster-config-file")
-        .arg(dir.path().join("nodes.conf"))
-        .arg("--dir")
-        .arg(dir.path());
-        let mut proc = Proc::spawn("redis-server", cmd, dir.path().join("redis.log"));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(!proc.exited(), "redis-server exited at start");
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
-        let mut con = client.get_connection().unwrap();
-        redis::cmd("CLUSTER")
-            .arg("ADDSLOTSRANGE")
-            .arg(0)
-            .arg(16383)
-            .query::<()>(&mut con)
-            .unwrap();
-        loop {
-            let info: String = redis::cmd("CLUSTER").arg("INFO").query(&mut con).unwrap();
-            if info.contains("cluster_state:ok") {
-                break;
-            }
-            assert!(Instant::now() < deadline, "cluster never became ok");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Self { proc, port, dir }
-    }
-
-    fn kill(&mut self) {
-        self.proc.kill();
-    }
-
-    fn restart(&mut self) {
-        self.proc = Self::spawn(self.port, self.dir.path());
-    }
 }
 
 struct Tollgate {
@@ -199,9 +46,7 @@ impl Tollgate {
             assert!(Instant::now() < deadline, "tollgate was not ready");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let client = ExternalProcessorClient::connect(format!("http://127.0.0.1:{grpc}"))
-            .await
-            .unwrap();
+        let client = ext_proc::connect(format!("127.0.0.1:{grpc}")).await;
         Self {
             proc,
             admin,
@@ -212,33 +57,10 @@ impl Tollgate {
     /// Sends request headers for `path`: 200 when tollgate lets the request on, otherwise
     /// the status of its immediate answer.
     async fn status(&self, path: &str, headers: &[(&str, &str)]) -> u32 {
-        let h = |k: &str, v: &str| HeaderValue {
-            key: k.into(),
-            value: String::new(),
-            raw_value: v.as_bytes().to_vec(),
-        };
-        let mut all = vec![h(":method", "GET"), h(":path", path), h(":authority", "a")];
-        all.extend(headers.iter().map(|(k, v)| h(k, v)));
-        let msg = ProcessingRequest {
-            request: Some(Request::RequestHeaders(HttpHeaders {
-                headers: Some(HeaderMap { headers: all }),
-                end_of_stream: true,
-                ..Default::default()
-            })),
-            ..Default::default()
-        };
-        let mut answers = self
-            .client
-            .clone()
-            .process(tokio_stream::iter(vec![msg]))
-            .await
-            .unwrap()
-            .into_inner();
-        match answers.message().await.unwrap().unwrap().response {
-            Some(Response::RequestHeaders(_)) => 200,
-            Some(Response::ImmediateResponse(i)) => i.status.map_or(0, |s| s.code as u32),
-            other => panic!("unexpected answer {other:?}"),
-        }
+        let mut all = vec![(":method", "GET"), (":path", path), (":authority", "a")];
+        all.extend_from_slice(headers);
+        let msg = ext_proc::request_headers(&all, true);
+        ext_proc::status_of(ext_proc::ask_once(&self.client, msg).await)
     }
 
     fn metric(&self, series: &str) -> f64 {
@@ -356,43 +178,22 @@ async fn paced(
 
 impl Tollgate {
     async fn status_on(client: &ExternalProcessorClient<Channel>, path: &str, user: &str) -> u32 {
-        let h = |k: &str, v: &str| HeaderValue {
-            key: k.into(),
-            value: String::new(),
-            raw_value: v.as_bytes().to_vec(),
-        };
-        let msg = ProcessingRequest {
-            request: Some(Request::RequestHeaders(HttpHeaders {
-                headers: Some(HeaderMap {
-                    headers: vec![
-                        h(":method", "GET"),
-                        h(":path", path),
-                        h(":authority", "a"),
-                        h("x-user", user),
-                    ],
-                }),
-                end_of_stream: true,
-                ..Default::default()
-            })),
-            ..Default::default()
-        };
-        let mut answers = client
-            .clone()
-            .process(tokio_stream::iter(vec![msg]))
-            .await
-            .unwrap()
-            .into_inner();
-        match answers.message().await.unwrap().unwrap().response {
-            Some(Response::RequestHeaders(_)) => 200,
-            Some(Response::ImmediateResponse(i)) => i.status.map_or(0, |s| s.code as u32),
-            other => panic!("unexpected answer {other:?}"),
-        }
+        let msg = ext_proc::request_headers(
+            &[
+                (":method", "GET"),
+                (":path", path),
+                (":authority", "a"),
+                ("x-user", user),
+            ],
+            true,
+        );
+        ext_proc::status_of(ext_proc::ask_once(client, msg).await)
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn synchronous_redis_two_replicas_admit_exactly_the_limit() {
-    let redis = Redis::start();
+    let redis = RedisServer::start_persistent();
     let cfg = config(&quota_config(150));
     let logs = tempfile::tempdir().unwrap();
     let url = redis.url();
@@ -422,7 +223,7 @@ async fn synchronous_redis_two_replicas_admit_exactly_the_limit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn asynchronous_redis_overshoot_stays_within_its_bound_and_converges() {
-    let redis = Redis::start();
+    let redis = RedisServer::start_persistent();
     let cfg = config(&quota_config(100));
     let logs = tempfile::tempdir().unwrap();
     let url = redis.url();
@@ -510,7 +311,7 @@ spec:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_and_restarted_follows_the_fail_mode_and_counting_resumes() {
-    let mut redis = Redis::start();
+    let mut redis = RedisServer::start_persistent();
     let cfg = config(FAIL_MODES);
     let logs = tempfile::tempdir().unwrap();
     let url = redis.url();
@@ -564,7 +365,7 @@ async fn redis_killed_and_restarted_follows_the_fail_mode_and_counting_resumes()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn asynchronous_redis_down_keeps_failing_closed_until_it_is_back() {
-    let mut redis = Redis::start();
+    let mut redis = RedisServer::start_persistent();
     let cfg = config(FAIL_MODES);
     let logs = tempfile::tempdir().unwrap();
     let url = redis.url();
@@ -721,7 +522,7 @@ spec:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_cluster_counts_in_both_modes() {
-    let cluster = Redis::start_cluster();
+    let cluster = RedisServer::start_cluster();
     let url = format!("redis+cluster://127.0.0.1:{}", cluster.port);
     let cfg = config(&quota_config(20));
     let logs = tempfile::tempdir().unwrap();
@@ -799,16 +600,22 @@ async fn redis_cluster_counts_in_both_modes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn asynchronous_mirrors_are_capped_and_overflow_still_limits() {
     use tollgate::ratelimit::memory::MemoryCounters;
-    use tollgate::ratelimit::redis::{RedisCounters, SyncMode};
+    use tollgate::ratelimit::shared::{SharedCounters, SyncMode};
     use tollgate::ratelimit::{Ask, Key, Mode, Pending, Window, RL_METRICS};
+    use tollgate::store::{OpenOptions, StoreSpec};
 
-    let redis = Redis::start();
+    let redis = RedisServer::start_persistent();
     let url = redis.url();
     // The interval is long, so only the explicit syncs below run (after the first tick).
     let interval = Duration::from_secs(60);
-    let counters = RedisCounters::connect(&url, SyncMode::Async { interval }, 4)
+    let no_feed = OpenOptions {
+        change_feed: false,
+        ..Default::default()
+    };
+    let backend = tollgate::store::open_with(&StoreSpec::Redis(url.clone()), no_feed)
         .await
         .unwrap();
+    let counters = SharedCounters::new(backend, SyncMode::Async { interval }, 4);
     tokio::time::sleep(Duration::from_millis(50)).await;
     let local = std::sync::Arc::new(MemoryCounters::new(100));
     let t0: i64 = 1_800_000_000_000;
@@ -893,12 +700,12 @@ async fn asynchronous_mirrors_are_capped_and_overflow_still_limits() {
 /// passed in, so the clock is the test's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_rolling_window_refusal_names_when_capacity_returns() {
-    let redis = Redis::start();
+    let redis = RedisServer::start_persistent();
     let client = redis::Client::open(redis.url()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     // Rolling window of 1000 ms (slots of 100 ms), 5 allowed.
     async fn call(conn: &mut redis::aio::MultiplexedConnection, weight: u64, now: i64) -> Vec<i64> {
-        redis::Script::new(tollgate::ratelimit::redis::SCRIPT)
+        redis::Script::new(tollgate::store::redis_store::COUNTER_SCRIPT)
             .key("tollgate:rl:{test}")
             .arg("r")
             .arg("ec")

@@ -1,6 +1,9 @@
-//! One test suite for every `Store` backend (`store_suite!` expands the same tests for each,
-//! as Kuadrant Limitador does), plus backend-specific tests: the embedded store's durability
-//! and corruption handling, and Redis with several replicas, an outage and a restart.
+//! One conformance suite for every storage backend (`store_suite!` expands the same tests for
+//! each, as Kuadrant Limitador does), through each typed façade: objects ([`Store`]),
+//! counters (`Backend::count`, checkpoints, `SharedCounters`) and cache entries
+//! (`SharedTier`); plus backend-specific tests: the embedded store's durability and
+//! corruption handling, and Redis with several replicas, an outage and a restart. A new
+//! backend gets one fixture and one `store_suite!` line here.
 //!
 //! The Redis tests start their own `redis-server` (from `scripts/setup.sh`) on a free loopback
 //! port, in a temporary directory, without persistence; it is killed on drop.
@@ -11,7 +14,7 @@ use std::future::Future;
 use std::io::{BufRead, BufReader, Read, Write as _};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,10 +23,15 @@ use tollgate::consumer::{
     hash_key, ApiKey, ApiProduct, App, AppStatus, KeyStatus, Operation, Origin, QuotaSettings,
     TimeUnit,
 };
-use tollgate::store::embedded::EmbeddedStore;
-use tollgate::store::memory::MemoryStore;
-use tollgate::store::redis_store::RedisStore;
-use tollgate::store::{self, Change, Store, StoreError, StoreSpec, Write};
+use tollgate::store::embedded::EmbeddedBackend;
+use tollgate::store::memory::MemoryBackend;
+use tollgate::store::redis_store::RedisBackend;
+use tollgate::store::{self, Backend, Change, Store, StoreError, StoreSpec, Write};
+
+mod support;
+
+use support::free_port;
+use support::redis::RedisServer;
 
 /// Every test is bounded by this.
 const TEST_LIMIT: Duration = Duration::from_secs(20);
@@ -33,196 +41,60 @@ const FEED_LIMIT: Duration = Duration::from_secs(2);
 // ---------------------------------------------------------------------------------------------
 // Fixtures
 
-/// A store and whatever must live as long as it (a temporary directory, a Redis server).
+/// A backend, the object store over it, and whatever must live as long as they (a
+/// temporary directory, a Redis server).
 struct Fixture {
-    store: Arc<dyn Store>,
+    backend: Arc<dyn Backend>,
+    store: Store,
     _keep: Box<dyn Any + Send>,
 }
 
-async fn memory() -> Fixture {
-    Fixture {
-        store: Arc::new(MemoryStore::new()),
-        _keep: Box::new(()),
+impl Fixture {
+    fn new(backend: Arc<dyn Backend>, keep: Box<dyn Any + Send>) -> Self {
+        Self {
+            store: Store::new(backend.clone()),
+            backend,
+            _keep: keep,
+        }
     }
+}
+
+async fn memory() -> Fixture {
+    Fixture::new(Arc::new(MemoryBackend::new()), Box::new(()))
 }
 
 async fn embedded() -> Fixture {
     let dir = tempfile::tempdir().expect("tempdir");
-    let store = EmbeddedStore::open(dir.path()).expect("open embedded store");
-    Fixture {
-        store: Arc::new(store),
-        _keep: Box::new(dir),
-    }
+    let backend = EmbeddedBackend::open(dir.path()).expect("open embedded store");
+    Fixture::new(Arc::new(backend), Box::new(dir))
 }
 
 async fn redis() -> Fixture {
     let server = RedisServer::start();
-    let store = RedisStore::connect(&server.url())
+    let backend = RedisBackend::connect(&server.url())
         .await
         .expect("connect to redis");
-    Fixture {
-        store: Arc::new(store),
-        _keep: Box::new(server),
-    }
+    Fixture::new(Arc::new(backend), Box::new(server))
 }
 
 async fn redis_cluster() -> Fixture {
     let server = RedisServer::start_cluster();
-    let store = RedisStore::connect(&server.cluster_url())
+    let backend = RedisBackend::connect(&server.cluster_url())
         .await
         .expect("connect to redis cluster");
-    Fixture {
-        store: Arc::new(store),
-        _keep: Box::new(server),
-    }
+    Fixture::new(Arc::new(backend), Box::new(server))
 }
 
-/// A `redis-server` on a free loopback port, without persistence; killed on drop.
-struct RedisServer {
-    child: Option<Child>,
-    port: u16,
-    dir: tempfile::TempDir,
-    cluster: bool,
+/// The object store in an embedded backend at `dir`.
+fn open_embedded(dir: &Path) -> Result<Store, StoreError> {
+    EmbeddedBackend::open(dir).map(|b| Store::new(Arc::new(b)))
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
-
-impl RedisServer {
-    fn start() -> Self {
-        Self::start_with(false)
-    }
-
-    /// A one-node Redis Cluster holding every slot.
-    fn start_cluster() -> Self {
-        let server = Self::start_with(true);
-        let client = redis::Client::open(server.url()).expect("client");
-        let mut con = client.get_connection().expect("connect");
-        redis::cmd("CLUSTER")
-            .arg("ADDSLOTSRANGE")
-            .arg(0)
-            .arg(16383)
-            .query::<()>(&mut con)
-            .expect("CLUSTER ADDSLOTSRANGE");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let info: String = redis::cmd("CLUSTER")
-                .arg("INFO")
-                .query(&mut con)
-                .expect("CLUSTER INFO");
-            if info.contains("cluster_state:ok") {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "cluster never became ok:\n{info}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        server
-    }
-
-    fn start_with(cluster: bool) -> Self {
-        for _ in 0..5 {
-            let mut server = Self {
-                child: None,
-                port: free_port(),
-                dir: tempfile::tempdir().expect("tempdir"),
-                cluster,
-            };
-            if server.spawn() {
-                return server;
-            }
-        }
-        panic!("redis-server did not start (port races?)");
-    }
-
-    /// Starts the server on `self.port`; false if it exited (the port was taken).
-    fn spawn(&mut self) -> bool {
-        let mut cmd = Command::new("redis-server");
-        cmd.arg("--port")
-            .arg(self.port.to_string())
-            .arg("--bind")
-            .arg("127.0.0.1")
-            .arg("--save")
-            .arg("")
-            .arg("--appendonly")
-            .arg("no")
-            .arg("--dir")
-            .arg(self.dir.path())
-            .arg("--loglevel")
-            .arg("warning");
-        if self.cluster {
-            cmd.arg("--cluster-enabled")
-                .arg("yes")
-                .arg("--cluster-config-file")
-                .arg(self.dir.path().join("nodes.conf"));
-        }
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn();
-        let mut child = match child {
-            Ok(c) => c,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                panic!("redis-server is not installed: run scripts/setup.sh")
-            }
-            Err(e) => panic!("cannot start redis-server: {e}"),
-        };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return false;
-            }
-            if ping(self.port) {
-                self.child = Some(child);
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        false
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.as_ref().expect("running").id()
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-
-    fn cluster_url(&self) -> String {
-        format!("redis+cluster://127.0.0.1:{}", self.port)
-    }
-
-    /// SIGKILL, and wait until it is gone.
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// Starts it again on the same port (empty: nothing is persisted).
-    fn restart(&mut self) {
-        self.kill();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !self.spawn() {
-            assert!(
-                Instant::now() < deadline,
-                "redis-server did not restart on port {}",
-                self.port
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
+/// The object store in the Redis at `url`.
+async fn connect_redis(url: &str) -> Result<Store, StoreError> {
+    RedisBackend::connect(url)
+        .await
+        .map(|b| Store::new(Arc::new(b)))
 }
 
 /// A three-node Redis Cluster (no replicas), slots split evenly.
@@ -244,7 +116,9 @@ fn connect_all(nodes: &[RedisServer]) -> Vec<redis::Connection> {
 
 impl RedisCluster {
     fn start() -> Self {
-        let nodes: Vec<RedisServer> = (0..3).map(|_| RedisServer::start_with(true)).collect();
+        let nodes: Vec<RedisServer> = (0..3)
+            .map(|_| RedisServer::start_with(true, false))
+            .collect();
         let ranges = [(0, 5460), (5461, 10922), (10923, 16383)];
         let mut cons = connect_all(&nodes);
         for (con, (from, to)) in cons.iter_mut().zip(ranges) {
@@ -352,12 +226,6 @@ impl RedisCluster {
     }
 }
 
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 /// Sends a signal (`STOP`, `CONT`) to a process this test started.
 fn signal(pid: u32, name: &str) {
     let status = Command::new("kill")
@@ -366,19 +234,6 @@ fn signal(pid: u32, name: &str) {
         .status()
         .expect("kill");
     assert!(status.success(), "kill -{name} {pid}");
-}
-
-/// True when something answers PING with PONG on the port.
-fn ping(port: u16) -> bool {
-    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
-    if s.write_all(b"PING\r\n").is_err() {
-        return false;
-    }
-    let mut buf = [0u8; 7];
-    s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -447,7 +302,7 @@ async fn bounded<F: Future<Output = ()>>(body: F) {
 mod suite {
     use super::*;
 
-    pub async fn products_crud(s: Arc<dyn Store>) {
+    pub async fn products_crud(s: Store) {
         assert_eq!(s.get_product("gold").await.unwrap(), None);
         match s.put_product(&product("gold"), Write::Update).await {
             Err(StoreError::NotFound { kind, name }) => {
@@ -487,7 +342,7 @@ mod suite {
         s.put_product(&p, Write::Create).await.unwrap();
     }
 
-    pub async fn apps_crud(s: Arc<dyn Store>) {
+    pub async fn apps_crud(s: Store) {
         assert_eq!(s.get_app("a1").await.unwrap(), None);
         match s.put_app(&app("a1"), Write::Update).await {
             Err(StoreError::NotFound { kind, name }) => {
@@ -529,7 +384,7 @@ mod suite {
 
     /// Two replicas read an app at one revision; the first update wins, the second is
     /// refused instead of silently restoring what the first changed (a revoked key).
-    pub async fn stale_updates_are_refused(s: Arc<dyn Store>) {
+    pub async fn stale_updates_are_refused(s: Store) {
         let mut a = app("a1");
         s.put_app(&a, Write::Create).await.unwrap();
         let read_by_b = s.get_app("a1").await.unwrap().unwrap();
@@ -571,7 +426,7 @@ mod suite {
         assert_eq!(s.get_product("gold").await.unwrap().unwrap().revision, 1);
     }
 
-    pub async fn snapshot_returns_everything(s: Arc<dyn Store>) {
+    pub async fn snapshot_returns_everything(s: Store) {
         let empty = s.snapshot().await.unwrap();
         assert!(empty.products.is_empty() && empty.apps.is_empty());
 
@@ -592,7 +447,7 @@ mod suite {
         assert_eq!(snap.apps, apps[..4].to_vec());
     }
 
-    pub async fn change_feed_reports_every_write(s: Arc<dyn Store>) {
+    pub async fn change_feed_reports_every_write(s: Store) {
         let mut rx = s.subscribe();
         let p = product("gold");
         let a = app("a1");
@@ -622,7 +477,7 @@ mod suite {
         assert!(extra.is_err(), "unexpected change: {extra:?}");
     }
 
-    pub async fn unicode_names_and_large_attributes(s: Arc<dyn Store>) {
+    pub async fn unicode_names_and_large_attributes(s: Store) {
         let name = "prodüct 名前 🚀 with:colons/slashes {braces} \"quotes\"";
         let mut p = product(name);
         p.description = "ünïcödé ✓".repeat(1000);
@@ -656,7 +511,7 @@ mod suite {
         assert_eq!(next_change(&mut rx).await, Change::App(a.name.clone()));
     }
 
-    pub async fn concurrent_creates_have_one_winner(s: Arc<dyn Store>) {
+    pub async fn concurrent_creates_have_one_winner(s: Store) {
         let mut tasks = Vec::new();
         for i in 0..8 {
             let mut a = app("contested");
@@ -689,7 +544,7 @@ mod kvm_suite {
         }
     }
 
-    pub async fn kvm_entries_crud(s: Arc<dyn Store>) {
+    pub async fn kvm_entries_crud(s: Store) {
         assert_eq!(s.get_kvm_entry("creds", "k").await.unwrap(), None);
         match s
             .put_kvm_entry("creds", "k", &entry("v", false), Some(Write::Update))
@@ -745,6 +600,301 @@ mod kvm_suite {
     }
 }
 
+/// Counters through the backend: every backend decides alike (the Redis script and the
+/// in-process table are two implementations of one contract), keeps checkpoints, and carries
+/// the shared-counter façade.
+mod counters_suite {
+    use super::*;
+    use tollgate::ratelimit::memory::MemoryCounters;
+    use tollgate::ratelimit::shared::{SharedCounters, SyncMode};
+    use tollgate::ratelimit::{Ask, Decision, Key, Mode, Pending, Window};
+
+    const EC: Mode = Mode::EnforceAndCount;
+
+    fn ask(key: u128, window: Window, allow: u64, weight: u64, mode: Mode, now: i64) -> Ask {
+        Ask {
+            key: Key(key),
+            overflow: Key(9_999),
+            window,
+            allow,
+            weight,
+            mode,
+            now,
+            fail_open: false,
+        }
+    }
+
+    async fn one(b: &Arc<dyn Backend>, a: Ask) -> Decision {
+        let mut d = b.count(&[a]).await.expect("count");
+        assert_eq!(d.len(), 1);
+        d.pop().flatten().expect("a readable decision")
+    }
+
+    /// A time in 2027 (an hour boundary): Redis expires counters at their window's end,
+    /// so windows must lie ahead of the wall clock.
+    const T: i64 = 1_800_000_000_000;
+
+    pub async fn windows_count_alike(b: Arc<dyn Backend>) {
+        // Fixed: counts to the limit, refuses without counting, resets on the next window.
+        let w = Window::Fixed {
+            start: T,
+            end: T + 60_000,
+        };
+        for i in 1..=3 {
+            let d = one(&b, ask(1, w, 3, 1, EC, T + 1)).await;
+            assert_eq!((d.allowed, d.used, d.expiry), (true, i, T + 60_000));
+        }
+        let d = one(&b, ask(1, w, 3, 1, EC, T + 2)).await;
+        assert_eq!(
+            (d.allowed, d.used),
+            (false, 3),
+            "a refused request is not counted"
+        );
+        let next = Window::Fixed {
+            start: T + 60_000,
+            end: T + 120_000,
+        };
+        assert_eq!(one(&b, ask(1, next, 3, 1, EC, T + 60_000)).await.used, 1);
+        // Modes: enforce only counts nothing; count only counts past the limit.
+        let w = Window::Fixed {
+            start: T,
+            end: T + 1000,
+        };
+        assert!(
+            one(&b, ask(2, w, 10, 1, Mode::EnforceOnly, T))
+                .await
+                .allowed
+        );
+        assert_eq!(
+            one(&b, ask(2, w, 10, 1, Mode::EnforceOnly, T)).await.used,
+            0
+        );
+        let d = one(&b, ask(2, w, 10, 12, Mode::CountOnly, T + 1)).await;
+        assert_eq!((d.allowed, d.used), (true, 12));
+        assert!(
+            !one(&b, ask(2, w, 10, 1, Mode::EnforceOnly, T + 2))
+                .await
+                .allowed
+        );
+        // Flexi: the window starts at the first request.
+        let f = Window::Flexi { len: 1000 };
+        let d = one(&b, ask(4, f, 1, 1, EC, T + 5_250)).await;
+        assert_eq!((d.allowed, d.expiry), (true, T + 6_250));
+        assert!(!one(&b, ask(4, f, 1, 1, EC, T + 6_249)).await.allowed);
+        let d = one(&b, ask(4, f, 1, 1, EC, T + 6_250)).await;
+        assert_eq!((d.allowed, d.expiry), (true, T + 7_250));
+        // Rolling (slots of 100 ms): a refusal names when capacity returns.
+        let r = Window::Rolling { len: 1000 };
+        assert!(one(&b, ask(7, r, 5, 1, EC, T)).await.allowed);
+        for _ in 0..4 {
+            assert!(one(&b, ask(7, r, 5, 1, EC, T + 450)).await.allowed);
+        }
+        let d = one(&b, ask(7, r, 5, 1, EC, T + 500)).await;
+        assert_eq!((d.allowed, d.used, d.expiry), (false, 5, T + 1000));
+        assert_eq!(one(&b, ask(7, r, 5, 2, EC, T + 500)).await.expiry, T + 1400);
+        assert!(!one(&b, ask(7, r, 5, 2, EC, T + 1399)).await.allowed);
+        assert!(one(&b, ask(7, r, 5, 2, EC, T + 1400)).await.allowed);
+    }
+
+    pub async fn a_batch_is_decided_in_order(b: Arc<dyn Backend>) {
+        let w = Window::Fixed {
+            start: T,
+            end: T + 3_600_000,
+        };
+        let asks: Vec<Ask> = (0..20u128)
+            .map(|k| {
+                ask(
+                    100 + k % 5,
+                    w,
+                    1_000,
+                    1 + k as u64 % 5,
+                    Mode::CountOnly,
+                    T + 10,
+                )
+            })
+            .collect();
+        let out = b.count(&asks).await.unwrap();
+        assert_eq!(out.len(), 20);
+        // Each ask's answer is its own key's running total.
+        for (i, d) in out.iter().enumerate() {
+            let k = i as u64 % 5;
+            assert_eq!(
+                d.expect("readable").used,
+                (i as u64 / 5 + 1) * (k + 1),
+                "ask {i}"
+            );
+        }
+        // Keys 100..105 each got four asks of weight (k % 5) + 1.
+        for k in 0..5u128 {
+            let d = one(&b, ask(100 + k, w, 1_000, 0, Mode::EnforceOnly, T + 20)).await;
+            assert_eq!(d.used, 4 * (k as u64 + 1), "key {k}");
+        }
+        assert!(b.count(&[]).await.unwrap().is_empty());
+    }
+
+    pub async fn checkpoints_round_trip(b: Arc<dyn Backend>) {
+        let all: store::backend::Keep = Arc::new(|_| true);
+        assert!(b.load_counters().await.unwrap().is_empty());
+        b.save_counters(vec![(1, vec![1, 2, 3]), (u128::MAX, vec![9])], all)
+            .await
+            .unwrap();
+        let mut rows = b.load_counters().await.unwrap();
+        rows.sort();
+        assert_eq!(rows, vec![(1, vec![1, 2, 3]), (u128::MAX, vec![9])]);
+        // Rows the filter refuses are dropped, new ones kept.
+        let not_nine: store::backend::Keep = Arc::new(|v| v != [9]);
+        b.save_counters(vec![(3, vec![7])], not_nine).await.unwrap();
+        let mut rows = b.load_counters().await.unwrap();
+        rows.sort();
+        assert_eq!(rows, vec![(1, vec![1, 2, 3]), (3, vec![7])]);
+        // A table restored from them counts on.
+        let c = MemoryCounters::new(10);
+        let day = Window::Fixed {
+            start: 0,
+            end: 86_400_000,
+        };
+        for _ in 0..3 {
+            c.apply(&ask(42, day, 10, 1, EC, 5));
+        }
+        assert_eq!(c.checkpoint(&*b, 10).await.unwrap(), 1);
+        let fresh = MemoryCounters::new(10);
+        assert_eq!(fresh.restore(&*b, 20).await.unwrap(), 1);
+        assert_eq!(fresh.apply(&ask(42, day, 10, 1, EC, 30)).used, 4);
+    }
+
+    pub async fn shared_counters_use_the_backend(b: Arc<dyn Backend>) {
+        let local = Arc::new(MemoryCounters::new(100));
+        // Wall time: the asynchronous sync task's first tick syncs at the wall clock.
+        let now = tollgate::ratelimit::Clock::now_ms(&tollgate::ratelimit::SystemClock);
+        let hour = Window::Fixed {
+            start: now - now % 3_600_000,
+            end: now - now % 3_600_000 + 3_600_000,
+        };
+        // Synchronous: each decision is the backend's.
+        let sync = SharedCounters::new(b.clone(), SyncMode::Sync, 100);
+        let mut admitted = 0;
+        for _ in 0..5 {
+            let d = match sync.decide(ask(50, hour, 3, 1, EC, now), &local) {
+                Pending::Wait(f) => f.await.unwrap(),
+                Pending::Ready(_) => panic!("synchronous mode waits on the backend"),
+            };
+            assert!(!d.degraded);
+            admitted += usize::from(d.allowed);
+        }
+        assert_eq!(admitted, 3);
+        assert_eq!(
+            one(&b, ask(50, hour, 3, 0, Mode::EnforceOnly, now))
+                .await
+                .used,
+            3
+        );
+        // Asynchronous: counted locally, sent by a sync, seen by another replica's sync.
+        let interval = Duration::from_secs(3600);
+        let a = SharedCounters::new(b.clone(), SyncMode::Async { interval }, 100);
+        let other = SharedCounters::new(b.clone(), SyncMode::Async { interval }, 100);
+        let decide = |c: &Arc<SharedCounters>| match c.decide(ask(51, hour, 3, 1, EC, now), &local)
+        {
+            Pending::Ready(r) => r.unwrap(),
+            Pending::Wait(_) => panic!("asynchronous mode decides at once"),
+        };
+        assert!(decide(&a).allowed);
+        assert!(decide(&a).allowed);
+        a.sync(now, interval).await;
+        assert_eq!(
+            one(&b, ask(51, hour, 3, 0, Mode::EnforceOnly, now))
+                .await
+                .used,
+            2
+        );
+        assert!(decide(&other).allowed, "a third fits");
+        other.sync(now, interval).await;
+        assert!(!decide(&other).allowed, "after its sync it knows of all 3");
+    }
+}
+
+/// Cache entries through the backend and through the ResponseCache's shared tier.
+mod cache_suite {
+    use super::*;
+    use tollgate::cache::{Entry, SharedTier};
+
+    pub async fn entries_round_trip_and_expire(b: Arc<dyn Backend>) {
+        let day = Duration::from_secs(86_400);
+        assert_eq!(b.cache_get("p:k1").await.unwrap(), None);
+        b.cache_put("p:k1", b"v1".to_vec(), day).await.unwrap();
+        b.cache_put("p:k2", vec![0, 255, 10], day).await.unwrap();
+        assert_eq!(b.cache_get("p:k1").await.unwrap(), Some(b"v1".to_vec()));
+        assert_eq!(b.cache_get("p:k2").await.unwrap(), Some(vec![0, 255, 10]));
+        b.cache_put("p:k1", b"v2".to_vec(), day).await.unwrap();
+        assert_eq!(b.cache_get("p:k1").await.unwrap(), Some(b"v2".to_vec()));
+        // Entries are not records: another namespace.
+        assert_eq!(b.get(store::Table::Products, "p:k1").await.unwrap(), None);
+        // An entry disappears after its TTL.
+        b.cache_put("p:short", b"x".to_vec(), Duration::from_millis(50))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(b.cache_get("p:short").await.unwrap(), None);
+        assert_eq!(b.cache_get("p:k2").await.unwrap(), Some(vec![0, 255, 10]));
+    }
+
+    pub async fn the_shared_tier_round_trips_entries(b: Arc<dyn Backend>) {
+        let tier = Arc::new(SharedTier::new(
+            b.clone(),
+            "pol",
+            Duration::from_secs(2),
+            Duration::from_secs(60),
+        ));
+        let key = [7u8; 32];
+        assert!(tier.get(&key).await.is_none());
+        let now = Instant::now();
+        let entry = Entry {
+            status: 203,
+            headers: vec![("x-a".into(), "1".into())],
+            content_type: "text/plain".into(),
+            body: b"cached \x00 bytes".to_vec(),
+            stored: now,
+            expires: now + Duration::from_secs(30),
+            vary: vec![
+                ("accept-language".into(), Some("en".into())),
+                ("x-none".into(), None),
+            ],
+        };
+        tier.put(key, &entry);
+        let mut got = None;
+        for _ in 0..100 {
+            got = tier.get(&key).await;
+            if got.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let got = got.expect("the entry was stored");
+        assert_eq!(
+            (
+                got.status,
+                &got.headers,
+                &got.content_type,
+                &got.body,
+                &got.vary
+            ),
+            (
+                entry.status,
+                &entry.headers,
+                &entry.content_type,
+                &entry.body,
+                &entry.vary
+            )
+        );
+        // It keeps the expiry it was stored with, not the tier's 60 s.
+        let left = got.expires.saturating_duration_since(Instant::now());
+        assert!(
+            left <= Duration::from_secs(30) && left > Duration::from_secs(20),
+            "{left:?}"
+        );
+        assert!(tier.get(&[8u8; 32]).await.is_none());
+    }
+}
+
 /// Expands the shared suite for one backend: `store_suite!(module, async-fixture-expression)`.
 macro_rules! store_suite {
     ($module:ident, $fixture:expr) => {
@@ -753,12 +903,25 @@ macro_rules! store_suite {
 
             async fn run<F, Fut>(test: F)
             where
-                F: FnOnce(Arc<dyn Store>) -> Fut,
+                F: FnOnce(Store) -> Fut,
                 Fut: Future<Output = ()>,
             {
                 bounded(async {
                     let fixture: Fixture = $fixture.await;
                     test(fixture.store.clone()).await;
+                    drop(fixture);
+                })
+                .await
+            }
+
+            async fn run_backend<F, Fut>(test: F)
+            where
+                F: FnOnce(Arc<dyn Backend>) -> Fut,
+                Fut: Future<Output = ()>,
+            {
+                bounded(async {
+                    let fixture: Fixture = $fixture.await;
+                    test(fixture.backend.clone()).await;
                     drop(fixture);
                 })
                 .await
@@ -803,6 +966,36 @@ macro_rules! store_suite {
             async fn kvm_entries_crud() {
                 run(kvm_suite::kvm_entries_crud).await
             }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn counter_windows_count_alike() {
+                run_backend(counters_suite::windows_count_alike).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn counter_batches_are_decided_in_order() {
+                run_backend(counters_suite::a_batch_is_decided_in_order).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn counter_checkpoints_round_trip() {
+                run_backend(counters_suite::checkpoints_round_trip).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn shared_counters_use_the_backend() {
+                run_backend(counters_suite::shared_counters_use_the_backend).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn cache_entries_round_trip_and_expire() {
+                run_backend(cache_suite::entries_round_trip_and_expire).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn the_shared_cache_tier_round_trips_entries() {
+                run_backend(cache_suite::the_shared_tier_round_trips_entries).await
+            }
         }
     };
 }
@@ -825,7 +1018,7 @@ async fn open_by_spec() {
             (StoreSpec::Embedded(dir.path().join("data")), "embedded"),
             (StoreSpec::Redis(server.url()), "redis"),
         ] {
-            let s = store::open(&spec).await.unwrap();
+            let s = Store::new(store::open(&spec).await.unwrap());
             assert_eq!(s.kind(), kind);
             s.put_product(&product("p"), Write::Create).await.unwrap();
             assert!(s.get_product("p").await.unwrap().is_some());
@@ -848,7 +1041,7 @@ mod embedded_only {
             let dir = tempfile::tempdir().unwrap();
             let data = dir.path().join("nested").join("data");
             {
-                let s = EmbeddedStore::open(&data).unwrap();
+                let s = open_embedded(&data).unwrap();
                 s.put_product(&product("gold"), Write::Create)
                     .await
                     .unwrap();
@@ -856,8 +1049,9 @@ mod embedded_only {
                 s.put_app(&app("a2"), Write::Create).await.unwrap();
                 s.delete_app("a2").await.unwrap();
             }
-            let s = EmbeddedStore::open(&data).unwrap();
-            assert_eq!(s.path(), data.join(DB_FILE));
+            let b = EmbeddedBackend::open(&data).unwrap();
+            assert_eq!(b.path(), data.join(DB_FILE));
+            let s = Store::new(Arc::new(b));
             assert_eq!(s.get_product("gold").await.unwrap(), Some(product("gold")));
             assert_eq!(s.get_app("a1").await.unwrap(), Some(app("a1")));
             assert_eq!(s.get_app("a2").await.unwrap(), None);
@@ -871,8 +1065,8 @@ mod embedded_only {
     async fn a_second_opener_is_refused_clearly() {
         bounded(async {
             let dir = tempfile::tempdir().unwrap();
-            let _first = EmbeddedStore::open(dir.path()).unwrap();
-            match EmbeddedStore::open(dir.path()) {
+            let _first = open_embedded(dir.path()).unwrap();
+            match open_embedded(dir.path()) {
                 Err(StoreError::Unavailable(m)) => {
                     assert!(m.contains("already open"), "{m}");
                     assert!(m.contains(DB_FILE), "{m}");
@@ -890,7 +1084,7 @@ mod embedded_only {
             let file = dir.path().join("a-file");
             std::fs::write(&file, b"not a directory").unwrap();
             assert!(matches!(
-                EmbeddedStore::open(&file),
+                open_embedded(&file),
                 Err(StoreError::Unavailable(_))
             ));
             // A file that is not a redb database.
@@ -898,7 +1092,7 @@ mod embedded_only {
             std::fs::create_dir(&garbage).unwrap();
             std::fs::write(garbage.join(DB_FILE), vec![0x5a; 10_000]).unwrap();
             assert!(matches!(
-                EmbeddedStore::open(&garbage),
+                open_embedded(&garbage),
                 Err(StoreError::Unavailable(_))
             ));
         })
@@ -910,7 +1104,7 @@ mod embedded_only {
         bounded(async {
             let dir = tempfile::tempdir().unwrap();
             {
-                let s = EmbeddedStore::open(dir.path()).unwrap();
+                let s = open_embedded(dir.path()).unwrap();
                 for i in 0..200 {
                     s.put_app(&app(&format!("a{i}")), Write::Create)
                         .await
@@ -924,7 +1118,7 @@ mod embedded_only {
                 *b ^= 0x5a;
             }
             std::fs::write(&file, bytes).unwrap();
-            let opened = std::panic::catch_unwind(|| EmbeddedStore::open(dir.path()));
+            let opened = std::panic::catch_unwind(|| open_embedded(dir.path()));
             match opened {
                 Ok(Err(StoreError::Unavailable(m))) => {
                     assert!(m.contains(DB_FILE) && m.contains("corrupt"), "{m}")
@@ -942,7 +1136,7 @@ mod embedded_only {
         bounded(async {
             let dir = tempfile::tempdir().unwrap();
             {
-                let s = EmbeddedStore::open(dir.path()).unwrap();
+                let s = open_embedded(dir.path()).unwrap();
                 s.put_product(&product("good"), Write::Create)
                     .await
                     .unwrap();
@@ -967,7 +1161,7 @@ mod embedded_only {
                 let read = db.begin_read().unwrap();
                 assert!(read.open_table(PRODUCTS).is_ok());
             }
-            let s = EmbeddedStore::open(dir.path()).unwrap();
+            let s = open_embedded(dir.path()).unwrap();
             for name in ["bad", "misfiled"] {
                 match s.get_product(name).await {
                     Err(e @ StoreError::Corrupt { .. }) => {
@@ -1013,7 +1207,7 @@ mod embedded_only {
             .build()
             .unwrap();
         rt.block_on(async {
-            let s = EmbeddedStore::open(Path::new(&dir)).unwrap();
+            let s = open_embedded(Path::new(&dir)).unwrap();
             for i in 0.. {
                 s.put_product(&product(&format!("p{i}")), Write::Create)
                     .await
@@ -1077,7 +1271,7 @@ mod embedded_only {
             .build()
             .unwrap();
         rt.block_on(async {
-            let s = EmbeddedStore::open(dir.path()).unwrap();
+            let s = open_embedded(dir.path()).unwrap();
             for i in 0..=last {
                 let name = format!("p{i}");
                 assert_eq!(
@@ -1112,8 +1306,8 @@ mod redis_only {
     async fn a_write_on_one_replica_reaches_the_other() {
         bounded(async {
             let server = RedisServer::start();
-            let a = RedisStore::connect(&server.url()).await.unwrap();
-            let b = RedisStore::connect(&server.url()).await.unwrap();
+            let a = connect_redis(&server.url()).await.unwrap();
+            let b = connect_redis(&server.url()).await.unwrap();
             let mut b_rx = b.subscribe();
             let mut a_rx = a.subscribe();
 
@@ -1149,8 +1343,8 @@ mod redis_only {
     async fn a_lost_notice_is_found_and_resynced() {
         bounded(async {
             let server = RedisServer::start();
-            let a = RedisStore::connect(&server.url()).await.unwrap();
-            let b = RedisStore::connect(&server.url()).await.unwrap();
+            let a = connect_redis(&server.url()).await.unwrap();
+            let b = connect_redis(&server.url()).await.unwrap();
             let mut b_rx = b.subscribe();
             a.put_product(&product("gold"), Write::Create)
                 .await
@@ -1200,9 +1394,9 @@ mod redis_only {
         bounded(async {
             let server = RedisServer::start();
             let db1 = format!("redis://127.0.0.1:{}/1", server.port);
-            let a = RedisStore::connect(&server.url()).await.unwrap();
-            let b = RedisStore::connect(&db1).await.unwrap();
-            let b2 = RedisStore::connect(&db1).await.unwrap();
+            let a = connect_redis(&server.url()).await.unwrap();
+            let b = connect_redis(&db1).await.unwrap();
+            let b2 = connect_redis(&db1).await.unwrap();
             let mut a_rx = a.subscribe();
             let mut b_rx = b.subscribe();
             b2.put_app(&app("a1"), Write::Create).await.unwrap();
@@ -1220,7 +1414,7 @@ mod redis_only {
     async fn an_outage_is_unavailable_quickly_and_recovers() {
         bounded(async {
             let mut server = RedisServer::start();
-            let s = RedisStore::connect(&server.url()).await.unwrap();
+            let s = connect_redis(&server.url()).await.unwrap();
             let mut rx = s.subscribe();
             s.put_product(&product("gold"), Write::Create)
                 .await
@@ -1276,7 +1470,7 @@ mod redis_only {
     async fn an_idle_replica_reads_right_after_a_restart() {
         bounded(async {
             let mut server = RedisServer::start();
-            let s = RedisStore::connect(&server.url()).await.unwrap();
+            let s = connect_redis(&server.url()).await.unwrap();
             s.put_product(&product("gold"), Write::Create)
                 .await
                 .unwrap();
@@ -1296,7 +1490,7 @@ mod redis_only {
     async fn a_frozen_server_times_out_and_recovers() {
         bounded(async {
             let server = RedisServer::start();
-            let s = RedisStore::connect(&server.url()).await.unwrap();
+            let s = connect_redis(&server.url()).await.unwrap();
             s.put_product(&product("gold"), Write::Create)
                 .await
                 .unwrap();
@@ -1336,7 +1530,7 @@ mod redis_only {
                 format!("redis+cluster://127.0.0.1:{port}"),
             ] {
                 let started = Instant::now();
-                let r = RedisStore::connect(&url).await;
+                let r = connect_redis(&url).await;
                 assert!(matches!(r, Err(StoreError::Unavailable(_))), "{url}: {r:?}");
                 assert!(started.elapsed() < Duration::from_secs(7), "{url}");
             }
@@ -1349,9 +1543,9 @@ mod redis_only {
     async fn replicas_on_a_three_node_cluster() {
         bounded(async {
             let cluster = RedisCluster::start();
-            let a = RedisStore::connect(&cluster.url(&[0, 1, 2])).await.unwrap();
+            let a = connect_redis(&cluster.url(&[0, 1, 2])).await.unwrap();
             // Another replica knows a different seed, so its change feed is on another node.
-            let b = RedisStore::connect(&cluster.url(&[2])).await.unwrap();
+            let b = connect_redis(&cluster.url(&[2])).await.unwrap();
             let mut b_rx = b.subscribe();
             let mut a_rx = a.subscribe();
 
@@ -1388,29 +1582,26 @@ mod redis_only {
         bounded(async {
             let port = free_port();
             let started = Instant::now();
-            match RedisStore::connect(&format!("redis://127.0.0.1:{port}/")).await {
+            match connect_redis(&format!("redis://127.0.0.1:{port}/")).await {
                 Err(StoreError::Unavailable(m)) => assert!(m.contains(&port.to_string()), "{m}"),
                 other => panic!("{other:?}"),
             }
             assert!(started.elapsed() < Duration::from_secs(3));
             let started = Instant::now();
             let cluster = format!("redis+cluster://127.0.0.1:{port}");
-            match RedisStore::connect(&cluster).await {
+            match connect_redis(&cluster).await {
                 Err(StoreError::Unavailable(m)) => assert!(m.contains(&port.to_string()), "{m}"),
                 other => panic!("{other:?}"),
             }
             assert!(started.elapsed() < Duration::from_secs(6));
             for bad in ["redis+cluster://", "redis+cluster://h:1/2", "nonsense"] {
                 assert!(
-                    matches!(
-                        RedisStore::connect(bad).await,
-                        Err(StoreError::Unavailable(_))
-                    ),
+                    matches!(connect_redis(bad).await, Err(StoreError::Unavailable(_))),
                     "{bad}"
                 );
             }
             // Passwords stay out of messages.
-            match RedisStore::connect(&format!("redis://user:hunter2@127.0.0.1:{port}/")).await {
+            match connect_redis(&format!("redis://user:hunter2@127.0.0.1:{port}/")).await {
                 Err(e) => assert!(!e.to_string().contains("hunter2"), "{e}"),
                 Ok(_) => panic!("connected to nothing"),
             }
@@ -1422,7 +1613,7 @@ mod redis_only {
     async fn corrupt_values_read_as_corrupt() {
         bounded(async {
             let server = RedisServer::start();
-            let s = RedisStore::connect(&server.url()).await.unwrap();
+            let s = connect_redis(&server.url()).await.unwrap();
             s.put_product(&product("good"), Write::Create)
                 .await
                 .unwrap();

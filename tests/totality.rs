@@ -8,7 +8,7 @@ use std::time::Duration;
 use tollgate::config::{compile, SourceFile};
 use tollgate::consumer::index::PathTemplate;
 use tollgate::expr::Condition;
-use tollgate::policies::oas_validation::match_path_template;
+use tollgate::openapi::match_path_template;
 use tollgate::vars::{Headers, RequestInfo};
 
 /// Runs `f` on a thread with a worker-sized stack (tokio's 2 MiB) and fails if it does not

@@ -13,7 +13,6 @@ use axum::routing::get;
 use axum::Router;
 
 use crate::consumer::service::Consumers;
-use crate::server::Shared;
 use crate::telemetry::METRICS;
 
 pub use api::ApiAuth;
@@ -94,12 +93,20 @@ pub async fn serve_http(
     }
 }
 
-pub fn router(shared: Arc<Shared>) -> Router {
+/// What `/readyz` reports: whether the process serves, and which configuration.
+pub trait Readiness: Send + Sync + 'static {
+    fn is_ready(&self) -> bool;
+    /// The running configuration's generation.
+    fn generation(&self) -> u64;
+}
+
+/// Liveness, readiness and metrics.
+pub fn router(readiness: Arc<dyn Readiness>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .with_state(shared)
+        .with_state(readiness)
 }
 
 /// Adds the management API (`/v1/…`, guarded by `auth`) to an admin router.
@@ -122,14 +129,11 @@ pub fn with_kvm_api(
     router.merge(api::kvm::router(consumers, kvms, auth))
 }
 
-async fn readyz(State(s): State<Arc<Shared>>) -> impl IntoResponse {
+async fn readyz(State(s): State<Arc<dyn Readiness>>) -> impl IntoResponse {
     if s.is_ready() {
         (
             StatusCode::OK,
-            format!(
-                "ready: configuration generation {}\n",
-                s.config.generation()
-            ),
+            format!("ready: configuration generation {}\n", s.generation()),
         )
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".to_owned())

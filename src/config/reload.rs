@@ -8,9 +8,10 @@
 //! reload. The fingerprint covers the files policies refer to (scripts, OpenAPI documents,
 //! key files, wherever they are), so editing one reloads at the next periodic check.
 
+use parking_lot::Mutex;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
@@ -169,11 +170,8 @@ impl ConfigManager {
                 && self
                     .last_failed
                     .lock()
-                    .map(|l| {
-                        l.as_ref()
-                            .is_some_and(|(fp, refs)| fingerprint_with(&files, refs) == *fp)
-                    })
-                    .unwrap_or(false)
+                    .as_ref()
+                    .is_some_and(|(fp, refs)| fingerprint_with(&files, refs) == *fp)
             {
                 return Ok(None);
             }
@@ -182,9 +180,7 @@ impl ConfigManager {
                 compile_with_options(&files, Some(dir), &self.services, &self.options)
             });
             result.map(Some).inspect_err(|_| {
-                if let Ok(mut l) = self.last_failed.lock() {
-                    *l = Some((fingerprint_with(&files, &refs), refs));
-                }
+                *self.last_failed.lock() = Some((fingerprint_with(&files, &refs), refs));
             })
         });
         match result {
@@ -203,9 +199,7 @@ impl ConfigManager {
                 self.services.kvms.set_files(snap.kvms.clone());
                 self.current.store(Arc::new(snap));
                 let g = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
-                if let Ok(mut l) = self.last_failed.lock() {
-                    *l = None;
-                }
+                *self.last_failed.lock() = None;
                 record_success(g);
                 tracing::info!(generation = g, flows, "configuration reloaded");
                 Ok(ReloadOutcome::Reloaded)
@@ -224,11 +218,7 @@ impl ConfigManager {
 
     /// Clears a standing refusal once the files match the running configuration again.
     fn back_to_running(&self) {
-        let was_failed = self
-            .last_failed
-            .lock()
-            .map(|mut l| l.take().is_some())
-            .unwrap_or(false);
+        let was_failed = self.last_failed.lock().take().is_some();
         if was_failed {
             METRICS.config_synchronized.set(1);
             tracing::info!(

@@ -1,8 +1,8 @@
 //! `TemplateRule`: admin rules on what flows must and must not contain (Apigee's
 //! ApimTemplateRule required and deny lists).
 
+use super::snapshot::Flow;
 use super::spec::TemplateRuleSpec;
-use super::Flow;
 use crate::pipeline::{Direction, Step};
 use crate::policies::ALL_TYPES;
 

@@ -4,10 +4,11 @@
 //! rebuilds the index, coalescing bursts of changes.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use parking_lot::Mutex;
 use tokio::sync::broadcast::error::RecvError;
 
 use super::index::{ConsumerIndex, Product};
@@ -31,13 +32,13 @@ struct Objects {
 
 #[derive(Debug)]
 pub struct Consumers {
-    store: Arc<dyn Store>,
+    store: Store,
     objects: Mutex<Objects>,
     index: ArcSwap<ConsumerIndex>,
 }
 
 impl Consumers {
-    pub fn new(store: Arc<dyn Store>) -> Arc<Self> {
+    pub fn new(store: Store) -> Arc<Self> {
         Arc::new(Self {
             store,
             objects: Mutex::default(),
@@ -45,7 +46,7 @@ impl Consumers {
         })
     }
 
-    pub fn store(&self) -> &Arc<dyn Store> {
+    pub fn store(&self) -> &Store {
         &self.store
     }
 
@@ -64,31 +65,26 @@ impl Consumers {
     pub fn is_file_product(&self, name: &str) -> bool {
         self.objects
             .lock()
-            .map(|o| o.file_products.iter().any(|p| p.name == name))
-            .unwrap_or(false)
+            .file_products
+            .iter()
+            .any(|p| p.name == name)
     }
 
     pub fn is_file_app(&self, name: &str) -> bool {
-        self.objects
-            .lock()
-            .map(|o| o.file_apps.iter().any(|a| a.name == name))
-            .unwrap_or(false)
+        self.objects.lock().file_apps.iter().any(|a| a.name == name)
     }
 
     /// File objects, for listing them beside store objects.
     pub fn file_objects(&self) -> (Vec<ApiProduct>, Vec<App>) {
-        self.objects
-            .lock()
-            .map(|o| {
-                let apps = o.file_apps.iter().map(|a| App::clone(a)).collect();
-                (o.file_products.clone(), apps)
-            })
-            .unwrap_or_default()
+        let o = self.objects.lock();
+        let apps = o.file_apps.iter().map(|a| App::clone(a)).collect();
+        (o.file_products.clone(), apps)
     }
 
     /// Replaces the file objects (after a configuration load) and rebuilds the index.
     pub fn set_file_objects(&self, products: Vec<ApiProduct>, apps: Vec<App>) {
-        if let Ok(mut o) = self.objects.lock() {
+        {
+            let mut o = self.objects.lock();
             o.file_products = products;
             o.file_apps = apps.into_iter().map(Arc::new).collect();
         }
@@ -98,7 +94,8 @@ impl Consumers {
     /// Reads everything from the store and rebuilds the index.
     pub async fn resync(&self) -> Result<(), StoreError> {
         let contents = self.store.snapshot().await?;
-        if let Ok(mut o) = self.objects.lock() {
+        {
+            let mut o = self.objects.lock();
             o.store_products = contents
                 .products
                 .into_iter()
@@ -119,21 +116,19 @@ impl Consumers {
             Change::Resync => return self.resync().await,
             Change::Product(name) => {
                 let p = self.store.get_product(name).await?;
-                if let Ok(mut o) = self.objects.lock() {
-                    match p {
-                        Some(p) => o.store_products.insert(name.clone(), p),
-                        None => o.store_products.remove(name),
-                    };
-                }
+                let mut o = self.objects.lock();
+                match p {
+                    Some(p) => o.store_products.insert(name.clone(), p),
+                    None => o.store_products.remove(name),
+                };
             }
             Change::App(name) => {
                 let a = self.store.get_app(name).await?;
-                if let Ok(mut o) = self.objects.lock() {
-                    match a {
-                        Some(a) => o.store_apps.insert(name.clone(), Arc::new(a)),
-                        None => o.store_apps.remove(name),
-                    };
-                }
+                let mut o = self.objects.lock();
+                match a {
+                    Some(a) => o.store_apps.insert(name.clone(), Arc::new(a)),
+                    None => o.store_apps.remove(name),
+                };
             }
         }
         Ok(())
@@ -144,9 +139,7 @@ impl Consumers {
     /// version, so the data path must enforce that one too. The store object is left out
     /// of the index, with a warning, until the file drops it or the store object is deleted.
     fn rebuild(&self) {
-        let Ok(mut o) = self.objects.lock() else {
-            return;
-        };
+        let mut o = self.objects.lock();
         let file_products: std::collections::BTreeSet<&str> =
             o.file_products.iter().map(|p| p.name.as_str()).collect();
         let file_apps: std::collections::BTreeSet<&str> =
@@ -266,7 +259,6 @@ impl Consumers {
 mod tests {
     use super::*;
     use crate::consumer::{hash_key, ApiKey, KeyStatus, Operation, Origin};
-    use crate::store::memory::MemoryStore;
     use crate::store::Write;
 
     fn product(name: &str) -> ApiProduct {
@@ -308,7 +300,7 @@ mod tests {
 
     #[tokio::test]
     async fn store_changes_reach_the_index() {
-        let store = Arc::new(MemoryStore::new());
+        let store = Store::memory();
         let c = Consumers::new(store.clone());
         c.resync().await.unwrap();
         c.spawn_follower();
@@ -345,7 +337,7 @@ mod tests {
     /// shows and protects the file version, so the data path enforces that one too.
     #[tokio::test]
     async fn file_objects_shadow_store_objects_of_the_same_name() {
-        let store = Arc::new(MemoryStore::new());
+        let store = Store::memory();
         let mut store_product = product("p");
         store_product.operations[0].path = "/store-only".into();
         store
@@ -391,7 +383,7 @@ mod tests {
 
     #[test]
     fn file_objects_are_known() {
-        let c = Consumers::new(Arc::new(MemoryStore::new()));
+        let c = Consumers::new(Store::memory());
         c.set_file_objects(vec![product("p")], vec![app("f", "k", KeyStatus::Approved)]);
         assert!(c.is_file_app("f") && c.is_file_product("p") && !c.is_file_app("x"));
         assert!(c.index().verify("k", "GET", "/a", None, 0).is_ok());

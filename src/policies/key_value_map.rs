@@ -146,7 +146,7 @@ struct KeyValueMap {
     /// Some template reads the message body (`{request.content}`, `{response.content}`).
     reads_body: bool,
     /// The map's entry count as last listed, and when (puts count up from it).
-    count: std::sync::Mutex<Option<(std::time::Instant, usize)>>,
+    count: parking_lot::Mutex<Option<(std::time::Instant, usize)>>,
 }
 
 const INVALID_KEY: &str = "steps.keyvaluemapoperations.InvalidKey";
@@ -258,7 +258,7 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
         max_value: spec.max_value_bytes,
         store_timeout: Duration::from_millis(spec.store_timeout_ms),
         reads_body,
-        count: std::sync::Mutex::new(None),
+        count: parking_lot::Mutex::new(None),
     }))
 }
 
@@ -313,12 +313,10 @@ impl KeyValueMap {
     /// the store at most every [`COUNT_TTL`] and counted up by this policy's puts in
     /// between (an overwrite counts too, until the next listing corrects it); only at the
     /// limit is the key itself looked up, since overwriting an entry is always allowed.
-    async fn make_room(&self, store: &Arc<dyn crate::store::Store>, key: &str) -> Result<(), Fault> {
+    async fn make_room(&self, store: &crate::store::Store, key: &str) -> Result<(), Fault> {
         let cached = self
             .count
             .lock()
-            .ok()
-            .and_then(|c| *c)
             .filter(|(at, _)| at.elapsed() < COUNT_TTL)
             .map(|(_, n)| n);
         let n = match cached {
@@ -327,9 +325,7 @@ impl KeyValueMap {
                 let n = bounded(self.store_timeout, store.list_kvm_entries(&self.map))
                     .await?
                     .len();
-                if let Ok(mut c) = self.count.lock() {
-                    *c = Some((std::time::Instant::now(), n));
-                }
+                *self.count.lock() = Some((std::time::Instant::now(), n));
                 n
             }
         };
@@ -344,10 +340,8 @@ impl KeyValueMap {
                 format!("map {} holds its {} entries: no new key can be put", self.map, self.max_entries),
             ));
         }
-        if let Ok(mut c) = self.count.lock() {
-            if let Some((_, n)) = c.as_mut() {
-                *n = n.saturating_add(1);
-            }
+        if let Some((_, n)) = self.count.lock().as_mut() {
+            *n = n.saturating_add(1);
         }
         Ok(())
     }
@@ -426,10 +420,8 @@ impl KeyValueMap {
                     return Err(Fault::new(503, UNAVAILABLE, "The key-value map store is unavailable"));
                 }
             }
-            if let Ok(mut c) = self.count.lock() {
-                if let Some((_, n)) = c.as_mut() {
-                    *n = n.saturating_sub(1);
-                }
+            if let Some((_, n)) = self.count.lock().as_mut() {
+                *n = n.saturating_sub(1);
             }
             if let Some(c) = &self.cache {
                 c.invalidate(&self.cache_key(&key));
@@ -621,11 +613,11 @@ mod tests {
     #[tokio::test]
     async fn entries_survive_an_embedded_store_reopen() {
         use crate::consumer::service::Consumers;
-        use crate::store::embedded::EmbeddedStore;
+        use crate::store::embedded::EmbeddedBackend as EmbeddedStore;
         let dir = tempfile::tempdir().unwrap();
         let ctx_on = |store: EmbeddedStore| BuildContext {
             name: "kvm".into(),
-            services: crate::services::Services::with_consumers(Consumers::new(Arc::new(store))),
+            services: crate::services::Services::with_consumers(Consumers::new(crate::store::Store::new(Arc::new(store)))),
             ..Default::default()
         };
         {
@@ -712,57 +704,64 @@ mod tests {
         run(&big, &mut ex("12345678")).await.unwrap();
     }
 
-    /// A store that answers key-value calls after `delay`.
+    /// A backend that answers key-value calls after `delay`.
     #[derive(Debug)]
     struct Slow {
-        inner: Arc<dyn crate::store::Store>,
+        inner: crate::store::memory::MemoryBackend,
         delay: Duration,
     }
 
+    impl Slow {
+        async fn wait(&self, table: crate::store::Table<'_>) {
+            if matches!(table, crate::store::Table::Kvm(_)) {
+                tokio::time::sleep(self.delay).await;
+            }
+        }
+    }
+
     #[async_trait::async_trait]
-    impl crate::store::Store for Slow {
+    impl crate::store::Backend for Slow {
         fn kind(&self) -> &'static str {
             "slow"
         }
-        async fn snapshot(&self) -> Result<crate::store::Contents, StoreError> {
-            self.inner.snapshot().await
+        async fn get(&self, t: crate::store::Table<'_>, k: &str) -> Result<Option<Vec<u8>>, StoreError> {
+            self.wait(t).await;
+            self.inner.get(t, k).await
         }
-        async fn get_product(&self, n: &str) -> Result<Option<crate::consumer::ApiProduct>, StoreError> {
-            self.inner.get_product(n).await
+        async fn scan(&self, ts: &[crate::store::Table<'_>], v: crate::store::backend::Visit) -> Result<(), StoreError> {
+            for t in ts {
+                self.wait(*t).await;
+            }
+            self.inner.scan(ts, v).await
         }
-        async fn put_product(&self, p: &crate::consumer::ApiProduct, m: Write) -> Result<(), StoreError> {
-            self.inner.put_product(p, m).await
+        async fn put(&self, t: crate::store::Table<'_>, k: &str, v: Vec<u8>, c: crate::store::Cond) -> Result<crate::store::Put, StoreError> {
+            self.wait(t).await;
+            self.inner.put(t, k, v, c).await
         }
-        async fn delete_product(&self, n: &str) -> Result<(), StoreError> {
-            self.inner.delete_product(n).await
-        }
-        async fn get_app(&self, n: &str) -> Result<Option<crate::consumer::App>, StoreError> {
-            self.inner.get_app(n).await
-        }
-        async fn put_app(&self, a: &crate::consumer::App, m: Write) -> Result<(), StoreError> {
-            self.inner.put_app(a, m).await
-        }
-        async fn delete_app(&self, n: &str) -> Result<(), StoreError> {
-            self.inner.delete_app(n).await
+        async fn delete(&self, t: crate::store::Table<'_>, k: &str) -> Result<bool, StoreError> {
+            self.wait(t).await;
+            self.inner.delete(t, k).await
         }
         fn subscribe(&self) -> tokio::sync::broadcast::Receiver<crate::store::Change> {
             self.inner.subscribe()
         }
-        async fn get_kvm_entry(&self, map: &str, key: &str) -> Result<Option<KvmEntry>, StoreError> {
-            tokio::time::sleep(self.delay).await;
-            self.inner.get_kvm_entry(map, key).await
+        async fn announce(&self, c: crate::store::Change) {
+            self.inner.announce(c).await
         }
-        async fn put_kvm_entry(&self, map: &str, key: &str, e: &KvmEntry, m: Option<Write>) -> Result<(), StoreError> {
-            tokio::time::sleep(self.delay).await;
-            self.inner.put_kvm_entry(map, key, e, m).await
+        async fn count(&self, a: &[crate::ratelimit::Ask]) -> Result<Vec<Option<crate::ratelimit::Decision>>, StoreError> {
+            self.inner.count(a).await
         }
-        async fn delete_kvm_entry(&self, map: &str, key: &str) -> Result<(), StoreError> {
-            tokio::time::sleep(self.delay).await;
-            self.inner.delete_kvm_entry(map, key).await
+        async fn load_counters(&self) -> Result<Vec<(u128, Vec<u8>)>, StoreError> {
+            self.inner.load_counters().await
         }
-        async fn list_kvm_entries(&self, map: &str) -> Result<std::collections::BTreeMap<String, KvmEntry>, StoreError> {
-            tokio::time::sleep(self.delay).await;
-            self.inner.list_kvm_entries(map).await
+        async fn save_counters(&self, r: Vec<(u128, Vec<u8>)>, k: crate::store::backend::Keep) -> Result<(), StoreError> {
+            self.inner.save_counters(r, k).await
+        }
+        async fn cache_get(&self, k: &str) -> Result<Option<Vec<u8>>, StoreError> {
+            self.inner.cache_get(k).await
+        }
+        async fn cache_put(&self, k: &str, v: Vec<u8>, ttl: Duration) -> Result<(), StoreError> {
+            self.inner.cache_put(k, v, ttl).await
         }
     }
 
@@ -770,12 +769,12 @@ mod tests {
     async fn a_slow_store_times_out() {
         use crate::consumer::service::Consumers;
         let slow = Slow {
-            inner: Arc::new(crate::store::memory::MemoryStore::new()),
+            inner: crate::store::memory::MemoryBackend::new(),
             delay: Duration::from_secs(30),
         };
         let c = BuildContext {
             name: "kvm".into(),
-            services: crate::services::Services::with_consumers(Consumers::new(Arc::new(slow))),
+            services: crate::services::Services::with_consumers(Consumers::new(crate::store::Store::new(Arc::new(slow)))),
             ..Default::default()
         };
         for spec in [

@@ -36,18 +36,21 @@
 //! a miss, never an error) and every stored entry is also written there (in the background,
 //! with the same TTL), so replicas share what any of them fetched.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use super::{parse_spec, BuildContext, SpecError};
+use crate::cache::{
+    accepts_encoding, all_values, freshness, hex, is_event_stream, shareable_with_credentials,
+    stored_header, unhex, Entry, Freshness, Key, KeyHasher, LocalCache, SharedTier,
+};
 use crate::expr::{Condition, Template};
 use crate::fault::Fault;
 use crate::pipeline::{Direction, Outcome, Policy};
-use crate::vars::{Exchange, Headers, ResponseInfo};
+use crate::vars::Exchange;
 
 pub const TYPE: &str = "ResponseCache";
 pub const HIT: &str = "responsecache.Hit";
@@ -117,150 +120,6 @@ struct SharedSpec {
     timeout_ms: u64,
 }
 
-/// The Redis tier: connected on first use (a lookup or store never waits longer than
-/// `timeout` for it), keys `tollgate:cache:<policy>:<hex key>`.
-struct SharedCache {
-    client: redis::Client,
-    conn: tokio::sync::OnceCell<redis::aio::ConnectionManager>,
-    prefix: String,
-    timeout: Duration,
-    ttl: Duration,
-}
-
-impl std::fmt::Debug for SharedCache {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SharedCache").field("prefix", &self.prefix).finish_non_exhaustive()
-    }
-}
-
-/// An entry as stored in Redis.
-#[derive(serde::Serialize, Deserialize)]
-struct Wire {
-    status: u16,
-    headers: Vec<(String, String)>,
-    content_type: String,
-    /// Base64 (standard) of the body.
-    body: String,
-    /// When it was stored, Unix ms (for `age`).
-    stored_ms: u64,
-    /// When it stops being served, Unix ms (0 in entries written before this field:
-    /// `stored_ms` + the TTL).
-    #[serde(default)]
-    expires_ms: u64,
-    #[serde(default)]
-    vary: Vec<(String, Option<String>)>,
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
-impl SharedCache {
-    async fn conn(&self) -> Option<redis::aio::ConnectionManager> {
-        let connect = self.conn.get_or_try_init(|| async {
-            let config = redis::aio::ConnectionManagerConfig::new()
-                .set_connection_timeout(self.timeout)
-                .set_response_timeout(self.timeout)
-                .set_number_of_retries(0);
-            redis::aio::ConnectionManager::new_with_config(self.client.clone(), config).await
-        });
-        match tokio::time::timeout(self.timeout, connect).await {
-            Ok(Ok(c)) => Some(c.clone()),
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "shared response cache unreachable");
-                None
-            }
-            Err(_) => None,
-        }
-    }
-
-    fn key(&self, key: &Key) -> String {
-        format!("{}{}", self.prefix, hex(key))
-    }
-
-    async fn get(&self, key: &Key) -> Option<Entry> {
-        use base64::Engine as _;
-        let mut conn = self.conn().await?;
-        let cmd = redis::cmd("GET").arg(self.key(key)).clone();
-        let raw: Option<Vec<u8>> =
-            match tokio::time::timeout(self.timeout, cmd.query_async(&mut conn)).await {
-                Ok(Ok(v)) => v,
-                Ok(Err(e)) => {
-                    tracing::debug!(error = %e, "shared response cache read failed");
-                    None
-                }
-                Err(_) => None,
-            };
-        let w: Wire = serde_json::from_slice(&raw?).ok()?;
-        let body = base64::engine::general_purpose::STANDARD.decode(w.body).ok()?;
-        let now = now_ms();
-        let age = Duration::from_millis(now.saturating_sub(w.stored_ms));
-        // The entry keeps the expiry it was stored with: a replica reading it late must not
-        // serve it for a fresh TTL of its own.
-        let left = match w.expires_ms {
-            0 => self.ttl.saturating_sub(age),
-            at => Duration::from_millis(at.saturating_sub(now)),
-        };
-        if left.is_zero() {
-            return None;
-        }
-        let now = Instant::now();
-        Some(Entry {
-            status: w.status,
-            headers: w.headers,
-            content_type: w.content_type,
-            body,
-            stored: now.checked_sub(age).unwrap_or(now),
-            expires: now + left,
-            vary: w.vary,
-        })
-    }
-
-    fn put(self: &Arc<Self>, key: Key, e: &Entry) {
-        use base64::Engine as _;
-        let Ok(handle) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let left = e.expires.saturating_duration_since(Instant::now());
-        let left_ms = u64::try_from(left.as_millis()).unwrap_or(u64::MAX);
-        if left_ms == 0 {
-            return;
-        }
-        let now = now_ms();
-        let w = Wire {
-            status: e.status,
-            headers: e.headers.clone(),
-            content_type: e.content_type.clone(),
-            body: base64::engine::general_purpose::STANDARD.encode(&e.body),
-            stored_ms: now,
-            expires_ms: now.saturating_add(left_ms),
-            vary: e.vary.clone(),
-        };
-        let Ok(bytes) = serde_json::to_vec(&w) else {
-            return;
-        };
-        let this = self.clone();
-        handle.spawn(async move {
-            let Some(mut conn) = this.conn().await else {
-                return;
-            };
-            let cmd = redis::cmd("SET")
-                .arg(this.key(&key))
-                .arg(bytes)
-                .arg("PX")
-                .arg(left_ms)
-                .clone();
-            let r: Result<Result<(), _>, _> =
-                tokio::time::timeout(this.timeout * 4, cmd.query_async(&mut conn)).await;
-            if !matches!(r, Ok(Ok(()))) {
-                tracing::debug!("shared response cache write failed or timed out");
-            }
-        });
-    }
-}
-
 #[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 enum Scope {
@@ -269,91 +128,6 @@ enum Scope {
     /// Per calling app (`client_id`, set by VerifyApiKey); no app, no caching.
     App,
     Flow,
-}
-
-/// A stored response.
-#[derive(Debug)]
-pub struct Entry {
-    status: u16,
-    headers: Vec<(String, String)>,
-    content_type: String,
-    body: Vec<u8>,
-    stored: Instant,
-    /// When it stops being served: the TTL, capped by the upstream's `s-maxage`/`max-age`,
-    /// and kept when the entry travels through the shared tier.
-    expires: Instant,
-    /// Request headers the response varies on (`Vary`, but `accept-encoding`) with the
-    /// values it was stored for: only a request with the same values is served it.
-    vary: Vec<(String, Option<String>)>,
-}
-
-type Key = [u8; 32];
-type Store = moka::sync::Cache<Key, Arc<Entry>>;
-
-/// moka's per-entry expiry: each entry lives until its own `expires`.
-struct UntilExpires;
-
-impl moka::Expiry<Key, Arc<Entry>> for UntilExpires {
-    fn expire_after_create(&self, _: &Key, e: &Arc<Entry>, now: Instant) -> Option<Duration> {
-        Some(e.expires.saturating_duration_since(now))
-    }
-
-    fn expire_after_update(
-        &self,
-        _: &Key,
-        e: &Arc<Entry>,
-        now: Instant,
-        _: Option<Duration>,
-    ) -> Option<Duration> {
-        Some(e.expires.saturating_duration_since(now))
-    }
-}
-
-/// Every policy's cache, by policy name and settings, shared across reloads so a reload
-/// does not empty them. The map holds weak references: a configuration that no longer uses
-/// a cache (a policy renamed, removed or resized) drops it with its last policy, and its
-/// slot is pruned on the next build.
-#[derive(Debug, Default)]
-pub struct Caches {
-    by_policy: Mutex<HashMap<String, Weak<Store>>>,
-}
-
-impl Caches {
-    fn get(&self, id: String, max_bytes: u64) -> Arc<Store> {
-        let mut map = match self.by_policy.lock() {
-            Ok(m) => m,
-            Err(p) => p.into_inner(),
-        };
-        map.retain(|_, w| w.strong_count() > 0);
-        if let Some(store) = map.get(&id).and_then(Weak::upgrade) {
-            return store;
-        }
-        let store = Arc::new(
-            moka::sync::Cache::builder()
-                .max_capacity(max_bytes)
-                .weigher(|k: &Key, e: &Arc<Entry>| {
-                    let bytes = k.len()
-                        + e.body.len()
-                        + e.content_type.len()
-                        + e.headers.iter().map(|(n, v)| n.len() + v.len()).sum::<usize>();
-                    u32::try_from(bytes).unwrap_or(u32::MAX)
-                })
-                .expire_after(UntilExpires)
-                .build(),
-        );
-        map.insert(id, Arc::downgrade(&store));
-        store
-    }
-
-    /// Caches some policy still uses (the rest are pruned first).
-    pub fn live(&self) -> usize {
-        let mut map = match self.by_policy.lock() {
-            Ok(m) => m,
-            Err(p) => p.into_inner(),
-        };
-        map.retain(|_, w| w.strong_count() > 0);
-        map.len()
-    }
 }
 
 #[derive(Debug)]
@@ -371,11 +145,11 @@ struct ResponseCache {
     max_entry: usize,
     ttl: Duration,
     status_header: String,
-    store: Arc<Store>,
+    store: Arc<LocalCache>,
     /// Keys with a request upstream, for coalescing concurrent misses.
     inflight: Option<moka::sync::Cache<Key, Arc<tokio::sync::Notify>>>,
     coalesce_wait: Duration,
-    shared: Option<Arc<SharedCache>>,
+    shared: Option<Arc<SharedTier>>,
     key_var: String,
     populate_var: String,
     /// Set when `skipLookup` sent the request upstream (`fwd=request`, not `fwd=miss`).
@@ -442,18 +216,13 @@ fn build_cache(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Response
         .shared
         .as_ref()
         .map(|sh| {
-            let client = redis::Client::open(sh.redis.as_str())
-                .map_err(|e| SpecError::new("shared.redis", e.to_string()))?;
+            let timeout = Duration::from_millis(sh.timeout_ms);
+            let tier = SharedTier::redis(&sh.redis, &ctx.name, timeout, ttl)
+                .map_err(|e| SpecError::new("shared.redis", e))?;
             if sh.timeout_ms == 0 {
                 return Err(SpecError::new("shared.timeoutMs", "must be greater than 0"));
             }
-            Ok(Arc::new(SharedCache {
-                client,
-                conn: tokio::sync::OnceCell::new(),
-                prefix: format!("tollgate:cache:{}:", ctx.name),
-                timeout: Duration::from_millis(sh.timeout_ms),
-                ttl,
-            }))
+            Ok(Arc::new(tier))
         })
         .transpose()?;
     Ok(ResponseCache {
@@ -481,143 +250,6 @@ fn build_cache(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Response
     })
 }
 
-fn hex(b: &[u8]) -> String {
-    const H: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(b.len() * 2);
-    for x in b {
-        s.push(H[(x >> 4) as usize] as char);
-        s.push(H[(x & 15) as usize] as char);
-    }
-    s
-}
-
-fn unhex(s: &str) -> Option<Key> {
-    let mut k = [0u8; 32];
-    if s.len() != 64 {
-        return None;
-    }
-    for (i, out) in k.iter_mut().enumerate() {
-        *out = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(k)
-}
-
-/// Headers never stored or replayed: per connection (hop-by-hop), per message, or per user.
-fn stored_header(name: &str) -> bool {
-    !(name.starts_with(':')
-        || name.starts_with("x-envoy-")
-        || name.starts_with("proxy-")
-        || matches!(
-            name,
-            "content-length"
-                | "transfer-encoding"
-                | "connection"
-                | "keep-alive"
-                | "te"
-                | "trailer"
-                | "upgrade"
-                | "set-cookie"
-                | "age"
-                | "content-type"
-        ))
-}
-
-/// Every value of `name`, as one comma-separated list.
-fn all_values(h: &Headers, name: &str) -> String {
-    let mut out = String::new();
-    for (_, v) in h.iter().filter(|(n, _)| n.eq_ignore_ascii_case(name)) {
-        if !out.is_empty() {
-            out.push(',');
-        }
-        out.push_str(v);
-    }
-    out
-}
-
-/// What an upstream's `Cache-Control` allows a shared cache.
-#[derive(Debug, PartialEq, Eq)]
-enum Freshness {
-    /// `no-store`, `private`, `no-cache` (stored responses would need revalidation, which
-    /// this cache does not do; not on event streams, see `freshness`), or a lifetime of 0.
-    DoNotStore,
-    /// `s-maxage` (preferred: this is a shared cache) or `max-age`: the TTL's upper bound.
-    AtMost(Duration),
-    Unbounded,
-}
-
-fn is_event_stream(resp: &ResponseInfo) -> bool {
-    resp.headers
-        .get("content-type")
-        .is_some_and(|c| c.trim_start().to_ascii_lowercase().starts_with("text/event-stream"))
-}
-
-/// `event_stream`: the response is `text/event-stream`, whose `no-cache` is the customary
-/// "do not buffer or replay this live stream" of SSE servers (LLM APIs send it on every
-/// streamed answer), not a statement about the answer's content; caching a deterministic
-/// completion is the policy's decision, so there `no-cache` does not forbid storing.
-fn freshness(cache_control: &str, event_stream: bool) -> Freshness {
-    let (mut max_age, mut s_maxage) = (None, None);
-    for d in cache_control.split(',') {
-        let d = d.trim().to_ascii_lowercase();
-        let (name, arg) = match d.split_once('=') {
-            Some((n, a)) => (n.trim(), Some(a.trim().trim_matches('"'))),
-            None => (d.as_str(), None),
-        };
-        match name {
-            "no-store" | "private" => return Freshness::DoNotStore,
-            "no-cache" if !event_stream => return Freshness::DoNotStore,
-            // An unparsable lifetime is stale (RFC 9111 §4.2.1).
-            "max-age" => max_age = Some(arg.and_then(|a| a.parse::<u64>().ok()).unwrap_or(0)),
-            "s-maxage" => s_maxage = Some(arg.and_then(|a| a.parse::<u64>().ok()).unwrap_or(0)),
-            _ => {}
-        }
-    }
-    match s_maxage.or(max_age) {
-        Some(0) => Freshness::DoNotStore,
-        Some(n) => Freshness::AtMost(Duration::from_secs(n)),
-        None => Freshness::Unbounded,
-    }
-}
-
-/// RFC 9111 §3.5: a shared cache may store a response to a request with `Authorization`
-/// only when its `Cache-Control` has `public`, `s-maxage` or `must-revalidate`.
-fn shareable_with_credentials(cache_control: &str) -> bool {
-    cache_control.split(',').any(|d| {
-        let name = d.split('=').next().unwrap_or_default().trim();
-        ["public", "s-maxage", "must-revalidate"]
-            .iter()
-            .any(|n| name.eq_ignore_ascii_case(n))
-    })
-}
-
-/// Whether `accept-encoding` allows every coding of `content-encoding` (RFC 9110 §12.5.3;
-/// a request without `accept-encoding` is only served identity, to be safe).
-fn accepts_encoding(accept: Option<&str>, content_encoding: &str) -> bool {
-    content_encoding
-        .split(',')
-        .map(|c| c.trim().to_ascii_lowercase())
-        .filter(|c| !c.is_empty() && c != "identity")
-        .all(|coding| {
-            let Some(accept) = accept else { return false };
-            let mut star = None;
-            for item in accept.split(',') {
-                let mut parts = item.split(';');
-                let name = parts.next().unwrap_or_default().trim().to_ascii_lowercase();
-                let q = parts
-                    .filter_map(|p| p.trim().strip_prefix("q=").or_else(|| p.trim().strip_prefix("Q=")))
-                    .find_map(|q| q.trim().parse::<f32>().ok())
-                    .unwrap_or(1.0);
-                if name == coding {
-                    return q > 0.0;
-                }
-                if name == "*" {
-                    star = Some(q > 0.0);
-                }
-            }
-            star.unwrap_or(false)
-        })
-}
-
 impl ResponseCache {
     /// The key for this exchange, or `None` when it must not be cached (no app in app
     /// scope, a method not cached).
@@ -626,11 +258,8 @@ impl ResponseCache {
         if !self.methods.iter().any(|m| m == method) {
             return None;
         }
-        let mut h = Sha256::new();
-        let mut part = |b: &[u8]| {
-            h.update((b.len() as u64).to_be_bytes());
-            h.update(b);
-        };
+        let mut h = KeyHasher::new();
+        let mut part = |b: &[u8]| h.part(b);
         part(self.prefix.as_bytes());
         match self.scope {
             Scope::Global => part(b"global"),
@@ -658,7 +287,7 @@ impl ResponseCache {
             let digest = Sha256::digest(ex.request_body.as_deref().unwrap_or_default());
             part(&digest);
         }
-        Some(h.finalize().into())
+        Some(h.finish())
     }
 
     /// Whether the client sent credentials (RFC 9111 §3.5's `Authorization`, or an API key,
@@ -1277,7 +906,7 @@ mod tests {
         assert_eq!(caches.live(), 2);
         drop(same);
         assert_eq!(caches.live(), 1);
-        assert_eq!(caches.by_policy.lock().unwrap().len(), 1, "the dead slot is pruned");
+        assert_eq!(caches.slots(), 1, "the dead slot is pruned");
         assert_eq!(lookup(&resized, &mut request("GET", "/r", None)).await, None);
         drop(resized);
         assert_eq!(caches.live(), 0);

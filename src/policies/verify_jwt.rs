@@ -33,7 +33,7 @@ use serde::Deserialize;
 
 use super::{check_header_name, parse_spec, read_config_file, BuildContext, SpecError};
 use crate::fault::Fault;
-use crate::jwks::{Fetched, Key, KeySet, Lookup, Reason, RemoteKeySet, RemoteOptions};
+use crate::jwks::{Current, Key, KeySet, Lookup, Reason, RemoteKeySet, RemoteOptions};
 use crate::pipeline::{Direction, Outcome, Policy};
 use crate::vars::{Exchange, Value};
 
@@ -389,7 +389,7 @@ struct Parsed {
 #[derive(Debug)]
 struct VerifiedCache {
     hasher: std::hash::RandomState,
-    shards: Vec<std::sync::Mutex<std::collections::HashMap<u64, Arc<VerifiedToken>>>>,
+    shards: Vec<parking_lot::Mutex<std::collections::HashMap<u64, Arc<VerifiedToken>>>>,
 }
 
 #[derive(Debug)]
@@ -411,14 +411,14 @@ impl VerifiedCache {
         }
     }
 
-    fn shard(&self, h: u64) -> &std::sync::Mutex<std::collections::HashMap<u64, Arc<VerifiedToken>>> {
+    fn shard(&self, h: u64) -> &parking_lot::Mutex<std::collections::HashMap<u64, Arc<VerifiedToken>>> {
         &self.shards[(h as usize) % CACHE_SHARDS]
     }
 
     fn get(&self, token: &str, generation: u64, now: u64, leeway: u64) -> Option<Arc<Vec<(String, Value)>>> {
         use std::hash::BuildHasher;
         let h = self.hasher.hash_one(token);
-        let shard = self.shard(h).lock().ok()?;
+        let shard = self.shard(h).lock();
         let e = shard.get(&h)?;
         (e.generation == generation
             && *e.token == *token
@@ -429,9 +429,7 @@ impl VerifiedCache {
     fn put(&self, token: &str, exp: Option<u64>, generation: u64, vars: Arc<Vec<(String, Value)>>) {
         use std::hash::BuildHasher;
         let h = self.hasher.hash_one(token);
-        let Ok(mut shard) = self.shard(h).lock() else {
-            return;
-        };
+        let mut shard = self.shard(h).lock();
         if shard.len() >= CACHE_PER_SHARD {
             let now = now_secs();
             shard.retain(|_, e| e.exp.is_none_or(|exp| exp >= now));
@@ -706,7 +704,7 @@ impl Policy for VerifyJwt {
         let token = token.into_owned();
         let remote = Arc::clone(remote);
         Outcome::Pending(Box::pin(async move {
-            let set: Arc<Fetched> = match remote.refresh(reason).await {
+            let set: Current = match remote.refresh(reason).await {
                 Ok(s) => s,
                 // Rate limited or failed: answer from what is cached, if anything.
                 Err(e) => match cached {
@@ -909,7 +907,7 @@ tokenFrom: [{header: x-jwt}, {query: access_token}]
         for i in 0..(CACHE_SHARDS * CACHE_PER_SHARD * 2) {
             c.put(&format!("t{i}"), Some(now + 10), 7, Arc::clone(&vars));
         }
-        let total: usize = c.shards.iter().map(|s| s.lock().unwrap().len()).sum();
+        let total: usize = c.shards.iter().map(|s| s.lock().len()).sum();
         assert!(total <= CACHE_SHARDS * CACHE_PER_SHARD, "bounded: {total}");
         // A cached token is answered without parsing or checking a signature again, but
         // only while it is still valid: an expired one falls through to full checks.

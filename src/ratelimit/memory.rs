@@ -10,7 +10,8 @@
 //! in one flow never reset each other's and the overflow still limits.
 //!
 //! Checkpoints: fixed, flexi and rolling windows of a minute or longer are written (when
-//! changed) to the `counters` table of the embedded store's file and read back at start, so
+//! changed) to the store's backend ([`Backend::save_counters`]: the `counters` table of the
+//! embedded store's file) and read back at start, so
 //! a restart keeps a day's or a month's count (losing at most one checkpoint interval of
 //! counting). A failed checkpoint marks its rows changed again, so the next one retries.
 
@@ -20,17 +21,17 @@ use std::sync::Arc;
 use dashmap::mapref::entry::Entry;
 use dashmap::mapref::one::RefMut;
 use dashmap::DashMap;
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::{gcra_overflow_key, Ask, Decision, Key, Mode, Window, RL_METRICS, ROLLING_SLOTS};
+use crate::store::Backend;
 
 /// Live counters kept before new identifiers share an overflow counter.
 pub const DEFAULT_MAX_KEYS: usize = 2_000_000;
 /// Windows shorter than this are not checkpointed: they are over before a restart matters.
 const CHECKPOINT_MIN_WINDOW: i64 = 60_000;
-/// Counter checkpoints: key → start, end, count (little-endian i64, i64, u64: a fixed or
-/// flexi window), or `r`, slot length, head, ten slot counts (a rolling window).
-const COUNTERS: TableDefinition<'static, u128, &'static [u8]> = TableDefinition::new("counters");
+/// Checkpoint rows: key → start, end, count (little-endian i64, i64, u64: a fixed or flexi
+/// window), or `r`, slot length, head, ten slot counts (a rolling window).
+type Row = (u128, Vec<u8>);
 
 #[derive(Debug, Clone)]
 enum Slot {
@@ -332,23 +333,17 @@ impl MemoryCounters {
     }
 
     /// Reads counters checkpointed earlier; returns how many are still live.
-    pub fn restore(&self, db: &Database, now: i64) -> Result<usize, String> {
-        let txn = db.begin_read().map_err(|e| e.to_string())?;
-        let table = match txn.open_table(COUNTERS) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(0),
-            Err(e) => return Err(e.to_string()),
-        };
+    pub async fn restore(&self, backend: &dyn Backend, now: i64) -> Result<usize, String> {
+        let rows = backend.load_counters().await.map_err(|e| e.to_string())?;
         let mut n = 0;
-        for row in table.iter().map_err(|e| e.to_string())? {
-            let (k, v) = row.map_err(|e| e.to_string())?;
-            let Some(slot) = decode(v.value()) else {
+        for (k, v) in rows {
+            let Some(slot) = decode(&v) else {
                 continue;
             };
             if slot.expires() <= now {
                 continue;
             }
-            if self.map.insert(Key(k.value()), slot).is_none() {
+            if self.map.insert(Key(k), slot).is_none() {
                 self.live.fetch_add(1, Ordering::Relaxed);
             }
             n += 1;
@@ -357,32 +352,14 @@ impl MemoryCounters {
     }
 
     /// Writes the windows changed since the last checkpoint and drops expired rows, in one
-    /// durable transaction. Returns the rows written.
-    pub fn checkpoint(&self, db: &Database, now: i64) -> Result<usize, String> {
-        self.checkpoint_with(now, |changed| {
-            let mut txn = db.begin_write().map_err(|e| e.to_string())?;
-            txn.set_durability(Durability::Immediate)
-                .map_err(|e| e.to_string())?;
-            {
-                let mut t = txn.open_table(COUNTERS).map_err(|e| e.to_string())?;
-                for (k, v) in changed {
-                    t.insert(*k, v.as_slice()).map_err(|e| e.to_string())?;
-                }
-                t.retain(|_, v| decode(v).is_some_and(|s| s.expires() > now))
-                    .map_err(|e| e.to_string())?;
-            }
-            txn.commit().map_err(|e| e.to_string())
-        })
+    /// durable step. Returns the rows written.
+    pub async fn checkpoint(&self, backend: &dyn Backend, now: i64) -> Result<usize, String> {
+        let changed = self.take_changed(now);
+        self.write_changed(changed, save_to(backend, now)).await
     }
 
-    /// Collects the changed windows of a minute or longer, clearing their flag, and hands
-    /// them to `write`; if it fails they are marked changed again (a count that moved
-    /// meanwhile was marked by its decision anyway), so the next checkpoint writes them.
-    fn checkpoint_with(
-        &self,
-        now: i64,
-        write: impl FnOnce(&[(u128, Vec<u8>)]) -> Result<(), String>,
-    ) -> Result<usize, String> {
+    /// Collects the changed windows of a minute or longer, clearing their flag.
+    fn take_changed(&self, now: i64) -> Vec<Row> {
         let mut changed = Vec::new();
         for mut e in self.map.iter_mut() {
             let key = e.key().0;
@@ -407,8 +384,19 @@ impl MemoryCounters {
                 Slot::Gcra { .. } => {}
             }
         }
-        if let Err(e) = write(&changed) {
-            for (k, _) in &changed {
+        changed
+    }
+
+    /// Hands `changed` to `write`; if it fails they are marked changed again (a count that
+    /// moved meanwhile was marked by its decision anyway), so the next checkpoint writes them.
+    async fn write_changed<F, Fut>(&self, changed: Vec<Row>, write: F) -> Result<usize, String>
+    where
+        F: FnOnce(Vec<Row>) -> Fut,
+        Fut: std::future::Future<Output = Result<(), String>>,
+    {
+        let keys: Vec<u128> = changed.iter().map(|(k, _)| *k).collect();
+        if let Err(e) = write(changed).await {
+            for k in &keys {
                 if let Some(mut s) = self.map.get_mut(&Key(*k)) {
                     match s.value_mut() {
                         Slot::Window { dirty, .. } => *dirty = true,
@@ -419,7 +407,24 @@ impl MemoryCounters {
             }
             return Err(e);
         }
-        Ok(changed.len())
+        Ok(keys.len())
+    }
+}
+
+type SaveFuture<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + 'a>>;
+
+/// Writes checkpoint rows to `backend`, dropping the rows expired at `now`.
+fn save_to<'a>(backend: &'a dyn Backend, now: i64) -> impl FnOnce(Vec<Row>) -> SaveFuture<'a> {
+    move |rows| {
+        Box::pin(async move {
+            let keep: crate::store::backend::Keep =
+                Arc::new(move |v: &[u8]| decode(v).is_some_and(|s| s.expires() > now));
+            backend
+                .save_counters(rows, keep)
+                .await
+                .map_err(|e| e.to_string())
+        })
     }
 }
 
@@ -484,12 +489,12 @@ fn decode(v: &[u8]) -> Option<Slot> {
     })))
 }
 
-/// Runs the sweep every second and, with a database, the checkpoint every `every`, until
+/// Runs the sweep every second and, with a backend, the checkpoint every `every`, until
 /// the process ends.
 pub fn spawn_maintenance(
     counters: Arc<MemoryCounters>,
     clock: Arc<dyn super::Clock>,
-    checkpoint: Option<(Arc<Database>, std::time::Duration)>,
+    checkpoint: Option<(Arc<dyn Backend>, std::time::Duration)>,
 ) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
@@ -502,20 +507,30 @@ pub fn spawn_maintenance(
             let due = checkpoint
                 .as_ref()
                 .filter(|(_, every)| last_checkpoint.elapsed() >= *every)
-                .map(|(db, _)| db.clone());
+                .map(|(backend, _)| backend.clone());
             if due.is_some() {
                 last_checkpoint = tokio::time::Instant::now();
             }
-            // The sweep walks the table and the checkpoint writes a file: off the workers.
+            let collect = due.is_some();
+            // The sweep and the collection walk the table: off the workers.
             let res = tokio::task::spawn_blocking(move || {
                 c.sweep(now);
-                due.map(|db| c.checkpoint(&db, now))
+                collect.then(|| c.take_changed(now))
             })
             .await;
-            match res {
-                Ok(Some(Err(e))) => tracing::warn!(error = %e, "counter checkpoint failed"),
-                Ok(Some(Ok(n))) if n > 0 => tracing::debug!(rows = n, "counters checkpointed"),
-                Err(e) => tracing::warn!(error = %e, "counter maintenance task failed"),
+            let written = match (res, due) {
+                (Ok(Some(rows)), Some(backend)) => {
+                    Some(counters.write_changed(rows, save_to(&*backend, now)).await)
+                }
+                (Err(e), _) => {
+                    tracing::warn!(error = %e, "counter maintenance task failed");
+                    None
+                }
+                _ => None,
+            };
+            match written {
+                Some(Err(e)) => tracing::warn!(error = %e, "counter checkpoint failed"),
+                Some(Ok(n)) if n > 0 => tracing::debug!(rows = n, "counters checkpointed"),
                 _ => {}
             }
         }
@@ -725,10 +740,10 @@ mod tests {
         assert!(c.len() <= 2);
     }
 
-    #[test]
-    fn checkpoint_and_restore() {
+    #[tokio::test]
+    async fn checkpoint_and_restore() {
         let dir = tempfile::tempdir().unwrap();
-        let db = Database::create(dir.path().join("c.redb")).unwrap();
+        let db = crate::store::embedded::EmbeddedBackend::open(dir.path()).unwrap();
         let c = MemoryCounters::new(100);
         let day = Window::Fixed {
             start: 0,
@@ -742,10 +757,18 @@ mod tests {
             c.apply(&ask(7, day, 100, 1, Mode::EnforceAndCount, 10));
         }
         c.apply(&ask(8, sec, 100, 1, Mode::EnforceAndCount, 10));
-        assert_eq!(c.checkpoint(&db, 20).unwrap(), 1, "only the day window");
-        assert_eq!(c.checkpoint(&db, 30).unwrap(), 0, "nothing changed since");
+        assert_eq!(
+            c.checkpoint(&db, 20).await.unwrap(),
+            1,
+            "only the day window"
+        );
+        assert_eq!(
+            c.checkpoint(&db, 30).await.unwrap(),
+            0,
+            "nothing changed since"
+        );
         let fresh = MemoryCounters::new(100);
-        assert_eq!(fresh.restore(&db, 40).unwrap(), 1);
+        assert_eq!(fresh.restore(&db, 40).await.unwrap(), 1);
         assert_eq!(
             fresh
                 .apply(&ask(7, day, 100, 1, Mode::EnforceAndCount, 50))
@@ -753,13 +776,15 @@ mod tests {
             8
         );
         // Expired rows are neither restored nor kept.
-        assert_eq!(MemoryCounters::new(10).restore(&db, 86_400_000).unwrap(), 0);
-        c.checkpoint(&db, 86_400_000).unwrap();
-        let txn = db.begin_read().unwrap();
         assert_eq!(
-            redb::ReadableTableMetadata::len(&txn.open_table(COUNTERS).unwrap()).unwrap(),
+            MemoryCounters::new(10)
+                .restore(&db, 86_400_000)
+                .await
+                .unwrap(),
             0
         );
+        c.checkpoint(&db, 86_400_000).await.unwrap();
+        assert_eq!(db.load_counters().await.unwrap().len(), 0);
     }
 
     /// A full table: a spike arrest (rolling and GCRA) and two quotas (fixed and flexi) send
@@ -822,10 +847,10 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_failed_checkpoint_is_retried_by_the_next() {
+    #[tokio::test]
+    async fn a_failed_checkpoint_is_retried_by_the_next() {
         let dir = tempfile::tempdir().unwrap();
-        let db = Database::create(dir.path().join("c.redb")).unwrap();
+        let db = crate::store::embedded::EmbeddedBackend::open(dir.path()).unwrap();
         let c = MemoryCounters::new(100);
         let day = Window::Fixed {
             start: 0,
@@ -834,15 +859,18 @@ mod tests {
         for _ in 0..3 {
             c.apply(&ask(7, day, 100, 1, Mode::EnforceAndCount, 10));
         }
-        let failed = c.checkpoint_with(20, |rows| {
-            assert_eq!(rows.len(), 1);
-            Err("disk full".into())
-        });
+        let changed = c.take_changed(20);
+        let failed = c
+            .write_changed(changed, |rows| async move {
+                assert_eq!(rows.len(), 1);
+                Err("disk full".to_owned())
+            })
+            .await;
         assert_eq!(failed, Err("disk full".into()));
         // Nothing changed since, yet the row is written now.
-        assert_eq!(c.checkpoint(&db, 30).unwrap(), 1);
+        assert_eq!(c.checkpoint(&db, 30).await.unwrap(), 1);
         let fresh = MemoryCounters::new(100);
-        assert_eq!(fresh.restore(&db, 40).unwrap(), 1);
+        assert_eq!(fresh.restore(&db, 40).await.unwrap(), 1);
         assert_eq!(
             fresh
                 .apply(&ask(7, day, 100, 1, Mode::EnforceAndCount, 50))
@@ -851,10 +879,10 @@ mod tests {
         );
     }
 
-    #[test]
-    fn rolling_windows_are_checkpointed_and_keep_expiring_after_a_restart() {
+    #[tokio::test]
+    async fn rolling_windows_are_checkpointed_and_keep_expiring_after_a_restart() {
         let dir = tempfile::tempdir().unwrap();
-        let db = Database::create(dir.path().join("c.redb")).unwrap();
+        let db = crate::store::embedded::EmbeddedBackend::open(dir.path()).unwrap();
         let c = MemoryCounters::new(100);
         let hour = 3_600_000;
         let w = Window::Rolling { len: hour };
@@ -874,21 +902,23 @@ mod tests {
             Mode::EnforceAndCount,
             0,
         ));
-        assert_eq!(c.checkpoint(&db, hour / 2).unwrap(), 1);
+        assert_eq!(c.checkpoint(&db, hour / 2).await.unwrap(), 1);
         let fresh = MemoryCounters::new(100);
-        assert_eq!(fresh.restore(&db, hour / 2 + 1).unwrap(), 1);
+        assert_eq!(fresh.restore(&db, hour / 2 + 1).await.unwrap(), 1);
         let d = fresh.apply(&ask(9, w, 10, 1, Mode::EnforceAndCount, hour / 2 + 1));
         assert_eq!(d.used, 6, "the restart kept the rolling count");
         // The 0:00 requests leave an hour later; the later ones stay.
         let d = fresh.apply(&ask(9, w, 10, 0, Mode::EnforceOnly, hour));
         assert_eq!(d.used, 3);
         // A rolling row whose counts have all left is neither restored nor kept.
-        assert_eq!(MemoryCounters::new(10).restore(&db, 3 * hour).unwrap(), 0);
-        c.checkpoint(&db, 3 * hour).unwrap();
-        let txn = db.begin_read().unwrap();
         assert_eq!(
-            redb::ReadableTableMetadata::len(&txn.open_table(COUNTERS).unwrap()).unwrap(),
+            MemoryCounters::new(10)
+                .restore(&db, 3 * hour)
+                .await
+                .unwrap(),
             0
         );
+        c.checkpoint(&db, 3 * hour).await.unwrap();
+        assert_eq!(db.load_counters().await.unwrap().len(), 0);
     }
 }

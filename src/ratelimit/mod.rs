@@ -2,11 +2,14 @@
 //! configuration load through [`crate::services::Services`], so counts survive reloads.
 //!
 //! - [`memory::MemoryCounters`]: in-memory counters (a sharded `DashMap` of small slots),
-//!   bounded in size, optionally checkpointed to the embedded store so a restart keeps a
-//!   day's or a month's count. Spike arrest always counts here (per replica, as in Apigee).
-//! - [`redis::RedisCounters`]: quotas shared by replicas through Redis, either synchronous
-//!   (one atomic Lua call per decision: replicas together never exceed the limit) or
-//!   asynchronous (local counting, batched sync; bounded overshoot).
+//!   bounded in size, optionally checkpointed through a storage backend (the embedded
+//!   store's file) so a restart keeps a day's or a month's count. Spike arrest always counts
+//!   here (per replica, as in Apigee). The data path calls it directly: no trait object, no
+//!   lock beyond one shard's.
+//! - [`shared::SharedCounters`]: quotas shared by replicas through a storage backend
+//!   ([`crate::store::Backend::count`]: Redis), either synchronous (one atomic call per
+//!   decision: replicas together never exceed the limit) or asynchronous (local counting,
+//!   batched sync; bounded overshoot).
 //!
 //! Every time comes from a [`Clock`] in milliseconds since the Unix epoch (UTC), so tests
 //! drive window edges with a [`FakeClock`]. `governor` is not used: quota windows need wall
@@ -16,7 +19,7 @@
 
 pub mod memory;
 pub mod policy;
-pub mod redis;
+pub mod shared;
 pub mod window;
 
 use std::fmt;
@@ -184,7 +187,7 @@ pub enum Mode {
 }
 
 impl Mode {
-    fn code(self) -> &'static str {
+    pub(crate) fn code(self) -> &'static str {
         match self {
             Mode::EnforceAndCount => "ec",
             Mode::EnforceOnly => "e",
@@ -232,7 +235,7 @@ pub enum CounterError {
 
 pub type DecisionFuture = Pin<Box<dyn Future<Output = Result<Decision, CounterError>> + Send>>;
 
-/// A decision now, or one that waits on Redis.
+/// A decision now, or one that waits on the shared backend.
 pub enum Pending {
     Ready(Result<Decision, CounterError>),
     Wait(DecisionFuture),
@@ -242,7 +245,7 @@ pub enum Pending {
 #[derive(Debug, Clone)]
 enum Backend {
     Memory,
-    Redis(Arc<redis::RedisCounters>),
+    Shared(Arc<shared::SharedCounters>),
 }
 
 /// The process's counter service.
@@ -279,16 +282,16 @@ impl Counters {
         }
     }
 
-    /// Quotas in Redis, the rest in `local`.
-    pub fn redis(
+    /// Quotas in a shared backend, the rest in `local`.
+    pub fn shared(
         clock: Arc<dyn Clock>,
         local: Arc<memory::MemoryCounters>,
-        redis: Arc<redis::RedisCounters>,
+        shared: Arc<shared::SharedCounters>,
     ) -> Self {
         Self {
             clock,
             local,
-            backend: Backend::Redis(redis),
+            backend: Backend::Shared(shared),
         }
     }
 
@@ -306,7 +309,7 @@ impl Counters {
     pub fn kind(&self) -> &'static str {
         match &self.backend {
             Backend::Memory => "memory",
-            Backend::Redis(r) => r.kind(),
+            Backend::Shared(r) => r.kind(),
         }
     }
 
@@ -314,7 +317,7 @@ impl Counters {
     pub fn decide(&self, ask: Ask) -> Pending {
         match &self.backend {
             Backend::Memory => Pending::Ready(Ok(self.local.apply(&ask))),
-            Backend::Redis(r) => r.decide(ask, &self.local),
+            Backend::Shared(r) => r.decide(ask, &self.local),
         }
     }
 }

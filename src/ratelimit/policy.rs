@@ -5,7 +5,7 @@ use serde::Deserialize;
 
 use crate::expr::Template;
 use crate::fault::Fault;
-use crate::policies::SpecError;
+use crate::policies::common::SpecError;
 use crate::vars::Exchange;
 
 /// Longest identifier kept in flow variables (the counter key is a hash of the whole one).

@@ -118,7 +118,7 @@ impl TlsFiles {
 pub struct ReloadingTls {
     files: TlsFiles,
     current: ArcSwap<ServerConfig>,
-    contents: std::sync::Mutex<Vec<Vec<u8>>>,
+    contents: parking_lot::Mutex<Vec<Vec<u8>>>,
 }
 
 impl ReloadingTls {
@@ -129,7 +129,7 @@ impl ReloadingTls {
         Ok(Arc::new(Self {
             files,
             current: ArcSwap::new(config),
-            contents: std::sync::Mutex::new(contents),
+            contents: parking_lot::Mutex::new(contents),
         }))
     }
 
@@ -144,9 +144,7 @@ impl ReloadingTls {
                 return false;
             }
         };
-        let Ok(mut seen) = self.contents.lock() else {
-            return false;
-        };
+        let mut seen = self.contents.lock();
         if *seen == contents {
             return false;
         }

@@ -3,13 +3,17 @@
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::StoreError;
+use super::backend::Table;
+use super::{kvm_name, StoreError, KVM_KIND};
 use crate::consumer::{ApiProduct, App};
+use crate::kvm::KvmEntry;
 
 /// An object a store keeps under its name.
 pub(super) trait Stored: Serialize + DeserializeOwned + Send + 'static {
     /// For messages (`product`, `app`), as in [`StoreError`].
     const KIND: &'static str;
+    /// Where the backends keep it.
+    const TABLE: Table<'static>;
     fn name(&self) -> &str;
     /// The revision (see [`crate::consumer::App::revision`]).
     fn revision(&self) -> u64;
@@ -18,6 +22,7 @@ pub(super) trait Stored: Serialize + DeserializeOwned + Send + 'static {
 
 impl Stored for ApiProduct {
     const KIND: &'static str = "product";
+    const TABLE: Table<'static> = Table::Products;
     fn name(&self) -> &str {
         &self.name
     }
@@ -34,6 +39,7 @@ impl Stored for ApiProduct {
 
 impl Stored for App {
     const KIND: &'static str = "app";
+    const TABLE: Table<'static> = Table::Apps;
     fn name(&self) -> &str {
         &self.name
     }
@@ -98,20 +104,32 @@ pub(super) fn decode<T: Stored>(name: &str, bytes: &[u8]) -> Result<T, StoreErro
     Ok(value)
 }
 
-/// Decodes every entry of a collection for a snapshot. An entry that does not decode is logged
-/// and left out: one damaged object must not keep every other one from loading (the data path
-/// fails closed for the missing object; reading it by name reports `Corrupt`).
-pub(super) fn decode_all<'a, T: Stored>(
-    entries: impl IntoIterator<Item = (&'a str, &'a [u8])>,
-) -> Vec<T> {
-    entries
-        .into_iter()
-        .filter_map(|(name, bytes)| match decode(name, bytes) {
-            Ok(v) => Some(v),
-            Err(e) => {
-                tracing::error!(error = %e, "skipping an unreadable stored object");
-                None
-            }
-        })
-        .collect()
+/// Decodes one entry of a collection for a snapshot. An entry that does not decode is
+/// logged and left out: one damaged object must not keep every other one from loading (the
+/// data path fails closed for the missing object; reading it by name reports `Corrupt`).
+pub(super) fn decode_or_skip<T: Stored>(name: &str, bytes: &[u8]) -> Option<T> {
+    match decode(name, bytes) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            tracing::error!(error = %e, "skipping an unreadable stored object");
+            None
+        }
+    }
+}
+
+pub(super) fn encode_entry(map: &str, key: &str, e: &KvmEntry) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(e).map_err(|err| {
+        StoreError::Unavailable(format!(
+            "cannot encode kvm entry `{}`: {err}",
+            kvm_name(map, key)
+        ))
+    })
+}
+
+pub(super) fn decode_entry(map: &str, key: &str, bytes: &[u8]) -> Result<KvmEntry, StoreError> {
+    serde_json::from_slice(bytes).map_err(|err| StoreError::Corrupt {
+        kind: KVM_KIND,
+        name: kvm_name(map, key),
+        message: err.to_string(),
+    })
 }

@@ -1,28 +1,30 @@
-//! The embedded store: one `redb` database file under the data directory, for a single
+//! The embedded backend: one `redb` database file under the data directory, for a single
 //! replica (the default).
 //!
-//! Layout: the file `<dir>/tollgate.redb` holds two tables, `products` and `apps`, both keyed
-//! by object name (`&str`) with the object's JSON (`serde_json`) as the value. Every write is
-//! one write transaction, committed with `Durability::Immediate` (an fsync) before the call
-//! returns `Ok`, so an acknowledged write survives `kill -9` and power loss. `Write::Create`
-//! and `Write::Update` are checked inside that same transaction. redb calls block, so they run
+//! Layout: the file `<dir>/tollgate.redb` holds the tables `products` and `apps` (keyed by
+//! object name, the object's JSON as the value), `kvms` (key `<map>\0<key>`, `KvmEntry`
+//! JSON) and `counters` (quota counter checkpoints, keyed by the counter's 128-bit key).
+//! Every write is one write transaction, committed with `Durability::Immediate` (an fsync)
+//! before the call returns `Ok`, so an acknowledged write survives `kill -9` and power loss.
+//! Write conditions are checked inside that same transaction. redb calls block, so they run
 //! on tokio's blocking pool.
 //!
 //! The change feed carries this process's own writes (one replica owns the file: redb locks
-//! it, and a second process opening it gets [`StoreError::Unavailable`]).
+//! it, and a second process opening it gets [`StoreError::Unavailable`]). Counters decided
+//! through [`Backend::count`] and cache entries live in memory, as in the memory backend.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::broadcast;
 
-use super::codec::{self, Stored};
-use super::{kvm_name, Change, Contents, Store, StoreError, Write, KVM_KIND};
-use crate::consumer::{ApiProduct, App};
-use crate::kvm::KvmEntry;
-use std::collections::BTreeMap;
+use super::backend::{Backend, Cond, InProcess, Keep, OwnedTable, Put, Table, Visit};
+use super::memory::judge;
+use super::{Change, StoreError};
+use crate::ratelimit::{Ask, Decision};
 
 /// The database file's name inside the data directory.
 pub const DB_FILE: &str = "tollgate.redb";
@@ -32,10 +34,12 @@ pub const PRODUCTS: TableDefinition<'static, &'static str, &'static [u8]> =
 /// Apps by name; values are `App` JSON.
 pub const APPS: TableDefinition<'static, &'static str, &'static [u8]> =
     TableDefinition::new("apps");
-
 /// Key-value map entries: key `<map>\0<key>` (neither contains NUL), value `KvmEntry` JSON.
 pub const KVMS: TableDefinition<'static, &'static str, &'static [u8]> =
     TableDefinition::new("kvms");
+/// Counter checkpoints: key → the encoded window (see `crate::ratelimit::memory`).
+pub const COUNTERS: TableDefinition<'static, u128, &'static [u8]> =
+    TableDefinition::new("counters");
 
 /// redb's page cache. Reads are rare (the index is built once from a snapshot, then only
 /// changed objects are read), so the cache only needs the B-tree's upper pages for writes;
@@ -43,7 +47,16 @@ pub const KVMS: TableDefinition<'static, &'static str, &'static [u8]> =
 /// key creations on a 100k-app store as fast as with 32 MiB (benches/consumers-scale.sh).
 const CACHE_BYTES: usize = 8 * 1024 * 1024;
 
-type Table = TableDefinition<'static, &'static str, &'static [u8]>;
+type Def = TableDefinition<'static, &'static str, &'static [u8]>;
+
+/// Where a table's records live: the redb table and the key prefix (`<map>\0` for a map).
+fn place(table: Table<'_>) -> (Def, String) {
+    match table {
+        Table::Products => (PRODUCTS, String::new()),
+        Table::Apps => (APPS, String::new()),
+        Table::Kvm(map) => (KVMS, format!("{map}\0")),
+    }
+}
 
 /// A write transaction whose commit returns only once the data is on disk (redb's
 /// default, stated: an acknowledged API write must survive `kill -9`).
@@ -54,21 +67,22 @@ fn durable_write(db: &Database, path: &Path) -> Result<redb::WriteTransaction, S
     Ok(txn)
 }
 
-pub struct EmbeddedStore {
+pub struct EmbeddedBackend {
     db: Arc<Database>,
     path: PathBuf,
+    local: InProcess,
     changes: broadcast::Sender<Change>,
 }
 
-impl std::fmt::Debug for EmbeddedStore {
+impl std::fmt::Debug for EmbeddedBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EmbeddedStore")
+        f.debug_struct("EmbeddedBackend")
             .field("path", &self.path)
             .finish_non_exhaustive()
     }
 }
 
-impl EmbeddedStore {
+impl EmbeddedBackend {
     /// Opens (creating when missing) `dir/tollgate.redb`, and creates its tables. This blocks
     /// on file I/O (and, after a crash, on redb's repair): call it before serving, or on the
     /// blocking pool as [`super::open`] does.
@@ -90,24 +104,19 @@ impl EmbeddedStore {
         let store = Self {
             db: Arc::new(db),
             path,
+            local: InProcess::default(),
             changes: broadcast::channel(1024).0,
         };
-        // Create both tables up front, so readers never meet a missing table.
+        // Create the tables up front, so readers never meet a missing table.
         let txn = store.db.begin_write().map_err(|e| store.fail("begin", e))?;
-        txn.open_table(PRODUCTS)
-            .map_err(|e| store.fail("create table products", e))?;
-        txn.open_table(APPS)
-            .map_err(|e| store.fail("create table apps", e))?;
-        txn.open_table(KVMS)
-            .map_err(|e| store.fail("create table kvms", e))?;
+        for (name, def) in [("products", PRODUCTS), ("apps", APPS), ("kvms", KVMS)] {
+            txn.open_table(def)
+                .map_err(|e| store.fail(&format!("create table {name}"), e))?;
+        }
+        txn.open_table(COUNTERS)
+            .map_err(|e| store.fail("create table counters", e))?;
         txn.commit().map_err(|e| store.fail("commit", e))?;
         Ok(store)
-    }
-
-    /// The database, shared with the counter checkpoints (`crate::ratelimit`), which keep
-    /// their own table in the same file (redb allows one opener per file).
-    pub fn database(&self) -> Arc<Database> {
-        self.db.clone()
     }
 
     /// The database file.
@@ -131,102 +140,6 @@ impl EmbeddedStore {
             .await
             .map_err(|e| StoreError::Unavailable(format!("embedded store task failed: {e}")))?
     }
-
-    async fn get<T: Stored>(&self, table: Table, name: &str) -> Result<Option<T>, StoreError> {
-        let name = name.to_owned();
-        self.blocking(move |db, path| {
-            let txn = db.begin_read().map_err(|e| fail(path, "begin read", e))?;
-            let t = txn
-                .open_table(table)
-                .map_err(|e| fail(path, "open table", e))?;
-            let value = t
-                .get(name.as_str())
-                .map_err(|e| fail(path, &format!("read {} `{name}`", T::KIND), e))?;
-            value.map(|v| codec::decode(&name, v.value())).transpose()
-        })
-        .await
-    }
-
-    async fn put<T: Stored>(&self, table: Table, value: &T, mode: Write) -> Result<(), StoreError> {
-        let json = match mode {
-            Write::Create => codec::encode(value)?,
-            Write::Update => codec::encode_update(value)?,
-        };
-        let expected = value.revision();
-        let conflict = codec::conflict(value);
-        let owned = value.name().to_owned();
-        let kind = T::KIND;
-        self.blocking(move |db, path| {
-            let name = owned.as_str();
-            let txn = durable_write(db, path)?;
-            {
-                let mut t = txn
-                    .open_table(table)
-                    .map_err(|e| fail(path, "open table", e))?;
-                // The revision is checked inside the write transaction, which redb
-                // serializes with every other writer.
-                let (exists, stale) = match t
-                    .get(name)
-                    .map_err(|e| fail(path, &format!("read {kind} `{name}`"), e))?
-                {
-                    Some(v) if mode == Write::Update => {
-                        (true, codec::stored_revision(v.value()) != expected)
-                    }
-                    found => (found.is_some(), false),
-                };
-                if stale {
-                    return Err(conflict);
-                }
-                match (mode, exists) {
-                    // Returning drops, and so aborts, the transaction.
-                    (Write::Create, true) => {
-                        return Err(StoreError::AlreadyExists {
-                            kind,
-                            name: name.to_owned(),
-                        })
-                    }
-                    (Write::Update, false) => {
-                        return Err(StoreError::NotFound {
-                            kind,
-                            name: name.to_owned(),
-                        })
-                    }
-                    _ => {}
-                }
-                t.insert(name, json.as_slice())
-                    .map_err(|e| fail(path, &format!("write {kind} `{name}`"), e))?;
-            }
-            txn.commit()
-                .map_err(|e| fail(path, &format!("commit {kind} `{name}`"), e))
-        })
-        .await
-    }
-
-    async fn delete(&self, table: Table, kind: &'static str, name: &str) -> Result<(), StoreError> {
-        let owned = name.to_owned();
-        self.blocking(move |db, path| {
-            let name = owned.as_str();
-            let txn = durable_write(db, path)?;
-            {
-                let mut t = txn
-                    .open_table(table)
-                    .map_err(|e| fail(path, "open table", e))?;
-                let removed = t
-                    .remove(name)
-                    .map_err(|e| fail(path, &format!("delete {kind} `{name}`"), e))?
-                    .is_some();
-                if !removed {
-                    return Err(StoreError::NotFound {
-                        kind,
-                        name: name.to_owned(),
-                    });
-                }
-            }
-            txn.commit()
-                .map_err(|e| fail(path, &format!("commit delete of {kind} `{name}`"), e))
-        })
-        .await
-    }
 }
 
 fn fail(path: &Path, what: &str, e: impl std::fmt::Display) -> StoreError {
@@ -249,204 +162,201 @@ fn open_error(path: &Path, e: redb::DatabaseError) -> StoreError {
     }
 }
 
-/// Reads a whole table (undecodable entries are logged and skipped, see [`codec::decode_all`]).
-fn read_all<T: Stored>(
+/// Hands a whole table (or a map's range of it) to `visit`.
+fn read_all(
     txn: &redb::ReadTransaction,
     path: &Path,
-    table: Table,
-) -> Result<Vec<T>, StoreError> {
+    table: Table<'_>,
+    mut visit: impl FnMut(&str, &[u8]),
+) -> Result<(), StoreError> {
+    let (def, prefix) = place(table);
     let t = txn
-        .open_table(table)
+        .open_table(def)
         .map_err(|e| fail(path, "open table", e))?;
-    // Decoded entry by entry: holding every entry's guard until the end would pin every
+    // Visited entry by entry: holding every entry's guard until the end would pin every
     // page of the table in memory at once (100k apps: ~70 MB more at startup's peak).
-    let mut out = Vec::new();
-    for entry in t.iter().map_err(|e| fail(path, "scan", e))? {
-        let (k, v) = entry.map_err(|e| fail(path, "scan", e))?;
-        out.extend(codec::decode_all([(k.value(), v.value())]));
+    let mut each = |row: Result<(redb::AccessGuard<&str>, redb::AccessGuard<&[u8]>), _>| {
+        let (k, v) = row.map_err(|e| fail(path, "scan", e))?;
+        visit(k.value().get(prefix.len()..).unwrap_or_default(), v.value());
+        Ok::<_, StoreError>(())
+    };
+    if prefix.is_empty() {
+        for row in t.iter().map_err(|e| fail(path, "scan", e))? {
+            each(row)?;
+        }
+    } else {
+        // `<map>\0` .. `<map>\x01`: exactly the map's keys.
+        let hi = format!("{}\u{1}", &prefix[..prefix.len() - 1]);
+        for row in t
+            .range(prefix.as_str()..hi.as_str())
+            .map_err(|e| fail(path, "scan", e))?
+        {
+            each(row)?;
+        }
     }
-    Ok(out)
+    Ok(())
 }
 
 #[async_trait]
-impl Store for EmbeddedStore {
+impl Backend for EmbeddedBackend {
     fn kind(&self) -> &'static str {
         "embedded"
     }
 
-    async fn snapshot(&self) -> Result<Contents, StoreError> {
-        self.blocking(|db, path| {
-            // One read transaction: products and apps from the same commit.
+    async fn get(&self, table: Table<'_>, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let (def, prefix) = place(table);
+        let id = format!("{prefix}{key}");
+        self.blocking(move |db, path| {
             let txn = db.begin_read().map_err(|e| fail(path, "begin read", e))?;
-            Ok(Contents {
-                products: read_all(&txn, path, PRODUCTS)?,
-                apps: read_all(&txn, path, APPS)?,
-            })
+            let t = txn
+                .open_table(def)
+                .map_err(|e| fail(path, "open table", e))?;
+            let v = t
+                .get(id.as_str())
+                .map_err(|e| fail(path, &format!("read `{}`", id.replace('\0', "/")), e))?;
+            Ok(v.map(|v| v.value().to_vec()))
         })
         .await
     }
 
-    async fn get_product(&self, name: &str) -> Result<Option<ApiProduct>, StoreError> {
-        self.get(PRODUCTS, name).await
+    async fn scan(&self, tables: &[Table<'_>], mut visit: Visit) -> Result<(), StoreError> {
+        let owned: Vec<OwnedTable> = tables.iter().map(Table::to_owned_table).collect();
+        self.blocking(move |db, path| {
+            // One read transaction: every table from the same commit.
+            let txn = db.begin_read().map_err(|e| fail(path, "begin read", e))?;
+            for (i, t) in owned.iter().enumerate() {
+                read_all(&txn, path, t.as_table(), |k, v| visit(i, k, v))?;
+            }
+            Ok(())
+        })
+        .await
     }
 
-    async fn put_product(&self, product: &ApiProduct, mode: Write) -> Result<(), StoreError> {
-        self.put(PRODUCTS, product, mode).await?;
-        let _ = self.changes.send(Change::Product(product.name.clone()));
-        Ok(())
+    async fn put(
+        &self,
+        table: Table<'_>,
+        key: &str,
+        value: Vec<u8>,
+        cond: Cond,
+    ) -> Result<Put, StoreError> {
+        let (def, prefix) = place(table);
+        let id = format!("{prefix}{key}");
+        self.blocking(move |db, path| {
+            let name = id.replace('\0', "/");
+            let txn = durable_write(db, path)?;
+            let outcome = {
+                let mut t = txn
+                    .open_table(def)
+                    .map_err(|e| fail(path, "open table", e))?;
+                // The condition is checked inside the write transaction, which redb
+                // serializes with every other writer.
+                let stored = t
+                    .get(id.as_str())
+                    .map_err(|e| fail(path, &format!("read `{name}`"), e))?;
+                let outcome = judge(stored.as_ref().map(|v| v.value()), cond);
+                drop(stored);
+                if outcome == Put::Written {
+                    t.insert(id.as_str(), value.as_slice())
+                        .map_err(|e| fail(path, &format!("write `{name}`"), e))?;
+                }
+                outcome
+            };
+            if outcome != Put::Written {
+                // Dropping the transaction aborts it.
+                return Ok(outcome);
+            }
+            txn.commit()
+                .map_err(|e| fail(path, &format!("commit `{name}`"), e))?;
+            Ok(outcome)
+        })
+        .await
     }
 
-    async fn delete_product(&self, name: &str) -> Result<(), StoreError> {
-        self.delete(PRODUCTS, "product", name).await?;
-        let _ = self.changes.send(Change::Product(name.to_owned()));
-        Ok(())
-    }
-
-    async fn get_app(&self, name: &str) -> Result<Option<App>, StoreError> {
-        self.get(APPS, name).await
-    }
-
-    async fn put_app(&self, app: &App, mode: Write) -> Result<(), StoreError> {
-        self.put(APPS, app, mode).await?;
-        let _ = self.changes.send(Change::App(app.name.clone()));
-        Ok(())
-    }
-
-    async fn delete_app(&self, name: &str) -> Result<(), StoreError> {
-        self.delete(APPS, "app", name).await?;
-        let _ = self.changes.send(Change::App(name.to_owned()));
-        Ok(())
+    async fn delete(&self, table: Table<'_>, key: &str) -> Result<bool, StoreError> {
+        let (def, prefix) = place(table);
+        let id = format!("{prefix}{key}");
+        self.blocking(move |db, path| {
+            let name = id.replace('\0', "/");
+            let txn = durable_write(db, path)?;
+            let removed = {
+                let mut t = txn
+                    .open_table(def)
+                    .map_err(|e| fail(path, "open table", e))?;
+                let removed = t
+                    .remove(id.as_str())
+                    .map_err(|e| fail(path, &format!("delete `{name}`"), e))?
+                    .is_some();
+                removed
+            };
+            if !removed {
+                return Ok(false);
+            }
+            txn.commit()
+                .map_err(|e| fail(path, &format!("commit delete of `{name}`"), e))?;
+            Ok(true)
+        })
+        .await
     }
 
     fn subscribe(&self) -> broadcast::Receiver<Change> {
         self.changes.subscribe()
     }
 
-    async fn get_kvm_entry(&self, map: &str, key: &str) -> Result<Option<KvmEntry>, StoreError> {
-        let (map, key) = (map.to_owned(), key.to_owned());
-        self.blocking(move |db, path| {
+    async fn announce(&self, change: Change) {
+        let _ = self.changes.send(change);
+    }
+
+    async fn count(&self, asks: &[Ask]) -> Result<Vec<Option<Decision>>, StoreError> {
+        Ok(self.local.count(asks))
+    }
+
+    async fn load_counters(&self) -> Result<Vec<(u128, Vec<u8>)>, StoreError> {
+        self.blocking(|db, path| {
             let txn = db.begin_read().map_err(|e| fail(path, "begin read", e))?;
-            let t = txn
-                .open_table(KVMS)
-                .map_err(|e| fail(path, "open table", e))?;
-            let id = format!("{map}\0{key}");
-            let v = t
-                .get(id.as_str())
-                .map_err(|e| fail(path, "read kvm entry", e))?;
-            v.map(|v| decode_entry(&map, &key, v.value())).transpose()
-        })
-        .await
-    }
-
-    async fn put_kvm_entry(
-        &self,
-        map: &str,
-        key: &str,
-        entry: &KvmEntry,
-        mode: Option<Write>,
-    ) -> Result<(), StoreError> {
-        let json = encode_entry(map, key, entry)?;
-        let (map, key) = (map.to_owned(), key.to_owned());
-        self.blocking(move |db, path| {
-            let id = format!("{map}\0{key}");
-            let txn = durable_write(db, path)?;
-            {
-                let mut t = txn
-                    .open_table(KVMS)
-                    .map_err(|e| fail(path, "open table", e))?;
-                let exists = t
-                    .get(id.as_str())
-                    .map_err(|e| fail(path, "read kvm entry", e))?
-                    .is_some();
-                match (mode, exists) {
-                    (Some(Write::Create), true) => {
-                        return Err(StoreError::AlreadyExists {
-                            kind: KVM_KIND,
-                            name: kvm_name(&map, &key),
-                        })
-                    }
-                    (Some(Write::Update), false) => {
-                        return Err(StoreError::NotFound {
-                            kind: KVM_KIND,
-                            name: kvm_name(&map, &key),
-                        })
-                    }
-                    _ => {}
-                }
-                t.insert(id.as_str(), json.as_slice())
-                    .map_err(|e| fail(path, "write kvm entry", e))?;
-            }
-            txn.commit().map_err(|e| fail(path, "commit kvm entry", e))
-        })
-        .await
-    }
-
-    async fn delete_kvm_entry(&self, map: &str, key: &str) -> Result<(), StoreError> {
-        let (map, key) = (map.to_owned(), key.to_owned());
-        self.blocking(move |db, path| {
-            let id = format!("{map}\0{key}");
-            let txn = durable_write(db, path)?;
-            {
-                let mut t = txn
-                    .open_table(KVMS)
-                    .map_err(|e| fail(path, "open table", e))?;
-                let removed = t
-                    .remove(id.as_str())
-                    .map_err(|e| fail(path, "delete kvm entry", e))?
-                    .is_some();
-                if !removed {
-                    return Err(StoreError::NotFound {
-                        kind: KVM_KIND,
-                        name: kvm_name(&map, &key),
-                    });
-                }
-            }
-            txn.commit().map_err(|e| fail(path, "commit kvm delete", e))
-        })
-        .await
-    }
-
-    async fn list_kvm_entries(&self, map: &str) -> Result<BTreeMap<String, KvmEntry>, StoreError> {
-        let map = map.to_owned();
-        self.blocking(move |db, path| {
-            let txn = db.begin_read().map_err(|e| fail(path, "begin read", e))?;
-            let t = txn
-                .open_table(KVMS)
-                .map_err(|e| fail(path, "open table", e))?;
-            let (lo, hi) = (format!("{map}\0"), format!("{map}\u{1}"));
-            let mut out = BTreeMap::new();
-            for row in t
-                .range(lo.as_str()..hi.as_str())
-                .map_err(|e| fail(path, "scan kvm entries", e))?
-            {
-                let (k, v) = row.map_err(|e| fail(path, "scan kvm entries", e))?;
-                let key = k.value().split_once('\0').map_or("", |(_, k)| k).to_owned();
-                match decode_entry(&map, &key, v.value()) {
-                    Ok(e) => {
-                        out.insert(key, e);
-                    }
-                    Err(e) => tracing::warn!(error = %e, "skipping an unreadable kvm entry"),
-                }
+            let table = match txn.open_table(COUNTERS) {
+                Ok(t) => t,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+                Err(e) => return Err(fail(path, "open table counters", e)),
+            };
+            let mut out = Vec::new();
+            for row in table.iter().map_err(|e| fail(path, "scan counters", e))? {
+                let (k, v) = row.map_err(|e| fail(path, "scan counters", e))?;
+                out.push((k.value(), v.value().to_vec()));
             }
             Ok(out)
         })
         .await
     }
-}
 
-pub(super) fn encode_entry(map: &str, key: &str, e: &KvmEntry) -> Result<Vec<u8>, StoreError> {
-    serde_json::to_vec(e).map_err(|err| {
-        StoreError::Unavailable(format!(
-            "cannot encode kvm entry `{}`: {err}",
-            kvm_name(map, key)
-        ))
-    })
-}
+    async fn save_counters(
+        &self,
+        rows: Vec<(u128, Vec<u8>)>,
+        keep: Keep,
+    ) -> Result<(), StoreError> {
+        self.blocking(move |db, path| {
+            let txn = durable_write(db, path)?;
+            {
+                let mut t = txn
+                    .open_table(COUNTERS)
+                    .map_err(|e| fail(path, "open table counters", e))?;
+                for (k, v) in &rows {
+                    t.insert(*k, v.as_slice())
+                        .map_err(|e| fail(path, "write counters", e))?;
+                }
+                t.retain(|_, v| keep(v))
+                    .map_err(|e| fail(path, "prune counters", e))?;
+            }
+            txn.commit().map_err(|e| fail(path, "commit counters", e))
+        })
+        .await
+    }
 
-pub(super) fn decode_entry(map: &str, key: &str, bytes: &[u8]) -> Result<KvmEntry, StoreError> {
-    serde_json::from_slice(bytes).map_err(|err| StoreError::Corrupt {
-        kind: KVM_KIND,
-        name: kvm_name(map, key),
-        message: err.to_string(),
-    })
+    async fn cache_get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.local.cache_get(key))
+    }
+
+    async fn cache_put(&self, key: &str, value: Vec<u8>, ttl: Duration) -> Result<(), StoreError> {
+        self.local.cache_put(key, value, ttl);
+        Ok(())
+    }
 }

@@ -1,206 +1,142 @@
-//! An in-memory store: for tests and for `--store memory` (nothing survives a restart).
+//! The in-memory backend: for tests and for `--store memory` (nothing survives a restart).
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::time::Duration;
 
 use async_trait::async_trait;
+use parking_lot::Mutex;
 use tokio::sync::broadcast;
 
-use super::codec::{self, Stored};
-use super::{kvm_name, Change, Contents, Store, StoreError, Write, KVM_KIND};
-use crate::consumer::{ApiProduct, App};
-use crate::kvm::KvmEntry;
+use super::backend::{Backend, Cond, InProcess, Keep, Put, Table, Visit};
+use super::codec;
+use super::{Change, StoreError};
+use crate::ratelimit::{Ask, Decision};
 
 #[derive(Debug)]
-pub struct MemoryStore {
-    inner: Mutex<Inner>,
+pub struct MemoryBackend {
+    /// Records by table id ([`Table::id`]), then key.
+    tables: Mutex<BTreeMap<String, BTreeMap<String, Vec<u8>>>>,
+    checkpoints: Mutex<BTreeMap<u128, Vec<u8>>>,
+    local: InProcess,
     changes: broadcast::Sender<Change>,
 }
 
-#[derive(Debug, Default)]
-struct Inner {
-    products: BTreeMap<String, ApiProduct>,
-    apps: BTreeMap<String, App>,
-    kvms: BTreeMap<String, BTreeMap<String, KvmEntry>>,
-}
-
-impl Default for MemoryStore {
+impl Default for MemoryBackend {
     fn default() -> Self {
         Self {
-            inner: Mutex::default(),
+            tables: Mutex::default(),
+            checkpoints: Mutex::default(),
+            local: InProcess::default(),
             changes: broadcast::channel(1024).0,
         }
     }
 }
 
-impl MemoryStore {
+impl MemoryBackend {
     pub fn new() -> Self {
         Self::default()
     }
-
-    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Inner>, StoreError> {
-        self.inner
-            .lock()
-            .map_err(|_| StoreError::Unavailable("memory store lock poisoned".into()))
-    }
 }
 
-fn put<T: Clone>(
-    map: &mut BTreeMap<String, T>,
-    kind: &'static str,
-    name: &str,
-    value: &T,
-    mode: Write,
-) -> Result<(), StoreError> {
-    match (mode, map.contains_key(name)) {
-        (Write::Create, true) => Err(StoreError::AlreadyExists {
-            kind,
-            name: name.to_owned(),
-        }),
-        (Write::Update, false) => Err(StoreError::NotFound {
-            kind,
-            name: name.to_owned(),
-        }),
-        _ => {
-            map.insert(name.to_owned(), value.clone());
-            Ok(())
-        }
+/// The conditional write every in-process backend makes (the caller holds the lock or the
+/// write transaction, so the check and the write are one step).
+pub(super) fn judge(stored: Option<&[u8]>, cond: Cond) -> Put {
+    match (cond, stored) {
+        (Cond::Absent, Some(_)) => Put::Exists,
+        (Cond::Present | Cond::Revision(_), None) => Put::Missing,
+        (Cond::Revision(r), Some(v)) if codec::stored_revision(v) != r => Put::Stale,
+        _ => Put::Written,
     }
-}
-
-/// A product or app write: as [`put`], and an update must carry the stored revision (the
-/// lock makes the check and the write one step).
-fn put_object<T: Stored + Clone>(
-    map: &mut BTreeMap<String, T>,
-    value: &T,
-    mode: Write,
-) -> Result<(), StoreError> {
-    if mode == Write::Update {
-        match map.get(value.name()) {
-            Some(stored) if stored.revision() != value.revision() => {
-                return Err(codec::conflict(value))
-            }
-            Some(_) => {
-                map.insert(
-                    value.name().to_owned(),
-                    value.with_revision(value.revision().saturating_add(1)),
-                );
-                return Ok(());
-            }
-            None => {}
-        }
-    }
-    put(map, T::KIND, value.name(), value, mode)
-}
-
-fn delete<T>(
-    map: &mut BTreeMap<String, T>,
-    kind: &'static str,
-    name: &str,
-) -> Result<(), StoreError> {
-    map.remove(name)
-        .map(|_| ())
-        .ok_or_else(|| StoreError::NotFound {
-            kind,
-            name: name.to_owned(),
-        })
 }
 
 #[async_trait]
-impl Store for MemoryStore {
+impl Backend for MemoryBackend {
     fn kind(&self) -> &'static str {
         "memory"
     }
 
-    async fn snapshot(&self) -> Result<Contents, StoreError> {
-        let g = self.lock()?;
-        Ok(Contents {
-            products: g.products.values().cloned().collect(),
-            apps: g.apps.values().cloned().collect(),
-        })
+    async fn get(&self, table: Table<'_>, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .tables
+            .lock()
+            .get(&table.id())
+            .and_then(|t| t.get(key))
+            .cloned())
     }
 
-    async fn get_product(&self, name: &str) -> Result<Option<ApiProduct>, StoreError> {
-        Ok(self.lock()?.products.get(name).cloned())
-    }
-
-    async fn put_product(&self, product: &ApiProduct, mode: Write) -> Result<(), StoreError> {
-        put_object(&mut self.lock()?.products, product, mode)?;
-        let _ = self.changes.send(Change::Product(product.name.clone()));
+    async fn scan(&self, tables: &[Table<'_>], mut visit: Visit) -> Result<(), StoreError> {
+        let g = self.tables.lock();
+        for (i, t) in tables.iter().enumerate() {
+            for (k, v) in g.get(&t.id()).into_iter().flatten() {
+                visit(i, k, v);
+            }
+        }
         Ok(())
     }
 
-    async fn delete_product(&self, name: &str) -> Result<(), StoreError> {
-        delete(&mut self.lock()?.products, "product", name)?;
-        let _ = self.changes.send(Change::Product(name.to_owned()));
-        Ok(())
+    async fn put(
+        &self,
+        table: Table<'_>,
+        key: &str,
+        value: Vec<u8>,
+        cond: Cond,
+    ) -> Result<Put, StoreError> {
+        let mut g = self.tables.lock();
+        let t = g.entry(table.id()).or_default();
+        let outcome = judge(t.get(key).map(Vec::as_slice), cond);
+        if outcome == Put::Written {
+            t.insert(key.to_owned(), value);
+        }
+        Ok(outcome)
     }
 
-    async fn get_app(&self, name: &str) -> Result<Option<App>, StoreError> {
-        Ok(self.lock()?.apps.get(name).cloned())
-    }
-
-    async fn put_app(&self, app: &App, mode: Write) -> Result<(), StoreError> {
-        put_object(&mut self.lock()?.apps, app, mode)?;
-        let _ = self.changes.send(Change::App(app.name.clone()));
-        Ok(())
-    }
-
-    async fn delete_app(&self, name: &str) -> Result<(), StoreError> {
-        delete(&mut self.lock()?.apps, "app", name)?;
-        let _ = self.changes.send(Change::App(name.to_owned()));
-        Ok(())
+    async fn delete(&self, table: Table<'_>, key: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .tables
+            .lock()
+            .get_mut(&table.id())
+            .and_then(|t| t.remove(key))
+            .is_some())
     }
 
     fn subscribe(&self) -> broadcast::Receiver<Change> {
         self.changes.subscribe()
     }
 
-    async fn get_kvm_entry(&self, map: &str, key: &str) -> Result<Option<KvmEntry>, StoreError> {
-        Ok(self.lock()?.kvms.get(map).and_then(|m| m.get(key)).cloned())
+    async fn announce(&self, change: Change) {
+        let _ = self.changes.send(change);
     }
 
-    async fn put_kvm_entry(
+    async fn count(&self, asks: &[Ask]) -> Result<Vec<Option<Decision>>, StoreError> {
+        Ok(self.local.count(asks))
+    }
+
+    async fn load_counters(&self) -> Result<Vec<(u128, Vec<u8>)>, StoreError> {
+        Ok(self
+            .checkpoints
+            .lock()
+            .iter()
+            .map(|(k, v)| (*k, v.clone()))
+            .collect())
+    }
+
+    async fn save_counters(
         &self,
-        map: &str,
-        key: &str,
-        entry: &KvmEntry,
-        mode: Option<Write>,
+        rows: Vec<(u128, Vec<u8>)>,
+        keep: Keep,
     ) -> Result<(), StoreError> {
-        let mut g = self.lock()?;
-        let m = g.kvms.entry(map.to_owned()).or_default();
-        match mode {
-            Some(mode) => put(m, KVM_KIND, key, entry, mode).map_err(|e| match e {
-                StoreError::AlreadyExists { kind, .. } => StoreError::AlreadyExists {
-                    kind,
-                    name: kvm_name(map, key),
-                },
-                StoreError::NotFound { kind, .. } => StoreError::NotFound {
-                    kind,
-                    name: kvm_name(map, key),
-                },
-                e => e,
-            }),
-            None => {
-                m.insert(key.to_owned(), entry.clone());
-                Ok(())
-            }
-        }
+        let mut g = self.checkpoints.lock();
+        g.extend(rows);
+        g.retain(|_, v| keep(v));
+        Ok(())
     }
 
-    async fn delete_kvm_entry(&self, map: &str, key: &str) -> Result<(), StoreError> {
-        let mut g = self.lock()?;
-        g.kvms
-            .get_mut(map)
-            .and_then(|m| m.remove(key))
-            .map(|_| ())
-            .ok_or_else(|| StoreError::NotFound {
-                kind: KVM_KIND,
-                name: kvm_name(map, key),
-            })
+    async fn cache_get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.local.cache_get(key))
     }
 
-    async fn list_kvm_entries(&self, map: &str) -> Result<BTreeMap<String, KvmEntry>, StoreError> {
-        Ok(self.lock()?.kvms.get(map).cloned().unwrap_or_default())
+    async fn cache_put(&self, key: &str, value: Vec<u8>, ttl: Duration) -> Result<(), StoreError> {
+        self.local.cache_put(key, value, ttl);
+        Ok(())
     }
 }

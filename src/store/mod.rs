@@ -1,24 +1,33 @@
-//! Durable storage for objects written through the management API: API products and apps
-//! (with their hashed keys). One trait, several backends: `memory` (tests, and `--store
-//! memory`), `embedded` (a transactional on-disk store, the single-replica default) and
-//! `redis` (several replicas). The data path never reads a store: it reads the in-memory
-//! [`crate::consumer::index::ConsumerIndex`], rebuilt from [`Store::snapshot`] and kept fresh
-//! by [`Store::subscribe`].
+//! Storage: one narrow [`Backend`] trait (records with conditional writes, a change feed,
+//! quota counters with checkpoints, expiring cache entries, all as bytes), three backends,
+//! and typed façades over it:
+//!
+//! - [`Store`]: API products, apps (with their hashed keys) and key-value entries;
+//! - [`crate::ratelimit::Counters`]: quota counters (Redis through [`Backend::count`],
+//!   in-memory counters checkpointed through [`Backend::save_counters`]);
+//! - [`crate::cache::SharedTier`]: the ResponseCache's shared entries.
+//!
+//! Backends: `memory` (tests, and `--store memory`), `embedded` (a transactional on-disk
+//! file, the single-replica default) and `redis` (several replicas; Redis Cluster too). All
+//! are opened by [`open`]. The data path never reads a store: it reads the in-memory
+//! [`crate::consumer::index::ConsumerIndex`], rebuilt from [`Store::snapshot`] and kept
+//! fresh by [`Store::subscribe`].
 
+pub mod backend;
 mod codec;
 pub mod embedded;
 pub mod memory;
+mod objects;
 pub mod redis_store;
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
-use async_trait::async_trait;
-use tokio::sync::broadcast;
+pub use backend::{Backend, Cond, Put, Table};
+pub use objects::Store;
 
 use crate::consumer::{ApiProduct, App};
-use crate::kvm::KvmEntry;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -70,40 +79,6 @@ pub struct Contents {
     pub apps: Vec<App>,
 }
 
-/// A store of products and apps. Writes are durable when they return `Ok`.
-#[async_trait]
-pub trait Store: Send + Sync + std::fmt::Debug + 'static {
-    /// Backend name for logs and metrics (`memory`, `embedded`, `redis`).
-    fn kind(&self) -> &'static str;
-
-    async fn snapshot(&self) -> Result<Contents, StoreError>;
-
-    async fn get_product(&self, name: &str) -> Result<Option<ApiProduct>, StoreError>;
-    async fn put_product(&self, product: &ApiProduct, mode: Write) -> Result<(), StoreError>;
-    async fn delete_product(&self, name: &str) -> Result<(), StoreError>;
-
-    async fn get_app(&self, name: &str) -> Result<Option<App>, StoreError>;
-    async fn put_app(&self, app: &App, mode: Write) -> Result<(), StoreError>;
-    async fn delete_app(&self, name: &str) -> Result<(), StoreError>;
-
-    /// Changes made through this and (for shared backends) every other replica.
-    fn subscribe(&self) -> broadcast::Receiver<Change>;
-
-    /// One key-value map entry.
-    async fn get_kvm_entry(&self, map: &str, key: &str) -> Result<Option<KvmEntry>, StoreError>;
-    /// Writes an entry; `mode` `None` writes whether or not it exists.
-    async fn put_kvm_entry(
-        &self,
-        map: &str,
-        key: &str,
-        entry: &KvmEntry,
-        mode: Option<Write>,
-    ) -> Result<(), StoreError>;
-    async fn delete_kvm_entry(&self, map: &str, key: &str) -> Result<(), StoreError>;
-    /// Every entry of a map, by key.
-    async fn list_kvm_entries(&self, map: &str) -> Result<BTreeMap<String, KvmEntry>, StoreError>;
-}
-
 /// What a key-value entry is called in messages: `map/key`.
 pub(crate) fn kvm_name(map: &str, key: &str) -> String {
     format!("{map}/{key}")
@@ -123,21 +98,51 @@ pub enum StoreSpec {
     Redis(String),
 }
 
-/// Opens the store `spec` names. Fails with `Unavailable` when the embedded file cannot be
-/// opened (another process holds it) or Redis cannot be reached.
-pub async fn open(spec: &StoreSpec) -> Result<Arc<dyn Store>, StoreError> {
+/// How [`open`] connects to a shared backend.
+#[derive(Debug, Clone, Copy)]
+pub struct OpenOptions {
+    /// Follow the change feed (objects need it; a cache tier or counters do not).
+    pub change_feed: bool,
+    /// Longest wait for one connection attempt and one command; `None` for the defaults
+    /// (see [`redis_store`]).
+    pub timeout: Option<Duration>,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        Self {
+            change_feed: true,
+            timeout: None,
+        }
+    }
+}
+
+/// Opens the backend `spec` names: the one place every backend is opened. Fails with
+/// `Unavailable` when the embedded file cannot be opened (another process holds it) or
+/// Redis cannot be reached.
+pub async fn open(spec: &StoreSpec) -> Result<Arc<dyn Backend>, StoreError> {
+    open_with(spec, OpenOptions::default()).await
+}
+
+/// [`open`] with options.
+pub async fn open_with(
+    spec: &StoreSpec,
+    opts: OpenOptions,
+) -> Result<Arc<dyn Backend>, StoreError> {
     Ok(match spec {
-        StoreSpec::Memory => Arc::new(memory::MemoryStore::new()),
+        StoreSpec::Memory => Arc::new(memory::MemoryBackend::new()),
         StoreSpec::Embedded(dir) => {
             let dir = dir.clone();
             // Opening reads (and after a crash repairs) the file: keep it off the async workers.
-            let store = tokio::task::spawn_blocking(move || embedded::EmbeddedStore::open(&dir))
+            let store = tokio::task::spawn_blocking(move || embedded::EmbeddedBackend::open(&dir))
                 .await
                 .map_err(|e| {
                     StoreError::Unavailable(format!("opening the embedded store: {e}"))
                 })??;
             Arc::new(store)
         }
-        StoreSpec::Redis(url) => Arc::new(redis_store::RedisStore::connect(url).await?),
+        StoreSpec::Redis(url) => {
+            Arc::new(redis_store::RedisBackend::connect_with(url, opts).await?)
+        }
     })
 }

@@ -17,6 +17,11 @@
 //! (print the logs even when the test passes).
 #![allow(dead_code)]
 
+pub mod ext_proc;
+pub mod policy;
+pub mod redis;
+
+use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashSet};
 use std::convert::Infallible;
 use std::future::Future;
@@ -24,7 +29,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener as StdTcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -134,7 +139,7 @@ pub fn free_port() -> u16 {
         let l = StdTcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
         let port = l.local_addr().expect("local addr").port();
         drop(l);
-        if HANDED_OUT.lock().unwrap().insert(port) {
+        if HANDED_OUT.lock().insert(port) {
             return port;
         }
     }
@@ -289,14 +294,15 @@ fn keep_logs() -> bool {
 }
 
 /// A child process that is killed and reaped on drop; its log is printed if the test fails.
-struct Proc {
+pub struct Proc {
     name: &'static str,
-    child: Option<Child>,
+    pub child: Option<Child>,
     log: PathBuf,
 }
 
 impl Proc {
-    fn spawn(name: &'static str, mut cmd: Command, log: PathBuf) -> Self {
+    /// Spawns `cmd` with stdin closed and stdout and stderr going to `log`.
+    pub fn spawn(name: &'static str, mut cmd: Command, log: PathBuf) -> Self {
         let out = std::fs::File::create(&log).expect("create log file");
         let err = out.try_clone().expect("clone log file");
         cmd.stdin(Stdio::null()).stdout(out).stderr(err);
@@ -311,7 +317,7 @@ impl Proc {
     }
 
     /// Panics with the log if the process already exited.
-    fn check_alive(&mut self) {
+    pub fn check_alive(&mut self) {
         if let Some(c) = self.child.as_mut() {
             if let Ok(Some(status)) = c.try_wait() {
                 let log = tail(&self.log, 80);
@@ -325,8 +331,23 @@ impl Proc {
         }
     }
 
-    fn pid(&self) -> Option<u32> {
+    pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILL, and wait until it is gone.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// True once the process has exited (or was killed).
+    pub fn exited(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_none_or(|c| matches!(c.try_wait(), Ok(Some(_))))
     }
 }
 
@@ -365,7 +386,7 @@ pub struct SeenRequest {
 impl SeenRequest {
     /// The body bytes the upstream has received for this request.
     pub fn body_bytes(&self) -> Vec<u8> {
-        self.body.lock().unwrap().clone()
+        self.body.lock().clone()
     }
 }
 
@@ -423,7 +444,7 @@ async fn upstream_handle(
         .map_or_else(|| path.clone(), |pq| pq.as_str().to_owned());
     let headers = headers_json(&parts.headers);
     let received = Arc::new(Mutex::new(Vec::new()));
-    seen.lock().unwrap().push(SeenRequest {
+    seen.lock().push(SeenRequest {
         method: parts.method.to_string(),
         uri: uri.clone(),
         headers: headers.clone(),
@@ -433,10 +454,10 @@ async fn upstream_handle(
     let mut body = body;
     while let Some(Ok(frame)) = body.frame().await {
         if let Ok(data) = frame.into_data() {
-            received.lock().unwrap().extend_from_slice(&data);
+            received.lock().extend_from_slice(&data);
         }
     }
-    let body = Bytes::from(received.lock().unwrap().clone());
+    let body = Bytes::from(received.lock().clone());
 
     if path == "/sse" {
         let n = query_param(&query, "n").unwrap_or(3);
@@ -490,7 +511,7 @@ impl Upstream {
         let listener = StdTcpListener::bind("127.0.0.1:0").expect("bind upstream");
         listener.set_nonblocking(true).expect("nonblocking");
         let addr = listener.local_addr().unwrap();
-        HANDED_OUT.lock().unwrap().insert(addr.port());
+        HANDED_OUT.lock().insert(addr.port());
         let seen = Arc::new(Mutex::new(Vec::new()));
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -524,7 +545,7 @@ impl Upstream {
 
     /// Every request received so far.
     pub fn seen(&self) -> Vec<SeenRequest> {
-        self.seen.lock().unwrap().clone()
+        self.seen.lock().clone()
     }
 
     /// Requests received whose path-and-query starts with `prefix`.
@@ -1001,6 +1022,27 @@ impl ConfigMapDir {
 }
 
 /// Runs `tollgate validate DIR`: (exit code, stdout, stderr).
+/// Waits for `child` to exit; past `limit`, kills it and panics with `what()`. (Output
+/// meant for a pipe must fit in it: it is read after the exit.)
+pub fn exit_within(
+    child: &mut Child,
+    limit: Duration,
+    what: impl FnOnce() -> String,
+) -> std::process::ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            return s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{}", what());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 pub fn validate(dir: &Path) -> (i32, String, String) {
     let mut child = Command::new(tollgate_bin())
         .arg("validate")
@@ -1010,18 +1052,9 @@ pub fn validate(dir: &Path) -> (i32, String, String) {
         .stderr(Stdio::piped())
         .spawn()
         .expect("run tollgate validate");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("tollgate validate did not finish within 10 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = exit_within(&mut child, Duration::from_secs(10), || {
+        "tollgate validate did not finish within 10 s".into()
+    });
     let mut out = String::new();
     let mut err = String::new();
     child

@@ -16,10 +16,10 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
-use super::{
-    authenticate, decode, page_request, paginate, path_param, required_object, wrong_method,
-    ApiAuth, ApiError, ApiResult, Guard, BODY_LIMIT,
-};
+use super::auth::{authenticate, ApiAuth, Guard};
+use super::errors::{wrong_method, ApiError, ApiResult};
+use super::request::{decode, path_param, required_object, BODY_LIMIT};
+use super::response::{page_request, paginate};
 use crate::consumer::service::Consumers;
 use crate::kvm::{check_key, check_map_name, check_value, KvmEntry, Kvms};
 use crate::store::Write;

@@ -1,22 +1,18 @@
-//! Quota counters in Redis (or Redis Cluster), shared by every replica.
-//!
-//! # Keys
-//!
-//! `tollgate:rl:{<key hex>}` (flexi: a hash `e` end, `n` count; rolling: a hash slot index →
-//! count) and `tollgate:rl:{<key hex>}:<window start>` (fixed windows: a plain counter). The
-//! hash tag is the counter's own 128-bit key, so counters spread over a cluster's slots and
-//! every key one decision touches lives in one slot. Keys expire a minute after their window.
+//! Quota counters in a shared backend (Redis, or Redis Cluster), shared by every replica.
+//! The backend decides each ask atomically ([`Backend::count`]; for Redis one Lua call,
+//! `crate::store::redis_store::COUNTER_SCRIPT`); this module adds the two ways of using it,
+//! the local mirrors and the handling of an unreachable backend.
 //!
 //! # Synchronous mode
 //!
-//! One Lua call ([`SCRIPT`]) per decision reads, judges and counts atomically: replicas
-//! together never admit more than the limit.
+//! One backend call per decision reads, judges and counts atomically: replicas together
+//! never admit more than the limit.
 //!
 //! # Asynchronous mode
 //!
 //! Decisions are made on a local mirror (`remote` count last read from Redis + `pending`
-//! local count); every `interval` a task sends the pending counts in one pipeline (the same
-//! script, count-only) and reads the totals back. Each replica can admit up to the limit
+//! local count); every `interval` a task sends the pending counts in one batch (one pipeline
+//! of the same script, count-only) and reads the totals back. Each replica can admit up to the limit
 //! minus the last total it read, which lacks what the others admitted since their last sync
 //! before it (syncs are not aligned, so up to two intervals of the others' admissions): the
 //! overshoot is ≤ replicas × (admission rate per replica) × interval, and never more than
@@ -44,129 +40,25 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dashmap::DashMap;
-use futures_util::StreamExt;
-use redis::Value;
 
 use super::memory::MemoryCounters;
 use super::{Ask, Clock, CounterError, Decision, Mode, Pending, SystemClock, Window, RL_METRICS};
-use crate::store::redis_store::{command_connection, Conn};
-use crate::store::StoreError;
+use crate::store::Backend;
 
 /// Longest wait for one decision's round trip.
 const DECIDE_TIMEOUT: Duration = Duration::from_millis(250);
 /// Longest wait for one asynchronous sync batch.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long Redis is left alone after an error.
+/// How long the backend is left alone after an error.
 const DOWN_FOR_MS: i64 = 1000;
-/// Counters sent per pipeline in asynchronous mode.
+/// Counters sent per batch in asynchronous mode.
 const BATCH: usize = 1000;
-
-/// Reads, judges and counts one decision atomically. KEYS[1]: the counter. ARGV: type
-/// (`f` fixed, `x` flexi, `r` rolling), mode (`ec`, `e`, `c`), weight, allow, now (ms),
-/// and the window's end (fixed) or length (flexi, rolling). Returns {allowed, used, expiry}.
-/// A weight of 0 only reads.
-pub const SCRIPT: &str = r"
-local t, mode = ARGV[1], ARGV[2]
-local w, allow, now, a = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local used, expiry, cur, slot, counts = 0, 0, 0, 1, {}
-if t == 'f' then
-  used = tonumber(redis.call('GET', KEYS[1]) or '0')
-  expiry = a
-elseif t == 'x' then
-  local v = redis.call('HMGET', KEYS[1], 'e', 'n')
-  local e = tonumber(v[1])
-  if e and e > now then
-    used = tonumber(v[2]) or 0
-    expiry = e
-  else
-    expiry = now + a
-  end
-else
-  slot = math.max(1, math.ceil(a / 10))
-  cur = math.floor(now / slot)
-  local all = redis.call('HGETALL', KEYS[1])
-  for i = 1, #all, 2 do
-    local k = tonumber(all[i])
-    if k > cur - 10 then
-      counts[k] = tonumber(all[i + 1])
-      used = used + counts[k]
-    else
-      redis.call('HDEL', KEYS[1], all[i])
-    end
-  end
-  expiry = (cur + 1) * slot
-end
-local allowed = 1
-if mode ~= 'c' and used + w > allow then
-  allowed = 0
-  if t == 'r' then
-    -- Refused: when enough of the oldest slots have left for this weight to fit.
-    expiry = (cur + 10) * slot
-    local left = used
-    for k = cur - 9, cur do
-      left = left - (counts[k] or 0)
-      if left + w <= allow then
-        expiry = (k + 10) * slot
-        break
-      end
-    end
-  end
-end
-if allowed == 1 and mode ~= 'e' and w > 0 then
-  used = used + w
-  if t == 'f' then
-    redis.call('INCRBY', KEYS[1], w)
-    redis.call('PEXPIREAT', KEYS[1], expiry + 60000)
-  elseif t == 'x' then
-    redis.call('HSET', KEYS[1], 'e', expiry, 'n', used)
-    redis.call('PEXPIREAT', KEYS[1], expiry + 60000)
-  else
-    redis.call('HINCRBY', KEYS[1], cur, w)
-    redis.call('PEXPIRE', KEYS[1], a + slot + 60000)
-  end
-end
-return {allowed, used, expiry}
-";
-
-type ValueFuture =
-    std::pin::Pin<Box<dyn std::future::Future<Output = redis::RedisResult<Value>> + Send>>;
 
 /// Synchronous or asynchronous counting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SyncMode {
     Sync,
     Async { interval: Duration },
-}
-
-/// The Redis key of an ask's counter.
-pub fn redis_key(ask: &Ask) -> String {
-    match ask.window {
-        Window::Fixed { start, .. } => format!("tollgate:rl:{{{}}}:{start}", ask.key.hex()),
-        _ => format!("tollgate:rl:{{{}}}", ask.key.hex()),
-    }
-}
-
-fn script_args(ask: &Ask, weight: u64, mode: Mode) -> (&'static str, &'static str, u64, i64) {
-    let (t, a) = match ask.window {
-        Window::Fixed { end, .. } => ("f", end),
-        Window::Flexi { len } => ("x", len),
-        Window::Rolling { len } => ("r", len),
-    };
-    (t, mode.code(), weight, a)
-}
-
-fn parse_reply(v: &Value) -> Option<Decision> {
-    let Value::Array(items) = v else { return None };
-    let n = |i: usize| match items.get(i)? {
-        Value::Int(n) => Some(*n),
-        _ => None,
-    };
-    Some(Decision {
-        allowed: n(0)? == 1,
-        used: u64::try_from(n(1)?).unwrap_or(0),
-        expiry: n(2)?,
-        degraded: false,
-    })
 }
 
 /// A quota counter mirrored locally in asynchronous mode.
@@ -183,10 +75,8 @@ struct Mirror {
     touched: i64,
 }
 
-pub struct RedisCounters {
-    conn: Conn,
-    target: String,
-    script: redis::Script,
+pub struct SharedCounters {
+    backend: Arc<dyn Backend>,
     mode: SyncMode,
     /// Wall time (ms) until which Redis is considered down.
     down_until: AtomicI64,
@@ -200,10 +90,10 @@ pub struct RedisCounters {
     last_evict: AtomicI64,
 }
 
-impl std::fmt::Debug for RedisCounters {
+impl std::fmt::Debug for SharedCounters {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisCounters")
-            .field("target", &self.target)
+        f.debug_struct("SharedCounters")
+            .field("backend", &self.backend.kind())
             .field("mode", &self.mode)
             .finish_non_exhaustive()
     }
@@ -213,37 +103,12 @@ fn wall_ms() -> i64 {
     SystemClock.now_ms()
 }
 
-impl RedisCounters {
-    /// Connects (the first connection must succeed) and, in asynchronous mode, starts the
+impl SharedCounters {
+    /// Counters in `backend` (connected already); in asynchronous mode this starts the
     /// sync task. `max_keys` bounds the asynchronous mirrors.
-    pub async fn connect(
-        url: &str,
-        mode: SyncMode,
-        max_keys: usize,
-    ) -> Result<Arc<Self>, StoreError> {
-        let (mut conn, _, target) = command_connection(url).await?;
-        match tokio::time::timeout(
-            Duration::from_secs(2),
-            redis::cmd("PING").query_async::<Value>(&mut conn),
-        )
-        .await
-        {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => {
-                return Err(StoreError::Unavailable(format!(
-                    "redis {target}: PING: {e}"
-                )))
-            }
-            Err(_) => {
-                return Err(StoreError::Unavailable(format!(
-                    "redis {target}: PING: no answer"
-                )))
-            }
-        }
+    pub fn new(backend: Arc<dyn Backend>, mode: SyncMode, max_keys: usize) -> Arc<Self> {
         let this = Arc::new(Self {
-            conn,
-            target,
-            script: redis::Script::new(SCRIPT),
+            backend,
             mode,
             down_until: AtomicI64::new(0),
             down: AtomicBool::new(false),
@@ -264,13 +129,15 @@ impl RedisCounters {
                 }
             });
         }
-        Ok(this)
+        this
     }
 
     pub fn kind(&self) -> &'static str {
-        match self.mode {
-            SyncMode::Sync => "redis-sync",
-            SyncMode::Async { .. } => "redis-async",
+        match (self.backend.kind(), self.mode) {
+            ("redis", SyncMode::Sync) => "redis-sync",
+            ("redis", SyncMode::Async { .. }) => "redis-async",
+            (_, SyncMode::Sync) => "shared-sync",
+            (_, SyncMode::Async { .. }) => "shared-async",
         }
     }
 
@@ -283,13 +150,16 @@ impl RedisCounters {
         self.down_until
             .store(wall_ms() + DOWN_FOR_MS, Ordering::Relaxed);
         if !self.down.swap(true, Ordering::Relaxed) {
-            tracing::warn!(redis = %self.target, %error, "redis counters unavailable; applying each policy's fail mode");
+            tracing::warn!(backend = self.backend.kind(), %error, "redis counters unavailable; applying each policy's fail mode");
         }
     }
 
     fn mark_up(&self) {
         if self.down.swap(false, Ordering::Relaxed) {
-            tracing::info!(redis = %self.target, "redis counters available again");
+            tracing::info!(
+                backend = self.backend.kind(),
+                "redis counters available again"
+            );
         }
     }
 
@@ -332,18 +202,16 @@ impl RedisCounters {
     }
 
     async fn eval(&self, ask: &Ask) -> Result<Decision, String> {
-        let (t, mode, w, a) = script_args(ask, ask.weight, ask.mode);
-        let mut inv = self.script.prepare_invoke();
-        inv.key(redis_key(ask))
-            .arg(t)
-            .arg(mode)
-            .arg(w)
-            .arg(ask.allow)
-            .arg(ask.now)
-            .arg(a);
-        let mut conn = self.conn.clone();
-        match tokio::time::timeout(DECIDE_TIMEOUT, inv.invoke_async::<Value>(&mut conn)).await {
-            Ok(Ok(v)) => parse_reply(&v).ok_or_else(|| format!("unexpected reply {v:?}")),
+        match tokio::time::timeout(
+            DECIDE_TIMEOUT,
+            self.backend.count(std::slice::from_ref(ask)),
+        )
+        .await
+        {
+            Ok(Ok(v)) => match v.first() {
+                Some(Some(d)) => Ok(*d),
+                _ => Err("unexpected reply".to_owned()),
+            },
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err(format!(
                 "no answer within {} ms",
@@ -464,82 +332,32 @@ impl RedisCounters {
         }
     }
 
-    /// Sends one batch of count-only calls: one pipeline on a single server; on a cluster,
-    /// where a pipeline must stay in one slot, concurrent calls.
+    /// Sends one batch of count-only calls, in one backend call.
     async fn send_batch(
         &self,
         chunk: &[((u128, i64), Ask, u64)],
         now: i64,
-    ) -> redis::RedisResult<Vec<Value>> {
-        let calls = chunk.iter().map(|(_, ask, w)| {
-            let mut a = ask.clone();
-            a.now = now;
-            let (t, mode, w, arg) = script_args(&a, *w, Mode::CountOnly);
-            (redis_key(&a), t, mode, w, a.allow, arg)
-        });
-        match &self.conn {
-            Conn::Single(_) => {
-                let mut pipe = redis::pipe();
-                for (key, t, mode, w, allow, arg) in calls {
-                    pipe.cmd("EVAL")
-                        .arg(SCRIPT)
-                        .arg(1)
-                        .arg(key)
-                        .arg(t)
-                        .arg(mode)
-                        .arg(w)
-                        .arg(allow)
-                        .arg(now)
-                        .arg(arg);
-                }
-                let mut conn = self.conn.clone();
-                pipe.query_async::<Vec<Value>>(&mut conn).await
-            }
-            Conn::Cluster(_) => {
-                let futures: Vec<ValueFuture> = calls
-                    .collect::<Vec<_>>()
-                    .into_iter()
-                    .map(|(key, t, mode, w, allow, arg)| {
-                        let mut conn = self.conn.clone();
-                        let script = self.script.clone();
-                        Box::pin(async move {
-                            script
-                                .key(key)
-                                .arg(t)
-                                .arg(mode)
-                                .arg(w)
-                                .arg(allow)
-                                .arg(now)
-                                .arg(arg)
-                                .invoke_async::<Value>(&mut conn)
-                                .await
-                        }) as ValueFuture
-                    })
-                    .collect();
-                futures_util::stream::iter(futures)
-                    .buffered(64)
-                    .collect::<Vec<_>>()
-                    .await
-                    .into_iter()
-                    .collect()
-            }
-        }
+    ) -> Result<Vec<Option<Decision>>, String> {
+        let asks: Vec<Ask> = chunk
+            .iter()
+            .map(|(_, ask, w)| Ask {
+                now,
+                weight: *w,
+                mode: Mode::CountOnly,
+                ..ask.clone()
+            })
+            .collect();
+        self.backend.count(&asks).await.map_err(|e| e.to_string())
     }
 
     /// Asynchronous mode: sends pending counts, refreshes recently used mirrors, drops idle
     /// ones.
     pub async fn sync(&self, now: i64, interval: Duration) {
-        // While Redis is down, probe it every tick: a failed probe keeps it marked down (so
-        // fail-closed policies keep answering 503), a good one lets the batch below go.
+        // While the backend is down, probe it every tick: a failed probe keeps it marked
+        // down (so fail-closed policies keep answering 503), a good one lets the batch go.
         if self.down.load(Ordering::Relaxed) {
-            let mut conn = self.conn.clone();
-            let ping = tokio::time::timeout(
-                DECIDE_TIMEOUT,
-                redis::cmd("PING").query_async::<Value>(&mut conn),
-            )
-            .await;
-            match ping {
-                Ok(Ok(_)) => self.mark_up(),
+            match tokio::time::timeout(DECIDE_TIMEOUT, self.backend.ping()).await {
+                Ok(Ok(())) => self.mark_up(),
                 Ok(Err(e)) => return self.mark_down("sync", &e.to_string()),
                 Err(_) => return self.mark_down("sync", "PING timed out"),
             }
@@ -589,7 +407,7 @@ impl RedisCounters {
             self.mark_up();
             for ((k, _, _), v) in chunk.iter().zip(replies) {
                 if let Some(mut m) = self.mirrors.get_mut(k) {
-                    match parse_reply(&v) {
+                    match v {
                         // The total includes what was in flight.
                         Some(d) => {
                             m.remote = d.used;
@@ -601,51 +419,5 @@ impl RedisCounters {
                 }
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::ratelimit::Key;
-
-    #[test]
-    fn keys_hash_tag_the_counter() {
-        let mut ask = Ask {
-            key: Key(0xab),
-            window: Window::Fixed {
-                start: 60_000,
-                end: 120_000,
-            },
-            allow: 1,
-            weight: 1,
-            mode: Mode::EnforceAndCount,
-            now: 0,
-            fail_open: true,
-            overflow: Key(1),
-        };
-        assert_eq!(
-            redis_key(&ask),
-            "tollgate:rl:{000000000000000000000000000000ab}:60000"
-        );
-        ask.window = Window::Flexi { len: 1 };
-        assert_eq!(
-            redis_key(&ask),
-            "tollgate:rl:{000000000000000000000000000000ab}"
-        );
-        assert_eq!(
-            parse_reply(&Value::Array(vec![
-                Value::Int(1),
-                Value::Int(5),
-                Value::Int(9)
-            ])),
-            Some(Decision {
-                allowed: true,
-                used: 5,
-                expiry: 9,
-                degraded: false
-            })
-        );
-        assert_eq!(parse_reply(&Value::Nil), None);
     }
 }
