@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use tollgate::pipeline::{Direction, Outcome, Policy};
+use tollgate::pipeline::{Direction, Hook, Outcome, Policy};
 use tollgate::policies::{builder, BuildContext};
 use tollgate::services::Services;
 use tollgate::vars::Exchange;
@@ -60,9 +60,9 @@ fn main() {
             .push("x-user".into(), format!("user-{i:012}"));
         for p in [&spike, &quota] {
             match p.run(&mut ex, Direction::Request) {
-                Outcome::Ready(Ok(())) => {}
-                Outcome::Ready(Err(f)) => panic!("refused: {f:?}"),
-                Outcome::Pending(_) => panic!("memory counters decide at once"),
+                Hook::Ready(Outcome::Continue) => {}
+                Hook::Ready(o) => panic!("refused: {o:?}"),
+                Hook::Pending(_) => panic!("memory counters decide at once"),
             }
         }
     }

@@ -11,7 +11,8 @@
 //!   headers  request_headers(eos) -> response_headers(eos)
 //!   body     request_headers -> request_body 2 KB JSON (eos, BUFFERED) -> response_headers(eos)
 //!   sse      request_headers(eos) -> response_headers(text/event-stream) -> 20 response_body
-//!            chunks (FULL_DUPLEX_STREAMED, last eos), one streamed_response answer per chunk
+//!            chunks (FULL_DUPLEX_STREAMED, last eos; `--sse-chunks`), one streamed_response
+//!            answer per chunk
 //!
 //! Exit status: 0 when at least one stream completed and there were no mismatches, errors or
 //! timeouts; 1 otherwise (the report is printed either way).
@@ -83,9 +84,10 @@ struct Args {
     /// Print a single JSON line instead of the text report.
     #[arg(long)]
     json: bool,
+    /// Response body chunks (one server-sent event each) of the `sse` mix.
+    #[arg(long, default_value_t = 20)]
+    sse_chunks: usize,
 }
-
-const SSE_CHUNKS: usize = 20;
 
 fn hv(key: &str, value: &str) -> HeaderValue {
     HeaderValue {
@@ -129,8 +131,8 @@ fn chat_body() -> Vec<u8> {
     .into_bytes()
 }
 
-fn sse_chunk(i: usize) -> Vec<u8> {
-    if i + 1 == SSE_CHUNKS {
+fn sse_chunk(i: usize, chunks: usize) -> Vec<u8> {
+    if i + 1 == chunks {
         return b"data: [DONE]\n\n".to_vec();
     }
     format!(
@@ -208,10 +210,11 @@ fn script(args: &Args) -> Result<Vec<ProcessingRequest>, String> {
             resp_headers.push(hv("content-type", "text/event-stream"));
             resp_headers.push(hv("cache-control", "no-cache"));
             out.push(msg(Req::ResponseHeaders(headers_msg(resp_headers, false))));
-            for i in 0..SSE_CHUNKS {
+            let n = args.sse_chunks.max(1);
+            for i in 0..n {
                 let chunk = HttpBody {
-                    body: sse_chunk(i),
-                    end_of_stream: i + 1 == SSE_CHUNKS,
+                    body: sse_chunk(i, n),
+                    end_of_stream: i + 1 == n,
                     ..Default::default()
                 };
                 out.push(msg(Req::ResponseBody(chunk)));

@@ -22,7 +22,7 @@ use jsonschema::{Draft, Registry};
 use serde_json::json;
 use tollgate::config::reload::{ConfigManager, ConfigSource};
 use tollgate::config::SourceFile;
-use tollgate::pipeline::{Direction, Outcome, Policy};
+use tollgate::pipeline::{Direction, Hook, Policy};
 use tollgate::policies::{builder, BuildContext};
 use tollgate::server::stream::StreamState;
 use tollgate::server::{NoMatch, Shared};
@@ -270,8 +270,11 @@ fn bench(c: &mut Criterion) {
                     ..Default::default()
                 },
                 |mut ex| match p.run(&mut ex, Direction::Request) {
-                    Outcome::Ready(r) => r.expect("the body is valid"),
-                    Outcome::Pending(_) => unreachable!("OasValidation never waits"),
+                    Hook::Ready(o) => o
+                        .into_result()
+                        .map(|a| assert!(a.is_none(), "unexpected answer"))
+                        .expect("the body is valid"),
+                    Hook::Pending(_) => unreachable!("OasValidation never waits"),
                 },
                 criterion::BatchSize::SmallInput,
             )

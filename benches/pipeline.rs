@@ -141,7 +141,7 @@ fn bench(c: &mut Criterion) {
 
 /// One step of a policy on a ready exchange, without the stream machinery.
 fn policy_runs(c: &mut Criterion) {
-    use tollgate::pipeline::{Direction, Outcome, Policy};
+    use tollgate::pipeline::{Direction, Hook, Policy};
     use tollgate::policies::{builder, BuildContext};
     let build = |ty: &str, yaml: &str| -> Arc<dyn Policy> {
         builder(ty).expect("policy type")(
@@ -154,8 +154,11 @@ fn policy_runs(c: &mut Criterion) {
         .expect("valid policy")
     };
     let run = |p: &Arc<dyn Policy>, ex: &mut Exchange| match p.run(ex, Direction::Request) {
-        Outcome::Ready(r) => r.expect("step passes"),
-        Outcome::Pending(_) => panic!("a benchmarked step must answer at once"),
+        Hook::Ready(o) => o
+            .into_result()
+            .map(|a| assert!(a.is_none(), "unexpected answer"))
+            .expect("step passes"),
+        Hook::Pending(_) => panic!("a benchmarked step must answer at once"),
     };
     let fresh = |auth: &str| {
         let mut h = Headers::new();

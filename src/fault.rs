@@ -46,27 +46,6 @@ impl Fault {
         }
     }
 
-    /// A successful answer given in place of the upstream (a cache hit): status, headers and
-    /// body as stored. The stream sends it as an immediate response, not counted as a
-    /// rejection.
-    pub fn answer(
-        status: u16,
-        code: impl Into<String>,
-        headers: Vec<(String, String)>,
-        content_type: String,
-        body: Vec<u8>,
-    ) -> Self {
-        let mut f = Self::new(status, code, "");
-        f.headers = headers;
-        f.body = Some((content_type, body));
-        f
-    }
-
-    /// True for an answer that is not an error (see [`Fault::answer`]).
-    pub fn is_answer(&self) -> bool {
-        (200..400).contains(&self.status)
-    }
-
     pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         self.headers.push((name.into(), value.into()));
         self
@@ -244,24 +223,6 @@ mod tests {
         assert_eq!(o["error"]["violations"][0]["message"], "m");
         let p = body(&f.render(ErrorFormat::Problem));
         assert_eq!(p["violations"][0]["pointer"], "/body/a");
-    }
-
-    #[test]
-    fn answers_are_not_errors() {
-        let a = Fault::answer(
-            200,
-            "hit",
-            vec![("age".into(), "3".into())],
-            "text/plain".into(),
-            b"x".to_vec(),
-        );
-        assert!(a.is_answer());
-        let r = a.render(ErrorFormat::Apigee);
-        assert_eq!(
-            (r.status, r.body.as_slice(), ct(&r)),
-            (200, &b"x"[..], "text/plain")
-        );
-        assert!(!Fault::new(400, "x", "y").is_answer());
     }
 
     #[test]

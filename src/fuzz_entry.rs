@@ -22,7 +22,7 @@ use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value as PbValue};
 use crate::config::reload::{ConfigManager, ConfigSource};
 use crate::config::SourceFile;
 use crate::expr::{Condition, Template};
-use crate::pipeline::{Direction, Outcome, Policy};
+use crate::pipeline::{Direction, Hook, Outcome, Policy};
 use crate::policies::BuildContext;
 use crate::server::{NoMatch, Shared};
 use crate::vars::{Exchange, Headers, RequestInfo, ResponseInfo};
@@ -593,7 +593,7 @@ pub fn oas(data: &[u8]) {
     let mut ex = exchange(&mut inp);
     let passed = matches!(
         policy.run(&mut ex, Direction::Request),
-        Outcome::Ready(Ok(()))
+        Hook::Ready(Outcome::Continue)
     );
     if passed && ex.response.is_some() {
         let _ = policy.run(&mut ex, Direction::Response);

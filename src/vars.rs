@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::pipeline::Direction;
+use crate::direction::Direction;
 
 /// A flow variable's value.
 #[derive(Debug, Clone, PartialEq)]
@@ -477,7 +477,8 @@ pub struct Exchange {
     pub response_body_replaced: bool,
     /// Set by a response step that wants a copy of the response body as it passes (a
     /// cache populating itself): the most bytes to keep; 0 keeps nothing. The body is not
-    /// held back; [`crate::pipeline::Policy::observe`] gets the copy at its end.
+    /// held back; the steps that declared [`crate::pipeline::Hooks::response_copy`] get it in
+    /// [`crate::pipeline::Policy::response_end`] at its end.
     pub response_capture: usize,
     /// The client's values of the request headers the flow's steps set for the upstream,
     /// taken out of `request.headers` before the first step (see

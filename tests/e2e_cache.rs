@@ -212,3 +212,44 @@ async fn shared_cache_keys_by_host_and_keeps_personal_answers() {
     })
     .await;
 }
+
+const SOFT_CACHE: &str = r#"
+apiVersion: tollgate.dev/v1alpha1
+kind: Policy
+metadata: {name: cache}
+spec:
+  type: ResponseCache
+  ttlSeconds: 60
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: Flow
+metadata: {name: cached}
+spec:
+  default: true
+  request: [{policy: cache, continueOnError: true}]
+  response: [{policy: cache}]
+"#;
+
+/// A hit is a served answer, not a fault: `continueOnError` on the lookup step does not
+/// turn it into a miss.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hit_under_continue_on_error_is_still_a_hit() {
+    within(LIMIT, async {
+        let bed = TestBed::start(SOFT_CACHE).await;
+        let first = bed.get("/echo?soft=1", &[]).await;
+        assert_eq!(
+            first.header("cache-status"),
+            Some("tollgate; fwd=miss; stored")
+        );
+        let second = bed.get("/echo?soft=1", &[]).await;
+        assert_eq!(second.status, 200);
+        assert_eq!(second.header("cache-status"), Some("tollgate; hit"));
+        assert_eq!(second.body, first.body);
+        assert_eq!(
+            bed.upstream.seen_with_prefix("/echo").len(),
+            1,
+            "the hit never went upstream"
+        );
+    })
+    .await;
+}

@@ -22,7 +22,7 @@ use jsonwebtoken::{decode, Algorithm, DecodingKey, EncodingKey, Header, Validati
 use rsa::pkcs8::{EncodePrivateKey, EncodePublicKey};
 use serde_json::{json, Value};
 use tollgate::fault::Fault;
-use tollgate::pipeline::{Direction, Outcome, Policy};
+use tollgate::pipeline::{Direction, Hook, Outcome, Policy};
 use tollgate::policies::BuildContext;
 use tollgate::services::Services;
 use tollgate::vars::Exchange;
@@ -244,7 +244,7 @@ async fn metadata_access_token_is_minted_once_for_concurrent_requests() {
     let mut ex = Exchange::default();
     assert!(matches!(
         p.run(&mut ex, Direction::Request),
-        Outcome::Ready(Ok(()))
+        Hook::Ready(Outcome::Continue)
     ));
 }
 
@@ -304,7 +304,7 @@ async fn tokens_are_refreshed_in_the_background_past_half_their_life() {
         let mut ex = Exchange::default();
         assert!(matches!(
             p.run(&mut ex, Direction::Request),
-            Outcome::Ready(Ok(()))
+            Hook::Ready(Outcome::Continue)
         ));
     }
     assert_eq!(g.token_calls.load(Ordering::SeqCst), 1);
@@ -316,7 +316,10 @@ async fn tokens_are_refreshed_in_the_background_past_half_their_life() {
     for _ in 0..20 {
         let mut ex = Exchange::default();
         assert!(
-            matches!(p.run(&mut ex, Direction::Request), Outcome::Ready(Ok(()))),
+            matches!(
+                p.run(&mut ex, Direction::Request),
+                Hook::Ready(Outcome::Continue)
+            ),
             "no request waits for the refresh"
         );
     }
@@ -495,9 +498,11 @@ async fn metadata_server_down_fails_fast() {
     for _ in 0..100 {
         let mut ex = Exchange::default();
         match p.run(&mut ex, Direction::Request) {
-            Outcome::Ready(Err(f)) => assert_eq!(f.status, 503),
-            Outcome::Ready(Ok(())) => panic!("no token can exist"),
-            Outcome::Pending(fut) => assert_eq!(fut.await.unwrap_err().status, 503),
+            Hook::Ready(Outcome::Reject(f)) => assert_eq!(f.status, 503),
+            Hook::Ready(_) => panic!("no token can exist"),
+            Hook::Pending(fut) => {
+                assert_eq!(fut.await.into_result().unwrap_err().status, 503)
+            }
         };
     }
     assert!(

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tollgate::fault::Fault;
-use tollgate::pipeline::{Direction, Outcome, Policy};
+use tollgate::pipeline::{Direction, Hook, Policy};
 use tollgate::policies::{builder, BuildContext, SpecError};
 use tollgate::vars::{Exchange, Headers, RequestInfo, ResponseInfo};
 
@@ -46,8 +46,10 @@ fn exchange() -> Exchange {
 
 fn run(p: &Arc<dyn Policy>, ex: &mut Exchange) -> Result<(), Fault> {
     match p.run(ex, Direction::Request) {
-        Outcome::Ready(r) => r,
-        Outcome::Pending(_) => panic!("scripts answer at once"),
+        Hook::Ready(o) => o
+            .into_result()
+            .map(|a| assert!(a.is_none(), "unexpected answer")),
+        Hook::Pending(_) => panic!("scripts answer at once"),
     }
 }
 
@@ -110,8 +112,11 @@ fn response_phase_sees_status_and_headers() {
         headers: h,
     });
     match p.run(&mut ex, Direction::Response) {
-        Outcome::Ready(r) => r.unwrap(),
-        Outcome::Pending(_) => panic!(),
+        Hook::Ready(o) => o
+            .into_result()
+            .map(|a| assert!(a.is_none(), "unexpected answer"))
+            .unwrap(),
+        Hook::Pending(_) => panic!(),
     }
     let set = ex.take_mutations(Direction::Response).set;
     assert!(set.contains(&("x-status".into(), "201".into(), false)));

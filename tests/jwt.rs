@@ -22,7 +22,7 @@ use rsa::pkcs8::EncodePrivateKey;
 use rsa::traits::PublicKeyParts;
 use serde_json::{json, Value};
 use tollgate::fault::Fault;
-use tollgate::pipeline::{Direction, Outcome, Policy};
+use tollgate::pipeline::{Direction, Hook, Outcome, Policy};
 use tollgate::policies::BuildContext;
 use tollgate::services::Services;
 use tollgate::vars::{Exchange, Headers, RequestInfo};
@@ -394,7 +394,10 @@ fn verify_at_once(p: &Arc<dyn Policy>, token: &str, n: usize) {
     for _ in 0..n {
         let mut ex = exchange(token);
         assert!(
-            matches!(p.run(&mut ex, Direction::Request), Outcome::Ready(Ok(()))),
+            matches!(
+                p.run(&mut ex, Direction::Request),
+                Hook::Ready(Outcome::Continue)
+            ),
             "answered from the cached set"
         );
     }
@@ -527,6 +530,6 @@ async fn inline_keys_and_google_preset() {
     let mut ex = exchange(&rs.token(&claims()));
     assert!(matches!(
         inline.run(&mut ex, Direction::Request),
-        Outcome::Ready(Ok(()))
+        Hook::Ready(Outcome::Continue)
     ));
 }

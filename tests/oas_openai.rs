@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use tollgate::fault::Fault;
-use tollgate::pipeline::{Direction, Outcome, Policy};
+use tollgate::pipeline::{Direction, Hook, Policy};
 use tollgate::policies::{builder, BuildContext};
 use tollgate::vars::{Exchange, Headers, RequestInfo};
 
@@ -46,8 +46,10 @@ fn post(path: &str, body: &str) -> Exchange {
 
 fn check(p: &Arc<dyn Policy>, mut ex: Exchange) -> Result<(), Fault> {
     match p.run(&mut ex, Direction::Request) {
-        Outcome::Ready(r) => r,
-        Outcome::Pending(_) => panic!("never pending"),
+        Hook::Ready(o) => o
+            .into_result()
+            .map(|a| assert!(a.is_none(), "unexpected answer")),
+        Hook::Pending(_) => panic!("never pending"),
     }
 }
 

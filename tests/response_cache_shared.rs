@@ -5,14 +5,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tollgate::pipeline::{Direction, Policy};
+use tollgate::fault::Fault;
+use tollgate::pipeline::{Answer, Direction, Policy};
 use tollgate::policies::{response_cache, BuildContext};
 use tollgate::services::Services;
 use tollgate::vars::{Exchange, Headers, RequestInfo, ResponseInfo};
 
 mod support;
 
-use support::policy::run_in as run;
 use support::redis::RedisServer;
 
 /// One replica's policy: fresh services (so its own local cache), the shared Redis tier.
@@ -36,18 +36,28 @@ fn request(uri: &str) -> Exchange {
     }
 }
 
+/// `Ok(None)`: go on; `Ok(Some(answer))`: a hit (a served answer, not a fault).
+async fn run(
+    p: &Arc<dyn Policy>,
+    ex: &mut Exchange,
+    dir: Direction,
+) -> Result<Option<Box<Answer>>, Fault> {
+    p.run(ex, dir).outcome().await.into_result()
+}
+
 /// A lookup: the hit's body and `age`, or `None` for a miss.
 async fn lookup(p: &Arc<dyn Policy>, uri: &str) -> Option<(Vec<u8>, u64)> {
     let mut ex = request(uri);
-    let f = run(p, &mut ex, Direction::Request).await.err()?;
-    assert!(f.is_answer(), "{f:?}");
+    let f = run(p, &mut ex, Direction::Request)
+        .await
+        .expect("a hit, not a fault")?;
     let age = f
         .headers
         .iter()
         .find(|(n, _)| n == "age")
         .and_then(|(_, v)| v.parse().ok())
         .expect("age");
-    Some((f.body.expect("body").1, age))
+    Some((f.body, age))
 }
 
 /// A miss that goes upstream and stores `body`.
@@ -63,7 +73,10 @@ async fn store(p: &Arc<dyn Policy>, uri: &str, body: &str) {
     });
     run(p, &mut ex, Direction::Response).await.unwrap();
     assert!(ex.response_capture > 0, "the body is asked for");
-    p.observe(&mut ex, Direction::Response, body.as_bytes());
+    // What the stream does once the body streamed past.
+    assert!(p.hooks().response_copy);
+    ex.response_body = Some(body.as_bytes().to_vec());
+    assert!(p.response_end(&mut ex).outcome().await.is_continue());
 }
 
 /// Waits (bounded) until the background write reached Redis.

@@ -107,8 +107,8 @@ mod tests {
     use super::errors::WRITE_ATTEMPTS;
     use super::*;
     use crate::consumer::{hash_key, ApiKey, App, AppStatus, KeyStatus, Origin};
-    use crate::store::{StoreError, Write};
     use crate::store::Table;
+    use crate::store::{StoreError, Write};
 
     /// A memory backend where another replica updates the app (revoking its first key)
     /// right before each of this replica's next `interfere` app updates lands.

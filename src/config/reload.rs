@@ -279,7 +279,7 @@ impl ConfigManager {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pipeline::{Direction, Outcome};
+    use crate::pipeline::{Direction, Hook, Outcome};
     use crate::vars::Exchange;
 
     const CONFIG: &str = "apiVersion: tollgate.dev/v1alpha1\nkind: Policy\nmetadata: {name: tag}\nspec: {type: JavaScript, file: scripts/tag.js}\n";
@@ -287,10 +287,10 @@ mod tests {
     fn tag(m: &ConfigManager) -> Option<String> {
         let snap = m.snapshot();
         let mut ex = Exchange::default();
-        let Outcome::Ready(r) = snap.policies["tag"].run(&mut ex, Direction::Request) else {
+        let Hook::Ready(Outcome::Continue) = snap.policies["tag"].run(&mut ex, Direction::Request)
+        else {
             panic!("scripts answer at once");
         };
-        r.unwrap();
         let set = ex.take_mutations(Direction::Request).set;
         set.into_iter()
             .find(|(n, _, _)| n == "x-tag")

@@ -4,6 +4,19 @@
 //! A step runs at the earliest phase that has what it needs. Header-only steps run on the
 //! headers message, so a rejected request never uploads its body; once one step needs the
 //! body, it and every later step of that direction run on the body (order is preserved).
+//!
+//! Phases, in the order Envoy sends them, and the [`Policy`] hook each calls:
+//!
+//! | phase | hook | runs for |
+//! |---|---|---|
+//! | request headers | [`Policy::request_headers`] | request steps before the first body step |
+//! | request body | [`Policy::request_body`] (body steps), [`Policy::request_headers`] (later header-only steps) | the rest, on the whole body |
+//! | response headers | [`Policy::response_headers`] | response steps before the first body step |
+//! | response chunk | [`Policy::response_chunk`] | steps that declared [`Hooks::response_chunks`], each chunk as it passes |
+//! | response end | [`Policy::response_end`] (body steps, body held), [`Policy::response_headers`] (later header-only steps) | the rest, on the whole body; and, after the body passed, steps that declared [`Hooks::response_copy`] on the copy some step asked for |
+//! | after the exchange | [`Policy::after_exchange`] | steps that declared [`Hooks::after_exchange`], once, however the exchange ended |
+
+pub mod chunk;
 
 use std::fmt;
 use std::future::Future;
@@ -14,45 +27,160 @@ use crate::expr::Condition;
 use crate::fault::Fault;
 use crate::vars::Exchange;
 
-/// Which half of the exchange a step belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Direction {
-    Request,
-    Response,
+pub use crate::direction::Direction;
+pub use chunk::{Chunk, ChunkAction, ChunkSpec};
+
+/// A served answer: a step answers the client in place of the upstream (a cache hit). Not
+/// a fault: never counted as a rejection, never swallowed by `continueOnError`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Answer {
+    pub status: u16,
+    /// Short code for logs and Envoy's response-code details, e.g. `responsecache.Hit`.
+    pub code: String,
+    /// Headers for the client, `content-type` among them.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
 }
 
-impl Direction {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Direction::Request => "request",
-            Direction::Response => "response",
+impl Answer {
+    /// An answer with `content_type` (replacing any `content-type` in `headers`).
+    pub fn new(
+        status: u16,
+        code: impl Into<String>,
+        mut headers: Vec<(String, String)>,
+        content_type: String,
+        body: Vec<u8>,
+    ) -> Self {
+        headers.retain(|(n, _)| !n.eq_ignore_ascii_case("content-type"));
+        headers.push(("content-type".to_owned(), content_type));
+        Self {
+            status,
+            code: code.into(),
+            headers,
+            body,
         }
     }
 }
 
-/// A step's future when the policy has to wait (a store, a callout).
-pub type PolicyFuture<'a> = Pin<Box<dyn Future<Output = Result<(), Fault>> + Send + 'a>>;
-
-/// What a policy returns: most policies decide at once and allocate nothing.
-pub enum Outcome<'a> {
-    Ready(Result<(), Fault>),
-    Pending(PolicyFuture<'a>),
+/// What a step decided.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Go on with the next step.
+    Continue,
+    /// Answer the client with this instead of going on (no later request step runs; the
+    /// response steps that declared [`Hooks::on_answers`] run on it).
+    Respond(Box<Answer>),
+    /// Stop the exchange with this fault (unless the step has `continueOnError`).
+    Reject(Fault),
 }
 
-impl From<Result<(), Fault>> for Outcome<'_> {
-    fn from(r: Result<(), Fault>) -> Self {
-        Outcome::Ready(r)
+impl Outcome {
+    /// The outcome as a `Result`: `Ok(None)` to go on, `Ok(Some(answer))` for a served
+    /// answer, `Err` for a rejection.
+    pub fn into_result(self) -> Result<Option<Box<Answer>>, Fault> {
+        match self {
+            Outcome::Continue => Ok(None),
+            Outcome::Respond(a) => Ok(Some(a)),
+            Outcome::Reject(f) => Err(f),
+        }
+    }
+
+    pub fn is_continue(&self) -> bool {
+        matches!(self, Outcome::Continue)
     }
 }
 
+impl From<Result<(), Fault>> for Outcome {
+    fn from(r: Result<(), Fault>) -> Self {
+        match r {
+            Ok(()) => Outcome::Continue,
+            Err(f) => Outcome::Reject(f),
+        }
+    }
+}
+
+/// A hook's future when the policy has to wait (a store, a callout).
+pub type HookFuture<'a> = Pin<Box<dyn Future<Output = Outcome> + Send + 'a>>;
+
+/// What a hook returns: most policies decide at once and allocate nothing.
+pub enum Hook<'a> {
+    Ready(Outcome),
+    Pending(HookFuture<'a>),
+}
+
+impl<'a> Hook<'a> {
+    pub const CONTINUE: Hook<'static> = Hook::Ready(Outcome::Continue);
+
+    /// Waits for `fut`: `Ok` goes on, `Err` rejects.
+    pub fn wait(fut: impl Future<Output = Result<(), Fault>> + Send + 'a) -> Self {
+        Hook::Pending(Box::pin(async move { fut.await.into() }))
+    }
+
+    /// Waits for the outcome.
+    pub async fn outcome(self) -> Outcome {
+        match self {
+            Hook::Ready(o) => o,
+            Hook::Pending(f) => f.await,
+        }
+    }
+}
+
+impl From<Result<(), Fault>> for Hook<'_> {
+    fn from(r: Result<(), Fault>) -> Self {
+        Hook::Ready(r.into())
+    }
+}
+
+impl From<Outcome> for Hook<'_> {
+    fn from(o: Outcome) -> Self {
+        Hook::Ready(o)
+    }
+}
+
+/// How an exchange ended, for [`Policy::after_exchange`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExchangeEnd {
+    /// The response went through to its end.
+    Completed,
+    /// tollgate answered in place of the upstream: a rejection or a served answer.
+    Answered,
+    /// The stream went away before the response ended (client abort, upstream reset, Envoy
+    /// gone).
+    Aborted,
+    /// The stream ended with an error (a protocol violation or a broken message).
+    Failed,
+}
+
+/// The work of an after-exchange hook: owns what it needs (clone the `Arc`s of stores).
+pub type AfterFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
+/// The hooks a step uses besides the headers and body ones, declared once when the flow
+/// compiles, so a flow pays only for what its steps use.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Hooks {
+    /// [`Policy::response_chunk`] runs on every response chunk as it passes.
+    pub response_chunks: Option<ChunkSpec>,
+    /// [`Policy::response_end`] runs on a copy of the response after it passed, when a step
+    /// asked for the copy through [`Exchange::response_capture`] (a cache populating
+    /// itself without holding the body back).
+    pub response_copy: bool,
+    /// [`Policy::after_exchange`] runs once the exchange is over.
+    pub after_exchange: bool,
+    /// The response hooks also run on an answer a request step served
+    /// ([`Outcome::Respond`]): its status, headers and body are the response.
+    pub on_answers: bool,
+}
+
 /// One compiled policy instance. Policies know nothing about protobuf: they read and write
-/// the [`Exchange`] (variables, headers through its mutation helpers) and may reject with a
-/// [`Fault`].
+/// the [`Exchange`] (variables, headers through its mutation helpers) and decide with an
+/// [`Outcome`]. Every hook has a default that does nothing.
 pub trait Policy: Send + Sync + fmt::Debug {
     /// The `spec.type` this policy was built from.
     fn type_name(&self) -> &'static str;
 
-    /// True when the step needs the message body of `dir` to run.
+    /// True when the step needs the whole message body of `dir` to run: its body hook
+    /// ([`Policy::request_body`] / [`Policy::response_end`]) then runs on the held body in
+    /// place of its headers hook, and every later step of `dir` runs at that phase too.
     fn needs_body(&self, _dir: Direction) -> bool {
         false
     }
@@ -63,13 +191,10 @@ pub trait Policy: Send + Sync + fmt::Debug {
         false
     }
 
-    /// Runs the step for `dir`, on headers or (when [`Policy::needs_body`]) on the body.
-    fn run<'a>(&'a self, ex: &'a mut Exchange, dir: Direction) -> Outcome<'a>;
-
-    /// Gets the whole `dir` body after it passed, when a step asked for a copy through
-    /// [`Exchange::response_capture`]. Called on every response step; it can no longer
-    /// change or reject the message.
-    fn observe(&self, _ex: &mut Exchange, _dir: Direction, _body: &[u8]) {}
+    /// The hooks beyond headers and body this step uses.
+    fn hooks(&self) -> Hooks {
+        Hooks::default()
+    }
 
     /// The request headers this step sets for the upstream when it runs on the request
     /// (lower case). The flow removes the client's values of every one of them before any
@@ -77,6 +202,57 @@ pub trait Policy: Send + Sync + fmt::Debug {
     /// the step's place when the step is skipped, fails or cannot render a value.
     fn owned_request_headers(&self) -> Vec<String> {
         Vec::new()
+    }
+
+    /// Request headers are known (the step does not need the request body).
+    fn request_headers<'a>(&'a self, _ex: &'a mut Exchange) -> Hook<'a> {
+        Hook::CONTINUE
+    }
+
+    /// The whole request body is in `ex.request_body` (the step needs it); it may replace
+    /// it with [`Exchange::replace_body`].
+    fn request_body<'a>(&'a self, _ex: &'a mut Exchange) -> Hook<'a> {
+        Hook::CONTINUE
+    }
+
+    /// Response headers are known (the step does not need the response body).
+    fn response_headers<'a>(&'a self, _ex: &'a mut Exchange) -> Hook<'a> {
+        Hook::CONTINUE
+    }
+
+    /// One response chunk as it passes (declared with [`Hooks::response_chunks`]). It may
+    /// rewrite `chunk.data`, hold back a tail of at most the declared bytes, or end the
+    /// stream with `chunk.data` as the final chunk. Synchronous: it must not wait.
+    fn response_chunk(&self, _ex: &mut Exchange, _chunk: &mut Chunk) -> ChunkAction {
+        ChunkAction::Pass
+    }
+
+    /// The whole response is in `ex.response_body`. For a step that needs the response
+    /// body, the body is held and the step may reject or replace it. For a step that
+    /// declared [`Hooks::response_copy`], it runs after the body passed, on the copy: it
+    /// can no longer change the response (a rejection is logged and dropped).
+    fn response_end<'a>(&'a self, _ex: &'a mut Exchange) -> Hook<'a> {
+        Hook::CONTINUE
+    }
+
+    /// The exchange is over (declared with [`Hooks::after_exchange`]): called once per
+    /// exchange, whatever ended it, after the client's answer left. The returned future is
+    /// spawned: it may use the stores, and never delays the client.
+    fn after_exchange(&self, _ex: &Exchange, _end: ExchangeEnd) -> Option<AfterFuture> {
+        None
+    }
+
+    /// What the pipeline calls for `dir` where the flow placed the step: by default the
+    /// body hook when it needs the body, else the headers hook. A policy whose decision is
+    /// the same in every phase may override this instead of the four hooks (the policy
+    /// types written before the phase hooks do).
+    fn run<'a>(&'a self, ex: &'a mut Exchange, dir: Direction) -> Hook<'a> {
+        match (dir, self.needs_body(dir)) {
+            (Direction::Request, false) => self.request_headers(ex),
+            (Direction::Request, true) => self.request_body(ex),
+            (Direction::Response, false) => self.response_headers(ex),
+            (Direction::Response, true) => self.response_end(ex),
+        }
     }
 }
 
@@ -89,6 +265,13 @@ pub struct Step {
     pub continue_on_error: bool,
 }
 
+impl Step {
+    /// The step's condition holds (or it has none).
+    pub fn applies(&self, ex: &Exchange) -> bool {
+        self.condition.as_ref().is_none_or(|c| c.eval(ex))
+    }
+}
+
 /// The steps of one direction, split by phase.
 #[derive(Debug, Clone, Default)]
 pub struct DirectionPipeline {
@@ -99,6 +282,14 @@ pub struct DirectionPipeline {
     /// Request headers some step of this pipeline sets for the upstream (sorted, each
     /// once); empty for the response.
     pub owned: Vec<String>,
+    /// Response steps with a chunk hook, in order, with what each declared.
+    pub chunk_steps: Vec<(Step, ChunkSpec)>,
+    /// Response steps that see a copy of the response after it passed.
+    pub copy_steps: Vec<Step>,
+    /// Response steps that also run on a served answer.
+    pub answer_steps: Vec<Step>,
+    /// Policies with an after-exchange hook, each once, in step order.
+    pub after: Vec<Arc<dyn Policy>>,
 }
 
 impl DirectionPipeline {
@@ -117,6 +308,27 @@ impl DirectionPipeline {
         };
         owned.sort();
         owned.dedup();
+        let mut chunk_steps = Vec::new();
+        let mut copy_steps = Vec::new();
+        let mut answer_steps = Vec::new();
+        let mut after: Vec<Arc<dyn Policy>> = Vec::new();
+        for s in &steps {
+            let hooks = s.policy.hooks();
+            if dir == Direction::Response {
+                if let Some(spec) = hooks.response_chunks {
+                    chunk_steps.push((s.clone(), spec));
+                }
+                if hooks.response_copy {
+                    copy_steps.push(s.clone());
+                }
+                if hooks.on_answers {
+                    answer_steps.push(s.clone());
+                }
+            }
+            if hooks.after_exchange && !after.iter().any(|p| Arc::ptr_eq(p, &s.policy)) {
+                after.push(s.policy.clone());
+            }
+        }
         let mut on_headers = steps;
         let on_body = on_headers.split_off(split);
         let replaces_body = on_body.iter().any(|s| s.policy.replaces_body(dir));
@@ -125,6 +337,10 @@ impl DirectionPipeline {
             on_body,
             replaces_body,
             owned,
+            chunk_steps,
+            copy_steps,
+            answer_steps,
+            after,
         }
     }
 
@@ -167,32 +383,122 @@ pub fn claim_owned_headers(request: &DirectionPipeline, ex: &mut Exchange) {
     }
 }
 
-/// Runs `steps` in order. The first rejection ends the run unless its step has
-/// `continueOnError`, in which case `<policy>.failed` is set and the run goes on.
-pub async fn run_steps(steps: &[Step], ex: &mut Exchange, dir: Direction) -> Result<(), Fault> {
+/// Runs `steps` in order, each with the hook of its placement ([`Policy::run`]). A served
+/// answer ends the run. A rejection ends it too unless its step has `continueOnError`, in
+/// which case `<policy>.failed` is set and the run goes on.
+pub async fn run_steps(steps: &[Step], ex: &mut Exchange, dir: Direction) -> Outcome {
     for step in steps {
-        if let Some(cond) = &step.condition {
-            if !cond.eval(ex) {
-                continue;
-            }
+        if !step.applies(ex) {
+            continue;
         }
-        let result = match step.policy.run(ex, dir) {
-            Outcome::Ready(r) => r,
-            Outcome::Pending(fut) => fut.await,
+        let outcome = match step.policy.run(ex, dir) {
+            Hook::Ready(o) => o,
+            Hook::Pending(fut) => fut.await,
         };
-        if let Err(mut fault) = result {
-            if fault.policy.is_empty() {
-                fault.policy.clone_from(&step.policy_name);
+        match outcome {
+            Outcome::Continue => {}
+            Outcome::Respond(mut answer) => {
+                if answer.code.is_empty() {
+                    answer.code.clone_from(&step.policy_name);
+                }
+                return Outcome::Respond(answer);
             }
-            if step.continue_on_error {
-                tracing::debug!(policy = %step.policy_name, code = %fault.code, "step failed; continueOnError");
-                ex.set_var(format!("{}.failed", step.policy_name), true);
-                continue;
+            Outcome::Reject(mut fault) => {
+                if fault.policy.is_empty() {
+                    fault.policy.clone_from(&step.policy_name);
+                }
+                if step.continue_on_error {
+                    tracing::debug!(policy = %step.policy_name, code = %fault.code, "step failed; continueOnError");
+                    ex.set_var(format!("{}.failed", step.policy_name), true);
+                    continue;
+                }
+                return Outcome::Reject(fault);
             }
-            return Err(fault);
         }
     }
-    Ok(())
+    Outcome::Continue
+}
+
+/// Runs the response-end hook of the steps that see a copy of the response after it passed
+/// (`body` is the copy). Their outcome can no longer change the response.
+pub async fn run_copy_steps(steps: &[Step], ex: &mut Exchange, body: Vec<u8>) {
+    ex.set_body(Direction::Response, Some(body));
+    for step in steps {
+        if !step.applies(ex) {
+            continue;
+        }
+        let outcome = step.policy.response_end(ex).outcome().await;
+        if !outcome.is_continue() {
+            tracing::debug!(policy = %step.policy_name, ?outcome, "a response-end step decided after the response passed; dropped");
+        }
+    }
+    ex.set_body(Direction::Response, None);
+}
+
+/// Runs the response steps that apply to a served answer on it: `ex.response` and
+/// `ex.response_body` hold the answer; each step runs its response-headers hook, or its
+/// response-end hook when it needs the body. Returns the answer as the steps left it, or
+/// their rejection.
+pub async fn run_answer_steps(steps: &[Step], ex: &mut Exchange, answer: Box<Answer>) -> Outcome {
+    let Answer {
+        status,
+        code,
+        headers,
+        body,
+    } = *answer;
+    let mut h = crate::vars::Headers::new();
+    h.push(":status".to_owned(), status.to_string());
+    for (n, v) in headers {
+        h.push(n, v);
+    }
+    ex.response = Some(crate::vars::ResponseInfo { status, headers: h });
+    ex.set_body(Direction::Response, Some(body));
+    let outcome = run_steps(steps, ex, Direction::Response).await;
+    if !outcome.is_continue() {
+        return outcome;
+    }
+    // The steps changed the answer's headers through the exchange: its view is the result.
+    let _ = ex.take_mutations(Direction::Response);
+    let headers = ex
+        .response
+        .as_ref()
+        .map(|r| {
+            r.headers
+                .iter()
+                .filter(|(n, _)| !n.starts_with(':'))
+                .map(|(n, v)| (n.to_owned(), v.to_owned()))
+                .collect()
+        })
+        .unwrap_or_default();
+    Outcome::Respond(Box::new(Answer {
+        status,
+        code,
+        headers,
+        body: ex.take_body(Direction::Response).unwrap_or_default(),
+    }))
+}
+
+/// Starts the after-exchange hooks of `policies` for `ex`, ended by `end`: the hooks build
+/// their futures now, and one task runs them in order, off the stream's path.
+pub fn spawn_after_exchange<'p>(
+    policies: impl Iterator<Item = &'p Arc<dyn Policy>>,
+    ex: &Exchange,
+    end: ExchangeEnd,
+) {
+    let futures: Vec<AfterFuture> = policies.filter_map(|p| p.after_exchange(ex, end)).collect();
+    if futures.is_empty() {
+        return;
+    }
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) => {
+            handle.spawn(async move {
+                for f in futures {
+                    f.await;
+                }
+            });
+        }
+        Err(_) => tracing::warn!("no runtime to run after-exchange hooks on; skipped"),
+    }
 }
 
 #[cfg(test)]
@@ -203,6 +509,27 @@ mod tests {
     struct Fake {
         body: bool,
         reject: bool,
+        respond: bool,
+    }
+
+    impl Fake {
+        fn decide(&self, ex: &mut Exchange) -> Hook<'_> {
+            let n = ex.vars.len();
+            ex.set_var(format!("ran.{n}"), true);
+            if self.respond {
+                Hook::Ready(Outcome::Respond(Box::new(Answer::new(
+                    200,
+                    "",
+                    vec![("x-a".into(), "1".into())],
+                    "text/plain".into(),
+                    b"hi".to_vec(),
+                ))))
+            } else if self.reject {
+                Hook::Ready(Outcome::Reject(Fault::new(403, "x", "no")))
+            } else {
+                Hook::Pending(Box::pin(async { Outcome::Continue }))
+            }
+        }
     }
 
     impl Policy for Fake {
@@ -212,21 +539,42 @@ mod tests {
         fn needs_body(&self, _dir: Direction) -> bool {
             self.body
         }
-        fn run<'a>(&'a self, ex: &'a mut Exchange, _dir: Direction) -> Outcome<'a> {
-            let n = ex.vars.len();
-            ex.set_var(format!("ran.{n}"), true);
-            if self.reject {
-                Outcome::Ready(Err(Fault::new(403, "x", "no")))
-            } else {
-                Outcome::Pending(Box::pin(async { Ok(()) }))
+        fn hooks(&self) -> Hooks {
+            Hooks {
+                after_exchange: true,
+                on_answers: self.body,
+                ..Hooks::default()
             }
+        }
+        fn request_headers<'a>(&'a self, ex: &'a mut Exchange) -> Hook<'a> {
+            assert!(!self.body, "a body step runs its body hook");
+            self.decide(ex)
+        }
+        fn request_body<'a>(&'a self, ex: &'a mut Exchange) -> Hook<'a> {
+            assert!(self.body);
+            self.decide(ex)
+        }
+        fn response_end<'a>(&'a self, ex: &'a mut Exchange) -> Hook<'a> {
+            ex.set_header(Direction::Response, "x-seen", "yes".into());
+            if let Some(b) = ex.response_body.as_mut() {
+                b.extend_from_slice(b"!");
+            }
+            Hook::CONTINUE
         }
     }
 
-    fn step(name: &str, body: bool, reject: bool, cond: Option<&str>, coe: bool) -> Step {
+    fn fake(body: bool, reject: bool, respond: bool) -> Arc<dyn Policy> {
+        Arc::new(Fake {
+            body,
+            reject,
+            respond,
+        })
+    }
+
+    fn step(name: &str, policy: Arc<dyn Policy>, cond: Option<&str>, coe: bool) -> Step {
         Step {
             policy_name: name.into(),
-            policy: Arc::new(Fake { body, reject }),
+            policy,
             condition: cond.map(|c| Arc::new(Condition::compile(c).unwrap())),
             continue_on_error: coe,
         }
@@ -234,11 +582,13 @@ mod tests {
 
     #[test]
     fn split_keeps_order_after_first_body_step() {
+        let shared = fake(false, false, false);
         let p = DirectionPipeline::compile(
             vec![
-                step("a", false, false, None, false),
-                step("b", true, false, None, false),
-                step("c", false, false, None, false),
+                step("a", shared.clone(), None, false),
+                step("b", fake(true, false, false), None, false),
+                step("c", fake(false, false, false), None, false),
+                step("a-again", shared, None, false),
             ],
             Direction::Request,
         );
@@ -249,26 +599,87 @@ mod tests {
             .collect();
         assert_eq!(names, ["a"]);
         let names: Vec<_> = p.on_body.iter().map(|s| s.policy_name.as_str()).collect();
-        assert_eq!(names, ["b", "c"]);
+        assert_eq!(names, ["b", "c", "a-again"]);
         assert!(p.needs_body());
+        // One after-exchange hook per policy, however many steps use it.
+        assert_eq!(p.after.len(), 3);
+        assert!(p.chunk_steps.is_empty() && p.answer_steps.is_empty());
     }
 
     #[tokio::test]
     async fn conditions_rejections_and_continue_on_error() {
         let mut ex = Exchange::default();
         let steps = vec![
-            step("skipped", false, true, Some("1 == 2"), false),
-            step("soft", false, true, None, true),
-            step("ok", false, false, None, false),
-            step("hard", false, true, None, false),
-            step("never", false, false, None, false),
+            step("skipped", fake(false, true, false), Some("1 == 2"), false),
+            step("soft", fake(false, true, false), None, true),
+            step("ok", fake(false, false, false), None, false),
+            step("hard", fake(false, true, false), None, false),
+            step("never", fake(false, false, false), None, false),
         ];
-        let fault = run_steps(&steps, &mut ex, Direction::Request)
-            .await
-            .unwrap_err();
+        let Outcome::Reject(fault) = run_steps(&steps, &mut ex, Direction::Request).await else {
+            panic!("rejected")
+        };
         assert_eq!(fault.policy, "hard");
         assert_eq!(ex.lookup("soft.failed").as_deref(), Some("true"));
         // soft.failed, ran.0, ran.2 (ok), ran.3 (hard): "never" did not run.
         assert_eq!(ex.vars.len(), 4);
+    }
+
+    #[tokio::test]
+    async fn a_served_answer_is_never_swallowed_by_continue_on_error() {
+        let mut ex = Exchange::default();
+        let steps = vec![
+            step("hit", fake(false, false, true), None, true),
+            step("never", fake(false, false, false), None, false),
+        ];
+        let Outcome::Respond(a) = run_steps(&steps, &mut ex, Direction::Request).await else {
+            panic!("answered")
+        };
+        assert_eq!(
+            (a.status, a.code.as_str(), a.body.as_slice()),
+            (200, "hit", &b"hi"[..])
+        );
+        assert!(a
+            .headers
+            .contains(&("content-type".into(), "text/plain".into())));
+        assert!(ex.lookup("hit.failed").is_none());
+        assert_eq!(ex.vars.len(), 1, "the later step did not run");
+    }
+
+    #[tokio::test]
+    async fn response_steps_that_apply_to_answers_run_on_them() {
+        let resp = DirectionPipeline::compile(
+            vec![
+                step("plain", fake(false, false, false), None, false),
+                step("on-answers", fake(true, false, false), None, false),
+            ],
+            Direction::Response,
+        );
+        assert_eq!(resp.answer_steps.len(), 1);
+        let mut ex = Exchange::default();
+        let answer = Box::new(Answer::new(
+            200,
+            "hit",
+            vec![],
+            "text/plain".into(),
+            b"hi".to_vec(),
+        ));
+        let Outcome::Respond(a) = run_answer_steps(&resp.answer_steps, &mut ex, answer).await
+        else {
+            panic!("still an answer")
+        };
+        assert_eq!(a.body, b"hi!");
+        assert!(a.headers.contains(&("x-seen".into(), "yes".into())));
+        assert!(a
+            .headers
+            .contains(&("content-type".into(), "text/plain".into())));
+        assert_eq!(a.code, "hit");
+    }
+
+    #[test]
+    fn results_convert_to_outcomes() {
+        assert!(Outcome::from(Ok(())).is_continue());
+        let o: Outcome = Err(Fault::new(400, "x", "y")).into();
+        assert!(matches!(o.into_result(), Err(f) if f.status == 400));
     }
 }

@@ -40,7 +40,7 @@ use super::{
 use crate::expr::Template;
 use crate::fault::Fault;
 use crate::google::{Cached, Kind, ServiceAccountKey, Source, TokenSlot};
-use crate::pipeline::{Direction, Outcome, Policy};
+use crate::pipeline::{Direction, Hook, Outcome, Policy};
 use crate::vars::Exchange;
 
 pub const TYPE: &str = "AssignMessage";
@@ -127,7 +127,8 @@ fn google_token(ctx: &BuildContext, g: GoogleTokenSpec) -> Result<GoogleToken, S
         (Some(f), None) => {
             let field = "googleToken.serviceAccountKeyFile";
             let text = read_config_file(ctx, field, &f)?;
-            let key = ServiceAccountKey::parse(&text).map_err(|e| SpecError::new(field, e.to_string()))?;
+            let key = ServiceAccountKey::parse(&text)
+                .map_err(|e| SpecError::new(field, e.to_string()))?;
             Source::ServiceAccount(Arc::new(key))
         }
         (None, Some(h)) if !h.is_empty() && !h.contains('/') => Source::Metadata(h),
@@ -309,7 +310,7 @@ impl Policy for AssignMessage {
             .collect()
     }
 
-    fn run<'a>(&'a self, ex: &'a mut Exchange, dir: Direction) -> Outcome<'a> {
+    fn run<'a>(&'a self, ex: &'a mut Exchange, dir: Direction) -> Hook<'a> {
         for name in &self.remove {
             ex.remove_header(dir, name);
         }
@@ -334,19 +335,19 @@ impl Policy for AssignMessage {
             ex.replace_body(dir, b);
         }
         let Some(g) = &self.google else {
-            return Outcome::Ready(Ok(()));
+            return Hook::Ready(Outcome::Continue);
         };
         match g.slot.get() {
             Cached::Ready(t) => {
                 ex.set_header(dir, &g.header, format!("Bearer {}", t.value));
-                Outcome::Ready(Ok(()))
+                Hook::Ready(Outcome::Continue)
             }
-            Cached::Failed(e) => Outcome::Ready(Err(token_unavailable(&e))),
-            Cached::Missing => Outcome::Pending(Box::pin(async move {
+            Cached::Failed(e) => Hook::Ready(Outcome::Reject(token_unavailable(&e))),
+            Cached::Missing => Hook::wait(async move {
                 let t = g.slot.fetch().await.map_err(|e| token_unavailable(&e))?;
                 ex.set_header(dir, &g.header, format!("Bearer {}", t.value));
                 Ok(())
-            })),
+            }),
         }
     }
 }
@@ -385,7 +386,7 @@ assignVariables: {tier: "{request.header.x-flow}"}
         };
         assert!(matches!(
             p.run(&mut ex, Direction::Request),
-            Outcome::Ready(Ok(()))
+            Hook::Ready(Outcome::Continue)
         ));
         let m = ex.take_mutations(Direction::Request);
         assert_eq!(m.remove, ["x-debug", "x-bad"]);
@@ -412,7 +413,7 @@ assignVariables: {tier: "{request.header.x-flow}"}
         };
         assert!(matches!(
             p.run(&mut ex, Direction::Request),
-            Outcome::Ready(Ok(()))
+            Hook::Ready(Outcome::Continue)
         ));
         assert_eq!(
             ex.request_body.as_deref(),

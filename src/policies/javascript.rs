@@ -45,9 +45,11 @@ use rquickjs::function::Rest;
 use rquickjs::{Context, Ctx, Function, Object, Persistent, Runtime, Value as JsValue};
 use serde::Deserialize;
 
-use super::{check_header_name, parse_spec, read_config_file, valid_header_value, BuildContext, SpecError};
+use super::{
+    check_header_name, parse_spec, read_config_file, valid_header_value, BuildContext, SpecError,
+};
 use crate::fault::Fault;
-use crate::pipeline::{Direction, Outcome, Policy};
+use crate::pipeline::{Direction, Hook, Policy};
 use crate::vars::{Exchange, Value, ValueRef};
 
 pub const TYPE: &str = "JavaScript";
@@ -72,7 +74,10 @@ static RUNS: LazyLock<IntCounterVec> = LazyLock::new(|| {
         &["policy", "result"],
     )
     .expect("valid metric");
-    if let Err(e) = crate::telemetry::METRICS.registry.register(Box::new(c.clone())) {
+    if let Err(e) = crate::telemetry::METRICS
+        .registry
+        .register(Box::new(c.clone()))
+    {
         tracing::warn!(error = %e, "javascript metric not registered");
     }
     c
@@ -146,15 +151,23 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
         _ => return Err(SpecError::new("", "give source or file")),
     };
     if source.len() > MAX_SOURCE {
-        return Err(SpecError::new("source", format!("longer than {MAX_SOURCE} bytes")));
+        return Err(SpecError::new(
+            "source",
+            format!("longer than {MAX_SOURCE} bytes"),
+        ));
     }
-    let time_limit = spec.time_limit_ms.map_or(DEFAULT_TIME_LIMIT, Duration::from_millis);
+    let time_limit = spec
+        .time_limit_ms
+        .map_or(DEFAULT_TIME_LIMIT, Duration::from_millis);
     if time_limit.is_zero() || time_limit > MAX_TIME_LIMIT {
         return Err(SpecError::new("timeLimitMs", "between 1 and 1000"));
     }
     let memory_limit = spec.memory_limit_bytes.unwrap_or(DEFAULT_MEMORY_LIMIT);
     if !(64 * 1024..=256 * 1024 * 1024).contains(&memory_limit) {
-        return Err(SpecError::new("memoryLimitBytes", "between 65536 and 268435456"));
+        return Err(SpecError::new(
+            "memoryLimitBytes",
+            "between 65536 and 268435456",
+        ));
     }
     let wrapped = wrap(&source);
     check_compiles(&wrapped).map_err(|m| match &spec_file {
@@ -168,9 +181,7 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
             .iter()
             .any(|w| source.contains(w))
     });
-    let replaces_body = ["setContent", "setJson"]
-        .iter()
-        .any(|w| source.contains(w));
+    let replaces_body = ["setContent", "setJson"].iter().any(|w| source.contains(w));
     let counter = |r: &str| RUNS.with_label_values(&[ctx.name.as_str(), r]);
     Ok(Arc::new(JavaScript {
         name: ctx.name.as_str().into(),
@@ -204,7 +215,11 @@ fn check_compiles(wrapped: &str) -> Result<(), String> {
 
 /// Compiles `wrapped` with the prelude's private compiler. A source that closes the
 /// function early yields a different function (or none): its text would not match.
-fn compile<'js>(ctx: &Ctx<'js>, api: &Persistent<Object<'static>>, wrapped: &str) -> Result<Function<'js>, String> {
+fn compile<'js>(
+    ctx: &Ctx<'js>,
+    api: &Persistent<Object<'static>>,
+    wrapped: &str,
+) -> Result<Function<'js>, String> {
     let api = api.clone().restore(ctx).map_err(|e| e.to_string())?;
     let compiler: Function = api.get("compile").map_err(|e| e.to_string())?;
     let r: rquickjs::Result<Function> = compiler.call((wrapped,));
@@ -212,7 +227,11 @@ fn compile<'js>(ctx: &Ctx<'js>, api: &Persistent<Object<'static>>, wrapped: &str
         rquickjs::Error::Exception => {
             let v = ctx.catch();
             let text = js_error_text(&v);
-            match v.as_exception().and_then(|ex| ex.stack()).and_then(|st| source_line(&st)) {
+            match v
+                .as_exception()
+                .and_then(|ex| ex.stack())
+                .and_then(|st| source_line(&st))
+            {
                 Some(line) => format!("line {line}: {text}"),
                 None => text,
             }
@@ -273,10 +292,16 @@ thread_local! {
     static WORKER: RefCell<Option<Worker>> = const { RefCell::new(None) };
 }
 
-fn with_current<R>(ctx: &Ctx<'_>, f: impl FnOnce(&mut Current) -> rquickjs::Result<R>) -> rquickjs::Result<R> {
+fn with_current<R>(
+    ctx: &Ctx<'_>,
+    f: impl FnOnce(&mut Current) -> rquickjs::Result<R>,
+) -> rquickjs::Result<R> {
     CURRENT.with(|c| match c.borrow_mut().as_mut() {
         Some(cur) => f(cur),
-        None => Err(rquickjs::Exception::throw_internal(ctx, "no request in progress")),
+        None => Err(rquickjs::Exception::throw_internal(
+            ctx,
+            "no request in progress",
+        )),
     })
 }
 
@@ -286,7 +311,10 @@ fn dir_of(ctx: &Ctx<'_>, cur: &Current, d: &str) -> rquickjs::Result<Direction> 
         "response" if cur.ex.response.is_some() || cur.dir == Direction::Response => {
             Ok(Direction::Response)
         }
-        "response" => Err(rquickjs::Exception::throw_type(ctx, "there is no response yet")),
+        "response" => Err(rquickjs::Exception::throw_type(
+            ctx,
+            "there is no response yet",
+        )),
         _ => Err(rquickjs::Exception::throw_type(ctx, "bad message")),
     }
 }
@@ -324,46 +352,61 @@ fn host<'js>(ctx: &Ctx<'js>) -> rquickjs::Result<Object<'js>> {
     let h = Object::new(ctx.clone())?;
     h.set(
         "get",
-        Function::new(ctx.clone(), |ctx: Ctx<'js>, name: String| -> rquickjs::Result<JsValue<'js>> {
-            with_current(&ctx, |cur| {
-                if let Some(v) = cur.ex.var(&name) {
-                    return to_js(&ctx, v);
-                }
-                match cur.ex.lookup(&name) {
-                    Some(s) => to_js(&ctx, ValueRef::Str(&s)),
-                    None => Ok(JsValue::new_null(ctx.clone())),
-                }
-            })
-        })?,
+        Function::new(
+            ctx.clone(),
+            |ctx: Ctx<'js>, name: String| -> rquickjs::Result<JsValue<'js>> {
+                with_current(&ctx, |cur| {
+                    if let Some(v) = cur.ex.var(&name) {
+                        return to_js(&ctx, v);
+                    }
+                    match cur.ex.lookup(&name) {
+                        Some(s) => to_js(&ctx, ValueRef::Str(&s)),
+                        None => Ok(JsValue::new_null(ctx.clone())),
+                    }
+                })
+            },
+        )?,
     )?;
     h.set(
         "set",
-        Function::new(ctx.clone(), |ctx: Ctx<'js>, name: String, v: JsValue<'js>| {
-            with_current(&ctx, |cur| {
-                for (prefix, d) in [("request.header.", Direction::Request), ("response.header.", Direction::Response)] {
-                    if let Some(h) = name.strip_prefix(prefix) {
-                        let val = from_js(&v).map(|v| v.to_string()).unwrap_or_default();
-                        return set_header(&ctx, cur, d, h, &val);
+        Function::new(
+            ctx.clone(),
+            |ctx: Ctx<'js>, name: String, v: JsValue<'js>| {
+                with_current(&ctx, |cur| {
+                    for (prefix, d) in [
+                        ("request.header.", Direction::Request),
+                        ("response.header.", Direction::Response),
+                    ] {
+                        if let Some(h) = name.strip_prefix(prefix) {
+                            let val = from_js(&v).map(|v| v.to_string()).unwrap_or_default();
+                            return set_header(&ctx, cur, d, h, &val);
+                        }
                     }
-                }
-                if name.is_empty() || name.starts_with("request.") || name.starts_with("response.") {
-                    return Err(rquickjs::Exception::throw_type(&ctx, &format!("`{name}` is read-only")));
-                }
-                match from_js(&v) {
-                    Some(val) => cur.ex.set_var(name, val),
-                    None if v.is_null() || v.is_undefined() => {
-                        cur.ex.vars.remove(&name);
-                    }
-                    None => {
+                    if name.is_empty()
+                        || name.starts_with("request.")
+                        || name.starts_with("response.")
+                    {
                         return Err(rquickjs::Exception::throw_type(
                             &ctx,
-                            "variables hold strings, numbers and booleans (use JSON.stringify)",
-                        ))
+                            &format!("`{name}` is read-only"),
+                        ));
                     }
-                }
-                Ok(())
-            })
-        })?,
+                    match from_js(&v) {
+                        Some(val) => cur.ex.set_var(name, val),
+                        None if v.is_null() || v.is_undefined() => {
+                            cur.ex.vars.remove(&name);
+                        }
+                        None => {
+                            return Err(rquickjs::Exception::throw_type(
+                                &ctx,
+                                "variables hold strings, numbers and booleans (use JSON.stringify)",
+                            ))
+                        }
+                    }
+                    Ok(())
+                })
+            },
+        )?,
     )?;
     h.set(
         "remove",
@@ -376,82 +419,95 @@ fn host<'js>(ctx: &Ctx<'js>) -> rquickjs::Result<Object<'js>> {
     )?;
     h.set(
         "info",
-        Function::new(ctx.clone(), |ctx: Ctx<'js>, what: String| -> rquickjs::Result<JsValue<'js>> {
-            with_current(&ctx, |cur| {
-                let r = &cur.ex.request;
-                let s: Option<String> = match what.as_str() {
-                    "method" => Some(r.method.clone()),
-                    "url" => Some(r.uri.clone()),
-                    "path" => Some(r.path().to_owned()),
-                    "host" => Some(r.host.clone()),
-                    "flow" => Some(cur.ex.flow.clone()),
-                    "status" => {
-                        return Ok(match &cur.ex.response {
-                            Some(resp) => JsValue::new_int(ctx.clone(), i32::from(resp.status)),
-                            None => JsValue::new_undefined(ctx.clone()),
-                        })
+        Function::new(
+            ctx.clone(),
+            |ctx: Ctx<'js>, what: String| -> rquickjs::Result<JsValue<'js>> {
+                with_current(&ctx, |cur| {
+                    let r = &cur.ex.request;
+                    let s: Option<String> = match what.as_str() {
+                        "method" => Some(r.method.clone()),
+                        "url" => Some(r.uri.clone()),
+                        "path" => Some(r.path().to_owned()),
+                        "host" => Some(r.host.clone()),
+                        "flow" => Some(cur.ex.flow.clone()),
+                        "status" => {
+                            return Ok(match &cur.ex.response {
+                                Some(resp) => JsValue::new_int(ctx.clone(), i32::from(resp.status)),
+                                None => JsValue::new_undefined(ctx.clone()),
+                            })
+                        }
+                        _ => None,
+                    };
+                    match s {
+                        Some(s) => to_js(&ctx, ValueRef::Str(&s)),
+                        None => Ok(JsValue::new_undefined(ctx.clone())),
                     }
-                    _ => None,
-                };
-                match s {
-                    Some(s) => to_js(&ctx, ValueRef::Str(&s)),
-                    None => Ok(JsValue::new_undefined(ctx.clone())),
-                }
-            })
-        })?,
+                })
+            },
+        )?,
     )?;
     h.set(
         "headers",
-        Function::new(ctx.clone(), |ctx: Ctx<'js>, d: String| -> rquickjs::Result<Object<'js>> {
-            with_current(&ctx, |cur| {
-                let o = Object::new(ctx.clone())?;
-                let headers = match dir_of(&ctx, cur, &d)? {
-                    Direction::Request => Some(&cur.ex.request.headers),
-                    Direction::Response => cur.ex.response.as_ref().map(|r| &r.headers),
-                };
-                for (n, v) in headers.into_iter().flat_map(|h| h.iter()) {
-                    if n.starts_with(':') {
-                        continue;
-                    }
-                    let joined = match o.get::<_, Option<String>>(n)? {
-                        Some(prev) => format!("{prev}, {v}"),
-                        None => v.to_owned(),
+        Function::new(
+            ctx.clone(),
+            |ctx: Ctx<'js>, d: String| -> rquickjs::Result<Object<'js>> {
+                with_current(&ctx, |cur| {
+                    let o = Object::new(ctx.clone())?;
+                    let headers = match dir_of(&ctx, cur, &d)? {
+                        Direction::Request => Some(&cur.ex.request.headers),
+                        Direction::Response => cur.ex.response.as_ref().map(|r| &r.headers),
                     };
-                    o.set(n, joined)?;
-                }
-                Ok(o)
-            })
-        })?,
+                    for (n, v) in headers.into_iter().flat_map(|h| h.iter()) {
+                        if n.starts_with(':') {
+                            continue;
+                        }
+                        let joined = match o.get::<_, Option<String>>(n)? {
+                            Some(prev) => format!("{prev}, {v}"),
+                            None => v.to_owned(),
+                        };
+                        o.set(n, joined)?;
+                    }
+                    Ok(o)
+                })
+            },
+        )?,
     )?;
     h.set(
         "query",
-        Function::new(ctx.clone(), |ctx: Ctx<'js>| -> rquickjs::Result<Object<'js>> {
-            with_current(&ctx, |cur| {
-                let o = Object::new(ctx.clone())?;
-                for (k, v) in crate::vars::query_pairs(cur.ex.request.query_string()) {
-                    if !o.contains_key(k.as_str())? {
-                        o.set(k, v)?;
+        Function::new(
+            ctx.clone(),
+            |ctx: Ctx<'js>| -> rquickjs::Result<Object<'js>> {
+                with_current(&ctx, |cur| {
+                    let o = Object::new(ctx.clone())?;
+                    for (k, v) in crate::vars::query_pairs(cur.ex.request.query_string()) {
+                        if !o.contains_key(k.as_str())? {
+                            o.set(k, v)?;
+                        }
                     }
-                }
-                Ok(o)
-            })
-        })?,
+                    Ok(o)
+                })
+            },
+        )?,
     )?;
     h.set(
         "setHeader",
-        Function::new(ctx.clone(), |ctx: Ctx<'js>, d: String, name: String, value: String| {
-            with_current(&ctx, |cur| {
-                let d = dir_of(&ctx, cur, &d)?;
-                set_header(&ctx, cur, d, &name, &value)
-            })
-        })?,
+        Function::new(
+            ctx.clone(),
+            |ctx: Ctx<'js>, d: String, name: String, value: String| {
+                with_current(&ctx, |cur| {
+                    let d = dir_of(&ctx, cur, &d)?;
+                    set_header(&ctx, cur, d, &name, &value)
+                })
+            },
+        )?,
     )?;
     h.set(
         "removeHeader",
         Function::new(ctx.clone(), |ctx: Ctx<'js>, d: String, name: String| {
             with_current(&ctx, |cur| {
                 let d = dir_of(&ctx, cur, &d)?;
-                let name = check_header_name(&name).map_err(|m| rquickjs::Exception::throw_type(&ctx, &m))?;
+                let name = check_header_name(&name)
+                    .map_err(|m| rquickjs::Exception::throw_type(&ctx, &m))?;
                 cur.ex.remove_header(d, &name);
                 Ok(())
             })
@@ -459,18 +515,21 @@ fn host<'js>(ctx: &Ctx<'js>) -> rquickjs::Result<Object<'js>> {
     )?;
     h.set(
         "body",
-        Function::new(ctx.clone(), |ctx: Ctx<'js>, d: String| -> rquickjs::Result<JsValue<'js>> {
-            with_current(&ctx, |cur| {
-                let body = match dir_of(&ctx, cur, &d)? {
-                    Direction::Request => cur.ex.request_body.as_deref(),
-                    Direction::Response => cur.ex.response_body.as_deref(),
-                };
-                match body {
-                    Some(b) => to_js(&ctx, ValueRef::Str(&String::from_utf8_lossy(b))),
-                    None => Ok(JsValue::new_undefined(ctx.clone())),
-                }
-            })
-        })?,
+        Function::new(
+            ctx.clone(),
+            |ctx: Ctx<'js>, d: String| -> rquickjs::Result<JsValue<'js>> {
+                with_current(&ctx, |cur| {
+                    let body = match dir_of(&ctx, cur, &d)? {
+                        Direction::Request => cur.ex.request_body.as_deref(),
+                        Direction::Response => cur.ex.response_body.as_deref(),
+                    };
+                    match body {
+                        Some(b) => to_js(&ctx, ValueRef::Str(&String::from_utf8_lossy(b))),
+                        None => Ok(JsValue::new_undefined(ctx.clone())),
+                    }
+                })
+            },
+        )?,
     )?;
     h.set(
         "setBody",
@@ -505,10 +564,19 @@ fn host<'js>(ctx: &Ctx<'js>) -> rquickjs::Result<Object<'js>> {
     Ok(h)
 }
 
-fn set_header(ctx: &Ctx<'_>, cur: &mut Current, d: Direction, name: &str, value: &str) -> rquickjs::Result<()> {
+fn set_header(
+    ctx: &Ctx<'_>,
+    cur: &mut Current,
+    d: Direction,
+    name: &str,
+    value: &str,
+) -> rquickjs::Result<()> {
     let name = check_header_name(name).map_err(|m| rquickjs::Exception::throw_type(ctx, &m))?;
     if !valid_header_value(value) {
-        return Err(rquickjs::Exception::throw_type(ctx, "header values may not contain CR, LF or NUL"));
+        return Err(rquickjs::Exception::throw_type(
+            ctx,
+            "header values may not contain CR, LF or NUL",
+        ));
     }
     cur.ex.set_header(d, &name, value.to_owned());
     Ok(())
@@ -646,7 +714,11 @@ impl Worker {
         let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX).max(1);
         self.interrupted.store(false, Ordering::Relaxed);
         self.hand_off_at.store(
-            if limit > HAND_OFF_AFTER { ns(now + HAND_OFF_AFTER) } else { 0 },
+            if limit > HAND_OFF_AFTER {
+                ns(now + HAND_OFF_AFTER)
+            } else {
+                0
+            },
             Ordering::Relaxed,
         );
         self.deadline.store(ns(now + limit), Ordering::Relaxed);
@@ -667,7 +739,9 @@ impl Worker {
         self.rt.set_memory_limit(0);
         self.deadline(Duration::from_millis(500));
         let api = &self.api;
-        let f = self.ctx.with(|ctx| compile(&ctx, api, &script.wrapped).map(|f| Persistent::save(&ctx, f)));
+        let f = self
+            .ctx
+            .with(|ctx| compile(&ctx, api, &script.wrapped).map(|f| Persistent::save(&ctx, f)));
         self.clear_deadline();
         let f = f?;
         self.scripts
@@ -713,7 +787,12 @@ enum RunError {
 }
 
 impl JavaScript {
-    fn execute(&self, worker: &mut Worker, ex: &mut Exchange, dir: Direction) -> Result<(), RunError> {
+    fn execute(
+        &self,
+        worker: &mut Worker,
+        ex: &mut Exchange,
+        dir: Direction,
+    ) -> Result<(), RunError> {
         // Compiled before the exchange is handed over: nothing runs with it but the script.
         let f = self.function_in(worker)?;
         let cur = Current {
@@ -812,10 +891,15 @@ impl JavaScript {
             }
         }
         let text = js_error_text(&v);
-        if text.contains("out of memory") || text.contains("string too long") || text.contains("invalid array length") {
+        if text.contains("out of memory")
+            || text.contains("string too long")
+            || text.contains("invalid array length")
+        {
             return RunError::MemoryLimit;
         }
-        if text.contains("stack") && text.starts_with("RangeError") || text.contains("stack overflow") {
+        if text.contains("stack") && text.starts_with("RangeError")
+            || text.contains("stack overflow")
+        {
             return RunError::StackLimit;
         }
         RunError::Failed(text)
@@ -835,7 +919,7 @@ impl Policy for JavaScript {
         self.needs_body && self.replaces_body
     }
 
-    fn run<'a>(&'a self, ex: &'a mut Exchange, dir: Direction) -> Outcome<'a> {
+    fn run<'a>(&'a self, ex: &'a mut Exchange, dir: Direction) -> Hook<'a> {
         let result = WORKER.with(|w| {
             let mut w = w.borrow_mut();
             if w.is_none() {
@@ -857,7 +941,10 @@ impl Policy for JavaScript {
                 let (metric, msg) = match e {
                     RunError::TimeLimit => (
                         &c.time_limit,
-                        format!("exceeded its time limit of {} ms", self.time_limit.as_millis()),
+                        format!(
+                            "exceeded its time limit of {} ms",
+                            self.time_limit.as_millis()
+                        ),
                     ),
                     RunError::MemoryLimit => (
                         &c.memory_limit,
@@ -872,10 +959,17 @@ impl Policy for JavaScript {
                 };
                 let message = format!("JavaScript {} {msg}", self.name);
                 tracing::debug!(policy = %self.name, %message, "script failed");
-                (metric, Some(Fault::new(500, "steps.javascript.ScriptExecutionFailed", message)))
+                (
+                    metric,
+                    Some(Fault::new(
+                        500,
+                        "steps.javascript.ScriptExecutionFailed",
+                        message,
+                    )),
+                )
             }
         };
         metric.inc();
-        Outcome::Ready(fault.map_or(Ok(()), Err))
+        Hook::from(fault.map_or(Ok(()), Err))
     }
 }

@@ -36,7 +36,7 @@ use super::{parse_spec, BuildContext, SpecError};
 use crate::expr::Template;
 use crate::fault::Fault;
 use crate::kvm::{check_key, check_value, KvmEntry};
-use crate::pipeline::{Direction, Outcome, Policy};
+use crate::pipeline::{Direction, Hook, Outcome, Policy};
 use crate::store::StoreError;
 use crate::vars::Exchange;
 
@@ -174,7 +174,10 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
     let spec: Spec = parse_spec(spec)?;
     crate::kvm::check_map_name(&spec.map).map_err(|m| SpecError::new("map", m))?;
     if spec.get.is_empty() && spec.put.is_empty() && spec.delete.is_empty() {
-        return Err(SpecError::new("", "KeyValueMap does nothing: give get, put or delete"));
+        return Err(SpecError::new(
+            "",
+            "KeyValueMap does nothing: give get, put or delete",
+        ));
     }
     let get = spec
         .get
@@ -229,7 +232,10 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
     let reads_body = get
         .iter()
         .flat_map(|g| g.key.iter())
-        .chain(put.iter().flat_map(|p| p.key.iter().chain(std::iter::once(&p.value))))
+        .chain(
+            put.iter()
+                .flat_map(|p| p.key.iter().chain(std::iter::once(&p.value))),
+        )
         .chain(delete.iter().flatten())
         .flat_map(Template::variables)
         .any(|v| v == "request.content" || v == "response.content");
@@ -276,8 +282,15 @@ async fn bounded<T>(
     match tokio::time::timeout(limit, call).await {
         Ok(r) => r.map_err(store_fault),
         Err(_) => {
-            tracing::warn!(timeout_ms = limit.as_millis(), "key-value map store call timed out");
-            Err(Fault::new(503, UNAVAILABLE, "The key-value map store is unavailable"))
+            tracing::warn!(
+                timeout_ms = limit.as_millis(),
+                "key-value map store call timed out"
+            );
+            Err(Fault::new(
+                503,
+                UNAVAILABLE,
+                "The key-value map store is unavailable",
+            ))
         }
     }
 }
@@ -337,7 +350,10 @@ impl KeyValueMap {
             return Err(Fault::new(
                 507,
                 MAP_FULL,
-                format!("map {} holds its {} entries: no new key can be put", self.map, self.max_entries),
+                format!(
+                    "map {} holds its {} entries: no new key can be put",
+                    self.map, self.max_entries
+                ),
             ));
         }
         if let Some((_, n)) = self.count.lock().as_mut() {
@@ -356,7 +372,11 @@ impl KeyValueMap {
             .unwrap_or_else(|| format!("kvm.{}.{key}", self.map))
     }
 
-    async fn run_async(&self, ex: &mut Exchange, pending: Vec<(usize, String)>) -> Result<(), Fault> {
+    async fn run_async(
+        &self,
+        ex: &mut Exchange,
+        pending: Vec<(usize, String)>,
+    ) -> Result<(), Fault> {
         let store = self.services.consumers.store().clone();
         for (i, key) in pending {
             let entry = bounded(self.store_timeout, store.get_kvm_entry(&self.map, &key))
@@ -377,7 +397,10 @@ impl KeyValueMap {
                 return Err(Fault::new(
                     409,
                     FILE_DEFINED,
-                    format!("`{key}` is defined in the configuration of map {}", self.map),
+                    format!(
+                        "`{key}` is defined in the configuration of map {}",
+                        self.map
+                    ),
                 ));
             }
             let value = p.value.render(ex);
@@ -387,7 +410,10 @@ impl KeyValueMap {
                 return Err(Fault::new(
                     400,
                     INVALID_VALUE,
-                    format!("put `{key}`: a value must be at most {} bytes", self.max_value),
+                    format!(
+                        "put `{key}`: a value must be at most {} bytes",
+                        self.max_value
+                    ),
                 ));
             }
             self.make_room(&store, &key).await?;
@@ -395,7 +421,11 @@ impl KeyValueMap {
                 value,
                 secret: p.secret,
             };
-            bounded(self.store_timeout, store.put_kvm_entry(&self.map, &key, &entry, None)).await?;
+            bounded(
+                self.store_timeout,
+                store.put_kvm_entry(&self.map, &key, &entry, None),
+            )
+            .await?;
             if let Some(c) = &self.cache {
                 c.insert(self.cache_key(&key), Some(Arc::new(entry)));
             }
@@ -409,15 +439,24 @@ impl KeyValueMap {
                 return Err(Fault::new(
                     409,
                     FILE_DEFINED,
-                    format!("`{key}` is defined in the configuration of map {}", self.map),
+                    format!(
+                        "`{key}` is defined in the configuration of map {}",
+                        self.map
+                    ),
                 ));
             }
-            match tokio::time::timeout(self.store_timeout, store.delete_kvm_entry(&self.map, &key)).await {
+            match tokio::time::timeout(self.store_timeout, store.delete_kvm_entry(&self.map, &key))
+                .await
+            {
                 Ok(Ok(()) | Err(StoreError::NotFound { .. })) => {}
                 Ok(Err(e)) => return Err(store_fault(e)),
                 Err(_) => {
                     tracing::warn!("key-value map store call timed out");
-                    return Err(Fault::new(503, UNAVAILABLE, "The key-value map store is unavailable"));
+                    return Err(Fault::new(
+                        503,
+                        UNAVAILABLE,
+                        "The key-value map store is unavailable",
+                    ));
                 }
             }
             if let Some((_, n)) = self.count.lock().as_mut() {
@@ -442,7 +481,7 @@ impl Policy for KeyValueMap {
         self.reads_body
     }
 
-    fn run<'a>(&'a self, ex: &'a mut Exchange, _dir: Direction) -> Outcome<'a> {
+    fn run<'a>(&'a self, ex: &'a mut Exchange, _dir: Direction) -> Hook<'a> {
         // Gets answered from the files or the read cache need no store round trip.
         let mut pending = Vec::new();
         for (i, g) in self.get.iter().enumerate() {
@@ -457,16 +496,20 @@ impl Policy for KeyValueMap {
                 ex.set_var(self.variable(g, &key), e.value);
                 continue;
             }
-            match self.cache.as_ref().and_then(|c| c.get(&self.cache_key(&key))) {
+            match self
+                .cache
+                .as_ref()
+                .and_then(|c| c.get(&self.cache_key(&key)))
+            {
                 Some(Some(e)) => ex.set_var(self.variable(g, &key), e.value.clone()),
                 Some(None) => {}
                 None => pending.push((i, key)),
             }
         }
         if pending.is_empty() && self.put.is_empty() && self.delete.is_empty() {
-            return Outcome::Ready(Ok(()));
+            return Hook::Ready(Outcome::Continue);
         }
-        Outcome::Pending(Box::pin(self.run_async(ex, pending)))
+        Hook::wait(self.run_async(ex, pending))
     }
 }
 
@@ -488,8 +531,13 @@ mod tests {
 
     async fn run(p: &Arc<dyn Policy>, ex: &mut Exchange) -> Result<(), Fault> {
         match p.run(ex, Direction::Request) {
-            Outcome::Ready(r) => r,
-            Outcome::Pending(f) => f.await,
+            Hook::Ready(o) => o
+                .into_result()
+                .map(|a| assert!(a.is_none(), "unexpected answer")),
+            Hook::Pending(f) => f
+                .await
+                .into_result()
+                .map(|a| assert!(a.is_none(), "unexpected answer")),
         }
     }
 
@@ -516,7 +564,15 @@ mod tests {
         let c = ctx(files);
         let store = c.services.consumers.store().clone();
         store
-            .put_kvm_entry("creds", "globex__token", &KvmEntry { value: "g".into(), secret: false }, Some(Write::Create))
+            .put_kvm_entry(
+                "creds",
+                "globex__token",
+                &KvmEntry {
+                    value: "g".into(),
+                    secret: false,
+                },
+                Some(Write::Create),
+            )
             .await
             .unwrap();
         let get = build(
@@ -527,12 +583,19 @@ mod tests {
         let mut e = ex("acme");
         run(&get, &mut e).await.unwrap();
         assert_eq!(e.lookup("kvm.creds.acme__token").as_deref(), Some("s3cret"));
-        assert_eq!(e.lookup("my.region"), None, "missing keys leave the variable unset");
+        assert_eq!(
+            e.lookup("my.region"),
+            None,
+            "missing keys leave the variable unset"
+        );
         let mut e = ex("globex");
         run(&get, &mut e).await.unwrap();
         assert_eq!(e.lookup("kvm.creds.globex__token").as_deref(), Some("g"));
         // Cached: a store change is seen only after the expiry.
-        store.delete_kvm_entry("creds", "globex__token").await.unwrap();
+        store
+            .delete_kvm_entry("creds", "globex__token")
+            .await
+            .unwrap();
         let mut e = ex("globex");
         run(&get, &mut e).await.unwrap();
         assert_eq!(e.lookup("kvm.creds.globex__token").as_deref(), Some("g"));
@@ -545,18 +608,41 @@ mod tests {
         let mut e = ex("ünï code/?");
         run(&put, &mut e).await.unwrap();
         assert_eq!(
-            store.get_kvm_entry("creds", "f__ünï code/?").await.unwrap().unwrap().value,
+            store
+                .get_kvm_entry("creds", "f__ünï code/?")
+                .await
+                .unwrap()
+                .unwrap()
+                .value,
             "v-ünï code/?"
         );
         let mut long = ex(&"x".repeat(600));
         assert_eq!(run(&put, &mut long).await.unwrap_err().code, INVALID_KEY);
 
-        let overwrite_file = build(&c, serde_norway::from_str("map: creds\nput: [{key: [acme, token], value: x}]").unwrap()).unwrap();
-        assert_eq!(run(&overwrite_file, &mut ex("a")).await.unwrap_err().status, 409);
+        let overwrite_file = build(
+            &c,
+            serde_norway::from_str("map: creds\nput: [{key: [acme, token], value: x}]").unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            run(&overwrite_file, &mut ex("a")).await.unwrap_err().status,
+            409
+        );
 
-        let del = build(&c, serde_norway::from_str("map: creds\nscope: flow\ndelete: [{key: ['{request.header.x-tenant}']}]").unwrap()).unwrap();
+        let del = build(
+            &c,
+            serde_norway::from_str(
+                "map: creds\nscope: flow\ndelete: [{key: ['{request.header.x-tenant}']}]",
+            )
+            .unwrap(),
+        )
+        .unwrap();
         run(&del, &mut ex("ünï code/?")).await.unwrap();
-        assert!(store.get_kvm_entry("creds", "f__ünï code/?").await.unwrap().is_none());
+        assert!(store
+            .get_kvm_entry("creds", "f__ünï code/?")
+            .await
+            .unwrap()
+            .is_none());
         run(&del, &mut ex("never-there")).await.unwrap();
     }
 
@@ -572,15 +658,30 @@ mod tests {
         );
         let c = ctx(files);
         let store = c.services.consumers.store().clone();
-        let put = build(&c, serde_norway::from_str("map: creds\nput: [{key: [big], value: '{request.header.x-tenant}'}]").unwrap()).unwrap();
-        let f = run(&put, &mut ex(&"v".repeat(crate::kvm::MAX_VALUE_BYTES + 1))).await.unwrap_err();
+        let put = build(
+            &c,
+            serde_norway::from_str(
+                "map: creds\nput: [{key: [big], value: '{request.header.x-tenant}'}]",
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let f = run(&put, &mut ex(&"v".repeat(crate::kvm::MAX_VALUE_BYTES + 1)))
+            .await
+            .unwrap_err();
         assert_eq!((f.status, f.code.as_str()), (400, INVALID_VALUE));
         assert!(f.message.contains("at most 65536 bytes"), "{}", f.message);
         assert!(store.get_kvm_entry("creds", "big").await.unwrap().is_none());
-        run(&put, &mut ex(&"v".repeat(crate::kvm::MAX_VALUE_BYTES))).await.unwrap();
+        run(&put, &mut ex(&"v".repeat(crate::kvm::MAX_VALUE_BYTES)))
+            .await
+            .unwrap();
 
         // Delete answers like put: the file entry stays and the flow learns why.
-        let del = build(&c, serde_norway::from_str("map: creds\ndelete: [{key: [fixed]}]").unwrap()).unwrap();
+        let del = build(
+            &c,
+            serde_norway::from_str("map: creds\ndelete: [{key: [fixed]}]").unwrap(),
+        )
+        .unwrap();
         let f = run(&del, &mut ex("a")).await.unwrap_err();
         assert_eq!((f.status, f.code.as_str()), (409, FILE_DEFINED));
         assert!(c.services.kvms.file_entry("creds", "fixed").is_some());
@@ -595,14 +696,22 @@ mod tests {
             secret: false,
         };
         store.put_kvm_entry("m", "k", &entry, None).await.unwrap();
-        let get = build(&c, serde_norway::from_str("map: m\nexpirySeconds: 1\nget: [{key: [k]}]").unwrap()).unwrap();
+        let get = build(
+            &c,
+            serde_norway::from_str("map: m\nexpirySeconds: 1\nget: [{key: [k]}]").unwrap(),
+        )
+        .unwrap();
         let mut e = ex("a");
         run(&get, &mut e).await.unwrap();
         assert_eq!(e.lookup("kvm.m.k").as_deref(), Some("one"));
         store.delete_kvm_entry("m", "k").await.unwrap();
         let mut e = ex("a");
         run(&get, &mut e).await.unwrap();
-        assert_eq!(e.lookup("kvm.m.k").as_deref(), Some("one"), "served from the read cache");
+        assert_eq!(
+            e.lookup("kvm.m.k").as_deref(),
+            Some("one"),
+            "served from the read cache"
+        );
         // Past the expiry the store is asked again and the entry is gone.
         tokio::time::sleep(Duration::from_millis(1200)).await;
         let mut e = ex("a");
@@ -617,20 +726,40 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ctx_on = |store: EmbeddedStore| BuildContext {
             name: "kvm".into(),
-            services: crate::services::Services::with_consumers(Consumers::new(crate::store::Store::new(Arc::new(store)))),
+            services: crate::services::Services::with_consumers(Consumers::new(
+                crate::store::Store::new(Arc::new(store)),
+            )),
             ..Default::default()
         };
         {
             let c = ctx_on(EmbeddedStore::open(dir.path()).unwrap());
-            let put = build(&c, serde_norway::from_str("map: m\nput: [{key: [k], value: '{request.header.x-tenant}', secret: true}]").unwrap()).unwrap();
+            let put = build(
+                &c,
+                serde_norway::from_str(
+                    "map: m\nput: [{key: [k], value: '{request.header.x-tenant}', secret: true}]",
+                )
+                .unwrap(),
+            )
+            .unwrap();
             run(&put, &mut ex("kept")).await.unwrap();
         }
         let c = ctx_on(EmbeddedStore::open(dir.path()).unwrap());
-        let get = build(&c, serde_norway::from_str("map: m\nget: [{key: [k]}]").unwrap()).unwrap();
+        let get = build(
+            &c,
+            serde_norway::from_str("map: m\nget: [{key: [k]}]").unwrap(),
+        )
+        .unwrap();
         let mut e = ex("a");
         run(&get, &mut e).await.unwrap();
         assert_eq!(e.lookup("kvm.m.k").as_deref(), Some("kept"));
-        let stored = c.services.consumers.store().get_kvm_entry("m", "k").await.unwrap().unwrap();
+        let stored = c
+            .services
+            .consumers
+            .store()
+            .get_kvm_entry("m", "k")
+            .await
+            .unwrap()
+            .unwrap();
         assert!(stored.secret);
     }
 
@@ -639,10 +768,13 @@ mod tests {
     #[tokio::test]
     async fn a_composite_key_with_a_missing_part_is_refused() {
         let mut files = FileMaps::new();
-        files
-            .entry("creds".into())
-            .or_default()
-            .insert("__token".into(), KvmEntry { value: "shared".into(), secret: true });
+        files.entry("creds".into()).or_default().insert(
+            "__token".into(),
+            KvmEntry {
+                value: "shared".into(),
+                secret: true,
+            },
+        );
         let c = ctx(files);
         let store = c.services.consumers.store().clone();
         let spec = "map: creds\nput: [{key: ['{request.header.x-tenant}', token], value: v}]";
@@ -650,12 +782,33 @@ mod tests {
         let f = run(&put, &mut ex("")).await.unwrap_err();
         assert_eq!((f.status, f.code.as_str()), (400, INVALID_KEY));
         assert!(f.message.contains("key part 1 is empty"), "{}", f.message);
-        let flow = build(&c, serde_norway::from_str("map: creds\nscope: flow\nput: [{key: ['{request.header.x-tenant}'], value: v}]").unwrap()).unwrap();
+        let flow = build(
+            &c,
+            serde_norway::from_str(
+                "map: creds\nscope: flow\nput: [{key: ['{request.header.x-tenant}'], value: v}]",
+            )
+            .unwrap(),
+        )
+        .unwrap();
         assert_eq!(run(&flow, &mut ex("")).await.unwrap_err().code, INVALID_KEY);
         assert!(store.list_kvm_entries("creds").await.unwrap().is_empty());
-        let del = build(&c, serde_norway::from_str("map: creds\ndelete: [{key: ['{request.header.x-tenant}', token]}]").unwrap()).unwrap();
+        let del = build(
+            &c,
+            serde_norway::from_str(
+                "map: creds\ndelete: [{key: ['{request.header.x-tenant}', token]}]",
+            )
+            .unwrap(),
+        )
+        .unwrap();
         assert_eq!(run(&del, &mut ex("")).await.unwrap_err().code, INVALID_KEY);
-        let get = build(&c, serde_norway::from_str("map: creds\nget: [{key: ['{request.header.x-tenant}', token], variable: t}]").unwrap()).unwrap();
+        let get = build(
+            &c,
+            serde_norway::from_str(
+                "map: creds\nget: [{key: ['{request.header.x-tenant}', token], variable: t}]",
+            )
+            .unwrap(),
+        )
+        .unwrap();
         let mut e = ex("");
         run(&get, &mut e).await.unwrap();
         assert_eq!(e.lookup("t"), None, "the shared entry is not read");
@@ -664,14 +817,32 @@ mod tests {
     #[tokio::test]
     async fn a_value_reading_the_body_runs_on_the_body() {
         let c = ctx(FileMaps::new());
-        let put = build(&c, serde_norway::from_str("map: m\nput: [{key: [last], value: '{request.content}'}]").unwrap()).unwrap();
+        let put = build(
+            &c,
+            serde_norway::from_str("map: m\nput: [{key: [last], value: '{request.content}'}]")
+                .unwrap(),
+        )
+        .unwrap();
         assert!(put.needs_body(Direction::Request));
         let mut e = ex("a");
         e.request_body = Some(b"prompt".to_vec());
         run(&put, &mut e).await.unwrap();
         let store = c.services.consumers.store().clone();
-        assert_eq!(store.get_kvm_entry("m", "last").await.unwrap().unwrap().value, "prompt");
-        let headers = build(&c, serde_norway::from_str("map: m\nput: [{key: [k], value: '{request.header.x-tenant}'}]").unwrap()).unwrap();
+        assert_eq!(
+            store
+                .get_kvm_entry("m", "last")
+                .await
+                .unwrap()
+                .unwrap()
+                .value,
+            "prompt"
+        );
+        let headers = build(
+            &c,
+            serde_norway::from_str("map: m\nput: [{key: [k], value: '{request.header.x-tenant}'}]")
+                .unwrap(),
+        )
+        .unwrap();
         assert!(!headers.needs_body(Direction::Request));
     }
 
@@ -693,11 +864,26 @@ mod tests {
         // Overwriting an entry of a full map is fine.
         run(&put, &mut ex("b")).await.unwrap();
         // Entries written elsewhere (another replica, the API) count once listed.
-        let other = build(&c, serde_norway::from_str("map: m\nmaxEntries: 3\nput: [{key: [e], value: v}]").unwrap()).unwrap();
+        let other = build(
+            &c,
+            serde_norway::from_str("map: m\nmaxEntries: 3\nput: [{key: [e], value: v}]").unwrap(),
+        )
+        .unwrap();
         store.delete_kvm_entry("m", "a").await.unwrap();
         run(&other, &mut ex("x")).await.unwrap();
-        assert_eq!(run(&other, &mut ex("x")).await.map_err(|f| f.code), Ok(()), "an overwrite");
-        let big = build(&c, serde_norway::from_str("map: m\nmaxValueBytes: 8\nput: [{key: [k], value: '{request.header.x-tenant}'}]").unwrap()).unwrap();
+        assert_eq!(
+            run(&other, &mut ex("x")).await.map_err(|f| f.code),
+            Ok(()),
+            "an overwrite"
+        );
+        let big = build(
+            &c,
+            serde_norway::from_str(
+                "map: m\nmaxValueBytes: 8\nput: [{key: [k], value: '{request.header.x-tenant}'}]",
+            )
+            .unwrap(),
+        )
+        .unwrap();
         let f = run(&big, &mut ex("123456789")).await.unwrap_err();
         assert_eq!((f.status, f.code.as_str()), (400, INVALID_VALUE));
         assert!(f.message.contains("at most 8 bytes"), "{}", f.message);
@@ -724,17 +910,31 @@ mod tests {
         fn kind(&self) -> &'static str {
             "slow"
         }
-        async fn get(&self, t: crate::store::Table<'_>, k: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        async fn get(
+            &self,
+            t: crate::store::Table<'_>,
+            k: &str,
+        ) -> Result<Option<Vec<u8>>, StoreError> {
             self.wait(t).await;
             self.inner.get(t, k).await
         }
-        async fn scan(&self, ts: &[crate::store::Table<'_>], v: crate::store::backend::Visit) -> Result<(), StoreError> {
+        async fn scan(
+            &self,
+            ts: &[crate::store::Table<'_>],
+            v: crate::store::backend::Visit,
+        ) -> Result<(), StoreError> {
             for t in ts {
                 self.wait(*t).await;
             }
             self.inner.scan(ts, v).await
         }
-        async fn put(&self, t: crate::store::Table<'_>, k: &str, v: Vec<u8>, c: crate::store::Cond) -> Result<crate::store::Put, StoreError> {
+        async fn put(
+            &self,
+            t: crate::store::Table<'_>,
+            k: &str,
+            v: Vec<u8>,
+            c: crate::store::Cond,
+        ) -> Result<crate::store::Put, StoreError> {
             self.wait(t).await;
             self.inner.put(t, k, v, c).await
         }
@@ -748,13 +948,20 @@ mod tests {
         async fn announce(&self, c: crate::store::Change) {
             self.inner.announce(c).await
         }
-        async fn count(&self, a: &[crate::ratelimit::Ask]) -> Result<Vec<Option<crate::ratelimit::Decision>>, StoreError> {
+        async fn count(
+            &self,
+            a: &[crate::ratelimit::Ask],
+        ) -> Result<Vec<Option<crate::ratelimit::Decision>>, StoreError> {
             self.inner.count(a).await
         }
         async fn load_counters(&self) -> Result<Vec<(u128, Vec<u8>)>, StoreError> {
             self.inner.load_counters().await
         }
-        async fn save_counters(&self, r: Vec<(u128, Vec<u8>)>, k: crate::store::backend::Keep) -> Result<(), StoreError> {
+        async fn save_counters(
+            &self,
+            r: Vec<(u128, Vec<u8>)>,
+            k: crate::store::backend::Keep,
+        ) -> Result<(), StoreError> {
             self.inner.save_counters(r, k).await
         }
         async fn cache_get(&self, k: &str) -> Result<Option<Vec<u8>>, StoreError> {
@@ -774,7 +981,9 @@ mod tests {
         };
         let c = BuildContext {
             name: "kvm".into(),
-            services: crate::services::Services::with_consumers(Consumers::new(crate::store::Store::new(Arc::new(slow)))),
+            services: crate::services::Services::with_consumers(Consumers::new(
+                crate::store::Store::new(Arc::new(slow)),
+            )),
             ..Default::default()
         };
         for spec in [
@@ -786,7 +995,11 @@ mod tests {
             let start = tokio::time::Instant::now();
             let f = run(&p, &mut ex("a")).await.unwrap_err();
             assert_eq!((f.status, f.code.as_str()), (503, UNAVAILABLE), "{spec}");
-            assert!(start.elapsed() < Duration::from_secs(1), "{spec}: {:?}", start.elapsed());
+            assert!(
+                start.elapsed() < Duration::from_secs(1),
+                "{spec}: {:?}",
+                start.elapsed()
+            );
         }
     }
 
@@ -797,10 +1010,19 @@ mod tests {
             ("map: 'bad/name'\nget: [{key: [a]}]", "map"),
             ("map: m", ""),
             ("map: m\nget: [{key: []}]", "get[0].key"),
-            ("map: m\nget: [{key: [a], variable: request.x}]", "get[0].variable"),
+            (
+                "map: m\nget: [{key: [a], variable: request.x}]",
+                "get[0].variable",
+            ),
             ("map: m\nmaxEntries: 0\nget: [{key: [a]}]", "maxEntries"),
-            ("map: m\nmaxValueBytes: 70000\nget: [{key: [a]}]", "maxValueBytes"),
-            ("map: m\nstoreTimeoutMs: 0\nget: [{key: [a]}]", "storeTimeoutMs"),
+            (
+                "map: m\nmaxValueBytes: 70000\nget: [{key: [a]}]",
+                "maxValueBytes",
+            ),
+            (
+                "map: m\nstoreTimeoutMs: 0\nget: [{key: [a]}]",
+                "storeTimeoutMs",
+            ),
         ] {
             let e = build(&c, serde_norway::from_str(y).unwrap()).unwrap_err();
             assert_eq!(e.field, field, "{y}: {e}");

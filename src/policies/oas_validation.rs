@@ -26,7 +26,7 @@ use serde::Deserialize;
 use super::{parse_spec, BuildContext, SpecError};
 use crate::fault::Fault;
 use crate::openapi::{AllowSpec, Api, OasError, Options, Violations};
-use crate::pipeline::{Direction, Outcome, Policy};
+use crate::pipeline::{Direction, Hook, Policy};
 use crate::vars::Exchange;
 
 pub const TYPE: &str = "OasValidation";
@@ -166,8 +166,8 @@ impl Policy for OasValidation {
         }
     }
 
-    fn run<'a>(&'a self, ex: &'a mut Exchange, dir: Direction) -> Outcome<'a> {
-        Outcome::Ready(match dir {
+    fn run<'a>(&'a self, ex: &'a mut Exchange, dir: Direction) -> Hook<'a> {
+        Hook::from(match dir {
             Direction::Request => self.check_request(ex),
             Direction::Response => {
                 if self.response == ResponseMode::Off {
@@ -187,7 +187,12 @@ mod tests {
     use super::*;
     use crate::vars::{Headers, RequestInfo, ResponseInfo};
 
-    pub(crate) fn exchange(method: &str, uri: &str, headers: &[(&str, &str)], body: Option<&str>) -> Exchange {
+    pub(crate) fn exchange(
+        method: &str,
+        uri: &str,
+        headers: &[(&str, &str)],
+        body: Option<&str>,
+    ) -> Exchange {
         let mut h = Headers::new();
         h.push(":method".into(), method.into());
         h.push(":path".into(), uri.into());
@@ -211,13 +216,18 @@ mod tests {
             config_dir: Some(dir.to_path_buf()),
             ..Default::default()
         };
-        build(&ctx, serde_norway::from_str(&format!("spec: spec.yaml\n{extra}")).unwrap())
+        build(
+            &ctx,
+            serde_norway::from_str(&format!("spec: spec.yaml\n{extra}")).unwrap(),
+        )
     }
 
     fn run(p: &Arc<dyn Policy>, ex: &mut Exchange, dir: Direction) -> Result<(), Fault> {
         match p.run(ex, dir) {
-            Outcome::Ready(r) => r,
-            Outcome::Pending(_) => panic!("OasValidation never waits"),
+            Hook::Ready(o) => o
+                .into_result()
+                .map(|a| assert!(a.is_none(), "unexpected answer")),
+            Hook::Pending(_) => panic!("OasValidation never waits"),
         }
     }
 
@@ -225,7 +235,11 @@ mod tests {
         f.violations
             .as_ref()
             .and_then(Value::as_array)
-            .map(|a| a.iter().map(|x| x["pointer"].as_str().unwrap_or_default().to_owned()).collect())
+            .map(|a| {
+                a.iter()
+                    .map(|x| x["pointer"].as_str().unwrap_or_default().to_owned())
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
@@ -279,7 +293,11 @@ components:
     fn pets() -> tempfile::TempDir {
         let d = tempfile::tempdir().unwrap();
         write(d.path(), "spec.yaml", PETS_30);
-        write(d.path(), "more.yaml", "Dog:\n  type: object\n  required: [barks]\n  properties: {barks: {type: boolean}}\n");
+        write(
+            d.path(),
+            "more.yaml",
+            "Dog:\n  type: object\n  required: [barks]\n  properties: {barks: {type: boolean}}\n",
+        );
         d
     }
 
@@ -307,7 +325,10 @@ components:
         assert_eq!(pointers(&f), ["/path/id"]);
 
         let mut ex = exchange("GET", "/v1/nothing", &[], None);
-        assert_eq!(pointers(&run(&p, &mut ex, Direction::Request).unwrap_err()), ["/path"]);
+        assert_eq!(
+            pointers(&run(&p, &mut ex, Direction::Request).unwrap_err()),
+            ["/path"]
+        );
         let mut ex = exchange("DELETE", "/v1/pets", &[], None);
         let f = run(&p, &mut ex, Direction::Request).unwrap_err();
         assert_eq!(pointers(&f), ["/method"]);
@@ -322,26 +343,45 @@ components:
         let f = run(&p, &mut ex, Direction::Request).unwrap_err();
         assert_eq!(
             pointers(&f),
-            ["/query/limit", "/query/tags/1", "/header/x-trace", "/cookie/session"]
+            [
+                "/query/limit",
+                "/query/tags/1",
+                "/header/x-trace",
+                "/cookie/session"
+            ]
         );
         let mut ex = exchange("GET", "/v1/pets?limit=ten", &[], None);
         let f = run(&p, &mut ex, Direction::Request).unwrap_err();
         assert_eq!(pointers(&f), ["/query/limit", "/header/x-trace"]);
-        assert!(f.message.contains("required parameter is missing") || f.message.contains("integer"));
+        assert!(
+            f.message.contains("required parameter is missing") || f.message.contains("integer")
+        );
     }
 
     #[test]
     fn unspecified_parameters() {
         let d = pets();
-        let p = policy(d.path(), "allowUnspecifiedParameters: {query: false, header: false, cookie: false}").unwrap();
+        let p = policy(
+            d.path(),
+            "allowUnspecifiedParameters: {query: false, header: false, cookie: false}",
+        )
+        .unwrap();
         let mut ex = exchange(
             "GET",
             "/v1/pets?limit=1&debug=1",
-            &[("x-trace", "a"), ("x-extra", "1"), ("user-agent", "t"), ("cookie", "session=abc; zz=1")],
+            &[
+                ("x-trace", "a"),
+                ("x-extra", "1"),
+                ("user-agent", "t"),
+                ("cookie", "session=abc; zz=1"),
+            ],
             None,
         );
         let f = run(&p, &mut ex, Direction::Request).unwrap_err();
-        assert_eq!(pointers(&f), ["/query/debug", "/cookie/zz", "/header/x-extra"]);
+        assert_eq!(
+            pointers(&f),
+            ["/query/debug", "/cookie/zz", "/header/x-extra"]
+        );
         // Allowed by default.
         let p = policy(d.path(), "").unwrap();
         run(&p, &mut ex, Direction::Request).unwrap();
@@ -354,22 +394,44 @@ components:
         assert!(p.needs_body(Direction::Request));
         let json = [("content-type", "application/json; charset=utf-8")];
         // readOnly `id` not required; nullable name; discriminator picks Cat.
-        let mut ex = exchange("POST", "/v1/pets", &json, Some(r#"{"name": null, "kind": "Cat", "lives": 9}"#));
+        let mut ex = exchange(
+            "POST",
+            "/v1/pets",
+            &json,
+            Some(r#"{"name": null, "kind": "Cat", "lives": 9}"#),
+        );
         run(&p, &mut ex, Direction::Request).unwrap();
         // Sibling file through the discriminator: Dog needs `barks`.
-        let mut ex = exchange("POST", "/v1/pets", &json, Some(r#"{"name": "rex", "kind": "Dog"}"#));
+        let mut ex = exchange(
+            "POST",
+            "/v1/pets",
+            &json,
+            Some(r#"{"name": "rex", "kind": "Dog"}"#),
+        );
         let f = run(&p, &mut ex, Direction::Request).unwrap_err();
         assert_eq!(pointers(&f), ["/body"], "{f:?}");
         assert!(f.message.contains("barks"), "{}", f.message);
         // Unknown discriminator value, 3.0 exclusiveMinimum.
-        let mut ex = exchange("POST", "/v1/pets", &json, Some(r#"{"name": "x", "kind": "Cow", "age": 0}"#));
+        let mut ex = exchange(
+            "POST",
+            "/v1/pets",
+            &json,
+            Some(r#"{"name": "x", "kind": "Cow", "age": 0}"#),
+        );
         let f = run(&p, &mut ex, Direction::Request).unwrap_err();
         let ps = pointers(&f);
-        assert!(ps.contains(&"/body/kind".to_owned()) && ps.contains(&"/body/age".to_owned()), "{ps:?}");
+        assert!(
+            ps.contains(&"/body/kind".to_owned()) && ps.contains(&"/body/age".to_owned()),
+            "{ps:?}"
+        );
 
         for (ct, body, want) in [
             ("application/json", "{not json", "not valid JSON"),
-            ("text/plain", "hello", "content type text/plain is not one of"),
+            (
+                "text/plain",
+                "hello",
+                "content type text/plain is not one of",
+            ),
             ("application/json", "", "required"),
         ] {
             let mut ex = exchange("POST", "/v1/pets", &[("content-type", ct)], Some(body));
@@ -385,7 +447,12 @@ components:
         let f = run(&p, &mut ex, Direction::Request).unwrap_err();
         assert!(f.message.contains("at most 10000"), "{}", f.message);
         let p2 = policy(d.path(), "maxViolations: 2").unwrap();
-        let mut ex = exchange("POST", "/v1/pets", &json, Some(r#"{"name": 1, "kind": 2, "age": "x"}"#));
+        let mut ex = exchange(
+            "POST",
+            "/v1/pets",
+            &json,
+            Some(r#"{"name": 1, "kind": 2, "age": "x"}"#),
+        );
         let f = run(&p2, &mut ex, Direction::Request).unwrap_err();
         assert_eq!(pointers(&f).len(), 2);
         assert!(f.message.contains("more"), "{}", f.message);
@@ -408,7 +475,13 @@ components:
         let enforce = policy(d.path(), "response: enforce").unwrap();
         assert!(enforce.needs_body(Direction::Response));
         // writeOnly/readOnly: `id` is required in responses.
-        assert!(resp(&enforce, 201, r#"{"id": 1, "name": "a", "kind": "Cat", "lives": 1}"#).0.is_ok());
+        assert!(resp(
+            &enforce,
+            201,
+            r#"{"id": 1, "name": "a", "kind": "Cat", "lives": 1}"#
+        )
+        .0
+        .is_ok());
         let (r, _) = resp(&enforce, 201, r#"{"name": "a", "kind": "Cat", "lives": 1}"#);
         let f = r.unwrap_err();
         assert_eq!(f.status, 502);
@@ -462,7 +535,12 @@ paths:
         d
     }
 
-    fn request_pointers(p: &Arc<dyn Policy>, uri: &str, headers: &[(&str, &str)], body: Option<&str>) -> Vec<String> {
+    fn request_pointers(
+        p: &Arc<dyn Policy>,
+        uri: &str,
+        headers: &[(&str, &str)],
+        body: Option<&str>,
+    ) -> Vec<String> {
         let method = if body.is_some() { "POST" } else { "GET" };
         let mut ex = exchange(method, uri, headers, body);
         match run(p, &mut ex, Direction::Request) {
@@ -475,23 +553,54 @@ paths:
     fn styles_and_explode() {
         let d = styles();
         let p = policy(d.path(), "allowUnspecifiedParameters: {query: false}").unwrap();
-        let ok = |uri: &str| assert_eq!(request_pointers(&p, uri, &[], None), Vec::<String>::new(), "{uri}");
+        let ok = |uri: &str| {
+            assert_eq!(
+                request_pointers(&p, uri, &[], None),
+                Vec::<String>::new(),
+                "{uri}"
+            )
+        };
         // form + explode (the default): one name, repeated.
         ok("/items?t=a&t=b");
-        assert_eq!(request_pointers(&p, "/items?t=a&t=c", &[], None), ["/query/t/1"]);
+        assert_eq!(
+            request_pointers(&p, "/items?t=a&t=c", &[], None),
+            ["/query/t/1"]
+        );
         // spaceDelimited (encoded as %20 or +) and pipeDelimited.
         ok("/items?s=1%202+3&p=4|5");
-        assert_eq!(request_pointers(&p, "/items?s=1%20x", &[], None), ["/query/s/1"]);
-        assert_eq!(request_pointers(&p, "/items?p=4|y|6", &[], None), ["/query/p/1"]);
+        assert_eq!(
+            request_pointers(&p, "/items?s=1%20x", &[], None),
+            ["/query/s/1"]
+        );
+        assert_eq!(
+            request_pointers(&p, "/items?p=4|y|6", &[], None),
+            ["/query/p/1"]
+        );
         // deepObject.
         ok("/items?d[min]=1&d[max]=9");
-        assert_eq!(request_pointers(&p, "/items?d[min]=1&d[max]=11", &[], None), ["/query/d/max"]);
+        assert_eq!(
+            request_pointers(&p, "/items?d[min]=1&d[max]=11", &[], None),
+            ["/query/d/max"]
+        );
         // form + explode object: each property is its own query name, and a declared one.
         ok("/items?color=red&size=2");
-        assert_eq!(request_pointers(&p, "/items?color=green", &[], None), ["/query/f/color"]);
-        assert_eq!(request_pointers(&p, "/items?color=red&size=big", &[], None), ["/query/f/size"]);
-        assert_eq!(request_pointers(&p, "/items?size=2", &[], None), ["/query/f"], "color is required");
-        assert_eq!(request_pointers(&p, "/items?colour=red", &[], None), ["/query/colour"]);
+        assert_eq!(
+            request_pointers(&p, "/items?color=green", &[], None),
+            ["/query/f/color"]
+        );
+        assert_eq!(
+            request_pointers(&p, "/items?color=red&size=big", &[], None),
+            ["/query/f/size"]
+        );
+        assert_eq!(
+            request_pointers(&p, "/items?size=2", &[], None),
+            ["/query/f"],
+            "color is required"
+        );
+        assert_eq!(
+            request_pointers(&p, "/items?colour=red", &[], None),
+            ["/query/colour"]
+        );
     }
 
     #[test]
@@ -501,7 +610,12 @@ paths:
         let uuid = [("x-id", "0b4a4e1e-5f9e-4c5b-9d7a-3f7f0c6f1a2b")];
         assert!(request_pointers(&p, "/items?since=2024-05-01T10:00:00Z", &uuid, None).is_empty());
         assert_eq!(
-            request_pointers(&p, "/items?since=yesterday", &[("x-id", "not-a-uuid")], None),
+            request_pointers(
+                &p,
+                "/items?since=yesterday",
+                &[("x-id", "not-a-uuid")],
+                None
+            ),
             ["/query/since", "/header/x-id"]
         );
         let json = [("content-type", "application/json")];
@@ -516,9 +630,16 @@ paths:
     #[test]
     fn pointers_escape_names_and_plus_in_paths_is_literal() {
         let d = styles();
-        let p = policy(d.path(), "allowUnspecifiedParameters: {query: false, header: false}").unwrap();
+        let p = policy(
+            d.path(),
+            "allowUnspecifiedParameters: {query: false, header: false}",
+        )
+        .unwrap();
         // RFC 6901: `~` is `~0`, `/` is `~1`, in declared and undeclared names alike.
-        assert_eq!(request_pointers(&p, "/items?a%2Fb~c=x", &[], None), ["/query/a~1b~0c"]);
+        assert_eq!(
+            request_pointers(&p, "/items?a%2Fb~c=x", &[], None),
+            ["/query/a~1b~0c"]
+        );
         assert_eq!(
             request_pointers(&p, "/items?x%2Fy~=1", &[("x-a~b", "1")], None),
             ["/query/x~1y~0", "/header/x-a~0b"]
@@ -542,7 +663,11 @@ paths:
             }}}
         });
         write(d.path(), "spec.json", &spec.to_string());
-        write(d.path(), "parts.json", r#"{"Thing": {"type": "object", "required": ["v"], "properties": {"v": {"type": "string", "nullable": true}}}}"#);
+        write(
+            d.path(),
+            "parts.json",
+            r#"{"Thing": {"type": "object", "required": ["v"], "properties": {"v": {"type": "string", "nullable": true}}}}"#,
+        );
         let ctx = BuildContext {
             name: "oas".into(),
             config_dir: Some(d.path().to_path_buf()),
@@ -558,7 +683,10 @@ paths:
         // A JSON spec is parsed as JSON: YAML syntax in it is a parse error naming the file.
         write(d.path(), "spec.json", "openapi: 3.0.3\n");
         let e = build(&ctx, serde_norway::from_str("spec: spec.json").unwrap()).unwrap_err();
-        assert!(e.message.contains("spec.json") && e.message.contains("not valid YAML or JSON"), "{e}");
+        assert!(
+            e.message.contains("spec.json") && e.message.contains("not valid YAML or JSON"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -608,7 +736,12 @@ paths:
         // Structural recursion (a tree) is fine.
         write(d.path(), "spec.yaml", "openapi: 3.1.0\ninfo: {title: t, version: '1'}\npaths:\n  /t:\n    post:\n      requestBody: {content: {application/json: {schema: {$ref: '#/components/schemas/T'}}}}\ncomponents: {schemas: {T: {type: object, properties: {kids: {type: array, items: {$ref: '#/components/schemas/T'}}}}}}\n");
         let p = policy(d.path(), "").unwrap();
-        let mut ex = exchange("POST", "/t", &[("content-type", "application/json")], Some(r#"{"kids": [{"kids": [{"kids": 1}]}]}"#));
+        let mut ex = exchange(
+            "POST",
+            "/t",
+            &[("content-type", "application/json")],
+            Some(r#"{"kids": [{"kids": [{"kids": 1}]}]}"#),
+        );
         let f = run(&p, &mut ex, Direction::Request).unwrap_err();
         assert_eq!(pointers(&f), ["/body/kids/0/kids/0/kids"]);
     }

@@ -36,15 +36,15 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use super::{parse_spec, BuildContext, SpecError};
+use crate::consumer::index::Verified;
 use crate::expr::Template;
 use crate::fault::Fault;
-use crate::pipeline::{Direction, Outcome, Policy};
+use crate::pipeline::{Direction, Hook, Outcome, Policy};
 use crate::ratelimit::policy::{self as rl, NumberSpec, Setting};
 use crate::ratelimit::window::{self, Unit};
 use crate::ratelimit::{
     Ask, CounterError, Counters, Decision, Key, KeyPrefix, Mode, Pending, PolicyMetrics, Window,
 };
-use crate::consumer::index::Verified;
 use crate::vars::state::QuotaResult;
 use crate::vars::Exchange;
 
@@ -150,7 +150,9 @@ impl ProductVars {
 }
 
 fn first<'e>(ex: &'e Exchange, names: &[String]) -> Option<std::borrow::Cow<'e, str>> {
-    names.iter().find_map(|n| ex.lookup(n).filter(|v| !v.is_empty()))
+    names
+        .iter()
+        .find_map(|n| ex.lookup(n).filter(|v| !v.is_empty()))
 }
 
 impl ProductVars {
@@ -158,8 +160,11 @@ impl ProductVars {
     /// a script or AssignMessage): that wins, as explicit variables always do, and is read
     /// as text.
     fn typed_app<'e>(&self, ex: &'e Exchange, names: &[&[String]]) -> Option<&'e Verified> {
-        let overridden =
-            !ex.vars.is_empty() && names.iter().flat_map(|n| n.iter()).any(|n| ex.vars.contains_key(n));
+        let overridden = !ex.vars.is_empty()
+            && names
+                .iter()
+                .flat_map(|n| n.iter())
+                .any(|n| ex.vars.contains_key(n));
         if overridden {
             return None;
         }
@@ -274,7 +279,8 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
             ))
         }
         Some(u) => {
-            let tpl = Template::compile(u).map_err(|e| SpecError::new("timeUnit", e.to_string()))?;
+            let tpl =
+                Template::compile(u).map_err(|e| SpecError::new("timeUnit", e.to_string()))?;
             if tpl.is_static() {
                 Some(UnitSetting::Fixed(Unit::parse(u).ok_or_else(|| {
                     SpecError::new(
@@ -311,7 +317,14 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
     let weight = spec
         .message_weight
         .as_ref()
-        .map(|w| Setting::compile("messageWeight", w, min_weight(spec.count_only), rl::MAX_WEIGHT))
+        .map(|w| {
+            Setting::compile(
+                "messageWeight",
+                w,
+                min_weight(spec.count_only),
+                rl::MAX_WEIGHT,
+            )
+        })
         .transpose()?;
     let identifier = match (spec.identifier.as_deref(), spec.use_product) {
         (None, true) => rl::identifier("identifier", Some("{client_id}"))?,
@@ -386,18 +399,18 @@ impl Quota {
         let allow = allow.resolve(ex, 0, MAX_ALLOW).map_err(|t| {
             config_fault(
                 "policies.ratelimit.InvalidAllowCount",
-                format!("allow count `{}` is not a non-negative integer", rl::shown(&t)),
+                format!(
+                    "allow count `{}` is not a non-negative integer",
+                    rl::shown(&t)
+                ),
             )
         })?;
-        let interval = self
-            .interval
-            .resolve(ex, 1, MAX_INTERVAL)
-            .map_err(|t| {
-                config_fault(
-                    "policies.ratelimit.InvalidQuotaInterval",
-                    format!("interval `{}` is not an integer ≥ 1", rl::shown(&t)),
-                )
-            })?;
+        let interval = self.interval.resolve(ex, 1, MAX_INTERVAL).map_err(|t| {
+            config_fault(
+                "policies.ratelimit.InvalidQuotaInterval",
+                format!("interval `{}` is not an integer ≥ 1", rl::shown(&t)),
+            )
+        })?;
         let unit = match &self.unit {
             Some(UnitSetting::Fixed(u)) => *u,
             Some(UnitSetting::Template(t)) => {
@@ -553,7 +566,7 @@ impl Quota {
         };
         self.metrics.rejected.inc();
         let mut fault = Fault::new(429, "policies.ratelimit.QuotaViolation", message)
-        .with_header("retry-after", reset.to_string());
+            .with_header("retry-after", reset.to_string());
         self.limit_headers(allow, available, reset, window_ms, |h, v| {
             fault.headers.push((h.to_owned(), v));
         });
@@ -594,20 +607,20 @@ impl Policy for Quota {
         TYPE
     }
 
-    fn run<'a>(&'a self, ex: &'a mut Exchange, _dir: Direction) -> Outcome<'a> {
+    fn run<'a>(&'a self, ex: &'a mut Exchange, _dir: Direction) -> Hook<'a> {
         let p = match self.prepare(ex) {
             Ok(p) => p,
             Err(f) => {
                 self.metrics.error.inc();
-                return Outcome::Ready(Err(f));
+                return Hook::Ready(Outcome::Reject(f));
             }
         };
         match self.counters.decide(p.ask.clone()) {
-            Pending::Ready(r) => Outcome::Ready(self.finish(ex, p, r)),
-            Pending::Wait(fut) => Outcome::Pending(Box::pin(async move {
+            Pending::Ready(r) => Hook::from(self.finish(ex, p, r)),
+            Pending::Wait(fut) => Hook::wait(async move {
                 let r = fut.await;
                 self.finish(ex, p, r)
-            })),
+            }),
         }
     }
 }
@@ -651,8 +664,10 @@ mod tests {
 
     fn run(p: &Arc<dyn Policy>, ex: &mut Exchange) -> Result<(), Fault> {
         match p.run(ex, Direction::Request) {
-            Outcome::Ready(r) => r,
-            Outcome::Pending(_) => panic!("memory counters decide at once"),
+            Hook::Ready(o) => o
+                .into_result()
+                .map(|a| assert!(a.is_none(), "unexpected answer")),
+            Hook::Pending(_) => panic!("memory counters decide at once"),
         }
     }
 
@@ -691,65 +706,106 @@ mod tests {
     fn window_edges_for_every_type_and_unit() {
         // unit, default window, calendar (start time, a later window), flexi (first
         // request, end of its window).
-        type Case = (&'static str, [&'static str; 2], [&'static str; 3], [&'static str; 2]);
+        type Case = (
+            &'static str,
+            [&'static str; 2],
+            [&'static str; 3],
+            [&'static str; 2],
+        );
         let cases: [Case; 9] = [
             (
                 "second",
                 ["2024-02-29T23:59:59Z", "2024-03-01T00:00:00Z"],
-                ["2024-03-10T10:00:00.250Z", "2024-03-10T10:00:05.250Z", "2024-03-10T10:00:06.250Z"],
+                [
+                    "2024-03-10T10:00:00.250Z",
+                    "2024-03-10T10:00:05.250Z",
+                    "2024-03-10T10:00:06.250Z",
+                ],
                 ["2024-03-10T10:00:00.700Z", "2024-03-10T10:00:01.700Z"],
             ),
             (
                 "minute",
                 ["2024-12-31T23:59:00Z", "2025-01-01T00:00:00Z"],
-                ["2024-03-10T10:00:30Z", "2024-03-10T10:05:30Z", "2024-03-10T10:06:30Z"],
+                [
+                    "2024-03-10T10:00:30Z",
+                    "2024-03-10T10:05:30Z",
+                    "2024-03-10T10:06:30Z",
+                ],
                 ["2024-03-10T10:00:42Z", "2024-03-10T10:01:42Z"],
             ),
             (
                 "hour",
                 ["2024-03-10T23:00:00Z", "2024-03-11T00:00:00Z"],
-                ["2024-03-10T10:30:00Z", "2024-03-11T01:30:00Z", "2024-03-11T02:30:00Z"],
+                [
+                    "2024-03-10T10:30:00Z",
+                    "2024-03-11T01:30:00Z",
+                    "2024-03-11T02:30:00Z",
+                ],
                 ["2024-03-10T10:17:00Z", "2024-03-10T11:17:00Z"],
             ),
             (
                 "day",
                 ["2024-02-29T00:00:00Z", "2024-03-01T00:00:00Z"],
-                ["2024-02-28T12:00:00Z", "2024-02-29T12:00:00Z", "2024-03-01T12:00:00Z"],
+                [
+                    "2024-02-28T12:00:00Z",
+                    "2024-02-29T12:00:00Z",
+                    "2024-03-01T12:00:00Z",
+                ],
                 ["2023-02-28T06:00:00Z", "2023-03-01T06:00:00Z"],
             ),
             (
                 // Weeks turn on Sunday 00:00 UTC; calendar weeks from a Wednesday noon.
                 "week",
                 ["2024-03-10T00:00:00Z", "2024-03-17T00:00:00Z"],
-                ["2024-03-13T12:00:00Z", "2024-03-20T12:00:00Z", "2024-03-27T12:00:00Z"],
+                [
+                    "2024-03-13T12:00:00Z",
+                    "2024-03-20T12:00:00Z",
+                    "2024-03-27T12:00:00Z",
+                ],
                 ["2024-02-26T09:00:00Z", "2024-03-04T09:00:00Z"],
             ),
             (
                 // February in a leap year; a calendar month from the 31st is clamped.
                 "month",
                 ["2024-02-01T00:00:00Z", "2024-03-01T00:00:00Z"],
-                ["2024-01-31T08:30:00Z", "2024-02-29T08:30:00Z", "2024-03-31T08:30:00Z"],
+                [
+                    "2024-01-31T08:30:00Z",
+                    "2024-02-29T08:30:00Z",
+                    "2024-03-31T08:30:00Z",
+                ],
                 ["2024-02-10T00:00:00Z", "2024-03-10T00:00:00Z"],
             ),
             (
                 // February in a common year.
                 "month",
                 ["2023-02-01T00:00:00Z", "2023-03-01T00:00:00Z"],
-                ["2023-01-31T08:30:00Z", "2023-02-28T08:30:00Z", "2023-03-31T08:30:00Z"],
+                [
+                    "2023-01-31T08:30:00Z",
+                    "2023-02-28T08:30:00Z",
+                    "2023-03-31T08:30:00Z",
+                ],
                 ["2023-01-31T00:00:00Z", "2023-02-28T00:00:00Z"],
             ),
             (
                 // 30 days.
                 "month",
                 ["2024-04-01T00:00:00Z", "2024-05-01T00:00:00Z"],
-                ["2024-03-15T00:00:00Z", "2024-04-15T00:00:00Z", "2024-05-15T00:00:00Z"],
+                [
+                    "2024-03-15T00:00:00Z",
+                    "2024-04-15T00:00:00Z",
+                    "2024-05-15T00:00:00Z",
+                ],
                 ["2024-04-10T00:00:00Z", "2024-05-10T00:00:00Z"],
             ),
             (
                 // 31 days, across the year end.
                 "month",
                 ["2024-12-01T00:00:00Z", "2025-01-01T00:00:00Z"],
-                ["2024-11-15T00:00:00Z", "2024-12-15T00:00:00Z", "2025-01-15T00:00:00Z"],
+                [
+                    "2024-11-15T00:00:00Z",
+                    "2024-12-15T00:00:00Z",
+                    "2025-01-15T00:00:00Z",
+                ],
                 ["2024-12-20T00:00:00Z", "2025-01-20T00:00:00Z"],
             ),
         ];
@@ -767,7 +823,10 @@ mod tests {
             assert_eq!(n, 2, "{what}: first instant");
             bed.clock.set(end - 1);
             let mut spent = id(1);
-            assert!(run(&p, &mut spent).is_err(), "{what}: last instant, still spent");
+            assert!(
+                run(&p, &mut spent).is_err(),
+                "{what}: last instant, still spent"
+            );
             assert_eq!(
                 spent.lookup("ratelimit.q.expiry").as_deref(),
                 Some(end.to_string().as_str()),
@@ -805,23 +864,35 @@ mod tests {
             let t = ms(ds) - ms(ds).rem_euclid(slot);
             let what = format!("rollingwindow {unit} at {ds}");
             let bed = Bed::new("2000-01-01T00:00:00Z");
-            let p = bed.policy("q", &format!("{{{base}, timeUnit: {unit}, quotaType: rollingwindow}}"));
+            let p = bed.policy(
+                "q",
+                &format!("{{{base}, timeUnit: {unit}, quotaType: rollingwindow}}"),
+            );
             bed.clock.set(t);
             run(&p, &mut id(1)).unwrap();
             bed.clock.set(t + len / 2);
             run(&p, &mut id(1)).unwrap();
             assert!(run(&p, &mut id(1)).is_err(), "{what}: spent");
             bed.clock.set(t + len - 1);
-            assert!(run(&p, &mut id(1)).is_err(), "{what}: the first count is still in");
+            assert!(
+                run(&p, &mut id(1)).is_err(),
+                "{what}: the first count is still in"
+            );
             run(&p, &mut id(2)).unwrap();
             bed.clock.set(t + len);
             run(&p, &mut id(1)).unwrap();
-            assert!(run(&p, &mut id(1)).is_err(), "{what}: the second count is still in");
+            assert!(
+                run(&p, &mut id(1)).is_err(),
+                "{what}: the second count is still in"
+            );
         }
         // A rolling month is 30 days whatever the month, so its count is never reset by
         // the calendar (a length measured from now would change on the 1st of March).
         let bed = Bed::new("2024-02-20T00:00:00Z");
-        let p = bed.policy("q", &format!("{{{base}, timeUnit: month, quotaType: rollingwindow}}"));
+        let p = bed.policy(
+            "q",
+            &format!("{{{base}, timeUnit: month, quotaType: rollingwindow}}"),
+        );
         run(&p, &mut id(1)).unwrap();
         run(&p, &mut id(1)).unwrap();
         bed.clock.set(ms("2024-03-01T00:00:00Z"));
@@ -914,7 +985,10 @@ mod tests {
         assert_eq!(v(&ex, "ratelimit.q.available").as_deref(), Some("1"));
         assert_eq!(v(&ex, "ratelimit.q.remaining").as_deref(), Some("1"));
         assert_eq!(v(&ex, "ratelimit.q.available.count").as_deref(), Some("1"));
-        assert_eq!(v(&ex, "ratelimit.q.expiry").as_deref(), Some(ms("2024-01-01T00:01:00Z").to_string().as_str()));
+        assert_eq!(
+            v(&ex, "ratelimit.q.expiry").as_deref(),
+            Some(ms("2024-01-01T00:01:00Z").to_string().as_str())
+        );
         assert_eq!(v(&ex, "ratelimit.q.identifier").as_deref(), Some("alice"));
         assert_eq!(v(&ex, "ratelimit.q.exceed.count").as_deref(), Some("0"));
         let m = ex.take_mutations(Direction::Response);
@@ -940,7 +1014,10 @@ mod tests {
         // Listed (CEL maps, debugging) under every name, `remaining` included.
         let mut listed = Vec::new();
         ex.for_each_var(&mut |k, v| listed.push((k.to_owned(), v.as_text().into_owned())));
-        assert!(listed.contains(&("ratelimit.q.remaining".into(), "0".into())), "{listed:?}");
+        assert!(
+            listed.contains(&("ratelimit.q.remaining".into(), "0".into())),
+            "{listed:?}"
+        );
         assert!(listed.contains(&("ratelimit.q.used.count".into(), "2".into())));
         // A variable set earlier under the same name does not hide the decision's.
         let mut ex = Exchange::default();
@@ -1041,7 +1118,10 @@ mod tests {
         run(&p, &mut ex).unwrap();
         // Apigee's developer.quota names win.
         ex.set_var("verifyapikey.vk.apiproduct.developer.quota.limit", 5i64);
-        ex.set_var("verifyapikey.vk.apiproduct.developer.quota.timeunit", "hour");
+        ex.set_var(
+            "verifyapikey.vk.apiproduct.developer.quota.timeunit",
+            "hour",
+        );
         run(&p, &mut ex).unwrap();
         assert_eq!(ex.lookup("ratelimit.q.allowed").as_deref(), Some("5"));
         // No product quota and no fallback: a clear fault.
@@ -1062,7 +1142,11 @@ mod tests {
         for (h, bad, code) in [
             ("x-limit", "lots", "policies.ratelimit.InvalidAllowCount"),
             ("x-iv", "0", "policies.ratelimit.InvalidQuotaInterval"),
-            ("x-unit", "fortnight", "policies.ratelimit.InvalidQuotaTimeUnit"),
+            (
+                "x-unit",
+                "fortnight",
+                "policies.ratelimit.InvalidQuotaTimeUnit",
+            ),
         ] {
             let mut e = Exchange::default();
             for (k, v) in [("x-limit", "1"), ("x-iv", "1"), ("x-unit", "day")] {
@@ -1105,24 +1189,43 @@ mod tests {
             config_dir: None,
             services: bed.services.clone(),
         };
-        let field = |y: &str| build(&ctx, serde_norway::from_str(y).unwrap()).unwrap_err().field;
+        let field = |y: &str| {
+            build(&ctx, serde_norway::from_str(y).unwrap())
+                .unwrap_err()
+                .field
+        };
         assert_eq!(field("{allow: 1, timeUnit: fortnight}"), "timeUnit");
         assert_eq!(field("{allow: 1}"), "timeUnit");
         assert_eq!(field("{timeUnit: day}"), "allow");
         assert_eq!(field("{allow: -1, timeUnit: day}"), "allow");
         assert_eq!(field("{allow: 1, interval: 0, timeUnit: day}"), "interval");
-        assert_eq!(field("{allow: 1, timeUnit: day, quotaType: weekly}"), "quotaType");
-        assert_eq!(field("{allow: 1, timeUnit: day, quotaType: calendar}"), "startTime");
+        assert_eq!(
+            field("{allow: 1, timeUnit: day, quotaType: weekly}"),
+            "quotaType"
+        );
+        assert_eq!(
+            field("{allow: 1, timeUnit: day, quotaType: calendar}"),
+            "startTime"
+        );
         assert_eq!(
             field("{allow: 1, timeUnit: day, quotaType: calendar, startTime: soon}"),
             "startTime"
         );
-        assert_eq!(field("{allow: 1, timeUnit: day, countOnly: true}"), "sharedName");
+        assert_eq!(
+            field("{allow: 1, timeUnit: day, countOnly: true}"),
+            "sharedName"
+        );
         assert_eq!(
             field("{allow: 1, timeUnit: day, sharedName: s, countOnly: true, enforceOnly: true}"),
             "countOnly"
         );
-        assert_eq!(field("{allow: 1, timeUnit: day, messageWeight: 0}"), "messageWeight");
-        assert_eq!(field("{allow: 1, timeUnit: day, rateLimitHeaders: all}"), "rateLimitHeaders");
+        assert_eq!(
+            field("{allow: 1, timeUnit: day, messageWeight: 0}"),
+            "messageWeight"
+        );
+        assert_eq!(
+            field("{allow: 1, timeUnit: day, rateLimitHeaders: all}"),
+            "rateLimitHeaders"
+        );
     }
 }

@@ -20,7 +20,7 @@ use serde::Deserialize;
 use super::{check_header_name, parse_spec, valid_header_value, BuildContext, SpecError};
 use crate::expr::Template;
 use crate::fault::Fault;
-use crate::pipeline::{Direction, Outcome, Policy};
+use crate::pipeline::{Direction, Hook, Outcome, Policy};
 use crate::vars::Exchange;
 
 pub const TYPE: &str = "RaiseFault";
@@ -108,7 +108,7 @@ impl Policy for RaiseFault {
         TYPE
     }
 
-    fn run<'a>(&'a self, ex: &'a mut Exchange, _dir: Direction) -> Outcome<'a> {
+    fn run<'a>(&'a self, ex: &'a mut Exchange, _dir: Direction) -> Hook<'a> {
         let mut fault = Fault::new(self.status, self.code.clone(), self.message.render(ex));
         for (n, t) in &self.headers {
             let v = t.render(ex);
@@ -119,7 +119,7 @@ impl Policy for RaiseFault {
         if let Some((ct, t)) = &self.body {
             fault.body = Some((ct.clone(), t.render(ex).into_bytes()));
         }
-        Outcome::Ready(Err(fault))
+        Hook::Ready(Outcome::Reject(fault))
     }
 }
 
@@ -142,7 +142,7 @@ mod tests {
             flow: "f".into(),
             ..Default::default()
         };
-        let Outcome::Ready(Err(f)) = p.run(&mut ex, Direction::Request) else {
+        let Hook::Ready(Outcome::Reject(f)) = p.run(&mut ex, Direction::Request) else {
             panic!("expected a fault");
         };
         assert_eq!(f.status, 403);
@@ -159,7 +159,7 @@ mod tests {
         )
         .unwrap();
         let mut ex = Exchange::default();
-        let Outcome::Ready(Err(f)) = p.run(&mut ex, Direction::Response) else {
+        let Hook::Ready(Outcome::Reject(f)) = p.run(&mut ex, Direction::Response) else {
             panic!("expected a fault");
         };
         assert_eq!(f.code, "steps.raisefault.RaiseFault");

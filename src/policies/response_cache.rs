@@ -48,8 +48,7 @@ use crate::cache::{
     stored_header, unhex, Entry, Freshness, Key, KeyHasher, LocalCache, SharedTier,
 };
 use crate::expr::{Condition, Template};
-use crate::fault::Fault;
-use crate::pipeline::{Direction, Outcome, Policy};
+use crate::pipeline::{Answer, Direction, Hook, Hooks, Outcome, Policy};
 use crate::vars::Exchange;
 
 pub const TYPE: &str = "ResponseCache";
@@ -184,7 +183,8 @@ fn build_cache(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Response
         .iter()
         .enumerate()
         .map(|(i, f)| {
-            Template::compile(f).map_err(|e| SpecError::new(format!("keyFragments[{i}]"), e.to_string()))
+            Template::compile(f)
+                .map_err(|e| SpecError::new(format!("keyFragments[{i}]"), e.to_string()))
         })
         .collect::<Result<Vec<_>, _>>()?;
     let cond = |field: &str, c: &Option<String>| {
@@ -192,7 +192,11 @@ fn build_cache(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Response
             .map(|c| Condition::compile(c).map_err(|e| SpecError::new(field, e.to_string())))
             .transpose()
     };
-    let methods: Vec<String> = spec.methods.iter().map(|m| m.to_ascii_uppercase()).collect();
+    let methods: Vec<String> = spec
+        .methods
+        .iter()
+        .map(|m| m.to_ascii_uppercase())
+        .collect();
     if methods.is_empty() {
         return Err(SpecError::new("methods", "give at least one method"));
     }
@@ -200,10 +204,7 @@ fn build_cache(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Response
         .iter()
         .any(|m| matches!(m.as_str(), "POST" | "PUT" | "PATCH" | "QUERY"));
     let ttl = Duration::from_secs(spec.ttl_seconds);
-    let id = format!(
-        "{}|{}|{}",
-        ctx.name, spec.ttl_seconds, spec.max_cache_bytes
-    );
+    let id = format!("{}|{}|{}", ctx.name, spec.ttl_seconds, spec.max_cache_bytes);
     let store = ctx.services.caches.get(id, spec.max_cache_bytes);
     let coalesce_wait = Duration::from_millis(spec.coalesce_wait_ms);
     let inflight = (spec.coalesce_wait_ms > 0).then(|| {
@@ -325,11 +326,17 @@ impl ResponseCache {
                 .all(|(_, coding)| accepts_encoding(h.get("accept-encoding"), coding))
     }
 
-    fn hit(&self, e: &Entry) -> Fault {
+    fn hit(&self, e: &Entry) -> Outcome {
         let mut headers = e.headers.clone();
         headers.push(("age".into(), e.stored.elapsed().as_secs().to_string()));
         headers.push((self.status_header.clone(), "tollgate; hit".into()));
-        Fault::answer(e.status, HIT, headers, e.content_type.clone(), e.body.clone())
+        Outcome::Respond(Box::new(Answer::new(
+            e.status,
+            HIT,
+            headers,
+            e.content_type.clone(),
+            e.body.clone(),
+        )))
     }
 
     fn release(&self, key: &Key) {
@@ -340,9 +347,9 @@ impl ResponseCache {
         }
     }
 
-    fn lookup<'a>(&'a self, ex: &'a mut Exchange) -> Outcome<'a> {
+    fn lookup<'a>(&'a self, ex: &'a mut Exchange) -> Hook<'a> {
         let Some(key) = self.key(ex) else {
-            return Outcome::Ready(Ok(()));
+            return Hook::CONTINUE;
         };
         ex.set_var(self.key_var.clone(), hex(&key));
         if self.scope != Scope::App && Self::credentialed(ex) {
@@ -350,31 +357,31 @@ impl ResponseCache {
         }
         if self.skip_lookup.as_ref().is_some_and(|c| c.eval(ex)) {
             ex.set_var(self.bypass_var.clone(), true);
-            return Outcome::Ready(Ok(()));
+            return Hook::CONTINUE;
         }
         if let Some(e) = self.store.get(&key) {
             if Self::usable(&e, ex) {
-                return Outcome::Ready(Err(self.hit(&e)));
+                return Hook::Ready(self.hit(&e));
             }
             // Another variant (or coding) is stored: go upstream; the answer replaces it.
-            return Outcome::Ready(Ok(()));
+            return Hook::CONTINUE;
         }
         if self.shared.is_none() && self.inflight.is_none() {
-            return Outcome::Ready(Ok(()));
+            return Hook::CONTINUE;
         }
-        Outcome::Pending(Box::pin(async move {
+        Hook::Pending(Box::pin(async move {
             if let Some(sh) = &self.shared {
                 if let Some(e) = sh.get(&key).await {
                     let e = Arc::new(e);
                     self.store.insert(key, e.clone());
                     if Self::usable(&e, ex) {
-                        return Err(self.hit(&e));
+                        return self.hit(&e);
                     }
-                    return Ok(());
+                    return Outcome::Continue;
                 }
             }
             let Some(inflight) = &self.inflight else {
-                return Ok(());
+                return Outcome::Continue;
             };
             let mut leader = false;
             let notify = inflight.get_with(key, || {
@@ -382,13 +389,13 @@ impl ResponseCache {
                 Arc::new(tokio::sync::Notify::new())
             });
             if leader {
-                return Ok(());
+                return Outcome::Continue;
             }
             // Another request for this key is upstream: wait (bounded) for it to populate.
             let _ = tokio::time::timeout(self.coalesce_wait, notify.notified()).await;
             match self.store.get(&key) {
-                Some(e) if Self::usable(&e, ex) => Err(self.hit(&e)),
-                _ => Ok(()),
+                Some(e) if Self::usable(&e, ex) => self.hit(&e),
+                _ => Outcome::Continue,
             }
         }))
     }
@@ -412,8 +419,8 @@ impl ResponseCache {
         // A response to a request with credentials, in a cache not keyed by the caller, is
         // stored only when the upstream says any caller may have it (RFC 9111 §3.5) — even
         // with `respectCacheControl: false`.
-        let personal =
-            ex.vars.contains_key(&self.credentialed_var) && !shareable_with_credentials(&cache_control);
+        let personal = ex.vars.contains_key(&self.credentialed_var)
+            && !shareable_with_credentials(&cache_control);
         // `Vary: *`: no later request can be known to match.
         let vary_any = all_values(&resp.headers, "vary")
             .split(',')
@@ -473,7 +480,10 @@ impl ResponseCache {
             .map(|(n, v)| (n.to_ascii_lowercase(), v.to_owned()))
             .collect();
         let ttl = match self.respect_cache_control {
-            true => match freshness(&all_values(&resp.headers, "cache-control"), is_event_stream(resp)) {
+            true => match freshness(
+                &all_values(&resp.headers, "cache-control"),
+                is_event_stream(resp),
+            ) {
                 Freshness::AtMost(d) => d.min(self.ttl),
                 _ => self.ttl,
             },
@@ -484,7 +494,8 @@ impl ResponseCache {
         let mut vary: Vec<(String, Option<String>)> = Vec::new();
         for name in all_values(&resp.headers, "vary").split(',') {
             let name = name.trim().to_ascii_lowercase();
-            if name.is_empty() || name == "accept-encoding" || vary.iter().any(|(n, _)| *n == name) {
+            if name.is_empty() || name == "accept-encoding" || vary.iter().any(|(n, _)| *n == name)
+            {
                 continue;
             }
             let value = ex.request.headers.get(&name).map(str::to_owned);
@@ -521,23 +532,39 @@ impl Policy for ResponseCache {
         dir == Direction::Request && self.body_methods
     }
 
-    fn run<'a>(&'a self, ex: &'a mut Exchange, dir: Direction) -> Outcome<'a> {
-        match dir {
-            Direction::Request => self.lookup(ex),
-            Direction::Response => {
-                self.on_response(ex);
-                Outcome::Ready(Ok(()))
-            }
+    fn hooks(&self) -> Hooks {
+        Hooks {
+            response_copy: true,
+            ..Hooks::default()
         }
     }
 
-    fn observe(&self, ex: &mut Exchange, dir: Direction, body: &[u8]) {
-        if dir != Direction::Response || !ex.vars.contains_key(&self.populate_var) {
-            return;
+    fn request_headers<'a>(&'a self, ex: &'a mut Exchange) -> Hook<'a> {
+        self.lookup(ex)
+    }
+
+    fn request_body<'a>(&'a self, ex: &'a mut Exchange) -> Hook<'a> {
+        self.lookup(ex)
+    }
+
+    fn response_headers<'a>(&'a self, ex: &'a mut Exchange) -> Hook<'a> {
+        self.on_response(ex);
+        Hook::CONTINUE
+    }
+
+    /// The copy of a response that streamed past: stored when the headers said it may be.
+    fn response_end<'a>(&'a self, ex: &'a mut Exchange) -> Hook<'a> {
+        if !ex.vars.contains_key(&self.populate_var) {
+            return Hook::CONTINUE;
         }
         if let Some(key) = ex.lookup(&self.key_var).and_then(|k| unhex(&k)) {
-            self.store_entry(ex, key, body);
+            // Taken and put back unchanged, as `on_response` does: no copy.
+            if let Some(body) = ex.response_body.take() {
+                self.store_entry(ex, key, &body);
+                ex.response_body = Some(body);
+            }
         }
+        Hook::CONTINUE
     }
 }
 
@@ -565,15 +592,63 @@ mod tests {
         }
     }
 
-    async fn run(p: &Arc<dyn Policy>, ex: &mut Exchange, dir: Direction) -> Result<(), Fault> {
-        match p.run(ex, dir) {
-            Outcome::Ready(r) => r,
-            Outcome::Pending(f) => f.await,
+    /// Where a step stopped the exchange: a served answer (a hit) or a fault.
+    #[derive(Debug)]
+    struct Stop {
+        answer: bool,
+        status: u16,
+        headers: Vec<(String, String)>,
+        /// (content type, bytes)
+        body: Option<(String, Vec<u8>)>,
+    }
+
+    impl Stop {
+        fn is_answer(&self) -> bool {
+            self.answer
         }
     }
 
+    async fn run(p: &Arc<dyn Policy>, ex: &mut Exchange, dir: Direction) -> Result<(), Stop> {
+        match p.run(ex, dir).outcome().await {
+            Outcome::Continue => Ok(()),
+            Outcome::Respond(a) => {
+                let ct = a
+                    .headers
+                    .iter()
+                    .find(|(n, _)| n == "content-type")
+                    .map(|(_, v)| v.clone());
+                Err(Stop {
+                    answer: true,
+                    status: a.status,
+                    headers: a.headers.clone(),
+                    body: ct.map(|ct| (ct, a.body)),
+                })
+            }
+            Outcome::Reject(f) => Err(Stop {
+                answer: false,
+                status: f.status,
+                headers: f.headers,
+                body: f.body,
+            }),
+        }
+    }
+
+    /// What the stream does at the end of a response that streamed past with a copy.
+    fn observe(p: &Arc<dyn Policy>, ex: &mut Exchange, body: &[u8]) {
+        assert!(p.hooks().response_copy);
+        ex.response_body = Some(body.to_vec());
+        assert!(matches!(p.response_end(ex), Hook::Ready(Outcome::Continue)));
+        ex.response_body = None;
+    }
+
     /// Runs a miss through: request, response headers, captured body.
-    async fn miss(p: &Arc<dyn Policy>, ex: &mut Exchange, status: u16, headers: &[(&str, &str)], body: &str) {
+    async fn miss(
+        p: &Arc<dyn Policy>,
+        ex: &mut Exchange,
+        status: u16,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) {
         run(p, ex, Direction::Request).await.unwrap();
         let mut h = Headers::new();
         h.push(":status".into(), status.to_string());
@@ -586,7 +661,7 @@ mod tests {
             let limit = ex.response_capture;
             ex.response_capture = 0;
             if body.len() <= limit {
-                p.observe(ex, Direction::Response, body.as_bytes());
+                observe(p, ex, body.as_bytes());
             }
         }
     }
@@ -595,9 +670,23 @@ mod tests {
     async fn miss_then_hit_with_age_and_status() {
         let p = policy("keyFragments: ['{request.uri}']");
         let mut ex = request("GET", "/a?x=1", None);
-        miss(&p, &mut ex, 200, &[("content-type", "application/json"), ("set-cookie", "s=1"), ("x-up", "1")], "{\"v\":1}").await;
+        miss(
+            &p,
+            &mut ex,
+            200,
+            &[
+                ("content-type", "application/json"),
+                ("set-cookie", "s=1"),
+                ("x-up", "1"),
+            ],
+            "{\"v\":1}",
+        )
+        .await;
         let m = ex.take_mutations(Direction::Response);
-        assert!(m.set.iter().any(|(n, v, _)| n == "cache-status" && v.contains("miss")));
+        assert!(m
+            .set
+            .iter()
+            .any(|(n, v, _)| n == "cache-status" && v.contains("miss")));
 
         let mut ex = request("GET", "/a?x=1", None);
         let f = run(&p, &mut ex, Direction::Request).await.unwrap_err();
@@ -607,8 +696,13 @@ mod tests {
         assert_eq!(f.body.as_ref().unwrap().0, "application/json");
         assert!(f.headers.contains(&("x-up".into(), "1".into())));
         assert!(f.headers.iter().any(|(n, _)| n == "age"));
-        assert!(f.headers.contains(&("cache-status".into(), "tollgate; hit".into())));
-        assert!(!f.headers.iter().any(|(n, _)| n == "set-cookie"), "cookies are never replayed");
+        assert!(f
+            .headers
+            .contains(&("cache-status".into(), "tollgate; hit".into())));
+        assert!(
+            !f.headers.iter().any(|(n, _)| n == "set-cookie"),
+            "cookies are never replayed"
+        );
         // Another URI misses; another method is not cached at all.
         let mut ex = request("GET", "/a?x=2", None);
         run(&p, &mut ex, Direction::Request).await.unwrap();
@@ -630,14 +724,23 @@ mod tests {
             let mut ex = request("GET", "/n", None);
             miss(&p, &mut ex, status, &headers, body).await;
             let mut ex = request("GET", "/n", None);
-            assert!(run(&p, &mut ex, Direction::Request).await.is_ok(), "{status} {headers:?} stored");
+            assert!(
+                run(&p, &mut ex, Direction::Request).await.is_ok(),
+                "{status} {headers:?} stored"
+            );
         }
         // Overridden: errors and private responses may be stored when asked for.
         let p = policy("excludeErrorResponses: false\nrespectCacheControl: false");
         let mut ex = request("GET", "/n", None);
         miss(&p, &mut ex, 404, &[("cache-control", "private")], "gone").await;
         let mut ex = request("GET", "/n", None);
-        assert_eq!(run(&p, &mut ex, Direction::Request).await.unwrap_err().status, 404);
+        assert_eq!(
+            run(&p, &mut ex, Direction::Request)
+                .await
+                .unwrap_err()
+                .status,
+            404
+        );
     }
 
     #[tokio::test]
@@ -645,7 +748,14 @@ mod tests {
         let p = policy("methods: [POST]\nskipLookup: \"request.headers['cache-control'] == 'no-cache'\"\nskipPopulate: \"response.headers['x-partial'] == 'yes'\"");
         assert!(p.needs_body(Direction::Request));
         let mut ex = request("POST", "/v1/chat", Some("{\"temperature\":0}"));
-        miss(&p, &mut ex, 200, &[("content-type", "text/event-stream")], "data: a\n\ndata: [DONE]\n\n").await;
+        miss(
+            &p,
+            &mut ex,
+            200,
+            &[("content-type", "text/event-stream")],
+            "data: a\n\ndata: [DONE]\n\n",
+        )
+        .await;
         let mut ex = request("POST", "/v1/chat", Some("{\"temperature\":0}"));
         let f = run(&p, &mut ex, Direction::Request).await.unwrap_err();
         assert_eq!(f.body.as_ref().unwrap().0, "text/event-stream");
@@ -653,14 +763,25 @@ mod tests {
         assert!(run(&p, &mut ex, Direction::Request).await.is_ok());
         // skipLookup: goes upstream and refreshes the entry.
         let mut ex = request("POST", "/v1/chat", Some("{\"temperature\":0}"));
-        ex.request.headers.push("cache-control".into(), "no-cache".into());
-        miss(&p, &mut ex, 200, &[("content-type", "text/event-stream")], "data: b\n\n").await;
+        ex.request
+            .headers
+            .push("cache-control".into(), "no-cache".into());
+        miss(
+            &p,
+            &mut ex,
+            200,
+            &[("content-type", "text/event-stream")],
+            "data: b\n\n",
+        )
+        .await;
         let mut ex = request("POST", "/v1/chat", Some("{\"temperature\":0}"));
         let f = run(&p, &mut ex, Direction::Request).await.unwrap_err();
         assert_eq!(f.body.as_ref().unwrap().1, b"data: b\n\n");
         // skipPopulate keeps the old entry.
         let mut ex = request("POST", "/v1/chat", Some("{\"temperature\":0}"));
-        ex.request.headers.push("cache-control".into(), "no-cache".into());
+        ex.request
+            .headers
+            .push("cache-control".into(), "no-cache".into());
         miss(&p, &mut ex, 200, &[("x-partial", "yes")], "partial").await;
         let mut ex = request("POST", "/v1/chat", Some("{\"temperature\":0}"));
         let f = run(&p, &mut ex, Direction::Request).await.unwrap_err();
@@ -672,16 +793,26 @@ mod tests {
         let p = policy("scope: app\nkeyFragments: ['{request.header.x-k}']");
         let mut ex = request("GET", "/s", None);
         run(&p, &mut ex, Direction::Request).await.unwrap();
-        assert!(ex.lookup("responsecache.rc.key").is_none(), "no app, no caching");
+        assert!(
+            ex.lookup("responsecache.rc.key").is_none(),
+            "no app, no caching"
+        );
         let hostile = "\u{0}\r\n".repeat(10_000);
         let mut ex = request("GET", "/s", None);
         ex.request.headers.push("x-k".into(), hostile);
         ex.set_var("client_id", "app1");
         miss(&p, &mut ex, 200, &[], "one").await;
-        assert_eq!(ex.lookup("responsecache.rc.key").unwrap().len(), 64, "a digest, whatever the input");
+        assert_eq!(
+            ex.lookup("responsecache.rc.key").unwrap().len(),
+            64,
+            "a digest, whatever the input"
+        );
         let mut ex = request("GET", "/s", None);
         ex.set_var("client_id", "app2");
-        assert!(run(&p, &mut ex, Direction::Request).await.is_ok(), "another app's entry");
+        assert!(
+            run(&p, &mut ex, Direction::Request).await.is_ok(),
+            "another app's entry"
+        );
     }
 
     #[tokio::test]
@@ -699,9 +830,12 @@ mod tests {
         assert!(!follower.is_finished(), "the second miss waits");
         let mut h = Headers::new();
         h.push(":status".into(), "200".into());
-        first.response = Some(ResponseInfo { status: 200, headers: h });
+        first.response = Some(ResponseInfo {
+            status: 200,
+            headers: h,
+        });
         run(&p, &mut first, Direction::Response).await.unwrap();
-        p.observe(&mut first, Direction::Response, b"shared");
+        observe(&p, &mut first, b"shared");
         let f = follower.await.unwrap().unwrap_err();
         assert_eq!(f.body.unwrap().1, b"shared");
     }
@@ -747,16 +881,53 @@ mod tests {
     async fn scope_keeps_apps_and_flows_apart() {
         // Per app: the same fragments under two apps are two keys.
         let p = policy("scope: app\nkeyFragments: ['{request.uri}']");
-        miss(&p, &mut as_app(request("GET", "/s", None), "app1"), 200, &[], "one").await;
-        assert_eq!(lookup(&p, &mut as_app(request("GET", "/s", None), "app2")).await, None);
-        assert_eq!(lookup(&p, &mut as_app(request("GET", "/s", None), "app1")).await.unwrap(), b"one");
+        miss(
+            &p,
+            &mut as_app(request("GET", "/s", None), "app1"),
+            200,
+            &[],
+            "one",
+        )
+        .await;
+        assert_eq!(
+            lookup(&p, &mut as_app(request("GET", "/s", None), "app2")).await,
+            None
+        );
+        assert_eq!(
+            lookup(&p, &mut as_app(request("GET", "/s", None), "app1"))
+                .await
+                .unwrap(),
+            b"one"
+        );
         // Global: the same fragments are one key whoever asks, so a response to a verified
         // app is stored only when the upstream says anyone may have it (RFC 9111 §3.5).
         let p = policy("scope: global\nkeyFragments: ['{request.uri}']");
-        miss(&p, &mut as_app(request("GET", "/s", None), "app1"), 200, &[], "one").await;
-        assert_eq!(lookup(&p, &mut as_app(request("GET", "/s", None), "app2")).await, None);
-        miss(&p, &mut as_app(request("GET", "/s", None), "app1"), 200, &[("cache-control", "public")], "one").await;
-        assert_eq!(lookup(&p, &mut as_app(request("GET", "/s", None), "app2")).await.unwrap(), b"one");
+        miss(
+            &p,
+            &mut as_app(request("GET", "/s", None), "app1"),
+            200,
+            &[],
+            "one",
+        )
+        .await;
+        assert_eq!(
+            lookup(&p, &mut as_app(request("GET", "/s", None), "app2")).await,
+            None
+        );
+        miss(
+            &p,
+            &mut as_app(request("GET", "/s", None), "app1"),
+            200,
+            &[("cache-control", "public")],
+            "one",
+        )
+        .await;
+        assert_eq!(
+            lookup(&p, &mut as_app(request("GET", "/s", None), "app2"))
+                .await
+                .unwrap(),
+            b"one"
+        );
         // Per flow.
         let p = policy("scope: flow");
         let in_flow = |flow: &str| {
@@ -788,29 +959,67 @@ mod tests {
         .enumerate()
         {
             let uri = format!("/p{i}{q}");
-            miss(&p, &mut with(h, v, &uri), 200, &[("cache-control", "max-age=60")], "alice").await;
-            assert_eq!(lookup(&p, &mut request("GET", &uri, None)).await, None, "{h}");
+            miss(
+                &p,
+                &mut with(h, v, &uri),
+                200,
+                &[("cache-control", "max-age=60")],
+                "alice",
+            )
+            .await;
+            assert_eq!(
+                lookup(&p, &mut request("GET", &uri, None)).await,
+                None,
+                "{h}"
+            );
         }
         // ...unless the response allows it: public, s-maxage, must-revalidate.
-        for (i, cc) in ["public, max-age=60", "s-maxage=60", "must-revalidate"].into_iter().enumerate() {
+        for (i, cc) in ["public, max-age=60", "s-maxage=60", "must-revalidate"]
+            .into_iter()
+            .enumerate()
+        {
             let uri = format!("/ok{i}");
-            miss(&p, &mut with("authorization", "Bearer alice", &uri), 200, &[("cache-control", cc)], "shared").await;
-            assert_eq!(lookup(&p, &mut request("GET", &uri, None)).await.unwrap(), b"shared", "{cc}");
+            miss(
+                &p,
+                &mut with("authorization", "Bearer alice", &uri),
+                200,
+                &[("cache-control", cc)],
+                "shared",
+            )
+            .await;
+            assert_eq!(
+                lookup(&p, &mut request("GET", &uri, None)).await.unwrap(),
+                b"shared",
+                "{cc}"
+            );
         }
         // Even with respectCacheControl off.
         let lax = policy("respectCacheControl: false");
-        miss(&lax, &mut with("authorization", "Bearer alice", "/lax"), 200, &[], "alice").await;
+        miss(
+            &lax,
+            &mut with("authorization", "Bearer alice", "/lax"),
+            200,
+            &[],
+            "alice",
+        )
+        .await;
         assert_eq!(lookup(&lax, &mut request("GET", "/lax", None)).await, None);
         // The client's Authorization counts when the flow took it out of the view.
         let mut ex = request("GET", "/owned", None);
-        ex.client_owned.push("authorization".into(), "Bearer alice".into());
+        ex.client_owned
+            .push("authorization".into(), "Bearer alice".into());
         miss(&p, &mut ex, 200, &[], "alice").await;
         assert_eq!(lookup(&p, &mut request("GET", "/owned", None)).await, None);
         // Per-app scope keys by the caller: stored.
         let per_app = policy("scope: app");
         let mut ex = as_app(with("authorization", "Bearer alice", "/app"), "app1");
         miss(&per_app, &mut ex, 200, &[], "app1's").await;
-        assert_eq!(lookup(&per_app, &mut as_app(request("GET", "/app", None), "app1")).await.unwrap(), b"app1's");
+        assert_eq!(
+            lookup(&per_app, &mut as_app(request("GET", "/app", None), "app1"))
+                .await
+                .unwrap(),
+            b"app1's"
+        );
     }
 
     #[tokio::test]
@@ -831,58 +1040,167 @@ mod tests {
         let short = policy("ttlSeconds: 1");
         miss(&short, &mut request("GET", "/t", None), 200, &[], "t").await;
         let long = policy("ttlSeconds: 300");
-        miss(&long, &mut request("GET", "/m", None), 200, &[("cache-control", "public, max-age=1")], "m").await;
-        miss(&long, &mut request("GET", "/s", None), 200, &[("cache-control", "max-age=300, s-maxage=1")], "s").await;
-        miss(&long, &mut request("GET", "/l", None), 200, &[("cache-control", "max-age=300")], "l").await;
+        miss(
+            &long,
+            &mut request("GET", "/m", None),
+            200,
+            &[("cache-control", "public, max-age=1")],
+            "m",
+        )
+        .await;
+        miss(
+            &long,
+            &mut request("GET", "/s", None),
+            200,
+            &[("cache-control", "max-age=300, s-maxage=1")],
+            "s",
+        )
+        .await;
+        miss(
+            &long,
+            &mut request("GET", "/l", None),
+            200,
+            &[("cache-control", "max-age=300")],
+            "l",
+        )
+        .await;
         for (p, uri) in [(&short, "/t"), (&long, "/m"), (&long, "/s"), (&long, "/l")] {
-            assert!(lookup(p, &mut request("GET", uri, None)).await.is_some(), "{uri} fresh");
+            assert!(
+                lookup(p, &mut request("GET", uri, None)).await.is_some(),
+                "{uri} fresh"
+            );
         }
         tokio::time::sleep(Duration::from_millis(1200)).await;
         for (p, uri) in [(&short, "/t"), (&long, "/m"), (&long, "/s")] {
-            assert_eq!(lookup(p, &mut request("GET", uri, None)).await, None, "{uri} expired");
+            assert_eq!(
+                lookup(p, &mut request("GET", uri, None)).await,
+                None,
+                "{uri} expired"
+            );
         }
-        assert!(lookup(&long, &mut request("GET", "/l", None)).await.is_some(), "max-age above the TTL changes nothing");
+        assert!(
+            lookup(&long, &mut request("GET", "/l", None))
+                .await
+                .is_some(),
+            "max-age above the TTL changes nothing"
+        );
     }
 
     #[tokio::test]
     async fn no_cache_and_zero_lifetimes_are_not_stored_unless_overridden() {
         let p = policy("ttlSeconds: 60");
-        for cc in ["no-cache", "no-cache=\"set-cookie\"", "max-age=0", "s-maxage=0, max-age=60", "max-age=soon"] {
+        for cc in [
+            "no-cache",
+            "no-cache=\"set-cookie\"",
+            "max-age=0",
+            "s-maxage=0, max-age=60",
+            "max-age=soon",
+        ] {
             let uri = format!("/n?{}", cc.len());
-            miss(&p, &mut request("GET", &uri, None), 200, &[("cache-control", cc)], "x").await;
-            assert_eq!(lookup(&p, &mut request("GET", &uri, None)).await, None, "{cc} stored");
+            miss(
+                &p,
+                &mut request("GET", &uri, None),
+                200,
+                &[("cache-control", cc)],
+                "x",
+            )
+            .await;
+            assert_eq!(
+                lookup(&p, &mut request("GET", &uri, None)).await,
+                None,
+                "{cc} stored"
+            );
         }
         let p = policy("respectCacheControl: false");
-        miss(&p, &mut request("GET", "/n", None), 200, &[("cache-control", "no-cache, max-age=0")], "x").await;
+        miss(
+            &p,
+            &mut request("GET", "/n", None),
+            200,
+            &[("cache-control", "no-cache, max-age=0")],
+            "x",
+        )
+        .await;
         assert!(lookup(&p, &mut request("GET", "/n", None)).await.is_some());
         // An event stream's `no-cache` (sent by SSE servers on every stream) does not forbid
         // storing; its `no-store` does.
         let p = policy("ttlSeconds: 60");
-        let sse = [("content-type", "text/event-stream"), ("cache-control", "no-cache")];
-        miss(&p, &mut request("GET", "/sse", None), 200, &sse, "data: x\n\n").await;
-        assert!(lookup(&p, &mut request("GET", "/sse", None)).await.is_some(), "SSE no-cache stored");
-        let sse = [("content-type", "text/event-stream"), ("cache-control", "no-store")];
-        miss(&p, &mut request("GET", "/sse2", None), 200, &sse, "data: x\n\n").await;
-        assert_eq!(lookup(&p, &mut request("GET", "/sse2", None)).await, None, "SSE no-store not stored");
+        let sse = [
+            ("content-type", "text/event-stream"),
+            ("cache-control", "no-cache"),
+        ];
+        miss(
+            &p,
+            &mut request("GET", "/sse", None),
+            200,
+            &sse,
+            "data: x\n\n",
+        )
+        .await;
+        assert!(
+            lookup(&p, &mut request("GET", "/sse", None))
+                .await
+                .is_some(),
+            "SSE no-cache stored"
+        );
+        let sse = [
+            ("content-type", "text/event-stream"),
+            ("cache-control", "no-store"),
+        ];
+        miss(
+            &p,
+            &mut request("GET", "/sse2", None),
+            200,
+            &sse,
+            "data: x\n\n",
+        )
+        .await;
+        assert_eq!(
+            lookup(&p, &mut request("GET", "/sse2", None)).await,
+            None,
+            "SSE no-store not stored"
+        );
     }
 
     #[tokio::test]
     async fn evicted_by_max_cache_bytes() {
-        let c = Arc::new(build_cache(&BuildContext::default(), serde_norway::from_str("maxCacheBytes: 4000\nmaxEntryBytes: 1000").unwrap()).unwrap());
+        let c = Arc::new(
+            build_cache(
+                &BuildContext::default(),
+                serde_norway::from_str("maxCacheBytes: 4000\nmaxEntryBytes: 1000").unwrap(),
+            )
+            .unwrap(),
+        );
         let p: Arc<dyn Policy> = c.clone();
         let body = "b".repeat(900);
         for i in 0..20 {
-            miss(&p, &mut request("GET", &format!("/e{i}"), None), 200, &[], &body).await;
+            miss(
+                &p,
+                &mut request("GET", &format!("/e{i}"), None),
+                200,
+                &[],
+                &body,
+            )
+            .await;
         }
         c.store.run_pending_tasks();
-        assert!(c.store.weighted_size() <= 4000, "{}", c.store.weighted_size());
+        assert!(
+            c.store.weighted_size() <= 4000,
+            "{}",
+            c.store.weighted_size()
+        );
         let mut hits = 0;
         for i in 0..20 {
-            if lookup(&p, &mut request("GET", &format!("/e{i}"), None)).await.is_some() {
+            if lookup(&p, &mut request("GET", &format!("/e{i}"), None))
+                .await
+                .is_some()
+            {
                 hits += 1;
             }
         }
-        assert!((1..=4).contains(&hits), "{hits} entries of 900 bytes in 4000");
+        assert!(
+            (1..=4).contains(&hits),
+            "{hits} entries of 900 bytes in 4000"
+        );
     }
 
     #[tokio::test]
@@ -899,7 +1217,12 @@ mod tests {
         // policy finds its cache and entries.
         let same = make("ttlSeconds: 60");
         drop(old);
-        assert_eq!(lookup(&same, &mut request("GET", "/r", None)).await.unwrap(), b"kept");
+        assert_eq!(
+            lookup(&same, &mut request("GET", "/r", None))
+                .await
+                .unwrap(),
+            b"kept"
+        );
         assert_eq!(caches.live(), 1);
         // The next reload resizes it: the old cache goes with the last policy using it.
         let resized = make("ttlSeconds: 60\nmaxCacheBytes: 10000000");
@@ -907,40 +1230,88 @@ mod tests {
         drop(same);
         assert_eq!(caches.live(), 1);
         assert_eq!(caches.slots(), 1, "the dead slot is pruned");
-        assert_eq!(lookup(&resized, &mut request("GET", "/r", None)).await, None);
+        assert_eq!(
+            lookup(&resized, &mut request("GET", "/r", None)).await,
+            None
+        );
         drop(resized);
         assert_eq!(caches.live(), 0);
         let again = make("ttlSeconds: 60");
-        assert_eq!(lookup(&again, &mut request("GET", "/r", None)).await, None, "its entries were freed");
+        assert_eq!(
+            lookup(&again, &mut request("GET", "/r", None)).await,
+            None,
+            "its entries were freed"
+        );
     }
 
     #[tokio::test]
     async fn cache_status_claims_stored_only_when_certain() {
-        let p = policy("maxEntryBytes: 10\nskipLookup: \"request.headers['cache-control'] == 'no-cache'\"");
+        let p = policy(
+            "maxEntryBytes: 10\nskipLookup: \"request.headers['cache-control'] == 'no-cache'\"",
+        );
         for (uri, status, headers, want) in [
-            ("/a", 200, vec![("content-length", "3")], "tollgate; fwd=miss; stored"),
+            (
+                "/a",
+                200,
+                vec![("content-length", "3")],
+                "tollgate; fwd=miss; stored",
+            ),
             ("/b", 200, vec![], "tollgate; fwd=miss"),
-            ("/c", 200, vec![("content-length", "99")], "tollgate; fwd=miss"),
-            ("/d", 500, vec![("content-length", "3")], "tollgate; fwd=miss"),
-            ("/e", 200, vec![("content-length", "3"), ("cache-control", "no-store")], "tollgate; fwd=miss"),
+            (
+                "/c",
+                200,
+                vec![("content-length", "99")],
+                "tollgate; fwd=miss",
+            ),
+            (
+                "/d",
+                500,
+                vec![("content-length", "3")],
+                "tollgate; fwd=miss",
+            ),
+            (
+                "/e",
+                200,
+                vec![("content-length", "3"), ("cache-control", "no-store")],
+                "tollgate; fwd=miss",
+            ),
         ] {
             let mut ex = request("GET", uri, None);
             miss(&p, &mut ex, status, &headers, "abc").await;
             assert_eq!(status_header(&mut ex).as_deref(), Some(want), "{uri}");
         }
         // Unknown length: not claimed, but stored when the body turns out to fit.
-        assert_eq!(lookup(&p, &mut request("GET", "/b", None)).await.unwrap(), b"abc");
+        assert_eq!(
+            lookup(&p, &mut request("GET", "/b", None)).await.unwrap(),
+            b"abc"
+        );
         let mut ex = request("GET", "/a", None);
-        ex.request.headers.push("cache-control".into(), "no-cache".into());
+        ex.request
+            .headers
+            .push("cache-control".into(), "no-cache".into());
         miss(&p, &mut ex, 200, &[("content-length", "3")], "abc").await;
-        assert_eq!(status_header(&mut ex).as_deref(), Some("tollgate; fwd=request; stored"));
+        assert_eq!(
+            status_header(&mut ex).as_deref(),
+            Some("tollgate; fwd=request; stored")
+        );
     }
 
     #[tokio::test]
     async fn vary_and_content_encoding() {
         let p = policy("ttlSeconds: 60");
-        miss(&p, &mut request("GET", "/star", None), 200, &[("vary", "*")], "x").await;
-        assert_eq!(lookup(&p, &mut request("GET", "/star", None)).await, None, "Vary: * is never stored");
+        miss(
+            &p,
+            &mut request("GET", "/star", None),
+            200,
+            &[("vary", "*")],
+            "x",
+        )
+        .await;
+        assert_eq!(
+            lookup(&p, &mut request("GET", "/star", None)).await,
+            None,
+            "Vary: * is never stored"
+        );
 
         let with = |uri: &str, headers: &[(&str, &str)]| {
             let mut ex = request("GET", uri, None);
@@ -949,12 +1320,34 @@ mod tests {
             }
             ex
         };
-        miss(&p, &mut with("/lang", &[("accept-language", "en")]), 200, &[("vary", "Accept-Language, accept-encoding")], "en").await;
-        assert_eq!(lookup(&p, &mut with("/lang", &[("accept-language", "fr")])).await, None);
+        miss(
+            &p,
+            &mut with("/lang", &[("accept-language", "en")]),
+            200,
+            &[("vary", "Accept-Language, accept-encoding")],
+            "en",
+        )
+        .await;
+        assert_eq!(
+            lookup(&p, &mut with("/lang", &[("accept-language", "fr")])).await,
+            None
+        );
         assert_eq!(lookup(&p, &mut with("/lang", &[])).await, None);
-        assert_eq!(lookup(&p, &mut with("/lang", &[("accept-language", "en")])).await.unwrap(), b"en");
+        assert_eq!(
+            lookup(&p, &mut with("/lang", &[("accept-language", "en")]))
+                .await
+                .unwrap(),
+            b"en"
+        );
 
-        miss(&p, &mut with("/gz", &[("accept-encoding", "gzip, br")]), 200, &[("content-encoding", "gzip")], "zz").await;
+        miss(
+            &p,
+            &mut with("/gz", &[("accept-encoding", "gzip, br")]),
+            200,
+            &[("content-encoding", "gzip")],
+            "zz",
+        )
+        .await;
         for (ae, served) in [
             (Some("gzip, br"), true),
             (Some("br;q=1.0, GZIP;q=0.5"), true),
@@ -964,7 +1357,10 @@ mod tests {
             (Some("identity"), false),
             (None, false),
         ] {
-            let mut ex = with("/gz", &ae.map(|a| vec![("accept-encoding", a)]).unwrap_or_default());
+            let mut ex = with(
+                "/gz",
+                &ae.map(|a| vec![("accept-encoding", a)]).unwrap_or_default(),
+            );
             assert_eq!(lookup(&p, &mut ex).await.is_some(), served, "{ae:?}");
         }
     }
@@ -982,7 +1378,9 @@ mod tests {
             ("x-kept", "1"),
         ];
         miss(&p, &mut request("GET", "/h", None), 200, &hop, "h").await;
-        let f = run(&p, &mut request("GET", "/h", None), Direction::Request).await.unwrap_err();
+        let f = run(&p, &mut request("GET", "/h", None), Direction::Request)
+            .await
+            .unwrap_err();
         let names: Vec<&str> = f.headers.iter().map(|(n, _)| n.as_str()).collect();
         assert!(names.contains(&"x-kept"), "{names:?}");
         for (n, _) in &hop[..6] {
@@ -1000,7 +1398,10 @@ mod tests {
             ("skipLookup: 'a =='", "skipLookup"),
             ("methods: []", "methods"),
             ("shared: {redis: 'nope://x'}", "shared.redis"),
-            ("shared: {redis: 'redis://127.0.0.1:1', timeoutMs: 0}", "shared.timeoutMs"),
+            (
+                "shared: {redis: 'redis://127.0.0.1:1', timeoutMs: 0}",
+                "shared.timeoutMs",
+            ),
         ] {
             let e = build(&ctx, serde_norway::from_str(y).unwrap()).unwrap_err();
             assert_eq!(e.field, field, "{y}");

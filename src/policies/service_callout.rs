@@ -41,11 +41,13 @@ use prometheus::IntCounterVec;
 use serde::Deserialize;
 use serde_json_path::JsonPath;
 
-use super::{check_header_name, parse_spec, read_config_file, valid_header_value, BuildContext, SpecError};
+use super::{
+    check_header_name, parse_spec, read_config_file, valid_header_value, BuildContext, SpecError,
+};
 use crate::expr::Template;
 use crate::fault::Fault;
 use crate::http_client::{HttpClient, HttpError, HttpResponse};
-use crate::pipeline::{Direction, Outcome, Policy};
+use crate::pipeline::{Direction, Hook, Outcome, Policy};
 use crate::vars::state::CalloutResult;
 use crate::vars::{Exchange, Value};
 
@@ -62,7 +64,10 @@ static CALLOUTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
         &["policy", "result"],
     )
     .expect("valid metric");
-    if let Err(e) = crate::telemetry::METRICS.registry.register(Box::new(c.clone())) {
+    if let Err(e) = crate::telemetry::METRICS
+        .registry
+        .register(Box::new(c.clone()))
+    {
         tracing::warn!(error = %e, "callout metric not registered");
     }
     c
@@ -145,12 +150,17 @@ impl Egress {
             };
             let (host, port) = match split {
                 Some((h, port)) => {
-                    let port = port.parse::<u16>().map_err(|_| format!("`{p}`: bad port"))?;
+                    let port = port
+                        .parse::<u16>()
+                        .map_err(|_| format!("`{p}`: bad port"))?;
                     (h, Some(port))
                 }
                 None => (p.clone(), None),
             };
-            let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
+            let host = host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned();
             out.push((host, port));
         }
         Ok(Self { patterns: out })
@@ -184,7 +194,9 @@ impl Egress {
         if listed {
             Ok(())
         } else {
-            Err(format!("destination {host}:{port} is not allowed (--callout-allow)"))
+            Err(format!(
+                "destination {host}:{port} is not allowed (--callout-allow)"
+            ))
         }
     }
 }
@@ -385,11 +397,18 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
         .map(|(name, value)| {
             let at = format!("request.headers.{name}");
             let n = name.to_ascii_lowercase();
-            if n == "host" || n == "content-length" || n == "transfer-encoding" || n == "connection" {
+            if n == "host" || n == "content-length" || n == "transfer-encoding" || n == "connection"
+            {
                 return Err(SpecError::new(&at, "set by the client itself"));
             }
             let n = check_header_name(&n)
-                .or_else(|e| if n.starts_with("x-envoy") { Ok(n.clone()) } else { Err(e) })
+                .or_else(|e| {
+                    if n.starts_with("x-envoy") {
+                        Ok(n.clone())
+                    } else {
+                        Err(e)
+                    }
+                })
                 .map_err(|m| SpecError::new(&at, m))?;
             let t = Template::compile(&value).map_err(|e| SpecError::new(&at, e.to_string()))?;
             Ok((n, t))
@@ -484,24 +503,41 @@ struct Failure(u16, &'static str, &'static str, String);
 
 impl ServiceCallout {
     fn success(&self, status: u16) -> bool {
-        self.success.iter().any(|(a, b)| (*a..=*b).contains(&status))
+        self.success
+            .iter()
+            .any(|(a, b)| (*a..=*b).contains(&status))
     }
 
-    fn build_request(&self, url: &str, headers: &[(String, String)], body: &Bytes) -> Result<hyper::Request<Full<Bytes>>, String> {
-        let mut b = hyper::Request::builder().method(self.method.clone()).uri(url);
+    fn build_request(
+        &self,
+        url: &str,
+        headers: &[(String, String)],
+        body: &Bytes,
+    ) -> Result<hyper::Request<Full<Bytes>>, String> {
+        let mut b = hyper::Request::builder()
+            .method(self.method.clone())
+            .uri(url);
         for (n, v) in headers {
             b = b.header(n, v);
         }
         b.body(Full::new(body.clone())).map_err(|e| e.to_string())
     }
 
-    async fn call(&self, url: String, headers: Vec<(String, String)>, body: Bytes) -> Result<HttpResponse, Failure> {
+    async fn call(
+        &self,
+        url: String,
+        headers: Vec<(String, String)>,
+        body: Bytes,
+    ) -> Result<HttpResponse, Failure> {
         let mut attempt = 0;
         loop {
-            let req = self
-                .build_request(&url, &headers, &body)
-                .map_err(|m| Failure(500, "ExecutionFailed", "error", format!("bad request: {m}")))?;
-            let r = self.http.send(req, self.http2, self.timeout, self.max_bytes).await;
+            let req = self.build_request(&url, &headers, &body).map_err(|m| {
+                Failure(500, "ExecutionFailed", "error", format!("bad request: {m}"))
+            })?;
+            let r = self
+                .http
+                .send(req, self.http2, self.timeout, self.max_bytes)
+                .await;
             let retryable = match &r {
                 Err(e) if e.is_connect() => true,
                 Err(HttpError::Failed(_)) => is_idempotent(&self.method),
@@ -515,24 +551,54 @@ impl ServiceCallout {
             }
             return match r {
                 Ok(resp) => Ok(resp),
-                Err(HttpError::Timeout(d)) => Err(Failure(504, "ExecutionFailed", "timeout", format!("callout timed out after {} ms", d.as_millis()))),
-                Err(HttpError::TooLarge(n)) => Err(Failure(502, "ResponseTooLarge", "error", format!("callout response larger than {n} bytes"))),
+                Err(HttpError::Timeout(d)) => Err(Failure(
+                    504,
+                    "ExecutionFailed",
+                    "timeout",
+                    format!("callout timed out after {} ms", d.as_millis()),
+                )),
+                Err(HttpError::TooLarge(n)) => Err(Failure(
+                    502,
+                    "ResponseTooLarge",
+                    "error",
+                    format!("callout response larger than {n} bytes"),
+                )),
                 // The cause (a DNS name that does not resolve, a refused address, a TLS
                 // error) is for the operator's log: the client learns only that the call failed.
                 Err(e @ HttpError::Connect(_)) => {
                     tracing::warn!(policy = %self.name, error = %e, attempts = attempt + 1, "service callout could not connect");
-                    Err(Failure(502, "ExecutionFailed", "error", "callout connect failed".into()))
+                    Err(Failure(
+                        502,
+                        "ExecutionFailed",
+                        "error",
+                        "callout connect failed".into(),
+                    ))
                 }
                 Err(e @ HttpError::Failed(_)) => {
                     tracing::warn!(policy = %self.name, error = %e, attempts = attempt + 1, "service callout request failed");
-                    Err(Failure(502, "ExecutionFailed", "error", "callout request failed".into()))
+                    Err(Failure(
+                        502,
+                        "ExecutionFailed",
+                        "error",
+                        "callout request failed".into(),
+                    ))
                 }
             };
         }
     }
 
-    async fn execute(&self, ex: &mut Exchange, url: String, headers: Vec<(String, String)>, body: Bytes) -> Result<(), Fault> {
-        let counter = |result: &str| CALLOUTS.with_label_values(&[self.name.as_str(), result]).inc();
+    async fn execute(
+        &self,
+        ex: &mut Exchange,
+        url: String,
+        headers: Vec<(String, String)>,
+        body: Bytes,
+    ) -> Result<(), Fault> {
+        let counter = |result: &str| {
+            CALLOUTS
+                .with_label_values(&[self.name.as_str(), result])
+                .inc()
+        };
         let mut vars = CalloutResult {
             prefix: Arc::clone(&self.prefix),
             status: None,
@@ -548,15 +614,28 @@ impl ServiceCallout {
             let parsed = if self.json.is_empty() {
                 None
             } else {
-                text.as_deref().and_then(|t| serde_json::from_str::<serde_json::Value>(t).ok())
+                text.as_deref()
+                    .and_then(|t| serde_json::from_str::<serde_json::Value>(t).ok())
             };
             vars.headers = resp.headers;
             vars.body = text;
             if !self.success(resp.status) {
-                return Err(Failure(502, "ExecutionFailed", "status", format!("callout answered {}", resp.status)));
+                return Err(Failure(
+                    502,
+                    "ExecutionFailed",
+                    "status",
+                    format!("callout answered {}", resp.status),
+                ));
             }
             if !self.json.is_empty() {
-                let doc = parsed.ok_or_else(|| Failure(502, "ResponseNotJson", "error", "callout response is not JSON".into()))?;
+                let doc = parsed.ok_or_else(|| {
+                    Failure(
+                        502,
+                        "ResponseNotJson",
+                        "error",
+                        "callout response is not JSON".into(),
+                    )
+                })?;
                 for (name, path) in &self.json {
                     if let Some(v) = path.query(&doc).first() {
                         vars.json.push((name.clone(), Value::from(v)));
@@ -575,7 +654,11 @@ impl ServiceCallout {
                 counter(metric);
                 tracing::debug!(policy = %self.name, %message, "service callout failed");
                 vars.error = Some(message.clone());
-                Err(Fault::new(status, format!("steps.servicecallout.{code}"), message))
+                Err(Fault::new(
+                    status,
+                    format!("steps.servicecallout.{code}"),
+                    message,
+                ))
             }
         };
         if let Some(b) = &self.breaker {
@@ -597,9 +680,11 @@ impl Policy for ServiceCallout {
         self.reads_body
     }
 
-    fn run<'a>(&'a self, ex: &'a mut Exchange, _dir: Direction) -> Outcome<'a> {
+    fn run<'a>(&'a self, ex: &'a mut Exchange, _dir: Direction) -> Hook<'a> {
         let fail = |ex: &mut Exchange, status: u16, code: &str, result: &str, message: String| {
-            CALLOUTS.with_label_values(&[self.name.as_str(), result]).inc();
+            CALLOUTS
+                .with_label_values(&[self.name.as_str(), result])
+                .inc();
             ex.state.add_callout(CalloutResult {
                 prefix: Arc::clone(&self.prefix),
                 status: None,
@@ -608,7 +693,11 @@ impl Policy for ServiceCallout {
                 json: Vec::new(),
                 error: Some(message.clone()),
             });
-            Outcome::Ready(Err(Fault::new(status, format!("steps.servicecallout.{code}"), message)))
+            Hook::Ready(Outcome::Reject(Fault::new(
+                status,
+                format!("steps.servicecallout.{code}"),
+                message,
+            )))
         };
         // Variables are percent-encoded: a header value cannot add query parameters or
         // path segments of its own.
@@ -620,7 +709,13 @@ impl Policy for ServiceCallout {
         }
         if let Some(b) = &self.breaker {
             if !b.admit() {
-                return fail(ex, 503, "CircuitOpen", "circuit_open", "callout circuit is open after repeated failures".into());
+                return fail(
+                    ex,
+                    503,
+                    "CircuitOpen",
+                    "circuit_open",
+                    "callout circuit is open after repeated failures".into(),
+                );
             }
         }
         let mut headers = Vec::with_capacity(self.headers.len());
@@ -635,7 +730,7 @@ impl Policy for ServiceCallout {
             .as_ref()
             .map(|t| Bytes::from(t.render(ex)))
             .unwrap_or_default();
-        Outcome::Pending(Box::pin(self.execute(ex, url, headers, body)))
+        Hook::wait(self.execute(ex, url, headers, body))
     }
 }
 
@@ -678,7 +773,15 @@ mod tests {
             let e = open.check(host, 80).unwrap_err();
             assert!(e.contains("link-local"), "{host}: {e}");
         }
-        for host in ["169.255.0.1", "10.0.0.1", "127.0.0.1", "fec0::1", "::1", "metadata.example.com", "1.2.3"] {
+        for host in [
+            "169.255.0.1",
+            "10.0.0.1",
+            "127.0.0.1",
+            "fec0::1",
+            "::1",
+            "metadata.example.com",
+            "1.2.3",
+        ] {
             assert!(open.allows(host, 80), "{host}");
         }
         // Listed explicitly: allowed.
@@ -703,15 +806,35 @@ mod tests {
         assert!(build_with("request: {url: 'http://allowed.test/x'}", only()).is_ok());
         let e = build_with("request: {url: 'http://other.test/x'}", only()).unwrap_err();
         assert!(e.message.contains("not allowed"), "{e}");
-        let e = build_with("request: {url: 'http://{request.header.host}/x'}", Egress::default()).unwrap_err();
+        let e = build_with(
+            "request: {url: 'http://{request.header.host}/x'}",
+            Egress::default(),
+        )
+        .unwrap_err();
         assert!(e.message.contains("fixed scheme and host"), "{e}");
-        assert!(build_with("request: {url: 'http://allowed.test/u/{client_id}'}", only()).is_ok());
+        assert!(build_with(
+            "request: {url: 'http://allowed.test/u/{client_id}'}",
+            only()
+        )
+        .is_ok());
         assert!(build_with("request: {url: 'ftp://allowed.test/'}", Egress::default()).is_err());
-        let e = build_with("{request: {url: 'http://a/'}, response: {json: {x: '$[bad'}}}", Egress::default()).unwrap_err();
+        let e = build_with(
+            "{request: {url: 'http://a/'}, response: {json: {x: '$[bad'}}}",
+            Egress::default(),
+        )
+        .unwrap_err();
         assert_eq!(e.field, "response.json.x");
-        let e = build_with("{request: {url: 'http://a/'}, successCodes: ['2xx']}", Egress::default()).unwrap_err();
+        let e = build_with(
+            "{request: {url: 'http://a/'}, successCodes: ['2xx']}",
+            Egress::default(),
+        )
+        .unwrap_err();
         assert_eq!(e.field, "successCodes[0]");
-        let e = build_with("{request: {url: 'http://a/', headers: {host: x}}}", Egress::default()).unwrap_err();
+        let e = build_with(
+            "{request: {url: 'http://a/', headers: {host: x}}}",
+            Egress::default(),
+        )
+        .unwrap_err();
         assert_eq!(e.field, "request.headers.host");
     }
 

@@ -22,7 +22,7 @@ use serde::Deserialize;
 use super::{parse_spec, BuildContext, SpecError};
 use crate::expr::Template;
 use crate::fault::Fault;
-use crate::pipeline::{Direction, Outcome, Policy};
+use crate::pipeline::{Direction, Hook, Policy};
 use crate::ratelimit::policy::{self as rl, NumberSpec, Setting};
 use crate::ratelimit::{Ask, Counters, Key, KeyPrefix, Mode, PolicyMetrics, Window};
 use crate::vars::Exchange;
@@ -192,8 +192,8 @@ impl Policy for SpikeArrest {
         TYPE
     }
 
-    fn run<'a>(&'a self, ex: &'a mut Exchange, _dir: Direction) -> Outcome<'a> {
-        Outcome::Ready(self.check(ex))
+    fn run<'a>(&'a self, ex: &'a mut Exchange, _dir: Direction) -> Hook<'a> {
+        Hook::from(self.check(ex))
     }
 }
 
@@ -222,8 +222,10 @@ mod tests {
 
     fn run(p: &Arc<dyn Policy>, ex: &mut Exchange) -> Result<(), Fault> {
         match p.run(ex, Direction::Request) {
-            Outcome::Ready(r) => r,
-            Outcome::Pending(_) => panic!("spike arrest decides at once"),
+            Hook::Ready(o) => o
+                .into_result()
+                .map(|a| assert!(a.is_none(), "unexpected answer")),
+            Hook::Pending(_) => panic!("spike arrest decides at once"),
         }
     }
 
@@ -327,6 +329,12 @@ mod tests {
         assert_eq!(b("{rate: 1ps, messageWeight: 0}").field, "messageWeight");
         assert_eq!(b("{rate: 1ps, messageWeight: nope}").field, "messageWeight");
         assert!(b("{rate: 1ps, burst: 3}").message.contains("burst"));
-        assert_eq!(parse_rate("600pm"), Some(Rate { n: 600, per_ms: 60_000 }));
+        assert_eq!(
+            parse_rate("600pm"),
+            Some(Rate {
+                n: 600,
+                per_ms: 60_000
+            })
+        );
     }
 }

@@ -42,7 +42,7 @@ use crate::consumer::index::Refusal;
 use crate::consumer::service::Consumers;
 use crate::expr::Template;
 use crate::fault::Fault;
-use crate::pipeline::{Direction, Outcome, Policy};
+use crate::pipeline::{Direction, Hook, Policy};
 use crate::vars::state::JsonBody;
 use crate::vars::Exchange;
 
@@ -215,7 +215,11 @@ impl VerifyApiKey {
         if let Some(m) = path {
             push(m);
         }
-        if let Some(m) = ex.body_json(Direction::Request).as_deref().and_then(body_model) {
+        if let Some(m) = ex
+            .body_json(Direction::Request)
+            .as_deref()
+            .and_then(body_model)
+        {
             push(m);
         }
         models
@@ -285,7 +289,13 @@ impl VerifyApiKey {
         let (method, path) = (ex.request.method.as_str(), ex.request.path());
         // Every model the request names must be allowed; the last checked (the body's, else
         // the path's) decides the product.
-        let mut verified = guard.verify_at(key, method, path, models.first().map(String::as_str), now_ms);
+        let mut verified = guard.verify_at(
+            key,
+            method,
+            path,
+            models.first().map(String::as_str),
+            now_ms,
+        );
         for m in models.iter().skip(1) {
             if verified.is_err() {
                 break;
@@ -432,8 +442,8 @@ impl Policy for VerifyApiKey {
             .collect()
     }
 
-    fn run<'a>(&'a self, ex: &'a mut Exchange, _dir: Direction) -> Outcome<'a> {
-        Outcome::Ready(self.verify(ex))
+    fn run<'a>(&'a self, ex: &'a mut Exchange, _dir: Direction) -> Hook<'a> {
+        Hook::from(self.verify(ex))
     }
 }
 
@@ -441,7 +451,8 @@ impl Policy for VerifyApiKey {
 mod tests {
     use super::*;
     use crate::consumer::{
-        hash_key, ApiKey, ApiProduct, App, AppStatus, KeyStatus, Operation, Origin, QuotaSettings, TimeUnit,
+        hash_key, ApiKey, ApiProduct, App, AppStatus, KeyStatus, Operation, Origin, QuotaSettings,
+        TimeUnit,
     };
     use crate::services::Services;
     use crate::vars::ValueRef;
@@ -567,8 +578,10 @@ mod tests {
 
     fn run(p: &Arc<dyn Policy>, ex: &mut Exchange) -> Result<(), Fault> {
         match p.run(ex, Direction::Request) {
-            Outcome::Ready(r) => r,
-            Outcome::Pending(_) => panic!("VerifyApiKey is synchronous"),
+            Hook::Ready(o) => o
+                .into_result()
+                .map(|a| assert!(a.is_none(), "unexpected answer")),
+            Hook::Pending(_) => panic!("VerifyApiKey is synchronous"),
         }
     }
 
@@ -601,20 +614,35 @@ mod tests {
         )
         .unwrap();
         let quota = |q: &Arc<dyn Policy>, e: &mut Exchange| match q.run(e, Direction::Request) {
-            Outcome::Ready(r) => r,
-            Outcome::Pending(_) => panic!("memory counters decide at once"),
+            Hook::Ready(o) => o
+                .into_result()
+                .map(|a| assert!(a.is_none(), "unexpected answer")),
+            Hook::Pending(_) => panic!("memory counters decide at once"),
         };
-        let mut e = ex("POST", "/v1/chat/completions", &[("x-api-key", "secret-key-0123456789")]);
+        let mut e = ex(
+            "POST",
+            "/v1/chat/completions",
+            &[("x-api-key", "secret-key-0123456789")],
+        );
         run(&vk, &mut e).unwrap();
         assert!(e.vars.is_empty(), "nothing copied into the variable map");
-        assert_eq!(e.state.app(Some("verifyapikey.vk.")).map(|v| v.app.name.as_str()), Some("acme"));
+        assert_eq!(
+            e.state
+                .app(Some("verifyapikey.vk."))
+                .map(|v| v.app.name.as_str()),
+            Some("acme")
+        );
         quota(&named, &mut e).unwrap();
         assert_eq!(e.var("ratelimit.q.allowed"), Some(ValueRef::Int(100)));
         assert_eq!(e.lookup("ratelimit.q.identifier").as_deref(), Some("k1"));
         quota(&latest, &mut e).unwrap();
         assert_eq!(e.var("ratelimit.l.allowed"), Some(ValueRef::Int(100)));
         // A quota naming a VerifyApiKey step that did not run falls back to nothing.
-        let mut e2 = ex("POST", "/v1/chat/completions", &[("x-api-key", "secret-key-0123456789")]);
+        let mut e2 = ex(
+            "POST",
+            "/v1/chat/completions",
+            &[("x-api-key", "secret-key-0123456789")],
+        );
         run(&other, &mut e2).unwrap();
         assert_eq!(quota(&named, &mut e2).unwrap_err().status, 500);
         quota(&latest, &mut e2).unwrap();
@@ -629,9 +657,18 @@ mod tests {
     #[test]
     fn body_model_reads_the_shared_parse() {
         let parsed = |b: &str| crate::vars::state::JsonBody::parse(b.as_bytes());
-        assert_eq!(body_model(&parsed(r#"{"model":"gpt-4o","messages":[]}"#)).as_deref(), Some("gpt-4o"));
-        assert_eq!(body_model(&parsed(r#"{"model":"a","x":{"model":"b"},"model":"c"}"#)), None);
-        assert_eq!(body_model(&parsed(r#"{"x":{"model":"b","model":"c"}}"#)), None);
+        assert_eq!(
+            body_model(&parsed(r#"{"model":"gpt-4o","messages":[]}"#)).as_deref(),
+            Some("gpt-4o")
+        );
+        assert_eq!(
+            body_model(&parsed(r#"{"model":"a","x":{"model":"b"},"model":"c"}"#)),
+            None
+        );
+        assert_eq!(
+            body_model(&parsed(r#"{"x":{"model":"b","model":"c"}}"#)),
+            None
+        );
         assert_eq!(body_model(&parsed(r#"{"model":""}"#)), None);
         assert_eq!(body_model(&parsed(r#"{"model":3}"#)), None);
         assert_eq!(body_model(&parsed(r#"["gpt-4o"]"#)), None);
@@ -639,7 +676,10 @@ mod tests {
         let mut e = ex("POST", "/v1/responses", &[]);
         e.set_body(Direction::Request, Some(br#"{"model":"gpt-4o"}"#.to_vec()));
         let first = e.body_json(Direction::Request).unwrap();
-        assert!(matches!(first, std::borrow::Cow::Borrowed(_)), "cached on the exchange");
+        assert!(
+            matches!(first, std::borrow::Cow::Borrowed(_)),
+            "cached on the exchange"
+        );
     }
 
     #[test]
@@ -674,18 +714,23 @@ mod tests {
             e.var("verifyapikey.vk.apiproduct.developer.quota.limit"),
             Some(ValueRef::Int(100))
         );
-        assert_eq!(e.lookup("apiproduct.developer.quota.interval").as_deref(), Some("1"));
+        assert_eq!(
+            e.lookup("apiproduct.developer.quota.interval").as_deref(),
+            Some("1")
+        );
         // The product's LLM token quota, under both names.
         assert_eq!(
             e.var("apiproduct.llmquota.limit"),
             Some(ValueRef::Int(50_000))
         );
         assert_eq!(
-            e.lookup("verifyapikey.vk.apiproduct.llmquota.interval").as_deref(),
+            e.lookup("verifyapikey.vk.apiproduct.llmquota.interval")
+                .as_deref(),
             Some("2")
         );
         assert_eq!(
-            e.lookup("apiproduct.developer.llmquota.timeunit").as_deref(),
+            e.lookup("apiproduct.developer.llmquota.timeunit")
+                .as_deref(),
             Some("hour")
         );
         assert_eq!(e.lookup("apiproduct.nope.limit"), None);
@@ -708,7 +753,10 @@ mod tests {
         assert_eq!(m.remove, ["x-api-key"]);
         assert!(m.set.iter().any(|(n, v, _)| n == "x-app" && v == "acme"));
         assert!(m.set.iter().any(|(n, v, _)| n == "x-client" && v == "k1"));
-        assert!(m.set.iter().any(|(n, v, _)| n == "x-product" && v == "chat"));
+        assert!(m
+            .set
+            .iter()
+            .any(|(n, v, _)| n == "x-product" && v == "chat"));
         assert!(m
             .set
             .iter()
@@ -760,8 +808,11 @@ mod tests {
             "apikey=secret-key-0123456789&apikey=other",
             "apikey=secret-key-0123456789&apikey=secret-key-0123456789",
         ] {
-            let f = run(&p, &mut ex("POST", &format!("/v1/chat/completions?{q}"), &[]))
-                .unwrap_err();
+            let f = run(
+                &p,
+                &mut ex("POST", &format!("/v1/chat/completions?{q}"), &[]),
+            )
+            .unwrap_err();
             assert_eq!((f.status, f.code.as_str()), (401, "oauth.v2.InvalidApiKey"));
             assert_eq!(f.message, "API key sent more than once");
         }
@@ -791,7 +842,12 @@ mod tests {
                 "Invalid ApiKey for given resource"
             )
         );
-        for unusable in [r#"{"model":5}"#, "not json", r#"{"model":""}"#, r#"{"model":"gpt-4o","model":"x"}"#] {
+        for unusable in [
+            r#"{"model":5}"#,
+            "not json",
+            r#"{"model":""}"#,
+            r#"{"model":"gpt-4o","model":"x"}"#,
+        ] {
             let f = body(&p, Some(unusable)).unwrap_err();
             assert!(f.message.contains("model is unknown"), "{unusable}");
         }
@@ -808,7 +864,10 @@ mod tests {
         assert_eq!(f.code, "oauth.v2.InvalidApiKeyForGivenResource");
         let mut e = ex("POST", "/v1/responses", &[key[0], ("x-model", "gpt-3")]);
         e.request_body = Some(br#"{"model":"gpt-4o"}"#.to_vec());
-        assert!(run(&p, &mut e).is_err(), "the template's model is checked too");
+        assert!(
+            run(&p, &mut e).is_err(),
+            "the template's model is checked too"
+        );
         let mut e = ex("POST", "/v1/responses", &[key[0], ("x-model", "gpt-4o")]);
         e.request_body = Some(br#"{"model":"gpt-4o"}"#.to_vec());
         run(&p, &mut e).unwrap();
@@ -852,7 +911,11 @@ mod tests {
         // A header naming an allowed model does not make another path model allowed.
         let f = run(
             &p,
-            &mut ex("POST", &path("gemini-2.5-pro"), &[key[0], ("x-model", "gemini-2.0-flash")]),
+            &mut ex(
+                "POST",
+                &path("gemini-2.5-pro"),
+                &[key[0], ("x-model", "gemini-2.0-flash")],
+            ),
         )
         .unwrap_err();
         assert_eq!(f.code, "oauth.v2.InvalidApiKeyForGivenResource");
@@ -897,16 +960,29 @@ mod tests {
             "oauth.v2.InvalidApiKeyForGivenResource"
         );
         let with_key = |k: &str| code("POST", "/v1/chat/completions", &[("x-api-key", k)]);
-        assert_eq!(with_key("revoked-key-0123456789"), "oauth.v2.ApiKeyNotApproved");
-        assert_eq!(with_key("pending-key-0123456789"), "oauth.v2.ApiKeyNotApproved");
+        assert_eq!(
+            with_key("revoked-key-0123456789"),
+            "oauth.v2.ApiKeyNotApproved"
+        );
+        assert_eq!(
+            with_key("pending-key-0123456789"),
+            "oauth.v2.ApiKeyNotApproved"
+        );
         assert_eq!(
             with_key("gone-app-key-0123456789"),
             "keymanagement.service.invalid_client-app_not_approved"
         );
         // Every refusal is a 401.
-        for k in ["revoked-key-0123456789", "gone-app-key-0123456789", "expired-key-0123456789"] {
-            let f = run(&p, &mut ex("POST", "/v1/chat/completions", &[("x-api-key", k)]))
-                .unwrap_err();
+        for k in [
+            "revoked-key-0123456789",
+            "gone-app-key-0123456789",
+            "expired-key-0123456789",
+        ] {
+            let f = run(
+                &p,
+                &mut ex("POST", "/v1/chat/completions", &[("x-api-key", k)]),
+            )
+            .unwrap_err();
             assert_eq!(f.status, 401, "{k}");
         }
         // Twice, huge, control characters.

@@ -34,7 +34,7 @@ use serde::Deserialize;
 use super::{check_header_name, parse_spec, read_config_file, BuildContext, SpecError};
 use crate::fault::Fault;
 use crate::jwks::{Current, Key, KeySet, Lookup, Reason, RemoteKeySet, RemoteOptions};
-use crate::pipeline::{Direction, Outcome, Policy};
+use crate::pipeline::{Direction, Hook, Outcome, Policy};
 use crate::vars::{Exchange, Value};
 
 pub const TYPE: &str = "VerifyJwt";
@@ -142,7 +142,10 @@ struct TokenFromSpec {
 
 #[derive(Debug)]
 enum TokenFrom {
-    Header { name: String, scheme: Option<String> },
+    Header {
+        name: String,
+        scheme: Option<String>,
+    },
     Query(String),
 }
 
@@ -174,8 +177,9 @@ fn parse_alg(s: &str) -> Result<Algorithm, String> {
     if s.eq_ignore_ascii_case("none") {
         return Err("`none` is never accepted".into());
     }
-    s.parse::<Algorithm>()
-        .map_err(|_| format!("unknown algorithm `{s}` (RS/PS 256-512, ES256, ES384, EdDSA, HS256-512)"))
+    s.parse::<Algorithm>().map_err(|_| {
+        format!("unknown algorithm `{s}` (RS/PS 256-512, ES256, ES384, EdDSA, HS256-512)")
+    })
 }
 
 fn is_hmac(a: Algorithm) -> bool {
@@ -235,7 +239,10 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
         (None, None) => return Err(SpecError::new("", "give jwks (a URL) or keys (inline)")),
         (Some(j), None) => {
             if hmac != 0 {
-                return Err(SpecError::new("jwks", "HS* keys are secrets: give keys.secret"));
+                return Err(SpecError::new(
+                    "jwks",
+                    "HS* keys are secrets: give keys.secret",
+                ));
             }
             let uri: hyper::Uri = j
                 .url
@@ -247,7 +254,9 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
             let d = RemoteOptions::default();
             let opts = RemoteOptions {
                 default_ttl: j.cache_seconds.map_or(d.default_ttl, Duration::from_secs),
-                min_refresh: j.min_refresh_seconds.map_or(d.min_refresh, Duration::from_secs),
+                min_refresh: j
+                    .min_refresh_seconds
+                    .map_or(d.min_refresh, Duration::from_secs),
                 timeout: j.timeout_ms.map_or(d.timeout, Duration::from_millis),
             };
             let remote = ctx.services.jwks.remote(&j.url, opts, &ctx.services.http);
@@ -302,7 +311,10 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
     }
     let realm = spec.realm.unwrap_or_else(|| "tollgate".into());
     if realm.contains('"') || !super::valid_header_value(&realm) {
-        return Err(SpecError::new("realm", "must not contain quotes or line breaks"));
+        return Err(SpecError::new(
+            "realm",
+            "must not contain quotes or line breaks",
+        ));
     }
     Ok(Arc::new(VerifyJwt {
         algorithms,
@@ -339,11 +351,17 @@ fn static_keys(ctx: &BuildContext, k: KeysSpec, hmac: bool) -> Result<KeySet, Sp
     };
     if let Some(secret) = secret {
         if !hmac {
-            return Err(SpecError::new("keys", "a secret verifies HS* algorithms only"));
+            return Err(SpecError::new(
+                "keys",
+                "a secret verifies HS* algorithms only",
+            ));
         }
         // RFC 7518 §3.2: the key must be at least as long as the hash.
         if secret.len() < 32 {
-            return Err(SpecError::new("keys", "an HMAC secret needs at least 32 bytes"));
+            return Err(SpecError::new(
+                "keys",
+                "an HMAC secret needs at least 32 bytes",
+            ));
         }
         return Ok(KeySet {
             keys: vec![Key::hmac(&secret)],
@@ -358,7 +376,12 @@ fn static_keys(ctx: &BuildContext, k: KeysSpec, hmac: bool) -> Result<KeySet, Sp
         _ => return Err(SpecError::new("keys", "no key given")),
     };
     let set = KeySet::parse(&doc).map_err(|e| SpecError::new(field, e.to_string()))?;
-    if !hmac && set.keys.iter().any(|k| k.family == crate::jwks::Family::Hmac) {
+    if !hmac
+        && set
+            .keys
+            .iter()
+            .any(|k| k.family == crate::jwks::Family::Hmac)
+    {
         return Err(SpecError::new(
             field,
             "symmetric (oct) keys are not allowed with public-key algorithms",
@@ -411,11 +434,20 @@ impl VerifiedCache {
         }
     }
 
-    fn shard(&self, h: u64) -> &parking_lot::Mutex<std::collections::HashMap<u64, Arc<VerifiedToken>>> {
+    fn shard(
+        &self,
+        h: u64,
+    ) -> &parking_lot::Mutex<std::collections::HashMap<u64, Arc<VerifiedToken>>> {
         &self.shards[(h as usize) % CACHE_SHARDS]
     }
 
-    fn get(&self, token: &str, generation: u64, now: u64, leeway: u64) -> Option<Arc<Vec<(String, Value)>>> {
+    fn get(
+        &self,
+        token: &str,
+        generation: u64,
+        now: u64,
+        leeway: u64,
+    ) -> Option<Arc<Vec<(String, Value)>>> {
         use std::hash::BuildHasher;
         let h = self.hasher.hash_one(token);
         let shard = self.shard(h).lock();
@@ -562,7 +594,9 @@ impl VerifyJwt {
         let mut validation = self.validation.clone();
         validation.algorithms = vec![p.alg];
         let data = jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(
-            token, &key.key, &validation,
+            token,
+            &key.key,
+            &validation,
         )
         .map_err(|e| {
             let (code, msg) = match e.kind() {
@@ -570,8 +604,13 @@ impl VerifyJwt {
                 K::ImmatureSignature => ("steps.jwt.TokenNotYetValid", "token not yet valid"),
                 K::InvalidIssuer => ("steps.jwt.JwtIssuerMismatch", "issuer not accepted"),
                 K::InvalidAudience => ("steps.jwt.JwtAudienceMismatch", "audience not accepted"),
-                K::MissingRequiredClaim(_) => ("steps.jwt.InvalidClaim", "a required claim is missing"),
-                K::InvalidAlgorithm => ("steps.jwt.AlgorithmMismatch", "token algorithm not accepted"),
+                K::MissingRequiredClaim(_) => {
+                    ("steps.jwt.InvalidClaim", "a required claim is missing")
+                }
+                K::InvalidAlgorithm => (
+                    "steps.jwt.AlgorithmMismatch",
+                    "token algorithm not accepted",
+                ),
                 K::InvalidSignature => ("steps.jwt.InvalidToken", "invalid signature"),
                 K::Json(_) | K::Base64(_) | K::Utf8(_) | K::InvalidToken => {
                     ("steps.jwt.FailedToDecode", "malformed token")
@@ -586,18 +625,30 @@ impl VerifyJwt {
                 .as_f64()
                 .is_some_and(|t| t <= (now_secs() + self.leeway) as f64);
             if !ok {
-                return Err(invalid(c, "steps.jwt.TokenNotYetValid", "token issued in the future"));
+                return Err(invalid(
+                    c,
+                    "steps.jwt.TokenNotYetValid",
+                    "token issued in the future",
+                ));
             }
         }
         // A claim that must be a NumericDate but is not is a malformed token.
         for k in ["exp", "nbf"] {
             if claims.get(k).is_some_and(|v| !v.is_number()) {
-                return Err(invalid(c, "steps.jwt.InvalidClaim", "exp/nbf must be numbers"));
+                return Err(invalid(
+                    c,
+                    "steps.jwt.InvalidClaim",
+                    "exp/nbf must be numbers",
+                ));
             }
         }
         for name in &self.required {
             if claims.get(name).is_none_or(|v| v.is_null()) {
-                return Err(invalid(c, "steps.jwt.InvalidClaim", "a required claim is missing"));
+                return Err(invalid(
+                    c,
+                    "steps.jwt.InvalidClaim",
+                    "a required claim is missing",
+                ));
             }
         }
         for (name, want) in &self.match_claims {
@@ -605,7 +656,11 @@ impl VerifyJwt {
                 .get(name)
                 .is_some_and(|v| claim_value(v).as_text() == want.as_str());
             if !ok {
-                return Err(invalid(c, "steps.jwt.InvalidClaim", "a claim has the wrong value"));
+                return Err(invalid(
+                    c,
+                    "steps.jwt.InvalidClaim",
+                    "a claim has the wrong value",
+                ));
             }
         }
         let mut vars = Vec::with_capacity(claims.len() + 4);
@@ -629,8 +684,16 @@ impl VerifyJwt {
 
     fn no_key(&self, lookup: &Lookup<'_>) -> Fault {
         match lookup {
-            Lookup::Ambiguous => invalid(&self.challenge, "steps.jwt.KeyIdMissing", "token has no kid"),
-            _ => invalid(&self.challenge, "steps.jwt.NoMatchingPublicKey", "no key for this token"),
+            Lookup::Ambiguous => invalid(
+                &self.challenge,
+                "steps.jwt.KeyIdMissing",
+                "token has no kid",
+            ),
+            _ => invalid(
+                &self.challenge,
+                "steps.jwt.NoMatchingPublicKey",
+                "no key for this token",
+            ),
         }
     }
 
@@ -651,8 +714,12 @@ impl VerifyJwt {
 
 fn keys_unavailable(e: &crate::jwks::JwksError) -> Fault {
     tracing::warn!(error = %e, "VerifyJwt: no keys to verify with");
-    Fault::new(503, "steps.jwt.JwksUnavailable", "Token keys are unavailable")
-        .with_header("retry-after", "5")
+    Fault::new(
+        503,
+        "steps.jwt.JwksUnavailable",
+        "Token keys are unavailable",
+    )
+    .with_header("retry-after", "5")
 }
 
 impl Policy for VerifyJwt {
@@ -660,14 +727,16 @@ impl Policy for VerifyJwt {
         TYPE
     }
 
-    fn run<'a>(&'a self, ex: &'a mut Exchange, _dir: Direction) -> Outcome<'a> {
+    fn run<'a>(&'a self, ex: &'a mut Exchange, _dir: Direction) -> Hook<'a> {
         let Some(token) = self.find_token(ex) else {
-            return Outcome::Ready(Err(Fault::new(
-                401,
-                "steps.jwt.FailedToResolveVariable",
-                "No token in the request",
-            )
-            .with_header("www-authenticate", self.challenge.clone())));
+            return Hook::Ready(Outcome::Reject(
+                Fault::new(
+                    401,
+                    "steps.jwt.FailedToResolveVariable",
+                    "No token in the request",
+                )
+                .with_header("www-authenticate", self.challenge.clone()),
+            ));
         };
         let cached = match &self.keys {
             Keys::Static(_) => None,
@@ -676,16 +745,16 @@ impl Policy for VerifyJwt {
         let generation = cached.as_ref().map_or(0, |f| f.generation);
         if let Some(vars) = self.cache.get(&token, generation, now_secs(), self.leeway) {
             ex.state.add_token(Arc::clone(&self.prefix), vars);
-            return Outcome::Ready(Ok(()));
+            return Hook::Ready(Outcome::Continue);
         }
         let parsed = match self.parse(&token) {
             Ok(p) => p,
-            Err(f) => return Outcome::Ready(Err(f)),
+            Err(f) => return Hook::Ready(Outcome::Reject(f)),
         };
         let remote = match &self.keys {
             Keys::Static(set) => {
                 let token = token.into_owned();
-                return Outcome::Ready(self.verify_with(&token, &parsed, set, 0, ex));
+                return Hook::from(self.verify_with(&token, &parsed, set, 0, ex));
             }
             Keys::Remote(r) => r,
         };
@@ -694,16 +763,18 @@ impl Policy for VerifyJwt {
             Some(f) => match f.set.find(parsed.kid.as_deref(), parsed.alg) {
                 Lookup::Found(k) => {
                     let token = token.into_owned();
-                    return Outcome::Ready(self.finish(&token, &parsed, k, f.generation, ex));
+                    return Hook::from(self.finish(&token, &parsed, k, f.generation, ex));
                 }
-                Lookup::Ambiguous => return Outcome::Ready(Err(self.no_key(&Lookup::Ambiguous))),
+                Lookup::Ambiguous => {
+                    return Hook::Ready(Outcome::Reject(self.no_key(&Lookup::Ambiguous)))
+                }
                 Lookup::UnknownKid => Reason::UnknownKid,
             },
             None => Reason::Initial,
         };
         let token = token.into_owned();
         let remote = Arc::clone(remote);
-        Outcome::Pending(Box::pin(async move {
+        Hook::wait(async move {
             let set: Current = match remote.refresh(reason).await {
                 Ok(s) => s,
                 // Rate limited or failed: answer from what is cached, if anything.
@@ -713,7 +784,7 @@ impl Policy for VerifyJwt {
                 },
             };
             self.verify_with(&token, &parsed, &set.set, set.generation, ex)
-        }))
+        })
     }
 }
 
@@ -761,8 +832,10 @@ mod tests {
 
     fn run(p: &Arc<dyn Policy>, ex: &mut Exchange) -> Result<(), Fault> {
         match p.run(ex, Direction::Request) {
-            Outcome::Ready(r) => r,
-            Outcome::Pending(_) => panic!("static keys answer at once"),
+            Hook::Ready(o) => o
+                .into_result()
+                .map(|a| assert!(a.is_none(), "unexpected answer")),
+            Hook::Pending(_) => panic!("static keys answer at once"),
         }
     }
 
@@ -788,9 +861,15 @@ matchClaims: {tier: gold}
         let mut ex = exchange(&format!("Bearer {}", hs(good())));
         run(&p, &mut ex).unwrap();
         assert_eq!(ex.lookup("jwt.jwt1.claim.sub").as_deref(), Some("u1"));
-        assert_eq!(ex.lookup("jwt.jwt1.claim.aud").as_deref(), Some("api,other"));
+        assert_eq!(
+            ex.lookup("jwt.jwt1.claim.aud").as_deref(),
+            Some("api,other")
+        );
         assert_eq!(ex.lookup("jwt.jwt1.claim.n").as_deref(), Some("3"));
-        assert_eq!(ex.lookup("jwt.jwt1.claim.obj").as_deref(), Some(r#"{"a":1}"#));
+        assert_eq!(
+            ex.lookup("jwt.jwt1.claim.obj").as_deref(),
+            Some(r#"{"a":1}"#)
+        );
         assert_eq!(ex.lookup("jwt.jwt1.header.alg").as_deref(), Some("HS256"));
         assert_eq!(ex.lookup("jwt.jwt1.valid").as_deref(), Some("true"));
     }
@@ -799,7 +878,9 @@ matchClaims: {tier: gold}
         let mut ex = exchange(auth);
         let f = run(p, &mut ex).unwrap_err();
         assert!(
-            f.headers.iter().any(|(n, v)| n == "www-authenticate" && v.starts_with("Bearer realm=")),
+            f.headers
+                .iter()
+                .any(|(n, v)| n == "www-authenticate" && v.starts_with("Bearer realm=")),
             "{f:?}"
         );
         (f.status, f.code)
@@ -822,19 +903,40 @@ matchClaims: {tier: gold}
         assert_eq!(code(&p, "").1, "steps.jwt.FailedToResolveVariable");
         assert_eq!(code(&p, "Basic abc").1, "steps.jwt.FailedToResolveVariable");
         assert_eq!(code(&p, "Bearer a.b").1, "steps.jwt.FailedToDecode");
-        assert_eq!(code(&p, &with("exp", (now - 100).into())).1, "steps.jwt.TokenExpired");
+        assert_eq!(
+            code(&p, &with("exp", (now - 100).into())).1,
+            "steps.jwt.TokenExpired"
+        );
         // Inside the leeway: still valid.
         let mut ex = exchange(&with("exp", (now - 2).into()));
         run(&p, &mut ex).unwrap();
-        assert_eq!(code(&p, &with("nbf", (now + 100).into())).1, "steps.jwt.TokenNotYetValid");
-        assert_eq!(code(&p, &with("iat", (now + 100).into())).1, "steps.jwt.TokenNotYetValid");
-        assert_eq!(code(&p, &with("iss", "evil".into())).1, "steps.jwt.JwtIssuerMismatch");
+        assert_eq!(
+            code(&p, &with("nbf", (now + 100).into())).1,
+            "steps.jwt.TokenNotYetValid"
+        );
+        assert_eq!(
+            code(&p, &with("iat", (now + 100).into())).1,
+            "steps.jwt.TokenNotYetValid"
+        );
+        assert_eq!(
+            code(&p, &with("iss", "evil".into())).1,
+            "steps.jwt.JwtIssuerMismatch"
+        );
         assert_eq!(code(&p, &without("iss")).1, "steps.jwt.InvalidClaim");
-        assert_eq!(code(&p, &with("aud", "nope".into())).1, "steps.jwt.JwtAudienceMismatch");
+        assert_eq!(
+            code(&p, &with("aud", "nope".into())).1,
+            "steps.jwt.JwtAudienceMismatch"
+        );
         assert_eq!(code(&p, &without("exp")).1, "steps.jwt.InvalidClaim");
         assert_eq!(code(&p, &without("sub")).1, "steps.jwt.InvalidClaim");
-        assert_eq!(code(&p, &with("tier", "free".into())).1, "steps.jwt.InvalidClaim");
-        assert_eq!(code(&p, &with("exp", "soon".into())).1, "steps.jwt.InvalidClaim");
+        assert_eq!(
+            code(&p, &with("tier", "free".into())).1,
+            "steps.jwt.InvalidClaim"
+        );
+        assert_eq!(
+            code(&p, &with("exp", "soon".into())).1,
+            "steps.jwt.InvalidClaim"
+        );
         // Signed with another secret.
         let forged = encode(
             &Header::new(Algorithm::HS256),
@@ -842,7 +944,10 @@ matchClaims: {tier: gold}
             &EncodingKey::from_secret(b"another secret, at least 32 bytes long"),
         )
         .unwrap();
-        assert_eq!(code(&p, &format!("Bearer {forged}")).1, "steps.jwt.InvalidToken");
+        assert_eq!(
+            code(&p, &format!("Bearer {forged}")).1,
+            "steps.jwt.InvalidToken"
+        );
         // Algorithm not pinned (HS512), and `none`.
         let hs512 = encode(
             &Header::new(Algorithm::HS512),
@@ -850,12 +955,25 @@ matchClaims: {tier: gold}
             &EncodingKey::from_secret(SECRET.as_bytes()),
         )
         .unwrap();
-        assert_eq!(code(&p, &format!("Bearer {hs512}")).1, "steps.jwt.AlgorithmMismatch");
+        assert_eq!(
+            code(&p, &format!("Bearer {hs512}")).1,
+            "steps.jwt.AlgorithmMismatch"
+        );
         let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
         let none = format!("{}.{}.", b64(r#"{"alg":"none"}"#), b64(&good().to_string()));
-        assert_eq!(code(&p, &format!("Bearer {none}")).1, "steps.jwt.AlgorithmMismatch");
-        let crit = format!("{}.{}.x", b64(r#"{"alg":"HS256","crit":["b64"]}"#), b64("{}"));
-        assert_eq!(code(&p, &format!("Bearer {crit}")).1, "steps.jwt.UnhandledCriticalHeader");
+        assert_eq!(
+            code(&p, &format!("Bearer {none}")).1,
+            "steps.jwt.AlgorithmMismatch"
+        );
+        let crit = format!(
+            "{}.{}.x",
+            b64(r#"{"alg":"HS256","crit":["b64"]}"#),
+            b64("{}")
+        );
+        assert_eq!(
+            code(&p, &format!("Bearer {crit}")).1,
+            "steps.jwt.UnhandledCriticalHeader"
+        );
         let huge = format!("Bearer {}", "a".repeat(DEFAULT_MAX_TOKEN_BYTES + 1));
         assert_eq!(code(&p, &huge), (401, "steps.jwt.InvalidToken".to_owned()));
     }
@@ -889,8 +1007,12 @@ tokenFrom: [{header: x-jwt}, {query: access_token}]
         // Without an expected audience, a token with one is refused (it is meant for
         // someone else).
         let mut ex = exchange(&format!("Bearer {}", hs(good())));
-        let p2 = policy("{algorithms: [HS256], keys: {secret: 0123456789abcdef0123456789abcdef-test}}");
-        assert_eq!(run(&p2, &mut ex).unwrap_err().code, "steps.jwt.JwtAudienceMismatch");
+        let p2 =
+            policy("{algorithms: [HS256], keys: {secret: 0123456789abcdef0123456789abcdef-test}}");
+        assert_eq!(
+            run(&p2, &mut ex).unwrap_err().code,
+            "steps.jwt.JwtAudienceMismatch"
+        );
     }
 
     #[test]
@@ -903,7 +1025,10 @@ tokenFrom: [{header: x-jwt}, {query: access_token}]
         assert!(c.get("tok-a", 8, now, 0).is_none(), "another key set");
         assert!(c.get("tok-b", 7, now, 0).is_none());
         assert!(c.get("tok-a", 7, now + 11, 0).is_none(), "expired");
-        assert!(c.get("tok-a", 7, now + 11, 5).is_some(), "within the leeway");
+        assert!(
+            c.get("tok-a", 7, now + 11, 5).is_some(),
+            "within the leeway"
+        );
         for i in 0..(CACHE_SHARDS * CACHE_PER_SHARD * 2) {
             c.put(&format!("t{i}"), Some(now + 10), 7, Arc::clone(&vars));
         }
@@ -924,17 +1049,31 @@ tokenFrom: [{header: x-jwt}, {query: access_token}]
     fn specs_refuse_weak_or_confusable_settings() {
         let e = |y: &str| build(&BuildContext::default(), spec(y)).unwrap_err();
         assert_eq!(e("{keys: {secret: x}}").field, "algorithms");
-        assert!(e("{algorithms: [none], keys: {secret: x}}").message.contains("none"));
-        assert!(e("{algorithms: [HS256, RS256], keys: {secret: x}}").message.contains("mixed"));
-        assert!(e("{algorithms: [HS256], keys: {secret: short}}").message.contains("32 bytes"));
-        assert!(e("{algorithms: [RS256], keys: {secret: 0123456789abcdef0123456789abcdef}}")
+        assert!(e("{algorithms: [none], keys: {secret: x}}")
             .message
-            .contains("HS* algorithms only"));
-        assert!(e("{algorithms: [HS256], jwks: {url: 'http://x/jwks'}}").message.contains("secret"));
-        assert!(e("{algorithms: [RS256], jwks: {url: 'ftp://x/jwks'}}").message.contains("http"));
-        assert!(e("{algorithms: [RS256], keys: {jwks: {keys: [{kty: oct, k: AAAA}]}}}")
+            .contains("none"));
+        assert!(e("{algorithms: [HS256, RS256], keys: {secret: x}}")
             .message
-            .contains("symmetric"));
+            .contains("mixed"));
+        assert!(e("{algorithms: [HS256], keys: {secret: short}}")
+            .message
+            .contains("32 bytes"));
+        assert!(
+            e("{algorithms: [RS256], keys: {secret: 0123456789abcdef0123456789abcdef}}")
+                .message
+                .contains("HS* algorithms only")
+        );
+        assert!(e("{algorithms: [HS256], jwks: {url: 'http://x/jwks'}}")
+            .message
+            .contains("secret"));
+        assert!(e("{algorithms: [RS256], jwks: {url: 'ftp://x/jwks'}}")
+            .message
+            .contains("http"));
+        assert!(
+            e("{algorithms: [RS256], keys: {jwks: {keys: [{kty: oct, k: AAAA}]}}}")
+                .message
+                .contains("symmetric")
+        );
         assert!(e("{preset: google}").message.contains("audience"));
         assert!(e("{algorithms: [RS256]}").message.contains("jwks"));
     }

@@ -293,6 +293,7 @@ impl Driver {
                 Ok(Some(msg)) => {
                     let mut out = Vec::with_capacity(1);
                     if let Err(e) = self.state.on_message(msg, &mut out).await {
+                        self.state.fail();
                         tracing::warn!(error = %e.message(), "ext_proc protocol violation; stream closed");
                         self.error = Some(e);
                     }
@@ -313,6 +314,7 @@ impl Driver {
                         .with_label_values(&[kind])
                         .inc();
                     tracing::warn!(kind, code = ?s.code(), error = %s.message(), "ext_proc stream error; stream closed with an error status");
+                    self.state.fail();
                     self.error = Some(status);
                 }
             }

@@ -25,8 +25,9 @@ use tonic::Status;
 use super::proto;
 use super::{NoMatch, Shared};
 use crate::config::{Flow, Snapshot};
-use crate::fault::{ErrorFormat, Fault};
-use crate::pipeline::{run_steps, Direction};
+use crate::fault::{ErrorFormat, Fault, Rendered};
+use crate::pipeline::chunk::ChunkRunner;
+use crate::pipeline::{run_steps, Answer, Direction, ExchangeEnd, Outcome};
 use crate::telemetry::{METRICS, PHASES};
 use crate::vars::{Exchange, HeaderMutations, RequestInfo, ResponseInfo};
 
@@ -82,6 +83,10 @@ pub struct StreamState {
     request_override_sent: bool,
     /// Body bytes this stream took from the process-wide budget.
     budget_taken: usize,
+    /// The response's chunk steps, when the flow has any.
+    chunks: Option<Box<ChunkRunner>>,
+    /// The stream ended with an error status.
+    failed: bool,
 }
 
 fn protocol_error(kind: &str) {
@@ -112,7 +117,70 @@ impl StreamState {
             no_override: false,
             request_override_sent: false,
             budget_taken: 0,
+            chunks: None,
+            failed: false,
         }
+    }
+
+    /// The stream is ending with an error status (for the after-exchange hooks).
+    pub fn fail(&mut self) {
+        self.failed = true;
+    }
+
+    /// Ends the exchange for a step's outcome other than `Continue`: a rejection, or an
+    /// answer served in place of the upstream (`dir` says which side served it).
+    async fn stop(&mut self, outcome: Outcome, dir: Direction, out: &mut Vec<ProcessingResponse>) {
+        match outcome {
+            Outcome::Continue => {}
+            Outcome::Reject(f) => self.reject(f, out),
+            Outcome::Respond(a) => self.respond(a, dir, out).await,
+        }
+    }
+
+    /// Serves `answer` as an immediate response: not a rejection. A request step's answer
+    /// first goes through the response steps that apply to answers.
+    async fn respond(
+        &mut self,
+        mut answer: Box<Answer>,
+        dir: Direction,
+        out: &mut Vec<ProcessingResponse>,
+    ) {
+        if let (Direction::Request, Some(flow)) = (dir, self.flow.clone()) {
+            if !flow.response.answer_steps.is_empty() {
+                // Boxed: keeps the common path's futures small.
+                let run = crate::pipeline::run_answer_steps(
+                    &flow.response.answer_steps,
+                    &mut self.ex,
+                    answer,
+                );
+                match Box::pin(run).await {
+                    Outcome::Respond(a) => answer = a,
+                    Outcome::Reject(f) => return self.reject(f, out),
+                    Outcome::Continue => return,
+                }
+            }
+        }
+        tracing::debug!(code = %answer.code, status = answer.status, "answered");
+        let Answer {
+            status,
+            code,
+            headers,
+            body,
+        } = *answer;
+        let status = if (200..=599).contains(&status) {
+            status
+        } else {
+            500
+        };
+        out.push(proto::immediate(
+            Rendered {
+                status,
+                headers,
+                body,
+            },
+            &code,
+        ));
+        self.answered = true;
     }
 
     fn error_format(&self) -> ErrorFormat {
@@ -127,14 +195,6 @@ impl StreamState {
         let flow = self.flow.as_ref().map_or("", |f| f.name.as_str());
         if fault.policy.is_empty() {
             fault.policy = "tollgate".to_owned();
-        }
-        if fault.is_answer() {
-            // A step answered in place of the upstream (a cache hit): not a rejection.
-            tracing::debug!(policy = %fault.policy, status = fault.status, "answered");
-            let rendered = fault.render(self.error_format());
-            out.push(proto::immediate(rendered, &fault.code));
-            self.answered = true;
-            return;
         }
         METRICS
             .rejections_total
@@ -311,9 +371,9 @@ impl StreamState {
         self.flow = Some(flow.clone());
         crate::pipeline::claim_owned_headers(&flow.request, &mut self.ex);
 
-        if let Err(f) = run_steps(&flow.request.on_headers, &mut self.ex, Direction::Request).await
-        {
-            self.reject(f, out);
+        let o = run_steps(&flow.request.on_headers, &mut self.ex, Direction::Request).await;
+        if !o.is_continue() {
+            self.stop(o, Direction::Request, out).await;
             return Ok(());
         }
         let mut mode = None;
@@ -322,10 +382,9 @@ impl StreamState {
                 // No body will come: the body steps run now, on an empty body.
                 self.req.steps_ran = true;
                 self.ex.set_body(Direction::Request, Some(Vec::new()));
-                if let Err(f) =
-                    run_steps(&flow.request.on_body, &mut self.ex, Direction::Request).await
-                {
-                    self.reject(f, out);
+                let o = run_steps(&flow.request.on_body, &mut self.ex, Direction::Request).await;
+                if !o.is_continue() {
+                    self.stop(o, Direction::Request, out).await;
                     return Ok(());
                 }
             } else if self.req.mode == NONE {
@@ -416,10 +475,9 @@ impl StreamState {
             return Ok(());
         }
 
-        if let Err(f) =
-            run_steps(&flow.response.on_headers, &mut self.ex, Direction::Response).await
-        {
-            self.reject(f, out);
+        let o = run_steps(&flow.response.on_headers, &mut self.ex, Direction::Response).await;
+        if !o.is_continue() {
+            self.stop(o, Direction::Response, out).await;
             return Ok(());
         }
         let mut mode = None;
@@ -427,10 +485,9 @@ impl StreamState {
             if h.end_of_stream {
                 self.resp.steps_ran = true;
                 self.ex.set_body(Direction::Response, Some(Vec::new()));
-                if let Err(f) =
-                    run_steps(&flow.response.on_body, &mut self.ex, Direction::Response).await
-                {
-                    self.reject(f, out);
+                let o = run_steps(&flow.response.on_body, &mut self.ex, Direction::Response).await;
+                if !o.is_continue() {
+                    self.stop(o, Direction::Response, out).await;
                     return Ok(());
                 }
             } else if self.resp.mode == NONE {
@@ -449,9 +506,16 @@ impl StreamState {
                 }
             }
         }
-        if self.ex.response_capture > 0 && !flow.response.needs_body() {
+        let chunked = !flow.response.chunk_steps.is_empty() && !h.end_of_stream;
+        if chunked {
+            self.chunks = Some(Box::new(ChunkRunner::start(
+                &flow.response.chunk_steps,
+                &self.ex,
+            )));
+        }
+        if (self.ex.response_capture > 0 || chunked) && !flow.response.needs_body() {
             if h.end_of_stream {
-                self.observe_response(&flow);
+                self.observe_response(&flow).await;
             } else if self.resp.mode == NONE {
                 // A step wants a copy of the body: ask for it streamed, so it is not held.
                 mode = self.mode_override(self.req.mode, STREAMED);
@@ -462,9 +526,10 @@ impl StreamState {
         }
         let mut muts = self.ex.take_mutations(Direction::Response);
         if !h.end_of_stream
-            && flow.response.replaces_body
+            && (flow.response.replaces_body || chunked)
             && matches!(self.resp.mode, STREAMED | FULL_DUPLEX)
         {
+            // A chunk step may change the body's length as it passes, too.
             Self::drop_length(&mut muts);
             self.resp.length_removed = true;
         }
@@ -554,17 +619,84 @@ impl StreamState {
         self.resp.capture.extend_from_slice(chunk);
     }
 
-    /// Hands the captured response body to the response steps.
-    fn observe_response(&mut self, flow: &Flow) {
+    /// Hands the captured response body to the response steps that see a copy.
+    async fn observe_response(&mut self, flow: &Flow) {
         if self.ex.response_capture == 0 {
             return;
         }
         self.ex.response_capture = 0;
         let body = std::mem::take(&mut self.resp.capture);
-        for step in flow.response.steps() {
-            step.policy
-                .observe(&mut self.ex, Direction::Response, &body);
+        if !flow.response.copy_steps.is_empty() {
+            let run =
+                crate::pipeline::run_copy_steps(&flow.response.copy_steps, &mut self.ex, body);
+            Box::pin(run).await;
         }
+    }
+
+    /// Runs a response chunk through the flow's chunk steps: the bytes to pass on and
+    /// whether they end the stream. Without chunk steps, the chunk as it is.
+    fn through_chunks(&mut self, flow: &Flow, data: Vec<u8>, eos: bool) -> (Vec<u8>, bool) {
+        match self.chunks.as_mut() {
+            None => (data, eos),
+            Some(runner) => {
+                let (data, end) = runner.push(&flow.response.chunk_steps, &mut self.ex, data, eos);
+                if end && !eos {
+                    // A step ended the stream early: the copy is not the upstream's answer.
+                    self.ex.response_capture = 0;
+                    self.resp.capture = Vec::new();
+                }
+                (data, end)
+            }
+        }
+    }
+
+    /// Passes a response chunk on through the chunk steps (no body step holds it).
+    async fn pass_response_chunk(
+        &mut self,
+        flow: &Flow,
+        mode: i32,
+        chunk: Vec<u8>,
+        eos: bool,
+        out: &mut Vec<ProcessingResponse>,
+    ) {
+        if self.chunks.as_ref().is_some_and(|r| r.ended()) {
+            // A step ended the stream: the rest of the upstream's body goes nowhere.
+            if mode != FULL_DUPLEX {
+                out.push(proto::body(
+                    false,
+                    proto::common(None, Some(Mutation::ClearBody(true))),
+                ));
+            }
+            return;
+        }
+        let (data, end) = self.through_chunks(flow, chunk, eos);
+        if self.ex.response_capture > 0 {
+            self.capture(&data);
+            if end {
+                self.observe_response(flow).await;
+            }
+        }
+        if self.chunks.is_none() {
+            // Only a copy was taken: the chunk passes untouched.
+            out.push(Self::pass(Direction::Response, mode, data, end));
+            return;
+        }
+        out.push(match mode {
+            FULL_DUPLEX => proto::streamed_body(false, data, end),
+            BUFFERED | BUFFERED_PARTIAL if eos => {
+                // Envoy still holds the headers: the answer fixes their length.
+                let mut muts = crate::vars::HeaderMutations::default();
+                Self::set_length(&mut muts, data.len());
+                proto::body(
+                    false,
+                    proto::common(proto::header_mutation(muts), Some(Mutation::Body(data))),
+                )
+            }
+            _ if data.is_empty() => {
+                proto::body(false, proto::common(None, Some(Mutation::ClearBody(true))))
+            }
+            _ => proto::body(false, proto::common(None, Some(Mutation::Body(data)))),
+        });
     }
 
     /// The answer that passes a chunk on untouched.
@@ -613,12 +745,12 @@ impl StreamState {
             self.complete = true;
         }
         if !needs || steps_ran {
-            if dir == Direction::Response && self.ex.response_capture > 0 {
-                self.capture(&b.body);
-                if eos {
-                    if let Some(flow) = self.flow.clone() {
-                        self.observe_response(&flow);
-                    }
+            if dir == Direction::Response && (self.ex.response_capture > 0 || self.chunks.is_some())
+            {
+                if let Some(flow) = self.flow.clone() {
+                    self.pass_response_chunk(&flow, mode, b.body, eos, out)
+                        .await;
+                    return Ok(());
                 }
             }
             out.push(Self::pass(dir, mode, b.body, eos));
@@ -676,6 +808,11 @@ impl StreamState {
                 // Hold the chunks until the body is whole, then release it at once.
                 if eos {
                     if let Some(body) = self.decided_body(&flow, dir, out).await {
+                        let (body, _) = if request {
+                            (body, true)
+                        } else {
+                            self.through_chunks(&flow, body, true)
+                        };
                         out.push(proto::streamed_body(request, body, true));
                     }
                 }
@@ -684,9 +821,15 @@ impl StreamState {
                 // One message holds the whole body (possibly followed by trailers); Envoy
                 // still holds the headers, so the answer can fix their length.
                 if let Some(body) = self.run_body_steps(&flow, dir, out).await {
-                    let replaced = match dir {
+                    let mut replaced = match dir {
                         Direction::Request => self.ex.request_body_replaced,
                         Direction::Response => self.ex.response_body_replaced,
+                    };
+                    let body = if !request && self.chunks.is_some() {
+                        replaced = true;
+                        self.through_chunks(&flow, body, true).0
+                    } else {
+                        body
                     };
                     let mut muts = self.ex.take_mutations(dir);
                     if replaced {
@@ -707,6 +850,17 @@ impl StreamState {
                 // otherwise they flow on (server-sent events) and the steps see a copy.
                 let hold = request || flow.response.replaces_body;
                 if !eos {
+                    if !hold && self.chunks.is_some() {
+                        // The body steps see it whole at the end; the chunk steps as it passes.
+                        let (data, _) = self.through_chunks(&flow, b.body, false);
+                        let mutation = if data.is_empty() {
+                            Mutation::ClearBody(true)
+                        } else {
+                            Mutation::Body(data)
+                        };
+                        out.push(proto::body(request, proto::common(None, Some(mutation))));
+                        return Ok(());
+                    }
                     let mutation = hold.then_some(Mutation::ClearBody(true));
                     out.push(proto::body(request, proto::common(None, mutation)));
                     return Ok(());
@@ -714,6 +868,20 @@ impl StreamState {
                 let Some(body) = self.decided_body(&flow, dir, out).await else {
                     return Ok(());
                 };
+                if !request && self.chunks.is_some() {
+                    // Held: the whole body is the last chunk. Passed: what the chunk steps
+                    // still hold, with the last chunk (the body steps saw the original).
+                    let last = if hold { body } else { b.body };
+                    let (data, _) = self.through_chunks(&flow, last, true);
+                    if !self.ex.take_mutations(dir).is_empty() {
+                        tracing::debug!(flow = %flow.name, "header changes from body steps are dropped in STREAMED mode; use BUFFERED");
+                    }
+                    out.push(proto::body(
+                        false,
+                        proto::common(None, Some(Mutation::Body(data))),
+                    ));
+                    return Ok(());
+                }
                 if !self.ex.take_mutations(dir).is_empty() {
                     // The headers already went on: nothing can change them now.
                     tracing::debug!(flow = %flow.name, "header changes from body steps are dropped in STREAMED mode; use BUFFERED");
@@ -775,8 +943,9 @@ impl StreamState {
             Direction::Response => &flow.response.on_body,
         };
         self.ex.set_body(dir, Some(body));
-        if let Err(f) = run_steps(steps, &mut self.ex, dir).await {
-            self.reject(f, out);
+        let o = run_steps(steps, &mut self.ex, dir).await;
+        if !o.is_continue() {
+            self.stop(o, dir, out).await;
             return None;
         }
         Some(self.ex.take_body(dir).unwrap_or_default())
@@ -808,9 +977,22 @@ impl StreamState {
             Direction::Request => f.request.needs_body(),
             Direction::Response => f.response.needs_body(),
         });
-        if dir == Direction::Response && !needs && self.ex.response_capture > 0 {
+        if dir == Direction::Response && !needs {
             if let Some(flow) = self.flow.clone() {
-                self.observe_response(&flow);
+                if self.chunks.as_ref().is_some_and(|r| !r.ended()) {
+                    // What the chunk steps still hold goes on before the trailers end the
+                    // body (STREAMED cannot carry it on a trailers answer: dropped).
+                    let (data, _) = self.through_chunks(&flow, Vec::new(), true);
+                    if self.ex.response_capture > 0 {
+                        self.capture(&data);
+                    }
+                    if mode == FULL_DUPLEX {
+                        out.push(proto::streamed_body(false, data, false));
+                    } else if !data.is_empty() {
+                        tracing::warn!(flow = %flow.name, bytes = data.len(), "chunk steps held bytes when trailers ended a STREAMED body; dropped");
+                    }
+                }
+                self.observe_response(&flow).await;
             }
         }
         if needs && pending {
@@ -833,6 +1015,11 @@ impl StreamState {
                     None => return Ok(()),
                     Some(body) if mode == FULL_DUPLEX => {
                         // The held body goes on before the trailers; they end the stream.
+                        let (body, _) = if request {
+                            (body, false)
+                        } else {
+                            self.through_chunks(&flow, body, true)
+                        };
                         out.push(proto::streamed_body(request, body, false));
                     }
                     Some(_) => {}
@@ -851,6 +1038,25 @@ impl Drop for StreamState {
         self.shared.body_budget.give_back(self.budget_taken);
         if let (Some(f), false) = (&self.flow, self.rejected) {
             f.metrics.continued.inc();
+        }
+        if let Some(flow) = &self.flow {
+            let (req, resp) = (&flow.request.after, &flow.response.after);
+            if !req.is_empty() || !resp.is_empty() {
+                // The stream's last answer is gone by now: the hooks never delay it.
+                let end = if self.failed {
+                    ExchangeEnd::Failed
+                } else if self.answered {
+                    ExchangeEnd::Answered
+                } else if self.complete || self.chunks.as_ref().is_some_and(|r| r.ended()) {
+                    ExchangeEnd::Completed
+                } else {
+                    ExchangeEnd::Aborted
+                };
+                let resp_only = resp
+                    .iter()
+                    .filter(|p| !req.iter().any(|q| Arc::ptr_eq(p, q)));
+                crate::pipeline::spawn_after_exchange(req.iter().chain(resp_only), &self.ex, end);
+            }
         }
     }
 }

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use tollgate::fault::Fault;
-use tollgate::pipeline::{Direction, Outcome, Policy};
+use tollgate::pipeline::{Direction, Hook, Policy};
 use tollgate::policies::{builder, BuildContext, SpecError};
 use tollgate::vars::Exchange;
 
@@ -22,7 +22,12 @@ pub async fn run(p: &Arc<dyn Policy>, ex: &mut Exchange) -> Result<(), Fault> {
 /// Runs `p` in direction `dir`, waiting for it when it is pending.
 pub async fn run_in(p: &Arc<dyn Policy>, ex: &mut Exchange, dir: Direction) -> Result<(), Fault> {
     match p.run(ex, dir) {
-        Outcome::Ready(r) => r,
-        Outcome::Pending(f) => f.await,
+        Hook::Ready(o) => o
+            .into_result()
+            .map(|a| assert!(a.is_none(), "unexpected answer")),
+        Hook::Pending(f) => f
+            .await
+            .into_result()
+            .map(|a| assert!(a.is_none(), "unexpected answer")),
     }
 }
