@@ -10,6 +10,7 @@ pub mod app;
 pub mod cache;
 pub mod config;
 pub mod consumer;
+pub mod counters;
 pub mod direction;
 pub mod expr;
 pub mod fault;

@@ -13,8 +13,8 @@ use async_trait::async_trait;
 use tokio::sync::broadcast;
 
 use super::{Change, StoreError};
-use crate::ratelimit::memory::MemoryCounters;
-use crate::ratelimit::{Ask, Decision};
+use crate::counters::table::{MemoryCounters, DEFAULT_MAX_KEYS};
+use crate::counters::{Ask, Decision};
 
 /// A collection of records, each keyed by a string.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -189,7 +189,7 @@ const IN_PROCESS_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 impl Default for InProcess {
     fn default() -> Self {
         Self {
-            counters: MemoryCounters::new(crate::ratelimit::memory::DEFAULT_MAX_KEYS),
+            counters: MemoryCounters::new(DEFAULT_MAX_KEYS),
             cache: moka::sync::Cache::builder()
                 .max_capacity(IN_PROCESS_CACHE_BYTES)
                 .weigher(|k: &String, v: &(Arc<Vec<u8>>, Instant)| {

@@ -24,7 +24,7 @@ use tokio::sync::broadcast;
 use super::backend::{Backend, Cond, InProcess, Keep, OwnedTable, Put, Table, Visit};
 use super::memory::judge;
 use super::{Change, StoreError};
-use crate::ratelimit::{Ask, Decision};
+use crate::counters::{Ask, Decision};
 
 /// The database file's name inside the data directory.
 pub const DB_FILE: &str = "tollgate.redb";
@@ -37,7 +37,7 @@ pub const APPS: TableDefinition<'static, &'static str, &'static [u8]> =
 /// Key-value map entries: key `<map>\0<key>` (neither contains NUL), value `KvmEntry` JSON.
 pub const KVMS: TableDefinition<'static, &'static str, &'static [u8]> =
     TableDefinition::new("kvms");
-/// Counter checkpoints: key → the encoded window (see `crate::ratelimit::memory`).
+/// Counter checkpoints: key → the encoded window (see `crate::counters::table`).
 pub const COUNTERS: TableDefinition<'static, u128, &'static [u8]> =
     TableDefinition::new("counters");
 

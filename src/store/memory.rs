@@ -10,7 +10,7 @@ use tokio::sync::broadcast;
 use super::backend::{Backend, Cond, InProcess, Keep, Put, Table, Visit};
 use super::codec;
 use super::{Change, StoreError};
-use crate::ratelimit::{Ask, Decision};
+use crate::counters::{Ask, Decision};
 
 #[derive(Debug)]
 pub struct MemoryBackend {

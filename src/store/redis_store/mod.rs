@@ -57,7 +57,7 @@ use tokio::sync::broadcast;
 
 use super::backend::{Backend, Cond, Keep, Put, Table, Visit};
 use super::{Change, OpenOptions, StoreError};
-use crate::ratelimit::{Ask, Decision, Window};
+use crate::counters::{Ask, Decision, Window};
 
 pub use feed::GAP_CHECK_EVERY;
 
@@ -833,17 +833,17 @@ mod tests {
     #[test]
     fn keys_hash_tag_the_counter() {
         let mut ask = Ask {
-            key: crate::ratelimit::Key(0xab),
+            key: crate::counters::Key(0xab),
             window: Window::Fixed {
                 start: 60_000,
                 end: 120_000,
             },
             allow: 1,
             weight: 1,
-            mode: crate::ratelimit::Mode::EnforceAndCount,
+            mode: crate::counters::Mode::EnforceAndCount,
             now: 0,
             fail_open: true,
-            overflow: crate::ratelimit::Key(1),
+            overflow: crate::counters::Key(1),
         };
         assert_eq!(
             counter_key(&ask),
