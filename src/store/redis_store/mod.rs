@@ -46,7 +46,7 @@
 
 mod feed;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -459,8 +459,10 @@ fn parse_counter_reply(v: &Value) -> Option<Decision> {
     })
 }
 
-type ValueFuture =
-    std::pin::Pin<Box<dyn std::future::Future<Output = redis::RedisResult<Value>> + Send>>;
+/// The answers of the asks on one counter, with their places in the batch.
+type GroupFuture = std::pin::Pin<
+    Box<dyn std::future::Future<Output = redis::RedisResult<Vec<(usize, Value)>>> + Send>,
+>;
 
 /// The key of a cache entry.
 fn cache_key(key: &str) -> String {
@@ -587,33 +589,61 @@ impl RedisBackend {
                 pipe.query_async::<Vec<Value>>(&mut conn).await
             }
             Conn::Cluster(_) => {
-                let futures: Vec<ValueFuture> = asks
-                    .iter()
-                    .map(|ask| {
-                        let mut conn = self.conn.clone();
+                // Asks on the same counter run one after another, in batch order, so each
+                // answer is that counter's running total at its turn; distinct counters
+                // (spread over slots) run concurrently.
+                let mut groups: Vec<(String, Vec<usize>)> = Vec::new();
+                let mut by_key: HashMap<String, usize> = HashMap::new();
+                for (i, ask) in asks.iter().enumerate() {
+                    let key = counter_key(ask);
+                    match by_key.get(&key) {
+                        Some(&g) => groups[g].1.push(i),
+                        None => {
+                            by_key.insert(key.clone(), groups.len());
+                            groups.push((key, vec![i]));
+                        }
+                    }
+                }
+                let futures: Vec<GroupFuture> = groups
+                    .into_iter()
+                    .map(|(key, idx)| {
+                        let conn = self.conn.clone();
                         let script = self.counter.clone();
-                        let key = counter_key(ask);
-                        let (t, mode, w, allow, now, arg) = counter_args(ask);
+                        let args: Vec<_> = idx.iter().map(|&i| counter_args(&asks[i])).collect();
                         Box::pin(async move {
-                            script
-                                .key(key)
-                                .arg(t)
-                                .arg(mode)
-                                .arg(w)
-                                .arg(allow)
-                                .arg(now)
-                                .arg(arg)
-                                .invoke_async::<Value>(&mut conn)
-                                .await
-                        }) as ValueFuture
+                            let mut out = Vec::with_capacity(idx.len());
+                            for (i, (t, mode, w, allow, now, arg)) in idx.into_iter().zip(args) {
+                                let mut conn = conn.clone();
+                                let v = script
+                                    .key(&key)
+                                    .arg(t)
+                                    .arg(mode)
+                                    .arg(w)
+                                    .arg(allow)
+                                    .arg(now)
+                                    .arg(arg)
+                                    .invoke_async::<Value>(&mut conn)
+                                    .await?;
+                                out.push((i, v));
+                            }
+                            Ok(out)
+                        }) as GroupFuture
                     })
                     .collect();
-                futures_util::stream::iter(futures)
-                    .buffered(64)
+                let done = futures_util::stream::iter(futures)
+                    .buffer_unordered(64)
                     .collect::<Vec<_>>()
-                    .await
+                    .await;
+                let mut values: Vec<Option<Value>> = vec![None; asks.len()];
+                for group in done {
+                    for (i, v) in group? {
+                        values[i] = Some(v);
+                    }
+                }
+                Ok(values
                     .into_iter()
-                    .collect()
+                    .map(|v| v.unwrap_or(Value::Nil))
+                    .collect())
             }
         }
     }
