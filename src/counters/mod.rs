@@ -262,3 +262,25 @@ mod tests {
         assert_eq!(Window::slot_len(5), 1);
     }
 }
+
+/// An ask with a fixed overflow key and fail-open, for the counter tables' tests.
+#[cfg(test)]
+pub(crate) fn test_ask(
+    key: u128,
+    window: Window,
+    allow: u64,
+    weight: u64,
+    mode: Mode,
+    now: i64,
+) -> Ask {
+    Ask {
+        key: Key(key),
+        overflow: Key(9_999),
+        window,
+        allow,
+        weight,
+        mode,
+        now,
+        fail_open: true,
+    }
+}

@@ -474,18 +474,7 @@ fn decode(v: &[u8]) -> Option<Slot> {
 mod tests {
     use super::*;
 
-    fn ask(key: u128, window: Window, allow: u64, weight: u64, mode: Mode, now: i64) -> Ask {
-        Ask {
-            key: Key(key),
-            overflow: Key(9_999),
-            window,
-            allow,
-            weight,
-            mode,
-            now,
-            fail_open: true,
-        }
-    }
+    use crate::counters::test_ask as ask;
 
     #[test]
     fn fixed_window_counts_to_the_limit_and_resets_on_the_next_window() {

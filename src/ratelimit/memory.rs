@@ -98,20 +98,9 @@ pub fn spawn_maintenance(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ratelimit::{Ask, Key, Mode, Window};
+    use crate::ratelimit::{Mode, Window};
 
-    fn ask(key: u128, window: Window, allow: u64, weight: u64, mode: Mode, now: i64) -> Ask {
-        Ask {
-            key: Key(key),
-            overflow: Key(9_999),
-            window,
-            allow,
-            weight,
-            mode,
-            now,
-            fail_open: true,
-        }
-    }
+    use crate::counters::test_ask as ask;
 
     #[tokio::test]
     async fn checkpoint_and_restore() {
