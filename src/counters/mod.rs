@@ -249,20 +249,6 @@ pub static RL_METRICS: LazyLock<RateLimitMetrics> = LazyLock::new(|| {
     }
 });
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn keys_separate_parts() {
-        assert_ne!(Key::new(&[b"ab", b"c"]), Key::new(&[b"a", b"bc"]));
-        assert_eq!(Key::new(&[b"x"]), Key::new(&[b"x"]));
-        assert_eq!(Key::new(&[b"x"]).hex().len(), 32);
-        assert_eq!(Window::slot_len(1000), 100);
-        assert_eq!(Window::slot_len(5), 1);
-    }
-}
-
 /// An ask with a fixed overflow key and fail-open, for the counter tables' tests.
 #[cfg(test)]
 pub(crate) fn test_ask(
@@ -282,5 +268,19 @@ pub(crate) fn test_ask(
         mode,
         now,
         fail_open: true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_separate_parts() {
+        assert_ne!(Key::new(&[b"ab", b"c"]), Key::new(&[b"a", b"bc"]));
+        assert_eq!(Key::new(&[b"x"]), Key::new(&[b"x"]));
+        assert_eq!(Key::new(&[b"x"]).hex().len(), 32);
+        assert_eq!(Window::slot_len(1000), 100);
+        assert_eq!(Window::slot_len(5), 1);
     }
 }
