@@ -169,6 +169,12 @@ pub struct Hooks {
     /// The response hooks also run on an answer a request step served
     /// ([`Outcome::Respond`]): its status, headers and body are the response.
     pub on_answers: bool,
+    /// The step reads the exchange's LLM view: the flow then holds the request body,
+    /// parses it once into `ex.state.llm` and counts its prompt tokens into
+    /// `ex.state.llm_prompt_tokens` before the step's request hook runs, and feeds every
+    /// response chunk to one accumulator whose final usage is in `ex.state.llm_usage`
+    /// before any response-end or after-exchange hook runs (issue 14).
+    pub llm: bool,
 }
 
 /// One compiled policy instance. Policies know nothing about protobuf: they read and write

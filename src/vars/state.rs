@@ -33,6 +33,12 @@ pub struct State {
     /// from [`super::Exchange::body_json`] through [`crate::llm::request::parse_request_json`],
     /// so the body is parsed once).
     pub llm: Option<Arc<LlmRequest>>,
+    /// The prompt tokens of `llm`, counted once (see `pipeline::Hooks::llm`).
+    pub llm_prompt_tokens: Option<u64>,
+    /// What the exchange is charged with: the upstream's usage where it reported one,
+    /// counted otherwise; set once the response ended, or the exchange ended without one
+    /// (see `pipeline::Hooks::llm`).
+    pub llm_usage: Option<crate::llm::FinalUsage>,
     /// The request and response bodies parsed as JSON, on first use (see
     /// [`super::Exchange::body_json`]).
     pub(super) json: [OnceLock<JsonBody>; 2],
