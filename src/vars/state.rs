@@ -39,6 +39,9 @@ pub struct State {
     /// counted otherwise; set once the response ended, or the exchange ended without one
     /// (see `pipeline::Hooks::llm`).
     pub llm_usage: Option<crate::llm::FinalUsage>,
+    /// What the exchange cost in the price table's currency, once a cost-budget step priced
+    /// `llm_usage` (the `llm.cost` variable).
+    pub llm_cost: Option<f64>,
     /// The request and response bodies parsed as JSON, on first use (see
     /// [`super::Exchange::body_json`]).
     pub(super) json: [OnceLock<JsonBody>; 2],
