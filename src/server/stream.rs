@@ -90,6 +90,10 @@ pub struct StreamState {
 }
 
 fn protocol_error(kind: &str) {
+    debug_assert!(
+        crate::telemetry::PROTOCOL_ERROR_KINDS.contains(&kind),
+        "{kind}"
+    );
     METRICS
         .protocol_errors_total
         .with_label_values(&[kind])

@@ -159,7 +159,36 @@ impl Metrics {
 }
 
 /// The process-wide metrics.
-pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
+    let m = Metrics::new();
+    // Known label values start at 0, so rates, ratios and alerts have a series to work on
+    // before the first error (an absent series makes `rate()` empty, not 0).
+    for kind in PROTOCOL_ERROR_KINDS {
+        m.protocol_errors_total.with_label_values(&[kind]);
+    }
+    for result in ["success", "failure"] {
+        m.config_reloads_total.with_label_values(&[result]);
+    }
+    m
+});
+
+/// Every `tollgate_protocol_errors_total` kind the server counts.
+pub const PROTOCOL_ERROR_KINDS: &[&str] = &[
+    "body_after_end",
+    "body_before_headers",
+    "body_length_mismatch",
+    "duplicate_request_headers",
+    "duplicate_response_headers",
+    "duplicate_trailers",
+    "empty_first_message",
+    "empty_message",
+    "message_after_end",
+    "request_body_not_sent",
+    "request_headers_after_response",
+    "malformed_message",
+    "message_too_large",
+    "stream_error",
+];
 
 /// Per-flow counters resolved once when the configuration compiles.
 #[derive(Debug, Clone)]
