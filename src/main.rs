@@ -254,6 +254,15 @@ struct ServeArgs {
     /// limited to 2 CPUs on a 64-core node runs 2 workers, not 64.
     #[arg(long, env = "TOLLGATE_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     worker_threads: Option<u16>,
+    /// Export traces over OTLP/gRPC to this collector (`http://otel-collector:4317`): a span
+    /// per exchange, continuing the gateway's `traceparent`, with a child per step that
+    /// waited. Off when unset.
+    #[arg(long, env = "TOLLGATE_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+    /// Share of new traces sampled (0 to 1); a sampled parent from the gateway is always
+    /// followed.
+    #[arg(long, env = "TOLLGATE_TRACE_SAMPLE_RATIO", default_value_t = 0.01)]
+    trace_sample_ratio: f64,
     /// Where Quota counters live: `auto` is Redis with `--store redis`, memory otherwise
     /// (checkpointed to the embedded store with `--store embedded`). SpikeArrest always
     /// counts per replica, in memory.
@@ -420,6 +429,13 @@ fn conflicts(m: &ArgMatches, args: &ServeArgs) -> Vec<String> {
             }
         }
     }
+    if args.otlp_endpoint.is_none() {
+        if let Some(flag) = given(m, "trace_sample_ratio") {
+            out.push(format!(
+                "{flag} needs --otlp-endpoint: traces are exported only to a collector"
+            ));
+        }
+    }
     let checkpoints = !redis_counters && args.store == StoreKind::Embedded;
     if !checkpoints {
         if let Some(flag) = given(m, "counter_checkpoint_interval") {
@@ -584,6 +600,14 @@ async fn run(args: Box<ServeArgs>) -> anyhow::Result<()> {
         }
     };
     let api_auth = api_auth(&args)?;
+    // Held until serve returns: dropping it flushes the last spans.
+    let _trace = match &args.otlp_endpoint {
+        Some(endpoint) => Some(tollgate::telemetry::trace::init(
+            endpoint,
+            args.trace_sample_ratio,
+        )?),
+        None => None,
+    };
     let options = app::Options {
         source,
         load: args.load.options(),
