@@ -18,6 +18,7 @@
 mod apps;
 mod auth;
 mod errors;
+pub mod flows;
 mod keys;
 pub mod kvm;
 mod logging;
