@@ -16,6 +16,7 @@ pub mod expr;
 pub mod fault;
 #[doc(hidden)]
 pub mod fuzz_entry;
+pub mod guard;
 pub mod google;
 pub mod http_client;
 pub mod jwks;

@@ -1,0 +1,1 @@
+//! Model Armor (issue 15 item 5): request and result types.
