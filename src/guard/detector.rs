@@ -9,7 +9,7 @@ use std::sync::Arc;
 use aho_corasick::{AhoCorasick, MatchKind as AcKind};
 use regex_automata::{hybrid, meta};
 use regex_automata::util::syntax;
-use regex_automata::Input;
+use regex_automata::{Anchored, Input};
 
 use super::normalize::{self, Normalized};
 use super::patterns::{Check, PATTERNS};
@@ -57,6 +57,10 @@ struct PhraseSlot {
 /// A compiled guard: `Send + Sync`, immutable, meant to be shared in an `Arc`.
 pub struct Detector {
     builtin: Option<meta::Regex>,
+    /// Each built-in pattern alone: when a candidate fails its check, lower-priority patterns
+    /// are tried anchored at the same start (an order number failing Luhn must not hide the
+    /// phone number that starts at the same digit).
+    singles: Vec<meta::Regex>,
     /// The same patterns as lazy DFAs, for the stream's "could a match start here" test.
     pub(crate) builtin_dfa: Option<hybrid::dfa::DFA>,
     pub(crate) custom_dfa: Option<hybrid::dfa::DFA>,
@@ -132,6 +136,11 @@ impl Detector {
                 .map_err(|e| GuardError::Builtin(e.to_string()))?;
             (Some(re), Some(dfa))
         };
+        let singles = sources
+            .iter()
+            .map(|p| meta::Builder::new().syntax(ascii).build(p))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| GuardError::Builtin(e.to_string()))?;
 
         let (custom, custom_slots) = compile_custom(spec)?;
         let custom_dfa = if custom.is_some() {
@@ -272,6 +281,7 @@ impl Detector {
         }
         Ok(Detector {
             builtin,
+            singles,
             builtin_dfa,
             custom_dfa,
             phrase_prefixes,
@@ -339,24 +349,38 @@ impl Detector {
             return;
         }
         if let Some(re) = &self.builtin {
-            for m in re.find_iter(Input::new(text).span(from..text.len())) {
-                let Some(slot) = self.builtin_slots.get(m.pattern().as_usize()) else {
-                    continue;
+            let len = text.len();
+            let mut pos = from;
+            while pos < len {
+                let Some(m) = re.search(&Input::new(text).span(pos..len)) else {
+                    break;
                 };
-                let Some((s, e, c)) =
-                    validate::check(slot.check, text, m.start(), m.end(), slot.confidence)
-                else {
-                    continue;
-                };
-                if c >= slot.min && e > s {
-                    out.push(Finding {
-                        category: slot.builtin.into(),
-                        confidence: c,
-                        action: slot.action,
-                        start: s,
-                        end: e,
-                    });
+                let first = m.pattern().as_usize();
+                let mut hit = self.candidate(first, text, m.start(), m.end());
+                if hit.is_none() {
+                    for j in first + 1..self.singles.len() {
+                        let anchored = Input::new(text)
+                            .span(m.start()..len)
+                            .anchored(Anchored::Yes);
+                        if let Some(m2) = self.singles[j].search(&anchored) {
+                            hit = self.candidate(j, text, m2.start(), m2.end());
+                            if hit.is_some() {
+                                break;
+                            }
+                        }
+                    }
                 }
+                pos = match hit {
+                    Some(f) => {
+                        let end = f.end.max(m.start() + 1);
+                        out.push(f);
+                        end
+                    }
+                    // A short failed candidate may hide one starting inside it; a long one
+                    // (a token-like run) is skipped whole to stay linear.
+                    None if m.len() <= 64 => next_char(text, m.start()),
+                    None => m.end(),
+                };
             }
         }
         if let Some(re) = &self.custom {
@@ -381,6 +405,19 @@ impl Detector {
             self.phrase_pass(ac, tail, from, norm, out);
         }
         out[first..].sort_by_key(|f| (f.start, f.end));
+    }
+
+    /// A candidate of built-in pattern `i`, validated.
+    fn candidate(&self, i: usize, text: &str, start: usize, end: usize) -> Option<Finding> {
+        let slot = self.builtin_slots.get(i)?;
+        let (s, e, c) = validate::check(slot.check, text, start, end, slot.confidence)?;
+        (c >= slot.min && e > s).then(|| Finding {
+            category: slot.builtin.into(),
+            confidence: c,
+            action: slot.action,
+            start: s,
+            end: e,
+        })
     }
 
     fn phrase_pass(
@@ -440,6 +477,14 @@ impl Detector {
             });
         }
     }
+}
+
+fn next_char(text: &str, i: usize) -> usize {
+    let mut j = i + 1;
+    while j < text.len() && !text.is_char_boundary(j) {
+        j += 1;
+    }
+    j
 }
 
 fn floor_char(text: &str, mut i: usize) -> usize {

@@ -30,6 +30,8 @@ mod stream;
 mod validate;
 
 #[cfg(test)]
+mod quality;
+#[cfg(test)]
 mod tests;
 
 use std::fmt;

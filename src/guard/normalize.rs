@@ -45,6 +45,60 @@ impl Normalized {
         if !last_space {
             self.push(' ', u32::try_from(src.len()).unwrap_or(u32::MAX));
         }
+        self.join_spelled();
+    }
+
+    /// "i g n o r e" → "ignore": four or more one-letter words in a row are joined (real
+    /// prose rarely has more than two in a row).
+    fn join_spelled(&mut self) {
+        let b = self.text.as_bytes();
+        // Words as (start, end) byte ranges; the text is " w w w ".
+        let mut words = Vec::new();
+        let mut i = 0;
+        while i < b.len() {
+            if b[i] == b' ' {
+                i += 1;
+                continue;
+            }
+            let s = i;
+            while i < b.len() && b[i] != b' ' {
+                i += 1;
+            }
+            words.push((s, i));
+        }
+        let single = |w: &(usize, usize)| w.1 - w.0 == 1;
+        let mut join = vec![false; words.len()];
+        let mut any = false;
+        let mut k = 0;
+        while k < words.len() {
+            let mut e = k;
+            while e < words.len() && single(&words[e]) {
+                e += 1;
+            }
+            if e - k >= 4 {
+                // Each word of the run but the last is glued to the next.
+                join[k..e - 1].iter_mut().for_each(|j| *j = true);
+                any = true;
+            }
+            k = e.max(k + 1);
+        }
+        if !any {
+            return;
+        }
+        let mut text = String::with_capacity(self.text.len());
+        let mut origin = Vec::with_capacity(self.origin.len());
+        text.push(' ');
+        origin.push(self.origin.first().copied().unwrap_or(0));
+        for (n, &(s, e)) in words.iter().enumerate() {
+            text.push_str(&self.text[s..e]);
+            origin.extend_from_slice(&self.origin[s..e]);
+            if !join[n] {
+                text.push(' ');
+                origin.push(self.origin.get(e).copied().unwrap_or(u32::MAX));
+            }
+        }
+        self.text = text;
+        self.origin = origin;
     }
 
     fn push(&mut self, c: char, at: u32) {
@@ -134,5 +188,8 @@ mod tests {
         let i = n.text.find("precedentes").unwrap_or(0);
         assert_eq!(&src[n.origin[i] as usize..], "précédentes!");
         assert_eq!(phrase("Don't"), " dont ");
+        n.fill("so i g n o r e it, a b c");
+        assert_eq!(n.text, " so ignore it a b c ");
+        assert_eq!(n.origin.len(), n.text.len());
     }
 }

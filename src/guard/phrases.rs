@@ -233,7 +233,6 @@ pub(crate) fn jailbreak() -> Vec<(String, Confidence)> {
         "you are now dan",
         "act as dan",
         "developer mode enabled",
-        "enable developer mode",
         "developer mode output",
         "jailbreak mode",
         "jailbroken",
@@ -265,7 +264,6 @@ pub(crate) fn jailbreak() -> Vec<(String, Confidence)> {
         "no ethical or moral guidelines",
         "stay in character no matter what",
         // French.
-        "mode developpeur",
         "mode developpeur active",
         "tu nas aucune restriction",
         "tu nas plus de restrictions",
@@ -277,7 +275,6 @@ pub(crate) fn jailbreak() -> Vec<(String, Confidence)> {
         "ia sans filtre",
         "sans aucune censure",
         // German.
-        "entwicklermodus",
         "entwicklermodus aktiviert",
         "du hast keine einschrankungen",
         "du hast keine regeln",
@@ -289,7 +286,7 @@ pub(crate) fn jailbreak() -> Vec<(String, Confidence)> {
         "ki ohne einschrankungen",
         "ohne jede zensur",
         // Spanish.
-        "modo desarrollador",
+        "modo desarrollador activado",
         "no tienes restricciones",
         "no tienes ninguna restriccion",
         "no tienes reglas",
@@ -318,14 +315,13 @@ pub(crate) fn jailbreak() -> Vec<(String, Confidence)> {
     );
     let mut out: Vec<(String, Confidence)> =
         high.into_iter().map(|p| (p, Confidence::High)).collect();
-    // Common in ordinary prose too ("licensed without any restrictions"): medium.
+    // Also said of models in ordinary prose: medium. (Bare "without any restrictions" is
+    // left out: "free to use without any restrictions" is everywhere.)
     for p in [
-        "without any restrictions",
         "without restrictions or filters",
-        "sans aucune restriction",
-        "ohne einschrankungen",
-        "sin restricciones",
-        "sin ninguna restriccion",
+        "ohne jegliche zensur",
+        "sin ningun filtro",
+        "sans aucun filtre",
     ] {
         out.push((p.to_string(), Confidence::Medium));
     }

@@ -30,7 +30,7 @@ pub(crate) fn check(check: Check, text: &str, start: usize, end: usize, base: Co
         } => phone(bytes, start, end, min_digits, max_digits, base),
         Check::Ipv4 => ipv4(bytes, start, end, s).then_some((start, end, base)),
         Check::Ipv6 => ipv6(bytes, start, end, s).then_some((start, end, base)),
-        Check::Email => email(s).map(|c| (start, end, c.min(base))),
+        Check::Email => email(bytes, end, s).map(|c| (start, end, c.min(base))),
         Check::Jwt => jwt(s).then_some((start, end, base)),
         Check::Entropy => token(s).then_some((start, end, base)),
     }
@@ -39,6 +39,8 @@ pub(crate) fn check(check: Check, text: &str, start: usize, end: usize, base: Co
 /// `name: value`: the finding is the value (the name stays readable after redaction).
 /// A value that is a plain word ("password: required") is not a secret.
 fn assignment(s: &[u8], start: usize, base: Confidence) -> Checked {
+    // A closing quote ends some patterns (`"private_key_id": "…"`): not part of the value.
+    let s = s.strip_suffix(b"\"").unwrap_or(s);
     // The value is the trailing run of non-separator bytes.
     let is_sep = |b: u8| matches!(b, b':' | b'=' | b'"' | b'\'' | b' ' | b'\t' | b'\r' | b'\n');
     let vstart = s.iter().rposition(|&b| is_sep(b)).map_or(0, |i| i + 1);
@@ -306,13 +308,10 @@ fn ipv6(bytes: &[u8], start: usize, end: usize, s: &[u8]) -> bool {
     {
         return false;
     }
-    // At least two groups with digits in them: `::`, `a::b` and `::1`-only shapes are too
-    // common in code; `fe80::1` and `::1` with a prefix keep their groups.
-    let groups = s
-        .split(|&b| b == b':')
-        .filter(|g| !g.is_empty())
-        .count();
-    if groups < 2 {
+    // `::1`, `a::b` and `std::x`-like shapes are too common in code: at least two groups,
+    // and three of them or one of 3+ digits (`fe80::1`, `2001:db8::1`).
+    let groups: Vec<&[u8]> = s.split(|&b| b == b':').filter(|g| !g.is_empty()).collect();
+    if groups.len() < 2 || (groups.len() < 3 && groups.iter().all(|g| g.len() < 3)) {
         return false;
     }
     std::str::from_utf8(s)
@@ -321,7 +320,11 @@ fn ipv6(bytes: &[u8], start: usize, end: usize, s: &[u8]) -> bool {
         .is_some()
 }
 
-fn email(s: &[u8]) -> Option<Confidence> {
+fn email(bytes: &[u8], end: usize, s: &[u8]) -> Option<Confidence> {
+    // `git@github.com:org/repo.git`: SSH syntax, not an address.
+    if bytes.get(end) == Some(&b':') && bytes.get(end + 1).is_some_and(|b| !b.is_ascii_whitespace()) {
+        return None;
+    }
     let at = s.iter().position(|&b| b == b'@')?;
     let (local, domain) = (&s[..at], &s[at + 1..]);
     if local.first() == Some(&b'.') || local.last() == Some(&b'.') || local.windows(2).any(|w| w == b"..")
@@ -388,13 +391,13 @@ fn token(s: &[u8]) -> bool {
     if upper < 2 || lower < 2 || digit < 2 {
         return false;
     }
-    // Words: a run of 6+ lower-case letters is rare in random base62 and common in
+    // Words: a run of 7+ lower-case letters is rare in random base62 and common in
     // identifiers (`MyComponentProps2024`).
     let mut run = 0;
     for &b in s {
         if b.is_ascii_lowercase() {
             run += 1;
-            if run >= 6 {
+            if run >= 7 {
                 return false;
             }
         } else {
