@@ -16,8 +16,8 @@ pub mod expr;
 pub mod fault;
 #[doc(hidden)]
 pub mod fuzz_entry;
-pub mod guard;
 pub mod google;
+pub mod guard;
 pub mod http_client;
 pub mod jwks;
 pub mod kvm;

@@ -7,8 +7,8 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use aho_corasick::{AhoCorasick, MatchKind as AcKind};
-use regex_automata::{hybrid, meta};
 use regex_automata::util::syntax;
+use regex_automata::{hybrid, meta};
 use regex_automata::{Anchored, Input};
 
 use super::normalize::{self, Normalized};
@@ -170,8 +170,13 @@ impl Detector {
                 });
             }
             if let Some(&i) = seen.get(n) {
-                if let (PhraseKind::Grammar(new), Some(PhraseSlot { kind: PhraseKind::Grammar(old), .. })) =
-                    (kind, phrase_slots.get_mut(i))
+                if let (
+                    PhraseKind::Grammar(new),
+                    Some(PhraseSlot {
+                        kind: PhraseKind::Grammar(old),
+                        ..
+                    }),
+                ) = (kind, phrase_slots.get_mut(i))
                 {
                     old.extend(new);
                 }
@@ -202,7 +207,14 @@ impl Detector {
             if b == Builtin::PromptInjection {
                 for g in INJECTION_GRAMMARS {
                     for v in g.verbs {
-                        add(v, PhraseKind::Grammar(vec![g]), b.into(), Confidence::High, action, min)?;
+                        add(
+                            v,
+                            PhraseKind::Grammar(vec![g]),
+                            b.into(),
+                            Confidence::High,
+                            action,
+                            min,
+                        )?;
                     }
                 }
             }
@@ -551,7 +563,13 @@ fn compile_custom(spec: &GuardSpec) -> Result<(Option<meta::Regex>, Vec<CustomSl
     }
     let re = meta::Builder::new()
         .configure(config)
-        .build_many(&spec.custom.iter().map(|c| c.pattern.as_str()).collect::<Vec<_>>())
+        .build_many(
+            &spec
+                .custom
+                .iter()
+                .map(|c| c.pattern.as_str())
+                .collect::<Vec<_>>(),
+        )
         .map_err(|e| GuardError::CustomSet(e.to_string()))?;
     Ok((Some(re), slots))
 }

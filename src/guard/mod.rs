@@ -38,7 +38,9 @@ use std::fmt;
 use std::sync::Arc;
 
 pub use detector::{Detector, Sanitized};
-pub use redact::{redact, redact_json, rewrite_json_strings, JsonFinding, JsonRedaction, JsonString};
+pub use redact::{
+    redact, redact_json, rewrite_json_strings, JsonFinding, JsonRedaction, JsonString,
+};
 pub use spec::{
     Builtin, CustomPatternSpec, DeniedTopicSpec, DeniedWordsSpec, DetectorSpec, GuardSpec,
     RedactionStyle, StreamSpec,

@@ -93,8 +93,18 @@ pub(crate) const PATTERNS: &[Pattern] = &[
         H,
     ),
     p(B::ApiKey, r"\bgh[pousr]_[A-Za-z0-9]{36,255}\b", C::None, H),
-    p(B::ApiKey, r"\bgithub_pat_[A-Za-z0-9_]{60,255}\b", C::None, H),
-    p(B::ApiKey, r"\bxox[abposr]-[A-Za-z0-9-]{10,250}", C::Mixed, H),
+    p(
+        B::ApiKey,
+        r"\bgithub_pat_[A-Za-z0-9_]{60,255}\b",
+        C::None,
+        H,
+    ),
+    p(
+        B::ApiKey,
+        r"\bxox[abposr]-[A-Za-z0-9-]{10,250}",
+        C::Mixed,
+        H,
+    ),
     p(
         B::ApiKey,
         r"\b(?:sk|rk)_(?:live|test)_[A-Za-z0-9]{16,247}\b",
@@ -121,7 +131,12 @@ pub(crate) const PATTERNS: &[Pattern] = &[
         C::Iban,
         H,
     ),
-    p(B::PaymentCard, r"\b[0-9](?:[ -]?[0-9]){12,18}\b", C::Luhn, H),
+    p(
+        B::PaymentCard,
+        r"\b[0-9](?:[ -]?[0-9]){12,18}\b",
+        C::Luhn,
+        H,
+    ),
     p(B::UsSsn, r"\b[0-9]{3}-[0-9]{2}-[0-9]{4}\b", C::Ssn, H),
     p(B::UsSsn, r"\b[0-9]{3} [0-9]{2} [0-9]{4}\b", C::Ssn, M),
     p(

@@ -60,7 +60,8 @@ fn stream_categories(d: &Arc<Detector>, text: &str, cuts: &[usize]) -> Vec<Strin
 
 #[test]
 fn precision_and_recall_per_category() {
-    let d = Arc::new(Detector::compile(&GuardSpec::all(Action::Log)).unwrap_or_else(|e| panic!("{e}")));
+    let d =
+        Arc::new(Detector::compile(&GuardSpec::all(Action::Log)).unwrap_or_else(|e| panic!("{e}")));
     // category -> (tp, fp, fn)
     let mut score: BTreeMap<String, (u32, u32, u32)> = BTreeMap::new();
     let (mut clean, mut clean_hit) = (0u32, 0u32);
@@ -70,7 +71,10 @@ fn precision_and_recall_per_category() {
         let row: Row = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
         rows += 1;
         let mut got: Vec<String> = if row.cuts.is_empty() {
-            d.scan(&row.text).iter().map(|f| f.category.to_string()).collect()
+            d.scan(&row.text)
+                .iter()
+                .map(|f| f.category.to_string())
+                .collect()
         } else {
             stream_categories(&d, &row.text, &row.cuts)
         };
@@ -100,14 +104,19 @@ fn precision_and_recall_per_category() {
     }
     assert!(rows >= 300, "the labelled set has {rows} rows");
     let mut failures = Vec::new();
-    println!("{:<20} {:>4} {:>4} {:>4} {:>9} {:>7}", "category", "tp", "fp", "fn", "precision", "recall");
+    println!(
+        "{:<20} {:>4} {:>4} {:>4} {:>9} {:>7}",
+        "category", "tp", "fp", "fn", "precision", "recall"
+    );
     for (cat, (tp, fp, fne)) in &score {
         let p = f64::from(*tp) / f64::from((tp + fp).max(1));
         let r = f64::from(*tp) / f64::from((tp + fne).max(1));
         println!("{cat:<20} {tp:>4} {fp:>4} {fne:>4} {p:>9.3} {r:>7.3}");
         let (pmin, rmin) = thresholds(cat);
         if p < pmin || r < rmin {
-            failures.push(format!("{cat}: precision {p:.3} (min {pmin}), recall {r:.3} (min {rmin})"));
+            failures.push(format!(
+                "{cat}: precision {p:.3} (min {pmin}), recall {r:.3} (min {rmin})"
+            ));
         }
     }
     let rate = f64::from(clean_hit) / f64::from(clean.max(1));

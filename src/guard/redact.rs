@@ -125,7 +125,11 @@ pub fn redact_json(
     })?;
     let action = findings.iter().map(|f| f.finding.action).max();
     Ok(JsonRedaction {
-        body: if action == Some(Action::Block) { None } else { body },
+        body: if action == Some(Action::Block) {
+            None
+        } else {
+            body
+        },
         findings,
         action,
     })

@@ -148,7 +148,8 @@ impl StreamScanner {
                     cut = cut.min(f.start);
                 }
             }
-            let window = floor(&self.buf, len.saturating_sub(stream.hold_back_bytes)).max(self.pending);
+            let window =
+                floor(&self.buf, len.saturating_sub(stream.hold_back_bytes)).max(self.pending);
             if let Some(p) = self.first_open(window, cut, &found) {
                 cut = p;
             }
@@ -188,7 +189,12 @@ impl StreamScanner {
                 ..f.clone()
             })
             .collect();
-        let release = redact(&self.buf[self.pending..cut], &shifted, self.detector.style()).into_owned();
+        let release = redact(
+            &self.buf[self.pending..cut],
+            &shifted,
+            self.detector.style(),
+        )
+        .into_owned();
         let abs = |f: &Finding| Finding {
             start: f.start + self.base,
             end: f.end + self.base,
@@ -225,7 +231,10 @@ impl StreamScanner {
         let bytes = self.buf.as_bytes();
         let mut p = from;
         while p < to {
-            if let Some(f) = found.iter().find(|f| f.start < p && p < f.end && f.end < len) {
+            if let Some(f) = found
+                .iter()
+                .find(|f| f.start < p && p < f.end && f.end < len)
+            {
                 p = f.end;
                 continue;
             }
@@ -276,7 +285,10 @@ impl StreamScanner {
             let tail = tail.strip_suffix(' ').unwrap_or(tail);
             // A prefix of some phrase?
             let k = d.phrase_prefixes.partition_point(|p| p.as_str() < tail);
-            if d.phrase_prefixes.get(k).is_some_and(|p| p.starts_with(tail)) {
+            if d.phrase_prefixes
+                .get(k)
+                .is_some_and(|p| p.starts_with(tail))
+            {
                 return Some(at);
             }
             // A grammar verb with few enough words after it to still complete.

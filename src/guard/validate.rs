@@ -10,7 +10,13 @@ use super::Confidence;
 
 pub(crate) type Checked = Option<(usize, usize, Confidence)>;
 
-pub(crate) fn check(check: Check, text: &str, start: usize, end: usize, base: Confidence) -> Checked {
+pub(crate) fn check(
+    check: Check,
+    text: &str,
+    start: usize,
+    end: usize,
+    base: Confidence,
+) -> Checked {
     let bytes = text.as_bytes();
     let s = bytes.get(start..end)?;
     match check {
@@ -248,7 +254,10 @@ fn ssn(s: &[u8]) -> bool {
     let n = |r: std::ops::Range<usize>| d[r].iter().fold(0u32, |a, &x| a * 10 + u32::from(x));
     let (area, group, serial) = (n(0..3), n(3..5), n(5..9));
     !(area == 0 || area == 666 || area >= 900 || group == 0 || serial == 0)
-        && !matches!((area, group, serial), (78, 5, 1120) | (219, 9, 9999) | (123, 45, 6789))
+        && !matches!(
+            (area, group, serial),
+            (78, 5, 1120) | (219, 9, 9999) | (123, 45, 6789)
+        )
 }
 
 fn phone(bytes: &[u8], start: usize, end: usize, min: u8, max: u8, base: Confidence) -> Checked {
@@ -290,7 +299,8 @@ fn phone(bytes: &[u8], start: usize, end: usize, min: u8, max: u8, base: Confide
 fn ipv4(bytes: &[u8], start: usize, end: usize, s: &[u8]) -> bool {
     let before = start.checked_sub(1).and_then(|i| bytes.get(i)).copied();
     let after = bytes.get(end).copied();
-    if before == Some(b'.') || after == Some(b'.') && bytes.get(end + 1).is_some_and(u8::is_ascii_digit)
+    if before == Some(b'.')
+        || after == Some(b'.') && bytes.get(end + 1).is_some_and(u8::is_ascii_digit)
     {
         return false;
     }
@@ -322,12 +332,15 @@ fn ipv6(bytes: &[u8], start: usize, end: usize, s: &[u8]) -> bool {
 
 fn email(bytes: &[u8], end: usize, s: &[u8]) -> Option<Confidence> {
     // `git@github.com:org/repo.git`: SSH syntax, not an address.
-    if bytes.get(end) == Some(&b':') && bytes.get(end + 1).is_some_and(|b| !b.is_ascii_whitespace()) {
+    if bytes.get(end) == Some(&b':') && bytes.get(end + 1).is_some_and(|b| !b.is_ascii_whitespace())
+    {
         return None;
     }
     let at = s.iter().position(|&b| b == b'@')?;
     let (local, domain) = (&s[..at], &s[at + 1..]);
-    if local.first() == Some(&b'.') || local.last() == Some(&b'.') || local.windows(2).any(|w| w == b"..")
+    if local.first() == Some(&b'.')
+        || local.last() == Some(&b'.')
+        || local.windows(2).any(|w| w == b"..")
     {
         return None;
     }
@@ -453,7 +466,9 @@ mod tests {
     #[test]
     fn jwt_header() {
         // {"alg":"HS256","typ":"JWT"}
-        assert!(jwt(b"eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxIn0.abc"));
+        assert!(jwt(
+            b"eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxIn0.abc"
+        ));
         // {"typ":"JWT"} has no alg.
         assert!(!jwt(b"eyJ0eXAiOiJKV1QifQ.eyJzdWIiOiIxIn0.abc"));
     }
