@@ -34,7 +34,7 @@ const PARAGRAPHS: &[&str] = &[
 fn prompt_8k() -> String {
     let mut s = String::new();
     let mut i = 0;
-    while s.len() < 8 * 1024 - 300 {
+    while s.len() < 8 * 1024 - 80 {
         s.push_str(PARAGRAPHS[i % PARAGRAPHS.len()]);
         i += 1;
         if i == 9 {
