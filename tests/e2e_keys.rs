@@ -8,7 +8,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::{within, BedOptions, Reply, TestBed};
+use support::{within, BedOptions, Mode, Reply, RouteSpec, TestBed};
 
 const LIMIT: Duration = Duration::from_secs(60);
 const CHAT_KEY: &str = "tg_demo_chat_key_0001";
@@ -281,6 +281,75 @@ async fn forged_picker_headers_are_removed_and_the_destination_is_left_alone() {
             h["x-gateway-destination-endpoint"], "10.9.8.7:8000",
             "{echo}"
         );
+    })
+    .await;
+}
+
+/// GKE's `llm` extension chain sends both bodies FULL_DUPLEX_STREAMED (with trailers). The
+/// key and model are checked on the request body, so the headers answer waits for the
+/// body: the key is stripped and the picker's headers are set before anything after
+/// tollgate (the endpoint picker, then the upstream) sees the request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_duplex_streamed_as_on_gke() {
+    within(LIMIT, async {
+        let example = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("policies/inference-gateway.yaml"),
+        )
+        .expect("example");
+        let mut opts = BedOptions::new(&example);
+        let duplex = Mode {
+            request_body_mode: Some("FULL_DUPLEX_STREAMED"),
+            request_trailer_mode: Some("SEND"),
+            ..Mode::duplex_response()
+        };
+        opts.envoy.mode = duplex.clone();
+        opts.envoy.allow_mode_override = false;
+        opts.envoy.routes = vec![RouteSpec::new("/").timeout("0s").mode(duplex)];
+        let bed = TestBed::start_with(opts).await;
+
+        let bearer = format!("Bearer {CHAT_KEY}");
+        let headers = with(&[("authorization", bearer.as_str())], FORGED);
+        let r = bed.post("/v1/chat/completions", &headers, CHAT).await;
+        let echo = ok(&r);
+        assert_no_key(&echo);
+        let h = &echo["headers"];
+        assert_eq!(
+            h["x-llm-d-inference-objective"], "latency-critical",
+            "{echo}"
+        );
+        assert_eq!(h["x-llm-d-inference-fairness-id"], "chat-app", "{echo}");
+        assert_eq!(h["x-gateway-model-name"], "gpt-4o", "{echo}");
+        assert!(h.get("x-llm-d-model-name-rewrite").is_none(), "{echo}");
+        assert_eq!(
+            h["x-gateway-destination-endpoint"], "10.9.8.7:8000",
+            "{echo}"
+        );
+        assert_eq!(echo["body"], CHAT);
+
+        // Gemini's ?key= is cut out of the path in this mode too.
+        let r = bed
+            .post(
+                &format!("/v1beta/models/gemini-2.0-flash:generateContent?key={CHAT_KEY}"),
+                &[],
+                r#"{"contents":[]}"#,
+            )
+            .await;
+        let echo = ok(&r);
+        assert_no_key(&echo);
+        assert_eq!(echo["headers"]["x-gateway-model-name"], "gemini-2.0-flash");
+
+        // A refusal still answers at once.
+        let batch = format!("Bearer {BATCH_KEY}");
+        let r = bed
+            .post(
+                "/v1/chat/completions",
+                &[("authorization", batch.as_str())],
+                CHAT,
+            )
+            .await;
+        assert_eq!(r.status, 401, "{}", r.text());
+        assert_eq!(bed.upstream.seen().len(), 2);
     })
     .await;
 }
