@@ -8,7 +8,8 @@
 //!   keyFrom: [{header: x-api-key}, {query: apikey}]   # default: header x-api-key
 //!   # or: keyFrom: [{preset: llm-sdks}]  (Authorization: Bearer, x-api-key,
 //!   #     x-goog-api-key, ?key=: where the OpenAI, Anthropic and Gemini SDKs send it)
-//!   stripKey: true          # remove the key (every place it was sent) before the upstream
+//!   stripKey: true          # the upstream never sees the key: the key headers are the
+//!                           # flow's (removed before any step), a query key is cut out
 //!   identityHeaders:        # tell the upstream who called
 //!     app: x-tollgate-app
 //!     clientId: x-tollgate-client-id
@@ -588,11 +589,20 @@ impl Policy for VerifyApiKey {
         self.model_from_body && dir == Direction::Request
     }
 
-    /// The identity headers: only a verified key may name the caller to the upstream.
+    /// The identity headers: only a verified key may name the caller to the upstream. With
+    /// `stripKey`, the key headers too: the flow takes them out of the request before the
+    /// first step (this step reads the client's values from there), so the key never
+    /// reaches the upstream whatever happens later — the step skipped, failed, or run on a
+    /// body whose headers already left (STREAMED).
     fn owned_request_headers(&self) -> Vec<String> {
+        let keys = self.key_from.iter().filter_map(|k| match k {
+            KeyFrom::Header { name, .. } if self.strip_key => Some(name.clone()),
+            _ => None,
+        });
         self.identity
             .iter()
             .map(|(h, _)| h.clone())
+            .chain(keys)
             .filter(|h| !h.starts_with(':'))
             .collect()
     }
@@ -1110,6 +1120,48 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(f.code, "oauth.v2.FailedToResolveAPIKey");
+    }
+
+    /// With `stripKey` the key headers are the flow's: the client's values are taken out
+    /// before any step; this step reads them from there.
+    #[test]
+    fn stripped_key_headers_are_owned() {
+        let p = policy(
+            "{keyFrom: [{preset: llm-sdks}], stripKey: true, identityHeaders: {app: x-app}}",
+        );
+        assert_eq!(
+            p.owned_request_headers(),
+            ["x-app", "authorization", "x-api-key", "x-goog-api-key"]
+        );
+        assert_eq!(
+            policy("{identityHeaders: {app: x-app}}").owned_request_headers(),
+            ["x-app"]
+        );
+        let steps = vec![crate::pipeline::Step {
+            policy_name: "vk".into(),
+            policy: p.clone(),
+            condition: None,
+            continue_on_error: false,
+        }];
+        let flow = crate::pipeline::DirectionPipeline::compile(steps, Direction::Request);
+        let mut e = ex(
+            "POST",
+            "/v1/chat/completions",
+            &[
+                ("x-goog-api-key", "secret-key-0123456789"),
+                ("authorization", "Basic eA=="),
+            ],
+        );
+        crate::pipeline::claim_owned_headers(&flow, &mut e);
+        assert_eq!(e.request.headers.get("x-goog-api-key"), None);
+        run(&p, &mut e).unwrap();
+        assert_eq!(e.lookup("client_id").as_deref(), Some("k1"));
+        let m = e.take_mutations(Direction::Request);
+        assert_eq!(
+            m.remove,
+            ["authorization", "x-goog-api-key"],
+            "by the claim"
+        );
     }
 
     /// `{header: authorization}` reads a bare key as it always did, and a `Bearer` one.
