@@ -1012,7 +1012,8 @@ mod tests {
         let bearer = format!("Bearer {key}");
         let lower = format!("bearer  {key} ");
         let path_q = format!("/v1/chat/completions?alt=sse&key={key}");
-        let cases: [(&str, &[(&str, &str)], &str); 5] = [
+        type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+        let cases: [Case; 5] = [
             (
                 "/v1/chat/completions",
                 &[("authorization", &bearer)],
