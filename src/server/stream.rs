@@ -60,6 +60,8 @@ struct Side {
     /// them (as body-based routing does), so their header changes reach the upstream and
     /// the filters after tollgate (the endpoint picker) instead of being dropped.
     headers_held: bool,
+    /// Body bytes tollgate saw for this side (analytics, when no `content-length`).
+    body_bytes: u64,
 }
 
 /// Per-stream state.
@@ -91,6 +93,11 @@ pub struct StreamState {
     chunks: Option<Box<ChunkRunner>>,
     /// The stream ended with an error status.
     failed: bool,
+    /// When the stream opened, for the exchange's latency and time in analytics.
+    opened: Instant,
+    opened_at: std::time::SystemTime,
+    /// The answer tollgate gave in place of the upstream: status, deciding policy, code.
+    decided: Option<(u16, String, String)>,
 }
 
 fn protocol_error(kind: &str) {
@@ -127,6 +134,9 @@ impl StreamState {
             budget_taken: 0,
             chunks: None,
             failed: false,
+            opened: Instant::now(),
+            opened_at: std::time::SystemTime::now(),
+            decided: None,
         }
     }
 
@@ -181,6 +191,7 @@ impl StreamState {
             500
         };
         self.ex.trace.answered(status, &code);
+        self.decided = Some((status, String::new(), code.clone()));
         out.push(proto::immediate(
             Rendered {
                 status,
@@ -216,6 +227,7 @@ impl StreamState {
         self.ex
             .trace
             .rejected(fault.status, &fault.policy, &fault.code);
+        self.decided = Some((fault.status, fault.policy.clone(), fault.code.clone()));
         let rendered = fault.render(self.error_format());
         out.push(proto::immediate(rendered, &fault.code));
         self.answered = true;
@@ -780,6 +792,7 @@ impl StreamState {
             )));
         }
         side.body_seen = true;
+        side.body_bytes = side.body_bytes.saturating_add(b.body.len() as u64);
         let eos = b.end_of_stream;
         if eos {
             side.body_done = true;
@@ -1082,12 +1095,116 @@ impl StreamState {
     }
 }
 
+impl StreamState {
+    /// How the exchange ended, for traces, analytics and usage.
+    fn outcome(&self) -> &'static str {
+        if self.failed {
+            "failed"
+        } else if self.rejected {
+            "rejected"
+        } else if self.answered {
+            "answered"
+        } else if self.complete || self.chunks.as_ref().is_some_and(|r| r.ended()) {
+            "completed"
+        } else {
+            "aborted"
+        }
+    }
+
+    /// Charges the exchange to the verified app's usage, and writes its analytics record
+    /// when `record` (sampled).
+    fn account(&self, record: bool) {
+        let outcome = self.outcome();
+        let status = self
+            .decided
+            .as_ref()
+            .map(|d| d.0)
+            .or_else(|| self.ex.response.as_ref().map(|r| r.status));
+        let verified = self.ex.state.app(None);
+        if let (Some(ledger), Some(v)) = (&self.shared.usage, verified) {
+            let at = self
+                .opened_at
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+            ledger.record(
+                at,
+                crate::usage::Who {
+                    app: &v.app.name,
+                    product: &v.product.spec.name,
+                    developer: &v.app.developer_email,
+                },
+                crate::usage::Charge {
+                    error: status.is_none_or(|s| s >= 400)
+                        || matches!(outcome, "failed" | "aborted"),
+                    usage: self.ex.state.llm_usage.as_ref(),
+                    cost: self.ex.state.llm_cost,
+                },
+            );
+        }
+        if !record || self.flow.is_none() {
+            return;
+        }
+        let length = |h: Option<&crate::vars::Headers>| {
+            h.and_then(|h| h.get("content-length"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        let seen = |n: u64| (n > 0).then_some(n);
+        let llm = self.ex.state.llm.as_deref();
+        let usage = self.ex.state.llm_usage.as_ref();
+        let (policy, fault) = match &self.decided {
+            Some((_, p, c)) if self.rejected => (Some(p.clone()), Some(c.clone())),
+            Some((_, _, c)) => (None, Some(c.clone()).filter(|c| !c.is_empty())),
+            None => (None, None),
+        };
+        crate::telemetry::analytics::send(crate::telemetry::analytics::Record {
+            time: crate::telemetry::analytics::rfc3339_ms(self.opened_at),
+            flow: self.ex.flow.clone(),
+            method: self.ex.request.method.clone(),
+            path: self
+                .ex
+                .request
+                .path()
+                .split('?')
+                .next()
+                .unwrap_or_default()
+                .to_owned(),
+            request_id: self
+                .ex
+                .request
+                .headers
+                .get("x-request-id")
+                .map(str::to_owned),
+            app: verified.map(|v| v.app.name.clone()),
+            developer: verified.map(|v| v.app.developer_email.clone()),
+            product: verified.map(|v| v.product.spec.name.clone()),
+            api: llm.map(|r| r.api.as_str().to_owned()),
+            model: llm.and_then(|r| r.model.clone()),
+            status,
+            outcome,
+            policy,
+            fault,
+            latency_ms: self.opened.elapsed().as_secs_f64() * 1000.0,
+            request_bytes: length(Some(&self.ex.request.headers)).or(seen(self.req.body_bytes)),
+            response_bytes: length(self.ex.response.as_ref().map(|r| &r.headers))
+                .or(seen(self.resp.body_bytes)),
+            input_tokens: usage.map(|u| u.input_tokens),
+            output_tokens: usage.map(|u| u.output_tokens),
+            total_tokens: usage.map(|u| u.total_tokens()),
+            cost: self.ex.state.llm_cost,
+        });
+    }
+}
+
 impl Drop for StreamState {
     fn drop(&mut self) {
         METRICS.streams_active.dec();
         self.shared.body_budget.give_back(self.budget_taken);
         if let (Some(f), false) = (&self.flow, self.rejected) {
             f.metrics.continued.inc();
+        }
+        let sampled = crate::telemetry::analytics::sample();
+        if sampled || (self.shared.usage.is_some() && self.ex.state.app(None).is_some()) {
+            self.account(sampled);
         }
         if self.ex.trace.is_recording() {
             let (outcome, error) = if self.failed {
