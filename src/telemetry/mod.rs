@@ -2,6 +2,8 @@
 //! that the hot path touches per flow are resolved once per configuration (see
 //! [`FlowMetrics`]) so a request does no label hashing.
 
+pub mod gen_ai;
+
 use std::sync::LazyLock;
 
 use prometheus::{
