@@ -263,7 +263,8 @@ fn add_llm_tracking(
     if let Some(r) = spec.counting.chars_per_token {
         counting.chars_per_token = r;
     }
-    let mut by_model: Vec<(String, f64)> = spec.counting.chars_per_token_by_model.into_iter().collect();
+    let mut by_model: Vec<(String, f64)> =
+        spec.counting.chars_per_token_by_model.into_iter().collect();
     // The longest prefix first: `claude-3-haiku` before `claude`.
     by_model.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(&b.0)));
     counting.prefix_ratios = by_model;

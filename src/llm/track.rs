@@ -292,7 +292,10 @@ pub fn on_response_headers(ex: &mut Exchange) {
         .get("content-encoding")
         .is_some_and(|e| !e.trim().eq_ignore_ascii_case("identity"));
     if t.encoded {
-        tracing::warn!(api = t.api.as_str(), "compressed LLM response: usage cannot be read; counted instead");
+        tracing::warn!(
+            api = t.api.as_str(),
+            "compressed LLM response: usage cannot be read; counted instead"
+        );
     }
     let format = ResponseFormat::detect(t.path_stream, ct);
     t.acc = Some(ResponseAccumulator::new(t.api, format));

@@ -38,7 +38,13 @@ impl Harness {
     }
 
     /// Runs the request hook on `method path` with `body`.
-    fn request(&mut self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Outcome {
+    fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Outcome {
         let mut h = Headers::new();
         h.push(":method".into(), method.into());
         h.push(":path".into(), path.into());
@@ -90,7 +96,10 @@ impl Harness {
     }
 
     fn var(&self, name: &str) -> String {
-        self.ex.lookup(name).map(|v| v.into_owned()).unwrap_or_default()
+        self.ex
+            .lookup(name)
+            .map(|v| v.into_owned())
+            .unwrap_or_default()
     }
 }
 
@@ -106,10 +115,17 @@ const CHAT: &[u8] =
 fn openai_stream_with_usage_split_anywhere() {
     for n in [1, 7, 64, 100_000] {
         let mut h = Harness::new(false);
-        assert_eq!(h.request("POST", "/v1/chat/completions", &[], CHAT), Outcome::Continue);
+        assert_eq!(
+            h.request("POST", "/v1/chat/completions", &[], CHAT),
+            Outcome::Continue
+        );
         let prompt = h.ex.state.llm_prompt_tokens.unwrap();
         assert!(prompt > 5, "counted: {prompt}");
-        assert_eq!(h.var("llm.prompt_tokens"), prompt.to_string(), "before the response");
+        assert_eq!(
+            h.var("llm.prompt_tokens"),
+            prompt.to_string(),
+            "before the response"
+        );
         assert_eq!(h.var("llm.completion_tokens"), "");
         h.response(200, "text/event-stream");
         let body = fixture!("openai_chat_stream_usage.sse");
@@ -146,7 +162,12 @@ fn openai_stream_without_usage_is_counted_from_the_text() {
 fn anthropic_stream() {
     let mut h = Harness::new(false);
     let req = br#"{"model":"claude-sonnet-4-5","max_tokens":100,"stream":true,"messages":[{"role":"user","content":"Which lane?"}]}"#;
-    h.request("POST", "/v1/messages", &[("anthropic-version", "2023-06-01")], req);
+    h.request(
+        "POST",
+        "/v1/messages",
+        &[("anthropic-version", "2023-06-01")],
+        req,
+    );
     h.response(200, "text/event-stream");
     h.body(&cut(fixture!("anthropic_stream.sse"), 13), true);
     let u = h.usage();
@@ -207,7 +228,11 @@ fn an_abort_charges_the_prompt_and_the_text_so_far() {
     finish(&mut h.ex, ExchangeEnd::Aborted);
     let u = h.usage().clone();
     assert_eq!(u.input_tokens, h.ex.state.llm_prompt_tokens.unwrap());
-    assert!(u.output_tokens > 0 && u.output_tokens < full, "{} of {full}", u.output_tokens);
+    assert!(
+        u.output_tokens > 0 && u.output_tokens < full,
+        "{} of {full}",
+        u.output_tokens
+    );
     // Once only.
     finish(&mut h.ex, ExchangeEnd::Completed);
     assert_eq!(h.usage(), &u);
@@ -264,7 +289,11 @@ fn garbage_and_absurd_usage_fall_back_to_counting() {
         let u = h.usage();
         assert_eq!(u.input_source, UsageSource::Counted);
         assert_eq!(u.input_tokens, h.ex.state.llm_prompt_tokens.unwrap());
-        assert!(u.output_tokens < 1000, "no absurd number: {}", u.output_tokens);
+        assert!(
+            u.output_tokens < 1000,
+            "no absurd number: {}",
+            u.output_tokens
+        );
     }
 }
 
@@ -333,7 +362,10 @@ fn unreadable_llm_bodies_are_answered_400() {
 fn other_requests_leave_the_slots_empty() {
     let mut h = Harness::new(true);
     assert_eq!(h.request("GET", "/v1/models", &[], b""), Outcome::Continue);
-    assert_eq!(h.request("POST", "/v1/files", &[], b"garbage"), Outcome::Continue);
+    assert_eq!(
+        h.request("POST", "/v1/files", &[], b"garbage"),
+        Outcome::Continue
+    );
     assert!(h.ex.state.llm.is_none() && h.ex.state.llm_prompt_tokens.is_none());
     h.response(200, "application/json");
     assert_eq!(h.body(&[b"{\"data\":[]}"], true), b"{\"data\":[]}");
@@ -351,7 +383,10 @@ fn include_usage_is_added_and_its_chunk_dropped() {
         serde_json::from_slice(h.ex.request_body.as_deref().unwrap()).unwrap();
     assert_eq!(sent["stream_options"]["include_usage"], true);
     assert_eq!(sent["messages"][0]["content"], "What does lane 4 cost?");
-    assert!(!h.ex.state.llm.as_ref().unwrap().include_usage, "as the client asked");
+    assert!(
+        !h.ex.state.llm.as_ref().unwrap().include_usage,
+        "as the client asked"
+    );
     h.response(200, "text/event-stream");
     let body = fixture!("openai_chat_stream_usage.sse");
     for n in [1, 10, 1000] {
@@ -360,7 +395,10 @@ fn include_usage_is_added_and_its_chunk_dropped() {
         h2.response(200, "text/event-stream");
         let seen = String::from_utf8(h2.body(&cut(body, n), true)).unwrap();
         assert!(!seen.contains("\"usage\":{"), "usage chunk dropped: {seen}");
-        assert!(seen.contains("Tolls are") && seen.ends_with("data: [DONE]\n\n"), "{seen}");
+        assert!(
+            seen.contains("Tolls are") && seen.ends_with("data: [DONE]\n\n"),
+            "{seen}"
+        );
         assert_eq!(h2.var("llm.total_tokens"), "40", "still recorded");
     }
 
@@ -384,11 +422,21 @@ fn include_usage_is_added_and_its_chunk_dropped() {
 
 #[test]
 fn usage_only_events_are_recognised() {
-    assert!(is_usage_only(b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":1}}\n\n"));
-    assert!(is_usage_only(b"data: {\"choices\":null,\"usage\":{\"prompt_tokens\":1}}\n\n"));
-    assert!(is_usage_only(b"data:{\"usage\":{\"prompt_tokens\":1}}\r\n\r\n"));
-    assert!(!is_usage_only(b"data: {\"choices\":[{\"delta\":{}}],\"usage\":null}\n\n"));
-    assert!(!is_usage_only(b"data: {\"choices\":[{\"delta\":{}}],\"usage\":{\"prompt_tokens\":1}}\n\n"));
+    assert!(is_usage_only(
+        b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":1}}\n\n"
+    ));
+    assert!(is_usage_only(
+        b"data: {\"choices\":null,\"usage\":{\"prompt_tokens\":1}}\n\n"
+    ));
+    assert!(is_usage_only(
+        b"data:{\"usage\":{\"prompt_tokens\":1}}\r\n\r\n"
+    ));
+    assert!(!is_usage_only(
+        b"data: {\"choices\":[{\"delta\":{}}],\"usage\":null}\n\n"
+    ));
+    assert!(!is_usage_only(
+        b"data: {\"choices\":[{\"delta\":{}}],\"usage\":{\"prompt_tokens\":1}}\n\n"
+    ));
     assert!(!is_usage_only(b"data: [DONE]\n\n"));
     assert!(!is_usage_only(b"data: {\"usage\": broken\n\n"));
 }

@@ -114,8 +114,8 @@ impl GenAiMetrics {
             "gen_ai.client.token.usage: tokens used per LLM call, by type (input, output)",
             &token_labels,
             vec![
-                1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0,
-                1048576.0, 4194304.0, 16777216.0, 67108864.0,
+                1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0,
+                4194304.0, 16777216.0, 67108864.0,
             ],
         );
         let request_duration = histogram(
@@ -145,7 +145,10 @@ impl GenAiMetrics {
             ],
         );
         let tokens_total = IntCounterVec::new(
-            Opts::new(TOKENS_TOTAL, "LLM tokens charged, by app, API product and type"),
+            Opts::new(
+                TOKENS_TOTAL,
+                "LLM tokens charged, by app, API product and type",
+            ),
             &["app", "product", "type"],
         )
         .expect("valid metric");
@@ -154,7 +157,10 @@ impl GenAiMetrics {
             .register(Box::new(tokens_total.clone()))
             .expect("unique metric");
         let cost_total = CounterVec::new(
-            Opts::new(COST_TOTAL, "LLM cost charged, by app, API product and currency"),
+            Opts::new(
+                COST_TOTAL,
+                "LLM cost charged, by app, API product and currency",
+            ),
             &["app", "product", "currency"],
         )
         .expect("valid metric");
