@@ -17,8 +17,7 @@ use std::hint::black_box;
 use std::sync::Arc;
 use tollgate::llm::track::{self, LlmTracking, TrackConfig};
 use tollgate::llm::{
-    detect, parse_request, Api, CountingConfig, ResponseAccumulator, ResponseFormat,
-    TokenCounter,
+    detect, parse_request, Api, CountingConfig, ResponseAccumulator, ResponseFormat, TokenCounter,
 };
 use tollgate::pipeline::{Chunk, Direction, ExchangeEnd, Hook, Outcome, Policy};
 use tollgate::vars::{Exchange, Headers, RequestInfo, ResponseInfo};
@@ -281,25 +280,65 @@ fn tracker(c: &mut Criterion) {
     let chat = br#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"Which lane is cheapest for a truck?"}]}"#;
     let anthropic = br#"{"model":"claude-sonnet-4-5","max_tokens":256,"stream":true,"messages":[{"role":"user","content":"Which lane is cheapest for a truck?"}]}"#;
     let gemini = br#"{"contents":[{"role":"user","parts":[{"text":"Which lane is cheapest for a truck?"}]}]}"#;
-    let responses = br#"{"model":"gpt-5-mini","stream":true,"input":"Which lane is cheapest for a truck?"}"#;
-    type TrackCase = (&'static str, &'static str, &'static [u8], &'static str, &'static [u8], &'static [u8]);
+    let responses =
+        br#"{"model":"gpt-5-mini","stream":true,"input":"Which lane is cheapest for a truck?"}"#;
+    type TrackCase = (
+        &'static str,
+        &'static str,
+        &'static [u8],
+        &'static str,
+        &'static [u8],
+        &'static [u8],
+    );
     let cases: [TrackCase; 5] = [
-        ("openai_chat_sse", "/v1/chat/completions", chat, "text/event-stream",
-            include_bytes!("../src/llm/fixtures/openai_chat_stream_usage.sse"), b"\n\n"),
-        ("responses_sse", "/v1/responses", responses, "text/event-stream",
-            include_bytes!("../src/llm/fixtures/responses_stream.sse"), b"\n\n"),
-        ("anthropic_sse", "/v1/messages", anthropic, "text/event-stream",
-            include_bytes!("../src/llm/fixtures/anthropic_stream.sse"), b"\n\n"),
-        ("gemini_sse", "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse", gemini,
-            "text/event-stream", include_bytes!("../src/llm/fixtures/gemini_stream.sse"), b"\n\n"),
-        ("gemini_json_array", "/v1beta/models/gemini-2.5-flash:streamGenerateContent", gemini,
-            "application/json", include_bytes!("../src/llm/fixtures/gemini_stream_array.json"), b"\n,"),
+        (
+            "openai_chat_sse",
+            "/v1/chat/completions",
+            chat,
+            "text/event-stream",
+            include_bytes!("../src/llm/fixtures/openai_chat_stream_usage.sse"),
+            b"\n\n",
+        ),
+        (
+            "responses_sse",
+            "/v1/responses",
+            responses,
+            "text/event-stream",
+            include_bytes!("../src/llm/fixtures/responses_stream.sse"),
+            b"\n\n",
+        ),
+        (
+            "anthropic_sse",
+            "/v1/messages",
+            anthropic,
+            "text/event-stream",
+            include_bytes!("../src/llm/fixtures/anthropic_stream.sse"),
+            b"\n\n",
+        ),
+        (
+            "gemini_sse",
+            "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse",
+            gemini,
+            "text/event-stream",
+            include_bytes!("../src/llm/fixtures/gemini_stream.sse"),
+            b"\n\n",
+        ),
+        (
+            "gemini_json_array",
+            "/v1beta/models/gemini-2.5-flash:streamGenerateContent",
+            gemini,
+            "application/json",
+            include_bytes!("../src/llm/fixtures/gemini_stream_array.json"),
+            b"\n,",
+        ),
     ];
     let mut g = c.benchmark_group("tracker_per_chunk");
     for (name, path, req, ct, body, sep) in cases {
         let chunks = per_event_chunks(body, sep);
         g.throughput(Throughput::Elements(chunks.len() as u64));
-        g.bench_function(name, |b| b.iter(|| tracked(&policy, path, req, ct, &chunks)));
+        g.bench_function(name, |b| {
+            b.iter(|| tracked(&policy, path, req, ct, &chunks))
+        });
     }
     g.finish();
 
@@ -324,7 +363,15 @@ fn tracker(c: &mut Criterion) {
         let chunks = per_event_chunks(stream, b"\n\n");
         g.throughput(Throughput::Elements(chunks.len() as u64));
         g.bench_function(name, |b| {
-            b.iter(|| tracked(&policy, "/v1/chat/completions", chat, "text/event-stream", &chunks))
+            b.iter(|| {
+                tracked(
+                    &policy,
+                    "/v1/chat/completions",
+                    chat,
+                    "text/event-stream",
+                    &chunks,
+                )
+            })
         });
     }
     g.finish();

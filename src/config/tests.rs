@@ -569,9 +569,7 @@ spec:
 "#;
     let s = compile(&files(text), None).unwrap();
     let names = |p: &crate::pipeline::DirectionPipeline| {
-        p.steps()
-            .map(|s| s.policy_name.clone())
-            .collect::<Vec<_>>()
+        p.steps().map(|s| s.policy_name.clone()).collect::<Vec<_>>()
     };
     let reads = &s.by_name["reads"];
     // The header step before it still runs on the headers; from the tracker on, the body.

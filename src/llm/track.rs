@@ -43,9 +43,11 @@ use super::detect::StreamShape;
 use super::response::{ResponseAccumulator, ResponseFormat, ResponseSummary};
 use super::tokens::{CountingConfig, CountingConfigError, TokenCounter};
 use super::usage::{FinalUsage, UsageSource};
-use super::Api;
+use super::{Api, LlmRequest};
 use crate::fault::Fault;
-use crate::pipeline::{Chunk, ChunkAction, ChunkSpec, Direction, ExchangeEnd, Hook, Hooks, Policy};
+use crate::pipeline::{
+    Chunk, ChunkAction, ChunkSpec, Direction, ExchangeEnd, Hook, Hooks, Outcome, Policy,
+};
 use crate::telemetry::gen_ai::{self, CallLabels, CallTimes};
 use crate::vars::Exchange;
 
@@ -139,13 +141,14 @@ impl LlmTracking {
         Fault::new(400, INVALID_REQUEST, message)
     }
 
-    fn start(&self, ex: &mut Exchange) -> Result<(), Fault> {
+    /// Parses the request (rewriting it for `includeUsage`): `None` when it is no LLM call.
+    fn parse(&self, ex: &mut Exchange) -> Result<Option<(LlmRequest, bool)>, Fault> {
         let endpoint = {
             let headers = &ex.request.headers;
             super::detect(&ex.request.method, &ex.request.uri, |h| headers.get(h))
         };
         let Some(endpoint) = endpoint else {
-            return Ok(());
+            return Ok(None);
         };
         let parsed = {
             let Some(json) = ex.body_json(Direction::Request) else {
@@ -174,7 +177,11 @@ impl LlmTracking {
                 ex.replace_body(Direction::Request, body);
             }
         }
-        let prompt = self.cfg.counter.count_request(&req, None);
+        Ok(Some((req, inject)))
+    }
+
+    /// Fills the slots and starts tracking.
+    fn install(&self, ex: &mut Exchange, req: LlmRequest, prompt: u64, inject: bool) {
         ex.state.llm_prompt_tokens = Some(prompt);
         ex.state.llm_tracker = Some(Box::new(Tracker {
             cfg: self.cfg.clone(),
@@ -193,9 +200,13 @@ impl LlmTracking {
             done: false,
         }));
         ex.state.llm = Some(Arc::new(req));
-        Ok(())
     }
 }
+
+/// Prompts longer than this (bytes of text and tool definitions) are counted on the
+/// blocking pool: tiktoken on a megabyte takes long enough to hold up the other streams
+/// this worker thread serves.
+pub const INLINE_COUNT_BYTES: usize = 64 * 1024;
 
 /// Whether the body's `stream_options` leaves room for tollgate to add `include_usage`
 /// (absent, or an object without it).
@@ -254,7 +265,31 @@ impl Policy for LlmTracking {
     }
 
     fn request_body<'a>(&'a self, ex: &'a mut Exchange) -> Hook<'a> {
-        self.start(ex).into()
+        let (req, inject) = match self.parse(ex) {
+            Err(f) => return Hook::Ready(Outcome::Reject(f)),
+            Ok(None) => return Hook::CONTINUE,
+            Ok(Some(r)) => r,
+        };
+        let in_thread = req.prompt.len().saturating_add(req.tools.len()) <= INLINE_COUNT_BYTES
+            || tokio::runtime::Handle::try_current().is_err();
+        if in_thread {
+            let prompt = self.cfg.counter.count_request(&req, None);
+            self.install(ex, req, prompt, inject);
+            return Hook::CONTINUE;
+        }
+        Hook::Pending(Box::pin(async move {
+            let req = Arc::new(req);
+            let (counter, r) = (self.cfg.counter.clone(), req.clone());
+            let prompt =
+                match tokio::task::spawn_blocking(move || counter.count_request(&r, None)).await {
+                    Ok(n) => n,
+                    // The pool is shutting down: count here rather than pass the prompt as free.
+                    Err(_) => self.cfg.counter.count_request(&req, None),
+                };
+            let req = Arc::try_unwrap(req).unwrap_or_else(|a| (*a).clone());
+            self.install(ex, req, prompt, inject);
+            Outcome::Continue
+        }))
     }
 
     fn response_headers<'a>(&'a self, ex: &'a mut Exchange) -> Hook<'a> {

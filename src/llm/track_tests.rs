@@ -451,3 +451,28 @@ fn llm_cost_resolves_from_its_slot() {
     ex.for_each_var(&mut |n, _| names.push(n.to_owned()));
     assert_eq!(names, ["llm.cost"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_huge_prompt_is_counted_off_the_worker_thread() {
+    let text = "lane four costs three euros, ".repeat(4000);
+    assert!(text.len() > INLINE_COUNT_BYTES);
+    let body = serde_json::to_vec(&serde_json::json!({
+        "model": "gpt-4o", "messages": [{"role": "user", "content": text}]
+    }))
+    .unwrap();
+    let mut h = Harness::new(false);
+    let mut hd = Headers::new();
+    hd.push(":method".into(), "POST".into());
+    hd.push(":path".into(), "/v1/chat/completions".into());
+    h.ex.request = RequestInfo::from_headers(hd);
+    h.ex.set_body(Direction::Request, Some(body.clone()));
+    let Hook::Pending(fut) = h.step.policy.run(&mut h.ex, Direction::Request) else {
+        panic!("counted on the blocking pool")
+    };
+    assert_eq!(fut.await, Outcome::Continue);
+    let ep = crate::llm::detect("POST", "/v1/chat/completions", |_| None).unwrap();
+    let expected = TokenCounter::default()
+        .count_request(&crate::llm::parse_request(&ep, &body).unwrap(), None);
+    assert_eq!(h.ex.state.llm_prompt_tokens, Some(expected));
+    assert!(h.ex.state.llm_tracker.is_some() && h.ex.state.llm.is_some());
+}
