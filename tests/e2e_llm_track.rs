@@ -11,7 +11,9 @@
 mod support;
 
 use std::convert::Infallible;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -39,6 +41,9 @@ const OPENAI_NO_USAGE: &[u8] =
 const OPENAI_JSON: &[u8] = include_bytes!("../src/llm/fixtures/openai_chat.json");
 const ANTHROPIC: &[u8] = include_bytes!("../src/llm/fixtures/anthropic_stream.sse");
 const GEMINI: &[u8] = include_bytes!("../src/llm/fixtures/gemini_stream.sse");
+
+/// A check of what the test policy saw of one exchange.
+type Check = Box<dyn Fn(&Seen)>;
 
 /// What the test policy saw of one exchange.
 #[derive(Debug, Clone)]
@@ -232,7 +237,7 @@ async fn upstream_handle(
         .await
         .map(|b| b.to_bytes().to_vec())
         .unwrap_or_default();
-    got.lock().unwrap().push((path.clone(), ae, body.clone()));
+    got.lock().push((path.clone(), ae, body.clone()));
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
     if parts.headers.contains_key("x-fail") {
         return Ok(json(
@@ -339,7 +344,7 @@ async fn llm_slots_variables_include_usage_and_metrics_through_envoy() {
         let envoy = Envoy::start(tmp.path(), &envoy_options(), grpc, up).await;
         let client = HttpClient::new();
         let url = |p: &str| format!("http://{}{}", envoy.listen, p);
-        let mut expect: Vec<(String, Box<dyn Fn(&Seen)>)> = Vec::new();
+        let mut expect: Vec<(String, Check)> = Vec::new();
 
         for mode in ["duplex", "buffered"] {
             // OpenAI, streamed, the client did not ask for usage: counted.
@@ -512,7 +517,7 @@ async fn llm_slots_variables_include_usage_and_metrics_through_envoy() {
         // The upstream got `include_usage` only through the includeUsage flow, never an
         // `accept-encoding`, and never the unreadable bodies.
         {
-            let got = got.lock().unwrap();
+            let got = got.lock();
             for (path, ae, body) in got.iter() {
                 assert_eq!(ae, &None, "{path}: accept-encoding removed");
                 assert_ne!(body.as_slice(), b"{not json", "{path}");

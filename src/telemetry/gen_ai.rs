@@ -11,7 +11,9 @@
 
 use std::borrow::Cow;
 use std::collections::HashSet;
-use std::sync::{LazyLock, Mutex};
+use std::sync::LazyLock;
+
+use parking_lot::Mutex;
 
 use prometheus::{CounterVec, HistogramOpts, HistogramVec, IntCounterVec, Opts};
 
@@ -61,7 +63,7 @@ impl LabelCap {
         if v.len() > LABEL_VALUE_MAX_BYTES {
             return OTHER;
         }
-        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let mut seen = self.seen.lock();
         if seen.contains(v) {
             return v;
         }
