@@ -82,9 +82,15 @@ impl Policy for Slots {
         }
     }
 
+    /// Notes the prompt tokens it sees; `x-reject` is refused here, as a token quota would.
     fn request_headers<'a>(&'a self, ex: &'a mut Exchange) -> Hook<'a> {
         if let Some(n) = ex.state.llm_prompt_tokens {
             ex.set_var("test.prompt_at_request", n.to_string());
+        }
+        if ex.request.headers.get("x-reject").is_some() {
+            return Hook::Ready(tollgate::pipeline::Outcome::Reject(
+                tollgate::fault::Fault::new(429, "test.Refused", "refused"),
+            ));
         }
         Hook::CONTINUE
     }
@@ -195,16 +201,16 @@ type Received = Arc<Mutex<Vec<(String, Option<String>, Vec<u8>)>>>;
 
 type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
-/// Server-sent events one per frame, 10 ms apart.
-fn sse(body: &'static [u8]) -> Response<Body> {
+/// Server-sent events one per frame, `gap` apart.
+fn sse(body: &'static [u8], gap: Duration) -> Response<Body> {
     let text = std::str::from_utf8(body).unwrap();
     let events: Vec<Bytes> = text
         .split_inclusive("\n\n")
         .map(|e| Bytes::copy_from_slice(e.as_bytes()))
         .collect();
-    let stream = futures_util::stream::unfold(events.into_iter(), |mut it| async move {
+    let stream = futures_util::stream::unfold(events.into_iter(), move |mut it| async move {
         let e = it.next()?;
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(gap).await;
         Some((Ok::<_, Infallible>(Frame::data(e)), it))
     });
     Response::builder()
@@ -239,6 +245,12 @@ async fn upstream_handle(
         .unwrap_or_default();
     got.lock().push((path.clone(), ae, body.clone()));
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    let gap = Duration::from_millis(if parts.headers.contains_key("x-slow") {
+        500
+    } else {
+        10
+    });
+    let sse = |b| sse(b, gap);
     if parts.headers.contains_key("x-fail") {
         return Ok(json(
             503,
@@ -557,6 +569,49 @@ async fn llm_slots_variables_include_usage_and_metrics_through_envoy() {
             Some("openai.chat_completions gpt-4o-mini false")
         );
         assert_eq!(r.body.as_ref(), OPENAI_JSON);
+
+        // Refused by a step after the tracker: the prompt, no output.
+        let path = "/duplex/plain/v1/chat/completions";
+        let r = client
+            .send("POST", &url(path), &[("x-test-id", "refused"), ("x-reject", "1")], CHAT_STREAM)
+            .await;
+        assert_eq!(r.status, 429);
+        let prompt = prompt_tokens(path, CHAT_STREAM.as_bytes());
+        expect.push((
+            "refused".into(),
+            Box::new(move |s: &Seen| {
+                assert_eq!(s.end, ExchangeEnd::Answered);
+                let u = s.usage.as_ref().unwrap();
+                assert_eq!((u.input_tokens, u.output_tokens), (prompt, 0));
+            }),
+        ));
+
+        // The client goes away after the first event: what was known.
+        {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut c = tokio::net::TcpStream::connect(envoy.listen).await.unwrap();
+            let req = format!(
+                "POST {path} HTTP/1.1\r\nhost: e2e\r\nx-test-id: aborted\r\nx-slow: 1\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{CHAT_STREAM}",
+                CHAT_STREAM.len()
+            );
+            c.write_all(req.as_bytes()).await.unwrap();
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !String::from_utf8_lossy(&seen).contains("data: ") {
+                let n = c.read(&mut buf).await.unwrap();
+                assert!(n > 0, "the stream ended before its first event");
+                seen.extend_from_slice(&buf[..n]);
+            }
+        }
+        expect.push((
+            "aborted".into(),
+            Box::new(move |s: &Seen| {
+                assert_eq!(s.end, ExchangeEnd::Aborted);
+                let u = s.usage.as_ref().unwrap();
+                assert_eq!(u.input_tokens, prompt);
+                assert_eq!(u.output_source, UsageSource::Counted);
+            }),
+        ));
 
         // Every exchange reported once, with the slots filled.
         let mut pending = expect;

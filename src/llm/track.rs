@@ -29,7 +29,8 @@
 //! - an upstream error status (4xx/5xx): no output; input only if the upstream reported it
 //!   (providers do not bill failed calls);
 //! - an abort or a broken stream after the response began: as a response that ended, with
-//!   the text streamed so far;
+//!   the text streamed so far; output is the larger of the last usage reported and the
+//!   streamed text's count (Anthropic's `message_start` reports 1 output token);
 //! - no upstream response (tollgate answered, or the exchange ended first): the counted
 //!   prompt, no output.
 
@@ -448,7 +449,20 @@ fn charge(
         }
         return (u, Cow::Owned(t.status.to_string()));
     }
-    let usage = s.final_usage(&t.cfg.counter, &t.model, prompt);
+    let mut usage = s.final_usage(&t.cfg.counter, &t.model, prompt);
+    if !s.complete && usage.output_source == UsageSource::Reported {
+        // A stream cut short reports output only as far as its last usage (Anthropic's
+        // `message_start` says 1): the text that did stream may be more.
+        let mut text_only = s.clone();
+        text_only.usage.output_tokens = None;
+        let counted = text_only
+            .final_usage(&t.cfg.counter, &t.model, prompt)
+            .output_tokens;
+        if counted > usage.output_tokens {
+            usage.output_tokens = counted;
+            usage.output_source = UsageSource::Counted;
+        }
+    }
     let error = match end {
         ExchangeEnd::Aborted => "aborted",
         ExchangeEnd::Failed => "failed",

@@ -476,3 +476,26 @@ async fn a_huge_prompt_is_counted_off_the_worker_thread() {
     assert_eq!(h.ex.state.llm_prompt_tokens, Some(expected));
     assert!(h.ex.state.llm_tracker.is_some() && h.ex.state.llm.is_some());
 }
+
+#[test]
+fn an_aborted_anthropic_stream_is_charged_the_text_that_streamed() {
+    let body = fixture!("anthropic_stream.sse");
+    let text = std::str::from_utf8(body).unwrap();
+    // Up to and including the first text delta: message_start said output_tokens 1.
+    let cut = text.find("event: content_block_stop").unwrap();
+    let mut h = Harness::new(false);
+    let req = br#"{"model":"claude-sonnet-4-5","max_tokens":100,"stream":true,"messages":[{"role":"user","content":"Which lane?"}]}"#;
+    h.request("POST", "/v1/messages", &[], req);
+    h.response(200, "text/event-stream");
+    h.body(&[&body[..cut]], false);
+    finish(&mut h.ex, ExchangeEnd::Aborted);
+    let u = h.usage();
+    assert_eq!(u.input_tokens, 2125, "reported in message_start");
+    assert_eq!(u.input_source, UsageSource::Reported);
+    assert!(
+        u.output_tokens > 1,
+        "the streamed thinking is counted: {}",
+        u.output_tokens
+    );
+    assert_eq!(u.output_source, UsageSource::Counted);
+}
