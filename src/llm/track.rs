@@ -475,8 +475,8 @@ fn charge(
 /// Drops, from whole server-sent events, the usage-only chunk of an OpenAI stream: `usage`
 /// set, `choices` empty, `null` or missing.
 fn drop_usage_events(data: &mut Vec<u8>) {
-    // Cheap test first: most events carry no usage at all.
-    if !contains(data, b"\"usage\"") {
+    // Cheap test first, no allocation: most events carry no usage, or `"usage":null`.
+    if !has_usage_value(data) {
         return;
     }
     let chunk = Chunk {
@@ -493,8 +493,21 @@ fn drop_usage_events(data: &mut Vec<u8>) {
     *data = out;
 }
 
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
+/// Some `"usage"` key in `data` has a value other than `null`.
+fn has_usage_value(data: &[u8]) -> bool {
+    const KEY: &[u8] = b"\"usage\"";
+    let mut rest = data;
+    while let Some(i) = rest.windows(KEY.len()).position(|w| w == KEY) {
+        rest = &rest[i + KEY.len()..];
+        let value = rest
+            .iter()
+            .position(|b| !matches!(b, b' ' | b'\t' | b':'))
+            .map_or(&[][..], |j| &rest[j..]);
+        if !value.starts_with(b"null") {
+            return true;
+        }
+    }
+    false
 }
 
 #[derive(Deserialize)]
@@ -507,7 +520,7 @@ struct Probe {
 
 /// One event (with its blank line) is an OpenAI usage-only chunk.
 fn is_usage_only(event: &[u8]) -> bool {
-    if !contains(event, b"\"usage\"") {
+    if !has_usage_value(event) {
         return false;
     }
     let Ok(text) = std::str::from_utf8(event) else {

@@ -499,3 +499,42 @@ fn an_aborted_anthropic_stream_is_charged_the_text_that_streamed() {
     );
     assert_eq!(u.output_source, UsageSource::Counted);
 }
+
+#[test]
+fn llm_variables_in_conditions_and_templates() {
+    let mut h = Harness::new(false);
+    h.request("POST", "/v1/chat/completions", &[], CHAT);
+    h.response(200, "text/event-stream");
+    h.body(&[fixture!("openai_chat_stream_usage.sse")], true);
+    let cond = |c: &str| crate::expr::Condition::compile(c).unwrap().eval(&h.ex);
+    assert!(cond("llm.total_tokens > 10"));
+    assert!(cond("llm.total_tokens == 40 && llm.stream"));
+    assert!(cond(
+        "llm.api == 'openai.chat_completions' && llm.model.startsWith('gpt-4o')"
+    ));
+    assert!(!cond("llm.completion_tokens > 9"));
+    let t = crate::expr::Template::compile(
+        "{llm.prompt_tokens}+{llm.completion_tokens}={llm.total_tokens}",
+    )
+    .unwrap();
+    assert_eq!(t.render(&h.ex), "31+9=40");
+}
+
+#[test]
+fn usage_values_are_spotted_without_parsing() {
+    assert!(!has_usage_value(
+        b"data: {\"choices\":[],\"usage\":null}\n\n"
+    ));
+    assert!(!has_usage_value(
+        b"data: {\"usage\" : null}\n\ndata: {\"x\":1}\n\n"
+    ));
+    assert!(has_usage_value(
+        b"data: {\"usage\":null}\n\ndata: {\"usage\":{\"a\":1}}\n\n"
+    ));
+    assert!(has_usage_value(b"data: {\"usage\": {}}"));
+    assert!(
+        has_usage_value(b"data: {\"usage\""),
+        "a cut value is looked at"
+    );
+    assert!(!has_usage_value(b"data: {\"choices\":[]}"));
+}
