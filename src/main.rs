@@ -263,6 +263,14 @@ struct ServeArgs {
     /// followed.
     #[arg(long, env = "TOLLGATE_TRACE_SAMPLE_RATIO", default_value_t = 0.01)]
     trace_sample_ratio: f64,
+    /// Write one JSON line per exchange (flow, app, developer, product, API, model, status,
+    /// deciding policy, latency, sizes, tokens, cost; never a secret) to `stdout` or a file.
+    /// Off when unset.
+    #[arg(long, env = "TOLLGATE_ANALYTICS", value_name = "stdout|PATH")]
+    analytics: Option<tollgate::telemetry::analytics::Sink>,
+    /// Share of exchanges that get an analytics record (0 to 1), spread evenly.
+    #[arg(long, env = "TOLLGATE_ANALYTICS_SAMPLE_RATIO", default_value_t = 1.0)]
+    analytics_sample_ratio: f64,
     /// Where Quota counters live: `auto` is Redis with `--store redis`, memory otherwise
     /// (checkpointed to the embedded store with `--store embedded`). SpikeArrest always
     /// counts per replica, in memory.
@@ -427,6 +435,13 @@ fn conflicts(m: &ArgMatches, args: &ServeArgs) -> Vec<String> {
                     counters_why()
                 ));
             }
+        }
+    }
+    if args.analytics.is_none() {
+        if let Some(flag) = given(m, "analytics_sample_ratio") {
+            out.push(format!(
+                "{flag} needs --analytics: records are written only there"
+            ));
         }
     }
     if args.otlp_endpoint.is_none() {
@@ -605,6 +620,13 @@ async fn run(args: Box<ServeArgs>) -> anyhow::Result<()> {
         Some(endpoint) => Some(tollgate::telemetry::trace::init(
             endpoint,
             args.trace_sample_ratio,
+        )?),
+        None => None,
+    };
+    let _analytics = match &args.analytics {
+        Some(sink) => Some(tollgate::telemetry::analytics::init(
+            sink.clone(),
+            args.analytics_sample_ratio,
         )?),
         None => None,
     };

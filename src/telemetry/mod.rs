@@ -2,6 +2,7 @@
 //! that the hot path touches per flow are resolved once per configuration (see
 //! [`FlowMetrics`]) so a request does no label hashing.
 
+pub mod analytics;
 pub mod gen_ai;
 pub mod trace;
 
