@@ -163,6 +163,8 @@ impl StreamState {
         dir: Direction,
         out: &mut Vec<ProcessingResponse>,
     ) {
+        // The exchange's usage is known before any response hook runs on the answer.
+        crate::llm::track::finish(&mut self.ex, ExchangeEnd::Answered);
         if let (Direction::Request, Some(flow)) = (dir, self.flow.clone()) {
             if !flow.response.answer_steps.is_empty() {
                 // Boxed: keeps the common path's futures small.
@@ -491,6 +493,9 @@ impl StreamState {
         if h.end_of_stream {
             self.resp.body_done = true;
             self.complete = true;
+            // No body follows: the usage is known before any response step runs.
+            crate::llm::track::on_response_headers(&mut self.ex);
+            crate::llm::track::finish(&mut self.ex, ExchangeEnd::Completed);
         }
         let Some(flow) = self.flow.clone() else {
             out.push(proto::response_headers(None, None));
@@ -700,6 +705,10 @@ impl StreamState {
             None => (data, eos),
             Some(runner) => {
                 let (data, end) = runner.push(&flow.response.chunk_steps, &mut self.ex, data, eos);
+                if end {
+                    // Before the copy steps and the after-exchange hooks run.
+                    crate::llm::track::finish(&mut self.ex, ExchangeEnd::Completed);
+                }
                 if end && !eos {
                     // A step ended the stream early: the copy is not the upstream's answer.
                     self.ex.response_capture = 0;
@@ -1004,6 +1013,10 @@ impl StreamState {
             Direction::Request => &flow.request.on_body,
             Direction::Response => &flow.response.on_body,
         };
+        if dir == Direction::Response {
+            // The usage is known before the response's body steps run.
+            crate::llm::track::whole_response(&mut self.ex, &body);
+        }
         self.ex.set_body(dir, Some(body));
         let o = run_steps(steps, &mut self.ex, dir).await;
         if !o.is_continue() {
@@ -1222,18 +1235,21 @@ impl Drop for StreamState {
             self.ex.trace.end(status, outcome, error);
         }
         if let Some(flow) = &self.flow {
+            let end = if self.failed {
+                ExchangeEnd::Failed
+            } else if self.answered {
+                ExchangeEnd::Answered
+            } else if self.complete || self.chunks.as_ref().is_some_and(|r| r.ended()) {
+                ExchangeEnd::Completed
+            } else {
+                ExchangeEnd::Aborted
+            };
+            // Whatever is known, before the after-exchange hooks read it (no-op when the
+            // response's end already set it, or the flow does not track).
+            crate::llm::track::finish(&mut self.ex, end);
             let (req, resp) = (&flow.request.after, &flow.response.after);
             if !req.is_empty() || !resp.is_empty() {
                 // The stream's last answer is gone by now: the hooks never delay it.
-                let end = if self.failed {
-                    ExchangeEnd::Failed
-                } else if self.answered {
-                    ExchangeEnd::Answered
-                } else if self.complete || self.chunks.as_ref().is_some_and(|r| r.ended()) {
-                    ExchangeEnd::Completed
-                } else {
-                    ExchangeEnd::Aborted
-                };
                 let resp_only = resp
                     .iter()
                     .filter(|p| !req.iter().any(|q| Arc::ptr_eq(p, q)));
