@@ -1215,38 +1215,35 @@ impl Drop for StreamState {
         if let (Some(f), false) = (&self.flow, self.rejected) {
             f.metrics.continued.inc();
         }
+        let end = if self.failed {
+            ExchangeEnd::Failed
+        } else if self.answered {
+            ExchangeEnd::Answered
+        } else if self.complete || self.chunks.as_ref().is_some_and(|r| r.ended()) {
+            ExchangeEnd::Completed
+        } else {
+            ExchangeEnd::Aborted
+        };
+        if self.flow.is_some() {
+            // Whatever is known, before usage, analytics and the after-exchange hooks read
+            // it (no-op when the response's end already set it, or the flow does not track).
+            crate::llm::track::finish(&mut self.ex, end);
+        }
         let sampled = crate::telemetry::analytics::sample();
         if sampled || (self.shared.usage.is_some() && self.ex.state.app(None).is_some()) {
             self.account(sampled);
         }
         if self.ex.trace.is_recording() {
-            let (outcome, error) = if self.failed {
-                ("failed", Some("stream_error"))
-            } else if self.rejected {
-                ("rejected", None)
-            } else if self.answered {
-                ("answered", None)
-            } else if self.complete || self.chunks.as_ref().is_some_and(|r| r.ended()) {
-                ("completed", None)
-            } else {
-                ("aborted", Some("aborted"))
+            let outcome = self.outcome();
+            let error = match outcome {
+                "failed" => Some("stream_error"),
+                "aborted" => Some("aborted"),
+                _ => None,
             };
             let status = self.ex.response.as_ref().map(|r| r.status);
             self.ex.trace.end(status, outcome, error);
         }
         if let Some(flow) = &self.flow {
-            let end = if self.failed {
-                ExchangeEnd::Failed
-            } else if self.answered {
-                ExchangeEnd::Answered
-            } else if self.complete || self.chunks.as_ref().is_some_and(|r| r.ended()) {
-                ExchangeEnd::Completed
-            } else {
-                ExchangeEnd::Aborted
-            };
-            // Whatever is known, before the after-exchange hooks read it (no-op when the
-            // response's end already set it, or the flow does not track).
-            crate::llm::track::finish(&mut self.ex, end);
             let (req, resp) = (&flow.request.after, &flow.response.after);
             if !req.is_empty() || !resp.is_empty() {
                 // The stream's last answer is gone by now: the hooks never delay it.
