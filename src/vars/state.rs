@@ -42,6 +42,10 @@ pub struct State {
     /// What the exchange cost in the price table's currency, once a cost-budget step priced
     /// `llm_usage` (the `llm.cost` variable).
     pub llm_cost: Option<f64>,
+    /// Token-quota and cost-budget reservations counted on the request, settled by the
+    /// steps that made them (or their count halves) after the exchange; any left are
+    /// released when the exchange drops.
+    pub reservations: crate::ratelimit::reserve::Reservations,
     /// The request and response bodies parsed as JSON, on first use (see
     /// [`super::Exchange::body_json`]).
     pub(super) json: [OnceLock<JsonBody>; 2],
