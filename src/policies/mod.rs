@@ -17,7 +17,12 @@ pub use common::{
 pub mod assign_message;
 pub mod javascript;
 pub mod key_value_map;
+pub mod llm_cost_budget;
+pub mod llm_token_quota;
+#[cfg(test)]
+mod llm_test_support;
 pub mod oas_validation;
+pub mod prompt_token_limit;
 pub mod quota;
 pub mod raise_fault;
 pub mod response_cache;
@@ -33,7 +38,10 @@ pub static REGISTRY: &[(&str, BuildFn)] = &[
     (assign_message::TYPE, assign_message::build),
     (javascript::TYPE, javascript::build),
     (key_value_map::TYPE, key_value_map::build),
+    (llm_cost_budget::TYPE, llm_cost_budget::build),
+    (llm_token_quota::TYPE, llm_token_quota::build),
     (oas_validation::TYPE, oas_validation::build),
+    (prompt_token_limit::TYPE, prompt_token_limit::build),
     (quota::TYPE, quota::build),
     (raise_fault::TYPE, raise_fault::build),
     (response_cache::TYPE, response_cache::build),
@@ -58,6 +66,7 @@ pub const ALL_TYPES: &[&str] = &[
     "RaiseFault",
     "LlmTokenQuota",
     "PromptTokenLimit",
+    "LlmCostBudget",
     "SanitizePrompt",
     "SanitizeResponse",
     "SemanticCache",

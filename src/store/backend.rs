@@ -141,7 +141,15 @@ pub trait Backend: Send + Sync + std::fmt::Debug + 'static {
     /// Adjusts what reservations counted (see [`Adjust`]), each atomically: `Some(count)`
     /// after the adjustment, `None` when its window has passed (moot). A count of 0 asked
     /// through [`Backend::count`] (count-only, weight 0) reads a counter without changing it.
-    async fn adjust(&self, adjusts: &[Adjust]) -> Result<Vec<Option<u64>>, StoreError>;
+    /// Every backend tollgate opens implements it; the default (for test doubles that hold
+    /// no counters) refuses.
+    async fn adjust(&self, adjusts: &[Adjust]) -> Result<Vec<Option<u64>>, StoreError> {
+        let _ = adjusts;
+        Err(StoreError::Unavailable(format!(
+            "the {} backend holds no counters",
+            self.kind()
+        )))
+    }
     /// Counter checkpoint rows (key, encoded window) written by [`Backend::save_counters`].
     async fn load_counters(&self) -> Result<Vec<(u128, Vec<u8>)>, StoreError>;
     /// Writes `rows` and drops every stored row `keep` refuses, in one durable step.
