@@ -85,6 +85,45 @@ fn scenarios(file: &str) -> Option<Vec<Scenario>> {
                 },
             },
         ]),
+        // Without a body the request is not read as an LLM request: LlmTokenQuota reserves
+        // its defaultOutputTokens (1000) and settles when the exchange ends; the prompt rate
+        // and the budget have nothing to count. The token arithmetic of LLM bodies is proved
+        // in the policies' tests and tests/llm_quota.rs.
+        "llm-quota.yaml" => Some(vec![
+            Scenario {
+                method: "POST",
+                path: "/llm/v1/chat/completions",
+                headers: &[],
+                body: None,
+                reply: None,
+                expect: Expect::Immediate {
+                    status: 401,
+                    body_contains: "oauth.v2.FailedToResolveAPIKey",
+                },
+            },
+            Scenario {
+                method: "POST",
+                path: "/llm/v1/chat/completions",
+                headers: &[("x-api-key", "tg_llm_gold_key_0001")],
+                body: None,
+                reply: Some((200, "application/json", r#"{"choices":[]}"#)),
+                expect: Expect::Upstream(&[
+                    ("x-tollgate-app", "llm-gold-app"),
+                    ("x-tokens-available", "99000"),
+                ]),
+            },
+            Scenario {
+                method: "POST",
+                path: "/llm/v1/chat/completions",
+                headers: &[("x-api-key", "tg_llm_free_key_0001")],
+                body: None,
+                reply: None,
+                expect: Expect::Immediate {
+                    status: 429,
+                    body_contains: "policies.llmtokenquota.LLMTokenQuotaViolation",
+                },
+            },
+        ]),
         "api-keys.yaml" => Some(vec![
             Scenario {
                 method: "GET",

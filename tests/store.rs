@@ -835,6 +835,62 @@ mod counters_suite {
         assert_eq!(fresh.apply(&ask(42, day, 10, 1, EC, 30)).used, 4);
     }
 
+    /// Reservations through `SharedCounters`: synchronous adjustments are the backend's;
+    /// asynchronous ones land on the mirror (a refund of counts not sent yet comes off the
+    /// pending count, one of counts already sent is sent as an adjustment at the next sync).
+    pub async fn shared_counters_settle_reservations(b: Arc<dyn Backend>) {
+        use tollgate::ratelimit::{Adjust, AdjustPending};
+        let local = Arc::new(MemoryCounters::new(100));
+        let now = tollgate::ratelimit::Clock::now_ms(&tollgate::ratelimit::SystemClock);
+        let hour = Window::Fixed {
+            start: now - now % 3_600_000,
+            end: now - now % 3_600_000 + 3_600_000,
+        };
+        let read = |key| ask(key, hour, 100, 0, Mode::CountOnly, now);
+        let settle = |p: AdjustPending| async move {
+            match p {
+                AdjustPending::Ready(r) => r.unwrap(),
+                AdjustPending::Wait(f) => f.await.unwrap(),
+            }
+        };
+        let sync = SharedCounters::new(b.clone(), SyncMode::Sync, 100);
+        let a = ask(60, hour, 100, 60, EC, now);
+        let d = match sync.decide(a.clone(), &local) {
+            Pending::Wait(f) => f.await.unwrap(),
+            Pending::Ready(_) => panic!("synchronous mode waits on the backend"),
+        };
+        let adj = |delta| Adjust {
+            delta,
+            ..Adjust::of(&a, &d)
+        };
+        assert_eq!(settle(sync.adjust(adj(-45))).await, Some(15));
+        assert_eq!(one(&b, read(60)).await.used, 15);
+        // Asynchronous.
+        let interval = Duration::from_secs(3600);
+        let m = SharedCounters::new(b.clone(), SyncMode::Async { interval }, 100);
+        let decide = |a: Ask| match m.decide(a, &local) {
+            Pending::Ready(r) => r.unwrap(),
+            Pending::Wait(_) => panic!("asynchronous mode decides at once"),
+        };
+        let a = ask(61, hour, 100, 60, EC, now);
+        let d = decide(a.clone());
+        let adj = |delta| Adjust {
+            delta,
+            ..Adjust::of(&a, &d)
+        };
+        assert_eq!(settle(m.adjust(adj(-45))).await, Some(15), "off the pending count");
+        m.sync(now, interval).await;
+        assert_eq!(one(&b, read(61)).await.used, 15);
+        assert_eq!(settle(m.adjust(adj(-10))).await, Some(5), "a debit");
+        assert!(!decide(ask(61, hour, 100, 96, EC, now)).allowed);
+        assert!(decide(ask(61, hour, 100, 95, EC, now)).allowed, "the refund is usable at once");
+        m.sync(now, interval).await;
+        assert_eq!(one(&b, read(61)).await.used, 100);
+        assert_eq!(settle(m.adjust(adj(-100))).await, Some(0));
+        m.sync(now, interval).await;
+        assert_eq!(one(&b, read(61)).await.used, 0);
+    }
+
     pub async fn shared_counters_use_the_backend(b: Arc<dyn Backend>) {
         let local = Arc::new(MemoryCounters::new(100));
         // Wall time: the asynchronous sync task's first tick syncs at the wall clock.
@@ -1053,6 +1109,11 @@ macro_rules! store_suite {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn counter_reservations_adjust_where_they_counted() {
                 run_backend(counters_suite::reservations_adjust_where_they_counted).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn shared_counters_settle_reservations() {
+                run_backend(counters_suite::shared_counters_settle_reservations).await
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
