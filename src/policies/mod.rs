@@ -20,7 +20,7 @@ pub mod key_value_map;
 pub mod llm_cost_budget;
 pub mod llm_token_quota;
 #[cfg(test)]
-mod llm_test_support;
+pub(crate) mod llm_test_support;
 pub mod oas_validation;
 pub mod prompt_token_limit;
 pub mod quota;
