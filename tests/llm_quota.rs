@@ -269,8 +269,11 @@ async fn no_overshoot(ts: &[&Tollgate], user: &str) {
             release.wait().await;
             match decided {
                 Ok(()) => {
-                    let how = [Ending::Completed, Ending::ClientAbort, Ending::UpstreamError]
-                        [i % 3];
+                    let how = [
+                        Ending::Completed,
+                        Ending::ClientAbort,
+                        Ending::UpstreamError,
+                    ][i % 3];
                     finish(conv, how).await;
                     Ok(())
                 }
@@ -295,13 +298,19 @@ async fn no_overshoot(ts: &[&Tollgate], user: &str) {
             Err(status) => assert_eq!(status, 429, "refusals are 429"),
         }
     }
-    assert_eq!(count, admitted as f64, "one reservation per admitted exchange");
+    assert_eq!(
+        count, admitted as f64,
+        "one reservation per admitted exchange"
+    );
     assert!(
         tokens <= LIMIT as f64,
         "reserved {tokens} tokens for a {LIMIT}-token quota"
     );
     let per = tokens / admitted as f64;
-    assert!(per >= OUTPUT as f64, "each reserved at least its output limit");
+    assert!(
+        per >= OUTPUT as f64,
+        "each reserved at least its output limit"
+    );
     if unavailable == 0 {
         assert!(
             tokens + per > LIMIT as f64,

@@ -660,9 +660,21 @@ mod counters_suite {
         assert!(!one(&b, ask(31, w, 100, 50, EC, T + 2)).await.allowed);
         assert_eq!(adjust(&b, at(-45, T + 3)).await, Some(15), "refund");
         assert!(one(&b, ask(31, w, 100, 50, EC, T + 4)).await.allowed);
-        assert_eq!(adjust(&b, at(30, T + 5)).await, Some(95), "an excess counts");
-        assert_eq!(adjust(&b, at(-1_000, T + 6)).await, Some(0), "never below 0");
-        assert_eq!(adjust(&b, at(-1, T + 60_000)).await, None, "window over: moot");
+        assert_eq!(
+            adjust(&b, at(30, T + 5)).await,
+            Some(95),
+            "an excess counts"
+        );
+        assert_eq!(
+            adjust(&b, at(-1_000, T + 6)).await,
+            Some(0),
+            "never below 0"
+        );
+        assert_eq!(
+            adjust(&b, at(-1, T + 60_000)).await,
+            None,
+            "window over: moot"
+        );
         // Flexi: only the window it counted in.
         let f = Window::Flexi { len: 1000 };
         let a = ask(32, f, 100, 50, EC, T + 10);
@@ -675,7 +687,12 @@ mod counters_suite {
         assert_eq!(adjust(&b, at(-20, T + 500)).await, Some(30));
         one(&b, ask(32, f, 100, 5, EC, T + 1_500)).await;
         assert_eq!(adjust(&b, at(-20, T + 1_600)).await, None, "a later window");
-        assert_eq!(one(&b, ask(32, f, 100, 0, Mode::CountOnly, T + 1_600)).await.used, 5);
+        assert_eq!(
+            one(&b, ask(32, f, 100, 0, Mode::CountOnly, T + 1_600))
+                .await
+                .used,
+            5
+        );
         // Rolling (slots of 100 ms): the slot it counted in, until that slot leaves.
         let r = Window::Rolling { len: 1000 };
         let a = ask(33, r, 100, 40, EC, T + 50);
@@ -687,9 +704,19 @@ mod counters_suite {
             ..Adjust::of(&a, &d)
         };
         assert_eq!(adjust(&b, at(-30, T + 500)).await, Some(17));
-        assert_eq!(one(&b, ask(33, r, 100, 0, Mode::CountOnly, T + 999)).await.used, 17);
+        assert_eq!(
+            one(&b, ask(33, r, 100, 0, Mode::CountOnly, T + 999))
+                .await
+                .used,
+            17
+        );
         assert_eq!(adjust(&b, at(-5, T + 1_000)).await, None, "its slot left");
-        assert_eq!(one(&b, ask(33, r, 100, 0, Mode::CountOnly, T + 1_000)).await.used, 7);
+        assert_eq!(
+            one(&b, ask(33, r, 100, 0, Mode::CountOnly, T + 1_000))
+                .await
+                .used,
+            7
+        );
         // Reading a flexi counter that does not exist starts no window.
         let d = one(&b, ask(34, f, 10, 0, Mode::CountOnly, T + 100)).await;
         assert_eq!((d.used, d.expiry), (0, T + 1_100));
@@ -878,12 +905,19 @@ mod counters_suite {
             delta,
             ..Adjust::of(&a, &d)
         };
-        assert_eq!(settle(m.adjust(adj(-45))).await, Some(15), "off the pending count");
+        assert_eq!(
+            settle(m.adjust(adj(-45))).await,
+            Some(15),
+            "off the pending count"
+        );
         m.sync(now, interval).await;
         assert_eq!(one(&b, read(61)).await.used, 15);
         assert_eq!(settle(m.adjust(adj(-10))).await, Some(5), "a debit");
         assert!(!decide(ask(61, hour, 100, 96, EC, now)).allowed);
-        assert!(decide(ask(61, hour, 100, 95, EC, now)).allowed, "the refund is usable at once");
+        assert!(
+            decide(ask(61, hour, 100, 95, EC, now)).allowed,
+            "the refund is usable at once"
+        );
         m.sync(now, interval).await;
         assert_eq!(one(&b, read(61)).await.used, 100);
         assert_eq!(settle(m.adjust(adj(-100))).await, Some(0));

@@ -327,14 +327,17 @@ impl MemoryCounters {
             return fresh(empty);
         };
         match (ask.window, slot.value()) {
-            (Window::Fixed { start, end }, Slot::Window { start: s, count, .. }) if *s == start => {
-                Decision {
-                    allowed: true,
-                    used: *count,
-                    expiry: end,
-                    degraded: false,
-                }
-            }
+            (
+                Window::Fixed { start, end },
+                Slot::Window {
+                    start: s, count, ..
+                },
+            ) if *s == start => Decision {
+                allowed: true,
+                used: *count,
+                expiry: end,
+                degraded: false,
+            },
             (Window::Flexi { .. }, Slot::Window { end, count, .. }) if now < *end => Decision {
                 allowed: true,
                 used: *count,
@@ -375,9 +378,12 @@ impl MemoryCounters {
                 *dirty = true;
                 Some(*count)
             }
-            (Window::Flexi { .. }, Slot::Window { end, count, dirty, .. })
-                if *end == adj.counted_end && now < *end =>
-            {
+            (
+                Window::Flexi { .. },
+                Slot::Window {
+                    end, count, dirty, ..
+                },
+            ) if *end == adj.counted_end && now < *end => {
                 *count = apply_delta(*count, adj.delta);
                 *dirty = true;
                 Some(*count)
@@ -746,7 +752,11 @@ mod tests {
         };
         assert_eq!(c.adjust(&adj(-20, 500)), Some(30));
         c.apply(&ask(12, f, 100, 5, Mode::EnforceAndCount, 1500));
-        assert_eq!(c.adjust(&adj(-20, 1600)), None, "a later window is not touched");
+        assert_eq!(
+            c.adjust(&adj(-20, 1600)),
+            None,
+            "a later window is not touched"
+        );
         assert_eq!(c.apply(&ask(12, f, 100, 0, Mode::CountOnly, 1600)).used, 5);
         // Rolling: the slot it counted in, until that slot leaves.
         let r = Window::Rolling { len: 1000 };

@@ -318,10 +318,7 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
         ));
     }
     let unit = Unit::parse(&spec.time_unit).ok_or_else(|| {
-        SpecError::new(
-            "timeUnit",
-            "one of second, minute, hour, day, week, month",
-        )
+        SpecError::new("timeUnit", "one of second, minute, hour, day, week, month")
     })?;
     if !(1..=100_000).contains(&spec.interval) {
         return Err(SpecError::new("interval", "between 1 and 100000"));
@@ -344,9 +341,7 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
             },
         }
     }
-    prices
-        .prefixes
-        .sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+    prices.prefixes.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
     if let Some(d) = &spec.default_price {
         if d.model.is_some() {
             return Err(SpecError::new("defaultPrice.model", "not allowed here"));

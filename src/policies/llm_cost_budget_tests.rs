@@ -28,13 +28,18 @@ fn bed_named(name: &str, spec: &str) -> (Arc<dyn Policy>, Arc<FakeClock>) {
             ..Default::default()
         },
     };
-    (build(&ctx, serde_norway::from_str(spec).unwrap()).unwrap(), clock)
+    (
+        build(&ctx, serde_norway::from_str(spec).unwrap()).unwrap(),
+        clock,
+    )
 }
 
 fn ex(app: &str, model: &str, prompt: u64, out: u64) -> Exchange {
     let mut ex = llm_exchange(model, prompt, Some(out));
-    ex.state
-        .add_app("verifyapikey.v.".into(), verified(app, "dev@x", "gold", None));
+    ex.state.add_app(
+        "verifyapikey.v.".into(),
+        verified(app, "dev@x", "gold", None),
+    );
     ex
 }
 
@@ -51,7 +56,9 @@ fn spent(app: &str) -> f64 {
         .into_iter()
         .find(|b| b.policy == "spend-test")
         .expect("registered");
-    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
     rt.block_on(b.spend(app)).unwrap().spent
 }
 
@@ -68,7 +75,10 @@ fn prices_match_exactly_then_by_the_longest_prefix() {
     }
     table.prefixes.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
     assert_eq!(table.price("gpt-4o").unwrap().output, 10.0);
-    assert!(table.price("gpt-4o-mini").is_none(), "exact names are exact");
+    assert!(
+        table.price("gpt-4o-mini").is_none(),
+        "exact names are exact"
+    );
     assert_eq!(table.price("claude-haiku-4").unwrap().input, 1.0);
     assert_eq!(table.price("claude-sonnet-4").unwrap().input, 3.0);
     // 1000 input (400 cached), 100 output: 600 × 2.5 + 400 × 1.25 + 100 × 10 micros.
@@ -90,7 +100,10 @@ fn reserves_the_estimated_cost_and_settles_to_the_actual_cost() {
     assert!((spent("app-a") - 0.9).abs() < 1e-9);
     let mut c = ex("app-a", "gpt-4o", 100_000, 20_000);
     let f = run(&p, &mut c).unwrap_err();
-    assert_eq!((f.status, f.code.as_str()), (429, "policies.llmcostbudget.BudgetExceeded"));
+    assert_eq!(
+        (f.status, f.code.as_str()),
+        (429, "policies.llmcostbudget.BudgetExceeded")
+    );
     assert!(f.message.contains("1.00 USD"), "{}", f.message);
     let retry = f.headers.iter().find(|(h, _)| h == "retry-after").unwrap();
     // Until April 1st 00:00 UTC.
@@ -124,7 +137,10 @@ fn unknown_models_non_llm_requests_and_missing_identity() {
     let (p, _) = bed(SPEC);
     let mut e = ex("app-c", "mystery", 10, 10);
     let f = run(&p, &mut e).unwrap_err();
-    assert_eq!((f.status, f.code.as_str()), (403, "policies.llmcostbudget.ModelNotPriced"));
+    assert_eq!(
+        (f.status, f.code.as_str()),
+        (403, "policies.llmcostbudget.ModelNotPriced")
+    );
     // Not an LLM request: nothing to price, passes without reserving.
     let mut plain = Exchange::default();
     run(&p, &mut plain).unwrap();

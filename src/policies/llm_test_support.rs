@@ -88,6 +88,12 @@ pub fn verified(app: &str, dev: &str, product: &str, llm_quota: Option<u64>) -> 
         revision: 0,
     });
     ConsumerIndex::build(vec![p], vec![a])
-        .verify(&format!("secret-{app}"), "POST", "/v1/chat/completions", None, 1)
+        .verify(
+            &format!("secret-{app}"),
+            "POST",
+            "/v1/chat/completions",
+            None,
+            1,
+        )
         .expect("verified")
 }

@@ -202,7 +202,10 @@ impl LlmTokenQuota {
     fn reserve<'a>(&'a self, ex: &'a mut Exchange) -> Hook<'a> {
         let weight = estimate(ex, self.default_output);
         let model = self.model(ex).into_owned();
-        let p = match self.core.prepare_with(ex, weight, &[b"m", model.as_bytes()]) {
+        let p = match self
+            .core
+            .prepare_with(ex, weight, &[b"m", model.as_bytes()])
+        {
             Ok(p) => p,
             Err(f) => {
                 self.core.metrics.error.inc();
@@ -281,7 +284,10 @@ impl Policy for LlmTokenQuota {
             return None;
         }
         let model = self.model(ex).into_owned();
-        let mut ask = match self.core.prepare_with(ex, actual, &[b"m", model.as_bytes()]) {
+        let mut ask = match self
+            .core
+            .prepare_with(ex, actual, &[b"m", model.as_bytes()])
+        {
             Ok(p) => p.ask,
             Err(f) => {
                 tracing::warn!(policy = %self.core.name, fault = %f.message, "token usage not counted");

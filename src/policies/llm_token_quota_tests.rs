@@ -111,7 +111,10 @@ fn reserves_the_estimate_then_reconciles_to_actual_usage() {
 #[test]
 fn no_output_limit_uses_the_default_estimate_and_an_excess_counts_in_its_window() {
     let bed = Bed::new();
-    let p = bed.policy("q", "{allow: 1000, timeUnit: hour, defaultOutputTokens: 200}");
+    let p = bed.policy(
+        "q",
+        "{allow: 1000, timeUnit: hour, defaultOutputTokens: 200}",
+    );
     let mut a = llm_exchange("m", 100, None);
     run(&p, &mut a).unwrap();
     assert_eq!(a.lookup("ratelimit.q.used.count").as_deref(), Some("300"));
@@ -154,7 +157,9 @@ fn enforce_and_count_halves_share_the_reservation() {
         Hook::Ready(Outcome::Continue)
     ));
     ex.state.llm_usage = Some(usage(100, 0, 20));
-    assert!(enforce.after_exchange(&ex, ExchangeEnd::Completed).is_none());
+    assert!(enforce
+        .after_exchange(&ex, ExchangeEnd::Completed)
+        .is_none());
     end(&count, ex, ExchangeEnd::Completed);
     let mut probe = llm_exchange("m", 0, Some(1));
     run(&enforce, &mut probe).unwrap();
@@ -188,17 +193,26 @@ fn product_limits_per_model_and_templates() {
     let bed = Bed::new();
     let p = bed.policy("q", "{useProduct: true, perModel: true}");
     let mut ex = llm_exchange("gpt-4o", 400, Some(100));
-    ex.state
-        .add_app("verifyapikey.vk.".into(), verified("a", "d@x", "gold", Some(600)));
+    ex.state.add_app(
+        "verifyapikey.vk.".into(),
+        verified("a", "d@x", "gold", Some(600)),
+    );
     run(&p, &mut ex).unwrap();
-    assert_eq!(ex.lookup("ratelimit.q.allowed.count").as_deref(), Some("600"));
+    assert_eq!(
+        ex.lookup("ratelimit.q.allowed.count").as_deref(),
+        Some("600")
+    );
     let mut ex2 = llm_exchange("gpt-4o", 400, Some(100));
-    ex2.state
-        .add_app("verifyapikey.vk.".into(), verified("a", "d@x", "gold", Some(600)));
+    ex2.state.add_app(
+        "verifyapikey.vk.".into(),
+        verified("a", "d@x", "gold", Some(600)),
+    );
     assert!(run(&p, &mut ex2).is_err(), "same app and model: spent");
     let mut ex3 = llm_exchange("gpt-4o-mini", 400, Some(100));
-    ex3.state
-        .add_app("verifyapikey.vk.".into(), verified("a", "d@x", "gold", Some(600)));
+    ex3.state.add_app(
+        "verifyapikey.vk.".into(),
+        verified("a", "d@x", "gold", Some(600)),
+    );
     run(&p, &mut ex3).unwrap();
     // Usage from a template instead of the tracker.
     let t = bed.policy(
@@ -216,7 +230,10 @@ fn product_limits_per_model_and_templates() {
 #[test]
 fn bad_input_never_leaks_a_reservation() {
     let bed = Bed::new();
-    let p = bed.policy("q", "{allow: 1000000, timeUnit: hour, defaultOutputTokens: 100}");
+    let p = bed.policy(
+        "q",
+        "{allow: 1000000, timeUnit: hour, defaultOutputTokens: 100}",
+    );
     let before = RESERVATION_METRICS.outstanding.get();
     // Not an LLM request: the default estimate, released when tollgate answered.
     let mut ex = Exchange::default();
@@ -244,8 +261,14 @@ fn bad_input_never_leaks_a_reservation() {
     let _ = before;
     // Bad specs name their field.
     for (yaml, field) in [
-        ("{allow: 10, timeUnit: hour, messageWeight: 2}", "messageWeight"),
-        ("{allow: 10, timeUnit: hour, defaultOutputTokens: -1}", "defaultOutputTokens"),
+        (
+            "{allow: 10, timeUnit: hour, messageWeight: 2}",
+            "messageWeight",
+        ),
+        (
+            "{allow: 10, timeUnit: hour, defaultOutputTokens: -1}",
+            "defaultOutputTokens",
+        ),
         ("{allow: 10, timeUnit: hour, perModell: true}", "perModell"),
         ("{allow: 10}", "timeUnit"),
     ] {

@@ -18,9 +18,9 @@ pub mod assign_message;
 pub mod javascript;
 pub mod key_value_map;
 pub mod llm_cost_budget;
-pub mod llm_token_quota;
 #[cfg(test)]
 pub(crate) mod llm_test_support;
+pub mod llm_token_quota;
 pub mod oas_validation;
 pub mod prompt_token_limit;
 pub mod quota;

@@ -166,8 +166,15 @@ mod tests {
         run(&p, Some(500)).unwrap();
         let f = run(&p, Some(10)).unwrap_err();
         assert_eq!(f.status, 429);
-        assert_eq!(f.code, "policies.prompttokenlimit.PromptTokenLimitViolation");
-        assert!(f.message.starts_with("Prompt token limit violation."), "{}", f.message);
+        assert_eq!(
+            f.code,
+            "policies.prompttokenlimit.PromptTokenLimitViolation"
+        );
+        assert!(
+            f.message.starts_with("Prompt token limit violation."),
+            "{}",
+            f.message
+        );
         assert_eq!(f.headers, vec![("retry-after".into(), "30".into())]);
         clock.advance(29_999);
         assert!(run(&p, Some(1)).is_err());
@@ -212,8 +219,11 @@ mod tests {
         };
         let e = build(&ctx, serde_norway::from_str("{rate: lots}").unwrap()).unwrap_err();
         assert!(e.to_string().contains("rate"), "{e}");
-        let e = build(&ctx, serde_norway::from_str("{rate: 1pm, weight: 2}").unwrap())
-            .unwrap_err();
+        let e = build(
+            &ctx,
+            serde_norway::from_str("{rate: 1pm, weight: 2}").unwrap(),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("weight"), "{e}");
     }
 }

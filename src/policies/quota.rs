@@ -282,7 +282,11 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
 }
 
 /// The quota `spec` describes, of `flavor`.
-pub(super) fn build_core(ctx: &BuildContext, spec: Spec, flavor: Flavor) -> Result<Quota, SpecError> {
+pub(super) fn build_core(
+    ctx: &BuildContext,
+    spec: Spec,
+    flavor: Flavor,
+) -> Result<Quota, SpecError> {
     if spec.enforce_only && spec.count_only {
         return Err(SpecError::new(
             "countOnly",
@@ -589,9 +593,8 @@ impl Quota {
         let reset = rl::seconds_until(d.expiry, now);
         let allow = ask.allow;
         let window_ms = p.window_ms;
-        let refusal = (!d.allowed).then(|| {
-            format!("{} Identifier : {}", self.flavor.message, p.identifier)
-        });
+        let refusal =
+            (!d.allowed).then(|| format!("{} Identifier : {}", self.flavor.message, p.identifier));
         // A variable of the same name set earlier would shadow the source: drop it, as
         // setting each variable did.
         if !ex.vars.is_empty() {
@@ -618,8 +621,8 @@ impl Quota {
             return Ok(());
         };
         self.metrics.rejected.inc();
-        let mut fault =
-            Fault::new(429, self.flavor.violation, message).with_header("retry-after", reset.to_string());
+        let mut fault = Fault::new(429, self.flavor.violation, message)
+            .with_header("retry-after", reset.to_string());
         self.limit_headers(allow, available, reset, window_ms, |h, v| {
             fault.headers.push((h.to_owned(), v));
         });

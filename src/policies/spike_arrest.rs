@@ -96,7 +96,13 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
         spec.identifier.as_deref(),
         weight,
         spec.use_effective_count,
-        (b"spike", ("policies.ratelimit.SpikeArrestViolation", "Spike arrest violation.")),
+        (
+            b"spike",
+            (
+                "policies.ratelimit.SpikeArrestViolation",
+                "Spike arrest violation.",
+            ),
+        ),
     )?))
 }
 
@@ -211,7 +217,10 @@ impl SpikeArrest {
                         self.violation.1, rate.n, self.rate_text
                     ),
                 )
-                .with_header("retry-after", rl::seconds_until(now + wait_ms, now).to_string()))
+                .with_header(
+                    "retry-after",
+                    rl::seconds_until(now + wait_ms, now).to_string(),
+                ))
             }
         }
     }

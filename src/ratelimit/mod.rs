@@ -35,8 +35,8 @@ use prometheus::IntCounter;
 pub use reserve::{Reservation, ReservationUnit, Reservations, RESERVATION_METRICS};
 
 pub use crate::counters::{
-    gcra_overflow_key, Adjust, Ask, Decision, Key, KeyPrefix, Mode, RateLimitMetrics, Window, RL_METRICS,
-    ROLLING_SLOTS,
+    gcra_overflow_key, Adjust, Ask, Decision, Key, KeyPrefix, Mode, RateLimitMetrics, Window,
+    RL_METRICS, ROLLING_SLOTS,
 };
 
 /// Wall time since the Unix epoch: microseconds (spike arrest smooths rates above 1000/s)
@@ -102,8 +102,7 @@ pub enum Pending {
 }
 
 /// An adjustment's answer: the window's count after it, or `None` when moot.
-pub type AdjustFuture =
-    Pin<Box<dyn Future<Output = Result<Option<u64>, CounterError>> + Send>>;
+pub type AdjustFuture = Pin<Box<dyn Future<Output = Result<Option<u64>, CounterError>> + Send>>;
 
 /// An adjustment now, or one that waits on the shared backend.
 pub enum AdjustPending {

@@ -67,7 +67,8 @@ pub static RESERVATION_METRICS: LazyLock<ReservationMetrics> = LazyLock::new(|| 
         &["result"],
     )
     .expect("valid metric");
-    r.register(Box::new(settled.clone())).expect("unique metric");
+    r.register(Box::new(settled.clone()))
+        .expect("unique metric");
     ReservationMetrics {
         outstanding: gauge(
             "tollgate_llm_reservations_outstanding",

@@ -350,7 +350,10 @@ impl SharedCounters {
     /// Drops mirrors with nothing pending or in flight that were not used for `idle_ms`.
     fn evict_idle(&self, now: i64, idle_ms: i64) {
         self.mirrors.retain(|_, m| {
-            m.pending > 0 || m.inflight > 0 || m.debit > 0 || now.saturating_sub(m.touched) < idle_ms
+            m.pending > 0
+                || m.inflight > 0
+                || m.debit > 0
+                || now.saturating_sub(m.touched) < idle_ms
         });
         self.count_mirrors();
     }

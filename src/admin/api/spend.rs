@@ -202,7 +202,10 @@ mod tests {
             .unwrap()
             .iter()
             .any(|b| b["policy"] == "spend-api-app"));
-        assert_eq!(get(&r, "/v1/apps/nobody/spend").await.0, StatusCode::NOT_FOUND);
+        assert_eq!(
+            get(&r, "/v1/apps/nobody/spend").await.0,
+            StatusCode::NOT_FOUND
+        );
         assert_eq!(
             get(&r, "/v1/products/nothing/spend").await.0,
             StatusCode::NOT_FOUND

@@ -857,7 +857,9 @@ impl Backend for RedisBackend {
             .await
             .into_iter()
             .map(|r| match r {
-                Ok(v) if v.first() == Some(&1) => Ok(v.get(1).map(|n| u64::try_from(*n).unwrap_or(0))),
+                Ok(v) if v.first() == Some(&1) => {
+                    Ok(v.get(1).map(|n| u64::try_from(*n).unwrap_or(0)))
+                }
                 Ok(_) => Ok(None),
                 Err(e) => Err(unavailable(&self.target, "counter adjustment", e)),
             })
