@@ -19,8 +19,10 @@
 mod apps;
 mod auth;
 mod errors;
+pub mod flows;
 mod keys;
 pub mod kvm;
+mod logging;
 mod products;
 mod request;
 mod response;
@@ -75,6 +77,10 @@ pub fn router(consumers: Arc<Consumers>, auth: ApiAuth) -> Router {
         .route("/v1/apps/{name}/keys/{id}/revoke", post(revoke_key))
         .route("/v1/apps/{name}/keys/{id}/approve", post(approve_key))
         .route("/v1/apps/{name}/keys/{id}/expire", post(expire_key))
+        .route(
+            "/v1/logging",
+            get(logging::get_logging).put(logging::put_logging),
+        )
         .method_not_allowed_fallback(wrong_method)
         .route("/v1", any(unknown_route))
         .route("/v1/", any(unknown_route))
