@@ -319,7 +319,7 @@ async fn no_overshoot(ts: &[&Tollgate], user: &str) {
     } else {
         eprintln!("{unavailable} decisions refused 503 (counter store slow): fullness not checked");
     }
-    assert!(admitted >= 1 && admitted <= LIMIT / OUTPUT);
+    assert!((1..=LIMIT / OUTPUT).contains(&admitted));
     // Every way of ending settles: nothing stays outstanding.
     support::eventually(Duration::from_secs(10), "reservations settled", || async {
         (outstanding(ts) == (0.0, 0.0)).then_some(())

@@ -41,7 +41,9 @@
 //! LLM request passes without reserving (no model is called). `llm.cost` is set from the
 //! response-end hook (the actual cost in the currency).
 
-use std::sync::{Arc, LazyLock, Mutex, Weak};
+use std::sync::{Arc, LazyLock, Weak};
+
+use parking_lot::Mutex;
 
 use serde::Deserialize;
 
@@ -268,9 +270,7 @@ static BUDGETS: LazyLock<Mutex<Vec<Weak<BudgetInfo>>>> = LazyLock::new(Default::
 
 /// The live budgets, one per policy name (the newest configuration's).
 pub fn budgets() -> Vec<Arc<BudgetInfo>> {
-    let Ok(mut list) = BUDGETS.lock() else {
-        return Vec::new();
-    };
+    let mut list = BUDGETS.lock();
     list.retain(|w| w.strong_count() > 0);
     let mut out: Vec<Arc<BudgetInfo>> = Vec::new();
     for b in list.iter().rev().filter_map(Weak::upgrade) {
@@ -341,7 +341,9 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
             },
         }
     }
-    prices.prefixes.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+    prices
+        .prefixes
+        .sort_by_key(|p| std::cmp::Reverse(p.0.len()));
     if let Some(d) = &spec.default_price {
         if d.model.is_some() {
             return Err(SpecError::new("defaultPrice.model", "not allowed here"));
@@ -364,7 +366,8 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
         unit,
         counters: ctx.services.counters.clone(),
     });
-    if let Ok(mut list) = BUDGETS.lock() {
+    {
+        let mut list = BUDGETS.lock();
         list.retain(|w| w.strong_count() > 0);
         list.push(Arc::downgrade(&info));
     }

@@ -73,7 +73,7 @@ fn prices_match_exactly_then_by_the_longest_prefix() {
             None => table.exact.push((ps.model.clone().unwrap(), pr)),
         }
     }
-    table.prefixes.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+    table.prefixes.sort_by_key(|p| std::cmp::Reverse(p.0.len()));
     assert_eq!(table.price("gpt-4o").unwrap().output, 10.0);
     assert!(
         table.price("gpt-4o-mini").is_none(),

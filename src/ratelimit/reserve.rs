@@ -27,7 +27,9 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{LazyLock, Mutex};
+use std::sync::LazyLock;
+
+use parking_lot::Mutex;
 
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts};
 
@@ -212,27 +214,24 @@ impl Drop for Reservation {
 }
 
 /// The reservations an exchange holds (in its typed state), for the steps that settle them.
-/// Behind a mutex because after-exchange hooks see the exchange shared.
+/// Behind a mutex because after-exchange hooks see the exchange shared (uncontended: one
+/// exchange's steps run one at a time).
 #[derive(Debug, Default)]
 pub struct Reservations(Mutex<Vec<Reservation>>);
 
 impl Reservations {
     pub fn push(&self, r: Reservation) {
-        match self.0.lock() {
-            Ok(mut v) => v.push(r),
-            // A poisoned lock: drop (release) the reservation rather than keep it unseen.
-            Err(_) => drop(r),
-        }
+        self.0.lock().push(r);
     }
 
     /// Takes the first reservation tagged `tag`.
     pub fn take(&self, tag: Key) -> Option<Reservation> {
-        let mut v = self.0.lock().ok()?;
+        let mut v = self.0.lock();
         let i = v.iter().position(|r| r.tag() == Some(tag))?;
         Some(v.swap_remove(i))
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.lock().map(|v| v.is_empty()).unwrap_or(true)
+        self.0.lock().is_empty()
     }
 }
