@@ -42,6 +42,9 @@ struct Scenario {
     expect: Expect,
 }
 
+/// A chat completion request without an output limit.
+const CHAT: &str = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello."}]}"#;
+
 /// Scenarios per example file.
 fn scenarios(file: &str) -> Option<Vec<Scenario>> {
     match file {
@@ -85,10 +88,10 @@ fn scenarios(file: &str) -> Option<Vec<Scenario>> {
                 },
             },
         ]),
-        // Without a body the request is not read as an LLM request: LlmTokenQuota reserves
-        // its defaultOutputTokens (1000) and settles when the exchange ends; the prompt rate
-        // and the budget have nothing to count. The token arithmetic of LLM bodies is proved
-        // in the policies' tests and tests/llm_quota.rs.
+        // A chat request without max_tokens: LlmTokenQuota reserves its prompt tokens plus
+        // defaultOutputTokens (1000), more than the free product's 500 an hour; the gold
+        // app's is admitted and settled when the exchange ends. The token arithmetic is
+        // proved in the policies' tests and tests/llm_quota.rs.
         "llm-quota.yaml" => Some(vec![
             Scenario {
                 method: "POST",
@@ -104,19 +107,22 @@ fn scenarios(file: &str) -> Option<Vec<Scenario>> {
             Scenario {
                 method: "POST",
                 path: "/llm/v1/chat/completions",
-                headers: &[("x-api-key", "tg_llm_gold_key_0001")],
-                body: None,
+                headers: &[
+                    ("x-api-key", "tg_llm_gold_key_0001"),
+                    ("content-type", "application/json"),
+                ],
+                body: Some(CHAT),
                 reply: Some((200, "application/json", r#"{"choices":[]}"#)),
-                expect: Expect::Upstream(&[
-                    ("x-tollgate-app", "llm-gold-app"),
-                    ("x-tokens-available", "99000"),
-                ]),
+                expect: Expect::Upstream(&[("x-tollgate-app", "llm-gold-app")]),
             },
             Scenario {
                 method: "POST",
                 path: "/llm/v1/chat/completions",
-                headers: &[("x-api-key", "tg_llm_free_key_0001")],
-                body: None,
+                headers: &[
+                    ("x-api-key", "tg_llm_free_key_0001"),
+                    ("content-type", "application/json"),
+                ],
+                body: Some(CHAT),
                 reply: None,
                 expect: Expect::Immediate {
                     status: 429,
