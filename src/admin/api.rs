@@ -204,6 +204,18 @@ mod tests {
         ) -> Result<(), StoreError> {
             self.inner.backend().cache_put(k, v, ttl).await
         }
+
+        async fn tally_add(
+            &self,
+            adds: &[crate::store::TallyAdd],
+            ttl: std::time::Duration,
+        ) -> Result<(), StoreError> {
+            self.inner.backend().tally_add(adds, ttl).await
+        }
+
+        async fn tally_read(&self, b: &[String]) -> Result<Vec<Vec<(String, i64)>>, StoreError> {
+            self.inner.backend().tally_read(b).await
+        }
     }
 
     async fn interfered(times: usize) -> (crate::store::Store, Router) {
