@@ -113,7 +113,8 @@ fn scenarios(file: &str) -> Option<Vec<Scenario>> {
                 ],
                 body: Some(CHAT),
                 reply: Some((200, "application/json", r#"{"choices":[]}"#)),
-                expect: Expect::Upstream(&[("x-tollgate-app", "llm-gold-app")]),
+                // The body's answer carries the changes made on the body.
+                expect: Expect::Upstream(&[("x-llm-client", "llm-gold")]),
             },
             Scenario {
                 method: "POST",
