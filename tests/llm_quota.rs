@@ -307,6 +307,7 @@ async fn no_overshoot(ts: &[&Tollgate], user: &str) {
         "reserved {tokens} tokens for a {LIMIT}-token quota"
     );
     let per = tokens / admitted as f64;
+    eprintln!("admitted {admitted}, reserved {tokens} tokens ({per} each)");
     assert!(
         per >= OUTPUT as f64,
         "each reserved at least its output limit"

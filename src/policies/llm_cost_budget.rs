@@ -508,7 +508,7 @@ impl LlmCostBudget {
         let Ok(price) = self.price_of(ex) else {
             return 0;
         };
-        match &ex.state.llm_usage {
+        match super::llm_token_quota::upstream_usage(ex, end) {
             Some(u) => price.cost(u),
             None if end == ExchangeEnd::Answered => 0,
             None => price.estimate(ex.state.llm_prompt_tokens.unwrap_or(0), 0),

@@ -168,18 +168,28 @@ pub(super) fn estimate(ex: &Exchange, default_output: u64) -> u64 {
 
 /// What the exchange is charged in tokens when it ends: the usage source's number, the
 /// tracker's final usage, else the prompt tokens when the request may have reached the
-/// upstream (0 when tollgate answered in its place).
+/// upstream (0 when tollgate answered in its place: see [`upstream_usage`]).
 fn actual_tokens(ex: &Exchange, source: Option<&Template>, end: ExchangeEnd) -> u64 {
     if let Some(t) = source {
         if let Ok(n) = t.render(ex).trim().parse::<u64>() {
             return n.min(MAX_TOKENS);
         }
     }
-    match &ex.state.llm_usage {
+    match upstream_usage(ex, end) {
         Some(u) => u.total_tokens().min(MAX_TOKENS),
         None if end == ExchangeEnd::Answered => 0,
         None => ex.state.llm_prompt_tokens.unwrap_or(0).min(MAX_TOKENS),
     }
+}
+
+/// The usage to charge: the tracker's, except when tollgate answered and the upstream
+/// reported nothing and generated nothing (the request was refused before it left; the
+/// tracker then only counted the prompt, which no provider bills).
+pub(super) fn upstream_usage(ex: &Exchange, end: ExchangeEnd) -> Option<&crate::llm::FinalUsage> {
+    let u = ex.state.llm_usage.as_ref()?;
+    let nothing_came_back =
+        u.input_source == crate::llm::UsageSource::Counted && u.output_tokens == 0;
+    (end != ExchangeEnd::Answered || !nothing_came_back).then_some(u)
 }
 
 impl LlmTokenQuota {

@@ -103,7 +103,11 @@ fn reserves_the_estimate_then_reconciles_to_actual_usage() {
     run(&p, &mut c).unwrap();
     // b aborted before any usage was known: charged its prompt (it reached the upstream).
     end(&p, b, ExchangeEnd::Aborted);
-    // c answered by tollgate (a later step refused it): released.
+    // c answered by tollgate (a later step refused it): released, even with the prompt
+    // the tracker counted as its usage.
+    let mut counted = usage(100, 0, 0);
+    counted.input_source = crate::llm::UsageSource::Counted;
+    c.state.llm_usage = Some(counted);
     end(&p, c, ExchangeEnd::Answered);
     assert_eq!(used(&p, &bed), "251");
 }
