@@ -28,6 +28,7 @@ mod request;
 mod response;
 mod spend;
 mod state;
+pub mod usage;
 
 use std::sync::Arc;
 
