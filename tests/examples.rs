@@ -42,6 +42,9 @@ struct Scenario {
     expect: Expect,
 }
 
+/// A chat completion request without an output limit.
+const CHAT: &str = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello."}]}"#;
+
 /// Scenarios per example file.
 fn scenarios(file: &str) -> Option<Vec<Scenario>> {
     match file {
@@ -82,6 +85,49 @@ fn scenarios(file: &str) -> Option<Vec<Scenario>> {
                 expect: Expect::Immediate {
                     status: 403,
                     body_contains: r#""type":"permission_error""#,
+                },
+            },
+        ]),
+        // A chat request without max_tokens: LlmTokenQuota reserves its prompt tokens plus
+        // defaultOutputTokens (1000), more than the free product's 500 an hour; the gold
+        // app's is admitted and settled when the exchange ends. The token arithmetic is
+        // proved in the policies' tests and tests/llm_quota.rs.
+        "llm-quota.yaml" => Some(vec![
+            Scenario {
+                method: "POST",
+                path: "/llm/v1/chat/completions",
+                headers: &[],
+                body: None,
+                reply: None,
+                expect: Expect::Immediate {
+                    status: 401,
+                    body_contains: "oauth.v2.FailedToResolveAPIKey",
+                },
+            },
+            Scenario {
+                method: "POST",
+                path: "/llm/v1/chat/completions",
+                headers: &[
+                    ("x-api-key", "tg_llm_gold_key_0001"),
+                    ("content-type", "application/json"),
+                ],
+                body: Some(CHAT),
+                reply: Some((200, "application/json", r#"{"choices":[]}"#)),
+                // The body's answer carries the changes made on the body.
+                expect: Expect::Upstream(&[("x-llm-client", "llm-gold")]),
+            },
+            Scenario {
+                method: "POST",
+                path: "/llm/v1/chat/completions",
+                headers: &[
+                    ("x-api-key", "tg_llm_free_key_0001"),
+                    ("content-type", "application/json"),
+                ],
+                body: Some(CHAT),
+                reply: None,
+                expect: Expect::Immediate {
+                    status: 429,
+                    body_contains: "policies.llmtokenquota.LLMTokenQuotaViolation",
                 },
             },
         ]),
@@ -140,6 +186,102 @@ fn scenarios(file: &str) -> Option<Vec<Scenario>> {
                 },
             },
         ]),
+        "inference-gateway.yaml" => {
+            const CHAT: &str = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#;
+            const MINI: &str =
+                r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
+            Some(vec![
+                // OpenAI SDK: Authorization: Bearer; the product's objective and SLOs, the
+                // app as fairness id, the body's model.
+                Scenario {
+                    method: "POST",
+                    path: "/v1/chat/completions",
+                    headers: &[
+                        ("authorization", "Bearer tg_demo_chat_key_0001"),
+                        ("content-type", "application/json"),
+                    ],
+                    body: Some(CHAT),
+                    reply: None,
+                    expect: Expect::Upstream(&[
+                        ("x-llm-d-inference-objective", "latency-critical"),
+                        ("x-gateway-inference-objective", "latency-critical"),
+                        ("x-llm-d-inference-fairness-id", "chat-app"),
+                        ("x-gateway-inference-fairness-id", "chat-app"),
+                        ("x-llm-d-slo-ttft-ms", "500"),
+                        ("x-llm-d-slo-tpot-ms", "50"),
+                        ("x-gateway-model-name", "gpt-4o"),
+                    ]),
+                },
+                // Anthropic SDK: x-api-key.
+                Scenario {
+                    method: "POST",
+                    path: "/v1/messages",
+                    headers: &[("x-api-key", "tg_demo_chat_key_0001")],
+                    body: Some(r#"{"model":"claude-sonnet-4-5","max_tokens":64,"messages":[]}"#),
+                    reply: None,
+                    expect: Expect::Upstream(&[("x-gateway-model-name", "claude-sonnet-4-5")]),
+                },
+                // Gemini: ?key= (and the model from the path).
+                Scenario {
+                    method: "POST",
+                    path:
+                        "/v1beta/models/gemini-2.0-flash:generateContent?key=tg_demo_chat_key_0001",
+                    headers: &[],
+                    body: Some(r#"{"contents":[{"parts":[{"text":"hi"}]}]}"#),
+                    reply: None,
+                    expect: Expect::Upstream(&[
+                        (":path", "/v1beta/models/gemini-2.0-flash:generateContent"),
+                        ("x-gateway-model-name", "gemini-2.0-flash"),
+                    ]),
+                },
+                // The batch app claims latency-critical: it gets its product's objective
+                // and its tenant's fairness id.
+                Scenario {
+                    method: "POST",
+                    path: "/v1/chat/completions",
+                    headers: &[
+                        ("x-goog-api-key", "tg_demo_batch_key_0001"),
+                        ("x-llm-d-inference-objective", "latency-critical"),
+                        ("x-gateway-inference-fairness-id", "chat-app"),
+                    ],
+                    body: Some(MINI),
+                    reply: None,
+                    expect: Expect::Upstream(&[
+                        ("x-llm-d-inference-objective", "sheddable"),
+                        ("x-gateway-inference-objective", "sheddable"),
+                        ("x-llm-d-inference-fairness-id", "tenant-b"),
+                        ("x-gateway-inference-fairness-id", "tenant-b"),
+                    ]),
+                },
+                // A model its product does not list.
+                Scenario {
+                    method: "POST",
+                    path: "/v1/chat/completions",
+                    headers: &[("authorization", "Bearer tg_demo_batch_key_0001")],
+                    body: Some(CHAT),
+                    reply: None,
+                    expect: Expect::Immediate {
+                        status: 401,
+                        body_contains: "oauth.v2.InvalidApiKeyForGivenResource",
+                    },
+                },
+                // Two different keys.
+                Scenario {
+                    method: "POST",
+                    path: "/v1/chat/completions",
+                    headers: &[
+                        ("authorization", "Bearer tg_demo_batch_key_0001"),
+                        ("x-api-key", "tg_demo_chat_key_0001"),
+                    ],
+                    body: Some(MINI),
+                    reply: None,
+                    expect: Expect::Immediate {
+                        status: 401,
+                        body_contains: "different API keys sent in authorization and x-api-key",
+                    },
+                },
+            ])
+        }
         // Scenarios run in order on one process: the counters carry over.
         "rate-limits.yaml" => {
             const KEY: &[(&str, &str)] = &[("x-api-key", "tg_limits_demo_key_0001")];

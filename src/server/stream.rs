@@ -56,6 +56,12 @@ struct Side {
     /// `content-length` was removed on the headers answer (the body may change length
     /// after the headers left).
     length_removed: bool,
+    /// FULL_DUPLEX_STREAMED request whose body steps decide: the headers answer waits for
+    /// them (as body-based routing does), so their header changes reach the upstream and
+    /// the filters after tollgate (the endpoint picker) instead of being dropped.
+    headers_held: bool,
+    /// Body bytes tollgate saw for this side (analytics, when no `content-length`).
+    body_bytes: u64,
 }
 
 /// Per-stream state.
@@ -87,6 +93,11 @@ pub struct StreamState {
     chunks: Option<Box<ChunkRunner>>,
     /// The stream ended with an error status.
     failed: bool,
+    /// When the stream opened, for the exchange's latency and time in analytics.
+    opened: Instant,
+    opened_at: std::time::SystemTime,
+    /// The answer tollgate gave in place of the upstream: status, deciding policy, code.
+    decided: Option<(u16, String, String)>,
 }
 
 fn protocol_error(kind: &str) {
@@ -123,6 +134,9 @@ impl StreamState {
             budget_taken: 0,
             chunks: None,
             failed: false,
+            opened: Instant::now(),
+            opened_at: std::time::SystemTime::now(),
+            decided: None,
         }
     }
 
@@ -149,6 +163,8 @@ impl StreamState {
         dir: Direction,
         out: &mut Vec<ProcessingResponse>,
     ) {
+        // The exchange's usage is known before any response hook runs on the answer.
+        crate::llm::track::finish(&mut self.ex, ExchangeEnd::Answered);
         if let (Direction::Request, Some(flow)) = (dir, self.flow.clone()) {
             if !flow.response.answer_steps.is_empty() {
                 // Boxed: keeps the common path's futures small.
@@ -177,6 +193,7 @@ impl StreamState {
             500
         };
         self.ex.trace.answered(status, &code);
+        self.decided = Some((status, String::new(), code.clone()));
         out.push(proto::immediate(
             Rendered {
                 status,
@@ -212,6 +229,7 @@ impl StreamState {
         self.ex
             .trace
             .rejected(fault.status, &fault.policy, &fault.code);
+        self.decided = Some((fault.status, fault.policy.clone(), fault.code.clone()));
         let rendered = fault.render(self.error_format());
         out.push(proto::immediate(rendered, &fault.code));
         self.answered = true;
@@ -424,6 +442,16 @@ impl StreamState {
                 }
             }
         }
+        if !h.end_of_stream
+            && mode.is_none()
+            && self.req.mode == FULL_DUPLEX
+            && flow.request.needs_body()
+        {
+            // Envoy sends the body without waiting for this answer, and no body byte goes
+            // on before the steps decided anyway: answer the headers with the body.
+            self.req.headers_held = true;
+            return Ok(());
+        }
         let mut muts = self.ex.take_mutations(Direction::Request);
         let clear_route_cache = !muts.is_empty();
         if !h.end_of_stream
@@ -465,6 +493,9 @@ impl StreamState {
         if h.end_of_stream {
             self.resp.body_done = true;
             self.complete = true;
+            // No body follows: the usage is known before any response step runs.
+            crate::llm::track::on_response_headers(&mut self.ex);
+            crate::llm::track::finish(&mut self.ex, ExchangeEnd::Completed);
         }
         let Some(flow) = self.flow.clone() else {
             out.push(proto::response_headers(None, None));
@@ -580,6 +611,24 @@ impl StreamState {
             .push(("content-length".to_owned(), len.to_string(), false));
     }
 
+    /// The held request headers answer (see `Side::headers_held`), with every header
+    /// change the request steps made, the body's length fixed when a step replaced it.
+    fn release_request_headers(&mut self, body_len: usize, out: &mut Vec<ProcessingResponse>) {
+        if !std::mem::take(&mut self.req.headers_held) {
+            return;
+        }
+        let mut muts = self.ex.take_mutations(Direction::Request);
+        if self.ex.request_body_replaced {
+            Self::set_length(&mut muts, body_len);
+        }
+        let clear_route_cache = !muts.is_empty();
+        out.push(proto::request_headers(
+            proto::header_mutation(muts),
+            clear_route_cache,
+            None,
+        ));
+    }
+
     /// Takes `n` bytes from the process-wide body budget for this stream.
     fn take_budget(&mut self, n: usize) -> bool {
         if n == 0 {
@@ -600,7 +649,7 @@ impl StreamState {
             Direction::Request => &self.req,
             Direction::Response => &self.resp,
         };
-        if side.length_removed {
+        if side.length_removed || side.headers_held {
             return false;
         }
         let declared = match dir {
@@ -656,6 +705,10 @@ impl StreamState {
             None => (data, eos),
             Some(runner) => {
                 let (data, end) = runner.push(&flow.response.chunk_steps, &mut self.ex, data, eos);
+                if end {
+                    // Before the copy steps and the after-exchange hooks run.
+                    crate::llm::track::finish(&mut self.ex, ExchangeEnd::Completed);
+                }
                 if end && !eos {
                     // A step ended the stream early: the copy is not the upstream's answer.
                     self.ex.response_capture = 0;
@@ -748,6 +801,7 @@ impl StreamState {
             )));
         }
         side.body_seen = true;
+        side.body_bytes = side.body_bytes.saturating_add(b.body.len() as u64);
         let eos = b.end_of_stream;
         if eos {
             side.body_done = true;
@@ -825,6 +879,7 @@ impl StreamState {
                 if eos {
                     if let Some(body) = self.decided_body(&flow, dir, out).await {
                         let (body, _) = if request {
+                            self.release_request_headers(body.len(), out);
                             (body, true)
                         } else {
                             self.through_chunks(&flow, body, true)
@@ -958,6 +1013,10 @@ impl StreamState {
             Direction::Request => &flow.request.on_body,
             Direction::Response => &flow.response.on_body,
         };
+        if dir == Direction::Response {
+            // The usage is known before the response's body steps run.
+            crate::llm::track::whole_response(&mut self.ex, &body);
+        }
         self.ex.set_body(dir, Some(body));
         let o = run_steps(steps, &mut self.ex, dir).await;
         if !o.is_continue() {
@@ -1032,6 +1091,7 @@ impl StreamState {
                     Some(body) if mode == FULL_DUPLEX => {
                         // The held body goes on before the trailers; they end the stream.
                         let (body, _) = if request {
+                            self.release_request_headers(body.len(), out);
                             (body, false)
                         } else {
                             self.through_chunks(&flow, body, true)
@@ -1048,6 +1108,106 @@ impl StreamState {
     }
 }
 
+impl StreamState {
+    /// How the exchange ended, for traces, analytics and usage.
+    fn outcome(&self) -> &'static str {
+        if self.failed {
+            "failed"
+        } else if self.rejected {
+            "rejected"
+        } else if self.answered {
+            "answered"
+        } else if self.complete || self.chunks.as_ref().is_some_and(|r| r.ended()) {
+            "completed"
+        } else {
+            "aborted"
+        }
+    }
+
+    /// Charges the exchange to the verified app's usage, and writes its analytics record
+    /// when `record` (sampled).
+    fn account(&self, record: bool) {
+        let outcome = self.outcome();
+        let status = self
+            .decided
+            .as_ref()
+            .map(|d| d.0)
+            .or_else(|| self.ex.response.as_ref().map(|r| r.status));
+        let verified = self.ex.state.app(None);
+        if let (Some(ledger), Some(v)) = (&self.shared.usage, verified) {
+            let at = self
+                .opened_at
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+            ledger.record(
+                at,
+                crate::usage::Who {
+                    app: &v.app.name,
+                    product: &v.product.spec.name,
+                    developer: &v.app.developer_email,
+                },
+                crate::usage::Charge {
+                    error: status.is_none_or(|s| s >= 400)
+                        || matches!(outcome, "failed" | "aborted"),
+                    usage: self.ex.state.llm_usage.as_ref(),
+                    cost: self.ex.state.llm_cost,
+                },
+            );
+        }
+        if !record || self.flow.is_none() {
+            return;
+        }
+        let length = |h: Option<&crate::vars::Headers>| {
+            h.and_then(|h| h.get("content-length"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        let seen = |n: u64| (n > 0).then_some(n);
+        let llm = self.ex.state.llm.as_deref();
+        let usage = self.ex.state.llm_usage.as_ref();
+        let (policy, fault) = match &self.decided {
+            Some((_, p, c)) if self.rejected => (Some(p.clone()), Some(c.clone())),
+            Some((_, _, c)) => (None, Some(c.clone()).filter(|c| !c.is_empty())),
+            None => (None, None),
+        };
+        crate::telemetry::analytics::send(crate::telemetry::analytics::Record {
+            time: crate::telemetry::analytics::rfc3339_ms(self.opened_at),
+            flow: self.ex.flow.clone(),
+            method: self.ex.request.method.clone(),
+            path: self
+                .ex
+                .request
+                .path()
+                .split('?')
+                .next()
+                .unwrap_or_default()
+                .to_owned(),
+            request_id: self
+                .ex
+                .request
+                .headers
+                .get("x-request-id")
+                .map(str::to_owned),
+            app: verified.map(|v| v.app.name.clone()),
+            developer: verified.map(|v| v.app.developer_email.clone()),
+            product: verified.map(|v| v.product.spec.name.clone()),
+            api: llm.map(|r| r.api.as_str().to_owned()),
+            model: llm.and_then(|r| r.model.clone()),
+            status,
+            outcome,
+            policy,
+            fault,
+            latency_ms: self.opened.elapsed().as_secs_f64() * 1000.0,
+            request_bytes: length(Some(&self.ex.request.headers)).or(seen(self.req.body_bytes)),
+            response_bytes: length(self.ex.response.as_ref().map(|r| &r.headers))
+                .or(seen(self.resp.body_bytes)),
+            input_tokens: usage.map(|u| u.input_tokens),
+            output_tokens: usage.map(|u| u.output_tokens),
+            total_tokens: usage.map(|u| u.total_tokens()),
+            cost: self.ex.state.llm_cost,
+        });
+    }
+}
+
 impl Drop for StreamState {
     fn drop(&mut self) {
         METRICS.streams_active.dec();
@@ -1055,17 +1215,37 @@ impl Drop for StreamState {
         if let (Some(f), false) = (&self.flow, self.rejected) {
             f.metrics.continued.inc();
         }
+        let end = if self.failed {
+            ExchangeEnd::Failed
+        } else if self.answered {
+            ExchangeEnd::Answered
+        } else if self.complete || self.chunks.as_ref().is_some_and(|r| r.ended()) {
+            ExchangeEnd::Completed
+        } else {
+            ExchangeEnd::Aborted
+        };
+        if let Some(flow) = self.flow.clone() {
+            // Whatever is known, before usage, analytics and the after-exchange hooks read
+            // it (no-op when the response's end already set it, or the flow does not track).
+            crate::llm::track::finish(&mut self.ex, end);
+            let (req, resp) = (&flow.request.after, &flow.response.after);
+            let resp_only = resp
+                .iter()
+                .filter(|p| !req.iter().any(|q| Arc::ptr_eq(p, q)));
+            for p in req.iter().chain(resp_only) {
+                p.exchange_end(&mut self.ex, end);
+            }
+        }
+        let sampled = crate::telemetry::analytics::sample();
+        if sampled || (self.shared.usage.is_some() && self.ex.state.app(None).is_some()) {
+            self.account(sampled);
+        }
         if self.ex.trace.is_recording() {
-            let (outcome, error) = if self.failed {
-                ("failed", Some("stream_error"))
-            } else if self.rejected {
-                ("rejected", None)
-            } else if self.answered {
-                ("answered", None)
-            } else if self.complete || self.chunks.as_ref().is_some_and(|r| r.ended()) {
-                ("completed", None)
-            } else {
-                ("aborted", Some("aborted"))
+            let outcome = self.outcome();
+            let error = match outcome {
+                "failed" => Some("stream_error"),
+                "aborted" => Some("aborted"),
+                _ => None,
             };
             let status = self.ex.response.as_ref().map(|r| r.status);
             self.ex.trace.end(status, outcome, error);
@@ -1074,15 +1254,6 @@ impl Drop for StreamState {
             let (req, resp) = (&flow.request.after, &flow.response.after);
             if !req.is_empty() || !resp.is_empty() {
                 // The stream's last answer is gone by now: the hooks never delay it.
-                let end = if self.failed {
-                    ExchangeEnd::Failed
-                } else if self.answered {
-                    ExchangeEnd::Answered
-                } else if self.complete || self.chunks.as_ref().is_some_and(|r| r.ended()) {
-                    ExchangeEnd::Completed
-                } else {
-                    ExchangeEnd::Aborted
-                };
                 let resp_only = resp
                     .iter()
                     .filter(|p| !req.iter().any(|q| Arc::ptr_eq(p, q)));

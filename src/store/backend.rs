@@ -6,6 +6,7 @@
 //! atomically. Adding a backend is one module implementing this trait, plus one line in
 //! `tests/store.rs`'s `store_suite!` list and in [`super::open`].
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,7 +15,7 @@ use tokio::sync::broadcast;
 
 use super::{Change, StoreError};
 use crate::counters::table::{MemoryCounters, DEFAULT_MAX_KEYS};
-use crate::counters::{Ask, Decision};
+use crate::counters::{Adjust, Ask, Decision};
 
 /// A collection of records, each keyed by a string.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,6 +139,18 @@ pub trait Backend: Send + Sync + std::fmt::Debug + 'static {
     /// every replica's), in one round trip where it can. An error means none was counted;
     /// `None` for one ask means its answer could not be read.
     async fn count(&self, asks: &[Ask]) -> Result<Vec<Option<Decision>>, StoreError>;
+    /// Adjusts what reservations counted (see [`Adjust`]), each atomically: `Some(count)`
+    /// after the adjustment, `None` when its window has passed (moot). A count of 0 asked
+    /// through [`Backend::count`] (count-only, weight 0) reads a counter without changing it.
+    /// Every backend tollgate opens implements it; the default (for test doubles that hold
+    /// no counters) refuses.
+    async fn adjust(&self, adjusts: &[Adjust]) -> Result<Vec<Option<u64>>, StoreError> {
+        let _ = adjusts;
+        Err(StoreError::Unavailable(format!(
+            "the {} backend holds no counters",
+            self.kind()
+        )))
+    }
     /// Counter checkpoint rows (key, encoded window) written by [`Backend::save_counters`].
     async fn load_counters(&self) -> Result<Vec<(u128, Vec<u8>)>, StoreError>;
     /// Writes `rows` and drops every stored row `keep` refuses, in one durable step.
@@ -149,6 +162,62 @@ pub trait Backend: Send + Sync + std::fmt::Debug + 'static {
     async fn cache_get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
     /// Stores an entry that disappears after `ttl`.
     async fn cache_put(&self, key: &str, value: Vec<u8>, ttl: Duration) -> Result<(), StoreError>;
+
+    // --- usage tallies -------------------------------------------------------------------
+
+    /// Adds each delta to its bucket's field (every replica's adds land in the same
+    /// bucket); a bucket disappears `ttl` after its last add. See [`crate::usage`].
+    async fn tally_add(&self, adds: &[TallyAdd], ttl: Duration) -> Result<(), StoreError>;
+    /// Every field of each bucket with its total, in the order asked (empty when the bucket
+    /// has none or expired).
+    async fn tally_read(&self, buckets: &[String]) -> Result<Vec<Vec<(String, i64)>>, StoreError>;
+}
+
+/// One addition to a usage tally.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TallyAdd {
+    pub bucket: String,
+    pub field: String,
+    pub delta: i64,
+}
+
+/// Usage tallies kept in process (the memory backend's, and the embedded one's own table
+/// is written through the same shape): bucket → (field → total), with each bucket's expiry.
+#[derive(Debug, Default)]
+pub(super) struct Tallies(parking_lot::Mutex<BTreeMap<String, Bucket>>);
+
+/// One bucket's fields and when it expires.
+type Bucket = (BTreeMap<String, i64>, Instant);
+
+impl Tallies {
+    pub fn add(&self, adds: &[TallyAdd], ttl: Duration) {
+        let now = Instant::now();
+        let until = now.checked_add(ttl).unwrap_or(now);
+        let mut t = self.0.lock();
+        t.retain(|_, (_, exp)| *exp > now);
+        for a in adds {
+            let (fields, exp) = t
+                .entry(a.bucket.clone())
+                .or_insert_with(|| (BTreeMap::new(), until));
+            *exp = until;
+            let v = fields.entry(a.field.clone()).or_insert(0);
+            *v = v.saturating_add(a.delta);
+        }
+    }
+
+    pub fn read(&self, buckets: &[String]) -> Vec<Vec<(String, i64)>> {
+        let now = Instant::now();
+        let t = self.0.lock();
+        buckets
+            .iter()
+            .map(|b| match t.get(b) {
+                Some((fields, exp)) if *exp > now => {
+                    fields.iter().map(|(k, v)| (k.clone(), *v)).collect()
+                }
+                _ => Vec::new(),
+            })
+            .collect()
+    }
 }
 
 /// What the in-process backends (memory, embedded) keep in memory beside their records:
@@ -204,6 +273,10 @@ impl Default for InProcess {
 impl InProcess {
     pub fn count(&self, asks: &[Ask]) -> Vec<Option<Decision>> {
         asks.iter().map(|a| Some(self.counters.apply(a))).collect()
+    }
+
+    pub fn adjust(&self, adjusts: &[Adjust]) -> Vec<Option<u64>> {
+        adjusts.iter().map(|a| self.counters.adjust(a)).collect()
     }
 
     pub fn cache_get(&self, key: &str) -> Option<Vec<u8>> {

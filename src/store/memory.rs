@@ -7,10 +7,10 @@ use async_trait::async_trait;
 use parking_lot::Mutex;
 use tokio::sync::broadcast;
 
-use super::backend::{Backend, Cond, InProcess, Keep, Put, Table, Visit};
+use super::backend::{Backend, Cond, InProcess, Keep, Put, Table, Tallies, TallyAdd, Visit};
 use super::codec;
 use super::{Change, StoreError};
-use crate::counters::{Ask, Decision};
+use crate::counters::{Adjust, Ask, Decision};
 
 #[derive(Debug)]
 pub struct MemoryBackend {
@@ -18,6 +18,7 @@ pub struct MemoryBackend {
     tables: Mutex<BTreeMap<String, BTreeMap<String, Vec<u8>>>>,
     checkpoints: Mutex<BTreeMap<u128, Vec<u8>>>,
     local: InProcess,
+    tallies: Tallies,
     changes: broadcast::Sender<Change>,
 }
 
@@ -27,6 +28,7 @@ impl Default for MemoryBackend {
             tables: Mutex::default(),
             checkpoints: Mutex::default(),
             local: InProcess::default(),
+            tallies: Tallies::default(),
             changes: broadcast::channel(1024).0,
         }
     }
@@ -111,6 +113,10 @@ impl Backend for MemoryBackend {
         Ok(self.local.count(asks))
     }
 
+    async fn adjust(&self, adjusts: &[Adjust]) -> Result<Vec<Option<u64>>, StoreError> {
+        Ok(self.local.adjust(adjusts))
+    }
+
     async fn load_counters(&self) -> Result<Vec<(u128, Vec<u8>)>, StoreError> {
         Ok(self
             .checkpoints
@@ -138,5 +144,14 @@ impl Backend for MemoryBackend {
     async fn cache_put(&self, key: &str, value: Vec<u8>, ttl: Duration) -> Result<(), StoreError> {
         self.local.cache_put(key, value, ttl);
         Ok(())
+    }
+
+    async fn tally_add(&self, adds: &[TallyAdd], ttl: Duration) -> Result<(), StoreError> {
+        self.tallies.add(adds, ttl);
+        Ok(())
+    }
+
+    async fn tally_read(&self, buckets: &[String]) -> Result<Vec<Vec<(String, i64)>>, StoreError> {
+        Ok(self.tallies.read(buckets))
     }
 }
