@@ -104,11 +104,51 @@ macro_rules! api_enum {
 }
 
 // Numbering as in the API's protocol buffers (0 is UNSPECIFIED).
-api_enum!(match_state, ["FILTER_MATCH_STATE_UNSPECIFIED", "NO_MATCH_FOUND", "MATCH_FOUND"]);
-api_enum!(invocation, ["INVOCATION_RESULT_UNSPECIFIED", "SUCCESS", "PARTIAL", "FAILURE"]);
-api_enum!(execution, ["FILTER_EXECUTION_STATE_UNSPECIFIED", "EXECUTION_SUCCESS", "EXECUTION_SKIPPED"]);
-api_enum!(confidence, ["DETECTION_CONFIDENCE_LEVEL_UNSPECIFIED", "LOW_AND_ABOVE", "MEDIUM_AND_ABOVE", "HIGH"]);
-api_enum!(likelihood, ["LIKELIHOOD_UNSPECIFIED", "VERY_UNLIKELY", "UNLIKELY", "POSSIBLE", "LIKELY", "VERY_LIKELY"]);
+api_enum!(
+    match_state,
+    [
+        "FILTER_MATCH_STATE_UNSPECIFIED",
+        "NO_MATCH_FOUND",
+        "MATCH_FOUND"
+    ]
+);
+api_enum!(
+    invocation,
+    [
+        "INVOCATION_RESULT_UNSPECIFIED",
+        "SUCCESS",
+        "PARTIAL",
+        "FAILURE"
+    ]
+);
+api_enum!(
+    execution,
+    [
+        "FILTER_EXECUTION_STATE_UNSPECIFIED",
+        "EXECUTION_SUCCESS",
+        "EXECUTION_SKIPPED"
+    ]
+);
+api_enum!(
+    confidence,
+    [
+        "DETECTION_CONFIDENCE_LEVEL_UNSPECIFIED",
+        "LOW_AND_ABOVE",
+        "MEDIUM_AND_ABOVE",
+        "HIGH"
+    ]
+);
+api_enum!(
+    likelihood,
+    [
+        "LIKELIHOOD_UNSPECIFIED",
+        "VERY_UNLIKELY",
+        "UNLIKELY",
+        "POSSIBLE",
+        "LIKELY",
+        "VERY_LIKELY"
+    ]
+);
 
 /// An int64 sent as a number or a string.
 fn int64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
@@ -315,12 +355,21 @@ impl SanitizationResult {
             start: 0,
             end: text_len,
         };
-        if let Some(pi) = self.pi_and_jailbreak().filter(|p| p.match_state.is("MATCH_FOUND")) {
-            out.push(whole(Builtin::PromptInjection.into(), level(&pi.confidence_level)));
+        if let Some(pi) = self
+            .pi_and_jailbreak()
+            .filter(|p| p.match_state.is("MATCH_FOUND"))
+        {
+            out.push(whole(
+                Builtin::PromptInjection.into(),
+                level(&pi.confidence_level),
+            ));
         }
         for (name, found) in [
             ("rai", self.rai().map(|r| &r.match_state)),
-            ("malicious_uris", self.malicious_uris().map(|r| &r.match_state)),
+            (
+                "malicious_uris",
+                self.malicious_uris().map(|r| &r.match_state),
+            ),
             ("csam", self.csam().map(|r| &r.match_state)),
         ] {
             if found.is_some_and(|m| m.is("MATCH_FOUND")) {
@@ -341,7 +390,9 @@ impl SanitizationResult {
                         usize::try_from(e).unwrap_or(text_len).min(text_len),
                     ),
                     // proto3 omits a zero start.
-                    (None, Some(e)) if e > 0 => (0, usize::try_from(e).unwrap_or(text_len).min(text_len)),
+                    (None, Some(e)) if e > 0 => {
+                        (0, usize::try_from(e).unwrap_or(text_len).min(text_len))
+                    }
                     _ => (0, text_len),
                 };
                 let confidence = match f.likelihood.name.as_str() {
@@ -377,22 +428,40 @@ impl SanitizationResult {
             put("raiFilterResult.matchState", &r.match_state);
         }
         if let Some(r) = self.pi_and_jailbreak() {
-            put("piAndJailbreakFilterResult.executionState", &r.execution_state);
+            put(
+                "piAndJailbreakFilterResult.executionState",
+                &r.execution_state,
+            );
             put("piAndJailbreakFilterResult.matchState", &r.match_state);
-            put("piAndJailbreakFilterResult.confidenceLevel", &r.confidence_level);
+            put(
+                "piAndJailbreakFilterResult.confidenceLevel",
+                &r.confidence_level,
+            );
         }
         if let Some(r) = self.malicious_uris() {
-            put("maliciousUriFilterResult.executionState", &r.execution_state);
+            put(
+                "maliciousUriFilterResult.executionState",
+                &r.execution_state,
+            );
             put("maliciousUriFilterResult.matchState", &r.match_state);
         }
         if let Some(s) = self.sdp() {
             if let Some(r) = &s.inspect_result {
-                put("sdpFilterResult.inspectResult.executionState", &r.execution_state);
+                put(
+                    "sdpFilterResult.inspectResult.executionState",
+                    &r.execution_state,
+                );
                 put("sdpFilterResult.inspectResult.matchState", &r.match_state);
             }
             if let Some(r) = &s.deidentify_result {
-                put("sdpFilterResult.deidentifyResult.executionState", &r.execution_state);
-                put("sdpFilterResult.deidentifyResult.matchState", &r.match_state);
+                put(
+                    "sdpFilterResult.deidentifyResult.executionState",
+                    &r.execution_state,
+                );
+                put(
+                    "sdpFilterResult.deidentifyResult.matchState",
+                    &r.match_state,
+                );
             }
         }
         if let Some(r) = self.csam() {
@@ -487,8 +556,10 @@ mod tests {
         let pi = s.pi_and_jailbreak().unwrap_or_else(|| panic!("no pi"));
         assert!(pi.match_state.is("MATCH_FOUND") && pi.execution_state.is("EXECUTION_SUCCESS"));
         let f = s.findings(40);
-        let c: Vec<(String, usize, usize)> =
-            f.iter().map(|f| (f.category.to_string(), f.start, f.end)).collect();
+        let c: Vec<(String, usize, usize)> = f
+            .iter()
+            .map(|f| (f.category.to_string(), f.start, f.end))
+            .collect();
         assert_eq!(
             c,
             [
@@ -503,9 +574,18 @@ mod tests {
                 .find(|(n, _)| n == &format!("SanitizeUserPrompt.guard-in.{k}"))
                 .map(|(_, v)| v.as_str())
         };
-        assert_eq!(get("piAndJailbreakFilterResult.matchState"), Some("MATCH_FOUND"));
-        assert_eq!(get("sdpFilterResult.inspectResult.matchState"), Some("MATCH_FOUND"));
-        assert_eq!(get("csamFilterFilterResult.matchState"), Some("NO_MATCH_FOUND"));
+        assert_eq!(
+            get("piAndJailbreakFilterResult.matchState"),
+            Some("MATCH_FOUND")
+        );
+        assert_eq!(
+            get("sdpFilterResult.inspectResult.matchState"),
+            Some("MATCH_FOUND")
+        );
+        assert_eq!(
+            get("csamFilterFilterResult.matchState"),
+            Some("NO_MATCH_FOUND")
+        );
         assert_eq!(get("raiFilterResult.matchState"), Some("NO_MATCH_FOUND"));
         assert_eq!(get("invocationResult"), Some("SUCCESS"));
     }
@@ -534,9 +614,13 @@ mod tests {
 
         let body = serde_json::to_string(&SanitizeUserPromptRequest::new("hi")).unwrap_or_default();
         assert_eq!(body, r#"{"userPromptData":{"text":"hi"}}"#);
-        let body = serde_json::to_string(&SanitizeModelResponseRequest::new("out", Some("in".into())))
-            .unwrap_or_default();
-        assert_eq!(body, r#"{"modelResponseData":{"text":"out"},"userPrompt":"in"}"#);
+        let body =
+            serde_json::to_string(&SanitizeModelResponseRequest::new("out", Some("in".into())))
+                .unwrap_or_default();
+        assert_eq!(
+            body,
+            r#"{"modelResponseData":{"text":"out"},"userPrompt":"in"}"#
+        );
         assert_eq!(
             method_path("projects/p/locations/l/templates/t", true),
             "/v1/projects/p/locations/l/templates/t:sanitizeUserPrompt"

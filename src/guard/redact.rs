@@ -242,11 +242,9 @@ pub fn rewrite_json_strings(
                 key = None;
                 expect_key = false;
             }
-            b',' => {
-                if stack.last().is_some_and(|c| c.0) {
-                    expect_key = true;
-                    key = None;
-                }
+            b',' if stack.last().is_some_and(|c| c.0) => {
+                expect_key = true;
+                key = None;
             }
             b':' => expect_key = false,
             _ => {}

@@ -87,7 +87,7 @@ pub(crate) fn luhn(d: &[u8]) -> bool {
         }
         sum += v;
     }
-    sum % 10 == 0
+    sum.is_multiple_of(10)
 }
 
 /// Luhn, then the issuer prefix and length: a known brand is high confidence; an unknown
@@ -253,11 +253,12 @@ fn ssn(s: &[u8]) -> bool {
     }
     let n = |r: std::ops::Range<usize>| d[r].iter().fold(0u32, |a, &x| a * 10 + u32::from(x));
     let (area, group, serial) = (n(0..3), n(3..5), n(5..9));
-    !(area == 0 || area == 666 || area >= 900 || group == 0 || serial == 0)
-        && !matches!(
-            (area, group, serial),
-            (78, 5, 1120) | (219, 9, 9999) | (123, 45, 6789)
-        )
+    let invalid = area == 0 || area == 666 || area >= 900 || group == 0 || serial == 0;
+    let advertised = matches!(
+        (area, group, serial),
+        (78, 5, 1120) | (219, 9, 9999) | (123, 45, 6789)
+    );
+    !invalid && !advertised
 }
 
 fn phone(bytes: &[u8], start: usize, end: usize, min: u8, max: u8, base: Confidence) -> Checked {
