@@ -79,14 +79,9 @@ impl Bed {
         }
     }
 
-    /// The base URL an SDK of `case`'s family is given (the OpenAI SDK's includes `/v1`).
-    fn base_url(&self, case: &str) -> String {
-        let root = format!("http://{}", self.envoy.listen);
-        if case.starts_with("openai") {
-            format!("{root}/v1")
-        } else {
-            root
-        }
+    /// The server root the SDK driver is given (it adds `/v1` for the OpenAI SDK).
+    fn root(&self) -> String {
+        format!("http://{}", self.envoy.listen)
     }
 
     fn logs(&self) -> String {
@@ -205,18 +200,31 @@ async fn answers_intact(bodies: Bodies, test: &str) {
     // servers do not send): its streams get every other hazard.
     let gemini_hazards = &hazards[..4];
     let plain: &[(&str, &str)] = &[("x-test-usage", USAGE)];
-    for case in cases {
-        let runs: &[&[(&str, &str)]] = if case == "gemini.stream" {
-            &[plain, gemini_hazards]
-        } else if case.contains("stream") {
-            &[plain, hazards]
-        } else {
-            &[plain]
-        };
-        for headers in runs {
-            let r = sdk
-                .run(case, &bed.base_url(case), "test-key", headers)
-                .await;
+    let streams: Vec<&str> = cases
+        .iter()
+        .copied()
+        .filter(|c| c.contains("stream"))
+        .collect();
+    let gemini_streams: Vec<&str> = streams
+        .iter()
+        .copied()
+        .filter(|c| c.starts_with("gemini"))
+        .collect();
+    let other_streams: Vec<&str> = streams
+        .iter()
+        .copied()
+        .filter(|c| !c.starts_with("gemini"))
+        .collect();
+    for (batch, headers) in [
+        (&cases, plain),
+        (&other_streams, hazards),
+        (&gemini_streams, gemini_hazards),
+    ] {
+        if batch.is_empty() {
+            continue;
+        }
+        let lines = sdk.run_many(batch, &bed.root(), "test-key", headers).await;
+        for (case, r) in batch.iter().copied().zip(lines) {
             assert_eq!(
                 r["ok"],
                 true,
@@ -395,10 +403,11 @@ async fn sdk_rate_limit_error_from_quota() {
             ));
         }
         for (first, stream, other, prefix) in families {
-            let r = sdk.run(first, &bed.base_url(first), "k", &[]).await;
+            let batch = [first, stream, first, other];
+            let mut lines = sdk.run_many(&batch, &bed.root(), "k", &[]).await;
+            let r = lines.remove(0);
             assert_eq!(r["ok"], true, "{first}: {r}\n{}", bed.logs());
-            for case in [stream, first, other] {
-                let r = sdk.run(case, &bed.base_url(case), "k", &[]).await;
+            for (case, r) in batch[1..].iter().copied().zip(lines) {
                 if case == "anthropic.messages.stream_helper" {
                     // The helper raises the same exception; its line has no response headers.
                     assert_eq!(r["error"], "RateLimitError", "{case}: {r}");
@@ -470,7 +479,7 @@ spec:
 /// tollgate's message and code).
 async fn keys_work(sdk: &Sdks, bed: &Bed, cases: &[(&str, &str, &str)]) {
     for &(case, prefix, header) in cases {
-        let r = sdk.run(case, &bed.base_url(case), APP_KEY, &[]).await;
+        let r = sdk.run(case, &bed.root(), APP_KEY, &[]).await;
         assert_eq!(r["ok"], true, "{case}: {r}\n{}", bed.logs());
         assert_eq!(r["text"], REPLY, "{case}: {r}");
         let seen = bed.upstream.requests_to(prefix).await;
@@ -484,7 +493,7 @@ async fn keys_work(sdk: &Sdks, bed: &Bed, cases: &[(&str, &str, &str)]) {
             "{case}: {last}"
         );
 
-        let r = sdk.run(case, &bed.base_url(case), "wrong-key", &[]).await;
+        let r = sdk.run(case, &bed.root(), "wrong-key", &[]).await;
         assert_eq!(r["ok"], false, "{case}: {r}");
         assert_eq!(r["status"], 401, "{case}: {r}");
         assert!(
@@ -582,10 +591,11 @@ async fn sdk_upstream_faults_pass_through() {
         };
         for bodies in [Bodies::Duplex, Bodies::Buffered] {
             let bed = Bed::start(PASS, bodies).await;
-            for case in ["openai.chat", "anthropic.messages.stream"] {
-                let r = sdk
-                    .run(case, &bed.base_url(case), "k", &[("x-test-fault", "429")])
-                    .await;
+            let batch = ["openai.chat", "anthropic.messages.stream"];
+            let lines = sdk
+                .run_many(&batch, &bed.root(), "k", &[("x-test-fault", "429")])
+                .await;
+            for (case, r) in batch.iter().zip(lines) {
                 assert_eq!(r["error"], "RateLimitError", "{case} {bodies:?}: {r}");
                 assert_eq!(r["headers"]["retry-after"], "7", "{case}: {r}");
                 assert_eq!(r["headers"]["x-ratelimit-remaining-requests"], "0", "{r}");
@@ -597,19 +607,20 @@ async fn sdk_upstream_faults_pass_through() {
                     "{case}: {r}"
                 );
             }
-            for case in [
+            let batch = [
                 "openai.chat.stream",
                 "anthropic.messages.stream",
                 "openai.responses.stream",
-            ] {
-                let r = sdk
-                    .run(
-                        case,
-                        &bed.base_url(case),
-                        "k",
-                        &[("x-test-fault", "reset"), ("x-test-split", "9")],
-                    )
-                    .await;
+            ];
+            let lines = sdk
+                .run_many(
+                    &batch,
+                    &bed.root(),
+                    "k",
+                    &[("x-test-fault", "reset"), ("x-test-split", "9")],
+                )
+                .await;
+            for (case, r) in batch.iter().zip(lines) {
                 assert_eq!(
                     r["ok"], false,
                     "{case} {bodies:?}: a cut stream must fail: {r}"

@@ -2,7 +2,10 @@
 """Runs one call with an official LLM SDK against a base URL and prints one JSON line with
 what the SDK saw, for tests/llm_sdk.rs (and by hand: `clients.py list`).
 
-    clients.py CASE --base-url URL [--api-key KEY] [--model M] [--header NAME=VALUE]...
+    clients.py CASE [CASE...] --base-url URL [--api-key KEY] [--model M] [--header NAME=VALUE]...
+
+URL is the server's root: the OpenAI SDK is given URL/v1, the others URL. Several cases run
+one after the other in this one process, one line each.
 
 The line: {"case", "ok": true, "text", "usage", "status", "headers", "events"} on success,
 or {"case", "ok": false, "error": exception class, "status", "message", "body", "headers"}
@@ -211,17 +214,17 @@ def error_line(e):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("case", choices=sorted(CASES) + ["list", "check"])
-    p.add_argument("--base-url", default="http://127.0.0.1:8090/v1")
+    p.add_argument("case", nargs="+", choices=sorted(CASES) + ["list", "check"])
+    p.add_argument("--base-url", default="http://127.0.0.1:8090")
     p.add_argument("--api-key", default="test-key")
     p.add_argument("--model", default="test-model")
     p.add_argument("--prompt", default="Say hello to the gateway")
     p.add_argument("--header", action="append", default=[])
     a = p.parse_args()
-    if a.case == "list":
+    if a.case[0] == "list":
         print("\n".join(sorted(CASES)))
         return 0
-    if a.case == "check":
+    if a.case[0] == "check":
         # Which SDK packages import: the tests skip what is missing.
         have = {}
         for name, mod in PACKAGE.items():
@@ -233,18 +236,27 @@ def main():
         print(json.dumps(have))
         return 0
     a.headers = dict(h.split("=", 1) for h in a.header)
-    mod = PACKAGE[a.case.split(".")[0]]
+    status = 0
+    root = a.base_url.rstrip("/")
+    for case in a.case:
+        a.base_url = root + "/v1" if case.startswith("openai") else root
+        status = max(status, run(case, a))
+    return status
+
+
+def run(case, a):
+    mod = PACKAGE[case.split(".")[0]]
     try:
         __import__(mod)
     except ImportError as e:
-        print(json.dumps({"case": a.case, "ok": False, "error": "ImportError",
-                          "message": f"{mod} is not installed: {e}"}))
+        print(json.dumps({"case": case, "ok": False, "error": "ImportError",
+                          "message": f"{mod} is not installed: {e}"}), flush=True)
         return 3
     try:
-        out = {"ok": True, **CASES[a.case](a)}
+        out = {"ok": True, **CASES[case](a)}
     except Exception as e:  # noqa: BLE001 - every SDK failure is reported, not raised
         out = error_line(e)
-    print(json.dumps({"case": a.case, **out}, default=str))
+    print(json.dumps({"case": case, **out}, default=str), flush=True)
     return 0
 
 

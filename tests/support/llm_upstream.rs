@@ -122,19 +122,35 @@ impl Sdks {
         self.have[family].as_bool().unwrap_or(false)
     }
 
-    /// Runs one `case` against `base_url` with `api_key` and extra request `headers`; the
-    /// JSON line the driver printed (`ok`, `text`, `usage`, `error`, `status`, `headers`...).
+    /// Runs one `case` against the server at `root` (`http://host:port`) with `api_key` and
+    /// extra request `headers`; the JSON line the driver printed (`ok`, `text`, `usage`,
+    /// `error`, `status`, `headers`...).
     pub async fn run(
         &self,
         case: &str,
-        base_url: &str,
+        root: &str,
         api_key: &str,
         headers: &[(&str, &str)],
     ) -> Value {
+        self.run_many(&[case], root, api_key, headers)
+            .await
+            .pop()
+            .expect("one line")
+    }
+
+    /// Runs `cases` one after the other in one driver process (the SDKs imported once): one
+    /// JSON line each, in order.
+    pub async fn run_many(
+        &self,
+        cases: &[&str],
+        root: &str,
+        api_key: &str,
+        headers: &[(&str, &str)],
+    ) -> Vec<Value> {
         let mut cmd = Command::new(&self.python);
         cmd.arg(repo_root().join("tests/sdk/clients.py"))
-            .arg(case)
-            .args(["--base-url", base_url, "--api-key", api_key]);
+            .args(cases)
+            .args(["--base-url", root, "--api-key", api_key]);
         for (k, v) in headers {
             cmd.arg("--header").arg(format!("{k}={v}"));
         }
@@ -153,19 +169,24 @@ impl Sdks {
             cmd.env_remove(var);
         }
         cmd.env("NO_PROXY", "*");
-        let case = case.to_owned();
         let out = tokio::task::spawn_blocking(move || cmd.output())
             .await
             .expect("join")
             .unwrap_or_else(|e| panic!("cannot run the SDK driver: {e}"));
         let stdout = String::from_utf8_lossy(&out.stdout);
-        let line = stdout.lines().last().unwrap_or_default();
-        serde_json::from_str(line).unwrap_or_else(|e| {
-            panic!(
-                "{case}: the driver printed no JSON line ({e}; {}):\n{stdout}\n{}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-            )
-        })
+        let lines: Vec<Value> = stdout
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        assert_eq!(
+            lines.len(),
+            cases.len(),
+            "{cases:?}: the driver printed {} JSON lines for {} cases ({}):\n{stdout}\n{}",
+            lines.len(),
+            cases.len(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        lines
     }
 }
