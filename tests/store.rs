@@ -813,6 +813,70 @@ mod counters_suite {
 }
 
 /// Cache entries through the backend and through the ResponseCache's shared tier.
+mod tally_suite {
+    use super::*;
+    use tollgate::store::TallyAdd;
+
+    fn add(bucket: &str, field: &str, delta: i64) -> TallyAdd {
+        TallyAdd {
+            bucket: bucket.into(),
+            field: field.into(),
+            delta,
+        }
+    }
+
+    /// Adds land in their bucket and field, add up across calls (as they do across replicas),
+    /// read back per bucket in the order asked, and a bucket is gone after its TTL.
+    pub async fn tallies_add_up_and_expire(b: Arc<dyn Backend>) {
+        let (h1, h2) = ("app:hour:1000".to_owned(), "app:hour:2000".to_owned());
+        let long = Duration::from_secs(60);
+        b.tally_add(
+            &[
+                add(&h1, "requests:shop", 3),
+                add(&h1, "tokens:shop", 120),
+                add(&h2, "requests:shop", 1),
+            ],
+            long,
+        )
+        .await
+        .unwrap();
+        b.tally_add(
+            &[add(&h1, "requests:shop", 2), add(&h1, "requests:bank", 7)],
+            long,
+        )
+        .await
+        .unwrap();
+        let mut got = b
+            .tally_read(&[h2.clone(), "app:hour:3000".into(), h1.clone()])
+            .await
+            .unwrap();
+        for g in &mut got {
+            g.sort();
+        }
+        assert_eq!(got[0], vec![("requests:shop".to_owned(), 1)]);
+        assert!(got[1].is_empty(), "an untouched bucket is empty");
+        assert_eq!(
+            got[2],
+            vec![
+                ("requests:bank".to_owned(), 7),
+                ("requests:shop".to_owned(), 5),
+                ("tokens:shop".to_owned(), 120)
+            ]
+        );
+        // A short-lived bucket disappears.
+        let short = "app:hour:4000".to_owned();
+        b.tally_add(&[add(&short, "requests:x", 1)], Duration::from_millis(300))
+            .await
+            .unwrap();
+        assert_eq!(
+            b.tally_read(std::slice::from_ref(&short)).await.unwrap()[0].len(),
+            1
+        );
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert!(b.tally_read(&[short]).await.unwrap()[0].is_empty());
+    }
+}
+
 mod cache_suite {
     use super::*;
     use tollgate::cache::{Entry, SharedTier};
@@ -995,6 +1059,11 @@ macro_rules! store_suite {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn the_shared_cache_tier_round_trips_entries() {
                 run_backend(cache_suite::the_shared_tier_round_trips_entries).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn usage_tallies_add_up_and_expire() {
+                run_backend(tally_suite::tallies_add_up_and_expire).await
             }
         }
     };

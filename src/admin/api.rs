@@ -18,8 +18,10 @@
 mod apps;
 mod auth;
 mod errors;
+pub mod flows;
 mod keys;
 pub mod kvm;
+mod logging;
 mod products;
 mod request;
 mod response;
@@ -70,6 +72,10 @@ pub fn router(consumers: Arc<Consumers>, auth: ApiAuth) -> Router {
         .route("/v1/apps/{name}/keys/{id}/revoke", post(revoke_key))
         .route("/v1/apps/{name}/keys/{id}/approve", post(approve_key))
         .route("/v1/apps/{name}/keys/{id}/expire", post(expire_key))
+        .route(
+            "/v1/logging",
+            get(logging::get_logging).put(logging::put_logging),
+        )
         .method_not_allowed_fallback(wrong_method)
         .route("/v1", any(unknown_route))
         .route("/v1/", any(unknown_route))
@@ -192,6 +198,18 @@ mod tests {
             ttl: std::time::Duration,
         ) -> Result<(), StoreError> {
             self.inner.backend().cache_put(k, v, ttl).await
+        }
+
+        async fn tally_add(
+            &self,
+            adds: &[crate::store::TallyAdd],
+            ttl: std::time::Duration,
+        ) -> Result<(), StoreError> {
+            self.inner.backend().tally_add(adds, ttl).await
+        }
+
+        async fn tally_read(&self, b: &[String]) -> Result<Vec<Vec<(String, i64)>>, StoreError> {
+            self.inner.backend().tally_read(b).await
         }
     }
 

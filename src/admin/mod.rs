@@ -100,9 +100,43 @@ pub trait Readiness: Send + Sync + 'static {
     fn generation(&self) -> u64;
 }
 
+/// What the management API and the admin page read of the running configuration.
+pub trait ConfigView: Send + Sync + 'static {
+    /// Every flow, described (`config::snapshot::Flow::describe`).
+    fn flows(&self) -> Vec<serde_json::Value>;
+    fn generation(&self) -> u64;
+}
+
+/// Adds `GET /v1/flows` (guarded by `auth`) to an admin router.
+pub fn with_flows_api(router: Router, view: Arc<dyn ConfigView>, auth: ApiAuth) -> Router {
+    router.merge(api::flows::router(view, auth))
+}
+
+/// The admin page: one self-contained HTML document (no external assets) that reads the
+/// management API from the browser with the token the user gives it.
+const UI_PAGE: &str = include_str!("ui/index.html");
+
+async fn ui_page() -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+            // Nothing outside this origin: scripts and styles are inline, data comes from /v1/.
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src data:",
+            ),
+            (header::X_FRAME_OPTIONS, "DENY"),
+        ],
+        UI_PAGE,
+    )
+}
+
 /// Liveness, readiness and metrics.
 pub fn router(readiness: Arc<dyn Readiness>) -> Router {
     Router::new()
+        .route("/ui", get(ui_page))
+        .route("/ui/", get(ui_page))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))

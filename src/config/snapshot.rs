@@ -25,6 +25,25 @@ pub struct FlowMatch {
 }
 
 impl FlowMatch {
+    /// The match as configured (normalised), for the management API and the admin page.
+    pub fn describe(&self) -> serde_json::Value {
+        let hosts: Vec<String> = self
+            .hosts
+            .iter()
+            .map(|h| match h {
+                HostPattern::Exact(s) => s.clone(),
+                HostPattern::Suffix(s) => format!("*{s}"),
+                HostPattern::Prefix(s) => format!("{s}*"),
+                HostPattern::Any => "*".to_owned(),
+            })
+            .collect();
+        serde_json::json!({
+            "hosts": hosts,
+            "pathPrefixes": self.path_prefixes,
+            "methods": self.methods,
+        })
+    }
+
     /// Compiles a `match`, or says what is wrong with each entry (as `field ...: message`).
     pub(super) fn from_spec(m: &MatchSpec) -> Result<Self, Vec<String>> {
         let mut errors = Vec::new();
@@ -120,6 +139,32 @@ pub struct Flow {
 }
 
 impl Flow {
+    /// What the flow does, for the management API and the admin page: its match and its
+    /// steps in order (policy, type, condition).
+    pub fn describe(&self) -> serde_json::Value {
+        let steps = |d: &DirectionPipeline| -> Vec<serde_json::Value> {
+            d.steps()
+                .map(|s| {
+                    serde_json::json!({
+                        "policy": s.policy_name,
+                        "type": s.policy.type_name(),
+                        "condition": s.condition.as_ref().map(|c| c.source()),
+                        "continueOnError": s.continue_on_error,
+                    })
+                })
+                .collect()
+        };
+        serde_json::json!({
+            "name": self.name,
+            "default": self.is_default,
+            "priority": self.priority,
+            "match": self.matcher.as_ref().map(FlowMatch::describe),
+            "maxBodyBytes": self.max_body_bytes,
+            "request": steps(&self.request),
+            "response": steps(&self.response),
+        })
+    }
+
     /// Every policy type the flow's steps use.
     pub fn policy_types(&self) -> impl Iterator<Item = &'static str> + '_ {
         self.request
@@ -172,6 +217,13 @@ impl UnknownFlow {
 }
 
 impl Snapshot {
+    /// Every flow, described (see [`Flow::describe`]), by name.
+    pub fn describe_flows(&self) -> Vec<serde_json::Value> {
+        let mut flows: Vec<&Arc<Flow>> = self.by_name.values().collect();
+        flows.sort_by(|a, b| a.name.cmp(&b.name));
+        flows.into_iter().map(|f| f.describe()).collect()
+    }
+
     /// Chooses the flow: by name from extension metadata, else the first matching flow,
     /// else the default flow; `Ok(None)` when none applies. A name that is not defined is
     /// an error, never a fall-through to matching.

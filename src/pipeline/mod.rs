@@ -397,9 +397,22 @@ pub async fn run_steps(steps: &[Step], ex: &mut Exchange, dir: Direction) -> Out
         if !step.applies(ex) {
             continue;
         }
+        let trace = ex.trace.handle();
         let outcome = match step.policy.run(ex, dir) {
             Hook::Ready(o) => o,
-            Hook::Pending(fut) => fut.await,
+            Hook::Pending(fut) => match trace {
+                None => fut.await,
+                // A step that waits (a store, a callout) gets its own span.
+                Some(t) => {
+                    let span = t.step(&step.policy_name, step.policy.type_name());
+                    let o = fut.await;
+                    span.end(match &o {
+                        Outcome::Reject(f) => Some(f.code.as_str()),
+                        _ => None,
+                    });
+                    o
+                }
+            },
         };
         match outcome {
             Outcome::Continue => {}

@@ -970,6 +970,18 @@ mod tests {
         async fn cache_put(&self, k: &str, v: Vec<u8>, ttl: Duration) -> Result<(), StoreError> {
             self.inner.cache_put(k, v, ttl).await
         }
+
+        async fn tally_add(
+            &self,
+            adds: &[crate::store::TallyAdd],
+            ttl: Duration,
+        ) -> Result<(), StoreError> {
+            self.inner.tally_add(adds, ttl).await
+        }
+
+        async fn tally_read(&self, b: &[String]) -> Result<Vec<Vec<(String, i64)>>, StoreError> {
+            self.inner.tally_read(b).await
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -155,6 +155,49 @@ struct ResponseCache {
     bypass_var: String,
     /// Set when the request carried credentials and the key is not per app.
     credentialed_var: String,
+    metrics: CacheCounters,
+}
+
+/// `tollgate_response_cache_total{policy,result}`, resolved once per policy so a lookup
+/// does no label hashing, and present at 0 from the start so a hit-ratio query has a value.
+#[derive(Debug)]
+struct CacheCounters {
+    hit: prometheus::IntCounter,
+    miss: prometheus::IntCounter,
+    bypass: prometheus::IntCounter,
+    stored: prometheus::IntCounter,
+}
+
+static CACHE_RESULTS: std::sync::LazyLock<prometheus::IntCounterVec> = std::sync::LazyLock::new(
+    || {
+        let c = prometheus::IntCounterVec::new(
+            prometheus::Opts::new(
+                "tollgate_response_cache_total",
+                "ResponseCache results by policy: hit, miss (went upstream), bypass (skipLookup), stored",
+            ),
+            &["policy", "result"],
+        )
+        .expect("valid metric");
+        if let Err(e) = crate::telemetry::METRICS
+            .registry
+            .register(Box::new(c.clone()))
+        {
+            tracing::warn!(error = %e, "cache metric not registered");
+        }
+        c
+    },
+);
+
+impl CacheCounters {
+    fn new(policy: &str) -> Self {
+        let c = |r: &str| CACHE_RESULTS.with_label_values(&[policy, r]);
+        Self {
+            hit: c("hit"),
+            miss: c("miss"),
+            bypass: c("bypass"),
+            stored: c("stored"),
+        }
+    }
 }
 
 pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Policy>, SpecError> {
@@ -228,6 +271,7 @@ fn build_cache(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Response
         .transpose()?;
     Ok(ResponseCache {
         shared,
+        metrics: CacheCounters::new(&ctx.name),
         name: ctx.name.clone(),
         prefix: spec.key_prefix,
         fragments,
@@ -327,6 +371,7 @@ impl ResponseCache {
     }
 
     fn hit(&self, e: &Entry) -> Outcome {
+        self.metrics.hit.inc();
         let mut headers = e.headers.clone();
         headers.push(("age".into(), e.stored.elapsed().as_secs().to_string()));
         headers.push((self.status_header.clone(), "tollgate; hit".into()));
@@ -432,8 +477,10 @@ impl ResponseCache {
         let too_big = length.is_some_and(|l| l > self.max_entry);
         let skip = self.skip_populate.as_ref().is_some_and(|c| c.eval(ex));
         let fwd = if ex.vars.contains_key(&self.bypass_var) {
+            self.metrics.bypass.inc();
             "tollgate; fwd=request"
         } else {
+            self.metrics.miss.inc();
             "tollgate; fwd=miss"
         };
         if personal {
@@ -468,6 +515,7 @@ impl ResponseCache {
     fn store_entry(&self, ex: &mut Exchange, key: Key, body: &[u8]) {
         ex.vars.remove(&self.populate_var);
         let Some(resp) = &ex.response else { return };
+        self.metrics.stored.inc();
         if body.len() > self.max_entry {
             tracing::debug!(policy = %self.name, bytes = body.len(), "response larger than maxEntryBytes; not cached");
             self.release(&key);

@@ -55,6 +55,28 @@ pub const TYPE: &str = "ServiceCallout";
 
 const DEFAULT_MAX_BYTES: usize = 1024 * 1024;
 
+/// How long a callout took, answered or not (timeouts included), by policy.
+static CALLOUT_SECONDS: LazyLock<prometheus::HistogramVec> = LazyLock::new(|| {
+    let h = prometheus::HistogramVec::new(
+        prometheus::HistogramOpts::new(
+            "tollgate_callout_duration_seconds",
+            "Service callout latency by policy, failures and timeouts included",
+        )
+        .buckets(vec![
+            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ]),
+        &["policy"],
+    )
+    .expect("valid metric");
+    if let Err(e) = crate::telemetry::METRICS
+        .registry
+        .register(Box::new(h.clone()))
+    {
+        tracing::warn!(error = %e, "callout metric not registered");
+    }
+    h
+});
+
 static CALLOUTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     let c = IntCounterVec::new(
         prometheus::Opts::new(
@@ -471,6 +493,11 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
         .chain(std::iter::once(&url))
         .flat_map(Template::variables)
         .any(|v| v == "request.content" || v == "response.content");
+    // Every result at 0 from the start, so an error-ratio query or alert has a series.
+    for r in ["ok", "status", "timeout", "error", "circuit_open", "denied"] {
+        CALLOUTS.with_label_values(&[ctx.name.as_str(), r]);
+    }
+    CALLOUT_SECONDS.with_label_values(&[ctx.name.as_str()]);
     Ok(Arc::new(ServiceCallout {
         name: ctx.name.clone(),
         method,
@@ -607,8 +634,13 @@ impl ServiceCallout {
             json: Vec::new(),
             error: None,
         };
+        let started = std::time::Instant::now();
         let outcome: Result<(), Failure> = async {
-            let resp = self.call(url, headers, body).await?;
+            let resp = self.call(url, headers, body).await;
+            CALLOUT_SECONDS
+                .with_label_values(&[self.name.as_str()])
+                .observe(started.elapsed().as_secs_f64());
+            let resp = resp?;
             vars.status = Some(resp.status);
             let text = String::from_utf8(resp.body.to_vec()).ok();
             let parsed = if self.json.is_empty() {

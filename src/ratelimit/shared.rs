@@ -107,6 +107,10 @@ impl SharedCounters {
     /// Counters in `backend` (connected already); in asynchronous mode this starts the
     /// sync task. `max_keys` bounds the asynchronous mirrors.
     pub fn new(backend: Arc<dyn Backend>, mode: SyncMode, max_keys: usize) -> Arc<Self> {
+        // Both operations at 0 from the start, so a store-down alert has a series.
+        for op in ["decide", "sync"] {
+            RL_METRICS.redis_errors.with_label_values(&[op]);
+        }
         let this = Arc::new(Self {
             backend,
             mode,

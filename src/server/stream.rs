@@ -90,6 +90,10 @@ pub struct StreamState {
 }
 
 fn protocol_error(kind: &str) {
+    debug_assert!(
+        crate::telemetry::PROTOCOL_ERROR_KINDS.contains(&kind),
+        "{kind}"
+    );
     METRICS
         .protocol_errors_total
         .with_label_values(&[kind])
@@ -172,6 +176,7 @@ impl StreamState {
         } else {
             500
         };
+        self.ex.trace.answered(status, &code);
         out.push(proto::immediate(
             Rendered {
                 status,
@@ -207,6 +212,9 @@ impl StreamState {
             f.metrics.rejected.inc();
         }
         tracing::debug!(flow, policy = %fault.policy, code = %fault.code, status = fault.status, "rejected");
+        self.ex
+            .trace
+            .rejected(fault.status, &fault.policy, &fault.code);
         let rendered = fault.render(self.error_format());
         out.push(proto::immediate(rendered, &fault.code));
         self.answered = true;
@@ -371,6 +379,14 @@ impl StreamState {
         };
         flow.metrics.requests.inc();
         self.ex.flow.clone_from(&flow.name);
+        if crate::telemetry::trace::enabled() {
+            self.ex.trace = crate::telemetry::trace::ExchangeTrace::start(
+                &self.ex.request.headers,
+                &flow.name,
+                &self.ex.request.method,
+                self.ex.request.path(),
+            );
+        }
         self.flow = Some(flow.clone());
         crate::pipeline::claim_owned_headers(&flow.request, &mut self.ex);
 
@@ -1041,6 +1057,21 @@ impl Drop for StreamState {
         self.shared.body_budget.give_back(self.budget_taken);
         if let (Some(f), false) = (&self.flow, self.rejected) {
             f.metrics.continued.inc();
+        }
+        if self.ex.trace.is_recording() {
+            let (outcome, error) = if self.failed {
+                ("failed", Some("stream_error"))
+            } else if self.rejected {
+                ("rejected", None)
+            } else if self.answered {
+                ("answered", None)
+            } else if self.complete || self.chunks.as_ref().is_some_and(|r| r.ended()) {
+                ("completed", None)
+            } else {
+                ("aborted", Some("aborted"))
+            };
+            let status = self.ex.response.as_ref().map(|r| r.status);
+            self.ex.trace.end(status, outcome, error);
         }
         if let Some(flow) = &self.flow {
             let (req, resp) = (&flow.request.after, &flow.response.after);

@@ -6,6 +6,7 @@
 //! atomically. Adding a backend is one module implementing this trait, plus one line in
 //! `tests/store.rs`'s `store_suite!` list and in [`super::open`].
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -149,6 +150,59 @@ pub trait Backend: Send + Sync + std::fmt::Debug + 'static {
     async fn cache_get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
     /// Stores an entry that disappears after `ttl`.
     async fn cache_put(&self, key: &str, value: Vec<u8>, ttl: Duration) -> Result<(), StoreError>;
+
+    // --- usage tallies -------------------------------------------------------------------
+
+    /// Adds each delta to its bucket's field (every replica's adds land in the same
+    /// bucket); a bucket disappears `ttl` after its last add. See [`crate::usage`].
+    async fn tally_add(&self, adds: &[TallyAdd], ttl: Duration) -> Result<(), StoreError>;
+    /// Every field of each bucket with its total, in the order asked (empty when the bucket
+    /// has none or expired).
+    async fn tally_read(&self, buckets: &[String]) -> Result<Vec<Vec<(String, i64)>>, StoreError>;
+}
+
+/// One addition to a usage tally.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TallyAdd {
+    pub bucket: String,
+    pub field: String,
+    pub delta: i64,
+}
+
+/// Usage tallies kept in process (the memory backend's, and the embedded one's own table
+/// is written through the same shape): bucket → (field → total), with each bucket's expiry.
+#[derive(Debug, Default)]
+pub(super) struct Tallies(parking_lot::Mutex<BTreeMap<String, (BTreeMap<String, i64>, Instant)>>);
+
+impl Tallies {
+    pub fn add(&self, adds: &[TallyAdd], ttl: Duration) {
+        let now = Instant::now();
+        let until = now.checked_add(ttl).unwrap_or(now);
+        let mut t = self.0.lock();
+        t.retain(|_, (_, exp)| *exp > now);
+        for a in adds {
+            let (fields, exp) = t
+                .entry(a.bucket.clone())
+                .or_insert_with(|| (BTreeMap::new(), until));
+            *exp = until;
+            let v = fields.entry(a.field.clone()).or_insert(0);
+            *v = v.saturating_add(a.delta);
+        }
+    }
+
+    pub fn read(&self, buckets: &[String]) -> Vec<Vec<(String, i64)>> {
+        let now = Instant::now();
+        let t = self.0.lock();
+        buckets
+            .iter()
+            .map(|b| match t.get(b) {
+                Some((fields, exp)) if *exp > now => {
+                    fields.iter().map(|(k, v)| (k.clone(), *v)).collect()
+                }
+                _ => Vec::new(),
+            })
+            .collect()
+    }
 }
 
 /// What the in-process backends (memory, embedded) keep in memory beside their records:

@@ -21,7 +21,7 @@ use async_trait::async_trait;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::broadcast;
 
-use super::backend::{Backend, Cond, InProcess, Keep, OwnedTable, Put, Table, Visit};
+use super::backend::{Backend, Cond, InProcess, Keep, OwnedTable, Put, Table, TallyAdd, Visit};
 use super::memory::judge;
 use super::{Change, StoreError};
 use crate::counters::{Ask, Decision};
@@ -40,6 +40,12 @@ pub const KVMS: TableDefinition<'static, &'static str, &'static [u8]> =
 /// Counter checkpoints: key → the encoded window (see `crate::counters::table`).
 pub const COUNTERS: TableDefinition<'static, u128, &'static [u8]> =
     TableDefinition::new("counters");
+
+/// Usage tallies: key `<bucket>\0<field>` (neither contains NUL), value the total.
+pub const TALLIES: TableDefinition<'static, &'static str, i64> = TableDefinition::new("tallies");
+/// When each tally bucket expires: bucket → Unix milliseconds.
+pub const TALLY_EXPIRY: TableDefinition<'static, &'static str, i64> =
+    TableDefinition::new("tally_expiry");
 
 /// redb's page cache. Reads are rare (the index is built once from a snapshot, then only
 /// changed objects are read), so the cache only needs the B-tree's upper pages for writes;
@@ -115,6 +121,10 @@ impl EmbeddedBackend {
         }
         txn.open_table(COUNTERS)
             .map_err(|e| store.fail("create table counters", e))?;
+        for (name, def) in [("tallies", TALLIES), ("tally_expiry", TALLY_EXPIRY)] {
+            txn.open_table(def)
+                .map_err(|e| store.fail(&format!("create table {name}"), e))?;
+        }
         txn.commit().map_err(|e| store.fail("commit", e))?;
         Ok(store)
     }
@@ -140,6 +150,13 @@ impl EmbeddedBackend {
             .await
             .map_err(|e| StoreError::Unavailable(format!("embedded store task failed: {e}")))?
     }
+}
+
+/// Wall-clock Unix milliseconds: tally expiries are kept across restarts.
+fn wall_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 fn fail(path: &Path, what: &str, e: impl std::fmt::Display) -> StoreError {
@@ -358,5 +375,87 @@ impl Backend for EmbeddedBackend {
     async fn cache_put(&self, key: &str, value: Vec<u8>, ttl: Duration) -> Result<(), StoreError> {
         self.local.cache_put(key, value, ttl);
         Ok(())
+    }
+
+    async fn tally_add(&self, adds: &[TallyAdd], ttl: Duration) -> Result<(), StoreError> {
+        let adds = adds.to_vec();
+        let now = wall_ms();
+        let until = now.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX));
+        self.blocking(move |db, path| {
+            let txn = durable_write(db, path)?;
+            {
+                let mut t = txn
+                    .open_table(TALLIES)
+                    .map_err(|e| fail(path, "open table tallies", e))?;
+                let mut exp = txn
+                    .open_table(TALLY_EXPIRY)
+                    .map_err(|e| fail(path, "open table tally_expiry", e))?;
+                // Expired buckets go first, so a long-running replica's file stays bounded.
+                let mut expired = Vec::new();
+                for row in exp.iter().map_err(|e| fail(path, "read tally_expiry", e))? {
+                    let (b, at) = row.map_err(|e| fail(path, "read tally_expiry", e))?;
+                    if at.value() <= now {
+                        expired.push(b.value().to_owned());
+                    }
+                }
+                for b in &expired {
+                    exp.remove(b.as_str())
+                        .map_err(|e| fail(path, "prune tally_expiry", e))?;
+                    let (lo, hi) = (format!("{b}\0"), format!("{b}\u{1}"));
+                    t.retain_in(lo.as_str()..hi.as_str(), |_, _| false)
+                        .map_err(|e| fail(path, "prune tallies", e))?;
+                }
+                for a in &adds {
+                    let key = format!("{}\0{}", a.bucket, a.field);
+                    let old = t
+                        .get(key.as_str())
+                        .map_err(|e| fail(path, "read tallies", e))?
+                        .map_or(0, |v| v.value());
+                    t.insert(key.as_str(), old.saturating_add(a.delta))
+                        .map_err(|e| fail(path, "write tallies", e))?;
+                    exp.insert(a.bucket.as_str(), until)
+                        .map_err(|e| fail(path, "write tally_expiry", e))?;
+                }
+            }
+            txn.commit().map_err(|e| fail(path, "commit tallies", e))
+        })
+        .await
+    }
+
+    async fn tally_read(&self, buckets: &[String]) -> Result<Vec<Vec<(String, i64)>>, StoreError> {
+        let buckets = buckets.to_vec();
+        let now = wall_ms();
+        self.blocking(move |db, path| {
+            let txn = db.begin_read().map_err(|e| fail(path, "begin read", e))?;
+            let t = txn
+                .open_table(TALLIES)
+                .map_err(|e| fail(path, "open table tallies", e))?;
+            let exp = txn
+                .open_table(TALLY_EXPIRY)
+                .map_err(|e| fail(path, "open table tally_expiry", e))?;
+            let mut out = Vec::with_capacity(buckets.len());
+            for b in &buckets {
+                let live = exp
+                    .get(b.as_str())
+                    .map_err(|e| fail(path, "read tally_expiry", e))?
+                    .is_some_and(|at| at.value() > now);
+                let mut fields = Vec::new();
+                if live {
+                    let (lo, hi) = (format!("{b}\0"), format!("{b}\u{1}"));
+                    for row in t
+                        .range(lo.as_str()..hi.as_str())
+                        .map_err(|e| fail(path, "read tallies", e))?
+                    {
+                        let (k, v) = row.map_err(|e| fail(path, "read tallies", e))?;
+                        if let Some((_, field)) = k.value().split_once('\0') {
+                            fields.push((field.to_owned(), v.value()));
+                        }
+                    }
+                }
+                out.push(fields);
+            }
+            Ok(out)
+        })
+        .await
     }
 }

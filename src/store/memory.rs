@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use parking_lot::Mutex;
 use tokio::sync::broadcast;
 
-use super::backend::{Backend, Cond, InProcess, Keep, Put, Table, Visit};
+use super::backend::{Backend, Cond, InProcess, Keep, Put, Table, Tallies, TallyAdd, Visit};
 use super::codec;
 use super::{Change, StoreError};
 use crate::counters::{Ask, Decision};
@@ -18,6 +18,7 @@ pub struct MemoryBackend {
     tables: Mutex<BTreeMap<String, BTreeMap<String, Vec<u8>>>>,
     checkpoints: Mutex<BTreeMap<u128, Vec<u8>>>,
     local: InProcess,
+    tallies: Tallies,
     changes: broadcast::Sender<Change>,
 }
 
@@ -27,6 +28,7 @@ impl Default for MemoryBackend {
             tables: Mutex::default(),
             checkpoints: Mutex::default(),
             local: InProcess::default(),
+            tallies: Tallies::default(),
             changes: broadcast::channel(1024).0,
         }
     }
@@ -138,5 +140,14 @@ impl Backend for MemoryBackend {
     async fn cache_put(&self, key: &str, value: Vec<u8>, ttl: Duration) -> Result<(), StoreError> {
         self.local.cache_put(key, value, ttl);
         Ok(())
+    }
+
+    async fn tally_add(&self, adds: &[TallyAdd], ttl: Duration) -> Result<(), StoreError> {
+        self.tallies.add(adds, ttl);
+        Ok(())
+    }
+
+    async fn tally_read(&self, buckets: &[String]) -> Result<Vec<Vec<(String, i64)>>, StoreError> {
+        Ok(self.tallies.read(buckets))
     }
 }

@@ -24,7 +24,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use backend::{Backend, Cond, Put, Table};
+pub use backend::{Backend, Cond, Put, Table, TallyAdd};
 pub use objects::Store;
 
 use crate::consumer::{ApiProduct, App};

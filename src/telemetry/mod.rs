@@ -2,6 +2,9 @@
 //! that the hot path touches per flow are resolved once per configuration (see
 //! [`FlowMetrics`]) so a request does no label hashing.
 
+pub mod analytics;
+pub mod trace;
+
 use std::sync::LazyLock;
 
 use prometheus::{
@@ -24,6 +27,8 @@ pub struct Metrics {
     pub config_reloads_total: IntCounterVec,
     pub config_generation: IntGauge,
     pub build_info: prometheus::IntGaugeVec,
+    /// The runtime's worker threads (`--worker-threads` or the CPUs the process may use).
+    pub worker_threads: IntGauge,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -69,16 +74,24 @@ impl Metrics {
             g
         };
         let build_info = prometheus::IntGaugeVec::new(
-            Opts::new("tollgate_build_info", "tollgate version"),
-            &["version"],
+            Opts::new(
+                "tollgate_build_info",
+                "tollgate version, commit and target (always 1)",
+            ),
+            &["version", "commit", "target", "profile"],
         )
         .expect("valid metric");
         r.register(Box::new(build_info.clone()))
             .expect("unique metric");
         build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .with_label_values(&[BUILD.version, BUILD.commit, BUILD.target, BUILD.profile])
             .set(1);
+        let worker_threads = gauge(
+            "tollgate_worker_threads",
+            "Runtime worker threads (--worker-threads, default the CPUs the process may use)",
+        );
         Self {
+            worker_threads,
             streams_total,
             streams_active,
             requests_total: counter_vec(
@@ -149,7 +162,36 @@ impl Metrics {
 }
 
 /// The process-wide metrics.
-pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
+    let m = Metrics::new();
+    // Known label values start at 0, so rates, ratios and alerts have a series to work on
+    // before the first error (an absent series makes `rate()` empty, not 0).
+    for kind in PROTOCOL_ERROR_KINDS {
+        m.protocol_errors_total.with_label_values(&[kind]);
+    }
+    for result in ["success", "failure"] {
+        m.config_reloads_total.with_label_values(&[result]);
+    }
+    m
+});
+
+/// Every `tollgate_protocol_errors_total` kind the server counts.
+pub const PROTOCOL_ERROR_KINDS: &[&str] = &[
+    "body_after_end",
+    "body_before_headers",
+    "body_length_mismatch",
+    "duplicate_request_headers",
+    "duplicate_response_headers",
+    "duplicate_trailers",
+    "empty_first_message",
+    "empty_message",
+    "message_after_end",
+    "request_body_not_sent",
+    "request_headers_after_response",
+    "malformed_message",
+    "message_too_large",
+    "stream_error",
+];
 
 /// Per-flow counters resolved once when the configuration compiles.
 #[derive(Debug, Clone)]
@@ -199,19 +241,104 @@ pub enum LogFormat {
     Json,
 }
 
+/// The version, the commit it was built from (`TOLLGATE_GIT_COMMIT` at build time, set by the
+/// Dockerfile's build argument; `unknown` otherwise) and the target: what `tollgate version`
+/// prints and `tollgate_build_info` carries.
+pub struct BuildInfo {
+    pub version: &'static str,
+    pub commit: &'static str,
+    pub target: &'static str,
+    pub profile: &'static str,
+}
+
+pub const BUILD: BuildInfo = BuildInfo {
+    version: env!("CARGO_PKG_VERSION"),
+    commit: match option_env!("TOLLGATE_GIT_COMMIT") {
+        Some(c) => c,
+        None => "unknown",
+    },
+    target: if cfg!(target_arch = "x86_64") {
+        "x86_64-linux"
+    } else if cfg!(target_arch = "aarch64") {
+        "aarch64-linux"
+    } else {
+        "other"
+    },
+    profile: if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    },
+};
+
+/// The filter of the installed subscriber, changeable at run time through the management API
+/// (`GET`/`PUT /v1/logging`), so an operator can turn on `debug` for one module on a live
+/// replica without a restart.
+type FilterHandle =
+    tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>;
+
+static LOG_FILTER: std::sync::OnceLock<(FilterHandle, parking_lot::Mutex<String>)> =
+    std::sync::OnceLock::new();
+
+/// Why a log filter was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum LogFilterError {
+    #[error("invalid log filter `{0}`: {1}")]
+    Invalid(String, String),
+    #[error("logging is not set up in this process")]
+    NotInstalled,
+}
+
+/// The filter in force (`RUST_LOG` syntax), when this process installed the subscriber.
+pub fn log_filter() -> Option<String> {
+    LOG_FILTER.get().map(|(_, s)| s.lock().clone())
+}
+
+/// Replaces the filter in force; the old one stays when `spec` does not parse.
+pub fn set_log_filter(spec: &str) -> Result<(), LogFilterError> {
+    let spec = spec.trim();
+    let filter = tracing_subscriber::EnvFilter::try_new(spec)
+        .map_err(|e| LogFilterError::Invalid(spec.to_owned(), e.to_string()))?;
+    let (handle, current) = LOG_FILTER.get().ok_or(LogFilterError::NotInstalled)?;
+    let mut current = current.lock();
+    handle
+        .reload(filter)
+        .map_err(|_| LogFilterError::NotInstalled)?;
+    spec.clone_into(&mut current);
+    tracing::info!(filter = spec, "log filter changed");
+    Ok(())
+}
+
 /// Installs the global `tracing` subscriber; `RUST_LOG` filters (default `info`).
 pub fn init_logging(format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    let res = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{fmt, reload, EnvFilter, Layer};
+    let spec = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|s| EnvFilter::try_new(s).is_ok())
+        .unwrap_or_else(|| "info".to_owned());
+    let filter = EnvFilter::try_new(&spec).unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, handle) = reload::Layer::new(filter);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let output = match format {
+        LogFormat::Text => fmt::layer()
+            .with_ansi(ansi)
+            .with_writer(std::io::stderr)
+            .boxed(),
+        LogFormat::Json => fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_writer(std::io::stderr)
+            .boxed(),
     };
-    if res.is_err() {
-        // Already installed (tests): keep the first one.
+    if tracing_subscriber::registry()
+        .with(filter)
+        .with(output)
+        .try_init()
+        .is_ok()
+    {
+        let _ = LOG_FILTER.set((handle, parking_lot::Mutex::new(spec)));
     }
+    // Otherwise one was already installed (tests): keep the first one.
 }

@@ -342,6 +342,10 @@ impl Feed {
         self,
         changes: broadcast::Sender<Change>,
     ) -> Result<AbortOnDrop, StoreError> {
+        // Every reason at 0 from the start, so a resync-rate alert has a series.
+        for reason in ["reconnect", "gap", "counter_reset"] {
+            FEED_RESYNCS.with_label_values(&[reason]);
+        }
         let mut first = None;
         let mut last_error = None;
         for client in &self.nodes {

@@ -14,7 +14,9 @@
 //! - `tollgate:{kvm}:<map>`: a hash per key-value map, field = entry key, value = JSON;
 //! - `tollgate:rl:{<key hex>}[:<window start>]`: quota counters (see [`COUNTER_SCRIPT`]);
 //! - `tollgate:{counters}`: counter checkpoints, field = key hex (unused unless asked for);
-//! - `tollgate:cache:<policy>:<key hex>`: ResponseCache entries, expiring with their TTL.
+//! - `tollgate:cache:<policy>:<key hex>`: ResponseCache entries, expiring with their TTL;
+//! - `tollgate:usage:<bucket>`: a hash per usage bucket (`<dimension>:<hour|day>:<start>`),
+//!   field = `<metric>:<name>`, value = the total over every replica (see `crate::usage`).
 //!
 //! A scan is one `HGETALL` per hash. [`Cond::Absent`] is `HSETNX`; [`Cond::Present`] and
 //! [`Cond::Revision`] are small Lua scripts (`HGET`, compare, then `HSET`) so the check and
@@ -55,7 +57,7 @@ use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::{Cmd, FromRedisValue, RedisFuture, Value};
 use tokio::sync::broadcast;
 
-use super::backend::{Backend, Cond, Keep, Put, Table, Visit};
+use super::backend::{Backend, Cond, Keep, Put, Table, TallyAdd, Visit};
 use super::{Change, OpenOptions, StoreError};
 use crate::counters::{Ask, Decision, Window};
 
@@ -190,6 +192,11 @@ if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
 end
 return 0
 ";
+
+/// The key of a usage tally bucket.
+fn tally_key(bucket: &str) -> String {
+    format!("tollgate:usage:{bucket}")
+}
 
 /// The command connection: one server or a cluster.
 #[derive(Clone)]
@@ -833,6 +840,47 @@ impl Backend for RedisBackend {
             .arg(ms)
             .clone();
         self.query::<()>("SET", &cmd).await
+    }
+
+    async fn tally_add(&self, adds: &[TallyAdd], ttl: Duration) -> Result<(), StoreError> {
+        let ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX).max(1);
+        // One pipeline per bucket: a bucket is one key, so one slot on a cluster.
+        let mut by_bucket: std::collections::BTreeMap<&str, Vec<&TallyAdd>> =
+            std::collections::BTreeMap::new();
+        for a in adds {
+            by_bucket.entry(a.bucket.as_str()).or_default().push(a);
+        }
+        for (bucket, adds) in by_bucket {
+            let key = tally_key(bucket);
+            let mut pipe = redis::pipe();
+            for a in adds {
+                pipe.cmd("HINCRBY")
+                    .arg(&key)
+                    .arg(&a.field)
+                    .arg(a.delta)
+                    .ignore();
+            }
+            pipe.cmd("PEXPIRE").arg(&key).arg(ms).ignore();
+            let mut conn = self.conn.clone();
+            bounded::<()>(
+                &self.target,
+                "HINCRBY",
+                self.timeout,
+                pipe.query_async(&mut conn),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn tally_read(&self, buckets: &[String]) -> Result<Vec<Vec<(String, i64)>>, StoreError> {
+        let mut out = Vec::with_capacity(buckets.len());
+        for b in buckets {
+            let cmd = redis::cmd("HGETALL").arg(tally_key(b)).clone();
+            let fields: Vec<(String, i64)> = self.read("HGETALL", &cmd).await?;
+            out.push(fields);
+        }
+        Ok(out)
     }
 }
 
