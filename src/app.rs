@@ -49,6 +49,9 @@ pub struct StorageOptions {
     pub counter_max_keys: usize,
 }
 
+/// How often this replica's usage is added to the store's tallies.
+const USAGE_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
+
 /// Everything `tollgate serve` needs.
 #[derive(Debug)]
 pub struct Options {
@@ -149,7 +152,15 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         .resync()
         .await
         .map_err(|e| anyhow::anyhow!("cannot read the store: {e}"))?;
-    serve(config, opts.serve).await?;
+    // Usage is tallied in the store every few seconds, and once more after the drain.
+    let ledger = crate::usage::Ledger::new(storage.store.backend().clone());
+    ledger.spawn_flusher(USAGE_FLUSH_INTERVAL);
+    let mut serve_opts = opts.serve;
+    serve_opts.usage = Some(ledger.clone());
+    serve(config, serve_opts).await?;
+    if let Err(e) = ledger.flush().await {
+        tracing::warn!(error = %e, "final usage flush failed");
+    }
     // A last checkpoint after the drain, so a clean restart loses no count.
     if let Some(b) = storage.checkpoints {
         let counters = &storage.counters;
@@ -215,6 +226,9 @@ pub struct ServeOptions {
     pub api_auth: Option<admin::ApiAuth>,
     /// Bounds of the admin and metrics HTTP servers.
     pub admin_limits: admin::HttpLimits,
+    /// The usage ledger (`run` opens it on the store): charged by the streams, read by
+    /// `GET /v1/usage`.
+    pub usage: Option<Arc<crate::usage::Ledger>>,
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<tokio::net::TcpListener> {
@@ -235,6 +249,7 @@ pub async fn serve(config: Arc<ConfigManager>, opts: ServeOptions) -> anyhow::Re
             on_no_match: opts.on_no_match,
             mode_override: opts.mode_override,
             max_buffered_bytes: opts.max_buffered_bytes,
+            usage: opts.usage.clone(),
         },
     );
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -269,6 +284,9 @@ pub async fn serve(config: Arc<ConfigManager>, opts: ServeOptions) -> anyhow::Re
             let s = config.services();
             admin = admin::with_kvm_api(admin, s.consumers.clone(), s.kvms.clone(), auth.clone());
             admin = admin::with_flows_api(admin, Arc::new(View(config.clone())), auth.clone());
+            if let Some(ledger) = &opts.usage {
+                admin = admin::with_usage_api(admin, ledger.clone(), auth.clone());
+            }
             if matches!(auth, admin::ApiAuth::Insecure) {
                 tracing::warn!("management API open WITHOUT authentication (--admin-insecure)");
             }

@@ -30,6 +30,7 @@ pub mod server;
 pub mod services;
 pub mod store;
 pub mod telemetry;
+pub mod usage;
 pub mod vars;
 
 /// The `apiVersion` every configuration document carries.

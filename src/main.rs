@@ -656,6 +656,7 @@ async fn run(args: Box<ServeArgs>) -> anyhow::Result<()> {
                     client_ca: args.tls_client_ca.clone(),
                 }),
             api_auth,
+            usage: None,
             admin_limits: tollgate::admin::HttpLimits {
                 header_read_timeout: args
                     .admin_header_read_timeout

@@ -140,6 +140,102 @@ fn scenarios(file: &str) -> Option<Vec<Scenario>> {
                 },
             },
         ]),
+        "inference-gateway.yaml" => {
+            const CHAT: &str = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#;
+            const MINI: &str =
+                r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
+            Some(vec![
+                // OpenAI SDK: Authorization: Bearer; the product's objective and SLOs, the
+                // app as fairness id, the body's model.
+                Scenario {
+                    method: "POST",
+                    path: "/v1/chat/completions",
+                    headers: &[
+                        ("authorization", "Bearer tg_demo_chat_key_0001"),
+                        ("content-type", "application/json"),
+                    ],
+                    body: Some(CHAT),
+                    reply: None,
+                    expect: Expect::Upstream(&[
+                        ("x-llm-d-inference-objective", "latency-critical"),
+                        ("x-gateway-inference-objective", "latency-critical"),
+                        ("x-llm-d-inference-fairness-id", "chat-app"),
+                        ("x-gateway-inference-fairness-id", "chat-app"),
+                        ("x-llm-d-slo-ttft-ms", "500"),
+                        ("x-llm-d-slo-tpot-ms", "50"),
+                        ("x-gateway-model-name", "gpt-4o"),
+                    ]),
+                },
+                // Anthropic SDK: x-api-key.
+                Scenario {
+                    method: "POST",
+                    path: "/v1/messages",
+                    headers: &[("x-api-key", "tg_demo_chat_key_0001")],
+                    body: Some(r#"{"model":"claude-sonnet-4-5","max_tokens":64,"messages":[]}"#),
+                    reply: None,
+                    expect: Expect::Upstream(&[("x-gateway-model-name", "claude-sonnet-4-5")]),
+                },
+                // Gemini: ?key= (and the model from the path).
+                Scenario {
+                    method: "POST",
+                    path:
+                        "/v1beta/models/gemini-2.0-flash:generateContent?key=tg_demo_chat_key_0001",
+                    headers: &[],
+                    body: Some(r#"{"contents":[{"parts":[{"text":"hi"}]}]}"#),
+                    reply: None,
+                    expect: Expect::Upstream(&[
+                        (":path", "/v1beta/models/gemini-2.0-flash:generateContent"),
+                        ("x-gateway-model-name", "gemini-2.0-flash"),
+                    ]),
+                },
+                // The batch app claims latency-critical: it gets its product's objective
+                // and its tenant's fairness id.
+                Scenario {
+                    method: "POST",
+                    path: "/v1/chat/completions",
+                    headers: &[
+                        ("x-goog-api-key", "tg_demo_batch_key_0001"),
+                        ("x-llm-d-inference-objective", "latency-critical"),
+                        ("x-gateway-inference-fairness-id", "chat-app"),
+                    ],
+                    body: Some(MINI),
+                    reply: None,
+                    expect: Expect::Upstream(&[
+                        ("x-llm-d-inference-objective", "sheddable"),
+                        ("x-gateway-inference-objective", "sheddable"),
+                        ("x-llm-d-inference-fairness-id", "tenant-b"),
+                        ("x-gateway-inference-fairness-id", "tenant-b"),
+                    ]),
+                },
+                // A model its product does not list.
+                Scenario {
+                    method: "POST",
+                    path: "/v1/chat/completions",
+                    headers: &[("authorization", "Bearer tg_demo_batch_key_0001")],
+                    body: Some(CHAT),
+                    reply: None,
+                    expect: Expect::Immediate {
+                        status: 401,
+                        body_contains: "oauth.v2.InvalidApiKeyForGivenResource",
+                    },
+                },
+                // Two different keys.
+                Scenario {
+                    method: "POST",
+                    path: "/v1/chat/completions",
+                    headers: &[
+                        ("authorization", "Bearer tg_demo_batch_key_0001"),
+                        ("x-api-key", "tg_demo_chat_key_0001"),
+                    ],
+                    body: Some(MINI),
+                    reply: None,
+                    expect: Expect::Immediate {
+                        status: 401,
+                        body_contains: "different API keys sent in authorization and x-api-key",
+                    },
+                },
+            ])
+        }
         // Scenarios run in order on one process: the counters carry over.
         "rate-limits.yaml" => {
             const KEY: &[(&str, &str)] = &[("x-api-key", "tg_limits_demo_key_0001")];

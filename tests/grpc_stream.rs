@@ -533,30 +533,36 @@ async fn full_duplex_request_body_is_held_until_whole_then_released() {
         BodySendMode::FullDuplexStreamed,
         BodySendMode::FullDuplexStreamed,
     );
-    let r = c.ask(m).await;
-    assert!(r.mode_override.is_none(), "no override in full duplex");
+    // The headers answer waits for the body steps (Envoy sends the body without waiting
+    // for it), so their header changes go with it.
+    c.tell(m).await;
     c.tell(req_body(b"[1,", false)).await;
     c.tell(req_body(b"2", false)).await;
     let r = c.ask(req_body(b"]", true)).await;
+    assert!(
+        matches!(r.response, Some(Response::RequestHeaders(_))),
+        "{r:?}"
+    );
+    assert!(r.mode_override.is_none(), "no override in full duplex");
+    let r = c.next().await.unwrap().unwrap();
     assert_eq!(streamed(&r), (br#"{"wrapped":[1,2]}"#.to_vec(), true));
 }
 
 #[tokio::test]
 async fn full_duplex_body_ended_by_trailers() {
     let s = start(CONFIG, NoMatch::Continue).await;
-    let mut c = Conv::open(&s).await;
-    c.ask(with_modes(
-        req_headers("POST", "/body", &[], false),
-        BodySendMode::FullDuplexStreamed,
-        BodySendMode::None,
-    ))
-    .await;
+    let mut c = open_duplex_body(&s).await;
     c.tell(req_body(b"7", false)).await;
     c.send(ProcessingRequest {
         request: Some(Request::RequestTrailers(HttpTrailers::default())),
         ..Default::default()
     })
     .await;
+    let r = c.next().await.unwrap().unwrap();
+    assert!(
+        matches!(r.response, Some(Response::RequestHeaders(_))),
+        "the held headers answer first: {r:?}"
+    );
     let r = c.next().await.unwrap().unwrap();
     assert_eq!(streamed(&r), (br#"{"wrapped":7}"#.to_vec(), false));
     let r = c.next().await.unwrap().unwrap();
@@ -902,8 +908,9 @@ async fn bodies_past_the_global_budget_are_shed_with_503() {
         tokio::time::sleep(Duration::from_millis(20)).await;
         let mut c = open_duplex_body(&s).await;
         c.tell(req_body(&[b'3'; 50], false)).await;
+        // The held headers answer, then the body's.
         let r = c.ask(req_body(b"", true)).await;
-        if matches!(r.response, Some(Response::RequestBody(_))) {
+        if matches!(r.response, Some(Response::RequestHeaders(_))) {
             ok = true;
             break;
         }
@@ -911,10 +918,11 @@ async fn bodies_past_the_global_budget_are_shed_with_503() {
     assert!(ok, "the budget was not given back");
 }
 
-/// A stream for the `/body` flow with a FULL_DUPLEX_STREAMED request body coming.
+/// A stream for the `/body` flow with a FULL_DUPLEX_STREAMED request body coming (the
+/// headers answer is held until the body steps ran).
 async fn open_duplex_body(s: &Server) -> Conv {
     let mut c = Conv::open(s).await;
-    c.ask(with_modes(
+    c.tell(with_modes(
         req_headers("POST", "/body", &[], false),
         BodySendMode::FullDuplexStreamed,
         BodySendMode::None,

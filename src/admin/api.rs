@@ -26,6 +26,7 @@ mod products;
 mod request;
 mod response;
 mod state;
+pub mod usage;
 
 use std::sync::Arc;
 

@@ -107,6 +107,11 @@ pub trait ConfigView: Send + Sync + 'static {
     fn generation(&self) -> u64;
 }
 
+/// Adds `GET /v1/usage` (guarded by `auth`) to an admin router.
+pub fn with_usage_api(router: Router, ledger: Arc<crate::usage::Ledger>, auth: ApiAuth) -> Router {
+    router.merge(api::usage::router(ledger, auth))
+}
+
 /// Adds `GET /v1/flows` (guarded by `auth`) to an admin router.
 pub fn with_flows_api(router: Router, view: Arc<dyn ConfigView>, auth: ApiAuth) -> Router {
     router.merge(api::flows::router(view, auth))

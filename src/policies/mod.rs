@@ -15,6 +15,7 @@ pub use common::{
 };
 
 pub mod assign_message;
+pub mod inference_objective;
 pub mod javascript;
 pub mod key_value_map;
 pub mod oas_validation;
@@ -31,6 +32,7 @@ pub type BuildFn = fn(&BuildContext, serde_norway::Value) -> Result<Arc<dyn Poli
 /// Every implemented policy type and its builder.
 pub static REGISTRY: &[(&str, BuildFn)] = &[
     (assign_message::TYPE, assign_message::build),
+    (inference_objective::TYPE, inference_objective::build),
     (javascript::TYPE, javascript::build),
     (key_value_map::TYPE, key_value_map::build),
     (oas_validation::TYPE, oas_validation::build),
@@ -56,6 +58,7 @@ pub const ALL_TYPES: &[&str] = &[
     "ServiceCallout",
     "AssignMessage",
     "RaiseFault",
+    "InferenceObjective",
     "LlmTokenQuota",
     "PromptTokenLimit",
     "SanitizePrompt",

@@ -6,7 +6,10 @@
 //! spec:
 //!   type: VerifyApiKey
 //!   keyFrom: [{header: x-api-key}, {query: apikey}]   # default: header x-api-key
-//!   stripKey: true          # remove the key header before the upstream sees it
+//!   # or: keyFrom: [{preset: llm-sdks}]  (Authorization: Bearer, x-api-key,
+//!   #     x-goog-api-key, ?key=: where the OpenAI, Anthropic and Gemini SDKs send it)
+//!   stripKey: true          # the upstream never sees the key: the key headers are the
+//!                           # flow's (removed before any step), a query key is cut out
 //!   identityHeaders:        # tell the upstream who called
 //!     app: x-tollgate-app
 //!     clientId: x-tollgate-client-id
@@ -15,6 +18,14 @@
 //!   model: "{llm.model}"    # matched against products' model lists (default)
 //!   modelFromBody: true     # run on the request body, read its top-level JSON `model`
 //! ```
+//!
+//! Every configured source is read: the same key in several places is one key, two
+//! different keys are refused (`oauth.v2.InvalidApiKey`, "different API keys sent in …"),
+//! so no reader downstream can pick the other one. A header source may name a `scheme`
+//! (`{header: authorization, scheme: Bearer}`): only a value `<scheme> <key>` (scheme
+//! matched case-insensitively) is a key there; another scheme (`Basic …`) is not this
+//! policy's credential and stays. `{header: authorization}` without a scheme strips a
+//! leading `Bearer ` and otherwise reads the whole value, as before.
 //!
 //! Products whose operations list `models` are checked against every model the request
 //! names ([`VerifyApiKey::request_models`]): the body's top-level JSON `model` (when the step
@@ -71,11 +82,21 @@ struct Spec {
 struct KeyFromSpec {
     #[serde(default)]
     header: Option<String>,
+    /// With `header`: the scheme before the key (`Bearer`).
+    #[serde(default)]
+    scheme: Option<String>,
     #[serde(default)]
     query: Option<String>,
     #[serde(default)]
     template: Option<String>,
+    /// A named list of sources: `llm-sdks`.
+    #[serde(default)]
+    preset: Option<String>,
 }
+
+/// The preset where the official LLM SDKs send a key: OpenAI (`Authorization: Bearer`),
+/// Anthropic (`x-api-key`), Gemini (`x-goog-api-key`, or `?key=` in REST examples).
+pub const PRESET_LLM_SDKS: &str = "llm-sdks";
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -88,9 +109,35 @@ struct IdentityHeaders {
 
 #[derive(Debug)]
 enum KeyFrom {
-    Header(String),
+    Header {
+        name: String,
+        scheme: Scheme,
+    },
     Query(String),
-    Template(Template),
+    /// The template and its source text.
+    Template(Template, String),
+}
+
+/// What precedes the key in a header value.
+#[derive(Debug, Clone, PartialEq)]
+enum Scheme {
+    /// The whole value is the key.
+    None,
+    /// `<scheme> <key>` only; a value with another scheme holds no key for this policy.
+    Required(String),
+    /// `{header: authorization}` as it always read: `Bearer <key>` or the bare key.
+    OptionalBearer,
+}
+
+impl KeyFrom {
+    /// Where the key was found, for messages.
+    fn describe(&self) -> String {
+        match self {
+            KeyFrom::Header { name, .. } => name.clone(),
+            KeyFrom::Query(q) => format!("?{q}="),
+            KeyFrom::Template(_, src) => format!("template `{src}`"),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -121,24 +168,77 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
     let mut key_from = Vec::new();
     for (i, k) in spec.key_from.into_iter().enumerate() {
         let at = format!("keyFrom[{i}]");
-        key_from.push(match (k.header, k.query, k.template) {
-            (Some(h), None, None) => {
-                KeyFrom::Header(check_header_name(&h).map_err(|m| SpecError::new(&at, m))?)
+        if k.scheme.is_some() && k.header.is_none() {
+            return Err(SpecError::new(at, "`scheme` goes with `header`"));
+        }
+        match (k.header, k.query, k.template, k.preset) {
+            (Some(h), None, None, None) => {
+                let name = check_header_name(&h).map_err(|m| SpecError::new(&at, m))?;
+                let scheme = match k.scheme {
+                    Some(s) if s.is_empty() => Scheme::None,
+                    Some(s) if s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') => {
+                        Scheme::Required(s)
+                    }
+                    Some(_) => {
+                        return Err(SpecError::new(at, "`scheme` must be one word (`Bearer`)"))
+                    }
+                    None if name == "authorization" => Scheme::OptionalBearer,
+                    None => Scheme::None,
+                };
+                key_from.push(KeyFrom::Header { name, scheme });
             }
-            (None, Some(q), None) if !q.is_empty() => KeyFrom::Query(q),
-            (None, None, Some(t)) => KeyFrom::Template(
+            (None, Some(q), None, None) if !q.is_empty() => key_from.push(KeyFrom::Query(q)),
+            (None, None, Some(t), None) => key_from.push(KeyFrom::Template(
                 Template::compile(&t).map_err(|e| SpecError::new(&at, e.to_string()))?,
-            ),
+                t,
+            )),
+            (None, None, None, Some(p)) if p == PRESET_LLM_SDKS => {
+                key_from.push(KeyFrom::Header {
+                    name: "authorization".into(),
+                    scheme: Scheme::Required("Bearer".into()),
+                });
+                for h in ["x-api-key", "x-goog-api-key"] {
+                    key_from.push(KeyFrom::Header {
+                        name: h.into(),
+                        scheme: Scheme::None,
+                    });
+                }
+                key_from.push(KeyFrom::Query("key".into()));
+            }
+            (None, None, None, Some(p)) => {
+                return Err(SpecError::new(
+                    at,
+                    format!("unknown preset `{p}` (known: {PRESET_LLM_SDKS})"),
+                ))
+            }
             _ => {
                 return Err(SpecError::new(
                     at,
-                    "give exactly one of header, query, template",
+                    "give exactly one of header, query, template, preset",
                 ))
             }
-        });
+        }
+    }
+    // The same source twice would only read one place twice.
+    let mut seen = std::collections::HashSet::new();
+    for k in &key_from {
+        let id = match k {
+            KeyFrom::Header { name, .. } => format!("h:{name}"),
+            KeyFrom::Query(q) => format!("q:{q}"),
+            KeyFrom::Template(_, src) => format!("t:{src}"),
+        };
+        if !seen.insert(id) {
+            return Err(SpecError::new(
+                "keyFrom",
+                format!("{} is listed twice", k.describe()),
+            ));
+        }
     }
     if key_from.is_empty() {
-        key_from.push(KeyFrom::Header("x-api-key".into()));
+        key_from.push(KeyFrom::Header {
+            name: "x-api-key".into(),
+            scheme: Scheme::None,
+        });
     }
     let mut identity = Vec::new();
     let ih = spec.identity_headers;
@@ -179,11 +279,29 @@ fn unauthorized(code: &str, message: &str) -> Fault {
     Fault::new(401, code, message)
 }
 
-/// The key, or the fault for a missing or malformed one.
+/// The key and the sources (indexes into `key_from`) that carried it, or the fault for a
+/// missing or ambiguous one.
 enum Found<'a> {
-    Key(Cow<'a, str>),
+    Key(Cow<'a, str>, Vec<usize>),
     Missing,
     Twice,
+    /// Two sources carried different keys (their indexes).
+    Different(usize, usize),
+}
+
+/// The key in a header value read with `scheme`; `None` when the value holds no key for
+/// this policy (another scheme).
+fn strip_scheme<'v>(value: &'v str, scheme: &Scheme) -> Option<&'v str> {
+    let v = value.trim();
+    let with = |s: &str| {
+        let (got, rest) = v.split_once(' ')?;
+        got.eq_ignore_ascii_case(s).then(|| rest.trim())
+    };
+    match scheme {
+        Scheme::None => Some(v),
+        Scheme::Required(s) => with(s),
+        Scheme::OptionalBearer => Some(with("Bearer").unwrap_or(v)),
+    }
 }
 
 impl VerifyApiKey {
@@ -222,45 +340,64 @@ impl VerifyApiKey {
         {
             push(m);
         }
+        // The LLM view an earlier step's tracker parsed (`Hooks::llm`): the same body and
+        // path, read as the upstream's API reads them.
+        if let Some(m) = ex.state.llm.as_ref().and_then(|r| r.model.clone()) {
+            push(m);
+        }
         models
     }
 
+    /// Reads every source. One value per source; the same key in several sources is one
+    /// key (all of them are stripped); different keys are refused.
     fn find_key<'a>(&self, ex: &'a Exchange) -> Found<'a> {
-        for source in &self.key_from {
-            match source {
-                KeyFrom::Header(h) => {
-                    let mut values = ex.client_header_values(h);
-                    if let Some(v) = values.next() {
-                        if values.next().is_some() {
-                            return Found::Twice;
-                        }
-                        return Found::Key(Cow::Borrowed(v));
+        let mut found: Option<(Cow<'a, str>, Vec<usize>)> = None;
+        for (i, source) in self.key_from.iter().enumerate() {
+            let value: Option<Cow<'a, str>> = match source {
+                KeyFrom::Header { name, scheme } => {
+                    let mut values = ex
+                        .client_header_values(name)
+                        .filter_map(|v| strip_scheme(v, scheme))
+                        .filter(|v| !v.is_empty());
+                    let first = values.next();
+                    if first.is_some() && values.next().is_some() {
+                        return Found::Twice;
                     }
+                    first.map(Cow::Borrowed)
                 }
                 KeyFrom::Query(q) => {
                     let mut values =
                         crate::vars::query_pairs(ex.request.query_string()).filter(|(k, _)| k == q);
-                    if let Some((_, v)) = values.next() {
-                        if values.next().is_some() {
-                            return Found::Twice;
-                        }
-                        return Found::Key(Cow::Owned(v));
+                    let first = values.next();
+                    if first.is_some() && values.next().is_some() {
+                        return Found::Twice;
                     }
+                    first
+                        .map(|(_, v)| v)
+                        .filter(|v| !v.trim().is_empty())
+                        .map(Cow::Owned)
                 }
-                KeyFrom::Template(t) => {
+                KeyFrom::Template(t, _) => {
                     let v = t.render(ex);
-                    if !v.is_empty() {
-                        return Found::Key(Cow::Owned(v));
-                    }
+                    (!v.trim().is_empty()).then_some(Cow::Owned(v))
                 }
+            };
+            let Some(value) = value else { continue };
+            match &mut found {
+                None => found = Some((value, vec![i])),
+                Some((key, at)) if key.trim() == value.trim() => at.push(i),
+                Some((_, at)) => return Found::Different(at[0], i),
             }
         }
-        Found::Missing
+        match found {
+            Some((key, at)) => Found::Key(key, at),
+            None => Found::Missing,
+        }
     }
 
     fn verify(&self, ex: &mut Exchange) -> Result<(), Fault> {
-        let key = match self.find_key(ex) {
-            Found::Key(k) => k,
+        let (key, used) = match self.find_key(ex) {
+            Found::Key(k, used) => (k, used),
             Found::Missing => {
                 return Err(unauthorized(
                     "oauth.v2.FailedToResolveAPIKey",
@@ -271,6 +408,16 @@ impl VerifyApiKey {
                 return Err(unauthorized(
                     "oauth.v2.InvalidApiKey",
                     "API key sent more than once",
+                ))
+            }
+            Found::Different(a, b) => {
+                return Err(unauthorized(
+                    "oauth.v2.InvalidApiKey",
+                    &format!(
+                        "different API keys sent in {} and {}",
+                        self.key_from[a].describe(),
+                        self.key_from[b].describe()
+                    ),
                 ))
             }
         };
@@ -345,16 +492,25 @@ impl VerifyApiKey {
                 }
             })?;
         if self.strip_key {
-            for source in &self.key_from {
+            for source in used.iter().filter_map(|&i| self.key_from.get(i)) {
                 match source {
-                    KeyFrom::Header(h) => ex.remove_header(Direction::Request, h),
+                    // A header some step of the flow sets for the upstream (a Google token
+                    // in `authorization`) was taken from the client before the first step
+                    // (`claim_owned_headers`): the client's key is already gone, and
+                    // removing it here would remove that step's value if it ran first.
+                    KeyFrom::Header { name, .. }
+                        if ex
+                            .client_owned
+                            .iter()
+                            .any(|(n, _)| n.eq_ignore_ascii_case(name)) => {}
+                    KeyFrom::Header { name, .. } => ex.remove_header(Direction::Request, name),
                     KeyFrom::Query(q) => {
                         if let Some(uri) = strip_query_param(&ex.request.uri, q) {
                             ex.set_header(Direction::Request, ":path", uri.clone());
                             ex.request.uri = uri;
                         }
                     }
-                    KeyFrom::Template(_) => {}
+                    KeyFrom::Template(..) => {}
                 }
             }
         }
@@ -433,11 +589,20 @@ impl Policy for VerifyApiKey {
         self.model_from_body && dir == Direction::Request
     }
 
-    /// The identity headers: only a verified key may name the caller to the upstream.
+    /// The identity headers: only a verified key may name the caller to the upstream. With
+    /// `stripKey`, the key headers too: the flow takes them out of the request before the
+    /// first step (this step reads the client's values from there), so the key never
+    /// reaches the upstream whatever happens later — the step skipped, failed, or run on a
+    /// body whose headers already left (STREAMED).
     fn owned_request_headers(&self) -> Vec<String> {
+        let keys = self.key_from.iter().filter_map(|k| match k {
+            KeyFrom::Header { name, .. } if self.strip_key => Some(name.clone()),
+            _ => None,
+        });
         self.identity
             .iter()
             .map(|(h, _)| h.clone())
+            .chain(keys)
             .filter(|h| !h.starts_with(':'))
             .collect()
     }
@@ -778,31 +943,51 @@ mod tests {
         assert_eq!(f.code, "oauth.v2.FailedToResolveAPIKey");
     }
 
-    /// The first configured source that has a key decides (as Apigee reads its `APIKey ref`);
-    /// two values of one source are ambiguous and refused.
+    /// Every configured source is read: one key in several places is one key; different
+    /// keys in two places are refused, whichever is right (no reader downstream may pick
+    /// the other); two values of one source are ambiguous and refused.
     #[test]
     fn a_key_sent_twice() {
         let p = policy("{keyFrom: [{header: x-api-key}, {query: apikey}]}");
-        // Header first: a wrong query key does not matter, a wrong header key does.
+        for (q, h) in [
+            ("wrong-wrong-wrong", "secret-key-0123456789"),
+            ("secret-key-0123456789", "wrong-wrong-wrong"),
+        ] {
+            let f = run(
+                &p,
+                &mut ex(
+                    "POST",
+                    &format!("/v1/chat/completions?apikey={q}"),
+                    &[("x-api-key", h)],
+                ),
+            )
+            .unwrap_err();
+            assert_eq!((f.status, f.code.as_str()), (401, "oauth.v2.InvalidApiKey"));
+            assert_eq!(
+                f.message,
+                "different API keys sent in x-api-key and ?apikey="
+            );
+        }
+        // The same key in both places is one key.
         run(
             &p,
             &mut ex(
                 "POST",
-                "/v1/chat/completions?apikey=wrong-wrong-wrong",
+                "/v1/chat/completions?apikey=secret-key-0123456789",
                 &[("x-api-key", "secret-key-0123456789")],
             ),
         )
         .unwrap();
-        let f = run(
+        // An empty source holds no key.
+        run(
             &p,
             &mut ex(
                 "POST",
-                "/v1/chat/completions?apikey=secret-key-0123456789",
-                &[("x-api-key", "wrong-wrong-wrong")],
+                "/v1/chat/completions?apikey=",
+                &[("x-api-key", "secret-key-0123456789")],
             ),
         )
-        .unwrap_err();
-        assert_eq!((f.status, f.code.as_str()), (401, "oauth.v2.InvalidApiKey"));
+        .unwrap();
         // Two query values, even equal ones.
         for q in [
             "apikey=secret-key-0123456789&apikey=other",
@@ -816,6 +1001,232 @@ mod tests {
             assert_eq!((f.status, f.code.as_str()), (401, "oauth.v2.InvalidApiKey"));
             assert_eq!(f.message, "API key sent more than once");
         }
+    }
+
+    /// The `llm-sdks` preset: the key where each official SDK sends it, stripped from that
+    /// place only.
+    #[test]
+    fn keys_as_the_sdks_send_them() {
+        let p = policy("{keyFrom: [{preset: llm-sdks}], stripKey: true}");
+        let key = "secret-key-0123456789";
+        let bearer = format!("Bearer {key}");
+        let lower = format!("bearer  {key} ");
+        let path_q = format!("/v1/chat/completions?alt=sse&key={key}");
+        type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+        let cases: [Case; 5] = [
+            (
+                "/v1/chat/completions",
+                &[("authorization", &bearer)],
+                "authorization",
+            ),
+            (
+                "/v1/chat/completions",
+                &[("authorization", &lower)],
+                "authorization",
+            ),
+            ("/v1/chat/completions", &[("x-api-key", key)], "x-api-key"),
+            (
+                "/v1/chat/completions",
+                &[("x-goog-api-key", key)],
+                "x-goog-api-key",
+            ),
+            (&path_q, &[], ":path"),
+        ];
+        for (path, headers, place) in cases {
+            let mut e = ex("POST", path, headers);
+            run(&p, &mut e).unwrap_or_else(|f| panic!("{place}: {f:?}"));
+            assert_eq!(e.lookup("client_id").as_deref(), Some("k1"), "{place}");
+            let m = e.take_mutations(Direction::Request);
+            if place == ":path" {
+                assert!(m.remove.is_empty(), "{m:?}");
+                assert!(
+                    m.set
+                        .iter()
+                        .any(|(n, v, _)| n == ":path" && v == "/v1/chat/completions?alt=sse"),
+                    "{m:?}"
+                );
+            } else {
+                assert_eq!(m.remove, [place], "only the place the key was in");
+                assert!(m.set.is_empty(), "{m:?}");
+            }
+        }
+        // Another scheme in Authorization is not this policy's credential: it stays.
+        let mut e = ex(
+            "POST",
+            "/v1/chat/completions",
+            &[("authorization", "Basic dXNlcjpwYXNz"), ("x-api-key", key)],
+        );
+        run(&p, &mut e).unwrap();
+        assert_eq!(e.take_mutations(Direction::Request).remove, ["x-api-key"]);
+        let f = run(
+            &p,
+            &mut ex(
+                "POST",
+                "/v1/chat/completions",
+                &[("authorization", "Basic dXNlcjpwYXNz")],
+            ),
+        )
+        .unwrap_err();
+        assert_eq!(f.code, "oauth.v2.FailedToResolveAPIKey");
+        // The same key twice (a client sending both headers) is stripped from both.
+        let mut e = ex(
+            "POST",
+            "/v1/chat/completions",
+            &[("authorization", &bearer), ("x-api-key", key)],
+        );
+        run(&p, &mut e).unwrap();
+        assert_eq!(
+            e.take_mutations(Direction::Request).remove,
+            ["authorization", "x-api-key"]
+        );
+        // Two different keys: refused, naming both places.
+        let f = run(
+            &p,
+            &mut ex(
+                "POST",
+                "/v1beta/models/gemini-2.0-flash:generateContent?key=other-key-0123",
+                &[("x-goog-api-key", key)],
+            ),
+        )
+        .unwrap_err();
+        assert_eq!((f.status, f.code.as_str()), (401, "oauth.v2.InvalidApiKey"));
+        assert_eq!(
+            f.message,
+            "different API keys sent in x-goog-api-key and ?key="
+        );
+        let f = run(
+            &p,
+            &mut ex(
+                "POST",
+                "/v1/chat/completions",
+                &[
+                    ("authorization", "Bearer other-key-0123"),
+                    ("x-api-key", key),
+                ],
+            ),
+        )
+        .unwrap_err();
+        assert_eq!(
+            f.message,
+            "different API keys sent in authorization and x-api-key"
+        );
+        // `Bearer` with nothing after it is no key.
+        let f = run(
+            &p,
+            &mut ex(
+                "POST",
+                "/v1/chat/completions",
+                &[("authorization", "Bearer ")],
+            ),
+        )
+        .unwrap_err();
+        assert_eq!(f.code, "oauth.v2.FailedToResolveAPIKey");
+    }
+
+    /// With `stripKey` the key headers are the flow's: the client's values are taken out
+    /// before any step; this step reads them from there.
+    #[test]
+    fn stripped_key_headers_are_owned() {
+        let p = policy(
+            "{keyFrom: [{preset: llm-sdks}], stripKey: true, identityHeaders: {app: x-app}}",
+        );
+        assert_eq!(
+            p.owned_request_headers(),
+            ["x-app", "authorization", "x-api-key", "x-goog-api-key"]
+        );
+        assert_eq!(
+            policy("{identityHeaders: {app: x-app}}").owned_request_headers(),
+            ["x-app"]
+        );
+        let steps = vec![crate::pipeline::Step {
+            policy_name: "vk".into(),
+            policy: p.clone(),
+            condition: None,
+            continue_on_error: false,
+        }];
+        let flow = crate::pipeline::DirectionPipeline::compile(steps, Direction::Request);
+        let mut e = ex(
+            "POST",
+            "/v1/chat/completions",
+            &[
+                ("x-goog-api-key", "secret-key-0123456789"),
+                ("authorization", "Basic eA=="),
+            ],
+        );
+        crate::pipeline::claim_owned_headers(&flow, &mut e);
+        assert_eq!(e.request.headers.get("x-goog-api-key"), None);
+        run(&p, &mut e).unwrap();
+        assert_eq!(e.lookup("client_id").as_deref(), Some("k1"));
+        let m = e.take_mutations(Direction::Request);
+        assert_eq!(
+            m.remove,
+            ["authorization", "x-goog-api-key"],
+            "by the claim"
+        );
+    }
+
+    /// `{header: authorization}` reads a bare key as it always did, and a `Bearer` one.
+    #[test]
+    fn authorization_without_a_scheme_reads_both_forms() {
+        let p = policy("{keyFrom: [{header: authorization}]}");
+        for v in ["secret-key-0123456789", "Bearer secret-key-0123456789"] {
+            run(
+                &p,
+                &mut ex("POST", "/v1/chat/completions", &[("authorization", v)]),
+            )
+            .unwrap();
+        }
+        let p = policy("{keyFrom: [{header: x-key, scheme: Token}]}");
+        run(
+            &p,
+            &mut ex(
+                "POST",
+                "/v1/chat/completions",
+                &[("x-key", "token secret-key-0123456789")],
+            ),
+        )
+        .unwrap();
+        let f = run(
+            &p,
+            &mut ex(
+                "POST",
+                "/v1/chat/completions",
+                &[("x-key", "secret-key-0123456789")],
+            ),
+        )
+        .unwrap_err();
+        assert_eq!(f.code, "oauth.v2.FailedToResolveAPIKey");
+    }
+
+    /// When a later step sets `authorization` for the upstream (a Google token), the flow
+    /// took the client's value out before the first step: VerifyApiKey reads the key from
+    /// there and removes nothing, so the step's token survives whatever the order.
+    #[test]
+    fn stripping_leaves_a_header_the_flow_owns() {
+        let p = policy("{keyFrom: [{preset: llm-sdks}], stripKey: true}");
+        let mut e = ex("POST", "/v1/chat/completions", &[]);
+        e.client_owned.push(
+            "authorization".into(),
+            "Bearer secret-key-0123456789".into(),
+        );
+        // A step before this one already set the upstream's token.
+        e.set_header(
+            Direction::Request,
+            "authorization",
+            "Bearer ya29.token".into(),
+        );
+        run(&p, &mut e).unwrap();
+        assert_eq!(e.lookup("client_id").as_deref(), Some("k1"));
+        let m = e.take_mutations(Direction::Request);
+        assert!(m.remove.is_empty(), "{m:?}");
+        assert_eq!(
+            m.set,
+            [(
+                "authorization".to_owned(),
+                "Bearer ya29.token".to_owned(),
+                false
+            )]
+        );
     }
 
     #[test]
@@ -1053,5 +1464,15 @@ mod tests {
         );
         assert!(b("{identityHeaders: {app: host}}").is_err());
         assert!(b("{keyfrom: []}").is_err());
+        assert!(b("{keyFrom: [{preset: nope}]}")
+            .unwrap_err()
+            .message
+            .contains("llm-sdks"));
+        assert!(b("{keyFrom: [{query: k, scheme: Bearer}]}").is_err());
+        assert!(b("{keyFrom: [{header: a, scheme: 'two words'}]}").is_err());
+        assert!(b("{keyFrom: [{preset: llm-sdks}, {header: x-api-key}]}")
+            .unwrap_err()
+            .message
+            .contains("listed twice"));
     }
 }

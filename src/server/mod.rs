@@ -48,12 +48,14 @@ pub enum ModeOverride {
 pub const DEFAULT_MAX_BUFFERED_BYTES: usize = 512 * 1024 * 1024;
 
 /// How streams behave, beyond the configuration.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct StreamOptions {
     pub on_no_match: NoMatch,
     pub mode_override: ModeOverride,
     /// Body bytes all streams together may hold for body steps.
     pub max_buffered_bytes: usize,
+    /// Where each exchange with a verified app is charged (requests, errors, tokens, cost).
+    pub usage: Option<Arc<crate::usage::Ledger>>,
 }
 
 impl Default for StreamOptions {
@@ -62,6 +64,7 @@ impl Default for StreamOptions {
             on_no_match: NoMatch::default(),
             mode_override: ModeOverride::default(),
             max_buffered_bytes: DEFAULT_MAX_BUFFERED_BYTES,
+            usage: None,
         }
     }
 }
@@ -165,6 +168,7 @@ pub struct Shared {
     /// gateway ignores overrides, so asking again would forward requests undecided.
     override_ignored: AtomicBool,
     pub body_budget: BodyBudget,
+    pub usage: Option<Arc<crate::usage::Ledger>>,
 }
 
 impl Shared {
@@ -186,6 +190,7 @@ impl Shared {
             mode_override: opts.mode_override,
             override_ignored: AtomicBool::new(false),
             body_budget: BodyBudget::new(opts.max_buffered_bytes),
+            usage: opts.usage,
         })
     }
 

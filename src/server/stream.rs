@@ -56,6 +56,10 @@ struct Side {
     /// `content-length` was removed on the headers answer (the body may change length
     /// after the headers left).
     length_removed: bool,
+    /// FULL_DUPLEX_STREAMED request whose body steps decide: the headers answer waits for
+    /// them (as body-based routing does), so their header changes reach the upstream and
+    /// the filters after tollgate (the endpoint picker) instead of being dropped.
+    headers_held: bool,
 }
 
 /// Per-stream state.
@@ -427,6 +431,16 @@ impl StreamState {
                 }
             }
         }
+        if !h.end_of_stream
+            && mode.is_none()
+            && self.req.mode == FULL_DUPLEX
+            && flow.request.needs_body()
+        {
+            // Envoy sends the body without waiting for this answer, and no body byte goes
+            // on before the steps decided anyway: answer the headers with the body.
+            self.req.headers_held = true;
+            return Ok(());
+        }
         let mut muts = self.ex.take_mutations(Direction::Request);
         let clear_route_cache = !muts.is_empty();
         if !h.end_of_stream
@@ -583,6 +597,24 @@ impl StreamState {
             .push(("content-length".to_owned(), len.to_string(), false));
     }
 
+    /// The held request headers answer (see `Side::headers_held`), with every header
+    /// change the request steps made, the body's length fixed when a step replaced it.
+    fn release_request_headers(&mut self, body_len: usize, out: &mut Vec<ProcessingResponse>) {
+        if !std::mem::take(&mut self.req.headers_held) {
+            return;
+        }
+        let mut muts = self.ex.take_mutations(Direction::Request);
+        if self.ex.request_body_replaced {
+            Self::set_length(&mut muts, body_len);
+        }
+        let clear_route_cache = !muts.is_empty();
+        out.push(proto::request_headers(
+            proto::header_mutation(muts),
+            clear_route_cache,
+            None,
+        ));
+    }
+
     /// Takes `n` bytes from the process-wide body budget for this stream.
     fn take_budget(&mut self, n: usize) -> bool {
         if n == 0 {
@@ -603,7 +635,7 @@ impl StreamState {
             Direction::Request => &self.req,
             Direction::Response => &self.resp,
         };
-        if side.length_removed {
+        if side.length_removed || side.headers_held {
             return false;
         }
         let declared = match dir {
@@ -828,6 +860,7 @@ impl StreamState {
                 if eos {
                     if let Some(body) = self.decided_body(&flow, dir, out).await {
                         let (body, _) = if request {
+                            self.release_request_headers(body.len(), out);
                             (body, true)
                         } else {
                             self.through_chunks(&flow, body, true)
@@ -1035,6 +1068,7 @@ impl StreamState {
                     Some(body) if mode == FULL_DUPLEX => {
                         // The held body goes on before the trailers; they end the stream.
                         let (body, _) = if request {
+                            self.release_request_headers(body.len(), out);
                             (body, false)
                         } else {
                             self.through_chunks(&flow, body, true)

@@ -172,7 +172,10 @@ pub struct TallyAdd {
 /// Usage tallies kept in process (the memory backend's, and the embedded one's own table
 /// is written through the same shape): bucket → (field → total), with each bucket's expiry.
 #[derive(Debug, Default)]
-pub(super) struct Tallies(parking_lot::Mutex<BTreeMap<String, (BTreeMap<String, i64>, Instant)>>);
+pub(super) struct Tallies(parking_lot::Mutex<BTreeMap<String, Bucket>>);
+
+/// One bucket's fields and when it expires.
+type Bucket = (BTreeMap<String, i64>, Instant);
 
 impl Tallies {
     pub fn add(&self, adds: &[TallyAdd], ttl: Duration) {
