@@ -552,11 +552,9 @@ async fn sdk_gemini_key_passes_verify_api_key() {
 }
 
 /// Every SDK's own key header passes VerifyApiKey: the OpenAI SDK and the Anthropic SDK (2.x)
-/// send `Authorization: Bearer`, google-genai `x-goog-api-key`. Needs the `llm-sdks` key
-/// preset (the *keys* helper's VerifyApiKey change, issue 14); flip the `ignore` off once
-/// that is on main.
+/// send `Authorization: Bearer`, google-genai `x-goog-api-key`: VerifyApiKey's `llm-sdks`
+/// key preset reads them all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs VerifyApiKey keyFrom preset llm-sdks (issue 14, keys area) on main"]
 async fn sdk_own_key_headers_pass_verify_api_key() {
     within(LIMIT, async {
         let Some(sdk) = sdks("sdk_own_key_headers_pass_verify_api_key") else {
