@@ -3,15 +3,24 @@
 //! - parsing a 4 KB chat request and estimating its prompt tokens;
 //! - usage and text extraction per SSE chunk for each format (OpenAI Chat with
 //!   `include_usage`, Responses, Anthropic, Gemini `alt=sse`, Gemini JSON array), each
-//!   chunk one event as servers flush them; reported per chunk (criterion "elements").
+//!   chunk one event as servers flush them; reported per chunk (criterion "elements");
+//! - the same through the pipeline's LLM tracker (`tollgate::llm::track`), as a tracked flow
+//!   runs it: request hook (parse + count), response headers, each chunk through the
+//!   tracker's chunk hook, then the end (usage slot, gen_ai metrics); and a 200-chunk chat
+//!   stream with and without a usage chunk (without, the streamed text is counted with
+//!   tiktoken at the end).
 //!
 //! `cargo bench --bench llm` (`-- --quick` for a short run)
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use std::hint::black_box;
+use std::sync::Arc;
+use tollgate::llm::track::{self, LlmTracking, TrackConfig};
 use tollgate::llm::{
-    detect, parse_request, Api, ResponseAccumulator, ResponseFormat, TokenCounter,
+    detect, parse_request, Api, CountingConfig, ResponseAccumulator, ResponseFormat, TokenCounter,
 };
+use tollgate::pipeline::{Chunk, Direction, ExchangeEnd, Hook, Outcome, Policy};
+use tollgate::vars::{Exchange, Headers, RequestInfo, ResponseInfo};
 
 // As in the `tollgate` binary.
 #[cfg(all(unix, not(target_env = "musl")))]
@@ -224,5 +233,149 @@ fn extraction(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, counting, extraction);
+/// One tracked exchange: request hook on `body` sent to `path`, a 200 `content_type`
+/// response, `chunks` through the chunk hook, then the end. Returns the output tokens.
+fn tracked(
+    policy: &LlmTracking,
+    path: &str,
+    body: &[u8],
+    content_type: &str,
+    chunks: &[Vec<u8>],
+) -> u64 {
+    let mut ex = Exchange::default();
+    let mut h = Headers::with_capacity(2);
+    h.push(":method".into(), "POST".into());
+    h.push(":path".into(), path.into());
+    ex.request = RequestInfo::from_headers(h);
+    ex.set_body(Direction::Request, Some(body.to_vec()));
+    match policy.run(&mut ex, Direction::Request) {
+        Hook::Ready(Outcome::Continue) => {}
+        _ => panic!("the tracker accepts the bench request"),
+    }
+    let mut h = Headers::with_capacity(2);
+    h.push(":status".into(), "200".into());
+    h.push("content-type".into(), content_type.into());
+    ex.response = Some(ResponseInfo {
+        status: 200,
+        headers: h,
+    });
+    let _ = policy.run(&mut ex, Direction::Response);
+    for (i, c) in chunks.iter().enumerate() {
+        // The stream hands each chunk over as an owned buffer; the copy stands for it.
+        let mut chunk = Chunk {
+            data: c.clone(),
+            end_of_stream: i + 1 == chunks.len(),
+            whole_events: false,
+        };
+        let _ = policy.response_chunk(&mut ex, black_box(&mut chunk));
+    }
+    track::finish(&mut ex, ExchangeEnd::Completed);
+    ex.state.llm_usage.map_or(0, |u| u.output_tokens)
+}
+
+fn tracker(c: &mut Criterion) {
+    TokenCounter::warm_up();
+    let cfg = TrackConfig::new(CountingConfig::default(), false).expect("default counting");
+    let policy = LlmTracking::new(Arc::new(cfg));
+    let chat = br#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"Which lane is cheapest for a truck?"}]}"#;
+    let anthropic = br#"{"model":"claude-sonnet-4-5","max_tokens":256,"stream":true,"messages":[{"role":"user","content":"Which lane is cheapest for a truck?"}]}"#;
+    let gemini = br#"{"contents":[{"role":"user","parts":[{"text":"Which lane is cheapest for a truck?"}]}]}"#;
+    let responses =
+        br#"{"model":"gpt-5-mini","stream":true,"input":"Which lane is cheapest for a truck?"}"#;
+    type TrackCase = (
+        &'static str,
+        &'static str,
+        &'static [u8],
+        &'static str,
+        &'static [u8],
+        &'static [u8],
+    );
+    let cases: [TrackCase; 5] = [
+        (
+            "openai_chat_sse",
+            "/v1/chat/completions",
+            chat,
+            "text/event-stream",
+            include_bytes!("../src/llm/fixtures/openai_chat_stream_usage.sse"),
+            b"\n\n",
+        ),
+        (
+            "responses_sse",
+            "/v1/responses",
+            responses,
+            "text/event-stream",
+            include_bytes!("../src/llm/fixtures/responses_stream.sse"),
+            b"\n\n",
+        ),
+        (
+            "anthropic_sse",
+            "/v1/messages",
+            anthropic,
+            "text/event-stream",
+            include_bytes!("../src/llm/fixtures/anthropic_stream.sse"),
+            b"\n\n",
+        ),
+        (
+            "gemini_sse",
+            "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse",
+            gemini,
+            "text/event-stream",
+            include_bytes!("../src/llm/fixtures/gemini_stream.sse"),
+            b"\n\n",
+        ),
+        (
+            "gemini_json_array",
+            "/v1beta/models/gemini-2.5-flash:streamGenerateContent",
+            gemini,
+            "application/json",
+            include_bytes!("../src/llm/fixtures/gemini_stream_array.json"),
+            b"\n,",
+        ),
+    ];
+    let mut g = c.benchmark_group("tracker_per_chunk");
+    for (name, path, req, ct, body, sep) in cases {
+        let chunks = per_event_chunks(body, sep);
+        g.throughput(Throughput::Elements(chunks.len() as u64));
+        g.bench_function(name, |b| {
+            b.iter(|| tracked(&policy, path, req, ct, &chunks))
+        });
+    }
+    g.finish();
+
+    // 200 chunks as loadgen's `--sse-chunks 200` streams them, with and without usage.
+    let mut body = Vec::new();
+    for i in 0..198 {
+        body.extend_from_slice(
+            format!(
+                "data: {{\"id\":\"chatcmpl-bench\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o-mini\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"token{i} \"}},\"finish_reason\":null}}]}}\n\n"
+            )
+            .as_bytes(),
+        );
+    }
+    let usage = b"data: {\"id\":\"chatcmpl-bench\",\"choices\":[],\"usage\":{\"prompt_tokens\":20,\"completion_tokens\":396,\"total_tokens\":416}}\n\n";
+    let mut with_usage = body.clone();
+    with_usage.extend_from_slice(usage);
+    with_usage.extend_from_slice(b"data: [DONE]\n\n");
+    body.extend_from_slice(b"data: {\"id\":\"chatcmpl-bench\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n");
+    body.extend_from_slice(b"data: [DONE]\n\n");
+    let mut g = c.benchmark_group("tracker_200_chunks");
+    for (name, stream) in [("usage_reported", &with_usage), ("usage_counted", &body)] {
+        let chunks = per_event_chunks(stream, b"\n\n");
+        g.throughput(Throughput::Elements(chunks.len() as u64));
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                tracked(
+                    &policy,
+                    "/v1/chat/completions",
+                    chat,
+                    "text/event-stream",
+                    &chunks,
+                )
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, counting, extraction, tracker);
 criterion_main!(benches);

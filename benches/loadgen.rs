@@ -12,7 +12,9 @@
 //!   body     request_headers -> request_body 2 KB JSON (eos, BUFFERED) -> response_headers(eos)
 //!   sse      request_headers(eos) -> response_headers(text/event-stream) -> 20 response_body
 //!            chunks (FULL_DUPLEX_STREAMED, last eos; `--sse-chunks`), one streamed_response
-//!            answer per chunk
+//!            answer per chunk; `--sse-request-body` sends a 2 KB streaming chat request body
+//!            (BUFFERED) first, as an LLM call does; `--sse-usage` makes the next-to-last
+//!            chunk an OpenAI usage chunk
 //!
 //! Exit status: 0 when at least one stream completed and there were no mismatches, errors or
 //! timeouts; 1 otherwise (the report is printed either way).
@@ -87,6 +89,13 @@ struct Args {
     /// Response body chunks (one server-sent event each) of the `sse` mix.
     #[arg(long, default_value_t = 20)]
     sse_chunks: usize,
+    /// `sse` mix: send a 2 KB streaming chat request body (BUFFERED) before the response, as
+    /// an LLM call does (a token-counting flow reads it).
+    #[arg(long)]
+    sse_request_body: bool,
+    /// `sse` mix: the next-to-last chunk is an OpenAI usage chunk (`include_usage`).
+    #[arg(long)]
+    sse_usage: bool,
 }
 
 fn hv(key: &str, value: &str) -> HeaderValue {
@@ -131,9 +140,15 @@ fn chat_body() -> Vec<u8> {
     .into_bytes()
 }
 
-fn sse_chunk(i: usize, chunks: usize) -> Vec<u8> {
+fn sse_chunk(i: usize, chunks: usize, usage: bool) -> Vec<u8> {
     if i + 1 == chunks {
         return b"data: [DONE]\n\n".to_vec();
+    }
+    if usage && i + 2 == chunks {
+        return br#"data: {"id":"chatcmpl-bench","object":"chat.completion.chunk","model":"gpt-4o-mini","choices":[],"usage":{"prompt_tokens":420,"completion_tokens":396,"total_tokens":816}}
+
+"#
+        .to_vec();
     }
     format!(
         concat!(
@@ -204,16 +219,31 @@ fn script(args: &Args) -> Result<Vec<ProcessingRequest>, String> {
             out.push(msg(Req::ResponseHeaders(headers_msg(resp_headers, true))));
         }
         Mix::Sse => {
-            req_headers.retain(|h| h.key != "content-type");
             pc.response_body_mode = duplex;
-            out.push(msg(Req::RequestHeaders(headers_msg(req_headers, true))));
+            if args.sse_request_body {
+                let body = String::from_utf8(chat_body())
+                    .map_err(|e| e.to_string())?
+                    .replace(r#""stream":false"#, r#""stream":true"#)
+                    .into_bytes();
+                req_headers.push(hv("content-length", &body.len().to_string()));
+                pc.request_body_mode = BodySendMode::Buffered as i32;
+                out.push(msg(Req::RequestHeaders(headers_msg(req_headers, false))));
+                out.push(msg(Req::RequestBody(HttpBody {
+                    body,
+                    end_of_stream: true,
+                    ..Default::default()
+                })));
+            } else {
+                req_headers.retain(|h| h.key != "content-type");
+                out.push(msg(Req::RequestHeaders(headers_msg(req_headers, true))));
+            }
             resp_headers.push(hv("content-type", "text/event-stream"));
             resp_headers.push(hv("cache-control", "no-cache"));
             out.push(msg(Req::ResponseHeaders(headers_msg(resp_headers, false))));
             let n = args.sse_chunks.max(1);
             for i in 0..n {
                 let chunk = HttpBody {
-                    body: sse_chunk(i, n),
+                    body: sse_chunk(i, n, args.sse_usage),
                     end_of_stream: i + 1 == n,
                     ..Default::default()
                 };

@@ -502,7 +502,7 @@ mod tests {
         }
     }
 
-    const T0: i64 = 1_796_652_000_000; // 2026-12-07T14:40:00Z
+    const T0: i64 = 1_796_652_000_000; // 2026-12-07T14:00:00Z
 
     #[tokio::test]
     async fn two_replicas_add_up_per_hour_and_day() {

@@ -129,9 +129,34 @@ fn flows_api_describes_the_running_configuration() {
     assert_eq!(status, 404, "closed API");
 }
 
+/// One exchange of the app through the gRPC port, so the usage report has a point.
+fn charge_the_app(grpc: u16) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let client = support::ext_proc::connect(format!("127.0.0.1:{grpc}")).await;
+        let answer = support::ext_proc::ask_once(
+            &client,
+            support::ext_proc::request_headers(
+                &[
+                    (":method", "GET"),
+                    (":path", "/orders/1"),
+                    ("x-api-key", "key-for-the-ui-test-0123456789"),
+                ],
+                true,
+            ),
+        )
+        .await;
+        assert_eq!(support::ext_proc::status_of(answer), 200);
+    });
+}
+
 #[test]
 fn the_admin_page_renders_flows_products_and_apps_in_chromium() {
     let p = start(&["--admin-insecure"]);
+    charge_the_app(p.grpc);
     let url = format!("http://127.0.0.1:{}/ui", p.admin);
     let profile = tempfile::tempdir().unwrap();
 
@@ -162,6 +187,8 @@ fn the_admin_page_renders_flows_products_and_apps_in_chromium() {
         "1000 per hour",
         "VerifyApiKey",
         "paths /orders",
+        // The usage report, charted: the app's requests per hour.
+        r#"aria-label="shop-frontend: requests per hour""#,
     ] {
         assert!(
             dom.contains(want),

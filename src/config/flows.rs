@@ -9,7 +9,7 @@ use std::sync::Arc;
 use super::errors::ConfigError;
 use super::load::{typed, Declared, DocAt, Parsed};
 use super::snapshot::{Flow, FlowMatch};
-use super::spec::{FlowSpec, StepSpec};
+use super::spec::{FlowSpec, LlmSpec, StepSpec};
 use crate::expr::Condition;
 use crate::pipeline::{Direction, DirectionPipeline, Policy, Step};
 use crate::policies::{self, BuildContext};
@@ -244,6 +244,46 @@ pub(super) fn check_cache_placement(
     }
 }
 
+/// Inserts the LLM tracker's step ([`crate::llm::track`]) into a flow that tracks: one
+/// with an `llm:` block or a step that declares `Hooks::llm`. On the request, right before
+/// the first such request step (else after the last request step); on the response, first.
+fn add_llm_tracking(
+    spec: Option<&LlmSpec>,
+    request: &mut Vec<Step>,
+    response: &mut Vec<Step>,
+) -> Result<(), String> {
+    let first_llm = request.iter().position(|s| s.policy.hooks().llm);
+    let tracks =
+        spec.is_some() || first_llm.is_some() || response.iter().any(|s| s.policy.hooks().llm);
+    if !tracks {
+        return Ok(());
+    }
+    let spec = spec.cloned().unwrap_or_default();
+    let mut counting = crate::llm::CountingConfig::default();
+    if let Some(r) = spec.counting.chars_per_token {
+        counting.chars_per_token = r;
+    }
+    let mut by_model: Vec<(String, f64)> =
+        spec.counting.chars_per_token_by_model.into_iter().collect();
+    // The longest prefix first: `claude-3-haiku` before `claude`.
+    by_model.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(&b.0)));
+    counting.prefix_ratios = by_model;
+    let cfg = crate::llm::track::TrackConfig::new(counting, spec.include_usage)
+        .map_err(|e| format!("field `spec.llm.counting`: {e}"))?;
+    // Built now, at load, rather than on the first request that counts.
+    crate::llm::TokenCounter::warm_up();
+    let policy: Arc<dyn Policy> = Arc::new(crate::llm::track::LlmTracking::new(Arc::new(cfg)));
+    let step = Step {
+        policy_name: crate::llm::track::STEP_NAME.to_owned(),
+        policy,
+        condition: None,
+        continue_on_error: false,
+    };
+    request.insert(first_llm.unwrap_or(request.len()), step.clone());
+    response.insert(0, step);
+    Ok(())
+}
+
 pub(super) fn build_flows(
     docs: Vec<Parsed>,
     policies: &BTreeMap<String, Arc<dyn Policy>>,
@@ -287,6 +327,14 @@ pub(super) fn build_flows(
             }));
             continue;
         };
+        let (mut request, mut response) = (request, response);
+        if let Err(e) = add_llm_tracking(spec.llm.as_ref(), &mut request, &mut response) {
+            errors.push(ConfigError {
+                location: loc.clone(),
+                message: e,
+            });
+            continue;
+        }
         let mut warns = Vec::new();
         check_cache_placement(&request, checks.cache_scopes, &mut msgs, &mut warns);
         warnings.extend(warns.into_iter().map(|message| ConfigError {

@@ -58,6 +58,36 @@ pub struct FlowSpec {
     pub request: Vec<StepSpec>,
     #[serde(default)]
     pub response: Vec<StepSpec>,
+    /// LLM tracking: present, it turns tracking on even when no step reads the LLM slots
+    /// (metrics-only flows), and sets how tokens are counted.
+    #[serde(default)]
+    pub llm: Option<LlmSpec>,
+}
+
+/// A flow's `llm:` block.
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LlmSpec {
+    /// Add `stream_options.include_usage: true` to OpenAI streaming requests (Chat
+    /// Completions, Completions) that did not ask, and drop the extra usage-only chunk from
+    /// what their client sees; usage is still recorded.
+    #[serde(default)]
+    pub include_usage: bool,
+    #[serde(default)]
+    pub counting: CountingSpec,
+}
+
+/// How models without an exact tokenizer (every non-OpenAI family) are approximated.
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CountingSpec {
+    /// Characters per token (Latin script; CJK counts one token a character). Default 4.
+    #[serde(default)]
+    pub chars_per_token: Option<f64>,
+    /// Per model-name prefix (case-insensitive; the longest matching prefix wins), e.g.
+    /// `claude: 3.5`.
+    #[serde(default)]
+    pub chars_per_token_by_model: BTreeMap<String, f64>,
 }
 
 #[derive(Debug, Deserialize, Default, Clone)]

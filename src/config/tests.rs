@@ -528,3 +528,72 @@ fn phases_split() {
     assert_eq!(chat.request.on_headers.len(), 1);
     assert!(!chat.request.needs_body());
 }
+
+#[test]
+fn llm_tracking_is_placed_where_the_slots_are_first_read() {
+    let text = r#"
+apiVersion: tollgate.dev/v1alpha1
+kind: Policy
+metadata: {name: tag}
+spec:
+  type: AssignMessage
+  set: {headers: {x-flow: "{flow.name}"}}
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: Policy
+metadata: {name: model}
+spec:
+  type: AssignMessage
+  set: {headers: {x-model: "{llm.model}"}}
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: Flow
+metadata: {name: reads}
+spec:
+  request: [{policy: tag}, {policy: model}, {policy: tag}]
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: Flow
+metadata: {name: metrics-only}
+spec:
+  llm:
+    includeUsage: true
+    counting: {charsPerToken: 3.5, charsPerTokenByModel: {claude: 3.2}}
+  request: [{policy: tag}]
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: Flow
+metadata: {name: untracked}
+spec:
+  request: [{policy: tag}]
+"#;
+    let s = compile(&files(text), None).unwrap();
+    let names = |p: &crate::pipeline::DirectionPipeline| {
+        p.steps().map(|s| s.policy_name.clone()).collect::<Vec<_>>()
+    };
+    let reads = &s.by_name["reads"];
+    // The header step before it still runs on the headers; from the tracker on, the body.
+    assert_eq!(reads.request.on_headers.len(), 1);
+    assert_eq!(
+        names(&reads.request),
+        ["tag", crate::llm::track::STEP_NAME, "model", "tag"]
+    );
+    assert_eq!(names(&reads.response), [crate::llm::track::STEP_NAME]);
+    assert_eq!(reads.response.chunk_steps.len(), 1);
+    assert!(!reads.request.replaces_body);
+    let m = &s.by_name["metrics-only"];
+    assert_eq!(names(&m.request), ["tag", crate::llm::track::STEP_NAME]);
+    assert!(m.request.replaces_body, "includeUsage may rewrite the body");
+    assert_eq!(m.request.owned, ["accept-encoding", "x-flow"]);
+    let u = &s.by_name["untracked"];
+    assert!(!u.request.needs_body() && u.response.is_empty());
+
+    let e = errs(
+        "apiVersion: tollgate.dev/v1alpha1\nkind: Flow\nmetadata: {name: f}\nspec: {llm: {includeUsages: true}}\n",
+    );
+    assert!(e.contains("includeUsages"), "{e}");
+    let e = errs(
+        "apiVersion: tollgate.dev/v1alpha1\nkind: Flow\nmetadata: {name: f}\nspec: {llm: {counting: {charsPerTokenByModel: {claude: 0}}}}\n",
+    );
+    assert!(e.contains("spec.llm.counting"), "{e}");
+}

@@ -11,6 +11,7 @@
 //!   of streamed responses, fed arbitrary byte chunks.
 //! - [`ResponseAccumulator`]: fed each response chunk as it passes; extracts [`Usage`] and the
 //!   generated text per API.
+//! - [`track`]: the tracker that fills the exchange's LLM slots as the pipeline runs.
 //! - [`TokenCounter`]: exact counts for OpenAI models (tiktoken encodings bundled in the
 //!   binary, each built once), a documented approximation for other families.
 
@@ -20,6 +21,7 @@ pub mod request;
 pub mod response;
 pub mod sse;
 pub mod tokens;
+pub mod track;
 pub mod usage;
 
 #[cfg(test)]

@@ -40,7 +40,7 @@ use super::{
 use crate::expr::Template;
 use crate::fault::Fault;
 use crate::google::{Cached, Kind, ServiceAccountKey, Source, TokenSlot};
-use crate::pipeline::{Direction, Hook, Outcome, Policy};
+use crate::pipeline::{Direction, Hook, Hooks, Outcome, Policy};
 use crate::vars::Exchange;
 
 pub const TYPE: &str = "AssignMessage";
@@ -186,6 +186,9 @@ struct AssignMessage {
     body: Option<Template>,
     /// Some template reads the message body.
     reads_body: bool,
+    /// Some template reads an `llm.*` variable: the flow tracks its LLM traffic, and the
+    /// step waits for the whole message (on the response, the usage is known at its end).
+    reads_llm: bool,
     google: Option<GoogleToken>,
 }
 
@@ -246,6 +249,14 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
         .chain(body.iter())
         .flat_map(Template::variables)
         .any(|v| v == "request.content" || v == "response.content");
+    let reads_llm = add
+        .iter()
+        .chain(set.iter())
+        .chain(variables.iter())
+        .map(|(_, t)| t)
+        .chain(body.iter())
+        .flat_map(Template::variables)
+        .any(|v| v.starts_with("llm."));
     let google = spec
         .google_token
         .map(|g| google_token(ctx, g))
@@ -269,6 +280,7 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
         variables,
         body,
         reads_body,
+        reads_llm,
         google,
     }))
 }
@@ -292,7 +304,14 @@ impl Policy for AssignMessage {
     }
 
     fn needs_body(&self, _dir: Direction) -> bool {
-        self.body.is_some() || self.reads_body
+        self.body.is_some() || self.reads_body || self.reads_llm
+    }
+
+    fn hooks(&self) -> Hooks {
+        Hooks {
+            llm: self.reads_llm,
+            ..Hooks::default()
+        }
     }
 
     fn replaces_body(&self, _dir: Direction) -> bool {

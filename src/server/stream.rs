@@ -60,6 +60,8 @@ struct Side {
     /// them (as body-based routing does), so their header changes reach the upstream and
     /// the filters after tollgate (the endpoint picker) instead of being dropped.
     headers_held: bool,
+    /// Body bytes tollgate saw for this side (analytics, when no `content-length`).
+    body_bytes: u64,
 }
 
 /// Per-stream state.
@@ -91,6 +93,11 @@ pub struct StreamState {
     chunks: Option<Box<ChunkRunner>>,
     /// The stream ended with an error status.
     failed: bool,
+    /// When the stream opened, for the exchange's latency and time in analytics.
+    opened: Instant,
+    opened_at: std::time::SystemTime,
+    /// The answer tollgate gave in place of the upstream: status, deciding policy, code.
+    decided: Option<(u16, String, String)>,
 }
 
 fn protocol_error(kind: &str) {
@@ -127,6 +134,9 @@ impl StreamState {
             budget_taken: 0,
             chunks: None,
             failed: false,
+            opened: Instant::now(),
+            opened_at: std::time::SystemTime::now(),
+            decided: None,
         }
     }
 
@@ -153,6 +163,8 @@ impl StreamState {
         dir: Direction,
         out: &mut Vec<ProcessingResponse>,
     ) {
+        // The exchange's usage is known before any response hook runs on the answer.
+        crate::llm::track::finish(&mut self.ex, ExchangeEnd::Answered);
         if let (Direction::Request, Some(flow)) = (dir, self.flow.clone()) {
             if !flow.response.answer_steps.is_empty() {
                 // Boxed: keeps the common path's futures small.
@@ -181,6 +193,7 @@ impl StreamState {
             500
         };
         self.ex.trace.answered(status, &code);
+        self.decided = Some((status, String::new(), code.clone()));
         out.push(proto::immediate(
             Rendered {
                 status,
@@ -219,6 +232,7 @@ impl StreamState {
         self.ex
             .trace
             .rejected(fault.status, &fault.policy, &fault.code);
+        self.decided = Some((fault.status, fault.policy.clone(), fault.code.clone()));
         let rendered = fault.render(self.error_format());
         out.push(proto::immediate(rendered, &fault.code));
         self.answered = true;
@@ -482,6 +496,9 @@ impl StreamState {
         if h.end_of_stream {
             self.resp.body_done = true;
             self.complete = true;
+            // No body follows: the usage is known before any response step runs.
+            crate::llm::track::on_response_headers(&mut self.ex);
+            crate::llm::track::finish(&mut self.ex, ExchangeEnd::Completed);
         }
         let Some(flow) = self.flow.clone() else {
             out.push(proto::response_headers(None, None));
@@ -691,6 +708,10 @@ impl StreamState {
             None => (data, eos),
             Some(runner) => {
                 let (data, end) = runner.push(&flow.response.chunk_steps, &mut self.ex, data, eos);
+                if end {
+                    // Before the copy steps and the after-exchange hooks run.
+                    crate::llm::track::finish(&mut self.ex, ExchangeEnd::Completed);
+                }
                 if end && !eos {
                     // A step ended the stream early: the copy is not the upstream's answer.
                     self.ex.response_capture = 0;
@@ -783,6 +804,7 @@ impl StreamState {
             )));
         }
         side.body_seen = true;
+        side.body_bytes = side.body_bytes.saturating_add(b.body.len() as u64);
         let eos = b.end_of_stream;
         if eos {
             side.body_done = true;
@@ -994,6 +1016,10 @@ impl StreamState {
             Direction::Request => &flow.request.on_body,
             Direction::Response => &flow.response.on_body,
         };
+        if dir == Direction::Response {
+            // The usage is known before the response's body steps run.
+            crate::llm::track::whole_response(&mut self.ex, &body);
+        }
         self.ex.set_body(dir, Some(body));
         let o = run_steps(steps, &mut self.ex, dir).await;
         if !o.is_continue() {
@@ -1085,6 +1111,106 @@ impl StreamState {
     }
 }
 
+impl StreamState {
+    /// How the exchange ended, for traces, analytics and usage.
+    fn outcome(&self) -> &'static str {
+        if self.failed {
+            "failed"
+        } else if self.rejected {
+            "rejected"
+        } else if self.answered {
+            "answered"
+        } else if self.complete || self.chunks.as_ref().is_some_and(|r| r.ended()) {
+            "completed"
+        } else {
+            "aborted"
+        }
+    }
+
+    /// Charges the exchange to the verified app's usage, and writes its analytics record
+    /// when `record` (sampled).
+    fn account(&self, record: bool) {
+        let outcome = self.outcome();
+        let status = self
+            .decided
+            .as_ref()
+            .map(|d| d.0)
+            .or_else(|| self.ex.response.as_ref().map(|r| r.status));
+        let verified = self.ex.state.app(None);
+        if let (Some(ledger), Some(v)) = (&self.shared.usage, verified) {
+            let at = self
+                .opened_at
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+            ledger.record(
+                at,
+                crate::usage::Who {
+                    app: &v.app.name,
+                    product: &v.product.spec.name,
+                    developer: &v.app.developer_email,
+                },
+                crate::usage::Charge {
+                    error: status.is_none_or(|s| s >= 400)
+                        || matches!(outcome, "failed" | "aborted"),
+                    usage: self.ex.state.llm_usage.as_ref(),
+                    cost: self.ex.state.llm_cost,
+                },
+            );
+        }
+        if !record || self.flow.is_none() {
+            return;
+        }
+        let length = |h: Option<&crate::vars::Headers>| {
+            h.and_then(|h| h.get("content-length"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        let seen = |n: u64| (n > 0).then_some(n);
+        let llm = self.ex.state.llm.as_deref();
+        let usage = self.ex.state.llm_usage.as_ref();
+        let (policy, fault) = match &self.decided {
+            Some((_, p, c)) if self.rejected => (Some(p.clone()), Some(c.clone())),
+            Some((_, _, c)) => (None, Some(c.clone()).filter(|c| !c.is_empty())),
+            None => (None, None),
+        };
+        crate::telemetry::analytics::send(crate::telemetry::analytics::Record {
+            time: crate::telemetry::analytics::rfc3339_ms(self.opened_at),
+            flow: self.ex.flow.clone(),
+            method: self.ex.request.method.clone(),
+            path: self
+                .ex
+                .request
+                .path()
+                .split('?')
+                .next()
+                .unwrap_or_default()
+                .to_owned(),
+            request_id: self
+                .ex
+                .request
+                .headers
+                .get("x-request-id")
+                .map(str::to_owned),
+            app: verified.map(|v| v.app.name.clone()),
+            developer: verified.map(|v| v.app.developer_email.clone()),
+            product: verified.map(|v| v.product.spec.name.clone()),
+            api: llm.map(|r| r.api.as_str().to_owned()),
+            model: llm.and_then(|r| r.model.clone()),
+            status,
+            outcome,
+            policy,
+            fault,
+            latency_ms: self.opened.elapsed().as_secs_f64() * 1000.0,
+            request_bytes: length(Some(&self.ex.request.headers)).or(seen(self.req.body_bytes)),
+            response_bytes: length(self.ex.response.as_ref().map(|r| &r.headers))
+                .or(seen(self.resp.body_bytes)),
+            input_tokens: usage.map(|u| u.input_tokens),
+            output_tokens: usage.map(|u| u.output_tokens),
+            total_tokens: usage.map(|u| u.total_tokens()),
+            cost: self.ex.state.llm_cost,
+        });
+    }
+}
+
 impl Drop for StreamState {
     fn drop(&mut self) {
         METRICS.streams_active.dec();
@@ -1092,17 +1218,30 @@ impl Drop for StreamState {
         if let (Some(f), false) = (&self.flow, self.rejected) {
             f.metrics.continued.inc();
         }
+        let end = if self.failed {
+            ExchangeEnd::Failed
+        } else if self.answered {
+            ExchangeEnd::Answered
+        } else if self.complete || self.chunks.as_ref().is_some_and(|r| r.ended()) {
+            ExchangeEnd::Completed
+        } else {
+            ExchangeEnd::Aborted
+        };
+        if self.flow.is_some() {
+            // Whatever is known, before usage, analytics and the after-exchange hooks read
+            // it (no-op when the response's end already set it, or the flow does not track).
+            crate::llm::track::finish(&mut self.ex, end);
+        }
+        let sampled = crate::telemetry::analytics::sample();
+        if sampled || (self.shared.usage.is_some() && self.ex.state.app(None).is_some()) {
+            self.account(sampled);
+        }
         if self.ex.trace.is_recording() {
-            let (outcome, error) = if self.failed {
-                ("failed", Some("stream_error"))
-            } else if self.rejected {
-                ("rejected", None)
-            } else if self.answered {
-                ("answered", None)
-            } else if self.complete || self.chunks.as_ref().is_some_and(|r| r.ended()) {
-                ("completed", None)
-            } else {
-                ("aborted", Some("aborted"))
+            let outcome = self.outcome();
+            let error = match outcome {
+                "failed" => Some("stream_error"),
+                "aborted" => Some("aborted"),
+                _ => None,
             };
             let status = self.ex.response.as_ref().map(|r| r.status);
             self.ex.trace.end(status, outcome, error);
@@ -1111,15 +1250,6 @@ impl Drop for StreamState {
             let (req, resp) = (&flow.request.after, &flow.response.after);
             if !req.is_empty() || !resp.is_empty() {
                 // The stream's last answer is gone by now: the hooks never delay it.
-                let end = if self.failed {
-                    ExchangeEnd::Failed
-                } else if self.answered {
-                    ExchangeEnd::Answered
-                } else if self.complete || self.chunks.as_ref().is_some_and(|r| r.ended()) {
-                    ExchangeEnd::Completed
-                } else {
-                    ExchangeEnd::Aborted
-                };
                 let resp_only = resp
                     .iter()
                     .filter(|p| !req.iter().any(|q| Arc::ptr_eq(p, q)));

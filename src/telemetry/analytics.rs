@@ -278,7 +278,7 @@ mod tests {
     #[test]
     fn timestamps_are_rfc3339_utc_with_milliseconds() {
         let t = UNIX_EPOCH + Duration::from_millis(1_796_652_000_123);
-        assert_eq!(rfc3339_ms(t), "2026-12-07T14:40:00.123Z");
+        assert_eq!(rfc3339_ms(t), "2026-12-07T14:00:00.123Z");
         assert_eq!(rfc3339_ms(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
         let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
         assert_eq!(rfc3339_ms(leap), "2000-02-29T00:00:00.000Z");

@@ -3,6 +3,7 @@
 //! [`FlowMetrics`]) so a request does no label hashing.
 
 pub mod analytics;
+pub mod gen_ai;
 pub mod trace;
 
 use std::sync::LazyLock;

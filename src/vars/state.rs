@@ -42,6 +42,9 @@ pub struct State {
     /// What the exchange cost in the price table's currency, once a cost-budget step priced
     /// `llm_usage` (the `llm.cost` variable).
     pub llm_cost: Option<f64>,
+    /// The LLM tracker's per-exchange state (see [`crate::llm::track`]); `None` when the
+    /// flow does not track or the request is no LLM call.
+    pub llm_tracker: Option<Box<crate::llm::track::Tracker>>,
     /// The request and response bodies parsed as JSON, on first use (see
     /// [`super::Exchange::body_json`]).
     pub(super) json: [OnceLock<JsonBody>; 2],
@@ -213,6 +216,19 @@ impl<'de> serde::de::Visitor<'de> for Top<'_> {
         Ok(serde_json::Value::Null)
     }
 }
+
+/// The `llm.` variables, by suffix.
+const LLM_SUFFIXES: [&str; 9] = [
+    "api",
+    "model",
+    "stream",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "cached_tokens",
+    "reasoning_tokens",
+    "cost",
+];
 
 /// Quota setting names after `apiproduct.`, bare and with Apigee's `developer.` segment.
 const QUOTA_FIELDS: [(&str, &str); 2] = [
@@ -471,6 +487,7 @@ impl State {
             "jwt" => self.tokens.iter().rev().find_map(|t| t.get(name)),
             "ratelimit" => self.quotas.iter().rev().find_map(|q| q.get(name)),
             "servicecallout" => self.callouts.iter().rev().find_map(|c| c.get(name)),
+            "llm" => self.llm_var(name.strip_prefix("llm.")?),
             _ => None,
         }
     }
@@ -497,6 +514,34 @@ impl State {
             CalloutResult::for_each,
             f,
         );
+        for suffix in LLM_SUFFIXES {
+            if let Some(v) = self.llm_var(suffix) {
+                f(&format!("llm.{suffix}"), v);
+            }
+        }
+    }
+
+    /// `llm.<suffix>`, from the LLM slots: the request's (`api`, `model`, `stream`), the
+    /// charged usage once the exchange has one (`prompt_tokens` is the counted prompt
+    /// before that), the cost once a budget step priced it.
+    fn llm_var(&self, suffix: &str) -> Option<ValueRef<'_>> {
+        let int = |n: u64| ValueRef::Int(i64::try_from(n).unwrap_or(i64::MAX));
+        let usage = self.llm_usage.as_ref();
+        Some(match suffix {
+            "api" => ValueRef::Str(self.llm.as_ref()?.api.as_str()),
+            "model" => ValueRef::Str(self.llm.as_ref()?.model.as_deref()?),
+            "stream" => ValueRef::Bool(self.llm.as_ref()?.stream),
+            "prompt_tokens" => match usage {
+                Some(u) => int(u.input_tokens),
+                None => int(self.llm_prompt_tokens?),
+            },
+            "completion_tokens" => int(usage?.output_tokens),
+            "total_tokens" => int(usage?.total_tokens()),
+            "cached_tokens" => int(usage?.cached_input_tokens),
+            "reasoning_tokens" => int(usage?.reasoning_tokens),
+            "cost" => ValueRef::Float(self.llm_cost?),
+            _ => return None,
+        })
     }
 
     /// The cached parse of body `i` (0 request, 1 response) when it was made from `body`.

@@ -84,12 +84,14 @@ async fn usage(
                 "json" => csv = false,
                 _ => return Err(invalid("format", "`format` must be json or csv".into())),
             },
-            other => return Err(invalid(
-                other,
-                format!(
+            other => {
+                return Err(invalid(
+                    other,
+                    format!(
                     "unknown query parameter `{other}` (by, granularity, from, to, name, format)"
                 ),
-            )),
+                ))
+            }
         }
     }
     let now = chrono::Utc::now().timestamp_millis();
