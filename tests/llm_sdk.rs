@@ -643,7 +643,6 @@ fn series(text: &str, name: &str, labels: &[&str]) -> f64 {
 /// `llm: {includeUsage: true}` an OpenAI stream that did not ask for usage is still counted
 /// exactly (tollgate asked the upstream for it) and the SDK sees no usage chunk.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the LLM tracker (issue 14, llmcore area) on main"]
 async fn sdk_tokens_recorded_equal_upstream_usage() {
     within(LIMIT, async {
         let Some(sdk) = sdks("sdk_tokens_recorded_equal_upstream_usage") else {
