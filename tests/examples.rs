@@ -42,6 +42,9 @@ struct Scenario {
     expect: Expect,
 }
 
+/// A chat completion request without an output limit.
+const CHAT: &str = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello."}]}"#;
+
 /// Scenarios per example file.
 fn scenarios(file: &str) -> Option<Vec<Scenario>> {
     match file {
@@ -82,6 +85,49 @@ fn scenarios(file: &str) -> Option<Vec<Scenario>> {
                 expect: Expect::Immediate {
                     status: 403,
                     body_contains: r#""type":"permission_error""#,
+                },
+            },
+        ]),
+        // A chat request without max_tokens: LlmTokenQuota reserves its prompt tokens plus
+        // defaultOutputTokens (1000), more than the free product's 500 an hour; the gold
+        // app's is admitted and settled when the exchange ends. The token arithmetic is
+        // proved in the policies' tests and tests/llm_quota.rs.
+        "llm-quota.yaml" => Some(vec![
+            Scenario {
+                method: "POST",
+                path: "/llm/v1/chat/completions",
+                headers: &[],
+                body: None,
+                reply: None,
+                expect: Expect::Immediate {
+                    status: 401,
+                    body_contains: "oauth.v2.FailedToResolveAPIKey",
+                },
+            },
+            Scenario {
+                method: "POST",
+                path: "/llm/v1/chat/completions",
+                headers: &[
+                    ("x-api-key", "tg_llm_gold_key_0001"),
+                    ("content-type", "application/json"),
+                ],
+                body: Some(CHAT),
+                reply: Some((200, "application/json", r#"{"choices":[]}"#)),
+                // The body's answer carries the changes made on the body.
+                expect: Expect::Upstream(&[("x-llm-client", "llm-gold")]),
+            },
+            Scenario {
+                method: "POST",
+                path: "/llm/v1/chat/completions",
+                headers: &[
+                    ("x-api-key", "tg_llm_free_key_0001"),
+                    ("content-type", "application/json"),
+                ],
+                body: Some(CHAT),
+                reply: None,
+                expect: Expect::Immediate {
+                    status: 429,
+                    body_contains: "policies.llmtokenquota.LLMTokenQuotaViolation",
                 },
             },
         ]),

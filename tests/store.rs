@@ -634,6 +634,106 @@ mod counters_suite {
     /// so windows must lie ahead of the wall clock.
     const T: i64 = 1_800_000_000_000;
 
+    /// Reserve (an enforce-and-count ask of the estimate), then adjust by `actual −
+    /// reserved` in the window and slot it counted in; never below zero; moot once that
+    /// window or slot has passed; a count-only ask of 0 reads without starting a window.
+    pub async fn reservations_adjust_where_they_counted(b: Arc<dyn Backend>) {
+        use tollgate::ratelimit::Adjust;
+        async fn adjust(b: &Arc<dyn Backend>, a: Adjust) -> Option<u64> {
+            let mut v = b.adjust(&[a]).await.expect("adjust");
+            assert_eq!(v.len(), 1);
+            v.pop().flatten()
+        }
+        let w = Window::Fixed {
+            start: T,
+            end: T + 60_000,
+        };
+        let a = ask(31, w, 100, 60, EC, T + 1);
+        let d = one(&b, a.clone()).await;
+        assert!(d.allowed);
+        let at = |delta, now| Adjust {
+            delta,
+            now,
+            ..Adjust::of(&a, &d)
+        };
+        // A concurrent reservation that does not fit is refused while 60 are reserved.
+        assert!(!one(&b, ask(31, w, 100, 50, EC, T + 2)).await.allowed);
+        assert_eq!(adjust(&b, at(-45, T + 3)).await, Some(15), "refund");
+        assert!(one(&b, ask(31, w, 100, 50, EC, T + 4)).await.allowed);
+        assert_eq!(
+            adjust(&b, at(30, T + 5)).await,
+            Some(95),
+            "an excess counts"
+        );
+        assert_eq!(
+            adjust(&b, at(-1_000, T + 6)).await,
+            Some(0),
+            "never below 0"
+        );
+        assert_eq!(
+            adjust(&b, at(-1, T + 60_000)).await,
+            None,
+            "window over: moot"
+        );
+        // Flexi: only the window it counted in.
+        let f = Window::Flexi { len: 1000 };
+        let a = ask(32, f, 100, 50, EC, T + 10);
+        let d = one(&b, a.clone()).await;
+        let at = |delta, now| Adjust {
+            delta,
+            now,
+            ..Adjust::of(&a, &d)
+        };
+        assert_eq!(adjust(&b, at(-20, T + 500)).await, Some(30));
+        one(&b, ask(32, f, 100, 5, EC, T + 1_500)).await;
+        assert_eq!(adjust(&b, at(-20, T + 1_600)).await, None, "a later window");
+        assert_eq!(
+            one(&b, ask(32, f, 100, 0, Mode::CountOnly, T + 1_600))
+                .await
+                .used,
+            5
+        );
+        // Rolling (slots of 100 ms): the slot it counted in, until that slot leaves.
+        let r = Window::Rolling { len: 1000 };
+        let a = ask(33, r, 100, 40, EC, T + 50);
+        let d = one(&b, a.clone()).await;
+        one(&b, ask(33, r, 100, 7, EC, T + 450)).await;
+        let at = |delta, now| Adjust {
+            delta,
+            now,
+            ..Adjust::of(&a, &d)
+        };
+        assert_eq!(adjust(&b, at(-30, T + 500)).await, Some(17));
+        assert_eq!(
+            one(&b, ask(33, r, 100, 0, Mode::CountOnly, T + 999))
+                .await
+                .used,
+            17
+        );
+        assert_eq!(adjust(&b, at(-5, T + 1_000)).await, None, "its slot left");
+        assert_eq!(
+            one(&b, ask(33, r, 100, 0, Mode::CountOnly, T + 1_000))
+                .await
+                .used,
+            7
+        );
+        // Reading a flexi counter that does not exist starts no window.
+        let d = one(&b, ask(34, f, 10, 0, Mode::CountOnly, T + 100)).await;
+        assert_eq!((d.used, d.expiry), (0, T + 1_100));
+        let d = one(&b, ask(34, f, 10, 1, EC, T + 700)).await;
+        assert_eq!(d.expiry, T + 1_700, "the window starts at the first count");
+        // Absent counter: nothing to adjust in flexi or rolling windows.
+        let ghost = Adjust {
+            key: Key(35),
+            window: f,
+            counted_at: T,
+            counted_end: T + 1000,
+            delta: -5,
+            now: T + 1,
+        };
+        assert_eq!(adjust(&b, ghost).await, None);
+    }
+
     pub async fn windows_count_alike(b: Arc<dyn Backend>) {
         // Fixed: counts to the limit, refuses without counting, resets on the next window.
         let w = Window::Fixed {
@@ -760,6 +860,69 @@ mod counters_suite {
         let fresh = MemoryCounters::new(10);
         assert_eq!(fresh.restore(&*b, 20).await.unwrap(), 1);
         assert_eq!(fresh.apply(&ask(42, day, 10, 1, EC, 30)).used, 4);
+    }
+
+    /// Reservations through `SharedCounters`: synchronous adjustments are the backend's;
+    /// asynchronous ones land on the mirror (a refund of counts not sent yet comes off the
+    /// pending count, one of counts already sent is sent as an adjustment at the next sync).
+    pub async fn shared_counters_settle_reservations(b: Arc<dyn Backend>) {
+        use tollgate::ratelimit::{Adjust, AdjustPending};
+        let local = Arc::new(MemoryCounters::new(100));
+        let now = tollgate::ratelimit::Clock::now_ms(&tollgate::ratelimit::SystemClock);
+        let hour = Window::Fixed {
+            start: now - now % 3_600_000,
+            end: now - now % 3_600_000 + 3_600_000,
+        };
+        let read = |key| ask(key, hour, 100, 0, Mode::CountOnly, now);
+        let settle = |p: AdjustPending| async move {
+            match p {
+                AdjustPending::Ready(r) => r.unwrap(),
+                AdjustPending::Wait(f) => f.await.unwrap(),
+            }
+        };
+        let sync = SharedCounters::new(b.clone(), SyncMode::Sync, 100);
+        let a = ask(60, hour, 100, 60, EC, now);
+        let d = match sync.decide(a.clone(), &local) {
+            Pending::Wait(f) => f.await.unwrap(),
+            Pending::Ready(_) => panic!("synchronous mode waits on the backend"),
+        };
+        let adj = |delta| Adjust {
+            delta,
+            ..Adjust::of(&a, &d)
+        };
+        assert_eq!(settle(sync.adjust(adj(-45))).await, Some(15));
+        assert_eq!(one(&b, read(60)).await.used, 15);
+        // Asynchronous.
+        let interval = Duration::from_secs(3600);
+        let m = SharedCounters::new(b.clone(), SyncMode::Async { interval }, 100);
+        let decide = |a: Ask| match m.decide(a, &local) {
+            Pending::Ready(r) => r.unwrap(),
+            Pending::Wait(_) => panic!("asynchronous mode decides at once"),
+        };
+        let a = ask(61, hour, 100, 60, EC, now);
+        let d = decide(a.clone());
+        let adj = |delta| Adjust {
+            delta,
+            ..Adjust::of(&a, &d)
+        };
+        assert_eq!(
+            settle(m.adjust(adj(-45))).await,
+            Some(15),
+            "off the pending count"
+        );
+        m.sync(now, interval).await;
+        assert_eq!(one(&b, read(61)).await.used, 15);
+        assert_eq!(settle(m.adjust(adj(-10))).await, Some(5), "a debit");
+        assert!(!decide(ask(61, hour, 100, 96, EC, now)).allowed);
+        assert!(
+            decide(ask(61, hour, 100, 95, EC, now)).allowed,
+            "the refund is usable at once"
+        );
+        m.sync(now, interval).await;
+        assert_eq!(one(&b, read(61)).await.used, 100);
+        assert_eq!(settle(m.adjust(adj(-100))).await, Some(0));
+        m.sync(now, interval).await;
+        assert_eq!(one(&b, read(61)).await.used, 0);
     }
 
     pub async fn shared_counters_use_the_backend(b: Arc<dyn Backend>) {
@@ -1039,6 +1202,16 @@ macro_rules! store_suite {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn counter_batches_are_decided_in_order() {
                 run_backend(counters_suite::a_batch_is_decided_in_order).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn counter_reservations_adjust_where_they_counted() {
+                run_backend(counters_suite::reservations_adjust_where_they_counted).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn shared_counters_settle_reservations() {
+                run_backend(counters_suite::shared_counters_settle_reservations).await
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

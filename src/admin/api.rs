@@ -10,7 +10,8 @@
 //!
 //! `docs/management-api.yaml` describes these routes (OpenAPI 3.1).
 //!
-//! One module per resource (`products`, `apps`, `keys`, `kvm`), over what they share:
+//! One module per resource (`products`, `apps`, `keys`, `kvm`, `spend`: cost-budget
+//! counters), over what they share:
 //! `auth` (the bearer guard), `errors` (every failure and its answer), `request` (strict
 //! JSON, path parameters, name and text checks), `response` (pages, 201s) and `state` (the
 //! handlers' state: lookups and read-modify-write of products and apps).
@@ -25,6 +26,7 @@ mod logging;
 mod products;
 mod request;
 mod response;
+mod spend;
 mod state;
 pub mod usage;
 
@@ -47,6 +49,7 @@ use auth::{authenticate, Guard};
 use errors::wrong_method;
 use keys::{approve_key, create_key, delete_key, expire_key, get_key, list_keys, revoke_key};
 use products::{create_product, delete_product, get_product, list_products, put_product};
+use spend::{app_spend, product_spend};
 use state::Api;
 
 /// The management API's routes (all under `/v1/`), state included, ready to be merged into
@@ -68,6 +71,8 @@ pub fn router(consumers: Arc<Consumers>, auth: ApiAuth) -> Router {
             "/v1/apps/{name}",
             get(get_app).put(put_app).delete(delete_app),
         )
+        .route("/v1/apps/{name}/spend", get(app_spend))
+        .route("/v1/products/{name}/spend", get(product_spend))
         .route("/v1/apps/{name}/keys", get(list_keys).post(create_key))
         .route("/v1/apps/{name}/keys/{id}", get(get_key).delete(delete_key))
         .route("/v1/apps/{name}/keys/{id}/revoke", post(revoke_key))

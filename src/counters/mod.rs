@@ -159,6 +159,46 @@ pub struct Decision {
     pub degraded: bool,
 }
 
+/// A change to what a reservation counted: `delta` (signed) is added to the window, and for a
+/// rolling window the slot, the reservation was counted in, never taking the count below
+/// zero. When that window (or slot) has passed, the adjustment is moot: the window can refuse
+/// nobody any more, so neither a refund nor an excess is carried into another window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Adjust {
+    pub key: Key,
+    pub window: Window,
+    /// When the reservation was counted (ms): picks a rolling window's slot.
+    pub counted_at: i64,
+    /// The reservation decision's `expiry`: a flexi window's end, which tells that window
+    /// from a later one of the same identifier.
+    pub counted_end: i64,
+    pub delta: i64,
+    pub now: i64,
+}
+
+impl Adjust {
+    /// The adjustment of what `ask` counted with decision `d` (a delta of 0: set it).
+    pub fn of(ask: &Ask, d: &Decision) -> Self {
+        Self {
+            key: ask.key,
+            window: ask.window,
+            counted_at: ask.now,
+            counted_end: d.expiry,
+            delta: 0,
+            now: ask.now,
+        }
+    }
+}
+
+/// `count + delta`, at least 0.
+pub(crate) fn apply_delta(count: u64, delta: i64) -> u64 {
+    if delta >= 0 {
+        count.saturating_add(delta.unsigned_abs())
+    } else {
+        count.saturating_sub(delta.unsigned_abs())
+    }
+}
+
 /// Rate-limit metrics, registered in the process registry on first use.
 pub struct RateLimitMetrics {
     pub decisions: IntCounterVec,

@@ -20,7 +20,10 @@ use dashmap::mapref::entry::Entry;
 use dashmap::mapref::one::RefMut;
 use dashmap::DashMap;
 
-use super::{gcra_overflow_key, Ask, Decision, Key, Mode, Window, RL_METRICS, ROLLING_SLOTS};
+use super::{
+    apply_delta, gcra_overflow_key, Adjust, Ask, Decision, Key, Mode, Window, RL_METRICS,
+    ROLLING_SLOTS,
+};
 
 /// Live counters kept before new identifiers share an overflow counter.
 pub const DEFAULT_MAX_KEYS: usize = 2_000_000;
@@ -228,8 +231,13 @@ impl MemoryCounters {
         RL_METRICS.set_memory_keys(n);
     }
 
-    /// Decides a quota ask on the local counter.
+    /// Decides a quota ask on the local counter. A count-only ask of weight 0 only reads
+    /// (it creates no counter, so reading a flexi window does not start one), as the Redis
+    /// script does.
     pub fn apply(&self, ask: &Ask) -> Decision {
+        if ask.weight == 0 && ask.mode == Mode::CountOnly {
+            return self.peek(ask);
+        }
         let now = ask.now;
         let key = self.admit_key(ask.key, now, || ask.window.overflow_key(ask.overflow));
         let mut entry = self.slot(key, Slot::Gcra { tat_us: 0 });
@@ -295,6 +303,103 @@ impl MemoryCounters {
                 }
             }
             Slot::Gcra { .. } => unreachable_window(ask),
+        }
+    }
+
+    /// What `ask`'s counter holds now, without creating or changing it.
+    fn peek(&self, ask: &Ask) -> Decision {
+        let now = ask.now;
+        let fresh = |expiry| Decision {
+            allowed: true,
+            used: 0,
+            expiry,
+            degraded: false,
+        };
+        let empty = match ask.window {
+            Window::Fixed { end, .. } => end,
+            Window::Flexi { len } => now.saturating_add(len),
+            Window::Rolling { len } => {
+                let slot = Window::slot_len(len);
+                (now.div_euclid(slot) + 1).saturating_mul(slot)
+            }
+        };
+        let Some(slot) = self.map.get(&ask.key) else {
+            return fresh(empty);
+        };
+        match (ask.window, slot.value()) {
+            (
+                Window::Fixed { start, end },
+                Slot::Window {
+                    start: s, count, ..
+                },
+            ) if *s == start => Decision {
+                allowed: true,
+                used: *count,
+                expiry: end,
+                degraded: false,
+            },
+            (Window::Flexi { .. }, Slot::Window { end, count, .. }) if now < *end => Decision {
+                allowed: true,
+                used: *count,
+                expiry: *end,
+                degraded: false,
+            },
+            (Window::Rolling { len }, Slot::Rolling(r)) if r.slot_len == Window::slot_len(len) => {
+                let mut r = r.clone();
+                r.advance(now);
+                Decision {
+                    allowed: true,
+                    used: r.sum(),
+                    expiry: r.next_drop(),
+                    degraded: false,
+                }
+            }
+            _ => fresh(empty),
+        }
+    }
+
+    /// Adds `adj.delta` to the window (or rolling slot) a reservation counted in, never
+    /// below 0. `None` when that window has passed (or the counter is gone): the
+    /// adjustment is moot. Otherwise the window's count after it.
+    pub fn adjust(&self, adj: &Adjust) -> Option<u64> {
+        let now = adj.now;
+        let mut entry = self.map.get_mut(&adj.key)?;
+        match (adj.window, entry.value_mut()) {
+            (
+                Window::Fixed { start, end },
+                Slot::Window {
+                    start: s,
+                    count,
+                    dirty,
+                    ..
+                },
+            ) if *s == start && now < end => {
+                *count = apply_delta(*count, adj.delta);
+                *dirty = true;
+                Some(*count)
+            }
+            (
+                Window::Flexi { .. },
+                Slot::Window {
+                    end, count, dirty, ..
+                },
+            ) if *end == adj.counted_end && now < *end => {
+                *count = apply_delta(*count, adj.delta);
+                *dirty = true;
+                Some(*count)
+            }
+            (Window::Rolling { len }, Slot::Rolling(r)) if r.slot_len == Window::slot_len(len) => {
+                r.advance(now);
+                let slot = adj.counted_at.div_euclid(r.slot_len);
+                if slot <= r.head - ROLLING_SLOTS || slot > r.head {
+                    return None;
+                }
+                let i = slot.rem_euclid(ROLLING_SLOTS) as usize;
+                r.counts[i] = apply_delta(r.counts[i], adj.delta);
+                r.dirty = true;
+                Some(r.sum())
+            }
+            _ => None,
         }
     }
 
@@ -616,6 +721,69 @@ mod tests {
         let d = c.apply(&ask(7, w, 5, 9, Mode::EnforceAndCount, 1400));
         assert!(!d.allowed);
         assert_eq!(d.expiry, 2400);
+    }
+
+    #[test]
+    fn adjustments_land_in_the_window_they_counted_in_and_never_go_below_zero() {
+        let c = MemoryCounters::new(100);
+        let w = Window::Fixed {
+            start: 0,
+            end: 1000,
+        };
+        let a = ask(11, w, 100, 60, Mode::EnforceAndCount, 10);
+        let d = c.apply(&a);
+        let adj = |delta, now| Adjust {
+            delta,
+            now,
+            ..Adjust::of(&a, &d)
+        };
+        assert_eq!(c.adjust(&adj(-45, 20)), Some(15), "a refund");
+        assert_eq!(c.adjust(&adj(10, 30)), Some(25), "an excess counts too");
+        assert_eq!(c.adjust(&adj(-1_000, 40)), Some(0), "never below zero");
+        assert_eq!(c.adjust(&adj(-1, 1000)), None, "the window is over: moot");
+        // Flexi: only the window it counted in.
+        let f = Window::Flexi { len: 1000 };
+        let a = ask(12, f, 100, 50, Mode::EnforceAndCount, 0);
+        let d = c.apply(&a);
+        let adj = |delta, now| Adjust {
+            delta,
+            now,
+            ..Adjust::of(&a, &d)
+        };
+        assert_eq!(c.adjust(&adj(-20, 500)), Some(30));
+        c.apply(&ask(12, f, 100, 5, Mode::EnforceAndCount, 1500));
+        assert_eq!(
+            c.adjust(&adj(-20, 1600)),
+            None,
+            "a later window is not touched"
+        );
+        assert_eq!(c.apply(&ask(12, f, 100, 0, Mode::CountOnly, 1600)).used, 5);
+        // Rolling: the slot it counted in, until that slot leaves.
+        let r = Window::Rolling { len: 1000 };
+        let a = ask(13, r, 100, 40, Mode::EnforceAndCount, 50);
+        let d = c.apply(&a);
+        c.apply(&ask(13, r, 100, 7, Mode::EnforceAndCount, 450));
+        let adj = |delta, now| Adjust {
+            delta,
+            now,
+            ..Adjust::of(&a, &d)
+        };
+        assert_eq!(c.adjust(&adj(-30, 500)), Some(17));
+        assert_eq!(c.apply(&ask(13, r, 100, 0, Mode::CountOnly, 999)).used, 17);
+        assert_eq!(c.adjust(&adj(-5, 1000)), None, "its slot left the window");
+        assert_eq!(c.apply(&ask(13, r, 100, 0, Mode::CountOnly, 1000)).used, 7);
+    }
+
+    #[test]
+    fn a_zero_count_only_ask_reads_without_creating_a_counter() {
+        let c = MemoryCounters::new(100);
+        let f = Window::Flexi { len: 1000 };
+        let d = c.apply(&ask(14, f, 10, 0, Mode::CountOnly, 100));
+        assert_eq!((d.allowed, d.used, d.expiry), (true, 0, 1100));
+        assert!(c.is_empty(), "reading did not start a window");
+        c.apply(&ask(14, f, 10, 3, Mode::EnforceAndCount, 500));
+        let d = c.apply(&ask(14, f, 10, 0, Mode::CountOnly, 700));
+        assert_eq!((d.used, d.expiry), (3, 1500));
     }
 
     #[test]

@@ -18,7 +18,12 @@ pub mod assign_message;
 pub mod inference_objective;
 pub mod javascript;
 pub mod key_value_map;
+pub mod llm_cost_budget;
+#[cfg(test)]
+pub(crate) mod llm_test_support;
+pub mod llm_token_quota;
 pub mod oas_validation;
+pub mod prompt_token_limit;
 pub mod quota;
 pub mod raise_fault;
 pub mod response_cache;
@@ -35,7 +40,10 @@ pub static REGISTRY: &[(&str, BuildFn)] = &[
     (inference_objective::TYPE, inference_objective::build),
     (javascript::TYPE, javascript::build),
     (key_value_map::TYPE, key_value_map::build),
+    (llm_cost_budget::TYPE, llm_cost_budget::build),
+    (llm_token_quota::TYPE, llm_token_quota::build),
     (oas_validation::TYPE, oas_validation::build),
+    (prompt_token_limit::TYPE, prompt_token_limit::build),
     (quota::TYPE, quota::build),
     (raise_fault::TYPE, raise_fault::build),
     (response_cache::TYPE, response_cache::build),
@@ -61,6 +69,7 @@ pub const ALL_TYPES: &[&str] = &[
     "InferenceObjective",
     "LlmTokenQuota",
     "PromptTokenLimit",
+    "LlmCostBudget",
     "SanitizePrompt",
     "SanitizeResponse",
     "SemanticCache",

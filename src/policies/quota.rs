@@ -76,7 +76,7 @@ enum HeaderStyle {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct Spec {
+pub(super) struct Spec {
     #[serde(default)]
     allow: Option<NumberSpec>,
     #[serde(default)]
@@ -119,10 +119,39 @@ enum UnitSetting {
 
 /// The product's quota variables, most specific first, and the VerifyApiKey step whose
 /// verified app they describe.
+/// What differs between `Quota` and `LlmTokenQuota` (which counts tokens on the same
+/// machinery): counter namespace, the product's settings, fault code, header names.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Flavor {
+    /// The counter key's first part, so a Quota and an LlmTokenQuota never share a counter.
+    key_kind: &'static [u8],
+    /// The product's settings: `quota` or `llmTokenQuota` (variables `…quota.*` or
+    /// `…llmquota.*`).
+    llm: bool,
+    violation: &'static str,
+    /// The refusal message before the identifier.
+    message: &'static str,
+}
+
+pub(super) const QUOTA: Flavor = Flavor {
+    key_kind: b"quota",
+    llm: false,
+    violation: "policies.ratelimit.QuotaViolation",
+    message: "Rate limit quota violation. Quota limit  exceeded.",
+};
+
+pub(super) const LLM_TOKEN_QUOTA: Flavor = Flavor {
+    key_kind: b"llmtokenquota",
+    llm: true,
+    violation: "policies.llmtokenquota.LLMTokenQuotaViolation",
+    message: "LLM token quota violation. Token limit exceeded.",
+};
+
 #[derive(Debug)]
 struct ProductVars {
     /// `verifyapikey.<p>.` of the `verifyApiKey` step named; `None`: the latest.
     app: Option<String>,
+    llm: bool,
     limit: Vec<String>,
     interval: Vec<String>,
     unit: Vec<String>,
@@ -130,17 +159,19 @@ struct ProductVars {
 }
 
 impl ProductVars {
-    fn new(vk: Option<&str>) -> Self {
+    fn new(vk: Option<&str>, llm: bool) -> Self {
         let p = vk.map(|v| format!("verifyapikey.{v}.")).unwrap_or_default();
         let app = vk.map(|_| p.clone());
+        let q = if llm { "llmquota" } else { "quota" };
         let names = |what: &str| {
             vec![
-                format!("{p}apiproduct.developer.quota.{what}"),
-                format!("{p}apiproduct.quota.{what}"),
+                format!("{p}apiproduct.developer.{q}.{what}"),
+                format!("{p}apiproduct.{q}.{what}"),
             ]
         };
         Self {
             app,
+            llm,
             limit: names("limit"),
             interval: names("interval"),
             unit: names("timeunit"),
@@ -174,7 +205,11 @@ impl ProductVars {
     /// allow, interval, unit from the product's quota, when it sets one.
     fn quota(&self, ex: &Exchange) -> Option<(u64, u32, Unit)> {
         if let Some(v) = self.typed_app(ex, &[&self.limit, &self.interval, &self.unit]) {
-            let q = v.product.spec.quota.as_ref()?;
+            let q = if self.llm {
+                v.product.spec.llm_token_quota.as_ref()?
+            } else {
+                v.product.spec.quota.as_ref()?
+            };
             let limit = q.limit.min(MAX_ALLOW);
             let unit = Unit::parse(q.time_unit.as_str())?;
             return Some((limit, q.interval.max(1), unit));
@@ -219,12 +254,13 @@ impl VarNames {
 }
 
 #[derive(Debug)]
-struct Quota {
-    name: String,
+pub(super) struct Quota {
+    flavor: Flavor,
+    pub(super) name: String,
     /// The counter key's constant parts (`quota`, the policy or `sharedName`), hashed once.
     key_prefix: KeyPrefix,
     /// Overflow namespace of this quota's counters (shared by `sharedName` halves).
-    overflow: Key,
+    pub(super) overflow: Key,
     allow: Option<Setting>,
     interval: Setting,
     unit: Option<UnitSetting>,
@@ -233,16 +269,24 @@ struct Quota {
     identifier: Option<Template>,
     weight: Option<Setting>,
     product: Option<ProductVars>,
-    mode: Mode,
+    pub(super) mode: Mode,
     fail_open: bool,
     headers: HeaderStyle,
-    counters: Counters,
-    metrics: PolicyMetrics,
+    pub(super) counters: Counters,
+    pub(super) metrics: PolicyMetrics,
     vars: VarNames,
 }
 
 pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Policy>, SpecError> {
-    let spec: Spec = parse_spec(spec)?;
+    Ok(Arc::new(build_core(ctx, parse_spec(spec)?, QUOTA)?))
+}
+
+/// The quota `spec` describes, of `flavor`.
+pub(super) fn build_core(
+    ctx: &BuildContext,
+    spec: Spec,
+    flavor: Flavor,
+) -> Result<Quota, SpecError> {
     if spec.enforce_only && spec.count_only {
         return Err(SpecError::new(
             "countOnly",
@@ -338,10 +382,11 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
         Mode::EnforceAndCount
     };
     let namespace = spec.shared_name.unwrap_or_else(|| ctx.name.clone());
-    Ok(Arc::new(Quota {
+    Ok(Quota {
+        flavor,
         name: ctx.name.clone(),
-        key_prefix: KeyPrefix::new(&[b"quota", namespace.as_bytes()]),
-        overflow: Key::new(&[b"quota", namespace.as_bytes()]),
+        key_prefix: KeyPrefix::new(&[flavor.key_kind, namespace.as_bytes()]),
+        overflow: Key::new(&[flavor.key_kind, namespace.as_bytes()]),
         allow,
         interval,
         unit,
@@ -351,14 +396,14 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
         weight,
         product: spec
             .use_product
-            .then(|| ProductVars::new(spec.verify_api_key.as_deref())),
+            .then(|| ProductVars::new(spec.verify_api_key.as_deref(), flavor.llm)),
         mode,
         fail_open: spec.fail_open,
         headers: spec.rate_limit_headers,
         counters: ctx.services.counters.clone(),
         metrics: PolicyMetrics::new(&ctx.name),
         vars: VarNames::new(&ctx.name),
-    }))
+    })
 }
 
 /// A count-only half may count 0 (nothing used); an enforcing quota needs at least 1.
@@ -371,8 +416,8 @@ fn min_weight(count_only: bool) -> u64 {
 }
 
 /// A decision about to be made.
-struct Prepared {
-    ask: Ask,
+pub(super) struct Prepared {
+    pub(super) ask: Ask,
     /// As shown (bounded).
     identifier: String,
     /// Window length in ms, for the `RateLimit-Policy` header.
@@ -438,6 +483,17 @@ impl Quota {
             ex,
             min_weight(self.mode == Mode::CountOnly),
         )?;
+        self.prepare_with(ex, weight, &[])
+    }
+
+    /// The ask of `weight` for this exchange; `extra` parts join the counter key (an
+    /// LlmTokenQuota's model).
+    pub(super) fn prepare_with(
+        &self,
+        ex: &Exchange,
+        weight: u64,
+        extra: &[&[u8]],
+    ) -> Result<Prepared, Fault> {
         let (allow, interval, unit) = self.settings(ex)?;
         let identifier = self
             .identifier
@@ -468,10 +524,12 @@ impl Quota {
                 (Window::Rolling { len }, len)
             }
         };
-        let key = self.key_prefix.finish(&[
+        let interval_bytes = interval.to_le_bytes();
+        let mut parts: Vec<&[u8]> = Vec::with_capacity(5 + extra.len());
+        parts.extend_from_slice(&[
             product.as_bytes(),
             identifier.as_bytes(),
-            &interval.to_le_bytes(),
+            &interval_bytes,
             unit.as_str().as_bytes(),
             match self.quota_type {
                 QuotaType::Default => b"d",
@@ -480,6 +538,8 @@ impl Quota {
                 QuotaType::Rollingwindow => b"r",
             },
         ]);
+        parts.extend_from_slice(extra);
+        let key = self.key_prefix.finish(&parts);
         let identifier = rl::shown(&identifier).into_owned();
         Ok(Prepared {
             ask: Ask {
@@ -497,7 +557,7 @@ impl Quota {
         })
     }
 
-    fn finish(
+    pub(super) fn finish(
         &self,
         ex: &mut Exchange,
         p: Prepared,
@@ -533,12 +593,8 @@ impl Quota {
         let reset = rl::seconds_until(d.expiry, now);
         let allow = ask.allow;
         let window_ms = p.window_ms;
-        let refusal = (!d.allowed).then(|| {
-            format!(
-                "Rate limit quota violation. Quota limit  exceeded. Identifier : {}",
-                p.identifier
-            )
-        });
+        let refusal =
+            (!d.allowed).then(|| format!("{} Identifier : {}", self.flavor.message, p.identifier));
         // A variable of the same name set earlier would shadow the source: drop it, as
         // setting each variable did.
         if !ex.vars.is_empty() {
@@ -565,11 +621,17 @@ impl Quota {
             return Ok(());
         };
         self.metrics.rejected.inc();
-        let mut fault = Fault::new(429, "policies.ratelimit.QuotaViolation", message)
+        let mut fault = Fault::new(429, self.flavor.violation, message)
             .with_header("retry-after", reset.to_string());
         self.limit_headers(allow, available, reset, window_ms, |h, v| {
             fault.headers.push((h.to_owned(), v));
         });
+        if self.flavor.llm && !matches!(self.headers, HeaderStyle::XRatelimit | HeaderStyle::Both) {
+            // OpenAI's token headers on every refusal: the SDKs read them to back off.
+            self.token_headers(allow, available, d.expiry - now, |h, v| {
+                fault.headers.push((h.to_owned(), v));
+            });
+        }
         Err(fault)
     }
 
@@ -595,10 +657,45 @@ impl Quota {
             );
         }
         if matches!(self.headers, HeaderStyle::XRatelimit | HeaderStyle::Both) {
-            out("x-ratelimit-limit", allow.to_string());
-            out("x-ratelimit-remaining", available.to_string());
-            out("x-ratelimit-reset", reset.to_string());
+            if self.flavor.llm {
+                self.token_headers(allow, available, reset.saturating_mul(1000), out);
+            } else {
+                out("x-ratelimit-limit", allow.to_string());
+                out("x-ratelimit-remaining", available.to_string());
+                out("x-ratelimit-reset", reset.to_string());
+            }
         }
+    }
+
+    /// OpenAI's `x-ratelimit-*-tokens` headers; the reset in OpenAI's duration format.
+    fn token_headers(
+        &self,
+        allow: u64,
+        available: u64,
+        reset_ms: i64,
+        mut out: impl FnMut(&'static str, String),
+    ) {
+        out("x-ratelimit-limit-tokens", allow.to_string());
+        out("x-ratelimit-remaining-tokens", available.to_string());
+        out("x-ratelimit-reset-tokens", openai_duration(reset_ms));
+    }
+}
+
+/// A duration as OpenAI writes it in `x-ratelimit-reset-*`: `17ms`, `1s`, `6m0s`, `1h2m3s`
+/// (whole seconds, rounded up, from a second on).
+pub(super) fn openai_duration(ms: i64) -> String {
+    let ms = ms.max(0);
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    let s = (ms + 999) / 1000;
+    let (h, m, s) = (s / 3600, s % 3600 / 60, s % 60);
+    if h > 0 {
+        format!("{h}h{m}m{s}s")
+    } else if m > 0 {
+        format!("{m}m{s}s")
+    } else {
+        format!("{s}s")
     }
 }
 

@@ -65,7 +65,9 @@ fn parse_rate(s: &str) -> Option<Rate> {
 }
 
 #[derive(Debug)]
-struct SpikeArrest {
+pub(super) struct SpikeArrest {
+    /// The refusal's fault code and the words its message starts with.
+    violation: (&'static str, &'static str),
     rate: Rate,
     rate_text: String,
     identifier: Option<Template>,
@@ -78,50 +80,79 @@ struct SpikeArrest {
     /// GCRA emission interval (µs per unit of weight).
     emission_us: i64,
     counters: Counters,
-    metrics: PolicyMetrics,
+    pub(super) metrics: PolicyMetrics,
 }
 
 pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Policy>, SpecError> {
     let spec: Spec = parse_spec(spec)?;
-    let rate = parse_rate(&spec.rate).ok_or_else(|| {
-        SpecError::new(
-            "rate",
-            format!(
-                "`{}` is not a rate: write N per second or minute, like 10ps or 600pm (1 ≤ N ≤ {MAX_RATE})",
-                spec.rate
-            ),
-        )
-    })?;
     let weight = spec
         .message_weight
         .as_ref()
         .map(|w| Setting::compile("messageWeight", w, 1, rl::MAX_WEIGHT))
         .transpose()?;
-    let kind: &[u8] = if spec.use_effective_count {
-        b"spike-window"
+    Ok(Arc::new(build_core(
+        ctx,
+        &spec.rate,
+        spec.identifier.as_deref(),
+        weight,
+        spec.use_effective_count,
+        (
+            b"spike",
+            (
+                "policies.ratelimit.SpikeArrestViolation",
+                "Spike arrest violation.",
+            ),
+        ),
+    )?))
+}
+
+/// A spike arrest at `rate` per identifier; `kind` names its counters (so two policy types
+/// never share one) and `violation` its fault code and message.
+pub(super) fn build_core(
+    ctx: &BuildContext,
+    rate_text: &str,
+    identifier: Option<&str>,
+    weight: Option<Setting>,
+    use_effective_count: bool,
+    (kind_name, violation): (&'static [u8], (&'static str, &'static str)),
+) -> Result<SpikeArrest, SpecError> {
+    let rate = parse_rate(rate_text).ok_or_else(|| {
+        SpecError::new(
+            "rate",
+            format!(
+                "`{}` is not a rate: write N per second or minute, like 10ps or 600pm (1 ≤ N ≤ {MAX_RATE})",
+                rate_text
+            ),
+        )
+    })?;
+    let suffix: &[u8] = if use_effective_count {
+        b"-window"
     } else {
-        b"spike-smooth"
+        b"-smooth"
     };
+    // `spike-window` / `spike-smooth` as one part: the keys SpikeArrest always had.
+    let kind = [kind_name, suffix].concat();
     let key_prefix = KeyPrefix::new(&[
-        kind,
+        &kind,
         ctx.name.as_bytes(),
         &rate.n.to_le_bytes(),
         &rate.per_ms.to_le_bytes(),
     ]);
     let emission_us =
         (rate.per_ms.saturating_mul(1000) / i64::try_from(rate.n).unwrap_or(1)).max(1);
-    Ok(Arc::new(SpikeArrest {
+    Ok(SpikeArrest {
+        violation,
         key_prefix,
-        overflow: Key::new(&[b"spike", ctx.name.as_bytes()]),
+        overflow: Key::new(&[kind_name, ctx.name.as_bytes()]),
         emission_us,
         rate,
-        rate_text: spec.rate.trim().to_owned(),
-        identifier: rl::identifier("identifier", spec.identifier.as_deref())?,
+        rate_text: rate_text.trim().to_owned(),
+        identifier: rl::identifier("identifier", identifier)?,
         weight,
-        effective: spec.use_effective_count,
+        effective: use_effective_count,
         counters: ctx.services.counters.clone(),
         metrics: PolicyMetrics::new(&ctx.name),
-    }))
+    })
 }
 
 impl SpikeArrest {
@@ -129,6 +160,11 @@ impl SpikeArrest {
         let weight = rl::weight(self.weight.as_ref(), ex, 1).inspect_err(|_| {
             self.metrics.error.inc();
         })?;
+        self.check_weight(ex, weight)
+    }
+
+    /// Admits or refuses a message of `weight` (a PromptTokenLimit's prompt tokens).
+    pub(super) fn check_weight(&self, ex: &Exchange, weight: u64) -> Result<(), Fault> {
         let key = {
             let id = self
                 .identifier
@@ -175,13 +211,16 @@ impl SpikeArrest {
                 };
                 Err(Fault::new(
                     429,
-                    "policies.ratelimit.SpikeArrestViolation",
+                    self.violation.0,
                     format!(
-                        "Spike arrest violation. Allowed rate : MessageRate{{capacity={}, period={period}}} ({})",
-                        rate.n, self.rate_text
+                        "{} Allowed rate : MessageRate{{capacity={}, period={period}}} ({})",
+                        self.violation.1, rate.n, self.rate_text
                     ),
                 )
-                .with_header("retry-after", rl::seconds_until(now + wait_ms, now).to_string()))
+                .with_header(
+                    "retry-after",
+                    rl::seconds_until(now + wait_ms, now).to_string(),
+                ))
             }
         }
     }

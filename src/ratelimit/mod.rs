@@ -19,6 +19,7 @@
 
 pub mod memory;
 pub mod policy;
+pub mod reserve;
 pub mod shared;
 pub mod window;
 
@@ -31,9 +32,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use prometheus::IntCounter;
 
+pub use reserve::{Reservation, ReservationUnit, Reservations, RESERVATION_METRICS};
+
 pub use crate::counters::{
-    gcra_overflow_key, Ask, Decision, Key, KeyPrefix, Mode, RateLimitMetrics, Window, RL_METRICS,
-    ROLLING_SLOTS,
+    gcra_overflow_key, Adjust, Ask, Decision, Key, KeyPrefix, Mode, RateLimitMetrics, Window,
+    RL_METRICS, ROLLING_SLOTS,
 };
 
 /// Wall time since the Unix epoch: microseconds (spike arrest smooths rates above 1000/s)
@@ -96,6 +99,15 @@ pub type DecisionFuture = Pin<Box<dyn Future<Output = Result<Decision, CounterEr
 pub enum Pending {
     Ready(Result<Decision, CounterError>),
     Wait(DecisionFuture),
+}
+
+/// An adjustment's answer: the window's count after it, or `None` when moot.
+pub type AdjustFuture = Pin<Box<dyn Future<Output = Result<Option<u64>, CounterError>> + Send>>;
+
+/// An adjustment now, or one that waits on the shared backend.
+pub enum AdjustPending {
+    Ready(Result<Option<u64>, CounterError>),
+    Wait(AdjustFuture),
 }
 
 /// Which backend quotas count in.
@@ -175,6 +187,16 @@ impl Counters {
         match &self.backend {
             Backend::Memory => Pending::Ready(Ok(self.local.apply(&ask))),
             Backend::Shared(r) => r.decide(ask, &self.local),
+        }
+    }
+
+    /// Adjusts what a reservation counted (see [`Adjust`]) where it was counted: the local
+    /// table when `local` (memory counters, or a fail-open decision made while the shared
+    /// backend was down), else the shared backend.
+    pub fn adjust(&self, adj: Adjust, local: bool) -> AdjustPending {
+        match &self.backend {
+            Backend::Shared(r) if !local => r.adjust(adj),
+            _ => AdjustPending::Ready(Ok(self.local.adjust(&adj))),
         }
     }
 }

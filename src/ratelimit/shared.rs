@@ -42,7 +42,10 @@ use std::time::Duration;
 use dashmap::DashMap;
 
 use super::memory::MemoryCounters;
-use super::{Ask, Clock, CounterError, Decision, Mode, Pending, SystemClock, Window, RL_METRICS};
+use super::{
+    Adjust, AdjustFuture, AdjustPending, Ask, Clock, CounterError, Decision, Mode, Pending,
+    SystemClock, Window, RL_METRICS,
+};
 use crate::store::Backend;
 
 /// Longest wait for one decision's round trip.
@@ -71,6 +74,8 @@ struct Mirror {
     pending: u64,
     /// Sent in the batch now in flight (still counted here until Redis answers).
     inflight: u64,
+    /// Refunds of reservations already sent (or in flight), to send as an adjustment.
+    debit: u64,
     expiry: i64,
     touched: i64,
 }
@@ -205,6 +210,123 @@ impl SharedCounters {
         }
     }
 
+    /// Adjusts what a reservation counted: synchronously in the backend, or on the mirror
+    /// (asynchronous mode: a refund of counts already sent is kept as a debit and sent at
+    /// the next sync, applied to the window current then). A reservation counted locally
+    /// because the backend was down is adjusted by the caller on the local table.
+    pub fn adjust(self: &Arc<Self>, adj: Adjust) -> AdjustPending {
+        match self.mode {
+            SyncMode::Sync => {
+                if self.is_down() {
+                    return AdjustPending::Ready(Err(CounterError::Unavailable(
+                        "the quota counter store (Redis) is unavailable".into(),
+                    )));
+                }
+                let this = self.clone();
+                let fut: AdjustFuture = Box::pin(async move {
+                    match tokio::time::timeout(
+                        DECIDE_TIMEOUT,
+                        this.backend.adjust(std::slice::from_ref(&adj)),
+                    )
+                    .await
+                    {
+                        Ok(Ok(v)) => {
+                            this.mark_up();
+                            Ok(v.first().copied().flatten())
+                        }
+                        Ok(Err(e)) => {
+                            this.mark_down("adjust", &e.to_string());
+                            Err(CounterError::Unavailable(e.to_string()))
+                        }
+                        Err(_) => {
+                            this.mark_down("adjust", "timed out");
+                            Err(CounterError::Unavailable("timed out".into()))
+                        }
+                    }
+                });
+                AdjustPending::Wait(fut)
+            }
+            SyncMode::Async { .. } => AdjustPending::Ready(Ok(self.adjust_mirror(&adj))),
+        }
+    }
+
+    fn adjust_mirror(&self, adj: &Adjust) -> Option<u64> {
+        let start = match adj.window {
+            Window::Fixed { start, end } => {
+                if adj.now >= end {
+                    return None;
+                }
+                start
+            }
+            _ => 0,
+        };
+        let mut m = self.mirrors.get_mut(&(adj.key.0, start))?;
+        if matches!(adj.window, Window::Flexi { .. })
+            && (m.expiry != adj.counted_end || adj.now >= m.expiry)
+        {
+            return None;
+        }
+        let d = adj.delta.unsigned_abs();
+        if adj.delta >= 0 {
+            m.pending = m.pending.saturating_add(d);
+        } else {
+            let from_pending = d.min(m.pending);
+            m.pending -= from_pending;
+            m.debit = m.debit.saturating_add(d - from_pending);
+        }
+        Some(
+            m.remote
+                .saturating_add(m.inflight)
+                .saturating_add(m.pending)
+                .saturating_sub(m.debit),
+        )
+    }
+
+    /// Asynchronous mode: sends the mirrors' debits as adjustments of their current window.
+    async fn send_debits(&self, now: i64) {
+        let mut debits = Vec::new();
+        for e in self.mirrors.iter() {
+            if e.debit > 0 {
+                let m = e.value();
+                debits.push((
+                    *e.key(),
+                    Adjust {
+                        key: m.ask.key,
+                        window: m.ask.window,
+                        counted_at: now,
+                        counted_end: m.expiry,
+                        delta: -i64::try_from(m.debit).unwrap_or(i64::MAX),
+                        now,
+                    },
+                ));
+            }
+        }
+        for (k, _) in &debits {
+            if let Some(mut m) = self.mirrors.get_mut(k) {
+                m.debit = 0;
+            }
+        }
+        if debits.is_empty() {
+            return;
+        }
+        let adjusts: Vec<Adjust> = debits.iter().map(|(_, a)| *a).collect();
+        match tokio::time::timeout(SYNC_TIMEOUT, self.backend.adjust(&adjusts)).await {
+            Ok(Ok(_)) => {}
+            other => {
+                let e = match other {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "timed out".to_owned(),
+                };
+                self.mark_down("sync", &e);
+                for (k, a) in debits {
+                    if let Some(mut m) = self.mirrors.get_mut(&k) {
+                        m.debit = m.debit.saturating_add(a.delta.unsigned_abs());
+                    }
+                }
+            }
+        }
+    }
+
     async fn eval(&self, ask: &Ask) -> Result<Decision, String> {
         match tokio::time::timeout(
             DECIDE_TIMEOUT,
@@ -232,7 +354,10 @@ impl SharedCounters {
     /// Drops mirrors with nothing pending or in flight that were not used for `idle_ms`.
     fn evict_idle(&self, now: i64, idle_ms: i64) {
         self.mirrors.retain(|_, m| {
-            m.pending > 0 || m.inflight > 0 || now.saturating_sub(m.touched) < idle_ms
+            m.pending > 0
+                || m.inflight > 0
+                || m.debit > 0
+                || now.saturating_sub(m.touched) < idle_ms
         });
         self.count_mirrors();
     }
@@ -298,6 +423,7 @@ impl SharedCounters {
                     remote: 0,
                     pending: 0,
                     inflight: 0,
+                    debit: 0,
                     touched: now,
                 })
             }
@@ -316,7 +442,8 @@ impl SharedCounters {
         let used = m
             .remote
             .saturating_add(m.inflight)
-            .saturating_add(m.pending);
+            .saturating_add(m.pending)
+            .saturating_sub(m.debit);
         let (allowed, add) = match ask.mode {
             Mode::EnforceAndCount => {
                 let ok = used.saturating_add(ask.weight) <= ask.allow;
@@ -366,6 +493,7 @@ impl SharedCounters {
                 Err(_) => return self.mark_down("sync", "PING timed out"),
             }
         }
+        self.send_debits(now).await;
         let idle_after = i64::try_from(interval.as_millis())
             .unwrap_or(1000)
             .saturating_mul(20)
@@ -373,7 +501,7 @@ impl SharedCounters {
         let mut batch = Vec::new();
         self.mirrors.retain(|k, m| {
             let idle = now.saturating_sub(m.touched) > idle_after;
-            if m.pending == 0 && m.inflight == 0 && idle && now > m.expiry {
+            if m.pending == 0 && m.inflight == 0 && m.debit == 0 && idle && now > m.expiry {
                 return false;
             }
             if m.pending > 0 || !idle {

@@ -15,7 +15,7 @@ use tokio::sync::broadcast;
 
 use super::{Change, StoreError};
 use crate::counters::table::{MemoryCounters, DEFAULT_MAX_KEYS};
-use crate::counters::{Ask, Decision};
+use crate::counters::{Adjust, Ask, Decision};
 
 /// A collection of records, each keyed by a string.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,6 +139,18 @@ pub trait Backend: Send + Sync + std::fmt::Debug + 'static {
     /// every replica's), in one round trip where it can. An error means none was counted;
     /// `None` for one ask means its answer could not be read.
     async fn count(&self, asks: &[Ask]) -> Result<Vec<Option<Decision>>, StoreError>;
+    /// Adjusts what reservations counted (see [`Adjust`]), each atomically: `Some(count)`
+    /// after the adjustment, `None` when its window has passed (moot). A count of 0 asked
+    /// through [`Backend::count`] (count-only, weight 0) reads a counter without changing it.
+    /// Every backend tollgate opens implements it; the default (for test doubles that hold
+    /// no counters) refuses.
+    async fn adjust(&self, adjusts: &[Adjust]) -> Result<Vec<Option<u64>>, StoreError> {
+        let _ = adjusts;
+        Err(StoreError::Unavailable(format!(
+            "the {} backend holds no counters",
+            self.kind()
+        )))
+    }
     /// Counter checkpoint rows (key, encoded window) written by [`Backend::save_counters`].
     async fn load_counters(&self) -> Result<Vec<(u128, Vec<u8>)>, StoreError>;
     /// Writes `rows` and drops every stored row `keep` refuses, in one durable step.
@@ -261,6 +273,10 @@ impl Default for InProcess {
 impl InProcess {
     pub fn count(&self, asks: &[Ask]) -> Vec<Option<Decision>> {
         asks.iter().map(|a| Some(self.counters.apply(a))).collect()
+    }
+
+    pub fn adjust(&self, adjusts: &[Adjust]) -> Vec<Option<u64>> {
+        adjusts.iter().map(|a| self.counters.adjust(a)).collect()
     }
 
     pub fn cache_get(&self, key: &str) -> Option<Vec<u8>> {

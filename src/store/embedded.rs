@@ -24,7 +24,7 @@ use tokio::sync::broadcast;
 use super::backend::{Backend, Cond, InProcess, Keep, OwnedTable, Put, Table, TallyAdd, Visit};
 use super::memory::judge;
 use super::{Change, StoreError};
-use crate::counters::{Ask, Decision};
+use crate::counters::{Adjust, Ask, Decision};
 
 /// The database file's name inside the data directory.
 pub const DB_FILE: &str = "tollgate.redb";
@@ -325,6 +325,10 @@ impl Backend for EmbeddedBackend {
 
     async fn count(&self, asks: &[Ask]) -> Result<Vec<Option<Decision>>, StoreError> {
         Ok(self.local.count(asks))
+    }
+
+    async fn adjust(&self, adjusts: &[Adjust]) -> Result<Vec<Option<u64>>, StoreError> {
+        Ok(self.local.adjust(adjusts))
     }
 
     async fn load_counters(&self) -> Result<Vec<(u128, Vec<u8>)>, StoreError> {

@@ -10,7 +10,7 @@ use tokio::sync::broadcast;
 use super::backend::{Backend, Cond, InProcess, Keep, Put, Table, Tallies, TallyAdd, Visit};
 use super::codec;
 use super::{Change, StoreError};
-use crate::counters::{Ask, Decision};
+use crate::counters::{Adjust, Ask, Decision};
 
 #[derive(Debug)]
 pub struct MemoryBackend {
@@ -111,6 +111,10 @@ impl Backend for MemoryBackend {
 
     async fn count(&self, asks: &[Ask]) -> Result<Vec<Option<Decision>>, StoreError> {
         Ok(self.local.count(asks))
+    }
+
+    async fn adjust(&self, adjusts: &[Adjust]) -> Result<Vec<Option<u64>>, StoreError> {
+        Ok(self.local.adjust(adjusts))
     }
 
     async fn load_counters(&self) -> Result<Vec<(u128, Vec<u8>)>, StoreError> {

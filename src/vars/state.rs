@@ -42,6 +42,10 @@ pub struct State {
     /// What the exchange cost in the price table's currency, once a cost-budget step priced
     /// `llm_usage` (the `llm.cost` variable).
     pub llm_cost: Option<f64>,
+    /// Token-quota and cost-budget reservations counted on the request, settled by the
+    /// steps that made them (or their count halves) after the exchange; any left are
+    /// released when the exchange drops.
+    pub reservations: crate::ratelimit::reserve::Reservations,
     /// The LLM tracker's per-exchange state (see [`crate::llm::track`]); `None` when the
     /// flow does not track or the request is no LLM call.
     pub llm_tracker: Option<Box<crate::llm::track::Tracker>>,

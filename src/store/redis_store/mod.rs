@@ -59,7 +59,7 @@ use tokio::sync::broadcast;
 
 use super::backend::{Backend, Cond, Keep, Put, Table, TallyAdd, Visit};
 use super::{Change, OpenOptions, StoreError};
-use crate::counters::{Ask, Decision, Window};
+use crate::counters::{Adjust, Ask, Decision, Window};
 
 pub use feed::GAP_CHECK_EVERY;
 
@@ -164,6 +164,47 @@ end
 return {allowed, used, expiry}
 ";
 
+/// Adjusts what a reservation counted ([`Adjust`]), atomically. KEYS[1]: the counter (as
+/// for [`COUNTER_SCRIPT`]). ARGV: type (`f`, `x`, `r`), delta (signed), now (ms), the
+/// window's end (fixed) or length (flexi, rolling), when the reservation counted (ms, picks
+/// the rolling slot) and the flexi window's end it counted in. The count never goes below 0.
+/// Returns {1, count after} or {0, 0} when that window (or slot) has passed: moot.
+pub const ADJUST_SCRIPT: &str = r"
+local t = ARGV[1]
+local d, now, a, at, cend = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+if t == 'f' then
+  if now >= a then return {0, 0} end
+  local n = math.max(0, tonumber(redis.call('GET', KEYS[1]) or '0') + d)
+  redis.call('SET', KEYS[1], n)
+  redis.call('PEXPIREAT', KEYS[1], a + 60000)
+  return {1, n}
+elseif t == 'x' then
+  local v = redis.call('HMGET', KEYS[1], 'e', 'n')
+  local e = tonumber(v[1])
+  if (not e) or e ~= cend or e <= now then return {0, 0} end
+  local n = math.max(0, (tonumber(v[2]) or 0) + d)
+  redis.call('HSET', KEYS[1], 'n', n)
+  return {1, n}
+end
+local slot = math.max(1, math.ceil(a / 10))
+local cur = math.floor(now / slot)
+local k = math.floor(at / slot)
+if k <= cur - 10 or k > cur then return {0, 0} end
+local n = math.max(0, tonumber(redis.call('HGET', KEYS[1], k) or '0') + d)
+if n > 0 then
+  redis.call('HSET', KEYS[1], k, n)
+  redis.call('PEXPIRE', KEYS[1], a + slot + 60000)
+else
+  redis.call('HDEL', KEYS[1], k)
+end
+local used = 0
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+  if tonumber(all[i]) > cur - 10 then used = used + tonumber(all[i + 1]) end
+end
+return {1, used}
+";
+
 /// `HSET` a product or app only if it exists at the expected revision (`ARGV[3]`): 1
 /// written, 0 absent, -1 another revision stored (a concurrent update won). The revision is
 /// read from the stored JSON with Redis's bundled `cjson`; an object without one is at 0.
@@ -240,6 +281,7 @@ pub struct RedisBackend {
     update: redis::Script,
     update_object: redis::Script,
     counter: redis::Script,
+    adjust: redis::Script,
     /// Longest wait for one command.
     timeout: Duration,
     changes: broadcast::Sender<Change>,
@@ -528,6 +570,7 @@ impl RedisBackend {
             update: redis::Script::new(UPDATE_SCRIPT),
             update_object: redis::Script::new(UPDATE_OBJECT_SCRIPT),
             counter: redis::Script::new(COUNTER_SCRIPT),
+            adjust: redis::Script::new(ADJUST_SCRIPT),
             timeout: limits.command,
             changes,
             channel,
@@ -785,6 +828,49 @@ impl Backend for RedisBackend {
             )));
         }
         Ok(replies.iter().map(parse_counter_reply).collect())
+    }
+
+    /// One call of [`ADJUST_SCRIPT`] per adjustment, concurrently (each touches one key, so
+    /// this is Cluster-safe). The caller bounds the wait.
+    async fn adjust(&self, adjusts: &[Adjust]) -> Result<Vec<Option<u64>>, StoreError> {
+        let calls = adjusts.iter().map(|adj| {
+            let (t, a) = match adj.window {
+                Window::Fixed { end, .. } => ("f", end),
+                Window::Flexi { len } => ("x", len),
+                Window::Rolling { len } => ("r", len),
+            };
+            let ask_key = Ask {
+                key: adj.key,
+                overflow: adj.key,
+                window: adj.window,
+                allow: 0,
+                weight: 0,
+                mode: crate::counters::Mode::CountOnly,
+                now: adj.now,
+                fail_open: false,
+            };
+            let mut inv = self.adjust.prepare_invoke();
+            inv.key(counter_key(&ask_key))
+                .arg(t)
+                .arg(adj.delta)
+                .arg(adj.now)
+                .arg(a)
+                .arg(adj.counted_at)
+                .arg(adj.counted_end);
+            let mut conn = self.conn.clone();
+            async move { inv.invoke_async::<Vec<i64>>(&mut conn).await }
+        });
+        futures_util::future::join_all(calls)
+            .await
+            .into_iter()
+            .map(|r| match r {
+                Ok(v) if v.first() == Some(&1) => {
+                    Ok(v.get(1).map(|n| u64::try_from(*n).unwrap_or(0)))
+                }
+                Ok(_) => Ok(None),
+                Err(e) => Err(unavailable(&self.target, "counter adjustment", e)),
+            })
+            .collect()
     }
 
     async fn load_counters(&self) -> Result<Vec<(u128, Vec<u8>)>, StoreError> {
