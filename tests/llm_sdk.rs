@@ -6,8 +6,11 @@
 //! - answers, streamed and not, reach the SDK intact: text and usage as the upstream sent
 //!   them, also when every event is cut across TCP writes, with CRLF lines, `data:` split
 //!   over two lines and keep-alive comments;
-//! - a 429 from tollgate (Quota) reaches each SDK as its own rate-limit exception with
-//!   tollgate's message, fault code and `Retry-After` (errorFormat `auto`);
+//! - a 429 from tollgate (Quota; LlmTokenQuota with `x-ratelimit-*-tokens`) reaches each SDK
+//!   as its own rate-limit exception with tollgate's message, fault code and `Retry-After`
+//!   (errorFormat `auto`);
+//! - tokens recorded (gen_ai metrics, LlmTokenQuota's reconciled count) equal the upstream's
+//!   usage exactly;
 //! - the SDKs' own auth headers pass VerifyApiKey; a wrong key is the SDK's authentication
 //!   exception;
 //! - upstream 429s pass through untouched; an upstream reset mid-stream is an SDK error, never
@@ -773,7 +776,6 @@ spec:
 /// refused whether or not the reconciling already ran; the refusals are repeated until it
 /// has, which the remaining count shows.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs LlmTokenQuota and the LLM tracker (issue 14, tokenquota and llmcore areas) on main"]
 async fn sdk_rate_limit_error_from_llm_token_quota() {
     within(LIMIT, async {
         let Some(sdk) = sdks("sdk_rate_limit_error_from_llm_token_quota") else {
