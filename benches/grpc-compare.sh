@@ -41,7 +41,10 @@
 # BASE_BIN: a second tollgate binary (an older build) served the same configuration; each
 # target named `<target>-base` runs `<target>` against it, and `<target>` is also printed as
 # a ratio to `<target>-base`, so a change is measured before/after in one run.
-# Environment: DURATION=5 (seconds per run), ROUNDS=3, MIX="headers body sse",
+# LLM (issue 14): `llm-quota` is LlmTokenQuota (memory counters) on a buffered chat body,
+# `llm-quota-sync` the same flow on the Redis-counting replica (synchronous); compare with
+# `empty` sent the same body: MIX=body BODY_BYTES=4096 TARGETS="empty llm-quota llm-quota-sync".
+# Environment: DURATION=5 (seconds per run), ROUNDS=3, MIX="headers body sse", BODY_BYTES=2048,
 #              CONCURRENCY=32, CONNECTIONS=2,
 #              TARGETS="floor empty three verify verify-bare cache limits limits-full limits-sync
 #                       limits-async js jwt jwt-fresh oas"
@@ -53,6 +56,7 @@ ROUNDS="${ROUNDS:-3}"
 MIX="${MIX:-headers body sse}"
 CONCURRENCY="${CONCURRENCY:-32}"
 CONNECTIONS="${CONNECTIONS:-2}"
+BODY_BYTES="${BODY_BYTES:-2048}"
 TARGETS="${TARGETS:-floor empty three verify verify-bare cache limits limits-full limits-sync limits-async js jwt jwt-fresh oas}"
 # The key of the app `bench-app` in benches/configs/bench.yaml (stored there as its SHA-256).
 BENCH_KEY=tg_bench_key_0000000000000000
@@ -102,7 +106,7 @@ RUST_LOG=warn "$BIN/tollgate" serve --config "$CONF" --store memory --grpc-addr 
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$TG_ADMIN/readyz" >/dev/null && break; sleep 0.1; done
 curl -sf "http://127.0.0.1:$TG_ADMIN/readyz" >/dev/null || { echo "tollgate did not start" >&2; exit 1; }
 # Redis-counting replicas, only when asked for.
-if [[ " $TARGETS " == *" limits-sync "* || " $TARGETS " == *" limits-async "* ]]; then
+if [[ " $TARGETS " == *" limits-sync "* || " $TARGETS " == *" limits-async "* || " $TARGETS " == *" llm-quota-sync "* ]]; then
   command -v redis-server >/dev/null || { echo "redis-server not found: run scripts/setup.sh" >&2; exit 1; }
   REDIS_PORT=$(free_port); REDIS_DIR=$(mktemp -d)
   redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no --dir "$REDIS_DIR" \
@@ -137,7 +141,8 @@ run() { # pid addr path mix [loadgen args...] -> "rate p99 cpu_us_per_stream"; f
   local pid=$1 addr=$2 path=$3 mix=$4 t0 out; shift 4
   t0=$(ticks "$pid")
   out=$("$BIN/examples/loadgen" --addr "http://127.0.0.1:$addr" --path "$path" --mix "$mix" "$@" \
-    --duration "$DURATION" --warmup 1 --concurrency "$CONCURRENCY" --connections "$CONNECTIONS" --json |
+    --duration "$DURATION" --warmup 1 --concurrency "$CONCURRENCY" --connections "$CONNECTIONS" \
+    --body-bytes "$BODY_BYTES" --json |
     python3 -c '
 import json, os, sys
 d = json.loads(sys.stdin.read())
@@ -179,6 +184,8 @@ for mix in $MIX; do
         jwt) out=$(run "$pid" "$port" /jwt/v1/chat/completions "$mix" --header "authorization:Bearer $BENCH_JWT") ;;
         jwt-fresh) out=$(run "$pid" "$port" /jwt/v1/chat/completions "$mix" --header-values "authorization:$JWT_TOKENS") ;;
         oas) out=$(run "$pid" "$port" /oas/v1/chat/completions "$mix") ;;
+        llm-quota) out=$(run "$pid" "$port" /llm-quota/v1/chat/completions "$mix" --header "x-user:bench") ;;
+        llm-quota-sync) out=$(run "$SYNC_PID" "$SYNC_PORT" /llm-quota/v1/chat/completions "$mix" --header "x-user:bench") ;;
         *) echo "unknown target $t" >&2; exit 2 ;;
       esac
       read -r rate p99 cpu <<<"$out"

@@ -96,6 +96,9 @@ struct Args {
     /// `sse` mix: the next-to-last chunk is an OpenAI usage chunk (`include_usage`).
     #[arg(long)]
     sse_usage: bool,
+    /// Approximate size of the chat request body (`body` mix, `--sse-request-body`).
+    #[arg(long, default_value_t = 2048)]
+    body_bytes: usize,
 }
 
 fn hv(key: &str, value: &str) -> HeaderValue {
@@ -121,12 +124,12 @@ fn msg(request: Req) -> ProcessingRequest {
     }
 }
 
-/// A chat-completion request body of about 2 KB.
-fn chat_body() -> Vec<u8> {
+/// A chat-completion request body of about `size` bytes (at least about 200).
+fn chat_body(size: usize) -> Vec<u8> {
     let filler =
         "Summarise the quarterly report, list the three main risks and suggest next steps. ";
     let mut user = String::new();
-    while user.len() < 1850 {
+    while user.len() < size.saturating_sub(198) {
         user.push_str(filler);
     }
     format!(
@@ -205,7 +208,7 @@ fn script(args: &Args) -> Result<Vec<ProcessingRequest>, String> {
             out.push(msg(Req::ResponseHeaders(headers_msg(resp_headers, true))));
         }
         Mix::Body => {
-            let body = chat_body();
+            let body = chat_body(args.body_bytes);
             req_headers.push(hv("content-length", &body.len().to_string()));
             pc.request_body_mode = BodySendMode::Buffered as i32;
             out.push(msg(Req::RequestHeaders(headers_msg(req_headers, false))));
@@ -221,7 +224,7 @@ fn script(args: &Args) -> Result<Vec<ProcessingRequest>, String> {
         Mix::Sse => {
             pc.response_body_mode = duplex;
             if args.sse_request_body {
-                let body = String::from_utf8(chat_body())
+                let body = String::from_utf8(chat_body(args.body_bytes))
                     .map_err(|e| e.to_string())?
                     .replace(r#""stream":false"#, r#""stream":true"#)
                     .into_bytes();

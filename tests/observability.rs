@@ -13,6 +13,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use tokio_stream::StreamExt;
 
 mod support;
 
@@ -53,7 +54,7 @@ fn alert_rules_pass_promtool_checks_and_unit_tests() {
             .args(["check", "rules"])
             .arg(observability("alerts.yaml")),
     );
-    assert!(out.contains("SUCCESS: 7 rules found"), "{out}");
+    assert!(out.contains("SUCCESS: 9 rules found"), "{out}");
     // alerts-test.yaml: each alert fires on the series it is about, with its labels and
     // rendered annotations, and stays quiet where it should.
     let out = run_ok(
@@ -113,6 +114,15 @@ fn alert_exprs() -> Vec<(String, String)> {
 /// The metric names an expression reads (`tollgate_*`, `gen_ai_*`), histogram series
 /// suffixes removed.
 fn metric_names(expr: &str) -> BTreeSet<String> {
+    // Label lists (`by (…)`, `without (…)`) name labels, not metrics.
+    let mut expr = expr.to_owned();
+    for kw in ["by (", "without ("] {
+        while let Some(i) = expr.find(kw) {
+            let end = expr[i..].find(')').map_or(expr.len(), |j| i + j + 1);
+            expr.replace_range(i..end, "");
+        }
+    }
+    let expr = expr.as_str();
     let mut names = BTreeSet::new();
     let b = expr.as_bytes();
     let mut i = 0;
@@ -138,7 +148,16 @@ fn metric_names(expr: &str) -> BTreeSet<String> {
     names
 }
 
+const KEY: &str = "observability-key-0123456789";
+
 fn config(callout: std::net::SocketAddr) -> String {
+    let key_hash = {
+        use sha2::Digest;
+        sha2::Sha256::digest(KEY.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
     format!(
         r#"
 apiVersion: tollgate.dev/v1alpha1
@@ -165,6 +184,48 @@ metadata: {{name: deny}}
 spec: {{type: RaiseFault, status: 403, errorCode: ops.Denied, message: denied}}
 ---
 apiVersion: tollgate.dev/v1alpha1
+kind: Policy
+metadata: {{name: verify-key}}
+spec: {{type: VerifyApiKey, keyFrom: [{{preset: llm-sdks}}]}}
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: Policy
+metadata: {{name: tokens}}
+spec: {{type: LlmTokenQuota, allow: 100000, interval: 1, timeUnit: minute, identifier: "{{client_id}}"}}
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: Policy
+metadata: {{name: budget}}
+spec:
+  type: LlmCostBudget
+  currency: USD
+  budget: 10
+  per: app
+  interval: 1
+  timeUnit: month
+  prices: [{{model: "gpt-*", input: 1.0, output: 2.0}}]
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: Flow
+metadata: {{name: llm}}
+spec:
+  match: {{pathPrefixes: [/v1/chat]}}
+  request: [{{policy: verify-key}}, {{policy: tokens}}, {{policy: budget}}]
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: ApiProduct
+metadata: {{name: gold}}
+spec: {{operations: [{{path: "/**"}}]}}
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: App
+metadata: {{name: shop}}
+spec:
+  developerEmail: dev@shop.example
+  products: [gold]
+  keys: [{{id: k1, hash: "sha256:{key_hash}"}}]
+---
+apiVersion: tollgate.dev/v1alpha1
 kind: Flow
 metadata: {{name: api}}
 spec:
@@ -176,6 +237,67 @@ spec:
     - {{policy: cache}}
 "#
     )
+}
+
+/// One streamed chat completion through the LLM flow (key, token quota, budget), as Envoy
+/// sends it: buffered request body, streamed response with a usage chunk.
+async fn llm_stream(grpc: u16) {
+    use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
+    use envoy_types::pb::envoy::service::ext_proc::v3::ProtocolConfiguration;
+    let mut first = ext_proc::request_headers(
+        &[
+            (":method", "POST"),
+            (":path", "/v1/chat/completions"),
+            ("authorization", &format!("Bearer {KEY}")),
+            ("content-type", "application/json"),
+        ],
+        false,
+    );
+    first.protocol_config = Some(ProtocolConfiguration {
+        request_body_mode: BodySendMode::Buffered as i32,
+        response_body_mode: BodySendMode::Streamed as i32,
+        ..Default::default()
+    });
+    let chunk = |text: &str| {
+        format!(
+            "data: {{\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o-mini\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{text}\"}}}}]}}\n\n"
+        )
+    };
+    let usage = "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o-mini\",\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":5,\"total_tokens\":17}}\n\ndata: [DONE]\n\n";
+    let msgs = vec![
+        first,
+        ext_proc::body(
+            false,
+            br#"{"model":"gpt-4o-mini","stream":true,"stream_options":{"include_usage":true},"max_tokens":50,"messages":[{"role":"user","content":"hello"}]}"#,
+            true,
+        ),
+        ext_proc::response_headers(&[(":status", "200"), ("content-type", "text/event-stream")], false),
+        ext_proc::body(true, chunk("Hel").as_bytes(), false),
+        ext_proc::body(true, chunk("lo there").as_bytes(), false),
+        ext_proc::body(true, usage.as_bytes(), true),
+    ];
+    let client = ext_proc::connect(format!("127.0.0.1:{grpc}")).await;
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let mut answers = client
+        .clone()
+        .process(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response;
+    for m in msgs {
+        tx.send(m).await.unwrap();
+        // Chunks a step holds back get no answer of their own: read what comes.
+        while let Ok(next) = tokio::time::timeout(Duration::from_millis(300), answers.next()).await
+        {
+            let Some(Ok(a)) = next else { break };
+            assert!(
+                !matches!(a.response, Some(Response::ImmediateResponse(_))),
+                "the LLM exchange was refused: {a:?}"
+            );
+        }
+    }
+    drop(tx);
 }
 
 /// `GET` on a loopback port, path and query percent-encoded by the caller.
@@ -268,6 +390,8 @@ async fn dashboard_and_alerts_read_metrics_a_real_tollgate_exports() {
         .args(["--grpc-addr", &format!("127.0.0.1:{grpc}")])
         .args(["--admin-addr", &format!("127.0.0.1:{admin}")])
         .args(["--store", "redis", "--redis-url", &redis.url()])
+        .arg("--analytics")
+        .arg(dir.path().join("analytics.jsonl"))
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     let p = ServeProcess::ready(&mut c, dir, grpc, admin);
@@ -283,6 +407,8 @@ async fn dashboard_and_alerts_read_metrics_a_real_tollgate_exports() {
         let want = if path == "/deny" { 403 } else { 200 };
         assert_eq!(ext_proc::status_of(answer), want, "{path}");
     }
+
+    llm_stream(grpc).await;
 
     let scrape =
         tokio::task::spawn_blocking(move || http_blocking(admin, "GET", "/metrics", None, None))
@@ -330,7 +456,12 @@ async fn dashboard_and_alerts_read_metrics_a_real_tollgate_exports() {
         for n in names {
             assert!(
                 present.contains(&n),
-                "{what} reads {n}, which tollgate does not export:\n{expr}"
+                "{what} reads {n}, which tollgate does not export:\n{expr}\nLLM series exported:\n{}",
+                scrape
+                    .lines()
+                    .filter(|l| l.contains("llm") || l.contains("gen_ai"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
             );
             assert!(
                 scrape

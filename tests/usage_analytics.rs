@@ -36,13 +36,25 @@ metadata: {{name: deny}}
 spec: {{type: RaiseFault, status: 403, errorCode: access.Denied, message: denied}}
 ---
 apiVersion: tollgate.dev/v1alpha1
+kind: Policy
+metadata: {{name: budget}}
+spec:
+  type: LlmCostBudget
+  currency: USD
+  budget: 10
+  per: app
+  interval: 1
+  timeUnit: month
+  prices: [{{model: gpt-4o-mini, input: 1.0, output: 2.0}}]
+---
+apiVersion: tollgate.dev/v1alpha1
 kind: Flow
 metadata: {{name: llm}}
 spec:
   match: {{pathPrefixes: [/v1/chat]}}
-  llm: {{}}
   request:
     - {{policy: verify-key}}
+    - {{policy: budget}}
 ---
 apiVersion: tollgate.dev/v1alpha1
 kind: Flow
@@ -234,6 +246,14 @@ async fn two_replicas_report_usage_together_and_write_analytics() {
     assert_eq!(sum("inputTokens"), 11);
     assert_eq!(sum("outputTokens"), 7);
     assert_eq!(sum("totalTokens"), 18);
+    // 11 input tokens at 1.0 and 7 output tokens at 2.0 per million.
+    let cost: f64 = report["series"][0]["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["cost"].as_f64().unwrap())
+        .sum();
+    assert!((cost - 0.000025).abs() < 1e-9, "cost {cost}");
 
     let admin_b = b.admin;
     let (by_dev, csv) = tokio::task::spawn_blocking(move || {
@@ -315,6 +335,10 @@ async fn two_replicas_report_usage_together_and_write_analytics() {
             chat_line["outputTokens"].as_i64()
         ),
         (Some(11), Some(7))
+    );
+    assert!(
+        (chat_line["cost"].as_f64().unwrap() - 0.000025).abs() < 1e-9,
+        "{chat_line}"
     );
     for text in [
         std::fs::read_to_string(&log_a).unwrap(),

@@ -241,6 +241,12 @@ pub trait Policy: Send + Sync + fmt::Debug {
         Hook::CONTINUE
     }
 
+    /// The exchange is over and `ex.state.llm_usage` is settled (declared with
+    /// [`Hooks::after_exchange`]): a last synchronous look, with the exchange writable,
+    /// before usage reports, analytics and the after-exchange hooks read it (a budget
+    /// prices the usage into `llm.cost` here). Called once per exchange; must not wait.
+    fn exchange_end(&self, _ex: &mut Exchange, _end: ExchangeEnd) {}
+
     /// The exchange is over (declared with [`Hooks::after_exchange`]): called once per
     /// exchange, whatever ended it, after the client's answer left. The returned future is
     /// spawned: it may use the stores, and never delays the client.

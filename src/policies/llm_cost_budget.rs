@@ -540,14 +540,12 @@ impl Policy for LlmCostBudget {
         }
     }
 
-    /// Prices the final usage into `llm.cost` (when the pipeline runs this hook after the
-    /// usage is known).
-    fn response_end<'a>(&'a self, ex: &'a mut Exchange) -> Hook<'a> {
-        if ex.state.llm_usage.is_some() {
-            let micros = self.actual(ex, ExchangeEnd::Completed);
-            ex.state.llm_cost = Some(micros as f64 / 1e6);
-        }
-        Hook::CONTINUE
+    /// Prices what the exchange is charged into `llm.cost` (read by usage reports,
+    /// analytics and templates) and the cost counters, once the usage is settled.
+    fn exchange_end(&self, ex: &mut Exchange, end: ExchangeEnd) {
+        let cost = self.actual(ex, end) as f64 / 1e6;
+        ex.state.llm_cost = Some(cost);
+        crate::telemetry::gen_ai::record_cost(ex, &self.info.currency, cost);
     }
 
     fn after_exchange(&self, ex: &Exchange, end: ExchangeEnd) -> Option<AfterFuture> {

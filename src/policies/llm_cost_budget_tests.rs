@@ -115,10 +115,7 @@ fn reserves_the_estimated_cost_and_settles_to_the_actual_cost() {
     drop(other);
     // a: 100_000 in (50_000 cached), 1_000 out = 125_000 + 62_500 + 10_000.
     a.state.llm_usage = Some(usage(100_000, 50_000, 1_000));
-    assert!(matches!(
-        p.response_end(&mut a),
-        Hook::Ready(Outcome::Continue)
-    ));
+    p.exchange_end(&mut a, ExchangeEnd::Completed);
     assert_eq!(a.state.llm_cost, Some(0.1975));
     assert!(p.after_exchange(&a, ExchangeEnd::Completed).is_none());
     drop(a);

@@ -1227,10 +1227,17 @@ impl Drop for StreamState {
         } else {
             ExchangeEnd::Aborted
         };
-        if self.flow.is_some() {
+        if let Some(flow) = self.flow.clone() {
             // Whatever is known, before usage, analytics and the after-exchange hooks read
             // it (no-op when the response's end already set it, or the flow does not track).
             crate::llm::track::finish(&mut self.ex, end);
+            let (req, resp) = (&flow.request.after, &flow.response.after);
+            let resp_only = resp
+                .iter()
+                .filter(|p| !req.iter().any(|q| Arc::ptr_eq(p, q)));
+            for p in req.iter().chain(resp_only) {
+                p.exchange_end(&mut self.ex, end);
+            }
         }
         let sampled = crate::telemetry::analytics::sample();
         if sampled || (self.shared.usage.is_some() && self.ex.state.app(None).is_some()) {
