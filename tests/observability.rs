@@ -19,7 +19,8 @@ mod support;
 
 use support::redis::RedisServer;
 use support::{
-    ext_proc, free_port, http_blocking, repo_root, tollgate_bin, Proc, ServeProcess, Upstream,
+    eventually, ext_proc, free_port, http_blocking, repo_root, tollgate_bin, Proc, ServeProcess,
+    Upstream,
 };
 
 fn tool(name: &str) -> PathBuf {
@@ -298,6 +299,7 @@ async fn llm_stream(grpc: u16) {
         }
     }
     drop(tx);
+    drop(answers);
 }
 
 /// `GET` on a loopback port, path and query percent-encoded by the caller.
@@ -409,6 +411,21 @@ async fn dashboard_and_alerts_read_metrics_a_real_tollgate_exports() {
     }
 
     llm_stream(grpc).await;
+    // The exchange's end settles its reservations and prices its cost.
+    eventually(
+        Duration::from_secs(10),
+        "the LLM exchange settled",
+        || async move {
+            let (_, text) = tokio::task::spawn_blocking(move || {
+                http_blocking(admin, "GET", "/metrics", None, None)
+            })
+            .await
+            .unwrap();
+            (support::metric(&text, "tollgate_llm_reservations_outstanding") == Some(0.0))
+                .then_some(())
+        },
+    )
+    .await;
 
     let scrape =
         tokio::task::spawn_blocking(move || http_blocking(admin, "GET", "/metrics", None, None))

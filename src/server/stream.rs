@@ -205,11 +205,14 @@ impl StreamState {
         self.answered = true;
     }
 
+    /// The flow's error format; `auto` resolved from the request's LLM API.
     fn error_format(&self) -> ErrorFormat {
+        let r = &self.ex.request;
         self.flow
             .as_ref()
             .map(|f| f.error_format)
             .unwrap_or_default()
+            .resolve(&r.method, &r.uri, |n| r.headers.get(n))
     }
 
     /// Ends the exchange with an immediate response for `fault`.

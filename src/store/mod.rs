@@ -17,6 +17,7 @@ pub mod backend;
 mod codec;
 pub mod embedded;
 pub mod memory;
+mod metered;
 mod objects;
 pub mod redis_store;
 
@@ -129,7 +130,7 @@ pub async fn open_with(
     spec: &StoreSpec,
     opts: OpenOptions,
 ) -> Result<Arc<dyn Backend>, StoreError> {
-    Ok(match spec {
+    let backend: Arc<dyn Backend> = match spec {
         StoreSpec::Memory => Arc::new(memory::MemoryBackend::new()),
         StoreSpec::Embedded(dir) => {
             let dir = dir.clone();
@@ -144,5 +145,6 @@ pub async fn open_with(
         StoreSpec::Redis(url) => {
             Arc::new(redis_store::RedisBackend::connect_with(url, opts).await?)
         }
-    })
+    };
+    Ok(metered::Metered::wrap(backend))
 }
