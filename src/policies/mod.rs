@@ -27,6 +27,7 @@ pub mod prompt_token_limit;
 pub mod quota;
 pub mod raise_fault;
 pub mod response_cache;
+pub mod sanitize_prompt;
 pub mod service_callout;
 pub mod spike_arrest;
 pub mod verify_api_key;
@@ -47,6 +48,8 @@ pub static REGISTRY: &[(&str, BuildFn)] = &[
     (quota::TYPE, quota::build),
     (raise_fault::TYPE, raise_fault::build),
     (response_cache::TYPE, response_cache::build),
+    (sanitize_prompt::TYPE, sanitize_prompt::build),
+    (sanitize_prompt::APIGEE_TYPE, sanitize_prompt::build),
     (service_callout::TYPE, service_callout::build),
     (spike_arrest::TYPE, spike_arrest::build),
     (verify_api_key::TYPE, verify_api_key::build),
@@ -71,6 +74,7 @@ pub const ALL_TYPES: &[&str] = &[
     "PromptTokenLimit",
     "LlmCostBudget",
     "SanitizePrompt",
+    "SanitizeUserPrompt",
     "SanitizeResponse",
     "SemanticCache",
     "ModelRouter",
