@@ -28,6 +28,7 @@ pub mod quota;
 pub mod raise_fault;
 pub mod response_cache;
 pub mod sanitize_prompt;
+pub mod sanitize_response;
 pub mod service_callout;
 pub mod spike_arrest;
 pub mod verify_api_key;
@@ -50,6 +51,8 @@ pub static REGISTRY: &[(&str, BuildFn)] = &[
     (response_cache::TYPE, response_cache::build),
     (sanitize_prompt::TYPE, sanitize_prompt::build),
     (sanitize_prompt::APIGEE_TYPE, sanitize_prompt::build),
+    (sanitize_response::TYPE, sanitize_response::build),
+    (sanitize_response::APIGEE_TYPE, sanitize_response::build),
     (service_callout::TYPE, service_callout::build),
     (spike_arrest::TYPE, spike_arrest::build),
     (verify_api_key::TYPE, verify_api_key::build),
@@ -76,6 +79,7 @@ pub const ALL_TYPES: &[&str] = &[
     "SanitizePrompt",
     "SanitizeUserPrompt",
     "SanitizeResponse",
+    "SanitizeModelResponse",
     "SemanticCache",
     "ModelRouter",
 ];
