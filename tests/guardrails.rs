@@ -196,3 +196,87 @@ async fn sdk_prompt_guard_full_duplex() {
 async fn sdk_prompt_guard_buffered() {
     guarded(Bodies::Buffered, "sdk_prompt_guard_buffered").await;
 }
+
+const RESPONSE_GUARD: &str = r#"
+apiVersion: tollgate.dev/v1alpha1
+kind: Policy
+metadata: {name: response-guard}
+spec:
+  type: SanitizeModelResponse
+  detectors:
+    email: {action: redact}
+    payment_card: {action: block}
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: Flow
+metadata: {name: llm}
+spec:
+  match: {pathPrefixes: [/v1, /v1beta]}
+  errorFormat: auto
+  response: [{policy: response-guard}]
+"#;
+
+/// SanitizeResponse: a redacted answer reads normally, streamed (events split into 7-byte
+/// chunks, so the address crosses chunk and event boundaries) or not; a blocked stream
+/// ends with the API's own final event and a blocked JSON answer is an empty one with the
+/// API's refusal reason: the SDK reads a normal end either way, no exception.
+async fn response_guarded(bodies: Bodies, test: &str) {
+    within(LIMIT, async {
+        let Some(sdk) = sdks(test) else {
+            return;
+        };
+        let bed = Bed::start(RESPONSE_GUARD, bodies).await;
+        let cases = [
+            "openai.chat",
+            "openai.chat.stream",
+            "anthropic.messages",
+            "anthropic.messages.stream",
+        ];
+        let reply = "x-test-reply=Contact jane.doe@example.com for the details.";
+        for split in ["x-test-split=0", "x-test-split=7"] {
+            let headers: Vec<(&str, &str)> = [reply, split]
+                .iter()
+                .filter_map(|h| h.split_once('='))
+                .filter(|(_, v)| *v != "0")
+                .collect();
+            let lines = sdk
+                .run_many_prompt(&cases, &bed.root(), "k", &headers, None)
+                .await;
+            for (case, r) in cases.iter().zip(&lines) {
+                assert_eq!(r["ok"], true, "{case}: {r}\n{}", bed.logs());
+                assert_eq!(
+                    r["text"], "Contact [EMAIL] for the details.",
+                    "{case} {split}: {r}"
+                );
+            }
+        }
+
+        let card = [("x-test-reply", "Your card 4111 1111 1111 1111 is on file.")];
+        let lines = sdk
+            .run_many_prompt(&cases, &bed.root(), "k", &card, None)
+            .await;
+        for (case, r) in cases.iter().zip(&lines) {
+            let text = r.to_string();
+            assert!(!text.contains("1111 1111"), "{case}: leaked: {r}");
+            // A normal end, no exception: a stream keeps what came before the card.
+            assert_eq!(r["ok"], true, "{case}: {r}\n{}", bed.logs());
+            let want = if case.ends_with(".stream") {
+                "Your card "
+            } else {
+                ""
+            };
+            assert_eq!(r["text"], want, "{case}: {r}");
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdk_response_guard_full_duplex() {
+    response_guarded(Bodies::Duplex, "sdk_response_guard_full_duplex").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdk_response_guard_buffered() {
+    response_guarded(Bodies::Buffered, "sdk_response_guard_buffered").await;
+}

@@ -8,9 +8,12 @@
 //! ```
 //!
 //! - JSON answers (held whole): the generated text members (`content`, `text`) are scanned;
-//!   `redact` rewrites them in place, `block` answers 422
-//!   `steps.sanitizeresponse.ResponseBlocked` in the flow's error format. 422, not 5xx:
-//!   the SDKs retry 5xx, which would generate (and bill) the answer again.
+//!   `redact` rewrites them in place; `block` empties the generated text and sets the API's
+//!   refusal reason (OpenAI `finish_reason: "content_filter"`, Anthropic
+//!   `stop_reason: "refusal"`, Gemini `finishReason: "SAFETY"`), so the SDK reads a normal
+//!   answer in every body mode (in FULL_DUPLEX_STREAMED the 200 already left). Other APIs
+//!   (Responses, completions) answer 422 `steps.sanitizeresponse.ResponseBlocked` in the
+//!   flow's error format — 422, not 5xx: SDKs retry 5xx, generating (and billing) again.
 //! - Server-sent events (OpenAI chat completions, Anthropic Messages, Gemini / Vertex AI):
 //!   each event's text delta is fed to a [`StreamScanner`] per choice / content block and
 //!   replaced by what the scanner releases (redacted); the scanner's held tail comes out in
@@ -242,17 +245,17 @@ impl SanitizeResponse {
                         }
                     }
                 }
-                write_event(out, &ev.other, &v.to_string());
                 if let Some(i) = block {
+                    // Only the blocked choice's final chunk, then the end of the stream.
                     if let Some(choices) = v.get_mut("choices").and_then(Value::as_array_mut) {
                         choices
                             .retain(|c| c.get("index").and_then(Value::as_u64).unwrap_or(0) == i);
                     }
-                    out.clear();
                     write_event(out, &ev.other, &v.to_string());
                     out.extend_from_slice(b"data: [DONE]\n\n");
                     return true;
                 }
+                write_event(out, &ev.other, &v.to_string());
                 false
             }
             Some(Api::AnthropicMessages) => {
@@ -371,6 +374,33 @@ impl SanitizeResponse {
     }
 }
 
+/// `body` with the generated text taken out and the API's own refusal reason: the SDK
+/// reads a normal, empty answer (the status and headers may already have left, in
+/// FULL_DUPLEX_STREAMED). `None` for an API without one (then a 422).
+fn refusal(api: Option<Api>, body: &[u8]) -> Option<Vec<u8>> {
+    let mut v: Value = serde_json::from_slice(body).ok()?;
+    match api? {
+        Api::OpenAiChat => {
+            for c in v.get_mut("choices")?.as_array_mut()? {
+                c["message"]["content"] = json!("");
+                c["finish_reason"] = json!("content_filter");
+            }
+        }
+        Api::AnthropicMessages => {
+            v["content"] = json!([]);
+            v["stop_reason"] = json!("refusal");
+        }
+        Api::Gemini | Api::VertexAi => {
+            for c in v.get_mut("candidates")?.as_array_mut()? {
+                c["content"] = json!({"role": "model", "parts": []});
+                c["finishReason"] = json!("SAFETY");
+            }
+        }
+        _ => return None,
+    }
+    serde_json::to_vec(&v).ok()
+}
+
 impl Policy for SanitizeResponse {
     fn type_name(&self) -> &'static str {
         TYPE
@@ -487,6 +517,11 @@ impl Policy for SanitizeResponse {
             Some(Action::Block) => {
                 let cats = categories(findings.iter().filter(|f| f.action == Action::Block));
                 tracing::info!(policy = %self.name, categories = %cats, "response blocked");
+                let api = ex.state.llm.as_ref().map(|r| r.api);
+                if let Some(b) = ex.response_body.as_deref().and_then(|b| refusal(api, b)) {
+                    ex.replace_body(Direction::Response, b);
+                    return Hook::CONTINUE;
+                }
                 Hook::Ready(Outcome::Reject(Fault::new(
                     422,
                     BLOCKED_CODE,
@@ -606,6 +641,12 @@ mod tests {
         );
         assert!(got.ends_with("data: [DONE]\n\n"), "{got}");
         assert!(openai_text(&got).starts_with("Hello."), "{got}");
+        // All events in one chunk (a BUFFERED body): what came before the block stays.
+        let mut ex2 = exchange(Api::OpenAiChat);
+        let (got2, ended) = stream(&p, &mut ex2, &[events.concat()]);
+        assert!(ended);
+        assert_eq!(openai_text(&got2), openai_text(&got));
+        assert!(got2.ends_with("data: [DONE]\n\n"), "{got2}");
         // Anything after the end is dropped.
         let (more, ended) = stream(&p, &mut ex, &[openai("x", None)]);
         assert!(ended && more.is_empty());
@@ -705,6 +746,26 @@ mod tests {
         let p = policy("{detectors: {email: {action: block}}}");
         let mut ex = exchange(Api::OpenAiChat);
         ex.response_body = Some(body.to_vec());
+        assert!(matches!(
+            p.run(&mut ex, Direction::Response),
+            Hook::Ready(Outcome::Continue)
+        ));
+        let out: Value = serde_json::from_slice(ex.response_body.as_deref().unwrap()).unwrap();
+        assert_eq!(out["choices"][0]["message"]["content"], "");
+        assert_eq!(out["choices"][0]["finish_reason"], "content_filter");
+        assert_eq!(out["id"], "x");
+        assert_eq!(
+            ex.var("SanitizeModelResponse.rg.filterMatchState")
+                .unwrap()
+                .as_text(),
+            "MATCH_FOUND"
+        );
+        // An API without a refusal shape: 422.
+        let mut ex = exchange(Api::OpenAiResponses);
+        ex.response_body = Some(
+            br#"{"output":[{"content":[{"type":"output_text","text":"jane.doe@example.com"}]}]}"#
+                .to_vec(),
+        );
         let Hook::Ready(Outcome::Reject(f)) = p.run(&mut ex, Direction::Response) else {
             panic!("blocked");
         };
