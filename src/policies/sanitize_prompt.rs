@@ -429,8 +429,10 @@ mod tests {
             "NO_MATCH_FOUND"
         );
         // Not an LLM request: nothing to guard.
-        let mut ex = Exchange::default();
-        ex.request_body = Some(b"jane.doe@example.com".to_vec());
+        let mut ex = Exchange {
+            request_body: Some(b"jane.doe@example.com".to_vec()),
+            ..Default::default()
+        };
         assert!(matches!(
             p.run(&mut ex, Direction::Request),
             Hook::Ready(Outcome::Continue)
