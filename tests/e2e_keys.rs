@@ -86,7 +86,7 @@ async fn keys_in_every_sdk_place_and_the_pickers_headers() {
         let bearer = format!("bearer {CHAT_KEY}");
         let r = bed
             .post(
-                "/v1/chat/completions",
+                "/inference/v1/chat/completions",
                 &[
                     ("authorization", bearer.as_str()),
                     ("content-type", "application/json"),
@@ -111,7 +111,7 @@ async fn keys_in_every_sdk_place_and_the_pickers_headers() {
         let body = r#"{"model":"claude-sonnet-4-5","max_tokens":64,"messages":[{"role":"user","content":"hi"}]}"#;
         let r = bed
             .post(
-                "/v1/messages",
+                "/inference/v1/messages",
                 &[("x-api-key", CHAT_KEY), ("anthropic-version", "2023-06-01")],
                 body,
             )
@@ -125,7 +125,7 @@ async fn keys_in_every_sdk_place_and_the_pickers_headers() {
         let gemini = r#"{"contents":[{"parts":[{"text":"hi"}]}]}"#;
         let r = bed
             .post(
-                "/v1beta/models/gemini-2.0-flash:generateContent",
+                "/inference/v1beta/models/gemini-2.0-flash:generateContent",
                 &[("x-goog-api-key", CHAT_KEY)],
                 gemini,
             )
@@ -138,7 +138,7 @@ async fn keys_in_every_sdk_place_and_the_pickers_headers() {
         let r = bed
             .post(
                 &format!(
-                    "/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse&key={CHAT_KEY}"
+                    "/inference/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse&key={CHAT_KEY}"
                 ),
                 &[],
                 gemini,
@@ -148,7 +148,7 @@ async fn keys_in_every_sdk_place_and_the_pickers_headers() {
         assert_no_key(&echo);
         assert_eq!(
             echo["uri"],
-            "/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse"
+            "/inference/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse"
         );
         assert_eq!(echo["headers"]["x-llm-d-inference-objective"], "latency-critical");
 
@@ -156,7 +156,7 @@ async fn keys_in_every_sdk_place_and_the_pickers_headers() {
         // but with stripKey no key header reaches the upstream, whatever it holds.
         let r = bed
             .post(
-                "/v1/chat/completions",
+                "/inference/v1/chat/completions",
                 &[("authorization", "Basic dXNlcjpwYXNz"), ("x-api-key", CHAT_KEY)],
                 CHAT,
             )
@@ -177,7 +177,7 @@ async fn wrong_models_and_conflicting_keys_are_refused() {
         // gpt-4o is the interactive product's, not the batch one's.
         let r = bed
             .post(
-                "/v1/chat/completions",
+                "/inference/v1/chat/completions",
                 &[("authorization", batch.as_str())],
                 CHAT,
             )
@@ -191,7 +191,7 @@ async fn wrong_models_and_conflicting_keys_are_refused() {
         // Gemini: a model in the path the product does not list.
         let r = bed
             .post(
-                "/v1beta/models/gemini-2.5-pro:generateContent",
+                "/inference/v1beta/models/gemini-2.5-pro:generateContent",
                 &[("x-goog-api-key", CHAT_KEY)],
                 "{}",
             )
@@ -201,7 +201,7 @@ async fn wrong_models_and_conflicting_keys_are_refused() {
         // The same key twice is fine; two different keys are refused, naming both places.
         let r = bed
             .post(
-                &format!("/v1/chat/completions?key={CHAT_KEY}"),
+                &format!("/inference/v1/chat/completions?key={CHAT_KEY}"),
                 &[("x-api-key", CHAT_KEY)],
                 CHAT,
             )
@@ -210,7 +210,7 @@ async fn wrong_models_and_conflicting_keys_are_refused() {
         assert_no_key(&echo);
         let r = bed
             .post(
-                &format!("/v1/chat/completions?key={BATCH_KEY}"),
+                &format!("/inference/v1/chat/completions?key={BATCH_KEY}"),
                 &[("x-api-key", CHAT_KEY)],
                 CHAT,
             )
@@ -223,7 +223,7 @@ async fn wrong_models_and_conflicting_keys_are_refused() {
             "{}",
             r.text()
         );
-        let r = bed.post("/v1/chat/completions", &[], CHAT).await;
+        let r = bed.post("/inference/v1/chat/completions", &[], CHAT).await;
         assert_eq!(r.status, 401);
         assert!(r.text().contains("oauth.v2.FailedToResolveAPIKey"));
         // Only the one request with the same key twice got through.
@@ -242,7 +242,9 @@ async fn forged_picker_headers_are_removed_and_the_destination_is_left_alone() {
         let bed = bed().await;
         let body = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
         let headers = with(&[("x-api-key", BATCH_KEY)], FORGED);
-        let r = bed.post("/v1/chat/completions", &headers, body).await;
+        let r = bed
+            .post("/inference/v1/chat/completions", &headers, body)
+            .await;
         let echo = ok(&r);
         let h = &echo["headers"];
         assert_eq!(h["x-llm-d-inference-objective"], "sheddable", "{echo}");
@@ -310,7 +312,9 @@ async fn full_duplex_streamed_as_on_gke() {
 
         let bearer = format!("Bearer {CHAT_KEY}");
         let headers = with(&[("authorization", bearer.as_str())], FORGED);
-        let r = bed.post("/v1/chat/completions", &headers, CHAT).await;
+        let r = bed
+            .post("/inference/v1/chat/completions", &headers, CHAT)
+            .await;
         let echo = ok(&r);
         assert_no_key(&echo);
         let h = &echo["headers"];
@@ -330,7 +334,9 @@ async fn full_duplex_streamed_as_on_gke() {
         // Gemini's ?key= is cut out of the path in this mode too.
         let r = bed
             .post(
-                &format!("/v1beta/models/gemini-2.0-flash:generateContent?key={CHAT_KEY}"),
+                &format!(
+                    "/inference/v1beta/models/gemini-2.0-flash:generateContent?key={CHAT_KEY}"
+                ),
                 &[],
                 r#"{"contents":[]}"#,
             )
@@ -343,7 +349,7 @@ async fn full_duplex_streamed_as_on_gke() {
         let batch = format!("Bearer {BATCH_KEY}");
         let r = bed
             .post(
-                "/v1/chat/completions",
+                "/inference/v1/chat/completions",
                 &[("authorization", batch.as_str())],
                 CHAT,
             )

@@ -195,7 +195,7 @@ fn scenarios(file: &str) -> Option<Vec<Scenario>> {
                 // app as fairness id, the body's model.
                 Scenario {
                     method: "POST",
-                    path: "/v1/chat/completions",
+                    path: "/inference/v1/chat/completions",
                     headers: &[
                         ("authorization", "Bearer tg_demo_chat_key_0001"),
                         ("content-type", "application/json"),
@@ -215,7 +215,7 @@ fn scenarios(file: &str) -> Option<Vec<Scenario>> {
                 // Anthropic SDK: x-api-key.
                 Scenario {
                     method: "POST",
-                    path: "/v1/messages",
+                    path: "/inference/v1/messages",
                     headers: &[("x-api-key", "tg_demo_chat_key_0001")],
                     body: Some(r#"{"model":"claude-sonnet-4-5","max_tokens":64,"messages":[]}"#),
                     reply: None,
@@ -225,12 +225,12 @@ fn scenarios(file: &str) -> Option<Vec<Scenario>> {
                 Scenario {
                     method: "POST",
                     path:
-                        "/v1beta/models/gemini-2.0-flash:generateContent?key=tg_demo_chat_key_0001",
+                        "/inference/v1beta/models/gemini-2.0-flash:generateContent?key=tg_demo_chat_key_0001",
                     headers: &[],
                     body: Some(r#"{"contents":[{"parts":[{"text":"hi"}]}]}"#),
                     reply: None,
                     expect: Expect::Upstream(&[
-                        (":path", "/v1beta/models/gemini-2.0-flash:generateContent"),
+                        (":path", "/inference/v1beta/models/gemini-2.0-flash:generateContent"),
                         ("x-gateway-model-name", "gemini-2.0-flash"),
                     ]),
                 },
@@ -238,7 +238,7 @@ fn scenarios(file: &str) -> Option<Vec<Scenario>> {
                 // and its tenant's fairness id.
                 Scenario {
                     method: "POST",
-                    path: "/v1/chat/completions",
+                    path: "/inference/v1/chat/completions",
                     headers: &[
                         ("x-goog-api-key", "tg_demo_batch_key_0001"),
                         ("x-llm-d-inference-objective", "latency-critical"),
@@ -256,7 +256,7 @@ fn scenarios(file: &str) -> Option<Vec<Scenario>> {
                 // A model its product does not list.
                 Scenario {
                     method: "POST",
-                    path: "/v1/chat/completions",
+                    path: "/inference/v1/chat/completions",
                     headers: &[("authorization", "Bearer tg_demo_batch_key_0001")],
                     body: Some(CHAT),
                     reply: None,
@@ -268,7 +268,7 @@ fn scenarios(file: &str) -> Option<Vec<Scenario>> {
                 // Two different keys.
                 Scenario {
                     method: "POST",
-                    path: "/v1/chat/completions",
+                    path: "/inference/v1/chat/completions",
                     headers: &[
                         ("authorization", "Bearer tg_demo_batch_key_0001"),
                         ("x-api-key", "tg_demo_chat_key_0001"),
@@ -937,6 +937,41 @@ async fn examples_load_and_behave() {
                 (_, other) => panic!("{what}: unexpected answer {other:?}"),
             }
         }
+    }
+}
+
+/// The demo serves every file together: each example's paths must reach its own flow, not
+/// one of another file that matches too (the inference example once shadowed nothing and was
+/// shadowed by the quickstart's chat flow, so an SDK's key was never checked).
+#[test]
+fn every_example_keeps_its_paths_when_all_are_loaded() {
+    let snap = tollgate::config::load_dir(&policies_dir()).expect("policies/ loads");
+    let flow_of = |method: &str, path: &str| {
+        let mut h = tollgate::vars::Headers::new();
+        h.push(":method".into(), method.into());
+        h.push(":path".into(), path.into());
+        h.push(":authority".into(), "localhost:10000".into());
+        let req = tollgate::vars::RequestInfo::from_headers(h);
+        snap.select(None, &req)
+            .expect("no unknown flow")
+            .map(|f| f.name.clone())
+    };
+    for (method, path, flow) in [
+        ("POST", "/inference/v1/chat/completions", "inference-llm"),
+        ("POST", "/inference/v1/messages", "inference-llm"),
+        (
+            "POST",
+            "/inference/v1beta/models/gemini-2.0-flash:generateContent",
+            "inference-llm",
+        ),
+        ("POST", "/v1/chat/completions", "chat"),
+        ("GET", "/v1/models", "models"),
+    ] {
+        assert_eq!(
+            flow_of(method, path).as_deref(),
+            Some(flow),
+            "{method} {path} with every example loaded"
+        );
     }
 }
 
