@@ -22,8 +22,9 @@
 //!   chunk with `finish_reason: "content_filter"` then `data: [DONE]`; Anthropic
 //!   `content_block_stop`, `message_delta` with `stop_reason: "refusal"`, `message_stop`;
 //!   Gemini a candidate with `finishReason: "SAFETY"`.
-//! - Other streams (OpenAI Responses and legacy completions) are not rewritten yet: their
-//!   findings are logged as they pass (`sanitizeresponse.<policy>.unsupported_stream`).
+//! - Other streams (OpenAI Responses and legacy completions) are NOT guarded yet: they pass
+//!   with a warning and `sanitizeresponse.<policy>.unsupported_stream = true` (their JSON
+//!   answers are guarded). Condition the flow on the path if that matters.
 //!
 //! Variables: `sanitizeresponse.<policy>.{matched,action,categories,findings}` and Apigee's
 //! `SanitizeModelResponse.<policy>.*` match states.
@@ -366,7 +367,7 @@ impl SanitizeResponse {
                 block.is_some()
             }
             _ => {
-                // Not rewritten (see the module docs): logged only.
+                // Unreachable for the other APIs (`response_chunk` passes them).
                 out.extend_from_slice(raw);
                 false
             }
@@ -425,6 +426,19 @@ impl Policy for SanitizeResponse {
     fn response_chunk(&self, ex: &mut Exchange, chunk: &mut Chunk) -> ChunkAction {
         if !chunk.whole_events || ex.state.llm.is_none() {
             // Not a stream (the JSON body is guarded whole in `response_end`).
+            return ChunkAction::Pass;
+        }
+        let api = ex.state.llm.as_ref().map(|r| r.api);
+        if !matches!(
+            api,
+            Some(Api::OpenAiChat | Api::AnthropicMessages | Api::Gemini | Api::VertexAi)
+        ) {
+            // Not rewritten yet (see the module docs): said once per exchange, not hidden.
+            let k = format!("sanitizeresponse.{}.unsupported_stream", self.name);
+            if ex.var(&k).is_none() {
+                tracing::warn!(policy = %self.name, api = ?api, "stream of this API passes unguarded");
+                ex.set_var(k, true);
+            }
             return ChunkAction::Pass;
         }
         let started = Instant::now();
