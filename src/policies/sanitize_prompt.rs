@@ -462,6 +462,43 @@ mod tests {
     }
 
     #[test]
+    fn findings_are_counted_by_category_and_action_never_by_text() {
+        let ctx = BuildContext {
+            name: "metrics-guard".into(),
+            config_dir: None,
+            services: Services::default(),
+        };
+        let p = build(
+            &ctx,
+            serde_norway::from_str(
+                "{detectors: {email: {action: redact}}, custom: [{name: order_id, pattern: 'ORD-[0-9]{6}', action: log}]}",
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let mut ex = exchange(
+            r#"{"model":"m","messages":[{"role":"user","content":"jane.doe@example.com ORD-123456"}]}"#,
+        );
+        assert!(matches!(
+            p.run(&mut ex, Direction::Request),
+            Hook::Ready(Outcome::Continue)
+        ));
+        let n = |c: &str, a: &str| FINDINGS.with_label_values(&["metrics-guard", c, a]).get();
+        assert_eq!(n("email", "redact"), 1);
+        assert_eq!(n("custom:order_id", "log"), 1);
+        let text = crate::telemetry::METRICS.render();
+        assert!(text.contains("tollgate_guard_findings_total"), "registered");
+        assert!(
+            text.contains("tollgate_guard_duration_seconds"),
+            "registered"
+        );
+        assert!(
+            !text.contains("jane.doe") && !text.contains("123456"),
+            "no matched text"
+        );
+    }
+
+    #[test]
     fn bad_specs_name_the_field() {
         let ctx = BuildContext {
             name: "g".into(),
