@@ -27,6 +27,8 @@ pub mod prompt_token_limit;
 pub mod quota;
 pub mod raise_fault;
 pub mod response_cache;
+pub mod sanitize_prompt;
+pub mod sanitize_response;
 pub mod service_callout;
 pub mod spike_arrest;
 pub mod verify_api_key;
@@ -47,6 +49,10 @@ pub static REGISTRY: &[(&str, BuildFn)] = &[
     (quota::TYPE, quota::build),
     (raise_fault::TYPE, raise_fault::build),
     (response_cache::TYPE, response_cache::build),
+    (sanitize_prompt::TYPE, sanitize_prompt::build),
+    (sanitize_prompt::APIGEE_TYPE, sanitize_prompt::build),
+    (sanitize_response::TYPE, sanitize_response::build),
+    (sanitize_response::APIGEE_TYPE, sanitize_response::build),
     (service_callout::TYPE, service_callout::build),
     (spike_arrest::TYPE, spike_arrest::build),
     (verify_api_key::TYPE, verify_api_key::build),
@@ -71,7 +77,9 @@ pub const ALL_TYPES: &[&str] = &[
     "PromptTokenLimit",
     "LlmCostBudget",
     "SanitizePrompt",
+    "SanitizeUserPrompt",
     "SanitizeResponse",
+    "SanitizeModelResponse",
     "SemanticCache",
     "ModelRouter",
 ];
@@ -153,10 +161,11 @@ mod tests {
             .unwrap()
             .map(|e| e.unwrap().path())
             .map(|p| if p.is_dir() { p.join("mod.rs") } else { p })
-            .filter(|p| {
-                std::fs::read_to_string(p).is_ok_and(|s| s.contains("\npub const TYPE: &str"))
-            })
-            .count();
+            .filter_map(|p| std::fs::read_to_string(p).ok())
+            .filter(|s| s.contains("\npub const TYPE: &str"))
+            // A module also registered under Apigee's name has two entries.
+            .map(|s| 1 + usize::from(s.contains("\npub const APIGEE_TYPE: &str")))
+            .sum::<usize>();
         assert_eq!(
             REGISTRY.len(),
             modules,

@@ -49,6 +49,8 @@ pub struct State {
     /// The LLM tracker's per-exchange state (see [`crate::llm::track`]); `None` when the
     /// flow does not track or the request is no LLM call.
     pub llm_tracker: Option<Box<crate::llm::track::Tracker>>,
+    /// Each SanitizeResponse step's stream scanners, kept between response chunks.
+    pub guard_streams: Vec<crate::policies::sanitize_response::StreamState>,
     /// The request and response bodies parsed as JSON, on first use (see
     /// [`super::Exchange::body_json`]).
     pub(super) json: [OnceLock<JsonBody>; 2],

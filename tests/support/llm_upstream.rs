@@ -147,10 +147,26 @@ impl Sdks {
         api_key: &str,
         headers: &[(&str, &str)],
     ) -> Vec<Value> {
+        self.run_many_prompt(cases, root, api_key, headers, None)
+            .await
+    }
+
+    /// [`Self::run_many`] with the prompt the SDKs send (the driver's default otherwise).
+    pub async fn run_many_prompt(
+        &self,
+        cases: &[&str],
+        root: &str,
+        api_key: &str,
+        headers: &[(&str, &str)],
+        prompt: Option<&str>,
+    ) -> Vec<Value> {
         let mut cmd = Command::new(&self.python);
         cmd.arg(repo_root().join("tests/sdk/clients.py"))
             .args(cases)
             .args(["--base-url", root, "--api-key", api_key]);
+        if let Some(p) = prompt {
+            cmd.arg("--prompt").arg(p);
+        }
         for (k, v) in headers {
             cmd.arg("--header").arg(format!("{k}={v}"));
         }
