@@ -20,12 +20,13 @@ WORKDIR /src
 # hadolint ignore=DL3008
 RUN apt-get update && apt-get install -y --no-install-recommends make && rm -rf /var/lib/apt/lists/*
 COPY . .
+# The binary is stripped (37 MB instead of 165 MB with the release profile's line tables).
 # `tollgate version` and `tollgate_build_info` name the commit:
 #   docker build --build-arg TOLLGATE_GIT_COMMIT=$(git rev-parse --short HEAD) .
 ARG TOLLGATE_GIT_COMMIT=unknown
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked --bin tollgate \
+    cargo build --release --locked --config profile.release.strip=true --bin tollgate \
  && install -D -m 0755 target/release/tollgate /out/tollgate \
  && install -d -m 0700 /out/data
 

@@ -7,7 +7,8 @@
 # rates. Metrics and the usage ledger are on in both (they have no off switch). Loopback only.
 #
 #   benches/observability-cost.sh
-# Environment: DURATION=5 ROUNDS=3 MIX=headers CONCURRENCY=32 CONNECTIONS=2
+# Environment: DURATION=5 ROUNDS=3 MIX=headers CONCURRENCY=32 CONNECTIONS=2,
+#              ANALYTICS_SAMPLE_RATIO (default: tollgate's default), TRACES=0 (analytics only)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -42,8 +43,10 @@ start() { # name extra-args... -> "pid port"
   echo "$pid $port"
 }
 read -r OFF_PID OFF_PORT < <(start off)
-read -r ON_PID ON_PORT < <(start on --otlp-endpoint "http://127.0.0.1:$OTLP_PORT" \
-  --analytics "$TMP/analytics.jsonl")
+ON_ARGS=(--analytics "$TMP/analytics.jsonl")
+[ "${TRACES:-1}" = 0 ] || ON_ARGS+=(--otlp-endpoint "http://127.0.0.1:$OTLP_PORT")
+[ -z "${ANALYTICS_SAMPLE_RATIO:-}" ] || ON_ARGS+=(--analytics-sample-ratio "$ANALYTICS_SAMPLE_RATIO")
+read -r ON_PID ON_PORT < <(start on "${ON_ARGS[@]}")
 
 rate() { # port -> streams/s
   "$BIN/examples/loadgen" --addr "http://127.0.0.1:$1" --path /verify/v1/chat/completions \

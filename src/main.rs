@@ -268,8 +268,11 @@ struct ServeArgs {
     /// Off when unset.
     #[arg(long, env = "TOLLGATE_ANALYTICS", value_name = "stdout|PATH")]
     analytics: Option<tollgate::telemetry::analytics::Sink>,
-    /// Share of exchanges that get an analytics record (0 to 1), spread evenly.
-    #[arg(long, env = "TOLLGATE_ANALYTICS_SAMPLE_RATIO", default_value_t = 1.0)]
+    /// Share of exchanges that get an analytics record (0 to 1), spread evenly. 1 % by
+    /// default, like traces: a record for every exchange costs about a fifth of the stream
+    /// rate of a cheap flow on two cores (benches/observability-cost.sh); usage reports
+    /// count every exchange whatever this is.
+    #[arg(long, env = "TOLLGATE_ANALYTICS_SAMPLE_RATIO", default_value_t = 0.01)]
     analytics_sample_ratio: f64,
     /// Where Quota counters live: `auto` is Redis with `--store redis`, memory otherwise
     /// (checkpointed to the embedded store with `--store embedded`). SpikeArrest always

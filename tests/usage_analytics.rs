@@ -96,6 +96,7 @@ fn start(redis_url: &str, analytics: &std::path::Path) -> ServeProcess {
         .arg("--admin-insecure")
         .arg("--analytics")
         .arg(analytics)
+        .args(["--analytics-sample-ratio", "1"])
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     ServeProcess::ready(&mut c, dir, grpc, admin)
