@@ -1112,18 +1112,28 @@ impl StreamState {
 }
 
 impl StreamState {
-    /// How the exchange ended, for traces, analytics and usage.
-    fn outcome(&self) -> &'static str {
+    /// How the exchange ended, for the after-exchange hooks.
+    fn end(&self) -> ExchangeEnd {
         if self.failed {
-            "failed"
-        } else if self.rejected {
-            "rejected"
+            ExchangeEnd::Failed
         } else if self.answered {
-            "answered"
+            ExchangeEnd::Answered
         } else if self.complete || self.chunks.as_ref().is_some_and(|r| r.ended()) {
-            "completed"
+            ExchangeEnd::Completed
         } else {
-            "aborted"
+            ExchangeEnd::Aborted
+        }
+    }
+
+    /// How the exchange ended, for traces, analytics and usage: an answer tollgate gave is
+    /// a rejection or a served answer.
+    fn outcome(&self) -> &'static str {
+        match self.end() {
+            ExchangeEnd::Failed => "failed",
+            ExchangeEnd::Answered if self.rejected => "rejected",
+            ExchangeEnd::Answered => "answered",
+            ExchangeEnd::Completed => "completed",
+            ExchangeEnd::Aborted => "aborted",
         }
     }
 
@@ -1218,15 +1228,7 @@ impl Drop for StreamState {
         if let (Some(f), false) = (&self.flow, self.rejected) {
             f.metrics.continued.inc();
         }
-        let end = if self.failed {
-            ExchangeEnd::Failed
-        } else if self.answered {
-            ExchangeEnd::Answered
-        } else if self.complete || self.chunks.as_ref().is_some_and(|r| r.ended()) {
-            ExchangeEnd::Completed
-        } else {
-            ExchangeEnd::Aborted
-        };
+        let end = self.end();
         if let Some(flow) = self.flow.clone() {
             // Whatever is known, before usage, analytics and the after-exchange hooks read
             // it (no-op when the response's end already set it, or the flow does not track).
