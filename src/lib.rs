@@ -12,6 +12,7 @@ pub mod config;
 pub mod consumer;
 pub mod counters;
 pub mod direction;
+pub mod embed;
 pub mod expr;
 pub mod fault;
 #[doc(hidden)]
