@@ -11,7 +11,16 @@
 //!    `_`, `.` or camelCase (`gpt-4o`, `user_id`, `S3`, `Kubernetes`); an anchor of one text
 //!    must occur (in any case) in the other;
 //! 4. the same direction: content words next to `to`/`from`/`into`/`than`/`vs`/`over`/
-//!    `before`/`after` that both texts contain must come in the same order.
+//!    `before`/`after` that both texts contain must come in the same order;
+//! 5. no swapped word: when each text has content words the other lacks, and the words they
+//!    share are at least as many as either side's own, the texts are the same sentence with a
+//!    word exchanged ("create"/"delete", "free"/"enterprise tier", "dogs"/"cats",
+//!    "login"/"logout"), which a static model scores as near-identical. A real paraphrase
+//!    that swaps exactly one word ("write"/"compose a haiku") is lost: a miss costs an
+//!    upstream call, a false hit a wrong answer.
+//!
+//! Model-variant words (`mini`, `pro`, `flash`, `turbo`...) count as anchors, so
+//! "GPT-4o" and "GPT-4o mini" differ.
 //!
 //! Cheap (one pass over each text, no allocation beyond the word lists) and symmetric.
 
@@ -32,7 +41,63 @@ const STOP: &[&str] = &[
     "these", "those", "some", "any", "i", "we", "you", "it", "is", "are", "was", "be", "do",
     "does", "did", "of", "in", "on", "for", "with", "and", "or", "how", "what", "can", "could",
     "should", "would", "will", "me", "us", "them", "at", "by", "as", "so", "if", "then",
+    "where", "why", "when", "who", "which", "there", "have", "has", "get", "please", "way",
+    "best", "up", "about", "am", "to", "like", "want", "need", "tell", "give", "show",
+    "explain", "possible", "using", "use", "i'm", "what's", "it's",
 ];
+
+/// Model and product variant words: "GPT-4o mini" is not "GPT-4o".
+const VARIANTS: &[&str] = &[
+    "mini", "nano", "pro", "turbo", "flash", "lite", "max", "plus", "ultra", "preview",
+    "instruct", "haiku", "sonnet", "opus", "large", "small", "medium",
+];
+
+/// Common interchangeable words in API and LLM questions, mapped to one form for the
+/// swapped-word rule (a short generic list: "make"/"create", "change"/"update").
+fn synonym(w: &str) -> &str {
+    match w {
+        "make" | "generate" => "create",
+        "change" | "modify" | "edit" => "update",
+        "configure" | "setup" => "set",
+        "verify" | "see" | "view" | "find" => "check",
+        "largest" | "biggest" | "maximum" | "max" => "largest",
+        "quickest" | "fastest" => "fastest",
+        "contact" | "reach" => "contact",
+        "difference" | "different" | "differ" => "differ",
+        "typical" | "typically" | "usual" | "usually" => "usual",
+        "invite" => "add",
+        "move" => "migrate",
+        "turn" => "enable",
+        "author" | "wrote" | "write" => "write",
+        "compose" | "draft" => "write",
+        "distance" | "far" => "far",
+        "suggest" | "recommend" => "recommend",
+        "dicts" | "dict" => "dictionary",
+        "summary" | "summarise" | "summarize" => "summarize",
+        other => other,
+    }
+}
+
+/// Crude, symmetric stemming for the swapped-word rule ("works" = "work", "loading" =
+/// "load", "controlled" = "control").
+fn stem(w: &str) -> String {
+    let w = w.strip_suffix("'s").unwrap_or(w);
+    let w = synonym(w);
+    let mut out = w;
+    if w.len() > 5 && w.ends_with("ing") {
+        out = &w[..w.len() - 3];
+    } else if w.len() > 4 && w.ends_with("ed") {
+        out = &w[..w.len() - 2];
+    } else if w.len() > 3 && w.ends_with('s') && !w.ends_with("ss") {
+        out = &w[..w.len() - 1];
+    }
+    // "controll" -> "control", "runn" -> "run".
+    let b = out.as_bytes();
+    if out.len() != w.len() && b.len() >= 2 && b[b.len() - 1] == b[b.len() - 2] {
+        out = &out[..out.len() - 1];
+    }
+    synonym(out).to_string()
+}
 
 fn number_word(w: &str) -> Option<&'static str> {
     Some(match w {
@@ -170,6 +235,8 @@ pub struct Specifics {
     directed: Vec<String>,
     /// Content words in text order (first occurrences), for the direction check.
     sequence: Vec<String>,
+    /// Stemmed content words, for the swapped-word rule.
+    content: BTreeSet<String>,
 }
 
 impl Specifics {
@@ -184,13 +251,16 @@ impl Specifics {
             if is_negation(lower) {
                 s.negated = true;
             }
-            if is_anchor(w) && number(lower).is_none() {
+            if (is_anchor(w) || VARIANTS.contains(&lower)) && number(lower).is_none() {
                 s.anchors.insert(w.lower.clone());
             }
             s.vocabulary.insert(w.lower.clone());
             let content = !STOP.contains(&lower) && !DIRECTION.contains(&lower);
             if content && !s.sequence.contains(&w.lower) {
                 s.sequence.push(w.lower.clone());
+            }
+            if content && !is_negation(lower) && number(lower).is_none() {
+                s.content.insert(stem(lower));
             }
             if DIRECTION.contains(&lower) {
                 let before = ws[..i]
@@ -238,6 +308,12 @@ impl Specifics {
         if a.len() >= 2 && a != b {
             return Some(Mismatch::Direction);
         }
+        let only_a = self.content.difference(&other.content).count();
+        let only_b = other.content.difference(&self.content).count();
+        let shared = self.content.intersection(&other.content).count();
+        if only_a > 0 && only_b > 0 && shared >= only_a.max(only_b) {
+            return Some(Mismatch::Swapped);
+        }
         None
     }
 }
@@ -249,9 +325,10 @@ pub enum Mismatch {
     Negation,
     Anchor,
     Direction,
+    Swapped,
 }
 
-/// Whether two prompts agree on numbers, negation, anchors and direction.
+/// Whether two prompts agree on numbers, negation, anchors, direction and wording.
 pub fn compatible(a: &str, b: &str) -> bool {
     Specifics::of(a).mismatch(&Specifics::of(b)).is_none()
 }

