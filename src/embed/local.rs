@@ -60,8 +60,9 @@ impl StaticEmbedder {
         };
         // config.json: only its presence and shape are checked; the vectors are always
         // normalised (cosine needs it whatever the model's `normalize`).
-        let _cfg: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&read("config.json")?)
-            .map_err(|e| model_err(dir, format!("config.json: {e}")))?;
+        let _cfg: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(&read("config.json")?)
+                .map_err(|e| model_err(dir, format!("config.json: {e}")))?;
         let mut tokenizer = tokenizers::Tokenizer::from_bytes(read("tokenizer.json")?)
             .map_err(|e| model_err(dir, format!("tokenizer.json: {e}")))?;
         tokenizer.with_padding(None);
@@ -109,7 +110,8 @@ impl StaticEmbedder {
                 t.data()
                     .chunks_exact(8)
                     .map(|c| {
-                        let v = i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+                        let v =
+                            i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
                         u32::try_from(v)
                             .ok()
                             .filter(|&r| (r as usize) < n_rows)
@@ -157,7 +159,6 @@ impl StaticEmbedder {
             id: id.into(),
         })
     }
-
 
     /// Embeds on the calling thread (CPU work, proportional to the text's length).
     pub fn embed_sync(&self, text: &str) -> Result<Embedding, EmbedError> {

@@ -85,7 +85,10 @@ impl EmbedError {
     /// A remote failure the caller may fail open on (timeout, connection, non-2xx, malformed
     /// answer), as opposed to a problem with the input or the configuration.
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, EmbedError::Unavailable(_) | EmbedError::BadResponse(_))
+        matches!(
+            self,
+            EmbedError::Unavailable(_) | EmbedError::BadResponse(_)
+        )
     }
 }
 
@@ -107,7 +110,9 @@ impl Embedding {
             return Err(EmbedError::Empty);
         }
         if v.iter().any(|x| !x.is_finite()) {
-            return Err(EmbedError::BadResponse("non-finite value in embedding".into()));
+            return Err(EmbedError::BadResponse(
+                "non-finite value in embedding".into(),
+            ));
         }
         let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
         if !norm.is_normal() {
@@ -142,8 +147,8 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     let (ca, ra) = a.as_chunks::<4>();
     let (cb, rb) = b.as_chunks::<4>();
     for (x, y) in ca.iter().zip(cb) {
-        for i in 0..4 {
-            acc[i] += x[i] * y[i];
+        for ((a, xi), yi) in acc.iter_mut().zip(x).zip(y) {
+            *a += xi * yi;
         }
     }
     let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
@@ -182,16 +187,13 @@ pub fn build(
 ) -> Result<Arc<dyn Embedder>, EmbedError> {
     match spec {
         EmbedderSpec::Static { model_dir } => {
-            let dir = model_dir
-                .as_deref()
-                .or(default_model_dir)
-                .ok_or_else(|| {
-                    EmbedError::Config(
-                        "kind: static needs modelDir or tollgate's --embedder-model-dir \
+            let dir = model_dir.as_deref().or(default_model_dir).ok_or_else(|| {
+                EmbedError::Config(
+                    "kind: static needs modelDir or tollgate's --embedder-model-dir \
                          (scripts/setup.sh installs one)"
-                            .into(),
-                    )
-                })?;
+                        .into(),
+                )
+            })?;
             Ok(Arc::new(StaticEmbedder::load(dir)?))
         }
         EmbedderSpec::Openai(o) => Ok(Arc::new(OpenAiEmbedder::new(o.clone(), http.clone())?)),

@@ -90,9 +90,7 @@ impl OpenAiEmbedder {
             })?),
             (None, Some(path)) => Some(
                 std::fs::read_to_string(path)
-                    .map_err(|e| {
-                        EmbedError::Config(format!("apiKeyFile {}: {e}", path.display()))
-                    })?
+                    .map_err(|e| EmbedError::Config(format!("apiKeyFile {}: {e}", path.display())))?
                     .trim()
                     .to_string(),
             ),
@@ -103,9 +101,11 @@ impl OpenAiEmbedder {
                 return Err(EmbedError::Config("the API key is empty".into()))
             }
             Some(k) => {
-                let mut v = hyper::header::HeaderValue::from_str(&format!("Bearer {k}"))
-                    .map_err(|_| {
-                        EmbedError::Config("the API key has characters a header cannot carry".into())
+                let mut v =
+                    hyper::header::HeaderValue::from_str(&format!("Bearer {k}")).map_err(|_| {
+                        EmbedError::Config(
+                            "the API key has characters a header cannot carry".into(),
+                        )
                     })?;
                 v.set_sensitive(true);
                 Some(v)

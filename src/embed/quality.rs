@@ -50,14 +50,16 @@ fn paraphrase_set_meets_the_false_hit_bar() {
         if line.trim().is_empty() {
             continue;
         }
-        let r: Row = serde_json::from_str(line).unwrap_or_else(|err| panic!("line {}: {err}", i + 1));
+        let r: Row =
+            serde_json::from_str(line).unwrap_or_else(|err| panic!("line {}: {err}", i + 1));
         assert!(
             matches!(r.label.as_str(), "paraphrase" | "near_miss" | "scope"),
             "line {}: label {}",
             i + 1,
             r.label
         );
-        let (va, vb): (Embedding, Embedding) = (e.embed_sync(&r.a).unwrap(), e.embed_sync(&r.b).unwrap());
+        let (va, vb): (Embedding, Embedding) =
+            (e.embed_sync(&r.a).unwrap(), e.embed_sync(&r.b).unwrap());
         rows.push(Scored {
             cos: va.cosine(&vb),
             compatible: Specifics::of(&r.a).mismatch(&Specifics::of(&r.b)).is_none(),
@@ -89,8 +91,16 @@ fn paraphrase_set_meets_the_false_hit_bar() {
     };
     let rates = |t: f32, with_check: bool| {
         let hit = |r: &Scored| r.cos >= t && (!with_check || r.compatible);
-        let rec = rows.iter().filter(|r| r.label == "paraphrase" && hit(r)).count() as f64 / np as f64;
-        let fh = rows.iter().filter(|r| r.label == "near_miss" && hit(r)).count() as f64 / nn as f64;
+        let rec = rows
+            .iter()
+            .filter(|r| r.label == "paraphrase" && hit(r))
+            .count() as f64
+            / np as f64;
+        let fh = rows
+            .iter()
+            .filter(|r| r.label == "near_miss" && hit(r))
+            .count() as f64
+            / nn as f64;
         (rec, fh)
     };
     eprintln!("{np} paraphrases, {nn} near-misses, {ns} scope rows");
@@ -112,18 +122,32 @@ fn paraphrase_set_meets_the_false_hit_bar() {
         t += 0.02;
     }
     let (recall, false_hits) = rates(DEFAULT_THRESHOLD, true);
-    for r in rows.iter().filter(|r| r.label == "near_miss" && r.cos >= DEFAULT_THRESHOLD && r.compatible) {
-        eprintln!("FALSE HIT ({}, {:.3}): {:?} ~ {:?}", r.kind, r.cos, r.a, r.b);
+    for r in rows
+        .iter()
+        .filter(|r| r.label == "near_miss" && r.cos >= DEFAULT_THRESHOLD && r.compatible)
+    {
+        eprintln!(
+            "FALSE HIT ({}, {:.3}): {:?} ~ {:?}",
+            r.kind, r.cos, r.a, r.b
+        );
     }
-    for r in rows.iter().filter(|r| r.label == "paraphrase" && !(r.cos >= DEFAULT_THRESHOLD && r.compatible)) {
-        eprintln!("miss ({:.3}, compatible {}): {:?} ~ {:?}", r.cos, r.compatible, r.a, r.b);
+    for r in rows
+        .iter()
+        .filter(|r| r.label == "paraphrase" && !(r.cos >= DEFAULT_THRESHOLD && r.compatible))
+    {
+        eprintln!(
+            "miss ({:.3}, compatible {}): {:?} ~ {:?}",
+            r.cos, r.compatible, r.a, r.b
+        );
     }
     let scope_min = rows
         .iter()
         .filter(|r| r.label == "scope")
         .map(|r| r.cos)
         .fold(1.0f32, f32::min);
-    eprintln!("scope rows: lowest similarity {scope_min:.3} (only the cache's scope keeps them apart)");
+    eprintln!(
+        "scope rows: lowest similarity {scope_min:.3} (only the cache's scope keeps them apart)"
+    );
     eprintln!(
         "at the default threshold {DEFAULT_THRESHOLD}: recall {:.1} %, near-miss false hits {:.1} %",
         recall * 100.0,
@@ -135,7 +159,10 @@ fn paraphrase_set_meets_the_false_hit_bar() {
         unrelated.len(),
         unrelated_hits * 100.0
     );
-    assert!(unrelated_hits <= MAX_FALSE_HIT_RATE, "unrelated hit rate {unrelated_hits}");
+    assert!(
+        unrelated_hits <= MAX_FALSE_HIT_RATE,
+        "unrelated hit rate {unrelated_hits}"
+    );
     assert!(
         false_hits <= MAX_FALSE_HIT_RATE,
         "false-hit rate {false_hits} above {MAX_FALSE_HIT_RATE}"

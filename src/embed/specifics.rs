@@ -37,19 +37,19 @@ const DIRECTION: &[&str] = &[
 
 /// Words with no content of their own (skipped when looking for a marker's neighbours).
 const STOP: &[&str] = &[
-    "a", "an", "the", "my", "our", "your", "their", "his", "her", "its", "this", "that",
-    "these", "those", "some", "any", "i", "we", "you", "it", "is", "are", "was", "be", "do",
-    "does", "did", "of", "in", "on", "for", "with", "and", "or", "how", "what", "can", "could",
-    "should", "would", "will", "me", "us", "them", "at", "by", "as", "so", "if", "then",
-    "where", "why", "when", "who", "which", "there", "have", "has", "get", "please", "way",
-    "best", "up", "about", "am", "to", "like", "want", "need", "tell", "give", "show",
-    "explain", "possible", "using", "use", "i'm", "what's", "it's",
+    "a", "an", "the", "my", "our", "your", "their", "his", "her", "its", "this", "that", "these",
+    "those", "some", "any", "i", "we", "you", "it", "is", "are", "was", "be", "do", "does", "did",
+    "of", "in", "on", "for", "with", "and", "or", "how", "what", "can", "could", "should", "would",
+    "will", "me", "us", "them", "at", "by", "as", "so", "if", "then", "where", "why", "when",
+    "who", "which", "there", "have", "has", "get", "please", "way", "best", "up", "about", "am",
+    "to", "like", "want", "need", "tell", "give", "show", "explain", "possible", "using", "use",
+    "i'm", "what's", "it's",
 ];
 
 /// Model and product variant words: "GPT-4o mini" is not "GPT-4o".
 const VARIANTS: &[&str] = &[
-    "mini", "nano", "pro", "turbo", "flash", "lite", "max", "plus", "ultra", "preview",
-    "instruct", "haiku", "sonnet", "opus", "large", "small", "medium",
+    "mini", "nano", "pro", "turbo", "flash", "lite", "max", "plus", "ultra", "preview", "instruct",
+    "haiku", "sonnet", "opus", "large", "small", "medium",
 ];
 
 /// Common interchangeable words in API and LLM questions, mapped to one form for the
@@ -153,7 +153,10 @@ fn words(text: &str) -> Vec<Word<'_>> {
                 let w = w.trim_end_matches(',');
                 if !w.is_empty() {
                     // `1,000` stays one number; `a,b` would be two words but is rare.
-                    let w = w.strip_suffix("'s").or_else(|| w.strip_suffix("’s")).unwrap_or(w);
+                    let w = w
+                        .strip_suffix("'s")
+                        .or_else(|| w.strip_suffix("’s"))
+                        .unwrap_or(w);
                     for part in if w.chars().any(|c| c.is_ascii_digit()) {
                         vec![w]
                     } else {
@@ -189,7 +192,9 @@ fn is_negation(w: &str) -> bool {
 
 fn number(w: &str) -> Option<String> {
     if w.chars().any(|c| c.is_ascii_digit()) {
-        if w.chars().all(|c| c.is_ascii_digit() || matches!(c, ',' | '.')) {
+        if w.chars()
+            .all(|c| c.is_ascii_digit() || matches!(c, ',' | '.'))
+        {
             let n = w.replace(',', "");
             let n = if n.contains('.') {
                 n.trim_end_matches('0').trim_end_matches('.').to_string()
@@ -212,13 +217,11 @@ fn is_anchor(w: &Word<'_>) -> bool {
     let upper = raw.chars().filter(|c| c.is_uppercase()).count();
     let digits = raw.chars().any(|c| c.is_ascii_digit());
     let inner_mark = raw.contains(['_', '.']);
-    let camel = raw
-        .chars()
-        .skip(1)
-        .any(|c| c.is_uppercase())
-        && raw.chars().any(|c| c.is_lowercase());
+    let camel =
+        raw.chars().skip(1).any(|c| c.is_uppercase()) && raw.chars().any(|c| c.is_lowercase());
     let acronym = letters >= 2 && upper == letters;
-    let capitalised = !w.initial && raw.chars().next().is_some_and(|c| c.is_uppercase()) && raw != "I";
+    let capitalised =
+        !w.initial && raw.chars().next().is_some_and(|c| c.is_uppercase()) && raw != "I";
     digits || inner_mark || camel || acronym || capitalised
 }
 
@@ -263,13 +266,12 @@ impl Specifics {
                 s.content.insert(stem(lower));
             }
             if DIRECTION.contains(&lower) {
-                let before = ws[..i]
-                    .iter()
-                    .rev()
-                    .find(|x| !STOP.contains(&x.lower.as_str()) && !DIRECTION.contains(&x.lower.as_str()));
-                let after = ws[i + 1..]
-                    .iter()
-                    .find(|x| !STOP.contains(&x.lower.as_str()) && !DIRECTION.contains(&x.lower.as_str()));
+                let before = ws[..i].iter().rev().find(|x| {
+                    !STOP.contains(&x.lower.as_str()) && !DIRECTION.contains(&x.lower.as_str())
+                });
+                let after = ws[i + 1..].iter().find(|x| {
+                    !STOP.contains(&x.lower.as_str()) && !DIRECTION.contains(&x.lower.as_str())
+                });
                 for x in before.into_iter().chain(after) {
                     if !s.directed.contains(&x.lower) {
                         s.directed.push(x.lower.clone());
@@ -288,9 +290,8 @@ impl Specifics {
         if self.negated != other.negated {
             return Some(Mismatch::Negation);
         }
-        let missing = |a: &Specifics, b: &Specifics| {
-            a.anchors.iter().any(|x| !b.vocabulary.contains(x))
-        };
+        let missing =
+            |a: &Specifics, b: &Specifics| a.anchors.iter().any(|x| !b.vocabulary.contains(x));
         if missing(self, other) || missing(other, self) {
             return Some(Mismatch::Anchor);
         }

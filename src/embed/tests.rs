@@ -38,8 +38,14 @@ fn embedding_normalises_and_refuses_degenerate_vectors() {
     assert!((e.cosine(&e) - 1.0).abs() < 1e-6);
     let o = Embedding::normalized(vec![-4.0, 3.0]).unwrap();
     assert!(e.cosine(&o).abs() < 1e-6);
-    assert!(matches!(Embedding::normalized(vec![]), Err(EmbedError::Empty)));
-    assert!(matches!(Embedding::normalized(vec![0.0; 8]), Err(EmbedError::Empty)));
+    assert!(matches!(
+        Embedding::normalized(vec![]),
+        Err(EmbedError::Empty)
+    ));
+    assert!(matches!(
+        Embedding::normalized(vec![0.0; 8]),
+        Err(EmbedError::Empty)
+    ));
     assert!(Embedding::normalized(vec![f32::NAN, 1.0]).is_err());
     assert!(Embedding::normalized(vec![f32::INFINITY, 1.0]).is_err());
     // Different models' vectors never look alike.
@@ -52,7 +58,12 @@ fn embedding_normalises_and_refuses_degenerate_vectors() {
         Embedding::normalized(a.clone()).unwrap(),
         Embedding::normalized(b.clone()).unwrap(),
     );
-    let plain: f32 = ea.as_slice().iter().zip(eb.as_slice()).map(|(x, y)| x * y).sum();
+    let plain: f32 = ea
+        .as_slice()
+        .iter()
+        .zip(eb.as_slice())
+        .map(|(x, y)| x * y)
+        .sum();
     assert!((ea.cosine(&eb) - plain).abs() < 1e-5);
 }
 
@@ -79,8 +90,8 @@ fn static_model_matches_the_reference_encoder() {
     assert_eq!(e.model_dims(), 64);
     assert!(e.id().starts_with("static:64:"), "{}", e.id());
     // Vectors computed by the PyPI package's own encoder (static_model.get_embeddings).
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data/semantic/static_reference.json");
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/semantic/static_reference.json");
     let rows: Vec<serde_json::Value> =
         serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
     assert!(rows.len() >= 5);
@@ -117,7 +128,15 @@ async fn static_embedder_inputs() {
     let b = e.embed_sync(&mid).unwrap();
     assert_eq!(a, b);
     // Odd input never panics: control characters, emoji, lone combining marks, NULs.
-    for t in ["\u{0}\u{1}", "🙂🙂", "\u{301}", "a\u{200b}b", "ﷺ", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢", "ÿ"] {
+    for t in [
+        "\u{0}\u{1}",
+        "🙂🙂",
+        "\u{301}",
+        "a\u{200b}b",
+        "ﷺ",
+        "𝔘𝔫𝔦𝔠𝔬𝔡𝔢",
+        "ÿ",
+    ] {
         match e.embed(t).await {
             Ok(v) => assert!((v.cosine(&v) - 1.0).abs() < 1e-4),
             Err(EmbedError::Empty) => {}
@@ -127,7 +146,10 @@ async fn static_embedder_inputs() {
     // Paraphrases are closer than unrelated questions.
     let p1 = e.embed("How do I reset my password?").await.unwrap();
     let p2 = e.embed("How can I reset my password?").await.unwrap();
-    let other = e.embed("What is the weather in Paris tomorrow?").await.unwrap();
+    let other = e
+        .embed("What is the weather in Paris tomorrow?")
+        .await
+        .unwrap();
     assert!(p1.cosine(&p2) > p1.cosine(&other));
 }
 
@@ -156,51 +178,53 @@ async fn server(mode: Mode) -> Server {
     let log = seen.clone();
     let app = Router::new().route(
         "/v1/embeddings",
-        post(move |headers: HeaderMap, Json(body): Json<serde_json::Value>| {
-            let log = log.clone();
-            async move {
-                let auth = headers
-                    .get("authorization")
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_string);
-                // A deterministic vector from the input's bytes (the test checks it arrives
-                // normalised).
-                let input = body["input"].as_str().unwrap_or_default().to_string();
-                log.lock().push((auth, body));
-                let v: Vec<f32> = (0..8)
-                    .map(|i| input.bytes().nth(i).map_or(1.0, |b| b as f32))
-                    .collect();
-                use axum::response::IntoResponse;
-                match mode {
-                    Mode::Ok => Json(serde_json::json!({
-                        "object": "list",
-                        "data": [{"object": "embedding", "index": 0, "embedding": v}],
-                        "model": "test-embed",
-                        "usage": {"prompt_tokens": 3, "total_tokens": 3}
-                    }))
-                    .into_response(),
-                    Mode::Slow => {
-                        tokio::time::sleep(Duration::from_secs(30)).await;
-                        Json(serde_json::json!({})).into_response()
-                    }
-                    Mode::Status500 => (
-                        axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-                        "{\"error\":{\"message\":\"overloaded\"}}",
-                    )
+        post(
+            move |headers: HeaderMap, Json(body): Json<serde_json::Value>| {
+                let log = log.clone();
+                async move {
+                    let auth = headers
+                        .get("authorization")
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string);
+                    // A deterministic vector from the input's bytes (the test checks it arrives
+                    // normalised).
+                    let input = body["input"].as_str().unwrap_or_default().to_string();
+                    log.lock().push((auth, body));
+                    let v: Vec<f32> = (0..8)
+                        .map(|i| input.bytes().nth(i).map_or(1.0, |b| b as f32))
+                        .collect();
+                    use axum::response::IntoResponse;
+                    match mode {
+                        Mode::Ok => Json(serde_json::json!({
+                            "object": "list",
+                            "data": [{"object": "embedding", "index": 0, "embedding": v}],
+                            "model": "test-embed",
+                            "usage": {"prompt_tokens": 3, "total_tokens": 3}
+                        }))
                         .into_response(),
-                    Mode::NotJson => "<html>gateway</html>".into_response(),
-                    Mode::EmptyData => Json(serde_json::json!({"data": []})).into_response(),
-                    Mode::Strings => {
-                        Json(serde_json::json!({"data": [{"embedding": ["a", "b"]}]}))
-                            .into_response()
-                    }
-                    Mode::Zero => {
-                        Json(serde_json::json!({"data": [{"embedding": [0.0, 0.0]}]}))
-                            .into_response()
+                        Mode::Slow => {
+                            tokio::time::sleep(Duration::from_secs(30)).await;
+                            Json(serde_json::json!({})).into_response()
+                        }
+                        Mode::Status500 => (
+                            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                            "{\"error\":{\"message\":\"overloaded\"}}",
+                        )
+                            .into_response(),
+                        Mode::NotJson => "<html>gateway</html>".into_response(),
+                        Mode::EmptyData => Json(serde_json::json!({"data": []})).into_response(),
+                        Mode::Strings => {
+                            Json(serde_json::json!({"data": [{"embedding": ["a", "b"]}]}))
+                                .into_response()
+                        }
+                        Mode::Zero => {
+                            Json(serde_json::json!({"data": [{"embedding": [0.0, 0.0]}]}))
+                                .into_response()
+                        }
                     }
                 }
-            }
-        }),
+            },
+        ),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -232,15 +256,14 @@ async fn openai_embedder_sends_the_documented_request() {
     let mut sp = spec(&format!("{}/", s.base));
     sp.api_key_file = Some(key.path().to_path_buf());
     let e = OpenAiEmbedder::new(sp, HttpClient::new()).unwrap();
-    assert!(!format!("{e:?}").contains("sk-test"), "the key stays out of Debug");
+    assert!(
+        !format!("{e:?}").contains("sk-test"),
+        "the key stays out of Debug"
+    );
     let v = e.embed("hello").await.unwrap();
     assert_eq!(v.dims(), 8);
     assert!((v.cosine(&v) - 1.0).abs() < 1e-6);
-    let raw: Vec<f32> = b"hello"
-        .iter()
-        .map(|&b| b as f32)
-        .chain([1.0; 3])
-        .collect();
+    let raw: Vec<f32> = b"hello".iter().map(|&b| b as f32).chain([1.0; 3]).collect();
     assert!((v.cosine(&Embedding::normalized(raw).unwrap()) - 1.0).abs() < 1e-6);
     let seen = s.seen.lock().clone();
     assert_eq!(seen.len(), 1);
@@ -272,7 +295,10 @@ async fn openai_embedder_failures_are_typed_for_fail_open() {
     sp.timeout_ms = Some(200);
     let e = OpenAiEmbedder::new(sp, HttpClient::new()).unwrap();
     let err = e.embed("hello").await.unwrap_err();
-    assert!(matches!(err, EmbedError::Unavailable(ref m) if m.contains("timed out")), "{err}");
+    assert!(
+        matches!(err, EmbedError::Unavailable(ref m) if m.contains("timed out")),
+        "{err}"
+    );
     assert!(err.is_unavailable());
 
     for (mode, want) in [
@@ -295,8 +321,8 @@ async fn openai_embedder_failures_are_typed_for_fail_open() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let e = OpenAiEmbedder::new(spec(&format!("http://127.0.0.1:{port}")), HttpClient::new())
-        .unwrap();
+    let e =
+        OpenAiEmbedder::new(spec(&format!("http://127.0.0.1:{port}")), HttpClient::new()).unwrap();
     let err = e.embed("hello").await.unwrap_err();
     assert!(matches!(err, EmbedError::Unavailable(_)), "{err}");
 
@@ -319,7 +345,10 @@ fn openai_embedder_configuration_errors() {
             "http",
         ),
         (Box::new(|s: &mut OpenAiSpec| s.model.clear()), "model"),
-        (Box::new(|s: &mut OpenAiSpec| s.timeout_ms = Some(0)), "timeoutMs"),
+        (
+            Box::new(|s: &mut OpenAiSpec| s.timeout_ms = Some(0)),
+            "timeoutMs",
+        ),
         (
             Box::new(|s: &mut OpenAiSpec| {
                 s.api_key_env = Some("TOLLGATE_TEST_SURELY_UNSET_VAR".into())
@@ -358,9 +387,18 @@ fn specifics_catch_what_averages_blur() {
         "How do I reset my password?",
         "how can i reset my password"
     ));
-    assert_eq!(m("Refund order 4512", "Refund order 4513"), Some(Mismatch::Numbers));
-    assert!(compatible("Is 1,000 requests a day enough?", "is 1000 requests per day enough"));
-    assert_eq!(m("give me five ideas", "give me 6 ideas"), Some(Mismatch::Numbers));
+    assert_eq!(
+        m("Refund order 4512", "Refund order 4513"),
+        Some(Mismatch::Numbers)
+    );
+    assert!(compatible(
+        "Is 1,000 requests a day enough?",
+        "is 1000 requests per day enough"
+    ));
+    assert_eq!(
+        m("give me five ideas", "give me 6 ideas"),
+        Some(Mismatch::Numbers)
+    );
     assert!(compatible("give me five ideas", "list 5 ideas"));
     assert_eq!(
         m("Can I cancel my plan?", "Can't I cancel my plan?"),
@@ -368,7 +406,10 @@ fn specifics_catch_what_averages_blur() {
     );
     assert!(compatible("I can't log in", "I cannot sign in"));
     assert_eq!(
-        m("How do I create a bucket in S3?", "How do I create a bucket in GCS?"),
+        m(
+            "How do I create a bucket in S3?",
+            "How do I create a bucket in GCS?"
+        ),
         Some(Mismatch::Anchor)
     );
     assert!(compatible(
@@ -380,7 +421,10 @@ fn specifics_catch_what_averages_blur() {
         Some(Mismatch::Direction)
     );
     assert_eq!(
-        m("translate this from english to french", "translate this from french to english"),
+        m(
+            "translate this from english to french",
+            "translate this from french to english"
+        ),
         Some(Mismatch::Direction)
     );
     assert!(compatible(
@@ -388,11 +432,17 @@ fn specifics_catch_what_averages_blur() {
         "In Python, how do I convert a string to an integer?"
     ));
     assert_eq!(
-        m("What is the context window of GPT-4o?", "What is the context window of GPT-4o mini?"),
+        m(
+            "What is the context window of GPT-4o?",
+            "What is the context window of GPT-4o mini?"
+        ),
         Some(Mismatch::Anchor)
     );
     assert_eq!(
-        m("How do I create a user in Keycloak?", "How do I delete a user in Keycloak?"),
+        m(
+            "How do I create a user in Keycloak?",
+            "How do I delete a user in Keycloak?"
+        ),
         Some(Mismatch::Swapped)
     );
     assert!(compatible(
