@@ -35,10 +35,12 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 
+use super::sanitize_external::{check_body, After, Names};
 use super::sanitize_prompt::{categories, compile_guard, count_findings, DURATION};
 use super::{BuildContext, SpecError};
 use crate::fault::Fault;
-use crate::guard::{self, Action, Detector, Finding, StreamScanner};
+use crate::guard::external::{ExternalGuards, Kind as ExternalKind};
+use crate::guard::{self, Action, Detector, Finding, JsonString, StreamScanner};
 use crate::llm::Api;
 use crate::pipeline::{Chunk, ChunkAction, ChunkSpec, Direction, Hook, Hooks, Outcome, Policy};
 use crate::vars::Exchange;
@@ -57,16 +59,33 @@ const MAX_HOLD: usize = 64 << 10;
 struct SanitizeResponse {
     name: String,
     detector: Arc<Detector>,
+    /// Model Armor / HTTP guards on JSON answers, after the local detectors
+    /// (`sanitize_external`).
+    external: Option<Arc<ExternalGuards>>,
+}
+
+/// The variable names of this policy, for `sanitize_external`.
+const NAMES: Names = Names {
+    own: "sanitizeresponse",
+    apigee: APIGEE_TYPE,
+    kind: ExternalKind::Response,
+};
+
+/// The members of an answer that hold generated text.
+fn generated_member(at: JsonString<'_>) -> bool {
+    matches!(at.key, Some("content" | "text" | "output_text"))
 }
 
 pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Policy>, SpecError> {
     let mut spec = spec;
+    let external = super::sanitize_external::take(ctx, &mut spec, ExternalKind::Response)?;
     // Nothing of its own yet: the GuardSpec fields only. Taking a key that is never there
     // turns a null spec into an empty mapping (every default).
     super::sanitize_prompt::take_key(&mut spec, "type")?;
     Ok(Arc::new(SanitizeResponse {
         name: ctx.name.clone(),
         detector: compile_guard(spec)?,
+        external,
     }))
 }
 
@@ -424,6 +443,13 @@ impl Policy for SanitizeResponse {
     }
 
     fn response_chunk(&self, ex: &mut Exchange, chunk: &mut Chunk) -> ChunkAction {
+        // ── external guards on streams (sanitize_external): refused or said skipped ──
+        if let Some(ext) = &self.external {
+            if let Some(a) = super::sanitize_external::on_stream_chunk(ext, &self.name, ex, chunk)
+            {
+                return a;
+            }
+        }
         if !chunk.whole_events || ex.state.llm.is_none() {
             // Not a stream (the JSON body is guarded whole in `response_end`).
             return ChunkAction::Pass;
@@ -511,9 +537,7 @@ impl Policy for SanitizeResponse {
             return Hook::CONTINUE;
         };
         let started = Instant::now();
-        let r = match guard::redact_json(&self.detector, body, |at| {
-            matches!(at.key, Some("content" | "text" | "output_text"))
-        }) {
+        let r = match guard::redact_json(&self.detector, body, generated_member) {
             Ok(r) => r,
             Err(e) => {
                 // An upstream error page or a body that is not JSON: no generated text.
@@ -531,25 +555,43 @@ impl Policy for SanitizeResponse {
             Some(Action::Block) => {
                 let cats = categories(findings.iter().filter(|f| f.action == Action::Block));
                 tracing::info!(policy = %self.name, categories = %cats, "response blocked");
-                let api = ex.state.llm.as_ref().map(|r| r.api);
-                if let Some(b) = ex.response_body.as_deref().and_then(|b| refusal(api, b)) {
-                    ex.replace_body(Direction::Response, b);
-                    return Hook::CONTINUE;
-                }
-                Hook::Ready(Outcome::Reject(Fault::new(
-                    422,
-                    BLOCKED_CODE,
-                    format!("The model's response was blocked by a guardrail ({cats})."),
-                )))
+                // Blocked locally: no external guard is asked (nor paid).
+                return Hook::Ready(self.blocked(ex, &cats));
             }
             Some(Action::Redact) => {
                 if let Some(b) = r.body {
                     ex.replace_body(Direction::Response, b);
                 }
-                Hook::CONTINUE
             }
-            _ => Hook::CONTINUE,
+            _ => {}
         }
+        // ── external guards (sanitize_external), on what the local stage let through ──
+        let Some(ext) = &self.external else {
+            return Hook::CONTINUE;
+        };
+        Hook::Pending(Box::pin(async move {
+            match check_body(ext, ex, &self.name, NAMES, None, generated_member).await {
+                After::Pass => Outcome::Continue,
+                After::Block(cats) => self.blocked(ex, &cats),
+                After::Fault(f) => Outcome::Reject(f),
+            }
+        }))
+    }
+}
+
+impl SanitizeResponse {
+    /// A blocked JSON answer: the API's empty refusal, else 422. Never the text.
+    fn blocked(&self, ex: &mut Exchange, cats: &str) -> Outcome {
+        let api = ex.state.llm.as_ref().map(|r| r.api);
+        if let Some(b) = ex.response_body.as_deref().and_then(|b| refusal(api, b)) {
+            ex.replace_body(Direction::Response, b);
+            return Outcome::Continue;
+        }
+        Outcome::Reject(Fault::new(
+            422,
+            BLOCKED_CODE,
+            format!("The model's response was blocked by a guardrail ({cats})."),
+        ))
     }
 }
 

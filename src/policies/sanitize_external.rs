@@ -1,0 +1,715 @@
+//! The `external` option of `SanitizePrompt` and `SanitizeResponse`: Model Armor and generic
+//! HTTP guards (`crate::guard::external`), called after the local detectors.
+//!
+//! ```yaml
+//! spec:
+//!   type: SanitizePrompt
+//!   detectors: {prompt_injection: {action: block}}        # local: runs first, costs nothing
+//!   external:
+//!     modelArmor:
+//!       templateName: projects/my-proj/locations/us-central1/templates/strict
+//!       # endpoint: https://modelarmor.us-central1.rep.googleapis.com   (from the location)
+//!       # credentials: {metadataHost: …} | {serviceAccountKeyFile: sa.json} | {none: true}
+//!       #              (default: the metadata server, scope cloud-platform)
+//!       timeoutMs: 2000
+//!       failOpen: false          # an error or timeout refuses (503); true passes, said in variables
+//!       onMatch: block           # or log
+//!       redact: false            # true: an SDP-only match is redacted with Model Armor's
+//!                                # de-identified text instead of blocked
+//!     http:
+//!       url: https://guard.internal/check
+//!       headers: {x-api-key: "…"}
+//!       timeoutMs: 1000
+//!       failOpen: false
+//!       onMatch: block
+//!     # SanitizeResponse only: what a streamed answer gets (the guards need the whole text
+//!     # before the client sees it): block (default, the stream ends at once with the API's
+//!     # refusal) or local (the local detectors guard it alone; the skip is said)
+//!     streams: block
+//! ```
+//!
+//! A prompt blocked locally never reaches an external guard (no paid call); steps placed
+//! before the guard policy (auth, quotas) refuse before it runs at all. The guards run in the
+//! order `modelArmor`, `http`; a block or a closed failure stops there.
+//!
+//! Variables, besides the policy's own (`matched`, `action`, `categories` now include the
+//! external verdicts): `<prefix>.<policy>.<guard>.{outcome,action,categories,skipped}` with
+//! `<guard>` `modelArmor` or `http`, outcome `ok | match | error | timeout | refused |
+//! skipped`; and Model Armor's result under Apigee's names
+//! (`SanitizeUserPrompt.<policy>.piAndJailbreakFilterResult.matchState`, …).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::{parse_spec, read_config_file, BuildContext, SpecError};
+use crate::fault::Fault;
+use crate::google::{Kind as TokenKind, ServiceAccountKey, Source};
+use crate::guard::external::{
+    Ask, Client, End, ExternalGuard, ExternalGuards, HttpGuard, Kind, ModelArmor, OnMatch,
+    StreamPolicy, REQUESTS,
+};
+use crate::guard::{self, Action, JsonString};
+use crate::llm::Api;
+use crate::pipeline::{Chunk, ChunkAction};
+use crate::vars::Exchange;
+
+const DEFAULT_TIMEOUT_MS: u64 = 2000;
+const MAX_TIMEOUT_MS: u64 = 60_000;
+const CLOUD_PLATFORM: &str = "https://www.googleapis.com/auth/cloud-platform";
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Spec {
+    #[serde(default)]
+    model_armor: Option<ModelArmorSpec>,
+    #[serde(default)]
+    http: Option<HttpSpec>,
+    #[serde(default)]
+    streams: Option<StreamPolicy>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ModelArmorSpec {
+    template_name: String,
+    #[serde(default)]
+    endpoint: Option<String>,
+    #[serde(default)]
+    credentials: Option<CredentialsSpec>,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+    #[serde(default)]
+    fail_open: bool,
+    #[serde(default)]
+    on_match: OnMatch,
+    #[serde(default)]
+    redact: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct CredentialsSpec {
+    #[serde(default)]
+    scopes: Option<Vec<String>>,
+    #[serde(default)]
+    service_account_key_file: Option<String>,
+    #[serde(default)]
+    metadata_host: Option<String>,
+    /// No `authorization` header (an emulator, or a proxy that adds it).
+    #[serde(default)]
+    none: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct HttpSpec {
+    url: String,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+    #[serde(default)]
+    fail_open: bool,
+    #[serde(default)]
+    on_match: OnMatch,
+}
+
+fn timeout(field: &str, ms: Option<u64>) -> Result<Duration, SpecError> {
+    let ms = ms.unwrap_or(DEFAULT_TIMEOUT_MS);
+    if ms == 0 || ms > MAX_TIMEOUT_MS {
+        return Err(SpecError::new(
+            field,
+            format!("between 1 and {MAX_TIMEOUT_MS} milliseconds"),
+        ));
+    }
+    Ok(Duration::from_millis(ms))
+}
+
+/// `projects/{p}/locations/{l}/templates/{t}` → the location.
+fn template_location(t: &str) -> Option<&str> {
+    let seg: Vec<&str> = t.split('/').collect();
+    let ok = seg.len() == 6
+        && seg[0] == "projects"
+        && seg[2] == "locations"
+        && seg[4] == "templates"
+        && [seg[1], seg[3], seg[5]].iter().all(|s| {
+            !s.is_empty()
+                && s
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        });
+    ok.then_some(seg[3])
+}
+
+/// An endpoint base (`https://host[:port]`, no path but `/`) checked against the egress
+/// rules, without its trailing slash.
+fn endpoint(field: &str, url: &str, ctx: &BuildContext) -> Result<String, SpecError> {
+    super::service_callout::check_url(url, &ctx.services.egress)
+        .map_err(|m| SpecError::new(field, m))?;
+    let uri: hyper::Uri = url
+        .parse()
+        .map_err(|e| SpecError::new(field, format!("not a URL: {e}")))?;
+    if uri.path() != "/" || uri.query().is_some() {
+        return Err(SpecError::new(field, "a base URL: scheme and host only"));
+    }
+    Ok(url.trim_end_matches('/').to_string())
+}
+
+fn model_armor(ctx: &BuildContext, s: ModelArmorSpec) -> Result<ExternalGuard, SpecError> {
+    let at = "external.modelArmor";
+    let location = template_location(&s.template_name).ok_or_else(|| {
+        SpecError::new(
+            format!("{at}.templateName"),
+            "projects/{project}/locations/{location}/templates/{template}",
+        )
+    })?;
+    let default_endpoint = format!("https://modelarmor.{location}.rep.googleapis.com");
+    let endpoint = endpoint(
+        &format!("{at}.endpoint"),
+        s.endpoint.as_deref().unwrap_or(&default_endpoint),
+        ctx,
+    )?;
+    let token = match s.credentials {
+        Some(c) if c.none => {
+            if c.scopes.is_some() || c.service_account_key_file.is_some() || c.metadata_host.is_some()
+            {
+                return Err(SpecError::new(
+                    format!("{at}.credentials"),
+                    "none: true takes no other field",
+                ));
+            }
+            None
+        }
+        c => {
+            let c = c.unwrap_or(CredentialsSpec {
+                scopes: None,
+                service_account_key_file: None,
+                metadata_host: None,
+                none: false,
+            });
+            let scopes = c.scopes.unwrap_or_else(|| vec![CLOUD_PLATFORM.into()]);
+            if scopes.is_empty() || scopes.iter().any(|s| s.is_empty() || s.contains(' ')) {
+                return Err(SpecError::new(
+                    format!("{at}.credentials.scopes"),
+                    "one or more scopes (URLs, no spaces)",
+                ));
+            }
+            let source = match (c.service_account_key_file, c.metadata_host) {
+                (Some(_), Some(_)) => {
+                    return Err(SpecError::new(
+                        format!("{at}.credentials"),
+                        "give serviceAccountKeyFile or metadataHost, not both",
+                    ))
+                }
+                (Some(f), None) => {
+                    let field = format!("{at}.credentials.serviceAccountKeyFile");
+                    let text = read_config_file(ctx, &field, &f)?;
+                    let key = ServiceAccountKey::parse(&text)
+                        .map_err(|e| SpecError::new(&field, e.to_string()))?;
+                    Source::ServiceAccount(Arc::new(key))
+                }
+                (None, Some(h)) if !h.is_empty() && !h.contains('/') => Source::Metadata(h),
+                (None, Some(_)) => {
+                    return Err(SpecError::new(
+                        format!("{at}.credentials.metadataHost"),
+                        "a host or host:port",
+                    ))
+                }
+                (None, None) => Source::metadata_default(),
+            };
+            Some(ctx.services.google.slot(
+                source,
+                TokenKind::Access { scopes },
+                &ctx.services.http,
+            ))
+        }
+    };
+    Ok(ExternalGuard {
+        client: Client::ModelArmor(ModelArmor {
+            endpoint,
+            template: s.template_name,
+            token,
+            redact: s.redact,
+            http: ctx.services.http.clone(),
+        }),
+        timeout: timeout(&format!("{at}.timeoutMs"), s.timeout_ms)?,
+        fail_open: s.fail_open,
+        on_match: s.on_match,
+    })
+}
+
+fn http_guard(ctx: &BuildContext, s: HttpSpec) -> Result<ExternalGuard, SpecError> {
+    let at = "external.http";
+    super::service_callout::check_url(&s.url, &ctx.services.egress)
+        .map_err(|m| SpecError::new(format!("{at}.url"), m))?;
+    let url: hyper::Uri = s
+        .url
+        .parse()
+        .map_err(|e| SpecError::new(format!("{at}.url"), format!("not a URL: {e}")))?;
+    let mut headers = Vec::new();
+    for (k, v) in &s.headers {
+        let field = format!("{at}.headers.{k}");
+        let name = hyper::header::HeaderName::from_bytes(k.as_bytes())
+            .map_err(|_| SpecError::new(&field, "not a header name"))?;
+        if matches!(name.as_str(), "content-type" | "content-length" | "host") {
+            return Err(SpecError::new(&field, "set by the guard call itself"));
+        }
+        let value = hyper::header::HeaderValue::from_str(v)
+            .map_err(|_| SpecError::new(&field, "not a header value"))?;
+        headers.push((name, value));
+    }
+    Ok(ExternalGuard {
+        client: Client::Http(HttpGuard {
+            url,
+            headers,
+            http: ctx.services.http.clone(),
+        }),
+        timeout: timeout(&format!("{at}.timeoutMs"), s.timeout_ms)?,
+        fail_open: s.fail_open,
+        on_match: s.on_match,
+    })
+}
+
+/// Takes `external` out of a guard policy's spec and builds its guards.
+pub(crate) fn take(
+    ctx: &BuildContext,
+    spec: &mut serde_norway::Value,
+    kind: Kind,
+) -> Result<Option<Arc<ExternalGuards>>, SpecError> {
+    let Some(v) = super::sanitize_prompt::take_key(spec, "external")? else {
+        return Ok(None);
+    };
+    let s: Spec = parse_spec(v).map_err(|e| {
+        let field = if e.field.is_empty() {
+            "external".to_string()
+        } else {
+            format!("external.{}", e.field)
+        };
+        SpecError::new(field, e.message)
+    })?;
+    if kind == Kind::Prompt && s.streams.is_some() {
+        return Err(SpecError::new(
+            "external.streams",
+            "only SanitizeResponse guards streams",
+        ));
+    }
+    let mut guards = Vec::new();
+    if let Some(m) = s.model_armor {
+        guards.push(model_armor(ctx, m)?);
+    }
+    if let Some(h) = s.http {
+        guards.push(http_guard(ctx, h)?);
+    }
+    if guards.is_empty() {
+        return Err(SpecError::new("external", "give modelArmor, http or both"));
+    }
+    Ok(Some(Arc::new(ExternalGuards {
+        guards,
+        streams: s.streams.unwrap_or_default(),
+    })))
+}
+
+/// The variable prefixes of a guard policy.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Names {
+    /// `sanitizeprompt` / `sanitizeresponse`.
+    pub own: &'static str,
+    /// `SanitizeUserPrompt` / `SanitizeModelResponse`.
+    pub apigee: &'static str,
+    pub kind: Kind,
+}
+
+/// The string values `select` picks in `doc`, in document order.
+fn collect_parts(
+    doc: &[u8],
+    mut select: impl FnMut(JsonString<'_>) -> bool,
+) -> Result<Vec<String>, guard::GuardError> {
+    let mut parts = Vec::new();
+    guard::rewrite_json_strings(doc, |at, value| {
+        if select(at) {
+            parts.push(value.to_owned());
+        }
+        None
+    })?;
+    Ok(parts)
+}
+
+/// `doc` with the picked string values replaced by `parts`, in order.
+fn put_parts(
+    doc: &[u8],
+    parts: &[String],
+    mut select: impl FnMut(JsonString<'_>) -> bool,
+) -> Result<Option<Vec<u8>>, guard::GuardError> {
+    let mut i = 0;
+    guard::rewrite_json_strings(doc, |at, value| {
+        if !select(at) {
+            return None;
+        }
+        let new = parts.get(i);
+        i += 1;
+        new.filter(|n| n.as_str() != value).cloned()
+    })
+}
+
+/// What the policy does after the guards.
+pub(crate) enum After {
+    Pass,
+    /// A guard blocked: the categories to name.
+    Block(String),
+    Fault(Fault),
+}
+
+/// Runs `guards` over the picked strings of the `names.kind` body (or over `text` alone,
+/// which then cannot be redacted in place), sets the variables and rewrites the body on a
+/// redaction.
+pub(crate) async fn check_body(
+    guards: &ExternalGuards,
+    ex: &mut Exchange,
+    policy: &str,
+    names: Names,
+    text: Option<String>,
+    select: fn(JsonString<'_>) -> bool,
+) -> After {
+    let dir = match names.kind {
+        Kind::Prompt => crate::pipeline::Direction::Request,
+        Kind::Response => crate::pipeline::Direction::Response,
+    };
+    let body = match names.kind {
+        Kind::Prompt => ex.request_body.as_deref(),
+        Kind::Response => ex.response_body.as_deref(),
+    }
+    .unwrap_or_default();
+    let (parts, redactable) = match text {
+        Some(t) => (vec![t], false),
+        None => match collect_parts(body, select) {
+            Ok(p) => (p, true),
+            Err(e) => {
+                // The local stage read this body; one it cannot is refused, never passed.
+                tracing::warn!(policy = %policy, error = %e, "body not readable for the external guards");
+                return After::Fault(unavailable(names, "unreadable"));
+            }
+        },
+    };
+    if parts.iter().all(|p| p.trim().is_empty()) {
+        // No text (media only, an empty answer): nothing to ask about.
+        return After::Pass;
+    }
+    let llm = ex.state.llm.clone();
+    let ask = Ask {
+        kind: names.kind,
+        policy,
+        apigee_prefix: names.apigee,
+        api: llm.as_ref().map_or("unknown", |r| r.api.as_str()),
+        model: llm.as_ref().and_then(|r| r.model.as_deref()),
+        redactable,
+    };
+    let d = guards.check(&ask, parts).await;
+    set_vars(ex, policy, names, &d);
+    match d.end {
+        End::Block { .. } => After::Block(d.categories.join(",")),
+        End::Failed { guard, outcome } => {
+            tracing::debug!(policy = %policy, guard, outcome, "refused: external guard unavailable");
+            After::Fault(unavailable(names, outcome))
+        }
+        End::Pass => {
+            if let Some(p) = &d.parts {
+                let body = match names.kind {
+                    Kind::Prompt => ex.request_body.as_deref(),
+                    Kind::Response => ex.response_body.as_deref(),
+                }
+                .unwrap_or_default();
+                match put_parts(body, p, select) {
+                    Ok(Some(b)) => ex.replace_body(dir, b),
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(policy = %policy, error = %e, "redaction could not be applied; refused");
+                        return After::Block(d.categories.join(","));
+                    }
+                }
+            }
+            After::Pass
+        }
+    }
+}
+
+/// The fault of a guard that could not check (fail closed): 503, so a client may retry.
+fn unavailable(names: Names, why: &str) -> Fault {
+    let what = match names.kind {
+        Kind::Prompt => "prompt",
+        Kind::Response => "model's response",
+    };
+    Fault::new(
+        503,
+        format!("steps.{}.ExternalGuardFailed", names.own),
+        format!("The {what} could not be checked by an external guardrail ({why})."),
+    )
+}
+
+fn set_vars(ex: &mut Exchange, policy: &str, names: Names, d: &crate::guard::external::Decision) {
+    let own = |n: &str| format!("{}.{policy}.{n}", names.own);
+    for (k, v, apigee) in &d.vars {
+        if *apigee {
+            // A local match stands: Model Armor's NO_MATCH_FOUND does not undo it.
+            let keep = v == "NO_MATCH_FOUND"
+                && ex
+                    .var(k)
+                    .is_some_and(|x| x.as_text().as_ref() == "MATCH_FOUND");
+            if !keep {
+                ex.set_var(k.clone(), v.clone());
+            }
+        } else {
+            ex.set_var(own(k), v.clone());
+        }
+    }
+    if !d.matched {
+        return;
+    }
+    ex.set_var(own("matched"), true);
+    let local = ex
+        .var(&own("action"))
+        .map(|v| v.as_text().into_owned())
+        .unwrap_or_default();
+    let local = match local.as_str() {
+        "block" => Some(Action::Block),
+        "redact" => Some(Action::Redact),
+        "log" => Some(Action::Log),
+        _ => None,
+    };
+    if let Some(a) = local.max(d.action) {
+        ex.set_var(own("action"), a.as_str().to_string());
+    }
+    let mut cats: Vec<String> = ex
+        .var(&own("categories"))
+        .map(|v| v.as_text().into_owned())
+        .unwrap_or_default()
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .chain(d.categories.iter().cloned())
+        .collect();
+    cats.sort();
+    cats.dedup();
+    ex.set_var(own("categories"), cats.join(","));
+    ex.set_var(format!("{}.{policy}.filterMatchState", names.apigee), "MATCH_FOUND");
+}
+
+/// SanitizeResponse on a streamed answer when it has external guards (they cannot check
+/// text before it reaches the client without holding the stream): `streams: block` ends it
+/// at its first chunk with the API's refusal; `streams: local` lets the local detectors
+/// guard it, the skip said once. `None`: go on with the local stream guard.
+pub(crate) fn on_stream_chunk(
+    guards: &ExternalGuards,
+    policy: &str,
+    ex: &mut Exchange,
+    chunk: &mut Chunk,
+) -> Option<ChunkAction> {
+    let sse = ex
+        .response
+        .as_ref()
+        .and_then(|r| r.headers.get("content-type"))
+        .is_some_and(|ct| ct.starts_with("text/event-stream"));
+    if !sse || ex.state.llm.is_none() {
+        return None;
+    }
+    let flag = format!("sanitizeresponse.{policy}.external.stream");
+    match ex.var(&flag).map(|v| v.as_text().into_owned()).as_deref() {
+        Some("refused") => {
+            chunk.data.clear();
+            return Some(ChunkAction::End);
+        }
+        Some(_) => return None,
+        None => {}
+    }
+    let (outcome, first) = match guards.streams {
+        StreamPolicy::Local => ("skipped", "skipped"),
+        StreamPolicy::Block => ("refused", "refused"),
+    };
+    ex.set_var(flag, first);
+    for g in &guards.guards {
+        REQUESTS
+            .with_label_values(&[policy, g.client.label(), outcome])
+            .inc();
+        ex.set_var(
+            format!("sanitizeresponse.{policy}.{}.outcome", g.client.var_name()),
+            outcome,
+        );
+    }
+    if guards.streams == StreamPolicy::Local {
+        tracing::warn!(policy = %policy, "streamed answer: external guards skipped (streams: local), local detectors only");
+        return None;
+    }
+    tracing::info!(policy = %policy, "streamed answer refused: external guards need the whole text (streams: block)");
+    ex.set_var(format!("sanitizeresponse.{policy}.matched"), true);
+    ex.set_var(format!("sanitizeresponse.{policy}.action"), "block");
+    let api = ex.state.llm.as_ref().map(|r| r.api);
+    chunk.data = refused_stream(api, &chunk.data);
+    Some(ChunkAction::End)
+}
+
+/// A whole stream that ends at once with the API's refusal, carrying the ids of the
+/// upstream's first event where there is one: the SDK reads a normal, empty end.
+fn refused_stream(api: Option<Api>, first: &[u8]) -> Vec<u8> {
+    use serde_json::{json, Value};
+    let first_json: Option<Value> = std::str::from_utf8(first).ok().and_then(|t| {
+        t.lines()
+            .filter_map(|l| l.strip_prefix("data:"))
+            .find_map(|d| serde_json::from_str(d.trim()).ok())
+    });
+    let field = |k: &str| first_json.as_ref().and_then(|v| v.get(k)).cloned();
+    let mut out = Vec::new();
+    let mut ev = |name: Option<&str>, v: &Value| {
+        if let Some(n) = name {
+            out.extend_from_slice(format!("event: {n}\n").as_bytes());
+        }
+        out.extend_from_slice(format!("data: {v}\n\n").as_bytes());
+    };
+    match api {
+        Some(Api::OpenAiChat) => {
+            ev(
+                None,
+                &json!({"id": field("id").unwrap_or(json!("chatcmpl-refused")),
+                    "object": "chat.completion.chunk",
+                    "created": field("created").unwrap_or(json!(0)),
+                    "model": field("model").unwrap_or(json!("")),
+                    "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                 "finish_reason": "content_filter"}]}),
+            );
+            out.extend_from_slice(b"data: [DONE]\n\n");
+        }
+        Some(Api::AnthropicMessages) => {
+            let message = first_json
+                .as_ref()
+                .filter(|v| v.get("type").and_then(Value::as_str) == Some("message_start"))
+                .and_then(|v| v.get("message").cloned())
+                .unwrap_or_else(|| {
+                    json!({"id": "msg_refused", "type": "message", "role": "assistant",
+                        "content": [], "model": "", "stop_reason": null, "stop_sequence": null,
+                        "usage": {"input_tokens": 0, "output_tokens": 0}})
+                });
+            ev(
+                Some("message_start"),
+                &json!({"type": "message_start", "message": message}),
+            );
+            ev(
+                Some("message_delta"),
+                &json!({"type": "message_delta", "delta": {"stop_reason": "refusal", "stop_sequence": null},
+                        "usage": {"output_tokens": 0}}),
+            );
+            ev(Some("message_stop"), &json!({"type": "message_stop"}));
+        }
+        Some(Api::Gemini | Api::VertexAi) => {
+            ev(
+                None,
+                &json!({"candidates": [{"index": 0, "content": {"role": "model", "parts": []},
+                                        "finishReason": "SAFETY"}]}),
+            );
+        }
+        _ => {
+            // Responses and the others: an error event, which their SDKs raise.
+            ev(
+                Some("error"),
+                &json!({"type": "error", "code": "content_filter",
+                        "message": "The streamed answer was refused by a guardrail.", "param": null}),
+            );
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::services::Services;
+
+    fn ctx() -> BuildContext {
+        BuildContext {
+            name: "g".into(),
+            config_dir: None,
+            services: Services::default(),
+        }
+    }
+
+    fn take_yaml(y: &str, kind: Kind) -> Result<Option<Arc<ExternalGuards>>, SpecError> {
+        let mut v: serde_norway::Value = serde_norway::from_str(y).unwrap_or_default();
+        take(&ctx(), &mut v, kind)
+    }
+
+    #[test]
+    fn specs_are_checked_at_load() {
+        let g = take_yaml(
+            "{external: {modelArmor: {templateName: projects/p/locations/us-central1/templates/t, credentials: {none: true}}, http: {url: 'http://127.0.0.1:9/x', timeoutMs: 50, failOpen: true, onMatch: log}}}",
+            Kind::Prompt,
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|| panic!("guards"));
+        assert_eq!(g.guards.len(), 2);
+        let Client::ModelArmor(m) = &g.guards[0].client else {
+            panic!("model armor first")
+        };
+        assert_eq!(m.endpoint, "https://modelarmor.us-central1.rep.googleapis.com");
+        assert!(m.token.is_none());
+        assert_eq!(g.guards[0].timeout, Duration::from_millis(2000));
+        assert!(!g.guards[0].fail_open);
+        assert_eq!(g.guards[1].on_match, OnMatch::Log);
+        assert!(g.guards[1].fail_open);
+
+        for (y, field) in [
+            ("{external: {}}", "external"),
+            ("{external: {modelArmor: {templateName: 'projects/p/templates/t'}}}", "external.modelArmor.templateName"),
+            ("{external: {modelArmor: {templateName: projects/p/locations/l/templates/t, colour: red}}}", "external.modelArmor"),
+            ("{external: {http: {url: 'ftp://x/y'}}}", "external.http.url"),
+            ("{external: {http: {url: 'http://169.254.169.254/'}}}", "external.http.url"),
+            ("{external: {http: {url: 'http://x/', timeoutMs: 0}}}", "external.http.timeoutMs"),
+            ("{external: {http: {url: 'http://x/', headers: {content-type: a}}}}", "external.http.headers.content-type"),
+            ("{external: {modelArmor: {templateName: projects/p/locations/l/templates/t, endpoint: 'http://x/v1'}}}", "external.modelArmor.endpoint"),
+            ("{external: {http: {url: 'http://x/'}, streams: local}}", "external.streams"),
+        ] {
+            let e = take_yaml(y, Kind::Prompt).err().unwrap_or_else(|| panic!("{y} refused"));
+            assert!(e.field.starts_with(field), "{y}: {} {}", e.field, e.message);
+        }
+        let g = take_yaml("{external: {http: {url: 'http://x/'}, streams: local}}", Kind::Response)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|| panic!("guards"));
+        assert_eq!(g.streams, StreamPolicy::Local);
+        let g = take_yaml("{external: {http: {url: 'http://x/'}}}", Kind::Response)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|| panic!("guards"));
+        assert_eq!(g.streams, StreamPolicy::Block, "streams fail closed by default");
+        assert!(take_yaml("{defaultAction: log}", Kind::Prompt)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .is_none());
+    }
+
+    #[test]
+    fn parts_come_out_and_go_back_in_order() {
+        let doc = br#"{"model":"m","messages":[{"role":"user","content":"a \"q\""},{"role":"user","content":"b"}]}"#;
+        let sel = |at: JsonString<'_>| at.key == Some("content");
+        let parts = collect_parts(doc, sel).unwrap_or_default();
+        assert_eq!(parts, ["a \"q\"", "b"]);
+        let out = put_parts(doc, &["a [X]".into(), "b".into()], sel)
+            .unwrap_or_default()
+            .unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap_or_default();
+        assert_eq!(v["messages"][0]["content"], "a [X]");
+        assert_eq!(v["messages"][1]["content"], "b");
+        assert_eq!(v["model"], "m");
+    }
+
+    #[test]
+    fn refused_streams_are_whole_for_each_api() {
+        let first = b"data: {\"id\":\"c9\",\"created\":5,\"model\":\"gpt\",\"choices\":[]}\n\n";
+        let s = String::from_utf8(refused_stream(Some(Api::OpenAiChat), first)).unwrap_or_default();
+        assert!(s.contains("\"finish_reason\":\"content_filter\"") && s.contains("\"id\":\"c9\""), "{s}");
+        assert!(s.ends_with("data: [DONE]\n\n"));
+        let s = String::from_utf8(refused_stream(Some(Api::AnthropicMessages), b"")).unwrap_or_default();
+        assert!(s.starts_with("event: message_start\n"), "{s}");
+        assert!(s.contains("\"stop_reason\":\"refusal\"") && s.ends_with("{\"type\":\"message_stop\"}\n\n"));
+        let s = String::from_utf8(refused_stream(Some(Api::Gemini), b"")).unwrap_or_default();
+        assert!(s.contains("\"finishReason\":\"SAFETY\""), "{s}");
+        let s = String::from_utf8(refused_stream(Some(Api::OpenAiResponses), b"")).unwrap_or_default();
+        assert!(s.starts_with("event: error\n"), "{s}");
+    }
+}
