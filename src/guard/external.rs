@@ -9,7 +9,7 @@
 //!
 //! ```text
 //! POST <url>  content-type: application/json
-//! {"kind": "prompt" | "response", "policy": "<policy>", "api": "openai_chat", "model": "gpt-4o",
+//! {"kind": "prompt" | "response", "policy": "<policy>", "api": "openai.chat_completions", "model": "gpt-4o",
 //!  "text": "<the parts joined by a blank line>", "parts": ["<part>", ...]}
 //!
 //! 200 {"action": "allow" | "block" | "redact", "categories": ["<name>", ...],
@@ -121,11 +121,7 @@ fn http_error(e: HttpError) -> ExternalError {
 
 /// A parse error's position only: serde's messages can quote values from the answer.
 fn answer_error(what: &str, e: &serde_json::Error) -> ExternalError {
-    ExternalError::Answer(format!(
-        "{what} (line {}, column {})",
-        e.line(),
-        e.column()
-    ))
+    ExternalError::Answer(format!("{what} (line {}, column {})", e.line(), e.column()))
 }
 
 /// What is checked.
@@ -357,8 +353,7 @@ fn clean_category(v: &serde_json::Value) -> Option<String> {
     let s = v.as_str()?;
     (!s.is_empty()
         && s.len() <= 64
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-')))
     .then(|| s.to_owned())
 }
@@ -378,7 +373,8 @@ impl HttpGuard {
             "text": parts.join("\n\n"),
             "parts": parts,
         });
-        let mut req = hyper::Request::post(self.url.clone()).header("content-type", "application/json");
+        let mut req =
+            hyper::Request::post(self.url.clone()).header("content-type", "application/json");
         for (k, v) in &self.headers {
             req = req.header(k, v);
         }
@@ -568,7 +564,8 @@ impl ExternalGuards {
                         .push((format!("{name}.outcome"), outcome.to_string(), false));
                     if g.fail_open {
                         tracing::warn!(policy = %ask.policy, guard = label, error = %e, "external guard failed; passed unchecked (failOpen)");
-                        d.vars.push((format!("{name}.skipped"), "true".into(), false));
+                        d.vars
+                            .push((format!("{name}.skipped"), "true".into(), false));
                         continue;
                     }
                     tracing::warn!(policy = %ask.policy, guard = label, error = %e, "external guard failed; refused (fail closed)");
@@ -592,11 +589,8 @@ impl ExternalGuards {
             }
             d.matched = true;
             d.categories.extend(v.categories.iter().cloned());
-            d.vars.push((
-                format!("{name}.categories"),
-                v.categories.join(","),
-                false,
-            ));
+            d.vars
+                .push((format!("{name}.categories"), v.categories.join(","), false));
             let done = match (v.said, g.on_match) {
                 (_, OnMatch::Log) => super::Action::Log,
                 (Said::Redact(p), OnMatch::Block) => {
@@ -669,7 +663,8 @@ mod tests {
             r#"{{"sanitizationResult":{{"filterMatchState":"MATCH_FOUND","invocationResult":"SUCCESS",
             "filterResults":{{"sdp":{{"sdpFilterResult":{{"deidentifyResult":{{"executionState":"EXECUTION_SUCCESS",
             "matchState":"MATCH_FOUND","data":{{"text":{}}},"transformedBytes":"20","infoTypes":["EMAIL_ADDRESS"]}}}}}}}}}}}}"#,
-            serde_json::to_string(&format!("hi{PART_SEPARATOR}mail [EMAIL_ADDRESS]")).unwrap_or_default()
+            serde_json::to_string(&format!("hi{PART_SEPARATOR}mail [EMAIL_ADDRESS]"))
+                .unwrap_or_default()
         );
         let r = result(&deid);
         let v = verdict_of(&r, &ask(true), 2, true).unwrap_or_else(|e| panic!("{e}"));
@@ -704,14 +699,20 @@ mod tests {
             "filterResults":{"pi_and_jailbreak":{"piAndJailbreakFilterResult":{"matchState":"MATCH_FOUND","confidenceLevel":"HIGH"}}}}}"#,
         );
         let v = verdict_of(&partial_match, &ask(true), 1, true).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!((v.said, v.categories), (Said::Block, vec!["prompt_injection".to_string()]));
+        assert_eq!(
+            (v.said, v.categories),
+            (Said::Block, vec!["prompt_injection".to_string()])
+        );
     }
 
     #[test]
     fn categories_from_elsewhere_are_bounded() {
         use serde_json::json;
         assert_eq!(clean_category(&json!("toxicity")), Some("toxicity".into()));
-        assert_eq!(clean_category(&json!("pii:email")), Some("pii:email".into()));
+        assert_eq!(
+            clean_category(&json!("pii:email")),
+            Some("pii:email".into())
+        );
         assert_eq!(clean_category(&json!("jane doe@example.com")), None);
         assert_eq!(clean_category(&json!("x".repeat(65))), None);
         assert_eq!(clean_category(&json!(3)), None);
@@ -726,7 +727,10 @@ mod tests {
         let msg = e.map(|e| e.to_string()).unwrap_or_default();
         assert!(msg.contains("line 1"), "{msg}");
         assert!(!msg.contains("secret"), "{msg}");
-        assert_eq!(ExternalError::Timeout(Duration::from_secs(1)).outcome(), "timeout");
+        assert_eq!(
+            ExternalError::Timeout(Duration::from_secs(1)).outcome(),
+            "timeout"
+        );
         assert_eq!(ExternalError::Status(500).outcome(), "error");
     }
 }

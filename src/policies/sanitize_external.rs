@@ -137,8 +137,7 @@ fn template_location(t: &str) -> Option<&str> {
         && seg[4] == "templates"
         && [seg[1], seg[3], seg[5]].iter().all(|s| {
             !s.is_empty()
-                && s
-                    .bytes()
+                && s.bytes()
                     .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
         });
     ok.then_some(seg[3])
@@ -174,7 +173,9 @@ fn model_armor(ctx: &BuildContext, s: ModelArmorSpec) -> Result<ExternalGuard, S
     )?;
     let token = match s.credentials {
         Some(c) if c.none => {
-            if c.scopes.is_some() || c.service_account_key_file.is_some() || c.metadata_host.is_some()
+            if c.scopes.is_some()
+                || c.service_account_key_file.is_some()
+                || c.metadata_host.is_some()
             {
                 return Err(SpecError::new(
                     format!("{at}.credentials"),
@@ -220,11 +221,11 @@ fn model_armor(ctx: &BuildContext, s: ModelArmorSpec) -> Result<ExternalGuard, S
                 }
                 (None, None) => Source::metadata_default(),
             };
-            Some(ctx.services.google.slot(
-                source,
-                TokenKind::Access { scopes },
-                &ctx.services.http,
-            ))
+            Some(
+                ctx.services
+                    .google
+                    .slot(source, TokenKind::Access { scopes }, &ctx.services.http),
+            )
         }
     };
     Ok(ExternalGuard {
@@ -493,7 +494,10 @@ fn set_vars(ex: &mut Exchange, policy: &str, names: Names, d: &crate::guard::ext
     cats.sort();
     cats.dedup();
     ex.set_var(own("categories"), cats.join(","));
-    ex.set_var(format!("{}.{policy}.filterMatchState", names.apigee), "MATCH_FOUND");
+    ex.set_var(
+        format!("{}.{policy}.filterMatchState", names.apigee),
+        "MATCH_FOUND",
+    );
 }
 
 /// SanitizeResponse on a streamed answer when it has external guards (they cannot check
@@ -649,7 +653,10 @@ mod tests {
         let Client::ModelArmor(m) = &g.guards[0].client else {
             panic!("model armor first")
         };
-        assert_eq!(m.endpoint, "https://modelarmor.us-central1.rep.googleapis.com");
+        assert_eq!(
+            m.endpoint,
+            "https://modelarmor.us-central1.rep.googleapis.com"
+        );
         assert!(m.token.is_none());
         assert_eq!(g.guards[0].timeout, Duration::from_millis(2000));
         assert!(!g.guards[0].fail_open);
@@ -670,14 +677,21 @@ mod tests {
             let e = take_yaml(y, Kind::Prompt).err().unwrap_or_else(|| panic!("{y} refused"));
             assert!(e.field.starts_with(field), "{y}: {} {}", e.field, e.message);
         }
-        let g = take_yaml("{external: {http: {url: 'http://x/'}, streams: local}}", Kind::Response)
-            .unwrap_or_else(|e| panic!("{e}"))
-            .unwrap_or_else(|| panic!("guards"));
+        let g = take_yaml(
+            "{external: {http: {url: 'http://x/'}, streams: local}}",
+            Kind::Response,
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|| panic!("guards"));
         assert_eq!(g.streams, StreamPolicy::Local);
         let g = take_yaml("{external: {http: {url: 'http://x/'}}}", Kind::Response)
             .unwrap_or_else(|e| panic!("{e}"))
             .unwrap_or_else(|| panic!("guards"));
-        assert_eq!(g.streams, StreamPolicy::Block, "streams fail closed by default");
+        assert_eq!(
+            g.streams,
+            StreamPolicy::Block,
+            "streams fail closed by default"
+        );
         assert!(take_yaml("{defaultAction: log}", Kind::Prompt)
             .unwrap_or_else(|e| panic!("{e}"))
             .is_none());
@@ -702,14 +716,22 @@ mod tests {
     fn refused_streams_are_whole_for_each_api() {
         let first = b"data: {\"id\":\"c9\",\"created\":5,\"model\":\"gpt\",\"choices\":[]}\n\n";
         let s = String::from_utf8(refused_stream(Some(Api::OpenAiChat), first)).unwrap_or_default();
-        assert!(s.contains("\"finish_reason\":\"content_filter\"") && s.contains("\"id\":\"c9\""), "{s}");
+        assert!(
+            s.contains("\"finish_reason\":\"content_filter\"") && s.contains("\"id\":\"c9\""),
+            "{s}"
+        );
         assert!(s.ends_with("data: [DONE]\n\n"));
-        let s = String::from_utf8(refused_stream(Some(Api::AnthropicMessages), b"")).unwrap_or_default();
+        let s = String::from_utf8(refused_stream(Some(Api::AnthropicMessages), b""))
+            .unwrap_or_default();
         assert!(s.starts_with("event: message_start\n"), "{s}");
-        assert!(s.contains("\"stop_reason\":\"refusal\"") && s.ends_with("{\"type\":\"message_stop\"}\n\n"));
+        assert!(
+            s.contains("\"stop_reason\":\"refusal\"")
+                && s.ends_with("{\"type\":\"message_stop\"}\n\n")
+        );
         let s = String::from_utf8(refused_stream(Some(Api::Gemini), b"")).unwrap_or_default();
         assert!(s.contains("\"finishReason\":\"SAFETY\""), "{s}");
-        let s = String::from_utf8(refused_stream(Some(Api::OpenAiResponses), b"")).unwrap_or_default();
+        let s =
+            String::from_utf8(refused_stream(Some(Api::OpenAiResponses), b"")).unwrap_or_default();
         assert!(s.starts_with("event: error\n"), "{s}");
     }
 }

@@ -326,7 +326,8 @@ impl Policy for SanitizePrompt {
             return Hook::CONTINUE;
         };
         let text = self.prompt_source.as_ref().map(|t| t.render(ex));
-        let has_body = ex.state.llm.is_some() && ex.request_body.as_ref().is_some_and(|b| !b.is_empty());
+        let has_body =
+            ex.state.llm.is_some() && ex.request_body.as_ref().is_some_and(|b| !b.is_empty());
         if text.is_none() && !has_body {
             return Hook::CONTINUE;
         }

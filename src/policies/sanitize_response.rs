@@ -445,8 +445,7 @@ impl Policy for SanitizeResponse {
     fn response_chunk(&self, ex: &mut Exchange, chunk: &mut Chunk) -> ChunkAction {
         // ── external guards on streams (sanitize_external): refused or said skipped ──
         if let Some(ext) = &self.external {
-            if let Some(a) = super::sanitize_external::on_stream_chunk(ext, &self.name, ex, chunk)
-            {
+            if let Some(a) = super::sanitize_external::on_stream_chunk(ext, &self.name, ex, chunk) {
                 return a;
             }
         }
