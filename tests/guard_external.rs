@@ -39,7 +39,8 @@ struct Bed {
 }
 
 impl Bed {
-    async fn start(config: &str) -> Self {
+    /// Behind an Envoy sending bodies in `body_mode` (`BUFFERED`, `FULL_DUPLEX_STREAMED`).
+    async fn start(config: &str, body_mode: &'static str) -> Self {
         let tmp = tempfile::Builder::new()
             .prefix("tollgate-guard-external-")
             .tempdir()
@@ -56,8 +57,10 @@ impl Bed {
         let upstream = LlmUpstream::start(tmp.path()).await;
         let tollgate = Tollgate::start(&config_dir, tmp.path(), &[]).await;
         let mode = Mode {
-            request_body_mode: Some("BUFFERED"),
-            response_body_mode: Some("BUFFERED"),
+            request_body_mode: Some(body_mode),
+            response_body_mode: Some(body_mode),
+            request_trailer_mode: Some("SEND"),
+            response_trailer_mode: Some("SEND"),
             ..Mode::headers_only()
         };
         let opts = EnvoyOptions {
@@ -263,7 +266,7 @@ async fn sdk_prompts_through_model_armor_and_an_http_guard() {
         let Some(sdk) = sdk("sdk_prompts_through_model_armor_and_an_http_guard") else {
             return;
         };
-        let bed = Bed::start(PROMPTS).await;
+        let bed = Bed::start(PROMPTS, "BUFFERED").await;
 
         // Clean: passes; Model Armor was asked as documented; its results are variables.
         let lines = sdk
@@ -491,7 +494,7 @@ async fn sdk_answers_through_model_armor() {
         let Some(sdk) = sdk("sdk_answers_through_model_armor") else {
             return;
         };
-        let bed = Bed::start(RESPONSES).await;
+        let bed = Bed::start(RESPONSES, "BUFFERED").await;
 
         // A clean JSON answer reads as it was; Model Armor saw the generated text.
         let clean = [("x-test-reply", "The gateway says hello.")];
@@ -552,6 +555,66 @@ async fn sdk_answers_through_model_armor() {
         assert_eq!(count("armor-answer", "refused"), 1.0);
         assert_eq!(count("armor-answer-local", "skipped"), 1.0);
         assert!(!m.contains("malware.test") && !m.contains("jane.doe"));
+    })
+    .await;
+}
+
+/// The same decisions with bodies in FULL_DUPLEX_STREAMED: the prompt is held whole while
+/// Model Armor answers, a flagged one never leaves, a de-identified one leaves rewritten
+/// (its length fixed), and a clean stream reads normally.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdk_model_armor_full_duplex() {
+    within(LIMIT, async {
+        let Some(sdk) = sdk("sdk_model_armor_full_duplex") else {
+            return;
+        };
+        let bed = Bed::start(PROMPTS, "FULL_DUPLEX_STREAMED").await;
+        let lines = sdk
+            .run_many_prompt(&CHAT, &bed.root("armor"), "k", &[], Some("Say hello."))
+            .await;
+        for r in &lines {
+            assert_eq!(r["ok"], true, "{r}\n{}", bed.logs());
+        }
+        let lines = sdk
+            .run_many_prompt(
+                &CHAT,
+                &bed.root("armor"),
+                "k",
+                &[],
+                Some("Now armor:dangerous please"),
+            )
+            .await;
+        assert_refused(
+            &lines,
+            400,
+            "steps.sanitizeprompt.PromptBlocked",
+            "custom:model_armor_rai",
+            "armor:dangerous",
+            &bed,
+        );
+        assert_eq!(
+            bed.received("armor").await.len(),
+            2,
+            "a flagged prompt was forwarded"
+        );
+        assert_eq!(bed.guard.armor_calls().len(), 4);
+        let lines = sdk
+            .run_many_prompt(
+                &CHAT,
+                &bed.root("deid"),
+                "k",
+                &[],
+                Some("Mail jane.doe@example.com, thanks."),
+            )
+            .await;
+        for r in &lines {
+            assert_eq!(r["ok"], true, "{r}\n{}", bed.logs());
+        }
+        for s in bed.received("deid").await {
+            let body = s["body"].to_string();
+            assert!(body.contains("Mail [EMAIL_ADDRESS], thanks."), "{body}");
+            assert!(!body.contains("jane.doe"), "{body}");
+        }
     })
     .await;
 }

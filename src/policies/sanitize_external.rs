@@ -11,7 +11,7 @@
 //!       # endpoint: https://modelarmor.us-central1.rep.googleapis.com   (from the location)
 //!       # credentials: {metadataHost: …} | {serviceAccountKeyFile: sa.json} | {none: true}
 //!       #              (default: the metadata server, scope cloud-platform)
-//!       timeoutMs: 2000
+//!       timeoutMs: 1500        # keep below Envoy's ext_proc message_timeout
 //!       failOpen: false          # an error or timeout refuses (503); true passes, said in variables
 //!       onMatch: block           # or log
 //!       redact: false            # true: an SDP-only match is redacted with Model Armor's
@@ -56,7 +56,9 @@ use crate::llm::Api;
 use crate::pipeline::{Chunk, ChunkAction};
 use crate::vars::Exchange;
 
-const DEFAULT_TIMEOUT_MS: u64 = 2000;
+/// Below the 2 s `message_timeout` of deploy/envoy: Envoy would otherwise end the
+/// exchange with its own 500 before the guard's verdict, or its closed failure, arrives.
+const DEFAULT_TIMEOUT_MS: u64 = 1500;
 const MAX_TIMEOUT_MS: u64 = 60_000;
 const CLOUD_PLATFORM: &str = "https://www.googleapis.com/auth/cloud-platform";
 
@@ -658,7 +660,7 @@ mod tests {
             "https://modelarmor.us-central1.rep.googleapis.com"
         );
         assert!(m.token.is_none());
-        assert_eq!(g.guards[0].timeout, Duration::from_millis(2000));
+        assert_eq!(g.guards[0].timeout, Duration::from_millis(1500));
         assert!(!g.guards[0].fail_open);
         assert_eq!(g.guards[1].on_match, OnMatch::Log);
         assert!(g.guards[1].fail_open);
@@ -695,6 +697,67 @@ mod tests {
         assert!(take_yaml("{defaultAction: log}", Kind::Prompt)
             .unwrap_or_else(|e| panic!("{e}"))
             .is_none());
+    }
+
+    #[test]
+    fn verdicts_merge_into_the_policy_variables() {
+        use crate::guard::external::Decision;
+        let mut ex = Exchange::default();
+        // What the local stage set: a logged email, an injection match.
+        ex.set_var("sanitizeprompt.p.matched", true);
+        ex.set_var("sanitizeprompt.p.action", "log");
+        ex.set_var("sanitizeprompt.p.categories", "email");
+        ex.set_var(
+            "SanitizeUserPrompt.p.piAndJailbreakFilterResult.matchState",
+            "MATCH_FOUND",
+        );
+        let d = Decision {
+            end: End::Pass,
+            parts: Some(vec!["x".into()]),
+            matched: true,
+            action: Some(Action::Redact),
+            categories: vec!["custom:model_armor_sdp".into(), "email".into()],
+            vars: vec![
+                ("modelArmor.outcome".into(), "match".into(), false),
+                (
+                    "SanitizeUserPrompt.p.piAndJailbreakFilterResult.matchState".into(),
+                    "NO_MATCH_FOUND".into(),
+                    true,
+                ),
+                (
+                    "SanitizeUserPrompt.p.sdpFilterResult.deidentifyResult.matchState".into(),
+                    "MATCH_FOUND".into(),
+                    true,
+                ),
+            ],
+        };
+        let names = Names {
+            own: "sanitizeprompt",
+            apigee: "SanitizeUserPrompt",
+            kind: Kind::Prompt,
+        };
+        set_vars(&mut ex, "p", names, &d);
+        let v = |n: &str| {
+            ex.var(n)
+                .map(|v| v.as_text().into_owned())
+                .unwrap_or_default()
+        };
+        assert_eq!(v("sanitizeprompt.p.modelArmor.outcome"), "match");
+        assert_eq!(v("sanitizeprompt.p.action"), "redact");
+        assert_eq!(
+            v("sanitizeprompt.p.categories"),
+            "custom:model_armor_sdp,email"
+        );
+        assert_eq!(
+            v("SanitizeUserPrompt.p.piAndJailbreakFilterResult.matchState"),
+            "MATCH_FOUND",
+            "a local match stands"
+        );
+        assert_eq!(
+            v("SanitizeUserPrompt.p.sdpFilterResult.deidentifyResult.matchState"),
+            "MATCH_FOUND"
+        );
+        assert_eq!(v("SanitizeUserPrompt.p.filterMatchState"), "MATCH_FOUND");
     }
 
     #[test]
