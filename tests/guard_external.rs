@@ -198,6 +198,25 @@ spec:
   identifier: "everyone"
 ---
 apiVersion: tollgate.dev/v1alpha1
+kind: Policy
+metadata: {name: armor-missing}
+spec:
+  type: SanitizePrompt
+  external:
+    modelArmor:
+      templateName: projects/test-project/locations/us-central1/templates/missing
+      endpoint: "@GUARD"
+      credentials: {metadataHost: "@METADATA"}
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: Flow
+metadata: {name: missing}
+spec:
+  match: {pathPrefixes: [/missing/]}
+  errorFormat: auto
+  request: [{policy: armor-missing}]
+---
+apiVersion: tollgate.dev/v1alpha1
 kind: Flow
 metadata: {name: armor}
 spec:
@@ -368,6 +387,21 @@ async fn sdk_prompts_through_model_armor_and_an_http_guard() {
             &bed,
         );
         assert_eq!(bed.received("armor").await.len(), 2, "passed on a timeout");
+        bed.guard.set_delay(Duration::ZERO);
+        // Model Armor answering an error (an unknown template: Google's 404): closed too.
+        let lines = sdk
+            .run_many_prompt(&["openai.chat"], &bed.root("missing"), "k", &[], Some("Say hello."))
+            .await;
+        assert_refused(
+            &lines,
+            503,
+            "steps.sanitizeprompt.ExternalGuardFailed",
+            "error",
+            "Say hello",
+            &bed,
+        );
+        assert!(bed.received("missing").await.is_empty());
+        bed.guard.set_delay(Duration::from_millis(1500));
         let lines = sdk
             .run_many_prompt(&["openai.chat"], &bed.root("open"), "k", &[], Some("Say hello."))
             .await;
@@ -430,6 +464,9 @@ async fn sdk_prompts_through_model_armor_and_an_http_guard() {
         assert_eq!(count("armor-prompt", "model_armor", "match"), 2.0);
         assert_eq!(count("armor-prompt", "model_armor", "timeout"), 1.0);
         assert_eq!(count("armor-open", "model_armor", "timeout"), 1.0);
+        assert_eq!(count("armor-missing", "model_armor", "error"), 1.0);
+        assert_eq!(count("armor-missing", "model_armor", "ok"), 0.0, "exported at 0: {m}");
+        assert!(m.contains("policy=\"armor-missing\"} 0"), "outcomes exported at 0");
         assert_eq!(count("armor-deid", "model_armor", "match"), 1.0);
         assert_eq!(count("http-prompt", "http", "ok"), 1.0);
         assert_eq!(count("http-prompt", "http", "match"), 2.0);

@@ -309,6 +309,17 @@ pub(crate) fn take(
     if guards.is_empty() {
         return Err(SpecError::new("external", "give modelArmor, http or both"));
     }
+    // Every outcome this policy can count, exported at 0 from the start (alerts and rates
+    // have a series before the first event).
+    let outcomes: &[&str] = match kind {
+        Kind::Prompt => &["ok", "match", "error", "timeout"],
+        Kind::Response => &["ok", "match", "error", "timeout", "refused", "skipped"],
+    };
+    for g in &guards {
+        for o in outcomes {
+            REQUESTS.with_label_values(&[&ctx.name, g.client.label(), o]);
+        }
+    }
     Ok(Some(Arc::new(ExternalGuards {
         guards,
         streams: s.streams.unwrap_or_default(),

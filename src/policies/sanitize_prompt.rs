@@ -23,6 +23,9 @@
 //! It runs where the flow places it: a request refused by an earlier step (auth, a quota)
 //! never reaches a guard.
 //!
+//! External guards (Model Armor, a generic HTTP guard) run after the local detectors when
+//! `external` is given: see `sanitize_external`.
+//!
 //! Variables: `sanitizeprompt.<policy>.{matched,action,categories,findings}` and Apigee's
 //! `SanitizeUserPrompt.<policy>.{filterMatchState,invocationResult,
 //! piAndJailbreakFilterResult.matchState,sdpFilterResult.inspectResult.matchState}`.

@@ -26,6 +26,10 @@
 //!   with a warning and `sanitizeresponse.<policy>.unsupported_stream = true` (their JSON
 //!   answers are guarded). Condition the flow on the path if that matters.
 //!
+//! External guards (Model Armor, a generic HTTP guard; `external`, see `sanitize_external`)
+//! check JSON answers after the local detectors; a stream they cannot check is refused at
+//! once or left to the local detectors (`external.streams`).
+//!
 //! Variables: `sanitizeresponse.<policy>.{matched,action,categories,findings}` and Apigee's
 //! `SanitizeModelResponse.<policy>.*` match states.
 
