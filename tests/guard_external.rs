@@ -509,6 +509,27 @@ spec:
     streams: local
 ---
 apiVersion: tollgate.dev/v1alpha1
+kind: Policy
+metadata: {name: armor-answer-end}
+spec:
+  type: SanitizeModelResponse
+  detectors: {}
+  external:
+    modelArmor:
+      templateName: "@STRICT"
+      endpoint: "@GUARD"
+      credentials: {metadataHost: "@METADATA"}
+    streams: end
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: Flow
+metadata: {name: answers-end}
+spec:
+  match: {pathPrefixes: [/end/]}
+  errorFormat: auto
+  response: [{policy: armor-answer-end}]
+---
+apiVersion: tollgate.dev/v1alpha1
 kind: Flow
 metadata: {name: answers}
 spec:
@@ -577,7 +598,45 @@ async fn sdk_answers_through_model_armor() {
         assert_eq!(lines[0]["text"], "Write to [EMAIL] soon.", "{}", lines[0]);
         assert_eq!(bed.guard.armor_calls().len(), 2);
 
+        // `streams: end`: the whole streamed text is checked once the upstream's stream
+        // ended, before its last chunk is released. Clean: it reads as sent.
+        let lines = sdk
+            .run_many_prompt(&["openai.chat.stream"], &bed.root("end"), "k", &clean, None)
+            .await;
+        assert_eq!(lines[0]["ok"], true, "{}\n{}", lines[0], bed.logs());
+        assert_eq!(lines[0]["text"], "The gateway says hello.", "{}", lines[0]);
+        let calls = bed.guard.armor_calls();
+        assert_eq!(calls.len(), 3);
+        assert_eq!(
+            calls[2].body["modelResponseData"]["text"], "The gateway says hello.",
+            "the stream's text, reassembled: {:?}",
+            calls[2].body
+        );
+        // Flagged: the stream ends with the API's refusal, a normal end for the SDK. (Held
+        // whole before the verdict, as the stream code holds a body a response step may
+        // replace, nothing of it was released.)
+        let lines = sdk
+            .run_many_prompt(&["openai.chat.stream"], &bed.root("end"), "k", &flagged, None)
+            .await;
+        assert_eq!(lines[0]["ok"], true, "{}\n{}", lines[0], bed.logs());
+        assert_eq!(bed.guard.armor_calls().len(), 4);
+        assert!(
+            bed.tollgate
+                .log()
+                .contains("streamed answer's end refused by the external guards"),
+            "{}",
+            bed.logs()
+        );
+
         let m = bed.tollgate.metrics().await;
+        assert_eq!(
+            support::metric(
+                &m,
+                "tollgate_guard_external_requests_total{guard=\"model_armor\",outcome=\"match\",policy=\"armor-answer-end\"}"
+            ),
+            Some(1.0),
+            "{m}"
+        );
         let count = |policy: &str, outcome: &str| {
             support::metric(
                 &m,

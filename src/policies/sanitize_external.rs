@@ -24,7 +24,9 @@
 //!       onMatch: block
 //!     # SanitizeResponse only: what a streamed answer gets (the guards need the whole text
 //!     # before the client sees it): block (default, the stream ends at once with the API's
-//!     # refusal) or local (the local detectors guard it alone; the skip is said)
+//!     # refusal), end (the whole text is checked when the upstream's stream ended, before
+//!     # its last chunk leaves; a match ends it with the refusal) or local (the local
+//!     # detectors guard it alone; the skip is said)
 //!     streams: block
 //! ```
 //!
@@ -513,25 +515,130 @@ fn set_vars(ex: &mut Exchange, policy: &str, names: Names, d: &crate::guard::ext
     );
 }
 
+fn is_sse(ex: &Exchange) -> bool {
+    ex.response
+        .as_ref()
+        .and_then(|r| r.headers.get("content-type"))
+        .is_some_and(|ct| ct.starts_with("text/event-stream"))
+}
+
+/// `streams: end`: a streamed answer's whole generated text, read at its end.
+pub(crate) struct StreamEnd {
+    flag: String,
+    parts: Vec<String>,
+    unreadable: bool,
+    llm: Arc<crate::llm::LlmRequest>,
+}
+
+/// `streams: end`, at the end of a streamed answer (SanitizeResponse's `response_end`, which
+/// runs on the whole body before its last chunk is released): what to check, or `None` when
+/// this is not such a stream. [`StreamEnd::run`] keeps the guards' verdict for
+/// [`on_stream_chunk`] in `sanitizeresponse.<policy>.external.stream` (`pass` or `block`).
+pub(crate) fn stream_end(
+    guards: &ExternalGuards,
+    policy: &str,
+    ex: &Exchange,
+) -> Option<StreamEnd> {
+    if guards.streams != StreamPolicy::End || !is_sse(ex) {
+        return None;
+    }
+    let llm = ex.state.llm.clone()?;
+    let body = ex.response_body.as_deref().filter(|b| !b.is_empty())?;
+    let flag = format!("sanitizeresponse.{policy}.external.stream");
+    if ex.var(&flag).is_some() {
+        return None;
+    }
+    // The generated text of every choice, read by the LLM module (every API's framing),
+    // with room for all of it: a text it could not read whole is not vouched for.
+    let limits = crate::llm::response::Limits {
+        max_text_bytes: body.len(),
+        ..Default::default()
+    };
+    let mut acc = crate::llm::ResponseAccumulator::with_limits(
+        llm.api,
+        crate::llm::ResponseFormat::Sse,
+        limits,
+    );
+    acc.feed(body);
+    let summary = acc.finish();
+    let unreadable = summary.framing_error.is_some() || summary.dropped_text_chars > 0;
+    let parts: Vec<String> = summary
+        .choices
+        .into_iter()
+        .filter(|c| !c.is_empty())
+        .collect();
+    Some(StreamEnd {
+        flag,
+        parts,
+        unreadable,
+        llm,
+    })
+}
+
+impl StreamEnd {
+    /// Asks the guards; never a rejection (the stream's headers, and maybe text, already
+    /// left): the chunk step ends the stream with the API's refusal instead.
+    pub(crate) async fn run(
+        self,
+        guards: &ExternalGuards,
+        policy: &str,
+        ex: &mut Exchange,
+    ) -> crate::pipeline::Outcome {
+        let StreamEnd {
+            flag,
+            parts,
+            unreadable,
+            llm,
+        } = self;
+        if unreadable {
+            tracing::warn!(policy = %policy, "streamed answer not readable whole; its end is refused");
+            ex.set_var(flag, "block");
+            return crate::pipeline::Outcome::Continue;
+        }
+        if parts.is_empty() {
+            ex.set_var(flag, "pass");
+            return crate::pipeline::Outcome::Continue;
+        }
+        let ask = Ask {
+            kind: Kind::Response,
+            policy,
+            apigee_prefix: "SanitizeModelResponse",
+            api: llm.api.as_str(),
+            model: llm.model.as_deref(),
+            redactable: false,
+        };
+        let d = guards.check(&ask, parts).await;
+        let names = Names {
+            own: "sanitizeresponse",
+            apigee: "SanitizeModelResponse",
+            kind: Kind::Response,
+        };
+        set_vars(ex, policy, names, &d);
+        let verdict = if d.end == End::Pass { "pass" } else { "block" };
+        ex.set_var(flag, verdict);
+        crate::pipeline::Outcome::Continue
+    }
+}
+
 /// SanitizeResponse on a streamed answer when it has external guards (they cannot check
 /// text before it reaches the client without holding the stream): `streams: block` ends it
 /// at its first chunk with the API's refusal; `streams: local` lets the local detectors
-/// guard it, the skip said once. `None`: go on with the local stream guard.
+/// guard it, the skip said once; `streams: end` passes it on until [`stream_end`]'s verdict,
+/// then ends it with the refusal on a block (or when no verdict came by its last chunk).
+/// `None`: go on with the local stream guard.
 pub(crate) fn on_stream_chunk(
     guards: &ExternalGuards,
     policy: &str,
     ex: &mut Exchange,
     chunk: &mut Chunk,
 ) -> Option<ChunkAction> {
-    let sse = ex
-        .response
-        .as_ref()
-        .and_then(|r| r.headers.get("content-type"))
-        .is_some_and(|ct| ct.starts_with("text/event-stream"));
-    if !sse || ex.state.llm.is_none() {
+    if !is_sse(ex) || ex.state.llm.is_none() {
         return None;
     }
     let flag = format!("sanitizeresponse.{policy}.external.stream");
+    if guards.streams == StreamPolicy::End {
+        return end_mode_chunk(policy, ex, chunk, &flag);
+    }
     match ex.var(&flag).map(|v| v.as_text().into_owned()).as_deref() {
         Some("refused") => {
             chunk.data.clear();
@@ -542,7 +649,7 @@ pub(crate) fn on_stream_chunk(
     }
     let (outcome, first) = match guards.streams {
         StreamPolicy::Local => ("skipped", "skipped"),
-        StreamPolicy::Block => ("refused", "refused"),
+        StreamPolicy::Block | StreamPolicy::End => ("refused", "refused"),
     };
     ex.set_var(flag, first);
     for g in &guards.guards {
@@ -564,6 +671,89 @@ pub(crate) fn on_stream_chunk(
     let api = ex.state.llm.as_ref().map(|r| r.api);
     chunk.data = refused_stream(api, &chunk.data);
     Some(ChunkAction::End)
+}
+
+/// `streams: end`: chunks pass (through the local guard) until the verdict says block, or
+/// the last chunk comes without a verdict (fail closed); then the stream ends with the
+/// API's refusal: a whole refused stream when nothing was released yet (the body was held
+/// whole), else the refusal's final events after what was sent.
+fn end_mode_chunk(
+    policy: &str,
+    ex: &mut Exchange,
+    chunk: &mut Chunk,
+    flag: &str,
+) -> Option<ChunkAction> {
+    let passed = format!("sanitizeresponse.{policy}.external.released");
+    let verdict = ex.var(flag).map(|v| v.as_text().into_owned());
+    match verdict.as_deref() {
+        Some("refused") => {
+            chunk.data.clear();
+            return Some(ChunkAction::End);
+        }
+        Some("pass") => return None,
+        Some(_) => {}
+        None if chunk.end_of_stream => {
+            tracing::warn!(policy = %policy, "streamed answer ended without the external guards' verdict; its end is refused");
+        }
+        None => {
+            if !chunk.data.is_empty() {
+                ex.set_var(passed, true);
+            }
+            return None;
+        }
+    }
+    ex.set_var(flag.to_string(), "refused");
+    ex.set_var(format!("sanitizeresponse.{policy}.matched"), true);
+    ex.set_var(format!("sanitizeresponse.{policy}.action"), "block");
+    let api = ex.state.llm.as_ref().map(|r| r.api);
+    chunk.data = if ex.var(&passed).is_some() {
+        refused_end(api)
+    } else {
+        refused_stream(api, &chunk.data)
+    };
+    tracing::info!(policy = %policy, "streamed answer's end refused by the external guards");
+    Some(ChunkAction::End)
+}
+
+/// The API's refusal as the last events of a stream whose beginning already passed.
+fn refused_end(api: Option<Api>) -> Vec<u8> {
+    use serde_json::json;
+    let mut out = Vec::new();
+    let mut ev = |name: Option<&str>, v: serde_json::Value| {
+        if let Some(n) = name {
+            out.extend_from_slice(format!("event: {n}\n").as_bytes());
+        }
+        out.extend_from_slice(format!("data: {v}\n\n").as_bytes());
+    };
+    match api {
+        Some(Api::OpenAiChat) => {
+            ev(
+                None,
+                json!({"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {},
+                        "finish_reason": "content_filter"}]}),
+            );
+            out.extend_from_slice(b"data: [DONE]\n\n");
+        }
+        Some(Api::AnthropicMessages) => {
+            ev(
+                Some("message_delta"),
+                json!({"type": "message_delta", "delta": {"stop_reason": "refusal", "stop_sequence": null},
+                       "usage": {"output_tokens": 0}}),
+            );
+            ev(Some("message_stop"), json!({"type": "message_stop"}));
+        }
+        Some(Api::Gemini | Api::VertexAi) => ev(
+            None,
+            json!({"candidates": [{"index": 0, "content": {"role": "model", "parts": []},
+                                   "finishReason": "SAFETY"}]}),
+        ),
+        _ => ev(
+            Some("error"),
+            json!({"type": "error", "code": "content_filter",
+                   "message": "The streamed answer was refused by a guardrail.", "param": null}),
+        ),
+    }
+    out
 }
 
 /// A whole stream that ends at once with the API's refusal, carrying the ids of the
@@ -784,6 +974,119 @@ mod tests {
         assert_eq!(v["messages"][0]["content"], "a [X]");
         assert_eq!(v["messages"][1]["content"], "b");
         assert_eq!(v["model"], "m");
+    }
+
+    fn sse_exchange() -> Exchange {
+        let mut ex = Exchange::default();
+        let mut h = crate::vars::Headers::new();
+        h.push("content-type".into(), "text/event-stream".into());
+        ex.response = Some(crate::vars::ResponseInfo {
+            status: 200,
+            headers: h,
+        });
+        let mut r: crate::llm::LlmRequest =
+            (*crate::policies::llm_test_support::request("m", None)).clone();
+        r.api = Api::OpenAiChat;
+        ex.state.llm = Some(Arc::new(r));
+        ex
+    }
+
+    fn chunk(data: &str, eos: bool) -> Chunk {
+        Chunk {
+            data: data.as_bytes().to_vec(),
+            end_of_stream: eos,
+            whole_events: true,
+        }
+    }
+
+    #[test]
+    fn stream_end_mode_ends_with_a_refusal_on_a_block_or_no_verdict() {
+        let g = take_yaml(
+            "{external: {http: {url: 'http://x/'}, streams: end}}",
+            Kind::Response,
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|| panic!("guards"));
+        let flag = "sanitizeresponse.g.external.stream";
+        let ev = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"}}]}\n\n";
+
+        // No verdict yet: the chunk passes (to the local guard).
+        let mut ex = sse_exchange();
+        let mut c = chunk(ev, false);
+        assert_eq!(on_stream_chunk(&g, "g", &mut ex, &mut c), None);
+        // The verdict says block: the refusal's final events after what was sent.
+        ex.set_var(flag, "block");
+        let mut c = chunk("data: [DONE]\n\n", true);
+        assert_eq!(
+            on_stream_chunk(&g, "g", &mut ex, &mut c),
+            Some(ChunkAction::End)
+        );
+        let out = String::from_utf8(c.data).unwrap_or_default();
+        assert!(
+            out.contains("content_filter") && out.ends_with("data: [DONE]\n\n"),
+            "{out}"
+        );
+        assert!(!out.contains("role"), "only the end: {out}");
+        let mut c = chunk(ev, false);
+        assert_eq!(
+            on_stream_chunk(&g, "g", &mut ex, &mut c),
+            Some(ChunkAction::End)
+        );
+        assert!(c.data.is_empty());
+
+        // Held whole (nothing released before the verdict): a whole refused stream.
+        let mut ex = sse_exchange();
+        ex.set_var(flag, "block");
+        let mut c = chunk(ev, true);
+        assert_eq!(
+            on_stream_chunk(&g, "g", &mut ex, &mut c),
+            Some(ChunkAction::End)
+        );
+        let out = String::from_utf8(c.data).unwrap_or_default();
+        assert!(
+            out.contains("\"role\":\"assistant\"") && !out.contains("hi"),
+            "{out}"
+        );
+
+        // A pass verdict leaves the stream to the local guard.
+        let mut ex = sse_exchange();
+        ex.set_var(flag, "pass");
+        let mut c = chunk(ev, true);
+        assert_eq!(on_stream_chunk(&g, "g", &mut ex, &mut c), None);
+
+        // The last chunk without a verdict: refused (fail closed), not passed unchecked.
+        let mut ex = sse_exchange();
+        let mut c = chunk(ev, true);
+        assert_eq!(
+            on_stream_chunk(&g, "g", &mut ex, &mut c),
+            Some(ChunkAction::End)
+        );
+        assert!(String::from_utf8(c.data)
+            .unwrap_or_default()
+            .contains("content_filter"));
+    }
+
+    #[test]
+    fn stream_end_reads_the_whole_generated_text() {
+        let g = take_yaml(
+            "{external: {http: {url: 'http://x/'}, streams: end}}",
+            Kind::Response,
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|| panic!("guards"));
+        let mut ex = sse_exchange();
+        let body = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hel\"}}]}\n\ndata: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"lo\"},\"finish_reason\":\"stop\"}]}\n\ndata: [DONE]\n\n";
+        ex.response_body = Some(body.as_bytes().to_vec());
+        let end = stream_end(&g, "g", &ex).unwrap_or_else(|| panic!("a stream to check"));
+        assert_eq!(end.parts, ["Hello"]);
+        assert!(!end.unreadable);
+        // Not under `streams: end`, or not a stream: nothing.
+        let b = take_yaml("{external: {http: {url: 'http://x/'}}}", Kind::Response)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|| panic!("guards"));
+        assert!(stream_end(&b, "g", &ex).is_none());
+        ex.response = None;
+        assert!(stream_end(&g, "g", &ex).is_none());
     }
 
     #[test]

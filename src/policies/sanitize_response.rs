@@ -517,6 +517,12 @@ impl Policy for SanitizeResponse {
     }
 
     fn response_end<'a>(&'a self, ex: &'a mut Exchange) -> Hook<'a> {
+        // ── external guards on a stream's whole text (sanitize_external, `streams: end`) ──
+        if let Some(ext) = &self.external {
+            if let Some(end) = super::sanitize_external::stream_end(ext, &self.name, ex) {
+                return Hook::Pending(Box::pin(end.run(ext, &self.name, ex)));
+            }
+        }
         if ex.state.llm.is_none()
             || ex
                 .state
