@@ -502,7 +502,7 @@ pub struct ExternalGuards {
 pub enum End {
     /// Go on (with `Decision::parts` when redacted).
     Pass,
-    /// A guard blocked: its label and the categories.
+    /// A guard blocked (its label; the categories are in [`Decision::categories`]).
     Block { guard: &'static str },
     /// A guard failed and is not `failOpen`: its label and outcome.
     Failed {

@@ -27,8 +27,9 @@
 //!   answers are guarded). Condition the flow on the path if that matters.
 //!
 //! External guards (Model Armor, a generic HTTP guard; `external`, see `sanitize_external`)
-//! check JSON answers after the local detectors; a stream they cannot check is refused at
-//! once or left to the local detectors (`external.streams`).
+//! check JSON answers after the local detectors; a stream is refused at once, checked whole
+//! at its end (a match replaces its end with the refusal) or left to the local detectors
+//! (`external.streams`: `block`, `end`, `local`).
 //!
 //! Variables: `sanitizeresponse.<policy>.{matched,action,categories,findings}` and Apigee's
 //! `SanitizeModelResponse.<policy>.*` match states.
