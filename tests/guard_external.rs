@@ -581,12 +581,24 @@ async fn sdk_answers_through_model_armor() {
         assert_eq!(bed.guard.armor_calls().len(), 2);
 
         // A stream: refused at once (the guard would see the text only after the client),
-        // without a call; the SDK reads an empty, normal end.
+        // without a call; each SDK reads an empty, normal end (OpenAI chat `content_filter`,
+        // Anthropic `refusal`, Gemini `SAFETY`, a Responses `error` event).
+        let streams: Vec<&str> = [
+            "openai.chat.stream",
+            "anthropic.messages.stream",
+            "gemini.stream",
+            "openai.responses.stream",
+        ]
+        .into_iter()
+        .filter(|c| sdk.has(c))
+        .collect();
         let lines = sdk
-            .run_many_prompt(&["openai.chat.stream"], &bed.root("answers"), "k", &clean, None)
+            .run_many_prompt(&streams, &bed.root("answers"), "k", &clean, None)
             .await;
-        assert_eq!(lines[0]["ok"], true, "{}\n{}", lines[0], bed.logs());
-        assert_eq!(lines[0]["text"], "", "{}", lines[0]);
+        for (case, r) in streams.iter().zip(&lines) {
+            assert_eq!(r["ok"], true, "{case}: {r}\n{}", bed.logs());
+            assert_eq!(r["text"], "", "{case}: {r}");
+        }
         assert_eq!(bed.guard.armor_calls().len(), 2, "a stream is not checked by a call");
 
         // `streams: local`: the local detectors guard the stream; the skip is counted.
@@ -648,7 +660,7 @@ async fn sdk_answers_through_model_armor() {
         };
         assert_eq!(count("armor-answer", "ok"), 1.0, "{m}");
         assert_eq!(count("armor-answer", "match"), 1.0);
-        assert_eq!(count("armor-answer", "refused"), 1.0);
+        assert_eq!(count("armor-answer", "refused"), streams.len() as f64);
         assert_eq!(count("armor-answer-local", "skipped"), 1.0);
         assert!(!m.contains("malware.test") && !m.contains("jane.doe"));
     })
