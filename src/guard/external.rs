@@ -710,6 +710,129 @@ mod tests {
         );
     }
 
+    /// A guard answering `answer` (status, body) to every request, after `delay`.
+    async fn fake_guard(status: u16, answer: &'static str, delay: Duration) -> hyper::Uri {
+        let app = axum::Router::new().fallback(move || async move {
+            tokio::time::sleep(delay).await;
+            (
+                axum::http::StatusCode::from_u16(status)
+                    .unwrap_or(axum::http::StatusCode::INTERNAL_SERVER_ERROR),
+                [("content-type", "application/json")],
+                answer,
+            )
+        });
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let addr = l.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        tokio::spawn(async move {
+            let _ = axum::serve(l, app).await;
+        });
+        format!("http://{addr}/guard")
+            .parse()
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn guards(url: hyper::Uri, fail_open: bool, on_match: OnMatch) -> ExternalGuards {
+        ExternalGuards {
+            guards: vec![ExternalGuard {
+                client: Client::Http(HttpGuard {
+                    url,
+                    headers: Vec::new(),
+                    http: HttpClient::new(),
+                }),
+                timeout: Duration::from_millis(300),
+                fail_open,
+                on_match,
+            }],
+            streams: StreamPolicy::Block,
+        }
+    }
+
+    #[tokio::test]
+    async fn http_guard_answers_map_to_decisions() {
+        let parts = || vec!["a".to_string(), "b".to_string()];
+        let run = |status, answer, delay, open, on| async move {
+            let g = guards(fake_guard(status, answer, delay).await, open, on);
+            g.check(&ask(true), parts()).await
+        };
+        let d = run(
+            200,
+            r#"{"action":"allow"}"#,
+            Duration::ZERO,
+            false,
+            OnMatch::Block,
+        )
+        .await;
+        assert_eq!((d.end, d.matched), (End::Pass, false));
+        let d = run(
+            200,
+            r#"{"action":"redact","categories":["pii"],"parts":["[X]","b"]}"#,
+            Duration::ZERO,
+            false,
+            OnMatch::Block,
+        )
+        .await;
+        assert_eq!(d.end, End::Pass);
+        assert_eq!(d.parts, Some(vec!["[X]".to_string(), "b".to_string()]));
+        assert_eq!(d.action, Some(super::super::Action::Redact));
+        let d = run(
+            200,
+            r#"{"action":"block","categories":["t"]}"#,
+            Duration::ZERO,
+            false,
+            OnMatch::Log,
+        )
+        .await;
+        assert_eq!(
+            (d.end, d.action),
+            (End::Pass, Some(super::super::Action::Log))
+        );
+        let d = run(
+            200,
+            r#"{"action":"block"}"#,
+            Duration::ZERO,
+            false,
+            OnMatch::Block,
+        )
+        .await;
+        assert_eq!(d.end, End::Block { guard: "http" });
+        assert_eq!(d.categories, ["http_guard"]);
+        // Protocol errors, statuses and timeouts fail closed, or open when configured.
+        for (status, answer, delay, outcome) in [
+            (
+                200,
+                r#"{"action":"redact","parts":["only one"]}"#,
+                Duration::ZERO,
+                "error",
+            ),
+            (200, r#"{"action":"maybe"}"#, Duration::ZERO, "error"),
+            (200, "not json", Duration::ZERO, "error"),
+            (500, r#"{"action":"allow"}"#, Duration::ZERO, "error"),
+            (
+                200,
+                r#"{"action":"allow"}"#,
+                Duration::from_secs(2),
+                "timeout",
+            ),
+        ] {
+            let d = run(status, answer, delay, false, OnMatch::Block).await;
+            assert_eq!(
+                d.end,
+                End::Failed {
+                    guard: "http",
+                    outcome
+                },
+                "{answer}"
+            );
+            let d = run(status, answer, delay, true, OnMatch::Block).await;
+            assert_eq!(d.end, End::Pass, "{answer}");
+            assert!(d
+                .vars
+                .contains(&("http.skipped".into(), "true".into(), false)));
+        }
+    }
+
     #[test]
     fn categories_from_elsewhere_are_bounded() {
         use serde_json::json;
