@@ -54,7 +54,7 @@ use crate::guard::external::{
     StreamPolicy, REQUESTS,
 };
 use crate::guard::{self, Action, JsonString};
-use crate::llm::Api;
+use crate::llm::{Api, ResponseFormat};
 use crate::pipeline::{Chunk, ChunkAction};
 use crate::vars::Exchange;
 
@@ -515,11 +515,68 @@ fn set_vars(ex: &mut Exchange, policy: &str, names: Names, d: &crate::guard::ext
     );
 }
 
-fn is_sse(ex: &Exchange) -> bool {
-    ex.response
-        .as_ref()
-        .and_then(|r| r.headers.get("content-type"))
-        .is_some_and(|ct| ct.starts_with("text/event-stream"))
+/// The framing of a streamed LLM answer (server-sent events, or Gemini's JSON array
+/// without `alt=sse`); `None` for a whole JSON answer or no LLM exchange.
+fn stream_format(ex: &Exchange) -> Option<ResponseFormat> {
+    let llm = ex.state.llm.as_ref()?;
+    let ct = ex.response.as_ref()?.headers.get("content-type");
+    match ResponseFormat::detect(llm.stream_shape, ct) {
+        ResponseFormat::Json => None,
+        f => Some(f),
+    }
+}
+
+/// SanitizeResponse's variable names.
+const RESPONSE_NAMES: Names = Names {
+    own: "sanitizeresponse",
+    apigee: "SanitizeModelResponse",
+    kind: Kind::Response,
+};
+
+/// The members of an answer that hold generated text (as the local stage reads them).
+fn generated_member(at: JsonString<'_>) -> bool {
+    matches!(at.key, Some("content" | "text" | "output_text" | "refusal"))
+}
+
+/// SanitizeResponse, after its local stage let the answer through: `streams: end`'s
+/// verdict on a stream's whole text (kept for [`on_stream_chunk`]), or the guards on a
+/// whole JSON answer. Nothing is asked about an answer the local stage blocked, found
+/// unreadable, or that holds no generated text (an error status, embeddings, a compressed
+/// or non-JSON body: the local stage decides those).
+pub(crate) async fn check_response(
+    guards: &ExternalGuards,
+    policy: &str,
+    ex: &mut Exchange,
+) -> After {
+    if let Some(end) = stream_end(guards, policy, ex) {
+        end.run(guards, policy, ex).await;
+        return After::Pass;
+    }
+    let own = |n: &str| format!("sanitizeresponse.{policy}.{n}");
+    let skip = {
+        let (Some(llm), Some(resp)) = (ex.state.llm.as_ref(), ex.response.as_ref()) else {
+            return After::Pass;
+        };
+        let encoded = resp
+            .headers
+            .get("content-encoding")
+            .is_some_and(|e| !e.trim().eq_ignore_ascii_case("identity"));
+        let body = ex.response_body.as_deref().unwrap_or_default();
+        llm.api == Api::OpenAiEmbeddings
+            || !(200..300).contains(&resp.status)
+            || encoded
+            || stream_format(ex).is_some()
+            || body.is_empty()
+            || serde_json::from_slice::<serde::de::IgnoredAny>(body).is_err()
+            || ex.var(&own("unsupported")).is_some()
+            || ex
+                .var(&own("action"))
+                .is_some_and(|a| a.as_text().as_ref() == "block")
+    };
+    if skip {
+        return After::Pass;
+    }
+    check_body(guards, ex, policy, RESPONSE_NAMES, None, generated_member).await
 }
 
 /// `streams: end`: a streamed answer's whole generated text, read at its end.
@@ -539,9 +596,10 @@ pub(crate) fn stream_end(
     policy: &str,
     ex: &Exchange,
 ) -> Option<StreamEnd> {
-    if guards.streams != StreamPolicy::End || !is_sse(ex) {
+    if guards.streams != StreamPolicy::End {
         return None;
     }
+    let format = stream_format(ex)?;
     let llm = ex.state.llm.clone()?;
     let body = ex.response_body.as_deref().filter(|b| !b.is_empty())?;
     let flag = format!("sanitizeresponse.{policy}.external.stream");
@@ -554,11 +612,7 @@ pub(crate) fn stream_end(
         max_text_bytes: body.len(),
         ..Default::default()
     };
-    let mut acc = crate::llm::ResponseAccumulator::with_limits(
-        llm.api,
-        crate::llm::ResponseFormat::Sse,
-        limits,
-    );
+    let mut acc = crate::llm::ResponseAccumulator::with_limits(llm.api, format, limits);
     acc.feed(body);
     let summary = acc.finish();
     let unreadable = summary.framing_error.is_some() || summary.dropped_text_chars > 0;
@@ -578,12 +632,7 @@ pub(crate) fn stream_end(
 impl StreamEnd {
     /// Asks the guards; never a rejection (the stream's headers, and maybe text, already
     /// left): the chunk step ends the stream with the API's refusal instead.
-    pub(crate) async fn run(
-        self,
-        guards: &ExternalGuards,
-        policy: &str,
-        ex: &mut Exchange,
-    ) -> crate::pipeline::Outcome {
+    pub(crate) async fn run(self, guards: &ExternalGuards, policy: &str, ex: &mut Exchange) {
         let StreamEnd {
             flag,
             parts,
@@ -593,11 +642,11 @@ impl StreamEnd {
         if unreadable {
             tracing::warn!(policy = %policy, "streamed answer not readable whole; its end is refused");
             ex.set_var(flag, "block");
-            return crate::pipeline::Outcome::Continue;
+            return;
         }
         if parts.is_empty() {
             ex.set_var(flag, "pass");
-            return crate::pipeline::Outcome::Continue;
+            return;
         }
         let ask = Ask {
             kind: Kind::Response,
@@ -608,15 +657,9 @@ impl StreamEnd {
             redactable: false,
         };
         let d = guards.check(&ask, parts).await;
-        let names = Names {
-            own: "sanitizeresponse",
-            apigee: "SanitizeModelResponse",
-            kind: Kind::Response,
-        };
-        set_vars(ex, policy, names, &d);
+        set_vars(ex, policy, RESPONSE_NAMES, &d);
         let verdict = if d.end == End::Pass { "pass" } else { "block" };
         ex.set_var(flag, verdict);
-        crate::pipeline::Outcome::Continue
     }
 }
 
@@ -632,12 +675,10 @@ pub(crate) fn on_stream_chunk(
     ex: &mut Exchange,
     chunk: &mut Chunk,
 ) -> Option<ChunkAction> {
-    if !is_sse(ex) || ex.state.llm.is_none() {
-        return None;
-    }
+    let format = stream_format(ex)?;
     let flag = format!("sanitizeresponse.{policy}.external.stream");
     if guards.streams == StreamPolicy::End {
-        return end_mode_chunk(policy, ex, chunk, &flag);
+        return end_mode_chunk(policy, ex, chunk, &flag, format);
     }
     match ex.var(&flag).map(|v| v.as_text().into_owned()).as_deref() {
         Some("refused") => {
@@ -669,7 +710,7 @@ pub(crate) fn on_stream_chunk(
     ex.set_var(format!("sanitizeresponse.{policy}.matched"), true);
     ex.set_var(format!("sanitizeresponse.{policy}.action"), "block");
     let api = ex.state.llm.as_ref().map(|r| r.api);
-    chunk.data = refused_stream(api, &chunk.data);
+    chunk.data = refused_stream(api, format, &chunk.data);
     Some(ChunkAction::End)
 }
 
@@ -682,6 +723,7 @@ fn end_mode_chunk(
     ex: &mut Exchange,
     chunk: &mut Chunk,
     flag: &str,
+    format: ResponseFormat,
 ) -> Option<ChunkAction> {
     let passed = format!("sanitizeresponse.{policy}.external.released");
     let verdict = ex.var(flag).map(|v| v.as_text().into_owned());
@@ -707,17 +749,27 @@ fn end_mode_chunk(
     ex.set_var(format!("sanitizeresponse.{policy}.action"), "block");
     let api = ex.state.llm.as_ref().map(|r| r.api);
     chunk.data = if ex.var(&passed).is_some() {
-        refused_end(api)
+        refused_end(api, format)
     } else {
-        refused_stream(api, &chunk.data)
+        refused_stream(api, format, &chunk.data)
     };
     tracing::info!(policy = %policy, "streamed answer's end refused by the external guards");
     Some(ChunkAction::End)
 }
 
-/// The API's refusal as the last events of a stream whose beginning already passed.
-fn refused_end(api: Option<Api>) -> Vec<u8> {
+/// Gemini's refusal candidate.
+fn safety() -> serde_json::Value {
+    serde_json::json!({"candidates": [{"index": 0, "content": {"role": "model", "parts": []},
+                                       "finishReason": "SAFETY"}]})
+}
+
+/// The API's refusal as the last events of a stream whose beginning already passed (a JSON
+/// array: one more element, and the array's end).
+fn refused_end(api: Option<Api>, format: ResponseFormat) -> Vec<u8> {
     use serde_json::json;
+    if format == ResponseFormat::JsonArray {
+        return format!(",{}]", safety()).into_bytes();
+    }
     let mut out = Vec::new();
     let mut ev = |name: Option<&str>, v: serde_json::Value| {
         if let Some(n) = name {
@@ -742,11 +794,7 @@ fn refused_end(api: Option<Api>) -> Vec<u8> {
             );
             ev(Some("message_stop"), json!({"type": "message_stop"}));
         }
-        Some(Api::Gemini | Api::VertexAi) => ev(
-            None,
-            json!({"candidates": [{"index": 0, "content": {"role": "model", "parts": []},
-                                   "finishReason": "SAFETY"}]}),
-        ),
+        Some(Api::Gemini | Api::VertexAi) => ev(None, safety()),
         _ => ev(
             Some("error"),
             json!({"type": "error", "code": "content_filter",
@@ -758,8 +806,11 @@ fn refused_end(api: Option<Api>) -> Vec<u8> {
 
 /// A whole stream that ends at once with the API's refusal, carrying the ids of the
 /// upstream's first event where there is one: the SDK reads a normal, empty end.
-fn refused_stream(api: Option<Api>, first: &[u8]) -> Vec<u8> {
+fn refused_stream(api: Option<Api>, format: ResponseFormat, first: &[u8]) -> Vec<u8> {
     use serde_json::{json, Value};
+    if format == ResponseFormat::JsonArray {
+        return format!("[{}]", safety()).into_bytes();
+    }
     let first_json: Option<Value> = std::str::from_utf8(first).ok().and_then(|t| {
         t.lines()
             .filter_map(|l| l.strip_prefix("data:"))
@@ -808,11 +859,7 @@ fn refused_stream(api: Option<Api>, first: &[u8]) -> Vec<u8> {
             ev(Some("message_stop"), &json!({"type": "message_stop"}));
         }
         Some(Api::Gemini | Api::VertexAi) => {
-            ev(
-                None,
-                &json!({"candidates": [{"index": 0, "content": {"role": "model", "parts": []},
-                                        "finishReason": "SAFETY"}]}),
-            );
+            ev(None, &safety());
         }
         _ => {
             // Responses and the others: an error event, which their SDKs raise.
@@ -1092,23 +1139,45 @@ mod tests {
     #[test]
     fn refused_streams_are_whole_for_each_api() {
         let first = b"data: {\"id\":\"c9\",\"created\":5,\"model\":\"gpt\",\"choices\":[]}\n\n";
-        let s = String::from_utf8(refused_stream(Some(Api::OpenAiChat), first)).unwrap_or_default();
+        let s = String::from_utf8(refused_stream(
+            Some(Api::OpenAiChat),
+            ResponseFormat::Sse,
+            first,
+        ))
+        .unwrap_or_default();
         assert!(
             s.contains("\"finish_reason\":\"content_filter\"") && s.contains("\"id\":\"c9\""),
             "{s}"
         );
         assert!(s.ends_with("data: [DONE]\n\n"));
-        let s = String::from_utf8(refused_stream(Some(Api::AnthropicMessages), b""))
-            .unwrap_or_default();
+        let s = String::from_utf8(refused_stream(
+            Some(Api::AnthropicMessages),
+            ResponseFormat::Sse,
+            b"",
+        ))
+        .unwrap_or_default();
         assert!(s.starts_with("event: message_start\n"), "{s}");
         assert!(
             s.contains("\"stop_reason\":\"refusal\"")
                 && s.ends_with("{\"type\":\"message_stop\"}\n\n")
         );
-        let s = String::from_utf8(refused_stream(Some(Api::Gemini), b"")).unwrap_or_default();
+        let s = String::from_utf8(refused_stream(Some(Api::Gemini), ResponseFormat::Sse, b""))
+            .unwrap_or_default();
         assert!(s.contains("\"finishReason\":\"SAFETY\""), "{s}");
-        let s =
-            String::from_utf8(refused_stream(Some(Api::OpenAiResponses), b"")).unwrap_or_default();
+        let s = String::from_utf8(refused_stream(
+            Some(Api::OpenAiResponses),
+            ResponseFormat::Sse,
+            b"",
+        ))
+        .unwrap_or_default();
         assert!(s.starts_with("event: error\n"), "{s}");
+        // Gemini's JSON-array stream: a whole array, or its last element and end.
+        let whole = refused_stream(Some(Api::Gemini), ResponseFormat::JsonArray, b"[");
+        let v: serde_json::Value = serde_json::from_slice(&whole).unwrap_or_default();
+        assert_eq!(v[0]["candidates"][0]["finishReason"], "SAFETY");
+        let mut sent = b"[{\"candidates\":[]}".to_vec();
+        sent.extend(refused_end(Some(Api::Gemini), ResponseFormat::JsonArray));
+        let v: serde_json::Value = serde_json::from_slice(&sent).unwrap_or_default();
+        assert_eq!(v[1]["candidates"][0]["finishReason"], "SAFETY", "{v}");
     }
 }

@@ -28,8 +28,7 @@
 //!
 //! External guards (Model Armor, a generic HTTP guard; `external`, see `sanitize_external`)
 //! check JSON answers after the local detectors; a stream is refused at once, checked whole
-//! at its end (a match replaces its end with the refusal) or left to the local detectors
-//! (`external.streams`: `block`, `end`, `local`).
+//! at its end or left to the local detectors (`external.streams`: `block`, `end`, `local`).
 //!
 //! Variables: `sanitizeresponse.<policy>.{matched,action,categories,findings}` and Apigee's
 //! `SanitizeModelResponse.<policy>.*` match states.
@@ -40,12 +39,10 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 
-use super::sanitize_external::{check_body, After, Names};
 use super::sanitize_prompt::{categories, compile_guard, count_findings, DURATION};
 use super::{BuildContext, SpecError};
 use crate::fault::Fault;
-use crate::guard::external::{ExternalGuards, Kind as ExternalKind};
-use crate::guard::{self, Action, Detector, Finding, JsonString, StreamScanner};
+use crate::guard::{self, Action, Detector, Finding, StreamScanner};
 use crate::llm::Api;
 use crate::pipeline::{Chunk, ChunkAction, ChunkSpec, Direction, Hook, Hooks, Outcome, Policy};
 use crate::vars::Exchange;
@@ -64,26 +61,14 @@ const MAX_HOLD: usize = 64 << 10;
 struct SanitizeResponse {
     name: String,
     detector: Arc<Detector>,
-    /// Model Armor / HTTP guards on JSON answers, after the local detectors
-    /// (`sanitize_external`).
-    external: Option<Arc<ExternalGuards>>,
-}
-
-/// The variable names of this policy, for `sanitize_external`.
-const NAMES: Names = Names {
-    own: "sanitizeresponse",
-    apigee: APIGEE_TYPE,
-    kind: ExternalKind::Response,
-};
-
-/// The members of an answer that hold generated text.
-fn generated_member(at: JsonString<'_>) -> bool {
-    matches!(at.key, Some("content" | "text" | "output_text"))
+    /// Model Armor / HTTP guards, after the local detectors (`sanitize_external`).
+    external: Option<Arc<crate::guard::external::ExternalGuards>>,
 }
 
 pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Policy>, SpecError> {
     let mut spec = spec;
-    let external = super::sanitize_external::take(ctx, &mut spec, ExternalKind::Response)?;
+    let external =
+        super::sanitize_external::take(ctx, &mut spec, crate::guard::external::Kind::Response)?;
     // Nothing of its own yet: the GuardSpec fields only. Taking a key that is never there
     // turns a null spec into an empty mapping (every default).
     super::sanitize_prompt::take_key(&mut spec, "type")?;
@@ -431,6 +416,43 @@ impl Policy for SanitizeResponse {
         TYPE
     }
 
+    // ── external guards (sanitize_external): they wrap the body hook, running after the
+    // local stage and only on what it let through (a local block pays for no call) ──
+    fn run<'a>(&'a self, ex: &'a mut Exchange, dir: Direction) -> Hook<'a> {
+        let Some(ext) = self
+            .external
+            .as_deref()
+            .filter(|_| dir == Direction::Response)
+        else {
+            return match dir {
+                Direction::Response => self.response_end(ex),
+                Direction::Request => self.request_headers(ex),
+            };
+        };
+        Hook::Pending(Box::pin(async move {
+            let local = self.response_end(ex).outcome().await;
+            if !matches!(local, Outcome::Continue) {
+                return local;
+            }
+            match super::sanitize_external::check_response(ext, &self.name, ex).await {
+                super::sanitize_external::After::Pass => Outcome::Continue,
+                super::sanitize_external::After::Fault(f) => Outcome::Reject(f),
+                super::sanitize_external::After::Block(cats) => {
+                    let api = ex.state.llm.as_ref().map(|r| r.api);
+                    if let Some(b) = ex.response_body.as_deref().and_then(|b| refusal(api, b)) {
+                        ex.replace_body(Direction::Response, b);
+                        return Outcome::Continue;
+                    }
+                    Outcome::Reject(Fault::new(
+                        422,
+                        BLOCKED_CODE,
+                        format!("The model's response was blocked by a guardrail ({cats})."),
+                    ))
+                }
+            }
+        }))
+    }
+
     fn needs_body(&self, dir: Direction) -> bool {
         dir == Direction::Response
     }
@@ -448,7 +470,7 @@ impl Policy for SanitizeResponse {
     }
 
     fn response_chunk(&self, ex: &mut Exchange, chunk: &mut Chunk) -> ChunkAction {
-        // ── external guards on streams (sanitize_external): refused or said skipped ──
+        // ── external guards on streams (sanitize_external) ──
         if let Some(ext) = &self.external {
             if let Some(a) = super::sanitize_external::on_stream_chunk(ext, &self.name, ex, chunk) {
                 return a;
@@ -518,12 +540,6 @@ impl Policy for SanitizeResponse {
     }
 
     fn response_end<'a>(&'a self, ex: &'a mut Exchange) -> Hook<'a> {
-        // ── external guards on a stream's whole text (sanitize_external, `streams: end`) ──
-        if let Some(ext) = &self.external {
-            if let Some(end) = super::sanitize_external::stream_end(ext, &self.name, ex) {
-                return Hook::Pending(Box::pin(end.run(ext, &self.name, ex)));
-            }
-        }
         if ex.state.llm.is_none()
             || ex
                 .state
@@ -547,7 +563,9 @@ impl Policy for SanitizeResponse {
             return Hook::CONTINUE;
         };
         let started = Instant::now();
-        let r = match guard::redact_json(&self.detector, body, generated_member) {
+        let r = match guard::redact_json(&self.detector, body, |at| {
+            matches!(at.key, Some("content" | "text" | "output_text"))
+        }) {
             Ok(r) => r,
             Err(e) => {
                 // An upstream error page or a body that is not JSON: no generated text.
@@ -565,43 +583,25 @@ impl Policy for SanitizeResponse {
             Some(Action::Block) => {
                 let cats = categories(findings.iter().filter(|f| f.action == Action::Block));
                 tracing::info!(policy = %self.name, categories = %cats, "response blocked");
-                // Blocked locally: no external guard is asked (nor paid).
-                return Hook::Ready(self.blocked(ex, &cats));
+                let api = ex.state.llm.as_ref().map(|r| r.api);
+                if let Some(b) = ex.response_body.as_deref().and_then(|b| refusal(api, b)) {
+                    ex.replace_body(Direction::Response, b);
+                    return Hook::CONTINUE;
+                }
+                Hook::Ready(Outcome::Reject(Fault::new(
+                    422,
+                    BLOCKED_CODE,
+                    format!("The model's response was blocked by a guardrail ({cats})."),
+                )))
             }
             Some(Action::Redact) => {
                 if let Some(b) = r.body {
                     ex.replace_body(Direction::Response, b);
                 }
+                Hook::CONTINUE
             }
-            _ => {}
+            _ => Hook::CONTINUE,
         }
-        // ── external guards (sanitize_external), on what the local stage let through ──
-        let Some(ext) = &self.external else {
-            return Hook::CONTINUE;
-        };
-        Hook::Pending(Box::pin(async move {
-            match check_body(ext, ex, &self.name, NAMES, None, generated_member).await {
-                After::Pass => Outcome::Continue,
-                After::Block(cats) => self.blocked(ex, &cats),
-                After::Fault(f) => Outcome::Reject(f),
-            }
-        }))
-    }
-}
-
-impl SanitizeResponse {
-    /// A blocked JSON answer: the API's empty refusal, else 422. Never the text.
-    fn blocked(&self, ex: &mut Exchange, cats: &str) -> Outcome {
-        let api = ex.state.llm.as_ref().map(|r| r.api);
-        if let Some(b) = ex.response_body.as_deref().and_then(|b| refusal(api, b)) {
-            ex.replace_body(Direction::Response, b);
-            return Outcome::Continue;
-        }
-        Outcome::Reject(Fault::new(
-            422,
-            BLOCKED_CODE,
-            format!("The model's response was blocked by a guardrail ({cats})."),
-        ))
     }
 }
 
