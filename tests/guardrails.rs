@@ -219,19 +219,31 @@ spec:
 /// SanitizeResponse: a redacted answer reads normally, streamed (events split into 7-byte
 /// chunks, so the address crosses chunk and event boundaries) or not; a blocked stream
 /// ends with the API's own final event and a blocked JSON answer is an empty one with the
-/// API's refusal reason: the SDK reads a normal end either way, no exception.
+/// API's refusal reason: the SDK reads a normal end either way, no exception. Every API the
+/// SDKs speak: OpenAI chat, Responses (whose final events repeat the text: redacted alike)
+/// and legacy completions, Anthropic Messages, Gemini (`google-genai`, when installed).
 async fn response_guarded(bodies: Bodies, test: &str) {
     within(LIMIT, async {
         let Some(sdk) = sdks(test) else {
             return;
         };
         let bed = Bed::start(RESPONSE_GUARD, bodies).await;
-        let cases = [
+        let mut cases = vec![
             "openai.chat",
             "openai.chat.stream",
+            "openai.responses",
+            "openai.responses.stream",
+            "openai.completions",
+            "openai.completions.stream",
             "anthropic.messages",
             "anthropic.messages.stream",
         ];
+        if sdk.has("gemini") {
+            cases.extend(["gemini.generate", "gemini.stream"]);
+        } else {
+            eprintln!("{test}: google-genai is not installed; the Gemini cases are skipped");
+        }
+        let want = "Contact [EMAIL] for the details.";
         let reply = "x-test-reply=Contact jane.doe@example.com for the details.";
         for split in ["x-test-split=0", "x-test-split=7"] {
             let headers: Vec<(&str, &str)> = [reply, split]
@@ -244,10 +256,15 @@ async fn response_guarded(bodies: Bodies, test: &str) {
                 .await;
             for (case, r) in cases.iter().zip(&lines) {
                 assert_eq!(r["ok"], true, "{case}: {r}\n{}", bed.logs());
-                assert_eq!(
-                    r["text"], "Contact [EMAIL] for the details.",
-                    "{case} {split}: {r}"
-                );
+                assert!(!r.to_string().contains("jane"), "{case}: leaked: {r}");
+                assert_eq!(r["text"], want, "{case} {split}: {r}");
+                if *case == "openai.responses.stream" {
+                    // Done events and `response.completed` repeat the redacted text.
+                    let finals = r["final_texts"].as_array().expect("final texts");
+                    assert_eq!(finals.len(), 4, "{r}");
+                    assert!(finals.iter().all(|t| t == want), "{r}");
+                    assert_eq!(r["last_event"], "response.completed", "{r}");
+                }
             }
         }
 
@@ -260,12 +277,27 @@ async fn response_guarded(bodies: Bodies, test: &str) {
             assert!(!text.contains("1111 1111"), "{case}: leaked: {r}");
             // A normal end, no exception: a stream keeps what came before the card.
             assert_eq!(r["ok"], true, "{case}: {r}\n{}", bed.logs());
-            let want = if case.ends_with(".stream") {
-                "Your card "
+            let streamed = case.ends_with(".stream");
+            let want = if streamed { "Your card " } else { "" };
+            if *case == "gemini.generate" {
+                // No text part at all: the SDK's `text` is None.
+                assert!(r["text"].is_null() || r["text"] == "", "{case}: {r}");
             } else {
-                ""
-            };
-            assert_eq!(r["text"], want, "{case}: {r}");
+                assert_eq!(r["text"], want, "{case}: {r}");
+            }
+            if case.starts_with("openai.responses") {
+                assert_eq!(r["response_status"], "incomplete", "{case}: {r}");
+                assert_eq!(r["incomplete_reason"], "content_filter", "{case}: {r}");
+            }
+            if *case == "openai.responses.stream" {
+                assert_eq!(r["last_event"], "response.incomplete", "{r}");
+                let finals = r["final_texts"].as_array().expect("final texts");
+                assert!(!finals.is_empty(), "{r}");
+                assert!(finals.iter().all(|t| t == want), "{r}");
+            }
+            if case.starts_with("gemini") {
+                assert_eq!(r["finish_reason"], "SAFETY", "{case}: {r}");
+            }
         }
     })
     .await;
