@@ -312,3 +312,78 @@ async fn sdk_response_guard_full_duplex() {
 async fn sdk_response_guard_buffered() {
     response_guarded(Bodies::Buffered, "sdk_response_guard_buffered").await;
 }
+
+/// A guarded event stream flows on as it is read (FULL_DUPLEX_STREAMED), it is not held
+/// until the upstream ends: the upstream stops halfway and waits for the test to open a
+/// gate, which the test opens only once the first words reached it. Held whole, the first
+/// words never come before the gate (the upstream then gives up and resets the stream).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guarded_stream_flows_before_the_upstream_ends() {
+    use http_body_util::BodyExt;
+    within(LIMIT, async {
+        let bed = Bed::start(RESPONSE_GUARD, Bodies::Duplex).await;
+        let addr = bed.envoy.listen;
+        let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+                .await
+                .expect("handshake");
+        tokio::spawn(conn);
+        let body: &'static [u8] =
+            br#"{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+        let req = hyper::Request::post("/v1/chat/completions")
+            .header("host", addr.to_string())
+            .header("content-type", "application/json")
+            .header(
+                "x-test-reply",
+                "First words then jane.doe@example.com after the gate.",
+            )
+            .header("x-test-gate", "guarded-flow")
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(body)))
+            .expect("request");
+        let resp = sender.send_request(req).await.expect("response");
+        assert_eq!(resp.status(), 200);
+        let mut body = resp.into_body();
+        let mut got = Vec::new();
+        let text = |got: &[u8]| {
+            String::from_utf8_lossy(got)
+                .lines()
+                .filter_map(|l| l.strip_prefix("data: "))
+                .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+                .filter_map(|v| {
+                    v.pointer("/choices/0/delta/content")
+                        .and_then(Value::as_str)
+                        .map(str::to_owned)
+                })
+                .collect::<String>()
+        };
+        while !text(&got).contains("First") {
+            let frame = body
+                .frame()
+                .await
+                .expect("the stream ended before its first words")
+                .expect("the stream broke before its first words");
+            if let Ok(d) = frame.into_data() {
+                got.extend_from_slice(&d);
+            }
+        }
+        let (status, _) = support::raw_get(bed.upstream.addr, "/_upstream/gate/guarded-flow")
+            .await
+            .expect("open the gate");
+        assert_eq!(status, 200);
+        while let Some(frame) = body.frame().await {
+            if let Ok(d) = frame.expect("the stream broke").into_data() {
+                got.extend_from_slice(&d);
+            }
+        }
+        let all = String::from_utf8_lossy(&got).into_owned();
+        assert!(!all.contains("jane"), "leaked: {all}\n{}", bed.logs());
+        assert_eq!(
+            text(&got),
+            "First words then [EMAIL] after the gate.",
+            "{all}"
+        );
+        assert!(all.ends_with("data: [DONE]\n\n"), "{all}");
+    })
+    .await;
+}

@@ -1309,6 +1309,8 @@ impl Policy for SanitizeResponse {
             // Raw bytes, nothing held by the runner: the LLM module's framers in the
             // stream state hold a partial event (at most 1 MiB), the scanners a text tail.
             response_chunks: Some(ChunkSpec::bytes(0)),
+            // An event stream is guarded as it passes, never held whole.
+            streams_in_chunks: true,
             ..Hooks::default()
         }
     }
