@@ -440,10 +440,12 @@ impl SanitizeResponse {
                 }
                 st.framing = Framing::Array(a);
             }
-            f @ (Framing::Pass | Framing::Busy) => {
+            Framing::Pass => {
                 out.extend_from_slice(data);
-                st.framing = f;
+                st.framing = Framing::Pass;
             }
+            // Never left in place between chunks; refused rather than passed if it were.
+            Framing::Busy => why = Some("an internal framing error"),
         }
         match why {
             Some(w) => Err(w),
@@ -836,10 +838,10 @@ impl SanitizeResponse {
         let mut modified = false;
         let rs = st.responses.get_or_insert_with(Box::default);
         match ty.as_str() {
-            "response.created" | "response.queued" | "response.in_progress" => {
-                if rs.response.is_none() {
-                    rs.response = v.get("response").cloned();
-                }
+            "response.created" | "response.queued" | "response.in_progress"
+                if rs.response.is_none() =>
+            {
+                rs.response = v.get("response").cloned();
             }
             "response.content_part.added" => {
                 // A part may start with text (usually ""): the first delta.
