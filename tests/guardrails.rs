@@ -1,8 +1,17 @@
-//! SanitizePrompt through a real Envoy 1.40 with the official SDKs, request bodies in
-//! FULL_DUPLEX_STREAMED and BUFFERED: a redacted prompt reaches the upstream rewritten (the
-//! SDK reads a normal answer), a blocked prompt raises the SDK's bad-request error with
-//! tollgate's fault code and never reaches the upstream. Run with
-//! `cargo test --test guardrails` (skips when the SDKs are not installed).
+//! The guard policies through a real Envoy 1.40 with the official SDKs (openai, anthropic,
+//! google-genai), bodies in FULL_DUPLEX_STREAMED and BUFFERED.
+//!
+//! - SanitizePrompt: a redacted prompt reaches the upstream rewritten (the SDK reads a normal
+//!   answer), a blocked prompt raises the SDK's bad-request error with tollgate's fault code
+//!   and never reaches the upstream.
+//! - SanitizeResponse, every API the SDKs speak, streamed and not: a redacted answer reads
+//!   normally (the Responses API's final events repeat the redacted text), a blocked one ends
+//!   with the API's own final event or refusal, which the SDK reads as a normal end; Gemini's
+//!   JSON-array stream through a raw client; and a guarded stream flows on before the
+//!   upstream ends (an upstream gate, no clock).
+//!
+//! Run with `cargo test --test guardrails` (the SDK cases skip when the SDKs are not
+//! installed).
 
 mod support;
 
@@ -386,4 +395,104 @@ async fn guarded_stream_flows_before_the_upstream_ends() {
         assert!(all.ends_with("data: [DONE]\n\n"), "{all}");
     })
     .await;
+}
+
+/// POSTs `body` to `path` through Envoy with extra `headers`: the status and whole body.
+async fn post(
+    bed: &Bed,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &'static [u8],
+) -> (u16, String) {
+    use http_body_util::BodyExt;
+    let addr = bed.envoy.listen;
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .expect("handshake");
+    tokio::spawn(conn);
+    let mut req = hyper::Request::post(path)
+        .header("host", addr.to_string())
+        .header("content-type", "application/json");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(body)))
+        .expect("request");
+    let resp = sender.send_request(req).await.expect("response");
+    let status = resp.status().as_u16();
+    let bytes = resp
+        .into_body()
+        .collect()
+        .await
+        .expect("the body broke")
+        .to_bytes();
+    (status, String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// Gemini's `streamGenerateContent` without `alt=sse` (one JSON array streamed element by
+/// element; no SDK asks for it, so a raw client): redacted and blocked like the SSE form,
+/// and the client still reads one valid JSON array.
+async fn json_array_guarded(bodies: Bodies) {
+    within(LIMIT, async {
+        let bed = Bed::start(RESPONSE_GUARD, bodies).await;
+        let path = "/v1beta/models/gemini-test:streamGenerateContent";
+        let body: &'static [u8] = br#"{"contents":[{"role":"user","parts":[{"text":"hi"}]}]}"#;
+        let texts = |v: &Value| -> String {
+            v.as_array()
+                .expect("an array")
+                .iter()
+                .filter_map(|e| e.pointer("/candidates/0/content/parts/0/text"))
+                .filter_map(Value::as_str)
+                .collect()
+        };
+        let (status, got) = post(
+            &bed,
+            path,
+            &[
+                (
+                    "x-test-reply",
+                    "Contact jane.doe@example.com for the details.",
+                ),
+                ("x-test-split", "5"),
+            ],
+            body,
+        )
+        .await;
+        assert_eq!(status, 200, "{got}\n{}", bed.logs());
+        assert!(!got.contains("jane"), "leaked: {got}");
+        let v: Value = serde_json::from_str(&got).expect(&got);
+        assert_eq!(texts(&v), "Contact [EMAIL] for the details.", "{got}");
+
+        let (status, got) = post(
+            &bed,
+            path,
+            &[("x-test-reply", "Your card 4111 1111 1111 1111 is on file.")],
+            body,
+        )
+        .await;
+        assert_eq!(status, 200);
+        assert!(!got.contains("1111 1111"), "leaked: {got}");
+        let v: Value = serde_json::from_str(&got).expect(&got);
+        assert_eq!(texts(&v), "Your card ", "{got}");
+        let last = v
+            .as_array()
+            .and_then(|a| a.last())
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(last["candidates"][0]["finishReason"], "SAFETY", "{got}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gemini_json_array_stream_guard_full_duplex() {
+    json_array_guarded(Bodies::Duplex).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gemini_json_array_stream_guard_buffered() {
+    json_array_guarded(Bodies::Buffered).await;
 }
