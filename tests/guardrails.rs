@@ -242,6 +242,7 @@ async fn response_guarded(bodies: Bodies, test: &str) {
             "openai.chat.stream",
             "openai.responses",
             "openai.responses.stream",
+            "openai.responses.stream_helper",
             "openai.completions",
             "openai.completions.stream",
             "anthropic.messages",
@@ -274,6 +275,10 @@ async fn response_guarded(bodies: Bodies, test: &str) {
                     assert!(finals.iter().all(|t| t == want), "{r}");
                     assert_eq!(r["last_event"], "response.completed", "{r}");
                 }
+                if *case == "openai.responses.stream_helper" {
+                    assert_eq!(r["final_text"], want, "{r}");
+                    assert_eq!(r["response_status"], "completed", "{r}");
+                }
             }
         }
 
@@ -286,7 +291,7 @@ async fn response_guarded(bodies: Bodies, test: &str) {
             assert!(!text.contains("1111 1111"), "{case}: leaked: {r}");
             // A normal end, no exception: a stream keeps what came before the card.
             assert_eq!(r["ok"], true, "{case}: {r}\n{}", bed.logs());
-            let streamed = case.ends_with(".stream");
+            let streamed = case.contains(".stream");
             let want = if streamed { "Your card " } else { "" };
             if *case == "gemini.generate" {
                 // No text part at all: the SDK's `text` is None.
@@ -297,6 +302,10 @@ async fn response_guarded(bodies: Bodies, test: &str) {
             if case.starts_with("openai.responses") {
                 assert_eq!(r["response_status"], "incomplete", "{case}: {r}");
                 assert_eq!(r["incomplete_reason"], "content_filter", "{case}: {r}");
+            }
+            if *case == "openai.responses.stream_helper" {
+                assert_eq!(r["last_event"], "response.incomplete", "{r}");
+                assert_eq!(r["final_text"], want, "{r}");
             }
             if *case == "openai.responses.stream" {
                 assert_eq!(r["last_event"], "response.incomplete", "{r}");

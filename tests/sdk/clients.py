@@ -106,6 +106,26 @@ def openai_responses(a, stream):
             "response_status": status, "incomplete_reason": reason}
 
 
+def openai_responses_helper(a):
+    """The SDK's own stream helper (`responses.stream`), which checks every event against its
+    snapshot (item identities, content indexes) and accumulates the final response."""
+    c = openai_client(a)
+    text, last, final, status, reason = "", None, None, None, None
+    with c.responses.stream(model=a.model, input=a.prompt) as s:
+        for ev in s:
+            last = ev.type
+            if ev.type == "response.output_text.delta":
+                text += ev.delta
+            elif ev.type == "response.incomplete":
+                final, status = ev.response.output_text, ev.response.status
+                reason = ev.response.incomplete_details.reason
+        if last == "response.completed":
+            r = s.get_final_response()
+            final, status = r.output_text, r.status
+    return {"status": 200, "headers": {}, "text": text, "last_event": last,
+            "final_text": final, "response_status": status, "incomplete_reason": reason}
+
+
 def openai_completions(a, stream):
     c = openai_client(a)
     kw = {"model": a.model, "prompt": a.prompt}
@@ -212,6 +232,7 @@ CASES = {
     "openai.chat.stream.nousage": lambda a: openai_chat(a, True, include_usage=False),
     "openai.responses": lambda a: openai_responses(a, False),
     "openai.responses.stream": lambda a: openai_responses(a, True),
+    "openai.responses.stream_helper": openai_responses_helper,
     "openai.completions": lambda a: openai_completions(a, False),
     "openai.completions.stream": lambda a: openai_completions(a, True),
     "openai.embeddings": openai_embeddings,
