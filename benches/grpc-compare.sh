@@ -44,6 +44,9 @@
 # LLM (issue 14): `llm-quota` is LlmTokenQuota (memory counters) on a buffered chat body,
 # `llm-quota-sync` the same flow on the Redis-counting replica (synchronous); compare with
 # `empty` sent the same body: MIX=body BODY_BYTES=4096 TARGETS="empty llm-quota llm-quota-sync".
+# Guardrails (issue 15): `guard` is SanitizePrompt + SanitizeResponse with every local
+# detector: MIX=body BODY_BYTES=4096 TARGETS="empty guard".
+# LOADGEN_ARGS=--unique-bodies makes every prompt line unique (no token-count cache hit).
 # Environment: DURATION=5 (seconds per run), ROUNDS=3, MIX="headers body sse", BODY_BYTES=2048,
 #              CONCURRENCY=32, CONNECTIONS=2,
 #              TARGETS="floor empty three verify verify-bare cache limits limits-full limits-sync
@@ -142,7 +145,7 @@ run() { # pid addr path mix [loadgen args...] -> "rate p99 cpu_us_per_stream"; f
   t0=$(ticks "$pid")
   out=$("$BIN/examples/loadgen" --addr "http://127.0.0.1:$addr" --path "$path" --mix "$mix" "$@" \
     --duration "$DURATION" --warmup 1 --concurrency "$CONCURRENCY" --connections "$CONNECTIONS" \
-    --body-bytes "$BODY_BYTES" --json |
+    --body-bytes "$BODY_BYTES" ${LOADGEN_ARGS:-} --json |
     python3 -c '
 import json, os, sys
 d = json.loads(sys.stdin.read())
@@ -186,6 +189,7 @@ for mix in $MIX; do
         oas) out=$(run "$pid" "$port" /oas/v1/chat/completions "$mix") ;;
         llm-quota) out=$(run "$pid" "$port" /llm-quota/v1/chat/completions "$mix" --header "x-user:bench") ;;
         llm-quota-sync) out=$(run "$SYNC_PID" "$SYNC_PORT" /llm-quota/v1/chat/completions "$mix" --header "x-user:bench") ;;
+        guard) out=$(run "$pid" "$port" /guard/v1/chat/completions "$mix") ;;
         *) echo "unknown target $t" >&2; exit 2 ;;
       esac
       read -r rate p99 cpu <<<"$out"

@@ -99,7 +99,20 @@ struct Args {
     /// Approximate size of the chat request body (`body` mix, `--sse-request-body`).
     #[arg(long, default_value_t = 2048)]
     body_bytes: usize,
+    /// Every request body differs from every other in each line of the prompt (a ticket
+    /// number), so no cache keyed on prompt text can help: the worst case for counting.
+    #[arg(long)]
+    unique_bodies: bool,
+    /// `sse` mix: send the response chunks without waiting for each answer, and end the
+    /// stream at the answer that carries end_of_stream. In FULL_DUPLEX_STREAMED a server may
+    /// hold bytes back across chunks (a stream guard's window) and answer several chunks at
+    /// once, which the default lockstep (one answer per chunk) cannot wait for.
+    #[arg(long)]
+    sse_pipelined: bool,
 }
+
+/// In `--unique-bodies` prompts, replaced by the stream's number.
+const MARK: &[u8; 12] = b"000000000000";
 
 fn hv(key: &str, value: &str) -> HeaderValue {
     HeaderValue {
@@ -125,9 +138,12 @@ fn msg(request: Req) -> ProcessingRequest {
 }
 
 /// A chat-completion request body of about `size` bytes (at least about 200).
-fn chat_body(size: usize) -> Vec<u8> {
-    let filler =
-        "Summarise the quarterly report, list the three main risks and suggest next steps. ";
+fn chat_body(size: usize, unique: bool) -> Vec<u8> {
+    let filler = if unique {
+        "Ticket 000000000000: summarise the quarterly report, list the main risks. "
+    } else {
+        "Summarise the quarterly report, list the three main risks and suggest next steps. "
+    };
     let mut user = String::new();
     while user.len() < size.saturating_sub(198) {
         user.push_str(filler);
@@ -208,7 +224,7 @@ fn script(args: &Args) -> Result<Vec<ProcessingRequest>, String> {
             out.push(msg(Req::ResponseHeaders(headers_msg(resp_headers, true))));
         }
         Mix::Body => {
-            let body = chat_body(args.body_bytes);
+            let body = chat_body(args.body_bytes, args.unique_bodies);
             req_headers.push(hv("content-length", &body.len().to_string()));
             pc.request_body_mode = BodySendMode::Buffered as i32;
             out.push(msg(Req::RequestHeaders(headers_msg(req_headers, false))));
@@ -224,7 +240,7 @@ fn script(args: &Args) -> Result<Vec<ProcessingRequest>, String> {
         Mix::Sse => {
             pc.response_body_mode = duplex;
             if args.sse_request_body {
-                let body = String::from_utf8(chat_body(args.body_bytes))
+                let body = String::from_utf8(chat_body(args.body_bytes, args.unique_bodies))
                     .map_err(|e| e.to_string())?
                     .replace(r#""stream":false"#, r#""stream":true"#)
                     .into_bytes();
@@ -324,12 +340,28 @@ fn check(req: &ProcessingRequest, resp: &ProcessingResponse, duplex: bool) -> Op
     ))
 }
 
+/// Writes `n` over every [`MARK`] in `body`.
+fn mark(body: &mut [u8], n: u64) {
+    let digits = format!("{:012}", n % 1_000_000_000_000);
+    let mut i = 0;
+    while i + MARK.len() <= body.len() {
+        if &body[i..i + MARK.len()] == MARK {
+            body[i..i + MARK.len()].copy_from_slice(digits.as_bytes());
+            i += MARK.len();
+        } else {
+            i += 1;
+        }
+    }
+}
+
 async fn one_stream(
     channel: Channel,
     script: &[ProcessingRequest],
     request_id: String,
     extra: Option<(&str, &[u8])>,
     duplex: bool,
+    unique: Option<u64>,
+    pipelined: bool,
 ) -> Outcome {
     let (tx, rx) = mpsc::channel::<ProcessingRequest>(2);
     let mut first = script[0].clone();
@@ -358,6 +390,21 @@ async fn one_stream(
         Err(s) => return Outcome::Error(format!("open: {:?} {}", s.code(), s.message())),
     };
     for (i, req) in script.iter().enumerate() {
+        let owned;
+        if pipelined && duplex && matches!(req.request, Some(Req::ResponseBody(_))) {
+            return pipelined_body(tx, inbound, script[i..].to_vec()).await;
+        }
+        let req = match (unique, &req.request) {
+            (Some(n), Some(Req::RequestBody(_))) => {
+                let mut r = req.clone();
+                if let Some(Req::RequestBody(b)) = r.request.as_mut() {
+                    mark(&mut b.body, n);
+                }
+                owned = r;
+                &owned
+            }
+            _ => req,
+        };
         if i > 0 && tx.send(req.clone()).await.is_err() {
             return Outcome::Error("request stream closed".into());
         }
@@ -380,6 +427,59 @@ async fn one_stream(
         }
     }
     drop(tx); // half-close, like Envoy with ext_proc_graceful_grpc_close
+    match inbound.message().await {
+        Ok(None) => Outcome::Ok,
+        Ok(Some(_)) => Outcome::Mismatch("extra response after the last answer".into()),
+        Err(s) => Outcome::Error(format!("at close: {:?} {}", s.code(), s.message())),
+    }
+}
+
+/// Sends the response chunks at once; answers may come fewer and later (see
+/// `--sse-pipelined`). Ok when an answer with end_of_stream arrives, then the server closes.
+async fn pipelined_body(
+    tx: mpsc::Sender<ProcessingRequest>,
+    mut inbound: tonic::Streaming<ProcessingResponse>,
+    chunks: Vec<ProcessingRequest>,
+) -> Outcome {
+    let sender = tokio::spawn(async move {
+        for c in chunks {
+            if tx.send(c).await.is_err() {
+                return;
+            }
+        }
+        // tx dropped here: half-close once everything is sent.
+    });
+    let outcome = loop {
+        match inbound.message().await {
+            Ok(Some(resp)) => match resp.response {
+                Some(Resp::ImmediateResponse(_)) => break Outcome::Immediate,
+                Some(Resp::ResponseBody(r)) => match r
+                    .response
+                    .as_ref()
+                    .and_then(|c| c.body_mutation.as_ref())
+                    .and_then(|m| m.mutation.as_ref())
+                {
+                    Some(Mutation::StreamedResponse(s)) if s.end_of_stream => break Outcome::Ok,
+                    Some(Mutation::StreamedResponse(_)) => {}
+                    _ => {
+                        break Outcome::Mismatch(
+                            "response_body without streamed_response in FULL_DUPLEX_STREAMED"
+                                .into(),
+                        )
+                    }
+                },
+                _ => break Outcome::Mismatch("not a response_body answer to a body chunk".into()),
+            },
+            Ok(None) => {
+                break Outcome::Error("server ended the stream before the last chunk".into())
+            }
+            Err(s) => break Outcome::Error(format!("{:?} {}", s.code(), s.message())),
+        }
+    };
+    let _ = sender.await;
+    if !matches!(outcome, Outcome::Ok) {
+        return outcome;
+    }
     match inbound.message().await {
         Ok(None) => Outcome::Ok,
         Ok(Some(_)) => Outcome::Mismatch("extra response after the last answer".into()),
@@ -483,6 +583,8 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let started = Arc::new(AtomicU64::new(0)); // measured streams started (for --streams)
     let ids = Arc::new(AtomicU64::new(0));
     let timeout = Duration::from_millis(args.timeout_ms);
+    let unique = args.unique_bodies;
+    let pipelined = args.sse_pipelined;
     let limit = args.streams;
     let last_end = Arc::new(Mutex::new(measure_from));
 
@@ -519,7 +621,15 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 });
                 let res = tokio::time::timeout(
                     timeout,
-                    one_stream(channel.clone(), &script, rid, extra, duplex),
+                    one_stream(
+                        channel.clone(),
+                        &script,
+                        rid,
+                        extra,
+                        duplex,
+                        unique.then_some(id + 1),
+                        pipelined,
+                    ),
                 )
                 .await;
                 let t1 = Instant::now();
