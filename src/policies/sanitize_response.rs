@@ -12,7 +12,7 @@
 //! refusals where the API streams them; tool-call arguments and reasoning deltas are not):
 //!
 //! - JSON answers (held whole), every API: the generated text members (`content`, `text`,
-//!   `output_text`: chat `choices[].message.content`, legacy completions `choices[].text`,
+//!   `output_text`, `refusal`: chat `choices[].message.content`, legacy completions `choices[].text`,
 //!   Responses `output[].content[].text`, Anthropic `content[].text`, Gemini / Vertex AI
 //!   `candidates[].content.parts[].text`) are scanned; `redact` rewrites them in place;
 //!   `block` empties the generated text and sets the API's own refusal reason, so the SDK
@@ -27,8 +27,9 @@
 //!   choice / content part / content block / candidate and replaced by what the scanner
 //!   releases (redacted); the scanner's held tail comes out in a later delta, at the latest
 //!   just before the part's closing event. Per API:
-//!   - OpenAI chat (`choices[].delta.content`) and legacy completions (`choices[].text`);
-//!     `logprobs` of a delta whose text changed are dropped (their tokens spell the text).
+//!   - OpenAI chat (`choices[].delta.content`, and `delta.refusal`) and legacy completions
+//!     (`choices[].text`); `logprobs` of a delta whose text changed are dropped (their tokens
+//!     spell the text).
 //!   - OpenAI Responses: `response.output_text.delta` and `response.refusal.delta`. The
 //!     closing events repeat the whole text (`response.output_text.done`,
 //!     `response.content_part.done`, `response.output_item.done`, `response.completed`): it
@@ -607,31 +608,46 @@ impl SanitizeResponse {
             }
             let i = index(c, "index");
             let finish = c.get("finish_reason").is_some_and(|f| !f.is_null());
-            let slot = if completions {
-                c.get("text")
+            // Chat: the answer (`content`, part 0) and a refusal (`refusal`, part 1, only
+            // once one started). Completions: `text`.
+            let fields: &[(&str, u64)] = if completions {
+                &[("text", 0)]
             } else {
-                c.pointer("/delta/content")
+                &[("content", 0), ("refusal", 1)]
             };
-            let delta = slot.and_then(Value::as_str).unwrap_or("").to_owned();
-            if delta.is_empty() && !finish {
-                continue;
-            }
-            let (rel, blocked) = st.push(d, (i, 0), &delta, finish);
-            if rel != delta {
-                changed = true;
-                // Their tokens spell the original text.
-                if c.get("logprobs").is_some_and(|l| !l.is_null()) {
-                    put(c, "logprobs", Value::Null);
-                }
-                if completions {
-                    put(c, "text", Value::String(rel));
+            let mut blocked = false;
+            for &(field, part) in fields {
+                let slot = if completions {
+                    c.get(field)
                 } else {
-                    if !c.get("delta").is_some_and(Value::is_object) {
-                        put(c, "delta", json!({}));
+                    c.get("delta").and_then(|dl| dl.get(field))
+                };
+                let delta = slot.and_then(Value::as_str).unwrap_or("").to_owned();
+                let open = part == 0 || st.parts.contains_key(&(i, part));
+                if delta.is_empty() && !(finish && open) {
+                    continue;
+                }
+                let (rel, b) = st.push(d, (i, part), &delta, finish);
+                if rel != delta {
+                    changed = true;
+                    // Their tokens spell the original text.
+                    if c.get("logprobs").is_some_and(|l| !l.is_null()) {
+                        put(c, "logprobs", Value::Null);
                     }
-                    if let Some(dl) = c.get_mut("delta") {
-                        put(dl, "content", Value::String(rel));
+                    if completions {
+                        put(c, field, Value::String(rel));
+                    } else {
+                        if !c.get("delta").is_some_and(Value::is_object) {
+                            put(c, "delta", json!({}));
+                        }
+                        if let Some(dl) = c.get_mut("delta") {
+                            put(dl, field, Value::String(rel));
+                        }
                     }
+                }
+                if b {
+                    blocked = true;
+                    break;
                 }
             }
             if blocked {
@@ -1421,7 +1437,7 @@ impl Policy for SanitizeResponse {
                 .ok()
                 .and_then(|_| {
                     guard::redact_json(&self.detector, body, |at| {
-                        matches!(at.key, Some("content" | "text" | "output_text"))
+                        matches!(at.key, Some("content" | "text" | "output_text" | "refusal"))
                     })
                     .ok()
                 })
@@ -1641,6 +1657,34 @@ mod tests {
         // Anything after the end is dropped.
         let (more, ended) = stream(&p, &mut ex, &[openai("x", None)]);
         assert!(ended && more.is_empty());
+    }
+
+    #[test]
+    fn openai_stream_refusal_deltas_are_guarded_too() {
+        let p = policy("{detectors: {email: {action: redact}}}");
+        let ev = |r: &str, finish: Option<&str>| {
+            let v = json!({"choices": [{"index": 0, "delta": {"refusal": r}, "finish_reason": finish}]});
+            format!("data: {v}\n\n")
+        };
+        let mut ex = exchange(Api::OpenAiChat);
+        let (got, _) = stream(
+            &p,
+            &mut ex,
+            &[
+                ev("I won't mail jane.d", None),
+                ev("oe@example.com", None),
+                ev("", Some("stop")),
+            ],
+        );
+        let text: String = events_of(&got)
+            .iter()
+            .filter_map(|(_, v)| {
+                v.pointer("/choices/0/delta/refusal")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+            })
+            .collect();
+        assert_eq!(text, "I won't mail [EMAIL]", "{got}");
     }
 
     fn completion(text: &str, finish: Option<&str>) -> String {
