@@ -27,6 +27,7 @@ const LIMIT: Duration = Duration::from_secs(120);
 enum Bodies {
     Duplex,
     Buffered,
+    Streamed,
 }
 
 /// SDK + Envoy + tollgate + LLM upstream; Envoy goes down first.
@@ -51,6 +52,7 @@ impl Bed {
         let body_mode = match bodies {
             Bodies::Duplex => "FULL_DUPLEX_STREAMED",
             Bodies::Buffered => "BUFFERED",
+            Bodies::Streamed => "STREAMED",
         };
         let mode = Mode {
             request_body_mode: Some(body_mode),
@@ -331,15 +333,19 @@ async fn sdk_response_guard_buffered() {
     response_guarded(Bodies::Buffered, "sdk_response_guard_buffered").await;
 }
 
-/// A guarded event stream flows on as it is read (FULL_DUPLEX_STREAMED), it is not held
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdk_response_guard_streamed() {
+    response_guarded(Bodies::Streamed, "sdk_response_guard_streamed").await;
+}
+
+/// A guarded event stream flows on as it is read (FULL_DUPLEX_STREAMED, STREAMED), it is not held
 /// until the upstream ends: the upstream stops halfway and waits for the test to open a
 /// gate, which the test opens only once the first words reached it. Held whole, the first
 /// words never come before the gate (the upstream then gives up and resets the stream).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn guarded_stream_flows_before_the_upstream_ends() {
+async fn guarded_stream_flows(bodies: Bodies) {
     use http_body_util::BodyExt;
     within(LIMIT, async {
-        let bed = Bed::start(RESPONSE_GUARD, Bodies::Duplex).await;
+        let bed = Bed::start(RESPONSE_GUARD, bodies).await;
         let addr = bed.envoy.listen;
         let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
         let (mut sender, conn) =
@@ -404,6 +410,16 @@ async fn guarded_stream_flows_before_the_upstream_ends() {
         assert!(all.ends_with("data: [DONE]\n\n"), "{all}");
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guarded_stream_flows_before_the_upstream_ends_full_duplex() {
+    guarded_stream_flows(Bodies::Duplex).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guarded_stream_flows_before_the_upstream_ends_streamed() {
+    guarded_stream_flows(Bodies::Streamed).await;
 }
 
 /// POSTs `body` to `path` through Envoy with extra `headers`: the status and whole body.
