@@ -338,10 +338,10 @@ async fn sdk_response_guard_streamed() {
     response_guarded(Bodies::Streamed, "sdk_response_guard_streamed").await;
 }
 
-/// A guarded event stream flows on as it is read (FULL_DUPLEX_STREAMED, STREAMED), it is not held
-/// until the upstream ends: the upstream stops halfway and waits for the test to open a
-/// gate, which the test opens only once the first words reached it. Held whole, the first
-/// words never come before the gate (the upstream then gives up and resets the stream).
+/// A guarded event stream flows on as it is read (FULL_DUPLEX_STREAMED, STREAMED), it is
+/// not held until the upstream ends: the upstream stops halfway and waits for the test to
+/// open a gate, which the test opens only once the first words reached it. Held whole, the
+/// first words never come before the gate (the upstream then gives up and resets it).
 async fn guarded_stream_flows(bodies: Bodies) {
     use http_body_util::BodyExt;
     within(LIMIT, async {
