@@ -12,10 +12,10 @@
 //! refusals where the API streams them; tool-call arguments and reasoning deltas are not):
 //!
 //! - JSON answers (held whole), every API: the generated text members (`content`, `text`,
-//!   `output_text`, `refusal`: chat `choices[].message.content`, legacy completions `choices[].text`,
-//!   Responses `output[].content[].text`, Anthropic `content[].text`, Gemini / Vertex AI
-//!   `candidates[].content.parts[].text`) are scanned; `redact` rewrites them in place;
-//!   `block` empties the generated text and sets the API's own refusal reason, so the SDK
+//!   `output_text`, `refusal`: chat `choices[].message.content`, legacy completions
+//!   `choices[].text`, Responses `output[].content[].text`, Anthropic `content[].text`,
+//!   Gemini / Vertex AI `candidates[].content.parts[].text`) are scanned; `redact` rewrites
+//!   them in place; `block` empties the generated text and sets the API's own refusal reason, so the SDK
 //!   reads a normal answer in every body mode (in FULL_DUPLEX_STREAMED the 200 already
 //!   left): OpenAI chat and completions `finish_reason: "content_filter"`, Responses
 //!   `status: "incomplete"` with `incomplete_details.reason: "content_filter"`, Anthropic
@@ -26,7 +26,9 @@
 //!   `alt=sse`), never a second framer. Each text delta is fed to a [`StreamScanner`] per
 //!   choice / content part / content block / candidate and replaced by what the scanner
 //!   releases (redacted); the scanner's held tail comes out in a later delta, at the latest
-//!   just before the part's closing event. Per API:
+//!   just before the part's closing event. The step declares `Hooks::streams_in_chunks`,
+//!   so an event stream is not held for its body hook: events flow on as they are read.
+//!   Per API:
 //!   - OpenAI chat (`choices[].delta.content`, and `delta.refusal`) and legacy completions
 //!     (`choices[].text`); `logprobs` of a delta whose text changed are dropped (their tokens
 //!     spell the text).
@@ -45,7 +47,9 @@
 //!   completions a chunk with `finish_reason: "content_filter"` then `data: [DONE]`;
 //!   Responses the open parts' and items' `.done` events then `response.incomplete` with
 //!   `incomplete_details.reason: "content_filter"` (what OpenAI sends for its own filter;
-//!   the SDK yields it as a normal event); Anthropic `content_block_stop`, `message_delta`
+//!   the openai SDK yields it as a normal event, and its `responses.stream()` helper reads
+//!   the incomplete response; `get_final_response()` raises there, as for OpenAI's own
+//!   filter, since no `response.completed` came); Anthropic `content_block_stop`, `message_delta`
 //!   with `stop_reason: "refusal"`, `message_stop`; Gemini a candidate with
 //!   `finishReason: "SAFETY"` (and the array's closing `]`).
 //! - What cannot be checked is refused, not passed: a compressed body, an event whose data
