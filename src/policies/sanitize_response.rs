@@ -2234,4 +2234,83 @@ mod tests {
             Hook::Ready(Outcome::Continue)
         ));
     }
+
+    /// Mutated streams of every API, cut at random places: never a panic, and once the
+    /// policy ends a stream nothing more passes.
+    #[test]
+    fn mutated_streams_of_every_api_never_panic() {
+        let p = policy("{detectors: {email: {action: redact}, payment_card: {action: block}}}");
+        let odd = [
+            r#"data: {"choices": 5}"#,
+            r#"data: {"choices": [7, null, {"index": -1, "delta": "x"}]}"#,
+            r#"data: {"candidates": [{"content": {"parts": [{"text": 3}, "s"]}, "finishReason": 1}]}"#,
+            r#"event: response.output_text.done
+data: {"type": "response.output_text.done", "output_index": 99999999999, "text": 5}"#,
+            r#"data: {"type": "response.output_item.done", "item": "msg"}"#,
+            r#"data: {"type": "response.completed", "response": {"output": [1, {"type": "message", "content": 2}]}}"#,
+            r#"data: {"type": "content_block_delta", "delta": {"type": "text_delta", "text": null}}"#,
+            r#"data: [1, 2]"#,
+            "data: \u{0}",
+        ];
+        let mut bases = vec![
+            [
+                openai("mail jane.doe@exa", None),
+                openai("mple.com 4111 1111 1111 1111", Some("stop")),
+            ]
+            .concat(),
+            completion("to jane.doe@example.com", Some("stop")),
+            responses_stream(&["card 4111 1111 ", "1111 1111", " jane.doe@example.com"]),
+        ];
+        bases.extend(
+            odd.iter()
+                .map(|o| format!("{}\n\n", o.replace("\\n", "\n"))),
+        );
+        let apis = [
+            Api::OpenAiChat,
+            Api::OpenAiCompletions,
+            Api::OpenAiResponses,
+            Api::AnthropicMessages,
+            Api::Gemini,
+            Api::VertexAi,
+            Api::OpenAiEmbeddings,
+        ];
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut rnd = |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n.max(1) as u64) as usize
+        };
+        for round in 0..400 {
+            let mut bytes = bases[rnd(bases.len())].clone().into_bytes();
+            bytes.extend_from_slice(bases[rnd(bases.len())].as_bytes());
+            for _ in 0..rnd(4) {
+                let at = rnd(bytes.len());
+                match rnd(3) {
+                    0 => bytes[at] = rnd(256) as u8,
+                    1 => bytes.truncate(at),
+                    _ => bytes.insert(at, b"\n{}[]\":,"[rnd(8)]),
+                }
+            }
+            let api = apis[round % apis.len()];
+            let (ct, shape) = if rnd(3) == 0 && matches!(api, Api::Gemini | Api::VertexAi) {
+                ("application/json", Some(StreamShape::JsonArray))
+            } else {
+                ("text/event-stream", None)
+            };
+            let mut ex = exchange_with(api, ct, shape);
+            let mut chunks = Vec::new();
+            let mut rest = bytes.as_slice();
+            while !rest.is_empty() {
+                let n = 1 + rnd(rest.len().min(40));
+                chunks.push(rest[..n].to_vec());
+                rest = &rest[n..];
+            }
+            let (_, ended) = feed(&p, &mut ex, &chunks, rnd(2) == 0);
+            if ended {
+                let (more, again) = feed(&p, &mut ex, &[b"data: {}\n\n".to_vec()], false);
+                assert!(again && more.is_empty());
+            }
+        }
+    }
 }
