@@ -96,6 +96,10 @@ pub const UNSUPPORTED_CODE: &str = "steps.sanitizeresponse.UnsupportedResponse";
 /// upstream never sizes an allocation).
 const MAX_PARTS: u64 = 64;
 
+/// The most text kept per Responses part for its final events (twice the SSE framer's
+/// bound on one event).
+const MAX_RELEASED: usize = 2 * crate::llm::sse::DEFAULT_MAX_EVENT_BYTES;
+
 /// What to do with an answer the guard cannot read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum OnUnsupported {
@@ -282,7 +286,11 @@ impl StreamState {
             p.closed = true;
         }
         if let Some(r) = p.released.as_mut() {
-            r.push_str(&out.release);
+            // Bounded: a final event repeating more than this would be over the framer's
+            // bound and refused anyway.
+            if r.len() + out.release.len() <= MAX_RELEASED {
+                r.push_str(&out.release);
+            }
         }
         let blocked = out.blocked.is_some();
         self.findings.extend(out.findings);
