@@ -413,6 +413,16 @@ impl State {
             self.complete = true;
             return;
         }
+        // Chat and completions chunks, the commonest events, are read into borrowed structs:
+        // no map or string allocation per event. Anything they do not fit (another type
+        // in a field, duplicate keys) takes the general path below, which reads the same
+        // fields from a `Value`.
+        if matches!(api, Api::OpenAiChat | Api::OpenAiCompletions) {
+            if let Ok(c) = serde_json::from_str::<fast::Chunk<'_>>(data) {
+                self.openai_fast(c);
+                return;
+            }
+        }
         match serde_json::from_str::<Value>(data) {
             Ok(v) => self.on_json(api, &v, event),
             Err(e) => {
@@ -493,19 +503,61 @@ impl State {
             }
         }
         if let Some(u @ Value::Object(_)) = v.get("usage") {
-            let mut flags = Usage::default();
-            let mut r = Reader { usage: &mut flags };
-            latest(&mut self.raw.input, r.get(u.get("prompt_tokens")));
-            latest(&mut self.raw.output, r.get(u.get("completion_tokens")));
-            latest(
-                &mut self.raw.cached,
-                r.get(u.pointer("/prompt_tokens_details/cached_tokens")),
-            );
-            latest(
-                &mut self.raw.reasoning,
-                r.get(u.pointer("/completion_tokens_details/reasoning_tokens")),
-            );
-            self.raw.anomaly |= flags.anomaly;
+            self.openai_usage(u);
+        }
+    }
+
+    fn openai_usage(&mut self, u: &Value) {
+        let mut flags = Usage::default();
+        let mut r = Reader { usage: &mut flags };
+        latest(&mut self.raw.input, r.get(u.get("prompt_tokens")));
+        latest(&mut self.raw.output, r.get(u.get("completion_tokens")));
+        latest(
+            &mut self.raw.cached,
+            r.get(u.pointer("/prompt_tokens_details/cached_tokens")),
+        );
+        latest(
+            &mut self.raw.reasoning,
+            r.get(u.pointer("/completion_tokens_details/reasoning_tokens")),
+        );
+        self.raw.anomaly |= flags.anomaly;
+    }
+
+    /// [`State::openai`] for a chunk read by [`fast::Chunk`].
+    fn openai_fast(&mut self, c: fast::Chunk<'_>) {
+        if let Some(e) = c.error.as_ref().filter(|e| !e.is_null()) {
+            self.set_error(e);
+        }
+        if self.model.is_none() {
+            if let Some(m) = c.model {
+                self.model = Some(m.into_owned());
+            }
+        }
+        for (pos, ch) in c.choices.unwrap_or_default().iter().enumerate() {
+            let idx = ch.index.map_or(pos, |i| i.min(MAX_CHOICES as u64) as usize);
+            if let Some(t) = &ch.text {
+                self.push_text(Some(idx), t);
+            }
+            let Some(m) = ch.delta.as_ref().or(ch.message.as_ref()) else {
+                continue;
+            };
+            for t in [&m.content, &m.refusal].into_iter().flatten() {
+                self.push_text(Some(idx), t);
+            }
+            for t in [&m.reasoning_content, &m.reasoning].into_iter().flatten() {
+                self.push_text(None, t);
+            }
+            for call in m.tool_calls.iter().flatten() {
+                if let Some(a) = call.function.as_ref().and_then(|f| f.arguments.as_ref()) {
+                    self.push_text(Some(idx), a);
+                }
+            }
+            if let Some(a) = m.function_call.as_ref().and_then(|f| f.arguments.as_ref()) {
+                self.push_text(Some(idx), a);
+            }
+        }
+        if let Some(u @ Value::Object(_)) = c.usage.as_ref() {
+            self.openai_usage(u);
         }
     }
 
@@ -767,5 +819,116 @@ fn latest(slot: &mut Option<u64>, v: Option<u64>) {
 fn raise(slot: &mut Option<u64>, v: Option<u64>) {
     if let Some(n) = v {
         *slot = Some(slot.map_or(n, |s| s.max(n)));
+    }
+}
+
+/// Borrowed shapes of OpenAI chat and completions chunks (see `State::on_sse`). Fields
+/// another type than these fail the whole read, and the event is read as a `Value`.
+mod fast {
+    use std::borrow::Cow;
+
+    use serde::Deserialize;
+    use serde_json::Value;
+
+    #[derive(Deserialize)]
+    pub struct Chunk<'a> {
+        #[serde(borrow, default)]
+        pub model: Option<Cow<'a, str>>,
+        #[serde(borrow, default)]
+        pub choices: Option<Vec<Choice<'a>>>,
+        /// Rare (the last chunk, an error): a `Value` is fine.
+        #[serde(default)]
+        pub usage: Option<Value>,
+        #[serde(default)]
+        pub error: Option<Value>,
+    }
+
+    #[derive(Deserialize)]
+    pub struct Choice<'a> {
+        #[serde(default)]
+        pub index: Option<u64>,
+        #[serde(borrow, default)]
+        pub text: Option<Cow<'a, str>>,
+        #[serde(borrow, default)]
+        pub delta: Option<Message<'a>>,
+        #[serde(borrow, default)]
+        pub message: Option<Message<'a>>,
+    }
+
+    #[derive(Deserialize)]
+    pub struct Message<'a> {
+        #[serde(borrow, default)]
+        pub content: Option<Cow<'a, str>>,
+        #[serde(borrow, default)]
+        pub refusal: Option<Cow<'a, str>>,
+        #[serde(borrow, default)]
+        pub reasoning_content: Option<Cow<'a, str>>,
+        #[serde(borrow, default)]
+        pub reasoning: Option<Cow<'a, str>>,
+        #[serde(borrow, default)]
+        pub tool_calls: Option<Vec<ToolCall<'a>>>,
+        #[serde(borrow, default)]
+        pub function_call: Option<Function<'a>>,
+    }
+
+    #[derive(Deserialize)]
+    pub struct ToolCall<'a> {
+        #[serde(borrow, default)]
+        pub function: Option<Function<'a>>,
+    }
+
+    #[derive(Deserialize)]
+    pub struct Function<'a> {
+        #[serde(borrow, default)]
+        pub arguments: Option<Cow<'a, str>>,
+    }
+}
+
+#[cfg(test)]
+mod fast_tests {
+    use super::*;
+
+    /// The borrowed read and the `Value` read of a chunk leave the same state, and chunks the
+    /// borrowed shapes do not fit fall back to the `Value` read.
+    #[test]
+    fn fast_and_general_reads_agree() {
+        let events = [
+            r#"{"id":"c","object":"chat.completion.chunk","model":"gpt-4o","choices":[{"index":0,"delta":{"role":"assistant","content":"Hel\"lo \u00e9\n"}}]}"#,
+            r#"{"choices":[{"index":1,"delta":{"content":"two"}},{"delta":{"refusal":"no"}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"reasoning_content":"think","reasoning":"more"}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"name":"f","arguments":"{\"a\":1}"}}]}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"function_call":{"arguments":"[2]"}}}]}"#,
+            r#"{"choices":[{"index":0,"text":"legacy","logprobs":null,"finish_reason":null}]}"#,
+            r#"{"choices":[{"index":0,"message":{"content":"whole"}}]}"#,
+            r#"{"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":"9","prompt_tokens_details":{"cached_tokens":2}}}"#,
+            r#"{"choices":null,"usage":null}"#,
+            r#"{"error":{"message":"overloaded","type":"server_error"}}"#,
+            r#"{"choices":[{"index":99999999999,"delta":{"content":"far"}}]}"#,
+            // Shapes the borrowed read refuses: the general read decides.
+            r#"{"model":7,"choices":[{"index":-1,"delta":{"content":["x"]}}]}"#,
+            r#"{"choices":{"0":{"delta":{"content":"map"}}}}"#,
+            r#"{"choices":[{"index":0,"delta":{"content":"a","content":"b"}}]}"#,
+            r#"{"choices":[{"index":1.5,"delta":{"content":7,"refusal":"r"}}]}"#,
+        ];
+        for api in [Api::OpenAiChat, Api::OpenAiCompletions] {
+            let mut fast = State::default();
+            let mut general = State::default();
+            fast.max_text = 1 << 20;
+            general.max_text = 1 << 20;
+            for e in events {
+                fast.on_sse(api, "", e);
+                general.events += 1;
+                match serde_json::from_str::<Value>(e) {
+                    Ok(v) => general.on_json(api, &v, ""),
+                    Err(_) => unreachable!("test events are JSON"),
+                }
+            }
+            assert_eq!(format!("{fast:?}"), format!("{general:?}"));
+            assert!(
+                fast.choices[0].starts_with("Hel\"lo é\n"),
+                "{:?}",
+                fast.choices
+            );
+        }
     }
 }
