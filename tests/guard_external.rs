@@ -624,13 +624,13 @@ async fn sdk_answers_through_model_armor() {
             "the stream's text, reassembled: {:?}",
             calls[2].body
         );
-        // Flagged: the stream ends with the API's refusal, a normal end for the SDK. (Held
-        // whole before the verdict, as the stream code holds a body a response step may
-        // replace, nothing of it was released.)
+        // Flagged: the API's refusal in the stream's place, a normal end for the SDK (held
+        // whole before the verdict: nothing of the flagged text was released).
         let lines = sdk
             .run_many_prompt(&["openai.chat.stream"], &bed.root("end"), "k", &flagged, None)
             .await;
         assert_eq!(lines[0]["ok"], true, "{}\n{}", lines[0], bed.logs());
+        assert_eq!(lines[0]["text"], "", "{}", lines[0]);
         assert_eq!(bed.guard.armor_calls().len(), 4);
         assert!(
             bed.tollgate

@@ -483,10 +483,9 @@ pub enum StreamPolicy {
     /// Let the local detectors guard it alone (the external guards are skipped, said in a
     /// variable, a metric and a warning).
     Local,
-    /// Check the whole generated text once the upstream's stream has ended, before its last
-    /// chunk is released: a match (or a closed failure) ends the stream with the API's
-    /// refusal in place of its own end. Text already released cannot be recalled (Apigee's
-    /// per-batch check has the same limit).
+    /// Hold the stream whole, check its whole generated text, then release it, or the API's
+    /// refusal in its place on a match (or a closed failure). The first token waits for the
+    /// whole generation.
     End,
 }
 

@@ -24,8 +24,8 @@
 //!       onMatch: block
 //!     # SanitizeResponse only: what a streamed answer gets (the guards need the whole text
 //!     # before the client sees it): block (default, the stream ends at once with the API's
-//!     # refusal), end (the whole text is checked when the upstream's stream ended, before
-//!     # its last chunk leaves; a match ends it with the refusal) or local (the local
+//!     # refusal), end (the stream is held whole and checked; a match answers the refusal
+//!     # in its place) or local (the local
 //!     # detectors guard it alone; the skip is said)
 //!     streams: block
 //! ```
@@ -1111,6 +1111,20 @@ mod tests {
         assert!(String::from_utf8(c.data)
             .unwrap_or_default()
             .contains("content_filter"));
+    }
+
+    #[test]
+    fn only_streams_end_holds_a_stream_whole() {
+        let hooks = |y: &str| {
+            let spec: serde_norway::Value = serde_norway::from_str(y).unwrap_or_default();
+            crate::policies::sanitize_response::build(&ctx(), spec)
+                .unwrap_or_else(|e| panic!("{e}"))
+                .hooks()
+        };
+        assert!(hooks("{}").streams_in_chunks);
+        assert!(hooks("{external: {http: {url: 'http://x/'}}}").streams_in_chunks);
+        assert!(hooks("{external: {http: {url: 'http://x/'}, streams: local}}").streams_in_chunks);
+        assert!(!hooks("{external: {http: {url: 'http://x/'}, streams: end}}").streams_in_chunks);
     }
 
     #[test]
