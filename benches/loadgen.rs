@@ -109,6 +109,11 @@ struct Args {
     /// once, which the default lockstep (one answer per chunk) cannot wait for.
     #[arg(long)]
     sse_pipelined: bool,
+    /// With `--sse-pipelined`: wait this many milliseconds between response chunks, as a
+    /// model streams tokens (0: as fast as possible). The report then also gives the time
+    /// to the first answered body bytes (`ttfb`), what a client sees as time to first token.
+    #[arg(long, default_value_t = 0)]
+    sse_interval_ms: u64,
 }
 
 /// In `--unique-bodies` prompts, replaced by the stream's number.
@@ -354,6 +359,7 @@ fn mark(body: &mut [u8], n: u64) {
     }
 }
 
+#[allow(clippy::too_many_arguments)] // one stream's script, ids and the timings it reports
 async fn one_stream(
     channel: Channel,
     script: &[ProcessingRequest],
@@ -361,7 +367,8 @@ async fn one_stream(
     extra: Option<(&str, &[u8])>,
     duplex: bool,
     unique: Option<u64>,
-    pipelined: bool,
+    pipelined: Option<Duration>,
+    first_body: &mut Option<Instant>,
 ) -> Outcome {
     let (tx, rx) = mpsc::channel::<ProcessingRequest>(2);
     let mut first = script[0].clone();
@@ -391,8 +398,10 @@ async fn one_stream(
     };
     for (i, req) in script.iter().enumerate() {
         let owned;
-        if pipelined && duplex && matches!(req.request, Some(Req::ResponseBody(_))) {
-            return pipelined_body(tx, inbound, script[i..].to_vec()).await;
+        if let (Some(interval), true, Some(Req::ResponseBody(_))) =
+            (pipelined, duplex, &req.request)
+        {
+            return pipelined_body(tx, inbound, script[i..].to_vec(), interval, first_body).await;
         }
         let req = match (unique, &req.request) {
             (Some(n), Some(Req::RequestBody(_))) => {
@@ -440,9 +449,14 @@ async fn pipelined_body(
     tx: mpsc::Sender<ProcessingRequest>,
     mut inbound: tonic::Streaming<ProcessingResponse>,
     chunks: Vec<ProcessingRequest>,
+    interval: Duration,
+    first_body: &mut Option<Instant>,
 ) -> Outcome {
     let sender = tokio::spawn(async move {
-        for c in chunks {
+        for (i, c) in chunks.into_iter().enumerate() {
+            if i > 0 && !interval.is_zero() {
+                tokio::time::sleep(interval).await;
+            }
             if tx.send(c).await.is_err() {
                 return;
             }
@@ -459,8 +473,14 @@ async fn pipelined_body(
                     .and_then(|c| c.body_mutation.as_ref())
                     .and_then(|m| m.mutation.as_ref())
                 {
-                    Some(Mutation::StreamedResponse(s)) if s.end_of_stream => break Outcome::Ok,
-                    Some(Mutation::StreamedResponse(_)) => {}
+                    Some(Mutation::StreamedResponse(s)) => {
+                        if !s.body.is_empty() && first_body.is_none() {
+                            *first_body = Some(Instant::now());
+                        }
+                        if s.end_of_stream {
+                            break Outcome::Ok;
+                        }
+                    }
                     _ => {
                         break Outcome::Mismatch(
                             "response_body without streamed_response in FULL_DUPLEX_STREAMED"
@@ -490,6 +510,8 @@ async fn pipelined_body(
 #[derive(Default)]
 struct Stats {
     lat_us: Vec<u64>,
+    /// Time to the first answered body bytes (`--sse-pipelined`).
+    ttfb_us: Vec<u64>,
     ok: u64,
     immediate: u64,
     mismatches: u64,
@@ -501,6 +523,7 @@ struct Stats {
 impl Stats {
     fn merge(&mut self, o: Stats) {
         self.lat_us.extend(o.lat_us);
+        self.ttfb_us.extend(o.ttfb_us);
         self.ok += o.ok;
         self.immediate += o.immediate;
         self.mismatches += o.mismatches;
@@ -584,7 +607,9 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let ids = Arc::new(AtomicU64::new(0));
     let timeout = Duration::from_millis(args.timeout_ms);
     let unique = args.unique_bodies;
-    let pipelined = args.sse_pipelined;
+    let pipelined = args
+        .sse_pipelined
+        .then(|| Duration::from_millis(args.sse_interval_ms));
     let limit = args.streams;
     let last_end = Arc::new(Mutex::new(measure_from));
 
@@ -614,6 +639,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                     }
                 }
                 let id = ids.fetch_add(1, Ordering::Relaxed);
+                let mut first_body = None;
                 let rid = format!("6b1f0c2e-0000-4000-8000-{id:012x}");
                 let extra = (!values.1.is_empty()).then(|| {
                     let v = &values.1[(id % values.1.len() as u64) as usize];
@@ -629,10 +655,14 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                         duplex,
                         unique.then_some(id + 1),
                         pipelined,
+                        &mut first_body,
                     ),
                 )
                 .await;
                 let t1 = Instant::now();
+                if let (true, Some(f), Ok(Outcome::Ok)) = (measured, first_body.take(), &res) {
+                    st.ttfb_us.push(f.duration_since(t0).as_micros() as u64);
+                }
                 if !measured {
                     continue;
                 }
@@ -686,6 +716,8 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         pct(lat, 99.0),
         lat.last().copied().unwrap_or(0),
     );
+    total.ttfb_us.sort_unstable();
+    let ttfb50 = pct(&total.ttfb_us, 50.0);
     let mix = format!("{:?}", args.mix).to_lowercase();
 
     if args.json {
@@ -693,7 +725,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             concat!(
                 r#"{{"mix":"{}","addr":"{}","concurrency":{},"connections":{},"elapsed_s":{:.3},"#,
                 r#""streams":{},"completed":{},"ok":{},"immediate":{},"rate":{:.1},"p50_us":{},"p90_us":{},"#,
-                r#""p99_us":{},"max_us":{},"mismatches":{},"errors":{},"timeouts":{}}}"#
+                r#""p99_us":{},"max_us":{},"ttfb_p50_us":{},"mismatches":{},"errors":{},"timeouts":{}}}"#
             ),
             mix,
             args.addr.replace('"', ""),
@@ -709,6 +741,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             p90,
             p99,
             max,
+            ttfb50,
             total.mismatches,
             total.errors,
             total.timeouts
@@ -724,6 +757,9 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         );
         println!("rate:        {rate:.1} streams/s");
         println!("latency us:  p50 {p50}  p90 {p90}  p99 {p99}  max {max}");
+        if !total.ttfb_us.is_empty() {
+            println!("first body:  p50 {ttfb50} us (time to the first answered body bytes)");
+        }
         println!(
             "errors:      mismatches {}  errors {}  timeouts {}",
             total.mismatches, total.errors, total.timeouts

@@ -97,6 +97,7 @@ fn product_of(name: &str, operation: &str) -> ApiProduct {
             path: operation.to_owned(),
             methods: vec!["POST".into()],
             models: vec![],
+            ..Default::default()
         }],
         quota: None,
         llm_token_quota: None,

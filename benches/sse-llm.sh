@@ -12,6 +12,8 @@
 # PIPELINED=1: the client sends all chunks without waiting for each answer (loadgen
 # --sse-pipelined), so the figure is how fast one stream's chunks get through, not the
 # per-chunk round trip; default targets then floor, empty, llm-usage and guard.
+# INTERVAL_MS=N (with PIPELINED=1): chunks N ms apart, as a model streams; the report then
+# also gives the time to the first answered body bytes (time to first token) per target.
 # Environment: ROUNDS=3, DURATION=3, CHUNKS=200, NO_BUILD=1 (use target/release as it is).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -36,26 +38,27 @@ declare -A PATHS=([floor]=/llm/v1/chat/completions [empty]=/empty/v1/chat/comple
   [guard]=/guard/v1/chat/completions)
 declare -A EXTRA=([floor]=--sse-usage [empty]=--sse-usage [llm-usage]=--sse-usage [llm-count]= [guard]=--sse-usage)
 if [ "${PIPELINED:-0}" = 1 ]; then
-  MODE=--sse-pipelined; TARGETS="${TARGETS:-floor empty llm-usage guard}"
+  MODE="--sse-pipelined --sse-interval-ms ${INTERVAL_MS:-0}"; TARGETS="${TARGETS:-floor empty llm-usage guard}"
 else
   MODE=; TARGETS="${TARGETS:-floor empty llm-usage llm-count}"
 fi
-declare -A P50S
+declare -A P50S TTFB
 for r in $(seq "$ROUNDS"); do
   for t in $TARGETS; do
-    p=$("$BIN/examples/loadgen" --addr "http://127.0.0.1:${ADDR[$t]}" --path "${PATHS[$t]}" --mix sse \
+    out=$("$BIN/examples/loadgen" --addr "http://127.0.0.1:${ADDR[$t]}" --path "${PATHS[$t]}" --mix sse \
       --sse-chunks "$CHUNKS" --sse-request-body ${EXTRA[$t]} $MODE --concurrency 1 --connections 1 \
       --duration "$DURATION" --warmup 1 --json |
-      python3 -c 'import json,sys; d=json.load(sys.stdin); assert not (d["errors"] or d["mismatches"] or d["timeouts"]), d; print(d["p50_us"])')
-    P50S[$t]="${P50S[$t]:-} $p"
+      python3 -c 'import json,sys; d=json.load(sys.stdin); assert not (d["errors"] or d["mismatches"] or d["timeouts"]), d; print(d["p50_us"], d["ttfb_p50_us"])')
+    P50S[$t]="${P50S[$t]:-} ${out% *}"; TTFB[$t]="${TTFB[$t]:-} ${out#* }"
   done
 done
 median() { tr ' ' '\n' | grep . | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-FLOOR=$(echo "${P50S[floor]:-}" | median)
+FLOOR=$(echo "${P50S[floor]:-}" | median); FLOOR_FB=$(echo "${TTFB[floor]:-}" | median)
 for t in $TARGETS; do
-  m=$(echo "${P50S[$t]}" | median)
-  awk -v t="$t" -v m="$m" -v f="${FLOOR:-0}" -v all="${P50S[$t]}" 'BEGIN {
+  m=$(echo "${P50S[$t]}" | median); fb=$(echo "${TTFB[$t]}" | median)
+  awk -v t="$t" -v m="$m" -v f="${FLOOR:-0}" -v all="${P50S[$t]}" -v fb="$fb" -v ff="${FLOOR_FB:-0}" 'BEGIN {
     printf "target=%-10s p50 to last chunk=%8.2f ms", t, m/1000;
     if (f > 0) printf "  vs floor=%+6.1f%%", (m/f - 1) * 100;
+    if (fb > 0) printf "  first body=%7.3f ms", fb/1000;
     printf "   (rounds:%s us)\n", all }'
 done

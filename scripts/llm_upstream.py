@@ -43,6 +43,11 @@ What the answer is, per request (headers, so an SDK can set them with `extra_hea
   x-test-fault: 429         answer 429 with the API's error JSON, retry-after: 7 and
                             x-ratelimit-* headers
   x-test-fault: reset       stream half the events, then reset the connection (TCP RST)
+  x-test-gate: NAME         stream half the events, then wait until `GET /_upstream/gate/NAME`
+                            (at most 20 s; never opened: the connection is reset), then the
+                            rest: a test can tell the first events reached the client while
+                            the upstream was still generating, with no clock involved
+  GET /_upstream/gate/NAME  opens that gate
 """
 import base64
 import json
@@ -58,6 +63,12 @@ from urllib.parse import urlsplit, parse_qs
 DEFAULT_REPLY = "Hello from the tollgate test upstream."
 _lock = threading.Lock()
 _seen = []
+_gates = {}
+
+
+def gate(name):
+    with _lock:
+        return _gates.setdefault(name, threading.Event())
 
 
 def words(text):
@@ -178,6 +189,9 @@ class Handler(BaseHTTPRequestHandler):
         """One event (bytes), in `x-test-split` pieces, each its own chunk and TCP write."""
         if self._fault == "reset" and self._events >= self._reset_at:
             raise Reset()
+        if self._gate and self._events == self._reset_at:
+            if not gate(self._gate).wait(20):
+                raise Reset()
         if self._events and self._comments:
             self._chunk(b": keep-alive" + self._nl + self._nl)
         if self._events and self._delay:
@@ -222,6 +236,9 @@ class Handler(BaseHTTPRequestHandler):
     # ───── requests ─────
 
     def do_GET(self):
+        if self.path.startswith("/_upstream/gate/"):
+            gate(self.path[len("/_upstream/gate/"):]).set()
+            return self._json(200, {})
         if self.path == "/_upstream/requests":
             with _lock:
                 return self._json(200, list(_seen))
@@ -261,6 +278,7 @@ class Handler(BaseHTTPRequestHandler):
         self._multiline = headers.get("x-test-multiline") == "1"
         self._comments = headers.get("x-test-comments") == "1"
         self._fault = headers.get("x-test-fault", "")
+        self._gate = headers.get("x-test-gate", "")
         if self._fault == "500":
             return self._error(api, 500, "the test upstream failed on purpose")
         if self._fault == "429":

@@ -46,7 +46,7 @@ const STALL: Duration = Duration::from_secs(10);
 
 /// The configuration the stream and configuration targets compile against: the examples
 /// of `policies/` (every policy type, read as they are, so the fuzzers follow them) with the
-/// callout pointed at a closed loopback port, plus the fuzz-only documents and specs of
+/// callout and the external guards pointed at a closed loopback port, plus the fuzz-only documents and specs of
 /// `fuzz/config/`; assembled once per process in a temporary directory.
 pub fn config_dir() -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
@@ -61,6 +61,21 @@ pub fn config_dir() -> PathBuf {
         // The demo's authorization service: nothing listens on port 9 (discard).
         std::fs::write(&callout, text.replace("127.0.0.1:8081", "127.0.0.1:9"))
             .expect("the callout example writes");
+        // The external guards example: Model Armor, its token source and the HTTP guard on
+        // the same closed port (fuzz runs never leave the machine).
+        let guards = dir.join("external-guards.yaml");
+        let text = std::fs::read_to_string(&guards).expect("the external guards example reads");
+        let text = text
+            .replace(
+                "https://modelarmor.us-central1.rep.googleapis.com",
+                "http://127.0.0.1:9",
+            )
+            .replace("metadata.google.internal", "127.0.0.1:9")
+            .replace(
+                "https://guard.internal.example/check",
+                "http://127.0.0.1:9/check",
+            );
+        std::fs::write(&guards, text).expect("the external guards example writes");
         dir
     })
     .clone()

@@ -647,6 +647,44 @@ fn scenarios(file: &str) -> Option<Vec<Scenario>> {
                 },
             },
         ]),
+        // Against the local Model Armor / HTTP guard server (support::guard_server); the
+        // SDK's view, timeouts and redaction are proved in tests/guard_external.rs.
+        "external-guards.yaml" => Some(vec![
+            Scenario {
+                method: "POST",
+                path: "/armored/v1/chat/completions",
+                headers: &[("content-type", "application/json")],
+                body: Some(CHAT),
+                reply: Some((200, "application/json", r#"{"choices":[]}"#)),
+                expect: Expect::Upstream(&[("x-model-armor", "ok")]),
+            },
+            Scenario {
+                method: "POST",
+                path: "/armored/v1/chat/completions",
+                headers: &[("content-type", "application/json")],
+                body: Some(
+                    r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Summarise: armor:jailbreak"}]}"#,
+                ),
+                reply: None,
+                expect: Expect::Immediate {
+                    status: 400,
+                    body_contains: "steps.sanitizeprompt.PromptBlocked",
+                },
+            },
+            Scenario {
+                method: "POST",
+                path: "/armored/v1/chat/completions",
+                headers: &[("content-type", "application/json")],
+                body: Some(
+                    r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"About the forbidden topic"}]}"#,
+                ),
+                reply: None,
+                expect: Expect::Immediate {
+                    status: 400,
+                    body_contains: "topic:forbidden",
+                },
+            },
+        ]),
         "service-callout.yaml" => Some(vec![
             Scenario {
                 method: "GET",
@@ -740,10 +778,33 @@ async fn start_authz() -> std::net::SocketAddr {
     addr
 }
 
-/// An example file as the test loads it: the callout example calls the local service.
-fn prepare(name: &str, text: &str, authz: std::net::SocketAddr) -> String {
+/// An example file as the test loads it: the callout example calls the local service, the
+/// external guards example the local Model Armor / HTTP guard server.
+fn prepare(
+    name: &str,
+    text: &str,
+    authz: std::net::SocketAddr,
+    guard: &support::guard_server::GuardServer,
+) -> String {
     if name == "service-callout.yaml" {
         return text.replace("127.0.0.1:8081", &authz.to_string());
+    }
+    if name == "external-guards.yaml" {
+        return text
+            .replace(
+                "https://modelarmor.us-central1.rep.googleapis.com",
+                &guard.base(),
+            )
+            .replace("metadata.google.internal", &guard.addr.to_string())
+            .replace(
+                "projects/my-project/locations/us-central1/templates/prompt-strict",
+                &support::guard_server::template("strict"),
+            )
+            .replace(
+                "https://guard.internal.example/check",
+                &format!("{}/guard", guard.base()),
+            )
+            .replace("change-me", "test-key");
     }
     text.to_owned()
 }
@@ -871,6 +932,7 @@ async fn examples_load_and_behave() {
     // The whole directory compiles together, as `tollgate serve --config policies` does.
     tollgate::config::load_dir(&policies_dir()).expect("policies/ is a valid configuration");
     let authz = start_authz().await;
+    let guard = support::guard_server::GuardServer::start().await;
     for f in files {
         let name = Path::new(&f.name)
             .file_name()
@@ -880,7 +942,11 @@ async fn examples_load_and_behave() {
         // Alone in a directory, with the subdirectories of policies/ (specs/, scripts/)
         // beside it, for files the policies refer to.
         let alone = tempfile::tempdir().unwrap();
-        std::fs::write(alone.path().join(&name), prepare(&name, &f.text, authz)).unwrap();
+        std::fs::write(
+            alone.path().join(&name),
+            prepare(&name, &f.text, authz, &guard),
+        )
+        .unwrap();
         for entry in std::fs::read_dir(policies_dir()).unwrap() {
             let entry = entry.unwrap();
             if entry.file_type().unwrap().is_dir() {
@@ -936,6 +1002,12 @@ async fn examples_load_and_behave() {
                 }
                 (_, other) => panic!("{what}: unexpected answer {other:?}"),
             }
+        }
+        if name == "external-guards.yaml" {
+            // Model Armor was asked about the three prompts (the answer held no text); the
+            // HTTP guard, after it, about the two it passed.
+            assert_eq!(guard.armor_calls().len(), 3, "{:?}", guard.calls());
+            assert_eq!(guard.http_calls().len(), 2, "{:?}", guard.calls());
         }
     }
 }

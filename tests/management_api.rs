@@ -37,6 +37,7 @@ fn file_product() -> ApiProduct {
             path: "/file/**".into(),
             methods: vec![],
             models: vec![],
+            ..Default::default()
         }],
         quota: None,
         llm_token_quota: None,

@@ -247,6 +247,7 @@ fn product(name: &str) -> ApiProduct {
             path: "/v1/models/{model}:predict".into(),
             methods: vec!["POST".into()],
             models: vec![],
+            ..Default::default()
         }],
         quota: Some(QuotaSettings {
             limit: 100,

@@ -10,7 +10,9 @@ use subtle::ConstantTimeEq;
 
 use crate::openapi::variable_end;
 
-use super::{digest_of_hash, key_digest, ApiKey, ApiProduct, App, AppStatus, KeyDigest, KeyStatus};
+use super::{
+    digest_of_hash, key_digest, ApiKey, ApiProduct, App, AppStatus, KeyDigest, KeyStatus, Operation,
+};
 
 /// Hashes a SHA-256 digest by its first eight bytes: the digest is already uniform, so
 /// SipHash over it again would only cost time on every request.
@@ -247,7 +249,12 @@ impl Product {
     /// True when an operation allows `method path` (and `model`, when the operation lists
     /// models). A product without operations allows nothing.
     pub fn allows(&self, method: &str, path: &str, model: Option<&str>) -> bool {
-        self.ops.iter().any(|o| {
+        self.operation_for(method, path, model).is_some()
+    }
+
+    /// The index of the first operation that allows the request.
+    pub fn operation_for(&self, method: &str, path: &str, model: Option<&str>) -> Option<usize> {
+        self.ops.iter().position(|o| {
             (o.methods.is_empty() || o.methods.iter().any(|m| m == method))
                 && o.path.matches(path)
                 && (o.models.is_empty() || model.is_some_and(|m| o.models.iter().any(|x| x == m)))
@@ -285,11 +292,18 @@ pub struct Verified {
     pub app: Arc<App>,
     key_index: usize,
     pub product: Arc<Product>,
+    /// The index in `product.spec.operations` of the operation the request matched.
+    pub operation: usize,
 }
 
 impl Verified {
     pub fn key(&self) -> &ApiKey {
         &self.app.keys[self.key_index]
+    }
+
+    /// The operation the request matched.
+    pub fn operation(&self) -> Option<&Operation> {
+        self.product.spec.operations.get(self.operation)
     }
 }
 
@@ -375,7 +389,10 @@ impl ConsumerIndex {
             return Err(Refusal::NoProductForOperation);
         }
         let mut products = app.products.iter().filter_map(|p| self.products.get(p));
-        let Some(product) = products.clone().find(|p| p.allows(method, path, model)) else {
+        let Some((product, operation)) = products
+            .clone()
+            .find_map(|p| Some((p, p.operation_for(method, path, model)?)))
+        else {
             return Err(
                 if model.is_none() && products.any(|p| p.wants_model(method, path)) {
                     Refusal::ModelUnknown
@@ -388,6 +405,7 @@ impl ConsumerIndex {
             app: app.clone(),
             key_index: *i,
             product: product.clone(),
+            operation,
         })
     }
 }
@@ -424,6 +442,7 @@ mod tests {
                     path: path.into(),
                     methods: methods.iter().map(|s| s.to_string()).collect(),
                     models: models.iter().map(|s| s.to_string()).collect(),
+                    ..Default::default()
                 }],
                 quota: None,
                 llm_token_quota: None,

@@ -70,8 +70,12 @@ fn one() -> u32 {
 }
 
 /// An operation a product allows: a path template (`/v1/models/{model}:predict`, `*` and
-/// `**` wildcards), methods (empty: any), and LLM model names (empty: any).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// `**` wildcards), methods (empty: any), and LLM model names (empty: any). An operation
+/// may carry its own `quota` / `llmTokenQuota` (Apigee's per-operation quota in an
+/// APIOperationSet): a Quota or LlmTokenQuota with `useProduct` then takes the limits of
+/// the operation the request matched, counted apart from the product's other operations,
+/// and the product's own limits for operations without any.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Operation {
     pub path: String,
@@ -79,6 +83,23 @@ pub struct Operation {
     pub methods: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub models: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<QuotaSettings>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub llm_token_quota: Option<QuotaSettings>,
+}
+
+impl Operation {
+    /// The counter key part of an operation with its own limits: what it matches, so
+    /// reordering a product's operations keeps each one's count.
+    pub fn counter_name(&self) -> String {
+        format!(
+            "{} {} {}",
+            self.methods.join(","),
+            self.path,
+            self.models.join(",")
+        )
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

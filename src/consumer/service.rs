@@ -269,6 +269,7 @@ mod tests {
                 path: "/**".into(),
                 methods: vec![],
                 models: vec![],
+                ..Default::default()
             }],
             quota: None,
             llm_token_quota: None,

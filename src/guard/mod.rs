@@ -15,12 +15,15 @@
 //! - [`StreamScanner`]: fed text deltas, releases what is safe, holding back a bounded tail.
 //! - [`armor`]: Model Armor request / result types and their mapping to findings and Apigee
 //!   variables.
+//! - [`external`]: the external guards' clients (Model Armor over REST, a generic HTTP
+//!   guard), their timeouts, fail-open/closed and metrics.
 //!
 //! Findings carry categories and byte ranges, never the matched text: nothing here puts a
 //! matched value in an error, a log line or a metric label.
 
 pub mod armor;
 mod detector;
+pub mod external;
 mod normalize;
 mod patterns;
 mod phrases;

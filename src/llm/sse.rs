@@ -35,6 +35,8 @@ pub struct SseDecoder {
     skip_lf: bool,
     first_line: bool,
     failed: bool,
+    /// A `:` comment line was read since [`SseDecoder::take_comments`].
+    comments: bool,
 }
 
 #[derive(Debug, Default)]
@@ -60,6 +62,7 @@ impl SseDecoder {
             skip_lf: false,
             first_line: true,
             failed: false,
+            comments: false,
         }
     }
 
@@ -121,6 +124,12 @@ impl SseDecoder {
         self.line_done(b"", &mut on_event)
     }
 
+    /// Whether comment lines (keep-alives) were read since the last call: a step that
+    /// rewrites the stream can keep one going.
+    pub fn take_comments(&mut self) -> bool {
+        std::mem::take(&mut self.comments)
+    }
+
     /// Decode `chunk` into owned events (tests, callers that keep events).
     pub fn push_collect(&mut self, chunk: &[u8]) -> Result<Vec<(String, String)>, SseError> {
         let mut out = Vec::new();
@@ -168,6 +177,7 @@ impl SseDecoder {
             return Ok(());
         }
         if line[0] == b':' {
+            self.comments = true;
             return Ok(());
         }
         let (name, value) = match line.iter().position(|&b| b == b':') {

@@ -175,6 +175,11 @@ pub struct Hooks {
     /// response chunk to one accumulator whose final usage is in `ex.state.llm_usage`
     /// before any response-end or after-exchange hook runs (issue 14).
     pub llm: bool,
+    /// A response body step that guards a server-sent event stream in its chunk hook
+    /// ([`Hooks::response_chunks`]): for such a stream it needs no held body, and its body
+    /// hook runs on the response headers (with no body). When every response body step
+    /// says so, an event stream flows on as it is read instead of being held whole.
+    pub streams_in_chunks: bool,
 }
 
 /// One compiled policy instance. Policies know nothing about protobuf: they read and write
@@ -291,6 +296,9 @@ pub struct DirectionPipeline {
     pub on_body: Vec<Step>,
     /// A body step may replace the body.
     pub replaces_body: bool,
+    /// Every body step that needs the body guards an event stream in its chunk hook
+    /// ([`Hooks::streams_in_chunks`]): such a response is not held.
+    pub streams_in_chunks: bool,
     /// Request headers some step of this pipeline sets for the upstream (sorted, each
     /// once); empty for the response.
     pub owned: Vec<String>,
@@ -344,10 +352,17 @@ impl DirectionPipeline {
         let mut on_headers = steps;
         let on_body = on_headers.split_off(split);
         let replaces_body = on_body.iter().any(|s| s.policy.replaces_body(dir));
+        let streams_in_chunks = dir == Direction::Response
+            && !on_body.is_empty()
+            && on_body.iter().all(|s| {
+                let h = s.policy.hooks();
+                !s.policy.needs_body(dir) || (h.streams_in_chunks && h.response_chunks.is_some())
+            });
         Self {
             on_headers,
             on_body,
             replaces_body,
+            streams_in_chunks,
             owned,
             chunk_steps,
             copy_steps,

@@ -47,23 +47,40 @@ pub fn llm_exchange(model: &str, prompt: u64, max_output: Option<u64>) -> Exchan
     ex
 }
 
+/// An hourly limit.
+pub fn hourly(limit: u64) -> QuotaSettings {
+    QuotaSettings {
+        limit,
+        interval: 1,
+        time_unit: crate::consumer::TimeUnit::Hour,
+    }
+}
+
 /// App `app` of developer `dev` on product `product` (with an llmTokenQuota), verified.
 pub fn verified(app: &str, dev: &str, product: &str, llm_quota: Option<u64>) -> Verified {
+    let all = vec![Operation {
+        path: "/**".into(),
+        ..Default::default()
+    }];
+    verified_on(app, dev, product, llm_quota, all, "/v1/chat/completions")
+}
+
+/// [`verified`] with the product's `operations`, for a request to `path`.
+pub fn verified_on(
+    app: &str,
+    dev: &str,
+    product: &str,
+    llm_quota: Option<u64>,
+    operations: Vec<Operation>,
+    path: &str,
+) -> Verified {
     let p = Arc::new(
         Product::compile(ApiProduct {
             name: product.into(),
             description: String::new(),
-            operations: vec![Operation {
-                path: "/**".into(),
-                methods: vec![],
-                models: vec![],
-            }],
+            operations,
             quota: None,
-            llm_token_quota: llm_quota.map(|limit| QuotaSettings {
-                limit,
-                interval: 1,
-                time_unit: crate::consumer::TimeUnit::Hour,
-            }),
+            llm_token_quota: llm_quota.map(hourly),
             approval_type: Default::default(),
             attributes: Default::default(),
             origin: Origin::File,
@@ -88,12 +105,6 @@ pub fn verified(app: &str, dev: &str, product: &str, llm_quota: Option<u64>) -> 
         revision: 0,
     });
     ConsumerIndex::build(vec![p], vec![a])
-        .verify(
-            &format!("secret-{app}"),
-            "POST",
-            "/v1/chat/completions",
-            None,
-            1,
-        )
+        .verify(&format!("secret-{app}"), "POST", path, None, 1)
         .expect("verified")
 }

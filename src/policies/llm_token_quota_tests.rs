@@ -1,6 +1,7 @@
 use super::*;
+use crate::consumer::Operation;
 use crate::fault::Fault;
-use crate::policies::llm_test_support::{llm_exchange, usage, verified};
+use crate::policies::llm_test_support::{hourly, llm_exchange, usage, verified, verified_on};
 use crate::ratelimit::window::parse_start;
 use crate::ratelimit::{Counters, FakeClock, RESERVATION_METRICS};
 use crate::services::Services;
@@ -229,6 +230,56 @@ fn product_limits_per_model_and_templates() {
     end(&t, ex, ExchangeEnd::Completed);
     let mut ex = llm_exchange("m", 3, Some(3));
     assert!(run(&t, &mut ex).is_err(), "95 + 6 > 100");
+}
+
+/// An operation with its own llmTokenQuota (Apigee's per-operation quota) is limited and
+/// counted apart; the product's other operations use the product's limit.
+#[test]
+fn operation_limits_count_apart_from_the_product() {
+    let bed = Bed::new();
+    let p = bed.policy("q", "{useProduct: true}");
+    let ops = vec![
+        Operation {
+            path: "/v1/chat/completions".into(),
+            methods: vec!["POST".into()],
+            llm_token_quota: Some(hourly(300)),
+            ..Default::default()
+        },
+        Operation {
+            path: "/v1/embeddings".into(),
+            ..Default::default()
+        },
+    ];
+    let on = |path: &str, prompt: u64| {
+        let mut ex = llm_exchange("gpt-4o", prompt, Some(0));
+        ex.state.add_app(
+            "verifyapikey.vk.".into(),
+            verified_on("a", "d@x", "gold", Some(600), ops.clone(), path),
+        );
+        ex
+    };
+    let mut chat = on("/v1/chat/completions", 250);
+    run(&p, &mut chat).unwrap();
+    assert_eq!(
+        chat.lookup("ratelimit.q.allowed.count").as_deref(),
+        Some("300")
+    );
+    end(&p, chat, ExchangeEnd::Completed);
+    let mut chat = on("/v1/chat/completions", 100);
+    assert!(
+        run(&p, &mut chat).is_err(),
+        "250 + 100 > the operation's 300"
+    );
+    // The product's limit, its own counter: the chat tokens are not in it.
+    let mut emb = on("/v1/embeddings", 500);
+    run(&p, &mut emb).unwrap();
+    assert_eq!(
+        emb.lookup("ratelimit.q.allowed.count").as_deref(),
+        Some("600")
+    );
+    end(&p, emb, ExchangeEnd::Completed);
+    let mut emb = on("/v1/embeddings", 200);
+    assert!(run(&p, &mut emb).is_err(), "500 + 200 > the product's 600");
 }
 
 #[test]

@@ -27,6 +27,7 @@ pub mod prompt_token_limit;
 pub mod quota;
 pub mod raise_fault;
 pub mod response_cache;
+pub mod sanitize_external;
 pub mod sanitize_prompt;
 pub mod sanitize_response;
 pub mod service_callout;

@@ -37,6 +37,7 @@ use serde::Deserialize;
 
 use super::{parse_spec, BuildContext, SpecError};
 use crate::consumer::index::Verified;
+use crate::consumer::QuotaSettings;
 use crate::expr::Template;
 use crate::fault::Fault;
 use crate::pipeline::{Direction, Hook, Outcome, Policy};
@@ -205,10 +206,10 @@ impl ProductVars {
     /// allow, interval, unit from the product's quota, when it sets one.
     fn quota(&self, ex: &Exchange) -> Option<(u64, u32, Unit)> {
         if let Some(v) = self.typed_app(ex, &[&self.limit, &self.interval, &self.unit]) {
-            let q = if self.llm {
-                v.product.spec.llm_token_quota.as_ref()?
-            } else {
-                v.product.spec.quota.as_ref()?
+            let q = match self.operation_limits(v) {
+                Some(q) => q,
+                None if self.llm => v.product.spec.llm_token_quota.as_ref()?,
+                None => v.product.spec.quota.as_ref()?,
             };
             let limit = q.limit.min(MAX_ALLOW);
             let unit = Unit::parse(q.time_unit.as_str())?;
@@ -222,11 +223,29 @@ impl ProductVars {
         Some((limit?, interval.unwrap_or(1), unit?))
     }
 
-    /// The product's name (part of the counter key).
+    /// The limits of the operation the request matched, when it sets its own.
+    fn operation_limits<'v>(&self, v: &'v Verified) -> Option<&'v QuotaSettings> {
+        let op = v.operation()?;
+        if self.llm {
+            op.llm_token_quota.as_ref()
+        } else {
+            op.quota.as_ref()
+        }
+    }
+
+    /// The product's name (part of the counter key), with the operation's when the
+    /// operation sets its own limits (each such operation counts apart).
     fn product_name<'e>(&self, ex: &'e Exchange) -> Option<std::borrow::Cow<'e, str>> {
         if let Some(v) = self.typed_app(ex, &[&self.name]) {
             let n = v.product.spec.name.as_str();
-            return (!n.is_empty()).then_some(std::borrow::Cow::Borrowed(n));
+            if n.is_empty() {
+                return None;
+            }
+            if self.operation_limits(v).is_some() {
+                let op = v.operation()?.counter_name();
+                return Some(std::borrow::Cow::Owned(format!("{n} {op}")));
+            }
+            return Some(std::borrow::Cow::Borrowed(n));
         }
         first(ex, &self.name)
     }

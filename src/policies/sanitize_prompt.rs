@@ -23,6 +23,9 @@
 //! It runs where the flow places it: a request refused by an earlier step (auth, a quota)
 //! never reaches a guard.
 //!
+//! External guards (Model Armor, a generic HTTP guard) run after the local detectors when
+//! `external` is given: see `sanitize_external`.
+//!
 //! Variables: `sanitizeprompt.<policy>.{matched,action,categories,findings}` and Apigee's
 //! `SanitizeUserPrompt.<policy>.{filterMatchState,invocationResult,
 //! piAndJailbreakFilterResult.matchState,sdpFilterResult.inspectResult.matchState}`.
@@ -33,9 +36,11 @@ use std::time::Instant;
 
 use prometheus::{HistogramVec, IntCounterVec};
 
+use super::sanitize_external::{check_body, After, Names};
 use super::{parse_spec, BuildContext, SpecError};
 use crate::expr::Template;
 use crate::fault::Fault;
+use crate::guard::external::{ExternalGuards, Kind as ExternalKind};
 use crate::guard::{self, Action, Detector, Finding, GuardSpec, JsonString};
 use crate::pipeline::{Direction, Hook, Hooks, Outcome, Policy};
 use crate::vars::Exchange;
@@ -146,7 +151,16 @@ struct SanitizePrompt {
     name: String,
     detector: Arc<Detector>,
     prompt_source: Option<Template>,
+    /// Model Armor / HTTP guards, after the local detectors (`sanitize_external`).
+    external: Option<Arc<ExternalGuards>>,
 }
+
+/// The variable names of this policy, for `sanitize_external`.
+const NAMES: Names = Names {
+    own: "sanitizeprompt",
+    apigee: APIGEE_TYPE,
+    kind: ExternalKind::Prompt,
+};
 
 /// Takes `key` out of a mapping spec, so the rest parses as a [`GuardSpec`] with its
 /// `deny_unknown_fields` (serde's `flatten` would lose that).
@@ -182,11 +196,13 @@ pub fn build(
         }
         Some(_) => return Err(SpecError::new("promptSource", "must be a string template")),
     };
+    let external = super::sanitize_external::take(ctx, &mut spec, ExternalKind::Prompt)?;
     let detector = compile_guard(spec)?;
     Ok(Arc::new(SanitizePrompt {
         name: ctx.name.clone(),
         detector,
         prompt_source,
+        external,
     }))
 }
 
@@ -298,21 +314,43 @@ impl Policy for SanitizePrompt {
             Some(Action::Block) => {
                 let cats = categories(d.findings.iter().filter(|f| f.action == Action::Block));
                 tracing::info!(policy = %self.name, categories = %cats, "prompt blocked");
-                Hook::Ready(Outcome::Reject(Fault::new(
-                    400,
-                    BLOCKED_CODE,
-                    format!("The prompt was blocked by a guardrail ({cats})."),
-                )))
+                // Blocked locally: no external guard is asked (nor paid).
+                return Hook::Ready(Outcome::Reject(blocked(&cats)));
             }
             Some(Action::Redact) => {
                 if let Some(b) = d.body {
                     ex.replace_body(Direction::Request, b);
                 }
-                Hook::CONTINUE
             }
-            _ => Hook::CONTINUE,
+            _ => {}
         }
+        // ── external guards (sanitize_external), on what the local stage let through ──
+        let Some(ext) = &self.external else {
+            return Hook::CONTINUE;
+        };
+        let text = self.prompt_source.as_ref().map(|t| t.render(ex));
+        let has_body =
+            ex.state.llm.is_some() && ex.request_body.as_ref().is_some_and(|b| !b.is_empty());
+        if text.is_none() && !has_body {
+            return Hook::CONTINUE;
+        }
+        Hook::Pending(Box::pin(async move {
+            match check_body(ext, ex, &self.name, NAMES, text, prompt_member).await {
+                After::Pass => Outcome::Continue,
+                After::Block(cats) => Outcome::Reject(blocked(&cats)),
+                After::Fault(f) => Outcome::Reject(f),
+            }
+        }))
     }
+}
+
+/// The refusal of a blocked prompt: names the categories, never the text.
+fn blocked(cats: &str) -> Fault {
+    Fault::new(
+        400,
+        BLOCKED_CODE,
+        format!("The prompt was blocked by a guardrail ({cats})."),
+    )
 }
 
 #[cfg(test)]

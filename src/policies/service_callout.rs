@@ -370,7 +370,7 @@ fn parse_codes(codes: &[String]) -> Result<Vec<(u16, u16)>, SpecError> {
 }
 
 /// Checks a URL's destination; a URL with variables is checked again when rendered.
-fn check_url(url: &str, egress: &Egress) -> Result<(), String> {
+pub(crate) fn check_url(url: &str, egress: &Egress) -> Result<(), String> {
     let uri: hyper::Uri = url.parse().map_err(|e| format!("not a URL: {e}"))?;
     let scheme = uri.scheme_str().unwrap_or_default();
     if scheme != "http" && scheme != "https" {

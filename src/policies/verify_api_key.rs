@@ -632,6 +632,7 @@ mod tests {
                 path: "/v1/chat/completions".into(),
                 methods: vec!["POST".into()],
                 models: vec![],
+                ..Default::default()
             }],
             quota: Some(QuotaSettings {
                 limit: 100,
@@ -656,11 +657,13 @@ mod tests {
                     path: "/v1/responses".into(),
                     methods: vec!["POST".into()],
                     models: vec!["gpt-4o".into()],
+                    ..Default::default()
                 },
                 Operation {
                     path: "/v1beta/models/{model}:generateContent".into(),
                     methods: vec!["POST".into()],
                     models: vec!["gemini-2.0-flash".into()],
+                    ..Default::default()
                 },
             ],
             quota: None,

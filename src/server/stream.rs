@@ -532,23 +532,29 @@ impl StreamState {
         }
         let mut mode = None;
         if flow.response.needs_body() {
-            if h.end_of_stream {
+            let sse = self
+                .ex
+                .response
+                .as_ref()
+                .and_then(|r| r.headers.get("content-type"))
+                .is_some_and(|ct| ct.starts_with("text/event-stream"));
+            // An event stream whose body steps all guard it chunk by chunk is not held:
+            // they run now, on the headers, and the events flow on through the chunk steps.
+            let through = !h.end_of_stream && sse && flow.response.streams_in_chunks;
+            if h.end_of_stream || through {
                 self.resp.steps_ran = true;
-                self.ex.set_body(Direction::Response, Some(Vec::new()));
+                if h.end_of_stream {
+                    self.ex.set_body(Direction::Response, Some(Vec::new()));
+                }
                 let o = run_steps(&flow.response.on_body, &mut self.ex, Direction::Response).await;
                 if !o.is_continue() {
                     self.stop(o, Direction::Response, out).await;
                     return Ok(());
                 }
-            } else if self.resp.mode == NONE {
+            }
+            if !h.end_of_stream && self.resp.mode == NONE {
                 // Server-sent events must keep flowing: inspect them as they pass. Other
                 // bodies are buffered so body steps can also replace them.
-                let sse = self
-                    .ex
-                    .response
-                    .as_ref()
-                    .and_then(|r| r.headers.get("content-type"))
-                    .is_some_and(|ct| ct.starts_with("text/event-stream"));
                 let want = if sse { STREAMED } else { BUFFERED };
                 mode = self.mode_override(self.req.mode, want);
                 if mode.is_some() {

@@ -73,19 +73,57 @@ def openai_responses(a, stream):
     if not stream:
         raw = c.responses.with_raw_response.create(**kw)
         r = raw.parse()
+        details = r.incomplete_details
         return {"status": raw.status_code, "headers": keep_headers(raw.headers),
-                "text": r.output_text, "usage": dump(r.usage)}
+                "text": r.output_text, "usage": dump(r.usage), "response_status": r.status,
+                "incomplete_reason": details.reason if details is not None else None}
     raw = c.responses.with_raw_response.create(stream=True, **kw)
     text, usage, events, last = "", None, 0, None
+    # The texts the final events repeat (done events, the closing response's output).
+    finals, status, reason = [], None, None
     for ev in raw.parse():
         events += 1
         last = ev.type
         if ev.type == "response.output_text.delta":
             text += ev.delta
-        elif ev.type == "response.completed":
-            usage = dump(ev.response.usage)
+        elif ev.type == "response.output_text.done":
+            finals.append(ev.text)
+        elif ev.type == "response.content_part.done" and ev.part.type == "output_text":
+            finals.append(ev.part.text)
+        elif ev.type == "response.output_item.done" and ev.item.type == "message":
+            finals.append("".join(p.text for p in ev.item.content if p.type == "output_text"))
+        elif ev.type in ("response.completed", "response.incomplete", "response.failed"):
+            finals.append(ev.response.output_text)
+            status = ev.response.status
+            if ev.response.incomplete_details is not None:
+                reason = ev.response.incomplete_details.reason
+            if ev.type == "response.completed":
+                usage = dump(ev.response.usage)
+        elif ev.type == "error":
+            reason = ev.code
     return {"status": raw.status_code, "headers": keep_headers(raw.headers), "text": text,
-            "usage": usage, "events": events, "last_event": last}
+            "usage": usage, "events": events, "last_event": last, "final_texts": finals,
+            "response_status": status, "incomplete_reason": reason}
+
+
+def openai_responses_helper(a):
+    """The SDK's own stream helper (`responses.stream`), which checks every event against its
+    snapshot (item identities, content indexes) and accumulates the final response."""
+    c = openai_client(a)
+    text, last, final, status, reason = "", None, None, None, None
+    with c.responses.stream(model=a.model, input=a.prompt) as s:
+        for ev in s:
+            last = ev.type
+            if ev.type == "response.output_text.delta":
+                text += ev.delta
+            elif ev.type == "response.incomplete":
+                final, status = ev.response.output_text, ev.response.status
+                reason = ev.response.incomplete_details.reason
+        if last == "response.completed":
+            r = s.get_final_response()
+            final, status = r.output_text, r.status
+    return {"status": 200, "headers": {}, "text": text, "last_event": last,
+            "final_text": final, "response_status": status, "incomplete_reason": reason}
 
 
 def openai_completions(a, stream):
@@ -167,16 +205,25 @@ def gemini(a, stream):
     from google.genai import types
     c = genai.Client(api_key=a.api_key, http_options=types.HttpOptions(
         base_url=a.base_url, api_version="v1beta", headers=a.headers, timeout=20000))
+
+    def finish(r):
+        cands = r.candidates or []
+        fr = cands[0].finish_reason if cands else None
+        return getattr(fr, "value", fr)
+
     if not stream:
         r = c.models.generate_content(model=a.model, contents=a.prompt)
-        return {"status": 200, "headers": {}, "text": r.text, "usage": dump(r.usage_metadata)}
-    text, usage, events = "", None, 0
+        return {"status": 200, "headers": {}, "text": r.text,
+                "usage": dump(r.usage_metadata), "finish_reason": finish(r)}
+    text, usage, events, fr = "", None, 0, None
     for r in c.models.generate_content_stream(model=a.model, contents=a.prompt):
         events += 1
         text += r.text or ""
+        fr = finish(r) or fr
         if r.usage_metadata is not None:
             usage = dump(r.usage_metadata)
-    return {"status": 200, "headers": {}, "text": text, "usage": usage, "events": events}
+    return {"status": 200, "headers": {}, "text": text, "usage": usage, "events": events,
+            "finish_reason": fr}
 
 
 CASES = {
@@ -185,6 +232,7 @@ CASES = {
     "openai.chat.stream.nousage": lambda a: openai_chat(a, True, include_usage=False),
     "openai.responses": lambda a: openai_responses(a, False),
     "openai.responses.stream": lambda a: openai_responses(a, True),
+    "openai.responses.stream_helper": openai_responses_helper,
     "openai.completions": lambda a: openai_completions(a, False),
     "openai.completions.stream": lambda a: openai_completions(a, True),
     "openai.embeddings": openai_embeddings,

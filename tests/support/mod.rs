@@ -18,6 +18,7 @@
 #![allow(dead_code)]
 
 pub mod ext_proc;
+pub mod guard_server;
 pub mod llm_upstream;
 pub mod policy;
 pub mod redis;
