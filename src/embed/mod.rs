@@ -182,7 +182,7 @@ pub trait Embedder: Send + Sync + fmt::Debug {
 #[derive(Debug, Clone, serde::Deserialize, PartialEq)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
 pub enum EmbedderSpec {
-    /// The built-in model, from `modelDir` (or tollgate's `--embedder-model-dir`).
+    /// The built-in model, from `modelDir` (or the caller's default directory).
     Static {
         #[serde(default, rename = "modelDir")]
         model_dir: Option<PathBuf>,
@@ -191,7 +191,8 @@ pub enum EmbedderSpec {
 }
 
 /// Builds the embedder `spec` names. `default_model_dir` is tollgate's
-/// `--embedder-model-dir`, used when a static spec names no directory.
+/// process-wide default (for the policies that will use embedders, e.g. from a
+/// `--embedder-model-dir` flag; none exists yet), used when a static spec names no directory.
 pub fn build(
     spec: &EmbedderSpec,
     default_model_dir: Option<&std::path::Path>,
@@ -201,7 +202,7 @@ pub fn build(
         EmbedderSpec::Static { model_dir } => {
             let dir = model_dir.as_deref().or(default_model_dir).ok_or_else(|| {
                 EmbedError::Config(
-                    "kind: static needs modelDir or tollgate's --embedder-model-dir \
+                    "kind: static needs modelDir \
                          (scripts/setup.sh installs one)"
                         .into(),
                 )

@@ -177,7 +177,15 @@ impl Embedder for OpenAiEmbedder {
             return Err(EmbedError::BadResponse(format!("status {}", resp.status)));
         }
         let answer: Answer = serde_json::from_slice(&resp.body)
-            .map_err(|e| EmbedError::BadResponse(format!("not an embeddings answer: {e}")))?;
+            // Position only: serde's message can quote the answer, which may echo the prompt.
+            .map_err(|e| {
+                EmbedError::BadResponse(format!(
+                    "not an embeddings answer ({:?} error at line {} column {})",
+                    e.classify(),
+                    e.line(),
+                    e.column()
+                ))
+            })?;
         let first = answer
             .data
             .into_iter()

@@ -92,9 +92,14 @@ fn stem(w: &str) -> String {
         out = &w[..w.len() - 1];
     }
     // "controll" -> "control", "runn" -> "run".
-    let b = out.as_bytes();
-    if out.len() != w.len() && b.len() >= 2 && b[b.len() - 1] == b[b.len() - 2] {
-        out = &out[..out.len() - 1];
+    let mut tail = out.chars().rev();
+    if out.len() != w.len() {
+        if let (Some(x), Some(y)) = (tail.next(), tail.next()) {
+            // ASCII only: the slice below must end on a character boundary.
+            if x == y && x.is_ascii_alphabetic() {
+                out = &out[..out.len() - 1];
+            }
+        }
     }
     synonym(out).to_string()
 }

@@ -315,6 +315,10 @@ async fn openai_embedder_failures_are_typed_for_fail_open() {
         let err = e.embed("hello").await.unwrap_err();
         assert!(matches!(err, EmbedError::BadResponse(_)), "{want}: {err}");
         assert!(err.to_string().contains(want), "{want}: {err}");
+        assert!(
+            !err.to_string().contains("hello"),
+            "no prompt in errors: {err}"
+        );
         assert!(err.is_unavailable());
     }
 
@@ -379,6 +383,35 @@ fn openai_embedder_configuration_errors() {
         "kind: openai\nbaseUrl: http://x\nmodel: m\nbogus: 1"
     )
     .is_err());
+}
+
+/// Random text (bytes from a small alphabet of ASCII, punctuation, multi-byte letters and
+/// digits) never panics the embedder or the specifics check.
+#[test]
+fn random_text_never_panics() {
+    use rand::{Rng, SeedableRng};
+    const PIECES: &[&str] = &[
+        "a", "E", "ing", "ed", "s", "'", "’", ",", ".", "-", "_", "?", "!", ":", " ", "\n", "0",
+        "7", "1,000", "n't", "é", "࿿", "ʼ", "🙂", "\u{301}", "to", "from", "not", "Gpt-4o",
+        "ééing", "࿿࿿ed", "ß", "İ", "\u{0}", "ﬁ",
+    ];
+    let model = load();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(16);
+    for _ in 0..2000 {
+        let n = rng.gen_range(0..24);
+        let text: String = (0..n)
+            .map(|_| PIECES[rng.gen_range(0..PIECES.len())])
+            .collect();
+        let other: String = text.chars().rev().collect();
+        let _ = specifics::compatible(&text, &other);
+        if let Some(m) = &model {
+            match m.embed_sync(&text) {
+                Ok(v) => assert!((v.cosine(&v) - 1.0).abs() < 1e-3, "{text:?}"),
+                Err(EmbedError::Empty) => {}
+                Err(e) => panic!("{text:?}: {e}"),
+            }
+        }
+    }
 }
 
 #[test]
