@@ -77,7 +77,17 @@ pub struct Detector {
     phrase_slots: Vec<PhraseSlot>,
     style: RedactionStyle,
     stream: StreamSpec,
+    /// SHA-256 digests of texts of at least [`CLEAN_CACHE_MIN_BYTES`] this detector found
+    /// nothing in: chat clients resend the system prompt and every earlier turn with each
+    /// request, and hashing a text costs a fraction of scanning it. A cryptographic digest,
+    /// so no text can be made to pass as another one that was clean.
+    clean: moka::sync::Cache<[u8; 32], ()>,
 }
+
+/// Shorter texts are scanned every time (the digest would cost about as much).
+pub const CLEAN_CACHE_MIN_BYTES: usize = 256;
+/// Clean texts remembered per detector (each entry about 100 bytes).
+pub const CLEAN_CACHE_ENTRIES: u64 = 8192;
 
 impl std::fmt::Debug for Detector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -305,6 +315,7 @@ impl Detector {
             phrase_slots,
             style: spec.redaction,
             stream,
+            clean: moka::sync::Cache::new(CLEAN_CACHE_ENTRIES),
         })
     }
 
@@ -318,9 +329,21 @@ impl Detector {
 
     /// Every finding in `text`, ordered by start (then end).
     pub fn scan(&self, text: &str) -> Vec<Finding> {
+        let digest = (text.len() >= CLEAN_CACHE_MIN_BYTES).then(|| {
+            use sha2::Digest;
+            <[u8; 32]>::from(sha2::Sha256::digest(text.as_bytes()))
+        });
+        if let Some(d) = &digest {
+            if self.clean.contains_key(d) {
+                return Vec::new();
+            }
+        }
         let mut out = Vec::new();
         let mut norm = Normalized::default();
         self.scan_from(text, 0, &mut norm, &mut out);
+        if let (Some(d), true) = (digest, out.is_empty()) {
+            self.clean.insert(d, ());
+        }
         out
     }
 

@@ -348,3 +348,23 @@ fn never_panics_on_random_input() {
     let raw: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
     let _ = d.scan(&String::from_utf8_lossy(&raw));
 }
+
+/// Long clean texts are remembered (their digest), texts with findings never are: a second
+/// scan of either gives the same answer as the first.
+#[test]
+fn clean_cache_never_hides_a_finding() {
+    let d = Detector::compile(&GuardSpec::all(Action::Redact)).unwrap();
+    let clean = "The quarterly report lists three risks and the next steps. ".repeat(10);
+    assert!(clean.len() >= super::detector::CLEAN_CACHE_MIN_BYTES);
+    assert!(d.scan(&clean).is_empty());
+    assert!(d.scan(&clean).is_empty());
+    let dirty = format!("{clean} Mail jane.doe@example.com please.");
+    let first = d.scan(&dirty);
+    assert!(!first.is_empty());
+    assert_eq!(d.scan(&dirty), first);
+    // The same length, one character apart from a cached clean text, is scanned.
+    let mut near = clean.clone();
+    near.replace_range(0..20, "x@example.com is me ");
+    assert_eq!(near.len(), clean.len());
+    assert!(!d.scan(&near).is_empty());
+}
