@@ -274,7 +274,9 @@ fn count_segment(e: Encoding, seg: &str) -> Option<u64> {
 }
 
 /// Cuts `text` into segments that tiktoken encodes to the same tokens as the whole (see the
-/// module documentation).
+/// module documentation): at the first safe space (a space between two non-spaces) after
+/// [`SOFT_SEGMENT_BYTES`], and at a character boundary after [`HARD_SEGMENT_BYTES`] without
+/// a safe space. Jumps from space to space (`memchr`) rather than testing every byte.
 fn segments(text: &str) -> impl Iterator<Item = &str> {
     let mut rest = text;
     std::iter::from_fn(move || {
@@ -283,27 +285,42 @@ fn segments(text: &str) -> impl Iterator<Item = &str> {
         }
         let b = rest.as_bytes();
         let mut last_safe = 0;
-        let mut i = 1;
+        let mut from = 1;
         let cut = loop {
-            if i >= b.len() {
-                break b.len();
+            // Where the hard cut falls unless a safe space comes first.
+            let hard = boundary_from(rest, last_safe + HARD_SEGMENT_BYTES);
+            let next = b
+                .get(from..)
+                .and_then(|tail| memchr::memchr(b' ', tail))
+                .map(|k| from + k);
+            let Some(i) = next else {
+                break hard.min(b.len());
+            };
+            if hard < i {
+                break hard;
             }
-            // A space with non-space on both sides starts a piece, whatever precedes it.
-            if b[i] == b' ' && i + 1 < b.len() && !is_space(b[i - 1]) && !is_space(b[i + 1]) {
+            if i + 1 < b.len() && !is_space(b[i - 1]) && !is_space(b[i + 1]) {
                 if i >= SOFT_SEGMENT_BYTES {
                     break i;
                 }
                 last_safe = i;
-            }
-            if i - last_safe >= HARD_SEGMENT_BYTES && rest.is_char_boundary(i) {
+            } else if hard == i {
                 break i;
             }
-            i += 1;
+            from = i + 1;
         };
         let (seg, tail) = rest.split_at(cut);
         rest = tail;
         Some(seg)
     })
+}
+
+/// The first character boundary at or after `p`, at most `s.len()`.
+fn boundary_from(s: &str, mut p: usize) -> usize {
+    while p < s.len() && !s.is_char_boundary(p) {
+        p += 1;
+    }
+    p.min(s.len())
 }
 
 fn is_space(b: u8) -> bool {
@@ -409,6 +426,70 @@ mod tests {
             }
         }
         text
+    }
+
+    /// The byte-by-byte cutter `segments` replaced: both must cut every text alike.
+    fn reference_segments(text: &str) -> Vec<&str> {
+        let mut out = Vec::new();
+        let mut rest = text;
+        while !rest.is_empty() {
+            let b = rest.as_bytes();
+            let mut last_safe = 0;
+            let mut i = 1;
+            let cut = loop {
+                if i >= b.len() {
+                    break b.len();
+                }
+                if b[i] == b' ' && i + 1 < b.len() && !is_space(b[i - 1]) && !is_space(b[i + 1]) {
+                    if i >= SOFT_SEGMENT_BYTES {
+                        break i;
+                    }
+                    last_safe = i;
+                }
+                if i - last_safe >= HARD_SEGMENT_BYTES && rest.is_char_boundary(i) {
+                    break i;
+                }
+                i += 1;
+            };
+            let (seg, tail) = rest.split_at(cut);
+            out.push(seg);
+            rest = tail;
+        }
+        out
+    }
+
+    #[test]
+    fn segments_cut_as_the_reference_does() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let alphabet = [
+            "a", "b", " ", " ", "  ", "\n", "\t", "é", "字", "🎉", "x", "0", "'", "\u{0b}",
+        ];
+        for round in 0..3000 {
+            let len = rng.gen_range(0..6000);
+            let space_rate = [0.0, 0.01, 0.2, 0.5][round % 4];
+            let mut s = String::new();
+            while s.len() < len {
+                if rng.gen_bool(space_rate) {
+                    s.push(' ');
+                } else {
+                    s.push_str(alphabet[rng.gen_range(0..alphabet.len())]);
+                }
+                if round % 3 == 0 {
+                    s.push_str(&"z".repeat(rng.gen_range(0..400)));
+                }
+            }
+            assert_eq!(
+                segments(&s).collect::<Vec<_>>(),
+                reference_segments(&s),
+                "round {round}"
+            );
+        }
+        let text = varied_text();
+        assert_eq!(
+            segments(&text).collect::<Vec<_>>(),
+            reference_segments(&text)
+        );
     }
 
     /// The bundled bpe-openai encoders, segmenting and the count cache together give exactly
