@@ -71,13 +71,7 @@ fn envoy() -> EnvoyOptions {
     let mut routes = Vec::new();
     for flow in ["rewrite", "gate"] {
         for (seg, mode) in MODES {
-            let m = Mode {
-                request_body_mode: Some(mode),
-                response_body_mode: Some(mode),
-                request_trailer_mode: Some("SEND"),
-                response_trailer_mode: Some("SEND"),
-                ..Mode::headers_only()
-            };
+            let m = Mode::bodies(mode);
             routes.push(
                 RouteSpec::new(&format!("/{flow}/{seg}"))
                     .timeout("0s")

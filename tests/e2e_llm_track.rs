@@ -299,13 +299,7 @@ fn upstream(got: Received) -> std::net::SocketAddr {
 }
 
 fn envoy_options() -> EnvoyOptions {
-    let mode = |m: &'static str| Mode {
-        request_body_mode: Some(m),
-        response_body_mode: Some(m),
-        request_trailer_mode: Some("SEND"),
-        response_trailer_mode: Some("SEND"),
-        ..Mode::headers_only()
-    };
+    let mode = |m: &'static str| Mode::bodies(m);
     EnvoyOptions {
         mode: Mode {
             request_trailer_mode: Some("SEND"),

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use support::llm_upstream::{LlmUpstream, Sdks};
-use support::{within, Envoy, EnvoyOptions, Mode, RouteSpec, Tollgate};
+use support::{within, Envoy, EnvoyOptions, Tollgate};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -54,18 +54,7 @@ impl Bed {
             Bodies::Buffered => "BUFFERED",
             Bodies::Streamed => "STREAMED",
         };
-        let mode = Mode {
-            request_body_mode: Some(body_mode),
-            response_body_mode: Some(body_mode),
-            request_trailer_mode: Some("SEND"),
-            response_trailer_mode: Some("SEND"),
-            ..Mode::headers_only()
-        };
-        let opts = EnvoyOptions {
-            mode: mode.clone(),
-            routes: vec![RouteSpec::new("/").timeout("0s").mode(mode)],
-            ..EnvoyOptions::default()
-        };
+        let opts = EnvoyOptions::bodies(body_mode);
         let envoy = Envoy::start(tmp.path(), &opts, tollgate.grpc, upstream.addr).await;
         Self {
             envoy,

@@ -26,7 +26,7 @@ use std::time::Duration;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use support::llm_upstream::{LlmUpstream, Sdks};
-use support::{within, Envoy, EnvoyOptions, Mode, RouteSpec, Tollgate};
+use support::{within, Envoy, EnvoyOptions, Tollgate};
 
 const LIMIT: Duration = Duration::from_secs(240);
 const REPLY: &str = "Hello from the tollgate test upstream.";
@@ -61,18 +61,7 @@ impl Bed {
             Bodies::Duplex => "FULL_DUPLEX_STREAMED",
             Bodies::Buffered => "BUFFERED",
         };
-        let mode = Mode {
-            request_body_mode: Some(body_mode),
-            response_body_mode: Some(body_mode),
-            request_trailer_mode: Some("SEND"),
-            response_trailer_mode: Some("SEND"),
-            ..Mode::headers_only()
-        };
-        let opts = EnvoyOptions {
-            mode: mode.clone(),
-            routes: vec![RouteSpec::new("/").timeout("0s").mode(mode)],
-            ..EnvoyOptions::default()
-        };
+        let opts = EnvoyOptions::bodies(body_mode);
         let envoy = Envoy::start(tmp.path(), &opts, tollgate.grpc, upstream.addr).await;
         Self {
             envoy,

@@ -581,6 +581,17 @@ pub struct Mode {
 }
 
 impl Mode {
+    /// Both bodies in `body_mode`, trailers SEND.
+    pub fn bodies(body_mode: &'static str) -> Self {
+        Mode {
+            request_body_mode: Some(body_mode),
+            response_body_mode: Some(body_mode),
+            request_trailer_mode: Some("SEND"),
+            response_trailer_mode: Some("SEND"),
+            ..Mode::headers_only()
+        }
+    }
+
     /// Request and response headers SEND, bodies NONE, trailers SKIP.
     pub fn headers_only() -> Self {
         Self {
@@ -705,6 +716,17 @@ impl Default for EnvoyOptions {
 }
 
 impl EnvoyOptions {
+    /// Both bodies in `body_mode` with trailers, filter-wide and on one catch-all route
+    /// without a timeout (long streams): how the LLM and guard tests run Envoy.
+    pub fn bodies(body_mode: &'static str) -> Self {
+        let mode = Mode::bodies(body_mode);
+        EnvoyOptions {
+            mode: mode.clone(),
+            routes: vec![RouteSpec::new("/").timeout("0s").mode(mode)],
+            ..EnvoyOptions::default()
+        }
+    }
+
     /// The bootstrap as JSON (written out as YAML).
     pub fn bootstrap(&self, listen: u16, admin: u16, grpc: u16, upstream: u16) -> Value {
         let mut runtime = serde_json::Map::new();
