@@ -25,63 +25,40 @@ use std::time::Duration;
 
 use serde_json::Value;
 use support::guard_server::{self, GuardServer};
-use support::llm_upstream::{LlmUpstream, Sdks};
-use support::{within, Envoy, EnvoyOptions, Tollgate};
+use support::llm_upstream::{LlmBed, Sdks};
+use support::within;
 
 const LIMIT: Duration = Duration::from_secs(180);
 
 struct Bed {
-    envoy: Envoy,
-    tollgate: Tollgate,
-    upstream: LlmUpstream,
+    stack: LlmBed,
     guard: GuardServer,
-    _tmp: tempfile::TempDir,
+}
+
+/// `bed.envoy`, `bed.tollgate`, `bed.upstream`, `bed.logs()`.
+impl std::ops::Deref for Bed {
+    type Target = LlmBed;
+    fn deref(&self) -> &LlmBed {
+        &self.stack
+    }
 }
 
 impl Bed {
     /// Behind an Envoy sending bodies in `body_mode` (`BUFFERED`, `FULL_DUPLEX_STREAMED`).
     async fn start(config: &str, body_mode: &'static str) -> Self {
-        let tmp = tempfile::Builder::new()
-            .prefix("tollgate-guard-external-")
-            .tempdir()
-            .expect("temp dir");
         let guard = GuardServer::start().await;
         let config = config
             .replace("@GUARD", &guard.base())
             .replace("@METADATA", &guard.addr.to_string())
             .replace("@STRICT", &guard_server::template("strict"))
             .replace("@DEID", &guard_server::template("deid"));
-        let config_dir = tmp.path().join("config");
-        std::fs::create_dir(&config_dir).unwrap();
-        std::fs::write(config_dir.join("flows.yaml"), config).unwrap();
-        let upstream = LlmUpstream::start(tmp.path()).await;
-        let tollgate = Tollgate::start(&config_dir, tmp.path(), &[]).await;
-        let opts = EnvoyOptions::bodies(body_mode);
-        let envoy = Envoy::start(tmp.path(), &opts, tollgate.grpc, upstream.addr).await;
-        Self {
-            envoy,
-            tollgate,
-            upstream,
-            guard,
-            _tmp: tmp,
-        }
+        let stack = LlmBed::start("guard-external", &config, body_mode).await;
+        Self { stack, guard }
     }
 
     /// The SDK's root for a flow: `http://envoy/<prefix>` (the SDK adds `/v1`).
     fn root(&self, prefix: &str) -> String {
-        format!("http://{}/{prefix}", self.envoy.listen)
-    }
-
-    fn logs(&self) -> String {
-        let tail = |s: String| {
-            let lines: Vec<&str> = s.lines().collect();
-            lines[lines.len().saturating_sub(40)..].join("\n")
-        };
-        format!(
-            "──── tollgate ────\n{}\n──── envoy ────\n{}",
-            tail(self.tollgate.log()),
-            tail(self.envoy.log())
-        )
+        format!("{}/{prefix}", self.stack.root())
     }
 
     /// The bodies the upstream received under `/<prefix>/`.

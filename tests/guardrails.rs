@@ -18,8 +18,8 @@ mod support;
 use std::time::Duration;
 
 use serde_json::Value;
-use support::llm_upstream::{LlmUpstream, Sdks};
-use support::{within, Envoy, EnvoyOptions, Tollgate};
+use support::llm_upstream::{LlmBed, Sdks};
+use support::within;
 
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -30,54 +30,15 @@ enum Bodies {
     Streamed,
 }
 
-/// SDK + Envoy + tollgate + LLM upstream; Envoy goes down first.
-struct Bed {
-    envoy: Envoy,
-    tollgate: Tollgate,
-    upstream: LlmUpstream,
-    _tmp: tempfile::TempDir,
-}
+type Bed = LlmBed;
 
-impl Bed {
-    async fn start(config: &str, bodies: Bodies) -> Self {
-        let tmp = tempfile::Builder::new()
-            .prefix("tollgate-guardrails-")
-            .tempdir()
-            .expect("temp dir");
-        let config_dir = tmp.path().join("config");
-        std::fs::create_dir(&config_dir).unwrap();
-        std::fs::write(config_dir.join("flows.yaml"), config).unwrap();
-        let upstream = LlmUpstream::start(tmp.path()).await;
-        let tollgate = Tollgate::start(&config_dir, tmp.path(), &[]).await;
-        let body_mode = match bodies {
+impl Bodies {
+    fn mode(self) -> &'static str {
+        match self {
             Bodies::Duplex => "FULL_DUPLEX_STREAMED",
             Bodies::Buffered => "BUFFERED",
             Bodies::Streamed => "STREAMED",
-        };
-        let opts = EnvoyOptions::bodies(body_mode);
-        let envoy = Envoy::start(tmp.path(), &opts, tollgate.grpc, upstream.addr).await;
-        Self {
-            envoy,
-            tollgate,
-            upstream,
-            _tmp: tmp,
         }
-    }
-
-    fn root(&self) -> String {
-        format!("http://{}", self.envoy.listen)
-    }
-
-    fn logs(&self) -> String {
-        let tail = |s: String| {
-            let lines: Vec<&str> = s.lines().collect();
-            lines[lines.len().saturating_sub(40)..].join("\n")
-        };
-        format!(
-            "──── tollgate ────\n{}\n──── envoy ────\n{}",
-            tail(self.tollgate.log()),
-            tail(self.envoy.log())
-        )
     }
 }
 
@@ -136,7 +97,7 @@ async fn guarded(bodies: Bodies, test: &str) {
         let Some(sdk) = sdks(test) else {
             return;
         };
-        let bed = Bed::start(GUARDED, bodies).await;
+        let bed = LlmBed::start("guardrails", GUARDED, bodies.mode()).await;
         let cases = [
             "openai.chat",
             "openai.chat.stream",
@@ -227,7 +188,7 @@ async fn response_guarded(bodies: Bodies, test: &str) {
         let Some(sdk) = sdks(test) else {
             return;
         };
-        let bed = Bed::start(RESPONSE_GUARD, bodies).await;
+        let bed = LlmBed::start("guardrails", RESPONSE_GUARD, bodies.mode()).await;
         let mut cases = vec![
             "openai.chat",
             "openai.chat.stream",
@@ -334,7 +295,7 @@ async fn sdk_response_guard_streamed() {
 async fn guarded_stream_flows(bodies: Bodies) {
     use http_body_util::BodyExt;
     within(LIMIT, async {
-        let bed = Bed::start(RESPONSE_GUARD, bodies).await;
+        let bed = LlmBed::start("guardrails", RESPONSE_GUARD, bodies.mode()).await;
         let addr = bed.envoy.listen;
         let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
         let (mut sender, conn) =
@@ -451,7 +412,7 @@ async fn post(
 /// and the client still reads one valid JSON array.
 async fn json_array_guarded(bodies: Bodies) {
     within(LIMIT, async {
-        let bed = Bed::start(RESPONSE_GUARD, bodies).await;
+        let bed = LlmBed::start("guardrails", RESPONSE_GUARD, bodies.mode()).await;
         let path = "/v1beta/models/gemini-test:streamGenerateContent";
         let body: &'static [u8] = br#"{"contents":[{"role":"user","parts":[{"text":"hi"}]}]}"#;
         let texts = |v: &Value| -> String {

@@ -25,8 +25,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use support::llm_upstream::{LlmUpstream, Sdks};
-use support::{within, Envoy, EnvoyOptions, Tollgate};
+use support::llm_upstream::{LlmBed, Sdks};
+use support::within;
 
 const LIMIT: Duration = Duration::from_secs(240);
 const REPLY: &str = "Hello from the tollgate test upstream.";
@@ -38,56 +38,15 @@ enum Bodies {
     Buffered,
 }
 
-/// SDK + Envoy + tollgate + LLM upstream; Envoy goes down first.
-struct Bed {
-    envoy: Envoy,
-    tollgate: Tollgate,
-    upstream: LlmUpstream,
-    _tmp: tempfile::TempDir,
-}
+type Bed = LlmBed;
 
-impl Bed {
-    async fn start(config: &str, bodies: Bodies) -> Self {
-        let tmp = tempfile::Builder::new()
-            .prefix("tollgate-llm-sdk-")
-            .tempdir()
-            .expect("temp dir");
-        let config_dir = tmp.path().join("config");
-        std::fs::create_dir(&config_dir).unwrap();
-        std::fs::write(config_dir.join("flows.yaml"), config).unwrap();
-        let upstream = LlmUpstream::start(tmp.path()).await;
-        let tollgate = Tollgate::start(&config_dir, tmp.path(), &[]).await;
-        let body_mode = match bodies {
+impl Bodies {
+    fn mode(self) -> &'static str {
+        match self {
             Bodies::Duplex => "FULL_DUPLEX_STREAMED",
             Bodies::Buffered => "BUFFERED",
-        };
-        let opts = EnvoyOptions::bodies(body_mode);
-        let envoy = Envoy::start(tmp.path(), &opts, tollgate.grpc, upstream.addr).await;
-        Self {
-            envoy,
-            tollgate,
-            upstream,
-            _tmp: tmp,
         }
     }
-
-    /// The server root the SDK driver is given (it adds `/v1` for the OpenAI SDK).
-    fn root(&self) -> String {
-        format!("http://{}", self.envoy.listen)
-    }
-
-    fn logs(&self) -> String {
-        format!(
-            "──── tollgate ────\n{}\n──── envoy ────\n{}",
-            tail(&self.tollgate.log()),
-            tail(&self.envoy.log())
-        )
-    }
-}
-
-fn tail(s: &str) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(40)..].join("\n")
 }
 
 /// The SDKs, or `None` (the test then skips with the reason).
@@ -163,7 +122,7 @@ fn assert_usage(case: &str, usage: &Value) {
 /// Every case the SDKs run: the answer and the usage the upstream sent arrive intact.
 async fn answers_intact(bodies: Bodies, test: &str) {
     let Some(sdk) = sdks(test) else { return };
-    let bed = Bed::start(PASS, bodies).await;
+    let bed = LlmBed::start("llm-sdk", PASS, bodies.mode()).await;
     let mut cases = vec![
         "openai.chat",
         "openai.chat.stream",
@@ -371,7 +330,7 @@ async fn sdk_rate_limit_error_from_quota() {
         let Some(sdk) = sdks("sdk_rate_limit_error_from_quota") else {
             return;
         };
-        let bed = Bed::start(QUOTA, Bodies::Duplex).await;
+        let bed = LlmBed::start("llm-sdk", QUOTA, Bodies::Duplex.mode()).await;
         let mut families = vec![
             (
                 "openai.chat",
@@ -529,10 +488,7 @@ async fn sdk_gemini_key_passes_verify_api_key() {
             eprintln!("SKIPPED sdk_gemini_key_passes_verify_api_key: google-genai is not installed; run scripts/setup.sh");
             return;
         }
-        let bed = Bed::start(
-            &keys_config("[{header: x-goog-api-key}, {query: key}]"),
-            Bodies::Duplex,
-        )
+        let bed = LlmBed::start("llm-sdk", &keys_config("[{header: x-goog-api-key}, {query: key}]"), Bodies::Duplex.mode())
         .await;
         let cases = [
             ("gemini.generate", "/v1beta", "x-goog-api-key"),
@@ -553,7 +509,12 @@ async fn sdk_own_key_headers_pass_verify_api_key() {
             return;
         };
         for bodies in [Bodies::Duplex, Bodies::Buffered] {
-            let bed = Bed::start(&keys_config("[{preset: llm-sdks}]"), bodies).await;
+            let bed = LlmBed::start(
+                "llm-sdk",
+                &keys_config("[{preset: llm-sdks}]"),
+                bodies.mode(),
+            )
+            .await;
             let mut cases = vec![
                 ("openai.chat", "/v1/chat", "authorization"),
                 ("openai.chat.stream", "/v1/chat", "authorization"),
@@ -580,7 +541,7 @@ async fn sdk_upstream_faults_pass_through() {
             return;
         };
         for bodies in [Bodies::Duplex, Bodies::Buffered] {
-            let bed = Bed::start(PASS, bodies).await;
+            let bed = LlmBed::start("llm-sdk", PASS, bodies.mode()).await;
             let batch = ["openai.chat", "anthropic.messages.stream"];
             let lines = sdk
                 .run_many(&batch, &bed.root(), "k", &[("x-test-fault", "429")])
@@ -642,7 +603,7 @@ async fn sdk_tokens_recorded_equal_upstream_usage() {
         };
         let config = format!("{PASS}  llm: {{includeUsage: true}}\n");
         for bodies in [Bodies::Duplex, Bodies::Buffered] {
-            let bed = Bed::start(&config, bodies).await;
+            let bed = LlmBed::start("llm-sdk", &config, bodies.mode()).await;
             // provider label, cases, x-test-usage, billed input and output per call
             let mut plan = vec![
                 (
@@ -771,7 +732,7 @@ async fn sdk_rate_limit_error_from_llm_token_quota() {
             return;
         };
         for bodies in [Bodies::Duplex, Bodies::Buffered] {
-            let bed = Bed::start(TOKEN_QUOTA, bodies).await;
+            let bed = LlmBed::start("llm-sdk", TOKEN_QUOTA, bodies.mode()).await;
             let r = sdk
                 .run(
                     "openai.chat.stream",

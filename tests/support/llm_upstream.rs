@@ -206,3 +206,54 @@ impl Sdks {
         lines
     }
 }
+
+/// An SDK's way in: Envoy (bodies in one mode) → tollgate (`config` as its flows) →
+/// [`LlmUpstream`], in a temporary directory. Fields drop in order: Envoy goes down first.
+pub struct LlmBed {
+    pub envoy: super::Envoy,
+    pub tollgate: super::Tollgate,
+    pub upstream: LlmUpstream,
+    _tmp: tempfile::TempDir,
+}
+
+impl LlmBed {
+    /// `name` prefixes the temporary directory; `body_mode` is Envoy's for both bodies
+    /// (`FULL_DUPLEX_STREAMED`, `BUFFERED`, `STREAMED`).
+    pub async fn start(name: &str, config: &str, body_mode: &'static str) -> Self {
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!("tollgate-{name}-"))
+            .tempdir()
+            .expect("temp dir");
+        let config_dir = tmp.path().join("config");
+        std::fs::create_dir(&config_dir).expect("config dir");
+        std::fs::write(config_dir.join("flows.yaml"), config).expect("flows.yaml");
+        let upstream = LlmUpstream::start(tmp.path()).await;
+        let tollgate = super::Tollgate::start(&config_dir, tmp.path(), &[]).await;
+        let opts = super::EnvoyOptions::bodies(body_mode);
+        let envoy = super::Envoy::start(tmp.path(), &opts, tollgate.grpc, upstream.addr).await;
+        LlmBed {
+            envoy,
+            tollgate,
+            upstream,
+            _tmp: tmp,
+        }
+    }
+
+    /// The server root an SDK is given (it adds `/v1` for the OpenAI SDK).
+    pub fn root(&self) -> String {
+        format!("http://{}", self.envoy.listen)
+    }
+
+    /// The last 40 lines of tollgate's and Envoy's logs, for assertion messages.
+    pub fn logs(&self) -> String {
+        let tail = |s: String| {
+            let lines: Vec<&str> = s.lines().collect();
+            lines[lines.len().saturating_sub(40)..].join("\n")
+        };
+        format!(
+            "──── tollgate ────\n{}\n──── envoy ────\n{}",
+            tail(self.tollgate.log()),
+            tail(self.envoy.log())
+        )
+    }
+}
