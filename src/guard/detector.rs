@@ -78,10 +78,11 @@ pub struct Detector {
     style: RedactionStyle,
     stream: StreamSpec,
     /// SHA-256 digests of texts of at least [`CLEAN_CACHE_MIN_BYTES`] this detector found
-    /// nothing in: chat clients resend the system prompt and every earlier turn with each
-    /// request, and hashing a text costs a fraction of scanning it. A cryptographic digest,
-    /// so no text can be made to pass as another one that was clean.
-    clean: moka::sync::Cache<[u8; 32], ()>,
+    /// nothing in ([`Detector::remembering_clean`], for prompts): chat clients resend the
+    /// system prompt and every earlier turn with each request, and hashing a text costs a
+    /// fraction of scanning it. A cryptographic digest, so no text can be made to pass as
+    /// another one that was clean. Off for answers, which rarely repeat.
+    clean: Option<moka::sync::Cache<[u8; 32], ()>>,
 }
 
 /// Shorter texts are scanned every time (the digest would cost about as much).
@@ -315,8 +316,14 @@ impl Detector {
             phrase_slots,
             style: spec.redaction,
             stream,
-            clean: moka::sync::Cache::new(CLEAN_CACHE_ENTRIES),
+            clean: None,
         })
+    }
+
+    /// Remember the texts found clean (see the `clean` field).
+    pub fn remembering_clean(mut self) -> Self {
+        self.clean = Some(moka::sync::Cache::new(CLEAN_CACHE_ENTRIES));
+        self
     }
 
     pub fn style(&self) -> RedactionStyle {
@@ -329,20 +336,24 @@ impl Detector {
 
     /// Every finding in `text`, ordered by start (then end).
     pub fn scan(&self, text: &str) -> Vec<Finding> {
-        let digest = (text.len() >= CLEAN_CACHE_MIN_BYTES).then(|| {
+        let remembered = self
+            .clean
+            .as_ref()
+            .filter(|_| text.len() >= CLEAN_CACHE_MIN_BYTES);
+        let digest = remembered.map(|_| {
             use sha2::Digest;
             <[u8; 32]>::from(sha2::Sha256::digest(text.as_bytes()))
         });
-        if let Some(d) = &digest {
-            if self.clean.contains_key(d) {
+        if let (Some(cache), Some(d)) = (remembered, &digest) {
+            if cache.contains_key(d) {
                 return Vec::new();
             }
         }
         let mut out = Vec::new();
         let mut norm = Normalized::default();
         self.scan_from(text, 0, &mut norm, &mut out);
-        if let (Some(d), true) = (digest, out.is_empty()) {
-            self.clean.insert(d, ());
+        if let (Some(cache), Some(d), true) = (remembered, digest, out.is_empty()) {
+            cache.insert(d, ());
         }
         out
     }

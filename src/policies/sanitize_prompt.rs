@@ -178,11 +178,18 @@ pub(crate) fn take_key(
     }
 }
 
-pub(crate) fn compile_guard(spec: serde_norway::Value) -> Result<Arc<Detector>, SpecError> {
+/// `remember_clean`: for prompts (see [`Detector::remembering_clean`]).
+pub(crate) fn compile_guard(
+    spec: serde_norway::Value,
+    remember_clean: bool,
+) -> Result<Arc<Detector>, SpecError> {
     let guard: GuardSpec = parse_spec(spec)?;
-    Detector::compile(&guard)
-        .map(Arc::new)
-        .map_err(|e| SpecError::new("", e.to_string()))
+    let d = Detector::compile(&guard).map_err(|e| SpecError::new("", e.to_string()))?;
+    Ok(Arc::new(if remember_clean {
+        d.remembering_clean()
+    } else {
+        d
+    }))
 }
 
 pub fn build(
@@ -197,7 +204,7 @@ pub fn build(
         Some(_) => return Err(SpecError::new("promptSource", "must be a string template")),
     };
     let external = super::sanitize_external::take(ctx, &mut spec, ExternalKind::Prompt)?;
-    let detector = compile_guard(spec)?;
+    let detector = compile_guard(spec, true)?;
     Ok(Arc::new(SanitizePrompt {
         name: ctx.name.clone(),
         detector,

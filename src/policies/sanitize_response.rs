@@ -143,7 +143,7 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
     };
     Ok(Arc::new(SanitizeResponse {
         name: ctx.name.clone(),
-        detector: compile_guard(spec)?,
+        detector: compile_guard(spec, false)?,
         on_unsupported,
         external,
     }))
