@@ -243,6 +243,8 @@ impl SemanticStores {
 #[derive(Debug)]
 struct SemanticCache {
     name: String,
+    /// `cacheName`, or the policy's name.
+    cache: Arc<str>,
     mode: Mode,
     embedder: Arc<dyn Embedder>,
     threshold: f32,
@@ -426,6 +428,7 @@ fn build_mode(
         prefix: format!("semanticcache.{}.", ctx.name),
         metrics: Counters::new(&ctx.name),
         name: ctx.name.clone(),
+        cache: cache_name.as_str().into(),
         mode,
         embedder,
         threshold: spec.threshold,
@@ -529,8 +532,16 @@ impl Skip {
     }
 }
 
-/// A cacheable request: where to look and what for.
+/// A miss's key, kept in `ex.state.semantic_pending` until the answer is stored.
 #[derive(Debug)]
+pub struct Pending {
+    /// The cache's name (a Lookup and a Populate of one cache share it).
+    cache: Arc<str>,
+    key: Key,
+}
+
+/// A cacheable request: where to look and what for.
+#[derive(Debug, Clone)]
 struct Key {
     scope: Scope,
     exact: u128,
@@ -766,10 +777,21 @@ impl SemanticCache {
             Some((sim, e)) => self.answer(ex, &e, Some(sim)),
             None => {
                 self.metrics.miss.inc();
-                ex.set_var(format!("{}pending", self.prefix), true);
+                self.remember(ex, key);
                 self.set_status(ex, false, "miss".into());
                 Outcome::Continue
             }
+        }
+    }
+
+    /// Keeps a miss's key for storing the answer (once per cache and exchange).
+    fn remember(&self, ex: &mut Exchange, key: Key) {
+        let pending = &mut ex.state.semantic_pending;
+        if !pending.iter().any(|p| p.cache == self.cache) {
+            pending.push(Pending {
+                cache: self.cache.clone(),
+                key,
+            });
         }
     }
 
@@ -868,7 +890,7 @@ impl Policy for SemanticCache {
                 // Marks the exchange for storing after it (the lookup half may be in
                 // another flow step, or absent).
                 match self.key(ex) {
-                    Ok(Some(_)) => ex.set_var(format!("{}pending", self.prefix), true),
+                    Ok(Some(key)) => self.remember(ex, key),
                     Ok(None) => {}
                     Err(why) => {
                         ex.set_var(format!("{}skipped", self.prefix), why.as_str());
@@ -884,10 +906,13 @@ impl Policy for SemanticCache {
         if end != ExchangeEnd::Completed {
             return None;
         }
-        ex.var(&format!("{}pending", self.prefix))?;
-        let Ok(Some(key)) = self.key(ex) else {
-            return None;
-        };
+        let key = ex
+            .state
+            .semantic_pending
+            .iter()
+            .find(|p| p.cache == self.cache)?
+            .key
+            .clone();
         let mut entry = self.entry(ex)?;
         entry.question = key.question.clone();
         let entry = Arc::new(entry);
