@@ -17,14 +17,21 @@ mod support;
 
 use support::ext_proc;
 
-/// The built-in embedder's model (semantic-cache.yaml), as scripts/test.sh exports it.
-fn model_env() {
-    if std::env::var_os("TOLLGATE_EMBED_MODEL_DIR").is_none() {
-        std::env::set_var(
-            "TOLLGATE_EMBED_MODEL_DIR",
+/// Services as `tollgate serve --embedder-model-dir .tools/embed-model` has them (the
+/// built-in embedder's model, for semantic-cache.yaml).
+fn services() -> tollgate::services::Services {
+    tollgate::services::Services {
+        embedders: std::sync::Arc::new(tollgate::embed::Embedders::new(Some(
             Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools/embed-model"),
-        );
+        ))),
+        ..Default::default()
     }
+}
+
+/// `dir` compiled as `serve` would, with [`services`].
+fn load_dir(dir: &Path) -> Result<tollgate::config::Snapshot, tollgate::config::ConfigErrors> {
+    let files = read_dir(dir)?;
+    tollgate::config::compile_with_options(&files, Some(dir), &services(), &Default::default())
 }
 
 fn policies_dir() -> PathBuf {
@@ -1004,10 +1011,9 @@ fn every_supporting_file_is_used_by_an_example() {
 
 #[tokio::test]
 async fn examples_load_and_behave() {
-    model_env();
     let files = read_dir(&policies_dir()).expect("policies/ readable");
     // The whole directory compiles together, as `tollgate serve --config policies` does.
-    tollgate::config::load_dir(&policies_dir()).expect("policies/ is a valid configuration");
+    load_dir(&policies_dir()).expect("policies/ is a valid configuration");
     let authz = start_authz().await;
     let guard = support::guard_server::GuardServer::start().await;
     for f in files {
@@ -1031,7 +1037,11 @@ async fn examples_load_and_behave() {
                     .unwrap();
             }
         }
-        let cm = ConfigManager::load(ConfigSource::Dir(alone.path().to_path_buf()))
+        let cm = ConfigManager::load_with_options(
+            ConfigSource::Dir(alone.path().to_path_buf()),
+            services(),
+            Default::default(),
+        )
             .unwrap_or_else(|e| panic!("policies/{name} does not load on its own:\n{e}"));
         let shared = Shared::new(cm, NoMatch::Continue);
         for s in scenarios(&name).unwrap_or_default() {
@@ -1097,8 +1107,7 @@ async fn examples_load_and_behave() {
 /// shadowed by the quickstart's chat flow, so an SDK's key was never checked).
 #[test]
 fn every_example_keeps_its_paths_when_all_are_loaded() {
-    model_env();
-    let snap = tollgate::config::load_dir(&policies_dir()).expect("policies/ loads");
+    let snap = load_dir(&policies_dir()).expect("policies/ loads");
     let flow_of = |method: &str, path: &str| {
         let mut h = tollgate::vars::Headers::new();
         h.push(":method".into(), method.into());
@@ -1131,5 +1140,5 @@ fn every_example_keeps_its_paths_when_all_are_loaded() {
 #[test]
 fn bench_configs_load() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/configs");
-    tollgate::config::load_dir(&dir).expect("benches/configs is a valid configuration");
+    load_dir(&dir).expect("benches/configs is a valid configuration");
 }
