@@ -1042,7 +1042,7 @@ async fn examples_load_and_behave() {
             services(),
             Default::default(),
         )
-            .unwrap_or_else(|e| panic!("policies/{name} does not load on its own:\n{e}"));
+        .unwrap_or_else(|e| panic!("policies/{name} does not load on its own:\n{e}"));
         let shared = Shared::new(cm, NoMatch::Continue);
         for s in scenarios(&name).unwrap_or_default() {
             let r = run(&shared, &s).await;
