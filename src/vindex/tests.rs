@@ -27,7 +27,10 @@ fn random(rng: &mut StdRng, dims: usize) -> Embedding {
 }
 
 /// Vectors shaped like text embeddings: all share a common direction (embeddings of one
-/// model are anisotropic), fall into topics (clusters), and vary around their topic.
+/// model are anisotropic), fall into topics (clusters), and vary widely around their topic:
+/// a fresh question's nearest stored one is at cosine ~0.73 on average (20,000 entries, 64
+/// dims), about the semantic cache's threshold, so the graph must tell close competitors
+/// apart.
 pub(super) struct Clustered {
     common: Vec<f32>,
     centers: Vec<Vec<f32>>,
@@ -54,7 +57,7 @@ impl Clustered {
         let c = self.rng.gen_range(0..self.centers.len());
         let v = (0..self.dims)
             .map(|i| {
-                0.6 * self.common[i] + self.centers[c][i] + 0.45 * gauss(&mut self.rng)
+                0.6 * self.common[i] + self.centers[c][i] + gauss(&mut self.rng)
             })
             .collect();
         Embedding::normalized(v).expect("non-zero")
