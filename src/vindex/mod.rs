@@ -324,12 +324,11 @@ impl<V: Send + Sync + 'static> VectorIndex<V> {
         let key = (scope, dims);
         let node = Node {
             id,
-            vec: embedding,
             value: Some(value),
             stored: now,
             expires,
         };
-        let (part, job) = self.add_to_part(key, node);
+        let (part, job) = self.add_to_part(key, node, embedding.as_slice());
         if let Some(job) = job {
             self.spawn_build(part, job);
         }
@@ -369,6 +368,7 @@ impl<V: Send + Sync + 'static> VectorIndex<V> {
         &self,
         key: PartKey,
         node: Node<V>,
+        vector: &[f32],
     ) -> (Arc<RwLock<Part<V>>>, Option<part::Job>) {
         loop {
             let found = self.parts.read().get(&key).cloned();
@@ -379,7 +379,11 @@ impl<V: Send + Sync + 'static> VectorIndex<V> {
                     .write()
                     .entry(key)
                     .or_insert_with(|| {
-                        Arc::new(RwLock::new(Part::new(self.cfg.exact_up_to, seed_of(key))))
+                        Arc::new(RwLock::new(Part::new(
+                            key.1,
+                            self.cfg.exact_up_to,
+                            seed_of(key),
+                        )))
                     })
                     .clone(),
             };
@@ -392,7 +396,7 @@ impl<V: Send + Sync + 'static> VectorIndex<V> {
                 }
                 continue;
             }
-            let job = p.add(node);
+            let job = p.add(node, vector);
             drop(p);
             return (part, job);
         }

@@ -6,6 +6,10 @@
 //! ones. Graphs are built off the lock, on a thread of their own ([`build`]): searches and
 //! inserts go on meanwhile (exactly, or on the old graph), and what changed during the build is
 //! replayed onto the new graph under the lock before it replaces the old one.
+//!
+//! Vectors are copied into a [`Store`]: contiguous chunks of [`CHUNK`] vectors, so a distance
+//! costs one cache miss (not two, through a node and an `Arc`), an exact scan reads memory in
+//! order, and a build's snapshot is a clone of the chunk handles (full chunks never change).
 
 use std::collections::{BinaryHeap, HashMap};
 use std::sync::Arc;
@@ -14,11 +18,70 @@ use std::time::{Duration, Instant};
 use parking_lot::RwLock;
 
 use super::hnsw::{self, Cand, Graph, Vectors};
-use crate::embed::Embedding;
+/// Vectors per chunk of a [`Store`].
+const CHUNK: usize = 1024;
+
+/// Vectors of one length, numbered from 0, in chunks of [`CHUNK`]. Cloning shares the
+/// chunks; a push into a shared last chunk copies that chunk only.
+#[derive(Clone)]
+pub(super) struct Store {
+    dims: usize,
+    chunks: Vec<Arc<Vec<f32>>>,
+    len: usize,
+}
+
+impl Store {
+    pub fn new(dims: usize) -> Self {
+        Self {
+            dims,
+            chunks: Vec::new(),
+            len: 0,
+        }
+    }
+
+    pub fn push(&mut self, v: &[f32]) {
+        if v.len() != self.dims {
+            // The partition key includes the length: cannot happen. Keep numbering aligned.
+            let zeros = vec![0.0; self.dims];
+            return self.push(&zeros);
+        }
+        if self.len % CHUNK == 0 {
+            self.chunks
+                .push(Arc::new(Vec::with_capacity(CHUNK * self.dims)));
+        }
+        if let Some(last) = self.chunks.last_mut() {
+            Arc::make_mut(last).extend_from_slice(v);
+            self.len += 1;
+        }
+    }
+
+    pub fn get(&self, i: u32) -> &[f32] {
+        let i = i as usize;
+        let off = (i % CHUNK) * self.dims;
+        self.chunks
+            .get(i / CHUNK)
+            .and_then(|c| c.get(off..off + self.dims))
+            .unwrap_or(&[])
+    }
+
+    /// Only these vectors, in this order.
+    fn select(&self, keep: impl Iterator<Item = u32>) -> Self {
+        let mut s = Self::new(self.dims);
+        for i in keep {
+            s.push(self.get(i));
+        }
+        s
+    }
+}
+
+impl Vectors for Store {
+    fn vector(&self, node: u32) -> &[f32] {
+        self.get(node)
+    }
+}
 
 pub(super) struct Node<V> {
     pub id: u64,
-    pub vec: Embedding,
     /// `None`: removed (a tombstone, kept while a graph links to it).
     pub value: Option<Arc<V>>,
     pub stored: Instant,
@@ -29,27 +92,10 @@ impl<V> Clone for Node<V> {
     fn clone(&self) -> Self {
         Self {
             id: self.id,
-            vec: self.vec.clone(),
             value: self.value.clone(),
             stored: self.stored,
             expires: self.expires,
         }
-    }
-}
-
-struct NodeVecs<'a, V>(&'a [Node<V>]);
-
-impl<V> Vectors for NodeVecs<'_, V> {
-    fn vector(&self, node: u32) -> &[f32] {
-        self.0.get(node as usize).map_or(&[], |n| n.vec.as_slice())
-    }
-}
-
-struct SnapVecs<'a>(&'a [(u32, Embedding)]);
-
-impl Vectors for SnapVecs<'_> {
-    fn vector(&self, node: u32) -> &[f32] {
-        self.0.get(node as usize).map_or(&[], |n| n.1.as_slice())
     }
 }
 
@@ -61,16 +107,19 @@ pub(super) struct Found<V> {
     pub age: Duration,
 }
 
-/// A graph to build off the lock: the live nodes' numbers and vectors when it was asked for,
-/// and how many nodes the partition had then.
+/// A graph to build off the lock: the partition's vectors when it was asked for, the live
+/// nodes' numbers then, and how many nodes the partition had.
 pub(super) struct Job {
-    snapshot: Vec<(u32, Embedding)>,
+    store: Store,
+    live: Vec<u32>,
     upto: usize,
     seed: u64,
 }
 
 pub(super) struct Part<V> {
     nodes: Vec<Node<V>>,
+    /// `nodes[i]`'s vector is `store.get(i)`.
+    store: Store,
     /// Live entries only.
     by_id: HashMap<u64, u32>,
     graph: Option<Graph>,
@@ -84,9 +133,10 @@ pub(super) struct Part<V> {
 }
 
 impl<V> Part<V> {
-    pub fn new(exact_up_to: usize, seed: u64) -> Self {
+    pub fn new(dims: usize, exact_up_to: usize, seed: u64) -> Self {
         Self {
             nodes: Vec::new(),
+            store: Store::new(dims),
             by_id: HashMap::new(),
             graph: None,
             building: false,
@@ -120,15 +170,16 @@ impl<V> Part<V> {
         self.by_id.is_empty() && !self.building
     }
 
-    pub fn add(&mut self, node: Node<V>) -> Option<Job> {
+    pub fn add(&mut self, node: Node<V>, vector: &[f32]) -> Option<Job> {
         let Ok(i) = u32::try_from(self.nodes.len()) else {
             // Four billion nodes in one partition: the byte bound makes this unreachable.
             return None;
         };
         self.by_id.insert(node.id, i);
         self.nodes.push(node);
+        self.store.push(vector);
         if let Some(g) = self.graph.as_mut() {
-            g.insert(&NodeVecs(&self.nodes));
+            g.insert(&self.store);
         }
         self.maintain()
     }
@@ -171,15 +222,16 @@ impl<V> Part<V> {
     fn job(&mut self) -> Job {
         self.building = true;
         self.seed = self.seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let snapshot = self
+        let live = self
             .nodes
             .iter()
             .enumerate()
             .filter(|(_, n)| n.value.is_some())
-            .map(|(i, n)| (i as u32, n.vec.clone()))
+            .map(|(i, _)| i as u32)
             .collect();
         Job {
-            snapshot,
+            store: self.store.clone(),
+            live,
             upto: self.nodes.len(),
             seed: self.seed,
         }
@@ -187,6 +239,13 @@ impl<V> Part<V> {
 
     /// Drops tombstones (no graph: node numbers are free to change).
     fn compact(&mut self) {
+        let live = self
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| n.value.is_some())
+            .map(|(i, _)| i as u32);
+        self.store = self.store.select(live);
         self.nodes.retain(|n| n.value.is_some());
         self.reindex();
     }
@@ -214,7 +273,7 @@ impl<V> Part<V> {
         };
         let cands: Vec<Cand> = match &self.graph {
             Some(g) => g.search(
-                &NodeVecs(&self.nodes),
+                &self.store,
                 q,
                 hnsw::EF_SEARCH.max(k),
                 &alive,
@@ -244,7 +303,7 @@ impl<V> Part<V> {
             if n.value.is_none() || n.expires <= now {
                 continue;
             }
-            let sim = hnsw::dot(q, n.vec.as_slice());
+            let sim = hnsw::dot(q, self.store.get(i as u32));
             if sim < min {
                 continue;
             }
@@ -265,11 +324,12 @@ impl<V> Part<V> {
     }
 
     /// Replaces the nodes with those the new graph `g` was built over (`built[i]` is graph
-    /// node `i`'s number here), replays what was added since `upto`, and installs `g`.
-    fn install(&mut self, mut g: Graph, built: &[(u32, Embedding)], upto: usize) -> Option<Job> {
+    /// node `i`'s number here, `store` their vectors in graph order), replays what was added
+    /// since `upto`, and installs `g`.
+    fn install(&mut self, mut g: Graph, mut store: Store, built: &[u32], upto: usize) -> Option<Job> {
         let mut nodes: Vec<Node<V>> = Vec::with_capacity(built.len() + self.nodes.len() - upto);
-        for (i, _) in built {
-            match self.nodes.get(*i as usize) {
+        for &i in built {
+            match self.nodes.get(i as usize) {
                 Some(n) => nodes.push(n.clone()),
                 // Cannot happen (no compaction while building); stop rather than misalign.
                 None => {
@@ -278,13 +338,15 @@ impl<V> Part<V> {
                 }
             }
         }
-        for n in self.nodes.get(upto..).unwrap_or(&[]) {
+        for (i, n) in self.nodes.iter().enumerate().skip(upto) {
             if n.value.is_some() {
                 nodes.push(n.clone());
-                g.insert(&NodeVecs(&nodes));
+                store.push(self.store.get(i as u32));
+                g.insert(&store);
             }
         }
         self.nodes = nodes;
+        self.store = store;
         self.reindex();
         self.graph = Some(g);
         self.building = false;
@@ -300,30 +362,33 @@ pub(super) fn build<V>(part: &RwLock<Part<V>>, mut job: Job) {
     const ROUNDS: usize = 8;
     loop {
         let mut g = Graph::new(job.seed);
+        // The live vectors in graph order, copied here rather than under the lock.
+        let mut store = Store::new(job.store.dims);
         let mut round = 0;
         let next = loop {
-            while g.len() < job.snapshot.len() {
-                g.insert(&SnapVecs(&job.snapshot));
+            while let Some(&i) = job.live.get(g.len()) {
+                store.push(job.store.get(i));
+                g.insert(&store);
             }
             let mut p = part.write();
             if p.retired {
                 p.building = false;
                 return;
             }
-            let upto = p.nodes.len();
             let fresh = p.nodes.get(job.upto..).unwrap_or(&[]);
             let waiting = fresh.iter().filter(|n| n.value.is_some()).count();
             if waiting <= REPLAY_UNDER_LOCK || round >= ROUNDS {
-                break p.install(g, &job.snapshot, job.upto);
+                break p.install(g, store, &job.live, job.upto);
             }
-            let more: Vec<(u32, Embedding)> = fresh
+            let more: Vec<u32> = fresh
                 .iter()
                 .enumerate()
                 .filter(|(_, n)| n.value.is_some())
-                .map(|(i, n)| ((job.upto + i) as u32, n.vec.clone()))
+                .map(|(i, _)| (job.upto + i) as u32)
                 .collect();
-            job.snapshot.extend(more);
-            job.upto = upto;
+            job.live.extend(more);
+            job.store = p.store.clone();
+            job.upto = p.nodes.len();
             round += 1;
         };
         match next {
