@@ -109,7 +109,11 @@ async fn an_entry_published_by_one_replica_is_found_by_the_other() {
     // own, so it holds its entry once, plus B's.
     b.populate(7, &e2, "answer two", Duration::from_secs(60));
     a.wait_for(7, &e2, "answer two").await;
-    assert_eq!(a.index.len(), 2, "a replica never re-inserts its own entries");
+    assert_eq!(
+        a.index.len(),
+        2,
+        "a replica never re-inserts its own entries"
+    );
     assert_eq!(b.index.len(), 2);
     // The TTL handed over is what is left of the entry's life.
     let ttls = b.ttls.lock().clone();
@@ -179,8 +183,12 @@ async fn a_dead_redis_neither_blocks_nor_fails_the_publisher() {
     let deadline = Instant::now() + Duration::from_secs(20);
     while b.find(1, &again).is_none() {
         assert!(Instant::now() < deadline, "sharing never resumed");
-        a.shared
-            .publish(1, &again, Bytes::from_static(b"again"), Duration::from_secs(60));
+        a.shared.publish(
+            1,
+            &again,
+            Bytes::from_static(b"again"),
+            Duration::from_secs(60),
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(b.find(1, &again).as_deref(), Some("again"));

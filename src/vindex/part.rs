@@ -45,7 +45,7 @@ impl Store {
             let zeros = vec![0.0; self.dims];
             return self.push(&zeros);
         }
-        if self.len % CHUNK == 0 {
+        if self.len.is_multiple_of(CHUNK) {
             self.chunks
                 .push(Arc::new(Vec::with_capacity(CHUNK * self.dims)));
         }
@@ -272,12 +272,7 @@ impl<V> Part<V> {
                 .is_some_and(|n| n.value.is_some() && n.expires > now)
         };
         let cands: Vec<Cand> = match &self.graph {
-            Some(g) => g.search(
-                &self.store,
-                q,
-                hnsw::EF_SEARCH.max(k),
-                &alive,
-            ),
+            Some(g) => g.search(&self.store, q, hnsw::EF_SEARCH.max(k), &alive),
             None => self.scan(q, min, k, now),
         };
         cands
@@ -326,7 +321,13 @@ impl<V> Part<V> {
     /// Replaces the nodes with those the new graph `g` was built over (`built[i]` is graph
     /// node `i`'s number here, `store` their vectors in graph order), replays what was added
     /// since `upto`, and installs `g`.
-    fn install(&mut self, mut g: Graph, mut store: Store, built: &[u32], upto: usize) -> Option<Job> {
+    fn install(
+        &mut self,
+        mut g: Graph,
+        mut store: Store,
+        built: &[u32],
+        upto: usize,
+    ) -> Option<Job> {
         let mut nodes: Vec<Node<V>> = Vec::with_capacity(built.len() + self.nodes.len() - upto);
         for &i in built {
             match self.nodes.get(i as usize) {

@@ -437,10 +437,7 @@ impl Inner {
                         break;
                     }
                 };
-                let records = reply
-                    .into_iter()
-                    .flat_map(|r| r.keys)
-                    .flat_map(|k| k.ids);
+                let records = reply.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids);
                 let mut keys = Vec::new();
                 for r in records {
                     last = r.id;
@@ -485,13 +482,12 @@ impl Inner {
         for k in keys {
             pipe.cmd("GET").arg(k).cmd("PTTL").arg(k);
         }
-        let values = match tokio::time::timeout(self.timeout, pipe.query_async::<Vec<Value>>(conn))
-            .await
-        {
-            Ok(Ok(v)) => v,
-            Ok(Err(e)) => return Err(e.to_string()),
-            Err(_) => return Err("GET: no answer in time".into()),
-        };
+        let values =
+            match tokio::time::timeout(self.timeout, pipe.query_async::<Vec<Value>>(conn)).await {
+                Ok(Ok(v)) => v,
+                Ok(Err(e)) => return Err(e.to_string()),
+                Err(_) => return Err("GET: no answer in time".into()),
+            };
         for pair in values.chunks_exact(2) {
             let (Value::BulkString(raw), Value::Int(ttl_ms)) = (&pair[0], &pair[1]) else {
                 // Gone (expired or trimmed) between the record and now.
@@ -532,7 +528,10 @@ mod tests {
         assert!(decode(&[]).is_none());
         let mut zero = b.clone();
         zero[HEADER..HEADER + 12].fill(0);
-        assert!(decode(&zero).is_none(), "an all-zero vector has no direction");
+        assert!(
+            decode(&zero).is_none(),
+            "an all-zero vector has no direction"
+        );
         let mut wide = b.clone();
         wide[20..24].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(decode(&wide).is_none());
