@@ -46,12 +46,16 @@
 # `empty` sent the same body: MIX=body BODY_BYTES=4096 TARGETS="empty llm-quota llm-quota-sync".
 # Guardrails (issue 15): `guard` is SanitizePrompt + SanitizeResponse with every local
 # detector: MIX=body BODY_BYTES=4096 TARGETS="empty guard".
+# Semantic cache (issue 16): `semantic` is a SemanticCache hit (target >= 1.0x `empty` sent
+# the same body): MIX=body BODY_BYTES=4096 TARGETS="empty semantic".
 # LOADGEN_ARGS=--unique-bodies makes every prompt line unique (no token-count cache hit).
 # Environment: DURATION=5 (seconds per run), ROUNDS=3, MIX="headers body sse", BODY_BYTES=2048,
 #              CONCURRENCY=32, CONNECTIONS=2,
 #              TARGETS="floor empty three verify verify-bare cache limits limits-full limits-sync
 #                       limits-async js jwt jwt-fresh oas"
 set -euo pipefail
+# The built-in embedder's model, for the semantic cache flow of benches/configs.
+export TOLLGATE_EMBED_MODEL_DIR="${TOLLGATE_EMBED_MODEL_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/.tools/embed-model}"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 DURATION="${DURATION:-5}"
@@ -190,6 +194,13 @@ for mix in $MIX; do
         llm-quota) out=$(run "$pid" "$port" /llm-quota/v1/chat/completions "$mix" --header "x-user:bench") ;;
         llm-quota-sync) out=$(run "$SYNC_PID" "$SYNC_PORT" /llm-quota/v1/chat/completions "$mix" --header "x-user:bench") ;;
         guard) out=$(run "$pid" "$port" /guard/v1/chat/completions "$mix") ;;
+        semantic)
+          # One streamed exchange stores the answer (the SSE mix sends the same chat body
+          # with "stream":true, which is not part of the cache's scope); then every stream hits.
+          "$BIN/examples/loadgen" --addr "http://127.0.0.1:$port" --path /semantic/v1/chat/completions \
+            --mix sse --sse-request-body --body-bytes "$BODY_BYTES" --duration 1 --warmup 0 \
+            --concurrency 1 --connections 1 >/dev/null 2>&1 || true
+          out=$(ALLOW_IMMEDIATE=1 run "$pid" "$port" /semantic/v1/chat/completions "$mix") ;;
         *) echo "unknown target $t" >&2; exit 2 ;;
       esac
       read -r rate p99 cpu <<<"$out"

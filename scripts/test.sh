@@ -9,6 +9,8 @@ cd "$ROOT"
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 
 bash scripts/setup.sh
+# The built-in embedder's model for `validate` and the tests (SemanticCache, ModelRouter).
+export TOLLGATE_EMBED_MODEL_DIR="${TOLLGATE_EMBED_MODEL_DIR:-$ROOT/.tools/embed-model}"
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"

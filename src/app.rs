@@ -58,6 +58,8 @@ pub struct Options {
     pub source: ConfigSource,
     pub load: LoadOptions,
     pub egress: Egress,
+    /// The built-in embedder's default model directory (`--embedder-model-dir`).
+    pub embedder_model_dir: Option<std::path::PathBuf>,
     pub storage: StorageOptions,
     pub serve: ServeOptions,
 }
@@ -140,6 +142,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let services = Services {
         counters: storage.counters.clone(),
         egress: Arc::new(opts.egress),
+        embedders: Arc::new(crate::embed::Embedders::new(opts.embedder_model_dir)),
         ..Services::with_consumers(consumers.clone())
     };
     // Configuration first (its index build sees no store objects yet and is cheap), then

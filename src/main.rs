@@ -154,6 +154,11 @@ struct LoadArgs {
     /// comma-separated. Default: anywhere.
     #[arg(long, env = "TOLLGATE_CALLOUT_ALLOW", value_delimiter = ',')]
     callout_allow: Vec<String>,
+    /// The built-in embedder's model directory (SemanticCache and ModelRouter with
+    /// `embedder: {kind: static}` and no `modelDir`); `scripts/setup.sh` installs one in
+    /// `.tools/embed-model`.
+    #[arg(long, env = "TOLLGATE_EMBED_MODEL_DIR")]
+    embedder_model_dir: Option<std::path::PathBuf>,
 }
 
 impl LoadArgs {
@@ -570,6 +575,9 @@ fn validate(dir: &std::path::Path, load: &LoadArgs) -> ExitCode {
     };
     let services = Services {
         egress: std::sync::Arc::new(egress),
+        embedders: std::sync::Arc::new(tollgate::embed::Embedders::new(
+            load.embedder_model_dir.clone(),
+        )),
         ..Services::default()
     };
     let result = config::read_dir(dir).and_then(|files| {
@@ -637,6 +645,7 @@ async fn run(args: Box<ServeArgs>) -> anyhow::Result<()> {
         source,
         load: args.load.options(),
         egress: args.load.egress()?,
+        embedder_model_dir: args.load.embedder_model_dir.clone(),
         storage: storage_options(&args)?,
         serve: app::ServeOptions {
             grpc_addr: args.grpc_addr,

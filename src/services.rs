@@ -31,6 +31,10 @@ pub struct Services {
     pub google: Arc<GoogleTokens>,
     /// Where `ServiceCallout` may call (`--callout-allow`); empty allows everything.
     pub egress: Arc<crate::policies::service_callout::Egress>,
+    /// Embedders by spec, each built once (SemanticCache, ModelRouter).
+    pub embedders: Arc<crate::embed::Embedders>,
+    /// Semantic caches by name, kept across reloads.
+    pub semantic: Arc<crate::policies::semantic_cache::SemanticStores>,
 }
 
 impl Services {
@@ -45,6 +49,8 @@ impl Services {
             jwks: Arc::default(),
             google: Arc::default(),
             egress: Arc::default(),
+            embedders: Arc::new(crate::embed::Embedders::from_env()),
+            semantic: Arc::default(),
         }
     }
 }

@@ -46,6 +46,7 @@
 
 mod local;
 mod openai;
+mod registry;
 pub mod specifics;
 
 #[cfg(test)]
@@ -60,6 +61,7 @@ use std::time::Duration;
 
 pub use local::StaticEmbedder;
 pub use openai::{OpenAiEmbedder, OpenAiSpec};
+pub use registry::{embed_shared, Embedders, PromptEmbedding};
 
 /// The cosine similarity at or above which the built-in embedder's vectors (plus
 /// [`specifics::compatible`]) count as the same question. Chosen on the paraphrase set (the

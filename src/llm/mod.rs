@@ -15,11 +15,13 @@
 //! - [`TokenCounter`]: exact counts for OpenAI models (tiktoken encodings bundled in the
 //!   binary, each built once), a documented approximation for other families.
 
+pub mod conversation;
 pub mod detect;
 pub mod json_stream;
 pub mod request;
 pub mod response;
 pub mod sse;
+pub mod synth;
 pub mod tokens;
 pub mod track;
 pub mod usage;
@@ -27,6 +29,7 @@ pub mod usage;
 #[cfg(test)]
 mod tests;
 
+pub use conversation::{conversation, Conversation, Role, Turn};
 pub use detect::{detect, Api, Endpoint, StreamShape};
 pub use request::{parse_request, LlmRequest};
 pub use response::{ResponseAccumulator, ResponseFormat, ResponseSummary};

@@ -216,13 +216,13 @@ pub fn parse_request_json(endpoint: &Endpoint, v: &Value) -> Result<LlmRequest, 
 }
 
 #[derive(Default)]
-struct Prompt {
-    text: String,
-    media: u64,
+pub(super) struct Prompt {
+    pub(super) text: String,
+    pub(super) media: u64,
 }
 
 impl Prompt {
-    fn push(&mut self, s: &str) {
+    pub(super) fn push(&mut self, s: &str) {
         if s.is_empty() {
             return;
         }
@@ -257,7 +257,7 @@ fn openai_common(obj: &Map<String, Value>, r: &mut LlmRequest) -> Result<(), Llm
 
 /// Content that is text or an array of parts, each read by `part`; absent or null adds
 /// nothing, anything else is `field` not being `expected`.
-fn text_or_parts(
+pub(super) fn text_or_parts(
     v: Option<&Value>,
     p: &mut Prompt,
     field: &'static str,
@@ -275,7 +275,7 @@ fn text_or_parts(
     }
 }
 
-fn openai_message(m: &Value, p: &mut Prompt) -> Result<(), LlmError> {
+pub(super) fn openai_message(m: &Value, p: &mut Prompt) -> Result<(), LlmError> {
     let m = m
         .as_object()
         .ok_or(LlmError::field("messages", "an array of objects"))?;
@@ -346,7 +346,7 @@ fn content_part(part: &Value, p: &mut Prompt) -> Result<(), LlmError> {
 
 /// One item of a Responses `input` array: a message (with or without `type`), a function
 /// call or its output, a reasoning item, or a reference.
-fn responses_item(item: &Value, p: &mut Prompt) -> Result<(), LlmError> {
+pub(super) fn responses_item(item: &Value, p: &mut Prompt) -> Result<(), LlmError> {
     let o = match item {
         Value::String(s) => {
             p.push(s);
@@ -398,7 +398,7 @@ fn responses_item(item: &Value, p: &mut Prompt) -> Result<(), LlmError> {
 }
 
 /// An Anthropic content block.
-fn anthropic_block(b: &Value, p: &mut Prompt) -> Result<(), LlmError> {
+pub(super) fn anthropic_block(b: &Value, p: &mut Prompt) -> Result<(), LlmError> {
     let b = b
         .as_object()
         .ok_or(LlmError::field("content[]", "an object"))?;
@@ -444,7 +444,7 @@ fn anthropic_block(b: &Value, p: &mut Prompt) -> Result<(), LlmError> {
 }
 
 /// A Gemini `Content` (`{role, parts: [...]}`).
-fn gemini_content(c: &Value, p: &mut Prompt) -> Result<(), LlmError> {
+pub(super) fn gemini_content(c: &Value, p: &mut Prompt) -> Result<(), LlmError> {
     let c = match c {
         Value::Null => return Ok(()),
         Value::Object(c) => c,
@@ -501,7 +501,11 @@ fn gemini_content(c: &Value, p: &mut Prompt) -> Result<(), LlmError> {
 
 /// Completions `prompt` / Embeddings `input`: a string, strings, tokens, or token arrays.
 /// Returns the number of pre-tokenized tokens.
-fn text_or_tokens(v: Option<&Value>, field: &'static str, p: &mut Prompt) -> Result<u64, LlmError> {
+pub(super) fn text_or_tokens(
+    v: Option<&Value>,
+    field: &'static str,
+    p: &mut Prompt,
+) -> Result<u64, LlmError> {
     const EXPECTED: &str = "a string, an array of strings, or token arrays";
     let mut tokens: u64 = 0;
     match v {

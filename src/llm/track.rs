@@ -391,6 +391,7 @@ pub fn finish(ex: &mut Exchange, end: ExchangeEnd) {
     let request_model = t.model.clone();
     let reached_upstream = summary.is_some();
     ex.state.llm_usage = Some(usage);
+    ex.state.llm_response = summary.map(Box::new);
     if !reached_upstream && end == ExchangeEnd::Answered {
         // tollgate answered: no model was called.
         return;

@@ -49,6 +49,15 @@ pub struct State {
     /// The LLM tracker's per-exchange state (see [`crate::llm::track`]); `None` when the
     /// flow does not track or the request is no LLM call.
     pub llm_tracker: Option<Box<crate::llm::track::Tracker>>,
+    /// The LLM response as the tracker read it (text, completeness, errors), once the
+    /// response ended: what a semantic cache stores.
+    pub llm_response: Option<Box<crate::llm::ResponseSummary>>,
+    /// The prompt's embedding, shared by the steps that embed the same text with the same
+    /// embedder (SemanticCache, ModelRouter).
+    pub prompt_embedding: Option<crate::embed::PromptEmbedding>,
+    /// Each SemanticCache step's key on a miss, for storing the answer after the exchange
+    /// (the request body is gone by then).
+    pub semantic_pending: Vec<crate::policies::semantic_cache::Pending>,
     /// Each SanitizeResponse step's stream scanners, kept between response chunks.
     pub guard_streams: Vec<crate::policies::sanitize_response::StreamState>,
     /// The request and response bodies parsed as JSON, on first use (see

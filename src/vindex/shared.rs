@@ -304,13 +304,33 @@ impl SharedIndex {
     /// Follows the other replicas' entries: first every entry still alive (the backfill),
     /// then each new one as it is published, each handed to `on_entry` with its remaining
     /// TTL. Runs until this handle is dropped (or the task aborted); reconnects by itself.
-    /// Must be called within a Tokio runtime.
+    /// Spawned on the current Tokio runtime; called outside one (a configuration built on a
+    /// plain thread), it runs on a small runtime of its own, on a thread of its own.
     pub fn follow(
         &self,
         on_entry: impl Fn(Scope, Embedding, Bytes, Duration) + Send + Sync + 'static,
     ) -> tokio::task::JoinHandle<()> {
         let inner = self.inner.clone();
-        tokio::spawn(async move { inner.follow(&on_entry).await })
+        let task = async move { inner.follow(&on_entry).await };
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            return handle.spawn(task);
+        }
+        // Only the OS refusing an epoll instance or a thread fails here; tokio::spawn would
+        // have panicked in the same place.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a Tokio runtime for the shared index follower");
+        let join = rt.spawn(task);
+        let inner = self.inner.clone();
+        let spawned = std::thread::Builder::new()
+            .name("vindex-follow".into())
+            .spawn(move || rt.block_on(inner.closed()));
+        if let Err(e) = spawned {
+            error("follow");
+            tracing::warn!(error = %e, "semantic shared tier: no thread to follow other replicas on");
+        }
+        join
     }
 }
 
@@ -355,6 +375,17 @@ impl Inner {
             }
         };
         self.conn.get_or_try_init(make).await.cloned()
+    }
+
+    /// Returns when the handle is dropped.
+    async fn closed(&self) {
+        loop {
+            let closed = self.close.notified();
+            if self.closed.load(Ordering::Acquire) {
+                return;
+            }
+            closed.await;
+        }
     }
 
     /// Waits `d`, or less when the handle is dropped; true when it was.
@@ -535,6 +566,29 @@ mod tests {
         let mut wide = b.clone();
         wide[20..24].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(decode(&wide).is_none());
+    }
+
+    /// Built and followed outside any runtime (a configuration loaded on a plain thread):
+    /// the follower runs on its own runtime and stops when the handle is dropped.
+    #[test]
+    fn follow_outside_a_runtime() {
+        let s = SharedIndex::connect("redis://127.0.0.1:1", "ns", Duration::from_millis(50))
+            .expect("valid");
+        let join = s.follow(|_, _, _, _| {});
+        // Publishing without a runtime is dropped, not a panic.
+        let e = Embedding::normalized(vec![1.0]).unwrap();
+        s.publish(1, &e, Bytes::new(), Duration::from_secs(1));
+        drop(s);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            // Its runtime goes away once the handle is dropped: the task ends (cancelled).
+            let _ = tokio::time::timeout(Duration::from_secs(10), join)
+                .await
+                .expect("ended");
+        });
     }
 
     #[test]
