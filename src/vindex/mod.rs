@@ -8,14 +8,16 @@
 //! - **Exact, then approximate.** A partition is scanned exactly up to
 //!   [`IndexConfig::exact_up_to`] live entries; past it, an HNSW graph ([`hnsw`], written
 //!   here: see "Why our own HNSW") answers. The graph is built off the lock on a thread of
-//!   its own; searches go on exactly meanwhile. Below half the switch point the graph is
-//!   dropped again (hysteresis, so a partition at the limit does not flap).
+//!   its own (at most [`MAX_BUILDS`] at once per index); searches go on exactly meanwhile.
+//!   Below half the switch point the graph is dropped again (hysteresis, so a partition at
+//!   the limit does not flap).
 //! - **TTL.** Each entry expires [`IndexConfig::ttl`] after its insert (or sooner:
 //!   [`VectorIndex::insert_with_ttl`], for entries that arrive from another replica with part
 //!   of their life spent). A search never returns an expired entry. Expired entries are
-//!   reclaimed by a sweep done inside [`VectorIndex::insert`] (up to [`SWEEP_PER_INSERT`]
-//!   per call, oldest expiry first) and by [`VectorIndex::sweep`], which a caller may run
-//!   periodically so an idle index gives its memory back; searches never write.
+//!   reclaimed by a sweep done inside [`VectorIndex::insert`] and [`VectorIndex::search`]
+//!   (up to [`SWEEP_PER_CALL`] per call, soonest expiry first; a search that finds nothing
+//!   expired pays one atomic load) and by [`VectorIndex::sweep`], which a caller may run
+//!   periodically so an index nobody calls gives its memory back.
 //! - **Bytes.** Each entry counts `4 × dims` (its vector), plus the caller's `bytes` (its
 //!   value), plus [`ENTRY_OVERHEAD`] (bookkeeping and graph links). While the whole index is over
 //!   [`IndexConfig::max_bytes`], the oldest entries (by insert, across every scope) are
@@ -104,9 +106,13 @@ pub type Scope = u128;
 /// (~160 bytes), rounded up. Measured: see the module documentation.
 pub const ENTRY_OVERHEAD: u64 = 384;
 
-/// Expired entries reclaimed by one insert at most (the rest by later inserts or
-/// [`VectorIndex::sweep`]), so one insert never pays for a whole expired generation.
-pub const SWEEP_PER_INSERT: usize = 64;
+/// Expired entries reclaimed by one insert or search at most (the rest by later calls or
+/// [`VectorIndex::sweep`]), so one call never pays for a whole expired generation.
+pub const SWEEP_PER_CALL: usize = 64;
+
+/// Graph builds running at once per index, at most (each on a thread of its own); a
+/// partition that needs one past this waits for its next change.
+pub const MAX_BUILDS: usize = 2;
 
 /// The switch point the semantic cache uses by default: partitions up to this many live
 /// entries are scanned exactly (see the module documentation for the measurement).
@@ -268,6 +274,10 @@ pub struct VectorIndex<V: Send + Sync + 'static> {
     next_id: AtomicU64,
     len: AtomicUsize,
     bytes: AtomicU64,
+    /// The soonest expiry in the ledger, in nanoseconds after `epoch` (`u64::MAX`: none), so
+    /// a search knows with one atomic load whether there is anything to sweep.
+    next_expiry: AtomicU64,
+    epoch: Instant,
     builds: Arc<Builds>,
 }
 
@@ -301,9 +311,12 @@ impl<V: Send + Sync + 'static> VectorIndex<V> {
 
     /// An index reading time from `clock` (tests: [`ManualClock`]).
     pub fn with_clock(cfg: IndexConfig, clock: Arc<dyn Clock>) -> Self {
+        let epoch = clock.now();
         Self {
             cfg,
             clock,
+            next_expiry: AtomicU64::new(u64::MAX),
+            epoch,
             parts: RwLock::new(HashMap::new()),
             ledger: Mutex::new(Ledger::default()),
             gate: RwLock::new(()),
@@ -378,7 +391,7 @@ impl<V: Send + Sync + 'static> VectorIndex<V> {
             );
             l.by_expiry.insert((expires, id));
             l.bytes = l.bytes.saturating_add(cost);
-            l.take_expired(now, SWEEP_PER_INSERT, &mut victims);
+            l.take_expired(now, SWEEP_PER_CALL, &mut victims);
             while l.bytes > self.cfg.max_bytes {
                 let Some((&old, _)) = l.by_age.first_key_value() else {
                     break;
@@ -429,7 +442,7 @@ impl<V: Send + Sync + 'static> VectorIndex<V> {
                 }
                 continue;
             }
-            let job = p.add(node, vector);
+            let job = p.add(node, vector, self.may_build());
             drop(p);
             return (part, job);
         }
@@ -442,7 +455,7 @@ impl<V: Send + Sync + 'static> VectorIndex<V> {
             return;
         };
         let mut p = part.write();
-        let (_, job) = p.kill(id);
+        let (_, job) = p.kill(id, self.may_build());
         let empty = p.is_idle_and_empty();
         if empty {
             p.retired = true;
@@ -456,6 +469,10 @@ impl<V: Send + Sync + 'static> VectorIndex<V> {
         } else if let Some(job) = job {
             self.spawn_build(part, job);
         }
+    }
+
+    fn may_build(&self) -> bool {
+        *self.builds.running.lock() < MAX_BUILDS
     }
 
     fn spawn_build(&self, part: Arc<RwLock<Part<V>>>, job: part::Job) {
@@ -478,6 +495,15 @@ impl<V: Send + Sync + 'static> VectorIndex<V> {
     fn publish_totals(&self, l: &Ledger) {
         self.len.store(l.by_age.len(), Ordering::Relaxed);
         self.bytes.store(l.bytes, Ordering::Relaxed);
+        let next = l
+            .by_expiry
+            .first()
+            .map_or(u64::MAX, |(at, _)| self.nanos(*at));
+        self.next_expiry.store(next, Ordering::Relaxed);
+    }
+
+    fn nanos(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
     }
 
     /// Up to `k` live entries of `scope` with cosine similarity >= min_similarity, best first.
@@ -491,10 +517,14 @@ impl<V: Send + Sync + 'static> VectorIndex<V> {
         if k == 0 || min_similarity.is_nan() {
             return Vec::new();
         }
+        let now = self.clock.now();
+        if self.nanos(now) >= self.next_expiry.load(Ordering::Relaxed) {
+            // Something expired: reclaim a few now (before taking the partition's lock).
+            self.sweep_up_to(now, SWEEP_PER_CALL);
+        }
         let Some(part) = self.parts.read().get(&(scope, query.dims())).cloned() else {
             return Vec::new();
         };
-        let now = self.clock.now();
         let found = part.read().search(query.as_slice(), min_similarity, k, now);
         found
             .into_iter()
@@ -525,14 +555,17 @@ impl<V: Send + Sync + 'static> VectorIndex<V> {
     }
 
     /// Reclaims every expired entry now; returns how many. Inserts reclaim a few each (see
-    /// [`SWEEP_PER_INSERT`]); call this periodically to give an idle index's memory back.
+    /// [`SWEEP_PER_CALL`]); call this periodically to give an idle index's memory back.
     pub fn sweep(&self) -> usize {
+        self.sweep_up_to(self.clock.now(), usize::MAX)
+    }
+
+    fn sweep_up_to(&self, now: Instant, max: usize) -> usize {
         let _gate = self.gate.read();
-        let now = self.clock.now();
         let mut victims = Vec::new();
         {
             let mut l = self.ledger.lock();
-            l.take_expired(now, usize::MAX, &mut victims);
+            l.take_expired(now, max, &mut victims);
             self.publish_totals(&l);
         }
         let n = victims.len();

@@ -170,7 +170,9 @@ impl<V> Part<V> {
         self.by_id.is_empty() && !self.building
     }
 
-    pub fn add(&mut self, node: Node<V>, vector: &[f32]) -> Option<Job> {
+    /// Adds an entry; `may_build`: a graph build may start (the index's cap on concurrent
+    /// builds is not reached; otherwise a later change asks again).
+    pub fn add(&mut self, node: Node<V>, vector: &[f32], may_build: bool) -> Option<Job> {
         let Ok(i) = u32::try_from(self.nodes.len()) else {
             // Four billion nodes in one partition: the byte bound makes this unreachable.
             return None;
@@ -181,29 +183,29 @@ impl<V> Part<V> {
         if let Some(g) = self.graph.as_mut() {
             g.insert(&self.store);
         }
-        self.maintain()
+        self.maintain(may_build)
     }
 
     /// Removes entry `id` (a tombstone); false if it is not here.
-    pub fn kill(&mut self, id: u64) -> (bool, Option<Job>) {
+    pub fn kill(&mut self, id: u64, may_build: bool) -> (bool, Option<Job>) {
         let Some(i) = self.by_id.remove(&id) else {
             return (false, None);
         };
         if let Some(n) = self.nodes.get_mut(i as usize) {
             n.value = None;
         }
-        (true, self.maintain())
+        (true, self.maintain(may_build))
     }
 
     /// Compacts, drops or asks for a graph as the live count and tombstones require.
-    fn maintain(&mut self) -> Option<Job> {
+    fn maintain(&mut self, may_build: bool) -> Option<Job> {
         if self.building {
             return None;
         }
         let live = self.live();
         let dead = self.nodes.len() - live;
         match self.graph {
-            None if live > self.exact_up_to => Some(self.job()),
+            None if live > self.exact_up_to => may_build.then(|| self.job()),
             None if dead > live.max(32) => {
                 self.compact();
                 None
@@ -214,7 +216,7 @@ impl<V> Part<V> {
                 self.compact();
                 None
             }
-            Some(_) if dead > live.max(64) => Some(self.job()),
+            Some(_) if dead > live.max(64) => may_build.then(|| self.job()),
             Some(_) => None,
         }
     }
@@ -351,7 +353,8 @@ impl<V> Part<V> {
         self.reindex();
         self.graph = Some(g);
         self.building = false;
-        self.maintain()
+        // Any next build runs on this same thread.
+        self.maintain(true)
     }
 }
 
