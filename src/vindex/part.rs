@@ -330,7 +330,8 @@ impl<V> Part<V> {
         built: &[u32],
         upto: usize,
     ) -> Option<Job> {
-        let mut nodes: Vec<Node<V>> = Vec::with_capacity(built.len() + self.nodes.len() - upto);
+        let fresh = self.nodes.len().saturating_sub(upto);
+        let mut nodes: Vec<Node<V>> = Vec::with_capacity(built.len() + fresh);
         for &i in built {
             match self.nodes.get(i as usize) {
                 Some(n) => nodes.push(n.clone()),
@@ -373,6 +374,11 @@ pub(super) fn build<V>(part: &RwLock<Part<V>>, mut job: Job) {
             while let Some(&i) = job.live.get(g.len()) {
                 store.push(job.store.get(i));
                 g.insert(&store);
+                // Cleared or dropped meanwhile: stop early rather than finish for nothing.
+                if g.len().is_multiple_of(CHUNK) && part.read().retired {
+                    part.write().building = false;
+                    return;
+                }
             }
             let mut p = part.write();
             if p.retired {
