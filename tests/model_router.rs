@@ -318,7 +318,11 @@ async fn routes_rewrites_picks_clusters_and_falls_back_through_envoy() {
     for r in &a {
         let (model, length, body_len, _, route) = seen(r);
         assert_eq!(model, "coder-large", "{r}");
-        assert_eq!(length, Some(body_len), "content-length matches the rewritten body: {r}");
+        assert_eq!(
+            length,
+            Some(body_len),
+            "content-length matches the rewritten body: {r}"
+        );
         assert_eq!(route, None, "the client's routing header was removed: {r}");
         assert!(r["body"].as_str().unwrap().contains("traceback"), "{r}");
     }
@@ -384,12 +388,20 @@ async fn routes_rewrites_picks_clusters_and_falls_back_through_envoy() {
         )
         .await;
         assert_eq!(out[0]["ok"], true, "{}", out[0]);
-        assert_eq!(out[0]["headers"]["x-tollgate-route"], "refunds", "{}", out[0]);
+        assert_eq!(
+            out[0]["headers"]["x-tollgate-route"], "refunds",
+            "{}",
+            out[0]
+        );
         let a = chat_to(&bed.a).await;
         assert_eq!(seen(a.last().unwrap()).0, "support-model");
         // Unrelated: the default.
         let out = run(&["openai.chat"], "Write a haiku about autumn leaves", &[]).await;
-        assert_eq!(out[0]["headers"]["x-tollgate-route"], "default", "{}", out[0]);
+        assert_eq!(
+            out[0]["headers"]["x-tollgate-route"], "default",
+            "{}",
+            out[0]
+        );
         let a = chat_to(&bed.a).await;
         assert_eq!(seen(a.last().unwrap()).0, "small-model");
     } else {
@@ -411,5 +423,8 @@ async fn routes_rewrites_picks_clusters_and_falls_back_through_envoy() {
     assert_eq!(series("flaky", "flaky-model", "route"), Some(2.0));
     assert_eq!(series("fallback", "steady-model", "fallback"), Some(2.0));
     assert_eq!(series("fallback", "last-resort", "fallback"), Some(1.0));
-    assert!(!m.contains("gpt-4o\""), "the requested model is not a label");
+    assert!(
+        !m.contains("gpt-4o\""),
+        "the requested model is not a label"
+    );
 }
