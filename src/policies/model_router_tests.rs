@@ -596,7 +596,7 @@ default: {model: general}
     assert_eq!(var(&ex2, "rule").as_deref(), Some("refunds"));
     assert_eq!(body_model(&ex2), "support-model");
     let s: f64 = var(&ex2, "similarity").unwrap().parse().unwrap();
-    assert!(s >= 0.7 && s <= 1.0001, "{s}");
+    assert!((0.7..=1.0001).contains(&s), "{s}");
     // The embedding is left for the semantic cache (same text, same embedder).
     assert!(ex2.state.prompt_embedding.is_some());
 
