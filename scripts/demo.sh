@@ -24,7 +24,7 @@ case "${1:-}" in
   *) echo "usage: scripts/demo.sh [--try]" >&2; exit 2 ;;
 esac
 
-if [[ ! -x .tools/envoy/envoy ]] || ! command -v curl >/dev/null; then
+if [[ ! -x .tools/envoy/envoy ]] || [[ ! -e .tools/embed-model/model.safetensors ]] || ! command -v curl >/dev/null; then
   bash scripts/setup.sh >/dev/null
 fi
 
@@ -74,6 +74,7 @@ python3 scripts/demo_upstream.py 8080 --authz 8081 >"$LOGS/upstream.log" 2>&1 & 
 # in production give --admin-token-file. The store (and the quota counters checkpointed in
 # it) live in this run's temporary directory: a rerun starts clean.
 "$BIN" serve --config policies --grpc-addr 127.0.0.1:9002 --admin-addr 127.0.0.1:9003 \
+  --embedder-model-dir .tools/embed-model \
   --data-dir "$LOGS/data" --admin-insecure --shutdown-grace 0s --drain-timeout 2s \
   >"$LOGS/tollgate.log" 2>&1 & PIDS+=($!)
 .tools/envoy/envoy -c deploy/envoy/envoy-local.yaml --base-id 7 -l warning >"$LOGS/envoy.log" 2>&1 & PIDS+=($!)

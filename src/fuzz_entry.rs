@@ -76,6 +76,21 @@ pub fn config_dir() -> PathBuf {
                 "http://127.0.0.1:9/check",
             );
         std::fs::write(&guards, text).expect("the external guards example writes");
+        // The semantic cache's built-in model, where scripts/setup.sh installs it.
+        let semantic = dir.join("semantic-cache.yaml");
+        let text = std::fs::read_to_string(&semantic).expect("the semantic cache example reads");
+        let model = root.join(".tools/embed-model");
+        std::fs::write(
+            &semantic,
+            text.replace(
+                "embedder: {kind: static}",
+                &format!(
+                    "embedder: {{kind: static, modelDir: \"{}\"}}",
+                    model.display()
+                ),
+            ),
+        )
+        .expect("the semantic cache example writes");
         dir
     })
     .clone()

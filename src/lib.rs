@@ -34,6 +34,7 @@ pub mod store;
 pub mod telemetry;
 pub mod usage;
 pub mod vars;
+pub mod vindex;
 
 /// The `apiVersion` every configuration document carries.
 pub const API_VERSION: &str = "tollgate.dev/v1alpha1";

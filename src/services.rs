@@ -33,6 +33,8 @@ pub struct Services {
     pub egress: Arc<crate::policies::service_callout::Egress>,
     /// Embedders by spec, each built once (SemanticCache, ModelRouter).
     pub embedders: Arc<crate::embed::Embedders>,
+    /// Semantic caches by name, kept across reloads.
+    pub semantic: Arc<crate::policies::semantic_cache::SemanticStores>,
 }
 
 impl Services {
@@ -48,6 +50,7 @@ impl Services {
             google: Arc::default(),
             egress: Arc::default(),
             embedders: Arc::new(crate::embed::Embedders::from_env()),
+            semantic: Arc::default(),
         }
     }
 }

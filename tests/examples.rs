@@ -17,6 +17,23 @@ mod support;
 
 use support::ext_proc;
 
+/// Services as `tollgate serve --embedder-model-dir .tools/embed-model` has them (the
+/// built-in embedder's model, for semantic-cache.yaml).
+fn services() -> tollgate::services::Services {
+    tollgate::services::Services {
+        embedders: std::sync::Arc::new(tollgate::embed::Embedders::new(Some(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools/embed-model"),
+        ))),
+        ..Default::default()
+    }
+}
+
+/// `dir` compiled as `serve` would, with [`services`].
+fn load_dir(dir: &Path) -> Result<tollgate::config::Snapshot, tollgate::config::ConfigErrors> {
+    let files = read_dir(dir)?;
+    tollgate::config::compile_with_options(&files, Some(dir), &services(), &Default::default())
+}
+
 fn policies_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("policies")
 }
@@ -580,6 +597,72 @@ fn scenarios(file: &str) -> Option<Vec<Scenario>> {
                 expect: Expect::Upstream(&[("x-tollgate-flow", "completions")]),
             },
         ]),
+        "semantic-cache.yaml" => {
+            const AUTH: &[(&str, &str)] = &[
+                ("content-type", "application/json"),
+                ("authorization", "Bearer tg_semantic_demo_key_0001"),
+            ];
+            const Q: &str = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"How do I reset my password?"}]}"#;
+            Some(vec![
+                Scenario {
+                    method: "POST",
+                    path: "/faq/v1/chat/completions",
+                    headers: AUTH,
+                    body: Some(Q),
+                    reply: Some((
+                        200,
+                        "application/json",
+                        r#"{"id":"c1","object":"chat.completion","model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"Use the reset link on the sign-in page."},"finish_reason":"stop"}]}"#,
+                    )),
+                    expect: Expect::Upstream(&[("x-faq-app", "semantic-demo-app")]),
+                },
+                Scenario {
+                    method: "POST",
+                    path: "/faq/v1/chat/completions",
+                    headers: AUTH,
+                    body: Some(Q),
+                    reply: None,
+                    expect: Expect::Immediate {
+                        status: 200,
+                        body_contains: "Use the reset link on the sign-in page.",
+                    },
+                },
+                Scenario {
+                    method: "POST",
+                    path: "/faq/v1/chat/completions",
+                    headers: AUTH,
+                    body: Some(
+                        r#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"I forgot my password, how can I reset it?"}]}"#,
+                    ),
+                    reply: None,
+                    expect: Expect::Immediate {
+                        status: 200,
+                        body_contains: "data: [DONE]",
+                    },
+                },
+                Scenario {
+                    method: "POST",
+                    path: "/faq/v1/chat/completions",
+                    headers: AUTH,
+                    body: Some(
+                        r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"How do I reset my username?"}]}"#,
+                    ),
+                    reply: None,
+                    expect: Expect::Upstream(&[("x-faq-app", "semantic-demo-app")]),
+                },
+                Scenario {
+                    method: "POST",
+                    path: "/faq/v1/chat/completions",
+                    headers: &[("content-type", "application/json")],
+                    body: Some(Q),
+                    reply: None,
+                    expect: Expect::Immediate {
+                        status: 401,
+                        body_contains: "oauth.v2.FailedToResolveAPIKey",
+                    },
+                },
+            ])
+        }
         "kvm.yaml" => Some(vec![
             Scenario {
                 method: "GET",
@@ -1002,7 +1085,7 @@ fn every_supporting_file_is_used_by_an_example() {
 async fn examples_load_and_behave() {
     let files = read_dir(&policies_dir()).expect("policies/ readable");
     // The whole directory compiles together, as `tollgate serve --config policies` does.
-    tollgate::config::load_dir(&policies_dir()).expect("policies/ is a valid configuration");
+    load_dir(&policies_dir()).expect("policies/ is a valid configuration");
     let authz = start_authz().await;
     let guard = support::guard_server::GuardServer::start().await;
     for f in files {
@@ -1026,11 +1109,18 @@ async fn examples_load_and_behave() {
                     .unwrap();
             }
         }
-        let cm = ConfigManager::load(ConfigSource::Dir(alone.path().to_path_buf()))
-            .unwrap_or_else(|e| panic!("policies/{name} does not load on its own:\n{e}"));
+        let cm = ConfigManager::load_with_options(
+            ConfigSource::Dir(alone.path().to_path_buf()),
+            services(),
+            Default::default(),
+        )
+        .unwrap_or_else(|e| panic!("policies/{name} does not load on its own:\n{e}"));
         let shared = Shared::new(cm, NoMatch::Continue);
         for s in scenarios(&name).unwrap_or_default() {
             let r = run(&shared, &s).await;
+            // After-exchange work (a semantic cache storing the answer) runs in a task
+            // spawned when the exchange ends: let it finish before the next request.
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             let what = format!("policies/{name}: {} {}", s.method, s.path);
             match (&s.expect, r.response.as_ref()) {
                 (
@@ -1089,7 +1179,7 @@ async fn examples_load_and_behave() {
 /// shadowed by the quickstart's chat flow, so an SDK's key was never checked).
 #[test]
 fn every_example_keeps_its_paths_when_all_are_loaded() {
-    let snap = tollgate::config::load_dir(&policies_dir()).expect("policies/ loads");
+    let snap = load_dir(&policies_dir()).expect("policies/ loads");
     let flow_of = |method: &str, path: &str| {
         let mut h = tollgate::vars::Headers::new();
         h.push(":method".into(), method.into());
@@ -1122,5 +1212,5 @@ fn every_example_keeps_its_paths_when_all_are_loaded() {
 #[test]
 fn bench_configs_load() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/configs");
-    tollgate::config::load_dir(&dir).expect("benches/configs is a valid configuration");
+    load_dir(&dir).expect("benches/configs is a valid configuration");
 }

@@ -121,7 +121,18 @@ pub async fn embed_shared(
     if let Some(e) = PromptEmbedding::matching(slot, embedder.id(), text) {
         return Ok(e.clone());
     }
-    let embedding = embedder.embed(text).await?;
+    let started = std::time::Instant::now();
+    let result = embedder.embed(text).await;
+    let kind = embedder.id().split(':').next().unwrap_or("other");
+    let kind = if kind == "static" || kind == "openai" {
+        kind
+    } else {
+        "other"
+    };
+    EMBED_SECONDS
+        .with_label_values(&[kind, if result.is_ok() { "ok" } else { "error" }])
+        .observe(started.elapsed().as_secs_f64());
+    let embedding = result?;
     *slot = Some(PromptEmbedding {
         embedder: embedder.id().into(),
         text_hash: PromptEmbedding::hash_text(text),
@@ -129,3 +140,29 @@ pub async fn embed_shared(
     });
     Ok(embedding)
 }
+
+/// `tollgate_embedder_duration_seconds{kind,result}`: every prompt embedded on a request's
+/// path (the cache's lookup, the router's similarity rules), however it ended.
+static EMBED_SECONDS: std::sync::LazyLock<prometheus::HistogramVec> = std::sync::LazyLock::new(
+    || {
+        let h = prometheus::HistogramVec::new(
+            prometheus::HistogramOpts::new(
+                "tollgate_embedder_duration_seconds",
+                "Time to embed a prompt on the request path, by embedder kind (static, openai) and result (ok, error)",
+            )
+            .buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                1.0,
+            ]),
+            &["kind", "result"],
+        )
+        .expect("valid metric");
+        if let Err(e) = crate::telemetry::METRICS
+            .registry
+            .register(Box::new(h.clone()))
+        {
+            tracing::warn!(error = %e, "embedder metric not registered");
+        }
+        h
+    },
+);

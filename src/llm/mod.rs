@@ -21,6 +21,7 @@ pub mod json_stream;
 pub mod request;
 pub mod response;
 pub mod sse;
+pub mod synth;
 pub mod tokens;
 pub mod track;
 pub mod usage;

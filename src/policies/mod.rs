@@ -31,6 +31,7 @@ pub mod response_cache;
 pub mod sanitize_external;
 pub mod sanitize_prompt;
 pub mod sanitize_response;
+pub mod semantic_cache;
 pub mod service_callout;
 pub mod spike_arrest;
 pub mod verify_api_key;
@@ -56,6 +57,15 @@ pub static REGISTRY: &[(&str, BuildFn)] = &[
     (sanitize_prompt::APIGEE_TYPE, sanitize_prompt::build),
     (sanitize_response::TYPE, sanitize_response::build),
     (sanitize_response::APIGEE_TYPE, sanitize_response::build),
+    (semantic_cache::TYPE, semantic_cache::build),
+    (
+        semantic_cache::APIGEE_LOOKUP_TYPE,
+        semantic_cache::build_lookup,
+    ),
+    (
+        semantic_cache::APIGEE_POPULATE_TYPE,
+        semantic_cache::build_populate,
+    ),
     (service_callout::TYPE, service_callout::build),
     (spike_arrest::TYPE, spike_arrest::build),
     (verify_api_key::TYPE, verify_api_key::build),
@@ -84,6 +94,8 @@ pub const ALL_TYPES: &[&str] = &[
     "SanitizeResponse",
     "SanitizeModelResponse",
     "SemanticCache",
+    "SemanticCacheLookup",
+    "SemanticCachePopulate",
     "ModelRouter",
 ];
 
@@ -166,8 +178,8 @@ mod tests {
             .map(|p| if p.is_dir() { p.join("mod.rs") } else { p })
             .filter_map(|p| std::fs::read_to_string(p).ok())
             .filter(|s| s.contains("\npub const TYPE: &str"))
-            // A module also registered under Apigee's name has two entries.
-            .map(|s| 1 + usize::from(s.contains("\npub const APIGEE_TYPE: &str")))
+            // A module also registered under Apigee's names has an entry per name.
+            .map(|s| 1 + s.matches("\npub const APIGEE_").count())
             .sum::<usize>();
         assert_eq!(
             REGISTRY.len(),

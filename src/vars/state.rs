@@ -55,6 +55,9 @@ pub struct State {
     /// The prompt's embedding, shared by the steps that embed the same text with the same
     /// embedder (SemanticCache, ModelRouter).
     pub prompt_embedding: Option<crate::embed::PromptEmbedding>,
+    /// Each SemanticCache step's key on a miss, for storing the answer after the exchange
+    /// (the request body is gone by then).
+    pub semantic_pending: Vec<crate::policies::semantic_cache::Pending>,
     /// Each SanitizeResponse step's stream scanners, kept between response chunks.
     pub guard_streams: Vec<crate::policies::sanitize_response::StreamState>,
     /// The request and response bodies parsed as JSON, on first use (see

@@ -94,8 +94,15 @@ pub fn serve_command(dir: &Path, config: &str, grpc: u16, admin: u16) -> Command
         .arg(dir)
         .args(["--grpc-addr", &format!("127.0.0.1:{grpc}")])
         .args(["--admin-addr", &format!("127.0.0.1:{admin}")])
-        .args(["--store", "memory"]);
+        .args(["--store", "memory"])
+        .env("TOLLGATE_EMBED_MODEL_DIR", embed_model_dir());
     c
+}
+
+/// The built-in embedder's model as `scripts/setup.sh` installs it, for every tollgate the
+/// tests start (configurations with `embedder: {kind: static}` and no `modelDir`).
+pub fn embed_model_dir() -> PathBuf {
+    repo_root().join(".tools/embed-model")
 }
 
 /// A `tollgate serve` child process (from plain threads), killed and reaped on drop.
@@ -939,6 +946,7 @@ impl Tollgate {
             .args(["--admin-addr", &admin.to_string()])
             .args(["--store", "memory"])
             .args(extra)
+            .env("TOLLGATE_EMBED_MODEL_DIR", embed_model_dir())
             .env(
                 "RUST_LOG",
                 std::env::var("E2E_TOLLGATE_LOG").unwrap_or_else(|_| "info".to_owned()),
@@ -1078,6 +1086,7 @@ pub fn validate(dir: &Path) -> (i32, String, String) {
     let mut child = Command::new(tollgate_bin())
         .arg("validate")
         .arg(dir)
+        .env("TOLLGATE_EMBED_MODEL_DIR", embed_model_dir())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
