@@ -331,6 +331,20 @@ fn scenarios(file: &str) -> Option<Vec<Scenario>> {
                         ("x-routed-model", "llama-3-70b"),
                     ]),
                 },
+                // A paraphrase of a labelled example (the built-in embedder).
+                Scenario {
+                    method: "POST",
+                    path: PATH,
+                    headers: &[],
+                    body: Some(
+                        r#"{"model":"gpt-4o","messages":[{"role":"user","content":"how can I get my money back for the order I placed"}]}"#,
+                    ),
+                    reply: None,
+                    expect: Expect::Upstream(&[
+                        ("x-routed-model", "support-model"),
+                        ("x-requested-model", "gpt-4o"),
+                    ]),
+                },
                 // The requested model, by glob.
                 Scenario {
                     method: "POST",
