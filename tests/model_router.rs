@@ -345,8 +345,23 @@ async fn routes_rewrites_picks_clusters_and_falls_back_through_envoy() {
     assert_eq!(length, Some(body_len));
     assert_eq!(chat_to(&bed.a).await.len(), 2, "nothing more reached A");
 
-    // 3. Fallbacks: the routed model answers 429, Envoy retries, and the attempt stage
-    // rewrites the second attempt to the next model of the order.
+    // 3. Fallbacks. A client's own attempt count cannot pick a fallback: the router
+    // overwrites it, and the first attempt keeps the routed model.
+    let out = run(
+        &["openai.chat"],
+        "A flaky question, first try",
+        &[("x-envoy-attempt-count", "3")],
+    )
+    .await;
+    assert_eq!(out[0]["ok"], true, "{}\n{}", out[0], bed.logs());
+    let a = chat_to(&bed.a).await;
+    let (model, _, _, attempt, _) = seen(&a[2]);
+    assert_eq!(
+        (model.as_str(), attempt.as_deref()),
+        ("flaky-model", Some("1"))
+    );
+    // The routed model answers 429, Envoy retries, and the attempt stage rewrites the
+    // second attempt to the next model of the order.
     let out = run(
         &["openai.chat"],
         "This flaky question",
@@ -355,7 +370,7 @@ async fn routes_rewrites_picks_clusters_and_falls_back_through_envoy() {
     .await;
     assert_eq!(out[0]["ok"], true, "{}\n{}", out[0], bed.logs());
     let a = chat_to(&bed.a).await;
-    let attempts: Vec<_> = a[2..].iter().map(seen).collect();
+    let attempts: Vec<_> = a[3..].iter().map(seen).collect();
     assert_eq!(attempts.len(), 2, "{attempts:?}");
     assert_eq!(attempts[0].0, "flaky-model");
     assert_eq!(attempts[0].3.as_deref(), Some("1"));
@@ -373,7 +388,7 @@ async fn routes_rewrites_picks_clusters_and_falls_back_through_envoy() {
     .await;
     assert_eq!(out[0]["ok"], true, "{}\n{}", out[0], bed.logs());
     let a = chat_to(&bed.a).await;
-    let models: Vec<_> = a[4..].iter().map(|r| seen(r).0).collect();
+    let models: Vec<_> = a[5..].iter().map(|r| seen(r).0).collect();
     assert_eq!(models, ["flaky-model", "steady-model", "last-resort"]);
 
     // 4. Similarity: a paraphrase of a labelled example, no keyword in common with a rule.
@@ -420,7 +435,7 @@ async fn routes_rewrites_picks_clusters_and_falls_back_through_envoy() {
     };
     assert_eq!(series("code", "coder-large", "route"), Some(2.0), "{m}");
     assert_eq!(series("pool-b", "model-b", "route"), Some(1.0));
-    assert_eq!(series("flaky", "flaky-model", "route"), Some(2.0));
+    assert_eq!(series("flaky", "flaky-model", "route"), Some(3.0));
     assert_eq!(series("fallback", "steady-model", "fallback"), Some(2.0));
     assert_eq!(series("fallback", "last-resort", "fallback"), Some(1.0));
     assert!(

@@ -1349,6 +1349,24 @@ impl ModelRouter {
         true
     }
 
+    /// The request as the LLM tracker would read it, for the attempt stage, which runs
+    /// without one: a tracker there would report every attempt's prompt again.
+    fn parse(ex: &Exchange) -> Option<Arc<LlmRequest>> {
+        let endpoint = {
+            let h = &ex.request.headers;
+            crate::llm::detect(&ex.request.method, &ex.request.uri, |n| h.get(n))?
+        };
+        let body = ex.body_json(Direction::Request)?;
+        if body.duplicate_keys.iter().any(|k| k == "model") {
+            // Servers differ on which one counts; the request stage rewrote both anyway.
+            return None;
+        }
+        let v = body.value.as_ref().ok()?;
+        crate::llm::request::parse_request_json(&endpoint, v)
+            .ok()
+            .map(Arc::new)
+    }
+
     /// The attempt stage: attempt N (2 and later) gets the (N-1)th fallback of the model the
     /// body names, the last one for every later attempt.
     fn attempt(&self, ex: &mut Exchange) -> Hook<'static> {
@@ -1361,7 +1379,7 @@ impl ModelRouter {
             Some(n) if n >= 2 => n,
             _ => return Hook::CONTINUE,
         };
-        let Some(llm) = ex.state.llm.clone() else {
+        let Some(llm) = ex.state.llm.clone().or_else(|| Self::parse(ex)) else {
             return Hook::CONTINUE;
         };
         let Some(model) = llm.model.as_deref() else {
@@ -1417,7 +1435,9 @@ impl Policy for ModelRouter {
 
     fn hooks(&self) -> Hooks {
         Hooks {
-            llm: true,
+            // The attempt stage reads the model itself: per attempt, usage must not be
+            // tracked (the request stage's tracker reports the exchange once).
+            llm: self.stage == Stage::Request,
             ..Hooks::default()
         }
     }

@@ -543,12 +543,15 @@ fallbacks:
     );
     assert!(p.owned_request_headers().is_empty());
     assert!(p.replaces_body(Direction::Request));
+    assert!(p.needs_body(Direction::Request) && !p.hooks().llm);
     let at = |n: Option<&str>, model: &str| {
         let headers: Vec<(&str, &str)> = n
             .map(|n| ("x-envoy-attempt-count", n))
             .into_iter()
             .collect();
         let mut ex = exchange("/v1/chat/completions", &headers, &chat(model, "hi"), 3);
+        // No tracker in this stage: the policy reads the body itself.
+        ex.state.llm = None;
         assert!(futures_util::FutureExt::now_or_never(run(&p, &mut ex))
             .expect("synchronous")
             .is_continue());
