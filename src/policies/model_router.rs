@@ -997,6 +997,21 @@ fn stable_hash(parts: &[&[u8]]) -> u64 {
 
 // ───────────────────────────── run time ─────────────────────────────
 
+/// What a decision needs of the request once the rules are checked.
+struct Asked {
+    api: Api,
+    model: Option<String>,
+}
+
+impl Asked {
+    fn of(r: &LlmRequest) -> Self {
+        Self {
+            api: r.api,
+            model: r.model.clone(),
+        }
+    }
+}
+
 /// What one request's rule checks computed so far (each at most once).
 #[derive(Default)]
 struct Scan {
@@ -1099,21 +1114,36 @@ impl ModelRouter {
 
     /// The request stage: decide, then apply.
     fn route<'a>(&'a self, ex: &'a mut Exchange) -> Hook<'a> {
-        let Some(llm) = ex.state.llm.clone() else {
+        // The tracker's view when a step needs one; else the shared JSON parse, read here
+        // (no token count, no response tracking: routing on the model and the text needs
+        // neither).
+        let own = match ex.state.llm {
+            Some(_) => None,
+            None => match Self::parse(ex) {
+                Some(r) => Some(r),
+                None => return Hook::CONTINUE,
+            },
+        };
+        let Some(llm) = ex.state.llm.as_deref().or(own.as_deref()) else {
             return Hook::CONTINUE;
         };
         let mut scan = Scan::default();
         for (i, rule) in self.rules.iter().enumerate() {
-            if !self.plain_match(i, rule, &mut scan, ex, &llm) {
+            if !self.plain_match(i, rule, &mut scan, ex, llm) {
                 continue;
             }
             if rule.similar.is_some() {
                 // The embedding is the first thing that may wait.
-                return Hook::Pending(Box::pin(self.route_from(ex, llm, scan, i)));
+                let Some(owned) = ex.state.llm.clone().or(own) else {
+                    return Hook::CONTINUE;
+                };
+                return Hook::Pending(Box::pin(self.route_from(ex, owned, scan, i)));
             }
-            return Hook::Ready(self.apply(ex, &llm, Some(rule), None));
+            let asked = Asked::of(llm);
+            return Hook::Ready(self.apply(ex, &asked, Some(rule), None));
         }
-        Hook::Ready(self.apply(ex, &llm, None, None))
+        let asked = Asked::of(llm);
+        Hook::Ready(self.apply(ex, &asked, None, None))
     }
 
     /// [`Self::route`] from rule `start` on, which needs the prompt's embedding.
@@ -1129,17 +1159,23 @@ impl ModelRouter {
                 continue;
             }
             let Some(similar) = &rule.similar else {
-                return self.apply(ex, &llm, Some(rule), None);
+                let asked = Asked::of(&llm);
+                drop(llm);
+                return self.apply(ex, &asked, Some(rule), None);
             };
             match self.similarity(similar, &mut scan, ex, &llm).await {
                 Err(fault) => return Outcome::Reject(fault),
                 Ok(Some(s)) if s >= similar.threshold => {
-                    return self.apply(ex, &llm, Some(rule), Some(s));
+                    let asked = Asked::of(&llm);
+                    drop(llm);
+                    return self.apply(ex, &asked, Some(rule), Some(s));
                 }
                 Ok(_) => {}
             }
         }
-        self.apply(ex, &llm, None, None)
+        let asked = Asked::of(&llm);
+        drop(llm);
+        self.apply(ex, &asked, None, None)
     }
 
     /// The best similarity between the last user turn and `similar`'s examples; `None`
@@ -1252,7 +1288,7 @@ impl ModelRouter {
     fn apply(
         &self,
         ex: &mut Exchange,
-        llm: &Arc<LlmRequest>,
+        llm: &Asked,
         rule: Option<&Rule>,
         similarity: Option<f32>,
     ) -> Outcome {
@@ -1298,13 +1334,7 @@ impl ModelRouter {
     /// Sends the request to `model`: in the body (or path), or through the endpoint picker's
     /// rewrite headers; the exchange's LLM view follows. False when the request names its
     /// model nowhere tollgate can rewrite.
-    fn set_model(
-        &self,
-        ex: &mut Exchange,
-        llm: &Arc<LlmRequest>,
-        model: &str,
-        how: Rewrite,
-    ) -> bool {
+    fn set_model(&self, ex: &mut Exchange, llm: &Asked, model: &str, how: Rewrite) -> bool {
         let old = llm.model.as_deref().unwrap_or_default();
         if old == model {
             return true;
@@ -1340,9 +1370,10 @@ impl ModelRouter {
                 }
             }
         }
-        let mut routed = LlmRequest::clone(llm);
-        routed.model = Some(model.to_owned());
-        ex.state.llm = Some(Arc::new(routed));
+        // The tracker's view, when one ran, follows (no copy: nothing else holds it now).
+        if let Some(view) = ex.state.llm.as_mut() {
+            Arc::make_mut(view).model = Some(model.to_owned());
+        }
         if let Some(t) = ex.state.llm_tracker.as_mut() {
             t.set_model(model);
         }
@@ -1357,14 +1388,14 @@ impl ModelRouter {
             crate::llm::detect(&ex.request.method, &ex.request.uri, |n| h.get(n))?
         };
         let body = ex.body_json(Direction::Request)?;
-        if body.duplicate_keys.iter().any(|k| k == "model") {
-            // Servers differ on which one counts; the request stage rewrote both anyway.
-            return None;
-        }
         let v = body.value.as_ref().ok()?;
-        crate::llm::request::parse_request_json(&endpoint, v)
-            .ok()
-            .map(Arc::new)
+        let mut r = crate::llm::request::parse_request_json(&endpoint, v).ok()?;
+        if body.duplicate_keys.iter().any(|k| k == "model") {
+            // Servers differ on which copy counts: no model rule matches such a request
+            // (a rewrite still replaces every copy).
+            r.model = None;
+        }
+        Some(Arc::new(r))
     }
 
     /// The attempt stage: attempt N (2 and later) gets the (N-1)th fallback of the model the
@@ -1399,7 +1430,9 @@ impl ModelRouter {
         };
         let original = model.to_owned();
         target.counter.inc();
-        let routed = if self.set_model(ex, &llm, to, Rewrite::Body) {
+        let asked = Asked::of(&llm);
+        drop(llm);
+        let routed = if self.set_model(ex, &asked, to, Rewrite::Body) {
             to.to_owned()
         } else {
             original.clone()
@@ -1435,9 +1468,11 @@ impl Policy for ModelRouter {
 
     fn hooks(&self) -> Hooks {
         Hooks {
-            // The attempt stage reads the model itself: per attempt, usage must not be
-            // tracked (the request stage's tracker reports the exchange once).
-            llm: self.stage == Stage::Request,
+            // The LLM tracker only when a rule reads the prompt's token count: otherwise
+            // the step reads the model and text from the shared JSON parse itself, and the
+            // flow pays for no token count or response tracking it did not ask for. The
+            // attempt stage never (a tracker per attempt would report the prompt again).
+            llm: self.stage == Stage::Request && self.rules.iter().any(|r| r.tokens.is_some()),
             ..Hooks::default()
         }
     }

@@ -148,6 +148,44 @@ async fn keywords_rewrite_the_model_in_the_body_and_keep_every_other_field() {
     assert_eq!(body_model(&ex), "small");
 }
 
+/// Without a token rule the flow runs no LLM tracker: the step reads the body's shared
+/// parse itself and leaves no LLM view behind (a tracker placed later parses the routed body).
+#[tokio::test]
+async fn routes_without_the_llm_tracker() {
+    let p = policy("{rules: [{name: code, when: {keywords: [traceback], models: ['gpt-*']}, route: {model: coder}}]}");
+    assert!(!p.hooks().llm && p.needs_body(Direction::Request));
+    assert!(
+        policy(RULES).hooks().llm,
+        "a promptTokens rule needs the count"
+    );
+    let mut ex = exchange(
+        "/v1/chat/completions",
+        &[],
+        &chat("gpt-4o", "a Traceback"),
+        0,
+    );
+    ex.state.llm = None;
+    ex.state.llm_prompt_tokens = None;
+    run(&p, &mut ex).await;
+    assert_eq!(body_model(&ex), "coder");
+    assert!(ex.state.llm.is_none());
+    assert_eq!(var(&ex, "original_model").as_deref(), Some("gpt-4o"));
+    // A body naming its model twice names none to the rules, and any rewrite replaces
+    // both copies.
+    let p = policy(
+        "{rules: [{name: m, when: {models: ['gpt-4o']}, route: {model: x}}], default: {model: d}}",
+    );
+    let body = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}],"model":"gpt-4o"}"#;
+    let mut ex = exchange("/v1/chat/completions", &[], body, 0);
+    ex.state.llm = None;
+    run(&p, &mut ex).await;
+    assert_eq!(var(&ex, "rule").as_deref(), Some("default"));
+    assert_eq!(
+        String::from_utf8(ex.request_body.clone().unwrap()).unwrap(),
+        r#"{"model":"d","messages":[{"role":"user","content":"hi"}],"model":"d"}"#
+    );
+}
+
 #[tokio::test]
 async fn keywords_in_the_whole_prompt_when_configured() {
     let p = policy(
