@@ -92,7 +92,7 @@ fn cluster(name: &str, port: u16, h2: bool) -> Value {
 }
 
 /// The Envoy set-up the README documents for routing and fallbacks.
-pub fn bootstrap(listen: u16, admin: u16, grpc: u16, a: u16, b: u16) -> Value {
+pub fn bootstrap(listen: u16, admin: u16, grpc: u16, a: u16, b: u16, body_mode: &str) -> Value {
     let ext_proc = |mode: Value, extra: Value| {
         let mut v = json!({
             "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
@@ -154,8 +154,8 @@ pub fn bootstrap(listen: u16, admin: u16, grpc: u16, a: u16, b: u16) -> Value {
                                 "typed_config": ext_proc(json!({
                                     "request_header_mode": "SEND",
                                     "response_header_mode": "SEND",
-                                    "request_body_mode": "BUFFERED",
-                                    "response_body_mode": "BUFFERED",
+                                    "request_body_mode": body_mode,
+                                    "response_body_mode": body_mode,
                                     "request_trailer_mode": "SEND",
                                     "response_trailer_mode": "SEND"
                                 }), json!({"allow_mode_override": true}))
@@ -209,7 +209,7 @@ struct Bed {
 }
 
 impl Bed {
-    async fn start(config: &str) -> Self {
+    async fn start(config: &str, body_mode: &str) -> Self {
         let tmp = tempfile::Builder::new()
             .prefix("tollgate-model-router-")
             .tempdir()
@@ -234,6 +234,7 @@ impl Bed {
             tollgate.grpc.port(),
             a.addr.port(),
             b.addr.port(),
+            body_mode,
         );
         let envoy = Envoy::start_bootstrap(tmp.path(), &boot, listen, admin).await;
         Bed {
@@ -263,14 +264,19 @@ impl Bed {
 }
 
 /// What an upstream received: (model in the body, content-length header, body length,
-/// attempt header, routing header).
+/// attempt header, routing header). A chunked body (Envoy drops `content-length` after a
+/// FULL_DUPLEX_STREAMED body mutation) counts as its own length.
 fn seen(r: &Value) -> (String, Option<usize>, usize, Option<String>, Option<String>) {
     let body = r["body"].as_str().unwrap_or_default();
     let v: Value = serde_json::from_str(body).unwrap_or(Value::Null);
     let h = &r["headers"];
+    let chunked = h["transfer-encoding"].as_str() == Some("chunked");
     (
         v["model"].as_str().unwrap_or_default().to_owned(),
-        h["content-length"].as_str().and_then(|l| l.parse().ok()),
+        h["content-length"]
+            .as_str()
+            .and_then(|l| l.parse().ok())
+            .or(chunked.then_some(body.len())),
         body.len(),
         h["x-envoy-attempt-count"].as_str().map(str::to_owned),
         h["x-tollgate-route"].as_str().map(str::to_owned),
@@ -281,14 +287,27 @@ async fn chat_to(upstream: &LlmUpstream) -> Vec<Value> {
     upstream.requests_to("/v1/chat/completions").await
 }
 
+/// The request body BUFFERED: header changes go in the body's answer, with
+/// `clear_route_cache`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_rewrites_picks_clusters_and_falls_back_through_envoy() {
+    scenario("BUFFERED").await;
+}
+
+/// FULL_DUPLEX_STREAMED (as GKE's routing extension sends it): the headers answer is held
+/// until the body is decided and leaves with `clear_route_cache`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_in_full_duplex_streamed() {
+    scenario("FULL_DUPLEX_STREAMED").await;
+}
+
+async fn scenario(body_mode: &str) {
     let sdks = match Sdks::find() {
         Ok(s) if s.has("openai.chat") => s,
         Ok(_) => return eprintln!("skipped: the openai SDK is not installed (scripts/setup.sh)"),
         Err(e) => return eprintln!("skipped: {e}"),
     };
-    let bed = Bed::start(CONFIG).await;
+    let bed = Bed::start(CONFIG, body_mode).await;
     let root = bed.root();
     let run = |cases: &'static [&'static str],
                prompt: &'static str,
@@ -324,6 +343,10 @@ async fn routes_rewrites_picks_clusters_and_falls_back_through_envoy() {
             "content-length matches the rewritten body: {r}"
         );
         assert_eq!(route, None, "the client's routing header was removed: {r}");
+        if body_mode == "BUFFERED" {
+            // Envoy still held the headers: tollgate set the new length itself.
+            assert!(r["headers"]["content-length"].is_string(), "{r}");
+        }
         assert!(r["body"].as_str().unwrap().contains("traceback"), "{r}");
     }
     assert!(chat_to(&bed.b).await.is_empty());
