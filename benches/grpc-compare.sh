@@ -49,12 +49,16 @@
 # Model routing (issue 16): `router` is ModelRouter scanning for keywords the prompt lacks,
 # then a model rule rewriting the body's model; `router-kw` decides on a keyword the prompt
 # has: MIX=body BODY_BYTES=4096 TARGETS="empty router router-kw" (target >= 0.90x empty).
+# Semantic cache (issue 16): `semantic` is a SemanticCache hit (target >= 1.0x `empty` sent
+# the same body): MIX=body BODY_BYTES=4096 TARGETS="empty semantic".
 # LOADGEN_ARGS=--unique-bodies makes every prompt line unique (no token-count cache hit).
 # Environment: DURATION=5 (seconds per run), ROUNDS=3, MIX="headers body sse", BODY_BYTES=2048,
 #              CONCURRENCY=32, CONNECTIONS=2,
 #              TARGETS="floor empty three verify verify-bare cache limits limits-full limits-sync
 #                       limits-async js jwt jwt-fresh oas"
 set -euo pipefail
+# The built-in embedder's model, for the semantic cache flow of benches/configs.
+export TOLLGATE_EMBED_MODEL_DIR="${TOLLGATE_EMBED_MODEL_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/.tools/embed-model}"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 DURATION="${DURATION:-5}"
@@ -196,6 +200,13 @@ for mix in $MIX; do
         guard) out=$(run "$pid" "$port" /guard/v1/chat/completions "$mix") ;;
         router) out=$(run "$pid" "$port" /router/v1/chat/completions "$mix") ;;
         router-kw) out=$(run "$pid" "$port" /router-kw/v1/chat/completions "$mix") ;;
+        semantic)
+          # One streamed exchange stores the answer (the SSE mix sends the same chat body
+          # with "stream":true, which is not part of the cache's scope); then every stream hits.
+          "$BIN/examples/loadgen" --addr "http://127.0.0.1:$port" --path /semantic/v1/chat/completions \
+            --mix sse --sse-request-body --body-bytes "$BODY_BYTES" --duration 1 --warmup 0 \
+            --concurrency 1 --connections 1 >/dev/null 2>&1 || true
+          out=$(ALLOW_IMMEDIATE=1 run "$pid" "$port" /semantic/v1/chat/completions "$mix") ;;
         *) echo "unknown target $t" >&2; exit 2 ;;
       esac
       read -r rate p99 cpu <<<"$out"
@@ -217,7 +228,7 @@ pairs = [a / b for a, b in zip(map(float, sys.argv[11].split()), map(float, sys.
 ratio = lambda a, b: f"{a / b:5.2f}" if b else "  n/a"
 line = (f"mix={mix} target={t:12} rate={r:9.0f}/s p99={p / 1000:7.2f}ms cpu={c:6.1f}us/stream"
         f"  rate/floor={ratio(r, fr)}  p99/floor={ratio(p, fp)}")
-if t in ("verify", "verify-bare", "cache", "js", "jwt", "jwt-fresh", "oas", "router", "router-kw") or t.startswith("limits"):
+if t in ("verify", "verify-bare", "cache", "js", "jwt", "jwt-fresh", "oas", "router", "router-kw", "semantic") or t.startswith("limits"):
     line += f"  rate/empty={ratio(r, er)}  p99/empty={ratio(p, ep)}  cpu/empty={ratio(c, ec)}"
     if len(pairs) >= 2:
         q = statistics.quantiles(pairs, n=4, method="inclusive")

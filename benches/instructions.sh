@@ -19,6 +19,8 @@
 # batching a flow's pace brings (a slower server reads more frames per wake-up).
 # Environment: DURATION=5, CONCURRENCY=8. Needs valgrind (apt-get install valgrind).
 set -euo pipefail
+# The built-in embedder's model, for the semantic cache flow of benches/configs.
+export TOLLGATE_EMBED_MODEL_DIR="${TOLLGATE_EMBED_MODEL_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/.tools/embed-model}"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 DURATION="${DURATION:-5}"

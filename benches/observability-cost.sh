@@ -10,6 +10,8 @@
 # Environment: DURATION=5 ROUNDS=3 MIX=headers CONCURRENCY=32 CONNECTIONS=2,
 #              ANALYTICS_SAMPLE_RATIO (default: tollgate's default), TRACES=0 (analytics only)
 set -euo pipefail
+# The built-in embedder's model, for the semantic cache flow of benches/configs.
+export TOLLGATE_EMBED_MODEL_DIR="${TOLLGATE_EMBED_MODEL_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/.tools/embed-model}"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 DURATION="${DURATION:-5}"

@@ -16,6 +16,8 @@
 # also gives the time to the first answered body bytes (time to first token) per target.
 # Environment: ROUNDS=3, DURATION=3, CHUNKS=200, NO_BUILD=1 (use target/release as it is).
 set -euo pipefail
+# The built-in embedder's model, for the semantic cache flow of benches/configs.
+export TOLLGATE_EMBED_MODEL_DIR="${TOLLGATE_EMBED_MODEL_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/.tools/embed-model}"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 ROUNDS="${ROUNDS:-3}"; DURATION="${DURATION:-3}"; CHUNKS="${CHUNKS:-200}"
