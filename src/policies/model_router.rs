@@ -56,6 +56,12 @@
 //! routes again and a route on that header picks another cluster (the request body must be
 //! BUFFERED or FULL_DUPLEX_STREAMED: in STREAMED the headers leave before the body is read).
 //!
+//! Cost: the step reads the request from the exchange's shared JSON parse; only a
+//! `promptTokens` rule makes the flow run the LLM tracker (token count, response tracking).
+//! Rules are checked cheapest first within each rule (model, headers, tokens, condition,
+//! keywords), all keywords of a text scope in one Aho-Corasick pass, and the prompt is
+//! embedded only when a similarity rule is reached with its other conditions met.
+//!
 //! Fail safe: an unavailable embedder makes similarity rules not match (logged once per
 //! policy, counted in `tollgate_model_router_embedder_failures_total`) unless
 //! `onEmbedderError: reject`; a request that is no LLM call passes untouched.
