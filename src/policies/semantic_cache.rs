@@ -182,8 +182,30 @@ impl Entry {
 #[derive(Debug)]
 pub struct Store {
     index: VectorIndex<Entry>,
-    exact: moka::sync::Cache<u128, Arc<Entry>>,
+    exact: moka::sync::Cache<u128, Exact>,
+    ttl: Duration,
     shared: Mutex<Option<Arc<crate::vindex::shared::SharedIndex>>>,
+}
+
+/// An exact-map value: the entry and how long it lives (shorter for an entry that arrived
+/// from another replica part-way through its life).
+#[derive(Debug, Clone)]
+struct Exact {
+    entry: Arc<Entry>,
+    ttl: Duration,
+}
+
+struct ExactExpiry;
+
+impl moka::Expiry<u128, Exact> for ExactExpiry {
+    fn expire_after_create(
+        &self,
+        _key: &u128,
+        value: &Exact,
+        _created_at: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(value.ttl)
+    }
 }
 
 impl Store {
@@ -196,17 +218,37 @@ impl Store {
             }),
             exact: moka::sync::Cache::builder()
                 .max_capacity(cfg.max_cache_bytes)
-                .weigher(|_, e: &Arc<Entry>| u32::try_from(e.bytes()).unwrap_or(u32::MAX))
-                .time_to_live(cfg.ttl)
+                .weigher(|_, e: &Exact| u32::try_from(e.entry.bytes()).unwrap_or(u32::MAX))
+                .expire_after(ExactExpiry)
                 .build(),
+            ttl: cfg.ttl,
             shared: Mutex::new(None),
         }
     }
 
-    fn insert(&self, scope: Scope, exact: u128, embedding: Embedding, entry: Arc<Entry>) {
+    /// Stores `entry` for `ttl` at most (never past the cache's own TTL).
+    fn insert(
+        &self,
+        scope: Scope,
+        exact: u128,
+        embedding: Embedding,
+        entry: Arc<Entry>,
+        ttl: Duration,
+    ) {
+        let ttl = ttl.min(self.ttl);
+        if ttl.is_zero() {
+            return;
+        }
         let bytes = entry.bytes();
-        self.exact.insert(exact, entry.clone());
-        self.index.insert(scope, embedding, entry, bytes);
+        self.exact.insert(
+            exact,
+            Exact {
+                entry: entry.clone(),
+                ttl,
+            },
+        );
+        self.index
+            .insert_with_ttl(scope, embedding, entry, bytes, ttl);
     }
 }
 
@@ -457,12 +499,13 @@ fn connect_shared(store: &Arc<Store>, cache_name: &str, sh: &SharedSpec) -> Resu
     .map_err(|e| SpecError::new("shared.redis", e.to_string()))?;
     let shared = Arc::new(shared);
     let weak = Arc::downgrade(store);
-    shared.follow(move |scope, embedding, payload, _ttl| {
+    shared.follow(move |scope, embedding, payload, ttl| {
         let Some(store) = weak.upgrade() else {
             return;
         };
         match decode_entry(&payload) {
-            Some((exact, entry)) => store.insert(scope, exact, embedding, Arc::new(entry)),
+            // The entry's remaining life, not a fresh TTL.
+            Some((exact, entry)) => store.insert(scope, exact, embedding, Arc::new(entry), ttl),
             None => tracing::warn!("semantic cache: unreadable shared entry skipped"),
         }
     });
@@ -757,7 +800,7 @@ impl SemanticCache {
             }
         };
         if let Some(e) = self.store.exact.get(&key.exact) {
-            return self.answer(ex, &e, None);
+            return self.answer(ex, &e.entry, None);
         }
         let embedding = embed::embed_shared(
             &mut ex.state.prompt_embedding,
@@ -947,10 +990,11 @@ impl Policy for SemanticCache {
                     key.scope,
                     &embedding,
                     encode_entry(key.exact, &entry),
-                    store_ttl(&store),
+                    store.ttl,
                 );
             }
-            store.insert(key.scope, key.exact, embedding, entry);
+            let ttl = store.ttl;
+            store.insert(key.scope, key.exact, embedding, entry, ttl);
             metrics.0.inc();
             metrics
                 .1
@@ -960,14 +1004,6 @@ impl Policy for SemanticCache {
                 .set(i64::try_from(store.index.bytes()).unwrap_or(i64::MAX));
         }))
     }
-}
-
-fn store_ttl(store: &Store) -> Duration {
-    store
-        .exact
-        .policy()
-        .time_to_live()
-        .unwrap_or(Duration::from_secs(3600))
 }
 
 #[cfg(test)]

@@ -114,7 +114,14 @@ fn exact_search_returns_the_true_top_k() {
 /// Threshold: 0.95.
 #[test]
 fn hnsw_recall_at_1_is_at_least_095() {
-    const N: usize = 20_000;
+    // 20,000 graph inserts take minutes unoptimised: the debug suite (what CI runs) checks
+    // 5,000 (five graphs' worth past the 1,000-entry switch of this config);
+    // `cargo test --release --lib vindex` checks 20,000.
+    const N: usize = if cfg!(debug_assertions) {
+        5_000
+    } else {
+        20_000
+    };
     const THRESHOLD: f64 = 0.95;
     let mut gen = Clustered::new(42, 64, 200);
     let idx: VectorIndex<usize> = VectorIndex::new(cfg(1_000));
