@@ -110,13 +110,14 @@ fn default_shared_timeout() -> u64 {
     50
 }
 
-#[derive(Debug, Deserialize)]
+/// `shared:` of a cache (this one and SemanticCache): a Redis URL and a timeout.
+#[derive(Debug, Deserialize, Clone, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct SharedSpec {
+pub(crate) struct SharedSpec {
     /// `redis://host:port[/db]`.
-    redis: String,
+    pub(crate) redis: String,
     #[serde(default = "default_shared_timeout")]
-    timeout_ms: u64,
+    pub(crate) timeout_ms: u64,
 }
 
 #[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]

@@ -130,17 +130,7 @@ struct Spec {
     shared: Option<SharedSpec>,
 }
 
-fn default_shared_timeout() -> u64 {
-    50
-}
-
-#[derive(Debug, Deserialize, Clone, PartialEq)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct SharedSpec {
-    redis: String,
-    #[serde(default = "default_shared_timeout")]
-    timeout_ms: u64,
-}
+use super::response_cache::SharedSpec;
 
 /// Whose entries a lookup may see (besides the model, always).
 #[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]

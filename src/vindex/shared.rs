@@ -181,20 +181,6 @@ impl Drop for SharedIndex {
     }
 }
 
-/// The URL with any password replaced by `***`.
-fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let Some((userinfo, hosts)) = rest.rsplit_once('@') else {
-        return url.to_owned();
-    };
-    match userinfo.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:***@{hosts}"),
-        None => format!("{scheme}://***@{hosts}"),
-    }
-}
-
 impl SharedIndex {
     /// The tier in the Redis at `url` (`redis://`, `rediss://` or `unix://`; one server:
     /// no Redis Cluster) under `namespace`. Checks the URL only: the connection is made on
@@ -213,8 +199,12 @@ impl SharedIndex {
         if timeout.is_zero() {
             return Err(SharedError::Config("timeout must be above 0".into()));
         }
-        let client = redis::Client::open(url)
-            .map_err(|e| SharedError::Config(format!("Redis URL {}: {e}", redact(url))))?;
+        let client = redis::Client::open(url).map_err(|e| {
+            SharedError::Config(format!(
+                "Redis URL {}: {e}",
+                crate::store::redis_store::redact(url)
+            ))
+        })?;
         let mut origin = [0u8; 8];
         // A clock-derived name if the OS has no randomness for us: still distinct enough.
         if getrandom::fill(&mut origin).is_err() {
@@ -227,7 +217,7 @@ impl SharedIndex {
         Ok(Self {
             inner: Arc::new(Inner {
                 client,
-                display: redact(url),
+                display: crate::store::redis_store::redact(url),
                 stream: format!("{prefix}log"),
                 prefix,
                 origin: format!("{:016x}", u64::from_le_bytes(origin)),

@@ -346,7 +346,7 @@ fn parse_target(url: &str) -> Result<Target, String> {
 }
 
 /// The URL with any password replaced by `***`.
-fn redact(url: &str) -> String {
+pub(crate) fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
