@@ -222,6 +222,20 @@ fn errors_name_file_document_and_field() {
     let e = errs("apiVersion: tollgate.dev/v1alpha1\nkind: Flow\nmetadata: {name: f}\nspec: {request: [{policy: p, condition: 'a ==' }]}\n---\napiVersion: tollgate.dev/v1alpha1\nkind: Policy\nmetadata: {name: p}\nspec: {type: RaiseFault, status: 400}\n");
     assert!(e.contains("spec.request[0].condition"), "{e}");
 
+    let policy_p = "---\napiVersion: tollgate.dev/v1alpha1\nkind: Policy\nmetadata: {name: p}\nspec: {type: RaiseFault, status: 400}\n";
+    let e = errs(&format!("apiVersion: tollgate.dev/v1alpha1\nkind: Flow\nmetadata: {{name: f}}\nspec: {{request: [{{policy: p, apigeeCondition: 'request.verb = '}}]}}\n{policy_p}"));
+    assert!(
+        e.contains("spec.request[0].apigeeCondition") && e.contains("at column 16"),
+        "{e}"
+    );
+    let e = errs(&format!("apiVersion: tollgate.dev/v1alpha1\nkind: Flow\nmetadata: {{name: f}}\nspec: {{request: [{{policy: p, condition: 'true', apigeeCondition: 'true'}}]}}\n{policy_p}"));
+    assert!(
+        e.contains("spec.request[0]") && e.contains("not both"),
+        "{e}"
+    );
+    let e = errs(&format!("apiVersion: tollgate.dev/v1alpha1\nkind: Policy\nmetadata: {{name: a}}\nspec: {{type: AssignMessage, set: {{headers: {{x: '{{fooBar(client_id)}}'}}}}}}\n{policy_p}"));
+    assert!(e.contains("unknown template function `fooBar`"), "{e}");
+
     let dup = format!("{BASE}---\napiVersion: tollgate.dev/v1alpha1\nkind: Flow\nmetadata: {{name: chat}}\nspec: {{}}\n");
     assert!(errs(&dup).contains("duplicate Flow name"));
 

@@ -677,3 +677,327 @@ fn pattern(kind: PatternKind, p: &str) -> Result<regex::Regex, String> {
         _ => format!("pattern \"{p}\": {e}"),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vars::{Headers, RequestInfo, ResponseInfo};
+
+    fn ex() -> Exchange {
+        let mut h = Headers::new();
+        h.push(":method".into(), "POST".into());
+        h.push(":path".into(), "/v1/chat/completions?model=gpt&n=10".into());
+        h.push(":authority".into(), "api.local".into());
+        h.push("x-tier".into(), "Gold".into());
+        h.push("x-count".into(), "10".into());
+        h.push("x-empty".into(), "".into());
+        let mut ex = Exchange {
+            flow: "chat".into(),
+            request: RequestInfo::from_headers(h),
+            ..Default::default()
+        };
+        ex.response = Some(ResponseInfo {
+            status: 404,
+            headers: Headers::new(),
+        });
+        ex.set_var("flag", "true");
+        ex.set_var("off", false);
+        ex.set_var("on", true);
+        ex.set_var("ratio", crate::vars::Value::Float(2.5));
+        ex.set_var("used", 7);
+        ex.set_var("tier.copy", "Gold");
+        ex.set_var("a!b", "weird");
+        ex.set_var("text", "line1\nline2");
+        ex
+    }
+
+    fn t(src: &str) -> bool {
+        Condition::compile(src)
+            .unwrap_or_else(|e| panic!("{src}: {e}"))
+            .eval(&ex())
+    }
+
+    fn err(src: &str) -> String {
+        Condition::compile(src)
+            .err()
+            .unwrap_or_else(|| panic!("`{src}` compiled"))
+            .to_string()
+    }
+
+    #[test]
+    fn equality_and_case() {
+        for (src, want) in [
+            (r#"request.verb = "POST""#, true),
+            (r#"request.verb == "POST""#, true),
+            (r#"request.verb Equals "POST""#, true),
+            (r#"request.verb equals "POST""#, true),
+            (r#"request.verb is "POST""#, true),
+            (r#"request.verb="POST""#, true),
+            (r#"request.verb = "post""#, false),
+            (r#"request.verb := "post""#, true),
+            (r#"request.verb EqualsCaseInsensitive "pOsT""#, true),
+            (r#"request.verb != "GET""#, true),
+            (r#"request.verb NotEquals "POST""#, false),
+            (r#"request.verb IsNot "GET""#, true),
+            (r#"request.header.x-tier = tier.copy"#, true),
+            (r#"request.header.X-Tier = "Gold""#, true),
+            (r#"request.queryparam.model = "gpt""#, true),
+            (r#"'a!b' = "weird""#, true),
+            (r#"request.header.x-empty = """#, true),
+        ] {
+            assert_eq!(t(src), want, "{src}");
+        }
+    }
+
+    #[test]
+    fn numbers_and_types_adapt_as_apigee_documents() {
+        for (src, want) in [
+            ("response.status.code = 404", true),
+            (r#"response.status.code = "404""#, true),
+            ("response.status.code >= 400", true),
+            ("response.status.code GreaterThan 404", false),
+            ("response.status.code < 500", true),
+            ("response.status.code LesserThanOrEquals 404", true),
+            ("used > 6", true),
+            ("used GreaterThanOrEquals 8", false),
+            ("used = 7L", true),
+            ("used < 7.5", true),
+            ("ratio > 2", true),
+            ("ratio = 2.5f", true),
+            ("ratio < -1", false),
+            // A header is text: compared with a number as text ("10" before "9").
+            ("request.header.x-count > 9", false),
+            ("request.header.x-count = 10", true),
+            ("on = true", true),
+            ("off = false", true),
+            ("off = true", false),
+            (r#"flag = "true""#, true),
+            ("flag = true", true),
+        ] {
+            assert_eq!(t(src), want, "{src}");
+        }
+    }
+
+    #[test]
+    fn patterns() {
+        for (src, want) in [
+            (r#"request.path Like "/v1/*""#, true),
+            (r#"request.path ~ "*chat*""#, true),
+            (r#"request.path Matches "/v1/chat""#, false),
+            (r#"request.path Like "/V1/*""#, false),
+            (r#"request.path !~ "/v2/*""#, true),
+            (r#"request.path StartsWith "/v1/""#, true),
+            (r#"request.path =| "/v2""#, false),
+            (r#"request.path MatchesPath "/v1/**""#, true),
+            (r#"request.path ~/ "/v1/*""#, false),
+            (r#"request.path ~/ "/v1/*/completions""#, true),
+            (r#"request.path LikePath "/*/chat/*""#, true),
+            (r#"request.path MatchesPath "/v1""#, false),
+            (r#"request.path MatchesPath "/**/completions""#, true),
+            (
+                r#"request.path MatchesPath "/v1/chat/completions/**""#,
+                false,
+            ),
+            (r#"request.uri MatchesPath "/v1/**%?model=*""#, true),
+            (r#"request.path JavaRegex "/v1/[a-z]+/completions""#, true),
+            // The whole value must match.
+            (r#"request.path ~~ "/v1/[a-z]+""#, false),
+            (r#"request.path ~~ "(?i)/V1/.*""#, true),
+            (r#"request.path ~~ "/v1/\w+/\w+""#, true),
+            (r#"text ~~ "line1.line2""#, false),
+            (r#"text ~ "line1*""#, true),
+            (r#"used ~~ "\d""#, true),
+        ] {
+            assert_eq!(t(src), want, "{src}");
+        }
+        let e = err(r#"request.path ~~ "(?<=v)1""#);
+        assert!(e.contains("look-around"), "{e}");
+        let e = err(r#"request.path ~~ "(a)\1""#);
+        assert!(e.contains("JavaRegex"), "{e}");
+        let e = err("request.path Like request.uri");
+        assert!(e.contains("in double quotes"), "{e}");
+    }
+
+    /// Apigee's table for null operands (a variable that does not resolve, or `null`).
+    #[test]
+    fn null_operands_follow_apigees_table() {
+        // (operator, left null, right null, both null)
+        for (op, l, r, both) in [
+            ("=", false, false, true),
+            ("==", false, false, true),
+            (":=", false, false, true),
+            ("=|", false, false, false),
+            ("!=", true, true, false),
+            (">", true, false, false),
+            (">=", false, true, true),
+            ("<", true, false, false),
+            ("<=", true, false, true),
+        ] {
+            assert_eq!(t(&format!(r#"missing {op} "x""#)), l, "left null {op}");
+            assert_eq!(t(&format!("request.verb {op} null")), r, "right null {op}");
+            assert_eq!(
+                t(&format!("request.verb {op} missing")),
+                r,
+                "right var null {op}"
+            );
+            assert_eq!(t(&format!("missing {op} null")), both, "both null {op}");
+        }
+        for (op, l) in [("~", false), ("~~", false), ("~/", false), ("!~", true)] {
+            assert_eq!(t(&format!(r#"missing {op} ".*""#)), l, "left null {op}");
+        }
+        assert!(t("request.header.x-nope is null"));
+        assert!(!t("request.header.x-tier is null"));
+        assert!(t("request.header.x-tier IsNot null"));
+        // An empty header is a value, not null.
+        assert!(!t("request.header.x-empty = null"));
+        assert!(t("not missing = \"x\""));
+    }
+
+    #[test]
+    fn logic_precedence_and_truthiness() {
+        for (src, want) in [
+            (
+                r#"request.verb = "POST" and request.path MatchesPath "/v1/**""#,
+                true,
+            ),
+            (
+                r#"request.verb = "GET" && request.path MatchesPath "/v1/**""#,
+                false,
+            ),
+            (r#"request.verb = "GET" or request.path ~/ "/v1/**""#, true),
+            (r#"request.verb = "GET" || missing = "x""#, false),
+            // `and` binds tighter: true or (false and false).
+            (
+                r#"request.verb = "POST" or request.verb = "GET" and missing = "x""#,
+                true,
+            ),
+            (
+                r#"(request.verb = "POST" or request.verb = "GET") and missing = "x""#,
+                false,
+            ),
+            (r#"not request.verb = "POST""#, false),
+            (r#"NOT (request.verb = "GET")"#, true),
+            (r#"!(request.verb = "GET") AND !missing"#, true),
+            (r#"!!(request.verb = "POST")"#, true),
+            ("flag", true),
+            ("on", true),
+            ("off", false),
+            ("missing", false),
+            ("!flag", false),
+            ("not off", true),
+            ("used", false),
+            ("true", true),
+            ("false or on", true),
+            (r#"((((request.verb = "POST"))))"#, true),
+            (
+                r#"(proxy.pathsuffix MatchesPath "/v1/**") and (request.verb = "POST")"#,
+                false,
+            ),
+        ] {
+            assert_eq!(t(src), want, "{src}");
+        }
+    }
+
+    #[test]
+    fn syntax_errors_name_the_column() {
+        for (src, want) in [
+            (
+                r#"request.verb = "#,
+                "expected a value after the operator, found the end at column 16",
+            ),
+            (
+                r#"request.verb "POST""#,
+                "unexpected string \"POST\" at column 14",
+            ),
+            (r#"(request.verb = "POST""#, "expected `)` at column 23"),
+            (r#"request.verb = "POST"#, "unterminated quote at column 16"),
+            (
+                r#"request.verb = "a" and"#,
+                "expected a comparison at column 23",
+            ),
+            (r#""POST" = request.verb"#, "expected a variable"),
+            (
+                "request.verb = and",
+                "expected a value after the operator, found `and`",
+            ),
+            ("a = 12abc", "is not a number"),
+            ("a # b", "unexpected character `#` at column 3"),
+            ("", "expected a comparison at column 1"),
+            (r#"a = "x") "#, "unexpected `)` at column 8"),
+        ] {
+            let e = err(src);
+            assert!(e.contains(want), "{src}: {e}");
+        }
+        let deep = format!("{}a{}", "(".repeat(100), ")".repeat(100));
+        assert!(err(&deep).contains("nested deeper"));
+        assert!(err(&"not ".repeat(100)).contains("nested deeper"));
+        assert!(err(&"a or ".repeat(1000)).contains("longer than"));
+        // A long flat chain is fine: it is not nested.
+        let chain = vec![r#"a = "x""#; 300].join(" or ");
+        assert!(!Condition::compile(&chain).unwrap().eval(&ex()));
+    }
+
+    /// Token soup from the characters and words the lexer reacts to: compiling and
+    /// evaluating never panic.
+    #[test]
+    fn odd_conditions_never_panic() {
+        const PIECES: &[&str] = &[
+            "(",
+            ")",
+            "\"",
+            "'",
+            " ",
+            "=",
+            "!",
+            "~",
+            "/",
+            "|",
+            "&",
+            ">",
+            "<",
+            ":",
+            "*",
+            "-",
+            ".",
+            "5",
+            "1.5",
+            "7L",
+            "and",
+            "or",
+            "not",
+            "null",
+            "true",
+            "Like",
+            "MatchesPath",
+            "JavaRegex",
+            "request.verb",
+            "used",
+            "missing",
+            "\"/v1/**\"",
+            "\"[\"",
+            "é",
+            "💥",
+            "\u{0}",
+            "%",
+            "\\",
+        ];
+        let ex = ex();
+        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+        for _ in 0..20_000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let mut x = seed;
+            let mut s = String::new();
+            for _ in 0..(seed % 16) {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                s.push_str(PIECES[(x >> 33) as usize % PIECES.len()]);
+            }
+            if let Ok(c) = Condition::compile(&s) {
+                let _ = c.eval(&ex);
+            }
+        }
+    }
+}
