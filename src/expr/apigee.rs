@@ -11,7 +11,8 @@
 //! - `and` `&&`, `or` `||`, `not` `!`, parentheses; `and` binds tighter than `or` (Java's
 //!   precedence, as Apigee documents); `not x = "a"` negates the comparison.
 //! - The left side is a variable (`request.header.x-api-key`, or `'a!b'` in single quotes
-//!   for a name holding an operator character); the right side a `"string"` (no escapes:
+//!   for a name holding an operator character; on the right side single quotes are
+//!   refused, as a string meant in the wrong quotes); the right side a `"string"` (no escapes:
 //!   a backslash is itself, as regular expressions want), a number (`12`, `3.5`, `10L`,
 //!   `2.5f`), `true`, `false`, `null`, or a variable (not for the pattern operators). A
 //!   variable alone is true when it holds `true`.
@@ -615,7 +616,17 @@ impl Parser {
                     {
                         Operand::Var(w)
                     }
-                    Some(Tok::QuotedVar(v)) => Operand::Var(v),
+                    // `'POST'` would be a variable named POST, null, and the comparison
+                    // silently false: refused, as the likely mistake it is.
+                    Some(Tok::QuotedVar(v)) => {
+                        return Err((
+                            rhs_at,
+                            format!(
+                                "'{v}' in single quotes is a variable name in Apigee's \
+                                 conditions; write a string in double quotes: \"{v}\""
+                            ),
+                        ))
+                    }
                     other => {
                         return Err((
                             rhs_at,
@@ -923,6 +934,10 @@ mod tests {
             ("a = 12abc", "is not a number"),
             ("a # b", "unexpected character `#` at column 3"),
             ("", "expected a comparison at column 1"),
+            (
+                "request.verb = 'POST'",
+                "write a string in double quotes: \"POST\" at column 16",
+            ),
             (r#"a = "x") "#, "unexpected `)` at column 8"),
         ] {
             let e = err(src);
