@@ -543,6 +543,30 @@ fn phases_split() {
     assert!(!chat.request.needs_body());
 }
 
+/// A step's `apigeeCondition` compiles to a condition the step applies by, and the flow's
+/// description names its language.
+#[test]
+fn steps_take_apigee_conditions() {
+    let text = format!(
+        "{BASE}---\napiVersion: tollgate.dev/v1alpha1\nkind: Flow\nmetadata: {{name: ap}}\n\
+         spec:\n  request:\n    - {{policy: tag, apigeeCondition: 'request.verb = \"POST\"'}}\n    \
+         - {{policy: tag, condition: \"request.method == 'GET'\"}}\n"
+    );
+    let s = compile(&files(&text), None).unwrap();
+    let ap = &s.by_name["ap"];
+    let steps: Vec<_> = ap.request.steps().collect();
+    let ex = |m: &str| crate::vars::Exchange {
+        request: req(m, "/", "a"),
+        ..Default::default()
+    };
+    assert!(steps[0].applies(&ex("POST")) && !steps[0].applies(&ex("GET")));
+    assert!(steps[1].applies(&ex("GET")) && !steps[1].applies(&ex("POST")));
+    let d = ap.describe();
+    assert_eq!(d["request"][0]["condition"], "request.verb = \"POST\"");
+    assert_eq!(d["request"][0]["conditionLanguage"], "apigee");
+    assert_eq!(d["request"][1]["conditionLanguage"], "cel");
+}
+
 #[test]
 fn llm_tracking_is_placed_where_the_slots_are_first_read() {
     let text = r#"
