@@ -97,6 +97,7 @@ spec:
     headers:
       x-tag: "{toUpperCase(request.header.x-tier)}-{substring(request.path,1,3)}"
       x-tier-or: "{firstnonnull(request.header.x-other,'none')}"
+      x-model: "{jsonPath($.model,request.content)}"
 ---
 apiVersion: tollgate.dev/v1alpha1
 kind: Flow
@@ -129,6 +130,13 @@ async fn steps_run_or_skip_by_apigee_conditions() {
         assert_eq!(r.echoed_header("x-tag"), None);
         let r = bed.post("/v2/chat", &[], "{}").await;
         assert_eq!(r.status, 200, "{}", r.text());
+        // A function reading the body makes the step a body step: the body reaches it.
+        let r = bed
+            .post("/v2/chat", &[("x-tier", "silver")], r#"{"model":"m-1"}"#)
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.echoed_header("x-model").as_deref(), Some("m-1"));
+        assert_eq!(r.echoed_header("x-tag").as_deref(), Some("SILVER-v2"));
 
         let r = bed.get("/v1/models", &[("x-tier", "gold")]).await;
         assert_eq!(r.status, 200, "{}", r.text());
