@@ -25,17 +25,7 @@ const RUNTIME_REGEX_BYTES: usize = 1 << 20;
 
 /// Apigee template functions tollgate does not implement: named in the load error, so a
 /// migrating user learns it is a known gap rather than a typo.
-const UNSUPPORTED: &[&str] = &[
-    "xPath",
-    "xpath",
-    "xeger",
-    "md5Hex",
-    "md5Base64",
-    "sha1Hex",
-    "sha1Base64",
-    "hmacSha1",
-    "hmacMd5",
-];
+const UNSUPPORTED: &[&str] = &["xPath", "xpath", "xeger", "md5Hex", "md5Base64", "hmacMd5"];
 
 /// The functions tollgate implements, for the error naming an unknown one.
 const KNOWN: &[&str] = &[
@@ -58,6 +48,8 @@ const KNOWN: &[&str] = &[
     "timeFormatMs",
     "timeFormatUTC",
     "timeFormatUTCMs",
+    "sha1Hex",
+    "sha1Base64",
     "sha224Hex",
     "sha224Base64",
     "sha256Hex",
@@ -66,6 +58,7 @@ const KNOWN: &[&str] = &[
     "sha384Base64",
     "sha512Hex",
     "sha512Base64",
+    "hmacSha1",
     "hmacSha224",
     "hmacSha256",
     "hmacSha384",
@@ -172,6 +165,8 @@ pub(super) fn split_args(inner: &str) -> Option<Vec<&str>> {
 
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Hash {
+    /// Only because Apigee bundles name it (legacy signatures); not for new designs.
+    Sha1,
     Sha224,
     Sha256,
     Sha384,
@@ -181,6 +176,9 @@ pub(super) enum Hash {
 impl Hash {
     fn digest(self, data: &[u8]) -> Vec<u8> {
         match self {
+            Hash::Sha1 => ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, data)
+                .as_ref()
+                .to_vec(),
             Hash::Sha224 => Sha224::digest(data).to_vec(),
             Hash::Sha256 => Sha256::digest(data).to_vec(),
             Hash::Sha384 => Sha384::digest(data).to_vec(),
@@ -190,6 +188,10 @@ impl Hash {
 
     fn hmac(self, key: &[u8], msg: &[u8]) -> Vec<u8> {
         match self {
+            Hash::Sha1 => {
+                let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, key);
+                ring::hmac::sign(&key, msg).as_ref().to_vec()
+            }
             Hash::Sha224 => hmac::<Sha224>(64, key, msg),
             Hash::Sha256 => hmac::<Sha256>(64, key, msg),
             Hash::Sha384 => hmac::<Sha384>(128, key, msg),
@@ -384,6 +386,7 @@ fn arity(name: &str, args: &[&str], min: usize, max: usize) -> Result<(), String
 
 fn hash_of(name: &str) -> Option<(Hash, &str)> {
     for (prefix, h) in [
+        ("sha1", Hash::Sha1),
         ("sha224", Hash::Sha224),
         ("sha256", Hash::Sha256),
         ("sha384", Hash::Sha384),
@@ -521,6 +524,7 @@ impl Call {
                     }
                 }
                 let hmac = match name {
+                    "hmacSha1" => Some(Hash::Sha1),
                     "hmacSha224" => Some(Hash::Sha224),
                     "hmacSha256" => Some(Hash::Sha256),
                     "hmacSha384" => Some(Hash::Sha384),

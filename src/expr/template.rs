@@ -435,6 +435,11 @@ mod tests {
             "ddaf35a193617abacc417349ae20413112e6fa4e89a97ea20a9eeee64b55d39a\
              2192992a274fc1a836ba3c23a3feebbd454d4423643ce80e2a9ac94fa54ca49f"
         );
+        assert_eq!(
+            r("{sha1Hex('abc')}"),
+            "a9993e364706816aba3e25717850c26c9cd0d89d"
+        );
+        assert_eq!(r("{sha1Base64('abc')}"), "qZk+NkcGgWq6PiVxeFDCbJzQ2J0=");
         // RFC 4231, test case 2: key "Jefe".
         let mut ex = ex();
         ex.set_var("private.key", "Jefe");
@@ -457,6 +462,11 @@ mod tests {
             r("{hmacSha512(private.key,msg,'utf8','hex')}"),
             "164b7a7bfcf819e2e395fbe73b56e0a387bd64222e831fd610270cd7ea250554\
              9758bf75c05a994a6d034f65f8f0e6fdcaeab1a34d4a6b4b636e070a38bce737"
+        );
+        // RFC 2202, test case 2.
+        assert_eq!(
+            r("{hmacSha1(private.key,msg,'utf8','hex')}"),
+            "effcdf6ae5eb2fa2d27416d5f184df9c259a7c79"
         );
         // A key longer than the block is hashed first (RFC 4231, test case 6).
         ex.set_var("long", "aa".repeat(131));
