@@ -637,3 +637,65 @@ mod tests {
         }
     }
 }
+
+/// The parser before template functions, kept as the reference: for any text without a
+/// call or a backslash, the templates render exactly as they did.
+#[cfg(test)]
+mod old_equivalence {
+    use super::*;
+
+    fn old_render(source: &str, ex: &Exchange) -> String {
+        let mut out = String::new();
+        let mut lit = String::new();
+        let mut rest = source;
+        while let Some(open) = rest.find('{') {
+            let after = &rest[open + 1..];
+            let Some(close) = after.find('}') else { break };
+            let start = after[..close].rfind('{').map_or(0, |j| j + 1);
+            let name = &after[start..close];
+            if is_var_name(name) {
+                lit.push_str(&rest[..open + start]);
+                out.push_str(&std::mem::take(&mut lit));
+                if let Some(v) = ex.lookup(name) {
+                    out.push_str(&v);
+                }
+            } else {
+                lit.push_str(&rest[..open + 1 + close + 1]);
+            }
+            rest = &after[close + 1..];
+        }
+        lit.push_str(rest);
+        out.push_str(&lit);
+        out
+    }
+
+    #[test]
+    fn same_as_before_without_calls_or_escapes() {
+        const P: &[&str] = &[
+            "{", "}", "a", ".", " ", "\"", ":", "x-y", "1", "(", ")", "é", "{a}", "b",
+        ];
+        let mut ex = Exchange::default();
+        ex.set_var("a", "VA");
+        ex.set_var("x-y", "VXY");
+        ex.set_var("b", "VB");
+        let mut seed: u64 = 0x1234_5678_9abc_def1;
+        for _ in 0..200_000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let mut x = seed;
+            let mut s = String::new();
+            for _ in 0..(seed % 20) {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                s.push_str(P[(x >> 33) as usize % P.len()]);
+            }
+            let Ok(t) = Template::compile(&s) else {
+                assert!(s.contains("("), "{s:?} refused");
+                continue;
+            };
+            assert_eq!(t.render(&ex), old_render(&s, &ex), "{s:?}");
+        }
+    }
+}
