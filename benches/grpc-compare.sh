@@ -46,6 +46,9 @@
 # `empty` sent the same body: MIX=body BODY_BYTES=4096 TARGETS="empty llm-quota llm-quota-sync".
 # Guardrails (issue 15): `guard` is SanitizePrompt + SanitizeResponse with every local
 # detector: MIX=body BODY_BYTES=4096 TARGETS="empty guard".
+# Model routing (issue 16): `router` is ModelRouter scanning for keywords the prompt lacks,
+# then a model rule rewriting the body's model; `router-kw` decides on a keyword the prompt
+# has: MIX=body BODY_BYTES=4096 TARGETS="empty router router-kw" (target >= 0.90x empty).
 # Semantic cache (issue 16): `semantic` is a SemanticCache hit (target >= 1.0x `empty` sent
 # the same body): MIX=body BODY_BYTES=4096 TARGETS="empty semantic".
 # LOADGEN_ARGS=--unique-bodies makes every prompt line unique (no token-count cache hit).
@@ -173,6 +176,7 @@ for mix in $MIX; do
     k=$(( (round - 1) % ${#TLIST[@]} ))
     for t in "${TLIST[@]:k}" "${TLIST[@]:0:k}"; do
       [ "$t" = oas ] && [ "$mix" != body ] && continue # the OpenAI operation requires its body
+      [[ "$t" == router* ]] && [ "$mix" != body ] && continue # routes on the body
       # `<target>-base`: the same request against BASE_BIN's process.
       pid=$TG_PID port=$TG_PORT
       if [[ "$t" == *-base ]]; then pid=$BASE_PID port=$BASE_PORT; fi
@@ -194,6 +198,8 @@ for mix in $MIX; do
         llm-quota) out=$(run "$pid" "$port" /llm-quota/v1/chat/completions "$mix" --header "x-user:bench") ;;
         llm-quota-sync) out=$(run "$SYNC_PID" "$SYNC_PORT" /llm-quota/v1/chat/completions "$mix" --header "x-user:bench") ;;
         guard) out=$(run "$pid" "$port" /guard/v1/chat/completions "$mix") ;;
+        router) out=$(run "$pid" "$port" /router/v1/chat/completions "$mix") ;;
+        router-kw) out=$(run "$pid" "$port" /router-kw/v1/chat/completions "$mix") ;;
         semantic)
           # One streamed exchange stores the answer (the SSE mix sends the same chat body
           # with "stream":true, which is not part of the cache's scope); then every stream hits.
@@ -222,7 +228,7 @@ pairs = [a / b for a, b in zip(map(float, sys.argv[11].split()), map(float, sys.
 ratio = lambda a, b: f"{a / b:5.2f}" if b else "  n/a"
 line = (f"mix={mix} target={t:12} rate={r:9.0f}/s p99={p / 1000:7.2f}ms cpu={c:6.1f}us/stream"
         f"  rate/floor={ratio(r, fr)}  p99/floor={ratio(p, fp)}")
-if t in ("verify", "verify-bare", "cache", "js", "jwt", "jwt-fresh", "oas") or t.startswith("limits"):
+if t in ("verify", "verify-bare", "cache", "js", "jwt", "jwt-fresh", "oas", "router", "router-kw", "semantic") or t.startswith("limits"):
     line += f"  rate/empty={ratio(r, er)}  p99/empty={ratio(p, ep)}  cpu/empty={ratio(c, ec)}"
     if len(pairs) >= 2:
         q = statistics.quantiles(pairs, n=4, method="inclusive")

@@ -42,6 +42,9 @@ What the answer is, per request (headers, so an SDK can set them with `extra_hea
   x-test-fault: 500         answer 500 with the API's error JSON
   x-test-fault: 429         answer 429 with the API's error JSON, retry-after: 7 and
                             x-ratelimit-* headers
+  x-test-fault-model: M:S[,M:S]
+                            answer status S (429 or 5xx, as x-test-fault) when the request
+                            names model M (a router's fallback test: only the first model fails)
   x-test-fault: reset       stream half the events, then reset the connection (TCP RST)
   x-test-gate: NAME         stream half the events, then wait until `GET /_upstream/gate/NAME`
                             (at most 20 s; never opened: the connection is reset), then the
@@ -279,6 +282,15 @@ class Handler(BaseHTTPRequestHandler):
         self._comments = headers.get("x-test-comments") == "1"
         self._fault = headers.get("x-test-fault", "")
         self._gate = headers.get("x-test-gate", "")
+        model_named = path_model or req.get("model")
+        for item in headers.get("x-test-fault-model", "").split(","):
+            m, _, st = item.strip().rpartition(":")
+            if m and m == model_named and st.isdigit():
+                self._fault = st
+        if self._fault == "429":
+            pass
+        elif self._fault.isdigit() and self._fault != "500" and int(self._fault) >= 500:
+            return self._error(api, int(self._fault), "the test upstream failed on purpose")
         if self._fault == "500":
             return self._error(api, 500, "the test upstream failed on purpose")
         if self._fault == "429":

@@ -76,21 +76,24 @@ pub fn config_dir() -> PathBuf {
                 "http://127.0.0.1:9/check",
             );
         std::fs::write(&guards, text).expect("the external guards example writes");
-        // The semantic cache's built-in model, where scripts/setup.sh installs it.
-        let semantic = dir.join("semantic-cache.yaml");
-        let text = std::fs::read_to_string(&semantic).expect("the semantic cache example reads");
+        // The built-in model of the semantic cache and the model router, where
+        // scripts/setup.sh installs it.
         let model = root.join(".tools/embed-model");
-        std::fs::write(
-            &semantic,
-            text.replace(
-                "embedder: {kind: static}",
-                &format!(
-                    "embedder: {{kind: static, modelDir: \"{}\"}}",
-                    model.display()
+        for example in ["semantic-cache.yaml", "model-router.yaml"] {
+            let path = dir.join(example);
+            let text = std::fs::read_to_string(&path).expect("the example reads");
+            std::fs::write(
+                &path,
+                text.replace(
+                    "embedder: {kind: static}",
+                    &format!(
+                        "embedder: {{kind: static, modelDir: \"{}\"}}",
+                        model.display()
+                    ),
                 ),
-            ),
-        )
-        .expect("the semantic cache example writes");
+            )
+            .expect("the example writes");
+        }
         dir
     })
     .clone()

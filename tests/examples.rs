@@ -299,6 +299,92 @@ fn scenarios(file: &str) -> Option<Vec<Scenario>> {
                 },
             ])
         }
+        "model-router.yaml" => {
+            const PATH: &str = "/router/v1/chat/completions";
+            const JSON: &[(&str, &str)] = &[("content-type", "application/json")];
+            Some(vec![
+                // A keyword in the last user turn, any case.
+                Scenario {
+                    method: "POST",
+                    path: PATH,
+                    headers: JSON,
+                    body: Some(
+                        r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Why this Traceback?"}]}"#,
+                    ),
+                    reply: None,
+                    expect: Expect::Upstream(&[
+                        ("x-routed-model", "gpt-4o"),
+                        ("x-requested-model", "gpt-4o-mini"),
+                        // The rewritten body's length: one byte less than sent.
+                        ("content-length", "79"),
+                    ]),
+                },
+                // A header: another model and the routing header Envoy routes on.
+                Scenario {
+                    method: "POST",
+                    path: PATH,
+                    headers: &[("x-data-residency", "eu")],
+                    body: Some(r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#),
+                    reply: None,
+                    expect: Expect::Upstream(&[
+                        ("x-tollgate-route", "eu-pool"),
+                        ("x-routed-model", "llama-3-70b"),
+                    ]),
+                },
+                // A paraphrase of a labelled example (the built-in embedder).
+                Scenario {
+                    method: "POST",
+                    path: PATH,
+                    headers: &[],
+                    body: Some(
+                        r#"{"model":"gpt-4o","messages":[{"role":"user","content":"how can I get my money back for the order I placed"}]}"#,
+                    ),
+                    reply: None,
+                    expect: Expect::Upstream(&[
+                        ("x-routed-model", "support-model"),
+                        ("x-requested-model", "gpt-4o"),
+                    ]),
+                },
+                // The requested model, by glob.
+                Scenario {
+                    method: "POST",
+                    path: PATH,
+                    headers: &[],
+                    body: Some(
+                        r#"{"model":"gpt-3.5-turbo-16k","messages":[{"role":"user","content":"hi"}]}"#,
+                    ),
+                    reply: None,
+                    expect: Expect::Upstream(&[("x-routed-model", "gpt-4o-mini")]),
+                },
+                // The default split, sticky by user: the same user, the same model.
+                Scenario {
+                    method: "POST",
+                    path: PATH,
+                    headers: &[("x-user", "ada")],
+                    body: Some(r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#),
+                    reply: None,
+                    expect: Expect::Upstream(&[("x-routed-model", "gpt-4o-mini")]),
+                },
+                Scenario {
+                    method: "POST",
+                    path: PATH,
+                    headers: &[("x-user", "joe")],
+                    body: Some(r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#),
+                    reply: None,
+                    expect: Expect::Upstream(&[("x-routed-model", "gpt-4.1-mini")]),
+                },
+                Scenario {
+                    method: "POST",
+                    path: PATH,
+                    headers: &[("x-user", "joe")],
+                    body: Some(
+                        r#"{"model":"other","messages":[{"role":"user","content":"hello"}]}"#,
+                    ),
+                    reply: None,
+                    expect: Expect::Upstream(&[("x-routed-model", "gpt-4.1-mini")]),
+                },
+            ])
+        }
         // Scenarios run in order on one process: the counters carry over.
         "rate-limits.yaml" => {
             const KEY: &[(&str, &str)] = &[("x-api-key", "tg_limits_demo_key_0001")];

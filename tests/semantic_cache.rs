@@ -288,3 +288,56 @@ async fn every_api_sdk_reads_a_hit_as_a_normal_answer() {
     })
     .await;
 }
+
+/// Two replicas (each its own Envoy, tollgate and upstream) sharing entries through one
+/// Redis: what one stored, the other serves without calling its upstream; another app still
+/// misses on both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_entries_through_redis() {
+    let Some((sdk, dir)) = ready("semantic_cache replicas", &["openai"]) else {
+        return;
+    };
+    within(LIMIT, async {
+        let redis = support::redis::RedisServer::start();
+        let shared = config(&dir).replace(
+            "  ttlSeconds: 600\n",
+            &format!(
+                "  ttlSeconds: 600\n  shared: {{redis: \"{}\", timeoutMs: 200}}\n",
+                redis.url()
+            ),
+        );
+        let one = LlmBed::start("semantic-r1", &shared, "FULL_DUPLEX_STREAMED").await;
+        let two = LlmBed::start("semantic-r2", &shared, "FULL_DUPLEX_STREAMED").await;
+        let q = "How do I reset my password?";
+        let answer = "Use the reset link on the sign-in page.";
+        let first = run(&sdk, &one, "openai.chat", KEY_A, q, answer).await;
+        assert_eq!(status(&first), "miss", "{first}");
+        // Stored after the exchange on replica one, published, followed by replica two.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let hit = loop {
+            let r = run(&sdk, &two, "openai.chat", KEY_A, q, "WRONG").await;
+            if r["text"] == answer || std::time::Instant::now() > deadline {
+                break r;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        assert_eq!(hit["text"], answer, "{hit}\n{}", two.logs());
+        assert!(status(&hit).starts_with("hit"), "{hit}");
+        // Replica two's upstream saw only the misses before the entry arrived, never after.
+        let misses = two.upstream.requests_to("/v1/").await.len();
+        let again = run(
+            &sdk,
+            &two,
+            "openai.chat.stream",
+            KEY_A,
+            "I forgot my password, how can I reset it?",
+            "WRONG",
+        )
+        .await;
+        assert_eq!(again["text"], answer, "{again}");
+        assert_eq!(two.upstream.requests_to("/v1/").await.len(), misses);
+        let other = run(&sdk, &two, "openai.chat", KEY_B, q, "For app b.").await;
+        assert_eq!(other["text"], "For app b.", "{other}");
+    })
+    .await;
+}

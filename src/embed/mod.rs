@@ -48,6 +48,7 @@ mod local;
 mod openai;
 mod registry;
 pub mod specifics;
+mod unigram;
 
 #[cfg(test)]
 mod quality;

@@ -99,6 +99,12 @@ pub struct Tracker {
 }
 
 impl Tracker {
+    /// The model the request now names (a model router rewrote it): usage is counted and
+    /// reported for the model the upstream serves.
+    pub fn set_model(&mut self, model: &str) {
+        model.clone_into(&mut self.model);
+    }
+
     /// tollgate asked the upstream for a usage chunk the client did not ask for.
     pub fn injected_usage(&self) -> bool {
         self.drop_usage_chunk

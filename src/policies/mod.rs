@@ -22,6 +22,7 @@ pub mod llm_cost_budget;
 #[cfg(test)]
 pub(crate) mod llm_test_support;
 pub mod llm_token_quota;
+pub mod model_router;
 pub mod oas_validation;
 pub mod prompt_token_limit;
 pub mod quota;
@@ -46,6 +47,7 @@ pub static REGISTRY: &[(&str, BuildFn)] = &[
     (key_value_map::TYPE, key_value_map::build),
     (llm_cost_budget::TYPE, llm_cost_budget::build),
     (llm_token_quota::TYPE, llm_token_quota::build),
+    (model_router::TYPE, model_router::build),
     (oas_validation::TYPE, oas_validation::build),
     (prompt_token_limit::TYPE, prompt_token_limit::build),
     (quota::TYPE, quota::build),

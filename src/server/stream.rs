@@ -916,10 +916,15 @@ impl StreamState {
                         Self::set_length(&mut muts, body.len());
                     }
                     let body_mutation = replaced.then_some(Mutation::Body(body));
-                    out.push(proto::body(
-                        request,
-                        proto::common(proto::header_mutation(muts), body_mutation),
-                    ));
+                    // Request headers changed by a body step (a model router's routing
+                    // header) must re-pick the route: Envoy still holds the headers and
+                    // has not routed yet, and it clears its route cache only when asked.
+                    let clear_route_cache = request && !muts.is_empty();
+                    let mut common = proto::common(proto::header_mutation(muts), body_mutation);
+                    if let Some(c) = common.as_mut() {
+                        c.clear_route_cache = clear_route_cache;
+                    }
+                    out.push(proto::body(request, common));
                 }
             }
             _ => {

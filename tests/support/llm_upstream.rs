@@ -160,10 +160,28 @@ impl Sdks {
         headers: &[(&str, &str)],
         prompt: Option<&str>,
     ) -> Vec<Value> {
+        self.run_many_with(cases, root, api_key, headers, prompt, None)
+            .await
+    }
+
+    /// [`Self::run_many_prompt`] with the model the SDKs ask for (the driver's default
+    /// otherwise).
+    pub async fn run_many_with(
+        &self,
+        cases: &[&str],
+        root: &str,
+        api_key: &str,
+        headers: &[(&str, &str)],
+        prompt: Option<&str>,
+        model: Option<&str>,
+    ) -> Vec<Value> {
         let mut cmd = Command::new(&self.python);
         cmd.arg(repo_root().join("tests/sdk/clients.py"))
             .args(cases)
             .args(["--base-url", root, "--api-key", api_key]);
+        if let Some(m) = model {
+            cmd.arg("--model").arg(m);
+        }
         if let Some(p) = prompt {
             cmd.arg("--prompt").arg(p);
         }

@@ -862,13 +862,20 @@ impl Envoy {
         grpc: SocketAddr,
         upstream: SocketAddr,
     ) -> Self {
-        let bin = envoy_bin();
         let (listen, admin) = (free_port(), free_port());
         let boot = opts.bootstrap(listen, admin, grpc.port(), upstream.port());
+        Self::start_bootstrap(dir, &boot, listen, admin).await
+    }
+
+    /// Starts Envoy with a bootstrap of the caller's (listening on `listen`, its admin on
+    /// `admin`) and waits until it is LIVE: for set-ups [`EnvoyOptions`] does not describe
+    /// (several clusters, retries, upstream filters).
+    pub async fn start_bootstrap(dir: &Path, boot: &Value, listen: u16, admin: u16) -> Self {
+        let bin = envoy_bin();
         let bootstrap = dir.join("envoy.yaml");
         std::fs::write(
             &bootstrap,
-            serde_norway::to_string(&boot).expect("bootstrap YAML"),
+            serde_norway::to_string(boot).expect("bootstrap YAML"),
         )
         .expect("write bootstrap");
         // Unique among live Envoys on this machine: this Envoy holds its admin port for
