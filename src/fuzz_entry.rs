@@ -568,7 +568,8 @@ fn exchange(inp: &mut Input) -> Exchange {
 }
 
 /// Templates and conditions: `template NUL condition NUL exchange`. Both compile (or are
-/// refused) and are evaluated against an exchange built from the rest.
+/// refused) and are evaluated against an exchange built from the rest; the condition both
+/// as CEL and in Apigee's language.
 pub fn template(data: &[u8]) {
     let (t, rest) = split0(data);
     let (c, rest) = split0(rest);
@@ -580,7 +581,12 @@ pub fn template(data: &[u8]) {
         let _ = t.render_escaped(&ex, crate::vars::percent_encode);
         let _ = t.variables().count();
     }
-    if let Ok(c) = Condition::compile(&String::from_utf8_lossy(c)) {
+    // The same text as CEL and as an Apigee condition.
+    let c = String::from_utf8_lossy(c);
+    for c in [Condition::compile(&c), Condition::compile_apigee(&c)]
+        .into_iter()
+        .flatten()
+    {
         let _ = c.eval(&ex);
     }
 }

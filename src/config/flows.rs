@@ -170,11 +170,24 @@ fn build_steps(
             failed = true;
             continue;
         };
-        let condition = match s.condition.as_deref().map(Condition::compile) {
+        let compiled = match (s.condition.as_deref(), s.apigee_condition.as_deref()) {
+            (None, None) => None,
+            (Some(c), None) => Some(("condition", Condition::compile(c))),
+            (None, Some(c)) => Some(("apigeeCondition", Condition::compile_apigee(c))),
+            (Some(_), Some(_)) => {
+                errors.push(format!(
+                    "field `spec.{field}[{i}]`: a step has `condition` (CEL) or \
+                     `apigeeCondition` (Apigee), not both"
+                ));
+                failed = true;
+                continue;
+            }
+        };
+        let condition = match compiled {
             None => None,
-            Some(Ok(c)) => Some(Arc::new(c)),
-            Some(Err(e)) => {
-                errors.push(format!("field `spec.{field}[{i}].condition`: {e}"));
+            Some((_, Ok(c))) => Some(Arc::new(c)),
+            Some((key, Err(e))) => {
+                errors.push(format!("field `spec.{field}[{i}].{key}`: {e}"));
                 failed = true;
                 continue;
             }

@@ -140,7 +140,7 @@ pub struct Flow {
 
 impl Flow {
     /// What the flow does, for the management API and the admin page: its match and its
-    /// steps in order (policy, type, condition).
+    /// steps in order (policy, type, condition and its language).
     pub fn describe(&self) -> serde_json::Value {
         let steps = |d: &DirectionPipeline| -> Vec<serde_json::Value> {
             d.steps()
@@ -149,6 +149,8 @@ impl Flow {
                         "policy": s.policy_name,
                         "type": s.policy.type_name(),
                         "condition": s.condition.as_ref().map(|c| c.source()),
+                        // `cel` or `apigee` (a step's `apigeeCondition`).
+                        "conditionLanguage": s.condition.as_ref().map(|c| c.language()),
                         "continueOnError": s.continue_on_error,
                     })
                 })

@@ -106,8 +106,12 @@ pub struct MatchSpec {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct StepSpec {
     pub policy: String,
+    /// A CEL condition.
     #[serde(default)]
     pub condition: Option<String>,
+    /// A condition in Apigee's language (`request.verb = "POST"`), instead of `condition`.
+    #[serde(default)]
+    pub apigee_condition: Option<String>,
     #[serde(default)]
     pub continue_on_error: bool,
 }

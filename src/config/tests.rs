@@ -223,6 +223,20 @@ fn errors_name_file_document_and_field() {
     let e = errs("apiVersion: tollgate.dev/v1alpha1\nkind: Flow\nmetadata: {name: f}\nspec: {request: [{policy: p, condition: 'a ==' }]}\n---\napiVersion: tollgate.dev/v1alpha1\nkind: Policy\nmetadata: {name: p}\nspec: {type: RaiseFault, status: 400}\n");
     assert!(e.contains("spec.request[0].condition"), "{e}");
 
+    let policy_p = "---\napiVersion: tollgate.dev/v1alpha1\nkind: Policy\nmetadata: {name: p}\nspec: {type: RaiseFault, status: 400}\n";
+    let e = errs(&format!("apiVersion: tollgate.dev/v1alpha1\nkind: Flow\nmetadata: {{name: f}}\nspec: {{request: [{{policy: p, apigeeCondition: 'request.verb = '}}]}}\n{policy_p}"));
+    assert!(
+        e.contains("spec.request[0].apigeeCondition") && e.contains("at column 16"),
+        "{e}"
+    );
+    let e = errs(&format!("apiVersion: tollgate.dev/v1alpha1\nkind: Flow\nmetadata: {{name: f}}\nspec: {{request: [{{policy: p, condition: 'true', apigeeCondition: 'true'}}]}}\n{policy_p}"));
+    assert!(
+        e.contains("spec.request[0]") && e.contains("not both"),
+        "{e}"
+    );
+    let e = errs(&format!("apiVersion: tollgate.dev/v1alpha1\nkind: Policy\nmetadata: {{name: a}}\nspec: {{type: AssignMessage, set: {{headers: {{x: '{{fooBar(client_id)}}'}}}}}}\n{policy_p}"));
+    assert!(e.contains("unknown template function `fooBar`"), "{e}");
+
     let dup = format!("{BASE}---\napiVersion: tollgate.dev/v1alpha1\nkind: Flow\nmetadata: {{name: chat}}\nspec: {{}}\n");
     assert!(errs(&dup).contains("duplicate Flow name"));
 
@@ -528,6 +542,30 @@ fn phases_split() {
     let chat = &s.by_name["chat"];
     assert_eq!(chat.request.on_headers.len(), 1);
     assert!(!chat.request.needs_body());
+}
+
+/// A step's `apigeeCondition` compiles to a condition the step applies by, and the flow's
+/// description names its language.
+#[test]
+fn steps_take_apigee_conditions() {
+    let text = format!(
+        "{BASE}---\napiVersion: tollgate.dev/v1alpha1\nkind: Flow\nmetadata: {{name: ap}}\n\
+         spec:\n  request:\n    - {{policy: tag, apigeeCondition: 'request.verb = \"POST\"'}}\n    \
+         - {{policy: tag, condition: \"request.method == 'GET'\"}}\n"
+    );
+    let s = compile(&files(&text), None).unwrap();
+    let ap = &s.by_name["ap"];
+    let steps: Vec<_> = ap.request.steps().collect();
+    let ex = |m: &str| crate::vars::Exchange {
+        request: req(m, "/", "a"),
+        ..Default::default()
+    };
+    assert!(steps[0].applies(&ex("POST")) && !steps[0].applies(&ex("GET")));
+    assert!(steps[1].applies(&ex("GET")) && !steps[1].applies(&ex("POST")));
+    let d = ap.describe();
+    assert_eq!(d["request"][0]["condition"], "request.verb = \"POST\"");
+    assert_eq!(d["request"][0]["conditionLanguage"], "apigee");
+    assert_eq!(d["request"][1]["conditionLanguage"], "cel");
 }
 
 #[test]

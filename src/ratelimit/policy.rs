@@ -51,6 +51,20 @@ impl Setting {
                     }
                     return Ok(Setting::Fixed(n));
                 }
+                // `{firstnonnull(ref,'100')}`: the reference wins, the literal is used when
+                // it does not resolve (Apigee's `countRef` + `count`); the literal is
+                // checked now, as a literal setting is.
+                if let Some(fallback) = tpl.literal_fallback() {
+                    let n: u64 = fallback.trim().parse().map_err(|_| {
+                        SpecError::new(
+                            field,
+                            format!("the fallback `{fallback}` in `{t}` is not a number"),
+                        )
+                    })?;
+                    if !(min..=max).contains(&n) {
+                        return Err(out_of_range());
+                    }
+                }
                 Ok(Setting::Template(tpl))
             }
         }
@@ -140,6 +154,28 @@ mod tests {
         assert!(Setting::compile("w", &NumberSpec::Text("lots".into()), 1, 10).is_err());
         let t = Setting::compile("w", &NumberSpec::Text("{x}".into()), 1, 10).unwrap();
         assert_eq!(t.resolve(&ex, 1, 10), Err(String::new()));
+    }
+
+    /// Apigee's `countRef` + `count`: the reference wins; the literal, checked at load,
+    /// answers when the reference does not resolve.
+    #[test]
+    fn a_reference_with_a_literal_fallback() {
+        let spec = |t: &str| NumberSpec::Text(t.into());
+        let s =
+            Setting::compile("allow", &spec("{firstnonnull(product.limit,'5')}"), 1, 10).unwrap();
+        let mut ex = Exchange::default();
+        assert_eq!(s.resolve(&ex, 1, 10), Ok(5));
+        ex.set_var("product.limit", "8");
+        assert_eq!(s.resolve(&ex, 1, 10), Ok(8));
+        ex.set_var("product.limit", "80");
+        assert_eq!(s.resolve(&ex, 1, 10), Err("80".into()));
+        for bad in [
+            "{firstnonnull(product.limit,'50')}",
+            "{firstnonnull(product.limit,'many')}",
+        ] {
+            let e = Setting::compile("allow", &spec(bad), 1, 10).unwrap_err();
+            assert_eq!(e.field, "allow", "{bad}");
+        }
     }
 
     #[test]

@@ -1,17 +1,15 @@
-//! The expression language: CEL conditions and `{variable}` templates over flow variables.
-//! Both compile at configuration load; the request path only evaluates.
-//!
-//! In CEL the request is a map: `request.method`, `request.path`, `request.host`,
-//! `request.headers["x-api-key"]` (names lower case), `request.query["model"]`;
+//! CEL conditions. In CEL the request is a map: `request.method`, `request.path`,
+//! `request.host`, `request.headers["x-api-key"]` (names lower case), `request.query["model"]`;
 //! `response.status`, `response.headers[...]`; policy variables by their dotted names
 //! (`client_id`, `ratelimit.quota1.available`). A condition whose evaluation fails (for
 //! example a missing header) is false, as in Apigee.
 //!
-//! Conditions and templates resolve names through one lookup ([`Exchange::resolve`] and
-//! its table of built-in names, [`Builtin`]): a name means the same in both (`request.host`
-//! with its port, a repeated query parameter's first value, Apigee's synonyms such as
-//! `request.verb`). CEL adds only what a template cannot render: the header and query maps,
-//! and a dotted prefix of variables as a nested map (`ratelimit.q`).
+//! Names resolve through the one lookup templates and Apigee conditions use
+//! ([`Exchange::resolve`] and its table of built-in names, [`Builtin`]): a name means the
+//! same in all (`request.host` with its port, a repeated query parameter's first value,
+//! Apigee's synonyms such as `request.verb`). CEL adds only what a template cannot render:
+//! the header and query maps, and a dotted prefix of variables as a nested map
+//! (`ratelimit.q`).
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -27,20 +25,10 @@ use cel::context::VariableResolver;
 use cel::objects::{Key, Map};
 use cel::{Context, Env, ExecutionError, Program};
 
+use super::ExprError;
 use crate::vars::{
     percent_decode, query_pairs_raw, Builtin, Exchange, Headers, Resolved, ValueRef,
 };
-
-#[derive(Debug, thiserror::Error)]
-pub enum ExprError {
-    #[error("invalid condition `{source_text}`: {message}")]
-    Parse {
-        source_text: String,
-        message: String,
-    },
-    #[error("invalid template `{0}`: {1}")]
-    Template(String, String),
-}
 
 static ENV: LazyLock<Arc<Env>> = LazyLock::new(|| Arc::new(Env::stdlib()));
 
@@ -737,123 +725,10 @@ impl VariableResolver for ExchangeResolver<'_> {
     }
 }
 
-/// A string with `{flow.variable}` references, e.g. `Bearer {kvm.creds.token}`. A brace
-/// whose content is not a variable name (as in a JSON literal) is kept as text, so JSON
-/// payloads need no escaping. A reference that does not resolve renders as empty text.
-#[derive(Debug, Clone)]
-pub struct Template {
-    parts: Vec<Part>,
-}
-
-#[derive(Debug, Clone)]
-enum Part {
-    Lit(String),
-    Var(String),
-}
-
-fn is_var_name(s: &str) -> bool {
-    let mut chars = s.chars();
-    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
-}
-
-impl Template {
-    pub fn compile(source: &str) -> Result<Self, ExprError> {
-        let mut parts = Vec::new();
-        let mut lit = String::new();
-        let mut rest = source;
-        // One pass: each `}` is looked at once, with the last `{` before it (only that one
-        // can open a name, which holds no `{`); re-scanning from every `{` was quadratic.
-        while let Some(open) = rest.find('{') {
-            let after = &rest[open + 1..];
-            let Some(close) = after.find('}') else {
-                break;
-            };
-            let start = after[..close].rfind('{').map_or(0, |j| j + 1);
-            let name = &after[start..close];
-            if is_var_name(name) {
-                lit.push_str(&rest[..open + start]);
-                if !lit.is_empty() {
-                    parts.push(Part::Lit(std::mem::take(&mut lit)));
-                }
-                parts.push(Part::Var(name.to_owned()));
-            } else {
-                lit.push_str(&rest[..open + 1 + close + 1]);
-            }
-            rest = &after[close + 1..];
-        }
-        lit.push_str(rest);
-        if !lit.is_empty() {
-            parts.push(Part::Lit(lit));
-        }
-        Ok(Self { parts })
-    }
-
-    /// The variable names the template refers to.
-    pub fn variables(&self) -> impl Iterator<Item = &str> {
-        self.parts.iter().filter_map(|p| match p {
-            Part::Var(v) => Some(v.as_str()),
-            Part::Lit(_) => None,
-        })
-    }
-
-    /// True when the template has no variable references.
-    pub fn is_static(&self) -> bool {
-        self.parts.iter().all(|p| matches!(p, Part::Lit(_)))
-    }
-
-    /// Renders with every variable's value passed through `escape` (literal text is kept):
-    /// for values placed into URLs, where a raw `&` or `/` would change the request.
-    pub fn render_escaped(&self, ex: &Exchange, escape: impl Fn(&str) -> String) -> String {
-        let mut out = String::new();
-        for p in &self.parts {
-            match p {
-                Part::Lit(s) => out.push_str(s),
-                Part::Var(name) => {
-                    if let Some(v) = ex.lookup(name) {
-                        out.push_str(&escape(&v));
-                    }
-                }
-            }
-        }
-        out
-    }
-
-    /// Like [`Template::render`], borrowing when the template is one variable or one
-    /// literal (an identifier such as `{client_id}` costs no copy).
-    pub fn render_cow<'e>(&'e self, ex: &'e Exchange) -> std::borrow::Cow<'e, str> {
-        match self.parts.as_slice() {
-            [Part::Var(name)] => ex.lookup(name).unwrap_or_default(),
-            [Part::Lit(s)] => std::borrow::Cow::Borrowed(s),
-            _ => std::borrow::Cow::Owned(self.render(ex)),
-        }
-    }
-
-    pub fn render(&self, ex: &Exchange) -> String {
-        match self.parts.as_slice() {
-            [] => String::new(),
-            [Part::Lit(s)] => s.clone(),
-            parts => {
-                let mut out = String::new();
-                for p in parts {
-                    match p {
-                        Part::Lit(s) => out.push_str(s),
-                        Part::Var(name) => {
-                            if let Some(v) = ex.lookup(name) {
-                                out.push_str(&v);
-                            }
-                        }
-                    }
-                }
-                out
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::expr::Template;
     use crate::vars::{Headers, RequestInfo};
 
     fn ex() -> Exchange {
