@@ -85,8 +85,13 @@ fn filled(n: usize, dims: usize, exact_up_to: usize) -> (VectorIndex<()>, Cluste
 fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("vindex");
     g.sample_size(50);
+    // `cargo test --all-targets` runs each benchmark once, unoptimised: building 100,000
+    // entries' graphs there would take many minutes for nothing measured. Criterion is
+    // given `--bench` only when it measures (the graph itself is tested in src/vindex).
+    let measuring = std::env::args().any(|a| a == "--bench");
+    let large = if measuring { 100_000 } else { 1_000 };
     for dims in [64, 384] {
-        let (idx, mut gen) = filled(100_000, dims, DEFAULT_EXACT_UP_TO);
+        let (idx, mut gen) = filled(large, dims, DEFAULT_EXACT_UP_TO);
         let queries: Vec<Embedding> = (0..1024).map(|_| gen.next()).collect();
         let mut i = 0;
         g.bench_function(format!("search_100k_{dims}d"), |b| {
