@@ -375,6 +375,8 @@ struct Keywords {
     ac: AhoCorasick,
     /// Pattern index → rule index.
     owners: Vec<usize>,
+    /// Distinct rules that own a keyword: the scan stops once each is marked.
+    rules: usize,
 }
 
 impl Keywords {
@@ -395,15 +397,36 @@ impl Keywords {
             .match_kind(MatchKind::Standard)
             .build(&patterns)
             .map_err(|e| e.to_string())?;
-        Ok(Some(Self { ac, owners }))
+        let mut distinct = owners.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        Ok(Some(Self {
+            ac,
+            owners,
+            rules: distinct.len(),
+        }))
     }
 
     /// Marks in `hit` every rule one of whose keywords occurs in `text` (one pass).
     fn scan(&self, text: &str, hit: &mut [bool]) {
+        // Most prompts hold no keyword: the plain search (prefiltered) says so quickly; the
+        // overlapping one, needed when one keyword sits inside another, runs only then.
+        if !self.ac.is_match(text) {
+            return;
+        }
+        let mut marked = 0;
         for m in self.ac.find_overlapping_iter(text) {
             if let Some(&r) = self.owners.get(m.pattern().as_usize()) {
                 if let Some(h) = hit.get_mut(r) {
-                    *h = true;
+                    if !*h {
+                        *h = true;
+                        marked += 1;
+                        if marked == self.rules {
+                            // Every keyword rule is decided: the rest of the text can only
+                            // repeat what is known.
+                            return;
+                        }
+                    }
                 }
             }
         }
