@@ -639,19 +639,16 @@ impl SemanticCache {
         if req.api == Api::OpenAiEmbeddings {
             return Ok(None);
         }
-        let conv = {
-            let Some(json) = ex.body_json(Direction::Request) else {
-                return Err(Skip::Body);
-            };
-            let Ok(v) = json.value.as_ref() else {
-                return Err(Skip::Body);
-            };
-            let conv = llm_mod::conversation(req.api, v).map_err(|_| Skip::Body)?;
-            let params = params_digest(v);
-            (conv, params)
+        let Some(json) = ex.body_json(Direction::Request) else {
+            return Err(Skip::Body);
         };
-        let (conv, params) = conv;
+        let Ok(v) = json.value.as_ref() else {
+            return Err(Skip::Body);
+        };
+        let conv = llm_mod::conversation(req.api, v).map_err(|_| Skip::Body)?;
+        // The skips first: a request that is not cached needs no digest.
         self.check(&req, &conv, ex.state.llm_prompt_tokens)?;
+        let params = params_digest(v);
         let identity = self.identity(ex).ok_or(Skip::NoIdentity)?;
         let question = conv.last_user().ok_or(Skip::NoQuestion)?.to_owned();
         let mut h = Sha256::new();
@@ -908,10 +905,6 @@ impl Policy for SemanticCache {
             after_exchange: self.mode != Mode::Lookup,
             ..Hooks::default()
         }
-    }
-
-    fn owned_request_headers(&self) -> Vec<String> {
-        Vec::new()
     }
 
     fn run<'a>(&'a self, ex: &'a mut Exchange, dir: Direction) -> Hook<'a> {
