@@ -24,7 +24,7 @@ cargo test --locked --test fuzz_smoke
 echo "== cargo test"
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
-cargo test --all-targets --locked 2>&1 | tee "$log"
+cargo test --all-targets --locked --no-fail-fast 2>&1 | tee "$log"
 # One closing line for the whole run (the last target cargo runs has no tests of its own).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }
      END { printf "%d passed, %d failed\n", p, f }' "$log"

@@ -9,7 +9,7 @@ pub mod table;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::LazyLock;
 
-use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts};
 use sha2::{Digest, Sha256};
 
 use crate::telemetry::METRICS;
@@ -207,6 +207,9 @@ pub struct RateLimitMetrics {
     pub fail_closed: IntCounterVec,
     keys: IntGauge,
     pub overflow: IntCounter,
+    /// Time between two asynchronous syncs' ends: how stale a mirror can be, which is what
+    /// bounds the overshoot (the interval when the replica keeps up).
+    pub sync_gap: Histogram,
     /// The two parts of `keys`: local counters and async Redis mirrors.
     memory_keys: AtomicI64,
     mirror_keys: AtomicI64,
@@ -261,7 +264,21 @@ pub static RL_METRICS: LazyLock<RateLimitMetrics> = LazyLock::new(|| {
     .expect("valid metric");
     r.register(Box::new(overflow.clone()))
         .expect("unique metric");
+    let sync_gap = Histogram::with_opts(
+        HistogramOpts::new(
+            "tollgate_ratelimit_sync_gap_seconds",
+            "Time between the ends of two asynchronous counter syncs (the interval, more when the replica or Redis lags)",
+        )
+        .buckets(vec![
+            0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.075, 0.1, 0.125, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0,
+            5.0,
+        ]),
+    )
+    .expect("valid metric");
+    r.register(Box::new(sync_gap.clone()))
+        .expect("unique metric");
     RateLimitMetrics {
+        sync_gap,
         decisions: vec(
             "tollgate_ratelimit_decisions_total",
             "Quota and spike arrest decisions by policy and result (allowed, rejected, error)",

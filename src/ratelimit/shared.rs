@@ -15,8 +15,9 @@
 //! of the same script, count-only) and reads the totals back. Each replica can admit up to the limit
 //! minus the last total it read, which lacks what the others admitted since their last sync
 //! before it (syncs are not aligned, so up to two intervals of the others' admissions): the
-//! overshoot is ≤ replicas × (admission rate per replica) × interval, and never more than
-//! (replicas − 1) × limit per window.
+//! overshoot is ≤ replicas × (admission rate per replica) × the time between syncs (the
+//! interval while the replica keeps up; `tollgate_ratelimit_sync_gap_seconds` shows it), and
+//! never more than (replicas − 1) × limit per window.
 //!
 //! Mirrors are bounded by `--counter-max-keys`: a new identifier finding the table full
 //! first evicts mirrors with nothing to send that were not used for an interval (at most
@@ -131,10 +132,18 @@ impl SharedCounters {
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(interval);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let mut last: Option<std::time::Instant> = None;
                 loop {
                     tick.tick().await;
                     let Some(this) = weak.upgrade() else { return };
                     this.sync(wall_ms(), interval).await;
+                    let now = std::time::Instant::now();
+                    if let Some(prev) = last {
+                        RL_METRICS
+                            .sync_gap
+                            .observe(now.duration_since(prev).as_secs_f64());
+                    }
+                    last = Some(now);
                 }
             });
         }
