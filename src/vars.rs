@@ -136,6 +136,51 @@ pub enum Builtin<'n> {
     ResponseHeader(&'n str),
     FlowName,
     ClientIp,
+    /// `request.header.<h>.values` (`[a, b]`), `.values.count`, `.values.string`: every
+    /// value of the header, each line split at commas as Apigee does.
+    RequestHeaderValues(&'n str, HeaderValues),
+    /// `request.formparam.<name>`: a field of an `application/x-www-form-urlencoded`
+    /// request body (first value, decoded); unset without a held body.
+    FormParam(&'n str),
+    /// `request.formstring`: the form body as sent.
+    FormString,
+    /// `proxy.basepath`: the flow's `basePath` (`/` without one).
+    ProxyBasePath,
+    /// `proxy.pathsuffix`: the request path after the base path; unset when the path is
+    /// not under it.
+    ProxyPathSuffix,
+    /// `messageid`: an id unique to the exchange (a random UUID, made on first use).
+    MessageId,
+    /// `system.timestamp`: now, in milliseconds since the epoch.
+    SystemTimestamp,
+    /// The fault a flow's fault rules handle (see `pipeline::faults`): `fault.name`,
+    /// `fault.code`, `fault.reason`, `fault.policy`, `fault.category`, `error.message`,
+    /// `error.status.code`, `error.reason.phrase`, `error.content`, `error.header.<h>`,
+    /// `is.error`; unset outside fault handling.
+    Fault(FaultField<'n>),
+}
+
+/// Which view of a header's values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeaderValues {
+    List,
+    Count,
+    Joined,
+}
+
+/// A fault-handling name (see [`Builtin::Fault`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultField<'n> {
+    Name,
+    Code,
+    Reason,
+    Policy,
+    Category,
+    Status,
+    Phrase,
+    Content,
+    Header(&'n str),
+    IsError,
 }
 
 impl<'n> Builtin<'n> {
@@ -154,7 +199,22 @@ impl<'n> Builtin<'n> {
                         .strip_prefix("header.")
                         .or_else(|| rest.strip_prefix("headers."))
                     {
+                        for (suffix, view) in [
+                            (".values", HeaderValues::List),
+                            (".values.count", HeaderValues::Count),
+                            (".values.string", HeaderValues::Joined),
+                        ] {
+                            if let Some(n) = h.strip_suffix(suffix) {
+                                return Some(Builtin::RequestHeaderValues(n, view));
+                            }
+                        }
                         return Some(Builtin::RequestHeader(h));
+                    }
+                    if let Some(f) = rest.strip_prefix("formparam.") {
+                        return Some(Builtin::FormParam(f));
+                    }
+                    if rest == "formstring" {
+                        return Some(Builtin::FormString);
                     }
                     let q = rest
                         .strip_prefix("query.")
@@ -173,9 +233,33 @@ impl<'n> Builtin<'n> {
                 ),
             });
         }
+        if let Some(rest) = name.strip_prefix("fault.") {
+            return Some(Builtin::Fault(match rest {
+                "name" => FaultField::Name,
+                "code" => FaultField::Code,
+                "reason" => FaultField::Reason,
+                "policy" => FaultField::Policy,
+                "category" => FaultField::Category,
+                _ => return None,
+            }));
+        }
+        if let Some(rest) = name.strip_prefix("error.") {
+            return Some(Builtin::Fault(match rest {
+                "message" => FaultField::Reason,
+                "status.code" | "status" => FaultField::Status,
+                "reason.phrase" => FaultField::Phrase,
+                "content" => FaultField::Content,
+                _ => FaultField::Header(rest.strip_prefix("header.")?),
+            }));
+        }
         match name {
             "flow.name" => Some(Builtin::FlowName),
             "client.ip" | "client.address" => Some(Builtin::ClientIp),
+            "proxy.basepath" => Some(Builtin::ProxyBasePath),
+            "proxy.pathsuffix" => Some(Builtin::ProxyPathSuffix),
+            "messageid" => Some(Builtin::MessageId),
+            "system.timestamp" => Some(Builtin::SystemTimestamp),
+            "is.error" => Some(Builtin::Fault(FaultField::IsError)),
             _ => None,
         }
     }
@@ -366,6 +450,14 @@ impl RequestInfo {
     }
 }
 
+/// The part of `path` after `base` (Apigee's `proxy.pathsuffix`): `None` when `path` is
+/// not `base` or under it at a segment boundary. A base of `/` leaves the whole path.
+pub fn path_suffix<'p>(path: &'p str, base: &str) -> Option<&'p str> {
+    let base = base.strip_suffix('/').unwrap_or(base);
+    let rest = path.strip_prefix(base)?;
+    (rest.is_empty() || rest.starts_with('/')).then_some(rest)
+}
+
 /// Strips `:port` from a host, leaving IPv6 literals intact.
 pub fn strip_port(host: &str) -> &str {
     if host.starts_with('[') {
@@ -489,6 +581,12 @@ pub struct Exchange {
     pub request_without_body: bool,
     /// The exchange's trace span when trace export is on and the exchange is sampled.
     pub trace: crate::telemetry::trace::ExchangeTrace,
+    /// The flow's `basePath` (`proxy.basepath`), set with the flow.
+    pub base_path: Option<std::sync::Arc<str>>,
+    /// `messageid`, made on first use.
+    pub message_id: std::sync::OnceLock<String>,
+    /// The fault the flow's fault rules handle, once they run (`fault.*`, `error.*`).
+    pub error: Option<Box<crate::pipeline::faults::ErrorInfo>>,
 }
 
 /// Header changes to send to Envoy for one direction. Envoy applies removals before
@@ -715,7 +813,94 @@ impl Exchange {
                 .map(|v| Resolved::Text(Cow::Borrowed(v))),
             Builtin::FlowName => text(&self.flow),
             Builtin::ClientIp => self.client_ip().map(|v| Resolved::Text(Cow::Borrowed(v))),
+            Builtin::RequestHeaderValues(h, view) => {
+                let values = r
+                    .headers
+                    .iter()
+                    .filter(|(n, _)| n.eq_ignore_ascii_case(h))
+                    .map(|(_, v)| v);
+                Some(match view {
+                    HeaderValues::Joined => {
+                        let all: Vec<&str> = values.collect();
+                        if all.is_empty() {
+                            return None;
+                        }
+                        Resolved::Text(Cow::Owned(all.join(", ")))
+                    }
+                    HeaderValues::Count => Resolved::Int(
+                        i64::try_from(values.flat_map(|v| v.split(',')).count())
+                            .unwrap_or(i64::MAX),
+                    ),
+                    HeaderValues::List => {
+                        let split: Vec<&str> =
+                            values.flat_map(|v| v.split(',')).map(str::trim).collect();
+                        if split.is_empty() {
+                            return None;
+                        }
+                        Resolved::Text(Cow::Owned(format!("[{}]", split.join(", "))))
+                    }
+                })
+            }
+            Builtin::FormParam(f) => {
+                let body = self.form_body()?;
+                query_pairs_raw(body)
+                    .find(|(k, _)| percent_decode(k) == f)
+                    .map(|(_, v)| Resolved::Text(percent_decode(v)))
+            }
+            Builtin::FormString => self.form_body().map(|b| Resolved::Text(Cow::Borrowed(b))),
+            Builtin::ProxyBasePath => text(self.base_path.as_deref().unwrap_or("/")),
+            Builtin::ProxyPathSuffix => text(path_suffix(
+                r.path(),
+                self.base_path.as_deref().unwrap_or("/"),
+            )?),
+            Builtin::MessageId => text(self.message_id.get_or_init(|| {
+                crate::expr::new_uuid().unwrap_or_else(|| {
+                    // No randomness: still unique within the process.
+                    static N: AtomicUsize = AtomicUsize::new(0);
+                    format!("tollgate-{}", N.fetch_add(1, Ordering::Relaxed))
+                })
+            })),
+            Builtin::SystemTimestamp => Some(Resolved::Int(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
+            )),
+            Builtin::Fault(f) => self.fault_field(f),
         }
+    }
+
+    /// A fault-handling name (see [`Builtin::Fault`]); `None` outside fault handling.
+    fn fault_field(&self, f: FaultField<'_>) -> Option<Resolved<'_>> {
+        let e = self.error.as_deref()?;
+        let text = |s: &'_ str| Some(Resolved::Text(Cow::Owned(s.to_owned())));
+        match f {
+            FaultField::Name => Some(Resolved::Text(Cow::Borrowed(e.name()))),
+            FaultField::Code => Some(Resolved::Text(Cow::Borrowed(&e.code))),
+            FaultField::Reason => Some(Resolved::Text(Cow::Borrowed(&e.message))),
+            FaultField::Policy => Some(Resolved::Text(Cow::Borrowed(&e.policy))),
+            FaultField::Category => text(e.category),
+            FaultField::IsError => Some(Resolved::Bool(true)),
+            FaultField::Status => self.builtin(Builtin::Status),
+            FaultField::Phrase => {
+                let status = self.response.as_ref()?.status;
+                text(crate::fault::reason_phrase(status))
+            }
+            FaultField::Content => self.builtin(Builtin::ResponseContent),
+            FaultField::Header(h) => self.builtin(Builtin::ResponseHeader(h)),
+        }
+    }
+
+    /// The request body when it is a form (`application/x-www-form-urlencoded`).
+    fn form_body(&self) -> Option<&str> {
+        let ct = self.request.headers.get("content-type")?;
+        let is_form = ct
+            .split(';')
+            .next()
+            .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/x-www-form-urlencoded"));
+        if !is_form {
+            return None;
+        }
+        std::str::from_utf8(self.request_body.as_deref()?).ok()
     }
 
     /// The client address (see [`Exchange::client_address`]), with the process's trusted hops.
