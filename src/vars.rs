@@ -1160,6 +1160,10 @@ mod tests {
         assert_eq!(ex.var("ratelimit.other.used"), Some(ValueRef::Int(5)));
         assert_eq!(ex.state.quota("ratelimit.q.").map(|q| q.used), Some(2));
         assert_eq!(ex.lookup("jwt.auth.claim.sub").as_deref(), Some("u1"));
+        // Apigee's decoded form and registered-claim names read the same claim.
+        assert_eq!(ex.lookup("jwt.auth.decoded.claim.sub").as_deref(), Some("u1"));
+        assert_eq!(ex.lookup("jwt.auth.claim.subject").as_deref(), Some("u1"));
+        assert_eq!(ex.lookup("jwt.auth.claim.issuer"), None);
         assert_eq!(ex.lookup("servicecallout.c.status").as_deref(), Some("200"));
         assert_eq!(
             ex.var("servicecallout.c.json.ok"),
@@ -1274,6 +1278,105 @@ mod tests {
             ex.state.llm.as_ref().and_then(|r| r.model.as_deref()),
             Some("gpt-4o")
         );
+    }
+
+    /// The names Apigee users reference: base path and suffix, message id, time, form
+    /// fields, every value of a header, and the fault names only while a fault is handled.
+    #[test]
+    fn apigee_names() {
+        let mut ex = exchange();
+        assert_eq!(ex.lookup("proxy.basepath").as_deref(), Some("/"));
+        assert_eq!(ex.lookup("proxy.pathsuffix").as_deref(), Some("/v1/chat"));
+        ex.base_path = Some("/v1".into());
+        assert_eq!(ex.lookup("proxy.basepath").as_deref(), Some("/v1"));
+        assert_eq!(ex.lookup("proxy.pathsuffix").as_deref(), Some("/chat"));
+        ex.base_path = Some("/v1/chat/".into());
+        assert_eq!(ex.lookup("proxy.pathsuffix").as_deref(), Some(""));
+        ex.base_path = Some("/v".into());
+        assert_eq!(ex.lookup("proxy.pathsuffix"), None, "not under /v at a segment");
+
+        let id = ex.lookup("messageid").unwrap().into_owned();
+        assert_eq!(id.len(), 36, "{id}");
+        assert_eq!(ex.lookup("messageid").as_deref(), Some(id.as_str()), "stable");
+        assert_ne!(exchange().lookup("messageid").as_deref(), Some(id.as_str()));
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        let Some(Resolved::Int(ts)) = ex.resolve("system.timestamp") else {
+            panic!("a number")
+        };
+        assert!((ts - now).abs() < 60_000, "{ts} {now}");
+
+        assert_eq!(ex.lookup("request.formparam.a"), None, "no body");
+        ex.request_body = Some(b"a=1&b=x+y%21&a=2".to_vec());
+        assert_eq!(ex.lookup("request.formparam.a"), None, "not a form");
+        ex.request.headers.push(
+            "content-type".into(),
+            "application/x-www-form-urlencoded; charset=utf-8".into(),
+        );
+        assert_eq!(ex.lookup("request.formparam.a").as_deref(), Some("1"));
+        assert_eq!(ex.lookup("request.formparam.b").as_deref(), Some("x y!"));
+        assert_eq!(ex.lookup("request.formparam.c"), None);
+        assert_eq!(
+            ex.lookup("request.formstring").as_deref(),
+            Some("a=1&b=x+y%21&a=2")
+        );
+
+        ex.request.headers.push("accept".into(), "a/b, c/d".into());
+        ex.request.headers.push("accept".into(), "e/f".into());
+        assert_eq!(ex.lookup("request.header.accept").as_deref(), Some("a/b, c/d"));
+        assert_eq!(
+            ex.lookup("request.header.Accept.values").as_deref(),
+            Some("[a/b, c/d, e/f]")
+        );
+        assert_eq!(
+            ex.resolve("request.header.accept.values.count"),
+            Some(Resolved::Int(3))
+        );
+        assert_eq!(
+            ex.lookup("request.header.accept.values.string").as_deref(),
+            Some("a/b, c/d, e/f")
+        );
+        assert_eq!(ex.lookup("request.header.none.values"), None);
+        assert_eq!(
+            ex.resolve("request.header.none.values.count"),
+            Some(Resolved::Int(0))
+        );
+
+        for name in ["fault.name", "error.status.code", "is.error", "error.message"] {
+            assert_eq!(ex.lookup(name), None, "{name} outside fault handling");
+        }
+        ex.error = Some(Box::new(crate::pipeline::faults::ErrorInfo {
+            code: "oauth.v2.InvalidApiKey".into(),
+            message: "Invalid ApiKey".into(),
+            policy: "vk".into(),
+            category: "Step",
+        }));
+        let mut h = Headers::new();
+        h.push(":status".into(), "401".into());
+        h.push("x-e".into(), "1".into());
+        ex.response = Some(ResponseInfo {
+            status: 401,
+            headers: h,
+        });
+        ex.set_body(Direction::Response, Some(b"{}".to_vec()));
+        for (name, want) in [
+            ("fault.name", "InvalidApiKey"),
+            ("fault.code", "oauth.v2.InvalidApiKey"),
+            ("fault.reason", "Invalid ApiKey"),
+            ("error.message", "Invalid ApiKey"),
+            ("fault.policy", "vk"),
+            ("fault.category", "Step"),
+            ("error.status.code", "401"),
+            ("error.reason.phrase", "Unauthorized"),
+            ("error.content", "{}"),
+            ("error.header.x-e", "1"),
+            ("is.error", "true"),
+        ] {
+            assert_eq!(ex.lookup(name).as_deref(), Some(want), "{name}");
+        }
+        assert_eq!(ex.lookup("fault.other"), None);
     }
 
     #[test]

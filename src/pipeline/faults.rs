@@ -345,7 +345,7 @@ mod tests {
                     Some(r#"fault.name = "QuotaViolation""#),
                     vec![
                         step("b", mark("x-second"), None),
-                        step("skipped", mark("x-skipped"), Some("1 = 2")),
+                        step("skipped", mark("x-skipped"), Some(r#"fault.name = "Nope""#)),
                     ],
                 ),
                 rule(

@@ -559,7 +559,12 @@ impl Quota {
         ]);
         parts.extend_from_slice(extra);
         let key = self.key_prefix.finish(&parts);
-        let identifier = rl::shown(&identifier).into_owned();
+        // Apigee's name for the one counter of a policy without an identifier.
+        let identifier = if identifier.is_empty() {
+            "_default".to_owned()
+        } else {
+            rl::shown(&identifier).into_owned()
+        };
         Ok(Prepared {
             ask: Ask {
                 key,
