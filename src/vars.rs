@@ -893,10 +893,10 @@ impl Exchange {
     /// The request body when it is a form (`application/x-www-form-urlencoded`).
     fn form_body(&self) -> Option<&str> {
         let ct = self.request.headers.get("content-type")?;
-        let is_form = ct
-            .split(';')
-            .next()
-            .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/x-www-form-urlencoded"));
+        let is_form = ct.split(';').next().is_some_and(|t| {
+            t.trim()
+                .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+        });
         if !is_form {
             return None;
         }
@@ -1161,7 +1161,10 @@ mod tests {
         assert_eq!(ex.state.quota("ratelimit.q.").map(|q| q.used), Some(2));
         assert_eq!(ex.lookup("jwt.auth.claim.sub").as_deref(), Some("u1"));
         // Apigee's decoded form and registered-claim names read the same claim.
-        assert_eq!(ex.lookup("jwt.auth.decoded.claim.sub").as_deref(), Some("u1"));
+        assert_eq!(
+            ex.lookup("jwt.auth.decoded.claim.sub").as_deref(),
+            Some("u1")
+        );
         assert_eq!(ex.lookup("jwt.auth.claim.subject").as_deref(), Some("u1"));
         assert_eq!(ex.lookup("jwt.auth.claim.issuer"), None);
         assert_eq!(ex.lookup("servicecallout.c.status").as_deref(), Some("200"));
@@ -1293,11 +1296,19 @@ mod tests {
         ex.base_path = Some("/v1/chat/".into());
         assert_eq!(ex.lookup("proxy.pathsuffix").as_deref(), Some(""));
         ex.base_path = Some("/v".into());
-        assert_eq!(ex.lookup("proxy.pathsuffix"), None, "not under /v at a segment");
+        assert_eq!(
+            ex.lookup("proxy.pathsuffix"),
+            None,
+            "not under /v at a segment"
+        );
 
         let id = ex.lookup("messageid").unwrap().into_owned();
         assert_eq!(id.len(), 36, "{id}");
-        assert_eq!(ex.lookup("messageid").as_deref(), Some(id.as_str()), "stable");
+        assert_eq!(
+            ex.lookup("messageid").as_deref(),
+            Some(id.as_str()),
+            "stable"
+        );
         assert_ne!(exchange().lookup("messageid").as_deref(), Some(id.as_str()));
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -1325,7 +1336,10 @@ mod tests {
 
         ex.request.headers.push("accept".into(), "a/b, c/d".into());
         ex.request.headers.push("accept".into(), "e/f".into());
-        assert_eq!(ex.lookup("request.header.accept").as_deref(), Some("a/b, c/d"));
+        assert_eq!(
+            ex.lookup("request.header.accept").as_deref(),
+            Some("a/b, c/d")
+        );
         assert_eq!(
             ex.lookup("request.header.Accept.values").as_deref(),
             Some("[a/b, c/d, e/f]")
@@ -1344,7 +1358,12 @@ mod tests {
             Some(Resolved::Int(0))
         );
 
-        for name in ["fault.name", "error.status.code", "is.error", "error.message"] {
+        for name in [
+            "fault.name",
+            "error.status.code",
+            "is.error",
+            "error.message",
+        ] {
             assert_eq!(ex.lookup(name), None, "{name} outside fault handling");
         }
         ex.error = Some(Box::new(crate::pipeline::faults::ErrorInfo {

@@ -102,9 +102,9 @@ async fn bed() -> TestBed {
 
 fn is_uuid(s: &str) -> bool {
     s.len() == 36
-        && s.chars()
-            .enumerate()
-            .all(|(i, c)| matches!(i, 8 | 13 | 18 | 23) == (c == '-') && (c == '-' || c.is_ascii_hexdigit()))
+        && s.chars().enumerate().all(|(i, c)| {
+            matches!(i, 8 | 13 | 18 | 23) == (c == '-') && (c == '-' || c.is_ascii_hexdigit())
+        })
 }
 
 fn fault_code(r: &Reply) -> Option<&str> {
@@ -121,7 +121,10 @@ async fn fault_rules_shape_the_answers() {
         let r = bed.get("/shop/orders", &[]).await;
         assert_eq!(r.status, 401, "{}", r.text());
         assert_eq!(r.header("content-type"), Some("application/json"));
-        assert_eq!(r.header("www-authenticate"), Some(r#"ApiKey header="x-api-key""#));
+        assert_eq!(
+            r.header("www-authenticate"),
+            Some(r#"ApiKey header="x-api-key""#)
+        );
         assert_eq!(
             r.json(),
             serde_json::json!({"error": {"code": "FailedToResolveAPIKey",
@@ -136,7 +139,10 @@ async fn fault_rules_shape_the_answers() {
         assert_eq!(r.status, 401);
         assert_eq!(r.json()["error"]["code"], "InvalidApiKey");
         let other = r.header("x-message-id").unwrap_or_default();
-        assert!(is_uuid(other) && other != id, "one id per exchange: {other} {id}");
+        assert!(
+            is_uuid(other) && other != id,
+            "one id per exchange: {other} {id}"
+        );
 
         // Through: the upstream sees the variables rendered.
         let r = bed.get("/shop/orders", &[("x-api-key", KEY)]).await;
@@ -147,12 +153,19 @@ async fn fault_rules_shape_the_answers() {
         );
         assert_eq!(r.echoed_header("x-shop-used").as_deref(), Some("1"));
         assert_eq!(r.echoed_header("x-shop-suffix").as_deref(), Some("/orders"));
-        assert!(is_uuid(&r.echoed_header("x-shop-message-id").unwrap_or_default()));
+        assert!(is_uuid(
+            &r.echoed_header("x-shop-message-id").unwrap_or_default()
+        ));
 
         // A method the product does not allow: 401 turned into 403 with its own body.
         let r = bed
             .client
-            .send("DELETE", &bed.url("/shop/orders"), &[("x-api-key", KEY)], "")
+            .send(
+                "DELETE",
+                &bed.url("/shop/orders"),
+                &[("x-api-key", KEY)],
+                "",
+            )
             .await;
         assert_eq!(r.status, 403, "{}", r.text());
         assert_eq!(

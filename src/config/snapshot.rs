@@ -168,6 +168,8 @@ impl Flow {
             "maxBodyBytes": self.max_body_bytes,
             "request": steps(&self.request),
             "response": steps(&self.response),
+            "basePath": self.base_path.as_deref(),
+            "faultRules": self.faults.as_ref().map(|f| f.describe()),
         })
     }
 

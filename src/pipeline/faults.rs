@@ -62,6 +62,39 @@ pub struct FaultRules {
     pub default: Option<DefaultFaultRule>,
 }
 
+impl FaultRules {
+    /// The rules as written, for the management API and the admin page.
+    pub fn describe(&self) -> serde_json::Value {
+        let steps = |steps: &[Step]| -> Vec<serde_json::Value> {
+            steps
+                .iter()
+                .map(|s| {
+                    serde_json::json!({
+                        "policy": s.policy_name,
+                        "type": s.policy.type_name(),
+                        "condition": s.condition.as_ref().map(|c| c.source()),
+                        "conditionLanguage": s.condition.as_ref().map(|c| c.language()),
+                        "continueOnError": s.continue_on_error,
+                    })
+                })
+                .collect()
+        };
+        serde_json::json!({
+            "rules": self.rules.iter().map(|r| serde_json::json!({
+                "name": r.name,
+                "condition": r.condition.as_ref().map(|c| c.source()),
+                "conditionLanguage": r.condition.as_ref().map(|c| c.language()),
+                "steps": steps(&r.steps),
+            })).collect::<Vec<_>>(),
+            "default": self.default.as_ref().map(|d| serde_json::json!({
+                "name": d.name,
+                "alwaysEnforce": d.always_enforce,
+                "steps": steps(&d.steps),
+            })),
+        })
+    }
+}
+
 /// What the fault-rule variables read: the fault being handled.
 #[derive(Debug, Clone)]
 pub struct ErrorInfo {
@@ -156,7 +189,9 @@ fn take(ex: &mut Exchange) -> Rendered {
 
 /// How a rule's steps ended.
 enum RuleEnd {
-    Done { raised: bool },
+    Done {
+        raised: bool,
+    },
     /// A step failed: answer with the original fault.
     Failed,
 }
@@ -212,7 +247,11 @@ pub async fn handle(
         code: fault.code.clone(),
         message: fault.message.clone(),
         policy: fault.policy.clone(),
-        category: if step_type.is_some() { "Step" } else { "System" },
+        category: if step_type.is_some() {
+            "Step"
+        } else {
+            "System"
+        },
     }));
     install(ex, original.clone());
     let chosen = rules
@@ -393,10 +432,20 @@ mod tests {
         let mut ex2 = self::ex();
         let mut f = Fault::new(401, "oauth.v2.FailedToResolveAPIKey", "no key");
         f.policy = "vk".into();
-        let r = handle(&rules, &mut ex2, &f, Some("VerifyApiKey"), ErrorFormat::Apigee).await;
+        let r = handle(
+            &rules,
+            &mut ex2,
+            &f,
+            Some("VerifyApiKey"),
+            ErrorFormat::Apigee,
+        )
+        .await;
         assert_eq!(header(&r, "x-default"), Some("FailedToResolveAPIKey"));
         assert_eq!(ex2.lookup("oauthV2.vk.failed").as_deref(), Some("true"));
-        assert_eq!(ex2.lookup("verifyapikey.vk.failed").as_deref(), Some("true"));
+        assert_eq!(
+            ex2.lookup("verifyapikey.vk.failed").as_deref(),
+            Some("true")
+        );
     }
 
     #[tokio::test]
@@ -418,17 +467,35 @@ mod tests {
             }),
         };
         let mut ex = ex();
-        let r = handle(&rules, &mut ex, &quota_fault(), Some("Quota"), ErrorFormat::Openai).await;
+        let r = handle(
+            &rules,
+            &mut ex,
+            &quota_fault(),
+            Some("Quota"),
+            ErrorFormat::Openai,
+        )
+        .await;
         assert_eq!(r.status, 503);
         assert_eq!(r.body, br#"{"busy":true}"#);
         assert_eq!(header(&r, "x-after"), Some("QuotaViolation"));
         assert_eq!(header(&r, "x-default"), None, "RaiseFault ran: no default");
-        assert_eq!(header(&r, "retry-after"), None, "the raised fault's headers");
+        assert_eq!(
+            header(&r, "retry-after"),
+            None,
+            "the raised fault's headers"
+        );
 
         // Without RaiseFault, alwaysEnforce runs the default rule after the rule.
         rules.rules[0].steps.remove(0);
         let mut ex = self::ex();
-        let r = handle(&rules, &mut ex, &quota_fault(), Some("Quota"), ErrorFormat::Apigee).await;
+        let r = handle(
+            &rules,
+            &mut ex,
+            &quota_fault(),
+            Some("Quota"),
+            ErrorFormat::Apigee,
+        )
+        .await;
         assert_eq!(r.status, 429);
         assert_eq!(header(&r, "x-after"), Some("QuotaViolation"));
         assert_eq!(header(&r, "x-default"), Some("QuotaViolation"));

@@ -256,9 +256,10 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
         .transpose()?;
     let status = match spec.set.status_code {
         None => None,
-        Some(StatusSpec::Number(n)) if (200..=599).contains(&n) => {
-            Some(Template::compile(&n.to_string()).map_err(|e| SpecError::new("set.statusCode", e.to_string()))?)
-        }
+        Some(StatusSpec::Number(n)) if (200..=599).contains(&n) => Some(
+            Template::compile(&n.to_string())
+                .map_err(|e| SpecError::new("set.statusCode", e.to_string()))?,
+        ),
         Some(StatusSpec::Number(_)) => {
             return Err(SpecError::new(
                 "set.statusCode",

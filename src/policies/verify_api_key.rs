@@ -920,7 +920,10 @@ mod tests {
             e.lookup("verifyapikey.vk.developer.app.name").as_deref(),
             Some("acme")
         );
-        assert_eq!(e.lookup("verifyapikey.vk.status").as_deref(), Some("approved"));
+        assert_eq!(
+            e.lookup("verifyapikey.vk.status").as_deref(),
+            Some("approved")
+        );
         assert_eq!(e.var("verifyapikey.vk.expires_at"), Some(ValueRef::Int(-1)));
         assert_eq!(e.var("verifyapikey.vk.issued_at"), Some(ValueRef::Int(0)));
         assert_eq!(e.lookup("verifyapikey.vk.developer.firstName"), None);

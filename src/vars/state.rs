@@ -304,9 +304,9 @@ fn app_field<'v>(v: &'v Verified, name: &str) -> Option<ValueRef<'v>> {
             if let Some(k) = rest.strip_prefix("attributes.") {
                 return product.attributes.get(k).map(|v| ValueRef::Str(v));
             }
-            let quota = rest.rsplit_once('.').filter(|(which, _)| {
-                QUOTA_FIELDS.iter().any(|(a, b)| which == a || which == b)
-            });
+            let quota = rest
+                .rsplit_once('.')
+                .filter(|(which, _)| QUOTA_FIELDS.iter().any(|(a, b)| which == a || which == b));
             let Some((which, setting)) = quota else {
                 // Apigee's `apiproduct.<attribute>`.
                 return product.attributes.get(rest).map(|v| ValueRef::Str(v));
