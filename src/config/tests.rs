@@ -584,6 +584,11 @@ apiVersion: tollgate.dev/v1alpha1
 kind: Policy
 metadata: {name: deny}
 spec: {type: RaiseFault, status: 403}
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: Policy
+metadata: {name: cache}
+spec: {type: ResponseCache}
 "#;
     let flow = |spec: &str| {
         format!(
@@ -637,6 +642,10 @@ spec: {type: RaiseFault, status: 403}
             "field `spec.basePath`: `api` must be a path starting with `/`",
         ),
         ("  faultRules: [{name: a, steps: [], extra: 1}]\n", "extra"),
+        (
+            "  defaultFaultRule: {steps: [{policy: cache}]}\n",
+            "field `spec.defaultFaultRule.steps[0]`: ResponseCache `cache` needs hooks beyond",
+        ),
     ] {
         let e = errs(&flow(spec));
         assert!(e.contains(want), "{spec}: {e}");
