@@ -24,7 +24,7 @@
 //! `available` by the name the design uses) and Apigee's
 //! `ratelimit.<policy>.{allowed.count,used.count,available.count,exceed.count,expiry.time,identifier}`,
 //! generated from the decision kept in the exchange's typed state (nothing is copied unless
-//! read). `useProduct` reads the verified product's quota settings from that state too.
+//! read); `identifier` is Apigee's `_default` for a policy without one (its one counter). `useProduct` reads the verified product's quota settings from that state too.
 //! A refusal is 429 `policies.ratelimit.QuotaViolation` with `Retry-After`.
 //!
 //! A `messageWeight` of 0 is a valid no-op count in a `countOnly` half (a response that
