@@ -1130,6 +1130,19 @@ mod tests {
         assert_eq!(f.code, "policies.ratelimit.QuotaViolation");
         assert!(f.message.ends_with("Identifier : alice"), "{}", f.message);
         assert!(f.headers.contains(&("retry-after".into(), "50".into())));
+        // Without an identifier: Apigee's `_default`, in the variable and the message.
+        let d = bed.policy("d", "{allow: 0, timeUnit: minute}");
+        let mut dx = Exchange::default();
+        let f = run(&d, &mut dx).unwrap_err();
+        assert!(
+            f.message.ends_with("Identifier : _default"),
+            "{}",
+            f.message
+        );
+        assert_eq!(
+            v(&dx, "ratelimit.d.identifier").as_deref(),
+            Some("_default")
+        );
         assert_eq!(v(&ex, "ratelimit.q.exceed.count").as_deref(), Some("1"));
         assert_eq!(v(&ex, "ratelimit.q.remaining").as_deref(), Some("0"));
         // Listed (CEL maps, debugging) under every name, `remaining` included.
