@@ -151,6 +151,11 @@ pub enum Builtin<'n> {
     ProxyPathSuffix,
     /// `messageid`: an id unique to the exchange (a random UUID, made on first use).
     MessageId,
+    /// Apigee's `message.*`, the message being processed: the response once there is one
+    /// (in a fault rule, the error response), else the request. `message.content`,
+    /// `message.header.<h>`, `message.status.code`, `message.verb`, `message.path`,
+    /// `message.uri`.
+    Message(MessageField<'n>),
     /// `system.timestamp`: now, in milliseconds since the epoch.
     SystemTimestamp,
     /// The fault a flow's fault rules handle (see `pipeline::faults`): `fault.name`,
@@ -158,6 +163,17 @@ pub enum Builtin<'n> {
     /// `error.status.code`, `error.reason.phrase`, `error.content`, `error.header.<h>`,
     /// `is.error`; unset outside fault handling.
     Fault(FaultField<'n>),
+}
+
+/// A `message.*` name (see [`Builtin::Message`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageField<'n> {
+    Content,
+    Header(&'n str),
+    Status,
+    Verb,
+    Path,
+    Uri,
 }
 
 /// Which view of a header's values.
@@ -232,6 +248,19 @@ impl<'n> Builtin<'n> {
                         .or_else(|| rest.strip_prefix("headers."))?,
                 ),
             });
+        }
+        if let Some(rest) = name.strip_prefix("message.") {
+            return Some(Builtin::Message(match rest {
+                "content" => MessageField::Content,
+                "status.code" | "status" => MessageField::Status,
+                "verb" => MessageField::Verb,
+                "path" => MessageField::Path,
+                "uri" => MessageField::Uri,
+                _ => MessageField::Header(
+                    rest.strip_prefix("header.")
+                        .or_else(|| rest.strip_prefix("headers."))?,
+                ),
+            }));
         }
         if let Some(rest) = name.strip_prefix("fault.") {
             return Some(Builtin::Fault(match rest {
@@ -866,6 +895,21 @@ impl Exchange {
                     .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
             )),
             Builtin::Fault(f) => self.fault_field(f),
+            Builtin::Message(m) => {
+                let on_response = self.response.is_some();
+                self.builtin(match (m, on_response) {
+                    (MessageField::Content, true) => Builtin::ResponseContent,
+                    (MessageField::Content, false) => Builtin::RequestContent,
+                    (MessageField::Header(h), true) => Builtin::ResponseHeader(h),
+                    (MessageField::Header(h), false) => Builtin::RequestHeader(h),
+                    (MessageField::Status, true) => Builtin::Status,
+                    (MessageField::Verb | MessageField::Path | MessageField::Uri, true)
+                    | (MessageField::Status, false) => return None,
+                    (MessageField::Verb, false) => Builtin::Method,
+                    (MessageField::Path, false) => Builtin::Path,
+                    (MessageField::Uri, false) => Builtin::Uri,
+                })
+            }
         }
     }
 
@@ -1358,6 +1402,18 @@ mod tests {
             Some(Resolved::Int(0))
         );
 
+        // `message.*` is the request until there is a response.
+        assert_eq!(ex.lookup("message.verb").as_deref(), Some("POST"));
+        assert_eq!(
+            ex.lookup("message.header.accept").as_deref(),
+            Some("a/b, c/d")
+        );
+        assert_eq!(
+            ex.lookup("message.content").as_deref(),
+            Some("a=1&b=x+y%21&a=2")
+        );
+        assert_eq!(ex.lookup("message.status.code"), None);
+
         for name in [
             "fault.name",
             "error.status.code",
@@ -1396,6 +1452,10 @@ mod tests {
             assert_eq!(ex.lookup(name).as_deref(), Some(want), "{name}");
         }
         assert_eq!(ex.lookup("fault.other"), None);
+        assert_eq!(ex.lookup("message.status.code").as_deref(), Some("401"));
+        assert_eq!(ex.lookup("message.header.x-e").as_deref(), Some("1"));
+        assert_eq!(ex.lookup("message.content").as_deref(), Some("{}"));
+        assert_eq!(ex.lookup("message.verb"), None);
     }
 
     #[test]

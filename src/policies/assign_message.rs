@@ -281,6 +281,7 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
         .any(|v| {
             v == "request.content"
                 || v == "response.content"
+                || v == "message.content"
                 || v == "request.formstring"
                 || v.starts_with("request.formparam.")
         });
