@@ -148,6 +148,74 @@ fn scenarios(file: &str) -> Option<Vec<Scenario>> {
                 },
             },
         ]),
+        // The flow's fault rules answer in the shop's own shapes; tests/e2e_faults.rs
+        // checks the headers and bodies through Envoy.
+        "fault-rules.yaml" => Some(vec![
+            Scenario {
+                method: "GET",
+                path: "/shop/orders",
+                headers: &[],
+                body: None,
+                reply: None,
+                expect: Expect::Immediate {
+                    status: 401,
+                    body_contains: r#"{"error":{"code":"FailedToResolveAPIKey","message":"Send a valid key in x-api-key","path":"/orders"}}"#,
+                },
+            },
+            Scenario {
+                method: "GET",
+                path: "/shop/orders",
+                headers: &[("x-api-key", "tg_faults_demo_key_0001")],
+                body: None,
+                reply: None,
+                expect: Expect::Upstream(&[
+                    ("x-shop-developer", "buyer@shop.example"),
+                    ("x-shop-used", "1"),
+                    ("x-shop-suffix", "/orders"),
+                ]),
+            },
+            Scenario {
+                method: "DELETE",
+                path: "/shop/orders",
+                headers: &[("x-api-key", "tg_faults_demo_key_0001")],
+                body: None,
+                reply: None,
+                expect: Expect::Immediate {
+                    status: 403,
+                    body_contains: "Your key does not allow DELETE /orders",
+                },
+            },
+            Scenario {
+                method: "GET",
+                path: "/shop/orders",
+                headers: &[("x-api-key", "tg_faults_demo_key_0001")],
+                body: None,
+                reply: None,
+                expect: Expect::Upstream(&[("x-shop-used", "2")]),
+            },
+            Scenario {
+                method: "GET",
+                path: "/shop/orders",
+                headers: &[("x-api-key", "tg_faults_demo_key_0001")],
+                body: None,
+                reply: None,
+                expect: Expect::Immediate {
+                    status: 429,
+                    body_contains: r#""developer":"buyer@shop.example""#,
+                },
+            },
+            Scenario {
+                method: "GET",
+                path: "/shop/orders",
+                headers: &[("x-closed", "yes")],
+                body: None,
+                reply: None,
+                expect: Expect::Immediate {
+                    status: 503,
+                    body_contains: r#""errorcode":"shop.Closed""#,
+                },
+            },
+        ]),
         "api-keys.yaml" => Some(vec![
             Scenario {
                 method: "GET",
@@ -1214,6 +1282,7 @@ fn every_example_keeps_its_paths_when_all_are_loaded() {
         ),
         ("POST", "/v1/chat/completions", "chat"),
         ("GET", "/v1/models", "models"),
+        ("GET", "/shop/orders", "shop"),
     ] {
         assert_eq!(
             flow_of(method, path).as_deref(),
