@@ -15,6 +15,7 @@ pub use common::{
 };
 
 pub mod assign_message;
+pub mod extract_variables;
 pub mod inference_objective;
 pub mod javascript;
 pub mod key_value_map;
@@ -42,6 +43,7 @@ pub type BuildFn = fn(&BuildContext, serde_norway::Value) -> Result<Arc<dyn Poli
 /// Every implemented policy type and its builder.
 pub static REGISTRY: &[(&str, BuildFn)] = &[
     (assign_message::TYPE, assign_message::build),
+    (extract_variables::TYPE, extract_variables::build),
     (inference_objective::TYPE, inference_objective::build),
     (javascript::TYPE, javascript::build),
     (key_value_map::TYPE, key_value_map::build),
@@ -97,6 +99,7 @@ pub const ALL_TYPES: &[&str] = &[
     "SemanticCacheLookup",
     "SemanticCachePopulate",
     "ModelRouter",
+    "ExtractVariables",
 ];
 
 pub fn builder(type_name: &str) -> Option<BuildFn> {
