@@ -14,10 +14,13 @@ pub use common::{
     valid_header_value, BuildContext, SpecError,
 };
 
+pub mod access_control;
 pub mod assign_message;
+pub mod cors;
 pub mod extract_variables;
 pub mod inference_objective;
 pub mod javascript;
+pub mod json_threat_protection;
 pub mod key_value_map;
 pub mod llm_cost_budget;
 #[cfg(test)]
@@ -42,10 +45,13 @@ pub type BuildFn = fn(&BuildContext, serde_norway::Value) -> Result<Arc<dyn Poli
 
 /// Every implemented policy type and its builder.
 pub static REGISTRY: &[(&str, BuildFn)] = &[
+    (access_control::TYPE, access_control::build),
     (assign_message::TYPE, assign_message::build),
+    (cors::TYPE, cors::build),
     (extract_variables::TYPE, extract_variables::build),
     (inference_objective::TYPE, inference_objective::build),
     (javascript::TYPE, javascript::build),
+    (json_threat_protection::TYPE, json_threat_protection::build),
     (key_value_map::TYPE, key_value_map::build),
     (llm_cost_budget::TYPE, llm_cost_budget::build),
     (llm_token_quota::TYPE, llm_token_quota::build),
@@ -100,6 +106,9 @@ pub const ALL_TYPES: &[&str] = &[
     "SemanticCachePopulate",
     "ModelRouter",
     "ExtractVariables",
+    "AccessControl",
+    "CORS",
+    "JSONThreatProtection",
 ];
 
 pub fn builder(type_name: &str) -> Option<BuildFn> {
