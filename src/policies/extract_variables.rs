@@ -538,7 +538,7 @@ impl ExtractVariables {
 
     fn extract(&self, ex: &mut Exchange, dir: Direction) -> Result<(), Fault> {
         let mut found: Vec<(String, Value)> = Vec::new();
-        let mut push_caps = |caps: Vec<(&str, &str)>, found: &mut Vec<(String, Value)>| {
+        let push_caps = |caps: Vec<(&str, &str)>, found: &mut Vec<(String, Value)>| {
             for (n, v) in caps {
                 found.push((n.to_owned(), Value::Str(v.to_owned())));
             }

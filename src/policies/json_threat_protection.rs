@@ -31,7 +31,7 @@ use serde::Deserialize;
 
 use super::{parse_spec, BuildContext, SpecError};
 use crate::fault::Fault;
-use crate::pipeline::{Direction, Hook, Outcome, Policy};
+use crate::pipeline::{Direction, Hook, Policy};
 use crate::vars::Exchange;
 
 pub const TYPE: &str = "JSONThreatProtection";

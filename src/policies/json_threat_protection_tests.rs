@@ -1,4 +1,5 @@
 use super::*;
+use crate::pipeline::Outcome;
 use crate::vars::{Headers, RequestInfo, ResponseInfo};
 
 fn limits(f: impl FnOnce(&mut Limits)) -> Limits {

@@ -18,6 +18,7 @@ pub mod access_control;
 pub mod assign_message;
 pub mod cors;
 pub mod extract_variables;
+pub mod generate_jwt;
 pub mod inference_objective;
 pub mod javascript;
 pub mod json_threat_protection;
@@ -49,6 +50,8 @@ pub static REGISTRY: &[(&str, BuildFn)] = &[
     (assign_message::TYPE, assign_message::build),
     (cors::TYPE, cors::build),
     (extract_variables::TYPE, extract_variables::build),
+    (generate_jwt::TYPE, generate_jwt::build),
+    (generate_jwt::APIGEE_TYPE, generate_jwt::build),
     (inference_objective::TYPE, inference_objective::build),
     (javascript::TYPE, javascript::build),
     (json_threat_protection::TYPE, json_threat_protection::build),
@@ -109,6 +112,8 @@ pub const ALL_TYPES: &[&str] = &[
     "AccessControl",
     "CORS",
     "JSONThreatProtection",
+    "GenerateJwt",
+    "GenerateJWT",
 ];
 
 pub fn builder(type_name: &str) -> Option<BuildFn> {
