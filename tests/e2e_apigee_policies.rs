@@ -37,6 +37,7 @@ metadata: {name: loopback-only}
 spec:
   type: AccessControl
   noRuleMatchAction: DENY
+  validateBasedOn: CLIENT_IP
   matchRules:
   - {action: ALLOW, sourceAddresses: [127.0.0.0/8, "::1"]}
 ---
@@ -92,6 +93,8 @@ spec:
   - policy: loopback-only
   - policy: json-limits
   - policy: extract
+    # A GET has no payload to extract from (Apigee's ExecutionFailed).
+    apigeeCondition: request.verb = "POST"
   - policy: forward
 ---
 apiVersion: tollgate.dev/v1alpha1
@@ -172,7 +175,7 @@ async fn cors_preflight_answered_and_headers_on_the_upstream_response() {
 async fn access_control_on_the_address_envoy_gives() {
     within(LIMIT, async {
         let bed = TestBed::start(CONFIG).await;
-        // From loopback: allowed by the allow-list.
+        // From loopback: allowed by the allow-list (CLIENT_IP: Envoy's peer address).
         let r = bed.get("/api/accounts/1", &[]).await;
         assert_eq!(r.status, 200, "{}", r.text());
         // A listed address anywhere in X-Forwarded-For: denied, as Apigee's default.
@@ -188,11 +191,13 @@ async fn access_control_on_the_address_envoy_gives() {
             r.json()["fault"]["faultstring"],
             "Access Denied for client ip : 203.0.113.9"
         );
-        // An entry the allow-list does not hold: every address must pass.
+        // CLIENT_IP allow-list: what the client writes in X-Forwarded-For changes nothing.
+        // (Envoy appends its own host address, not 127.0.0.1, for a loopback peer, so the
+        // header's entries are not the peer here.)
         let r = bed
             .get("/api/accounts/1", &[("x-forwarded-for", "198.51.100.1")])
             .await;
-        assert_eq!(r.status, 403, "{}", r.text());
+        assert_eq!(r.status, 200, "{}", r.text());
         // CLIENT_IP: Envoy's peer address decides, whatever the header claims.
         let r = bed
             .get("/closed/x", &[("x-forwarded-for", "198.51.100.1")])
@@ -249,6 +254,91 @@ async fn threat_protection_and_extracted_variables() {
             r.json()["fault"]["detail"]["errorcode"],
             "steps.extractvariables.UnableToCast"
         );
+    })
+    .await;
+}
+
+const SIGNING: &str = r#"
+apiVersion: tollgate.dev/v1alpha1
+kind: Policy
+metadata: {name: mint}
+spec:
+  type: GenerateJWT
+  algorithm: RS256
+  privateKey: {file: signing.pem, id: "key-{request.header.x-key-version}"}
+  issuer: urn://tollgate
+  subject: "{request.header.x-user}"
+  audience: backend
+  expiresIn: 5m
+  id: ""
+  additionalClaims: {scope: read}
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: Policy
+metadata: {name: send}
+spec:
+  type: AssignMessage
+  set:
+    headers:
+      authorization: "Bearer {jwt.mint.generated_jwt}"
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: Flow
+metadata: {name: api}
+spec:
+  default: true
+  request:
+  - policy: mint
+  - policy: send
+"#;
+
+/// A token signed at the gateway reaches the upstream and verifies with the public key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generated_jwt_reaches_the_upstream_and_verifies() {
+    use rsa::pkcs8::{EncodePrivateKey, EncodePublicKey};
+    let key = rsa::RsaPrivateKey::new(&mut rand::thread_rng(), 2048).unwrap();
+    let private = key
+        .to_pkcs8_pem(rsa::pkcs8::LineEnding::LF)
+        .unwrap()
+        .to_string();
+    let public = key
+        .to_public_key()
+        .to_public_key_pem(rsa::pkcs8::LineEnding::LF)
+        .unwrap();
+    within(LIMIT, async {
+        let mut opts = support::BedOptions::new(SIGNING);
+        opts.files.push(("signing.pem".to_owned(), private));
+        let bed = TestBed::start_with(opts).await;
+        let r = bed
+            .get(
+                "/echo",
+                &[
+                    ("x-user", "alice"),
+                    ("x-key-version", "7"),
+                    ("authorization", "Bearer forged"),
+                ],
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let auth = r.echoed_header("authorization").expect("a token upstream");
+        let token = auth.strip_prefix("Bearer ").expect("a bearer token");
+        let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
+        v.set_audience(&["backend"]);
+        v.set_issuer(&["urn://tollgate"]);
+        let data = jsonwebtoken::decode::<serde_json::Value>(
+            token,
+            &jsonwebtoken::DecodingKey::from_rsa_pem(public.as_bytes()).unwrap(),
+            &v,
+        )
+        .expect("the upstream can verify the token");
+        assert_eq!(data.header.kid.as_deref(), Some("key-7"));
+        assert_eq!(data.claims["sub"], "alice");
+        assert_eq!(data.claims["scope"], "read");
+        let (iat, exp) = (
+            data.claims["iat"].as_i64().unwrap(),
+            data.claims["exp"].as_i64().unwrap(),
+        );
+        assert_eq!(exp - iat, 300);
     })
     .await;
 }

@@ -27,7 +27,8 @@
 //! - `X_FORWARDED_FOR_FIRST_IP`: the first entry. **The client writes it** unless a proxy in
 //!   front overwrites the header: use it only behind one that does (as in Apigee).
 //! - `X_FORWARDED_FOR_LAST_IP`: the last entry (the address the nearest proxy saw; Envoy
-//!   appends it with `use_remote_address: true`).
+//!   appends it with `use_remote_address: true`, writing its own host address instead when
+//!   the peer is a loopback address).
 //! - `CLIENT_IP` (tollgate's): `client.ip` only.
 //!
 //! Without `X-Forwarded-For`, every mode checks `client.ip`. A request whose address cannot
