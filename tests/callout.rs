@@ -583,7 +583,13 @@ async fn egress_rules_restrict_destinations() {
 /// An HTTPS server (certificate for `localhost`) that requires a client certificate issued
 /// by its CA. Returns its address, the CA (PEM), and a client certificate and key the CA
 /// issued (PEM), plus a pair from another CA.
-async fn serve_mtls() -> (SocketAddr, Arc<Seen>, String, (String, String), (String, String)) {
+async fn serve_mtls() -> (
+    SocketAddr,
+    Arc<Seen>,
+    String,
+    (String, String),
+    (String, String),
+) {
     let new_ca = || {
         let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -608,10 +614,12 @@ async fn serve_mtls() -> (SocketAddr, Arc<Seen>, String, (String, String), (Stri
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ca.der().clone()).unwrap();
-    let verifier =
-        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-            .build()
-            .unwrap();
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .unwrap();
     let tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .unwrap()
@@ -703,7 +711,10 @@ async fn mutual_tls_with_a_client_certificate() {
     ))
     .err()
     .unwrap();
-    assert_eq!(e.field, "clientCertificate", "a key that is not the certificate's: {e}");
+    assert_eq!(
+        e.field, "clientCertificate",
+        "a key that is not the certificate's: {e}"
+    );
 }
 
 /// A metadata server for Google tokens, on its own port.

@@ -145,7 +145,10 @@ async fn cors_preflight_answered_and_headers_on_the_upstream_response() {
             r.header("access-control-allow-origin"),
             Some("https://app.example.com")
         );
-        assert_eq!(r.header("access-control-expose-headers"), Some("x-request-id"));
+        assert_eq!(
+            r.header("access-control-expose-headers"),
+            Some("x-request-id")
+        );
         assert_eq!(r.header("vary"), Some("Origin"));
 
         // An origin a template allows; one nothing allows gets no CORS headers.
@@ -243,7 +246,11 @@ async fn threat_protection_and_extracted_variables() {
                 "{body}"
             );
         }
-        assert_eq!(bed.upstream.seen().len(), before, "a refused body went upstream");
+        assert_eq!(
+            bed.upstream.seen().len(),
+            before,
+            "a refused body went upstream"
+        );
 
         // A cast ExtractVariables cannot make: Apigee's UnableToCast.
         let r = bed

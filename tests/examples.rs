@@ -911,7 +911,26 @@ fn scenarios(file: &str) -> Option<Vec<Scenario>> {
                 ],
                 body: Some(r#"{"model":"gpt-4o","tier":"gold"}"#),
                 reply: None,
-                expect: Expect::Upstream(&[("x-account-id", "42"), ("x-model", "gpt-4o")]),
+                expect: Expect::Upstream(&[
+                    ("x-account-id", "42"),
+                    ("x-model", "gpt-4o"),
+                    ("x-first-model", "gpt-4o"),
+                ]),
+            },
+            // The account's first model stays (KVM put with override: false).
+            Scenario {
+                method: "POST",
+                path: "/apigee/accounts/42",
+                headers: &[
+                    ("content-type", "application/json"),
+                    ("x-forwarded-for", "198.51.100.4"),
+                ],
+                body: Some(r#"{"model":"gpt-4o-mini"}"#),
+                reply: None,
+                expect: Expect::Upstream(&[
+                    ("x-model", "gpt-4o-mini"),
+                    ("x-first-model", "gpt-4o"),
+                ]),
             },
             Scenario {
                 method: "GET",

@@ -121,7 +121,9 @@ impl Cidr {
                 u32::from(n) & mask == u32::from(a) & mask
             }
             (IpAddr::V6(n), IpAddr::V6(a)) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(self.len)).unwrap_or(0);
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.len))
+                    .unwrap_or(0);
                 u128::from(n) & mask == u128::from(a) & mask
             }
             _ => false,
@@ -201,6 +203,12 @@ pub fn build(_ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn P
             Ok((act, blocks))
         })
         .collect::<Result<Vec<_>, _>>()?;
+    if basis == Basis::FirstIp {
+        tracing::warn!(
+            "AccessControl X_FORWARDED_FOR_FIRST_IP decides on an address the client writes \
+             unless a proxy in front overwrites X-Forwarded-For"
+        );
+    }
     if rules.is_empty() && otherwise == Action::Allow {
         return Err(SpecError::new(
             "matchRules",
@@ -388,16 +396,42 @@ matchRules:
         // Any entry, or the client address itself, denied.
         assert!(outcome(&all, &mut ex(Some("10.0.0.1:1"), &["1.1.1.1, 203.0.113.9"])).is_err());
         assert!(outcome(&all, &mut ex(Some("203.0.113.1:1"), &["1.1.1.1"])).is_err());
-        assert_eq!(outcome(&all, &mut ex(Some("10.0.0.1:1"), &["1.1.1.1", "2.2.2.2"])), Ok(()));
+        assert_eq!(
+            outcome(&all, &mut ex(Some("10.0.0.1:1"), &["1.1.1.1", "2.2.2.2"])),
+            Ok(())
+        );
         // An entry that is not an address cannot be allowed.
         assert!(outcome(&all, &mut ex(Some("10.0.0.1:1"), &["unknown"])).is_err());
-        assert_eq!(outcome(&all, &mut ex(Some("10.0.0.1:1"), &["[2001:db8::1]:443"])), Ok(()));
+        assert_eq!(
+            outcome(&all, &mut ex(Some("10.0.0.1:1"), &["[2001:db8::1]:443"])),
+            Ok(())
+        );
         let first = deny("X_FORWARDED_FOR_FIRST_IP");
-        assert!(outcome(&first, &mut ex(Some("10.0.0.1:1"), &["203.0.113.9, 1.1.1.1"])).is_err());
-        assert_eq!(outcome(&first, &mut ex(Some("10.0.0.1:1"), &["1.1.1.1, 203.0.113.9"])), Ok(()));
+        assert!(outcome(
+            &first,
+            &mut ex(Some("10.0.0.1:1"), &["203.0.113.9, 1.1.1.1"])
+        )
+        .is_err());
+        assert_eq!(
+            outcome(
+                &first,
+                &mut ex(Some("10.0.0.1:1"), &["1.1.1.1, 203.0.113.9"])
+            ),
+            Ok(())
+        );
         let last = deny("X_FORWARDED_FOR_LAST_IP");
-        assert!(outcome(&last, &mut ex(Some("10.0.0.1:1"), &["1.1.1.1", "203.0.113.9"])).is_err());
-        assert_eq!(outcome(&last, &mut ex(Some("10.0.0.1:1"), &["203.0.113.9, 1.1.1.1"])), Ok(()));
+        assert!(outcome(
+            &last,
+            &mut ex(Some("10.0.0.1:1"), &["1.1.1.1", "203.0.113.9"])
+        )
+        .is_err());
+        assert_eq!(
+            outcome(
+                &last,
+                &mut ex(Some("10.0.0.1:1"), &["203.0.113.9, 1.1.1.1"])
+            ),
+            Ok(())
+        );
         // Without the header, the client address.
         assert!(outcome(&last, &mut ex(Some("203.0.113.2:9"), &[])).is_err());
 
@@ -407,7 +441,10 @@ matchRules:
         )
         .unwrap();
         assert!(outcome(&allow, &mut ex(Some("192.0.2.1:1"), &["10.0.0.5"])).is_err());
-        assert_eq!(outcome(&allow, &mut ex(Some("10.0.0.2:1"), &["10.0.0.5"])), Ok(()));
+        assert_eq!(
+            outcome(&allow, &mut ex(Some("10.0.0.2:1"), &["10.0.0.5"])),
+            Ok(())
+        );
     }
 
     #[test]

@@ -84,7 +84,10 @@ pub fn build(_ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn P
     let spec: Spec = parse_spec(spec)?;
     let tpl = |field: &str, s: &str| -> Result<Template, SpecError> {
         if !valid_header_value(s) {
-            return Err(SpecError::new(field, "CR, LF and NUL cannot be in a header"));
+            return Err(SpecError::new(
+                field,
+                "CR, LF and NUL cannot be in a header",
+            ));
         }
         Template::compile(s).map_err(|e| SpecError::new(field, e.to_string()))
     };
@@ -138,15 +141,20 @@ impl Cors {
             }
         }
         let s = t.render(ex);
-        Ok(if valid_header_value(&s) { s } else { String::new() })
+        Ok(if valid_header_value(&s) {
+            s
+        } else {
+            String::new()
+        })
     }
 
     /// The `Access-Control-Allow-Origin` value for `origin`, when it is allowed.
     fn allow_origin(&self, ex: &Exchange, origin: &str) -> Result<Option<String>, Fault> {
         let list = self.render(&self.origins, ex)?;
-        let allowed = list.split(',').map(str::trim).find(|o| {
-            *o == "*" || (!o.is_empty() && o.eq_ignore_ascii_case(origin))
-        });
+        let allowed = list
+            .split(',')
+            .map(str::trim)
+            .find(|o| *o == "*" || (!o.is_empty() && o.eq_ignore_ascii_case(origin)));
         Ok(match allowed {
             Some("*") if !self.credentials => Some("*".to_owned()),
             Some(_) => Some(origin.to_owned()),
@@ -325,8 +333,15 @@ mod tests {
         let mut e = ex("GET", &[("origin", "https://x.example")]);
         assert!(matches!(run(&p, &mut e), Outcome::Continue));
         let set = &e.response_mutations.set;
-        let get = |n: &str| set.iter().find(|(k, _, _)| k == n).map(|(_, v, _)| v.as_str());
-        assert_eq!(get("access-control-allow-origin"), Some("https://x.example"));
+        let get = |n: &str| {
+            set.iter()
+                .find(|(k, _, _)| k == n)
+                .map(|(_, v, _)| v.as_str())
+        };
+        assert_eq!(
+            get("access-control-allow-origin"),
+            Some("https://x.example")
+        );
         assert_eq!(get("access-control-expose-headers"), Some("x-a, x-b"));
         assert_eq!(get("access-control-allow-credentials"), Some("true"));
         assert_eq!(get("vary"), Some("Origin"));
@@ -373,7 +388,10 @@ mod tests {
         let Outcome::Reject(f) = run(&p, &mut e) else {
             panic!("unresolved is a fault");
         };
-        assert_eq!((f.status, f.code.as_str()), (500, "steps.cors.UnresolvedVariable"));
+        assert_eq!(
+            (f.status, f.code.as_str()),
+            (500, "steps.cors.UnresolvedVariable")
+        );
         e.set_var("allowed.origin", "https://x.example");
         assert!(matches!(run(&p, &mut e), Outcome::Continue));
         // Ignored (the default): the origin is simply not allowed.
@@ -394,7 +412,9 @@ mod tests {
             "allowOrigins"
         );
         assert_eq!(
-            build_y(r#"{allowOrigins: "*", maxAge: -5}"#).unwrap_err().field,
+            build_y(r#"{allowOrigins: "*", maxAge: -5}"#)
+                .unwrap_err()
+                .field,
             "maxAge"
         );
         assert_eq!(
@@ -402,7 +422,9 @@ mod tests {
             "allowOrigins"
         );
         assert_eq!(
-            build_y(r#"{allowOrigins: "*", allowHeader: x}"#).unwrap_err().field,
+            build_y(r#"{allowOrigins: "*", allowHeader: x}"#)
+                .unwrap_err()
+                .field,
             "allowHeader"
         );
     }

@@ -233,7 +233,10 @@ impl Pattern {
             rest = &rest[close + 1..];
         }
         if rest.contains('}') {
-            return Err(SpecError::new(field, format!("`{src}`: a `}}` without its `{{`")));
+            return Err(SpecError::new(
+                field,
+                format!("`{src}`: a `}}` without its `{{`"),
+            ));
         }
         if !rest.is_empty() {
             parts.push(PatPart::Lit(rest.to_owned()));
@@ -483,7 +486,9 @@ fn json_text(nodes: &[&serde_json::Value]) -> Option<String> {
         [serde_json::Value::String(s)] => Some(s.clone()),
         [serde_json::Value::Null] => None,
         [one] => Some(one.to_string()),
-        many => Some(serde_json::Value::Array(many.iter().map(|v| (*v).clone()).collect()).to_string()),
+        many => {
+            Some(serde_json::Value::Array(many.iter().map(|v| (*v).clone()).collect()).to_string())
+        }
     }
 }
 
@@ -532,7 +537,10 @@ impl ExtractVariables {
     fn source_missing(&self, what: &str) -> Fault {
         self.fault(
             "SourceMessageNotAvailable",
-            format!("{what} message is not available for ExtractVariable: {}", self.name),
+            format!(
+                "{what} message is not available for ExtractVariable: {}",
+                self.name
+            ),
         )
     }
 
@@ -635,7 +643,8 @@ impl ExtractVariables {
             let parsed;
             let value: Option<&serde_json::Value> = match (&self.source, &source_text) {
                 (Source::Variable(_), Some(t)) => {
-                    parsed = serde_json::from_str::<serde_json::Value>(t).map_err(|e| e.to_string());
+                    parsed =
+                        serde_json::from_str::<serde_json::Value>(t).map_err(|e| e.to_string());
                     parsed.as_ref().ok()
                 }
                 _ => None,

@@ -118,7 +118,10 @@ jsonPayload:
     let mut ex = request("/v1/chat", &[], Some(body));
     assert_eq!(run(&p, &mut ex, Direction::Request), Outcome::Continue);
     assert_eq!(var(&ex, "body.model").as_deref(), Some("gpt-4o"));
-    assert_eq!(ex.var("body.stream"), Some(crate::vars::ValueRef::Bool(true)));
+    assert_eq!(
+        ex.var("body.stream"),
+        Some(crate::vars::ValueRef::Bool(true))
+    );
     assert_eq!(ex.var("body.max"), Some(crate::vars::ValueRef::Int(64)));
     assert_eq!(ex.var("body.temp"), Some(crate::vars::ValueRef::Float(0.5)));
     assert_eq!(
@@ -162,10 +165,9 @@ fn faults_as_apigee() {
         "steps.extractvariables.ExecutionFailed"
     );
     // Ignored: nothing set, the step goes on.
-    let p = build_y(
-        r#"{ignoreUnresolvedVariables: true, jsonPayload: [{name: n, jsonPath: "$.n"}]}"#,
-    )
-    .unwrap();
+    let p =
+        build_y(r#"{ignoreUnresolvedVariables: true, jsonPayload: [{name: n, jsonPath: "$.n"}]}"#)
+            .unwrap();
     let mut ex = request("/", &[], Some("not json"));
     assert_eq!(run(&p, &mut ex, Direction::Request), Outcome::Continue);
     assert_eq!(var(&ex, "n"), None);
@@ -263,6 +265,9 @@ fn refused_at_load() {
         field(r#"{source: my.var, headers: [{name: a, patterns: ["{b}"]}]}"#),
         "source"
     );
-    assert_eq!(field(r#"{source: "a b", variables: [{name: a, patterns: ["{b}"]}]}"#), "source");
+    assert_eq!(
+        field(r#"{source: "a b", variables: [{name: a, patterns: ["{b}"]}]}"#),
+        "source"
+    );
     assert_eq!(field("{nope: 1}"), "nope");
 }

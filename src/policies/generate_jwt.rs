@@ -118,7 +118,7 @@ enum Family {
 
 /// Where the signing key comes from.
 enum KeySource {
-    Fixed(EncodingKey),
+    Fixed(Arc<EncodingKey>),
     /// Rendered per request; the last parse is kept by its text.
     Template(Template, Mutex<Option<(String, Arc<EncodingKey>)>>),
 }
@@ -217,13 +217,21 @@ fn make_key(
     match family {
         Family::Rsa => EncodingKey::from_rsa_pem(text)
             .map_err(|e| ("KeyParsingFailed", format!("not an RSA private key: {e}"))),
-        Family::Ec => EncodingKey::from_ec_pem(text)
-            .map_err(|e| ("KeyParsingFailed", format!("not an EC private key (PKCS#8): {e}"))),
+        Family::Ec => EncodingKey::from_ec_pem(text).map_err(|e| {
+            (
+                "KeyParsingFailed",
+                format!("not an EC private key (PKCS#8): {e}"),
+            )
+        }),
         Family::Hmac => {
             let bytes = match encoding {
                 Encoding::Utf8 => text.to_vec(),
                 Encoding::Base64 => {
-                    let t: Vec<u8> = text.iter().copied().filter(|c| !c.is_ascii_whitespace()).collect();
+                    let t: Vec<u8> = text
+                        .iter()
+                        .copied()
+                        .filter(|c| !c.is_ascii_whitespace())
+                        .collect();
                     base64::engine::general_purpose::STANDARD
                         .decode(&t)
                         .or_else(|_| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(&t))
@@ -287,12 +295,16 @@ fn claim_values(
 
 pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Policy>, SpecError> {
     let spec: Spec = parse_spec(spec)?;
-    let (alg, family) = algorithm(spec.algorithm.trim()).map_err(|m| SpecError::new("algorithm", m))?;
+    let (alg, family) =
+        algorithm(spec.algorithm.trim()).map_err(|m| SpecError::new("algorithm", m))?;
     let (key_field, key) = match (family, spec.private_key, spec.secret_key) {
         (Family::Hmac, None, Some(k)) => ("secretKey", k),
         (Family::Rsa | Family::Ec, Some(k), None) => ("privateKey", k),
         (Family::Hmac, ..) => {
-            return Err(SpecError::new("secretKey", "HS algorithms take secretKey (only)"))
+            return Err(SpecError::new(
+                "secretKey",
+                "HS algorithms take secretKey (only)",
+            ))
         }
         _ => {
             return Err(SpecError::new(
@@ -323,7 +335,7 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
     };
     let fixed = |text: &[u8], field: &str| {
         make_key(family, alg, encoding, text)
-            .map(KeySource::Fixed)
+            .map(|k| KeySource::Fixed(Arc::new(k)))
             .map_err(|(_, m)| SpecError::new(field, m))
     };
     let source = match (&key.value, &key.file) {
@@ -464,7 +476,7 @@ impl GenerateJwt {
 
     fn key(&self, ex: &Exchange) -> Result<Arc<EncodingKey>, Fault> {
         match &self.key {
-            KeySource::Fixed(k) => Ok(Arc::new(k.clone())),
+            KeySource::Fixed(k) => Ok(Arc::clone(k)),
             KeySource::Template(t, cache) => {
                 // A key must resolve whatever ignoreUnresolvedVariables says.
                 let text = self.render(t, ex, true)?;
@@ -487,7 +499,10 @@ impl GenerateJwt {
         let key = self.key(ex)?;
         let strict = !self.ignore_unresolved;
         let mut header = serde_json::Map::new();
-        header.insert("alg".into(), serde_json::to_value(self.alg).unwrap_or_default());
+        header.insert(
+            "alg".into(),
+            serde_json::to_value(self.alg).unwrap_or_default(),
+        );
         header.insert("typ".into(), "JWT".into());
         if let Some(k) = &self.kid {
             let kid = self.render(k, ex, strict)?;

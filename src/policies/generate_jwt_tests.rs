@@ -1,6 +1,8 @@
 use super::*;
 use jsonwebtoken::{DecodingKey, Validation};
-use ring::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED, ECDSA_P256_SHA256_FIXED_SIGNING};
+use ring::signature::{
+    EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED, ECDSA_P256_SHA256_FIXED_SIGNING,
+};
 
 const SECRET: &str = "0123456789abcdef0123456789abcdef";
 
@@ -82,8 +84,8 @@ additionalHeaders: {{x-origin: tollgate}}
 fn es256_from_a_variable_key() {
     let rng = ring::rand::SystemRandom::new();
     let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
-    let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng)
-        .unwrap();
+    let pair =
+        EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng).unwrap();
     let b64 = base64::engine::general_purpose::STANDARD.encode(pkcs8.as_ref());
     let pem = format!("-----BEGIN PRIVATE KEY-----\n{b64}\n-----END PRIVATE KEY-----\n");
     let p = build_y(
@@ -95,7 +97,10 @@ fn es256_from_a_variable_key() {
     let Outcome::Reject(f) = run(&p, &mut ex) else {
         panic!("no key");
     };
-    assert_eq!((f.status, f.code.as_str()), (401, "steps.jwt.FailedToResolveVariable"));
+    assert_eq!(
+        (f.status, f.code.as_str()),
+        (401, "steps.jwt.FailedToResolveVariable")
+    );
     ex.set_var("private.key", "not a key");
     let Outcome::Reject(f) = run(&p, &mut ex) else {
         panic!("bad key");
@@ -110,9 +115,12 @@ fn es256_from_a_variable_key() {
         let sig = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .decode(sig)
             .unwrap();
-        ring::signature::UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, pair.public_key().as_ref())
-            .verify(message.as_bytes(), &sig)
-            .expect("signed with the variable's key");
+        ring::signature::UnparsedPublicKey::new(
+            &ECDSA_P256_SHA256_FIXED,
+            pair.public_key().as_ref(),
+        )
+        .verify(message.as_bytes(), &sig)
+        .expect("signed with the variable's key");
         assert_eq!(decode_part(&token, 0)["alg"], "ES256");
         assert_eq!(decode_part(&token, 1)["sub"], "s");
     }
@@ -138,10 +146,8 @@ fn unresolved_claims_and_short_secrets() {
     assert_eq!(decode_part(&token, 1)["sub"], "");
 
     // A secret from a variable that is too short for HS256.
-    let p = build_y(
-        r#"{algorithm: HS256, secretKey: {value: "{private.s}", encoding: hex}}"#,
-    )
-    .unwrap();
+    let p =
+        build_y(r#"{algorithm: HS256, secretKey: {value: "{private.s}", encoding: hex}}"#).unwrap();
     ex.set_var("private.s", "00ff");
     let Outcome::Reject(f) = run(&p, &mut ex) else {
         panic!("short");
@@ -164,12 +170,18 @@ fn intervals() {
 #[test]
 fn refused_at_load() {
     let field = |y: &str| build_y(y).unwrap_err().field;
-    assert_eq!(field("{algorithm: none, secretKey: {value: x}}"), "algorithm");
+    assert_eq!(
+        field("{algorithm: none, secretKey: {value: x}}"),
+        "algorithm"
+    );
     assert_eq!(
         field("{algorithm: HS256, privateKey: {value: x}}"),
         "secretKey"
     );
-    assert_eq!(field("{algorithm: RS256, secretKey: {value: x}}"), "privateKey");
+    assert_eq!(
+        field("{algorithm: RS256, secretKey: {value: x}}"),
+        "privateKey"
+    );
     assert_eq!(
         field("{algorithm: HS256, secretKey: {value: short}}"),
         "secretKey.value"
@@ -184,7 +196,9 @@ fn refused_at_load() {
     );
     assert_eq!(field("{algorithm: ES256, privateKey: {}}"), "privateKey");
     assert_eq!(
-        field(&format!("{{algorithm: HS256, secretKey: {{value: {SECRET}}}, expiresIn: soon}}")),
+        field(&format!(
+            "{{algorithm: HS256, secretKey: {{value: {SECRET}}}, expiresIn: soon}}"
+        )),
         "expiresIn"
     );
     assert_eq!(

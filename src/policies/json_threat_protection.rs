@@ -174,7 +174,9 @@ fn scan_string(b: &[u8], mut i: usize) -> Result<(usize, u64), Violation> {
                 match b.get(i + 1) {
                     Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => i += 2,
                     Some(b'u') => {
-                        let hex = b.get(i + 2..i + 6).ok_or_else(|| invalid("bad escape", i))?;
+                        let hex = b
+                            .get(i + 2..i + 6)
+                            .ok_or_else(|| invalid("bad escape", i))?;
                         if !hex.iter().all(u8::is_ascii_hexdigit) {
                             return Err(invalid("bad escape", i));
                         }
@@ -293,12 +295,7 @@ pub(crate) fn check(text: &[u8], limits: &Limits) -> Result<(), Violation> {
                     b'"' => {
                         let (end, len) = scan_string(b, i + 1)?;
                         if len > limits.string_length {
-                            return Err(over(
-                                "string value length",
-                                limits.string_length,
-                                len,
-                                i,
-                            ));
+                            return Err(over("string value length", limits.string_length, len, i));
                         }
                         i = end;
                         state = State::After;
@@ -334,12 +331,7 @@ pub(crate) fn check(text: &[u8], limits: &Limits) -> Result<(), Violation> {
                 }
                 let (end, len) = scan_string(b, i + 1)?;
                 if len > limits.name_length {
-                    return Err(over(
-                        "object entry name length",
-                        limits.name_length,
-                        len,
-                        i,
-                    ));
+                    return Err(over("object entry name length", limits.name_length, len, i));
                 }
                 if let Some(top) = stack.last_mut() {
                     top.count += 1;
@@ -384,7 +376,12 @@ fn is_json_type(ct: Option<&str>) -> bool {
     let Some(ct) = ct else {
         return true;
     };
-    let mime = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let mime = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
     mime == "application/json" || mime.ends_with("+json")
 }
 

@@ -27,7 +27,10 @@ fn accepts_json_and_refuses_what_is_not() {
     ] {
         assert_eq!(reason(ok, &l), None, "{ok}");
         // Agrees with serde_json.
-        assert!(serde_json::from_str::<serde_json::Value>(ok).is_ok(), "{ok}");
+        assert!(
+            serde_json::from_str::<serde_json::Value>(ok).is_ok(),
+            "{ok}"
+        );
     }
     for bad in [
         "",
@@ -83,14 +86,20 @@ fn each_limit() {
     );
 
     let names = limits(|l| l.name_length = 3);
-    assert_eq!(reason(r#"{"abc":1,"\u00e9\u00e9\u00e9":2,"ééé":3}"#, &names), None);
+    assert_eq!(
+        reason(r#"{"abc":1,"\u00e9\u00e9\u00e9":2,"ééé":3}"#, &names),
+        None
+    );
     assert_eq!(
         reason(r#"{"abcd":1}"#, &names).as_deref(),
         Some("Exceeded object entry name length, max 3 allowed, found 4")
     );
 
     let strings = limits(|l| l.string_length = 4);
-    assert_eq!(reason(r#"["ab\"c", "日本語!", {"long-name-ok": "x"}]"#, &strings), None);
+    assert_eq!(
+        reason(r#"["ab\"c", "日本語!", {"long-name-ok": "x"}]"#, &strings),
+        None
+    );
     assert_eq!(
         reason(r#"["12345"]"#, &strings).as_deref(),
         Some("Exceeded string value length, max 4 allowed, found 5")
@@ -139,7 +148,11 @@ fn request(ct: Option<&str>, body: &str) -> Exchange {
     ex
 }
 
-fn run(p: &Arc<dyn Policy>, ex: &mut Exchange, dir: Direction) -> Result<(), (u16, String, String)> {
+fn run(
+    p: &Arc<dyn Policy>,
+    ex: &mut Exchange,
+    dir: Direction,
+) -> Result<(), (u16, String, String)> {
     match p.run(ex, dir) {
         Hook::Ready(Outcome::Continue) => Ok(()),
         Hook::Ready(Outcome::Reject(f)) => Err((f.status, f.code, f.message)),
@@ -163,28 +176,52 @@ fn policy_faults_as_apigee() {
         )
     );
     // Not JSON by its type: not checked; no type: checked; +json: checked.
-    assert_eq!(run(&p, &mut request(Some("text/plain"), "[1,2,3]"), Direction::Request), Ok(()));
+    assert_eq!(
+        run(
+            &p,
+            &mut request(Some("text/plain"), "[1,2,3]"),
+            Direction::Request
+        ),
+        Ok(())
+    );
     assert!(run(&p, &mut request(None, "[1,2,3]"), Direction::Request).is_err());
     assert!(run(
         &p,
-        &mut request(Some("application/merge-patch+json; charset=utf-8"), "[1,2,3]"),
+        &mut request(
+            Some("application/merge-patch+json; charset=utf-8"),
+            "[1,2,3]"
+        ),
         Direction::Request
     )
     .is_err());
     // Malformed JSON is refused; an empty body passes.
     assert_eq!(
-        run(&p, &mut request(Some("application/json"), "{"), Direction::Request)
-            .unwrap_err()
-            .1,
+        run(
+            &p,
+            &mut request(Some("application/json"), "{"),
+            Direction::Request
+        )
+        .unwrap_err()
+        .1,
         "steps.jsonthreatprotection.ExecutionFailed"
     );
-    assert_eq!(run(&p, &mut request(Some("application/json"), "  "), Direction::Request), Ok(()));
+    assert_eq!(
+        run(
+            &p,
+            &mut request(Some("application/json"), "  "),
+            Direction::Request
+        ),
+        Ok(())
+    );
 
     // The response, by the step's direction.
     let mut ex = request(None, "{}");
     let mut h = Headers::new();
     h.push("content-type".into(), "application/json".into());
-    ex.response = Some(ResponseInfo { status: 200, headers: h });
+    ex.response = Some(ResponseInfo {
+        status: 200,
+        headers: h,
+    });
     ex.set_body(Direction::Response, Some(b"[1,2,3]".to_vec()));
     assert!(run(&p, &mut ex, Direction::Response).is_err());
 
@@ -203,7 +240,9 @@ fn refused_at_load() {
     assert_eq!(build_y("{}").unwrap_err().field, "");
     assert_eq!(build_y("{containerDepth: -1}").unwrap_err().field, "");
     assert_eq!(
-        build_y("{source: message, containerDepth: 1}").unwrap_err().field,
+        build_y("{source: message, containerDepth: 1}")
+            .unwrap_err()
+            .field,
         "source"
     );
     assert_eq!(build_y("{depth: 1}").unwrap_err().field, "depth");

@@ -520,15 +520,19 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
             HttpClient::with_extra_roots(pem).map_err(|m| SpecError::new("caFile", m))?
         }
         (ca, Some((cert, key))) => {
-            HttpClient::with_tls(ca.as_deref(), Some((cert.as_slice(), key.as_slice())))
-                .map_err(|m| {
-                    let field = if m.starts_with("not a PEM") || m.starts_with("no PEM") || m.starts_with("unusable CA") {
+            HttpClient::with_tls(ca.as_deref(), Some((cert.as_slice(), key.as_slice()))).map_err(
+                |m| {
+                    let field = if m.starts_with("not a PEM")
+                        || m.starts_with("no PEM")
+                        || m.starts_with("unusable CA")
+                    {
                         "caFile"
                     } else {
                         "clientCertificate"
                     };
                     SpecError::new(field, m)
-                })?
+                },
+            )?
         }
     };
     let google = spec
@@ -539,7 +543,10 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
         if headers.iter().any(|(n, _)| *n == g.header) {
             return Err(SpecError::new(
                 "googleToken.header",
-                format!("`{}` is also in request.headers: the token sets it", g.header),
+                format!(
+                    "`{}` is also in request.headers: the token sets it",
+                    g.header
+                ),
             ));
         }
     }
@@ -701,9 +708,7 @@ impl ServiceCallout {
             let token = match g.slot.get() {
                 crate::google::Cached::Ready(t) => Ok(t.value.clone()),
                 crate::google::Cached::Failed(e) => Err(e),
-                crate::google::Cached::Missing => {
-                    g.slot.fetch().await.map(|t| t.value.clone())
-                }
+                crate::google::Cached::Missing => g.slot.fetch().await.map(|t| t.value.clone()),
             };
             match token {
                 Ok(t) => headers.push((g.header.clone(), format!("Bearer {t}"))),
