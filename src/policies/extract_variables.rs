@@ -23,9 +23,12 @@
 //! Patterns, as Apigee's: literal text and `{name}` captures; the whole value must match
 //! (the first pattern of an element that matches wins; literals compare case-insensitively
 //! with `ignoreCase`). A capture takes the text up to the first place the literal after it
-//! matches; in `uriPath` a capture is one path segment (no `/`), and a pattern may end in
-//! `/**` to match any remaining segments. The URI path matched is `proxy.pathsuffix` when
-//! the flow defines it, else the request path (without the query).
+//! matches. A `uriPath` pattern matches segment by segment: a capture stays within its
+//! segment, `*` is any one segment and `**` any number of them (`/**/{id}` takes the last
+//! segment). The URI path matched is `proxy.pathsuffix` when the flow defines it, else the
+//! request path (without the query). A query, form or header name ending in `.N`
+//! (`w.2`) reads the Nth value of a repeated one, as Apigee; a header without it is all its
+//! values joined with `,`.
 //!
 //! JSONPath is RFC 9535 (as ServiceCallout's): one match is the value itself (a string
 //! without quotes, other values as JSON text), several are a JSON array; `type` casts it
@@ -43,7 +46,7 @@
 //! Apigee's `InvalidJSONPath` and its variable-name errors (`SetVariableFailed`,
 //! `ImmutableVariable`) are refused at load here: an invalid JSONPath, a variable in
 //! `request.*` / `response.*` or an empty name cannot reach a request. XML payloads
-//! (`XMLPayload`) and multi-valued parameter indexes (`name="h.2"`) are not supported.
+//! (`XMLPayload`) are not supported.
 
 use std::sync::Arc;
 
@@ -120,15 +123,28 @@ fn is_var_ref(s: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
 }
 
-/// A compiled pattern: literals and captures, alternating or not, matched whole.
+/// A compiled pattern, matched against the whole value.
 #[derive(Debug, Clone)]
 struct Pattern {
-    parts: Vec<PatPart>,
+    kind: PatKind,
     ignore_case: bool,
-    /// URI path mode: captures stop at `/`.
-    path: bool,
-    /// Ends in `/**`: any remaining segments after the rest matched.
-    any_tail: bool,
+}
+
+#[derive(Debug, Clone)]
+enum PatKind {
+    /// Literals and captures (headers, parameters, variables).
+    Text(Vec<PatPart>),
+    /// A URI path, segment by segment: captures stay within a segment.
+    Path(Vec<Seg>),
+}
+
+#[derive(Debug, Clone)]
+enum Seg {
+    /// `*`: any one segment.
+    One,
+    /// `**`: any number of segments, none included.
+    Any,
+    Parts(Vec<PatPart>),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -156,16 +172,25 @@ struct JsonVar {
     cast: Cast,
 }
 
+/// A named source (a header, a parameter, a variable) and its patterns. `index` is
+/// Apigee's `name="w.2"`: the second value of a repeated parameter or header.
+#[derive(Debug)]
+struct Named {
+    name: String,
+    index: Option<usize>,
+    patterns: Vec<Pattern>,
+}
+
 #[derive(Debug)]
 struct ExtractVariables {
     name: String,
     source: Source,
     ignore_unresolved: bool,
     uri_path: Vec<Pattern>,
-    query: Vec<(String, Vec<Pattern>)>,
-    headers: Vec<(String, Vec<Pattern>)>,
-    form: Vec<(String, Vec<Pattern>)>,
-    variables: Vec<(String, Vec<Pattern>)>,
+    query: Vec<Named>,
+    headers: Vec<Named>,
+    form: Vec<Named>,
+    variables: Vec<Named>,
     json: Vec<JsonVar>,
 }
 
@@ -201,6 +226,88 @@ fn var_name(prefix: Option<&str>, name: &str, field: &str) -> Result<String, Spe
     Ok(full)
 }
 
+/// Compiles literal text and `{name}` captures.
+fn compile_parts(
+    src: &str,
+    text: &str,
+    prefix: Option<&str>,
+    field: &str,
+) -> Result<Vec<PatPart>, SpecError> {
+    let mut parts = Vec::new();
+    let mut rest = text;
+    while let Some(open) = rest.find('{') {
+        let close = rest[open..]
+            .find('}')
+            .map(|c| open + c)
+            .ok_or_else(|| SpecError::new(field, format!("`{src}`: a `{{` without its `}}`")))?;
+        if open > 0 {
+            parts.push(PatPart::Lit(rest[..open].to_owned()));
+        }
+        let name = &rest[open + 1..close];
+        if matches!(parts.last(), Some(PatPart::Cap(_))) {
+            return Err(SpecError::new(
+                field,
+                format!("`{src}`: two captures need literal text between them"),
+            ));
+        }
+        parts.push(PatPart::Cap(var_name(prefix, name, field)?));
+        rest = &rest[close + 1..];
+    }
+    if rest.contains('}') {
+        return Err(SpecError::new(
+            field,
+            format!("`{src}`: a `}}` without its `{{`"),
+        ));
+    }
+    if !rest.is_empty() {
+        parts.push(PatPart::Lit(rest.to_owned()));
+    }
+    Ok(parts)
+}
+
+/// The captures when `text` (already lower-cased for `ignoreCase`) matches `parts` whole;
+/// values are cut from `orig`, of the same length. A capture is never empty: it takes the
+/// text up to the first place the next literal matches.
+fn match_parts<'t, 'p>(
+    parts: &'p [PatPart],
+    hay: &str,
+    orig: &'t str,
+    caps: &mut Vec<(&'p str, &'t str)>,
+) -> bool {
+    let mut at = 0usize;
+    for (i, part) in parts.iter().enumerate() {
+        match part {
+            PatPart::Lit(l) => {
+                if !hay[at..].starts_with(l.as_str()) {
+                    return false;
+                }
+                at += l.len();
+            }
+            PatPart::Cap(name) => {
+                let end = match parts.get(i + 1) {
+                    Some(PatPart::Lit(next)) => {
+                        let Some(c) = hay[at..].chars().next() else {
+                            return false;
+                        };
+                        let from = at + c.len_utf8();
+                        match hay[from..].find(next.as_str()) {
+                            Some(p) => from + p,
+                            None => return false,
+                        }
+                    }
+                    _ => hay.len(),
+                };
+                if end == at {
+                    return false;
+                }
+                caps.push((name.as_str(), &orig[at..end]));
+                at = end;
+            }
+        }
+    }
+    at == hay.len()
+}
+
 impl Pattern {
     fn compile(
         src: &str,
@@ -209,65 +316,40 @@ impl Pattern {
         path: bool,
         field: &str,
     ) -> Result<Self, SpecError> {
-        let (body, any_tail) = match src.strip_suffix("/**") {
-            Some(b) if path => (b, true),
-            _ => (src, false),
-        };
-        let mut parts = Vec::new();
-        let mut rest = body;
-        while let Some(open) = rest.find('{') {
-            let close = rest[open..].find('}').map(|c| open + c).ok_or_else(|| {
-                SpecError::new(field, format!("`{src}`: a `{{` without its `}}`"))
-            })?;
-            if open > 0 {
-                parts.push(PatPart::Lit(rest[..open].to_owned()));
-            }
-            let name = &rest[open + 1..close];
-            if matches!(parts.last(), Some(PatPart::Cap(_))) {
-                return Err(SpecError::new(
-                    field,
-                    format!("`{src}`: two captures need literal text between them"),
-                ));
-            }
-            parts.push(PatPart::Cap(var_name(prefix, name, field)?));
-            rest = &rest[close + 1..];
-        }
-        if rest.contains('}') {
-            return Err(SpecError::new(
-                field,
-                format!("`{src}`: a `}}` without its `{{`"),
-            ));
-        }
-        if !rest.is_empty() {
-            parts.push(PatPart::Lit(rest.to_owned()));
-        }
-        if parts.is_empty() && !any_tail {
-            return Err(SpecError::new(field, "an empty pattern"));
-        }
-        let parts = if ignore_case {
+        let lower = |parts: Vec<PatPart>| -> Vec<PatPart> {
             parts
                 .into_iter()
                 .map(|p| match p {
-                    PatPart::Lit(l) => PatPart::Lit(l.to_lowercase()),
-                    c => c,
+                    PatPart::Lit(l) if ignore_case => PatPart::Lit(l.to_lowercase()),
+                    other => other,
                 })
                 .collect()
-        } else {
-            parts
         };
-        Ok(Self {
-            parts,
-            ignore_case,
-            path,
-            any_tail,
-        })
+        if src.is_empty() {
+            return Err(SpecError::new(field, "an empty pattern"));
+        }
+        let kind = if path {
+            let segs = src
+                .split('/')
+                .map(|seg| {
+                    Ok(match seg {
+                        "*" => Seg::One,
+                        "**" => Seg::Any,
+                        _ => Seg::Parts(lower(compile_parts(src, seg, prefix, field)?)),
+                    })
+                })
+                .collect::<Result<Vec<_>, SpecError>>()?;
+            PatKind::Path(segs)
+        } else {
+            PatKind::Text(lower(compile_parts(src, src, prefix, field)?))
+        };
+        Ok(Self { kind, ignore_case })
     }
 
-    /// The captures when `text` matches the whole pattern; `None` otherwise. A capture is
-    /// never empty.
+    /// The captures when `text` matches the whole pattern; `None` otherwise.
     fn matches<'t>(&self, text: &'t str) -> Option<Vec<(&str, &'t str)>> {
-        // Lower-casing keeps byte offsets only for ASCII; compare on a lowered copy and
-        // capture from the original only when both have the same length.
+        // Lower-casing keeps byte offsets only when the length stays: a text whose lower
+        // case is longer or shorter matches nothing rather than capturing at a wrong offset.
         let lowered;
         let hay: &str = if self.ignore_case {
             lowered = text.to_lowercase();
@@ -279,47 +361,77 @@ impl Pattern {
             text
         };
         let mut caps = Vec::new();
-        let mut at = 0usize;
-        let mut i = 0;
-        while i < self.parts.len() {
-            match &self.parts[i] {
-                PatPart::Lit(l) => {
-                    if !hay[at..].starts_with(l.as_str()) {
-                        return None;
-                    }
-                    at += l.len();
+        match &self.kind {
+            PatKind::Text(parts) => match_parts(parts, hay, text, &mut caps).then_some(caps),
+            PatKind::Path(segs) => {
+                let mut hs = Vec::new();
+                let mut at = 0;
+                for h in hay.split('/') {
+                    hs.push((h, &text[at..at + h.len()]));
+                    at += h.len() + 1;
                 }
-                PatPart::Cap(name) => {
-                    let end = match self.parts.get(i + 1) {
-                        Some(PatPart::Lit(next)) => {
-                            // The first place the next literal matches after a non-empty
-                            // capture.
-                            let from = at + hay[at..].chars().next()?.len_utf8();
-                            from + hay[from..].find(next.as_str())?
-                        }
-                        _ if self.any_tail => {
-                            hay[at..].find('/').map(|p| at + p).unwrap_or(hay.len())
-                        }
-                        _ => hay.len(),
-                    };
-                    let value = &text[at..end];
-                    if value.is_empty() || (self.path && value.contains('/')) {
-                        return None;
+                match_segs(segs, &hs, &mut caps).then_some(caps)
+            }
+        }
+    }
+}
+
+/// Matches pattern segments against path segments, iteratively: a table of which pattern
+/// suffix can match which path suffix, filled from the end (each `**` either ends here or
+/// takes one more segment), then one forward walk that takes the captures, `**` taking as
+/// few segments as it can. Work and memory are pattern segments × path segments, whatever
+/// the path's length or the number of `**`; no recursion.
+fn match_segs<'t, 'p>(
+    segs: &'p [Seg],
+    hs: &[(&str, &'t str)],
+    caps: &mut Vec<(&'p str, &'t str)>,
+) -> bool {
+    let (np, ns) = (segs.len(), hs.len());
+    let width = ns + 1;
+    let mut ok = vec![false; (np + 1) * width];
+    ok[np * width + ns] = true;
+    let mut scratch = Vec::new();
+    for i in (0..np).rev() {
+        for j in (0..=ns).rev() {
+            let next = |i: usize, j: usize| ok[i * width + j];
+            let v = match &segs[i] {
+                Seg::Any => next(i + 1, j) || (j < ns && next(i, j + 1)),
+                Seg::One => j < ns && !hs[j].0.is_empty() && next(i + 1, j + 1),
+                Seg::Parts(parts) => {
+                    j < ns && next(i + 1, j + 1) && {
+                        scratch.clear();
+                        match_parts(parts, hs[j].0, hs[j].1, &mut scratch)
                     }
-                    caps.push((name.as_str(), value));
-                    at = end;
+                }
+            };
+            ok[i * width + j] = v;
+        }
+    }
+    if !ok[0] {
+        return false;
+    }
+    let (mut i, mut j) = (0, 0);
+    while i < np {
+        match &segs[i] {
+            Seg::Any => {
+                if ok[(i + 1) * width + j] {
+                    i += 1;
+                } else {
+                    j += 1;
                 }
             }
-            i += 1;
+            Seg::One => {
+                i += 1;
+                j += 1;
+            }
+            Seg::Parts(parts) => {
+                match_parts(parts, hs[j].0, hs[j].1, caps);
+                i += 1;
+                j += 1;
+            }
         }
-        let tail = &hay[at..];
-        let whole = if self.any_tail {
-            tail.is_empty() || tail.starts_with('/')
-        } else {
-            tail.is_empty()
-        };
-        whole.then_some(caps)
     }
+    true
 }
 
 fn patterns(
@@ -343,7 +455,8 @@ fn named(
     prefix: Option<&str>,
     field: &str,
     lower_names: bool,
-) -> Result<Vec<(String, Vec<Pattern>)>, SpecError> {
+    indexed: bool,
+) -> Result<Vec<Named>, SpecError> {
     list.into_iter()
         .enumerate()
         .map(|(i, n)| {
@@ -356,6 +469,14 @@ fn named(
             } else {
                 n.name
             };
+            // `w.2`: the second value of `w`, as Apigee reads such a name.
+            let (name, index) = match name.rsplit_once('.') {
+                Some((base, k)) if indexed && !base.is_empty() => match k.parse::<usize>() {
+                    Ok(k) if (1..=100).contains(&k) => (base.to_owned(), Some(k)),
+                    _ => (name, None),
+                },
+                _ => (name, None),
+            };
             let pats = patterns(
                 &n.patterns,
                 prefix,
@@ -363,7 +484,11 @@ fn named(
                 false,
                 &format!("{at}.patterns"),
             )?;
-            Ok((name, pats))
+            Ok(Named {
+                name,
+                index,
+                patterns: pats,
+            })
         })
         .collect()
 }
@@ -404,10 +529,10 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
         Some(u) => patterns(&u.patterns, prefix, u.ignore_case, true, "uriPath.patterns")?,
         None => Vec::new(),
     };
-    let query = named(spec.query_params, prefix, "queryParams", false)?;
-    let headers = named(spec.headers, prefix, "headers", true)?;
-    let form = named(spec.form_params, prefix, "formParams", false)?;
-    let variables = named(spec.variables, prefix, "variables", false)?;
+    let query = named(spec.query_params, prefix, "queryParams", false, true)?;
+    let headers = named(spec.headers, prefix, "headers", true, true)?;
+    let form = named(spec.form_params, prefix, "formParams", false, true)?;
+    let variables = named(spec.variables, prefix, "variables", false, false)?;
     let json = spec
         .json_payload
         .into_iter()
@@ -458,7 +583,7 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
             "nothing to extract: give uriPath, queryParams, headers, formParams, variables or jsonPayload",
         ));
     }
-    for (i, (name, _)) in variables.iter().enumerate() {
+    for (i, Named { name, .. }) in variables.iter().enumerate() {
         if !is_var_ref(name) {
             return Err(SpecError::new(
                 format!("variables[{i}].name"),
@@ -570,10 +695,18 @@ impl ExtractVariables {
                         push_caps(c, &mut found);
                     }
                 }
-                for (name, pats) in &self.query {
-                    if let Some(v) = ex.request.query(name) {
-                        if let Some(c) = pats.iter().find_map(|p| p.matches(&v)) {
-                            push_caps(c, &mut found);
+                if !self.query.is_empty() {
+                    let pairs: Vec<(String, String)> =
+                        crate::vars::query_pairs(ex.request.query_string()).collect();
+                    for n in &self.query {
+                        let v = pairs
+                            .iter()
+                            .filter(|(k, _)| *k == n.name)
+                            .nth(n.index.map_or(0, |k| k - 1));
+                        if let Some((_, v)) = v {
+                            if let Some(c) = n.patterns.iter().find_map(|p| p.matches(v)) {
+                                push_caps(c, &mut found);
+                            }
                         }
                     }
                 }
@@ -581,20 +714,28 @@ impl ExtractVariables {
                     Direction::Request => Some(&ex.request.headers),
                     Direction::Response => ex.response.as_ref().map(|r| &r.headers),
                 };
-                for (name, pats) in &self.headers {
-                    // Several values are one comma-separated text, as Apigee reads them.
+                for n in &self.headers {
                     let values: Vec<&str> = headers
                         .into_iter()
                         .flat_map(|h| h.iter())
-                        .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+                        .filter(|(k, _)| k.eq_ignore_ascii_case(&n.name))
                         .map(|(_, v)| v)
                         .collect();
-                    if values.is_empty() {
-                        continue;
-                    }
-                    let v = values.join(",");
-                    if let Some(c) = pats.iter().find_map(|p| p.matches(&v)) {
-                        push_caps(c, &mut found);
+                    let v = match n.index {
+                        // Several values are one comma-separated text, as Apigee reads them.
+                        None if !values.is_empty() => Some(values.join(",")),
+                        None => None,
+                        Some(k) => values
+                            .iter()
+                            .flat_map(|v| v.split(','))
+                            .map(str::trim)
+                            .nth(k - 1)
+                            .map(str::to_owned),
+                    };
+                    if let Some(v) = v {
+                        if let Some(c) = n.patterns.iter().find_map(|p| p.matches(&v)) {
+                            push_caps(c, &mut found);
+                        }
                     }
                 }
                 if !self.form.is_empty() {
@@ -616,9 +757,13 @@ impl ExtractVariables {
                         let text = String::from_utf8_lossy(body);
                         let pairs: Vec<(String, String)> =
                             crate::vars::query_pairs(&text).collect();
-                        for (name, pats) in &self.form {
-                            if let Some((_, v)) = pairs.iter().find(|(k, _)| k == name) {
-                                if let Some(c) = pats.iter().find_map(|p| p.matches(v)) {
+                        for n in &self.form {
+                            let v = pairs
+                                .iter()
+                                .filter(|(k, _)| *k == n.name)
+                                .nth(n.index.map_or(0, |k| k - 1));
+                            if let Some((_, v)) = v {
+                                if let Some(c) = n.patterns.iter().find_map(|p| p.matches(v)) {
                                     push_caps(c, &mut found);
                                 }
                             }
@@ -632,9 +777,9 @@ impl ExtractVariables {
                 None => return Err(self.source_missing(v)),
             },
         }
-        for (name, pats) in &self.variables {
-            if let Some(v) = ex.lookup(name) {
-                if let Some(c) = pats.iter().find_map(|p| p.matches(&v)) {
+        for n in &self.variables {
+            if let Some(v) = ex.lookup(&n.name) {
+                if let Some(c) = n.patterns.iter().find_map(|p| p.matches(&v)) {
                     push_caps(c, &mut found);
                 }
             }
@@ -711,7 +856,7 @@ impl Policy for ExtractVariables {
                     Direction::Response => "response.content",
                 };
                 (*d == dir && (!self.json.is_empty() || !self.form.is_empty()))
-                    || self.variables.iter().any(|(n, _)| n == content)
+                    || self.variables.iter().any(|n| n.name == content)
             }
             // A variable source may be the message content itself.
             Source::Variable(v) => {
@@ -719,7 +864,7 @@ impl Policy for ExtractVariables {
                     Direction::Request => n == "request.content",
                     Direction::Response => n == "response.content",
                 };
-                reads(v) || self.variables.iter().any(|(n, _)| reads(n))
+                reads(v) || self.variables.iter().any(|n| reads(&n.name))
             }
         }
     }

@@ -70,6 +70,27 @@ headers: [{name: Authorization, patterns: ["Bearer {token}"]}]
 }
 
 #[test]
+fn repeated_values_by_index() {
+    let p = build_y(
+        r#"
+queryParams:
+- {name: w, patterns: ["{first}"]}
+- {name: w.2, patterns: ["{second}"]}
+headers:
+- {name: x-h, patterns: ["{all}"]}
+- {name: x-h.3, patterns: ["{third}"]}
+"#,
+    )
+    .unwrap();
+    let mut ex = request("/?w=sun&w=rain", &[("x-h", "a, b"), ("x-h", "c")], None);
+    run(&p, &mut ex, Direction::Request);
+    assert_eq!(var(&ex, "first").as_deref(), Some("sun"));
+    assert_eq!(var(&ex, "second").as_deref(), Some("rain"));
+    assert_eq!(var(&ex, "all").as_deref(), Some("a, b,c"));
+    assert_eq!(var(&ex, "third").as_deref(), Some("c"));
+}
+
+#[test]
 fn patterns_match_whole_values() {
     let pat = |s: &str, ic: bool, path: bool| Pattern::compile(s, None, ic, path, "f").unwrap();
     let p = pat("{a}.{b}", false, false);
@@ -87,6 +108,27 @@ fn patterns_match_whole_values() {
     assert_eq!(p.matches("/a/b/c"), Some(vec![]));
     assert_eq!(p.matches("/a"), Some(vec![]));
     assert_eq!(p.matches("/ab"), None);
+    // `**` anywhere, `*` one segment, captures inside a segment.
+    let p = pat("/**/{id}", false, true);
+    assert_eq!(p.matches("/v1/customers/42"), Some(vec![("id", "42")]));
+    assert_eq!(p.matches("/42"), Some(vec![("id", "42")]));
+    let p = pat("/*/orders/{order}.json", false, true);
+    assert_eq!(p.matches("/u7/orders/9.json"), Some(vec![("order", "9")]));
+    assert_eq!(p.matches("/orders/9.json"), None);
+    let p = pat("/users/{user}/**/items/{item}", false, true);
+    assert_eq!(
+        p.matches("/users/u1/a/b/items/i2"),
+        Some(vec![("user", "u1"), ("item", "i2")])
+    );
+    assert_eq!(
+        p.matches("/users/u1/items/i2"),
+        Some(vec![("user", "u1"), ("item", "i2")])
+    );
+    // Many `**` over a long path: bounded work, a clean no.
+    let p = pat("/**/**/**/**/**/x", false, true);
+    let long = "/a".repeat(30_000);
+    assert_eq!(p.matches(&long), None);
+    assert_eq!(p.matches(&format!("{long}/x")), Some(vec![]));
     // Non-ASCII text under ignoreCase whose lower case changes length matches nothing
     // rather than capturing at a wrong offset.
     let p = pat("x{v}", true, false);
