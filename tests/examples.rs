@@ -941,6 +941,43 @@ fn scenarios(file: &str) -> Option<Vec<Scenario>> {
                 reply: None,
                 expect: Expect::Upstream(&[("x-account-id", "7"), ("x-model", "none")]),
             },
+            // One operation group, one count: two calls across its two operations pass,
+            // the third is refused; an operation outside the group is not.
+            Scenario {
+                method: "GET",
+                path: "/apigee-ops/reports/1",
+                headers: &[("x-api-key", "apigee_demo_key_rotate_me_0001")],
+                body: None,
+                reply: None,
+                expect: Expect::Upstream(&[("x-client-id", "apigee-demo")]),
+            },
+            Scenario {
+                method: "GET",
+                path: "/apigee-ops/reports/1/summary",
+                headers: &[("x-api-key", "apigee_demo_key_rotate_me_0001")],
+                body: None,
+                reply: None,
+                expect: Expect::Upstream(&[]),
+            },
+            Scenario {
+                method: "GET",
+                path: "/apigee-ops/reports/2",
+                headers: &[("x-api-key", "apigee_demo_key_rotate_me_0001")],
+                body: None,
+                reply: None,
+                expect: Expect::Immediate {
+                    status: 429,
+                    body_contains: "policies.ratelimit.QuotaViolation",
+                },
+            },
+            Scenario {
+                method: "GET",
+                path: "/apigee-ops/status",
+                headers: &[("x-api-key", "apigee_demo_key_rotate_me_0001")],
+                body: None,
+                reply: None,
+                expect: Expect::Upstream(&[]),
+            },
             Scenario {
                 method: "GET",
                 path: "/apigee/accounts/42",
