@@ -954,6 +954,124 @@ fn scenarios(file: &str) -> Option<Vec<Scenario>> {
                 },
             },
         ]),
+        "apigee-policies.yaml" => Some(vec![
+            // The preflight is answered by the CORS step itself.
+            Scenario {
+                method: "OPTIONS",
+                path: "/apigee/accounts/42",
+                headers: &[
+                    ("origin", "https://app.example.com"),
+                    ("access-control-request-method", "POST"),
+                ],
+                body: None,
+                reply: None,
+                expect: Expect::Immediate {
+                    status: 200,
+                    body_contains: "",
+                },
+            },
+            Scenario {
+                method: "POST",
+                path: "/apigee/accounts/42",
+                headers: &[
+                    ("content-type", "application/json"),
+                    ("x-forwarded-for", "198.51.100.4"),
+                ],
+                body: Some(r#"{"model":"gpt-4o","tier":"gold"}"#),
+                reply: None,
+                expect: Expect::Upstream(&[
+                    ("x-account-id", "42"),
+                    ("x-model", "gpt-4o"),
+                    ("x-first-model", "gpt-4o"),
+                ]),
+            },
+            // The account's first model stays (KVM put with override: false).
+            Scenario {
+                method: "POST",
+                path: "/apigee/accounts/42",
+                headers: &[
+                    ("content-type", "application/json"),
+                    ("x-forwarded-for", "198.51.100.4"),
+                ],
+                body: Some(r#"{"model":"gpt-4o-mini"}"#),
+                reply: None,
+                expect: Expect::Upstream(&[
+                    ("x-model", "gpt-4o-mini"),
+                    ("x-first-model", "gpt-4o"),
+                ]),
+            },
+            Scenario {
+                method: "GET",
+                path: "/apigee/accounts/7/balance",
+                // The harness sends no `source.address`: the address comes from here.
+                headers: &[("x-forwarded-for", "198.51.100.4")],
+                body: None,
+                reply: None,
+                expect: Expect::Upstream(&[("x-account-id", "7"), ("x-model", "none")]),
+            },
+            // One operation group, one count: two calls across its two operations pass,
+            // the third is refused; an operation outside the group is not.
+            Scenario {
+                method: "GET",
+                path: "/apigee-ops/reports/1",
+                headers: &[("x-api-key", "apigee_demo_key_rotate_me_0001")],
+                body: None,
+                reply: None,
+                expect: Expect::Upstream(&[("x-client-id", "apigee-demo")]),
+            },
+            Scenario {
+                method: "GET",
+                path: "/apigee-ops/reports/1/summary",
+                headers: &[("x-api-key", "apigee_demo_key_rotate_me_0001")],
+                body: None,
+                reply: None,
+                expect: Expect::Upstream(&[]),
+            },
+            Scenario {
+                method: "GET",
+                path: "/apigee-ops/reports/2",
+                headers: &[("x-api-key", "apigee_demo_key_rotate_me_0001")],
+                body: None,
+                reply: None,
+                expect: Expect::Immediate {
+                    status: 429,
+                    body_contains: "policies.ratelimit.QuotaViolation",
+                },
+            },
+            Scenario {
+                method: "GET",
+                path: "/apigee-ops/status",
+                headers: &[("x-api-key", "apigee_demo_key_rotate_me_0001")],
+                body: None,
+                reply: None,
+                expect: Expect::Upstream(&[]),
+            },
+            Scenario {
+                method: "GET",
+                path: "/apigee/accounts/42",
+                headers: &[("x-forwarded-for", "198.51.100.4, 203.0.113.7")],
+                body: None,
+                reply: None,
+                expect: Expect::Immediate {
+                    status: 403,
+                    body_contains: "accesscontrol.IPDeniedAccess",
+                },
+            },
+            Scenario {
+                method: "POST",
+                path: "/apigee/accounts/42",
+                headers: &[
+                    ("content-type", "application/json"),
+                    ("x-forwarded-for", "198.51.100.4"),
+                ],
+                body: Some("[[[[[[1]]]]]]"),
+                reply: None,
+                expect: Expect::Immediate {
+                    status: 500,
+                    body_contains: "steps.jsonthreatprotection.ExecutionFailed",
+                },
+            },
+        ]),
         _ => None,
     }
 }

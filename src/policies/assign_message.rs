@@ -62,7 +62,7 @@ struct Spec {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct GoogleTokenSpec {
+pub(super) struct GoogleTokenSpec {
     #[serde(default)]
     access_token: Option<AccessTokenSpec>,
     #[serde(default)]
@@ -88,12 +88,15 @@ struct IdTokenSpec {
 }
 
 #[derive(Debug)]
-struct GoogleToken {
-    header: String,
-    slot: Arc<TokenSlot>,
+pub(super) struct GoogleToken {
+    pub(super) header: String,
+    pub(super) slot: Arc<TokenSlot>,
 }
 
-fn google_token(ctx: &BuildContext, g: GoogleTokenSpec) -> Result<GoogleToken, SpecError> {
+pub(super) fn google_token(
+    ctx: &BuildContext,
+    g: GoogleTokenSpec,
+) -> Result<GoogleToken, SpecError> {
     let at = "googleToken";
     let kind = match (g.access_token, g.id_token) {
         (Some(a), None) => {
@@ -144,7 +147,7 @@ fn google_token(ctx: &BuildContext, g: GoogleTokenSpec) -> Result<GoogleToken, S
     Ok(GoogleToken { header, slot })
 }
 
-fn token_unavailable(e: &crate::google::TokenError) -> Fault {
+pub(super) fn token_unavailable(e: &crate::google::TokenError) -> Fault {
     tracing::warn!(error = %e, "google token unavailable");
     Fault::new(
         503,
