@@ -232,6 +232,15 @@ pub struct ServeOptions {
     /// The usage ledger (`run` opens it on the store): charged by the streams, read by
     /// `GET /v1/usage`.
     pub usage: Option<Arc<crate::usage::Ledger>>,
+    /// The developer portal's listener and options; `None` keeps it off.
+    pub portal: Option<PortalServe>,
+}
+
+/// Where and how the developer portal ([`crate::portal`]) is served.
+#[derive(Debug, Clone)]
+pub struct PortalServe {
+    pub addr: SocketAddr,
+    pub options: crate::portal::PortalOptions,
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<tokio::net::TcpListener> {
@@ -268,6 +277,10 @@ pub async fn serve(config: Arc<ConfigManager>, opts: ServeOptions) -> anyhow::Re
     };
     let grpc_listener = bind(opts.grpc_addr, "gRPC").await?;
     let admin_listener = bind(opts.admin_addr, "admin").await?;
+    let portal_listener = match &opts.portal {
+        Some(p) => Some(bind(p.addr, "portal").await?),
+        None => None,
+    };
     let metrics_listener = match opts.metrics_addr {
         Some(a) => Some(bind(a, "metrics").await?),
         None => None,
@@ -290,6 +303,10 @@ pub async fn serve(config: Arc<ConfigManager>, opts: ServeOptions) -> anyhow::Re
             if let Some(ledger) = &opts.usage {
                 admin = admin::with_usage_api(admin, ledger.clone(), auth.clone());
             }
+            if opts.portal.is_some() {
+                let accounts = crate::portal::accounts::Accounts::new(s.consumers.store().clone());
+                admin = admin.merge(crate::portal::manage::guarded_router(accounts, auth));
+            }
             if matches!(auth, admin::ApiAuth::Insecure) {
                 tracing::warn!("management API open WITHOUT authentication (--admin-insecure)");
             }
@@ -311,6 +328,23 @@ pub async fn serve(config: Arc<ConfigManager>, opts: ServeOptions) -> anyhow::Re
         http_tasks.push(tokio::spawn(admin::serve_http(
             l,
             admin::router(readiness.clone()),
+            opts.admin_limits,
+            stop_rx.clone(),
+        )));
+    }
+
+    if let (Some(l), Some(p)) = (portal_listener, &opts.portal) {
+        // MONEY: the lead swaps `Portal::new` for `Portal::with_money(.., money_pages)` once
+        // the monetization module is merged.
+        let portal = crate::portal::Portal::new(
+            config.services().consumers.clone(),
+            opts.usage.clone(),
+            p.options.clone(),
+        );
+        tracing::info!(portal = %l.local_addr()?, "developer portal listening");
+        http_tasks.push(tokio::spawn(admin::serve_http(
+            l,
+            crate::portal::router(portal),
             opts.admin_limits,
             stop_rx.clone(),
         )));

@@ -26,6 +26,7 @@ pub mod llm;
 pub mod openapi;
 pub mod pipeline;
 pub mod policies;
+pub mod portal;
 pub mod ratelimit;
 pub mod refresh;
 pub mod server;

@@ -197,6 +197,22 @@ struct ServeArgs {
     /// answered 503 and closed.
     #[arg(long, default_value_t = 128)]
     admin_max_connections: usize,
+    /// Serve the developer portal here (off unless given). Its developer routes on the
+    /// management API (`/v1/developers`) follow the management API's token.
+    #[arg(long, env = "TOLLGATE_PORTAL_ADDR")]
+    portal_addr: Option<SocketAddr>,
+    /// Portal: new developer accounts are active at once instead of waiting for approval
+    /// (`POST /v1/developers/{email}/approve`).
+    #[arg(long)]
+    portal_auto_approve: bool,
+    /// Portal: where products' `openapiSpec` attributes are found (default: the
+    /// configuration directory).
+    #[arg(long)]
+    portal_spec_dir: Option<PathBuf>,
+    /// Portal: leave `Secure` off the cookies. Not needed on `http://localhost` (browsers
+    /// keep `Secure` cookies there); only for plain HTTP under another host name.
+    #[arg(long)]
+    portal_insecure_cookies: bool,
     /// What to do with requests no flow matches.
     #[arg(long, value_enum, default_value_t = NoMatch::Continue)]
     on_no_match: NoMatch,
@@ -669,6 +685,15 @@ async fn run(args: Box<ServeArgs>) -> anyhow::Result<()> {
                 }),
             api_auth,
             usage: None,
+            portal: args.portal_addr.map(|addr| app::PortalServe {
+                addr,
+                options: tollgate::portal::PortalOptions {
+                    auto_approve: args.portal_auto_approve,
+                    spec_dir: args.portal_spec_dir.clone().or_else(|| args.config.clone()),
+                    secure_cookies: !args.portal_insecure_cookies,
+                    ..Default::default()
+                },
+            }),
             admin_limits: tollgate::admin::HttpLimits {
                 header_read_timeout: args
                     .admin_header_read_timeout

@@ -91,6 +91,15 @@ pub fn router(consumers: Arc<Consumers>, auth: ApiAuth) -> Router {
         .with_state(state)
 }
 
+/// Guards more `/v1/` routes (the developer portal's `/v1/developers`) with the same bearer
+/// check as the rest of the management API.
+pub fn guarded(router: Router, auth: &ApiAuth) -> Router {
+    router.layer(middleware::from_fn_with_state(
+        Arc::new(Guard::new(auth)),
+        authenticate,
+    ))
+}
+
 /// The `/v1/` routes when no token was given: every call is refused with a 404 that says
 /// how to open the API, so a script against a closed API fails clearly, not with an empty
 /// 404 that looks like a wrong URL.

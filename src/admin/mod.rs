@@ -53,9 +53,9 @@ pub async fn serve_http(
     use hyper_util::rt::{TokioIo, TokioTimer};
     let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
     loop {
-        let tcp = tokio::select! {
+        let (tcp, peer) = tokio::select! {
             r = listener.accept() => match r {
-                Ok((tcp, _)) => tcp,
+                Ok(accepted) => accepted,
                 Err(e) => {
                     // EMFILE and the like: wait instead of spinning.
                     tracing::warn!(error = %e, "admin accept failed");
@@ -75,7 +75,16 @@ pub async fn serve_http(
             );
             continue;
         };
-        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        // The client's address as `ConnectInfo`, for handlers that limit per address (the
+        // portal's sign-in throttle).
+        let inner = hyper_util::service::TowerToHyperService::new(router.clone());
+        let service =
+            hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                use hyper::service::Service as _;
+                req.extensions_mut()
+                    .insert(axum::extract::ConnectInfo(peer));
+                inner.call(req)
+            });
         tokio::spawn(async move {
             let _permit = permit;
             let conn = hyper::server::conn::http1::Builder::new()

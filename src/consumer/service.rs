@@ -81,6 +81,37 @@ impl Consumers {
         (o.file_products.clone(), apps)
     }
 
+    /// Every product (a file object wins over a store object of the same name), by name.
+    pub fn products(&self) -> Vec<ApiProduct> {
+        let o = self.objects.lock();
+        let mut out: BTreeMap<&str, &ApiProduct> = o
+            .store_products
+            .values()
+            .map(|p| (p.name.as_str(), p))
+            .collect();
+        for p in &o.file_products {
+            out.insert(&p.name, p);
+        }
+        out.into_values().cloned().collect()
+    }
+
+    /// The apps of one developer (email compared without case), file apps included, by name.
+    pub fn apps_of(&self, email: &str) -> Vec<Arc<App>> {
+        let o = self.objects.lock();
+        let mut out: BTreeMap<&str, &Arc<App>> = o
+            .store_apps
+            .values()
+            .filter(|a| a.developer_email.eq_ignore_ascii_case(email))
+            .map(|a| (a.name.as_str(), a))
+            .collect();
+        for a in &o.file_apps {
+            if a.developer_email.eq_ignore_ascii_case(email) {
+                out.insert(&a.name, a);
+            }
+        }
+        out.into_values().cloned().collect()
+    }
+
     /// Replaces the file objects (after a configuration load) and rebuilds the index.
     pub fn set_file_objects(&self, products: Vec<ApiProduct>, apps: Vec<App>) {
         {
