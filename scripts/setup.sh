@@ -50,9 +50,11 @@ fi
 
 # Debian packages: binary -> package.
 # chromium: the admin page's test (tests/admin_ui.rs) renders it headless.
-declare -A APT_PKG=([wrk]=wrk [h2load]=nghttp2-client [redis-server]=redis-server [curl]=curl [chromium]=chromium)
+# chromedriver (chromium-driver): the developer portal's browser test (tests/portal_ui.rs)
+# drives chromium through it with selenium.
+declare -A APT_PKG=([wrk]=wrk [h2load]=nghttp2-client [redis-server]=redis-server [curl]=curl [chromium]=chromium [chromedriver]=chromium-driver)
 missing=()
-for bin in wrk h2load redis-server curl chromium; do
+for bin in wrk h2load redis-server curl chromium chromedriver; do
   command -v "$bin" >/dev/null 2>&1 || missing+=("${APT_PKG[$bin]}")
 done
 if ((${#missing[@]})); then
@@ -122,6 +124,9 @@ PY
 [[ "$(py_major openai)" == "$OPENAI_SERIES" ]] || venv_pkgs+=("openai==${OPENAI_SERIES}.*")
 [[ "$(py_major anthropic)" == "$ANTHROPIC_SERIES" ]] || venv_pkgs+=("anthropic==${ANTHROPIC_SERIES}.*")
 [[ "$(py_major google-genai)" == "$GOOGLE_GENAI_SERIES" ]] || venv_pkgs+=("google-genai==${GOOGLE_GENAI_SERIES}.*")
+# The developer portal's browser test (tests/portal_ui.rs, driver tests/portal/browse.py).
+SELENIUM_SERIES="${SELENIUM_SERIES:-4}"
+[[ "$(py_major selenium)" == "$SELENIUM_SERIES" ]] || venv_pkgs+=("selenium==${SELENIUM_SERIES}.*")
 if [[ ! -x "$VENV/bin/kubectl" ]]; then
   sys_kubectl="$(command -v kubectl || true)"
   if [[ -z "$sys_kubectl" || "$(kustomize_major "$sys_kubectl")" -lt 5 ]]; then
