@@ -20,7 +20,11 @@ const PRODUCTS: usize = 1_000;
 const APPS: usize = 10_000;
 
 fn product(i: usize) -> ApiProduct {
-    let access = if i % 10 == 0 { "private" } else { "public" };
+    let access = if i.is_multiple_of(10) {
+        "private"
+    } else {
+        "public"
+    };
     ApiProduct {
         name: format!("product-{i:04}"),
         description: format!("Product {i}: forecasts, <maps> & more for every city"),

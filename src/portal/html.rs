@@ -125,7 +125,7 @@ pub fn bar_chart(c: &Bars<'_>) -> String {
             bh,
             esc(label)
         );
-        if i % 4 == 0 {
+        if i.is_multiple_of(4) {
             let _ = write!(
                 s,
                 "<text x=\"{:.1}\" y=\"{}\" font-size=\"10\">{}</text>",

@@ -363,7 +363,7 @@ pub fn visible(p: &ApiProduct, dev: Option<&Developer>) -> bool {
         .as_deref()
     {
         Some("public") => true,
-        Some("private") => dev.is_some_and(|d| d.products.iter().any(|n| *n == p.name)),
+        Some("private") => dev.is_some_and(|d| d.products.contains(&p.name)),
         _ => false,
     }
 }
