@@ -166,13 +166,18 @@ impl StreamState {
         // The exchange's usage is known before any response hook runs on the answer.
         crate::llm::track::finish(&mut self.ex, ExchangeEnd::Answered);
         if let (Direction::Request, Some(flow)) = (dir, self.flow.clone()) {
-            if !flow.response.answer_steps.is_empty() {
+            // A step asked for the whole response flow on its answer (Apigee's ResponseCache
+            // hit): every response step runs on it, in order; a rejection still rejects.
+            let all: Vec<crate::pipeline::Step>;
+            let steps = if self.ex.state.response_steps_on_answer {
+                all = flow.response.steps().cloned().collect();
+                &all
+            } else {
+                &flow.response.answer_steps
+            };
+            if !steps.is_empty() {
                 // Boxed: keeps the common path's futures small.
-                let run = crate::pipeline::run_answer_steps(
-                    &flow.response.answer_steps,
-                    &mut self.ex,
-                    answer,
-                );
+                let run = crate::pipeline::run_answer_steps(steps, &mut self.ex, answer);
                 match Box::pin(run).await {
                     Outcome::Respond(a) => answer = a,
                     Outcome::Reject(f) => return self.reject(f, out),
