@@ -327,7 +327,8 @@ async fn apigee_hits_run_the_response_steps() {
         let refused = bed.get("/apigee/a", &[("x-fail", "1"), ("x-n", "3")]).await;
         assert_eq!(refused.status, 500);
         assert!(
-            String::from_utf8_lossy(&refused.body).contains("steps.javascript.ScriptExecutionFailed"),
+            String::from_utf8_lossy(&refused.body)
+                .contains("steps.javascript.ScriptExecutionFailed"),
             "{:?}",
             String::from_utf8_lossy(&refused.body)
         );

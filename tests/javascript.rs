@@ -405,7 +405,8 @@ fn apigee_script_rewrites_the_response() {
     assert!(p.replaces_body(Direction::Response));
     let mut ex = with_response(exchange(), 200, r#"{"data":[1,2,3]}"#);
     run_response(&p, &mut ex).unwrap();
-    let body: serde_json::Value = serde_json::from_slice(ex.response_body.as_ref().unwrap()).unwrap();
+    let body: serde_json::Value =
+        serde_json::from_slice(ex.response_body.as_ref().unwrap()).unwrap();
     assert_eq!(
         body,
         serde_json::json!({"items": [1, 2, 3], "count": 3, "served_by": "edge-7"})
@@ -413,13 +414,19 @@ fn apigee_script_rewrites_the_response() {
     assert!(ex.response_body_replaced);
     assert_eq!(ex.response.as_ref().unwrap().status, 200);
     let m = ex.take_mutations(Direction::Response);
-    assert!(m.set.iter().any(|(n, v, _)| n == "x-item-count" && v == "3"));
+    assert!(m
+        .set
+        .iter()
+        .any(|(n, v, _)| n == "x-item-count" && v == "3"));
 
     let mut ex = with_response(exchange(), 200, r#"{"data":[]}"#);
     run_response(&p, &mut ex).unwrap();
     assert_eq!(ex.response.as_ref().unwrap().status, 404);
     let m = ex.take_mutations(Direction::Response);
-    assert!(m.set.iter().any(|(n, v, _)| n == ":status" && v == "404"), "{m:?}");
+    assert!(
+        m.set.iter().any(|(n, v, _)| n == ":status" && v == "404"),
+        "{m:?}"
+    );
 }
 
 /// `context.setVariable` on message variables changes the message, as in Apigee.
@@ -428,7 +435,6 @@ fn apigee_set_variable_writes_the_message() {
     let p = apigee(
         r#"
         context.setVariable('request.header.x-client', 'app-' + context.getVariable('client_id'));
-        context.setVariable('request.verb', 'PUT');
         var payload = JSON.parse(context.getVariable('request.content'));
         payload.model = 'small';
         context.setVariable('request.content', JSON.stringify(payload));
@@ -438,18 +444,21 @@ fn apigee_set_variable_writes_the_message() {
     assert!(p.needs_body(Direction::Request) && p.replaces_body(Direction::Request));
     let mut ex = exchange();
     run(&p, &mut ex).unwrap();
-    assert_eq!(ex.request.method, "PUT");
     assert_eq!(
         ex.request_body.as_deref(),
         Some(&br#"{"model":"small","messages":[]}"#[..])
     );
     let set = set_headers(&mut ex);
     assert!(set.contains(&("x-client".into(), "app-app-1".into())));
-    assert!(set.contains(&(":method".into(), "PUT".into())));
-    // Variables that are not writable still refuse loudly.
-    let p = apigee("context.setVariable('request.path', '/x');", serde_json::json!({}));
-    let f = run(&p, &mut exchange()).unwrap_err();
-    assert!(f.message.contains("read-only"), "{}", f.message);
+    // Variables that are not writable refuse loudly (Envoy would drop a `:method` change).
+    for name in ["request.path", "request.verb"] {
+        let p = apigee(
+            &format!("context.setVariable('{name}', 'X');"),
+            serde_json::json!({}),
+        );
+        let f = run(&p, &mut exchange()).unwrap_err();
+        assert!(f.message.contains("read-only"), "{}", f.message);
+    }
     let p = apigee(
         "context.setVariable('response.status.code', 99);",
         serde_json::json!({}),
@@ -606,9 +615,8 @@ fn apigee_http_client_limits() {
         name: "js".into(),
         ..Default::default()
     };
-    ctx.services.egress = Arc::new(
-        tollgate::policies::service_callout::Egress::new(&["allowed.test"]).unwrap(),
-    );
+    ctx.services.egress =
+        Arc::new(tollgate::policies::service_callout::Egress::new(&["allowed.test"]).unwrap());
     let p = builder("JavaScript").unwrap()(
         &ctx,
         serde_norway::from_str(
@@ -620,7 +628,11 @@ fn apigee_http_client_limits() {
     )
     .unwrap();
     let f = run(&p, &mut exchange()).unwrap_err();
-    assert!(f.message.contains("not allowed") || f.message.contains("allow"), "{}", f.message);
+    assert!(
+        f.message.contains("not allowed") || f.message.contains("allow"),
+        "{}",
+        f.message
+    );
     assert!(upstream.seen_with_prefix("/echo").is_empty());
 
     let p = apigee(
@@ -647,7 +659,8 @@ fn apigee_http_client_limits() {
 /// it. Globals never outlive their run, even when a script tries to pin them.
 #[test]
 fn apigee_mode_is_sloppy_and_runs_stay_apart() {
-    let src = "total = 0; for (i = 1; i <= 4; i++) { total += i; } context.setVariable('total', total);";
+    let src =
+        "total = 0; for (i = 1; i <= 4; i++) { total += i; } context.setVariable('total', total);";
     let sloppy = apigee(src, serde_json::json!({}));
     let mut ex = exchange();
     run(&sloppy, &mut ex).unwrap();
@@ -671,11 +684,18 @@ fn apigee_mode_is_sloppy_and_runs_stay_apart() {
         run(&apigee(pin, serde_json::json!({})), &mut exchange()).unwrap();
         let mut ex = exchange();
         run(&peek, &mut ex).unwrap();
-        assert_eq!(ex.lookup("seen").as_deref(), Some("undefined undefined"), "{pin}");
+        assert_eq!(
+            ex.lookup("seen").as_deref(),
+            Some("undefined undefined"),
+            "{pin}"
+        );
         run(&sloppy, &mut exchange()).unwrap();
     }
     // Built-ins stay as they were.
-    let tamper = apigee("Array.prototype.push = null; JSON = null;", serde_json::json!({}));
+    let tamper = apigee(
+        "Array.prototype.push = null; JSON = null;",
+        serde_json::json!({}),
+    );
     let _ = run(&tamper, &mut exchange());
     let check = apigee(
         "var a = []; a.push(1); context.setVariable('ok', JSON.stringify(a));",
@@ -695,9 +715,18 @@ fn apigee_mode_is_sloppy_and_runs_stay_apart() {
 #[test]
 fn apigee_specs_are_checked() {
     for (extra, field) in [
-        (serde_json::json!({"properties": {"a": [1]}}), "properties.a"),
-        (serde_json::json!({"httpClient": {"timeoutMs": 0}}), "httpClient.timeoutMs"),
-        (serde_json::json!({"httpClient": {"maxRequests": 99}}), "httpClient.maxRequests"),
+        (
+            serde_json::json!({"properties": {"a": [1]}}),
+            "properties.a",
+        ),
+        (
+            serde_json::json!({"httpClient": {"timeoutMs": 0}}),
+            "httpClient.timeoutMs",
+        ),
+        (
+            serde_json::json!({"httpClient": {"maxRequests": 99}}),
+            "httpClient.maxRequests",
+        ),
         (serde_json::json!({"mode": "rhino"}), "mode"),
     ] {
         let mut spec = serde_json::json!({"source": "1;", "mode": "apigee"});

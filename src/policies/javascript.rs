@@ -11,7 +11,35 @@
 //!   memoryLimitBytes: 8388608       # heap a run may add; default 8 MiB
 //!   needsBody: false                # default: true when the source uses .content, .body,
 //!                                   # .json(, setContent or setJson
+//!   mode: strict                    # or apigee: run as Apigee runs scripts (below)
+//!   properties: {salt: pepper}      # Apigee's <Properties>: the script's `properties`
+//!   httpClient: {timeoutMs: 1000, maxResponseBytes: 1048576, maxRequests: 4}
 //! ```
+//!
+//! `mode: apigee` (Apigee's JavaScript policy): sloppy mode, so an undeclared assignment
+//! makes a global (Rhino's behaviour; strict mode throws `ReferenceError`). Such globals
+//! live in an engine of their own whose global object is extensible but whose built-ins are
+//! locked, and are deleted after every run; a run that makes them undeletable
+//! (`Object.preventExtensions(globalThis)`, a non-configurable property) retires the engine.
+//! `response.status` is then Apigee's: a number with a writable `code` and a `message`.
+//!
+//! In both modes: `request.content = …` / `response.content = …` replace a body,
+//! `response.status = n` (or `.status.code = n`) sets the status (200–599), and
+//! `context.setVariable` writes `request.content`, `response.content` and
+//! `response.status.code` besides the headers (`request.verb` is refused: Envoy's default
+//! ext_proc mutation rules drop a method change silently); `properties` (strings);
+//! `crypto.getSHA1/getSHA256/getSHA512/getMD5()` with `update(v)`, `digest()` (hex),
+//! `digest64()` (base64); `httpClient.get(url[, callback])` and
+//! `httpClient.send(new Request(url, method, headers, body)[, callback])` returning an
+//! exchange with `waitForComplete()`, `isComplete()`, `isSuccess()` (an answer came, any
+//! status), `isError()`, `getResponse()` (`status` with `.code`, `headers`, `content`) and
+//! `getError()`. A request starts at once and runs on a runtime of its own; waiting for it
+//! blocks only the script's request (the tokio worker's other tasks move to another
+//! thread), is bounded by `httpClient.timeoutMs`, and does not count against
+//! `timeLimitMs`. Destinations are checked against the operator's callout allow-list
+//! (`--callout-allow`, as for ServiceCallout): a refused one throws. A callback is called
+//! when the answer is in, before `get`/`send` returns (Apigee calls it later).
+//! `print` logs at most 4 KiB a call and 16 KiB a run.
 //!
 //! In the script (strict mode): `context.getVariable(name)` / `setVariable(name, value)` /
 //! `removeVariable(name)` (`request.header.<n>` and `response.header.<n>` set headers),
@@ -254,8 +282,8 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
             .iter()
             .any(|w| source.contains(w))
     });
-    let replaces_body = ["setContent", "setJson"].iter().any(|w| source.contains(w))
-        || assigns_content(&source);
+    let replaces_body =
+        ["setContent", "setJson"].iter().any(|w| source.contains(w)) || assigns_content(&source);
     let mut properties = Vec::with_capacity(spec.properties.len());
     for (k, v) in &spec.properties {
         let v = match v {
@@ -274,7 +302,10 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
     }
     let http_spec = spec.http_client.unwrap_or_default();
     if http_spec.timeout_ms == 0 || http_spec.timeout_ms > 10_000 {
-        return Err(SpecError::new("httpClient.timeoutMs", "between 1 and 10000"));
+        return Err(SpecError::new(
+            "httpClient.timeoutMs",
+            "between 1 and 10000",
+        ));
     }
     if http_spec.max_response_bytes == 0 || http_spec.max_response_bytes > 16 * 1024 * 1024 {
         return Err(SpecError::new(
@@ -812,7 +843,10 @@ fn host<'js>(ctx: &Ctx<'js>) -> rquickjs::Result<Object<'js>> {
         Function::new(ctx.clone(), |ctx: Ctx<'js>, d: String, code: f64| {
             with_current(&ctx, |cur| {
                 if dir_of(&ctx, cur, &d)? != Direction::Response {
-                    return Err(rquickjs::Exception::throw_type(&ctx, "only a response has a status"));
+                    return Err(rquickjs::Exception::throw_type(
+                        &ctx,
+                        "only a response has a status",
+                    ));
                 }
                 set_status(&ctx, cur, code)
             })
@@ -869,9 +903,13 @@ fn host<'js>(ctx: &Ctx<'js>) -> rquickjs::Result<Object<'js>> {
             ctx.clone(),
             |ctx: Ctx<'js>, id: usize| -> rquickjs::Result<Object<'js>> {
                 let (rx, timeout, deadline) = with_current(&ctx, |cur| {
-                    let rx = cur.pending.get_mut(id).and_then(Option::take).ok_or_else(|| {
-                        rquickjs::Exception::throw_type(&ctx, "httpClient: no such request")
-                    })?;
+                    let rx = cur
+                        .pending
+                        .get_mut(id)
+                        .and_then(Option::take)
+                        .ok_or_else(|| {
+                            rquickjs::Exception::throw_type(&ctx, "httpClient: no such request")
+                        })?;
                     Ok((rx, cur.http.timeout, Arc::clone(&cur.deadline)))
                 })?;
                 let started = Instant::now();
@@ -927,8 +965,8 @@ fn host<'js>(ctx: &Ctx<'js>) -> rquickjs::Result<Object<'js>> {
     Ok(h)
 }
 
-/// `context.setVariable` on the message variables Apigee lets a script write: the bodies,
-/// the response status and the request verb. `None`: not one of them.
+/// `context.setVariable` on the message variables Apigee lets a script write: the bodies
+/// and the response status. `None`: not one of them.
 fn set_message_variable(
     ctx: &Ctx<'_>,
     cur: &mut Current,
@@ -937,29 +975,21 @@ fn set_message_variable(
 ) -> Option<rquickjs::Result<()>> {
     let text = || from_js(v).map(|v| v.to_string()).unwrap_or_default();
     Some(match name {
-        "request.content" | "response.content" => {
-            let d = if name.starts_with("request") {
-                Direction::Request
-            } else {
-                Direction::Response
+        "request.content" | "response.content" => (|| {
+            let d = dir_of(ctx, cur, name.split('.').next().unwrap_or_default())?;
+            let has = match d {
+                Direction::Request => cur.ex.request_body.is_some(),
+                Direction::Response => cur.ex.response_body.is_some(),
             };
-            let r = (|| {
-                let d = dir_of(ctx, cur, if d == Direction::Request { "request" } else { "response" })?;
-                let has = match d {
-                    Direction::Request => cur.ex.request_body.is_some(),
-                    Direction::Response => cur.ex.response_body.is_some(),
-                };
-                if !has {
-                    return Err(rquickjs::Exception::throw_type(
-                        ctx,
-                        "the body is not available in this phase (set needsBody: true)",
-                    ));
-                }
-                cur.ex.replace_body(d, text().into_bytes());
-                Ok(())
-            })();
-            r
-        }
+            if !has {
+                return Err(rquickjs::Exception::throw_type(
+                    ctx,
+                    "the body is not available in this phase (set needsBody: true)",
+                ));
+            }
+            cur.ex.replace_body(d, text().into_bytes());
+            Ok(())
+        })(),
         "response.status.code" => match from_js(v) {
             Some(Value::Int(i)) => set_status(ctx, cur, i as f64),
             Some(Value::Str(s)) => match s.trim().parse::<u16>() {
@@ -968,15 +998,12 @@ fn set_message_variable(
             },
             _ => Err(rquickjs::Exception::throw_type(ctx, "a status is a number")),
         },
-        "request.verb" => {
-            let verb = text().to_ascii_uppercase();
-            if verb.is_empty() || !verb.bytes().all(|b| b.is_ascii_alphabetic()) {
-                return Some(Err(rquickjs::Exception::throw_type(ctx, "bad verb")));
-            }
-            cur.ex.set_header(Direction::Request, ":method", verb.clone());
-            cur.ex.request.method = verb;
-            Ok(())
-        }
+        // Envoy's default ext_proc mutation rules drop a `:method` change silently
+        // (`allow_all_routing`): refused here rather than ignored there.
+        "request.verb" => Err(rquickjs::Exception::throw_type(
+            ctx,
+            "`request.verb` is read-only here: Envoy does not let an ext_proc server change the method",
+        )),
         _ => return None,
     })
 }
@@ -984,7 +1011,10 @@ fn set_message_variable(
 /// Sets the response's status (the `:status` Envoy sends on).
 fn set_status(ctx: &Ctx<'_>, cur: &mut Current, code: f64) -> rquickjs::Result<()> {
     if cur.ex.response.is_none() {
-        return Err(rquickjs::Exception::throw_type(ctx, "there is no response yet"));
+        return Err(rquickjs::Exception::throw_type(
+            ctx,
+            "there is no response yet",
+        ));
     }
     if code.fract() != 0.0 || !(200.0..=599.0).contains(&code) {
         return Err(rquickjs::Exception::throw_range(

@@ -18,7 +18,28 @@
 //!   statusHeader: cache-status         # RFC 9211: `tollgate; hit` / `tollgate; fwd=miss[; stored]`
 //!   coalesceWaitMs: 0                  # > 0: concurrent misses on a key wait for the first
 //!   shared: {redis: "redis://127.0.0.1:6379/0", timeoutMs: 50}   # optional second tier
+//!   profile: tollgate                  # or apigee: Apigee's defaults for the unset fields
+//!   skipCacheLookup: 'request.header.bypass-cache = "true"'   # Apigee's language (or skipLookup, CEL)
+//!   skipCachePopulation: 'response.status.code != 200'        # (or skipPopulate, CEL)
+//!   expiry: {timeoutInSec: {ref: cache.ttl, value: 300}}      # in place of ttlSeconds; or
+//!           # {expiryDate: "12-31-2027"} (mm-dd-yyyy, start of day UTC) or
+//!           # {timeOfDay: "02:00:00"} (hh:mm:ss UTC, the next one); each a literal or {ref, value}
+//!   useAcceptHeader: false             # Accept, Accept-Encoding, -Language, -Charset in the key
+//!   responseStepsOnHit: false          # a hit runs the flow's response steps (Apigee)
 //! ```
+//!
+//! `profile: apigee` changes the defaults to Apigee's: `excludeErrorResponses: false`
+//! stores any status (tollgate's `false` stores 2xx–4xx), `respectCacheControl: false`
+//! (Apigee's `UseResponseCacheHeaders`, accepted as an alias), `responseStepsOnHit: true`.
+//! With `responseStepsOnHit`, a hit still skips the upstream and the rest of the request
+//! steps, but every response step of the flow runs on the cached answer (the policy's own
+//! populate half does nothing on its own hit); a response step that fails turns the answer
+//! into its fault. `responsecache.<policy>.cachehit` is `true` on a hit and `false` after
+//! a lookup that missed or was skipped. An `expiry` whose ref and literal give no future
+//! time stores nothing. What stays stricter than Apigee under every profile: a response to
+//! a request with credentials is stored outside `scope: app` only when its `Cache-Control`
+//! allows a shared cache to (below), `Vary: *` and oversize bodies are never stored, and
+//! cookies are never replayed.
 //!
 //! The key is a SHA-256 over the prefix, scope, host, fragments (length-prefixed), method
 //! and, for methods with a body, a digest of the body: hostile input never reaches the
@@ -233,9 +254,7 @@ impl Expiry {
             ));
         }
         let check_ref = |field: &str, r: &Option<String>| match r {
-            Some(r) if r.trim().is_empty() => {
-                Err(SpecError::new(field, "`ref` names a variable"))
-            }
+            Some(r) if r.trim().is_empty() => Err(SpecError::new(field, "`ref` names a variable")),
             _ => Ok(()),
         };
         if let Some(t) = &spec.timeout_in_sec {
@@ -249,7 +268,10 @@ impl Expiry {
                     ));
                 }
             } else if reference.is_none() {
-                return Err(SpecError::new("expiry.timeoutInSec", "give a value or a ref"));
+                return Err(SpecError::new(
+                    "expiry.timeoutInSec",
+                    "give a value or a ref",
+                ));
             }
             return Ok(Expiry::Timeout { reference, secs });
         }
@@ -265,7 +287,11 @@ impl Expiry {
                 .transpose()?;
             return Ok(Expiry::Date { reference, date });
         }
-        let (reference, text) = spec.time_of_day.as_ref().map(Setting::parts).unwrap_or_default();
+        let (reference, text) = spec
+            .time_of_day
+            .as_ref()
+            .map(Setting::parts)
+            .unwrap_or_default();
         check_ref("expiry.timeOfDay.ref", &reference)?;
         let time = text
             .map(|t| {
@@ -417,7 +443,10 @@ fn build_cache(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Response
     }
     let expiry = match (&spec.expiry, spec.ttl_seconds) {
         (Some(_), Some(_)) => {
-            return Err(SpecError::new("expiry", "give ttlSeconds or expiry, not both"))
+            return Err(SpecError::new(
+                "expiry",
+                "give ttlSeconds or expiry, not both",
+            ))
         }
         (Some(e), None) => Expiry::compile(e)?,
         (None, _) => Expiry::Timeout {
@@ -448,8 +477,8 @@ fn build_cache(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Response
             .transpose()
     };
     // `skipLookup` (CEL) or `skipCacheLookup` (Apigee's language), not both.
-    let either = |cel: (&str, &Option<String>), apigee: (&str, &Option<String>)| {
-        match (cel.1, apigee.1) {
+    let either =
+        |cel: (&str, &Option<String>), apigee: (&str, &Option<String>)| match (cel.1, apigee.1) {
             (Some(_), Some(_)) => Err(SpecError::new(
                 apigee.0,
                 format!("give {} (CEL) or {} (Apigee), not both", cel.0, apigee.0),
@@ -458,8 +487,7 @@ fn build_cache(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Response
                 .map(Some)
                 .map_err(|e| SpecError::new(apigee.0, e.to_string())),
             _ => cond(cel.0, cel.1),
-        }
-    };
+        };
     let skip_lookup = either(
         ("skipLookup", &spec.skip_lookup),
         ("skipCacheLookup", &spec.skip_cache_lookup),
@@ -567,7 +595,12 @@ impl ResponseCache {
         }
         if self.use_accept_header {
             // Apigee's `UseAcceptHeader`: the negotiated representation is part of the key.
-            for name in ["accept", "accept-encoding", "accept-language", "accept-charset"] {
+            for name in [
+                "accept",
+                "accept-encoding",
+                "accept-language",
+                "accept-charset",
+            ] {
                 part(all_values(&ex.request.headers, name).as_bytes());
             }
         }
@@ -697,7 +730,10 @@ impl ResponseCache {
     fn on_response(&self, ex: &mut Exchange) {
         // The answer this policy served itself, going through the response steps: nothing
         // to store (Apigee skips the populate half on a hit too).
-        if matches!(ex.var(&self.cachehit_var), Some(crate::vars::ValueRef::Bool(true))) {
+        if matches!(
+            ex.var(&self.cachehit_var),
+            Some(crate::vars::ValueRef::Bool(true))
+        ) {
             return;
         }
         let Some(key) = ex.lookup(&self.key_var).and_then(|k| unhex(&k)) else {
@@ -1716,7 +1752,10 @@ mod tests {
             ("expiry: {expiryDate: '2027-12-31'}", "expiry.expiryDate"),
             ("expiry: {timeOfDay: '25:00'}", "expiry.timeOfDay"),
             ("expiry: {timeoutInSec: 0}", "expiry.timeoutInSec"),
-            ("expiry: {timeoutInSec: {ref: ''}}", "expiry.timeoutInSec.ref"),
+            (
+                "expiry: {timeoutInSec: {ref: ''}}",
+                "expiry.timeoutInSec.ref",
+            ),
             ("skipCacheLookup: 'request.verb ='", "skipCacheLookup"),
             (
                 "skipLookup: 'true'\nskipCacheLookup: 'request.verb = \"GET\"'",
@@ -1736,13 +1775,19 @@ mod tests {
         let p = policy("profile: apigee");
         let mut ex = request("GET", "/err", None);
         miss(&p, &mut ex, 503, &[("cache-control", "no-store")], "down").await;
-        assert_eq!(ex.lookup("responsecache.rc.cachehit").as_deref(), Some("false"));
+        assert_eq!(
+            ex.lookup("responsecache.rc.cachehit").as_deref(),
+            Some("false")
+        );
         assert!(!ex.state.response_steps_on_answer);
         let mut ex = request("GET", "/err", None);
         let hit = run(&p, &mut ex, Direction::Request).await.unwrap_err();
         assert!(hit.is_answer());
         assert_eq!(hit.status, 503);
-        assert_eq!(ex.lookup("responsecache.rc.cachehit").as_deref(), Some("true"));
+        assert_eq!(
+            ex.lookup("responsecache.rc.cachehit").as_deref(),
+            Some("true")
+        );
         assert!(ex.state.response_steps_on_answer);
         // The populate half, run on its own answer, stores nothing again.
         ex.response = Some(ResponseInfo {
@@ -1786,7 +1831,10 @@ mod tests {
             .headers
             .push("bypass-cache".into(), "true".into());
         miss(&p, &mut ex, 200, &[], "v2").await;
-        assert_eq!(ex.lookup("responsecache.rc.cachehit").as_deref(), Some("false"));
+        assert_eq!(
+            ex.lookup("responsecache.rc.cachehit").as_deref(),
+            Some("false")
+        );
         let mut ex = request("GET", "/w", None);
         assert_eq!(lookup(&p, &mut ex).await.as_deref(), Some(&b"v2"[..]));
         let mut ex = request("GET", "/w", None);
@@ -1849,7 +1897,11 @@ mod tests {
         let t = compile("timeOfDay: '23:30:00'");
         assert_eq!(t.ttl(&ex, now), Some(Duration::from_secs(5400)));
         let t = compile("timeOfDay: '21:00:00'");
-        assert_eq!(t.ttl(&ex, now), Some(Duration::from_secs(23 * 3600)), "tomorrow's");
+        assert_eq!(
+            t.ttl(&ex, now),
+            Some(Duration::from_secs(23 * 3600)),
+            "tomorrow's"
+        );
         let t = compile("timeOfDay: {ref: cache.at, value: '22:00:10'}");
         assert_eq!(t.ttl(&ex, now), Some(Duration::from_secs(10)));
     }
@@ -1865,6 +1917,9 @@ mod tests {
         assert!(lookup(&p, &mut ex).await.is_some());
         tokio::time::sleep(Duration::from_millis(1100)).await;
         let mut ex = request("GET", "/short", None);
-        assert!(lookup(&p, &mut ex).await.is_none(), "expired after the ref's 1 s");
+        assert!(
+            lookup(&p, &mut ex).await.is_none(),
+            "expired after the ref's 1 s"
+        );
     }
 }
