@@ -286,6 +286,8 @@ spec:
   source: |
     var hit = context.getVariable('responsecache.apigee-cache.cachehit');
     context.setVariable('response.header.x-cachehit', String(hit));
+    // Reads the body: the response is held, and the cache before this step still stores it.
+    context.setVariable('response.header.x-length', response.content.length);
     if (hit && request.headers['x-fail']) throw new Error('refused on the hit');
 ---
 apiVersion: tollgate.dev/v1alpha1
@@ -308,6 +310,7 @@ spec:
 /// `profile: apigee`: a hit skips the upstream but the flow's response steps run on the
 /// cached answer (headers set, `responsecache.<p>.cachehit` true), and a response step
 /// that fails on it still fails the exchange; tollgate's default answers a hit at once.
+/// A later response step that holds the body does not keep the cache from storing it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apigee_hits_run_the_response_steps() {
     within(LIMIT, async {
@@ -322,6 +325,10 @@ async fn apigee_hits_run_the_response_steps() {
         assert_eq!(hit.header("x-resp-step"), Some("2"), "response steps ran");
         assert_eq!(hit.header("x-cachehit"), Some("true"));
         assert_eq!(hit.body, miss.body);
+        assert_eq!(
+            hit.header("x-length"),
+            Some(miss.body.len().to_string().as_str())
+        );
         assert_eq!(bed.upstream.seen_with_prefix("/apigee/a").len(), 1);
         // Fail closed: a response step that fails on the hit fails the exchange.
         let refused = bed.get("/apigee/a", &[("x-fail", "1"), ("x-n", "3")]).await;

@@ -1036,13 +1036,30 @@ impl StreamState {
             // The usage is known before the response's body steps run.
             crate::llm::track::whole_response(&mut self.ex, &body);
         }
+        // A step before the first body step asked for a copy (a cache populating itself):
+        // it gets the body as it was when it ran, the upstream's, once the body steps let
+        // the response through.
+        let copy = (dir == Direction::Response
+            && self.ex.response_capture > 0
+            && !flow.response.copy_steps.is_empty())
+        .then(|| body.clone())
+        .filter(|b| b.len() <= self.ex.response_capture);
         self.ex.set_body(dir, Some(body));
         let o = run_steps(steps, &mut self.ex, dir).await;
         if !o.is_continue() {
             self.stop(o, dir, out).await;
             return None;
         }
-        Some(self.ex.take_body(dir).unwrap_or_default())
+        let body = self.ex.take_body(dir).unwrap_or_default();
+        if dir == Direction::Response {
+            self.ex.response_capture = 0;
+            if let Some(copy) = copy {
+                let run =
+                    crate::pipeline::run_copy_steps(&flow.response.copy_steps, &mut self.ex, copy);
+                Box::pin(run).await;
+            }
+        }
+        Some(body)
     }
 
     async fn on_trailers(
