@@ -556,6 +556,17 @@ fn apigee_http_client_calls_a_local_server() {
     run(&p, &mut ex).unwrap();
     check_http(&ex);
     assert_eq!(upstream.seen_with_prefix("/echo").len(), 3);
+    // Polling isComplete (no wait) until the answer is in, as some samples do.
+    let p = apigee(
+        "var x = httpClient.get(properties.base + '/echo?poll=1'); var n = 0;\
+         while (!x.isComplete()) { n++; }\
+         context.setVariable('polled', x.getResponse().status.code);",
+        serde_json::json!({"properties": {"base": format!("http://{}", upstream.addr)},
+            "timeLimitMs": 1000}),
+    );
+    let mut ex = exchange();
+    run(&p, &mut ex).unwrap();
+    assert_eq!(ex.lookup("polled").as_deref(), Some("200"));
 }
 
 /// On a tokio worker the wait hands the worker's other tasks to another thread: with one

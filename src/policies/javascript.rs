@@ -439,11 +439,20 @@ struct Current {
     policy: Arc<str>,
     http: HttpLimits,
     /// The run's `httpClient` requests, by id; taken when waited for.
-    pending: Vec<Option<std::sync::mpsc::Receiver<Result<HttpResponse, HttpError>>>>,
+    pending: Vec<Pending>,
     /// The worker's deadline: pushed back by the time a run waits for a request.
     deadline: Arc<AtomicU64>,
     /// Bytes `print` logged in this run.
     printed: usize,
+}
+
+/// One `httpClient` request of a run.
+enum Pending {
+    Waiting(std::sync::mpsc::Receiver<Result<HttpResponse, HttpError>>),
+    /// The answer, seen by `isComplete` before the script waited for it.
+    Ready(Result<HttpResponse, String>),
+    /// Handed to the script.
+    Taken,
 }
 
 /// Most `print` output one run logs; the rest is dropped (with one note).
@@ -880,7 +889,7 @@ fn host<'js>(ctx: &Ctx<'js>) -> rquickjs::Result<Object<'js>> {
                     }
                     let rx = http_start(cur, &method, &url, &headers, body)
                         .map_err(|m| rquickjs::Exception::throw_type(&ctx, &m))?;
-                    cur.pending.push(Some(rx));
+                    cur.pending.push(Pending::Waiting(rx));
                     tracing::debug!(policy = %cur.policy, %method, %url, "httpClient request");
                     Ok(cur.pending.len() - 1)
                 })
@@ -891,9 +900,20 @@ fn host<'js>(ctx: &Ctx<'js>) -> rquickjs::Result<Object<'js>> {
         "httpReady",
         Function::new(ctx.clone(), |ctx: Ctx<'js>, id: usize| {
             with_current(&ctx, |cur| {
-                // Not consumed: a non-blocking look would take the result; report "not yet"
-                // unless it was already waited for.
-                Ok(cur.pending.get(id).is_some_and(Option::is_none))
+                // A look that does not wait; an answer found is kept for the wait.
+                let Some(p) = cur.pending.get_mut(id) else {
+                    return Ok(false);
+                };
+                if let Pending::Waiting(rx) = p {
+                    match rx.try_recv() {
+                        Ok(r) => *p = Pending::Ready(r.map_err(|e| e.to_string())),
+                        Err(std::sync::mpsc::TryRecvError::Empty) => return Ok(false),
+                        Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                            *p = Pending::Ready(Err("the request was dropped".into()))
+                        }
+                    }
+                }
+                Ok(true)
             })
         })?,
     )?;
@@ -902,18 +922,24 @@ fn host<'js>(ctx: &Ctx<'js>) -> rquickjs::Result<Object<'js>> {
         Function::new(
             ctx.clone(),
             |ctx: Ctx<'js>, id: usize| -> rquickjs::Result<Object<'js>> {
-                let (rx, timeout, deadline) = with_current(&ctx, |cur| {
-                    let rx = cur
+                let (p, timeout, deadline) = with_current(&ctx, |cur| {
+                    let p = cur
                         .pending
                         .get_mut(id)
-                        .and_then(Option::take)
-                        .ok_or_else(|| {
-                            rquickjs::Exception::throw_type(&ctx, "httpClient: no such request")
-                        })?;
-                    Ok((rx, cur.http.timeout, Arc::clone(&cur.deadline)))
+                        .map(|p| std::mem::replace(p, Pending::Taken));
+                    Ok((p, cur.http.timeout, Arc::clone(&cur.deadline)))
                 })?;
                 let started = Instant::now();
-                let result = http_wait(&rx, timeout);
+                let result = match p {
+                    Some(Pending::Waiting(rx)) => http_wait(&rx, timeout),
+                    Some(Pending::Ready(r)) => r,
+                    _ => {
+                        return Err(rquickjs::Exception::throw_type(
+                            &ctx,
+                            "httpClient: no such request",
+                        ))
+                    }
+                };
                 // Waiting is not running: the script's time limit is pushed back by it.
                 let waited = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
                 let _ = deadline.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |d| {
