@@ -723,6 +723,19 @@ fn apigee_mode_is_sloppy_and_runs_stay_apart() {
     run(&chatty, &mut exchange()).unwrap();
 }
 
+/// Scripts written before `crypto`, `properties`, `httpClient` and `Request` existed may
+/// declare those names themselves.
+#[test]
+fn scripts_may_declare_the_new_names() {
+    let p = script(
+        "const crypto = 'mine'; let properties = 1; class Request {}; \
+         context.setVariable('own', crypto + properties);",
+    );
+    let mut ex = exchange();
+    run(&p, &mut ex).unwrap();
+    assert_eq!(ex.lookup("own").as_deref(), Some("mine1"));
+}
+
 #[test]
 fn apigee_specs_are_checked() {
     for (extra, field) in [

@@ -196,7 +196,7 @@ struct HttpLimits {
 #[derive(Debug)]
 struct Script {
     id: u64,
-    /// `function(context,request,response,print,…){…}`
+    /// `function(context,request,response,print){…}`
     wrapped: String,
 }
 
@@ -228,13 +228,16 @@ struct JavaScript {
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
-const PARAMS: &str = "context,request,response,print,properties,crypto,httpClient,Request";
+const PARAMS: &str = "context,request,response,print";
 
+/// The script as one function. `properties`, `crypto`, `httpClient` and `Request` are
+/// globals, not parameters: a script that declares its own `crypto` still compiles.
 fn wrap(source: &str, mode: Mode) -> String {
-    match mode {
-        Mode::Strict => format!("function({PARAMS}){{\"use strict\";{source}\n}}"),
-        Mode::Apigee => format!("function({PARAMS}){{{source}\n}}"),
-    }
+    let strict = match mode {
+        Mode::Strict => "\"use strict\";",
+        Mode::Apigee => "",
+    };
+    format!("function({PARAMS}){{{strict}{source}\n}}")
 }
 
 pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Policy>, SpecError> {
@@ -444,6 +447,8 @@ struct Current {
     deadline: Arc<AtomicU64>,
     /// Bytes `print` logged in this run.
     printed: usize,
+    /// The policy's `properties`.
+    properties: Arc<[(String, String)]>,
 }
 
 /// One `httpClient` request of a run.
@@ -848,6 +853,21 @@ fn host<'js>(ctx: &Ctx<'js>) -> rquickjs::Result<Object<'js>> {
         })?,
     )?;
     h.set(
+        "properties",
+        Function::new(
+            ctx.clone(),
+            |ctx: Ctx<'js>| -> rquickjs::Result<Object<'js>> {
+                with_current(&ctx, |cur| {
+                    let o = Object::new(ctx.clone())?;
+                    for (k, v) in cur.properties.iter() {
+                        o.set(k.as_str(), v.as_str())?;
+                    }
+                    Ok(o)
+                })
+            },
+        )?,
+    )?;
+    h.set(
         "setStatus",
         Function::new(ctx.clone(), |ctx: Ctx<'js>, d: String, code: f64| {
             with_current(&ctx, |cur| {
@@ -1193,6 +1213,14 @@ const harden = (o) => {
   }
   harden(Object.getPrototypeOf(o));
 };
+// Globals, not parameters (a script may declare these names itself); `properties` is the
+// running policy's.
+Object.defineProperties(globalThis, {
+  crypto: { value: crypto, enumerable: false },
+  httpClient: { value: httpClient, enumerable: false },
+  Request: { value: Request, enumerable: false },
+  properties: { get() { return Object.freeze(h.properties()); }, enumerable: false },
+});
 const api = [context, request, response, print, crypto, httpClient, Request, blocked];
 // Sloppy scripts (Apigee's) create globals by assigning undeclared names: the global
 // object stays extensible, its own properties are locked, and `reset` deletes whatever a
@@ -1221,8 +1249,7 @@ const reset = () => {
   }
   return true;
 };
-const freeze = (o) => Object.freeze(o);
-return { context, request, response, print, crypto, httpClient, Request, compile, reset, freeze };
+return { context, request, response, print, compile, reset };
 })"#;
 
 struct Worker {
@@ -1388,6 +1415,7 @@ impl JavaScript {
             pending: Vec::new(),
             deadline: Arc::clone(&worker.deadline),
             printed: 0,
+            properties: Arc::clone(&self.properties),
         };
         CURRENT.with(|c| *c.borrow_mut() = Some(cur));
         let result = self.call(worker, f);
@@ -1409,23 +1437,13 @@ impl JavaScript {
             let run = || -> rquickjs::Result<()> {
                 let api = api.clone().restore(&ctx)?;
                 let f = f.restore(&ctx)?;
-                let properties = Object::new(ctx.clone())?;
-                for (k, v) in self.properties.iter() {
-                    properties.set(k.as_str(), v.as_str())?;
-                }
-                let freeze: Function = api.get("freeze")?;
-                let _frozen: JsValue = freeze.call((properties.clone(),))?;
-                let args: Vec<JsValue> = vec![
+                let args: (JsValue, JsValue, JsValue, JsValue) = (
                     api.get("context")?,
                     api.get("request")?,
                     api.get("response")?,
                     api.get("print")?,
-                    properties.into_value(),
-                    api.get("crypto")?,
-                    api.get("httpClient")?,
-                    api.get("Request")?,
-                ];
-                let _ignored: JsValue = f.call((Rest(args),))?;
+                );
+                let _ignored: JsValue = f.call(args)?;
                 Ok(())
             };
             let r = run()
