@@ -1455,7 +1455,7 @@ impl JavaScript {
                 let reset: Function = api.get("reset")?;
                 reset.call(())
             };
-            if !matches!(reset(), Ok(true)) {
+            if self.mode == Mode::Apigee && !matches!(reset(), Ok(true)) {
                 let _ = ctx.catch();
                 poisoned = true;
             }
