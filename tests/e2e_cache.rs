@@ -289,6 +289,7 @@ spec:
     // Reads the body: the response is held, and the cache before this step still stores it.
     context.setVariable('response.header.x-length', response.content.length);
     if (hit && request.headers['x-fail']) throw new Error('refused on the hit');
+    if (hit && request.headers['x-status']) response.status.code = Number(request.headers['x-status']);
 ---
 apiVersion: tollgate.dev/v1alpha1
 kind: Flow
@@ -330,6 +331,12 @@ async fn apigee_hits_run_the_response_steps() {
             Some(miss.body.len().to_string().as_str())
         );
         assert_eq!(bed.upstream.seen_with_prefix("/apigee/a").len(), 1);
+        // A status a response step sets on the hit is the one served.
+        let changed = bed
+            .get("/apigee/a", &[("x-status", "203"), ("x-n", "4")])
+            .await;
+        assert_eq!(changed.status, 203);
+        assert_eq!(changed.body, miss.body);
         // Fail closed: a response step that fails on the hit fails the exchange.
         let refused = bed.get("/apigee/a", &[("x-fail", "1"), ("x-n", "3")]).await;
         assert_eq!(refused.status, 500);
