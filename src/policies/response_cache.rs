@@ -1047,9 +1047,17 @@ mod tests {
             !f.headers.iter().any(|(n, _)| n == "set-cookie"),
             "cookies are never replayed"
         );
+        assert_eq!(
+            ex.lookup("responsecache.rc.cachehit").as_deref(),
+            Some("true")
+        );
         // Another URI misses; another method is not cached at all.
         let mut ex = request("GET", "/a?x=2", None);
         run(&p, &mut ex, Direction::Request).await.unwrap();
+        assert_eq!(
+            ex.lookup("responsecache.rc.cachehit").as_deref(),
+            Some("false")
+        );
         let mut ex = request("DELETE", "/a?x=1", None);
         run(&p, &mut ex, Direction::Request).await.unwrap();
         assert!(ex.lookup("responsecache.rc.key").is_none());
