@@ -213,6 +213,18 @@ struct ServeArgs {
     /// keep `Secure` cookies there); only for plain HTTP under another host name.
     #[arg(long)]
     portal_insecure_cookies: bool,
+    /// Portal: sign-in through this OpenID Connect issuer too (authorization-code flow);
+    /// needs --portal-url, --portal-oidc-client-id and --portal-oidc-client-secret-file.
+    #[arg(long)]
+    portal_oidc_issuer: Option<String>,
+    #[arg(long)]
+    portal_oidc_client_id: Option<String>,
+    #[arg(long)]
+    portal_oidc_client_secret_file: Option<PathBuf>,
+    /// Portal: its public base URL (`https://developers.example.com`), for the OpenID
+    /// Connect redirect (`<URL>/oidc/callback`).
+    #[arg(long)]
+    portal_url: Option<String>,
     /// What to do with requests no flow matches.
     #[arg(long, value_enum, default_value_t = NoMatch::Continue)]
     on_no_match: NoMatch,
@@ -657,6 +669,7 @@ async fn run(args: Box<ServeArgs>) -> anyhow::Result<()> {
         )?),
         None => None,
     };
+    let portal_oidc = portal_oidc(&args)?;
     let options = app::Options {
         source,
         load: args.load.options(),
@@ -691,6 +704,7 @@ async fn run(args: Box<ServeArgs>) -> anyhow::Result<()> {
                     auto_approve: args.portal_auto_approve,
                     spec_dir: args.portal_spec_dir.clone().or_else(|| args.config.clone()),
                     secure_cookies: !args.portal_insecure_cookies,
+                    oidc: portal_oidc.clone(),
                     ..Default::default()
                 },
             }),
@@ -704,6 +718,30 @@ async fn run(args: Box<ServeArgs>) -> anyhow::Result<()> {
         },
     };
     app::run(options).await
+}
+
+/// The portal's OpenID Connect client, all of whose flags must come together.
+fn portal_oidc(args: &ServeArgs) -> anyhow::Result<Option<tollgate::portal::oidc::OidcOptions>> {
+    let Some(issuer) = &args.portal_oidc_issuer else {
+        return Ok(None);
+    };
+    let (Some(client_id), Some(secret_file), Some(url)) = (
+        &args.portal_oidc_client_id,
+        &args.portal_oidc_client_secret_file,
+        &args.portal_url,
+    ) else {
+        anyhow::bail!(
+            "--portal-oidc-issuer needs --portal-oidc-client-id, --portal-oidc-client-secret-file and --portal-url"
+        );
+    };
+    let secret = std::fs::read_to_string(secret_file)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", secret_file.display()))?;
+    Ok(Some(tollgate::portal::oidc::OidcOptions {
+        issuer: issuer.clone(),
+        client_id: client_id.clone(),
+        client_secret: secret.trim().to_owned(),
+        redirect_url: format!("{}/oidc/callback", url.trim_end_matches('/')),
+    }))
 }
 
 /// Which backends `--store`, `--counters` and `--counter-sync` name.

@@ -25,6 +25,7 @@
 pub mod accounts;
 pub mod html;
 pub mod manage;
+pub mod oidc;
 pub mod reference;
 
 use std::collections::HashMap;
@@ -74,6 +75,8 @@ pub struct PortalOptions {
     pub secure_cookies: bool,
     pub session_ttl: Duration,
     pub throttle: ThrottleLimits,
+    /// Sign-in through an OpenID Connect provider, beside passwords.
+    pub oidc: Option<oidc::OidcOptions>,
 }
 
 impl Default for PortalOptions {
@@ -84,6 +87,7 @@ impl Default for PortalOptions {
             secure_cookies: true,
             session_ttl: Duration::from_secs(8 * 3600),
             throttle: ThrottleLimits::default(),
+            oidc: None,
         }
     }
 }
@@ -123,6 +127,7 @@ pub struct Portal {
     references: Mutex<HashMap<PathBuf, (SystemTime, Arc<String>)>>,
     /// Orders this process's app writes (the store's revisions order replicas').
     write: tokio::sync::Mutex<()>,
+    oidc: Option<oidc::Oidc>,
 }
 
 impl Portal {
@@ -142,6 +147,7 @@ impl Portal {
     ) -> Arc<Self> {
         Arc::new(Self {
             accounts: Accounts::new(consumers.store().clone()),
+            oidc: opts.oidc.clone().map(oidc::Oidc::new),
             consumers,
             ledger,
             throttle: Throttle::new(opts.throttle),
@@ -712,7 +718,122 @@ async fn signup(
 }
 
 async fn signin_form(State(portal): State<Arc<Portal>>) -> PortalResult {
-    portal.anonymous_form("Sign in", "/signin", SIGNIN_FIELDS, "")
+    let note = if portal.oidc.is_some() {
+        "<p><a href=\"/oidc/start\" id=\"oidc\">Sign in with your company account</a></p>"
+    } else {
+        ""
+    };
+    portal.anonymous_form("Sign in", "/signin", SIGNIN_FIELDS, note)
+}
+
+/// The OpenID Connect flow's cookie: `state.nonce`, for ten minutes.
+pub const OIDC_COOKIE: &str = "tg_portal_oidc";
+
+async fn oidc_start(State(portal): State<Arc<Portal>>) -> PortalResult {
+    let o = portal.oidc.as_ref().ok_or(PortalError::NotFound)?;
+    let (state, nonce) = (accounts::token()?, accounts::token()?);
+    let url = o.authorize_url(&state, &nonce).await.map_err(|e| {
+        tracing::warn!(error = %e, "portal: OpenID Connect start failed");
+        PortalError::Unavailable(e.to_string())
+    })?;
+    let mut r = see_other(&url);
+    let secure = if portal.opts.secure_cookies {
+        "; Secure"
+    } else {
+        ""
+    };
+    let c = format!(
+        "{OIDC_COOKIE}={state}.{nonce}; Path=/oidc; HttpOnly; SameSite=Lax; Max-Age=600{secure}"
+    );
+    if let Ok(v) = HeaderValue::from_str(&c) {
+        r.headers_mut().append(header::SET_COOKIE, v);
+    }
+    Ok(r)
+}
+
+async fn oidc_callback(
+    State(portal): State<Arc<Portal>>,
+    axum::extract::RawQuery(q): axum::extract::RawQuery,
+    headers: HeaderMap,
+) -> PortalResult {
+    let o = portal.oidc.as_ref().ok_or(PortalError::NotFound)?;
+    let f = form(q.unwrap_or_default().as_bytes());
+    let cookie = cookie(OIDC_COOKIE, &headers).unwrap_or_default();
+    let (state, nonce) = cookie.split_once('.').ok_or(PortalError::Csrf)?;
+    match f.get("state") {
+        Some(s) if state.len() == 64 && ct_eq(s, state) => {}
+        _ => return Err(PortalError::Csrf),
+    }
+    let code = f
+        .get("code")
+        .ok_or_else(|| PortalError::Invalid("the identity provider sent no code".into()))?;
+    let id = o.complete(code, nonce).await.map_err(|e| {
+        tracing::warn!(error = %e, "portal: OpenID Connect sign-in refused");
+        match e {
+            oidc::OidcError::Provider(m) => PortalError::Unavailable(m),
+            oidc::OidcError::Invalid(_) => {
+                PortalError::Invalid("the sign-in could not be verified".into())
+            }
+        }
+    })?;
+    let dev = match portal.accounts.developer(&id.email).await? {
+        Some(d) => d,
+        None => {
+            let d = Developer {
+                email: id.email.clone(),
+                name: id.name.clone(),
+                password_hash: None,
+                status: if portal.opts.auto_approve {
+                    DeveloperStatus::Active
+                } else {
+                    DeveloperStatus::Pending
+                },
+                products: vec![],
+                created_at: now_ms(),
+                revision: 0,
+            };
+            portal.accounts.create(&d).await?;
+            tracing::info!(developer = %d.email, "portal: developer signed up through OpenID Connect");
+            d
+        }
+    };
+    match dev.status {
+        DeveloperStatus::Active => {}
+        DeveloperStatus::Pending => {
+            return Err(PortalError::Invalid(
+                "your account waits for approval".into(),
+            ))
+        }
+        DeveloperStatus::Suspended => {
+            return Err(PortalError::Invalid("your account is suspended".into()))
+        }
+    }
+    let ttl = i64::try_from(portal.opts.session_ttl.as_millis()).unwrap_or(i64::MAX);
+    let (token, _) = portal.accounts.start_session(&dev.email, ttl).await?;
+    // A page, not a redirect: the browser arrived from the provider (a cross-site
+    // navigation), and the `Strict` session cookie is only sent on the next, same-site one.
+    let mut r = html_response(
+        StatusCode::OK,
+        page(
+            "Signed in",
+            None,
+            "<meta http-equiv=\"refresh\" content=\"0;url=/apps\"><p class=\"flash\">Signed in. <a href=\"/apps\" id=\"continue\">Continue to your apps</a></p>",
+        ),
+    );
+    for c in [
+        format!(
+            "{SESSION_COOKIE}={token}; {}; Max-Age={}",
+            portal.cookie_attrs(),
+            portal.opts.session_ttl.as_secs()
+        ),
+        format!("{OIDC_COOKIE}=; Path=/oidc; HttpOnly; SameSite=Lax; Max-Age=0"),
+    ] {
+        if let Ok(v) = HeaderValue::from_str(&c) {
+            r.headers_mut().append(header::SET_COOKIE, v);
+        }
+    }
+    tracing::info!(developer = %dev.email, "portal: signed in through OpenID Connect");
+    Ok(r)
 }
 
 fn client_address(info: Option<&ConnectInfo<SocketAddr>>) -> String {
@@ -1286,6 +1407,8 @@ pub fn router(portal: Arc<Portal>) -> Router {
         .route("/signup", get(signup_form).post(signup))
         .route("/signin", get(signin_form).post(signin))
         .route("/signout", post(signout))
+        .route("/oidc/start", get(oidc_start))
+        .route("/oidc/callback", get(oidc_callback))
         .route("/apps", get(apps_page).post(create_app))
         .route("/apps/{name}", get(app_page))
         .route("/apps/{name}/keys", post(create_key))
