@@ -19,6 +19,7 @@ pub mod fault;
 pub mod fuzz_entry;
 pub mod google;
 pub mod guard;
+pub mod import;
 pub mod http_client;
 pub mod jwks;
 pub mod kvm;
