@@ -590,7 +590,12 @@ fn worker_threads(flag: Option<u16>) -> usize {
 
 /// `tollgate import`: converts, writes (unless `--check`), checks the written directory as
 /// `validate` would, and prints the report.
-fn import(bundle: &std::path::Path, out: Option<&std::path::Path>, check: bool, json: bool) -> ExitCode {
+fn import(
+    bundle: &std::path::Path,
+    out: Option<&std::path::Path>,
+    check: bool,
+    json: bool,
+) -> ExitCode {
     let done = match tollgate::import::convert(bundle) {
         Ok(i) => i,
         Err(e) => {

@@ -77,10 +77,8 @@ fn every_bundle_converts_to_a_valid_configuration_or_names_what_it_cannot() {
         listed.insert(name.to_owned());
         let bundle = corpus().join(name);
         let out = tmp.path().join(name.replace('.', "_"));
-        let (code, stdout, stderr) = import(&[
-            bundle.to_str().expect("path"),
-            out.to_str().expect("path"),
-        ]);
+        let (code, stdout, stderr) =
+            import(&[bundle.to_str().expect("path"), out.to_str().expect("path")]);
         let report: Value = serde_json::from_str(
             &std::fs::read_to_string(out.join("import/report.json"))
                 .unwrap_or_else(|e| panic!("{name}: no report.json ({e}); stderr: {stderr}")),
@@ -93,7 +91,13 @@ fn every_bundle_converts_to_a_valid_configuration_or_names_what_it_cannot() {
             .expect("elements")
             .iter()
             .filter(|i| i["status"] == "notConvertible")
-            .map(|i| format!("{}: {}", i["file"].as_str().unwrap_or_default(), i["element"].as_str().unwrap_or_default()))
+            .map(|i| {
+                format!(
+                    "{}: {}",
+                    i["file"].as_str().unwrap_or_default(),
+                    i["element"].as_str().unwrap_or_default()
+                )
+            })
             .collect();
         let want: BTreeSet<String> = e["notConvertible"]
             .as_array()
@@ -107,7 +111,11 @@ fn every_bundle_converts_to_a_valid_configuration_or_names_what_it_cannot() {
         );
         assert_eq!(outcome, expected, "{name}: outcome\n{stdout}");
         // Exit 2 exactly when something could not be converted; the output is written anyway.
-        assert_eq!(code, if want.is_empty() { 0 } else { 2 }, "{name}: exit code\n{stdout}{stderr}");
+        assert_eq!(
+            code,
+            if want.is_empty() { 0 } else { 2 },
+            "{name}: exit code\n{stdout}{stderr}"
+        );
         // Every element is in the report, and the text report says the same.
         let c = &report["counts"];
         let n = |k: &str| usize::try_from(c[k].as_u64().unwrap_or(0)).unwrap_or(0);
@@ -116,14 +124,23 @@ fn every_bundle_converts_to_a_valid_configuration_or_names_what_it_cannot() {
             report["elements"].as_array().map_or(0, Vec::len)
         );
         let text = std::fs::read_to_string(out.join("import/report.txt")).expect("report.txt");
-        assert_eq!(text, stdout, "{name}: the printed report is the written one");
+        assert_eq!(
+            text, stdout,
+            "{name}: the printed report is the written one"
+        );
         for r in &refusals {
             let element = r.split_once(": ").map_or(r.as_str(), |(_, el)| el);
-            assert!(text.contains(element), "{name}: the text report names {element}");
+            assert!(
+                text.contains(element),
+                "{name}: the text report names {element}"
+            );
         }
         // What was written is a configuration tollgate accepts.
         let (vcode, vout, verr) = validate(&out);
-        assert_eq!(vcode, 0, "{name}: tollgate validate refused the output:\n{verr}{vout}");
+        assert_eq!(
+            vcode, 0,
+            "{name}: tollgate validate refused the output:\n{verr}{vout}"
+        );
         match outcome {
             "converted" => conv += 1,
             "approximated" => approx += 1,
@@ -203,7 +220,10 @@ fn unconvertible_steps_fail_closed_in_the_output() {
     assert_eq!(placeholder["spec"]["status"], 500);
     assert_eq!(placeholder["spec"]["errorCode"], "tollgate.NotConverted");
     let flow = docs.iter().find(|d| d["kind"] == "Flow").expect("flow");
-    assert_eq!(flow["spec"]["request"][0]["policy"], "OA-VerifyToken", "{yaml}");
+    assert_eq!(
+        flow["spec"]["request"][0]["policy"], "OA-VerifyToken",
+        "{yaml}"
+    );
     assert_eq!(flow["spec"]["match"]["pathPrefixes"][0], "/oauth");
     assert_eq!(
         flow["metadata"]["annotations"]["apigee.import/target-url"],

@@ -66,13 +66,20 @@ struct Metadata {
 /// `Metadata-Flavor: Google`).
 async fn token(State(m): State<Arc<Metadata>>, h: HeaderMap, uri: Uri) -> Response {
     if h.get("metadata-flavor").and_then(|v| v.to_str().ok()) != Some("Google") {
-        return (StatusCode::FORBIDDEN, "Missing Metadata-Flavor:Google header").into_response();
+        return (
+            StatusCode::FORBIDDEN,
+            "Missing Metadata-Flavor:Google header",
+        )
+            .into_response();
     }
     m.calls.fetch_add(1, Ordering::SeqCst);
     let q = uri.query().unwrap_or_default();
     *m.scopes.lock() = q.to_owned();
     (
-        [("content-type", "application/json"), ("metadata-flavor", "Google")],
+        [
+            ("content-type", "application/json"),
+            ("metadata-flavor", "Google"),
+        ],
         json!({"access_token": TOKEN, "expires_in": 3599, "token_type": "Bearer"}).to_string(),
     )
         .into_response()
@@ -104,7 +111,12 @@ async fn gke_extension_bundle_answers_as_its_policies_define() {
         let config = tmp.path().join("config");
         let bundle = support::repo_root().join("tests/data/apigee-bundles/gke-extension");
         let imported = tollgate::import::convert(&bundle).expect("import");
-        assert_eq!(imported.report.counts.not_convertible, 0, "{}", imported.report.text());
+        assert_eq!(
+            imported.report.counts.not_convertible,
+            0,
+            "{}",
+            imported.report.text()
+        );
         tollgate::import::write(&imported, &config).expect("write");
         std::fs::write(config.join("consumers.yaml"), consumers()).expect("consumers");
 
@@ -117,7 +129,13 @@ async fn gke_extension_bundle_answers_as_its_policies_define() {
             &[("GCE_METADATA_HOST", md_host.as_str())],
         )
         .await;
-        let envoy = Envoy::start(tmp.path(), &EnvoyOptions::default(), tollgate.grpc, upstream.addr).await;
+        let envoy = Envoy::start(
+            tmp.path(),
+            &EnvoyOptions::default(),
+            tollgate.grpc,
+            upstream.addr,
+        )
+        .await;
         let client = HttpClient::new();
         let url = |p: &str| format!("http://{}{p}", envoy.listen);
 
@@ -130,16 +148,27 @@ async fn gke_extension_bundle_answers_as_its_policies_define() {
                              "detail": {"errorcode": "oauth.v2.FailedToResolveAPIKey"}}})
         );
         // An unknown key: 401 InvalidApiKey.
-        let r = client.get(&url("/v1/health"), &[("x-api-key", "not-a-key")]).await;
+        let r = client
+            .get(&url("/v1/health"), &[("x-api-key", "not-a-key")])
+            .await;
         assert_eq!(r.status, 401, "{}", r.text());
-        assert_eq!(r.json()["fault"]["detail"]["errorcode"], "oauth.v2.InvalidApiKey");
-        assert!(upstream.seen().is_empty(), "refused calls reached the upstream");
+        assert_eq!(
+            r.json()["fault"]["detail"]["errorcode"],
+            "oauth.v2.InvalidApiKey"
+        );
+        assert!(
+            upstream.seen().is_empty(),
+            "refused calls reached the upstream"
+        );
 
         // A good key (quota 1 of 3): the upstream sees the Google token the bundle's
         // AssignMessage injects, and the key itself (Apigee leaves it in the request).
         let r = client.get(&url("/v1/health"), &[("x-api-key", KEY)]).await;
         assert_eq!(r.status, 200, "{}", r.text());
-        assert_eq!(r.echoed_header("authorization").as_deref(), Some(format!("Bearer {TOKEN}").as_str()));
+        assert_eq!(
+            r.echoed_header("authorization").as_deref(),
+            Some(format!("Bearer {TOKEN}").as_str())
+        );
         assert_eq!(r.echoed_header("x-api-key").as_deref(), Some(KEY));
         assert!(meta.calls.load(Ordering::SeqCst) >= 1);
         assert!(
@@ -153,28 +182,45 @@ async fn gke_extension_bundle_answers_as_its_policies_define() {
             .send(
                 "POST",
                 &url("/v1/models/gemini-pro:generateContent"),
-                &[("x-api-key", KEY), ("content-type", "application/json"), ("authorization", "Bearer client-forged")],
+                &[
+                    ("x-api-key", KEY),
+                    ("content-type", "application/json"),
+                    ("authorization", "Bearer client-forged"),
+                ],
                 r#"{"prompt":"no contents"}"#,
             )
             .await;
         assert_eq!(r.status, 400, "{}", r.text());
-        assert_eq!(r.json()["fault"]["detail"]["errorcode"], "policies.oasvalidation.Failed");
+        assert_eq!(
+            r.json()["fault"]["detail"]["errorcode"],
+            "policies.oasvalidation.Failed"
+        );
         // (quota 3 of 3) A valid body goes through, token injected over the client's.
         let r = client
             .send(
                 "POST",
                 &url("/v1/models/gemini-pro:generateContent"),
-                &[("x-api-key", KEY), ("content-type", "application/json"), ("authorization", "Bearer client-forged")],
+                &[
+                    ("x-api-key", KEY),
+                    ("content-type", "application/json"),
+                    ("authorization", "Bearer client-forged"),
+                ],
                 r#"{"contents":[{"role":"user","parts":[{"text":"hi"}]}]}"#,
             )
             .await;
         assert_eq!(r.status, 200, "{}", r.text());
-        assert_eq!(r.echoed_header("authorization").as_deref(), Some(format!("Bearer {TOKEN}").as_str()));
+        assert_eq!(
+            r.echoed_header("authorization").as_deref(),
+            Some(format!("Bearer {TOKEN}").as_str())
+        );
         // The fourth: 429 with Apigee's quota fault.
         let r = client.get(&url("/v1/health"), &[("x-api-key", KEY)]).await;
         assert_eq!(r.status, 429, "{}", r.text());
         let body = r.json();
-        assert_eq!(body["fault"]["detail"]["errorcode"], "policies.ratelimit.QuotaViolation");
+        assert_eq!(
+            body["fault"]["detail"]["errorcode"],
+            "policies.ratelimit.QuotaViolation"
+        );
         assert!(
             body["fault"]["faultstring"]
                 .as_str()
@@ -182,7 +228,11 @@ async fn gke_extension_bundle_answers_as_its_policies_define() {
                 .starts_with("Rate limit quota violation. Quota limit  exceeded. Identifier : "),
             "{body}"
         );
-        assert_eq!(upstream.seen().len(), 2, "only the two admitted calls went upstream");
+        assert_eq!(
+            upstream.seen().len(),
+            2,
+            "only the two admitted calls went upstream"
+        );
         drop(envoy);
         drop(tollgate);
     })

@@ -67,7 +67,10 @@ impl Bundle {
             }
         }
         // The root itself was given (`.../apiproxy`).
-        let last = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let last = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
         for kind in [Kind::Apiproxy, Kind::Sharedflowbundle] {
             if last == kind.root() {
                 return Ok(Self { kind, files: all });

@@ -247,13 +247,7 @@ impl<'b> Converter<'b> {
         self.check_policies(true);
         let files = self.render();
         let outputs = files.keys().cloned().collect();
-        let report = Report::new(
-            self.shown,
-            self.bundle.kind,
-            self.name,
-            self.items,
-            outputs,
-        );
+        let report = Report::new(self.shown, self.bundle.kind, self.name, self.items, outputs);
         Ok(Import { report, files })
     }
 
@@ -273,9 +267,8 @@ impl<'b> Converter<'b> {
             let doc = parse(self.bundle, &rel, t)?;
             let root = doc.root_element();
             if self.name.is_empty() {
-                self.name = attr(root, "name").unwrap_or_else(|| {
-                    rel.trim_end_matches(".xml").to_owned()
-                });
+                self.name =
+                    attr(root, "name").unwrap_or_else(|| rel.trim_end_matches(".xml").to_owned());
             }
             let mut c = Classifier::new(self.bundle.show(&rel));
             c.ok(
@@ -315,7 +308,8 @@ impl<'b> Converter<'b> {
             let doc = parse(self.bundle, &rel, t)?;
             let root = doc.root_element();
             let apigee_type = root.tag_name().name().to_owned();
-            let apigee_name = attr(root, "name").unwrap_or_else(|| f.trim_end_matches(".xml").to_owned());
+            let apigee_name =
+                attr(root, "name").unwrap_or_else(|| f.trim_end_matches(".xml").to_owned());
             let name = sanitize(&apigee_name);
             let mut x = policies::Ctx {
                 c: Classifier::new(self.bundle.show(&rel)),
@@ -354,7 +348,11 @@ impl<'b> Converter<'b> {
                         None => {
                             x.c.touch(root);
                             for k in kids(root) {
-                                x.c.add(k, Status::NotConvertible, format!("with the policy: {}", e.why));
+                                x.c.add(
+                                    k,
+                                    Status::NotConvertible,
+                                    format!("with the policy: {}", e.why),
+                                );
                             }
                             (None, e.why.to_owned())
                         }
@@ -362,9 +360,18 @@ impl<'b> Converter<'b> {
                     None => {
                         x.c.touch(root);
                         for k in kids(root) {
-                            x.c.add(k, Status::NotConvertible, "with the policy: an unknown policy type");
+                            x.c.add(
+                                k,
+                                Status::NotConvertible,
+                                "with the policy: an unknown policy type",
+                            );
                         }
-                        (None, format!("`{apigee_type}` is not an Apigee policy type the importer knows"))
+                        (
+                            None,
+                            format!(
+                                "`{apigee_type}` is not an Apigee policy type the importer knows"
+                            ),
+                        )
                     }
                 }
             };
@@ -388,7 +395,8 @@ impl<'b> Converter<'b> {
             };
             let mut attrs = Vec::new();
             if !enabled {
-                attrs.push("enabled=false: its steps are left out, as Apigee skips them".to_owned());
+                attrs
+                    .push("enabled=false: its steps are left out, as Apigee skips them".to_owned());
             }
             if continue_on_error {
                 attrs.push("continueOnError=true: its steps carry continueOnError".to_owned());
@@ -432,7 +440,11 @@ impl<'b> Converter<'b> {
 
     /// The first ProxyEndpoint's base path (OASValidation needs it when converting).
     fn first_base_path(&self) -> Option<String> {
-        let rel = self.bundle.list("proxies").into_iter().find(|f| f.ends_with(".xml"))?;
+        let rel = self
+            .bundle
+            .list("proxies")
+            .into_iter()
+            .find(|f| f.ends_with(".xml"))?;
         let t = self.bundle.text(&format!("proxies/{rel}"))?.ok()?;
         let doc = Document::parse(t).ok()?;
         let conn = child(doc.root_element(), "HTTPProxyConnection")?;
@@ -516,7 +528,10 @@ impl<'b> Converter<'b> {
                 continue;
             };
             if !p.enabled {
-                c.ok(step, format!("{label}: left out (the policy is disabled, Apigee skips it)"));
+                c.ok(
+                    step,
+                    format!("{label}: left out (the policy is disabled, Apigee skips it)"),
+                );
                 continue;
             }
             if let Some(why) = p.inert {
@@ -539,7 +554,17 @@ impl<'b> Converter<'b> {
             }
             let rewritten = cond.parts.iter().any(|x| x.contains("request.path")) && base.len() > 1;
             if p.spec.is_some() {
-                c.ok(step, format!("{label}{}", if rewritten { " (proxy.pathsuffix written as request.path below the base path)" } else { "" }));
+                c.ok(
+                    step,
+                    format!(
+                        "{label}{}",
+                        if rewritten {
+                            " (proxy.pathsuffix written as request.path below the base path)"
+                        } else {
+                            ""
+                        }
+                    ),
+                );
             } else {
                 c.no(step, format!("{label}: the policy `{pname}` ({}) could not be converted: {}; the step answers 500 {PLACEHOLDER_CODE}", p.apigee_type, p.why));
             }
@@ -579,8 +604,20 @@ impl<'b> Converter<'b> {
         let mut flows_resp = Vec::new();
         if let Some(pre) = child(root, "PreFlow") {
             c.touch(pre);
-            req.extend(self.steps(c, child(pre, "Request"), outer, base, &format!("{what} PreFlow request")));
-            resp.extend(self.steps(c, child(pre, "Response"), outer, base, &format!("{what} PreFlow response")));
+            req.extend(self.steps(
+                c,
+                child(pre, "Request"),
+                outer,
+                base,
+                &format!("{what} PreFlow request"),
+            ));
+            resp.extend(self.steps(
+                c,
+                child(pre, "Response"),
+                outer,
+                base,
+                &format!("{what} PreFlow response"),
+            ));
         }
         if let Some(flows) = child(root, "Flows") {
             c.touch(flows);
@@ -607,8 +644,20 @@ impl<'b> Converter<'b> {
                 if own.parts.is_empty() && own.broken.is_none() {
                     catch_all = true;
                 }
-                flows_req.extend(self.steps(c, child(f, "Request"), &cond, base, &format!("{what} flow `{fname}` request")));
-                flows_resp.extend(self.steps(c, child(f, "Response"), &cond, base, &format!("{what} flow `{fname}` response")));
+                flows_req.extend(self.steps(
+                    c,
+                    child(f, "Request"),
+                    &cond,
+                    base,
+                    &format!("{what} flow `{fname}` request"),
+                ));
+                flows_resp.extend(self.steps(
+                    c,
+                    child(f, "Response"),
+                    &cond,
+                    base,
+                    &format!("{what} flow `{fname}` response"),
+                ));
                 earlier.push(own);
             }
         }
@@ -616,8 +665,20 @@ impl<'b> Converter<'b> {
         resp.extend(flows_resp);
         if let Some(post) = child(root, "PostFlow") {
             c.touch(post);
-            req.extend(self.steps(c, child(post, "Request"), outer, base, &format!("{what} PostFlow request")));
-            resp.extend(self.steps(c, child(post, "Response"), outer, base, &format!("{what} PostFlow response")));
+            req.extend(self.steps(
+                c,
+                child(post, "Request"),
+                outer,
+                base,
+                &format!("{what} PostFlow request"),
+            ));
+            resp.extend(self.steps(
+                c,
+                child(post, "Response"),
+                outer,
+                base,
+                &format!("{what} PostFlow response"),
+            ));
         }
         (req, resp)
     }
@@ -640,7 +701,8 @@ impl<'b> Converter<'b> {
             let doc = parse(self.bundle, &rel, t)?;
             let root = doc.root_element();
             let mut c = Classifier::new(self.bundle.show(&rel));
-            let ep_name = attr(root, "name").unwrap_or_else(|| f.trim_end_matches(".xml").to_owned());
+            let ep_name =
+                attr(root, "name").unwrap_or_else(|| f.trim_end_matches(".xml").to_owned());
             let flow_name = if several {
                 sanitize(&format!("{}-{ep_name}", self.name))
             } else {
@@ -658,14 +720,17 @@ impl<'b> Converter<'b> {
                             }
                             c.ok(k, format!("match.pathPrefixes: [{base}] (a plain prefix: /v1/pets also takes /v1/petstore)"));
                         }
-                        "VirtualHost" => c.approx(k, "hosts are Envoy's routing (add match.hosts to restrict)"),
+                        "VirtualHost" => {
+                            c.approx(k, "hosts are Envoy's routing (add match.hosts to restrict)")
+                        }
                         "Properties" => c.approx(k, "connection properties are Envoy's"),
                         other => c.no(k, format!("HTTPProxyConnection/{other}")),
                     }
                 }
             }
             Self::fault_rules(&mut c, root);
-            let (mut req, mut resp) = self.endpoint_steps(&mut c, root, &Cond::default(), &base, "proxy");
+            let (mut req, mut resp) =
+                self.endpoint_steps(&mut c, root, &Cond::default(), &base, "proxy");
             // Route rules: the first whose condition holds picks the target.
             let mut target_req = Vec::new();
             let mut target_resp = Vec::new();
@@ -692,7 +757,10 @@ impl<'b> Converter<'b> {
                 match child(rr, "TargetEndpoint") {
                     Some(te) => {
                         let tname = text(te);
-                        c.ok(te, format!("the steps of TargetEndpoint `{tname}` follow the proxy's"));
+                        c.ok(
+                            te,
+                            format!("the steps of TargetEndpoint `{tname}` follow the proxy's"),
+                        );
                         let (rq, rs, url) = self.target(&tname, &cond, &base)?;
                         target_req.extend(rq);
                         target_resp.extend(rs);
@@ -776,7 +844,8 @@ impl<'b> Converter<'b> {
         let root = doc.root_element();
         let mut c = Classifier::new(self.bundle.show(&rel));
         Self::fault_rules(&mut c, root);
-        let (mut req, resp) = self.endpoint_steps(&mut c, root, route, base, &format!("target `{tname}`"));
+        let (mut req, resp) =
+            self.endpoint_steps(&mut c, root, route, base, &format!("target `{tname}`"));
         let mut url = None;
         if let Some(conn) = child(root, "HTTPTargetConnection") {
             c.touch(conn);
@@ -791,7 +860,10 @@ impl<'b> Converter<'b> {
                         match g {
                             Some(g) => {
                                 let name = sanitize(&format!("{tname}-google-token"));
-                                self.synthesized.insert(name.clone(), json!({"type": "AssignMessage", "googleToken": g}));
+                                self.synthesized.insert(
+                                    name.clone(),
+                                    json!({"type": "AssignMessage", "googleToken": g}),
+                                );
                                 let mut s = serde_json::Map::new();
                                 s.insert("policy".into(), json!(name));
                                 if let Some(r) = route.render() {
@@ -807,7 +879,10 @@ impl<'b> Converter<'b> {
                         }
                     }
                     "LoadBalancer" | "SSLInfo" | "Properties" | "Path" => {
-                        c.approx(k, "upstream connections are Envoy's (cluster, TLS, load balancing)");
+                        c.approx(
+                            k,
+                            "upstream connections are Envoy's (cluster, TLS, load balancing)",
+                        );
                     }
                     other => c.no(k, format!("HTTPTargetConnection/{other}")),
                 }
@@ -841,7 +916,11 @@ impl<'b> Converter<'b> {
             let root = doc.root_element();
             let mut c = Classifier::new(self.bundle.show(&rel));
             let sf = attr(root, "name").unwrap_or_else(|| f.trim_end_matches(".xml").to_owned());
-            let flow_name = sanitize(&if sf == "default" { self.name.clone() } else { format!("{}-{sf}", self.name) });
+            let flow_name = sanitize(&if sf == "default" {
+                self.name.clone()
+            } else {
+                format!("{}-{sf}", self.name)
+            });
             let req = self.steps(&mut c, Some(root), &Cond::default(), "/", "shared flow");
             c.add_named(
                 xml::label(root),
@@ -887,14 +966,23 @@ impl<'b> Converter<'b> {
             let (status, note) = if self.used.contains(&rel) {
                 (Status::Converted, "copied (scripts/, specs/)".to_owned())
             } else if rel.starts_with("resources/jsc/") || rel.starts_with("resources/oas/") {
-                (Status::Approximated, "not used by a converted policy: not copied".to_owned())
-            } else if let Some(kind) = rel.strip_prefix("resources/").and_then(|r| r.split('/').next()) {
+                (
+                    Status::Approximated,
+                    "not used by a converted policy: not copied".to_owned(),
+                )
+            } else if let Some(kind) = rel
+                .strip_prefix("resources/")
+                .and_then(|r| r.split('/').next())
+            {
                 (
                     Status::NotConvertible,
                     format!("`{kind}` resources: tollgate has no {kind} runtime or resource type"),
                 )
             } else {
-                (Status::NotConvertible, "a file the importer does not know".to_owned())
+                (
+                    Status::NotConvertible,
+                    "a file the importer does not know".to_owned(),
+                )
             };
             self.items.push(Item {
                 file: self.bundle.show(&rel),
@@ -925,7 +1013,10 @@ impl<'b> Converter<'b> {
         let services = crate::services::Services::default();
         let mut refused: HashMap<String, String> = HashMap::new();
         let specs: Vec<(String, Value)> = if synthesized {
-            self.synthesized.iter().map(|(n, s)| (n.clone(), s.clone())).collect()
+            self.synthesized
+                .iter()
+                .map(|(n, s)| (n.clone(), s.clone()))
+                .collect()
         } else {
             self.policies
                 .values()
@@ -933,7 +1024,11 @@ impl<'b> Converter<'b> {
                 .collect()
         };
         for (name, mut spec) in specs {
-            let ty = spec.get("type").and_then(Value::as_str).unwrap_or_default().to_owned();
+            let ty = spec
+                .get("type")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned();
             // The builder reads the spec without its `type` (the loader's envelope has it).
             if let Some(m) = spec.as_object_mut() {
                 m.remove("type");
@@ -975,9 +1070,12 @@ impl<'b> Converter<'b> {
                     file: self.bundle.show("targets"),
                     element: name.clone(),
                     status: Status::NotConvertible,
-                    note: format!("tollgate refuses the token step: {e}; it answers 500 {PLACEHOLDER_CODE}"),
+                    note: format!(
+                        "tollgate refuses the token step: {e}; it answers 500 {PLACEHOLDER_CODE}"
+                    ),
                 });
-                self.synthesized.insert(name.clone(), placeholder(&format!("token step {name}")));
+                self.synthesized
+                    .insert(name.clone(), placeholder(&format!("token step {name}")));
             }
         }
     }
@@ -1010,12 +1108,18 @@ impl<'b> Converter<'b> {
             }
         }
         if self.condition_placeholder && seen.insert(CONDITION_PLACEHOLDER.to_owned()) {
-            docs.push(doc(CONDITION_PLACEHOLDER, placeholder("an Apigee condition")));
+            docs.push(doc(
+                CONDITION_PLACEHOLDER,
+                placeholder("an Apigee condition"),
+            ));
         }
         // One KeyValueMap document per map (several policies may seed one).
         let mut maps: BTreeMap<String, Value> = BTreeMap::new();
         for d in self.docs.drain(..) {
-            let name = d["metadata"]["name"].as_str().unwrap_or_default().to_owned();
+            let name = d["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
             match maps.get_mut(&name) {
                 Some(m) => {
                     if let (Some(a), Some(b)) = (
@@ -1075,7 +1179,11 @@ mod tests {
     #[test]
     fn pathsuffix_becomes_request_path_below_the_base() {
         assert_eq!(
-            rewrite_pathsuffix(r#"proxy.pathsuffix MatchesPath "/pets/*" and request.verb = "GET""#, "/v1/store").unwrap(),
+            rewrite_pathsuffix(
+                r#"proxy.pathsuffix MatchesPath "/pets/*" and request.verb = "GET""#,
+                "/v1/store"
+            )
+            .unwrap(),
             r#"request.path MatchesPath "/v1/store/pets/*" and request.verb = "GET""#
         );
         assert_eq!(

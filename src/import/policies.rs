@@ -143,7 +143,9 @@ fn reference(r: &str, fallback: Option<&str>) -> String {
 fn has_refs(s: &str) -> bool {
     let b = s.as_bytes();
     b.iter().enumerate().any(|(i, &c)| {
-        c == b'{' && (i == 0 || b[i - 1] != b'\\') && b.get(i + 1).is_some_and(|n| n.is_ascii_alphabetic())
+        c == b'{'
+            && (i == 0 || b[i - 1] != b'\\')
+            && b.get(i + 1).is_some_and(|n| n.is_ascii_alphabetic())
     })
 }
 
@@ -154,10 +156,16 @@ fn ignore_unresolved(x: &mut Ctx<'_>, root: Node<'_, '_>, uses_refs: bool) {
     let note = "tollgate renders a variable that does not resolve as empty text (Apigee's IgnoreUnresolvedVariables true)";
     match (n, ignore || !uses_refs) {
         (Some(n), true) => x.c.ok(n, note),
-        (Some(n), false) => x.c.approx(n, format!("{note}; Apigee would fail the step with steps.<policy>.UnresolvedVariable")),
+        (Some(n), false) => x.c.approx(
+            n,
+            format!("{note}; Apigee would fail the step with steps.<policy>.UnresolvedVariable"),
+        ),
         (None, true) => {}
         (None, false) => x.c.add_named(
-            format!("{}/IgnoreUnresolvedVariables (default false)", super::xml::path(root)),
+            format!(
+                "{}/IgnoreUnresolvedVariables (default false)",
+                super::xml::path(root)
+            ),
             super::report::Status::Approximated,
             format!("{note}; Apigee's default would fail the step on an unresolved variable"),
         ),
@@ -178,7 +186,12 @@ pub fn google_token(c: &mut Classifier, auth: Node<'_, '_>) -> Option<Value> {
             }
             "GoogleAccessToken" => {
                 let scopes: Vec<String> = child(k, "Scopes")
-                    .map(|s| all(s, "Scope").map(text).filter(|t| !t.is_empty()).collect())
+                    .map(|s| {
+                        all(s, "Scope")
+                            .map(text)
+                            .filter(|t| !t.is_empty())
+                            .collect()
+                    })
                     .unwrap_or_default();
                 if scopes.is_empty() {
                     c.no(k, "a GoogleAccessToken without Scopes");
@@ -197,8 +210,15 @@ pub fn google_token(c: &mut Classifier, auth: Node<'_, '_>) -> Option<Value> {
                     ok = false;
                     continue;
                 };
-                if aud.contains('{') || child(k, "Audience").and_then(|a| a.attribute("ref")).is_some() {
-                    c.no(k, "an Audience from a variable (tollgate's idToken audience is a literal)");
+                if aud.contains('{')
+                    || child(k, "Audience")
+                        .and_then(|a| a.attribute("ref"))
+                        .is_some()
+                {
+                    c.no(
+                        k,
+                        "an Audience from a variable (tollgate's idToken audience is a literal)",
+                    );
                     ok = false;
                     continue;
                 }
@@ -225,7 +245,11 @@ pub fn google_token(c: &mut Classifier, auth: Node<'_, '_>) -> Option<Value> {
 
 fn verify_api_key(x: &mut Ctx<'_>, root: Node<'_, '_>) -> Option<Value> {
     let Some(k) = child(root, "APIKey") else {
-        x.c.add_named(format!("{}/APIKey", super::xml::path(root)), super::report::Status::NotConvertible, "no APIKey element");
+        x.c.add_named(
+            format!("{}/APIKey", super::xml::path(root)),
+            super::report::Status::NotConvertible,
+            "no APIKey element",
+        );
         return None;
     };
     let from = match attr(k, "ref") {
@@ -268,7 +292,11 @@ fn quota(x: &mut Ctx<'_>, root: Node<'_, '_>) -> Option<Value> {
     let qtype = match qtype.as_str() {
         "calendar" | "flexi" | "rollingwindow" | "default" => qtype,
         other => {
-            x.c.add_named(format!("{}@type", super::xml::label(root)), super::report::Status::NotConvertible, format!("quota type `{other}`"));
+            x.c.add_named(
+                format!("{}@type", super::xml::label(root)),
+                super::report::Status::NotConvertible,
+                format!("quota type `{other}`"),
+            );
             return None;
         }
     };
@@ -388,7 +416,10 @@ fn spike_arrest(x: &mut Ctx<'_>, root: Node<'_, '_>) -> Option<Value> {
                         spec.insert("rate".into(), json!(l));
                     }
                     (None, _) => {
-                        x.c.no(k, "a Rate from a variable only: tollgate's SpikeArrest rate is a literal");
+                        x.c.no(
+                            k,
+                            "a Rate from a variable only: tollgate's SpikeArrest rate is a literal",
+                        );
                         ok = false;
                     }
                 }
@@ -403,16 +434,18 @@ fn spike_arrest(x: &mut Ctx<'_>, root: Node<'_, '_>) -> Option<Value> {
                     ok = false;
                 }
             },
-            "MessageWeight" => match number_or_ref(Some(text(k)).filter(|t| !t.is_empty()), attr(k, "ref")) {
-                Some(v) => {
-                    spec.insert("messageWeight".into(), v);
-                    x.c.ok(k, "messageWeight");
+            "MessageWeight" => {
+                match number_or_ref(Some(text(k)).filter(|t| !t.is_empty()), attr(k, "ref")) {
+                    Some(v) => {
+                        spec.insert("messageWeight".into(), v);
+                        x.c.ok(k, "messageWeight");
+                    }
+                    None => {
+                        x.c.no(k, "MessageWeight without a value or ref");
+                        ok = false;
+                    }
                 }
-                None => {
-                    x.c.no(k, "MessageWeight without a value or ref");
-                    ok = false;
-                }
-            },
+            }
             "UseEffectiveCount" => {
                 spec.insert("useEffectiveCount".into(), json!(truthy(&text(k))));
                 x.c.ok(k, "useEffectiveCount");
@@ -476,7 +509,10 @@ fn assign_message(x: &mut Ctx<'_>, root: Node<'_, '_>) -> Option<Value> {
                         }
                         ("Remove", "Headers") => {
                             if kids(s).next().is_none() {
-                                x.c.no(s, "removing every header: tollgate removes named headers only");
+                                x.c.no(
+                                    s,
+                                    "removing every header: tollgate removes named headers only",
+                                );
                                 ok = false;
                                 continue;
                             }
@@ -495,8 +531,13 @@ fn assign_message(x: &mut Ctx<'_>, root: Node<'_, '_>) -> Option<Value> {
                             x.c.touch(s);
                         }
                         ("Set", "Payload") => {
-                            if s.attribute("variablePrefix").is_some() || s.attribute("variableSuffix").is_some() {
-                                x.c.no(s, "variablePrefix/variableSuffix: tollgate templates use { }");
+                            if s.attribute("variablePrefix").is_some()
+                                || s.attribute("variableSuffix").is_some()
+                            {
+                                x.c.no(
+                                    s,
+                                    "variablePrefix/variableSuffix: tollgate templates use { }",
+                                );
                                 ok = false;
                                 continue;
                             }
@@ -582,7 +623,10 @@ fn raise_fault(x: &mut Ctx<'_>, root: Node<'_, '_>) -> Option<Value> {
     spec.insert("errorCode".into(), json!("steps.raisefault.RaiseFault"));
     spec.insert(
         "message".into(),
-        json!(format!("Raising fault. Fault name : {}", attr(root, "name").unwrap_or_default())),
+        json!(format!(
+            "Raising fault. Fault name : {}",
+            attr(root, "name").unwrap_or_default()
+        )),
     );
     let mut ok = true;
     let mut uses_refs = false;
@@ -591,7 +635,13 @@ fn raise_fault(x: &mut Ctx<'_>, root: Node<'_, '_>) -> Option<Value> {
         let mut has_set = false;
         for k in kids(fr) {
             if k.tag_name().name() != "Set" {
-                x.c.no(k, format!("FaultResponse/{}: tollgate's RaiseFault sets status, headers and payload", k.tag_name().name()));
+                x.c.no(
+                    k,
+                    format!(
+                        "FaultResponse/{}: tollgate's RaiseFault sets status, headers and payload",
+                        k.tag_name().name()
+                    ),
+                );
                 ok = false;
                 continue;
             }
@@ -690,13 +740,18 @@ fn key_value_map(x: &mut Ctx<'_>, root: Node<'_, '_>) -> Option<Value> {
                 }
             },
             "Get" => {
-                let (Some(var), Some(key)) = (attr(k, "assignTo"), child(k, "Key").and_then(kvm_key)) else {
+                let (Some(var), Some(key)) =
+                    (attr(k, "assignTo"), child(k, "Key").and_then(kvm_key))
+                else {
                     x.c.no(k, "Get needs assignTo and a Key of Parameters");
                     ok = false;
                     continue;
                 };
                 if attr(k, "index").is_some_and(|i| i != "1") {
-                    x.c.no(k, "Get with index other than 1: tollgate values are single strings");
+                    x.c.no(
+                        k,
+                        "Get with index other than 1: tollgate values are single strings",
+                    );
                     ok = false;
                     continue;
                 }
@@ -736,7 +791,8 @@ fn key_value_map(x: &mut Ctx<'_>, root: Node<'_, '_>) -> Option<Value> {
             "InitialEntries" => {
                 let mut entries = Map::new();
                 for e in all(k, "Entry") {
-                    let key: Option<Vec<String>> = child(e, "Key").map(|kk| all(kk, "Parameter").map(text).collect());
+                    let key: Option<Vec<String>> =
+                        child(e, "Key").map(|kk| all(kk, "Parameter").map(text).collect());
                     let val = child_text(e, "Value");
                     match (key, val) {
                         (Some(parts), Some(v)) if !parts.is_empty() => {
@@ -806,7 +862,10 @@ fn javascript(x: &mut Ctx<'_>, root: Node<'_, '_>) -> Option<Value> {
                 Some(t.to_owned())
             }
             _ => {
-                x.c.no(n, format!("{} is missing or not UTF-8", x.bundle.show(&rel)));
+                x.c.no(
+                    n,
+                    format!("{} is missing or not UTF-8", x.bundle.show(&rel)),
+                );
                 None
             }
         }
@@ -830,7 +889,11 @@ fn javascript(x: &mut Ctx<'_>, root: Node<'_, '_>) -> Option<Value> {
             None => ok = false,
         },
         None => {
-            x.c.add_named(super::xml::label(root), super::report::Status::NotConvertible, "no ResourceURL or Source");
+            x.c.add_named(
+                super::xml::label(root),
+                super::report::Status::NotConvertible,
+                "no ResourceURL or Source",
+            );
             ok = false;
         }
     }
@@ -850,7 +913,11 @@ fn javascript(x: &mut Ctx<'_>, root: Node<'_, '_>) -> Option<Value> {
         }
         Some(n) => {
             spec.insert("timeLimitMs".into(), json!(1000));
-            x.c.add_named(label, super::report::Status::Approximated, format!("{n} ms capped at tollgate's 1000 ms"));
+            x.c.add_named(
+                label,
+                super::report::Status::Approximated,
+                format!("{n} ms capped at tollgate's 1000 ms"),
+            );
         }
         None => {
             spec.insert("timeLimitMs".into(), json!(1000));
@@ -892,7 +959,11 @@ fn service_callout(x: &mut Ctx<'_>, root: Node<'_, '_>) -> Option<Value> {
                     continue;
                 }
                 if let Some(v) = k.attribute("variable") {
-                    x.c.add_named(format!("{}@variable", super::xml::path(k)), super::report::Status::Converted, format!("`{v}`: the request is built in the policy"));
+                    x.c.add_named(
+                        format!("{}@variable", super::xml::path(k)),
+                        super::report::Status::Converted,
+                        format!("`{v}`: the request is built in the policy"),
+                    );
                 }
                 for s in kids(k) {
                     match s.tag_name().name() {
@@ -902,7 +973,8 @@ fn service_callout(x: &mut Ctx<'_>, root: Node<'_, '_>) -> Option<Value> {
                                 match t.tag_name().name() {
                                     "Headers" => {
                                         let h = headers(x, t);
-                                        uses_refs |= h.values().any(|v| v.as_str().is_some_and(has_refs));
+                                        uses_refs |=
+                                            h.values().any(|v| v.as_str().is_some_and(has_refs));
                                         req.insert("headers".into(), Value::Object(h));
                                     }
                                     "Payload" => {
@@ -918,7 +990,10 @@ fn service_callout(x: &mut Ctx<'_>, root: Node<'_, '_>) -> Option<Value> {
                                         x.c.ok(t, "request.body");
                                     }
                                     "Verb" => {
-                                        req.insert("method".into(), json!(text(t).to_ascii_uppercase()));
+                                        req.insert(
+                                            "method".into(),
+                                            json!(text(t).to_ascii_uppercase()),
+                                        );
                                         x.c.ok(t, "request.method");
                                     }
                                     other => {
@@ -933,7 +1008,10 @@ fn service_callout(x: &mut Ctx<'_>, root: Node<'_, '_>) -> Option<Value> {
                             if truthy(&text(s)) {
                                 x.c.ok(s, note);
                             } else {
-                                x.c.approx(s, format!("{note}; Apigee would fail the callout on one"));
+                                x.c.approx(
+                                    s,
+                                    format!("{note}; Apigee would fail the callout on one"),
+                                );
                             }
                         }
                         other => {
@@ -985,7 +1063,11 @@ fn service_callout(x: &mut Ctx<'_>, root: Node<'_, '_>) -> Option<Value> {
         }
     }
     if !req.contains_key("url") {
-        x.c.add_named(format!("{}/HTTPTargetConnection/URL", super::xml::label(root)), super::report::Status::NotConvertible, "no literal URL (LocalTargetConnection or a target server)");
+        x.c.add_named(
+            format!("{}/HTTPTargetConnection/URL", super::xml::label(root)),
+            super::report::Status::NotConvertible,
+            "no literal URL (LocalTargetConnection or a target server)",
+        );
         ok = false;
     }
     if !ok {
@@ -1194,14 +1276,21 @@ fn verify_jwt(x: &mut Ctx<'_>, root: Node<'_, '_>) -> Option<Value> {
     for k in kids(root) {
         match k.tag_name().name() {
             "Algorithm" => {
-                let algs: Vec<String> = text(k).split(',').map(|a| a.trim().to_owned()).filter(|a| !a.is_empty()).collect();
+                let algs: Vec<String> = text(k)
+                    .split(',')
+                    .map(|a| a.trim().to_owned())
+                    .filter(|a| !a.is_empty())
+                    .collect();
                 spec.insert("algorithms".into(), json!(algs));
                 x.c.ok(k, "algorithms");
             }
             "Source" => {
                 let s = text(k);
                 if let Some(h) = s.strip_prefix("request.header.") {
-                    spec.insert("tokenFrom".into(), json!([{"header": h.to_ascii_lowercase()}]));
+                    spec.insert(
+                        "tokenFrom".into(),
+                        json!([{"header": h.to_ascii_lowercase()}]),
+                    );
                     x.c.ok(k, "tokenFrom");
                 } else if let Some(q) = s.strip_prefix("request.queryparam.") {
                     spec.insert("tokenFrom".into(), json!([{"query": q}]));
@@ -1211,18 +1300,16 @@ fn verify_jwt(x: &mut Ctx<'_>, root: Node<'_, '_>) -> Option<Value> {
                     ok = false;
                 }
             }
-            "PublicKey" => {
-                match child(k, "JWKS").and_then(|j| attr(j, "uri")) {
-                    Some(uri) if !uri.contains('{') => {
-                        spec.insert("jwks".into(), json!({"url": uri}));
-                        x.c.ok(k, "jwks.url");
-                    }
-                    _ => {
-                        x.c.no(k, "a public key from a variable or inline value: tollgate takes a JWKS URL or file");
-                        ok = false;
-                    }
+            "PublicKey" => match child(k, "JWKS").and_then(|j| attr(j, "uri")) {
+                Some(uri) if !uri.contains('{') => {
+                    spec.insert("jwks".into(), json!({"url": uri}));
+                    x.c.ok(k, "jwks.url");
                 }
-            }
+                _ => {
+                    x.c.no(k, "a public key from a variable or inline value: tollgate takes a JWKS URL or file");
+                    ok = false;
+                }
+            },
             "SecretKey" => {
                 x.c.no(k, "an HMAC secret from a variable: tollgate takes the secret from the spec or a file");
                 ok = false;
@@ -1256,7 +1343,14 @@ fn verify_jwt(x: &mut Ctx<'_>, root: Node<'_, '_>) -> Option<Value> {
             }
             "TimeAllowance" => {
                 let t = text(k);
-                let secs = t.strip_suffix('s').and_then(|n| n.parse::<u64>().ok()).or_else(|| t.strip_suffix("ms").and_then(|n| n.parse::<u64>().ok()).map(|ms| ms / 1000));
+                let secs = t
+                    .strip_suffix('s')
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .or_else(|| {
+                        t.strip_suffix("ms")
+                            .and_then(|n| n.parse::<u64>().ok())
+                            .map(|ms| ms / 1000)
+                    });
                 match secs {
                     Some(s) => {
                         spec.insert("leewaySeconds".into(), json!(s));
@@ -1268,9 +1362,10 @@ fn verify_jwt(x: &mut Ctx<'_>, root: Node<'_, '_>) -> Option<Value> {
                     }
                 }
             }
-            "IgnoreUnresolvedVariables" | "IgnoreCriticalHeaders" | "IgnoreIssuedAt" => {
-                x.c.approx(k, "tollgate's checks are fixed (crit refused unless handled, iat checked)")
-            }
+            "IgnoreUnresolvedVariables" | "IgnoreCriticalHeaders" | "IgnoreIssuedAt" => x.c.approx(
+                k,
+                "tollgate's checks are fixed (crit refused unless handled, iat checked)",
+            ),
             _ => {}
         }
     }

@@ -65,11 +65,7 @@ pub fn label(n: Node<'_, '_>) -> String {
 
 /// The path of `n` from the document's root element: `Quota[Q-1]/Allow`.
 pub fn path(n: Node<'_, '_>) -> String {
-    let mut parts: Vec<String> = n
-        .ancestors()
-        .filter(Node::is_element)
-        .map(label)
-        .collect();
+    let mut parts: Vec<String> = n.ancestors().filter(Node::is_element).map(label).collect();
     parts.reverse();
     parts.join("/")
 }
@@ -149,7 +145,10 @@ impl Classifier {
         let pending: Vec<Node<'_, '_>> = root
             .descendants()
             .filter(|d| d.is_element() && d.id() != root.id() && !self.seen.contains(&d.id()))
-            .filter(|d| d.parent().is_some_and(|p| self.seen.contains(&p.id()) || p.id() == root.id()))
+            .filter(|d| {
+                d.parent()
+                    .is_some_and(|p| self.seen.contains(&p.id()) || p.id() == root.id())
+            })
             .collect();
         for d in pending {
             if self.seen.contains(&d.id()) {
@@ -157,7 +156,10 @@ impl Classifier {
             }
             match d.tag_name().name() {
                 "Description" | "DisplayName" => self.ok(d, "documentation only"),
-                other => self.no(d, format!("`{other}` is not an element of {what} the importer knows")),
+                other => self.no(
+                    d,
+                    format!("`{other}` is not an element of {what} the importer knows"),
+                ),
             }
         }
     }
