@@ -238,3 +238,89 @@ async fn gke_extension_bundle_answers_as_its_policies_define() {
     })
     .await;
 }
+
+/// Three more converted bundles in one configuration, behind Envoy: Apigee's first-match
+/// conditional flows with MatchesPath and JavaRegex below a base path (and the catch-all
+/// flow's RaiseFault 404 with the bundle's payload), a RaiseFault on a header condition (403,
+/// its payload and header), and AssignMessage on both directions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conditional_flows_raise_fault_and_assign_message_bundles() {
+    within(LIMIT, async {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let config = tmp.path().join("config");
+        for b in ["conditional-flows", "raise-fault", "assign-headers"] {
+            let bundle = support::repo_root()
+                .join("tests/data/apigee-bundles")
+                .join(b);
+            let imported = tollgate::import::convert(&bundle).expect("import");
+            assert_eq!(
+                imported.report.counts.not_convertible,
+                0,
+                "{}",
+                imported.report.text()
+            );
+            tollgate::import::write(&imported, &config).expect("write");
+        }
+        let upstream = Upstream::start();
+        let tollgate = Tollgate::start(&config, tmp.path(), &[]).await;
+        let envoy = Envoy::start(
+            tmp.path(),
+            &EnvoyOptions::default(),
+            tollgate.grpc,
+            upstream.addr,
+        )
+        .await;
+        let client = HttpClient::new();
+        let url = |p: &str| format!("http://{}{p}", envoy.listen);
+
+        // conditional-flows: the first flow that matches runs, and only it.
+        let r = client.get(&url("/v1/shop/orders"), &[]).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.echoed_header("x-operation").as_deref(), Some("list"));
+        let r = client.get(&url("/v1/shop/orders/42"), &[]).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.echoed_header("x-operation").as_deref(), Some("get"));
+        // A verb no flow takes falls to the catch-all flow: the bundle's 404 and payload.
+        for (method, path) in [
+            ("POST", "/v1/shop/orders"),
+            ("GET", "/v1/shop/orders/x1"),
+            ("GET", "/v1/shop/carts"),
+        ] {
+            let r = client.send(method, &url(path), &[], "").await;
+            assert_eq!(r.status, 404, "{method} {path}: {}", r.text());
+            assert_eq!(r.json(), json!({"error": "no such resource"}));
+            assert_eq!(r.header("content-type"), Some("application/json"));
+        }
+
+        // raise-fault: only the condition's requests are refused, with the bundle's answer.
+        let r = client
+            .get(&url("/guarded/a"), &[("x-client", "banned")])
+            .await;
+        assert_eq!(r.status, 403, "{}", r.text());
+        assert_eq!(r.json(), json!({"error": "blocked", "path": "/guarded/a"}));
+        assert_eq!(r.header("x-blocked-by"), Some("gateway"));
+        let r = client
+            .get(&url("/guarded/a"), &[("x-client", "partner")])
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+
+        // assign-headers: request headers removed / set / added, a variable on the way back.
+        let r = client
+            .get(
+                &url("/assign/x"),
+                &[("x-debug", "1"), ("x-request-path", "forged")],
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.echoed_header("x-debug"), None);
+        assert_eq!(
+            r.echoed_header("x-request-path").as_deref(),
+            Some("/assign/x")
+        );
+        assert_eq!(r.echoed_header("x-via").as_deref(), Some("tollgate"));
+        assert_eq!(r.header("x-tier"), Some("gold"));
+        drop(envoy);
+        drop(tollgate);
+    })
+    .await;
+}

@@ -310,7 +310,14 @@ impl<'b> Converter<'b> {
             let apigee_type = root.tag_name().name().to_owned();
             let apigee_name =
                 attr(root, "name").unwrap_or_else(|| f.trim_end_matches(".xml").to_owned());
-            let name = sanitize(&apigee_name);
+            // Two Apigee names may sanitize alike (`A B`, `A-B`): each keeps a name of its own.
+            let mut name = sanitize(&apigee_name);
+            let base = name.clone();
+            let mut n = 2;
+            while self.policies.values().any(|p| p.name == name) {
+                name = format!("{base}-{n}");
+                n += 1;
+            }
             let mut x = policies::Ctx {
                 c: Classifier::new(self.bundle.show(&rel)),
                 bundle: self.bundle,
