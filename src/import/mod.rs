@@ -37,8 +37,9 @@ use xml::{all, attr, child, child_text, kids, text, Classifier};
 /// Apigee's request payload limit, written out as the flow's `maxBodyBytes`.
 const APIGEE_MAX_BODY: usize = 10 * 1024 * 1024;
 const PLACEHOLDER_CODE: &str = "tollgate.NotConverted";
-/// The placeholder for steps whose condition could not be converted.
-const CONDITION_PLACEHOLDER: &str = "apigee-condition-not-converted";
+/// The placeholder for steps that stand for no one policy: a condition that could not be
+/// converted, a missing target, a target's token step that could not be.
+const CONDITION_PLACEHOLDER: &str = "apigee-not-converted";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImportError {
@@ -842,9 +843,15 @@ impl<'b> Converter<'b> {
                 file: self.bundle.show(&rel),
                 element: format!("TargetEndpoint[{tname}]"),
                 status: Status::NotConvertible,
-                note: "the route names a TargetEndpoint the bundle does not have".to_owned(),
+                note: format!("the route names a TargetEndpoint the bundle does not have; a step answering 500 {PLACEHOLDER_CODE} stands for it"),
             });
-            return Ok((Vec::new(), Vec::new(), None));
+            self.condition_placeholder = true;
+            let mut s = serde_json::Map::new();
+            s.insert("policy".into(), json!(CONDITION_PLACEHOLDER));
+            if let Some(r) = route.render() {
+                s.insert("apigeeCondition".into(), json!(r));
+            }
+            return Ok((vec![Value::Object(s)], Vec::new(), None));
         };
         let t = t?;
         let doc = parse(self.bundle, &rel, t)?;
