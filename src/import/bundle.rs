@@ -57,8 +57,17 @@ impl Bundle {
     /// Picks the bundle root among `all` (paths relative to what was given).
     fn from_files(path: &Path, all: BTreeMap<String, Vec<u8>>) -> Result<Self, ImportError> {
         for kind in [Kind::Apiproxy, Kind::Sharedflowbundle] {
-            let prefix = format!("{}/", kind.root());
-            if all.keys().any(|k| k.starts_with(&prefix)) {
+            // `apiproxy/…` at the top, or one folder down (`my-proxy/apiproxy/…`, as a
+            // repository's archive holds it).
+            let found = all.keys().find_map(|k| {
+                let mut parts = k.split('/');
+                let first = parts.next()?;
+                if first == kind.root() {
+                    return Some(format!("{first}/"));
+                }
+                (parts.next()? == kind.root()).then(|| format!("{first}/{}/", kind.root()))
+            });
+            if let Some(prefix) = found {
                 let files = all
                     .iter()
                     .filter_map(|(k, v)| k.strip_prefix(&prefix).map(|r| (r.to_owned(), v.clone())))
@@ -195,4 +204,60 @@ fn read_zip(path: &Path) -> Result<BTreeMap<String, Vec<u8>>, ImportError> {
         out.insert(rel, bytes);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn zip_of(path: &Path, entries: &[(&str, &str)]) {
+        let f = std::fs::File::create(path).expect("create");
+        let mut z = zip::ZipWriter::new(f);
+        for (name, text) in entries {
+            z.start_file(*name, zip::write::SimpleFileOptions::default())
+                .expect("entry");
+            z.write_all(text.as_bytes()).expect("write");
+        }
+        z.finish().expect("finish");
+    }
+
+    #[test]
+    fn a_zip_entry_escaping_the_archive_is_refused() {
+        let dir = tempfile::tempdir().expect("dir");
+        let p = dir.path().join("evil.zip");
+        zip_of(
+            &p,
+            &[("apiproxy/p.xml", "<APIProxy/>"), ("../../escape.xml", "x")],
+        );
+        let e = Bundle::read(&p).expect_err("refused");
+        assert!(e.to_string().contains("escapes the archive"), "{e}");
+    }
+
+    #[test]
+    fn the_root_is_found_at_the_top_one_folder_down_or_given_itself() {
+        let dir = tempfile::tempdir().expect("dir");
+        let p = dir.path().join("nested.zip");
+        zip_of(
+            &p,
+            &[
+                ("my-proxy/apiproxy/p.xml", "<APIProxy/>"),
+                ("my-proxy/apiproxy/policies/a.xml", "<Quota/>"),
+                ("my-proxy/README.md", "x"),
+            ],
+        );
+        let b = Bundle::read(&p).expect("bundle");
+        assert_eq!(b.kind, Kind::Apiproxy);
+        assert_eq!(
+            b.files.keys().cloned().collect::<Vec<_>>(),
+            ["p.xml", "policies/a.xml"]
+        );
+        let root = dir.path().join("x/sharedflowbundle");
+        std::fs::create_dir_all(root.join("policies")).expect("mkdir");
+        std::fs::write(root.join("policies/a.xml"), "<Quota/>").expect("write");
+        let b = Bundle::read(&root).expect("the root itself");
+        assert_eq!(b.kind, Kind::Sharedflowbundle);
+        assert!(b.files.contains_key("policies/a.xml"));
+        assert!(Bundle::read(dir.path().join("x/sharedflowbundle/policies").as_path()).is_err());
+    }
 }

@@ -357,10 +357,11 @@ fn quota(x: &mut Ctx<'_>, root: Node<'_, '_>) -> Option<Value> {
                     ok = false;
                 }
             },
-            "StartTime" => {
+            "StartTime" if qtype == "calendar" => {
                 spec.insert("startTime".into(), json!(text(k)));
                 x.c.ok(k, "startTime (UTC)");
             }
+            "StartTime" => x.c.ok(k, "only calendar quotas start at a time (Apigee ignores it too)"),
             "Distributed" | "Synchronous" | "AsynchronousConfiguration" => x.c.approx(
                 k,
                 "where counters live is a deployment choice in tollgate (--counters memory|redis, --counter-sync sync|async), not a policy setting",
