@@ -244,3 +244,86 @@ fn not_a_bundle_is_an_error() {
     assert!(stderr.contains("neither an Apigee proxy"), "{stderr}");
     assert!(!out.exists());
 }
+
+/// Copies `from` (a directory tree) to `to`.
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for e in std::fs::read_dir(from).expect("read_dir").flatten() {
+        let p = e.path();
+        let q = to.join(e.file_name());
+        if p.is_dir() {
+            copy_tree(&p, &q);
+        } else {
+            std::fs::copy(&p, &q).expect("copy");
+        }
+    }
+}
+
+fn xml_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).expect("read_dir").flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            xml_files(&p, out);
+        } else if p.extension().is_some_and(|x| x == "xml") {
+            out.push(p);
+        }
+    }
+}
+
+/// The importer never panics on a damaged bundle: every XML file of every directory
+/// bundle, cut short at several points or with one line dropped, either converts (to a
+/// consistent report and a configuration that validates) or is refused with an error.
+#[test]
+fn damaged_bundles_are_refused_or_converted_never_a_panic() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let mut tried = 0;
+    for e in manifest() {
+        let name = e["bundle"].as_str().expect("bundle");
+        let src = corpus().join(name);
+        if !src.is_dir() {
+            continue;
+        }
+        let mut files = Vec::new();
+        xml_files(&src, &mut files);
+        for f in files {
+            let rel = f.strip_prefix(&src).expect("below").to_owned();
+            let text = std::fs::read_to_string(&f).expect("read");
+            let lines: Vec<&str> = text.lines().collect();
+            let mut variants: Vec<String> = [3, 2, 1]
+                .iter()
+                .map(|d| text.chars().take(text.chars().count() * d / 4).collect())
+                .collect();
+            for drop in [1, lines.len() / 2, lines.len().saturating_sub(2)] {
+                let kept: Vec<&str> = lines
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| *i != drop)
+                    .map(|(_, l)| *l)
+                    .collect();
+                variants.push(kept.join("\n"));
+            }
+            for v in variants {
+                let dir = tmp.path().join(format!("v{tried}"));
+                copy_tree(&src, &dir);
+                std::fs::write(dir.join(&rel), v).expect("write");
+                if let Ok(done) = tollgate::import::convert(&dir) {
+                    let c = &done.report.counts;
+                    assert_eq!(
+                        c.converted + c.approximated + c.not_convertible,
+                        done.report.elements.len()
+                    );
+                    // And what it writes is still a configuration tollgate accepts.
+                    let out = tmp.path().join(format!("o{tried}"));
+                    tollgate::import::write(&done, &out).expect("write");
+                    if let Err(e) = tollgate::import::validate_dir(&out) {
+                        panic!("{name} with {} damaged: {e}", rel.display());
+                    }
+                    let _ = std::fs::remove_dir_all(&out);
+                }
+                let _ = std::fs::remove_dir_all(&dir);
+                tried += 1;
+            }
+        }
+    }
+    assert!(tried > 300, "{tried} damaged bundles");
+}
