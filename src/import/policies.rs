@@ -116,8 +116,8 @@ pub static TABLE: &[Entry] = &[
     no("SanitizeModelResponse", "the importer does not map Apigee's Model Armor XML yet (tollgate has the policy: write it by hand)"),
     no("SemanticCacheLookup", "the importer does not map Apigee's semantic cache XML yet (tollgate has the policy: write it by hand)"),
     no("SemanticCachePopulate", "the importer does not map Apigee's semantic cache XML yet (tollgate has the policy: write it by hand)"),
-    no("LLMTokenQuota", "the importer does not map Apigee's LLMTokenQuota XML yet (tollgate has LlmTokenQuota: write it by hand)"),
-    no("PromptTokenLimit", "the importer does not map Apigee's PromptTokenLimit XML yet (tollgate has the policy: write it by hand)"),
+    yes("LLMTokenQuota", llm_token_quota),
+    yes("PromptTokenLimit", prompt_token_limit),
 ];
 
 pub fn entry(apigee: &str) -> Option<&'static Entry> {
@@ -388,6 +388,13 @@ fn quota(x: &mut Ctx<'_>, root: Node<'_, '_>) -> Option<Value> {
                 let key = if name == "CountOnly" { "countOnly" } else { "enforceOnly" };
                 spec.insert(key.into(), json!(truthy(&text(k))));
                 x.c.ok(k, key);
+            }
+            "IgnoreUnresolvedVariables" => {
+                if truthy(&text(k)) {
+                    x.c.ok(k, "a setting from a template that does not render uses the literal");
+                } else {
+                    x.c.approx(k, "a reference that does not resolve uses the literal fallback; one that renders an invalid number answers 500 (Apigee: an error either way)");
+                }
             }
             _ => {}
         }
@@ -1375,6 +1382,79 @@ fn verify_jwt(x: &mut Ctx<'_>, root: Node<'_, '_>) -> Option<Value> {
     }
     if !spec.contains_key("jwks") {
         ok = false;
+    }
+    ok.then_some(Value::Object(spec))
+}
+
+/// `LLMTokenQuota`: Quota's elements, counted in tokens, plus the model and usage sources.
+fn llm_token_quota(x: &mut Ctx<'_>, root: Node<'_, '_>) -> Option<Value> {
+    let mut ok = true;
+    let mut extra = Map::new();
+    for k in kids(root) {
+        match k.tag_name().name() {
+            "LLMModelSource" => {
+                extra.insert("llmModelSource".into(), json!(text(k)));
+                x.c.ok(k, "llmModelSource (the model the request is counted under with perModel; recorded otherwise)");
+            }
+            "LLMTokenUsageSource" => {
+                extra.insert("llmTokenUsageSource".into(), json!(text(k)));
+                x.c.ok(
+                    k,
+                    "llmTokenUsageSource (default: the usage the LLM API itself reports)",
+                );
+            }
+            "MessageWeight" => {
+                x.c.no(
+                    k,
+                    "a MessageWeight in an LLMTokenQuota: tollgate weighs by tokens",
+                );
+                ok = false;
+            }
+            _ => {}
+        }
+    }
+    let spec = quota(x, root)?;
+    let Value::Object(mut spec) = spec else {
+        return None;
+    };
+    spec.insert("type".into(), json!("LlmTokenQuota"));
+    spec.remove("messageWeight");
+    spec.extend(extra);
+    x.c.add_named(
+        format!("{} (counting)", super::xml::label(root)),
+        super::report::Status::Approximated,
+        "tollgate reserves the request's estimate (prompt tokens plus its output limit, or defaultOutputTokens 4096) on the request and reconciles to the real usage when the exchange ends; Apigee counts after the response",
+    );
+    ok.then_some(Value::Object(spec))
+}
+
+/// `PromptTokenLimit`: SpikeArrest's elements, weighed in prompt tokens.
+fn prompt_token_limit(x: &mut Ctx<'_>, root: Node<'_, '_>) -> Option<Value> {
+    let mut ok = true;
+    let mut source = None;
+    for k in kids(root) {
+        match k.tag_name().name() {
+            "UserPromptSource" => {
+                source = Some(text(k));
+                x.c.ok(k, "userPromptSource");
+            }
+            "MessageWeight" => {
+                x.c.no(
+                    k,
+                    "a MessageWeight in a PromptTokenLimit: tollgate weighs by prompt tokens",
+                );
+                ok = false;
+            }
+            _ => {}
+        }
+    }
+    let spec = spike_arrest(x, root)?;
+    let Value::Object(mut spec) = spec else {
+        return None;
+    };
+    spec.insert("type".into(), json!("PromptTokenLimit"));
+    if let Some(s) = source {
+        spec.insert("userPromptSource".into(), json!(s));
     }
     ok.then_some(Value::Object(spec))
 }
