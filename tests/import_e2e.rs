@@ -280,6 +280,14 @@ async fn conditional_flows_raise_fault_and_assign_message_bundles() {
         let r = client.get(&url("/v1/shop/orders/42"), &[]).await;
         assert_eq!(r.status, 200, "{}", r.text());
         assert_eq!(r.echoed_header("x-operation").as_deref(), Some("get"));
+        // The flow is chosen once, as in Apigee: its first step removes the header its
+        // condition reads, and its second step still runs (and no later flow does).
+        let r = client
+            .get(&url("/v1/shop/orders"), &[("x-tag", "yes")])
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.echoed_header("x-operation").as_deref(), Some("tagged"));
+        assert_eq!(r.echoed_header("x-tag"), None);
         // A verb no flow takes falls to the catch-all flow: the bundle's 404 and payload.
         for (method, path) in [
             ("POST", "/v1/shop/orders"),

@@ -7,8 +7,9 @@
 //!   proxy PreFlow, the first conditional flow whose condition holds, PostFlow, then the
 //!   target's (chosen by the first RouteRule whose condition holds) PreFlow, conditional
 //!   flows and PostFlow; the response the other way round (target first). Apigee picks one
-//!   conditional flow; tollgate has no flow groups, so each step carries the whole choice as
-//!   its `apigeeCondition`: `(this flow's condition) and not (an earlier flow's) ...`.
+//!   conditional flow, once; tollgate has no flow groups, so marker steps (one per flow, all
+//!   before any flow's step, each `(this flow's condition) and not (an earlier flow's) ...`)
+//!   record the choice in `apigee.import.flow.<scope>` and the flow's steps check it.
 //! - `proxy.pathsuffix` in conditions is written as `request.path` below the base path:
 //!   tollgate flows have no base path yet.
 //! - Never fail open: a step whose policy (or condition) cannot be converted becomes a
@@ -150,6 +151,8 @@ struct Converter<'b> {
     /// Synthesized policies (a target's Google token step): name → spec.
     synthesized: BTreeMap<String, Value>,
     condition_placeholder: bool,
+    /// The flow being assembled (names its marker steps).
+    current: String,
 }
 
 /// A flow's share of a step's condition: Apigee conditions, all of which must hold.
@@ -232,6 +235,7 @@ impl<'b> Converter<'b> {
             classified: BTreeSet::new(),
             synthesized: BTreeMap::new(),
             condition_placeholder: false,
+            current: String::new(),
         }
     }
 
@@ -610,6 +614,8 @@ impl<'b> Converter<'b> {
         let (mut req, mut resp) = (Vec::new(), Vec::new());
         let mut flows_req = Vec::new();
         let mut flows_resp = Vec::new();
+        // The flow choice, all made before any flow's step runs.
+        let mut markers = Vec::new();
         if let Some(pre) = child(root, "PreFlow") {
             c.touch(pre);
             req.extend(self.steps(
@@ -639,18 +645,45 @@ impl<'b> Converter<'b> {
                     continue;
                 }
                 let own = self.condition(child_text(f, "Condition"), base);
-                if let Some(cn) = child(f, "Condition") {
-                    match &own.broken {
-                        None => c.ok(cn, "the flow's condition, on each of its steps with `and not` of earlier flows' conditions (Apigee runs only the first flow that matches)"),
-                        Some(b) => c.no(cn, b.clone()),
-                    }
-                }
                 let mut cond = outer.and(&own);
                 for e in &earlier {
                     cond = cond.and(&Self::negate(e));
                 }
                 if own.parts.is_empty() && own.broken.is_none() {
                     catch_all = true;
+                }
+                // Apigee chooses the flow once, here: a marker step records the choice and
+                // the flow's steps check it, so a step changing what the condition reads
+                // (a header, a variable) does not change which flow runs.
+                let has_steps = ["Request", "Response"]
+                    .iter()
+                    .filter_map(|d| child(f, d))
+                    .any(|h| kids(h).next().is_some());
+                let scope = sanitize(&what.replace('`', ""));
+                let value = sanitize(&fname);
+                let var = format!("apigee.import.flow.{scope}");
+                if has_steps && cond.broken.is_none() {
+                    let marker = sanitize(&format!("apigee-flow.{}.{scope}.{value}", self.current));
+                    self.synthesized.insert(
+                        marker.clone(),
+                        json!({"type": "AssignMessage", "assignVariables": {var.clone(): value.clone()}}),
+                    );
+                    let mut m = serde_json::Map::new();
+                    m.insert("policy".into(), json!(marker));
+                    if let Some(r) = cond.render() {
+                        m.insert("apigeeCondition".into(), json!(r));
+                    }
+                    markers.push(Value::Object(m));
+                    cond = Cond {
+                        parts: vec![format!("{var} = \"{value}\"")],
+                        broken: None,
+                    };
+                }
+                if let Some(cn) = child(f, "Condition") {
+                    match &own.broken {
+                        None => c.ok(cn, format!("chosen once, where Apigee chooses (first match): a step `apigee-flow…` sets {var} = \"{value}\" when this condition holds and no earlier flow's did; the flow's steps check it")),
+                        Some(b) => c.no(cn, b.clone()),
+                    }
                 }
                 flows_req.extend(self.steps(
                     c,
@@ -669,6 +702,7 @@ impl<'b> Converter<'b> {
                 earlier.push(own);
             }
         }
+        req.extend(markers);
         req.extend(flows_req);
         resp.extend(flows_resp);
         if let Some(post) = child(root, "PostFlow") {
@@ -716,6 +750,7 @@ impl<'b> Converter<'b> {
             } else {
                 sanitize(&self.name)
             };
+            self.current.clone_from(&flow_name);
             let mut base = "/".to_owned();
             if let Some(conn) = child(root, "HTTPProxyConnection") {
                 c.touch(conn);
