@@ -1194,12 +1194,40 @@ impl<'b> Converter<'b> {
         );
         for d in &docs {
             yaml.push_str("---\n");
-            yaml.push_str(&serde_norway::to_string(d).unwrap_or_default());
+            yaml.push_str(&serde_norway::to_string(&readable(d)).unwrap_or_default());
         }
         let mut files = std::mem::take(&mut self.aux_files);
         files.insert(format!("{}.yaml", sanitize(&self.name)), yaml.into_bytes());
         files
     }
+}
+
+/// A document in the order people read it: `apiVersion`, `kind`, `metadata`, `spec` with
+/// its `type` first (JSON maps here are sorted by key).
+fn readable(doc: &Value) -> serde_norway::Value {
+    use serde_norway::{Mapping, Value as Y};
+    let Ok(Y::Mapping(m)) = serde_norway::to_value(doc) else {
+        return serde_norway::to_value(doc).unwrap_or(Y::Null);
+    };
+    let first = |m: &Mapping, keys: &[&str]| {
+        let mut out = Mapping::new();
+        for k in keys {
+            if let Some(v) = m.get(*k) {
+                out.insert(Y::from(*k), v.clone());
+            }
+        }
+        for (k, v) in m {
+            if !k.as_str().is_some_and(|k| keys.contains(&k)) {
+                out.insert(k.clone(), v.clone());
+            }
+        }
+        out
+    };
+    let mut top = first(&m, &["apiVersion", "kind", "metadata", "spec"]);
+    if let Some(Y::Mapping(spec)) = top.get("spec").cloned() {
+        top.insert(Y::from("spec"), Y::Mapping(first(&spec, &["type"])));
+    }
+    Y::Mapping(top)
 }
 
 /// A RaiseFault that refuses every request reaching the step: what cannot be converted
