@@ -138,7 +138,10 @@ fn read_tree(root: &Path) -> Result<BTreeMap<String, Vec<u8>>, ImportError> {
                 continue;
             };
             if meta.is_dir() {
-                stack.push(p);
+                // Not through a symlink: a link to a parent would loop forever.
+                if entry.file_type().is_ok_and(|t| !t.is_symlink()) {
+                    stack.push(p);
+                }
                 continue;
             }
             if meta.len() > MAX_FILE_BYTES {
@@ -255,6 +258,8 @@ mod tests {
         let root = dir.path().join("x/sharedflowbundle");
         std::fs::create_dir_all(root.join("policies")).expect("mkdir");
         std::fs::write(root.join("policies/a.xml"), "<Quota/>").expect("write");
+        // A symlink back to a parent is not followed (it would never end).
+        std::os::unix::fs::symlink(dir.path(), root.join("loop")).expect("symlink");
         let b = Bundle::read(&root).expect("the root itself");
         assert_eq!(b.kind, Kind::Sharedflowbundle);
         assert!(b.files.contains_key("policies/a.xml"));
