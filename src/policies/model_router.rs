@@ -370,8 +370,16 @@ struct Rule {
 }
 
 /// One multi-pattern automaton over every keyword of the rules reading one text.
+///
+/// Matching is ASCII case-insensitive. Rather than asking the automaton for that (which
+/// leaves it without a fast prefilter: every byte walks the automaton), the text is folded
+/// to ASCII lower case, as the patterns are, which lets the leftmost-first search use its
+/// vectorised (Teddy) prefilter: the same matches, several times faster on prose.
 #[derive(Debug)]
 struct Keywords {
+    /// Any keyword at all (leftmost-first, prefiltered): most prompts hold none.
+    any: AhoCorasick,
+    /// Every occurrence, overlapping ones too (one keyword may sit inside another).
     ac: AhoCorasick,
     /// Pattern index → rule index.
     owners: Vec<usize>,
@@ -385,15 +393,18 @@ impl Keywords {
         let mut owners = Vec::new();
         for (i, words) in rules {
             for w in *words {
-                patterns.push(w.as_str());
+                patterns.push(w.to_ascii_lowercase());
                 owners.push(*i);
             }
         }
         if patterns.is_empty() {
             return Ok(None);
         }
+        let any = AhoCorasickBuilder::new()
+            .match_kind(MatchKind::LeftmostFirst)
+            .build(&patterns)
+            .map_err(|e| e.to_string())?;
         let ac = AhoCorasickBuilder::new()
-            .ascii_case_insensitive(true)
             .match_kind(MatchKind::Standard)
             .build(&patterns)
             .map_err(|e| e.to_string())?;
@@ -401,6 +412,7 @@ impl Keywords {
         distinct.sort_unstable();
         distinct.dedup();
         Ok(Some(Self {
+            any,
             ac,
             owners,
             rules: distinct.len(),
@@ -409,13 +421,12 @@ impl Keywords {
 
     /// Marks in `hit` every rule one of whose keywords occurs in `text` (one pass).
     fn scan(&self, text: &str, hit: &mut [bool]) {
-        // Most prompts hold no keyword: the plain search (prefiltered) says so quickly; the
-        // overlapping one, needed when one keyword sits inside another, runs only then.
-        if !self.ac.is_match(text) {
+        let folded = text.as_bytes().to_ascii_lowercase();
+        if !self.any.is_match(&folded) {
             return;
         }
         let mut marked = 0;
-        for m in self.ac.find_overlapping_iter(text) {
+        for m in self.ac.find_overlapping_iter(&folded) {
             if let Some(&r) = self.owners.get(m.pattern().as_usize()) {
                 if let Some(h) = hit.get_mut(r) {
                     if !*h {
@@ -884,17 +895,17 @@ fn skip_ws(b: &[u8], mut i: usize) -> usize {
     i
 }
 
-/// `b[i]` is `"`: the index after the closing quote.
+/// `b[i]` is `"`: the index after the closing quote. Prompts are long strings: the scan
+/// jumps from one quote or backslash to the next.
 fn skip_string(b: &[u8], mut i: usize) -> Option<usize> {
     i += 1;
-    while i < b.len() {
+    loop {
+        i += memchr::memchr2(b'"', b'\\', b.get(i..)?)?;
         match b[i] {
-            b'\\' => i += 2,
             b'"' => return Some(i + 1),
-            _ => i += 1,
+            _ => i += 2,
         }
     }
-    None
 }
 
 /// The index after the JSON value starting at `b[i]`.

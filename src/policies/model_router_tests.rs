@@ -723,3 +723,61 @@ async fn decisions_are_counted_by_rule_and_configured_model() {
     let text = crate::telemetry::METRICS.render();
     assert!(!text.contains("whatever-client-sent"));
 }
+
+/// The folded, prefiltered scan marks exactly the rules a naive case-insensitive search
+/// finds, overlapping and nested keywords and non-ASCII text included.
+#[test]
+fn keyword_scan_agrees_with_a_naive_search() {
+    let words: Vec<Vec<String>> = vec![
+        vec!["stack trace".into(), "Traceback".into()],
+        vec!["trace".into()],
+        vec!["ÉCOLE".into(), "naïve".into()],
+        vec!["a".into(), "ab".into(), "abc".into()],
+        vec!["Segfault".into()],
+    ];
+    let rules: Vec<(usize, &[String])> = words
+        .iter()
+        .enumerate()
+        .map(|(i, w)| (i, w.as_slice()))
+        .collect();
+    let kw = super::Keywords::build(&rules).unwrap().unwrap();
+    let texts = [
+        "",
+        "nothing here",
+        "Got a TRACEBACK in the STACK TRACE",
+        "retrace",
+        "l'ÉCOLE est naïve",
+        "l'école est NAÏVE",
+        "xAbCx",
+        "SEGFAULT at 0x0",
+        "bb",
+        "Ünïcödé only",
+    ];
+    for t in texts {
+        let mut hit = vec![false; words.len()];
+        kw.scan(t, &mut hit);
+        let lower = t.to_ascii_lowercase();
+        let want: Vec<bool> = words
+            .iter()
+            .map(|ws| ws.iter().any(|w| lower.contains(&w.to_ascii_lowercase())))
+            .collect();
+        assert_eq!(hit, want, "text {t:?}");
+    }
+}
+
+#[test]
+fn the_body_splice_skips_escaped_quotes_and_refuses_truncated_bodies() {
+    let body = br#"{"messages":[{"content":"say \"model\": \\"}],"model":"a","x":"\\\""}"#;
+    let out = super::set_top_level_string(body, "model", "b").expect("spliced");
+    assert_eq!(
+        std::str::from_utf8(&out).unwrap(),
+        r#"{"messages":[{"content":"say \"model\": \\"}],"model":"b","x":"\\\""}"#
+    );
+    for cut in [
+        br#"{"model":"a","x":"abc\"#.as_slice(),
+        br#"{"x":"ab"#,
+        br#"{"x":"\"#,
+    ] {
+        assert_eq!(super::set_top_level_string(cut, "model", "b"), None);
+    }
+}
