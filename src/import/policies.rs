@@ -956,7 +956,6 @@ fn service_callout(x: &mut Ctx<'_>, root: Node<'_, '_>) -> Option<Value> {
     let mut req = Map::new();
     let mut spec = Map::new();
     spec.insert("type".into(), json!("ServiceCallout"));
-    let mut uses_refs = false;
     for k in kids(root) {
         match k.tag_name().name() {
             "Request" => {
@@ -981,13 +980,10 @@ fn service_callout(x: &mut Ctx<'_>, root: Node<'_, '_>) -> Option<Value> {
                                 match t.tag_name().name() {
                                     "Headers" => {
                                         let h = headers(x, t);
-                                        uses_refs |=
-                                            h.values().any(|v| v.as_str().is_some_and(has_refs));
                                         req.insert("headers".into(), Value::Object(h));
                                     }
                                     "Payload" => {
                                         let body = text(t);
-                                        uses_refs |= has_refs(&body);
                                         req.insert("body".into(), json!(body));
                                         if let Some(ct) = attr(t, "contentType") {
                                             let h = req.entry("headers").or_insert(json!({}));
@@ -1087,7 +1083,6 @@ fn service_callout(x: &mut Ctx<'_>, root: Node<'_, '_>) -> Option<Value> {
     spec.entry("timeoutMs").or_insert(json!(55_000));
     spec.insert("retries".into(), json!(0));
     spec.insert("successCodes".into(), json!(["100-399"]));
-    let _ = uses_refs;
     Some(Value::Object(spec))
 }
 
