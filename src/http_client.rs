@@ -121,26 +121,68 @@ impl HttpClient {
     /// A client that trusts the system roots and the CA certificates in `pem` (an internal
     /// CA, for a `caFile`). Fails when `pem` holds no usable certificate.
     pub fn with_extra_roots(pem: &[u8]) -> Result<Self, String> {
+        Self::with_tls(Some(pem), None)
+    }
+
+    /// A client that trusts the system roots plus the CA certificates in `ca_pem` (when
+    /// given) and, with `client`, presents that certificate chain and private key (PEM) to
+    /// servers that ask for one (mutual TLS). Clients are shared by a digest of all of it.
+    pub fn with_tls(ca_pem: Option<&[u8]>, client: Option<(&[u8], &[u8])>) -> Result<Self, String> {
         use rustls::pki_types::pem::PemObject;
         use sha2::Digest;
-        let digest: [u8; 32] = sha2::Sha256::digest(pem).into();
+        let mut h = sha2::Sha256::new();
+        for part in [ca_pem, client.map(|c| c.0), client.map(|c| c.1)] {
+            // Length-prefixed, absent parts distinct from empty ones.
+            match part {
+                Some(p) => {
+                    h.update([1u8]);
+                    h.update((p.len() as u64).to_le_bytes());
+                    h.update(p);
+                }
+                None => h.update([0u8]),
+            }
+        }
+        let digest: [u8; 32] = h.finalize().into();
         let mut cache = WITH_EXTRA_ROOTS.lock();
         if let Some(c) = cache.get(&digest) {
             return Ok(c.clone());
         }
         let mut roots = ROOTS.clone();
-        let mut added = 0;
-        for cert in rustls::pki_types::CertificateDer::pem_slice_iter(pem) {
-            let cert = cert.map_err(|e| format!("not a PEM certificate file: {e}"))?;
-            roots
-                .add(cert)
-                .map_err(|e| format!("unusable CA certificate: {e}"))?;
-            added += 1;
+        if let Some(pem) = ca_pem {
+            let mut added = 0;
+            for cert in rustls::pki_types::CertificateDer::pem_slice_iter(pem) {
+                let cert = cert.map_err(|e| format!("not a PEM certificate file: {e}"))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("unusable CA certificate: {e}"))?;
+                added += 1;
+            }
+            if added == 0 {
+                return Err("no PEM certificate in the file".into());
+            }
         }
-        if added == 0 {
-            return Err("no PEM certificate in the file".into());
-        }
-        let client = Self::with_connector(connector_with(tls_config(roots)));
+        let tls = match client {
+            None => tls_config(roots),
+            Some((cert_pem, key_pem)) => {
+                let chain = rustls::pki_types::CertificateDer::pem_slice_iter(cert_pem)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| format!("client certificate: not PEM: {e}"))?;
+                if chain.is_empty() {
+                    return Err("client certificate: no PEM certificate in the file".into());
+                }
+                let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key_pem)
+                    .map_err(|e| format!("client key: no PEM private key: {e}"))?;
+                rustls::ClientConfig::builder_with_provider(Arc::new(
+                    rustls::crypto::ring::default_provider(),
+                ))
+                .with_safe_default_protocol_versions()
+                .expect("ring supports rustls' default protocol versions")
+                .with_root_certificates(roots)
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| format!("client certificate and key: {e}"))?
+            }
+        };
+        let client = Self::with_connector(connector_with(tls));
         cache.insert(digest, client.clone());
         Ok(client)
     }

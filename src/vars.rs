@@ -136,6 +136,67 @@ pub enum Builtin<'n> {
     ResponseHeader(&'n str),
     FlowName,
     ClientIp,
+    /// `request.header.<h>.values` (`[a, b]`), `.values.count`, `.values.string`: every
+    /// value of the header, each line split at commas as Apigee does.
+    RequestHeaderValues(&'n str, HeaderValues),
+    /// `request.formparam.<name>`: a field of an `application/x-www-form-urlencoded`
+    /// request body (first value, decoded); unset without a held body.
+    FormParam(&'n str),
+    /// `request.formstring`: the form body as sent.
+    FormString,
+    /// `proxy.basepath`: the flow's `basePath` (`/` without one).
+    ProxyBasePath,
+    /// `proxy.pathsuffix`: the request path after the base path; unset when the path is
+    /// not under it.
+    ProxyPathSuffix,
+    /// `messageid`: an id unique to the exchange (a random UUID, made on first use).
+    MessageId,
+    /// Apigee's `message.*`, the message being processed: the response once there is one
+    /// (in a fault rule, the error response), else the request. `message.content`,
+    /// `message.header.<h>`, `message.status.code`, `message.verb`, `message.path`,
+    /// `message.uri`.
+    Message(MessageField<'n>),
+    /// `system.timestamp`: now, in milliseconds since the epoch.
+    SystemTimestamp,
+    /// The fault a flow's fault rules handle (see `pipeline::faults`): `fault.name`,
+    /// `fault.code`, `fault.reason`, `fault.policy`, `fault.category`, `error.message`,
+    /// `error.status.code`, `error.reason.phrase`, `error.content`, `error.header.<h>`,
+    /// `is.error`; unset outside fault handling.
+    Fault(FaultField<'n>),
+}
+
+/// A `message.*` name (see [`Builtin::Message`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageField<'n> {
+    Content,
+    Header(&'n str),
+    Status,
+    Verb,
+    Path,
+    Uri,
+}
+
+/// Which view of a header's values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeaderValues {
+    List,
+    Count,
+    Joined,
+}
+
+/// A fault-handling name (see [`Builtin::Fault`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultField<'n> {
+    Name,
+    Code,
+    Reason,
+    Policy,
+    Category,
+    Status,
+    Phrase,
+    Content,
+    Header(&'n str),
+    IsError,
 }
 
 impl<'n> Builtin<'n> {
@@ -154,7 +215,22 @@ impl<'n> Builtin<'n> {
                         .strip_prefix("header.")
                         .or_else(|| rest.strip_prefix("headers."))
                     {
+                        for (suffix, view) in [
+                            (".values", HeaderValues::List),
+                            (".values.count", HeaderValues::Count),
+                            (".values.string", HeaderValues::Joined),
+                        ] {
+                            if let Some(n) = h.strip_suffix(suffix) {
+                                return Some(Builtin::RequestHeaderValues(n, view));
+                            }
+                        }
                         return Some(Builtin::RequestHeader(h));
+                    }
+                    if let Some(f) = rest.strip_prefix("formparam.") {
+                        return Some(Builtin::FormParam(f));
+                    }
+                    if rest == "formstring" {
+                        return Some(Builtin::FormString);
                     }
                     let q = rest
                         .strip_prefix("query.")
@@ -173,9 +249,46 @@ impl<'n> Builtin<'n> {
                 ),
             });
         }
+        if let Some(rest) = name.strip_prefix("message.") {
+            return Some(Builtin::Message(match rest {
+                "content" => MessageField::Content,
+                "status.code" | "status" => MessageField::Status,
+                "verb" => MessageField::Verb,
+                "path" => MessageField::Path,
+                "uri" => MessageField::Uri,
+                _ => MessageField::Header(
+                    rest.strip_prefix("header.")
+                        .or_else(|| rest.strip_prefix("headers."))?,
+                ),
+            }));
+        }
+        if let Some(rest) = name.strip_prefix("fault.") {
+            return Some(Builtin::Fault(match rest {
+                "name" => FaultField::Name,
+                "code" => FaultField::Code,
+                "reason" => FaultField::Reason,
+                "policy" => FaultField::Policy,
+                "category" => FaultField::Category,
+                _ => return None,
+            }));
+        }
+        if let Some(rest) = name.strip_prefix("error.") {
+            return Some(Builtin::Fault(match rest {
+                "message" => FaultField::Reason,
+                "status.code" | "status" => FaultField::Status,
+                "reason.phrase" => FaultField::Phrase,
+                "content" => FaultField::Content,
+                _ => FaultField::Header(rest.strip_prefix("header.")?),
+            }));
+        }
         match name {
             "flow.name" => Some(Builtin::FlowName),
             "client.ip" | "client.address" => Some(Builtin::ClientIp),
+            "proxy.basepath" => Some(Builtin::ProxyBasePath),
+            "proxy.pathsuffix" => Some(Builtin::ProxyPathSuffix),
+            "messageid" => Some(Builtin::MessageId),
+            "system.timestamp" => Some(Builtin::SystemTimestamp),
+            "is.error" => Some(Builtin::Fault(FaultField::IsError)),
             _ => None,
         }
     }
@@ -366,6 +479,14 @@ impl RequestInfo {
     }
 }
 
+/// The part of `path` after `base` (Apigee's `proxy.pathsuffix`): `None` when `path` is
+/// not `base` or under it at a segment boundary. A base of `/` leaves the whole path.
+pub fn path_suffix<'p>(path: &'p str, base: &str) -> Option<&'p str> {
+    let base = base.strip_suffix('/').unwrap_or(base);
+    let rest = path.strip_prefix(base)?;
+    (rest.is_empty() || rest.starts_with('/')).then_some(rest)
+}
+
 /// Strips `:port` from a host, leaving IPv6 literals intact.
 pub fn strip_port(host: &str) -> &str {
     if host.starts_with('[') {
@@ -489,6 +610,12 @@ pub struct Exchange {
     pub request_without_body: bool,
     /// The exchange's trace span when trace export is on and the exchange is sampled.
     pub trace: crate::telemetry::trace::ExchangeTrace,
+    /// The flow's `basePath` (`proxy.basepath`), set with the flow.
+    pub base_path: Option<std::sync::Arc<str>>,
+    /// `messageid`, made on first use.
+    pub message_id: std::sync::OnceLock<String>,
+    /// The fault the flow's fault rules handle, once they run (`fault.*`, `error.*`).
+    pub error: Option<Box<crate::pipeline::faults::ErrorInfo>>,
 }
 
 /// Header changes to send to Envoy for one direction. Envoy applies removals before
@@ -715,7 +842,109 @@ impl Exchange {
                 .map(|v| Resolved::Text(Cow::Borrowed(v))),
             Builtin::FlowName => text(&self.flow),
             Builtin::ClientIp => self.client_ip().map(|v| Resolved::Text(Cow::Borrowed(v))),
+            Builtin::RequestHeaderValues(h, view) => {
+                let values = r
+                    .headers
+                    .iter()
+                    .filter(|(n, _)| n.eq_ignore_ascii_case(h))
+                    .map(|(_, v)| v);
+                Some(match view {
+                    HeaderValues::Joined => {
+                        let all: Vec<&str> = values.collect();
+                        if all.is_empty() {
+                            return None;
+                        }
+                        Resolved::Text(Cow::Owned(all.join(", ")))
+                    }
+                    HeaderValues::Count => Resolved::Int(
+                        i64::try_from(values.flat_map(|v| v.split(',')).count())
+                            .unwrap_or(i64::MAX),
+                    ),
+                    HeaderValues::List => {
+                        let split: Vec<&str> =
+                            values.flat_map(|v| v.split(',')).map(str::trim).collect();
+                        if split.is_empty() {
+                            return None;
+                        }
+                        Resolved::Text(Cow::Owned(format!("[{}]", split.join(", "))))
+                    }
+                })
+            }
+            Builtin::FormParam(f) => {
+                let body = self.form_body()?;
+                query_pairs_raw(body)
+                    .find(|(k, _)| percent_decode(k) == f)
+                    .map(|(_, v)| Resolved::Text(percent_decode(v)))
+            }
+            Builtin::FormString => self.form_body().map(|b| Resolved::Text(Cow::Borrowed(b))),
+            Builtin::ProxyBasePath => text(self.base_path.as_deref().unwrap_or("/")),
+            Builtin::ProxyPathSuffix => text(path_suffix(
+                r.path(),
+                self.base_path.as_deref().unwrap_or("/"),
+            )?),
+            Builtin::MessageId => text(self.message_id.get_or_init(|| {
+                crate::expr::new_uuid().unwrap_or_else(|| {
+                    // No randomness: still unique within the process.
+                    static N: AtomicUsize = AtomicUsize::new(0);
+                    format!("tollgate-{}", N.fetch_add(1, Ordering::Relaxed))
+                })
+            })),
+            Builtin::SystemTimestamp => Some(Resolved::Int(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
+            )),
+            Builtin::Fault(f) => self.fault_field(f),
+            Builtin::Message(m) => {
+                let on_response = self.response.is_some();
+                self.builtin(match (m, on_response) {
+                    (MessageField::Content, true) => Builtin::ResponseContent,
+                    (MessageField::Content, false) => Builtin::RequestContent,
+                    (MessageField::Header(h), true) => Builtin::ResponseHeader(h),
+                    (MessageField::Header(h), false) => Builtin::RequestHeader(h),
+                    (MessageField::Status, true) => Builtin::Status,
+                    (MessageField::Verb | MessageField::Path | MessageField::Uri, true)
+                    | (MessageField::Status, false) => return None,
+                    (MessageField::Verb, false) => Builtin::Method,
+                    (MessageField::Path, false) => Builtin::Path,
+                    (MessageField::Uri, false) => Builtin::Uri,
+                })
+            }
         }
+    }
+
+    /// A fault-handling name (see [`Builtin::Fault`]); `None` outside fault handling.
+    fn fault_field(&self, f: FaultField<'_>) -> Option<Resolved<'_>> {
+        let e = self.error.as_deref()?;
+        let text = |s: &'_ str| Some(Resolved::Text(Cow::Owned(s.to_owned())));
+        match f {
+            FaultField::Name => Some(Resolved::Text(Cow::Borrowed(e.name()))),
+            FaultField::Code => Some(Resolved::Text(Cow::Borrowed(&e.code))),
+            FaultField::Reason => Some(Resolved::Text(Cow::Borrowed(&e.message))),
+            FaultField::Policy => Some(Resolved::Text(Cow::Borrowed(&e.policy))),
+            FaultField::Category => text(e.category),
+            FaultField::IsError => Some(Resolved::Bool(true)),
+            FaultField::Status => self.builtin(Builtin::Status),
+            FaultField::Phrase => {
+                let status = self.response.as_ref()?.status;
+                text(crate::fault::reason_phrase(status))
+            }
+            FaultField::Content => self.builtin(Builtin::ResponseContent),
+            FaultField::Header(h) => self.builtin(Builtin::ResponseHeader(h)),
+        }
+    }
+
+    /// The request body when it is a form (`application/x-www-form-urlencoded`).
+    fn form_body(&self) -> Option<&str> {
+        let ct = self.request.headers.get("content-type")?;
+        let is_form = ct.split(';').next().is_some_and(|t| {
+            t.trim()
+                .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+        });
+        if !is_form {
+            return None;
+        }
+        std::str::from_utf8(self.request_body.as_deref()?).ok()
     }
 
     /// The client address (see [`Exchange::client_address`]), with the process's trusted hops.
@@ -975,6 +1204,13 @@ mod tests {
         assert_eq!(ex.var("ratelimit.other.used"), Some(ValueRef::Int(5)));
         assert_eq!(ex.state.quota("ratelimit.q.").map(|q| q.used), Some(2));
         assert_eq!(ex.lookup("jwt.auth.claim.sub").as_deref(), Some("u1"));
+        // Apigee's decoded form and registered-claim names read the same claim.
+        assert_eq!(
+            ex.lookup("jwt.auth.decoded.claim.sub").as_deref(),
+            Some("u1")
+        );
+        assert_eq!(ex.lookup("jwt.auth.claim.subject").as_deref(), Some("u1"));
+        assert_eq!(ex.lookup("jwt.auth.claim.issuer"), None);
         assert_eq!(ex.lookup("servicecallout.c.status").as_deref(), Some("200"));
         assert_eq!(
             ex.var("servicecallout.c.json.ok"),
@@ -1089,6 +1325,137 @@ mod tests {
             ex.state.llm.as_ref().and_then(|r| r.model.as_deref()),
             Some("gpt-4o")
         );
+    }
+
+    /// The names Apigee users reference: base path and suffix, message id, time, form
+    /// fields, every value of a header, and the fault names only while a fault is handled.
+    #[test]
+    fn apigee_names() {
+        let mut ex = exchange();
+        assert_eq!(ex.lookup("proxy.basepath").as_deref(), Some("/"));
+        assert_eq!(ex.lookup("proxy.pathsuffix").as_deref(), Some("/v1/chat"));
+        ex.base_path = Some("/v1".into());
+        assert_eq!(ex.lookup("proxy.basepath").as_deref(), Some("/v1"));
+        assert_eq!(ex.lookup("proxy.pathsuffix").as_deref(), Some("/chat"));
+        ex.base_path = Some("/v1/chat/".into());
+        assert_eq!(ex.lookup("proxy.pathsuffix").as_deref(), Some(""));
+        ex.base_path = Some("/v".into());
+        assert_eq!(
+            ex.lookup("proxy.pathsuffix"),
+            None,
+            "not under /v at a segment"
+        );
+
+        let id = ex.lookup("messageid").unwrap().into_owned();
+        assert_eq!(id.len(), 36, "{id}");
+        assert_eq!(
+            ex.lookup("messageid").as_deref(),
+            Some(id.as_str()),
+            "stable"
+        );
+        assert_ne!(exchange().lookup("messageid").as_deref(), Some(id.as_str()));
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        let Some(Resolved::Int(ts)) = ex.resolve("system.timestamp") else {
+            panic!("a number")
+        };
+        assert!((ts - now).abs() < 60_000, "{ts} {now}");
+
+        assert_eq!(ex.lookup("request.formparam.a"), None, "no body");
+        ex.request_body = Some(b"a=1&b=x+y%21&a=2".to_vec());
+        assert_eq!(ex.lookup("request.formparam.a"), None, "not a form");
+        ex.request.headers.push(
+            "content-type".into(),
+            "application/x-www-form-urlencoded; charset=utf-8".into(),
+        );
+        assert_eq!(ex.lookup("request.formparam.a").as_deref(), Some("1"));
+        assert_eq!(ex.lookup("request.formparam.b").as_deref(), Some("x y!"));
+        assert_eq!(ex.lookup("request.formparam.c"), None);
+        assert_eq!(
+            ex.lookup("request.formstring").as_deref(),
+            Some("a=1&b=x+y%21&a=2")
+        );
+
+        ex.request.headers.push("accept".into(), "a/b, c/d".into());
+        ex.request.headers.push("accept".into(), "e/f".into());
+        assert_eq!(
+            ex.lookup("request.header.accept").as_deref(),
+            Some("a/b, c/d")
+        );
+        assert_eq!(
+            ex.lookup("request.header.Accept.values").as_deref(),
+            Some("[a/b, c/d, e/f]")
+        );
+        assert_eq!(
+            ex.resolve("request.header.accept.values.count"),
+            Some(Resolved::Int(3))
+        );
+        assert_eq!(
+            ex.lookup("request.header.accept.values.string").as_deref(),
+            Some("a/b, c/d, e/f")
+        );
+        assert_eq!(ex.lookup("request.header.none.values"), None);
+        assert_eq!(
+            ex.resolve("request.header.none.values.count"),
+            Some(Resolved::Int(0))
+        );
+
+        // `message.*` is the request until there is a response.
+        assert_eq!(ex.lookup("message.verb").as_deref(), Some("POST"));
+        assert_eq!(
+            ex.lookup("message.header.accept").as_deref(),
+            Some("a/b, c/d")
+        );
+        assert_eq!(
+            ex.lookup("message.content").as_deref(),
+            Some("a=1&b=x+y%21&a=2")
+        );
+        assert_eq!(ex.lookup("message.status.code"), None);
+
+        for name in [
+            "fault.name",
+            "error.status.code",
+            "is.error",
+            "error.message",
+        ] {
+            assert_eq!(ex.lookup(name), None, "{name} outside fault handling");
+        }
+        ex.error = Some(Box::new(crate::pipeline::faults::ErrorInfo {
+            code: "oauth.v2.InvalidApiKey".into(),
+            message: "Invalid ApiKey".into(),
+            policy: "vk".into(),
+            category: "Step",
+        }));
+        let mut h = Headers::new();
+        h.push(":status".into(), "401".into());
+        h.push("x-e".into(), "1".into());
+        ex.response = Some(ResponseInfo {
+            status: 401,
+            headers: h,
+        });
+        ex.set_body(Direction::Response, Some(b"{}".to_vec()));
+        for (name, want) in [
+            ("fault.name", "InvalidApiKey"),
+            ("fault.code", "oauth.v2.InvalidApiKey"),
+            ("fault.reason", "Invalid ApiKey"),
+            ("error.message", "Invalid ApiKey"),
+            ("fault.policy", "vk"),
+            ("fault.category", "Step"),
+            ("error.status.code", "401"),
+            ("error.reason.phrase", "Unauthorized"),
+            ("error.content", "{}"),
+            ("error.header.x-e", "1"),
+            ("is.error", "true"),
+        ] {
+            assert_eq!(ex.lookup(name).as_deref(), Some(want), "{name}");
+        }
+        assert_eq!(ex.lookup("fault.other"), None);
+        assert_eq!(ex.lookup("message.status.code").as_deref(), Some("401"));
+        assert_eq!(ex.lookup("message.header.x-e").as_deref(), Some("1"));
+        assert_eq!(ex.lookup("message.content").as_deref(), Some("{}"));
+        assert_eq!(ex.lookup("message.verb"), None);
     }
 
     #[test]

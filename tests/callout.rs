@@ -579,3 +579,253 @@ async fn egress_rules_restrict_destinations() {
     };
     assert!(build(&allowed, "request: {url: 'http://169.254.169.254/x'}").is_ok());
 }
+
+/// An HTTPS server (certificate for `localhost`) that requires a client certificate issued
+/// by its CA. Returns its address, the CA (PEM), and a client certificate and key the CA
+/// issued (PEM), plus a pair from another CA.
+async fn serve_mtls() -> (
+    SocketAddr,
+    Arc<Seen>,
+    String,
+    (String, String),
+    (String, String),
+) {
+    let new_ca = || {
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        rcgen::CertifiedIssuer::self_signed(p, rcgen::KeyPair::generate().unwrap()).unwrap()
+    };
+    let ca = new_ca();
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .signed_by(&leaf_key, &ca)
+        .unwrap();
+    let client_of = |issuer: &rcgen::CertifiedIssuer<'static, rcgen::KeyPair>| {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["gateway".to_owned()])
+            .unwrap()
+            .signed_by(&key, issuer)
+            .unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    let client = client_of(&ca);
+    let stranger = client_of(&new_ca());
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.der().clone()).unwrap();
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .unwrap();
+    let tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            vec![leaf.der().clone()],
+            rustls::pki_types::PrivateKeyDer::try_from(leaf_key.serialize_der()).unwrap(),
+        )
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Seen::default());
+    let s0 = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (acceptor, s) = (acceptor.clone(), s0.clone());
+            tokio::spawn(async move {
+                let Ok(stream) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let svc = hyper::service::service_fn(move |req| handle(s.clone(), req));
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, seen, ca.pem(), client, stranger)
+}
+
+#[tokio::test]
+async fn mutual_tls_with_a_client_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let (addr, seen, ca, (cert, key), (other_cert, other_key)) = serve_mtls().await;
+    for (name, text) in [
+        ("ca.pem", &ca),
+        ("client.pem", &cert),
+        ("client.key", &key),
+        ("other.pem", &other_cert),
+        ("other.key", &other_key),
+    ] {
+        std::fs::write(dir.path().join(name), text).unwrap();
+    }
+    let services = Services::default();
+    let with_dir = |yaml: &str| {
+        builder("ServiceCallout").unwrap()(
+            &BuildContext {
+                name: "authz".into(),
+                config_dir: Some(dir.path().to_path_buf()),
+                services: services.clone(),
+            },
+            serde_norway::from_str(yaml).unwrap(),
+        )
+    };
+    let url = format!("https://localhost:{}/check", addr.port());
+    // No client certificate: the server refuses the handshake.
+    let p = with_dir(&format!("request: {{url: '{url}'}}\ncaFile: ca.pem")).unwrap();
+    assert_eq!(run(&p, &mut exchange()).await.unwrap_err().status, 502);
+    // One the server's CA did not issue: refused too.
+    let p = with_dir(&format!(
+        "request: {{url: '{url}'}}\ncaFile: ca.pem\nclientCertificate: {{certFile: other.pem, keyFile: other.key}}"
+    ))
+    .unwrap();
+    assert_eq!(run(&p, &mut exchange()).await.unwrap_err().status, 502);
+    assert_eq!(seen.hits.load(Ordering::SeqCst), 0);
+    // The gateway's certificate: the call goes through.
+    let p = with_dir(&format!(
+        "request: {{url: '{url}'}}\ncaFile: ca.pem\nclientCertificate: {{certFile: client.pem, keyFile: client.key}}\nresponse: {{json: {{allowed: $.allowed}}}}"
+    ))
+    .unwrap();
+    let mut ex = exchange();
+    run(&p, &mut ex).await.unwrap();
+    assert_eq!(
+        ex.lookup("servicecallout.authz.json.allowed").as_deref(),
+        Some("true")
+    );
+    assert_eq!(seen.hits.load(Ordering::SeqCst), 1);
+    // A pair that does not load is refused at load, naming the field.
+    std::fs::write(dir.path().join("junk.key"), "not a key").unwrap();
+    let e = with_dir(&format!(
+        "request: {{url: '{url}'}}\nclientCertificate: {{certFile: client.pem, keyFile: junk.key}}"
+    ))
+    .err()
+    .unwrap();
+    assert_eq!(e.field, "clientCertificate", "{e}");
+    let e = with_dir(&format!(
+        "request: {{url: '{url}'}}\nclientCertificate: {{certFile: client.pem, keyFile: other.key}}"
+    ))
+    .err()
+    .unwrap();
+    assert_eq!(
+        e.field, "clientCertificate",
+        "a key that is not the certificate's: {e}"
+    );
+}
+
+/// A metadata server for Google tokens, on its own port.
+async fn serve_metadata() -> (SocketAddr, Arc<AtomicUsize>) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let c = calls.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let c = c.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let c = c.clone();
+                    async move {
+                        let flavored = req
+                            .headers()
+                            .get("metadata-flavor")
+                            .is_some_and(|v| v == "Google");
+                        let ok = flavored
+                            && req.uri().path()
+                                == "/computeMetadata/v1/instance/service-accounts/default/token";
+                        let n = c.fetch_add(1, Ordering::SeqCst);
+                        let body = if ok {
+                            json!({"access_token": format!("ya29.test-{n}"), "expires_in": 3599, "token_type": "Bearer"}).to_string()
+                        } else {
+                            String::new()
+                        };
+                        Ok::<_, Infallible>(
+                            Response::builder()
+                                .status(if ok { 200 } else { 403 })
+                                .header("content-type", "application/json")
+                                .header("metadata-flavor", "Google")
+                                .body(Full::new(Bytes::from(body)))
+                                .unwrap(),
+                        )
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, calls)
+}
+
+#[tokio::test]
+async fn google_token_authentication() {
+    let (addr, seen) = serve().await;
+    let (md, md_calls) = serve_metadata().await;
+    let services = Services::default();
+    let p = build(
+        &services,
+        &format!(
+            "request: {{url: 'http://{addr}/check'}}\ngoogleToken: {{accessToken: {{scopes: [https://www.googleapis.com/auth/cloud-platform]}}, metadataHost: '{md}'}}"
+        ),
+    )
+    .unwrap();
+    for _ in 0..2 {
+        run(&p, &mut exchange()).await.unwrap();
+        let (_, path, _, headers, _) = seen.last.lock().clone().unwrap();
+        assert_eq!(path, "/check");
+        let auth = headers
+            .iter()
+            .find(|(k, _)| k == "authorization")
+            .map(|(_, v)| v.clone());
+        assert_eq!(auth.as_deref(), Some("Bearer ya29.test-0"));
+    }
+    assert_eq!(md_calls.load(Ordering::SeqCst), 1, "the token is cached");
+
+    // A custom header; the same header in request.headers is refused at load.
+    let p = build(
+        &services,
+        &format!(
+            "request: {{url: 'http://{addr}/check'}}\ngoogleToken: {{accessToken: {{scopes: [s1]}}, header: x-serverless-authorization, metadataHost: '{md}'}}"
+        ),
+    )
+    .unwrap();
+    run(&p, &mut exchange()).await.unwrap();
+    let (_, _, _, headers, _) = seen.last.lock().clone().unwrap();
+    assert!(headers
+        .iter()
+        .any(|(k, v)| k == "x-serverless-authorization" && v.starts_with("Bearer ya29.test-")));
+    let e = build(
+        &services,
+        &format!(
+            "request: {{url: 'http://{addr}/check', headers: {{authorization: x}}}}\ngoogleToken: {{accessToken: {{scopes: [s]}}, metadataHost: '{md}'}}"
+        ),
+    )
+    .err()
+    .unwrap();
+    assert_eq!(e.field, "googleToken.header");
+
+    // No token to be had: 503, and the callee is not called.
+    let hits = seen.hits.load(Ordering::SeqCst);
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let p = build(
+        &services,
+        &format!(
+            "request: {{url: 'http://{addr}/check'}}\ngoogleToken: {{idToken: {{audience: https://x}}, metadataHost: '{dead}'}}"
+        ),
+    )
+    .unwrap();
+    let f = run(&p, &mut exchange()).await.unwrap_err();
+    assert_eq!(
+        (f.status, f.code.as_str()),
+        (503, "steps.googletoken.TokenUnavailable")
+    );
+    assert_eq!(seen.hits.load(Ordering::SeqCst), hits);
+}

@@ -148,6 +148,74 @@ fn scenarios(file: &str) -> Option<Vec<Scenario>> {
                 },
             },
         ]),
+        // The flow's fault rules answer in the shop's own shapes; tests/e2e_faults.rs
+        // checks the headers and bodies through Envoy.
+        "fault-rules.yaml" => Some(vec![
+            Scenario {
+                method: "GET",
+                path: "/shop/orders",
+                headers: &[],
+                body: None,
+                reply: None,
+                expect: Expect::Immediate {
+                    status: 401,
+                    body_contains: r#"{"error":{"code":"FailedToResolveAPIKey","message":"Send a valid key in x-api-key","path":"/orders"}}"#,
+                },
+            },
+            Scenario {
+                method: "GET",
+                path: "/shop/orders",
+                headers: &[("x-api-key", "tg_faults_demo_key_0001")],
+                body: None,
+                reply: None,
+                expect: Expect::Upstream(&[
+                    ("x-shop-developer", "buyer@shop.example"),
+                    ("x-shop-used", "1"),
+                    ("x-shop-suffix", "/orders"),
+                ]),
+            },
+            Scenario {
+                method: "DELETE",
+                path: "/shop/orders",
+                headers: &[("x-api-key", "tg_faults_demo_key_0001")],
+                body: None,
+                reply: None,
+                expect: Expect::Immediate {
+                    status: 403,
+                    body_contains: "Your key does not allow DELETE /orders",
+                },
+            },
+            Scenario {
+                method: "GET",
+                path: "/shop/orders",
+                headers: &[("x-api-key", "tg_faults_demo_key_0001")],
+                body: None,
+                reply: None,
+                expect: Expect::Upstream(&[("x-shop-used", "2")]),
+            },
+            Scenario {
+                method: "GET",
+                path: "/shop/orders",
+                headers: &[("x-api-key", "tg_faults_demo_key_0001")],
+                body: None,
+                reply: None,
+                expect: Expect::Immediate {
+                    status: 429,
+                    body_contains: r#""developer":"buyer@shop.example""#,
+                },
+            },
+            Scenario {
+                method: "GET",
+                path: "/shop/orders",
+                headers: &[("x-closed", "yes")],
+                body: None,
+                reply: None,
+                expect: Expect::Immediate {
+                    status: 503,
+                    body_contains: r#""errorcode":"shop.Closed""#,
+                },
+            },
+        ]),
         "api-keys.yaml" => Some(vec![
             Scenario {
                 method: "GET",
@@ -886,6 +954,124 @@ fn scenarios(file: &str) -> Option<Vec<Scenario>> {
                 },
             },
         ]),
+        "apigee-policies.yaml" => Some(vec![
+            // The preflight is answered by the CORS step itself.
+            Scenario {
+                method: "OPTIONS",
+                path: "/apigee/accounts/42",
+                headers: &[
+                    ("origin", "https://app.example.com"),
+                    ("access-control-request-method", "POST"),
+                ],
+                body: None,
+                reply: None,
+                expect: Expect::Immediate {
+                    status: 200,
+                    body_contains: "",
+                },
+            },
+            Scenario {
+                method: "POST",
+                path: "/apigee/accounts/42",
+                headers: &[
+                    ("content-type", "application/json"),
+                    ("x-forwarded-for", "198.51.100.4"),
+                ],
+                body: Some(r#"{"model":"gpt-4o","tier":"gold"}"#),
+                reply: None,
+                expect: Expect::Upstream(&[
+                    ("x-account-id", "42"),
+                    ("x-model", "gpt-4o"),
+                    ("x-first-model", "gpt-4o"),
+                ]),
+            },
+            // The account's first model stays (KVM put with override: false).
+            Scenario {
+                method: "POST",
+                path: "/apigee/accounts/42",
+                headers: &[
+                    ("content-type", "application/json"),
+                    ("x-forwarded-for", "198.51.100.4"),
+                ],
+                body: Some(r#"{"model":"gpt-4o-mini"}"#),
+                reply: None,
+                expect: Expect::Upstream(&[
+                    ("x-model", "gpt-4o-mini"),
+                    ("x-first-model", "gpt-4o"),
+                ]),
+            },
+            Scenario {
+                method: "GET",
+                path: "/apigee/accounts/7/balance",
+                // The harness sends no `source.address`: the address comes from here.
+                headers: &[("x-forwarded-for", "198.51.100.4")],
+                body: None,
+                reply: None,
+                expect: Expect::Upstream(&[("x-account-id", "7"), ("x-model", "none")]),
+            },
+            // One operation group, one count: two calls across its two operations pass,
+            // the third is refused; an operation outside the group is not.
+            Scenario {
+                method: "GET",
+                path: "/apigee-ops/reports/1",
+                headers: &[("x-api-key", "apigee_demo_key_rotate_me_0001")],
+                body: None,
+                reply: None,
+                expect: Expect::Upstream(&[("x-client-id", "apigee-demo")]),
+            },
+            Scenario {
+                method: "GET",
+                path: "/apigee-ops/reports/1/summary",
+                headers: &[("x-api-key", "apigee_demo_key_rotate_me_0001")],
+                body: None,
+                reply: None,
+                expect: Expect::Upstream(&[]),
+            },
+            Scenario {
+                method: "GET",
+                path: "/apigee-ops/reports/2",
+                headers: &[("x-api-key", "apigee_demo_key_rotate_me_0001")],
+                body: None,
+                reply: None,
+                expect: Expect::Immediate {
+                    status: 429,
+                    body_contains: "policies.ratelimit.QuotaViolation",
+                },
+            },
+            Scenario {
+                method: "GET",
+                path: "/apigee-ops/status",
+                headers: &[("x-api-key", "apigee_demo_key_rotate_me_0001")],
+                body: None,
+                reply: None,
+                expect: Expect::Upstream(&[]),
+            },
+            Scenario {
+                method: "GET",
+                path: "/apigee/accounts/42",
+                headers: &[("x-forwarded-for", "198.51.100.4, 203.0.113.7")],
+                body: None,
+                reply: None,
+                expect: Expect::Immediate {
+                    status: 403,
+                    body_contains: "accesscontrol.IPDeniedAccess",
+                },
+            },
+            Scenario {
+                method: "POST",
+                path: "/apigee/accounts/42",
+                headers: &[
+                    ("content-type", "application/json"),
+                    ("x-forwarded-for", "198.51.100.4"),
+                ],
+                body: Some("[[[[[[1]]]]]]"),
+                reply: None,
+                expect: Expect::Immediate {
+                    status: 500,
+                    body_contains: "steps.jsonthreatprotection.ExecutionFailed",
+                },
+            },
+        ]),
         _ => None,
     }
 }
@@ -1214,6 +1400,7 @@ fn every_example_keeps_its_paths_when_all_are_loaded() {
         ),
         ("POST", "/v1/chat/completions", "chat"),
         ("GET", "/v1/models", "models"),
+        ("GET", "/shop/orders", "shop"),
     ] {
         assert_eq!(
             flow_of(method, path).as_deref(),

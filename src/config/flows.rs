@@ -9,7 +9,7 @@ use std::sync::Arc;
 use super::errors::ConfigError;
 use super::load::{typed, Declared, DocAt, Parsed};
 use super::snapshot::{Flow, FlowMatch};
-use super::spec::{FlowSpec, LlmSpec, StepSpec};
+use super::spec::{DefaultFaultRuleSpec, FaultRuleSpec, FlowSpec, LlmSpec, StepSpec};
 use crate::expr::Condition;
 use crate::pipeline::{Direction, DirectionPipeline, Policy, Step};
 use crate::policies::{self, BuildContext};
@@ -206,6 +206,130 @@ fn build_steps(
     }
 }
 
+/// A step that only a fault rule may hold (AssignMessage's `set.statusCode`) in the
+/// flow's request or response.
+fn check_fault_only(steps: &[Step], field: &str, errors: &mut Vec<String>) {
+    for (i, s) in steps.iter().enumerate() {
+        if let Some(what) = s.policy.fault_rule_only() {
+            errors.push(format!(
+                "field `spec.{field}[{i}]`: {} `{}` {what}, which only a fault rule's steps \
+                 can do (they shape the error response); move it to `faultRules` or \
+                 `defaultFaultRule`",
+                s.policy.type_name(),
+                s.policy_name
+            ));
+        }
+    }
+}
+
+/// Fault-rule steps run once, on the error response: a step needing more hooks than that
+/// (chunks, a copy of the response, the after-exchange, LLM tracking) cannot run there.
+fn check_fault_steps(steps: &[Step], field: &str, errors: &mut Vec<String>) -> bool {
+    let mut ok = true;
+    for (i, s) in steps.iter().enumerate() {
+        let h = s.policy.hooks();
+        if h.response_chunks.is_some() || h.response_copy || h.after_exchange || h.llm {
+            errors.push(format!(
+                "field `spec.{field}[{i}]`: {} `{}` needs hooks beyond one run on the error \
+                 response (streaming, a response copy, after-exchange or LLM tracking); a \
+                 fault rule cannot run it",
+                s.policy.type_name(),
+                s.policy_name
+            ));
+            ok = false;
+        }
+    }
+    ok
+}
+
+/// Compiles a flow's fault rules; `Ok(None)` when it has none.
+fn build_fault_rules(
+    rules: Vec<FaultRuleSpec>,
+    default: Option<DefaultFaultRuleSpec>,
+    policies: &BTreeMap<String, Arc<dyn Policy>>,
+    declared: &Declared,
+    errors: &mut Vec<String>,
+) -> Result<Option<Arc<crate::pipeline::faults::FaultRules>>, ()> {
+    use crate::pipeline::faults::{DefaultFaultRule, FaultRule, FaultRules};
+    if rules.is_empty() && default.is_none() {
+        return Ok(None);
+    }
+    let mut failed = false;
+    let mut out = FaultRules::default();
+    let mut names = std::collections::HashSet::new();
+    for (i, r) in rules.into_iter().enumerate() {
+        let at = format!("faultRules[{i}]");
+        if r.name.is_empty() {
+            errors.push(format!("field `spec.{at}.name`: give the rule a name"));
+            failed = true;
+        } else if !names.insert(r.name.clone()) {
+            errors.push(format!(
+                "field `spec.{at}.name`: another fault rule is named `{}`",
+                r.name
+            ));
+            failed = true;
+        }
+        let condition = match (r.condition.as_deref(), r.apigee_condition.as_deref()) {
+            (None, None) => None,
+            (Some(c), None) => match Condition::compile(c) {
+                Ok(c) => Some(Arc::new(c)),
+                Err(e) => {
+                    errors.push(format!("field `spec.{at}.condition`: {e}"));
+                    failed = true;
+                    None
+                }
+            },
+            (None, Some(c)) => match Condition::compile_apigee(c) {
+                Ok(c) => Some(Arc::new(c)),
+                Err(e) => {
+                    errors.push(format!("field `spec.{at}.apigeeCondition`: {e}"));
+                    failed = true;
+                    None
+                }
+            },
+            (Some(_), Some(_)) => {
+                errors.push(format!(
+                    "field `spec.{at}`: a fault rule has `condition` (CEL) or \
+                     `apigeeCondition` (Apigee), not both"
+                ));
+                failed = true;
+                None
+            }
+        };
+        let field = format!("{at}.steps");
+        match build_steps(r.steps, &field, policies, declared, errors) {
+            Ok(steps) => {
+                failed |= !check_fault_steps(&steps, &field, errors);
+                out.rules.push(FaultRule {
+                    name: r.name,
+                    condition,
+                    steps,
+                });
+            }
+            Err(()) => failed = true,
+        }
+    }
+    if let Some(d) = default {
+        let field = "defaultFaultRule.steps";
+        match build_steps(d.steps, field, policies, declared, errors) {
+            Ok(steps) => {
+                failed |= !check_fault_steps(&steps, field, errors);
+                out.default = Some(DefaultFaultRule {
+                    name: d.name.unwrap_or_else(|| "default".to_owned()),
+                    always_enforce: d.always_enforce,
+                    steps,
+                });
+            }
+            Err(()) => failed = true,
+        }
+    }
+    if failed {
+        Err(())
+    } else {
+        Ok(Some(Arc::new(out)))
+    }
+}
+
 /// What flows are checked against besides their own spec.
 pub(super) struct FlowChecks<'a> {
     pub(super) declared: &'a Declared,
@@ -333,7 +457,29 @@ pub(super) fn build_flows(
         let declared = checks.declared;
         let request = build_steps(spec.request, "request", policies, declared, &mut msgs);
         let response = build_steps(spec.response, "response", policies, declared, &mut msgs);
-        let (Ok(request), Ok(response)) = (request, response) else {
+        let faults = build_fault_rules(
+            spec.fault_rules,
+            spec.default_fault_rule,
+            policies,
+            declared,
+            &mut msgs,
+        );
+        let base_path = match spec.base_path.as_deref() {
+            None => None,
+            Some(b) if b.starts_with('/') && !b.contains(['?', '#']) => Some(Arc::from(b)),
+            Some(b) => {
+                msgs.push(format!(
+                    "field `spec.basePath`: `{b}` must be a path starting with `/`, without \
+                     a query"
+                ));
+                None
+            }
+        };
+        if let (Ok(request), Ok(response)) = (&request, &response) {
+            check_fault_only(request, "request", &mut msgs);
+            check_fault_only(response, "response", &mut msgs);
+        }
+        let (Ok(request), Ok(response), Ok(faults)) = (request, response, faults) else {
             errors.extend(msgs.into_iter().map(|message| ConfigError {
                 location: loc.clone(),
                 message,
@@ -396,6 +542,8 @@ pub(super) fn build_flows(
                 request,
                 response,
                 name,
+                base_path,
+                faults,
             },
             d.at,
         ));

@@ -136,6 +136,10 @@ pub struct Flow {
     pub request: DirectionPipeline,
     pub response: DirectionPipeline,
     pub metrics: FlowMetrics,
+    /// `basePath` (`proxy.basepath`).
+    pub base_path: Option<Arc<str>>,
+    /// The fault rules; `None` without any (a rejection then renders as it always did).
+    pub faults: Option<Arc<crate::pipeline::faults::FaultRules>>,
 }
 
 impl Flow {
@@ -164,6 +168,8 @@ impl Flow {
             "maxBodyBytes": self.max_body_bytes,
             "request": steps(&self.request),
             "response": steps(&self.response),
+            "basePath": self.base_path.as_deref(),
+            "faultRules": self.faults.as_ref().map(|f| f.describe()),
         })
     }
 

@@ -62,6 +62,45 @@ pub struct FlowSpec {
     /// (metrics-only flows), and sets how tokens are counted.
     #[serde(default)]
     pub llm: Option<LlmSpec>,
+    /// The path the flow's API lives under (Apigee's ProxyEndpoint `BasePath`):
+    /// `proxy.basepath`, and `proxy.pathsuffix` is the request path after it. It does not
+    /// select the flow (`match.pathPrefixes` does).
+    #[serde(default)]
+    pub base_path: Option<String>,
+    /// What runs when the flow rejects an exchange (see `pipeline::faults`): tried from
+    /// the last to the first, the first whose condition holds runs.
+    #[serde(default)]
+    pub fault_rules: Vec<FaultRuleSpec>,
+    /// Runs when no fault rule ran (or always, with `alwaysEnforce`).
+    #[serde(default)]
+    pub default_fault_rule: Option<DefaultFaultRuleSpec>,
+}
+
+/// One of a flow's `faultRules`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FaultRuleSpec {
+    pub name: String,
+    /// A CEL condition; none: the rule always holds.
+    #[serde(default)]
+    pub condition: Option<String>,
+    /// A condition in Apigee's language, instead of `condition`.
+    #[serde(default)]
+    pub apigee_condition: Option<String>,
+    #[serde(default)]
+    pub steps: Vec<StepSpec>,
+}
+
+/// A flow's `defaultFaultRule`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct DefaultFaultRuleSpec {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub always_enforce: bool,
+    #[serde(default)]
+    pub steps: Vec<StepSpec>,
 }
 
 /// A flow's `llm:` block.

@@ -568,6 +568,90 @@ fn steps_take_apigee_conditions() {
     assert_eq!(d["request"][1]["conditionLanguage"], "cel");
 }
 
+/// Fault rules compile with their conditions in either language; what they cannot hold is
+/// refused at load, naming the field.
+#[test]
+fn fault_rules_compile_and_are_checked() {
+    const POLICIES: &str = r#"
+apiVersion: tollgate.dev/v1alpha1
+kind: Policy
+metadata: {name: status}
+spec:
+  type: AssignMessage
+  set: {statusCode: 403}
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: Policy
+metadata: {name: deny}
+spec: {type: RaiseFault, status: 403}
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: Policy
+metadata: {name: cache}
+spec: {type: ResponseCache}
+"#;
+    let flow = |spec: &str| {
+        format!(
+            "{BASE}---\n{POLICIES}---\napiVersion: tollgate.dev/v1alpha1\nkind: Flow\n\
+             metadata: {{name: fr}}\nspec:\n{spec}"
+        )
+    };
+    let ok = flow(
+        "  basePath: /api\n  request: [{policy: deny}]\n  faultRules:\n  \
+         - {name: a, apigeeCondition: 'fault.name = \"RaiseFault\"', steps: [{policy: status}]}\n  \
+         - {name: b, condition: \"fault.code == 'x'\", steps: [{policy: tag}]}\n  \
+         defaultFaultRule: {alwaysEnforce: true, steps: [{policy: tag}]}\n",
+    );
+    let s = compile(&files(&ok), None).unwrap();
+    let fr = &s.by_name["fr"];
+    assert_eq!(fr.base_path.as_deref(), Some("/api"));
+    let rules = fr.faults.as_ref().expect("rules");
+    assert_eq!(rules.rules.len(), 2);
+    assert!(rules.default.as_ref().is_some_and(|d| d.always_enforce));
+    let d = fr.describe();
+    assert_eq!(d["faultRules"]["rules"][0]["conditionLanguage"], "apigee");
+    assert_eq!(d["faultRules"]["rules"][1]["steps"][0]["policy"], "tag");
+    assert_eq!(d["faultRules"]["default"]["alwaysEnforce"], true);
+    assert_eq!(d["basePath"], "/api");
+    // Flows without rules carry none: their rejections take the usual path.
+    assert!(s.by_name["chat"].faults.is_none());
+
+    for (spec, want) in [
+        (
+            "  response: [{policy: status}]\n",
+            "field `spec.response[0]`: AssignMessage `status` sets `set.statusCode`",
+        ),
+        (
+            "  faultRules: [{name: a, steps: [{policy: tag}]}, {name: a, steps: []}]\n",
+            "field `spec.faultRules[1].name`: another fault rule is named `a`",
+        ),
+        (
+            "  faultRules: [{name: a, condition: 'true', apigeeCondition: 'x = 1'}]\n",
+            "field `spec.faultRules[0]`: a fault rule has `condition` (CEL) or `apigeeCondition`",
+        ),
+        (
+            "  faultRules: [{name: a, apigeeCondition: 'fault.name ='}]\n",
+            "field `spec.faultRules[0].apigeeCondition`",
+        ),
+        (
+            "  defaultFaultRule: {steps: [{policy: nope}]}\n",
+            "field `spec.defaultFaultRule.steps[0].policy`: no Policy named `nope`",
+        ),
+        (
+            "  basePath: api\n",
+            "field `spec.basePath`: `api` must be a path starting with `/`",
+        ),
+        ("  faultRules: [{name: a, steps: [], extra: 1}]\n", "extra"),
+        (
+            "  defaultFaultRule: {steps: [{policy: cache}]}\n",
+            "field `spec.defaultFaultRule.steps[0]`: ResponseCache `cache` needs hooks beyond",
+        ),
+    ] {
+        let e = errs(&flow(spec));
+        assert!(e.contains(want), "{spec}: {e}");
+    }
+}
+
 #[test]
 fn llm_tracking_is_placed_where_the_slots_are_first_read() {
     let text = r#"

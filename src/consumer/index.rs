@@ -243,6 +243,25 @@ impl Product {
                 })
             })
             .collect::<Result<Vec<_>, String>>()?;
+        // One group, one count: its operations must agree on the limits they share.
+        for (i, o) in spec.operations.iter().enumerate() {
+            if o.group.is_empty() {
+                continue;
+            }
+            if o.group.len() > 128 || o.group.chars().any(char::is_control) {
+                return Err(format!(
+                    "operations[{i}].group: at most 128 characters, no control characters"
+                ));
+            }
+            if let Some(first) = spec.operations[..i].iter().find(|p| p.group == o.group) {
+                if first.quota != o.quota || first.llm_token_quota != o.llm_token_quota {
+                    return Err(format!(
+                        "operations[{i}].group: the operations of group `{}` share one count and must carry the same quota and llmTokenQuota",
+                        o.group
+                    ));
+                }
+            }
+        }
         Ok(Self { spec, ops })
     }
 

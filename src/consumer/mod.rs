@@ -74,11 +74,15 @@ fn one() -> u32 {
 /// may carry its own `quota` / `llmTokenQuota` (Apigee's per-operation quota in an
 /// APIOperationSet): a Quota or LlmTokenQuota with `useProduct` then takes the limits of
 /// the operation the request matched, counted apart from the product's other operations,
-/// and the product's own limits for operations without any.
+/// and the product's own limits for operations without any. Operations naming the same
+/// `group` (an APIOperationSet's operation group: several operations under one quota) share
+/// one count; they must carry the same limits.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Operation {
     pub path: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub group: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub methods: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -93,6 +97,10 @@ impl Operation {
     /// The counter key part of an operation with its own limits: what it matches, so
     /// reordering a product's operations keeps each one's count.
     pub fn counter_name(&self) -> String {
+        if !self.group.is_empty() {
+            // A group counts once for all its operations, whatever they match.
+            return format!("group {}", self.group);
+        }
         format!(
             "{} {} {}",
             self.methods.join(","),

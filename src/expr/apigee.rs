@@ -900,10 +900,12 @@ mod tests {
             ("true", true),
             ("false or on", true),
             (r#"((((request.verb = "POST"))))"#, true),
+            // Without a basePath the suffix is the whole path.
             (
                 r#"(proxy.pathsuffix MatchesPath "/v1/**") and (request.verb = "POST")"#,
-                false,
+                true,
             ),
+            (r#"proxy.pathsuffix MatchesPath "/chat/**""#, false),
         ] {
             assert_eq!(t(src), want, "{src}");
         }

@@ -796,7 +796,7 @@ fn java_replacement(s: &str) -> String {
 }
 
 /// A random (version 4) UUID, lower case, as Java's `UUID.randomUUID()` writes it.
-fn uuid_v4() -> Option<String> {
+pub(crate) fn uuid_v4() -> Option<String> {
     let mut b = [0u8; 16];
     getrandom::fill(&mut b).ok()?;
     b[6] = (b[6] & 0x0f) | 0x40;

@@ -17,6 +17,7 @@ mod functions;
 pub mod template;
 mod timefmt;
 
+pub(crate) use functions::uuid_v4 as new_uuid;
 pub use template::Template;
 
 use crate::vars::Exchange;

@@ -159,14 +159,27 @@ pub fn rewrite_json_strings(
     while i < b.len() {
         match b[i] {
             b'"' => {
+                // Jump from one quote or backslash to the next: prompts are long strings.
                 let mut j = i + 1;
                 let mut escaped = false;
-                while j < b.len() && b[j] != b'"' {
-                    if b[j] == b'\\' {
-                        escaped = true;
-                        j += 1;
+                loop {
+                    match b
+                        .get(j..)
+                        .and_then(|rest| memchr::memchr2(b'"', b'\\', rest))
+                    {
+                        None => {
+                            j = b.len();
+                            break;
+                        }
+                        Some(k) if b[j + k] == b'"' => {
+                            j += k;
+                            break;
+                        }
+                        Some(k) => {
+                            escaped = true;
+                            j += k + 2;
+                        }
                     }
-                    j += 1;
                 }
                 if j >= b.len() {
                     return Err(GuardError::Json {

@@ -277,6 +277,7 @@ fn count_segment(e: Encoding, seg: &str) -> Option<u64> {
 /// module documentation): at the first safe space (a space between two non-spaces) after
 /// [`SOFT_SEGMENT_BYTES`], and at a character boundary after [`HARD_SEGMENT_BYTES`] without
 /// a safe space. Jumps from space to space (`memchr`) rather than testing every byte.
+/// Must cut exactly where it always did: the segment cache's keys depend on it.
 fn segments(text: &str) -> impl Iterator<Item = &str> {
     let mut rest = text;
     std::iter::from_fn(move || {
@@ -285,30 +286,30 @@ fn segments(text: &str) -> impl Iterator<Item = &str> {
         }
         let b = rest.as_bytes();
         let mut last_safe = 0;
-        let mut from = 1;
-        let cut = loop {
-            // Where the hard cut falls unless a safe space comes first.
-            let hard = boundary_from(rest, last_safe + HARD_SEGMENT_BYTES);
-            let next = b
-                .get(from..)
-                .and_then(|tail| memchr::memchr(b' ', tail))
-                .map(|k| from + k);
-            let Some(i) = next else {
-                break hard.min(b.len());
-            };
-            if hard < i {
-                break hard;
+        // One pass over the spaces (the iterator keeps its state: a fresh search per word
+        // cost more than the cutting saved). The hard cut's character boundary is looked
+        // up only once a space reaches it.
+        let mut cut = None;
+        for i in memchr::memchr_iter(b' ', b.get(1..).unwrap_or_default()).map(|k| k + 1) {
+            let hard = (i >= last_safe + HARD_SEGMENT_BYTES)
+                .then(|| boundary_from(rest, last_safe + HARD_SEGMENT_BYTES));
+            if let Some(h) = hard.filter(|&h| h < i) {
+                cut = Some(h);
+                break;
             }
             if i + 1 < b.len() && !is_space(b[i - 1]) && !is_space(b[i + 1]) {
                 if i >= SOFT_SEGMENT_BYTES {
-                    break i;
+                    cut = Some(i);
+                    break;
                 }
                 last_safe = i;
-            } else if hard == i {
-                break i;
+            } else if hard == Some(i) {
+                cut = Some(i);
+                break;
             }
-            from = i + 1;
-        };
+        }
+        let cut =
+            cut.unwrap_or_else(|| boundary_from(rest, last_safe + HARD_SEGMENT_BYTES).min(b.len()));
         let (seg, tail) = rest.split_at(cut);
         rest = tail;
         Some(seg)
@@ -359,6 +360,66 @@ fn is_wide(c: char) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The one-pass cutter cuts exactly where the space-by-space one did (the segment
+    /// cache's keys depend on it), on prose, long words, runs of spaces and multi-byte text.
+    #[test]
+    fn segments_cut_where_the_per_word_search_did() {
+        #[rustfmt::skip]
+        fn segments_per_word(text: &str) -> impl Iterator<Item = &str> {
+            let mut rest = text;
+            std::iter::from_fn(move || {
+                if rest.is_empty() {
+                    return None;
+                }
+                let b = rest.as_bytes();
+                let mut last_safe = 0;
+                let mut from = 1;
+                let cut = loop {
+                    // Where the hard cut falls unless a safe space comes first.
+                    let hard = boundary_from(rest, last_safe + HARD_SEGMENT_BYTES);
+                    let next = b
+                        .get(from..)
+                        .and_then(|tail| memchr::memchr(b' ', tail))
+                        .map(|k| from + k);
+                    let Some(i) = next else {
+                        break hard.min(b.len());
+                    };
+                    if hard < i {
+                        break hard;
+                    }
+                    if i + 1 < b.len() && !is_space(b[i - 1]) && !is_space(b[i + 1]) {
+                        if i >= SOFT_SEGMENT_BYTES {
+                            break i;
+                        }
+                        last_safe = i;
+                    } else if hard == i {
+                        break i;
+                    }
+                    from = i + 1;
+                };
+                let (seg, tail) = rest.split_at(cut);
+                rest = tail;
+                Some(seg)
+            })
+        }
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let pieces = ["word", " ", "  ", "é", "🦀", "\n", "x".repeat(300).leak(), "ab cd", "\t "];
+        for _ in 0..300 {
+            let mut text = String::new();
+            let len = (seed % 9000) as usize;
+            while text.len() < len {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                text.push_str(pieces[(seed % pieces.len() as u64) as usize]);
+            }
+            let new: Vec<&str> = segments(&text).collect();
+            let old: Vec<&str> = segments_per_word(&text).collect();
+            assert_eq!(new, old);
+            assert_eq!(new.concat(), text);
+        }
+    }
 
     fn exact(model: &str) -> Option<Encoding> {
         match TokenCounter::default().method_for(Api::OpenAiChat, model) {

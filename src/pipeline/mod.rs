@@ -17,6 +17,7 @@
 //! | after the exchange | [`Policy::after_exchange`] | steps that declared [`Hooks::after_exchange`], once, however the exchange ended |
 
 pub mod chunk;
+pub mod faults;
 
 use std::fmt;
 use std::future::Future;
@@ -205,6 +206,12 @@ pub trait Policy: Send + Sync + fmt::Debug {
     /// The hooks beyond headers and body this step uses.
     fn hooks(&self) -> Hooks {
         Hooks::default()
+    }
+
+    /// What the step does that only a fault rule's step may do (shaping the error
+    /// response, e.g. setting its status), to refuse it in a flow's request or response.
+    fn fault_rule_only(&self) -> Option<&'static str> {
+        None
     }
 
     /// The request headers this step sets for the upstream when it runs on the request
@@ -449,7 +456,7 @@ pub async fn run_steps(steps: &[Step], ex: &mut Exchange, dir: Direction) -> Out
                 }
                 if step.continue_on_error {
                     tracing::debug!(policy = %step.policy_name, code = %fault.code, "step failed; continueOnError");
-                    ex.set_var(format!("{}.failed", step.policy_name), true);
+                    faults::set_failed(ex, &step.policy_name, step.policy.type_name());
                     continue;
                 }
                 return Outcome::Reject(fault);
@@ -661,8 +668,10 @@ mod tests {
         };
         assert_eq!(fault.policy, "hard");
         assert_eq!(ex.lookup("soft.failed").as_deref(), Some("true"));
-        // soft.failed, ran.0, ran.2 (ok), ran.3 (hard): "never" did not run.
-        assert_eq!(ex.vars.len(), 4);
+        assert_eq!(ex.lookup("fake.soft.failed").as_deref(), Some("true"));
+        // soft.failed, fake.soft.failed, ran.0, ran.3 (ok), ran.4 (hard): "never" did
+        // not run.
+        assert_eq!(ex.vars.len(), 5);
     }
 
     #[tokio::test]

@@ -62,7 +62,7 @@ struct Spec {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct GoogleTokenSpec {
+pub(super) struct GoogleTokenSpec {
     #[serde(default)]
     access_token: Option<AccessTokenSpec>,
     #[serde(default)]
@@ -88,12 +88,15 @@ struct IdTokenSpec {
 }
 
 #[derive(Debug)]
-struct GoogleToken {
-    header: String,
-    slot: Arc<TokenSlot>,
+pub(super) struct GoogleToken {
+    pub(super) header: String,
+    pub(super) slot: Arc<TokenSlot>,
 }
 
-fn google_token(ctx: &BuildContext, g: GoogleTokenSpec) -> Result<GoogleToken, SpecError> {
+pub(super) fn google_token(
+    ctx: &BuildContext,
+    g: GoogleTokenSpec,
+) -> Result<GoogleToken, SpecError> {
     let at = "googleToken";
     let kind = match (g.access_token, g.id_token) {
         (Some(a), None) => {
@@ -144,7 +147,7 @@ fn google_token(ctx: &BuildContext, g: GoogleTokenSpec) -> Result<GoogleToken, S
     Ok(GoogleToken { header, slot })
 }
 
-fn token_unavailable(e: &crate::google::TokenError) -> Fault {
+pub(super) fn token_unavailable(e: &crate::google::TokenError) -> Fault {
     tracing::warn!(error = %e, "google token unavailable");
     Fault::new(
         503,
@@ -168,6 +171,17 @@ struct SetSpec {
     /// Replaces the body; a `content-type` goes in `headers`.
     #[serde(default)]
     body: Option<String>,
+    /// The error response's status (Apigee's `<Set><StatusCode>`): a number or a template;
+    /// only in a fault rule's steps.
+    #[serde(default)]
+    status_code: Option<StatusSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum StatusSpec {
+    Number(u16),
+    Text(String),
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -184,6 +198,8 @@ struct AssignMessage {
     set: Vec<(String, Template)>,
     variables: Vec<(String, Template)>,
     body: Option<Template>,
+    /// `set.statusCode`.
+    status: Option<Template>,
     /// Some template reads the message body.
     reads_body: bool,
     /// Some template reads an `llm.*` variable: the flow tracks its LLM traffic, and the
@@ -241,14 +257,37 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
         .as_deref()
         .map(|b| Template::compile(b).map_err(|e| SpecError::new("set.body", e.to_string())))
         .transpose()?;
+    let status = match spec.set.status_code {
+        None => None,
+        Some(StatusSpec::Number(n)) if (200..=599).contains(&n) => Some(
+            Template::compile(&n.to_string())
+                .map_err(|e| SpecError::new("set.statusCode", e.to_string()))?,
+        ),
+        Some(StatusSpec::Number(_)) => {
+            return Err(SpecError::new(
+                "set.statusCode",
+                "must be an HTTP status between 200 and 599",
+            ))
+        }
+        Some(StatusSpec::Text(t)) => Some(
+            Template::compile(&t).map_err(|e| SpecError::new("set.statusCode", e.to_string()))?,
+        ),
+    };
     let reads_body = add
         .iter()
         .chain(set.iter())
         .chain(variables.iter())
         .map(|(_, t)| t)
         .chain(body.iter())
+        .chain(status.iter())
         .flat_map(Template::variables)
-        .any(|v| v == "request.content" || v == "response.content");
+        .any(|v| {
+            v == "request.content"
+                || v == "response.content"
+                || v == "message.content"
+                || v == "request.formstring"
+                || v.starts_with("request.formparam.")
+        });
     let reads_llm = add
         .iter()
         .chain(set.iter())
@@ -266,6 +305,7 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
         && set.is_empty()
         && variables.is_empty()
         && body.is_none()
+        && status.is_none()
         && google.is_none()
     {
         return Err(SpecError::new(
@@ -279,6 +319,7 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
         set,
         variables,
         body,
+        status,
         reads_body,
         reads_llm,
         google,
@@ -318,6 +359,10 @@ impl Policy for AssignMessage {
         self.body.is_some()
     }
 
+    fn fault_rule_only(&self) -> Option<&'static str> {
+        self.status.as_ref().map(|_| "sets `set.statusCode`")
+    }
+
     /// `set.headers` and the Google token's header. `add.headers` adds to what the
     /// client sent, by definition, so it owns nothing.
     fn owned_request_headers(&self) -> Vec<String> {
@@ -352,6 +397,27 @@ impl Policy for AssignMessage {
         if let Some(t) = &self.body {
             let b = t.render(ex).into_bytes();
             ex.replace_body(dir, b);
+        }
+        if let Some(t) = &self.status {
+            // Only a fault rule's step has one (refused elsewhere at load): it sets the
+            // status of the error response the rule shapes.
+            let text = t.render(ex);
+            let Some(code) = text
+                .trim()
+                .parse::<u16>()
+                .ok()
+                .filter(|c| (200..=599).contains(c))
+            else {
+                return Hook::Ready(Outcome::Reject(Fault::new(
+                    500,
+                    "steps.assignmessage.InvalidStatusCode",
+                    format!("set.statusCode rendered `{text}`, not an HTTP status"),
+                )));
+            };
+            if let (Direction::Response, Some(r)) = (dir, ex.response.as_mut()) {
+                r.status = code;
+                r.headers.set(":status", code.to_string());
+            }
         }
         let Some(g) = &self.google else {
             return Hook::Ready(Outcome::Continue);

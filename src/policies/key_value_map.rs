@@ -13,6 +13,7 @@
 //!   put:
 //!   - key: [last-model]
 //!     value: "{request.header.x-model}"
+//!     override: true              # (default) false: write only when the key is absent
 //!   delete:
 //!   - key: [stale]
 //! ```
@@ -26,6 +27,13 @@
 //! control characters is refused (get: the variable stays unset; put and delete: a 400
 //! `InvalidKey` fault). A template reading `{request.content}` runs the step on the body.
 //! Secret entries become variables like any other (templates need them) and are never logged.
+//!
+//! Apigee differences: Apigee's `<Put override="false">` is its default, tollgate's
+//! `override` defaults to `true` (as it always did); with `override: false` an existing
+//! entry (a file entry included) is left as it is, without an error, as in Apigee, and the
+//! write is conditional in the store (no race between two replicas). Apigee caches reads for
+//! 300 s (`ExpiryTimeInSecs`) where tollgate's `expirySeconds` defaults to 30, so that a change
+//! made through another replica shows sooner; `tollgate import` writes Apigee's value out.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -107,6 +115,9 @@ struct PutSpec {
     value: String,
     #[serde(default)]
     secret: bool,
+    /// Overwrite an existing entry (default true); false writes only an absent key.
+    #[serde(default, rename = "override")]
+    overwrite: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -127,6 +138,7 @@ struct Put {
     key: Vec<Template>,
     value: Template,
     secret: bool,
+    overwrite: bool,
 }
 
 type ReadCache = moka::sync::Cache<String, Option<Arc<KvmEntry>>>;
@@ -208,6 +220,7 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
                 value: Template::compile(&p.value)
                     .map_err(|e| SpecError::new(format!("put[{i}].value"), e.to_string()))?,
                 secret: p.secret,
+                overwrite: p.overwrite.unwrap_or(true),
             })
         })
         .collect::<Result<Vec<_>, SpecError>>()?;
@@ -394,6 +407,10 @@ impl KeyValueMap {
                 .key(&p.key, ex)
                 .map_err(|m| Fault::new(400, INVALID_KEY, format!("put: {m}")))?;
             if self.file_entry(&key).is_some() {
+                if !p.overwrite {
+                    // The key exists (in the configuration): nothing to write, as Apigee.
+                    continue;
+                }
                 return Err(Fault::new(
                     409,
                     FILE_DEFINED,
@@ -421,11 +438,40 @@ impl KeyValueMap {
                 value,
                 secret: p.secret,
             };
-            bounded(
-                self.store_timeout,
-                store.put_kvm_entry(&self.map, &key, &entry, None),
-            )
-            .await?;
+            if !p.overwrite {
+                // Written only if absent, atomically in the store; an existing entry is
+                // left alone without an error, as Apigee's `override="false"`.
+                let put = tokio::time::timeout(
+                    self.store_timeout,
+                    store.put_kvm_entry(&self.map, &key, &entry, Some(crate::store::Write::Create)),
+                )
+                .await;
+                match put {
+                    Ok(Ok(())) => {}
+                    Ok(Err(StoreError::AlreadyExists { .. })) => {
+                        // Uncount the entry make_room counted: the map did not grow.
+                        if let Some((_, n)) = self.count.lock().as_mut() {
+                            *n = n.saturating_sub(1);
+                        }
+                        continue;
+                    }
+                    Ok(Err(e)) => return Err(store_fault(e)),
+                    Err(_) => {
+                        tracing::warn!("key-value map store call timed out");
+                        return Err(Fault::new(
+                            503,
+                            UNAVAILABLE,
+                            "The key-value map store is unavailable",
+                        ));
+                    }
+                }
+            } else {
+                bounded(
+                    self.store_timeout,
+                    store.put_kvm_entry(&self.map, &key, &entry, None),
+                )
+                .await?;
+            }
             if let Some(c) = &self.cache {
                 c.insert(self.cache_key(&key), Some(Arc::new(entry)));
             }
@@ -644,6 +690,53 @@ mod tests {
             .unwrap()
             .is_none());
         run(&del, &mut ex("never-there")).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn put_without_override_writes_only_absent_keys() {
+        let mut files = FileMaps::new();
+        files.entry("m".into()).or_default().insert(
+            "fixed".into(),
+            KvmEntry {
+                value: "file".into(),
+                secret: false,
+            },
+        );
+        let c = ctx(files);
+        let store = c.services.consumers.store().clone();
+        let put = build(
+            &c,
+            serde_norway::from_str(
+                "map: m\nput: [{key: ['{request.header.x-tenant}'], value: 'v-{request.header.x-count}', override: false}]",
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let mut first = ex("k");
+        first.request.headers.push("x-count".into(), "1".into());
+        run(&put, &mut first).await.unwrap();
+        let mut second = ex("k");
+        second.request.headers.push("x-count".into(), "2".into());
+        run(&put, &mut second).await.unwrap();
+        assert_eq!(
+            store.get_kvm_entry("m", "k").await.unwrap().unwrap().value,
+            "v-1",
+            "the first write stays"
+        );
+        // A file entry exists too: left alone, no 409.
+        run(&put, &mut ex("fixed")).await.unwrap();
+        assert!(store.get_kvm_entry("m", "fixed").await.unwrap().is_none());
+        // The default overwrites.
+        let over = build(
+            &c,
+            serde_norway::from_str("map: m\nput: [{key: [k], value: new}]").unwrap(),
+        )
+        .unwrap();
+        run(&over, &mut ex("x")).await.unwrap();
+        assert_eq!(
+            store.get_kvm_entry("m", "k").await.unwrap().unwrap().value,
+            "new"
+        );
     }
 
     #[tokio::test]

@@ -282,6 +282,64 @@ fn operation_limits_count_apart_from_the_product() {
     assert!(run(&p, &mut emb).is_err(), "500 + 200 > the product's 600");
 }
 
+/// Operations of one group (an APIOperationSet's operation group) share one count.
+#[test]
+fn an_operation_group_counts_once_for_its_operations() {
+    let bed = Bed::new();
+    let p = bed.policy("q", "{useProduct: true}");
+    let grouped = |path: &str| Operation {
+        path: path.into(),
+        group: "chat".into(),
+        llm_token_quota: Some(hourly(300)),
+        ..Default::default()
+    };
+    let ops = vec![
+        grouped("/v1/chat/completions"),
+        grouped("/v1/responses"),
+        Operation {
+            path: "/v1/embeddings".into(),
+            llm_token_quota: Some(hourly(300)),
+            ..Default::default()
+        },
+    ];
+    let on = |path: &str, prompt: u64| {
+        let mut ex = llm_exchange("gpt-4o", prompt, Some(0));
+        ex.state.add_app(
+            "verifyapikey.vk.".into(),
+            verified_on("a", "d@x", "gold", Some(600), ops.clone(), path),
+        );
+        ex
+    };
+    let mut chat = on("/v1/chat/completions", 250);
+    run(&p, &mut chat).unwrap();
+    end(&p, chat, ExchangeEnd::Completed);
+    // The group's other operation sees the 250 tokens.
+    let mut responses = on("/v1/responses", 100);
+    assert!(
+        run(&p, &mut responses).is_err(),
+        "250 + 100 > the group's 300"
+    );
+    // An operation outside the group with the same limits counts apart.
+    let mut emb = on("/v1/embeddings", 280);
+    run(&p, &mut emb).unwrap();
+    // Operations of one group that disagree on limits are refused at load.
+    let mut bad = ops.clone();
+    bad[1].llm_token_quota = Some(hourly(301));
+    let e = crate::consumer::index::Product::compile(crate::consumer::ApiProduct {
+        name: "p".into(),
+        description: String::new(),
+        operations: bad,
+        quota: None,
+        llm_token_quota: None,
+        approval_type: Default::default(),
+        attributes: Default::default(),
+        origin: crate::consumer::Origin::File,
+        revision: 0,
+    })
+    .unwrap_err();
+    assert!(e.starts_with("operations[1].group"), "{e}");
+}
+
 #[test]
 fn bad_input_never_leaks_a_reservation() {
     let bed = Bed::new();

@@ -14,9 +14,14 @@ pub use common::{
     valid_header_value, BuildContext, SpecError,
 };
 
+pub mod access_control;
 pub mod assign_message;
+pub mod cors;
+pub mod extract_variables;
+pub mod generate_jwt;
 pub mod inference_objective;
 pub mod javascript;
+pub mod json_threat_protection;
 pub mod key_value_map;
 pub mod llm_cost_budget;
 #[cfg(test)]
@@ -41,9 +46,15 @@ pub type BuildFn = fn(&BuildContext, serde_norway::Value) -> Result<Arc<dyn Poli
 
 /// Every implemented policy type and its builder.
 pub static REGISTRY: &[(&str, BuildFn)] = &[
+    (access_control::TYPE, access_control::build),
     (assign_message::TYPE, assign_message::build),
+    (cors::TYPE, cors::build),
+    (extract_variables::TYPE, extract_variables::build),
+    (generate_jwt::TYPE, generate_jwt::build),
+    (generate_jwt::APIGEE_TYPE, generate_jwt::build),
     (inference_objective::TYPE, inference_objective::build),
     (javascript::TYPE, javascript::build),
+    (json_threat_protection::TYPE, json_threat_protection::build),
     (key_value_map::TYPE, key_value_map::build),
     (llm_cost_budget::TYPE, llm_cost_budget::build),
     (llm_token_quota::TYPE, llm_token_quota::build),
@@ -97,6 +108,12 @@ pub const ALL_TYPES: &[&str] = &[
     "SemanticCacheLookup",
     "SemanticCachePopulate",
     "ModelRouter",
+    "ExtractVariables",
+    "AccessControl",
+    "CORS",
+    "JSONThreatProtection",
+    "GenerateJwt",
+    "GenerateJWT",
 ];
 
 pub fn builder(type_name: &str) -> Option<BuildFn> {

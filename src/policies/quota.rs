@@ -24,7 +24,7 @@
 //! `available` by the name the design uses) and Apigee's
 //! `ratelimit.<policy>.{allowed.count,used.count,available.count,exceed.count,expiry.time,identifier}`,
 //! generated from the decision kept in the exchange's typed state (nothing is copied unless
-//! read). `useProduct` reads the verified product's quota settings from that state too.
+//! read); `identifier` is Apigee's `_default` for a policy without one (its one counter). `useProduct` reads the verified product's quota settings from that state too.
 //! A refusal is 429 `policies.ratelimit.QuotaViolation` with `Retry-After`.
 //!
 //! A `messageWeight` of 0 is a valid no-op count in a `countOnly` half (a response that
@@ -559,7 +559,12 @@ impl Quota {
         ]);
         parts.extend_from_slice(extra);
         let key = self.key_prefix.finish(&parts);
-        let identifier = rl::shown(&identifier).into_owned();
+        // Apigee's name for the one counter of a policy without an identifier.
+        let identifier = if identifier.is_empty() {
+            "_default".to_owned()
+        } else {
+            rl::shown(&identifier).into_owned()
+        };
         Ok(Prepared {
             ask: Ask {
                 key,
@@ -1125,6 +1130,19 @@ mod tests {
         assert_eq!(f.code, "policies.ratelimit.QuotaViolation");
         assert!(f.message.ends_with("Identifier : alice"), "{}", f.message);
         assert!(f.headers.contains(&("retry-after".into(), "50".into())));
+        // Without an identifier: Apigee's `_default`, in the variable and the message.
+        let d = bed.policy("d", "{allow: 0, timeUnit: minute}");
+        let mut dx = Exchange::default();
+        let f = run(&d, &mut dx).unwrap_err();
+        assert!(
+            f.message.ends_with("Identifier : _default"),
+            "{}",
+            f.message
+        );
+        assert_eq!(
+            v(&dx, "ratelimit.d.identifier").as_deref(),
+            Some("_default")
+        );
         assert_eq!(v(&ex, "ratelimit.q.exceed.count").as_deref(), Some("1"));
         assert_eq!(v(&ex, "ratelimit.q.remaining").as_deref(), Some("0"));
         // Listed (CEL maps, debugging) under every name, `remaining` included.

@@ -156,6 +156,8 @@ struct ResponseCache {
     bypass_var: String,
     /// Set when the request carried credentials and the key is not per app.
     credentialed_var: String,
+    /// `responsecache.<policy>.cachehit` (Apigee's): true when the lookup answered.
+    cachehit_var: String,
     metrics: CacheCounters,
 }
 
@@ -293,6 +295,7 @@ fn build_cache(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Response
         populate_var: format!("responsecache.{}.populate", ctx.name),
         bypass_var: format!("responsecache.{}.bypass", ctx.name),
         credentialed_var: format!("responsecache.{}.credentialed", ctx.name),
+        cachehit_var: format!("responsecache.{}.cachehit", ctx.name),
     })
 }
 
@@ -385,6 +388,12 @@ impl ResponseCache {
         )))
     }
 
+    /// [`Self::hit`], noted in `responsecache.<policy>.cachehit`.
+    fn hit_for(&self, ex: &mut Exchange, e: &Entry) -> Outcome {
+        ex.set_var(self.cachehit_var.clone(), true);
+        self.hit(e)
+    }
+
     fn release(&self, key: &Key) {
         if let Some(inflight) = &self.inflight {
             if let Some(n) = inflight.remove(key) {
@@ -398,6 +407,7 @@ impl ResponseCache {
             return Hook::CONTINUE;
         };
         ex.set_var(self.key_var.clone(), hex(&key));
+        ex.set_var(self.cachehit_var.clone(), false);
         if self.scope != Scope::App && Self::credentialed(ex) {
             ex.set_var(self.credentialed_var.clone(), true);
         }
@@ -407,7 +417,7 @@ impl ResponseCache {
         }
         if let Some(e) = self.store.get(&key) {
             if Self::usable(&e, ex) {
-                return Hook::Ready(self.hit(&e));
+                return Hook::Ready(self.hit_for(ex, &e));
             }
             // Another variant (or coding) is stored: go upstream; the answer replaces it.
             return Hook::CONTINUE;
@@ -421,7 +431,7 @@ impl ResponseCache {
                     let e = Arc::new(e);
                     self.store.insert(key, e.clone());
                     if Self::usable(&e, ex) {
-                        return self.hit(&e);
+                        return self.hit_for(ex, &e);
                     }
                     return Outcome::Continue;
                 }
@@ -440,7 +450,7 @@ impl ResponseCache {
             // Another request for this key is upstream: wait (bounded) for it to populate.
             let _ = tokio::time::timeout(self.coalesce_wait, notify.notified()).await;
             match self.store.get(&key) {
-                Some(e) if Self::usable(&e, ex) => self.hit(&e),
+                Some(e) if Self::usable(&e, ex) => self.hit_for(ex, &e),
                 _ => Outcome::Continue,
             }
         }))
@@ -752,9 +762,17 @@ mod tests {
             !f.headers.iter().any(|(n, _)| n == "set-cookie"),
             "cookies are never replayed"
         );
+        assert_eq!(
+            ex.lookup("responsecache.rc.cachehit").as_deref(),
+            Some("true")
+        );
         // Another URI misses; another method is not cached at all.
         let mut ex = request("GET", "/a?x=2", None);
         run(&p, &mut ex, Direction::Request).await.unwrap();
+        assert_eq!(
+            ex.lookup("responsecache.rc.cachehit").as_deref(),
+            Some("false")
+        );
         let mut ex = request("DELETE", "/a?x=1", None);
         run(&p, &mut ex, Direction::Request).await.unwrap();
         assert!(ex.lookup("responsecache.rc.key").is_none());

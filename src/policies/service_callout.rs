@@ -20,7 +20,21 @@
 //!   circuitBreaker: {failures: 5, openSeconds: 10}
 //!   response:
 //!     json: {allowed: "$.allowed", tier: "$.user.tier"}   # RFC 9535 JSONPath
+//!   clientCertificate:    # mutual TLS: the certificate (chain) and key presented
+//!     certFile: certs/client.pem
+//!     keyFile: certs/client.key
+//!   googleToken:          # Apigee's <Authentication><GoogleAccessToken|GoogleIDToken>
+//!     accessToken: {scopes: [https://www.googleapis.com/auth/cloud-platform]}
+//!     # idToken: {audience: https://my-service-abc.a.run.app}
+//!     # header, serviceAccountKeyFile, metadataHost: as AssignMessage's googleToken
 //! ```
+//!
+//! `googleToken` sends the gateway's own Google token (default `Authorization: Bearer
+//! <token>`, see `crate::google`; one cached token per source and scopes, shared with
+//! AssignMessage); a token that cannot be had fails the step with 503
+//! `steps.googletoken.TokenUnavailable` and nothing is sent. `clientCertificate` files are
+//! read at load (PEM: a certificate chain, and a PKCS#8, PKCS#1 or SEC1 key); a pair that
+//! does not load is refused there.
 //!
 //! Variables (`<p>` is the policy name): `servicecallout.<p>.status`,
 //! `servicecallout.<p>.header.<name>`, `servicecallout.<p>.body`,
@@ -243,6 +257,17 @@ struct Spec {
     circuit_breaker: Option<BreakerSpec>,
     #[serde(default)]
     response: ResponseSpec,
+    #[serde(default)]
+    client_certificate: Option<ClientCertSpec>,
+    #[serde(default)]
+    google_token: Option<super::assign_message::GoogleTokenSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ClientCertSpec {
+    cert_file: String,
+    key_file: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -345,6 +370,7 @@ struct ServiceCallout {
     http: HttpClient,
     egress: Arc<Egress>,
     prefix: Arc<str>,
+    google: Option<super::assign_message::GoogleToken>,
 }
 
 fn parse_codes(codes: &[String]) -> Result<Vec<(u16, u16)>, SpecError> {
@@ -474,14 +500,56 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
     if timeout.is_zero() || timeout > Duration::from_secs(60) {
         return Err(SpecError::new("timeoutMs", "between 1 and 60000"));
     }
-    // An internal CA: trusted by this callout, in addition to the system roots.
-    let http = match &spec.ca_file {
-        Some(f) => {
-            let pem = read_config_file(ctx, "caFile", f)?;
-            HttpClient::with_extra_roots(&pem).map_err(|m| SpecError::new("caFile", m))?
-        }
-        None => ctx.services.http.clone(),
+    // An internal CA: trusted by this callout, in addition to the system roots; a client
+    // certificate for servers that ask for one.
+    let ca = spec
+        .ca_file
+        .as_deref()
+        .map(|f| read_config_file(ctx, "caFile", f))
+        .transpose()?;
+    let client = match &spec.client_certificate {
+        Some(c) => Some((
+            read_config_file(ctx, "clientCertificate.certFile", &c.cert_file)?,
+            read_config_file(ctx, "clientCertificate.keyFile", &c.key_file)?,
+        )),
+        None => None,
     };
+    let http = match (&ca, &client) {
+        (None, None) => ctx.services.http.clone(),
+        (Some(pem), None) => {
+            HttpClient::with_extra_roots(pem).map_err(|m| SpecError::new("caFile", m))?
+        }
+        (ca, Some((cert, key))) => {
+            HttpClient::with_tls(ca.as_deref(), Some((cert.as_slice(), key.as_slice()))).map_err(
+                |m| {
+                    let field = if m.starts_with("not a PEM")
+                        || m.starts_with("no PEM")
+                        || m.starts_with("unusable CA")
+                    {
+                        "caFile"
+                    } else {
+                        "clientCertificate"
+                    };
+                    SpecError::new(field, m)
+                },
+            )?
+        }
+    };
+    let google = spec
+        .google_token
+        .map(|g| super::assign_message::google_token(ctx, g))
+        .transpose()?;
+    if let Some(g) = &google {
+        if headers.iter().any(|(n, _)| *n == g.header) {
+            return Err(SpecError::new(
+                "googleToken.header",
+                format!(
+                    "`{}` is also in request.headers: the token sets it",
+                    g.header
+                ),
+            ));
+        }
+    }
     let retries = spec.retries.unwrap_or(0);
     if retries > 5 {
         return Err(SpecError::new("retries", "at most 5"));
@@ -515,6 +583,7 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
         http,
         egress: Arc::clone(&ctx.services.egress),
         prefix: format!("servicecallout.{}.", ctx.name).into(),
+        google,
     }))
 }
 
@@ -634,6 +703,23 @@ impl ServiceCallout {
             json: Vec::new(),
             error: None,
         };
+        let mut headers = headers;
+        if let Some(g) = &self.google {
+            let token = match g.slot.get() {
+                crate::google::Cached::Ready(t) => Ok(t.value.clone()),
+                crate::google::Cached::Failed(e) => Err(e),
+                crate::google::Cached::Missing => g.slot.fetch().await.map(|t| t.value.clone()),
+            };
+            match token {
+                Ok(t) => headers.push((g.header.clone(), format!("Bearer {t}"))),
+                Err(e) => {
+                    counter("error");
+                    vars.error = Some("no Google token for the callout".into());
+                    ex.state.add_callout(vars);
+                    return Err(super::assign_message::token_unavailable(&e));
+                }
+            }
+        }
         let started = std::time::Instant::now();
         let outcome: Result<(), Failure> = async {
             let resp = self.call(url, headers, body).await;

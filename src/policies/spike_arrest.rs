@@ -14,6 +14,13 @@
 //! weight w holds the next one back w intervals. With `true`, up to N requests are admitted
 //! in any sliding second (or minute), bursts included. A refusal is 429
 //! `policies.ratelimit.SpikeArrestViolation` with `Retry-After`.
+//!
+//! `rate` may be a template, rendered per request (Apigee's `<Rate ref="...">`), such as
+//! `"{verifyapikey.verify-key.apiproduct.spike.rate}"`, or with a literal that applies when
+//! the reference does not resolve: `"{firstnonnull(verifyapikey.verify-key.apiproduct.spike.rate,'30pm')}"`
+//! (the literal is checked at load). A rendered rate that is empty or not a rate fails the
+//! step with 500 `policies.ratelimit.FailedToResolveSpikeArrestRate`, as Apigee's: the
+//! request is never let through unlimited. Each distinct rate has its own limiter.
 
 use std::sync::Arc;
 
@@ -64,11 +71,18 @@ fn parse_rate(s: &str) -> Option<Rate> {
     (1..=MAX_RATE).contains(&n).then_some(Rate { n, per_ms })
 }
 
+/// The rate: fixed at load, or a template rendered per request.
+#[derive(Debug)]
+enum RateSource {
+    Fixed(Rate),
+    Template(Template),
+}
+
 #[derive(Debug)]
 pub(super) struct SpikeArrest {
     /// The refusal's fault code and the words its message starts with.
     violation: (&'static str, &'static str),
-    rate: Rate,
+    rate: RateSource,
     rate_text: String,
     identifier: Option<Template>,
     weight: Option<Setting>,
@@ -77,8 +91,6 @@ pub(super) struct SpikeArrest {
     key_prefix: KeyPrefix,
     /// Overflow namespace of this policy's counters.
     overflow: Key,
-    /// GCRA emission interval (µs per unit of weight).
-    emission_us: i64,
     counters: Counters,
     pub(super) metrics: PolicyMetrics,
 }
@@ -116,35 +128,45 @@ pub(super) fn build_core(
     use_effective_count: bool,
     (kind_name, violation): (&'static [u8], (&'static str, &'static str)),
 ) -> Result<SpikeArrest, SpecError> {
-    let rate = parse_rate(rate_text).ok_or_else(|| {
+    let not_a_rate = |t: &str| {
         SpecError::new(
             "rate",
             format!(
-                "`{}` is not a rate: write N per second or minute, like 10ps or 600pm (1 ≤ N ≤ {MAX_RATE})",
-                rate_text
+                "`{t}` is not a rate: write N per second or minute, like 10ps or 600pm (1 ≤ N ≤ {MAX_RATE})"
             ),
         )
-    })?;
+    };
+    let template =
+        Template::compile(rate_text).map_err(|e| SpecError::new("rate", e.to_string()))?;
+    let rate = if template.is_static() {
+        RateSource::Fixed(parse_rate(rate_text).ok_or_else(|| not_a_rate(rate_text))?)
+    } else {
+        if let Some(lit) = template.literal_fallback() {
+            parse_rate(lit).ok_or_else(|| not_a_rate(lit))?;
+        }
+        RateSource::Template(template)
+    };
     let suffix: &[u8] = if use_effective_count {
         b"-window"
     } else {
         b"-smooth"
     };
-    // `spike-window` / `spike-smooth` as one part: the keys SpikeArrest always had.
+    // `spike-window` / `spike-smooth` as one part: the keys SpikeArrest always had. A
+    // templated rate goes in each key instead (one limiter per rate).
     let kind = [kind_name, suffix].concat();
-    let key_prefix = KeyPrefix::new(&[
-        &kind,
-        ctx.name.as_bytes(),
-        &rate.n.to_le_bytes(),
-        &rate.per_ms.to_le_bytes(),
-    ]);
-    let emission_us =
-        (rate.per_ms.saturating_mul(1000) / i64::try_from(rate.n).unwrap_or(1)).max(1);
+    let key_prefix = match &rate {
+        RateSource::Fixed(r) => KeyPrefix::new(&[
+            &kind,
+            ctx.name.as_bytes(),
+            &r.n.to_le_bytes(),
+            &r.per_ms.to_le_bytes(),
+        ]),
+        RateSource::Template(_) => KeyPrefix::new(&[&kind, ctx.name.as_bytes(), b"templated"]),
+    };
     Ok(SpikeArrest {
         violation,
         key_prefix,
         overflow: Key::new(&[kind_name, ctx.name.as_bytes()]),
-        emission_us,
         rate,
         rate_text: rate_text.trim().to_owned(),
         identifier: rl::identifier("identifier", identifier)?,
@@ -165,17 +187,47 @@ impl SpikeArrest {
 
     /// Admits or refuses a message of `weight` (a PromptTokenLimit's prompt tokens).
     pub(super) fn check_weight(&self, ex: &Exchange, weight: u64) -> Result<(), Fault> {
+        let rendered;
+        let (rate, rate_text) = match &self.rate {
+            RateSource::Fixed(r) => (*r, self.rate_text.as_str()),
+            RateSource::Template(t) => {
+                rendered = t.render(ex);
+                match parse_rate(&rendered) {
+                    Some(r) => (r, rendered.trim()),
+                    None => {
+                        self.metrics.error.inc();
+                        return Err(Fault::new(
+                            500,
+                            "policies.ratelimit.FailedToResolveSpikeArrestRate",
+                            format!(
+                                "Failed to resolve Spike Arrest Rate reference {} ({:?} is not a rate)",
+                                self.rate_text, rendered
+                            ),
+                        ));
+                    }
+                }
+            }
+        };
         let key = {
             let id = self
                 .identifier
                 .as_ref()
                 .map(|t| t.render_cow(ex))
                 .unwrap_or_default();
-            self.key_prefix.finish(&[id.as_bytes()])
+            match &self.rate {
+                RateSource::Fixed(_) => self.key_prefix.finish(&[id.as_bytes()]),
+                RateSource::Template(_) => self.key_prefix.finish(&[
+                    id.as_bytes(),
+                    &rate.n.to_le_bytes(),
+                    &rate.per_ms.to_le_bytes(),
+                ]),
+            }
         };
+        // GCRA emission interval (µs per unit of weight).
+        let emission_us =
+            (rate.per_ms.saturating_mul(1000) / i64::try_from(rate.n).unwrap_or(1)).max(1);
         let now_us = self.counters.now_us();
         let now = now_us.div_euclid(1000);
-        let rate = self.rate;
         let result = if self.effective {
             let d = self.counters.local.apply(&Ask {
                 key,
@@ -195,7 +247,7 @@ impl SpikeArrest {
         } else {
             self.counters
                 .local
-                .gcra(key, self.overflow, self.emission_us, weight, now_us)
+                .gcra(key, self.overflow, emission_us, weight, now_us)
         };
         match result {
             Ok(()) => {
@@ -214,7 +266,7 @@ impl SpikeArrest {
                     self.violation.0,
                     format!(
                         "{} Allowed rate : MessageRate{{capacity={}, period={period}}} ({})",
-                        self.violation.1, rate.n, self.rate_text
+                        self.violation.1, rate.n, rate_text
                     ),
                 )
                 .with_header(
@@ -375,5 +427,41 @@ mod tests {
                 per_ms: 60_000
             })
         );
+    }
+
+    #[test]
+    fn templated_rate_per_request() {
+        let (p, clock) = policy(r#"{rate: "{firstnonnull(request.header.x-rate,'1ps')}"}"#);
+        // Unresolved: the literal, one per second.
+        let mut ex = Exchange::default();
+        run(&p, &mut ex).unwrap();
+        assert!(run(&p, &mut ex).is_err());
+        // The product's rate (here a header): 10ps, its own limiter, one per 100 ms.
+        let mut fast = Exchange::default();
+        fast.request.headers.push("x-rate".into(), "10ps".into());
+        run(&p, &mut fast).unwrap();
+        let f = run(&p, &mut fast).unwrap_err();
+        assert!(f.message.contains("capacity=10"), "{}", f.message);
+        clock.advance(100);
+        run(&p, &mut fast).unwrap();
+        // A rendered value that is not a rate: refused, never unlimited.
+        let mut bad = Exchange::default();
+        bad.request.headers.push("x-rate".into(), "lots".into());
+        let f = run(&p, &mut bad).unwrap_err();
+        assert_eq!(
+            (f.status, f.code.as_str()),
+            (500, "policies.ratelimit.FailedToResolveSpikeArrestRate")
+        );
+        // A reference without a literal that does not resolve: the same fault.
+        let (p, _) = policy(r#"{rate: "{verifyapikey.k.apiproduct.spike}"}"#);
+        let f = run(&p, &mut Exchange::default()).unwrap_err();
+        assert_eq!(f.code, "policies.ratelimit.FailedToResolveSpikeArrestRate");
+        let ctx = BuildContext::default();
+        let e = build(
+            &ctx,
+            serde_norway::from_str(r#"{rate: "{firstnonnull(a,'10px')}"}"#).unwrap(),
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "rate");
     }
 }

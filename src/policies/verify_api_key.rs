@@ -39,7 +39,10 @@
 //! On success it sets `client_id`, `app.name`, `developer.email`, `apiproduct.name`,
 //! `apiproduct.quota.{limit,interval,timeunit}`, `apiproduct.llmquota.{...}`,
 //! `app.attributes.<k>`, `apiproduct.attributes.<k>`, and the same under
-//! `verifyapikey.<policy>.` as Apigee does.
+//! `verifyapikey.<policy>.` as Apigee does; also Apigee's spellings `app.<k>`,
+//! `apiproduct.<k>` (custom attributes), `apiproduct.developer.llmQuota.*`,
+//! `developer.app.name`, `status`, `issued_at`, `expires_at` (-1: never). Developer
+//! details tollgate does not hold (`developer.id`, `developer.firstName`, ...) are unset.
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -903,6 +906,27 @@ mod tests {
         );
         assert_eq!(e.lookup("apiproduct.nope.limit"), None);
         assert_eq!(e.lookup("verifyapikey.vk.app.attributes.missing"), None);
+        // Apigee's spellings: llmQuota, custom attributes without `attributes.`, the
+        // key's status and times; names tollgate cannot know stay unset.
+        assert_eq!(
+            e.var("verifyapikey.vk.apiproduct.developer.llmQuota.limit"),
+            Some(ValueRef::Int(50_000))
+        );
+        assert_eq!(
+            e.lookup("verifyapikey.vk.apiproduct.tier").as_deref(),
+            Some("gold")
+        );
+        assert_eq!(
+            e.lookup("verifyapikey.vk.developer.app.name").as_deref(),
+            Some("acme")
+        );
+        assert_eq!(
+            e.lookup("verifyapikey.vk.status").as_deref(),
+            Some("approved")
+        );
+        assert_eq!(e.var("verifyapikey.vk.expires_at"), Some(ValueRef::Int(-1)));
+        assert_eq!(e.var("verifyapikey.vk.issued_at"), Some(ValueRef::Int(0)));
+        assert_eq!(e.lookup("verifyapikey.vk.developer.firstName"), None);
         let cond = |src: &str| crate::expr::Condition::compile(src).unwrap().eval(&e);
         assert!(cond("verifyapikey.vk.apiproduct.quota.limit == 100"));
         assert!(cond("apiproduct.attributes.tier == 'gold'"));

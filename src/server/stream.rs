@@ -150,7 +150,7 @@ impl StreamState {
     async fn stop(&mut self, outcome: Outcome, dir: Direction, out: &mut Vec<ProcessingResponse>) {
         match outcome {
             Outcome::Continue => {}
-            Outcome::Reject(f) => self.reject(f, out),
+            Outcome::Reject(f) => self.reject(f, out).await,
             Outcome::Respond(a) => self.respond(a, dir, out).await,
         }
     }
@@ -175,7 +175,7 @@ impl StreamState {
                 );
                 match Box::pin(run).await {
                     Outcome::Respond(a) => answer = a,
-                    Outcome::Reject(f) => return self.reject(f, out),
+                    Outcome::Reject(f) => return self.reject(f, out).await,
                     Outcome::Continue => return,
                 }
             }
@@ -215,8 +215,35 @@ impl StreamState {
             .resolve(&r.method, &r.uri, |n| r.headers.get(n))
     }
 
-    /// Ends the exchange with an immediate response for `fault`.
-    fn reject(&mut self, mut fault: Fault, out: &mut Vec<ProcessingResponse>) {
+    /// Ends the exchange with an immediate response for `fault`: the flow's fault rules
+    /// shape it when it has any (see `pipeline::faults`).
+    async fn reject(&mut self, fault: Fault, out: &mut Vec<ProcessingResponse>) {
+        let Some(rules) = self.flow.as_ref().and_then(|f| f.faults.clone()) else {
+            let rendered = fault.render(self.error_format());
+            return self.reject_with(fault, rendered, out);
+        };
+        // The type of the step that raised it; none for tollgate's own faults.
+        let step_type = self.flow.as_ref().and_then(|f| {
+            f.request
+                .steps()
+                .chain(f.response.steps())
+                .find(|s| s.policy_name == fault.policy)
+                .map(|s| s.policy.type_name())
+        });
+        let format = self.error_format();
+        let run = crate::pipeline::faults::handle(&rules, &mut self.ex, &fault, step_type, format);
+        // Boxed: keeps the futures of flows without rules small.
+        let rendered = Box::pin(run).await;
+        self.reject_with(fault, rendered, out);
+    }
+
+    /// Answers with `rendered`, the client's form of `fault`.
+    fn reject_with(
+        &mut self,
+        mut fault: Fault,
+        rendered: Rendered,
+        out: &mut Vec<ProcessingResponse>,
+    ) {
         let flow = self.flow.as_ref().map_or("", |f| f.name.as_str());
         if fault.policy.is_empty() {
             fault.policy = "tollgate".to_owned();
@@ -232,8 +259,7 @@ impl StreamState {
         self.ex
             .trace
             .rejected(fault.status, &fault.policy, &fault.code);
-        self.decided = Some((fault.status, fault.policy.clone(), fault.code.clone()));
-        let rendered = fault.render(self.error_format());
+        self.decided = Some((rendered.status, fault.policy.clone(), fault.code.clone()));
         out.push(proto::immediate(rendered, &fault.code));
         self.answered = true;
         self.rejected = true;
@@ -370,7 +396,7 @@ impl StreamState {
         let selected = match self.snap.select(named.as_deref(), &self.ex.request) {
             Ok(selected) => selected,
             Err(unknown) => {
-                self.reject(unknown.fault(), out);
+                self.reject(unknown.fault(), out).await;
                 return Ok(());
             }
         };
@@ -389,7 +415,7 @@ impl StreamState {
                         self.ex.request.path()
                     ),
                 );
-                self.reject(fault, out);
+                self.reject(fault, out).await;
             } else {
                 out.push(proto::request_headers(None, false, None));
             }
@@ -397,6 +423,7 @@ impl StreamState {
         };
         flow.metrics.requests.inc();
         self.ex.flow.clone_from(&flow.name);
+        self.ex.base_path.clone_from(&flow.base_path);
         if crate::telemetry::trace::enabled() {
             self.ex.trace = crate::telemetry::trace::ExchangeTrace::start(
                 &self.ex.request.headers,
@@ -440,7 +467,7 @@ impl StreamState {
                     // forwarded, rather than after the upstream answered.
                     protocol_error("request_body_not_sent");
                     let fault = Self::body_not_sent(&flow.name);
-                    self.reject(fault, out);
+                    self.reject(fault, out).await;
                     return Ok(());
                 }
             }
@@ -521,7 +548,7 @@ impl StreamState {
                 self.shared.override_was_ignored();
             }
             let fault = Self::body_not_sent(&flow.name);
-            self.reject(fault, out);
+            self.reject(fault, out).await;
             return Ok(());
         }
 
@@ -852,7 +879,7 @@ impl StreamState {
                 ),
             );
             side.buf = Vec::new();
-            self.reject(fault, out);
+            self.reject(fault, out).await;
             return Ok(());
         }
         if mode == BUFFERED_PARTIAL && !eos {
@@ -867,7 +894,7 @@ impl StreamState {
                 ),
             );
             self.side(dir).buf = Vec::new();
-            self.reject(fault, out);
+            self.reject(fault, out).await;
             return Ok(());
         }
         if !self.take_budget(b.body.len()) {
@@ -878,7 +905,7 @@ impl StreamState {
             );
             self.side(dir).buf = Vec::new();
             tracing::warn!(flow = %flow.name, limit = self.shared.body_budget.limit(), "--max-buffered-bytes reached; body refused");
-            self.reject(fault, out);
+            self.reject(fault, out).await;
             return Ok(());
         }
         self.side(dir).buf.extend_from_slice(&b.body);
@@ -1007,7 +1034,7 @@ impl StreamState {
                     dir.as_str()
                 ),
             );
-            self.reject(fault, out);
+            self.reject(fault, out).await;
             return None;
         }
         Some(body)
@@ -1097,7 +1124,7 @@ impl StreamState {
                             dir.as_str()
                         ),
                     );
-                    self.reject(fault, out);
+                    self.reject(fault, out).await;
                     return Ok(());
                 }
                 match self.decided_body(&flow, dir, out).await {

@@ -245,10 +245,12 @@ const LLM_SUFFIXES: [&str; 9] = [
     "cost",
 ];
 
-/// Quota setting names after `apiproduct.`, bare and with Apigee's `developer.` segment.
-const QUOTA_FIELDS: [(&str, &str); 2] = [
+/// Quota setting names after `apiproduct.`, bare and with Apigee's `developer.` segment
+/// (`llmQuota` as Apigee writes it, and in lower case).
+const QUOTA_FIELDS: [(&str, &str); 3] = [
     ("quota", "developer.quota"),
     ("llmquota", "developer.llmquota"),
+    ("llmQuota", "developer.llmQuota"),
 ];
 
 /// The variables a quota decision defines, by suffix after `ratelimit.<policy>.`
@@ -269,9 +271,12 @@ const QUOTA_SUFFIXES: [&str; 11] = [
 
 fn app_quota<'v>(v: &'v Verified, which: &str) -> Option<&'v QuotaSettings> {
     let p = &v.product.spec;
+    let op = v.operation();
     match which {
-        "quota" | "developer.quota" => p.quota.as_ref(),
-        _ => p.llm_token_quota.as_ref(),
+        "quota" | "developer.quota" => op.and_then(|o| o.quota.as_ref()).or(p.quota.as_ref()),
+        _ => op
+            .and_then(|o| o.llm_token_quota.as_ref())
+            .or(p.llm_token_quota.as_ref()),
     }
 }
 
@@ -281,21 +286,31 @@ fn app_field<'v>(v: &'v Verified, name: &str) -> Option<ValueRef<'v>> {
     let product = &v.product.spec;
     Some(match name {
         "client_id" => ValueRef::Str(&v.key().id),
-        "app.name" => ValueRef::Str(&app.name),
+        "app.name" | "developer.app.name" => ValueRef::Str(&app.name),
         "developer.email" => ValueRef::Str(&app.developer_email),
         "apiproduct.name" => ValueRef::Str(&product.name),
+        // Only an approved key of an approved app verifies.
+        "status" | "app.status" => ValueRef::Str("approved"),
+        "issued_at" => ValueRef::Int(v.key().created_at),
+        // Apigee's -1 for a key that never expires.
+        "expires_at" => ValueRef::Int(v.key().expires_at.unwrap_or(-1)),
         _ => {
-            if let Some(k) = name.strip_prefix("app.attributes.") {
+            if let Some(k) = name.strip_prefix("app.") {
+                // `app.attributes.<k>`, or Apigee's `app.<k>`.
+                let k = k.strip_prefix("attributes.").unwrap_or(k);
                 return app.attributes.get(k).map(|v| ValueRef::Str(v));
             }
             let rest = name.strip_prefix("apiproduct.")?;
             if let Some(k) = rest.strip_prefix("attributes.") {
                 return product.attributes.get(k).map(|v| ValueRef::Str(v));
             }
-            let (which, setting) = rest.rsplit_once('.')?;
-            if !QUOTA_FIELDS.iter().any(|(a, b)| which == *a || which == *b) {
-                return None;
-            }
+            let quota = rest
+                .rsplit_once('.')
+                .filter(|(which, _)| QUOTA_FIELDS.iter().any(|(a, b)| which == a || which == b));
+            let Some((which, setting)) = quota else {
+                // Apigee's `apiproduct.<attribute>`.
+                return product.attributes.get(rest).map(|v| ValueRef::Str(v));
+            };
             let q = app_quota(v, which)?;
             match setting {
                 "limit" => ValueRef::Int(i64::try_from(q.limit).unwrap_or(i64::MAX)),
@@ -311,8 +326,12 @@ fn each_app_field(v: &Verified, f: &mut dyn FnMut(&str, ValueRef<'_>)) {
     for name in [
         "client_id",
         "app.name",
+        "developer.app.name",
         "developer.email",
         "apiproduct.name",
+        "status",
+        "issued_at",
+        "expires_at",
     ] {
         if let Some(x) = app_field(v, name) {
             f(name, x);
@@ -343,24 +362,51 @@ impl AppSlot {
 
     fn for_each(&self, f: &mut dyn FnMut(&str, ValueRef<'_>)) {
         each_app_field(&self.v, &mut |name, v| {
-            f(name, v);
+            // The key's own fields exist only under the policy's prefix, as in Apigee.
+            if !matches!(name, "status" | "issued_at" | "expires_at") {
+                f(name, v);
+            }
             f(&format!("{}{name}", self.prefix), v);
         });
     }
 }
 
+/// Apigee's names for the registered claims, after `claim.`.
+const CLAIM_ALIASES: [(&str, &str); 7] = [
+    ("issuer", "iss"),
+    ("subject", "sub"),
+    ("audience", "aud"),
+    ("expiry", "exp"),
+    ("issued_at", "iat"),
+    ("notbefore", "nbf"),
+    ("id", "jti"),
+];
+
 impl TokenSlot {
     fn get(&self, name: &str) -> Option<ValueRef<'_>> {
         let rest = name.strip_prefix(&*self.prefix)?;
-        self.vars
-            .iter()
-            .find(|(n, _)| n == rest)
-            .map(|(_, v)| v.as_ref())
+        // Apigee's `decoded.claim.<c>` / `decoded.header.<h>` name the same values.
+        let rest = rest.strip_prefix("decoded.").unwrap_or(rest);
+        let find = |n: &str| {
+            self.vars
+                .iter()
+                .find(|(k, _)| k == n)
+                .map(|(_, v)| v.as_ref())
+        };
+        if let Some(v) = find(rest) {
+            return Some(v);
+        }
+        let claim = rest.strip_prefix("claim.")?;
+        let (_, short) = CLAIM_ALIASES.iter().find(|(long, _)| *long == claim)?;
+        find(&format!("claim.{short}"))
     }
 
     fn for_each(&self, f: &mut dyn FnMut(&str, ValueRef<'_>)) {
         for (n, v) in self.vars.iter() {
             f(&format!("{}{n}", self.prefix), v.as_ref());
+            if n.starts_with("claim.") || n.starts_with("header.") {
+                f(&format!("{}decoded.{n}", self.prefix), v.as_ref());
+            }
         }
     }
 }
