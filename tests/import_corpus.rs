@@ -178,7 +178,7 @@ fn every_bundle_converts_to_a_valid_configuration_or_names_what_it_cannot() {
 fn check_writes_nothing() {
     let tmp = tempfile::tempdir().expect("temp dir");
     let out = tmp.path().join("out");
-    let bundle = corpus().join("fault-rules");
+    let bundle = corpus().join("oauth-proxy");
     let (code, stdout, _) = import(&[
         "--check",
         "--json",
@@ -189,12 +189,15 @@ fn check_writes_nothing() {
     assert!(!out.exists(), "--check wrote {}", out.display());
     let report: Value = serde_json::from_str(&stdout).expect("--json prints JSON");
     assert_eq!(report["outcome"], "notConvertible");
-    assert_eq!(report["name"], "fault-rules");
+    assert_eq!(report["name"], "oauth-proxy");
     // Without OUT_DIR, --check alone is enough.
     let (code, stdout, _) = import(&["--check", bundle.to_str().expect("path")]);
     assert_eq!(code, 2);
     assert!(stdout.contains("NOT CONVERTIBLE:"), "{stdout}");
-    assert!(stdout.contains("FaultRule[invalid-key]"), "{stdout}");
+    assert!(
+        stdout.contains("OAuthV2[OA-VerifyToken]/Operation"),
+        "{stdout}"
+    );
 }
 
 /// A step whose policy could not be converted fails closed: the converted flow answers its

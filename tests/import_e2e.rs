@@ -30,6 +30,11 @@ const TOKEN: &str = "ya29.import-e2e";
 /// The consumers the bundle's VerifyAPIKey checks against (Apigee keeps them outside
 /// bundles, so the import does not write them).
 fn consumers() -> String {
+    consumers_for("/v1/**")
+}
+
+/// [`consumers`] with the product's one operation on `path`.
+fn consumers_for(path: &str) -> String {
     let hash = hex(&sha2::Sha256::digest(KEY.as_bytes()));
     format!(
         r#"apiVersion: tollgate.dev/v1alpha1
@@ -37,7 +42,7 @@ kind: ApiProduct
 metadata: {{name: inference}}
 spec:
   operations:
-  - {{path: "/v1/**", methods: [GET, POST]}}
+  - {{path: "{path}", methods: [GET, POST]}}
 ---
 apiVersion: tollgate.dev/v1alpha1
 kind: App
@@ -327,6 +332,50 @@ async fn conditional_flows_raise_fault_and_assign_message_bundles() {
         );
         assert_eq!(r.echoed_header("x-via").as_deref(), Some("tollgate"));
         assert_eq!(r.header("x-tier"), Some("gold"));
+        drop(envoy);
+        drop(tollgate);
+    })
+    .await;
+}
+
+/// The fault-rules bundle converted: its FaultRule (on `fault.name = "InvalidApiKey"`) and
+/// its DefaultFaultRule (AlwaysEnforce) shape the key refusals with the bundle's payload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_rules_bundle_shapes_the_refusals() {
+    within(LIMIT, async {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let config = tmp.path().join("config");
+        let bundle = support::repo_root().join("tests/data/apigee-bundles/fault-rules");
+        let imported = tollgate::import::convert(&bundle).expect("import");
+        assert_eq!(
+            imported.report.counts.not_convertible,
+            0,
+            "{}",
+            imported.report.text()
+        );
+        tollgate::import::write(&imported, &config).expect("write");
+        std::fs::write(config.join("consumers.yaml"), consumers_for("/faulty/**"))
+            .expect("consumers");
+        let upstream = Upstream::start();
+        let tollgate = Tollgate::start(&config, tmp.path(), &[]).await;
+        let envoy = Envoy::start(
+            tmp.path(),
+            &EnvoyOptions::default(),
+            tollgate.grpc,
+            upstream.addr,
+        )
+        .await;
+        let client = HttpClient::new();
+        let url = |p: &str| format!("http://{}{p}", envoy.listen);
+        for key in [None, Some("not-a-key")] {
+            let headers: Vec<(&str, &str)> = key.map(|k| ("x-api-key", k)).into_iter().collect();
+            let r = client.get(&url("/faulty/a"), &headers).await;
+            assert_eq!(r.status, 401, "{key:?}: {}", r.text());
+            assert_eq!(r.json(), json!({"error": "invalid key"}), "{key:?}");
+        }
+        let r = client.get(&url("/faulty/a"), &[("x-api-key", KEY)]).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(upstream.seen().len(), 1);
         drop(envoy);
         drop(tollgate);
     })

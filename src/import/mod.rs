@@ -10,8 +10,9 @@
 //!   conditional flow, once; tollgate has no flow groups, so marker steps (one per flow, all
 //!   before any flow's step, each `(this flow's condition) and not (an earlier flow's) ...`)
 //!   record the choice in `apigee.import.flow.<scope>` and the flow's steps check it.
-//! - `proxy.pathsuffix` in conditions is written as `request.path` below the base path:
-//!   tollgate flows have no base path yet.
+//! - The ProxyEndpoint's base path is the flow's `basePath` (so `proxy.pathsuffix` in
+//!   conditions means what it does in Apigee), its `FaultRules` / `DefaultFaultRule` the
+//!   flow's `faultRules` / `defaultFaultRule`.
 //! - Never fail open: a step whose policy (or condition) cannot be converted becomes a
 //!   RaiseFault answering 500 `tollgate.NotConverted` under the same name and condition, so
 //!   the converted configuration validates and refuses what it cannot do. Policies that only
@@ -186,38 +187,6 @@ impl Cond {
             ),
         }
     }
-}
-
-/// Rewrites `proxy.pathsuffix <op> "literal"` as `request.path <op> "<base><literal>"`.
-fn rewrite_pathsuffix(cond: &str, base: &str) -> Result<String, String> {
-    static RE: std::sync::LazyLock<Option<regex::Regex>> = std::sync::LazyLock::new(|| {
-        regex::Regex::new(
-            r#"(?i)proxy\.pathsuffix\s*(MatchesPath|LikePath|JavaRegex|Matches|Like|StartsWith|NotEquals|Equals|IsNot|Is|~/|~~|=\||==|!=|=|~)\s*"([^"]*)""#,
-        )
-        .ok()
-    });
-    let Some(re) = RE.as_ref() else {
-        return Err("internal: pattern".to_owned());
-    };
-    let base = base.trim_end_matches('/');
-    let out = re.replace_all(cond, |c: &regex::Captures<'_>| {
-        let op = &c[1];
-        let lit = &c[2];
-        let prefix = if op.eq_ignore_ascii_case("JavaRegex") || op == "~~" {
-            regex::escape(base)
-        } else {
-            base.to_owned()
-        };
-        format!("request.path {op} \"{prefix}{lit}\"")
-    });
-    if out.contains("proxy.pathsuffix") || out.contains("proxy.basepath") {
-        return Err(
-            "reads proxy.pathsuffix / proxy.basepath other than as `proxy.pathsuffix <operator> \"literal\"`: \
-             tollgate flows have no base path yet (branch f18-faults adds flow `basePath`)"
-                .to_owned(),
-        );
-    }
-    Ok(out.into_owned())
 }
 
 impl<'b> Converter<'b> {
@@ -463,21 +432,16 @@ impl<'b> Converter<'b> {
         child_text(conn, "BasePath")
     }
 
-    /// Converts one `<Flow>` condition (or a route rule's, a step's).
-    fn condition(&self, raw: Option<String>, base: &str) -> Cond {
+    /// Converts one `<Flow>` condition (or a route rule's, a step's, a fault rule's): as
+    /// written (the flow's `basePath` gives `proxy.pathsuffix` its meaning), compiled.
+    fn condition(&self, raw: Option<String>, _base: &str) -> Cond {
         let Some(raw) = raw.map(|r| r.trim().to_owned()).filter(|r| !r.is_empty()) else {
             return Cond::default();
         };
-        match rewrite_pathsuffix(&raw, base) {
-            Ok(c) => match crate::expr::Condition::compile_apigee(&c) {
-                Ok(_) => Cond {
-                    parts: vec![c],
-                    broken: None,
-                },
-                Err(e) => Cond {
-                    parts: Vec::new(),
-                    broken: Some(format!("condition `{raw}`: {e}")),
-                },
+        match crate::expr::Condition::compile_apigee(&raw) {
+            Ok(_) => Cond {
+                parts: vec![raw],
+                broken: None,
             },
             Err(e) => Cond {
                 parts: Vec::new(),
@@ -509,6 +473,9 @@ impl<'b> Converter<'b> {
         c.touch(holder);
         let mut out = Vec::new();
         for step in kids(holder) {
+            if matches!(step.tag_name().name(), "Condition" | "AlwaysEnforce") {
+                continue; // a fault rule's own, classified by the caller
+            }
             if step.tag_name().name() != "Step" {
                 c.no(step, "only Step elements hold steps");
                 continue;
@@ -564,19 +531,8 @@ impl<'b> Converter<'b> {
             if p.continue_on_error {
                 s.insert("continueOnError".into(), json!(true));
             }
-            let rewritten = cond.parts.iter().any(|x| x.contains("request.path")) && base.len() > 1;
             if p.spec.is_some() {
-                c.ok(
-                    step,
-                    format!(
-                        "{label}{}",
-                        if rewritten {
-                            " (proxy.pathsuffix written as request.path below the base path)"
-                        } else {
-                            ""
-                        }
-                    ),
-                );
+                c.ok(step, label);
             } else {
                 c.no(step, format!("{label}: the policy `{pname}` ({}) could not be converted: {}; the step answers 500 {PLACEHOLDER_CODE}", p.apigee_type, p.why));
             }
@@ -585,20 +541,83 @@ impl<'b> Converter<'b> {
         out
     }
 
-    /// Classifies fault rules (tollgate has none yet).
-    fn fault_rules(c: &mut Classifier, root: Node<'_, '_>) {
+    /// A ProxyEndpoint's `FaultRules` and `DefaultFaultRule` as the flow's `faultRules`
+    /// (kept in Apigee's order: tollgate, like Apigee, tries them from the last) and
+    /// `defaultFaultRule`.
+    fn fault_rules(
+        &mut self,
+        c: &mut Classifier,
+        root: Node<'_, '_>,
+        base: &str,
+    ) -> (Vec<Value>, Option<Value>) {
+        let mut rules = Vec::new();
+        if let Some(fr) = child(root, "FaultRules") {
+            if kids(fr).next().is_none() {
+                c.ok(fr, "empty");
+            }
+            c.touch(fr);
+            for r in kids(fr) {
+                let name = attr(r, "name").unwrap_or_else(|| format!("rule-{}", rules.len() + 1));
+                let own = self.condition(child_text(r, "Condition"), base);
+                if let Some(b) = &own.broken {
+                    c.no(r, format!("{b}: the rule is left out (faults it would shape keep tollgate's Apigee-format body)"));
+                    continue;
+                }
+                c.touch(r);
+                if let Some(cn) = child(r, "Condition") {
+                    c.ok(cn, "the rule's apigeeCondition");
+                }
+                let steps = self.steps(
+                    c,
+                    Some(r),
+                    &Cond::default(),
+                    base,
+                    &format!("fault rule `{name}`"),
+                );
+                let mut rule = serde_json::Map::new();
+                rule.insert("name".into(), json!(name));
+                if let Some(cond) = own.render() {
+                    rule.insert("apigeeCondition".into(), json!(cond));
+                }
+                rule.insert("steps".into(), json!(steps));
+                rules.push(Value::Object(rule));
+            }
+        }
+        let mut default = None;
+        if let Some(d) = child(root, "DefaultFaultRule") {
+            c.touch(d);
+            let mut rule = serde_json::Map::new();
+            if let Some(n) = attr(d, "name") {
+                rule.insert("name".into(), json!(n));
+            }
+            if let Some(a) = child(d, "AlwaysEnforce") {
+                rule.insert("alwaysEnforce".into(), json!(xml::truthy(&text(a))));
+                c.ok(a, "alwaysEnforce");
+            }
+            if let Some(cn) = child(d, "Condition") {
+                c.no(cn, "a DefaultFaultRule condition: tollgate's defaultFaultRule has none (its steps may carry conditions)");
+            }
+            let steps = self.steps(c, Some(d), &Cond::default(), base, "default fault rule");
+            rule.insert("steps".into(), json!(steps));
+            default = Some(Value::Object(rule));
+        }
+        (rules, default)
+    }
+
+    /// A TargetEndpoint's fault rules: tollgate's flow has one set (the proxy's).
+    fn target_fault_rules(c: &mut Classifier, root: Node<'_, '_>) {
         if let Some(fr) = child(root, "FaultRules") {
             if kids(fr).next().is_none() {
                 c.ok(fr, "empty");
             } else {
                 c.touch(fr);
                 for r in kids(fr) {
-                    c.no(r, "tollgate has no flow faultRules yet: faults get tollgate's Apigee-format body (branch f18-faults adds flow `faultRules`; plug-in: import::Converter::fault_rules emits them)");
+                    c.no(r, "a TargetEndpoint's fault rule: a tollgate flow has one set of faultRules (move it to the ProxyEndpoint's)");
                 }
             }
         }
         if let Some(d) = child(root, "DefaultFaultRule") {
-            c.no(d, "tollgate has no defaultFaultRule yet: faults get tollgate's Apigee-format body (branch f18-faults; plug-in: import::Converter::fault_rules)");
+            c.no(d, "a TargetEndpoint's DefaultFaultRule: a tollgate flow has one (the ProxyEndpoint's)");
         }
     }
 
@@ -771,7 +790,7 @@ impl<'b> Converter<'b> {
                     }
                 }
             }
-            Self::fault_rules(&mut c, root);
+            let (fault_rules, default_fault_rule) = self.fault_rules(&mut c, root, &base);
             let (mut req, mut resp) =
                 self.endpoint_steps(&mut c, root, &Cond::default(), &base, "proxy");
             // Route rules: the first whose condition holds picks the target.
@@ -839,17 +858,24 @@ impl<'b> Converter<'b> {
             if !urls.is_empty() {
                 annotations.insert("apigee.import/target-url".into(), json!(urls.join(" ")));
             }
+            let mut spec = serde_json::Map::new();
+            spec.insert("match".into(), json!({"pathPrefixes": [base]}));
+            spec.insert("basePath".into(), json!(base));
+            spec.insert("errorFormat".into(), json!("apigee"));
+            spec.insert("maxBodyBytes".into(), json!(APIGEE_MAX_BODY));
+            spec.insert("request".into(), json!(req));
+            spec.insert("response".into(), json!(resp));
+            if !fault_rules.is_empty() {
+                spec.insert("faultRules".into(), json!(fault_rules));
+            }
+            if let Some(d) = default_fault_rule {
+                spec.insert("defaultFaultRule".into(), d);
+            }
             self.flows.push(json!({
                 "apiVersion": "tollgate.dev/v1alpha1",
                 "kind": "Flow",
                 "metadata": {"name": flow_name, "annotations": annotations},
-                "spec": {
-                    "match": {"pathPrefixes": [base]},
-                    "errorFormat": "apigee",
-                    "maxBodyBytes": APIGEE_MAX_BODY,
-                    "request": req,
-                    "response": resp,
-                }
+                "spec": spec,
             }));
             self.items.append(&mut c.items);
         }
@@ -892,7 +918,7 @@ impl<'b> Converter<'b> {
         let doc = parse(self.bundle, &rel, t)?;
         let root = doc.root_element();
         let mut c = Classifier::new(self.bundle.show(&rel));
-        Self::fault_rules(&mut c, root);
+        Self::target_fault_rules(&mut c, root);
         let (mut req, resp) =
             self.endpoint_steps(&mut c, root, route, base, &format!("target `{tname}`"));
         let mut url = None;
@@ -1252,27 +1278,6 @@ pub fn validate_dir(dir: &Path) -> Result<(), ImportError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn pathsuffix_becomes_request_path_below_the_base() {
-        assert_eq!(
-            rewrite_pathsuffix(
-                r#"proxy.pathsuffix MatchesPath "/pets/*" and request.verb = "GET""#,
-                "/v1/store"
-            )
-            .unwrap(),
-            r#"request.path MatchesPath "/v1/store/pets/*" and request.verb = "GET""#
-        );
-        assert_eq!(
-            rewrite_pathsuffix(r#"proxy.pathsuffix ~~ "/a/[0-9]+""#, "/v1.0").unwrap(),
-            r#"request.path ~~ "/v1\.0/a/[0-9]+""#
-        );
-        assert_eq!(
-            rewrite_pathsuffix(r#"(proxy.pathsuffix = "/x")"#, "/").unwrap(),
-            r#"(request.path = "/x")"#
-        );
-        assert!(rewrite_pathsuffix(r#"proxy.pathsuffix = request.header.p"#, "/b").is_err());
-    }
 
     #[test]
     fn names_tollgate_refuses_are_replaced() {

@@ -76,12 +76,12 @@ pub static TABLE: &[Entry] = &[
     yes("OASValidation", oas_validation),
     yes("ResponseCache", response_cache),
     yes("VerifyJWT", verify_jwt),
-    // Being added on other branches: each row becomes `yes(...)` once its feature lands.
-    no("ExtractVariables", "tollgate has no ExtractVariables yet (branch f18-policies adds it; plug-in: a `yes(\"ExtractVariables\", extract_variables)` row here)"),
-    no("AccessControl", "tollgate has no AccessControl yet (branch f18-policies adds it; plug-in: a row here)"),
-    no("CORS", "tollgate has no CORS policy yet (branch f18-policies adds it; plug-in: a row here)"),
-    no("JSONThreatProtection", "tollgate has no JSONThreatProtection yet (branch f18-policies adds it; plug-in: a row here)"),
-    no("GenerateJWT", "tollgate has no GenerateJwt yet (branch f18-policies adds it; plug-in: a row here)"),
+    // tollgate has these (issue 18); their XML is not mapped yet: each row becomes `yes(...)`.
+    no("ExtractVariables", "the importer does not map ExtractVariables' XML yet (tollgate has the policy: write it by hand; plug-in: a `yes(\"ExtractVariables\", extract_variables)` row in import::policies::TABLE)"),
+    no("AccessControl", "the importer does not map AccessControl's XML yet (tollgate has the policy: write it by hand; plug-in: a row in import::policies::TABLE)"),
+    no("CORS", "the importer does not map CORS' XML yet (tollgate has the policy: write it by hand; plug-in: a row in import::policies::TABLE)"),
+    no("JSONThreatProtection", "the importer does not map JSONThreatProtection's XML yet (tollgate has the policy: write it by hand; plug-in: a row in import::policies::TABLE)"),
+    no("GenerateJWT", "the importer does not map GenerateJWT's XML yet (tollgate has GenerateJwt: write it by hand; plug-in: a row in import::policies::TABLE)"),
     // Not planned in issue 18.
     no("OAuthV2", "tollgate has no OAuth 2.0 token service (verify Google or third-party tokens with VerifyJwt instead)"),
     no("FlowCallout", "tollgate has no shared-flow callouts: import the shared flow and put its steps in the flow"),
@@ -767,11 +767,8 @@ fn key_value_map(x: &mut Ctx<'_>, root: Node<'_, '_>) -> Option<Value> {
                 x.c.ok(k, "get");
             }
             "Put" => {
-                if !attr(k, "override").is_some_and(|o| truthy(&o)) {
-                    x.c.no(k, "Put without override=\"true\" keeps an existing value in Apigee; tollgate's put always overwrites (KVM `override: false` is issue 18 item 4, branch f18-policies; plug-in: `put[].override` in key_value_map())");
-                    ok = false;
-                    continue;
-                }
+                // Apigee's default keeps an existing value (override="false").
+                let overwrite = attr(k, "override").is_some_and(|o| truthy(&o));
                 let key = child(k, "Key").and_then(kvm_key);
                 let values: Vec<Node<'_, '_>> = all(k, "Value").collect();
                 let (Some(key), [v]) = (key, values.as_slice()) else {
@@ -783,8 +780,8 @@ fn key_value_map(x: &mut Ctx<'_>, root: Node<'_, '_>) -> Option<Value> {
                     Some(r) => format!("{{{r}}}"),
                     None => literal(&text(*v)),
                 };
-                put.push(json!({"key": key, "value": value}));
-                x.c.ok(k, "put");
+                put.push(json!({"key": key, "value": value, "override": overwrite}));
+                x.c.ok(k, format!("put, override: {overwrite}"));
             }
             "Delete" => match child(k, "Key").and_then(kvm_key) {
                 Some(key) => {
@@ -1050,10 +1047,12 @@ fn service_callout(x: &mut Ctx<'_>, root: Node<'_, '_>) -> Option<Value> {
                             req.insert("url".into(), json!(text(t)));
                             x.c.ok(t, "request.url (the host is checked against --callout-allow)");
                         }
-                        "Authentication" => {
-                            x.c.no(t, "tollgate's ServiceCallout has no Google authentication yet (issue 18 item 4; plug-in: service_callout() maps it to the callout's googleToken)");
-                            ok = false;
-                        }
+                        "Authentication" => match google_token(&mut x.c, t) {
+                            Some(g) => {
+                                spec.insert("googleToken".into(), g);
+                            }
+                            None => ok = false,
+                        },
                         "SSLInfo" => x.c.approx(t, "TLS uses the system roots (a caFile can be added); client certificates are issue 18 item 4"),
                         "Properties" => x.c.approx(t, "connection properties are tollgate's own (pooled client)"),
                         other => {
