@@ -835,6 +835,7 @@ fn javascript(x: &mut Ctx<'_>, root: Node<'_, '_>) -> Option<Value> {
     let mut ok = true;
     let mut includes = Vec::new();
     let mut main = None;
+    let mut props = Map::new();
     for k in kids(root) {
         match k.tag_name().name() {
             "IncludeURL" => includes.push(k),
@@ -843,10 +844,20 @@ fn javascript(x: &mut Ctx<'_>, root: Node<'_, '_>) -> Option<Value> {
                 main = Some(k);
             }
             "Properties" => {
-                if kids(k).next().is_some() {
-                    x.c.no(k, "tollgate's JavaScript has no `properties` yet (Apigee mode, branch f18-cachejs; plug-in: javascript() passes them through)");
-                    ok = false;
-                } else {
+                x.c.touch(k);
+                for p in kids(k) {
+                    match attr(p, "name") {
+                        Some(n) if p.tag_name().name() == "Property" => {
+                            props.insert(n, json!(text(p)));
+                            x.c.ok(p, "properties");
+                        }
+                        _ => {
+                            x.c.no(p, "a property without a name");
+                            ok = false;
+                        }
+                    }
+                }
+                if kids(k).next().is_none() {
                     x.c.ok(k, "empty");
                 }
             }
@@ -909,6 +920,11 @@ fn javascript(x: &mut Ctx<'_>, root: Node<'_, '_>) -> Option<Value> {
     spec.insert("type".into(), json!("JavaScript"));
     let file = format!("scripts/{}.js", x.name);
     spec.insert("file".into(), json!(file));
+    // Apigee's script semantics: sloppy mode, Apigee's object model.
+    spec.insert("mode".into(), json!("apigee"));
+    if !props.is_empty() {
+        spec.insert("properties".into(), Value::Object(props));
+    }
     let limit = attr(root, "timeLimit").and_then(|t| t.parse::<u64>().ok());
     let label = format!("{}@timeLimit", super::xml::label(root));
     match limit {
@@ -932,7 +948,7 @@ fn javascript(x: &mut Ctx<'_>, root: Node<'_, '_>) -> Option<Value> {
         x.c.add_named(
             format!("{} (script)", super::xml::label(root)),
             super::report::Status::NotConvertible,
-            "the script uses httpClient: tollgate's JavaScript has none yet (Apigee mode, branch f18-cachejs)",
+            "the script uses httpClient: tollgate's JavaScript needs an httpClient allow-list the bundle does not say (add `httpClient` to the converted policy)",
         );
         return None;
     }
@@ -940,8 +956,8 @@ fn javascript(x: &mut Ctx<'_>, root: Node<'_, '_>) -> Option<Value> {
         format!("{} (script)", super::xml::label(root)),
         super::report::Status::Approximated,
         format!(
-            "{file}: runs in strict mode with tollgate's script API (context.getVariable/setVariable, request/response headers and content); \
-             Apigee's sloppy mode, writable message variables, crypto and httpClient come with JavaScript's Apigee mode (branch f18-cachejs)"
+            "{file}: `mode: apigee` (sloppy mode, Apigee's object model) in QuickJS, not Rhino: \
+             what a script reads beyond that model, or Java objects, is not there"
         ),
     );
     x.files.push((file, source.into_bytes()));
@@ -1178,6 +1194,8 @@ fn response_cache(x: &mut Ctx<'_>, root: Node<'_, '_>) -> Option<Value> {
     spec.insert("respectCacheControl".into(), json!(false));
     spec.insert("scope".into(), json!("flow"));
     spec.insert("ttlSeconds".into(), json!(3600));
+    // Apigee runs the flow's response steps on a hit.
+    spec.insert("responseStepsOnHit".into(), json!(true));
     let mut fragments = Vec::new();
     for k in kids(root) {
         match k.tag_name().name() {
@@ -1221,7 +1239,7 @@ fn response_cache(x: &mut Ctx<'_>, root: Node<'_, '_>) -> Option<Value> {
                             x.c.ok(e, "ttlSeconds");
                         }
                         (other, _, _) => {
-                            x.c.no(e, format!("{other} (or a ref): tollgate's ResponseCache has a literal ttlSeconds (ExpiryDate/TimeOfDay are issue 18 item 5, branch f18-cachejs)"));
+                            x.c.no(e, format!("{other} (or a ref): the importer maps a literal TimeoutInSec only (tollgate's `expirySettings` takes the others: write it by hand)"));
                             ok = false;
                         }
                     }
@@ -1241,8 +1259,22 @@ fn response_cache(x: &mut Ctx<'_>, root: Node<'_, '_>) -> Option<Value> {
                 x.c.approx(k, "respectCacheControl (tollgate reads Cache-Control's no-store/private/no-cache and max-age/s-maxage, not Expires)");
             }
             "SkipCacheLookup" | "SkipCachePopulation" => {
-                x.c.no(k, "an Apigee condition here: tollgate's ResponseCache takes CEL in skipLookup/skipPopulate (Apigee conditions there come with ResponseCache's Apigee mode, branch f18-cachejs; plug-in: response_cache())");
-                ok = false;
+                let key = if k.tag_name().name() == "SkipCacheLookup" {
+                    "skipCacheLookup"
+                } else {
+                    "skipCachePopulation"
+                };
+                let cond = text(k);
+                match crate::expr::Condition::compile_apigee(&cond) {
+                    Ok(_) => {
+                        spec.insert(key.into(), json!(cond));
+                        x.c.ok(k, key);
+                    }
+                    Err(e) => {
+                        x.c.no(k, format!("condition `{cond}`: {e}"));
+                        ok = false;
+                    }
+                }
             }
             "UseAcceptHeader" => {
                 if truthy(&text(k)) {
@@ -1265,7 +1297,7 @@ fn response_cache(x: &mut Ctx<'_>, root: Node<'_, '_>) -> Option<Value> {
     x.c.add_named(
         format!("{} (behaviour)", super::xml::label(root)),
         super::report::Status::Approximated,
-        "a hit is answered at once, so response steps after the lookup do not run on it (Apigee runs the response flow; issue 18 item 5); responses to requests carrying credentials are stored only when Cache-Control says any caller may have them, or with scope app",
+        "responses to requests carrying credentials are stored only when Cache-Control says any caller may have them, or with scope app (stricter than Apigee)",
     );
     ok.then_some(Value::Object(spec))
 }
