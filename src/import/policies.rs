@@ -76,11 +76,11 @@ pub static TABLE: &[Entry] = &[
     yes("OASValidation", oas_validation),
     yes("ResponseCache", response_cache),
     yes("VerifyJWT", verify_jwt),
+    yes("JSONThreatProtection", json_threat_protection),
+    yes("CORS", cors),
+    yes("ExtractVariables", extract_variables),
     // tollgate has these (issue 18); their XML is not mapped yet: each row becomes `yes(...)`.
-    no("ExtractVariables", "the importer does not map ExtractVariables' XML yet (tollgate has the policy: write it by hand; plug-in: a `yes(\"ExtractVariables\", extract_variables)` row in import::policies::TABLE)"),
     no("AccessControl", "the importer does not map AccessControl's XML yet (tollgate has the policy: write it by hand; plug-in: a row in import::policies::TABLE)"),
-    no("CORS", "the importer does not map CORS' XML yet (tollgate has the policy: write it by hand; plug-in: a row in import::policies::TABLE)"),
-    no("JSONThreatProtection", "the importer does not map JSONThreatProtection's XML yet (tollgate has the policy: write it by hand; plug-in: a row in import::policies::TABLE)"),
     no("GenerateJWT", "the importer does not map GenerateJWT's XML yet (tollgate has GenerateJwt: write it by hand; plug-in: a row in import::policies::TABLE)"),
     // Not planned in issue 18.
     no("OAuthV2", "tollgate has no OAuth 2.0 token service (verify Google or third-party tokens with VerifyJwt instead)"),
@@ -1481,6 +1481,304 @@ fn prompt_token_limit(x: &mut Ctx<'_>, root: Node<'_, '_>) -> Option<Value> {
     spec.insert("type".into(), json!("PromptTokenLimit"));
     if let Some(s) = source {
         spec.insert("userPromptSource".into(), json!(s));
+    }
+    ok.then_some(Value::Object(spec))
+}
+
+// ─────────────────── ExtractVariables, CORS, JSONThreatProtection ───────────────────
+
+/// ExtractVariables' `Source`, classified: Apigee's `message` (the flow's message) becomes
+/// `request` (approximated: tollgate's ExtractVariables has no "the step's message").
+fn message_source(x: &mut Ctx<'_>, k: Node<'_, '_>) -> Option<String> {
+    let s = text(k);
+    match s.as_str() {
+        "request" | "response" => {
+            x.c.ok(k, format!("source: {s}"));
+            Some(s)
+        }
+        "" | "message" => {
+            x.c.approx(k, "Apigee's `message` (the flow's message) becomes source: request; write source: response for a step in a response flow");
+            Some("request".to_owned())
+        }
+        v => {
+            x.c.ok(k, format!("source: the variable `{v}`"));
+            Some(v.to_owned())
+        }
+    }
+}
+
+/// `<Pattern ignoreCase="…">` children of an ExtractVariables element: the patterns and the
+/// element's ignoreCase (tollgate has one per element).
+fn ev_patterns(x: &mut Ctx<'_>, n: Node<'_, '_>) -> Option<(Vec<String>, bool)> {
+    let mut pats = Vec::new();
+    let mut cases = Vec::new();
+    for p in kids(n) {
+        if p.tag_name().name() != "Pattern" {
+            continue;
+        }
+        let t = text(p);
+        if t.is_empty() {
+            continue;
+        }
+        cases.push(attr(p, "ignoreCase").is_some_and(|v| truthy(&v)));
+        pats.push(t);
+    }
+    if pats.is_empty() {
+        x.c.no(n, "no Pattern to match");
+        return None;
+    }
+    let ignore = cases.iter().any(|c| *c);
+    if cases.iter().all(|c| *c == ignore) {
+        x.c.ok(
+            n,
+            format!("{} pattern(s), ignoreCase: {ignore}", pats.len()),
+        );
+    } else {
+        x.c.approx(n, "patterns mixing ignoreCase true and false all compare case-insensitively (tollgate's ignoreCase is per element)");
+    }
+    Some((pats, ignore))
+}
+
+fn extract_variables(x: &mut Ctx<'_>, root: Node<'_, '_>) -> Option<Value> {
+    let mut ok = true;
+    let mut spec = Map::new();
+    spec.insert("type".into(), json!("ExtractVariables"));
+    // Apigee's defaults: the flow's message, unresolved variables fail the step.
+    spec.insert("source".into(), json!("request"));
+    spec.insert("ignoreUnresolvedVariables".into(), json!(false));
+    let mut uri: Vec<String> = Vec::new();
+    let mut uri_case = false;
+    let mut lists: [(&str, Vec<Value>); 4] = [
+        ("queryParams", Vec::new()),
+        ("headers", Vec::new()),
+        ("formParams", Vec::new()),
+        ("variables", Vec::new()),
+    ];
+    let mut jsonp = Vec::new();
+    let mut saw_source = false;
+    for k in kids(root) {
+        let tag = k.tag_name().name();
+        match tag {
+            "Source" => {
+                saw_source = true;
+                if let Some(s) = message_source(x, k) {
+                    spec.insert("source".into(), json!(s));
+                }
+                if attr(k, "clearPayload").is_some_and(|v| truthy(&v)) {
+                    x.c.add_named(
+                        format!("{}/@clearPayload", super::xml::path(k)),
+                        super::report::Status::Approximated,
+                        "the source payload is kept (tollgate does not clear it after extraction)",
+                    );
+                }
+            }
+            "VariablePrefix" => {
+                let p = text(k);
+                if !p.is_empty() {
+                    spec.insert("variablePrefix".into(), json!(p));
+                }
+                x.c.ok(k, "variablePrefix");
+            }
+            "IgnoreUnresolvedVariables" => {
+                spec.insert("ignoreUnresolvedVariables".into(), json!(truthy(&text(k))));
+                x.c.ok(k, "ignoreUnresolvedVariables");
+            }
+            "URIPath" => match ev_patterns(x, k) {
+                Some((p, c)) => {
+                    uri.extend(p);
+                    uri_case |= c;
+                }
+                None => ok = false,
+            },
+            "QueryParam" | "Header" | "FormParam" | "Variable" => {
+                let i = match tag {
+                    "QueryParam" => 0,
+                    "Header" => 1,
+                    "FormParam" => 2,
+                    _ => 3,
+                };
+                let Some(name) = attr(k, "name") else {
+                    x.c.no(k, "no name attribute");
+                    ok = false;
+                    continue;
+                };
+                match ev_patterns(x, k) {
+                    Some((p, c)) => lists[i]
+                        .1
+                        .push(json!({"name": name, "patterns": p, "ignoreCase": c})),
+                    None => ok = false,
+                }
+            }
+            "JSONPayload" => {
+                x.c.touch(k);
+                for v in kids(k) {
+                    let path = child_text(v, "JSONPath");
+                    match (v.tag_name().name(), attr(v, "name"), path) {
+                        ("Variable", Some(name), Some(p)) if !p.contains('{') => {
+                            let mut j = json!({"name": name, "jsonPath": p});
+                            if let Some(t) = attr(v, "type") {
+                                j["type"] = json!(t);
+                            }
+                            jsonp.push(j);
+                            x.c.ok(v, "jsonPayload");
+                        }
+                        _ => {
+                            x.c.no(v, "a JSONPayload Variable needs a name and a literal JSONPath (a path from a variable is not supported)");
+                            ok = false;
+                        }
+                    }
+                }
+            }
+            "XMLPayload" => {
+                x.c.no(k, "tollgate's ExtractVariables reads no XML payloads");
+                ok = false;
+            }
+            _ => {}
+        }
+    }
+    if !saw_source {
+        x.c.add_named(
+            format!("{}/Source (default message)", super::xml::path(root)),
+            super::report::Status::Approximated,
+            "Apigee's default `message` (the flow's message) becomes source: request; write source: response for a step in a response flow",
+        );
+    }
+    if !uri.is_empty() {
+        spec.insert(
+            "uriPath".into(),
+            json!({"patterns": uri, "ignoreCase": uri_case}),
+        );
+    }
+    for (key, v) in lists {
+        if !v.is_empty() {
+            spec.insert(key.into(), json!(v));
+        }
+    }
+    if !jsonp.is_empty() {
+        spec.insert("jsonPayload".into(), json!(jsonp));
+    }
+    ok.then_some(Value::Object(spec))
+}
+
+fn cors(x: &mut Ctx<'_>, root: Node<'_, '_>) -> Option<Value> {
+    let mut ok = true;
+    let mut spec = Map::new();
+    spec.insert("type".into(), json!("CORS"));
+    // Apigee's documented defaults, written out.
+    spec.insert("allowMethods".into(), json!("GET, PUT, POST, DELETE"));
+    spec.insert(
+        "allowHeaders".into(),
+        json!("origin, x-requested-with, accept, content-type"),
+    );
+    spec.insert("maxAge".into(), json!(1800));
+    spec.insert("allowCredentials".into(), json!(false));
+    spec.insert("generatePreflightResponse".into(), json!(true));
+    spec.insert("ignoreUnresolvedVariables".into(), json!(true));
+    for k in kids(root) {
+        let tag = k.tag_name().name();
+        let v = text(k);
+        let field = match tag {
+            "AllowOrigins" => "allowOrigins",
+            "AllowMethods" => "allowMethods",
+            "AllowHeaders" => "allowHeaders",
+            "ExposeHeaders" => "exposeHeaders",
+            "MaxAge" => "maxAge",
+            "AllowCredentials" => "allowCredentials",
+            "GeneratePreflightResponse" => "generatePreflightResponse",
+            "IgnoreUnresolvedVariables" => "ignoreUnresolvedVariables",
+            _ => continue,
+        };
+        match field {
+            "maxAge" => match v.parse::<i64>() {
+                Ok(n) => {
+                    spec.insert(field.into(), json!(n));
+                    x.c.ok(k, field);
+                }
+                Err(_) => {
+                    x.c.no(k, format!("MaxAge `{v}` is not a number of seconds"));
+                    ok = false;
+                }
+            },
+            "allowCredentials" | "generatePreflightResponse" | "ignoreUnresolvedVariables" => {
+                spec.insert(field.into(), json!(truthy(&v)));
+                x.c.ok(k, field);
+            }
+            _ if v.is_empty() => {
+                x.c.no(k, "empty");
+                ok = false;
+            }
+            _ => {
+                spec.insert(field.into(), json!(v));
+                x.c.ok(k, field);
+            }
+        }
+    }
+    if !spec.contains_key("allowOrigins") {
+        x.c.add_named(
+            format!("{}/AllowOrigins", super::xml::path(root)),
+            super::report::Status::NotConvertible,
+            "CORS needs AllowOrigins",
+        );
+        ok = false;
+    }
+    ok.then_some(Value::Object(spec))
+}
+
+fn json_threat_protection(x: &mut Ctx<'_>, root: Node<'_, '_>) -> Option<Value> {
+    let mut ok = true;
+    let mut spec = Map::new();
+    spec.insert("type".into(), json!("JSONThreatProtection"));
+    let mut limits = 0;
+    for k in kids(root) {
+        let tag = k.tag_name().name();
+        let field = match tag {
+            "Source" => {
+                let v = text(k);
+                match v.as_str() {
+                    "request" | "response" => {
+                        spec.insert("source".into(), json!(v));
+                        x.c.ok(k, format!("source: {v}"));
+                    }
+                    "" | "message" => x.c.ok(k, "the step's own message (tollgate's default)"),
+                    _ => {
+                        x.c.no(k, format!("a variable source (`{v}`): tollgate checks the request or response body"));
+                        ok = false;
+                    }
+                }
+                continue;
+            }
+            "ArrayElementCount" => "arrayElementCount",
+            "ContainerDepth" => "containerDepth",
+            "ObjectEntryCount" => "objectEntryCount",
+            "ObjectEntryNameLength" => "objectEntryNameLength",
+            "StringValueLength" => "stringValueLength",
+            _ => continue,
+        };
+        match text(k).parse::<i64>() {
+            Ok(n) => {
+                spec.insert(field.into(), json!(n));
+                limits += usize::from(n >= 0);
+                x.c.ok(k, field);
+            }
+            Err(_) => {
+                x.c.no(
+                    k,
+                    format!(
+                        "`{}` is not a number (a limit from a variable is not supported)",
+                        text(k)
+                    ),
+                );
+                ok = false;
+            }
+        }
+    }
+    if limits == 0 {
+        x.c.add_named(
+            format!("{} (limits)", super::xml::label(root)),
+            super::report::Status::NotConvertible,
+            "no limit set: nothing to check",
+        );
+        ok = false;
     }
     ok.then_some(Value::Object(spec))
 }
