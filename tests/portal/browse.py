@@ -17,7 +17,8 @@ import urllib.request
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
-from selenium.webdriver.support.ui import Select
+from selenium.webdriver.support import expected_conditions as EC
+from selenium.webdriver.support.ui import Select, WebDriverWait
 
 portal, admin, envoy, out = sys.argv[1:5]
 EMAIL = "ada@example.com"
@@ -40,20 +41,33 @@ for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-
     opts.add_argument(a)
 d = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
 seen = {}
+
+
+def click_and_wait(by, what):
+    """Clicks and waits for the next page (the old one's element goes stale)."""
+    el = d.find_element(by, what)
+    el.click()
+    WebDriverWait(d, 30).until(EC.staleness_of(el))
+
+
+def wait_for(css):
+    return WebDriverWait(d, 30).until(EC.presence_of_element_located((By.CSS_SELECTOR, css)))
+
+
 try:
     d.get(portal + "/signup")
     d.find_element(By.NAME, "name").send_keys("Ada")
     d.find_element(By.NAME, "email").send_keys(EMAIL)
     d.find_element(By.NAME, "password").send_keys(PASSWORD)
-    d.find_element(By.CSS_SELECTOR, "form button[type=submit]").click()
-    seen["signed_up"] = d.find_element(By.ID, "signed-up").text
+    click_and_wait(By.CSS_SELECTOR, "form button[type=submit]")
+    seen["signed_up"] = wait_for("#signed-up").text
 
     # Pending until approved: sign-in is refused.
     d.get(portal + "/signin")
     d.find_element(By.NAME, "email").send_keys(EMAIL)
     d.find_element(By.NAME, "password").send_keys(PASSWORD)
-    d.find_element(By.CSS_SELECTOR, "main form button[type=submit]").click()
-    seen["pending_signin"] = d.find_element(By.CSS_SELECTOR, ".error").text
+    click_and_wait(By.CSS_SELECTOR, "main form button[type=submit]")
+    seen["pending_signin"] = wait_for(".error").text
 
     seen["approve_status"], _ = call(admin + "/v1/developers/" + EMAIL + "/approve",
                                      method="POST")
@@ -61,7 +75,8 @@ try:
     d.get(portal + "/signin")
     d.find_element(By.NAME, "email").send_keys(EMAIL)
     d.find_element(By.NAME, "password").send_keys(PASSWORD)
-    d.find_element(By.CSS_SELECTOR, "main form button[type=submit]").click()
+    click_and_wait(By.CSS_SELECTOR, "main form button[type=submit]")
+    wait_for("#create-app")
     seen["after_signin"] = d.current_url
     seen["cookies"] = [
         {k: c.get(k) for k in ("name", "httpOnly", "secure", "sameSite")}
@@ -69,13 +84,14 @@ try:
     ]
 
     d.find_element(By.NAME, "name").send_keys("Weather dashboard")
-    d.find_element(By.ID, "create-app").click()
+    click_and_wait(By.ID, "create-app")
+    wait_for("#product-select")
     app_url = d.current_url
     seen["app_url"] = app_url
     Select(d.find_element(By.ID, "product-select")).select_by_value("weather")
-    d.find_element(By.ID, "subscribe").click()
-    d.find_element(By.ID, "new-key-button").click()
-    key = d.find_element(By.ID, "new-key").text.strip()
+    click_and_wait(By.ID, "subscribe")
+    click_and_wait(By.ID, "new-key-button")
+    key = wait_for("#new-key").text.strip()
     seen["key_prefix"] = key[:3]
 
     seen["api_status"], body = call(envoy + "/weather/today", {"x-api-key": key})
