@@ -23,6 +23,7 @@ pub mod http_client;
 pub mod jwks;
 pub mod kvm;
 pub mod llm;
+pub mod monetization;
 pub mod openapi;
 pub mod pipeline;
 pub mod policies;

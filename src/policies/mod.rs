@@ -58,6 +58,10 @@ pub static REGISTRY: &[(&str, BuildFn)] = &[
     (key_value_map::TYPE, key_value_map::build),
     (llm_cost_budget::TYPE, llm_cost_budget::build),
     (llm_token_quota::TYPE, llm_token_quota::build),
+    (
+        crate::monetization::policy::TYPE,
+        crate::monetization::policy::build,
+    ),
     (model_router::TYPE, model_router::build),
     (oas_validation::TYPE, oas_validation::build),
     (prompt_token_limit::TYPE, prompt_token_limit::build),

@@ -60,6 +60,8 @@ pub struct State {
     pub semantic_pending: Vec<crate::policies::semantic_cache::Pending>,
     /// Each SanitizeResponse step's stream scanners, kept between response chunks.
     pub guard_streams: Vec<crate::policies::sanitize_response::StreamState>,
+    /// What a MonetizationLimitsCheck step charges when the exchange ends.
+    pub mint: Option<Box<crate::monetization::policy::Charging>>,
     /// The request and response bodies parsed as JSON, on first use (see
     /// [`super::Exchange::body_json`]).
     pub(super) json: [OnceLock<JsonBody>; 2],
