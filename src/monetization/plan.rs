@@ -2,7 +2,7 @@
 //! exact (see [`super::money`]).
 //!
 //! ```yaml
-//! apiVersion: tollgate.dev/v1
+//! apiVersion: tollgate.dev/v1alpha1
 //! kind: RatePlan
 //! metadata: {name: weather-gold}
 //! spec:
