@@ -126,7 +126,11 @@ async fn five_hundred_concurrent_calls_never_spend_past_zero() {
         );
 
         // Bad amounts are refused; a top-up of 1.00 covers 100 calls at 0.01.
-        for bad in [json!({"amount": "-1"}), json!({"amount": "0.0000001"}), json!({"amount": 1, "x": 1})] {
+        for bad in [
+            json!({"amount": "-1"}),
+            json!({"amount": "0.0000001"}),
+            json!({"amount": 1, "x": 1}),
+        ] {
             let (s, body) = admin(&bed, "POST", &format!("{dev}/topups"), Some(bad)).await;
             assert_eq!(s, 400, "{body}");
         }
@@ -140,21 +144,36 @@ async fn five_hundred_concurrent_calls_never_spend_past_zero() {
         assert_eq!(s, 201, "{e}");
         assert_eq!(e["amount"], "1.000000");
 
-        let replies =
-            futures_util::future::join_all((0..500).map(|_| call(&bed))).await;
+        let replies = futures_util::future::join_all((0..500).map(|_| call(&bed))).await;
         let ok = replies.iter().filter(|r| r.status == 200).count();
+        let served = replies
+            .iter()
+            .find(|r| r.status == 200)
+            .expect("one served");
+        assert_eq!(
+            served.echoed_header("x-tollgate-rateplan").as_deref(),
+            Some("weather-standard")
+        );
         let paid = replies.iter().filter(|r| r.status == 402).count();
-        assert_eq!((ok, paid), (100, 400), "every call is either served or refused with 402");
+        assert_eq!(
+            (ok, paid),
+            (100, 400),
+            "every call is either served or refused with 402"
+        );
         for r in replies.iter().filter(|r| r.status == 402) {
             assert!(code(r).contains("InsufficientFunds"), "{}", r.text());
         }
 
         // Charges land in the tallies when each exchange ends; wait for all 100.
-        let statement = eventually(Duration::from_secs(30), "100 calls in the statement", || async {
-            let (s, st) = admin(&bed, "GET", &format!("{dev}/statement"), None).await;
-            assert_eq!(s, 200, "{st}");
-            (st["lines"][0]["calls"] == 100).then_some(st)
-        })
+        let statement = eventually(
+            Duration::from_secs(30),
+            "100 calls in the statement",
+            || async {
+                let (s, st) = admin(&bed, "GET", &format!("{dev}/statement"), None).await;
+                assert_eq!(s, 200, "{st}");
+                (st["lines"][0]["calls"] == 100).then_some(st)
+            },
+        )
         .await;
         assert_eq!(statement["usageTotal"], "1.000000", "{statement}");
         assert_eq!(statement["lines"][0]["amount"], "1.000000");
@@ -224,7 +243,13 @@ async fn five_hundred_concurrent_calls_never_spend_past_zero() {
 
         // Cancelled: 403 again.
         let id = sub["id"].as_str().unwrap();
-        let (s, _) = admin(&bed, "POST", &format!("/v1/subscriptions/{id}/cancel"), None).await;
+        let (s, _) = admin(
+            &bed,
+            "POST",
+            &format!("/v1/subscriptions/{id}/cancel"),
+            None,
+        )
+        .await;
         assert_eq!(s, 200);
         assert_eq!(call(&bed).await.status, 403);
     })

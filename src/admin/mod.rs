@@ -160,7 +160,11 @@ pub fn with_closed_api(router: Router) -> Router {
 
 /// Adds the monetization routes of the management API (rate plans, accounts, ledgers,
 /// statements, subscriptions; guarded by `auth`).
-pub fn with_mint_api(router: Router, services: &crate::services::Services, auth: ApiAuth) -> Router {
+pub fn with_mint_api(
+    router: Router,
+    services: &crate::services::Services,
+    auth: ApiAuth,
+) -> Router {
     router.merge(api::mint::router(
         services.consumers.clone(),
         services.monetization.clone(),

@@ -404,7 +404,17 @@ mod tests {
             })
         }
         let mut seed = 0x2545_f491_4f6c_dd1d_u64;
-        let pieces = ["word", " ", "  ", "é", "🦀", "\n", "x".repeat(300).leak(), "ab cd", "\t "];
+        let pieces = [
+            "word",
+            " ",
+            "  ",
+            "é",
+            "🦀",
+            "\n",
+            "x".repeat(300).leak(),
+            "ab cd",
+            "\t ",
+        ];
         for _ in 0..300 {
             let mut text = String::new();
             let len = (seed % 9000) as usize;

@@ -271,7 +271,7 @@ pub struct Monetization {
     /// Cached accounts and their credited sums, by developer.
     accounts: RwLock<HashMap<String, (Account, i64)>>,
     /// Subscriptions by app (loaded once, kept by this replica's writes and reloads).
-    subs: RwLock<Option<HashMap<String, Vec<Subscription>>>>,
+    subs: RwLock<Option<HashMap<String, Vec<Arc<Subscription>>>>>,
     pending: Mutex<HashMap<PendingKey, Tally>>,
     flushing: tokio::sync::Mutex<()>,
     /// Serialises this replica's ledger writes per process (ids stay unique regardless).
@@ -538,11 +538,14 @@ impl Monetization {
     }
 
     /// A developer's balance.
-    pub async fn balance(&self, counters: &Counters, developer: &str) -> Result<Balance, MintError> {
-        let (acc, credited) = self
-            .refresh(developer)
-            .await?
-            .ok_or_else(|| MintError::NotFound(format!("developer `{developer}` has no account")))?;
+    pub async fn balance(
+        &self,
+        counters: &Counters,
+        developer: &str,
+    ) -> Result<Balance, MintError> {
+        let (acc, credited) = self.refresh(developer).await?.ok_or_else(|| {
+            MintError::NotFound(format!("developer `{developer}` has no account"))
+        })?;
         let spent = self.spent(counters, developer, &acc.currency).await?;
         let balance = credited.saturating_sub(spent);
         Ok(Balance {
@@ -568,14 +571,17 @@ impl Monetization {
 
     /// Reads every subscription from the store (another replica's writes included).
     pub async fn reload_subscriptions(&self) -> Result<(), MintError> {
-        let out = Arc::new(Mutex::new(HashMap::<String, Vec<Subscription>>::new()));
+        let out = Arc::new(Mutex::new(HashMap::<String, Vec<Arc<Subscription>>>::new()));
         let sink = out.clone();
         self.backend
             .scan(
                 &[Table::Kvm(SUBSCRIPTIONS)],
                 Box::new(move |_, _, bytes| {
                     if let Ok(s) = serde_json::from_slice::<Subscription>(bytes) {
-                        sink.lock().entry(s.app.clone()).or_default().push(s);
+                        sink.lock()
+                            .entry(s.app.clone())
+                            .or_default()
+                            .push(Arc::new(s));
                     }
                 }),
             )
@@ -592,13 +598,19 @@ impl Monetization {
             .subs
             .read()
             .as_ref()
-            .and_then(|m| m.get(app).cloned())
+            .and_then(|m| m.get(app))
+            .map(|v| v.iter().map(|s| (**s).clone()).collect())
             .unwrap_or_default())
     }
 
     /// The active subscription of `app` to a plan of `product` at `now`, without waiting
     /// (None when none, or when subscriptions were not loaded yet: see [`Self::preload`]).
-    pub fn active_subscription(&self, app: &str, product: &str, now: i64) -> Option<Subscription> {
+    pub fn active_subscription(
+        &self,
+        app: &str,
+        product: &str,
+        now: i64,
+    ) -> Option<Arc<Subscription>> {
         let g = self.subs.read();
         g.as_ref()?
             .get(app)?
@@ -683,7 +695,9 @@ impl Monetization {
             .put(Table::Kvm(SUBSCRIPTIONS), &sub.id, bytes, Cond::Absent)
             .await?;
         if let Some(m) = self.subs.write().as_mut() {
-            m.entry(app.to_owned()).or_default().push(sub.clone());
+            m.entry(app.to_owned())
+                .or_default()
+                .push(Arc::new(sub.clone()));
         }
         if p.setup_fee > 0 {
             self.add_entry(developer, EntryKind::SetupFee, -p.setup_fee, &sub.id, now)
@@ -727,12 +741,14 @@ impl Monetization {
         let (month, _) = month_of(at_ms);
         let line = format!("{}|{}|{}", sub.app, sub.product, sub.plan);
         let mut p = self.pending.lock();
-        let t = p
-            .entry((sub.developer.clone(), month, line))
-            .or_default();
+        let t = p.entry((sub.developer.clone(), month, line)).or_default();
         t.calls += 1;
-        t.input = t.input.saturating_add(i64::try_from(input).unwrap_or(i64::MAX));
-        t.output = t.output.saturating_add(i64::try_from(output).unwrap_or(i64::MAX));
+        t.input = t
+            .input
+            .saturating_add(i64::try_from(input).unwrap_or(i64::MAX));
+        t.output = t
+            .output
+            .saturating_add(i64::try_from(output).unwrap_or(i64::MAX));
         t.micros = t.micros.saturating_add(micros);
     }
 
@@ -822,12 +838,15 @@ impl Monetization {
     }
 
     /// The statement of `developer` for the month starting at `month_start`.
-    pub async fn statement(&self, developer: &str, month_start: i64) -> Result<Statement, MintError> {
+    pub async fn statement(
+        &self,
+        developer: &str,
+        month_start: i64,
+    ) -> Result<Statement, MintError> {
         self.flush().await?;
-        let (acc, _) = self
-            .refresh(developer)
-            .await?
-            .ok_or_else(|| MintError::NotFound(format!("developer `{developer}` has no account")))?;
+        let (acc, _) = self.refresh(developer).await?.ok_or_else(|| {
+            MintError::NotFound(format!("developer `{developer}` has no account"))
+        })?;
         let (start, end) = month_of(month_start);
         let lines = self.lines(developer, start).await?;
         let entries: Vec<Entry> = self
@@ -858,10 +877,9 @@ impl Monetization {
     ) -> Result<serde_json::Value, MintError> {
         self.flush().await?;
         let bal = self.balance(counters, developer).await?;
-        let acc = self
-            .cached_account(developer)
-            .map(|a| a.0)
-            .ok_or_else(|| MintError::NotFound(format!("developer `{developer}` has no account")))?;
+        let acc = self.cached_account(developer).map(|a| a.0).ok_or_else(|| {
+            MintError::NotFound(format!("developer `{developer}` has no account"))
+        })?;
         let mut entries = self.entries(developer).await?;
         let (mut m, _) = month_of(acc.created_at);
         let (last, _) = month_of(counters.now());
@@ -869,7 +887,13 @@ impl Monetization {
         while m <= last && n < MAX_MONTHS {
             for l in self.lines(developer, m).await? {
                 entries.push(Entry {
-                    id: format!("usage-{}-{}-{}-{}", month_label(m), l.app, l.product, l.plan),
+                    id: format!(
+                        "usage-{}-{}-{}-{}",
+                        month_label(m),
+                        l.app,
+                        l.product,
+                        l.plan
+                    ),
                     kind: EntryKind::Usage,
                     amount: -l.amount,
                     at: m,

@@ -99,7 +99,16 @@ mod tests {
         assert_eq!(parse("-3.5").unwrap(), -3_500_000);
         assert_eq!(parse(".000001").unwrap(), 1);
         assert_eq!(parse("1.").unwrap(), 1_000_000);
-        for bad in ["", ".", "1.0000001", "abc", "1e3", "--1", "1,5", "99999999999999"] {
+        for bad in [
+            "",
+            ".",
+            "1.0000001",
+            "abc",
+            "1e3",
+            "--1",
+            "1,5",
+            "99999999999999",
+        ] {
             assert!(parse(bad).is_err(), "{bad}");
         }
         assert_eq!(

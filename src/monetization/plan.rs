@@ -149,7 +149,9 @@ fn rate(
                 ));
             }
             let Some(p) = price else {
-                return Err(format!("field `spec.{at}.price`: required for a per-call plan"));
+                return Err(format!(
+                    "field `spec.{at}.price`: required for a per-call plan"
+                ));
             };
             Ok(Rate {
                 call: amount(&format!("{at}.price"), Some(p))?,
@@ -313,8 +315,11 @@ impl RatePlan {
         free -= free_in;
         let free_out = free.min(output);
         let r = self.band(used_before);
-        mul_div_ceil(input - free_in, r.input, PER_MILLION)
-            .saturating_add(mul_div_ceil(output - free_out, r.output, PER_MILLION))
+        mul_div_ceil(input - free_in, r.input, PER_MILLION).saturating_add(mul_div_ceil(
+            output - free_out,
+            r.output,
+            PER_MILLION,
+        ))
     }
 
     /// The plan as the management API and the portal show it (amounts as decimal strings).
@@ -327,7 +332,9 @@ impl RatePlan {
             .bands
             .iter()
             .map(|b| match self.per {
-                Per::Call => serde_json::json!({"upTo": b.up_to, "price": money::format(b.rate.call)}),
+                Per::Call => {
+                    serde_json::json!({"upTo": b.up_to, "price": money::format(b.rate.call)})
+                }
                 Per::Token => serde_json::json!({
                     "upTo": b.up_to,
                     "input": money::format(b.rate.input),

@@ -44,7 +44,7 @@ use crate::ratelimit::{
     Ask, Counters, Decision, Key, Mode, Pending, PolicyMetrics, Reservation, ReservationUnit,
     Window,
 };
-use crate::vars::Exchange;
+use crate::vars::{Exchange, ValueRef};
 
 pub const TYPE: &str = "MonetizationLimitsCheck";
 const CODE: &str = "steps.monetizationlimitscheck";
@@ -64,10 +64,30 @@ struct Spec {
 /// What a charged exchange carries from its request to its end.
 #[derive(Debug, Clone)]
 pub struct Charging {
-    pub sub: Subscription,
+    pub sub: Arc<Subscription>,
     pub plan: Arc<super::RatePlan>,
     /// The period's consumption before this call (bands and allowance).
     pub before: u64,
+    pub currency: String,
+    /// The balance left after this call's reservation, as a decimal.
+    pub balance: String,
+}
+
+impl Charging {
+    /// The `mint.*` variables of an admitted call (read from here, not set one by one).
+    pub fn var(&self, suffix: &str) -> Option<ValueRef<'_>> {
+        Some(match suffix {
+            "rateplan" => ValueRef::Str(&self.plan.name),
+            "subscription_start_time_ms" => ValueRef::Int(self.sub.start_ms),
+            "subscription_end_time_ms" => ValueRef::Int(self.sub.end_ms?),
+            "limitscheck.is_request_blocked" => ValueRef::Bool(false),
+            "limitscheck.is_subscription_found" => ValueRef::Bool(true),
+            "limitscheck.purchased_product_name" => ValueRef::Str(&self.sub.product),
+            "limitscheck.prepaid_developer_currency" => ValueRef::Str(&self.currency),
+            "limitscheck.prepaid_developer_balance" => ValueRef::Str(&self.balance),
+            _ => return None,
+        })
+    }
 }
 
 #[derive(Debug)]
@@ -136,51 +156,52 @@ impl MonetizationLimitsCheck {
                 "MonetizationLimitsCheck needs the verified app: place a VerifyApiKey step before it",
             ));
         };
-        let app = v.app.name.clone();
-        let developer = v.app.developer_email.clone();
-        let product = v.product.spec.name.clone();
+        // Arcs, not copies of the names: the exchange is written below.
+        let (app_rec, product_rec) = (v.app.clone(), v.product.clone());
+        let (app, developer, product) = (
+            app_rec.name.as_str(),
+            app_rec.developer_email.as_str(),
+            product_rec.spec.name.as_str(),
+        );
         let now = self.counters.now();
         if !self.mint.subscriptions_loaded() {
             self.mint.preload().await.map_err(unavailable)?;
         }
         let active = self
             .mint
-            .active_subscription(&app, &product, now)
+            .active_subscription(app, product, now)
             .and_then(|s| {
                 let p = self.plans.get(&s.plan)?.clone();
                 p.is_open(now).then_some((s, p))
             });
-        ex.set_var("mint.limitscheck.purchased_product_name", product.clone());
         let Some((sub, plan)) = active else {
             self.metrics.rejected.inc();
-            let m = format!("app `{app}` has no active subscription to a rate plan of product `{product}`");
+            ex.set_var(
+                "mint.limitscheck.purchased_product_name",
+                product.to_owned(),
+            );
+            let m = format!(
+                "app `{app}` has no active subscription to a rate plan of product `{product}`"
+            );
             Self::blocked(ex, false, &m);
             return Err(Fault::new(403, format!("{CODE}.SubscriptionNotFound"), m));
         };
-        ex.set_var("mint.rateplan", plan.name.clone());
-        ex.set_var("mint.subscription_start_time_ms", sub.start_ms.to_string());
-        if let Some(e) = sub.end_ms {
-            ex.set_var("mint.subscription_end_time_ms", e.to_string());
-        }
-        let account = match self.mint.cached_account(&developer) {
+        let account = match self.mint.cached_account(developer) {
             Some(a) => Some(a),
-            None => self.mint.account(&developer).await.map_err(unavailable)?,
+            None => self.mint.account(developer).await.map_err(unavailable)?,
         };
         let Some((acc, credited)) = account else {
             self.metrics.rejected.inc();
             let m = format!("developer `{developer}` has no billing account");
             Self::blocked(ex, true, &m);
+            ex.set_var("mint.rateplan", plan.name.clone());
             return Err(Fault::new(402, format!("{CODE}.InsufficientFunds"), m));
         };
-        ex.set_var(
-            "mint.limitscheck.prepaid_developer_currency",
-            acc.currency.clone(),
-        );
         // The period's consumption before this call: a call is counted now (its position
         // is exact under concurrency), tokens are added when the exchange ends.
         let before = if plan.needs_period_count() {
             let (start, end) = window::aligned(now, 1, Unit::Month);
-            let key = period_key(&app, &plan.name);
+            let key = period_key(app, &plan.name);
             let weight = u64::from(plan.per == Per::Call);
             let d = resolve(self.counters.decide(Ask {
                 key,
@@ -209,7 +230,7 @@ impl MonetizationLimitsCheck {
             },
         };
         let allow = credited.saturating_add(acc.credit_limit).max(0);
-        let key = spend_key(&developer, &acc.currency);
+        let key = spend_key(developer, &acc.currency);
         let ask = Ask {
             key,
             overflow: self.tag,
@@ -222,10 +243,6 @@ impl MonetizationLimitsCheck {
         };
         let d = resolve(self.counters.decide(ask.clone())).await?;
         let left = credited.saturating_sub(i64::try_from(d.used).unwrap_or(i64::MAX));
-        ex.set_var(
-            "mint.limitscheck.prepaid_developer_balance",
-            super::money::format(left),
-        );
         if !d.allowed {
             self.metrics.rejected.inc();
             let m = format!(
@@ -235,11 +252,18 @@ impl MonetizationLimitsCheck {
                 super::money::format(estimate),
             );
             Self::blocked(ex, true, &m);
+            ex.set_var("mint.rateplan", plan.name.clone());
+            ex.set_var(
+                "mint.limitscheck.prepaid_developer_balance",
+                super::money::format(left),
+            );
+            ex.set_var(
+                "mint.limitscheck.prepaid_developer_currency",
+                acc.currency.clone(),
+            );
             return Err(Fault::new(402, format!("{CODE}.InsufficientFunds"), m));
         }
         self.metrics.allowed.inc();
-        ex.set_var("mint.limitscheck.is_request_blocked", "false");
-        ex.set_var("mint.limitscheck.is_subscription_found", "true");
         ex.state.reservations.push(Reservation::new(
             &self.counters,
             &ask,
@@ -247,7 +271,13 @@ impl MonetizationLimitsCheck {
             ReservationUnit::Micros,
             self.tag,
         ));
-        ex.state.mint = Some(Box::new(Charging { sub, plan, before }));
+        ex.state.mint = Some(Box::new(Charging {
+            sub,
+            plan,
+            before,
+            currency: acc.currency,
+            balance: super::money::format(left),
+        }));
         Ok(())
     }
 
@@ -265,7 +295,8 @@ impl MonetizationLimitsCheck {
             ),
             Per::Token => match crate::policies::llm_token_quota::upstream_usage(ex, end) {
                 Some(u) => (
-                    c.plan.token_charge(c.before, u.input_tokens, u.output_tokens),
+                    c.plan
+                        .token_charge(c.before, u.input_tokens, u.output_tokens),
                     u.input_tokens,
                     u.output_tokens,
                 ),

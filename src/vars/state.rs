@@ -551,6 +551,7 @@ impl State {
             "ratelimit" => self.quotas.iter().rev().find_map(|q| q.get(name)),
             "servicecallout" => self.callouts.iter().rev().find_map(|c| c.get(name)),
             "llm" => self.llm_var(name.strip_prefix("llm.")?),
+            "mint" => self.mint.as_ref()?.var(name.strip_prefix("mint.")?),
             _ => None,
         }
     }

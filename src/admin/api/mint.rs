@@ -119,7 +119,10 @@ async fn list_plans(State(s): State<MintApi>, RawQuery(q): RawQuery) -> ApiResul
     Ok(Json(serde_json::json!({ "ratePlans": plans })).into_response())
 }
 
-async fn get_plan(State(s): State<MintApi>, name: Result<Path<String>, PathRejection>) -> ApiResult {
+async fn get_plan(
+    State(s): State<MintApi>,
+    name: Result<Path<String>, PathRejection>,
+) -> ApiResult {
     let name = path_param(name)?;
     let plans = s.mint.plans();
     let p = plans
@@ -290,10 +293,11 @@ async fn subscribe(
                 .map_err(|_| ApiError::invalid("startDate", "an RFC 3339 time"))
         })
         .transpose()?;
-    let app =
-        s.api.app(&b.app).await?.ok_or_else(|| {
-            ApiError::NotFound(format!("no app named `{}`", b.app))
-        })?;
+    let app = s
+        .api
+        .app(&b.app)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no app named `{}`", b.app)))?;
     let sub = s
         .mint
         .subscribe(
