@@ -25,7 +25,7 @@ pub mod policy;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
@@ -44,6 +44,9 @@ pub const SPEND_WINDOW: Window = Window::Fixed {
 };
 /// Charge tallies are kept ten years.
 const TALLY_TTL: Duration = Duration::from_secs(10 * 366 * 86_400);
+/// How long a replica decides on cached accounts and subscriptions before reading them
+/// again from the store (so another replica's top-ups and subscriptions count within it).
+pub const FRESH: Duration = Duration::from_secs(1);
 /// The most months one ledger reads back.
 const MAX_MONTHS: i64 = 120;
 
@@ -268,10 +271,11 @@ type PendingKey = (String, i64, String);
 pub struct Monetization {
     backend: Arc<dyn Backend>,
     plans: Mutex<Vec<Weak<Plans>>>,
-    /// Cached accounts and their credited sums, by developer.
-    accounts: RwLock<HashMap<String, (Account, i64)>>,
-    /// Subscriptions by app (loaded once, kept by this replica's writes and reloads).
-    subs: RwLock<Option<HashMap<String, Vec<Arc<Subscription>>>>>,
+    /// Cached accounts and their credited sums, by developer, with when they were read.
+    accounts: RwLock<HashMap<String, (Account, i64, Instant)>>,
+    /// Subscriptions by app, with when they were read (this replica's writes update them;
+    /// another replica's are read again after [`FRESH`]).
+    subs: RwLock<Option<(Instant, HashMap<String, Vec<Arc<Subscription>>>)>>,
     pending: Mutex<HashMap<PendingKey, Tally>>,
     flushing: tokio::sync::Mutex<()>,
     /// Serialises this replica's ledger writes per process (ids stay unique regardless).
@@ -404,23 +408,28 @@ impl Monetization {
             .await?
             .iter()
             .fold(0i64, |s, e| s.saturating_add(e.amount));
-        self.accounts
-            .write()
-            .insert(developer.to_owned(), (acc.clone(), credited));
+        self.accounts.write().insert(
+            developer.to_owned(),
+            (acc.clone(), credited, Instant::now()),
+        );
         Ok(Some((acc, credited)))
     }
 
-    /// The cached account, read from the store the first time.
+    /// The cached account, read from the store when not cached or older than [`FRESH`].
     pub async fn account(&self, developer: &str) -> Result<Option<(Account, i64)>, MintError> {
-        if let Some(a) = self.accounts.read().get(developer) {
-            return Ok(Some(a.clone()));
+        if let Some(a) = self.cached_account(developer) {
+            return Ok(Some(a));
         }
         self.refresh(developer).await
     }
 
-    /// The cached account without waiting (None: not cached yet).
+    /// The cached account without waiting (None: not cached, or older than [`FRESH`]).
     pub fn cached_account(&self, developer: &str) -> Option<(Account, i64)> {
-        self.accounts.read().get(developer).cloned()
+        self.accounts
+            .read()
+            .get(developer)
+            .filter(|a| a.2.elapsed() < FRESH)
+            .map(|a| (a.0.clone(), a.1))
     }
 
     /// Creates or updates a developer's account. The currency cannot change once entries
@@ -563,7 +572,7 @@ impl Monetization {
     // --- subscriptions ------------------------------------------------------------------------
 
     async fn load_subs(&self) -> Result<(), MintError> {
-        if self.subs.read().is_some() {
+        if self.subscriptions_loaded() {
             return Ok(());
         }
         self.reload_subscriptions().await
@@ -587,7 +596,7 @@ impl Monetization {
             )
             .await?;
         let map = std::mem::take(&mut *out.lock());
-        *self.subs.write() = Some(map);
+        *self.subs.write() = Some((Instant::now(), map));
         Ok(())
     }
 
@@ -598,13 +607,13 @@ impl Monetization {
             .subs
             .read()
             .as_ref()
-            .and_then(|m| m.get(app))
+            .and_then(|m| m.1.get(app))
             .map(|v| v.iter().map(|s| (**s).clone()).collect())
             .unwrap_or_default())
     }
 
     /// The active subscription of `app` to a plan of `product` at `now`, without waiting
-    /// (None when none, or when subscriptions were not loaded yet: see [`Self::preload`]).
+    /// (None when none, or when subscriptions were never loaded: see [`Self::preload`]).
     pub fn active_subscription(
         &self,
         app: &str,
@@ -613,6 +622,7 @@ impl Monetization {
     ) -> Option<Arc<Subscription>> {
         let g = self.subs.read();
         g.as_ref()?
+            .1
             .get(app)?
             .iter()
             .filter(|s| s.product == product && s.is_active(now))
@@ -620,9 +630,12 @@ impl Monetization {
             .cloned()
     }
 
-    /// Whether subscriptions are loaded (the policy loads them once before deciding).
+    /// Whether subscriptions are loaded and fresh (younger than [`FRESH`]).
     pub fn subscriptions_loaded(&self) -> bool {
-        self.subs.read().is_some()
+        self.subs
+            .read()
+            .as_ref()
+            .is_some_and(|(at, _)| at.elapsed() < FRESH)
     }
 
     /// Loads subscriptions if not done yet.
@@ -695,7 +708,7 @@ impl Monetization {
             .put(Table::Kvm(SUBSCRIPTIONS), &sub.id, bytes, Cond::Absent)
             .await?;
         if let Some(m) = self.subs.write().as_mut() {
-            m.entry(app.to_owned())
+            m.1.entry(app.to_owned())
                 .or_default()
                 .push(Arc::new(sub.clone()));
         }
