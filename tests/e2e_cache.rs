@@ -253,3 +253,111 @@ async fn a_hit_under_continue_on_error_is_still_a_hit() {
     })
     .await;
 }
+
+const APIGEE_CACHE: &str = r#"
+apiVersion: tollgate.dev/v1alpha1
+kind: Policy
+metadata: {name: apigee-cache}
+spec:
+  type: ResponseCache
+  profile: apigee
+  keyFragments: ["{request.uri}"]
+  expiry: {timeoutInSec: {ref: cache.ttl, value: 120}}
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: Policy
+metadata: {name: plain-cache}
+spec:
+  type: ResponseCache
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: Policy
+metadata: {name: tag}
+spec:
+  type: AssignMessage
+  set: {headers: {x-resp-step: "{request.header.x-n}"}}
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: Policy
+metadata: {name: mark}
+spec:
+  type: JavaScript
+  mode: apigee
+  source: |
+    var hit = context.getVariable('responsecache.apigee-cache.cachehit');
+    context.setVariable('response.header.x-cachehit', String(hit));
+    // Reads the body: the response is held, and the cache before this step still stores it.
+    context.setVariable('response.header.x-length', response.content.length);
+    if (hit && request.headers['x-fail']) throw new Error('refused on the hit');
+    if (hit && request.headers['x-status']) response.status.code = Number(request.headers['x-status']);
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: Flow
+metadata: {name: apigee}
+spec:
+  match: {pathPrefixes: [/apigee]}
+  request: [{policy: apigee-cache}]
+  response: [{policy: apigee-cache}, {policy: tag}, {policy: mark}]
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: Flow
+metadata: {name: plain}
+spec:
+  default: true
+  request: [{policy: plain-cache}]
+  response: [{policy: plain-cache}, {policy: tag}]
+"#;
+
+/// `profile: apigee`: a hit skips the upstream but the flow's response steps run on the
+/// cached answer (headers set, `responsecache.<p>.cachehit` true), and a response step
+/// that fails on it still fails the exchange; tollgate's default answers a hit at once.
+/// A later response step that holds the body does not keep the cache from storing it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apigee_hits_run_the_response_steps() {
+    within(LIMIT, async {
+        let bed = TestBed::start(APIGEE_CACHE).await;
+        let miss = bed.get("/apigee/a", &[("x-n", "1")]).await;
+        assert_eq!(miss.status, 200);
+        assert_eq!(miss.header("x-resp-step"), Some("1"));
+        assert_eq!(miss.header("x-cachehit"), Some("false"));
+        let hit = bed.get("/apigee/a", &[("x-n", "2")]).await;
+        assert_eq!(hit.status, 200);
+        assert_eq!(hit.header("cache-status"), Some("tollgate; hit"));
+        assert_eq!(hit.header("x-resp-step"), Some("2"), "response steps ran");
+        assert_eq!(hit.header("x-cachehit"), Some("true"));
+        assert_eq!(hit.body, miss.body);
+        assert_eq!(
+            hit.header("x-length"),
+            Some(miss.body.len().to_string().as_str())
+        );
+        assert_eq!(bed.upstream.seen_with_prefix("/apigee/a").len(), 1);
+        // A status a response step sets on the hit is the one served.
+        let changed = bed
+            .get("/apigee/a", &[("x-status", "203"), ("x-n", "4")])
+            .await;
+        assert_eq!(changed.status, 203);
+        assert_eq!(changed.body, miss.body);
+        // Fail closed: a response step that fails on the hit fails the exchange.
+        let refused = bed.get("/apigee/a", &[("x-fail", "1"), ("x-n", "3")]).await;
+        assert_eq!(refused.status, 500);
+        assert!(
+            String::from_utf8_lossy(&refused.body)
+                .contains("steps.javascript.ScriptExecutionFailed"),
+            "{:?}",
+            String::from_utf8_lossy(&refused.body)
+        );
+        assert_eq!(bed.upstream.seen_with_prefix("/apigee/a").len(), 1);
+
+        // tollgate's profile: the hit is answered at once, no response step runs.
+        let miss = bed.get("/plain", &[("x-n", "1")]).await;
+        assert_eq!(miss.header("x-resp-step"), Some("1"));
+        let hit = bed.get("/plain", &[("x-n", "2")]).await;
+        assert_eq!(hit.header("cache-status"), Some("tollgate; hit"));
+        assert_eq!(
+            hit.header("x-resp-step"),
+            Some("1"),
+            "the stored header is replayed; the step did not run again"
+        );
+    })
+    .await;
+}

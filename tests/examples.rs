@@ -645,6 +645,53 @@ fn scenarios(file: &str) -> Option<Vec<Scenario>> {
                 },
             },
         ]),
+        "apigee-compat.yaml" => Some(vec![
+            Scenario {
+                method: "GET",
+                path: "/weather?w=2442047",
+                headers: &[],
+                body: None,
+                reply: Some((200, "application/json", r#"{"temp":21}"#)),
+                expect: Expect::Upstream(&[
+                    (
+                        "x-signature",
+                        "7e3e1b07465ea287d0006d8c9e8bbee7f4555e0e3338aee410de0bcaab9e462e",
+                    ),
+                    ("x-tollgate-flow", "weather"),
+                ]),
+            },
+            // The hit: the response script ran on the cached answer.
+            Scenario {
+                method: "GET",
+                path: "/weather?w=2442047",
+                headers: &[],
+                body: None,
+                reply: None,
+                expect: Expect::Immediate {
+                    status: 200,
+                    body_contains: r#"{"cached":true,"data":{"temp":21}}"#,
+                },
+            },
+            Scenario {
+                method: "GET",
+                path: "/weather?w=2442047",
+                headers: &[("bypass-cache", "true")],
+                body: None,
+                reply: Some((200, "application/json", r#"{"temp":22}"#)),
+                expect: Expect::Upstream(&[("x-tollgate-flow", "weather")]),
+            },
+            Scenario {
+                method: "GET",
+                path: "/weather?w=2442047",
+                headers: &[],
+                body: None,
+                reply: None,
+                expect: Expect::Immediate {
+                    status: 200,
+                    body_contains: r#"{"cached":true,"data":{"temp":22}}"#,
+                },
+            },
+        ]),
         "response-cache.yaml" => Some(vec![
             Scenario {
                 method: "GET",

@@ -517,6 +517,8 @@ pub async fn run_answer_steps(steps: &[Step], ex: &mut Exchange, answer: Box<Ans
                 .collect()
         })
         .unwrap_or_default();
+    // A step may have set the status (a script's `response.status.code`).
+    let status = ex.response.as_ref().map_or(status, |r| r.status);
     Outcome::Respond(Box::new(Answer {
         status,
         code,

@@ -11,7 +11,35 @@
 //!   memoryLimitBytes: 8388608       # heap a run may add; default 8 MiB
 //!   needsBody: false                # default: true when the source uses .content, .body,
 //!                                   # .json(, setContent or setJson
+//!   mode: strict                    # or apigee: run as Apigee runs scripts (below)
+//!   properties: {salt: pepper}      # Apigee's <Properties>: the script's `properties`
+//!   httpClient: {timeoutMs: 1000, maxResponseBytes: 1048576, maxRequests: 4}
 //! ```
+//!
+//! `mode: apigee` (Apigee's JavaScript policy): sloppy mode, so an undeclared assignment
+//! makes a global (Rhino's behaviour; strict mode throws `ReferenceError`). Such globals
+//! live in an engine of their own whose global object is extensible but whose built-ins are
+//! locked, and are deleted after every run; a run that makes them undeletable
+//! (`Object.preventExtensions(globalThis)`, a non-configurable property) retires the engine.
+//! `response.status` is then Apigee's: a number with a writable `code` and a `message`.
+//!
+//! In both modes: `request.content = …` / `response.content = …` replace a body,
+//! `response.status = n` (or `.status.code = n`) sets the status (200–599), and
+//! `context.setVariable` writes `request.content`, `response.content` and
+//! `response.status.code` besides the headers (`request.verb` is refused: Envoy's default
+//! ext_proc mutation rules drop a method change silently); `properties` (strings);
+//! `crypto.getSHA1/getSHA256/getSHA512/getMD5()` with `update(v)`, `digest()` (hex),
+//! `digest64()` (base64); `httpClient.get(url[, callback])` and
+//! `httpClient.send(new Request(url, method, headers, body)[, callback])` returning an
+//! exchange with `waitForComplete()`, `isComplete()`, `isSuccess()` (an answer came, any
+//! status), `isError()`, `getResponse()` (`status` with `.code`, `headers`, `content`) and
+//! `getError()`. A request starts at once and runs on a runtime of its own; waiting for it
+//! blocks only the script's request (the tokio worker's other tasks move to another
+//! thread), is bounded by `httpClient.timeoutMs`, and does not count against
+//! `timeLimitMs`. Destinations are checked against the operator's callout allow-list
+//! (`--callout-allow`, as for ServiceCallout): a refused one throws. A callback is called
+//! when the answer is in, before `get`/`send` returns (Apigee calls it later).
+//! `print` logs at most 4 KiB a call and 16 KiB a run.
 //!
 //! In the script (strict mode): `context.getVariable(name)` / `setVariable(name, value)` /
 //! `removeVariable(name)` (`request.header.<n>` and `response.header.<n>` set headers),
@@ -49,6 +77,7 @@ use super::{
     check_header_name, parse_spec, read_config_file, valid_header_value, BuildContext, SpecError,
 };
 use crate::fault::Fault;
+use crate::http_client::{HttpClient, HttpError, HttpResponse};
 use crate::pipeline::{Direction, Hook, Policy};
 use crate::vars::{Exchange, Value, ValueRef};
 
@@ -96,6 +125,71 @@ struct Spec {
     memory_limit_bytes: Option<usize>,
     #[serde(default)]
     needs_body: Option<bool>,
+    /// `apigee`: the script runs as Apigee runs it (sloppy mode, see the module docs).
+    #[serde(default)]
+    mode: Mode,
+    /// Apigee's `<Properties>`: the script's `properties` object (strings).
+    #[serde(default)]
+    properties: std::collections::BTreeMap<String, serde_norway::Value>,
+    /// Limits of the script's `httpClient`.
+    #[serde(default)]
+    http_client: Option<HttpClientSpec>,
+}
+
+/// How the script runs.
+#[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+enum Mode {
+    /// Strict mode; globals frozen.
+    #[default]
+    Strict,
+    /// Apigee's: sloppy mode (undeclared assignments make globals, cleared after the run).
+    Apigee,
+}
+
+fn default_http_timeout() -> u64 {
+    1000
+}
+fn default_http_max_bytes() -> usize {
+    1024 * 1024
+}
+fn default_http_max_requests() -> usize {
+    4
+}
+
+/// `httpClient:` limits. Destinations are checked against the operator's callout
+/// allow-list (`--callout-allow`) as ServiceCallout's are.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct HttpClientSpec {
+    /// Per request, connect to last body byte; waiting for it does not count against
+    /// `timeLimitMs`.
+    #[serde(default = "default_http_timeout")]
+    timeout_ms: u64,
+    #[serde(default = "default_http_max_bytes")]
+    max_response_bytes: usize,
+    /// Requests one run may start.
+    #[serde(default = "default_http_max_requests")]
+    max_requests: usize,
+}
+
+impl Default for HttpClientSpec {
+    fn default() -> Self {
+        Self {
+            timeout_ms: default_http_timeout(),
+            max_response_bytes: default_http_max_bytes(),
+            max_requests: default_http_max_requests(),
+        }
+    }
+}
+
+/// What a run's `httpClient` may do.
+#[derive(Debug, Clone)]
+struct HttpLimits {
+    timeout: Duration,
+    max_bytes: usize,
+    max_requests: usize,
+    egress: Arc<super::service_callout::Egress>,
 }
 
 /// A script ready to run: its wrapped text and limits. Workers compile it on first use.
@@ -126,14 +220,24 @@ struct JavaScript {
     needs_body: bool,
     /// The source calls a body setter.
     replaces_body: bool,
+    mode: Mode,
+    /// `properties`, as (name, value) strings.
+    properties: Arc<[(String, String)]>,
+    http: HttpLimits,
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 const PARAMS: &str = "context,request,response,print";
 
-fn wrap(source: &str) -> String {
-    format!("function({PARAMS}){{\"use strict\";{source}\n}}")
+/// The script as one function. `properties`, `crypto`, `httpClient` and `Request` are
+/// globals, not parameters: a script that declares its own `crypto` still compiles.
+fn wrap(source: &str, mode: Mode) -> String {
+    let strict = match mode {
+        Mode::Strict => "\"use strict\";",
+        Mode::Apigee => "",
+    };
+    format!("function({PARAMS}){{{strict}{source}\n}}")
 }
 
 pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Policy>, SpecError> {
@@ -169,8 +273,8 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
             "between 65536 and 268435456",
         ));
     }
-    let wrapped = wrap(&source);
-    check_compiles(&wrapped).map_err(|m| match &spec_file {
+    let wrapped = wrap(&source, spec.mode);
+    check_compiles(&wrapped, spec.mode).map_err(|m| match &spec_file {
         // Name the script file, so `line N` points somewhere an editor can open.
         Some(path) => SpecError::new("file", format!("{path}: {m}")),
         None => SpecError::new("source", m),
@@ -181,7 +285,40 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
             .iter()
             .any(|w| source.contains(w))
     });
-    let replaces_body = ["setContent", "setJson"].iter().any(|w| source.contains(w));
+    let replaces_body =
+        ["setContent", "setJson"].iter().any(|w| source.contains(w)) || assigns_content(&source);
+    let mut properties = Vec::with_capacity(spec.properties.len());
+    for (k, v) in &spec.properties {
+        let v = match v {
+            serde_norway::Value::String(s) => s.clone(),
+            serde_norway::Value::Number(n) => n.to_string(),
+            serde_norway::Value::Bool(b) => b.to_string(),
+            serde_norway::Value::Null => String::new(),
+            _ => {
+                return Err(SpecError::new(
+                    format!("properties.{k}"),
+                    "a property is a string, number or boolean",
+                ))
+            }
+        };
+        properties.push((k.clone(), v));
+    }
+    let http_spec = spec.http_client.unwrap_or_default();
+    if http_spec.timeout_ms == 0 || http_spec.timeout_ms > 10_000 {
+        return Err(SpecError::new(
+            "httpClient.timeoutMs",
+            "between 1 and 10000",
+        ));
+    }
+    if http_spec.max_response_bytes == 0 || http_spec.max_response_bytes > 16 * 1024 * 1024 {
+        return Err(SpecError::new(
+            "httpClient.maxResponseBytes",
+            "between 1 and 16777216",
+        ));
+    }
+    if http_spec.max_requests > 16 {
+        return Err(SpecError::new("httpClient.maxRequests", "at most 16"));
+    }
     let counter = |r: &str| RUNS.with_label_values(&[ctx.name.as_str(), r]);
     Ok(Arc::new(JavaScript {
         name: ctx.name.as_str().into(),
@@ -200,13 +337,31 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
         memory_limit,
         needs_body,
         replaces_body,
+        mode: spec.mode,
+        properties: properties.into(),
+        http: HttpLimits {
+            timeout: Duration::from_millis(http_spec.timeout_ms),
+            max_bytes: http_spec.max_response_bytes,
+            max_requests: http_spec.max_requests,
+            egress: Arc::clone(&ctx.services.egress),
+        },
     }))
+}
+
+/// Whether the source may write a body other than through `setContent` / `setJson`:
+/// `x.content = …` or `context.setVariable('request.content' | 'response.content', …)`.
+fn assigns_content(source: &str) -> bool {
+    static ASSIGN: LazyLock<regex::Regex> = LazyLock::new(|| {
+        regex::Regex::new(r#"\.content\s*=([^=]|$)|(request|response)\.content['"]\s*,"#)
+            .expect("valid regex")
+    });
+    ASSIGN.is_match(source)
 }
 
 /// Compiles the script in a throwaway worker: a syntax error, or text that is not exactly
 /// one function body (a `})(); … (function(){` escape), is refused here, at load.
-fn check_compiles(wrapped: &str) -> Result<(), String> {
-    let w = Worker::new().map_err(|e| format!("JavaScript engine: {e}"))?;
+fn check_compiles(wrapped: &str, mode: Mode) -> Result<(), String> {
+    let w = Worker::new(mode).map_err(|e| format!("JavaScript engine: {e}"))?;
     w.deadline(Duration::from_millis(200));
     let r = w.ctx.with(|ctx| compile(&ctx, &w.api, wrapped).map(|_| ()));
     w.clear_deadline();
@@ -285,11 +440,147 @@ struct Current {
     ex: Exchange,
     dir: Direction,
     policy: Arc<str>,
+    http: HttpLimits,
+    /// The run's `httpClient` requests, by id; taken when waited for.
+    pending: Vec<Pending>,
+    /// The worker's deadline: pushed back by the time a run waits for a request.
+    deadline: Arc<AtomicU64>,
+    /// Bytes `print` logged in this run.
+    printed: usize,
+    /// The policy's `properties`.
+    properties: Arc<[(String, String)]>,
 }
+
+/// One `httpClient` request of a run.
+enum Pending {
+    Waiting(std::sync::mpsc::Receiver<Result<HttpResponse, HttpError>>),
+    /// The answer, seen by `isComplete` before the script waited for it.
+    Ready(Result<HttpResponse, String>),
+    /// Handed to the script.
+    Taken,
+}
+
+/// Most `print` output one run logs; the rest is dropped (with one note).
+const MAX_PRINT_PER_RUN: usize = 16 * 1024;
 
 thread_local! {
     static CURRENT: RefCell<Option<Current>> = const { RefCell::new(None) };
     static WORKER: RefCell<Option<Worker>> = const { RefCell::new(None) };
+    /// Apigee-mode scripts run in their own engine: its global object is not frozen.
+    static APIGEE_WORKER: RefCell<Option<Worker>> = const { RefCell::new(None) };
+}
+
+/// The runtime `httpClient` requests run on: a script waits for them synchronously, so
+/// they cannot run on the runtime whose worker thread the script holds.
+static HTTP_RUNTIME: LazyLock<Option<tokio::runtime::Runtime>> = LazyLock::new(|| {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("tollgate-js-http")
+        .enable_all()
+        .build()
+        .map_err(|e| tracing::error!(error = %e, "JavaScript httpClient runtime not started"))
+        .ok()
+});
+
+/// `httpClient`'s connection pool (on [`HTTP_RUNTIME`]).
+static HTTP_CLIENT: LazyLock<HttpClient> = LazyLock::new(HttpClient::new);
+
+/// Starts one `httpClient` request; its result arrives on the receiver.
+fn http_start(
+    cur: &Current,
+    method: &str,
+    url: &str,
+    headers_json: &str,
+    body: Option<String>,
+) -> Result<std::sync::mpsc::Receiver<Result<HttpResponse, HttpError>>, String> {
+    super::service_callout::check_url(url, &cur.http.egress)
+        .map_err(|m| format!("httpClient: {url}: {m}"))?;
+    let method = hyper::Method::from_bytes(method.as_bytes())
+        .map_err(|_| format!("httpClient: bad method `{method}`"))?;
+    let headers: std::collections::BTreeMap<String, serde_json::Value> =
+        serde_json::from_str(headers_json).map_err(|_| "httpClient: headers must be an object")?;
+    let mut req = hyper::Request::builder().method(method).uri(url);
+    for (n, v) in headers {
+        let v = match v {
+            serde_json::Value::String(s) => s,
+            other => other.to_string(),
+        };
+        let n = check_header_name(&n).map_err(|m| format!("httpClient: {m}"))?;
+        if !valid_header_value(&v) {
+            return Err("httpClient: header values may not contain CR, LF or NUL".into());
+        }
+        req = req.header(n, v);
+    }
+    let req = req
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            body.unwrap_or_default(),
+        )))
+        .map_err(|e| format!("httpClient: {e}"))?;
+    let rt = HTTP_RUNTIME
+        .as_ref()
+        .ok_or("httpClient: no runtime to send requests on")?;
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    let (timeout, max) = (cur.http.timeout, cur.http.max_bytes);
+    rt.spawn(async move {
+        let r = HTTP_CLIENT.send(req, false, timeout, max).await;
+        let _ = tx.send(r);
+    });
+    Ok(rx)
+}
+
+/// Waits for a request a script started: the thread blocks, so on a tokio worker its
+/// other tasks are handed to another thread first (`block_in_place`).
+fn http_wait(
+    rx: &std::sync::mpsc::Receiver<Result<HttpResponse, HttpError>>,
+    timeout: Duration,
+) -> Result<HttpResponse, String> {
+    // The request's own timeout ends it; the margin only covers the hand-over.
+    let wait = || match rx.recv_timeout(timeout + Duration::from_millis(500)) {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("timed out after {timeout:?}")),
+    };
+    let multi = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    if !multi {
+        return wait();
+    }
+    // A panic must not unwind into QuickJS (it would abort the process).
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        tokio::task::block_in_place(wait)
+    }))
+    .unwrap_or_else(|_| Err("the wait failed".into()))
+}
+
+/// `crypto`'s digests of the concatenated parts.
+fn hash(alg: &str, parts: &[String], encoding: &str) -> Option<String> {
+    use sha2::Digest;
+    fn run<D: Digest>(parts: &[String]) -> Vec<u8> {
+        let mut d = D::new();
+        for p in parts {
+            d.update(p.as_bytes());
+        }
+        d.finalize().to_vec()
+    }
+    let bytes = match alg {
+        "sha256" => run::<sha2::Sha256>(parts),
+        "sha512" => run::<sha2::Sha512>(parts),
+        "md5" => run::<md5::Md5>(parts),
+        "sha1" => {
+            let mut c = ring::digest::Context::new(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY);
+            for p in parts {
+                c.update(p.as_bytes());
+            }
+            c.finish().as_ref().to_vec()
+        }
+        _ => return None,
+    };
+    Some(match encoding {
+        "base64" => {
+            use base64::Engine as _;
+            base64::engine::general_purpose::STANDARD.encode(bytes)
+        }
+        _ => crate::cache::hex(&bytes),
+    })
 }
 
 fn with_current<R>(
@@ -382,6 +673,9 @@ fn host<'js>(ctx: &Ctx<'js>) -> rquickjs::Result<Object<'js>> {
                             return set_header(&ctx, cur, d, h, &val);
                         }
                     }
+                    if let Some(r) = set_message_variable(&ctx, cur, &name, &v) {
+                        return r;
+                    }
                     if name.is_empty()
                         || name.starts_with("request.")
                         || name.starts_with("response.")
@@ -430,6 +724,13 @@ fn host<'js>(ctx: &Ctx<'js>) -> rquickjs::Result<Object<'js>> {
                         "path" => Some(r.path().to_owned()),
                         "host" => Some(r.host.clone()),
                         "flow" => Some(cur.ex.flow.clone()),
+                        "reason" => cur.ex.response.as_ref().map(|r| {
+                            hyper::StatusCode::from_u16(r.status)
+                                .ok()
+                                .and_then(|s| s.canonical_reason())
+                                .unwrap_or_default()
+                                .to_owned()
+                        }),
                         "status" => {
                             return Ok(match &cur.ex.response {
                                 Some(resp) => JsValue::new_int(ctx.clone(), i32::from(resp.status)),
@@ -552,16 +853,228 @@ fn host<'js>(ctx: &Ctx<'js>) -> rquickjs::Result<Object<'js>> {
         })?,
     )?;
     h.set(
+        "properties",
+        Function::new(
+            ctx.clone(),
+            |ctx: Ctx<'js>| -> rquickjs::Result<Object<'js>> {
+                with_current(&ctx, |cur| {
+                    let o = Object::new(ctx.clone())?;
+                    for (k, v) in cur.properties.iter() {
+                        o.set(k.as_str(), v.as_str())?;
+                    }
+                    Ok(o)
+                })
+            },
+        )?,
+    )?;
+    h.set(
+        "setStatus",
+        Function::new(ctx.clone(), |ctx: Ctx<'js>, d: String, code: f64| {
+            with_current(&ctx, |cur| {
+                if dir_of(&ctx, cur, &d)? != Direction::Response {
+                    return Err(rquickjs::Exception::throw_type(
+                        &ctx,
+                        "only a response has a status",
+                    ));
+                }
+                set_status(&ctx, cur, code)
+            })
+        })?,
+    )?;
+    h.set(
+        "hash",
+        Function::new(
+            ctx.clone(),
+            |ctx: Ctx<'js>, alg: String, parts: Vec<String>, enc: String| {
+                hash(&alg, &parts, &enc).ok_or_else(|| {
+                    rquickjs::Exception::throw_type(&ctx, &format!("unknown hash `{alg}`"))
+                })
+            },
+        )?,
+    )?;
+    h.set(
+        "httpSend",
+        Function::new(
+            ctx.clone(),
+            |ctx: Ctx<'js>, method: String, url: String, headers: String, body: Option<String>| {
+                with_current(&ctx, |cur| {
+                    if cur.pending.len() >= cur.http.max_requests {
+                        return Err(rquickjs::Exception::throw_range(
+                            &ctx,
+                            &format!(
+                                "httpClient: at most {} requests per run",
+                                cur.http.max_requests
+                            ),
+                        ));
+                    }
+                    let rx = http_start(cur, &method, &url, &headers, body)
+                        .map_err(|m| rquickjs::Exception::throw_type(&ctx, &m))?;
+                    cur.pending.push(Pending::Waiting(rx));
+                    tracing::debug!(policy = %cur.policy, %method, %url, "httpClient request");
+                    Ok(cur.pending.len() - 1)
+                })
+            },
+        )?,
+    )?;
+    h.set(
+        "httpReady",
+        Function::new(ctx.clone(), |ctx: Ctx<'js>, id: usize| {
+            with_current(&ctx, |cur| {
+                // A look that does not wait; an answer found is kept for the wait.
+                let Some(p) = cur.pending.get_mut(id) else {
+                    return Ok(false);
+                };
+                if let Pending::Waiting(rx) = p {
+                    match rx.try_recv() {
+                        Ok(r) => *p = Pending::Ready(r.map_err(|e| e.to_string())),
+                        Err(std::sync::mpsc::TryRecvError::Empty) => return Ok(false),
+                        Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                            *p = Pending::Ready(Err("the request was dropped".into()))
+                        }
+                    }
+                }
+                Ok(true)
+            })
+        })?,
+    )?;
+    h.set(
+        "httpWait",
+        Function::new(
+            ctx.clone(),
+            |ctx: Ctx<'js>, id: usize| -> rquickjs::Result<Object<'js>> {
+                let (p, timeout, deadline) = with_current(&ctx, |cur| {
+                    let p = cur
+                        .pending
+                        .get_mut(id)
+                        .map(|p| std::mem::replace(p, Pending::Taken));
+                    Ok((p, cur.http.timeout, Arc::clone(&cur.deadline)))
+                })?;
+                let started = Instant::now();
+                let result = match p {
+                    Some(Pending::Waiting(rx)) => http_wait(&rx, timeout),
+                    Some(Pending::Ready(r)) => r,
+                    _ => {
+                        return Err(rquickjs::Exception::throw_type(
+                            &ctx,
+                            "httpClient: no such request",
+                        ))
+                    }
+                };
+                // Waiting is not running: the script's time limit is pushed back by it.
+                let waited = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                let _ = deadline.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |d| {
+                    (d != 0).then(|| d.saturating_add(waited))
+                });
+                let o = Object::new(ctx.clone())?;
+                match result {
+                    Ok(r) => {
+                        o.set("status", r.status)?;
+                        let headers = Object::new(ctx.clone())?;
+                        for (n, v) in &r.headers {
+                            let v = String::from_utf8_lossy(v.as_bytes());
+                            let joined = match headers.get::<_, Option<String>>(n.as_str())? {
+                                Some(prev) => format!("{prev}, {v}"),
+                                None => v.into_owned(),
+                            };
+                            headers.set(n.as_str(), joined)?;
+                        }
+                        o.set("headers", headers)?;
+                        o.set("content", String::from_utf8_lossy(&r.body).into_owned())?;
+                    }
+                    Err(e) => o.set("error", e)?,
+                }
+                Ok(o)
+            },
+        )?,
+    )?;
+    h.set(
         "print",
         Function::new(ctx.clone(), |ctx: Ctx<'js>, parts: Rest<String>| {
             with_current(&ctx, |cur| {
+                if cur.printed >= MAX_PRINT_PER_RUN {
+                    return Ok(());
+                }
                 let msg = parts.0.join(" ");
-                tracing::info!(policy = %cur.policy, flow = %cur.ex.flow, "{}", &msg[..msg.len().min(4096)]);
+                let mut end = msg.len().min(4096).min(MAX_PRINT_PER_RUN - cur.printed);
+                while !msg.is_char_boundary(end) {
+                    end -= 1;
+                }
+                cur.printed += end.max(1);
+                tracing::info!(policy = %cur.policy, flow = %cur.ex.flow, "{}", &msg[..end]);
+                if cur.printed >= MAX_PRINT_PER_RUN {
+                    tracing::info!(policy = %cur.policy, "print: {MAX_PRINT_PER_RUN} bytes logged in this run; the rest is dropped");
+                }
                 Ok(())
             })
         })?,
     )?;
     Ok(h)
+}
+
+/// `context.setVariable` on the message variables Apigee lets a script write: the bodies
+/// and the response status. `None`: not one of them.
+fn set_message_variable(
+    ctx: &Ctx<'_>,
+    cur: &mut Current,
+    name: &str,
+    v: &JsValue<'_>,
+) -> Option<rquickjs::Result<()>> {
+    let text = || from_js(v).map(|v| v.to_string()).unwrap_or_default();
+    Some(match name {
+        "request.content" | "response.content" => (|| {
+            let d = dir_of(ctx, cur, name.split('.').next().unwrap_or_default())?;
+            let has = match d {
+                Direction::Request => cur.ex.request_body.is_some(),
+                Direction::Response => cur.ex.response_body.is_some(),
+            };
+            if !has {
+                return Err(rquickjs::Exception::throw_type(
+                    ctx,
+                    "the body is not available in this phase (set needsBody: true)",
+                ));
+            }
+            cur.ex.replace_body(d, text().into_bytes());
+            Ok(())
+        })(),
+        "response.status.code" => match from_js(v) {
+            Some(Value::Int(i)) => set_status(ctx, cur, i as f64),
+            Some(Value::Str(s)) => match s.trim().parse::<u16>() {
+                Ok(n) => set_status(ctx, cur, f64::from(n)),
+                Err(_) => Err(rquickjs::Exception::throw_type(ctx, "a status is a number")),
+            },
+            _ => Err(rquickjs::Exception::throw_type(ctx, "a status is a number")),
+        },
+        // Envoy's default ext_proc mutation rules drop a `:method` change silently
+        // (`allow_all_routing`): refused here rather than ignored there.
+        "request.verb" => Err(rquickjs::Exception::throw_type(
+            ctx,
+            "`request.verb` is read-only here: Envoy does not let an ext_proc server change the method",
+        )),
+        _ => return None,
+    })
+}
+
+/// Sets the response's status (the `:status` Envoy sends on).
+fn set_status(ctx: &Ctx<'_>, cur: &mut Current, code: f64) -> rquickjs::Result<()> {
+    if cur.ex.response.is_none() {
+        return Err(rquickjs::Exception::throw_type(
+            ctx,
+            "there is no response yet",
+        ));
+    }
+    if code.fract() != 0.0 || !(200.0..=599.0).contains(&code) {
+        return Err(rquickjs::Exception::throw_range(
+            ctx,
+            "a response status is a whole number from 200 to 599",
+        ));
+    }
+    let code = code as u16;
+    cur.ex
+        .set_header(Direction::Response, ":status", code.to_string());
+    if let Some(r) = cur.ex.response.as_mut() {
+        r.status = code;
+    }
+    Ok(())
 }
 
 fn set_header(
@@ -584,10 +1097,19 @@ fn set_header(
 
 /// Builds the script API around the host functions, keeps a private compiler, disables
 /// string compilation and deep-freezes everything reachable from the global object.
-const PRELUDE: &str = r#"(function (h) {
+const PRELUDE: &str = r#"(function (h, apigee) {
 "use strict";
 const compileFn = Function;
 const str = (x) => (typeof x === 'string' ? x : JSON.stringify(x));
+// Apigee's status: a number that also has `code` (writable on the response) and `message`.
+function status(d) {
+  const code = h.info('status');
+  if (code === undefined) return undefined;
+  const n = new Number(code);
+  Object.defineProperty(n, 'code', { get() { return h.info('status'); }, set(v) { h.setStatus(d, Number(v)); } });
+  Object.defineProperty(n, 'message', { get() { return h.info('reason'); } });
+  return n;
+}
 function message(d) {
   return {
     get headers() { return h.headers(d); },
@@ -595,6 +1117,7 @@ function message(d) {
     setHeader(n, v) { h.setHeader(d, String(n), String(v)); },
     removeHeader(n) { h.removeHeader(d, String(n)); },
     get content() { return h.body(d); },
+    set content(s) { h.setBody(d, String(s)); },
     get body() { return h.body(d); },
     json() { const c = h.body(d); return c === undefined ? undefined : JSON.parse(c); },
     setContent(s) { h.setBody(d, String(s)); },
@@ -610,7 +1133,10 @@ Object.defineProperties(request, {
   queryParams: { get() { return h.query(); } },
 });
 const response = message('response');
-Object.defineProperty(response, 'status', { get() { return h.info('status'); } });
+Object.defineProperty(response, 'status', {
+  get() { return apigee ? status('response') : h.info('status'); },
+  set(v) { h.setStatus('response', Number(v)); },
+});
 const context = {
   getVariable(n) { return h.get(String(n)); },
   setVariable(n, v) { h.set(String(n), v); },
@@ -620,6 +1146,53 @@ const context = {
   targetRequest: request, targetResponse: response,
 };
 const print = (...a) => h.print(...a.map(str));
+// Apigee's crypto: hash objects fed with update(), read with digest() (hex) or digest64().
+function hasher(alg) {
+  const parts = [];
+  return {
+    update(v) { parts.push(str(v)); return this; },
+    digest() { return h.hash(alg, parts, 'hex'); },
+    digest64() { return h.hash(alg, parts, 'base64'); },
+  };
+}
+const crypto = {
+  getSHA1() { return hasher('sha1'); },
+  getSHA256() { return hasher('sha256'); },
+  getSHA512() { return hasher('sha512'); },
+  getMD5() { return hasher('md5'); },
+};
+// Apigee's httpClient: the call starts at once; waitForComplete (or any read) waits for it.
+function Request(url, method, headers, body) {
+  if (!(this instanceof Request)) return new Request(url, method, headers, body);
+  this.url = url; this.method = method || 'GET'; this.headers = headers || {}; this.body = body;
+}
+function httpResponse(r) {
+  const n = new Number(r.status);
+  n.code = r.status;
+  return { status: n, headers: r.headers, content: r.content,
+    getHeader(k) { const v = r.headers[String(k).toLowerCase()]; return v === undefined ? null : v; } };
+}
+function exchange(id, cb) {
+  let done = null;
+  const wait = () => { if (done === null) done = h.httpWait(id); return done; };
+  const x = {
+    waitForComplete() { wait(); },
+    isComplete() { return done !== null || h.httpReady(id); },
+    isSuccess() { return !wait().error; },
+    isError() { return !!wait().error; },
+    getResponse() { const r = wait(); return r.error ? undefined : httpResponse(r); },
+    getError() { return wait().error || null; },
+  };
+  if (typeof cb === 'function') { const r = wait(); cb(r.error ? undefined : httpResponse(r), r.error || undefined); }
+  return x;
+}
+const sendOne = (method, url, headers, body, cb) =>
+  exchange(h.httpSend(String(method).toUpperCase(), String(url), JSON.stringify(headers || {}),
+    body === undefined || body === null ? null : String(body)), cb);
+const httpClient = {
+  get(url, cb) { return sendOne('GET', url, {}, null, cb); },
+  send(req, cb) { return sendOne(req.method || 'GET', req.url, req.headers, req.body, cb); },
+};
 const compile = (text) => compileFn('return (' + text + ')')();
 const blocked = function () { throw new EvalError('code generation from strings is disabled'); };
 for (const f of [function () {}, async function () {}, function* () {}, async function* () {}]) {
@@ -640,8 +1213,43 @@ const harden = (o) => {
   }
   harden(Object.getPrototypeOf(o));
 };
-for (const o of [globalThis, context, request, response, print, blocked]) harden(o);
-return { context, request, response, print, compile };
+// Globals, not parameters (a script may declare these names itself); `properties` is the
+// running policy's.
+Object.defineProperties(globalThis, {
+  crypto: { value: crypto, enumerable: false },
+  httpClient: { value: httpClient, enumerable: false },
+  Request: { value: Request, enumerable: false },
+  properties: { get() { return Object.freeze(h.properties()); }, enumerable: false },
+});
+const api = [context, request, response, print, crypto, httpClient, Request, blocked];
+// Sloppy scripts (Apigee's) create globals by assigning undeclared names: the global
+// object stays extensible, its own properties are locked, and `reset` deletes whatever a
+// run added. Strict scripts cannot create globals: the global object is frozen.
+let base = null;
+if (apigee) {
+  seen.add(globalThis);
+  for (const k of Reflect.ownKeys(globalThis)) {
+    const d = Object.getOwnPropertyDescriptor(globalThis, k);
+    if ('value' in d) harden(d.value); else { harden(d.get); harden(d.set); }
+    const lock = { configurable: false };
+    if ('value' in d) lock.writable = false;
+    Object.defineProperty(globalThis, k, lock);
+  }
+  harden(Object.getPrototypeOf(globalThis));
+  base = new Set(Reflect.ownKeys(globalThis));
+} else {
+  api.push(globalThis);
+}
+for (const o of api) harden(o);
+const reset = () => {
+  if (base === null) return true;
+  if (!Object.isExtensible(globalThis)) return false;
+  for (const k of Reflect.ownKeys(globalThis)) {
+    if (!base.has(k) && !Reflect.deleteProperty(globalThis, k)) return false;
+  }
+  return true;
+};
+return { context, request, response, print, compile, reset };
 })"#;
 
 struct Worker {
@@ -659,10 +1267,13 @@ struct Worker {
     interrupted: Arc<AtomicBool>,
     /// Heap in use with every compiled script loaded, the base of each run's limit.
     baseline: usize,
+    /// A run left the global object in a state `reset` could not undo: the worker is
+    /// dropped and a fresh one made for the next run.
+    poisoned: bool,
 }
 
 impl Worker {
-    fn new() -> rquickjs::Result<Self> {
+    fn new(mode: Mode) -> rquickjs::Result<Self> {
         let rt = Runtime::new()?;
         rt.set_max_stack_size(MAX_STACK);
         let epoch = Instant::now();
@@ -692,7 +1303,7 @@ impl Worker {
         let ctx = Context::full(&rt)?;
         let api = ctx.with(|ctx| -> rquickjs::Result<Persistent<Object<'static>>> {
             let prelude: Function = ctx.eval(PRELUDE)?;
-            let api: Object = prelude.call((host(&ctx)?,))?;
+            let api: Object = prelude.call((host(&ctx)?, mode == Mode::Apigee))?;
             Ok(Persistent::save(&ctx, api))
         })?;
         let baseline = usize::try_from(rt.memory_usage().malloc_size).unwrap_or(0);
@@ -706,6 +1317,7 @@ impl Worker {
             hand_off_at,
             interrupted,
             baseline,
+            poisoned: false,
         })
     }
 
@@ -799,6 +1411,11 @@ impl JavaScript {
             ex: std::mem::take(ex),
             dir,
             policy: Arc::clone(&self.name),
+            http: self.http.clone(),
+            pending: Vec::new(),
+            deadline: Arc::clone(&worker.deadline),
+            printed: 0,
+            properties: Arc::clone(&self.properties),
         };
         CURRENT.with(|c| *c.borrow_mut() = Some(cur));
         let result = self.call(worker, f);
@@ -815,6 +1432,7 @@ impl JavaScript {
         worker.deadline(self.time_limit);
         let api = &worker.api;
         let rt = &worker.rt;
+        let mut poisoned = false;
         let result = worker.ctx.with(|ctx| -> Result<(), RunError> {
             let run = || -> rquickjs::Result<()> {
                 let api = api.clone().restore(&ctx)?;
@@ -828,7 +1446,20 @@ impl JavaScript {
                 let _ignored: JsValue = f.call(args)?;
                 Ok(())
             };
-            run().map_err(|e| self.classify(&ctx, e, worker.interrupted.load(Ordering::Relaxed)))
+            let r = run()
+                .map_err(|e| self.classify(&ctx, e, worker.interrupted.load(Ordering::Relaxed)));
+            // Globals a sloppy run made go now; a global object it locked against that
+            // retires this worker.
+            let reset = || -> rquickjs::Result<bool> {
+                let api = api.clone().restore(&ctx)?;
+                let reset: Function = api.get("reset")?;
+                reset.call(())
+            };
+            if self.mode == Mode::Apigee && !matches!(reset(), Ok(true)) {
+                let _ = ctx.catch();
+                poisoned = true;
+            }
+            r
         });
         // Promise jobs the run queued run now, inside its limits, never in a later run.
         // (Outside `with`: job execution takes the runtime lock itself.)
@@ -846,6 +1477,10 @@ impl JavaScript {
         });
         worker.clear_deadline();
         worker.rt.set_memory_limit(0);
+        if poisoned {
+            tracing::warn!(policy = %self.name, "JavaScript: a run left globals that could not be cleared; engine replaced");
+            worker.poisoned = true;
+        }
         if matches!(result, Err(RunError::TimeLimit | RunError::MemoryLimit)) {
             worker.rt.run_gc();
         }
@@ -920,18 +1555,26 @@ impl Policy for JavaScript {
     }
 
     fn run<'a>(&'a self, ex: &'a mut Exchange, dir: Direction) -> Hook<'a> {
-        let result = WORKER.with(|w| {
+        let slot = match self.mode {
+            Mode::Strict => &WORKER,
+            Mode::Apigee => &APIGEE_WORKER,
+        };
+        let result = slot.with(|w| {
             let mut w = w.borrow_mut();
             if w.is_none() {
-                match Worker::new() {
+                match Worker::new(self.mode) {
                     Ok(new) => *w = Some(new),
                     Err(e) => return Err(RunError::Failed(format!("JavaScript engine: {e}"))),
                 }
             }
-            match w.as_mut() {
+            let r = match w.as_mut() {
                 Some(worker) => self.execute(worker, ex, dir),
                 None => Err(RunError::Failed("JavaScript engine unavailable".into())),
+            };
+            if w.as_ref().is_some_and(|w| w.poisoned) {
+                *w = None;
             }
+            r
         });
         let c = &self.counters;
         let (metric, fault) = match result {

@@ -18,7 +18,28 @@
 //!   statusHeader: cache-status         # RFC 9211: `tollgate; hit` / `tollgate; fwd=miss[; stored]`
 //!   coalesceWaitMs: 0                  # > 0: concurrent misses on a key wait for the first
 //!   shared: {redis: "redis://127.0.0.1:6379/0", timeoutMs: 50}   # optional second tier
+//!   profile: tollgate                  # or apigee: Apigee's defaults for the unset fields
+//!   skipCacheLookup: 'request.header.bypass-cache = "true"'   # Apigee's language (or skipLookup, CEL)
+//!   skipCachePopulation: 'response.status.code != 200'        # (or skipPopulate, CEL)
+//!   expiry: {timeoutInSec: {ref: cache.ttl, value: 300}}      # in place of ttlSeconds; or
+//!           # {expiryDate: "12-31-2027"} (mm-dd-yyyy, start of day UTC) or
+//!           # {timeOfDay: "02:00:00"} (hh:mm:ss UTC, the next one); each a literal or {ref, value}
+//!   useAcceptHeader: false             # Accept, Accept-Encoding, -Language, -Charset in the key
+//!   responseStepsOnHit: false          # a hit runs the flow's response steps (Apigee)
 //! ```
+//!
+//! `profile: apigee` changes the defaults to Apigee's: `excludeErrorResponses: false`
+//! stores any status (tollgate's `false` stores 2xx–4xx), `respectCacheControl: false`
+//! (Apigee's `UseResponseCacheHeaders`, accepted as an alias), `responseStepsOnHit: true`.
+//! With `responseStepsOnHit`, a hit still skips the upstream and the rest of the request
+//! steps, but every response step of the flow runs on the cached answer (the policy's own
+//! populate half does nothing on its own hit); a response step that fails turns the answer
+//! into its fault. `responsecache.<policy>.cachehit` is `true` on a hit and `false` after
+//! a lookup that missed or was skipped. An `expiry` whose ref and literal give no future
+//! time stores nothing. What stays stricter than Apigee under every profile: a response to
+//! a request with credentials is stored outside `scope: app` only when its `Cache-Control`
+//! allows a shared cache to (below), `Vary: *` and oversize bodies are never stored, and
+//! cookies are never replayed.
 //!
 //! The key is a SHA-256 over the prefix, scope, host, fragments (length-prefixed), method
 //! and, for methods with a body, a digest of the body: hostile input never reaches the
@@ -60,9 +81,6 @@ fn default_ttl() -> u64 {
 fn default_methods() -> Vec<String> {
     vec!["GET".into(), "HEAD".into()]
 }
-fn yes() -> bool {
-    true
-}
 fn default_entry() -> usize {
     1024 * 1024
 }
@@ -82,18 +100,38 @@ struct Spec {
     key_fragments: Vec<String>,
     #[serde(default)]
     scope: Scope,
-    #[serde(default = "default_ttl")]
-    ttl_seconds: u64,
+    #[serde(default)]
+    ttl_seconds: Option<u64>,
     #[serde(default = "default_methods")]
     methods: Vec<String>,
     #[serde(default)]
     skip_lookup: Option<String>,
     #[serde(default)]
     skip_populate: Option<String>,
-    #[serde(default = "yes")]
-    exclude_error_responses: bool,
-    #[serde(default = "yes")]
-    respect_cache_control: bool,
+    /// Default: true (`profile: apigee`: false, and then any status is stored).
+    #[serde(default)]
+    exclude_error_responses: Option<bool>,
+    /// Default: true (`profile: apigee`: false, Apigee's `UseResponseCacheHeaders`).
+    #[serde(default, alias = "useResponseCacheHeaders")]
+    respect_cache_control: Option<bool>,
+    #[serde(default)]
+    profile: Profile,
+    /// Apigee's `SkipCacheLookup`: a condition in Apigee's language.
+    #[serde(default)]
+    skip_cache_lookup: Option<String>,
+    /// Apigee's `SkipCachePopulation`: a condition in Apigee's language.
+    #[serde(default)]
+    skip_cache_population: Option<String>,
+    /// Apigee's `ExpirySettings`, in place of `ttlSeconds`.
+    #[serde(default)]
+    expiry: Option<ExpirySpec>,
+    /// Apigee's `UseAcceptHeader`: the request's `Accept*` headers are part of the key.
+    #[serde(default)]
+    use_accept_header: bool,
+    /// A hit runs the flow's response steps on the served answer (Apigee). Default: false
+    /// (`profile: apigee`: true).
+    #[serde(default)]
+    response_steps_on_hit: Option<bool>,
     #[serde(default = "default_entry")]
     max_entry_bytes: usize,
     #[serde(default = "default_total")]
@@ -120,6 +158,185 @@ pub(crate) struct SharedSpec {
     pub(crate) timeout_ms: u64,
 }
 
+/// Whose defaults the unset fields take.
+#[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+enum Profile {
+    /// tollgate's: only 2xx stored, upstream `Cache-Control` honoured, a hit answers at once.
+    #[default]
+    Tollgate,
+    /// Apigee's: any status stored, upstream headers ignored, a hit runs the response steps.
+    Apigee,
+}
+
+/// One of Apigee's `ExpirySettings` values: a literal, or `{ref, value}` where the variable
+/// wins when it resolves and the literal is the fallback.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(untagged)]
+enum Setting<T> {
+    Literal(T),
+    Ref(RefSetting<T>),
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+struct RefSetting<T> {
+    #[serde(rename = "ref")]
+    reference: String,
+    value: Option<T>,
+}
+
+impl<T: Clone> Setting<T> {
+    fn parts(&self) -> (Option<String>, Option<T>) {
+        match self {
+            Setting::Literal(v) => (None, Some(v.clone())),
+            Setting::Ref(r) => (Some(r.reference.clone()), r.value.clone()),
+        }
+    }
+}
+
+/// `expiry:`, Apigee's `ExpirySettings`: exactly one of the three.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ExpirySpec {
+    #[serde(default, alias = "timeoutInSeconds")]
+    timeout_in_sec: Option<Setting<u64>>,
+    /// `mm-dd-yyyy`: entries expire at the start of that day (UTC).
+    #[serde(default)]
+    expiry_date: Option<Setting<String>>,
+    /// `hh:mm:ss`: entries expire at the next such time of day (UTC).
+    #[serde(default)]
+    time_of_day: Option<Setting<String>>,
+}
+
+/// When a stored entry expires, decided each time one is stored.
+#[derive(Debug, Clone)]
+enum Expiry {
+    /// Seconds; a `ref` that resolves to a positive whole number wins.
+    Timeout {
+        reference: Option<String>,
+        secs: Option<u64>,
+    },
+    /// A date (`mm-dd-yyyy`, start of the day, UTC).
+    Date {
+        reference: Option<String>,
+        date: Option<chrono::NaiveDate>,
+    },
+    /// A time of day (`hh:mm:ss`, UTC): the next one from now.
+    TimeOfDay {
+        reference: Option<String>,
+        time: Option<chrono::NaiveTime>,
+    },
+}
+
+fn parse_date(s: &str) -> Option<chrono::NaiveDate> {
+    chrono::NaiveDate::parse_from_str(s.trim(), "%m-%d-%Y").ok()
+}
+
+fn parse_time(s: &str) -> Option<chrono::NaiveTime> {
+    chrono::NaiveTime::parse_from_str(s.trim(), "%H:%M:%S").ok()
+}
+
+/// The longest lifetime an entry may have: `Instant + ttl` panics past the clock's range.
+const MAX_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+
+impl Expiry {
+    fn compile(spec: &ExpirySpec) -> Result<Self, SpecError> {
+        let given = [
+            spec.timeout_in_sec.is_some(),
+            spec.expiry_date.is_some(),
+            spec.time_of_day.is_some(),
+        ];
+        if given.iter().filter(|g| **g).count() != 1 {
+            return Err(SpecError::new(
+                "expiry",
+                "give exactly one of timeoutInSec, expiryDate, timeOfDay",
+            ));
+        }
+        let check_ref = |field: &str, r: &Option<String>| match r {
+            Some(r) if r.trim().is_empty() => Err(SpecError::new(field, "`ref` names a variable")),
+            _ => Ok(()),
+        };
+        if let Some(t) = &spec.timeout_in_sec {
+            let (reference, secs) = t.parts();
+            check_ref("expiry.timeoutInSec.ref", &reference)?;
+            if let Some(s) = secs {
+                if s == 0 || s > MAX_TTL.as_secs() {
+                    return Err(SpecError::new(
+                        "expiry.timeoutInSec",
+                        "must be between 1 and 31536000 (one year)",
+                    ));
+                }
+            } else if reference.is_none() {
+                return Err(SpecError::new(
+                    "expiry.timeoutInSec",
+                    "give a value or a ref",
+                ));
+            }
+            return Ok(Expiry::Timeout { reference, secs });
+        }
+        if let Some(d) = &spec.expiry_date {
+            let (reference, text) = d.parts();
+            check_ref("expiry.expiryDate.ref", &reference)?;
+            let date = text
+                .map(|t| {
+                    parse_date(&t).ok_or_else(|| {
+                        SpecError::new("expiry.expiryDate", format!("`{t}` is not mm-dd-yyyy"))
+                    })
+                })
+                .transpose()?;
+            return Ok(Expiry::Date { reference, date });
+        }
+        let (reference, text) = spec
+            .time_of_day
+            .as_ref()
+            .map(Setting::parts)
+            .unwrap_or_default();
+        check_ref("expiry.timeOfDay.ref", &reference)?;
+        let time = text
+            .map(|t| {
+                parse_time(&t).ok_or_else(|| {
+                    SpecError::new("expiry.timeOfDay", format!("`{t}` is not hh:mm:ss"))
+                })
+            })
+            .transpose()?;
+        Ok(Expiry::TimeOfDay { reference, time })
+    }
+
+    /// The lifetime of an entry stored now; `None`: do not store (the date is past, or
+    /// neither the ref nor a literal gives a usable value).
+    fn ttl(&self, ex: &Exchange, now: chrono::DateTime<chrono::Utc>) -> Option<Duration> {
+        let resolved = |r: &Option<String>| {
+            r.as_deref()
+                .and_then(|r| ex.lookup(r))
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+        };
+        let ttl = match self {
+            Expiry::Timeout { reference, secs } => {
+                let from_ref = resolved(reference).and_then(|v| v.parse::<u64>().ok());
+                Duration::from_secs(from_ref.filter(|s| *s > 0).or(*secs)?)
+            }
+            Expiry::Date { reference, date } => {
+                let d = resolved(reference).and_then(|v| parse_date(&v)).or(*date)?;
+                let at = d.and_hms_opt(0, 0, 0)?.and_utc();
+                (at - now).to_std().ok()?
+            }
+            Expiry::TimeOfDay { reference, time } => {
+                let t = resolved(reference).and_then(|v| parse_time(&v)).or(*time)?;
+                let today = now.date_naive().and_time(t).and_utc();
+                let at = if today > now {
+                    today
+                } else {
+                    today + chrono::Duration::days(1)
+                };
+                (at - now).to_std().ok()?
+            }
+        };
+        (!ttl.is_zero()).then_some(ttl.min(MAX_TTL))
+    }
+}
+
 #[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 enum Scope {
@@ -141,9 +358,14 @@ struct ResponseCache {
     skip_lookup: Option<Condition>,
     skip_populate: Option<Condition>,
     exclude_errors: bool,
+    /// With `exclude_errors` false: every status (Apigee), not only those below 500.
+    any_status: bool,
     respect_cache_control: bool,
     max_entry: usize,
-    ttl: Duration,
+    /// The entry lifetime: `ttlSeconds` or `expiry`.
+    expiry: Expiry,
+    use_accept_header: bool,
+    response_steps_on_hit: bool,
     status_header: String,
     store: Arc<LocalCache>,
     /// Keys with a request upstream, for coalescing concurrent misses.
@@ -156,7 +378,8 @@ struct ResponseCache {
     bypass_var: String,
     /// Set when the request carried credentials and the key is not per app.
     credentialed_var: String,
-    /// `responsecache.<policy>.cachehit` (Apigee's): true when the lookup answered.
+    /// Apigee's `responsecache.<policy>.cachehit`: true on a hit, false on a lookup that
+    /// missed (or was skipped).
     cachehit_var: String,
     metrics: CacheCounters,
 }
@@ -209,13 +432,28 @@ pub fn build(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Arc<dyn Po
 
 fn build_cache(ctx: &BuildContext, spec: serde_norway::Value) -> Result<ResponseCache, SpecError> {
     let spec: Spec = parse_spec(spec)?;
+    let apigee = spec.profile == Profile::Apigee;
     // `Instant + ttl` panics past the clock's range: bound it at load (one year).
-    if spec.ttl_seconds == 0 || spec.ttl_seconds > 365 * 24 * 3600 {
+    let ttl_seconds = spec.ttl_seconds.unwrap_or_else(default_ttl);
+    if ttl_seconds == 0 || ttl_seconds > MAX_TTL.as_secs() {
         return Err(SpecError::new(
             "ttlSeconds",
             "must be between 1 and 31536000 (one year)",
         ));
     }
+    let expiry = match (&spec.expiry, spec.ttl_seconds) {
+        (Some(_), Some(_)) => {
+            return Err(SpecError::new(
+                "expiry",
+                "give ttlSeconds or expiry, not both",
+            ))
+        }
+        (Some(e), None) => Expiry::compile(e)?,
+        (None, _) => Expiry::Timeout {
+            reference: None,
+            secs: Some(ttl_seconds),
+        },
+    };
     if spec.max_entry_bytes == 0 || spec.max_entry_bytes as u64 > spec.max_cache_bytes {
         return Err(SpecError::new(
             "maxEntryBytes",
@@ -238,6 +476,26 @@ fn build_cache(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Response
             .map(|c| Condition::compile(c).map_err(|e| SpecError::new(field, e.to_string())))
             .transpose()
     };
+    // `skipLookup` (CEL) or `skipCacheLookup` (Apigee's language), not both.
+    let either =
+        |cel: (&str, &Option<String>), apigee: (&str, &Option<String>)| match (cel.1, apigee.1) {
+            (Some(_), Some(_)) => Err(SpecError::new(
+                apigee.0,
+                format!("give {} (CEL) or {} (Apigee), not both", cel.0, apigee.0),
+            )),
+            (None, Some(c)) => Condition::compile_apigee(c)
+                .map(Some)
+                .map_err(|e| SpecError::new(apigee.0, e.to_string())),
+            _ => cond(cel.0, cel.1),
+        };
+    let skip_lookup = either(
+        ("skipLookup", &spec.skip_lookup),
+        ("skipCacheLookup", &spec.skip_cache_lookup),
+    )?;
+    let skip_populate = either(
+        ("skipPopulate", &spec.skip_populate),
+        ("skipCachePopulation", &spec.skip_cache_population),
+    )?;
     let methods: Vec<String> = spec
         .methods
         .iter()
@@ -249,8 +507,8 @@ fn build_cache(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Response
     let body_methods = methods
         .iter()
         .any(|m| matches!(m.as_str(), "POST" | "PUT" | "PATCH" | "QUERY"));
-    let ttl = Duration::from_secs(spec.ttl_seconds);
-    let id = format!("{}|{}|{}", ctx.name, spec.ttl_seconds, spec.max_cache_bytes);
+    let ttl = Duration::from_secs(ttl_seconds);
+    let id = format!("{}|{}|{}", ctx.name, ttl_seconds, spec.max_cache_bytes);
     let store = ctx.services.caches.get(id, spec.max_cache_bytes);
     let coalesce_wait = Duration::from_millis(spec.coalesce_wait_ms);
     let inflight = (spec.coalesce_wait_ms > 0).then(|| {
@@ -281,12 +539,15 @@ fn build_cache(ctx: &BuildContext, spec: serde_norway::Value) -> Result<Response
         scope: spec.scope,
         methods,
         body_methods,
-        skip_lookup: cond("skipLookup", &spec.skip_lookup)?,
-        skip_populate: cond("skipPopulate", &spec.skip_populate)?,
-        exclude_errors: spec.exclude_error_responses,
-        respect_cache_control: spec.respect_cache_control,
+        skip_lookup,
+        skip_populate,
+        exclude_errors: spec.exclude_error_responses.unwrap_or(!apigee),
+        any_status: apigee,
+        respect_cache_control: spec.respect_cache_control.unwrap_or(!apigee),
         max_entry: spec.max_entry_bytes,
-        ttl,
+        expiry,
+        use_accept_header: spec.use_accept_header,
+        response_steps_on_hit: spec.response_steps_on_hit.unwrap_or(apigee),
         status_header,
         store,
         inflight,
@@ -332,6 +593,17 @@ impl ResponseCache {
         for f in &self.fragments {
             part(f.render(ex).as_bytes());
         }
+        if self.use_accept_header {
+            // Apigee's `UseAcceptHeader`: the negotiated representation is part of the key.
+            for name in [
+                "accept",
+                "accept-encoding",
+                "accept-language",
+                "accept-charset",
+            ] {
+                part(all_values(&ex.request.headers, name).as_bytes());
+            }
+        }
         if self.body_methods && matches!(method, "POST" | "PUT" | "PATCH" | "QUERY") {
             let digest = Sha256::digest(ex.request_body.as_deref().unwrap_or_default());
             part(&digest);
@@ -374,8 +646,12 @@ impl ResponseCache {
                 .all(|(_, coding)| accepts_encoding(h.get("accept-encoding"), coding))
     }
 
-    fn hit(&self, e: &Entry) -> Outcome {
+    fn hit(&self, ex: &mut Exchange, e: &Entry) -> Outcome {
         self.metrics.hit.inc();
+        ex.set_var(self.cachehit_var.clone(), true);
+        if self.response_steps_on_hit {
+            ex.state.response_steps_on_answer = true;
+        }
         let mut headers = e.headers.clone();
         headers.push(("age".into(), e.stored.elapsed().as_secs().to_string()));
         headers.push((self.status_header.clone(), "tollgate; hit".into()));
@@ -386,12 +662,6 @@ impl ResponseCache {
             e.content_type.clone(),
             e.body.clone(),
         )))
-    }
-
-    /// [`Self::hit`], noted in `responsecache.<policy>.cachehit`.
-    fn hit_for(&self, ex: &mut Exchange, e: &Entry) -> Outcome {
-        ex.set_var(self.cachehit_var.clone(), true);
-        self.hit(e)
     }
 
     fn release(&self, key: &Key) {
@@ -417,7 +687,7 @@ impl ResponseCache {
         }
         if let Some(e) = self.store.get(&key) {
             if Self::usable(&e, ex) {
-                return Hook::Ready(self.hit_for(ex, &e));
+                return Hook::Ready(self.hit(ex, &e));
             }
             // Another variant (or coding) is stored: go upstream; the answer replaces it.
             return Hook::CONTINUE;
@@ -431,7 +701,7 @@ impl ResponseCache {
                     let e = Arc::new(e);
                     self.store.insert(key, e.clone());
                     if Self::usable(&e, ex) {
-                        return self.hit_for(ex, &e);
+                        return self.hit(ex, &e);
                     }
                     return Outcome::Continue;
                 }
@@ -450,7 +720,7 @@ impl ResponseCache {
             // Another request for this key is upstream: wait (bounded) for it to populate.
             let _ = tokio::time::timeout(self.coalesce_wait, notify.notified()).await;
             match self.store.get(&key) {
-                Some(e) if Self::usable(&e, ex) => self.hit_for(ex, &e),
+                Some(e) if Self::usable(&e, ex) => self.hit(ex, &e),
                 _ => Outcome::Continue,
             }
         }))
@@ -458,6 +728,14 @@ impl ResponseCache {
 
     /// Decides on response headers whether this response may be stored.
     fn on_response(&self, ex: &mut Exchange) {
+        // The answer this policy served itself, going through the response steps: nothing
+        // to store (Apigee skips the populate half on a hit too).
+        if matches!(
+            ex.var(&self.cachehit_var),
+            Some(crate::vars::ValueRef::Bool(true))
+        ) {
+            return;
+        }
         let Some(key) = ex.lookup(&self.key_var).and_then(|k| unhex(&k)) else {
             return;
         };
@@ -465,6 +743,8 @@ impl ResponseCache {
         let status = resp.status;
         let cacheable_status = if self.exclude_errors {
             (200..300).contains(&status)
+        } else if self.any_status {
+            (100..600).contains(&status)
         } else {
             (200..500).contains(&status)
         };
@@ -538,15 +818,20 @@ impl ResponseCache {
             .filter(|(n, _)| stored_header(n) && *n != self.status_header)
             .map(|(n, v)| (n.to_ascii_lowercase(), v.to_owned()))
             .collect();
+        let Some(base) = self.expiry.ttl(ex, chrono::Utc::now()) else {
+            tracing::debug!(policy = %self.name, "expiry resolves to no future time; not cached");
+            self.release(&key);
+            return;
+        };
         let ttl = match self.respect_cache_control {
             true => match freshness(
                 &all_values(&resp.headers, "cache-control"),
                 is_event_stream(resp),
             ) {
-                Freshness::AtMost(d) => d.min(self.ttl),
-                _ => self.ttl,
+                Freshness::AtMost(d) => d.min(base),
+                _ => base,
             },
-            false => self.ttl,
+            false => base,
         };
         // The coding is checked against `accept-encoding` on every hit, so that header is
         // not pinned to one value here.
@@ -1469,9 +1754,180 @@ mod tests {
                 "shared: {redis: 'redis://127.0.0.1:1', timeoutMs: 0}",
                 "shared.timeoutMs",
             ),
+            ("ttlSeconds: 5\nexpiry: {timeoutInSec: 5}", "expiry"),
+            ("expiry: {timeoutInSec: 5, timeOfDay: '10:00:00'}", "expiry"),
+            ("expiry: {}", "expiry"),
+            ("expiry: {expiryDate: '2027-12-31'}", "expiry.expiryDate"),
+            ("expiry: {timeOfDay: '25:00'}", "expiry.timeOfDay"),
+            ("expiry: {timeoutInSec: 0}", "expiry.timeoutInSec"),
+            (
+                "expiry: {timeoutInSec: {ref: ''}}",
+                "expiry.timeoutInSec.ref",
+            ),
+            ("skipCacheLookup: 'request.verb ='", "skipCacheLookup"),
+            (
+                "skipLookup: 'true'\nskipCacheLookup: 'request.verb = \"GET\"'",
+                "skipCacheLookup",
+            ),
+            ("profile: akamai", "profile"),
         ] {
             let e = build(&ctx, serde_norway::from_str(y).unwrap()).unwrap_err();
             assert_eq!(e.field, field, "{y}");
         }
+    }
+
+    /// `profile: apigee`: any status is stored, upstream `Cache-Control` is not consulted,
+    /// a hit says so in `responsecache.<p>.cachehit` and asks for the response steps.
+    #[tokio::test]
+    async fn apigee_profile_defaults() {
+        let p = policy("profile: apigee");
+        let mut ex = request("GET", "/err", None);
+        miss(&p, &mut ex, 503, &[("cache-control", "no-store")], "down").await;
+        assert_eq!(
+            ex.lookup("responsecache.rc.cachehit").as_deref(),
+            Some("false")
+        );
+        assert!(!ex.state.response_steps_on_answer);
+        let mut ex = request("GET", "/err", None);
+        let hit = run(&p, &mut ex, Direction::Request).await.unwrap_err();
+        assert!(hit.is_answer());
+        assert_eq!(hit.status, 503);
+        assert_eq!(
+            ex.lookup("responsecache.rc.cachehit").as_deref(),
+            Some("true")
+        );
+        assert!(ex.state.response_steps_on_answer);
+        // The populate half, run on its own answer, stores nothing again.
+        ex.response = Some(ResponseInfo {
+            status: 503,
+            headers: Headers::new(),
+        });
+        run(&p, &mut ex, Direction::Response).await.unwrap();
+        assert_eq!(ex.response_capture, 0);
+        assert!(ex.take_mutations(Direction::Response).is_empty());
+
+        // tollgate's defaults: a 503 passes on, and a hit answers at once.
+        let p = policy("{}");
+        let mut ex = request("GET", "/err", None);
+        miss(&p, &mut ex, 503, &[], "down").await;
+        let mut ex = request("GET", "/err", None);
+        run(&p, &mut ex, Direction::Request).await.unwrap();
+        // `excludeErrorResponses: true` under the Apigee profile: 2xx only.
+        let p = policy("profile: apigee\nexcludeErrorResponses: true\nresponseStepsOnHit: false");
+        let mut ex = request("GET", "/err", None);
+        miss(&p, &mut ex, 404, &[], "gone").await;
+        let mut ex = request("GET", "/err", None);
+        run(&p, &mut ex, Direction::Request).await.unwrap();
+        let mut ex = request("GET", "/ok", None);
+        miss(&p, &mut ex, 200, &[], "ok").await;
+        let mut ex = request("GET", "/ok", None);
+        assert!(run(&p, &mut ex, Direction::Request).await.is_err());
+        assert!(!ex.state.response_steps_on_answer);
+    }
+
+    /// Apigee's conditions skip the lookup (refreshing the entry) and the population.
+    #[tokio::test]
+    async fn apigee_skip_conditions() {
+        let p = policy(
+            "skipCacheLookup: 'request.header.bypass-cache = \"true\"'\n\
+             skipCachePopulation: 'response.header.x-partial = \"yes\"'",
+        );
+        let mut ex = request("GET", "/w", None);
+        miss(&p, &mut ex, 200, &[], "v1").await;
+        let mut ex = request("GET", "/w", None);
+        ex.request
+            .headers
+            .push("bypass-cache".into(), "true".into());
+        miss(&p, &mut ex, 200, &[], "v2").await;
+        assert_eq!(
+            ex.lookup("responsecache.rc.cachehit").as_deref(),
+            Some("false")
+        );
+        let mut ex = request("GET", "/w", None);
+        assert_eq!(lookup(&p, &mut ex).await.as_deref(), Some(&b"v2"[..]));
+        let mut ex = request("GET", "/w", None);
+        ex.request
+            .headers
+            .push("bypass-cache".into(), "true".into());
+        miss(&p, &mut ex, 200, &[("x-partial", "yes")], "partial").await;
+        let mut ex = request("GET", "/w", None);
+        assert_eq!(lookup(&p, &mut ex).await.as_deref(), Some(&b"v2"[..]));
+    }
+
+    /// `useAcceptHeader`: requests negotiating another representation miss.
+    #[tokio::test]
+    async fn accept_headers_in_the_key() {
+        let with = |accept: &str| {
+            let mut ex = request("GET", "/doc", None);
+            ex.request.headers.push("accept".into(), accept.into());
+            ex
+        };
+        let p = policy("useAcceptHeader: true");
+        miss(&p, &mut with("application/json"), 200, &[], "{}").await;
+        assert!(lookup(&p, &mut with("application/json")).await.is_some());
+        assert!(lookup(&p, &mut with("application/xml")).await.is_none());
+        let p = policy("{}");
+        miss(&p, &mut with("application/json"), 200, &[], "{}").await;
+        assert!(lookup(&p, &mut with("application/xml")).await.is_some());
+    }
+
+    /// `expiry`: a timeout (ref first, literal as fallback), a date, a time of day.
+    #[test]
+    fn expiry_settings() {
+        use chrono::TimeZone;
+        let compile = |y: &str| Expiry::compile(&serde_norway::from_str(y).unwrap()).unwrap();
+        let now = chrono::Utc
+            .with_ymd_and_hms(2027, 3, 10, 22, 0, 0)
+            .single()
+            .unwrap();
+        let mut ex = Exchange::default();
+        let t = compile("timeoutInSec: {ref: cache.ttl, value: 60}");
+        assert_eq!(t.ttl(&ex, now), Some(Duration::from_secs(60)));
+        ex.set_var("cache.ttl", "5");
+        assert_eq!(t.ttl(&ex, now), Some(Duration::from_secs(5)));
+        ex.set_var("cache.ttl", "soon");
+        assert_eq!(t.ttl(&ex, now), Some(Duration::from_secs(60)));
+        // A ref alone that does not resolve: nothing is stored.
+        let t = compile("timeoutInSec: {ref: nope}");
+        assert_eq!(t.ttl(&ex, now), None);
+
+        let d = compile("expiryDate: '03-12-2027'");
+        assert_eq!(d.ttl(&ex, now), Some(Duration::from_secs(26 * 3600)));
+        let past = compile("expiryDate: '03-10-2027'");
+        assert_eq!(past.ttl(&ex, now), None, "a past date stores nothing");
+        let d = compile("expiryDate: {ref: cache.until, value: '03-11-2027'}");
+        assert_eq!(d.ttl(&ex, now), Some(Duration::from_secs(2 * 3600)));
+        ex.set_var("cache.until", "03-13-2027");
+        assert_eq!(d.ttl(&ex, now), Some(Duration::from_secs(50 * 3600)));
+        let far = compile("expiryDate: '01-01-2099'");
+        assert_eq!(far.ttl(&ex, now), Some(MAX_TTL));
+
+        let t = compile("timeOfDay: '23:30:00'");
+        assert_eq!(t.ttl(&ex, now), Some(Duration::from_secs(5400)));
+        let t = compile("timeOfDay: '21:00:00'");
+        assert_eq!(
+            t.ttl(&ex, now),
+            Some(Duration::from_secs(23 * 3600)),
+            "tomorrow's"
+        );
+        let t = compile("timeOfDay: {ref: cache.at, value: '22:00:10'}");
+        assert_eq!(t.ttl(&ex, now), Some(Duration::from_secs(10)));
+    }
+
+    /// An entry stored under `expiry` lives as long as it says.
+    #[tokio::test]
+    async fn expiry_applies_to_stored_entries() {
+        let p = policy("expiry: {timeoutInSec: {ref: my.ttl, value: 600}}");
+        let mut ex = request("GET", "/short", None);
+        ex.set_var("my.ttl", "1");
+        miss(&p, &mut ex, 200, &[], "x").await;
+        let mut ex = request("GET", "/short", None);
+        assert!(lookup(&p, &mut ex).await.is_some());
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let mut ex = request("GET", "/short", None);
+        assert!(
+            lookup(&p, &mut ex).await.is_none(),
+            "expired after the ref's 1 s"
+        );
     }
 }

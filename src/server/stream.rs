@@ -166,13 +166,18 @@ impl StreamState {
         // The exchange's usage is known before any response hook runs on the answer.
         crate::llm::track::finish(&mut self.ex, ExchangeEnd::Answered);
         if let (Direction::Request, Some(flow)) = (dir, self.flow.clone()) {
-            if !flow.response.answer_steps.is_empty() {
+            // A step asked for the whole response flow on its answer (Apigee's ResponseCache
+            // hit): every response step runs on it, in order; a rejection still rejects.
+            let all: Vec<crate::pipeline::Step>;
+            let steps = if self.ex.state.response_steps_on_answer {
+                all = flow.response.steps().cloned().collect();
+                &all
+            } else {
+                &flow.response.answer_steps
+            };
+            if !steps.is_empty() {
                 // Boxed: keeps the common path's futures small.
-                let run = crate::pipeline::run_answer_steps(
-                    &flow.response.answer_steps,
-                    &mut self.ex,
-                    answer,
-                );
+                let run = crate::pipeline::run_answer_steps(steps, &mut self.ex, answer);
                 match Box::pin(run).await {
                     Outcome::Respond(a) => answer = a,
                     Outcome::Reject(f) => return self.reject(f, out).await,
@@ -1058,13 +1063,30 @@ impl StreamState {
             // The usage is known before the response's body steps run.
             crate::llm::track::whole_response(&mut self.ex, &body);
         }
+        // A step before the first body step asked for a copy (a cache populating itself):
+        // it gets the body as it was when it ran, the upstream's, once the body steps let
+        // the response through.
+        let copy = (dir == Direction::Response
+            && self.ex.response_capture > 0
+            && !flow.response.copy_steps.is_empty())
+        .then(|| body.clone())
+        .filter(|b| b.len() <= self.ex.response_capture);
         self.ex.set_body(dir, Some(body));
         let o = run_steps(steps, &mut self.ex, dir).await;
         if !o.is_continue() {
             self.stop(o, dir, out).await;
             return None;
         }
-        Some(self.ex.take_body(dir).unwrap_or_default())
+        let body = self.ex.take_body(dir).unwrap_or_default();
+        if dir == Direction::Response {
+            self.ex.response_capture = 0;
+            if let Some(copy) = copy {
+                let run =
+                    crate::pipeline::run_copy_steps(&flow.response.copy_steps, &mut self.ex, copy);
+                Box::pin(run).await;
+            }
+        }
+        Some(body)
     }
 
     async fn on_trailers(

@@ -65,6 +65,9 @@ pub struct State {
     /// The request and response bodies parsed as JSON, on first use (see
     /// [`super::Exchange::body_json`]).
     pub(super) json: [OnceLock<JsonBody>; 2],
+    /// The answer a request step served runs through every response step of the flow,
+    /// not only those declared for answers (a ResponseCache hit as Apigee runs it).
+    pub response_steps_on_answer: bool,
 }
 
 /// An app and product VerifyApiKey verified.
