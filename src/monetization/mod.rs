@@ -267,6 +267,9 @@ struct Tally {
 
 type PendingKey = (String, i64, String);
 
+/// Subscriptions by app.
+type SubsByApp = HashMap<String, Vec<Arc<Subscription>>>;
+
 /// The process's monetization service (in [`crate::services::Services`]).
 pub struct Monetization {
     backend: Arc<dyn Backend>,
@@ -275,7 +278,7 @@ pub struct Monetization {
     accounts: RwLock<HashMap<String, (Account, i64, Instant)>>,
     /// Subscriptions by app, with when they were read (this replica's writes update them;
     /// another replica's are read again after [`FRESH`]).
-    subs: RwLock<Option<(Instant, HashMap<String, Vec<Arc<Subscription>>>)>>,
+    subs: RwLock<Option<(Instant, SubsByApp)>>,
     pending: Mutex<HashMap<PendingKey, Tally>>,
     flushing: tokio::sync::Mutex<()>,
     /// Serialises this replica's ledger writes per process (ids stay unique regardless).
@@ -580,7 +583,7 @@ impl Monetization {
 
     /// Reads every subscription from the store (another replica's writes included).
     pub async fn reload_subscriptions(&self) -> Result<(), MintError> {
-        let out = Arc::new(Mutex::new(HashMap::<String, Vec<Arc<Subscription>>>::new()));
+        let out = Arc::new(Mutex::new(SubsByApp::new()));
         let sink = out.clone();
         self.backend
             .scan(
