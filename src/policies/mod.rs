@@ -104,6 +104,7 @@ pub const ALL_TYPES: &[&str] = &[
     "LlmTokenQuota",
     "PromptTokenLimit",
     "LlmCostBudget",
+    "MonetizationLimitsCheck",
     "SanitizePrompt",
     "SanitizeUserPrompt",
     "SanitizeResponse",
