@@ -1,6 +1,8 @@
 //! Monetization: rate plans, subscriptions, prepaid and postpaid balances with a ledger,
 //! the `MonetizationLimitsCheck` policy and statements (issue 19, items 2-4).
 //!
+//! The policy is `crate::policies::monetization_limits_check`.
+//!
 //! - **Plans** are `RatePlan` documents ([`plan`]), compiled with the configuration; the
 //!   newest live configuration's plans are the ones listed ([`Monetization::plans`]).
 //! - **Accounts** (per developer: currency, prepaid or postpaid with a credit limit),
@@ -21,7 +23,6 @@
 
 pub mod money;
 pub mod plan;
-pub mod policy;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};

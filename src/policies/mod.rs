@@ -28,6 +28,7 @@ pub mod llm_cost_budget;
 pub(crate) mod llm_test_support;
 pub mod llm_token_quota;
 pub mod model_router;
+pub mod monetization_limits_check;
 pub mod oas_validation;
 pub mod prompt_token_limit;
 pub mod quota;
@@ -59,8 +60,8 @@ pub static REGISTRY: &[(&str, BuildFn)] = &[
     (llm_cost_budget::TYPE, llm_cost_budget::build),
     (llm_token_quota::TYPE, llm_token_quota::build),
     (
-        crate::monetization::policy::TYPE,
-        crate::monetization::policy::build,
+        monetization_limits_check::TYPE,
+        monetization_limits_check::build,
     ),
     (model_router::TYPE, model_router::build),
     (oas_validation::TYPE, oas_validation::build),

@@ -61,7 +61,7 @@ pub struct State {
     /// Each SanitizeResponse step's stream scanners, kept between response chunks.
     pub guard_streams: Vec<crate::policies::sanitize_response::StreamState>,
     /// What a MonetizationLimitsCheck step charges when the exchange ends.
-    pub mint: Option<Box<crate::monetization::policy::Charging>>,
+    pub mint: Option<Box<crate::policies::monetization_limits_check::Charging>>,
     /// The request and response bodies parsed as JSON, on first use (see
     /// [`super::Exchange::body_json`]).
     pub(super) json: [OnceLock<JsonBody>; 2],

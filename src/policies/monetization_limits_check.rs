@@ -34,11 +34,13 @@ use std::sync::Arc;
 use futures_util::FutureExt;
 use serde::Deserialize;
 
-use super::plan::Per;
-use super::{period_key, spend_key, Monetization, Plans, Subscription, SPEND_WINDOW};
+use super::{parse_spec, BuildContext, SpecError};
 use crate::fault::Fault;
+use crate::monetization::plan::Per;
+use crate::monetization::{
+    money, period_key, spend_key, Monetization, Plans, RatePlan, Subscription, SPEND_WINDOW,
+};
 use crate::pipeline::{AfterFuture, Direction, ExchangeEnd, Hook, Hooks, Policy};
-use crate::policies::{parse_spec, BuildContext, SpecError};
 use crate::ratelimit::window::{self, Unit};
 use crate::ratelimit::{
     Ask, Counters, Decision, Key, Mode, Pending, PolicyMetrics, Reservation, ReservationUnit,
@@ -65,7 +67,7 @@ struct Spec {
 #[derive(Debug, Clone)]
 pub struct Charging {
     pub sub: Arc<Subscription>,
-    pub plan: Arc<super::RatePlan>,
+    pub plan: Arc<RatePlan>,
     /// The period's consumption before this call (bands and allowance).
     pub before: u64,
     pub currency: String,
@@ -247,15 +249,15 @@ impl MonetizationLimitsCheck {
             self.metrics.rejected.inc();
             let m = format!(
                 "the balance of developer `{developer}` does not cover this call ({} {} available, the call may cost {})",
-                super::money::format(allow.saturating_sub(i64::try_from(d.used).unwrap_or(i64::MAX))),
+                money::format(allow.saturating_sub(i64::try_from(d.used).unwrap_or(i64::MAX))),
                 acc.currency,
-                super::money::format(estimate),
+                money::format(estimate),
             );
             Self::blocked(ex, true, &m);
             ex.set_var("mint.rateplan", plan.name.clone());
             ex.set_var(
                 "mint.limitscheck.prepaid_developer_balance",
-                super::money::format(left),
+                money::format(left),
             );
             ex.set_var(
                 "mint.limitscheck.prepaid_developer_currency",
@@ -276,7 +278,7 @@ impl MonetizationLimitsCheck {
             plan,
             before,
             currency: acc.currency,
-            balance: super::money::format(left),
+            balance: money::format(left),
         }));
         Ok(())
     }
@@ -388,5 +390,5 @@ impl Policy for MonetizationLimitsCheck {
 }
 
 #[cfg(test)]
-#[path = "policy_tests.rs"]
+#[path = "monetization_limits_check_tests.rs"]
 mod tests;
