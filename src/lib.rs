@@ -20,6 +20,7 @@ pub mod fuzz_entry;
 pub mod google;
 pub mod guard;
 pub mod http_client;
+pub mod import;
 pub mod jwks;
 pub mod kvm;
 pub mod llm;

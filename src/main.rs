@@ -1,4 +1,4 @@
-//! The `tollgate` command: `serve`, `validate` and `jwt mint`.
+//! The `tollgate` command: `serve`, `validate`, `import` and `jwt mint`.
 #![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
@@ -42,6 +42,24 @@ enum Command {
         dir: PathBuf,
         #[command(flatten)]
         load: LoadArgs,
+    },
+    /// Convert an Apigee proxy or shared-flow bundle (a directory or a zip) into a tollgate
+    /// configuration directory, with a report of every element: converted, approximated
+    /// (how) or not convertible (why). Exit 0 when everything converted or was
+    /// approximated, 2 when some element could not be converted (the output is still
+    /// written: such steps answer 500 `tollgate.NotConverted`), 1 on an error.
+    Import {
+        /// The bundle: `apiproxy/` or `sharedflowbundle/`, a directory holding one, or a zip.
+        bundle: PathBuf,
+        /// Where to write the configuration (and `import/report.{txt,json}`).
+        #[arg(required_unless_present = "check")]
+        out_dir: Option<PathBuf>,
+        /// Only report: write nothing.
+        #[arg(long)]
+        check: bool,
+        /// Print the report as JSON rather than text.
+        #[arg(long)]
+        json: bool,
     },
     /// Print the version, the commit it was built from and the target.
     Version {
@@ -496,6 +514,12 @@ fn main() -> ExitCode {
     }
     match cli.command {
         Command::Validate { dir, load } => validate(&dir, &load),
+        Command::Import {
+            bundle,
+            out_dir,
+            check,
+            json,
+        } => import(&bundle, out_dir.as_deref(), check, json),
         Command::Version { json } => {
             let b = &tollgate::telemetry::BUILD;
             if json {
@@ -562,6 +586,46 @@ fn worker_threads(flag: Option<u16>) -> usize {
             .map(std::num::NonZeroUsize::get)
             .unwrap_or(1)
     })
+}
+
+/// `tollgate import`: converts, writes (unless `--check`), checks the written directory as
+/// `validate` would, and prints the report.
+fn import(
+    bundle: &std::path::Path,
+    out: Option<&std::path::Path>,
+    check: bool,
+    json: bool,
+) -> ExitCode {
+    let done = match tollgate::import::convert(bundle) {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("tollgate import: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if !check {
+        if let Some(out) = out {
+            if let Err(e) = tollgate::import::write(&done, out)
+                .and_then(|()| tollgate::import::validate_dir(out))
+            {
+                eprintln!("tollgate import: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&done.report).unwrap_or_default()
+        );
+    } else {
+        print!("{}", done.report.text());
+    }
+    if done.report.counts.not_convertible > 0 {
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 /// `tollgate validate`: compiles `dir` as `serve` would with the same options.

@@ -937,6 +937,16 @@ pub struct Tollgate {
 impl Tollgate {
     /// Starts `tollgate serve --config DIR` with `extra` arguments and waits for `/readyz`.
     pub async fn start(config_dir: &Path, log_dir: &Path, extra: &[&str]) -> Self {
+        Self::start_with_env(config_dir, log_dir, extra, &[]).await
+    }
+
+    /// [`Tollgate::start`] with extra environment variables (`GCE_METADATA_HOST`, ...).
+    pub async fn start_with_env(
+        config_dir: &Path,
+        log_dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let (grpc, admin) = (loopback(free_port()), loopback(free_port()));
         let mut cmd = Command::new(tollgate_bin());
         cmd.arg("serve")
@@ -954,7 +964,8 @@ impl Tollgate {
             .env("NO_COLOR", "1")
             .env_remove("TOLLGATE_CONFIG")
             .env_remove("TOLLGATE_GRPC_ADDR")
-            .env_remove("TOLLGATE_ADMIN_ADDR");
+            .env_remove("TOLLGATE_ADMIN_ADDR")
+            .envs(env.iter().copied());
         let mut proc = Proc::spawn("tollgate", cmd, log_dir.join("tollgate.log"));
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {

@@ -1,0 +1,1 @@
+// not referenced by any policy

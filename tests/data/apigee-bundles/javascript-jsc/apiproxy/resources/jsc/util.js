@@ -1,0 +1,3 @@
+function tierOf(client) {
+  return client === 'partner' ? 'gold' : 'standard';
+}

@@ -1,0 +1,1 @@
+context.setVariable('greeting', properties.greeting);
