@@ -111,10 +111,10 @@ pub static TABLE: &[Entry] = &[
     no("Ldap", "tollgate has no LDAP"),
     no("MonetizationLimitsCheck", "tollgate has no monetization"),
     no("SOAPMessageValidation", "tollgate has no SOAP/XML schema validation"),
-    no("SanitizeUserPrompt", "the importer does not map Apigee's Model Armor XML yet (tollgate has the policy: write it by hand)"),
-    no("SanitizeModelResponse", "the importer does not map Apigee's Model Armor XML yet (tollgate has the policy: write it by hand)"),
-    no("SemanticCacheLookup", "the importer does not map Apigee's semantic cache XML yet (tollgate has the policy: write it by hand)"),
-    no("SemanticCachePopulate", "the importer does not map Apigee's semantic cache XML yet (tollgate has the policy: write it by hand)"),
+    no("SemanticCacheLookup", "not mapped: Apigee's Vertex AI embeddings and Vector Search index (Embeddings, SimilaritySearch) have no tollgate counterpart to carry them to; tollgate's SemanticCache (a local embedder and index, Apigee's type names accepted) is written by hand"),
+    no("SemanticCachePopulate", "not mapped: Apigee's Vertex AI embeddings and Vector Search index have no tollgate counterpart to carry them to; tollgate's SemanticCache (a local embedder and index, Apigee's type names accepted) is written by hand"),
+    yes("SanitizeUserPrompt", sanitize_user_prompt),
+    yes("SanitizeModelResponse", sanitize_model_response),
     yes("LLMTokenQuota", llm_token_quota),
     yes("PromptTokenLimit", prompt_token_limit),
 ];
@@ -2128,4 +2128,104 @@ fn generate_jwt(x: &mut Ctx<'_>, root: Node<'_, '_>) -> Option<Value> {
         }
     }
     ok.then_some(Value::Object(spec))
+}
+
+// ─────────────────── SanitizeUserPrompt, SanitizeModelResponse ───────────────────
+
+/// Apigee's Model Armor policies: Model Armor alone decides (no local detectors), a match
+/// refuses, an error refuses. `prompt` is SanitizeUserPrompt.
+fn model_armor(x: &mut Ctx<'_>, root: Node<'_, '_>, prompt: bool) -> Option<Value> {
+    let mut ok = true;
+    let mut spec = Map::new();
+    spec.insert(
+        "type".into(),
+        json!(if prompt {
+            "SanitizePrompt"
+        } else {
+            "SanitizeResponse"
+        }),
+    );
+    // Apigee's policy asks Model Armor only: no local detector runs.
+    spec.insert("detectors".into(), json!({}));
+    let mut armor = Map::new();
+    armor.insert("failOpen".into(), json!(false));
+    armor.insert("onMatch".into(), json!("block"));
+    armor.insert("redact".into(), json!(false));
+    armor.insert("timeoutMs".into(), json!(1500));
+    for k in kids(root) {
+        match (k.tag_name().name(), prompt) {
+            ("ModelArmor", _) => {
+                x.c.touch(k);
+                for m in kids(k) {
+                    if m.tag_name().name() != "TemplateName" {
+                        continue;
+                    }
+                    let t = text(m);
+                    if t.starts_with("projects/") && !t.contains('{') {
+                        armor.insert("templateName".into(), json!(t));
+                        x.c.ok(m, "external.modelArmor.templateName (the endpoint follows its location; the token is the gateway's Google identity)");
+                    } else {
+                        x.c.no(m, "a TemplateName from variables: tollgate needs the literal projects/…/locations/…/templates/… to reach Model Armor's regional endpoint");
+                        ok = false;
+                    }
+                }
+            }
+            ("UserPromptSource", true) => {
+                spec.insert("promptSource".into(), json!(text(k)));
+                x.c.ok(k, "promptSource: Model Armor is asked about this text (a redact decision still rewrites the body's strings)");
+            }
+            ("UserPromptSource", false) => x.c.approx(k, "not sent: tollgate sends Model Armor the generated text only"),
+            ("LLMResponseSource", false) => x.c.approx(k, "tollgate reads the generated text itself, from every API it understands (JSON answers and streams), in place of this expression"),
+            ("IgnoreUnresolvedVariables", _) => {
+                if truthy(&text(k)) {
+                    x.c.ok(k, "a variable that does not resolve renders as empty text");
+                } else {
+                    x.c.approx(k, "a variable that does not resolve renders as empty text (Apigee would fail the step)");
+                }
+            }
+            _ => {}
+        }
+    }
+    if !armor.contains_key("templateName") {
+        if ok {
+            x.c.add_named(
+                format!("{}/ModelArmor/TemplateName", super::xml::label(root)),
+                super::report::Status::NotConvertible,
+                "no Model Armor template",
+            );
+        }
+        ok = false;
+    }
+    if prompt && !spec.contains_key("promptSource") {
+        x.c.add_named(
+            format!("{}/UserPromptSource (default)", super::xml::label(root)),
+            super::report::Status::Approximated,
+            "Apigee's default is the last part of a Gemini request; tollgate sends every string of the prompt (all messages, any API it understands)",
+        );
+    }
+    let mut external = json!({ "modelArmor": armor });
+    if !prompt {
+        // The answer must be checked before the client reads it: a stream is ended with the
+        // API's refusal rather than passed unchecked.
+        external["streams"] = json!("block");
+    }
+    spec.insert("external".into(), external);
+    x.c.add_named(
+        format!("{} (behaviour)", super::xml::label(root)),
+        super::report::Status::Approximated,
+        if prompt {
+            "a match is 400 steps.sanitizeprompt.PromptBlocked, an unreachable Model Armor 503 steps.sanitizeprompt.ExternalGuardFailed (tollgate's codes); Apigee's SanitizeUserPrompt.<policy>.* variables are set"
+        } else {
+            "a match turns the answer into the API's own refusal (a stream ends with it: streams: block), an unreachable Model Armor refuses (tollgate's codes); Apigee's SanitizeModelResponse.<policy>.* variables are set"
+        },
+    );
+    ok.then_some(Value::Object(spec))
+}
+
+fn sanitize_user_prompt(x: &mut Ctx<'_>, root: Node<'_, '_>) -> Option<Value> {
+    model_armor(x, root, true)
+}
+
+fn sanitize_model_response(x: &mut Ctx<'_>, root: Node<'_, '_>) -> Option<Value> {
+    model_armor(x, root, false)
 }
