@@ -51,6 +51,10 @@
 # has: MIX=body BODY_BYTES=4096 TARGETS="empty router router-kw" (target >= 0.90x empty).
 # Semantic cache (issue 16): `semantic` is a SemanticCache hit (target >= 1.0x `empty` sent
 # the same body): MIX=body BODY_BYTES=4096 TARGETS="empty semantic".
+# Monetization (issue 19): `mint` is VerifyApiKey + MonetizationLimitsCheck (in-memory
+# counters, a per-call plan, a balance set up through the management API at start);
+# `mint-off` is the same flow without the check (target mint >= 0.90x mint-off):
+# MIX=headers TARGETS="mint-off mint".
 # LOADGEN_ARGS=--unique-bodies makes every prompt line unique (no token-count cache hit).
 # Environment: DURATION=5 (seconds per run), ROUNDS=3, MIX="headers body sse", BODY_BYTES=2048,
 #              CONCURRENCY=32, CONNECTIONS=2,
@@ -112,9 +116,15 @@ spec:
 EOF
 fi
 RUST_LOG=warn "$BIN/tollgate" serve --config "$CONF" --store memory --grpc-addr "127.0.0.1:$TG_PORT" \
-  --admin-addr "127.0.0.1:$TG_ADMIN" >/dev/null 2>&1 & TG_PID=$!; PIDS+=($TG_PID)
+  --admin-addr "127.0.0.1:$TG_ADMIN" --admin-insecure >/dev/null 2>&1 & TG_PID=$!; PIDS+=($TG_PID)
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$TG_ADMIN/readyz" >/dev/null && break; sleep 0.1; done
 curl -sf "http://127.0.0.1:$TG_ADMIN/readyz" >/dev/null || { echo "tollgate did not start" >&2; exit 1; }
+# Monetization (issue 19): the bench app's developer gets a prepaid account with a balance no
+# run can spend, and a subscription to the bench product's per-call plan (loopback admin API).
+mint_api() { curl -sf -X "$1" "http://127.0.0.1:$TG_ADMIN$2" -H 'content-type: application/json' -d "$3" >/dev/null; }
+mint_api PUT /v1/developers/bench@example.com/account '{"currency":"USD","billing":"prepaid"}'
+mint_api POST /v1/developers/bench@example.com/topups '{"amount":"1000000000","reference":"bench"}'
+mint_api POST /v1/subscriptions '{"app":"bench-app","plan":"bench-per-call"}'
 # Redis-counting replicas, only when asked for.
 if [[ " $TARGETS " == *" limits-sync "* || " $TARGETS " == *" limits-async "* || " $TARGETS " == *" llm-quota-sync "* ]]; then
   command -v redis-server >/dev/null || { echo "redis-server not found: run scripts/setup.sh" >&2; exit 1; }
@@ -187,6 +197,8 @@ for mix in $MIX; do
         verify) out=$(run "$pid" "$port" /verify/v1/chat/completions "$mix" --header "x-api-key:$BENCH_KEY") ;;
         verify-bare) out=$(run "$pid" "$port" /verify-bare/v1/chat/completions "$mix" --header "x-api-key:$BENCH_KEY") ;;
         limits) out=$(run "$pid" "$port" /limits/v1/chat/completions "$mix" --header "x-api-key:$BENCH_KEY") ;;
+        mint) out=$(run "$pid" "$port" /mint/v1/chat/completions "$mix" --header "x-api-key:$BENCH_KEY") ;;
+        mint-off) out=$(run "$pid" "$port" /mint-off/v1/chat/completions "$mix" --header "x-api-key:$BENCH_KEY") ;;
         limits-full) out=$(run "$pid" "$port" /limits-full/v1/chat/completions "$mix" --header "x-api-key:$BENCH_KEY") ;;
         limits-sync) out=$(run "$SYNC_PID" "$SYNC_PORT" /limits/v1/chat/completions "$mix" --header "x-api-key:$BENCH_KEY") ;;
         limits-async) out=$(run "$ASYNC_PID" "$ASYNC_PORT" /limits/v1/chat/completions "$mix" --header "x-api-key:$BENCH_KEY") ;;

@@ -158,11 +158,17 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     // Usage is tallied in the store every few seconds, and once more after the drain.
     let ledger = crate::usage::Ledger::new(storage.store.backend().clone());
     ledger.spawn_flusher(USAGE_FLUSH_INTERVAL);
+    // Monetization charges go to the same tallies on the same rhythm.
+    let mint = config.services().monetization.clone();
+    mint.spawn_flusher(USAGE_FLUSH_INTERVAL);
     let mut serve_opts = opts.serve;
     serve_opts.usage = Some(ledger.clone());
     serve(config, serve_opts).await?;
     if let Err(e) = ledger.flush().await {
         tracing::warn!(error = %e, "final usage flush failed");
+    }
+    if let Err(e) = mint.flush().await {
+        tracing::warn!(error = %e, "final monetization charge flush failed");
     }
     // A last checkpoint after the drain, so a clean restart loses no count.
     if let Some(b) = storage.checkpoints {
@@ -286,6 +292,7 @@ pub async fn serve(config: Arc<ConfigManager>, opts: ServeOptions) -> anyhow::Re
             admin = admin::with_api(admin, config.services().consumers.clone(), auth.clone());
             let s = config.services();
             admin = admin::with_kvm_api(admin, s.consumers.clone(), s.kvms.clone(), auth.clone());
+            admin = admin::with_mint_api(admin, s, auth.clone());
             admin = admin::with_flows_api(admin, Arc::new(View(config.clone())), auth.clone());
             if let Some(ledger) = &opts.usage {
                 admin = admin::with_usage_api(admin, ledger.clone(), auth.clone());

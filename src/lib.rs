@@ -24,6 +24,7 @@ pub mod import;
 pub mod jwks;
 pub mod kvm;
 pub mod llm;
+pub mod monetization;
 pub mod openapi;
 pub mod pipeline;
 pub mod policies;

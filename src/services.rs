@@ -35,11 +35,17 @@ pub struct Services {
     pub embedders: Arc<crate::embed::Embedders>,
     /// Semantic caches by name, kept across reloads.
     pub semantic: Arc<crate::policies::semantic_cache::SemanticStores>,
+    /// Accounts, ledgers, subscriptions and charges (on the consumers' store backend).
+    pub monetization: Arc<crate::monetization::Monetization>,
+    /// The rate plans of the configuration being compiled (set per load).
+    pub rate_plans: Arc<crate::monetization::Plans>,
 }
 
 impl Services {
     /// Services around `consumers`, the rest fresh.
     pub fn with_consumers(consumers: Arc<Consumers>) -> Self {
+        let monetization =
+            crate::monetization::Monetization::new(consumers.store().backend().clone());
         Self {
             consumers,
             counters: Counters::default(),
@@ -51,6 +57,8 @@ impl Services {
             egress: Arc::default(),
             embedders: Arc::new(crate::embed::Embedders::from_env()),
             semantic: Arc::default(),
+            monetization,
+            rate_plans: Arc::default(),
         }
     }
 }

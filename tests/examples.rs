@@ -271,6 +271,32 @@ fn scenarios(file: &str) -> Option<Vec<Scenario>> {
                 },
             },
         ]),
+        "monetization.yaml" => Some(vec![
+            // No subscription yet (fresh services): 403 with the Apigee-style code.
+            Scenario {
+                method: "GET",
+                path: "/mint/weather/today",
+                headers: &[("x-api-key", "tg_demo_mint_key_0001")],
+                body: None,
+                reply: None,
+                expect: Expect::Immediate {
+                    status: 403,
+                    body_contains: "steps.monetizationlimitscheck.SubscriptionNotFound",
+                },
+            },
+            // No key: VerifyApiKey refuses before the check.
+            Scenario {
+                method: "GET",
+                path: "/mint/weather/today",
+                headers: &[],
+                body: None,
+                reply: None,
+                expect: Expect::Immediate {
+                    status: 401,
+                    body_contains: "oauth.v2.FailedToResolveAPIKey",
+                },
+            },
+        ]),
         "inference-gateway.yaml" => {
             const CHAT: &str = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#;
             const MINI: &str =

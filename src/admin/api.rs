@@ -23,6 +23,7 @@ pub mod flows;
 mod keys;
 pub mod kvm;
 mod logging;
+pub mod mint;
 mod products;
 mod request;
 mod response;

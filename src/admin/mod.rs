@@ -158,6 +158,21 @@ pub fn with_closed_api(router: Router) -> Router {
     router.merge(api::closed_router())
 }
 
+/// Adds the monetization routes of the management API (rate plans, accounts, ledgers,
+/// statements, subscriptions; guarded by `auth`).
+pub fn with_mint_api(
+    router: Router,
+    services: &crate::services::Services,
+    auth: ApiAuth,
+) -> Router {
+    router.merge(api::mint::router(
+        services.consumers.clone(),
+        services.monetization.clone(),
+        services.counters.clone(),
+        auth,
+    ))
+}
+
 /// Adds the key-value map routes of the management API (`/v1/kvms/…`, guarded by `auth`).
 pub fn with_kvm_api(
     router: Router,

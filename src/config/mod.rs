@@ -44,6 +44,7 @@ const KINDS: &[&str] = &[
     "ApiProduct",
     "App",
     "KeyValueMap",
+    "RatePlan",
 ];
 const LATER_KINDS: &[&str] = &[];
 
@@ -120,6 +121,7 @@ fn compile_files(
     let mut product_docs = Vec::new();
     let mut app_docs = Vec::new();
     let mut kvm_docs = Vec::new();
+    let mut plan_docs = Vec::new();
     for d in docs {
         let kind = d.env.kind.as_str();
         let name = d.env.metadata.name.clone();
@@ -170,6 +172,7 @@ fn compile_files(
             "ApiProduct" => product_docs.push(d),
             "App" => app_docs.push(d),
             "KeyValueMap" => kvm_docs.push(d),
+            "RatePlan" => plan_docs.push(d),
             _ => rule_docs.push(d),
         }
     }
@@ -184,6 +187,16 @@ fn compile_files(
         &mut errors,
     );
     let kvms = Arc::new(build_kvms(kvm_docs, config_dir, &options.env, &mut errors));
+    let rate_plans = Arc::new(objects::build_rate_plans(
+        plan_docs,
+        &products,
+        &declared,
+        &mut errors,
+    ));
+    let services = &Services {
+        rate_plans: rate_plans.clone(),
+        ..services.clone()
+    };
     let (policies, cache_scopes) = build_policies(policies_docs, config_dir, services, &mut errors);
     let flows = build_flows(
         flow_docs,
@@ -242,8 +255,10 @@ fn compile_files(
         apps,
         kvms,
         warnings,
+        rate_plans,
         ..Default::default()
     };
+    services.monetization.publish_plans(&snap.rate_plans);
     for (flow, _) in flows {
         let flow = Arc::new(flow);
         if flow.is_default {

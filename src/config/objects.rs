@@ -287,3 +287,37 @@ pub(super) fn build_kvms(
     }
     out
 }
+
+pub(super) fn build_rate_plans(
+    docs: Vec<Parsed>,
+    products: &[ApiProduct],
+    declared: &Declared,
+    errors: &mut Vec<ConfigError>,
+) -> crate::monetization::Plans {
+    use crate::monetization::plan::{RatePlan, RatePlanSpec};
+    let mut out = Vec::new();
+    for d in docs {
+        let name = d.env.metadata.name.clone();
+        let loc = d.at.named("RatePlan", &name);
+        let result = typed::<RatePlanSpec>(d.env.spec)
+            .and_then(|s| RatePlan::compile(&name, s))
+            .and_then(|p| {
+                if products.iter().any(|x| x.name == p.product) || declared.product(&p.product) {
+                    Ok(p)
+                } else {
+                    Err(format!(
+                        "field `spec.product`: no ApiProduct named `{}`",
+                        p.product
+                    ))
+                }
+            });
+        match result {
+            Ok(p) => out.push(std::sync::Arc::new(p)),
+            Err(message) => errors.push(ConfigError {
+                location: loc,
+                message,
+            }),
+        }
+    }
+    crate::monetization::Plans(out)
+}

@@ -202,6 +202,8 @@ pub struct Snapshot {
     /// Problems that do not refuse the configuration (logged at every load, printed by
     /// `validate`).
     pub warnings: Vec<ConfigError>,
+    /// Rate plans defined in the files (the monetization service lists the newest live).
+    pub rate_plans: Arc<crate::monetization::Plans>,
 }
 
 /// Extension metadata named a flow the configuration does not define: the gateway and

@@ -57,7 +57,7 @@ pub const TYPE: &str = "LlmTokenQuota";
 
 /// Above this, an estimate or a usage is treated as this (a trillion tokens): absurd numbers
 /// cannot overflow a counter or wrap a signed adjustment.
-pub(super) const MAX_TOKENS: u64 = 1 << 40;
+pub(crate) const MAX_TOKENS: u64 = 1 << 40;
 const DEFAULT_OUTPUT_TOKENS: u64 = 4096;
 
 /// The fields only an LlmTokenQuota has; the rest is Quota's spec.
@@ -185,7 +185,7 @@ fn actual_tokens(ex: &Exchange, source: Option<&Template>, end: ExchangeEnd) -> 
 /// The usage to charge: the tracker's, except when tollgate answered and the upstream
 /// reported nothing and generated nothing (the request was refused before it left; the
 /// tracker then only counted the prompt, which no provider bills).
-pub(super) fn upstream_usage(ex: &Exchange, end: ExchangeEnd) -> Option<&crate::llm::FinalUsage> {
+pub(crate) fn upstream_usage(ex: &Exchange, end: ExchangeEnd) -> Option<&crate::llm::FinalUsage> {
     let u = ex.state.llm_usage.as_ref()?;
     let nothing_came_back =
         u.input_source == crate::llm::UsageSource::Counted && u.output_tokens == 0;

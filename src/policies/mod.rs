@@ -28,6 +28,7 @@ pub mod llm_cost_budget;
 pub(crate) mod llm_test_support;
 pub mod llm_token_quota;
 pub mod model_router;
+pub mod monetization_limits_check;
 pub mod oas_validation;
 pub mod prompt_token_limit;
 pub mod quota;
@@ -58,6 +59,10 @@ pub static REGISTRY: &[(&str, BuildFn)] = &[
     (key_value_map::TYPE, key_value_map::build),
     (llm_cost_budget::TYPE, llm_cost_budget::build),
     (llm_token_quota::TYPE, llm_token_quota::build),
+    (
+        monetization_limits_check::TYPE,
+        monetization_limits_check::build,
+    ),
     (model_router::TYPE, model_router::build),
     (oas_validation::TYPE, oas_validation::build),
     (prompt_token_limit::TYPE, prompt_token_limit::build),
@@ -100,6 +105,7 @@ pub const ALL_TYPES: &[&str] = &[
     "LlmTokenQuota",
     "PromptTokenLimit",
     "LlmCostBudget",
+    "MonetizationLimitsCheck",
     "SanitizePrompt",
     "SanitizeUserPrompt",
     "SanitizeResponse",

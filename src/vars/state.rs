@@ -60,6 +60,8 @@ pub struct State {
     pub semantic_pending: Vec<crate::policies::semantic_cache::Pending>,
     /// Each SanitizeResponse step's stream scanners, kept between response chunks.
     pub guard_streams: Vec<crate::policies::sanitize_response::StreamState>,
+    /// What a MonetizationLimitsCheck step charges when the exchange ends.
+    pub mint: Option<Box<crate::policies::monetization_limits_check::Charging>>,
     /// The request and response bodies parsed as JSON, on first use (see
     /// [`super::Exchange::body_json`]).
     pub(super) json: [OnceLock<JsonBody>; 2],
@@ -552,6 +554,7 @@ impl State {
             "ratelimit" => self.quotas.iter().rev().find_map(|q| q.get(name)),
             "servicecallout" => self.callouts.iter().rev().find_map(|c| c.get(name)),
             "llm" => self.llm_var(name.strip_prefix("llm.")?),
+            "mint" => self.mint.as_ref()?.var(name.strip_prefix("mint.")?),
             _ => None,
         }
     }
