@@ -381,3 +381,137 @@ async fn fault_rules_bundle_shapes_the_refusals() {
     })
     .await;
 }
+
+/// The edge-guard bundle converted (CORS, JSONThreatProtection, ExtractVariables and an
+/// AssignMessage using what was extracted): a preflight is answered by tollgate itself, a
+/// JSON body over a limit is refused with Apigee's fault, and variables extracted from the
+/// path, a header and the JSON body reach the upstream as headers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edge_guard_bundle_answers_preflights_refuses_threats_and_extracts() {
+    within(LIMIT, async {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let config = tmp.path().join("config");
+        let bundle = support::repo_root().join("tests/data/apigee-bundles/edge-guard");
+        let imported = tollgate::import::convert(&bundle).expect("import");
+        assert_eq!(
+            imported.report.counts.not_convertible,
+            0,
+            "{}",
+            imported.report.text()
+        );
+        tollgate::import::write(&imported, &config).expect("write");
+        let upstream = Upstream::start();
+        let tollgate = Tollgate::start(&config, tmp.path(), &[]).await;
+        let envoy = Envoy::start(
+            tmp.path(),
+            &EnvoyOptions::default(),
+            tollgate.grpc,
+            upstream.addr,
+        )
+        .await;
+        let client = HttpClient::new();
+        let url = |p: &str| format!("http://{}{p}", envoy.listen);
+        const ORIGIN: &str = "https://app.example.test";
+
+        // A preflight from an allowed origin: answered here with the bundle's CORS settings.
+        let r = client
+            .send(
+                "OPTIONS",
+                &url("/edge/orders/42"),
+                &[
+                    ("origin", ORIGIN),
+                    ("access-control-request-method", "POST"),
+                ],
+                "",
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("access-control-allow-origin"), Some(ORIGIN));
+        assert_eq!(r.header("access-control-allow-methods"), Some("GET, POST"));
+        assert_eq!(
+            r.header("access-control-allow-headers"),
+            Some("origin, content-type, x-client-id")
+        );
+        assert_eq!(r.header("access-control-max-age"), Some("600"));
+        // From an origin not listed: still answered, without CORS headers.
+        let r = client
+            .send(
+                "OPTIONS",
+                &url("/edge/orders/42"),
+                &[
+                    ("origin", "https://evil.example.test"),
+                    ("access-control-request-method", "POST"),
+                ],
+                "",
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("access-control-allow-origin"), None);
+        assert!(upstream.seen().is_empty(), "preflights reached the upstream");
+
+        // A string longer than StringValueLength (24): Apigee's JSONThreatProtection fault.
+        let r = client
+            .send(
+                "POST",
+                &url("/edge/orders/42"),
+                &[("origin", ORIGIN), ("content-type", "application/json")],
+                r#"{"customer":{"id":"c-9"},"note":"this note is far longer than twenty-four characters"}"#,
+            )
+            .await;
+        assert_eq!(r.status, 500, "{}", r.text());
+        let body = r.json();
+        assert_eq!(
+            body["fault"]["detail"]["errorcode"],
+            "steps.jsonthreatprotection.ExecutionFailed",
+            "{body}"
+        );
+        assert!(
+            body["fault"]["faultstring"]
+                .as_str()
+                .unwrap_or_default()
+                .starts_with("JSONThreatProtection[JTP-Body]: Execution failed. reason: "),
+            "{body}"
+        );
+        // Five containers deep (ContainerDepth 4) is refused the same way.
+        let r = client
+            .send(
+                "POST",
+                &url("/edge/orders/42"),
+                &[("content-type", "application/json")],
+                r#"{"customer":{"id":"c-9"},"a":{"b":{"c":{"d":{"e":1}}}}}"#,
+            )
+            .await;
+        assert_eq!(r.status, 500, "{}", r.text());
+        assert_eq!(
+            r.json()["fault"]["detail"]["errorcode"],
+            "steps.jsonthreatprotection.ExecutionFailed"
+        );
+        assert!(upstream.seen().is_empty(), "refused bodies reached the upstream");
+
+        // Within limits: the flow's ExtractVariables reads the path, the header (its pattern
+        // ignores case) and the JSON body; AssignMessage sends them upstream; the response
+        // carries the CORS headers.
+        let r = client
+            .send(
+                "POST",
+                &url("/edge/orders/42"),
+                &[
+                    ("origin", ORIGIN),
+                    ("content-type", "application/json"),
+                    ("x-client-id", "CLIENT-77"),
+                ],
+                r#"{"customer":{"id":"c-9"},"items":[1,2,3]}"#,
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.echoed_header("x-order-id").as_deref(), Some("42"));
+        assert_eq!(r.echoed_header("x-customer").as_deref(), Some("c-9"));
+        assert_eq!(r.echoed_header("x-client-ref").as_deref(), Some("77"));
+        assert_eq!(r.header("access-control-allow-origin"), Some(ORIGIN));
+        assert_eq!(r.header("access-control-expose-headers"), Some("x-order-ref"));
+        assert_eq!(upstream.seen().len(), 1);
+        drop(envoy);
+        drop(tollgate);
+    })
+    .await;
+}

@@ -79,9 +79,8 @@ pub static TABLE: &[Entry] = &[
     yes("JSONThreatProtection", json_threat_protection),
     yes("CORS", cors),
     yes("ExtractVariables", extract_variables),
-    // tollgate has these (issue 18); their XML is not mapped yet: each row becomes `yes(...)`.
-    no("AccessControl", "the importer does not map AccessControl's XML yet (tollgate has the policy: write it by hand; plug-in: a row in import::policies::TABLE)"),
-    no("GenerateJWT", "the importer does not map GenerateJWT's XML yet (tollgate has GenerateJwt: write it by hand; plug-in: a row in import::policies::TABLE)"),
+    yes("GenerateJWT", generate_jwt),
+    yes("AccessControl", access_control),
     // Not planned in issue 18.
     no("OAuthV2", "tollgate has no OAuth 2.0 token service (verify Google or third-party tokens with VerifyJwt instead)"),
     no("FlowCallout", "tollgate has no shared-flow callouts: import the shared flow and put its steps in the flow"),
@@ -112,10 +111,10 @@ pub static TABLE: &[Entry] = &[
     no("Ldap", "tollgate has no LDAP"),
     no("MonetizationLimitsCheck", "tollgate has no monetization"),
     no("SOAPMessageValidation", "tollgate has no SOAP/XML schema validation"),
-    no("SanitizeUserPrompt", "the importer does not map Apigee's Model Armor XML yet (tollgate has the policy: write it by hand)"),
-    no("SanitizeModelResponse", "the importer does not map Apigee's Model Armor XML yet (tollgate has the policy: write it by hand)"),
-    no("SemanticCacheLookup", "the importer does not map Apigee's semantic cache XML yet (tollgate has the policy: write it by hand)"),
-    no("SemanticCachePopulate", "the importer does not map Apigee's semantic cache XML yet (tollgate has the policy: write it by hand)"),
+    no("SemanticCacheLookup", "not mapped: Apigee's Vertex AI embeddings and Vector Search index (Embeddings, SimilaritySearch) have no tollgate counterpart to carry them to; tollgate's SemanticCache (a local embedder and index, Apigee's type names accepted) is written by hand"),
+    no("SemanticCachePopulate", "not mapped: Apigee's Vertex AI embeddings and Vector Search index have no tollgate counterpart to carry them to; tollgate's SemanticCache (a local embedder and index, Apigee's type names accepted) is written by hand"),
+    yes("SanitizeUserPrompt", sanitize_user_prompt),
+    yes("SanitizeModelResponse", sanitize_model_response),
     yes("LLMTokenQuota", llm_token_quota),
     yes("PromptTokenLimit", prompt_token_limit),
 ];
@@ -1197,6 +1196,8 @@ fn response_cache(x: &mut Ctx<'_>, root: Node<'_, '_>) -> Option<Value> {
     // Apigee runs the flow's response steps on a hit.
     spec.insert("responseStepsOnHit".into(), json!(true));
     let mut fragments = Vec::new();
+    let mut expiry: Option<Value> = None;
+    let mut ttl_set = false;
     for k in kids(root) {
         match k.tag_name().name() {
             "CacheKey" => {
@@ -1233,13 +1234,53 @@ fn response_cache(x: &mut Ctx<'_>, root: Node<'_, '_>) -> Option<Value> {
             "ExpirySettings" => {
                 x.c.touch(k);
                 for e in kids(k) {
-                    match (e.tag_name().name(), text(e).parse::<u64>(), attr(e, "ref")) {
-                        ("TimeoutInSec" | "TimeoutInSeconds", Ok(n), None) => {
-                            spec.insert("ttlSeconds".into(), json!(n.clamp(1, 31_536_000)));
-                            x.c.ok(e, "ttlSeconds");
+                    let tag = e.tag_name().name();
+                    let lit = Some(text(e)).filter(|t| !t.is_empty());
+                    let field = match tag {
+                        "TimeoutInSec" | "TimeoutInSeconds" => "timeoutInSec",
+                        "ExpiryDate" => "expiryDate",
+                        "TimeOfDay" => "timeOfDay",
+                        other => {
+                            x.c.no(e, format!("ExpirySettings/{other}"));
+                            ok = false;
+                            continue;
                         }
-                        (other, _, _) => {
-                            x.c.no(e, format!("{other} (or a ref): the importer maps a literal TimeoutInSec only (tollgate's `expirySettings` takes the others: write it by hand)"));
+                    };
+                    // A literal TimeoutInSec alone stays ttlSeconds; the rest is `expiry`.
+                    let value = match (field, lit, attr(e, "ref")) {
+                        ("timeoutInSec", Some(l), None) => match l.parse::<u64>() {
+                            Ok(n) if expiry.is_none() && !ttl_set => {
+                                ttl_set = true;
+                                spec.insert("ttlSeconds".into(), json!(n.clamp(1, 31_536_000)));
+                                x.c.ok(e, "ttlSeconds");
+                                continue;
+                            }
+                            Ok(_) => Some(Value::Null),
+                            Err(_) => None,
+                        },
+                        ("timeoutInSec", l, Some(r)) => match l.map(|l| l.parse::<u64>()) {
+                            None => Some(json!({"ref": r})),
+                            Some(Ok(n)) => Some(json!({"ref": r, "value": n})),
+                            Some(Err(_)) => None,
+                        },
+                        (_, Some(l), None) => Some(json!(l)),
+                        (_, l, Some(r)) => Some(match l {
+                            Some(l) => json!({"ref": r, "value": l}),
+                            None => json!({"ref": r}),
+                        }),
+                        (_, None, None) => None,
+                    };
+                    match value {
+                        Some(v) if expiry.is_none() && !ttl_set => {
+                            expiry = Some(json!({ field: v }));
+                            x.c.ok(e, format!("expiry.{field} (UTC)"));
+                        }
+                        Some(_) => {
+                            x.c.no(e, "ExpirySettings holds one setting (tollgate's `expiry` takes exactly one)");
+                            ok = false;
+                        }
+                        None => {
+                            x.c.no(e, format!("{tag}: neither a value nor a ref tollgate reads"));
                             ok = false;
                         }
                     }
@@ -1294,6 +1335,10 @@ fn response_cache(x: &mut Ctx<'_>, root: Node<'_, '_>) -> Option<Value> {
         fragments.push(json!("{request.uri}"));
     }
     spec.insert("keyFragments".into(), json!(fragments));
+    if let Some(e) = expiry {
+        spec.remove("ttlSeconds");
+        spec.insert("expiry".into(), e);
+    }
     x.c.add_named(
         format!("{} (behaviour)", super::xml::label(root)),
         super::report::Status::Approximated,
@@ -1781,4 +1826,406 @@ fn json_threat_protection(x: &mut Ctx<'_>, root: Node<'_, '_>) -> Option<Value> 
         ok = false;
     }
     ok.then_some(Value::Object(spec))
+}
+
+// ─────────────────────────── AccessControl, GenerateJWT ───────────────────────────
+
+fn access_control(x: &mut Ctx<'_>, root: Node<'_, '_>) -> Option<Value> {
+    let mut ok = true;
+    let mut spec = Map::new();
+    spec.insert("type".into(), json!("AccessControl"));
+    // Apigee's defaults, written out.
+    spec.insert("noRuleMatchAction".into(), json!("ALLOW"));
+    spec.insert("validateBasedOn".into(), json!("X_FORWARDED_FOR_ALL_IP"));
+    let mut rules = Vec::new();
+    for k in kids(root) {
+        match k.tag_name().name() {
+            "IPRules" => {
+                x.c.touch(k);
+                if let Some(a) = attr(k, "noRuleMatchAction") {
+                    let a = a.to_ascii_uppercase();
+                    if a == "ALLOW" || a == "DENY" {
+                        spec.insert("noRuleMatchAction".into(), json!(a));
+                    } else {
+                        x.c.add_named(
+                            format!("{}/@noRuleMatchAction", super::xml::path(k)),
+                            super::report::Status::NotConvertible,
+                            format!("`{a}` is neither ALLOW nor DENY"),
+                        );
+                        ok = false;
+                    }
+                }
+                for r in kids(k) {
+                    if r.tag_name().name() != "MatchRule" {
+                        continue;
+                    }
+                    let action = attr(r, "action").map(|a| a.to_ascii_uppercase());
+                    let mut addrs = Vec::new();
+                    let mut bad = None;
+                    for s in all(r, "SourceAddress") {
+                        let ip = text(s);
+                        let mask = attr(s, "mask");
+                        if ip.contains('{') || mask.as_deref().is_some_and(|m| m.contains('{')) {
+                            bad = Some("a SourceAddress or mask from a variable (tollgate's rules are literal CIDRs)");
+                            continue;
+                        }
+                        addrs.push(match mask {
+                            Some(m) => format!("{ip}/{m}"),
+                            None => ip,
+                        });
+                    }
+                    match (action.as_deref(), bad) {
+                        (Some(a @ ("ALLOW" | "DENY")), None) if !addrs.is_empty() => {
+                            rules.push(json!({"action": a, "sourceAddresses": addrs}));
+                            x.c.ok(r, format!("matchRules: {a} {}", addrs.join(", ")));
+                        }
+                        (_, Some(why)) => {
+                            x.c.no(r, why);
+                            ok = false;
+                        }
+                        _ => {
+                            x.c.no(
+                                r,
+                                "a MatchRule needs action ALLOW or DENY and a SourceAddress",
+                            );
+                            ok = false;
+                        }
+                    }
+                }
+            }
+            "ValidateBasedOn" => {
+                let v = text(k).to_ascii_uppercase();
+                match v.as_str() {
+                    "X_FORWARDED_FOR_ALL_IP"
+                    | "X_FORWARDED_FOR_FIRST_IP"
+                    | "X_FORWARDED_FOR_LAST_IP" => {
+                        spec.insert("validateBasedOn".into(), json!(v));
+                        x.c.ok(k, format!("validateBasedOn: {v}"));
+                    }
+                    _ => {
+                        x.c.no(k, format!("`{v}` is not a ValidateBasedOn value"));
+                        ok = false;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    spec.insert("matchRules".into(), json!(rules));
+    x.c.add_named(
+        format!("{} (client address)", super::xml::label(root)),
+        super::report::Status::Approximated,
+        "without X-Forwarded-For the address checked is the one Envoy saw (client.ip, with --xff-trusted-hops); X_FORWARDED_FOR_ALL_IP also checks it beside every header entry",
+    );
+    ok.then_some(Value::Object(spec))
+}
+
+/// A literal or `ref` value as a template (`ref` wins, the literal is its fallback).
+fn value_or_ref(n: Node<'_, '_>) -> Option<String> {
+    let lit = Some(text(n)).filter(|t| !t.is_empty());
+    match (attr(n, "ref"), lit) {
+        (Some(r), l) => Some(reference(&r, l.as_deref())),
+        (None, Some(l)) => Some(literal(&l)),
+        (None, None) => None,
+    }
+}
+
+/// A relative time (`30m`, `3600`) as GenerateJwt reads it.
+fn relative_time(s: &str) -> bool {
+    let digits = s.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    let unit = &s[digits.len()..];
+    !digits.is_empty()
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && matches!(unit, "" | "ms" | "s" | "m" | "h" | "d" | "w")
+}
+
+/// `<Claim name type ref array>` children as JSON values (templates for strings).
+fn jwt_claims(x: &mut Ctx<'_>, n: Node<'_, '_>) -> Option<Map<String, Value>> {
+    x.c.touch(n);
+    let mut m = Map::new();
+    let mut ok = true;
+    for c in kids(n) {
+        let name = attr(c, "name");
+        let kind = attr(c, "type").unwrap_or_else(|| "string".into());
+        let array = attr(c, "array").is_some_and(|v| truthy(&v));
+        let lit = text(c);
+        let value = match (
+            c.tag_name().name(),
+            name.as_deref(),
+            kind.as_str(),
+            array,
+            attr(c, "ref"),
+        ) {
+            ("Claim", Some(_), "string", false, _) => value_or_ref(c).map(Value::String),
+            ("Claim", Some(_), "number", false, None) => lit
+                .parse::<f64>()
+                .ok()
+                .and_then(|_| serde_json::from_str(&lit).ok()),
+            ("Claim", Some(_), "boolean", false, None) => match lit.to_ascii_lowercase().as_str() {
+                "true" => Some(json!(true)),
+                "false" => Some(json!(false)),
+                _ => None,
+            },
+            _ => None,
+        };
+        match (name, value) {
+            (Some(name), Some(v)) => {
+                m.insert(name, v);
+                x.c.ok(c, "a claim");
+            }
+            _ => {
+                x.c.no(c, "only string claims (literal or ref) and literal number/boolean claims convert: a typed claim from a variable, an array or a map would be sent as a string");
+                ok = false;
+            }
+        }
+    }
+    ok.then_some(m)
+}
+
+fn generate_jwt(x: &mut Ctx<'_>, root: Node<'_, '_>) -> Option<Value> {
+    let mut ok = true;
+    let mut spec = Map::new();
+    spec.insert("type".into(), json!("GenerateJwt"));
+    spec.insert("ignoreUnresolvedVariables".into(), json!(false));
+    let apigee_name = attr(root, "name").unwrap_or_else(|| x.name.clone());
+    spec.insert(
+        "outputVariable".into(),
+        json!(format!("jwt.{apigee_name}.generated_jwt")),
+    );
+    for k in kids(root) {
+        let tag = k.tag_name().name();
+        match tag {
+            "Algorithm" => {
+                spec.insert("algorithm".into(), json!(text(k)));
+                x.c.ok(k, "algorithm");
+            }
+            "Type" => {
+                if text(k).eq_ignore_ascii_case("signed") {
+                    x.c.ok(k, "a signed JWT");
+                } else {
+                    x.c.no(k, "tollgate signs JWTs; it does not encrypt them");
+                    ok = false;
+                }
+            }
+            "SecretKey" | "PrivateKey" => {
+                x.c.touch(k);
+                let mut key = Map::new();
+                if let Some(e) = attr(k, "encoding") {
+                    match e.to_ascii_lowercase().as_str() {
+                        "utf-8" | "utf8" => key.insert("encoding".into(), json!("utf-8")),
+                        "base64" => key.insert("encoding".into(), json!("base64")),
+                        "hex" | "base16" => key.insert("encoding".into(), json!("hex")),
+                        other => {
+                            x.c.add_named(
+                                format!("{}/@encoding", super::xml::path(k)),
+                                super::report::Status::NotConvertible,
+                                format!(
+                                    "encoding `{other}` (tollgate reads utf-8, base64 and hex)"
+                                ),
+                            );
+                            ok = false;
+                            None
+                        }
+                    };
+                }
+                for p in kids(k) {
+                    match (p.tag_name().name(), value_or_ref(p)) {
+                        ("Value", Some(v)) => {
+                            key.insert("value".into(), json!(v));
+                            x.c.ok(p, "the key's value (a template)");
+                        }
+                        ("Id", Some(v)) => {
+                            key.insert("id".into(), json!(v));
+                            x.c.ok(p, "the `kid` header");
+                        }
+                        ("Password", _) => {
+                            x.c.no(p, "tollgate reads unencrypted PEM keys only");
+                            ok = false;
+                        }
+                        _ => {}
+                    }
+                }
+                let field = if tag == "SecretKey" {
+                    "secretKey"
+                } else {
+                    "privateKey"
+                };
+                spec.insert(field.into(), Value::Object(key));
+            }
+            "Issuer" | "Subject" => match value_or_ref(k) {
+                Some(v) => {
+                    spec.insert(tag.to_ascii_lowercase(), json!(v));
+                    x.c.ok(k, tag.to_ascii_lowercase());
+                }
+                None => x.c.ok(k, "empty: not set"),
+            },
+            "Audience" => match (attr(k, "ref"), text(k)) {
+                (Some(r), l) if l.is_empty() => {
+                    spec.insert("audience".into(), json!(format!("{{{r}}}")));
+                    x.c.approx(k, "the variable's value is one audience (Apigee splits a comma-separated value into several)");
+                }
+                (None, l) if !l.is_empty() => {
+                    let many: Vec<String> = l
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(literal)
+                        .collect();
+                    spec.insert("audience".into(), json!(many));
+                    x.c.ok(k, "audience");
+                }
+                _ => {
+                    x.c.no(k, "an Audience with both ref and a literal, or neither");
+                    ok = false;
+                }
+            },
+            "ExpiresIn" | "NotBefore" => {
+                let v = text(k);
+                let field = if tag == "ExpiresIn" {
+                    "expiresIn"
+                } else {
+                    "notBeforeIn"
+                };
+                if attr(k, "ref").is_none() && relative_time(&v) {
+                    spec.insert(field.into(), json!(v));
+                    x.c.ok(k, field);
+                } else {
+                    x.c.no(k, format!("`{v}`: tollgate takes a literal relative time (a ref or an absolute time is not supported)"));
+                    ok = false;
+                }
+            }
+            "Id" => {
+                match value_or_ref(k) {
+                    Some(v) => spec.insert("id".into(), json!(v)),
+                    None => spec.insert("id".into(), json!("")),
+                };
+                x.c.ok(k, "`jti` (empty: a generated UUID, as Apigee's <Id/>)");
+            }
+            "AdditionalClaims" | "AdditionalHeaders" => match jwt_claims(x, k) {
+                Some(m) => {
+                    let field = if tag == "AdditionalClaims" {
+                        "additionalClaims"
+                    } else {
+                        "additionalHeaders"
+                    };
+                    spec.insert(field.into(), Value::Object(m));
+                }
+                None => ok = false,
+            },
+            "OutputVariable" => {
+                spec.insert("outputVariable".into(), json!(text(k)));
+                x.c.ok(k, "outputVariable");
+            }
+            "IgnoreUnresolvedVariables" => {
+                spec.insert("ignoreUnresolvedVariables".into(), json!(truthy(&text(k))));
+                x.c.ok(k, "ignoreUnresolvedVariables");
+            }
+            "CriticalHeaders" => {
+                x.c.no(k, "tollgate sets no `crit` header");
+                ok = false;
+            }
+            _ => {}
+        }
+    }
+    ok.then_some(Value::Object(spec))
+}
+
+// ─────────────────── SanitizeUserPrompt, SanitizeModelResponse ───────────────────
+
+/// Apigee's Model Armor policies: Model Armor alone decides (no local detectors), a match
+/// refuses, an error refuses. `prompt` is SanitizeUserPrompt.
+fn model_armor(x: &mut Ctx<'_>, root: Node<'_, '_>, prompt: bool) -> Option<Value> {
+    let mut ok = true;
+    let mut spec = Map::new();
+    spec.insert(
+        "type".into(),
+        json!(if prompt {
+            "SanitizePrompt"
+        } else {
+            "SanitizeResponse"
+        }),
+    );
+    // Apigee's policy asks Model Armor only: no local detector runs.
+    spec.insert("detectors".into(), json!({}));
+    let mut armor = Map::new();
+    armor.insert("failOpen".into(), json!(false));
+    armor.insert("onMatch".into(), json!("block"));
+    armor.insert("redact".into(), json!(false));
+    armor.insert("timeoutMs".into(), json!(1500));
+    for k in kids(root) {
+        match (k.tag_name().name(), prompt) {
+            ("ModelArmor", _) => {
+                x.c.touch(k);
+                for m in kids(k) {
+                    if m.tag_name().name() != "TemplateName" {
+                        continue;
+                    }
+                    let t = text(m);
+                    if t.starts_with("projects/") && !t.contains('{') {
+                        armor.insert("templateName".into(), json!(t));
+                        x.c.ok(m, "external.modelArmor.templateName (the endpoint follows its location; the token is the gateway's Google identity)");
+                    } else {
+                        x.c.no(m, "a TemplateName from variables: tollgate needs the literal projects/…/locations/…/templates/… to reach Model Armor's regional endpoint");
+                        ok = false;
+                    }
+                }
+            }
+            ("UserPromptSource", true) => {
+                spec.insert("promptSource".into(), json!(text(k)));
+                x.c.ok(k, "promptSource: Model Armor is asked about this text (a redact decision still rewrites the body's strings)");
+            }
+            ("UserPromptSource", false) => x.c.approx(k, "not sent: tollgate sends Model Armor the generated text only"),
+            ("LLMResponseSource", false) => x.c.approx(k, "tollgate reads the generated text itself, from every API it understands (JSON answers and streams), in place of this expression"),
+            ("IgnoreUnresolvedVariables", _) => {
+                if truthy(&text(k)) {
+                    x.c.ok(k, "a variable that does not resolve renders as empty text");
+                } else {
+                    x.c.approx(k, "a variable that does not resolve renders as empty text (Apigee would fail the step)");
+                }
+            }
+            _ => {}
+        }
+    }
+    if !armor.contains_key("templateName") {
+        if ok {
+            x.c.add_named(
+                format!("{}/ModelArmor/TemplateName", super::xml::label(root)),
+                super::report::Status::NotConvertible,
+                "no Model Armor template",
+            );
+        }
+        ok = false;
+    }
+    if prompt && !spec.contains_key("promptSource") {
+        x.c.add_named(
+            format!("{}/UserPromptSource (default)", super::xml::label(root)),
+            super::report::Status::Approximated,
+            "Apigee's default is the last part of a Gemini request; tollgate sends every string of the prompt (all messages, any API it understands)",
+        );
+    }
+    let mut external = json!({ "modelArmor": armor });
+    if !prompt {
+        // The answer must be checked before the client reads it: a stream is ended with the
+        // API's refusal rather than passed unchecked.
+        external["streams"] = json!("block");
+    }
+    spec.insert("external".into(), external);
+    x.c.add_named(
+        format!("{} (behaviour)", super::xml::label(root)),
+        super::report::Status::Approximated,
+        if prompt {
+            "a match is 400 steps.sanitizeprompt.PromptBlocked, an unreachable Model Armor 503 steps.sanitizeprompt.ExternalGuardFailed (tollgate's codes); Apigee's SanitizeUserPrompt.<policy>.* variables are set"
+        } else {
+            "a match turns the answer into the API's own refusal (a stream ends with it: streams: block), an unreachable Model Armor refuses (tollgate's codes); Apigee's SanitizeModelResponse.<policy>.* variables are set"
+        },
+    );
+    ok.then_some(Value::Object(spec))
+}
+
+fn sanitize_user_prompt(x: &mut Ctx<'_>, root: Node<'_, '_>) -> Option<Value> {
+    model_armor(x, root, true)
+}
+
+fn sanitize_model_response(x: &mut Ctx<'_>, root: Node<'_, '_>) -> Option<Value> {
+    model_armor(x, root, false)
 }
