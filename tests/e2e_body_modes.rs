@@ -48,6 +48,34 @@ spec:
   response: [{policy: new-response-body}]
 ---
 apiVersion: tollgate.dev/v1alpha1
+kind: Policy
+metadata: {name: json-limits}
+spec: {type: JSONThreatProtection, containerDepth: 3}
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: Policy
+metadata: {name: extract}
+spec:
+  type: ExtractVariables
+  variablePrefix: ev
+  jsonPayload: [{name: model, jsonPath: "$.model"}]
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: Policy
+metadata: {name: model-header}
+spec:
+  type: AssignMessage
+  set: {headers: {x-model: "{ev.model}"}}
+---
+apiVersion: tollgate.dev/v1alpha1
+kind: Flow
+metadata: {name: threat}
+spec:
+  match: {pathPrefixes: [/threat]}
+  maxBodyBytes: 4096
+  request: [{policy: json-limits}, {policy: extract}, {policy: model-header}]
+---
+apiVersion: tollgate.dev/v1alpha1
 kind: Flow
 metadata: {name: gate}
 spec:
@@ -69,7 +97,7 @@ const MODES: &[(&str, &str)] = &[
 /// a route per flow and body mode: `/<flow>/<mode>` sends both bodies in that mode.
 fn envoy() -> EnvoyOptions {
     let mut routes = Vec::new();
-    for flow in ["rewrite", "gate"] {
+    for flow in ["rewrite", "gate", "threat"] {
         for (seg, mode) in MODES {
             let m = Mode::bodies(mode);
             routes.push(
@@ -495,6 +523,61 @@ async fn a_slow_body_outlasts_message_timeout_while_held() {
                 .seen_with_prefix(&format!("/gate/{seg}/slowdeny"))
             {
                 assert!(s.body_bytes().is_empty(), "{seg}");
+            }
+        }
+    })
+    .await;
+}
+
+/// Issue 18's body-reading request policies in every body mode: JSON threat protection
+/// refuses a too-deep body sent in pieces before any byte reaches the upstream, and an
+/// accepted body goes on whole with the value ExtractVariables read from it.
+#[tokio::test]
+async fn json_threat_protection_and_extract_variables_in_every_mode() {
+    within(LIMIT, async {
+        let bed = bed(&[]).await;
+        for (seg, _) in MODES.iter().filter(|(seg, _)| *seg != "none") {
+            let path = format!("/threat/{seg}");
+            let pieces: [&[u8]; 2] = [br#"{"a":{"b":"#, br#"{"c":[1]}}}"#];
+            let len: usize = pieces.iter().map(|p| p.len()).sum();
+            let (status, body) = raw_request(
+                bed.envoy.listen,
+                &format!("POST {path} HTTP/1.1\r\nhost: t\r\ncontent-length: {len}"),
+                &pieces,
+                Duration::from_millis(60),
+            )
+            .await;
+            assert_eq!(status, 500, "{seg}: {body}");
+            assert!(body.contains("jsonthreatprotection"), "{seg}: {body}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            // STREAMED and FULL_DUPLEX_STREAMED send the headers on before the body is
+            // decided (as in the gate test above): no body byte may follow them.
+            for s in bed.upstream.seen_with_prefix(&path) {
+                assert!(
+                    s.body_bytes().is_empty(),
+                    "{seg}: a refused body reached the upstream"
+                );
+            }
+            let pieces: [&[u8]; 2] = [br#"{"model":"#, br#""gpt-4o"}"#];
+            let (status, body) = raw_request(
+                bed.envoy.listen,
+                &format!("POST {path}/ok HTTP/1.1\r\nhost: t\r\ncontent-length: 18"),
+                &pieces,
+                Duration::from_millis(60),
+            )
+            .await;
+            assert_eq!(status, 200, "{seg}: {body}");
+            let seen = bed.upstream.seen_with_prefix(&format!("{path}/ok"));
+            assert_eq!(seen.len(), 1, "{seg}");
+            assert_eq!(seen[0].body_bytes(), br#"{"model":"gpt-4o"}"#, "{seg}");
+            // STREAMED forwards the headers before the body: a header made from the body can
+            // only go with them where tollgate holds the headers answer (every other mode).
+            if *seg != "streamed" {
+                assert_eq!(
+                    seen[0].headers.get("x-model").map(String::as_str),
+                    Some("gpt-4o"),
+                    "{seg}"
+                );
             }
         }
     })
